@@ -1,0 +1,257 @@
+"""``pgps-tune`` command line: parse, call the library, turn errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pgps_tune import schedule as sch
+from pgps_tune.errors import PgpsError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_schedule_args(p: argparse.ArgumentParser, need_shape: bool) -> None:
+    g = p.add_argument_group("schedule")
+    g.add_argument("--preset", choices=["constant", "paper", "parametric"], default=None,
+                   help="built-in curriculum (default: paper)")
+    g.add_argument("--mode", choices=list(sch.MODES), default="resource",
+                   help="resource: constant batch; performance: batch grows to keep voxels per batch")
+    g.add_argument("--final-patch", nargs=3, type=int, metavar=("X", "Y", "Z"), required=need_shape and False,
+                   help="final (inference) patch size" + ("" if need_shape else "; default: planned from the data"))
+    g.add_argument("--pools", nargs=3, type=int, metavar=("PX", "PY", "PZ"),
+                   help="stride-2 poolings per axis of the network" + ("" if need_shape else "; default: planned"))
+    g.add_argument("--batch-size", type=int, default=2, help="baseline batch size (default 2)")
+    g.add_argument("--batch-cap", type=int, default=None, help="performance mode: largest batch allowed")
+    g.add_argument("--stages", type=int, default=4, help="parametric: number of stages")
+    g.add_argument("--growth", type=float, default=None, help="parametric: side-length growth per stage")
+    g.add_argument("--start-fraction", type=float, default=None,
+                   help="parametric: first patch side as a fraction of the final (instead of --growth)")
+    g.add_argument("--length-ratio", type=float, default=1.0,
+                   help="parametric: each stage is this many times longer than the one before")
+    g.add_argument("--final-fraction", type=float, default=None,
+                   help="parametric: share of all epochs spent at the final patch size")
+
+
+def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) -> sch.Schedule:
+    preset = a.preset or "paper"
+    if preset == "parametric":
+        growth = a.growth
+        if growth is None and a.start_fraction is None and a.stages > 1:
+            growth = 1.5
+        return sch.parametric(
+            final, pools, a.batch_size, epochs, stages=a.stages, growth=growth,
+            start_fraction=a.start_fraction, length_ratio=a.length_ratio,
+            final_fraction=a.final_fraction, mode=a.mode, batch_cap=a.batch_cap,
+        )
+    return sch.preset(preset, final, pools, a.batch_size, epochs, a.mode, a.batch_cap)
+
+
+def _print_schedule(s: sch.Schedule, fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(s.to_json())
+    elif fmt == "yaml":
+        sys.stdout.write(s.to_yaml())
+    else:
+        print(s.table())
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_schedule(a: argparse.Namespace) -> int:
+    if a.from_file:
+        if a.preset:
+            raise PgpsError("give either --from FILE or --preset, not both")
+        s = sch.load(a.from_file)
+        if a.epochs is not None:
+            s = sch.rescale_epochs(s, a.epochs)
+    else:
+        if a.final_patch is None or a.pools is None:
+            raise PgpsError("--final-patch X Y Z and --pools PX PY PZ are needed (or --from FILE)")
+        s = _build_schedule(a, a.final_patch, a.pools, a.epochs if a.epochs is not None else 1000)
+    if a.out:
+        s.save(a.out)
+    _print_schedule(s, a.format)
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    from pgps_tune.errors import atomic_write_text
+
+    if out.exists() and not out.is_dir():
+        raise PgpsError(f"--out {out} is a file; give a folder")
+    atomic_write_text(out / ".write_test", "")
+    (out / ".write_test").unlink()
+
+
+def _prepare(a: argparse.Namespace):
+    from pgps_tune.data import prepare
+
+    return prepare(a.data, cache_root=a.cache_dir)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from pgps_tune.data import plan_patch, split
+    from pgps_tune.network import NETWORKS
+    from pgps_tune.trainer import Trainer, TrainConfig, resolve_device
+
+    if a.network not in NETWORKS:
+        raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
+    resolve_device(a.device)
+    out = Path(a.out)
+    if a.resume and not (out / "checkpoint.pt").is_file():
+        raise PgpsError(f"--resume given but {out / 'checkpoint.pt'} does not exist; run without --resume to start")
+    _check_writable(out)
+    if a.schedule:
+        if a.preset:
+            raise PgpsError("give either --schedule FILE or --preset, not both")
+        s = sch.load(a.schedule)
+        if a.epochs is not None:
+            s = sch.rescale_epochs(s, a.epochs)
+        ds = _prepare(a)
+    else:
+        ds = _prepare(a)
+        plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+        final = tuple(a.final_patch) if a.final_patch else plan.final_patch
+        pools = tuple(a.pools) if a.pools else plan.pools
+        s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else 50)
+    train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
+    cfg = TrainConfig(
+        network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
+        iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
+        workers=a.workers, fg_ratio=a.fg_ratio, val_every=a.val_every,
+        max_train_seconds=a.max_train_seconds,
+        **({"filters": tuple(a.filters)} if a.filters else {}),
+    )
+    if not 0 <= cfg.fg_ratio <= 1:
+        raise PgpsError(f"--fg-ratio must be in [0, 1], got {cfg.fg_ratio}")
+    trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
+    s.save(out / "schedule.yaml")
+    try:
+        metrics = trainer.fit(resume=a.resume)
+    except KeyboardInterrupt:
+        done = trainer.state.iteration
+        raise Interrupted(
+            f"interrupted at iteration {done}; the last checkpoint in {out} is intact: "
+            "rerun the same command with --resume to continue"
+        ) from None
+    trainer.write_metrics()
+    print(json.dumps({k: metrics[k] for k in (
+        "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
+        "voxel_fraction", "iterations", "completed")}, indent=1))
+    return 0
+
+
+def _progress(r: dict[str, Any]) -> None:
+    patch = "x".join(map(str, r["patch_size"]))
+    print(
+        f"epoch {r['epoch']:>4}  stage {r['stage']:>2} ({patch})  loss {r['train_loss']:.4f}  "
+        f"val_dice {r['val_dice']:.4f}  train {r['train_time_s']:.1f}s",
+        file=sys.stderr, flush=True,
+    )
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pgps_tune.trainer import evaluate_run
+
+    ds = _prepare(a)
+    print(json.dumps(evaluate_run(a.run, ds, a.device), indent=1))
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from pgps_tune.data import plan_patch
+
+    ds = _prepare(a)
+    plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+    print(json.dumps({
+        "dataset": ds.name, "cases": len(ds), "median_shape": list(ds.median_shape),
+        "spacing": list(ds.spacing), "final_patch": list(plan.final_patch), "pools": list(plan.pools),
+        "cache": str(ds.cache_dir),
+    }, indent=1))
+    return 0
+
+
+class Interrupted(Exception):
+    pass
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("schedule", help="build, convert or show a schedule")
+    _add_schedule_args(s, need_shape=True)
+    s.add_argument("--from", dest="from_file", help="read a schedule file (YAML or JSON)")
+    s.add_argument("--epochs", type=int, default=None, help="total epochs (default 1000; with --from: rescale)")
+    s.add_argument("--format", choices=["json", "yaml", "table"], default="table")
+    s.add_argument("--out", help="also write the schedule to this file (.json or .yaml)")
+    s.set_defaults(func=cmd_schedule)
+
+    def data_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
+        q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
+        q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        q.add_argument("--voxel-budget", type=int, default=128**3, help="planner: most voxels per patch")
+
+    t = sub.add_parser("train", help="train one schedule")
+    data_args(t)
+    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.json)")
+    t.add_argument("--schedule", help="schedule file (instead of --preset)")
+    _add_schedule_args(t, need_shape=False)
+    t.add_argument("--epochs", type=int, default=None, help="total epochs (default 50; rescales a --schedule)")
+    t.add_argument("--iterations-per-epoch", type=int, default=50)
+    t.add_argument("--network", default="unet", help="unet or dynunet")
+    t.add_argument("--filters", nargs="+", type=int, help="channels per level")
+    t.add_argument("--deep-supervision", action="store_true", help="dynunet only")
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    t.add_argument("--lr", type=float, default=None, help="default 1e-2 (sgd) or 1e-3 (adamw)")
+    t.add_argument("--fg-ratio", type=float, default=0.5, help="share of foreground-centred patches")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split-seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--splits", help='JSON {"train": [ids], "val": [ids]}')
+    t.add_argument("--val-every", type=int, default=None, help="epochs between validations")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    t.add_argument("--max-train-seconds", type=float, default=None, help="stop after this much training")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="Dice of a trained run on every labelled case of a dataset")
+    data_args(e)
+    e.add_argument("--run", required=True, help="run folder written by 'train'")
+    e.set_defaults(func=cmd_evaluate)
+
+    pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
+    data_args(pl)
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PgpsError as exc:
+        print(f"pgps-tune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"pgps-tune: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("pgps-tune: interrupted; nothing was left half-written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

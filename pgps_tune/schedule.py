@@ -1,0 +1,513 @@
+"""What a patch-size curriculum *is*: stages, presets, voxel accounting, files.
+
+Pure Python on purpose (no torch, no Ray): every other part of pgps-tune asks
+this module questions ("which stage is epoch e in?", "what does this cost in
+voxels?"), and it is cheap to test exhaustively.
+
+A schedule is an ordered list of :class:`Stage` (patch size per axis, batch
+size, length in epochs) plus the final (inference) patch size, the number of
+stride-2 poolings per axis of the network (which fixes what patch sizes the
+network can take), and the baseline batch size that voxel fractions are
+measured against.
+
+>>> s = paper((128, 128, 128), pools=(5, 5, 5), batch_size=2, epochs=1000,
+...           mode="performance")
+>>> [st.batch_size for st in s.stages]
+[128, 64, 32, 16, 10, 7, 4, 3, 2, 2]
+>>> round(paper((128,) * 3, (5,) * 3, 2, 1000, "resource").voxel_fraction(), 3)
+0.408
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pgps_tune.errors import PgpsError, atomic_write_text
+
+FORMAT_VERSION = 1
+Mode = Literal["resource", "performance"]
+MODES: tuple[str, ...] = ("resource", "performance")
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a curriculum: train ``epochs`` epochs on ``patch_size`` patches."""
+
+    patch_size: Triple
+    batch_size: int
+    epochs: int
+
+    @property
+    def patch_voxels(self) -> int:
+        return math.prod(self.patch_size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An ordered list of stages ending at the final patch size.
+
+    ``meta`` carries provenance (preset, mode, dataset, score, ...) through
+    files unchanged; it never changes what is trained.
+    """
+
+    stages: tuple[Stage, ...]
+    final_patch: Triple
+    pools: Triple
+    baseline_batch_size: int
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- questions the sampler and trainer ask ---------------------------------
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def stage_starts(self) -> list[int]:
+        """First epoch of every stage."""
+        starts, e = [], 0
+        for st in self.stages:
+            starts.append(e)
+            e += st.epochs
+        return starts
+
+    def stage_index_at(self, epoch: int) -> int:
+        """Index of the stage that trains epoch ``epoch`` (0-based)."""
+        if not 0 <= epoch < self.epochs:
+            raise ValueError(f"epoch {epoch} outside the schedule's 0..{self.epochs - 1}")
+        for i, start in reversed(list(enumerate(self.stage_starts()))):
+            if epoch >= start:
+                return i
+        raise AssertionError("unreachable")
+
+    def stage_at(self, epoch: int) -> Stage:
+        return self.stages[self.stage_index_at(epoch)]
+
+    # -- voxel accounting ------------------------------------------------------
+    def voxels(self, iterations_per_epoch: int = 1) -> int:
+        """Voxels fed to the network over the whole run."""
+        return iterations_per_epoch * sum(
+            s.epochs * s.batch_size * s.patch_voxels for s in self.stages
+        )
+
+    def baseline_voxels(self, iterations_per_epoch: int = 1) -> int:
+        """Voxels of the constant-patch baseline at the same epochs."""
+        return iterations_per_epoch * self.epochs * self.baseline_batch_size * math.prod(self.final_patch)
+
+    def voxel_fraction(self) -> float:
+        """Voxels processed as a fraction of the constant baseline's."""
+        return self.voxels() / self.baseline_voxels()
+
+    def voxels_until(self, epoch: float, iterations_per_epoch: int = 1) -> float:
+        """Voxels processed after ``epoch`` epochs (fractional epochs allowed)."""
+        total, e = 0.0, 0.0
+        for st in self.stages:
+            take = min(max(epoch - e, 0.0), st.epochs)
+            total += take * st.batch_size * st.patch_voxels
+            e += st.epochs
+        return total * iterations_per_epoch
+
+    # -- files -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "final_patch": list(self.final_patch),
+            "pools": list(self.pools),
+            "baseline_batch_size": self.baseline_batch_size,
+            "stages": [
+                {"patch_size": list(s.patch_size), "batch_size": s.batch_size, "epochs": s.epochs}
+                for s in self.stages
+            ],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "schedule") -> Schedule:
+        return _from_dict(data, source)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON for ``.json``, YAML otherwise (atomically)."""
+        path = Path(path)
+        text = self.to_json() if path.suffix.lower() == ".json" else self.to_yaml()
+        return atomic_write_text(path, text)
+
+    def table(self, iterations_per_epoch: int = 1) -> str:
+        """Human-readable table of the stages."""
+        rows = ["stage  patch            batch  epochs  voxels/batch  share_of_voxels"]
+        total = self.voxels() or 1
+        for i, s in enumerate(self.stages):
+            patch = "x".join(str(p) for p in s.patch_size)
+            vox = s.batch_size * s.patch_voxels
+            rows.append(
+                f"{i:>5}  {patch:<15}  {s.batch_size:>5}  {s.epochs:>6}  {vox:>12}  "
+                f"{s.epochs * vox / total:>15.3f}"
+            )
+        rows.append(
+            f"{len(self.stages)} stages, {self.epochs} epochs, voxel fraction "
+            f"{self.voxel_fraction():.3f} of the constant baseline"
+        )
+        return "\n".join(rows)
+
+
+# -- validation --------------------------------------------------------------
+
+
+def divisors(pools: Sequence[int]) -> Triple:
+    """What every patch axis must be divisible by: 2**pools per axis."""
+    return tuple(2**p for p in pools)  # type: ignore[return-value]
+
+
+def check_patch(patch: Sequence[int], pools: Sequence[int], what: str = "patch") -> None:
+    """Refuse a patch the network cannot take."""
+    div = divisors(pools)
+    bad = [a for a in range(3) if patch[a] < div[a] or patch[a] % div[a]]
+    if bad:
+        need = "x".join(str(d) for d in div)
+        raise PgpsError(
+            f"{what} {'x'.join(map(str, patch))} is not divisible by the network's downsampling "
+            f"{need} on axis {', '.join(map(str, bad))}; use multiples of {need} per axis"
+        )
+
+
+def validate(s: Schedule) -> None:
+    """Raise :class:`PgpsError` naming what is wrong with a schedule."""
+    if len(s.final_patch) != 3 or len(s.pools) != 3:
+        raise PgpsError("final_patch and pools need 3 values each (x y z)")
+    if any(p < 0 or p > 8 for p in s.pools):
+        raise PgpsError(f"pools {list(s.pools)} out of range; give 0..8 poolings per axis")
+    if s.baseline_batch_size < 1:
+        raise PgpsError("baseline_batch_size must be >= 1")
+    if not s.stages:
+        raise PgpsError("a schedule needs at least one stage")
+    check_patch(s.final_patch, s.pools, "final patch")
+    for i, st in enumerate(s.stages):
+        if len(st.patch_size) != 3:
+            raise PgpsError(f"stage {i}: patch_size needs 3 values (x y z)")
+        if st.batch_size < 1 or st.epochs < 1:
+            raise PgpsError(
+                f"stage {i}: batch_size and epochs must be >= 1 "
+                f"(got {st.batch_size} and {st.epochs}); give more epochs or fewer stages"
+            )
+        check_patch(st.patch_size, s.pools, f"stage {i} patch")
+        if any(p > f for p, f in zip(st.patch_size, s.final_patch)):
+            raise PgpsError(
+                f"stage {i} patch {list(st.patch_size)} is larger than the final patch "
+                f"{list(s.final_patch)}; stages must fit inside the final patch"
+            )
+    if s.stages[-1].patch_size != s.final_patch:
+        raise PgpsError(
+            f"the last stage trains {list(s.stages[-1].patch_size)} but the final patch is "
+            f"{list(s.final_patch)}; end the schedule with a stage at the final patch size"
+        )
+
+
+def _ints(value: Any, n: int | None, what: str) -> list[int]:
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        raise PgpsError(f"{what} must be a list of {n or 'some'} integers, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise PgpsError(f"{what} must hold integers, got {value!r}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PgpsError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _from_dict(data: Any, source: str) -> Schedule:
+    if not isinstance(data, dict):
+        raise PgpsError(f"{source}: expected a mapping with 'stages', got {type(data).__name__}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PgpsError(
+            f"{source}: format_version {version!r} is not supported; this pgps-tune reads "
+            f"format_version {FORMAT_VERSION} (regenerate it with 'pgps-tune schedule')"
+        )
+    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "stages", "meta"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PgpsError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    for key in ("final_patch", "pools", "baseline_batch_size", "stages"):
+        if key not in data:
+            raise PgpsError(f"{source}: missing key '{key}'")
+    raw_stages = data["stages"]
+    if not isinstance(raw_stages, list):
+        raise PgpsError(f"{source}: 'stages' must be a list of stages")
+    stages = []
+    for i, st in enumerate(raw_stages):
+        if not isinstance(st, dict) or set(st) != {"patch_size", "batch_size", "epochs"}:
+            raise PgpsError(
+                f"{source}: stage {i} must have exactly patch_size, batch_size and epochs"
+            )
+        stages.append(
+            Stage(
+                tuple(_ints(st["patch_size"], 3, f"{source}: stage {i} patch_size")),  # type: ignore[arg-type]
+                _int(st["batch_size"], f"{source}: stage {i} batch_size"),
+                _int(st["epochs"], f"{source}: stage {i} epochs"),
+            )
+        )
+    meta = data.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise PgpsError(f"{source}: 'meta' must be a mapping")
+    try:
+        return Schedule(
+            stages=tuple(stages),
+            final_patch=tuple(_ints(data["final_patch"], 3, f"{source}: final_patch")),  # type: ignore[arg-type]
+            pools=tuple(_ints(data["pools"], 3, f"{source}: pools")),  # type: ignore[arg-type]
+            baseline_batch_size=_int(data["baseline_batch_size"], f"{source}: baseline_batch_size"),
+            meta=meta,
+        )
+    except PgpsError as exc:
+        raise PgpsError(f"{source}: {exc}") from None
+
+
+def load(path: str | Path) -> Schedule:
+    """Read a schedule file (YAML or JSON; JSON is valid YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PgpsError(f"schedule file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PgpsError(f"cannot read schedule file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise PgpsError(
+            f"schedule file {path} is not valid YAML/JSON{at}; fix the syntax or regenerate it"
+        ) from None
+    return Schedule.from_dict(data, source=str(path))
+
+
+# -- builders ------------------------------------------------------------------
+
+
+def _performance_batch(batch_size: int, final: Triple, patch: Triple, cap: int | None) -> int:
+    """Largest batch whose voxels stay at or below the baseline's (and the cap)."""
+    b = max(1, (batch_size * math.prod(final)) // math.prod(patch))
+    return min(b, cap) if cap else b
+
+
+def _batches(
+    patches: Sequence[Triple], final: Triple, batch_size: int, mode: str, cap: int | None
+) -> list[int]:
+    if mode not in MODES:
+        raise PgpsError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "resource":
+        return [batch_size] * len(patches)
+    return [_performance_batch(batch_size, final, p, cap) for p in patches]
+
+
+def _as_triple(v: Sequence[int], what: str) -> Triple:
+    v = tuple(int(x) for x in v)
+    if len(v) != 3:
+        raise PgpsError(f"{what} needs 3 values (x y z), got {list(v)}")
+    return v  # type: ignore[return-value]
+
+
+def constant(
+    final_patch: Sequence[int], pools: Sequence[int], batch_size: int, epochs: int
+) -> Schedule:
+    """The baseline: one stage at the final patch size."""
+    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    return Schedule(
+        (Stage(final, batch_size, epochs),), final, pools_, batch_size,
+        meta={"preset": "constant"},
+    )
+
+
+def paper_patches(final_patch: Sequence[int], pools: Sequence[int]) -> list[Triple]:
+    """The paper's patch sequence: grow one axis by one increment per stage.
+
+    Start at one increment (2**pools) per axis; each stage grows the axis whose
+    next size is smallest (ties: lowest axis), until every axis is final.
+    """
+    final, inc = _as_triple(final_patch, "final patch"), divisors(pools)
+    check_patch(final, pools, "final patch")
+    cur = list(inc)
+    patches = [tuple(cur)]
+    while any(c < f for c, f in zip(cur, final)):
+        _, axis = min((cur[a] + inc[a], a) for a in range(3) if cur[a] < final[a])
+        cur[axis] += inc[axis]
+        patches.append(tuple(cur))
+    return patches  # type: ignore[return-value]
+
+
+def paper(
+    final_patch: Sequence[int],
+    pools: Sequence[int],
+    batch_size: int,
+    epochs: int,
+    mode: str = "resource",
+    batch_cap: int | None = None,
+) -> Schedule:
+    """The paper's automatic curriculum (Fischer et al., 2024), exactly.
+
+    Every stage gets ``epochs // S`` epochs and the last gets the rest.
+    ``batch_cap`` (performance mode only) is an extension; the paper has none.
+    """
+    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    patches = paper_patches(final, pools_)
+    n = len(patches)
+    if epochs < n:
+        raise PgpsError(
+            f"the paper schedule for final patch {list(final)} has {n} stages and needs at "
+            f"least {n} epochs, got {epochs}; give --epochs >= {n}"
+        )
+    lengths = [epochs // n] * (n - 1) + [epochs - (epochs // n) * (n - 1)]
+    batches = _batches(patches, final, batch_size, mode, batch_cap)
+    return Schedule(
+        tuple(Stage(p, b, e) for p, b, e in zip(patches, batches, lengths)),
+        final, pools_, batch_size, meta={"preset": "paper", "mode": mode},
+    )
+
+
+def allocate_epochs(epochs: int, weights: Sequence[float]) -> list[int]:
+    """Split ``epochs`` into integer lengths proportional to ``weights``, each >= 1.
+
+    Largest-remainder rounding, so lengths always sum to ``epochs``.
+    """
+    n = len(weights)
+    if n == 0 or any(w <= 0 for w in weights):
+        raise PgpsError("stage weights must be positive")
+    if epochs < n:
+        raise PgpsError(f"{n} stages need at least {n} epochs, got {epochs}; give more epochs")
+    spare = epochs - n  # one epoch each is guaranteed
+    total = sum(weights)
+    exact = [spare * w / total for w in weights]
+    lengths = [1 + math.floor(x) for x in exact]
+    left = epochs - sum(lengths)
+    order = sorted(range(n), key=lambda i: (-(exact[i] - math.floor(exact[i])), -i))
+    for i in order[:left]:
+        lengths[i] += 1
+    return lengths
+
+
+def parametric(
+    final_patch: Sequence[int],
+    pools: Sequence[int],
+    batch_size: int,
+    epochs: int,
+    *,
+    stages: int,
+    growth: float | None = None,
+    start_fraction: float | None = None,
+    length_ratio: float = 1.0,
+    final_fraction: float | None = None,
+    lengths: Sequence[float] | None = None,
+    mode: str = "resource",
+    batch_cap: int | None = None,
+) -> Schedule:
+    """The searchable family.
+
+    Patch side lengths grow geometrically towards the final patch: stage ``k``
+    of ``S`` is ``final / growth**(S-1-k)`` per axis (aspect ratio kept), snapped
+    to the network's divisibility.  Give either ``growth`` (> 1) or
+    ``start_fraction`` (first stage's side as a fraction of the final, in (0, 1]).
+
+    Lengths: ``lengths`` (relative weights per stage) if given; otherwise stage
+    ``k`` weighs ``length_ratio**k`` (1 = equal, > 1 = later stages longer),
+    with ``final_fraction`` of all epochs reserved for the last stage if given.
+    Stages that snap to the same patch are merged (their epochs added), so the
+    stage count of the result can be lower than asked; ``meta`` records both.
+    """
+    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    check_patch(final, pools_, "final patch")
+    if stages < 1:
+        raise PgpsError(f"stages must be >= 1, got {stages}")
+    if stages > 1:
+        if (growth is None) == (start_fraction is None):
+            raise PgpsError("give exactly one of growth or start_fraction for a multi-stage schedule")
+        if start_fraction is not None:
+            if not 0 < start_fraction <= 1:
+                raise PgpsError(f"start_fraction must be in (0, 1], got {start_fraction}")
+            growth = start_fraction ** (-1.0 / (stages - 1))
+        assert growth is not None
+        if growth < 1:
+            raise PgpsError(f"growth must be >= 1, got {growth}")
+    if length_ratio <= 0:
+        raise PgpsError(f"length_ratio must be > 0, got {length_ratio}")
+    inc = divisors(pools_)
+
+    def snap(side: float, a: int) -> int:
+        return int(min(final[a], max(inc[a], round(side / inc[a]) * inc[a])))
+
+    patches: list[Triple] = []
+    for k in range(stages):
+        scale = (growth or 1.0) ** (stages - 1 - k)
+        patches.append(tuple(snap(final[a] / scale, a) for a in range(3)))  # type: ignore[arg-type]
+
+    if lengths is not None:
+        if len(lengths) != stages:
+            raise PgpsError(f"lengths has {len(lengths)} values for {stages} stages")
+        weights = [float(w) for w in lengths]
+        stage_epochs = allocate_epochs(epochs, weights)
+    elif final_fraction is not None and stages > 1:
+        if not 0 < final_fraction < 1:
+            raise PgpsError(f"final_fraction must be in (0, 1), got {final_fraction}")
+        last = min(epochs - (stages - 1), max(1, round(epochs * final_fraction)))
+        stage_epochs = allocate_epochs(epochs - last, [length_ratio**k for k in range(stages - 1)])
+        stage_epochs.append(last)
+    else:
+        stage_epochs = allocate_epochs(epochs, [length_ratio**k for k in range(stages)])
+
+    merged: list[list[Any]] = []
+    for p, e in zip(patches, stage_epochs):
+        if merged and merged[-1][0] == p:
+            merged[-1][1] += e
+        else:
+            merged.append([p, e])
+    batches = _batches([m[0] for m in merged], final, batch_size, mode, batch_cap)
+    return Schedule(
+        tuple(Stage(p, b, e) for (p, e), b in zip(merged, batches)),
+        final, pools_, batch_size,
+        meta={
+            "preset": "parametric", "mode": mode, "stages_requested": stages,
+            "growth": growth, "length_ratio": length_ratio, "final_fraction": final_fraction,
+        },
+    )
+
+
+def preset(
+    name: str,
+    final_patch: Sequence[int],
+    pools: Sequence[int],
+    batch_size: int,
+    epochs: int,
+    mode: str = "resource",
+    batch_cap: int | None = None,
+) -> Schedule:
+    """Build a named preset: ``constant`` or ``paper``."""
+    if name == "constant":
+        return constant(final_patch, pools, batch_size, epochs)
+    if name == "paper":
+        return paper(final_patch, pools, batch_size, epochs, mode, batch_cap)
+    raise PgpsError(f"unknown preset {name!r}; use 'constant' or 'paper'")
+
+
+def rescale_epochs(s: Schedule, epochs: int) -> Schedule:
+    """The same curriculum stretched or shrunk to ``epochs`` epochs in total."""
+    weights = [st.epochs for st in s.stages]
+    lengths = allocate_epochs(epochs, weights)
+    return Schedule(
+        tuple(Stage(st.patch_size, st.batch_size, e) for st, e in zip(s.stages, lengths)),
+        s.final_patch, s.pools, s.baseline_batch_size, meta=dict(s.meta),
+    )
