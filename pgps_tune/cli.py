@@ -98,14 +98,17 @@ def _prepare(a: argparse.Namespace):
 def cmd_train(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch, split
     from pgps_tune.network import NETWORKS
-    from pgps_tune.trainer import Trainer, TrainConfig, resolve_device
+    from pgps_tune.trainer import CHECKPOINT, Trainer, TrainConfig, resolve_device
 
     if a.network not in NETWORKS:
         raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
     resolve_device(a.device)
     out = Path(a.out)
-    if a.resume and not (out / "checkpoint.pt").is_file():
-        raise PgpsError(f"--resume given but {out / 'checkpoint.pt'} does not exist; run without --resume to start")
+    has_run = (out / CHECKPOINT).is_file()
+    if a.resume and not has_run:
+        raise PgpsError(f"--resume given but {out / CHECKPOINT} does not exist; run without --resume to start")
+    if has_run and not a.resume:
+        raise PgpsError(f"{out} already holds a run; add --resume to continue it, or choose a new --out")
     _check_writable(out)
     if a.schedule:
         if a.preset:

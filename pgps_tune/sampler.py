@@ -77,21 +77,26 @@ class ProgressiveSampler:
             self._fg[case] = self.ds.fg(case)
         return self._images[case], self._labels[case], self._fg[case]
 
-    def batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """(images [B,C,*patch] float32, labels [B,1,*patch] uint8, stage index)."""
+    def plan_batch(self, iteration: int) -> tuple[int, np.ndarray, np.ndarray, np.random.Generator]:
+        """The random choices of one batch: stage, volume picks, foreground flags, crop RNG."""
         k = self.stage_index(iteration)
-        stage = self.schedule.stages[k]
-        patch, b = stage.patch_size, stage.batch_size
+        b = self.schedule.stages[k].batch_size
         rng = np.random.default_rng([self.seed, iteration])
         n_vol = min(b, self.volumes_per_batch)
         picks = rng.choice(len(self.cases), n_vol, replace=len(self.cases) < n_vol)
-        n_fg = round(self.fg_ratio * b)
         is_fg = np.zeros(b, dtype=bool)
-        is_fg[rng.permutation(b)[:n_fg]] = True
+        is_fg[rng.permutation(b)[: round(self.fg_ratio * b)]] = True
+        return k, picks, is_fg, rng
+
+    def batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images [B,C,*patch] float32, labels [B,1,*patch] uint8, stage index)."""
+        k, picks, is_fg, rng = self.plan_batch(iteration)
+        patch = self.schedule.stages[k].patch_size
+        b = len(is_fg)
         images = np.empty((b, self.ds.channels, *patch), dtype=np.float32)
         labels = np.empty((b, 1, *patch), dtype=np.uint8)
         for j in range(b):  # crop j comes from volume j % n_vol: ceil(b / n_vol) crops each
-            img, seg, fg = self._volume(self.cases[picks[j % n_vol]])
+            img, seg, fg = self._volume(self.cases[picks[j % len(picks)]])
             start = self._start(rng, seg.shape, patch, fg if is_fg[j] else None)
             images[j] = crop(img, start, patch)
             labels[j, 0] = crop(seg, start, patch)
