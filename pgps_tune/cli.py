@@ -98,7 +98,7 @@ def _prepare(a: argparse.Namespace):
 def cmd_train(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch, split
     from pgps_tune.network import NETWORKS
-    from pgps_tune.trainer import CHECKPOINT, Trainer, TrainConfig, resolve_device
+    from pgps_tune.trainer import CHECKPOINT, TrainConfig, Trainer, resolve_device
 
     if a.network not in NETWORKS:
         raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
@@ -134,7 +134,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not 0 <= cfg.fg_ratio <= 1:
         raise PgpsError(f"--fg-ratio must be in [0, 1], got {cfg.fg_ratio}")
     trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
-    s.save(out / "schedule.yaml")
     try:
         metrics = trainer.fit(resume=a.resume)
     except KeyboardInterrupt:
@@ -177,6 +176,86 @@ def cmd_plan(a: argparse.Namespace) -> int:
         "spacing": list(ds.spacing), "final_patch": list(plan.final_patch), "pools": list(plan.pools),
         "cache": str(ds.cache_dir),
     }, indent=1))
+    return 0
+
+
+REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def _space_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists() or p.suffix:
+        return p
+    return REPO_SPACES / f"{name}.yaml"  # a bare name picks a shipped space
+
+
+def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
+    from pgps_tune import space as sp
+    from pgps_tune.tuner import SweepOptions, sweep
+
+    space = sp.load(_space_path(space_file))
+    opts = SweepOptions(
+        space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
+        cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
+        storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
+        quiet=a.quiet,
+    )
+    _check_writable(Path(out))
+    try:
+        summary = sweep(opts)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"sweep interrupted; finished trials and checkpoints in {out} are kept: "
+            "rerun the same command with --resume to continue"
+        ) from None
+    _print_summary(summary, Path(out))
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    best = summary.get("best")
+    print(f"sweep {summary['sweep']} on {summary['dataset']}: {summary['trials']} trials, "
+          f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed")
+    if not best:
+        print("no trial completed; nothing exported as best")
+        return
+    print(f"best: trial {best['trial_id']} ({best['role']}) {best['params']}")
+    print(f"  {summary['objective']['type']} score {best['score']:.4f}, val Dice {best['final_dice']:.4f}, "
+          f"{best['n_stages']} stages, voxel fraction {best['schedule_voxel_fraction']:.3f}")
+    for role in ("baseline", "paper"):
+        g = summary.get(f"gain_over_{role}")
+        if g:
+            print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
+                  f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
+    print(f"schedule: {out / 'best_schedule.yaml'}  trials: {out / 'trials.parquet'}")
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    return _sweep(a, a.space, a.data, a.out)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    rc = _sweep(a, "smoke", "synthetic", a.out)
+    print()
+    sys.stdout.write((Path(a.out) / "best_schedule.yaml").read_text())
+    return rc
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from pgps_tune.results import export_sweep
+
+    _check_writable(Path(a.out))
+    _print_summary(export_sweep(a.experiment, a.out, results_store=a.results_store), Path(a.out))
+    return 0
+
+
+def cmd_best(a: argparse.Namespace) -> int:
+    from pgps_tune.results import best_schedule
+
+    s = best_schedule(a.dataset, a.results_store, a.objective)
+    if a.out:
+        s.save(a.out)
+    _print_schedule(s, a.format)
     return 0
 
 
@@ -238,6 +317,44 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
     data_args(pl)
     pl.set_defaults(func=cmd_plan)
+
+    def sweep_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--num-samples", type=int, default=None, help="search trials (default: the space's)")
+        q.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
+        q.add_argument("--cpus-per-trial", type=float, default=1.0)
+        q.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+        q.add_argument("--address", default=None, help="join a Ray cluster ('auto' or HOST:PORT)")
+        q.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI for Tune's results")
+        q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+        q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
+        q.add_argument("--results-store", default=None, help="results store (default ~/.local/share/pgps-tune/results)")
+        q.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    tu = sub.add_parser("tune", help="search the best schedule for a dataset with Ray Tune")
+    tu.add_argument("--space", required=True, help="space file, or the name of one in search_spaces/")
+    tu.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
+    tu.add_argument("--out", required=True, help="sweep folder (exports, sweep.json, Tune results)")
+    sweep_args(tu)
+    tu.set_defaults(func=cmd_tune)
+
+    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (a few minutes on 2 cores)")
+    de.add_argument("--out", default="runs/demo")
+    sweep_args(de)
+    de.set_defaults(func=cmd_demo, max_concurrent=None)
+
+    ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
+    ex.add_argument("--experiment", required=True, help="the --out folder of a sweep")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--results-store", default=None)
+    ex.set_defaults(func=cmd_export)
+
+    be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
+    be.add_argument("--dataset", required=True, help="dataset name (dataset.json 'name', or 'synthetic')")
+    be.add_argument("--objective", default="max_dice")
+    be.add_argument("--results-store", default=None)
+    be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml")
+    be.add_argument("--out", help="also write the schedule to this file")
+    be.set_defaults(func=cmd_best)
     return p
 
 

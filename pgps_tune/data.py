@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import PgpsError
 
 PREPROCESS_VERSION = 1
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres

@@ -15,7 +15,7 @@ measured against.
 >>> [st.batch_size for st in s.stages]
 [128, 64, 32, 16, 10, 7, 4, 3, 2, 2]
 >>> round(paper((128,) * 3, (5,) * 3, 2, 1000, "resource").voxel_fraction(), 3)
-0.408
+0.344
 """
 
 from __future__ import annotations

@@ -128,6 +128,8 @@ def test_existing_run_is_not_overwritten_and_bad_input_corrupts_nothing(capsys, 
     bad = tmp_path / "bad.yaml"
     bad.write_text("format_version: 1\nstages: [[\n")
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, "--resume", "--schedule", bad)), "not valid YAML")
+    other = ["--preset", "constant", "--resume"]
+    assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, *other)), "another schedule")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

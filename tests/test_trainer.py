@@ -7,7 +7,7 @@ from pgps_tune import data
 from pgps_tune import schedule as sch
 from pgps_tune.cli import main
 from pgps_tune.network import SafeInstanceNorm3d, build_network
-from pgps_tune.trainer import Trainer, TrainConfig
+from pgps_tune.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture
@@ -41,9 +41,10 @@ def test_deep_supervision_trains(ds, tmp_path):
     assert m["completed"] and 0 <= m["val_dice"] <= 1
 
 
-def test_smoke_metrics_and_callback(ds, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_smoke_metrics_and_callback(ds, tmp_path, optimizer):
     reports = []
-    m = _trainer(ds, tmp_path / "run", callback=reports.append).fit()
+    m = _trainer(ds, tmp_path / "run", callback=reports.append, optimizer=optimizer).fit()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["val_dice"] == pytest.approx(m["val_dice"]) and 0 <= m["val_dice"] <= 1
     assert m["iterations"] == 12 and m["completed"]

@@ -1,0 +1,450 @@
+"""Schedule search with Ray Tune, ASHA and Optuna. The only module that imports Ray.
+
+A sweep has two phases, each a Tune experiment under the storage location:
+
+1. ``references``: the constant baseline and the paper schedule, trained to the
+   end (no early stopping), so every sweep states its gain over both and the
+   ``cheapest_within`` objective knows the baseline's Dice.
+2. ``search``: ``num_samples`` trials sampled from the space by Optuna (TPE or
+   random) or walked as a grid, early-stopped by ASHA.
+
+ASHA's clock is ``baseline_iterations`` by default: voxels processed divided by
+the baseline's voxels per iteration.  A curriculum on small patches therefore
+reaches a rung only after it has spent as much compute as the baseline had
+at that rung, and every validation is at the final patch size, so rungs
+compare trials at equal compute on the same task.  Trials that ASHA stops are
+told to Optuna as PRUNED, so TPE does not learn from truncated runs as if
+they had finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.space import SearchSpace, schedule_from_params
+
+PHASES = ("references", "search")
+SWEEP_FILE = "sweep.json"
+FAULT_ENV = "PGPS_INJECT_FAILURE"  # testing aid: "EPOCH" or "EPOCH:once"
+
+
+@dataclass
+class SweepOptions:
+    space: SearchSpace
+    data: str
+    out: Path
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    storage: str | None = None
+    resume: bool = False
+    cache_root: str | None = None
+    results_store: str | None = None
+    quiet: bool = False
+
+
+# -- the trial --------------------------------------------------------------------------
+
+
+def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: float,
+                    target_dice: float | None) -> float:
+    """The scalar that ASHA and Optuna maximise."""
+    kind = objective["type"]
+    if kind == "max_dice":
+        return dice
+    if kind == "dice_under_budget":
+        return dice if voxel_fraction <= objective["voxel_budget"] + 1e-9 else dice - 1.0
+    # cheapest_within: infeasible trials rank by how close they are to the target Dice,
+    # feasible ones by how much compute they save (1 - voxel fraction)
+    if target_dice is None:
+        return dice
+    return 1.0 - voxel_fraction if dice >= target_dice else dice - target_dice
+
+
+def _maybe_inject_failure(epoch: int, marker: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at, _, once = spec.partition(":")
+    if epoch >= int(at) and not (once and marker.exists()):
+        marker.touch()
+        raise RuntimeError(f"injected failure at epoch {epoch} ({FAULT_ENV}={spec})")
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: build the schedule from ``config`` and train it, reporting each validation."""
+    import torch
+    from ray import tune
+
+    from pgps_tune.data import prepare, split
+    from pgps_tune.trainer import TrainConfig, Trainer
+
+    b = setup["budget"]
+    torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
+    ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
+                 synthetic_shape=b["synthetic_shape"])
+    params = {**setup["fixed"], **config}
+    s = schedule_from_params(params, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    run_dir = trial_dir / "run"
+    checkpoint = tune.get_checkpoint()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # only the last reported checkpoint counts
+    if checkpoint:
+        checkpoint.to_directory(str(run_dir))
+    objective = setup["objective"]
+    voxel_fraction = s.voxel_fraction()
+    base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
+            "schedule_voxel_fraction": voxel_fraction, "role": params.get("role", "search")}
+    if (objective["type"] == "dice_under_budget" and params.get("role", "search") == "search"
+            and voxel_fraction > objective["voxel_budget"] + 1e-9):
+        # over the voxel budget: known before training, so do not spend compute on it
+        tune.report({**base, "score": -1.0, "val_dice": 0.0, "completed": True, "infeasible": True,
+                     "baseline_iterations": 0.0, "epoch": 0})
+        return
+    cfg = TrainConfig(
+        network=b["network"], filters=tuple(b["filters"]), optimizer=b["optimizer"],
+        lr=params.get("lr", b["lr"]), iterations_per_epoch=b["iterations_per_epoch"], seed=b["seed"],
+        device="cuda" if setup["gpus_per_trial"] > 0 else "cpu", threads=max(1, int(setup["cpus_per_trial"])),
+        fg_ratio=params.get("fg_ratio", b["fg_ratio"]), val_every=b["val_every"],
+    )
+    train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
+
+    def report(r: dict[str, Any]) -> None:
+        _maybe_inject_failure(r["epoch"], trial_dir / ".failed_once")
+        metrics = {
+            **base,
+            "score": objective_score(objective, r["val_dice"], voxel_fraction, setup.get("target_dice")),
+            "val_dice": r["val_dice"], "best_val_dice": r["best_val_dice"], "epoch": r["epoch"],
+            "stage": r["stage"], "train_loss": r["train_loss"], "train_time_s": r["train_time_s"],
+            "voxels_processed": r["voxels_processed"],
+            "baseline_iterations": r["baseline_equivalent_iterations"],
+            "completed": r["completed"],
+            **{f"dice_{k}": v for k, v in r["val_dice_per_class"].items()},
+        }
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+
+    trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=report)
+    trainer.fit(resume=(run_dir / "checkpoint.pt").is_file())
+
+
+# -- search algorithms ------------------------------------------------------------------
+
+
+def _define_by_run(space: SearchSpace):
+    def define(trial) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
+        for p in space.parameters:
+            if not p.active(params):
+                continue
+            if p.kind == "fixed":
+                params[p.name] = fixed[p.name] = p.value
+            elif p.kind == "int":
+                params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            elif p.kind == "float":
+                params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+            else:
+                params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        return fixed
+
+    return define
+
+
+def _searchers():
+    """Searcher classes, built lazily so importing this module does not import Ray."""
+    import optuna
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PrunedAwareOptunaSearch(OptunaSearch):
+        """Tells Optuna PRUNED for trials that ASHA stopped, instead of COMPLETE."""
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and not error and not result.get("completed", False) and trial_id in self._ot_trials:
+                if trial_id not in self._completed_trials:
+                    self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    class ListSearcher(Searcher):
+        """Suggests a fixed list of configurations in order (references, grid)."""
+
+        def __init__(self, configs: list[dict[str, Any]], metric: str, mode: str) -> None:
+            super().__init__(metric=metric, mode=mode)
+            self.configs = configs
+            self.given: dict[str, int] = {}
+
+        def suggest(self, trial_id: str):
+            if trial_id not in self.given:
+                if len(self.given) >= len(self.configs):
+                    return Searcher.FINISHED
+                self.given[trial_id] = len(self.given)
+            return dict(self.configs[self.given[trial_id]])
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass
+
+        def save(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "wb") as fh:
+                pickle.dump({"configs": self.configs, "given": self.given}, fh)
+
+        def restore(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "rb") as fh:
+                state = pickle.load(fh)
+            self.configs, self.given = state["configs"], state["given"]
+
+    return PrunedAwareOptunaSearch, ListSearcher
+
+
+def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
+    """The constant baseline and the paper schedule in the space's mode (resource if searched)."""
+    mode = space.param("mode")
+    paper_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
+    return [
+        {"role": "baseline", "preset": "constant"},
+        {"role": "paper", "preset": "paper", "mode": paper_mode},
+    ]
+
+
+def asha_settings(space: SearchSpace) -> dict[str, Any]:
+    b, a = space.budget, space.asha
+    max_t = {"baseline_iterations": b.epochs * b.iterations_per_epoch, "epoch": b.epochs,
+             "training_iteration": max(1, b.epochs // b.val_every)}[a.time_attr]
+    grace = max(1, round(a.grace_fraction * max_t))
+    return {"time_attr": a.time_attr, "max_t": max_t, "grace_period": min(grace, max_t),
+            "reduction_factor": a.reduction_factor, "brackets": a.brackets}
+
+
+def rung_milestones(settings: dict[str, Any]) -> list[float]:
+    """The rungs ASHA's first bracket compares trials at (same formula as Ray's)."""
+    import math
+
+    g, m, rf = settings["grace_period"], settings["max_t"], settings["reduction_factor"]
+    n = int(math.log(m / g) / math.log(rf) + 1)
+    return [g * rf**k for k in range(n)]
+
+
+# -- cluster, storage ------------------------------------------------------------------------
+
+
+def start_ray(address: str | None, quiet: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        for key, value in (("RAY_gcs_server_port_wait_time_s", "1"), ("RAY_py_gcs_connect_timeout_s", "3"),
+                           ("RAY_gcs_rpc_server_connect_timeout_s", "1")):
+            os.environ.setdefault(key, value)
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=not quiet)
+        except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+            raise PgpsError(
+                f"no Ray cluster reachable at --address {address} ({type(exc).__name__}); "
+                "start one with 'ray start --head' or leave out --address"
+            ) from None
+        return
+    ray.init(
+        num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
+        object_store_memory=128 * 1024**2, log_to_driver=not quiet,
+    )
+
+
+def check_resources(cpus: float, gpus: float, max_concurrent: int | None) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if cpus <= 0:
+        raise PgpsError("--cpus-per-trial must be > 0")
+    if cpus > have_cpu:
+        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {have_cpu:g} CPUs; ask for at most that")
+    if gpus > have_gpu:
+        raise PgpsError(
+            f"--gpus-per-trial {gpus:g} but the cluster has {have_gpu:g} GPUs; "
+            "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
+        )
+    if max_concurrent is not None and max_concurrent < 1:
+        raise PgpsError("--max-concurrent must be >= 1")
+
+
+def resolve_storage(storage: str | None, out: Path):
+    """(pyarrow filesystem or None, storage path) for Tune; checks that it can be written."""
+    import pyarrow.fs as pafs
+
+    if storage is None:
+        path = (out / "ray").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return None, str(path)
+    try:
+        if "://" in storage:
+            fs, path = pafs.FileSystem.from_uri(storage)
+        else:
+            fs, path = pafs.LocalFileSystem(), str(Path(storage).resolve())
+        fs.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.pgps_write_test"
+        with fs.open_output_stream(probe) as fh:
+            fh.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as exc:
+        raise PgpsError(
+            f"cannot write to --storage {storage} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "give a writable local path or s3:// / gs:// URI with credentials in the environment"
+        ) from None
+    return (None if isinstance(fs, pafs.LocalFileSystem) else fs), path
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+def _progress_callback(total: int, phase: str, quiet: bool):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.t0 = time.time()
+
+        def _line(self, text: str) -> None:
+            if not quiet:
+                print(f"[{time.time() - self.t0:6.0f}s] {phase}: {text}", file=sys.stderr, flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._line(f"start {trial.trial_id} {_short(trial.config)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            r = trial.last_result or {}
+            how = "completed" if r.get("completed") else "stopped early"
+            self._line(f"{self.done}/{total} {trial.trial_id} {how}: dice {r.get('val_dice', float('nan')):.4f} "
+                       f"score {r.get('score', float('nan')):.4f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(f"{self.done}/{total} {trial.trial_id} FAILED (see trials.parquet 'error')")
+
+    return Progress()
+
+
+def _short(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+
+
+def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
+               name: str, searcher, num_samples: int, scheduler) -> None:
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    path = f"{storage_path.rstrip('/')}/{name}"
+    restorable = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
+    if restorable:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                max_concurrent_trials=opts.max_concurrent, reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=opts.space.budget.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_progress_callback(num_samples, phase, opts.quiet)],
+            ),
+        )
+    tuner.fit()
+
+
+def sweep(opts: SweepOptions) -> dict[str, Any]:
+    """Run (or resume) a whole sweep; write the exports; return the summary."""
+    from pgps_tune.data import plan_patch, prepare
+    from pgps_tune.results import export_sweep
+
+    space, b = opts.space, opts.space.budget
+    out = opts.out
+    meta_path = out / SWEEP_FILE
+    if meta_path.exists() and not opts.resume:
+        raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
+    if opts.resume and not meta_path.exists():
+        raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
+    ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
+                 synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
+    plan = plan_patch(ds.median_shape, ds.spacing)
+    final = tuple(b.final_patch) if b.final_patch else plan.final_patch
+    pools = tuple(b.pools) if b.pools else plan.pools
+    from pgps_tune.space import check_space_against_plan
+
+    check_space_against_plan(space, final, pools)
+    storage_fs, storage_path = resolve_storage(opts.storage, out)
+    num_samples = opts.num_samples or space.search.num_samples
+    if space.search.algorithm == "grid":
+        num_samples = len(space.grid())
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    start_ray(opts.address, quiet=opts.quiet)
+    check_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.max_concurrent)
+
+    name = out.resolve().name
+    meta = {
+        "format_version": 1, "space": space.source, "space_name": space.name, "dataset": ds.name,
+        "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final), "pools": list(pools),
+        "storage": opts.storage, "storage_path": storage_path,
+        "experiments": {p: f"{name}-{p}" for p in PHASES}, "num_samples": num_samples,
+        "objective": asdict(space.objective), "asha": asha_settings(space),
+        "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
+        "started": meta_path.exists() and json.loads(meta_path.read_text()).get("started") or time.time(),
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    setup = {
+        "data": str(opts.data), "cache_root": str(ds.cache_dir.parent), "budget": asdict(b),
+        "final_patch": final, "pools": pools, "objective": asdict(space.objective),
+        "fixed": {}, "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
+    }
+    optuna_search_cls, list_searcher_cls = _searchers()
+
+    refs = reference_configs(space)
+    _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
+               list_searcher_cls(refs, "score", "max"), len(refs), None)
+    if space.objective.type == "cheapest_within":
+        from pgps_tune.results import collect_rows
+
+        baseline = next(r for r in collect_rows(meta, phases=("references",)) if r["role"] == "baseline")
+        setup["target_dice"] = baseline["final_dice"] - space.objective.tolerance
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(metric="score", mode="max", **asha_settings(space)) if space.asha.enabled else None
+    if space.search.algorithm == "grid":
+        searcher = list_searcher_cls(space.grid(), "score", "max")
+    else:
+        import optuna
+
+        sampler = (optuna.samplers.TPESampler(seed=space.search.seed) if space.search.algorithm == "tpe"
+                   else optuna.samplers.RandomSampler(seed=space.search.seed))
+        searcher = optuna_search_cls(_define_by_run(space), metric="score", mode="max", sampler=sampler)
+    _run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
+               searcher, num_samples, scheduler)
+    return export_sweep(out, out, results_store=opts.results_store)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install pgps-tune with its test and benchmark extras.
+#
+# torch is installed first, on purpose: with a visible NVIDIA GPU the default (CUDA) wheel;
+# without one a CPU-only wheel, never the multi-GB CUDA build.  Where the package index would
+# serve a CUDA wheel to a machine without a GPU, set PGPS_TORCH_CPU_INDEX to a PyTorch CPU
+# wheel index and rerun; the script refuses rather than download the wrong build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION=${PGPS_TORCH_VERSION:-2.13.0}
+PY=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
+    "${pip[@]}" install "torch==$TORCH_VERSION"
+  else
+    index=()
+    [ -n "${PGPS_TORCH_CPU_INDEX:-}" ] && index=(--index-url "$PGPS_TORCH_CPU_INDEX")
+    report=$(mktemp)
+    "${pip[@]}" install --dry-run --no-deps --report "$report" "${index[@]}" "torch==$TORCH_VERSION" 2>/dev/null
+    if ! grep -q '%2Bcpu\|+cpu' "$report"; then
+      echo "setup: no GPU here, but the package index offers a CUDA build of torch==$TORCH_VERSION;" \
+           "set PGPS_TORCH_CPU_INDEX to a PyTorch CPU wheel index and rerun" >&2
+      rm -f "$report"
+      exit 1
+    fi
+    rm -f "$report"
+    echo "setup: no GPU, installing torch==$TORCH_VERSION (CPU build)"
+    "${pip[@]}" install "${index[@]}" "torch==$TORCH_VERSION"
+  fi
+fi
+"${pip[@]}" install -e ".[dev,bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/python -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"

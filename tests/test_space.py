@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgps_tune import space as sp
+from pgps_tune.errors import PgpsError
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", ["default", "performance", "resource", "smoke"])
+def test_shipped_spaces_parse_and_fit_their_plans(name):
+    s = sp.load(SPACES / f"{name}.yaml")
+    assert s.name == name and s.parameters
+    sp.check_space_against_plan(s, (40, 56, 40), (3, 3, 3))
+    sp.check_space_against_plan(s, (48, 48, 48), (3, 3, 3))
+
+
+def test_kinds_conditionals_and_fixed_values():
+    s = sp.parse({
+        "parameters": {
+            "stages": {"type": "int", "low": 1, "high": 4},
+            "growth": {"type": "float", "low": 1.2, "high": 2.0, "log": True, "when": "stages > 1"},
+            "mode": {"type": "categorical", "choices": ["resource", "performance"]},
+            "batch_cap": 16,
+        }
+    })
+    growth = s.param("growth")
+    assert growth.kind == "float" and growth.log and growth.when == ("stages", ">", 1)
+    assert growth.active({"stages": 2}) and not growth.active({"stages": 1})
+    assert s.param("batch_cap").kind == "fixed" and s.param("batch_cap").value == 16
+    grid = s.grid()
+    assert all("growth" not in g for g in grid if g["stages"] == 1)
+    assert all("growth" in g for g in grid if g["stages"] > 1)
+    assert len({tuple(sorted(g.items())) for g in grid}) == len(grid)
+    assert s.objective.type == "max_dice" and s.search.algorithm == "tpe" and s.asha.time_attr == "baseline_iterations"
+
+
+def test_schedule_from_params_covers_family_and_references():
+    final, pools = (48, 48, 48), (3, 3, 3)
+    one = sp.schedule_from_params({"stages": 1}, final, pools, 2, 10)
+    assert len(one.stages) == 1
+    three = sp.schedule_from_params({"stages": 3, "growth": 2.0, "mode": "performance", "batch_cap": 8},
+                                    final, pools, 2, 12)
+    assert [st.patch_size for st in three.stages] == [(16, 16, 16), (24, 24, 24), (48, 48, 48)]
+    assert max(st.batch_size for st in three.stages) == 8
+    paper = sp.schedule_from_params({"preset": "paper", "mode": "resource"}, final, pools, 2, 20)
+    assert paper.meta["preset"] == "paper"
+
+
+BAD = [
+    ("not a mapping", "must be a mapping"),
+    ({"parameters": {}}, "non-empty mapping"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4}}, "budgett": {}}, "unknown key(s) ['budgett']"),
+    ({"parameters": {"stagez": {"type": "int", "low": 1, "high": 4}}}, "unknown parameter 'stagez'"),
+    ({"parameters": {"stages": {"type": "int", "low": 4, "high": 4}}}, "empty range"),
+    ({"parameters": {"growth": {"type": "float", "low": 2.5, "high": 1.2}}}, "empty range"),
+    ({"parameters": {"stages": {"type": "int", "low": 1.5, "high": 4}}}, "must be integers"),
+    ({"parameters": {"growth": {"type": "float", "low": 0, "high": 2, "log": True}}}, "low must be > 0"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": []}}}, "non-empty 'choices'"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["fast"]}}}, "mode 'fast' unknown"),
+    ({"parameters": {"stages": {"type": "integer", "low": 1, "high": 4}}}, "needs type int, float or categorical"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "max": 3}}}, "unknown key(s) ['max']"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages >> 1"}}}, "must look like"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1"},
+                     "stages": {"type": "int", "low": 1, "high": 3}}}, "must be listed before it"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "min_loss"}}, "objective.type 'min_loss' unknown"),
+    ({"parameters": {"stages": 2}, "search": {"algorithm": "bohb"}}, "search.algorithm 'bohb' unknown"),
+    ({"parameters": {"stages": 2}, "asha": {"time_attr": "seconds"}}, "asha.time_attr 'seconds' unknown"),
+    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": 1}}, "reduction_factor > 1"),
+    ({"parameters": {"stages": 2}, "budget": {"epochs": "many"}}, "budget.epochs must be a number"),
+    ({"parameters": {"stages": 2}, "budget": {"network": "vnet"}}, "budget.network 'vnet' unknown"),
+    ({"parameters": {"stages": 2}, "budget": {"filters": "big"}}, "budget.filters must be a list"),
+]
+
+
+@pytest.mark.parametrize("raw,needle", BAD)
+def test_malformed_spaces_are_refused_with_reason(raw, needle):
+    with pytest.raises(PgpsError) as info:
+        sp.parse(raw, "x.yaml")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_space_file_errors(tmp_path):
+    with pytest.raises(PgpsError, match="does not exist"):
+        sp.load(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parameters: {stages: [1, 2\n")
+    with pytest.raises(PgpsError, match="not valid YAML at line"):
+        sp.load(bad)
+
+
+def test_parameters_the_network_cannot_take_are_refused_before_any_trial(tmp_path):
+    raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    raw["parameters"]["stages"] = {"type": "int", "low": 1, "high": 20}
+    with pytest.raises(PgpsError, match="budget.epochs is 8"):
+        sp.check_space_against_plan(sp.parse(raw), (48, 48, 48), (3, 3, 3))
+    raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    with pytest.raises(PgpsError, match="not divisible"):
+        sp.check_space_against_plan(sp.parse(raw), (44, 48, 48), (3, 3, 3))
