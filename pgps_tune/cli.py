@@ -190,7 +190,16 @@ def _space_path(name: str) -> Path:
 
 
 def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
+    import os
+
     from pgps_tune import space as sp
+
+    if a.address:
+        # Ray waits minutes on an address where nothing listens; these bound it to seconds.
+        # Ray reads them when its core library starts, so set them before importing it.
+        for key, value in {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "3",
+                           "RAY_gcs_rpc_server_connect_timeout_s": "1"}.items():
+            os.environ.setdefault(key, value)
     from pgps_tune.tuner import SweepOptions, sweep
 
     space = sp.load(_space_path(space_file))

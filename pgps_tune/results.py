@@ -138,7 +138,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
     best = pick_best(rows)
     refs = {r["role"]: r for r in rows if r["role"] in ("baseline", "paper") and r["completed"]}
     summary: dict[str, Any] = {
-        "dataset": meta["dataset"], "sweep": Path(meta["storage_path"]).name, "objective": meta["objective"],
+        "dataset": meta["dataset"], "sweep": meta["sweep"], "objective": meta["objective"],
         "trials": len(rows), "completed": sum(r["completed"] for r in rows),
         "stopped_early": sum(r["stopped_early"] for r in rows), "failed": sum(r["failed"] for r in rows),
         "best": None,

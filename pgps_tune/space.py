@@ -242,6 +242,23 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
     return Param(name, kind, low=low, high=high, log=log, step=spec.get("step"), when=when)
 
 
+def _dependency_order(params: list[Param], src: str) -> tuple[Param, ...]:
+    """Order parameters so that each comes after the one its ``when`` reads (file order otherwise)."""
+    names = {p.name for p in params}
+    for p in params:
+        if p.when and p.when[0] not in names:
+            raise PgpsError(f"{src}: parameter '{p.name}' depends on '{p.when[0]}', which the space does not define")
+    ordered: list[Param] = []
+    pending = list(params)
+    while pending:
+        ready = [p for p in pending if not p.when or p.when[0] in {q.name for q in ordered}]
+        if not ready:
+            raise PgpsError(f"{src}: the 'when' conditions of {[p.name for p in pending]} form a cycle; remove one")
+        ordered.extend(ready)
+        pending = [p for p in pending if p not in ready]
+    return tuple(ordered)
+
+
 def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     """Validate a space mapping (as loaded from YAML)."""
     src = source
@@ -254,13 +271,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     params_raw = raw.get("parameters")
     if not isinstance(params_raw, dict) or not params_raw:
         raise PgpsError(f"{src}: 'parameters' must be a non-empty mapping")
-    params = tuple(_parse_param(str(k), v, src) for k, v in params_raw.items())
-    names = [p.name for p in params]
-    for p in params:
-        if p.when and p.when[0] not in names[: names.index(p.name)]:
-            raise PgpsError(
-                f"{src}: parameter '{p.name}' depends on '{p.when[0]}', which must be listed before it"
-            )
+    params = _dependency_order([_parse_param(str(k), v, src) for k, v in params_raw.items()], src)
     objective = _section(raw, "objective", Objective, src)
     search = _section(raw, "search", Search, src)
     asha = _section(raw, "asha", Asha, src)

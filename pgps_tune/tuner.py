@@ -19,6 +19,7 @@ they had finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,8 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
 from pgps_tune.errors import PgpsError, atomic_write_text
 from pgps_tune.space import SearchSpace, schedule_from_params
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PHASES = ("references", "search")
 SWEEP_FILE = "sweep.json"
@@ -86,7 +94,6 @@ def _maybe_inject_failure(epoch: int, marker: Path) -> None:
 def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: build the schedule from ``config`` and train it, reporting each validation."""
     import torch
-    from ray import tune
 
     from pgps_tune.data import prepare, split
     from pgps_tune.trainer import TrainConfig, Trainer
@@ -143,11 +150,19 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 # -- search algorithms ------------------------------------------------------------------
 
 
-def _define_by_run(space: SearchSpace):
-    def define(trial) -> dict[str, Any]:
+class DefineByRun:
+    """Optuna define-by-run space: suggests only the parameters active given earlier ones.
+
+    A module-level class (not a closure) so that Tune can pickle the searcher for resume.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.parameters = space.parameters
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         params: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
-        for p in space.parameters:
+        for p in self.parameters:
             if not p.active(params):
                 continue
             if p.kind == "fixed":
@@ -160,54 +175,45 @@ def _define_by_run(space: SearchSpace):
                 params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
         return fixed
 
-    return define
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """Tells Optuna PRUNED for trials that ASHA stopped, instead of COMPLETE."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and not error and not result.get("completed", False) and trial_id in self._ot_trials:
+            if trial_id not in self._completed_trials:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
 
-def _searchers():
-    """Searcher classes, built lazily so importing this module does not import Ray."""
-    import optuna
-    from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
+class ListSearcher(Searcher):
+    """Suggests a fixed list of configurations in order (the references, a grid)."""
 
-    class PrunedAwareOptunaSearch(OptunaSearch):
-        """Tells Optuna PRUNED for trials that ASHA stopped, instead of COMPLETE."""
+    def __init__(self, configs: list[dict[str, Any]], metric: str = "score", mode: str = "max") -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.configs = configs
+        self.given: dict[str, int] = {}
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if result and not error and not result.get("completed", False) and trial_id in self._ot_trials:
-                if trial_id not in self._completed_trials:
-                    self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                    self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result, error)
+    def suggest(self, trial_id: str):
+        if trial_id not in self.given:
+            if len(self.given) >= len(self.configs):
+                return Searcher.FINISHED
+            self.given[trial_id] = len(self.given)
+        return dict(self.configs[self.given[trial_id]])
 
-    class ListSearcher(Searcher):
-        """Suggests a fixed list of configurations in order (references, grid)."""
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
 
-        def __init__(self, configs: list[dict[str, Any]], metric: str, mode: str) -> None:
-            super().__init__(metric=metric, mode=mode)
-            self.configs = configs
-            self.given: dict[str, int] = {}
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump({"configs": self.configs, "given": self.given}, fh)
 
-        def suggest(self, trial_id: str):
-            if trial_id not in self.given:
-                if len(self.given) >= len(self.configs):
-                    return Searcher.FINISHED
-                self.given[trial_id] = len(self.given)
-            return dict(self.configs[self.given[trial_id]])
-
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            pass
-
-        def save(self, checkpoint_path: str) -> None:
-            with open(checkpoint_path, "wb") as fh:
-                pickle.dump({"configs": self.configs, "given": self.given}, fh)
-
-        def restore(self, checkpoint_path: str) -> None:
-            with open(checkpoint_path, "rb") as fh:
-                state = pickle.load(fh)
-            self.configs, self.given = state["configs"], state["given"]
-
-    return PrunedAwareOptunaSearch, ListSearcher
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        self.configs, self.given = state["configs"], state["given"]
 
 
 def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
@@ -241,26 +247,38 @@ def rung_milestones(settings: dict[str, Any]) -> list[float]:
 # -- cluster, storage ------------------------------------------------------------------------
 
 
-def start_ray(address: str | None, quiet: bool = True) -> None:
+@contextlib.contextmanager
+def _stderr_silenced():
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def start_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        for key, value in (("RAY_gcs_server_port_wait_time_s", "1"), ("RAY_py_gcs_connect_timeout_s", "3"),
-                           ("RAY_gcs_rpc_server_connect_timeout_s", "1")):
-            os.environ.setdefault(key, value)
-        try:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=not quiet)
-        except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
-            raise PgpsError(
-                f"no Ray cluster reachable at --address {address} ({type(exc).__name__}); "
-                "start one with 'ray start --head' or leave out --address"
-            ) from None
-        return
+        with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
+            try:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+                failure = exc
+            else:
+                return
+        raise PgpsError(
+            f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); "
+            "start one with 'ray start --head' or leave out --address"
+        )
     ray.init(
         num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
-        object_store_memory=128 * 1024**2, log_to_driver=not quiet,
+        object_store_memory=128 * 1024**2, log_to_driver=False,
     )
 
 
@@ -311,33 +329,31 @@ def resolve_storage(storage: str | None, out: Path):
 # -- progress ----------------------------------------------------------------------------------
 
 
-def _progress_callback(total: int, phase: str, quiet: bool):
-    from ray.tune import Callback
+class Progress(tune.Callback):
+    """One line per trial start and end on stderr, instead of Tune's large tables."""
 
-    class Progress(Callback):
-        def __init__(self) -> None:
-            self.done = 0
-            self.t0 = time.time()
+    def __init__(self, total: int, phase: str, quiet: bool) -> None:
+        self.total, self.phase, self.quiet = total, phase, quiet
+        self.done = 0
+        self.t0 = time.time()
 
-        def _line(self, text: str) -> None:
-            if not quiet:
-                print(f"[{time.time() - self.t0:6.0f}s] {phase}: {text}", file=sys.stderr, flush=True)
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.time() - self.t0:6.0f}s] {self.phase}: {text}", file=sys.stderr, flush=True)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._line(f"start {trial.trial_id} {_short(trial.config)}")
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(f"start {trial.trial_id} {_short(trial.config)}")
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            r = trial.last_result or {}
-            how = "completed" if r.get("completed") else "stopped early"
-            self._line(f"{self.done}/{total} {trial.trial_id} {how}: dice {r.get('val_dice', float('nan')):.4f} "
-                       f"score {r.get('score', float('nan')):.4f}")
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        how = "completed" if r.get("completed") else "stopped early"
+        self._line(f"{self.done}/{self.total} {trial.trial_id} {how}: dice {r.get('val_dice', float('nan')):.4f} "
+                   f"score {r.get('score', float('nan')):.4f}")
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            self._line(f"{self.done}/{total} {trial.trial_id} FAILED (see trials.parquet 'error')")
-
-    return Progress()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._line(f"{self.done}/{self.total} {trial.trial_id} FAILED (see trials.parquet 'error')")
 
 
 def _short(config: dict[str, Any]) -> str:
@@ -349,8 +365,6 @@ def _short(config: dict[str, Any]) -> str:
 
 def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
                name: str, searcher, num_samples: int, scheduler) -> None:
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
@@ -371,7 +385,7 @@ def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=opts.space.budget.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_progress_callback(num_samples, phase, opts.quiet)],
+                callbacks=[Progress(num_samples, phase, opts.quiet)],
             ),
         )
     tuner.fit()
@@ -397,6 +411,11 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     from pgps_tune.space import check_space_against_plan
 
     check_space_against_plan(space, final, pools)
+    for ref in reference_configs(space):
+        try:
+            schedule_from_params(ref, final, pools, b.batch_size, b.epochs)
+        except PgpsError as exc:
+            raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built: {exc}") from None
     storage_fs, storage_path = resolve_storage(opts.storage, out)
     num_samples = opts.num_samples or space.search.num_samples
     if space.search.algorithm == "grid":
@@ -404,12 +423,12 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-    start_ray(opts.address, quiet=opts.quiet)
+    start_ray(opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.max_concurrent)
 
     name = out.resolve().name
     meta = {
-        "format_version": 1, "space": space.source, "space_name": space.name, "dataset": ds.name,
+        "format_version": 1, "sweep": name, "space": space.source, "space_name": space.name, "dataset": ds.name,
         "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final), "pools": list(pools),
         "storage": opts.storage, "storage_path": storage_path,
         "experiments": {p: f"{name}-{p}" for p in PHASES}, "num_samples": num_samples,
@@ -423,11 +442,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         "final_patch": final, "pools": pools, "objective": asdict(space.objective),
         "fixed": {}, "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
     }
-    optuna_search_cls, list_searcher_cls = _searchers()
-
     refs = reference_configs(space)
     _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
-               list_searcher_cls(refs, "score", "max"), len(refs), None)
+               ListSearcher(refs), len(refs), None)
     if space.objective.type == "cheapest_within":
         from pgps_tune.results import collect_rows
 
@@ -438,13 +455,11 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
     scheduler = ASHAScheduler(metric="score", mode="max", **asha_settings(space)) if space.asha.enabled else None
     if space.search.algorithm == "grid":
-        searcher = list_searcher_cls(space.grid(), "score", "max")
+        searcher = ListSearcher(space.grid())
     else:
-        import optuna
-
         sampler = (optuna.samplers.TPESampler(seed=space.search.seed) if space.search.algorithm == "tpe"
                    else optuna.samplers.RandomSampler(seed=space.search.seed))
-        searcher = optuna_search_cls(_define_by_run(space), metric="score", mode="max", sampler=sampler)
+        searcher = PrunedAwareOptunaSearch(DefineByRun(space), metric="score", mode="max", sampler=sampler)
     _run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
                searcher, num_samples, scheduler)
     return export_sweep(out, out, results_store=opts.results_store)

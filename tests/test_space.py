@@ -63,8 +63,10 @@ BAD = [
     ({"parameters": {"stages": {"type": "integer", "low": 1, "high": 4}}}, "needs type int, float or categorical"),
     ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "max": 3}}}, "unknown key(s) ['max']"),
     ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages >> 1"}}}, "must look like"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1"}}},
+     "which the space does not define"),
     ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1"},
-                     "stages": {"type": "int", "low": 1, "high": 3}}}, "must be listed before it"),
+                     "stages": {"type": "int", "low": 1, "high": 3, "when": "growth > 1.5"}}}, "form a cycle"),
     ({"parameters": {"stages": 2}, "objective": {"type": "min_loss"}}, "objective.type 'min_loss' unknown"),
     ({"parameters": {"stages": 2}, "search": {"algorithm": "bohb"}}, "search.algorithm 'bohb' unknown"),
     ({"parameters": {"stages": 2}, "asha": {"time_attr": "seconds"}}, "asha.time_attr 'seconds' unknown"),
@@ -82,6 +84,12 @@ def test_malformed_spaces_are_refused_with_reason(raw, needle):
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+def test_conditions_are_resolved_whatever_the_key_order():
+    s = sp.parse({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1"},
+                                 "stages": {"type": "int", "low": 1, "high": 3}}})
+    assert [p.name for p in s.parameters] == ["stages", "growth"]
+
+
 def test_space_file_errors(tmp_path):
     with pytest.raises(PgpsError, match="does not exist"):
         sp.load(tmp_path / "none.yaml")
@@ -94,7 +102,7 @@ def test_space_file_errors(tmp_path):
 def test_parameters_the_network_cannot_take_are_refused_before_any_trial(tmp_path):
     raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
     raw["parameters"]["stages"] = {"type": "int", "low": 1, "high": 20}
-    with pytest.raises(PgpsError, match="budget.epochs is 8"):
+    with pytest.raises(PgpsError, match="budget.epochs is 10"):
         sp.check_space_against_plan(sp.parse(raw), (48, 48, 48), (3, 3, 3))
     raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
     with pytest.raises(PgpsError, match="not divisible"):

@@ -1,0 +1,211 @@
+"""Sweeps end to end on tiny synthetic data: ASHA, exports, store, resume, failures, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pgps_tune import schedule as sch
+from pgps_tune import space as sp
+from pgps_tune.cli import main
+from pgps_tune.results import COLUMNS, best_schedule
+
+BUDGET = {
+    "epochs": 10, "iterations_per_epoch": 10, "batch_size": 2, "filters": [8, 16, 32], "optimizer": "adamw",
+    "lr": 0.01, "val_every": 2, "synthetic_cases": 6, "synthetic_shape": [32, 32, 32],
+    "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 1,
+}
+
+
+def write_space(path: Path, **over) -> Path:
+    raw = {
+        "name": "t",
+        "parameters": {
+            "stages": {"type": "int", "low": 1, "high": 3},
+            "growth": {"type": "float", "low": 1.5, "high": 2.5, "when": "stages > 1"},
+            "mode": {"value": "resource"},
+        },
+        "objective": {"type": "max_dice"},
+        "search": {"algorithm": "tpe", "num_samples": 3, "seed": 0},
+        "asha": {"time_attr": "baseline_iterations", "grace_fraction": 0.2, "reduction_factor": 2},
+        "budget": dict(BUDGET),
+    }
+    for k, v in over.items():
+        raw[k] = v if not isinstance(v, dict) or k == "parameters" else {**raw.get(k, {}), **v}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def cli(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pgps_tune.cli", *map(str, argv)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def rows(out: Path) -> list[dict]:
+    return pq.read_table(out / "trials.parquet").to_pylist()
+
+
+def test_sweep_end_to_end_asha_stops_a_bad_trial_and_exports(tmp_path, capsys):
+    # a grid walked in order with one trial at a hopeless learning rate, one at a good one:
+    # ASHA (1 trial at a time) must stop the hopeless one at its first rung
+    space = write_space(
+        tmp_path / "s.yaml",
+        parameters={"stages": {"value": 1}, "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]}},
+        search={"algorithm": "grid"},
+    )
+    out = tmp_path / "sweep"
+    rc = main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--max-concurrent", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "best:" in printed and "vs baseline" in printed and "vs paper" in printed
+    t = pq.read_table(out / "trials.parquet")
+    assert t.column_names == COLUMNS and t.num_rows == 4
+    table = t.to_pylist()
+    assert [r["role"] for r in table] == ["baseline", "paper", "search", "search"]
+    hopeless = next(r for r in table if json.loads(r["params"]).get("lr") == 1.0e-9)
+    assert hopeless["stopped_early"] and hopeless["status"] == "stopped_early" and hopeless["rung_reached"] == 0
+    assert sum(r["completed"] for r in table) == 3
+    for r in table:
+        assert r["voxels_processed"] > 0 and r["train_time_s"] > 0 and 0 <= r["final_dice"] <= 1
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.meta["dataset"] == "synthetic" and best.meta["objective"] == "max_dice"
+    assert best.meta["score"] == max(r["score"] for r in table if r["completed"])
+    assert "gain_over_baseline" in best.meta and "gain_over_paper" in best.meta
+    # the results store answers "best schedule for synthetic" in one query
+    assert best_schedule("synthetic").stages == best.stages
+    assert main(["best", "--dataset", "synthetic", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]
+    # export on demand rewrites the same table
+    again = tmp_path / "again"
+    assert main(["export", "--experiment", str(out), "--out", str(again)]) == 0
+    assert pq.read_table(again / "trials.parquet").num_rows == 4
+    # the best schedule trains as is
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--out", str(run), "--schedule", str(out / "best_schedule.yaml"),
+                 "--epochs", "2", "--iterations-per-epoch", "1", "--filters", "4", "8", "16", "--quiet"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["completed"]
+    assert main(["schedule", "--from", str(out / "best_schedule.yaml"), "--format", "json"]) == 0
+
+
+def test_asha_stopped_trials_reach_optuna_as_pruned():
+    import optuna
+
+    from pgps_tune.tuner import DefineByRun, PrunedAwareOptunaSearch
+
+    space = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3},
+                                     "growth": {"type": "float", "low": 1.2, "high": 2, "when": "stages > 1"}}})
+    search = PrunedAwareOptunaSearch(DefineByRun(space), metric="score", mode="max",
+                                     sampler=optuna.samplers.TPESampler(seed=0))
+    for tid, done in (("a", False), ("b", True)):
+        search.suggest(tid)
+        search.on_trial_result(tid, {"score": 0.5, "training_iteration": 1})
+        search.on_trial_complete(tid, {"score": 0.5, "completed": done, "training_iteration": 1})
+    states = [t.state for t in search._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+
+
+def _progress_epochs(out: Path) -> dict[str, list[int]]:
+    runs = {}
+    for f in (out / "ray").glob("*-search/run_trial_*/result.json"):
+        runs[f.parent.name.split("_")[2]] = [json.loads(line)["epoch"] for line in f.read_text().splitlines()]
+    return runs
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    space = write_space(tmp_path / "s.yaml", search={"num_samples": 4},
+                        budget={**BUDGET, "iterations_per_epoch": 60}, asha={"grace_fraction": 1.0})
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
+            "--out", str(out), "--max-concurrent", "2", "--quiet"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, start_new_session=True, stdout=fh, stderr=fh)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and sum(map(len, _progress_epochs(out).values())) < 3:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    before = _progress_epochs(out)
+    assert before, f"no search trial reported before the kill: {log.read_text()[-2000:]}"
+    assert not (out / "trials.parquet").exists()
+    done = cli(*argv[3:], "--resume", timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = rows(out)
+    search = [r for r in table if r["role"] == "search"]
+    assert len(search) == 4 and len({r["trial_id"] for r in search}) == 4  # none lost, none duplicated
+    assert all(r["completed"] for r in table)
+    after = _progress_epochs(out)
+    for tid, epochs in after.items():
+        assert epochs == sorted(set(epochs)), f"trial {tid} restarted from scratch: {epochs}"
+        if tid in before:
+            assert epochs[: len(before[tid])] == before[tid]
+
+
+def test_failing_trial_is_retried_from_its_checkpoint_then_recorded(tmp_path):
+    space = write_space(tmp_path / "s.yaml", search={"num_samples": 1})
+    once = tmp_path / "once"
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", once, "--quiet",
+            env={"PGPS_INJECT_FAILURE": "4:once"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = rows(once)
+    assert all(x["completed"] and x["num_failures"] == 1 for x in table)
+    for epochs in _progress_epochs(once).values():
+        assert epochs == [2, 4, 6, 8, 10]  # continued from the epoch-2 checkpoint, not from scratch
+    always = tmp_path / "always"
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", always, "--quiet",
+            env={"PGPS_INJECT_FAILURE": "4"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = rows(always)
+    assert all(x["failed"] and x["status"] == "failed" for x in table)
+    assert all(x["num_failures"] == 2 and "injected failure at epoch 4" in x["error"] for x in table)
+    assert "0 completed" in r.stdout and not (always / "best_schedule.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--cpus-per-trial", "64"], "--cpus-per-trial 64 but the cluster has"),
+        (["--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5 but the cluster has 0 GPUs"),
+        (["--address", "127.0.0.1:1"], "no Ray cluster reachable at --address 127.0.0.1:1"),
+        (["--storage", "{tmp}/file/sub"], "cannot write to --storage"),
+    ],
+)
+def test_bad_sweep_input_fails_at_once_with_one_line(tmp_path, extra, needle):
+    (tmp_path / "file").write_text("x")
+    space = write_space(tmp_path / "s.yaml")
+    t0 = time.time()
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o",
+            *[e.format(tmp=tmp_path) for e in extra], timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 60
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parameters: {stages: {type: int, low: 3, high: 1}}\n")
+    r = cli("tune", "--space", bad, "--data", "synthetic", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "empty range" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    space = write_space(tmp_path / "s.yaml", budget={**BUDGET, "final_patch": [14, 16, 16], "pools": [2, 2, 2]})
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "not divisible" in r.stderr and len(r.stderr.strip().splitlines()) == 1
