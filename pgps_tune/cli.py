@@ -245,8 +245,10 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     rc = _sweep(a, "smoke", "synthetic", a.out)
-    print()
-    sys.stdout.write((Path(a.out) / "best_schedule.yaml").read_text())
+    best = Path(a.out) / "best_schedule.yaml"
+    if best.is_file():
+        print()
+        sys.stdout.write(best.read_text())
     return rc
 
 
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_args(tu)
     tu.set_defaults(func=cmd_tune)
 
-    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (a few minutes on 2 cores)")
+    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 2 minutes on 2 cores)")
     de.add_argument("--out", default="runs/demo")
     sweep_args(de)
     de.set_defaults(func=cmd_demo, max_concurrent=None)

@@ -68,6 +68,7 @@ def collect_rows(meta: dict[str, Any], phases: tuple[str, ...] = ("references", 
     """One row per trial of the sweep described by ``meta`` (its sweep.json)."""
     from ray.tune import ExperimentAnalysis
 
+    from pgps_tune.space import objective_score
     from pgps_tune.tuner import rung_milestones
 
     milestones = rung_milestones(meta["asha"])
@@ -94,7 +95,10 @@ def collect_rows(meta: dict[str, Any], phases: tuple[str, ...] = ("references", 
                 "params": json.dumps(params, sort_keys=True),
                 "final_dice": float(r.get("val_dice", math.nan)),
                 "best_dice": float(r.get("best_val_dice", r.get("val_dice", math.nan))),
-                "score": float(r.get("score", math.nan)),
+                "score": float(r.get("score", math.nan)) if "target_dice" not in meta else (
+                    # rescored with the target, which the reference trials ran without
+                    objective_score(meta["objective"], float(r.get("val_dice", math.nan)),
+                                    float(r.get("schedule_voxel_fraction", math.nan)), meta["target_dice"])),
                 "voxels_processed": int(r.get("voxels_processed", 0)),
                 "voxel_fraction": float(r.get("baseline_iterations", 0.0)) / max(1, meta["asha"]["max_t"])
                 if time_attr == "baseline_iterations" else math.nan,
@@ -234,3 +238,39 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         **s.meta, "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
     })
+
+
+def simulate_asha(
+    curves: dict[str, list[tuple[float, float]]], order: list[str], grace: float, max_t: float, rf: float
+) -> set[str]:
+    """The trials that ASHA would stop, replaying recorded ``(time, score)`` curves.
+
+    Same rule as Ray's ASHA with one bracket: at the first report at or past a rung, a
+    trial is stopped if its score is below the ``1 - 1/rf`` quantile of the scores already
+    recorded at that rung.  Trials are replayed one after another in ``order`` (as with
+    one trial at a time), which lets a sweep run without early stopping measure how often
+    early stopping would have killed its eventual winner.
+    """
+    import numpy as np
+
+    n = int(math.log(max_t / grace) / math.log(rf) + 1)
+    milestones = [grace * rf**k for k in reversed(range(n))]
+    recorded: dict[float, dict[str, float]] = {m: {} for m in milestones}
+    stopped = set()
+    for tid in order:
+        for t, score in curves[tid]:
+            if t >= max_t:
+                break  # the end of a run is not an early stop
+            halt = False
+            for m in milestones:
+                if t < m or tid in recorded[m]:
+                    continue
+                seen = list(recorded[m].values())
+                if seen and score < np.nanpercentile(seen, (1 - 1 / rf) * 100):
+                    halt = True
+                recorded[m][tid] = score
+                break
+            if halt:
+                stopped.add(tid)
+                break
+    return stopped

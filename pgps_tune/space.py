@@ -239,7 +239,13 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
     log = bool(spec.get("log", False))
     if log and low <= 0:
         raise PgpsError(f"{src}: parameter '{name}' is log-scaled, so low must be > 0")
-    return Param(name, kind, low=low, high=high, log=log, step=spec.get("step"), when=when)
+    step = spec.get("step")
+    if step is not None:
+        if log:
+            raise PgpsError(f"{src}: parameter '{name}' has both log and step; Optuna allows only one of them")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            raise PgpsError(f"{src}: parameter '{name}': step must be a positive number")
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
 
 
 def _dependency_order(params: list[Param], src: str) -> tuple[Param, ...]:
@@ -316,6 +322,21 @@ def load(path: str | Path) -> SearchSpace:
         at = f" at line {mark.line + 1}" if mark else ""
         raise PgpsError(f"space file {path} is not valid YAML{at}; fix the syntax") from None
     return parse(raw, str(path))
+
+
+def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: float,
+                    target_dice: float | None) -> float:
+    """The scalar that ASHA and Optuna maximise."""
+    kind = objective["type"]
+    if kind == "max_dice":
+        return dice
+    if kind == "dice_under_budget":
+        return dice if voxel_fraction <= objective["voxel_budget"] + 1e-9 else dice - 1.0
+    # cheapest_within: infeasible trials rank by how close they are to the target Dice,
+    # feasible ones by how much compute they save (1 - voxel fraction)
+    if target_dice is None:
+        return dice
+    return 1.0 - voxel_fraction if dice >= target_dice else dice - target_dice
 
 
 # -- from sampled parameters to a schedule ------------------------------------------------

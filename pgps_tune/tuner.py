@@ -37,7 +37,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.errors import PgpsError, atomic_write_text
-from pgps_tune.space import SearchSpace, schedule_from_params
+from pgps_tune.space import SearchSpace, objective_score, schedule_from_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -66,21 +66,6 @@ class SweepOptions:
 # -- the trial --------------------------------------------------------------------------
 
 
-def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: float,
-                    target_dice: float | None) -> float:
-    """The scalar that ASHA and Optuna maximise."""
-    kind = objective["type"]
-    if kind == "max_dice":
-        return dice
-    if kind == "dice_under_budget":
-        return dice if voxel_fraction <= objective["voxel_budget"] + 1e-9 else dice - 1.0
-    # cheapest_within: infeasible trials rank by how close they are to the target Dice,
-    # feasible ones by how much compute they save (1 - voxel fraction)
-    if target_dice is None:
-        return dice
-    return 1.0 - voxel_fraction if dice >= target_dice else dice - target_dice
-
-
 def _maybe_inject_failure(epoch: int, marker: Path) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -102,7 +87,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=b["synthetic_shape"])
-    params = {**setup["fixed"], **config}
+    params = config
     s = schedule_from_params(params, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
     trial_dir = Path(tune.get_context().get_trial_dir())
     run_dir = trial_dir / "run"
@@ -363,6 +348,16 @@ def _short(config: dict[str, Any]) -> str:
 # -- the sweep ----------------------------------------------------------------------------------
 
 
+def trial_setup(space: SearchSpace, data: str, cache_dir: Path, final_patch, pools, cpus: float,
+                gpus: float) -> dict[str, Any]:
+    """What every trial of a sweep shares (plain data, passed to trials through the object store)."""
+    return {
+        "data": str(data), "cache_root": str(Path(cache_dir).parent), "budget": asdict(space.budget),
+        "final_patch": tuple(final_patch), "pools": tuple(pools), "objective": asdict(space.objective),
+        "cpus_per_trial": cpus, "gpus_per_trial": gpus,
+    }
+
+
 def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
                name: str, searcher, num_samples: int, scheduler) -> None:
     trainable = tune.with_resources(
@@ -403,6 +398,10 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
     if opts.resume and not meta_path.exists():
         raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
+    if opts.data != "synthetic":
+        opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
+    if opts.cache_root:
+        opts.cache_root = str(Path(opts.cache_root).resolve())
     ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
                  synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
     plan = plan_patch(ds.median_shape, ds.spacing)
@@ -437,11 +436,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         "started": meta_path.exists() and json.loads(meta_path.read_text()).get("started") or time.time(),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-    setup = {
-        "data": str(opts.data), "cache_root": str(ds.cache_dir.parent), "budget": asdict(b),
-        "final_patch": final, "pools": pools, "objective": asdict(space.objective),
-        "fixed": {}, "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-    }
+    setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
     refs = reference_configs(space)
     _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
                ListSearcher(refs), len(refs), None)
@@ -450,6 +445,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
         baseline = next(r for r in collect_rows(meta, phases=("references",)) if r["role"] == "baseline")
         setup["target_dice"] = baseline["final_dice"] - space.objective.tolerance
+        meta["target_dice"] = setup["target_dice"]
+        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
 
     from ray.tune.schedulers import ASHAScheduler
 

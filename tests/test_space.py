@@ -74,6 +74,8 @@ BAD = [
     ({"parameters": {"stages": 2}, "budget": {"epochs": "many"}}, "budget.epochs must be a number"),
     ({"parameters": {"stages": 2}, "budget": {"network": "vnet"}}, "budget.network 'vnet' unknown"),
     ({"parameters": {"stages": 2}, "budget": {"filters": "big"}}, "budget.filters must be a list"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "log": True, "step": 0.1}}},
+     "both log and step"),
 ]
 
 
@@ -107,3 +109,29 @@ def test_parameters_the_network_cannot_take_are_refused_before_any_trial(tmp_pat
     raw = yaml.safe_load((SPACES / "smoke.yaml").read_text())
     with pytest.raises(PgpsError, match="not divisible"):
         sp.check_space_against_plan(sp.parse(raw), (44, 48, 48), (3, 3, 3))
+
+
+def test_simulated_asha_matches_the_rule():
+    from pgps_tune.results import simulate_asha
+
+    curves = {"a": [(2, 0.5), (4, 0.6), (8, 0.7)], "b": [(2, 0.4), (4, 0.8), (8, 0.9)], "c": [(2, 0.45), (4, 0.5)]}
+    # rungs at 2 and 4 (grace 2, rf 2, max_t 8): b is below a at rung 2, c below a at rung 2
+    assert simulate_asha(curves, ["a", "b", "c"], grace=2, max_t=8, rf=2) == {"b", "c"}
+    # the first trial at a rung is never stopped; later ones are compared with what came before,
+    # stopped trials included (a is stopped at rung 4 by b's 0.8, then c by the median of 0.8 and 0.6)
+    assert simulate_asha(curves, ["b", "a", "c"], grace=2, max_t=8, rf=2) == {"a", "c"}
+    assert simulate_asha(curves, ["c", "b", "a"], grace=2, max_t=8, rf=2) == {"b"}
+
+
+def test_objective_scores():
+    from pgps_tune.space import objective_score
+
+    assert objective_score({"type": "max_dice"}, 0.8, 0.3, None) == 0.8
+    budget = {"type": "dice_under_budget", "voxel_budget": 0.5}
+    assert objective_score(budget, 0.8, 0.4, None) == 0.8 and objective_score(budget, 0.8, 0.6, None) < 0
+    cheap = {"type": "cheapest_within", "tolerance": 0.01}
+    assert objective_score(cheap, 0.86, 0.3, target_dice=0.85) == pytest.approx(0.7)
+    assert objective_score(cheap, 0.84, 0.3, target_dice=0.85) == pytest.approx(-0.01)
+    # any feasible schedule beats any infeasible one, and cheaper feasible ones win
+    assert objective_score(cheap, 0.851, 0.9, 0.85) > objective_score(cheap, 0.849, 0.1, 0.85)
+    assert objective_score(cheap, 0.851, 0.2, 0.85) > objective_score(cheap, 0.9, 0.5, 0.85)

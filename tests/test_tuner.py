@@ -209,3 +209,54 @@ def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path):
     space = write_space(tmp_path / "s.yaml", budget={**BUDGET, "final_patch": [14, 16, 16], "pools": [2, 2, 2]})
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2")
     assert r.returncode == 2 and "not divisible" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A local S3 (moto) on loopback, with one bucket."""
+    import socket
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    proc = subprocess.Popen([str(bindir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
+                           scheme="http", region="us-east-1", allow_bucket_creation=True)
+    deadline = time.time() + 30
+    while True:
+        try:
+            fs.create_dir("sweeps")
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.3)
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env, fs
+    proc.kill()
+    proc.wait()
+
+
+def test_storage_on_s3(tmp_path, s3_server):
+    query, env, fs = s3_server
+    space = write_space(tmp_path / "s.yaml", search={"num_samples": 1})
+    out = tmp_path / "sweep"
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--quiet",
+            "--storage", f"s3://sweeps/runs?{query}", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(rows(out)) == 3 and all(x["completed"] for x in rows(out))
+    import pyarrow.fs as pafs
+
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("sweeps/runs"))]
+    assert sorted(names) == ["sweep-references", "sweep-search"]
+    # a bucket that does not exist cannot be written: one line, at once
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2",
+            "--storage", f"s3://no-such-bucket/x?{query}", env=env, timeout=120)
+    assert r.returncode == 2 and "cannot write to --storage" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
