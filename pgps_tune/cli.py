@@ -63,13 +63,17 @@ def _print_schedule(s: sch.Schedule, fmt: str) -> None:
 # -- commands ---------------------------------------------------------------------
 
 
+def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None) -> sch.Schedule:
+    """A schedule file, rescaled to ``epochs`` if given."""
+    if preset:
+        raise PgpsError(f"give either {flag} FILE or --preset, not both")
+    s = sch.load(path)
+    return sch.rescale_epochs(s, epochs) if epochs is not None else s
+
+
 def cmd_schedule(a: argparse.Namespace) -> int:
     if a.from_file:
-        if a.preset:
-            raise PgpsError("give either --from FILE or --preset, not both")
-        s = sch.load(a.from_file)
-        if a.epochs is not None:
-            s = sch.rescale_epochs(s, a.epochs)
+        s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
     else:
         if a.final_patch is None or a.pools is None:
             raise PgpsError("--final-patch X Y Z and --pools PX PY PZ are needed (or --from FILE)")
@@ -111,11 +115,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise PgpsError(f"{out} already holds a run; add --resume to continue it, or choose a new --out")
     _check_writable(out)
     if a.schedule:
-        if a.preset:
-            raise PgpsError("give either --schedule FILE or --preset, not both")
-        s = sch.load(a.schedule)
-        if a.epochs is not None:
-            s = sch.rescale_epochs(s, a.epochs)
+        s = _schedule_file(a.schedule, a.epochs, "--schedule", a.preset)
         ds = _prepare(a)
     else:
         ds = _prepare(a)
@@ -207,8 +207,10 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
-        quiet=a.quiet,
+        quiet=a.quiet, max_failures=a.max_failures,
     )
+    if a.max_failures is not None and a.max_failures < 0:
+        raise PgpsError("--max-failures must be >= 0")
     _check_writable(Path(out))
     try:
         summary = sweep(opts)
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--address", default=None, help="join a Ray cluster ('auto' or HOST:PORT)")
         q.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI for Tune's results")
         q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+        q.add_argument("--max-failures", type=int, default=None,
+                       help="retries of a failed trial from its last checkpoint (default: the space's budget)")
         q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
         q.add_argument("--results-store", default=None, help="results store (default ~/.local/share/pgps-tune/results)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")

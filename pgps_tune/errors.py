@@ -7,43 +7,82 @@ the CLI prints it without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 class PgpsError(Exception):
     """A user-fixable problem; ``str(err)`` is the one-line message."""
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then raise it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through a temporary file in the same folder, then rename.
 
-    A crash or Ctrl-C at any point leaves either the old file or the new one,
-    never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one;
+    a Ctrl-C is held until the write is complete, so no temporary file is left behind.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise PgpsError(
-            f"cannot write to {path.parent}: {exc.strerror or exc}; choose a writable output folder"
-        ) from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _ctrl_c_deferred():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise PgpsError(
+                f"cannot write to {path.parent}: {exc.strerror or exc}; choose a writable output folder"
+            ) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Atomically write a UTF-8 text file."""
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
+    """Parse a YAML (or JSON) file, turning every failure into a one-line :class:`PgpsError`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PgpsError(f"{kind} file {path} does not exist; {missing_hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PgpsError(f"cannot read {kind} file {path}: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise PgpsError(f"{kind} file {path} is not valid YAML{at}; fix the syntax") from None

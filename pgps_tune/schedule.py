@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write_text, read_yaml
 
 FORMAT_VERSION = 1
 Mode = Literal["resource", "performance"]
@@ -279,21 +279,7 @@ def _from_dict(data: Any, source: str) -> Schedule:
 
 def load(path: str | Path) -> Schedule:
     """Read a schedule file (YAML or JSON; JSON is valid YAML)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PgpsError(f"schedule file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PgpsError(f"cannot read schedule file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise PgpsError(
-            f"schedule file {path} is not valid YAML/JSON{at}; fix the syntax or regenerate it"
-        ) from None
+    data = read_yaml(path, "schedule", "check the path, or write one with 'pgps-tune schedule --out'")
     return Schedule.from_dict(data, source=str(path))
 
 

@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, read_yaml
 
 # parameters that build the schedule (the rest tune the trainer)
 SCHEDULE_PARAMS = {
@@ -308,19 +306,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
 
 
 def load(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PgpsError(f"space file {path} does not exist; see search_spaces/ for examples") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PgpsError(f"cannot read space file {path}: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise PgpsError(f"space file {path} is not valid YAML{at}; fix the syntax") from None
+    raw = read_yaml(path, "space", "see search_spaces/ for examples")
     return parse(raw, str(path))
 
 

@@ -61,6 +61,7 @@ class SweepOptions:
     cache_root: str | None = None
     results_store: str | None = None
     quiet: bool = False
+    max_failures: int | None = None  # retries of a failed trial; default: the space's budget.max_failures
 
 
 # -- the trial --------------------------------------------------------------------------
@@ -378,7 +379,9 @@ def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=opts.space.budget.max_failures),
+                failure_config=tune.FailureConfig(
+                    max_failures=opts.space.budget.max_failures if opts.max_failures is None else opts.max_failures
+                ),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[Progress(num_samples, phase, opts.quiet)],
             ),

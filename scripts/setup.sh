@@ -12,11 +12,15 @@ PY=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+pip_install() {  # pip install, without the noise of this machine's unused local index entries
+  "${pip[@]}" install "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  return "${PIPESTATUS[0]}"
+}
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
-    "${pip[@]}" install "torch==$TORCH_VERSION"
+    pip_install "torch==$TORCH_VERSION"
   else
     index=()
     [ -n "${PGPS_TORCH_CPU_INDEX:-}" ] && index=(--index-url "$PGPS_TORCH_CPU_INDEX")
@@ -30,8 +34,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
     rm -f "$report"
     echo "setup: no GPU, installing torch==$TORCH_VERSION (CPU build)"
-    "${pip[@]}" install "${index[@]}" "torch==$TORCH_VERSION"
+    pip_install "${index[@]}" "torch==$TORCH_VERSION"
   fi
 fi
-"${pip[@]}" install -e ".[dev,bench]" 2>&1 | grep -v "is ignored: it is neither" || true
+pip_install -e ".[dev,bench]"
 .venv/bin/python -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"
