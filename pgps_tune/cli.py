@@ -238,7 +238,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         if g:
             print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
                   f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
-    print(f"schedule: {out / 'best_schedule.yaml'}  trials: {out / 'trials.parquet'}")
+    best_file = out / "best_schedule.yaml"
+    if best_file.is_file():
+        print(sch.load(best_file).table())
+    print(f"schedule: {best_file}  trials: {out / 'trials.parquet'}")
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
