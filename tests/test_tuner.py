@@ -260,3 +260,19 @@ def test_storage_on_s3(tmp_path, s3_server):
             "--storage", f"s3://no-such-bucket/x?{query}", env=env, timeout=120)
     assert r.returncode == 2 and "cannot write to --storage" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cheapest_within_scores_every_trial_against_the_baseline_target(tmp_path, capsys):
+    space = write_space(tmp_path / "s.yaml", objective={"type": "cheapest_within", "tolerance": 0.5},
+                        search={"num_samples": 2})
+    out = tmp_path / "cheap"
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "sweep.json").read_text())
+    table = rows(out)
+    baseline = next(r for r in table if r["role"] == "baseline")
+    assert meta["target_dice"] == pytest.approx(baseline["final_dice"] - 0.5)
+    for r in table:  # all on one scale: feasible trials score 1 - voxel fraction
+        assert r["final_dice"] >= meta["target_dice"]
+        assert r["score"] == pytest.approx(1 - r["schedule_voxel_fraction"])
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.voxel_fraction() == pytest.approx(min(r["schedule_voxel_fraction"] for r in table))
