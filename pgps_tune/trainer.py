@@ -62,6 +62,16 @@ class TrainConfig:
     sw_overlap: float = 0.25
     max_train_seconds: float | None = None  # stop early (after an epoch) past this budget
 
+    @classmethod
+    def for_trial(cls, budget: dict[str, Any], params: dict[str, Any], device: str, threads: int) -> TrainConfig:
+        """A search trial's config: the space's budget, overridden by sampled trainer parameters."""
+        return cls(
+            network=budget["network"], filters=tuple(budget["filters"]), optimizer=budget["optimizer"],
+            lr=params.get("lr", budget["lr"]), iterations_per_epoch=budget["iterations_per_epoch"],
+            seed=budget["seed"], device=device, threads=threads, fg_ratio=params.get("fg_ratio", budget["fg_ratio"]),
+            val_every=budget["val_every"],
+        )
+
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-2 if self.optimizer == "sgd" else 1e-3)
 

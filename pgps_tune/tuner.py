@@ -88,8 +88,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=b["synthetic_shape"])
-    params = config
-    s = schedule_from_params(params, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
+    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
     trial_dir = Path(tune.get_context().get_trial_dir())
     run_dir = trial_dir / "run"
     checkpoint = tune.get_checkpoint()
@@ -100,19 +99,15 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
     base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
-            "schedule_voxel_fraction": voxel_fraction, "role": params.get("role", "search")}
-    if (objective["type"] == "dice_under_budget" and params.get("role", "search") == "search"
+            "schedule_voxel_fraction": voxel_fraction, "role": config.get("role", "search")}
+    if (objective["type"] == "dice_under_budget" and config.get("role", "search") == "search"
             and voxel_fraction > objective["voxel_budget"] + 1e-9):
         # over the voxel budget: known before training, so do not spend compute on it
         tune.report({**base, "score": -1.0, "val_dice": 0.0, "completed": True, "infeasible": True,
                      "baseline_iterations": 0.0, "epoch": 0})
         return
-    cfg = TrainConfig(
-        network=b["network"], filters=tuple(b["filters"]), optimizer=b["optimizer"],
-        lr=params.get("lr", b["lr"]), iterations_per_epoch=b["iterations_per_epoch"], seed=b["seed"],
-        device="cuda" if setup["gpus_per_trial"] > 0 else "cpu", threads=max(1, int(setup["cpus_per_trial"])),
-        fg_ratio=params.get("fg_ratio", b["fg_ratio"]), val_every=b["val_every"],
-    )
+    cfg = TrainConfig.for_trial(b, config, device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
+                                threads=max(1, int(setup["cpus_per_trial"])))
     train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
 
     def report(r: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -64,10 +65,7 @@ def bare_runs(space, ds, configs, final, pools, threads: int, work: Path) -> lis
         data = prepare("synthetic" if ds.name == "synthetic" else ds.cache_dir, cache_root=ds.cache_dir.parent,
                        synthetic_cases=b.synthetic_cases, synthetic_shape=b.synthetic_shape)
         s = schedule_from_params(params, final, pools, b.batch_size, b.epochs)
-        cfg = TrainConfig(network=b.network, filters=tuple(b.filters), optimizer=b.optimizer,
-                          lr=params.get("lr", b.lr), iterations_per_epoch=b.iterations_per_epoch, seed=b.seed,
-                          device="cpu", threads=threads, fg_ratio=params.get("fg_ratio", b.fg_ratio),
-                          val_every=b.val_every)
+        cfg = TrainConfig.for_trial(asdict(b), params, device="cpu", threads=threads)
         tr, va = split(data, b.val_fraction, b.split_seed)
         Trainer(data, tr, va, s, cfg, work / f"bare{i}").fit()
         times.append(time.perf_counter() - t0)
