@@ -254,8 +254,8 @@ def start_ray(address: str | None) -> None:
             else:
                 return
         raise PgpsError(
-            f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); "
-            "start one with 'ray start --head' or leave out --address"
+            f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); start one with "
+            "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
     ray.init(
         num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,

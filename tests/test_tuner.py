@@ -276,3 +276,33 @@ def test_cheapest_within_scores_every_trial_against_the_baseline_target(tmp_path
         assert r["score"] == pytest.approx(1 - r["schedule_voxel_fraction"])
     best = sch.load(out / "best_schedule.yaml")
     assert best.voxel_fraction() == pytest.approx(min(r["schedule_voxel_fraction"] for r in table))
+
+
+def test_joins_an_existing_ray_cluster(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ip = subprocess.run([sys.executable, "-c", "from ray._private.services import get_node_ip_address as g;"
+                             "print(g())"], capture_output=True, text=True).stdout.strip()
+        space = write_space(tmp_path / "s.yaml", search={"num_samples": 1})
+        out = tmp_path / "sweep"
+        deadline = time.time() + 60
+        while True:
+            r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--quiet",
+                    "--address", f"{ip}:{port}", env={"RAY_AUTH_MODE": "disabled"})
+            if r.returncode == 0 or time.time() > deadline or "no Ray cluster" not in r.stderr:
+                break
+            time.sleep(2)  # the head may still be starting
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(rows(out)) == 3 and all(x["completed"] for x in rows(out))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
