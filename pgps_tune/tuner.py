@@ -257,8 +257,8 @@ def start_ray(address: str | None) -> None:
             f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
-    ray.init(
-        num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
+    ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
+        address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
         object_store_memory=128 * 1024**2, log_to_driver=False,
     )
 
