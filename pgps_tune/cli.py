@@ -202,6 +202,8 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
             os.environ.setdefault(key, value)
     from pgps_tune.tuner import SweepOptions, sweep
 
+    if a.max_failures is not None and a.max_failures < 0:
+        raise PgpsError("--max-failures must be >= 0")
     space = sp.load(_space_path(space_file))
     opts = SweepOptions(
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
@@ -209,8 +211,6 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures,
     )
-    if a.max_failures is not None and a.max_failures < 0:
-        raise PgpsError("--max-failures must be >= 0")
     _check_writable(Path(out))
     try:
         summary = sweep(opts)

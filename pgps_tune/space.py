@@ -352,11 +352,22 @@ def schedule_from_params(
     return s
 
 
-def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
-    """Refuse a space whose corners the network cannot train, before any trial starts.
+def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
+    """The constant baseline and the paper schedule in the space's mode (resource if searched)."""
+    mode = space.param("mode")
+    paper_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
+    return [
+        {"role": "baseline", "preset": "constant"},
+        {"role": "paper", "preset": "paper", "mode": paper_mode},
+    ]
 
-    Every combination of range ends and choices (a 2-point grid) must give a valid
-    schedule for this plan, so a bad range fails here in one line, not in trial 17.
+
+def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
+    """Refuse a space whose corners or references the network cannot train, before any trial starts.
+
+    Every combination of range ends and choices (a 2-point grid) and both reference
+    schedules must be valid for this plan, so a bad range fails here in one line,
+    not in trial 17.
     """
     b = space.budget
     stages = space.param("stages")
@@ -373,3 +384,8 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
             schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs)
         except PgpsError as exc:
             raise PgpsError(f"{space.source}: parameters {combo} give an invalid schedule: {exc}") from None
+    for ref in reference_configs(space):
+        try:
+            schedule_from_params(ref, final_patch, pools, b.batch_size, b.epochs)
+        except PgpsError as exc:
+            raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built: {exc}") from None

@@ -37,7 +37,13 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.errors import PgpsError, atomic_write_text
-from pgps_tune.space import SearchSpace, objective_score, schedule_from_params
+from pgps_tune.space import (
+    SearchSpace,
+    check_space_against_plan,
+    objective_score,
+    reference_configs,
+    schedule_from_params,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -195,16 +201,6 @@ class ListSearcher(Searcher):
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)
         self.configs, self.given = state["configs"], state["given"]
-
-
-def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
-    """The constant baseline and the paper schedule in the space's mode (resource if searched)."""
-    mode = space.param("mode")
-    paper_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
-    return [
-        {"role": "baseline", "preset": "constant"},
-        {"role": "paper", "preset": "paper", "mode": paper_mode},
-    ]
 
 
 def asha_settings(space: SearchSpace) -> dict[str, Any]:
@@ -405,21 +401,13 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     plan = plan_patch(ds.median_shape, ds.spacing)
     final = tuple(b.final_patch) if b.final_patch else plan.final_patch
     pools = tuple(b.pools) if b.pools else plan.pools
-    from pgps_tune.space import check_space_against_plan
-
     check_space_against_plan(space, final, pools)
-    for ref in reference_configs(space):
-        try:
-            schedule_from_params(ref, final, pools, b.batch_size, b.epochs)
-        except PgpsError as exc:
-            raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built: {exc}") from None
     storage_fs, storage_path = resolve_storage(opts.storage, out)
     num_samples = opts.num_samples or space.search.num_samples
     if space.search.algorithm == "grid":
         num_samples = len(space.grid())
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     start_ray(opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.max_concurrent)
 

@@ -93,7 +93,6 @@ def curves_of(storage: Path, name: str) -> dict[str, dict]:
     for f in sorted((storage / name).glob("run_trial_*/result.json")):
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         out[f.parent.name.split("_")[2]] = {
-            "params": rows[0]["config"] if "config" in rows[0] else {},
             "n_stages": rows[-1]["n_stages"],
             "baseline_iterations": [(r["baseline_iterations"], r["score"]) for r in rows],
             "epoch": [(r["epoch"], r["score"]) for r in rows],

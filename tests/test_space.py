@@ -13,8 +13,13 @@ SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 def test_shipped_spaces_parse_and_fit_their_plans(name):
     s = sp.load(SPACES / f"{name}.yaml")
     assert s.name == name and s.parameters
-    sp.check_space_against_plan(s, (40, 56, 40), (3, 3, 3))
-    sp.check_space_against_plan(s, (48, 48, 48), (3, 3, 3))
+    # smoke is sized for its own 32^3 synthetic data; the others for Hippocampus and 48^3 data
+    plans = [((32, 32, 32), (3, 3, 3))] if name == "smoke" else [((40, 56, 40), (3, 3, 3)), ((48, 48, 48), (3, 3, 3))]
+    for final, pools in plans:
+        sp.check_space_against_plan(s, final, pools)
+    if name == "smoke":  # its 10 epochs cannot hold the 15-stage paper schedule of Hippocampus
+        with pytest.raises(PgpsError, match="paper reference cannot be built"):
+            sp.check_space_against_plan(s, (40, 56, 40), (3, 3, 3))
 
 
 def test_kinds_conditionals_and_fixed_values():
@@ -135,3 +140,9 @@ def test_objective_scores():
     # any feasible schedule beats any infeasible one, and cheaper feasible ones win
     assert objective_score(cheap, 0.851, 0.9, 0.85) > objective_score(cheap, 0.849, 0.1, 0.85)
     assert objective_score(cheap, 0.851, 0.2, 0.85) > objective_score(cheap, 0.9, 0.5, 0.85)
+
+
+def test_a_reference_the_budget_cannot_build_is_refused():
+    s = sp.parse({"parameters": {"stages": 1}, "budget": {"epochs": 5}})
+    with pytest.raises(PgpsError, match="the paper reference cannot be built"):
+        sp.check_space_against_plan(s, (48, 48, 48), (3, 3, 3))
