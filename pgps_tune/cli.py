@@ -124,6 +124,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         pools = tuple(a.pools) if a.pools else plan.pools
         s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else 50)
     train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
+    searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
+    for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
+        if getattr(a, name) is None and name in searched:
+            setattr(a, name, float(searched[name]))
+            if not a.quiet:
+                print(f"{name} {searched[name]:.4g} from the schedule file (override with {flag})", flush=True)
+    if a.fg_ratio is None:
+        a.fg_ratio = 0.5
     cfg = TrainConfig(
         network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
         iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
@@ -312,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deep-supervision", action="store_true", help="dynunet only")
     t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     t.add_argument("--lr", type=float, default=None, help="default 1e-2 (sgd) or 1e-3 (adamw)")
-    t.add_argument("--fg-ratio", type=float, default=0.5, help="share of foreground-centred patches")
+    t.add_argument("--fg-ratio", type=float, default=None,
+                   help="share of foreground-centred patches (default: the schedule file's, else 0.5)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split-seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.2)

@@ -76,6 +76,8 @@ def collect_rows(meta: dict[str, Any], phases: tuple[str, ...] = ("references", 
     fs = _storage_fs(meta)
     rows = []
     for phase in phases:
+        if phase not in meta["experiments"]:
+            continue  # a sweep run with search.references: false has no references phase
         path = f"{meta['storage_path'].rstrip('/')}/{meta['experiments'][phase]}"
         try:
             analysis = ExperimentAnalysis(path, storage_filesystem=fs)
@@ -132,6 +134,15 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def trainer_meta(params_json: str) -> dict[str, Any]:
+    """The searched trainer settings of a trial (fg_ratio, lr), to travel with its schedule."""
+    from pgps_tune.space import TRAINER_PARAMS
+
+    params = json.loads(params_json or "{}")
+    trainer = {k: params[k] for k in TRAINER_PARAMS if k in params}
+    return {"trainer": trainer} if trainer else {}
+
+
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The completed trial with the highest objective score (ties: cheaper, then higher Dice)."""
     done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])]
@@ -184,7 +195,8 @@ def export_sweep(experiment: str | Path, out: str | Path, results_store: str | P
     if best is not None:
         s = sch.Schedule.from_dict(json.loads(best["schedule"]), source=f"trial {best['trial_id']}")
         s = sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
-            **s.meta, "dataset": meta["dataset"], "objective": meta["objective"]["type"],
+            **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
+            "objective": meta["objective"]["type"],
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
             "trial_id": best["trial_id"], "space": meta["space"],
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
@@ -235,7 +247,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
     s = sch.Schedule.from_dict(json.loads(best["schedule"]))
     return sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
-        **s.meta, "dataset": dataset, "objective": objective, "score": best["score"],
+        **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
     })
 
@@ -258,9 +270,9 @@ def simulate_asha(
     recorded: dict[float, dict[str, float]] = {m: {} for m in milestones}
     stopped = set()
     for tid in order:
-        for t, score in curves[tid]:
+        for t, score in curves[tid][:-1]:  # the end of a run is not an early stop
             if t >= max_t:
-                break  # the end of a run is not an early stop
+                break
             halt = False
             for m in milestones:
                 if t < m or tid in recorded[m]:

@@ -25,10 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, read_yaml
+
+if TYPE_CHECKING:
+    import optuna
 
 # parameters that build the schedule (the rest tune the trainer)
 SCHEDULE_PARAMS = {
@@ -39,6 +42,7 @@ TRAINER_PARAMS = {"fg_ratio": "float", "lr": "float"}
 KNOWN_PARAMS = {**SCHEDULE_PARAMS, **TRAINER_PARAMS}
 OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget")
 ALGORITHMS = ("tpe", "random", "grid")
+JUDGES = ("final_stage", "always")
 TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
 _WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.\-]+)\s*$")
 
@@ -95,6 +99,9 @@ class Search:
     num_samples: int = 16
     seed: int = 0
     grid_points: int = 3
+    startup_trials: int = 10  # TPE: random trials before the model is used (Optuna's default)
+    max_compute: float = 0.0  # stop the search phase after this many baseline runs' worth of voxels (0: no cap)
+    references: bool = True  # train the constant and paper references first
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class Asha:
     grace_fraction: float = 0.15  # of the baseline's total iterations
     reduction_factor: float = 3.0
     brackets: int = 1
+    # final_stage: a trial is judged only on validations made in its last stage (at the final patch);
+    # always: on every validation, also while it still trains on small patches
+    judge: str = "final_stage"
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,14 @@ class SearchSpace:
     budget: Budget = field(default_factory=Budget)
     source: str = "<space>"
 
+    def optuna_sampler(self):
+        """The Optuna sampler the space asks for (TPE or random, seeded)."""
+        import optuna
+
+        if self.search.algorithm == "tpe":
+            return optuna.samplers.TPESampler(seed=self.search.seed, n_startup_trials=self.search.startup_trials)
+        return optuna.samplers.RandomSampler(seed=self.search.seed)
+
     def param(self, name: str) -> Param | None:
         return next((p for p in self.parameters if p.name == name), None)
 
@@ -153,6 +171,33 @@ class SearchSpace:
             combos = nxt
         unique = {tuple(sorted(c.items())): c for c in combos}
         return list(unique.values())
+
+
+class DefineByRun:
+    """Optuna define-by-run space: suggests only the parameters active given earlier ones.
+
+    A module-level class (not a closure) so that Tune can pickle the searcher for resume; it is
+    also the objective's space when Optuna runs without Ray.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.parameters = space.parameters
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
+        for p in self.parameters:
+            if not p.active(params):
+                continue
+            if p.kind == "fixed":
+                params[p.name] = fixed[p.name] = p.value
+            elif p.kind == "int":
+                params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            elif p.kind == "float":
+                params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+            else:
+                params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        return fixed
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -286,8 +331,16 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: search.algorithm {search.algorithm!r} unknown; use one of {', '.join(ALGORITHMS)}")
     if search.num_samples < 1:
         raise PgpsError(f"{src}: search.num_samples must be >= 1")
+    if search.startup_trials < 0:
+        raise PgpsError(f"{src}: search.startup_trials must be >= 0")
+    if search.max_compute < 0:
+        raise PgpsError(f"{src}: search.max_compute must be >= 0 (baseline runs' worth of compute; 0 = no cap)")
+    if not search.references and objective.type == "cheapest_within":
+        raise PgpsError(f"{src}: objective cheapest_within needs the baseline's Dice; set search.references: true")
     if asha.time_attr not in TIME_ATTRS:
         raise PgpsError(f"{src}: asha.time_attr {asha.time_attr!r} unknown; use one of {', '.join(TIME_ATTRS)}")
+    if asha.judge not in JUDGES:
+        raise PgpsError(f"{src}: asha.judge {asha.judge!r} unknown; use one of {', '.join(JUDGES)}")
     if not 0 < asha.grace_fraction <= 1 or asha.reduction_factor <= 1 or asha.brackets < 1:
         raise PgpsError(f"{src}: asha needs 0 < grace_fraction <= 1, reduction_factor > 1, brackets >= 1")
     if budget.epochs < 1 or budget.iterations_per_epoch < 1 or budget.batch_size < 1 or budget.val_every < 1:

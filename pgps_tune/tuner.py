@@ -12,9 +12,13 @@ ASHA's clock is ``baseline_iterations`` by default: voxels processed divided by
 the baseline's voxels per iteration.  A curriculum on small patches therefore
 reaches a rung only after it has spent as much compute as the baseline had
 at that rung, and every validation is at the final patch size, so rungs
-compare trials at equal compute on the same task.  Trials that ASHA stops are
-told to Optuna as PRUNED, so TPE does not learn from truncated runs as if
-they had finished.
+compare trials at equal compute on the same task.  By default (``asha.judge:
+final_stage``) ASHA only sees validations made once a trial trains at the final
+patch: before that, a curriculum's Dice at the final patch says little about
+where it ends (measured in docs/BENCHMARKS.md), so a trial is first judged at
+the first rung it passes in its last stage.  Trials that ASHA stops are told
+to Optuna as PRUNED, so TPE does not learn from truncated runs as if they had
+finished.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.errors import PgpsError, atomic_write_text
 from pgps_tune.space import (
+    DefineByRun,
     SearchSpace,
     check_space_against_plan,
     objective_score,
@@ -118,9 +123,13 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     def report(r: dict[str, Any]) -> None:
         _maybe_inject_failure(r["epoch"], trial_dir / ".failed_once")
+        score = objective_score(objective, r["val_dice"], voxel_fraction, setup.get("target_dice"))
+        judged = setup.get("asha_judge", "final_stage") == "always" or r["stage"] == len(s.stages) - 1
         metrics = {
             **base,
-            "score": objective_score(objective, r["val_dice"], voxel_fraction, setup.get("target_dice")),
+            "score": score,
+            # what ASHA compares: absent until the trial trains at the final patch (asha.judge: final_stage)
+            **({"rung_score": score} if judged else {}),
             "val_dice": r["val_dice"], "best_val_dice": r["best_val_dice"], "epoch": r["epoch"],
             "stage": r["stage"], "train_loss": r["train_loss"], "train_time_s": r["train_time_s"],
             "voxels_processed": r["voxels_processed"],
@@ -135,32 +144,6 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 
 # -- search algorithms ------------------------------------------------------------------
-
-
-class DefineByRun:
-    """Optuna define-by-run space: suggests only the parameters active given earlier ones.
-
-    A module-level class (not a closure) so that Tune can pickle the searcher for resume.
-    """
-
-    def __init__(self, space: SearchSpace) -> None:
-        self.parameters = space.parameters
-
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        fixed: dict[str, Any] = {}
-        for p in self.parameters:
-            if not p.active(params):
-                continue
-            if p.kind == "fixed":
-                params[p.name] = fixed[p.name] = p.value
-            elif p.kind == "int":
-                params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-            elif p.kind == "float":
-                params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
-            else:
-                params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        return fixed
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -346,12 +329,27 @@ def trial_setup(space: SearchSpace, data: str, cache_dir: Path, final_patch, poo
     return {
         "data": str(data), "cache_root": str(Path(cache_dir).parent), "budget": asdict(space.budget),
         "final_patch": tuple(final_patch), "pools": tuple(pools), "objective": asdict(space.objective),
-        "cpus_per_trial": cpus, "gpus_per_trial": gpus,
+        "cpus_per_trial": cpus, "gpus_per_trial": gpus, "asha_judge": space.asha.judge,
     }
 
 
+class ComputeBudget(tune.Stopper):
+    """Stop the whole phase once its trials together processed ``max_t`` baseline iterations' worth of voxels."""
+
+    def __init__(self, max_t: float) -> None:
+        self.max_t = max_t
+        self.spent: dict[str, float] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.spent[trial_id] = float(result.get("baseline_iterations", 0.0))
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.spent.values()) >= self.max_t
+
+
 def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
-               name: str, searcher, num_samples: int, scheduler) -> None:
+               name: str, searcher, num_samples: int, scheduler, stopper=None) -> None:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
@@ -369,7 +367,7 @@ def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs
                 max_concurrent_trials=opts.max_concurrent, reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0, stop=stopper,
                 failure_config=tune.FailureConfig(
                     max_failures=opts.space.budget.max_failures if opts.max_failures is None else opts.max_failures
                 ),
@@ -408,6 +406,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         num_samples = len(space.grid())
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start_ray(opts.address)
     check_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.max_concurrent)
 
@@ -416,7 +416,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         "format_version": 1, "sweep": name, "space": space.source, "space_name": space.name, "dataset": ds.name,
         "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final), "pools": list(pools),
         "storage": opts.storage, "storage_path": storage_path,
-        "experiments": {p: f"{name}-{p}" for p in PHASES}, "num_samples": num_samples,
+        "experiments": {p: f"{name}-{p}" for p in PHASES if p == "search" or space.search.references},
+        "num_samples": num_samples,
         "objective": asdict(space.objective), "asha": asha_settings(space),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
         "started": meta_path.exists() and json.loads(meta_path.read_text()).get("started") or time.time(),
@@ -424,8 +425,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
     refs = reference_configs(space)
-    _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
-               ListSearcher(refs), len(refs), None)
+    if space.search.references:
+        _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
+                   ListSearcher(refs), len(refs), None)
     if space.objective.type == "cheapest_within":
         from pgps_tune.results import collect_rows
 
@@ -436,13 +438,16 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
     from ray.tune.schedulers import ASHAScheduler
 
-    scheduler = ASHAScheduler(metric="score", mode="max", **asha_settings(space)) if space.asha.enabled else None
+    scheduler = (ASHAScheduler(metric="rung_score", mode="max", **asha_settings(space)) if space.asha.enabled
+                 else None)
     if space.search.algorithm == "grid":
         searcher = ListSearcher(space.grid())
     else:
-        sampler = (optuna.samplers.TPESampler(seed=space.search.seed) if space.search.algorithm == "tpe"
-                   else optuna.samplers.RandomSampler(seed=space.search.seed))
+        sampler = space.optuna_sampler()
         searcher = PrunedAwareOptunaSearch(DefineByRun(space), metric="score", mode="max", sampler=sampler)
+    stopper = None
+    if space.search.max_compute > 0:
+        stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
     _run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
-               searcher, num_samples, scheduler)
+               searcher, num_samples, scheduler, stopper)
     return export_sweep(out, out, results_store=opts.results_store)

@@ -9,12 +9,14 @@ from pgps_tune.errors import PgpsError
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.mark.parametrize("name", ["default", "performance", "resource", "smoke"])
+@pytest.mark.parametrize("name", ["default", "performance", "resource", "smoke", "bench_hippocampus"])
 def test_shipped_spaces_parse_and_fit_their_plans(name):
     s = sp.load(SPACES / f"{name}.yaml")
     assert s.name == name and s.parameters
     # smoke is sized for its own 32^3 synthetic data; the others for Hippocampus and 48^3 data
     plans = [((32, 32, 32), (3, 3, 3))] if name == "smoke" else [((40, 56, 40), (3, 3, 3)), ((48, 48, 48), (3, 3, 3))]
+    if name == "bench_hippocampus":  # a 12-schedule grid with no references, TPE warming up after 4 trials
+        assert len(s.grid()) == 12 and not s.search.references and s.search.startup_trials == 4
     for final, pools in plans:
         sp.check_space_against_plan(s, final, pools)
     if name == "smoke":  # its 10 epochs cannot hold the 15-stage paper schedule of Hippocampus
@@ -81,6 +83,11 @@ BAD = [
     ({"parameters": {"stages": 2}, "budget": {"filters": "big"}}, "budget.filters must be a list"),
     ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "log": True, "step": 0.1}}},
      "both log and step"),
+    ({"parameters": {"stages": 2}, "search": {"max_compute": -1}}, "max_compute must be >= 0"),
+    ({"parameters": {"stages": 2}, "search": {"startup_trials": -2}}, "startup_trials must be >= 0"),
+    ({"parameters": {"stages": 2}, "search": {"references": "no"}}, "search.references must be true or false"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "cheapest_within"}, "search": {"references": False}},
+     "cheapest_within needs the baseline"),
 ]
 
 
@@ -89,6 +96,16 @@ def test_malformed_spaces_are_refused_with_reason(raw, needle):
     with pytest.raises(PgpsError) as info:
         sp.parse(raw, "x.yaml")
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_optuna_sampler_follows_the_space():
+    import optuna
+
+    s = sp.parse({"parameters": {"stages": 2}, "search": {"algorithm": "tpe", "startup_trials": 3, "seed": 5}})
+    sampler = s.optuna_sampler()
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 3
+    assert isinstance(sp.parse({"parameters": {"stages": 2}, "search": {"algorithm": "random"}}).optuna_sampler(),
+                      optuna.samplers.RandomSampler)
 
 
 def test_conditions_are_resolved_whatever_the_key_order():
@@ -119,13 +136,16 @@ def test_parameters_the_network_cannot_take_are_refused_before_any_trial(tmp_pat
 def test_simulated_asha_matches_the_rule():
     from pgps_tune.results import simulate_asha
 
-    curves = {"a": [(2, 0.5), (4, 0.6), (8, 0.7)], "b": [(2, 0.4), (4, 0.8), (8, 0.9)], "c": [(2, 0.45), (4, 0.5)]}
+    curves = {"a": [(2, 0.5), (4, 0.6), (8, 0.7)], "b": [(2, 0.4), (4, 0.8), (8, 0.9)],
+              "c": [(2, 0.45), (4, 0.5), (8, 0.55)], "d": [(2, 0.6), (4, 0.1)]}
     # rungs at 2 and 4 (grace 2, rf 2, max_t 8): b is below a at rung 2, c below a at rung 2
     assert simulate_asha(curves, ["a", "b", "c"], grace=2, max_t=8, rf=2) == {"b", "c"}
     # the first trial at a rung is never stopped; later ones are compared with what came before,
     # stopped trials included (a is stopped at rung 4 by b's 0.8, then c by the median of 0.8 and 0.6)
     assert simulate_asha(curves, ["b", "a", "c"], grace=2, max_t=8, rf=2) == {"a", "c"}
     assert simulate_asha(curves, ["c", "b", "a"], grace=2, max_t=8, rf=2) == {"b"}
+    # a run's last report is its end (a resource curriculum ends below max_t): never an early stop
+    assert simulate_asha(curves, ["a", "b", "d"], grace=2, max_t=8, rf=2) == {"b"}
 
 
 def test_objective_scores():

@@ -128,3 +128,23 @@ def test_cli_train_on_synthetic_with_a_schedule_file(tmp_path, capsys):
     assert main(["train", "--data", "synthetic", "--out", str(out), "--schedule", str(f),
                  "--iterations-per-epoch", "1", "--filters", "4", "8", "16", "32", "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["completed"]
+
+
+def test_cli_train_takes_searched_trainer_settings_from_the_schedule_file(tmp_path, capsys):
+    from pgps_tune import schedule as sch
+    from pgps_tune.results import trainer_meta
+
+    meta = trainer_meta(json.dumps({"stages": 2, "growth": 2.0, "fg_ratio": 0.7, "lr": 0.002}))
+    assert meta == {"trainer": {"fg_ratio": 0.7, "lr": 0.002}}
+    s = sch.parametric((48, 48, 48), (3, 3, 3), 2, 2, stages=2, growth=2.0)
+    f = tmp_path / "best.yaml"
+    sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={**s.meta, **meta}).save(f)
+    base = ["train", "--data", "synthetic", "--schedule", str(f), "--iterations-per-epoch", "1",
+            "--filters", "4", "8", "16", "32", "--optimizer", "adamw"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "fg_ratio 0.7 from the schedule file" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "a" / "metrics.json").read_text())["config"]
+    assert cfg["fg_ratio"] == 0.7 and cfg["lr"] == 0.002
+    # an explicit flag wins over the file
+    assert main([*base, "--out", str(tmp_path / "b"), "--fg-ratio", "0.4", "--quiet"]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["config"]["fg_ratio"] == 0.4

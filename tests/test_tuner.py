@@ -84,6 +84,12 @@ def test_sweep_end_to_end_asha_stops_a_bad_trial_and_exports(tmp_path, capsys):
     assert [r["role"] for r in table] == ["baseline", "paper", "search", "search"]
     hopeless = next(r for r in table if json.loads(r["params"]).get("lr") == 1.0e-9)
     assert hopeless["stopped_early"] and hopeless["status"] == "stopped_early" and hopeless["rung_reached"] == 0
+    # asha.judge final_stage: the value ASHA compares is reported only from a trial's last stage on
+    reports = [json.loads(line) for f in (out / "ray").glob("*-references/*/result.json")
+               for line in f.read_text().splitlines()]
+    multi = [r for r in reports if r["n_stages"] > 1]
+    assert multi and any(r["stage"] < r["n_stages"] - 1 for r in multi)
+    assert all(("rung_score" in r) == (r["stage"] == r["n_stages"] - 1) for r in reports)
     assert sum(r["completed"] for r in table) == 3
     for r in table:
         assert r["voxels_processed"] > 0 and r["train_time_s"] > 0 and 0 <= r["final_dice"] <= 1
@@ -306,3 +312,15 @@ def test_joins_an_existing_ray_cluster(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_compute_budget_counts_every_trials_latest_progress():
+    from pgps_tune.tuner import ComputeBudget
+
+    stop = ComputeBudget(100.0)
+    assert not stop("a", {"baseline_iterations": 40.0}) and not stop.stop_all()
+    assert not stop("b", {"baseline_iterations": 30.0}) and not stop.stop_all()
+    stop("a", {"baseline_iterations": 60.0})  # a's progress replaces its earlier report: 60 + 30
+    assert not stop.stop_all()
+    stop("b", {"baseline_iterations": 40.0})
+    assert stop.stop_all()
