@@ -323,24 +323,27 @@ def _save_fig(fig, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
-    ap.add_argument("--long", default="16x100", help="EPOCHSxITERATIONS of the long budget (default 16x100)")
-    ap.add_argument("--short", default="16x25", help="EPOCHSxITERATIONS of the short budget (default 16x25)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--long", help="EPOCHSxITERATIONS of the long budget (default 16x100; quick 16x5)")
+    ap.add_argument("--short", help="EPOCHSxITERATIONS of the short budget (default 16x25; quick 16x2)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0 1)")
     ap.add_argument("--schedules", nargs="+", default=[*FIXED, "searched"])
     ap.add_argument("--searched", help="schedule file of the searched schedule (e.g. a sweep's best_schedule.yaml)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--network", default="unet")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--val-every", type=int, default=2, help="epochs between validations (default 2)")
+    ap.add_argument("--val-every", type=int, help="epochs between validations (default 2; quick 4)")
     ap.add_argument("--workers", type=int, default=2, help="jobs at a time (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_curriculum"))
     ap.add_argument("--report", help="also write a Markdown report here (plots beside it)")
     ap.add_argument("--quick", action="store_true", help="2 seeds, tiny budgets: under 5 minutes on 2 cores")
     a = ap.parse_args()
-    if a.quick:
-        a.long, a.short, a.seeds, a.val_every = "16x5", "16x2", a.seeds[:2], 4
+    defaults = {"long": "16x5", "short": "16x2", "seeds": [0, 1], "val_every": 4} if a.quick else \
+        {"long": "16x100", "short": "16x25", "seeds": [0, 1, 2], "val_every": 2}
+    for k, v in defaults.items():  # what is given explicitly wins, also with --quick
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if "searched" in a.schedules and not a.searched:
         print("note: no --searched schedule given; comparing the fixed schedules only", flush=True)
         a.schedules = [s for s in a.schedules if s != "searched"]
