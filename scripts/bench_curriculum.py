@@ -158,10 +158,9 @@ def summarize(results: list[dict[str, Any]], schedules: list[str]) -> dict[str, 
 
 def stages_of(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-stage iterations, voxels and wall time of a finished job."""
-    st = r.get("stages")
-    if st is None:  # jobs stored before the stages were kept: read the run's metrics
-        st = json.loads((Path(r["job"]["run_dir"]) / "metrics.json").read_text())["stages"]
-    return st
+    if r.get("stages") is None:  # jobs stored before the stages were kept: read the run's metrics once
+        r["stages"] = json.loads((Path(r["job"]["run_dir"]) / "metrics.json").read_text())["stages"]
+    return r["stages"]
 
 
 def final_stage_cost(r: dict[str, Any]) -> float:
