@@ -92,3 +92,21 @@ def test_bench_stage_cost_quick(tmp_path):
     rows = [line for line in (tmp_path / "cost.md").read_text().splitlines() if line.startswith("| ") and
             line[2].isdigit()]
     assert len(rows) >= 2 and rows[-1].split("|")[5].strip() == "1.00"  # the final stage against itself
+
+
+def test_bench_docs_copies_reports_between_markers(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_docs", ROOT / "scripts" / "bench_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "bench_x.md").write_text("# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    text = "intro\n<!-- begin generated: bench_x -->\nstale\n<!-- end generated: bench_x -->\nhand-written\n"
+    out = mod.fill(text, tmp_path)
+    assert out == "intro\n<!-- begin generated: bench_x -->\n| a | b |\n|---|---|\n| 1 | 2 |\n" \
+                  "<!-- end generated: bench_x -->\nhand-written\n"
+    assert mod.fill(out, tmp_path) == out  # idempotent
+    with pytest.raises(SystemExit, match="bench_y.md does not exist"):
+        mod.fill("<!-- begin generated: bench_y -->\n<!-- end generated: bench_y -->\n", tmp_path)
