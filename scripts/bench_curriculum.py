@@ -315,7 +315,6 @@ def plot_patches(schedules: dict[str, Any], path: Path) -> None:
 def _save_fig(fig, path: Path) -> None:
     from pgps_tune.errors import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
 
 

@@ -98,15 +98,13 @@ def optuna_worker(args: dict[str, Any]) -> None:
 
     from pgps_tune.data import prepare, split
     from pgps_tune.space import DefineByRun, schedule_from_params
-    from pgps_tune.space import load as load_space
     from pgps_tune.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial cut by the budget is logged as failed
-    space = load_space(args["space"])
-    space = dataclasses.replace(space, budget=dataclasses.replace(space.budget, **args["budget"]),
-                                search=dataclasses.replace(space.search, algorithm="tpe",
-                                                           seed=space.search.seed + args["worker"]))
+    space = args["space"]  # the space as run by the benchmark (a frozen dataclass, pickled to this process)
+    space = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm="tpe",
+                                                                  seed=space.search.seed + args["worker"]))
     b = space.budget
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(args["journal"]))
     study = optuna.load_study(study_name="bench", storage=storage, sampler=space.optuna_sampler(),
@@ -157,8 +155,8 @@ def optuna_worker(args: dict[str, Any]) -> None:
     log.close()
 
 
-def run_optuna(space_path: str, space, data: str, out: Path, max_t: float, workers: int, grace: int,
-               final_patch, pools, budget_overrides: dict[str, Any]) -> list[dict[str, Any]]:
+def run_optuna(space, data: str, out: Path, max_t: float, workers: int, grace: int,
+               final_patch, pools) -> list[dict[str, Any]]:
     import optuna
 
     d = out / "optuna_sha"
@@ -171,7 +169,7 @@ def run_optuna(space_path: str, space, data: str, out: Path, max_t: float, worke
     t0 = time.time()
     ctx = get_context("spawn")
     procs = [ctx.Process(target=optuna_worker, args=({
-        "space": space_path, "budget": budget_overrides, "worker": w, "journal": str(journal), "data": data,
+        "space": space, "worker": w, "journal": str(journal), "data": data,
         "events": str(events), "runs": str(d / "runs"), "max_t": max_t, "grace": grace, "t0": t0,
         "final_patch": tuple(final_patch), "pools": tuple(pools)},)) for w in range(workers)]
     for p in procs:
@@ -399,7 +397,6 @@ def plot(curves: dict[str, list[tuple[float, float]]], best_grid: float, budget:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
 
 
@@ -452,22 +449,7 @@ def main() -> int:
         space = dataclasses.replace(space, parameters=params)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    quick_space = out / "space.yaml"  # what the Optuna workers load: the space as run here
     b = space.budget
-    import yaml
-
-    atomic_write_text(quick_space, yaml.safe_dump({
-        "name": space.name,
-        "parameters": {p.name: {**({"value": p.value} if p.kind == "fixed" else
-                                   {"type": "categorical", "choices": list(p.choices)} if p.kind == "categorical" else
-                                   {"type": p.kind, "low": p.low, "high": p.high, "log": p.log}),
-                                **({"when": " ".join(map(str, p.when))} if p.when else {})}
-                       for p in space.parameters},
-        "objective": dataclasses.asdict(space.objective), "search": dataclasses.asdict(space.search),
-        "asha": dataclasses.asdict(space.asha),
-        "budget": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(b).items()
-                   if v is not None},
-    }, sort_keys=False))
     plan = plan_patch(ds.median_shape, ds.spacing)
     final = tuple(b.final_patch) if b.final_patch else plan.final_patch
     pools = tuple(b.pools) if b.pools else plan.pools
@@ -494,9 +476,8 @@ def main() -> int:
     for method in [m for m in a.methods if m not in reuse]:
         t0 = time.time()
         if method == "optuna_sha":
-            events[method] = run_optuna(str(quick_space), space, a.data if a.data == "synthetic" else
-                                        str(Path(a.data).resolve()), out, budget_runs * max_t, a.concurrent,
-                                        grace, final, pools, {})
+            events[method] = run_optuna(space, a.data if a.data == "synthetic" else str(Path(a.data).resolve()),
+                                        out, budget_runs * max_t, a.concurrent, grace, final, pools)
         else:
             if (out / method).exists():
                 import shutil
