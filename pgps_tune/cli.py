@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
+from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, TrainConfig
 from pgps_tune.errors import PgpsError
 
 EXIT_USAGE = 2
@@ -25,7 +26,8 @@ def _add_schedule_args(p: argparse.ArgumentParser, need_shape: bool) -> None:
                    help="final (inference) patch size" + ("" if need_shape else "; default: planned from the data"))
     g.add_argument("--pools", nargs=3, type=int, metavar=("PX", "PY", "PZ"),
                    help="stride-2 poolings per axis of the network" + ("" if need_shape else "; default: planned"))
-    g.add_argument("--batch-size", type=int, default=2, help="baseline batch size (default 2)")
+    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"baseline batch size (default {DEFAULT_BATCH_SIZE})")
     g.add_argument("--batch-cap", type=int, default=None, help="performance mode: largest batch allowed")
     g.add_argument("--stages", type=int, default=4, help="parametric: number of stages")
     g.add_argument("--growth", type=float, default=None, help="parametric: side-length growth per stage")
@@ -102,7 +104,7 @@ def _prepare(a: argparse.Namespace):
 def cmd_train(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch, split
     from pgps_tune.network import NETWORKS
-    from pgps_tune.trainer import CHECKPOINT, TrainConfig, Trainer, resolve_device
+    from pgps_tune.trainer import CHECKPOINT, Trainer, resolve_device
 
     if a.network not in NETWORKS:
         raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
@@ -122,7 +124,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
         final = tuple(a.final_patch) if a.final_patch else plan.final_patch
         pools = tuple(a.pools) if a.pools else plan.pools
-        s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else 50)
+        s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
     train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
     searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
     for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
@@ -313,16 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.json)")
     t.add_argument("--schedule", help="schedule file (instead of --preset)")
     _add_schedule_args(t, need_shape=False)
-    t.add_argument("--epochs", type=int, default=None, help="total epochs (default 50; rescales a --schedule)")
-    t.add_argument("--iterations-per-epoch", type=int, default=50)
-    t.add_argument("--network", default="unet", help="unet or dynunet")
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"total epochs (default {DEFAULT_EPOCHS}; rescales a --schedule)")
+    t.add_argument("--iterations-per-epoch", type=int, default=TrainConfig.iterations_per_epoch,
+                   help=f"default {TrainConfig.iterations_per_epoch}")
+    t.add_argument("--network", default=TrainConfig.network, help="unet or dynunet")
     t.add_argument("--filters", nargs="+", type=int, help="channels per level")
     t.add_argument("--deep-supervision", action="store_true", help="dynunet only")
-    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    t.add_argument("--lr", type=float, default=None, help="default 1e-2 (sgd) or 1e-3 (adamw)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=TrainConfig.optimizer,
+                   help=f"default {TrainConfig.optimizer}")
+    t.add_argument("--lr", type=float, default=None,
+                   help="default " + ", ".join(f"{v:g} ({k})" for k, v in DEFAULT_LR.items()))
     t.add_argument("--fg-ratio", type=float, default=None,
                    help="share of foreground-centred patches (default: the schedule file's, else 0.5)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--split-seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--splits", help='JSON {"train": [ids], "val": [ids]}')

@@ -21,6 +21,14 @@ class PgpsError(Exception):
     """A user-fixable problem; ``str(err)`` is the one-line message."""
 
 
+class DivergedError(PgpsError):
+    """Training produced a non-finite loss (or gradient); the run cannot go on.
+
+    Raised by the trainer at the first non-finite value. A sweep records the trial as
+    failed with the reason ``diverged`` and never reports its score to ASHA or Optuna.
+    """
+
+
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """Hold a Ctrl-C until the block is done, then raise it (main thread only)."""

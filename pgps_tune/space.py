@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
+from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, TrainConfig
 from pgps_tune.errors import PgpsError, read_yaml
 
 if TYPE_CHECKING:
@@ -118,18 +119,20 @@ class Asha:
 
 @dataclass(frozen=True)
 class Budget:
-    epochs: int = 30
-    iterations_per_epoch: int = 50
-    batch_size: int = 2
-    network: str = "unet"
-    filters: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
-    optimizer: str = "adamw"
-    lr: float = 3e-3
+    """How each trial trains; trainer fields default to :class:`pgps_tune.config.TrainConfig`'s."""
+
+    epochs: int = DEFAULT_EPOCHS
+    iterations_per_epoch: int = TrainConfig.iterations_per_epoch
+    batch_size: int = DEFAULT_BATCH_SIZE
+    network: str = TrainConfig.network
+    filters: tuple[int, ...] = TrainConfig.filters
+    optimizer: str = TrainConfig.optimizer
+    lr: float | None = None  # None: the optimizer's default learning rate
     val_every: int = 3
-    fg_ratio: float = 0.5
+    fg_ratio: float = TrainConfig.fg_ratio
     val_fraction: float = 0.2
     split_seed: int = 0
-    seed: int = 0
+    seed: int = TrainConfig.seed
     final_patch: tuple[int, int, int] | None = None
     pools: tuple[int, int, int] | None = None
     synthetic_cases: int = 24
@@ -218,7 +221,11 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
     out = {}
     for k, v in data.items():
         want = getattr(defaults, k)
-        if isinstance(want, tuple) or k in ("final_patch", "pools"):
+        if k == "lr":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise PgpsError(f"{src}: {key}.{k} must be a number, got {v!r}")
+            v = float(v)
+        elif isinstance(want, tuple) or k in ("final_patch", "pools"):
             if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
                 raise PgpsError(f"{src}: {key}.{k} must be a list of integers, got {v!r}")
             v = tuple(v)
@@ -345,6 +352,8 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: asha needs 0 < grace_fraction <= 1, reduction_factor > 1, brackets >= 1")
     if budget.epochs < 1 or budget.iterations_per_epoch < 1 or budget.batch_size < 1 or budget.val_every < 1:
         raise PgpsError(f"{src}: budget epochs, iterations_per_epoch, batch_size and val_every must be >= 1")
+    if budget.optimizer not in OPTIMIZERS:
+        raise PgpsError(f"{src}: budget.optimizer {budget.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
     if budget.network not in ("unet", "dynunet"):
         raise PgpsError(f"{src}: budget.network {budget.network!r} unknown; use unet or dynunet")
     mode = next((p for p in params if p.name == "mode"), None)

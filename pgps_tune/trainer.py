@@ -27,8 +27,9 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
+from pgps_tune.config import TrainConfig
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
+from pgps_tune.errors import DivergedError, PgpsError, atomic_write, atomic_write_text
 from pgps_tune.network import build_network
 from pgps_tune.sampler import ProgressiveSampler, loader
 from pgps_tune.schedule import Schedule
@@ -37,48 +38,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 SCHEDULE = "schedule.yaml"
 Callback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainConfig:
-    """Everything about a run except the data and the schedule. Plain data."""
-
-    network: str = "unet"
-    filters: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
-    deep_supervision: bool = False
-    optimizer: str = "sgd"  # "sgd" (paper) or "adamw"
-    lr: float | None = None  # default: 1e-2 for SGD, 1e-3 for AdamW
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
-    iterations_per_epoch: int = 250
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    workers: int = 0
-    fg_ratio: float = 0.5
-    volumes_per_batch: int | None = None
-    val_every: int | None = None  # epochs; default: about 10 validations per run
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.25
-    max_train_seconds: float | None = None  # stop early (after an epoch) past this budget
-
-    @classmethod
-    def for_trial(cls, budget: dict[str, Any], params: dict[str, Any], device: str, threads: int) -> TrainConfig:
-        """A search trial's config: the space's budget, overridden by sampled trainer parameters."""
-        return cls(
-            network=budget["network"], filters=tuple(budget["filters"]), optimizer=budget["optimizer"],
-            lr=params.get("lr", budget["lr"]), iterations_per_epoch=budget["iterations_per_epoch"],
-            seed=budget["seed"], device=device, threads=threads, fg_ratio=params.get("fg_ratio", budget["fg_ratio"]),
-            val_every=budget["val_every"],
-        )
-
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-2 if self.optimizer == "sgd" else 1e-3)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["filters"] = list(self.filters)
-        return d
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,6 +217,11 @@ class Trainer:
                 loss = sum(w * self.loss_fn(h, label) for w, h in zip(weights, heads)) / sum(weights)
             else:
                 loss = self.loss_fn(out, label)
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"diverged: the training loss is {float(loss)} at iteration {self.state.iteration}; "
+                "lower --lr (or check the data for non-finite voxels) and start a new run"
+            )
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
