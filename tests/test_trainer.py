@@ -7,7 +7,8 @@ from pgps_tune import data
 from pgps_tune import schedule as sch
 from pgps_tune.cli import main
 from pgps_tune.network import SafeInstanceNorm3d, build_network
-from pgps_tune.trainer import TrainConfig, Trainer
+from pgps_tune.config import DEFAULT_LR, TrainConfig
+from pgps_tune.trainer import Trainer
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_lr_is_poly_over_the_whole_run_and_never_reset(ds, tmp_path):
     _trainer(ds, tmp_path / "lr", callback=reports.append).fit()
     lrs = [r["lr"] for r in reports]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[0] == pytest.approx(1e-2 * (1 - 2 / 12) ** 0.9)
+    assert lrs[0] == pytest.approx(DEFAULT_LR["adamw"] * (1 - 2 / 12) ** 0.9)
 
 
 def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path):
