@@ -1,0 +1,676 @@
+#!/usr/bin/env python
+"""Robustness check: every class of bad input and fault, run through the real CLI.
+
+Each case runs ``python -m pgps_tune.cli ...`` in its own process, on tiny data this
+script writes itself, with an isolated cache and results store, and is judged on what a
+user sees: the exit code, the last line printed, the absence of a traceback, and a check
+of what is left on disk (nothing run from a crafted file, nothing half-written, nothing
+lost).  The report (``docs/ROBUSTNESS.md`` by default) lists case, command, exit code,
+last line and verdict, by class:
+
+1. untrusted files  2. interrupts  3. divergence and bad values  4. numbers
+5. no traceback  6. files and folders  7. cluster faults  8. packaging  9. layering
+
+    .venv/bin/python scripts/robustness.py --report docs/ROBUSTNESS.md
+
+It takes a few minutes on 2 CPU cores; ``--only CLASS`` runs one class (e.g. ``--only 4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_NET = ["--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2", "--filters", "4", "8", "16"]
+QUIET_CPU = ["--quiet", "--device", "cpu", "--threads", "1"]
+TINY_TRAIN = [*TINY_NET, "--iterations-per-epoch", "2", *QUIET_CPU]
+EXIT = {"ok": 0, "user": 2, "sigint": 130, "sigterm": 143}
+
+
+@dataclass
+class Case:
+    klass: str
+    name: str
+    argv: list[str]  # CLI arguments; "{w}" is replaced by the case's workspace
+    expect_rc: int
+    expect: str = ""  # substring (case-insensitive) of the last line printed on stderr (or stdout)
+    setup: Callable[[Path], None] | None = None
+    check: Callable[[Path, subprocess.CompletedProcess], str | None] | None = None  # None: ok, else why not
+    interrupt: tuple[int, Callable[[Path], bool]] | None = None  # (signal, ready-to-send predicate)
+    env: dict[str, str] = field(default_factory=dict)
+    preexec: Callable[[], None] | None = None
+    timeout: float = 300.0
+
+
+@dataclass
+class Outcome:
+    case: Case
+    command: str
+    rc: int | None
+    last: str
+    verdict: str
+    why: str = ""
+    seconds: float = 0.0
+
+
+# -- tiny data -------------------------------------------------------------------------------
+
+
+def write_msd(root: Path, n: int = 6, shape=(24, 24, 20), nan_case: int | None = None,
+              image_path: str | None = None) -> Path:
+    """A tiny MSD-layout dataset: noisy volumes with two labelled blobs."""
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+        label = np.zeros(shape, np.uint8)
+        for cls in (1, 2):
+            centre = rng.uniform(0.3, 0.7, 3) * np.array(shape)
+            label[np.linalg.norm(grid - centre, axis=-1) < min(shape) / 5] = cls
+        image = (label + rng.normal(0, 0.3, shape)).astype(np.float32)
+        if i == nan_case:
+            image[3, 4, 5] = np.nan
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"case_{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
+    if image_path is not None:
+        training[0]["image"] = image_path
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"},
+        "numTraining": n, "training": training}))
+    return root
+
+
+SPACE = {
+    "name": "robust",
+    "parameters": {"stages": {"type": "int", "low": 1, "high": 2},
+                   "growth": {"type": "float", "low": 1.5, "high": 2.0, "when": "stages > 1"},
+                   "mode": {"value": "resource"}},
+    "objective": {"type": "max_dice"},
+    "search": {"algorithm": "random", "num_samples": 2, "seed": 0},
+    "asha": {"time_attr": "baseline_iterations", "grace_fraction": 0.5, "reduction_factor": 2},
+    "budget": {"epochs": 4, "iterations_per_epoch": 6, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
+               "lr": 0.003, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
+               "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 1},
+}
+
+
+def write_space(path: Path, **over) -> Path:
+    import yaml
+
+    raw = json.loads(json.dumps(SPACE))
+    for k, v in over.items():
+        if isinstance(v, dict) and k != "parameters":
+            raw[k] = {**raw[k], **v}
+        else:
+            raw[k] = v
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def absent(*names: str):
+    def check(w: Path, r) -> str | None:
+        there = [n for n in names if (w / n).exists()]
+        return f"{there} exist" if there else None
+    return check
+
+
+def present(*names: str):
+    def check(w: Path, r) -> str | None:
+        gone = [n for n in names if not (w / n).exists()]
+        return f"{gone} missing" if gone else None
+    return check
+
+
+def both(*checks):
+    def check(w: Path, r) -> str | None:
+        for c in checks:
+            why = c(w, r)
+            if why:
+                return why
+        return None
+    return check
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def crafted_pickle(path: Path, marker: Path) -> None:
+    """A torch-loadable file whose unpickling would create ``marker`` (if it were allowed to run code)."""
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"identity": {}, "model": Evil()}, path)
+
+
+def strict_json(*names: str):
+    def check(w: Path, r) -> str | None:
+        for n in names:
+            for p in w.glob(n):
+                try:
+                    json.loads(p.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+                except ValueError as exc:
+                    return f"{p.name} is not strict JSON ({exc})"
+        return None
+    return check
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def run_case(case: Case, base: Path, python: str) -> Outcome:
+    w = base / f"{case.klass.split()[0]}-{case.name.replace(' ', '_')[:40]}"
+    w.mkdir(parents=True)
+    env = {**os.environ, "PGPS_CACHE_DIR": str(base / "cache"), "PGPS_RESULTS_DIR": str(w / "store"),
+           "PYTHONUNBUFFERED": "1", **{k: v.replace("{w}", str(w)) for k, v in case.env.items()}}
+    argv = [a.replace("{w}", str(w)) for a in case.argv]
+    command = "pgps-tune " + " ".join(a.replace(str(w), "W").replace(str(base), "B") for a in argv)
+    t0 = time.time()
+    try:
+        if case.setup:
+            case.setup(w)
+        proc = subprocess.Popen([python, "-m", "pgps_tune.cli", *argv], cwd=w, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=case.preexec)
+        if case.interrupt:
+            sig, ready = case.interrupt
+            while proc.poll() is None and time.time() - t0 < case.timeout and not ready(w):
+                time.sleep(0.2)
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        out, err = proc.communicate(timeout=max(10.0, case.timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return Outcome(case, command, None, "", "FAIL", "timed out", time.time() - t0)
+    r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    lines = [ln for ln in (err.strip().splitlines() or out.strip().splitlines())]
+    last = lines[-1] if lines else ""
+    why = []
+    if r.returncode != case.expect_rc:
+        why.append(f"exit {r.returncode}, expected {case.expect_rc}")
+    if "Traceback" in err or "Traceback" in out:
+        why.append("traceback printed")
+    if case.expect and case.expect.lower() not in last.lower():
+        why.append(f"last line lacks {case.expect!r}")
+    if case.check:
+        extra = case.check(w, r)
+        if extra:
+            why.append(extra)
+    return Outcome(case, command, r.returncode, last, "FAIL" if why else "ok", "; ".join(why), time.time() - t0)
+
+
+def first_report(phase: str = "search"):
+    """Ready once a trial of ``phase`` saved a checkpoint (not merely wrote a result line)."""
+    def ready(w: Path) -> bool:
+        return any((w / "sweep" / "ray").glob(f"*-{phase}/*/checkpoint_*"))
+    return ready
+
+
+def checkpoint_exists(run: str):
+    def ready(w: Path) -> bool:
+        return (w / run / "checkpoint.pt").is_file()
+    return ready
+
+
+def after(seconds: float):
+    def ready(w: Path, t0=[None]) -> bool:  # noqa: B006 - a per-case start time
+        t0[0] = t0[0] or time.time()
+        return time.time() - t0[0] >= seconds
+    return ready
+
+
+# -- the cases -----------------------------------------------------------------------------------
+
+
+def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of cases
+    data = base / "tiny"
+    trained = base / "trained"
+    train = ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "2", *TINY_TRAIN]
+    sweep = ["tune", "--space", "{w}/space.yaml", "--data", "synthetic", "--out", "{w}/sweep", "--quiet",
+             "--cpus-per-trial", "1", "--max-concurrent", "1"]
+
+    def copy_run(w: Path) -> None:
+        shutil.copytree(trained, w / "run")
+
+    def space(**over):
+        return lambda w: write_space(w / "space.yaml", **over)
+
+    def space_text(text: str):
+        return lambda w: (w / "space.yaml").write_text(text)
+
+    def resume_train(extra=()):
+        return ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "4", *TINY_TRAIN, "--resume", *extra]
+
+    out: list[Case] = []
+    add = out.append
+    U, INT, D, N, T, F, C, P, L = ("1 untrusted files", "2 interrupts", "3 divergence and bad values",
+                                 "4 numbers", "5 no traceback", "6 files and folders", "7 cluster faults",
+                                 "8 packaging", "9 layering")
+
+    # 1. untrusted files never run code
+    def evil_run(w: Path) -> None:
+        copy_run(w)
+        crafted_pickle(w / "run" / "checkpoint.pt", w / "PWNED")
+
+    add(Case(U, "crafted checkpoint, train --resume", resume_train(), 2, "checkpoint", evil_run, absent("PWNED")))
+    add(Case(U, "crafted checkpoint, evaluate", ["evaluate", "--data", str(data), "--run", "{w}/run",
+                                                 "--device", "cpu"], 2, "checkpoint", evil_run, absent("PWNED")))
+
+    def evil_store(w: Path) -> None:
+        (w / "store" / "dataset=Tiny" / "sweep=x").mkdir(parents=True)
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {w / 'PWNED'}",))
+        (w / "store" / "dataset=Tiny" / "sweep=x" / "part-0.parquet").write_bytes(pickle.dumps(Evil()))
+
+    add(Case(U, "pickle posing as a results-store parquet", ["best", "--dataset", "Tiny"], 2, "results store",
+             evil_store, absent("PWNED")))
+
+    def evil_cache(w: Path) -> None:
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {w / 'PWNED'}",))
+
+        shutil.copytree(base / "cache", w / "cache")
+        victim = next((w / "cache").glob("Tiny-*/00000_img.npy"))
+        np.save(victim, np.array([Evil()], dtype=object), allow_pickle=True)
+
+    add(Case(U, "pickled object array as a cached volume", ["plan", "--data", str(data), "--cache-dir", "{w}/cache"],
+             0, "", evil_cache, absent("PWNED")))
+
+    # 2. interrupts
+    add(Case(INT, "SIGINT during tune, then no export", sweep, 130, "--resume", space(),
+             absent("sweep/trials.parquet", "sweep/best_schedule.yaml", "sweep/summary.json", "store"),
+             interrupt=(signal.SIGINT, first_report())))
+    add(Case(INT, "SIGTERM during tune", sweep, 143, "--resume", space(),
+             absent("sweep/trials.parquet", "sweep/best_schedule.yaml"),
+             interrupt=(signal.SIGTERM, first_report("references"))))
+
+    def interrupted_sweep(w: Path) -> None:
+        env = {**os.environ, "PGPS_CACHE_DIR": str(base / "cache"), "PGPS_RESULTS_DIR": str(w / "store")}
+        write_space(w / "space.yaml")
+        argv = [a.replace("{w}", str(w)) for a in sweep]
+        proc = subprocess.Popen([python, "-m", "pgps_tune.cli", *argv], cwd=w, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while proc.poll() is None and not first_report()(w) and time.time() - t0 < 240:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+    def all_trials_once(w: Path, r) -> str | None:
+        import pyarrow.parquet as pq
+
+        p = w / "sweep" / "trials.parquet"
+        if not p.is_file():
+            return "no trials.parquet after --resume"
+        rows = pq.read_table(p).to_pylist()
+        ids = [x["trial_id"] for x in rows]
+        if len(ids) != 4 or len(set(ids)) != 4 or not all(x["completed"] for x in rows):
+            return f"trials after resume: {[(x['trial_id'], x['status']) for x in rows]}"
+        return None
+
+    add(Case(INT, "--resume after SIGINT completes every trial once", [*sweep, "--resume"], 0, "", interrupted_sweep,
+             all_trials_once))
+
+    def no_resume_hint(w: Path, r) -> str | None:
+        return "suggests --resume with no checkpoint" if "--resume" in r.stderr else None
+
+    add(Case(INT, "SIGINT during train before the first checkpoint",
+             ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "2", *TINY_NET,
+              "--iterations-per-epoch", "100000", *QUIET_CPU], 130, "",
+             check=no_resume_hint, interrupt=(signal.SIGINT, after(8))))
+    add(Case(INT, "SIGINT during train after a checkpoint",
+             ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "1000", *TINY_TRAIN], 130, "--resume",
+             interrupt=(signal.SIGINT, checkpoint_exists("run"))))
+    add(Case(INT, "SIGTERM during train after a checkpoint",
+             ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "1000", *TINY_TRAIN], 143, "--resume",
+             interrupt=(signal.SIGTERM, checkpoint_exists("run"))))
+
+    def killed_prepare(w: Path) -> None:
+        write_msd(w / "big", n=12, shape=(64, 64, 48))
+        env = {**os.environ, "PGPS_CACHE_DIR": str(w / "cache")}
+        proc = subprocess.Popen([python, "-m", "pgps_tune.cli", "plan", "--data", str(w / "big")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while time.time() - t0 < 60 and not any(p.name.startswith(".") for p in (w / "cache").glob("*")):
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+
+    def no_temp_left(w: Path, r) -> str | None:
+        left = [p.name for p in (w / "cache").iterdir() if p.name.startswith(".") and p.is_dir()]
+        return f"temp folders left: {left}" if left else None
+
+    add(Case(INT, "SIGKILL during preprocessing, then rerun", ["plan", "--data", "{w}/big", "--cache-dir", "{w}/cache"],
+             0, "", killed_prepare, no_temp_left))
+
+    # 3. divergence and bad values
+    add(Case(D, "train with a huge learning rate", [*train, "--optimizer", "sgd", "--lr", "1e30"], 2, "diverged"))
+
+    def nan_data(w: Path) -> None:
+        write_msd(w / "nan", n=3, nan_case=1)
+
+    add(Case(D, "NaN voxel in a dataset", ["plan", "--data", "{w}/nan", "--cache-dir", "{w}/cache"], 2, "case_001",
+             nan_data))
+    add(Case(D, "a diverging trial in a sweep is failed, not scored",
+             [*sweep], 0, "", space(parameters={"stages": {"value": 1},
+                                                "lr": {"type": "categorical", "choices": [0.003, 1.0e30]}},
+                                    search={"algorithm": "grid"}, budget={**SPACE["budget"], "optimizer": "sgd"}),
+             lambda w, r: _diverged_trial(w)))
+    add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))
+
+    # 4. numbers
+    bad_flags = [
+        ("--workers -1", ["--workers", "-1"], "--workers"), ("--threads 0", ["--threads", "0"], "--threads"),
+        ("--lr nan", ["--lr", "nan"], "--lr"), ("--lr -1", ["--lr", "-1"], "--lr"),
+        ("--lr inf", ["--lr", "inf"], "--lr"), ("--epochs 0", ["--epochs", "0"], "--epochs"),
+        ("--iterations-per-epoch 0", ["--iterations-per-epoch", "0"], "--iterations-per-epoch"),
+        ("--fg-ratio 2", ["--fg-ratio", "2"], "--fg-ratio"), ("--val-fraction 1", ["--val-fraction", "1"],
+                                                             "--val-fraction"),
+        ("--batch-size 1e9", ["--batch-size", "1000000000"], "batch"),
+        ("--batch-size 0", ["--batch-size", "0"], "--batch-size"),
+        ("--max-train-seconds -5", ["--max-train-seconds", "-5"], "--max-train-seconds"),
+        ("--val-every 0", ["--val-every", "0"], "--val-every"),
+        ("--filters 0 8 16", ["--filters", "0", "8", "16"], "--filters"),
+        ("--seed -1", ["--seed", "-1"], "--seed"),
+    ]
+    for name, flag, needle in bad_flags:
+        add(Case(N, f"train {name}", [*train, *flag], 2, needle, check=absent("run")))
+    add(Case(N, "plan --voxel-budget -1", ["plan", "--data", str(data), "--voxel-budget", "-1"], 2, "--voxel-budget",
+             timeout=60))
+    add(Case(N, "schedule --final-patch 0 16 16", ["schedule", "--final-patch", "0", "16", "16", "--pools", "2", "2",
+                                                   "2"], 2, "final"))
+    add(Case(N, "schedule --growth inf", ["schedule", "--preset", "parametric", "--final-patch", "16", "16", "16",
+                                          "--pools", "2", "2", "2", "--growth", "inf"], 2, "--growth"))
+    add(Case(N, "schedule --epochs 10**12", ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+                                             "--epochs", "1000000000000"], 2, "--epochs", timeout=60))
+    for name, flag, needle in [("--num-samples 0", ["--num-samples", "0"], "--num-samples"),
+                               ("--num-samples -1", ["--num-samples", "-1"], "--num-samples"),
+                               ("--cpus-per-trial nan", ["--cpus-per-trial", "nan"], "--cpus-per-trial"),
+                               ("--max-concurrent 0", ["--max-concurrent", "0"], "--max-concurrent"),
+                               ("--max-failures -1", ["--max-failures", "-1"], "--max-failures")]:
+        add(Case(N, f"tune {name}", [*sweep, *flag], 2, needle, space(), absent("sweep"), timeout=60))
+    bad_spaces = [
+        ("step 0.5 on an int parameter", {"parameters": {"stages": {"type": "int", "low": 1, "high": 3,
+                                                                    "step": 0.5}}}, "step"),
+        ("condition against a non-number", {"parameters": {"stages": {"type": "int", "low": 1, "high": 3},
+                                                           "growth": {"type": "float", "low": 1.5, "high": 2,
+                                                                      "when": "stages > abc"}}}, "abc"),
+        ("infinite bound", {"parameters": {"stages": {"type": "int", "low": 1, "high": 3},
+                                           "growth": {"type": "float", "low": 1.5, "high": float("inf"),
+                                                      "when": "stages > 1"}}}, "growth"),
+        ("budget.epochs -3", {"budget": {**SPACE["budget"], "epochs": -3}}, "epochs"),
+        ("budget.lr nan", {"budget": {**SPACE["budget"], "lr": float("nan")}}, "lr"),
+        ("search.num_samples 10**9", {"search": {"num_samples": 10**9}}, "num_samples"),
+        ("asha.grace_fraction 0", {"asha": {"grace_fraction": 0}}, "grace_fraction"),
+    ]
+    for name, over, needle in bad_spaces:
+        add(Case(N, f"space: {name}", sweep, 2, needle, space(**over), absent("sweep"), timeout=60))
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    add(Case(N, "space: YAML alias bomb", sweep, 2, "alias", space_text(bomb + "parameters: *i\n"), timeout=20))
+    add(Case(N, "space: 50 MB YAML", sweep, 2, "large", space_text("# " + "x" * (50 * 2**20) + "\n"), timeout=20))
+    add(Case(N, "schedule file with a negative batch",
+             ["schedule", "--from", "{w}/s.yaml"], 2, "batch",
+             lambda w: (w / "s.yaml").write_text("final_patch: [16, 16, 16]\npools: [2, 2, 2]\nbaseline_batch_size: 2\n"
+                                                 "stages: [{patch_size: [16, 16, 16], batch_size: -4, epochs: 3}]\n")))
+
+    # 5. no traceback for a user error, anywhere
+    add(Case(T, "train --out is an existing file", [*train[:4], "{w}/file", *train[5:]], 2, "--out",
+             lambda w: (w / "file").write_text("keep me"), lambda w, r: None if (w / "file").read_text() == "keep me"
+             else "the file was changed"))
+    add(Case(T, "tune --out is an existing file", [*sweep[:6], "{w}/file", *sweep[7:]], 2, "--out",
+             lambda w: (space()(w), (w / "file").write_text("x"))))
+    add(Case(T, "export --out is an existing file", ["export", "--experiment", "{w}", "--out", "{w}/file"], 2, "",
+             lambda w: (w / "file").write_text("x")))
+
+    def foreign_store(w: Path) -> None:
+        (w / "store").mkdir()
+        (w / "store" / "notes.txt").write_text("not parquet")
+
+    add(Case(T, "results store holding a foreign file", ["best", "--dataset", "Tiny"], 2, "results store",
+             foreign_store))
+    add(Case(T, "malformed sweep.json", ["export", "--experiment", "{w}/sw", "--out", "{w}/ex"], 2, "sweep.json",
+             lambda w: ((w / "sw").mkdir(), (w / "sw" / "sweep.json").write_text("{oops"))))
+    add(Case(T, "empty sweep.json", ["export", "--experiment", "{w}/sw", "--out", "{w}/ex"], 2, "sweep.json",
+             lambda w: ((w / "sw").mkdir(), (w / "sw" / "sweep.json").write_text(""))))
+    add(Case(T, "sweep.json missing keys", ["export", "--experiment", "{w}/sw", "--out", "{w}/ex"], 2, "sweep.json",
+             lambda w: ((w / "sw").mkdir(), (w / "sw" / "sweep.json").write_text('{"sweep": "x"}'))))
+
+    def gutted_checkpoint(w: Path) -> None:
+        import torch
+
+        copy_run(w)
+        ck = torch.load(w / "run" / "checkpoint.pt", weights_only=True)
+        ck.pop("model", None)
+        torch.save(ck, w / "run" / "checkpoint.pt")
+
+    add(Case(T, "checkpoint missing keys, evaluate", ["evaluate", "--data", str(data), "--run", "{w}/run",
+                                                       "--device", "cpu"], 2, "checkpoint", gutted_checkpoint))
+    add(Case(T, "checkpoint missing keys, resume", resume_train(), 2, "checkpoint", gutted_checkpoint))
+
+    def full_disk(w: Path) -> None:
+        copy_run(w)
+        (w / "before.sha").write_text(sha(w / "run" / "checkpoint.pt"))
+
+    def limit_file_size() -> None:  # the checkpoint no longer fits: like a disk that fills
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = int(os.environ["ROBUST_FSIZE"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    def old_checkpoint_intact(w: Path, r) -> str | None:
+        return None if sha(w / "run" / "checkpoint.pt") == (w / "before.sha").read_text() else "checkpoint changed"
+
+    ck_size = (trained / "checkpoint.pt").stat().st_size if (trained / "checkpoint.pt").exists() else 10**6
+    add(Case(T, "disk fills while writing a checkpoint", resume_train(), 2, "", full_disk, old_checkpoint_intact,
+             env={"ROBUST_FSIZE": str(ck_size // 2)}, preexec=limit_file_size))
+
+    def internal_bug(w: Path) -> None:
+        (w / "inject").mkdir()
+        (w / "inject" / "sitecustomize.py").write_text(
+            "import pgps_tune.schedule as s\n"
+            "def _boom(*a, **k):\n    raise ZeroDivisionError('a planted bug')\n"
+            "s.Schedule.table = _boom\n")
+
+    def names_log(w: Path, r) -> str | None:
+        last = (r.stderr.strip().splitlines() or [""])[-1]
+        logs = [tok.strip(".;,()") for tok in last.split() if tok.strip(".;,()").endswith(".log")]
+        if not logs or not Path(logs[0]).is_file() or "ZeroDivisionError" not in Path(logs[0]).read_text():
+            return "the last line names no log file holding the traceback"
+        return None
+
+    add(Case(T, "a genuine internal error", ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2"],
+             1, ".log", internal_bug, names_log, env={"PYTHONPATH": f"{{w}}/inject:{ROOT}"}))
+
+    # 6. files and folders
+    def group_writable(w: Path, r) -> str | None:
+        bad = [p.name for p in (w / "run").iterdir() if p.is_file() and not p.stat().st_mode & 0o020]
+        return f"not group-writable under umask 002: {bad}" if bad else None
+
+    add(Case(F, "files respect the umask (002)", train, 0, "", check=group_writable, preexec=lambda: os.umask(0o002)))
+
+    def chmod_metrics(w: Path) -> None:
+        copy_run(w)
+        os.chmod(w / "run" / "metrics.json", 0o640)
+
+    add(Case(F, "overwriting keeps a file's mode", resume_train(), 0, "", chmod_metrics,
+             lambda w, r: None if (w / "run" / "metrics.json").stat().st_mode & 0o777 == 0o640 else
+             f"mode became {oct((w / 'run' / 'metrics.json').stat().st_mode & 0o777)}"))
+
+    def truncate_cache(name: str):
+        def setup(w: Path) -> None:
+            shutil.copytree(base / "cache", w / "cache")
+            victim = next((w / "cache").glob(f"Tiny-*/{name}"))
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        return setup
+
+    for name in ("00001_img.npy", "prepared.json", "00002_seg.npy"):
+        add(Case(F, f"truncated cache entry {name}", ["plan", "--data", str(data), "--cache-dir", "{w}/cache"], 0,
+                 "", truncate_cache(name)))
+    add(Case(F, "dataset.json entry outside the dataset folder", ["plan", "--data", "{w}/esc"], 2, "outside",
+             lambda w: write_msd(w / "esc", n=3, image_path="../../etc/passwd")))
+    add(Case(F, "failed train leaves no empty --out", ["train", "--data", "{w}/missing", "--out", "{w}/run",
+                                                       *TINY_TRAIN], 2, "", check=absent("run")))
+    add(Case(F, "failed tune leaves no empty --out", ["tune", "--space", "{w}/nope.yaml", "--data", "synthetic",
+                                                      "--out", "{w}/sweep"], 2, "", check=absent("sweep")))
+
+    # 7. cluster faults (the multi-node test uses Ray's test cluster on this machine)
+    def two_prepares(w: Path) -> None:
+        write_msd(w / "d", n=8, shape=(48, 48, 40))
+        env = {**os.environ, "PGPS_CACHE_DIR": str(w / "cache")}
+        procs = [subprocess.Popen([python, "-m", "pgps_tune.cli", "plan", "--data", str(w / "d")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        (w / "rcs").write_text(json.dumps([p.wait() for p in procs]))
+
+    def one_cache(w: Path, r) -> str | None:
+        rcs = json.loads((w / "rcs").read_text())
+        entries = [p.name for p in (w / "cache").iterdir() if not p.name.endswith(".lock")]
+        return None if rcs == [0, 0] and len(entries) == 1 else f"rcs {rcs}, cache entries {entries}"
+
+    add(Case(C, "two processes prepare one dataset at once", ["plan", "--data", "{w}/d", "--cache-dir", "{w}/cache"],
+             0, "", two_prepares, one_cache))
+    add(Case(C, "a worker node dies during a trial (pytest)", [], 0, "passed", timeout=420))
+
+    # 8. packaging
+    def lists_spaces(w: Path, r) -> str | None:
+        return None if "smoke" in r.stderr else "the error does not list the shipped spaces"
+
+    add(Case(P, "unknown space name lists the shipped ones (outside the tree)",
+             ["tune", "--space", "no-such-space", "--data", "synthetic", "--out", "{w}/s"], 2, "", check=lists_spaces))
+    add(Case(P, "a shipped space loads from any directory",
+             ["tune", "--space", "smoke", "--data", "synthetic", "--out", "{w}/s", "--cpus-per-trial", "64"], 2,
+             "--cpus-per-trial 64", timeout=120))
+    # 9. layering
+    add(Case(L, "results.py imports no Ray", [], 0, ""))
+    return out
+
+
+def _diverged_trial(w: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    p = w / "sweep" / "trials.parquet"
+    if not p.is_file():
+        return "no trials.parquet"
+    rows = pq.read_table(p).to_pylist()
+    bad = [r for r in rows if '1e+30' in r["params"]]
+    if not bad or not all(r["failed"] and "diverged" in r["error"] for r in bad):
+        return f"diverging trial not recorded as failed/diverged: {[(r['params'], r['status']) for r in bad]}"
+    if any(r["num_failures"] > 1 for r in bad):
+        return "a diverged trial was retried"
+    return None
+
+
+def special(case: Case, base: Path, python: str) -> Outcome | None:
+    """Cases that are not one CLI call."""
+    t0 = time.time()
+    if case.name.startswith("a worker node dies"):
+        cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_tuner.py"),
+               "-k", "node"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=case.timeout)
+        last = (r.stdout.strip().splitlines() or [""])[-1]
+        ok = r.returncode == 0 and "passed" in last and "skipped" not in last
+        return Outcome(case, "pytest tests/test_tuner.py -k node", r.returncode, last, "ok" if ok else "FAIL",
+                       "" if ok else r.stdout[-300:], time.time() - t0)
+    if case.name.startswith("results.py imports no Ray"):
+        code = ("import sys, pgps_tune.results, pgps_tune.cli, pgps_tune.trainer, pgps_tune.space;"
+                "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=base)
+        last = r.stdout.strip()
+        ok = r.returncode == 0 and last == "[]"
+        return Outcome(case, f"python -c \"{code}\"", r.returncode, last, "ok" if ok else "FAIL",
+                       "" if ok else r.stderr[-300:], time.time() - t0)
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", default=None, help="write the markdown report here (e.g. docs/ROBUSTNESS.md)")
+    ap.add_argument("--only", default=None, help="run only the cases of this class number")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args()
+    python = sys.executable
+    base = Path(tempfile.mkdtemp(prefix="pgps-robust-"))
+    t_all = time.time()
+    try:
+        write_msd(base / "tiny")
+        env = {**os.environ, "PGPS_CACHE_DIR": str(base / "cache"), "PGPS_RESULTS_DIR": str(base / "store")}
+        subprocess.run([python, "-m", "pgps_tune.cli", "train", "--data", str(base / "tiny"), "--out",
+                        str(base / "trained"), "--epochs", "2", *TINY_TRAIN], check=True, env=env, cwd=base)
+        results = []
+        for case in cases(base, python):
+            if a.only and not case.klass.startswith(a.only):
+                continue
+            o = special(case, base, python) or run_case(case, base, python)
+            print(f"{o.verdict:4} [{o.case.klass}] {o.case.name}: exit {o.rc} ({o.seconds:.0f}s)"
+                  + (f" -- {o.why}" if o.why else ""), flush=True)
+            results.append(o)
+    finally:
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    ok = sum(o.verdict == "ok" for o in results)
+    print(f"{ok} passed, {len(results) - ok} failed")
+    if a.report:
+        write_report(Path(a.report), results, time.time() - t_all)
+    return 0 if ok == len(results) else 1
+
+
+def write_report(path: Path, results: list[Outcome], seconds: float) -> None:
+    from pgps_tune.errors import atomic_write_text
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")[:220]
+
+    ok = sum(o.verdict == "ok" for o in results)
+    lines = [
+        "# Robustness: bad inputs and faults, through the real CLI", "",
+        f"Generated by `python scripts/robustness.py --report {path}` on {platform.node() or 'this machine'} "
+        f"({os.cpu_count()} cores, {platform.platform()}), {seconds / 60:.1f} minutes: "
+        f"**{ok} of {len(results)} cases handled**.", "",
+        "Each case runs `pgps-tune` in its own process on tiny data the script writes. A case is *ok* when the "
+        "exit code is the expected one (0 done, 1 internal error, 2 user error, 130 Ctrl-C, 143 SIGTERM), "
+        "nothing printed a traceback, the last line says what the case expects, and the check of the files left "
+        "behind holds (no code run from a crafted file, nothing half-written, nothing lost). "
+        "`W` is the case's work folder, `B` the shared one.", "",
+    ]
+    klass = None
+    for o in results:
+        if o.case.klass != klass:
+            klass = o.case.klass
+            lines += ["", f"## {klass}", "", "| case | command | exit | last line | verdict |", "|---|---|---|---|---|"]
+        verdict = o.verdict if not o.why else f"{o.verdict}: {o.why}"
+        lines.append(f"| {cell(o.case.name)} | `{cell(o.command)}` | {o.rc} | {cell(o.last)} | {cell(verdict)} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
