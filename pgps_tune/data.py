@@ -5,17 +5,51 @@ spacing where cases differ, per-volume z-score per channel) and cached as
 ``.npy`` files that every later run (and every tuner trial) memory-maps, so
 loading costs nothing after the first run.  Foreground voxel coordinates per
 class are cached beside them for foreground-centred sampling.
+
+Untrusted input is refused with one line, before anything is written: a file
+that dataset.json (or the nnU-Net folder) names outside the dataset folder
+(an absolute path, ``..``, a link that leads out), and an image with a
+non-finite voxel (NaN, inf, or a value beyond float32), naming the case and file.
+
+The cache, ``CACHE_ROOT/NAME-FINGERPRINT/``:
+
+- **Written whole or not at all.**  A build writes into ``.NAME.tmp-*`` beside
+  the folder, ``prepared.json`` last, then renames the folder into place.
+  ``prepared.json`` is the completeness record: it lists every other file with
+  its size in bytes.
+- **Checked on every open** (cheaply, no data is read): every listed file
+  exists with its recorded size, each ``.npy`` header holds the dtype and shape
+  that ``prepared.json`` gives the case, each ``_fg.npz`` lists one array per
+  foreground class.  A truncated or missing file, a garbled ``prepared.json``
+  or a shape that disagrees is reported on stderr and the folder is rebuilt;
+  flipped bytes inside a file of the right size are not detected.  Nothing in
+  the cache can run code (``np.load`` without pickles, plain JSON).
+- **Built once per cache folder.**  The build holds ``fcntl.flock`` on
+  ``.NAME.lock`` beside the folder: a second process (another trial on a fresh
+  node, a second CLI run) waits, then opens what the first built.  The lock
+  holder also removes ``.NAME.*`` temporaries of writers that died (SIGKILL,
+  SIGTERM); Ctrl-C removes its own.  For several nodes there are two options:
+  a shared ``--cache-dir`` (``PGPS_CACHE_DIR``) on NFS, built once before the
+  sweep (the tuner's driver prepares it before any trial starts; Linux NFS
+  clients carry ``flock`` as NFS locks); or a per-node cache on local disk,
+  built by the first trial on each node while the others wait.
+- **Shared by a team.**  Folders and files get the umask's permissions (a
+  group-writable umask such as 002 makes a group cache); a cache that is
+  valid but read-only is used without locking.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Sequence
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +59,7 @@ import numpy as np
 
 from pgps_tune.errors import PgpsError
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: prepared.json records file sizes
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 
@@ -89,36 +123,74 @@ def _parse_labels(raw: dict[str, Any], path: Path) -> dict[int, str]:
     return labels
 
 
+def _inside(base: Path, path: Path, what: str) -> Path:
+    """``path`` if it (after following links) lies inside the dataset folder ``base``."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
+        raise PgpsError(f"{what} {path!r} cannot be resolved ({exc}); fix the file name or link") from None
+    if not real.is_relative_to(base):
+        via = "" if real == path else f" (it leads to {real})"
+        raise PgpsError(
+            f"{what} {path}{via} lies outside the dataset folder {base}; "
+            "keep every file of the dataset inside its folder"
+        )
+    return path
+
+
+def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path) -> list[Case]:
+    if not isinstance(data["training"], list):
+        raise PgpsError(f"{path}: 'training' must be a list of {{image, label}} entries")
+    cases = []
+    for i, entry in enumerate(data["training"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
+            raise PgpsError(f"{path}: training entry {i} needs 'image' and 'label' file names")
+        image, label = (
+            _inside(base, root / entry[k], f"{path}: training entry {i} '{k}'") for k in ("image", "label")
+        )
+        cases.append(Case(Path(entry["label"]).name.split(".")[0], (image,), label))
+    return cases
+
+
+def _nnunet_cases(root: Path, base: Path, channels: int, ending: Any, path: Path) -> list[Case]:
+    if not isinstance(ending, str) or not ending.startswith(".") or any(c in ending for c in "/\\*?["):
+        raise PgpsError(f"{path}: file_ending {ending!r} must be a file extension such as '.nii.gz'")
+    cases = []
+    for label in sorted((root / "labelsTr").glob(f"*{ending}")):
+        case_id = label.name[: -len(ending)]
+        images = tuple(root / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(channels))
+        cases.append(Case(case_id, tuple(_inside(base, p, "image") for p in images), _inside(base, label, "label")))
+    return cases
+
+
+def _channel_count(names: Any, key: str, path: Path) -> int:
+    if isinstance(names, str):  # a single modality written as a plain name
+        return 1
+    if not isinstance(names, (dict, list)) or not names:
+        raise PgpsError(f"{path}: '{key}' must name the image channels, e.g. {{\"0\": \"CT\"}}")
+    return len(names)
+
+
 def discover(root: str | Path) -> DatasetSpec:
-    """Read an MSD-layout or nnU-Net-raw-layout dataset folder."""
+    """Read an MSD-layout or nnU-Net-raw-layout dataset folder.
+
+    Every file must lie inside the folder (links included); MSD images may be 4D
+    with channels last, nnU-Net images are one 3D file per channel (``_0000``, ...).
+    """
     root = Path(root)
     data = _read_dataset_json(root)
     path = root / "dataset.json"
     labels = _parse_labels(data["labels"], path)
-    cases: list[Case] = []
+    base = root.resolve()
     if "training" in data:  # MSD
         layout = "msd"
-        modality = data.get("modality") or {"0": "image"}
-        channels = len(modality) if isinstance(modality, dict) else 1
-        if not isinstance(data["training"], list):
-            raise PgpsError(f"{path}: 'training' must be a list of {{image, label}} entries")
-        for i, entry in enumerate(data["training"]):
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise PgpsError(f"{path}: training entry {i} needs 'image' and 'label'")
-            image, label = root / entry["image"], root / entry["label"]
-            case_id = Path(entry["label"]).name.split(".")[0]
-            cases.append(Case(case_id, (image,), label))
+        channels = _channel_count(data.get("modality") or {"0": "image"}, "modality", path)
+        cases = _msd_cases(root, base, data, path)
     elif "channel_names" in data or "modality" in data:  # nnU-Net v2 raw
         layout = "nnunet"
-        names = data.get("channel_names") or data.get("modality")
-        channels = len(names)
-        ending = data.get("file_ending", ".nii.gz")
-        for label in sorted((root / "labelsTr").glob(f"*{ending}")):
-            case_id = label.name[: -len(ending)]
-            images = tuple(
-                root / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(channels)
-            )
-            cases.append(Case(case_id, images, label))
+        key = "channel_names" if "channel_names" in data else "modality"
+        channels = _channel_count(data[key], key, path)
+        cases = _nnunet_cases(root, base, channels, data.get("file_ending", ".nii.gz"), path)
     else:
         raise PgpsError(
             f"{path} has neither 'training' (MSD) nor 'channel_names' (nnU-Net); "
@@ -126,6 +198,11 @@ def discover(root: str | Path) -> DatasetSpec:
         )
     if not cases:
         raise PgpsError(f"{root} lists no labelled training cases; add cases to imagesTr/labelsTr")
+    seen: set[str] = set()
+    for c in cases:
+        if c.case_id in seen:
+            raise PgpsError(f"{path}: case {c.case_id} is listed twice; give each case its own label file name")
+        seen.add(c.case_id)
     missing = [str(p) for c in cases for p in (*c.images, c.label) if not p.is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -151,24 +228,38 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return arr, spacing  # type: ignore[return-value]
 
 
+def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], tuple[float, float, float]]:
+    """The float32 channels of one image file (3D, or 4D with channels last), all finite, and its spacing."""
+    arr, spacing = _load_nifti(path)
+    if arr.ndim not in (3, 4):
+        raise PgpsError(f"{path} has {arr.ndim} dimensions; images must be 3D (or 4D with channels last)")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
+        arr = np.asarray(arr, dtype=np.float32)
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise PgpsError(
+            f"case {case_id}: {path} holds {bad} non-finite voxel(s) (NaN, inf or beyond float32); "
+            "fix or drop the case"
+        )
+    return (list(np.moveaxis(arr, -1, 0)) if arr.ndim == 4 else [arr]), spacing
+
+
 def _read_case(case: Case, labels: dict[int, str], channels: int):
-    chans, spacing = [], None
-    for p in case.images:
-        arr, spacing = _load_nifti(p)
-        if arr.ndim == 4:
-            chans.extend(np.moveaxis(arr, -1, 0))
-        elif arr.ndim == 3:
-            chans.append(arr)
-        else:
-            raise PgpsError(f"{p} has {arr.ndim} dimensions; images must be 3D (or 4D with channels last)")
+    files = [_channels_of(p, case.case_id) for p in case.images]
+    chans = [c for cs, _ in files for c in cs]
     if len(chans) != channels:
         raise PgpsError(
             f"case {case.case_id} has {len(chans)} image channels but dataset.json names {channels}; "
             "fix the modality/channel_names list"
         )
-    image = np.stack([np.asarray(c, dtype=np.float32) for c in chans])
-    lab, lab_spacing = _load_nifti(case.label)
-    lab = np.asarray(lab)
+    if len({c.shape for c in chans}) > 1:
+        raise PgpsError(
+            f"case {case.case_id}: its channel files differ in shape {sorted({c.shape for c in chans})}; "
+            "fix or drop the case"
+        )
+    image = np.stack(chans)
+    spacing = files[0][1]
+    lab = np.asarray(_load_nifti(case.label)[0])
     if lab.shape != image.shape[1:]:
         raise PgpsError(
             f"case {case.case_id}: image shape {list(image.shape[1:])} != label shape "
@@ -183,7 +274,6 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"case {case.case_id}: label values {extra} are not in dataset.json labels "
             f"{sorted(labels)}; add them to 'labels' or fix the label map"
         )
-    assert spacing is not None
     return image, lab.astype(np.uint8), spacing
 
 
@@ -218,6 +308,13 @@ def _fg_coords(label: np.ndarray, num_classes: int, rng: np.random.Generator) ->
 
 # -- the prepared (cached) dataset ------------------------------------------------
 
+META = "prepared.json"
+
+
+def _case_files(i: int) -> tuple[str, str, str]:
+    """The image, label and foreground-coordinate file names of case ``i`` in a cache folder."""
+    return f"{i:05d}_img.npy", f"{i:05d}_seg.npy", f"{i:05d}_fg.npz"
+
 
 @dataclass
 class PreparedDataset:
@@ -240,13 +337,13 @@ class PreparedDataset:
         return tuple(int(v) for v in np.median(np.array(self.shapes), axis=0))  # type: ignore[return-value]
 
     def image(self, i: int) -> np.ndarray:
-        return np.load(self.cache_dir / f"{i:05d}_img.npy", mmap_mode="r")
+        return np.load(self.cache_dir / _case_files(i)[0], mmap_mode="r")
 
     def label(self, i: int) -> np.ndarray:
-        return np.load(self.cache_dir / f"{i:05d}_seg.npy", mmap_mode="r")
+        return np.load(self.cache_dir / _case_files(i)[1], mmap_mode="r")
 
     def fg(self, i: int) -> dict[int, np.ndarray]:
-        with np.load(self.cache_dir / f"{i:05d}_fg.npz") as z:
+        with np.load(self.cache_dir / _case_files(i)[2]) as z:
             return {int(k[1:]): z[k] for k in z.files}
 
     def __len__(self) -> int:
@@ -262,7 +359,7 @@ def default_cache_root() -> Path:
 
 def _fingerprint(spec: DatasetSpec) -> str:
     h = hashlib.sha256(f"v{PREPROCESS_VERSION}".encode())
-    h.update(json.dumps(spec.labels, sort_keys=True).encode())
+    h.update(json.dumps([spec.labels, spec.channels], sort_keys=True).encode())
     for c in spec.cases:
         for p in (*c.images, c.label):
             st = p.stat()
@@ -270,42 +367,221 @@ def _fingerprint(spec: DatasetSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_cache(
-    out: Path, meta: dict[str, Any], volumes: list[tuple[np.ndarray, np.ndarray]], num_classes: int
-) -> None:
-    """Write a complete cache folder atomically (temp folder + rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+Volumes = list[tuple[np.ndarray, np.ndarray]]
+
+
+class _Damaged(Exception):
+    """A cache folder fails the integrity check; ``str()`` says how."""
+
+
+def _check_npy(path: Path, shape: tuple[int, ...], dtype: type) -> None:
+    """The ``.npy`` header holds ``shape`` and ``dtype`` and the file is exactly that long."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[version]
+            got, fortran, got_dtype = read(fh)
+            end = fh.tell() + math.prod(got) * got_dtype.itemsize
+    except (OSError, ValueError, KeyError) as exc:
+        raise _Damaged(f"{path.name} has no readable array header ({exc})") from None
+    if got != shape or got_dtype != np.dtype(dtype) or fortran or end != path.stat().st_size:
+        raise _Damaged(f"{path.name} holds {got_dtype}{list(got)}, {META} says {np.dtype(dtype)}{list(shape)}")
+
+
+def _open_checked(out: Path) -> PreparedDataset:
+    """Open a cache folder after the integrity check of the module docstring, or raise :class:`_Damaged`."""
+    try:
+        meta = json.loads((out / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _Damaged(f"{META} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _Damaged(f"{META} is unreadable ({exc})") from None
+    try:
+        ds = PreparedDataset(
+            cache_dir=out,
+            name=str(meta["name"]),
+            labels={int(k): str(v) for k, v in meta["labels"].items()},
+            channels=int(meta["channels"]),
+            spacing=tuple(float(v) for v in meta["spacing"]),  # type: ignore[arg-type]
+            case_ids=[str(c) for c in meta["case_ids"]],
+            shapes=[tuple(int(v) for v in s) for s in meta["shapes"]],  # type: ignore[misc]
+        )
+        sizes = {str(k): int(v) for k, v in meta["files"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _Damaged(f"{META} lacks or garbles a field ({type(exc).__name__}: {exc})") from None
+    listed = {name for i in range(len(ds)) for name in _case_files(i)}
+    if (
+        len(ds.shapes) != len(ds) or any(len(s) != 3 for s in ds.shapes) or len(ds.spacing) != 3
+        or ds.channels < 1 or ds.num_classes < 2 or set(sizes) != listed
+    ):
+        raise _Damaged(f"{META} is inconsistent (cases, shapes and files disagree)")
+    for name, size in sorted(sizes.items()):
+        try:
+            actual = (out / name).stat().st_size
+        except OSError:
+            raise _Damaged(f"{name} is missing") from None
+        if actual != size:
+            raise _Damaged(f"{name} has {actual} bytes, {META} says {size}")
+    classes = {f"c{k}.npy" for k in range(1, ds.num_classes)}
+    for i, shape in enumerate(ds.shapes):
+        img, seg, fg = _case_files(i)
+        _check_npy(out / img, (ds.channels, *shape), np.float32)
+        _check_npy(out / seg, shape, np.uint8)
+        try:
+            with zipfile.ZipFile(out / fg) as z:
+                names = set(z.namelist())
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise _Damaged(f"{fg} is not a readable archive ({exc})") from None
+        if names != classes:
+            raise _Damaged(f"{fg} holds {sorted(names)}, not one array per foreground class")
+    return ds
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[OSError | None]:
+    """Hold the exclusive lock that lets one process at a time build ``out``.
+
+    Yields None while held, or the error that prevented it (a read-only cache folder,
+    a file system without locks): such a cache can still be read if it is complete.
+    """
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:  # writable: NFS carries an exclusive flock as a write lock
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except PermissionError:  # another user's lock file: a local flock works on a read-only descriptor
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        yield exc
+        return
+    try:
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"pgps-tune: waiting for another process to finish preparing {out}",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks
+            yield exc
+        else:
+            yield None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder or file; a remnant that resists stays for the next build's clean-up."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporaries of ``out`` left by dead writers (only while holding the build lock)."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p.name != f".{out.name}.lock":
+            _remove(p)
+
+
+def _write_cache(out: Path, meta: dict[str, Any], volumes: Volumes, num_classes: int) -> None:
+    """Write a complete cache folder atomically (temp folder, ``prepared.json`` last, rename)."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(tmp)  # mode 0777 less the umask (mkdtemp would give 0700)
     try:
         rng = np.random.default_rng(0)
+        sizes = {}
         for i, (img, seg) in enumerate(volumes):
-            np.save(tmp / f"{i:05d}_img.npy", np.ascontiguousarray(img, dtype=np.float32))
-            np.save(tmp / f"{i:05d}_seg.npy", np.ascontiguousarray(seg, dtype=np.uint8))
+            names = _case_files(i)
+            np.save(tmp / names[0], np.ascontiguousarray(img, dtype=np.float32))
+            np.save(tmp / names[1], np.ascontiguousarray(seg, dtype=np.uint8))
             fg = _fg_coords(seg, num_classes, rng)
-            np.savez(tmp / f"{i:05d}_fg.npz", **{f"c{k}": v for k, v in fg.items()})
-        (tmp / "prepared.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished the same cache first
-            if not (out / "prepared.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            np.savez(tmp / names[2], **{f"c{k}": v for k, v in fg.items()})
+            sizes.update({n: (tmp / n).stat().st_size for n in names})
+        (tmp / META).write_text(json.dumps({**meta, "files": sizes}, indent=1), encoding="utf-8")
+        if out.exists():  # a damaged folder (we hold the lock): move it aside, then drop it
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+            os.replace(out, old)
+            _remove(old)
+        os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
-def _open_cache(out: Path) -> PreparedDataset:
-    meta = json.loads((out / "prepared.json").read_text())
-    return PreparedDataset(
-        cache_dir=out,
-        name=meta["name"],
-        labels={int(k): v for k, v in meta["labels"].items()},
-        channels=meta["channels"],
-        spacing=tuple(meta["spacing"]),  # type: ignore[arg-type]
-        case_ids=meta["case_ids"],
-        shapes=[tuple(s) for s in meta["shapes"]],  # type: ignore[misc]
-    )
+def _cached(out: Path, build: Callable[[], tuple[dict[str, Any], Volumes, int]]) -> PreparedDataset:
+    """Open the cache folder ``out``, building it with ``build()`` first if it is missing or damaged."""
+    with _build_lock(out) as lock_error:
+        if lock_error is None:
+            _remove_stale(out)
+        try:
+            return _open_checked(out)
+        except _Damaged as exc:
+            damage = str(exc) if out.exists() else None
+        if lock_error is not None:
+            state = f"is damaged ({damage})" if damage else "does not exist yet"
+            raise PgpsError(
+                f"the preprocessing cache {out} {state} and cannot be built there "
+                f"({lock_error.strerror or lock_error}); set PGPS_CACHE_DIR (or --cache-dir) to a writable folder "
+                "on a file system with locks"
+            )
+        if damage:
+            print(f"pgps-tune: the preprocessing cache {out} is damaged ({damage}); rebuilding it",
+                  file=sys.stderr, flush=True)
+        meta, volumes, num_classes = build()
+        try:
+            _write_cache(out, meta, volumes, num_classes)
+        except OSError as exc:
+            raise PgpsError(
+                f"cannot write the preprocessing cache under {out.parent} ({exc.strerror or exc}); "
+                "set PGPS_CACHE_DIR (or --cache-dir) to a writable folder with free space"
+            ) from None
+        try:
+            return _open_checked(out)
+        except _Damaged as exc:
+            raise PgpsError(f"the preprocessing cache {out} fails its check right after writing ({exc}); "
+                            "check the disk") from None
+
+
+def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volumes, int]:
+    """Read, reorient, resample and normalise every case of ``spec``."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        raw = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
+    spacings = np.array([r[2] for r in raw])
+    target = tuple(float(v) for v in np.median(spacings, axis=0))
+    vols = []
+    for case, (image, label, sp) in zip(spec.cases, raw):
+        if not np.allclose(sp, target, rtol=1e-3):
+            image, label = _resample(image, label, sp, target)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            image = _zscore(image)
+        if not np.isfinite(image).all():
+            raise PgpsError(
+                f"case {case.case_id}: its intensities are too large to normalise in float32; "
+                "rescale the image or drop the case"
+            )
+        vols.append((image, label))
+    meta = {
+        "name": spec.name, "labels": {str(k): v for k, v in spec.labels.items()},
+        "channels": spec.channels, "spacing": list(target),
+        "case_ids": [c.case_id for c in spec.cases],
+        "shapes": [list(v[1].shape) for v in vols], "source": str(spec.root.resolve()),
+    }
+    return meta, vols, len(spec.labels)
+
+
+def _synthetic(cases: int, shape: Sequence[int], noise: float, seed: int) -> tuple[dict[str, Any], Volumes, int]:
+    vols = synthetic_volumes(cases, shape, noise, seed)
+    meta = {
+        "name": SYNTHETIC, "labels": {"0": "background", "1": "dim", "2": "bright"},
+        "channels": 1, "spacing": [1.0, 1.0, 1.0],
+        "case_ids": [f"synthetic_{i:03d}" for i in range(cases)],
+        "shapes": [list(v[1].shape) for v in vols], "source": SYNTHETIC,
+    }
+    return meta, vols, 3
 
 
 def prepare(
@@ -317,57 +593,17 @@ def prepare(
     synthetic_noise: float = 1.5,
     synthetic_seed: int = 0,
 ) -> PreparedDataset:
-    """Preprocess ``source`` (a dataset folder or ``"synthetic"``) once, then reuse the cache."""
+    """Preprocess ``source`` (a dataset folder or ``"synthetic"``) once, then reuse the cache.
+
+    Safe to call from several processes at once: one builds, the others wait and read.
+    """
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     if str(source) == SYNTHETIC:
-        key = hashlib.sha256(
-            json.dumps(
-                [PREPROCESS_VERSION, synthetic_cases, list(synthetic_shape), synthetic_noise, synthetic_seed]
-            ).encode()
-        ).hexdigest()[:16]
-        out = cache_root / f"synthetic-{key}"
-        if not (out / "prepared.json").is_file():
-            vols = synthetic_volumes(synthetic_cases, synthetic_shape, synthetic_noise, synthetic_seed)
-            meta = {
-                "name": SYNTHETIC, "labels": {"0": "background", "1": "dim", "2": "bright"},
-                "channels": 1, "spacing": [1.0, 1.0, 1.0],
-                "case_ids": [f"synthetic_{i:03d}" for i in range(synthetic_cases)],
-                "shapes": [list(v[1].shape) for v in vols], "source": SYNTHETIC,
-            }
-            _write_cache_checked(out, meta, vols, 3)
-        return _open_cache(out)
-
+        args = (synthetic_cases, list(synthetic_shape), synthetic_noise, synthetic_seed)
+        key = hashlib.sha256(json.dumps([PREPROCESS_VERSION, *args]).encode()).hexdigest()[:16]
+        return _cached(cache_root / f"synthetic-{key}", lambda: _synthetic(*args))
     spec = discover(source)
-    out = cache_root / f"{_safe(spec.name)}-{_fingerprint(spec)}"
-    if (out / "prepared.json").is_file():
-        return _open_cache(out)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        raw = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
-    spacings = np.array([r[2] for r in raw])
-    target = tuple(float(v) for v in np.median(spacings, axis=0))
-    vols = []
-    for image, label, sp in raw:
-        if not np.allclose(sp, target, rtol=1e-3):
-            image, label = _resample(image, label, sp, target)
-        vols.append((_zscore(image), label))
-    meta = {
-        "name": spec.name, "labels": {str(k): v for k, v in spec.labels.items()},
-        "channels": spec.channels, "spacing": list(target),
-        "case_ids": [c.case_id for c in spec.cases],
-        "shapes": [list(v[1].shape) for v in vols], "source": str(Path(source).resolve()),
-    }
-    _write_cache_checked(out, meta, vols, len(spec.labels))
-    return _open_cache(out)
-
-
-def _write_cache_checked(out: Path, meta, vols, num_classes: int) -> None:
-    try:
-        _write_cache(out, meta, vols, num_classes)
-    except OSError as exc:
-        raise PgpsError(
-            f"cannot write the preprocessing cache under {out.parent} ({exc.strerror or exc}); "
-            "set PGPS_CACHE_DIR to a writable folder"
-        ) from None
+    return _cached(cache_root / f"{_safe(spec.name)}-{_fingerprint(spec)}", lambda: _preprocess(spec, workers))
 
 
 def _safe(name: str) -> str:

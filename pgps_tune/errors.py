@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,17 +44,46 @@ def _ctrl_c_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create the temporary file beside ``path`` with the mode ``path`` should end up with.
+
+    ``mkstemp`` would give 0600, which breaks a cache or results folder shared by a team:
+    a new file gets 0666 less the umask (the kernel applies it to ``os.open``'s mode), and
+    a file that is replaced keeps its own mode.
+    """
+    try:
+        keep: int | None = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        keep = None
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        if keep is not None:
+            try:
+                os.fchmod(fd, keep)
+            except OSError:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        return fd, tmp
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through a temporary file in the same folder, then rename.
 
     A crash at any point leaves either the old file or the new one, never a torn one;
     a Ctrl-C is held until the write is complete, so no temporary file is left behind.
+    The file gets normal permissions: the umask's for a new file, the old mode for a
+    replaced one.
     """
     path = Path(path)
     with _ctrl_c_deferred():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _create_temp(path)
         except OSError as exc:
             raise PgpsError(
                 f"cannot write to {path.parent}: {exc.strerror or exc}; choose a writable output folder"
@@ -67,7 +95,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     return path
 

@@ -30,7 +30,8 @@ def crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.nd
     out = np.zeros(volume.shape[:-3] + tuple(size), dtype=volume.dtype)
     src, dst = [], []
     for a in range(3):
-        lo, hi = max(start[a], 0), min(start[a] + size[a], spatial[a])
+        lo = max(start[a], 0)
+        hi = max(lo, min(start[a] + size[a], spatial[a]))  # lo: a patch wholly outside gets nothing
         src.append(slice(lo, hi))
         dst.append(slice(lo - start[a], hi - start[a]))
     out[(..., *dst)] = volume[(..., *src)]

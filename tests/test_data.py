@@ -1,14 +1,43 @@
+import errno
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_msd, write_case
+from conftest import blob_case, make_msd, write_case
 
 from pgps_tune import data
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_msd_prepare_and_cache_reuse(tiny_msd):
+def _count_reads(monkeypatch) -> list[str]:
+    """Record the case id of every raw case read (a read means preprocessing ran)."""
+    calls: list[str] = []
+    real = data._read_case
+
+    def counting(case, *args):
+        calls.append(case.case_id)
+        return real(case, *args)
+
+    monkeypatch.setattr(data, "_read_case", counting)
+    return calls
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_msd_prepare_and_cache_reuse(tiny_msd, monkeypatch):
+    reads = _count_reads(monkeypatch)
     ds = data.prepare(tiny_msd)
     assert len(ds) == 6 and ds.num_classes == 3 and ds.channels == 1
     img, seg = ds.image(0), ds.label(0)
@@ -16,10 +45,12 @@ def test_msd_prepare_and_cache_reuse(tiny_msd):
     assert abs(float(img.mean())) < 1e-4 and abs(float(img.std()) - 1) < 1e-3  # z-score
     fg = ds.fg(0)
     assert set(fg) == {1, 2} and all((seg[tuple(c.T)] == k).all() for k, c in fg.items())
-    stamp = (ds.cache_dir / "prepared.json").stat().st_mtime_ns
+    assert sorted(reads) == [f"case_{i:03d}" for i in range(6)]
+    stamps = _file_stamps(ds.cache_dir)
     again = data.prepare(tiny_msd)
     assert again.cache_dir == ds.cache_dir
-    assert (again.cache_dir / "prepared.json").stat().st_mtime_ns == stamp  # not redone
+    assert len(reads) == 6  # no case was read again
+    assert _file_stamps(again.cache_dir) == stamps  # and no file rewritten or replaced
 
 
 def test_changed_files_invalidate_the_cache(tiny_msd):
@@ -39,18 +70,24 @@ def test_resampling_to_the_median_spacing(tmp_path):
     assert set(np.unique(ds.label(2)).tolist()) <= {0, 1, 2}
 
 
+def _ramp(shape, axis: int) -> np.ndarray:
+    """A volume that increases along ``axis`` only: its axis survives z-scoring, so it tells channels apart."""
+    return np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")[axis]
+
+
+def _varies_along(vol: np.ndarray) -> list[int]:
+    return [a for a in range(3) if not np.allclose(np.diff(vol, axis=a), 0, atol=1e-5)]
+
+
 def test_nnunet_raw_layout(tmp_path):
     root = tmp_path / "Dataset001_Tiny"
-    rng = np.random.default_rng(0)
-    import nibabel as nib
-
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i in range(3):
         seg = np.zeros((16, 16, 16), np.uint8)
         seg[4:9, 4:9, 4:9] = 1
-        for c in range(2):
-            nib.save(nib.Nifti1Image(rng.normal(size=(16, 16, 16)).astype(np.float32), np.eye(4)),
+        for c in range(2):  # channel c rises along axis 2 - c: the order is visible after preprocessing
+            nib.save(nib.Nifti1Image(_ramp((16, 16, 16), 2 - c) * (i + 1), np.eye(4)),
                      root / "imagesTr" / f"tiny_{i:03d}_{c:04d}.nii.gz")
         nib.save(nib.Nifti1Image(seg, np.eye(4)), root / "labelsTr" / f"tiny_{i:03d}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
@@ -59,6 +96,51 @@ def test_nnunet_raw_layout(tmp_path):
     ds = data.prepare(root)
     assert len(ds) == 3 and ds.channels == 2 and ds.image(0).shape == (2, 16, 16, 16)
     assert ds.labels == {0: "background", 1: "organ"}
+    assert [_varies_along(ds.image(0)[c]) for c in range(2)] == [[2], [1]]
+
+
+def test_msd_4d_images_are_channels_last_in_order(tmp_path):
+    shape = (10, 12, 8)
+    root = tmp_path / "multi"
+    label = np.zeros(shape)
+    label[2:5, 3:6, 2:4] = 1
+    image = np.stack([_ramp(shape, a) for a in (1, 2, 0)], axis=-1)  # channel 0 rises along y, 1 along z, 2 along x
+    training = [write_case(root, f"m_{i}", image * (i + 1), label) for i in range(2)]
+    dataset = {"labels": {"0": "background", "1": "organ"}, "training": training,
+               "modality": {"0": "FLAIR", "1": "T1", "2": "T2"}}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    ds = data.prepare(root)
+    assert ds.channels == 3 and ds.image(1).shape == (3, *shape)
+    assert [_varies_along(ds.image(1)[c]) for c in range(3)] == [[1], [2], [0]]
+    assert np.array_equal(ds.label(1), label)
+    (root / "dataset.json").write_text(json.dumps({**dataset, "modality": {"0": "FLAIR", "1": "T1"}}))
+    with pytest.raises(PgpsError, match="has 3 image channels but dataset.json names 2"):
+        data.prepare(root)  # the same files with another channel list are not the cached dataset
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_flipped_and_permuted_affines_are_reoriented_and_stay_aligned(tmp_path, channels):
+    """The stored image runs (z reversed, x, y); the label is stored in canonical order."""
+    rng = np.random.default_rng(0)
+    canonical = rng.normal(size=(channels, 6, 7, 8)).astype(np.float32)  # (C, x, y, z), spacing 1, 2, 3 mm
+    label = np.zeros((6, 7, 8), np.uint8)
+    label[1:3, 2:6, 5:8] = 1
+    stored = np.moveaxis(np.transpose(canonical, (0, 3, 1, 2))[:, ::-1], 0, -1)  # voxel (i, j, k) = (z', x, y)
+    affine = np.array([[0, 1, 0, 0], [0, 0, 2, 0], [-3, 0, 0, 7 * 3], [0, 0, 0, 1]], dtype=float)
+    root = tmp_path / "oblique"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(stored[..., 0] if channels == 1 else stored, affine), root / "imagesTr" / "c.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.diag([1.0, 2.0, 3.0, 1.0])), root / "labelsTr" / "c.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "organ"}, "modality": {str(c): f"m{c}" for c in range(channels)},
+        "training": [{"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz"}]}))
+    ds = data.prepare(root)
+    assert ds.spacing == (1.0, 2.0, 3.0) and ds.shapes == [(6, 7, 8)]
+    assert np.array_equal(ds.label(0), label)
+    image = ds.image(0)
+    for c in range(channels):  # the same voxels in the same places (up to the intensity normalisation)
+        assert np.corrcoef(image[c].ravel(), canonical[c].ravel())[0, 1] > 0.9999
 
 
 def test_synthetic_is_deterministic(tmp_path):
@@ -97,9 +179,330 @@ def test_planner(median, spacing, budget, final, pools):
     assert all(f % 2**p == 0 for f, p in zip(plan.final_patch, plan.pools))
 
 
-def test_planner_shrinks_to_the_budget_along_the_physically_largest_axis():
-    plan = data.plan_patch((20, 320, 256), (5, 0.8, 0.8), voxel_budget=64**3)
-    assert plan.final_patch[0] == 20  # 100 mm: the short axis in physical size is kept
+def test_planner_keeps_an_axis_that_is_physically_short_enough():
+    # 20 x 5 mm = 100 mm against 256 and 205 mm in-plane; 96^3 voxels leave ~210 voxels (168 mm) in-plane,
+    # so only the in-plane axes shrink.  max_pools=0 shows the shrunk patch itself, before any rounding.
+    plan = data.plan_patch((20, 320, 256), (5, 0.8, 0.8), voxel_budget=96**3, max_pools=0)
+    assert plan.final_patch[0] == 20
     assert plan.final_patch[1] < 320 and plan.final_patch[2] < 256
+    assert min(plan.final_patch[1], plan.final_patch[2]) * 0.8 > 100  # still longer than the kept axis
+    assert np.prod([f - 1 for f in plan.final_patch]) < 96**3  # ceil() adds less than one voxel per axis
+    assert data.plan_patch((20, 320, 256), (5, 0.8, 0.8), voxel_budget=96**3).final_patch[0] == 20
+
+
+def test_planner_shrinks_every_axis_once_it_is_the_longest_then_rounds_up():
+    # 64^3 voxels leave ~114 voxels (91 mm) in-plane, shorter than 100 mm: then axis 0 shrinks too ...
+    shrunk = data.plan_patch((20, 320, 256), (5, 0.8, 0.8), voxel_budget=64**3, max_pools=0)
+    assert shrunk.final_patch[0] < 20 and shrunk.final_patch[1] < 320 and shrunk.final_patch[2] < 256
+    assert np.prod([f - 1 for f in shrunk.final_patch]) < 64**3
+    # ... and rounding up to a multiple of 2**pools (4 for its 2 pools) brings it back to 20
+    plan = data.plan_patch((20, 320, 256), (5, 0.8, 0.8), voxel_budget=64**3)
+    assert plan.pools[0] == 2 and plan.final_patch[0] == 20
+    assert all(f % 2**p == 0 for f, p in zip(plan.final_patch, plan.pools))
+    assert all(f >= s for f, s in zip(plan.final_patch, shrunk.final_patch))
     rounding = np.prod([1 + 2**p / f for f, p in zip(plan.final_patch, plan.pools)])
     assert np.prod(plan.final_patch) <= 64**3 * rounding
+
+
+# -- refused inputs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e39])
+def test_non_finite_voxels_are_refused_naming_case_and_file(tiny_msd, tmp_path, value):
+    image, label = blob_case((20, 24, 16), 3)
+    image[3, 4, 5] = value
+    path = tiny_msd / "imagesTr" / "case_003.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float64), np.eye(4)), path)  # float64: 1e39 only overflows float32
+    cache = tmp_path / "cache"
+    with pytest.raises(PgpsError, match=r"case case_003: .*case_003.nii.gz holds 1 non-finite voxel") as err:
+        data.prepare(tiny_msd, cache_root=cache)
+    assert "\n" not in str(err.value)
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []  # nothing cached
+
+
+def test_intensities_too_large_for_float32_statistics_never_reach_the_cache(tiny_msd, tmp_path):
+    image, _ = blob_case((20, 24, 16), 1)
+    huge = np.where(image > 0.5, 3e38, -3e38).astype(np.float32)  # finite, but sums overflow float32
+    nib.save(nib.Nifti1Image(huge, np.eye(4)), tiny_msd / "imagesTr" / "case_001.nii.gz")
+    try:
+        ds = data.prepare(tiny_msd, cache_root=tmp_path / "cache")
+    except PgpsError as err:  # refused, naming the case ...
+        assert str(err).startswith("case case_001: ")
+    else:  # ... or normalised to finite values
+        assert all(np.isfinite(ds.image(i)).all() for i in range(len(ds)))
+
+
+def _outside_file(tmp_path: Path) -> Path:
+    image, _ = blob_case((20, 24, 16), 0)
+    target = tmp_path / "elsewhere" / "secret.nii.gz"
+    target.parent.mkdir()
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), target)
+    return target
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "link", "linked folder"])
+def test_msd_entries_outside_the_dataset_folder_are_refused(tiny_msd, tmp_path, how):
+    target = _outside_file(tmp_path)
+    meta = json.loads((tiny_msd / "dataset.json").read_text())
+    entry = meta["training"][2]
+    if how == "absolute":
+        entry["image"] = str(target)
+    elif how == "dotdot":
+        entry["image"] = "./imagesTr/../../elsewhere/secret.nii.gz"
+    elif how == "link":
+        (tiny_msd / "imagesTr" / "case_002.nii.gz").unlink()
+        (tiny_msd / "imagesTr" / "case_002.nii.gz").symlink_to(target)
+    else:
+        (tiny_msd / "more").symlink_to(target.parent, target_is_directory=True)
+        entry["image"] = "more/secret.nii.gz"
+    (tiny_msd / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(PgpsError, match=r"training entry 2 'image' .* lies outside the dataset folder") as err:
+        data.discover(tiny_msd)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: m["training"][1].__setitem__("image", 7), "training entry 1 needs 'image' and 'label' file names"),
+        (lambda m: m["training"].append(m["training"][0]), "case case_000 is listed twice"),
+        (lambda m: m.__setitem__("modality", 3), "'modality' must name the image channels"),
+    ],
+    ids=["number as a path", "duplicate case", "modality a number"],
+)
+def test_malformed_msd_entries_get_one_line(tiny_msd, edit, needle):
+    _edit_meta(tiny_msd / "dataset.json", edit)
+    with pytest.raises(PgpsError, match=needle) as err:
+        data.discover(tiny_msd)
+    assert "\n" not in str(err.value)
+
+
+def test_links_and_dotdot_that_stay_inside_the_dataset_folder_are_fine(tiny_msd):
+    store = tiny_msd / "store"
+    store.mkdir()
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").rename(store / "case_001.nii.gz")
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").symlink_to(store / "case_001.nii.gz")
+    meta = json.loads((tiny_msd / "dataset.json").read_text())
+    meta["training"][0]["image"] = "./labelsTr/../imagesTr/case_000.nii.gz"
+    (tiny_msd / "dataset.json").write_text(json.dumps(meta))
+    assert len(data.discover(tiny_msd).cases) == 6
+
+
+def _nnunet(root: Path, cases: int = 2) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(cases):
+        image, label = blob_case((12, 12, 12), i)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), root / "imagesTr" / f"t_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), root / "labelsTr" / f"t_{i:03d}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz"}))
+    return root
+
+
+@pytest.mark.parametrize("how", ["label link", "image link", "images folder link", "file_ending"])
+def test_nnunet_files_outside_the_dataset_folder_are_refused(tmp_path, how):
+    root = _nnunet(tmp_path / "Dataset002_Out")
+    target = _outside_file(tmp_path)
+    if how == "label link":
+        (root / "labelsTr" / "t_001.nii.gz").unlink()
+        (root / "labelsTr" / "t_001.nii.gz").symlink_to(target)
+    elif how == "image link":
+        (root / "imagesTr" / "t_001_0000.nii.gz").unlink()
+        (root / "imagesTr" / "t_001_0000.nii.gz").symlink_to(target)
+    elif how == "images folder link":
+        (root / "imagesTr" / "t_000_0000.nii.gz").rename(target.parent / "t_000_0000.nii.gz")
+        (root / "imagesTr" / "t_001_0000.nii.gz").rename(target.parent / "t_001_0000.nii.gz")
+        (root / "imagesTr").rmdir()
+        (root / "imagesTr").symlink_to(target.parent, target_is_directory=True)
+    else:
+        meta = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": "/../../elsewhere/secret.nii.gz"}))
+    with pytest.raises(PgpsError, match="outside the dataset folder|file_ending") as err:
+        data.discover(root)
+    assert "\n" not in str(err.value)
+
+
+# -- the cache: integrity, concurrency, interrupts, permissions -----------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _reshape_npy(path: Path) -> None:  # the same bytes under another shape: only the header check sees it
+    arr = np.load(path)
+    np.save(path, arr.reshape(arr.shape[0], arr.shape[2], arr.shape[1], arr.shape[3]))
+
+
+def _edit_meta(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "truncated image": lambda d: _truncate(d / "00001_img.npy"),
+    "truncated label": lambda d: _truncate(d / "00004_seg.npy"),
+    "truncated prepared.json": lambda d: _truncate(d / "prepared.json"),
+    "garbled prepared.json": lambda d: (d / "prepared.json").write_bytes(b"\x00\xffnot json"),
+    "missing fg": lambda d: (d / "00002_fg.npz").unlink(),
+    "truncated fg": lambda d: _truncate(d / "00002_fg.npz"),
+    "reshaped image": lambda d: _reshape_npy(d / "00000_img.npy"),
+    "shape in prepared.json": lambda d: _edit_meta(
+        d / "prepared.json", lambda m: m["shapes"].__setitem__(3, [20, 24, 15])
+    ),
+    "field missing": lambda d: _edit_meta(d / "prepared.json", lambda m: m.pop("case_ids")),
+    "folder is a file": lambda d: None,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_cache_is_detected_and_rebuilt(tiny_msd, monkeypatch, capsys, damage):
+    ds = data.prepare(tiny_msd)
+    before = [(np.array(ds.image(i)), np.array(ds.label(i)), ds.fg(i)) for i in range(len(ds))]
+    if damage == "folder is a file":
+        import shutil
+
+        shutil.rmtree(ds.cache_dir)
+        ds.cache_dir.write_text("not a folder")
+    else:
+        DAMAGE[damage](ds.cache_dir)
+    capsys.readouterr()
+    reads = _count_reads(monkeypatch)
+    again = data.prepare(tiny_msd)
+    assert len(reads) == 6  # rebuilt
+    assert f"preprocessing cache {ds.cache_dir} is damaged" in capsys.readouterr().err
+    assert again.cache_dir == ds.cache_dir and len(again) == 6 and again.shapes == ds.shapes
+    for i, (img, seg, fg) in enumerate(before):
+        assert np.array_equal(again.image(i), img) and np.array_equal(again.label(i), seg)
+        assert all(np.array_equal(again.fg(i)[k], v) for k, v in fg.items())
+    assert sorted(p.name for p in ds.cache_dir.parent.glob(f".{ds.cache_dir.name}.*")) == [
+        f".{ds.cache_dir.name}.lock"
+    ]  # the damaged copy is gone too
+
+
+CHILD = """
+import os, sys, time
+from pathlib import Path
+from pgps_tune import data
+source, cache, gate, hook = sys.argv[1:5]
+gate = Path(gate)
+real = getattr(data, hook)
+def gated(*args, **kwargs):  # record the call, then wait for the test to open the gate
+    with open(gate / "calls", "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    (gate / f"inside-{os.getpid()}").touch()
+    while not (gate / "go").exists():
+        time.sleep(0.01)
+    return real(*args, **kwargs)
+setattr(data, hook, gated)
+print(data.prepare(source, cache_root=cache).cache_dir, flush=True)
+"""
+
+
+def _child(source: Path, cache: Path, gate: Path, hook: str, err: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(err, "w") as fh:
+        return subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(cache), str(gate), hook],
+                                stdout=subprocess.PIPE, stderr=fh, text=True, env=env)
+
+
+def _wait_for(what: str, ready, procs: list[subprocess.Popen], errs: list[Path], limit: float = 180) -> None:
+    """Poll for an observed state; fail with the children's stderr if one dies or the limit passes."""
+    deadline = time.monotonic() + limit
+    while not ready():
+        dead = [p for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            logs = " | ".join(e.read_text()[-800:] for e in errs)
+            pytest.fail(f"never saw {what} ({'a child exited' if dead else f'{limit} s passed'}); stderr: {logs}")
+        time.sleep(0.02)
+
+
+def test_two_processes_preparing_at_once_build_the_cache_once(tiny_msd, tmp_path):
+    cache, gate = tmp_path / "cache", tmp_path / "gate"
+    gate.mkdir()
+    errs = [tmp_path / "err0", tmp_path / "err1"]
+    procs = [_child(tiny_msd, cache, gate, "_read_case", e) for e in errs]
+    _wait_for(
+        "one process reading while the other waits for the lock",
+        lambda: list(gate.glob("inside-*")) and any("waiting for another process" in e.read_text() for e in errs),
+        procs, errs,
+    )
+    (gate / "go").touch()
+    outs = [p.communicate(timeout=180)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.read_text() for e in errs]
+    calls = (gate / "calls").read_text().split()
+    assert len(calls) == 6 and len(set(calls)) == 1  # every case read once, by one process
+    assert len(list(gate.glob("inside-*"))) == 1
+    assert outs[0] == outs[1] and len(data.prepare(tiny_msd, cache_root=cache)) == 6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
+def test_a_killed_preparation_leaves_no_temporary_folder_behind(tiny_msd, tmp_path, sig):
+    cache, gate, err = tmp_path / "cache", tmp_path / "gate", tmp_path / "err"
+    gate.mkdir()
+    proc = _child(tiny_msd, cache, gate, "_fg_coords", err)  # blocks while writing the cache
+    _wait_for("the cache being written", lambda: list(gate.glob("inside-*")), [proc], [err])
+    temps = list(cache.glob(".*.tmp-*"))
+    assert len(temps) == 1 and temps[0].is_dir()
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert not temps[0].exists()  # Ctrl-C cleans up at once
+    ds = data.prepare(tiny_msd, cache_root=cache)  # the next run removes what a dead writer left
+    assert len(ds) == 6
+    assert sorted(p.name for p in cache.iterdir()) == sorted([ds.cache_dir.name, f".{ds.cache_dir.name}.lock"])
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_written_files_and_folders_follow_the_umask(tiny_msd, tmp_path):
+    cache = tmp_path / "cache"
+    old = os.umask(0o002)  # a team's group-writable umask
+    try:
+        ds = data.prepare(tiny_msd, cache_root=cache)
+        written = atomic_write_text(tmp_path / "out" / "a.txt", "one")
+        os.umask(0o077)
+        private = atomic_write_text(tmp_path / "out" / "b.txt", "one")
+        os.chmod(written, 0o604)
+        atomic_write_text(written, "two")  # overwriting keeps the file's own mode
+    finally:
+        os.umask(old)
+    assert _mode(cache) == 0o775 and _mode(ds.cache_dir) == 0o775
+    modes = {p.name: _mode(p) for p in [*ds.cache_dir.iterdir(), *cache.glob(".*")]}
+    assert len(modes) == 6 * 3 + 2 and set(modes.values()) == {0o664}
+    assert _mode(written) == 0o604 and written.read_text() == "two"
+    assert _mode(private) == 0o600 and _mode(tmp_path / "out") == 0o775
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_complete_read_only_cache_is_used(tiny_msd, tmp_path):
+    cache = tmp_path / "cache"
+    ds = data.prepare(tiny_msd, cache_root=cache)
+    (cache / f".{ds.cache_dir.name}.lock").unlink()
+    cache.chmod(0o555)
+    try:
+        assert data.prepare(tiny_msd, cache_root=cache).cache_dir == ds.cache_dir
+        with pytest.raises(PgpsError, match="does not exist yet and cannot be built there"):
+            data.prepare("synthetic", cache_root=cache, synthetic_cases=2, synthetic_shape=(8, 8, 8))
+    finally:
+        cache.chmod(0o755)
+
+
+def test_without_file_locks_a_complete_cache_is_still_read(tiny_msd, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    ds = data.prepare(tiny_msd, cache_root=cache)
+
+    def no_locks(fd, operation):  # what flock does on a file system without lock support
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(data.fcntl, "flock", no_locks)
+    assert data.prepare(tiny_msd, cache_root=cache).cache_dir == ds.cache_dir
+    with pytest.raises(PgpsError, match=r"does not exist yet and cannot be built there \(No locks available\)"):
+        data.prepare("synthetic", cache_root=cache, synthetic_cases=2, synthetic_shape=(8, 8, 8))

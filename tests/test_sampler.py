@@ -1,5 +1,8 @@
+import json
+
 import numpy as np
 import pytest
+from conftest import blob_case, write_case
 
 from pgps_tune import data
 from pgps_tune import schedule as sch
@@ -26,19 +29,41 @@ def test_shapes_follow_the_schedule(ds):
         assert seg.shape == (stage.batch_size, 1, *stage.patch_size) and seg.dtype == np.uint8
 
 
-def test_crop_pads_where_the_patch_exceeds_the_volume():
-    vol = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 1
-    out = crop(vol, (-1, 0, -2), (4, 3, 8))
-    assert out.shape == (4, 3, 8)
-    assert np.array_equal(out[1:3, :, 2:6], vol)
-    assert out.sum() == vol.sum()
+@pytest.mark.parametrize(
+    "start,size",
+    [
+        ((-1, 0, -2), (4, 3, 8)),  # overruns both ends of axes 0 and 2
+        ((1, -2, 2), (3, 4, 5)),  # axis 0 and 2 overrun the high end, axis 1 the low end
+        ((0, 1, 1), (2, 2, 3)),  # wholly inside
+        ((0, 0, -5), (2, 3, 3)),  # wholly before the start of axis 2
+        ((0, 5, 0), (2, 2, 4)),  # wholly beyond the end of axis 1
+    ],
+)
+def test_crop_places_the_volume_where_the_patch_overlaps_it(start, size):
+    vol = np.arange(1, 2 * 2 * 3 * 4 + 1, dtype=np.float32).reshape(2, 2, 3, 4)  # 2 channels, all voxels > 0
+    pad = 10
+    padded = np.pad(vol, [(0, 0)] + [(pad, pad)] * 3)  # zeros around: the crop is a window of it
+    expected = padded[(slice(None), *[slice(s + pad, s + pad + n) for s, n in zip(start, size)])]
+    out = crop(vol, start, size)
+    assert out.shape == (2, *size) and np.array_equal(out, expected)
+    assert np.array_equal(crop(vol[0], start, size), expected[0])  # no channel axis
 
 
-def test_patch_larger_than_volume_is_padded_in_batches(ds):
-    s = sch.constant((32, 32, 32), (3, 3, 3), 2, 1)  # volumes are 20x24x16
-    img, seg, _ = _sampler(ds, s).batch(0)
-    assert img.shape == (2, 1, 32, 32, 32)
-    assert (seg > 0).any()
+def test_patch_larger_than_volume_holds_the_whole_volume_at_its_offset(ds):
+    s = sch.constant((32, 32, 32), (3, 3, 3), 2, 2)  # volumes are 20x24x16
+    smp = _sampler(ds, s, fg_ratio=0.5)
+    for it in range(smp.total_iterations):
+        _, picks, _, _ = smp.plan_batch(it)
+        img, seg, _ = smp.batch(it)
+        assert img.shape == (2, 1, 32, 32, 32)
+        for j in range(2):
+            case = smp.cases[picks[j % len(picks)]]
+            nz = np.argwhere(img[j, 0] != 0)  # z-scored voxels are non-zero, padding is zero
+            lo, hi = nz.min(0), nz.max(0) + 1
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            assert tuple(hi - lo) == ds.shapes[case]
+            assert np.array_equal(img[j, 0][box], ds.image(case)[0]) and np.array_equal(seg[j, 0][box], ds.label(case))
+            assert seg[j].sum() == ds.label(case).sum()  # no label outside the box
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
@@ -83,3 +108,33 @@ def test_different_seeds_differ(ds):
     a = ProgressiveSampler(ds, [0, 1, 2], s, 1, seed=1).batch(0)[0]
     b = ProgressiveSampler(ds, [0, 1, 2], s, 1, seed=2).batch(0)[0]
     assert not np.array_equal(a, b)
+
+
+def test_cases_without_foreground_give_random_crops(tmp_path):
+    root = tmp_path / "empty"
+    training = []
+    for i in range(3):
+        image, label = blob_case((20, 24, 16), i)
+        training.append(write_case(root, f"e_{i}", image, label * (i == 2)))  # cases 0 and 1: background only
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"}, "training": training}))
+    ds = data.prepare(root)
+    assert {k: len(v) for k, v in ds.fg(0).items()} == {1: 0, 2: 0} and not ds.label(0).any()
+    s = sch.constant((8, 8, 8), (3, 3, 3), 4, 6)
+    empty = ProgressiveSampler(ds, [0, 1], s, 1, seed=3, fg_ratio=1.0)  # every crop asks for foreground
+    crops = set()
+    for it in range(6):
+        img, seg, _ = empty.batch(it)
+        assert img.shape == (4, 1, 8, 8, 8) and np.isfinite(img).all() and not seg.any()
+        crops.add(img.tobytes())
+    assert len(crops) == 6  # random crops, not one fixed place
+    mixed = ProgressiveSampler(ds, [0, 1, 2], s, 1, seed=3, fg_ratio=1.0, volumes_per_batch=4)
+    labelled = 0
+    for it in range(6):
+        _, picks, _, _ = mixed.plan_batch(it)
+        _, seg, _ = mixed.batch(it)
+        for j in range(4):  # crops of the labelled case stay centred on its foreground
+            case = mixed.cases[picks[j % len(picks)]]
+            assert (seg[j, 0, 4, 4, 4] > 0) == (case == 2)
+            labelled += case == 2
+    assert 0 < labelled < 24
