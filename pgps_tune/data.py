@@ -1,7 +1,8 @@
 """Datasets: discovery (MSD, nnU-Net raw, synthetic), preprocessing cache, split, planning.
 
 Volumes are preprocessed once (canonical orientation, resampling to a common
-spacing where cases differ, per-volume z-score per channel) and cached as
+spacing where cases differ, intensity normalisation per channel by modality:
+see :mod:`pgps_tune.intensity`) and cached as
 ``.npy`` files that every later run (and every tuner trial) memory-maps, so
 loading costs nothing after the first run.  Foreground voxel coordinates per
 class are cached beside them for foreground-centred sampling.
@@ -23,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from pgps_tune import imageio, intensity
 from pgps_tune.errors import PgpsError
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: normalisation by modality (CT dataset-wide), .nrrd/.mha readers
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 
@@ -47,6 +49,7 @@ class DatasetSpec:
     labels: dict[int, str]
     channels: int
     cases: tuple[Case, ...]
+    modalities: tuple[str, ...]  # per channel, from 'modality' (MSD) or 'channel_names' (nnU-Net)
 
 
 # -- discovery -----------------------------------------------------------------
@@ -131,30 +134,37 @@ def discover(root: str | Path) -> DatasetSpec:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise PgpsError(f"missing file {missing[0]}{more}; fix dataset.json or add the files")
     name = str(data.get("name") or root.name)
-    return DatasetSpec(root, name, layout, labels, channels, tuple(cases))
+    return DatasetSpec(root, name, layout, labels, channels, tuple(cases), _modalities(data, channels))
+
+
+def _modalities(data: dict[str, Any], channels: int) -> tuple[str, ...]:
+    """Channel modality names in channel order; ``image`` where dataset.json names none."""
+    names = data.get("channel_names") or data.get("modality") or {}
+    if isinstance(names, dict):
+        try:
+            names = [v for _, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
+        except (TypeError, ValueError):
+            names = list(names.values())
+    elif isinstance(names, str):
+        names = [names]
+    names = [str(n) for n in names]
+    return tuple(names[c] if c < len(names) else "image" for c in range(channels))
 
 
 # -- reading and preprocessing ---------------------------------------------------
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    import nibabel as nib
-
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        arr = np.asanyarray(img.dataobj)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise PgpsError(
-            f"cannot read NIfTI file {path} ({type(exc).__name__}: {exc}); replace or remove the case"
-        ) from None
-    return arr, spacing  # type: ignore[return-value]
+def _load_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An image file (any :data:`imageio.ENDINGS`) in canonical orientation, and its canonical spacing."""
+    arr, affine = imageio.read(path)
+    arr, affine = imageio.to_canonical(arr, affine)
+    return arr, imageio.voxel_sizes(affine)
 
 
 def _read_case(case: Case, labels: dict[int, str], channels: int):
     chans, spacing = [], None
     for p in case.images:
-        arr, spacing = _load_nifti(p)
+        arr, spacing = _load_image(p)
         if arr.ndim == 4:
             chans.extend(np.moveaxis(arr, -1, 0))
         elif arr.ndim == 3:
@@ -167,7 +177,7 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             "fix the modality/channel_names list"
         )
     image = np.stack([np.asarray(c, dtype=np.float32) for c in chans])
-    lab, lab_spacing = _load_nifti(case.label)
+    lab, lab_spacing = _load_image(case.label)
     lab = np.asarray(lab)
     if lab.shape != image.shape[1:]:
         raise PgpsError(
@@ -188,22 +198,8 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.ndimage import zoom
-
-    shape = image.shape[1:]
-    new_shape = [max(1, round(s * sp / t)) for s, sp, t in zip(shape, spacing, target)]
-    factors = [n / s for n, s in zip(new_shape, shape)]
-    image = np.stack([zoom(c, factors, order=3, mode="nearest", grid_mode=True) for c in image])
-    label = zoom(label, factors, order=0, mode="nearest", grid_mode=True)
-    return image.astype(np.float32), label
-
-
-def _zscore(image: np.ndarray) -> np.ndarray:
-    out = np.empty_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        ch = image[c]
-        out[c] = (ch - ch.mean()) / max(float(ch.std()), 1e-8)
-    return out
+    shape = imageio.resampled_shape(image.shape[1:], spacing, target)
+    return imageio.resample(image, shape, order=3).astype(np.float32), imageio.resample(label[None], shape, 0)[0]
 
 
 def _fg_coords(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -230,6 +226,7 @@ class PreparedDataset:
     spacing: tuple[float, float, float]
     case_ids: list[str]
     shapes: list[tuple[int, int, int]]
+    normalisation: list[dict[str, Any]]  # one intensity scheme per channel (pgps_tune.intensity)
 
     @property
     def num_classes(self) -> int:
@@ -262,7 +259,7 @@ def default_cache_root() -> Path:
 
 def _fingerprint(spec: DatasetSpec) -> str:
     h = hashlib.sha256(f"v{PREPROCESS_VERSION}".encode())
-    h.update(json.dumps(spec.labels, sort_keys=True).encode())
+    h.update(json.dumps([spec.labels, spec.modalities], sort_keys=True).encode())
     for c in spec.cases:
         for p in (*c.images, c.label):
             st = p.stat()
@@ -305,6 +302,7 @@ def _open_cache(out: Path) -> PreparedDataset:
         spacing=tuple(meta["spacing"]),  # type: ignore[arg-type]
         case_ids=meta["case_ids"],
         shapes=[tuple(s) for s in meta["shapes"]],  # type: ignore[misc]
+        normalisation=meta["normalisation"],
     )
 
 
@@ -333,6 +331,7 @@ def prepare(
                 "channels": 1, "spacing": [1.0, 1.0, 1.0],
                 "case_ids": [f"synthetic_{i:03d}" for i in range(synthetic_cases)],
                 "shapes": [list(v[1].shape) for v in vols], "source": SYNTHETIC,
+                "normalisation": [intensity.ZSCORE],
             }
             _write_cache_checked(out, meta, vols, 3)
         return _open_cache(out)
@@ -345,16 +344,19 @@ def prepare(
         raw = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
     spacings = np.array([r[2] for r in raw])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
+    # CT statistics from the raw intensities of every labelled case, before resampling (as nnU-Net)
+    schemes = intensity.fit(intensity.scheme_names(spec.modalities), ((r[0], r[1]) for r in raw))
     vols = []
     for image, label, sp in raw:
         if not np.allclose(sp, target, rtol=1e-3):
             image, label = _resample(image, label, sp, target)
-        vols.append((_zscore(image), label))
+        vols.append((intensity.normalise(image, schemes), label))
     meta = {
         "name": spec.name, "labels": {str(k): v for k, v in spec.labels.items()},
         "channels": spec.channels, "spacing": list(target),
         "case_ids": [c.case_id for c in spec.cases],
         "shapes": [list(v[1].shape) for v in vols], "source": str(Path(source).resolve()),
+        "normalisation": schemes,
     }
     _write_cache_checked(out, meta, vols, len(spec.labels))
     return _open_cache(out)
@@ -391,7 +393,7 @@ def synthetic_volumes(
             *shape, num_objs=8, rad_max=max(3, min(shape) // 5), rad_min=max(2, min(shape) // 12),
             noise_max=noise, num_seg_classes=2, random_state=rs,
         )
-        vols.append((_zscore(img[None].astype(np.float32)), seg.astype(np.uint8)))
+        vols.append((intensity.normalise(img[None], [intensity.ZSCORE]), seg.astype(np.uint8)))
     return vols
 
 
