@@ -17,6 +17,7 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -51,9 +52,9 @@ class Run:
 # -- the run folder ------------------------------------------------------------------
 # MERGE NOTE: _read_checkpoint reads the checkpoint format of trainer.py as it is on this
 # branch (torch.load with weights_only=False, keys "config", "schedule", "num_classes",
-# "channels", "model", "preprocessing", "split").  Point it at the trainer's safe loader
-# when the new checkpoint format lands; _load_run and evaluation_cases only need a dict
-# with those keys.
+# "channels", "model", "preprocessing").  It unpickles, so a crafted checkpoint can run
+# code: point it at the trainer's safe loader when the new checkpoint format lands;
+# _load_run only needs a dict with those keys.
 
 
 def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any]:
@@ -103,21 +104,24 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
 
     On the run's own dataset (same name, and every case the run trained or validated on
     is there) these are the run's validation cases; with ``all_cases``, on another
-    dataset, or for a run that does not record its split, every labelled case.
+    dataset, or for a run that does not record its split, every labelled case.  The split
+    comes from the run's metrics.json (plain JSON: no checkpoint is unpickled for it).
     """
-    ck = _read_checkpoint(run_dir, torch.device("cpu"))
+    from pgps_tune.trainer import METRICS
+
     every = list(range(len(ds)))
-    run_name = ck.get("identity", {}).get("dataset")
-    split = ck.get("split")
-    if not split:
+    try:
+        record = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+        run_name, split = record["dataset"], record["split"]
+        train, val = [str(c) for c in split["train"]], [str(c) for c in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return every, f"all {len(ds)} labelled cases of {ds.name} (the run does not record its validation cases)"
     index = {c: i for i, c in enumerate(ds.case_ids)}
-    own = run_name == ds.name and all(c in index for c in (*split["train"], *split["val"]))
-    if not own:
+    if run_name != ds.name or not all(c in index for c in (*train, *val)):
         return every, f"all {len(ds)} labelled cases of {ds.name} (not the run's dataset {run_name})"
     if all_cases:
         return every, f"all {len(ds)} labelled cases of {ds.name}, the run's training cases included"
-    return sorted(index[c] for c in split["val"]), f"validation cases of the run ({len(split['val'])})"
+    return sorted(index[c] for c in val), f"validation cases of the run ({len(val)})"
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -323,5 +327,6 @@ def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], ov
         raise PgpsError(f"the output {replaced} would replace its own input; choose another --out")
     clash = [t for t in targets if t.exists()]
     if clash and not overwrite:
-        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
-        raise PgpsError(f"{clash[0]}{more} already exist(s); add --overwrite to replace, or choose another --out")
+        what = f"{clash[0]} and {len(clash) - 1} more outputs already exist" if len(clash) > 1 else \
+            f"{clash[0]} already exists"
+        raise PgpsError(f"{what}; add --overwrite to replace them, or choose another --out")

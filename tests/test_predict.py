@@ -1,6 +1,7 @@
 """``pgps-tune predict`` and ``evaluate``: outputs in each input's geometry, Dice as evaluate reports it."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -134,7 +135,7 @@ def test_existing_outputs_are_refused_before_any_work(run, tmp_path, capsys):
     out.mkdir()
     (out / "case_001.nii.gz").write_bytes(b"precious")
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out)
-    one_line_error(rc, err, "case_001.nii.gz already exist")
+    one_line_error(rc, err, "case_001.nii.gz already exists; add --overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["case_001.nii.gz"]  # case_000 was not predicted either
     assert (out / "case_001.nii.gz").read_bytes() == b"precious"
     rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite")
@@ -235,6 +236,13 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", root, "--all-cases")
     ev = json.loads(out)
     assert "training cases included" in ev["scored"] and ev["cases"] == 6 and ev["case_ids"] == ds.case_ids
+    old = tmp_path / "old_run"  # a run from before runs recorded their split
+    shutil.copytree(run_dir, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["split"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    ev = json.loads(cli(capsys, "evaluate", "--run", old, "--data", root)[1])
+    assert ev["cases"] == 6 and "does not record its validation cases" in ev["scored"]
     other = make_msd(tmp_path / "other", n=3)
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
     ev = json.loads(out)
