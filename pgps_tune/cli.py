@@ -169,10 +169,23 @@ def _progress(r: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pgps_tune.predict import evaluation_cases
     from pgps_tune.trainer import evaluate_run
 
     ds = _prepare(a)
-    print(json.dumps(evaluate_run(a.run, ds, a.device), indent=1))
+    cases, scored = evaluation_cases(a.run, ds, a.all_cases)
+    result = evaluate_run(a.run, ds, a.device, cases=cases)
+    print(json.dumps({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]}, indent=1))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from pgps_tune.predict import predict
+
+    _check_writable(Path(a.out))
+    written = predict(a.run, a.input, a.out, a.device, mirror=a.mirror, overwrite=a.overwrite,
+                      progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({"cases": len(written), "outputs": [str(p) for p in written]}, indent=1))
     return 0
 
 
@@ -340,10 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="Dice of a trained run on every labelled case of a dataset")
+    e = sub.add_parser("evaluate", help="Dice of a trained run: its validation cases, or every labelled case")
     data_args(e)
     e.add_argument("--run", required=True, help="run folder written by 'train'")
+    e.add_argument("--all-cases", action="store_true",
+                   help="score every labelled case (default on the run's own dataset: its validation cases)")
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="segment new images with a trained run (outputs in each input's geometry)")
+    pr.add_argument("--run", required=True, help="run folder written by 'train'")
+    pr.add_argument("--input", required=True,
+                    help="an image (.nii.gz, .nii, .nrrd, .mha) or a folder of them (also nnU-Net CASE_0000 files)")
+    pr.add_argument("--out", required=True, help="folder for the segmentations (CASE + the input's ending)")
+    pr.add_argument("--mirror", action="store_true", help="test-time augmentation: average the 8 mirrored copies")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--quiet", action="store_true", help="no progress lines")
+    pr.set_defaults(func=cmd_predict)
 
     pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
     data_args(pl)

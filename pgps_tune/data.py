@@ -1,7 +1,8 @@
 """Datasets: discovery (MSD, nnU-Net raw, synthetic), preprocessing cache, split, planning.
 
 Volumes are preprocessed once (canonical orientation, resampling to a common
-spacing where cases differ, per-volume z-score per channel) and cached as
+spacing where cases differ, intensity normalisation per channel by modality:
+see :mod:`pgps_tune.intensity`) and cached as
 ``.npy`` files that every later run (and every tuner trial) memory-maps, so
 loading costs nothing after the first run.  Foreground voxel coordinates per
 class are cached beside them for foreground-centred sampling.
@@ -57,9 +58,10 @@ from typing import Any
 
 import numpy as np
 
+from pgps_tune import imageio, intensity
 from pgps_tune.errors import PgpsError
 
-PREPROCESS_VERSION = 2  # 2: prepared.json records file sizes
+PREPROCESS_VERSION = 3  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 
@@ -81,6 +83,7 @@ class DatasetSpec:
     labels: dict[int, str]
     channels: int
     cases: tuple[Case, ...]
+    modalities: tuple[str, ...]  # per channel, from 'modality' (MSD) or 'channel_names' (nnU-Net)
 
 
 # -- discovery -----------------------------------------------------------------
@@ -208,29 +211,36 @@ def discover(root: str | Path) -> DatasetSpec:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise PgpsError(f"missing file {missing[0]}{more}; fix dataset.json or add the files")
     name = str(data.get("name") or root.name)
-    return DatasetSpec(root, name, layout, labels, channels, tuple(cases))
+    return DatasetSpec(root, name, layout, labels, channels, tuple(cases), _modalities(data, channels))
+
+
+def _modalities(data: dict[str, Any], channels: int) -> tuple[str, ...]:
+    """Channel modality names in channel order; ``image`` where dataset.json names none."""
+    names = data.get("channel_names") or data.get("modality") or {}
+    if isinstance(names, dict):
+        try:
+            names = [v for _, v in sorted(names.items(), key=lambda kv: int(kv[0]))]
+        except (TypeError, ValueError):
+            names = list(names.values())
+    elif isinstance(names, str):
+        names = [names]
+    names = [str(n) for n in names]
+    return tuple(names[c] if c < len(names) else "image" for c in range(channels))
 
 
 # -- reading and preprocessing ---------------------------------------------------
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    import nibabel as nib
-
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        arr = np.asanyarray(img.dataobj)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise PgpsError(
-            f"cannot read NIfTI file {path} ({type(exc).__name__}: {exc}); replace or remove the case"
-        ) from None
-    return arr, spacing  # type: ignore[return-value]
+def _load_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An image file (any :data:`imageio.ENDINGS`) in canonical orientation, and its canonical spacing."""
+    arr, affine = imageio.read(path)
+    arr, affine = imageio.to_canonical(arr, affine)
+    return arr, imageio.voxel_sizes(affine)
 
 
 def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], tuple[float, float, float]]:
     """The float32 channels of one image file (3D, or 4D with channels last), all finite, and its spacing."""
-    arr, spacing = _load_nifti(path)
+    arr, spacing = _load_image(path)
     if arr.ndim not in (3, 4):
         raise PgpsError(f"{path} has {arr.ndim} dimensions; images must be 3D (or 4D with channels last)")
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
@@ -259,7 +269,7 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
         )
     image = np.stack(chans)
     spacing = files[0][1]
-    lab = np.asarray(_load_nifti(case.label)[0])
+    lab = np.asarray(_load_image(case.label)[0])
     if lab.shape != image.shape[1:]:
         raise PgpsError(
             f"case {case.case_id}: image shape {list(image.shape[1:])} != label shape "
@@ -278,22 +288,8 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.ndimage import zoom
-
-    shape = image.shape[1:]
-    new_shape = [max(1, round(s * sp / t)) for s, sp, t in zip(shape, spacing, target)]
-    factors = [n / s for n, s in zip(new_shape, shape)]
-    image = np.stack([zoom(c, factors, order=3, mode="nearest", grid_mode=True) for c in image])
-    label = zoom(label, factors, order=0, mode="nearest", grid_mode=True)
-    return image.astype(np.float32), label
-
-
-def _zscore(image: np.ndarray) -> np.ndarray:
-    out = np.empty_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        ch = image[c]
-        out[c] = (ch - ch.mean()) / max(float(ch.std()), 1e-8)
-    return out
+    shape = imageio.resampled_shape(image.shape[1:], spacing, target)
+    return imageio.resample(image, shape, order=3).astype(np.float32), imageio.resample(label[None], shape, 0)[0]
 
 
 def _fg_coords(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -327,6 +323,7 @@ class PreparedDataset:
     spacing: tuple[float, float, float]
     case_ids: list[str]
     shapes: list[tuple[int, int, int]]
+    normalisation: list[dict[str, Any]]  # one intensity scheme per channel (pgps_tune.intensity)
 
     @property
     def num_classes(self) -> int:
@@ -359,7 +356,7 @@ def default_cache_root() -> Path:
 
 def _fingerprint(spec: DatasetSpec) -> str:
     h = hashlib.sha256(f"v{PREPROCESS_VERSION}".encode())
-    h.update(json.dumps([spec.labels, spec.channels], sort_keys=True).encode())
+    h.update(json.dumps([spec.labels, spec.modalities], sort_keys=True).encode())
     for c in spec.cases:
         for p in (*c.images, c.label):
             st = p.stat()
@@ -406,6 +403,7 @@ def _open_checked(out: Path) -> PreparedDataset:
             spacing=tuple(float(v) for v in meta["spacing"]),  # type: ignore[arg-type]
             case_ids=[str(c) for c in meta["case_ids"]],
             shapes=[tuple(int(v) for v in s) for s in meta["shapes"]],  # type: ignore[misc]
+            normalisation=[dict(n) for n in meta["normalisation"]],
         )
         sizes = {str(k): int(v) for k, v in meta["files"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -413,7 +411,7 @@ def _open_checked(out: Path) -> PreparedDataset:
     listed = {name for i in range(len(ds)) for name in _case_files(i)}
     if (
         len(ds.shapes) != len(ds) or any(len(s) != 3 for s in ds.shapes) or len(ds.spacing) != 3
-        or ds.channels < 1 or ds.num_classes < 2 or set(sizes) != listed
+        or ds.channels < 1 or ds.num_classes < 2 or set(sizes) != listed or len(ds.normalisation) != ds.channels
     ):
         raise _Damaged(f"{META} is inconsistent (cases, shapes and files disagree)")
     for name, size in sorted(sizes.items()):
@@ -552,12 +550,14 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
         raw = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
     spacings = np.array([r[2] for r in raw])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
+    # CT statistics from the raw intensities of every labelled case, before resampling (as nnU-Net)
+    schemes = intensity.fit(intensity.scheme_names(spec.modalities), ((r[0], r[1]) for r in raw))
     vols = []
     for case, (image, label, sp) in zip(spec.cases, raw):
         if not np.allclose(sp, target, rtol=1e-3):
             image, label = _resample(image, label, sp, target)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
-            image = _zscore(image)
+            image = intensity.normalise(image, schemes)
         if not np.isfinite(image).all():
             raise PgpsError(
                 f"case {case.case_id}: its intensities are too large to normalise in float32; "
@@ -569,6 +569,7 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
         "channels": spec.channels, "spacing": list(target),
         "case_ids": [c.case_id for c in spec.cases],
         "shapes": [list(v[1].shape) for v in vols], "source": str(spec.root.resolve()),
+        "normalisation": schemes,
     }
     return meta, vols, len(spec.labels)
 
@@ -580,6 +581,7 @@ def _synthetic(cases: int, shape: Sequence[int], noise: float, seed: int) -> tup
         "channels": 1, "spacing": [1.0, 1.0, 1.0],
         "case_ids": [f"synthetic_{i:03d}" for i in range(cases)],
         "shapes": [list(v[1].shape) for v in vols], "source": SYNTHETIC,
+        "normalisation": [intensity.ZSCORE],
     }
     return meta, vols, 3
 
@@ -627,7 +629,7 @@ def synthetic_volumes(
             *shape, num_objs=8, rad_max=max(3, min(shape) // 5), rad_min=max(2, min(shape) // 12),
             noise_max=noise, num_seg_classes=2, random_state=rs,
         )
-        vols.append((_zscore(img[None].astype(np.float32)), seg.astype(np.uint8)))
+        vols.append((intensity.normalise(img[None], [intensity.ZSCORE]), seg.astype(np.uint8)))
     return vols
 
 

@@ -6,8 +6,11 @@ the foreground intensities, then subtract the foreground mean and divide by the
 foreground standard deviation (nnU-Net's CT scheme).  MRI and every other modality have
 arbitrary intensity scales per scan, so each volume is z-scored on its own.
 
-A scheme is plain data (it travels in the preprocessing cache, in checkpoints and in
-``pgps-tune predict``):
+The CT statistics come from the labelled cases that :func:`fit` is given (``prepare``
+gives it every labelled case of the dataset, as nnU-Net's fingerprint does), sampled
+before resampling: up to :data:`SAMPLES_PER_CASE` foreground voxels per case, all of
+them in smaller cases.  A scheme is plain data (it travels in the preprocessing cache,
+in checkpoints and into ``pgps-tune predict``):
 
 >>> normalise(np.array([[[[0.0, 2.0]]]], dtype=np.float32), [{"type": "zscore"}]).ravel().tolist()
 [-1.0, 1.0]
@@ -23,57 +26,83 @@ from typing import Any
 
 import numpy as np
 
+from pgps_tune.errors import PgpsError
+
 CT_PERCENTILES = (0.5, 99.5)
 SAMPLES_PER_CASE = 10_000  # foreground voxels per case for the CT statistics, as nnU-Net samples
+ZSCORE: dict[str, Any] = {"type": "zscore"}
 
 
 def scheme_names(modalities: Sequence[str]) -> list[str]:
-    """``ct`` for channels named CT (any case), ``zscore`` for every other modality."""
+    """``ct`` for channels named CT (any case), ``zscore`` for every other modality.
+
+    >>> scheme_names(["CT", " ct", "MRI", "T2"])
+    ['ct', 'ct', 'zscore', 'zscore']
+    """
     return ["ct" if str(m).strip().upper() == "CT" else "zscore" for m in modalities]
 
 
-def fit(names: Sequence[str], cases: Iterable[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> list[dict[str, Any]]:
-    """Schemes for each channel; CT channels get statistics from the foreground of ``cases``.
+def fit(
+    names: Sequence[str], cases: Iterable[tuple[np.ndarray, np.ndarray]], seed: int = 0
+) -> list[dict[str, Any]]:
+    """One scheme per channel; CT channels get statistics from the foreground (label > 0) of ``cases``.
 
-    ``cases`` yields ``(image [C, X, Y, Z], label [X, Y, Z])``; it is read once, and only
-    if some channel is CT.
+    Args:
+        names: per channel, ``"ct"`` or ``"zscore"`` (see :func:`scheme_names`).
+        cases: ``(image [C, X, Y, Z], label [X, Y, Z])`` pairs; read once, and only if a channel is CT.
+        seed: the sampling of foreground voxels in cases larger than :data:`SAMPLES_PER_CASE`.
+
+    A CT channel needs labelled foreground somewhere: without it the statistics are
+    undefined, and a dataset without foreground cannot be trained on anyway, so that is
+    refused with a :class:`PgpsError` rather than replaced by another scheme.
     """
+    unknown = sorted(set(names) - {"ct", "zscore"})
+    if unknown:
+        raise ValueError(f"unknown normalisation scheme names {unknown}")
     if "ct" not in names:
-        return [{"type": "zscore"} for _ in names]
+        return [dict(ZSCORE) for _ in names]
     rng = np.random.default_rng(seed)
     samples: list[list[np.ndarray]] = [[] for _ in names]
     for image, label in cases:
-        fg = np.flatnonzero(label > 0)
+        fg = np.flatnonzero(np.asarray(label) > 0)
         if fg.size > SAMPLES_PER_CASE:
-            fg = rng.choice(fg, SAMPLES_PER_CASE, replace=False)
+            fg = np.sort(rng.choice(fg, SAMPLES_PER_CASE, replace=False))
         for c, name in enumerate(names):
             if name == "ct":
-                samples[c].append(image[c].ravel()[fg])
+                samples[c].append(np.asarray(image[c]).ravel()[fg].astype(np.float64))
     schemes: list[dict[str, Any]] = []
     for c, name in enumerate(names):
+        values = np.concatenate(samples[c]) if samples[c] else np.zeros(0)
         if name != "ct":
-            schemes.append({"type": "zscore"})
-            continue
-        values = np.concatenate(samples[c]) if samples[c] else np.zeros(0, np.float32)
-        if values.size == 0:  # no foreground anywhere: fall back to the whole-volume scheme, said in the record
-            schemes.append({"type": "zscore", "note": "CT channel without labelled foreground"})
-            continue
-        lower, upper = np.percentile(values, CT_PERCENTILES)
-        schemes.append({"type": "ct", "lower": float(lower), "upper": float(upper),
-                        "mean": float(values.mean()), "sd": float(values.std())})
+            schemes.append(dict(ZSCORE))
+        elif values.size == 0:
+            raise PgpsError(
+                f"channel {c} is CT, whose normalisation needs foreground intensities, but no labelled case "
+                "has foreground voxels; check the label maps in labelsTr"
+            )
+        else:
+            lower, upper = np.percentile(values, CT_PERCENTILES)
+            schemes.append({"type": "ct", "lower": float(lower), "upper": float(upper),
+                            "mean": float(values.mean()), "sd": float(values.std())})
     return schemes
 
 
 def normalise(image: np.ndarray, schemes: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Apply one scheme per channel of ``image [C, X, Y, Z]``; returns float32."""
+    """Apply one scheme per channel of ``image [C, X, Y, Z]``; returns float32.
+
+    ``zscore`` uses the volume's own mean and sd, ``ct`` the stored dataset-wide ones
+    after clipping; an sd of 0 (a constant channel) divides by 1e-8 instead.
+    """
     if len(schemes) != image.shape[0]:
         raise ValueError(f"{len(schemes)} normalisation schemes for {image.shape[0]} channels")
     out = np.empty(image.shape, dtype=np.float32)
     for c, scheme in enumerate(schemes):
-        ch = image[c].astype(np.float32, copy=False)
+        ch = np.asarray(image[c], dtype=np.float32)
         if scheme["type"] == "ct":
             ch = np.clip(ch, scheme["lower"], scheme["upper"])
             out[c] = (ch - scheme["mean"]) / max(scheme["sd"], 1e-8)
+        elif scheme["type"] == "zscore":
+            out[c] = (ch - ch.mean(dtype=np.float64)) / max(float(ch.std(dtype=np.float64)), 1e-8)
         else:
-            out[c] = (ch - ch.mean()) / max(float(ch.std()), 1e-8)
+            raise ValueError(f"unknown normalisation scheme {scheme['type']!r}")
     return out

@@ -1,17 +1,24 @@
 """Apply a trained run to new images (``pgps-tune predict``). Knows nothing about Ray.
 
-Each input goes the way the training data went: canonical orientation, resampling to
-the run's spacing, the run's intensity normalisation.  The network then runs as a
-sliding window at the final patch size with Gaussian weighting, optionally averaged
-over the 8 mirrored copies of the volume (test-time augmentation).  The label map
-comes back the same way in reverse: nearest-neighbour resampling to the input's
-canonical grid, reorientation to the input's own axes, and the input's affine and
-header, so the segmentation overlays the image voxel for voxel in any viewer.
+Each input goes the way the training data went (``data.prepare``): closest canonical
+(RAS+) axis order, resampling to the run's spacing (cubic), the run's intensity
+normalisation per channel.  The network then runs as a sliding window at the final
+patch size with Gaussian weighting and the overlap the run validated with, optionally
+averaged over the 8 mirrored copies of the volume (test-time augmentation).  The class
+probabilities come back the same way in reverse: linear resampling to the input's
+canonical grid (then argmax, as nnU-Net does), the input's own axis order, and the
+input's affine and format, so the segmentation overlays the image voxel for voxel.
+
+Nothing is computed before every input has been checked (readable header, 3D or 4D,
+the run's channel count, channel files on one grid) and every output name is known
+not to replace an existing file (unless ``overwrite``) or an input (never).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,146 +28,251 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgps_tune.errors import PgpsError, atomic_write
+from pgps_tune import imageio
+from pgps_tune.data import PreparedDataset
+from pgps_tune.errors import PgpsError
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's CASE_0000
+
+
+@dataclass(frozen=True)
+class Run:
+    """What inference needs from a trained run; plain values besides the model."""
+
+    model: torch.nn.Module
+    channels: int
+    num_classes: int
+    final_patch: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    normalisation: list[dict[str, Any]]
+    sw_batch_size: int = 4
+    overlap: float = 0.25
+
+
+# -- the run folder ------------------------------------------------------------------
+# MERGE NOTE: _read_checkpoint reads the checkpoint format of trainer.py as it is on this
+# branch (torch.load with weights_only=False, keys "config", "schedule", "num_classes",
+# "channels", "model", "preprocessing").  It unpickles, so a crafted checkpoint can run
+# code: point it at the trainer's safe loader when the new checkpoint format lands;
+# _load_run only needs a dict with those keys.
+
+
+def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any]:
+    from pgps_tune.trainer import CHECKPOINT
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise PgpsError(f"{path} does not exist; give --run a run folder written by 'pgps-tune train'")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:
+        raise PgpsError(f"checkpoint {path} is unreadable ({type(exc).__name__}); retrain the run") from None
+
+
+def _load_run(run_dir: str | Path, device: torch.device) -> Run:
+    """The network of a run folder, with the preprocessing its training data had."""
+    from pgps_tune.network import build_network
+    from pgps_tune.schedule import Schedule
+    from pgps_tune.trainer import CHECKPOINT
+
+    ck = _read_checkpoint(run_dir, device)
+    path = Path(run_dir) / CHECKPOINT
+    if "preprocessing" not in ck:
+        raise PgpsError(f"{path} does not record the spacing and normalisation of its training data "
+                        "(an older version wrote it); retrain the run to predict with it")
+    try:
+        cfg, pre = ck["config"], ck["preprocessing"]
+        schedule = Schedule.from_dict(ck["schedule"], source=str(path))
+        model = build_network(cfg["network"], ck["channels"], ck["num_classes"], schedule.pools,
+                              cfg["filters"], cfg["deep_supervision"]).to(device)
+        model.load_state_dict(ck["model"])
+        return Run(
+            model=model.eval(), channels=int(ck["channels"]), num_classes=int(ck["num_classes"]),
+            final_patch=tuple(int(v) for v in schedule.final_patch),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in pre["spacing"]),  # type: ignore[arg-type]
+            normalisation=list(pre["normalisation"]),
+            sw_batch_size=int(cfg["sw_batch_size"]), overlap=float(cfg["sw_overlap"]),
+        )
+    except PgpsError:
+        raise
+    except Exception as exc:
+        raise PgpsError(f"checkpoint {path} is incomplete ({type(exc).__name__}: {exc}); retrain the run") from None
+
+
+def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool = False) -> tuple[list[int], str]:
+    """Which cases of the prepared dataset ``ds`` to score for a run, and a sentence saying which.
+
+    On the run's own dataset (same name, and every case the run trained or validated on
+    is there) these are the run's validation cases; with ``all_cases``, on another
+    dataset, or for a run that does not record its split, every labelled case.  The split
+    comes from the run's metrics.json (plain JSON: no checkpoint is unpickled for it).
+    """
+    from pgps_tune.trainer import METRICS
+
+    every = list(range(len(ds)))
+    try:
+        record = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+        run_name, split = record["dataset"], record["split"]
+        train, val = [str(c) for c in split["train"]], [str(c) for c in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return every, f"all {len(ds)} labelled cases of {ds.name} (the run does not record its validation cases)"
+    index = {c: i for i, c in enumerate(ds.case_ids)}
+    if run_name != ds.name or not all(c in index for c in (*train, *val)):
+        return every, f"all {len(ds)} labelled cases of {ds.name} (not the run's dataset {run_name})"
+    if all_cases:
+        return every, f"all {len(ds)} labelled cases of {ds.name}, the run's training cases included"
+    return sorted(index[c] for c in val), f"validation cases of the run ({len(val)})"
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(imageio.ending(path))]
+
+
+def find_inputs(source: str | Path, channels: int) -> list[tuple[str, list[Path]]]:
+    """``[(case name, [files])]`` from an image file or a folder of them.
+
+    A case is one file (3D, or 4D with channels last), or nnU-Net's one file per channel
+    (``CASE_0000``, ``CASE_0001``, ...; the case is then named ``CASE``).  A folder is read
+    the nnU-Net way when every image in it is named ``*_NNNN`` and the numbers are
+    exactly the run's channels; a single ``CASE_0000`` file brings its sibling ``CASE_0001``...
+    """
+    source = Path(source)
+    kinds = ", ".join(imageio.ENDINGS)
+    if source.is_file():
+        if not imageio.ending(source):
+            raise PgpsError(f"--input {source} is not an image this tool reads; give a {kinds} file or a folder")
+        m = _CHANNEL_FILE.match(_stem(source))
+        end = source.name[len(_stem(source)):]
+        siblings = [source.with_name(f"{m['case']}_{c:04d}{end}") for c in range(channels)] if m else []
+        if channels > 1 and m and m["channel"] == "0000" and siblings[1].is_file():
+            return [(m["case"], siblings)]
+        return [(_stem(source), [source])]
+    if not source.is_dir():
+        raise PgpsError(f"--input {source} does not exist; give an image file or a folder of them")
+    files = sorted(p for p in source.iterdir() if p.is_file() and imageio.ending(p) and not p.name.startswith("."))
+    if not files:
+        raise PgpsError(f"--input {source} holds no image files; give a folder of {kinds} files")
+    matches = [_CHANNEL_FILE.match(_stem(p)) for p in files]
+    wanted = {f"{c:04d}" for c in range(channels)}
+    if all(matches) and {m["channel"] for m in matches if m} == wanted:
+        cases: dict[str, list[Path]] = {}
+        for p, m in zip(files, matches):
+            assert m is not None
+            cases.setdefault(m["case"], []).append(p)
+        for case, ps in cases.items():
+            if len(ps) != channels:
+                raise PgpsError(f"case {case} in {source} has {len(ps)} channel file(s) but the run was trained on "
+                                f"{channels}; give {case}_0000 ... {case}_{channels - 1:04d}")
+        return sorted(cases.items())
+    return [(_stem(p), [p]) for p in files]
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where an input image's voxels sit, to write the prediction back onto them."""
+    """Where an input's voxels sit: what writing the prediction back onto them needs."""
 
-    affine: np.ndarray
-    header: Any  # nibabel header of the (first) input file
+    affine: np.ndarray  # of the input file(s)
     shape: tuple[int, int, int]  # the input's own voxel grid
     canonical_shape: tuple[int, int, int]
-    to_canonical: np.ndarray  # nibabel orientation transform from the input's axes to RAS+
-    spacing: tuple[float, float, float]  # canonical spacing
+    spacing: tuple[float, float, float]  # along the canonical axes
+    like: Path  # the (first) input file: its format and header go to the output
 
 
-def _ending(path: Path) -> str:
-    return next((e for e in NIFTI_ENDINGS if path.name.endswith(e)), "")
-
-
-def find_inputs(source: str | Path, channels: int) -> list[tuple[str, list[Path]]]:
-    """``[(case name, [files])]``: one 3D/4D NIfTI per case, or nnU-Net's ``CASE_0000.nii.gz``... per channel."""
-    source = Path(source)
-    if source.is_file():
-        if not _ending(source):
-            raise PgpsError(f"--input {source} is not a NIfTI file (.nii or .nii.gz); give NIfTI images")
-        return [(source.name[: -len(_ending(source))], [source])]
-    if not source.is_dir():
-        raise PgpsError(f"--input {source} does not exist; give a NIfTI file or a folder of them")
-    files = sorted(p for p in source.iterdir() if p.is_file() and _ending(p))
-    if not files:
-        raise PgpsError(f"--input {source} holds no .nii/.nii.gz files; give a NIfTI file or a folder of them")
-    stems = {p: p.name[: -len(_ending(p))] for p in files}
-    split = {p: stems[p].rpartition("_") for p in files}
-    if channels > 1 and all(sep and suffix.isdigit() and len(suffix) == 4 for _, sep, suffix in split.values()):
-        cases: dict[str, list[Path]] = {}
-        for p in files:
-            cases.setdefault(split[p][0], []).append(p)
-        bad = [c for c, ps in cases.items() if len(ps) != channels]
-        if bad:
-            raise PgpsError(f"case {bad[0]} has {len(cases[bad[0]])} channel files but the run was trained on "
-                            f"{channels}; give CASE_0000 ... CASE_{channels - 1:04d} for every case")
-        return [(c, sorted(ps)) for c, ps in sorted(cases.items())]
-    return [(stems[p], [p]) for p in files]
-
-
-def read_image(files: Sequence[Path], channels: int) -> tuple[np.ndarray, Geometry]:
-    """The image as ``[C, X, Y, Z]`` float32 in canonical (RAS+) orientation, and its geometry."""
+def case_geometry(files: Sequence[Path], channels: int) -> Geometry:
+    """Check a case's files from their headers alone (readable, 3D/4D, channels, one grid); its geometry."""
     import nibabel as nib
 
-    chans, first = [], None
+    found, first = 0, None
     for path in files:
-        try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as exc:  # nibabel raises many types for broken files
-            raise PgpsError(f"cannot read NIfTI file {path} ({type(exc).__name__}); replace it") from None
-        if data.ndim not in (3, 4):
-            raise PgpsError(f"{path} has {data.ndim} dimensions; images must be 3D (or 4D with channels last)")
+        if not path.is_file():
+            raise PgpsError(f"channel file {path} does not exist; give every channel of the case")
+        shape, affine = imageio.header(path)
+        if len(shape) not in (3, 4):
+            raise PgpsError(f"{path} has {len(shape)} dimensions; images must be 3D (or 4D with channels last)")
+        linear = affine[:3, :3]
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
+            raise PgpsError(f"{path} has a degenerate affine (zero or non-finite voxel axes); fix its header")
         if first is None:
-            first = img
-        elif data.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine, atol=1e-3):
-            raise PgpsError(f"{path} does not share the grid of {files[0]}; channel files must be co-registered")
-        canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
-        arr = np.asarray(canonical.dataobj, dtype=np.float32)
+            first = (path, shape[:3], affine)
+        elif shape[:3] != first[1] or not np.allclose(affine, first[2], atol=1e-3):
+            raise PgpsError(f"{path} does not share the voxel grid of {first[0]}; channel files must be co-registered")
+        found += shape[3] if len(shape) == 4 else 1
+    assert first is not None
+    if found != channels:
+        raise PgpsError(f"{files[0]} gives {found} channel(s) but the run was trained on {channels}; "
+                        "give images with the run's channels")
+    path, shape3, affine = first
+    ornt = nib.orientations.io_orientation(affine)
+    perm = [int(a) for a in ornt[:, 0]]  # input axis i becomes canonical axis perm[i]
+    canonical = [0, 0, 0]
+    spacing = [0.0, 0.0, 0.0]
+    for i, (n, sp) in enumerate(zip(shape3, imageio.voxel_sizes(affine))):
+        canonical[perm[i]], spacing[perm[i]] = int(n), sp
+    return Geometry(affine, tuple(int(n) for n in shape3), tuple(canonical), tuple(spacing), path)  # type: ignore[arg-type]
+
+
+def read_case(files: Sequence[Path]) -> np.ndarray:
+    """The case as ``[C, X, Y, Z]`` float32 in canonical orientation (files checked by :func:`case_geometry`)."""
+    chans: list[np.ndarray] = []
+    for path in files:
+        arr, affine = imageio.read(path)
+        with np.errstate(over="ignore"):
+            arr, _ = imageio.to_canonical(np.asarray(arr, dtype=np.float32), affine)
         chans.extend(np.moveaxis(arr, -1, 0) if arr.ndim == 4 else [arr])
-    if len(chans) != channels:
-        raise PgpsError(f"{files[0]} gives {len(chans)} channel(s) but the run was trained on {channels}")
     image = np.stack(chans)
     if not np.all(np.isfinite(image)):
-        raise PgpsError(f"{files[0]} holds non-finite voxels (NaN or inf); fix the image")
-    assert first is not None
-    ornt = nib.orientations.io_orientation(first.affine)
-    zooms = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(first.shape[:3], np.uint8), first.affine))
-    geometry = Geometry(
-        affine=first.affine, header=first.header, shape=tuple(int(s) for s in first.shape[:3]),  # type: ignore[arg-type]
-        canonical_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
-        to_canonical=ornt, spacing=tuple(float(z) for z in zooms.header.get_zooms()[:3]),  # type: ignore[arg-type]
-    )
-    return image, geometry
+        raise PgpsError(f"{files[0]} holds non-finite voxels (NaN, inf or beyond float32); fix the image")
+    return image
 
 
-def to_model_space(image: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """Resample a canonical ``[C, X, Y, Z]`` image to the run's spacing (no-op where they agree)."""
-    from scipy.ndimage import zoom
-
-    if np.allclose(spacing, target, rtol=1e-3):
-        return image
-    shape = image.shape[1:]
-    new = [max(1, round(s * sp / t)) for s, sp, t in zip(shape, spacing, target)]
-    factors = [n / s for n, s in zip(new, shape)]
-    return np.stack([zoom(c, factors, order=3, mode="nearest", grid_mode=True) for c in image]).astype(np.float32)
-
-
-def to_input_space(label: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """A label map on the model's grid, back onto the input's own voxel grid and axes."""
-    import nibabel as nib
-    from scipy.ndimage import zoom
-
-    if label.shape != geometry.canonical_shape:
-        factors = [t / s for t, s in zip(geometry.canonical_shape, label.shape)]
-        label = zoom(label, factors, order=0, mode="nearest", grid_mode=True)
-        label = label[tuple(slice(0, t) for t in geometry.canonical_shape)]
-    # undo as_closest_canonical: the inverse of the input -> RAS+ transform
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), geometry.to_canonical)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(label, back))
+# -- inference ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def segment(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    final_patch: Sequence[int],
-    device: torch.device,
-    mirror: bool = False,
-    sw_batch_size: int = 4,
-    overlap: float = 0.5,
-) -> np.ndarray:
-    """Label map of a normalised ``[C, X, Y, Z]`` image: Gaussian-weighted sliding window, optional mirroring."""
+def segment(run: Run, image: np.ndarray, device: torch.device, mirror: bool = False) -> np.ndarray:
+    """Class probabilities ``[K, X, Y, Z]`` of a normalised ``[C, X, Y, Z]`` image.
+
+    Gaussian-weighted sliding window at the final patch with the run's overlap; with
+    ``mirror``, the mean over the volume flipped along every subset of its axes.
+    """
     from monai.inferers import sliding_window_inference
 
-    model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
     flips = [a for n in range(4) for a in itertools.combinations((2, 3, 4), n)] if mirror else [()]
-    probs = None
+    total = None
     for axes in flips:
         xi = torch.flip(x, axes) if axes else x
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = sliding_window_inference(xi, tuple(final_patch), sw_batch_size, model, overlap=overlap,
-                                              mode="gaussian")
+            logits = sliding_window_inference(xi, run.final_patch, run.sw_batch_size, run.model,
+                                              overlap=run.overlap, mode="gaussian")
         p = torch.softmax(logits.float(), 1)
         p = torch.flip(p, axes) if axes else p
-        probs = p if probs is None else probs + p
-    assert probs is not None
-    return probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        total = p if total is None else total + p
+    assert total is not None
+    return (total[0] / len(flips)).cpu().numpy()
 
 
-def output_path(out_dir: Path, case: str) -> Path:
-    return out_dir / f"{case}.nii.gz"
+def predict_case(run: Run, files: Sequence[Path], geometry: Geometry, device: torch.device,
+                 mirror: bool = False) -> np.ndarray:
+    """The label map of one case on the input's own voxel grid (uint8, or uint16 past 255 classes)."""
+    from pgps_tune.intensity import normalise
+
+    image = read_case(files)
+    shape = geometry.canonical_shape
+    if not np.allclose(geometry.spacing, run.spacing, rtol=1e-3):  # the rule data.prepare resamples by
+        shape = imageio.resampled_shape(shape, geometry.spacing, run.spacing)
+    image = normalise(imageio.resample(image, shape, order=3), run.normalisation)
+    probs = imageio.resample(segment(run, image, device, mirror), geometry.canonical_shape, order=1)
+    label = probs.argmax(0).astype(np.uint8 if run.num_classes <= 256 else np.uint16)
+    return imageio.from_canonical(label, geometry.affine)
+
+
+def output_path(out_dir: Path, case: str, like: Path) -> Path:
+    """``OUT/CASE`` with the input's ending: outputs keep the input's format."""
+    return out_dir / f"{case}{like.name[len(_stem(like)):]}"
 
 
 def predict(
@@ -170,41 +282,51 @@ def predict(
     device: str = "auto",
     mirror: bool = False,
     overwrite: bool = False,
-    overlap: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Segment every image of ``source`` with the run's network; write one NIfTI per case into ``out_dir``."""
-    import nibabel as nib
+    """Segment every case of ``source`` with the run's network; one label file per case in ``out_dir``.
 
-    from pgps_tune.intensity import normalise
-    from pgps_tune.trainer import load_run, resolve_device
+    Args:
+        run_dir: a folder written by ``pgps-tune train``.
+        source: an image file or a folder (see :func:`find_inputs`).
+        out_dir: where ``CASE.<input ending>`` files go.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        mirror: average over the 8 mirrored copies (8x the inference time).
+        overwrite: replace existing outputs; without it any existing output stops the run before any work.
+        progress: called with one line per finished case.
+
+    Returns the written files, in case order.
+    """
+    from pgps_tune.trainer import resolve_device
 
     dev = resolve_device(device)
-    run = load_run(run_dir, dev)
+    run = _load_run(run_dir, dev)
     inputs = find_inputs(source, run.channels)
     out_dir = Path(out_dir)
-    targets = [output_path(out_dir, case) for case, _ in inputs]
-    clash = [t for t in targets if t.exists()]
-    if clash and not overwrite:
-        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
-        raise PgpsError(f"{clash[0]}{more} already exist(s); add --overwrite or choose another --out")
-    for i, ((case, files), target) in enumerate(zip(inputs, targets), 1):
+    targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
+    _check_targets(targets, inputs, overwrite)
+    geometries = [case_geometry(files, run.channels) for _, files in inputs]
+    for i, ((case, files), geometry, target) in enumerate(zip(inputs, geometries, targets), 1):
         t0 = time.perf_counter()
-        image, geometry = read_image(files, run.channels)
-        image = normalise(to_model_space(image, geometry.spacing, run.spacing), run.normalisation)
-        label = to_input_space(segment(run.model, image, run.final_patch, dev, mirror, overlap=overlap), geometry)
-        header = geometry.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1.0, 0.0)  # the input's intensity scaling must not rescale labels
-        seg = nib.Nifti1Image(label.astype(np.uint8), geometry.affine, header)
-        payload = _gzip(seg.to_bytes())  # outputs are always .nii.gz
-        atomic_write(target, lambda fh, payload=payload: fh.write(payload))
+        label = predict_case(run, files, geometry, dev, mirror)
+        imageio.write(target, label, geometry.affine, like=geometry.like)
         if progress:
-            progress(f"[{i}/{len(inputs)}] {case} -> {target} ({time.perf_counter() - t0:.1f} s)")
+            size = "x".join(map(str, geometry.shape))
+            progress(f"[{i}/{len(inputs)}] {case} ({size}) -> {target} ({time.perf_counter() - t0:.1f} s)")
     return targets
 
 
-def _gzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, compresslevel=6, mtime=0)
+def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], overwrite: bool) -> None:
+    names = [t.name for t in targets]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise PgpsError(f"two inputs would both be written to {twice}; give each case one image (or channel set)")
+    sources = {p.resolve() for _, files in inputs for p in files}
+    replaced = next((t for t in targets if t.resolve() in sources), None)
+    if replaced:
+        raise PgpsError(f"the output {replaced} would replace its own input; choose another --out")
+    clash = [t for t in targets if t.exists()]
+    if clash and not overwrite:
+        what = f"{clash[0]} and {len(clash) - 1} more outputs already exist" if len(clash) > 1 else \
+            f"{clash[0]} already exists"
+        raise PgpsError(f"{what}; add --overwrite to replace them, or choose another --out")

@@ -161,9 +161,22 @@ class Trainer:
             "val_cases": self.val_cases,
         }
 
+    def _data_record(self) -> dict[str, Any]:
+        """How the run's data was preprocessed and split: what predict and evaluate need (plain data)."""
+        ds = self.ds
+        return {
+            "preprocessing": {
+                "spacing": list(ds.spacing), "channels": ds.channels,
+                "labels": {str(k): v for k, v in ds.labels.items()}, "normalisation": ds.normalisation,
+            },
+            "split": {"train": [ds.case_ids[i] for i in self.train_cases],
+                      "val": [ds.case_ids[i] for i in self.val_cases]},
+        }
+
     def save_checkpoint(self) -> None:
         payload = {
             "identity": self._identity(),
+            **self._data_record(),
             "schedule": self.schedule.to_dict(),
             "config": self.cfg.to_dict(),
             "num_classes": self.ds.num_classes,
@@ -340,6 +353,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "dataset": self.ds.name,
             "device": str(self.device),
+            **self._data_record(),
         }
 
     def write_metrics(self) -> None:
@@ -381,8 +395,10 @@ def evaluate(
     }
 
 
-def evaluate_run(run_dir: str | Path, ds: PreparedDataset, device: str = "auto") -> dict[str, Any]:
-    """Evaluate the network of a run folder on every case of ``ds``."""
+def evaluate_run(
+    run_dir: str | Path, ds: PreparedDataset, device: str = "auto", cases: list[int] | None = None
+) -> dict[str, Any]:
+    """Evaluate the network of a run folder on ``cases`` of ``ds`` (default: every case)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PgpsError(f"{path} does not exist; give a run folder written by 'pgps-tune train'")
@@ -405,6 +421,5 @@ def evaluate_run(run_dir: str | Path, ds: PreparedDataset, device: str = "auto")
         cfg["network"], channels, num_classes, schedule.pools, cfg["filters"], cfg["deep_supervision"]
     ).to(dev)
     model.load_state_dict(ck["model"])
-    return evaluate(
-        model, ds, list(range(len(ds))), schedule.final_patch, dev, cfg["sw_batch_size"], cfg["sw_overlap"]
-    )
+    cases = list(range(len(ds))) if cases is None else cases
+    return evaluate(model, ds, cases, schedule.final_patch, dev, cfg["sw_batch_size"], cfg["sw_overlap"])

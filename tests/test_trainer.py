@@ -116,7 +116,7 @@ def test_cli_train_and_evaluate(tiny_msd, tmp_path, capsys):
     assert len(metrics["stages"]) == 10 and (out / "checkpoint.pt").is_file()
     assert sch.load(out / "schedule.yaml").stages[0].patch_size == (4, 4, 4)
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(out), "--data", str(tiny_msd)]) == 0
+    assert main(["evaluate", "--run", str(out), "--data", str(tiny_msd), "--all-cases"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["cases"] == 6 and 0 <= ev["dice"] <= 1 and set(ev["dice_per_class"]) == {"a", "b"}
 

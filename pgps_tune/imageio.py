@@ -1,0 +1,209 @@
+"""Volumes on disk and their voxel grids: NIfTI, plus nnU-Net's raw formats ``.nrrd`` and ``.mha``.
+
+One convention for every format, nibabel's: an array indexed ``[x, y, z]`` (channels last
+for 4D files) in the file's own axis order, and a 4x4 affine from voxel index to world
+millimetres in RAS+ (x to the Right, y to the Anterior, z to the Superior).  NIfTI goes
+through nibabel.  ``.nrrd`` and ``.mha`` go through SimpleITK, which keeps its arrays
+``[z, y, x]`` and its geometry in LPS+ (origin, direction cosines, spacing); the affine is
+``diag(-1, -1, 1) @ [direction @ diag(spacing) | origin]``, which is also how ITK itself
+writes NIfTI.
+
+Training data and new images then go to the closest canonical (RAS+) axis order
+(:func:`to_canonical`) and a prediction comes back with :func:`from_canonical`, so a
+segmentation written with the input's affine overlays the input in any viewer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pgps_tune.errors import PgpsError, atomic_write
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+ITK_ENDINGS = (".nrrd", ".mha")
+ENDINGS = NIFTI_ENDINGS + ITK_ENDINGS
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
+_RAS = np.array([[0, 1], [1, 1], [2, 1]])  # nibabel's orientation of canonical axes
+
+
+def ending(path: str | Path) -> str:
+    """The image ending of ``path`` (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; any case), or ``""``."""
+    name = Path(path).name.lower()
+    return next((e for e in ENDINGS if name.endswith(e)), "")
+
+
+def _known(path: Path) -> str:
+    end = ending(path)
+    if not end:
+        raise PgpsError(f"{path} is not an image file this tool reads; give {', '.join(ENDINGS)} files")
+    return end
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def _itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    n = round(len(direction) ** 0.5)
+    d = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ d @ np.diag(np.asarray(spacing, dtype=np.float64)[:3])
+    affine[:3, 3] = _LPS @ np.asarray(origin, dtype=np.float64)[:3]
+    return affine
+
+
+def _cannot(path: Path, exc: Exception) -> PgpsError:
+    kind = {".nrrd": "NRRD", ".mha": "MetaImage"}.get(ending(path), "NIfTI")
+    reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    return PgpsError(f"cannot read {kind} file {path} ({reason}); replace the file or remove it")
+
+
+def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and affine of an image file, without reading its voxels."""
+    path = Path(path)
+    end = _known(path)
+    if not path.is_file():
+        raise PgpsError(f"image {path} does not exist; check the path")
+    try:
+        if end in NIFTI_ENDINGS:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+        reader = _sitk().ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = tuple(int(s) for s in reader.GetSize())
+        comps = reader.GetNumberOfComponents()
+        shape = size + ((comps,) if comps > 1 else ())
+        return shape, _itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+    except Exception as exc:  # the readers raise many types for broken files
+        raise _cannot(path, exc) from None
+
+
+def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels of an image file, ``[X, Y, Z]`` or ``[X, Y, Z, C]``, and its RAS+ affine (see module doc)."""
+    path = Path(path)
+    end = _known(path)
+    if not path.is_file():
+        raise PgpsError(f"image {path} does not exist; check the path")
+    try:
+        if end in NIFTI_ENDINGS:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        sitk = _sitk()
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
+        spatial = img.GetDimension()
+        order = tuple(reversed(range(spatial))) + tuple(range(spatial, arr.ndim))
+        arr = np.ascontiguousarray(arr.transpose(order))
+        return arr, _itk_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    except Exception as exc:  # the readers raise many types for broken files
+        raise _cannot(path, exc) from None
+
+
+def write(path: str | Path, array: np.ndarray, affine: np.ndarray, like: str | Path | None = None) -> Path:
+    """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) with ``affine`` atomically; the format follows ``path``.
+
+    ``like``: a NIfTI file whose header is reused (units, descriptions, qform/sform
+    codes) so the output carries the input's header apart from the data type and the
+    intensity scaling, which a label map must not inherit.
+    """
+    path = Path(path)
+    end = _known(path)
+    array = np.asarray(array)
+    if end in NIFTI_ENDINGS:
+        payload = _nifti_bytes(array, affine, like)
+        if end == ".nii.gz":
+            payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    else:
+        payload = _itk_bytes(array, affine, end)
+    return atomic_write(path, lambda fh: fh.write(payload))
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray, like: str | Path | None) -> bytes:
+    import nibabel as nib
+
+    if like is not None and ending(like) in NIFTI_ENDINGS:
+        source = nib.load(str(like))
+        hdr = source.header.copy()
+        hdr.set_data_dtype(array.dtype)
+        hdr.set_slope_inter(1.0, 0.0)
+        hdr["cal_min"], hdr["cal_max"] = 0, 0  # the input's display window means nothing for labels
+        img = type(source)(array, affine, hdr)
+    else:
+        img = nib.Nifti1Image(array, affine)
+        img.header.set_xyzt_units("mm", "sec")
+    return img.to_bytes()
+
+
+def _itk_bytes(array: np.ndarray, affine: np.ndarray, end: str) -> bytes:
+    sitk = _sitk()
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    order = (2, 1, 0) + tuple(range(3, array.ndim))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(order)), isVector=array.ndim == 4)
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in (_LPS @ linear / spacing).ravel()])
+    img.SetOrigin([float(v) for v in _LPS @ np.asarray(affine, dtype=np.float64)[:3, 3]])
+    # SimpleITK chooses the format by file name, so write a named temporary file and hand its bytes on
+    with tempfile.TemporaryDirectory(prefix="pgps-") as tmp:
+        out = Path(tmp) / f"out{end}"
+        sitk.WriteImage(img, str(out), useCompression=True)
+        return out.read_bytes()
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Spacing (mm) along each array axis of ``affine``."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip and permute the first three axes to the closest RAS+ order; returns the array and its new affine.
+
+    The same as ``nibabel.as_closest_canonical``, for arrays from any reader.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(array, ornt)
+    return out, np.asarray(affine) @ nib.orientations.inv_ornt_aff(ornt, array.shape[:3])
+
+
+def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_canonical`: an array on the canonical grid, back on the axes of the image with ``affine``."""
+    import nibabel as nib
+
+    back = nib.orientations.ornt_transform(_RAS, nib.orientations.io_orientation(affine))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
+
+
+def resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[int, int, int]:
+    """The grid that covers the same extent as ``shape`` at ``spacing`` with voxels of ``target`` size."""
+    return tuple(max(1, round(s * sp / t)) for s, sp, t in zip(shape, spacing, target))  # type: ignore[return-value]
+
+
+def resample(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample every channel of ``volume [C, X, Y, Z]`` onto ``shape`` (same extent; spline ``order``).
+
+    Voxel edges stay aligned with the volume's edges (``grid_mode``), so a volume and its
+    resampled copy cover the same region of the world.
+    """
+    from scipy.ndimage import zoom
+
+    if tuple(volume.shape[1:]) == tuple(shape):
+        return volume
+    factors = [n / s for n, s in zip(shape, volume.shape[1:])]
+    # zoom's output axis is round(s * n / s) == n
+    return np.stack([zoom(c, factors, order=order, mode="nearest", grid_mode=True) for c in volume])

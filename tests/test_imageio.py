@@ -1,0 +1,135 @@
+"""Readers and writers: NIfTI, .nrrd and .mha give one array and one RAS+ affine for the same image."""
+
+import itertools
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blob_case
+
+from pgps_tune import data, imageio
+from pgps_tune.errors import PgpsError
+
+SPACING = (0.7, 1.3, 2.5)
+ORIGIN = (10.0, -20.0, 30.0)
+DIRECTION = np.array([[0, 1, 0], [0, 0, -1], [-1, 0, 0]], dtype=float)  # permuted and flipped, in LPS
+
+
+def _itk_image(arr):
+    img = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(DIRECTION.ravel().tolist())
+    return img
+
+
+@pytest.fixture
+def volume():
+    return np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+
+
+def test_every_format_gives_the_array_and_affine_itk_means(tmp_path, volume):
+    img = _itk_image(volume)
+    reads = {}
+    for end in (".nii.gz", ".nii", ".mha", ".nrrd"):  # ITK writes all four, NIfTI in RAS by its own rules
+        sitk.WriteImage(img, str(tmp_path / f"x{end}"))
+        reads[end] = imageio.read(tmp_path / f"x{end}")
+        assert imageio.header(tmp_path / f"x{end}")[0] == volume.shape
+    for end, (arr, affine) in reads.items():
+        assert np.array_equal(arr, volume), end
+        for index in [(0, 0, 0), (1, 2, 3), (4, 5, 6)]:
+            lps = np.array(img.TransformIndexToPhysicalPoint(index))
+            assert np.allclose(affine @ [*index, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-4), end
+            assert arr[index] == img.GetPixel(index)
+        assert np.allclose(affine, reads[".nii.gz"][1], atol=1e-5)
+        assert np.allclose(imageio.header(tmp_path / f"x{end}")[1], affine)
+    canon = {end: imageio.to_canonical(*r) for end, r in reads.items()}
+    for arr, affine in canon.values():
+        assert nib.aff2axcodes(affine) == ("R", "A", "S")
+        assert np.array_equal(arr, canon[".nii.gz"][0]) and np.allclose(affine, canon[".nii.gz"][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("end", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_write_then_read_gives_back_array_and_affine(tmp_path, end):
+    label = np.random.default_rng(1).integers(0, 3, (6, 5, 4)).astype(np.uint8)
+    affine = np.array([[0, 0, -2.0, 5], [1.5, 0, 0, -3], [0, -0.8, 0, 7], [0, 0, 0, 1]])
+    imageio.write(tmp_path / f"seg{end}", label, affine)
+    arr, back = imageio.read(tmp_path / f"seg{end}")
+    assert arr.dtype == np.uint8 and np.array_equal(arr, label) and np.allclose(back, affine, atol=1e-5)
+    channels = np.random.default_rng(2).normal(size=(6, 5, 4, 2)).astype(np.float32)
+    imageio.write(tmp_path / f"img{end}", channels, affine)
+    assert np.array_equal(imageio.read(tmp_path / f"img{end}")[0], channels)
+    assert imageio.header(tmp_path / f"img{end}")[0] == (6, 5, 4, 2)
+
+
+def test_writing_like_a_nifti_keeps_its_header_but_not_its_scaling(tmp_path):
+    source = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    source.header.set_slope_inter(2.0, -1024.0)
+    source.header["descrip"] = b"scanner X"
+    source.header.set_qform(source.affine, code=1)
+    source.header["cal_max"] = 3000
+    nib.save(source, tmp_path / "in.nii.gz")
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1, 2, 3] = 2
+    imageio.write(tmp_path / "out.nii.gz", label, source.affine, like=tmp_path / "in.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert np.array_equal(np.asanyarray(out.dataobj), label) and out.get_data_dtype() == np.uint8
+    assert out.header["descrip"] == b"scanner X" and int(out.header["qform_code"]) == 1
+    assert float(out.header["cal_max"]) == 0
+
+
+def test_from_canonical_undoes_to_canonical_for_all_48_axis_orders():
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for perm, signs in itertools.product(itertools.permutations(range(3)), itertools.product((-1, 1), repeat=3)):
+        affine = np.eye(4)
+        affine[:3, :3] = np.eye(3)[:, perm] * signs * [1.0, 2.0, 3.0]
+        canon, canon_affine = imageio.to_canonical(arr, affine)
+        assert nib.aff2axcodes(canon_affine) == ("R", "A", "S")
+        assert np.array_equal(imageio.from_canonical(canon, affine), arr)
+        # every voxel keeps its world position
+        for index in [(0, 0, 0), (1, 2, 3)]:
+            world = affine @ [*index, 1]
+            cidx = np.round(np.linalg.solve(canon_affine, world)[:3]).astype(int)
+            assert canon[tuple(cidx)] == arr[index]
+
+
+def test_unreadable_and_unknown_files_give_one_line(tmp_path):
+    (tmp_path / "broken.mha").write_bytes(b"not an image")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, kind in (("broken.mha", "MetaImage"), ("broken.nii.gz", "NIfTI")):
+        for fn in (imageio.read, imageio.header):
+            with pytest.raises(PgpsError, match=f"cannot read {kind} file .*{name}") as err:
+                fn(tmp_path / name)
+            assert "\n" not in str(err.value)
+    with pytest.raises(PgpsError, match="not an image file"):
+        imageio.read(tmp_path / "notes.txt")
+    with pytest.raises(PgpsError, match="does not exist"):
+        imageio.read(tmp_path / "absent.nrrd")
+
+
+def _nnunet(root, end, spacing=(1.0, 1.0, 2.0)):
+    """A two-channel nnU-Net raw dataset (CT + MRI) in format ``end``."""
+    affine = np.diag([*spacing, 1.0])
+    for i in range(3):
+        image, label = blob_case((12, 10, 8), i)
+        for c, scale in enumerate((400.0, 1.0)):
+            imageio.write(root / "imagesTr" / f"tiny_{i:03d}_{c:04d}{end}", (image * scale).astype(np.float32), affine)
+        imageio.write(root / "labelsTr" / f"tiny_{i:03d}{end}", label.astype(np.uint8), affine)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"1": "T2", "0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": 3, "file_ending": end}))
+    return root
+
+
+def test_prepare_reads_nnunet_nrrd_and_mha_like_nifti(tmp_path):
+    ref = data.prepare(_nnunet(tmp_path / "nii", ".nii.gz"))
+    assert data.discover(tmp_path / "nii").modalities == ("CT", "T2")
+    assert [s["type"] for s in ref.normalisation] == ["ct", "zscore"]
+    for end in (".nrrd", ".mha"):
+        ds = data.prepare(_nnunet(tmp_path / end[1:], end))
+        assert ds.spacing == ref.spacing == (1.0, 1.0, 2.0) and ds.normalisation == ref.normalisation
+        for i in range(len(ds)):
+            assert np.array_equal(ds.image(i), ref.image(i)) and np.array_equal(ds.label(i), ref.label(i))

@@ -1,0 +1,100 @@
+"""Normalisation by modality: CT dataset-wide from foreground statistics, everything else per volume."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_msd
+
+from pgps_tune import data, intensity
+from pgps_tune.errors import PgpsError
+
+
+def _ct_cases():
+    """Two CT cases whose foreground holds 1..1000 HU between them, in a -1000 HU (air) background."""
+    cases = []
+    for values in (np.arange(1, 601), np.arange(601, 1001)):
+        image = np.full((1, 10, 10, 10), -1000.0, dtype=np.float32)
+        label = np.zeros((10, 10, 10), dtype=np.uint8)
+        label.ravel()[: values.size] = 1
+        image[0].ravel()[: values.size] = values
+        cases.append((image, label))
+    return cases
+
+
+def test_modality_names_pick_the_scheme():
+    assert intensity.scheme_names(["CT", "ct ", "MRI", "T2", "FLAIR", "image"]) == ["ct", "ct"] + ["zscore"] * 4
+
+
+def test_ct_statistics_are_those_of_the_foreground_of_all_cases():
+    (scheme,) = intensity.fit(["ct"], _ct_cases())
+    # foreground 1..1000: linear-interpolated percentiles 1 + 999 * p / 100, mean 500.5, sd sqrt((n^2 - 1) / 12)
+    assert scheme["type"] == "ct"
+    assert scheme["lower"] == pytest.approx(1 + 999 * 0.005) and scheme["upper"] == pytest.approx(1 + 999 * 0.995)
+    assert scheme["mean"] == pytest.approx(500.5) and scheme["sd"] == pytest.approx(np.sqrt((1000**2 - 1) / 12))
+
+
+def test_ct_normalisation_is_the_same_map_for_every_volume():
+    (scheme,) = intensity.fit(["ct"], _ct_cases())
+    a = np.array([[[[-1000.0, 100.0, 500.5, 5000.0]]]], dtype=np.float32)
+    b = np.array([[[[100.0, 0.0, 0.0, 0.0]]]], dtype=np.float32)
+    na, nb = intensity.normalise(a, [scheme]), intensity.normalise(b, [scheme])
+    sd = scheme["sd"]
+    expected = [(scheme["lower"] - 500.5) / sd, (100 - 500.5) / sd, 0.0, (scheme["upper"] - 500.5) / sd]
+    assert na.ravel() == pytest.approx(expected, abs=1e-5)  # clipped to the percentiles, then z-scored
+    assert nb.ravel()[0] == pytest.approx(na.ravel()[1])  # 100 HU means the same in any volume
+
+
+def test_mixed_ct_and_mri_channels_are_normalised_each_on_its_own():
+    cases = []
+    for image, label in _ct_cases():
+        mri = np.random.default_rng(0).normal(300, 40, (1, 10, 10, 10)).astype(np.float32)
+        cases.append((np.concatenate([image, mri]), label))
+    ct_only = intensity.fit(["ct"], [(image[:1], label) for image, label in cases])
+    schemes = intensity.fit(["ct", "zscore"], cases)
+    assert schemes == [ct_only[0], {"type": "zscore"}]  # the MRI channel does not touch the CT statistics
+    out = intensity.normalise(cases[0][0], schemes)
+    assert abs(out[1].mean()) < 1e-5 and out[1].std() == pytest.approx(1, abs=1e-4)
+    assert out[0] == pytest.approx(intensity.normalise(cases[0][0][:1], ct_only)[0])
+
+
+def test_zscore_only_datasets_are_not_read_for_statistics():
+    def never():
+        raise AssertionError("cases were read although no channel is CT")
+        yield
+
+    assert intensity.fit(["zscore", "zscore"], never()) == [{"type": "zscore"}] * 2
+
+
+def test_a_ct_dataset_without_foreground_is_refused_with_the_fix():
+    cases = [(image, np.zeros_like(label)) for image, label in _ct_cases()]
+    with pytest.raises(PgpsError, match="no labelled case has foreground"):
+        intensity.fit(["zscore", "ct"], [(np.concatenate([i, i]), lab) for i, lab in cases])
+
+
+def test_large_cases_are_sampled_reproducibly():
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 10, (1, 40, 40, 40)).astype(np.float32)  # 64000 foreground voxels
+    label = np.ones((40, 40, 40), dtype=np.uint8)
+    first = intensity.fit(["ct"], [(image, label)], seed=3)
+    assert first == intensity.fit(["ct"], [(image, label)], seed=3)
+    assert first != intensity.fit(["ct"], [(image, label)], seed=4)  # a sample, not every voxel
+    assert first[0]["mean"] == pytest.approx(image.mean(), abs=0.5) and first[0]["sd"] == pytest.approx(10, rel=0.05)
+
+
+def test_prepare_normalises_ct_dataset_wide_and_records_the_scheme(tmp_path):
+    root = make_msd(tmp_path / "ct", n=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    mri = data.prepare(root)
+    assert mri.normalisation == [{"type": "zscore"}]
+    meta["modality"] = {"0": "CT"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ct = data.prepare(root)
+    assert ct.cache_dir != mri.cache_dir  # the modality is part of the cache key
+    (scheme,) = ct.normalisation
+    assert scheme["type"] == "ct"
+    assert json.loads((ct.cache_dir / "prepared.json").read_text())["normalisation"] == [scheme]
+    raw = [data._load_image(c.images[0])[0] for c in data.discover(root).cases]
+    for i, image in enumerate(raw):  # one affine map for all cases: the same statistics everywhere
+        expected = (np.clip(image, scheme["lower"], scheme["upper"]) - scheme["mean"]) / scheme["sd"]
+        assert np.allclose(ct.image(i)[0], expected, atol=1e-5)

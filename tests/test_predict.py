@@ -1,0 +1,249 @@
+"""``pgps-tune predict`` and ``evaluate``: outputs in each input's geometry, Dice as evaluate reports it."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import blob_case, make_msd
+
+from pgps_tune import data, imageio
+from pgps_tune import schedule as sch
+from pgps_tune.cli import main
+from pgps_tune.config import TrainConfig
+from pgps_tune.predict import Run, case_geometry, predict_case, segment
+from pgps_tune.trainer import Trainer, dice_scores, evaluate_run
+
+# the case files of the trained run are stored in an unusual orientation: permuted and flipped axes
+ODD = np.array([[0, -1.0, 0, 30], [0, 0, 1.0, -5], [-1.0, 0, 0, 12], [0, 0, 0, 1]])
+
+
+def _train(root, out, cache, epochs=4, ipe=10):
+    ds = data.prepare(root, cache_root=cache)
+    s = sch.preset("constant", (16, 16, 16), (2, 2, 2), 2, epochs)
+    cfg = TrainConfig(iterations_per_epoch=ipe, val_every=epochs, threads=1, filters=(4, 8, 16))
+    train, val = data.split(ds, 0.34, seed=0)
+    Trainer(ds, train, val, s, cfg, out).fit()
+    return ds
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run trained briefly on 6 tiny blob cases; case_005 is stored with the ODD affine."""
+    base = tmp_path_factory.mktemp("predict")
+    root = make_msd(base / "data", n=6)
+    image, label = (np.asanyarray(nib.load(root / d / "case_005.nii.gz").dataobj) for d in ("imagesTr", "labelsTr"))
+    for d, arr in (("imagesTr", image), ("labelsTr", label)):
+        nib.save(nib.Nifti1Image(imageio.from_canonical(arr, ODD), ODD), root / d / "case_005.nii.gz")
+    ds = _train(root, base / "run", base / "cache")
+    return base / "run", root, ds
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err.strip()
+
+
+def one_line_error(rc, err, needle):
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+def _dice(pred, label, num_classes):
+    return float(np.nanmean(dice_scores(torch.from_numpy(pred), torch.from_numpy(label), num_classes)))
+
+
+def test_prediction_has_the_input_geometry_and_the_dice_evaluate_reports(run, tmp_path, capsys):
+    run_dir, root, ds = run
+    for case in ("case_001", "case_005"):  # case_005: permuted and flipped axes
+        rc, out, err = cli(capsys, "predict", "--run", run_dir, "--input", root / "imagesTr" / f"{case}.nii.gz",
+                           "--out", tmp_path / "pred")
+        assert rc == 0, err
+        assert json.loads(out)["outputs"] == [str(tmp_path / "pred" / f"{case}.nii.gz")]
+        assert len(err.splitlines()) == 1 and case in err  # one progress line per case
+        source = nib.load(root / "imagesTr" / f"{case}.nii.gz")
+        pred = nib.load(tmp_path / "pred" / f"{case}.nii.gz")
+        assert pred.shape == source.shape and np.array_equal(pred.affine, source.affine)
+        label = np.asanyarray(nib.load(root / "labelsTr" / f"{case}.nii.gz").dataobj)
+        dice = _dice(np.asanyarray(pred.dataobj), label, ds.num_classes)
+        reported = evaluate_run(run_dir, ds, "cpu", cases=[ds.case_ids.index(case)])["dice"]
+        assert dice == pytest.approx(reported, abs=1e-6)
+        assert dice > 0.1  # the run learnt something, so the equality compares real segmentations
+
+
+def test_mirroring_keeps_the_geometry(run, tmp_path, capsys):
+    run_dir, root, _ = run
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", root / "imagesTr" / "case_005.nii.gz",
+                     "--out", tmp_path, "--mirror", "--quiet")
+    assert rc == 0 and err == ""
+    pred, source = nib.load(tmp_path / "case_005.nii.gz"), nib.load(root / "imagesTr" / "case_005.nii.gz")
+    assert pred.shape == source.shape and np.array_equal(pred.affine, source.affine)
+
+
+class Threshold(torch.nn.Module):
+    """Class 1 where the normalised intensity is positive: a model whose right answer is known."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), 10 * x[:, :1]], 1)
+
+
+def _sphere(shape, spacing, centre_mm, radius_mm):
+    grid = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij"), -1)
+    return (np.linalg.norm(grid - centre_mm, axis=-1) < radius_mm).astype(np.float32)
+
+
+@pytest.mark.parametrize("end", [".nii.gz", ".mha"])
+def test_a_resampled_input_comes_back_on_its_own_grid(tmp_path, end):
+    # the run saw 1 mm voxels; the input has 1 x 1.5 x 3 mm voxels (R, A, S) stored on the axes I, L, A
+    run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
+              normalisation=[{"type": "ct", "lower": -1e9, "upper": 1e9, "mean": 0.5, "sd": 1.0}])
+    canonical_spacing = (1.0, 1.5, 3.0)
+    sphere = _sphere((30, 20, 10), canonical_spacing, (13.0, 16.0, 14.0), 8.0)
+    affine = np.array([[0, -1.0, 0, 40], [0, 0, 1.5, -5], [-3.0, 0, 0, 12], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(affine) == ("I", "L", "A")
+    image = imageio.from_canonical(sphere, affine)  # the same sphere, stored on the input's axes
+    imageio.write(tmp_path / f"in{end}", image, affine)
+    geometry = case_geometry([tmp_path / f"in{end}"], 1)
+    assert geometry.spacing == pytest.approx(canonical_spacing) and geometry.canonical_shape == (30, 20, 10)
+    label = predict_case(run, [tmp_path / f"in{end}"], geometry, torch.device("cpu"))
+    assert label.shape == image.shape
+    assert _dice(label, image.astype(np.uint8), 2) > 0.97  # a voxel's shift along any axis costs far more
+    shifted = np.roll(image, 1, axis=0)  # one 3 mm voxel
+    assert _dice(label, shifted.astype(np.uint8), 2) < 0.9
+
+
+def test_mirroring_averages_copies_flipped_back_into_place():
+    run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
+              normalisation=[{"type": "zscore"}])
+    image = np.random.default_rng(0).normal(size=(1, 20, 18, 17)).astype(np.float32)
+    plain = segment(run, image, torch.device("cpu"))
+    mirrored = segment(run, image, torch.device("cpu"), mirror=True)
+    assert plain.shape == (2, 20, 18, 17)
+    assert np.allclose(mirrored, plain, atol=1e-5)  # the model commutes with flips: any misplaced copy would show
+
+
+def test_existing_outputs_are_refused_before_any_work(run, tmp_path, capsys):
+    run_dir, root, _ = run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("case_000", "case_001"):
+        (folder / f"{case}.nii.gz").write_bytes((root / "imagesTr" / f"{case}.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case_001.nii.gz").write_bytes(b"precious")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out)
+    one_line_error(rc, err, "case_001.nii.gz already exists; add --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["case_001.nii.gz"]  # case_000 was not predicted either
+    assert (out / "case_001.nii.gz").read_bytes() == b"precious"
+    rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite")
+    assert rc == 0 and json.loads(stdout)["cases"] == 2 and len(err.splitlines()) == 2
+    assert nib.load(out / "case_001.nii.gz").shape == (20, 24, 16)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", folder, "--overwrite")
+    one_line_error(rc, err, "would replace its own input")
+
+
+@pytest.fixture(scope="module")
+def two_channel_run(tmp_path_factory):
+    """A 2-channel (CT + MRI) MSD dataset with 4D images, and a run trained on it for a few iterations."""
+    base = tmp_path_factory.mktemp("twochannel")
+    root = base / "data"
+    training = []
+    for i in range(3):
+        image, label = blob_case((16, 16, 16), i)
+        both = np.stack([image * 300 - 100, image], -1).astype(np.float32)
+        for d, arr in (("imagesTr", both), ("labelsTr", label.astype(np.uint8))):
+            (root / d).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), root / d / f"two_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/two_{i:03d}.nii.gz", "label": f"./labelsTr/two_{i:03d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Two", "modality": {"0": "CT", "1": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"},
+        "training": training}))
+    ds = _train(root, base / "run", base / "cache", epochs=1, ipe=2)
+    assert [s["type"] for s in ds.normalisation] == ["ct", "zscore"]
+    return base / "run", root
+
+
+def test_multichannel_4d_file_and_nnunet_channel_files_agree(two_channel_run, tmp_path, capsys):
+    run_dir, root = two_channel_run
+    four_d = root / "imagesTr" / "two_001.nii.gz"
+    img = nib.load(four_d)
+    split = tmp_path / "split"
+    split.mkdir()
+    for c in range(2):  # the same case as nnU-Net writes it: one .mha per channel
+        imageio.write(split / f"two_001_{c:04d}.mha", np.asanyarray(img.dataobj)[..., c], img.affine)
+    assert cli(capsys, "predict", "--run", run_dir, "--input", four_d, "--out", tmp_path / "a", "--quiet")[0] == 0
+    assert cli(capsys, "predict", "--run", run_dir, "--input", split, "--out", tmp_path / "b", "--quiet")[0] == 0
+    assert cli(capsys, "predict", "--run", run_dir, "--input", split / "two_001_0000.mha",
+               "--out", tmp_path / "c", "--quiet")[0] == 0
+    a = nib.load(tmp_path / "a" / "two_001.nii.gz")
+    assert a.shape == (16, 16, 16) and np.array_equal(a.affine, img.affine)
+    for other in (tmp_path / "b" / "two_001.mha", tmp_path / "c" / "two_001.mha"):  # the input's format
+        arr, affine = imageio.read(other)
+        assert np.array_equal(arr, np.asanyarray(a.dataobj)) and np.allclose(affine, img.affine)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", split / "two_001_0001.mha", "--out", tmp_path)
+    one_line_error(rc, err, "gives 1 channel(s) but the run was trained on 2")
+
+
+def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
+    run_dir, root, _ = run
+    two_dir, two_root = two_channel_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.nii.gz").write_bytes(b"garbage")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
+    nan = np.zeros((8, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    channels = tmp_path / "misregistered"
+    channels.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), channels / "x_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 9), np.float32), np.eye(4)), channels / "x_0001.nii.gz")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    for name in ("y_0000.nii.gz", "y_0001.nii.gz", "z_0000.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), lonely / name)
+    image = root / "imagesTr" / "case_000.nii.gz"
+    cases = [
+        (tmp_path, image, "does not exist; give --run a run folder"),
+        (run_dir, tmp_path / "absent.nii.gz", "does not exist; give an image file"),
+        (run_dir, tmp_path / "empty", "holds no image files"),
+        (run_dir, root / "dataset.json", "is not an image this tool reads"),
+        (run_dir, tmp_path / "broken.nii.gz", "cannot read NIfTI file"),
+        (run_dir, tmp_path / "flat.nii.gz", "has 2 dimensions"),
+        (run_dir, tmp_path / "nan.nii.gz", "non-finite voxels"),
+        (two_dir, image, "gives 1 channel(s) but the run was trained on 2"),
+        (two_dir, channels, "does not share the voxel grid"),
+        (two_dir, lonely, "has 1 channel file(s) but the run was trained on 2"),
+    ]
+    for run_arg, source, needle in cases:
+        rc, _, err = cli(capsys, "predict", "--run", run_arg, "--input", source, "--out", tmp_path / "out")
+        one_line_error(rc, err, needle)
+    assert not list((tmp_path / "out").glob("*"))
+    (tmp_path / "file").write_text("")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", image, "--out", tmp_path / "file")
+    one_line_error(rc, err, "is a file")
+
+
+def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_path, capsys):
+    run_dir, root, ds = run
+    val = json.loads((run_dir / "metrics.json").read_text())["split"]["val"]
+    rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", root)
+    ev = json.loads(out)
+    assert rc == 0 and ev["scored"] == f"validation cases of the run ({len(val)})"
+    assert ev["case_ids"] == sorted(val) and ev["cases"] == len(val) == 2
+    rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", root, "--all-cases")
+    ev = json.loads(out)
+    assert "training cases included" in ev["scored"] and ev["cases"] == 6 and ev["case_ids"] == ds.case_ids
+    old = tmp_path / "old_run"  # a run from before runs recorded their split
+    shutil.copytree(run_dir, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["split"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    ev = json.loads(cli(capsys, "evaluate", "--run", old, "--data", root)[1])
+    assert ev["cases"] == 6 and "does not record its validation cases" in ev["scored"]
+    other = make_msd(tmp_path / "other", n=3)
+    rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
+    ev = json.loads(out)
+    assert ev["cases"] == 3 and "not the run's dataset" in ev["scored"]
