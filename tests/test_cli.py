@@ -65,7 +65,8 @@ def test_every_numeric_flag_is_covered():
                    ("schedule", "--stages"), ("schedule", "--growth"), ("schedule", "--start-fraction"),
                    ("schedule", "--length-ratio"), ("schedule", "--final-fraction"), ("schedule", "--batch-cap"),
                    ("schedule", "--final-patch"), ("schedule", "--pools"), ("train", "--filters"),
-                   ("train", "--seed"), ("train", "--split-seed"), ("train", "--val-every"), ("plan", "--voxel-budget")]:
+                   ("train", "--seed"), ("train", "--split-seed"), ("train", "--val-every"),
+                   ("plan", "--voxel-budget")]:
         assert needed in flags, needed
 
 
@@ -84,7 +85,8 @@ def test_every_numeric_flag_refuses_nonsense_in_one_line(capsys, command, flag, 
 def test_good_values_pass_the_parser():
     a = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--lr", "1e-4", "--fg-ratio", "0",
                                    "--workers", "0", "--seed", "4294967295", "--final-patch", "40", "56", "40"])
-    assert a.lr == 1e-4 and a.fg_ratio == 0.0 and a.workers == 0 and a.seed == 2**32 - 1 and a.final_patch == [40, 56, 40]
+    assert a.lr == 1e-4 and a.fg_ratio == 0.0 and a.workers == 0 and a.seed == 2**32 - 1
+    assert a.final_patch == [40, 56, 40]
     assert build_parser().parse_args(["tune", "--space", "s", "--data", "d", "--out", "o",
                                       "--gpus-per-trial", "0.5"]).gpus_per_trial == 0.5
 

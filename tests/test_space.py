@@ -88,7 +88,8 @@ BAD = [
     ({"parameters": {"stages": 2}, "objective": {"type": "min_loss"}}, "objective.type 'min_loss' unknown"),
     ({"parameters": {"stages": 2}, "search": {"algorithm": "bohb"}}, "search.algorithm 'bohb' unknown"),
     ({"parameters": {"stages": 2}, "asha": {"time_attr": "seconds"}}, "asha.time_attr 'seconds' unknown"),
-    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": 1}}, "asha.reduction_factor must be a number in (1, 100]"),
+    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": 1}},
+     "asha.reduction_factor must be a number in (1, 100]"),
     ({"parameters": {"stages": 2}, "budget": {"epochs": "many"}}, "budget.epochs must be an integer in"),
     ({"parameters": {"stages": 2}, "budget": {"network": "vnet"}}, "budget.network 'vnet' unknown"),
     ({"parameters": {"stages": 2}, "budget": {"filters": "big"}}, "budget.filters must be a list"),
@@ -130,7 +131,8 @@ BAD = [
                      "growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1e999"}}},
      "give a finite number"),
     ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "performance"]},
-                     "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode > 2"}}}, "(a mode) with the number"),
+                     "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode > 2"}}},
+     "(a mode) with the number"),
     ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "performance"]},
                      "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode >= performance"}}},
      "which is not a number"),
@@ -166,7 +168,8 @@ BAD = [
     ({"parameters": {"stages": 2}, "asha": {"reduction_factor": float("nan")}}, "asha.reduction_factor must be"),
     ({"parameters": {"stages": 2}, "asha": {"brackets": 0}}, "asha.brackets must be an integer in [1, 10]"),
     ({"parameters": {"stages": 2}, "objective": {"tolerance": -0.1}}, "objective.tolerance must be"),
-    ({"parameters": {"stages": 2}, "objective": {"voxel_budget": 0}}, "objective.voxel_budget must be a number in (0, 1]"),
+    ({"parameters": {"stages": 2}, "objective": {"voxel_budget": 0}},
+     "objective.voxel_budget must be a number in (0, 1]"),
 ]
 
 
