@@ -35,7 +35,8 @@ class Range:
 
     def __str__(self) -> str:
         what = "an integer" if self.integer else "a number"
-        return f"{what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        low, high = (str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (self.low, self.high))
+        return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
     def check(self, value: Any, what: str) -> int | float:
         """``value`` if it is in range (a float for non-integer ranges); else a one-line :class:`PgpsError`."""

@@ -236,3 +236,34 @@ def test_an_internal_error_prints_one_line_naming_its_log(capsys, tmp_path, tiny
     assert log.parent == tmp_path / "state" / "pgps-tune" / "logs"
     text = log.read_text()
     assert "Traceback" in text and "RuntimeError: boom" in text and "plan --data" in text
+
+
+def test_the_crash_log_falls_back_to_the_temporary_folder(capsys, tmp_path, monkeypatch):
+    import pgps_tune.cli as cli
+
+    def broken(a):
+        raise ZeroDivisionError("oops")
+
+    (tmp_path / "state").write_text("not a folder")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(cli.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(cli, "cmd_best", broken)
+    assert main(["best", "--dataset", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"the traceback is in {tmp_path / 'tmp'}/crash-" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("raised,code", [(SystemExit(15), 143), (KeyboardInterrupt(), 130)])
+def test_signals_that_reach_main_exit_with_their_code(capsys, monkeypatch, raised, code):
+    # Ray's driver turns SIGTERM into SystemExit(15); a bare Ctrl-C outside a command's handler is 130
+    import pgps_tune.cli as cli
+
+    def stopped(a):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_best", stopped)
+    assert main(["best", "--dataset", "x"]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing was left half-written" in err

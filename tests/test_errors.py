@@ -221,5 +221,5 @@ def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
                           "step must be an integer in (0, 3], got 0.5")
     space.write_text("parameters: {stages: 2}\nbudget: {epochs: .inf}\n")
     assert_one_line_error(*run_cli(capsys, "tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o"),
-                          "budget.epochs must be an integer in [1, 1e+06], got inf")
+                          "budget.epochs must be an integer in [1, 1000000], got inf")
     assert not (tmp_path / "o").exists()

@@ -152,7 +152,7 @@ def _bad(d, **change):
         ({"stages": [{"patch_size": [8, 8, 8], "batch_size": 2, "epochs": 0},
                      {"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 1}]}, "epochs must be >= 1"),
         ({"stages": [{"patch_size": [40, 56, 40], "batch_size": -2, "epochs": 1}]},
-         r"stage 0 batch_size must be an integer in \[1, 1e\+06\], got -2"),
+         r"stage 0 batch_size must be an integer in \[1, 1000000\], got -2"),
         ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 10**9, "epochs": 1}]}, "batch_size must be"),
         ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 10**7}]}, "epochs must be an integer"),
         ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 600_000}] * 2},

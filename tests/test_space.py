@@ -115,7 +115,7 @@ BAD = [
     ({"parameters": {"stages": {"type": "int", "low": 1}}}, "needs a numeric 'high'"),
     ({"parameters": {"fg_ratio": {"type": "float", "low": 0.2, "high": 1.5}}}, "high must be a number in [0, 1]"),
     ({"parameters": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "low must be a number in (0, 10]"),
-    ({"parameters": {"batch_cap": 0}}, "parameter 'batch_cap': value must be an integer in [1, 1e+06], got 0"),
+    ({"parameters": {"batch_cap": 0}}, "parameter 'batch_cap': value must be an integer in [1, 1000000], got 0"),
     ({"parameters": {"final_fraction": 1.0}}, "value must be a number in (0, 1)"),
     ({"parameters": {"stages": {"type": "categorical", "choices": [2, 3.5]}}}, "choice must be an integer"),
     ({"parameters": {"lr": {"type": "categorical", "choices": [0.01, float("nan")]}}}, "choice must be a number"),
@@ -140,7 +140,7 @@ BAD = [
                      "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode == fast"}}},
      "which is not one of its values ['resource', 'performance']"),
     # every numeric key of every section
-    ({"parameters": {"stages": 2}, "budget": {"epochs": 0}}, "budget.epochs must be an integer in [1, 1e+06], got 0"),
+    ({"parameters": {"stages": 2}, "budget": {"epochs": 0}}, "budget.epochs must be an integer in [1, 1000000], got 0"),
     ({"parameters": {"stages": 2}, "budget": {"epochs": 2.5}}, "budget.epochs must be an integer"),
     ({"parameters": {"stages": 2}, "budget": {"iterations_per_epoch": -1}}, "budget.iterations_per_epoch must be"),
     ({"parameters": {"stages": 2}, "budget": {"batch_size": 10**9}}, "budget.batch_size must be an integer in [1, "),
