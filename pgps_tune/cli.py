@@ -1,41 +1,76 @@
-"""``pgps-tune`` command line: parse, call the library, turn errors into one line."""
+"""``pgps-tune`` command line: parse, call the library, turn errors into one line.
+
+Exit codes: 0 done; 2 a user error (one ``pgps-tune: error:`` line naming the problem and the
+fix); 130 Ctrl-C (SIGINT); 143 SIGTERM; 1 an internal error, reported in one line that names the
+log file holding its traceback (under ``$XDG_STATE_HOME/pgps-tune/logs``, by default
+``~/.local/state/pgps-tune/logs``, or the temporary folder where that cannot be written).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pgps_tune import schedule as sch
 from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, TrainConfig
 from pgps_tune.errors import PgpsError
+from pgps_tune.limits import LIMITS
 
+EXIT_INTERNAL = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def _add_schedule_args(p: argparse.ArgumentParser, need_shape: bool) -> None:
+def _number(name: str) -> Callable[[str], int | float]:
+    """An argparse ``type`` that accepts what ``pgps_tune.limits.LIMITS[name]`` allows, else names the range."""
+    rng = LIMITS[name]
+
+    def parse(text: str) -> int | float:
+        try:
+            return rng.parse(text, "value")
+        except PgpsError:
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _add_schedule_args(p: argparse.ArgumentParser, planned: bool) -> None:
     g = p.add_argument_group("schedule")
     g.add_argument("--preset", choices=["constant", "paper", "parametric"], default=None,
                    help="built-in curriculum (default: paper)")
     g.add_argument("--mode", choices=list(sch.MODES), default="resource",
                    help="resource: constant batch; performance: batch grows to keep voxels per batch")
-    g.add_argument("--final-patch", nargs=3, type=int, metavar=("X", "Y", "Z"), required=need_shape and False,
-                   help="final (inference) patch size" + ("" if need_shape else "; default: planned from the data"))
-    g.add_argument("--pools", nargs=3, type=int, metavar=("PX", "PY", "PZ"),
-                   help="stride-2 poolings per axis of the network" + ("" if need_shape else "; default: planned"))
-    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    g.add_argument("--final-patch", nargs=3, type=_number("patch_axis"), metavar=("X", "Y", "Z"),
+                   help="final (inference) patch size" + ("; default: planned from the data" if planned else ""))
+    g.add_argument("--pools", nargs=3, type=_number("pools"), metavar=("PX", "PY", "PZ"),
+                   help="stride-2 poolings per axis of the network" + ("; default: planned" if planned else ""))
+    g.add_argument("--batch-size", type=_number("batch_size"), default=DEFAULT_BATCH_SIZE,
                    help=f"baseline batch size (default {DEFAULT_BATCH_SIZE})")
-    g.add_argument("--batch-cap", type=int, default=None, help="performance mode: largest batch allowed")
-    g.add_argument("--stages", type=int, default=4, help="parametric: number of stages")
-    g.add_argument("--growth", type=float, default=None, help="parametric: side-length growth per stage")
-    g.add_argument("--start-fraction", type=float, default=None,
+    g.add_argument("--batch-cap", type=_number("batch_cap"), default=None,
+                   help="performance mode: largest batch allowed")
+    g.add_argument("--stages", type=_number("stages"), default=4, help="parametric: number of stages (default 4)")
+    g.add_argument("--growth", type=_number("growth"), default=None,
+                   help="parametric: side-length growth per stage (default 1.5)")
+    g.add_argument("--start-fraction", type=_number("start_fraction"), default=None,
                    help="parametric: first patch side as a fraction of the final (instead of --growth)")
-    g.add_argument("--length-ratio", type=float, default=1.0,
+    g.add_argument("--length-ratio", type=_number("length_ratio"), default=1.0,
                    help="parametric: each stage is this many times longer than the one before")
-    g.add_argument("--final-fraction", type=float, default=None,
+    g.add_argument("--final-fraction", type=_number("final_fraction"), default=None,
                    help="parametric: share of all epochs spent at the final patch size")
 
 
@@ -74,25 +109,69 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
 
 
 def cmd_schedule(a: argparse.Namespace) -> int:
+    if a.out:
+        _check_out_file(Path(a.out))
     if a.from_file:
         s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
     else:
         if a.final_patch is None or a.pools is None:
             raise PgpsError("--final-patch X Y Z and --pools PX PY PZ are needed (or --from FILE)")
-        s = _build_schedule(a, a.final_patch, a.pools, a.epochs if a.epochs is not None else 1000)
+        s = _build_schedule(a, a.final_patch, a.pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
     if a.out:
         s.save(a.out)
     _print_schedule(s, a.format)
     return 0
 
 
-def _check_writable(out: Path) -> None:
-    from pgps_tune.errors import atomic_write_text
+def _writable_ancestor(path: Path) -> None:
+    """Refuse ``path`` when its nearest existing ancestor is not a folder we may write in."""
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise PgpsError(f"cannot write to {path}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PgpsError(f"cannot write to {path}: {existing} is not writable; choose another --out")
 
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out folder that cannot be made or written, creating nothing: it is made when work starts."""
     if out.exists() and not out.is_dir():
-        raise PgpsError(f"--out {out} is a file; give a folder")
-    atomic_write_text(out / ".write_test", "")
-    (out / ".write_test").unlink()
+        raise PgpsError(f"--out {out} is a file; give a folder (a new one, or the run to continue)")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PgpsError(f"cannot write to --out {out}: the folder is not writable; choose another --out")
+        return
+    _writable_ancestor(out)
+
+
+def _check_out_file(path: Path) -> None:
+    """Refuse an --out file that is a folder or cannot be written, before any work."""
+    if path.is_dir():
+        raise PgpsError(f"--out {path} is a folder; give a file name (.yaml or .json)")
+    _writable_ancestor(path)
+
+
+@contextlib.contextmanager
+def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
+    """If the command fails, remove the folders it created for ``out`` that hold no file.
+
+    A command that stops on its inputs then leaves nothing behind, while anything it wrote
+    (a checkpoint, a started sweep to resume) stays: only empty folders are removed.
+    """
+    created: list[Path] = []  # out and its missing parents, deepest first
+    if out is not None:
+        p = out.absolute()
+        while not p.exists() and p != p.parent:
+            created.append(p)
+            p = p.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            if folder.is_dir():
+                for root, _, _ in os.walk(folder, topdown=False):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(root)  # only ever removes an empty folder
+        raise
 
 
 def _prepare(a: argparse.Namespace):
@@ -125,6 +204,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         final = tuple(a.final_patch) if a.final_patch else plan.final_patch
         pools = tuple(a.pools) if a.pools else plan.pools
         s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
+    _check_batch_memory(s, a)
     train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
     searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
     for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
@@ -157,6 +237,40 @@ def cmd_train(a: argparse.Namespace) -> int:
         "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
         "voxel_fraction", "iterations", "completed")}, indent=1))
     return 0
+
+
+def _memory_of(device: Any) -> tuple[int, str]:
+    """(bytes, what) this machine gives a run on ``device``: GPU memory, or RAM within any cgroup limit."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device.index or 0)
+        return props.total_memory, f"GPU memory on {props.name}"
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):  # a container's limit, where one is set
+        have = min(have, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))
+    return have, "RAM"
+
+
+def _check_batch_memory(s: sch.Schedule, a: argparse.Namespace) -> None:
+    """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line)."""
+    from pgps_tune.trainer import resolve_device
+
+    device = resolve_device(a.device)
+    filters = tuple(a.filters) if a.filters else TrainConfig.filters
+    need, i = sch.training_memory(s, filters, a.network, bytes_per_value=2 if device.type == "cuda" else 4)
+    have, what = _memory_of(device)
+    if need > have:
+        st = s.stages[i]
+        raise PgpsError(
+            f"stage {i} (batch {st.batch_size} of {'x'.join(map(str, st.patch_size))} patches) needs an estimated "
+            f"{_gib(need)} of memory for its activations, more than the {_gib(have)} of {what} here; "
+            "lower --batch-size (or --batch-cap, or the batch sizes of the schedule file)"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
 
 
 def _progress(r: dict[str, Any]) -> None:
@@ -202,14 +316,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-
-
 def _space_path(name: str) -> Path:
-    p = Path(name)
-    if p.exists() or p.suffix:
-        return p
-    return REPO_SPACES / f"{name}.yaml"  # a bare name picks a shipped space
+    """A --space argument: a file, or the name of a shipped space (unknown names list the shipped ones)."""
+    from pgps_tune.space import resolve
+
+    return resolve(name)
 
 
 def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
@@ -291,6 +402,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_best(a: argparse.Namespace) -> int:
     from pgps_tune.results import best_schedule
 
+    if a.out:
+        _check_out_file(Path(a.out))
     s = best_schedule(a.dataset, a.results_store, a.objective)
     if a.out:
         s.save(a.out)
@@ -299,20 +412,42 @@ def cmd_best(a: argparse.Namespace) -> int:
 
 
 class Interrupted(Exception):
-    pass
+    """A command stopped by Ctrl-C or SIGTERM; the message says what was kept and how to go on.
+
+    ``exit_code`` None: 143 if a SIGTERM stopped the command, else 130.
+    """
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that commands unwind as from Ctrl-C (then exit 143)."""
 
 
 # -- parser ---------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with pgps-tune's errors: one line that names the flag, then exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"pgps-tune: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.")
+    from pgps_tune.space import Budget
+
+    n = _number
+    p = _Parser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("schedule", help="build, convert or show a schedule")
-    _add_schedule_args(s, need_shape=True)
+    _add_schedule_args(s, planned=False)
     s.add_argument("--from", dest="from_file", help="read a schedule file (YAML or JSON)")
-    s.add_argument("--epochs", type=int, default=None, help="total epochs (default 1000; with --from: rescale)")
+    s.add_argument("--epochs", type=n("epochs"), default=None,
+                   help=f"total epochs (default {DEFAULT_EPOCHS}; with --from: rescale)")
     s.add_argument("--format", choices=["json", "yaml", "table"], default="table")
     s.add_argument("--out", help="also write the schedule to this file (.json or .yaml)")
     s.set_defaults(func=cmd_schedule)
@@ -320,41 +455,58 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
         q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
-        q.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        q.add_argument("--voxel-budget", type=int, default=128**3, help="planner: most voxels per patch")
+
+    def device_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--device", choices=DEVICES, default=TrainConfig.device,
+                       help=f"default {TrainConfig.device}: cuda where a GPU is visible")
+
+    def voxel_budget_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--voxel-budget", type=n("voxel_budget"), default=128**3,
+                       help="planner: most voxels per patch (default 128^3)")
 
     t = sub.add_parser("train", help="train one schedule")
     data_args(t)
+    device_arg(t)
+    voxel_budget_arg(t)
     t.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.json)")
     t.add_argument("--schedule", help="schedule file (instead of --preset)")
-    _add_schedule_args(t, need_shape=False)
-    t.add_argument("--epochs", type=int, default=None,
+    _add_schedule_args(t, planned=True)
+    t.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; rescales a --schedule)")
-    t.add_argument("--iterations-per-epoch", type=int, default=TrainConfig.iterations_per_epoch,
-                   help=f"default {TrainConfig.iterations_per_epoch}")
-    t.add_argument("--network", default=TrainConfig.network, help="unet or dynunet")
-    t.add_argument("--filters", nargs="+", type=int, help="channels per level")
+    t.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"),
+                   default=TrainConfig.iterations_per_epoch, help=f"default {TrainConfig.iterations_per_epoch}")
+    t.add_argument("--network", default=TrainConfig.network, help=f"unet or dynunet (default {TrainConfig.network})")
+    t.add_argument("--filters", nargs="+", type=n("filters"),
+                   help=f"channels per level (default {' '.join(map(str, TrainConfig.filters))})")
     t.add_argument("--deep-supervision", action="store_true", help="dynunet only")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=TrainConfig.optimizer,
                    help=f"default {TrainConfig.optimizer}")
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--lr", type=n("lr"), default=None,
                    help="default " + ", ".join(f"{v:g} ({k})" for k, v in DEFAULT_LR.items()))
-    t.add_argument("--fg-ratio", type=float, default=None,
-                   help="share of foreground-centred patches (default: the schedule file's, else 0.5)")
-    t.add_argument("--seed", type=int, default=TrainConfig.seed)
-    t.add_argument("--split-seed", type=int, default=0)
-    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--fg-ratio", type=n("fg_ratio"), default=None,
+                   help="share of foreground-centred patches "
+                   f"(default: the schedule file's, else {TrainConfig.fg_ratio})")
+    t.add_argument("--seed", type=n("seed"), default=TrainConfig.seed, help=f"default {TrainConfig.seed}")
+    t.add_argument("--split-seed", type=n("split_seed"), default=Budget.split_seed,
+                   help=f"default {Budget.split_seed}")
+    t.add_argument("--val-fraction", type=n("val_fraction"), default=Budget.val_fraction,
+                   help=f"default {Budget.val_fraction}")
     t.add_argument("--splits", help='JSON {"train": [ids], "val": [ids]}')
-    t.add_argument("--val-every", type=int, default=None, help="epochs between validations")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    t.add_argument("--max-train-seconds", type=float, default=None, help="stop after this much training")
+    t.add_argument("--val-every", type=n("val_every"), default=TrainConfig.val_every,
+                   help="epochs between validations (default: about 10 validations per run)")
+    t.add_argument("--threads", type=n("threads"), default=TrainConfig.threads,
+                   help="torch threads (default: all cores)")
+    t.add_argument("--workers", type=n("workers"), default=TrainConfig.workers,
+                   help=f"DataLoader worker processes (default {TrainConfig.workers})")
+    t.add_argument("--max-train-seconds", type=n("max_train_seconds"), default=TrainConfig.max_train_seconds,
+                   help="stop after the epoch that passes this much training time")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, out_folder=True)
 
     e = sub.add_parser("evaluate", help="Dice of a trained run: its validation cases, or every labelled case")
     data_args(e)
+    device_arg(e)
     e.add_argument("--run", required=True, help="run folder written by 'train'")
     e.add_argument("--all-cases", action="store_true",
                    help="score every labelled case (default on the run's own dataset: its validation cases)")
@@ -373,39 +525,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
     data_args(pl)
+    voxel_budget_arg(pl)
     pl.set_defaults(func=cmd_plan)
 
     def sweep_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--num-samples", type=int, default=None, help="search trials (default: the space's)")
-        q.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
-        q.add_argument("--cpus-per-trial", type=float, default=1.0)
-        q.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+        q.add_argument("--num-samples", type=n("num_samples"), default=None,
+                       help="search trials (default: the space's search.num_samples)")
+        q.add_argument("--max-concurrent", type=n("max_concurrent"), default=None,
+                       help="trials running at once (default: as many as the resources allow)")
+        q.add_argument("--cpus-per-trial", type=n("cpus_per_trial"), default=1.0, help="default 1")
+        q.add_argument("--gpus-per-trial", type=n("gpus_per_trial"), default=0.0,
+                       help="default 0; fractions allowed, e.g. 0.5")
         q.add_argument("--address", default=None, help="join a Ray cluster ('auto' or HOST:PORT)")
         q.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI for Tune's results")
         q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
-        q.add_argument("--max-failures", type=int, default=None,
+        q.add_argument("--max-failures", type=n("max_failures"), default=None,
                        help="retries of a failed trial from its last checkpoint (default: the space's budget)")
         q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
         q.add_argument("--results-store", default=None, help="results store (default ~/.local/share/pgps-tune/results)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
 
     tu = sub.add_parser("tune", help="search the best schedule for a dataset with Ray Tune")
-    tu.add_argument("--space", required=True, help="space file, or the name of one in search_spaces/")
+    tu.add_argument("--space", required=True, help="space file, or the name of a shipped space (e.g. default)")
     tu.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
     tu.add_argument("--out", required=True, help="sweep folder (exports, sweep.json, Tune results)")
     sweep_args(tu)
-    tu.set_defaults(func=cmd_tune)
+    tu.set_defaults(func=cmd_tune, out_folder=True)
 
     de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 2 minutes on 2 cores)")
-    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--out", default="runs/demo", help="sweep folder (default runs/demo)")
     sweep_args(de)
-    de.set_defaults(func=cmd_demo, max_concurrent=None)
+    de.set_defaults(func=cmd_demo, out_folder=True)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
     ex.add_argument("--experiment", required=True, help="the --out folder of a sweep")
     ex.add_argument("--out", required=True)
     ex.add_argument("--results-store", default=None)
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export, out_folder=True)
 
     be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
     be.add_argument("--dataset", required=True, help="dataset name (dataset.json 'name', or 'synthetic')")
@@ -417,19 +573,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# -- main: errors, signals, crash logs ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[list[int]]:
+    """Turn SIGTERM into :class:`Terminated` in this process while the block runs; yield what arrived."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a forked child (a DataLoader worker): die as SIGTERM asks
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append(signum)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return args.func(args)
-    except PgpsError as exc:
-        print(f"pgps-tune: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Interrupted as exc:
-        print(f"pgps-tune: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("pgps-tune: interrupted; nothing was left half-written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _crash_log(argv: list[str]) -> Path | None:
+    """Write the traceback being handled to a log file; its path, or None where no folder is writable."""
+    from pgps_tune.errors import atomic_write_text
+
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = (f"pgps-tune {shlex.join(argv)}\npython {sys.version.split()[0]}, cwd {os.getcwd()}\n\n"
+            f"{traceback.format_exc()}")
+    for folder in (state / "pgps-tune" / "logs", Path(tempfile.gettempdir())):
+        with contextlib.suppress(PgpsError, OSError):
+            return atomic_write_text(folder / name, text)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    out = Path(args.out) if getattr(args, "out_folder", False) else None
+    with _sigterm_raises() as terminated:
+        try:
+            with _no_empty_folder_left(out):
+                return args.func(args)
+        except PgpsError as exc:
+            print(f"pgps-tune: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+            return EXIT_USAGE
+        except Interrupted as exc:
+            print(f"pgps-tune: {exc}", file=sys.stderr)
+            return exc.exit_code or (EXIT_SIGTERM if terminated else EXIT_SIGINT)
+        except KeyboardInterrupt:
+            how = "terminated (SIGTERM)" if terminated else "interrupted"
+            print(f"pgps-tune: {how}; nothing was left half-written", file=sys.stderr)
+            return EXIT_SIGTERM if terminated else EXIT_SIGINT
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:  # Ray's own SIGTERM handler exits with the signal number
+                raise
+            print("pgps-tune: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+            return EXIT_SIGTERM
+        except Exception as exc:
+            log = _crash_log(argv)
+            where = f"the traceback is in {log}" if log else "no log folder was writable for the traceback"
+            what = " ".join(str(exc).split())[:200]
+            print(f"pgps-tune: internal error ({type(exc).__name__}: {what}); {where}; please report it",
+                  file=sys.stderr)
+            return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -105,20 +105,100 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB
+MAX_YAML_VALUES = 100_000  # after expanding aliases: a schedule of 1000 stages holds about 11,000
+MAX_YAML_DEPTH = 50  # nesting; the files nest 4 deep
+
+
+def _yaml_values(root: Any) -> int:
+    """How many values a composed YAML node holds once every alias is expanded.
+
+    Aliases share nodes, so this counts each node once per use without building anything;
+    it stops as soon as the count passes :data:`MAX_YAML_VALUES` (an alias bomb) and refuses
+    an alias that contains itself.  Iterative, so a long chain of aliases cannot overflow the stack.
+    """
+    import yaml
+
+    def children(node: Any) -> list[Any]:
+        if isinstance(node, yaml.MappingNode):
+            return [x for pair in node.value for x in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                return sizes[key]
+        elif key not in sizes:
+            if key in open_nodes:
+                raise ValueError("an alias refers to a node that contains it")
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
-    """Parse a YAML (or JSON) file, turning every failure into a one-line :class:`PgpsError`."""
+    """Parse a YAML (or JSON) file, turning every failure into a one-line :class:`PgpsError`.
+
+    Untrusted input is bounded before it is built: at most :data:`MAX_YAML_BYTES` are read,
+    :data:`MAX_YAML_DEPTH` levels of nesting and :data:`MAX_YAML_VALUES` values after alias
+    expansion are accepted, so an alias bomb ("billion laughs") or a huge file is refused at
+    once; only plain YAML types are built.
+    """
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise PgpsError(f"{kind} file {path} does not exist; {missing_hint}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PgpsError(f"cannot read {kind} file {path}: {exc}") from None
+    except IsADirectoryError:
+        raise PgpsError(f"{kind} file {path} is a folder; give a file") from None
+    except OSError as exc:
+        raise PgpsError(f"cannot read {kind} file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise PgpsError(f"{kind} file {path} is larger than {MAX_YAML_BYTES >> 20} MiB; give a {kind} file, "
+                        "which is a few KiB")
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PgpsError(f"{kind} file {path} is not UTF-8 text; give a YAML or JSON {kind} file") from None
+    class Loader(yaml.SafeLoader):
+        """Refuses deep nesting while composing (PyYAML's scanner slows quadratically with depth)."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise ValueError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _yaml_values(node) > MAX_YAML_VALUES:
+            raise PgpsError(f"{kind} file {path} holds more than {MAX_YAML_VALUES} values once its aliases are "
+                            f"expanded; a {kind} file needs far fewer (remove the repeated aliases)")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise PgpsError(f"{kind} file {path} is not valid YAML{at}; fix the syntax") from None
+    except (ValueError, TypeError) as exc:  # a bad date, a self-containing alias, deep nesting
+        raise PgpsError(f"{kind} file {path} is not valid YAML ({exc}); fix the file") from None
+    finally:
+        loader.dispose()

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from pgps_tune.errors import PgpsError, atomic_write_text, read_yaml
+from pgps_tune.limits import LIMITS
 
 FORMAT_VERSION = 1
 Mode = Literal["resource", "performance"]
@@ -93,28 +94,17 @@ class Schedule:
         return self.stages[self.stage_index_at(epoch)]
 
     # -- voxel accounting ------------------------------------------------------
-    def voxels(self, iterations_per_epoch: int = 1) -> int:
-        """Voxels fed to the network over the whole run."""
-        return iterations_per_epoch * sum(
-            s.epochs * s.batch_size * s.patch_voxels for s in self.stages
-        )
+    def voxels(self) -> int:
+        """Voxels fed to the network over the whole run, per iteration of an epoch."""
+        return sum(s.epochs * s.batch_size * s.patch_voxels for s in self.stages)
 
-    def baseline_voxels(self, iterations_per_epoch: int = 1) -> int:
-        """Voxels of the constant-patch baseline at the same epochs."""
-        return iterations_per_epoch * self.epochs * self.baseline_batch_size * math.prod(self.final_patch)
+    def baseline_voxels(self) -> int:
+        """Voxels of the constant-patch baseline at the same epochs, per iteration of an epoch."""
+        return self.epochs * self.baseline_batch_size * math.prod(self.final_patch)
 
     def voxel_fraction(self) -> float:
         """Voxels processed as a fraction of the constant baseline's."""
         return self.voxels() / self.baseline_voxels()
-
-    def voxels_until(self, epoch: float, iterations_per_epoch: int = 1) -> float:
-        """Voxels processed after ``epoch`` epochs (fractional epochs allowed)."""
-        total, e = 0.0, 0.0
-        for st in self.stages:
-            take = min(max(epoch - e, 0.0), st.epochs)
-            total += take * st.batch_size * st.patch_voxels
-            e += st.epochs
-        return total * iterations_per_epoch
 
     # -- files -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +136,7 @@ class Schedule:
         text = self.to_json() if path.suffix.lower() == ".json" else self.to_yaml()
         return atomic_write_text(path, text)
 
-    def table(self, iterations_per_epoch: int = 1) -> str:
+    def table(self) -> str:
         """Human-readable table of the stages."""
         rows = ["stage  patch            batch  epochs  voxels/batch  share_of_voxels"]
         total = self.voxels() or 1
@@ -162,6 +152,37 @@ class Schedule:
             f"{self.voxel_fraction():.3f} of the constant baseline"
         )
         return "\n".join(rows)
+
+
+# -- memory ------------------------------------------------------------------
+
+# Activation values the network keeps for the backward pass, per channel and voxel of each level:
+# a little under what torch 2.13 holds in fp32 (measured, forward + backward on the CPU: 4 to 5.5
+# for MONAI's UNet with one residual unit, 16 for DynUNet), so an estimate over the machine's
+# memory is surely too much.
+SAVED_ACTIVATIONS = {"unet": 4, "dynunet": 12}
+
+
+def training_memory(
+    s: Schedule, filters: Sequence[int], network: str = "unet", bytes_per_value: int = 4
+) -> tuple[int, int]:
+    """Estimated activation bytes of the hungriest stage of ``s``, and that stage's index.
+
+    Why: a batch far too large for the machine should be refused in one line before a run
+    starts, not end in an out-of-memory kill.  Level ``l`` of the network holds
+    ``filters[l]`` channels at the patch size halved once per pooling so far on each axis.
+    ``bytes_per_value`` is 4 in fp32, 2 under CUDA mixed precision.
+    """
+    levels = max(s.pools) + 1
+    per_stage = [
+        st.batch_size * sum(
+            channels * math.prod(p // 2 ** min(level, k) for p, k in zip(st.patch_size, s.pools))
+            for level, channels in enumerate(filters[:levels])
+        )
+        for st in s.stages
+    ]
+    worst = max(range(len(per_stage)), key=per_stage.__getitem__)
+    return per_stage[worst] * SAVED_ACTIVATIONS[network] * bytes_per_value, worst
 
 
 # -- validation --------------------------------------------------------------
@@ -188,27 +209,32 @@ def validate(s: Schedule) -> None:
     """Raise :class:`PgpsError` naming what is wrong with a schedule."""
     if len(s.final_patch) != 3 or len(s.pools) != 3:
         raise PgpsError("final_patch and pools need 3 values each (x y z)")
-    if any(p < 0 or p > 8 for p in s.pools):
-        raise PgpsError(f"pools {list(s.pools)} out of range; give 0..8 poolings per axis")
-    if s.baseline_batch_size < 1:
-        raise PgpsError("baseline_batch_size must be >= 1")
+    for p in s.pools:
+        LIMITS["pools"].check(p, "pools per axis")
+    for p in s.final_patch:
+        LIMITS["patch_axis"].check(p, "final_patch axis")
+    LIMITS["batch_size"].check(s.baseline_batch_size, "baseline_batch_size")
     if not s.stages:
         raise PgpsError("a schedule needs at least one stage")
+    if len(s.stages) > LIMITS["stages"].high:
+        raise PgpsError(f"a schedule has at most {LIMITS['stages'].high:g} stages, got {len(s.stages)}")
     check_patch(s.final_patch, s.pools, "final patch")
+    total = 0
     for i, st in enumerate(s.stages):
         if len(st.patch_size) != 3:
             raise PgpsError(f"stage {i}: patch_size needs 3 values (x y z)")
-        if st.batch_size < 1 or st.epochs < 1:
-            raise PgpsError(
-                f"stage {i}: batch_size and epochs must be >= 1 "
-                f"(got {st.batch_size} and {st.epochs}); give more epochs or fewer stages"
-            )
+        if st.epochs < 1:
+            raise PgpsError(f"stage {i}: epochs must be >= 1, got {st.epochs}; give more epochs or fewer stages")
+        LIMITS["batch_size"].check(st.batch_size, f"stage {i} batch_size")
+        LIMITS["epochs"].check(st.epochs, f"stage {i} epochs")
+        total += st.epochs
         check_patch(st.patch_size, s.pools, f"stage {i} patch")
         if any(p > f for p, f in zip(st.patch_size, s.final_patch)):
             raise PgpsError(
                 f"stage {i} patch {list(st.patch_size)} is larger than the final patch "
                 f"{list(s.final_patch)}; stages must fit inside the final patch"
             )
+    LIMITS["epochs"].check(total, "the schedule's total epochs")
     if s.stages[-1].patch_size != s.final_patch:
         raise PgpsError(
             f"the last stage trains {list(s.stages[-1].patch_size)} but the final patch is "
@@ -297,6 +323,8 @@ def _batches(
 ) -> list[int]:
     if mode not in MODES:
         raise PgpsError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if cap is not None:
+        LIMITS["batch_cap"].check(cap, "batch_cap")
     if mode == "resource":
         return [batch_size] * len(patches)
     return [_performance_batch(batch_size, final, p, cap) for p in patches]
@@ -367,22 +395,27 @@ def paper(
 
 
 def allocate_epochs(epochs: int, weights: Sequence[float]) -> list[int]:
-    """Split ``epochs`` into integer lengths proportional to ``weights``, each >= 1.
+    """Split ``epochs`` into integer lengths proportional to ``weights``, each >= 1, summing to ``epochs``.
 
-    Largest-remainder rounding, so lengths always sum to ``epochs``.
+    Each stage gets the floor of its exact share (at least 1); the epochs left over go to
+    the largest remainders (ties: the later stage), and epochs owed by stages lifted to 1
+    are taken back from the stages furthest above their share.  So lengths stay within one
+    epoch of ``epochs * w / sum(w)`` unless the minimum of 1 forces otherwise, and
+    multiplying ``epochs`` by an integer multiplies integer lengths exactly.
     """
     n = len(weights)
-    if n == 0 or any(w <= 0 for w in weights):
+    if n == 0 or not all(math.isfinite(w) and w > 0 for w in weights):
         raise PgpsError("stage weights must be positive")
     if epochs < n:
         raise PgpsError(f"{n} stages need at least {n} epochs, got {epochs}; give more epochs")
-    spare = epochs - n  # one epoch each is guaranteed
     total = sum(weights)
-    exact = [spare * w / total for w in weights]
-    lengths = [1 + math.floor(x) for x in exact]
-    left = epochs - sum(lengths)
-    order = sorted(range(n), key=lambda i: (-(exact[i] - math.floor(exact[i])), -i))
-    for i in order[:left]:
+    exact = [epochs * w / total for w in weights]
+    lengths = [max(1, math.floor(x)) for x in exact]
+    while sum(lengths) > epochs:
+        i = max((i for i in range(n) if lengths[i] > 1), key=lambda i: (lengths[i] - exact[i], -i))
+        lengths[i] -= 1
+    while sum(lengths) < epochs:
+        i = max(range(n), key=lambda i: (exact[i] - lengths[i], i))
         lengths[i] += 1
     return lengths
 
@@ -398,7 +431,6 @@ def parametric(
     start_fraction: float | None = None,
     length_ratio: float = 1.0,
     final_fraction: float | None = None,
-    lengths: Sequence[float] | None = None,
     mode: str = "resource",
     batch_cap: int | None = None,
 ) -> Schedule:
@@ -409,28 +441,22 @@ def parametric(
     to the network's divisibility.  Give either ``growth`` (> 1) or
     ``start_fraction`` (first stage's side as a fraction of the final, in (0, 1]).
 
-    Lengths: ``lengths`` (relative weights per stage) if given; otherwise stage
-    ``k`` weighs ``length_ratio**k`` (1 = equal, > 1 = later stages longer),
-    with ``final_fraction`` of all epochs reserved for the last stage if given.
+    Lengths: stage ``k`` weighs ``length_ratio**k`` (1 = equal, > 1 = later stages
+    longer), with ``final_fraction`` of all epochs reserved for the last stage if given.
     Stages that snap to the same patch are merged (their epochs added), so the
     stage count of the result can be lower than asked; ``meta`` records both.
     """
     final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
     check_patch(final, pools_, "final patch")
-    if stages < 1:
-        raise PgpsError(f"stages must be >= 1, got {stages}")
+    LIMITS["stages"].check(stages, "stages")
+    LIMITS["length_ratio"].check(length_ratio, "length_ratio")
     if stages > 1:
         if (growth is None) == (start_fraction is None):
             raise PgpsError("give exactly one of growth or start_fraction for a multi-stage schedule")
         if start_fraction is not None:
-            if not 0 < start_fraction <= 1:
-                raise PgpsError(f"start_fraction must be in (0, 1], got {start_fraction}")
-            growth = start_fraction ** (-1.0 / (stages - 1))
-        assert growth is not None
-        if growth < 1:
-            raise PgpsError(f"growth must be >= 1, got {growth}")
-    if length_ratio <= 0:
-        raise PgpsError(f"length_ratio must be > 0, got {length_ratio}")
+            growth = LIMITS["start_fraction"].check(start_fraction, "start_fraction") ** (-1.0 / (stages - 1))
+        else:
+            LIMITS["growth"].check(growth, "growth")
     inc = divisors(pools_)
 
     def snap(side: float, a: int) -> int:
@@ -441,14 +467,8 @@ def parametric(
         scale = (growth or 1.0) ** (stages - 1 - k)
         patches.append(tuple(snap(final[a] / scale, a) for a in range(3)))  # type: ignore[arg-type]
 
-    if lengths is not None:
-        if len(lengths) != stages:
-            raise PgpsError(f"lengths has {len(lengths)} values for {stages} stages")
-        weights = [float(w) for w in lengths]
-        stage_epochs = allocate_epochs(epochs, weights)
-    elif final_fraction is not None and stages > 1:
-        if not 0 < final_fraction < 1:
-            raise PgpsError(f"final_fraction must be in (0, 1), got {final_fraction}")
+    if final_fraction is not None and stages > 1:
+        LIMITS["final_fraction"].check(final_fraction, "final_fraction")
         last = min(epochs - (stages - 1), max(1, round(epochs * final_fraction)))
         stage_epochs = allocate_epochs(epochs - last, [length_ratio**k for k in range(stages - 1)])
         stage_epochs.append(last)

@@ -22,19 +22,22 @@ File format (YAML)::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, TrainConfig
 from pgps_tune.errors import PgpsError, read_yaml
+from pgps_tune.limits import LIMITS, Range, limit
 
 if TYPE_CHECKING:
     import optuna
 
-# parameters that build the schedule (the rest tune the trainer)
+# parameters that build the schedule (the rest tune the trainer), with their kind of value
 SCHEDULE_PARAMS = {
     "stages": "int", "growth": "float", "start_fraction": "float", "length_ratio": "float",
     "final_fraction": "float", "mode": "categorical", "batch_cap": "int",
@@ -45,7 +48,8 @@ OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget")
 ALGORITHMS = ("tpe", "random", "grid")
 JUDGES = ("final_stage", "always")
 TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
-_WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.\-]+)\s*$")
+_WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.+\-]+)\s*$")
+ORDERING = (">", ">=", "<", "<=")
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,22 @@ def _fields(cls) -> set[str]:
     return set(cls.__dataclass_fields__)
 
 
+def _number(value: Any, key: str, section: str, src: str, range_key: str | None = None) -> Any:
+    rng = limit(range_key or key, section)
+    assert rng is not None, f"no range for {section}.{range_key or key} in pgps_tune.limits"
+    return rng.check(value, f"{src}: {section}.{key}")
+
+
+def _numbers(value: Any, key: str, section: str, src: str, length: int | None) -> tuple[int, ...]:
+    """A list of integers (each in range), e.g. budget.filters or budget.final_patch."""
+    item = {"final_patch": "patch_axis", "synthetic_shape": "synthetic_axis"}.get(key, key)
+    if (not isinstance(value, list) or (length is not None and len(value) != length)
+            or not 1 <= len(value) <= 10):
+        n = f"{length}" if length else "1 to 10"
+        raise PgpsError(f"{src}: {section}.{key} must be a list of {n} integers, got {value!r}")
+    return tuple(_number(v, key, section, src, item) for v in value)
+
+
 def _section(raw: dict[str, Any], key: str, cls, src: str):
     data = raw.get(key) or {}
     if not isinstance(data, dict):
@@ -221,22 +241,13 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
     out = {}
     for k, v in data.items():
         want = getattr(defaults, k)
-        if k == "lr":
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise PgpsError(f"{src}: {key}.{k} must be a number, got {v!r}")
-            v = float(v)
-        elif isinstance(want, tuple) or k in ("final_patch", "pools"):
-            if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
-                raise PgpsError(f"{src}: {key}.{k} must be a list of integers, got {v!r}")
-            v = tuple(v)
+        if k in ("final_patch", "pools", "synthetic_shape") or isinstance(want, tuple):
+            v = _numbers(v, k, key, src, None if k == "filters" else 3)
         elif isinstance(want, bool):
             if not isinstance(v, bool):
                 raise PgpsError(f"{src}: {key}.{k} must be true or false, got {v!r}")
-        elif isinstance(want, (int, float)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise PgpsError(f"{src}: {key}.{k} must be a number, got {v!r}")
-            if isinstance(want, int) and not isinstance(v, int):
-                raise PgpsError(f"{src}: {key}.{k} must be an integer, got {v!r}")
+        elif isinstance(want, int | float) or k == "lr":
+            v = _number(v, k, key, src)
         elif isinstance(want, str) and not isinstance(v, str):
             raise PgpsError(f"{src}: {key}.{k} must be a string, got {v!r}")
         out[k] = v
@@ -255,7 +266,22 @@ def _parse_when(text: Any, name: str, src: str) -> tuple[str, str, Any]:
             value = float(ref)
         except ValueError:
             value = ref
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PgpsError(f"{src}: parameter '{name}': when {text!r} compares with {ref!r}; give a finite number")
     return other, op, value
+
+
+def _param_value(name: str, value: Any, what: str, src: str) -> Any:
+    """Check one value a parameter can take (a fixed value or a choice) against its kind and range."""
+    kind = KNOWN_PARAMS[name]
+    if kind == "categorical":  # mode
+        if value not in sch.MODES:
+            raise PgpsError(f"{src}: parameter '{name}': {what} {value!r} unknown; use resource or performance")
+        return value
+    rng = LIMITS[name]
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return rng.check(value, f"{src}: parameter '{name}': {what}")
 
 
 def _parse_param(name: str, spec: Any, src: str) -> Param:
@@ -269,7 +295,7 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
         raise PgpsError(f"{src}: parameter '{name}' has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     when = _parse_when(spec["when"], name, src) if "when" in spec else None
     if "value" in spec:
-        return Param(name, "fixed", value=spec["value"], when=when)
+        return Param(name, "fixed", value=_param_value(name, spec["value"], "value", src), when=when)
     kind = spec.get("type")
     if kind not in ("int", "float", "categorical"):
         raise PgpsError(f"{src}: parameter '{name}' needs type int, float or categorical (or a fixed value)")
@@ -277,33 +303,67 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise PgpsError(f"{src}: parameter '{name}': categorical needs a non-empty 'choices' list")
-        return Param(name, kind, choices=tuple(choices), when=when)
-    low, high = spec.get("low"), spec.get("high")
-    for what, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return Param(name, kind, choices=tuple(_param_value(name, c, "choice", src) for c in choices), when=when)
+    want = KNOWN_PARAMS[name]
+    if want == "categorical" or (want == "int" and kind == "float"):
+        raise PgpsError(f"{src}: parameter '{name}' takes {'a mode' if want == 'categorical' else 'integers'}; "
+                        f"use type {'categorical' if want == 'categorical' else 'int'}, not {kind}")
+    rng: Range = LIMITS[name]
+    if kind == "int":
+        rng = Range(rng.low, rng.high, integer=True, low_open=rng.low_open, high_open=rng.high_open)
+    for what in ("low", "high"):
+        if what not in spec:
             raise PgpsError(f"{src}: parameter '{name}' needs a numeric '{what}'")
-    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
-        raise PgpsError(f"{src}: parameter '{name}' is int, so low and high must be integers")
+        rng.check(spec[what], f"{src}: parameter '{name}': {what}")
+    low, high = spec["low"], spec["high"]
     if not low < high:
         raise PgpsError(f"{src}: parameter '{name}' has an empty range [{low}, {high}]; make low < high")
-    log = bool(spec.get("log", False))
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise PgpsError(f"{src}: parameter '{name}': log must be true or false, got {log!r}")
     if log and low <= 0:
         raise PgpsError(f"{src}: parameter '{name}' is log-scaled, so low must be > 0")
     step = spec.get("step")
     if step is not None:
         if log:
             raise PgpsError(f"{src}: parameter '{name}' has both log and step; Optuna allows only one of them")
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-            raise PgpsError(f"{src}: parameter '{name}': step must be a positive number")
+        Range(0, high - low, integer=kind == "int", low_open=True).check(step, f"{src}: parameter '{name}': step")
     return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _check_when(p: Param, by_name: dict[str, Param], src: str) -> None:
+    """Refuse a condition that can never be evaluated: a number compared with a mode, or an order on modes."""
+    assert p.when is not None
+    other, op, ref = p.when
+    values = _values(by_name[other])
+    numeric = [isinstance(v, int | float) for v in values]
+    wrong = None
+    if isinstance(ref, str):
+        if op in ORDERING or any(numeric):
+            wrong = f"compares '{other}' with {ref!r}, which is not a number"
+        elif ref not in values:
+            wrong = f"compares '{other}' with {ref!r}, which is not one of its values {list(values)}"
+    elif not all(numeric):
+        wrong = f"compares '{other}' (a mode) with the number {ref!r}"
+    if wrong:
+        raise PgpsError(f"{src}: parameter '{p.name}': when \"{other} {op} {ref}\" {wrong}; fix the condition")
+
+
+def _values(p: Param) -> tuple[Any, ...]:
+    """The values a parameter can take, for checking conditions: its fixed value, choices or range ends."""
+    if p.kind == "fixed":
+        return (p.value,)
+    return p.choices if p.kind == "categorical" else (p.low, p.high)
 
 
 def _dependency_order(params: list[Param], src: str) -> tuple[Param, ...]:
     """Order parameters so that each comes after the one its ``when`` reads (file order otherwise)."""
-    names = {p.name for p in params}
+    by_name = {p.name: p for p in params}
     for p in params:
-        if p.when and p.when[0] not in names:
+        if p.when and p.when[0] not in by_name:
             raise PgpsError(f"{src}: parameter '{p.name}' depends on '{p.when[0]}', which the space does not define")
+        if p.when:
+            _check_when(p, by_name, src)
     ordered: list[Param] = []
     pending = list(params)
     while pending:
@@ -336,40 +396,49 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
     if search.algorithm not in ALGORITHMS:
         raise PgpsError(f"{src}: search.algorithm {search.algorithm!r} unknown; use one of {', '.join(ALGORITHMS)}")
-    if search.num_samples < 1:
-        raise PgpsError(f"{src}: search.num_samples must be >= 1")
-    if search.startup_trials < 0:
-        raise PgpsError(f"{src}: search.startup_trials must be >= 0")
-    if search.max_compute < 0:
-        raise PgpsError(f"{src}: search.max_compute must be >= 0 (baseline runs' worth of compute; 0 = no cap)")
     if not search.references and objective.type == "cheapest_within":
         raise PgpsError(f"{src}: objective cheapest_within needs the baseline's Dice; set search.references: true")
     if asha.time_attr not in TIME_ATTRS:
         raise PgpsError(f"{src}: asha.time_attr {asha.time_attr!r} unknown; use one of {', '.join(TIME_ATTRS)}")
     if asha.judge not in JUDGES:
         raise PgpsError(f"{src}: asha.judge {asha.judge!r} unknown; use one of {', '.join(JUDGES)}")
-    if not 0 < asha.grace_fraction <= 1 or asha.reduction_factor <= 1 or asha.brackets < 1:
-        raise PgpsError(f"{src}: asha needs 0 < grace_fraction <= 1, reduction_factor > 1, brackets >= 1")
-    if budget.epochs < 1 or budget.iterations_per_epoch < 1 or budget.batch_size < 1 or budget.val_every < 1:
-        raise PgpsError(f"{src}: budget epochs, iterations_per_epoch, batch_size and val_every must be >= 1")
     if budget.optimizer not in OPTIMIZERS:
         raise PgpsError(f"{src}: budget.optimizer {budget.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
     if budget.network not in ("unet", "dynunet"):
         raise PgpsError(f"{src}: budget.network {budget.network!r} unknown; use unet or dynunet")
-    mode = next((p for p in params if p.name == "mode"), None)
-    if mode:
-        for m in mode.choices if mode.kind == "categorical" else (mode.value,):
-            if m not in sch.MODES:
-                raise PgpsError(f"{src}: mode {m!r} unknown; use resource or performance")
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source,
     )
 
 
+def shipped_spaces() -> dict[str, Path]:
+    """The search spaces shipped with pgps-tune, by name.
+
+    They are the repository's ``search_spaces/`` folder, which a wheel installs as the package
+    data ``pgps_tune/search_spaces/`` (pyproject's package-dir mapping); a source checkout or an
+    editable install, where that folder is not inside the package, reads it beside the package.
+    """
+    inside = Path(str(resources.files("pgps_tune"))) / "search_spaces"
+    folder = inside if inside.is_dir() else Path(__file__).resolve().parents[1] / "search_spaces"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve(name_or_path: str) -> Path:
+    """A space file: a path as given, or the shipped space of that name (``default``, ``smoke``, ...)."""
+    p = Path(name_or_path)
+    if p.exists() or p.suffix or len(p.parts) > 1:
+        return p
+    shipped = shipped_spaces()
+    if name_or_path not in shipped:
+        raise PgpsError(f"no space file {name_or_path!r} and no shipped space of that name; give a file, "
+                        f"or one of: {', '.join(shipped) or '(none shipped: the installation is broken)'}")
+    return shipped[name_or_path]
+
+
 def load(path: str | Path) -> SearchSpace:
-    raw = read_yaml(path, "space", "see search_spaces/ for examples")
-    return parse(raw, str(path))
+    hint = f"give a space file, or a shipped space: {', '.join(shipped_spaces())}"
+    return parse(read_yaml(path, "space", hint), str(path))
 
 
 def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: float,
@@ -405,13 +474,12 @@ def schedule_from_params(
         raise PgpsError("a multi-stage trial needs 'growth' or 'start_fraction' in the space")
     if growth is not None and start_fraction is not None:
         start_fraction = None  # growth wins when a space searches both
-    s = sch.parametric(
+    return sch.parametric(
         final_patch, pools, batch_size, epochs, stages=stages,
         growth=growth if stages > 1 else None, start_fraction=start_fraction if stages > 1 else None,
         length_ratio=float(params.get("length_ratio", 1.0)), final_fraction=params.get("final_fraction"),
         mode=mode, batch_cap=params.get("batch_cap"),
     )
-    return s
 
 
 def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv in the repo root and install pgps-tune with its test and benchmark extras.
+# Create .venv in the repo root and install pgps-tune with its test and benchmark extras
+# (editable).  With arguments, install those instead, e.g. a built wheel; PGPS_VENV names
+# another virtual environment to create (CI installs the wheel into a fresh one this way).
 #
 # torch is installed first, on purpose: with a visible NVIDIA GPU the default (CUDA) wheel;
 # without one a CPU-only wheel, never the multi-GB CUDA build.  Where the package index would
@@ -9,15 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${PGPS_TORCH_VERSION:-2.13.0}
 PY=${PYTHON:-python3}
+VENV=${PGPS_VENV:-.venv}
+install=(-e ".[dev,bench]")
+if [ $# -gt 0 ]; then install=("$@"); fi
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 pip_install() {  # pip install, without the noise of this machine's unused local index entries
   "${pip[@]}" install "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
   return "${PIPESTATUS[0]}"
 }
 
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
     pip_install "torch==$TORCH_VERSION"
@@ -37,5 +42,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip_install "${index[@]}" "torch==$TORCH_VERSION"
   fi
 fi
-pip_install -e ".[dev,bench]"
-.venv/bin/python -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"
+pip_install "${install[@]}"
+"$VENV/bin/python" -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"

@@ -13,6 +13,7 @@ import torch
 from conftest import make_msd, write_case
 
 from pgps_tune.cli import main
+from pgps_tune.errors import PgpsError
 
 TINY = ["--final-patch", "16", "16", "16", "--pools", "2", "2", "2", "--filters", "4", "8", "16",
         "--iterations-per-epoch", "1", "--quiet"]
@@ -25,9 +26,10 @@ def run_cli(capsys, *argv):
 
 
 def assert_one_line_error(rc, err, needle):
-    assert rc != 0
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert needle in err, err
+    """Exit 2 and one ``pgps-tune: error:`` line (libraries' warnings may stand beside it)."""
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("pgps-tune: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def train(data, out, *extra):
@@ -133,24 +135,91 @@ def test_existing_run_is_not_overwritten_and_bad_input_corrupts_nothing(capsys, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_good(tiny_msd, tmp_path):
+def _wait_for(what: str, ready, proc: subprocess.Popen, limit_s: float = 300) -> None:
+    """Poll for an observed event; fail with ``what`` if the process ends first or it never comes."""
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-1500:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within {limit_s} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_keeps_the_last_checkpoint_good(tiny_msd, tmp_path, sig, code):
     out = tmp_path / "run"
+    checkpoint = out / "checkpoint.pt"
     argv = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", str(tiny_msd), "--out", str(out),
             "--epochs", "3000", "--val-every", "1000", *TINY]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    # interrupt between two known states: after a checkpoint was replaced by the next one, so the
+    # run is past its first checkpoint and in the middle of training
+    _wait_for("a first checkpoint", checkpoint.is_file, proc)
+    first = checkpoint.stat().st_ino
+    _wait_for("a second checkpoint", lambda: checkpoint.stat().st_ino != first, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
     assert len(err.strip().splitlines()) == 1 and "--resume" in err and "Traceback" not in err
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(checkpoint, weights_only=False)
     stopped = ck["state"]["iteration"]
     assert stopped > 0 and not any(p.name.endswith(".tmp") for p in out.iterdir())
+    if sig == signal.SIGTERM:
+        return  # resuming is the same after either signal; the SIGINT case checks it
     resumed = subprocess.run([*argv, "--resume", "--max-train-seconds", "0.01"], capture_output=True,
-                             text=True, env=env, timeout=120)
+                             text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["iterations"] == stopped + 1
+
+
+def test_alias_bombs_deep_nesting_and_huge_files_are_refused_at_once(capsys, tmp_path):
+    from pgps_tune import schedule as sch
+    from pgps_tune import space as sp
+
+    bomb = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        bomb += f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n"  # 9^9 values once expanded
+    cases = {
+        "bomb.yaml": (bomb, "more than 100000 values once its aliases are expanded"),
+        "loop.yaml": ("parameters: &p {stages: [*p]}\n", "an alias refers to a node that contains it"),
+        "deep.yaml": ("[" * 100_000 + "]" * 100_000, "nested more than 50 levels deep"),
+        "huge.yaml": ("parameters: {stages: 2}\n" + "# padding\n" * 200_000, "larger than 1 MiB"),
+        "date.yaml": ("parameters: {stages: 2}\nwhen: 2020-13-45\n", "month must be in 1..12"),
+    }
+    for name, (text, needle) in cases.items():
+        f = tmp_path / name
+        f.write_text(text)
+        for load in (sp.load, sch.load):
+            t0 = time.monotonic()
+            with pytest.raises(PgpsError, match=needle):
+                load(f)
+            assert time.monotonic() - t0 < 1.0, name
+        assert_one_line_error(*run_cli(capsys, "schedule", "--from", f), needle)
+    assert_one_line_error(*run_cli(capsys, "schedule", "--from", tmp_path), "is a folder; give a file")
+    ok = tmp_path / "anchors.yaml"  # aliases that expand to little are fine
+    ok.write_text("parameters:\n  stages: &two 2\n  batch_cap: *two\n")
+    assert sp.load(ok).param("batch_cap").value == 2
+
+
+def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
+    from pgps_tune import schedule as sch
+
+    good = sch.constant((16, 16, 16), (2, 2, 2), 2, 5).to_dict()
+    for change, needle in [({"baseline_batch_size": -1}, "baseline_batch_size must be an integer in [1, "),
+                           ({"pools": [2, 2, 99]}, "pools per axis must be an integer in [0, 8], got 99")]:
+        f = tmp_path / "s.json"
+        f.write_text(json.dumps({**good, **change}))
+        assert_one_line_error(*run_cli(capsys, "schedule", "--from", f), needle)
+    f.write_text(json.dumps(good).replace('"epochs": 5', '"epochs": NaN'))
+    assert_one_line_error(*run_cli(capsys, "schedule", "--from", f), "stage 0 epochs must be an integer")
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters: {stages: {type: int, low: 1, high: 4, step: 0.5}}\n")
+    assert_one_line_error(*run_cli(capsys, "tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o"),
+                          "step must be an integer in (0, 3], got 0.5")
+    space.write_text("parameters: {stages: 2}\nbudget: {epochs: .inf}\n")
+    assert_one_line_error(*run_cli(capsys, "tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o"),
+                          "budget.epochs must be an integer in [1, 1000000], got inf")
+    assert not (tmp_path / "o").exists()

@@ -46,12 +46,17 @@ def test_paper_rule_properties(final, pools):
 
 
 def test_hippocampus_plan_has_15_stages_and_known_voxel_fraction():
+    # By hand, in units of the 8-voxel increment: the final patch is 5x7x5; the paper rule grows
+    # 1x1x1, 2x1x1, 2x2x1, 2x2x2, 3x2x2, 3x3x2, 3x3x3, 4x3x3, 4x4x3, 4x4x4, 5x4x4, 5x5x4, 5x5x5,
+    # 5x6x5, 5x7x5 (15 stages); their volumes 1+2+4+8+12+18+27+36+48+64+80+100+125+150+175 = 850,
+    # each for 10 of the 150 epochs at batch 2, against 15 x 175 for the baseline: 850 / 2625 = 0.3238.
     s = sch.paper((40, 56, 40), (3, 3, 3), 2, 150, "resource")
     assert len(s.stages) == 15
-    expected = sum(math.prod(p.patch_size) for p in s.stages) / (15 * 40 * 56 * 40)
-    assert s.voxel_fraction() == pytest.approx(expected)
-    assert s.voxels(iterations_per_epoch=7) == 7 * sum(10 * 2 * p.patch_voxels for p in s.stages)
-    assert s.voxels_until(s.epochs) == pytest.approx(s.voxels())
+    assert [tuple(p // 8 for p in st.patch_size) for st in s.stages][9:] == [
+        (4, 4, 4), (5, 4, 4), (5, 5, 4), (5, 5, 5), (5, 6, 5), (5, 7, 5)]
+    assert s.voxel_fraction() == pytest.approx(0.3238, abs=1e-4)
+    assert s.voxels() == 10 * 2 * 850 * 8**3
+    assert s.baseline_voxels() == 150 * 2 * 40 * 56 * 40
 
 
 def test_constant_is_the_baseline():
@@ -98,10 +103,26 @@ def test_parametric_merges_stages_that_snap_together():
     assert len(s.stages) < 6 and s.epochs == 12 and s.meta["stages_requested"] == 6
 
 
-def test_allocate_epochs_sums_and_minimum():
-    for epochs in range(5, 40):
-        got = sch.allocate_epochs(epochs, [1, 2, 3, 0.5, 9])
+def test_allocate_epochs_is_proportional():
+    # by hand: 20 epochs over weights 1:1:2 are 5, 5, 10; 10 over 1:2:4:8 are 0.67, 1.33, 2.67, 5.33,
+    # floored 1 (lifted), 1, 2, 5 = 9, and the one left goes to the largest remainder (2.67)
+    assert sch.allocate_epochs(20, [1, 1, 2]) == [5, 5, 10]
+    assert sch.allocate_epochs(10, [1, 2, 4, 8]) == [1, 1, 3, 5]
+    assert sch.allocate_epochs(10, [1, 1, 1, 1]) == [2, 2, 3, 3]  # ties: the later stages
+    # the minimum of one epoch each is taken from the stage furthest above its share
+    assert sch.allocate_epochs(5, [1, 1, 1, 1, 100]) == [1, 1, 1, 1, 1]
+    assert sch.allocate_epochs(6, [1, 1, 1, 1, 100]) == [1, 1, 1, 1, 2]
+    for epochs in range(5, 60):
+        weights = [1, 2, 3, 0.5, 9]
+        got = sch.allocate_epochs(epochs, weights)
+        exact = [epochs * w / sum(weights) for w in weights]
         assert sum(got) == epochs and min(got) >= 1
+        if min(exact) >= 1:  # no stage lifted to the minimum: each within one epoch of its share
+            assert all(abs(g - x) < 1 for g, x in zip(got, exact)), (epochs, got)
+    with pytest.raises(PgpsError, match="need at least 5 epochs"):
+        sch.allocate_epochs(4, [1, 2, 3, 0.5, 9])
+    with pytest.raises(PgpsError, match="weights must be positive"):
+        sch.allocate_epochs(10, [1, float("nan")])
 
 
 @pytest.mark.parametrize("mode", ["resource", "performance"])
@@ -130,6 +151,17 @@ def _bad(d, **change):
         ({"final_patch": [40, 50, 40]}, "not divisible"),
         ({"stages": [{"patch_size": [8, 8, 8], "batch_size": 2, "epochs": 0},
                      {"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 1}]}, "epochs must be >= 1"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": -2, "epochs": 1}]},
+         r"stage 0 batch_size must be an integer in \[1, 1000000\], got -2"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 10**9, "epochs": 1}]}, "batch_size must be"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 10**7}]}, "epochs must be an integer"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 600_000}] * 2},
+         "total epochs must be"),
+        ({"baseline_batch_size": 0}, "baseline_batch_size must be"),
+        ({"pools": [3, -1, 3]}, "pools per axis must be"),
+        ({"final_patch": [40, 56, 10**6]}, "final_patch axis must be"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2.5, "epochs": 1}]}, "batch_size"),
+        ({"stages": [{"patch_size": [40, 56, 40], "batch_size": 2, "epochs": True}]}, "epochs"),
         ({"stages": [{"patch_size": [12, 8, 8], "batch_size": 2, "epochs": 1},
                      {"patch_size": [40, 56, 40], "batch_size": 2, "epochs": 1}]}, "not divisible"),
         ({"stages": [{"patch_size": [16, 16, 16], "batch_size": 2, "epochs": 3}]}, "end the schedule"),
@@ -161,7 +193,17 @@ def test_malformed_file(tmp_path):
 
 
 def test_rescale_keeps_the_curriculum_shape():
-    s = sch.paper((32, 32, 32), (3, 3, 3), 2, 100, "performance")
-    r = sch.rescale_epochs(s, 20)
-    assert r.epochs == 20 and [st.patch_size for st in r.stages] == [st.patch_size for st in s.stages]
-    assert r.voxel_fraction() == pytest.approx(s.voxel_fraction())
+    s = sch.Schedule(
+        (sch.Stage((8, 8, 8), 16, 10), sch.Stage((16, 16, 16), 4, 30), sch.Stage((32, 32, 32), 2, 60)),
+        (32, 32, 32), (3, 3, 3), 2, meta={"preset": "mine"},
+    )
+    doubled = sch.rescale_epochs(s, 200)
+    assert [st.epochs for st in doubled.stages] == [20, 60, 120]
+    assert doubled.voxel_fraction() == pytest.approx(s.voxel_fraction())
+    shrunk = sch.rescale_epochs(s, 20)  # 2, 6, 12 exactly
+    assert [st.epochs for st in shrunk.stages] == [2, 6, 12]
+    assert [(st.patch_size, st.batch_size) for st in shrunk.stages] == [(st.patch_size, st.batch_size)
+                                                                        for st in s.stages]
+    assert shrunk.meta == s.meta and shrunk.voxel_fraction() == pytest.approx(s.voxel_fraction())
+    odd = sch.rescale_epochs(s, 7)  # shares 0.7, 2.1, 4.2: floors 1 (lifted), 2, 4 = 7
+    assert [st.epochs for st in odd.stages] == [1, 2, 4]

@@ -7,11 +7,21 @@ from pgps_tune import space as sp
 from pgps_tune.errors import PgpsError
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SHIPPED = sorted(p.stem for p in SPACES.glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", ["default", "performance", "resource", "smoke", "bench_hippocampus"])
+def test_every_file_in_search_spaces_is_shipped():
+    assert len(SHIPPED) >= 6 and "hippocampus_performance" in SHIPPED
+    assert sorted(sp.shipped_spaces()) == SHIPPED
+    assert sp.resolve("smoke") == sp.shipped_spaces()["smoke"]
+    with pytest.raises(PgpsError, match="no shipped space of that name; give a file, or one of: bench_hippocampus, "
+                                        "default, hippocampus_performance"):
+        sp.resolve("smok")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_spaces_parse_and_fit_their_plans(name):
-    s = sp.load(SPACES / f"{name}.yaml")
+    s = sp.load(sp.resolve(name))
     assert s.name == name and s.parameters
     # smoke is sized for its own 32^3 synthetic data; the others for Hippocampus and 48^3 data
     plans = [((32, 32, 32), (3, 3, 3))] if name == "smoke" else [((40, 56, 40), (3, 3, 3)), ((48, 48, 48), (3, 3, 3))]
@@ -63,10 +73,11 @@ BAD = [
     ({"parameters": {"stagez": {"type": "int", "low": 1, "high": 4}}}, "unknown parameter 'stagez'"),
     ({"parameters": {"stages": {"type": "int", "low": 4, "high": 4}}}, "empty range"),
     ({"parameters": {"growth": {"type": "float", "low": 2.5, "high": 1.2}}}, "empty range"),
-    ({"parameters": {"stages": {"type": "int", "low": 1.5, "high": 4}}}, "must be integers"),
-    ({"parameters": {"growth": {"type": "float", "low": 0, "high": 2, "log": True}}}, "low must be > 0"),
+    ({"parameters": {"stages": {"type": "int", "low": 1.5, "high": 4}}},
+     "parameter 'stages': low must be an integer in [1, 100], got 1.5"),
+    ({"parameters": {"fg_ratio": {"type": "float", "low": 0, "high": 0.9, "log": True}}}, "low must be > 0"),
     ({"parameters": {"mode": {"type": "categorical", "choices": []}}}, "non-empty 'choices'"),
-    ({"parameters": {"mode": {"type": "categorical", "choices": ["fast"]}}}, "mode 'fast' unknown"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["fast"]}}}, "choice 'fast' unknown"),
     ({"parameters": {"stages": {"type": "integer", "low": 1, "high": 4}}}, "needs type int, float or categorical"),
     ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "max": 3}}}, "unknown key(s) ['max']"),
     ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages >> 1"}}}, "must look like"),
@@ -77,17 +88,88 @@ BAD = [
     ({"parameters": {"stages": 2}, "objective": {"type": "min_loss"}}, "objective.type 'min_loss' unknown"),
     ({"parameters": {"stages": 2}, "search": {"algorithm": "bohb"}}, "search.algorithm 'bohb' unknown"),
     ({"parameters": {"stages": 2}, "asha": {"time_attr": "seconds"}}, "asha.time_attr 'seconds' unknown"),
-    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": 1}}, "reduction_factor > 1"),
-    ({"parameters": {"stages": 2}, "budget": {"epochs": "many"}}, "budget.epochs must be a number"),
+    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": 1}},
+     "asha.reduction_factor must be a number in (1, 100]"),
+    ({"parameters": {"stages": 2}, "budget": {"epochs": "many"}}, "budget.epochs must be an integer in"),
     ({"parameters": {"stages": 2}, "budget": {"network": "vnet"}}, "budget.network 'vnet' unknown"),
     ({"parameters": {"stages": 2}, "budget": {"filters": "big"}}, "budget.filters must be a list"),
     ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "log": True, "step": 0.1}}},
      "both log and step"),
-    ({"parameters": {"stages": 2}, "search": {"max_compute": -1}}, "max_compute must be >= 0"),
-    ({"parameters": {"stages": 2}, "search": {"startup_trials": -2}}, "startup_trials must be >= 0"),
+    ({"parameters": {"stages": 2}, "search": {"max_compute": -1}}, "search.max_compute must be a number in [0, "),
+    ({"parameters": {"stages": 2}, "search": {"startup_trials": -2}}, "search.startup_trials must be an integer"),
     ({"parameters": {"stages": 2}, "search": {"references": "no"}}, "search.references must be true or false"),
     ({"parameters": {"stages": 2}, "objective": {"type": "cheapest_within"}, "search": {"references": False}},
      "cheapest_within needs the baseline"),
+    # every number: a step that an int parameter cannot take, infinite or NaN bounds, values out of range
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "step": 0.5}}},
+     "parameter 'stages': step must be an integer in (0, 3], got 0.5"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "step": 5}}}, "step must be a number in (0, "),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "step": -0.1}}}, "step must be"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": float("inf")}}},
+     "parameter 'growth': high must be a number in [1, 16], got inf"),
+    ({"parameters": {"growth": {"type": "float", "low": float("nan"), "high": 2}}}, "low must be a number"),
+    ({"parameters": {"stages": {"type": "int", "low": -3, "high": 4}}}, "low must be an integer in [1, 100]"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 10**9}}}, "high must be an integer in [1, 100]"),
+    ({"parameters": {"stages": {"type": "float", "low": 1, "high": 4}}}, "takes integers; use type int"),
+    ({"parameters": {"mode": {"type": "int", "low": 1, "high": 4}}}, "takes a mode; use type categorical"),
+    ({"parameters": {"stages": {"type": "int", "low": 1}}}, "needs a numeric 'high'"),
+    ({"parameters": {"fg_ratio": {"type": "float", "low": 0.2, "high": 1.5}}}, "high must be a number in [0, 1]"),
+    ({"parameters": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "low must be a number in (0, 10]"),
+    ({"parameters": {"batch_cap": 0}}, "parameter 'batch_cap': value must be an integer in [1, 1000000], got 0"),
+    ({"parameters": {"final_fraction": 1.0}}, "value must be a number in (0, 1)"),
+    ({"parameters": {"stages": {"type": "categorical", "choices": [2, 3.5]}}}, "choice must be an integer"),
+    ({"parameters": {"lr": {"type": "categorical", "choices": [0.01, float("nan")]}}}, "choice must be a number"),
+    ({"parameters": {"stages": {"value": "three"}}}, "value must be an integer"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "log": "yes"}}}, "log must be true or false"),
+    # conditions that compare with a non-number, or a mode with a number
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4},
+                     "growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > abc"}}},
+     "when \"stages > abc\" compares 'stages' with 'abc', which is not a number"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4},
+                     "growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages == abc"}}}, "not a number"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4},
+                     "growth": {"type": "float", "low": 1.1, "high": 2, "when": "stages > 1e999"}}},
+     "give a finite number"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "performance"]},
+                     "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode > 2"}}},
+     "(a mode) with the number"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "performance"]},
+                     "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode >= performance"}}},
+     "which is not a number"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "performance"]},
+                     "batch_cap": {"type": "int", "low": 4, "high": 8, "when": "mode == fast"}}},
+     "which is not one of its values ['resource', 'performance']"),
+    # every numeric key of every section
+    ({"parameters": {"stages": 2}, "budget": {"epochs": 0}}, "budget.epochs must be an integer in [1, 1000000], got 0"),
+    ({"parameters": {"stages": 2}, "budget": {"epochs": 2.5}}, "budget.epochs must be an integer"),
+    ({"parameters": {"stages": 2}, "budget": {"iterations_per_epoch": -1}}, "budget.iterations_per_epoch must be"),
+    ({"parameters": {"stages": 2}, "budget": {"batch_size": 10**9}}, "budget.batch_size must be an integer in [1, "),
+    ({"parameters": {"stages": 2}, "budget": {"lr": float("nan")}}, "budget.lr must be a number in (0, 10], got nan"),
+    ({"parameters": {"stages": 2}, "budget": {"lr": "fast"}}, "budget.lr must be a number"),
+    ({"parameters": {"stages": 2}, "budget": {"val_every": 0}}, "budget.val_every must be"),
+    ({"parameters": {"stages": 2}, "budget": {"fg_ratio": 2}}, "budget.fg_ratio must be a number in [0, 1]"),
+    ({"parameters": {"stages": 2}, "budget": {"val_fraction": 1}}, "budget.val_fraction must be a number in (0, 1)"),
+    ({"parameters": {"stages": 2}, "budget": {"seed": -1}}, "budget.seed must be an integer in [0, "),
+    ({"parameters": {"stages": 2}, "budget": {"split_seed": True}}, "budget.split_seed must be an integer"),
+    ({"parameters": {"stages": 2}, "budget": {"final_patch": [40, 56]}}, "budget.final_patch must be a list of 3"),
+    ({"parameters": {"stages": 2}, "budget": {"final_patch": [40, 56, -8]}}, "budget.final_patch must be an integer"),
+    ({"parameters": {"stages": 2}, "budget": {"pools": [3, 3, 9]}}, "budget.pools must be an integer in [0, 8]"),
+    ({"parameters": {"stages": 2}, "budget": {"filters": [8, 0]}}, "budget.filters must be an integer in [1, 4096]"),
+    ({"parameters": {"stages": 2}, "budget": {"filters": []}}, "budget.filters must be a list of 1 to 10 integers"),
+    ({"parameters": {"stages": 2}, "budget": {"synthetic_cases": 1}}, "budget.synthetic_cases must be"),
+    ({"parameters": {"stages": 2}, "budget": {"synthetic_shape": [32, 32, 10**5]}}, "budget.synthetic_shape must be"),
+    ({"parameters": {"stages": 2}, "budget": {"max_failures": -1}}, "budget.max_failures must be"),
+    ({"parameters": {"stages": 2}, "search": {"num_samples": 0}}, "search.num_samples must be an integer in [1, "),
+    ({"parameters": {"stages": 2}, "search": {"num_samples": 10**12}}, "search.num_samples must be"),
+    ({"parameters": {"stages": 2}, "search": {"seed": -5}}, "search.seed must be"),
+    ({"parameters": {"stages": 2}, "search": {"grid_points": 0}}, "search.grid_points must be"),
+    ({"parameters": {"stages": 2}, "search": {"max_compute": float("inf")}}, "search.max_compute must be"),
+    ({"parameters": {"stages": 2}, "asha": {"grace_fraction": 0}}, "asha.grace_fraction must be a number in (0, 1]"),
+    ({"parameters": {"stages": 2}, "asha": {"reduction_factor": float("nan")}}, "asha.reduction_factor must be"),
+    ({"parameters": {"stages": 2}, "asha": {"brackets": 0}}, "asha.brackets must be an integer in [1, 10]"),
+    ({"parameters": {"stages": 2}, "objective": {"tolerance": -0.1}}, "objective.tolerance must be"),
+    ({"parameters": {"stages": 2}, "objective": {"voxel_budget": 0}},
+     "objective.voxel_budget must be a number in (0, 1]"),
 ]
 
 
@@ -166,3 +248,15 @@ def test_a_reference_the_budget_cannot_build_is_refused():
     s = sp.parse({"parameters": {"stages": 1}, "budget": {"epochs": 5}})
     with pytest.raises(PgpsError, match="the paper reference cannot be built"):
         sp.check_space_against_plan(s, (48, 48, 48), (3, 3, 3))
+
+
+def test_every_number_of_a_space_has_a_range():
+    from pgps_tune.limits import LIMITS, limit
+
+    for section, cls in (("objective", sp.Objective), ("search", sp.Search), ("asha", sp.Asha),
+                         ("budget", sp.Budget)):
+        for name, f in cls.__dataclass_fields__.items():
+            if "int" in str(f.type) or "float" in str(f.type):
+                item = {"final_patch": "patch_axis", "synthetic_shape": "synthetic_axis"}.get(name, name)
+                assert limit(item, section) is not None, f"{section}.{name}"
+    assert all(name in LIMITS for name, kind in sp.KNOWN_PARAMS.items() if kind != "categorical")

@@ -1,0 +1,269 @@
+"""The command line: every numeric flag checked, one-line errors, exit codes, output folders, plan, demo."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pgps_tune import schedule as sch
+from pgps_tune.cli import _no_empty_folder_left, build_parser, main
+from pgps_tune.limits import LIMITS
+from pgps_tune.space import shipped_spaces
+
+
+def error_line(err: str) -> str:
+    """The one ``pgps-tune: error:`` line of stderr (warnings from libraries may stand beside it)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("pgps-tune: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def refused(capsys, argv) -> str:
+    """Run the CLI on ``argv``, expect exit 2 with one error line, and return that line."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse refuses a flag before main() runs the command
+        rc = exc.code
+    assert rc == 2
+    return error_line(capsys.readouterr().err)
+
+
+def numeric_flags():
+    """(command, flag, nargs, range) for every flag of every command that takes a number."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    found = []
+    for name, sub in commands.items():
+        for action in sub._actions:
+            kind = getattr(action.type, "__name__", None)
+            if action.option_strings and action.type is not None:
+                assert kind in LIMITS, f"{name} {action.option_strings[0]} takes {kind}, which no range checks"
+                found.append((name, action.option_strings[0], action.nargs, LIMITS[kind]))
+    return found
+
+
+FLAGS = numeric_flags()
+
+
+def bad_values(rng):
+    low = rng.low if rng.low_open else rng.low - 1
+    high = rng.high if rng.high_open else (rng.high * 10 + 1 if rng.high > 0 else 1)
+    values = [f"{low:g}" if not rng.integer else str(int(low)), str(int(high)) if rng.integer else f"{high:g}",
+              "nan", "inf", "-inf", "abc"]
+    return values + (["1.5", "1e9"] if rng.integer else [])
+
+
+def test_every_numeric_flag_is_covered():
+    flags = {(c, f) for c, f, _, _ in FLAGS}
+    for needed in [("train", "--workers"), ("train", "--threads"), ("train", "--lr"), ("train", "--voxel-budget"),
+                   ("train", "--batch-size"), ("tune", "--num-samples"), ("demo", "--num-samples"),
+                   ("train", "--epochs"), ("train", "--iterations-per-epoch"), ("train", "--val-fraction"),
+                   ("train", "--fg-ratio"), ("train", "--max-train-seconds"), ("tune", "--cpus-per-trial"),
+                   ("tune", "--gpus-per-trial"), ("tune", "--max-concurrent"), ("tune", "--max-failures"),
+                   ("schedule", "--stages"), ("schedule", "--growth"), ("schedule", "--start-fraction"),
+                   ("schedule", "--length-ratio"), ("schedule", "--final-fraction"), ("schedule", "--batch-cap"),
+                   ("schedule", "--final-patch"), ("schedule", "--pools"), ("train", "--filters"),
+                   ("train", "--seed"), ("train", "--split-seed"), ("train", "--val-every"),
+                   ("plan", "--voxel-budget")]:
+        assert needed in flags, needed
+
+
+@pytest.mark.parametrize("command,flag,nargs,rng", FLAGS, ids=[f"{c} {f}" for c, f, _, _ in FLAGS])
+def test_every_numeric_flag_refuses_nonsense_in_one_line(capsys, command, flag, nargs, rng):
+    n = nargs if isinstance(nargs, int) else 1
+    for value in bad_values(rng):
+        # argparse takes "-inf" for a flag unless it is joined with "=" (possible for one value only)
+        argv = [command, f"{flag}={value}"] if n == 1 else [command, flag, *[value] * n]
+        if n > 1 and value == "-inf":
+            continue
+        line = refused(capsys, argv)
+        assert f"argument {flag}: must be {rng}, got '{value}'" in line, line
+
+
+def test_good_values_pass_the_parser():
+    a = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--lr", "1e-4", "--fg-ratio", "0",
+                                   "--workers", "0", "--seed", "4294967295", "--final-patch", "40", "56", "40"])
+    assert a.lr == 1e-4 and a.fg_ratio == 0.0 and a.workers == 0 and a.seed == 2**32 - 1
+    assert a.final_patch == [40, 56, 40]
+    assert build_parser().parse_args(["tune", "--space", "s", "--data", "d", "--out", "o",
+                                      "--gpus-per-trial", "0.5"]).gpus_per_trial == 0.5
+
+
+def test_voxel_budget_minus_one_is_refused_at_once(capsys, tiny_msd):
+    line = refused(capsys, ["plan", "--data", tiny_msd, "--voxel-budget", "-1"])
+    assert "--voxel-budget: must be an integer in [512, " in line
+
+
+def test_plan_prints_the_plan(capsys, tiny_msd):
+    assert main(["plan", "--data", str(tiny_msd)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # by hand: the cases are 20x24x16 at spacing 1 (under the 128^3 budget, so kept); each axis pools
+    # while its bottleneck stays >= 4 voxels: floor(log2(20/4)) = floor(log2(24/4)) = floor(log2(16/4)) = 2,
+    # and 20, 24, 16 are already multiples of 2^2
+    assert plan["final_patch"] == [20, 24, 16] and plan["pools"] == [2, 2, 2]
+    assert plan["median_shape"] == [20, 24, 16] and plan["spacing"] == [1.0, 1.0, 1.0]
+    assert plan["dataset"] == "Tiny" and plan["cases"] == 6 and Path(plan["cache"]).is_dir()
+    assert main(["plan", "--data", str(tiny_msd), "--voxel-budget", "512"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert math.prod(small["final_patch"]) < math.prod(plan["final_patch"]) and max(small["pools"]) < 2
+
+
+def test_demo_runs_the_shipped_smoke_space_on_synthetic_data(tmp_path, capsys, monkeypatch):
+    # the whole demo takes about 2 minutes (scripts' CI runs it from a wheel); here its wiring:
+    # the shipped smoke space, synthetic data, the flags passed on, and the best schedule printed
+    import pgps_tune.tuner as tuner
+
+    seen = {}
+    best = sch.paper((32, 32, 32), (3, 3, 3), 2, 10)
+
+    def fake_sweep(opts):
+        seen["opts"] = opts
+        best.save(opts.out / "best_schedule.yaml")
+        return {"sweep": opts.out.name, "dataset": "synthetic", "trials": 0, "completed": 0, "stopped_early": 0,
+                "failed": 0, "best": None}
+
+    monkeypatch.setattr(tuner, "sweep", fake_sweep)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--num-samples", "2", "--max-concurrent", "1", "--quiet"]) == 0
+    opts = seen["opts"]
+    assert opts.space.name == "smoke" and Path(opts.space.source) == shipped_spaces()["smoke"]
+    assert opts.data == "synthetic" and opts.num_samples == 2 and opts.max_concurrent == 1 and opts.quiet
+    assert opts.out == out
+    assert capsys.readouterr().out.endswith(best.to_yaml())
+    assert build_parser().parse_args(["demo"]).out == "runs/demo"
+    assert "--num-samples: must be an integer in [1, " in refused(capsys, ["demo", "--num-samples", "0"])
+    assert "--num-samples: must be" in refused(capsys, ["demo", "--num-samples", "-1"])
+
+
+def test_unknown_space_name_lists_the_shipped_ones(capsys, tmp_path):
+    line = refused(capsys, ["tune", "--space", "defualt", "--data", "synthetic", "--out", tmp_path / "o"])
+    assert "no shipped space of that name" in line and "default" in line and "smoke" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--data", "synthetic", "--out", "{file}"], "is a file; give a folder"),
+    (["train", "--data", "synthetic", "--out", "{file}/run"], "is a file; choose another --out"),
+    (["tune", "--space", "smoke", "--data", "synthetic", "--out", "{file}"], "is a file; give a folder"),
+    (["demo", "--out", "{file}"], "is a file; give a folder"),
+    (["export", "--experiment", "{tmp}", "--out", "{file}"], "is a file; give a folder"),
+    (["schedule", "--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+      "--out", "{tmp}"], "is a folder; give a file name"),
+    (["schedule", "--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+      "--out", "{file}/s.yaml"], "is a file; choose another --out"),
+    (["best", "--dataset", "synthetic", "--out", "{tmp}"], "is a folder; give a file name"),
+])
+def test_an_output_that_cannot_be_one_is_refused_in_one_line(capsys, tmp_path, argv, needle):
+    (tmp_path / "file").write_text("keep")
+    line = refused(capsys, [a.format(file=tmp_path / "file", tmp=tmp_path) for a in argv])
+    assert needle in line
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_command_that_fails_on_its_inputs_leaves_no_output_folder(capsys, tmp_path, tiny_msd):
+    (tiny_msd / "dataset.json").write_text("{broken")
+    out = tmp_path / "new" / "run"
+    refused(capsys, ["train", "--data", tiny_msd, "--out", out, "--epochs", "2"])
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "other"
+    refused(capsys, ["train", "--data", tiny_msd.parent / "missing", "--out", out])
+    assert not out.exists()
+
+
+def test_folders_a_failed_command_made_go_but_written_files_stay(tmp_path):
+    made = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError), _no_empty_folder_left(made):
+        (made / "ray" / "x").mkdir(parents=True)
+        raise RuntimeError
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(KeyboardInterrupt), _no_empty_folder_left(made):
+        (made / "ray").mkdir(parents=True)
+        (made / "sweep.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert (made / "sweep.json").is_file() and not (made / "ray").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), _no_empty_folder_left(tmp_path / "kept"):
+        raise RuntimeError
+    assert (tmp_path / "kept").is_dir()  # it was there before: never removed
+
+
+def test_a_batch_that_cannot_fit_is_refused_with_the_estimate_and_the_memory(capsys, tmp_path, tiny_msd):
+    line = refused(capsys, ["train", "--data", tiny_msd, "--out", tmp_path / "o", "--batch-size", "1000000",
+                            "--preset", "constant", "--quiet"])
+    assert "stage 0 (batch 1000000 of 20x24x16 patches) needs an estimated" in line
+    assert " GiB of memory for its activations, more than the " in line and "lower --batch-size" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_memory_estimate():
+    # by hand: 16^3 at batch 2, pools 2 per axis, filters 4, 8, 16: 4*16^3 + 8*8^3 + 16*4^3 = 21504 values
+    # per patch, times 2 patches, 4 saved activations each (UNet) and 4 bytes
+    s = sch.constant((16, 16, 16), (2, 2, 2), 2, 5)
+    assert sch.training_memory(s, (4, 8, 16, 32)) == (21504 * 2 * 4 * 4, 0)
+    assert sch.training_memory(s, (4, 8, 16), "dynunet", bytes_per_value=2) == (21504 * 2 * 12 * 2, 0)
+    # performance mode: the first stage (4^3 patches, batch 2*16^3/4^3 = 128) holds 4*64 + 8*8 + 16*1 = 336
+    # values per patch, 43008 in all: the final stage's 43008 too, so the first stage counts
+    perf = sch.paper((16, 16, 16), (2, 2, 2), 2, 20, "performance")
+    assert perf.stages[0].batch_size == 128
+    assert sch.training_memory(perf, (4, 8, 16))[0] == 43008 * 4 * 4
+
+
+def test_device_cuda_without_a_gpu_is_refused(capsys, tmp_path, tiny_msd, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = refused(capsys, ["train", "--data", tiny_msd, "--out", tmp_path / "o", "--device", "cuda"])
+    assert "--device cuda asked for but no CUDA GPU is visible" in line
+    assert "invalid choice: 'gpu'" in refused(capsys, ["train", "--data", tiny_msd, "--out", tmp_path / "o",
+                                                       "--device", "gpu"])
+
+
+def test_an_internal_error_prints_one_line_naming_its_log(capsys, tmp_path, tiny_msd, monkeypatch):
+    import pgps_tune.data
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(pgps_tune.data, "plan_patch", broken)
+    assert main(["plan", "--data", str(tiny_msd)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("pgps-tune: internal error (RuntimeError: boom second line); the traceback is in ")
+    log = Path(err.split("the traceback is in ")[1].split(";")[0])
+    assert log.parent == tmp_path / "state" / "pgps-tune" / "logs"
+    text = log.read_text()
+    assert "Traceback" in text and "RuntimeError: boom" in text and "plan --data" in text
+
+
+def test_the_crash_log_falls_back_to_the_temporary_folder(capsys, tmp_path, monkeypatch):
+    import pgps_tune.cli as cli
+
+    def broken(a):
+        raise ZeroDivisionError("oops")
+
+    (tmp_path / "state").write_text("not a folder")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(cli.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(cli, "cmd_best", broken)
+    assert main(["best", "--dataset", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"the traceback is in {tmp_path / 'tmp'}/crash-" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("raised,code", [(SystemExit(15), 143), (KeyboardInterrupt(), 130)])
+def test_signals_that_reach_main_exit_with_their_code(capsys, monkeypatch, raised, code):
+    # Ray's driver turns SIGTERM into SystemExit(15); a bare Ctrl-C outside a command's handler is 130
+    import pgps_tune.cli as cli
+
+    def stopped(a):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_best", stopped)
+    assert main(["best", "--dataset", "x"]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing was left half-written" in err
