@@ -38,7 +38,8 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_NET = ["--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2", "--filters", "4", "8", "16"]
+TINY_NET = ["--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+            "--filters", "4", "8", "16"]
 QUIET_CPU = ["--quiet", "--device", "cpu", "--threads", "1"]
 TINY_TRAIN = [*TINY_NET, "--iterations-per-epoch", "2", *QUIET_CPU]
 EXIT = {"ok": 0, "user": 2, "sigint": 130, "sigterm": 143}
