@@ -181,9 +181,12 @@ def _prepare(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from pgps_tune.data import plan_patch, split
     from pgps_tune.network import NETWORKS
-    from pgps_tune.trainer import CHECKPOINT, Trainer, resolve_device
+    from pgps_tune.trainer import CHECKPOINT, Trainer, discard_unstarted_run, resolve_device, strict_json
 
     if a.network not in NETWORKS:
         raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
@@ -194,48 +197,76 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise PgpsError(f"--resume given but {out / CHECKPOINT} does not exist; run without --resume to start")
     if has_run and not a.resume:
         raise PgpsError(f"{out} already holds a run; add --resume to continue it, or choose a new --out")
-    _check_writable(out)
-    if a.schedule:
-        s = _schedule_file(a.schedule, a.epochs, "--schedule", a.preset)
-        ds = _prepare(a)
-    else:
-        ds = _prepare(a)
-        plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
-        final = tuple(a.final_patch) if a.final_patch else plan.final_patch
-        pools = tuple(a.pools) if a.pools else plan.pools
-        s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
-    _check_batch_memory(s, a)
-    train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
-    searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
-    for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
-        if getattr(a, name) is None and name in searched:
-            setattr(a, name, float(searched[name]))
-            if not a.quiet:
-                print(f"{name} {searched[name]:.4g} from the schedule file (override with {flag})", flush=True)
-    if a.fg_ratio is None:
-        a.fg_ratio = 0.5
-    cfg = TrainConfig(
-        network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
-        iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
-        workers=a.workers, fg_ratio=a.fg_ratio, val_every=a.val_every,
-        max_train_seconds=a.max_train_seconds,
-        **({"filters": tuple(a.filters)} if a.filters else {}),
-    )
-    if not 0 <= cfg.fg_ratio <= 1:
-        raise PgpsError(f"--fg-ratio must be in [0, 1], got {cfg.fg_ratio}")
-    trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
+    created = not out.exists()
+    # Ctrl-C and SIGTERM (a scheduler's stop, `kill`) stop the run at the next iteration boundary,
+    # keeping the last checkpoint; before training starts, or at a second signal, at once
+    signals: list[int] = []
+    trainer = None
+
+    def on_stop(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        if trainer is None or len(signals) > 1:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
+        _check_writable(out)
+        if a.schedule:
+            s = _schedule_file(a.schedule, a.epochs, "--schedule", a.preset)
+            ds = _prepare(a)
+        else:
+            ds = _prepare(a)
+            plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+            final = tuple(a.final_patch) if a.final_patch else plan.final_patch
+            pools = tuple(a.pools) if a.pools else plan.pools
+            s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
+        _check_batch_memory(s, a)
+        train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
+        searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
+        for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
+            if getattr(a, name) is None and name in searched:
+                setattr(a, name, float(searched[name]))
+                if not a.quiet:
+                    print(f"{name} {searched[name]:.4g} from the schedule file (override with {flag})", flush=True)
+        if a.fg_ratio is None:
+            a.fg_ratio = 0.5
+        cfg = TrainConfig(
+            network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
+            iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
+            workers=a.workers, fg_ratio=a.fg_ratio, val_every=a.val_every,
+            max_train_seconds=a.max_train_seconds,
+            **({"filters": tuple(a.filters)} if a.filters else {}),
+        )
+        if not 0 <= cfg.fg_ratio <= 1:
+            raise PgpsError(f"--fg-ratio must be in [0, 1], got {cfg.fg_ratio}")
+        trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
         metrics = trainer.fit(resume=a.resume)
     except KeyboardInterrupt:
-        done = trainer.state.iteration
-        raise Interrupted(
-            f"interrupted at iteration {done}; the last checkpoint in {out} is intact: "
-            "rerun the same command with --resume to continue"
-        ) from None
+        cause = "stopped by SIGTERM" if signal.SIGTERM in signals else "interrupted"
+        saved = trainer.saved_iteration if trainer is not None else None
+        if saved is None:
+            discard_unstarted_run(out, created, trainer)
+            message = f"{cause} before the first checkpoint; nothing to resume: rerun the same command to start again"
+        else:
+            message = (
+                f"{cause} at iteration {trainer.state.iteration}; the checkpoint of iteration {saved} in {out} "
+                "is intact: rerun the same command with --resume added to continue"
+            )
+        exc = Interrupted(message)
+        exc.exit_code = 128 + (signals[0] if signals else signal.SIGINT)  # 143 for SIGTERM, 130 for Ctrl-C
+        raise exc from None
+    except PgpsError:
+        discard_unstarted_run(out, created, trainer)  # a run that never checkpointed leaves nothing behind
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     trainer.write_metrics()
-    print(json.dumps({k: metrics[k] for k in (
+    print(strict_json({k: metrics[k] for k in (
         "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
-        "voxel_fraction", "iterations", "completed")}, indent=1))
+        "voxel_fraction", "iterations", "completed")}))
     return 0
 
 
@@ -284,12 +315,12 @@ def _progress(r: dict[str, Any]) -> None:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pgps_tune.predict import evaluation_cases
-    from pgps_tune.trainer import evaluate_run
+    from pgps_tune.trainer import evaluate_run, strict_json
 
     ds = _prepare(a)
     cases, scored = evaluation_cases(a.run, ds, a.all_cases)
     result = evaluate_run(a.run, ds, a.device, cases=cases)
-    print(json.dumps({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]}, indent=1))
+    print(strict_json({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]}))
     return 0
 
 

@@ -50,23 +50,16 @@ class Run:
 
 
 # -- the run folder ------------------------------------------------------------------
-# MERGE NOTE: _read_checkpoint reads the checkpoint format of trainer.py as it is on this
-# branch (torch.load with weights_only=False, keys "config", "schedule", "num_classes",
-# "channels", "model", "preprocessing").  It unpickles, so a crafted checkpoint can run
-# code: point it at the trainer's safe loader when the new checkpoint format lands;
-# _load_run only needs a dict with those keys.
 
 
 def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any]:
-    from pgps_tune.trainer import CHECKPOINT
+    """The run's checkpoint, read without running code (the trainer's safe loader)."""
+    from pgps_tune.trainer import CHECKPOINT, read_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PgpsError(f"{path} does not exist; give --run a run folder written by 'pgps-tune train'")
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:
-        raise PgpsError(f"checkpoint {path} is unreadable ({type(exc).__name__}); retrain the run") from None
+    return read_checkpoint(path, "give --run a run folder written by 'pgps-tune train', or retrain the run")
 
 
 def _load_run(run_dir: str | Path, device: torch.device) -> Run:

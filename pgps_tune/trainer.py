@@ -6,15 +6,38 @@ where the patch size changes); the LR follows one poly curve over the whole
 run; every epoch ends with an atomic checkpoint, and every ``val_every``
 epochs with a validation at the final patch size, whose metrics go to
 ``RUN_DIR/metrics.json`` and to the optional ``callback`` (the tuner's hook).
+
+A run folder is read back later (``train --resume``, ``evaluate``), possibly after
+it was copied from elsewhere, so its files must not be able to run code.
+``checkpoint.pt`` is a ``torch.save`` archive holding only tensors and plain data
+(dicts, lists, str, int, float, bool, None) and is read with
+``torch.load(weights_only=True)``, which refuses any other Python object before it
+is built.  Its fields (format version :data:`CHECKPOINT_FORMAT`):
+
+- ``format_version``; ``identity`` (what must match to resume), ``schedule``,
+  ``config``, ``num_classes``, ``channels``: plain data;
+- ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``: the torch state dicts;
+- ``state``: :class:`RunState` as a dict (iteration, time, per-stage counts,
+  validation history, best Dice);
+- ``rng``: ``torch`` (a byte tensor), ``cuda`` (a list of them, on a GPU machine),
+  ``numpy`` (``[name, key as a list of ints, pos, has_gauss, gauss]``) and
+  ``python`` (``[version, internal state as a list of ints, gauss_next]``).
+
+Every JSON file (``metrics.json``) is strict JSON: an undefined number (no
+validation yet, a class absent from every case) is written as ``null``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
+import re
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,20 +47,25 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 
 from pgps_tune.config import TrainConfig
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import DivergedError, PgpsError, atomic_write, atomic_write_text
+from pgps_tune.errors import DivergedError, PgpsError, atomic_write
 from pgps_tune.network import build_network
 from pgps_tune.sampler import ProgressiveSampler, loader
 from pgps_tune.schedule import Schedule
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
 METRICS = "metrics.json"
 SCHEDULE = "schedule.yaml"
 Callback = Callable[[dict[str, Any]], None]
+# top-level fields of a checkpoint and their types, checked before anything is restored
+_CHECKPOINT_FIELDS: dict[str, type] = {
+    "format_version": int, "identity": dict, "schedule": dict, "config": dict, "num_classes": int,
+    "channels": int, "model": dict, "optimizer": dict, "lr_scheduler": dict, "scaler": dict,
+    "state": dict, "rng": dict,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,15 +79,65 @@ def resolve_device(name: str) -> torch.device:
 
 
 def dice_scores(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Foreground Dice per class for one case (NaN where the class is absent from the label)."""
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    p = one_hot(pred[None, None].long(), num_classes)
-    g = one_hot(label[None, None].long(), num_classes)
-    return metric(p, g)[0].cpu().numpy()
+    """Foreground Dice per class for one case: ``2|P&G| / (|P|+|G|)``.
+
+    NaN where the class is in neither the label nor the prediction (nothing to score);
+    0 where the label lacks the class but the prediction has it (all false positives).
+    """
+    out = np.empty(num_classes - 1)
+    for c in range(1, num_classes):
+        p, g = pred == c, label == c
+        total = int(p.sum()) + int(g.sum())
+        out[c - 1] = 2 * int((p & g).sum()) / total if total else math.nan
+    return out
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Mean over the non-NaN entries; NaN (not a warning) where there are none."""
+    defined = ~np.isnan(values)
+    count = defined.sum(axis=axis)
+    total = np.where(defined, values, 0.0).sum(axis=axis)
+    return np.divide(total, count, out=np.full(np.shape(total), math.nan), where=count > 0)
+
+
+def _number(x: Any) -> Any:
+    """``json.dumps`` default: numpy scalars (from a sampler, a search space) as Python numbers."""
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not plain data")
+
+
+def strict_json(obj: Any, indent: int | None = 1) -> str:
+    """JSON text with every non-finite float written as ``null`` (NaN/Infinity are not JSON)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, (float, np.floating)):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=_number)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as plain data (dicts, lists, str, int, float, bool, None): what weights_only loads back.
+
+    numpy scalars become Python numbers and tuples become lists, so a value that came from a
+    sampler or a YAML file cannot make a checkpoint that its own loader refuses.
+    """
+    return json.loads(json.dumps(obj, default=_number))
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": _plain(random.getstate()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,10 +145,87 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (torch's messages span many)."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_checkpoint(path: Path, fix: str) -> dict[str, Any]:
+    """Load a checkpoint without running code, and check its fields; on the CPU.
+
+    ``fix`` ends every refusal (what the user should do). Raises :class:`PgpsError`
+    with one line naming ``path`` for a file that holds anything but tensors and plain
+    data (nothing in it is built or run), an unreadable file, or missing or mistyped fields.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": not the user's business
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or damaged files
+        text = str(exc)
+        if "Weights only load failed" in text:
+            # a pickle asking for a Python object (which could run code), or bytes that are no pickle
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f"; it asks for the Python object {found.group(1)}" if found else ""
+            raise PgpsError(
+                f"refused to load {path}: it is not a checkpoint of tensors and plain data{what}; "
+                f"nothing in it was run; {fix}"
+            ) from None
+        raise PgpsError(f"checkpoint {path} is unreadable or damaged ({_one_line(exc)}); {fix}") from None
+    if not isinstance(ck, dict):
+        raise PgpsError(f"{path} is not a pgps-tune checkpoint (it holds a {type(ck).__name__}); {fix}")
+    bad = [k for k, t in _CHECKPOINT_FIELDS.items() if not isinstance(ck.get(k), t) or isinstance(ck[k], bool)]
+    if bad:
+        raise PgpsError(f"checkpoint {path} lacks or has wrongly typed fields: {', '.join(bad)}; {fix}")
+    if ck["format_version"] != CHECKPOINT_FORMAT:
+        raise PgpsError(
+            f"checkpoint {path} has format {ck['format_version']}, this pgps-tune reads {CHECKPOINT_FORMAT}; {fix}"
+        )
+    return ck
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it has type ``kind`` (a bool is no number here); else TypeError naming ``what``."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{what} is a {type(value).__name__}")
+    return value
+
+
+def _restore(path: Path, fix: str, steps: list[tuple[str, Callable[[], Any]]]) -> None:
+    """Run each restore step; a field that does not fit becomes one line naming it and ``path``."""
+    for name, step in steps:
+        try:
+            step()
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise PgpsError(f"checkpoint {path}: field {name!r} does not fit ({_one_line(exc)}); {fix}") from None
+
+
+class _WorkerInit:
+    """DataLoader worker start-up: leave Ctrl-C and SIGTERM to the main process, then the loader's init.
+
+    A stop signal sent to the whole job (Ctrl-C in a terminal, a scheduler's SIGTERM) would
+    otherwise end the workers while the main process may still wait for a batch from them;
+    the main process stops at an iteration boundary and shuts its workers down itself.
+    """
+
+    def __init__(self, inner: Callable[[int], None] | None) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
 
 
 @dataclass
@@ -88,7 +243,26 @@ class RunState:
     train_time_s: float = 0.0
     stages: list[StageStats] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_val_dice: float = float("-inf")
+    best_val_dice: float = math.nan  # NaN until a validation gives a defined Dice
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunState:
+        """The state saved by ``asdict``, with every type checked (it comes from a file)."""
+        history = _typed(d["history"], list, "history")
+        for h in history:  # what is read back from old records
+            _typed(_typed(h, dict, "history entry").get("val_time_s"), (int, float), "history val_time_s")
+        return cls(
+            iteration=_typed(d["iteration"], int, "iteration"),
+            train_time_s=_typed(d["train_time_s"], (int, float), "train_time_s"),
+            stages=[
+                StageStats(_typed(s["iterations"], int, "stage iterations"),
+                           _typed(s["wall_time_s"], (int, float), "stage wall_time_s"),
+                           _typed(s["voxels"], int, "stage voxels"))
+                for s in _typed(d["stages"], list, "stages")
+            ],
+            history=history,
+            best_val_dice=_typed(d["best_val_dice"], (int, float), "best_val_dice"),
+        )
 
 
 class Trainer:
@@ -121,22 +295,26 @@ class Trainer:
             config.network, ds.channels, ds.num_classes, schedule.pools,
             config.filters, config.deep_supervision,
         ).to(self.device)
-        lr = config.resolved_lr()
+        lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
+        if config.optimizer not in ("sgd", "adamw"):
+            raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
         # fused AdamW: one kernel per step instead of one per tensor, which matters on the tiny
         # first stages where per-iteration overhead would otherwise set the cost.  SGD stays
         # unfused: its fused kernel fails when some momentum buffers exist and others do not,
         # which is what a 1x1x1-bottleneck first stage leaves (those layers get no gradient).
-        if config.optimizer == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=lr, momentum=config.momentum,
-                nesterov=True, weight_decay=config.weight_decay,
-            )
-        elif config.optimizer == "adamw":
-            self.opt = torch.optim.AdamW(
-                self.model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True
-            )
-        else:
-            raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
+        try:
+            if config.optimizer == "sgd":
+                self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                    self.model.parameters(), lr=lr, momentum=float(config.momentum),
+                    nesterov=True, weight_decay=float(config.weight_decay),
+                )
+            else:
+                self.opt = torch.optim.AdamW(
+                    self.model.parameters(), lr=lr, weight_decay=float(config.weight_decay), fused=True
+                )
+        except ValueError as exc:  # torch's own range checks (AdamW refuses a NaN learning rate)
+            raise PgpsError(f"{config.optimizer} refuses its settings ({exc}); give --lr and the others "
+                            "as finite, non-negative numbers") from None
         total = self.total_iterations
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda it: (1 - min(it, total - 1) / total) ** 0.9
@@ -144,6 +322,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self.state = RunState(stages=[StageStats() for _ in schedule.stages])
+        self.saved_iteration: int | None = None  # iteration of the checkpoint on disk, once there is one
+        self.written: set[Path] = set()  # files of the run folder this trainer wrote
+        # set from a signal handler: fit() raises KeyboardInterrupt at the next iteration boundary
+        self.stop_requested = False
 
     # -- checkpoint ------------------------------------------------------------
     @property
@@ -151,15 +333,15 @@ class Trainer:
         return self.out / CHECKPOINT
 
     def _identity(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed by this trainer."""
+        """What must match for a checkpoint to be resumed by this trainer (as plain data)."""
         cfg = self.cfg.to_dict()
         for k in ("device", "threads", "workers", "max_train_seconds"):
             cfg.pop(k)  # free to change between runs
-        return {
+        return _plain({
             "schedule": self.schedule.to_dict()["stages"], "final_patch": list(self.schedule.final_patch),
             "config": cfg, "dataset": self.ds.name, "train_cases": self.train_cases,
             "val_cases": self.val_cases,
-        }
+        })
 
     def _data_record(self) -> dict[str, Any]:
         """How the run's data was preprocessed and split: what predict and evaluate need (plain data)."""
@@ -174,52 +356,89 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint atomically: a failed write (a full disk) leaves the previous one intact."""
         payload = {
+            "format_version": CHECKPOINT_FORMAT,
             "identity": self._identity(),
-            **self._data_record(),
-            "schedule": self.schedule.to_dict(),
-            "config": self.cfg.to_dict(),
+            **_plain(self._data_record()),
+            "schedule": _plain(self.schedule.to_dict()),
+            "config": _plain(self.cfg.to_dict()),
             "num_classes": self.ds.num_classes,
             "channels": self.ds.channels,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.lr_sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "state": asdict(self.state),
+            "state": _plain(asdict(self.state)),
             "rng": _rng_state(),
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write(self.checkpoint_path, lambda fh: fh.write(buf.getbuffer()))
+        self._write(self.checkpoint_path, lambda fh: fh.write(buf.getbuffer()))
+        self.saved_iteration = self.state.iteration
+
+    def _write(self, path: Path, write: Callable[[Any], Any]) -> None:
+        """An atomic write of a run file whose OS failure (ENOSPC, EIO, ...) is one line, not a traceback."""
+        try:
+            atomic_write(path, write)
+            self.written.add(path)
+        except OSError as exc:
+            kept = (
+                f"the checkpoint of iteration {self.saved_iteration} is intact: free space, then rerun with --resume"
+                if self.saved_iteration is not None else "no checkpoint was written yet: free space, then rerun"
+            )
+            raise PgpsError(f"cannot write {path} ({exc.strerror or exc}); {kept}") from None
 
     def load_checkpoint(self) -> None:
-        if not self.checkpoint_path.is_file():
-            raise PgpsError(
-                f"--resume given but {self.checkpoint_path} does not exist; run without --resume to start"
-            )
-        try:
-            ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise PgpsError(f"checkpoint {self.checkpoint_path} is unreadable ({exc}); start a new run") from None
+        """Restore everything from the run folder's checkpoint, refusing one made for another run."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise PgpsError(f"--resume given but {path} does not exist; run without --resume to start")
+        fix = "start a new run without --resume in a new --out"
+        ck = read_checkpoint(path, fix)
         if ck["identity"] != self._identity():
             raise PgpsError(
-                f"{self.checkpoint_path} was made with another schedule, dataset or settings; "
+                f"{path} was made with another schedule, dataset or settings; "
                 "resume with the same ones, or use a new --out"
             )
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.lr_sched.load_state_dict(ck["lr_scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        st = ck["state"]
-        self.state = RunState(
-            iteration=st["iteration"], train_time_s=st["train_time_s"],
-            stages=[StageStats(**s) for s in st["stages"]], history=st["history"],
-            best_val_dice=st["best_val_dice"],
-        )
-        _set_rng_state(ck["rng"])
+
+        def state() -> None:
+            st = RunState.from_dict(ck["state"])
+            if len(st.stages) != len(self.schedule.stages) or st.iteration > self.total_iterations:
+                raise ValueError("its stages or iteration do not match the schedule")
+            self.state = st
+
+        _restore(path, fix, [
+            ("model", lambda: self.model.load_state_dict(ck["model"])),
+            ("optimizer", lambda: self._load_optimizer(ck["optimizer"])),
+            ("lr_scheduler", lambda: self.lr_sched.load_state_dict(ck["lr_scheduler"])),
+            ("scaler", lambda: self.scaler.load_state_dict(ck["scaler"])),
+            ("state", state),
+            ("rng", lambda: _set_rng_state(ck["rng"])),
+        ])
+        self.saved_iteration = self.state.iteration
+
+    def _load_optimizer(self, sd: dict[str, Any]) -> None:
+        """Load an optimizer state, checking what torch does not: every buffer has its parameter's shape."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for index, buffers in sd["state"].items():
+            for name, value in buffers.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"state {index}.{name} is a {type(value).__name__}, not a tensor")
+                if value.dim() and value.shape != params[index].shape:
+                    raise ValueError(f"state {index}.{name} has shape {list(value.shape)}, "
+                                     f"its parameter {list(params[index].shape)}")
+        self.opt.load_state_dict(sd)
 
     # -- training ----------------------------------------------------------------
+    def _diverged(self, what: str, value: torch.Tensor) -> DivergedError:
+        return DivergedError(
+            f"diverged: the {what} is {float(value.detach())} at iteration {self.state.iteration}; lower --lr "
+            "(or check the data for non-finite voxels) and start a new run in a new --out"
+        )
+
     def _step(self, image: torch.Tensor, label: torch.Tensor) -> float:
+        """One optimisation step; a non-finite loss (or, without AMP, gradient) stops the run."""
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -231,13 +450,14 @@ class Trainer:
             else:
                 loss = self.loss_fn(out, label)
         if not torch.isfinite(loss):
-            raise DivergedError(
-                f"diverged: the training loss is {float(loss)} at iteration {self.state.iteration}; "
-                "lower --lr (or check the data for non-finite voxels) and start a new run"
-            )
+            raise self._diverged("training loss", loss)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        # with AMP an overflowing fp16 gradient is routine: the scaler skips that step and lowers
+        # its scale; in full precision a non-finite gradient means the run has diverged
+        if not self.amp and not torch.isfinite(norm):
+            raise self._diverged("gradient norm", norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.lr_sched.step()
@@ -249,12 +469,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
-        self.schedule.save(self.out / SCHEDULE)
+        self._write(self.out / SCHEDULE, lambda fh: fh.write(self.schedule.to_yaml().encode("utf-8")))
         ipe = self.cfg.iterations_per_epoch
         start = self.state.iteration
         losses: list[float] = []
         t_epoch = time.perf_counter()
-        for batch in loader(self.sampler, start, self.cfg.workers):
+        batches = loader(self.sampler, start, self.cfg.workers)
+        batches.worker_init_fn = _WorkerInit(batches.worker_init_fn)
+        for batch in batches:
+            if self.stop_requested:  # here no batch is half-received from a worker
+                raise KeyboardInterrupt
             it, k = batch["iteration"], batch["stage"]
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True).long()
@@ -265,7 +489,7 @@ class Trainer:
             self.state.iteration = it + 1
             if self.state.iteration % ipe:
                 continue
-            # end of an epoch: account time, checkpoint, maybe validate
+            # end of an epoch: account time, maybe validate, checkpoint
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_epoch
@@ -280,7 +504,8 @@ class Trainer:
             if epoch % self.val_every == 0 or done or out_of_time:
                 self._validate_and_report(epoch, k, float(np.mean(losses)))
                 losses = []
-            self.save_checkpoint()
+            else:
+                self.save_checkpoint()
             if out_of_time:
                 break
             t_epoch = time.perf_counter()
@@ -297,7 +522,8 @@ class Trainer:
         t = time.perf_counter()
         val = self.validate()
         val_time = time.perf_counter() - t
-        self.state.best_val_dice = max(self.state.best_val_dice, val["dice"])
+        if math.isfinite(val["dice"]) and not self.state.best_val_dice >= val["dice"]:  # NaN: none yet
+            self.state.best_val_dice = val["dice"]
         record = {
             "epoch": epoch,
             "iteration": self.state.iteration,
@@ -328,12 +554,13 @@ class Trainer:
         return self.schedule.baseline_batch_size * int(np.prod(self.schedule.final_patch))
 
     def metrics(self) -> dict[str, Any]:
+        """The run's summary; undefined numbers are NaN here and ``null`` in ``metrics.json``."""
         last = self.state.history[-1] if self.state.history else {}
         baseline = self._baseline_voxels_per_iteration * self.total_iterations
         return {
-            "val_dice": last.get("val_dice", float("nan")),
+            "val_dice": last.get("val_dice", math.nan),
             "val_dice_per_class": last.get("val_dice_per_class", {}),
-            "best_val_dice": self.state.best_val_dice if self.state.history else float("nan"),
+            "best_val_dice": self.state.best_val_dice,
             "wall_time_s": self.state.train_time_s + sum(h["val_time_s"] for h in self.state.history),
             "train_time_s": self.state.train_time_s,
             "iterations": self.state.iteration,
@@ -357,7 +584,26 @@ class Trainer:
         }
 
     def write_metrics(self) -> None:
-        atomic_write_text(self.out / METRICS, json.dumps(self.metrics(), indent=1) + "\n")
+        text = strict_json(self.metrics()) + "\n"
+        self._write(self.out / METRICS, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def discard_unstarted_run(out: str | Path, created: bool, trainer: Trainer | None) -> None:
+    """Undo a run that stopped before its first checkpoint, so that rerunning the command works.
+
+    Removes the files ``trainer`` wrote, and the folder if ``created`` (this command made it)
+    and it is then empty.  A run that has a checkpoint is left alone.
+    """
+    if trainer is not None:
+        if trainer.saved_iteration is not None:
+            return
+        for path in trainer.written:
+            path.unlink(missing_ok=True)
+    if created:
+        try:
+            Path(out).rmdir()
+        except OSError:
+            pass  # missing, or holds files that are not the run's: leave them
 
 
 @torch.no_grad()
@@ -372,8 +618,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Sliding-window inference at the final patch size; mean foreground Dice.
 
-    ``dice_per_class`` averages each class over the cases that contain it;
-    ``dice`` is the mean over classes.
+    Empty labels: a case whose label and prediction both lack a class says nothing about
+    that class and is left out of its mean; a case whose label lacks it but whose
+    prediction has it scores 0 (all false positives). ``dice_per_class`` averages each
+    class over the cases left in; a class left out of every case (absent from every
+    label and every prediction) has Dice NaN (``null`` in JSON). ``dice`` is the mean
+    over the classes with a defined Dice (NaN if none).
     """
     model.eval()
     amp = device.type == "cuda"
@@ -386,40 +636,43 @@ def evaluate(
             )
         label = torch.from_numpy(np.array(ds.label(i))).to(device)
         scores.append(dice_scores(logits.argmax(1)[0], label, ds.num_classes))
-    per_class = np.nanmean(np.array(scores), axis=0)
+    per_class = _nanmean(np.array(scores).reshape(len(cases), ds.num_classes - 1), axis=0)
     names = [ds.labels[k] for k in range(1, ds.num_classes)]
     return {
-        "dice": float(np.nanmean(per_class)),
+        "dice": float(_nanmean(per_class)),
         "dice_per_class": {n: float(v) for n, v in zip(names, per_class)},
         "cases": len(cases),
     }
 
 
 def evaluate_run(
-    run_dir: str | Path, ds: PreparedDataset, device: str = "auto", cases: list[int] | None = None
+    run_dir: str | Path, ds: PreparedDataset, device: str = "auto", *, cases: list[int] | None = None
 ) -> dict[str, Any]:
     """Evaluate the network of a run folder on ``cases`` of ``ds`` (default: every case)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PgpsError(f"{path} does not exist; give a run folder written by 'pgps-tune train'")
     dev = resolve_device(device)
-    try:
-        ck = torch.load(path, map_location=dev, weights_only=False)
-        cfg = ck["config"]
-        schedule = Schedule.from_dict(ck["schedule"], source=str(path))
-        num_classes, channels = ck["num_classes"], ck["channels"]
-    except PgpsError:
-        raise
-    except Exception as exc:
-        raise PgpsError(f"checkpoint {path} is unreadable ({type(exc).__name__}); retrain the run") from None
+    fix = "give a run folder written by 'pgps-tune train', or retrain the run"
+    ck = read_checkpoint(path, fix)
+    cfg = ck["config"]
+    schedule = Schedule.from_dict(ck["schedule"], source=str(path))
+    num_classes, channels = ck["num_classes"], ck["channels"]
     if (num_classes, channels) != (ds.num_classes, ds.channels):
         raise PgpsError(
             f"the run was trained on {channels} channel(s) and {num_classes} classes, but {ds.name} has "
             f"{ds.channels} and {ds.num_classes}; evaluate on data of the same task"
         )
-    model = build_network(
-        cfg["network"], channels, num_classes, schedule.pools, cfg["filters"], cfg["deep_supervision"]
-    ).to(dev)
-    model.load_state_dict(ck["model"])
+    built: list[Any] = []
+
+    def network() -> None:
+        net = build_network(
+            cfg["network"], channels, num_classes, schedule.pools, cfg["filters"], cfg["deep_supervision"]
+        )
+        net.load_state_dict(ck["model"])
+        built.extend([net.to(dev), int(cfg["sw_batch_size"]), float(cfg["sw_overlap"])])
+
+    _restore(path, fix, [("config and model", network)])
+    net, sw_batch_size, overlap = built
     cases = list(range(len(ds))) if cases is None else cases
-    return evaluate(model, ds, cases, schedule.final_patch, dev, cfg["sw_batch_size"], cfg["sw_overlap"])
+    return evaluate(net, ds, cases, schedule.final_patch, dev, sw_batch_size, overlap)

@@ -1,14 +1,29 @@
+import errno
+import io
 import json
+import math
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pgps_tune import data
 from pgps_tune import schedule as sch
-from pgps_tune.cli import main
-from pgps_tune.network import SafeInstanceNorm3d, build_network
+from pgps_tune.cli import Interrupted, build_parser, main
 from pgps_tune.config import DEFAULT_LR, TrainConfig
-from pgps_tune.trainer import Trainer
+from pgps_tune.errors import DivergedError, PgpsError
+from pgps_tune.network import SafeInstanceNorm3d, build_network
+from pgps_tune.trainer import Trainer, evaluate, evaluate_run, read_checkpoint, strict_json
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible here)")
 
 
 @pytest.fixture
@@ -22,8 +37,25 @@ def _schedule():
 
 
 def _trainer(ds, out, callback=None, **cfg):
-    config = TrainConfig(iterations_per_epoch=2, val_every=1, threads=1, filters=(4, 8, 16), **cfg)
+    # explicitly on the CPU (a GPU box would pick CUDA and AMP under "auto"); GPU tests say device="cuda"
+    config = TrainConfig(**{"iterations_per_epoch": 2, "val_every": 1, "threads": 1, "filters": (4, 8, 16),
+                            "device": "cpu", **cfg})
     return Trainer(ds, [0, 1, 2, 3], [4, 5], _schedule(), config, out, callback)
+
+
+# a tiny CLI run: 4 one-iteration epochs at 16^3
+_TRAIN = ["--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+          "--filters", "4", "8", "16", "--iterations-per-epoch", "1", "--device", "cpu", "--epochs", "4"]
+
+
+def _strict_load(text):
+    """json.loads that fails on NaN/Infinity, which are not JSON."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} written"))
+
+
+def _one_line(rc, err, needle):
+    assert rc != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
 
 
 def test_every_paper_stage_trains_including_the_1x1x1_bottleneck():
@@ -37,23 +69,58 @@ def test_every_paper_stage_trains_including_the_1x1x1_bottleneck():
             assert out.shape[-3:] == st.patch_size
 
 
-def test_deep_supervision_trains(ds, tmp_path):
-    m = _trainer(ds, tmp_path / "ds", network="dynunet", deep_supervision=True).fit()
+def test_deep_supervision_trains_its_auxiliary_heads(ds, tmp_path):
+    t = _trainer(ds, tmp_path / "ds", network="dynunet", deep_supervision=True)
+    heads = list(t.model.deep_supervision_heads.parameters())
+    image, label, _ = t.sampler.batch(t.total_iterations - 1)  # a final-stage batch
+    image, label = torch.from_numpy(image), torch.from_numpy(label).long()
+    t.model.train()
+    with torch.no_grad():  # instance norm keeps no running statistics: this forward changes nothing
+        out = t.model(image)
+    assert out.dim() == 6 and out.shape[1] == 1 + len(t.model.deep_supervision_heads) and heads
+    main_head_loss = float(t.loss_fn(out[:, 0], label))
+    before = [p.detach().clone() for p in heads]
+    loss = t._step(image, label)
+    assert loss != pytest.approx(main_head_loss, abs=1e-6)  # the auxiliary outputs are in the loss
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads)  # gradients reach every head
+    assert all(not torch.equal(a, p) for a, p in zip(before, heads))  # and the step moves them
+    m = t.fit()
     assert m["completed"] and 0 <= m["val_dice"] <= 1
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_smoke_metrics_and_callback(ds, tmp_path, optimizer):
-    reports = []
-    m = _trainer(ds, tmp_path / "run", callback=reports.append, optimizer=optimizer).fit()
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run = tmp_path / "run"
+    reports, seen = [], []
+
+    def check_checkpoint_now(r):
+        # the checkpoint on disk when the report arrives holds exactly this state
+        reports.append(r)
+        ck = read_checkpoint(run / "checkpoint.pt", "")
+        assert ck["state"]["iteration"] == r["iteration"] and ck["state"]["history"][-1]["epoch"] == r["epoch"]
+        live = trainer.model.state_dict()
+        assert all(torch.equal(v, live[k]) for k, v in ck["model"].items())
+        seen.append({k: v.clone() for k, v in ck["model"].items()})
+        groups = ck["optimizer"]["param_groups"]
+        assert groups[0]["lr"] == pytest.approx(r["lr"])
+        buffers = {name for st in ck["optimizer"]["state"].values() for name in st}
+        if optimizer == "sgd":
+            assert groups[0]["momentum"] == 0.99 and groups[0]["nesterov"] and buffers == {"momentum_buffer"}
+        else:
+            assert groups[0]["betas"] == (0.9, 0.999) and buffers == {"step", "exp_avg", "exp_avg_sq"}
+
+    trainer = _trainer(ds, run, callback=check_checkpoint_now, optimizer=optimizer)
+    assert type(trainer.opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    m = trainer.fit()
+    assert len(seen) == 6 and all(  # every report's checkpoint held other weights than the one before
+        any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(seen, seen[1:]))
+    saved = _strict_load((run / "metrics.json").read_text())
     assert saved["val_dice"] == pytest.approx(m["val_dice"]) and 0 <= m["val_dice"] <= 1
     assert m["iterations"] == 12 and m["completed"]
     assert [r["stage"] for r in reports] == [0, 0, 1, 1, 2, 2]
     assert [r["patch_size"] for r in reports][::2] == [[4, 4, 4], [8, 8, 8], [16, 16, 16]]
-    assert all((tmp_path / "run" / "checkpoint.pt").is_file() for _ in reports)
     voxels = [r["voxels_processed"] for r in reports]
-    assert voxels == sorted(voxels) and m["voxels_processed"] == _schedule().voxels(2)
+    assert voxels == sorted(voxels) and m["voxels_processed"] == 2 * _schedule().voxels()
     assert m["voxel_fraction"] == pytest.approx(_schedule().voxel_fraction())
     assert [s["iterations"] for s in m["stages"]] == [4, 4, 4]
     assert all(s["wall_time_s"] > 0 for s in m["stages"])
@@ -69,12 +136,24 @@ def test_lr_is_poly_over_the_whole_run_and_never_reset(ds, tmp_path):
     assert lrs[0] == pytest.approx(DEFAULT_LR["adamw"] * (1 - 2 / 12) ** 0.9)
 
 
-def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path):
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path, deterministic):
     straight = _trainer(ds, tmp_path / "a")
+    assert straight.device.type == "cpu"
     straight.fit()
+    next_draws = []
 
     def stop_at_epoch_3(r):
         if r["epoch"] == 3:  # epoch 3 is the middle of stage 1
+            # the checkpoint was saved just before this report: these are its RNGs' next draws
+            next_draws.append((random.random(), float(np.random.random()), float(torch.rand(1))))
             raise KeyboardInterrupt
 
     first = _trainer(ds, tmp_path / "b", callback=stop_at_epoch_3)
@@ -84,6 +163,7 @@ def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path):
     seen = []
     resumed = _trainer(ds, tmp_path / "b", callback=seen.append)
     resumed.load_checkpoint()
+    assert [(random.random(), float(np.random.random()), float(torch.rand(1)))] == next_draws
     assert resumed.state.iteration == 6 and resumed.sampler.stage_index(6) == 1
     img, seg, stage = resumed.sampler.batch(6)
     ref_img, ref_seg, ref_stage = straight.sampler.batch(6)
@@ -149,3 +229,365 @@ def test_cli_train_takes_searched_trainer_settings_from_the_schedule_file(tmp_pa
     # an explicit flag wins over the file
     assert main([*base, "--out", str(tmp_path / "b"), "--fg-ratio", "0.4", "--quiet"]) == 0
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["config"]["fg_ratio"] == 0.4
+
+
+def test_evaluate_scores_the_trained_weights(ds, tmp_path):
+    run = tmp_path / "run"
+    # numpy numbers (as a sampler may give) still make a checkpoint that loads with weights_only
+    m = _trainer(ds, run, lr=np.float64(2e-3), seed=np.int64(3)).fit()
+    ev = evaluate_run(run, ds, "cpu", cases=[4, 5])  # the validation cases of _trainer
+    assert ev["dice"] == pytest.approx(m["val_dice"], abs=1e-6)
+    assert ev["dice_per_class"] == pytest.approx(m["val_dice_per_class"], abs=1e-6)
+    # the same folder with other weights scores differently: evaluate reads these weights
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    ck["model"] = {k: v + v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1
+                   else v for k, v in ck["model"].items()}
+    other = tmp_path / "perturbed"
+    other.mkdir()
+    torch.save(ck, other / "checkpoint.pt")
+    assert evaluate_run(other, ds, "cpu", cases=[4, 5])["dice_per_class"] != pytest.approx(
+        m["val_dice_per_class"], abs=1e-3)
+
+
+def test_the_schedule_file_is_what_trains(tiny_msd, tmp_path, monkeypatch):
+    # uneven stages, batch sizes and lengths, so that no default could produce them
+    s = sch.Schedule((sch.Stage((8, 4, 12), 3, 1), sch.Stage((12, 16, 8), 1, 2), sch.Stage((16, 16, 16), 2, 1)),
+                     (16, 16, 16), (2, 2, 2), 2)
+    f = tmp_path / "s.yaml"
+    s.save(f)
+    shapes = []
+    step = Trainer._step
+
+    def record(self, image, label):
+        shapes.append((image.shape[0], *image.shape[2:]))
+        return step(self, image, label)
+
+    monkeypatch.setattr(Trainer, "_step", record)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_msd), "--out", str(out), "--schedule", str(f), "--device", "cpu",
+                 "--iterations-per-epoch", "2", "--filters", "4", "8", "16", "--quiet"]) == 0
+    assert shapes == [(st.batch_size, *st.patch_size) for st in s.stages for _ in range(2 * st.epochs)]
+    metrics = _strict_load((out / "metrics.json").read_text())
+    assert [(tuple(m["patch_size"]), m["batch_size"], m["epochs"], m["iterations"]) for m in metrics["stages"]] == [
+        (st.patch_size, st.batch_size, st.epochs, 2 * st.epochs) for st in s.stages]
+    assert sch.load(out / "schedule.yaml") == s
+
+
+def test_dataloader_workers_give_the_same_run(ds, tmp_path):
+    runs = [_trainer(ds, tmp_path / f"w{w}", workers=w) for w in (0, 2)]
+    ms = [t.fit() for t in runs]
+    assert [h["train_loss"] for h in ms[0]["history"]] == [h["train_loss"] for h in ms[1]["history"]]
+    a, b = (t.model.state_dict() for t in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- untrusted and damaged checkpoints ------------------------------------------------------
+
+
+class _TouchOnLoad:
+    """What an attacker would put in a checkpoint: unpickling it creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _crafted(path, marker, raw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": 1, "model": _TouchOnLoad(marker)}
+    if raw:  # a plain pickle, not a torch archive
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    pickle.loads(pickle.dumps(_TouchOnLoad(marker.with_suffix(".check"))))
+    assert marker.with_suffix(".check").exists()  # the payload does run code when unpickled
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["torch-archive", "raw-pickle"])
+def test_a_crafted_checkpoint_runs_nothing(tiny_msd, tmp_path, capsys, raw):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    _crafted(run / "checkpoint.pt", marker, raw)
+    before = (run / "checkpoint.pt").read_bytes()
+    for argv in (["evaluate", "--run", str(run)],
+                 ["train", "--out", str(run), "--resume", *_TRAIN]):
+        rc = main([*argv, "--data", str(tiny_msd), "--device", "cpu"])
+        _one_line(rc, capsys.readouterr().err, "refused to load")
+        assert not marker.exists()
+    assert (run / "checkpoint.pt").read_bytes() == before  # and nothing deleted or rewritten
+
+
+def test_damaged_checkpoints_get_one_line_naming_the_file(ds, tmp_path):
+    run = tmp_path / "run"
+    _trainer(ds, run).fit()
+    path = run / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
+    good_bytes = path.read_bytes()
+
+    def changed(edit):
+        ck = torch.load(io.BytesIO(good_bytes), weights_only=True)
+        edit(ck)
+        return ck
+
+    first_param = next(iter(good["model"]))
+    first_buffer = next(iter(good["optimizer"]["state"]))
+    damage = {
+        "missing optimizer": lambda ck: ck.pop("optimizer"),
+        "state is a list": lambda ck: ck.update(state=[1, 2]),
+        "iteration is a string": lambda ck: ck["state"].update(iteration="six"),
+        "history lost": lambda ck: ck["state"].pop("history"),
+        "a history entry lacks its time": lambda ck: ck["state"]["history"][0].pop("val_time_s"),
+        "a stage's voxels are a float": lambda ck: ck["state"]["stages"][0].update(voxels=1.5),
+        "classes are a bool": lambda ck: ck.update(num_classes=True),
+        "weights of the wrong shape": lambda ck: ck["model"].update({first_param: torch.zeros(3)}),
+        "optimizer buffer of the wrong shape": lambda ck: ck["optimizer"]["state"][first_buffer].update(
+            exp_avg=torch.zeros(2, 2)),
+        "numpy RNG cut short": lambda ck: ck["rng"].update(numpy=["MT19937", [1, 2, 3], 0, 0, 0.0]),
+        "too many stages": lambda ck: ck["state"]["stages"].append(ck["state"]["stages"][0]),
+        "another format": lambda ck: ck.update(format_version=99),
+    }
+    for name, edit in damage.items():
+        torch.save(changed(edit), path)
+        with pytest.raises(PgpsError) as err:
+            _trainer(ds, run).load_checkpoint()
+        msg = str(err.value)
+        assert str(path) in msg and "new --out" in msg and len(msg.splitlines()) == 1, (name, msg)
+    for content in (b"", b"not a checkpoint", good_bytes[: len(good_bytes) // 2]):
+        path.write_bytes(content)
+        for load in (lambda: _trainer(ds, run).load_checkpoint(), lambda: evaluate_run(run, ds, "cpu")):
+            with pytest.raises(PgpsError, match="unreadable or damaged|refused to load") as err:
+                load()
+            assert str(path) in str(err.value) and len(str(err.value).splitlines()) == 1
+    torch.save([1, 2, 3], path)
+    with pytest.raises(PgpsError, match="not a pgps-tune checkpoint"):
+        evaluate_run(run, ds, "cpu")
+    torch.save(changed(lambda ck: ck["config"].pop("network")), path)
+    with pytest.raises(PgpsError, match="'config and model' does not fit"):
+        evaluate_run(run, ds, "cpu")
+
+
+def _fail_checkpoint_writes(monkeypatch, armed):
+    """A disk that fills: fsync of a checkpoint's temporary file raises ENOSPC while ``armed()``."""
+    real = os.fsync
+
+    def fsync(fd):
+        if armed() and ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file being written through /proc")
+def test_a_full_disk_keeps_the_previous_checkpoint(ds, tmp_path, monkeypatch, capsys, tiny_msd):
+    run = tmp_path / "run"
+    saved = {}
+
+    def remember(r):
+        saved[r["epoch"]] = (run / "checkpoint.pt").read_bytes()
+
+    _fail_checkpoint_writes(monkeypatch, lambda: 2 in saved)  # the disk fills after epoch 2's checkpoint
+    with pytest.raises(PgpsError) as err:
+        _trainer(ds, run, callback=remember).fit()
+    msg = str(err.value)
+    assert "No space left" in msg and "checkpoint of iteration 4 is intact" in msg and "--resume" in msg
+    assert len(msg.splitlines()) == 1 and sorted(saved) == [1, 2]
+    assert (run / "checkpoint.pt").read_bytes() == saved[2]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.json", "schedule.yaml"]
+    # the CLI: the first checkpoint cannot be written; one line, a non-zero exit, and no half run left
+    _fail_checkpoint_writes(monkeypatch, lambda: True)
+    out = tmp_path / "cli"
+    rc = main(["train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN, "--quiet"])
+    _one_line(rc, capsys.readouterr().err, "No space left")
+    assert not out.exists()
+
+
+# -- divergence, undefined numbers and empty labels ---------------------------------------------
+
+
+def test_nan_lr_is_refused_and_divergence_stops_the_cli_with_one_line(tiny_msd, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN, "--iterations-per-epoch", "2", "--quiet"]
+    with pytest.raises(SystemExit) as stop:  # refused by the parser, before anything is read or written
+        main([*argv, "--lr", "nan"])
+    assert stop.value.code == 2
+    _one_line(2, capsys.readouterr().err, "--lr")
+    assert not out.exists()
+    # a loss that turns non-finite stops the run: one line, and no half run before the first checkpoint
+    from monai.losses import DiceCELoss
+
+    monkeypatch.setattr(DiceCELoss, "forward", lambda self, x, y: (x * float("nan")).mean())
+    _one_line(main(argv), capsys.readouterr().err, "diverged")
+    assert not out.exists()
+
+
+def test_non_finite_values_stop_training(ds, tmp_path):
+    t = _trainer(ds, tmp_path / "nan")
+    image, label, _ = t.sampler.batch(0)
+    image, label = torch.from_numpy(image), torch.from_numpy(label).long()
+    t._step(image, label)  # a finite batch trains
+    poisoned = image.clone()
+    poisoned[0, 0, 1, 2, 3] = float("nan")
+    with pytest.raises(DivergedError, match="diverged: the training loss is nan"):
+        t._step(poisoned, label)
+    # a finite loss whose gradient is not finite stops too
+    next(t.model.parameters()).register_hook(lambda g: g * float("inf"))
+    with pytest.raises(DivergedError, match="diverged: the gradient norm is"):
+        t._step(image, label)
+
+
+def test_undefined_numbers_are_written_as_null(ds, tmp_path):
+    t = _trainer(ds, tmp_path / "none")
+    m = _strict_load(strict_json(t.metrics()))  # before any validation
+    assert m["best_val_dice"] is None and m["val_dice"] is None
+
+
+class _Cases:
+    """What evaluate reads of a dataset: cases whose image holds the class to predict at each voxel."""
+
+    num_classes, labels = 3, {0: "background", 1: "a", 2: "b"}
+
+    def __init__(self, predictions, labels):
+        self.predictions, self.label_maps = predictions, labels
+
+    def image(self, i):
+        return self.predictions[i][None].astype(np.float32)
+
+    def label(self, i):
+        return self.label_maps[i]
+
+
+class _PredictTheImage(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).permute(0, 4, 1, 2, 3).float() * 10
+
+
+def test_dice_of_empty_labels():
+    empty = np.zeros((4, 4, 4), dtype=np.uint8)
+    blob = empty.copy()
+    blob[1:3, 1:3, 1:3] = 1
+    # case 0: class a predicted exactly (Dice 1); class b in neither label nor prediction (left out)
+    # case 1: class a absent from the label but predicted (Dice 0); class b again in neither
+    cases = _Cases(predictions=[blob, blob], labels=[blob, empty])
+    ev = evaluate(_PredictTheImage(), cases, [0, 1], (4, 4, 4), torch.device("cpu"))
+    assert ev["dice_per_class"]["a"] == pytest.approx(0.5)
+    assert math.isnan(ev["dice_per_class"]["b"]) and ev["dice"] == pytest.approx(0.5)
+    assert _strict_load(strict_json(ev))["dice_per_class"] == {"a": 0.5, "b": None}
+    # nothing to score at all: the Dice itself is undefined
+    ev = evaluate(_PredictTheImage(), _Cases([empty], [empty]), [0], (4, 4, 4), torch.device("cpu"))
+    assert _strict_load(strict_json(ev))["dice"] is None
+
+
+# -- interrupts -----------------------------------------------------------------------------------------
+
+def test_ctrl_c_before_the_first_checkpoint_says_rerun(tiny_msd, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN, "--quiet"]
+
+    def ctrl_c(self, image, label):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_step", ctrl_c)
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 130 and len(err.strip().splitlines()) == 1
+    assert "before the first checkpoint" in err and "rerun the same command" in err and "--resume" not in err
+    assert not out.exists()
+    assert main(argv) == 0  # the rerun is not told "already holds a run"
+
+
+def test_sigterm_after_a_checkpoint_names_resume(tiny_msd, tmp_path, monkeypatch):
+    import pgps_tune.cli as cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN]
+    progress = cli._progress
+
+    def terminate_at_epoch_2(r):
+        progress(r)
+        if r["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_progress", terminate_at_epoch_2)
+    handler = signal.getsignal(signal.SIGTERM)
+    args = build_parser().parse_args(argv)
+    with pytest.raises(Interrupted) as err:
+        args.func(args)
+    assert err.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) is handler
+    msg = str(err.value)
+    assert "SIGTERM" in msg and "checkpoint of iteration 2" in msg and "--resume" in msg
+    assert len(msg.splitlines()) == 1
+    monkeypatch.setattr(cli, "_progress", progress)
+    assert main([*argv, "--resume", "--quiet"]) == 0
+    assert _strict_load((out / "metrics.json").read_text())["iterations"] == 4
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers(tiny_msd, tmp_path):
+    # a scheduler's stop signals every process of the job; the workers die first, torch reports them
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN,
+            "--epochs", "100000", "--val-every", "100000", "--workers", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # the exit code (143) is main()'s to map from Interrupted.exit_code, checked in-process above
+    _one_line(proc.returncode, err, "stopped by SIGTERM")
+    assert "--resume" in err and read_checkpoint(out / "checkpoint.pt", "")["state"]["iteration"] > 0
+
+
+# -- GPU-only (skipped here without one) ----------------------------------------------------------------
+
+
+@needs_cuda
+def test_amp_step_on_cuda(ds, tmp_path):
+    t = _trainer(ds, tmp_path / "amp", device="cuda")
+    assert t.amp and t.scaler.is_enabled()
+    image, label, _ = t.sampler.batch(t.total_iterations - 1)
+    image, label = torch.from_numpy(image).cuda(), torch.from_numpy(label).long().cuda()
+
+    def weights():
+        return [p.detach().clone() for p in t.model.parameters()]
+
+    before = weights()
+    assert math.isfinite(t._step(image, label))
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    # an overflowing fp16 gradient is the scaler's business: the step is skipped, the scale lowered
+    hook = next(t.model.parameters()).register_hook(lambda g: g * float("inf"))
+    before, scale = weights(), t.scaler.get_scale()
+    t._step(image, label)
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    assert t.scaler.get_scale() < scale
+    hook.remove()
+    # but a NaN loss still stops the run
+    poisoned = image.clone()
+    poisoned[0, 0, 1, 2, 3] = float("nan")
+    with pytest.raises(DivergedError, match="training loss is nan"):
+        t._step(poisoned, label)
+    m = t.fit()
+    assert m["completed"] and m["device"].startswith("cuda")
+
+
+@needs_cuda
+def test_cuda_rng_state_goes_through_a_checkpoint(ds, tmp_path):
+    t = _trainer(ds, tmp_path / "rng", device="cuda")
+    torch.rand(10, device="cuda")  # away from the seeded state that a new trainer would set again
+    t.out.mkdir()
+    t.save_checkpoint()
+    expected = torch.rand(4, device="cuda")
+    resumed = _trainer(ds, tmp_path / "rng", device="cuda")  # reseeds the generators
+    resumed.load_checkpoint()
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
