@@ -27,10 +27,11 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from pgps_tune.config import TrainConfig
+from pgps_tune.augment import to_device
+from pgps_tune.config import TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write, atomic_write_text
-from pgps_tune.network import build_network
+from pgps_tune.network import network_for
 from pgps_tune.sampler import ProgressiveSampler, loader
 from pgps_tune.schedule import Schedule
 
@@ -114,13 +115,10 @@ class Trainer:
         self.val_every = config.val_every or max(1, schedule.epochs // 10)
         self.sampler = ProgressiveSampler(
             ds, train_cases, schedule, ipe, seed=config.seed,
-            fg_ratio=config.fg_ratio, volumes_per_batch=config.volumes_per_batch,
+            fg_ratio=config.fg_ratio, volumes_per_batch=config.volumes_per_batch, augment=config.augment,
         )
         torch.manual_seed(config.seed)
-        self.model = build_network(
-            config.network, ds.channels, ds.num_classes, schedule.pools,
-            config.filters, config.deep_supervision,
-        ).to(self.device)
+        self.model = network_for(config, ds.channels, ds.num_classes, schedule).to(self.device)
         lr = config.resolved_lr()
         # fused AdamW: one kernel per step instead of one per tensor, which matters on the tiny
         # first stages where per-iteration overhead would otherwise set the cost.  SGD stays
@@ -241,10 +239,10 @@ class Trainer:
         start = self.state.iteration
         losses: list[float] = []
         t_epoch = time.perf_counter()
-        for batch in loader(self.sampler, start, self.cfg.workers):
+        # on CUDA the loader leaves augmentation to the device: one batched resampling there
+        for batch in loader(self.sampler, start, self.cfg.workers, defer_augment=self.device.type == "cuda"):
             it, k = batch["iteration"], batch["stage"]
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True).long()
+            image, label = to_device(batch, self.device)
             losses.append(self._step(image, label))
             st = self.state.stages[k]
             st.iterations += 1
@@ -338,6 +336,7 @@ class Trainer:
             "history": self.state.history,
             "schedule": self.schedule.to_dict(),
             "config": self.cfg.to_dict(),
+            "augmentation": asdict(augment_preset(self.cfg.augment)),
             "dataset": self.ds.name,
             "device": str(self.device),
         }
@@ -401,9 +400,7 @@ def evaluate_run(run_dir: str | Path, ds: PreparedDataset, device: str = "auto")
             f"the run was trained on {channels} channel(s) and {num_classes} classes, but {ds.name} has "
             f"{ds.channels} and {ds.num_classes}; evaluate on data of the same task"
         )
-    model = build_network(
-        cfg["network"], channels, num_classes, schedule.pools, cfg["filters"], cfg["deep_supervision"]
-    ).to(dev)
+    model = network_for(TrainConfig.from_dict(cfg), channels, num_classes, schedule).to(dev)
     model.load_state_dict(ck["model"])
     return evaluate(
         model, ds, list(range(len(ds))), schedule.final_patch, dev, cfg["sw_batch_size"], cfg["sw_overlap"]
