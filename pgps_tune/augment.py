@@ -13,9 +13,10 @@ How it fits the engine (the batch of iteration ``i`` stays a pure function of ``
    smallest box that every drawn rotation, scaling and deformation of the patch stays inside,
    so no empty border ever lands inside the patch (padding appears only where the patch
    itself leaves the volume, as without augmentation).
-3. :func:`apply` turns regions + parameters into patches: one ``affine_grid`` and one
-   ``grid_sample`` per batch for the image (trilinear) and one for the labels (nearest), then
-   the intensity transforms in nnU-Net's order, vectorised over samples.
+3. :func:`apply` turns regions + parameters into patches: one sampling grid for the whole
+   batch (the per-sample affine maps, plus the elastic field if any), one ``grid_sample``
+   for the images (trilinear) and one for the labels (nearest) on that grid, then the
+   intensity transforms in nnU-Net's order, vectorised over samples.
 
 Where it runs: on the CPU the loader applies it (in its worker processes when there are
 any, so it overlaps training); on CUDA the loader ships the region and the parameters and
@@ -129,11 +130,11 @@ def region_size(params: Params, patch: Sequence[int]) -> tuple[int, int, int]:
     """The smallest region (per axis) that every sample's transformed patch stays inside.
 
     Output voxel offset ``o`` (from the patch centre) reads the region at ``A o + d(o)``, so
-    axis ``i`` reaches ``sum_j |A_ij| (P_j - 1) / 2 + max|d_i|`` voxels from the centre.  The
-    (The elastic term is bounded by the largest control displacement, so the region is
-    up to twice that larger than strictly needed when a batch deforms.)  The
-    region keeps the patch's parity per axis, so that an identity transform reads whole voxels
-    (a sample that skips every spatial transform is its crop, up to float rounding, not blurred).
+    axis ``i`` reaches ``sum_j |A_ij| (P_j - 1) / 2 + max|d_i|`` voxels from the centre
+    (``max|d_i|`` is bounded by the largest control displacement, so a batch that deforms
+    gets a region up to twice that larger than strictly needed).  The region keeps the
+    patch's parity per axis, so that an identity transform reads whole voxels (a sample
+    that skips every spatial transform is its crop, up to float rounding, not blurred).
     """
     affine = np.asarray(params["affine"], dtype=np.float64)
     reach = np.abs(affine) @ (np.asarray(patch, dtype=np.float64) - 1)  # [B, 3]: full extent - 1
@@ -276,13 +277,20 @@ def _on_rows(x: torch.Tensor, active: torch.Tensor, fn, *args: torch.Tensor) -> 
 
 def intensity(image: torch.Tensor, params: Params) -> torch.Tensor:
     """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma (nnU-Net's order)."""
+    return _intensity_(image.clone(), params)
+
+
+def _intensity_(image: torch.Tensor, params: Params) -> torch.Tensor:
+    """:func:`intensity`, in place."""
     b, c = image.shape[:2]
-    x = image.reshape(b * c, *image.shape[2:]).clone()  # rows: one (sample, channel) each
-    std = params["noise_std"]
-    if bool((std > 0).any()):
-        gen = torch.Generator(device=x.device).manual_seed(params["seed"])
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        x += noise * std.repeat_interleave(c).view(-1, 1, 1, 1)
+    x = image.view(b * c, *image.shape[2:])  # rows: one (sample, channel) each
+    gen = torch.Generator(device=x.device).manual_seed(params["seed"])
+
+    def noise(rows: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return rows + torch.randn(rows.shape, generator=gen, device=x.device, dtype=x.dtype) * std.view(-1, 1, 1, 1)
+
+    std = params["noise_std"].repeat_interleave(c).view(b, c)  # one draw per sample, every channel
+    _on_rows(x, std > 0, noise, std)
     sigma = params["blur_sigma"]
     _on_rows(x, sigma.amax(-1) > 0, _gaussian_blur, sigma)
     x *= params["brightness"].reshape(-1, 1, 1, 1)
@@ -291,13 +299,13 @@ def intensity(image: torch.Tensor, params: Params) -> torch.Tensor:
     _on_rows(x, (zoom < 1).any(-1), _low_resolution, zoom)
     _on_rows(x, params["gamma_inverted"] != 1, lambda v, g: _gamma(v, g, True), params["gamma_inverted"])
     _on_rows(x, params["gamma"] != 1, lambda v, g: _gamma(v, g, False), params["gamma"])
-    return x.view_as(image)
+    return image
 
 
 def apply(image: torch.Tensor, label: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
     """Regions [B,C,*region] (float) and [B,1,*region] (uint8) -> augmented patches."""
     image, label = spatial(image, label, params)
-    return intensity(image, params), label
+    return _intensity_(image, params), label
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

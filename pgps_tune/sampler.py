@@ -33,28 +33,35 @@ from pgps_tune.data import PreparedDataset
 from pgps_tune.schedule import Schedule
 
 
-def crops(volume: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Crops of ``volume[..., x, y, z]`` at ``starts`` [n, 3] (may be negative or overrun), zero-padded.
-
-    One gather for all crops ([n, ..., *size]): the volume is padded once, as far as the
-    crops reach past its edges, and the crops are read as windows of it, so the cost
-    follows the voxels cut rather than the number of crops.
-    """
-    starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
-    shape = np.array(volume.shape[-3:])
-    before = np.maximum(0, -starts.min(0))
-    after = np.maximum(0, (starts + np.asarray(size)).max(0) - shape)
-    if before.any() or after.any():
-        volume = np.pad(volume, [(0, 0)] * (volume.ndim - 3) + list(zip(before, after)))
-    windows = np.lib.stride_tricks.sliding_window_view(volume, tuple(size), axis=(-3, -2, -1))
-    at = starts + before
-    out = windows[(..., at[:, 0], at[:, 1], at[:, 2], slice(None), slice(None), slice(None))]
-    return np.moveaxis(out, -4, 0)
-
-
 def crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """Crop ``volume[..., x, y, z]`` at ``start`` (may be negative or overrun), zero-padded."""
-    return crops(volume, np.array([start]), size)[0]
+    spatial = volume.shape[-3:]
+    out = np.zeros(volume.shape[:-3] + tuple(size), dtype=volume.dtype)
+    src, dst = [], []
+    for a in range(3):
+        lo, hi = max(start[a], 0), min(start[a] + size[a], spatial[a])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start[a], hi - start[a]))
+    out[(..., *dst)] = volume[(..., *src)]
+    return out
+
+
+def crops(volume: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Crops [n, ..., *size] of ``volume[..., x, y, z]`` at ``starts`` [n, 3], zero-padded like :func:`crop`.
+
+    Hundreds of small crops of one volume are one gather: their bounding box is cut once
+    and the crops are read as windows of it, so the cost follows the voxels rather than
+    the number of crops.  Crops scattered over a large volume (a box much larger than
+    the crops) are cut one by one instead, so that a big volume is never copied whole.
+    """
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+    lo, hi = starts.min(0), starts.max(0) + np.asarray(size)
+    if np.prod(hi - lo) > 4 * len(starts) * np.prod(size):
+        return np.stack([crop(volume, st, size) for st in starts])
+    box = crop(volume, lo, hi - lo)
+    windows = np.lib.stride_tricks.sliding_window_view(box, tuple(size), axis=(-3, -2, -1))
+    at = starts - lo
+    return np.moveaxis(windows[(..., at[:, 0], at[:, 1], at[:, 2], slice(None), slice(None), slice(None))], -4, 0)
 
 
 class ProgressiveSampler:

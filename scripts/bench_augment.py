@@ -16,7 +16,11 @@ ratio (target >= 1.5 in every stage), and the training time per voxel (data + mo
 the default loader runs in the training process) against the final stage's (target
 <= 1.15).  The data rate without augmentation (cutting only) is given for comparison.
 
-    .venv/bin/python scripts/bench_augment.py --report docs/bench_augment.md
+On a machine shared with other jobs, wall-clock times mostly measure the neighbours:
+``--threads 1 --clock cpu`` counts this process's CPU time instead (time spent waiting
+for a core is left out), which is what one core would take on a quiet machine.
+
+    .venv/bin/python scripts/bench_augment.py --threads 1 --clock cpu --report docs/bench_augment.md
 """
 
 from __future__ import annotations
@@ -33,14 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def best_time(run: Callable[[], object], repeats: int) -> float:
+def best_time(run: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds of the fastest of ``repeats`` runs (after one untimed warm-up run)."""
     run()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         run()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return min(times)
 
 
@@ -53,6 +57,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=2, help="distinct batches timed per stage")
     ap.add_argument("--repeats", type=int, default=3, help="timings per batch; the best counts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as the trainer)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall-clock time, or this process's CPU time (with --threads 1)")
     ap.add_argument("--report", help="also write the Markdown table here")
     a = ap.parse_args()
 
@@ -68,6 +74,9 @@ def main() -> int:
     from pgps_tune.sampler import IterationDataset, ProgressiveSampler
 
     torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
+    if a.clock == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit("--clock cpu needs --threads 1 (CPU time adds up the threads)")
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     try:
         ds = prepare(a.data)
     except PgpsError as exc:
@@ -101,10 +110,10 @@ def main() -> int:
         data_s = none_s = model_s = 0.0
         region = 0
         for it in its:
-            data_s += best_time(lambda it=it: data[a.augment][it], a.repeats)
-            none_s += best_time(lambda it=it: data["none"][it], a.repeats)
+            data_s += best_time(lambda it=it: data[a.augment][it], a.repeats, clock)
+            none_s += best_time(lambda it=it: data["none"][it], a.repeats, clock)
             image, label = to_device(data[a.augment][it], cpu)
-            model_s += best_time(lambda image=image, label=label: train_step(image, label), a.repeats)
+            model_s += best_time(lambda image=image, label=label: train_step(image, label), a.repeats, clock)
             region += math.prod(samplers[a.augment].cut(it)["image"].shape[2:])
         voxels = a.iterations * st.batch_size * st.patch_voxels
         rows.append({
@@ -118,7 +127,7 @@ def main() -> int:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average "
         f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}",
+        f"{torch.get_num_threads()} threads, {a.clock} clock, {time.strftime('%Y-%m-%d')}",
         f"Data: {ds.name}, final patch {'x'.join(map(str, plan.final_patch))}, pools {list(plan.pools)}; paper "
         f"{a.mode} schedule, baseline batch {a.batch_size}; default network ({cfg.network}), augmentation "
         f"'{a.augment}', {cfg.workers} loader workers (the default); per stage {a.iterations} batches, each the best "

@@ -12,7 +12,7 @@ from pgps_tune import data
 from pgps_tune import schedule as sch
 from pgps_tune.config import AUGMENT_PRESETS, TrainConfig
 from pgps_tune.errors import PgpsError
-from pgps_tune.sampler import ProgressiveSampler, loader
+from pgps_tune.sampler import ProgressiveSampler, crop, crops, loader
 from pgps_tune.trainer import Trainer
 
 DEFAULT = AUGMENT_PRESETS["default"]
@@ -164,3 +164,13 @@ def test_the_augmentation_is_recorded_and_part_of_the_checkpoint_identity(ds, tm
         Trainer(ds, [0, 1, 2, 3], [4], s, cfg.replace(augment="none"), tmp_path / "run").fit(resume=True)
     with pytest.raises(PgpsError, match="unknown augmentation 'heavy'; use one of default"):
         Trainer(ds, [0, 1, 2, 3], [4], s, cfg.replace(augment="heavy"), tmp_path / "other")
+
+
+@pytest.mark.parametrize("shape, n, spread", [((2, 12, 14, 10), 40, 3), ((1, 60, 60, 60), 2, 60)])
+def test_batched_crops_equal_crops_one_by_one(shape, n, spread):
+    """One gather over the crops' box (many crops close together) or one by one (few, far apart)."""
+    rng = np.random.default_rng(0)
+    volume = rng.random(shape).astype(np.float32)
+    size = (5, 6, 4)
+    starts = rng.integers(-3, spread, (n, 3))
+    assert np.array_equal(crops(volume, starts, size), np.stack([crop(volume, st, size) for st in starts]))
