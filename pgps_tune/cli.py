@@ -24,7 +24,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pgps_tune import schedule as sch
-from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, TrainConfig
+from pgps_tune.config import (
+    AUGMENT_PRESETS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    NETWORKS,
+    OPTIMIZERS,
+    TOKEN_SIZES,
+    TrainConfig,
+    augment_preset,
+    patch_multiple,
+)
 from pgps_tune.errors import PgpsError
 from pgps_tune.limits import LIMITS
 
@@ -76,6 +87,8 @@ def _add_schedule_args(p: argparse.ArgumentParser, planned: bool) -> None:
 
 def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) -> sch.Schedule:
     preset = a.preset or "paper"
+    # train: the network's own patch rule, so that a paper schedule starts at its smallest legal patch
+    multiple_of = patch_multiple(a.network, pools, a.token_size) if "network" in a else None
     if preset == "parametric":
         growth = a.growth
         if growth is None and a.start_fraction is None and a.stages > 1:
@@ -83,9 +96,9 @@ def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) 
         return sch.parametric(
             final, pools, a.batch_size, epochs, stages=a.stages, growth=growth,
             start_fraction=a.start_fraction, length_ratio=a.length_ratio,
-            final_fraction=a.final_fraction, mode=a.mode, batch_cap=a.batch_cap,
+            final_fraction=a.final_fraction, mode=a.mode, batch_cap=a.batch_cap, multiple_of=multiple_of,
         )
-    return sch.preset(preset, final, pools, a.batch_size, epochs, a.mode, a.batch_cap)
+    return sch.preset(preset, final, pools, a.batch_size, epochs, a.mode, a.batch_cap, multiple_of)
 
 
 def _print_schedule(s: sch.Schedule, fmt: str) -> None:
@@ -185,11 +198,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     import threading
 
     from pgps_tune.data import plan_patch, split
-    from pgps_tune.network import NETWORKS
     from pgps_tune.trainer import CHECKPOINT, Trainer, discard_unstarted_run, resolve_device, strict_json
 
     if a.network not in NETWORKS:
         raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
+    augment_preset(a.augment)
     resolve_device(a.device)
     out = Path(a.out)
     has_run = (out / CHECKPOINT).is_file()
@@ -236,7 +249,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
             iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
             workers=a.workers, fg_ratio=a.fg_ratio, val_every=a.val_every,
-            max_train_seconds=a.max_train_seconds,
+            max_train_seconds=a.max_train_seconds, augment=a.augment, token_size=a.token_size,
             **({"filters": tuple(a.filters)} if a.filters else {}),
         )
         if not 0 <= cfg.fg_ratio <= 1:
@@ -506,7 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"total epochs (default {DEFAULT_EPOCHS}; rescales a --schedule)")
     t.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"),
                    default=TrainConfig.iterations_per_epoch, help=f"default {TrainConfig.iterations_per_epoch}")
-    t.add_argument("--network", default=TrainConfig.network, help=f"unet or dynunet (default {TrainConfig.network})")
+    t.add_argument("--network", default=TrainConfig.network,
+                   help=f"{', '.join(NETWORKS)} (default {TrainConfig.network})")
+    t.add_argument("--token-size", type=int, choices=TOKEN_SIZES, default=TrainConfig.token_size,
+                   help=f"unetr: token side; patch sides must be multiples of it (default {TrainConfig.token_size})")
+    t.add_argument("--augment", default=TrainConfig.augment,
+                   help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default {TrainConfig.augment}, "
+                   "close to nnU-Net's; none: plain crops)")
     t.add_argument("--filters", nargs="+", type=n("filters"),
                    help=f"channels per level (default {' '.join(map(str, TrainConfig.filters))})")
     t.add_argument("--deep-supervision", action="store_true", help="dynunet only")

@@ -89,6 +89,7 @@ LIMITS: dict[str, Range] = {
     "seed": SEED,
     "split_seed": SEED,
     "filters": _int(1, 4096),
+    "token_size": _int(1, 64),  # unetr: the supported sizes are checked by name beside it
     "threads": _int(1, 1024),
     "workers": _int(0, 256),
     "max_train_seconds": Range(0, 1e9, low_open=True),

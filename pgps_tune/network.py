@@ -1,4 +1,10 @@
-"""Networks: MONAI UNet and DynUNet, shaped by the plan's poolings per axis.
+"""Networks: MONAI UNet, DynUNet (plain and residual encoder), SegResNet, SwinUNETR and UNETR.
+
+UNet and DynUNet are shaped by the plan's poolings per axis; the others have a fixed
+downsampling.  Which patch sides each network takes is plain data in
+:func:`pgps_tune.config.patch_multiple`; :func:`network_for` checks every stage of a
+schedule against it before a network is built, so a run fails in one line, not at
+stage 7.
 
 The paper's first stage is one pooling increment per axis, which leaves a
 1x1x1 bottleneck; PyTorch's instance norm refuses a single spatial element in
@@ -6,18 +12,28 @@ training.  Normalising one element gives exactly zero (x - mean(x) = 0), so
 we swap in :class:`SafeInstanceNorm3d`, which returns that limit (the affine
 bias) instead of raising.  That is what the paper's code does by lifting the
 check, and it keeps the published stage list trainable unchanged.
+
+UNETR's position embeddings are a learned grid for one input size; a growing
+patch needs them at every stage's token grid.  :class:`ProgressiveUNETR` keeps them
+at the final patch's grid (so checkpoints, validation and inference see the
+trained grid itself) and interpolates them trilinearly to the token grid of each
+input.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pgps_tune.config import NETWORKS, TrainConfig, check_network_patches
 from pgps_tune.errors import PgpsError
+from pgps_tune.schedule import Schedule
 
-NETWORKS = ("unet", "dynunet")
+__all__ = ["NETWORKS", "ProgressiveUNETR", "SafeInstanceNorm3d", "build_network", "network_for"]
 
 
 class SafeInstanceNorm3d(nn.InstanceNorm3d):
@@ -51,6 +67,84 @@ def level_strides(pools: Sequence[int]) -> list[tuple[int, int, int]]:
     return [tuple(2 if lvl < p else 1 for p in pools) for lvl in range(levels)]  # type: ignore[misc]
 
 
+class ProgressiveUNETR(nn.Module):
+    """MONAI's UNETR (Hatamizadeh et al.) for any input whose sides are multiples of the token size.
+
+    Built from MONAI's ViT and UNETR blocks.  With ``token_size=16`` it is MONAI's ``UNETR``
+    module for module (same names and shapes: its weights load here); a token of ``2**k``
+    has ``k`` upsampling levels, the skips reading transformer layers spread evenly
+    (3, 6, 9 of 12 for k = 4).  ``final_patch`` fixes the stored position-embedding grid.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        final_patch: Sequence[int],
+        token_size: int = 16,
+        feature_size: int = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+    ) -> None:
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.nets import ViT
+
+        levels = int(math.log2(token_size))
+        if token_size < 2 or 2**levels != token_size:
+            raise PgpsError(f"token size {token_size} must be a power of two >= 2")
+        heads = max(1, hidden_size // 64)
+        if hidden_size % heads:
+            raise PgpsError(f"hidden size {hidden_size} must be a multiple of 64 (or below 64)")
+        self.token_size, self.levels, self.hidden_size = token_size, levels, hidden_size
+        self.token_grid = tuple(p // token_size for p in final_patch)
+        self.skip_layers = [round(num_layers * lvl / levels) for lvl in range(1, levels)]  # MONAI: 3, 6, 9
+        self.vit = ViT(
+            in_channels=in_channels, img_size=tuple(final_patch), patch_size=token_size, hidden_size=hidden_size,
+            mlp_dim=4 * hidden_size, num_layers=num_layers, num_heads=heads, proj_type="conv",
+            classification=False, spatial_dims=3,
+        )
+        common = {"spatial_dims": 3, "kernel_size": 3, "norm_name": "instance", "res_block": True}
+        self.encoder1 = UnetrBasicBlock(in_channels=in_channels, out_channels=feature_size, stride=1, **common)
+        for lvl in range(1, levels):  # skip at 1/2**lvl of the input: upsample the tokens levels-lvl times
+            self.add_module(f"encoder{lvl + 1}", UnetrPrUpBlock(
+                in_channels=hidden_size, out_channels=feature_size * 2**lvl, num_layer=levels - lvl - 1,
+                stride=1, upsample_kernel_size=2, conv_block=True, **common))
+        for lvl in reversed(range(levels)):  # decoder{lvl + 2} ends at 1/2**lvl of the input
+            self.add_module(f"decoder{lvl + 2}", UnetrUpBlock(
+                in_channels=hidden_size if lvl == levels - 1 else feature_size * 2 ** (lvl + 1),
+                out_channels=feature_size * 2**lvl, upsample_kernel_size=2, **common))
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=feature_size, out_channels=out_channels)
+
+    def position_embeddings_at(self, grid: Sequence[int]) -> torch.Tensor:
+        """The stored embeddings [1, tokens, hidden], trilinearly resized to a token ``grid``."""
+        pe = self.vit.patch_embedding.position_embeddings
+        pe = pe.transpose(1, 2).reshape(1, self.hidden_size, *self.token_grid)
+        pe = F.interpolate(pe, size=tuple(grid), mode="trilinear", align_corners=False)
+        return pe.flatten(2).transpose(1, 2)
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        embed = self.vit.patch_embedding
+        tokens = embed.patch_embeddings(x_in)  # [B, hidden, *grid]
+        grid = tokens.shape[2:]
+        x = embed.dropout(tokens.flatten(2).transpose(1, 2) + self.position_embeddings_at(grid))
+        layers = []
+        for block in self.vit.blocks:
+            x = block(x)
+            layers.append(x)
+        x = self.vit.norm(x)
+
+        def volume(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).reshape(t.shape[0], self.hidden_size, *grid)
+
+        skips = [self.encoder1(x_in)]
+        skips += [getattr(self, f"encoder{lvl + 1}")(volume(layers[i])) for lvl, i in enumerate(self.skip_layers, 1)]
+        out = volume(x)
+        for lvl in reversed(range(self.levels)):
+            out = getattr(self, f"decoder{lvl + 2}")(out, skips[lvl])
+        return self.out(out)
+
+
 def build_network(
     name: str,
     in_channels: int,
@@ -58,8 +152,49 @@ def build_network(
     pools: Sequence[int],
     filters: Sequence[int] = (16, 32, 64, 128, 256, 320),
     deep_supervision: bool = False,
+    *,
+    final_patch: Sequence[int] | None = None,
+    feature_size: int | None = None,
+    hidden_size: int = 768,
+    token_size: int = 16,
 ) -> nn.Module:
-    """A MONAI ``unet`` or ``dynunet`` whose downsampling matches ``pools``."""
+    """The MONAI network ``name``; unet/dynunet downsample as ``pools`` says.
+
+    ``filters`` shape unet/dynunet; ``feature_size`` (None: MONAI's default) the others;
+    ``final_patch``, ``hidden_size`` and ``token_size`` UNETR.
+    """
+    if deep_supervision and name not in ("dynunet", "dynunet_resenc"):
+        raise PgpsError(f"deep supervision needs --network dynunet or dynunet_resenc; {name} has no auxiliary heads")
+    if name in ("unet", "dynunet", "dynunet_resenc"):
+        net = _unet(name, in_channels, num_classes, pools, filters, deep_supervision)
+    elif name == "segresnet":
+        from monai.networks.nets import SegResNet
+
+        levels = min(pools)
+        net = SegResNet(
+            spatial_dims=3, init_filters=feature_size or 8, in_channels=in_channels, out_channels=num_classes,
+            blocks_down=(1, 2, 2, 4, 4, 4, 4, 4, 4)[: levels + 1], blocks_up=(1,) * levels,
+        )
+    elif name == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        if (feature_size or 24) % 12:
+            raise PgpsError(f"swinunetr needs a feature size that is a multiple of 12, got {feature_size}")
+        net = SwinUNETR(in_channels=in_channels, out_channels=num_classes, feature_size=feature_size or 24,
+                        spatial_dims=3, norm_name="instance")
+    elif name == "unetr":
+        if final_patch is None:
+            raise PgpsError("unetr needs the final patch size (its position embeddings are a grid of it)")
+        net = ProgressiveUNETR(in_channels, num_classes, final_patch, token_size, feature_size or 16, hidden_size)
+    else:
+        raise PgpsError(f"unknown network {name!r}; use one of {', '.join(NETWORKS)}")
+    _swap_instance_norms(net)
+    return net
+
+
+def _unet(
+    name: str, in_channels: int, num_classes: int, pools: Sequence[int], filters: Sequence[int], deep_supervision: bool
+) -> nn.Module:
     strides = level_strides(pools)
     if not strides:
         raise PgpsError("pools are all 0; the network needs at least one downsampling")
@@ -69,23 +204,26 @@ def build_network(
     if name == "unet":
         from monai.networks.nets import UNet
 
-        if deep_supervision:
-            raise PgpsError("deep supervision needs --network dynunet; MONAI's UNet has no auxiliary heads")
-        net: nn.Module = UNet(
+        return UNet(
             spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
             channels=chans, strides=strides, num_res_units=1, norm="instance",
         )
-    elif name == "dynunet":
-        from monai.networks.nets import DynUNet
+    from monai.networks.nets import DynUNet
 
-        net = DynUNet(
-            spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
-            kernel_size=[3] * (len(strides) + 1), strides=[1, *strides],
-            upsample_kernel_size=strides, filters=chans, norm_name="instance",
-            deep_supervision=deep_supervision, deep_supr_num=max(1, min(2, len(strides) - 1)),
-            res_block=False,
-        )
-    else:
-        raise PgpsError(f"unknown network {name!r}; use one of {', '.join(NETWORKS)}")
-    _swap_instance_norms(net)
-    return net
+    return DynUNet(
+        spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+        kernel_size=[3] * (len(strides) + 1), strides=[1, *strides],
+        upsample_kernel_size=strides, filters=chans, norm_name="instance",
+        deep_supervision=deep_supervision, deep_supr_num=max(1, min(2, len(strides) - 1)),
+        res_block=name == "dynunet_resenc",  # the residual-encoder preset: residual blocks at every level
+    )
+
+
+def network_for(config: TrainConfig, in_channels: int, num_classes: int, schedule: Schedule) -> nn.Module:
+    """The run's network, after checking that it takes every patch of ``schedule``."""
+    check_network_patches(config.network, schedule, config.token_size)
+    return build_network(
+        config.network, in_channels, num_classes, schedule.pools, config.filters, config.deep_supervision,
+        final_patch=schedule.final_patch, feature_size=config.feature_size, hidden_size=config.hidden_size,
+        token_size=config.token_size,
+    )

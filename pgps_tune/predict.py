@@ -64,7 +64,8 @@ def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any
 
 def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     """The network of a run folder, with the preprocessing its training data had."""
-    from pgps_tune.network import build_network
+    from pgps_tune.config import TrainConfig
+    from pgps_tune.network import network_for
     from pgps_tune.schedule import Schedule
     from pgps_tune.trainer import CHECKPOINT
 
@@ -76,8 +77,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     try:
         cfg, pre = ck["config"], ck["preprocessing"]
         schedule = Schedule.from_dict(ck["schedule"], source=str(path))
-        model = build_network(cfg["network"], ck["channels"], ck["num_classes"], schedule.pools,
-                              cfg["filters"], cfg["deep_supervision"]).to(device)
+        model = network_for(TrainConfig.from_dict(cfg), ck["channels"], ck["num_classes"], schedule).to(device)
         model.load_state_dict(ck["model"])
         return Run(
             model=model.eval(), channels=int(ck["channels"]), num_classes=int(ck["num_classes"]),

@@ -188,20 +188,31 @@ def training_memory(
 # -- validation --------------------------------------------------------------
 
 
-def divisors(pools: Sequence[int]) -> Triple:
-    """What every patch axis must be divisible by: 2**pools per axis."""
-    return tuple(2**p for p in pools)  # type: ignore[return-value]
+def divisors(pools: Sequence[int], multiple_of: Sequence[int] | None = None) -> Triple:
+    """What every patch axis must be divisible by: 2**pools per axis.
+
+    ``multiple_of`` (optional, per axis) is a network's own rule as plain data, e.g.
+    32 for SwinUNETR or the token size for UNETR; the result is then the least common
+    multiple of both, which is also the smallest legal patch side.
+    """
+    div = [2**p for p in pools]
+    if multiple_of is not None:
+        div = [math.lcm(d, int(m)) for d, m in zip(div, multiple_of)]
+    return tuple(div)  # type: ignore[return-value]
 
 
-def check_patch(patch: Sequence[int], pools: Sequence[int], what: str = "patch") -> None:
+def check_patch(
+    patch: Sequence[int], pools: Sequence[int], what: str = "patch", multiple_of: Sequence[int] | None = None
+) -> None:
     """Refuse a patch the network cannot take."""
-    div = divisors(pools)
+    div = divisors(pools, multiple_of)
     bad = [a for a in range(3) if patch[a] < div[a] or patch[a] % div[a]]
     if bad:
         need = "x".join(str(d) for d in div)
         raise PgpsError(
             f"{what} {'x'.join(map(str, patch))} is not divisible by the network's downsampling "
             f"{need} on axis {', '.join(map(str, bad))}; use multiples of {need} per axis"
+            + (f" (the smallest legal patch is {need})" if multiple_of is not None else "")
         )
 
 
@@ -338,24 +349,30 @@ def _as_triple(v: Sequence[int], what: str) -> Triple:
 
 
 def constant(
-    final_patch: Sequence[int], pools: Sequence[int], batch_size: int, epochs: int
+    final_patch: Sequence[int], pools: Sequence[int], batch_size: int, epochs: int,
+    multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
     """The baseline: one stage at the final patch size."""
     final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    if multiple_of is not None:
+        check_patch(final, pools_, "final patch", multiple_of)
     return Schedule(
         (Stage(final, batch_size, epochs),), final, pools_, batch_size,
         meta={"preset": "constant"},
     )
 
 
-def paper_patches(final_patch: Sequence[int], pools: Sequence[int]) -> list[Triple]:
+def paper_patches(
+    final_patch: Sequence[int], pools: Sequence[int], multiple_of: Sequence[int] | None = None
+) -> list[Triple]:
     """The paper's patch sequence: grow one axis by one increment per stage.
 
-    Start at one increment (2**pools) per axis; each stage grows the axis whose
-    next size is smallest (ties: lowest axis), until every axis is final.
+    Start at one increment (2**pools, or its lcm with ``multiple_of``) per axis; each
+    stage grows the axis whose next size is smallest (ties: lowest axis), until every
+    axis is final.
     """
-    final, inc = _as_triple(final_patch, "final patch"), divisors(pools)
-    check_patch(final, pools, "final patch")
+    final, inc = _as_triple(final_patch, "final patch"), divisors(pools, multiple_of)
+    check_patch(final, pools, "final patch", multiple_of)
     cur = list(inc)
     patches = [tuple(cur)]
     while any(c < f for c, f in zip(cur, final)):
@@ -372,14 +389,17 @@ def paper(
     epochs: int,
     mode: str = "resource",
     batch_cap: int | None = None,
+    multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
     """The paper's automatic curriculum (Fischer et al., 2024), exactly.
 
     Every stage gets ``epochs // S`` epochs and the last gets the rest.
     ``batch_cap`` (performance mode only) is an extension; the paper has none.
+    ``multiple_of``: a network's own patch rule (see :func:`divisors`); the first
+    stage is then that network's smallest legal patch.
     """
     final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
-    patches = paper_patches(final, pools_)
+    patches = paper_patches(final, pools_, multiple_of)
     n = len(patches)
     if epochs < n:
         raise PgpsError(
@@ -433,6 +453,7 @@ def parametric(
     final_fraction: float | None = None,
     mode: str = "resource",
     batch_cap: int | None = None,
+    multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
     """The searchable family.
 
@@ -447,7 +468,7 @@ def parametric(
     stage count of the result can be lower than asked; ``meta`` records both.
     """
     final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
-    check_patch(final, pools_, "final patch")
+    check_patch(final, pools_, "final patch", multiple_of)
     LIMITS["stages"].check(stages, "stages")
     LIMITS["length_ratio"].check(length_ratio, "length_ratio")
     if stages > 1:
@@ -457,7 +478,7 @@ def parametric(
             growth = LIMITS["start_fraction"].check(start_fraction, "start_fraction") ** (-1.0 / (stages - 1))
         else:
             LIMITS["growth"].check(growth, "growth")
-    inc = divisors(pools_)
+    inc = divisors(pools_, multiple_of)
 
     def snap(side: float, a: int) -> int:
         return int(min(final[a], max(inc[a], round(side / inc[a]) * inc[a])))
@@ -500,12 +521,13 @@ def preset(
     epochs: int,
     mode: str = "resource",
     batch_cap: int | None = None,
+    multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
-    """Build a named preset: ``constant`` or ``paper``."""
+    """Build a named preset: ``constant`` or ``paper`` (``multiple_of``: see :func:`divisors`)."""
     if name == "constant":
-        return constant(final_patch, pools, batch_size, epochs)
+        return constant(final_patch, pools, batch_size, epochs, multiple_of)
     if name == "paper":
-        return paper(final_patch, pools, batch_size, epochs, mode, batch_cap)
+        return paper(final_patch, pools, batch_size, epochs, mode, batch_cap, multiple_of)
     raise PgpsError(f"unknown preset {name!r}; use 'constant' or 'paper'")
 
 

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.config import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, OPTIMIZERS, TrainConfig
+from pgps_tune.config import (
+    AUGMENT_PRESETS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    NETWORKS,
+    OPTIMIZERS,
+    TOKEN_SIZES,
+    TrainConfig,
+    patch_multiple,
+)
 from pgps_tune.errors import PgpsError, read_yaml
 from pgps_tune.limits import LIMITS, Range, limit
 
@@ -129,6 +138,8 @@ class Budget:
     iterations_per_epoch: int = TrainConfig.iterations_per_epoch
     batch_size: int = DEFAULT_BATCH_SIZE
     network: str = TrainConfig.network
+    token_size: int = TrainConfig.token_size  # unetr
+    augment: str = TrainConfig.augment  # a preset name, or "none"
     filters: tuple[int, ...] = TrainConfig.filters
     optimizer: str = TrainConfig.optimizer
     lr: float | None = None  # None: the optimizer's default learning rate
@@ -404,8 +415,13 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: asha.judge {asha.judge!r} unknown; use one of {', '.join(JUDGES)}")
     if budget.optimizer not in OPTIMIZERS:
         raise PgpsError(f"{src}: budget.optimizer {budget.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
-    if budget.network not in ("unet", "dynunet"):
-        raise PgpsError(f"{src}: budget.network {budget.network!r} unknown; use unet or dynunet")
+    if budget.network not in NETWORKS:
+        raise PgpsError(f"{src}: budget.network {budget.network!r} unknown; use one of {', '.join(NETWORKS)}")
+    if budget.token_size not in TOKEN_SIZES:
+        raise PgpsError(f"{src}: budget.token_size {budget.token_size} unknown; use one of "
+                        f"{', '.join(map(str, TOKEN_SIZES))}")
+    if budget.augment not in AUGMENT_PRESETS:
+        raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source,
@@ -460,13 +476,16 @@ def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: floa
 
 
 def schedule_from_params(
-    params: dict[str, Any], final_patch, pools, batch_size: int, epochs: int
+    params: dict[str, Any], final_patch, pools, batch_size: int, epochs: int, multiple_of=None
 ) -> sch.Schedule:
-    """The schedule a trial trains. ``preset`` (constant/paper) marks the reference trials."""
+    """The schedule a trial trains. ``preset`` (constant/paper) marks the reference trials.
+
+    ``multiple_of``: the network's own patch rule (:func:`pgps_tune.config.patch_multiple`).
+    """
     preset = params.get("preset")
     mode = params.get("mode", "resource")
     if preset in ("constant", "paper"):
-        return sch.preset(preset, final_patch, pools, batch_size, epochs, mode, params.get("batch_cap"))
+        return sch.preset(preset, final_patch, pools, batch_size, epochs, mode, params.get("batch_cap"), multiple_of)
     stages = int(params.get("stages", 1))
     growth = params.get("growth")
     start_fraction = params.get("start_fraction")
@@ -478,7 +497,7 @@ def schedule_from_params(
         final_patch, pools, batch_size, epochs, stages=stages,
         growth=growth if stages > 1 else None, start_fraction=start_fraction if stages > 1 else None,
         length_ratio=float(params.get("length_ratio", 1.0)), final_fraction=params.get("final_fraction"),
-        mode=mode, batch_cap=params.get("batch_cap"),
+        mode=mode, batch_cap=params.get("batch_cap"), multiple_of=multiple_of,
     )
 
 
@@ -500,6 +519,7 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
     not in trial 17.
     """
     b = space.budget
+    multiple_of = patch_multiple(b.network, pools, b.token_size)
     stages = space.param("stages")
     if stages is not None and stages.kind == "int" and stages.high is not None and stages.high > b.epochs:
         raise PgpsError(
@@ -511,11 +531,11 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
                           space.asha, b, space.source).grid()
     for combo in corners:
         try:
-            schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs)
+            schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs, multiple_of)
         except PgpsError as exc:
             raise PgpsError(f"{space.source}: parameters {combo} give an invalid schedule: {exc}") from None
     for ref in reference_configs(space):
         try:
-            schedule_from_params(ref, final_patch, pools, b.batch_size, b.epochs)
+            schedule_from_params(ref, final_patch, pools, b.batch_size, b.epochs, multiple_of)
         except PgpsError as exc:
             raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built: {exc}") from None

@@ -48,10 +48,11 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
-from pgps_tune.config import TrainConfig
+from pgps_tune.augment import to_device
+from pgps_tune.config import TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write
-from pgps_tune.network import build_network
+from pgps_tune.network import network_for
 from pgps_tune.sampler import ProgressiveSampler, loader
 from pgps_tune.schedule import Schedule
 
@@ -288,13 +289,10 @@ class Trainer:
         self.val_every = config.val_every or max(1, schedule.epochs // 10)
         self.sampler = ProgressiveSampler(
             ds, train_cases, schedule, ipe, seed=config.seed,
-            fg_ratio=config.fg_ratio, volumes_per_batch=config.volumes_per_batch,
+            fg_ratio=config.fg_ratio, volumes_per_batch=config.volumes_per_batch, augment=config.augment,
         )
         torch.manual_seed(config.seed)
-        self.model = build_network(
-            config.network, ds.channels, ds.num_classes, schedule.pools,
-            config.filters, config.deep_supervision,
-        ).to(self.device)
+        self.model = network_for(config, ds.channels, ds.num_classes, schedule).to(self.device)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
@@ -474,14 +472,14 @@ class Trainer:
         start = self.state.iteration
         losses: list[float] = []
         t_epoch = time.perf_counter()
-        batches = loader(self.sampler, start, self.cfg.workers)
+        # on CUDA the loader leaves augmentation to the device: one batched resampling there
+        batches = loader(self.sampler, start, self.cfg.workers, defer_augment=self.device.type == "cuda")
         batches.worker_init_fn = _WorkerInit(batches.worker_init_fn)
         for batch in batches:
             if self.stop_requested:  # here no batch is half-received from a worker
                 raise KeyboardInterrupt
             it, k = batch["iteration"], batch["stage"]
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True).long()
+            image, label = to_device(batch, self.device)
             losses.append(self._step(image, label))
             st = self.state.stages[k]
             st.iterations += 1
@@ -578,6 +576,7 @@ class Trainer:
             "history": self.state.history,
             "schedule": self.schedule.to_dict(),
             "config": self.cfg.to_dict(),
+            "augmentation": asdict(augment_preset(self.cfg.augment)),
             "dataset": self.ds.name,
             "device": str(self.device),
             **self._data_record(),
@@ -666,9 +665,7 @@ def evaluate_run(
     built: list[Any] = []
 
     def network() -> None:
-        net = build_network(
-            cfg["network"], channels, num_classes, schedule.pools, cfg["filters"], cfg["deep_supervision"]
-        )
+        net = network_for(TrainConfig.from_dict(cfg), channels, num_classes, schedule)
         net.load_state_dict(ck["model"])
         built.extend([net.to(dev), int(cfg["sw_batch_size"]), float(cfg["sw_overlap"])])
 

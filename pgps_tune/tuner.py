@@ -40,6 +40,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from pgps_tune.config import patch_multiple
 from pgps_tune.errors import PgpsError, atomic_write_text
 from pgps_tune.space import (
     DefineByRun,
@@ -99,7 +100,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=b["synthetic_shape"])
-    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
+    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
+                             patch_multiple(b["network"], setup["pools"], b["token_size"]))
     trial_dir = Path(tune.get_context().get_trial_dir())
     run_dir = trial_dir / "run"
     checkpoint = tune.get_checkpoint()

@@ -38,7 +38,7 @@ def numeric_flags():
     for name, sub in commands.items():
         for action in sub._actions:
             kind = getattr(action.type, "__name__", None)
-            if action.option_strings and action.type is not None:
+            if action.option_strings and action.type is not None and not action.choices:  # choices: argparse checks
                 assert kind in LIMITS, f"{name} {action.option_strings[0]} takes {kind}, which no range checks"
                 found.append((name, action.option_strings[0], action.nargs, LIMITS[kind]))
     return found
