@@ -64,7 +64,7 @@ FILE_FORMAT = "pgps-tune-nnunet"
 FILE_FORMAT_VERSION = 1
 TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 ENV_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-_TRAINER_NAME = re.compile(rf"^{TRAINER}(_[A-Za-z0-9_]+)?$")
+_TRAINER_NAME = re.compile(rf"^{TRAINER}(_[A-Za-z0-9]+)*$")  # no "__": nnU-Net splits folder names on it
 _DATASET_NAME = re.compile(r"^Dataset(\d{3})_\w+$")
 
 
@@ -455,10 +455,15 @@ def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER)
 # -- the trainer ------------------------------------------------------------------------------------
 
 
+def is_trainer_name(name: str) -> bool:
+    """Whether ``name`` is this trainer: ``nnUNetTrainerPGPS`` or ``nnUNetTrainerPGPS_SUFFIX``."""
+    return bool(_TRAINER_NAME.match(name))
+
+
 def check_trainer_name(name: str) -> None:
-    if not _TRAINER_NAME.match(name):
+    if not is_trainer_name(name):
         raise PgpsError(
-            f"trainer name {name!r} must be {TRAINER} or {TRAINER}_SUFFIX (letters, digits, _), "
+            f"trainer name {name!r} must be {TRAINER} or {TRAINER}_SUFFIX (letters and digits, single _ between), "
             "so nnU-Net's tools can find it"
         )
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 
 def __getattr__(name: str) -> type:
-    from pgps_tune.nnunet import _TRAINER_NAME, trainer_class
+    from pgps_tune.nnunet import is_trainer_name, trainer_class
 
-    if _TRAINER_NAME.match(name):
+    if is_trainer_name(name):
         return trainer_class(name)
     raise AttributeError(name)
