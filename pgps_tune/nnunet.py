@@ -725,7 +725,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
         raise PgpsError(f"{base / plan.data_identifier} does not exist; run nnUNetv2_plan_and_preprocess "
                         f"-d {plan.dataset} -c {configuration} first")
     out = run_folder(plan, fold, trainer)
-    has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth"))
+    has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
     if continue_training and not has_run:
         raise PgpsError(f"nothing to continue in {out} (no checkpoint); run without --continue to start")
     if has_run and not continue_training:

@@ -8,7 +8,6 @@ trainer with a 3-stage schedule, interrupted at a stage boundary and continued.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -457,8 +456,11 @@ def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
                                             cleanup_imports_from_base_folder=True)
         assert found is nnunet.trainer_class(name)
         assert found.__name__ == name
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("nnU-Net's full lookup imports its Primus trainers, which need torchvision")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # a torchvision built for another torch raises RuntimeError, not ImportError
+        pytest.skip(f"nnU-Net's full trainer lookup imports its Primus trainers, which need a working torchvision "
+                    f"({type(exc).__name__})")
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     monkeypatch.setenv("nnUNet_extTrainer", nnunet.ext_trainer_path())
