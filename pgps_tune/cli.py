@@ -110,6 +110,34 @@ def _print_schedule(s: sch.Schedule, fmt: str) -> None:
         print(s.table())
 
 
+def _add_nnunet_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("nnU-Net plans")
+    g.add_argument("--nnunet-plans", metavar="PLANS",
+                   help="take the final patch, pools and batch size from nnU-Net's plans: nnUNetPlans.json, "
+                        "or a dataset id/name in nnUNet_preprocessed (e.g. 4 or Dataset004_Hippocampus)")
+    g.add_argument("--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
+
+
+def _nnunet_plan(a: argparse.Namespace):
+    """The nnU-Net plan named by --nnunet-plans (None without it); refuses flags it would override."""
+    if not getattr(a, "nnunet_plans", None):
+        return None
+    from pgps_tune import nnunet
+
+    given = {"--final-patch": getattr(a, "final_patch", None), "--pools": getattr(a, "pools", None),
+             "--batch-size": getattr(a, "batch_size", DEFAULT_BATCH_SIZE) != DEFAULT_BATCH_SIZE}
+    clash = [flag for flag, value in given.items() if value]
+    if clash:
+        raise PgpsError(f"--nnunet-plans sets the final patch, pools and batch size; drop {', '.join(clash)}")
+    return nnunet.read_plans(a.nnunet_plans, a.configuration)
+
+
+def _data(value: str) -> str:
+    from pgps_tune.nnunet import resolve_data
+
+    return resolve_data(value)
+
+
 # -- commands ---------------------------------------------------------------------
 
 
@@ -124,11 +152,19 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
 def cmd_schedule(a: argparse.Namespace) -> int:
     if a.out:
         _check_out_file(Path(a.out))
+    plan = _nnunet_plan(a)
     if a.from_file:
         s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
+        if plan is not None:
+            from pgps_tune.nnunet import check_schedule
+
+            check_schedule(s, plan)
+    elif plan is not None:
+        a.batch_size = plan.batch_size
+        s = _build_schedule(a, plan.final_patch, plan.pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
     else:
         if a.final_patch is None or a.pools is None:
-            raise PgpsError("--final-patch X Y Z and --pools PX PY PZ are needed (or --from FILE)")
+            raise PgpsError("--final-patch X Y Z and --pools PX PY PZ are needed (or --from FILE, --nnunet-plans)")
         s = _build_schedule(a, a.final_patch, a.pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
     if a.out:
         s.save(a.out)
@@ -190,7 +226,7 @@ def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
 def _prepare(a: argparse.Namespace):
     from pgps_tune.data import prepare
 
-    return prepare(a.data, cache_root=a.cache_dir)
+    return prepare(_data(a.data), cache_root=a.cache_dir)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -224,10 +260,20 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    nn_plan = _nnunet_plan(a)
+    if nn_plan is not None and a.schedule:  # refused before anything is written
+        from pgps_tune.nnunet import check_schedule
+
+        check_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
         if a.schedule:
             s = _schedule_file(a.schedule, a.epochs, "--schedule", a.preset)
+            ds = _prepare(a)
+        elif nn_plan is not None:
+            a.batch_size = nn_plan.batch_size
+            s = _build_schedule(a, nn_plan.final_patch, nn_plan.pools,
+                                a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
             ds = _prepare(a)
         else:
             ds = _prepare(a)
@@ -350,12 +396,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch
 
+    nn_plan = _nnunet_plan(a)
     ds = _prepare(a)
-    plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+    plan = nn_plan or plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
     print(json.dumps({
         "dataset": ds.name, "cases": len(ds), "median_shape": list(ds.median_shape),
         "spacing": list(ds.spacing), "final_patch": list(plan.final_patch), "pools": list(plan.pools),
-        "cache": str(ds.cache_dir),
+        "cache": str(ds.cache_dir), **({"nnunet": nn_plan.describe()} if nn_plan else {}),
     }, indent=1))
     return 0
 
@@ -383,6 +430,11 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     if a.max_failures is not None and a.max_failures < 0:
         raise PgpsError("--max-failures must be >= 0")
     space = sp.load(_space_path(space_file))
+    if (nn_plan := _nnunet_plan(a)) is not None:
+        from pgps_tune.nnunet import plan_space
+
+        space = plan_space(space, nn_plan)
+    data = _data(data)
     opts = SweepOptions(
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
@@ -438,8 +490,35 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from pgps_tune.results import export_sweep
 
+    nn_plan = None
+    if a.nnunet:
+        from pgps_tune import nnunet
+
+        nnunet.check_trainer_name(a.trainer)
+        nn_plan = nnunet.read_plans(a.nnunet, a.configuration)  # before writing anything
     _check_writable(Path(a.out))
     _print_summary(export_sweep(a.experiment, a.out, results_store=a.results_store), Path(a.out))
+    if nn_plan is not None:
+        best = Path(a.out) / "best_schedule.yaml"
+        if not best.is_file():
+            raise PgpsError(f"no best schedule in {a.out} to export for nnU-Net; the sweep has no completed trial")
+        path = nnunet.export_for_nnunet(sch.load(best), nn_plan, a.trainer)
+        print(f"nnU-Net schedule: {path} (read by -tr {a.trainer}; see docs/NNUNET.md)")
+    return 0
+
+
+def cmd_nnunet_train(a: argparse.Namespace) -> int:
+    from pgps_tune import nnunet
+
+    out = nnunet.train(
+        a.dataset, a.configuration, a.fold, a.schedule, device=a.device, continue_training=a.continue_training,
+        epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
+        val_iterations_per_epoch=a.val_iterations_per_epoch, trainer=a.trainer, plans_identifier=a.plans,
+        save_probabilities=a.npz,
+    )
+    print(f"results: {out}")
+    print(f"predict: nnUNet_extTrainer={nnunet.ext_trainer_path()} nnUNetv2_predict -i IN -o OUT "
+          f"-d {a.dataset} -c {a.configuration} -f {a.fold} -tr {a.trainer} -p {a.plans}")
     return 0
 
 
@@ -494,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"total epochs (default {DEFAULT_EPOCHS}; with --from: rescale)")
     s.add_argument("--format", choices=["json", "yaml", "table"], default="table")
     s.add_argument("--out", help="also write the schedule to this file (.json or .yaml)")
+    _add_nnunet_args(s)
     s.set_defaults(func=cmd_schedule)
 
     def data_args(q: argparse.ArgumentParser) -> None:
@@ -552,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after the epoch that passes this much training time")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_nnunet_args(t)
     t.set_defaults(func=cmd_train, out_folder=True)
 
     e = sub.add_parser("evaluate", help="Dice of a trained run: its validation cases, or every labelled case")
@@ -576,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
     data_args(pl)
     voxel_budget_arg(pl)
+    _add_nnunet_args(pl)
     pl.set_defaults(func=cmd_plan)
 
     def sweep_args(q: argparse.ArgumentParser) -> None:
@@ -600,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
     tu.add_argument("--out", required=True, help="sweep folder (exports, sweep.json, Tune results)")
     sweep_args(tu)
+    _add_nnunet_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
 
     de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 2 minutes on 2 cores)")
@@ -611,7 +694,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--experiment", required=True, help="the --out folder of a sweep")
     ex.add_argument("--out", required=True)
     ex.add_argument("--results-store", default=None)
+    ex.add_argument("--nnunet", metavar="PLANS",
+                    help="also write the best schedule for nnU-Net beside these plans (nnUNetPlans.json, or a dataset "
+                         "id/name in nnUNet_preprocessed)")
+    ex.add_argument("--configuration", default="3d_fullres", help="with --nnunet: the nnU-Net configuration")
+    ex.add_argument("--trainer", default="nnUNetTrainerPGPS", help="with --nnunet: the trainer name it is for")
     ex.set_defaults(func=cmd_export, out_folder=True)
+
+    nt = sub.add_parser("nnunet-train", help="train a schedule with nnU-Net's own trainer (needs the nnunet extra)")
+    nt.add_argument("dataset", help="nnU-Net dataset id or name (in nnUNet_preprocessed)")
+    nt.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
+    nt.add_argument("fold", help="0-4, or all")
+    nt.add_argument("--schedule", help="schedule file (default: the one beside the plans; continuing: the run's own)")
+    nt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    nt.add_argument("--continue", dest="continue_training", action="store_true",
+                    help="continue from the run's last checkpoint")
+    nt.add_argument("--epochs", type=n("epochs"), default=None,
+                    help="nnU-Net epochs (default 1000); the schedule is rescaled")
+    nt.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"), default=None,
+                    help="default 250 (nnU-Net's)")
+    nt.add_argument("--val-iterations-per-epoch", type=n("iterations_per_epoch"), default=None,
+                    help="default 50 (nnU-Net's)")
+    nt.add_argument("--trainer", default="nnUNetTrainerPGPS",
+                    help="nnUNetTrainerPGPS or nnUNetTrainerPGPS_SUFFIX (keeps runs of different schedules apart)")
+    nt.add_argument("--plans", default="nnUNetPlans", help="nnU-Net plans identifier (default nnUNetPlans)")
+    nt.add_argument("--npz", action="store_true", help="also save validation probabilities (nnU-Net's --npz)")
+    nt.set_defaults(func=cmd_nnunet_train)
 
     be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
     be.add_argument("--dataset", required=True, help="dataset name (dataset.json 'name', or 'synthetic')")

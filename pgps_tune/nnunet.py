@@ -1,0 +1,763 @@
+"""The nnU-Net v2 bridge: nnU-Net's plans in, pgps-tune schedules out to nnU-Net's own trainer.
+
+Most people who would use a tuned curriculum train with nnU-Net, so the bridge goes both ways:
+
+- **Plans in.** :func:`read_plans` reads ``nnUNetPlans.json`` (the current format, whose
+  network strides sit in ``architecture.arch_kwargs.strides``, and the older one with
+  ``pool_op_kernel_sizes``; configurations that ``inherits_from`` another) into a small
+  :class:`NnunetPlan`: final patch, poolings per axis, batch size and spacing, so schedules
+  and sweeps are built on exactly nnU-Net's numbers.  :func:`find_dataset` finds a dataset by
+  id or name (``4``, ``Dataset004_Hippocampus``) through the environment variables nnU-Net
+  users already set (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``).
+- **Schedules out.** :func:`trainer_class` is a subclass of nnU-Net's ``nnUNetTrainer`` that
+  changes patch and batch per stage and keeps everything else nnU-Net's (preprocessing,
+  augmentation, loss, deep supervision, poly LR over the whole run, validation at the final
+  patch, output layout).  :func:`train` runs it (``pgps-tune nnunet-train``); nnU-Net's own
+  ``nnUNetv2_train -tr nnUNetTrainerPGPS`` finds it through ``nnUNet_extTrainer`` pointed at
+  :data:`TRAINER_DIR`.  See docs/NNUNET.md for the user's side.
+
+**Axis order.**  pgps-tune's loader reorients every volume to the closest canonical (RAS)
+orientation and calls those axes x y z; nnU-Net reads arrays in reversed voxel order (z y x,
+SimpleITK's convention, which its nibabel readers copy) and then permutes them by the plans'
+``transpose_forward``.  So a plans patch of ``[20, 320, 256]`` is ``256 320 20`` in pgps-tune.
+:class:`NnunetPlan` holds both and converts; the permutation also follows the voxel-to-world
+axes of the dataset's label files (``gt_segmentations`` beside the plans) when they are there.
+Schedule files always use pgps-tune's order; only the nnU-Net schedule file (below) and
+nnU-Net's own run folders use nnU-Net's order, as nnU-Net's plans do.
+
+**How the schedule reaches nnU-Net's trainer.**  nnU-Net builds trainers itself from
+``(plans, configuration, fold, dataset_json)``, so the trainer looks the schedule up, in this
+order: the file named by :data:`SCHEDULE_ENV` (any schedule file, or an nnU-Net schedule
+file); ``TRAINER__PLANS__CONFIGURATION.pgps_schedule.json`` beside the plans file (what
+``pgps-tune export --nnunet`` writes); the record the run keeps in its fold folder
+(``pgps_schedule.json``), which also makes a continued run refuse a different schedule.
+
+nnunetv2 is an optional extra: this module imports without it and only the functions that
+need it import it (:func:`require_nnunet` names the install command).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgps_tune import schedule as sch
+from pgps_tune.errors import PgpsError, atomic_write_text
+
+if TYPE_CHECKING:
+    from pgps_tune.space import SearchSpace
+
+Triple = tuple[int, int, int]
+INSTALL_HINT = "pip install 'pgps-tune[nnunet]'"
+TRAINER = "nnUNetTrainerPGPS"
+SCHEDULE_ENV = "PGPS_TUNE_SCHEDULE"
+RUN_RECORD = "pgps_schedule.json"
+FILE_FORMAT = "pgps-tune-nnunet"
+FILE_FORMAT_VERSION = 1
+TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
+ENV_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+_TRAINER_NAME = re.compile(rf"^{TRAINER}(_[A-Za-z0-9]+)*$")  # no "__": nnU-Net splits folder names on it
+_DATASET_NAME = re.compile(r"^Dataset(\d{3})_\w+$")
+
+
+def require_nnunet() -> None:
+    """Raise a one-line error naming the install command when nnunetv2 is missing."""
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError:
+        raise PgpsError(f"nnU-Net v2 is not installed; install the extra: {INSTALL_HINT}") from None
+
+
+# -- datasets by id or name, through nnU-Net's environment variables -------------------------------
+
+
+def env_folder(var: str, must_exist: bool = True) -> Path:
+    """The folder an nnU-Net environment variable names, or a one-line error saying what to set."""
+    value = os.environ.get(var)
+    if not value:
+        raise PgpsError(f"{var} is not set; export {var}=/path/to/the/folder as for nnU-Net")
+    path = Path(value).expanduser()
+    if must_exist and not path.is_dir():
+        raise PgpsError(f"{var}={value} is not a folder; point it at nnU-Net's {var} folder")
+    return path
+
+
+def looks_like_dataset(ref: str) -> bool:
+    """Whether ``ref`` names an nnU-Net dataset (``4``, ``004``, ``Dataset004_Hippocampus``)."""
+    return ref.isdigit() or bool(_DATASET_NAME.match(ref))
+
+
+def find_dataset(ref: str | int, var: str = "nnUNet_raw") -> Path:
+    """The dataset folder for an id (``4``) or name (``Dataset004_Hippocampus``) under ``$var``.
+
+    nnU-Net names datasets ``DatasetXXX_Name`` with a three-digit id; an id must match exactly
+    one such folder.
+    """
+    ref = str(ref).strip()
+    if not looks_like_dataset(ref):
+        raise PgpsError(
+            f"{ref!r} is not an nnU-Net dataset id or name; give an id (e.g. 4) or a name like Dataset004_Hippocampus"
+        )
+    root = env_folder(var)
+    if not ref.isdigit():
+        path = root / ref
+        if not path.is_dir():
+            raise PgpsError(f"dataset {ref} is not in {var}={root}; check the name or the variable")
+        return path
+    prefix = f"Dataset{int(ref):03d}_"
+    hits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    if not hits:
+        raise PgpsError(f"no dataset with id {int(ref)} ({prefix}*) in {var}={root}; check the id or the variable")
+    if len(hits) > 1:
+        raise PgpsError(
+            f"dataset id {int(ref)} matches {', '.join(p.name for p in hits)} in {root}; give the full name"
+        )
+    return hits[0]
+
+
+def resolve_data(data: str) -> str:
+    """A ``--data`` value, with an nnU-Net dataset id or name turned into its ``nnUNet_raw`` folder.
+
+    Paths that exist (and ``synthetic``) are kept as given, so a folder called ``4`` still wins.
+    """
+    if data == "synthetic" or Path(data).exists() or not looks_like_dataset(data):
+        return data
+    return str(find_dataset(data, "nnUNet_raw"))
+
+
+# -- plans -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NnunetPlan:
+    """What pgps-tune needs from one configuration of nnU-Net's plans.
+
+    ``final_patch``, ``pools`` and ``spacing`` are in pgps-tune's axis order (x y z of the
+    canonically oriented volume); ``axes[i]`` is the pgps-tune axis of nnU-Net's axis ``i``,
+    and :meth:`to_nnunet` / :meth:`from_nnunet` convert.
+    """
+
+    configuration: str
+    final_patch: Triple
+    pools: Triple
+    batch_size: int
+    spacing: tuple[float, float, float]
+    axes: Triple
+    dataset: str
+    plans_name: str
+    data_identifier: str
+    source: Path
+
+    def to_nnunet(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """pgps-tune's x y z -> nnU-Net's axis order."""
+        return tuple(values[self.axes[i]] for i in range(3))
+
+    def from_nnunet(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """nnU-Net's axis order -> pgps-tune's x y z."""
+        return _to_pgps(self.axes, values)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values for printing: both axis orders."""
+        return {
+            "plans": str(self.source), "dataset": self.dataset, "configuration": self.configuration,
+            "final_patch": list(self.final_patch), "pools": list(self.pools), "batch_size": self.batch_size,
+            "spacing": list(self.spacing), "nnunet_patch_size": list(self.to_nnunet(self.final_patch)),
+            "nnunet_pools": list(self.to_nnunet(self.pools)), "nnunet_axes_in_pgps_order": list(self.axes),
+        }
+
+
+def _resolve_configuration(configs: dict[str, Any], name: str, src: str) -> dict[str, Any]:
+    """A configuration with ``inherits_from`` applied (the child's keys win, as in nnU-Net)."""
+    chain: list[str] = []
+    while True:
+        if name in chain:
+            circle = " -> ".join([*chain, name])
+            raise PgpsError(f"{src}: configurations inherit in a circle ({circle}); fix inherits_from")
+        if name not in configs:
+            where = f"inherits_from of {chain[-1]!r}" if chain else "the plans"
+            raise PgpsError(
+                f"{src}: configuration {name!r} (from {where}) does not exist; available: {', '.join(sorted(configs))}"
+            )
+        if not isinstance(configs[name], dict):
+            raise PgpsError(f"{src}: configuration {name!r} is not a mapping")
+        chain.append(name)
+        parent = configs[name].get("inherits_from")
+        if parent is None:
+            break
+        name = parent
+    merged: dict[str, Any] = {}
+    for n in reversed(chain):
+        merged.update(configs[n])
+    return merged
+
+
+def _triple(value: Any, kind: type, what: str, src: str) -> tuple[Any, ...]:
+    accepted = (int, float) if kind is float else (int,)
+    if not (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, accepted) and not isinstance(v, bool) for v in value)):
+        raise PgpsError(f"{src}: {what} must be 3 {kind.__name__}s, got {value!r}; regenerate the plans with nnU-Net")
+    return tuple(kind(v) for v in value)
+
+
+def _to_pgps(axes: Sequence[int], values: Sequence[Any]) -> tuple[Any, ...]:
+    out: list[Any] = [None] * 3
+    for i in range(3):
+        out[axes[i]] = values[i]
+    return tuple(out)
+
+
+def _pools_from_strides(strides: Any, key: str, src: str) -> Triple:
+    """Stride-2 poolings per axis; the first entry is the stem ([1, 1, 1])."""
+    if not isinstance(strides, list) or not strides:
+        raise PgpsError(f"{src}: {key} must be a list of per-stage strides; regenerate the plans with nnU-Net")
+    rows = [_triple(s, int, f"{key} entry {i}", src) for i, s in enumerate(strides)]
+    bad = sorted({v for row in rows for v in row} - {1, 2})
+    if bad:
+        raise PgpsError(f"{src}: {key} holds stride(s) {bad}; pgps-tune supports networks that pool by 1 or 2 per axis")
+    return tuple(sum(row[a] == 2 for row in rows) for a in range(3))  # type: ignore[return-value]
+
+
+def _file_axes(plans_dir: Path, reader: str) -> Triple:
+    """Canonical (RAS) axis of each voxel axis of the dataset's files, read from one label file.
+
+    nnU-Net copies the labels to ``gt_segmentations`` beside the plans.  Readers that reorient
+    (``NibabelIOWithReorient``) already see canonical axes; without a NIfTI label to look at,
+    the files are taken to be in canonical axis order (true up to flips for most datasets).
+    """
+    if "Reorient" in reader:
+        return (0, 1, 2)
+    labels = plans_dir / "gt_segmentations"
+    files = sorted(labels.glob("*.nii.gz")) + sorted(labels.glob("*.nii")) if labels.is_dir() else []
+    if not files:
+        return (0, 1, 2)
+    import nibabel as nib
+
+    try:
+        ornt = nib.io_orientation(nib.load(str(files[0])).affine)
+    except Exception as exc:  # nibabel raises many types for unreadable headers
+        raise PgpsError(f"cannot read the orientation of {files[0]}: {exc}; check it or re-run preprocessing") from None
+    return tuple(int(ornt[k, 0]) for k in range(3))  # type: ignore[return-value]
+
+
+def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>",
+                   file_axes: Sequence[int] | None = None) -> NnunetPlan:
+    """An :class:`NnunetPlan` from a parsed plans dict (see :func:`read_plans` for files)."""
+    src = str(source)
+    if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict):
+        raise PgpsError(f"{src}: not an nnU-Net plans file (no 'configurations'); give nnUNetPlans.json")
+    cfg = _resolve_configuration(plans["configurations"], configuration, src)
+    if "patch_size" not in cfg:
+        raise PgpsError(f"{src}: configuration {configuration!r} has no patch_size; regenerate the plans with nnU-Net")
+    if isinstance(cfg["patch_size"], list) and len(cfg["patch_size"]) == 2:
+        raise PgpsError(f"{src}: configuration {configuration!r} is 2-D; pgps-tune schedules 3-D patches: "
+                        "use a 3d configuration such as 3d_fullres")
+    patch = _triple(cfg["patch_size"], int, "patch_size", src)
+    arch = cfg.get("architecture")
+    if isinstance(arch, dict) and isinstance(arch.get("arch_kwargs"), dict) and "strides" in arch["arch_kwargs"]:
+        pools = _pools_from_strides(arch["arch_kwargs"]["strides"], "architecture.arch_kwargs.strides", src)
+    elif "pool_op_kernel_sizes" in cfg:
+        pools = _pools_from_strides(cfg["pool_op_kernel_sizes"], "pool_op_kernel_sizes", src)
+    else:
+        raise PgpsError(
+            f"{src}: configuration {configuration!r} has neither architecture.arch_kwargs.strides nor "
+            "pool_op_kernel_sizes; regenerate the plans with nnU-Net"
+        )
+    batch = cfg.get("batch_size")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise PgpsError(f"{src}: batch_size must be a positive integer, got {batch!r}")
+    spacing = _triple(cfg.get("spacing"), float, "spacing", src)
+    tf = plans.get("transpose_forward", [0, 1, 2])
+    if not isinstance(tf, list) or len(tf) != 3 or set(tf) != {0, 1, 2}:
+        raise PgpsError(f"{src}: transpose_forward must be a permutation of [0, 1, 2], got {tf!r}")
+    fa = tuple(file_axes) if file_axes is not None else (0, 1, 2)
+    axes: Triple = tuple(fa[2 - tf[i]] for i in range(3))  # type: ignore[assignment]
+    plan = NnunetPlan(
+        configuration=configuration, final_patch=_to_pgps(axes, patch), pools=_to_pgps(axes, pools),  # type: ignore[arg-type]
+        batch_size=batch, spacing=_to_pgps(axes, spacing), axes=axes,  # type: ignore[arg-type]
+        dataset=str(plans.get("dataset_name", "")), plans_name=str(plans.get("plans_name", Path(src).stem)),
+        data_identifier=str(cfg.get("data_identifier") or f"{plans.get('plans_name', 'nnUNetPlans')}_{configuration}"),
+        source=Path(src),
+    )
+    try:
+        sch.check_patch(plan.final_patch, plan.pools, "the plans' patch_size")
+    except PgpsError as exc:
+        raise PgpsError(f"{src}: {exc}") from None
+    return plan
+
+
+def plans_path(ref: str | Path) -> Path:
+    """A plans file: a path as given, or ``nnUNetPlans.json`` of a dataset id/name in ``nnUNet_preprocessed``."""
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "nnUNetPlans.json").is_file():
+        return p / "nnUNetPlans.json"
+    if p.exists() or not looks_like_dataset(str(ref)):
+        return p
+    return find_dataset(str(ref), "nnUNet_preprocessed") / "nnUNetPlans.json"
+
+
+def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan:
+    """Read one configuration of an nnU-Net plans file (a path, a dataset folder, or a dataset id/name)."""
+    path = plans_path(ref)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PgpsError(
+            f"plans file {path} does not exist; run nnUNetv2_plan_and_preprocess first, "
+            "or give the path of nnUNetPlans.json"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PgpsError(f"cannot read plans file {path}: {exc}") from None
+    try:
+        plans = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PgpsError(f"plans file {path} is not valid JSON (line {exc.lineno}); regenerate it with nnU-Net") \
+            from None
+    reader = str(plans.get("image_reader_writer", "")) if isinstance(plans, dict) else ""
+    return plan_from_dict(plans, configuration, path, _file_axes(path.parent, reader))
+
+
+def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
+    """A search space whose budget trains on the plan's final patch, pools and batch size."""
+    return replace(space, budget=replace(space.budget, final_patch=plan.final_patch, pools=plan.pools,
+                                         batch_size=plan.batch_size))
+
+
+def check_schedule(s: sch.Schedule, plan: NnunetPlan) -> None:
+    """Refuse a schedule (pgps-tune axis order) that nnU-Net's network for this plan cannot train."""
+    where = f"{plan.source} ({plan.configuration})"
+    if s.final_patch != plan.final_patch:
+        raise PgpsError(
+            f"the schedule ends at {'x'.join(map(str, s.final_patch))} but {where} trains "
+            f"{'x'.join(map(str, plan.final_patch))} (x y z; nnU-Net order "
+            f"{list(plan.to_nnunet(plan.final_patch))}); build the schedule with --nnunet-plans"
+        )
+    for i, st in enumerate(s.stages):
+        sch.check_patch(st.patch_size, plan.pools, f"stage {i} patch (for the network in {where})")
+
+
+# -- the nnU-Net schedule file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NnunetSchedule:
+    """What the nnU-Net trainer runs: a schedule in nnU-Net's axis order, tied to one plan.
+
+    ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch`` override
+    nnU-Net's defaults (1000 / 250 / 50) when set; the schedule is stretched or shrunk to the
+    trainer's epochs.
+    """
+
+    schedule: sch.Schedule
+    dataset: str
+    plans_name: str
+    configuration: str
+    num_epochs: int | None = None
+    num_iterations_per_epoch: int | None = None
+    num_val_iterations_per_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION, "axis_order": "nnunet",
+            "dataset": self.dataset, "plans": self.plans_name, "configuration": self.configuration,
+            "num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+            "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+            "schedule": self.schedule.to_dict(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def matches(self, plan: NnunetPlan) -> bool:
+        mine = (self.dataset, self.plans_name, self.configuration)
+        return mine == (plan.dataset, plan.plans_name, plan.configuration)
+
+
+def _optional_count(data: dict[str, Any], key: str, src: str) -> int | None:
+    v = data.get(key)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise PgpsError(f"{src}: {key} must be a positive integer or null, got {v!r}")
+    return v
+
+
+def _nnunet_file_from_dict(data: dict[str, Any], src: str) -> NnunetSchedule:
+    known = {"format", "format_version", "axis_order", "dataset", "plans", "configuration", "num_epochs",
+             "num_iterations_per_epoch", "num_val_iterations_per_epoch", "schedule"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PgpsError(f"{src}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    if data.get("format_version") != FILE_FORMAT_VERSION or data.get("axis_order") != "nnunet":
+        raise PgpsError(
+            f"{src}: format_version {data.get('format_version')!r} / axis_order {data.get('axis_order')!r} not "
+            f"supported (this pgps-tune writes {FILE_FORMAT_VERSION} / nnunet); re-export it with 'pgps-tune export'"
+        )
+    for key in ("dataset", "plans", "configuration"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise PgpsError(f"{src}: '{key}' must name the nnU-Net {key} the schedule was made for")
+    return NnunetSchedule(
+        schedule=sch.Schedule.from_dict(data.get("schedule"), f"{src}: schedule"),
+        dataset=data["dataset"], plans_name=data["plans"], configuration=data["configuration"],
+        num_epochs=_optional_count(data, "num_epochs", src),
+        num_iterations_per_epoch=_optional_count(data, "num_iterations_per_epoch", src),
+        num_val_iterations_per_epoch=_optional_count(data, "num_val_iterations_per_epoch", src),
+    )
+
+
+def for_nnunet(s: sch.Schedule, plan: NnunetPlan, **overrides: int | None) -> NnunetSchedule:
+    """A pgps-tune schedule (x y z) checked against the plan and turned into nnU-Net's axis order."""
+    check_schedule(s, plan)
+    nn = sch.Schedule(
+        tuple(sch.Stage(plan.to_nnunet(st.patch_size), st.batch_size, st.epochs) for st in s.stages),  # type: ignore[arg-type]
+        plan.to_nnunet(s.final_patch), plan.to_nnunet(s.pools), s.baseline_batch_size,  # type: ignore[arg-type]
+        meta=dict(s.meta),
+    )
+    return NnunetSchedule(nn, plan.dataset, plan.plans_name, plan.configuration, **overrides)
+
+
+def read_schedule(path: str | Path, plan: NnunetPlan) -> NnunetSchedule:
+    """Any schedule file for nnU-Net: an nnU-Net schedule file, or a pgps-tune schedule (converted)."""
+    from pgps_tune.errors import read_yaml
+
+    data = read_yaml(path, "schedule", "check the path, or write one with 'pgps-tune schedule --out'")
+    if isinstance(data, dict) and data.get("format") == FILE_FORMAT:
+        f = _nnunet_file_from_dict(data, str(path))
+        if not f.matches(plan):
+            raise PgpsError(
+                f"{path} was made for {f.dataset} / {f.plans_name} / {f.configuration}, not {plan.dataset} / "
+                f"{plan.plans_name} / {plan.configuration}; export the schedule for these plans"
+            )
+        nn = f.schedule
+        if nn.final_patch != plan.to_nnunet(plan.final_patch):
+            raise PgpsError(f"{path}: final patch {list(nn.final_patch)} differs from the plans' "
+                            f"{list(plan.to_nnunet(plan.final_patch))}; re-export it for the current plans")
+        return f
+    return for_nnunet(sch.Schedule.from_dict(data, str(path)), plan)
+
+
+def schedule_file_for(plan: NnunetPlan, trainer: str = TRAINER) -> Path:
+    """Where the trainer looks for its schedule beside the plans (named like nnU-Net's run folders)."""
+    return plan.source.parent / f"{trainer}__{plan.plans_name}__{plan.configuration}.pgps_schedule.json"
+
+
+def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER) -> Path:
+    """Write ``s`` as the nnU-Net schedule file beside the plans; returns its path."""
+    check_trainer_name(trainer)
+    return for_nnunet(s, plan).save(schedule_file_for(plan, trainer))
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+def is_trainer_name(name: str) -> bool:
+    """Whether ``name`` is this trainer: ``nnUNetTrainerPGPS`` or ``nnUNetTrainerPGPS_SUFFIX``."""
+    return bool(_TRAINER_NAME.match(name))
+
+
+def check_trainer_name(name: str) -> None:
+    if not is_trainer_name(name):
+        raise PgpsError(
+            f"trainer name {name!r} must be {TRAINER} or {TRAINER}_SUFFIX (letters and digits, single _ between), "
+            "so nnU-Net's tools can find it"
+        )
+
+
+def trainer_plan(plans: dict[str, Any], configuration: str, preprocessed_dir: str | Path | None) -> NnunetPlan:
+    """The plan of a trainer nnU-Net built from a plans dict (and where its preprocessed data lives)."""
+    base = Path(preprocessed_dir) if preprocessed_dir else None
+    source = base / f"{plans.get('plans_name', 'nnUNetPlans')}.json" if base else "<plans>"
+    axes = _file_axes(base, str(plans.get("image_reader_writer", ""))) if base else None
+    return plan_from_dict(plans, configuration, source, axes)
+
+
+def resolve_trainer_schedule(plans: dict[str, Any], configuration: str, trainer: str,
+                             preprocessed_dir: str | Path | None, fold_dir: str | Path | None) -> NnunetSchedule:
+    """The schedule an nnU-Net trainer runs (lookup order in the module docstring)."""
+    base = Path(preprocessed_dir) if preprocessed_dir else None
+    plan = trainer_plan(plans, configuration, base)
+    named = os.environ.get(SCHEDULE_ENV)
+    if named:
+        return read_schedule(named, plan)
+    candidates = [schedule_file_for(plan, trainer)] if base else []
+    candidates += [Path(fold_dir) / RUN_RECORD] if fold_dir else []
+    for path in candidates:
+        if path.is_file():
+            return read_schedule(path, plan)
+    raise PgpsError(
+        f"{trainer} found no schedule: set {SCHEDULE_ENV}=FILE, or write "
+        f"{candidates[0] if candidates else 'the file beside the plans'} with 'pgps-tune export --nnunet'"
+    )
+
+
+def fit_epochs(s: sch.Schedule, epochs: int) -> sch.Schedule:
+    """``s`` stretched or shrunk to ``epochs`` (unchanged when it already has that many)."""
+    if epochs < len(s.stages):
+        raise PgpsError(f"the schedule has {len(s.stages)} stages but nnU-Net trains {epochs} epochs; "
+                        "give at least one epoch per stage")
+    return s if s.epochs == epochs else sch.rescale_epochs(s, epochs)
+
+
+def _stage_lines(s: sch.Schedule) -> Iterator[str]:
+    for i, (st, start) in enumerate(zip(s.stages, s.stage_starts())):
+        yield (f"  stage {i}: epochs {start}-{start + st.epochs - 1}, patch {'x'.join(map(str, st.patch_size))}, "
+               f"batch {st.batch_size}")
+
+
+def trainer_class(name: str = TRAINER) -> type:
+    """nnU-Net's trainer with a patch-size curriculum (built on first use: nnunetv2 is optional).
+
+    Any ``nnUNetTrainerPGPS_SUFFIX`` is the same trainer under another name, so runs with
+    different schedules get different nnU-Net result folders.  One class per name.
+    """
+    check_trainer_name(name)
+    require_nnunet()
+    return _trainer_class(name)
+
+
+@functools.cache
+def _trainer_class(name: str) -> type:
+    if name != TRAINER:
+        base = _trainer_class(TRAINER)
+        return type(name, (base,), {"__doc__": base.__doc__, "__module__": __name__})
+    return _define_trainer()
+
+
+def _define_trainer() -> type:
+    import torch
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    from pgps_tune.network import _swap_instance_norms
+
+    def shut_down(loader: Any) -> None:
+        if hasattr(loader, "_finish"):
+            loader._finish()
+
+    class nnUNetTrainerPGPS(nnUNetTrainer):
+        """nnU-Net's trainer; the training patch and batch follow a pgps-tune schedule.
+
+        The stage is a function of ``current_epoch`` alone, so a run continued from any
+        checkpoint (also one saved at a stage boundary, which this trainer always writes)
+        trains the right stage.  Validation and inference stay at the plans' patch.
+        """
+
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
+            continuing = bool(plans.get("continue_training"))  # nnU-Net's __init__ pops it
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            if self.is_ddp:
+                raise PgpsError(f"{type(self).__name__} trains on one device; drop -num_gpus")
+            f = resolve_trainer_schedule(self.plans_manager.plans, configuration, type(self).__name__,
+                                         self.preprocessed_dataset_folder_base, self.output_folder)
+            self.num_epochs = f.num_epochs or self.num_epochs
+            self.num_iterations_per_epoch = f.num_iterations_per_epoch or self.num_iterations_per_epoch
+            self.num_val_iterations_per_epoch = f.num_val_iterations_per_epoch or self.num_val_iterations_per_epoch
+            self.pgps_file = replace(f, schedule=fit_epochs(f.schedule, self.num_epochs),
+                                     num_epochs=self.num_epochs, num_iterations_per_epoch=self.num_iterations_per_epoch,
+                                     num_val_iterations_per_epoch=self.num_val_iterations_per_epoch)
+            self.pgps_stage: int | None = None
+            record = Path(self.output_folder) / RUN_RECORD
+            if continuing and record.is_file():
+                plan = trainer_plan(self.plans_manager.plans, configuration, self.preprocessed_dataset_folder_base)
+                if read_schedule(record, plan) != self.pgps_file:
+                    raise PgpsError(f"this run was started with the schedule in {record}; continue it with that "
+                                    f"schedule ({SCHEDULE_ENV}={record}) or start a new run")
+
+        @property
+        def pgps_schedule(self) -> sch.Schedule:
+            return self.pgps_file.schedule
+
+        @staticmethod
+        def build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                       num_output_channels, enable_deep_supervision=True) -> torch.nn.Module:
+            # a stage of one pooling increment leaves a 1x1x1 bottleneck: see pgps_tune.network
+            net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           num_output_channels, enable_deep_supervision)
+            _swap_instance_norms(net)
+            return net
+
+        def stage_at(self, epoch: int) -> int:
+            return self.pgps_schedule.stage_index_at(min(epoch, self.pgps_schedule.epochs - 1))
+
+        def on_train_start(self) -> None:
+            self.pgps_file.save(Path(self.output_folder) / RUN_RECORD)
+            self.pgps_stage = self.stage_at(self.current_epoch)
+            super().on_train_start()  # builds the loaders through get_dataloaders
+            lines = "\n".join(_stage_lines(self.pgps_schedule))
+            self.print_to_log_file(f"pgps-tune schedule (nnU-Net axis order):\n{lines}", add_timestamp=False)
+
+        def get_dataloaders(self):
+            # nnU-Net's own loaders at the plans' patch; validation keeps its loader, training gets the stage's
+            train, val = super().get_dataloaders()
+            shut_down(train)
+            return self._stage_loader(self.pgps_stage), val
+
+        def _stage_loader(self, index: int):
+            stage = self.pgps_schedule.stages[index]
+            patch = list(stage.patch_size)
+            # rotation, dummy-2D and mirroring are decided on the final patch, so every stage augments alike
+            rotation, dummy_2d, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+            initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+            if dummy_2d:
+                initial[0] = patch[0]
+            lm = self.label_manager
+            transforms = self.get_training_transforms(
+                patch, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
+                use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+                foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
+                ignore_label=lm.ignore_label)
+            dataset_tr, _ = self.get_tr_and_val_datasets()
+            loader = nnUNetDataLoader(dataset_tr, stage.batch_size, initial, patch, lm,
+                                      oversample_foreground_percent=self.oversample_foreground_percent,
+                                      sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                                      probabilistic_oversampling=self.probabilistic_oversampling)
+            procs = get_allowed_n_proc_DA()
+            if procs == 0:
+                return SingleThreadedAugmenter(loader, None)
+            return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=procs,
+                                                num_cached=max(6, procs // 2), seeds=None,
+                                                pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+        def on_train_epoch_start(self) -> None:
+            index = self.stage_at(self.current_epoch)
+            if index != self.pgps_stage:
+                shut_down(self.dataloader_train)
+                self.pgps_stage = index
+                self.dataloader_train = self._stage_loader(index)
+            super().on_train_epoch_start()
+            st = self.pgps_schedule.stages[index]
+            self.print_to_log_file(f"pgps-tune stage {index}: patch {'x'.join(map(str, st.patch_size))}, "
+                                   f"batch {st.batch_size}")
+
+        def on_epoch_end(self) -> None:
+            last_of_stage = self.current_epoch + 1 in self.pgps_schedule.stage_starts()[1:]
+            super().on_epoch_end()  # increments current_epoch
+            if last_of_stage:
+                # a checkpoint at every stage boundary, stored the way nnU-Net stores its own
+                self.current_epoch -= 1
+                self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+                self.current_epoch += 1
+
+    return nnUNetTrainerPGPS
+
+
+# -- training through nnU-Net ---------------------------------------------------------------------
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ext_trainer_path() -> str:
+    """``nnUNet_extTrainer`` with pgps-tune's trainer folder first (nnU-Net searches each in turn)."""
+    rest = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != str(TRAINER_DIR)]
+    return os.pathsep.join([str(TRAINER_DIR), *rest])
+
+
+def run_folder(plan: NnunetPlan, fold: str, trainer: str = TRAINER) -> Path:
+    """nnU-Net's result folder for this run: nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F."""
+    name = f"{trainer}__{plan.plans_name}__{plan.configuration}"
+    return env_folder("nnUNet_results", must_exist=False) / plan.dataset / name / f"fold_{fold}"
+
+
+def _fold(fold: str | int) -> str:
+    fold = str(fold)
+    if fold != "all" and not fold.isdigit():
+        raise PgpsError(f"fold must be a number (0-4 for nnU-Net's 5-fold split) or 'all', got {fold!r}")
+    return fold
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise PgpsError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PgpsError("--device cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def train(dataset: str, configuration: str, fold: str | int, schedule: str | Path | None = None, *,
+          device: str = "auto", continue_training: bool = False, epochs: int | None = None,
+          iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
+          trainer: str = TRAINER, plans_identifier: str = "nnUNetPlans", save_probabilities: bool = False) -> Path:
+    """Train one fold with nnU-Net's trainer following ``schedule``; returns nnU-Net's fold folder.
+
+    Without ``schedule`` the run uses the file beside the plans, or (continuing) the schedule it
+    was started with; a continued run also keeps its epoch and iteration counts unless given.
+    Checks what nnU-Net would only find late or print as a warning (a missing checkpoint to
+    continue, a run that would be overwritten) before anything is written.
+    """
+    require_nnunet()
+    check_trainer_name(trainer)
+    fold = _fold(fold)
+    counts = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch,
+              "num_val_iterations_per_epoch": val_iterations_per_epoch}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise PgpsError(f"{name.replace('num_', '').replace('_', ' ')} must be >= 1, got {value}")
+    base = find_dataset(dataset, "nnUNet_preprocessed")
+    plan = read_plans(base / f"{plans_identifier}.json", configuration)
+    if not (base / plan.data_identifier).is_dir():
+        raise PgpsError(f"{base / plan.data_identifier} does not exist; run nnUNetv2_plan_and_preprocess "
+                        f"-d {plan.dataset} -c {configuration} first")
+    out = run_folder(plan, fold, trainer)
+    has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
+    if continue_training and not has_run:
+        raise PgpsError(f"nothing to continue in {out} (no checkpoint); run without --continue to start")
+    if has_run and not continue_training:
+        raise PgpsError(f"{out} already holds a run; add --continue to continue it, or use another --trainer name")
+    if schedule is None:
+        schedule = out / RUN_RECORD if continue_training else schedule_file_for(plan, trainer)
+        if not Path(schedule).is_file():
+            raise PgpsError(f"give --schedule FILE (there is no {schedule}; 'pgps-tune export --nnunet' writes "
+                            "the one beside the plans)")
+    f = read_schedule(schedule, plan)
+    if continue_training and (out / RUN_RECORD).is_file():
+        started = read_schedule(out / RUN_RECORD, plan)
+        counts = {k: v if v is not None else getattr(started, k) for k, v in counts.items()}
+    f = replace(f, **counts)
+    dev = _device(device)
+    import torch
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    # built here rather than through nnunetv2's run_training, whose lookup by name imports every
+    # trainer nnU-Net ships (some need torchvision); what follows is its single-device path
+    plans = json.loads(plan.source.read_text(encoding="utf-8"))
+    plans["continue_training"] = continue_training
+    dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
+    if dev.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    with tempfile.TemporaryDirectory(prefix="pgps-nnunet-") as tmp, \
+            _environment(**{SCHEDULE_ENV: str(f.save(Path(tmp) / "schedule.json"))}):
+        nnunet_trainer = trainer_class(trainer)(plans=plans, configuration=configuration,
+                                                fold=fold if fold == "all" else int(fold),
+                                                dataset_json=dataset_json, device=dev)
+    maybe_load_checkpoint(nnunet_trainer, continue_training, False)
+    nnunet_trainer.run_training()
+    nnunet_trainer.perform_actual_validation(save_probabilities)
+    return out

@@ -1,0 +1,467 @@
+"""The nnU-Net v2 bridge: plans import and dataset lookup (pure), and a schedule run inside nnU-Net.
+
+The plans tests use small hand-written plans files and need no nnunetv2.  The training test
+runs nnU-Net's own plan-and-preprocess on a tiny dataset in nnU-Net's raw layout, then its
+trainer with a 3-stage schedule, interrupted at a stage boundary and continued.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import blob_case
+
+from pgps_tune import nnunet
+from pgps_tune import schedule as sch
+from pgps_tune.cli import main
+from pgps_tune.errors import PgpsError
+
+try:
+    import nnunetv2  # noqa: F401
+    HAS_NNUNET = True
+except ImportError:
+    HAS_NNUNET = False
+needs_nnunet = pytest.mark.skipif(not HAS_NNUNET, reason="nnunetv2 not installed (pip install 'pgps-tune[nnunet]')")
+
+# an anisotropic 3d_fullres as nnU-Net writes it: patch and strides in nnU-Net's axis order
+TRANSPOSE = [2, 0, 1]
+CANONICAL_PATCH = (20, 48, 64)  # x y z of the canonically oriented volume
+STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
+
+
+def nnunet_order(canonical: tuple[int, ...], transpose: list[int]) -> list[int]:
+    """What nnU-Net's readers do to array axes: reverse (SimpleITK's z y x), then transpose_forward."""
+    return list(np.empty(canonical, dtype=np.uint8).transpose(2, 1, 0).transpose(transpose).shape)
+
+
+def current_plans() -> dict:
+    patch = nnunet_order(CANONICAL_PATCH, TRANSPOSE)
+    return {
+        "dataset_name": "Dataset004_Hippo", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": TRANSPOSE, "transpose_backward": [1, 2, 0],
+        "configurations": {
+            "2d": {"patch_size": [64, 48], "batch_size": 12, "spacing": [0.8, 0.8],
+                   "architecture": {"arch_kwargs": {"strides": [[1, 1], [2, 2]]}}},
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2, "patch_size": patch,
+                "spacing": [3.0, 0.8, 0.7],
+                "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {"strides": STRIDES}},
+            },
+            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "batch_size": 3},
+        },
+    }
+
+
+def old_plans() -> dict:
+    plans = current_plans()
+    cfg = plans["configurations"]["3d_fullres"]
+    del cfg["architecture"]
+    cfg.update({"UNet_class_name": "PlainConvUNet", "pool_op_kernel_sizes": STRIDES,
+                "conv_kernel_sizes": [[3, 3, 3]] * len(STRIDES)})
+    return plans
+
+
+def stride2_per_axis(strides: list[list[int]]) -> list[int]:
+    return [sum(s[a] == 2 for s in strides) for a in range(3)]
+
+
+def write_plans(folder: Path, plans: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    return folder / "nnUNetPlans.json"
+
+
+# -- plans import (no nnunetv2) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [current_plans, old_plans], ids=["strides", "pool_op_kernel_sizes"])
+def test_plans_give_final_patch_pools_batch_and_spacing_in_pgps_axes(tmp_path, make):
+    plan = nnunet.read_plans(write_plans(tmp_path, make()), "3d_fullres")
+    assert plan.final_patch == CANONICAL_PATCH
+    assert list(plan.to_nnunet(plan.pools)) == stride2_per_axis(STRIDES)
+    assert plan.to_nnunet(plan.spacing) == (3.0, 0.8, 0.7)
+    assert plan.batch_size == 2 and plan.configuration == "3d_fullres"
+    assert plan.dataset == "Dataset004_Hippo" and plan.data_identifier == "nnUNetPlans_3d_fullres"
+    assert plan.from_nnunet(plan.to_nnunet((1, 2, 3))) == (1, 2, 3)
+    sch.check_patch(plan.final_patch, plan.pools)  # the pools fit the patch axis by axis
+
+
+def test_inheriting_configuration_keeps_the_parent_and_overrides(tmp_path):
+    plans = current_plans()
+    plan = nnunet.read_plans(write_plans(tmp_path, plans), "3d_cascade_fullres")
+    parent = nnunet.read_plans(tmp_path / "nnUNetPlans.json", "3d_fullres")
+    assert plan.batch_size == 3
+    assert (plan.final_patch, plan.pools, plan.spacing) == (parent.final_patch, parent.pools, parent.spacing)
+
+
+def test_axes_follow_the_label_files_orientation(tmp_path):
+    """A file whose voxel axes are permuted against RAS: pgps-tune's loader sees its canonical shape."""
+    file_shape = (6, 8, 12)
+    affine = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # voxel i->y, j->z, k->x
+    img = nib.Nifti1Image(np.zeros(file_shape, np.uint8), affine)
+    (tmp_path / "gt_segmentations").mkdir()
+    nib.save(img, tmp_path / "gt_segmentations" / "case_000.nii.gz")
+    canonical = nib.as_closest_canonical(img).shape  # what pgps_tune.data trains on
+    assert canonical != file_shape
+    plans = current_plans()
+    plans["transpose_forward"] = [0, 1, 2]
+    plans["configurations"]["3d_fullres"].update(patch_size=list(file_shape[::-1]), spacing=[1.0, 1.0, 1.0])
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 2, 2]]
+    if HAS_NNUNET:  # nnU-Net's own reader gives the reversed voxel order this relies on
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        seg, _ = SimpleITKIO().read_seg(str(tmp_path / "gt_segmentations" / "case_000.nii.gz"))
+        assert list(seg.shape[1:]) == plans["configurations"]["3d_fullres"]["patch_size"]
+    plan = nnunet.read_plans(write_plans(tmp_path, plans), "3d_fullres")
+    assert plan.final_patch == canonical
+
+
+def _set(path: list, value):
+    def mutate(plans: dict) -> dict:
+        d = plans
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+        return plans
+    return mutate
+
+
+CFG = ["configurations", "3d_fullres"]
+STRIDE_KEY = [*CFG, "architecture", "arch_kwargs", "strides"]
+
+
+@pytest.mark.parametrize("mutate, configuration, match", [
+    (lambda p: {"plans_name": "x"}, "3d_fullres", "not an nnU-Net plans file"),
+    (lambda p: p, "3d_lowres", "configuration '3d_lowres' .* available: 2d, 3d_cascade_fullres, 3d_fullres"),
+    (_set([*CFG, "inherits_from"], "3d_cascade_fullres"), "3d_cascade_fullres", "inherit in a circle"),
+    (_set(["configurations", "3d_cascade_fullres", "inherits_from"], "3d_gone"), "3d_cascade_fullres",
+     "'3d_gone' .*inherits_from of '3d_cascade_fullres'"),
+    (lambda p: p, "2d", "2-D; pgps-tune schedules 3-D patches"),
+    (_set(STRIDE_KEY, [[1, 1, 1], [3, 2, 2]]), "3d_fullres", r"stride\(s\) \[3\]"),
+    (_set(STRIDE_KEY, [[1, 1, 1], [2, 2]]), "3d_fullres", "strides entry 1 must be 3 ints"),
+    (_set([*CFG, "architecture"], {}), "3d_fullres", "neither architecture.arch_kwargs.strides nor pool_op"),
+    (_set([*CFG, "batch_size"], 0), "3d_fullres", "batch_size must be a positive integer"),
+    (_set([*CFG, "batch_size"], True), "3d_fullres", "batch_size must be a positive integer"),
+    (_set([*CFG, "spacing"], [1.0, "a", 1.0]), "3d_fullres", "spacing must be 3 floats"),
+    (_set(["transpose_forward"], [0, 0, 1]), "3d_fullres", "transpose_forward must be a permutation"),
+    (_set([*CFG, "patch_size"], [20, 60, 48]), "3d_fullres", "not divisible by the network's downsampling"),
+])
+def test_bad_plans_give_one_line_errors(tmp_path, mutate, configuration, match):
+    path = write_plans(tmp_path, mutate(current_plans()))
+    with pytest.raises(PgpsError, match=match) as err:
+        nnunet.read_plans(path, configuration)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_plans_files(tmp_path):
+    with pytest.raises(PgpsError, match="does not exist; run nnUNetv2_plan_and_preprocess"):
+        nnunet.read_plans(tmp_path / "nope.json")
+    (tmp_path / "nnUNetPlans.json").write_text("{not json")
+    with pytest.raises(PgpsError, match="not valid JSON"):
+        nnunet.read_plans(tmp_path)
+
+
+# -- datasets by id or name --------------------------------------------------------------------------
+
+
+def test_find_dataset_by_id_or_name_through_the_environment(tmp_path, monkeypatch):
+    for name in ("Dataset004_Hippocampus", "Dataset012_Other", "Dataset013_A", "Dataset013_B"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    for ref in ("4", "004", 4, "Dataset004_Hippocampus"):
+        assert nnunet.find_dataset(ref) == tmp_path / "Dataset004_Hippocampus"
+    for ref, match in (("5", "no dataset with id 5"), ("13", "matches Dataset013_A, Dataset013_B"),
+                       ("Dataset005_X", "not in nnUNet_raw"), ("Hippocampus", "not an nnU-Net dataset id or name")):
+        with pytest.raises(PgpsError, match=match):
+            nnunet.find_dataset(ref)
+    assert nnunet.resolve_data("12") == str(tmp_path / "Dataset012_Other")
+    assert nnunet.resolve_data("synthetic") == "synthetic"
+    existing = tmp_path / "Dataset012_Other"
+    assert nnunet.resolve_data(str(existing)) == str(existing)
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(PgpsError, match="nnUNet_raw is not set"):
+        nnunet.resolve_data("4")
+
+
+def test_plans_by_dataset_id(tmp_path, monkeypatch):
+    write_plans(tmp_path / "Dataset004_Hippo", current_plans())
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert nnunet.read_plans("4").source == tmp_path / "Dataset004_Hippo" / "nnUNetPlans.json"
+
+
+# -- schedules for nnU-Net ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plan(tmp_path):
+    return nnunet.read_plans(write_plans(tmp_path / "pre" / "Dataset004_Hippo", current_plans()))
+
+
+def test_export_writes_nnunet_order_beside_the_plans_and_reads_back(plan, tmp_path):
+    s = sch.paper(plan.final_patch, plan.pools, plan.batch_size, 60, "performance")
+    path = nnunet.export_for_nnunet(s, plan)
+    assert path == plan.source.parent / "nnUNetTrainerPGPS__nnUNetPlans__3d_fullres.pgps_schedule.json"
+    data = json.loads(path.read_text())
+    cfg = current_plans()["configurations"]["3d_fullres"]
+    assert data["schedule"]["final_patch"] == cfg["patch_size"]
+    need = [2**p for p in stride2_per_axis(STRIDES)]
+    for st in data["schedule"]["stages"]:  # every stage fits nnU-Net's network axis by axis
+        assert all(p % n == 0 and p <= f for p, n, f in zip(st["patch_size"], need, cfg["patch_size"]))
+    assert [st["batch_size"] for st in data["schedule"]["stages"]] == [st.batch_size for st in s.stages]
+    from_file = nnunet.read_schedule(path, plan)
+    s.save(tmp_path / "s.yaml")
+    assert from_file == nnunet.read_schedule(tmp_path / "s.yaml", plan) == nnunet.for_nnunet(s, plan)
+
+
+def test_schedules_that_do_not_fit_the_plans_are_refused(plan, tmp_path):
+    other = sch.constant((16, 16, 16), (1, 1, 1), 2, 10)
+    other.save(tmp_path / "other.yaml")
+    with pytest.raises(PgpsError, match="build the schedule with --nnunet-plans"):
+        nnunet.read_schedule(tmp_path / "other.yaml", plan)
+    f = nnunet.for_nnunet(sch.constant(plan.final_patch, plan.pools, 2, 10), plan)
+    replace_cfg = nnunet.NnunetSchedule(f.schedule, f.dataset, f.plans_name, "3d_lowres")
+    replace_cfg.save(tmp_path / "lowres.json")
+    with pytest.raises(PgpsError, match="made for Dataset004_Hippo / nnUNetPlans / 3d_lowres"):
+        nnunet.read_schedule(tmp_path / "lowres.json", plan)
+    bad = f.to_dict() | {"num_epochs": 0}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(PgpsError, match="num_epochs must be a positive integer"):
+        nnunet.read_schedule(tmp_path / "bad.json", plan)
+
+
+def test_trainer_finds_its_schedule_env_then_beside_plans_then_run_record(plan, tmp_path, monkeypatch):
+    plans = json.loads(plan.source.read_text())
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    base = plan.source.parent
+
+    def resolve():
+        return nnunet.resolve_trainer_schedule(copy.deepcopy(plans), "3d_fullres", nnunet.TRAINER, base, fold)
+
+    monkeypatch.delenv(nnunet.SCHEDULE_ENV, raising=False)
+    with pytest.raises(PgpsError, match="found no schedule: set PGPS_TUNE_SCHEDULE=FILE"):
+        resolve()
+    record = nnunet.for_nnunet(sch.constant(plan.final_patch, plan.pools, 2, 7), plan)
+    record.save(fold / nnunet.RUN_RECORD)
+    assert resolve() == record
+    beside = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    nnunet.export_for_nnunet(beside, plan)
+    assert resolve().schedule == nnunet.for_nnunet(beside, plan).schedule
+    named = sch.paper(plan.final_patch, plan.pools, 2, 40, "performance")
+    named.save(tmp_path / "named.yaml")
+    monkeypatch.setenv(nnunet.SCHEDULE_ENV, str(tmp_path / "named.yaml"))
+    assert resolve().schedule == nnunet.for_nnunet(named, plan).schedule
+    monkeypatch.setenv(nnunet.SCHEDULE_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(PgpsError, match="missing.yaml does not exist"):
+        resolve()
+
+
+def test_fit_epochs_maps_the_schedule_onto_nnunets_epochs(plan):
+    s = sch.paper(plan.final_patch, plan.pools, 2, 100)
+    assert nnunet.fit_epochs(s, 100) is s
+    assert nnunet.fit_epochs(s, 1000).epochs == 1000
+    with pytest.raises(PgpsError, match="stages but nnU-Net trains 3 epochs"):
+        nnunet.fit_epochs(s, 3)
+
+
+def test_trainer_names():
+    for good in ("nnUNetTrainerPGPS", "nnUNetTrainerPGPS_tuned", "nnUNetTrainerPGPS_paper_2"):
+        nnunet.check_trainer_name(good)
+    for bad in ("nnUNetTrainer", "nnUNetTrainerPGPSx", "nnUNetTrainerPGPS_", "nnUNetTrainerPGPS__a",
+                "x nnUNetTrainerPGPS"):
+        with pytest.raises(PgpsError, match="must be nnUNetTrainerPGPS or"):
+            nnunet.check_trainer_name(bad)
+
+
+# -- the CLI (no nnunetv2) -------------------------------------------------------------------------
+
+
+def test_cli_schedule_on_nnunet_plans(plan, capsys):
+    assert main(["schedule", "--nnunet-plans", str(plan.source), "--preset", "paper", "--epochs", "40",
+                 "--format", "json"]) == 0
+    s = sch.Schedule.from_dict(json.loads(capsys.readouterr().out))
+    assert (s.final_patch, s.pools, s.baseline_batch_size) == (plan.final_patch, plan.pools, plan.batch_size)
+    assert s == sch.paper(plan.final_patch, plan.pools, plan.batch_size, 40)
+    for extra in (["--final-patch", "8", "8", "8"], ["--batch-size", "5"]):
+        assert main(["schedule", "--nnunet-plans", str(plan.source), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--nnunet-plans sets the final patch, pools and batch size; drop --" in err and err.count("\n") == 1
+
+
+def test_cli_refuses_a_schedule_file_that_misses_the_plans(plan, tmp_path, capsys):
+    sch.constant((16, 16, 16), (1, 1, 1), 2, 4).save(tmp_path / "s.yaml")
+    s_yaml = str(tmp_path / "s.yaml")
+    for argv in (["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--schedule", s_yaml],
+                 ["schedule", "--from", s_yaml]):
+        assert main([*argv, "--nnunet-plans", str(plan.source)]) == 2
+        assert "build the schedule with --nnunet-plans" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweeps_train_on_the_plans(plan):
+    from pgps_tune import space as sp
+
+    space = nnunet.plan_space(sp.load(Path(__file__).parents[1] / "search_spaces" / "default.yaml"), plan)
+    assert (space.budget.final_patch, space.budget.pools, space.budget.batch_size) == (
+        plan.final_patch, plan.pools, plan.batch_size)
+    sp.check_space_against_plan(space, plan.final_patch, plan.pools)
+
+
+def test_without_nnunetv2_the_bridge_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 now raises ImportError
+    with pytest.raises(PgpsError, match=r"pip install 'pgps-tune\[nnunet\]'"):
+        nnunet.require_nnunet()
+    assert main(["nnunet-train", "4", "3d_fullres", "0"]) == 2
+    assert "pip install 'pgps-tune[nnunet]'" in capsys.readouterr().err
+
+
+# -- inside nnU-Net (needs nnunetv2) ---------------------------------------------------------------
+
+DATASET = "Dataset990_PgpsTiny"
+
+
+@pytest.fixture(scope="module")
+def nnunet_dataset(tmp_path_factory):
+    """A tiny dataset in nnU-Net's raw layout (5 cases of 24^3, two foreground labels), planned and
+    preprocessed by nnU-Net's own API for 3d_fullres."""
+    if not HAS_NNUNET:
+        pytest.skip("nnunetv2 not installed (pip install 'pgps-tune[nnunet]')")
+    root = tmp_path_factory.mktemp("nnunet")
+    raw = root / "raw" / DATASET
+    for i in range(5):
+        image, label = blob_case((24, 24, 24), i)
+        for sub, name, arr, dtype in (("imagesTr", f"case_{i:03d}_0000", image, np.float32),
+                                      ("labelsTr", f"case_{i:03d}", label, np.uint8)):
+            (raw / sub).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr.astype(dtype), np.eye(4)), raw / sub / f"{name}.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 5,
+        "file_ending": ".nii.gz"}))
+    env = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre", "nnUNet_results": root / "results",
+           "nnUNet_def_n_proc": 1, "nnUNet_n_proc_DA": 1, "nnUNet_compile": "false"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, str(v))
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
+
+        extract_fingerprints([990], num_processes=1, show_progress_bar=False)
+        plan_experiments([990])
+        preprocess([990], configurations=("3d_fullres",), num_processes=(1,))
+        yield root
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@needs_nnunet
+def test_cli_plan_finds_raw_data_and_plans_by_dataset_id(nnunet_dataset, capsys):
+    assert main(["plan", "--data", "990", "--nnunet-plans", "990"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    planned = json.loads((nnunet_dataset / "pre" / DATASET / "nnUNetPlans.json").read_text())
+    cfg = planned["configurations"]["3d_fullres"]
+    assert shown["cases"] == 5 and shown["nnunet"]["nnunet_patch_size"] == cfg["patch_size"]
+    assert shown["nnunet"]["batch_size"] == cfg["batch_size"]
+    assert shown["final_patch"] == shown["nnunet"]["final_patch"]
+
+
+@needs_nnunet
+def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_dataset, tmp_path, monkeypatch, capsys):
+    import torch
+
+    plan = nnunet.read_plans("990")
+    plans_json = json.loads(plan.source.read_text())
+    assert plans_json["transpose_forward"] == [0, 1, 2]  # so nnU-Net's axes are pgps-tune's reversed
+    inc = sch.divisors(plan.pools)
+    # stage 0 is one pooling increment per axis (a 1x1x1 bottleneck, as the paper's first stage)
+    s = sch.Schedule((sch.Stage(inc, 6, 2), sch.Stage((2 * inc[0], 3 * inc[1], 4 * inc[2]), 3, 2),
+                      sch.Stage(plan.final_patch, plan.batch_size, 2)), plan.final_patch, plan.pools, plan.batch_size)
+    s.save(tmp_path / "s.yaml")
+    epoch_stage = [0, 1, 2]  # the schedule's 2+2+2 epochs halved onto nnU-Net's 3
+
+    cls = nnunet.trainer_class()
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    val_seen: list[tuple[int, ...]] = []
+    train_step, validation_step, on_epoch_start = cls.train_step, cls.validation_step, cls.on_epoch_start
+    stop_at: list[int] = [1]
+
+    def record(self, batch):
+        seen.append((self.current_epoch, tuple(batch["data"].shape)))
+        return train_step(self, batch)
+
+    def record_val(self, batch):
+        val_seen.append(tuple(batch["data"].shape))
+        return validation_step(self, batch)
+
+    def maybe_stop(self):
+        if stop_at and self.current_epoch == stop_at[0]:
+            raise _Interrupt  # a run killed right after the checkpoint at the end of stage 0
+        on_epoch_start(self)
+
+    monkeypatch.setattr(cls, "train_step", record)
+    monkeypatch.setattr(cls, "validation_step", record_val)
+    monkeypatch.setattr(cls, "on_epoch_start", maybe_stop)
+    monkeypatch.setattr("nnunetv2.training.logging.nnunet_logger.MetaLogger.plot_progress_png", lambda *a: None)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # augment in this process (the planner needs >= 1)
+
+    def expected(epoch: int) -> tuple[int, ...]:
+        st = s.stages[epoch_stage[epoch]]
+        return (st.batch_size, 1, *reversed(st.patch_size))
+
+    with pytest.raises(_Interrupt):
+        nnunet.train("990", "3d_fullres", 0, tmp_path / "s.yaml", device="cpu", epochs=3, iterations_per_epoch=2,
+                     val_iterations_per_epoch=1)
+    out = nnunet.run_folder(plan, "0")
+    ckpt = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 1 and ckpt["trainer_name"] == nnunet.TRAINER
+    assert seen == [(0, expected(0))] * 2
+
+    stop_at.clear()
+    seen.clear()
+    assert main(["nnunet-train", "990", "3d_fullres", "0", "--continue", "--device", "cpu"]) == 0
+    assert seen[0] == (1, expected(1))  # the first iteration after continuing is stage 1's patch and batch
+    assert seen == [(e, expected(e)) for e in (1, 1, 2, 2)]
+    final = (plan.batch_size, 1, *reversed(plan.final_patch))
+    assert val_seen and set(val_seen) == {final}  # validation stays at the plans' patch
+    assert f"results: {out}" in capsys.readouterr().out
+    for f in ("checkpoint_final.pth", "validation/summary.json", "pgps_schedule.json", "../plans.json",
+              "../dataset.json"):
+        assert (out / f).is_file(), f
+    assert out.parent.name == "nnUNetTrainerPGPS__nnUNetPlans__3d_fullres"
+
+    with pytest.raises(PgpsError, match="already holds a run; add --continue"):
+        nnunet.train("990", "3d_fullres", 0, tmp_path / "s.yaml", device="cpu")
+    sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4).save(tmp_path / "other.yaml")
+    with pytest.raises(PgpsError, match="this run was started with the schedule in"):
+        nnunet.train("990", "3d_fullres", 0, tmp_path / "other.yaml", device="cpu", continue_training=True)
+
+
+@needs_nnunet
+def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    for name in (nnunet.TRAINER, f"{nnunet.TRAINER}_tuned"):
+        # the call nnU-Net makes for each folder in nnUNet_extTrainer
+        found = recursive_find_python_class(str(nnunet.TRAINER_DIR), name, None, base_folder=str(nnunet.TRAINER_DIR),
+                                            cleanup_imports_from_base_folder=True)
+        assert found is nnunet.trainer_class(name)
+        assert found.__name__ == name
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # a torchvision built for another torch raises RuntimeError, not ImportError
+        pytest.skip(f"nnU-Net's full trainer lookup imports its Primus trainers, which need a working torchvision "
+                    f"({type(exc).__name__})")
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.setenv("nnUNet_extTrainer", nnunet.ext_trainer_path())
+    assert recursive_find_trainer_class_by_name(nnunet.TRAINER) is nnunet.trainer_class()
