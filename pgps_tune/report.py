@@ -195,7 +195,7 @@ def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], stopped:
             continue
         xs, ys = zip(*pts)
         role = "best" if tid == best else roles.get(tid, "search")
-        label = {"best": "best", "search": "searched"}.get(role, role)
+        label = {"best": f"best ({roles.get(tid, 'search')})", "search": "searched"}.get(role, role)
         ax.plot(xs, ys, color=COLOURS.get(role, COLOURS["search"]), alpha=0.5 if role == "search" else 0.95,
                 lw=1 if role == "search" else 2, label=None if label in labelled else label)
         labelled.add(label)
@@ -266,7 +266,8 @@ def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> byte
         ax.axvline(x, color=COLOURS["paper"], ls=ls, lw=1, label=f"paper, {mode} mode: {x:.2f} of the compute")
     ax.set(xlabel="compute (voxel fraction of the constant baseline)", ylabel="final validation Dice",
            title="Dice against compute (completed trials)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if ax.get_legend_handles_labels()[0]:  # nothing completed: an empty plot, without a warning
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
 
 
@@ -474,6 +475,9 @@ def _summary_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[
                  f"{fmt(number(best['schedule_voxel_fraction']))}x the constant baseline's voxels.")
     for role in ("baseline", "paper"):
         g = summary.get(f"gain_over_{role}")
+        if best["role"] == role:
+            lines.append(f"The best schedule is the {role} reference itself.")
+            continue
         if not g:
             continue
         t = g.get("time_ratio")
@@ -524,7 +528,7 @@ def sweep_report(sweep: str | Path) -> str:
                                                "parameters to estimate importances (3 needed)")))
     columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]]
     sections.append(("Trials", _table(select_trials(rows), columns)))
-    return _page(f"pgps-tune sweep {meta.get('sweep', sweep.name)} on {meta.get('dataset', '?')}", sections)
+    return _page(f"pgps-tune: sweep '{meta.get('sweep', sweep.name)}' on {meta.get('dataset', '?')}", sections)
 
 
 def run_report(run: str | Path) -> str:
@@ -548,7 +552,7 @@ def run_report(run: str | Path) -> str:
         ("Stages", _table(m.get("stages", []), ["index", "patch_size", "batch_size", "epochs", "iterations",
                                                 "wall_time_s", "voxels"])),
     ]
-    return _page(f"pgps-tune run {run.name} on {m.get('dataset', '?')}", sections)
+    return _page(f"pgps-tune: run '{run.name}' on {m.get('dataset', '?')}", sections)
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
