@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"a space file, or a shipped space: {', '.join(shipped_spaces())}")
     tu.add_argument("--data", required=True, metavar="DIR", help="MSD/nnU-Net dataset folder, or 'synthetic'")
     tu.add_argument("--out", required=True, metavar="SWEEP_DIR",
-                    help="sweep folder (exports, sweep.json, Tune results, report.html)")
+                    help="sweep folder (exports, sweep.json, Tune results)")
     sweep_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
 
