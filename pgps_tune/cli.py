@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -21,8 +22,9 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from pgps_tune import __version__
 from pgps_tune import schedule as sch
 from pgps_tune.config import (
     AUGMENT_PRESETS,
@@ -38,6 +40,9 @@ from pgps_tune.config import (
 )
 from pgps_tune.errors import PgpsError
 from pgps_tune.limits import LIMITS
+
+if TYPE_CHECKING:
+    from pgps_tune.space import SearchSpace
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -192,10 +197,10 @@ def _check_writable(out: Path) -> None:
     _writable_ancestor(out)
 
 
-def _check_out_file(path: Path) -> None:
+def _check_out_file(path: Path, what: str = "a file name (.yaml or .json)") -> None:
     """Refuse an --out file that is a folder or cannot be written, before any work."""
     if path.is_dir():
-        raise PgpsError(f"--out {path} is a folder; give a file name (.yaml or .json)")
+        raise PgpsError(f"--out {path} is a folder; give {what}")
     _writable_ancestor(path)
 
 
@@ -323,10 +328,36 @@ def cmd_train(a: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     trainer.write_metrics()
-    print(strict_json({k: metrics[k] for k in (
+    _write_learning_curve(out)
+    print(strict_json(_rounded({k: metrics[k] for k in (
         "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
-        "voxel_fraction", "iterations", "completed")}))
+        "voxel_fraction", "iterations", "completed")})))
     return 0
+
+
+def _rounded(v: Any) -> Any:
+    """Floats to 4 significant digits, for JSON a person reads (the files written keep full precision).
+
+    >>> _rounded({"dice": 0.876512345, "n": 3, "t": [451.2345, float("nan")]})
+    {'dice': 0.8765, 'n': 3, 't': [451.2, nan]}
+    """
+    if isinstance(v, float):
+        return float(f"{v:.4g}") if math.isfinite(v) else v
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def _write_learning_curve(run: Path) -> None:
+    """The run's learning-curve PNG; a missing plotting library costs the figure, never the finished run."""
+    from pgps_tune.report import write_run_curve
+
+    try:
+        print(f"learning curve: {write_run_curve(run)}", file=sys.stderr)
+    except PgpsError as exc:
+        print(f"pgps-tune: note: no learning curve written: {exc}", file=sys.stderr)
 
 
 def _memory_of(device: Any) -> tuple[int, str]:
@@ -379,7 +410,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ds = _prepare(a)
     cases, scored = evaluation_cases(a.run, ds, a.all_cases)
     result = evaluate_run(a.run, ds, a.device, cases=cases)
-    print(strict_json({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]}))
+    print(strict_json(_rounded({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]})))
     return 0
 
 
@@ -399,11 +430,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     nn_plan = _nnunet_plan(a)
     ds = _prepare(a)
     plan = nn_plan or plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
-    print(json.dumps({
+    print(json.dumps(_rounded({
         "dataset": ds.name, "cases": len(ds), "median_shape": list(ds.median_shape),
         "spacing": list(ds.spacing), "final_patch": list(plan.final_patch), "pools": list(plan.pools),
         "cache": str(ds.cache_dir), **({"nnunet": nn_plan.describe()} if nn_plan else {}),
-    }, indent=1))
+    }), indent=1))
     return 0
 
 
@@ -412,6 +443,63 @@ def _space_path(name: str) -> Path:
     from pgps_tune.space import resolve
 
     return resolve(name)
+
+
+# Space budget fields that tune and demo take as flags (the flag is the field with dashes)
+BUDGET_FLAGS = ("epochs", "iterations_per_epoch", "batch_size", "val_every", "network", "token_size", "augment",
+                "filters", "optimizer", "lr", "fg_ratio", "seed", "val_fraction", "split_seed", "final_patch", "pools")
+
+
+def _with_budget_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace:
+    """The space with the budget flags given on the command line in place of its budget values."""
+    import dataclasses
+
+    given = {f: getattr(a, f) for f in BUDGET_FLAGS if getattr(a, f, None) is not None}
+    if not given:
+        return space
+    given = {f: tuple(v) if isinstance(v, list) else v for f, v in given.items()}
+    if not a.quiet:
+        shown = ", ".join(f"{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for f, v in given.items())
+        print(f"budget from the command line: {shown} (in place of {space.source}'s)", file=sys.stderr)
+    return dataclasses.replace(space, budget=dataclasses.replace(space.budget, **given))
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from pgps_tune.report import write_report
+
+    if a.out:
+        _check_out_file(Path(a.out), "a .html file name")
+    print(write_report(a.path, a.out))
+    return 0
+
+
+def cmd_trials(a: argparse.Namespace) -> int:
+    import csv
+
+    from pgps_tune.report import TRIAL_COLUMNS, fmt, params_text, plural, read_trials, select_trials
+
+    everything = read_trials(a.sweep)
+    rows = select_trials(everything, a.sort, a.phase, a.status, a.reverse)
+    every = list(rows[0]) if rows else list(TRIAL_COLUMNS)
+    columns = a.columns.split(",") if a.columns else (list(TRIAL_COLUMNS) if a.format == "table" else every)
+    unknown = [c for c in columns if rows and c not in rows[0]]
+    if unknown:
+        raise PgpsError(f"--columns: {', '.join(unknown)} not in trials.parquet; use some of {', '.join(every)}")
+    if a.format == "json":
+        clean = [{c: None if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in columns} for r in rows]
+        print(json.dumps(clean, indent=1))
+    elif a.format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([["" if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in columns] for r in rows])
+    else:
+        cells = [[params_text(r[c]) if c == "params" else fmt(r[c]) for c in columns] for r in rows]
+        widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+        for line in [columns, *cells]:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        shown = plural(len(rows), "trial") + (f" of {len(everything)}" if len(rows) < len(everything) else "")
+        print(shown, file=sys.stderr)
+    return 0
 
 
 def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
@@ -429,7 +517,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
 
     if a.max_failures is not None and a.max_failures < 0:
         raise PgpsError("--max-failures must be >= 0")
-    space = sp.load(_space_path(space_file))
+    space = _with_budget_flags(a, sp.load(_space_path(space_file)))
     if (nn_plan := _nnunet_plan(a)) is not None:
         from pgps_tune.nnunet import plan_space
 
@@ -552,33 +640,51 @@ class Terminated(KeyboardInterrupt):
 # -- parser ---------------------------------------------------------------------------
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help with short placeholders: N for an integer flag, X for a real one, else the flag's name."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        rng = LIMITS.get(getattr(action.type, "__name__", ""))
+        if rng is not None:
+            return "N" if rng.integer else "X"
+        return super()._get_default_metavar_for_optional(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with pgps-tune's errors: one line that names the flag, then exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"pgps-tune: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pgps_tune.space import Budget
+    from pgps_tune.space import OBJECTIVES, Budget, shipped_spaces
 
     n = _number
-    p = _Parser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.",
+                epilog="exit codes: 0 done, 1 internal error (traceback in a log file), 2 user error, "
+                       "130 Ctrl-C, 143 SIGTERM")
+    p.add_argument("--version", action="version", version=f"pgps-tune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("schedule", help="build, convert or show a schedule")
     _add_schedule_args(s, planned=False)
-    s.add_argument("--from", dest="from_file", help="read a schedule file (YAML or JSON)")
+    s.add_argument("--from", dest="from_file", metavar="FILE", help="read a schedule file (YAML or JSON)")
     s.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; with --from: rescale)")
-    s.add_argument("--format", choices=["json", "yaml", "table"], default="table")
-    s.add_argument("--out", help="also write the schedule to this file (.json or .yaml)")
+    s.add_argument("--format", choices=["json", "yaml", "table"], default="table", help="default table")
+    s.add_argument("--out", metavar="FILE", help="also write the schedule to this file (.json or .yaml)")
     _add_nnunet_args(s)
     s.set_defaults(func=cmd_schedule)
 
     def data_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
-        q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
+        q.add_argument("--data", required=True, metavar="DIR", help="MSD/nnU-Net dataset folder, or 'synthetic'")
+        q.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="preprocessing cache (default ~/.cache/pgps-tune)")
 
     def device_arg(q: argparse.ArgumentParser) -> None:
         q.add_argument("--device", choices=DEVICES, default=TrainConfig.device,
@@ -592,8 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(t)
     device_arg(t)
     voxel_budget_arg(t)
-    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.json)")
-    t.add_argument("--schedule", help="schedule file (instead of --preset)")
+    t.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run folder (checkpoint.pt, metrics.json, learning_curve.png)")
+    t.add_argument("--schedule", metavar="FILE", help="schedule file (instead of --preset)")
     _add_schedule_args(t, planned=True)
     t.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; rescales a --schedule)")
@@ -621,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {Budget.split_seed}")
     t.add_argument("--val-fraction", type=n("val_fraction"), default=Budget.val_fraction,
                    help=f"default {Budget.val_fraction}")
-    t.add_argument("--splits", help='JSON {"train": [ids], "val": [ids]}')
+    t.add_argument("--splits", metavar="FILE", help='JSON {"train": [ids], "val": [ids]}')
     t.add_argument("--val-every", type=n("val_every"), default=TrainConfig.val_every,
                    help="epochs between validations (default: about 10 validations per run)")
     t.add_argument("--threads", type=n("threads"), default=TrainConfig.threads,
@@ -638,19 +745,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="Dice of a trained run: its validation cases, or every labelled case")
     data_args(e)
     device_arg(e)
-    e.add_argument("--run", required=True, help="run folder written by 'train'")
+    e.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder written by 'train'")
     e.add_argument("--all-cases", action="store_true",
                    help="score every labelled case (default on the run's own dataset: its validation cases)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment new images with a trained run (outputs in each input's geometry)")
-    pr.add_argument("--run", required=True, help="run folder written by 'train'")
-    pr.add_argument("--input", required=True,
+    pr.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder written by 'train'")
+    pr.add_argument("--input", required=True, metavar="PATH",
                     help="an image (.nii.gz, .nii, .nrrd, .mha) or a folder of them (also nnU-Net CASE_0000 files)")
-    pr.add_argument("--out", required=True, help="folder for the segmentations (CASE + the input's ending)")
+    pr.add_argument("--out", required=True, metavar="DIR",
+                    help="folder for the segmentations (CASE + the input's ending)")
     pr.add_argument("--mirror", action="store_true", help="test-time augmentation: average the 8 mirrored copies")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
-    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    device_arg(pr)
     pr.add_argument("--quiet", action="store_true", help="no progress lines")
     pr.set_defaults(func=cmd_predict)
 
@@ -668,32 +776,64 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--cpus-per-trial", type=n("cpus_per_trial"), default=1.0, help="default 1")
         q.add_argument("--gpus-per-trial", type=n("gpus_per_trial"), default=0.0,
                        help="default 0; fractions allowed, e.g. 0.5")
-        q.add_argument("--address", default=None, help="join a Ray cluster ('auto' or HOST:PORT)")
-        q.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI for Tune's results")
+        q.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
+        q.add_argument("--storage", default=None, metavar="PATH|URI",
+                       help="local path or s3:// / gs:// URI for Tune's results (default SWEEP_DIR/ray)")
         q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
         q.add_argument("--max-failures", type=n("max_failures"), default=None,
                        help="retries of a failed trial from its last checkpoint (default: the space's budget)")
-        q.add_argument("--cache-dir", default=None, help="preprocessing cache (default ~/.cache/pgps-tune)")
-        q.add_argument("--results-store", default=None, help="results store (default ~/.local/share/pgps-tune/results)")
+        q.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="preprocessing cache (default ~/.cache/pgps-tune)")
+        q.add_argument("--results-store", default=None, metavar="DIR",
+                       help="results store (default ~/.local/share/pgps-tune/results)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
+        budget_args(q)
+
+    def budget_args(q: argparse.ArgumentParser) -> None:
+        g = q.add_argument_group("budget", "each given flag replaces that key of the space file's budget section, "
+                                           "for every trial (references included)")
+        g.add_argument("--epochs", type=n("epochs"), help="epochs per trial (the paper reference needs at least "
+                       "its stage count)")
+        g.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"), help="iterations per epoch")
+        g.add_argument("--batch-size", type=n("batch_size"), help="the constant baseline's batch size")
+        g.add_argument("--val-every", type=n("val_every"), help="epochs between validations (each is a report "
+                       "to Tune)")
+        g.add_argument("--network", choices=NETWORKS, help="network")
+        g.add_argument("--token-size", type=int, choices=TOKEN_SIZES, help="unetr: token side")
+        g.add_argument("--augment", choices=tuple(AUGMENT_PRESETS), help="augmentation preset (none: plain crops)")
+        g.add_argument("--filters", nargs="+", type=n("filters"), metavar="N", help="channels per level")
+        g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
+        g.add_argument("--lr", type=n("lr"), help="learning rate (a searched lr parameter still wins)")
+        g.add_argument("--fg-ratio", type=n("fg_ratio"), help="share of foreground-centred patches (a searched "
+                       "fg_ratio still wins)")
+        g.add_argument("--seed", type=n("seed"), help="training seed")
+        g.add_argument("--val-fraction", type=n("val_fraction"), help="share of the cases held out for validation")
+        g.add_argument("--split-seed", type=n("split_seed"), help="seed of the train/validation split")
+        g.add_argument("--final-patch", nargs=3, type=n("patch_axis"), metavar=("X", "Y", "Z"),
+                       help="final patch size (default: planned from the data)")
+        g.add_argument("--pools", nargs=3, type=n("pools"), metavar=("PX", "PY", "PZ"),
+                       help="stride-2 poolings per axis (default: planned from the data)")
 
     tu = sub.add_parser("tune", help="search the best schedule for a dataset with Ray Tune")
-    tu.add_argument("--space", required=True, help="space file, or the name of a shipped space (e.g. default)")
-    tu.add_argument("--data", required=True, help="MSD/nnU-Net dataset folder, or 'synthetic'")
-    tu.add_argument("--out", required=True, help="sweep folder (exports, sweep.json, Tune results)")
+    tu.add_argument("--space", required=True, metavar="NAME|FILE",
+                    help=f"a space file, or a shipped space: {', '.join(shipped_spaces())}")
+    tu.add_argument("--data", required=True, metavar="DIR", help="MSD/nnU-Net dataset folder, or 'synthetic'")
+    tu.add_argument("--out", required=True, metavar="SWEEP_DIR",
+                    help="sweep folder (exports, sweep.json, Tune results)")
     sweep_args(tu)
     _add_nnunet_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
 
     de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 2 minutes on 2 cores)")
-    de.add_argument("--out", default="runs/demo", help="sweep folder (default runs/demo)")
+    de.add_argument("--out", default="runs/demo", metavar="SWEEP_DIR", help="sweep folder (default runs/demo)")
     sweep_args(de)
     de.set_defaults(func=cmd_demo, out_folder=True)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
-    ex.add_argument("--experiment", required=True, help="the --out folder of a sweep")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--results-store", default=None)
+    ex.add_argument("--experiment", required=True, metavar="SWEEP_DIR", help="the --out folder of a sweep")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder for the exports (may be SWEEP_DIR)")
+    ex.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
+                    "~/.local/share/pgps-tune/results)")
     ex.add_argument("--nnunet", metavar="PLANS",
                     help="also write the best schedule for nnU-Net beside these plans (nnUNetPlans.json, or a dataset "
                          "id/name in nnUNet_preprocessed)")
@@ -722,12 +862,32 @@ def build_parser() -> argparse.ArgumentParser:
     nt.set_defaults(func=cmd_nnunet_train)
 
     be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
-    be.add_argument("--dataset", required=True, help="dataset name (dataset.json 'name', or 'synthetic')")
-    be.add_argument("--objective", default="max_dice")
-    be.add_argument("--results-store", default=None)
-    be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml")
-    be.add_argument("--out", help="also write the schedule to this file")
+    be.add_argument("--dataset", required=True, metavar="NAME",
+                    help="dataset name (dataset.json 'name', or 'synthetic')")
+    be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
+    be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
+                    "~/.local/share/pgps-tune/results)")
+    be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml", help="default yaml")
+    be.add_argument("--out", metavar="FILE", help="also write the schedule to this file")
     be.set_defaults(func=cmd_best)
+
+    rp = sub.add_parser("report", help="an HTML page (inline figures, opens offline) of a sweep or a train run")
+    rp.add_argument("path", metavar="SWEEP_OR_RUN_DIR", help="the --out folder of 'tune', 'demo' or 'train'")
+    rp.add_argument("--out", metavar="FILE", help="the page to write (default SWEEP_OR_RUN_DIR/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+    tr = sub.add_parser("trials", help="print a sweep's trial table (trials.parquet)")
+    tr.add_argument("sweep", metavar="SWEEP_DIR", help="the --out folder of 'tune' or 'demo'")
+    tr.add_argument("--sort", metavar="COLUMN", help="sort by this column: numbers high first, text A-Z "
+                    "(default: score)")
+    tr.add_argument("--phase", help="only this phase, e.g. references or search")
+    tr.add_argument("--status", help="only this status, e.g. completed, stopped_early or failed")
+    tr.add_argument("--reverse", action="store_true",
+                    help="reverse the order (numbers low first, text Z-A; blanks stay last)")
+    tr.add_argument("--columns", metavar="A,B,...", help="columns to print, comma-separated (default: a summary "
+                    "for table, every column for csv and json)")
+    tr.add_argument("--format", choices=["table", "csv", "json"], default="table", help="default table")
+    tr.set_defaults(func=cmd_trials)
     return p
 
 

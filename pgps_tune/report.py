@@ -1,16 +1,19 @@
-"""One self-contained HTML page for a sweep or a training run (``pgps-tune report``).
+"""Seeing a sweep or a training run: one self-contained HTML page, figures, the trial table.
 
-The page opens offline: every figure is a PNG inlined as a data URI, the only script
-is inline, and nothing is fetched.  For a sweep it shows the best schedule and both
-references as patch side and batch size over training; every trial's learning curve
-(Dice against baseline-equivalent compute, where early-stopped trials end in a cross
-at the point ASHA stopped them); Dice against compute for all trials with the Pareto
-front and the paper schedule marked; confirmation results when the sweep has them;
-Optuna's parameter importances; and the trial table.  For a single ``train`` run it
-shows the schedule, the learning curve and the stage table.
+The page (``pgps-tune report``) opens offline: every figure is a PNG inlined as a data
+URI, the only script is inline, and nothing is fetched.  For a sweep it shows the best
+schedule and both references as patch side and batch size over training; every trial's
+learning curve (Dice against baseline-equivalent compute; an early-stopped trial ends
+in a cross where ASHA stopped it); Dice against compute for the completed trials with
+the Pareto front and the compute of the paper schedule in both modes; confirmation
+results when the sweep has them; Optuna's parameter importances; and the trial table.
+For a single ``train`` run it shows the schedule, the learning curve with the stage
+changes, and the stage table.
 
-Reads only plain files (sweep.json, trials.parquet, summary.json, schedule files and
-Tune's ``result.json`` lines), so it imports neither Ray nor torch.
+Reads only plain files (sweep.json, trials.parquet, summary.json, schedule files,
+metrics.json and Tune's ``result.json`` lines), so it imports neither Ray nor torch;
+matplotlib draws the figures.  The text helpers here (:func:`plural`, :func:`fmt`)
+also serve the command line, so the page and the terminal print numbers alike.
 """
 
 from __future__ import annotations
@@ -24,19 +27,115 @@ from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
 
 REPORT = "report.html"
 LEARNING_CURVE = "learning_curve.png"
+TRIAL_COLUMNS = ("trial_id", "phase", "role", "status", "final_dice", "score", "schedule_voxel_fraction",
+                 "train_time_s", "n_stages", "rung_reached", "params", "error")
 COLOURS = {"baseline": "#444444", "paper": "#d62728", "search": "#1f77b4", "best": "#2ca02c"}
+
+
+# -- numbers and words for people ----------------------------------------------------------------
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``n`` and the noun in the right number.
+
+    >>> plural(1, "trial"), plural(2, "trial"), plural(0, "trial"), plural(3, "stage", "stages")
+    ('1 trial', '2 trials', '0 trials', '3 stages')
+    """
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
+def number(v: Any) -> float:
+    """A float from a table cell; None (missing, or a NaN written as JSON null) is NaN."""
+    return math.nan if v is None else float(v)
+
+
+def fmt(v: Any) -> str:
+    """A cell for people: 4 significant digits, integers whole, missing numbers empty.
+
+    >>> fmt(0.476978523), fmt(1.0), fmt(12345.678), fmt(float("nan")), fmt(None), fmt(True), fmt(7)
+    ('0.477', '1', '1.235e+04', '', '', 'yes', '7')
+    """
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def params_text(params: Any) -> str:
+    """A trial's ``params`` JSON as ``key=value`` words (the role is a column of its own).
+
+    >>> params_text('{"growth": 1.587129, "mode": "resource", "role": "search", "stages": 2}')
+    'growth=1.587 mode=resource stages=2'
+    """
+    try:
+        return " ".join(f"{k}={fmt(v)}" for k, v in json.loads(params).items() if k != "role")
+    except (TypeError, json.JSONDecodeError, AttributeError):
+        return fmt(params)
+
+
+# -- the trial table ---------------------------------------------------------------------------
+
+
+def phase_of(row: dict[str, Any]) -> str:
+    """A trial's phase: the ``phase`` column where the sweep wrote one, else from its role."""
+    return row.get("phase") or ("references" if row.get("role") in ("baseline", "paper") else "search")
+
+
+def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
+    """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas)."""
+    import pyarrow.parquet as pq
+
+    path = Path(sweep) / "trials.parquet"
+    if not path.is_file():
+        raise PgpsError(f"{path} does not exist; give a sweep folder (the --out of 'pgps-tune tune'), and if the "
+                        "sweep was interrupted, finish it with 'tune --resume' or run 'pgps-tune export'")
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rewrite it with 'pgps-tune export'") from None
+    for r in rows:
+        r["phase"] = phase_of(r)
+    return rows
+
+
+def select_trials(rows: list[dict[str, Any]], sort: str | None = None, phase: str | None = None,
+                  status: str | None = None, reverse: bool = False) -> list[dict[str, Any]]:
+    """Filter by phase and status, then sort by a column: numbers high first, text A-Z, blanks last.
+
+    Without ``sort`` the best score comes first; ``reverse`` turns the order (not the blanks) round.
+    """
+    if rows and sort is not None and sort not in rows[0]:
+        raise PgpsError(f"--sort {sort!r} is not a column of trials.parquet; use one of {', '.join(rows[0])}")
+    for key, want in (("phase", phase), ("status", status)):
+        if want is not None:
+            known = sorted({str(r[key]) for r in rows})
+            if want not in known:
+                raise PgpsError(f"--{key} {want!r} matches no trial; this sweep has {', '.join(known) or 'none'}")
+            rows = [r for r in rows if r[key] == want]
+    key = sort or "score"
+    blank = [r for r in rows if fmt(r[key]) == ""]
+    filled = [r for r in rows if fmt(r[key]) != ""]
+    numeric = all(isinstance(r[key], int | float) for r in filled)
+    filled.sort(key=lambda r: r[key] if numeric else str(r[key]), reverse=numeric != reverse)
+    return filled + blank
 
 
 # -- figures -----------------------------------------------------------------------------------
 
 
 def _pyplot():
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise PgpsError("figures need matplotlib, which is not installed here; install it into this "
+                        "environment (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -50,58 +149,79 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _side(patch: tuple[int, int, int]) -> float:
+def _side(patch: tuple[int, ...]) -> float:
     """One number for a patch: the side of the cube with its voxels."""
     return math.prod(patch) ** (1 / 3)
 
 
+# drawn in this order, so the best (thick, pale) stays visible under a reference it equals
+_STYLES = {"best": {"lw": 6, "alpha": 0.45}, "baseline": {"lw": 1.5, "ls": "--"}, "paper": {"lw": 1.5}}
+
+
 def schedule_figure(schedules: dict[str, sch.Schedule]) -> bytes:
     """Patch side and batch size over training (fraction of the epochs) for each named schedule."""
+    import matplotlib.ticker as mticker
+
     plt = _pyplot()
     fig, (ax_p, ax_b) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name, s in schedules.items():
+    for name in sorted(schedules, key=lambda n: list(_STYLES).index(n) if n in _STYLES else len(_STYLES)):
+        s = schedules[name]
         xs, sides, batches = [], [], []
         for start, st in zip(s.stage_starts(), s.stages):
             for x in (start / s.epochs, (start + st.epochs) / s.epochs):
                 xs.append(x)
                 sides.append(_side(st.patch_size))
                 batches.append(st.batch_size)
-        colour = COLOURS.get(name.split()[0], None)
-        ax_p.plot(xs, sides, label=name, color=colour)
-        ax_b.plot(xs, batches, label=name, color=colour)
-    ax_p.set(xlabel="fraction of training", ylabel="patch side (cube root of voxels)", title="patch size")
-    ax_b.set(xlabel="fraction of training", ylabel="batch size", title="batch size", yscale="log")
+        style = {"color": COLOURS.get(name, COLOURS["search"]), **_STYLES.get(name, {"lw": 2})}
+        ax_p.plot(xs, sides, label=f"{name} ({plural(len(s.stages), 'stage')})", **style)
+        ax_b.plot(xs, batches, label=name, **style)
+    ax_p.set(xlabel="fraction of training (epochs)", ylabel="patch side (cube root of voxels)", title="patch size")
+    ax_b.set(xlabel="fraction of training (epochs)", ylabel="batch size", title="batch size")
+    ax_b.set_yscale("log", base=2)
+    ax_b.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_b.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax_p.legend(fontsize=8)
     return _png(fig)
 
 
 def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], stopped: set[str],
-                          roles: dict[str, str], xlabel: str) -> bytes:
-    """Dice against compute per trial; an early-stopped trial ends in a cross."""
+                          roles: dict[str, str], best: str | None) -> bytes:
+    """Validation Dice against compute, one line per trial; an early-stopped trial ends in a cross."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
-    for tid, pts in curves.items():
+    labelled: set[str] = set()
+    for tid, pts in sorted(curves.items(), key=lambda kv: (_draw_order(roles.get(kv[0], "search"), kv[0] == best))):
         if not pts:
             continue
         xs, ys = zip(*pts)
-        role = roles.get(tid, "search")
-        ax.plot(xs, ys, color=COLOURS.get(role, COLOURS["search"]), alpha=0.9 if role != "search" else 0.5,
-                lw=2 if role != "search" else 1, label=role if role != "search" else None)
+        role = "best" if tid == best else roles.get(tid, "search")
+        label = {"best": f"best ({roles.get(tid, 'search')})", "search": "searched"}.get(role, role)
+        ax.plot(xs, ys, color=COLOURS.get(role, COLOURS["search"]), alpha=0.5 if role == "search" else 0.95,
+                lw=1 if role == "search" else 2, label=None if label in labelled else label)
+        labelled.add(label)
         if tid in stopped:
             ax.plot(xs[-1], ys[-1], "x", color="black", ms=7)
-    ax.plot([], [], "x", color="black", label="stopped early (ASHA)")
-    ax.set(xlabel=xlabel, ylabel="validation Dice (final patch)", title="learning curves")
+    if stopped & set(curves):
+        ax.plot([], [], "x", color="black", label="stopped early by ASHA")
+    ax.set(xlabel="compute (baseline-equivalent iterations)", ylabel="validation Dice (at the final patch)",
+           title="learning curves")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _draw_order(role: str, is_best: bool) -> tuple[int, int]:
+    """Draw searched trials first and the references and the best on top of them."""
+    return int(is_best), {"search": 0, "baseline": 1, "paper": 1}.get(role, 0)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Non-dominated (compute, Dice) points: no other point is cheaper and at least as good.
 
-    >>> pareto_front([(1.0, 0.8), (0.5, 0.7), (0.6, 0.6), (0.3, 0.5)])
+    >>> pareto_front([(1.0, 0.8), (0.5, 0.7), (0.6, 0.6), (0.3, 0.5), (0.5, 0.65)])
     [(0.3, 0.5), (0.5, 0.7), (1.0, 0.8)]
     """
-    front, best = [], -math.inf
+    front: list[tuple[float, float]] = []
+    best = -math.inf
     for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
         if y > best:
             front.append((x, y))
@@ -109,121 +229,178 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def dice_vs_compute_figure(rows: list[dict[str, Any]]) -> bytes:
+def paper_fractions(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Voxel fraction of the paper schedule in both modes, for the plan the sweep trained on."""
+    ref = next((r for r in rows if r["role"] in ("paper", "baseline") and r["schedule"]), None)
+    if ref is None:
+        return {}
+    s = sch.Schedule.from_dict(json.loads(ref["schedule"]), source=f"trial {ref['trial_id']}")
+    out = {}
+    for mode in sch.MODES:
+        try:
+            out[mode] = sch.paper(s.final_patch, s.pools, s.baseline_batch_size, s.epochs, mode).voxel_fraction()
+        except PgpsError:  # too few epochs for the paper's stage count: nothing to mark
+            continue
+    return out
+
+
+def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> bytes:
+    """Final Dice against the schedule's voxel fraction; Pareto front; the paper modes' compute."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in rows if r["completed"] and not math.isnan(r["final_dice"])]
-    for role, marker in (("search", "o"), ("baseline", "s"), ("paper", "D")):
-        pts = [(r["schedule_voxel_fraction"], r["final_dice"]) for r in done if r["role"] == role]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    done = [r for r in rows if r["completed"] and not math.isnan(number(r["final_dice"]))]
+    point = {r["trial_id"]: (number(r["schedule_voxel_fraction"]), number(r["final_dice"])) for r in done}
+    for role, marker, label in (("search", "o", "searched"), ("baseline", "s", "constant baseline"),
+                                ("paper", "D", "paper reference")):
+        pts = [point[r["trial_id"]] for r in done if r["role"] == role]
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker=marker, color=COLOURS[role], label=role, zorder=3)
-    front = pareto_front([(r["schedule_voxel_fraction"], r["final_dice"]) for r in done])
+            ax.scatter(xs, ys, marker=marker, color=COLOURS[role], label=label, zorder=3)
+    front = pareto_front(list(point.values()))
     if front:
         xs, ys = zip(*front)
         ax.step(xs, ys, where="post", color=COLOURS["best"], label="Pareto front", zorder=2)
+    if best in point:
+        ax.scatter(*point[best], marker="*", s=260, facecolor="none", edgecolor="black", label="best", zorder=4)
+    for (mode, x), ls in zip(paper_fractions(rows).items(), (":", "-.")):
+        ax.axvline(x, color=COLOURS["paper"], ls=ls, lw=1, label=f"paper, {mode} mode: {x:.2f} of the compute")
     ax.set(xlabel="compute (voxel fraction of the constant baseline)", ylabel="final validation Dice",
            title="Dice against compute (completed trials)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing completed: an empty plot, without a warning
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
 
 
 def importance_figure(importances: dict[str, float]) -> bytes:
     plt = _pyplot()
     names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(names)))
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.4 * len(names)))
     ax.barh(names, [importances[n] for n in names], color=COLOURS["search"])
-    ax.set(xlabel="importance (Optuna fANOVA)", title="parameter importances")
+    ax.set(xlabel="importance (Optuna's fANOVA; sums to 1)", title="parameter importances")
     return _png(fig)
 
 
 def param_importances(rows: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Optuna's fANOVA importances over the completed searched trials (None: too few to say)."""
+    """Optuna's fANOVA importances over the completed searched trials (None: too few to say).
+
+    A parameter every trial shares at one value says nothing and is left out; the study
+    is rebuilt in memory from the trial table, so no Optuna storage is needed.
+    """
     import optuna
 
-    trials = []
-    for r in rows:
-        if r["role"] != "search" or not r["completed"] or math.isnan(r["score"]):
-            continue
-        params = {k: v for k, v in json.loads(r["params"]).items() if k not in ("role", "preset")}
-        dists: dict[str, Any] = {}
+    done = [(json.loads(r["params"]), number(r["score"])) for r in rows
+            if r["role"] == "search" and r["completed"] and not math.isnan(number(r["score"]))]
+    values: dict[str, list[Any]] = {}
+    for params, _ in done:
         for k, v in params.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                dists[k] = optuna.distributions.CategoricalDistribution(sorted({str(x) for x in _values(rows, k)}))
-                params[k] = str(v)
-            else:
-                lo, hi = min(_values(rows, k)), max(_values(rows, k))
-                if lo == hi:
-                    continue
-                dists[k] = (optuna.distributions.IntDistribution(int(lo), int(hi)) if isinstance(v, int)
-                            else optuna.distributions.FloatDistribution(float(lo), float(hi)))
-        params = {k: v for k, v in params.items() if k in dists}
-        trials.append(optuna.trial.create_trial(params=params, distributions=dists, value=r["score"]))
-    if len(trials) < 3:
+            values.setdefault(k, []).append(v)
+    dists: dict[str, Any] = {}
+    for k, vs in values.items():
+        if k in ("role", "preset") or len({json.dumps(v) for v in vs}) < 2:
+            continue
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vs):
+            lo, hi = min(vs), max(vs)
+            dists[k] = (optuna.distributions.IntDistribution(lo, hi) if all(isinstance(v, int) for v in vs)
+                        else optuna.distributions.FloatDistribution(float(lo), float(hi)))
+        else:
+            dists[k] = optuna.distributions.CategoricalDistribution(sorted({str(v) for v in vs}))
+    trials = []
+    for params, score in done:
+        kept = {k: (str(v) if isinstance(dists[k], optuna.distributions.CategoricalDistribution) else v)
+                for k, v in params.items() if k in dists}
+        trials.append(optuna.trial.create_trial(params=kept, distributions={k: dists[k] for k in kept}, value=score))
+    if len(trials) < 3 or not dists:
         return None
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize")
     study.add_trials(trials)
     try:
-        return optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError):  # e.g. no parameter shared by every trial
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (ValueError, RuntimeError):  # e.g. no parameter present in every trial
         return None
 
 
-def _values(rows: list[dict[str, Any]], key: str) -> list[Any]:
-    return [json.loads(r["params"])[key] for r in rows if r["role"] == "search" and r["completed"]
-            and key in json.loads(r["params"])]
+def run_curve_figure(metrics: dict[str, Any]) -> bytes:
+    """A run's validation Dice and training loss against compute, stage changes as dotted lines."""
+    plt = _pyplot()
+    history = [h for h in metrics.get("history", []) if h.get("val_dice") is not None]
+    s = sch.Schedule.from_dict(metrics["schedule"]) if isinstance(metrics.get("schedule"), dict) else None
+    fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
+    xs = [h["baseline_equivalent_iterations"] for h in history]
+    ax_d.plot(xs, [h["val_dice"] for h in history], "o-", color=COLOURS["best"], ms=3)
+    ax_l.plot(xs, [h["train_loss"] for h in history], "o-", color=COLOURS["search"], ms=3)
+    if s is not None:  # a stage ends where its voxels are spent, in baseline iterations
+        per_iteration = s.baseline_batch_size * math.prod(s.final_patch)
+        done = 0.0
+        for st in metrics.get("stages", [])[:-1]:
+            done += st["voxels"] / per_iteration
+            for ax in (ax_d, ax_l):
+                ax.axvline(done, color="#999999", ls=":", lw=1)
+    ax_d.set(xlabel="compute (baseline-equivalent iterations)", ylabel="validation Dice (at the final patch)",
+             title="validation Dice (dotted: stage changes)")
+    ax_l.set(xlabel="compute (baseline-equivalent iterations)", ylabel="training loss (Dice + CE)",
+             title="training loss")
+    return _png(fig)
+
+
+def write_run_curve(run: str | Path) -> Path:
+    """Write ``learning_curve.png`` into a run folder from its metrics.json; returns the file."""
+    run = Path(run)
+    png = run_curve_figure(_read_json(run / "metrics.json", "give a run folder written by 'pgps-tune train'"))
+    return atomic_write(run / LEARNING_CURVE, lambda fh: fh.write(png))
 
 
 # -- reading a sweep ---------------------------------------------------------------------------
 
 
-def read_curves(meta: dict[str, Any], x_key: str) -> dict[str, list[tuple[float, float]]]:
-    """``{trial_id: [(x, val_dice), ...]}`` from Tune's result.json lines (local storage only)."""
-    root = Path(meta.get("storage_path", ""))
-    curves: dict[str, list[tuple[float, float]]] = {}
-    if not root.is_dir():
-        return curves
+def _tune_root(sweep: Path, meta: dict[str, Any]) -> Path | None:
+    """Where the sweep's Tune experiments are on this machine (a moved sweep folder keeps them in ray/)."""
+    for root in (Path(str(meta.get("storage_path", ""))), sweep / "ray"):
+        if root.is_dir() and any((root / e).is_dir() for e in meta.get("experiments", {}).values()):
+            return root
+    return None
+
+
+def read_curves(sweep: Path, meta: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """``{trial_id: [(baseline_iterations, val_dice), ...]}`` from Tune's result.json lines."""
+    root = _tune_root(sweep, meta)
+    curves: dict[str, set[tuple[float, float]]] = {}
+    if root is None:
+        return {}
     for exp in meta.get("experiments", {}).values():
         for f in sorted((root / exp).glob("*/result.json")):
-            for line in f.read_text(encoding="utf-8").splitlines():
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if "val_dice" in r and "trial_id" in r and r.get(x_key) is not None:
-                    curves.setdefault(r["trial_id"], []).append((float(r[x_key]), float(r["val_dice"])))
-    return {tid: sorted(set(pts)) for tid, pts in curves.items()}
+                x, y = r.get("baseline_iterations"), r.get("val_dice")
+                if isinstance(x, int | float) and isinstance(y, int | float) and "trial_id" in r:
+                    curves.setdefault(str(r["trial_id"]), set()).add((float(x), float(y)))
+    return {tid: sorted(pts) for tid, pts in curves.items()}
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PgpsError(f"{path} does not exist; {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); {what}") from None
-
-
-def _rows(sweep: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    path = sweep / "trials.parquet"
-    if not path.is_file():
-        raise PgpsError(f"{path} does not exist; finish the sweep (tune --resume) or run 'pgps-tune export' first")
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rerun 'pgps-tune export'") from None
+    if not isinstance(data, dict):
+        raise PgpsError(f"{path} is not a JSON object; {what}")
+    return data
 
 
 # -- the page ------------------------------------------------------------------------------------
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%}.note{color:#666}
+th{background:#f3f3f3}td.l,th.l{text-align:left}td.p{text-align:left;font-family:monospace;font-size:.9em}
+img{max-width:100%}.note{color:#666}div.t{overflow-x:auto}
 """
 # marks the page once every figure has decoded: a headless browser check reads it from the DOM
 _SCRIPT = """
@@ -233,24 +410,50 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-figures-loaded', ok + '/' + imgs.length);
 });
 """
+_LEFT = ("trial_id", "phase", "role", "status", "error")
 
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return html.escape(str(v))
+def _cell(column: str, v: Any) -> str:
+    if column == "params":
+        return f'<td class="p">{html.escape(params_text(v))}</td>'
+    if isinstance(v, dict | list):
+        v = json.dumps(v)
+    return f'<td class="{"l" if column in _LEFT or isinstance(v, str) else ""}">{html.escape(fmt(v))}</td>'
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], left: tuple[str, ...] = ()) -> str:
-    head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(c)}</th>' for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if c in left else ""}">{_fmt(r.get(c, ""))}</td>' for c in columns)
-        + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f'<th class="{"l" if c in _LEFT else ""}">{html.escape(c)}</th>' for c in columns)
+    body = "".join("<tr>" + "".join(_cell(c, r.get(c)) for c in columns) + "</tr>" for r in rows)
+    return f'<div class="t"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _confirmation(conf: Any) -> str:
+    """Confirmation results as tables: a list of records, or a mapping of names to records or lists."""
+    if isinstance(conf, list) and all(isinstance(r, dict) for r in conf):
+        columns = list(dict.fromkeys(k for r in conf for k in r))
+        return _table(conf, columns)
+    if isinstance(conf, dict):
+        scalars = {k: v for k, v in conf.items() if not isinstance(v, dict | list)}
+        parts = [_table([scalars], list(scalars))] if scalars else []
+        records = {k: v for k, v in conf.items() if isinstance(v, dict) and all(isinstance(x, dict)
+                                                                                for x in v.values())}
+        if records:
+            rows = [{"": k, **v} for k, v in records.items()]
+            parts.append(_table(rows, list(dict.fromkeys(c for r in rows for c in r))))
+        for k, v in conf.items():
+            if k in scalars or k in records:
+                continue
+            parts.append(f"<h3>{html.escape(str(k))}</h3>{_confirmation(v)}")
+        return "\n".join(parts)
+    return f"<pre>{html.escape(json.dumps(conf, indent=1))}</pre>"
 
 
 def _page(title: str, sections: list[tuple[str, str]]) -> str:
@@ -260,104 +463,109 @@ def _page(title: str, sections: list[tuple[str, str]]) -> str:
             f"<body>{''.join(parts)}</body></html>\n")
 
 
+def _summary_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    n = summary.get("trials", len(rows))
+    lines = [f"{plural(n, 'trial')}: {summary.get('completed', 0)} completed, {summary.get('stopped_early', 0)} "
+             f"stopped early, {summary.get('failed', 0)} failed."]
+    best = summary.get("best")
+    if not best:
+        return [*lines, "No trial completed, so there is no best schedule."]
+    lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {fmt(number(best['final_dice']))}, "
+                 f"{plural(int(best['n_stages']), 'stage')}, "
+                 f"{fmt(number(best['schedule_voxel_fraction']))}x the constant baseline's voxels.")
+    for role in ("baseline", "paper"):
+        g = summary.get(f"gain_over_{role}")
+        if best["role"] == role:
+            lines.append(f"The best schedule is the {role} reference itself.")
+            continue
+        if not g:
+            continue
+        t = g.get("time_ratio")
+        speed = ("" if not t else f", {1 / t:.2f}x faster" if t < 0.995 else f", {t:.2f}x slower" if t > 1.005
+                 else ", in the same training time")
+        lines.append(f"Against the {role} (Dice {fmt(number(g.get(f'{role}_dice')))}): "
+                     f"{number(g['dice_points']):+.2f} Dice points{speed}.")
+    return lines
+
+
 def sweep_report(sweep: str | Path) -> str:
-    """The HTML page of a finished sweep folder."""
+    """The HTML page of a sweep folder (finished, or exported with 'pgps-tune export')."""
     sweep = Path(sweep)
     meta = _read_json(sweep / "sweep.json", "give the --out folder of a 'pgps-tune tune' run")
-    summary = _read_json(sweep / "summary.json", "finish the sweep (tune --resume) or run 'pgps-tune export'")
-    rows = _rows(sweep)
-    sections: list[tuple[str, str]] = []
-
-    best = summary.get("best")
-    lines = [f"{summary.get('trials', len(rows))} trials: {summary.get('completed', 0)} completed, "
-             f"{summary.get('stopped_early', 0)} stopped early, {summary.get('failed', 0)} failed."]
-    if best:
-        lines.append(f"Best: trial {html.escape(best['trial_id'])} ({html.escape(best['role'])}), "
-                     f"validation Dice {best['final_dice']:.4f}, {best['n_stages']} stage(s), "
-                     f"voxel fraction {best['schedule_voxel_fraction']:.3f}.")
-        for role in ("baseline", "paper"):
-            g = summary.get(f"gain_over_{role}")
-            if g:
-                t = g.get("time_ratio")
-                speed = "" if not t else (f", {1 / t:.2f}x faster" if t < 0.995 else
-                                          f", {t:.2f}x slower" if t > 1.005 else ", same time")
-                lines.append(f"Against {role}: {g['dice_points']:+.2f} Dice points{speed}.")
-    sections.append(("Summary", "<p>" + "<br>".join(lines) + "</p>"))
+    summary = _read_json(sweep / "summary.json", "finish the sweep ('tune --resume') or run 'pgps-tune export'")
+    rows = read_trials(sweep)
+    best = (summary.get("best") or {}).get("trial_id")
+    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, _summary_lines(summary, rows)))
+                                        + "</p>")]
 
     schedules: dict[str, sch.Schedule] = {}
     for r in rows:
-        if r["role"] in ("baseline", "paper") and r["schedule"]:
-            schedules[r["role"]] = sch.Schedule.from_dict(json.loads(r["schedule"]))
+        if r["role"] in ("baseline", "paper") and r["schedule"] and r["phase"] == "references":
+            schedules[r["role"]] = sch.Schedule.from_dict(json.loads(r["schedule"]), source=f"trial {r['trial_id']}")
     if (sweep / "best_schedule.yaml").is_file():
         schedules["best"] = sch.load(sweep / "best_schedule.yaml")
-    if schedules:
-        sections.append(("Schedules", _img(schedule_figure(schedules), "schedules")))
+    sections.append(("Schedules", _img(schedule_figure(schedules), "schedules") if schedules
+                     else _note("no trial recorded a schedule")))
 
-    x_key = "baseline_iterations"
-    curves = read_curves(meta, x_key)
+    curves = read_curves(sweep, meta)
     if curves:
         roles = {r["trial_id"]: r["role"] for r in rows}
         stopped = {r["trial_id"] for r in rows if r["stopped_early"]}
-        sections.append(("Learning curves", _img(
-            learning_curve_figure(curves, stopped, roles, "compute (baseline-equivalent iterations)"),
-            "learning curves")))
+        sections.append(("Learning curves", _img(learning_curve_figure(curves, stopped, roles, best),
+                                                 "learning curves")))
     else:
-        sections.append(("Learning curves", '<p class="note">no local Tune results to read the curves from '
-                                            "(remote storage or a moved sweep folder)</p>"))
-    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows), "Dice against compute")))
+        sections.append(("Learning curves", _note(
+            "no Tune results on this machine to read the curves from (remote --storage, or the ray/ folder is gone)")))
+    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")))
 
     confirmation = summary.get("confirmation")
-    if confirmation:
-        sections.append(("Confirmation", "<pre>" + html.escape(json.dumps(confirmation, indent=1)) + "</pre>"))
-    else:
-        sections.append(("Confirmation", '<p class="note">this sweep has no confirmation phase</p>'))
+    sections.append(("Confirmation", _confirmation(confirmation) if confirmation
+                     else _note("this sweep has no confirmation results")))
 
     importances = param_importances(rows)
     sections.append(("Parameter importances", _img(importance_figure(importances), "parameter importances")
-                     if importances else '<p class="note">too few completed searched trials to estimate '
-                                         "importances (3 needed)</p>"))
-    columns = ["trial_id", "role", "status", "final_dice", "score", "schedule_voxel_fraction", "train_time_s",
-               "n_stages", "rung_reached", "params", "error"]
-    columns = [c for c in columns if rows and c in rows[0]]
-    ordered = sorted(rows, key=lambda r: -r["score"] if not math.isnan(r["score"]) else math.inf)
-    sections.append(("Trials", _table(ordered, columns, left=("trial_id", "role", "status", "params", "error"))))
-    return _page(f"pgps-tune sweep {meta.get('sweep', sweep.name)} on {meta.get('dataset', '?')}", sections)
+                     if importances else _note("too few completed searched trials that differ in their "
+                                               "parameters to estimate importances (3 needed)")))
+    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]]
+    sections.append(("Trials", _table(select_trials(rows), columns)))
+    return _page(f"pgps-tune: sweep '{meta.get('sweep', sweep.name)}' on {meta.get('dataset', '?')}", sections)
 
 
 def run_report(run: str | Path) -> str:
     """The HTML page of a ``pgps-tune train`` run folder."""
     run = Path(run)
     m = _read_json(run / "metrics.json", "give a run folder written by 'pgps-tune train'")
-    s = sch.Schedule.from_dict(m["schedule"], source=str(run / "metrics.json"))
+    try:
+        s = sch.Schedule.from_dict(m["schedule"], source=str(run / "metrics.json"))
+    except KeyError:
+        raise PgpsError(f"{run / 'metrics.json'} has no schedule; give a run folder written by 'pgps-tune train'"
+                        ) from None
+    done = "" if m.get("completed") else " (stopped before the end)"
     sections = [
-        ("Summary", f"<p>validation Dice {_fmt(m.get('val_dice'))} (best {_fmt(m.get('best_val_dice'))}), "
-                    f"{m.get('iterations')} of {m.get('total_iterations')} iterations, training time "
-                    f"{_fmt(m.get('train_time_s'))} s, voxel fraction {_fmt(m.get('voxel_fraction'))}.</p>"),
+        ("Summary", "<p>" + html.escape(
+            f"Validation Dice {fmt(number(m.get('val_dice')))} (best {fmt(number(m.get('best_val_dice')))}) after "
+            f"{m.get('iterations')} of {plural(int(m.get('total_iterations', 0)), 'iteration')}{done}; training "
+            f"time {number(m.get('train_time_s')):.1f} s; {fmt(number(m.get('voxel_fraction')))}x the constant "
+            "baseline's voxels.") + "</p>"),
         ("Schedule", _img(schedule_figure({"run": s}), "schedule")),
-        ("Learning curve", _img(run_curve_png(m), "learning curve")),
+        ("Learning curve", _img(run_curve_figure(m), "learning curve")),
         ("Stages", _table(m.get("stages", []), ["index", "patch_size", "batch_size", "epochs", "iterations",
                                                 "wall_time_s", "voxels"])),
     ]
-    return _page(f"pgps-tune run {run.name} on {m.get('dataset', '?')}", sections)
-
-
-def run_curve_png(metrics: dict[str, Any]) -> bytes:
-    """Validation Dice of a run against baseline-equivalent compute, stage changes marked."""
-    history = [h for h in metrics.get("history", []) if h.get("val_dice") is not None]
-    curve = {"run": [(h["baseline_equivalent_iterations"], h["val_dice"]) for h in history]}
-    return learning_curve_figure(curve, set(), {"run": "best"}, "compute (baseline-equivalent iterations)")
+    return _page(f"pgps-tune: run '{run.name}' on {m.get('dataset', '?')}", sections)
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the page for a sweep folder or a run folder; returns the file written."""
+    """Write the page for a sweep folder or a run folder (default ``PATH/report.html``); returns the file."""
     path = Path(path)
     if (path / "sweep.json").is_file():
-        page = sweep_report(path)
+        make = sweep_report
     elif (path / "metrics.json").is_file():
-        page = run_report(path)
+        make = run_report
     else:
-        raise PgpsError(f"{path} holds neither sweep.json nor metrics.json; give a sweep or run folder")
+        raise PgpsError(f"{path} holds neither sweep.json nor metrics.json; give a sweep folder (the --out of "
+                        "'pgps-tune tune') or a run folder (the --out of 'pgps-tune train')")
     target = Path(out) if out else path / REPORT
     if target.is_dir():
         raise PgpsError(f"--out {target} is a folder; give a file name such as {target / REPORT}")
-    return atomic_write_text(target, page)
+    return atomic_write_text(target, make(path))

@@ -53,6 +53,20 @@ SCHEDULE_PARAMS = {
 }
 TRAINER_PARAMS = {"fg_ratio": "float", "lr": "float"}
 KNOWN_PARAMS = {**SCHEDULE_PARAMS, **TRAINER_PARAMS}
+# what each parameter sets, and its value when the space leaves it out (docs/SPACES.md is built from this)
+PARAM_DOCS = {
+    "stages": "number of stages; 1 is the constant patch. Absent: 1",
+    "growth": "the patch side grows by this factor per stage (aspect kept). A multi-stage trial needs growth "
+              "or start_fraction",
+    "start_fraction": "first patch side as a fraction of the final, instead of growth (growth wins if both are "
+                      "searched)",
+    "length_ratio": "each stage is this many times longer than the one before. Absent: 1.0",
+    "final_fraction": "share of all epochs reserved for the final patch size. Absent: none reserved",
+    "mode": "resource (constant batch) or performance (the batch grows as the patch shrinks). Absent: resource",
+    "batch_cap": "performance mode: largest batch. Absent: no cap",
+    "fg_ratio": "trainer: share of foreground-centred patches. Absent: budget.fg_ratio",
+    "lr": "trainer: learning rate. Absent: budget.lr",
+}
 OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget")
 ALGORITHMS = ("tpe", "random", "grid")
 JUDGES = ("final_stage", "always")
@@ -100,59 +114,81 @@ class Param:
         return [self.low + (self.high - self.low) * i / max(1, points - 1) for i in range(points)]
 
 
+def _doc(default: Any, text: str) -> Any:
+    """A dataclass field with its documentation (read by scripts/gen_docs.py for docs/SPACES.md)."""
+    return field(default=default, metadata={"doc": text})
+
+
 @dataclass(frozen=True)
 class Objective:
-    type: str = "max_dice"
-    tolerance: float = 0.01  # cheapest_within: allowed Dice drop below the baseline
-    voxel_budget: float = 0.5  # dice_under_budget: largest voxel fraction allowed
+    type: str = _doc("max_dice", "what ASHA and Optuna maximise: `max_dice` (the validation Dice), "
+                                 "`cheapest_within` (the fewest voxels within `tolerance` of the baseline's Dice) "
+                                 "or `dice_under_budget` (the Dice of schedules within `voxel_budget`)")
+    tolerance: float = _doc(0.01, "cheapest_within: allowed Dice drop below the constant baseline's final Dice")
+    voxel_budget: float = _doc(0.5, "dice_under_budget: largest voxel fraction of the baseline a searched "
+                                    "schedule may use; over it a trial is not trained and scores -1")
 
 
 @dataclass(frozen=True)
 class Search:
-    algorithm: str = "tpe"
-    num_samples: int = 16
-    seed: int = 0
-    grid_points: int = 3
-    startup_trials: int = 10  # TPE: random trials before the model is used (Optuna's default)
-    max_compute: float = 0.0  # stop the search phase after this many baseline runs' worth of voxels (0: no cap)
-    references: bool = True  # train the constant and paper references first
+    algorithm: str = _doc("tpe", "`tpe` (Optuna's TPE sampler), `random` (Optuna's random sampler) or `grid` "
+                                 "(every combination)")
+    num_samples: int = _doc(16, "search trials (`tune --num-samples` overrides it; a grid runs the whole grid)")
+    seed: int = _doc(0, "seed of the sampler")
+    grid_points: int = _doc(3, "grid: values per numeric range (evenly spaced, geometric for `log`, rounded "
+                               "for int)")
+    startup_trials: int = _doc(10, "TPE: random trials before its model is used (Optuna's default 10); lower "
+                                   "it for a short search")
+    max_compute: float = _doc(0.0, "stop the search phase once its trials together processed the voxels of "
+                                   "this many full baseline runs (0: no cap)")
+    references: bool = _doc(True, "train the constant baseline and the paper schedule first, to the end; "
+                                  "`cheapest_within` needs them")
 
 
 @dataclass(frozen=True)
 class Asha:
-    enabled: bool = True
-    time_attr: str = "baseline_iterations"
-    grace_fraction: float = 0.15  # of the baseline's total iterations
-    reduction_factor: float = 3.0
-    brackets: int = 1
+    enabled: bool = _doc(True, "early-stop weak trials with ASHA (false: every trial runs to the end)")
+    time_attr: str = _doc("baseline_iterations", "ASHA's clock: `baseline_iterations` (voxels processed over "
+                                                 "the baseline's voxels per iteration: equal compute), `epoch` "
+                                                 "or `training_iteration` (validations)")
+    grace_fraction: float = _doc(0.15, "the first rung, as a share of the clock's maximum (the baseline's "
+                                       "total iterations for `baseline_iterations`)")
+    reduction_factor: float = _doc(3.0, "ASHA keeps the best 1/reduction_factor of the trials at each rung")
+    brackets: int = _doc(1, "ASHA brackets")
     # final_stage: a trial is judged only on validations made in its last stage (at the final patch);
     # always: on every validation, also while it still trains on small patches
-    judge: str = "final_stage"
+    judge: str = _doc("final_stage", "`final_stage`: ASHA sees a trial's validations only from its last stage "
+                                     "(the final patch) on; `always`: every validation")
 
 
 @dataclass(frozen=True)
 class Budget:
     """How each trial trains; trainer fields default to :class:`pgps_tune.config.TrainConfig`'s."""
 
-    epochs: int = DEFAULT_EPOCHS
-    iterations_per_epoch: int = TrainConfig.iterations_per_epoch
-    batch_size: int = DEFAULT_BATCH_SIZE
-    network: str = TrainConfig.network
-    token_size: int = TrainConfig.token_size  # unetr
-    augment: str = TrainConfig.augment  # a preset name, or "none"
-    filters: tuple[int, ...] = TrainConfig.filters
-    optimizer: str = TrainConfig.optimizer
-    lr: float | None = None  # None: the optimizer's default learning rate
-    val_every: int = 3
-    fg_ratio: float = TrainConfig.fg_ratio
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    seed: int = TrainConfig.seed
-    final_patch: tuple[int, int, int] | None = None
-    pools: tuple[int, int, int] | None = None
-    synthetic_cases: int = 24
-    synthetic_shape: tuple[int, int, int] = (48, 48, 48)
-    max_failures: int = 1
+    epochs: int = _doc(DEFAULT_EPOCHS, "epochs of every trial (the paper reference needs at least its stage "
+                                       "count); `tune --epochs`")
+    iterations_per_epoch: int = _doc(TrainConfig.iterations_per_epoch, "iterations per epoch; "
+                                                                       "`tune --iterations-per-epoch`")
+    batch_size: int = _doc(DEFAULT_BATCH_SIZE, "the constant baseline's batch size; `tune --batch-size`")
+    network: str = _doc(TrainConfig.network, "one of " + ", ".join(f"`{n}`" for n in NETWORKS) + "; `tune --network`")
+    token_size: int = _doc(TrainConfig.token_size, "unetr: token side; patch sides must be multiples of it")
+    augment: str = _doc(TrainConfig.augment, "augmentation preset (" + ", ".join(f"`{n}`" for n in AUGMENT_PRESETS)
+                        + "); `none`: plain crops")
+    filters: tuple[int, ...] = _doc(TrainConfig.filters, "channels per level (the first pools+1 are used); "
+                                                         "`tune --filters`")
+    optimizer: str = _doc(TrainConfig.optimizer, "`adamw` or `sgd`; `tune --optimizer`")
+    lr: float | None = _doc(None, "learning rate (null: the optimizer's default); `tune --lr`")
+    val_every: int = _doc(3, "epochs between validations, each one a report to Tune; `tune --val-every`")
+    fg_ratio: float = _doc(TrainConfig.fg_ratio, "share of foreground-centred patches; `tune --fg-ratio`")
+    val_fraction: float = _doc(0.2, "share of the cases held out for validation; `tune --val-fraction`")
+    split_seed: int = _doc(0, "seed of the train/validation split; `tune --split-seed`")
+    seed: int = _doc(TrainConfig.seed, "training seed; `tune --seed`")
+    final_patch: tuple[int, int, int] | None = _doc(None, "[X, Y, Z] final patch (null: planned from the data); "
+                                                          "`tune --final-patch`")
+    pools: tuple[int, int, int] | None = _doc(None, "[X, Y, Z] stride-2 poolings (null: planned); `tune --pools`")
+    synthetic_cases: int = _doc(24, "cases of the synthetic data (`--data synthetic`)")
+    synthetic_shape: tuple[int, int, int] = _doc((48, 48, 48), "shape of each synthetic case")
+    max_failures: int = _doc(1, "retries of a failed trial from its last checkpoint; `tune --max-failures`")
 
 
 @dataclass(frozen=True)

@@ -12,43 +12,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("%%", "%")
+
+
+def _shown(value: object) -> str:
+    """A default as a user writes it: YAML spellings for booleans and null, lists for tuples."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(list(value) if isinstance(value, tuple) else value)
+
+
 def _flag_rows(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()  # argparse's own rendering of "--flag METAVAR"
     rows = []
     for action in parser._actions:  # argparse has no public iterator over its actions
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction)):
             continue
-        names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-        if action.metavar and action.nargs not in (0, None):
-            metavar = " ".join(action.metavar) if isinstance(action.metavar, tuple) else action.metavar
-            names += f" {metavar}"
-        help_text = (action.help or "").replace("|", "\\|").replace("%%", "%")
-        if action.choices and "choices" not in help_text and not isinstance(action.choices, dict):
+        names = (formatter._format_action_invocation(action) if action.option_strings
+                 else formatter._metavar_formatter(action, action.dest)(1)[0])
+        help_text = action.help or ""
+        if action.choices and "choices" not in help_text:
             help_text += f" (choices: {', '.join(map(str, action.choices))})"
         default = action.default
-        shown = "" if default in (None, False, argparse.SUPPRESS) or action.required else f"`{default}`"
-        rows.append(f"| {names} | {'yes' if action.required else ''} | {shown} | {help_text} |")
+        shown = "" if default in (None, False, argparse.SUPPRESS) or action.required else f"`{_shown(default)}`"
+        required = "yes" if action.required or not action.option_strings else ""
+        rows.append(f"| `{_cell(names)}` | {required} | {shown} | {_cell(help_text)} |")
     return rows
 
 
 def cli_page() -> str:
     from pgps_tune.cli import build_parser
 
+    os.environ["COLUMNS"] = "100"  # argparse wraps usage lines at the terminal's width: fix it, for --check
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {c.dest: c.help for c in sub._choices_actions}
     out = ["# Command reference", "",
            "Generated from the argument parser by `scripts/gen_docs.py`; `pgps-tune COMMAND --help` prints the "
-           "same.", ""]
+           "same. `pgps-tune --version` prints the version.", "",
+           f"Exit codes: {parser.epilog.removeprefix('exit codes: ')}.", ""]
     out += [f"- [`{name}`](#{name}): {helps.get(name, '')}" for name in sub.choices]
     for name, p in sub.choices.items():
-        out += ["", f"## {name}", "", helps.get(name, "") or "", "", "| flag | required | default | meaning |",
-                "|---|---|---|---|", *_flag_rows(p)]
+        out += ["", f"## {name}", "", "```text", p.format_usage().strip().removeprefix("usage: "), "```", "",
+                (helps.get(name) or "") + ".", "", "| flag | required | default | meaning |", "|---|---|---|---|",
+                *_flag_rows(p)]
+        for group in p._action_groups:
+            if group.description:
+                out += ["", f"{group.title.capitalize()} flags: {group.description}."]
     return "\n".join(out) + "\n"
 
 
@@ -57,21 +77,24 @@ def spaces_page() -> str:
 
     out = ["# Search-space file reference", "",
            "Generated from the space schema (`pgps_tune/space.py`) by `scripts/gen_docs.py`. A space file is "
-           "YAML with the sections below; every key is optional except `parameters`. Shipped spaces are in "
-           "`search_spaces/`.", "", "## parameters", "",
-           "Each entry is `NAME: {type: int|float|categorical, low, high, log, step, choices, when}` or a fixed "
-           "`NAME: {value: V}`. `when: \"stages > 1\"` makes a parameter exist only when the condition on an "
-           "earlier parameter holds.", "", "| parameter | kind | what it sets |", "|---|---|---|"]
-    for name, kind in {**sp.SCHEDULE_PARAMS, **sp.TRAINER_PARAMS}.items():
+           "YAML with the sections below, plus `name` (default: the file's stem) and `description`; every "
+           "section is optional except `parameters`, and unknown keys are refused. Shipped spaces are in "
+           f"`search_spaces/`: {', '.join(f'`{n}`' for n in sp.shipped_spaces())}.", "", "## parameters", "",
+           "Each entry is `NAME: {type: int|float, low: A, high: B}` (optionally `log: true`, which needs "
+           "`low > 0`, or `step: S`, not both), `NAME: {type: categorical, choices: [...]}`, or a fixed value "
+           "`NAME: {value: V}` (or simply `NAME: V`). Any entry may carry `when: \"OTHER OP VALUE\"` (OP one "
+           "of `> >= < <= == !=`): the parameter is then sampled only when the condition holds for the value "
+           "drawn for `OTHER`, another parameter of the space (order in the file does not matter; cycles are "
+           "refused). The schedule parameters build a `parametric` schedule.", "",
+           "| parameter | kind | sets | meaning |", "|---|---|---|---|"]
+    for name, kind in sp.KNOWN_PARAMS.items():
         role = "schedule" if name in sp.SCHEDULE_PARAMS else "trainer"
-        out.append(f"| `{name}` | {kind} | {role} |")
+        out.append(f"| `{name}` | {kind} | {role} | {_cell(sp.PARAM_DOCS[name])} |")
     for section, cls in (("objective", sp.Objective), ("search", sp.Search), ("asha", sp.Asha),
                          ("budget", sp.Budget)):
         out += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            default = list(default) if isinstance(default, tuple) else default
-            out.append(f"| `{f.name}` | `{default}` | {f.metadata.get('doc', '')} |")
+            out.append(f"| `{f.name}` | `{_shown(f.default)}` | {_cell(f.metadata.get('doc', ''))} |")
     return "\n".join(out) + "\n"
 
 

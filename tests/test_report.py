@@ -1,0 +1,236 @@
+"""The HTML report (sweep and run pages, checked in a headless chromium) and the ``trials`` table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pgps_tune import schedule as sch
+from pgps_tune.cli import main
+from pgps_tune.report import pareto_front, read_curves, read_trials, select_trials, write_report
+from pgps_tune.results import COLUMNS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt install chromium)")
+
+FINAL, POOLS, BATCH, EPOCHS = (16, 16, 16), (2, 2, 2), 2, 10
+
+
+def _trial(tid: str, role: str, status: str, params: dict, dice: float, s: sch.Schedule, curve: list) -> dict:
+    """One row of trials.parquet, as the exports write it, with the curve its result.json would hold."""
+    row = {
+        "trial_id": tid, "role": role, "status": status, "params": json.dumps({**params, "role": role}, sort_keys=True),
+        "final_dice": dice, "best_dice": dice, "score": dice, "voxels_processed": 1000,
+        "voxel_fraction": curve[-1][0] / (EPOCHS * 10), "schedule_voxel_fraction": s.voxel_fraction(),
+        "train_time_s": 10 * s.voxel_fraction(), "wall_time_s": 12.0, "baseline_iterations": curve[-1][0],
+        "rung_reached": 0 if status == "stopped_early" else 1, "stopped_early": status == "stopped_early",
+        "failed": status == "failed", "completed": status == "completed", "num_failures": 0,
+        "error": "", "n_stages": len(s.stages), "schedule": json.dumps(s.to_dict()), "dice_per_class": "{}",
+    }
+    return {"row": {c: row.get(c) for c in COLUMNS}, "curve": curve}
+
+
+@pytest.fixture
+def fake_sweep(tmp_path) -> Path:
+    """A sweep folder as 'tune' leaves it, written by hand: no Ray run needed."""
+    sweep = tmp_path / "sweep"
+    ray = sweep / "ray"
+    para = {g: sch.parametric(FINAL, POOLS, BATCH, EPOCHS, stages=2, growth=g) for g in (1.5, 2.0, 3.0)}
+    trials = {
+        "references": [
+            _trial("base0001", "baseline", "completed", {"preset": "constant"}, 0.70,
+                   sch.constant(FINAL, POOLS, BATCH, EPOCHS), [(20.0, 0.4), (60.0, 0.6), (100.0, 0.70)]),
+            _trial("pape0002", "paper", "completed", {"preset": "paper", "mode": "resource"}, 0.66,
+                   sch.paper(FINAL, POOLS, BATCH, EPOCHS), [(5.0, 0.2), (20.0, 0.5), (34.0, 0.66)]),
+        ],
+        "search": [
+            _trial(f"srch000{i}", "search", "completed", {"stages": 2, "growth": g, "mode": "resource"}, d,
+                   para[g], [(10.0, d - 0.3), (30.0, d - 0.1), (para[g].voxel_fraction() * 100, d)])
+            for i, (g, d) in enumerate([(1.5, 0.74), (2.0, 0.71), (3.0, 0.60)])
+        ] + [
+            _trial("srch0009", "search", "stopped_early", {"stages": 1, "mode": "resource"}, 0.30,
+                   sch.constant(FINAL, POOLS, BATCH, EPOCHS), [(10.0, 0.2), (20.0, 0.30)]),
+        ],
+    }
+    for phase, ts in trials.items():
+        for t in ts:
+            folder = ray / f"sweep-{phase}" / f"run_trial_{t['row']['trial_id']}"
+            folder.mkdir(parents=True)
+            lines = [json.dumps({"trial_id": t["row"]["trial_id"], "baseline_iterations": x, "val_dice": y})
+                     for x, y in t["curve"]]
+            (folder / "result.json").write_text("\n".join(lines) + '\n{"trial_id": "cut by a ki')
+    rows = [t["row"] for ts in trials.values() for t in ts]
+    pq.write_table(pa.Table.from_pylist(rows), sweep / "trials.parquet")
+    (sweep / "sweep.json").write_text(json.dumps({
+        "format_version": 1, "sweep": "sweep", "dataset": "Fake", "storage_path": str(ray),
+        "experiments": {"references": "sweep-references", "search": "sweep-search"},
+        "objective": {"type": "max_dice"}, "final_patch": list(FINAL), "pools": list(POOLS),
+    }))
+    para[1.5].save(sweep / "best_schedule.yaml")
+    (sweep / "summary.json").write_text(json.dumps({
+        "dataset": "Fake", "sweep": "sweep", "objective": {"type": "max_dice"}, "trials": 6, "completed": 5,
+        "stopped_early": 1, "failed": 0,
+        "best": {k: rows[2][k] for k in ("trial_id", "role", "params", "final_dice", "score",
+                                         "schedule_voxel_fraction", "train_time_s", "n_stages")},
+        "gain_over_baseline": {"dice_points": 4.0, "time_ratio": 0.5, "baseline_dice": 0.70},
+        "gain_over_paper": {"dice_points": 8.0, "time_ratio": None, "paper_dice": 0.66},
+        "confirmation": [{"schedule": "srch0000", "dice_mean": 0.741, "dice_sd": 0.004, "ci_low": 0.73,
+                          "ci_high": 0.75, "p_value": 0.031}],
+    }))
+    return sweep
+
+
+class _Refs(HTMLParser):
+    """Every src/href of a page, to show that it fetches nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v or "" for k, v in attrs if k in ("src", "href")]
+
+
+def browse(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """Load ``page`` in headless chromium: the DOM after load, and every console message of the page."""
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+         "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def check_page(page: Path, tmp_path: Path, figures: int) -> str:
+    """The page fetches nothing, logs nothing to the console, and shows all ``figures`` decoded."""
+    text = page.read_text()
+    refs = _Refs()
+    refs.feed(text)
+    assert len(refs.refs) == figures and all(r.startswith("data:image/png;base64,") for r in refs.refs), refs.refs
+    assert "url(" not in text and "@import" not in text
+    dom, console = browse(page, tmp_path / "profile")
+    assert console == [], console
+    loaded = re.search(r'<body[^>]*data-figures-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    assert loaded.groups() == (str(figures), str(figures))
+    return dom
+
+
+@needs_chromium
+def test_sweep_report_opens_offline_with_every_figure(fake_sweep, tmp_path, capsys):
+    assert main(["report", str(fake_sweep)]) == 0
+    page = Path(capsys.readouterr().out.strip())
+    assert page == fake_sweep / "report.html"
+    # schedules, learning curves, Dice vs compute, importances: 4 figures
+    dom = check_page(page, tmp_path, figures=4)
+    assert "6 trials: 5 completed, 1 stopped early, 0 failed." in dom
+    assert "Best: trial srch0000 (search), validation Dice 0.74, 2 stages" in dom
+    assert "Against the baseline (Dice 0.7): +4.00 Dice points, 2.00x faster." in dom
+    assert "Against the paper (Dice 0.66): +8.00 Dice points." in dom
+    assert "p_value" in dom and "0.031" in dom and "ci_low" in dom  # the confirmation table
+    for tid in ("base0001", "pape0002", "srch0000", "srch0009"):
+        assert tid in dom
+    assert dom.index("srch0000") < dom.index("srch0001") < dom.index("srch0002")  # best score first
+
+
+@needs_chromium
+def test_run_report_of_a_real_train_run(tiny_msd, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_msd), "--out", str(run), "--preset", "parametric", "--stages", "2",
+                 "--epochs", "4", "--iterations-per-epoch", "2", "--filters", "4", "8", "16", "--val-every", "2",
+                 "--quiet"]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert printed["val_dice"] == float(f"{printed['val_dice']:.4g}")  # rounded for people
+    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = write_report(run, tmp_path / "elsewhere" / "run.html")
+    dom = check_page(page, tmp_path, figures=2)
+    assert "8 of 8 iterations" in dom and "Stages" in dom
+
+
+def test_report_refuses_what_it_cannot_read_in_one_line(fake_sweep, tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds neither sweep.json nor metrics.json" in capsys.readouterr().err
+    assert main(["report", str(fake_sweep), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a .html file name" in capsys.readouterr().err
+    (fake_sweep / "summary.json").write_text("{not json")
+    assert main(["report", str(fake_sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json is unreadable (JSONDecodeError)" in err and "Traceback" not in err
+    assert not (fake_sweep / "report.html").exists()
+
+
+def test_curves_come_from_result_lines_also_when_the_sweep_folder_moved(fake_sweep, tmp_path):
+    meta = json.loads((fake_sweep / "sweep.json").read_text())
+    curves = read_curves(fake_sweep, meta)
+    assert curves["base0001"] == [(20.0, 0.4), (60.0, 0.6), (100.0, 0.7)]  # the cut line is skipped
+    assert set(curves) == {"base0001", "pape0002", "srch0000", "srch0001", "srch0002", "srch0009"}
+    moved = tmp_path / "moved"
+    fake_sweep.rename(moved)  # storage_path in sweep.json now points nowhere; ray/ is inside the folder
+    assert read_curves(moved, meta) == curves
+
+
+def test_select_trials_filters_sorts_and_keeps_blanks_last():
+    rows = [{"trial_id": t, "phase": p, "status": s, "score": v}
+            for t, p, s, v in [("a", "search", "completed", 0.5), ("b", "search", "failed", math.nan),
+                               ("c", "references", "completed", 0.7), ("d", "search", "completed", None)]]
+    assert [r["trial_id"] for r in select_trials(rows)] == ["c", "a", "b", "d"]
+    assert [r["trial_id"] for r in select_trials(rows, reverse=True)] == ["a", "c", "b", "d"]
+    assert [r["trial_id"] for r in select_trials(rows, sort="trial_id", reverse=True)] == ["d", "c", "b", "a"]
+    assert [r["trial_id"] for r in select_trials(rows, phase="search", status="completed")] == ["a", "d"]
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    pts = [(1.0, 0.8), (0.5, 0.7), (0.6, 0.6), (0.3, 0.5), (0.5, 0.65), (0.9, 0.8)]
+    front = pareto_front(pts)
+    assert front == [(0.3, 0.5), (0.5, 0.7), (0.9, 0.8)]
+    for x, y in front:  # no point is at most as expensive and better, or cheaper and as good
+        assert not any((a <= x and b > y) or (a < x and b >= y) for a, b in pts)
+
+
+def test_trials_command_prints_filters_and_sorts_the_table(fake_sweep, capsys):
+    assert main(["trials", str(fake_sweep)]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].split()[:4] == ["trial_id", "phase", "role", "status"]
+    assert [line.split()[0] for line in lines[1:]] == ["srch0000", "srch0001", "base0001", "pape0002",
+                                                       "srch0002", "srch0009"]
+    assert "growth=1.5 mode=resource stages=2" in lines[1] and "6 trials" in out.err
+
+    assert main(["trials", str(fake_sweep), "--phase", "references", "--format", "csv",
+                 "--columns", "trial_id,final_dice"]) == 0
+    table = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert table == [["trial_id", "final_dice"], ["base0001", "0.7"], ["pape0002", "0.66"]]
+
+    assert main(["trials", str(fake_sweep), "--status", "stopped_early", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["trial_id"] for r in rows] == ["srch0009"] and set(COLUMNS) <= set(rows[0])
+
+    assert main(["trials", str(fake_sweep), "--sort", "train_time_s", "--reverse", "--columns", "trial_id"]) == 0
+    order = capsys.readouterr().out.split()[1:]
+    times = {r["trial_id"]: r["train_time_s"] for r in read_trials(fake_sweep)}
+    assert order == sorted(times, key=times.get)  # low first; equal times keep the file's order
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--phase", "refs"], "--phase 'refs' matches no trial; this sweep has references, search"),
+    (["--status", "done"], "--status 'done' matches no trial; this sweep has completed, stopped_early"),
+    (["--sort", "dice"], "--sort 'dice' is not a column of trials.parquet; use one of trial_id,"),
+    (["--columns", "trial_id,nope"], "--columns: nope not in trials.parquet"),
+])
+def test_trials_command_names_what_exists(fake_sweep, capsys, argv, needle):
+    assert main(["trials", str(fake_sweep), *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
