@@ -43,4 +43,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_install "${install[@]}"
+# nnunetv2's dependencies (timm) pull PyPI's torchvision, which fails to import beside a CPU build of
+# torch ("operator torchvision::nms does not exist"); nnU-Net's training runs without it, so remove a
+# torchvision that cannot be imported rather than leave one that breaks every import of it.
+if "$VENV/bin/python" -m pip show -q torchvision >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  echo "setup: removing torchvision $("$VENV/bin/python" -m pip show torchvision | sed -n 's/^Version: //p'), which does not import beside torch $TORCH_VERSION"
+  "${pip[@]}" uninstall -y torchvision
+fi
 "$VENV/bin/python" -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"
