@@ -35,9 +35,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -115,24 +115,21 @@ class SweepInterrupted(Exception):
 
 
 def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: build the schedule from ``config`` and train it, reporting each validation."""
+    """One Tune trial: build the schedule from ``config`` and train it, reporting each validation.
+
+    The trainer works in a scratch folder of its own, outside the trial folder that Tune
+    uploads as artifacts: each report hands Tune a copy of it as the checkpoint, and a
+    restarted trial rebuilds it from the last one.
+    """
     import torch
 
-    from pgps_tune.config import TrainConfig
-    from pgps_tune.data import prepare, split
-    from pgps_tune.trainer import Trainer
+    from pgps_tune.data import prepare
 
     b = setup["budget"]
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=b["synthetic_shape"])
     s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"])
-    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
-    checkpoint = tune.get_checkpoint()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # only the last reported checkpoint counts
-    if checkpoint:
-        checkpoint.to_directory(str(run_dir))
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
     role = config.get("role", "search")
@@ -144,13 +141,28 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report({**base, "score": -1.0, "val_dice": 0.0, "completed": True, "infeasible": True,
                      "baseline_iterations": 0.0, "epoch": 0})
         return
+    with tempfile.TemporaryDirectory(prefix="pgps-trial-") as scratch:
+        _train(config, setup, ds, s, base, Path(scratch) / "run")
+
+
+def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
+    import ray
+
+    from pgps_tune.config import TrainConfig
+    from pgps_tune.data import split
+    from pgps_tune.trainer import Trainer
+
+    b, objective = setup["budget"], setup["objective"]
+    base = {**base, "node_id": ray.get_runtime_context().get_node_id()}  # which machine ran it, for cluster faults
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        checkpoint.to_directory(str(run_dir))
     cfg = TrainConfig.for_trial(b, config, device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
                                 threads=max(1, int(setup["cpus_per_trial"])))
     train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
-    baseline_voxels_per_iteration = s.baseline_voxels() / s.epochs
 
     def report(r: dict[str, Any]) -> None:
-        score = objective_score(objective, r["val_dice"], voxel_fraction, setup.get("target_dice"))
+        score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
         judged = setup["asha_judge"] == "always" or r["stage"] == len(s.stages) - 1
         metrics = {
             **base,
@@ -174,7 +186,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report({**base, "diverged": True, "error": str(exc), "completed": False,
                      "epoch": trainer.state.iteration // cfg.iterations_per_epoch,
                      "voxels_processed": trainer.voxels_processed,
-                     "baseline_iterations": trainer.voxels_processed / baseline_voxels_per_iteration})
+                     "baseline_iterations": trainer.voxels_processed * s.epochs / s.baseline_voxels()})
 
 
 # -- search algorithms ------------------------------------------------------------------
