@@ -226,9 +226,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         summary = sweep(opts)
     except PgpsError:
         if created:  # a sweep refused before it wrote anything leaves no empty folder behind
-            for folder in (Path(out) / "ray", Path(out)):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_empty(Path(out) / "ray", Path(out))
         raise
     except SweepInterrupted as exc:
         started = (Path(out) / "sweep.json").is_file()
@@ -239,6 +237,13 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         return 128 + exc.signum
     _print_summary(summary, Path(out))
     return 0
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Remove each folder that is empty, in order (rmdir refuses the others)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _command_line(a: argparse.Namespace, resume: bool) -> str:
@@ -308,8 +313,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     require_finished(read_meta(a.experiment))  # refused before Ray is imported and before --out is made
     from pgps_tune.tuner import export
 
+    created = not Path(a.out).exists()
     _check_writable(Path(a.out))
-    _print_summary(export(a.experiment, a.out, results_store=a.results_store), Path(a.out))
+    try:
+        summary = export(a.experiment, a.out, results_store=a.results_store)
+    except PgpsError:
+        if created:
+            _remove_empty(Path(a.out))
+        raise
+    _print_summary(summary, Path(a.out))
     return 0
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
 from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -146,8 +147,6 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
-    import ray
-
     from pgps_tune.config import TrainConfig
     from pgps_tune.data import split
     from pgps_tune.trainer import Trainer
@@ -259,12 +258,10 @@ def _stderr_silenced():
             os.close(saved)
 
 
-def start_ray(address: str | None) -> bool:
-    """Join the cluster at ``address``, or start a local Ray of our own; True if this call connected."""
-    import ray
-
+def start_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray of our own (unless Ray is already initialized)."""
     if ray.is_initialized():
-        return False
+        return
     if address:
         with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
             try:
@@ -272,7 +269,7 @@ def start_ray(address: str | None) -> bool:
             except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
                 failure = exc
             else:
-                return True
+                return
         raise PgpsError(
             f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
@@ -281,12 +278,9 @@ def start_ray(address: str | None) -> bool:
         address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
         object_store_memory=128 * 1024**2, log_to_driver=False,
     )
-    return True
 
 
 def check_resources(cpus: float, gpus: float) -> None:
-    import ray
-
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu:
@@ -601,15 +595,14 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        own_ray = start_ray(opts.address)
-        signals.install()
+        own_ray = not ray.is_initialized()  # a caller's Ray stays; ours goes however the sweep ends
         try:
+            start_ray(opts.address)
+            signals.install()
             check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started)
         finally:
             if own_ray:
-                import ray
-
                 ray.shutdown()
     return export_sweep(out, meta, read_trials(meta), opts.results_store)
 
