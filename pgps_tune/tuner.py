@@ -95,9 +95,10 @@ class SweepOptions:
 
     def check(self) -> None:
         """Refuse meaningless numbers before anything starts."""
-        for flag, v in (("--cpus-per-trial", self.cpus_per_trial), ("--gpus-per-trial", self.gpus_per_trial)):
-            if not math.isfinite(v) or v < 0 or (flag == "--cpus-per-trial" and v == 0):
-                raise PgpsError(f"{flag} must be a finite number {'> 0' if 'cpus' in flag else '>= 0'}, got {v:g}")
+        if not (math.isfinite(self.cpus_per_trial) and self.cpus_per_trial > 0):
+            raise PgpsError(f"--cpus-per-trial must be a finite number > 0, got {self.cpus_per_trial:g}")
+        if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
+            raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
         for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:
@@ -604,7 +605,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         finally:
             if own_ray:
                 ray.shutdown()
-    return export_sweep(out, meta, read_trials(meta), opts.results_store)
+        return export_sweep(out, meta, read_trials(meta), opts.results_store)
 
 
 def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,
