@@ -492,7 +492,7 @@ def test_bad_sweep_input_fails_at_once_with_one_line(tmp_path, ray_tmp, extra, n
     # Ray started only where the check needs the cluster (and the local Ray it started is gone);
     # joining a cluster starts no Ray of its own
     assert bool(ray_sessions(ray_tmp)) == ray_starts
-    assert not ray_processes(ray_tmp)
+    wait_for(lambda: not ray_processes(ray_tmp), "exit of the local Ray the command started")
     assert not (tmp_path / "o").exists()  # no empty output folder left
 
 
