@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -220,14 +219,9 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures,
     )
-    created = not Path(out).exists()
     _check_writable(Path(out))
     try:
         summary = sweep(opts)
-    except PgpsError:
-        if created:  # a sweep refused before it wrote anything leaves no empty folder behind
-            _remove_empty(Path(out) / "ray", Path(out))
-        raise
     except SweepInterrupted as exc:
         started = (Path(out) / "sweep.json").is_file()
         print(f"pgps-tune: interrupted by {exc}; "
@@ -237,13 +231,6 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         return 128 + exc.signum
     _print_summary(summary, Path(out))
     return 0
-
-
-def _remove_empty(*folders: Path) -> None:
-    """Remove each folder that is empty, in order (rmdir refuses the others)."""
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def _command_line(a: argparse.Namespace, resume: bool) -> str:
@@ -313,15 +300,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     require_finished(read_meta(a.experiment))  # refused before Ray is imported and before --out is made
     from pgps_tune.tuner import export
 
-    created = not Path(a.out).exists()
     _check_writable(Path(a.out))
-    try:
-        summary = export(a.experiment, a.out, results_store=a.results_store)
-    except PgpsError:
-        if created:
-            _remove_empty(Path(a.out))
-        raise
-    _print_summary(summary, Path(a.out))
+    _print_summary(export(a.experiment, a.out, results_store=a.results_store), Path(a.out))
     return 0
 
 

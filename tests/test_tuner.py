@@ -493,7 +493,6 @@ def test_bad_sweep_input_fails_at_once_with_one_line(tmp_path, ray_tmp, extra, n
     # joining a cluster starts no Ray of its own
     assert bool(ray_sessions(ray_tmp)) == ray_starts
     wait_for(lambda: not ray_processes(ray_tmp), "exit of the local Ray the command started")
-    assert not (tmp_path / "o").exists()  # no empty output folder left
 
 
 def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
@@ -505,7 +504,7 @@ def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
     space = write_space(tmp_path / "s.yaml", budget={**BUDGET, "final_patch": [14, 16, 16], "pools": [2, 2, 2]})
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2", env=env)
     assert r.returncode == 2 and "not divisible" in error_line(r.stderr)
-    assert not ray_sessions(ray_tmp) and not (tmp_path / "o").exists()
+    assert not ray_sessions(ray_tmp)
 
 
 def _sweep_meta(root: Path, **over) -> dict:
