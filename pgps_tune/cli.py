@@ -513,10 +513,8 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         for key, value in {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "3",
                            "RAY_gcs_rpc_server_connect_timeout_s": "1"}.items():
             os.environ.setdefault(key, value)
-    from pgps_tune.tuner import SweepOptions, sweep
+    from pgps_tune.tuner import SweepInterrupted, SweepOptions, sweep
 
-    if a.max_failures is not None and a.max_failures < 0:
-        raise PgpsError("--max-failures must be >= 0")
     space = _with_budget_flags(a, sp.load(_space_path(space_file)))
     if (nn_plan := _nnunet_plan(a)) is not None:
         from pgps_tune.nnunet import plan_space
@@ -532,13 +530,42 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     _check_writable(Path(out))
     try:
         summary = sweep(opts)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"sweep interrupted; finished trials and checkpoints in {out} are kept: "
-            "rerun the same command with --resume to continue"
-        ) from None
+    except SweepInterrupted as exc:
+        started = (Path(out) / "sweep.json").is_file()
+        print(f"pgps-tune: interrupted by {exc}; "
+              + (f"finished trials and checkpoints in {out} are kept and nothing was exported; resume with:"
+                 if started else "the sweep had not started; run it again with:"), file=sys.stderr)
+        print(_command_line(a, resume=started), file=sys.stderr, flush=True)
+        return 128 + exc.signum
     _print_summary(summary, Path(out))
     return 0
+
+
+def _command_line(a: argparse.Namespace, resume: bool) -> str:
+    """The command that reruns ``a`` (with --resume), one line to copy: paths absolute, options as given."""
+    import shlex
+
+    sub = next(act for act in build_parser()._actions if isinstance(act, argparse._SubParsersAction))
+    words = ["pgps-tune"] if Path(sys.argv[0]).name == "pgps-tune" else [sys.executable, "-m", "pgps_tune.cli"]
+    words.append(a.command)
+    for act in sub.choices[a.command]._actions:
+        value = getattr(a, act.dest, None)
+        if not act.option_strings or act.dest in ("help", "resume") or value is None or (
+                value == act.default and act.dest != "out"):
+            continue
+        flag = act.option_strings[-1]
+        if act.nargs == 0:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            text = str(value)
+            if act.dest == "out" or (text != "synthetic" and "://" not in text and Path(text).exists()):
+                text = str(Path(text).resolve())
+            words += [flag, text]
+    if resume:
+        words.append("--resume")
+    return shlex.join(words)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -569,14 +596,17 @@ def cmd_tune(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     rc = _sweep(a, "smoke", "synthetic", a.out)
     best = Path(a.out) / "best_schedule.yaml"
-    if best.is_file():
+    if rc == 0 and best.is_file():
         print()
         sys.stdout.write(best.read_text())
     return rc
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pgps_tune.results import export_sweep
+    from pgps_tune.results import read_meta, require_finished
+
+    require_finished(read_meta(a.experiment))  # refused before Ray is imported and before --out is made
+    from pgps_tune.tuner import export
 
     nn_plan = None
     if a.nnunet:
@@ -585,7 +615,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         nnunet.check_trainer_name(a.trainer)
         nn_plan = nnunet.read_plans(a.nnunet, a.configuration)  # before writing anything
     _check_writable(Path(a.out))
-    _print_summary(export_sweep(a.experiment, a.out, results_store=a.results_store), Path(a.out))
+    _print_summary(export(a.experiment, a.out, results_store=a.results_store), Path(a.out))
     if nn_plan is not None:
         best = Path(a.out) / "best_schedule.yaml"
         if not best.is_file():

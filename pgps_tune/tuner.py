@@ -18,30 +18,50 @@ patch: before that, a curriculum's Dice at the final patch says little about
 where it ends (measured in docs/BENCHMARKS.md), so a trial is first judged at
 the first rung it passes in its last stage.  Trials that ASHA stops are told
 to Optuna as PRUNED, so TPE does not learn from truncated runs as if they had
-finished.
+finished; a trial whose loss diverges ends at once, failed, and is told as FAIL.
+
+Ctrl-C or SIGTERM stops a sweep cleanly: Tune stops the trials and saves the
+experiment state, the sweep raises :class:`SweepInterrupted`, nothing is
+exported, and ``--resume`` continues every unfinished trial from its last
+checkpoint.  The trials' results are read back as plain JSON (never unpickled)
+into :class:`pgps_tune.results.TrialRecord` s; ``results`` turns them into exports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
+import math
 import os
-import pickle
-import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
 from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from pgps_tune.asha import AshaSettings
 from pgps_tune.config import patch_multiple
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import DivergedError, PgpsError
+from pgps_tune.results import (
+    SWEEP_FILE,
+    TrialRecord,
+    export_sweep,
+    read_meta,
+    require_finished,
+    trial_rows,
+    write_meta,
+)
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
@@ -54,8 +74,7 @@ from pgps_tune.space import (
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PHASES = ("references", "search")
-SWEEP_FILE = "sweep.json"
-FAULT_ENV = "PGPS_INJECT_FAILURE"  # testing aid: "EPOCH" or "EPOCH:once"
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -75,26 +94,39 @@ class SweepOptions:
     quiet: bool = False
     max_failures: int | None = None  # retries of a failed trial; default: the space's budget.max_failures
 
+    def check(self) -> None:
+        """Refuse meaningless numbers before anything starts."""
+        if not (math.isfinite(self.cpus_per_trial) and self.cpus_per_trial > 0):
+            raise PgpsError(f"--cpus-per-trial must be a finite number > 0, got {self.cpus_per_trial:g}")
+        if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
+            raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
+        for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
+                               ("--max-failures", self.max_failures, 0)):
+            if v is not None and v < least:
+                raise PgpsError(f"{flag} must be >= {least}, got {v}")
+
+
+class SweepInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the sweep; its state is saved and ``--resume`` continues it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 # -- the trial --------------------------------------------------------------------------
 
 
-def _maybe_inject_failure(epoch: int, marker: Path) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at, _, once = spec.partition(":")
-    if epoch >= int(at) and not (once and marker.exists()):
-        marker.touch()
-        raise RuntimeError(f"injected failure at epoch {epoch} ({FAULT_ENV}={spec})")
-
-
 def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: build the schedule from ``config`` and train it, reporting each validation."""
+    """One Tune trial: build the schedule from ``config`` and train it, reporting each validation.
+
+    The trainer works in a scratch folder of its own, outside the trial folder that Tune
+    uploads as artifacts: each report hands Tune a copy of it as the checkpoint, and a
+    restarted trial rebuilds it from the last one.
+    """
     import torch
 
-    from pgps_tune.data import prepare, split
-    from pgps_tune.trainer import TrainConfig, Trainer
+    from pgps_tune.data import prepare
 
     b = setup["budget"]
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
@@ -102,31 +134,38 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                  synthetic_shape=b["synthetic_shape"])
     s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
                              patch_multiple(b["network"], setup["pools"], b["token_size"]))
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    run_dir = trial_dir / "run"
-    checkpoint = tune.get_checkpoint()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # only the last reported checkpoint counts
-    if checkpoint:
-        checkpoint.to_directory(str(run_dir))
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
+    role = config.get("role", "search")
     base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
-            "schedule_voxel_fraction": voxel_fraction, "role": config.get("role", "search")}
-    if (objective["type"] == "dice_under_budget" and config.get("role", "search") == "search"
+            "schedule_voxel_fraction": voxel_fraction, "role": role}
+    if (objective["type"] == "dice_under_budget" and role == "search"
             and voxel_fraction > objective["voxel_budget"] + 1e-9):
         # over the voxel budget: known before training, so do not spend compute on it
         tune.report({**base, "score": -1.0, "val_dice": 0.0, "completed": True, "infeasible": True,
                      "baseline_iterations": 0.0, "epoch": 0})
         return
+    with tempfile.TemporaryDirectory(prefix="pgps-trial-") as scratch:
+        _train(config, setup, ds, s, base, Path(scratch) / "run")
+
+
+def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
+    from pgps_tune.config import TrainConfig
+    from pgps_tune.data import split
+    from pgps_tune.trainer import Trainer
+
+    b, objective = setup["budget"], setup["objective"]
+    base = {**base, "node_id": ray.get_runtime_context().get_node_id()}  # which machine ran it, for cluster faults
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        checkpoint.to_directory(str(run_dir))
     cfg = TrainConfig.for_trial(b, config, device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
                                 threads=max(1, int(setup["cpus_per_trial"])))
     train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
 
     def report(r: dict[str, Any]) -> None:
-        _maybe_inject_failure(r["epoch"], trial_dir / ".failed_once")
-        score = objective_score(objective, r["val_dice"], voxel_fraction, setup.get("target_dice"))
-        judged = setup.get("asha_judge", "final_stage") == "always" or r["stage"] == len(s.stages) - 1
+        score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
+        judged = setup["asha_judge"] == "always" or r["stage"] == len(s.stages) - 1
         metrics = {
             **base,
             "score": score,
@@ -142,16 +181,25 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
     trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=report)
-    trainer.fit(resume=(run_dir / "checkpoint.pt").is_file())
+    try:
+        trainer.fit(resume=checkpoint is not None)
+    except DivergedError as exc:
+        # a retry from the last checkpoint would diverge again: end the trial here, failed, without a score
+        tune.report({**base, "diverged": True, "error": str(exc), "completed": False,
+                     "epoch": trainer.state.iteration // cfg.iterations_per_epoch,
+                     "voxels_processed": trainer.voxels_processed,
+                     "baseline_iterations": trainer.voxels_processed * s.epochs / s.baseline_voxels()})
 
 
 # -- search algorithms ------------------------------------------------------------------
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
-    """Tells Optuna PRUNED for trials that ASHA stopped, instead of COMPLETE."""
+    """Tells Optuna PRUNED for trials that ASHA stopped and FAIL for diverged ones, never a truncated score."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get("diverged"):
+            return super().on_trial_complete(trial_id, None, error=True)
         if result and not error and not result.get("completed", False) and trial_id in self._ot_trials:
             if trial_id not in self._completed_trials:
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
@@ -161,7 +209,11 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
 
 class ListSearcher(Searcher):
-    """Suggests a fixed list of configurations in order (the references, a grid)."""
+    """Suggests a fixed list of configurations in order (the references, a grid).
+
+    Its state is saved as JSON (Tune names the file ``searcher-state-*.pkl``), so restoring
+    a sweep folder runs no code from it.
+    """
 
     def __init__(self, configs: list[dict[str, Any]], metric: str = "score", mode: str = "max") -> None:
         super().__init__(metric=metric, mode=mode)
@@ -179,31 +231,19 @@ class ListSearcher(Searcher):
         pass
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump({"configs": self.configs, "given": self.given}, fh)
+        Path(checkpoint_path).write_text(json.dumps({"configs": self.configs, "given": self.given}))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            state = pickle.load(fh)
-        self.configs, self.given = state["configs"], state["given"]
-
-
-def asha_settings(space: SearchSpace) -> dict[str, Any]:
-    b, a = space.budget, space.asha
-    max_t = {"baseline_iterations": b.epochs * b.iterations_per_epoch, "epoch": b.epochs,
-             "training_iteration": max(1, b.epochs // b.val_every)}[a.time_attr]
-    grace = max(1, round(a.grace_fraction * max_t))
-    return {"time_attr": a.time_attr, "max_t": max_t, "grace_period": min(grace, max_t),
-            "reduction_factor": a.reduction_factor, "brackets": a.brackets}
-
-
-def rung_milestones(settings: dict[str, Any]) -> list[float]:
-    """The rungs ASHA's first bracket compares trials at (same formula as Ray's)."""
-    import math
-
-    g, m, rf = settings["grace_period"], settings["max_t"], settings["reduction_factor"]
-    n = int(math.log(m / g) / math.log(rf) + 1)
-    return [g * rf**k for k in range(n)]
+        try:
+            state = json.loads(Path(checkpoint_path).read_text(encoding="utf-8"))
+            configs, given = state["configs"], state["given"]
+            assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
+            assert isinstance(given, dict) and all(isinstance(i, int) and 0 <= i < len(configs)
+                                                   for i in given.values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+            raise PgpsError(f"searcher state {checkpoint_path} is damaged (not the JSON a sweep writes); "
+                            "start the sweep again in a new --out") from None
+        self.configs, self.given = configs, {str(k): v for k, v in given.items()}
 
 
 # -- cluster, storage ------------------------------------------------------------------------
@@ -222,8 +262,7 @@ def _stderr_silenced():
 
 
 def start_ray(address: str | None) -> None:
-    import ray
-
+    """Join the cluster at ``address``, or start a local Ray of our own (unless Ray is already initialized)."""
     if ray.is_initialized():
         return
     if address:
@@ -244,13 +283,9 @@ def start_ray(address: str | None) -> None:
     )
 
 
-def check_resources(cpus: float, gpus: float, max_concurrent: int | None) -> None:
-    import ray
-
+def check_resources(cpus: float, gpus: float) -> None:
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    if cpus <= 0:
-        raise PgpsError("--cpus-per-trial must be > 0")
     if cpus > have_cpu:
         raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {have_cpu:g} CPUs; ask for at most that")
     if gpus > have_gpu:
@@ -258,8 +293,15 @@ def check_resources(cpus: float, gpus: float, max_concurrent: int | None) -> Non
             f"--gpus-per-trial {gpus:g} but the cluster has {have_gpu:g} GPUs; "
             "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
         )
-    if max_concurrent is not None and max_concurrent < 1:
-        raise PgpsError("--max-concurrent must be >= 1")
+
+
+def _filesystem(storage: str | None, storage_path: str):
+    """(pyarrow filesystem, path) of a sweep's Tune storage."""
+    import pyarrow.fs as pafs
+
+    if storage and "://" in storage:
+        return pafs.FileSystem.from_uri(storage)[0], storage_path
+    return pafs.LocalFileSystem(), storage_path
 
 
 def resolve_storage(storage: str | None, out: Path):
@@ -288,6 +330,74 @@ def resolve_storage(storage: str | None, out: Path):
     return (None if isinstance(fs, pafs.LocalFileSystem) else fs), path
 
 
+# -- reading experiments back -----------------------------------------------------------------
+
+
+def _read_text(fs, path: str) -> str:
+    with fs.open_input_stream(path) as fh:
+        return fh.read().decode("utf-8")
+
+
+def _plain_name(value: Any) -> str:
+    """A file or folder name read from an experiment state: one path component, nothing else."""
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"unexpected file name {value!r}")
+    return value
+
+
+def read_experiment(fs, path: str) -> list[TrialRecord]:
+    """The trials of one Tune experiment, from its newest ``experiment_state-*.json``.
+
+    Parsed as plain JSON: Tune embeds pickled objects in that file (hex strings), which are
+    left as strings, so reading a sweep folder runs no code from it.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+    except (OSError, pa.ArrowException) as exc:
+        raise PgpsError(f"cannot list the Tune experiment at {path} ({str(exc).splitlines()[0][:120]}); "
+                        "check the sweep's --storage and its credentials") from None
+    states = sorted(fnmatch.filter(names, "experiment_state-*.json"))
+    if not states:
+        raise PgpsError(f"no Tune experiment state in {path}; was the sweep started? run 'pgps-tune tune' first")
+    state_path = f"{path}/{states[-1]}"
+    records = []
+    try:
+        for trial_json, run_json in json.loads(_read_text(fs, state_path))["trial_data"]:
+            t, run = json.loads(trial_json), json.loads(run_json)
+            error = ""
+            if run.get("error_filename"):
+                text = _read_text(fs, f"{path}/{_plain_name(t['relative_logdir'])}/"
+                                      f"{_plain_name(run['error_filename'])}")
+                lines = [line for line in text.splitlines() if line.strip()]
+                error = (lines[-1] if lines else "failed (empty error file)")[:500]
+            config, last = t["config"], run.get("last_result") or {}
+            if not isinstance(config, dict) or not isinstance(last, dict):
+                raise TypeError("config and last_result must be objects")
+            records.append(TrialRecord(_plain_name(t["trial_id"]), str(t["status"]), config, last,
+                                       int(run.get("num_failures", 0)), error))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise PgpsError(f"{state_path} is not a Tune experiment state this version reads ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); it was damaged, or written by another Ray version") from None
+    return records
+
+
+def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES) -> list[TrialRecord]:
+    """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase."""
+    fs, root = _filesystem(meta.get("storage"), meta["storage_path"])
+    return [record for phase in phases if phase in meta["experiments"]
+            for record in read_experiment(fs, f"{root.rstrip('/')}/{meta['experiments'][phase]}")]
+
+
+def export(experiment: str | Path, out: str | Path, results_store: str | Path | None = None) -> dict[str, Any]:
+    """Export a finished sweep folder: read its trials, write its tables, add it to the store."""
+    meta = read_meta(experiment)
+    require_finished(meta)
+    return export_sweep(out, meta, read_trials(meta), results_store)
+
+
 # -- progress ----------------------------------------------------------------------------------
 
 
@@ -299,6 +409,9 @@ class Progress(tune.Callback):
         self.done = 0
         self.t0 = time.time()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, t0=time.time())  # a resumed sweep counts its time from the resume
+
     def _line(self, text: str) -> None:
         if not self.quiet:
             print(f"[{time.time() - self.t0:6.0f}s] {self.phase}: {text}", file=sys.stderr, flush=True)
@@ -309,9 +422,12 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result or {}
+        if r.get("diverged"):
+            self._line(f"{self.done}/{self.total} {trial.trial_id} FAILED: {r.get('error', 'diverged')}")
+            return
         how = "completed" if r.get("completed") else "stopped early"
-        self._line(f"{self.done}/{self.total} {trial.trial_id} {how}: dice {r.get('val_dice', float('nan')):.4f} "
-                   f"score {r.get('score', float('nan')):.4f}")
+        self._line(f"{self.done}/{self.total} {trial.trial_id} {how}: dice {r.get('val_dice', math.nan):.4f} "
+                   f"score {r.get('score', math.nan):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
@@ -320,6 +436,70 @@ class Progress(tune.Callback):
 
 def _short(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM end the sweep cleanly.
+
+    Inside Tune's ``fit()`` the first one goes to Tune's own stop handler (the one Tune puts
+    on SIGUSR1: stop the trials, save the experiment state, return), and the sweep raises
+    :class:`SweepInterrupted` once ``fit()`` has returned.  Elsewhere, or on a second
+    signal, :class:`SweepInterrupted` is raised at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.caught: int | None = None
+        self.tune_handler_before: Any = None
+        self.in_fit = False
+        self.active = threading.current_thread() is threading.main_thread()  # only it can take signals
+
+    def handle(self, signum: int, frame) -> None:
+        first = self.caught is None
+        self.caught = self.caught or signum
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if self.in_fit and first and callable(tune_stop) and tune_stop is not self.tune_handler_before:
+            tune_stop(signum, frame)
+        else:
+            raise SweepInterrupted(self.caught)
+
+    def install(self) -> None:
+        """(Re)take the signals: Ray's core library puts a crash handler on SIGTERM when it connects."""
+        if self.active:
+            for s in self.SIGNALS:
+                signal.signal(s, self.handle)
+
+    @contextlib.contextmanager
+    def fitting(self):
+        self.tune_handler_before, self.in_fit = signal.getsignal(signal.SIGUSR1), True
+        try:
+            yield
+        finally:
+            self.in_fit = False
+        if self.caught:
+            raise SweepInterrupted(self.caught)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    signals = _StopSignals()
+    if not signals.active:
+        yield signals  # the caller's own signal handling applies
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's would swallow the interrupt: ours forwards it
+    previous = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    signals.install()
+    try:
+        yield signals
+    except KeyboardInterrupt:  # held by an atomic write until the file was complete
+        raise SweepInterrupted(signal.SIGINT) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -350,15 +530,16 @@ class ComputeBudget(tune.Stopper):
         return sum(self.spent.values()) >= self.max_t
 
 
-def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
-               name: str, searcher, num_samples: int, scheduler, stopper=None) -> None:
+def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
+              name: str, searcher, num_samples: int, scheduler, stopper=None,
+              signals: _StopSignals | None = None) -> None:
+    """Run (or continue) one Tune experiment; raises :class:`SweepInterrupted` if a signal stopped it."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     path = f"{storage_path.rstrip('/')}/{name}"
-    restorable = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
-    if restorable:
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=storage_fs)
     else:
@@ -377,71 +558,91 @@ def _run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs
                 callbacks=[Progress(num_samples, phase, opts.quiet)],
             ),
         )
-    tuner.fit()
+    with signals.fitting() if signals else contextlib.nullcontext():
+        tuner.fit()
 
 
 def sweep(opts: SweepOptions) -> dict[str, Any]:
-    """Run (or resume) a whole sweep; write the exports; return the summary."""
+    """Run (or resume) a whole sweep; write the exports; return the summary.
+
+    Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, with nothing exported; the local Ray
+    this call started is shut down however it ends.
+    """
     from pgps_tune.data import plan_patch, prepare
-    from pgps_tune.results import export_sweep
 
     space, b = opts.space, opts.space.budget
     out = opts.out
+    opts.check()
     meta_path = out / SWEEP_FILE
     if meta_path.exists() and not opts.resume:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
     if opts.resume and not meta_path.exists():
         raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
+    started = read_meta(out).get("started", time.time()) if opts.resume else time.time()
     if opts.data != "synthetic":
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:
         opts.cache_root = str(Path(opts.cache_root).resolve())
-    ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
-                 synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
-    plan = plan_patch(ds.median_shape, ds.spacing)
-    final = tuple(b.final_patch) if b.final_patch else plan.final_patch
-    pools = tuple(b.pools) if b.pools else plan.pools
-    check_space_against_plan(space, final, pools)
-    storage_fs, storage_path = resolve_storage(opts.storage, out)
-    num_samples = opts.num_samples or space.search.num_samples
-    if space.search.algorithm == "grid":
-        num_samples = len(space.grid())
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    start_ray(opts.address)
-    check_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.max_concurrent)
+    with _stop_signals() as signals:
+        ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
+                     synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
+        plan = plan_patch(ds.median_shape, ds.spacing)
+        final = tuple(b.final_patch) if b.final_patch else plan.final_patch
+        pools = tuple(b.pools) if b.pools else plan.pools
+        check_space_against_plan(space, final, pools)
+        storage_fs, storage_path = resolve_storage(opts.storage, out)
+        num_samples = opts.num_samples or space.search.num_samples
+        if space.search.algorithm == "grid":
+            num_samples = len(space.grid())
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        own_ray = not ray.is_initialized()  # a caller's Ray stays; ours goes however the sweep ends
+        try:
+            start_ray(opts.address)
+            signals.install()
+            check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+            meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started)
+        finally:
+            if own_ray:
+                ray.shutdown()
+        return export_sweep(out, meta, read_trials(meta), opts.results_store)
 
-    name = out.resolve().name
+
+def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,
+                num_samples: int, started: float) -> dict[str, Any]:
+    space, b = opts.space, opts.space.budget
+    name = opts.out.resolve().name
     meta = {
-        "format_version": 1, "sweep": name, "space": space.source, "space_name": space.name, "dataset": ds.name,
-        "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final), "pools": list(pools),
-        "storage": opts.storage, "storage_path": storage_path,
+        "format_version": FORMAT_VERSION, "sweep": name, "space": space.source, "space_name": space.name,
+        "dataset": ds.name, "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final),
+        "pools": list(pools), "storage": opts.storage, "storage_path": storage_path,
         "experiments": {p: f"{name}-{p}" for p in PHASES if p == "search" or space.search.references},
-        "num_samples": num_samples,
-        "objective": asdict(space.objective), "asha": asha_settings(space),
+        "num_samples": num_samples, "objective": asdict(space.objective),
+        "asha": AshaSettings.from_space(space).to_dict(),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-        "started": meta_path.exists() and json.loads(meta_path.read_text()).get("started") or time.time(),
+        "started": started, "finished": False,
     }
-    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    write_meta(opts.out, meta)
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
-    refs = reference_configs(space)
     if space.search.references:
-        _run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
-                   ListSearcher(refs), len(refs), None)
+        refs = reference_configs(space)
+        run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
+                  ListSearcher(refs), len(refs), None, signals=signals)
     if space.objective.type == "cheapest_within":
-        from pgps_tune.results import collect_rows
-
-        baseline = next(r for r in collect_rows(meta, phases=("references",)) if r["role"] == "baseline")
-        setup["target_dice"] = baseline["final_dice"] - space.objective.tolerance
-        meta["target_dice"] = setup["target_dice"]
-        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+        rows = trial_rows(read_trials(meta, phases=("references",)), meta)
+        baseline = next((r for r in rows if r["role"] == "baseline" and r["completed"]), None)
+        if baseline is None:
+            raise PgpsError("the constant baseline reference did not complete (see its error in "
+                            f"{storage_path}), so cheapest_within has no target Dice; fix that and rerun")
+        setup["target_dice"] = meta["target_dice"] = baseline["final_dice"] - space.objective.tolerance
+        write_meta(opts.out, meta)
 
     from ray.tune.schedulers import ASHAScheduler
 
-    scheduler = (ASHAScheduler(metric="rung_score", mode="max", **asha_settings(space)) if space.asha.enabled
-                 else None)
+    scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
+                 if space.asha.enabled else None)
     if space.search.algorithm == "grid":
         searcher = ListSearcher(space.grid())
     else:
@@ -450,6 +651,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
     stopper = None
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
-    _run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
-               searcher, num_samples, scheduler, stopper)
-    return export_sweep(out, out, results_store=opts.results_store)
+    run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
+              searcher, num_samples, scheduler, stopper, signals=signals)
+    meta["finished"] = True
+    write_meta(opts.out, meta)
+    return meta

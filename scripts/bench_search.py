@@ -334,7 +334,7 @@ def replay_search(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_
 def asha_kill_rate(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_final: dict[str, float], grace: int,
                    max_t: float, rf: float, judge: str, orders: int = 500) -> float:
     """ASHA's rule on the recorded curves, trials in random orders: how often is the grid's winner stopped?"""
-    from pgps_tune.results import simulate_asha
+    from pgps_tune.asha import simulate_asha
 
     grid_curves = {k: [(t, d) for t, d, fs in c[:-1] if fs or judge == "always"] + [c[-1][:2]]
                    for k, c in grid_curves.items()}
@@ -458,9 +458,9 @@ def main() -> int:
     grid_total_expected = sum(schedule_from_params(c, final, pools, b.batch_size, b.epochs).voxel_fraction()
                               for c in grid) * max_t
     budget_runs = a.budget * grid_total_expected / max_t
-    from pgps_tune.tuner import asha_settings
+    from pgps_tune.asha import AshaSettings
 
-    grace = asha_settings(space)["grace_period"]
+    grace = AshaSettings.from_space(space).grace_period
     print(f"# {ds.name}: {len(grid)} schedules in the space, {b.epochs} epochs x {b.iterations_per_epoch} "
           f"iterations each; grid compute {grid_total_expected / max_t:.2f} baseline runs, each search gets "
           f"{budget_runs:.2f} ({a.budget:.0%})", flush=True)

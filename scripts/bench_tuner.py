@@ -76,13 +76,13 @@ def tune_run(space, opts_kw, setup, configs, storage: Path, name: str) -> tuple[
     """(wall time including Ray's start, wall time of the trials alone)."""
     import ray
 
-    from pgps_tune.tuner import ListSearcher, SweepOptions, _run_phase, start_ray
+    from pgps_tune.tuner import ListSearcher, SweepOptions, run_phase, start_ray
 
     t0 = time.perf_counter()
     start_ray(None)
     t1 = time.perf_counter()
     opts = SweepOptions(space=space, data="synthetic", out=storage, quiet=True, **opts_kw)
-    _run_phase("bench", opts, setup, None, str(storage), name, ListSearcher(configs), len(configs), None)
+    run_phase("bench", opts, setup, None, str(storage), name, ListSearcher(configs), len(configs), None)
     t2 = time.perf_counter()
     ray.shutdown()
     return t2 - t0, t2 - t1
@@ -103,7 +103,7 @@ def curves_of(storage: Path, name: str) -> dict[str, dict]:
 
 
 def asha_bias(curves: dict[str, dict], space, orders: int, seed: int) -> list[dict]:
-    from pgps_tune.results import simulate_asha
+    from pgps_tune.asha import grace_period, simulate_asha
 
     b, a = space.budget, space.asha
     winner = max(curves, key=lambda t: curves[t]["final"])
@@ -111,7 +111,7 @@ def asha_bias(curves: dict[str, dict], space, orders: int, seed: int) -> list[di
     rng = random.Random(seed)
     results = []
     for attr, max_t in (("baseline_iterations", b.epochs * b.iterations_per_epoch), ("epoch", b.epochs)):
-        grace = max(1, round(a.grace_fraction * max_t))
+        grace = grace_period(a.grace_fraction, max_t)
         killed = top_killed = 0
         stops = {"curriculum": 0, "single-stage": 0}
         ids = list(curves)

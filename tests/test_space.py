@@ -216,7 +216,7 @@ def test_parameters_the_network_cannot_take_are_refused_before_any_trial(tmp_pat
 
 
 def test_simulated_asha_matches_the_rule():
-    from pgps_tune.results import simulate_asha
+    from pgps_tune.asha import simulate_asha
 
     curves = {"a": [(2, 0.5), (4, 0.6), (8, 0.7)], "b": [(2, 0.4), (4, 0.8), (8, 0.9)],
               "c": [(2, 0.45), (4, 0.5), (8, 0.55)], "d": [(2, 0.6), (4, 0.1)]}

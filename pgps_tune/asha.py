@@ -1,0 +1,113 @@
+"""ASHA's rung arithmetic, in one place for the live scheduler and for replays.
+
+Pure Python (no Ray): :class:`AshaSettings` is what a sweep hands to Ray's
+``ASHAScheduler`` and records in ``sweep.json``; :func:`milestones` says at which
+times ASHA compares trials (the same formula as Ray's first bracket), which the
+exports use for ``rung_reached``; :func:`simulate_asha` replays ASHA's stopping
+rule on recorded learning curves, so a sweep run without early stopping (or a
+benchmark) can measure how often early stopping would have killed its winner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgps_tune.space import SearchSpace
+
+
+def milestones(grace: float, max_t: float, rf: float) -> list[float]:
+    """The rungs of ASHA's first bracket, lowest first.
+
+    >>> milestones(2, 8, 2)
+    [2, 4, 8]
+    """
+    n = int(math.log(max_t / grace) / math.log(rf) + 1)
+    return [grace * rf**k for k in range(n)]
+
+
+def grace_period(fraction: float, max_t: float) -> int:
+    """The first rung as a share of the run (at least 1, at most ``max_t``).
+
+    >>> grace_period(0.15, 500), grace_period(0.01, 10), grace_period(1.0, 7)
+    (75, 1, 7)
+    """
+    return min(max(1, round(fraction * max_t)), int(max_t))
+
+
+@dataclass(frozen=True)
+class AshaSettings:
+    """The scheduler's settings: ``ASHAScheduler(metric=..., mode=..., **asdict(settings))``."""
+
+    time_attr: str
+    max_t: float
+    grace_period: float
+    reduction_factor: float
+    brackets: int = 1
+
+    @classmethod
+    def from_space(cls, space: SearchSpace) -> AshaSettings:
+        """``max_t`` is the whole run in the unit of ``asha.time_attr``; the grace period a share of it."""
+        b, a = space.budget, space.asha
+        max_t = {"baseline_iterations": b.epochs * b.iterations_per_epoch, "epoch": b.epochs,
+                 "training_iteration": max(1, b.epochs // b.val_every)}[a.time_attr]
+        return cls(a.time_attr, max_t, grace_period(a.grace_fraction, max_t), a.reduction_factor, a.brackets)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AshaSettings:
+        return cls(str(d["time_attr"]), float(d["max_t"]), float(d["grace_period"]),
+                   float(d["reduction_factor"]), int(d.get("brackets", 1)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def milestones(self) -> list[float]:
+        return milestones(self.grace_period, self.max_t, self.reduction_factor)
+
+    def rung_reached(self, t: float) -> int:
+        """Index of the highest rung a trial that got to time ``t`` passed (-1: none).
+
+        >>> AshaSettings("epoch", 8, 2, 2).rung_reached(5)
+        1
+        """
+        return max((i for i, m in enumerate(self.milestones()) if t >= m), default=-1)
+
+
+def simulate_asha(
+    curves: dict[str, list[tuple[float, float]]], order: list[str], grace: float, max_t: float, rf: float
+) -> set[str]:
+    """The trials that ASHA would stop, replaying recorded ``(time, score)`` curves.
+
+    Same rule as Ray's ASHA with one bracket: at the first report at or past a rung, a
+    trial is stopped if its score is below the ``1 - 1/rf`` quantile of the scores already
+    recorded at that rung.  Trials are replayed one after another in ``order`` (as with
+    one trial at a time).
+
+    >>> curves = {"a": [(2, 0.5), (8, 0.9)], "b": [(2, 0.1), (8, 0.2)]}
+    >>> simulate_asha(curves, ["a", "b"], grace=2, max_t=8, rf=2)
+    {'b'}
+    """
+    import numpy as np
+
+    rungs = list(reversed(milestones(grace, max_t, rf)))  # highest first, as Ray checks them
+    recorded: dict[float, dict[str, float]] = {m: {} for m in rungs}
+    stopped = set()
+    for tid in order:
+        for t, score in curves[tid][:-1]:  # the end of a run is not an early stop
+            if t >= max_t:
+                break
+            halt = False
+            for m in rungs:
+                if t < m or tid in recorded[m]:
+                    continue
+                seen = list(recorded[m].values())
+                if seen and score < np.nanpercentile(seen, (1 - 1 / rf) * 100):
+                    halt = True
+                recorded[m][tid] = score
+                break
+            if halt:
+                stopped.add(tid)
+                break
+    return stopped
