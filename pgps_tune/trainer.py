@@ -268,8 +268,10 @@ class RunState:
 
 
 class Trainer:
-    # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none
-    prefetch_depth = 2
+    # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none.
+    # Off: on 2 cores with 2 torch threads the thread's augmentation competed with the step and
+    # made iterations slower (docs/bench_iteration.md); set it where spare cores exist.
+    prefetch_depth = 0
 
     def __init__(
         self,
@@ -484,8 +486,8 @@ class Trainer:
     def _batches(self, start: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(iteration, stage, image, label) on the device from iteration ``start``, made ahead of the step.
 
-        Without loader workers a background thread cuts and augments the next batches while
-        the step runs (:func:`pgps_tune.sampler.prefetch`); workers already run ahead.  On
+        With ``prefetch_depth`` and no loader workers a background thread cuts and augments the
+        next batches while the step runs (:func:`pgps_tune.sampler.prefetch`); workers already run ahead.  On
         CUDA the loader leaves augmentation to the device: one batched resampling there.
         """
         cuda = self.device.type == "cuda"

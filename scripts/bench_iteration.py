@@ -4,7 +4,7 @@
 For every stage of a schedule (default: paper-resource at the CLI defaults: AdamW 3e-3,
 batch 2, the default UNet, augmentation ``default``) it times the trainer's own code path
 for a few iterations: the batch hand-off (``loader`` + ``to_device`` before, the trainer's
-``_batches`` after, with its prefetch thread) followed by ``Trainer._step``.  "before" is
+``_batches`` after, also with its prefetch thread) followed by ``Trainer._step``.  "before" is
 the trainer as it was at ``--before`` (read from git and imported as its own module), so
 both run side by side in this process, interleaved stage by stage, which keeps the
 ratios meaningful on a shared, noisy machine.
@@ -145,10 +145,11 @@ def main() -> int:
 
     before_t = old.Trainer(ds, train_cases, val_cases, s, cfg, out / "before")
     after_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "after")
-    plain_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "plain")
-    plain_t.prefetch_depth = 0
+    after_t.prefetch_depth = 0  # the default
+    fetch_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "prefetch")
+    fetch_t.prefetch_depth = 2
     variants = [Variant("before", before_t, old_batches(before_t)), Variant("after", after_t, new_batches(after_t)),
-                Variant("after, no prefetch", plain_t, new_batches(plain_t))]
+                Variant("after, prefetch thread", fetch_t, new_batches(fetch_t))]
     if a.channels_last:
         cl_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "cl")
         cl_t.model.to(memory_format=torch.channels_last_3d)

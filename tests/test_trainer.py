@@ -631,6 +631,7 @@ def test_prefetched_batches_are_the_sampler_batches_and_the_thread_stops(ds, tmp
     import threading
 
     t = _trainer(ds, tmp_path / "p")
+    t.prefetch_depth = 2  # off by default on the CPU (docs/bench_iteration.md)
     batches = t._batches(3)
     for it, k, image, label in [next(batches) for _ in range(4)]:
         ref_image, ref_label, ref_stage = t.sampler.batch(it)
