@@ -20,8 +20,10 @@ parameters, :meth:`ProgressiveSampler.batch` the finished patches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +33,8 @@ from pgps_tune import augment as aug
 from pgps_tune.config import augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.schedule import Schedule
+
+T = TypeVar("T")
 
 
 def crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -226,3 +230,49 @@ def loader(sampler: ProgressiveSampler, start: int = 0, workers: int = 0, defer_
         prefetch_factor=4 if workers else None,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` in order, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    Cutting and augmenting the next batch then overlaps the training step instead of
+    adding to it, which on the small first stages is most of an iteration.  Batches stay
+    a pure function of ``(seed, iteration)``: the thread only changes when one is made.
+    An error in the thread is raised here; closing the generator (or leaving it early)
+    stops the thread and waits for it, so that nothing runs on after training stops.
+    """
+    ready: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any, exc: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((item, exc), timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(end, exc)
+
+    thread = threading.Thread(target=produce, name="pgps-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

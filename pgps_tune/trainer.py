@@ -29,6 +29,7 @@ validation yet, a class absent from every case) is written as ``null``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -38,7 +39,7 @@ import re
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from pgps_tune.config import TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write
 from pgps_tune.network import network_for
-from pgps_tune.sampler import ProgressiveSampler, loader
+from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -267,6 +268,11 @@ class RunState:
 
 
 class Trainer:
+    # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none.
+    # Off: on 2 cores with 2 torch threads the thread's augmentation competed with the step and
+    # made iterations slower (docs/bench_iteration.md); set it where spare cores exist.
+    prefetch_depth = 0
+
     def __init__(
         self,
         ds: PreparedDataset,
@@ -296,15 +302,13 @@ class Trainer:
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
-        # fused AdamW: one kernel per step instead of one per tensor, which matters on the tiny
-        # first stages where per-iteration overhead would otherwise set the cost.  SGD stays
-        # unfused: its fused kernel fails when some momentum buffers exist and others do not,
-        # which is what a 1x1x1-bottleneck first stage leaves (those layers get no gradient).
+        # fused optimizers: one kernel per step instead of one per tensor, which matters on the tiny
+        # first stages where per-iteration overhead would otherwise set the cost
         try:
             if config.optimizer == "sgd":
                 self.opt: torch.optim.Optimizer = torch.optim.SGD(
                     self.model.parameters(), lr=lr, momentum=float(config.momentum),
-                    nesterov=True, weight_decay=float(config.weight_decay),
+                    nesterov=True, weight_decay=float(config.weight_decay), fused=True,
                 )
             else:
                 self.opt = torch.optim.AdamW(
@@ -313,6 +317,7 @@ class Trainer:
         except ValueError as exc:  # torch's own range checks (AdamW refuses a NaN learning rate)
             raise PgpsError(f"{config.optimizer} refuses its settings ({exc}); give --lr and the others "
                             "as finite, non-negative numbers") from None
+        self._fill_momentum()
         total = self.total_iterations
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda it: (1 - min(it, total - 1) / total) ** 0.9
@@ -324,6 +329,22 @@ class Trainer:
         self.written: set[Path] = set()  # files of the run folder this trainer wrote
         # set from a signal handler: fit() raises KeyboardInterrupt at the next iteration boundary
         self.stop_requested = False
+
+    def _fill_momentum(self) -> None:
+        """Give every SGD parameter a zero momentum buffer that lacks one.
+
+        Fused SGD fails on a mix of parameters with and without a buffer, which is what a
+        1x1x1-bottleneck first stage leaves (its deepest layers get no gradient) and what a
+        checkpoint of such a stage holds.  With dampening 0 a zero buffer is the same as torch's
+        lazy one: the first step sets it to ``0 * momentum + grad``, what the lazy path copies.
+        """
+        if not isinstance(self.opt, torch.optim.SGD):
+            return
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                state = self.opt.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # -- checkpoint ------------------------------------------------------------
     @property
@@ -427,6 +448,7 @@ class Trainer:
                     raise ValueError(f"state {index}.{name} has shape {list(value.shape)}, "
                                      f"its parameter {list(params[index].shape)}")
         self.opt.load_state_dict(sd)
+        self._fill_momentum()  # a checkpoint from before buffers were made up front
 
     # -- training ----------------------------------------------------------------
     def _diverged(self, what: str, value: torch.Tensor) -> DivergedError:
@@ -451,7 +473,7 @@ class Trainer:
             raise self._diverged("training loss", loss)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0, foreach=True)
         # with AMP an overflowing fp16 gradient is routine: the scaler skips that step and lowers
         # its scale; in full precision a non-finite gradient means the run has diverged
         if not self.amp and not torch.isfinite(norm):
@@ -460,6 +482,26 @@ class Trainer:
         self.scaler.update()
         self.lr_sched.step()
         return float(loss.detach())
+
+    def _batches(self, start: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(iteration, stage, image, label) on the device from iteration ``start``, made ahead of the step.
+
+        With ``prefetch_depth`` and no loader workers a background thread cuts and augments the
+        next batches while the step runs (:func:`pgps_tune.sampler.prefetch`); workers already run ahead.  On
+        CUDA the loader leaves augmentation to the device: one batched resampling there.
+        """
+        cuda = self.device.type == "cuda"
+        batches = loader(self.sampler, start, self.cfg.workers, defer_augment=cuda)
+        batches.worker_init_fn = _WorkerInit(batches.worker_init_fn)
+
+        def ready(batch: dict[str, Any]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+            image, label = to_device(batch, self.device)
+            return batch["iteration"], batch["stage"], image, label
+
+        items = map(ready, batches)
+        if self.prefetch_depth and not self.cfg.workers and not cuda:
+            return prefetch(items, self.prefetch_depth)
+        return (item for item in items)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train the whole schedule (or what is left of it); return the final metrics."""
@@ -472,41 +514,37 @@ class Trainer:
         start = self.state.iteration
         losses: list[float] = []
         t_epoch = time.perf_counter()
-        # on CUDA the loader leaves augmentation to the device: one batched resampling there
-        batches = loader(self.sampler, start, self.cfg.workers, defer_augment=self.device.type == "cuda")
-        batches.worker_init_fn = _WorkerInit(batches.worker_init_fn)
-        for batch in batches:
-            if self.stop_requested:  # here no batch is half-received from a worker
-                raise KeyboardInterrupt
-            it, k = batch["iteration"], batch["stage"]
-            image, label = to_device(batch, self.device)
-            losses.append(self._step(image, label))
-            st = self.state.stages[k]
-            st.iterations += 1
-            st.voxels += int(label.numel())
-            self.state.iteration = it + 1
-            if self.state.iteration % ipe:
-                continue
-            # end of an epoch: account time, maybe validate, checkpoint
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t_epoch
-            st.wall_time_s += dt
-            self.state.train_time_s += dt
-            epoch = self.state.iteration // ipe
-            done = epoch == self.schedule.epochs
-            out_of_time = (
-                self.cfg.max_train_seconds is not None
-                and self.state.train_time_s >= self.cfg.max_train_seconds
-            )
-            if epoch % self.val_every == 0 or done or out_of_time:
-                self._validate_and_report(epoch, k, float(np.mean(losses)))
-                losses = []
-            else:
-                self.save_checkpoint()
-            if out_of_time:
-                break
-            t_epoch = time.perf_counter()
+        with contextlib.closing(self._batches(start)) as batches:
+            for it, k, image, label in batches:
+                if self.stop_requested:  # here no batch is half-received from a worker
+                    raise KeyboardInterrupt
+                losses.append(self._step(image, label))
+                st = self.state.stages[k]
+                st.iterations += 1
+                st.voxels += int(label.numel())
+                self.state.iteration = it + 1
+                if self.state.iteration % ipe:
+                    continue
+                # end of an epoch: account time, maybe validate, checkpoint
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t_epoch
+                st.wall_time_s += dt
+                self.state.train_time_s += dt
+                epoch = self.state.iteration // ipe
+                done = epoch == self.schedule.epochs
+                out_of_time = (
+                    self.cfg.max_train_seconds is not None
+                    and self.state.train_time_s >= self.cfg.max_train_seconds
+                )
+                if epoch % self.val_every == 0 or done or out_of_time:
+                    self._validate_and_report(epoch, k, float(np.mean(losses)))
+                    losses = []
+                else:
+                    self.save_checkpoint()
+                if out_of_time:
+                    break
+                t_epoch = time.perf_counter()
         return self.metrics()
 
     # -- validation and reporting ------------------------------------------------------

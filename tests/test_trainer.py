@@ -591,3 +591,51 @@ def test_cuda_rng_state_goes_through_a_checkpoint(ds, tmp_path):
     resumed = _trainer(ds, tmp_path / "rng", device="cuda")  # reseeds the generators
     resumed.load_checkpoint()
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_fused_sgd_after_a_1x1x1_bottleneck_stage_matches_lazy_unfused_sgd(ds, tmp_path, monkeypatch):
+    s = sch.paper((16, 16, 8), (3, 3, 3), 2, 3)  # stage 0 is 8^3: pools of 3 leave a 1x1x1 bottleneck
+    assert s.stages[0].patch_size == (8, 8, 8)
+    config = TrainConfig(optimizer="sgd", iterations_per_epoch=2, val_every=1, threads=1, filters=(4, 8, 16, 32),
+                         device="cpu")
+
+    def run(name):
+        untrained = []
+
+        def after_stage_0(r):
+            if r["epoch"] == 1:  # parameters without a gradient yet have no (lazy) or a zero (fused) buffer
+                state = t.opt.state
+                untrained.extend(p for p in t.model.parameters()
+                                 if state[p].get("momentum_buffer") is None or not state[p]["momentum_buffer"].any())
+        t = Trainer(ds, [0, 1, 2, 3], [4, 5], s, config, tmp_path / name, after_stage_0)
+        t.fit()
+        return t, untrained
+
+    fused, fused_untrained = run("fused")
+    assert fused.opt.defaults["fused"]
+
+    class LazySGD(torch.optim.SGD):  # torch's own unfused path: a buffer appears with the first gradient
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "fused": False})
+
+    monkeypatch.setattr(torch.optim, "SGD", LazySGD)
+    monkeypatch.setattr(Trainer, "_fill_momentum", lambda self: None)
+    lazy, lazy_untrained = run("lazy")
+    assert not lazy.opt.defaults["fused"]
+    assert lazy_untrained and len(lazy_untrained) == len(fused_untrained)  # the case that broke fused SGD
+    for (k, a), b in zip(fused.model.state_dict().items(), lazy.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_prefetched_batches_are_the_sampler_batches_and_the_thread_stops(ds, tmp_path):
+    import threading
+
+    t = _trainer(ds, tmp_path / "p")
+    t.prefetch_depth = 2  # off by default on the CPU (docs/bench_iteration.md)
+    batches = t._batches(3)
+    for it, k, image, label in [next(batches) for _ in range(4)]:
+        ref_image, ref_label, ref_stage = t.sampler.batch(it)
+        assert (image.numpy() == ref_image).all() and (label.numpy() == ref_label).all() and k == ref_stage
+    assert [th for th in threading.enumerate() if th.name == "pgps-prefetch"]
+    batches.close()  # what fit() does when it stops early
+    assert not [th for th in threading.enumerate() if th.name == "pgps-prefetch"]
