@@ -605,6 +605,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from pgps_tune.results import read_meta, require_finished
 
+    _check_writable(Path(a.out))  # creates nothing
     require_finished(read_meta(a.experiment))  # refused before Ray is imported and before --out is made
     from pgps_tune.tuner import export
 

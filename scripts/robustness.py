@@ -293,8 +293,8 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                 return (os.system, (f"touch {w / 'PWNED'}",))
         (w / "store" / "dataset=Tiny" / "sweep=x" / "part-0.parquet").write_bytes(pickle.dumps(Evil()))
 
-    add(Case(U, "pickle posing as a results-store parquet", ["best", "--dataset", "Tiny"], 2, "results store",
-             evil_store, absent("PWNED")))
+    add(Case(U, "pickle posing as a results-store parquet", ["best", "--dataset", "Tiny"], 2, "", evil_store,
+             absent("PWNED")))
 
     def evil_cache(w: Path) -> None:
         class Evil:
@@ -363,7 +363,7 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         proc = subprocess.Popen([python, "-m", "pgps_tune.cli", "plan", "--data", str(w / "big")], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.time()
-        while time.time() - t0 < 60 and not any(p.name.startswith(".") for p in (w / "cache").glob("*")):
+        while time.time() - t0 < 60 and not any(p.name.startswith(".") and p.is_dir() for p in (w / "cache").glob("*")):
             time.sleep(0.05)
         proc.kill()
         proc.wait()
@@ -376,18 +376,22 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
              0, "", killed_prepare, no_temp_left))
 
     # 3. divergence and bad values
-    add(Case(D, "train with a huge learning rate", [*train, "--optimizer", "sgd", "--lr", "1e30"], 2, "diverged"))
+    def nan_loss(w: Path) -> None:  # every training loss becomes NaN, as a diverging run's does
+        (w / "inject").mkdir(exist_ok=True)
+        (w / "inject" / "sitecustomize.py").write_text(
+            "import monai.losses\n"
+            "monai.losses.DiceCELoss.forward = lambda self, x, y: (x * float('nan')).mean()\n")
+
+    nan_loss_env = {"PYTHONPATH": f"{{w}}/inject:{ROOT}"}
+    add(Case(D, "a non-finite loss stops train", train, 2, "diverged", nan_loss, absent("run"), env=nan_loss_env))
 
     def nan_data(w: Path) -> None:
         write_msd(w / "nan", n=3, nan_case=1)
 
     add(Case(D, "NaN voxel in a dataset", ["plan", "--data", "{w}/nan", "--cache-dir", "{w}/cache"], 2, "case_001",
              nan_data))
-    add(Case(D, "a diverging trial in a sweep is failed, not scored",
-             [*sweep], 0, "", space(parameters={"stages": {"value": 1},
-                                                "lr": {"type": "categorical", "choices": [0.003, 1.0e30]}},
-                                    search={"algorithm": "grid"}, budget={**SPACE["budget"], "optimizer": "sgd"}),
-             lambda w, r: _diverged_trial(w)))
+    add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 0, "",
+             lambda w: (space()(w), nan_loss(w)), lambda w, r: _diverged_trials(w), env=nan_loss_env))
     add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))
 
     # 4. numbers
@@ -398,7 +402,8 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         ("--iterations-per-epoch 0", ["--iterations-per-epoch", "0"], "--iterations-per-epoch"),
         ("--fg-ratio 2", ["--fg-ratio", "2"], "--fg-ratio"), ("--val-fraction 1", ["--val-fraction", "1"],
                                                              "--val-fraction"),
-        ("--batch-size 1e9", ["--batch-size", "1000000000"], "batch"),
+        ("--batch-size 1e9", ["--batch-size", "1000000000"], "--batch-size"),
+        ("--batch-size 200000 (memory estimate)", ["--batch-size", "200000"], "GiB"),
         ("--batch-size 0", ["--batch-size", "0"], "--batch-size"),
         ("--max-train-seconds -5", ["--max-train-seconds", "-5"], "--max-train-seconds"),
         ("--val-every 0", ["--val-every", "0"], "--val-every"),
@@ -439,8 +444,9 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         add(Case(N, f"space: {name}", sweep, 2, needle, space(**over), absent("sweep"), timeout=60))
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-    add(Case(N, "space: YAML alias bomb", sweep, 2, "alias", space_text(bomb + "parameters: *i\n"), timeout=20))
-    add(Case(N, "space: 50 MB YAML", sweep, 2, "large", space_text("# " + "x" * (50 * 2**20) + "\n"), timeout=20))
+    add(Case(N, "space: YAML alias bomb", sweep, 2, "aliases", space_text(bomb + "parameters: *i\n"), timeout=20))
+    add(Case(N, "space: 50 MB YAML", sweep, 2, "larger than", space_text("# " + "x" * (50 * 2**20) + "\n"),
+             timeout=20))
     add(Case(N, "schedule file with a negative batch",
              ["schedule", "--from", "{w}/s.yaml"], 2, "batch",
              lambda w: (w / "s.yaml").write_text("final_patch: [16, 16, 16]\npools: [2, 2, 2]\nbaseline_batch_size: 2\n"
@@ -459,7 +465,7 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         (w / "store").mkdir()
         (w / "store" / "notes.txt").write_text("not parquet")
 
-    add(Case(T, "results store holding a foreign file", ["best", "--dataset", "Tiny"], 2, "results store",
+    add(Case(T, "results store holding a foreign file", ["best", "--dataset", "Tiny"], 2, "notes.txt",
              foreign_store))
     add(Case(T, "malformed sweep.json", ["export", "--experiment", "{w}/sw", "--out", "{w}/ex"], 2, "sweep.json",
              lambda w: ((w / "sw").mkdir(), (w / "sw" / "sweep.json").write_text("{oops"))))
@@ -576,18 +582,19 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     return out
 
 
-def _diverged_trial(w: Path) -> str | None:
+def _diverged_trials(w: Path) -> str | None:
     import pyarrow.parquet as pq
 
     p = w / "sweep" / "trials.parquet"
     if not p.is_file():
         return "no trials.parquet"
     rows = pq.read_table(p).to_pylist()
-    bad = [r for r in rows if '1e+30' in r["params"]]
-    if not bad or not all(r["failed"] and "diverged" in r["error"] for r in bad):
-        return f"diverging trial not recorded as failed/diverged: {[(r['params'], r['status']) for r in bad]}"
-    if any(r["num_failures"] > 1 for r in bad):
+    if not rows or not all(r["failed"] and r["error"].startswith("diverged") for r in rows):
+        return f"not every trial recorded as diverged: {[(r['trial_id'], r['status'], r['error']) for r in rows]}"
+    if any(r["num_failures"] > 0 for r in rows):
         return "a diverged trial was retried"
+    if (w / "sweep" / "best_schedule.yaml").exists():
+        return "a diverged trial was exported as the best"
     return None
 
 

@@ -198,6 +198,8 @@ def _patch(module):
             callback(r)
 
         original(self, ds, train_cases, val_cases, schedule, config, *args, callback=failing, **kwargs)
+        if str(config.lr) == SPEC.get("diverge"):  # every loss of this trial is NaN, as a diverging run's
+            self.loss_fn = lambda out, label: out.float().mean() * float("nan")
 
     module.Trainer.__init__ = __init__
 
@@ -405,22 +407,24 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
 
 
 def test_failed_and_diverged_trials(tmp_path):
-    # a grid over the learning rate: 0.01 fails once at epoch 4, 0.012 fails every time, 1e6 diverges.
+    # a grid over the learning rate: 0.01 fails once at epoch 4, 0.012 fails every time, 0.013 diverges
+    # (its loss is made NaN by the hook: the learning rates a space may hold are too sane to diverge for sure).
     # The space allows no retry; --max-failures 1 allows one, from the last checkpoint.
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAILURE_HOOK)
     space = write_space(tmp_path / "s.yaml", parameters={"stages": {"value": 1}, "lr": {
-        "type": "categorical", "choices": [0.01, 0.012, 1.0e6]}}, search={"algorithm": "grid", "references": False},
+        "type": "categorical", "choices": [0.01, 0.012, 0.013]}}, search={"algorithm": "grid", "references": False},
         asha={"enabled": False}, budget={**BUDGET, "max_failures": 0})
     out = tmp_path / "sweep"
-    env = {"PGPS_TEST_FAILURES": json.dumps({"epoch": 4, "lr": {"0.01": 1, "0.012": 99}, "marks": str(hook)}),
+    env = {"PGPS_TEST_FAILURES": json.dumps({"epoch": 4, "lr": {"0.01": 1, "0.012": 99}, "diverge": "0.013",
+                                             "marks": str(hook)}),
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--max-failures", "1", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 trials, 1 completed, 0 stopped early, 2 failed" in r.stdout
     by_lr = {json.loads(x["params"])["lr"]: x for x in rows(out)}
-    once, always, diverged = by_lr[0.01], by_lr[0.012], by_lr[1.0e6]
+    once, always, diverged = by_lr[0.01], by_lr[0.012], by_lr[0.013]
     assert once["completed"] and once["num_failures"] == 1
     # continued from the epoch-2 checkpoint, not from scratch
     assert reported_epochs(out)[once["trial_id"]] == [2, 4, 6, 8, 10]
