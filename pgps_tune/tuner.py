@@ -197,6 +197,11 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
 class PrunedAwareOptunaSearch(OptunaSearch):
     """Tells Optuna PRUNED for trials that ASHA stopped and FAIL for diverged ones, never a truncated score."""
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get("diverged"):  # a diverged trial's last report carries no score to tell
+            return
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result and result.get("diverged"):
             return super().on_trial_complete(trial_id, None, error=True)

@@ -453,6 +453,8 @@ def test_searcher_is_told_pruned_for_asha_stops_and_fail_for_divergence():
     for tid, end in ends.items():
         search.suggest(tid)
         search.on_trial_result(tid, {"score": 0.5, "training_iteration": 1})
+        if end.get("diverged"):  # the diverged report itself reaches the searcher first, with no score in it
+            search.on_trial_result(tid, {**end, "training_iteration": 2})
         search.on_trial_complete(tid, {**end, "training_iteration": 2})
     states = [t.state for t in search._ot_study.trials]
     TS = optuna.trial.TrialState
