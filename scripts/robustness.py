@@ -267,7 +267,8 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         return lambda w: (w / "space.yaml").write_text(text)
 
     def resume_train(extra=()):
-        return ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "4", *TINY_TRAIN, "--resume", *extra]
+        # the same flags as the run in B/trained, which stopped after its first epoch: resuming trains on
+        return ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "6", *TINY_TRAIN, "--resume", *extra]
 
     out: list[Case] = []
     add = out.append
@@ -490,17 +491,18 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         copy_run(w)
         (w / "before.sha").write_text(sha(w / "run" / "checkpoint.pt"))
 
-    def limit_file_size() -> None:  # the checkpoint no longer fits: like a disk that fills
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        size = int(os.environ["ROBUST_FSIZE"])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    def limit_file_size(size: int) -> Callable[[], None]:
+        def preexec() -> None:  # the checkpoint no longer fits: like a disk that fills
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        return preexec
 
     def old_checkpoint_intact(w: Path, r) -> str | None:
         return None if sha(w / "run" / "checkpoint.pt") == (w / "before.sha").read_text() else "checkpoint changed"
 
     ck_size = (trained / "checkpoint.pt").stat().st_size if (trained / "checkpoint.pt").exists() else 10**6
-    add(Case(T, "disk fills while writing a checkpoint", resume_train(), 2, "", full_disk, old_checkpoint_intact,
-             env={"ROBUST_FSIZE": str(ck_size // 2)}, preexec=limit_file_size))
+    add(Case(T, "disk fills while writing a checkpoint", resume_train(), 2, "intact", full_disk, old_checkpoint_intact,
+             preexec=limit_file_size(ck_size // 2)))
 
     def internal_bug(w: Path) -> None:
         (w / "inject").mkdir()
@@ -602,7 +604,7 @@ def special(case: Case, base: Path, python: str) -> Outcome | None:
     """Cases that are not one CLI call."""
     t0 = time.time()
     if case.name.startswith("a worker node dies"):
-        cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_tuner.py"),
+        cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_tuner.py"),
                "-k", "node"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=case.timeout)
         last = (r.stdout.strip().splitlines() or [""])[-1]
@@ -633,7 +635,8 @@ def main() -> int:
         write_msd(base / "tiny")
         env = {**os.environ, "PGPS_CACHE_DIR": str(base / "cache"), "PGPS_RESULTS_DIR": str(base / "store")}
         subprocess.run([python, "-m", "pgps_tune.cli", "train", "--data", str(base / "tiny"), "--out",
-                        str(base / "trained"), "--epochs", "2", *TINY_TRAIN], check=True, env=env, cwd=base)
+                        str(base / "trained"), "--epochs", "6", *TINY_TRAIN, "--max-train-seconds", "0.001"],
+                       check=True, env=env, cwd=base)  # stops after its first epoch, with a checkpoint to resume
         results = []
         for case in cases(base, python):
             if a.only and not case.klass.startswith(a.only):
