@@ -65,12 +65,18 @@ def _cannot(path: Path, exc: Exception) -> PgpsError:
     return PgpsError(f"cannot read {kind} file {path} ({reason}); replace the file or remove it")
 
 
-def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and affine of an image file, without reading its voxels."""
+def _existing(path: str | Path) -> tuple[Path, str]:
+    """``path`` as a Path and its known ending, refusing a file that is not there."""
     path = Path(path)
     end = _known(path)
     if not path.is_file():
         raise PgpsError(f"image {path} does not exist; check the path")
+    return path, end
+
+
+def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and affine of an image file, without reading its voxels."""
+    path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
             import nibabel as nib
@@ -90,10 +96,7 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
 
 def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The voxels of an image file, ``[X, Y, Z]`` or ``[X, Y, Z, C]``, and its RAS+ affine (see module doc)."""
-    path = Path(path)
-    end = _known(path)
-    if not path.is_file():
-        raise PgpsError(f"image {path} does not exist; check the path")
+    path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
             import nibabel as nib
