@@ -770,3 +770,21 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         assert trial["completed"] and trial["num_failures"] == 1
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (fractional-GPU trials)")
+def test_two_trials_share_one_gpu_with_fractional_gpus(tmp_path):
+    # written for GPU machines; on a CPU-only machine the resource check refuses --gpus-per-trial (tested above)
+    space = write_space(tmp_path / "s.yaml", search={"num_samples": 2, "references": False},
+                        asha={"enabled": False})
+    out = tmp_path / "gpu"
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--quiet",
+            "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(rows(out)) == 2 and all(x["completed"] for x in rows(out))
+    spans = []
+    for f in (out / "ray").glob("*-search/run_trial_*/result.json"):
+        stamps = [json.loads(line)["timestamp"] for line in f.read_text().splitlines()]
+        spans.append((min(stamps), max(stamps)))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 <= a1, f"the two half-GPU trials never ran at the same time: {spans}"
