@@ -42,7 +42,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip_install "${index[@]}" "torch==$TORCH_VERSION"
   fi
 fi
-pip_install "${install[@]}"
+# torch stays pinned: without the pin, a dependency that wants a newer torch (nnunetv2's timm pulls
+# torchvision, whose newest release wants the newest torch) would replace the CPU build with a CUDA one.
+pip_install "${install[@]}" "torch==$TORCH_VERSION"
 # nnunetv2's dependencies (timm) pull PyPI's torchvision, which fails to import beside a CPU build of
 # torch ("operator torchvision::nms does not exist"); nnU-Net's training runs without it, so remove a
 # torchvision that cannot be imported rather than leave one that breaks every import of it.
@@ -51,3 +53,7 @@ if "$VENV/bin/python" -m pip show -q torchvision >/dev/null 2>&1 && ! "$VENV/bin
   "${pip[@]}" uninstall -y torchvision
 fi
 "$VENV/bin/python" -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" \
+    || { echo "setup: a CUDA build of torch was installed on a machine without a GPU; this is a bug, please report it" >&2; exit 1; }
+fi
