@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -192,6 +194,99 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
 
 
 # -- search algorithms ------------------------------------------------------------------
+
+
+# -- vetting a Tune state before it is restored ----------------------------------------------------
+
+# Tuner.restore unpickles the experiment's tuner.pkl, the searcher's state and the pickled parts of
+# experiment_state-*.json.  Before it does, every pickle there is loaded once with an unpickler that
+# only hands out classes of these packages (constructing one of them runs no code from the file) and
+# the few functions Ray, Optuna and numpy really pickle; anything else (os.system, eval, ...) refuses
+# the sweep.  The same idea as torch.load(weights_only=True) for checkpoints.
+_TRUSTED_CLASS_ROOTS = ("ray", "optuna", "pgps_tune", "numpy", "pyarrow", "collections", "datetime", "uuid", "enum")
+_TRUSTED_RAY = ("ray.tune", "ray.train", "ray.air")
+_TRUSTED_FUNCTIONS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__generator_ctor"), ("optuna.samplers._tpe.sampler", "default_weights"),
+    ("ray.train._internal.storage", "_upload_to_fs_path"), ("copyreg", "_reconstructor"),
+}
+TRUST_ENV = "PGPS_TRUST_SWEEP"
+
+
+class _Untrusted(Exception):
+    """A pickle asked for a global outside the allow-list."""
+
+
+class _VettingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        trusted_function = (module, name) in _TRUSTED_FUNCTIONS or (
+            module.startswith("pyarrow.") and name.rsplit(".", 1)[-1] in ("_reconstruct", "_from_uri"))
+        root_ok = module.split(".")[0] in _TRUSTED_CLASS_ROOTS and (
+            not module.startswith("ray") or module.startswith(_TRUSTED_RAY))
+        if trusted_function or root_ok:
+            obj = super().find_class(module, name)
+            if trusted_function or isinstance(obj, type):
+                return obj
+        raise _Untrusted(f"{module}.{name}")
+
+
+def _pickles_in_json(value: Any) -> list[bytes]:
+    """The pickled payloads (Ray's CLOUDPICKLE_FALLBACK) inside a JSON value, JSON-in-strings included."""
+    if isinstance(value, dict):
+        if value.get("_type") == "CLOUDPICKLE_FALLBACK" and isinstance(value.get("value"), str):
+            return [bytes.fromhex(value["value"])]
+        return [b for v in value.values() for b in _pickles_in_json(v)]
+    if isinstance(value, list):
+        return [b for v in value for b in _pickles_in_json(v)]
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return _pickles_in_json(json.loads(value))
+        except ValueError:
+            return []
+    return []
+
+
+def vet_tune_state(path: str, storage_fs=None) -> None:
+    """Refuse (one line) a Tune experiment whose pickles ask for anything but data-like classes.
+
+    ``PGPS_TRUST_SWEEP=1`` skips the check, for a sweep you trust whose state holds something
+    this allow-list does not know.
+    """
+    import pyarrow.fs as pafs
+
+    if os.environ.get(TRUST_ENV) == "1":
+        return
+    fs = storage_fs or pafs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as exc:
+        raise PgpsError(f"cannot read the Tune state at {path} ({exc}); check --storage") from None
+    for info in infos:
+        name = info.base_name
+        if info.type != pafs.FileType.File or name.startswith(".") or not (
+                name.endswith(".pkl") or fnmatch.fnmatch(name, "experiment_state*.json")):
+            continue  # hidden files are Ray's unfinished writes, which it never reads back
+        with fs.open_input_stream(info.path) as fh:
+            data = fh.read()
+        if name.endswith(".pkl"):
+            blobs = [] if data.lstrip()[:1] in (b"{", b"[") else [data]  # our searchers save JSON there
+        else:
+            try:
+                blobs = _pickles_in_json(json.loads(data))
+            except ValueError:
+                continue  # Tune cannot read it either, and JSON runs no code
+        for blob in blobs:
+            try:
+                _VettingUnpickler(io.BytesIO(blob)).load()
+            except _Untrusted as exc:
+                raise PgpsError(
+                    f"refused to resume: {info.path} asks for {exc} when unpickled, which a Tune state of "
+                    f"pgps-tune never holds; resume only sweeps you trust (set {TRUST_ENV}=1 to skip this check)"
+                ) from None
+            except Exception:  # damaged or version-specific, but nothing outside the allow-list was asked for
+                continue
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -545,6 +640,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
     )
     path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        vet_tune_state(path, storage_fs)  # Tuner.restore unpickles: refuse a state that asks for more than data
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=storage_fs)
     else:

@@ -344,6 +344,20 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(INT, "--resume after SIGINT completes every trial once", [*sweep, "--resume"], 0, "", interrupted_sweep,
              all_trials_once))
 
+    def crafted_sweep(w: Path) -> None:
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {w / 'PWNED'}",))
+
+        interrupted_sweep(w)
+        for state in (w / "sweep" / "ray").glob("*/tuner.pkl"):
+            state.write_bytes(pickle.dumps(Evil()))
+
+    add(Case(U, "crafted tuner.pkl in a sweep, tune --resume", [*sweep, "--resume"], 2, "refused to resume",
+             crafted_sweep, absent("PWNED")))
+
     def no_resume_hint(w: Path, r) -> str | None:
         return "suggests --resume with no checkpoint" if "--resume" in r.stderr else None
 

@@ -788,3 +788,39 @@ def test_two_trials_share_one_gpu_with_fractional_gpus(tmp_path):
         spans.append((min(stamps), max(stamps)))
     (a0, a1), (b0, b1) = sorted(spans)
     assert b0 <= a1, f"the two half-GPU trials never ran at the same time: {spans}"
+
+
+def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, monkeypatch):
+    import pickle
+
+    from ray import tune as ray_tune
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import TRUST_ENV, vet_tune_state
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    state = tmp_path / "exp"
+    state.mkdir()
+    # what a real state holds passes: Ray's and Optuna's classes, numpy's RNG, our searchers, JSON states
+    (state / "tuner.pkl").write_bytes(pickle.dumps({"run": ray_tune.RunConfig(name="x"), "rng": __import__(
+        "numpy").random.RandomState(0), "cfg": ray_tune.TuneConfig(num_samples=2)}))
+    (state / "searcher-state-1.pkl").write_text('{"configs": [], "given": {}}')
+    (state / ".unfinished-tmp-searcher-state.pkl").write_bytes(b"\x80\x05")  # Ray's torn temp file: never read
+    vet_tune_state(str(state))
+    # a payload in tuner.pkl, or inside experiment_state JSON, is refused before anything runs
+    for where in ("pkl", "json"):
+        if where == "pkl":
+            (state / "tuner.pkl").write_bytes(pickle.dumps(Payload()))
+        else:
+            (state / "tuner.pkl").write_bytes(pickle.dumps(ray_tune.RunConfig(name="x")))
+            trial = {"storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Payload()).hex()}}
+            (state / "experiment_state-1.json").write_text(json.dumps({"trial_data": [[json.dumps(trial), "{}"]]}))
+        with pytest.raises(PgpsError, match="refused to resume: .* asks for pathlib") as err:
+            vet_tune_state(str(state))
+        assert len(str(err.value).splitlines()) == 1 and TRUST_ENV in str(err.value)
+        assert not (tmp_path / "pwned").exists()
+    monkeypatch.setenv(TRUST_ENV, "1")  # the documented way past the check, for a sweep one trusts
+    vet_tune_state(str(state))
