@@ -8,6 +8,9 @@ the CLI prints it without a traceback and exits non-zero.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import numbers
 import os
 import signal
 import threading
@@ -202,3 +205,29 @@ def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
         raise PgpsError(f"{kind} file {path} is not valid YAML ({exc}); fix the file") from None
     finally:
         loader.dispose()
+
+
+def _scalar(x: Any) -> Any:
+    """``json.dumps`` default: numpy scalars (from a sampler, a search space) as Python numbers."""
+    if hasattr(x, "dtype") and hasattr(x, "item") and getattr(x, "shape", None) == ():
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not plain data")
+
+
+def strict_json(obj: Any, indent: int | None = 1) -> str:
+    """JSON that every parser accepts: NaN and infinities become ``null``, numpy scalars plain numbers.
+
+    >>> strict_json({"dice": float("nan"), "x": [1.0, float("inf")]}, indent=None)
+    '{"dice": null, "x": [1.0, null]}'
+    """
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=_scalar)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pgps_tune import schedule as sch
 from pgps_tune.asha import AshaSettings
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, strict_json
 
 SWEEP_FILE = "sweep.json"
 TRIALS = "trials.parquet"
@@ -49,25 +49,6 @@ META_KEYS = ("format_version", "sweep", "dataset", "space", "storage_path", "exp
 FINISHED_STATUSES = ("TERMINATED", "ERROR")  # Tune's end states; anything else is an unfinished trial
 
 
-def dumps_strict(obj: Any, indent: int | None = 1) -> str:
-    """JSON that every parser accepts: NaN and infinities become ``null``.
-
-    >>> dumps_strict({"dice": float("nan"), "x": [1.0, float("inf")]}, indent=None)
-    '{"dice": null, "x": [1.0, null]}'
-    """
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(obj), indent=indent, allow_nan=False)
-
-
 def default_store() -> Path:
     env = os.environ.get("PGPS_RESULTS_DIR")
     if env:
@@ -79,7 +60,7 @@ def default_store() -> Path:
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> None:
-    atomic_write_text(out / SWEEP_FILE, dumps_strict(meta) + "\n")
+    atomic_write_text(out / SWEEP_FILE, strict_json(meta) + "\n")
 
 
 def read_meta(experiment: str | Path) -> dict[str, Any]:
@@ -173,7 +154,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             if failed else "",
             "n_stages": int(_float(r, "n_stages", 0)),
             "schedule": str(r.get("schedule", "")),
-            "dice_per_class": dumps_strict(per_class, indent=None),
+            "dice_per_class": strict_json(per_class, indent=None),
         })
     return rows
 
@@ -259,7 +240,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
         s.save(out / BEST)
     else:
         (out / BEST).unlink(missing_ok=True)  # a re-export must not leave an older sweep's winner
-    atomic_write_text(out / SUMMARY, dumps_strict(summary) + "\n")
+    atomic_write_text(out / SUMMARY, strict_json(summary) + "\n")
     store_sweep(table, meta, results_store)
     return summary
 

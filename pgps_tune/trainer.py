@@ -52,7 +52,7 @@ from monai.losses import DiceCELoss
 from pgps_tune.augment import to_device
 from pgps_tune.config import TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import DivergedError, PgpsError, atomic_write
+from pgps_tune.errors import DivergedError, PgpsError, atomic_write, strict_json
 from pgps_tune.network import network_for
 from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
@@ -107,21 +107,6 @@ def _number(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"{type(x).__name__} is not plain data")
-
-
-def strict_json(obj: Any, indent: int | None = 1) -> str:
-    """JSON text with every non-finite float written as ``null`` (NaN/Infinity are not JSON)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, (float, np.floating)):
-            return float(x) if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=_number)
 
 
 def _plain(obj: Any) -> Any:
