@@ -289,6 +289,102 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
                 continue
 
 
+# -- keeping the Tune state intact across kills -----------------------------------------------------
+
+# Ray copies its state files (tuner.pkl, experiment_state-*.json, searcher state) from a staging
+# folder to the experiment folder again and again, truncating each before writing it: a kill -9 or
+# node loss mid-copy leaves a file Tuner.restore cannot read.  Every start keeps an intact copy of
+# each state file in .pgps-state/ (Ray lists the folder non-recursively and never sees it), and a
+# resume puts a damaged file back from that copy, or sets a damaged newest experiment state aside
+# so that Ray resumes from the one before it.
+STATE_COPIES = ".pgps-state"
+
+
+def _state_file_infos(fs, path: str) -> list:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".") and (
+        i.base_name.endswith(".pkl") or fnmatch.fnmatch(i.base_name, "experiment_state*.json"))]
+
+
+def _intact(name: str, data: bytes) -> bool:
+    """Whether a state file reads to its end: JSON that parses, or a pickle that reaches STOP (nothing is run)."""
+    import pickletools
+
+    if not data.strip():
+        return False
+    if name.endswith(".json") or data.lstrip()[:1] in (b"{", b"["):
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    try:
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:  # "pickle exhausted before seeing STOP" and other cut-short forms
+        return False
+
+
+def _read_bytes(fs, path: str) -> bytes | None:
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def _write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(data)
+    fs.move(tmp, path)
+
+
+def repair_tune_state(path: str, storage_fs=None) -> list[str]:
+    """Put back damaged state files of the Tune experiment at ``path``; return one note per repair.
+
+    Raises :class:`PgpsError` when a damaged file has no intact copy and cannot be set aside.
+    """
+    import pyarrow.fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    copies = f"{path.rstrip('/')}/{STATE_COPIES}"
+    notes = []
+    for info in _state_file_infos(fs, path):
+        data = _read_bytes(fs, info.path)
+        if data is not None and _intact(info.base_name, data):
+            continue
+        copy = _read_bytes(fs, f"{copies}/{info.base_name}")
+        if copy is not None and _intact(info.base_name, copy):
+            _write_bytes_atomic(fs, info.path, copy)
+            notes.append(f"{info.base_name} was cut short (a kill mid-write); put back the intact copy kept at the last start")
+        elif fnmatch.fnmatch(info.base_name, "experiment_state*.json"):
+            fs.create_dir(copies, recursive=True)
+            fs.move(info.path, f"{copies}/damaged-{info.base_name}")
+            notes.append(f"{info.base_name} was cut short (a kill mid-write); resuming from the experiment state "
+                         "saved before it (trials since then continue from their last checkpoints)")
+        else:
+            raise PgpsError(f"the Tune state file {info.path} is cut short (a kill mid-write) and no intact copy "
+                            f"is kept; the sweep cannot be resumed: start it again with a new --out")
+    return notes
+
+
+def keep_tune_state(path: str, storage_fs=None) -> None:
+    """Keep an intact copy of each of the experiment's state files in .pgps-state/ (written atomically)."""
+    import pyarrow.fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    copies = f"{path.rstrip('/')}/{STATE_COPIES}"
+    fs.create_dir(copies, recursive=True)
+    for info in _state_file_infos(fs, path):
+        data = _read_bytes(fs, info.path)
+        if data is not None and _intact(info.base_name, data):
+            _write_bytes_atomic(fs, f"{copies}/{info.base_name}", data)
+
+
 class PrunedAwareOptunaSearch(OptunaSearch):
     """Tells Optuna PRUNED for trials that ASHA stopped and FAIL for diverged ones, never a truncated score."""
 
@@ -640,7 +736,10 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
     )
     path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        for note in repair_tune_state(path, storage_fs):
+            print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         vet_tune_state(path, storage_fs)  # Tuner.restore unpickles: refuse a state that asks for more than data
+        keep_tune_state(path, storage_fs)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=storage_fs)
     else:
@@ -659,6 +758,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
                 callbacks=[Progress(num_samples, phase, opts.quiet)],
             ),
         )
+        keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
     with signals.fitting() if signals else contextlib.nullcontext():
         tuner.fit()
 

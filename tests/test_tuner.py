@@ -377,8 +377,11 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     # 2. kill -9 of the driver and its Ray between two known states: a trial finished in the experiment
     #    state, and another one running with a checkpoint
     proc = start(resume, log, env)
+    n_clean = sum(map(len, clean.values()))
 
-    def finished_and_running():
+    def finished_and_running():  # in a state the resumed run wrote, not the one the interrupt left
+        if reports() <= n_clean:
+            return None
         states = _trial_states(out)
         done = {t for t, (status, _) in states.items() if status == "TERMINATED"}
         running = any(status == "RUNNING" and result.get("epoch") for status, result in states.values())
@@ -393,7 +396,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     assert done.returncode == 0, done.stderr[-3000:]
     table = rows(out)
     assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3  # none lost, none duplicated
-    assert all(r["completed"] for r in table) and strict_json(out / "sweep.json")["finished"]
+    assert all(r["completed"] for r in table), [(r["trial_id"], r["status"], r["error"]) for r in table]
+    assert strict_json(out / "sweep.json")["finished"]
     after = reported_epochs(out)
     assert set(after) == {r["trial_id"] for r in table}
     for tid, epochs in after.items():
@@ -824,3 +828,32 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
         assert not (tmp_path / "pwned").exists()
     monkeypatch.setenv(TRUST_ENV, "1")  # the documented way past the check, for a sweep one trusts
     vet_tune_state(str(state))
+
+
+def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
+    import pickle
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import STATE_COPIES, keep_tune_state, repair_tune_state
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    tuner_pkl = pickle.dumps({"name": "search", "samples": list(range(50))})
+    (exp / "tuner.pkl").write_bytes(tuner_pkl)
+    (exp / "experiment_state-2026-01-01.json").write_text(json.dumps({"trial_data": [], "n": 1}))
+    keep_tune_state(str(exp))
+    assert repair_tune_state(str(exp)) == []  # nothing damaged, nothing touched
+    # Ray's copy truncated tuner.pkl (empty, or cut mid-stream) and wrote a newer state it never finished
+    for cut in (b"", tuner_pkl[: len(tuner_pkl) // 2]):
+        (exp / "tuner.pkl").write_bytes(cut)
+        (exp / "experiment_state-2026-01-02.json").write_text('{"trial_data": [["{\\"a\\"')
+        notes = repair_tune_state(str(exp))
+        assert len(notes) == 2 and all(len(n.splitlines()) == 1 for n in notes)
+        assert (exp / "tuner.pkl").read_bytes() == tuner_pkl
+        assert sorted(p.name for p in exp.glob("experiment_state*.json")) == ["experiment_state-2026-01-01.json"]
+        assert (exp / STATE_COPIES / "damaged-experiment_state-2026-01-02.json").exists()
+    # a damaged pickle with no copy kept: one line, and the file is left as it was
+    (exp / "searcher-state-x.pkl").write_bytes(pickle.dumps(list(range(99)))[:40])
+    with pytest.raises(PgpsError, match="cut short .* new --out") as err:
+        repair_tune_state(str(exp))
+    assert len(str(err.value).splitlines()) == 1 and len((exp / "searcher-state-x.pkl").read_bytes()) == 40
