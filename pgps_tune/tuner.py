@@ -182,9 +182,15 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
         }
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
-    trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=report)
+    made = []
+    trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=lambda r: (made.append(1), report(r)))
     try:
         trainer.fit(resume=checkpoint is not None)
+        last = trainer.state.history[-1] if trainer.state.history else None
+        if not made and last is not None and last["completed"]:
+            # restored from its final checkpoint (the driver died before it saw the last report):
+            # say the final result again, or Tune would end the trial on an older, unfinished one
+            report({**last, "best_val_dice": trainer.state.best_val_dice})
     except DivergedError as exc:
         # a retry from the last checkpoint would diverge again: end the trial here, failed, without a score
         tune.report({**base, "diverged": True, "error": str(exc), "completed": False,
@@ -360,7 +366,8 @@ def repair_tune_state(path: str, storage_fs=None) -> list[str]:
         copy = _read_bytes(fs, f"{copies}/{info.base_name}")
         if copy is not None and _intact(info.base_name, copy):
             _write_bytes_atomic(fs, info.path, copy)
-            notes.append(f"{info.base_name} was cut short (a kill mid-write); put back the intact copy kept at the last start")
+            notes.append(f"{info.base_name} was cut short (a kill mid-write); "
+                         "put back the intact copy kept at the last start")
         elif fnmatch.fnmatch(info.base_name, "experiment_state*.json"):
             fs.create_dir(copies, recursive=True)
             fs.move(info.path, f"{copies}/damaged-{info.base_name}")
