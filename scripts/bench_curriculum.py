@@ -55,7 +55,8 @@ def parse_budget(text: str) -> tuple[int, int]:
     return e, i
 
 
-def build_schedule(name: str, searched: str | None, final_patch, pools, batch: int, epochs: int):
+def build_schedule(name: str, searched: str | None, final_patch, pools, batch: int, epochs: int,
+                   multiple_of=None):
     from pgps_tune import schedule as sch
 
     if name == "searched":
@@ -69,7 +70,7 @@ def build_schedule(name: str, searched: str | None, final_patch, pools, batch: i
                              f"uses --batch-size {batch}; pass --batch-size {s.baseline_batch_size}")
         return s
     preset, _, mode = name.partition("-")
-    return sch.preset(preset, final_patch, pools, batch, epochs, mode or "resource")
+    return sch.preset(preset, final_patch, pools, batch, epochs, mode or "resource", multiple_of=multiple_of)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -88,8 +89,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     s = sch.Schedule.from_dict(job["schedule"])
     cfg = TrainConfig(network=job["network"], optimizer=job["optimizer"], lr=job["lr"],
                       iterations_per_epoch=job["ipe"], seed=job["seed"], val_every=job["val_every"], threads=threads,
-                      fg_ratio=job.get("fg_ratio", 0.5),
-                      device="cpu")
+                      fg_ratio=job.get("fg_ratio", 0.5), augment=job.get("augment", "default"),
+                      token_size=job.get("token_size", 16), device="cpu")
     out = Path(job["run_dir"])
     if (out / "checkpoint.pt").exists():
         (out / "checkpoint.pt").unlink()  # a half-finished job restarts from scratch
@@ -110,7 +111,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def job_key(job: dict[str, Any]) -> str:
     ident = {k: job[k] for k in ("dataset", "schedule", "seed", "ipe", "network", "optimizer", "lr",
-                                 "val_every", "batch")}
+                                 "val_every", "batch", "augment")}
+    if job.get("token_size", 16) != 16:
+        ident["token_size"] = job["token_size"]
     if job.get("threads", 1) != 1:  # timings differ with the thread count
         ident["threads"] = job["threads"]
     if job.get("fg_ratio", 0.5) != 0.5:
@@ -328,6 +331,9 @@ def main() -> int:
     ap.add_argument("--searched", help="schedule file of the searched schedule (e.g. a sweep's best_schedule.yaml)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--network", default="unet")
+    ap.add_argument("--token-size", type=int, default=16, help="unetr: token side (default 16)")
+    ap.add_argument("--final-patch", type=int, nargs=3, help="final patch (default: the data's plan)")
+    ap.add_argument("--augment", default="default", help="augmentation preset (default: the recipe's, 'default')")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val-every", type=int, help="epochs between validations (default 2; quick 4)")
@@ -360,13 +366,20 @@ def main() -> int:
     except PgpsError as exc:
         raise SystemExit(f"error: {exc}") from None
     plan = plan_patch(ds.median_shape, ds.spacing)
+    if a.final_patch:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, final_patch=tuple(a.final_patch))
+    from pgps_tune.config import patch_multiple
+
+    multiple = patch_multiple(a.network, plan.pools, a.token_size)
     train_cases, val_cases = split(ds, 0.2, seed=0)
     out = Path(a.out)
     jobs, schedules = [], {}
     for label, (epochs, ipe) in budgets.items():
         for name in a.schedules:
             try:
-                s = build_schedule(name, a.searched, plan.final_patch, plan.pools, a.batch_size, epochs)
+                s = build_schedule(name, a.searched, plan.final_patch, plan.pools, a.batch_size, epochs, multiple)
             except PgpsError as exc:
                 raise SystemExit(f"error: {name}: {exc}") from None
             schedules.setdefault(label, {})[name] = s.to_dict()
@@ -376,7 +389,8 @@ def main() -> int:
                        "budget": label, "name": name, "schedule": s.to_dict(), "seed": seed, "ipe": ipe,
                        "network": a.network, "optimizer": a.optimizer, "lr": float(trainer.get("lr", a.lr)),
                        "fg_ratio": float(trainer.get("fg_ratio", 0.5)), "batch": a.batch_size,
-                       "val_every": a.val_every, "threads": a.threads}
+                       "val_every": a.val_every, "threads": a.threads, "augment": a.augment,
+                       "token_size": a.token_size}
                 key = job_key(job)
                 job["cost"] = epochs * ipe * s.voxel_fraction()
                 job["result"] = str(out / "jobs" / f"{label}-{name}-s{seed}-{key}.json")
@@ -404,7 +418,9 @@ def main() -> int:
         f"time, {a.threads} torch thread(s) each",
         f"Data: {ds.name}, {len(train_cases)} train / {len(val_cases)} val cases (seeded split 0), final patch "
         f"{'x'.join(map(str, plan.final_patch))}, pools {list(plan.pools)}",
-        f"Training: batch {a.batch_size}, {a.network}, {a.optimizer} lr {a.lr}, poly LR over the run, "
+        f"Training: batch {a.batch_size}, {a.network}"
+        + (f" (token {a.token_size})" if a.network == "unetr" else "")
+        + f", augmentation {a.augment}, {a.optimizer} lr {a.lr}, poly LR over the run, "
         f"validation every {a.val_every} epochs; seeds {a.seeds}",
         f"Jobs run between {time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(r['started'] for r in results)))} and "
         f"{time.strftime('%H:%M UTC', time.gmtime(max(r['finished'] for r in results)))}; by schedule: "
