@@ -111,7 +111,7 @@ BAD = [
     ({"parameters": {"stages": {"type": "int", "low": -3, "high": 4}}}, "low must be an integer in [1, 100]"),
     ({"parameters": {"stages": {"type": "int", "low": 1, "high": 10**9}}}, "high must be an integer in [1, 100]"),
     ({"parameters": {"stages": {"type": "float", "low": 1, "high": 4}}}, "takes integers; use type int"),
-    ({"parameters": {"mode": {"type": "int", "low": 1, "high": 4}}}, "takes a mode; use type categorical"),
+    ({"parameters": {"mode": {"type": "int", "low": 1, "high": 4}}}, "takes one of resource, performance, sqrt; use type categorical"),
     ({"parameters": {"stages": {"type": "int", "low": 1}}}, "needs a numeric 'high'"),
     ({"parameters": {"fg_ratio": {"type": "float", "low": 0.2, "high": 1.5}}}, "high must be a number in [0, 1]"),
     ({"parameters": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "low must be a number in (0, 10]"),
