@@ -340,15 +340,14 @@ def _references(value: Any, src: str) -> bool | tuple[str, ...]:
     """``search.references``: true, false, or a list of ``PRESET`` / ``PRESET:MODE`` names (checked, no repeats)."""
     if isinstance(value, bool):
         return value
-    hint = (f"search.references must be true or false, or a list of {', '.join(sch.PRESETS)} (each optionally "
-            f":MODE, MODE one of {', '.join(sch.MODES)})")
+    names = (f"{', '.join(sch.PRESETS)}, each optionally :MODE (MODE one of {', '.join(sch.MODES)}; constant takes "
+             "none)")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise PgpsError(f"{src}: {hint}, got {value!r}")
+        raise PgpsError(f"{src}: search.references must be true or false, or a list of {names}; got {value!r}")
     for v in value:
         preset, _, mode = v.partition(":")
         if preset not in sch.PRESETS or (mode and (mode not in sch.MODES or preset == "constant")):
-            raise PgpsError(f"{src}: search.references entry {v!r} unknown; {hint.removeprefix('search.references ')}"
-                            " (constant takes no mode)")
+            raise PgpsError(f"{src}: search.references entry {v!r} unknown; list {names}")
     repeated = sorted({v for v in value if value.count(v) > 1})
     if repeated:
         raise PgpsError(f"{src}: search.references lists {repeated} more than once; list each reference once")
