@@ -67,10 +67,12 @@ def _number(name: str) -> Callable[[str], int | float]:
 
 def _add_schedule_args(p: argparse.ArgumentParser, planned: bool) -> None:
     g = p.add_argument_group("schedule")
-    g.add_argument("--preset", choices=["constant", "paper", "parametric"], default=None,
-                   help="built-in curriculum (default: paper)")
+    g.add_argument("--preset", choices=[*sch.PRESETS, "parametric"], default=None,
+                   help="built-in curriculum (default: paper); random: every iteration draws one of the paper's "
+                        "patch sizes")
     g.add_argument("--mode", choices=list(sch.MODES), default="resource",
-                   help="resource: constant batch; performance: batch grows to keep voxels per batch")
+                   help="resource: constant batch; performance: batch grows to keep voxels per batch; sqrt: batch "
+                        "grows with the square root of the voxel ratio")
     g.add_argument("--final-patch", nargs=3, type=_number("patch_axis"), metavar=("X", "Y", "Z"),
                    help="final (inference) patch size" + ("; default: planned from the data" if planned else ""))
     g.add_argument("--pools", nargs=3, type=_number("pools"), metavar=("PX", "PY", "PZ"),
@@ -88,6 +90,14 @@ def _add_schedule_args(p: argparse.ArgumentParser, planned: bool) -> None:
                    help="parametric: each stage is this many times longer than the one before")
     g.add_argument("--final-fraction", type=_number("final_fraction"), default=None,
                    help="parametric: share of all epochs spent at the final patch size")
+    g.add_argument("--lengths", nargs="+", type=_number("lengths"), metavar="L", default=None,
+                   help="parametric: one length per stage, fractions summing to 1 or epochs summing to --epochs "
+                        "(instead of --length-ratio and --final-fraction)")
+    g.add_argument("--growth-shape", choices=list(sch.GROWTH_SHAPES), default="geometric",
+                   help="parametric: geometric (side times --growth per stage) or linear (same length added per "
+                        "stage)")
+    g.add_argument("--family", choices=list(sch.FAMILIES), default="staged",
+                   help="parametric: staged (stages in order) or random (each iteration draws a stage's patch)")
 
 
 def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) -> sch.Schedule:
@@ -102,6 +112,7 @@ def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) 
             final, pools, a.batch_size, epochs, stages=a.stages, growth=growth,
             start_fraction=a.start_fraction, length_ratio=a.length_ratio,
             final_fraction=a.final_fraction, mode=a.mode, batch_cap=a.batch_cap, multiple_of=multiple_of,
+            lengths=a.lengths, growth_shape=a.growth_shape, family=a.family,
         )
     return sch.preset(preset, final, pools, a.batch_size, epochs, a.mode, a.batch_cap, multiple_of)
 

@@ -80,6 +80,7 @@ LIMITS: dict[str, Range] = {
     "start_fraction": Range(0, 1, low_open=True),
     "length_ratio": Range(0.01, 100),
     "final_fraction": Range(0, 1, low_open=True, high_open=True),
+    "lengths": Range(0, 1_000_000, low_open=True),  # each entry: a fraction of the run or whole epochs
     # training
     "iterations_per_epoch": _int(1, 10_000_000),
     "lr": Range(0, 10, low_open=True),

@@ -333,6 +333,9 @@ def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
 def check_schedule(s: sch.Schedule, plan: NnunetPlan) -> None:
     """Refuse a schedule (pgps-tune axis order) that nnU-Net's network for this plan cannot train."""
     where = f"{plan.source} ({plan.configuration})"
+    if s.sampling != "staged":
+        raise PgpsError(f"nnU-Net's trainer changes the patch per epoch and cannot draw it per iteration ({s.sampling} "
+                        "sampling); export a staged schedule")
     if s.final_patch != plan.final_patch:
         raise PgpsError(
             f"the schedule ends at {'x'.join(map(str, s.final_patch))} but {where} trains "

@@ -85,7 +85,7 @@ def params_text(params: Any) -> str:
 
 def phase_of(row: dict[str, Any]) -> str:
     """A trial's phase: the ``phase`` column where the sweep wrote one, else from its role."""
-    return row.get("phase") or ("references" if row.get("role") in ("baseline", "paper") else "search")
+    return row.get("phase") or ("search" if row.get("role", "search") == "search" else "references")
 
 
 def read_trials(sweep: str | Path) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     best = pick_best(rows)
     if best is not None:
         s = _schedule_of(best, meta["sweep"])
-        s = sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+        s = replace(s, meta={
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
             "objective": meta["objective"]["type"],
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
@@ -330,7 +330,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         known = sorted(set(t["dataset"].to_pylist()))
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
     s = _schedule_of(best, f"sweep {best['sweep']} of the results store")
-    return sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+    return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
     })

@@ -1,7 +1,8 @@
 """The progressive sampler: the batch of iteration ``i`` as a pure function of ``i``.
 
 The stage (patch size and batch size) is looked up from the schedule for every
-iteration index, and the random choices come from a generator seeded by
+iteration index (for random patch-size sampling, drawn by the schedule from
+``(seed, i)``), and the random choices come from a generator seeded by
 ``(seed, i)``.  Hence the sampler is deterministic, gives identical batches
 whatever the number of DataLoader workers, changes stage exactly at the
 boundary without rebuilding loaders, and resumes in the middle of a stage by
@@ -103,7 +104,8 @@ class ProgressiveSampler:
         return self.schedule.epochs * self.iterations_per_epoch
 
     def stage_index(self, iteration: int) -> int:
-        return self.schedule.stage_index_at(iteration // self.iterations_per_epoch)
+        """The stage of ``iteration``: of its epoch, or drawn from ``(seed, iteration)`` for random sampling."""
+        return self.schedule.stage_index_of_iteration(iteration, self.iterations_per_epoch, self.seed)
 
     def _volume(self, case: int) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         if case not in self._images:  # memory-mapped once per process (and worker)

@@ -10,6 +10,16 @@ stride-2 poolings per axis of the network (which fixes what patch sizes the
 network can take), and the baseline batch size that voxel fractions are
 measured against.
 
+Two families share that form.  ``staged`` (the curriculum): the stages run one
+after the other.  ``random`` (random patch-size sampling, the PGPS authors'
+follow-up): every iteration draws its stage at random, stage ``k`` with
+probability ``epochs_k / epochs``, so the stage list is the set of sizes and
+their shares; voxel accounting, memory and every check then read the same
+stage list (voxels are the expectation).  Validation is at the final patch in
+both.  Batch modes: ``resource`` (constant batch), ``performance`` (about
+constant voxels per batch) and ``sqrt`` (the batch grows with the square root
+of the voxel ratio, between the two).
+
 >>> s = paper((128, 128, 128), pools=(5, 5, 5), batch_size=2, epochs=1000,
 ...           mode="performance")
 >>> [st.batch_size for st in s.stages]
@@ -22,8 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +45,10 @@ from pgps_tune.limits import LIMITS
 
 FORMAT_VERSION = 1
 Mode = Literal["resource", "performance"]
-MODES: tuple[str, ...] = ("resource", "performance")
+MODES: tuple[str, ...] = ("resource", "performance", "sqrt")
+FAMILIES: tuple[str, ...] = ("staged", "random")
+GROWTH_SHAPES: tuple[str, ...] = ("geometric", "linear")
+PRESETS: tuple[str, ...] = ("constant", "paper", "random")
 Triple = tuple[int, int, int]
 
 
@@ -56,7 +70,8 @@ class Schedule:
     """An ordered list of stages ending at the final patch size.
 
     ``meta`` carries provenance (preset, mode, dataset, score, ...) through
-    files unchanged; it never changes what is trained.
+    files unchanged; it never changes what is trained.  ``sampling`` is the
+    family: ``staged`` or ``random`` (see the module docstring).
     """
 
     stages: tuple[Stage, ...]
@@ -64,6 +79,7 @@ class Schedule:
     pools: Triple
     baseline_batch_size: int
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    sampling: str = "staged"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -93,6 +109,29 @@ class Schedule:
     def stage_at(self, epoch: int) -> Stage:
         return self.stages[self.stage_index_at(epoch)]
 
+    def stage_index_of_iteration(self, iteration: int, iterations_per_epoch: int, seed: int) -> int:
+        """Index of the stage that trains ``iteration`` (0-based): where the patch size changes.
+
+        Staged: the stage of its epoch.  Random: a draw from ``(seed, iteration)`` alone
+        (stage ``k`` with probability ``epochs_k / epochs``), so any worker, a resumed run
+        and a rerun get the same patch for the same iteration.
+        """
+        epoch = iteration // iterations_per_epoch
+        if self.sampling == "random":
+            if not 0 <= epoch < self.epochs:
+                raise ValueError(f"iteration {iteration} outside the schedule's {self.epochs} epochs")
+            # a string seed goes through SHA-512: the same draw on every platform and Python version
+            epoch = random.Random(f"pgps-random-patch:{seed}:{iteration}").randrange(self.epochs)
+        return self.stage_index_at(epoch)
+
+    def final_phase(self, stage: int) -> bool:
+        """Whether training in ``stage`` already has the run's final mix of patch sizes.
+
+        Staged: only the last stage trains at the final patch; random: every iteration
+        draws from the same mix, so a validation at any point compares like with like.
+        """
+        return self.sampling == "random" or stage == len(self.stages) - 1
+
     # -- voxel accounting ------------------------------------------------------
     def voxels(self) -> int:
         """Voxels fed to the network over the whole run, per iteration of an epoch."""
@@ -108,11 +147,13 @@ class Schedule:
 
     # -- files -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain data; ``sampling`` is written only for the random family, so staged files stay as they were."""
         return {
             "format_version": FORMAT_VERSION,
             "final_patch": list(self.final_patch),
             "pools": list(self.pools),
             "baseline_batch_size": self.baseline_batch_size,
+            **({"sampling": self.sampling} if self.sampling != "staged" else {}),
             "stages": [
                 {"patch_size": list(s.patch_size), "batch_size": s.batch_size, "epochs": s.epochs}
                 for s in self.stages
@@ -137,7 +178,7 @@ class Schedule:
         return atomic_write_text(path, text)
 
     def table(self) -> str:
-        """Human-readable table of the stages."""
+        """Human-readable table of the stages (random sampling: epochs are expected shares)."""
         rows = ["stage  patch            batch  epochs  voxels/batch  share_of_voxels"]
         total = self.voxels() or 1
         for i, s in enumerate(self.stages):
@@ -147,8 +188,9 @@ class Schedule:
                 f"{i:>5}  {patch:<15}  {s.batch_size:>5}  {s.epochs:>6}  {vox:>12}  "
                 f"{s.epochs * vox / total:>15.3f}"
             )
+        drawn = ", each iteration draws its stage at random (odds by epochs)" if self.sampling == "random" else ""
         rows.append(
-            f"{len(self.stages)} stages, {self.epochs} epochs, voxel fraction "
+            f"{len(self.stages)} stages, {self.epochs} epochs{drawn}, voxel fraction "
             f"{self.voxel_fraction():.3f} of the constant baseline"
         )
         return "\n".join(rows)
@@ -246,6 +288,8 @@ def validate(s: Schedule) -> None:
                 f"{list(s.final_patch)}; stages must fit inside the final patch"
             )
     LIMITS["epochs"].check(total, "the schedule's total epochs")
+    if s.sampling not in FAMILIES:
+        raise PgpsError(f"sampling {s.sampling!r} unknown; use one of {', '.join(FAMILIES)}")
     if s.stages[-1].patch_size != s.final_patch:
         raise PgpsError(
             f"the last stage trains {list(s.stages[-1].patch_size)} but the final patch is "
@@ -276,7 +320,7 @@ def _from_dict(data: Any, source: str) -> Schedule:
             f"{source}: format_version {version!r} is not supported; this pgps-tune reads "
             f"format_version {FORMAT_VERSION} (regenerate it with 'pgps-tune schedule')"
         )
-    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "stages", "meta"}
+    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "sampling", "stages", "meta"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PgpsError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
@@ -309,6 +353,7 @@ def _from_dict(data: Any, source: str) -> Schedule:
             pools=tuple(_ints(data["pools"], 3, f"{source}: pools")),  # type: ignore[arg-type]
             baseline_batch_size=_int(data["baseline_batch_size"], f"{source}: baseline_batch_size"),
             meta=meta,
+            sampling=data.get("sampling", "staged"),
         )
     except PgpsError as exc:
         raise PgpsError(f"{source}: {exc}") from None
@@ -329,6 +374,16 @@ def _performance_batch(batch_size: int, final: Triple, patch: Triple, cap: int |
     return min(b, cap) if cap else b
 
 
+def _sqrt_batch(batch_size: int, final: Triple, patch: Triple, cap: int | None) -> int:
+    """``floor(batch * sqrt(final voxels / patch voxels))``, in exact integers (and the cap).
+
+    Between the two paper modes: a stage with 1/4 of the final patch's voxels gets twice
+    the batch (performance mode: four times; resource mode: the same).
+    """
+    b = max(1, math.isqrt(batch_size * batch_size * math.prod(final) // math.prod(patch)))
+    return min(b, cap) if cap else b
+
+
 def _batches(
     patches: Sequence[Triple], final: Triple, batch_size: int, mode: str, cap: int | None
 ) -> list[int]:
@@ -338,7 +393,8 @@ def _batches(
         LIMITS["batch_cap"].check(cap, "batch_cap")
     if mode == "resource":
         return [batch_size] * len(patches)
-    return [_performance_batch(batch_size, final, p, cap) for p in patches]
+    rule = _performance_batch if mode == "performance" else _sqrt_batch
+    return [rule(batch_size, final, p, cap) for p in patches]
 
 
 def _as_triple(v: Sequence[int], what: str) -> Triple:
@@ -394,7 +450,7 @@ def paper(
     """The paper's automatic curriculum (Fischer et al., 2024), exactly.
 
     Every stage gets ``epochs // S`` epochs and the last gets the rest.
-    ``batch_cap`` (performance mode only) is an extension; the paper has none.
+    ``batch_cap`` (performance and sqrt modes) is an extension; the paper has none.
     ``multiple_of``: a network's own patch rule (see :func:`divisors`); the first
     stage is then that network's smallest legal patch.
     """
@@ -412,6 +468,53 @@ def paper(
         tuple(Stage(p, b, e) for p, b, e in zip(patches, batches, lengths)),
         final, pools_, batch_size, meta={"preset": "paper", "mode": mode},
     )
+
+
+def randomize(s: Schedule) -> Schedule:
+    """The random-sampling twin of ``s``: the same sizes, batches and shares, drawn per iteration."""
+    return replace(s, sampling="random", meta={**s.meta, "family": "random"})
+
+
+def random_sampling(
+    final_patch: Sequence[int],
+    pools: Sequence[int],
+    batch_size: int,
+    epochs: int,
+    mode: str = "resource",
+    batch_cap: int | None = None,
+    multiple_of: Sequence[int] | None = None,
+) -> Schedule:
+    """Random patch-size sampling over the paper's sizes (the PGPS authors' follow-up).
+
+    Every iteration draws one of the sizes the paper's curriculum visits, from one
+    increment per axis to the final patch, with (near) equal odds: the paper's stage
+    lengths are the odds.  Batches follow ``mode`` per size, as in the paper.
+    """
+    s = paper(final_patch, pools, batch_size, epochs, mode, batch_cap, multiple_of)
+    return replace(randomize(s), meta={**s.meta, "preset": "random", "family": "random"})
+
+
+def stage_lengths(epochs: int, stages: int, lengths: Sequence[float]) -> list[int]:
+    """Epochs per stage from an explicit ``lengths`` list: fractions summing to 1, or epochs summing to ``epochs``.
+
+    >>> stage_lengths(10, 3, [0.2, 0.3, 0.5])
+    [2, 3, 5]
+    >>> stage_lengths(10, 2, [4, 6])
+    [4, 6]
+    """
+    if isinstance(lengths, str | bytes) or not isinstance(lengths, Sequence):
+        raise PgpsError(f"lengths must be a list of numbers, one per stage, got {lengths!r}")
+    values = [LIMITS["lengths"].check(v, f"lengths entry {i}") for i, v in enumerate(lengths)]
+    if len(values) != stages:
+        raise PgpsError(f"lengths has {len(values)} entries but the schedule has {stages} stages; give one length "
+                        "per stage")
+    total = sum(values)
+    if all(v.is_integer() for v in values) and total == epochs:
+        return [int(v) for v in values]
+    if abs(total - 1.0) <= 1e-6:
+        return allocate_epochs(epochs, values)
+    raise PgpsError(f"lengths {list(lengths)} sum to {total:g}; give fractions that sum to 1 or whole epochs that "
+                    f"sum to the {epochs} epochs of the run")
 
 
 def allocate_epochs(epochs: int, weights: Sequence[float]) -> list[int]:
@@ -454,18 +557,25 @@ def parametric(
     mode: str = "resource",
     batch_cap: int | None = None,
     multiple_of: Sequence[int] | None = None,
+    lengths: Sequence[float] | None = None,
+    growth_shape: str = "geometric",
+    family: str = "staged",
 ) -> Schedule:
     """The searchable family.
 
-    Patch side lengths grow geometrically towards the final patch: stage ``k``
-    of ``S`` is ``final / growth**(S-1-k)`` per axis (aspect ratio kept), snapped
-    to the network's divisibility.  Give either ``growth`` (> 1) or
-    ``start_fraction`` (first stage's side as a fraction of the final, in (0, 1]).
+    Patch side lengths grow towards the final patch from a first side of
+    ``final / growth**(S-1)`` per axis (aspect ratio kept): ``geometric`` growth
+    multiplies the side by ``growth`` per stage, ``linear`` growth adds the same
+    length per stage between the same first and last sides; each is snapped to the
+    network's divisibility.  Give either ``growth`` (> 1) or ``start_fraction``
+    (first stage's side as a fraction of the final, in (0, 1]).
 
     Lengths: stage ``k`` weighs ``length_ratio**k`` (1 = equal, > 1 = later stages
-    longer), with ``final_fraction`` of all epochs reserved for the last stage if given.
+    longer), with ``final_fraction`` of all epochs reserved for the last stage if given;
+    or ``lengths`` gives every stage's share (see :func:`stage_lengths`).
     Stages that snap to the same patch are merged (their epochs added), so the
     stage count of the result can be lower than asked; ``meta`` records both.
+    ``family``: ``staged``, or ``random`` to draw these stages per iteration (:func:`randomize`).
     """
     final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
     check_patch(final, pools_, "final patch", multiple_of)
@@ -478,6 +588,10 @@ def parametric(
             growth = LIMITS["start_fraction"].check(start_fraction, "start_fraction") ** (-1.0 / (stages - 1))
         else:
             LIMITS["growth"].check(growth, "growth")
+    if growth_shape not in GROWTH_SHAPES:
+        raise PgpsError(f"growth_shape {growth_shape!r} unknown; use one of {', '.join(GROWTH_SHAPES)}")
+    if family not in FAMILIES:
+        raise PgpsError(f"family {family!r} unknown; use one of {', '.join(FAMILIES)}")
     inc = divisors(pools_, multiple_of)
 
     def snap(side: float, a: int) -> int:
@@ -485,10 +599,18 @@ def parametric(
 
     patches: list[Triple] = []
     for k in range(stages):
-        scale = (growth or 1.0) ** (stages - 1 - k)
-        patches.append(tuple(snap(final[a] / scale, a) for a in range(3)))  # type: ignore[arg-type]
+        if growth_shape == "linear":
+            start = [f / (growth or 1.0) ** (stages - 1) for f in final]
+            sides = [s0 + (f - s0) * k / max(1, stages - 1) for s0, f in zip(start, final)]
+        else:
+            sides = [f / (growth or 1.0) ** (stages - 1 - k) for f in final]
+        patches.append(tuple(snap(sides[a], a) for a in range(3)))  # type: ignore[arg-type]
 
-    if final_fraction is not None and stages > 1:
+    if lengths is not None:
+        if final_fraction is not None or length_ratio != 1.0:
+            raise PgpsError("give lengths, or length_ratio and final_fraction, not both")
+        stage_epochs = stage_lengths(epochs, stages, lengths)
+    elif final_fraction is not None and stages > 1:
         LIMITS["final_fraction"].check(final_fraction, "final_fraction")
         last = min(epochs - (stages - 1), max(1, round(epochs * final_fraction)))
         stage_epochs = allocate_epochs(epochs - last, [length_ratio**k for k in range(stages - 1)])
@@ -503,14 +625,17 @@ def parametric(
         else:
             merged.append([p, e])
     batches = _batches([m[0] for m in merged], final, batch_size, mode, batch_cap)
-    return Schedule(
+    s = Schedule(
         tuple(Stage(p, b, e) for (p, e), b in zip(merged, batches)),
         final, pools_, batch_size,
         meta={
             "preset": "parametric", "mode": mode, "stages_requested": stages,
             "growth": growth, "length_ratio": length_ratio, "final_fraction": final_fraction,
+            **({"growth_shape": growth_shape} if growth_shape != "geometric" else {}),
+            **({"lengths": list(lengths)} if lengths is not None else {}),
         },
     )
+    return randomize(s) if family == "random" else s
 
 
 def preset(
@@ -523,19 +648,19 @@ def preset(
     batch_cap: int | None = None,
     multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
-    """Build a named preset: ``constant`` or ``paper`` (``multiple_of``: see :func:`divisors`)."""
+    """Build a named preset: ``constant``, ``paper`` or ``random`` (``multiple_of``: see :func:`divisors`)."""
     if name == "constant":
         return constant(final_patch, pools, batch_size, epochs, multiple_of)
     if name == "paper":
         return paper(final_patch, pools, batch_size, epochs, mode, batch_cap, multiple_of)
-    raise PgpsError(f"unknown preset {name!r}; use 'constant' or 'paper'")
+    if name == "random":
+        return random_sampling(final_patch, pools, batch_size, epochs, mode, batch_cap, multiple_of)
+    raise PgpsError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
 
 
 def rescale_epochs(s: Schedule, epochs: int) -> Schedule:
     """The same curriculum stretched or shrunk to ``epochs`` epochs in total."""
     weights = [st.epochs for st in s.stages]
     lengths = allocate_epochs(epochs, weights)
-    return Schedule(
-        tuple(Stage(st.patch_size, st.batch_size, e) for st, e in zip(s.stages, lengths)),
-        s.final_patch, s.pools, s.baseline_batch_size, meta=dict(s.meta),
-    )
+    return replace(s, stages=tuple(Stage(st.patch_size, st.batch_size, e) for st, e in zip(s.stages, lengths)),
+                   meta=dict(s.meta))

@@ -12,7 +12,8 @@ File format (YAML)::
       stages: {type: int, low: 1, high: 6}
       growth: {type: float, low: 1.2, high: 2.5, log: true, when: "stages > 1"}
       length_ratio: {type: float, low: 0.5, high: 2.0, log: true}
-      mode: {type: categorical, choices: [resource, performance]}
+      mode: {type: categorical, choices: [resource, performance, sqrt]}
+      family: {type: categorical, choices: [staged, random]}
       fg_ratio: {value: 0.5}         # fixed
     objective: {type: max_dice}      # or cheapest_within (tolerance), dice_under_budget (voxel_budget)
     search: {algorithm: tpe, num_samples: 24, seed: 0}   # tpe | random | grid
@@ -50,7 +51,10 @@ if TYPE_CHECKING:
 SCHEDULE_PARAMS = {
     "stages": "int", "growth": "float", "start_fraction": "float", "length_ratio": "float",
     "final_fraction": "float", "mode": "categorical", "batch_cap": "int",
+    "family": "categorical", "growth_shape": "categorical", "lengths": "list",
 }
+# the values of each categorical parameter
+CHOICES: dict[str, tuple[str, ...]] = {"mode": sch.MODES, "family": sch.FAMILIES, "growth_shape": sch.GROWTH_SHAPES}
 TRAINER_PARAMS = {"fg_ratio": "float", "lr": "float"}
 KNOWN_PARAMS = {**SCHEDULE_PARAMS, **TRAINER_PARAMS}
 # what each parameter sets, and its value when the space leaves it out (docs/SPACES.md is built from this)
@@ -62,8 +66,17 @@ PARAM_DOCS = {
                       "searched)",
     "length_ratio": "each stage is this many times longer than the one before. Absent: 1.0",
     "final_fraction": "share of all epochs reserved for the final patch size. Absent: none reserved",
-    "mode": "resource (constant batch) or performance (the batch grows as the patch shrinks). Absent: resource",
-    "batch_cap": "performance mode: largest batch. Absent: no cap",
+    "mode": "resource (constant batch), performance (the batch grows as the patch shrinks, about constant voxels "
+            "per batch) or sqrt (the batch grows with the square root of the voxel ratio, in between). "
+            "Absent: resource",
+    "batch_cap": "performance and sqrt modes: largest batch. Absent: no cap",
+    "family": "staged (the stages run in order) or random (every iteration draws one of the stages' patch sizes, "
+              "odds by their lengths; validation at the final patch). Absent: staged",
+    "growth_shape": "geometric (the side is multiplied by growth per stage) or linear (the same length added per "
+                    "stage, between the same first and final sides). Absent: geometric",
+    "lengths": "a fixed list, one length per stage: fractions summing to 1 or whole epochs summing to "
+               "budget.epochs, instead of length_ratio and final_fraction (with searched stages, add "
+               "`when: \"stages == N\"`). Absent: length_ratio",
     "fg_ratio": "trainer: share of foreground-centred patches. Absent: budget.fg_ratio",
     "lr": "trainer: learning rate. Absent: budget.lr",
 }
@@ -141,8 +154,11 @@ class Search:
                                    "it for a short search")
     max_compute: float = _doc(0.0, "stop the search phase once its trials together processed the voxels of "
                                    "this many full baseline runs (0: no cap)")
-    references: bool = _doc(True, "train the constant baseline and the paper schedule first, to the end; "
-                                  "`cheapest_within` needs them")
+    references: bool | tuple[str, ...] = _doc(
+        True, "reference schedules trained first, to the end: `true` (the constant baseline and the paper schedule), "
+              "`false`, or a list of `constant`, `paper`, `random` (random patch-size sampling over the paper's "
+              "sizes), each optionally `:MODE` (e.g. `paper:sqrt`; otherwise the space's fixed mode, else "
+              "resource); `cheapest_within` needs `constant`")
 
 
 @dataclass(frozen=True)
@@ -288,7 +304,9 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
     out = {}
     for k, v in data.items():
         want = getattr(defaults, k)
-        if k in ("final_patch", "pools", "synthetic_shape") or isinstance(want, tuple):
+        if cls is Search and k == "references":
+            v = _references(v, src)
+        elif k in ("final_patch", "pools", "synthetic_shape") or isinstance(want, tuple):
             v = _numbers(v, k, key, src, None if k == "filters" else 3)
         elif isinstance(want, bool):
             if not isinstance(v, bool):
@@ -318,13 +336,37 @@ def _parse_when(text: Any, name: str, src: str) -> tuple[str, str, Any]:
     return other, op, value
 
 
+def _references(value: Any, src: str) -> bool | tuple[str, ...]:
+    """``search.references``: true, false, or a list of ``PRESET`` / ``PRESET:MODE`` names (checked, no repeats)."""
+    if isinstance(value, bool):
+        return value
+    names = (f"{', '.join(sch.PRESETS)}, each optionally :MODE (MODE one of {', '.join(sch.MODES)}; constant takes "
+             "none)")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PgpsError(f"{src}: search.references must be true or false, or a list of {names}; got {value!r}")
+    for v in value:
+        preset, _, mode = v.partition(":")
+        if preset not in sch.PRESETS or (mode and (mode not in sch.MODES or preset == "constant")):
+            raise PgpsError(f"{src}: search.references entry {v!r} unknown; list {names}")
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise PgpsError(f"{src}: search.references lists {repeated} more than once; list each reference once")
+    return tuple(value)
+
+
 def _param_value(name: str, value: Any, what: str, src: str) -> Any:
     """Check one value a parameter can take (a fixed value or a choice) against its kind and range."""
     kind = KNOWN_PARAMS[name]
-    if kind == "categorical":  # mode
-        if value not in sch.MODES:
-            raise PgpsError(f"{src}: parameter '{name}': {what} {value!r} unknown; use resource or performance")
+    if kind == "categorical":
+        if value not in CHOICES[name]:
+            raise PgpsError(f"{src}: parameter '{name}': {what} {value!r} unknown; use one of "
+                            f"{', '.join(CHOICES[name])}")
         return value
+    if kind == "list":  # lengths: each entry checked here, their count and sum once the stages are known
+        if not isinstance(value, list) or not 1 <= len(value) <= LIMITS["stages"].high:
+            raise PgpsError(f"{src}: parameter '{name}': {what} must be a list of 1 to {LIMITS['stages'].high:g} "
+                            f"numbers, one per stage, got {value!r}")
+        return tuple(LIMITS[name].check(v, f"{src}: parameter '{name}': entry {i}") for i, v in enumerate(value))
     rng = LIMITS[name]
     if kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -344,6 +386,9 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
     if "value" in spec:
         return Param(name, "fixed", value=_param_value(name, spec["value"], "value", src), when=when)
     kind = spec.get("type")
+    if KNOWN_PARAMS[name] == "list":
+        raise PgpsError(f"{src}: parameter '{name}' takes a fixed list ({name}: [0.2, 0.3, 0.5]); to match a searched "
+                        "stage count, give it a when condition such as \"stages == 3\"")
     if kind not in ("int", "float", "categorical"):
         raise PgpsError(f"{src}: parameter '{name}' needs type int, float or categorical (or a fixed value)")
     if kind == "categorical":
@@ -353,7 +398,8 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
         return Param(name, kind, choices=tuple(_param_value(name, c, "choice", src) for c in choices), when=when)
     want = KNOWN_PARAMS[name]
     if want == "categorical" or (want == "int" and kind == "float"):
-        raise PgpsError(f"{src}: parameter '{name}' takes {'a mode' if want == 'categorical' else 'integers'}; "
+        takes = f"one of {', '.join(CHOICES[name])}" if want == "categorical" else "integers"
+        raise PgpsError(f"{src}: parameter '{name}' takes {takes}; "
                         f"use type {'categorical' if want == 'categorical' else 'int'}, not {kind}")
     rng: Range = LIMITS[name]
     if kind == "int":
@@ -443,8 +489,9 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
     if search.algorithm not in ALGORITHMS:
         raise PgpsError(f"{src}: search.algorithm {search.algorithm!r} unknown; use one of {', '.join(ALGORITHMS)}")
-    if not search.references and objective.type == "cheapest_within":
-        raise PgpsError(f"{src}: objective cheapest_within needs the baseline's Dice; set search.references: true")
+    if objective.type == "cheapest_within" and "constant" not in reference_names(search):
+        raise PgpsError(f"{src}: objective cheapest_within needs the baseline's Dice; set search.references: true "
+                        "(or list constant in it)")
     if asha.time_attr not in TIME_ATTRS:
         raise PgpsError(f"{src}: asha.time_attr {asha.time_attr!r} unknown; use one of {', '.join(TIME_ATTRS)}")
     if asha.judge not in JUDGES:
@@ -514,13 +561,13 @@ def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: floa
 def schedule_from_params(
     params: dict[str, Any], final_patch, pools, batch_size: int, epochs: int, multiple_of=None
 ) -> sch.Schedule:
-    """The schedule a trial trains. ``preset`` (constant/paper) marks the reference trials.
+    """The schedule a trial trains. ``preset`` (constant/paper/random) marks the reference trials.
 
     ``multiple_of``: the network's own patch rule (:func:`pgps_tune.config.patch_multiple`).
     """
     preset = params.get("preset")
     mode = params.get("mode", "resource")
-    if preset in ("constant", "paper"):
+    if preset in sch.PRESETS:
         return sch.preset(preset, final_patch, pools, batch_size, epochs, mode, params.get("batch_cap"), multiple_of)
     stages = int(params.get("stages", 1))
     growth = params.get("growth")
@@ -533,18 +580,35 @@ def schedule_from_params(
         final_patch, pools, batch_size, epochs, stages=stages,
         growth=growth if stages > 1 else None, start_fraction=start_fraction if stages > 1 else None,
         length_ratio=float(params.get("length_ratio", 1.0)), final_fraction=params.get("final_fraction"),
-        mode=mode, batch_cap=params.get("batch_cap"), multiple_of=multiple_of,
+        mode=mode, batch_cap=params.get("batch_cap"), multiple_of=multiple_of, lengths=params.get("lengths"),
+        growth_shape=params.get("growth_shape", "geometric"), family=params.get("family", "staged"),
     )
 
 
+def reference_names(search: Search) -> tuple[str, ...]:
+    """The references a sweep trains first: ``search.references`` as a list of names."""
+    if isinstance(search.references, bool):
+        return ("constant", "paper") if search.references else ()
+    return search.references
+
+
 def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
-    """The constant baseline and the paper schedule in the space's mode (resource if searched)."""
+    """The reference trials: by default the constant baseline and the paper schedule in the space's mode.
+
+    A reference without ``:MODE`` takes the space's fixed mode (resource if the mode is searched).
+    Roles: ``baseline`` for constant, ``paper`` for the paper schedule in that mode, else the name.
+    """
     mode = space.param("mode")
-    paper_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
-    return [
-        {"role": "baseline", "preset": "constant"},
-        {"role": "paper", "preset": "paper", "mode": paper_mode},
-    ]
+    space_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
+    configs = []
+    for name in reference_names(space.search):
+        preset, _, ref_mode = name.partition(":")
+        if preset == "constant":
+            configs.append({"role": "baseline", "preset": "constant"})
+        else:
+            configs.append({"role": "paper" if name == "paper" else name, "preset": preset,
+                            "mode": ref_mode or space_mode})
+    return configs
 
 
 def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:

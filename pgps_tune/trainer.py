@@ -343,6 +343,7 @@ class Trainer:
             cfg.pop(k)  # free to change between runs
         return _plain({
             "schedule": self.schedule.to_dict()["stages"], "final_patch": list(self.schedule.final_patch),
+            **({"sampling": self.schedule.sampling} if self.schedule.sampling != "staged" else {}),
             "config": cfg, "dataset": self.ds.name, "train_cases": self.train_cases,
             "val_cases": self.val_cases,
         })
@@ -498,6 +499,7 @@ class Trainer:
         ipe = self.cfg.iterations_per_epoch
         start = self.state.iteration
         losses: list[float] = []
+        epoch_voxels = [0] * len(self.schedule.stages)  # random sampling mixes stages within an epoch
         t_epoch = time.perf_counter()
         with contextlib.closing(self._batches(start)) as batches:
             for it, k, image, label in batches:
@@ -507,6 +509,7 @@ class Trainer:
                 st = self.state.stages[k]
                 st.iterations += 1
                 st.voxels += int(label.numel())
+                epoch_voxels[k] += int(label.numel())
                 self.state.iteration = it + 1
                 if self.state.iteration % ipe:
                     continue
@@ -514,7 +517,9 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t_epoch
-                st.wall_time_s += dt
+                for i, v in enumerate(epoch_voxels):  # an epoch's time goes to its stages by their voxels
+                    self.state.stages[i].wall_time_s += dt * (v / sum(epoch_voxels))
+                epoch_voxels = [0] * len(self.schedule.stages)
                 self.state.train_time_s += dt
                 epoch = self.state.iteration // ipe
                 done = epoch == self.schedule.epochs

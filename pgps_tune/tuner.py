@@ -16,7 +16,8 @@ compare trials at equal compute on the same task.  By default (``asha.judge:
 final_stage``) ASHA only sees validations made once a trial trains at the final
 patch: before that, a curriculum's Dice at the final patch says little about
 where it ends (measured in docs/BENCHMARKS.md), so a trial is first judged at
-the first rung it passes in its last stage.  Trials that ASHA stops are told
+the first rung it passes in its last stage (random patch-size sampling trains the
+same mix throughout: judged from the first rung).  Trials that ASHA stops are told
 to Optuna as PRUNED, so TPE does not learn from truncated runs as if they had
 finished; a trial whose loss diverges ends at once, failed, and is told as FAIL.
 
@@ -167,7 +168,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
 
     def report(r: dict[str, Any]) -> None:
         score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
-        judged = setup["asha_judge"] == "always" or r["stage"] == len(s.stages) - 1
+        judged = setup["asha_judge"] == "always" or s.final_phase(r["stage"])
         metrics = {
             **base,
             "score": score,

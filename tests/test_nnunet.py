@@ -233,6 +233,9 @@ def test_schedules_that_do_not_fit_the_plans_are_refused(plan, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(PgpsError, match="num_epochs must be a positive integer"):
         nnunet.read_schedule(tmp_path / "bad.json", plan)
+    drawn = sch.preset("random", plan.final_patch, plan.pools, 2, 60)  # nnU-Net changes the patch per epoch only
+    with pytest.raises(PgpsError, match="cannot draw it per iteration"):
+        nnunet.export_for_nnunet(drawn, plan)
 
 
 def test_trainer_finds_its_schedule_env_then_beside_plans_then_run_record(plan, tmp_path, monkeypatch):

@@ -138,3 +138,21 @@ def test_cases_without_foreground_give_random_crops(tmp_path):
             assert (seg[j, 0, 4, 4, 4] > 0) == (case == 2)
             labelled += case == 2
     assert 0 < labelled < 24
+
+
+def test_random_sampling_draws_each_batch_from_seed_and_iteration(ds):
+    s = sch.preset("random", (24, 24, 16), (3, 3, 3), 2, 8, "sqrt")  # 6 sizes, drawn per iteration
+    a, b = _sampler(ds, s), _sampler(ds, s)
+    stages = []
+    for it in range(a.total_iterations):
+        img, seg, k = a.batch(it)
+        assert k == s.stage_index_of_iteration(it, 3, seed=7)
+        assert img.shape == seg.shape == (s.stages[k].batch_size, 1, *s.stages[k].patch_size)
+        stages.append(k)
+    assert len(set(stages)) >= 4 and stages != sorted(stages)  # sizes mix, not a curriculum
+    for it in (0, 9, 23):  # another sampler, iterations out of order: the same batches
+        assert all(np.array_equal(x, y) for x, y in zip(a.batch(it), b.batch(it)))
+    resumed = [x["stage"] for x in loader(_sampler(ds, s), 10, workers=0)]
+    assert resumed == stages[10:]
+    other_seed = ProgressiveSampler(ds, list(range(len(ds))), s, 3, seed=8)
+    assert [other_seed.stage_index(i) for i in range(24)] != stages

@@ -207,3 +207,117 @@ def test_rescale_keeps_the_curriculum_shape():
     assert shrunk.meta == s.meta and shrunk.voxel_fraction() == pytest.approx(s.voxel_fraction())
     odd = sch.rescale_epochs(s, 7)  # shares 0.7, 2.1, 4.2: floors 1 (lifted), 2, 4 = 7
     assert [st.epochs for st in odd.stages] == [1, 2, 4]
+
+
+# -- families: random patch-size sampling, the sqrt batch rule, explicit lengths, linear growth -------------
+
+
+def test_random_preset_draws_the_paper_sizes_and_keeps_their_accounting():
+    paper = sch.paper((40, 56, 40), (3, 3, 3), 2, 30, "performance")
+    rnd = sch.preset("random", (40, 56, 40), (3, 3, 3), 2, 30, "performance")
+    assert rnd.sampling == "random" and paper.sampling == "staged" and rnd != paper
+    assert rnd.stages == paper.stages and rnd.meta["preset"] == "random"
+    # the stage list is the set of sizes and their odds: the expected voxels are the paper's
+    assert rnd.voxel_fraction() == paper.voxel_fraction()
+    assert "draws its stage at random" in rnd.table() and "at random" not in paper.table()
+    assert not paper.final_phase(0) and paper.final_phase(len(paper.stages) - 1)
+    assert all(rnd.final_phase(k) for k in range(len(rnd.stages)))
+
+
+def test_random_draw_is_a_function_of_seed_and_iteration_with_odds_by_epochs():
+    s = sch.randomize(sch.parametric((32, 32, 32), (3, 3, 3), 2, 10, stages=3, growth=2.0,
+                                     lengths=[0.2, 0.3, 0.5]))  # 8^3, 16^3, 32^3 for 2, 3, 5 epochs
+    ipe, n = 100, 1000
+    draws = [s.stage_index_of_iteration(i, ipe, seed=3) for i in range(n)]
+    assert draws == [s.stage_index_of_iteration(i, ipe, seed=3) for i in reversed(range(n))][::-1]
+    assert draws != [s.stage_index_of_iteration(i, ipe, seed=4) for i in range(n)]
+    counts = [draws.count(k) for k in range(3)]
+    # expected 200, 300, 500 of 1000; 5 standard deviations of a binomial is under 80
+    assert all(abs(c - e) < 80 for c, e in zip(counts, (200, 300, 500))), counts
+    assert len(set(draws[:ipe])) == 3  # sizes mix within an epoch, not one size per epoch
+    staged = sch.paper((32, 32, 32), (3, 3, 3), 2, 20)
+    assert [staged.stage_index_of_iteration(i, 3, seed=3) for i in range(60)] == [i // 3 // 2 for i in range(60)]
+    with pytest.raises(ValueError, match="outside"):
+        s.stage_index_of_iteration(ipe * 10, ipe, seed=3)
+
+
+def test_random_sampling_survives_files_and_rescaling(tmp_path):
+    s = sch.parametric((48, 48, 48), (3, 3, 3), 2, 12, stages=3, growth=2.0, family="random")
+    for name in ("r.json", "r.yaml"):
+        back = sch.load(s.save(tmp_path / name))
+        assert back == s and back.sampling == "random"
+    assert sch.rescale_epochs(s, 24).sampling == "random"
+    assert "sampling" not in sch.paper((48, 48, 48), (3, 3, 3), 2, 20).to_dict()  # staged files unchanged
+    with pytest.raises(PgpsError, match="sampling 'shuffled' unknown; use one of staged, random"):
+        sch.Schedule.from_dict({**s.to_dict(), "sampling": "shuffled"})
+    # the same checks as a curriculum: a random schedule must still contain the final patch, last
+    bad = {**s.to_dict(), "stages": s.to_dict()["stages"][:-1]}
+    with pytest.raises(PgpsError, match="end the schedule with a stage at the final patch size"):
+        sch.Schedule.from_dict(bad)
+    with pytest.raises(PgpsError, match="family 'shuffled' unknown"):
+        sch.parametric((48, 48, 48), (3, 3, 3), 2, 12, stages=3, growth=2.0, family="shuffled")
+
+
+def test_sqrt_batch_rule_lies_between_the_paper_modes():
+    # the guide's example, by hand: voxel ratios 64, 32, 16, 8 give 2*sqrt(ratio) = 16, 11.3, 8, 5.7
+    s = sch.paper((128, 128, 128), (5, 5, 5), 2, 1000, "sqrt")
+    assert [st.batch_size for st in s.stages][:4] == [16, 11, 8, 5] and s.stages[-1].batch_size == 2
+    res = sch.paper((128, 128, 128), (5, 5, 5), 2, 1000, "resource")
+    perf = sch.paper((128, 128, 128), (5, 5, 5), 2, 1000, "performance")
+    for st, r, p in zip(s.stages, res.stages, perf.stages):
+        ratio = 128**3 / st.patch_voxels
+        assert st.batch_size**2 <= 4 * ratio < (st.batch_size + 1) ** 2  # floor(2 * sqrt(ratio))
+        assert r.batch_size <= st.batch_size <= p.batch_size
+    assert res.voxel_fraction() < s.voxel_fraction() < perf.voxel_fraction()
+    capped = sch.paper((128, 128, 128), (5, 5, 5), 2, 1000, "sqrt", batch_cap=6)
+    assert max(st.batch_size for st in capped.stages) == 6
+
+
+def test_explicit_lengths_as_fractions_or_epochs():
+    frac = sch.parametric((64, 64, 64), (3, 3, 3), 2, 20, stages=3, growth=2.0, lengths=[0.25, 0.25, 0.5])
+    assert [st.epochs for st in frac.stages] == [5, 5, 10]
+    epochs = sch.parametric((64, 64, 64), (3, 3, 3), 2, 20, stages=3, growth=2.0, lengths=[2, 3, 15])
+    assert [st.epochs for st in epochs.stages] == [2, 3, 15] and epochs.meta["lengths"] == [2, 3, 15]
+
+
+@pytest.mark.parametrize("lengths,needle", [
+    ([0.5, 0.5], "lengths has 2 entries but the schedule has 3 stages; give one length per stage"),
+    ([0.2, 0.3, 0.4], "sum to 0.9; give fractions that sum to 1 or whole epochs that sum to the 20 epochs"),
+    ([2, 3, 14], "sum to 19; give fractions that sum to 1 or whole epochs"),
+    ([0.5, 0, 0.5], r"lengths entry 1 must be a number in \(0, 1000000\], got 0"),
+    ([0.5, float("nan"), 0.5], "lengths entry 1 must be a number"),
+    ([0.5, "a", 0.5], "lengths entry 1 must be a number"),
+    ("0.5", "lengths must be a list of numbers"),
+])
+def test_bad_lengths_are_refused_in_one_line(lengths, needle):
+    with pytest.raises(PgpsError, match=needle) as info:
+        sch.parametric((64, 64, 64), (3, 3, 3), 2, 20, stages=3, growth=2.0, lengths=lengths)
+    assert "\n" not in str(info.value)
+
+
+def test_lengths_exclude_length_ratio_and_final_fraction():
+    for extra in ({"length_ratio": 2.0}, {"final_fraction": 0.5}):
+        with pytest.raises(PgpsError, match="give lengths, or length_ratio and final_fraction, not both"):
+            sch.parametric((64, 64, 64), (3, 3, 3), 2, 20, stages=3, growth=2.0, lengths=[0.2, 0.3, 0.5], **extra)
+
+
+def test_linear_growth_adds_the_same_side_per_stage():
+    # by hand: first side 64 / 2**3 = 8, then +18.67 per stage: 8, 26.7, 45.3, 64, snapped to multiples
+    # of 8: 8, 24, 48, 64; geometric growth from the same first side: 8, 16, 32, 64
+    linear = sch.parametric((64, 64, 64), (3, 3, 3), 2, 8, stages=4, growth=2.0, growth_shape="linear")
+    geometric = sch.parametric((64, 64, 64), (3, 3, 3), 2, 8, stages=4, growth=2.0)
+    assert [st.patch_size[0] for st in linear.stages] == [8, 24, 48, 64]
+    assert [st.patch_size[0] for st in geometric.stages] == [8, 16, 32, 64]
+    # aspect kept per axis; start_fraction sets the same first side
+    flat = sch.parametric((32, 64, 96), (3, 3, 3), 2, 6, stages=3, start_fraction=0.5, growth_shape="linear")
+    assert [st.patch_size for st in flat.stages] == [(16, 32, 48), (24, 48, 72), (32, 64, 96)]
+    assert flat.meta["growth_shape"] == "linear"
+    with pytest.raises(PgpsError, match="growth_shape 'cubic' unknown; use one of geometric, linear"):
+        sch.parametric((64, 64, 64), (3, 3, 3), 2, 8, stages=4, growth=2.0, growth_shape="cubic")
+
+
+def test_random_sampling_is_held_to_its_largest_size_by_the_memory_estimate():
+    # every size can be drawn, so the hungriest stage counts, as for the staged twin
+    paper = sch.paper((64, 64, 64), (3, 3, 3), 2, 40, "sqrt")
+    rnd = sch.preset("random", (64, 64, 64), (3, 3, 3), 2, 40, "sqrt")
+    assert sch.training_memory(rnd, (4, 8, 16, 32)) == sch.training_memory(paper, (4, 8, 16, 32))

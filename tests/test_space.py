@@ -98,6 +98,26 @@ BAD = [
     ({"parameters": {"stages": 2}, "search": {"max_compute": -1}}, "search.max_compute must be a number in [0, "),
     ({"parameters": {"stages": 2}, "search": {"startup_trials": -2}}, "search.startup_trials must be an integer"),
     ({"parameters": {"stages": 2}, "search": {"references": "no"}}, "search.references must be true or false"),
+    ({"parameters": {"stages": 2}, "search": {"references": ["paper", "papr"]}},
+     "search.references entry 'papr' unknown; list constant, paper, random, each optionally :MODE"),
+    ({"parameters": {"stages": 2}, "search": {"references": ["paper:fast"]}}, "entry 'paper:fast' unknown"),
+    ({"parameters": {"stages": 2}, "search": {"references": ["constant:sqrt"]}},
+     "entry 'constant:sqrt' unknown; list constant, paper, random"),
+    ({"parameters": {"stages": 2}, "search": {"references": ["random", "random"]}},
+     "search.references lists ['random'] more than once"),
+    ({"parameters": {"stages": 2}, "search": {"references": [1]}}, "search.references must be true or false"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "cheapest_within"}, "search": {"references": ["paper"]}},
+     "cheapest_within needs the baseline"),
+    ({"parameters": {"family": {"type": "categorical", "choices": ["staged", "shuffled"]}}},
+     "parameter 'family': choice 'shuffled' unknown; use one of staged, random"),
+    ({"parameters": {"growth_shape": "cubic"}}, "parameter 'growth_shape': value 'cubic' unknown; use one of "
+                                                 "geometric, linear"),
+    ({"parameters": {"mode": "sqrtt"}}, "value 'sqrtt' unknown; use one of resource, performance, sqrt"),
+    ({"parameters": {"family": {"type": "float", "low": 0, "high": 1}}}, "takes one of staged, random"),
+    ({"parameters": {"lengths": [0.5, -0.5]}}, "parameter 'lengths': entry 1 must be a number in (0, 1000000]"),
+    ({"parameters": {"lengths": []}}, "parameter 'lengths': value must be a list of 1 to 100 numbers"),
+    ({"parameters": {"lengths": 0.5}}, "parameter 'lengths': value must be a list"),
+    ({"parameters": {"lengths": {"type": "categorical", "choices": [[1, 2]]}}}, "'lengths' takes a fixed list"),
     ({"parameters": {"stages": 2}, "objective": {"type": "cheapest_within"}, "search": {"references": False}},
      "cheapest_within needs the baseline"),
     # every number: a step that an int parameter cannot take, infinite or NaN bounds, values out of range
@@ -111,7 +131,8 @@ BAD = [
     ({"parameters": {"stages": {"type": "int", "low": -3, "high": 4}}}, "low must be an integer in [1, 100]"),
     ({"parameters": {"stages": {"type": "int", "low": 1, "high": 10**9}}}, "high must be an integer in [1, 100]"),
     ({"parameters": {"stages": {"type": "float", "low": 1, "high": 4}}}, "takes integers; use type int"),
-    ({"parameters": {"mode": {"type": "int", "low": 1, "high": 4}}}, "takes a mode; use type categorical"),
+    ({"parameters": {"mode": {"type": "int", "low": 1, "high": 4}}},
+     "takes one of resource, performance, sqrt; use type categorical"),
     ({"parameters": {"stages": {"type": "int", "low": 1}}}, "needs a numeric 'high'"),
     ({"parameters": {"fg_ratio": {"type": "float", "low": 0.2, "high": 1.5}}}, "high must be a number in [0, 1]"),
     ({"parameters": {"lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}}, "low must be a number in (0, 10]"),
@@ -260,3 +281,58 @@ def test_every_number_of_a_space_has_a_range():
                 item = {"final_patch": "patch_axis", "synthetic_shape": "synthetic_axis"}.get(name, name)
                 assert limit(item, section) is not None, f"{section}.{name}"
     assert all(name in LIMITS for name, kind in sp.KNOWN_PARAMS.items() if kind != "categorical")
+
+
+def test_families_as_search_options():
+    s = sp.parse({"parameters": {
+        "stages": 3, "growth": 2.0,
+        "family": {"type": "categorical", "choices": ["staged", "random"]},
+        "growth_shape": {"type": "categorical", "choices": ["geometric", "linear"]},
+        "mode": {"type": "categorical", "choices": ["resource", "sqrt"]},
+        "lengths": [0.25, 0.25, 0.5],
+    }, "budget": {"epochs": 8}, "search": {"references": False}})
+    grid = s.grid()
+    assert len(grid) == 8  # 2 families x 2 shapes x 2 modes
+    built = {(g["family"], g["growth_shape"], g["mode"]):
+             sp.schedule_from_params(g, (64, 64, 64), (3, 3, 3), 2, 8) for g in grid}
+    for (family, shape, mode), sched in built.items():
+        assert sched.sampling == family and [st.epochs for st in sched.stages] == [2, 2, 4]
+        assert [st.patch_size[0] for st in sched.stages] == ([16, 32, 64] if shape == "geometric" else [16, 40, 64])
+        assert (sched.stages[0].batch_size > 2) == (mode == "sqrt")
+    sp.check_space_against_plan(s, (64, 64, 64), (3, 3, 3))
+
+
+def test_lengths_that_do_not_fit_the_stages_or_budget_are_refused_before_any_trial():
+    counted = sp.parse({"parameters": {"stages": {"type": "int", "low": 2, "high": 3}, "growth": 2.0,
+                                       "lengths": [0.5, 0.5]}, "budget": {"epochs": 8}})
+    with pytest.raises(PgpsError, match="lengths has 2 entries but the schedule has 3 stages") as info:
+        sp.check_space_against_plan(counted, (64, 64, 64), (3, 3, 3))
+    assert "\n" not in str(info.value)
+    # whole epochs that no longer sum to the budget
+    epochs = sp.parse({"parameters": {"stages": 2, "growth": 2.0, "lengths": [3, 3]}, "budget": {"epochs": 8}})
+    with pytest.raises(PgpsError, match="sum to 6; give fractions that sum to 1 or whole epochs that sum to the 8"):
+        sp.check_space_against_plan(epochs, (64, 64, 64), (3, 3, 3))
+    # a list paired with its stage count through a condition is built only there
+    paired = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3}, "growth": 2.0,
+                                      "lengths": {"value": [0.2, 0.3, 0.5], "when": "stages == 3"}},
+                       "budget": {"epochs": 10}, "search": {"references": False}})
+    assert all(("lengths" in g) == (g["stages"] == 3) for g in paired.grid())
+    sp.check_space_against_plan(paired, (64, 64, 64), (3, 3, 3))
+
+
+def test_references_can_name_families_and_modes():
+    default = sp.parse({"parameters": {"stages": 2, "mode": "sqrt"}})
+    assert sp.reference_configs(default) == [{"role": "baseline", "preset": "constant"},
+                                            {"role": "paper", "preset": "paper", "mode": "sqrt"}]
+    assert sp.reference_configs(sp.parse({"parameters": {"stages": 2}, "search": {"references": False}})) == []
+    listed = sp.parse({"parameters": {"stages": 2, "growth": 2.0}, "budget": {"epochs": 30},
+                       "search": {"references": ["constant", "random", "paper:sqrt", "random:performance"]}})
+    refs = sp.reference_configs(listed)
+    assert [r["role"] for r in refs] == ["baseline", "random", "paper:sqrt", "random:performance"]
+    built = [sp.schedule_from_params(r, (40, 56, 40), (3, 3, 3), 2, 30) for r in refs]
+    assert [b.sampling for b in built] == ["staged", "random", "staged", "random"]
+    assert built[3].meta["mode"] == "performance" and built[1].meta["mode"] == "resource"
+    sp.check_space_against_plan(listed, (40, 56, 40), (3, 3, 3))
+    short = sp.parse({"parameters": {"stages": 1}, "budget": {"epochs": 5}, "search": {"references": ["random"]}})
+    with pytest.raises(PgpsError, match="the random reference cannot be built"):
+        sp.check_space_against_plan(short, (40, 56, 40), (3, 3, 3))

@@ -639,3 +639,31 @@ def test_prefetched_batches_are_the_sampler_batches_and_the_thread_stops(ds, tmp
     assert [th for th in threading.enumerate() if th.name == "pgps-prefetch"]
     batches.close()  # what fit() does when it stops early
     assert not [th for th in threading.enumerate() if th.name == "pgps-prefetch"]
+
+
+def test_random_patch_sampling_trains_end_to_end_and_validates_at_the_final_patch(ds, tmp_path, monkeypatch):
+    from pgps_tune import trainer as trainer_module
+
+    windows = []
+    real = trainer_module.sliding_window_inference
+
+    def recording(inputs, roi_size, *args, **kwargs):
+        windows.append(tuple(roi_size))
+        return real(inputs, roi_size, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sliding_window_inference", recording)
+    s = sch.randomize(_schedule())  # 4^3, 8^3, 16^3, each drawn with odds 2/6
+    config = TrainConfig(iterations_per_epoch=2, val_every=3, threads=1, filters=(4, 8, 16), device="cpu")
+    t = Trainer(ds, [0, 1, 2, 3], [4, 5], s, config, tmp_path / "r")
+    m = t.fit()
+    draws = [s.stage_index_of_iteration(i, 2, config.seed) for i in range(12)]
+    assert len(set(draws)) > 1 and draws != sorted(draws)  # this seed mixes the sizes (else the test says nothing)
+    assert [st["iterations"] for st in m["stages"]] == [draws.count(k) for k in range(3)]
+    assert m["voxels_processed"] == sum(s.stages[k].batch_size * s.stages[k].patch_voxels for k in draws)
+    assert m["completed"] and 0 <= m["val_dice"] <= 1 and len(m["history"]) == 2
+    assert windows and set(windows) == {(16, 16, 16)}  # every validation at the final patch
+    assert sum(st["wall_time_s"] for st in m["stages"]) == pytest.approx(m["train_time_s"])
+    assert sch.load(tmp_path / "r" / "schedule.yaml").sampling == "random"
+    # the staged twin of the same stages is another run: its checkpoint is not resumed as this one
+    with pytest.raises(PgpsError, match="another schedule"):
+        Trainer(ds, [0, 1, 2, 3], [4, 5], _schedule(), config, tmp_path / "r").fit(resume=True)
