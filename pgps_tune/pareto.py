@@ -96,6 +96,8 @@ def _knee(points: Sequence[Sequence[float]], front: list[int]) -> int:
     xy = [((c - c_lo) / c_span, (d - d_lo) / d_span) for d, c in zip(dices, costs)]
     (x0, y0), (x1, y1) = xy[0], xy[-1]
     norm = math.hypot(x1 - x0, y1 - y0)
+    if norm == 0:  # the ends are equal, so every point is: the front is one point, trained several times
+        return front[-1]
 
     def distance(k: int) -> float:
         x, y = xy[k]

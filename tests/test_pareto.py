@@ -64,6 +64,9 @@ def test_knee_is_where_the_front_bends_most():
     # one or two points: the higher Dice
     assert pick([(0.5, 0.1), (0.6, 0.9)], parse_pick("knee")) == 1
     assert pick([(math.nan, math.nan)], parse_pick("knee")) is None
+    # one schedule trained three times (equal points), or twice beside another
+    assert pick([(0.5, 0.2)] * 3, parse_pick("knee")) in (0, 1, 2)
+    assert pick([(0.5, 0.2), (0.5, 0.2), (0.6, 0.4)], parse_pick("knee")) == 2
 
 
 @pytest.mark.parametrize("text", ["kne", "cheapest_within", "cheapest_within=x", "cheapest_within=-0.1",
