@@ -149,3 +149,27 @@ def test_a_finished_trial_told_again_after_a_resume_is_told_once(tmp_path):
     assert [(t.state, t.values) for t in trials] == [
         (states.COMPLETE, [0.7, 0.4]), (states.COMPLETE, [0.6, 0.2]), (states.FAIL, None)]
     assert not any(math.isnan(v) for t in trials if t.values for v in t.values)
+
+
+def test_a_store_written_before_space_keys_still_reads_and_warm_starts_from_the_new_rows(tmp_path):
+    import pyarrow as pa
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.results import SCHEMA, load_store, store_sweep, stored_trials
+
+    row = {c: None for c in SCHEMA.names} | {"trial_id": "t", "role": "search", "completed": True, "score": 0.5,
+                                              "params": "{}"}
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "d", "sweep": "new",
+            "space_key": "k1"}
+    store_sweep(pa.Table.from_pylist([row], schema=SCHEMA), meta, tmp_path)
+    old = tmp_path / "dataset=d" / "sweep=old"  # a file of an earlier version: no space_key column
+    store_sweep(pa.Table.from_pylist([row], schema=SCHEMA), {**meta, "sweep": "old"}, tmp_path)
+    table = pq.read_table(old / "part-0.parquet")
+    pq.write_table(table.drop_columns(["space_key"]), old / "part-0.parquet")
+    t = load_store(tmp_path)
+    assert sorted(zip(t["sweep"].to_pylist(), t["space_key"].to_pylist())) == [("new", "k1"), ("old", "")]
+    assert [r["sweep"] for r in stored_trials("d", "k1", [16, 16, 16], tmp_path)] == ["new"]
+    with pytest.raises(PgpsError, match="--warm-start: the results store .* no completed trials of dataset 'd'"):
+        stored_trials("d", "k1", [32, 32, 32], tmp_path)
+    with pytest.raises(PgpsError, match="--warm-start: results store .* does not exist"):
+        stored_trials("d", "k1", [16, 16, 16], tmp_path / "none")
