@@ -536,7 +536,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
-        quiet=a.quiet, max_failures=a.max_failures,
+        quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
     )
     _check_writable(Path(out))
     try:
@@ -594,6 +594,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         if g:
             print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
                   f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
+    if front := summary.get("pareto"):
+        print(f"  Pareto front: {len(front['front'])} schedules in {out / 'pareto.parquet'} and {out / 'pareto'}/; "
+              f"best by the rule {front['pick']}")
     best_file = out / "best_schedule.yaml"
     if best_file.is_file():
         print(sch.load(best_file).table())
@@ -614,10 +617,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pgps_tune.results import read_meta, require_finished
+    from pgps_tune.results import pick_rule, read_meta, require_finished
 
     _check_writable(Path(a.out))  # creates nothing
-    require_finished(read_meta(a.experiment))  # refused before Ray is imported and before --out is made
+    meta = read_meta(a.experiment)
+    require_finished(meta)  # refused before Ray is imported and before --out is made
+    pick_rule(meta, a.pick)  # a bad --pick too
     from pgps_tune.tuner import export
 
     nn_plan = None
@@ -627,7 +632,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         nnunet.check_trainer_name(a.trainer)
         nn_plan = nnunet.read_plans(a.nnunet, a.configuration)  # before writing anything
     _check_writable(Path(a.out))
-    _print_summary(export(a.experiment, a.out, results_store=a.results_store), Path(a.out))
+    _print_summary(export(a.experiment, a.out, results_store=a.results_store, pick=a.pick), Path(a.out))
     if nn_plan is not None:
         best = Path(a.out) / "best_schedule.yaml"
         if not best.is_file():
@@ -862,6 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--data", required=True, metavar="DIR", help="MSD/nnU-Net dataset folder, or 'synthetic'")
     tu.add_argument("--out", required=True, metavar="SWEEP_DIR",
                     help="sweep folder (exports, sweep.json, Tune results)")
+    tu.add_argument("--warm-start", action="store_true",
+                    help="seed the Optuna study with the completed trials of earlier sweeps of the same dataset, "
+                         "space and budget in the results store")
     sweep_args(tu)
     _add_nnunet_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
@@ -879,6 +887,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--nnunet", metavar="PLANS",
                     help="also write the best schedule for nnU-Net beside these plans (nnUNetPlans.json, or a dataset "
                          "id/name in nnUNet_preprocessed)")
+    ex.add_argument("--pick", metavar="RULE", default=None,
+                    help="pareto sweeps: the front schedule to export as best_schedule.yaml: knee, max_dice or "
+                         "cheapest_within=T (the cheapest within T Dice of the best); default: the space's "
+                         "objective.pick")
     ex.add_argument("--configuration", default="3d_fullres", help="with --nnunet: the nnU-Net configuration")
     ex.add_argument("--trainer", default="nnUNetTrainerPGPS", help="with --nnunet: the trainer name it is for")
     ex.set_defaults(func=cmd_export, out_folder=True)

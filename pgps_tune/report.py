@@ -28,6 +28,7 @@ from typing import Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
+from pgps_tune.pareto import non_dominated
 
 REPORT = "report.html"
 LEARNING_CURVE = "learning_curve.png"
@@ -220,13 +221,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     >>> pareto_front([(1.0, 0.8), (0.5, 0.7), (0.6, 0.6), (0.3, 0.5), (0.5, 0.65)])
     [(0.3, 0.5), (0.5, 0.7), (1.0, 0.8)]
     """
-    front: list[tuple[float, float]] = []
-    best = -math.inf
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
+    return sorted({points[i] for i in non_dominated([(y, x) for x, y in points])})  # equal points drawn once
 
 
 def paper_fractions(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pgps_tune import pareto
 from pgps_tune import schedule as sch
 from pgps_tune.asha import AshaSettings
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, strict_json
@@ -33,6 +35,8 @@ SWEEP_FILE = "sweep.json"
 TRIALS = "trials.parquet"
 BEST = "best_schedule.yaml"
 SUMMARY = "summary.json"
+PARETO = "pareto.parquet"
+PARETO_DIR = "pareto"  # one schedule file per front schedule
 SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("role", pa.string()), ("status", pa.string()), ("params", pa.string()),
     ("final_dice", pa.float64()), ("best_dice", pa.float64()), ("score", pa.float64()),
@@ -44,6 +48,7 @@ SCHEMA = pa.schema([
 ])
 COLUMNS = SCHEMA.names
 STORE_COLUMNS = (*COLUMNS, "objective", "final_patch")  # plus the partition keys dataset and sweep
+SPACE_KEY = "space_key"  # SearchSpace.key() of the sweep; absent from stores written before it
 META_KEYS = ("format_version", "sweep", "dataset", "space", "storage_path", "experiments", "objective", "asha",
              "final_patch", "finished")
 FINISHED_STATUSES = ("TERMINATED", "ERROR")  # Tune's end states; anything else is an unfinished trial
@@ -182,8 +187,9 @@ def _schedule_of(row: dict[str, Any], where: str) -> sch.Schedule:
     return sch.Schedule.from_dict(data, source=f"trial {row['trial_id']} in {where}")
 
 
-def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    best = pick_best(rows)
+def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep's counts, its best trial (``best``, else :func:`pick_best`'s) and its gains over the references."""
+    best = best or pick_best(rows)
     refs = {r["role"]: r for r in rows if r["role"] in ("baseline", "paper") and r["completed"]}
     summary: dict[str, Any] = {
         "dataset": meta["dataset"], "sweep": meta["sweep"], "objective": meta["objective"],
@@ -214,20 +220,81 @@ def require_finished(meta: dict[str, Any], records: list[TrialRecord] = ()) -> N
                         "complete it with the same 'pgps-tune tune' command plus --resume, then export")
 
 
+# -- the Pareto front -----------------------------------------------------------------------------
+
+
+def pick_rule(meta: dict[str, Any], pick: str | None = None) -> pareto.PickRule | None:
+    """The pick rule of a ``pareto`` sweep (``pick``, else its space's); None for a one-number objective."""
+    objective = meta["objective"]
+    if objective["type"] != "pareto":
+        if pick is not None:
+            raise PgpsError(f"--pick chooses among a Pareto front, but sweep {meta['sweep']} optimised "
+                            f"{objective['type']}; leave out --pick (or run the sweep with objective type pareto)")
+        return None
+    return pareto.parse_pick(pick if pick is not None else objective.get("pick", "knee"),
+                             "--pick" if pick is not None else f"sweep {meta['sweep']}: objective.pick")
+
+
+def _point(row: dict[str, Any]) -> tuple[float, float]:
+    """A completed trial's (Dice, voxel fraction); (nan, nan) for anything else, which no front holds."""
+    ok = row["completed"] and row["schedule"]
+    return (row["final_dice"], row["schedule_voxel_fraction"]) if ok else (math.nan, math.nan)
+
+
+def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The completed trials (references included) on the Dice / voxel-fraction front, cheapest first."""
+    return [rows[i] for i in pareto.non_dominated([_point(r) for r in rows])]
+
+
+def export_front(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
+                 rule: pareto.PickRule) -> dict[str, Any] | None:
+    """Write pareto.parquet and pareto/TRIAL.yaml for each front schedule; return the row ``rule`` picks.
+
+    A re-export removes the schedule files of trials no longer on the front.
+    """
+    points = [_point(r) for r in rows]
+    front = pareto.non_dominated(points)
+    chosen = pareto.pick(points, rule)
+    folder = out / PARETO_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = set()
+    for r in (rows[i] for i in front):
+        s = _schedule_of(r, meta["sweep"])
+        name = f"{r['trial_id']}.yaml"
+        sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+            **s.meta, **trainer_meta(r["params"]), "dataset": meta["dataset"], "objective": "pareto",
+            "val_dice": r["final_dice"], "voxel_fraction": r["schedule_voxel_fraction"], "sweep": meta["sweep"],
+            "trial_id": r["trial_id"], "role": r["role"], "space": meta["space"],
+        }).save(folder / name)
+        keep.add(name)
+    for stale in folder.glob("*.yaml"):
+        if stale.name not in keep:
+            stale.unlink()
+    table = pa.Table.from_pylist(
+        [{**rows[i], "file": f"{PARETO_DIR}/{rows[i]['trial_id']}.yaml", "picked": i == chosen} for i in front],
+        schema=SCHEMA.append(pa.field("file", pa.string())).append(pa.field("picked", pa.bool_())))
+    atomic_write(out / PARETO, lambda fh: pq.write_table(table, fh))
+    return None if chosen is None else rows[chosen]
+
+
 def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecord],
-                 results_store: str | Path | None = None) -> dict[str, Any]:
+                 results_store: str | Path | None = None, pick: str | None = None) -> dict[str, Any]:
     """(Re)write trials.parquet, best_schedule.yaml and summary.json, and add the sweep to the results store.
 
     Only a finished sweep is exported: an interrupted one would be stored as if its unfinished
-    trials were its result.
+    trials were its result.  A ``pareto`` sweep also writes its front (:func:`export_front`),
+    and ``pick`` (else the space's ``objective.pick``) chooses its best schedule.
     """
     require_finished(meta, records)
+    rule = pick_rule(meta, pick)
     rows = trial_rows(records, meta)
     out = Path(out)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     atomic_write(out / TRIALS, lambda fh: pq.write_table(table, fh))
-    summary = summarize(rows, meta)
-    best = pick_best(rows)
+    best = pick_best(rows) if rule is None else export_front(out, rows, meta, rule)
+    summary = summarize(rows, meta, best)
+    if rule is not None:
+        summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
     if best is not None:
         s = _schedule_of(best, meta["sweep"])
         s = replace(s, meta={
@@ -256,6 +323,7 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None)
     table = table.append_column("final_patch", pa.array([json.dumps(meta["final_patch"])] * n, pa.string()))
     table = table.append_column("dataset", pa.array([meta["dataset"]] * n, pa.string()))
     table = table.append_column("sweep", pa.array([meta["sweep"]] * n, pa.string()))
+    table = table.append_column(SPACE_KEY, pa.array([str(meta.get(SPACE_KEY, ""))] * n, pa.string()))
     try:
         pads.write_dataset(
             table, root, format="parquet", partitioning=["dataset", "sweep"], partitioning_flavor="hive",
@@ -289,7 +357,7 @@ def _store_files(root: Path) -> list[Path]:
 
 
 def load_store(store: str | Path | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset`` and ``sweep``."""
+    """Every stored trial, with its ``dataset``, ``sweep`` and ``space_key`` (empty where a file predates it)."""
     root = Path(store) if store else default_store()
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -299,9 +367,11 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     files = _store_files(root)
     if not files:
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
+    schemas = []
     for f in files:
         try:
-            names = pq.read_schema(f).names
+            schemas.append(pq.read_schema(f))
+            names = schemas[-1].names
         except (OSError, pa.ArrowException) as exc:
             raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
                             "move it out of the store, or rerun 'pgps-tune export' for its sweep") from None
@@ -311,8 +381,12 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                             "move it out of the store")
     part = pads.partitioning(pa.schema([("dataset", pa.string()), ("sweep", pa.string())]), flavor="hive")
     try:
-        return pads.dataset([str(f) for f in files], format="parquet", partitioning=part,
-                            partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep"])
+        schema = pa.unify_schemas([*schemas, part.schema, pa.schema([(SPACE_KEY, pa.string())])])
+        table = pads.dataset([str(f) for f in files], format="parquet", partitioning=part, schema=schema,
+                             partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
+                                                                             SPACE_KEY])
+        return table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
+                                pc.fill_null(table[SPACE_KEY], ""))
     except (OSError, pa.ArrowException) as exc:
         raise PgpsError(f"results store {root} cannot be read ({str(exc).splitlines()[0][:160]}); move files "
                         "that pgps-tune did not write out of it") from None
@@ -320,8 +394,6 @@ def load_store(store: str | Path | None = None) -> pa.Table:
 
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice") -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep with ``objective``."""
-    import pyarrow.compute as pc
-
     t = load_store(store)
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     rows = t.filter(mask).to_pylist()
@@ -334,3 +406,27 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
     })
+
+
+def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,
+                  exclude_sweep: str | None = None) -> list[dict[str, Any]]:
+    """Completed searched trials of ``dataset`` from earlier sweeps of the same space (``tune --warm-start``).
+
+    Same space means the same :meth:`pgps_tune.space.SearchSpace.key` (parameters, objective and
+    budget) and the same final patch, so their scores mean what this sweep's will.
+    """
+    try:
+        t = load_store(store)
+    except PgpsError as exc:
+        raise PgpsError(f"--warm-start: {exc}") from None
+    mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t[SPACE_KEY], space_key)),
+                   pc.and_(t["completed"], pc.equal(t["role"], "search")))
+    mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
+    if exclude_sweep is not None:
+        mask = pc.and_(mask, pc.not_equal(t["sweep"], exclude_sweep))
+    found = t.filter(mask).to_pylist()
+    if not found:
+        raise PgpsError(f"--warm-start: the results store {Path(store) if store else default_store()} holds no "
+                        f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "
+                        "a sweep of it first, or leave out --warm-start")
+    return found

@@ -15,17 +15,19 @@ File format (YAML)::
       mode: {type: categorical, choices: [resource, performance, sqrt]}
       family: {type: categorical, choices: [staged, random]}
       fg_ratio: {value: 0.5}         # fixed
-    objective: {type: max_dice}      # or cheapest_within (tolerance), dice_under_budget (voxel_budget)
-    search: {algorithm: tpe, num_samples: 24, seed: 0}   # tpe | random | grid
+    objective: {type: max_dice}      # or cheapest_within (tolerance), dice_under_budget (voxel_budget), pareto
+    search: {algorithm: tpe, num_samples: 24, seed: 0}   # tpe | random | grid | nsga2
     asha: {time_attr: baseline_iterations, grace_fraction: 0.15, reduction_factor: 3, brackets: 1}
     budget: {epochs: 30, iterations_per_epoch: 50, batch_size: 2, network: unet, ...}
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,7 @@ from pgps_tune.config import (
 )
 from pgps_tune.errors import PgpsError, read_yaml
 from pgps_tune.limits import LIMITS, Range, limit
+from pgps_tune.pareto import parse_pick
 
 if TYPE_CHECKING:
     import optuna
@@ -80,8 +83,8 @@ PARAM_DOCS = {
     "fg_ratio": "trainer: share of foreground-centred patches. Absent: budget.fg_ratio",
     "lr": "trainer: learning rate. Absent: budget.lr",
 }
-OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget")
-ALGORITHMS = ("tpe", "random", "grid")
+OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget", "pareto")
+ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 JUDGES = ("final_stage", "always")
 TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
 _WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.+\-]+)\s*$")
@@ -136,22 +139,28 @@ def _doc(default: Any, text: str) -> Any:
 class Objective:
     type: str = _doc("max_dice", "what ASHA and Optuna maximise: `max_dice` (the validation Dice), "
                                  "`cheapest_within` (the fewest voxels within `tolerance` of the baseline's Dice) "
-                                 "or `dice_under_budget` (the Dice of schedules within `voxel_budget`)")
+                                 "or `dice_under_budget` (the Dice of schedules within `voxel_budget`); "
+                                 "`pareto` searches Dice and voxel fraction together (multi-objective, no ASHA) "
+                                 "and exports the non-dominated schedules")
     tolerance: float = _doc(0.01, "cheapest_within: allowed Dice drop below the constant baseline's final Dice")
     voxel_budget: float = _doc(0.5, "dice_under_budget: largest voxel fraction of the baseline a searched "
                                     "schedule may use; over it a trial is not trained and scores -1")
+    pick: str = _doc("knee", "pareto: the front schedule that becomes best_schedule.yaml: `knee`, `max_dice` or "
+                             "`cheapest_within=T` (the cheapest within T Dice of the front's best); "
+                             "`export --pick` overrides it")
 
 
 @dataclass(frozen=True)
 class Search:
-    algorithm: str = _doc("tpe", "`tpe` (Optuna's TPE sampler), `random` (Optuna's random sampler) or `grid` "
-                                 "(every combination)")
+    algorithm: str = _doc("tpe", "`tpe` (Optuna's TPE sampler, multi-objective for `pareto`), `random` (Optuna's "
+                                 "random sampler), `grid` (every combination) or `nsga2` (Optuna's NSGA-II, "
+                                 "population `startup_trials`; for `pareto`)")
     num_samples: int = _doc(16, "search trials (`tune --num-samples` overrides it; a grid runs the whole grid)")
     seed: int = _doc(0, "seed of the sampler")
     grid_points: int = _doc(3, "grid: values per numeric range (evenly spaced, geometric for `log`, rounded "
                                "for int)")
-    startup_trials: int = _doc(10, "TPE: random trials before its model is used (Optuna's default 10); lower "
-                                   "it for a short search")
+    startup_trials: int = _doc(10, "TPE: random trials before its model is used (Optuna's default 10); NSGA-II: "
+                                   "its population size (at least 2); lower it for a short search")
     max_compute: float = _doc(0.0, "stop the search phase once its trials together processed the voxels of "
                                    "this many full baseline runs (0: no cap)")
     references: bool | tuple[str, ...] = _doc(
@@ -218,12 +227,24 @@ class SearchSpace:
     source: str = "<space>"
 
     def optuna_sampler(self):
-        """The Optuna sampler the space asks for (TPE or random, seeded)."""
+        """The Optuna sampler the space asks for (TPE, NSGA-II or random, seeded)."""
         import optuna
 
         if self.search.algorithm == "tpe":
             return optuna.samplers.TPESampler(seed=self.search.seed, n_startup_trials=self.search.startup_trials)
+        if self.search.algorithm == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=self.search.seed,
+                                                 population_size=max(2, self.search.startup_trials))
         return optuna.samplers.RandomSampler(seed=self.search.seed)
+
+    def key(self) -> str:
+        """What makes two sweeps' scores comparable: parameters, objective and budget (not search or ASHA).
+
+        ``tune --warm-start`` seeds a study only with stored trials of the same key.
+        """
+        what = {"parameters": [asdict(p) for p in self.parameters], "budget": asdict(self.budget),
+                "objective": {k: v for k, v in asdict(self.objective).items() if k != "pick"}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -487,6 +508,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     budget = _section(raw, "budget", Budget, src)
     if objective.type not in OBJECTIVES:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
+    parse_pick(objective.pick, f"{src}: objective.pick")
     if search.algorithm not in ALGORITHMS:
         raise PgpsError(f"{src}: search.algorithm {search.algorithm!r} unknown; use one of {', '.join(ALGORITHMS)}")
     if objective.type == "cheapest_within" and "constant" not in reference_names(search):
@@ -544,7 +566,7 @@ def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: floa
                     target_dice: float | None) -> float:
     """The scalar that ASHA and Optuna maximise."""
     kind = objective["type"]
-    if kind == "max_dice":
+    if kind in ("max_dice", "pareto"):  # pareto: the Dice axis (compute is the other objective)
         return dice
     if kind == "dice_under_budget":
         return dice if voxel_fraction <= objective["voxel_budget"] + 1e-9 else dice - 1.0

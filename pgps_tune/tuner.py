@@ -62,6 +62,7 @@ from pgps_tune.results import (
     export_sweep,
     read_meta,
     require_finished,
+    stored_trials,
     trial_rows,
     write_meta,
 )
@@ -96,6 +97,7 @@ class SweepOptions:
     results_store: str | None = None
     quiet: bool = False
     max_failures: int | None = None  # retries of a failed trial; default: the space's budget.max_failures
+    warm_start: bool = False  # seed the study with stored trials of the same dataset and space
 
     def check(self) -> None:
         """Refuse meaningless numbers before anything starts."""
@@ -107,6 +109,9 @@ class SweepOptions:
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:
                 raise PgpsError(f"{flag} must be >= {least}, got {v}")
+        if self.warm_start and self.space.search.algorithm == "grid":
+            raise PgpsError("--warm-start seeds Optuna's sampler, but this space walks a grid; leave out --warm-start "
+                            "or use search.algorithm tpe, random or nsga2")
 
 
 class SweepInterrupted(Exception):
@@ -394,7 +399,12 @@ def keep_tune_state(path: str, storage_fs=None) -> None:
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
-    """Tells Optuna PRUNED for trials that ASHA stopped and FAIL for diverged ones, never a truncated score."""
+    """Tells Optuna PRUNED for trials that ASHA stopped and FAIL for diverged ones, never a truncated score.
+
+    With the sweep's journal as storage, a restored searcher continues the same study: trials
+    finished before the interrupt stay, and a trial told twice (finished in the journal, rerun
+    by Tune from an older state) is told once.
+    """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("diverged"):  # a diverged trial's last report carries no score to tell
@@ -402,14 +412,111 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and result.get("diverged"):
-            return super().on_trial_complete(trial_id, None, error=True)
-        if result and not error and not result.get("completed", False) and trial_id in self._ot_trials:
-            if trial_id not in self._completed_trials:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        super().on_trial_complete(trial_id, result, error)
+        r, states = result or {}, optuna.trial.TrialState
+        values = None
+        if error or r.get("diverged"):
+            state = states.FAIL
+        elif not r.get("completed", False):
+            state = states.PRUNED
+        else:
+            state = states.COMPLETE
+            values = [r.get(m) for m in self.metric] if isinstance(self.metric, list) else r.get(self.metric)
+        self._ot_study.tell(self._ot_trials[trial_id], values, state=state, skip_if_finished=True)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        # a trial asked after this state was saved (a kill in between) stays RUNNING in the journal, and Tune
+        # asks anew for it: end it as FAIL, so the study holds no trial that never trained as if it still ran
+        asked = {t.number for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in asked:
+                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+# -- the sweep's Optuna study -------------------------------------------------------------------
+
+# The search phase's study lives in SWEEP_DIR/optuna.journal (Optuna's JournalStorage, a file of
+# JSON lines, one per operation): optuna-dashboard opens it, a resumed sweep continues it, and
+# --warm-start adds the stored trials of earlier sweeps of the same space to it before the first ask.
+STUDY_FILE = "optuna.journal"
+WARM_ATTR = "warm_start_from"  # user attribute of an added trial: "SWEEP/TRIAL_ID", so it is added once
+
+
+def study_storage(out: Path) -> optuna.storages.JournalStorage:
+    """The journal storage of the sweep in ``out`` (created empty if absent)."""
+    return optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Path(out).resolve() / STUDY_FILE)))
+
+
+def objective_metrics(space: SearchSpace) -> tuple[str | list[str], str | list[str]]:
+    """What Optuna optimises, as (metric, mode) for OptunaSearch: two objectives for ``pareto``."""
+    if space.objective.type == "pareto":
+        return ["val_dice", "schedule_voxel_fraction"], ["max", "min"]
+    return "score", "max"
+
+
+def optuna_distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The distribution of each searched (not fixed) parameter, as :class:`DefineByRun` suggests it."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for p in space.parameters:
+        if p.kind == "int":
+            dists[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log,
+                                                                 step=int(p.step or 1))
+        elif p.kind == "float":
+            dists[p.name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif p.kind == "categorical":
+            dists[p.name] = optuna.distributions.CategoricalDistribution(list(p.choices))
+    return dists
+
+
+def warm_start(study: optuna.Study, space: SearchSpace, rows: list[dict[str, Any]]) -> int:
+    """Add stored completed trials (results-store rows) to ``study`` as COMPLETE; return how many were new.
+
+    Each is added once (marked with its sweep and trial id), so a resumed sweep adds none again.
+    """
+    known = {t.user_attrs.get(WARM_ATTR) for t in study.get_trials(deepcopy=False)}
+    dists = optuna_distributions(space)
+    metric, _ = objective_metrics(space)
+    added = 0
+    for r in rows:
+        origin = f"{r['sweep']}/{r['trial_id']}"
+        if origin in known:
+            continue
+        values = [r["final_dice"], r["schedule_voxel_fraction"]] if isinstance(metric, list) else [r["score"]]
+        try:
+            params = {k: v for k, v in json.loads(r["params"]).items() if k in dists}
+            if not all(isinstance(v, float | int) and math.isfinite(v) for v in values):
+                raise ValueError(f"objective values {values}")
+            trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                              values=values, user_attrs={WARM_ATTR: origin})
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise PgpsError(f"--warm-start: stored trial {origin} does not fit this space ({str(exc)[:120]}); "
+                            f"re-export sweep {r['sweep']} or leave out --warm-start") from None
+        study.add_trial(trial)
+        added += 1
+    return added
+
+
+def optuna_searcher(opts: SweepOptions, meta: dict[str, Any]) -> PrunedAwareOptunaSearch:
+    """The search phase's Optuna searcher, on the sweep's journal study (warm-started if asked)."""
+    space = opts.space
+    metric, mode = objective_metrics(space)
+    storage = study_storage(opts.out)
+    directions = [{"max": "maximize", "min": "minimize"}[m] for m in (mode if isinstance(mode, list) else [mode])]
+    study = optuna.create_study(storage=storage, study_name=meta["study"], directions=directions,
+                                load_if_exists=True)
+    if opts.warm_start:
+        rows = stored_trials(meta["dataset"], meta["space_key"], meta["final_patch"], opts.results_store,
+                             exclude_sweep=meta["sweep"])
+        added = warm_start(study, space, rows)
+        sweeps = sorted({r["sweep"] for r in rows})
+        print(f"pgps-tune: warm start: {added} earlier trials of {meta['dataset']} added to the study "
+              f"({len(rows) - added} already in it), from sweep(s) {', '.join(sweeps)}", file=sys.stderr, flush=True)
+    return PrunedAwareOptunaSearch(DefineByRun(space), metric=metric, mode=mode, sampler=space.optuna_sampler(),
+                                   study_name=meta["study"], storage=storage)
 
 
 class ListSearcher(Searcher):
@@ -595,11 +702,15 @@ def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES) -> list[
             for record in read_experiment(fs, f"{root.rstrip('/')}/{meta['experiments'][phase]}")]
 
 
-def export(experiment: str | Path, out: str | Path, results_store: str | Path | None = None) -> dict[str, Any]:
-    """Export a finished sweep folder: read its trials, write its tables, add it to the store."""
+def export(experiment: str | Path, out: str | Path, results_store: str | Path | None = None,
+           pick: str | None = None) -> dict[str, Any]:
+    """Export a finished sweep folder: read its trials, write its tables, add it to the store.
+
+    ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front.
+    """
     meta = read_meta(experiment)
     require_finished(meta)
-    return export_sweep(out, meta, read_trials(meta), results_store)
+    return export_sweep(out, meta, read_trials(meta), results_store, pick)
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -799,6 +910,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         final = tuple(b.final_patch) if b.final_patch else plan.final_patch
         pools = tuple(b.pools) if b.pools else plan.pools
         check_space_against_plan(space, final, pools)
+        if opts.warm_start:  # a store with nothing to add is refused before Ray starts
+            stored_trials(ds.name, space.key(), list(final), opts.results_store, exclude_sweep=out.resolve().name)
         storage_fs, storage_path = resolve_storage(opts.storage, out)
         num_samples = opts.num_samples or space.search.num_samples
         if space.search.algorithm == "grid":
@@ -831,7 +944,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         "num_samples": num_samples, "objective": asdict(space.objective),
         "asha": AshaSettings.from_space(space).to_dict(),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-        "started": started, "finished": False,
+        "started": started, "finished": False, "space_key": space.key(),
+        **({"study": name, "study_file": STUDY_FILE} if space.search.algorithm != "grid" else {}),
     }
     write_meta(opts.out, meta)
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
@@ -850,13 +964,16 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
 
     from ray.tune.schedulers import ASHAScheduler
 
+    pareto = space.objective.type == "pareto"
+    if pareto and space.asha.enabled:
+        print("pgps-tune: objective pareto: ASHA early stopping is off (it ranks trials mid-run by one number, and "
+              "would stop cheap schedules the front needs; see docs/GUIDE.md)", file=sys.stderr, flush=True)
     scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
-                 if space.asha.enabled else None)
+                 if space.asha.enabled and not pareto else None)
     if space.search.algorithm == "grid":
         searcher = ListSearcher(space.grid())
     else:
-        sampler = space.optuna_sampler()
-        searcher = PrunedAwareOptunaSearch(DefineByRun(space), metric="score", mode="max", sampler=sampler)
+        searcher = optuna_searcher(opts, meta)
     stopper = None
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)

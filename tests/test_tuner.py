@@ -405,6 +405,16 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
         assert epochs[: len(clean.get(tid, []))] == clean.get(tid, [])
         if tid in finished:
             assert epochs == killed[tid]  # a finished trial is not run again
+    # the resumes continued the sweep's one Optuna study: each trial told once, with its final score
+    import optuna
+
+    from pgps_tune.tuner import study_storage
+
+    study = optuna.load_study(study_name="sweep", storage=study_storage(out)).trials
+    told = sorted(t.value for t in study if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == sorted(r["score"] for r in table)
+    # any other study trial was asked just before a kill and never trained: ended as FAIL
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study if t.value is None)
 
 
 # -- failures ------------------------------------------------------------------------------------
