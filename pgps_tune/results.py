@@ -14,6 +14,7 @@ not what a sweep writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -230,7 +231,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     best = pick_best(rows)
     if best is not None:
         s = _schedule_of(best, meta["sweep"])
-        s = sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+        s = dataclasses.replace(s, meta={  # the recipe the trial recorded stays with its schedule
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
             "objective": meta["objective"]["type"],
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
@@ -330,7 +331,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         known = sorted(set(t["dataset"].to_pylist()))
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
     s = _schedule_of(best, f"sweep {best['sweep']} of the results store")
-    return sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+    return dataclasses.replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
     })

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pgps_tune.config import Recipe
 from pgps_tune.errors import PgpsError, atomic_write_text, read_yaml
 from pgps_tune.limits import LIMITS
 
@@ -56,7 +57,9 @@ class Schedule:
     """An ordered list of stages ending at the final patch size.
 
     ``meta`` carries provenance (preset, mode, dataset, score, ...) through
-    files unchanged; it never changes what is trained.
+    files unchanged; it never changes what is trained.  ``recipe`` (a sweep's
+    exports carry one) is how the schedule was trained where it was scored:
+    ``pgps-tune train --schedule`` trains with it unless a flag says otherwise.
     """
 
     stages: tuple[Stage, ...]
@@ -64,6 +67,7 @@ class Schedule:
     pools: Triple
     baseline_batch_size: int
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    recipe: Recipe | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -117,6 +121,7 @@ class Schedule:
                 {"patch_size": list(s.patch_size), "batch_size": s.batch_size, "epochs": s.epochs}
                 for s in self.stages
             ],
+            **({"recipe": self.recipe.to_dict()} if self.recipe is not None else {}),
             "meta": dict(self.meta),
         }
 
@@ -276,7 +281,7 @@ def _from_dict(data: Any, source: str) -> Schedule:
             f"{source}: format_version {version!r} is not supported; this pgps-tune reads "
             f"format_version {FORMAT_VERSION} (regenerate it with 'pgps-tune schedule')"
         )
-    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "stages", "meta"}
+    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "stages", "recipe", "meta"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PgpsError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
@@ -302,13 +307,14 @@ def _from_dict(data: Any, source: str) -> Schedule:
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise PgpsError(f"{source}: 'meta' must be a mapping")
+    recipe = Recipe.parse(data["recipe"], f"{source}: recipe") if data.get("recipe") is not None else None
     try:
         return Schedule(
             stages=tuple(stages),
             final_patch=tuple(_ints(data["final_patch"], 3, f"{source}: final_patch")),  # type: ignore[arg-type]
             pools=tuple(_ints(data["pools"], 3, f"{source}: pools")),  # type: ignore[arg-type]
             baseline_batch_size=_int(data["baseline_batch_size"], f"{source}: baseline_batch_size"),
-            meta=meta,
+            meta=meta, recipe=recipe,
         )
     except PgpsError as exc:
         raise PgpsError(f"{source}: {exc}") from None
@@ -537,5 +543,5 @@ def rescale_epochs(s: Schedule, epochs: int) -> Schedule:
     lengths = allocate_epochs(epochs, weights)
     return Schedule(
         tuple(Stage(st.patch_size, st.batch_size, e) for st, e in zip(s.stages, lengths)),
-        s.final_patch, s.pools, s.baseline_batch_size, meta=dict(s.meta),
+        s.final_patch, s.pools, s.baseline_batch_size, meta=dict(s.meta), recipe=s.recipe,
     )
