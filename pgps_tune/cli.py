@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from pgps_tune.config import (
     NETWORKS,
     OPTIMIZERS,
     TOKEN_SIZES,
+    DataIdentity,
     Recipe,
     TrainConfig,
     check_train_value,
@@ -229,14 +231,20 @@ def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
         raise
 
 
-def _prepare(a: argparse.Namespace, recipe: Recipe | None = None):
-    """The prepared --data; synthetic data is made as the recipe's was (its case count and shape)."""
+def _prepare(a: argparse.Namespace, **synthetic: Any):
     from pgps_tune.data import prepare
 
-    synthetic = {}
-    if recipe is not None and recipe.data.synthetic_cases is not None and a.data == "synthetic":
-        synthetic = {"synthetic_cases": recipe.data.synthetic_cases, "synthetic_shape": recipe.data.synthetic_shape}
     return prepare(_data(a.data), cache_root=a.cache_dir, **synthetic)
+
+
+def _synthetic_args(a: argparse.Namespace, recipe: Recipe | None) -> dict[str, Any]:
+    """How train makes --data synthetic: as the recipe's was (case count and shape), else the budget's defaults."""
+    from pgps_tune.space import Budget
+
+    if a.data != "synthetic":
+        return {}
+    d = recipe.data if recipe is not None and recipe.data.synthetic_cases is not None else Budget
+    return {"synthetic_cases": d.synthetic_cases, "synthetic_shape": tuple(d.synthetic_shape)}
 
 
 # TrainConfig fields that train takes as flags (the flag is the field with dashes); their argparse
@@ -365,31 +373,40 @@ def cmd_train(a: argparse.Namespace) -> int:
         check_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
+        synthetic: dict[str, Any] = {}
         if a.schedule:
             s = _schedule_file(a.schedule, None, "--schedule", a.preset)
             if a.epochs is not None and a.epochs != s.epochs:
                 print(f"train: --epochs {a.epochs} rescales the schedule file's {s.epochs} epochs", file=sys.stderr)
                 s = sch.rescale_epochs(s, a.epochs)
             cfg = _run_settings(a, s, given)
-            ds = _prepare(a, s.recipe)
+            synthetic = _synthetic_args(a, s.recipe)
+            ds = _prepare(a, **synthetic)
             if s.recipe is not None:
                 _note_other_data(s.recipe, ds)
         else:
             cfg = _run_settings(a, None, given)
             a.network, a.token_size = cfg.network, cfg.token_size  # the network's patch rule shapes the schedule
+            synthetic = _synthetic_args(a, None)
             if nn_plan is not None:
                 a.batch_size = nn_plan.batch_size
                 s = _build_schedule(a, nn_plan.final_patch, nn_plan.pools,
                                     a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
-                ds = _prepare(a)
+                ds = _prepare(a, **synthetic)
             else:
-                ds = _prepare(a)
+                ds = _prepare(a, **synthetic)
                 plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
                 final = tuple(a.final_patch) if a.final_patch else plan.final_patch
                 pools = tuple(a.pools) if a.pools else plan.pools
                 s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
         _check_batch_memory(s, cfg)
         train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
+        # the run's own schedule.yaml carries what this run trains with, so it can train it again
+        # (a --splits file is not a recipe's split: that run's recipe is left out)
+        source = a.data if a.data == "synthetic" else str(Path(_data(a.data)).resolve())
+        recipe = None if a.splits else Recipe(cfg, DataIdentity.of(ds, source, a.val_fraction, a.split_seed,
+                                                                   **synthetic))
+        s = dataclasses.replace(s, recipe=recipe)
         trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
         metrics = trainer.fit(resume=a.resume)
     except KeyboardInterrupt:
