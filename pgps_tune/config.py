@@ -14,6 +14,11 @@ sgd`` with its own default learning rate gives the paper's recipe.  Augmentation
 is on by default with a preset close to nnU-Net's (``AUGMENT_PRESETS``), because a
 curriculum found without it may not hold under the training people actually use.
 
+A :class:`Recipe` (a ``TrainConfig`` plus :class:`DataIdentity`) is how a schedule was
+trained where it was scored; every trial records one and a sweep's schedule files carry it,
+so ``train --schedule`` repeats the trial, and the values read back from a file are checked
+here (:meth:`TrainConfig.parse`, the same checks as the train flags).
+
 It also says, as plain data, which networks exist and which patch sides each one
 takes (:func:`patch_multiple`), so that schedules and spaces are checked before
 torch is even imported.
