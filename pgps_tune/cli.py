@@ -260,7 +260,7 @@ def _flag(field: str) -> str:
 
 def _shown(v: Any) -> str:
     if v is None:
-        return "unset"
+        return "null"
     if isinstance(v, list | tuple):
         return " ".join(map(str, v))
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -283,12 +283,14 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
 
     recipe = s.recipe if s is not None else None
     if recipe is None:
-        searched = (s.meta.get("trainer") or {}) if s is not None else {}  # settings a sweep found with it
+        searched = s.meta.get("trainer") if s is not None else None  # settings a sweep found with it
+        searched = searched if isinstance(searched, dict) else {}
         for name in ("fg_ratio", "lr"):
             if name not in given and name in searched:
-                given = {**given, name: float(searched[name])}
+                given = {**given, name: check_train_value(name, searched[name],
+                                                          f"the schedule file's meta.trainer.{name}")}
                 if not a.quiet:
-                    print(f"{name} {searched[name]:.4g} from the schedule file (override with {_flag(name)})",
+                    print(f"{name} {given[name]:.4g} from the schedule file (override with {_flag(name)})",
                           flush=True)
         for f in SPLIT_FLAGS:
             if getattr(a, f) is None:
@@ -319,7 +321,7 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
         lr = _shown(cfg.lr) if cfg.lr is not None else f"{cfg.resolved_lr():g} (default)"
         print(f"train: as in the schedule file's recipe (trained on {recipe.data.dataset}): {cfg.network} "
               f"{_shown(cfg.filters)}, {cfg.optimizer} lr {lr}, {cfg.iterations_per_epoch} iterations per epoch, "
-              f"augment {cfg.augment}, seed {cfg.seed}, {cfg.device} with {_shown(cfg.threads)} threads; "
+              f"augment {cfg.augment}, seed {cfg.seed}, device {cfg.device}, threads {_shown(cfg.threads)}; "
               "flags override", file=sys.stderr, flush=True)
     return cfg
 
