@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,11 +32,14 @@ from pgps_tune.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
+    DEVICES,
     NETWORKS,
     OPTIMIZERS,
     TOKEN_SIZES,
+    DataIdentity,
+    Recipe,
     TrainConfig,
-    augment_preset,
+    check_train_value,
     patch_multiple,
 )
 from pgps_tune.errors import PgpsError
@@ -48,7 +52,6 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _number(name: str) -> Callable[[str], int | float]:
@@ -239,10 +242,111 @@ def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
         raise
 
 
-def _prepare(a: argparse.Namespace):
+def _prepare(a: argparse.Namespace, **synthetic: Any):
     from pgps_tune.data import prepare
 
-    return prepare(_data(a.data), cache_root=a.cache_dir)
+    return prepare(_data(a.data), cache_root=a.cache_dir, **synthetic)
+
+
+def _synthetic_args(a: argparse.Namespace, recipe: Recipe | None) -> dict[str, Any]:
+    """How train makes --data synthetic: as the recipe's was (case count and shape), else the budget's defaults."""
+    from pgps_tune.space import Budget
+
+    if a.data != "synthetic":
+        return {}
+    d = recipe.data if recipe is not None and recipe.data.synthetic_cases is not None else Budget
+    return {"synthetic_cases": d.synthetic_cases, "synthetic_shape": tuple(d.synthetic_shape)}
+
+
+# TrainConfig fields that train takes as flags (the flag is the field with dashes); their argparse
+# default is None, so that only a flag the user gave replaces the schedule file's recipe
+TRAIN_FLAGS = ("network", "filters", "deep_supervision", "token_size", "augment", "optimizer", "lr", "fg_ratio",
+               "seed", "iterations_per_epoch", "val_every", "threads", "workers", "max_train_seconds", "device")
+SPLIT_FLAGS = ("val_fraction", "split_seed")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _shown(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, list | tuple):
+        return " ".join(map(str, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _given_train_flags(a: argparse.Namespace) -> dict[str, Any]:
+    """The trainer flags given on the command line, each checked like a file's value."""
+    given = {f: getattr(a, f) for f in TRAIN_FLAGS if getattr(a, f, None) is not None}
+    return {f: check_train_value(f, v, _flag(f)) for f, v in given.items()}
+
+
+def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str, Any]) -> TrainConfig:
+    """The run's trainer settings: the schedule file's recipe (or the defaults), then the flags given.
+
+    Every flag that changes a recipe value is reported, one line each; the split flags are
+    resolved into ``a`` the same way.  A schedule file without a recipe (written before
+    recipes) keeps the old behaviour: defaults, plus its searched fg_ratio/lr.
+    """
+    from pgps_tune.space import Budget
+
+    recipe = s.recipe if s is not None else None
+    if recipe is None:
+        searched = s.meta.get("trainer") if s is not None else None  # settings a sweep found with it
+        searched = searched if isinstance(searched, dict) else {}
+        for name in ("fg_ratio", "lr"):
+            if name not in given and name in searched:
+                given = {**given, name: check_train_value(name, searched[name],
+                                                          f"the schedule file's meta.trainer.{name}")}
+                if not a.quiet:
+                    print(f"{name} {given[name]:.4g} from the schedule file (override with {_flag(name)})",
+                          flush=True)
+        for f in SPLIT_FLAGS:
+            if getattr(a, f) is None:
+                setattr(a, f, getattr(Budget, f))
+        return TrainConfig(**given)
+    file_split = {f: getattr(recipe.data, f) for f in SPLIT_FLAGS}
+    overridden = [(f, v, getattr(recipe.train, f)) for f, v in given.items() if v != getattr(recipe.train, f)]
+    overridden += [(f, getattr(a, f), file_split[f]) for f in SPLIT_FLAGS
+                   if getattr(a, f) is not None and getattr(a, f) != file_split[f]]
+    for f, v, was in overridden:
+        print(f"train: {_flag(f)} {_shown(v)} overrides the schedule file's {f} {_shown(was)}", file=sys.stderr)
+    if a.splits:
+        print(f"train: --splits {a.splits} overrides the schedule file's split (val_fraction "
+              f"{_shown(file_split['val_fraction'])}, split_seed {file_split['split_seed']})", file=sys.stderr)
+    for f in SPLIT_FLAGS:
+        if getattr(a, f) is None:
+            setattr(a, f, file_split[f])
+    cfg = recipe.train.replace(**given)
+    if "device" not in given:
+        from pgps_tune.trainer import resolve_device
+
+        try:
+            resolve_device(cfg.device)
+        except PgpsError:
+            raise PgpsError(f"the schedule file's recipe trains on {cfg.device}, which this machine lacks; "
+                            "add --device cpu (or auto)") from None
+    if not a.quiet:
+        lr = _shown(cfg.lr) if cfg.lr is not None else f"{cfg.resolved_lr():g} (default)"
+        print(f"train: as in the schedule file's recipe (trained on {recipe.data.dataset}): {cfg.network} "
+              f"{_shown(cfg.filters)}, {cfg.optimizer} lr {lr}, {cfg.iterations_per_epoch} iterations per epoch, "
+              f"augment {cfg.augment}, seed {cfg.seed}, device {cfg.device}, threads {_shown(cfg.threads)}; "
+              "flags override", file=sys.stderr, flush=True)
+    return cfg
+
+
+def _note_other_data(recipe: Recipe, ds: Any) -> None:
+    """Say so when --data is not what the recipe was trained on (allowed: a schedule may transfer)."""
+    d = recipe.data
+    if ds.name != d.dataset:
+        print(f"train: note: the schedule file's recipe was trained on dataset {d.dataset}, --data is {ds.name}",
+              file=sys.stderr)
+    elif (d.spacing and tuple(ds.spacing) != d.spacing) or (
+            d.normalisation and [dict(n) for n in ds.normalisation] != list(d.normalisation)):
+        print(f"train: note: --data is {ds.name} as in the recipe, but preprocessed differently (spacing or "
+              "normalisation); its Dice will differ from the sweep's", file=sys.stderr)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -252,10 +356,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch, split
     from pgps_tune.trainer import CHECKPOINT, Trainer, discard_unstarted_run, resolve_device, strict_json
 
-    if a.network not in NETWORKS:
-        raise PgpsError(f"unknown network {a.network!r}; use one of {', '.join(NETWORKS)}")
-    augment_preset(a.augment)
-    resolve_device(a.device)
+    given = _given_train_flags(a)  # refused before anything is written
+    if "device" in given:
+        resolve_device(given["device"])
     out = Path(a.out)
     has_run = (out / CHECKPOINT).is_file()
     if a.resume and not has_run:
@@ -283,39 +386,40 @@ def cmd_train(a: argparse.Namespace) -> int:
         check_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
+        synthetic: dict[str, Any] = {}
         if a.schedule:
-            s = _schedule_file(a.schedule, a.epochs, "--schedule", a.preset)
-            ds = _prepare(a)
-        elif nn_plan is not None:
-            a.batch_size = nn_plan.batch_size
-            s = _build_schedule(a, nn_plan.final_patch, nn_plan.pools,
-                                a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
-            ds = _prepare(a)
+            s = _schedule_file(a.schedule, None, "--schedule", a.preset)
+            if a.epochs is not None and a.epochs != s.epochs:
+                print(f"train: --epochs {a.epochs} rescales the schedule file's {s.epochs} epochs", file=sys.stderr)
+                s = sch.rescale_epochs(s, a.epochs)
+            cfg = _run_settings(a, s, given)
+            synthetic = _synthetic_args(a, s.recipe)
+            ds = _prepare(a, **synthetic)
+            if s.recipe is not None:
+                _note_other_data(s.recipe, ds)
         else:
-            ds = _prepare(a)
-            plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
-            final = tuple(a.final_patch) if a.final_patch else plan.final_patch
-            pools = tuple(a.pools) if a.pools else plan.pools
-            s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
-        _check_batch_memory(s, a)
+            cfg = _run_settings(a, None, given)
+            a.network, a.token_size = cfg.network, cfg.token_size  # the network's patch rule shapes the schedule
+            synthetic = _synthetic_args(a, None)
+            if nn_plan is not None:
+                a.batch_size = nn_plan.batch_size
+                s = _build_schedule(a, nn_plan.final_patch, nn_plan.pools,
+                                    a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
+                ds = _prepare(a, **synthetic)
+            else:
+                ds = _prepare(a, **synthetic)
+                plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+                final = tuple(a.final_patch) if a.final_patch else plan.final_patch
+                pools = tuple(a.pools) if a.pools else plan.pools
+                s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
+        _check_batch_memory(s, cfg)
         train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
-        searched = s.meta.get("trainer") or {}  # trainer settings a sweep found with this schedule
-        for name, flag in (("fg_ratio", "--fg-ratio"), ("lr", "--lr")):
-            if getattr(a, name) is None and name in searched:
-                setattr(a, name, float(searched[name]))
-                if not a.quiet:
-                    print(f"{name} {searched[name]:.4g} from the schedule file (override with {flag})", flush=True)
-        if a.fg_ratio is None:
-            a.fg_ratio = 0.5
-        cfg = TrainConfig(
-            network=a.network, deep_supervision=a.deep_supervision, optimizer=a.optimizer, lr=a.lr,
-            iterations_per_epoch=a.iterations_per_epoch, seed=a.seed, device=a.device, threads=a.threads,
-            workers=a.workers, fg_ratio=a.fg_ratio, val_every=a.val_every,
-            max_train_seconds=a.max_train_seconds, augment=a.augment, token_size=a.token_size,
-            **({"filters": tuple(a.filters)} if a.filters else {}),
-        )
-        if not 0 <= cfg.fg_ratio <= 1:
-            raise PgpsError(f"--fg-ratio must be in [0, 1], got {cfg.fg_ratio}")
+        # the run's own schedule.yaml carries what this run trains with, so it can train it again
+        # (a --splits file is not a recipe's split: that run's recipe is left out)
+        source = a.data if a.data == "synthetic" else str(Path(_data(a.data)).resolve())
+        recipe = None if a.splits else Recipe(cfg, DataIdentity.of(ds, source, a.val_fraction, a.split_seed,
+                                                                   **synthetic))
+        s = dataclasses.replace(s, recipe=recipe)
         trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
         metrics = trainer.fit(resume=a.resume)
     except KeyboardInterrupt:
@@ -384,13 +488,12 @@ def _memory_of(device: Any) -> tuple[int, str]:
     return have, "RAM"
 
 
-def _check_batch_memory(s: sch.Schedule, a: argparse.Namespace) -> None:
+def _check_batch_memory(s: sch.Schedule, cfg: TrainConfig) -> None:
     """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line)."""
     from pgps_tune.trainer import resolve_device
 
-    device = resolve_device(a.device)
-    filters = tuple(a.filters) if a.filters else TrainConfig.filters
-    need, i = sch.training_memory(s, filters, a.network, bytes_per_value=2 if device.type == "cuda" else 4)
+    device = resolve_device(cfg.device)
+    need, i = sch.training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4)
     have, what = _memory_of(device)
     if need > have:
         st = s.stages[i]
@@ -741,48 +844,46 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--voxel-budget", type=n("voxel_budget"), default=128**3,
                        help="planner: most voxels per patch (default 128^3)")
 
-    t = sub.add_parser("train", help="train one schedule")
+    t = sub.add_parser(
+        "train", help="train one schedule",
+        description="Train one schedule. A schedule file a sweep exported carries the recipe its trial trained "
+                    "with (network, optimizer, learning rate, augmentation, seed, split, ...): train uses it, and "
+                    "each trainer flag given here replaces that one value (reported). Defaults below apply "
+                    "without a recipe.")
     data_args(t)
-    device_arg(t)
+    t.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"default {TrainConfig.device}: cuda where a GPU is visible")
     voxel_budget_arg(t)
     t.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="run folder (checkpoint.pt, metrics.json, learning_curve.png)")
-    t.add_argument("--schedule", metavar="FILE", help="schedule file (instead of --preset)")
+    t.add_argument("--schedule", metavar="FILE", help="schedule file (instead of --preset); trains with its recipe")
     _add_schedule_args(t, planned=True)
     t.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; rescales a --schedule)")
+    # trainer flags: default None, so that only a flag given replaces a schedule file's recipe (TRAIN_FLAGS)
     t.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"),
-                   default=TrainConfig.iterations_per_epoch, help=f"default {TrainConfig.iterations_per_epoch}")
-    t.add_argument("--network", default=TrainConfig.network,
-                   help=f"{', '.join(NETWORKS)} (default {TrainConfig.network})")
-    t.add_argument("--token-size", type=int, choices=TOKEN_SIZES, default=TrainConfig.token_size,
+                   help=f"default {TrainConfig.iterations_per_epoch}")
+    t.add_argument("--network", help=f"{', '.join(NETWORKS)} (default {TrainConfig.network})")
+    t.add_argument("--token-size", type=int, choices=TOKEN_SIZES,
                    help=f"unetr: token side; patch sides must be multiples of it (default {TrainConfig.token_size})")
-    t.add_argument("--augment", default=TrainConfig.augment,
-                   help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default {TrainConfig.augment}, "
-                   "close to nnU-Net's; none: plain crops)")
+    t.add_argument("--augment", help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default "
+                   f"{TrainConfig.augment}, close to nnU-Net's; none: plain crops)")
     t.add_argument("--filters", nargs="+", type=n("filters"),
                    help=f"channels per level (default {' '.join(map(str, TrainConfig.filters))})")
-    t.add_argument("--deep-supervision", action="store_true", help="dynunet only")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default=TrainConfig.optimizer,
-                   help=f"default {TrainConfig.optimizer}")
-    t.add_argument("--lr", type=n("lr"), default=None,
-                   help="default " + ", ".join(f"{v:g} ({k})" for k, v in DEFAULT_LR.items()))
-    t.add_argument("--fg-ratio", type=n("fg_ratio"), default=None,
-                   help="share of foreground-centred patches "
-                   f"(default: the schedule file's, else {TrainConfig.fg_ratio})")
-    t.add_argument("--seed", type=n("seed"), default=TrainConfig.seed, help=f"default {TrainConfig.seed}")
-    t.add_argument("--split-seed", type=n("split_seed"), default=Budget.split_seed,
-                   help=f"default {Budget.split_seed}")
-    t.add_argument("--val-fraction", type=n("val_fraction"), default=Budget.val_fraction,
-                   help=f"default {Budget.val_fraction}")
+    t.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, help="dynunet only (default off)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {TrainConfig.optimizer}")
+    t.add_argument("--lr", type=n("lr"), help="default " + ", ".join(f"{v:g} ({k})" for k, v in DEFAULT_LR.items()))
+    t.add_argument("--fg-ratio", type=n("fg_ratio"),
+                   help=f"share of foreground-centred patches (default {TrainConfig.fg_ratio})")
+    t.add_argument("--seed", type=n("seed"), help=f"default {TrainConfig.seed}")
+    t.add_argument("--split-seed", type=n("split_seed"), help=f"default {Budget.split_seed}")
+    t.add_argument("--val-fraction", type=n("val_fraction"), help=f"default {Budget.val_fraction}")
     t.add_argument("--splits", metavar="FILE", help='JSON {"train": [ids], "val": [ids]}')
-    t.add_argument("--val-every", type=n("val_every"), default=TrainConfig.val_every,
+    t.add_argument("--val-every", type=n("val_every"),
                    help="epochs between validations (default: about 10 validations per run)")
-    t.add_argument("--threads", type=n("threads"), default=TrainConfig.threads,
-                   help="torch threads (default: all cores)")
-    t.add_argument("--workers", type=n("workers"), default=TrainConfig.workers,
-                   help=f"DataLoader worker processes (default {TrainConfig.workers})")
-    t.add_argument("--max-train-seconds", type=n("max_train_seconds"), default=TrainConfig.max_train_seconds,
+    t.add_argument("--threads", type=n("threads"), help="torch threads (default: all cores)")
+    t.add_argument("--workers", type=n("workers"), help=f"DataLoader worker processes (default {TrainConfig.workers})")
+    t.add_argument("--max-train-seconds", type=n("max_train_seconds"),
                    help="stop after the epoch that passes this much training time")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -14,6 +14,11 @@ sgd`` with its own default learning rate gives the paper's recipe.  Augmentation
 is on by default with a preset close to nnU-Net's (``AUGMENT_PRESETS``), because a
 curriculum found without it may not hold under the training people actually use.
 
+A :class:`Recipe` (a ``TrainConfig`` plus :class:`DataIdentity`) is how a schedule was
+trained where it was scored; every trial records one and a sweep's schedule files carry it,
+so ``train --schedule`` repeats the trial, and the values read back from a file are checked
+here (:meth:`TrainConfig.parse`, the same checks as the train flags).
+
 It also says, as plain data, which networks exist and which patch sides each one
 takes (:func:`patch_multiple`), so that schedules and spaces are checked before
 torch is even imported.
@@ -27,6 +32,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune.errors import PgpsError
+from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
     from pgps_tune.schedule import Schedule
@@ -35,6 +41,7 @@ DEFAULT_EPOCHS = 50
 DEFAULT_BATCH_SIZE = 2
 OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_LR = {"adamw": 3e-3, "sgd": 1e-2}
+DEVICES = ("auto", "cpu", "cuda")
 
 # -- networks and the patch sides each one takes ------------------------------------------
 # Plain data, so that schedule builders, space checks and the CLI can ask before torch is
@@ -208,10 +215,179 @@ class TrainConfig:
 
     @classmethod
     def for_trial(cls, budget: dict[str, Any], params: dict[str, Any], device: str, threads: int) -> TrainConfig:
-        """A search trial's config: the space's budget, overridden by sampled trainer parameters."""
+        """A search trial's config: the space's budget, overridden by sampled trainer parameters.
+
+        Numbers are made plain Python (a sampler may hand numpy ones), so the recipe a trial
+        records is plain JSON.
+        """
+        lr = params.get("lr", budget["lr"])
         return cls(
-            network=budget["network"], filters=tuple(budget["filters"]), optimizer=budget["optimizer"],
-            lr=params.get("lr", budget["lr"]), iterations_per_epoch=budget["iterations_per_epoch"],
-            seed=budget["seed"], device=device, threads=threads, fg_ratio=params.get("fg_ratio", budget["fg_ratio"]),
-            val_every=budget["val_every"], token_size=budget["token_size"], augment=budget["augment"],
+            network=budget["network"], filters=tuple(int(f) for f in budget["filters"]),
+            optimizer=budget["optimizer"], lr=None if lr is None else float(lr),
+            iterations_per_epoch=int(budget["iterations_per_epoch"]), seed=int(budget["seed"]), device=device,
+            threads=threads, fg_ratio=float(params.get("fg_ratio", budget["fg_ratio"])),
+            val_every=int(budget["val_every"]), token_size=int(budget["token_size"]), augment=budget["augment"],
         )
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> TrainConfig:
+        """A config read from a file (a schedule file's ``recipe.train``), every value checked.
+
+        Unknown keys and out-of-range values are refused in one line naming the key; a missing
+        key takes its default (a file written before that setting existed trained with it).
+        """
+        if not isinstance(data, dict):
+            raise PgpsError(f"{where} must be a mapping of trainer settings, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
+        return cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in data.items()})
+
+
+# Trainer settings that are a name from a fixed list, and the settings that may be null (their
+# default is None: "the network's or optimizer's own")
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "network": NETWORKS, "optimizer": OPTIMIZERS, "augment": tuple(AUGMENT_PRESETS), "device": DEVICES,
+    "token_size": TOKEN_SIZES,
+}
+_NULLABLE = {f.name for f in fields(TrainConfig) if f.default is None}
+
+
+def check_train_value(name: str, value: Any, what: str) -> Any:
+    """One trainer setting, checked (a file's value or a flag's): the value, or a one-line error naming ``what``."""
+    if value is None and name in _NULLABLE:
+        return None
+    if name in _CHOICES:
+        if value not in _CHOICES[name] or isinstance(value, bool):
+            kind = {"augment": "augmentation", "token_size": "token size"}.get(name, name)
+            raise PgpsError(f"{what}: unknown {kind} {value!r}; use one of {', '.join(map(str, _CHOICES[name]))}")
+        return value
+    if name == "deep_supervision":
+        if not isinstance(value, bool):
+            raise PgpsError(f"{what} must be true or false, got {value!r}")
+        return value
+    if name == "filters":
+        if not isinstance(value, list | tuple) or not 1 <= len(value) <= 10:
+            raise PgpsError(f"{what} must be a list of 1 to 10 channel counts, got {value!r}")
+        return tuple(LIMITS["filters"].check(v, f"{what} entries") for v in value)
+    # widths take the channel range; every other number has its own range in pgps_tune.limits
+    rng = LIMITS["filters" if name in ("feature_size", "hidden_size") else name]
+    return rng.check(value, what)
+
+
+# -- the recipe: everything a schedule file needs to reproduce the run that scored it ---------------
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a recipe was trained on: the data, its preprocessing and the validation split.
+
+    ``val_fraction``/``split_seed`` and, for synthetic data, ``synthetic_cases``/``synthetic_shape``
+    are applied by ``pgps-tune train --schedule``; ``dataset``, ``source``, ``spacing`` and
+    ``normalisation`` tell a reader (and train's notes) what the data was.
+    """
+
+    dataset: str
+    source: str  # the sweep's --data: a dataset folder, or "synthetic"
+    val_fraction: float
+    split_seed: int
+    spacing: tuple[float, ...] = ()
+    normalisation: tuple[dict[str, Any], ...] = ()
+    synthetic_cases: int | None = None
+    synthetic_shape: tuple[int, int, int] | None = None
+
+    @classmethod
+    def of(cls, ds: Any, source: str, val_fraction: float, split_seed: int, synthetic_cases: int | None = None,
+           synthetic_shape: Sequence[int] | None = None) -> DataIdentity:
+        """The identity of a prepared dataset (``pgps_tune.data.PreparedDataset``) and its split."""
+        synthetic = str(source) == "synthetic"
+        return cls(
+            dataset=ds.name, source=str(source), val_fraction=float(val_fraction), split_seed=int(split_seed),
+            spacing=tuple(float(v) for v in ds.spacing), normalisation=tuple(dict(n) for n in ds.normalisation),
+            synthetic_cases=int(synthetic_cases) if synthetic and synthetic_cases is not None else None,
+            synthetic_shape=tuple(int(v) for v in synthetic_shape) if synthetic and synthetic_shape else None,  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"], d["normalisation"] = list(self.spacing), [dict(n) for n in self.normalisation]
+        if self.synthetic_cases is None and self.synthetic_shape is None:
+            del d["synthetic_cases"], d["synthetic_shape"]
+        else:
+            d["synthetic_shape"] = list(self.synthetic_shape or ())
+        return d
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> DataIdentity:
+        if not isinstance(data, dict):
+            raise PgpsError(f"{where} must be a mapping (dataset, source, val_fraction, split_seed, ...), "
+                            f"got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
+        missing = [k for k in ("dataset", "source", "val_fraction", "split_seed") if k not in data]
+        if missing:
+            raise PgpsError(f"{where} lacks {', '.join(missing)}; add them, or delete the recipe to train with "
+                            "the defaults")
+        for k in ("dataset", "source"):
+            if not isinstance(data[k], str) or not data[k]:
+                raise PgpsError(f"{where}.{k} must be a non-empty string, got {data[k]!r}")
+        spacing = data.get("spacing", [])
+        if not isinstance(spacing, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing):
+            raise PgpsError(f"{where}.spacing must be a list of positive numbers (mm), got {spacing!r}")
+        norm = data.get("normalisation", [])
+        if not isinstance(norm, list) or not all(isinstance(n, dict) for n in norm):
+            raise PgpsError(f"{where}.normalisation must be a list of mappings (one per channel), got {norm!r}")
+        shape = data.get("synthetic_shape")
+        if shape is not None and (not isinstance(shape, list) or len(shape) != 3):
+            raise PgpsError(f"{where}.synthetic_shape must be a list of 3 integers, got {shape!r}")
+        cases = data.get("synthetic_cases")
+        return cls(
+            dataset=data["dataset"], source=data["source"],
+            val_fraction=LIMITS["val_fraction"].check(data["val_fraction"], f"{where}.val_fraction"),
+            split_seed=LIMITS["split_seed"].check(data["split_seed"], f"{where}.split_seed"),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in spacing), normalisation=tuple(norm),
+            synthetic_cases=None if cases is None else LIMITS["synthetic_cases"].check(  # type: ignore[arg-type]
+                cases, f"{where}.synthetic_cases"),
+            synthetic_shape=None if shape is None else tuple(  # type: ignore[arg-type]
+                LIMITS["synthetic_axis"].check(v, f"{where}.synthetic_shape") for v in shape),
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a schedule was trained where it was scored: the trainer settings and the data.
+
+    A sweep's exported schedule files carry the recipe of the trial they come from, so that
+    ``pgps-tune train --schedule FILE`` on the same data trains that trial again.
+    """
+
+    train: TrainConfig
+    data: DataIdentity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": RECIPE_VERSION, "train": self.train.to_dict(), "data": self.data.to_dict()}
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "recipe") -> Recipe:
+        """A recipe read from a file, every key and value checked (one-line errors naming the key)."""
+        if not isinstance(data, dict):
+            raise PgpsError(f"{where} must be a mapping with version, train and data, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"version", "train", "data"})
+        if unknown:
+            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: version, train, data)")
+        if data.get("version") != RECIPE_VERSION:
+            raise PgpsError(f"{where}.version {data.get('version')!r} is not supported; this pgps-tune reads "
+                            f"version {RECIPE_VERSION} (re-export the sweep, or delete the recipe to train with "
+                            "the defaults)")
+        for k in ("train", "data"):
+            if k not in data:
+                raise PgpsError(f"{where} lacks '{k}'; re-export the sweep, or delete the recipe to train with "
+                                "the defaults")
+        return cls(TrainConfig.parse(data["train"], f"{where}.train"), DataIdentity.parse(data["data"],
+                                                                                         f"{where}.data"))

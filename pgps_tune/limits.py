@@ -94,6 +94,11 @@ LIMITS: dict[str, Range] = {
     "threads": _int(1, 1024),
     "workers": _int(0, 256),
     "max_train_seconds": Range(0, 1e9, low_open=True),
+    "weight_decay": Range(0, 1),
+    "momentum": Range(0, 1, high_open=True),
+    "volumes_per_batch": _int(1, 1_000_000),
+    "sw_batch_size": _int(1, 4096),
+    "sw_overlap": Range(0, 1, high_open=True),
     "voxel_budget": _int(8**3, 2**30),  # the planner's voxels per patch; 8^3 allows one pooling
     "synthetic_cases": _int(2, 10_000),
     "synthetic_axis": _int(8, 512),

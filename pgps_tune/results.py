@@ -3,7 +3,10 @@
 Pure pyarrow and YAML (no Ray): the tuner reads a sweep's Tune experiments into
 plain :class:`TrialRecord` s, and this module turns them into ``trials.parquet``
 (one row per trial), ``best_schedule.yaml`` (a schedule file that ``pgps-tune
-train --schedule`` accepts) and ``summary.json``.  The results store is a Parquet
+train --schedule`` accepts) and ``summary.json``.  A trial's ``schedule`` is the
+schedule file it trained, recipe included (trainer settings, data, split: see
+:class:`pgps_tune.config.Recipe`), so every schedule exported from it, here or
+from the store, trains that trial again.  The results store is a Parquet
 dataset partitioned by ``dataset`` and ``sweep``; :func:`best_schedule` answers
 "the best schedule for dataset X" with one query.
 
@@ -297,7 +300,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
         summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
     if best is not None:
         s = _schedule_of(best, meta["sweep"])
-        s = replace(s, meta={
+        s = replace(s, meta={  # the recipe the trial recorded stays with its schedule
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
             "objective": meta["objective"]["type"],
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],

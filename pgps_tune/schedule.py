@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pgps_tune.config import Recipe
 from pgps_tune.errors import PgpsError, atomic_write_text, read_yaml
 from pgps_tune.limits import LIMITS
 
@@ -71,7 +72,9 @@ class Schedule:
 
     ``meta`` carries provenance (preset, mode, dataset, score, ...) through
     files unchanged; it never changes what is trained.  ``sampling`` is the
-    family: ``staged`` or ``random`` (see the module docstring).
+    family: ``staged`` or ``random`` (see the module docstring).  ``recipe`` (a sweep's
+    exports carry one) is how the schedule was trained where it was scored:
+    ``pgps-tune train --schedule`` trains with it unless a flag says otherwise.
     """
 
     stages: tuple[Stage, ...]
@@ -80,6 +83,7 @@ class Schedule:
     baseline_batch_size: int
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     sampling: str = "staged"
+    recipe: Recipe | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -158,6 +162,7 @@ class Schedule:
                 {"patch_size": list(s.patch_size), "batch_size": s.batch_size, "epochs": s.epochs}
                 for s in self.stages
             ],
+            **({"recipe": self.recipe.to_dict()} if self.recipe is not None else {}),
             "meta": dict(self.meta),
         }
 
@@ -320,7 +325,8 @@ def _from_dict(data: Any, source: str) -> Schedule:
             f"{source}: format_version {version!r} is not supported; this pgps-tune reads "
             f"format_version {FORMAT_VERSION} (regenerate it with 'pgps-tune schedule')"
         )
-    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "sampling", "stages", "meta"}
+    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "sampling", "stages", "recipe",
+             "meta"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PgpsError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
@@ -346,13 +352,14 @@ def _from_dict(data: Any, source: str) -> Schedule:
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise PgpsError(f"{source}: 'meta' must be a mapping")
+    recipe = Recipe.parse(data["recipe"], f"{source}: recipe") if data.get("recipe") is not None else None
     try:
         return Schedule(
             stages=tuple(stages),
             final_patch=tuple(_ints(data["final_patch"], 3, f"{source}: final_patch")),  # type: ignore[arg-type]
             pools=tuple(_ints(data["pools"], 3, f"{source}: pools")),  # type: ignore[arg-type]
             baseline_batch_size=_int(data["baseline_batch_size"], f"{source}: baseline_batch_size"),
-            meta=meta,
+            meta=meta, recipe=recipe,
             sampling=data.get("sampling", "staged"),
         )
     except PgpsError as exc:

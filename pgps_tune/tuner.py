@@ -31,6 +31,7 @@ into :class:`pgps_tune.results.TrialRecord` s; ``results`` turns them into expor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import io
 import json
@@ -158,7 +159,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
-    from pgps_tune.config import TrainConfig
+    from pgps_tune.config import DataIdentity, Recipe, TrainConfig
     from pgps_tune.data import split
     from pgps_tune.trainer import Trainer
 
@@ -170,6 +171,10 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
     cfg = TrainConfig.for_trial(b, config, device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
                                 threads=max(1, int(setup["cpus_per_trial"])))
     train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
+    # the schedule reported carries the recipe it trains with, so its exports can train it again
+    recipe = Recipe(cfg, DataIdentity.of(ds, setup["data"], b["val_fraction"], b["split_seed"],
+                                         b["synthetic_cases"], b["synthetic_shape"]))
+    base = {**base, "schedule": json.dumps(dataclasses.replace(s, recipe=recipe).to_dict())}
 
     def report(r: dict[str, Any]) -> None:
         score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
