@@ -644,7 +644,7 @@ def split(
     A splits file is JSON: ``{"train": [case ids], "val": [case ids]}``.
     """
     if splits_file:
-        return _split_entry(ds, _read_splits(splits_file), splits_file)
+        return _split_entry(ds, read_splits(splits_file), splits_file)
     n = len(ds)
     if n < 2:
         raise PgpsError(f"dataset {ds.name} has {n} case(s); a train/validation split needs at least 2")
@@ -655,7 +655,8 @@ def split(
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def _read_splits(splits_file: str | Path) -> Any:
+def read_splits(splits_file: str | Path) -> Any:
+    """The JSON of a splits file (its shape is checked by the caller), or a one-line error."""
     try:
         return json.loads(Path(splits_file).read_text())
     except FileNotFoundError:
@@ -692,7 +693,7 @@ def fold_split(
     (nnU-Net's ``splits_final.json``); it must hold exactly ``folds`` entries.
     """
     if splits_file:
-        entries = _read_splits(splits_file)
+        entries = read_splits(splits_file)
         if not isinstance(entries, list) or len(entries) != folds:
             got = f"{len(entries)} entries" if isinstance(entries, list) else "not a list"
             raise PgpsError(f"splits file {splits_file} must be a list of {folds} folds "

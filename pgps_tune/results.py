@@ -287,10 +287,12 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
                 f"points (95% interval {100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, "
                 f"p = {base['p_value']:.3g}, {base['n']} pairs)")
     else:
+        how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
+        advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
         text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
-                f"differs by {100 * base['mean_diff']:+.2f} Dice points (95% interval "
-                f"{100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, "
-                f"{base['n']} pairs); keep the constant schedule, or confirm with more seeds or a longer budget")
+                f"{how} {100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
+                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs); keep the constant "
+                f"schedule{advice}")
     return {"significantly_better_than_baseline": better, "verdict": text,
             "search_winner_confirmed": search_best == winner if search_best else None}
 

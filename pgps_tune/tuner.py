@@ -919,11 +919,11 @@ class ConfirmSettings:
     def checked(cls, top_k: int, epochs: int, seeds: int | None, folds: int | None, splits: str | None, ds,
                 split_seed: int, source: str) -> ConfirmSettings:
         """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts)."""
-        from pgps_tune.data import _read_splits, fold_split
+        from pgps_tune.data import read_splits, fold_split
 
         if splits:
             splits = str(Path(splits).resolve())  # trials read it from their own folders
-            entries = _read_splits(splits)
+            entries = read_splits(splits)
             n = len(entries) if isinstance(entries, list) else 0
             if folds is not None and folds != n:
                 raise PgpsError(f"{source}: folds is {folds} but the splits file {splits} lists {n}; "

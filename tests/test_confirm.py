@@ -184,6 +184,38 @@ def test_a_winner_significantly_better_than_the_baseline_says_by_how_much():
     assert c["verdict"].startswith("the confirmed winner t1 beats the constant baseline by +10.00 Dice points")
 
 
+def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
+    rows, meta = confirmation({"baseline": [0.80, 0.71, 0.74, 0.83], "t1": [0.70, 0.60, 0.65, 0.72]})
+    c = confirmation_summary(rows, meta)
+    assert c["schedules"]["t1"]["vs"]["baseline"]["significantly_worse"] and "paper" not in c["schedules"]["t1"]["vs"]
+    assert "the best, t1, is significantly worse, by -10.25 Dice points" in c["verdict"]
+    assert c["search_winner_confirmed"] is None  # no search best was given
+
+
+def test_tune_flags_replace_the_confirm_section(tmp_path, monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    seen = []
+
+    def fake_sweep(opts):
+        seen.append(opts.space.confirm)
+        return {"sweep": "s", "dataset": "synthetic", "trials": 0, "completed": 0, "stopped_early": 0, "failed": 0,
+                "best": None}
+
+    monkeypatch.setattr(tuner, "sweep", fake_sweep)
+    space = write_space(tmp_path / "s.yaml", confirm={"enabled": True, "folds": 4})
+    base = ["tune", "--space", str(space), "--data", "synthetic", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-confirm"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--confirm-seeds", "5", "--confirm-epochs", "30",
+                 "--confirm-top-k", "2"]) == 0
+    assert main([*base, "--out", str(tmp_path / "d"), "--confirm-splits", "f.json"]) == 0
+    a, b, c, d = seen
+    assert a.enabled and a.folds == 4 and not b.enabled
+    assert (c.seeds, c.folds, c.epochs, c.top_k) == (5, None, 30, 2)  # seeds replace the file's folds
+    assert d.splits == "f.json" and d.folds == 4
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 
