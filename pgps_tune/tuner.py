@@ -911,6 +911,7 @@ class ConfirmSettings:
 
     @classmethod
     def from_space(cls, space: SearchSpace, ds) -> ConfirmSettings:
+        """The space's confirm section (epochs null: the search's), checked against the dataset."""
         c = space.confirm
         return cls.checked(c.top_k, c.epochs or space.budget.epochs, c.seeds, c.folds, c.splits, ds,
                            space.budget.split_seed, source=f"{space.source}: confirm")
@@ -919,7 +920,7 @@ class ConfirmSettings:
     def checked(cls, top_k: int, epochs: int, seeds: int | None, folds: int | None, splits: str | None, ds,
                 split_seed: int, source: str) -> ConfirmSettings:
         """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts)."""
-        from pgps_tune.data import read_splits, fold_split
+        from pgps_tune.data import fold_split, read_splits
 
         if splits:
             splits = str(Path(splits).resolve())  # trials read it from their own folders
