@@ -932,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nnunet_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
 
-    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 3 minutes on 2 cores)")
+    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 4 minutes on 2 cores)")
     de.add_argument("--out", default="runs/demo", metavar="SWEEP_DIR", help="sweep folder (default runs/demo)")
     sweep_args(de)
     de.set_defaults(func=cmd_demo, out_folder=True)

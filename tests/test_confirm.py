@@ -216,6 +216,28 @@ def test_tune_flags_replace_the_confirm_section(tmp_path, monkeypatch):
     assert d.splits == "f.json" and d.folds == 4
 
 
+def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
+    import pyarrow as pa
+
+    from pgps_tune import results
+
+    r = row("t1", "search", "search", {}, 0.5)
+    full = {c: r.get(c) for c in results.COLUMNS} | {"status": "completed", "best_dice": 0.5, "voxels_processed": 1,
+                                                     "voxel_fraction": 1.0, "wall_time_s": 1.0,
+                                                     "baseline_iterations": 1.0, "rung_reached": 0,
+                                                     "stopped_early": False, "failed": False, "num_failures": 0,
+                                                     "error": ""}
+    table = pa.Table.from_pylist([full], schema=results.SCHEMA)
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "x"}
+    results.store_sweep(table, {**meta, "sweep": "new"}, tmp_path)
+    old = table.drop_columns(["phase"]).append_column("objective", pa.array(["max_dice"]))
+    old = old.append_column("final_patch", pa.array(["[16, 16, 16]"]))
+    (tmp_path / "dataset=x" / "sweep=old").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "dataset=x" / "sweep=old" / "part-0.parquet")
+    store = results.load_store(tmp_path).sort_by("sweep")
+    assert store["sweep"].to_pylist() == ["new", "old"] and store["phase"].to_pylist() == ["search", None]
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 
