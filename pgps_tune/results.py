@@ -197,7 +197,9 @@ def _identity(row: dict[str, Any]) -> str:
 def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``top_k`` best distinct searched schedules: completed search trials by score (ties as
     :func:`pick_best`), each schedule once, none that merely repeats a reference schedule."""
-    seen = {_identity(r) for r in rows if r["role"] in REFERENCE_ROLES and r["schedule"]}
+    # the references' own trials only: the candidates must not change once a confirmation has run
+    seen = {_identity(r) for r in rows
+            if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"}
     done = [r for r in rows if r.get("phase") == "search" and r["role"] == "search" and r["completed"]
             and r["schedule"] and math.isfinite(r["score"]) and not (
                 objective["type"] == "dice_under_budget"

@@ -238,6 +238,55 @@ def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
     assert store["sweep"].to_pylist() == ["new", "old"] and store["phase"].to_pylist() == ["search", None]
 
 
+def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_adds_only_new_trials(
+        tmp_path, monkeypatch):
+    # the bookkeeping around Tune (which trials, which experiment), with run_phase standing in for Tune
+    import signal
+
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
+    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
+    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    calls = []
+
+    def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
+        calls.append((name, searcher.configs))
+        if len(calls) == 1:
+            raise tuner.SweepInterrupted(signal.SIGINT)
+
+    monkeypatch.setattr(tuner, "run_phase", run_phase)
+    meta = {"sweep": "s", "storage_path": str(tmp_path), "experiments": {"search": "s-search"},
+            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": 7}},
+            "reference_configs": [{"role": "baseline", "preset": "constant"}],
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    opts = tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic", out=tmp_path)
+    two = tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2)
+    with pytest.raises(tuner.SweepInterrupted):
+        tuner.run_confirmation(opts, meta, two, None, None)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["pending_confirm"]["key"] == "confirm" and list(saved["experiments"]) == ["search"]
+    assert sorted((c["candidate"], c["seed"]) for c in calls[0][1]) == [("baseline", 8), ("baseline", 9),
+                                                                       ("s1", 8), ("s1", 9)]
+    with pytest.raises(sp.PgpsError, match="was interrupted; finish it first"):
+        tuner.run_confirmation(opts, saved, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3), None, None)
+    tuner.run_confirmation(opts, saved, two, None, None)  # continues: the same experiment, the same trials
+    assert calls[1] == ("s-confirm", calls[0][1])
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert "pending_confirm" not in saved and saved["experiments"]["confirm"] == "s-confirm"
+    assert saved["confirmation"]["configs"] == calls[0][1]
+    records += [TrialRecord(f"c{i}", "TERMINATED", c, {**done, "role": c["role"]}, phase="confirm")
+                for i, c in enumerate(calls[0][1])]
+    tuner.run_confirmation(opts, saved, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3), None, None)
+    assert calls[2][0] == "s-confirm-2" and sorted((c["candidate"], c["seed"]) for c in calls[2][1]) == [
+        ("baseline", 10), ("s1", 10)]
+    tuner.run_confirmation(opts, saved, two, None, None)  # nothing new to train: no experiment
+    assert len(calls) == 3 and json.loads((tmp_path / "sweep.json").read_text())["confirmation"]["configs"] == \
+        calls[0][1]
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 
