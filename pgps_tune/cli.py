@@ -578,6 +578,24 @@ def _with_budget_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace
     return dataclasses.replace(space, budget=dataclasses.replace(space.budget, **given))
 
 
+# Space confirm fields that tune and demo take as flags (--confirm-top-k, ...), and --no-confirm
+CONFIRM_FLAGS = ("top_k", "seeds", "folds", "splits", "epochs")
+
+
+def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace:
+    """The space with the confirmation flags given on the command line in place of its confirm section."""
+    import dataclasses
+
+    given = {f: getattr(a, f"confirm_{f}") for f in CONFIRM_FLAGS if getattr(a, f"confirm_{f}", None) is not None}
+    if a.no_confirm:
+        given["enabled"] = False
+    if given.get("seeds") is not None and (given.get("folds") or given.get("splits")):
+        raise PgpsError("give --confirm-seeds or --confirm-folds/--confirm-splits, not both")
+    if "seeds" in given:  # the command line's choice of repeats replaces the file's
+        given.update(folds=None, splits=None)
+    return dataclasses.replace(space, confirm=dataclasses.replace(space.confirm, **given)) if given else space
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from pgps_tune.report import write_report
 
@@ -629,7 +647,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
             os.environ.setdefault(key, value)
     from pgps_tune.tuner import SweepInterrupted, SweepOptions, sweep
 
-    space = _with_budget_flags(a, sp.load(_space_path(space_file)))
+    space = _with_confirm_flags(a, _with_budget_flags(a, sp.load(_space_path(space_file))))
     if (nn_plan := _nnunet_plan(a)) is not None:
         from pgps_tune.nnunet import plan_space
 
@@ -692,11 +710,14 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"best: trial {best['trial_id']} ({best['role']}) {best['params']}")
     print(f"  {summary['objective']['type']} score {best['score']:.4f}, val Dice {best['final_dice']:.4f}, "
           f"{best['n_stages']} stages, voxel fraction {best['schedule_voxel_fraction']:.3f}")
-    for role in ("baseline", "paper"):
-        g = summary.get(f"gain_over_{role}")
-        if g:
-            print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
-                  f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
+    if "confirmation" in summary:
+        _print_confirmation(summary)
+    else:
+        for role in ("baseline", "paper"):
+            g = summary.get(f"gain_over_{role}")
+            if g:
+                print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
+                      f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
     if front := summary.get("pareto"):
         print(f"  Pareto front: {len(front['front'])} schedules in {out / 'pareto.parquet'} and {out / 'pareto'}/; "
               f"best by the rule {front['pick']}")
@@ -704,6 +725,31 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     if best_file.is_file():
         print(sch.load(best_file).table())
     print(f"schedule: {best_file}  trials: {out / 'trials.parquet'}")
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _print_confirmation(summary: dict[str, Any]) -> None:
+    """The confirmation's table (mean ± sd per schedule, paired differences) and its verdict in words."""
+    c = summary["confirmation"]
+    print(f"confirmation: {len(c['repeats'])} {c['repeat']}s per schedule, {c['epochs']} epochs")
+    print(f"  {'schedule':<16} {'n':>2} {'Dice mean':>9} {'sd':>7}  {'vs baseline (95% interval, p)':<38} vs paper")
+    for name, e in c["schedules"].items():
+        tests = []
+        for role in ("baseline", "paper"):
+            t = e.get("vs", {}).get(role)
+            tests.append("" if t is None else f"{_num(100 * t['mean_diff'], '+.2f')} "
+                         f"[{_num(100 * t['ci_low'], '+.2f')}, {_num(100 * t['ci_high'], '+.2f')}] "
+                         f"p={_num(t['p_value'], '.3g')}")
+        label = name + (" *" if name == c["winner"] else "")
+        print(f"  {label:<16} {e['dice']['n']:>2} {_num(e['dice']['mean']):>9} {_num(e['dice']['sd']):>7}  "
+              f"{tests[0]:<38} {tests[1]}".rstrip())
+    print(f"  (* the confirmed winner; differences in Dice points, paired by {c['repeat']})")
+    if c.get("search_winner_confirmed") is False:
+        print(f"  the search phase's best trial, {summary['search_best']['trial_id']}, is not the confirmed winner")
+    print(("" if c["significantly_better_than_baseline"] else "NOT SIGNIFICANT: ") + c["verdict"])
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
@@ -742,6 +788,26 @@ def cmd_export(a: argparse.Namespace) -> int:
             raise PgpsError(f"no best schedule in {a.out} to export for nnU-Net; the sweep has no completed trial")
         path = nnunet.export_for_nnunet(sch.load(best), nn_plan, a.trainer)
         print(f"nnU-Net schedule: {path} (read by -tr {a.trainer}; see docs/NNUNET.md)")
+    return 0
+
+
+def cmd_confirm(a: argparse.Namespace) -> int:
+    from pgps_tune.results import read_meta, require_finished
+
+    require_finished(read_meta(a.sweep))  # refused before Ray is imported
+    from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
+
+    opts = ConfirmOptions(
+        sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds, splits=a.splits, epochs=a.epochs,
+        cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
+        max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet)
+    try:
+        summary = confirm(opts)
+    except SweepInterrupted as exc:
+        print(f"pgps-tune: interrupted by {exc}; the confirmation's finished trials are kept and the exports are "
+              "unchanged; run the same command again to continue it", file=sys.stderr)
+        return 128 + exc.signum
+    _print_summary(summary, Path(a.sweep))
     return 0
 
 
@@ -935,6 +1001,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--results-store", default=None, metavar="DIR",
                        help="results store (default ~/.local/share/pgps-tune/results)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
+        g = q.add_argument_group("confirmation", "each given flag replaces that key of the space file's confirm "
+                                 "section (docs/GUIDE.md, Confirming the winner)")
+        g.add_argument("--no-confirm", action="store_true", help="skip the confirmation phase (confirm.enabled false)")
+        g.add_argument("--confirm-top-k", type=n("top_k"), metavar="K", help="distinct searched schedules to confirm")
+        g.add_argument("--confirm-seeds", type=n("seeds"), metavar="N", help="seeds per confirmed schedule")
+        g.add_argument("--confirm-folds", type=n("folds"), metavar="K",
+                       help="confirm on K cross-validation folds instead of seeds")
+        g.add_argument("--confirm-splits", metavar="FILE",
+                       help='confirm on the folds of this JSON list [{"train": [ids], "val": [ids]}, ...]')
+        g.add_argument("--confirm-epochs", type=n("epochs"), metavar="N",
+                       help="epochs of each confirmation trial (default: the search's)")
         budget_args(q)
 
     def budget_args(q: argparse.ArgumentParser) -> None:
@@ -975,10 +1052,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nnunet_args(tu)
     tu.set_defaults(func=cmd_tune, out_folder=True)
 
-    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 2 minutes on 2 cores)")
+    de = sub.add_parser("demo", help="a small sweep on synthetic data, end to end (about 4 minutes on 2 cores)")
     de.add_argument("--out", default="runs/demo", metavar="SWEEP_DIR", help="sweep folder (default runs/demo)")
     sweep_args(de)
     de.set_defaults(func=cmd_demo, out_folder=True)
+
+    co = sub.add_parser("confirm", help="run or extend the confirmation of a finished sweep (more seeds, folds, "
+                        "a longer budget) and re-export it")
+    co.add_argument("sweep", metavar="SWEEP_DIR", help="the --out folder of a finished 'tune' or 'demo'")
+    co.add_argument("--top-k", type=n("top_k"), metavar="K", help="distinct searched schedules to confirm "
+                    "(default: as the sweep's last confirmation, else 3)")
+    co.add_argument("--seeds", type=n("seeds"), metavar="N", help="seeds per schedule (default: as before, else 3)")
+    co.add_argument("--confirm-folds", type=n("folds"), metavar="K", help="cross-validation folds instead of seeds")
+    co.add_argument("--splits", metavar="FILE", help='folds from this JSON list [{"train": [ids], "val": [ids]}, ...]')
+    co.add_argument("--epochs", type=n("epochs"), metavar="N", help="epochs per trial (default: as before, else "
+                    "the search's)")
+    co.add_argument("--cpus-per-trial", type=n("cpus_per_trial"), default=None, help="default: the sweep's")
+    co.add_argument("--gpus-per-trial", type=n("gpus_per_trial"), default=None, help="default: the sweep's")
+    co.add_argument("--max-concurrent", type=n("max_concurrent"), default=None, help="default: as many as fit")
+    co.add_argument("--max-failures", type=n("max_failures"), default=None,
+                    help="retries of a failed trial (default: the space's budget.max_failures)")
+    co.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
+    co.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
+                    "~/.local/share/pgps-tune/results)")
+    co.add_argument("--quiet", action="store_true", help="no progress lines")
+    co.set_defaults(func=cmd_confirm)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
     ex.add_argument("--experiment", required=True, metavar="SWEEP_DIR", help="the --out folder of a sweep")

@@ -643,22 +643,8 @@ def split(
 
     A splits file is JSON: ``{"train": [case ids], "val": [case ids]}``.
     """
-    ids = {cid: i for i, cid in enumerate(ds.case_ids)}
     if splits_file:
-        try:
-            data = json.loads(Path(splits_file).read_text())
-            train = [ids[c] for c in data["train"]]
-            val = [ids[c] for c in data["val"]]
-        except FileNotFoundError:
-            raise PgpsError(f"splits file {splits_file} does not exist; check the path") from None
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
-            raise PgpsError(
-                f"splits file {splits_file} is malformed or names an unknown case ({exc}); "
-                'it must be {"train": [case ids], "val": [case ids]}'
-            ) from None
-        if not train or not val or set(train) & set(val):
-            raise PgpsError(f"splits file {splits_file}: train and val must be non-empty and disjoint")
-        return train, val
+        return _split_entry(ds, read_splits(splits_file), splits_file)
     n = len(ds)
     if n < 2:
         raise PgpsError(f"dataset {ds.name} has {n} case(s); a train/validation split needs at least 2")
@@ -667,6 +653,61 @@ def split(
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def read_splits(splits_file: str | Path) -> Any:
+    """The JSON of a splits file (its shape is checked by the caller), or a one-line error."""
+    try:
+        return json.loads(Path(splits_file).read_text())
+    except FileNotFoundError:
+        raise PgpsError(f"splits file {splits_file} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PgpsError(f"splits file {splits_file} is not readable JSON ({type(exc).__name__}); "
+                        'it must be {"train": [case ids], "val": [case ids]}') from None
+
+
+def _split_entry(ds: PreparedDataset, entry: Any, splits_file: str | Path) -> tuple[list[int], list[int]]:
+    """One ``{"train": [...], "val": [...]}`` entry of a splits file, as case indices, checked."""
+    ids = {cid: i for i, cid in enumerate(ds.case_ids)}
+    try:
+        train = [ids[c] for c in entry["train"]]
+        val = [ids[c] for c in entry["val"]]
+    except (TypeError, KeyError) as exc:
+        raise PgpsError(
+            f"splits file {splits_file} is malformed or names an unknown case ({exc}); "
+            'it must be {"train": [case ids], "val": [case ids]}'
+        ) from None
+    if not train or not val or set(train) & set(val):
+        raise PgpsError(f"splits file {splits_file}: train and val must be non-empty and disjoint")
+    return train, val
+
+
+def fold_split(
+    ds: PreparedDataset, folds: int, fold: int, seed: int = 0, splits_file: str | Path | None = None
+) -> tuple[list[int], list[int]]:
+    """Train/validation case indices of cross-validation fold ``fold`` (0-based) of ``folds``.
+
+    Seeded: the cases are shuffled with ``seed`` and cut into ``folds`` near-equal parts; fold i
+    validates on part i and trains on the rest, so every case is validated exactly once.  A
+    splits file is a JSON list of ``{"train": [case ids], "val": [case ids]}``, one per fold
+    (nnU-Net's ``splits_final.json``); it must hold exactly ``folds`` entries.
+    """
+    if splits_file:
+        entries = read_splits(splits_file)
+        if not isinstance(entries, list) or len(entries) != folds:
+            got = f"{len(entries)} entries" if isinstance(entries, list) else "not a list"
+            raise PgpsError(f"splits file {splits_file} must be a list of {folds} folds "
+                            f'[{{"train": [case ids], "val": [case ids]}}, ...] ({got})')
+        return _split_entry(ds, entries[fold], splits_file)
+    n = len(ds)
+    if not 2 <= folds <= n:
+        raise PgpsError(f"{folds} cross-validation folds asked for, but dataset {ds.name} has {n} cases; "
+                        f"use 2 to {n} folds")
+    if not 0 <= fold < folds:
+        raise PgpsError(f"fold {fold} does not exist; folds are 0 to {folds - 1}")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    val = sorted(parts[fold].tolist())
+    return sorted(set(range(n)) - set(val)), val
 
 
 # -- planning ------------------------------------------------------------------------

@@ -116,6 +116,9 @@ LIMITS: dict[str, Range] = {
     "brackets": _int(1, 10),
     "tolerance": Range(0, 1),
     "objective.voxel_budget": Range(0, 1, low_open=True),  # a voxel fraction, not the planner's budget
+    "top_k": _int(1, 1000),
+    "seeds": _int(2, 1000),  # a paired test needs two pairs
+    "folds": _int(2, 1000),
 }
 
 

@@ -41,7 +41,8 @@ SUMMARY = "summary.json"
 PARETO = "pareto.parquet"
 PARETO_DIR = "pareto"  # one schedule file per front schedule
 SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("role", pa.string()), ("status", pa.string()), ("params", pa.string()),
+    ("trial_id", pa.string()), ("phase", pa.string()), ("role", pa.string()), ("status", pa.string()),
+    ("params", pa.string()),
     ("final_dice", pa.float64()), ("best_dice", pa.float64()), ("score", pa.float64()),
     ("voxels_processed", pa.int64()), ("voxel_fraction", pa.float64()),
     ("schedule_voxel_fraction", pa.float64()), ("train_time_s", pa.float64()), ("wall_time_s", pa.float64()),
@@ -52,6 +53,7 @@ SCHEMA = pa.schema([
 COLUMNS = SCHEMA.names
 STORE_COLUMNS = (*COLUMNS, "objective", "final_patch")  # plus the partition keys dataset and sweep
 SPACE_KEY = "space_key"  # SearchSpace.key() of the sweep; absent from stores written before it
+LATER_COLUMNS = ("phase",)  # added since the first stores were written: read back as null where absent
 META_KEYS = ("format_version", "sweep", "dataset", "space", "storage_path", "experiments", "objective", "asha",
              "final_patch", "finished")
 FINISHED_STATUSES = ("TERMINATED", "ERROR")  # Tune's end states; anything else is an unfinished trial
@@ -113,6 +115,7 @@ class TrialRecord:
     last_result: dict[str, Any] = field(default_factory=dict)
     num_failures: int = 0
     error: str = ""  # the last line of the trial's error, if it failed
+    phase: str = "search"  # references, search or confirm
 
 
 def _float(r: dict[str, Any], key: str, default: float = math.nan) -> float:
@@ -140,6 +143,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
         per_class = {k[5:]: v for k, v in r.items() if k.startswith("dice_")}
         rows.append({
             "trial_id": t.trial_id,
+            "phase": t.phase,
             "role": str(r.get("role") or t.config.get("role", "search")),
             "status": status,
             "params": json.dumps(t.config, sort_keys=True),
@@ -177,9 +181,130 @@ def trainer_meta(params_json: str) -> dict[str, Any]:
 
 
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest objective score (ties: cheaper, then higher Dice)."""
-    done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])]
+    """The completed trial with the highest objective score (ties: cheaper, then higher Dice).
+
+    Confirmation trials are repeats, judged together by :func:`confirmation_summary`, never one by one.
+    """
+    done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])
+            and r.get("phase") != "confirm"]
     return max(done, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
+
+
+# -- confirmation -----------------------------------------------------------------------------
+
+REFERENCE_ROLES = ("baseline", "paper")
+REPEAT_KEYS = ("seed", "fold")  # what pairs two confirmation trials: the same seed, or the same fold
+CONFIRM_KEYS = ("candidate", *REPEAT_KEYS, "folds", "splits", "epochs")  # added to a schedule's config
+
+
+def _identity(row: dict[str, Any]) -> str:
+    """What makes two trials the same schedule: the stage list and the searched trainer settings."""
+    return json.dumps([json.loads(row["schedule"] or "null"), trainer_meta(row["params"])], sort_keys=True)
+
+
+def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``top_k`` best distinct searched schedules: completed search trials by score (ties as
+    :func:`pick_best`), each schedule once, none that merely repeats a reference schedule."""
+    # the references' own trials only: the candidates must not change once a confirmation has run
+    seen = {_identity(r) for r in rows
+            if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"}
+    done = [r for r in rows if r.get("phase") == "search" and r["role"] == "search" and r["completed"]
+            and r["schedule"] and math.isfinite(r["score"]) and not (
+                objective["type"] == "dice_under_budget"
+                and r["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9)]  # never trained
+    picked = []
+    for r in sorted(done, key=lambda r: (-r["score"], r["schedule_voxel_fraction"], -r["final_dice"])):
+        if len(picked) < top_k and _identity(r) not in seen:
+            seen.add(_identity(r))
+            picked.append(r)
+    return picked
+
+
+def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
+                         search_best: str | None = None) -> dict[str, Any] | None:
+    """The evidence of the sweep's confirmation (``meta["confirmation"]``), or None without one.
+
+    Per schedule: mean ± sd of the Dice, of the score and of each class's Dice over the repeats;
+    per searched schedule and reference: the paired comparison of Dice on the shared repeats.
+    The winner is the searched schedule with the best mean score (ties: fewer voxels);
+    ``search_best`` (the search phase's best trial) tells whether the search picked it too.
+    """
+    from pgps_tune.stats import paired_comparison, spread
+
+    conf = meta.get("confirmation")
+    if not conf:
+        return None
+    wanted = {json.dumps(c, sort_keys=True): c for c in conf["configs"]}
+    kind = conf["repeat"]
+    repeats = sorted({c[kind] for c in wanted.values()})
+    trials: dict[str, dict[Any, dict[str, Any]]] = {}
+    for r in rows:
+        config = wanted.get(r["params"]) if r.get("phase") == "confirm" else None
+        if config is not None:
+            slot = trials.setdefault(config["candidate"], {})
+            if config[kind] not in slot or (r["completed"] and not slot[config[kind]]["completed"]):
+                slot[config[kind]] = r
+    schedules: dict[str, dict[str, Any]] = {}
+    values: dict[str, list[float]] = {}
+    for config in wanted.values():
+        name = config["candidate"]
+        if name in schedules:
+            continue
+        got = trials.get(name, {})
+        done = [got[k] if k in got and got[k]["completed"] else None for k in repeats]
+        values[name] = [r["final_dice"] if r else math.nan for r in done]
+        per_class: dict[str, list[float]] = {}
+        for r in done:
+            for cls, v in json.loads(r["dice_per_class"]).items() if r else ():
+                per_class.setdefault(cls, []).append(v if isinstance(v, int | float) else math.nan)
+        finished = [r for r in done if r]
+        schedules[name] = {
+            "role": config["role"], "params": {k: v for k, v in config.items() if k not in (*CONFIRM_KEYS, "role")},
+            "trials": len(repeats), "completed": len(finished),
+            "dice": spread(values[name]).to_dict(), "score": spread([r["score"] if r else math.nan
+                                                                    for r in done]).to_dict(),
+            "dice_per_class": {cls: spread(v).to_dict() for cls, v in sorted(per_class.items())},
+            "dice_by_" + kind: dict(zip(map(str, repeats), values[name])),
+            "train_time_s": spread([r["train_time_s"] for r in finished]).mean,
+            "schedule_voxel_fraction": finished[0]["schedule_voxel_fraction"] if finished else math.nan,
+            "n_stages": finished[0]["n_stages"] if finished else 0,
+        }
+    for name, entry in schedules.items():
+        if entry["role"] == "search":
+            entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
+                           for role in REFERENCE_ROLES if role in schedules}
+    searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
+    winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
+                 default=None)
+    out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
+           "experiments": conf["experiments"], "schedules": schedules, "winner": winner}
+    out.update(_verdict(winner, schedules, search_best))
+    return out
+
+
+def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None) -> dict[str, Any]:
+    """The plain-words answer: is the confirmed winner better than the references, and was the search right?"""
+    if winner is None:
+        return {"significantly_better_than_baseline": False,
+                "verdict": "no searched schedule completed its confirmation trials; there is no confirmed winner"}
+    vs = schedules[winner].get("vs", {})
+    base = vs.get("baseline")
+    better = bool(base and base["significantly_better"])
+    if base is None:
+        text = "the constant baseline did not complete its confirmation trials, so the winner is not compared with it"
+    elif better:
+        text = (f"the confirmed winner {winner} beats the constant baseline by {100 * base['mean_diff']:+.2f} Dice "
+                f"points (95% interval {100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, "
+                f"p = {base['p_value']:.3g}, {base['n']} pairs)")
+    else:
+        how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
+        advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
+        text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
+                f"{how} {100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
+                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs); keep the constant "
+                f"schedule{advice}")
+    return {"significantly_better_than_baseline": better, "verdict": text,
+            "search_winner_confirmed": search_best == winner if search_best else None}
 
 
 def _schedule_of(row: dict[str, Any], where: str) -> sch.Schedule:
@@ -190,20 +315,33 @@ def _schedule_of(row: dict[str, Any], where: str) -> sch.Schedule:
     return sch.Schedule.from_dict(data, source=f"trial {row['trial_id']} in {where}")
 
 
+BEST_KEYS = ("trial_id", "role", "params", "final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages")
+
+
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The sweep's counts, its best trial (``best``, else :func:`pick_best`'s) and its gains over the references."""
+    """summary.json: counts, the best schedule (``best``, else :func:`pick_best`'s) and its gain over the references.
+
+    With a confirmation, ``best`` is the confirmed winner (its numbers the means over the
+    repeats; ``search_best`` is the search phase's pick) and the gains are the paired means.
+    """
     best = best or pick_best(rows)
-    refs = {r["role"]: r for r in rows if r["role"] in ("baseline", "paper") and r["completed"]}
+    refs = {r["role"]: r for r in rows if r["role"] in REFERENCE_ROLES and r["completed"] and r["phase"] != "confirm"}
     summary: dict[str, Any] = {
         "dataset": meta["dataset"], "sweep": meta["sweep"], "objective": meta["objective"],
         "trials": len(rows), "completed": sum(r["completed"] for r in rows),
         "stopped_early": sum(r["stopped_early"] for r in rows), "failed": sum(r["failed"] for r in rows),
         "best": None,
     }
+    confirmation = confirmation_summary(rows, meta, best["trial_id"] if best else None)
+    if confirmation is not None:
+        summary["confirmation"] = confirmation
+        if best is not None:
+            summary["search_best"] = {k: best[k] for k in BEST_KEYS}
+        if confirmation["winner"] is not None:
+            return {**summary, **_confirmed_best(rows, confirmation)}
     if best is None:
         return summary
-    summary["best"] = {k: best[k] for k in ("trial_id", "role", "params", "final_dice", "score",
-                                            "schedule_voxel_fraction", "train_time_s", "n_stages")}
+    summary["best"] = {k: best[k] for k in BEST_KEYS}
     for role, ref in refs.items():
         summary[f"gain_over_{role}"] = {
             "dice_points": 100 * (best["final_dice"] - ref["final_dice"]),
@@ -213,6 +351,41 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, 
             f"{role}_dice": ref["final_dice"],
         }
     return summary
+
+
+def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) -> dict[str, Any]:
+    """``best`` and ``gain_over_*`` of a summary from the confirmation: means over the repeats, paired gains."""
+    schedules, winner = confirmation["schedules"], confirmation["winner"]
+    w = schedules[winner]
+    searched = next(r for r in rows if r["trial_id"] == winner)
+    out: dict[str, Any] = {"best": {
+        "trial_id": winner, "role": "search", "params": searched["params"], "final_dice": w["dice"]["mean"],
+        "score": w["score"]["mean"], "schedule_voxel_fraction": w["schedule_voxel_fraction"],
+        "train_time_s": w["train_time_s"], "n_stages": w["n_stages"], "confirmed": True,
+        "dice_sd": w["dice"]["sd"], "repeats": w["dice"]["n"]}}
+    for role, test in w.get("vs", {}).items():
+        ref = schedules[role]
+        out[f"gain_over_{role}"] = {
+            "dice_points": 100 * test["mean_diff"], "ci_low_points": 100 * test["ci_low"],
+            "ci_high_points": 100 * test["ci_high"], "p_value": test["p_value"], "pairs": test["n"],
+            "significantly_better": test["significantly_better"],
+            "dice_relative_pct": 100 * (w["dice"]["mean"] / ref["dice"]["mean"] - 1) if ref["dice"]["mean"] else None,
+            "time_ratio": w["train_time_s"] / ref["train_time_s"] if ref["train_time_s"] else None,
+            "voxel_ratio": w["schedule_voxel_fraction"] / ref["schedule_voxel_fraction"]
+            if ref["schedule_voxel_fraction"] else None,
+            f"{role}_dice": ref["dice"]["mean"],
+        }
+    return out
+
+
+def winner_row(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial whose schedule best_schedule.yaml holds: a completed confirmation trial of the confirmed
+    winner (its schedule at the confirmation's budget), else the search's best trial."""
+    conf = summary.get("confirmation") or {}
+    if conf.get("winner"):
+        return next(r for r in rows if r["phase"] == "confirm" and r["completed"]
+                    and json.loads(r["params"]).get("candidate") == conf["winner"])
+    return pick_best(rows)
 
 
 def require_finished(meta: dict[str, Any], records: list[TrialRecord] = ()) -> None:
@@ -239,8 +412,9 @@ def pick_rule(meta: dict[str, Any], pick: str | None = None) -> pareto.PickRule 
 
 
 def _point(row: dict[str, Any]) -> tuple[float, float]:
-    """A completed trial's (Dice, voxel fraction); (nan, nan) for anything else, which no front holds."""
-    ok = row["completed"] and row["schedule"]
+    """A completed trial's (Dice, voxel fraction); (nan, nan) for anything else, which no front holds
+    (confirmation repeats included: they retrain schedules already on the plot)."""
+    ok = row["completed"] and row["schedule"] and row.get("phase") != "confirm"
     return (row["final_dice"], row["schedule_voxel_fraction"]) if ok else (math.nan, math.nan)
 
 
@@ -264,7 +438,7 @@ def export_front(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
     for r in (rows[i] for i in front):
         s = _schedule_of(r, meta["sweep"])
         name = f"{r['trial_id']}.yaml"
-        sch.Schedule(s.stages, s.final_patch, s.pools, s.baseline_batch_size, meta={
+        replace(s, meta={  # the recipe and the family stay with the schedule
             **s.meta, **trainer_meta(r["params"]), "dataset": meta["dataset"], "objective": "pareto",
             "val_dice": r["final_dice"], "voxel_fraction": r["schedule_voxel_fraction"], "sweep": meta["sweep"],
             "trial_id": r["trial_id"], "role": r["role"], "space": meta["space"],
@@ -294,10 +468,13 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     out = Path(out)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     atomic_write(out / TRIALS, lambda fh: pq.write_table(table, fh))
-    best = pick_best(rows) if rule is None else export_front(out, rows, meta, rule)
-    summary = summarize(rows, meta, best)
-    if rule is not None:
+    if rule is not None:  # a pareto sweep: the rule picks from the front
+        best = export_front(out, rows, meta, rule)
+        summary = summarize(rows, meta, best)
         summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
+    else:
+        summary = summarize(rows, meta)
+        best = winner_row(rows, summary)
     if best is not None:
         s = _schedule_of(best, meta["sweep"])
         s = replace(s, meta={  # the recipe the trial recorded stays with its schedule
@@ -306,6 +483,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
             "trial_id": best["trial_id"], "space": meta["space"],
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
+            **_confirmation_evidence(summary),
         })
         s.save(out / BEST)
     else:
@@ -313,6 +491,18 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     atomic_write_text(out / SUMMARY, strict_json(summary) + "\n")
     store_sweep(table, meta, results_store)
     return summary
+
+
+def _confirmation_evidence(summary: dict[str, Any]) -> dict[str, Any]:
+    """What best_schedule.yaml carries of the confirmation: the winner's repeats, its tests, the verdict."""
+    conf = summary.get("confirmation")
+    if not conf or not conf["winner"]:
+        return {}
+    w = conf["schedules"][conf["winner"]]
+    return {"val_dice": w["dice"]["mean"], "score": w["score"]["mean"], "confirmation": {
+        "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"],
+        "dice_per_class": w["dice_per_class"], "vs": w.get("vs", {}), "verdict": conf["verdict"],
+        "significantly_better_than_baseline": conf["significantly_better_than_baseline"]}}
 
 
 # -- the results store -------------------------------------------------------------------------
@@ -378,14 +568,16 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         except (OSError, pa.ArrowException) as exc:
             raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
                             "move it out of the store, or rerun 'pgps-tune export' for its sweep") from None
-        missing = [c for c in STORE_COLUMNS if c not in names]
+        missing = [c for c in STORE_COLUMNS if c not in names and c not in LATER_COLUMNS]
         if missing:
             raise PgpsError(f"results store file {f} lacks columns {missing}; it was not written by pgps-tune: "
                             "move it out of the store")
-    part = pads.partitioning(pa.schema([("dataset", pa.string()), ("sweep", pa.string())]), flavor="hive")
-    try:
-        schema = pa.unify_schemas([*schemas, part.schema, pa.schema([(SPACE_KEY, pa.string())])])
-        table = pads.dataset([str(f) for f in files], format="parquet", partitioning=part, schema=schema,
+    keys = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])
+    schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]), keys,
+                               pa.schema([(SPACE_KEY, pa.string())])])
+    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY) as null
+        table = pads.dataset([str(f) for f in files], format="parquet", schema=schema,
+                             partitioning=pads.partitioning(keys, flavor="hive"),
                              partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
                                                                              SPACE_KEY])
         return table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,

@@ -19,6 +19,7 @@ File format (YAML)::
     search: {algorithm: tpe, num_samples: 24, seed: 0}   # tpe | random | grid | nsga2
     asha: {time_attr: baseline_iterations, grace_fraction: 0.15, reduction_factor: 3, brackets: 1}
     budget: {epochs: 30, iterations_per_epoch: 50, batch_size: 2, network: unet, ...}
+    confirm: {enabled: true, top_k: 3, seeds: 3}      # or folds: 5; epochs: 60 for a longer budget
 """
 
 from __future__ import annotations
@@ -217,6 +218,25 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """The confirmation phase: the best searched schedules and both references retrained on repeats."""
+
+    enabled: bool = _doc(True, "after the search, retrain the top schedules and both references on several seeds "
+                               "(or folds) and choose the winner from those results; `tune --no-confirm`")
+    top_k: int = _doc(3, "distinct searched schedules to confirm (the best completed ones by score); "
+                         "`tune --confirm-top-k`")
+    seeds: int = _doc(3, "training seeds per schedule (budget.seed + 1, + 2, ...: fresh seeds, not the search's); "
+                         "`tune --confirm-seeds`")
+    folds: int | None = _doc(None, "instead of seeds: cross-validation folds of a seeded split of the cases "
+                                   "(null: seeds); `tune --confirm-folds`")
+    splits: str | None = _doc(None, "instead of the seeded folds: a JSON file listing the folds, "
+                                    '[{"train": [case ids], "val": [case ids]}, ...] (nnU-Net\'s '
+                                    "splits_final.json); `tune --confirm-splits`")
+    epochs: int | None = _doc(None, "epochs of each confirmation trial (null: budget.epochs); a longer budget "
+                                    "checks that a short-budget winner still wins; `tune --confirm-epochs`")
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     parameters: tuple[Param, ...]
@@ -225,6 +245,7 @@ class SearchSpace:
     asha: Asha = field(default_factory=Asha)
     budget: Budget = field(default_factory=Budget)
     source: str = "<space>"
+    confirm: Confirm = field(default_factory=Confirm)
 
     def optuna_sampler(self):
         """The Optuna sampler the space asks for (TPE, NSGA-II or random, seeded)."""
@@ -332,9 +353,11 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
         elif isinstance(want, bool):
             if not isinstance(v, bool):
                 raise PgpsError(f"{src}: {key}.{k} must be true or false, got {v!r}")
-        elif isinstance(want, int | float) or k == "lr":
+        elif v is None and want is None:
+            pass  # null: the documented default
+        elif isinstance(want, int | float) or limit(k, key) is not None:
             v = _number(v, k, key, src)
-        elif isinstance(want, str) and not isinstance(v, str):
+        elif (isinstance(want, str) or want is None) and not isinstance(v, str):
             raise PgpsError(f"{src}: {key}.{k} must be a string, got {v!r}")
         out[k] = v
     return cls(**out)
@@ -494,7 +517,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     src = source
     if not isinstance(raw, dict):
         raise PgpsError(f"{src}: a search space must be a mapping with 'parameters'")
-    allowed = {"name", "description", "parameters", "objective", "search", "asha", "budget"}
+    allowed = {"name", "description", "parameters", "objective", "search", "asha", "budget", "confirm"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise PgpsError(f"{src}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -506,6 +529,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     search = _section(raw, "search", Search, src)
     asha = _section(raw, "asha", Asha, src)
     budget = _section(raw, "budget", Budget, src)
+    confirm = _section(raw, "confirm", Confirm, src)
     if objective.type not in OBJECTIVES:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
     parse_pick(objective.pick, f"{src}: objective.pick")
@@ -529,7 +553,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
-        search=search, asha=asha, budget=budget, source=source,
+        search=search, asha=asha, budget=budget, source=source, confirm=confirm,
     )
 
 
@@ -614,8 +638,9 @@ def reference_names(search: Search) -> tuple[str, ...]:
     return search.references
 
 
-def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
-    """The reference trials: by default the constant baseline and the paper schedule in the space's mode.
+def reference_configs(space: SearchSpace, names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """The reference trials (``names``, else the space's): by default the constant baseline and the paper
+    schedule in the space's mode.
 
     A reference without ``:MODE`` takes the space's fixed mode (resource if the mode is searched).
     Roles: ``baseline`` for constant, ``paper`` for the paper schedule in that mode, else the name.
@@ -623,7 +648,7 @@ def reference_configs(space: SearchSpace) -> list[dict[str, Any]]:
     mode = space.param("mode")
     space_mode = mode.value if mode is not None and mode.kind == "fixed" else "resource"
     configs = []
-    for name in reference_names(space.search):
+    for name in reference_names(space.search) if names is None else names:
         preset, _, ref_mode = name.partition(":")
         if preset == "constant":
             configs.append({"role": "baseline", "preset": "constant"})
@@ -656,8 +681,11 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
             schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs, multiple_of)
         except PgpsError as exc:
             raise PgpsError(f"{space.source}: parameters {combo} give an invalid schedule: {exc}") from None
+    confirm_epochs = space.confirm.epochs if space.confirm.enabled and space.confirm.epochs else b.epochs
     for ref in reference_configs(space):
-        try:
-            schedule_from_params(ref, final_patch, pools, b.batch_size, b.epochs, multiple_of)
-        except PgpsError as exc:
-            raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built: {exc}") from None
+        for epochs in sorted({b.epochs, confirm_epochs}):
+            try:
+                schedule_from_params(ref, final_patch, pools, b.batch_size, epochs, multiple_of)
+            except PgpsError as exc:
+                at = f" at confirm.epochs {epochs}" if epochs != b.epochs else ""
+                raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built{at}: {exc}") from None

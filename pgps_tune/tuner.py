@@ -60,6 +60,7 @@ from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
     SWEEP_FILE,
     TrialRecord,
+    confirm_candidates,
     export_sweep,
     read_meta,
     require_finished,
@@ -73,12 +74,13 @@ from pgps_tune.space import (
     check_space_against_plan,
     objective_score,
     reference_configs,
+    reference_names,
     schedule_from_params,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-PHASES = ("references", "search")
+PHASES = ("references", "search", "confirm")
 FORMAT_VERSION = 2
 
 
@@ -141,7 +143,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=b["synthetic_shape"])
-    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
+    epochs = int(config.get("epochs", b["epochs"]))  # a confirmation may train longer than the search
+    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], epochs,
                              patch_multiple(b["network"], setup["pools"], b["token_size"]))
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
@@ -160,7 +163,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
     from pgps_tune.config import DataIdentity, Recipe, TrainConfig
-    from pgps_tune.data import split
+    from pgps_tune.data import fold_split, split
     from pgps_tune.trainer import Trainer
 
     b, objective = setup["budget"], setup["objective"]
@@ -170,8 +173,14 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
         checkpoint.to_directory(str(run_dir))
     cfg = TrainConfig.for_trial(b, config, device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
                                 threads=max(1, int(setup["cpus_per_trial"])))
-    train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
-    # the schedule reported carries the recipe it trains with, so its exports can train it again
+    if "seed" in config:  # a confirmation repeat on its own seed
+        cfg = dataclasses.replace(cfg, seed=int(config["seed"]))
+    if "fold" in config:  # a confirmation repeat on its own cross-validation fold
+        train_cases, val_cases = fold_split(ds, config["folds"], config["fold"], b["split_seed"], config.get("splits"))
+    else:
+        train_cases, val_cases = split(ds, b["val_fraction"], b["split_seed"])
+    # the schedule reported carries the recipe it trains with, so its exports can train it again (a fold
+    # repeat records the sweep's own split: a recipe names a split by its seed, not by a fold)
     recipe = Recipe(cfg, DataIdentity.of(ds, setup["data"], b["val_fraction"], b["split_seed"],
                                          b["synthetic_cases"], b["synthetic_shape"]))
     base = {**base, "schedule": json.dumps(dataclasses.replace(s, recipe=recipe).to_dict())}
@@ -700,11 +709,18 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
     return records
 
 
+def phase_of(experiment_key: str) -> str:
+    """The phase of an entry of sweep.json's ``experiments``: each confirmation run (confirm, confirm-2, ...)
+    is a Tune experiment of its own, all of the phase ``confirm``."""
+    return "confirm" if experiment_key.startswith("confirm") else experiment_key
+
+
 def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES) -> list[TrialRecord]:
     """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase."""
     fs, root = _filesystem(meta.get("storage"), meta["storage_path"])
-    return [record for phase in phases if phase in meta["experiments"]
-            for record in read_experiment(fs, f"{root.rstrip('/')}/{meta['experiments'][phase]}")]
+    return [dataclasses.replace(record, phase=phase_of(key)) for phase in phases
+            for key, name in meta["experiments"].items() if phase_of(key) == phase
+            for record in read_experiment(fs, f"{root.rstrip('/')}/{name}")]
 
 
 def export(experiment: str | Path, out: str | Path, results_store: str | Path | None = None,
@@ -921,39 +937,58 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         num_samples = opts.num_samples or space.search.num_samples
         if space.search.algorithm == "grid":
             num_samples = len(space.grid())
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        own_ray = not ray.is_initialized()  # a caller's Ray stays; ours goes however the sweep ends
-        try:
-            start_ray(opts.address)
-            signals.install()
-            check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
-            meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started)
-        finally:
-            if own_ray:
-                ray.shutdown()
+        settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
+        if settings is not None and space.objective.type == "pareto":
+            settings = None  # one confirmed winner by one score does not fit a front of many
+            print("pgps-tune: confirmation skipped: a pareto sweep exports a front, not one winner to confirm "
+                  "(confirm a front schedule with 'pgps-tune train --schedule pareto/TRIAL.yaml --seed N')",
+                  file=sys.stderr, flush=True)
+        with _ray_session(opts, signals):
+            meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
+                               settings)
         return export_sweep(out, meta, read_trials(meta), opts.results_store)
 
 
+@contextlib.contextmanager
+def _ray_session(opts: SweepOptions, signals: _StopSignals):
+    """Tune's environment, and Ray started (or joined) for the block; a local Ray of ours goes however it ends."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    own_ray = not ray.is_initialized()  # a caller's Ray stays
+    try:
+        start_ray(opts.address)
+        signals.install()
+        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        yield
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
 def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,
-                num_samples: int, started: float) -> dict[str, Any]:
+                num_samples: int, started: float, confirm: ConfirmSettings | None) -> dict[str, Any]:
     space, b = opts.space, opts.space.budget
     name = opts.out.resolve().name
     meta = {
         "format_version": FORMAT_VERSION, "sweep": name, "space": space.source, "space_name": space.name,
         "dataset": ds.name, "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final),
         "pools": list(pools), "storage": opts.storage, "storage_path": storage_path,
-        "experiments": {p: f"{name}-{p}" for p in PHASES if p == "search" or space.search.references},
+        "experiments": {p: f"{name}-{p}" for p in ("references", "search") if p == "search" or space.search.references},
         "num_samples": num_samples, "objective": asdict(space.objective),
         "asha": AshaSettings.from_space(space).to_dict(),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
         "started": started, "finished": False, "space_key": space.key(),
         **({"study": name, "study_file": STUDY_FILE} if space.search.algorithm != "grid" else {}),
     }
-    write_meta(opts.out, meta)
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
+    # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
+    confirm_refs = tuple(dict.fromkeys(("constant", "paper", *reference_names(space.search))))
+    meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_refs))
+    if opts.resume:
+        _keep_confirmations(meta, read_meta(opts.out), confirm)
+    write_meta(opts.out, meta)
     if space.search.references:
         refs = reference_configs(space)
         run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
@@ -984,6 +1019,198 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
     run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
               searcher, num_samples, scheduler, stopper, signals=signals)
+    if confirm is not None:
+        run_confirmation(opts, meta, confirm, storage_fs, signals)
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
+
+
+# -- confirmation -----------------------------------------------------------------------------------
+
+# The search picks its best from one training per schedule; on small data the seed-to-seed spread
+# is as large as the gaps between schedules.  The confirmation retrains the best few distinct
+# searched schedules and both references on the same fresh seeds (or the same cross-validation
+# folds), without early stopping, and results.confirmation_summary pairs them up.  Each run is a
+# Tune experiment of its own (confirm, confirm-2, ...), listed in sweep.json's experiments once
+# finished; while it runs, sweep.json's pending_confirm names it, so a resumed sweep or a rerun of
+# 'pgps-tune confirm' restores it, and an extension trains only the trials no earlier run did.
+
+
+@dataclass(frozen=True)
+class ConfirmSettings:
+    """One confirmation: how many schedules, on which repeats (seeds or folds), at which budget."""
+
+    top_k: int
+    epochs: int
+    seeds: int | None = None  # repeats on seeds budget.seed + 1 ... + seeds (fresh: not the search's seed)
+    folds: int | None = None  # or on cross-validation folds (a seeded split, or the splits file)
+    splits: str | None = None
+
+    @classmethod
+    def from_space(cls, space: SearchSpace, ds) -> ConfirmSettings:
+        """The space's confirm section (epochs null: the search's), checked against the dataset."""
+        c = space.confirm
+        return cls.checked(c.top_k, c.epochs or space.budget.epochs, c.seeds, c.folds, c.splits, ds,
+                           space.budget.split_seed, source=f"{space.source}: confirm")
+
+    @classmethod
+    def checked(cls, top_k: int, epochs: int, seeds: int | None, folds: int | None, splits: str | None, ds,
+                split_seed: int, source: str) -> ConfirmSettings:
+        """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts)."""
+        from pgps_tune.data import fold_split, read_splits
+
+        if splits:
+            splits = str(Path(splits).resolve())  # trials read it from their own folders
+            entries = read_splits(splits)
+            n = len(entries) if isinstance(entries, list) else 0
+            if folds is not None and folds != n:
+                raise PgpsError(f"{source}: folds is {folds} but the splits file {splits} lists {n}; "
+                                "give one of them, or make them agree")
+            folds = n
+        if folds is not None:
+            if not splits and folds > len(ds):
+                raise PgpsError(f"{source}: {folds} folds asked for, but dataset {ds.name} has {len(ds)} cases; "
+                                f"use 2 to {len(ds)} folds")
+            for fold in range(folds):
+                fold_split(ds, folds, fold, split_seed, splits)
+            return cls(top_k, epochs, folds=folds, splits=splits)
+        return cls(top_k, epochs, seeds=seeds)
+
+    @property
+    def repeat(self) -> str:
+        return "fold" if self.folds else "seed"
+
+    def repeats(self, budget_seed: int) -> list[dict[str, Any]]:
+        """What each repeat adds to a schedule's config."""
+        if self.folds:
+            return [{"fold": i, "folds": self.folds, **({"splits": self.splits} if self.splits else {})}
+                    for i in range(self.folds)]
+        return [{"seed": (budget_seed + 1 + i) % 2**32} for i in range(self.seeds or 0)]
+
+    def configs(self, candidates: list[dict[str, Any]], references: list[dict[str, Any]],
+                budget_seed: int) -> list[dict[str, Any]]:
+        """Every confirmation trial: each candidate and reference on each repeat, at this budget."""
+        schedules = [(r["role"], {**r}) for r in references]
+        schedules += [(c["trial_id"], {**json.loads(c["params"]), "role": "search"}) for c in candidates]
+        return [{**config, "candidate": name, "epochs": self.epochs, **rep}
+                for rep in self.repeats(budget_seed) for name, config in schedules]
+
+
+def _keep_confirmations(meta: dict[str, Any], before: dict[str, Any], confirm: ConfirmSettings | None) -> None:
+    """On --resume: keep the confirmation runs the sweep.json before held (the phases rewrite the rest)."""
+    for key, name in before.get("experiments", {}).items():
+        if phase_of(key) == "confirm":
+            meta["experiments"][key] = name
+    for key in ("confirmation", "pending_confirm"):
+        if key in before:
+            meta[key] = before[key]
+    pending = before.get("pending_confirm")
+    if pending and confirm is not None and pending["settings"] != asdict(confirm):
+        raise PgpsError(f"this sweep's confirmation ({_describe(pending['settings'])}) was interrupted; resume it "
+                        "with the confirm settings it started with, then run 'pgps-tune confirm' for others")
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    how = f"{settings['folds']} folds" if settings.get("folds") else f"{settings['seeds']} seeds"
+    return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
+
+
+def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: ConfirmSettings, storage_fs,
+                     signals: _StopSignals | None) -> None:
+    """Run (or continue, or extend) the confirmation ``settings`` asks for; record it in sweep.json."""
+    rows = trial_rows(read_trials(meta), meta)
+    candidates = confirm_candidates(rows, settings.top_k, meta["objective"])
+    configs = settings.configs(candidates, meta["reference_configs"], meta["trial_setup"]["budget"]["seed"])
+    pending = meta.get("pending_confirm")
+    if pending and pending["settings"] != asdict(settings):
+        raise PgpsError(f"an earlier confirmation ({_describe(pending['settings'])}) was interrupted; finish it "
+                        "first by giving the same settings again")
+    if not candidates and not pending:
+        print("pgps-tune: confirm: no searched schedule completed, so there is nothing to confirm", file=sys.stderr)
+    if candidates and not pending:
+        ran = {r["params"] for r in rows if r["phase"] == "confirm"}  # an extension trains only what is new
+        todo = [c for c in configs if json.dumps(c, sort_keys=True) not in ran]
+        runs = [k for k in meta["experiments"] if phase_of(k) == "confirm"]
+        if todo:
+            pending = {"key": "confirm" if not runs else f"confirm-{len(runs) + 1}", "settings": asdict(settings),
+                       "configs": todo}
+            meta["pending_confirm"] = pending
+            write_meta(opts.out, meta)
+    if pending:
+        name = f"{meta['sweep']}-{pending['key']}"
+        setup = {**meta["trial_setup"], "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial}
+        run_phase("confirm", opts, setup, storage_fs, meta["storage_path"], name,
+                  ListSearcher(pending["configs"]), len(pending["configs"]), None, signals=signals)
+        meta["experiments"][pending["key"]] = name
+    meta.pop("pending_confirm", None)
+    meta["confirmation"] = {"settings": asdict(settings), "repeat": settings.repeat, "epochs": settings.epochs,
+                            "top_k": settings.top_k, "configs": configs if candidates else [],
+                            "experiments": [k for k in meta["experiments"] if phase_of(k) == "confirm"]}
+    write_meta(opts.out, meta)
+
+
+@dataclass
+class ConfirmOptions:
+    """``pgps-tune confirm``: a finished sweep's folder and the settings given (None: as before, or the defaults)."""
+
+    sweep: Path
+    top_k: int | None = None
+    seeds: int | None = None
+    folds: int | None = None
+    splits: str | None = None
+    epochs: int | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    max_failures: int | None = None
+    address: str | None = None
+    results_store: str | None = None
+    quiet: bool = False
+
+
+def confirm(c: ConfirmOptions) -> dict[str, Any]:
+    """Run or extend the confirmation of a finished sweep (e.g. at a longer budget); re-export it; the summary."""
+    from pgps_tune.data import prepare
+    from pgps_tune.space import Budget, Confirm
+
+    meta = read_meta(c.sweep)
+    require_finished(meta)
+    if meta["objective"]["type"] == "pareto":
+        raise PgpsError(f"sweep {meta['sweep']} has a pareto objective: it exports a front, not one winner to "
+                        "confirm; retrain a front schedule with 'pgps-tune train --schedule pareto/TRIAL.yaml'")
+    if "trial_setup" not in meta or "reference_configs" not in meta:
+        raise PgpsError(f"sweep {meta['sweep']} was written by a pgps-tune without confirmation (its sweep.json "
+                        "lacks the trial setup); run the sweep again with this version")
+    if c.seeds is not None and (c.folds is not None or c.splits):
+        raise PgpsError("give --seeds or --confirm-folds/--splits, not both: a confirmation repeats on one of them")
+    setup = meta["trial_setup"]
+    b = setup["budget"]
+    before = meta.get("confirmation", {}).get("settings") or {**asdict(Confirm()), "epochs": None}
+    if c.seeds is not None:
+        before = {**before, "folds": None, "splits": None}
+    elif c.folds is not None or c.splits:
+        before = {**before, "seeds": None, "folds": None, "splits": None}
+    ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
+                 synthetic_shape=tuple(b["synthetic_shape"]))
+    settings = ConfirmSettings.checked(
+        c.top_k or before["top_k"], c.epochs or before["epochs"] or b["epochs"],
+        c.seeds or before["seeds"] or Confirm.seeds, c.folds or before["folds"], c.splits or before["splits"],
+        ds, b["split_seed"], source="confirm")
+    budget = Budget(**{k: v for k, v in b.items() if k in Budget.__dataclass_fields__})
+    opts = SweepOptions(
+        space=SearchSpace(meta.get("space_name", meta["sweep"]), (), budget=budget, source=meta["space"]),
+        data=setup["data"], out=Path(c.sweep), max_concurrent=c.max_concurrent,
+        cpus_per_trial=c.cpus_per_trial or meta.get("cpus_per_trial", 1.0),
+        gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
+        address=c.address, storage=meta.get("storage"), resume=True, results_store=c.results_store, quiet=c.quiet,
+        max_failures=c.max_failures,
+    )
+    opts.check()
+    fs, _ = _filesystem(meta.get("storage"), meta["storage_path"])
+    import pyarrow.fs as pafs
+
+    storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
+    with _stop_signals() as signals, _ray_session(opts, signals):
+        run_confirmation(opts, meta, settings, storage_fs, signals)
+    return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)

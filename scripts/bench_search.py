@@ -64,6 +64,7 @@ def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concur
         sp = dataclasses.replace(space, search=Search(**{**dataclasses.asdict(space.search), "algorithm": algo,
                                                          "max_compute": budget_runs}),
                                  asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True}))
+    sp = dataclasses.replace(sp, confirm=dataclasses.replace(sp.confirm, enabled=False))  # the search alone
     t0 = time.time()
     sweep(SweepOptions(space=sp, data=data, out=out / method, cpus_per_trial=1.0, max_concurrent=concurrent,
                        results_store=str(out / "store"), quiet=True))

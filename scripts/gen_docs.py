@@ -91,7 +91,7 @@ def spaces_page() -> str:
         role = "schedule" if name in sp.SCHEDULE_PARAMS else "trainer"
         out.append(f"| `{name}` | {kind} | {role} | {_cell(sp.PARAM_DOCS[name])} |")
     for section, cls in (("objective", sp.Objective), ("search", sp.Search), ("asha", sp.Asha),
-                         ("budget", sp.Budget)):
+                         ("budget", sp.Budget), ("confirm", sp.Confirm)):
         out += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             out.append(f"| `{f.name}` | `{_shown(f.default)}` | {_cell(f.metadata.get('doc', ''))} |")

@@ -46,6 +46,7 @@ def write_space(path: Path, **over) -> Path:
         "search": {"algorithm": "tpe", "num_samples": 3, "seed": 0},
         "asha": {"time_attr": "baseline_iterations", "grace_fraction": 0.2, "reduction_factor": 2},
         "budget": dict(BUDGET),
+        "confirm": {"enabled": False},  # tests/test_confirm.py runs the confirmation phase
     }
     for k, v in over.items():
         raw[k] = v if not isinstance(v, dict) or k == "parameters" else {**raw.get(k, {}), **v}

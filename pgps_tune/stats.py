@@ -1,0 +1,106 @@
+"""The statistics of a confirmation: mean ± sd over repeats, and paired comparisons between schedules.
+
+Pure numpy/scipy (no Ray, no torch).  A confirmation trains every schedule on the same seeds
+(or the same cross-validation folds), so two schedules' results pair up: schedule A on seed 3
+against schedule B on seed 3.  Pairing removes the part of the spread that a seed or a fold
+gives both schedules alike, which on small data is most of it; the paired t-test (Student's,
+two-sided, via :func:`scipy.stats.ttest_rel`) then asks whether the mean difference is
+distinguishable from zero.  A schedule counts as *better* only when the whole 95% interval of
+the difference lies above zero, which for this test is the same as p < 0.05 with a positive
+mean.
+
+>>> c = paired_comparison([0.80, 0.82, 0.85], [0.78, 0.79, 0.80])
+>>> round(c.mean_diff, 4), c.n
+(0.0333, 3)
+>>> c.better
+False
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+ALPHA = 0.05  # the significance level and 1 - the interval's confidence
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation (ddof 1) of ``n`` repeats; sd is NaN for a single repeat."""
+
+    n: int
+    mean: float
+    sd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean ± sd of the finite values (NaNs, e.g. a failed trial's Dice, are left out).
+
+    >>> s = spread([0.5, 0.7, float("nan")])
+    >>> s.n, round(s.mean, 6), round(s.sd, 6)
+    (2, 0.6, 0.141421)
+    """
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return Spread(0, math.nan, math.nan)
+    return Spread(int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison of A against B: mean of A - B, its 95% interval and the t-test's p-value."""
+
+    n: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+    @property
+    def better(self) -> bool:
+        """A is significantly better than B: the whole interval lies above zero."""
+        return self.n >= 2 and self.ci_low > 0 and self.p_value < ALPHA
+
+    @property
+    def worse(self) -> bool:
+        return self.n >= 2 and self.ci_high < 0 and self.p_value < ALPHA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "confidence": 1 - ALPHA, "test": "paired t-test (two-sided)",
+                "significantly_better": self.better, "significantly_worse": self.worse}
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """Compare paired results ``a[i]`` and ``b[i]`` (the same seed or fold); pairs with a NaN are dropped.
+
+    With fewer than two pairs there is no spread to test against: the interval and p-value are NaN.
+    Identical results (every difference 0) give p = 1; differences that are all the same non-zero
+    number give the degenerate interval [d, d] and p = 0, as the t statistic is infinite.
+    """
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    n = len(pairs)
+    if n == 0:
+        return Paired(0, math.nan, math.nan, math.nan, math.nan)
+    x, y = (np.asarray(v, dtype=float) for v in zip(*pairs))
+    diff = float((x - y).mean())
+    if n < 2:
+        return Paired(1, diff, math.nan, math.nan, math.nan)
+    if np.all(x == y):
+        return Paired(n, 0.0, 0.0, 0.0, 1.0)
+    with warnings.catch_warnings():  # scipy warns on nearly identical data; the numbers are still its answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_rel(x, y)
+        ci = result.confidence_interval(1 - ALPHA)
+    return Paired(n, diff, float(ci.low), float(ci.high), float(result.pvalue))

@@ -1,0 +1,366 @@
+"""The confirmation phase: its statistics, its folds, its choice of schedules, and one sweep end to end."""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_cli import refused
+from test_tuner import BUDGET, write_space
+
+from pgps_tune import data
+from pgps_tune import schedule as sch
+from pgps_tune import space as sp
+from pgps_tune.cli import main
+from pgps_tune.results import confirm_candidates, confirmation_summary
+from pgps_tune.stats import paired_comparison, spread
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def test_paired_t_test_matches_a_hand_computation():
+    a, b = [0.80, 0.82, 0.85], [0.78, 0.79, 0.80]
+    d = [x - y for x, y in zip(a, b)]  # 0.02, 0.03, 0.05
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    se = sd / math.sqrt(3)
+    t = mean / se
+    # Student's t with 2 degrees of freedom has a closed form: two-sided p = 1 - t / sqrt(t^2 + 2),
+    # and its 97.5% quantile is 4.302652729911275 (any t table)
+    c = paired_comparison(a, b)
+    assert c.n == 3
+    assert c.mean_diff == pytest.approx(mean, rel=1e-12)
+    assert c.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert (c.ci_low, c.ci_high) == pytest.approx((mean - 4.302652729911275 * se, mean + 4.302652729911275 * se))
+    assert c.ci_low < 0 < c.ci_high and not c.better and not c.worse  # p > 0.05: the interval holds 0
+    assert c.to_dict()["significantly_better"] is False and c.to_dict()["confidence"] == 0.95
+
+
+def test_paired_comparison_edges():
+    # a consistent gain over enough pairs is significant, in one direction only
+    gain = paired_comparison([0.90, 0.91, 0.92, 0.93, 0.94], [0.80, 0.80, 0.83, 0.82, 0.85])
+    assert gain.better and not gain.worse and gain.ci_low > 0 and gain.p_value < 0.05
+    loss = paired_comparison([0.80, 0.80, 0.83, 0.82, 0.85], [0.90, 0.91, 0.92, 0.93, 0.94])
+    assert loss.worse and not loss.better
+    # a NaN (a failed trial) drops its pair; one pair left has no spread to test against
+    one = paired_comparison([0.5, math.nan], [0.4, 0.6])
+    assert one.n == 1 and one.mean_diff == pytest.approx(0.1) and math.isnan(one.p_value) and not one.better
+    assert paired_comparison([math.nan], [0.1]).n == 0
+    # identical results: no difference at all
+    same = paired_comparison([0.3, 0.4], [0.3, 0.4])
+    assert (same.mean_diff, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0) and not same.better
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_comparison([0.1, 0.2], [0.1])
+
+
+def test_spread_is_mean_and_sample_sd_over_finite_values():
+    s = spread([0.2, 0.4, 0.6, math.nan])
+    assert s.n == 3 and s.mean == pytest.approx(0.4) and s.sd == pytest.approx(0.2)
+    single = spread([0.7])
+    assert single.n == 1 and single.mean == 0.7 and math.isnan(single.sd)
+    assert spread([]).n == 0
+
+
+# -- folds ----------------------------------------------------------------------------------------
+
+
+def test_fold_split_validates_every_case_once_and_reads_a_splits_file(tiny_msd, tmp_path, capsys):
+    ds = data.prepare(tiny_msd)
+    n = len(ds)
+    folds = [data.fold_split(ds, 3, i, seed=5) for i in range(3)]
+    vals = [v for _, v in folds]
+    assert sorted(c for v in vals for c in v) == list(range(n))  # every case validated exactly once
+    for train, val in folds:
+        assert sorted(train + val) == list(range(n)) and not set(train) & set(val)
+    assert folds == [data.fold_split(ds, 3, i, seed=5) for i in range(3)]  # seeded
+    assert [data.fold_split(ds, 3, i, seed=6)[1] for i in range(3)] != vals
+    f = tmp_path / "splits.json"
+    ids = ds.case_ids
+    f.write_text(json.dumps([{"train": ids[2:], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:]}]))
+    assert data.fold_split(ds, 2, 1, splits_file=f) == ([0, 1], list(range(2, n)))
+    with pytest.raises(data.PgpsError, match="must be a list of 3 folds"):
+        data.fold_split(ds, 3, 0, splits_file=f)
+    with pytest.raises(data.PgpsError, match=f"has {n} cases; use 2 to {n} folds"):
+        data.fold_split(ds, n + 1, 0)
+    f.write_text(json.dumps([{"train": ["nope"], "val": ids[:1]}]))
+    with pytest.raises(data.PgpsError, match="names an unknown case"):
+        data.fold_split(ds, 1, 0, splits_file=f)
+
+
+# -- the space's confirm section --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("confirm,needle", [
+    ({"seeds": 1}, "confirm.seeds must be an integer in [2, 1000], got 1"),
+    ({"folds": 1}, "confirm.folds must be an integer in [2, 1000], got 1"),
+    ({"top_k": 0}, "confirm.top_k must be an integer in [1, 1000], got 0"),
+    ({"epochs": 2.5}, "confirm.epochs must be an integer"),
+    ({"enabled": "yes"}, "confirm.enabled must be true or false"),
+    ({"splits": 3}, "confirm.splits must be a string"),
+    ({"seed": 3}, "unknown key(s) ['seed'] in 'confirm'"),
+])
+def test_bad_confirm_sections_are_refused_in_one_line(confirm, needle):
+    with pytest.raises(sp.PgpsError) as exc:
+        sp.parse({"parameters": {"stages": {"value": 1}}, "confirm": confirm}, "s.yaml")
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_confirm_section_defaults_and_nulls():
+    c = sp.parse({"parameters": {"stages": {"value": 1}}}).confirm
+    assert (c.enabled, c.top_k, c.seeds, c.folds, c.epochs) == (True, 3, 3, None, None)
+    c = sp.parse({"parameters": {"stages": {"value": 1}}, "confirm": {"folds": 5, "epochs": None}}).confirm
+    assert c.folds == 5 and c.epochs is None
+
+
+def test_confirm_epochs_too_short_for_the_paper_reference_is_refused_before_a_trial():
+    space = sp.parse({"parameters": {"stages": {"value": 1}}, "budget": {"epochs": 20},
+                      "confirm": {"epochs": 3}}, "s.yaml")
+    with pytest.raises(sp.PgpsError, match="paper reference cannot be built at confirm.epochs 3"):
+        sp.check_space_against_plan(space, (16, 16, 16), (2, 2, 2))
+
+
+# -- choosing and judging schedules ------------------------------------------------------------------
+
+
+def row(trial_id, phase, role, params, dice, schedule="s1", completed=True, per_class=None):
+    return {"trial_id": trial_id, "phase": phase, "role": role, "params": json.dumps(params, sort_keys=True),
+            "final_dice": dice, "score": dice, "completed": completed, "schedule": json.dumps(schedule),
+            "schedule_voxel_fraction": 0.5, "train_time_s": 1.0, "n_stages": 2,
+            "dice_per_class": json.dumps(per_class or {"a": dice})}
+
+
+def test_candidates_are_the_best_distinct_searched_schedules():
+    rows = [row("base", "references", "baseline", {"preset": "constant"}, 0.5, schedule="constant"),
+            row("t1", "search", "search", {"stages": 1}, 0.9, schedule="constant"),  # the baseline again
+            row("t2", "search", "search", {"growth": 2.0}, 0.8, schedule="A"),
+            row("t3", "search", "search", {"growth": 2.1}, 0.79, schedule="A"),  # same stages as t2
+            row("t4", "search", "search", {"growth": 3.0}, 0.7, schedule="B"),
+            row("t5", "search", "search", {"growth": 4.0}, 0.95, schedule="C", completed=False),  # stopped early
+            row("t6", "search", "search", {"growth": 2.0, "lr": 0.1}, 0.6, schedule="A")]  # other trainer setting
+    objective = {"type": "max_dice"}
+    assert [r["trial_id"] for r in confirm_candidates(rows, 3, objective)] == ["t2", "t4", "t6"]
+    assert [r["trial_id"] for r in confirm_candidates(rows, 1, objective)] == ["t2"]
+
+
+def confirmation(values: dict[str, list[float]]):
+    """Rows and sweep.json of a confirmation over seeds 1..n, with these Dice values per schedule."""
+    n = len(next(iter(values.values())))
+    configs, rows = [], []
+    for name, dices in values.items():
+        role = name if name in ("baseline", "paper") else "search"
+        for seed, dice in zip(range(1, n + 1), dices):
+            config = {"role": role, "candidate": name, "seed": seed, "epochs": 10}
+            configs.append(config)
+            rows.append(row(f"{name}-{seed}", "confirm", role, config, dice, per_class={"a": dice, "b": dice / 2}))
+    meta = {"confirmation": {"configs": configs, "repeat": "seed", "epochs": 10, "top_k": 2,
+                             "experiments": ["confirm"]}}
+    return rows, meta
+
+
+def test_a_winner_no_better_than_the_baseline_is_said_plainly():
+    rows, meta = confirmation({"baseline": [0.80, 0.70, 0.75], "paper": [0.6, 0.6, 0.7],
+                               "t1": [0.82, 0.69, 0.77], "t2": [0.5, 0.5, 0.5]})
+    c = confirmation_summary(rows, meta, search_best="t2")
+    assert c["winner"] == "t1" and c["search_winner_confirmed"] is False
+    assert not c["significantly_better_than_baseline"]
+    assert c["verdict"].startswith("no searched schedule is significantly better than the constant baseline")
+    t1 = c["schedules"]["t1"]
+    assert t1["dice"]["n"] == 3 and t1["dice"]["mean"] == pytest.approx(0.76)
+    assert t1["dice_per_class"]["b"]["mean"] == pytest.approx(0.38)
+    assert t1["vs"]["baseline"]["mean_diff"] == pytest.approx(0.01)
+    assert t1["vs"]["baseline"] == paired_comparison([0.82, 0.69, 0.77], [0.80, 0.70, 0.75]).to_dict()
+    assert t1["params"] == {}  # the confirmation's own keys are not the schedule's parameters
+
+
+def test_a_winner_significantly_better_than_the_baseline_says_by_how_much():
+    rows, meta = confirmation({"baseline": [0.70, 0.60, 0.65, 0.72], "paper": [0.7, 0.6, 0.7, 0.7],
+                               "t1": [0.80, 0.71, 0.74, 0.83]})
+    rows[-1] = {**rows[-1], "completed": False}  # t1's 4th seed failed: its pair is dropped
+    c = confirmation_summary(rows, meta, search_best="t1")
+    assert c["winner"] == "t1" and c["search_winner_confirmed"] is True
+    vs = c["schedules"]["t1"]["vs"]["baseline"]
+    assert vs["n"] == 3 and vs["significantly_better"] and c["significantly_better_than_baseline"]
+    assert c["verdict"].startswith("the confirmed winner t1 beats the constant baseline by +10.00 Dice points")
+
+
+def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
+    rows, meta = confirmation({"baseline": [0.80, 0.71, 0.74, 0.83], "t1": [0.70, 0.60, 0.65, 0.72]})
+    c = confirmation_summary(rows, meta)
+    assert c["schedules"]["t1"]["vs"]["baseline"]["significantly_worse"] and "paper" not in c["schedules"]["t1"]["vs"]
+    assert "the best, t1, is significantly worse, by -10.25 Dice points" in c["verdict"]
+    assert c["search_winner_confirmed"] is None  # no search best was given
+
+
+def test_tune_flags_replace_the_confirm_section(tmp_path, monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    seen = []
+
+    def fake_sweep(opts):
+        seen.append(opts.space.confirm)
+        return {"sweep": "s", "dataset": "synthetic", "trials": 0, "completed": 0, "stopped_early": 0, "failed": 0,
+                "best": None}
+
+    monkeypatch.setattr(tuner, "sweep", fake_sweep)
+    space = write_space(tmp_path / "s.yaml", confirm={"enabled": True, "folds": 4})
+    base = ["tune", "--space", str(space), "--data", "synthetic", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-confirm"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--confirm-seeds", "5", "--confirm-epochs", "30",
+                 "--confirm-top-k", "2"]) == 0
+    assert main([*base, "--out", str(tmp_path / "d"), "--confirm-splits", "f.json"]) == 0
+    a, b, c, d = seen
+    assert a.enabled and a.folds == 4 and not b.enabled
+    assert (c.seeds, c.folds, c.epochs, c.top_k) == (5, None, 30, 2)  # seeds replace the file's folds
+    assert d.splits == "f.json" and d.folds == 4
+
+
+def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
+    import pyarrow as pa
+
+    from pgps_tune import results
+
+    r = row("t1", "search", "search", {}, 0.5)
+    full = {c: r.get(c) for c in results.COLUMNS} | {"status": "completed", "best_dice": 0.5, "voxels_processed": 1,
+                                                     "voxel_fraction": 1.0, "wall_time_s": 1.0,
+                                                     "baseline_iterations": 1.0, "rung_reached": 0,
+                                                     "stopped_early": False, "failed": False, "num_failures": 0,
+                                                     "error": ""}
+    table = pa.Table.from_pylist([full], schema=results.SCHEMA)
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "x"}
+    results.store_sweep(table, {**meta, "sweep": "new"}, tmp_path)
+    old = table.drop_columns(["phase"]).append_column("objective", pa.array(["max_dice"]))
+    old = old.append_column("final_patch", pa.array(["[16, 16, 16]"]))
+    (tmp_path / "dataset=x" / "sweep=old").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "dataset=x" / "sweep=old" / "part-0.parquet")
+    store = results.load_store(tmp_path).sort_by("sweep")
+    assert store["sweep"].to_pylist() == ["new", "old"] and store["phase"].to_pylist() == ["search", None]
+
+
+def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_adds_only_new_trials(
+        tmp_path, monkeypatch):
+    # the bookkeeping around Tune (which trials, which experiment), with run_phase standing in for Tune
+    import signal
+
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
+    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
+    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    calls = []
+
+    def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
+        calls.append((name, searcher.configs))
+        if len(calls) == 1:
+            raise tuner.SweepInterrupted(signal.SIGINT)
+
+    monkeypatch.setattr(tuner, "run_phase", run_phase)
+    meta = {"sweep": "s", "storage_path": str(tmp_path), "experiments": {"search": "s-search"},
+            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": 7}},
+            "reference_configs": [{"role": "baseline", "preset": "constant"}],
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    opts = tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic", out=tmp_path)
+    two = tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2)
+    with pytest.raises(tuner.SweepInterrupted):
+        tuner.run_confirmation(opts, meta, two, None, None)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["pending_confirm"]["key"] == "confirm" and list(saved["experiments"]) == ["search"]
+    assert sorted((c["candidate"], c["seed"]) for c in calls[0][1]) == [("baseline", 8), ("baseline", 9),
+                                                                       ("s1", 8), ("s1", 9)]
+    with pytest.raises(sp.PgpsError, match="was interrupted; finish it first"):
+        tuner.run_confirmation(opts, saved, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3), None, None)
+    tuner.run_confirmation(opts, saved, two, None, None)  # continues: the same experiment, the same trials
+    assert calls[1] == ("s-confirm", calls[0][1])
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert "pending_confirm" not in saved and saved["experiments"]["confirm"] == "s-confirm"
+    assert saved["confirmation"]["configs"] == calls[0][1]
+    records += [TrialRecord(f"c{i}", "TERMINATED", c, {**done, "role": c["role"]}, phase="confirm")
+                for i, c in enumerate(calls[0][1])]
+    tuner.run_confirmation(opts, saved, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3), None, None)
+    assert calls[2][0] == "s-confirm-2" and sorted((c["candidate"], c["seed"]) for c in calls[2][1]) == [
+        ("baseline", 10), ("s1", 10)]
+    tuner.run_confirmation(opts, saved, two, None, None)  # nothing new to train: no experiment
+    assert len(calls) == 3 and json.loads((tmp_path / "sweep.json").read_text())["confirmation"]["configs"] == \
+        calls[0][1]
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_sweep_confirms_then_extends_without_repeating_a_trial(tmp_path, capsys, monkeypatch):
+    # the searched schedule is the constant baseline's recipe (1 stage, the budget's lr), so the
+    # confirmation must find it no better than the baseline, whatever the seeds give
+    import logging
+
+    import ray
+
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+    # one Ray for the sweep and the extension (each would start its own): seconds saved, the same code run
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    space = write_space(tmp_path / "s.yaml", parameters={"stages": {"value": 1}, "lr": {"value": BUDGET["lr"]}},
+                        search={"num_samples": 1, "references": False}, asha={"enabled": False},
+                        budget={**BUDGET, "iterations_per_epoch": 2, "val_every": 10, "synthetic_cases": 4},
+                        confirm={"enabled": True, "top_k": 2, "seeds": 2})
+    out = tmp_path / "sweep"
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [r["phase"] for r in rows] == ["search"] + ["confirm"] * 6  # 1 candidate + 2 references, 2 seeds
+    confirm_rows = [r for r in rows if r["phase"] == "confirm"]
+    searched = rows[0]["trial_id"]
+    configs = [json.loads(r["params"]) for r in confirm_rows]
+    assert sorted((c["candidate"], c["seed"]) for c in configs) == sorted(
+        (name, seed) for name in ("baseline", "paper", searched) for seed in (1, 2))  # fresh seeds: budget.seed 0
+    assert all(r["completed"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["confirmation"]
+    assert c["winner"] == searched and c["repeats"] == [1, 2] and summary["best"]["confirmed"]
+    assert summary["best"]["final_dice"] == pytest.approx(c["schedules"][searched]["dice"]["mean"])
+    assert summary["search_best"]["trial_id"] == searched and c["search_winner_confirmed"] is True
+    vs = c["schedules"][searched]["vs"]["baseline"]
+    assert vs["n"] == 2 and not vs["significantly_better"] and not c["significantly_better_than_baseline"]
+    assert summary["gain_over_baseline"]["pairs"] == 2 and "gain_over_paper" in summary
+    assert "NOT SIGNIFICANT: no searched schedule is significantly better than the constant baseline" in printed
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.meta["confirmation"]["verdict"] == c["verdict"] and best.meta["confirmation"]["repeats"] == [1, 2]
+    assert best.meta["val_dice"] == pytest.approx(c["schedules"][searched]["dice"]["mean"])
+    assert len(best.stages) == 1
+    # a third seed: only the 3 new trials run, in an experiment of their own
+    assert main(["confirm", str(out), "--seeds", "3", "--quiet"]) == 0
+    meta = json.loads((out / "sweep.json").read_text())
+    assert list(meta["experiments"]) == ["search", "confirm", "confirm-2"] and "pending_confirm" not in meta
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    new = [json.loads(r["params"]) for r in rows[7:]]
+    assert len(rows) == 10 and sorted(c["candidate"] for c in new) == sorted(["baseline", "paper", searched])
+    assert all(c["seed"] == 3 for c in new)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["confirmation"]["repeats"] == [1, 2, 3]
+    assert summary["confirmation"]["schedules"][searched]["vs"]["baseline"]["n"] == 3
+    assert yaml.safe_load((out / "best_schedule.yaml").read_text())["meta"]["confirmation"]["repeats"] == [1, 2, 3]
+
+
+def test_confirm_refuses_what_it_cannot_confirm_in_one_line(tmp_path, capsys):
+    assert "does not exist; give the --out folder" in refused(capsys, ["confirm", tmp_path])
+    meta = {"format_version": 2, "sweep": "s", "dataset": "synthetic", "space": "s.yaml", "storage_path": "x",
+            "experiments": {"search": "s-search"}, "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16],
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2, "brackets": 1},
+            "finished": False}
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    assert "is not finished" in refused(capsys, ["confirm", tmp_path])
+    (tmp_path / "sweep.json").write_text(json.dumps({**meta, "finished": True}))
+    assert "without confirmation" in refused(capsys, ["confirm", tmp_path])
+    assert "--seeds: must be an integer in [2, 1000], got '1'" in refused(capsys, ["confirm", tmp_path, "--seeds", "1"])
+    space = write_space(tmp_path / "s.yaml")
+    assert "not both" in refused(capsys, ["tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o",
+                                          "--confirm-seeds", "2", "--confirm-folds", "3"])
