@@ -109,6 +109,7 @@ SPACE = {
     "objective": {"type": "max_dice"},
     "search": {"algorithm": "random", "num_samples": 2, "seed": 0},
     "asha": {"time_attr": "baseline_iterations", "grace_fraction": 0.5, "reduction_factor": 2},
+    "confirm": {"enabled": False},  # the cases here are about input and faults, not about confirming winners
     "budget": {"epochs": 10, "iterations_per_epoch": 3, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
                "lr": 0.003, "val_every": 2, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
                "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 1},

@@ -126,7 +126,7 @@ def test_train_with_an_exported_schedule_reproduces_its_trial(tmp_path, capsys):
         "name": "recipe",
         "parameters": {"stages": {"value": 2}, "growth": {"value": 2.0}, "mode": {"value": "resource"}},
         "search": {"algorithm": "random", "num_samples": 1, "seed": 0, "references": False},
-        "asha": {"enabled": False},
+        "asha": {"enabled": False}, "confirm": {"enabled": False},
         "budget": BUDGET,
     }))
     sweep = tmp_path / "sweep"
