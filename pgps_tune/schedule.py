@@ -148,10 +148,19 @@ class Schedule:
                 f"{s.epochs * vox / total:>15.3f}"
             )
         rows.append(
-            f"{len(self.stages)} stages, {self.epochs} epochs, voxel fraction "
+            f"{plural(len(self.stages), 'stage')}, {plural(self.epochs, 'epoch')}, voxel fraction "
             f"{self.voxel_fraction():.3f} of the constant baseline"
         )
         return "\n".join(rows)
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``n`` and the noun in the right number (the schedule table, the CLI and the report all count).
+
+    >>> plural(1, "trial"), plural(2, "trial"), plural(0, "trial"), plural(3, "stage", "stages")
+    ('1 trial', '2 trials', '0 trials', '3 stages')
+    """
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
 # -- memory ------------------------------------------------------------------
