@@ -110,11 +110,26 @@ class SweepOptions:
             if v is not None and v < least:
                 raise PgpsError(f"{flag} must be >= {least}, got {v}")
         if self.mlflow is not None:
-            try:
-                import mlflow  # noqa: F401
-            except ImportError:
-                raise PgpsError("--mlflow needs MLflow, which is not installed here; "
-                                "pip install 'pgps-tune[mlflow]'") from None
+            _check_mlflow(self.mlflow)
+
+
+def _check_mlflow(uri: str) -> None:
+    """Refuse, in one line, an --mlflow URI that MLflow is missing for or will not open (before any work).
+
+    Opening the store contacts no server: an unreachable tracking server is found when trials log.
+    """
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
+    try:
+        MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # MlflowException and the errors of its store plugins
+        first = str(exc).split(". ")[0].strip()
+        hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
+                if "file" in first.lower() else "")
+        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first[:200]}); give a tracking URI it accepts, "
+                        f"e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
 
 
 class SweepInterrupted(Exception):
