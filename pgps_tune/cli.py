@@ -430,10 +430,11 @@ class _TrainProgress:
     Two trainer hooks feed it: :meth:`epoch` (every epoch's end) and the call (every validation).
     """
 
-    def __init__(self, mode: str, stream: Any = None) -> None:
-        self.mode, self.stream = mode, stream or sys.stderr
+    def __init__(self, mode: str, stream: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.mode, self.stream, self.clock = mode, stream or sys.stderr, clock
         self.last_val: dict[str, Any] = {}
         self.drawn = False
+        self.t0, self.first_epoch = clock(), None  # the time left is measured from here, validations included
 
     def _emit(self, text: str, end: str = "\n") -> None:
         self.stream.write(text + end)
@@ -449,7 +450,10 @@ class _TrainProgress:
         elif self.mode == "lines":
             self._emit(f"{where}  loss {r['train_loss']:.4f}  train {r['train_time_s']:.1f}s")
         elif self.mode == "live":
-            left = r["train_time_s"] / r["epoch"] * (r["epochs"] - r["epoch"])
+            if self.first_epoch is None:  # a resumed run starts at a later epoch
+                self.first_epoch = r["epoch"]
+            done = r["epoch"] - self.first_epoch + 1
+            left = (self.clock() - self.t0) / done * (r["epochs"] - r["epoch"])
             dice = f"  Dice {self.last_val['val_dice']:.3f}" if "val_dice" in self.last_val else ""
             self._emit(f"\r\x1b[K{bar(r['epoch'] / r['epochs'])} {where}  loss {r['train_loss']:.3f}{dice}  "
                        f"{duration(left)} left", end="")

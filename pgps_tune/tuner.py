@@ -56,6 +56,7 @@ from ray.tune.search.optuna import OptunaSearch
 from pgps_tune.asha import AshaSettings
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
+from pgps_tune.schedule import plural
 from pgps_tune.results import (
     SWEEP_FILE,
     TrialRecord,
@@ -508,10 +509,10 @@ def check_resources(cpus: float, gpus: float) -> None:
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu:
-        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {have_cpu:g} CPUs; ask for at most that")
+        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; ask for at most that")
     if gpus > have_gpu:
         raise PgpsError(
-            f"--gpus-per-trial {gpus:g} but the cluster has {have_gpu:g} GPUs; "
+            f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
             "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
         )
 
@@ -718,8 +719,6 @@ def progress_table(lines: list[TrialLine], header: str, max_rows: int = 12) -> s
     t1     search  2/3    24x24x16  0.612  running
     t2     search  -      -         0.700  completed
     """
-    from pgps_tune.report import plural
-
     order = sorted(lines, key=lambda t: t.status != "running")
     shown = order[:max_rows]
     cells = [["trial", "phase", "stage", "patch", "Dice", "status"]] + [
@@ -754,7 +753,7 @@ class Progress(tune.Callback):
         self._restart()
 
     def _restart(self) -> None:
-        self.t0, self.drawn = time.time(), 0
+        self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
         self.done_at_start = self.compute_done()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -787,7 +786,7 @@ class Progress(tune.Callback):
         finished = sum(t.status != "running" for t in self.trials.values())
         eta = self.eta()
         left = "ETA ?" if eta is None else f"{'at most ' if self.upper_bound else ''}{duration(eta)} left"
-        return (f"{self.phase}: {finished} of {self.total} trials done, "
+        return (f"{self.phase}: {finished} of {plural(self.total, 'trial')} done, "
                 f"compute {self.compute_done():.0f} of ~{self.compute_expected():.0f} baseline iterations, "
                 f"{duration(time.time() - self.t0)} elapsed, {left}")
 
@@ -809,17 +808,25 @@ class Progress(tune.Callback):
                 "elapsed_s": time.time() - self.t0, "eta_s": self.eta(),
             }, indent=None) + "\n")
         elif self.mode == "live":
-            table = progress_table(list(self.trials.values()), self.header())
-            clear = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
-            self._write(clear + table + "\n")
-            self.drawn = table.count("\n") + 1
+            self._draw()
         elif self.mode == "lines" and text:
             self._write(f"[{time.time() - self.t0:6.0f}s] {self.phase}: {text}\n")
+
+    def _draw(self) -> None:
+        """Redraw the live table over the one drawn before."""
+        table = progress_table(list(self.trials.values()), self.header())
+        clear = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+        self._write(clear + table + "\n")
+        self.drawn, self.last_draw = table.count("\n") + 1, time.time()
 
     def _line(self, trial) -> TrialLine:
         return self.trials.setdefault(trial.trial_id, TrialLine(trial.trial_id, self.phase))
 
     # -- Tune's hooks
+    def on_step(self, iteration, trials, **info):
+        if self.mode == "live" and self.trials and time.time() - self.last_draw >= 1.0:  # the clock ticks on
+            self._draw()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         t = self._line(trial)
         t.status = "running"

@@ -93,6 +93,14 @@ def test_live_mode_redraws_one_table_in_place(clock):
     assert re.match(r"trial\s+phase\s+stage\s+patch\s+Dice\s+status", lines[1])
     assert re.match(r"b\s+search\s+2/3\s+16x16x16\s+0\.400\s+running", lines[2])  # running first
     assert re.match(r"a\s+search\s+3/3\s+24x16x16\s+0\.600\s+completed", lines[3])
+    # between events the clock ticks on: Tune's steps redraw the table at most once a second
+    drawn = out.getvalue()
+    progress.on_step(0, [])
+    assert out.getvalue() == drawn
+    clock.now += 1
+    progress.on_step(0, [])
+    assert out.getvalue().rsplit("\x1b[J", 1)[-1].startswith("search: 1 of 3 trials done, compute 80 of ~150 "
+                                                             "baseline iterations, 21s elapsed")
 
 
 def test_plain_lines_and_quiet(clock):
@@ -155,9 +163,10 @@ def _validation(epoch: int) -> dict:
 
 @pytest.mark.parametrize("mode", ["live", "lines", "json", "none"])
 def test_train_progress_modes(mode):
-    out = io.StringIO()
-    p = _TrainProgress(mode, out)
+    out, clock = io.StringIO(), Clock()
+    p = _TrainProgress(mode, out, clock)
     for e in range(1, 5):
+        clock.now += 4  # seconds an epoch, validations included
         p.epoch(_epoch(e)) if mode != "none" else None
         if e % 2 == 0:
             p(_validation(e))
@@ -174,7 +183,7 @@ def test_train_progress_modes(mode):
     elif mode == "live":
         frames = text.split("\r\x1b[K")
         assert len(frames) == 5 and text.endswith("\n") and text.count("\n") == 1
-        assert frames[2].startswith("[##########..........] epoch 2/4") and frames[2].endswith("6s left")
+        assert frames[2].startswith("[##########..........] epoch 2/4") and frames[2].endswith("8s left")
         assert "Dice" not in frames[1] and "stage 2/2" in frames[3] and "Dice 0.612" in frames[3]
     else:
         assert text == ""
