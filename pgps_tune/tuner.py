@@ -56,7 +56,6 @@ from ray.tune.search.optuna import OptunaSearch
 from pgps_tune.asha import AshaSettings
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
-from pgps_tune.schedule import plural
 from pgps_tune.results import (
     SWEEP_FILE,
     TrialRecord,
@@ -66,6 +65,7 @@ from pgps_tune.results import (
     trial_rows,
     write_meta,
 )
+from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
@@ -509,7 +509,8 @@ def check_resources(cpus: float, gpus: float) -> None:
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu:
-        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; ask for at most that")
+        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; "
+                        "ask for at most that")
     if gpus > have_gpu:
         raise PgpsError(
             f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
