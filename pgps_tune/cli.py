@@ -907,8 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "event), json (one JSON object per line), none; default auto: live on a terminal, "
                             "else lines")
         q.add_argument("--mlflow", metavar="URI", default=None,
-                       help="also log every trial to MLflow at this tracking URI (e.g. file:///path/mlruns or "
-                            "http://host:5000; needs pip install 'pgps-tune[mlflow]')")
+                       help="also log every trial to MLflow at this tracking URI (e.g. http://host:5000 or "
+                            "sqlite:///path/mlflow.db; needs pip install 'pgps-tune[mlflow]')")
         budget_args(q)
 
     def budget_args(q: argparse.ArgumentParser) -> None:

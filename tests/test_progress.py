@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pgps_tune import schedule as sch
-from pgps_tune.cli import _TrainProgress, main, progress_mode
+from pgps_tune.cli import _data, _TrainProgress, main, progress_mode
 from pgps_tune.report import LEARNED_DICE, summary_lines
 from pgps_tune.results import SCHEMA, best_schedule, store_sweep
 from pgps_tune.tuner import Progress, TrialLine, eta_seconds, progress_table
@@ -241,3 +241,10 @@ def test_best_matches_the_dataset_name_in_any_case(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["meta"]["dataset"] == "Hippocampus"
     assert main(["best", "--dataset", "Prostate", "--results-store", str(tmp_path)]) == 2
     assert "known: ['Hippocampus']" in capsys.readouterr().err
+
+
+def test_synthetic_data_is_named_in_any_case(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _data("Synthetic") == _data("SYNTHETIC") == "synthetic"
+    (tmp_path / "Synthetic").mkdir()  # a folder of that name is a folder
+    assert _data("Synthetic") != "synthetic"
