@@ -530,7 +530,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers(tiny_msd, tmp_path
     # a scheduler's stop signals every process of the job; the workers die first, torch reports them
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN,
-            "--epochs", "100000", "--val-every", "100000", "--workers", "2"]
+            "--epochs", "100000", "--val-every", "100000", "--workers", "2", "--quiet"]  # stderr: the stop only
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
