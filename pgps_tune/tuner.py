@@ -848,9 +848,11 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         t = self._line(trial)
         r = trial.last_result or {}
-        t.status = "failed" if r.get("diverged") else "completed" if r.get("completed") else "stopped early"
+        t.status = ("failed" if r.get("diverged") else "over budget" if r.get("infeasible")
+                    else "completed" if r.get("completed") else "stopped early")
         done = sum(x.status != "running" for x in self.trials.values())
         what = (f"FAILED: {r.get('error', 'diverged')}" if r.get("diverged") else
+                "over the voxel budget: not trained" if r.get("infeasible") else
                 f"{t.status}: Dice {r.get('val_dice', math.nan):.3f} score {r.get('score', math.nan):.3f}")
         eta = self.eta()
         from pgps_tune.report import duration

@@ -112,6 +112,11 @@ def test_plain_lines_and_quiet(clock):
     assert "\x1b" not in out.getvalue() and len(lines) == 3  # starts and ends only, no per-report noise
     assert lines[0].endswith("references: start a stages=2")
     assert lines[2].endswith("1/3 a completed: Dice 0.600 score 0.600 (18s left)")
+    over = _trial("c", last={"completed": True, "infeasible": True, "score": -1.0, "val_dice": 0.0})
+    progress.on_trial_start(0, [], over)
+    progress.on_trial_complete(0, [], over)
+    assert out.getvalue().splitlines()[-1].endswith("2/3 c over the voxel budget: not trained (5s left)")
+    assert progress.trials["c"].status == "over budget"
     quiet = Progress(total=3, phase="search", mode="none", trial_compute=100.0)
     quiet.stream = out = io.StringIO()
     _drive(quiet, clock)
