@@ -42,7 +42,7 @@ from pgps_tune.config import (
     check_train_value,
     patch_multiple,
 )
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, strict_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -152,8 +152,12 @@ def _nnunet_plan(a: argparse.Namespace):
 
 
 def _data(value: str) -> str:
+    """A --data argument: a folder, an nnU-Net dataset id/name, or 'synthetic' in any case."""
+    from pgps_tune.data import SYNTHETIC
     from pgps_tune.nnunet import resolve_data
 
+    if value.lower() == SYNTHETIC and not Path(value).exists():
+        return SYNTHETIC
     return resolve_data(value)
 
 
@@ -354,7 +358,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     import threading
 
     from pgps_tune.data import plan_patch, split
-    from pgps_tune.trainer import CHECKPOINT, Trainer, discard_unstarted_run, resolve_device, strict_json
+    from pgps_tune.trainer import CHECKPOINT, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
 
     given = _given_train_flags(a)  # refused before anything is written
     if "device" in given:
@@ -420,8 +424,21 @@ def cmd_train(a: argparse.Namespace) -> int:
         recipe = None if a.splits else Recipe(cfg, DataIdentity.of(ds, source, a.val_fraction, a.split_seed,
                                                                    **synthetic))
         s = dataclasses.replace(s, recipe=recipe)
-        trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=None if a.quiet else _progress)
-        metrics = trainer.fit(resume=a.resume)
+        progress = _TrainProgress(progress_mode(a.progress, a.quiet))
+        tensorboard = TensorBoardLog(out / "tensorboard")
+
+        def report(r: dict[str, Any]) -> None:
+            tensorboard(r)
+            progress(r)
+
+        trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=report)
+        if progress.mode != "none":
+            trainer.on_epoch = progress.epoch
+        try:
+            metrics = trainer.fit(resume=a.resume)
+        finally:
+            progress.close()
+            tensorboard.close()
     except KeyboardInterrupt:
         cause = "stopped by SIGTERM" if signal.SIGTERM in signals else "interrupted"
         saved = trainer.saved_iteration if trainer is not None else None
@@ -508,18 +525,73 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
-def _progress(r: dict[str, Any]) -> None:
-    patch = "x".join(map(str, r["patch_size"]))
-    print(
-        f"epoch {r['epoch']:>4}  stage {r['stage']:>2} ({patch})  loss {r['train_loss']:.4f}  "
-        f"val_dice {r['val_dice']:.4f}  train {r['train_time_s']:.1f}s",
-        file=sys.stderr, flush=True,
-    )
+PROGRESS = ("auto", "live", "lines", "json", "none")
+
+
+def progress_mode(choice: str, quiet: bool, stream: Any = None) -> str:
+    """The progress mode to use: --quiet is none; auto is live on a terminal, plain lines elsewhere."""
+    if quiet:
+        return "none"
+    if choice == "auto":
+        stream = stream or sys.stderr
+        return "live" if stream.isatty() else "lines"
+    return choice
+
+
+class _TrainProgress:
+    """A train run's progress on stderr: a bar on a terminal (live), plain lines, or JSON lines.
+
+    Two trainer hooks feed it: :meth:`epoch` (every epoch's end) and the call (every validation).
+    """
+
+    def __init__(self, mode: str, stream: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.mode, self.stream, self.clock = mode, stream or sys.stderr, clock
+        self.last_val: dict[str, Any] = {}
+        self.drawn = False
+        self.t0, self.first_epoch = clock(), None  # the time left is measured from here, validations included
+
+    def _emit(self, text: str, end: str = "\n") -> None:
+        self.stream.write(text + end)
+        self.stream.flush()
+
+    def epoch(self, r: dict[str, Any]) -> None:
+        from pgps_tune.report import bar, duration
+
+        patch = "x".join(map(str, r["patch_size"]))
+        where = f"epoch {r['epoch']}/{r['epochs']}  stage {r['stage'] + 1}/{r['stages']} ({patch})"
+        if self.mode == "json":
+            self._emit(strict_json(_rounded({"event": "epoch", **r}), indent=None))
+        elif self.mode == "lines":
+            self._emit(f"{where}  loss {r['train_loss']:.4f}  train {r['train_time_s']:.1f}s")
+        elif self.mode == "live":
+            if self.first_epoch is None:  # a resumed run starts at a later epoch
+                self.first_epoch = r["epoch"]
+            done = r["epoch"] - self.first_epoch + 1
+            left = (self.clock() - self.t0) / done * (r["epochs"] - r["epoch"])
+            dice = f"  Dice {self.last_val['val_dice']:.3f}" if "val_dice" in self.last_val else ""
+            self._emit(f"\r\x1b[K{bar(r['epoch'] / r['epochs'])} {where}  loss {r['train_loss']:.3f}{dice}  "
+                       f"{duration(left)} left", end="")
+            self.drawn = r["epoch"] < r["epochs"]
+            if not self.drawn:
+                self._emit("")
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        self.last_val = r
+        if self.mode == "json":
+            keep = ("epoch", "iteration", "stage", "patch_size", "train_loss", "val_dice", "best_val_dice",
+                    "val_dice_per_class", "train_time_s", "baseline_equivalent_iterations", "completed")
+            self._emit(strict_json(_rounded({"event": "validation", **{k: r[k] for k in keep}}), indent=None))
+        elif self.mode == "lines":
+            self._emit(f"  validation at epoch {r['epoch']}: Dice {r['val_dice']:.4f} (best {r['best_val_dice']:.4f})")
+
+    def close(self) -> None:
+        if self.drawn:  # a stopped run leaves the bar's line unfinished
+            self._emit("")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pgps_tune.predict import evaluation_cases
-    from pgps_tune.trainer import evaluate_run, strict_json
+    from pgps_tune.trainer import evaluate_run
 
     ds = _prepare(a)
     cases, scored = evaluation_cases(a.run, ds, a.all_cases)
@@ -658,6 +730,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
+        progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow,
     )
     _check_writable(Path(out))
     try:
@@ -669,7 +742,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
                  if started else "the sweep had not started; run it again with:"), file=sys.stderr)
         print(_command_line(a, resume=started), file=sys.stderr, flush=True)
         return 128 + exc.signum
-    _print_summary(summary, Path(out))
+    _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
     return 0
 
 
@@ -700,31 +773,36 @@ def _command_line(a: argparse.Namespace, resume: bool) -> str:
     return shlex.join(words)
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    best = summary.get("best")
-    print(f"sweep {summary['sweep']} on {summary['dataset']}: {summary['trials']} trials, "
-          f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed")
-    if not best:
-        print("no trial completed; nothing exported as best")
-        return
-    print(f"best: trial {best['trial_id']} ({best['role']}) {best['params']}")
-    print(f"  {summary['objective']['type']} score {best['score']:.4f}, val Dice {best['final_dice']:.4f}, "
-          f"{best['n_stages']} stages, voxel fraction {best['schedule_voxel_fraction']:.3f}")
+def _print_summary(summary: dict[str, Any], out: Path, report: Path | None = None) -> None:
+    """The sweep's outcome (the same sentences as its HTML page), the best schedule, and where the files are."""
+    from pgps_tune.report import summary_lines
+
+    first, *rest = summary_lines(summary)
+    print(f"sweep {summary['sweep']} on {summary['dataset']}: {first}")
+    for line in rest:
+        print(f"  {line}")
     if "confirmation" in summary:
         _print_confirmation(summary)
-    else:
-        for role in ("baseline", "paper"):
-            g = summary.get(f"gain_over_{role}")
-            if g:
-                print(f"  vs {role}: Dice {g['dice_points']:+.2f} points ({g['dice_relative_pct']:+.2f}% relative), "
-                      f"time x{g['time_ratio']:.2f}, voxels x{g['voxel_ratio']:.2f}")
     if front := summary.get("pareto"):
         print(f"  Pareto front: {len(front['front'])} schedules in {out / 'pareto.parquet'} and {out / 'pareto'}/; "
               f"best by the rule {front['pick']}")
     best_file = out / "best_schedule.yaml"
-    if best_file.is_file():
+    if summary.get("best") and best_file.is_file():
         print(sch.load(best_file).table())
-    print(f"schedule: {best_file}  trials: {out / 'trials.parquet'}")
+        print(f"schedule: {best_file}  trials: {out / 'trials.parquet'}")
+    if report is not None:
+        print(f"report: {report}")
+
+
+def _write_sweep_report(out: Path) -> Path | None:
+    """The finished sweep's HTML page; a figure that cannot be drawn costs the page, never the sweep."""
+    from pgps_tune.report import write_report
+
+    try:
+        return write_report(out)
+    except PgpsError as exc:
+        print(f"pgps-tune: note: no report written: {exc}", file=sys.stderr)
+        return None
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
@@ -762,6 +840,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if rc == 0 and best.is_file():
         print()
         sys.stdout.write(best.read_text())
+    page = Path(a.out) / "report.html"
+    if rc == 0 and page.is_file():
+        print(f"\nopen in a browser: {page.resolve().as_uri()}")
     return rc
 
 
@@ -952,7 +1033,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-train-seconds", type=n("max_train_seconds"),
                    help="stop after the epoch that passes this much training time")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")
+    t.add_argument("--progress", choices=PROGRESS, default="auto",
+                   help="progress on stderr: live (a bar), lines (one per epoch and validation), json (one JSON "
+                        "object per line), none; default auto: live on a terminal, else lines")
     _add_nnunet_args(t)
     t.set_defaults(func=cmd_train, out_folder=True)
 
@@ -1000,7 +1084,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="preprocessing cache (default ~/.cache/pgps-tune)")
         q.add_argument("--results-store", default=None, metavar="DIR",
                        help="results store (default ~/.local/share/pgps-tune/results)")
-        q.add_argument("--quiet", action="store_true", help="no progress lines")
+        q.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")
+        q.add_argument("--progress", choices=PROGRESS, default="auto",
+                       help="progress on stderr: live (a refreshing trial table with an ETA), lines (one per trial "
+                            "event), json (one JSON object per line), none; default auto: live on a terminal, "
+                            "else lines")
+        q.add_argument("--mlflow", metavar="URI", default=None,
+                       help="also log every trial to MLflow at this tracking URI (e.g. http://host:5000 or "
+                            "sqlite:///path/mlflow.db; needs pip install 'pgps-tune[mlflow]')")
         g = q.add_argument_group("confirmation", "each given flag replaces that key of the space file's confirm "
                                  "section (docs/GUIDE.md, Confirming the winner)")
         g.add_argument("--no-confirm", action="store_true", help="skip the confirmation phase (confirm.enabled false)")
@@ -1116,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
     be.add_argument("--dataset", required=True, metavar="NAME",
-                    help="dataset name (dataset.json 'name', or 'synthetic')")
+                    help="dataset name (dataset.json 'name', or 'synthetic'; any case)")
     be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
     be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")

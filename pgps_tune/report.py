@@ -12,8 +12,8 @@ changes, and the stage table.
 
 Reads only plain files (sweep.json, trials.parquet, summary.json, schedule files,
 metrics.json and Tune's ``result.json`` lines), so it imports neither Ray nor torch;
-matplotlib draws the figures.  The text helpers here (:func:`plural`, :func:`fmt`)
-also serve the command line, so the page and the terminal print numbers alike.
+matplotlib draws the figures.  The text helpers here (:func:`fmt`, :func:`summary_lines`, and
+:func:`pgps_tune.schedule.plural`) also serve the command line, so the page and the terminal print numbers alike.
 """
 
 from __future__ import annotations
@@ -29,24 +29,20 @@ from typing import Any
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
 from pgps_tune.pareto import non_dominated
+from pgps_tune.schedule import plural
 
 REPORT = "report.html"
 LEARNING_CURVE = "learning_curve.png"
 TRIAL_COLUMNS = ("trial_id", "phase", "role", "status", "final_dice", "score", "schedule_voxel_fraction",
                  "train_time_s", "n_stages", "rung_reached", "params", "error")
+# a final validation Dice below this means a run has not learned the task (the trivial predictors score
+# far below it: all background 0, all foreground twice the foreground share); a gain over such a
+# reference is flagged (:func:`summary_lines`)
+LEARNED_DICE = 0.5
 COLOURS = {"baseline": "#444444", "paper": "#d62728", "search": "#1f77b4", "best": "#2ca02c"}
 
 
 # -- numbers and words for people ----------------------------------------------------------------
-
-
-def plural(n: int, noun: str, many: str | None = None) -> str:
-    """``n`` and the noun in the right number.
-
-    >>> plural(1, "trial"), plural(2, "trial"), plural(0, "trial"), plural(3, "stage", "stages")
-    ('1 trial', '2 trials', '0 trials', '3 stages')
-    """
-    return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
 def number(v: Any) -> float:
@@ -67,6 +63,32 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def duration(seconds: float | None) -> str:
+    """A time span for people, to the unit that matters.
+
+    >>> duration(42.4), duration(125), duration(3 * 3600 + 1260), duration(None)
+    ('42s', '2m05s', '3h21m', '?')
+    """
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar.
+
+    >>> bar(0.5, 10), bar(0, 4), bar(1.2, 4)
+    ('[#####.....]', '[....]', '[####]')
+    """
+    filled = round(width * min(1.0, max(0.0, fraction)))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def params_text(params: Any) -> str:
@@ -458,16 +480,36 @@ def _page(title: str, sections: list[tuple[str, str]]) -> str:
             f"<body>{''.join(parts)}</body></html>\n")
 
 
-def _summary_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    n = summary.get("trials", len(rows))
+def time_words(ratio: float) -> str:
+    """A training-time ratio against a reference in plain words: the ratio, then faster or slower.
+
+    >>> time_words(0.72), time_words(1.38), time_words(1.003)
+    ('0.72x its training time (28% faster)', '1.38x its training time (38% slower)', 'the same training time')
+    """
+    change = round(100 * (1 - ratio))
+    if change == 0:
+        return "the same training time"
+    return f"{ratio:.2f}x its training time ({abs(change)}% {'faster' if change > 0 else 'slower'})"
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """A sweep's outcome for people (terminal and page alike): counts, the best trial, its gains.
+
+    Honest by construction: a reference below :data:`LEARNED_DICE` is flagged as not having
+    learned, since a gain over it says how fast schedules learn, not where they end; Dice is
+    compared in points (no relative percentages, which an undertrained reference inflates);
+    time ratios say faster or slower.
+    """
+    n = int(summary.get("trials", 0))
     lines = [f"{plural(n, 'trial')}: {summary.get('completed', 0)} completed, {summary.get('stopped_early', 0)} "
              f"stopped early, {summary.get('failed', 0)} failed."]
     best = summary.get("best")
     if not best:
         return [*lines, "No trial completed, so there is no best schedule."]
-    lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {fmt(number(best['final_dice']))}, "
+    dice = number(best["final_dice"])
+    lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}, "
                  f"{plural(int(best['n_stages']), 'stage')}, "
-                 f"{fmt(number(best['schedule_voxel_fraction']))}x the constant baseline's voxels.")
+                 f"{number(best['schedule_voxel_fraction']):.2f}x the constant baseline's voxels.")
     for role in ("baseline", "paper"):
         g = summary.get(f"gain_over_{role}")
         if best["role"] == role:
@@ -475,11 +517,21 @@ def _summary_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[
             continue
         if not g:
             continue
-        t = g.get("time_ratio")
-        speed = ("" if not t else f", {1 / t:.2f}x faster" if t < 0.995 else f", {t:.2f}x slower" if t > 1.005
-                 else ", in the same training time")
-        lines.append(f"Against the {role} (Dice {fmt(number(g.get(f'{role}_dice')))}): "
-                     f"{number(g['dice_points']):+.2f} Dice points{speed}.")
+        ref = number(g.get(f"{role}_dice"))
+        parts = [f"Dice {dice:.3f} vs {ref:.3f} ({number(g['dice_points']):+.1f} points)"]
+        if g.get("time_ratio"):
+            parts.append(time_words(number(g["time_ratio"])))
+        if g.get("voxel_ratio"):
+            parts.append(f"{number(g['voxel_ratio']):.2f}x its voxels")
+        line = f"Against the {role} reference: {', '.join(parts)}."
+        if not ref >= LEARNED_DICE:
+            line += (f" Caution: the {role} reached only Dice {ref:.3f} (below {LEARNED_DICE}), so it has not "
+                     "learned at this budget: the gain shows how fast schedules learn, not where they end; give "
+                     "more --epochs for a quality comparison.")
+        lines.append(line)
+    if not dice >= LEARNED_DICE:
+        lines.append(f"Caution: even the best trial reached only Dice {dice:.3f} (below {LEARNED_DICE}); "
+                     "no schedule has learned the task at this budget: give more --epochs.")
     return lines
 
 
@@ -490,7 +542,7 @@ def sweep_report(sweep: str | Path) -> str:
     summary = _read_json(sweep / "summary.json", "finish the sweep ('tune --resume') or run 'pgps-tune export'")
     rows = read_trials(sweep)
     best = (summary.get("best") or {}).get("trial_id")
-    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, _summary_lines(summary, rows)))
+    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, summary_lines(summary)))
                                         + "</p>")]
 
     schedules: dict[str, sch.Schedule] = {}

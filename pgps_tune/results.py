@@ -392,7 +392,8 @@ def require_finished(meta: dict[str, Any], records: list[TrialRecord] = ()) -> N
     """Refuse to export a sweep that an interrupt (or a crash) left unfinished."""
     unfinished = [t.trial_id for t in records if t.status not in FINISHED_STATUSES]
     if not meta["finished"] or unfinished:
-        raise PgpsError(f"sweep {meta['sweep']} is not finished ({len(unfinished)} trials known unfinished); "
+        raise PgpsError(f"sweep {meta['sweep']} is not finished "
+                        f"({sch.plural(len(unfinished), 'trial')} known unfinished); "
                         "complete it with the same 'pgps-tune tune' command plus --resume, then export")
 
 
@@ -590,12 +591,14 @@ def load_store(store: str | Path | None = None) -> pa.Table:
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice") -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep with ``objective``."""
     t = load_store(store)
-    mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
+    same = pc.equal(pc.utf8_lower(t["dataset"]), dataset.lower())  # "hippocampus" finds "Hippocampus"
+    mask = pc.and_(pc.and_(same, pc.equal(t["objective"], objective)), t["completed"])
     rows = t.filter(mask).to_pylist()
     best = pick_best(rows)
     if best is None:
         known = sorted(set(t["dataset"].to_pylist()))
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
+    dataset = best["dataset"]  # as the sweep stored it
     s = _schedule_of(best, f"sweep {best['sweep']} of the results store")
     return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],

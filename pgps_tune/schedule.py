@@ -195,10 +195,21 @@ class Schedule:
             )
         drawn = ", each iteration draws its stage at random (odds by epochs)" if self.sampling == "random" else ""
         rows.append(
-            f"{len(self.stages)} stages, {self.epochs} epochs{drawn}, voxel fraction "
+            f"{plural(len(self.stages), 'stage')}, {plural(self.epochs, 'epoch')}{drawn}, voxel fraction "
             f"{self.voxel_fraction():.3f} of the constant baseline"
         )
         return "\n".join(rows)
+
+
+def plural(n: float, noun: str, many: str | None = None) -> str:
+    """``n`` and the noun in the right number (the schedule table, the CLI and the report all count).
+
+    >>> plural(1, "trial"), plural(2, "trial"), plural(0, "trial"), plural(3, "stage", "stages")
+    ('1 trial', '2 trials', '0 trials', '3 stages')
+    >>> plural(1.0, "CPU"), plural(0.5, "GPU")
+    ('1 CPU', '0.5 GPUs')
+    """
+    return f"{f'{n:g}' if isinstance(n, float) else n} {noun if n == 1 else many or noun + 's'}"
 
 
 # -- memory ------------------------------------------------------------------

@@ -271,6 +271,7 @@ class Trainer:
         self.ds, self.train_cases, self.val_cases = ds, train_cases, val_cases
         self.schedule, self.cfg, self.out = schedule, config, Path(out_dir)
         self.callback = callback
+        self.on_epoch: Callback | None = None  # optional per-epoch hook (a progress bar): sees every epoch's end
         self.device = resolve_device(config.device)
         self.amp = self.device.type == "cuda"
         ipe = config.iterations_per_epoch
@@ -527,6 +528,12 @@ class Trainer:
                     self.cfg.max_train_seconds is not None
                     and self.state.train_time_s >= self.cfg.max_train_seconds
                 )
+                if self.on_epoch is not None:
+                    self.on_epoch({"epoch": epoch, "epochs": self.schedule.epochs, "stage": k,
+                                   "stages": len(self.schedule.stages),
+                                   "patch_size": list(self.schedule.stages[k].patch_size),
+                                   "train_loss": float(np.mean(losses[-ipe:])),
+                                   "train_time_s": self.state.train_time_s})
                 if epoch % self.val_every == 0 or done or out_of_time:
                     self._validate_and_report(epoch, k, float(np.mean(losses)))
                     losses = []
@@ -613,6 +620,41 @@ class Trainer:
     def write_metrics(self) -> None:
         text = strict_json(self.metrics()) + "\n"
         self._write(self.out / METRICS, lambda fh: fh.write(text.encode("utf-8")))
+
+
+class TensorBoardLog:
+    """A trainer callback writing each validation to TensorBoard event files in ``log_dir``.
+
+    Scalars per validation, stepped by epoch: ``train/loss``, ``val/dice``, ``val/best_dice``,
+    ``val/dice_<class>``, ``schedule/stage``, ``schedule/patch_x|y|z`` (the patch sides), ``lr``
+    and ``compute/baseline_iterations``.  The writer starts at the first record, so a run that
+    stops before its first validation leaves no event file.  Sweeps need no such hook: Ray writes
+    the same metrics of every trial to events files in the trial folders.
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+        step = int(r["epoch"])
+        scalars = {"train/loss": r["train_loss"], "val/dice": r["val_dice"], "val/best_dice": r["best_val_dice"],
+                   "schedule/stage": r["stage"], "lr": r["lr"],
+                   "compute/baseline_iterations": r["baseline_equivalent_iterations"],
+                   **{f"schedule/patch_{axis}": side for axis, side in zip("xyz", r["patch_size"])},
+                   **{f"val/dice_{name}": v for name, v in r["val_dice_per_class"].items()}}
+        for tag, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def discard_unstarted_run(out: str | Path, created: bool, trainer: Trainer | None) -> None:

@@ -51,6 +51,7 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -68,6 +69,7 @@ from pgps_tune.results import (
     trial_rows,
     write_meta,
 )
+from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
@@ -101,6 +103,8 @@ class SweepOptions:
     quiet: bool = False
     max_failures: int | None = None  # retries of a failed trial; default: the space's budget.max_failures
     warm_start: bool = False  # seed the study with stored trials of the same dataset and space
+    progress: str = "lines"  # Progress.MODES: live (refreshing table), lines, json, none (quiet wins)
+    mlflow: str | None = None  # MLflow tracking URI: every trial is logged there too
 
     def check(self) -> None:
         """Refuse meaningless numbers before anything starts."""
@@ -115,6 +119,27 @@ class SweepOptions:
         if self.warm_start and self.space.search.algorithm == "grid":
             raise PgpsError("--warm-start seeds Optuna's sampler, but this space walks a grid; leave out --warm-start "
                             "or use search.algorithm tpe, random or nsga2")
+        if self.mlflow is not None:
+            _check_mlflow(self.mlflow)
+
+
+def _check_mlflow(uri: str) -> None:
+    """Refuse, in one line, an --mlflow URI that MLflow is missing for or will not open (before any work).
+
+    Opening the store contacts no server: an unreachable tracking server is found when trials log.
+    """
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
+    try:
+        MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # MlflowException and the errors of its store plugins
+        first = str(exc).split(". ")[0].strip()
+        hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
+                if "file" in first.lower() else "")
+        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first[:200]}); give a tracking URI it accepts, "
+                        f"e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
 
 
 class SweepInterrupted(Exception):
@@ -195,6 +220,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
             **({"rung_score": score} if judged else {}),
             "val_dice": r["val_dice"], "best_val_dice": r["best_val_dice"], "epoch": r["epoch"],
             "stage": r["stage"], "train_loss": r["train_loss"], "train_time_s": r["train_time_s"],
+            **{f"patch_{axis}": side for axis, side in zip("xyz", r["patch_size"])},  # the stage's patch sides
             "voxels_processed": r["voxels_processed"],
             "baseline_iterations": r["baseline_equivalent_iterations"],
             "completed": r["completed"],
@@ -612,10 +638,11 @@ def check_resources(cpus: float, gpus: float) -> None:
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu:
-        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {have_cpu:g} CPUs; ask for at most that")
+        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; "
+                        "ask for at most that")
     if gpus > have_gpu:
         raise PgpsError(
-            f"--gpus-per-trial {gpus:g} but the cluster has {have_gpu:g} GPUs; "
+            f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
             "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
         )
 
@@ -734,40 +761,251 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
     return export_sweep(out, meta, read_trials(meta), results_store, pick)
 
 
+# -- tracking --------------------------------------------------------------------------------
+
+
+class MLflowTrials(MLflowLoggerCallback):
+    """Ray's MLflow logger (a run per trial: its parameters, and every report as metrics stepped by
+    report), plus the trial's schedule as the artifact ``schedule.yaml``.
+
+    It pickles as its settings only (Ray keeps callbacks in its Tune state, which a resume vets and
+    unpickles): the MLflow module and the run ids are made again when a resumed sweep sets it up.
+    """
+
+    def setup(self, *args, **kwargs):
+        super().setup(*args, **kwargs)
+        self._schedules_logged: set[str] = set()
+
+    def log_trial_result(self, iteration: int, trial, result: dict):
+        super().log_trial_result(iteration, trial, result)
+        run_id = self._trial_runs[trial]
+        if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
+            from pgps_tune.schedule import Schedule
+
+            text = Schedule.from_dict(json.loads(result["schedule"])).to_yaml()
+            self.mlflow_util._get_client().log_text(run_id, text, "schedule.yaml")
+            self._schedules_logged.add(run_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("mlflow_util", "_trial_runs", "_schedules_logged")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from ray.air._internal.mlflow import _MLflowLoggerUtil
+
+        self.__dict__.update(state, mlflow_util=_MLflowLoggerUtil())
+
+
+def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any]) -> str:
+    """One MLflow run for the whole sweep, beside its trials' runs: the best trial's numbers as metrics,
+    and best_schedule.yaml, summary.json and trials.parquet as artifacts.  Returns the run id."""
+    from mlflow import MlflowClient
+
+    from pgps_tune.results import BEST, SUMMARY, TRIALS
+
+    client = MlflowClient(tracking_uri=uri)
+    name = out.resolve().name
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(experiment_id, run_name=f"{name} (sweep)", tags={"pgps.sweep": name, "pgps.phase": "sweep"})
+    best = summary.get("best") or {}
+    for key in ("final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages"):
+        if isinstance(best.get(key), int | float) and math.isfinite(best[key]):
+            client.log_metric(run.info.run_id, f"best_{key}", float(best[key]))
+    if best:
+        client.set_tag(run.info.run_id, "pgps.best_trial", str(best["trial_id"]))
+    for f in (BEST, SUMMARY, TRIALS):
+        if (out / f).is_file():
+            client.log_artifact(run.info.run_id, str(out / f))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 # -- progress ----------------------------------------------------------------------------------
 
 
-class Progress(tune.Callback):
-    """One line per trial start and end on stderr, instead of Tune's large tables."""
+@dataclass
+class TrialLine:
+    """What the progress table shows of one trial."""
 
-    def __init__(self, total: int, phase: str, quiet: bool) -> None:
-        self.total, self.phase, self.quiet = total, phase, quiet
-        self.done = 0
-        self.t0 = time.time()
+    trial: str
+    phase: str
+    stage: int | None = None  # 0-based
+    stages: int | None = None
+    patch: str = ""
+    dice: float = math.nan
+    status: str = "running"
+    compute: float = 0.0  # baseline-equivalent iterations done
+    fraction: float | None = None  # the schedule's voxel fraction: its whole run costs this much of the baseline's
+
+
+def eta_seconds(done: float, expected: float, done_at_start: float, elapsed: float) -> float | None:
+    """Seconds left, from the compute clock: the rate since (re)start applied to the compute still expected.
+
+    >>> eta_seconds(done=300, expected=1000, done_at_start=100, elapsed=50)
+    175.0
+    >>> eta_seconds(done=100, expected=1000, done_at_start=100, elapsed=50) is None  # no rate yet
+    True
+    """
+    rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+    return max(0.0, expected - done) / rate if rate > 0 else None
+
+
+def progress_table(lines: list[TrialLine], header: str, max_rows: int = 12) -> str:
+    """The live table: a header line, then one row per trial (running ones first), at most ``max_rows``.
+
+    >>> print(progress_table([TrialLine("t1", "search", 1, 3, "24x24x16", 0.61234),
+    ...                       TrialLine("t2", "search", status="completed", dice=0.7)], "search: 1 of 2 done"))
+    search: 1 of 2 done
+    trial  phase   stage  patch     Dice   status
+    t1     search  2/3    24x24x16  0.612  running
+    t2     search  -      -         0.700  completed
+    """
+    order = sorted(lines, key=lambda t: t.status != "running")
+    shown = order[:max_rows]
+    cells = [["trial", "phase", "stage", "patch", "Dice", "status"]] + [
+        [t.trial, t.phase, f"{t.stage + 1}/{t.stages}" if t.stage is not None and t.stages else "-", t.patch or "-",
+         f"{t.dice:.3f}" if math.isfinite(t.dice) else "-", t.status] for t in shown]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    rows = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    if len(order) > len(shown):
+        rows.append(f"... and {plural(len(order) - len(shown), 'more trial')}")
+    return "\n".join([header, *rows])
+
+
+class Progress(tune.Callback):
+    """A sweep phase's progress on stderr: a refreshing table (live), plain lines, JSON lines, or nothing.
+
+    The ETA comes from the compute clock: baseline-equivalent iterations done by all trials
+    against those the phase is expected to need (each trial's schedule costs its voxel fraction
+    of ``trial_compute``; trials not started yet are taken at the mean fraction seen so far,
+    else at the baseline's), at the rate measured since the phase (re)started.  With early
+    stopping, or a compute cap, the expectation is an upper bound and the ETA says "at most".
+    """
+
+    MODES = ("live", "lines", "json", "none")
+    resumed_mode: str | None = None  # the resuming command's mode, for a Progress unpickled from a Tune state
+
+    def __init__(self, total: int, phase: str, mode: str, trial_compute: float, cap: float | None = None,
+                 upper_bound: bool = False) -> None:
+        self.total, self.phase, self.mode = total, phase, mode
+        self.trial_compute, self.cap, self.upper_bound = trial_compute, cap, upper_bound
+        self.trials: dict[str, TrialLine] = {}
+        self.stream: Any = None  # None: sys.stderr at the time of writing
+        self._restart()
+
+    def _restart(self) -> None:
+        self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
+        self.done_at_start = self.compute_done()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "stream": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, t0=time.time())  # a resumed sweep counts its time from the resume
+        self.__dict__.update(state)
+        if Progress.resumed_mode is not None:
+            self.mode = Progress.resumed_mode
+        self._restart()  # a resumed sweep measures its rate from the resume
 
-    def _line(self, text: str) -> None:
-        if not self.quiet:
-            print(f"[{time.time() - self.t0:6.0f}s] {self.phase}: {text}", file=sys.stderr, flush=True)
+    # -- the numbers
+    def compute_done(self) -> float:
+        return sum(t.compute for t in self.trials.values())
+
+    def compute_expected(self) -> float:
+        known = [t.fraction for t in self.trials.values() if t.fraction is not None]
+        mean = sum(known) / len(known) if known else 1.0
+        expected = sum(t.compute if t.status != "running" else (t.fraction or mean) * self.trial_compute
+                       for t in self.trials.values())
+        expected += max(0, self.total - len(self.trials)) * mean * self.trial_compute
+        return min(expected, self.cap) if self.cap else expected
+
+    def eta(self) -> float | None:
+        return eta_seconds(self.compute_done(), self.compute_expected(), self.done_at_start, time.time() - self.t0)
+
+    def header(self) -> str:
+        from pgps_tune.report import duration
+
+        finished = sum(t.status != "running" for t in self.trials.values())
+        eta = self.eta()
+        left = "ETA ?" if eta is None else f"{'at most ' if self.upper_bound else ''}{duration(eta)} left"
+        return (f"{self.phase}: {finished} of {plural(self.total, 'trial')} done, "
+                f"compute {self.compute_done():.0f} of ~{self.compute_expected():.0f} baseline iterations, "
+                f"{duration(time.time() - self.t0)} elapsed, {left}")
+
+    # -- writing
+    def _write(self, text: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(text)
+        stream.flush()
+
+    def _event(self, event: str, t: TrialLine, text: str, **extra: Any) -> None:
+        from pgps_tune.errors import strict_json
+
+        if self.mode == "json":
+            self._write(strict_json({
+                "event": event, "phase": self.phase, "trial": t.trial, "status": t.status,
+                "stage": t.stage, "stages": t.stages, "patch": t.patch or None, "val_dice": t.dice, **extra,
+                "trials_done": sum(x.status != "running" for x in self.trials.values()), "trials_total": self.total,
+                "compute_done": self.compute_done(), "compute_expected": self.compute_expected(),
+                "elapsed_s": time.time() - self.t0, "eta_s": self.eta(),
+            }, indent=None) + "\n")
+        elif self.mode == "live":
+            self._draw()
+        elif self.mode == "lines" and text:
+            self._write(f"[{time.time() - self.t0:6.0f}s] {self.phase}: {text}\n")
+
+    def _draw(self) -> None:
+        """Redraw the live table over the one drawn before."""
+        table = progress_table(list(self.trials.values()), self.header())
+        clear = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+        self._write(clear + table + "\n")
+        self.drawn, self.last_draw = table.count("\n") + 1, time.time()
+
+    def _line(self, trial) -> TrialLine:
+        return self.trials.setdefault(trial.trial_id, TrialLine(trial.trial_id, self.phase))
+
+    # -- Tune's hooks
+    def on_step(self, iteration, trials, **info):
+        if self.mode == "live" and self.trials and time.time() - self.last_draw >= 1.0:  # the clock ticks on
+            self._draw()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(f"start {trial.trial_id} {_short(trial.config)}")
+        t = self._line(trial)
+        t.status = "running"
+        self._event("start", t, f"start {trial.trial_id} {_short(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        t = self._line(trial)
+        if isinstance(result.get("stage"), int):
+            t.stage, t.stages = result["stage"], result.get("n_stages")
+        if all(f"patch_{a}" in result for a in "xyz"):
+            t.patch = "x".join(str(result[f"patch_{a}"]) for a in "xyz")
+        t.dice = float(result.get("val_dice", t.dice))
+        t.compute = float(result.get("baseline_iterations", t.compute))
+        if result.get("schedule_voxel_fraction") is not None:
+            t.fraction = float(result["schedule_voxel_fraction"])
+        self._event("result", t, "", score=result.get("score"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
+        t = self._line(trial)
         r = trial.last_result or {}
-        if r.get("diverged"):
-            self._line(f"{self.done}/{self.total} {trial.trial_id} FAILED: {r.get('error', 'diverged')}")
-            return
-        how = "completed" if r.get("completed") else "stopped early"
-        self._line(f"{self.done}/{self.total} {trial.trial_id} {how}: dice {r.get('val_dice', math.nan):.4f} "
-                   f"score {r.get('score', math.nan):.4f}")
+        t.status = ("failed" if r.get("diverged") else "over budget" if r.get("infeasible")
+                    else "completed" if r.get("completed") else "stopped early")
+        done = sum(x.status != "running" for x in self.trials.values())
+        what = (f"FAILED: {r.get('error', 'diverged')}" if r.get("diverged") else
+                "over the voxel budget: not trained" if r.get("infeasible") else
+                f"{t.status}: Dice {r.get('val_dice', math.nan):.3f} score {r.get('score', math.nan):.3f}")
+        eta = self.eta()
+        from pgps_tune.report import duration
+
+        self._event("complete", t, f"{done}/{self.total} {trial.trial_id} {what}"
+                    + (f" ({'at most ' if self.upper_bound else ''}{duration(eta)} left)" if eta is not None
+                       and done < self.total else ""), score=r.get("score"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        self._line(f"{self.done}/{self.total} {trial.trial_id} FAILED (see trials.parquet 'error')")
+        t = self._line(trial)
+        t.status = "failed"
+        done = sum(x.status != "running" for x in self.trials.values())
+        self._event("error", t, f"{done}/{self.total} {trial.trial_id} FAILED (see trials.parquet 'error')")
 
 
 def _short(config: dict[str, Any]) -> str:
@@ -866,6 +1104,23 @@ class ComputeBudget(tune.Stopper):
         return sum(self.spent.values()) >= self.max_t
 
 
+def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, scheduler, stopper) -> list:
+    """The phase's Tune callbacks: progress, and MLflow where asked for.
+
+    TensorBoard needs none of ours: Ray's default TBXLoggerCallback already writes every reported
+    metric (Dice, loss, stage, patch sides, compute) to event files in each trial's folder.
+    """
+    b = opts.space.budget
+    callbacks: list = [Progress(num_samples, phase, "none" if opts.quiet else opts.progress,
+                                trial_compute=b.epochs * b.iterations_per_epoch,
+                                cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
+                                upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
+    if opts.mlflow:
+        callbacks.append(MLflowTrials(opts.mlflow, experiment_name=opts.out.resolve().name,
+                                      tags={"pgps.sweep": opts.out.resolve().name, "pgps.phase": phase}))
+    return callbacks
+
+
 def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
               name: str, searcher, num_samples: int, scheduler, stopper=None,
               signals: _StopSignals | None = None) -> None:
@@ -875,6 +1130,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     path = f"{storage_path.rstrip('/')}/{name}"
+    Progress.resumed_mode = "none" if opts.quiet else opts.progress  # a restored Progress follows this command
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
@@ -895,7 +1151,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
                     max_failures=opts.space.budget.max_failures if opts.max_failures is None else opts.max_failures
                 ),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[Progress(num_samples, phase, opts.quiet)],
+                callbacks=_callbacks(phase, opts, name, num_samples, scheduler, stopper),
             ),
         )
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
@@ -946,7 +1202,10 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         with _ray_session(opts, signals):
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings)
-        return export_sweep(out, meta, read_trials(meta), opts.results_store)
+        summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
+        if opts.mlflow:
+            log_sweep_to_mlflow(opts.mlflow, out, summary)
+        return summary
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 GUIDE = ROOT / "docs" / "GUIDE.md"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-NOT_OURS = {"--head", "--quick"}  # Ray's "ray start --head"; the benchmark scripts' --quick
+NOT_OURS = {"--head", "--quick", "--logdir"}  # ray start --head; the benchmarks' --quick; tensorboard --logdir
 
 
 def commands() -> dict[str, set[str]]:

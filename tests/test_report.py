@@ -136,9 +136,11 @@ def test_sweep_report_opens_offline_with_every_figure(fake_sweep, tmp_path, caps
     # schedules, learning curves, Dice vs compute, importances: 4 figures
     dom = check_page(page, tmp_path, figures=4)
     assert "6 trials: 5 completed, 1 stopped early, 0 failed." in dom
-    assert "Best: trial srch0000 (search), validation Dice 0.74, 2 stages" in dom
-    assert "Against the baseline (Dice 0.7): +4.00 Dice points, 2.00x faster." in dom
-    assert "Against the paper (Dice 0.66): +8.00 Dice points." in dom
+    assert "Best: trial srch0000 (search), validation Dice 0.740, 2 stages" in dom
+    assert "Against the baseline reference: Dice 0.740 vs 0.700 (+4.0 points), 0.50x its training time " \
+           "(50% faster)." in dom
+    assert "Against the paper reference: Dice 0.740 vs 0.660 (+8.0 points)." in dom
+    assert "Caution" not in dom  # every reference learned (Dice above 0.5)
     assert "p_value" in dom and "0.031" in dom and "ci_low" in dom  # the confirmation table
     for tid in ("base0001", "pape0002", "srch0000", "srch0009"):
         assert tid in dom

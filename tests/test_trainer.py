@@ -505,14 +505,14 @@ def test_sigterm_after_a_checkpoint_names_resume(tiny_msd, tmp_path, monkeypatch
 
     out = tmp_path / "run"
     argv = ["train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN]
-    progress = cli._progress
+    progress = cli._TrainProgress.__call__  # sees every validation
 
-    def terminate_at_epoch_2(r):
-        progress(r)
+    def terminate_at_epoch_2(self, r):
+        progress(self, r)
         if r["epoch"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cli, "_progress", terminate_at_epoch_2)
+    monkeypatch.setattr(cli._TrainProgress, "__call__", terminate_at_epoch_2)
     handler = signal.getsignal(signal.SIGTERM)
     args = build_parser().parse_args(argv)
     with pytest.raises(Interrupted) as err:
@@ -521,7 +521,7 @@ def test_sigterm_after_a_checkpoint_names_resume(tiny_msd, tmp_path, monkeypatch
     msg = str(err.value)
     assert "SIGTERM" in msg and "checkpoint of iteration 2" in msg and "--resume" in msg
     assert len(msg.splitlines()) == 1
-    monkeypatch.setattr(cli, "_progress", progress)
+    monkeypatch.setattr(cli._TrainProgress, "__call__", progress)
     assert main([*argv, "--resume", "--quiet"]) == 0
     assert _strict_load((out / "metrics.json").read_text())["iterations"] == 4
 
@@ -530,7 +530,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers(tiny_msd, tmp_path
     # a scheduler's stop signals every process of the job; the workers die first, torch reports them
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", str(tiny_msd), "--out", str(out), *_TRAIN,
-            "--epochs", "100000", "--val-every", "100000", "--workers", "2"]
+            "--epochs", "100000", "--val-every", "100000", "--workers", "2", "--quiet"]  # stderr: the stop only
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:

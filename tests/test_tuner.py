@@ -241,7 +241,9 @@ def test_sweep_end_to_end_asha_stops_a_bad_trial_and_exports(tmp_path, capsys):
     rc = main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--max-concurrent", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "best:" in printed and "vs baseline" in printed and "vs paper" in printed
+    assert "Best: trial" in printed and f"report: {out / 'report.html'}" in printed
+    for role in ("baseline", "paper"):  # each reference compared with, or being, the best
+        assert f"Against the {role} reference" in printed or f"is the {role} reference itself" in printed
     t = pq.read_table(out / "trials.parquet")
     assert t.column_names == COLUMNS and t.num_rows == 4
     table = t.to_pylist()

@@ -1,0 +1,255 @@
+"""What a person (or a log parser) sees while a sweep or a run goes on, and the words of its summary.
+
+Pure formatting and event handling, with stand-in trials: no Ray cluster, no training.
+"""
+
+import io
+import json
+import re
+import types
+
+import pyarrow as pa
+import pytest
+
+from pgps_tune import schedule as sch
+from pgps_tune.cli import _data, _TrainProgress, main, progress_mode
+from pgps_tune.report import LEARNED_DICE, summary_lines
+from pgps_tune.results import SCHEMA, best_schedule, store_sweep
+from pgps_tune.tuner import Progress, TrialLine, eta_seconds, progress_table
+
+# -- the sweep's progress -----------------------------------------------------------------------------
+
+
+class Clock:
+    """A stand-in for time.time that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _trial(tid: str, config: dict | None = None, last: dict | None = None):
+    return types.SimpleNamespace(trial_id=tid, config=config or {"stages": 2}, last_result=last or {})
+
+
+def _result(stage: int, dice: float, compute: float, fraction: float = 0.5) -> dict:
+    return {"stage": stage, "n_stages": 3, "patch_x": 8 * (stage + 1), "patch_y": 16, "patch_z": 16,
+            "val_dice": dice, "baseline_iterations": compute, "schedule_voxel_fraction": fraction, "score": dice}
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    c = Clock()
+    monkeypatch.setattr(tuner.time, "time", c)
+    return c
+
+
+def _drive(progress: Progress, clock: Clock) -> None:
+    """Two trials of a 3-trial phase: one completes, one is still running; 100 baseline iterations a trial."""
+    a, b = _trial("a"), _trial("b")
+    progress.on_trial_start(0, [], a)
+    progress.on_trial_start(0, [], b)
+    clock.now += 10
+    progress.on_trial_result(0, [], a, _result(0, 0.2, 20.0))
+    progress.on_trial_result(0, [], b, _result(1, 0.4, 30.0))
+    clock.now += 10
+    a.last_result = {**_result(2, 0.6, 50.0), "completed": True}
+    progress.on_trial_result(0, [], a, a.last_result)
+    progress.on_trial_complete(0, [], a)
+
+
+def test_json_lines_are_one_parseable_event_each_with_the_compute_clock(clock):
+    out = io.StringIO()
+    progress = Progress(total=3, phase="search", mode="json", trial_compute=100.0)
+    progress.stream = out
+    _drive(progress, clock)
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["start", "start", "result", "result", "result", "complete"]
+    last = events[-1]
+    assert last["trial"] == "a" and last["status"] == "completed" and last["val_dice"] == 0.6
+    assert last["stage"] == 2 and last["stages"] == 3 and last["patch"] == "24x16x16"
+    # done: a's 50 + b's 30; expected: a's 50, b at its fraction 0.5 of 100, the unstarted one at the mean 0.5
+    assert last["compute_done"] == 80.0 and last["compute_expected"] == 150.0
+    assert last["trials_done"] == 1 and last["trials_total"] == 3
+    assert last["elapsed_s"] == 20.0 and last["eta_s"] == pytest.approx(70 / (80 / 20))
+    assert events[0]["eta_s"] is None  # no compute yet: no rate, and null (strict JSON), not NaN
+
+
+def test_live_mode_redraws_one_table_in_place(clock):
+    out = io.StringIO()
+    progress = Progress(total=3, phase="search", mode="live", trial_compute=100.0, upper_bound=True)
+    progress.stream = out
+    _drive(progress, clock)
+    frames = out.getvalue().split("\x1b[")
+    final = out.getvalue().rsplit("\x1b[J", 1)[-1]
+    assert len(frames) > 5  # every event after the first moved the cursor up over the old table
+    lines = final.splitlines()
+    assert lines[0].startswith("search: 1 of 3 trials done, compute 80 of ~150 baseline iterations, 20s elapsed")
+    assert lines[0].endswith("at most 18s left")  # early stopping: an upper bound
+    assert re.match(r"trial\s+phase\s+stage\s+patch\s+Dice\s+status", lines[1])
+    assert re.match(r"b\s+search\s+2/3\s+16x16x16\s+0\.400\s+running", lines[2])  # running first
+    assert re.match(r"a\s+search\s+3/3\s+24x16x16\s+0\.600\s+completed", lines[3])
+    # between events the clock ticks on: Tune's steps redraw the table at most once a second
+    drawn = out.getvalue()
+    progress.on_step(0, [])
+    assert out.getvalue() == drawn
+    clock.now += 1
+    progress.on_step(0, [])
+    assert out.getvalue().rsplit("\x1b[J", 1)[-1].startswith("search: 1 of 3 trials done, compute 80 of ~150 "
+                                                             "baseline iterations, 21s elapsed")
+
+
+def test_plain_lines_and_quiet(clock):
+    out = io.StringIO()
+    progress = Progress(total=3, phase="references", mode="lines", trial_compute=100.0)
+    progress.stream = out
+    _drive(progress, clock)
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue() and len(lines) == 3  # starts and ends only, no per-report noise
+    assert lines[0].endswith("references: start a stages=2")
+    assert lines[2].endswith("1/3 a completed: Dice 0.600 score 0.600 (18s left)")
+    over = _trial("c", last={"completed": True, "infeasible": True, "score": -1.0, "val_dice": 0.0})
+    progress.on_trial_start(0, [], over)
+    progress.on_trial_complete(0, [], over)
+    assert out.getvalue().splitlines()[-1].endswith("2/3 c over the voxel budget: not trained (5s left)")
+    assert progress.trials["c"].status == "over budget"
+    quiet = Progress(total=3, phase="search", mode="none", trial_compute=100.0)
+    quiet.stream = out = io.StringIO()
+    _drive(quiet, clock)
+    assert out.getvalue() == ""
+
+
+def test_a_resumed_progress_takes_the_resuming_commands_mode_and_rate(clock, monkeypatch):
+    import pickle
+
+    progress = Progress(total=3, phase="search", mode="live", trial_compute=100.0)
+    _drive(progress, clock)
+    monkeypatch.setattr(Progress, "resumed_mode", "json")
+    clock.now += 500
+    back = pickle.loads(pickle.dumps(progress))
+    assert back.mode == "json" and back.done_at_start == 80.0 and back.t0 == clock.now
+    assert back.eta() is None  # no compute since the resume: no rate yet
+
+
+def test_eta_and_table_edge_cases():
+    assert eta_seconds(done=50, expected=40, done_at_start=0, elapsed=10) == 0.0  # over the expectation: done
+    assert eta_seconds(done=10, expected=40, done_at_start=0, elapsed=0) is None
+    rows = [TrialLine(f"t{i}", "search", status="completed", dice=0.5) for i in range(15)]
+    table = progress_table(rows, "h", max_rows=12)
+    assert table.splitlines()[-1] == "... and 3 more trials" and len(table.splitlines()) == 1 + 1 + 12 + 1
+    assert progress_table(rows[:13], "h", max_rows=12).splitlines()[-1] == "... and 1 more trial"
+
+
+def test_progress_mode_picks_live_only_on_a_terminal():
+    tty = types.SimpleNamespace(isatty=lambda: True)
+    pipe = types.SimpleNamespace(isatty=lambda: False)
+    assert progress_mode("auto", False, tty) == "live" and progress_mode("auto", False, pipe) == "lines"
+    assert progress_mode("json", False, tty) == "json" and progress_mode("live", True, tty) == "none"
+
+
+# -- the train command's progress ---------------------------------------------------------------------
+
+
+def _epoch(epoch: int) -> dict:
+    return {"epoch": epoch, "epochs": 4, "stage": (epoch - 1) // 2, "stages": 2, "patch_size": [16, 16, 8],
+            "train_loss": 0.5 / epoch, "train_time_s": 3.0 * epoch}
+
+
+def _validation(epoch: int) -> dict:
+    return {"epoch": epoch, "iteration": 2 * epoch, "stage": 1, "patch_size": [16, 16, 8], "train_loss": 0.3,
+            "val_dice": float("nan") if epoch == 4 else 0.61234, "best_val_dice": 0.61234,
+            "val_dice_per_class": {"a": 0.6}, "train_time_s": 6.0, "baseline_equivalent_iterations": 3.0,
+            "completed": False, "lr": 0.01, "checkpoint_dir": "/x"}
+
+
+@pytest.mark.parametrize("mode", ["live", "lines", "json", "none"])
+def test_train_progress_modes(mode):
+    out, clock = io.StringIO(), Clock()
+    p = _TrainProgress(mode, out, clock)
+    for e in range(1, 5):
+        clock.now += 4  # seconds an epoch, validations included
+        p.epoch(_epoch(e)) if mode != "none" else None
+        if e % 2 == 0:
+            p(_validation(e))
+    p.close()
+    text = out.getvalue()
+    if mode == "json":
+        events = [json.loads(line) for line in text.splitlines()]
+        assert [e["event"] for e in events] == ["epoch", "epoch", "validation", "epoch", "epoch", "validation"]
+        assert events[2]["val_dice"] == 0.6123 and events[5]["val_dice"] is None  # 4 digits; strict JSON
+    elif mode == "lines":
+        lines = text.splitlines()
+        assert lines[0] == "epoch 1/4  stage 1/2 (16x16x8)  loss 0.5000  train 3.0s" and len(lines) == 6
+        assert lines[2] == "  validation at epoch 2: Dice 0.6123 (best 0.6123)"
+    elif mode == "live":
+        frames = text.split("\r\x1b[K")
+        assert len(frames) == 5 and text.endswith("\n") and text.count("\n") == 1
+        assert frames[2].startswith("[##########..........] epoch 2/4") and frames[2].endswith("8s left")
+        assert "Dice" not in frames[1] and "stage 2/2" in frames[3] and "Dice 0.612" in frames[3]
+    else:
+        assert text == ""
+
+
+# -- the summary's words --------------------------------------------------------------------------------
+
+
+def _summary(baseline_dice: float, best_dice: float, time_ratio: float) -> dict:
+    return {
+        "trials": 1, "completed": 1, "stopped_early": 0, "failed": 0,
+        "best": {"trial_id": "t1", "role": "search", "final_dice": best_dice, "schedule_voxel_fraction": 0.3612,
+                 "n_stages": 1},
+        "gain_over_baseline": {"dice_points": 100 * (best_dice - baseline_dice), "time_ratio": time_ratio,
+                               "voxel_ratio": 0.3612, "baseline_dice": baseline_dice},
+    }
+
+
+def test_a_baseline_that_has_not_learned_is_flagged_and_time_says_faster_or_slower():
+    first, best, vs = summary_lines(_summary(0.2468, 0.6812, 1.38))
+    assert first == "1 trial: 1 completed, 0 stopped early, 0 failed."
+    assert best == "Best: trial t1 (search), validation Dice 0.681, 1 stage, 0.36x the constant baseline's voxels."
+    assert vs.startswith("Against the baseline reference: Dice 0.681 vs 0.247 (+43.4 points), 1.38x its training "
+                         "time (38% slower), 0.36x its voxels. Caution: the baseline reached only Dice 0.247 "
+                         f"(below {LEARNED_DICE}), so it has not learned")
+    assert "relative" not in vs and "%" not in vs.split("slower")[1]
+    learned = summary_lines(_summary(0.81, 0.84, 0.72))
+    assert learned[2] == ("Against the baseline reference: Dice 0.840 vs 0.810 (+3.0 points), 0.72x its training "
+                          "time (28% faster), 0.36x its voxels.")
+    assert not any("Caution" in line for line in learned)
+    both_low = summary_lines(_summary(0.1, 0.3, 1.0))
+    assert "the same training time" in both_low[2] and both_low[-1].startswith("Caution: even the best trial")
+
+
+def test_schedule_table_counts_in_words():
+    one = sch.constant((16, 16, 16), (2, 2, 2), 2, 1)
+    assert one.table().splitlines()[-1].startswith("1 stage, 1 epoch, voxel fraction")
+    two = sch.parametric((16, 16, 16), (2, 2, 2), 2, 4, stages=2, growth=2.0)
+    assert two.table().splitlines()[-1].startswith("2 stages, 4 epochs,")
+
+
+def test_best_matches_the_dataset_name_in_any_case(tmp_path, capsys):
+    s = sch.constant((16, 16, 16), (2, 2, 2), 2, 2)
+    row = {c: None for c in SCHEMA.names} | {
+        "trial_id": "t1", "role": "search", "status": "completed", "params": "{}", "final_dice": 0.8, "score": 0.8,
+        "schedule_voxel_fraction": 1.0, "completed": True, "stopped_early": False, "failed": False,
+        "schedule": json.dumps(s.to_dict()), "n_stages": 1}
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "Hippocampus",
+            "sweep": "sw"}
+    store_sweep(pa.Table.from_pylist([row], schema=SCHEMA), meta, tmp_path)
+    for name in ("hippocampus", "HIPPOCAMPUS", "Hippocampus"):
+        found = best_schedule(name, tmp_path)
+        assert found.stages == s.stages and found.meta["dataset"] == "Hippocampus"
+    assert main(["best", "--dataset", "hIpPoCaMpUs", "--results-store", str(tmp_path), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["dataset"] == "Hippocampus"
+    assert main(["best", "--dataset", "Prostate", "--results-store", str(tmp_path)]) == 2
+    assert "known: ['Hippocampus']" in capsys.readouterr().err
+
+
+def test_synthetic_data_is_named_in_any_case(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _data("Synthetic") == _data("SYNTHETIC") == "synthetic"
+    (tmp_path / "Synthetic").mkdir()  # a folder of that name is a folder
+    assert _data("Synthetic") != "synthetic"
