@@ -48,8 +48,10 @@ SCHEMA = pa.schema([
     ("baseline_iterations", pa.float64()), ("rung_reached", pa.int64()), ("stopped_early", pa.bool_()),
     ("failed", pa.bool_()), ("completed", pa.bool_()), ("num_failures", pa.int64()), ("error", pa.string()),
     ("n_stages", pa.int64()), ("schedule", pa.string()), ("dice_per_class", pa.string()),
+    ("fidelity", pa.float64()),  # share of the budget the trial trained at (asha.fidelity compressed: below 1)
 ])
 COLUMNS = SCHEMA.names
+FIDELITY = "fidelity"  # absent from stores written before it: those trials trained at the full budget
 STORE_COLUMNS = (*COLUMNS, "objective", "final_patch")  # plus the partition keys dataset and sweep
 SPACE_KEY = "space_key"  # SearchSpace.key() of the sweep; absent from stores written before it
 META_KEYS = ("format_version", "sweep", "dataset", "space", "storage_path", "experiments", "objective", "asha",
@@ -153,7 +155,8 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "train_time_s": _float(r, "train_time_s"),
             "wall_time_s": _float(r, "time_total_s"),
             "baseline_iterations": _float(r, "baseline_iterations", 0.0),
-            "rung_reached": asha.rung_reached(_float(r, asha.time_attr, 0.0)),
+            "rung_reached": int(r["rung"]) if isinstance(r.get("rung"), int)
+            else asha.rung_reached(_float(r, asha.time_attr, 0.0)),
             "stopped_early": status == "stopped_early",
             "failed": failed,
             "completed": completed,
@@ -163,6 +166,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "n_stages": int(_float(r, "n_stages", 0)),
             "schedule": str(r.get("schedule", "")),
             "dice_per_class": strict_json(per_class, indent=None),
+            "fidelity": _float(r, "fidelity", 1.0),
         })
     return rows
 
@@ -177,8 +181,13 @@ def trainer_meta(params_json: str) -> dict[str, Any]:
 
 
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest objective score (ties: cheaper, then higher Dice)."""
-    done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])]
+    """The completed full-budget trial with the highest objective score (ties: cheaper, then higher Dice).
+
+    A trial trained at a fraction of the budget (``fidelity`` below 1) only ranks schedules for the
+    next rung: its score is not one the exports can compare.
+    """
+    done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])
+            and (r.get(FIDELITY) is None or r[FIDELITY] >= 1.0)]
     return max(done, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
 
 
@@ -378,16 +387,19 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         except (OSError, pa.ArrowException) as exc:
             raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
                             "move it out of the store, or rerun 'pgps-tune export' for its sweep") from None
-        missing = [c for c in STORE_COLUMNS if c not in names]
+        missing = [c for c in STORE_COLUMNS if c not in names and c != FIDELITY]
         if missing:
             raise PgpsError(f"results store file {f} lacks columns {missing}; it was not written by pgps-tune: "
                             "move it out of the store")
     part = pads.partitioning(pa.schema([("dataset", pa.string()), ("sweep", pa.string())]), flavor="hive")
     try:
-        schema = pa.unify_schemas([*schemas, part.schema, pa.schema([(SPACE_KEY, pa.string())])])
+        schema = pa.unify_schemas([*schemas, part.schema, pa.schema([(SPACE_KEY, pa.string()),
+                                                                     (FIDELITY, pa.float64())])])
         table = pads.dataset([str(f) for f in files], format="parquet", partitioning=part, schema=schema,
                              partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
                                                                              SPACE_KEY])
+        table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
+                                 pc.fill_null(table[FIDELITY], 1.0))
         return table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
                                 pc.fill_null(table[SPACE_KEY], ""))
     except (OSError, pa.ArrowException) as exc:
@@ -425,6 +437,7 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t[SPACE_KEY], space_key)),
                    pc.and_(t["completed"], pc.equal(t["role"], "search")))
     mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
+    mask = pc.and_(mask, pc.greater_equal(t[FIDELITY], 1.0))  # a compressed rung's score is not a full run's
     if exclude_sweep is not None:
         mask = pc.and_(mask, pc.not_equal(t["sweep"], exclude_sweep))
     found = t.filter(mask).to_pylist()

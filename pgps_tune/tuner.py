@@ -54,7 +54,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pgps_tune.asha import AshaSettings
+from pgps_tune.asha import AshaSettings, fidelity_ladder, survivors
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
@@ -113,6 +113,9 @@ class SweepOptions:
         if self.warm_start and self.space.search.algorithm == "grid":
             raise PgpsError("--warm-start seeds Optuna's sampler, but this space walks a grid; leave out --warm-start "
                             "or use search.algorithm tpe, random or nsga2")
+        if self.warm_start and self.space.asha.fidelity == "compressed":
+            raise PgpsError("--warm-start adds full-budget scores to a study that, with asha.fidelity compressed, "
+                            "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
 
 
 class SweepInterrupted(Exception):
@@ -147,7 +150,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     voxel_fraction = s.voxel_fraction()
     role = config.get("role", "search")
     base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
-            "schedule_voxel_fraction": voxel_fraction, "role": role}
+            "schedule_voxel_fraction": voxel_fraction, "role": role,
+            **({"fidelity": setup["fidelity"], "rung": setup["rung"]} if "fidelity" in setup else {})}
     if (objective["type"] == "dice_under_budget" and role == "search"
             and voxel_fraction > objective["voxel_budget"] + 1e-9):
         # over the voxel budget: known before training, so do not spend compute on it
@@ -700,10 +704,10 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
     return records
 
 
-def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES) -> list[TrialRecord]:
-    """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase."""
+def read_trials(meta: dict[str, Any], phases: tuple[str, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase (default: all of them)."""
     fs, root = _filesystem(meta.get("storage"), meta["storage_path"])
-    return [record for phase in phases if phase in meta["experiments"]
+    return [record for phase in (phases or tuple(meta["experiments"])) if phase in meta["experiments"]
             for record in read_experiment(fs, f"{root.rstrip('/')}/{meta['experiments'][phase]}")]
 
 
@@ -982,8 +986,53 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     stopper = None
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
-    run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
-              searcher, num_samples, scheduler, stopper, signals=signals)
+    if space.asha.fidelity == "compressed":
+        run_compressed(opts, signals, meta, setup, searcher, num_samples, storage_fs, storage_path)
+    else:
+        run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
+                  searcher, num_samples, scheduler, stopper, signals=signals)
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
+
+
+def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,
+                   num_samples: int, storage_fs, storage_path: str) -> None:
+    """The search phase with ``asha.fidelity: compressed``: successive halving over budgets.
+
+    Rung 0 is the search itself (``searcher``: Optuna or the grid, ``num_samples`` trials),
+    each trial its whole curriculum trained with a fraction of the iterations per epoch; every
+    later rung trains the best of the one below again from scratch at a larger fraction (a
+    :class:`ListSearcher`), the last at the full budget, which alone can give the exported winner.
+    Restarting, not continuing, is the point: a compressed run ends with its learning rate at
+    zero and its curriculum finished, so it cannot be extended into a longer one that is still
+    a complete curriculum.  Each rung is a Tune experiment of its own (``search``, ``search-r1``,
+    ...), resumed like any phase; a rung's survivors are read back from the one below, so a
+    resumed sweep promotes the same trials.
+    """
+    space, b = opts.space, opts.space.budget
+    rungs = fidelity_ladder(num_samples, space.asha.reduction_factor, space.asha.min_fraction, b.iterations_per_epoch)
+    meta["fidelity"] = {"type": "compressed", "rungs": [dataclasses.asdict(r) for r in rungs]}
+    configs: list[dict[str, Any]] = []
+    for r, rung in enumerate(rungs):
+        phase = "search" if r == 0 else f"search-r{r}"
+        meta["experiments"][phase] = f"{meta['sweep']}-{phase}"
+        write_meta(opts.out, meta)
+        top = r == len(rungs) - 1
+        # a low rung is scored by its final validation alone, so it validates once, at its end
+        budget = {**setup["budget"], "iterations_per_epoch": rung.iterations_per_epoch,
+                  **({} if top else {"val_every": b.epochs})}
+        rung_setup = {**setup, "budget": budget, "fidelity": rung.fraction, "rung": r}
+        run_phase(phase, opts, rung_setup, storage_fs, storage_path, meta["experiments"][phase],
+                  searcher if r == 0 else ListSearcher(configs), num_samples if r == 0 else len(configs), None,
+                  signals=signals)
+        if top:
+            return
+        rows = trial_rows(read_trials(meta, phases=(phase,)), meta)
+        keep = survivors([(row["params"], row["score"] if row["completed"] else math.nan,
+                           row["schedule_voxel_fraction"]) for row in rows], rungs[r + 1].trials)
+        configs = [json.loads(k) for k in keep]
+        if not configs:
+            print(f"pgps-tune: {phase}: no trial of this rung completed, so none runs at the full budget",
+                  file=sys.stderr, flush=True)
+            return

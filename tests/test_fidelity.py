@@ -1,0 +1,128 @@
+"""The compressed fidelity: its rung arithmetic, its space settings, and one tiny sweep through ``pgps-tune tune``."""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pgps_tune import schedule as sch
+from pgps_tune import space as sp
+from pgps_tune.asha import fidelity_ladder, ladder_compute, survivors
+from pgps_tune.cli import main
+from pgps_tune.errors import PgpsError
+
+# -- rung arithmetic ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n0,eta,min_fraction,ipe", [(27, 3, 1 / 9, 90), (48, 3, 0.1, 25), (10, 2, 0.2, 40),
+                                                      (5, 4, 0.05, 100), (1, 3, 0.1, 30), (100, 1.5, 0.3, 50)])
+def test_ladder_halves_towards_the_full_budget(n0, eta, min_fraction, ipe):
+    rungs = fidelity_ladder(n0, eta, min_fraction, ipe)
+    top = rungs[-1]
+    assert top.fraction == 1.0 and top.iterations_per_epoch == ipe
+    assert rungs[0].trials == n0
+    for low, high in zip(rungs, rungs[1:]):
+        assert low.fraction < high.fraction and low.iterations_per_epoch < high.iterations_per_epoch
+        assert high.trials == max(1, math.floor(low.trials / eta ** round(math.log(high.fraction / low.fraction, eta))
+                                                + 1e-9)) or high is top
+        assert high.trials <= low.trials
+    for r in rungs:
+        assert r.fraction == r.iterations_per_epoch / ipe
+        # the lowest rung is near min_fraction (whole iterations per epoch), never far below it
+        assert r.fraction >= min_fraction * (1 - 0.5 / (min_fraction * ipe)) - 1e-9
+    assert all(r.trials > 1 for r in rungs[:-1])  # a single schedule below the full budget chooses nothing
+    assert ladder_compute(rungs) == pytest.approx(sum(r.trials * r.iterations_per_epoch / ipe for r in rungs))
+
+
+def test_ladder_refuses_rungs_that_round_to_the_same_length():
+    with pytest.raises(PgpsError, match="both train 1 of 3 iterations"):
+        fidelity_ladder(9, 3, 1 / 9, 3)
+    with pytest.raises(PgpsError, match="eta > 1"):
+        fidelity_ladder(9, 1, 0.5, 10)
+
+
+def test_survivors_are_the_best_scores_and_skip_failed_runs():
+    scores = [("a", 0.2, 0.5), ("b", math.nan, 0.1), ("c", 0.9, 0.9), ("d", 0.9, 0.3), ("e", 0.5, 0.2)]
+    assert survivors(scores, 3) == ["d", "c", "e"]
+    assert survivors(scores, 10) == ["d", "c", "e", "a"]
+    assert survivors([("x", math.inf, 0.1)], 1) == []
+
+
+# -- the space file ---------------------------------------------------------------------------------
+
+
+def _space(**asha) -> dict:
+    return {"parameters": {"stages": {"type": "int", "low": 1, "high": 3}, "growth": {"value": 2.0}},
+            "search": {"algorithm": "tpe", "num_samples": 9}, "asha": asha,
+            "budget": {"epochs": 6, "iterations_per_epoch": 30}}
+
+
+def test_space_parses_the_fidelity():
+    space = sp.parse(_space(fidelity="compressed", min_fraction=0.2, reduction_factor=2), "s.yaml")
+    assert space.asha.fidelity == "compressed" and space.asha.min_fraction == 0.2
+    assert sp.parse(_space(), "s.yaml").asha.fidelity == "partial"
+
+
+@pytest.mark.parametrize("asha,extra,match", [
+    ({"fidelity": "extrapolated"}, {}, "asha.fidelity 'extrapolated' unknown; use one of partial, compressed"),
+    ({"fidelity": 1}, {}, "asha.fidelity must be a string"),
+    ({"fidelity": "compressed", "min_fraction": 0}, {}, r"asha.min_fraction must be a number in \(0, 1\)"),
+    ({"fidelity": "compressed", "min_fraction": 1.0}, {}, r"asha.min_fraction must be a number in \(0, 1\)"),
+    ({"fidelity": "compressed", "min_fraction": float("nan")}, {}, "asha.min_fraction must be"),
+    ({"fidelity": "compressed", "min_fraction": 0.01}, {}, "raise asha.min_fraction or budget.iterations_per_epoch"),
+    ({"fidelity": "compressed", "enabled": False}, {}, "asha.enabled is false"),
+    ({"fidelity": "compressed"}, {"search": {"max_compute": 2.0}}, "set max_compute: 0"),
+    ({"fidelity": "compressed"}, {"objective": {"type": "pareto"}}, "objective pareto"),
+])
+def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
+    raw = {**_space(**asha), **extra}
+    with pytest.raises(PgpsError, match=match) as exc:
+        sp.parse(raw, "s.yaml")
+    assert str(exc.value).startswith("s.yaml: ") and "\n" not in str(exc.value)
+
+
+# -- one compressed sweep, end to end -------------------------------------------------------------------
+
+
+def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+    budget = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
+              "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
+              "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
+    raw = {"name": "c", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                       "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
+                                       "growth": {"value": 2.0}},
+           "search": {"algorithm": "grid", "references": False},
+           "asha": {"fidelity": "compressed", "reduction_factor": 2, "min_fraction": 0.25}, "budget": budget}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
+                 "--max-concurrent", "2", "--quiet"]) == 0
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    rungs = fidelity_ladder(4, 2, 0.25, 8)
+    assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 4), (0.5, 2), (1.0, 1)]
+    by_rung = {r.fraction: [row for row in rows if row["fidelity"] == r.fraction] for r in rungs}
+    assert {f: len(v) for f, v in by_rung.items()} == {r.fraction: r.trials for r in rungs}
+    for i, rung in enumerate(rungs):
+        for row in by_rung[rung.fraction]:
+            assert row["completed"] and row["rung_reached"] == i
+            # compute is counted in full-budget baseline iterations: a rung costs its fraction of a full run
+            assert row["baseline_iterations"] == pytest.approx(
+                rung.fraction * row["schedule_voxel_fraction"] * budget["epochs"] * budget["iterations_per_epoch"],
+                rel=1e-6)
+            recipe = json.loads(row["schedule"])["recipe"]["train"]
+            assert recipe["iterations_per_epoch"] == rung.iterations_per_epoch
+        if i + 1 < len(rungs):  # the next rung trains exactly the best of this one again
+            promoted = {row["params"] for row in by_rung[rungs[i + 1].fraction]}
+            ranked = sorted(by_rung[rung.fraction], key=lambda row: (-row["score"], row["schedule_voxel_fraction"]))
+            assert promoted == {row["params"] for row in ranked[:rungs[i + 1].trials]}
+    (winner,) = by_rung[1.0]  # the winner is the one full-budget trial, whatever the low rungs scored
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.meta["trial_id"] == winner["trial_id"]
+    assert best.recipe.train.iterations_per_epoch == budget["iterations_per_epoch"]  # trains as the full run did
+    meta = json.loads((out / "sweep.json").read_text())
+    assert list(meta["experiments"]) == ["search", "search-r1", "search-r2"] and meta["finished"]
+    assert Path(meta["storage_path"], meta["experiments"]["search-r2"]).is_dir()
