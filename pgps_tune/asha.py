@@ -168,6 +168,18 @@ def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epo
     return [r for r in rungs[:-1] if r.trials > 1] + [top]
 
 
+def rung_budget(budget: dict[str, Any], rung: Rung, top: bool) -> dict[str, Any]:
+    """A space's budget (as a dict) for one rung: its iterations per epoch; below the top, one validation.
+
+    A low rung is scored by its final validation alone, so validations on the way only cost time.
+
+    >>> rung_budget({"epochs": 8, "iterations_per_epoch": 90, "val_every": 2}, Rung(1 / 9, 10, 27), top=False)
+    {'epochs': 8, 'iterations_per_epoch': 10, 'val_every': 8}
+    """
+    once = {} if top else {"val_every": budget["epochs"]}
+    return {**budget, "iterations_per_epoch": rung.iterations_per_epoch, **once}
+
+
 def ladder_compute(rungs: Sequence[Rung]) -> float:
     """The ladder's compute in full runs of the schedules it trains (before early failures).
 

@@ -54,7 +54,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pgps_tune.asha import AshaSettings, fidelity_ladder, survivors
+from pgps_tune.asha import AshaSettings, fidelity_ladder, rung_budget, survivors
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
@@ -1010,8 +1010,9 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     ...), resumed like any phase; a rung's survivors are read back from the one below, so a
     resumed sweep promotes the same trials.
     """
-    space, b = opts.space, opts.space.budget
-    rungs = fidelity_ladder(num_samples, space.asha.reduction_factor, space.asha.min_fraction, b.iterations_per_epoch)
+    space = opts.space
+    rungs = fidelity_ladder(num_samples, space.asha.reduction_factor, space.asha.min_fraction,
+                            space.budget.iterations_per_epoch)
     meta["fidelity"] = {"type": "compressed", "rungs": [dataclasses.asdict(r) for r in rungs]}
     configs: list[dict[str, Any]] = []
     for r, rung in enumerate(rungs):
@@ -1019,10 +1020,7 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
         meta["experiments"][phase] = f"{meta['sweep']}-{phase}"
         write_meta(opts.out, meta)
         top = r == len(rungs) - 1
-        # a low rung is scored by its final validation alone, so it validates once, at its end
-        budget = {**setup["budget"], "iterations_per_epoch": rung.iterations_per_epoch,
-                  **({} if top else {"val_every": b.epochs})}
-        rung_setup = {**setup, "budget": budget, "fidelity": rung.fraction, "rung": r}
+        rung_setup = {**setup, "budget": rung_budget(setup["budget"], rung, top), "fidelity": rung.fraction, "rung": r}
         run_phase(phase, opts, rung_setup, storage_fs, storage_path, meta["experiments"][phase],
                   searcher if r == 0 else ListSearcher(configs), num_samples if r == 0 else len(configs), None,
                   signals=signals)

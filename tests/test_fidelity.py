@@ -126,3 +126,27 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp
     meta = json.loads((out / "sweep.json").read_text())
     assert list(meta["experiments"]) == ["search", "search-r1", "search-r2"] and meta["finished"]
     assert Path(meta["storage_path"], meta["experiments"]["search-r2"]).is_dir()
+
+
+def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial(tmp_path):
+    import pyarrow as pa
+
+    from pgps_tune.results import SCHEMA, best_schedule, load_store, store_sweep, stored_trials
+
+    s = sch.preset("constant", (16, 16, 16), (2, 2, 2), 2, 4)
+    row = {c: None for c in SCHEMA.names} | {"role": "search", "completed": True, "params": "{}",
+                                              "schedule": json.dumps(s.to_dict()), "schedule_voxel_fraction": 1.0,
+                                              "final_dice": 0.5, "n_stages": 1}
+    rows = [row | {"trial_id": "low", "score": 0.9, "fidelity": 0.25}, row | {"trial_id": "full", "score": 0.5,
+                                                                               "fidelity": 1.0}]
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "d", "sweep": "new",
+            "space_key": "k"}
+    store_sweep(pa.Table.from_pylist(rows, schema=SCHEMA), meta, tmp_path)
+    old = tmp_path / "dataset=d" / "sweep=old"  # written before the fidelity column: full-budget trials
+    store_sweep(pa.Table.from_pylist([row | {"trial_id": "old", "score": 0.4}], schema=SCHEMA), {**meta, "sweep": "old"},
+                tmp_path)
+    pq.write_table(pq.read_table(old / "part-0.parquet").drop_columns(["fidelity"]), old / "part-0.parquet")
+    t = load_store(tmp_path)
+    assert dict(zip(t["trial_id"].to_pylist(), t["fidelity"].to_pylist())) == {"low": 0.25, "full": 1.0, "old": 1.0}
+    assert best_schedule("d", tmp_path).meta["trial_id"] == "full"
+    assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["full", "old"]
