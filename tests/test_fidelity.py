@@ -143,8 +143,8 @@ def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial
             "space_key": "k"}
     store_sweep(pa.Table.from_pylist(rows, schema=SCHEMA), meta, tmp_path)
     old = tmp_path / "dataset=d" / "sweep=old"  # written before the fidelity column: full-budget trials
-    store_sweep(pa.Table.from_pylist([row | {"trial_id": "old", "score": 0.4}], schema=SCHEMA), {**meta, "sweep": "old"},
-                tmp_path)
+    old_rows = pa.Table.from_pylist([row | {"trial_id": "old", "score": 0.4}], schema=SCHEMA)
+    store_sweep(old_rows, {**meta, "sweep": "old"}, tmp_path)
     pq.write_table(pq.read_table(old / "part-0.parquet").drop_columns(["fidelity"]), old / "part-0.parquet")
     t = load_store(tmp_path)
     assert dict(zip(t["trial_id"].to_pylist(), t["fidelity"].to_pylist())) == {"low": 0.25, "full": 1.0, "old": 1.0}
