@@ -109,7 +109,7 @@ def optuna_worker(args: dict[str, Any]) -> None:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(args["journal"]))
     study = optuna.load_study(study_name="bench", storage=storage, sampler=space.optuna_sampler(),
                               pruner=optuna.pruners.SuccessiveHalvingPruner(
-                                  min_resource=args["grace"], reduction_factor=space.asha.reduction_factor))
+                                  min_resource=args["grace"], reduction_factor=round(space.asha.reduction_factor)))
     ds = prepare(args["data"])
     train_cases, val_cases = split(ds, b.val_fraction, b.split_seed)
     define = DefineByRun(space)
@@ -277,58 +277,143 @@ def early_stops(events: list[dict[str, Any]], grid_final: dict[str, float], tota
             "trials": len(trials), "completed": sum(t["completed"] for t in trials.values()), "pick": best}
 
 
+@dataclasses.dataclass
+class World:
+    """One recorded ground truth that searches are replayed on, without training.
+
+    ``curves``: every schedule's full-budget run, ``(baseline iterations, Dice, in final stage)``
+    per validation, the last one its end; ``final``: its final Dice; ``low``: the compressed
+    runs, ``fraction -> schedule -> (final Dice, baseline iterations)`` (empty when not measured).
+    """
+
+    curves: dict[str, list[tuple[float, float, bool]]]
+    final: dict[str, float]
+    low: dict[float, dict[str, tuple[float, float]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """The grid's compute: every schedule trained to the end."""
+        return sum(c[-1][0] for c in self.curves.values())
+
+    @property
+    def best(self) -> float:
+        return max(self.final.values())
+
+    def run(self, k: str, fraction: float) -> tuple[float, float]:
+        """(final Dice, compute) of schedule ``k`` trained at ``fraction`` of the budget."""
+        return (self.final[k], self.curves[k][-1][0]) if fraction >= 1 else self.low[fraction][k]
+
+
+def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, budget_t: float, grace: int | None = None,
+                judge: str = "final_stage", rungs=None) -> tuple[float | None, bool | None]:
+    """One search replayed one trial at a time: (compute to come within 0.5 points of the best, as a share
+    of the grid's, or None within ``budget_t``; whether early stopping stopped the best schedule, None if
+    the search never tried it).
+
+    ``sampler``: ``grid`` (every schedule, in a seeded random order), ``random`` or ``tpe`` (Optuna's, as
+    in a sweep); ``fidelity``: ``none`` (every trial to the end), ``partial`` (Optuna's successive-halving
+    pruner at ``grace`` on the full runs' curves, validations shown as ``judge`` says) or ``compressed``
+    (successive halving over budgets: ``rungs``, :func:`pgps_tune.asha.fidelity_ladder`, repeated while
+    compute is left; the sampler learns from the lowest rung, as in a sweep).
+    """
+    import optuna
+
+    from pgps_tune.asha import survivors
+    from pgps_tune.space import DefineByRun
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    sp = dataclasses.replace(space, search=dataclasses.replace(
+        space.search, algorithm="random" if sampler == "grid" else sampler, seed=seed))
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(  # Optuna's pruner takes a whole reduction factor
+        min_resource=grace, reduction_factor=round(space.asha.reduction_factor))
+              if fidelity == "partial" else optuna.pruners.NopPruner())
+    study = optuna.create_study(direction="maximize", sampler=sp.optuna_sampler(), pruner=pruner)
+    searched = {p.name for p in space.parameters if p.kind != "fixed"}
+    limit = math.inf
+    if sampler == "grid":
+        limit = len(world.final)
+        for k in np.random.default_rng(seed).permutation(sorted(world.final)):
+            study.enqueue_trial({n: v for n, v in json.loads(k).items() if n in searched})
+    define, max_t = DefineByRun(sp), space.budget.epochs * space.budget.iterations_per_epoch
+    winners = {k for k, v in world.final.items() if v >= world.best}
+    state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False}
+
+    def finish(k: str) -> None:  # a full-budget run of k has ended
+        state["tried"] |= k in winners
+        if state["hit"] is None and world.final[k] >= world.best - WITHIN:
+            state["hit"] = state["spent"] / world.total
+
+    def objective(trial) -> float:
+        k = key({**define(trial), **trial.params})
+        last, reported = 0.0, set()
+        for t, d, final_stage in world.curves[k][:-1]:  # the last report is the end of the run
+            state["spent"] += t - last
+            last = t
+            if fidelity != "partial" or (judge == "final_stage" and not final_stage) or int(round(t)) in reported:
+                continue  # as the live workers: the first report of a step counts
+            reported.add(int(round(t)))
+            trial.report(d, step=int(round(t)))
+            if trial.should_prune():
+                state["tried"] |= k in winners
+                state["stopped"] |= k in winners
+                raise optuna.TrialPruned
+        state["spent"] += world.curves[k][-1][0] - last
+        finish(k)
+        return world.final[k]
+
+    def more() -> bool:
+        return state["spent"] < budget_t and state["hit"] is None and len(study.trials) < limit
+
+    if fidelity != "compressed":
+        while more():
+            study.optimize(objective, n_trials=1)
+        return state["hit"], state["stopped"] if state["tried"] else None
+    while more():  # one bracket of successive halving over budgets after another
+        pool = []
+        while len(pool) < rungs[0].trials and more():
+            trial = study.ask()
+            k = key({**define(trial), **trial.params})
+            d, c = world.run(k, rungs[0].fraction)
+            state["spent"] += c
+            study.tell(trial, d)
+            pool.append((k, d, world.curves[k][-1][0] / max_t))
+            if rungs[0].fraction >= 1:
+                finish(k)
+        for rung in rungs[1:]:
+            keep = survivors(pool, rung.trials)
+            if winners & {k for k, _, _ in pool} - set(keep):
+                state["tried"] = state["stopped"] = True
+            pool = []
+            for k in keep:
+                if state["spent"] >= budget_t or state["hit"] is not None:
+                    break
+                d, c = world.run(k, rung.fraction)
+                state["spent"] += c
+                pool.append((k, d, world.curves[k][-1][0] / max_t))
+                if rung.fraction >= 1:
+                    finish(k)
+    return state["hit"], state["stopped"] if state["tried"] else None
+
+
+def replay_stats(results: list[tuple[float | None, bool | None]], target: float = 0.30) -> dict[str, Any]:
+    """Over seeds: how many came within 0.5 points, at what compute, and how often the best was stopped."""
+    hits = [h for h, _ in results if h is not None]
+    return {"seeds": len(results), "reached": len(hits), "median": float(np.median(hits)) if hits else None,
+            "p25": float(np.percentile(hits, 25)) if hits else None,
+            "p75": float(np.percentile(hits, 75)) if hits else None,
+            "within_30pct": sum(h <= 0.30 for h in hits), "within_target": sum(h <= target for h in hits),
+            "target": target, "runs_killing_grid_best": sum(bool(k) for _, k in results),
+            "runs_trying_grid_best": sum(k is not None for _, k in results)}
+
+
 def replay_search(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_final: dict[str, float], space,
                   algo: str, grace: int | None, budget_t: float, seeds: int, judge: str) -> dict[str, Any]:
     """One search (TPE or random; with Optuna's successive halving at ``grace``, or none) replayed
     sequentially on the grid's recorded curves for ``seeds`` seeds: compute to come within 0.5 points.
     ``judge`` as asha.judge: final_stage shows the pruner only validations made at the final patch."""
-    import optuna
-
-    from pgps_tune.space import DefineByRun
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    best_grid = max(grid_final.values())
-    total = sum(c[-1][0] for c in grid_curves.values())
-    need, kills = [], 0
-    for seed in range(seeds):
-        sp = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm=algo, seed=seed))
-        pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=grace,
-                                                         reduction_factor=space.asha.reduction_factor)
-                  if grace else optuna.pruners.NopPruner())
-        study = optuna.create_study(direction="maximize", sampler=sp.optuna_sampler(), pruner=pruner)
-        define = DefineByRun(sp)
-        state = {"spent": 0.0, "best": -math.inf, "hit": None, "kills": 0}
-
-        def objective(trial, define=define, state=state) -> float:
-            k = key({**define(trial), **trial.params})
-            last, reported = 0.0, set()
-            for t, d, final_stage in grid_curves[k][:-1]:  # the last report is the end of the run
-                state["spent"] += t - last
-                last = t
-                if judge == "final_stage" and not final_stage:
-                    continue
-                if int(round(t)) in reported:
-                    continue  # as the live workers: the first report of a step counts
-                reported.add(int(round(t)))
-                trial.report(d, step=int(round(t)))
-                if trial.should_prune():
-                    state["kills"] += grid_final[k] >= best_grid
-                    raise optuna.TrialPruned
-            state["spent"] += grid_curves[k][-1][0] - last
-            state["best"] = max(state["best"], grid_final[k])
-            if state["hit"] is None and state["best"] >= best_grid - WITHIN:
-                state["hit"] = state["spent"] / total
-            return grid_final[k]
-
-        while state["spent"] < budget_t and state["hit"] is None:
-            study.optimize(objective, n_trials=1)
-        need.append(state["hit"])
-        kills += state["kills"] > 0
-    hits = [h for h in need if h is not None]
-    return {"seeds": seeds, "reached": len(hits), "median": float(np.median(hits)) if hits else None,
-            "p25": float(np.percentile(hits, 25)) if hits else None,
-            "p75": float(np.percentile(hits, 75)) if hits else None,
-            "within_30pct": sum(h <= 0.30 for h in hits), "runs_killing_grid_best": kills}
+    world = World(grid_curves, grid_final)
+    return replay_stats([replay_once(world, space, algo, "partial" if grace else "none", seed, budget_t, grace, judge)
+                         for seed in range(seeds)])
 
 
 def asha_kill_rate(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_final: dict[str, float], grace: int,
