@@ -336,7 +336,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
             study.enqueue_trial({n: v for n, v in json.loads(k).items() if n in searched})
     define, max_t = DefineByRun(sp), space.budget.epochs * space.budget.iterations_per_epoch
     winners = {k for k, v in world.final.items() if v >= world.best}
-    state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False}
+    state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False, "asked": 0}
 
     def finish(k: str) -> None:  # a full-budget run of k has ended
         state["tried"] |= k in winners
@@ -344,6 +344,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
             state["hit"] = state["spent"] / world.total
 
     def objective(trial) -> float:
+        state["asked"] += 1
         k = key({**define(trial), **trial.params})
         last, reported = 0.0, set()
         for t, d, final_stage in world.curves[k][:-1]:  # the last report is the end of the run
@@ -362,7 +363,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
         return world.final[k]
 
     def more() -> bool:
-        return state["spent"] < budget_t and state["hit"] is None and len(study.trials) < limit
+        return state["spent"] < budget_t and state["hit"] is None and state["asked"] < limit  # enqueued: not asked
 
     if fidelity != "compressed":
         while more():
@@ -372,6 +373,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
         pool = []
         while len(pool) < rungs[0].trials and more():
             trial = study.ask()
+            state["asked"] += 1
             k = key({**define(trial), **trial.params})
             d, c = world.run(k, rungs[0].fraction)
             state["spent"] += c

@@ -150,3 +150,51 @@ def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial
     assert dict(zip(t["trial_id"].to_pylist(), t["fidelity"].to_pylist())) == {"low": 0.25, "full": 1.0, "old": 1.0}
     assert best_schedule("d", tmp_path).meta["trial_id"] == "full"
     assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["full", "old"]
+
+
+# -- the benchmark's replays (scripts/bench_search.py) ------------------------------------------------------
+
+
+def _bench_search():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        return importlib.import_module("bench_search")
+    finally:
+        sys.path.pop(0)
+
+
+def _world(low_scores: list[float]):
+    """Four schedules of a 2x2 space, each costing 100 baseline iterations at the full budget; schedule i's
+    full Dice is 0.1 * i, its compressed (0.25, 25 iterations) Dice ``low_scores[i]``."""
+    bs = _bench_search()
+    keys = [bs.key({"stages": s, "mode": m}) for s in (1, 2) for m in ("resource", "performance")]
+    curves = {k: [(50.0, 0.05, True), (100.0, 0.1 * i, True)] for i, k in enumerate(keys)}
+    world = bs.World(curves, {k: 0.1 * i for i, k in enumerate(keys)},
+                     {0.25: {k: (low_scores[i], 25.0) for i, k in enumerate(keys)}})
+    space = sp.parse({"parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                     "mode": {"type": "categorical", "choices": ["resource", "performance"]}},
+                      "asha": {"fidelity": "compressed", "min_fraction": 0.25, "reduction_factor": 4},
+                      "budget": {"epochs": 1, "iterations_per_epoch": 100}}, "s.yaml")
+    return bs, world, space
+
+
+def test_compressed_replay_spends_each_rung_and_stops_the_winner_when_low_fidelity_misranks():
+    rungs = fidelity_ladder(4, 4, 0.25, 100)
+    assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 4), (1.0, 1)]
+    # the low fidelity ranks as the full budget does: 4 x 25 + the winner's 100 = 200 of the grid's 400
+    bs, world, space = _world([0.1, 0.2, 0.3, 0.4])
+    for seed in range(3):
+        assert bs.replay_once(world, space, "grid", "compressed", seed, 1000.0, rungs=rungs) == (0.5, False)
+    # it ranks the winner last: the winner is stopped in every bracket, and within the cap never found
+    bs, world, space = _world([0.4, 0.3, 0.2, 0.1])
+    hit, stopped = bs.replay_once(world, space, "grid", "compressed", 0, 400.0, rungs=rungs)
+    assert hit is None and stopped is True
+    # without early stopping a grid finds the winner when its turn comes, at a multiple of one schedule's cost
+    hit, stopped = bs.replay_once(world, space, "grid", "none", 0, 1000.0)
+    assert hit in (0.25, 0.5, 0.75, 1.0) and stopped is False
+    stats = bs.replay_stats([(0.1, False), (0.2, True), (None, None)], target=0.15)
+    assert (stats["reached"], stats["within_target"], stats["runs_killing_grid_best"],
+            stats["runs_trying_grid_best"]) == (2, 1, 1, 2)
