@@ -198,3 +198,14 @@ def test_compressed_replay_spends_each_rung_and_stops_the_winner_when_low_fideli
     stats = bs.replay_stats([(0.1, False), (0.2, True), (None, None)], target=0.15)
     assert (stats["reached"], stats["within_target"], stats["runs_killing_grid_best"],
             stats["runs_trying_grid_best"]) == (2, 1, 1, 2)
+
+
+def test_benchmark_space_has_48_distinct_schedules_on_the_hippocampus_plan():
+    s = sp.load(sp.resolve("bench_hippocampus_48"))
+    final, pools = (40, 56, 40), (3, 3, 3)
+    b = s.budget
+    schedules = {sp.schedule_from_params(c, final, pools, b.batch_size, b.epochs).to_dict()["stages"].__repr__()
+                 for c in s.grid()}
+    assert len(s.grid()) == 48 and len(schedules) == 48
+    assert {p.name for p in s.parameters if p.kind == "categorical"} == {"stages", "growth", "length_ratio", "mode"}
+    assert s.asha.fidelity == "compressed"
