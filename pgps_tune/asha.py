@@ -192,10 +192,12 @@ def ladder_compute(rungs: Sequence[Rung]) -> float:
 def survivors(scores: Sequence[tuple[Hashable, float, float]], keep: int) -> list[Hashable]:
     """The ``keep`` best of ``(key, score, cost)``: highest score first, the cheaper on a tie.
 
-    Entries without a finite score (failed runs) never survive.
+    Entries without a finite score (failed runs) never survive; a key given twice (a sampler
+    may suggest a schedule again) survives once, by its best score.
 
-    >>> survivors([("a", 0.5, 1.0), ("b", 0.7, 1.0), ("c", 0.7, 0.4), ("d", float("nan"), 0.1)], 2)
+    >>> survivors([("a", 0.5, 1.0), ("b", 0.7, 1.0), ("c", 0.7, 0.4), ("d", float("nan"), 0.1), ("c", 0.1, 0.4)], 2)
     ['c', 'b']
     """
-    ok = [s for s in scores if isinstance(s[1], int | float) and math.isfinite(s[1])]
-    return [k for k, _, _ in sorted(ok, key=lambda s: (-s[1], s[2]))[:keep]]
+    ok = sorted((s for s in scores if isinstance(s[1], int | float) and math.isfinite(s[1])),
+                key=lambda s: (-s[1], s[2]))
+    return list(dict.fromkeys(k for k, _, _ in ok))[:keep]

@@ -231,6 +231,9 @@ _TRUSTED_FUNCTIONS = {
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__generator_ctor"), ("optuna.samplers._tpe.sampler", "default_weights"),
+    # TPE keeps these in its state once past its startup trials
+    ("optuna.samplers._tpe.sampler", "default_gamma"),
+    ("optuna.samplers._tpe.sampler", "default_gamma_multiobjective"),
     ("ray.train._internal.storage", "_upload_to_fs_path"), ("copyreg", "_reconstructor"),
 }
 TRUST_ENV = "PGPS_TRUST_SWEEP"

@@ -49,6 +49,7 @@ def test_survivors_are_the_best_scores_and_skip_failed_runs():
     assert survivors(scores, 3) == ["d", "c", "e"]
     assert survivors(scores, 10) == ["d", "c", "e", "a"]
     assert survivors([("x", math.inf, 0.1)], 1) == []
+    assert survivors([("x", 0.1, 0.1), ("y", 0.3, 0.1), ("x", 0.5, 0.1)], 2) == ["x", "y"]  # x once, by its best
 
 
 # -- the space file ---------------------------------------------------------------------------------
@@ -126,6 +127,11 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp
     meta = json.loads((out / "sweep.json").read_text())
     assert list(meta["experiments"]) == ["search", "search-r1", "search-r2"] and meta["finished"]
     assert Path(meta["storage_path"], meta["experiments"]["search-r2"]).is_dir()
+    # resuming restores every rung's experiment, promotes the same trials and trains nothing again
+    assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
+                 "--max-concurrent", "2", "--quiet", "--resume"]) == 0
+    again = pq.read_table(out / "trials.parquet").to_pylist()
+    assert sorted(again, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
 
 
 def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial(tmp_path):
@@ -209,3 +215,22 @@ def test_benchmark_space_has_48_distinct_schedules_on_the_hippocampus_plan():
     assert len(s.grid()) == 48 and len(schedules) == 48
     assert {p.name for p in s.parameters if p.kind == "categorical"} == {"stages", "growth", "length_ratio", "mode"}
     assert s.asha.fidelity == "compressed"
+
+
+def test_a_tpe_state_past_its_startup_trials_passes_the_resume_check(tmp_path):
+    # a compressed sweep's study is past TPE's startup trials after one rung; its sampler then holds
+    # Optuna's default_gamma, and resuming such a sweep must not be refused as untrusted
+    import pickle
+
+    import optuna
+
+    from pgps_tune.tuner import vet_tune_state
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for directions in (["maximize"], ["maximize", "minimize"]):
+        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2)
+        study = optuna.create_study(sampler=sampler, directions=directions)
+        n = len(directions)
+        study.optimize(lambda t, n=n: [t.suggest_float("x", 0, 1)] * n, n_trials=4)
+        (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps(sampler))
+        vet_tune_state(str(tmp_path))
