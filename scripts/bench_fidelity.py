@@ -138,6 +138,25 @@ def spearman_table(scores: dict[str, dict[int, dict[str, float]]], full: dict[in
     return out
 
 
+def write_grid_events(folder: Path, full_runs: list[dict[str, Any]], workers: int) -> None:
+    """The first seed's full runs as the grid of ``scripts/bench_search.py``, so that its live searches
+    (``--out FOLDER --reuse grid --methods grid compressed_tpe ...``) are scored against them without
+    training the grid again; one schedule after another, at its share of the runs' wall time."""
+    from pgps_tune.errors import atomic_write_text
+
+    events, start = [], 0.0
+    for i, r in enumerate(full_runs):
+        k, wall = key(r["job"]["params"]), r["wall_s"]
+        for n, c in enumerate(r["curve"], 1):
+            events.append({"trial": f"grid-{i}", "t": start + wall * n / len(r["curve"]), "spent": c["t"],
+                           "dice": c["dice"], "completed": n == len(r["curve"]), "final_stage": c["final_stage"],
+                           "params": k, "fidelity": 1.0})
+        start += wall
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "events.json", json.dumps({"events": {"grid": events},
+                                                          "wall": {"grid": start / workers}}) + "\n")
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
 
@@ -246,6 +265,9 @@ def main() -> int:
             low[j["seed"]].setdefault(j["fraction"], {})[k] = (r["val_dice"], r["baseline_iterations"])
     scores["full budget (another seed)"] = full
     quality = spearman_table(scores, full)
+
+    write_grid_events(out / "search", [r for r in results if r["job"]["seed"] == 0 and r["job"]["fraction"] >= 1],
+                      a.workers)
 
     # -- replays on the first seed's runs
     world = World(curves[0], full[0], low[0])

@@ -10,7 +10,9 @@ Each search method then gets the same compute, ``--budget`` times the grid's
   TPE or random sampler through Tune), 2 trials at a time, 1 CPU each;
 - ``optuna_sha``: Optuna alone, no Ray: TPE with Optuna's successive-halving
   pruner at the same rungs, two worker processes sharing a journal-file study;
-- ``grid``: every schedule, no early stopping (its compute defines 1.0).
+- ``grid``: every schedule, no early stopping (its compute defines 1.0);
+- ``compressed_tpe`` / ``compressed_random`` (not run by default): ``pgps-tune tune`` with
+  ``asha.fidelity: compressed``, the space's ladder (its compute is set by ``search.num_samples``).
 
 Trials are deterministic on CPU (same seed, one thread), so a schedule that two
 methods both train gets the same Dice; the report checks that.  Reported: best
@@ -41,7 +43,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("grid", "asha_tpe", "asha_random", "optuna_sha")
+METHODS = ("grid", "asha_tpe", "asha_random", "optuna_sha", "compressed_tpe", "compressed_random")
+DEFAULT_METHODS = METHODS[:4]  # compressed_*: the space's asha.min_fraction must fit its iterations per epoch
 WITHIN = 0.005  # 0.5 Dice points
 
 
@@ -59,11 +62,13 @@ def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concur
     if method == "grid":
         sp = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm="grid", max_compute=0.0),
                                  asha=dataclasses.replace(space.asha, enabled=False))
-    else:
-        algo = {"asha_tpe": "tpe", "asha_random": "random"}[method]
-        sp = dataclasses.replace(space, search=Search(**{**dataclasses.asdict(space.search), "algorithm": algo,
-                                                         "max_compute": budget_runs}),
-                                 asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True}))
+    else:  # asha_*: the partial fidelity at the compute budget; compressed_*: the space's ladder sets the compute
+        fidelity, algo = method.split("_")
+        fidelity = "partial" if fidelity == "asha" else fidelity
+        sp = dataclasses.replace(space, search=Search(**{
+            **dataclasses.asdict(space.search), "algorithm": algo,
+            "max_compute": budget_runs if fidelity == "partial" else 0.0}),
+            asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True, "fidelity": fidelity}))
     t0 = time.time()
     sweep(SweepOptions(space=sp, data=data, out=out / method, cpus_per_trial=1.0, max_concurrent=concurrent,
                        results_store=str(out / "store"), quiet=True))
@@ -72,16 +77,21 @@ def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concur
 
 def ray_events(sweep_dir: Path, t0: float) -> list[dict[str, Any]]:
     meta = json.loads((sweep_dir / "sweep.json").read_text())
-    exp = Path(meta["storage_path"]) / meta["experiments"]["search"]
     events = []
-    for result in sorted(exp.glob("*/result.json")):
-        for line in result.read_text().splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            events.append({"trial": r["trial_id"], "t": r["timestamp"] - t0, "spent": r["baseline_iterations"],
-                           "dice": r["val_dice"], "completed": bool(r["completed"]),
-                           "final_stage": r["stage"] == r["n_stages"] - 1, "params": key(r["config"])})
+    # the search phase, and with the compressed fidelity its later rungs (search-r1, ...); a run below the
+    # full budget ranks schedules for the next rung but finds none: it counts as not completed
+    for phase in (p for p in meta["experiments"] if p.startswith("search")):
+        exp = Path(meta["storage_path"]) / meta["experiments"][phase]
+        for result in sorted(exp.glob("*/result.json")):
+            for line in result.read_text().splitlines():
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                fidelity = r.get("fidelity", 1.0)
+                events.append({"trial": r["trial_id"], "t": r["timestamp"] - t0, "spent": r["baseline_iterations"],
+                               "dice": r["val_dice"], "completed": bool(r["completed"]) and fidelity >= 1,
+                               "final_stage": r["stage"] == r["n_stages"] - 1, "params": key(r["config"]),
+                               "fidelity": fidelity})
     return sorted(events, key=lambda e: (e["t"], e["spent"]))
 
 
@@ -224,7 +234,8 @@ def reuse_events(out: Path, methods: list[str]) -> tuple[dict[str, Any], dict[st
 def trials_of(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for e in events:
-        t = out.setdefault(e["trial"], {"params": e["params"], "curve": [], "completed": False, "final": math.nan})
+        t = out.setdefault(e["trial"], {"params": e["params"], "curve": [], "completed": False, "final": math.nan,
+                                        "fidelity": e.get("fidelity", 1.0)})
         t["curve"].append((e["spent"], e["dice"], e.get("final_stage", True)))
         if e["completed"]:
             t["completed"], t["final"] = True, e["dice"]
@@ -262,8 +273,8 @@ def early_stops(events: list[dict[str, Any]], grid_final: dict[str, float], tota
             cut_at = e["t"]
     stopped = []
     for tid, t in trials.items():
-        if t["completed"]:
-            continue
+        if t["completed"] or any(u["params"] == t["params"] and u["fidelity"] > t["fidelity"] for u in trials.values()):
+            continue  # finished, or a compressed run that was promoted to a larger budget
         if cut_at is not None and t["last_t"] >= cut_at:
             continue
         if events and "state" in events[0]:
@@ -469,7 +480,8 @@ def plot(curves: dict[str, list[tuple[float, float]]], best_grid: float, budget:
     from pgps_tune.errors import atomic_write
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = {"grid": "black", "asha_tpe": "tab:green", "asha_random": "tab:blue", "optuna_sha": "tab:orange"}
+    colors = {"grid": "black", "asha_tpe": "tab:green", "asha_random": "tab:blue", "optuna_sha": "tab:orange",
+              "compressed_tpe": "tab:red", "compressed_random": "tab:purple"}
     for name, c in curves.items():
         pts = [(x, y) for x, y in c if not math.isnan(y)]
         if pts:
@@ -492,7 +504,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "bench_hippocampus.yaml"))
     ap.add_argument("--budget", type=float, default=0.5, help="each search's compute, as a fraction of the grid's")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at a time per method (default 2)")
     ap.add_argument("--replay-seeds", type=int, default=100)
     ap.add_argument("--replay-graces", type=float, nargs="*", default=[0.111, 0.333],
