@@ -21,6 +21,10 @@ same mix throughout: judged from the first rung).  Trials that ASHA stops are to
 to Optuna as PRUNED, so TPE does not learn from truncated runs as if they had
 finished; a trial whose loss diverges ends at once, failed, and is told as FAIL.
 
+With ``asha.fidelity: compressed`` the search phase is successive halving over
+budgets instead (:func:`run_compressed`): one Tune experiment per rung, each
+schedule trained whole with fewer iterations per epoch, the best promoted.
+
 Ctrl-C or SIGTERM stops a sweep cleanly: Tune stops the trials and saves the
 experiment state, the sweep raises :class:`SweepInterrupted`, nothing is
 exported, and ``--resume`` continues every unfinished trial from its last
