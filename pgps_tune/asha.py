@@ -189,6 +189,18 @@ def ladder_compute(rungs: Sequence[Rung]) -> float:
     return round(sum(r.trials * r.fraction for r in rungs), 6)
 
 
+def samples_for_compute(runs: float, eta: float, min_fraction: float, iterations_per_epoch: int) -> int:
+    """The most schedules a ladder can start with and spend at most ``runs`` full runs (at least 1).
+
+    >>> samples_for_compute(9, 3, 1 / 9, 90), samples_for_compute(0.1, 3, 1 / 9, 90)
+    (27, 1)
+    """
+    n = 1
+    while n < 100_000 and ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, iterations_per_epoch)) <= runs:
+        n += 1
+    return n
+
+
 def survivors(scores: Sequence[tuple[Hashable, float, float]], keep: int) -> list[Hashable]:
     """The ``keep`` best of ``(key, score, cost)``: highest score first, the cheaper on a tie.
 

@@ -55,7 +55,9 @@ def key(params: dict[str, Any]) -> str:
 # -- Ray methods (pgps-tune tune) --------------------------------------------------------------
 
 
-def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concurrent: int) -> list[dict[str, Any]]:
+def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concurrent: int,
+            mean_voxel_fraction: float = 1.0) -> list[dict[str, Any]]:
+    from pgps_tune.asha import samples_for_compute
     from pgps_tune.space import Asha, Search
     from pgps_tune.tuner import SweepOptions, sweep
 
@@ -69,9 +71,13 @@ def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concur
             **dataclasses.asdict(space.search), "algorithm": algo,
             "max_compute": budget_runs if fidelity == "partial" else 0.0}),
             asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True, "fidelity": fidelity}))
+    samples = None
+    if method.startswith("compressed"):  # as many schedules as one ladder can train within the budget
+        samples = samples_for_compute(budget_runs / mean_voxel_fraction, space.asha.reduction_factor,
+                                      space.asha.min_fraction, space.budget.iterations_per_epoch)
     t0 = time.time()
     sweep(SweepOptions(space=sp, data=data, out=out / method, cpus_per_trial=1.0, max_concurrent=concurrent,
-                       results_store=str(out / "store"), quiet=True))
+                       results_store=str(out / "store"), quiet=True, num_samples=samples))
     return ray_events(out / method, t0)
 
 
@@ -583,7 +589,8 @@ def main() -> int:
                 import shutil
 
                 shutil.rmtree(out / method)
-            events[method] = run_ray(method, space, a.data, out, budget_runs, a.concurrent)
+            events[method] = run_ray(method, space, a.data, out, budget_runs, a.concurrent,
+                                     grid_total_expected / max_t / len(grid))
         wall[method] = time.time() - t0
         tr = trials_of(events[method])
         print(f"  {method}: {len(tr)} trials, {sum(t['completed'] for t in tr.values())} completed, "

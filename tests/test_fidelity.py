@@ -234,3 +234,14 @@ def test_a_tpe_state_past_its_startup_trials_passes_the_resume_check(tmp_path):
         study.optimize(lambda t, n=n: [t.suggest_float("x", 0, 1)] * n, n_trials=4)
         (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps(sampler))
         vet_tune_state(str(tmp_path))
+
+
+@pytest.mark.parametrize("runs,eta,min_fraction,ipe", [(7.2, 3, 0.111, 25), (2.0, 3, 0.111, 9), (30, 2, 0.1, 50),
+                                                       (0.01, 3, 0.111, 25)])
+def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
+    from pgps_tune.asha import samples_for_compute
+
+    n = samples_for_compute(runs, eta, min_fraction, ipe)
+    assert n >= 1
+    assert n == 1 or ladder_compute(fidelity_ladder(n, eta, min_fraction, ipe)) <= runs
+    assert ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, ipe)) > runs
