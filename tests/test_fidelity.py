@@ -245,3 +245,38 @@ def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
     assert n >= 1
     assert n == 1 or ladder_compute(fidelity_ladder(n, eta, min_fraction, ipe)) <= runs
     assert ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, ipe)) > runs
+
+
+# -- scripts/bench_fidelity.py, at its smallest ---------------------------------------------------------------
+
+
+def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_fidelity.py"
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, str(script), "--quick", "--replay-seeds", "2", "--out", str(tmp_path / "o"),
+                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        return p
+
+    bench("--report", str(tmp_path / "f.md"))
+    jobs = sorted((tmp_path / "o" / "jobs").glob("*.json"))
+    assert len(jobs) == 6 * 2 * 3  # schedules x seeds x fidelities (1/9, 1/3, 1)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {"compressed 0.111", "compressed 0.333", "partial 0.111 (always)", "partial 0.333 (final_stage)",
+            "full budget (another seed)"} <= set(s["quality"])
+    assert all(q["pairs"] == 2 and q["min"] <= q["rho"] <= q["max"] for q in s["quality"].values()
+               if not math.isnan(q["rho"]))
+    assert set(s["replays"]) == {f"{a} + {f}" for a in ("grid", "random", "tpe")
+                                 for f in ("none", "partial", "compressed")}
+    assert all(r["seeds"] == 2 for r in s["replays"].values())
+    assert "## Fidelity quality" in (tmp_path / "f.md").read_text()
+    grid = json.loads((tmp_path / "o" / "search" / "events.json").read_text())["events"]["grid"]
+    assert sum(e["completed"] for e in grid) == 6  # the seed-0 grid, as bench_search.py --reuse grid reads it
+    # an interrupted benchmark continues: only the missing run is trained again
+    jobs[0].unlink()
+    assert "35 stored, 1 to train" in bench().stdout
+    assert len(list((tmp_path / "o" / "jobs").glob("*.json"))) == 36
