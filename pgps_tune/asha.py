@@ -6,13 +6,21 @@ times ASHA compares trials (the same formula as Ray's first bracket), which the
 exports use for ``rung_reached``; :func:`simulate_asha` replays ASHA's stopping
 rule on recorded learning curves, so a sweep run without early stopping (or a
 benchmark) can measure how often early stopping would have killed its winner.
+
+The ``compressed`` fidelity (``asha.fidelity``) has its own arithmetic here:
+:func:`fidelity_ladder` says which budget fraction each rung trains and how many
+schedules it runs, and :func:`survivors` which of a rung's schedules go on, for the
+tuner and for the benchmark's replays alike.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from pgps_tune.errors import PgpsError
 
 if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
@@ -111,3 +119,97 @@ def simulate_asha(
                 stopped.add(tid)
                 break
     return stopped
+
+
+# -- the compressed fidelity: successive halving over budgets ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of a compressed-fidelity ladder.
+
+    Each schedule of the rung trains its whole curriculum with ``iterations_per_epoch``
+    iterations per epoch instead of the budget's: every stage keeps its share of the
+    epochs and the learning rate runs its whole curve, in ``fraction`` of the compute.
+    """
+
+    fraction: float  # of the full budget (after rounding to whole iterations per epoch)
+    iterations_per_epoch: int
+    trials: int
+
+
+def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
+    """The rungs of successive halving over budgets, lowest first; the last one is the full budget.
+
+    Rung ``r`` of ``R`` trains at ``eta**-(R-1-r)`` of the budget (the lowest at least
+    ``min_fraction``) and keeps ``floor(n/eta)`` of its ``n`` schedules (at least one).  A rung
+    that would train a single schedule below the full budget is left out: its choice was
+    already made, so that schedule goes straight to the full budget.
+
+    >>> [(round(r.fraction, 3), r.iterations_per_epoch, r.trials) for r in fidelity_ladder(27, 3, 1 / 9, 90)]
+    [(0.111, 10, 27), (0.333, 30, 9), (1.0, 90, 3)]
+    >>> [(round(r.fraction, 3), r.trials) for r in fidelity_ladder(4, 3, 0.1, 90)]
+    [(0.111, 4), (1.0, 1)]
+    """
+    if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
+        raise PgpsError(f"a fidelity ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
+                        f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
+    levels = int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+    rungs, n = [], n0
+    for r in range(levels):
+        ipe = max(1, round(iterations_per_epoch * eta ** -(levels - 1 - r)))
+        if rungs and ipe == rungs[-1].iterations_per_epoch:
+            raise PgpsError(
+                f"the fidelity ladder's rungs {r - 1} and {r} both train {ipe} of {iterations_per_epoch} iterations "
+                "per epoch; raise asha.min_fraction or budget.iterations_per_epoch")
+        rungs.append(Rung(ipe / iterations_per_epoch, ipe, n))
+        n = max(1, int(math.floor(n / eta + 1e-9)))
+    top = rungs[-1]
+    return [r for r in rungs[:-1] if r.trials > 1] + [top]
+
+
+def rung_budget(budget: dict[str, Any], rung: Rung, top: bool) -> dict[str, Any]:
+    """A space's budget (as a dict) for one rung: its iterations per epoch; below the top, one validation.
+
+    A low rung is scored by its final validation alone, so validations on the way only cost time.
+
+    >>> rung_budget({"epochs": 8, "iterations_per_epoch": 90, "val_every": 2}, Rung(1 / 9, 10, 27), top=False)
+    {'epochs': 8, 'iterations_per_epoch': 10, 'val_every': 8}
+    """
+    once = {} if top else {"val_every": budget["epochs"]}
+    return {**budget, "iterations_per_epoch": rung.iterations_per_epoch, **once}
+
+
+def ladder_compute(rungs: Sequence[Rung]) -> float:
+    """The ladder's compute in full runs of the schedules it trains (before early failures).
+
+    >>> ladder_compute(fidelity_ladder(27, 3, 1 / 9, 90))
+    9.0
+    """
+    return round(sum(r.trials * r.fraction for r in rungs), 6)
+
+
+def samples_for_compute(runs: float, eta: float, min_fraction: float, iterations_per_epoch: int) -> int:
+    """The most schedules a ladder can start with and spend at most ``runs`` full runs (at least 1).
+
+    >>> samples_for_compute(9, 3, 1 / 9, 90), samples_for_compute(0.1, 3, 1 / 9, 90)
+    (27, 1)
+    """
+    n = 1
+    while n < 100_000 and ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, iterations_per_epoch)) <= runs:
+        n += 1
+    return n
+
+
+def survivors(scores: Sequence[tuple[Hashable, float, float]], keep: int) -> list[Hashable]:
+    """The ``keep`` best of ``(key, score, cost)``: highest score first, the cheaper on a tie.
+
+    Entries without a finite score (failed runs) never survive; a key given twice (a sampler
+    may suggest a schedule again) survives once, by its best score.
+
+    >>> survivors([("a", 0.5, 1.0), ("b", 0.7, 1.0), ("c", 0.7, 0.4), ("d", float("nan"), 0.1), ("c", 0.1, 0.4)], 2)
+    ['c', 'b']
+    """
+    ok = sorted((s for s in scores if isinstance(s[1], int | float) and math.isfinite(s[1])),
+                key=lambda s: (-s[1], s[2]))
+    return list(dict.fromkeys(k for k, _, _ in ok))[:keep]

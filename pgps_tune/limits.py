@@ -112,6 +112,7 @@ LIMITS: dict[str, Range] = {
     "startup_trials": _int(0, 100_000),
     "max_compute": Range(0, 1_000_000),
     "grace_fraction": Range(0, 1, low_open=True),
+    "min_fraction": Range(0, 1, low_open=True, high_open=True),  # asha.fidelity compressed: the lowest rung
     "reduction_factor": Range(1, 100, low_open=True),
     "brackets": _int(1, 10),
     "tolerance": Range(0, 1),

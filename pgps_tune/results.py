@@ -49,11 +49,13 @@ SCHEMA = pa.schema([
     ("baseline_iterations", pa.float64()), ("rung_reached", pa.int64()), ("stopped_early", pa.bool_()),
     ("failed", pa.bool_()), ("completed", pa.bool_()), ("num_failures", pa.int64()), ("error", pa.string()),
     ("n_stages", pa.int64()), ("schedule", pa.string()), ("dice_per_class", pa.string()),
+    ("fidelity", pa.float64()),  # share of the budget the trial trained at (asha.fidelity compressed: below 1)
 ])
 COLUMNS = SCHEMA.names
+FIDELITY = "fidelity"  # absent from stores written before it: those trials trained at the full budget
 STORE_COLUMNS = (*COLUMNS, "objective", "final_patch")  # plus the partition keys dataset and sweep
 SPACE_KEY = "space_key"  # SearchSpace.key() of the sweep; absent from stores written before it
-LATER_COLUMNS = ("phase",)  # added since the first stores were written: read back as null where absent
+LATER_COLUMNS = ("phase", "fidelity")  # added since the first stores were written: read back as null where absent
 META_KEYS = ("format_version", "sweep", "dataset", "space", "storage_path", "experiments", "objective", "asha",
              "final_patch", "finished")
 FINISHED_STATUSES = ("TERMINATED", "ERROR")  # Tune's end states; anything else is an unfinished trial
@@ -157,7 +159,8 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "train_time_s": _float(r, "train_time_s"),
             "wall_time_s": _float(r, "time_total_s"),
             "baseline_iterations": _float(r, "baseline_iterations", 0.0),
-            "rung_reached": asha.rung_reached(_float(r, asha.time_attr, 0.0)),
+            "rung_reached": int(r["rung"]) if isinstance(r.get("rung"), int)
+            else asha.rung_reached(_float(r, asha.time_attr, 0.0)),
             "stopped_early": status == "stopped_early",
             "failed": failed,
             "completed": completed,
@@ -167,6 +170,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "n_stages": int(_float(r, "n_stages", 0)),
             "schedule": str(r.get("schedule", "")),
             "dice_per_class": strict_json(per_class, indent=None),
+            "fidelity": _float(r, "fidelity", 1.0),
         })
     return rows
 
@@ -181,12 +185,14 @@ def trainer_meta(params_json: str) -> dict[str, Any]:
 
 
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest objective score (ties: cheaper, then higher Dice).
+    """The completed full-budget trial with the highest objective score (ties: cheaper, then higher Dice).
 
-    Confirmation trials are repeats, judged together by :func:`confirmation_summary`, never one by one.
+    Confirmation trials are repeats, judged together by :func:`confirmation_summary`, never one by one;
+    a trial trained at a fraction of the budget (``fidelity`` below 1) only ranks schedules for the
+    next rung: its score is not one the exports can compare.
     """
     done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])
-            and r.get("phase") != "confirm"]
+            and r.get("phase") != "confirm" and full_fidelity(r)]
     return max(done, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
 
 
@@ -202,6 +208,11 @@ def _identity(row: dict[str, Any]) -> str:
     return json.dumps([json.loads(row["schedule"] or "null"), trainer_meta(row["params"])], sort_keys=True)
 
 
+def full_fidelity(row: dict[str, Any]) -> bool:
+    """Whether a trial trained at the full budget (stores from before the column hold only such trials)."""
+    return row.get(FIDELITY) is None or row[FIDELITY] >= 1.0
+
+
 def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``top_k`` best distinct searched schedules: completed search trials by score (ties as
     :func:`pick_best`), each schedule once, none that merely repeats a reference schedule."""
@@ -209,7 +220,7 @@ def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[s
     seen = {_identity(r) for r in rows
             if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"}
     done = [r for r in rows if r.get("phase") == "search" and r["role"] == "search" and r["completed"]
-            and r["schedule"] and math.isfinite(r["score"]) and not (
+            and r["schedule"] and math.isfinite(r["score"]) and full_fidelity(r) and not (
                 objective["type"] == "dice_under_budget"
                 and r["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9)]  # never trained
     picked = []
@@ -581,6 +592,8 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                              partitioning=pads.partitioning(keys, flavor="hive"),
                              partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
                                                                              SPACE_KEY])
+        table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
+                                 pc.fill_null(table[FIDELITY], 1.0))
         return table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
                                 pc.fill_null(table[SPACE_KEY], ""))
     except (OSError, pa.ArrowException) as exc:
@@ -620,6 +633,7 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t[SPACE_KEY], space_key)),
                    pc.and_(t["completed"], pc.equal(t["role"], "search")))
     mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
+    mask = pc.and_(mask, pc.greater_equal(t[FIDELITY], 1.0))  # a compressed rung's score is not a full run's
     if exclude_sweep is not None:
         mask = pc.and_(mask, pc.not_equal(t["sweep"], exclude_sweep))
     found = t.filter(mask).to_pylist()

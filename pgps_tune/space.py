@@ -87,6 +87,7 @@ PARAM_DOCS = {
 OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget", "pareto")
 ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 JUDGES = ("final_stage", "always")
+FIDELITIES = ("partial", "compressed")
 TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
 _WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.+\-]+)\s*$")
 ORDERING = (">", ">=", "<", "<=")
@@ -185,6 +186,17 @@ class Asha:
     # always: on every validation, also while it still trains on small patches
     judge: str = _doc("final_stage", "`final_stage`: ASHA sees a trial's validations only from its last stage "
                                      "(the final patch) on; `always`: every validation")
+    # partial: today's ASHA on partial runs of the full-budget curriculum; compressed: successive halving
+    # over budgets, each low-fidelity run a whole curriculum compressed into a fraction of the budget
+    fidelity: str = _doc("partial", "what a low-fidelity evaluation is. `partial`: the first part of a full-budget "
+                                    "run, stopped by ASHA at rungs of `time_attr`; `compressed`: the whole schedule "
+                                    "(every stage, the whole learning-rate curve) trained with fewer iterations per "
+                                    "epoch, successive halving over budgets: the search's trials run at "
+                                    "`min_fraction` of the budget, the best 1/`reduction_factor` run again from "
+                                    "scratch at `reduction_factor` times that, up to the full budget (see "
+                                    "docs/GUIDE.md)")
+    min_fraction: float = _doc(0.111, "compressed: the lowest rung's share of the budget (rungs at "
+                                      "reduction_factor^-k of it, k = 0, 1, ...)")
 
 
 @dataclass(frozen=True)
@@ -542,6 +554,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: asha.time_attr {asha.time_attr!r} unknown; use one of {', '.join(TIME_ATTRS)}")
     if asha.judge not in JUDGES:
         raise PgpsError(f"{src}: asha.judge {asha.judge!r} unknown; use one of {', '.join(JUDGES)}")
+    _check_fidelity(asha, search, objective, budget, src)
     if budget.optimizer not in OPTIMIZERS:
         raise PgpsError(f"{src}: budget.optimizer {budget.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
     if budget.network not in NETWORKS:
@@ -555,6 +568,27 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source, confirm=confirm,
     )
+
+
+def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Budget, src: str) -> None:
+    """Refuse an ``asha.fidelity`` the sweep cannot run, and a compressed ladder with rungs of equal length."""
+    from pgps_tune.asha import fidelity_ladder
+
+    if asha.fidelity not in FIDELITIES:
+        raise PgpsError(f"{src}: asha.fidelity {asha.fidelity!r} unknown; use one of {', '.join(FIDELITIES)}")
+    if asha.fidelity != "compressed":
+        return
+    why = ("asha.enabled is false (every trial at the full budget); set it true" if not asha.enabled else
+           "search.max_compute caps compute, but the ladder (search.num_samples, asha.reduction_factor, "
+           "asha.min_fraction) sets it; set max_compute: 0" if search.max_compute > 0 else
+           "objective pareto keeps every front schedule, but the ladder keeps only the best scores; use another "
+           "objective" if objective.type == "pareto" else None)
+    if why:
+        raise PgpsError(f"{src}: asha.fidelity compressed cannot run here: {why}, or use fidelity partial")
+    try:
+        fidelity_ladder(1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
+    except PgpsError as exc:
+        raise PgpsError(f"{src}: {exc}") from None
 
 
 def shipped_spaces() -> dict[str, Path]:
@@ -638,6 +672,11 @@ def reference_names(search: Search) -> tuple[str, ...]:
     return search.references
 
 
+def confirm_references(space: SearchSpace) -> tuple[str, ...]:
+    """What a confirmation compares with: both references of the paper, and any other the space lists."""
+    return tuple(dict.fromkeys(("constant", "paper", *reference_names(space.search))))
+
+
 def reference_configs(space: SearchSpace, names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The reference trials (``names``, else the space's): by default the constant baseline and the paper
     schedule in the space's mode.
@@ -681,11 +720,19 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
             schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs, multiple_of)
         except PgpsError as exc:
             raise PgpsError(f"{space.source}: parameters {combo} give an invalid schedule: {exc}") from None
-    confirm_epochs = space.confirm.epochs if space.confirm.enabled and space.confirm.epochs else b.epochs
-    for ref in reference_configs(space):
-        for epochs in sorted({b.epochs, confirm_epochs}):
+    confirming = space.confirm.enabled and space.objective.type != "pareto"  # a front is not confirmed
+    confirm_epochs = space.confirm.epochs if confirming and space.confirm.epochs else b.epochs
+    searched = {r["role"] for r in reference_configs(space)}
+    refs = reference_configs(space)  # those the search phase trains first, then any only the confirmation adds
+    refs += [r for r in reference_configs(space, confirm_references(space)) if confirming and r["role"] not in searched]
+    for ref in refs:
+        # the search phase trains its references at budget.epochs, the confirmation all of them at its own
+        for epochs in sorted({confirm_epochs} | ({b.epochs} if ref["role"] in searched else set())):
             try:
                 schedule_from_params(ref, final_patch, pools, b.batch_size, epochs, multiple_of)
             except PgpsError as exc:
                 at = f" at confirm.epochs {epochs}" if epochs != b.epochs else ""
-                raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built{at}: {exc}") from None
+                fix = "" if ref["role"] in searched else (
+                    " (the confirmation compares with it; set confirm.enabled false to skip the confirmation)")
+                raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built{at}: {exc}"
+                                f"{fix}") from None

@@ -21,6 +21,10 @@ same mix throughout: judged from the first rung).  Trials that ASHA stops are to
 to Optuna as PRUNED, so TPE does not learn from truncated runs as if they had
 finished; a trial whose loss diverges ends at once, failed, and is told as FAIL.
 
+With ``asha.fidelity: compressed`` the search phase is successive halving over
+budgets instead (:func:`run_compressed`): one Tune experiment per rung, each
+schedule trained whole with fewer iterations per epoch, the best promoted.
+
 Ctrl-C or SIGTERM stops a sweep cleanly: Tune stops the trials and saves the
 experiment state, the sweep raises :class:`SweepInterrupted`, nothing is
 exported, and ``--resume`` continues every unfinished trial from its last
@@ -55,7 +59,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pgps_tune.asha import AshaSettings
+from pgps_tune.asha import AshaSettings, fidelity_ladder, rung_budget, survivors
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
@@ -74,9 +78,9 @@ from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
     check_space_against_plan,
+    confirm_references,
     objective_score,
     reference_configs,
-    reference_names,
     schedule_from_params,
 )
 
@@ -119,6 +123,9 @@ class SweepOptions:
         if self.warm_start and self.space.search.algorithm == "grid":
             raise PgpsError("--warm-start seeds Optuna's sampler, but this space walks a grid; leave out --warm-start "
                             "or use search.algorithm tpe, random or nsga2")
+        if self.warm_start and self.space.asha.fidelity == "compressed":
+            raise PgpsError("--warm-start adds full-budget scores to a study that, with asha.fidelity compressed, "
+                            "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
 
@@ -175,7 +182,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     voxel_fraction = s.voxel_fraction()
     role = config.get("role", "search")
     base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
-            "schedule_voxel_fraction": voxel_fraction, "role": role}
+            "schedule_voxel_fraction": voxel_fraction, "role": role,
+            **({"fidelity": setup["fidelity"], "rung": setup["rung"]} if "fidelity" in setup else {})}
     if (objective["type"] == "dice_under_budget" and role == "search"
             and voxel_fraction > objective["voxel_budget"] + 1e-9):
         # over the voxel budget: known before training, so do not spend compute on it
@@ -262,6 +270,9 @@ _TRUSTED_FUNCTIONS = {
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__generator_ctor"), ("optuna.samplers._tpe.sampler", "default_weights"),
+    # TPE keeps these in its state once past its startup trials
+    ("optuna.samplers._tpe.sampler", "default_gamma"),
+    ("optuna.samplers._tpe.sampler", "default_gamma_multiobjective"),
     ("ray.train._internal.storage", "_upload_to_fs_path"), ("copyreg", "_reconstructor"),
 }
 TRUST_ENV = "PGPS_TRUST_SWEEP"
@@ -738,15 +749,20 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
 
 def phase_of(experiment_key: str) -> str:
     """The phase of an entry of sweep.json's ``experiments``: each confirmation run (confirm, confirm-2, ...)
-    is a Tune experiment of its own, all of the phase ``confirm``."""
-    return "confirm" if experiment_key.startswith("confirm") else experiment_key
+    is a Tune experiment of its own, all of the phase ``confirm``; so is each rung of a compressed search
+    (search, search-r1, ...), all of the phase ``search``."""
+    if experiment_key.startswith("confirm"):
+        return "confirm"
+    return "search" if experiment_key.startswith("search") else experiment_key
 
 
-def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES) -> list[TrialRecord]:
-    """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase."""
+def read_trials(meta: dict[str, Any], phases: tuple[str, ...] = PHASES,
+                keys: tuple[str, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of the sweep described by ``meta`` (its sweep.json), phase by phase (``keys``: only
+    those entries of its ``experiments``)."""
     fs, root = _filesystem(meta.get("storage"), meta["storage_path"])
     return [dataclasses.replace(record, phase=phase_of(key)) for phase in phases
-            for key, name in meta["experiments"].items() if phase_of(key) == phase
+            for key, name in meta["experiments"].items() if phase_of(key) == phase and (keys is None or key in keys)
             for record in read_experiment(fs, f"{root.rstrip('/')}/{name}")]
 
 
@@ -1243,8 +1259,7 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     }
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
-    confirm_refs = tuple(dict.fromkeys(("constant", "paper", *reference_names(space.search))))
-    meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_refs))
+    meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if opts.resume:
         _keep_confirmations(meta, read_meta(opts.out), confirm)
     write_meta(opts.out, meta)
@@ -1276,8 +1291,11 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     stopper = None
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
-    run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
-              searcher, num_samples, scheduler, stopper, signals=signals)
+    if space.asha.fidelity == "compressed":
+        run_compressed(opts, signals, meta, setup, searcher, num_samples, storage_fs, storage_path)
+    else:
+        run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
+                  searcher, num_samples, scheduler, stopper, signals=signals)
     if confirm is not None:
         run_confirmation(opts, meta, confirm, storage_fs, signals)
     meta["finished"] = True
@@ -1473,3 +1491,43 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
     with _stop_signals() as signals, _ray_session(opts, signals):
         run_confirmation(opts, meta, settings, storage_fs, signals)
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
+
+
+def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,
+                   num_samples: int, storage_fs, storage_path: str) -> None:
+    """The search phase with ``asha.fidelity: compressed``: successive halving over budgets.
+
+    Rung 0 is the search itself (``searcher``: Optuna or the grid, ``num_samples`` trials),
+    each trial its whole curriculum trained with a fraction of the iterations per epoch; every
+    later rung trains the best of the one below again from scratch at a larger fraction (a
+    :class:`ListSearcher`), the last at the full budget, which alone can give the exported winner.
+    Restarting, not continuing, is the point: a compressed run ends with its learning rate at
+    zero and its curriculum finished, so it cannot be extended into a longer one that is still
+    a complete curriculum.  Each rung is a Tune experiment of its own (``search``, ``search-r1``,
+    ...), resumed like any phase; a rung's survivors are read back from the one below, so a
+    resumed sweep promotes the same trials.
+    """
+    space = opts.space
+    rungs = fidelity_ladder(num_samples, space.asha.reduction_factor, space.asha.min_fraction,
+                            space.budget.iterations_per_epoch)
+    meta["fidelity"] = {"type": "compressed", "rungs": [dataclasses.asdict(r) for r in rungs]}
+    configs: list[dict[str, Any]] = []
+    for r, rung in enumerate(rungs):
+        phase = "search" if r == 0 else f"search-r{r}"
+        meta["experiments"][phase] = f"{meta['sweep']}-{phase}"
+        write_meta(opts.out, meta)
+        top = r == len(rungs) - 1
+        rung_setup = {**setup, "budget": rung_budget(setup["budget"], rung, top), "fidelity": rung.fraction, "rung": r}
+        run_phase(phase, opts, rung_setup, storage_fs, storage_path, meta["experiments"][phase],
+                  searcher if r == 0 else ListSearcher(configs), num_samples if r == 0 else len(configs), None,
+                  signals=signals)
+        if top:
+            return
+        rows = trial_rows(read_trials(meta, keys=(phase,)), meta)
+        keep = survivors([(row["params"], row["score"] if row["completed"] else math.nan,
+                           row["schedule_voxel_fraction"]) for row in rows], rungs[r + 1].trials)
+        configs = [json.loads(k) for k in keep]
+        if not configs:
+            print(f"pgps-tune: {phase}: no trial of this rung completed, so none runs at the full budget",
+                  file=sys.stderr, flush=True)
+            return

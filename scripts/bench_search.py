@@ -10,7 +10,9 @@ Each search method then gets the same compute, ``--budget`` times the grid's
   TPE or random sampler through Tune), 2 trials at a time, 1 CPU each;
 - ``optuna_sha``: Optuna alone, no Ray: TPE with Optuna's successive-halving
   pruner at the same rungs, two worker processes sharing a journal-file study;
-- ``grid``: every schedule, no early stopping (its compute defines 1.0).
+- ``grid``: every schedule, no early stopping (its compute defines 1.0);
+- ``compressed_tpe`` / ``compressed_random`` (not run by default): ``pgps-tune tune`` with
+  ``asha.fidelity: compressed``, the space's ladder (its compute is set by ``search.num_samples``).
 
 Trials are deterministic on CPU (same seed, one thread), so a schedule that two
 methods both train gets the same Dice; the report checks that.  Reported: best
@@ -41,7 +43,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("grid", "asha_tpe", "asha_random", "optuna_sha")
+METHODS = ("grid", "asha_tpe", "asha_random", "optuna_sha", "compressed_tpe", "compressed_random")
+DEFAULT_METHODS = METHODS[:4]  # compressed_*: the space's asha.min_fraction must fit its iterations per epoch
 WITHIN = 0.005  # 0.5 Dice points
 
 
@@ -52,37 +55,50 @@ def key(params: dict[str, Any]) -> str:
 # -- Ray methods (pgps-tune tune) --------------------------------------------------------------
 
 
-def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concurrent: int) -> list[dict[str, Any]]:
+def run_ray(method: str, space, data: str, out: Path, budget_runs: float, concurrent: int,
+            mean_voxel_fraction: float = 1.0) -> list[dict[str, Any]]:
+    from pgps_tune.asha import samples_for_compute
     from pgps_tune.space import Asha, Search
     from pgps_tune.tuner import SweepOptions, sweep
 
     if method == "grid":
         sp = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm="grid", max_compute=0.0),
                                  asha=dataclasses.replace(space.asha, enabled=False))
-    else:
-        algo = {"asha_tpe": "tpe", "asha_random": "random"}[method]
-        sp = dataclasses.replace(space, search=Search(**{**dataclasses.asdict(space.search), "algorithm": algo,
-                                                         "max_compute": budget_runs}),
-                                 asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True}))
+    else:  # asha_*: the partial fidelity at the compute budget; compressed_*: the space's ladder sets the compute
+        fidelity, algo = method.split("_")
+        fidelity = "partial" if fidelity == "asha" else fidelity
+        sp = dataclasses.replace(space, search=Search(**{
+            **dataclasses.asdict(space.search), "algorithm": algo,
+            "max_compute": budget_runs if fidelity == "partial" else 0.0}),
+            asha=Asha(**{**dataclasses.asdict(space.asha), "enabled": True, "fidelity": fidelity}))
+    samples = None
+    if method.startswith("compressed"):  # as many schedules as one ladder can train within the budget
+        samples = samples_for_compute(budget_runs / mean_voxel_fraction, space.asha.reduction_factor,
+                                      space.asha.min_fraction, space.budget.iterations_per_epoch)
     sp = dataclasses.replace(sp, confirm=dataclasses.replace(sp.confirm, enabled=False))  # the search alone
     t0 = time.time()
     sweep(SweepOptions(space=sp, data=data, out=out / method, cpus_per_trial=1.0, max_concurrent=concurrent,
-                       results_store=str(out / "store"), quiet=True))
+                       results_store=str(out / "store"), quiet=True, num_samples=samples))
     return ray_events(out / method, t0)
 
 
 def ray_events(sweep_dir: Path, t0: float) -> list[dict[str, Any]]:
     meta = json.loads((sweep_dir / "sweep.json").read_text())
-    exp = Path(meta["storage_path"]) / meta["experiments"]["search"]
     events = []
-    for result in sorted(exp.glob("*/result.json")):
-        for line in result.read_text().splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            events.append({"trial": r["trial_id"], "t": r["timestamp"] - t0, "spent": r["baseline_iterations"],
-                           "dice": r["val_dice"], "completed": bool(r["completed"]),
-                           "final_stage": r["stage"] == r["n_stages"] - 1, "params": key(r["config"])})
+    # the search phase, and with the compressed fidelity its later rungs (search-r1, ...); a run below the
+    # full budget ranks schedules for the next rung but finds none: it counts as not completed
+    for phase in (p for p in meta["experiments"] if p.startswith("search")):
+        exp = Path(meta["storage_path"]) / meta["experiments"][phase]
+        for result in sorted(exp.glob("*/result.json")):
+            for line in result.read_text().splitlines():
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                fidelity = r.get("fidelity", 1.0)
+                events.append({"trial": r["trial_id"], "t": r["timestamp"] - t0, "spent": r["baseline_iterations"],
+                               "dice": r["val_dice"], "completed": bool(r["completed"]) and fidelity >= 1,
+                               "final_stage": r["stage"] == r["n_stages"] - 1, "params": key(r["config"]),
+                               "fidelity": fidelity})
     return sorted(events, key=lambda e: (e["t"], e["spent"]))
 
 
@@ -110,7 +126,7 @@ def optuna_worker(args: dict[str, Any]) -> None:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(args["journal"]))
     study = optuna.load_study(study_name="bench", storage=storage, sampler=space.optuna_sampler(),
                               pruner=optuna.pruners.SuccessiveHalvingPruner(
-                                  min_resource=args["grace"], reduction_factor=space.asha.reduction_factor))
+                                  min_resource=args["grace"], reduction_factor=round(space.asha.reduction_factor)))
     ds = prepare(args["data"])
     train_cases, val_cases = split(ds, b.val_fraction, b.split_seed)
     define = DefineByRun(space)
@@ -225,7 +241,8 @@ def reuse_events(out: Path, methods: list[str]) -> tuple[dict[str, Any], dict[st
 def trials_of(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for e in events:
-        t = out.setdefault(e["trial"], {"params": e["params"], "curve": [], "completed": False, "final": math.nan})
+        t = out.setdefault(e["trial"], {"params": e["params"], "curve": [], "completed": False, "final": math.nan,
+                                        "fidelity": e.get("fidelity", 1.0)})
         t["curve"].append((e["spent"], e["dice"], e.get("final_stage", True)))
         if e["completed"]:
             t["completed"], t["final"] = True, e["dice"]
@@ -263,8 +280,8 @@ def early_stops(events: list[dict[str, Any]], grid_final: dict[str, float], tota
             cut_at = e["t"]
     stopped = []
     for tid, t in trials.items():
-        if t["completed"]:
-            continue
+        if t["completed"] or any(u["params"] == t["params"] and u["fidelity"] > t["fidelity"] for u in trials.values()):
+            continue  # finished, or a compressed run that was promoted to a larger budget
         if cut_at is not None and t["last_t"] >= cut_at:
             continue
         if events and "state" in events[0]:
@@ -278,58 +295,145 @@ def early_stops(events: list[dict[str, Any]], grid_final: dict[str, float], tota
             "trials": len(trials), "completed": sum(t["completed"] for t in trials.values()), "pick": best}
 
 
+@dataclasses.dataclass
+class World:
+    """One recorded ground truth that searches are replayed on, without training.
+
+    ``curves``: every schedule's full-budget run, ``(baseline iterations, Dice, in final stage)``
+    per validation, the last one its end; ``final``: its final Dice; ``low``: the compressed
+    runs, ``fraction -> schedule -> (final Dice, baseline iterations)`` (empty when not measured).
+    """
+
+    curves: dict[str, list[tuple[float, float, bool]]]
+    final: dict[str, float]
+    low: dict[float, dict[str, tuple[float, float]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """The grid's compute: every schedule trained to the end."""
+        return sum(c[-1][0] for c in self.curves.values())
+
+    @property
+    def best(self) -> float:
+        return max(self.final.values())
+
+    def run(self, k: str, fraction: float) -> tuple[float, float]:
+        """(final Dice, compute) of schedule ``k`` trained at ``fraction`` of the budget."""
+        return (self.final[k], self.curves[k][-1][0]) if fraction >= 1 else self.low[fraction][k]
+
+
+def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, budget_t: float, grace: int | None = None,
+                judge: str = "final_stage", rungs=None) -> tuple[float | None, bool | None]:
+    """One search replayed one trial at a time: (compute to come within 0.5 points of the best, as a share
+    of the grid's, or None within ``budget_t``; whether early stopping stopped the best schedule, None if
+    the search never tried it).
+
+    ``sampler``: ``grid`` (every schedule, in a seeded random order), ``random`` or ``tpe`` (Optuna's, as
+    in a sweep); ``fidelity``: ``none`` (every trial to the end), ``partial`` (Optuna's successive-halving
+    pruner at ``grace`` on the full runs' curves, validations shown as ``judge`` says) or ``compressed``
+    (successive halving over budgets: ``rungs``, :func:`pgps_tune.asha.fidelity_ladder`, repeated while
+    compute is left; the sampler learns from the lowest rung, as in a sweep).
+    """
+    import optuna
+
+    from pgps_tune.asha import survivors
+    from pgps_tune.space import DefineByRun
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    sp = dataclasses.replace(space, search=dataclasses.replace(
+        space.search, algorithm="random" if sampler == "grid" else sampler, seed=seed))
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(  # Optuna's pruner takes a whole reduction factor
+        min_resource=grace, reduction_factor=round(space.asha.reduction_factor))
+              if fidelity == "partial" else optuna.pruners.NopPruner())
+    study = optuna.create_study(direction="maximize", sampler=sp.optuna_sampler(), pruner=pruner)
+    searched = {p.name for p in space.parameters if p.kind != "fixed"}
+    limit = math.inf
+    if sampler == "grid":
+        limit = len(world.final)
+        for k in np.random.default_rng(seed).permutation(sorted(world.final)):
+            study.enqueue_trial({n: v for n, v in json.loads(k).items() if n in searched})
+    define, max_t = DefineByRun(sp), space.budget.epochs * space.budget.iterations_per_epoch
+    winners = {k for k, v in world.final.items() if v >= world.best}
+    state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False, "asked": 0}
+
+    def finish(k: str) -> None:  # a full-budget run of k has ended
+        state["tried"] |= k in winners
+        if state["hit"] is None and world.final[k] >= world.best - WITHIN:
+            state["hit"] = state["spent"] / world.total
+
+    def objective(trial) -> float:
+        state["asked"] += 1
+        k = key({**define(trial), **trial.params})
+        last, reported = 0.0, set()
+        for t, d, final_stage in world.curves[k][:-1]:  # the last report is the end of the run
+            state["spent"] += t - last
+            last = t
+            if fidelity != "partial" or (judge == "final_stage" and not final_stage) or int(round(t)) in reported:
+                continue  # as the live workers: the first report of a step counts
+            reported.add(int(round(t)))
+            trial.report(d, step=int(round(t)))
+            if trial.should_prune():
+                state["tried"] |= k in winners
+                state["stopped"] |= k in winners
+                raise optuna.TrialPruned
+        state["spent"] += world.curves[k][-1][0] - last
+        finish(k)
+        return world.final[k]
+
+    def more() -> bool:
+        return state["spent"] < budget_t and state["hit"] is None and state["asked"] < limit  # enqueued: not asked
+
+    if fidelity != "compressed":
+        while more():
+            study.optimize(objective, n_trials=1)
+        return state["hit"], state["stopped"] if state["tried"] else None
+    while more():  # one bracket of successive halving over budgets after another
+        pool = []
+        while len(pool) < rungs[0].trials and more():
+            trial = study.ask()
+            state["asked"] += 1
+            k = key({**define(trial), **trial.params})
+            d, c = world.run(k, rungs[0].fraction)
+            state["spent"] += c
+            study.tell(trial, d)
+            pool.append((k, d, world.curves[k][-1][0] / max_t))
+            if rungs[0].fraction >= 1:
+                finish(k)
+        for rung in rungs[1:]:
+            keep = survivors(pool, rung.trials)
+            if winners & {k for k, _, _ in pool} - set(keep):
+                state["tried"] = state["stopped"] = True
+            pool = []
+            for k in keep:
+                if state["spent"] >= budget_t or state["hit"] is not None:
+                    break
+                d, c = world.run(k, rung.fraction)
+                state["spent"] += c
+                pool.append((k, d, world.curves[k][-1][0] / max_t))
+                if rung.fraction >= 1:
+                    finish(k)
+    return state["hit"], state["stopped"] if state["tried"] else None
+
+
+def replay_stats(results: list[tuple[float | None, bool | None]], target: float = 0.30) -> dict[str, Any]:
+    """Over seeds: how many came within 0.5 points, at what compute, and how often the best was stopped."""
+    hits = [h for h, _ in results if h is not None]
+    return {"seeds": len(results), "reached": len(hits), "median": float(np.median(hits)) if hits else None,
+            "p25": float(np.percentile(hits, 25)) if hits else None,
+            "p75": float(np.percentile(hits, 75)) if hits else None,
+            "within_30pct": sum(h <= 0.30 for h in hits), "within_target": sum(h <= target for h in hits),
+            "target": target, "runs_killing_grid_best": sum(bool(k) for _, k in results),
+            "runs_trying_grid_best": sum(k is not None for _, k in results)}
+
+
 def replay_search(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_final: dict[str, float], space,
                   algo: str, grace: int | None, budget_t: float, seeds: int, judge: str) -> dict[str, Any]:
     """One search (TPE or random; with Optuna's successive halving at ``grace``, or none) replayed
     sequentially on the grid's recorded curves for ``seeds`` seeds: compute to come within 0.5 points.
     ``judge`` as asha.judge: final_stage shows the pruner only validations made at the final patch."""
-    import optuna
-
-    from pgps_tune.space import DefineByRun
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    best_grid = max(grid_final.values())
-    total = sum(c[-1][0] for c in grid_curves.values())
-    need, kills = [], 0
-    for seed in range(seeds):
-        sp = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm=algo, seed=seed))
-        pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=grace,
-                                                         reduction_factor=space.asha.reduction_factor)
-                  if grace else optuna.pruners.NopPruner())
-        study = optuna.create_study(direction="maximize", sampler=sp.optuna_sampler(), pruner=pruner)
-        define = DefineByRun(sp)
-        state = {"spent": 0.0, "best": -math.inf, "hit": None, "kills": 0}
-
-        def objective(trial, define=define, state=state) -> float:
-            k = key({**define(trial), **trial.params})
-            last, reported = 0.0, set()
-            for t, d, final_stage in grid_curves[k][:-1]:  # the last report is the end of the run
-                state["spent"] += t - last
-                last = t
-                if judge == "final_stage" and not final_stage:
-                    continue
-                if int(round(t)) in reported:
-                    continue  # as the live workers: the first report of a step counts
-                reported.add(int(round(t)))
-                trial.report(d, step=int(round(t)))
-                if trial.should_prune():
-                    state["kills"] += grid_final[k] >= best_grid
-                    raise optuna.TrialPruned
-            state["spent"] += grid_curves[k][-1][0] - last
-            state["best"] = max(state["best"], grid_final[k])
-            if state["hit"] is None and state["best"] >= best_grid - WITHIN:
-                state["hit"] = state["spent"] / total
-            return grid_final[k]
-
-        while state["spent"] < budget_t and state["hit"] is None:
-            study.optimize(objective, n_trials=1)
-        need.append(state["hit"])
-        kills += state["kills"] > 0
-    hits = [h for h in need if h is not None]
-    return {"seeds": seeds, "reached": len(hits), "median": float(np.median(hits)) if hits else None,
-            "p25": float(np.percentile(hits, 25)) if hits else None,
-            "p75": float(np.percentile(hits, 75)) if hits else None,
-            "within_30pct": sum(h <= 0.30 for h in hits), "runs_killing_grid_best": kills}
+    world = World(grid_curves, grid_final)
+    return replay_stats([replay_once(world, space, algo, "partial" if grace else "none", seed, budget_t, grace, judge)
+                         for seed in range(seeds)])
 
 
 def asha_kill_rate(grid_curves: dict[str, list[tuple[float, float, bool]]], grid_final: dict[str, float], grace: int,
@@ -383,7 +487,8 @@ def plot(curves: dict[str, list[tuple[float, float]]], best_grid: float, budget:
     from pgps_tune.errors import atomic_write
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = {"grid": "black", "asha_tpe": "tab:green", "asha_random": "tab:blue", "optuna_sha": "tab:orange"}
+    colors = {"grid": "black", "asha_tpe": "tab:green", "asha_random": "tab:blue", "optuna_sha": "tab:orange",
+              "compressed_tpe": "tab:red", "compressed_random": "tab:purple"}
     for name, c in curves.items():
         pts = [(x, y) for x, y in c if not math.isnan(y)]
         if pts:
@@ -406,7 +511,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
     ap.add_argument("--space", default=str(ROOT / "search_spaces" / "bench_hippocampus.yaml"))
     ap.add_argument("--budget", type=float, default=0.5, help="each search's compute, as a fraction of the grid's")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at a time per method (default 2)")
     ap.add_argument("--replay-seeds", type=int, default=100)
     ap.add_argument("--replay-graces", type=float, nargs="*", default=[0.111, 0.333],
@@ -484,7 +590,8 @@ def main() -> int:
                 import shutil
 
                 shutil.rmtree(out / method)
-            events[method] = run_ray(method, space, a.data, out, budget_runs, a.concurrent)
+            events[method] = run_ray(method, space, a.data, out, budget_runs, a.concurrent,
+                                     grid_total_expected / max_t / len(grid))
         wall[method] = time.time() - t0
         tr = trials_of(events[method])
         print(f"  {method}: {len(tr)} trials, {sum(t['completed'] for t in tr.values())} completed, "

@@ -15,7 +15,7 @@ def test_every_file_in_search_spaces_is_shipped():
     assert sorted(sp.shipped_spaces()) == SHIPPED
     assert sp.resolve("smoke") == sp.shipped_spaces()["smoke"]
     with pytest.raises(PgpsError, match="no shipped space of that name; give a file, or one of: bench_hippocampus, "
-                                        "default, hippocampus_performance"):
+                                        "bench_hippocampus_48, default, hippocampus_performance"):
         sp.resolve("smok")
 
 
@@ -290,7 +290,7 @@ def test_families_as_search_options():
         "growth_shape": {"type": "categorical", "choices": ["geometric", "linear"]},
         "mode": {"type": "categorical", "choices": ["resource", "sqrt"]},
         "lengths": [0.25, 0.25, 0.5],
-    }, "budget": {"epochs": 8}, "search": {"references": False}})
+    }, "budget": {"epochs": 8}, "search": {"references": False}, "confirm": {"enabled": False}})
     grid = s.grid()
     assert len(grid) == 8  # 2 families x 2 shapes x 2 modes
     built = {(g["family"], g["growth_shape"], g["mode"]):
@@ -315,7 +315,7 @@ def test_lengths_that_do_not_fit_the_stages_or_budget_are_refused_before_any_tri
     # a list paired with its stage count through a condition is built only there
     paired = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3}, "growth": 2.0,
                                       "lengths": {"value": [0.2, 0.3, 0.5], "when": "stages == 3"}},
-                       "budget": {"epochs": 10}, "search": {"references": False}})
+                       "budget": {"epochs": 10}, "search": {"references": False}, "confirm": {"enabled": False}})
     assert all(("lengths" in g) == (g["stages"] == 3) for g in paired.grid())
     sp.check_space_against_plan(paired, (64, 64, 64), (3, 3, 3))
 
@@ -336,3 +336,11 @@ def test_references_can_name_families_and_modes():
     short = sp.parse({"parameters": {"stages": 1}, "budget": {"epochs": 5}, "search": {"references": ["random"]}})
     with pytest.raises(PgpsError, match="the random reference cannot be built"):
         sp.check_space_against_plan(short, (40, 56, 40), (3, 3, 3))
+
+
+def test_a_confirmation_needs_both_references_buildable_before_any_trial():
+    raw = {"parameters": {"stages": 2, "growth": 2.0}, "budget": {"epochs": 8}, "search": {"references": False}}
+    with pytest.raises(PgpsError, match="paper reference cannot be built.*confirm.enabled false") as info:
+        sp.check_space_against_plan(sp.parse(raw), (64, 64, 64), (3, 3, 3))
+    assert "\n" not in str(info.value)
+    sp.check_space_against_plan(sp.parse({**raw, "confirm": {"enabled": False}}), (64, 64, 64), (3, 3, 3))

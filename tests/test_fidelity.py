@@ -1,0 +1,283 @@
+"""The compressed fidelity: its rung arithmetic, its space settings, and one tiny sweep through ``pgps-tune tune``."""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pgps_tune import schedule as sch
+from pgps_tune import space as sp
+from pgps_tune.asha import fidelity_ladder, ladder_compute, survivors
+from pgps_tune.cli import main
+from pgps_tune.errors import PgpsError
+
+# -- rung arithmetic ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n0,eta,min_fraction,ipe", [(27, 3, 1 / 9, 90), (48, 3, 0.1, 25), (10, 2, 0.2, 40),
+                                                      (5, 4, 0.05, 100), (1, 3, 0.1, 30), (100, 1.5, 0.3, 50)])
+def test_ladder_halves_towards_the_full_budget(n0, eta, min_fraction, ipe):
+    rungs = fidelity_ladder(n0, eta, min_fraction, ipe)
+    top = rungs[-1]
+    assert top.fraction == 1.0 and top.iterations_per_epoch == ipe
+    assert rungs[0].trials == n0
+    for low, high in zip(rungs, rungs[1:]):
+        assert low.fraction < high.fraction and low.iterations_per_epoch < high.iterations_per_epoch
+        assert high.trials == max(1, math.floor(low.trials / eta ** round(math.log(high.fraction / low.fraction, eta))
+                                                + 1e-9)) or high is top
+        assert high.trials <= low.trials
+    for r in rungs:
+        assert r.fraction == r.iterations_per_epoch / ipe
+        # the lowest rung is near min_fraction (whole iterations per epoch), never far below it
+        assert r.fraction >= min_fraction * (1 - 0.5 / (min_fraction * ipe)) - 1e-9
+    assert all(r.trials > 1 for r in rungs[:-1])  # a single schedule below the full budget chooses nothing
+    assert ladder_compute(rungs) == pytest.approx(sum(r.trials * r.iterations_per_epoch / ipe for r in rungs))
+
+
+def test_ladder_refuses_rungs_that_round_to_the_same_length():
+    with pytest.raises(PgpsError, match="both train 1 of 3 iterations"):
+        fidelity_ladder(9, 3, 1 / 9, 3)
+    with pytest.raises(PgpsError, match="eta > 1"):
+        fidelity_ladder(9, 1, 0.5, 10)
+
+
+def test_survivors_are_the_best_scores_and_skip_failed_runs():
+    scores = [("a", 0.2, 0.5), ("b", math.nan, 0.1), ("c", 0.9, 0.9), ("d", 0.9, 0.3), ("e", 0.5, 0.2)]
+    assert survivors(scores, 3) == ["d", "c", "e"]
+    assert survivors(scores, 10) == ["d", "c", "e", "a"]
+    assert survivors([("x", math.inf, 0.1)], 1) == []
+    assert survivors([("x", 0.1, 0.1), ("y", 0.3, 0.1), ("x", 0.5, 0.1)], 2) == ["x", "y"]  # x once, by its best
+
+
+# -- the space file ---------------------------------------------------------------------------------
+
+
+def _space(**asha) -> dict:
+    return {"parameters": {"stages": {"type": "int", "low": 1, "high": 3}, "growth": {"value": 2.0}},
+            "search": {"algorithm": "tpe", "num_samples": 9}, "asha": asha,
+            "budget": {"epochs": 6, "iterations_per_epoch": 30}}
+
+
+def test_space_parses_the_fidelity():
+    space = sp.parse(_space(fidelity="compressed", min_fraction=0.2, reduction_factor=2), "s.yaml")
+    assert space.asha.fidelity == "compressed" and space.asha.min_fraction == 0.2
+    assert sp.parse(_space(), "s.yaml").asha.fidelity == "partial"
+
+
+@pytest.mark.parametrize("asha,extra,match", [
+    ({"fidelity": "extrapolated"}, {}, "asha.fidelity 'extrapolated' unknown; use one of partial, compressed"),
+    ({"fidelity": 1}, {}, "asha.fidelity must be a string"),
+    ({"fidelity": "compressed", "min_fraction": 0}, {}, r"asha.min_fraction must be a number in \(0, 1\)"),
+    ({"fidelity": "compressed", "min_fraction": 1.0}, {}, r"asha.min_fraction must be a number in \(0, 1\)"),
+    ({"fidelity": "compressed", "min_fraction": float("nan")}, {}, "asha.min_fraction must be"),
+    ({"fidelity": "compressed", "min_fraction": 0.01}, {}, "raise asha.min_fraction or budget.iterations_per_epoch"),
+    ({"fidelity": "compressed", "enabled": False}, {}, "asha.enabled is false"),
+    ({"fidelity": "compressed"}, {"search": {"max_compute": 2.0}}, "set max_compute: 0"),
+    ({"fidelity": "compressed"}, {"objective": {"type": "pareto"}}, "objective pareto"),
+])
+def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
+    raw = {**_space(**asha), **extra}
+    with pytest.raises(PgpsError, match=match) as exc:
+        sp.parse(raw, "s.yaml")
+    assert str(exc.value).startswith("s.yaml: ") and "\n" not in str(exc.value)
+
+
+# -- one compressed sweep, end to end -------------------------------------------------------------------
+
+
+def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+    budget = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
+              "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
+              "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
+    raw = {"name": "c", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                       "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
+                                       "growth": {"value": 2.0}},
+           "search": {"algorithm": "grid", "references": False},
+           "asha": {"fidelity": "compressed", "reduction_factor": 2, "min_fraction": 0.25},
+           "confirm": {"enabled": False}, "budget": budget}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
+                 "--max-concurrent", "2", "--quiet"]) == 0
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    rungs = fidelity_ladder(4, 2, 0.25, 8)
+    assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 4), (0.5, 2), (1.0, 1)]
+    by_rung = {r.fraction: [row for row in rows if row["fidelity"] == r.fraction] for r in rungs}
+    assert {f: len(v) for f, v in by_rung.items()} == {r.fraction: r.trials for r in rungs}
+    for i, rung in enumerate(rungs):
+        for row in by_rung[rung.fraction]:
+            assert row["completed"] and row["rung_reached"] == i
+            # compute is counted in full-budget baseline iterations: a rung costs its fraction of a full run
+            assert row["baseline_iterations"] == pytest.approx(
+                rung.fraction * row["schedule_voxel_fraction"] * budget["epochs"] * budget["iterations_per_epoch"],
+                rel=1e-6)
+            recipe = json.loads(row["schedule"])["recipe"]["train"]
+            assert recipe["iterations_per_epoch"] == rung.iterations_per_epoch
+        if i + 1 < len(rungs):  # the next rung trains exactly the best of this one again
+            promoted = {row["params"] for row in by_rung[rungs[i + 1].fraction]}
+            ranked = sorted(by_rung[rung.fraction], key=lambda row: (-row["score"], row["schedule_voxel_fraction"]))
+            assert promoted == {row["params"] for row in ranked[:rungs[i + 1].trials]}
+    (winner,) = by_rung[1.0]  # the winner is the one full-budget trial, whatever the low rungs scored
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.meta["trial_id"] == winner["trial_id"]
+    assert best.recipe.train.iterations_per_epoch == budget["iterations_per_epoch"]  # trains as the full run did
+    meta = json.loads((out / "sweep.json").read_text())
+    assert list(meta["experiments"]) == ["search", "search-r1", "search-r2"] and meta["finished"]
+    assert Path(meta["storage_path"], meta["experiments"]["search-r2"]).is_dir()
+    # resuming restores every rung's experiment, promotes the same trials and trains nothing again
+    assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
+                 "--max-concurrent", "2", "--quiet", "--resume"]) == 0
+    again = pq.read_table(out / "trials.parquet").to_pylist()
+    assert sorted(again, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
+
+
+def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial(tmp_path):
+    import pyarrow as pa
+
+    from pgps_tune.results import SCHEMA, best_schedule, load_store, store_sweep, stored_trials
+
+    s = sch.preset("constant", (16, 16, 16), (2, 2, 2), 2, 4)
+    row = {c: None for c in SCHEMA.names} | {"role": "search", "completed": True, "params": "{}",
+                                              "schedule": json.dumps(s.to_dict()), "schedule_voxel_fraction": 1.0,
+                                              "final_dice": 0.5, "n_stages": 1}
+    rows = [row | {"trial_id": "low", "score": 0.9, "fidelity": 0.25}, row | {"trial_id": "full", "score": 0.5,
+                                                                               "fidelity": 1.0}]
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "d", "sweep": "new",
+            "space_key": "k"}
+    store_sweep(pa.Table.from_pylist(rows, schema=SCHEMA), meta, tmp_path)
+    old = tmp_path / "dataset=d" / "sweep=old"  # written before the fidelity column: full-budget trials
+    old_rows = pa.Table.from_pylist([row | {"trial_id": "old", "score": 0.4}], schema=SCHEMA)
+    store_sweep(old_rows, {**meta, "sweep": "old"}, tmp_path)
+    pq.write_table(pq.read_table(old / "part-0.parquet").drop_columns(["fidelity"]), old / "part-0.parquet")
+    t = load_store(tmp_path)
+    assert dict(zip(t["trial_id"].to_pylist(), t["fidelity"].to_pylist())) == {"low": 0.25, "full": 1.0, "old": 1.0}
+    assert best_schedule("d", tmp_path).meta["trial_id"] == "full"
+    assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["full", "old"]
+
+
+# -- the benchmark's replays (scripts/bench_search.py) ------------------------------------------------------
+
+
+def _bench_search():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        return importlib.import_module("bench_search")
+    finally:
+        sys.path.pop(0)
+
+
+def _world(low_scores: list[float]):
+    """Four schedules of a 2x2 space, each costing 100 baseline iterations at the full budget; schedule i's
+    full Dice is 0.1 * i, its compressed (0.25, 25 iterations) Dice ``low_scores[i]``."""
+    bs = _bench_search()
+    keys = [bs.key({"stages": s, "mode": m}) for s in (1, 2) for m in ("resource", "performance")]
+    curves = {k: [(50.0, 0.05, True), (100.0, 0.1 * i, True)] for i, k in enumerate(keys)}
+    world = bs.World(curves, {k: 0.1 * i for i, k in enumerate(keys)},
+                     {0.25: {k: (low_scores[i], 25.0) for i, k in enumerate(keys)}})
+    space = sp.parse({"parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                     "mode": {"type": "categorical", "choices": ["resource", "performance"]}},
+                      "asha": {"fidelity": "compressed", "min_fraction": 0.25, "reduction_factor": 4},
+                      "budget": {"epochs": 1, "iterations_per_epoch": 100}}, "s.yaml")
+    return bs, world, space
+
+
+def test_compressed_replay_spends_each_rung_and_stops_the_winner_when_low_fidelity_misranks():
+    rungs = fidelity_ladder(4, 4, 0.25, 100)
+    assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 4), (1.0, 1)]
+    # the low fidelity ranks as the full budget does: 4 x 25 + the winner's 100 = 200 of the grid's 400
+    bs, world, space = _world([0.1, 0.2, 0.3, 0.4])
+    for seed in range(3):
+        assert bs.replay_once(world, space, "grid", "compressed", seed, 1000.0, rungs=rungs) == (0.5, False)
+    # it ranks the winner last: the winner is stopped in every bracket, and within the cap never found
+    bs, world, space = _world([0.4, 0.3, 0.2, 0.1])
+    hit, stopped = bs.replay_once(world, space, "grid", "compressed", 0, 400.0, rungs=rungs)
+    assert hit is None and stopped is True
+    # without early stopping a grid finds the winner when its turn comes, at a multiple of one schedule's cost
+    hit, stopped = bs.replay_once(world, space, "grid", "none", 0, 1000.0)
+    assert hit in (0.25, 0.5, 0.75, 1.0) and stopped is False
+    stats = bs.replay_stats([(0.1, False), (0.2, True), (None, None)], target=0.15)
+    assert (stats["reached"], stats["within_target"], stats["runs_killing_grid_best"],
+            stats["runs_trying_grid_best"]) == (2, 1, 1, 2)
+
+
+def test_benchmark_space_has_48_distinct_schedules_on_the_hippocampus_plan():
+    s = sp.load(sp.resolve("bench_hippocampus_48"))
+    final, pools = (40, 56, 40), (3, 3, 3)
+    b = s.budget
+    schedules = {sp.schedule_from_params(c, final, pools, b.batch_size, b.epochs).to_dict()["stages"].__repr__()
+                 for c in s.grid()}
+    assert len(s.grid()) == 48 and len(schedules) == 48
+    assert {p.name for p in s.parameters if p.kind == "categorical"} == {"stages", "growth", "length_ratio", "mode"}
+    assert s.asha.fidelity == "compressed"
+
+
+def test_a_tpe_state_past_its_startup_trials_passes_the_resume_check(tmp_path):
+    # a compressed sweep's study is past TPE's startup trials after one rung; its sampler then holds
+    # Optuna's default_gamma, and resuming such a sweep must not be refused as untrusted
+    import pickle
+
+    import optuna
+
+    from pgps_tune.tuner import vet_tune_state
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for directions in (["maximize"], ["maximize", "minimize"]):
+        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2)
+        study = optuna.create_study(sampler=sampler, directions=directions)
+        n = len(directions)
+        study.optimize(lambda t, n=n: [t.suggest_float("x", 0, 1)] * n, n_trials=4)
+        (tmp_path / "searcher-state-1.pkl").write_bytes(pickle.dumps(sampler))
+        vet_tune_state(str(tmp_path))
+
+
+@pytest.mark.parametrize("runs,eta,min_fraction,ipe", [(7.2, 3, 0.111, 25), (2.0, 3, 0.111, 9), (30, 2, 0.1, 50),
+                                                       (0.01, 3, 0.111, 25)])
+def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
+    from pgps_tune.asha import samples_for_compute
+
+    n = samples_for_compute(runs, eta, min_fraction, ipe)
+    assert n >= 1
+    assert n == 1 or ladder_compute(fidelity_ladder(n, eta, min_fraction, ipe)) <= runs
+    assert ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, ipe)) > runs
+
+
+# -- scripts/bench_fidelity.py, at its smallest ---------------------------------------------------------------
+
+
+def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_fidelity.py"
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, str(script), "--quick", "--replay-seeds", "2", "--out", str(tmp_path / "o"),
+                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        return p
+
+    bench("--report", str(tmp_path / "f.md"))
+    jobs = sorted((tmp_path / "o" / "jobs").glob("*.json"))
+    assert len(jobs) == 6 * 2 * 3  # schedules x seeds x fidelities (1/9, 1/3, 1)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {"compressed 0.111", "compressed 0.333", "partial 0.111 (always)", "partial 0.333 (final_stage)",
+            "full budget (another seed)"} <= set(s["quality"])
+    assert all(q["pairs"] == 2 and q["min"] <= q["rho"] <= q["max"] for q in s["quality"].values()
+               if not math.isnan(q["rho"]))
+    assert set(s["replays"]) == {f"{a} + {f}" for a in ("grid", "random", "tpe")
+                                 for f in ("none", "partial", "compressed")}
+    assert all(r["seeds"] == 2 for r in s["replays"].values())
+    assert "## Fidelity quality" in (tmp_path / "f.md").read_text()
+    grid = json.loads((tmp_path / "o" / "search" / "events.json").read_text())["events"]["grid"]
+    assert sum(e["completed"] for e in grid) == 6  # the seed-0 grid, as bench_search.py --reuse grid reads it
+    # an interrupted benchmark continues: only the missing run is trained again
+    jobs[0].unlink()
+    assert "35 stored, 1 to train" in bench().stdout
+    assert len(list((tmp_path / "o" / "jobs").glob("*.json"))) == 36
