@@ -452,25 +452,56 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def _confirmation(conf: Any) -> str:
-    """Confirmation results as tables: a list of records, or a mapping of names to records or lists."""
-    if isinstance(conf, list) and all(isinstance(r, dict) for r in conf):
-        columns = list(dict.fromkeys(k for r in conf for k in r))
-        return _table(conf, columns)
-    if isinstance(conf, dict):
-        scalars = {k: v for k, v in conf.items() if not isinstance(v, dict | list)}
-        parts = [_table([scalars], list(scalars))] if scalars else []
-        records = {k: v for k, v in conf.items() if isinstance(v, dict) and all(isinstance(x, dict)
-                                                                                for x in v.values())}
-        if records:
-            rows = [{"": k, **v} for k, v in records.items()]
-            parts.append(_table(rows, list(dict.fromkeys(c for r in rows for c in r))))
-        for k, v in conf.items():
-            if k in scalars or k in records:
-                continue
-            parts.append(f"<h3>{html.escape(str(k))}</h3>{_confirmation(v)}")
-        return "\n".join(parts)
-    return f"<pre>{html.escape(json.dumps(conf, indent=1))}</pre>"
+def _points(t: dict[str, Any] | None) -> str:
+    """A paired difference in Dice points with its 95% interval and p-value ('' without one)."""
+    if not t:
+        return ""
+    return (f"{100 * number(t['mean_diff']):+.2f} [{100 * number(t['ci_low']):+.2f}, "
+            f"{100 * number(t['ci_high']):+.2f}], p = {number(t['p_value']):.3g}")
+
+
+def confirmation_figure(conf: dict[str, Any]) -> bytes:
+    """Each searched schedule's paired Dice difference to each reference, with its 95% interval."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * max(1, len(conf["schedules"]))))
+    labels, y = [], 0
+    for name, e in conf["schedules"].items():
+        for role, t in e.get("vs", {}).items():
+            mean, low, high = (100 * number(t[k]) for k in ("mean_diff", "ci_low", "ci_high"))
+            if mean == mean:  # NaN: too few pairs to draw
+                err = [[mean - low if low == low else 0.0], [high - mean if high == high else 0.0]]
+                ax.errorbar([mean], [y], xerr=err, fmt="o", capsize=4,
+                            color=COLOURS.get(role, COLOURS["search"]))
+            labels.append(f"{name} - {role}")
+            y += 1
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"Dice difference, points (mean and 95% interval over {conf['repeat']}s)",
+           title="confirmation: searched schedules against the references")
+    return _png(fig)
+
+
+def confirmation_section(conf: dict[str, Any]) -> str:
+    """The confirmation's verdict in words, its table (mean ± sd, paired differences) and its figure."""
+    rows = []
+    for name, e in conf["schedules"].items():
+        rows.append({
+            "schedule": name + (" (confirmed winner)" if name == conf.get("winner") else ""), "role": e["role"],
+            f"{conf['repeat']}s done": f"{e['completed']}/{e['trials']}",
+            "Dice mean": number(e["dice"]["mean"]), "Dice sd": number(e["dice"]["sd"]),
+            "vs baseline, points [95% interval], p": _points(e.get("vs", {}).get("baseline")),
+            "vs paper, points [95% interval], p": _points(e.get("vs", {}).get("paper")),
+            "voxel fraction": number(e["schedule_voxel_fraction"]),
+        })
+    verdict = conf.get("verdict", "")
+    if conf.get("search_winner_confirmed") is False:
+        verdict += "; the search phase's best trial is not the confirmed winner"
+    head = (f"<p>{html.escape(verdict)}.</p><p>{plural(len(conf['repeats']), conf['repeat'])} per schedule, "
+            f"{plural(int(conf['epochs']), 'epoch')} each; differences are paired by {conf['repeat']}.</p>")
+    has_tests = any(e.get("vs") for e in conf["schedules"].values())
+    return head + _table(rows, list(rows[0]) if rows else []) + (
+        _img(confirmation_figure(conf), "confirmation") if has_tests else "")
 
 
 def _page(title: str, sections: list[tuple[str, str]]) -> str:
@@ -566,7 +597,7 @@ def sweep_report(sweep: str | Path) -> str:
     sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")))
 
     confirmation = summary.get("confirmation")
-    sections.append(("Confirmation", _confirmation(confirmation) if confirmation
+    sections.append(("Confirmation", confirmation_section(confirmation) if confirmation
                      else _note("this sweep has no confirmation results")))
 
     importances = param_importances(rows)

@@ -85,8 +85,21 @@ def fake_sweep(tmp_path) -> Path:
                                          "schedule_voxel_fraction", "train_time_s", "n_stages")},
         "gain_over_baseline": {"dice_points": 4.0, "time_ratio": 0.5, "baseline_dice": 0.70},
         "gain_over_paper": {"dice_points": 8.0, "time_ratio": None, "paper_dice": 0.66},
-        "confirmation": [{"schedule": "srch0000", "dice_mean": 0.741, "dice_sd": 0.004, "ci_low": 0.73,
-                          "ci_high": 0.75, "p_value": 0.031}],
+        "confirmation": {  # the shape results.confirmation_summary writes
+            "repeat": "seed", "repeats": [1, 2, 3], "epochs": 10, "winner": "srch0000",
+            "verdict": "the confirmed winner srch0000 beats the constant baseline by +4.10 Dice points",
+            "significantly_better_than_baseline": True, "search_winner_confirmed": True,
+            "schedules": {
+                "baseline": {"role": "baseline", "trials": 3, "completed": 3, "schedule_voxel_fraction": 1.0,
+                             "dice": {"mean": 0.70, "sd": 0.003, "n": 3}},
+                "paper": {"role": "paper", "trials": 3, "completed": 3, "schedule_voxel_fraction": 0.44,
+                          "dice": {"mean": 0.66, "sd": 0.005, "n": 3}},
+                "srch0000": {"role": "search", "trials": 3, "completed": 3, "schedule_voxel_fraction": 0.7,
+                             "dice": {"mean": 0.741, "sd": 0.004, "n": 3},
+                             "vs": {"baseline": {"mean_diff": 0.041, "ci_low": 0.012, "ci_high": 0.07,
+                                                 "p_value": 0.031, "n": 3},
+                                    "paper": {"mean_diff": 0.081, "ci_low": 0.05, "ci_high": 0.11,
+                                              "p_value": 0.004, "n": 3}}}}},
     }))
     return sweep
 
@@ -133,15 +146,17 @@ def test_sweep_report_opens_offline_with_every_figure(fake_sweep, tmp_path, caps
     assert main(["report", str(fake_sweep)]) == 0
     page = Path(capsys.readouterr().out.strip())
     assert page == fake_sweep / "report.html"
-    # schedules, learning curves, Dice vs compute, importances: 4 figures
-    dom = check_page(page, tmp_path, figures=4)
+    # schedules, learning curves, Dice vs compute, confirmation intervals, importances: 5 figures
+    dom = check_page(page, tmp_path, figures=5)
     assert "6 trials: 5 completed, 1 stopped early, 0 failed." in dom
     assert "Best: trial srch0000 (search), validation Dice 0.740, 2 stages" in dom
     assert "Against the baseline reference: Dice 0.740 vs 0.700 (+4.0 points), 0.50x its training time " \
            "(50% faster)." in dom
     assert "Against the paper reference: Dice 0.740 vs 0.660 (+8.0 points)." in dom
     assert "Caution" not in dom  # every reference learned (Dice above 0.5)
-    assert "p_value" in dom and "0.031" in dom and "ci_low" in dom  # the confirmation table
+    # the confirmation: its verdict, and the paired difference with its interval and p-value
+    assert "the confirmed winner srch0000 beats the constant baseline" in dom
+    assert "+4.10 [+1.20, +7.00], p = 0.031" in dom and "srch0000 (confirmed winner)" in dom
     for tid in ("base0001", "pape0002", "srch0000", "srch0009"):
         assert tid in dom
     assert dom.index("srch0000") < dom.index("srch0001") < dom.index("srch0002")  # best score first
