@@ -125,14 +125,14 @@ def test_unwritable_output_folder(capsys, tiny_msd, tmp_path):
 def test_existing_run_is_not_overwritten_and_bad_input_corrupts_nothing(capsys, tiny_msd, tmp_path):
     out = tmp_path / "run"
     assert run_cli(capsys, *train(tiny_msd, out))[0] == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # tensorboard/ too
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out)), "already holds a run")
     bad = tmp_path / "bad.yaml"
     bad.write_text("format_version: 1\nstages: [[\n")
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, "--resume", "--schedule", bad)), "not valid YAML")
     other = ["--preset", "constant", "--resume"]
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, *other)), "another schedule")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def _wait_for(what: str, ready, proc: subprocess.Popen, limit_s: float = 300) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,18 +350,19 @@ def nnunet_dataset(tmp_path_factory):
         "file_ending": ".nii.gz"}))
     env = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "pre", "nnUNet_results": root / "results",
            "nnUNet_def_n_proc": 1, "nnUNet_n_proc_DA": 1, "nnUNet_compile": "false"}
+    # nnU-Net's planning runs multiprocessing pools: in a process of its own, since forking this one
+    # (where earlier tests left Ray's and torch's threads) can deadlock the child
+    script = ("from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, "
+              "plan_experiments, preprocess\n"
+              "extract_fingerprints([990], num_processes=1, show_progress_bar=False)\n"
+              "plan_experiments([990])\n"
+              "preprocess([990], configurations=('3d_fullres',), num_processes=(1,))\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **{k: str(v) for k, v in env.items()}},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, str(v))
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-            extract_fingerprints,
-            plan_experiments,
-            preprocess,
-        )
-
-        extract_fingerprints([990], num_processes=1, show_progress_bar=False)
-        plan_experiments([990])
-        preprocess([990], configurations=("3d_fullres",), num_processes=(1,))
         yield root
 
 

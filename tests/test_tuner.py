@@ -439,7 +439,7 @@ def test_failed_and_diverged_trials(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--max-failures", "1", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "3 trials, 1 completed, 0 stopped early, 2 failed" in r.stdout
+    assert "3 trials: 1 completed, 0 stopped early, 2 failed." in r.stdout
     by_lr = {json.loads(x["params"])["lr"]: x for x in rows(out)}
     once, always, diverged = by_lr[0.01], by_lr[0.012], by_lr[0.013]
     assert once["completed"] and once["num_failures"] == 1
