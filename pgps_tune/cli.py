@@ -802,7 +802,12 @@ def _write_sweep_report(out: Path) -> Path | None:
         return write_report(out)
     except PgpsError as exc:
         print(f"pgps-tune: note: no report written: {exc}", file=sys.stderr)
-        return None
+    except Exception as exc:  # the sweep is exported: a page that fails says so, with how to retry
+        log = _crash_log(sys.argv[1:])
+        first = (str(exc).splitlines() or [""])[0][:160]
+        print(f"pgps-tune: note: no report written ({type(exc).__name__}: {first}; traceback in {log}); "
+              f"the sweep is exported; retry with 'pgps-tune report {out}'", file=sys.stderr)
+    return None
 
 
 def _num(v: Any, spec: str = ".4f") -> str:

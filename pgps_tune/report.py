@@ -305,8 +305,11 @@ def param_importances(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     """
     import optuna
 
+    # the search phase's own full-budget trials: confirmation repeats and low-fidelity rungs would
+    # make their seeds, folds and budgets look like parameters
     done = [(json.loads(r["params"]), number(r["score"])) for r in rows
-            if r["role"] == "search" and r["completed"] and not math.isnan(number(r["score"]))]
+            if r["role"] == "search" and r.get("phase") in (None, "search") and not number(r.get("fidelity")) < 1
+            and r["completed"] and not math.isnan(number(r["score"]))]
     values: dict[str, list[Any]] = {}
     for params, _ in done:
         for k, v in params.items():

@@ -251,3 +251,18 @@ def test_trials_command_names_what_exists(fake_sweep, capsys, argv, needle):
     assert main(["trials", str(fake_sweep), *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+def test_importances_use_only_the_search_phase_at_full_budget():
+    # confirmation repeats and low-fidelity rungs carry seeds, folds and budgets that are not parameters
+    def row(params, score, **extra):
+        return {"role": "search", "completed": True, "params": json.dumps(params), "score": score, **extra}
+
+    search = [row({"growth": g, "stages": s}, 0.5 + 0.1 * g - 0.01 * s, phase="search", fidelity=1.0)
+              for g, s in ((1.5, 2), (2.0, 3), (2.5, 2), (3.0, 4))]
+    repeats = [row({"growth": 1.5, "stages": 2, "seed": k, "epochs": 10}, 0.4 + 0.05 * k, phase="confirm")
+               for k in (1, 2, 3)]
+    rungs = [row({"growth": 9.0, "stages": 5, "lr": 0.1 * k}, 0.1 * k, phase="search", fidelity=0.25) for k in (1, 2)]
+    from pgps_tune.report import param_importances
+
+    assert set(param_importances(search + repeats + rungs)) == {"growth", "stages"}
