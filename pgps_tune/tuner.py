@@ -1224,6 +1224,29 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
         return summary
 
 
+class OneLineRayErrors(logging.Filter):
+    """Ray logs some failures it recovers from with a whole traceback (e.g. a state upload that lost a
+    race with one of its own temporary files, retried at the next sync): keep them to one line."""
+
+    LOGGERS = ("ray.tune.execution.experiment_state", "ray.tune.execution.tune_controller",
+               "ray.train._internal.syncer", "ray.train._internal.storage")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            record.msg, record.args = f"{record.getMessage().strip()} ({type(exc).__name__}: {first})", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_ray_errors() -> None:
+    for name in OneLineRayErrors.LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, OneLineRayErrors) for f in log.filters):
+            log.addFilter(OneLineRayErrors())
+
+
 @contextlib.contextmanager
 def _ray_session(opts: SweepOptions, signals: _StopSignals):
     """Tune's environment, and Ray started (or joined) for the block; a local Ray of ours goes however it ends."""
@@ -1232,6 +1255,7 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     own_ray = not ray.is_initialized()  # a caller's Ray stays
+    _one_line_ray_errors()
     try:
         start_ray(opts.address)
         signals.install()

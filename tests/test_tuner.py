@@ -870,3 +870,20 @@ def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     with pytest.raises(PgpsError, match="cut short .* new --out") as err:
         repair_tune_state(str(exp))
     assert len(str(err.value).splitlines()) == 1 and len((exp / "searcher-state-x.pkl").read_bytes()) == 40
+
+
+def test_ray_errors_it_recovers_from_are_logged_in_one_line(caplog):
+    import logging
+
+    from pgps_tune.tuner import OneLineRayErrors, _one_line_ray_errors
+
+    _one_line_ray_errors()
+    log = logging.getLogger(OneLineRayErrors.LOGGERS[0])
+    try:
+        raise FileNotFoundError(2, "Failed to open local file", "/tmp/x/.tmp_searcher_ckpt")
+    except FileNotFoundError:
+        log.error("Saving experiment state to storage failed with exception: ", exc_info=True)
+    (record,) = [r for r in caplog.records if r.name == log.name]
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert record.getMessage() == ("Saving experiment state to storage failed with exception: (FileNotFoundError: "
+                                   "[Errno 2] Failed to open local file: '/tmp/x/.tmp_searcher_ckpt')")
