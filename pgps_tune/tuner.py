@@ -866,6 +866,129 @@ def eta_seconds(done: float, expected: float, done_at_start: float, elapsed: flo
     return max(0.0, expected - done) / rate if rate > 0 else None
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """What a phase will train, known before it starts, priced in baseline-equivalent iterations.
+
+    ``known`` holds the voxel fractions of the trials whose schedules are fixed in advance (the
+    references); the phase's other trials are searched schedules, priced at the mean fraction of
+    those seen so far (the baseline's, 1, before any).  ``bound``: ASHA may stop trials early, or
+    a compute cap end the phase, so the price is an upper bound, not the expected compute.
+    """
+
+    phase: str
+    trials: int
+    trial_compute: float  # a constant baseline's whole run at this phase's budget: epochs x iterations per epoch
+    known: tuple[float, ...] = ()
+    cap: float | None = None
+    bound: bool = False
+
+    def mean_fraction(self, searched: float) -> float:
+        """The mean voxel fraction of the phase's trials, its searched schedules taken at ``searched``.
+
+        >>> PhasePlan("references", 2, 100.0, known=(1.0, 0.4)).mean_fraction(0.5)
+        0.7
+        """
+        unseen = max(0, self.trials - len(self.known))
+        return (sum(self.known) + unseen * searched) / self.trials if self.trials else searched
+
+    def compute(self, searched: float) -> float:
+        """Baseline-equivalent iterations the phase will take, with searched schedules at fraction ``searched``.
+
+        >>> PhasePlan("search", 10, 100.0, cap=300.0, bound=True).compute(0.5)
+        300.0
+        """
+        total = self.trials * self.mean_fraction(searched) * self.trial_compute
+        return min(total, self.cap) if self.cap else total
+
+
+def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
+    """The search phase as planned: one phase, or with ``asha.fidelity: compressed`` one per rung.
+
+    With ASHA (partial fidelity) every trial is priced as if it ran to the end, and a compute cap
+    caps the phase: an upper bound.  A compressed ladder's rungs are its plan: each rung's schedules
+    at that rung's iterations per epoch (fewer only if trials fail).
+    """
+    b, a = space.budget, space.asha
+    full = float(b.epochs * b.iterations_per_epoch)
+    if a.fidelity == "compressed":
+        rungs = fidelity_ladder(num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch)
+        return [PhasePlan("search" if r == 0 else f"search-r{r}", rung.trials,
+                          float(b.epochs * rung.iterations_per_epoch)) for r, rung in enumerate(rungs)]
+    cap = space.search.max_compute * full if space.search.max_compute > 0 else None
+    early = a.enabled and space.objective.type != "pareto"  # a pareto sweep runs without ASHA
+    return [PhasePlan("search", num_samples, full, cap=cap, bound=early or cap is not None)]
+
+
+def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float]) -> PhasePlan:
+    """The confirmation as planned: the top-k searched schedules and the ``references`` (their voxel
+    fractions at the confirmation's epochs) on every repeat, at the confirmation's budget.  Fewer
+    distinct schedules may complete, and an extension trains only what is new: then it takes less."""
+    repeats = settings.folds or settings.seeds or 0
+    return PhasePlan("confirm", repeats * (settings.top_k + len(references)),
+                     float(settings.epochs * iterations_per_epoch), known=tuple(references) * repeats)
+
+
+class SweepEta:
+    """The whole sweep's ETA, on the compute clock.
+
+    Left to do: what the running phase still expects (its :class:`Progress` knows) plus what every
+    phase after it plans (:class:`PhasePlan`), at the rate in baseline-equivalent iterations a second
+    that the sweep has kept since it (re)started in this process, pauses between phases included.
+    It is an upper bound ("<=") while a phase to come may stop early, else the expected time ("~").
+    """
+
+    def __init__(self, plans: list[PhasePlan], t0: float) -> None:
+        self.plans, self.t0 = list(plans), t0
+        self.done: dict[str, float] = {}  # compute each phase did since this process (re)started it
+        self.searched: dict[tuple[str, str], float] = {}  # (phase, trial): voxel fraction of a searched schedule
+
+    def plan(self, phase: str) -> PhasePlan | None:
+        return next((p for p in self.plans if p.phase == phase), None)
+
+    def searched_fraction(self) -> float:
+        """The mean voxel fraction of the searched schedules seen; the baseline's (1) before any."""
+        return sum(self.searched.values()) / len(self.searched) if self.searched else 1.0
+
+    def rate(self, now: float) -> float | None:
+        """Baseline-equivalent iterations a second since the sweep (re)started; None before any compute."""
+        done = sum(self.done.values())
+        return done / (now - self.t0) if now > self.t0 and done > 0 else None
+
+    def left(self, phase: str, phase_left: float, phase_bound: bool) -> tuple[float, bool]:
+        """Compute left in the sweep while ``phase`` runs with ``phase_left`` to go, and whether it is a bound.
+
+        >>> eta = SweepEta([PhasePlan("references", 2, 100.0, known=(1.0, 0.5)), PhasePlan("search", 4, 100.0,
+        ...                 bound=True), PhasePlan("confirm", 6, 200.0, known=(1.0, 0.5) * 2)], t0=0.0)
+        >>> eta.left("references", 50.0, False)  # search at the baseline's fraction: nothing searched seen yet
+        (1450.0, True)
+        >>> eta.searched[("search", "t1")] = 0.5
+        >>> eta.left("search", 120.0, True), eta.left("confirm", 30.0, False)
+        ((920.0, True), (30.0, False))
+        """
+        later = self.plans[[p.phase for p in self.plans].index(phase) + 1:] if self.plan(phase) else []
+        searched = self.searched_fraction()
+        return (phase_left + sum(p.compute(searched) for p in later),
+                phase_bound or any(p.bound for p in later))
+
+    def eta(self, phase: str, phase_left: float, phase_bound: bool, now: float) -> tuple[float | None, bool]:
+        """Seconds left in the whole sweep (None: no rate yet), and whether that is an upper bound."""
+        left, bound = self.left(phase, phase_left, phase_bound)
+        rate = self.rate(now)
+        return (left / rate if rate else None), bound
+
+
+def eta_text(seconds: float | None, bound: bool) -> str:
+    """The sweep's ETA for people: "<=" for an upper bound, "~" for an expectation.
+
+    >>> eta_text(725, True), eta_text(725, False), eta_text(None, True)
+    ('ETA <= 12m05s', 'ETA ~12m05s', 'ETA ?')
+    """
+    from pgps_tune.report import duration
+
+    return "ETA ?" if seconds is None else f"ETA {'<= ' if bound else '~'}{duration(seconds)}"
+
+
 def progress_table(lines: list[TrialLine], header: str, max_rows: int = 12) -> str:
     """The live table: a header line, then one row per trial (running ones first), at most ``max_rows``.
 
@@ -891,15 +1014,19 @@ def progress_table(lines: list[TrialLine], header: str, max_rows: int = 12) -> s
 class Progress(tune.Callback):
     """A sweep phase's progress on stderr: a refreshing table (live), plain lines, JSON lines, or nothing.
 
-    The ETA comes from the compute clock: baseline-equivalent iterations done by all trials
+    The phase's ETA comes from the compute clock: baseline-equivalent iterations done by all trials
     against those the phase is expected to need (each trial's schedule costs its voxel fraction
-    of ``trial_compute``; trials not started yet are taken at the mean fraction seen so far,
-    else at the baseline's), at the rate measured since the phase (re)started.  With early
-    stopping, or a compute cap, the expectation is an upper bound and the ETA says "at most".
+    of ``trial_compute``; a trial that has not reported its fraction yet is taken at the phase
+    plan's mean, else at the mean seen so far in the phase, else at the baseline's), at the rate
+    measured since the phase (re)started.  With early stopping, or a compute cap, the expectation
+    is an upper bound and the ETA says "at most".
+    While a sweep runs, :attr:`sweep_eta` adds the ETA of the whole sweep (this phase and the ones
+    planned after it, :class:`SweepEta`).
     """
 
     MODES = ("live", "lines", "json", "none")
     resumed_mode: str | None = None  # the resuming command's mode, for a Progress unpickled from a Tune state
+    sweep_eta: SweepEta | None = None  # the running sweep's plan and clock (a class attribute: never pickled)
 
     def __init__(self, total: int, phase: str, mode: str, trial_compute: float, cap: float | None = None,
                  upper_bound: bool = False) -> None:
@@ -928,7 +1055,9 @@ class Progress(tune.Callback):
 
     def compute_expected(self) -> float:
         known = [t.fraction for t in self.trials.values() if t.fraction is not None]
-        mean = sum(known) / len(known) if known else 1.0
+        plan = Progress.sweep_eta.plan(self.phase) if Progress.sweep_eta else None
+        mean = (plan.mean_fraction(Progress.sweep_eta.searched_fraction()) if plan  # the references' are known
+                else sum(known) / len(known) if known else 1.0)
         expected = sum(t.compute if t.status != "running" else (t.fraction or mean) * self.trial_compute
                        for t in self.trials.values())
         expected += max(0, self.total - len(self.trials)) * mean * self.trial_compute
@@ -937,15 +1066,25 @@ class Progress(tune.Callback):
     def eta(self) -> float | None:
         return eta_seconds(self.compute_done(), self.compute_expected(), self.done_at_start, time.time() - self.t0)
 
+    def sweep(self) -> tuple[float | None, bool, float] | None:
+        """The whole sweep's ETA (seconds or None, upper bound?) and compute left; None outside a sweep."""
+        if Progress.sweep_eta is None:
+            return None
+        phase_left = max(0.0, self.compute_expected() - self.compute_done())
+        seconds, bound = Progress.sweep_eta.eta(self.phase, phase_left, self.upper_bound, time.time())
+        return seconds, bound, Progress.sweep_eta.left(self.phase, phase_left, self.upper_bound)[0]
+
     def header(self) -> str:
         from pgps_tune.report import duration
 
         finished = sum(t.status != "running" for t in self.trials.values())
         eta = self.eta()
         left = "ETA ?" if eta is None else f"{'at most ' if self.upper_bound else ''}{duration(eta)} left"
+        sweep = self.sweep()
         return (f"{self.phase}: {finished} of {plural(self.total, 'trial')} done, "
                 f"compute {self.compute_done():.0f} of ~{self.compute_expected():.0f} baseline iterations, "
-                f"{duration(time.time() - self.t0)} elapsed, {left}")
+                f"{duration(time.time() - self.t0)} elapsed, {left}"
+                + (f"; sweep {eta_text(*sweep[:2])}" if sweep else ""))
 
     # -- writing
     def _write(self, text: str) -> None:
@@ -957,12 +1096,14 @@ class Progress(tune.Callback):
         from pgps_tune.errors import strict_json
 
         if self.mode == "json":
+            sweep = self.sweep() or (None, None, None)
             self._write(strict_json({
                 "event": event, "phase": self.phase, "trial": t.trial, "status": t.status,
                 "stage": t.stage, "stages": t.stages, "patch": t.patch or None, "val_dice": t.dice, **extra,
                 "trials_done": sum(x.status != "running" for x in self.trials.values()), "trials_total": self.total,
                 "compute_done": self.compute_done(), "compute_expected": self.compute_expected(),
                 "elapsed_s": time.time() - self.t0, "eta_s": self.eta(),
+                "sweep_eta_s": sweep[0], "sweep_eta_upper_bound": sweep[1], "sweep_compute_left": sweep[2],
             }, indent=None) + "\n")
         elif self.mode == "live":
             self._draw()
@@ -978,6 +1119,14 @@ class Progress(tune.Callback):
 
     def _line(self, trial) -> TrialLine:
         return self.trials.setdefault(trial.trial_id, TrialLine(trial.trial_id, self.phase))
+
+    def _clock(self, t: TrialLine, role: str) -> None:
+        """Tell the sweep's clock this phase's compute, and what a searched schedule costs."""
+        if Progress.sweep_eta is None:
+            return
+        Progress.sweep_eta.done[self.phase] = self.compute_done() - self.done_at_start
+        if role == "search" and t.fraction is not None and self.phase != "confirm":
+            Progress.sweep_eta.searched[(self.phase, t.trial)] = t.fraction
 
     # -- Tune's hooks
     def on_step(self, iteration, trials, **info):
@@ -999,6 +1148,7 @@ class Progress(tune.Callback):
         t.compute = float(result.get("baseline_iterations", t.compute))
         if result.get("schedule_voxel_fraction") is not None:
             t.fraction = float(result["schedule_voxel_fraction"])
+        self._clock(t, result.get("role", "search"))
         self._event("result", t, "", score=result.get("score"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -1010,12 +1160,16 @@ class Progress(tune.Callback):
         what = (f"FAILED: {r.get('error', 'diverged')}" if r.get("diverged") else
                 "over the voxel budget: not trained" if r.get("infeasible") else
                 f"{t.status}: Dice {r.get('val_dice', math.nan):.3f} score {r.get('score', math.nan):.3f}")
-        eta = self.eta()
         from pgps_tune.report import duration
 
+        eta, sweep = self.eta(), self.sweep()
+        left = []
+        if eta is not None and done < self.total:
+            left.append(f"{'at most ' if self.upper_bound else ''}{duration(eta)} left")
+        if sweep is not None:
+            left.append(f"sweep {eta_text(*sweep[:2])}")
         self._event("complete", t, f"{done}/{self.total} {trial.trial_id} {what}"
-                    + (f" ({'at most ' if self.upper_bound else ''}{duration(eta)} left)" if eta is not None
-                       and done < self.total else ""), score=r.get("score"))
+                    + (f" ({'; '.join(left)})" if left else ""), score=r.get("score"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self._line(trial)
@@ -1127,8 +1281,9 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
     metric (Dice, loss, stage, patch sides, compute) to event files in each trial's folder.
     """
     b = opts.space.budget
+    plan = Progress.sweep_eta.plan(phase) if Progress.sweep_eta else None  # a rung's or the confirmation's budget
     callbacks: list = [Progress(num_samples, phase, "none" if opts.quiet else opts.progress,
-                                trial_compute=b.epochs * b.iterations_per_epoch,
+                                trial_compute=plan.trial_compute if plan else b.epochs * b.iterations_per_epoch,
                                 cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
@@ -1287,6 +1442,25 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     if opts.resume:
         _keep_confirmations(meta, read_meta(opts.out), confirm)
     write_meta(opts.out, meta)
+    plans = search_plans(space, num_samples)
+    if space.search.references:
+        refs = reference_configs(space)
+        plans.insert(0, PhasePlan("references", len(refs), float(b.epochs * b.iterations_per_epoch),
+                                  known=tuple(_fractions(refs, setup, b.epochs))))
+    if confirm is not None:
+        plans.append(confirm_plan(confirm, b.iterations_per_epoch,
+                                  _fractions(meta["reference_configs"], setup, confirm.epochs)))
+    with _sweep_clock(plans, opts):
+        _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm)
+    meta["finished"] = True
+    write_meta(opts.out, meta)
+    return meta
+
+
+def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], storage_fs,
+            storage_path: str, num_samples: int, confirm: ConfirmSettings | None) -> None:
+    """The sweep's phases in order: references, search (one rung after another if compressed), confirmation."""
+    space, b = opts.space, opts.space.budget
     if space.search.references:
         refs = reference_configs(space)
         run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
@@ -1322,9 +1496,38 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
                   searcher, num_samples, scheduler, stopper, signals=signals)
     if confirm is not None:
         run_confirmation(opts, meta, confirm, storage_fs, signals)
-    meta["finished"] = True
-    write_meta(opts.out, meta)
-    return meta
+
+
+def _fractions(configs: list[dict[str, Any]], setup: dict[str, Any], epochs: int) -> list[float]:
+    """The voxel fractions of fixed schedules (the references) at ``epochs``: their cost, known before they run."""
+    b = setup["budget"]
+    multiple_of = patch_multiple(b["network"], setup["pools"], b["token_size"])
+    return [schedule_from_params(c, setup["final_patch"], setup["pools"], b["batch_size"], epochs,
+                                 multiple_of).voxel_fraction() for c in configs]
+
+
+@contextlib.contextmanager
+def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = True):
+    """The sweep's ETA for the phases ``plans`` lists, shown by every phase's :class:`Progress`; its plan is
+    announced first, as a line (or a JSON ``plan`` event)."""
+    from pgps_tune.errors import strict_json
+
+    mode = "none" if opts.quiet or not announce else opts.progress
+    total, bound = sum(p.compute(1.0) for p in plans), any(p.bound for p in plans)
+    if mode == "json":
+        print(strict_json({"event": "plan", "phases": [{"phase": p.phase, "trials": p.trials, "compute": p.compute(1.0),
+                                                        "upper_bound": p.bound} for p in plans],
+                           "compute": total, "upper_bound": bound}, indent=None), file=sys.stderr, flush=True)
+    elif mode != "none":
+        what = ", ".join(f"{p.phase} {plural(p.trials, 'trial')}" for p in plans)
+        print(f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent "
+              "iterations, searched schedules priced at the baseline's cost until they report their own",
+              file=sys.stderr, flush=True)
+    Progress.sweep_eta = SweepEta(plans, time.time())
+    try:
+        yield
+    finally:
+        Progress.sweep_eta = None
 
 
 # -- confirmation -----------------------------------------------------------------------------------
@@ -1512,7 +1715,10 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
     storage_fs = None if isinstance(fs, pafs.LocalFileSystem) else fs
-    with _stop_signals() as signals, _ray_session(opts, signals):
+    # the confirmation's budget prices its trials; no plan line: an extension trains only what is new
+    plan = confirm_plan(settings, b["iterations_per_epoch"],
+                        _fractions(meta["reference_configs"], setup, settings.epochs))
+    with _stop_signals() as signals, _ray_session(opts, signals), _sweep_clock([plan], opts, announce=False):
         run_confirmation(opts, meta, settings, storage_fs, signals)
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
 

@@ -97,9 +97,17 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(tmp_path, capsys, monk
     # progress: one JSON object per line on stderr, every trial started and completed
     events = [json.loads(line) for line in printed.err.splitlines() if line.startswith('{"event"')]
     trials = json.loads((out / "summary.json").read_text())["trials"]
+    # first the sweep's plan: no references, no confirmation, no ASHA: 2 trials of 4 x 1 iterations, expected
+    plan, events = events[0], events[1:]
+    assert plan["event"] == "plan" and plan["phases"] == [
+        {"phase": "search", "trials": 2, "compute": 2 * 4 * 1.0, "upper_bound": False}]
     assert sum(e["event"] == "start" for e in events) == sum(e["event"] == "complete" for e in events) == trials == 2
     assert all(e["stage"] in (0, 1) and e["stages"] == 2 for e in events if e["event"] == "result")
     assert {e["phase"] for e in events} == {"search"}
+    # the whole sweep's ETA on every event, expected (not a bound); nothing left once the last trial ended
+    assert all(e["sweep_eta_upper_bound"] is False and e["sweep_compute_left"] >= 0 for e in events)
+    assert events[-1]["event"] == "complete" and events[-1]["sweep_compute_left"] == 0
+    assert events[-1]["sweep_eta_s"] == 0
     # the report is written and named in the last lines
     assert (out / "report.html").is_file() and printed.out.rstrip().endswith(f"report: {out / 'report.html'}")
     # Ray's own TensorBoard logger writes every trial's reports, patch sides included

@@ -1,0 +1,167 @@
+"""The whole sweep's ETA: what each phase plans before it starts, and the clock that prices what is left.
+
+Pure arithmetic and stand-in trials: no Ray cluster, no training.
+"""
+
+import io
+import json
+import types
+
+import pytest
+
+from pgps_tune import space as spaces
+from pgps_tune.tuner import (
+    ConfirmSettings,
+    PhasePlan,
+    Progress,
+    SweepEta,
+    SweepOptions,
+    _callbacks,
+    confirm_plan,
+    search_plans,
+)
+
+BUDGET = {"epochs": 10, "iterations_per_epoch": 9, "batch_size": 2, "final_patch": [16, 16, 16], "pools": [3, 3, 3]}
+
+
+def _space(**sections) -> spaces.SearchSpace:
+    raw = {"name": "s", "parameters": {"stages": {"value": 2}, "growth": {"type": "float", "low": 1.5, "high": 2.0}},
+           "budget": BUDGET, **sections}
+    return spaces.parse(raw, "s.yaml")
+
+
+def test_asha_or_a_compute_cap_makes_the_search_an_upper_bound():
+    (asha,) = search_plans(_space(), num_samples=12)
+    assert (asha.phase, asha.trials, asha.trial_compute, asha.bound) == ("search", 12, 90.0, True)
+    assert asha.compute(0.5) == 12 * 0.5 * 90  # every trial priced as if ASHA let it run to the end
+    (capped,) = search_plans(_space(asha={"enabled": False}, search={"max_compute": 3}), num_samples=12)
+    assert capped.bound and capped.compute(1.0) == 3 * 90 and capped.compute(0.1) == pytest.approx(12 * 0.1 * 90)
+    (whole,) = search_plans(_space(asha={"enabled": False}), num_samples=12)
+    assert not whole.bound and whole.compute(1.0) == 12 * 90
+    (pareto,) = search_plans(_space(objective={"type": "pareto"}), num_samples=12)
+    assert not pareto.bound  # a pareto sweep turns ASHA off
+
+
+def test_a_compressed_ladder_plans_each_rung_at_its_own_budget():
+    plans = search_plans(_space(asha={"fidelity": "compressed", "reduction_factor": 3, "min_fraction": 1 / 9}),
+                         num_samples=27)
+    # 27 schedules at 1 of 9 iterations per epoch, the best 9 at 3 of 9, the best 3 at the full budget
+    assert [(p.phase, p.trials, p.trial_compute, p.bound) for p in plans] == [
+        ("search", 27, 10.0, False), ("search-r1", 9, 30.0, False), ("search-r2", 3, 90.0, False)]
+    assert sum(p.compute(1.0) for p in plans) == 27 * 10 + 9 * 30 + 3 * 90
+
+
+def test_the_confirmation_plans_candidates_and_references_on_every_repeat():
+    plan = confirm_plan(ConfirmSettings(top_k=2, epochs=20, seeds=3), iterations_per_epoch=9, references=[1.0, 0.4])
+    assert (plan.phase, plan.trials, plan.trial_compute) == ("confirm", 3 * (2 + 2), 180.0)
+    # the references' cost is known; the two candidates per seed are priced at the searched mean
+    assert plan.compute(0.5) == pytest.approx((3 * (1.0 + 0.4) + 3 * 2 * 0.5) * 180)
+    folds = confirm_plan(ConfirmSettings(top_k=1, epochs=20, folds=5), 9, [1.0, 0.4])
+    assert folds.trials == 5 * 3 and not folds.bound
+
+
+def test_the_rate_is_the_sweeps_since_it_started_and_no_compute_means_no_eta():
+    eta = SweepEta([PhasePlan("search", 2, 100.0)], t0=100.0)
+    assert eta.rate(150.0) is None and eta.eta("search", 200.0, False, 150.0) == (None, False)
+    eta.done["search"] = 50.0
+    assert eta.rate(150.0) == 1.0 and eta.eta("search", 150.0, False, 150.0) == (150.0, False)
+    assert eta.left("a phase not in the plan", 10.0, True) == (10.0, True)  # nothing planned after it
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    c = Clock()
+    monkeypatch.setattr(tuner.time, "time", c)
+    monkeypatch.setattr(Progress, "sweep_eta", None)  # restored after the test: a class attribute
+    return c
+
+
+def _trial(tid: str, last: dict | None = None):
+    return types.SimpleNamespace(trial_id=tid, config={}, last_result=last or {})
+
+
+def _result(compute: float, fraction: float, role: str, completed: bool = False) -> dict:
+    return {"stage": 0, "n_stages": 1, "val_dice": 0.5, "score": 0.5, "baseline_iterations": compute,
+            "schedule_voxel_fraction": fraction, "role": role, "completed": completed}
+
+
+def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
+    plans = [PhasePlan("references", 2, 100.0, known=(1.0, 0.4)), PhasePlan("search", 4, 100.0, bound=True),
+             confirm_plan(ConfirmSettings(top_k=1, epochs=20, seeds=2), 10, [1.0, 0.4])]
+    Progress.sweep_eta = SweepEta(plans, clock.now)
+    out = io.StringIO()
+    refs = Progress(total=2, phase="references", mode="json", trial_compute=100.0)
+    refs.stream = out
+    b = _trial("b")
+    refs.on_trial_start(0, [], b)
+    clock.now += 10
+    refs.on_trial_result(0, [], b, _result(50.0, 1.0, "baseline"))
+    event = json.loads(out.getvalue().splitlines()[-1])
+    # left: the references' 120 (the baseline's other half, the paper schedule priced at the plan's mean 0.7),
+    # the search's 4 x 100 (no searched schedule seen: the baseline's cost), the confirmation's
+    # 2 seeds x (1.0 + 0.4 + 1 candidate at 1.0) x 200; at 50 iterations in 10 s
+    left = (50 + 0.7 * 100) + 4 * 100 + 2 * 2.4 * 200
+    assert event["sweep_compute_left"] == pytest.approx(left)
+    assert event["sweep_eta_s"] == pytest.approx(left / 5.0) and event["sweep_eta_upper_bound"] is True
+    assert event["eta_s"] == pytest.approx((50 + 0.7 * 100) / 5.0)  # the phase's own ETA stays
+
+    # the search starts: no rate of its own yet, but the sweep's clock has one
+    p = _trial("p")
+    refs.on_trial_start(0, [], p)
+    clock.now += 10
+    b.last_result = _result(100.0, 1.0, "baseline", completed=True)
+    refs.on_trial_result(0, [], b, b.last_result)
+    refs.on_trial_complete(0, [], b)
+    p.last_result = _result(40.0, 0.4, "paper", completed=True)
+    refs.on_trial_result(0, [], p, p.last_result)
+    refs.on_trial_complete(0, [], p)
+    search = Progress(total=4, phase="search", mode="live", trial_compute=100.0, upper_bound=True)
+    search.stream = out = io.StringIO()
+    s1 = _trial("s1")
+    search.on_trial_start(0, [], s1)
+    header = out.getvalue().splitlines()[0]
+    # 400 (the search, at the baseline's cost) + 960 (the confirmation) left, at 140 iterations in 20 s
+    assert header.endswith("0s elapsed, ETA ?; sweep ETA <= 3m14s"), header
+    # once a searched schedule reports its cost (0.5), the search and the confirmation's candidate take it
+    clock.now += 10
+    search.on_trial_result(0, [], s1, _result(25.0, 0.5, "search"))
+    assert search.sweep()[2] == pytest.approx((4 * 0.5 * 100 - 25) + 2 * (1.4 + 0.5) * 200)
+    # 935 left at 165 iterations in 30 s; the phase itself: 175 left at 25 in 10 s
+    assert search.header().endswith("at most 1m10s left; sweep ETA <= 2m50s")
+
+
+def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):
+    Progress.sweep_eta = SweepEta([confirm_plan(ConfirmSettings(top_k=1, epochs=2, seeds=1), 10, [1.0, 0.4])],
+                                  clock.now)
+    out = io.StringIO()
+    confirm = Progress(total=3, phase="confirm", mode="lines", trial_compute=20.0)
+    confirm.stream = out
+    a = _trial("a")
+    confirm.on_trial_start(0, [], a)
+    clock.now += 10
+    a.last_result = _result(20.0, 1.0, "baseline", completed=True)
+    confirm.on_trial_result(0, [], a, a.last_result)
+    confirm.on_trial_complete(0, [], a)
+    # two trials left at the plan's mean fraction (1.0 + 0.4 + 1.0) / 3 of 20 iterations, at 2 a second
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith("1/3 a completed: Dice 0.500 score 0.500 (16s left; sweep ETA ~16s)"), last
+
+
+def test_a_phase_prices_its_trials_at_its_own_budget(clock, tmp_path):
+    space = _space(asha={"fidelity": "compressed", "reduction_factor": 3, "min_fraction": 1 / 9})
+    opts = SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep")
+    Progress.sweep_eta = SweepEta(search_plans(space, 27), clock.now)
+    assert [_callbacks(phase, opts, "x", 9, None, None)[0].trial_compute for phase in ("search", "search-r1")] \
+        == [10.0, 30.0]  # 10 epochs at 1 and at 3 of 9 iterations per epoch, not the full budget's 90
+    Progress.sweep_eta = None
+    assert _callbacks("search", opts, "x", 9, None, None)[0].trial_compute == 90.0
