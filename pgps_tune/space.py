@@ -734,5 +734,6 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
                 at = f" at confirm.epochs {epochs}" if epochs != b.epochs else ""
                 fix = "" if ref["role"] in searched else (
                     " (the confirmation compares with it; set confirm.enabled false to skip the confirmation)")
-                raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built{at}: {exc}"
+                why = str(exc).replace("give --epochs", "give --confirm-epochs") if at else exc  # the flag at fault
+                raise PgpsError(f"{space.source}: the {ref['role']} reference cannot be built{at}: {why}"
                                 f"{fix}") from None

@@ -1,0 +1,26 @@
+"""A new user's first commands: every fix an error suggests is the flag that fixes it. No Ray, no training."""
+
+from pgps_tune import schedule as sch
+from pgps_tune.cli import main
+from pgps_tune.space import check_space_against_plan
+
+
+def test_a_confirmation_too_short_for_the_paper_reference_names_confirm_epochs(tmp_path, capsys, monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    seen = {}
+
+    def fake(opts):  # the sweep's first check, against Hippocampus's plan, in place of the sweep
+        check_space_against_plan(opts.space, (40, 56, 40), (3, 3, 3))
+        seen["confirm_epochs"] = opts.space.confirm.epochs
+        return {"sweep": opts.out.name, "dataset": "Hippocampus", "trials": 0, "completed": 0, "stopped_early": 0,
+                "failed": 0, "best": None}
+
+    monkeypatch.setattr(tuner, "sweep", fake)
+    stages = len(sch.paper_patches((40, 56, 40), (3, 3, 3)))
+    base = ["tune", "--space", "smoke", "--data", "synthetic", "--out", str(tmp_path / "s"), "--epochs", str(stages)]
+    assert main([*base, "--confirm-epochs", str(stages - 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"at confirm.epochs {stages - 1}" in err and err.rstrip().endswith(f"give --confirm-epochs >= {stages}")
+    assert main([*base, "--confirm-epochs", str(stages)]) == 0  # the fix given is the fix
+    assert seen["confirm_epochs"] == stages
