@@ -1521,7 +1521,7 @@ def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = Tr
     elif mode != "none":
         what = ", ".join(f"{p.phase} {plural(p.trials, 'trial')}" for p in plans)
         print(f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent "
-              "iterations, searched schedules priced at the baseline's cost until they report their own",
+              "iterations (searched schedules at the baseline's cost until they report theirs)",
               file=sys.stderr, flush=True)
     Progress.sweep_eta = SweepEta(plans, time.time())
     try:
