@@ -1166,7 +1166,7 @@ class Progress(tune.Callback):
         left = []
         if eta is not None and done < self.total:
             left.append(f"{'at most ' if self.upper_bound else ''}{duration(eta)} left")
-        if sweep is not None:
+        if sweep is not None and sweep[2] > 0:  # the sweep's last trial says nothing is left by ending
             left.append(f"sweep {eta_text(*sweep[:2])}")
         self._event("complete", t, f"{done}/{self.total} {trial.trial_id} {what}"
                     + (f" ({'; '.join(left)})" if left else ""), score=r.get("score"))
