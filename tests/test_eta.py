@@ -155,6 +155,12 @@ def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):
     # two trials left at the plan's mean fraction (1.0 + 0.4 + 1.0) / 3 of 20 iterations, at 2 a second
     last = out.getvalue().splitlines()[-1]
     assert last.endswith("1/3 a completed: Dice 0.500 score 0.500 (16s left; sweep ETA ~16s)"), last
+    for tid in ("b", "c"):
+        x = _trial(tid, _result(20.0, 0.4, "paper", completed=True))
+        confirm.on_trial_start(0, [], x)
+        confirm.on_trial_result(0, [], x, x.last_result)
+        confirm.on_trial_complete(0, [], x)
+    assert out.getvalue().splitlines()[-1].endswith("3/3 c completed: Dice 0.500 score 0.500")  # nothing left
 
 
 def test_a_phase_prices_its_trials_at_its_own_budget(clock, tmp_path):
