@@ -128,6 +128,11 @@ def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+# the values of trials.parquet's phase and status columns (pgps_tune.tuner.PHASES, pgps_tune.results.trial_rows)
+FILTER_VALUES = {"phase": ("references", "search", "confirm"),
+                 "status": ("completed", "stopped_early", "failed", "unfinished")}
+
+
 def select_trials(rows: list[dict[str, Any]], sort: str | None = None, phase: str | None = None,
                   status: str | None = None, reverse: bool = False) -> list[dict[str, Any]]:
     """Filter by phase and status, then sort by a column: numbers high first, text A-Z, blanks last.
@@ -137,10 +142,11 @@ def select_trials(rows: list[dict[str, Any]], sort: str | None = None, phase: st
     if rows and sort is not None and sort not in rows[0]:
         raise PgpsError(f"--sort {sort!r} is not a column of trials.parquet; use one of {', '.join(rows[0])}")
     for key, want in (("phase", phase), ("status", status)):
-        if want is not None:
+        if want is not None:  # a value no sweep writes is refused; one this sweep has no trial of selects none
             known = sorted({str(r[key]) for r in rows})
-            if want not in known:
-                raise PgpsError(f"--{key} {want!r} matches no trial; this sweep has {', '.join(known) or 'none'}")
+            if want not in known and want not in FILTER_VALUES[key]:
+                raise PgpsError(f"--{key} {want!r} matches no trial; this sweep has {', '.join(known) or 'none'} "
+                                f"(any sweep: {', '.join(FILTER_VALUES[key])})")
             rows = [r for r in rows if r[key] == want]
     key = sort or "score"
     blank = [r for r in rows if fmt(r[key]) == ""]

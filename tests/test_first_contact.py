@@ -24,3 +24,18 @@ def test_a_confirmation_too_short_for_the_paper_reference_names_confirm_epochs(t
     assert f"at confirm.epochs {stages - 1}" in err and err.rstrip().endswith(f"give --confirm-epochs >= {stages}")
     assert main([*base, "--confirm-epochs", str(stages)]) == 0  # the fix given is the fix
     assert seen["confirm_epochs"] == stages
+
+
+def test_trials_filters_on_a_value_with_no_trial_select_none_and_refuse_only_unknown_values():
+    import pytest
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.report import FILTER_VALUES, select_trials
+    from pgps_tune.tuner import PHASES
+
+    rows = [{"trial_id": "a", "phase": "search", "status": "completed", "score": 0.5}]
+    # 'is any trial failed?' in a script: an empty answer, not an error
+    assert select_trials(rows, status="failed") == [] and select_trials(rows, phase="confirm") == []
+    with pytest.raises(PgpsError, match="--status 'done' matches no trial; this sweep has completed .any sweep: "):
+        select_trials(rows, status="done")
+    assert FILTER_VALUES["phase"] == PHASES  # the phases a sweep writes
