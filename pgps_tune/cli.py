@@ -886,7 +886,8 @@ def cmd_confirm(a: argparse.Namespace) -> int:
     opts = ConfirmOptions(
         sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds, splits=a.splits, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
-        max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet)
+        max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet,
+        progress=progress_mode(a.progress, a.quiet))
     try:
         summary = confirm(opts)
     except SweepInterrupted as exc:
@@ -1171,7 +1172,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
     co.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
-    co.add_argument("--quiet", action="store_true", help="no progress lines")
+    co.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")
+    co.add_argument("--progress", choices=PROGRESS, default="auto",
+                    help="progress on stderr, as for tune: live, lines, json or none; default auto: live on a "
+                         "terminal, else lines")
     co.set_defaults(func=cmd_confirm)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")

@@ -1671,6 +1671,7 @@ class ConfirmOptions:
     address: str | None = None
     results_store: str | None = None
     quiet: bool = False
+    progress: str = "lines"  # as SweepOptions.progress
 
 
 def confirm(c: ConfirmOptions) -> dict[str, Any]:
@@ -1708,7 +1709,7 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
         cpus_per_trial=c.cpus_per_trial or meta.get("cpus_per_trial", 1.0),
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
         address=c.address, storage=meta.get("storage"), resume=True, results_store=c.results_store, quiet=c.quiet,
-        max_failures=c.max_failures,
+        progress=c.progress, max_failures=c.max_failures,
     )
     opts.check()
     fs, _ = _filesystem(meta.get("storage"), meta["storage_path"])

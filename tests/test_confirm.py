@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +18,8 @@ from pgps_tune import space as sp
 from pgps_tune.cli import main
 from pgps_tune.results import confirm_candidates, confirmation_summary
 from pgps_tune.stats import paired_comparison, spread
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- statistics ---------------------------------------------------------------------------------
 
@@ -337,7 +342,10 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(tmp_path, capsys,
     assert best.meta["val_dice"] == pytest.approx(c["schedules"][searched]["dice"]["mean"])
     assert len(best.stages) == 1
     # a third seed: only the 3 new trials run, in an experiment of their own
-    assert main(["confirm", str(out), "--seeds", "3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["confirm", str(out), "--seeds", "3", "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert sum(e.get("phase") == "confirm" and e.get("event") == "complete" for e in events) == 3, events[-3:]
     meta = json.loads((out / "sweep.json").read_text())
     assert list(meta["experiments"]) == ["search", "confirm", "confirm-2"] and "pending_confirm" not in meta
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -348,6 +356,17 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(tmp_path, capsys,
     assert summary["confirmation"]["repeats"] == [1, 2, 3]
     assert summary["confirmation"]["schedules"][searched]["vs"]["baseline"]["n"] == 3
     assert yaml.safe_load((out / "best_schedule.yaml").read_text())["meta"]["confirmation"]["repeats"] == [1, 2, 3]
+    # the confirmation benchmark reads this sweep as it reads a real one (nothing is trained)
+    bench = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_confirm.py"), "--sweep", str(out),
+                            "--report", str(tmp_path / "docs" / "c.md")], capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    report = (tmp_path / "docs" / "c.md").read_text()
+    assert f"{searched} (" in report and "**(winner)**" in report and "3 pairs" in report
+    assert f"the search phase's best trial ({searched}) is the confirmed winner" in report
+    assert "in 3 of 3 seeds" in report  # one searched schedule: every seed picks it
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_confirm.py"), "--sweep",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "summary.json is missing" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_confirm_refuses_what_it_cannot_confirm_in_one_line(tmp_path, capsys):
