@@ -92,7 +92,7 @@ def check_network_patches(
 # The base widths each network takes: swinunetr's attention heads (3, 6, 12, 24) split its
 # feature size, segresnet's group norm has 8 groups; unetr has one attention head per 64 of its
 # hidden size.  unet/dynunet take their widths from ``filters`` instead.
-FEATURE_MULTIPLE = {"swinunetr": 12, "segresnet": 8, "unetr": 1}
+FEATURE_MULTIPLE = {"segresnet": 8, "swinunetr": 12, "unetr": 1}
 WIDTH_NETWORKS = {"feature_size": tuple(FEATURE_MULTIPLE), "hidden_size": ("unetr",)}
 
 
@@ -255,8 +255,9 @@ class TrainConfig:
             iterations_per_epoch=int(budget["iterations_per_epoch"]), seed=int(budget["seed"]), device=device,
             threads=threads, fg_ratio=float(params.get("fg_ratio", budget["fg_ratio"])),
             val_every=int(budget["val_every"]), token_size=int(budget["token_size"]), augment=budget["augment"],
-            feature_size=None if budget["feature_size"] is None else int(budget["feature_size"]),
-            hidden_size=int(budget["hidden_size"]),
+            # a sweep started before the widths were budget keys trained with the defaults
+            feature_size=None if budget.get("feature_size") is None else int(budget["feature_size"]),
+            hidden_size=int(budget.get("hidden_size", cls.hidden_size)),
         )
 
     @classmethod
