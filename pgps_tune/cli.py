@@ -36,9 +36,11 @@ from pgps_tune.config import (
     NETWORKS,
     OPTIMIZERS,
     TOKEN_SIZES,
+    WIDTH_NETWORKS,
     DataIdentity,
     Recipe,
     TrainConfig,
+    check_network_widths,
     check_train_value,
     patch_multiple,
 )
@@ -264,8 +266,9 @@ def _synthetic_args(a: argparse.Namespace, recipe: Recipe | None) -> dict[str, A
 
 # TrainConfig fields that train takes as flags (the flag is the field with dashes); their argparse
 # default is None, so that only a flag the user gave replaces the schedule file's recipe
-TRAIN_FLAGS = ("network", "filters", "deep_supervision", "token_size", "augment", "optimizer", "lr", "fg_ratio",
-               "seed", "iterations_per_epoch", "val_every", "threads", "workers", "max_train_seconds", "device")
+TRAIN_FLAGS = ("network", "filters", "deep_supervision", "token_size", "feature_size", "hidden_size", "augment",
+               "optimizer", "lr", "fg_ratio", "seed", "iterations_per_epoch", "val_every", "threads", "workers",
+               "max_train_seconds", "device")
 SPLIT_FLAGS = ("val_fraction", "split_seed")
 
 
@@ -341,6 +344,19 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
     return cfg
 
 
+def _check_widths(network: str, feature_size: int | None, hidden_size: int, given: set[str], source: str) -> None:
+    """Refuse a width flag the network does not use, and a width (given or from ``source``) it cannot be built with."""
+    for f in ("feature_size", "hidden_size"):
+        if f in given and network not in WIDTH_NETWORKS[f]:
+            widths = " (its widths are --filters)" if network in ("unet", "dynunet", "dynunet_resenc") else ""
+            raise PgpsError(f"{_flag(f)} applies to --network {', '.join(WIDTH_NETWORKS[f])}, not {network}"
+                            f"{widths}; drop it or change --network")
+    def name(f: str) -> str:
+        return _flag(f) if f in given else f"{source}'s {f}"
+
+    check_network_widths(network, feature_size, hidden_size, (name("feature_size"), name("hidden_size")))
+
+
 def _note_other_data(recipe: Recipe, ds: Any) -> None:
     """Say so when --data is not what the recipe was trained on (allowed: a schedule may transfer)."""
     d = recipe.data
@@ -397,12 +413,14 @@ def cmd_train(a: argparse.Namespace) -> int:
                 print(f"train: --epochs {a.epochs} rescales the schedule file's {s.epochs} epochs", file=sys.stderr)
                 s = sch.rescale_epochs(s, a.epochs)
             cfg = _run_settings(a, s, given)
+            _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the schedule file's recipe")
             synthetic = _synthetic_args(a, s.recipe)
             ds = _prepare(a, **synthetic)
             if s.recipe is not None:
                 _note_other_data(s.recipe, ds)
         else:
             cfg = _run_settings(a, None, given)
+            _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the defaults")
             a.network, a.token_size = cfg.network, cfg.token_size  # the network's patch rule shapes the schedule
             synthetic = _synthetic_args(a, None)
             if nn_plan is not None:
@@ -506,8 +524,15 @@ def _memory_of(device: Any) -> tuple[int, str]:
 
 
 def _check_batch_memory(s: sch.Schedule, cfg: TrainConfig) -> None:
-    """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line)."""
+    """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line).
+
+    Only the networks whose activations the schedule core models (by their ``filters``) are estimated;
+    the others (segresnet, swinunetr, unetr, dynunet_resenc) have no such model yet and are not refused here.
+    """
     from pgps_tune.trainer import resolve_device
+
+    if cfg.network not in sch.SAVED_ACTIVATIONS:
+        return
 
     device = resolve_device(cfg.device)
     need, i = sch.training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4)
@@ -632,8 +657,9 @@ def _space_path(name: str) -> Path:
 
 
 # Space budget fields that tune and demo take as flags (the flag is the field with dashes)
-BUDGET_FLAGS = ("epochs", "iterations_per_epoch", "batch_size", "val_every", "network", "token_size", "augment",
-                "filters", "optimizer", "lr", "fg_ratio", "seed", "val_fraction", "split_seed", "final_patch", "pools")
+BUDGET_FLAGS = ("epochs", "iterations_per_epoch", "batch_size", "val_every", "network", "token_size", "feature_size",
+                "hidden_size", "augment", "filters", "optimizer", "lr", "fg_ratio", "seed", "val_fraction",
+                "split_seed", "final_patch", "pools")
 
 
 def _with_budget_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace:
@@ -647,7 +673,9 @@ def _with_budget_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace
     if not a.quiet:
         shown = ", ".join(f"{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for f, v in given.items())
         print(f"budget from the command line: {shown} (in place of {space.source}'s)", file=sys.stderr)
-    return dataclasses.replace(space, budget=dataclasses.replace(space.budget, **given))
+    b = dataclasses.replace(space.budget, **given)
+    _check_widths(b.network, b.feature_size, b.hidden_size, set(given), f"{space.source}: budget")
+    return dataclasses.replace(space, budget=b)
 
 
 # Space confirm fields that tune and demo take as flags (--confirm-top-k, ...), and --no-confirm
@@ -1019,6 +1047,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--network", help=f"{', '.join(NETWORKS)} (default {TrainConfig.network})")
     t.add_argument("--token-size", type=int, choices=TOKEN_SIZES,
                    help=f"unetr: token side; patch sides must be multiples of it (default {TrainConfig.token_size})")
+    t.add_argument("--feature-size", type=n("feature_size"),
+                   help="segresnet/swinunetr/unetr base width (default: MONAI's, 8/24/16; swinunetr needs a "
+                        "multiple of 12, segresnet of 8); smaller widths fit small machines")
+    t.add_argument("--hidden-size", type=n("hidden_size"),
+                   help=f"unetr transformer width, a multiple of 64 (default {TrainConfig.hidden_size}; smaller "
+                        "widths fit small machines)")
     t.add_argument("--augment", help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default "
                    f"{TrainConfig.augment}, close to nnU-Net's; none: plain crops)")
     t.add_argument("--filters", nargs="+", type=n("filters"),
@@ -1122,6 +1156,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "to Tune)")
         g.add_argument("--network", choices=NETWORKS, help="network")
         g.add_argument("--token-size", type=int, choices=TOKEN_SIZES, help="unetr: token side")
+        g.add_argument("--feature-size", type=n("feature_size"), help="segresnet/swinunetr/unetr base width "
+                       "(swinunetr: a multiple of 12, segresnet: of 8)")
+        g.add_argument("--hidden-size", type=n("hidden_size"), help="unetr transformer width (a multiple of 64)")
         g.add_argument("--augment", choices=tuple(AUGMENT_PRESETS), help="augmentation preset (none: plain crops)")
         g.add_argument("--filters", nargs="+", type=n("filters"), metavar="N", help="channels per level")
         g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")

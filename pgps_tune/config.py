@@ -89,6 +89,34 @@ def check_network_patches(
             )
 
 
+# The base widths each network takes: swinunetr's attention heads (3, 6, 12, 24) split its
+# feature size, segresnet's group norm has 8 groups; unetr has one attention head per 64 of its
+# hidden size.  unet/dynunet take their widths from ``filters`` instead.
+FEATURE_MULTIPLE = {"segresnet": 8, "swinunetr": 12, "unetr": 1}
+WIDTH_NETWORKS = {"feature_size": tuple(FEATURE_MULTIPLE), "hidden_size": ("unetr",)}
+
+
+def check_network_widths(
+    network: str, feature_size: int | None, hidden_size: int, names: tuple[str, str] = ("feature size", "hidden size")
+) -> None:
+    """Refuse, before training, a width the network cannot be built with (one line naming ``names``).
+
+    Widths a network does not use are not checked here (a recipe carries both for every network).
+
+    >>> check_network_widths("swinunetr", 12, 768); check_network_widths("unetr", 8, 192)
+    >>> check_network_widths("swinunetr", 16, 768)
+    Traceback (most recent call last):
+    pgps_tune.errors.PgpsError: feature size 16 does not suit swinunetr: it needs a multiple of 12 (e.g. 12, 24, 48)
+    """
+    step = FEATURE_MULTIPLE.get(network)
+    if feature_size is not None and step is not None and feature_size % step:
+        raise PgpsError(f"{names[0]} {feature_size} does not suit {network}: it needs a multiple of {step} "
+                        f"(e.g. {step}, {2 * step}, {4 * step})")
+    if network == "unetr" and hidden_size > 64 and hidden_size % 64:
+        raise PgpsError(f"{names[1]} {hidden_size} does not suit unetr: it needs a multiple of 64 (one attention "
+                        "head per 64) or at most 64 (one head), e.g. 192 or 768")
+
+
 # -- augmentation presets ------------------------------------------------------------------
 
 
@@ -227,6 +255,9 @@ class TrainConfig:
             iterations_per_epoch=int(budget["iterations_per_epoch"]), seed=int(budget["seed"]), device=device,
             threads=threads, fg_ratio=float(params.get("fg_ratio", budget["fg_ratio"])),
             val_every=int(budget["val_every"]), token_size=int(budget["token_size"]), augment=budget["augment"],
+            # a sweep started before the widths were budget keys trained with the defaults
+            feature_size=None if budget.get("feature_size") is None else int(budget["feature_size"]),
+            hidden_size=int(budget.get("hidden_size", cls.hidden_size)),
         )
 
     @classmethod
@@ -242,7 +273,10 @@ class TrainConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
-        return cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in data.items()})
+        cfg = cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in data.items()})
+        check_network_widths(cfg.network, cfg.feature_size, cfg.hidden_size,
+                             (f"{where}.feature_size", f"{where}.hidden_size"))
+        return cfg
 
 
 # Trainer settings that are a name from a fixed list, and the settings that may be null (their
@@ -271,9 +305,7 @@ def check_train_value(name: str, value: Any, what: str) -> Any:
         if not isinstance(value, list | tuple) or not 1 <= len(value) <= 10:
             raise PgpsError(f"{what} must be a list of 1 to 10 channel counts, got {value!r}")
         return tuple(LIMITS["filters"].check(v, f"{what} entries") for v in value)
-    # widths take the channel range; every other number has its own range in pgps_tune.limits
-    rng = LIMITS["filters" if name in ("feature_size", "hidden_size") else name]
-    return rng.check(value, what)
+    return LIMITS[name].check(value, what)  # every number has its range in pgps_tune.limits
 
 
 # -- the recipe: everything a schedule file needs to reproduce the run that scored it ---------------

@@ -90,6 +90,8 @@ LIMITS: dict[str, Range] = {
     "seed": SEED,
     "split_seed": SEED,
     "filters": _int(1, 4096),
+    "feature_size": _int(1, 4096),  # base widths; what each network takes is checked beside them
+    "hidden_size": _int(1, 65536),
     "token_size": _int(1, 64),  # unetr: the supported sizes are checked by name beside it
     "threads": _int(1, 1024),
     "workers": _int(0, 256),

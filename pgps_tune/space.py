@@ -42,6 +42,7 @@ from pgps_tune.config import (
     OPTIMIZERS,
     TOKEN_SIZES,
     TrainConfig,
+    check_network_widths,
     patch_multiple,
 )
 from pgps_tune.errors import PgpsError, read_yaml
@@ -210,6 +211,11 @@ class Budget:
     batch_size: int = _doc(DEFAULT_BATCH_SIZE, "the constant baseline's batch size; `tune --batch-size`")
     network: str = _doc(TrainConfig.network, "one of " + ", ".join(f"`{n}`" for n in NETWORKS) + "; `tune --network`")
     token_size: int = _doc(TrainConfig.token_size, "unetr: token side; patch sides must be multiples of it")
+    feature_size: int | None = _doc(TrainConfig.feature_size, "segresnet/swinunetr/unetr base width (null: MONAI's "
+                                    "default, 8/24/16; swinunetr: a multiple of 12, segresnet: of 8); "
+                                    "`tune --feature-size`")
+    hidden_size: int = _doc(TrainConfig.hidden_size, "unetr transformer width (a multiple of 64, one attention head "
+                            "per 64); `tune --hidden-size`")
     augment: str = _doc(TrainConfig.augment, "augmentation preset (" + ", ".join(f"`{n}`" for n in AUGMENT_PRESETS)
                         + "); `none`: plain crops")
     filters: tuple[int, ...] = _doc(TrainConfig.filters, "channels per level (the first pools+1 are used); "
@@ -564,10 +570,20 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
                         f"{', '.join(map(str, TOKEN_SIZES))}")
     if budget.augment not in AUGMENT_PRESETS:
         raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
+    check_budget_widths(budget, src)
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source, confirm=confirm,
     )
+
+
+def check_budget_widths(budget: Budget, src: str) -> None:
+    """Refuse a feature or hidden size the budget's network cannot be built with (also after budget flags)."""
+    try:
+        check_network_widths(budget.network, budget.feature_size, budget.hidden_size,
+                             ("budget.feature_size", "budget.hidden_size"))
+    except PgpsError as exc:
+        raise PgpsError(f"{src}: {exc}") from None
 
 
 def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Budget, src: str) -> None:

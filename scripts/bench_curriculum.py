@@ -90,7 +90,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(network=job["network"], optimizer=job["optimizer"], lr=job["lr"],
                       iterations_per_epoch=job["ipe"], seed=job["seed"], val_every=job["val_every"], threads=threads,
                       fg_ratio=job.get("fg_ratio", 0.5), augment=job.get("augment", "default"),
-                      token_size=job.get("token_size", 16), device="cpu")
+                      token_size=job.get("token_size", 16), feature_size=job.get("feature_size"),
+                      hidden_size=job.get("hidden_size", TrainConfig.hidden_size), device="cpu")
     out = Path(job["run_dir"])
     if (out / "checkpoint.pt").exists():
         (out / "checkpoint.pt").unlink()  # a half-finished job restarts from scratch
@@ -112,8 +113,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def job_key(job: dict[str, Any]) -> str:
     ident = {k: job[k] for k in ("dataset", "schedule", "seed", "ipe", "network", "optimizer", "lr",
                                  "val_every", "batch", "augment")}
-    if job.get("token_size", 16) != 16:
-        ident["token_size"] = job["token_size"]
+    for k, default in (("token_size", 16), ("feature_size", None), ("hidden_size", 768)):
+        if job.get(k, default) != default:  # only when set, so jobs stored before these settings stay reused
+            ident[k] = job[k]
     if job.get("threads", 1) != 1:  # timings differ with the thread count
         ident["threads"] = job["threads"]
     if job.get("fg_ratio", 0.5) != 0.5:
@@ -321,6 +323,47 @@ def _save_fig(fig, path: Path) -> None:
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
 
 
+def dry_run(schedules: dict[str, dict[str, Any]], cfg: Any, channels: int, num_classes: int,
+            budgets: dict[str, tuple[int, int]]) -> int:
+    """Build the network for every schedule, time one step at its first and last stage, estimate each job.
+
+    The estimate scales the last stage's seconds per voxel by the schedule's voxels, so it ignores
+    validation and the extra cost per voxel of tiny patches.
+    """
+    import torch
+
+    from pgps_tune import schedule as sch
+    from pgps_tune.network import network_for
+
+    torch.set_num_threads(cfg.threads)
+    total = 0.0
+    for label, named in schedules.items():
+        epochs, ipe = budgets[label]
+        for name, d in named.items():
+            s = sch.Schedule.from_dict(d)
+            net = network_for(cfg, channels, num_classes, s)  # refuses a patch the network cannot take
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+            times = []
+            for st in (s.stages[0], s.stages[-1]):
+                x = torch.randn(st.batch_size, channels, *st.patch_size)
+                for _ in range(2):  # the second step is timed: the first pays one-off allocations
+                    t = time.perf_counter()
+                    opt.zero_grad()
+                    net(x).float().mean().backward()
+                    opt.step()
+                    times.append(time.perf_counter() - t)
+            last = s.stages[-1]
+            per_voxel = times[3] / (last.batch_size * int(np.prod(last.patch_size)))
+            est = per_voxel * s.voxel_fraction() * epochs * ipe * s.baseline_batch_size * int(np.prod(s.final_patch))
+            total += est
+            print(f"  {label} {name:18s} {len(s.stages):2d} stages, first {'x'.join(map(str, s.stages[0].patch_size))}"
+                  f" b{s.stages[0].batch_size}: {times[1]:.2f} s/step, last {'x'.join(map(str, last.patch_size))} "
+                  f"b{last.batch_size}: {times[3]:.2f} s/step; voxel ratio {s.voxel_fraction():.3f}; "
+                  f"~{est:.0f} s of training (one thread)", flush=True)
+    print(f"every schedule accepted; ~{total:.0f} s of training per seed in all (validation not included)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
@@ -332,6 +375,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--network", default="unet")
     ap.add_argument("--token-size", type=int, default=16, help="unetr: token side (default 16)")
+    ap.add_argument("--feature-size", type=int, help="segresnet/swinunetr/unetr base width (default: MONAI's)")
+    ap.add_argument("--hidden-size", type=int, default=768, help="unetr: transformer width (default 768)")
     ap.add_argument("--final-patch", type=int, nargs=3, help="final patch (default: the data's plan)")
     ap.add_argument("--augment", default="default", help="augmentation preset (default: the recipe's, 'default')")
     ap.add_argument("--optimizer", default="adamw")
@@ -341,6 +386,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_curriculum"))
     ap.add_argument("--report", help="also write a Markdown report here (plots beside it)")
+    ap.add_argument("--budgets", nargs="+", choices=("long", "short"), default=["long", "short"],
+                    help="which budgets to run (default both)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check that the network takes every schedule's patches and time one training step at "
+                         "each schedule's first and last stage; trains nothing")
     ap.add_argument("--quick", action="store_true", help="2 seeds, tiny budgets: under 5 minutes on 2 cores")
     a = ap.parse_args()
     defaults = {"long": "16x5", "short": "16x2", "seeds": [0, 1], "val_every": 4} if a.quick else \
@@ -356,7 +406,7 @@ def main() -> int:
         raise SystemExit(f"error: unknown schedule(s) {unknown}; choose from {[*FIXED, 'searched']}")
     if a.searched and not Path(a.searched).is_file():
         raise SystemExit(f"error: --searched {a.searched} does not exist; run scripts/bench_search.py first")
-    budgets = {"long": parse_budget(a.long), "short": parse_budget(a.short)}
+    budgets = {label: parse_budget(getattr(a, label)) for label in a.budgets}
 
     from pgps_tune.data import plan_patch, prepare, split
     from pgps_tune.errors import PgpsError
@@ -370,9 +420,14 @@ def main() -> int:
         import dataclasses
 
         plan = dataclasses.replace(plan, final_patch=tuple(a.final_patch))
-    from pgps_tune.config import patch_multiple
+    from pgps_tune.config import TrainConfig, check_network_widths, patch_multiple
 
-    multiple = patch_multiple(a.network, plan.pools, a.token_size)
+    try:
+        multiple = patch_multiple(a.network, plan.pools, a.token_size)
+        check_network_widths(a.network, a.feature_size, a.hidden_size, ("--feature-size", "--hidden-size"))
+    except PgpsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    widths = {"feature_size": a.feature_size, "hidden_size": a.hidden_size}
     train_cases, val_cases = split(ds, 0.2, seed=0)
     out = Path(a.out)
     jobs, schedules = [], {}
@@ -390,12 +445,15 @@ def main() -> int:
                        "network": a.network, "optimizer": a.optimizer, "lr": float(trainer.get("lr", a.lr)),
                        "fg_ratio": float(trainer.get("fg_ratio", 0.5)), "batch": a.batch_size,
                        "val_every": a.val_every, "threads": a.threads, "augment": a.augment,
-                       "token_size": a.token_size}
+                       "token_size": a.token_size, **widths}
                 key = job_key(job)
                 job["cost"] = epochs * ipe * s.voxel_fraction()
                 job["result"] = str(out / "jobs" / f"{label}-{name}-s{seed}-{key}.json")
                 job["run_dir"] = str(out / "runs" / f"{label}-{name}-s{seed}-{key}")
                 jobs.append(job)
+    if a.dry_run:
+        cfg = TrainConfig(network=a.network, token_size=a.token_size, threads=a.threads, device="cpu", **widths)
+        return dry_run(schedules, cfg, ds.channels, ds.num_classes, budgets)
     todo = [j for j in jobs if not Path(j["result"]).is_file()]
     print(f"# {ds.name}: {len(train_cases)} train / {len(val_cases)} val cases (seeded split 0), final patch "
           f"{plan.final_patch}, pools {plan.pools}; {len(jobs)} jobs, {len(jobs) - len(todo)} reused, "
@@ -419,7 +477,8 @@ def main() -> int:
         f"Data: {ds.name}, {len(train_cases)} train / {len(val_cases)} val cases (seeded split 0), final patch "
         f"{'x'.join(map(str, plan.final_patch))}, pools {list(plan.pools)}",
         f"Training: batch {a.batch_size}, {a.network}"
-        + (f" (token {a.token_size})" if a.network == "unetr" else "")
+        + (f" (token {a.token_size}, hidden {a.hidden_size})" if a.network == "unetr" else "")
+        + (f", feature size {a.feature_size}" if a.feature_size else "")
         + f", augmentation {a.augment}, {a.optimizer} lr {a.lr}, poly LR over the run, "
         f"validation every {a.val_every} epochs; seeds {a.seeds}",
         f"Jobs run between {time.strftime('%Y-%m-%d %H:%M', time.gmtime(min(r['started'] for r in results)))} and "
@@ -428,7 +487,8 @@ def main() -> int:
         "",
     ]
     if "searched" in a.schedules:
-        s = build_schedule("searched", a.searched, plan.final_patch, plan.pools, a.batch_size, budgets["long"][0])
+        s = build_schedule("searched", a.searched, plan.final_patch, plan.pools, a.batch_size,
+                           budgets[a.budgets[0]][0])
         desc = ", ".join(f"{'x'.join(map(str, st.patch_size))} b{st.batch_size} x{st.epochs}" for st in s.stages)
         lines += [f"Searched schedule: {a.searched} (from {s.meta.get('sweep', s.meta.get('source', '?'))}, "
                   f"search-budget Dice {s.meta.get('val_dice', float('nan')):.4f}); stages: {desc}; "
@@ -446,10 +506,11 @@ def main() -> int:
                   + ", ".join(f"{e}: {d:.4f}" for e, d in zip(pl["epochs"], pl["dice"])),
                   f"Gain from epoch {pl['from_epoch']} to the end (last quarter): "
                   f"{pl['gain_last_quarter_points']:+.2f} points", ""]
-    long_runs = [r for r in results if r["job"]["budget"] == "long"]
-    cost = stage_costs(long_runs, a.schedules)
+    costed = "long" if "long" in budgets else a.budgets[0]
+    cost = stage_costs([r for r in results if r["job"]["budget"] == costed], a.schedules)
     if cost:
-        lines += ["Long budget, training time per voxel by stage (ns, mean over seeds), first stage -> last:", ""]
+        lines += [f"{costed.capitalize()} budget, training time per voxel by stage (ns, mean over seeds), "
+                  "first stage -> last:", ""]
         lines += [f"- {n}: " + ", ".join(f"{p} b{b} {c:.0f}" for p, b, c in v) for n, v in cost.items()]
         lines.append("")
     short = summaries.get("short", {})
@@ -472,7 +533,7 @@ def main() -> int:
         img = rep.parent / "img"
         plot_curves({k: [r for r in results if r["job"]["budget"] == k] for k in budgets},
                     img / f"{rep.stem}_dice_vs_time.png")
-        plot_patches(schedules["long"], img / f"{rep.stem}_patch_size.png")
+        plot_patches(schedules[a.budgets[0]], img / f"{rep.stem}_patch_size.png")
         cmd = " ".join(["scripts/bench_curriculum.py", *sys.argv[1:]])
         atomic_write_text(rep, f"# Curriculum benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n"
                                f"![Dice vs time](img/{rep.stem}_dice_vs_time.png)\n\n"
