@@ -15,7 +15,7 @@ def test_every_file_in_search_spaces_is_shipped():
     assert sorted(sp.shipped_spaces()) == SHIPPED
     assert sp.resolve("smoke") == sp.shipped_spaces()["smoke"]
     with pytest.raises(PgpsError, match="no shipped space of that name; give a file, or one of: bench_hippocampus, "
-                                        "bench_hippocampus_48, default, hippocampus_performance"):
+                                        "bench_hippocampus_48, default, hippocampus_pareto, hippocampus_performance"):
         sp.resolve("smok")
 
 
