@@ -28,6 +28,7 @@ schedule and the budget (``nnUNetTrainerPGPS_tuned_e16i40v5``).  Run it under th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -70,7 +71,12 @@ def check_args(a: argparse.Namespace) -> None:
     if "tuned" in a.schedules:
         if not a.tuned:
             raise PgpsError("--tuned FILE is needed for the tuned schedule (or leave 'tuned' out of --schedules)")
-        sch.load(a.tuned)  # a missing or broken file is refused now, not after preprocessing
+        for path in a.tuned:  # a broken file is refused now, not after preprocessing and training
+            if Path(path).exists():
+                sch.load(path)
+        first_existing(a.tuned)
+    if a.budget_minutes is not None and not a.budget_minutes > 0:
+        raise PgpsError(f"--budget-minutes must be > 0, got {a.budget_minutes}")
     for flag in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "fold"):
         value = getattr(a, flag)
         if value < (0 if flag == "fold" else 1):
@@ -87,7 +93,7 @@ def check_args(a: argparse.Namespace) -> None:
 def environment(work: Path, da_processes: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), nnUNet_n_proc_DA=str(da_processes),
+               nnUNet_results=str(work / "nnUNet_results"), nnUNet_n_proc_DA=str(da_processes), nnUNet_def_n_proc="2",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p))
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     return env
@@ -155,29 +161,40 @@ def rebatch(s: sch.Schedule, batch_size: int) -> sch.Schedule:
     return sch.Schedule(stages, s.final_patch, s.pools, batch_size, meta=meta)
 
 
-def build_schedules(a: argparse.Namespace, plans: Path, work: Path) -> dict[str, Path]:
-    """The nnU-Net schedule files (nnU-Net's axis order, the budget in them), one per schedule."""
+def build(name: str, plan, epochs: int, tuned: Path | None) -> sch.Schedule:
+    """One of the three schedules on nnU-Net's plans (pgps-tune's axis order)."""
+    final, pools, batch = plan.final_patch, plan.pools, plan.batch_size
+    if name == "constant":
+        return sch.constant(final, pools, batch, epochs)
+    if name == "paper":
+        return sch.paper(final, pools, batch, epochs, mode="performance")
+    return rebatch(sch.load(tuned), batch)
+
+
+def schedule_file(work: Path, name: str, plan, epochs: int, ipe: int, vpe: int,
+                  tuned: Path | None = None, label: str | None = None) -> tuple[str, Path]:
+    """The nnU-Net schedule file (nnU-Net's axis order, the budget in it) and the trainer name of its run.
+
+    The name carries the schedule and the budget, and for the tuned schedule a digest of its stages,
+    so a rerun reuses exactly the runs it would train.
+    """
     from pgps_tune import nnunet
 
-    plan = nnunet.read_plans(plans, CONFIGURATION)
-    final, pools, batch = plan.final_patch, plan.pools, plan.batch_size
-    built = {
-        "constant": lambda: sch.constant(final, pools, batch, a.epochs),
-        "paper": lambda: sch.paper(final, pools, batch, a.epochs, mode="performance"),
-        "tuned": lambda: rebatch(sch.load(a.tuned), batch),
-    }
-    out = {}
-    for name in a.schedules:
-        s = built[name]()
-        f = nnunet.for_nnunet(s, plan, num_epochs=a.epochs, num_iterations_per_epoch=a.iterations_per_epoch,
-                              num_val_iterations_per_epoch=a.val_iterations_per_epoch)
-        nnunet.fit_epochs(f.schedule, a.epochs)  # a schedule with more stages than epochs is refused here
-        out[name] = f.save(work / "schedules" / f"{name}_{budget_tag(a)}.json")
-    return out
+    f = nnunet.for_nnunet(build(name, plan, epochs, tuned), plan, num_epochs=epochs, num_iterations_per_epoch=ipe,
+                          num_val_iterations_per_epoch=vpe)
+    nnunet.fit_epochs(f.schedule, epochs)  # a schedule with more stages than epochs is refused here
+    tag = label or f"e{epochs}i{ipe}v{vpe}"
+    if name == "tuned":
+        digest = hashlib.sha1(json.dumps(f.schedule.to_dict()["stages"]).encode()).hexdigest()[:6]
+        name = f"tuned{digest}"
+    return f"nnUNetTrainerPGPS_{name}_{tag}", f.save(work / "schedules" / f"{name}_{tag}.json")
 
 
-def budget_tag(a: argparse.Namespace) -> str:
-    return f"e{a.epochs}i{a.iterations_per_epoch}v{a.val_iterations_per_epoch}"
+def first_existing(paths: list[str]) -> Path:
+    for p in paths:
+        if Path(p).is_file():
+            return Path(p)
+    raise PgpsError(f"none of the --tuned files exists: {', '.join(paths)}")
 
 
 # -- training and reading back --------------------------------------------------------------------
@@ -187,9 +204,8 @@ def run_dir(work: Path, dataset: str, trainer: str, fold: int) -> Path:
     return work / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{fold}"
 
 
-def train(a: argparse.Namespace, name: str, schedule: Path, work: Path, env: dict[str, str], dataset: str) -> dict:
+def train(a: argparse.Namespace, trainer: str, schedule: Path, work: Path, env: dict[str, str], dataset: str) -> dict:
     """One nnU-Net training (reused when its validation exists, continued when interrupted)."""
-    trainer = f"nnUNetTrainerPGPS_{name}_{budget_tag(a)}"
     fold_dir = run_dir(work, dataset, trainer, a.fold)
     record_path = work / "records" / f"{trainer}_fold{a.fold}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"invocations": []}
@@ -205,6 +221,41 @@ def train(a: argparse.Namespace, name: str, schedule: Path, work: Path, env: dic
                                       "load_before": load0, "load_after": os.getloadavg()[0]})
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
     return read_run(fold_dir, record, cmd)
+
+
+def size(a: argparse.Namespace, plan, work: Path, env: dict[str, str], dataset: str) -> dict:
+    """Iterations per epoch for ``--epochs`` so that the trainings fit ``--budget-minutes``.
+
+    Measured by two short runs kept like the others: the constant schedule (2 epochs of 6
+    iterations and 2 validation ones; the first epoch, with the loader's warm-up, is left out)
+    gives the cost of an iteration at nnU-Net's patch and batch; the paper schedule (one epoch of
+    2 + 1 iterations per stage) gives the cost of a curriculum epoch with its loader rebuilt.  A
+    curriculum epoch of the real budget is that epoch plus its further iterations at the constant
+    cost (performance mode keeps the voxels per batch); a validation iteration counts as a training
+    one, the tuned schedule as the paper's (more stages, more rebuilds), so the estimate errs long.
+    Each run's start-up and final validation are the measured ones.
+    """
+    stages = len(build("paper", plan, a.epochs, None).stages)
+    measured = {}
+    for name, epochs, ipe, vpe in (("constant", 2, 6, 2), ("paper", stages, 2, 1)):
+        trainer, path = schedule_file(work, name, plan, epochs, ipe, vpe, label="sizing")
+        r = train(a, trainer, path, work, env, dataset)
+        epoch_s = r["epoch_s"][1:] if name == "constant" else r["epoch_s"]
+        measured[name] = {"epoch_s": sum(epoch_s) / len(epoch_s), "iterations": ipe + vpe,
+                          "s_per_iteration": sum(epoch_s) / (len(epoch_s) * (ipe + vpe)),
+                          "overhead_s": r["wall_s"] - r["train_s"]}
+    c, p = measured["constant"], measured["paper"]
+    n_const = a.schedules.count("constant")
+    n_curr = len(a.schedules) - n_const
+    fixed = n_const * c["overhead_s"] + n_curr * (p["overhead_s"] + a.epochs * (
+        p["epoch_s"] - p["iterations"] * c["s_per_iteration"]))
+    room = a.budget_minutes * 60 - fixed
+    ipe = int(room / (len(a.schedules) * a.epochs * c["s_per_iteration"])) - a.val_iterations_per_epoch
+    if ipe < 1:
+        raise PgpsError(f"--budget-minutes {a.budget_minutes:g} leaves no room for {a.epochs} epochs of "
+                        f"{'+'.join(a.schedules)} here ({c['s_per_iteration']:.2f} s per iteration, {fixed:.0f} s "
+                        "of start-up, validation and curriculum loader rebuilds); give more minutes or fewer --epochs")
+    return {"iterations_per_epoch": ipe, "measured": measured}
 
 
 def read_run(fold_dir: Path, record: dict, cmd: list[str]) -> dict:
@@ -233,7 +284,8 @@ def read_run(fold_dir: Path, record: dict, cmd: list[str]) -> dict:
 # -- the report -----------------------------------------------------------------------------------
 
 
-def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: float) -> str:
+def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: float, sizing: dict | None,
+           tuned: Path | None) -> str:
     from importlib.metadata import version
 
     import torch
@@ -260,9 +312,16 @@ def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: f
         f"iterations), {a.val_iterations_per_epoch} pseudo-Dice iterations per epoch, then nnU-Net's full "
         "sliding-window validation of the fold", "",
     ]
-    if a.tuned:
-        t = sch.load(a.tuned)
-        lines += [f"Tuned schedule: `{a.tuned}` ({len(t.stages)} stages, mode {t.meta.get('mode')}, "
+    if sizing:
+        m = sizing["measured"]
+        lines += [f"Budget sized (`--budget-minutes {a.budget_minutes:g}`) from two short runs: constant "
+                  f"{m['constant']['s_per_iteration']:.2f} s per iteration, "
+                  f"paper {m['paper']['epoch_s']:.1f} s per epoch of 2 + 1 iterations (one per stage, its loader "
+                  f"rebuilt at each); start-up and final validation "
+                  f"{m['constant']['overhead_s']:.0f} / {m['paper']['overhead_s']:.0f} s", ""]
+    if tuned:
+        t = sch.load(tuned)
+        lines += [f"Tuned schedule: `{tuned}` ({len(t.stages)} stages, mode {t.meta.get('mode')}, "
                   f"batches re-applied to nnU-Net's batch {plan.batch_size} from {t.baseline_batch_size}; "
                   f"trainer settings found with it, not carried to nnU-Net: {t.meta.get('trainer', {})})"
                   + (f"; {a.tuned_note}" if a.tuned_note else ""), ""]
@@ -312,12 +371,16 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"),
                     help="the MSD task folder (read in place)")
     ap.add_argument("--work", default="/tmp/nnunet_bench", help="nnU-Net's folders, outside the repository")
-    ap.add_argument("--tuned", help="the tuned pgps-tune schedule file (e.g. a sweep's best_schedule.yaml)")
+    ap.add_argument("--tuned", nargs="+", metavar="FILE",
+                    help="the tuned pgps-tune schedule file (e.g. a sweep's best_schedule.yaml); given several, the "
+                         "first that exists when the tuned run starts (a sweep still running, then a fallback)")
     ap.add_argument("--tuned-note", default="", help="a sentence on where the tuned schedule came from, for the report")
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), help="which to train, in order")
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--iterations-per-epoch", type=int, default=40)
-    ap.add_argument("--val-iterations-per-epoch", type=int, default=5)
+    ap.add_argument("--val-iterations-per-epoch", type=int, default=2)
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="size --iterations-per-epoch from two short measured runs so the trainings fit this")
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--da-processes", type=int, default=2, help="nnUNet_n_proc_DA (0-2)")
     ap.add_argument("--dataset-id", type=int, default=4)
@@ -332,12 +395,23 @@ def main() -> int:
         meta = json.loads((Path(a.data) / "dataset.json").read_text(encoding="utf-8"))
         dataset = f"Dataset{a.dataset_id:03d}_{re.sub(r'[^A-Za-z0-9]', '', meta.get('name', 'Task'))}"
         plans = prepare(a, work, env, dataset)
-        files = build_schedules(a, plans, work)
-        for name, path in files.items():
-            print(f"bench_nnunet: {name}: {path}")
+        from pgps_tune import nnunet
+
+        plan = nnunet.read_plans(plans, CONFIGURATION)
+        sizing = size(a, plan, work, env, dataset) if a.budget_minutes and not a.prepare_only else None
+        if sizing:
+            a.iterations_per_epoch = sizing["iterations_per_epoch"]
+            print(f"bench_nnunet: sized: {a.epochs} epochs x {a.iterations_per_epoch} iterations", flush=True)
+        runs, tuned = {}, None
+        for name in a.schedules:
+            tuned = first_existing(a.tuned) if name == "tuned" else tuned
+            trainer, path = schedule_file(work, name, plan, a.epochs, a.iterations_per_epoch,
+                                          a.val_iterations_per_epoch, tuned)
+            print(f"bench_nnunet: {name}: {path}", flush=True)
+            if not a.prepare_only:
+                runs[name] = train(a, trainer, path, work, env, dataset)
         if a.prepare_only:
             return 0
-        runs = {name: train(a, name, path, work, env, dataset) for name, path in files.items()}
     except PgpsError as exc:
         print(f"bench_nnunet.py: error: {exc}", file=sys.stderr)
         return 2
@@ -345,7 +419,7 @@ def main() -> int:
         print(f"bench_nnunet.py: error: {' '.join(map(str, exc.cmd[:6]))}... failed (exit {exc.returncode}); "
               "run the benchmark again to continue it", file=sys.stderr)
         return 1
-    text = report(a, runs, plans, started)
+    text = report(a, runs, plans, started, sizing, tuned)
     print(text)
     if a.report:
         atomic_write_text(a.report, text)
