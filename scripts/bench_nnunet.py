@@ -137,11 +137,22 @@ def prepare(a: argparse.Namespace, work: Path, env: dict[str, str], dataset: str
 # -- the three schedules ------------------------------------------------------------------------
 
 
+def space_cap(s: sch.Schedule) -> int | None:
+    """The fixed ``batch_cap`` of the search space a sweep's schedule names in its meta (if readable)."""
+    path = s.meta.get("space")
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    from pgps_tune.space import load
+
+    return next((p.value for p in load(path).parameters if p.name == "batch_cap" and p.kind == "fixed"), None)
+
+
 def rebatch(s: sch.Schedule, batch_size: int) -> sch.Schedule:
     """``s`` with its batch mode re-applied to another baseline batch (a sweep's plan vs nnU-Net's).
 
     The mode is the one in ``s.meta`` (or resource when every stage trains the baseline batch);
-    a cap shows as a largest batch below the mode's rule and is kept as is.
+    the cap is the sweep's space's (which a larger baseline batch can reach where the sweep's did
+    not), else a largest batch below the mode's rule, kept as is.
     """
     patches = [st.patch_size for st in s.stages]
     mode = s.meta.get("mode") or ("resource" if all(st.batch_size == s.baseline_batch_size for st in s.stages)
@@ -151,7 +162,7 @@ def rebatch(s: sch.Schedule, batch_size: int) -> sch.Schedule:
                         "give a schedule file pgps-tune wrote")
     batches = [st.batch_size for st in s.stages]
     uncapped = sch._batches(patches, s.final_patch, s.baseline_batch_size, mode, None)
-    cap = max(batches) if batches != uncapped else None
+    cap = space_cap(s) or (max(batches) if batches != uncapped else None)
     if sch._batches(patches, s.final_patch, s.baseline_batch_size, mode, cap) != batches:
         raise PgpsError(f"the tuned schedule's batches {batches} do not follow its mode {mode!r} at batch "
                         f"{s.baseline_batch_size}; give a schedule file pgps-tune wrote")

@@ -63,6 +63,14 @@ def test_tuned_batches_follow_their_mode_at_nnunets_batch(bench):
         again = sch.parametric((40, 56, 40), (3, 3, 3), 9, 16, batch_cap=cap, **kw)
         assert moved.stages == again.stages and moved.baseline_batch_size == 9
         assert moved.meta["rebatched_from"] == 4
+    # a sweep's schedule names its space, whose cap the larger batch reaches (700 -> 1575 at 8x8x8)
+    swept = sch.parametric((40, 56, 40), (3, 3, 3), 4, 16, **{**kw, "start_fraction": 0.15}, batch_cap=1024)
+    space = str(ROOT / "search_spaces" / "hippocampus_performance.yaml")
+    named = sch.Schedule(swept.stages, swept.final_patch, swept.pools, 4, meta={**swept.meta, "space": space})
+    moved = bench.rebatch(named, 9)
+    assert moved.stages == sch.parametric((40, 56, 40), (3, 3, 3), 9, 16, **{**kw, "start_fraction": 0.15},
+                                          batch_cap=1024).stages
+    assert moved.stages[0].batch_size == 1024 < bench.rebatch(swept, 9).stages[0].batch_size
     resource = sch.parametric((40, 56, 40), (3, 3, 3), 4, 16, **{**kw, "mode": "resource"})
     assert [st.batch_size for st in bench.rebatch(resource, 9).stages] == [9] * len(resource.stages)
     odd = sch.Schedule((sch.Stage((16, 16, 16), 87, 2), sch.Stage((40, 56, 40), 3, 2)), (40, 56, 40), (3, 3, 3), 4,
