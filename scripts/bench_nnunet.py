@@ -240,7 +240,7 @@ def size(a: argparse.Namespace, plan, work: Path, env: dict[str, str], dataset: 
     Measured by two short runs kept like the others: the constant schedule (2 epochs of 6
     iterations and 2 validation ones; the first epoch, with the loader's warm-up, is left out)
     gives the cost of an iteration at nnU-Net's patch and batch; the paper schedule (one epoch of
-    2 + 1 iterations per stage) gives the cost of a curriculum epoch with its loader rebuilt.  A
+    1 + 1 iterations per stage) gives the cost of a curriculum epoch with its loader rebuilt.  A
     curriculum epoch of the real budget is that epoch plus its further iterations at the constant
     cost (performance mode keeps the voxels per batch); a validation iteration counts as a training
     one, the tuned schedule as the paper's (more stages, more rebuilds), so the estimate errs long.
@@ -248,7 +248,7 @@ def size(a: argparse.Namespace, plan, work: Path, env: dict[str, str], dataset: 
     """
     stages = len(build("paper", plan, a.epochs, None).stages)
     measured = {}
-    for name, epochs, ipe, vpe in (("constant", 2, 6, 2), ("paper", stages, 2, 1)):
+    for name, epochs, ipe, vpe in (("constant", 2, 6, 2), ("paper", stages, 1, 1)):
         trainer, path = schedule_file(work, name, plan, epochs, ipe, vpe, label="sizing")
         r = train(a, trainer, path, work, env, dataset)
         epoch_s = r["epoch_s"][1:] if name == "constant" else r["epoch_s"]
@@ -327,7 +327,7 @@ def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: f
         m = sizing["measured"]
         lines += [f"Budget sized (`--budget-minutes {a.budget_minutes:g}`) from two short runs: constant "
                   f"{m['constant']['s_per_iteration']:.2f} s per iteration, "
-                  f"paper {m['paper']['epoch_s']:.1f} s per epoch of 2 + 1 iterations (one per stage, its loader "
+                  f"paper {m['paper']['epoch_s']:.1f} s per epoch of 1 + 1 iterations (one per stage, its loader "
                   f"rebuilt at each); start-up and final validation "
                   f"{m['constant']['overhead_s']:.0f} / {m['paper']['overhead_s']:.0f} s", ""]
     if tuned:
