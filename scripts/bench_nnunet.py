@@ -6,15 +6,18 @@ loss, deep supervision, poly LR and validation) on fold 0 of MSD Hippocampus thr
 schedule each, at a short budget, and compares nnU-Net's own validation Dice
 (``fold_0/validation/summary.json``, per class and mean) and training time:
 
-- ``constant``: nnU-Net's own patch and batch all run long (what ``nnUNetv2_train`` trains);
+- ``constant``: nnU-Net's own patch and batch for the whole run (what ``nnUNetv2_train`` trains);
 - ``paper``: the paper's curriculum on nnU-Net's plans, performance mode (the batch grows as the
   patch shrinks, keeping the voxels per batch of nnU-Net's batch);
 - ``tuned``: the schedule given by ``--tuned`` (a pgps-tune schedule file, e.g. a sweep's
   ``best_schedule.yaml``): its patches and stage lengths, with its batch mode re-applied to
   nnU-Net's batch size (a sweep on pgps-tune's own plan has another baseline batch).
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_nnunet.py --tuned runs/sweep/best_schedule.yaml \\
-        --epochs 16 --iterations-per-epoch 40 --val-iterations-per-epoch 5 --report docs/bench_nnunet.md
+    flock /tmp/pgps-cpu.lock env PYTHONPATH=$PWD .venv/bin/python scripts/bench_nnunet.py \\
+        --tuned runs/sweep/best_schedule.yaml --epochs 16 --budget-minutes 20 --report docs/bench_nnunet.md
+
+``--budget-minutes`` sizes the iterations per epoch from two short measured runs (see
+:func:`size`); ``--iterations-per-epoch`` sets them instead.
 
 Everything nnU-Net writes goes under ``--work`` (default /tmp/nnunet_bench, refused inside this
 repository): ``nnUNet_raw`` (the MSD folder converted by symbolic links, read in place),
