@@ -261,8 +261,8 @@ def size(a: argparse.Namespace, plan, work: Path, env: dict[str, str], dataset: 
     c, p = measured["constant"], measured["paper"]
     n_const = a.schedules.count("constant")
     n_curr = len(a.schedules) - n_const
-    fixed = n_const * c["overhead_s"] + n_curr * (p["overhead_s"] + a.epochs * (
-        p["epoch_s"] - p["iterations"] * c["s_per_iteration"]))
+    rebuild = max(0.0, p["epoch_s"] - p["iterations"] * c["s_per_iteration"])  # per curriculum epoch
+    fixed = n_const * c["overhead_s"] + n_curr * (p["overhead_s"] + a.epochs * rebuild)
     room = a.budget_minutes * 60 - fixed
     ipe = int(room / (len(a.schedules) * a.epochs * c["s_per_iteration"])) - a.val_iterations_per_epoch
     if ipe < 1:
