@@ -710,7 +710,8 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     """Train one fold with nnU-Net's trainer following ``schedule``; returns nnU-Net's fold folder.
 
     Without ``schedule`` the run uses the file beside the plans, or (continuing) the schedule it
-    was started with; a continued run also keeps its epoch and iteration counts unless given.
+    was started with.  Epoch and iteration counts: the arguments, else (continuing) the run's own,
+    else the schedule file's ``num_epochs``/..., else nnU-Net's (1000 / 250 / 50).
     Checks what nnU-Net would only find late or print as a warning (a missing checkpoint to
     continue, a run that would be overwritten) before anything is written.
     """
@@ -739,10 +740,9 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
             raise PgpsError(f"give --schedule FILE (there is no {schedule}; 'pgps-tune export --nnunet' writes "
                             "the one beside the plans)")
     f = read_schedule(schedule, plan)
-    if continue_training and (out / RUN_RECORD).is_file():
-        started = read_schedule(out / RUN_RECORD, plan)
-        counts = {k: v if v is not None else getattr(started, k) for k, v in counts.items()}
-    f = replace(f, **counts)
+    # the counts: the flags, else (continuing) those the run was started with, else the schedule file's
+    fallback = read_schedule(out / RUN_RECORD, plan) if continue_training and (out / RUN_RECORD).is_file() else f
+    f = replace(f, **{k: v if v is not None else getattr(fallback, k) for k, v in counts.items()})
     dev = _device(device)
     import torch
     from nnunetv2.run.run_training import maybe_load_checkpoint

@@ -453,6 +453,27 @@ def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_da
 
 
 @needs_nnunet
+def test_train_takes_the_counts_from_the_schedule_file_unless_flags_are_given(nnunet_dataset, tmp_path, monkeypatch):
+    plan = nnunet.read_plans("990")
+    counts = {"num_epochs": 7, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2}
+    path = nnunet.for_nnunet(sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4), plan,
+                             **counts).save(tmp_path / "s.json")
+    received: list[dict] = []
+
+    def trainer(**kwargs):
+        received.append(json.loads(Path(os.environ[nnunet.SCHEDULE_ENV]).read_text()))
+        raise _Interrupt  # what the trainer would be given is all this test needs
+
+    monkeypatch.setattr(nnunet, "trainer_class", lambda name: trainer)
+    for flags, want in (({}, counts), ({"epochs": 5}, {**counts, "num_epochs": 5}),
+                        ({"iterations_per_epoch": 4, "val_iterations_per_epoch": 1},
+                         {**counts, "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 1})):
+        with pytest.raises(_Interrupt):
+            nnunet.train("990", "3d_fullres", 0, path, device="cpu", trainer=f"{nnunet.TRAINER}_counts", **flags)
+        assert {k: received[-1][k] for k in counts} == want, flags
+
+
+@needs_nnunet
 def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
