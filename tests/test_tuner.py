@@ -714,11 +714,15 @@ def test_storage_on_s3_resume_and_export(tmp_path, s3_server, ray_tmp, monkeypat
     assert not (out / "ray").exists()  # everything Tune wrote is on S3
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("sweeps/runs"))]
     assert names == ["sweep-search"]
-    # resumed from the S3 checkpoint: each trial's first report is there once
+    # resumed from the S3 checkpoint: each trial's first report is there once.  A report that reached
+    # result.json after the last checkpoint the stopped driver recorded is made again by the resumed
+    # trial (the same batches, so the same numbers): one restart at most, never from the beginning.
     for i in fs.get_file_info(pafs.FileSelector("sweeps/runs/sweep-search", recursive=True)):
         if i.base_name == "result.json":
             epochs = [json.loads(line)["epoch"] for line in fs.open_input_stream(i.path).read().splitlines()]
-            assert epochs == [2, 4, 6, 8, 10]
+            restarts = [k for k in range(1, len(epochs)) if epochs[k] <= epochs[k - 1]]
+            assert list(dict.fromkeys(epochs)) == [2, 4, 6, 8, 10] and epochs.count(2) == 1, epochs
+            assert len(restarts) <= 1, epochs
     # export reads the experiment back from S3
     for key, value in env.items():
         monkeypatch.setenv(key, value)
