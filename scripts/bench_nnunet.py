@@ -50,6 +50,8 @@ from pgps_tune.errors import PgpsError, atomic_write_text  # noqa: E402
 SCHEDULES = ("constant", "paper", "tuned")
 CONFIGURATION = "3d_fullres"
 STAGE_LINE = re.compile(r"pgps-tune stage (\d+): patch (\d+x\d+x\d+), batch (\d+)")
+# nnU-Net's own log lines: each epoch starts with "Epoch N" and ends with "Epoch time: X s"
+EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$|: Epoch time: ([0-9.]+) s", re.M)
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -273,18 +275,27 @@ def size(a: argparse.Namespace, plan, work: Path, env: dict[str, str], dataset: 
 
 
 def read_run(fold_dir: Path, record: dict, cmd: list[str]) -> dict:
-    """nnU-Net's validation summary, its epoch times and the stages its logs name."""
-    import torch
+    """nnU-Net's validation summary, its epoch times and the stages its logs name.
 
+    Everything comes from nnU-Net's text logs and JSON files: its checkpoints are pickles, which
+    only a full unpickling (able to run code) could read.  An epoch redone after a continued run
+    counts once, with its last time, as nnU-Net's own logger keeps it.
+    """
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
-    ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    log = ckpt["logging"]
-    epoch_s = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     stages: dict[int, dict] = {}
-    for path in sorted(fold_dir.glob("training_log_*.txt")):
-        for m in STAGE_LINE.finditer(path.read_text(errors="replace")):
+    times: dict[int, float] = {}
+    for path in sorted(fold_dir.glob("training_log_*.txt")):  # named by start time: oldest first
+        text = path.read_text(errors="replace")
+        for m in STAGE_LINE.finditer(text):
             st = stages.setdefault(int(m[1]), {"patch": m[2], "batch": int(m[3]), "epochs": 0})
             st["epochs"] += 1
+        epoch = None
+        for m in EPOCH_LINE.finditer(text):
+            if m[1] is not None:
+                epoch = int(m[1])
+            elif epoch is not None:
+                times[epoch] = float(m[2])
+    epoch_s = [times[k] for k in sorted(times)]
     plan_record = json.loads((fold_dir / "pgps_schedule.json").read_text())
     return {
         "command": cmd, "summary": summary, "epoch_s": epoch_s, "train_s": sum(epoch_s),
