@@ -95,6 +95,13 @@ def _result(compute: float, fraction: float, role: str, completed: bool = False)
             "schedule_voxel_fraction": fraction, "role": role, "completed": completed}
 
 
+def _complete(progress: Progress, trial, result: dict) -> None:
+    """What Tune calls when a trial ends: its last result, then its completion."""
+    trial.last_result = result
+    progress.on_trial_result(0, [], trial, result)
+    progress.on_trial_complete(0, [], trial)
+
+
 def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     plans = [PhasePlan("references", 2, 100.0, known=(1.0, 0.4)), PhasePlan("search", 4, 100.0, bound=True),
              confirm_plan(ConfirmSettings(top_k=1, epochs=20, seeds=2), 10, [1.0, 0.4])]
@@ -119,12 +126,8 @@ def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     p = _trial("p")
     refs.on_trial_start(0, [], p)
     clock.now += 10
-    b.last_result = _result(100.0, 1.0, "baseline", completed=True)
-    refs.on_trial_result(0, [], b, b.last_result)
-    refs.on_trial_complete(0, [], b)
-    p.last_result = _result(40.0, 0.4, "paper", completed=True)
-    refs.on_trial_result(0, [], p, p.last_result)
-    refs.on_trial_complete(0, [], p)
+    _complete(refs, b, _result(100.0, 1.0, "baseline", completed=True))
+    _complete(refs, p, _result(40.0, 0.4, "paper", completed=True))
     search = Progress(total=4, phase="search", mode="live", trial_compute=100.0, upper_bound=True)
     search.stream = out = io.StringIO()
     s1 = _trial("s1")
@@ -149,17 +152,14 @@ def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):
     a = _trial("a")
     confirm.on_trial_start(0, [], a)
     clock.now += 10
-    a.last_result = _result(20.0, 1.0, "baseline", completed=True)
-    confirm.on_trial_result(0, [], a, a.last_result)
-    confirm.on_trial_complete(0, [], a)
+    _complete(confirm, a, _result(20.0, 1.0, "baseline", completed=True))
     # two trials left at the plan's mean fraction (1.0 + 0.4 + 1.0) / 3 of 20 iterations, at 2 a second
     last = out.getvalue().splitlines()[-1]
     assert last.endswith("1/3 a completed: Dice 0.500 score 0.500 (16s left; sweep ETA ~16s)"), last
     for tid in ("b", "c"):
-        x = _trial(tid, _result(20.0, 0.4, "paper", completed=True))
+        x = _trial(tid)
         confirm.on_trial_start(0, [], x)
-        confirm.on_trial_result(0, [], x, x.last_result)
-        confirm.on_trial_complete(0, [], x)
+        _complete(confirm, x, _result(20.0, 0.4, "paper", completed=True))
     assert out.getvalue().splitlines()[-1].endswith("3/3 c completed: Dice 0.500 score 0.500")  # nothing left
 
 
