@@ -29,6 +29,7 @@ from typing import Any
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
 from pgps_tune.pareto import non_dominated
+from pgps_tune.results import PHASES, STATUSES
 from pgps_tune.schedule import plural
 
 REPORT = "report.html"
@@ -128,9 +129,7 @@ def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-# the values of trials.parquet's phase and status columns (pgps_tune.tuner.PHASES, pgps_tune.results.trial_rows)
-FILTER_VALUES = {"phase": ("references", "search", "confirm"),
-                 "status": ("completed", "stopped_early", "failed", "unfinished")}
+FILTER_VALUES = {"phase": PHASES, "status": STATUSES}  # the values any sweep may write
 
 
 def select_trials(rows: list[dict[str, Any]], sort: str | None = None, phase: str | None = None,

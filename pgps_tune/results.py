@@ -40,6 +40,9 @@ BEST = "best_schedule.yaml"
 SUMMARY = "summary.json"
 PARETO = "pareto.parquet"
 PARETO_DIR = "pareto"  # one schedule file per front schedule
+# the values of trials.parquet's phase and status columns
+PHASES = ("references", "search", "confirm")  # a sweep's phases, in the order they run
+STATUSES = ("completed", "stopped_early", "failed", "unfinished")  # what trial_rows says of a trial
 SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("phase", pa.string()), ("role", pa.string()), ("status", pa.string()),
     ("params", pa.string()),

@@ -63,6 +63,7 @@ from pgps_tune.asha import AshaSettings, fidelity_ladder, rung_budget, survivors
 from pgps_tune.config import patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
+    PHASES,
     SWEEP_FILE,
     TrialRecord,
     confirm_candidates,
@@ -86,7 +87,6 @@ from pgps_tune.space import (
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-PHASES = ("references", "search", "confirm")
 FORMAT_VERSION = 2
 
 
@@ -973,9 +973,14 @@ class SweepEta:
 
     def eta(self, phase: str, phase_left: float, phase_bound: bool, now: float) -> tuple[float | None, bool]:
         """Seconds left in the whole sweep (None: no rate yet), and whether that is an upper bound."""
+        return self.eta_and_left(phase, phase_left, phase_bound, now)[:2]
+
+    def eta_and_left(self, phase: str, phase_left: float, phase_bound: bool,
+                     now: float) -> tuple[float | None, bool, float]:
+        """:meth:`eta` and the compute left, from one pricing of the phases to come."""
         left, bound = self.left(phase, phase_left, phase_bound)
         rate = self.rate(now)
-        return (left / rate if rate else None), bound
+        return (left / rate if rate else None), bound, left
 
 
 def eta_text(seconds: float | None, bound: bool) -> str:
@@ -1071,8 +1076,7 @@ class Progress(tune.Callback):
         if Progress.sweep_eta is None:
             return None
         phase_left = max(0.0, self.compute_expected() - self.compute_done())
-        seconds, bound = Progress.sweep_eta.eta(self.phase, phase_left, self.upper_bound, time.time())
-        return seconds, bound, Progress.sweep_eta.left(self.phase, phase_left, self.upper_bound)[0]
+        return Progress.sweep_eta.eta_and_left(self.phase, phase_left, self.upper_bound, time.time())
 
     def header(self) -> str:
         from pgps_tune.report import duration
@@ -1443,26 +1447,26 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         _keep_confirmations(meta, read_meta(opts.out), confirm)
     write_meta(opts.out, meta)
     plans = search_plans(space, num_samples)
-    if space.search.references:
-        refs = reference_configs(space)
+    refs = reference_configs(space) if space.search.references else []
+    if refs:
         plans.insert(0, PhasePlan("references", len(refs), float(b.epochs * b.iterations_per_epoch),
                                   known=tuple(_fractions(refs, setup, b.epochs))))
     if confirm is not None:
         plans.append(confirm_plan(confirm, b.iterations_per_epoch,
                                   _fractions(meta["reference_configs"], setup, confirm.epochs)))
     with _sweep_clock(plans, opts):
-        _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm)
+        _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm, refs)
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
 
 
 def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], storage_fs,
-            storage_path: str, num_samples: int, confirm: ConfirmSettings | None) -> None:
-    """The sweep's phases in order: references, search (one rung after another if compressed), confirmation."""
+            storage_path: str, num_samples: int, confirm: ConfirmSettings | None, refs: list[dict[str, Any]]) -> None:
+    """The sweep's phases in order: references (``refs``), search (one rung after another if compressed),
+    confirmation."""
     space, b = opts.space, opts.space.budget
-    if space.search.references:
-        refs = reference_configs(space)
+    if refs:
         run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
                   ListSearcher(refs), len(refs), None, signals=signals)
     if space.objective.type == "cheapest_within":
