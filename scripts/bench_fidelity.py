@@ -139,6 +139,29 @@ def spearman_table(scores: dict[str, dict[int, dict[str, float]]], full: dict[in
     return out
 
 
+def quality_subset(jobs: list[dict[str, Any]], grid: list[dict[str, Any]], n_seeds: int) -> tuple[list[int], list[str]]:
+    """The seeds and schedules the rank correlations use: every seed whose runs are all stored, plus the
+    first part-stored seed (with the schedules it has at every fidelity) when 8 or more are complete, in
+    which case only those schedules count at every seed."""
+    stored: dict[int, dict[str, int]] = {}
+    for j in jobs:
+        if Path(j["result"]).is_file():
+            per = stored.setdefault(j["seed"], {})
+            per[key(j["params"])] = per.get(key(j["params"]), 0) + 1
+    per_schedule = len(jobs) // (len(grid) * n_seeds)
+    seeds, keys = [], sorted(key(p) for p in grid)
+    for s in range(n_seeds):
+        done = sorted(k for k, n in stored.get(s, {}).items() if n == per_schedule)
+        if len(done) == len(grid):
+            seeds.append(s)
+        else:
+            if len(done) >= 8:
+                seeds.append(s)
+                keys = done
+            break
+    return seeds, keys
+
+
 def write_grid_events(folder: Path, full_runs: list[dict[str, Any]], workers: int) -> None:
     """The first seed's full runs as the grid of ``scripts/bench_search.py``, so that its live searches
     (``--out FOLDER --reuse grid --methods grid compressed_tpe ...``) are scored against them without
@@ -228,7 +251,13 @@ def main() -> int:
                        "pools": list(pools), "fraction": rung.fraction, "cost": vf * rung.fraction}
                 job["result"] = str(out / "jobs" / f"{job_id(job)}.json")
                 jobs.append(job)
-    todo = sorted((j for j in jobs if not Path(j["result"]).is_file()), key=lambda j: -j["cost"])
+    # Seed 0 first (the ground truth of the replays), costliest first so the workers finish together; then
+    # the other seeds one whole schedule (every fidelity) at a time, in a fixed shuffled order, so that a
+    # benchmark stopped part-way leaves a random subset of complete schedules for the rank correlations.
+    order = {key(grid[i]): n for n, i in enumerate(np.random.default_rng(0).permutation(len(grid)).tolist())}
+    todo = sorted((j for j in jobs if not Path(j["result"]).is_file()),
+                  key=lambda j: (j["seed"], -j["cost"] if j["seed"] == 0 else order[key(j["params"])],
+                                 -j["fraction"]))
     print(f"# {ds.name}: {len(grid)} schedules x {a.seeds} seeds x fidelities "
           f"{', '.join(f'{r.fraction:.3g}' for r in rungs)} = {len(jobs)} runs, {len(jobs) - len(todo)} stored, "
           f"{len(todo)} to train ({sum(j['cost'] for j in todo):.1f} baseline runs of {max_t} iterations) on "
@@ -240,13 +269,20 @@ def main() -> int:
                 j = r["job"]
                 print(f"  [{n}/{len(todo)} {time.time() - t0:.0f}s] {key(j['params'])} seed {j['seed']} fraction "
                       f"{j['fraction']:.3g}: dice {r['val_dice']:.4f} ({r['wall_s']:.0f}s)", flush=True)
-    missing = [j for j in jobs if not Path(j["result"]).is_file()]
+    missing = [j for j in jobs if not Path(j["result"]).is_file() and j["seed"] == 0]
     if missing:
-        raise SystemExit(f"error: {len(missing)} of {len(jobs)} runs are not stored yet; run without --no-train")
-    results = [json.loads(Path(j["result"]).read_text()) for j in jobs]
+        raise SystemExit(f"error: {len(missing)} of seed 0's {len(jobs) // a.seeds} runs are not stored yet; "
+                         "run without --no-train")
+    seeds, keys = quality_subset(jobs, grid, a.seeds)
+    if len(seeds) < 2:
+        raise SystemExit("error: no schedule has every fidelity stored at a second seed yet; run without --no-train")
+    results = [json.loads(Path(j["result"]).read_text()) for j in jobs if Path(j["result"]).is_file()]
+    if len(keys) < len(grid):
+        print(f"# fidelity quality on the {len(keys)} of {len(grid)} schedules stored at seeds "
+              f"{', '.join(map(str, seeds))} (the benchmark stopped part-way); replays on all of seed 0's", flush=True)
+    results = [r for r in results if r["job"]["seed"] in seeds]
 
     # -- fidelity quality
-    seeds = list(range(a.seeds))
     full = {s: {} for s in seeds}
     scores: dict[str, dict[int, dict[str, float]]] = {}
     curves: dict[int, dict[str, list]] = {s: {} for s in seeds}
@@ -265,7 +301,8 @@ def main() -> int:
             scores.setdefault(f"compressed {j['fraction']:.3g}", {s: {} for s in seeds})[j["seed"]][k] = r["val_dice"]
             low[j["seed"]].setdefault(j["fraction"], {})[k] = (r["val_dice"], r["baseline_iterations"])
     scores["full budget (another seed)"] = full
-    quality = spearman_table(scores, full)
+    quality = spearman_table({n: {s: {k: v[s][k] for k in keys} for s in seeds} for n, v in scores.items()},
+                             {s: {k: full[s][k] for k in keys} for s in seeds})
 
     write_grid_events(out / "search", [r for r in results if r["job"]["seed"] == 0 and r["job"]["fraction"] >= 1],
                       a.workers)
@@ -292,7 +329,7 @@ def main() -> int:
                                  space.asha.judge)
     # the compressed ladder over the whole grid is deterministic: does it keep each training seed's winner?
     ladder_stops = {s: bool(replay_once(World(curves[s], full[s], low[s]), space, "grid", "compressed", 0, math.inf,
-                                        grace, space.asha.judge, rungs)[1]) for s in seeds}
+                                        grace, space.asha.judge, rungs)[1]) for s in seeds if len(full[s]) == len(grid)}
 
     # -- report
     best_key = max(world.final, key=world.final.get)
@@ -302,7 +339,8 @@ def main() -> int:
         f"Data: {ds.name}, final patch {'x'.join(map(str, final))}, pools {list(pools)}; space "
         f"{Path(a.space).name}{' (quick: 6 schedules, tiny budget)' if a.quick else ''}: {len(grid)} schedules; "
         f"{b.epochs} epochs x {b.iterations_per_epoch} iterations at the full budget, batch {b.batch_size}, "
-        f"{b.optimizer} lr {b.lr}, validation every {b.val_every} epochs; {a.seeds} training seeds",
+        f"{b.optimizer} lr {b.lr}, validation every {b.val_every} epochs; training seeds "
+        f"{', '.join(map(str, seeds))} ({len(keys)} schedules at every seed; seed 0: all {len(grid)})",
         "Fidelities: compressed at " + ", ".join(f"{r.fraction:.3g} ({r.iterations_per_epoch} iterations/epoch)"
                                                  for r in rungs[:-1]) + "; partial at the same compute, read from "
         "the full runs' curves",
@@ -347,8 +385,8 @@ def main() -> int:
                      f"{stop} |")
     lines += ["", f"ASHA's rule (partial fidelity) on the full runs' curves in 500 random trial orders: the grid's "
                   f"winner was stopped in {kill_orders:.0%}. The compressed ladder over the whole grid stopped "
-                  f"the grid's winner in {sum(ladder_stops.values())} of {len(seeds)} training seeds (each seed's "
-                  "own grid and winner).", ""]
+                  f"the grid's winner in {sum(ladder_stops.values())} of {len(ladder_stops)} training seeds "
+                  "(each fully stored seed's own grid and winner).", ""]
     best = max(replays, key=lambda n: (replays[n]["within_target"], -(replays[n]["median"] or 9)))
     others = {n: replays[n]["within_target"] for n in ("random + none", "tpe + partial")}
     lines += ["## Target", "",
