@@ -252,11 +252,29 @@ class RunState:
         )
 
 
+@contextlib.contextmanager
+def _onednn(enabled: bool) -> Iterator[None]:
+    """oneDNN (mkldnn) convolutions on or off inside the block; the setting before is restored after."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 class Trainer:
     # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none.
     # Off: on 2 cores with 2 torch threads the thread's augmentation competed with the step and
     # made iterations slower (docs/bench_iteration.md); set it where spare cores exist.
     prefetch_depth = 0
+    # On the CPU a oneDNN convolution carries a fixed cost per call (0.1-0.25 ms here) that sets the
+    # price of the tiniest stages; PyTorch's own convolutions (im2col + GEMM) cost less there and more
+    # everywhere else.  Steps of at most this many voxels (batch x patch) use PyTorch's: at 8x8x8 with
+    # batch 2 the step costs about 30% less; from 16x16x8 on oneDNN is faster (docs/bench_iteration.md).
+    # The choice is a function of the batch's shape alone, so a resumed run makes the same one.  0: oneDNN
+    # always.
+    native_conv_max_voxels = 2048
 
     def __init__(
         self,
@@ -446,6 +464,11 @@ class Trainer:
 
     def _step(self, image: torch.Tensor, label: torch.Tensor) -> float:
         """One optimisation step; a non-finite loss (or, without AMP, gradient) stops the run."""
+        native = self.device.type == "cpu" and label.numel() <= self.native_conv_max_voxels
+        with _onednn(not native):
+            return self._step_with(image, label)
+
+    def _step_with(self, image: torch.Tensor, label: torch.Tensor) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):

@@ -23,6 +23,7 @@ ms/iter against the constant baseline at the final stage's ms/iter).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
@@ -56,8 +57,10 @@ def before_trainer_module(ref: str) -> Any:
 class Variant:
     """One trainer and how its batches are handed to ``_step``."""
 
-    def __init__(self, name: str, trainer: Any, batches: Callable[[int], Any], channels_last: bool = False) -> None:
+    def __init__(self, name: str, trainer: Any, batches: Callable[[int], Any], channels_last: bool = False,
+                 setting: Callable[[], Any] = contextlib.nullcontext) -> None:
         self.name, self.trainer, self.batches, self.channels_last = name, trainer, batches, channels_last
+        self.setting = setting  # a context in force while this variant runs (a switch of the library)
 
     def run(self, start: int, n: int, warmup: int, pieces: dict[str, list[float]] | None = None) -> float:
         """Seconds per iteration of ``n`` iterations from ``start`` after ``warmup`` ones."""
@@ -66,21 +69,37 @@ class Variant:
         fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         it = self.batches(start)
         try:
-            for i in range(warmup + n):
-                if i == warmup:
-                    t0 = time.perf_counter()
-                    for v in (pieces or {}).values():
-                        v.clear()
-                a = time.perf_counter()
-                image, label = next(it)
-                if pieces is not None:
-                    pieces["batch"].append(time.perf_counter() - a)
-                self.trainer._step(image.contiguous(memory_format=fmt), label)
-            return (time.perf_counter() - t0) / n
+            with self.setting():
+                return self._timed(it, fmt, n, warmup, pieces)
         finally:
             close = getattr(it, "close", None)
             if close:
                 close()
+
+    def _timed(self, it: Any, fmt: Any, n: int, warmup: int, pieces: dict[str, list[float]] | None) -> float:
+        for i in range(warmup + n):
+            if i == warmup:
+                t0 = time.perf_counter()
+                for v in (pieces or {}).values():
+                    v.clear()
+            a = time.perf_counter()
+            image, label = next(it)
+            if pieces is not None:
+                pieces["batch"].append(time.perf_counter() - a)
+            self.trainer._step(image.contiguous(memory_format=fmt), label)
+        return (time.perf_counter() - t0) / n
+
+
+@contextlib.contextmanager
+def instance_norm_kernel() -> Any:
+    """The network's instance norms through PyTorch's instance-norm path instead of group norm's kernel."""
+    from pgps_tune.network import SafeInstanceNorm3d
+
+    SafeInstanceNorm3d.group_norm_kernel = False
+    try:
+        yield
+    finally:
+        SafeInstanceNorm3d.group_norm_kernel = True
 
 
 def timed(fn: Callable, sink: list[float]) -> Callable:
@@ -95,7 +114,7 @@ def timed(fn: Callable, sink: list[float]) -> Callable:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent.parent / "shared" / "data" / "msd_hippocampus"))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
     ap.add_argument("--schedule", default="paper-resource", help="paper-resource or paper-performance")
     ap.add_argument("--epochs", type=int, default=50, help="the CLI default")
     ap.add_argument("--threads", type=int, default=2)
@@ -150,6 +169,12 @@ def main() -> int:
     fetch_t.prefetch_depth = 2
     variants = [Variant("before", before_t, old_batches(before_t)), Variant("after", after_t, new_batches(after_t)),
                 Variant("after, prefetch thread", fetch_t, new_batches(fetch_t))]
+    # this round's two cuts, each switched off in a variant of its own
+    base_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "onednn")
+    base_t.native_conv_max_voxels = 0
+    variants.append(Variant("after, oneDNN in every stage", base_t, new_batches(base_t)))
+    norm_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "instnorm")
+    variants.append(Variant("after, instance-norm kernel", norm_t, new_batches(norm_t), setting=instance_norm_kernel))
     if a.channels_last:
         cl_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "cl")
         cl_t.model.to(memory_format=torch.channels_last_3d)
@@ -255,6 +280,12 @@ def render(a, s, idx, ms, split_ms, profiles, compiled, load, seconds, ds, torch
         f"not absolute times); {ds.name}, {a.schedule}, {a.epochs} epochs x {ipe} iterations, batch 2, "
         f"AdamW 3e-3, augmentation default; {a.iterations} timed iterations x {a.rounds} interleaved rounds "
         f"per stage and variant (the faster round), {seconds:.0f} s in all.",
+        "",
+        "\"before\" is the trainer of the git ref given with `--before`, on today's network and sampler modules; "
+        "\"after\" is today's trainer with its defaults. Each of this round's cuts is switched off in a variant "
+        "of its own: oneDNN convolutions in every stage (instead of PyTorch's own at steps of at most "
+        "`Trainer.native_conv_max_voxels` voxels) and PyTorch's instance-norm path (instead of group norm's "
+        "kernel).",
         "",
     ]
     summary = []

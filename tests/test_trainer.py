@@ -69,6 +69,41 @@ def test_every_paper_stage_trains_including_the_1x1x1_bottleneck():
             assert out.shape[-3:] == st.patch_size
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_through_the_group_norm_kernel_matches_torchs_instance_norm(affine):
+    torch.manual_seed(0)
+    ref, ours = torch.nn.InstanceNorm3d(3, affine=affine), SafeInstanceNorm3d(3, affine=affine)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 2), ref.bias.uniform_(-1, 1)
+        ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 5, 4, 6) * 3 + 1
+    grads = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        assert ("GroupNorm" in type(out.grad_fn).__name__) == (m is ours)  # the fused kernel, not batch norm's
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), xi.grad, *(p.grad for p in m.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_stages_step_with_pytorchs_convolutions_and_the_rest_with_onednn(ds, tmp_path, monkeypatch):
+    t = _trainer(ds, tmp_path / "run")
+    t.native_conv_max_voxels = 2 * 8**3  # batch 2: the 4^3 and 8^3 stages, not 16^3
+    seen = []
+    step, validate = t._step_with, t.validate
+    monkeypatch.setattr(t, "_step_with", lambda *a: seen.append(("step", torch.backends.mkldnn.enabled)) or step(*a))
+    monkeypatch.setattr(t, "validate", lambda: seen.append(("val", torch.backends.mkldnn.enabled)) or validate())
+    before = torch.backends.mkldnn.enabled
+    t.fit()
+    steps = [on for what, on in seen if what == "step"]
+    assert steps == [False] * 8 + [True] * 4  # 2 iterations x 2 epochs per stage
+    assert all(on == before for what, on in seen if what == "val")  # validation at the final patch: as set
+    assert torch.backends.mkldnn.enabled == before
+
+
 def test_deep_supervision_trains_its_auxiliary_heads(ds, tmp_path):
     t = _trainer(ds, tmp_path / "ds", network="dynunet", deep_supervision=True)
     heads = list(t.model.deep_supervision_heads.parameters())
