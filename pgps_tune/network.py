@@ -41,8 +41,8 @@ class SafeInstanceNorm3d(nn.InstanceNorm3d):
 
     Without running statistics it computes the same normalisation as group norm with one group
     per channel, and runs it through ``F.group_norm``: on the CPU its fused kernels cost less
-    than instance norm's path through batch norm (the network's step about 5% less at the final
-    patch of Hippocampus, docs/BENCHMARKS.md section 4b).  ``group_norm_kernel = False`` restores
+    than instance norm's path through batch norm (0-5% of an iteration at the final patch of
+    Hippocampus, docs/BENCHMARKS.md section 4b).  ``group_norm_kernel = False`` restores
     PyTorch's instance-norm path (the benchmark compares both).
     """
 

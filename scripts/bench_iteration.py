@@ -236,11 +236,18 @@ def main() -> int:
     compiled = []
     if a.compile:
         for k in sorted({idx[0], idx[-1]}):
+            torch._dynamo.reset()  # each stage compiled for its own shape, as a run would per stage
             t = Trainer(ds, train_cases, val_cases, s, cfg, out / f"compile{k}")
-            t.model = torch.compile(t.model)
+            t.model = torch.compile(t.model, dynamic=False)
             v = Variant("after + compile", t, new_batches(t))
             a0 = time.perf_counter()
-            v.run(starts[k], 1, 0)
+            try:
+                v.run(starts[k], 1, 0)
+            except Exception as exc:  # a compiler failure is a finding, not the end of the benchmark
+                why = str(exc).strip().splitlines()[0][:200]
+                compiled.append((k, None, why))
+                print(f"stage {k}: torch.compile failed: {why}", flush=True)
+                continue
             first = time.perf_counter() - a0
             per = v.run(starts[k], a.iterations, a.warmup)
             compiled.append((k, first, 1e3 * per))
@@ -321,6 +328,9 @@ def render(a, s, idx, ms, split_ms, profiles, compiled, load, seconds, ds, torch
                   "| stage | compile + first iteration s | ms/iter after | ms/iter without | iterations in the run |",
                   "|---|---|---|---|---|"]
         for k, first, per in compiled:
+            if first is None:  # per: why it failed
+                lines.append(f"| {k} | failed: {per} | - | {ms['after'][k]:.1f} | {s.stages[k].epochs * ipe} |")
+                continue
             lines.append(f"| {k} | {first:.1f} | {per:.1f} | {ms['after'][k]:.1f} | {s.stages[k].epochs * ipe} |")
         lines.append("")
     lines += ["## torch.profiler key_averages, one iteration", ""]
