@@ -620,8 +620,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     ds = _prepare(a)
     cases, scored = evaluation_cases(a.run, ds, a.all_cases)
-    result = evaluate_run(a.run, ds, a.device, cases=cases)
-    print(strict_json(_rounded({"scored": scored, **result, "case_ids": [ds.case_ids[i] for i in cases]})))
+    result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror)
+    print(strict_json(_rounded({"scored": scored, "mirrored": a.mirror, **result,
+                                "case_ids": [ds.case_ids[i] for i in cases]})))
     return 0
 
 
@@ -1086,6 +1087,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder written by 'train'")
     e.add_argument("--all-cases", action="store_true",
                    help="score every labelled case (default on the run's own dataset: its validation cases)")
+    e.add_argument("--mirror", action="store_true",
+                   help="test-time augmentation, as predict --mirror: average the 8 mirrored copies")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment new images with a trained run (outputs in each input's geometry)")

@@ -16,7 +16,6 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import time
@@ -47,6 +46,7 @@ class Run:
     normalisation: list[dict[str, Any]]
     sw_batch_size: int = 4
     overlap: float = 0.25
+    augment: str = "default"  # the training's augmentation preset (test-time mirroring needs one that mirrors)
 
 
 # -- the run folder ------------------------------------------------------------------
@@ -85,6 +85,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
             spacing=tuple(float(v) for v in pre["spacing"]),  # type: ignore[arg-type]
             normalisation=list(pre["normalisation"]),
             sw_batch_size=int(cfg["sw_batch_size"]), overlap=float(cfg["sw_overlap"]),
+            augment=TrainConfig.from_dict(cfg).augment,
         )
     except PgpsError:
         raise
@@ -224,28 +225,13 @@ def read_case(files: Sequence[Path]) -> np.ndarray:
 # -- inference ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def segment(run: Run, image: np.ndarray, device: torch.device, mirror: bool = False) -> np.ndarray:
-    """Class probabilities ``[K, X, Y, Z]`` of a normalised ``[C, X, Y, Z]`` image.
-
-    Gaussian-weighted sliding window at the final patch with the run's overlap; with
-    ``mirror``, the mean over the volume flipped along every subset of its axes.
-    """
-    from monai.inferers import sliding_window_inference
+    """Class probabilities ``[K, X, Y, Z]`` of a normalised ``[C, X, Y, Z]`` image: the trainer's
+    sliding window at the final patch with the run's overlap, mirrored as ``evaluate`` does."""
+    from pgps_tune.trainer import window_probs
 
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
-    flips = [a for n in range(4) for a in itertools.combinations((2, 3, 4), n)] if mirror else [()]
-    total = None
-    for axes in flips:
-        xi = torch.flip(x, axes) if axes else x
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = sliding_window_inference(xi, run.final_patch, run.sw_batch_size, run.model,
-                                              overlap=run.overlap, mode="gaussian")
-        p = torch.softmax(logits.float(), 1)
-        p = torch.flip(p, axes) if axes else p
-        total = p if total is None else total + p
-    assert total is not None
-    return (total[0] / len(flips)).cpu().numpy()
+    return window_probs(run.model, x, run.final_patch, run.sw_batch_size, run.overlap, mirror)[0].cpu().numpy()
 
 
 def predict_case(run: Run, files: Sequence[Path], geometry: Geometry, device: torch.device,
@@ -290,10 +276,12 @@ def predict(
 
     Returns the written files, in case order.
     """
-    from pgps_tune.trainer import resolve_device
+    from pgps_tune.trainer import check_mirroring, resolve_device
 
     dev = resolve_device(device)
     run = _load_run(run_dir, dev)
+    if mirror:
+        check_mirroring(run.augment)
     inputs = find_inputs(source, run.channels)
     out_dir = Path(out_dir)
     targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
