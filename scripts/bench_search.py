@@ -307,6 +307,17 @@ class World:
     curves: dict[str, list[tuple[float, float, bool]]]
     final: dict[str, float]
     low: dict[float, dict[str, tuple[float, float]]] = dataclasses.field(default_factory=dict)
+    # what a search's pick is scored by (default: ``final``, the Dice the search itself saw), and how close
+    # to the best of it counts as a hit
+    truth: dict[str, float] | None = None
+    within: float = WITHIN
+
+    def true(self, k: str) -> float:
+        return (self.truth or self.final)[k]
+
+    @property
+    def true_best(self) -> float:
+        return max((self.truth or self.final).values())
 
     @property
     def total(self) -> float:
@@ -324,9 +335,9 @@ class World:
 
 def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, budget_t: float, grace: int | None = None,
                 judge: str = "final_stage", rungs=None) -> tuple[float | None, bool | None]:
-    """One search replayed one trial at a time: (compute to come within 0.5 points of the best, as a share
-    of the grid's, or None within ``budget_t``; whether early stopping stopped the best schedule, None if
-    the search never tried it).
+    """One search replayed one trial at a time: (compute to come within ``world.within`` (0.5 points) of the
+    true best, as a share of the grid's, or None within ``budget_t``; whether early stopping stopped the
+    best schedule, None if the search never tried it).
 
     ``sampler``: ``grid`` (every schedule, in a seeded random order), ``random`` or ``tpe`` (Optuna's, as
     in a sweep); ``fidelity``: ``none`` (every trial to the end), ``partial`` (Optuna's successive-halving
@@ -353,12 +364,12 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
         for k in np.random.default_rng(seed).permutation(sorted(world.final)):
             study.enqueue_trial({n: v for n, v in json.loads(k).items() if n in searched})
     define, max_t = DefineByRun(sp), space.budget.epochs * space.budget.iterations_per_epoch
-    winners = {k for k, v in world.final.items() if v >= world.best}
+    winners = {k for k in world.final if world.true(k) >= world.true_best}
     state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False, "asked": 0}
 
     def finish(k: str) -> None:  # a full-budget run of k has ended
         state["tried"] |= k in winners
-        if state["hit"] is None and world.final[k] >= world.best - WITHIN:
+        if state["hit"] is None and world.true(k) >= world.true_best - world.within:
             state["hit"] = state["spent"] / world.total
 
     def objective(trial) -> float:
