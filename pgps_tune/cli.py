@@ -146,7 +146,7 @@ def _nnunet_plan(a: argparse.Namespace):
     from pgps_tune import nnunet
 
     given = {"--final-patch": getattr(a, "final_patch", None), "--pools": getattr(a, "pools", None),
-             "--batch-size": getattr(a, "batch_size", DEFAULT_BATCH_SIZE) != DEFAULT_BATCH_SIZE}
+             "--batch-size": getattr(a, "batch_size", None) not in (None, DEFAULT_BATCH_SIZE)}
     clash = [flag for flag, value in given.items() if value]
     if clash:
         raise PgpsError(f"--nnunet-plans sets the final patch, pools and batch size; drop {', '.join(clash)}")
@@ -760,6 +760,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
         progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow,
+        nnunet_plans=nn_plan and str(nn_plan.source), nnunet_configuration=getattr(a, "configuration", "3d_fullres"),
     )
     _check_writable(Path(out))
     try:

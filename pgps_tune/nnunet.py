@@ -764,3 +764,105 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     nnunet_trainer.run_training()
     nnunet_trainer.perform_actual_validation(save_probabilities)
     return out
+
+
+# -- a Ray Tune trial that trains with nnU-Net (budget.trainer: nnunet) ---------------------------
+
+
+def trial_plan(plans: str | Path, configuration: str) -> NnunetPlan:
+    """The plan a sweep with ``budget.trainer: nnunet`` trains: refused now if nnU-Net could not train it."""
+    require_nnunet()
+    plan = read_plans(plans, configuration)
+    base = plan.source.parent
+    if not (base / plan.data_identifier).is_dir():
+        raise PgpsError(f"{base / plan.data_identifier} does not exist; run nnUNetv2_plan_and_preprocess "
+                        f"-d {plan.dataset} -c {configuration} before a sweep with budget.trainer: nnunet")
+    if not (base / "dataset.json").is_file():
+        raise PgpsError(f"{base / 'dataset.json'} does not exist; nnU-Net's preprocessing writes it beside the plans")
+    return plan
+
+
+def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedule, out: Path,
+                callback, *, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
+                report_every: int, device: str = "cpu", processes: int = 0, resume: bool = False) -> dict[str, Any]:
+    """Train ``s`` (pgps-tune axis order) on one nnU-Net fold with nnU-Net's own trainer, inside ``out``.
+
+    What a Ray Tune trial of a sweep with ``budget.trainer: nnunet`` runs; this module stays free
+    of Ray: ``callback(result)`` gets the same result dictionary as :class:`pgps_tune.trainer.Trainer`'s
+    callback, every ``report_every`` epochs (``val_dice``: nnU-Net's pseudo Dice of that epoch, its
+    validation iterations at the final patch) and once at the end (``val_dice``: the foreground mean
+    Dice of nnU-Net's sliding-window validation of the whole fold, ``completed`` true).  nnU-Net's
+    fold folder is ``out`` itself; ``resume`` continues from the checkpoint there (nnU-Net writes one
+    at every stage boundary).  ``processes``: nnU-Net's augmentation workers (0: in this process).
+    Returns the final result.
+    """
+    import numpy as np
+
+    require_nnunet()
+    plan = trial_plan(plans, configuration)
+    check_schedule(s, plan)
+    f = for_nnunet(s, plan, num_epochs=epochs, num_iterations_per_epoch=iterations_per_epoch,
+                   num_val_iterations_per_epoch=val_iterations_per_epoch)
+    fit_epochs(f.schedule, epochs)  # more stages than epochs is refused here
+    dev = _device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset_json = json.loads((plan.source.parent / "dataset.json").read_text(encoding="utf-8"))
+    labels = {int(v): str(k) for k, v in dataset_json.get("labels", {}).items()
+              if isinstance(v, int) or str(v).isdigit()}
+    plans_dict = json.loads(plan.source.read_text(encoding="utf-8"))
+    plans_dict["continue_training"] = resume
+    base = trainer_class(TRAINER)
+    baseline = s.baseline_batch_size * float(np.prod(s.final_patch))
+    done: dict[str, Any] = {"voxels": 0.0, "train_s": 0.0, "best": -1.0}
+
+    def result(trainer, epoch: int, completed: bool, dice: float, per_class: dict[str, float]) -> dict[str, Any]:
+        st = s.stages[s.stage_index_at(min(epoch - 1, s.epochs - 1))]
+        done["best"] = max(done["best"], dice)
+        losses = trainer.logger.get_value("train_losses", step=-1) if trainer.logger else float("nan")
+        return {"epoch": epoch, "stage": s.stages.index(st),
+                "patch_size": tuple(st.patch_size), "val_dice": float(dice), "best_val_dice": float(done["best"]),
+                "val_dice_per_class": per_class, "train_loss": float(losses), "train_time_s": done["train_s"],
+                "voxels_processed": done["voxels"], "baseline_equivalent_iterations": done["voxels"] / baseline,
+                "completed": completed}
+
+    class Reporting(base):  # noqa: N801 (nnU-Net names folders after the class: keep its name below)
+        def on_epoch_end(self) -> None:
+            epoch = self.current_epoch
+            st = s.stages[s.stage_index_at(min(epoch, s.epochs - 1))]
+            done["voxels"] += st.batch_size * float(np.prod(st.patch_size)) * self.num_iterations_per_epoch
+            super().on_epoch_end()
+            value = self.logger.get_value
+            done["train_s"] += value("epoch_end_timestamps", step=-1) - value("epoch_start_timestamps", step=-1)
+            if (epoch + 1) % report_every == 0 and epoch + 1 < self.num_epochs:
+                dice = [float(d) for d in value("dice_per_class_or_region", step=-1)]
+                per = {labels.get(int(k), str(k)): d for k, d in zip(self.label_manager.foreground_labels, dice)}
+                callback(result(self, epoch + 1, False, float(np.nanmean(dice)), per))
+
+    Reporting.__name__ = Reporting.__qualname__ = TRAINER
+    counts = {"nnUNet_results": str(out / "results"), "nnUNet_preprocessed": str(plan.source.parent.parent),
+              "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", str(processes)),
+              "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", str(max(1, processes)))}
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="pgps-nnunet-") as tmp, \
+            _environment(**counts, **{SCHEDULE_ENV: str(f.save(Path(tmp) / "schedule.json"))}):
+        t = Reporting(plans=plans_dict, configuration=configuration, fold=int(fold), dataset_json=dataset_json,
+                      device=dev)
+        if resume:
+            maybe_load_checkpoint(t, True, False)
+            # nnU-Net's own epoch times are in the checkpoint's logger: count what ran before
+            starts, ends = (t.logger.get_value(k, step=None) for k in ("epoch_start_timestamps",
+                                                                        "epoch_end_timestamps"))
+            done["train_s"] = float(sum(e - b for b, e in zip(starts, ends)))
+            for epoch in range(t.current_epoch):
+                st = s.stages[s.stage_index_at(min(epoch, s.epochs - 1))]
+                done["voxels"] += st.batch_size * float(np.prod(st.patch_size)) * t.num_iterations_per_epoch
+        t.run_training()
+        t.perform_actual_validation(False)
+        summary = json.loads((Path(t.output_folder) / "validation" / "summary.json").read_text(encoding="utf-8"))
+    per = {labels.get(int(k), str(k)): float(v["Dice"]) for k, v in summary.get("mean", {}).items()}
+    final = result(t, epochs, True, float(summary["foreground_mean"]["Dice"]), per)
+    final["fold_folder"] = str(t.output_folder)
+    callback(final)
+    return final

@@ -233,6 +233,14 @@ class Budget:
     synthetic_cases: int = _doc(24, "cases of the synthetic data (`--data synthetic`)")
     synthetic_shape: tuple[int, int, int] = _doc((48, 48, 48), "shape of each synthetic case")
     max_failures: int = _doc(1, "retries of a failed trial from its last checkpoint; `tune --max-failures`")
+    trainer: str = _doc("pgps_tune", "who trains each trial: `pgps_tune` (this package's MONAI trainer) or `nnunet` "
+                                     "(nnU-Net v2's own trainer on its preprocessed data, one fold, the trial's "
+                                     "schedule; needs `tune --nnunet-plans` and the nnunet extra; network, optimizer, "
+                                     "lr, augment, filters, fg_ratio, seed and the split keys are then nnU-Net's "
+                                     "own and not used; docs/NNUNET.md)")
+    nnunet_fold: int = _doc(0, "trainer nnunet: the fold of nnU-Net's split every trial trains and is scored on")
+    nnunet_val_iterations: int = _doc(10, "trainer nnunet: nnU-Net's pseudo-Dice iterations per epoch, the "
+                                          "intermediate scores ASHA compares (nnU-Net's default: 50)")
 
 
 @dataclass(frozen=True)
@@ -281,7 +289,11 @@ class SearchSpace:
 
         ``tune --warm-start`` seeds a study only with stored trials of the same key.
         """
-        what = {"parameters": [asdict(p) for p in self.parameters], "budget": asdict(self.budget),
+        budget = asdict(self.budget)
+        if self.budget.trainer == "pgps_tune":  # keys of sweeps stored before these budget keys existed
+            for k in ("trainer", "nnunet_fold", "nnunet_val_iterations"):
+                budget.pop(k)
+        what = {"parameters": [asdict(p) for p in self.parameters], "budget": budget,
                 "objective": {k: v for k, v in asdict(self.objective).items() if k != "pick"}}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -571,10 +583,24 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     if budget.augment not in AUGMENT_PRESETS:
         raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
     check_budget_widths(budget, src)
+    check_trainer(budget, confirm, src)
     return SearchSpace(
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source, confirm=confirm,
     )
+
+
+TRAINERS = ("pgps_tune", "nnunet")
+
+
+def check_trainer(budget: Budget, confirm: Confirm, src: str) -> None:
+    """Refuse a ``budget.trainer`` (and its keys) that trials could not train with."""
+    if budget.trainer not in TRAINERS:
+        raise PgpsError(f"{src}: budget.trainer {budget.trainer!r} unknown; use one of {', '.join(TRAINERS)}")
+    if budget.trainer == "nnunet" and confirm.enabled and confirm.splits:
+        raise PgpsError(f"{src}: confirm.splits lists pgps-tune's case splits, but trainer nnunet confirms on "
+                        "nnU-Net's own folds (confirm.folds: N trains folds 0..N-1 of its splits_final.json); "
+                        "drop confirm.splits")
 
 
 def check_budget_widths(budget: Budget, src: str) -> None:

@@ -109,6 +109,8 @@ class SweepOptions:
     warm_start: bool = False  # seed the study with stored trials of the same dataset and space
     progress: str = "lines"  # Progress.MODES: live (refreshing table), lines, json, none (quiet wins)
     mlflow: str | None = None  # MLflow tracking URI: every trial is logged there too
+    nnunet_plans: str | None = None  # the nnU-Net plans (path, dataset id or name): budget.trainer nnunet trains on it
+    nnunet_configuration: str = "3d_fullres"
 
     def check(self) -> None:
         """Refuse meaningless numbers before anything starts."""
@@ -128,6 +130,31 @@ class SweepOptions:
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
+        if self.space.budget.trainer == "nnunet":
+            if not self.nnunet_plans:
+                raise PgpsError("budget.trainer nnunet trains on nnU-Net's preprocessed data; give --nnunet-plans "
+                                "PLANS (the dataset's nnUNetPlans.json, or its id or name) and --configuration")
+            self.nnunet_check()
+
+    def nnunet_check(self) -> None:
+        """Refuse, before Ray starts, an nnU-Net sweep whose plans, preprocessed data or folds are missing."""
+        from pgps_tune import nnunet
+
+        plan = nnunet.trial_plan(self.nnunet_plans, self.nnunet_configuration)
+        b, c = self.space.budget, self.space.confirm
+        folds_file = plan.source.parent / "splits_final.json"
+        n = 5  # nnU-Net writes a 5-fold split when a first training finds none
+        if folds_file.is_file():
+            try:
+                n = len(json.loads(folds_file.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError) as exc:
+                raise PgpsError(f"cannot read nnU-Net's split {folds_file}: {exc}; fix or delete it") from None
+        if b.nnunet_fold >= n:
+            raise PgpsError(f"budget.nnunet_fold {b.nnunet_fold}: nnU-Net's split of {plan.dataset} has folds 0 to "
+                            f"{n - 1}; pick one of them")
+        if c.enabled and c.folds and c.folds > n:
+            raise PgpsError(f"confirm.folds {c.folds}: nnU-Net's split of {plan.dataset} has {n} folds; confirm on "
+                            f"at most {n} (or on seeds)")
 
 
 def _check_mlflow(uri: str) -> None:
@@ -173,11 +200,12 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     b = setup["budget"]
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
-    ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
-                 synthetic_shape=b["synthetic_shape"])
+    nnunet_trainer = b["trainer"] == "nnunet"
+    ds = None if nnunet_trainer else prepare(setup["data"], cache_root=setup["cache_root"],
+                                             synthetic_cases=b["synthetic_cases"], synthetic_shape=b["synthetic_shape"])
     epochs = int(config.get("epochs", b["epochs"]))  # a confirmation may train longer than the search
     s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], epochs,
-                             patch_multiple(b["network"], setup["pools"], b["token_size"]))
+                             None if nnunet_trainer else patch_multiple(b["network"], setup["pools"], b["token_size"]))
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
     role = config.get("role", "search")
@@ -191,7 +219,70 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                      "baseline_iterations": 0.0, "epoch": 0})
         return
     with tempfile.TemporaryDirectory(prefix="pgps-trial-") as scratch:
-        _train(config, setup, ds, s, base, Path(scratch) / "run")
+        if nnunet_trainer:
+            _train_nnunet(config, setup, s, base, Path(scratch) / "run")
+        else:
+            _train(config, setup, ds, s, base, Path(scratch) / "run")
+
+
+def _metrics(r: dict[str, Any], base: dict[str, Any], setup: dict[str, Any], s) -> dict[str, Any]:
+    """What a trial reports to Tune for one trainer result (pgps-tune's trainer or nnU-Net's)."""
+    objective = setup["objective"]
+    score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
+    judged = setup["asha_judge"] == "always" or s.final_phase(r["stage"])
+    return {
+        **base,
+        "score": score,
+        # what ASHA compares: absent until the trial trains at the final patch (asha.judge: final_stage)
+        **({"rung_score": score} if judged else {}),
+        "val_dice": r["val_dice"], "best_val_dice": r["best_val_dice"], "epoch": r["epoch"],
+        "stage": r["stage"], "train_loss": r["train_loss"], "train_time_s": r["train_time_s"],
+        **{f"patch_{axis}": side for axis, side in zip("xyz", r["patch_size"])},  # the stage's patch sides
+        "voxels_processed": r["voxels_processed"],
+        "baseline_iterations": r["baseline_equivalent_iterations"],
+        "completed": r["completed"],
+        **{f"dice_{k}": v for k, v in r["val_dice_per_class"].items()},
+    }
+
+
+def _train_nnunet(config: dict[str, Any], setup: dict[str, Any], s, base: dict[str, Any], run_dir: Path) -> None:
+    """A trial of ``budget.trainer: nnunet``: the schedule trained by nnU-Net's own trainer on one of its folds.
+
+    nnU-Net's preprocessing, augmentation, network, loss and validation; the budget's epochs and
+    iterations.  Intermediate reports carry nnU-Net's pseudo Dice (its validation iterations, at the
+    final patch), the last one the Dice of its sliding-window validation of the fold.  A confirmation
+    repeat on a fold trains that fold of nnU-Net's own split; one on a seed is another run
+    (nnU-Net's training is not seeded).  The trial's checkpoint is nnU-Net's fold folder, attached
+    to a report whenever nnU-Net wrote a new checkpoint (every stage boundary), so a retried trial
+    continues from the last stage it finished.
+    """
+    from pgps_tune import nnunet
+
+    b, nn = setup["budget"], setup["nnunet"]
+    base = {**base, "node_id": ray.get_runtime_context().get_node_id(), "trainer": "nnunet"}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        checkpoint.to_directory(str(run_dir))
+    resume = checkpoint is not None and any(run_dir.rglob("checkpoint_*.pth"))
+    fold = int(config["fold"]) if "fold" in config else int(b["nnunet_fold"])
+    # the exported schedule says where it was tuned (it carries no pgps-tune recipe: nnU-Net trained it)
+    trained = {**nn, "fold": fold, "iterations_per_epoch": int(b["iterations_per_epoch"])}
+    base["schedule"] = json.dumps(dataclasses.replace(s, meta={**s.meta, "nnunet_trainer": trained}).to_dict())
+    seen: dict[Path, float] = {p: p.stat().st_mtime for p in run_dir.rglob("checkpoint_*.pth")}
+
+    def report(r: dict[str, Any]) -> None:
+        now = {p: p.stat().st_mtime for p in run_dir.rglob("checkpoint_*.pth")}
+        fresh = r["completed"] or any(seen.get(p) != m for p, m in now.items())
+        seen.clear()
+        seen.update(now)
+        metrics = _metrics(r, base, setup, s)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)) if fresh else None)
+
+    nnunet.train_trial(nn["plans"], nn["configuration"], fold, s, run_dir, report,
+                       epochs=s.epochs, iterations_per_epoch=int(b["iterations_per_epoch"]),
+                       val_iterations_per_epoch=int(b["nnunet_val_iterations"]), report_every=int(b["val_every"]),
+                       device="cuda" if setup["gpus_per_trial"] > 0 else "cpu",
+                       processes=max(0, int(setup["cpus_per_trial"]) - 1), resume=resume)
 
 
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
@@ -199,7 +290,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
     from pgps_tune.data import fold_split, split
     from pgps_tune.trainer import Trainer
 
-    b, objective = setup["budget"], setup["objective"]
+    b = setup["budget"]
     base = {**base, "node_id": ray.get_runtime_context().get_node_id()}  # which machine ran it, for cluster faults
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -219,22 +310,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
     base = {**base, "schedule": json.dumps(dataclasses.replace(s, recipe=recipe).to_dict())}
 
     def report(r: dict[str, Any]) -> None:
-        score = objective_score(objective, r["val_dice"], base["schedule_voxel_fraction"], setup.get("target_dice"))
-        judged = setup["asha_judge"] == "always" or s.final_phase(r["stage"])
-        metrics = {
-            **base,
-            "score": score,
-            # what ASHA compares: absent until the trial trains at the final patch (asha.judge: final_stage)
-            **({"rung_score": score} if judged else {}),
-            "val_dice": r["val_dice"], "best_val_dice": r["best_val_dice"], "epoch": r["epoch"],
-            "stage": r["stage"], "train_loss": r["train_loss"], "train_time_s": r["train_time_s"],
-            **{f"patch_{axis}": side for axis, side in zip("xyz", r["patch_size"])},  # the stage's patch sides
-            "voxels_processed": r["voxels_processed"],
-            "baseline_iterations": r["baseline_equivalent_iterations"],
-            "completed": r["completed"],
-            **{f"dice_{k}": v for k, v in r["val_dice_per_class"].items()},
-        }
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
+        tune.report(_metrics(r, base, setup, s), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
     made = []
     trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=lambda r: (made.append(1), report(r)))
@@ -1441,6 +1517,12 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         **({"study": name, "study_file": STUDY_FILE} if space.search.algorithm != "grid" else {}),
     }
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
+    if b.trainer == "nnunet":
+        from pgps_tune.nnunet import read_plans
+
+        plan = read_plans(opts.nnunet_plans, opts.nnunet_configuration)
+        setup["nnunet"] = {"plans": str(plan.source), "configuration": plan.configuration}
+        meta["nnunet"] = {**setup["nnunet"], "fold": b.nnunet_fold, "dataset": plan.dataset}
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if opts.resume:
@@ -1714,6 +1796,8 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
         address=c.address, storage=meta.get("storage"), resume=True, results_store=c.results_store, quiet=c.quiet,
         progress=c.progress, max_failures=c.max_failures,
+        **({"nnunet_plans": setup["nnunet"]["plans"], "nnunet_configuration": setup["nnunet"]["configuration"]}
+           if "nnunet" in setup else {}),
     )
     opts.check()
     fs, _ = _filesystem(meta.get("storage"), meta["storage_path"])

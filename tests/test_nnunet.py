@@ -492,3 +492,40 @@ def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", nnunet.ext_trainer_path())
     assert recursive_find_trainer_class_by_name(nnunet.TRAINER) is nnunet.trainer_class()
+
+
+@needs_nnunet
+def test_a_sweep_whose_trials_are_nnunet_trainings(nnunet_dataset, tmp_path, monkeypatch):
+    """budget.trainer nnunet: each Ray Tune trial is an nnU-Net training of its schedule, scored by nnU-Net."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    plan = nnunet.read_plans("990")
+    space = tmp_path / "s.yaml"
+    budget = {"trainer": "nnunet", "epochs": 2, "iterations_per_epoch": 2, "nnunet_val_iterations": 1,
+              "val_every": 1, "max_failures": 0}
+    space.write_text(yaml.safe_dump({
+        "name": "nn", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]}, "growth": {"value": 2.0},
+                                     "mode": {"value": "performance"}},
+        "search": {"algorithm": "grid", "references": False}, "asha": {"enabled": False},
+        "confirm": {"enabled": False}, "budget": budget}))
+    out = tmp_path / "sweep"
+    # no plans: refused before Ray starts, naming the flag
+    assert main(["tune", "--space", str(space), "--data", "990", "--out", str(out), "--quiet"]) == 2
+    assert not out.exists() or not (out / "sweep.json").exists()
+    assert main(["tune", "--space", str(space), "--data", "990", "--nnunet-plans", "990", "--out", str(out),
+                 "--quiet", "--max-concurrent", "1"]) == 0
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    search = [r for r in rows if r["phase"] == "search"]
+    assert len(search) == 2 and all(r["completed"] for r in search)
+    for r in search:
+        s = sch.Schedule.from_dict(json.loads(r["schedule"]))
+        assert s.final_patch == plan.final_patch and s.baseline_batch_size == plan.batch_size
+        assert 0.0 <= r["final_dice"] <= 1.0
+    assert {len(sch.Schedule.from_dict(json.loads(r["schedule"])).stages) for r in search} == {1, 2}
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["nnunet"]["configuration"] == "3d_fullres" and meta["nnunet"]["fold"] == 0
+    best = sch.load(out / "best_schedule.yaml")
+    assert best.final_patch == plan.final_patch and best.meta["nnunet_trainer"]["configuration"] == "3d_fullres"
