@@ -88,6 +88,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise PgpsError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'fold' else 1}, got {value}")
     if not 0 <= a.da_processes <= 2:
         raise PgpsError(f"--da-processes must be 0, 1 or 2 (this benchmark shares 2 cores), got {a.da_processes}")
+    if a.width_divisor < 1:
+        raise PgpsError(f"--width-divisor must be >= 1 (1: nnU-Net's own width), got {a.width_divisor}")
     if not 1 <= a.dataset_id <= 999:
         raise PgpsError(f"--dataset-id must be 1-999, got {a.dataset_id}")
 
@@ -137,6 +139,40 @@ def prepare(a: argparse.Namespace, work: Path, env: dict[str, str], dataset: str
         subprocess.run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(a.dataset_id), "-c", CONFIGURATION,
                         "-np", "2", "-npfp", "2", "--verify_dataset_integrity"], check=True, env=env)
     return plans
+
+
+def narrow(plans: Path, divisor: int) -> str:
+    """The configuration to train: 3d_fullres, or (divisor > 1) a narrower network added to the plans.
+
+    nnU-Net resolves ``inherits_from`` by a shallow update, so the new configuration carries a whole
+    ``architecture`` entry (3d_fullres' with fewer features per stage); the preprocessed data, patch,
+    batch and poolings are 3d_fullres' own.  The plans file is rewritten atomically, keeping every
+    other entry.
+    """
+    if divisor == 1:
+        return CONFIGURATION
+    data = json.loads(plans.read_text(encoding="utf-8"))
+    base = data["configurations"][CONFIGURATION]
+    arch = json.loads(json.dumps(base["architecture"]))
+    kwargs = arch.get("arch_kwargs", {})
+    if "features_per_stage" not in kwargs:
+        raise PgpsError(f"{plans}: {CONFIGURATION} names no architecture.arch_kwargs.features_per_stage (an older "
+                        "plans format); use --width-divisor 1")
+    kwargs["features_per_stage"] = [max(4, int(f) // divisor) for f in kwargs["features_per_stage"]]
+    name = f"{CONFIGURATION}_w{divisor}"
+    entry = {"inherits_from": CONFIGURATION, "architecture": arch}
+    if data["configurations"].get(name) != entry:
+        data["configurations"][name] = entry
+        atomic_write_text(plans, json.dumps(data, indent=4) + "\n")
+    return name
+
+
+def features(plans: Path, configuration: str) -> list[int] | str:
+    cfgs = json.loads(plans.read_text(encoding="utf-8"))["configurations"]
+    cfg = cfgs[configuration]
+    while "architecture" not in cfg and "inherits_from" in cfg:
+        cfg = cfgs[cfg["inherits_from"]]
+    return cfg.get("architecture", {}).get("arch_kwargs", {}).get("features_per_stage", "?")
 
 
 # -- the three schedules ------------------------------------------------------------------------
@@ -203,7 +239,7 @@ def schedule_file(work: Path, name: str, plan, epochs: int, ipe: int, vpe: int,
     if name == "tuned":
         digest = hashlib.sha1(json.dumps(f.schedule.to_dict()["stages"]).encode()).hexdigest()[:6]
         name = f"tuned{digest}"
-    return f"nnUNetTrainerPGPS_{name}_{tag}", f.save(work / "schedules" / f"{name}_{tag}.json")
+    return f"nnUNetTrainerPGPS_{name}_{tag}", f.save(work / "schedules" / f"{name}_{tag}_{plan.configuration}.json")
 
 
 def first_existing(paths: list[str]) -> Path:
@@ -216,16 +252,16 @@ def first_existing(paths: list[str]) -> Path:
 # -- training and reading back --------------------------------------------------------------------
 
 
-def run_dir(work: Path, dataset: str, trainer: str, fold: int) -> Path:
-    return work / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{fold}"
+def run_dir(work: Path, dataset: str, trainer: str, fold: int, configuration: str = CONFIGURATION) -> Path:
+    return work / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
 
 
 def train(a: argparse.Namespace, trainer: str, schedule: Path, work: Path, env: dict[str, str], dataset: str) -> dict:
     """One nnU-Net training (reused when its validation exists, continued when interrupted)."""
-    fold_dir = run_dir(work, dataset, trainer, a.fold)
+    fold_dir = run_dir(work, dataset, trainer, a.fold, a.configuration)
     record_path = work / "records" / f"{trainer}_fold{a.fold}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"invocations": []}
-    cmd = [sys.executable, "-m", "pgps_tune.cli", "nnunet-train", str(a.dataset_id), CONFIGURATION, str(a.fold),
+    cmd = [sys.executable, "-m", "pgps_tune.cli", "nnunet-train", str(a.dataset_id), a.configuration, str(a.fold),
            "--schedule", str(schedule), "--device", "cpu", "--trainer", trainer]
     if not (fold_dir / "validation" / "summary.json").is_file():
         started = any((fold_dir / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
@@ -317,7 +353,7 @@ def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: f
 
     from pgps_tune import nnunet
 
-    plan = nnunet.read_plans(plans, CONFIGURATION)
+    plan = nnunet.read_plans(plans, a.configuration)
     nn_patch = "x".join(map(str, plan.to_nnunet(plan.final_patch)))
     data_json = json.loads((plans.parent / "dataset.json").read_text())
     labels = data_json["labels"]
@@ -331,8 +367,10 @@ def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: f
         "under the CPU lock", "",
         f"Data: MSD {data_json.get('name', plan.dataset)} as nnU-Net dataset {plan.dataset} (nnU-Net's 5-fold "
         f"split, fold {a.fold}); "
-        f"nnU-Net's 3d_fullres plans: patch {nn_patch} (nnU-Net axis order), batch {plan.batch_size}, "
-        f"poolings {list(plan.to_nnunet(plan.pools))}", "",
+        f"nnU-Net's {a.configuration} plans: patch {nn_patch} (nnU-Net axis order), batch {plan.batch_size}, "
+        f"poolings {list(plan.to_nnunet(plan.pools))}, features per stage {features(plans, a.configuration)}"
+        + (f" (3d_fullres' divided by {a.width_divisor}: a narrower network than nnU-Net's, everything else "
+           "nnU-Net's own)" if a.width_divisor > 1 else ""), "",
         f"Budget: {a.epochs} epochs x {a.iterations_per_epoch} iterations ({a.epochs * a.iterations_per_epoch} "
         f"iterations), {a.val_iterations_per_epoch} pseudo-Dice iterations per epoch, then nnU-Net's full "
         "sliding-window validation of the fold", "",
@@ -410,8 +448,13 @@ def main() -> int:
     ap.add_argument("--da-processes", type=int, default=2, help="nnUNet_n_proc_DA (0-2)")
     ap.add_argument("--dataset-id", type=int, default=4)
     ap.add_argument("--prepare-only", action="store_true", help="convert, preprocess and write the schedule files")
+    ap.add_argument("--width-divisor", type=int, default=1,
+                    help="train a configuration of the plans whose network has its features per stage divided by "
+                         "this (written into nnUNetPlans.json as 3d_fullres_wN, inheriting the rest of 3d_fullres: "
+                         "nnU-Net's full width costs about 10 s per iteration on 2 CPU cores); 1: 3d_fullres itself")
     ap.add_argument("--report", help="write the Markdown report here")
     a = ap.parse_args()
+    a.configuration = CONFIGURATION
     try:
         check_args(a)
         started = time.time()
@@ -422,7 +465,8 @@ def main() -> int:
         plans = prepare(a, work, env, dataset)
         from pgps_tune import nnunet
 
-        plan = nnunet.read_plans(plans, CONFIGURATION)
+        a.configuration = narrow(plans, a.width_divisor)
+        plan = nnunet.read_plans(plans, a.configuration)
         sizing = size(a, plan, work, env, dataset) if a.budget_minutes and not a.prepare_only else None
         if sizing:
             a.iterations_per_epoch = sizing["iterations_per_epoch"]

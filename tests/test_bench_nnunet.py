@@ -42,6 +42,7 @@ def run(bench, monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (["--schedules", "constant", "--fold", "-1"], "--fold must be >= 0"),
     (["--schedules", "constant", "--da-processes", "3"], "--da-processes must be 0, 1 or 2"),
     (["--schedules", "constant", "--dataset-id", "1000"], "--dataset-id must be 1-999"),
+    (["--schedules", "constant", "--width-divisor", "0"], "--width-divisor must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(bench, monkeypatch, capsys, tmp_path, args, match):
     msd = make_msd(tmp_path / "msd", n=2)
@@ -77,3 +78,27 @@ def test_tuned_batches_follow_their_mode_at_nnunets_batch(bench):
                        meta={"mode": "performance"})
     with pytest.raises(PgpsError, match="do not follow its mode 'performance'"):
         bench.rebatch(odd, 9)
+
+
+def test_a_narrower_configuration_inherits_the_rest_of_3d_fullres(bench, tmp_path):
+    import json
+
+    from pgps_tune import nnunet
+
+    cfg = {"data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 56, 40], "batch_size": 7,
+           "spacing": [1, 1, 1], "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
+               "n_stages": 4, "features_per_stage": [32, 64, 128, 256],
+               "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}}}
+    plans = tmp_path / "nnUNetPlans.json"
+    plans.write_text(json.dumps({"dataset_name": "Dataset004_Hippocampus", "plans_name": "nnUNetPlans",
+                                 "configurations": {"3d_fullres": cfg}, "keep": 1}))
+    assert bench.narrow(plans, 1) == "3d_fullres" and "3d_fullres_w1" not in plans.read_text()
+    assert bench.narrow(plans, 4) == "3d_fullres_w4"
+    written = json.loads(plans.read_text())
+    assert written["keep"] == 1 and written["configurations"]["3d_fullres"] == cfg  # the rest kept as it was
+    assert bench.features(plans, "3d_fullres_w4") == [8, 16, 32, 64]
+    full, narrow = nnunet.read_plans(plans, "3d_fullres"), nnunet.read_plans(plans, "3d_fullres_w4")
+    assert (narrow.final_patch, narrow.pools, narrow.batch_size) == (full.final_patch, full.pools, full.batch_size)
+    assert narrow.data_identifier == full.data_identifier  # trains on 3d_fullres' preprocessed data
+    before = plans.stat().st_mtime_ns
+    assert bench.narrow(plans, 4) == "3d_fullres_w4" and plans.stat().st_mtime_ns == before  # not rewritten
