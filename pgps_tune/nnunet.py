@@ -703,6 +703,14 @@ def _device(name: str):
     return torch.device(name)
 
 
+def check_preprocessed(plan: NnunetPlan) -> None:
+    """Refuse a plan whose configuration nnU-Net has not preprocessed (its data folder beside the plans)."""
+    data = plan.source.parent / plan.data_identifier
+    if not data.is_dir():
+        raise PgpsError(f"{data} does not exist; run nnUNetv2_plan_and_preprocess -d {plan.dataset} "
+                        f"-c {plan.configuration} first")
+
+
 def train(dataset: str, configuration: str, fold: str | int, schedule: str | Path | None = None, *,
           device: str = "auto", continue_training: bool = False, epochs: int | None = None,
           iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
@@ -725,9 +733,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
             raise PgpsError(f"{name.replace('num_', '').replace('_', ' ')} must be >= 1, got {value}")
     base = find_dataset(dataset, "nnUNet_preprocessed")
     plan = read_plans(base / f"{plans_identifier}.json", configuration)
-    if not (base / plan.data_identifier).is_dir():
-        raise PgpsError(f"{base / plan.data_identifier} does not exist; run nnUNetv2_plan_and_preprocess "
-                        f"-d {plan.dataset} -c {configuration} first")
+    check_preprocessed(plan)
     out = run_folder(plan, fold, trainer)
     has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
     if continue_training and not has_run:
@@ -773,12 +779,10 @@ def trial_plan(plans: str | Path, configuration: str) -> NnunetPlan:
     """The plan a sweep with ``budget.trainer: nnunet`` trains: refused now if nnU-Net could not train it."""
     require_nnunet()
     plan = read_plans(plans, configuration)
-    base = plan.source.parent
-    if not (base / plan.data_identifier).is_dir():
-        raise PgpsError(f"{base / plan.data_identifier} does not exist; run nnUNetv2_plan_and_preprocess "
-                        f"-d {plan.dataset} -c {configuration} before a sweep with budget.trainer: nnunet")
-    if not (base / "dataset.json").is_file():
-        raise PgpsError(f"{base / 'dataset.json'} does not exist; nnU-Net's preprocessing writes it beside the plans")
+    check_preprocessed(plan)
+    if not (plan.source.parent / "dataset.json").is_file():
+        raise PgpsError(f"{plan.source.parent / 'dataset.json'} does not exist; nnU-Net's preprocessing writes it "
+                        "beside the plans")
     return plan
 
 
@@ -798,7 +802,6 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     """
     import numpy as np
 
-    require_nnunet()
     plan = trial_plan(plans, configuration)
     check_schedule(s, plan)
     f = for_nnunet(s, plan, num_epochs=epochs, num_iterations_per_epoch=iterations_per_epoch,
@@ -816,8 +819,15 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     baseline = s.baseline_batch_size * float(np.prod(s.final_patch))
     done: dict[str, Any] = {"voxels": 0.0, "train_s": 0.0, "best": -1.0}
 
+    def stage_of(epoch: int) -> sch.Stage:  # epoch counted from 0
+        return s.stages[s.stage_index_at(min(epoch, s.epochs - 1))]
+
+    def count_epoch(epoch: int, iterations: int) -> None:
+        st = stage_of(epoch)
+        done["voxels"] += st.batch_size * float(np.prod(st.patch_size)) * iterations
+
     def result(trainer, epoch: int, completed: bool, dice: float, per_class: dict[str, float]) -> dict[str, Any]:
-        st = s.stages[s.stage_index_at(min(epoch - 1, s.epochs - 1))]
+        st = stage_of(epoch - 1)
         done["best"] = max(done["best"], dice)
         losses = trainer.logger.get_value("train_losses", step=-1) if trainer.logger else float("nan")
         return {"epoch": epoch, "stage": s.stages.index(st),
@@ -829,8 +839,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     class Reporting(base):  # noqa: N801 (nnU-Net names folders after the class: keep its name below)
         def on_epoch_end(self) -> None:
             epoch = self.current_epoch
-            st = s.stages[s.stage_index_at(min(epoch, s.epochs - 1))]
-            done["voxels"] += st.batch_size * float(np.prod(st.patch_size)) * self.num_iterations_per_epoch
+            count_epoch(epoch, self.num_iterations_per_epoch)
             super().on_epoch_end()
             value = self.logger.get_value
             done["train_s"] += value("epoch_end_timestamps", step=-1) - value("epoch_start_timestamps", step=-1)
@@ -856,8 +865,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
                                                                         "epoch_end_timestamps"))
             done["train_s"] = float(sum(e - b for b, e in zip(starts, ends)))
             for epoch in range(t.current_epoch):
-                st = s.stages[s.stage_index_at(min(epoch, s.epochs - 1))]
-                done["voxels"] += st.batch_size * float(np.prod(st.patch_size)) * t.num_iterations_per_epoch
+                count_epoch(epoch, t.num_iterations_per_epoch)
         t.run_training()
         t.perform_actual_validation(False)
         summary = json.loads((Path(t.output_folder) / "validation" / "summary.json").read_text(encoding="utf-8"))

@@ -168,10 +168,11 @@ def narrow(plans: Path, divisor: int) -> str:
 
 
 def features(plans: Path, configuration: str) -> list[int] | str:
-    cfgs = json.loads(plans.read_text(encoding="utf-8"))["configurations"]
-    cfg = cfgs[configuration]
-    while "architecture" not in cfg and "inherits_from" in cfg:
-        cfg = cfgs[cfg["inherits_from"]]
+    """The network's features per stage of ``configuration`` (inheritance resolved as nnU-Net does)."""
+    from pgps_tune.nnunet import _resolve_configuration
+
+    cfg = _resolve_configuration(json.loads(plans.read_text(encoding="utf-8"))["configurations"], configuration,
+                                 str(plans))
     return cfg.get("architecture", {}).get("arch_kwargs", {}).get("features_per_stage", "?")
 
 
