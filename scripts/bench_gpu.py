@@ -132,6 +132,7 @@ def main() -> int:
     a = ap.parse_args()
 
     import torch
+    from bench_iteration import rule, time_fraction  # issue 15.4's rule and prediction, as on the CPU
 
     from pgps_tune import schedule as sch
     from pgps_tune.config import TrainConfig
@@ -186,16 +187,14 @@ def main() -> int:
         for k in idx:
             r, st = res[k], s.stages[k]
             ns = 1e6 * r["ms"] / r["voxels"]
-            allowance = 3.0 + r["voxels"] * ns_final * 1e-6
-            rule = "pass" if r["ms"] <= allowance else f"FAIL (> {allowance:.1f} ms)"
             mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             util = "-" if r["util"] is None else f"{r['util']:.0f}"
             lines.append(f"| {k} | {'x'.join(map(str, st.patch_size))} | {st.batch_size} | {r['voxels']} | "
-                         f"{r['ms']:.2f} | {ns:.1f} | {ns / ns_final:.2f} | {rule} | {mem} | {util} |")
+                         f"{r['ms']:.2f} | {ns:.1f} | {ns / ns_final:.2f} | {rule(r['ms'], r['voxels'], ns_final)} | "
+                         f"{mem} | {util} |")
         if not a.quick:
-            its = [st.epochs * ipe for st in s.stages]
-            time_frac = sum(n * res[k]["ms"] for k, n in enumerate(its)) / (sum(its) * final["ms"])
-            vox_frac = sum(n * res[k]["voxels"] for k, n in enumerate(its)) / (sum(its) * final["voxels"])
+            time_frac = time_fraction(s, {k: r["ms"] for k, r in res.items()})
+            vox_frac = s.voxel_fraction()
             lines += ["", f"Predicted time fraction {time_frac:.3f} over voxel fraction {vox_frac:.3f}: ratio "
                       f"**{time_frac / vox_frac:.2f}** (issue 15's target for paper-resource: <= 1.10)."]
     lines += ["", f"{time.perf_counter() - t_start:.0f} s in all."]

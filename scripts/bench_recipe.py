@@ -11,7 +11,7 @@ reused (delete a run folder to train it again); the report gives each run's comm
 ``--val-every`` epochs, its training time, and a curve figure::
 
     .venv/bin/python scripts/bench_recipe.py --schedules constant paper:performance --augment default none \\
-        --epochs 160 --iterations-per-epoch 100 --val-every 10 --report docs/bench_recipe.md
+        --epochs 200 --iterations-per-epoch 100 --val-every 10 --report docs/bench_recipe.md
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from pgps_tune.errors import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.885  # the constant baseline's validation Dice asked for within 30 minutes of 2-core CPU training
@@ -56,9 +58,7 @@ def mirrored(data: str, run: Path, threads: int) -> dict[str, Any]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         res = subprocess.run([sys.executable, "-m", "pgps_tune.cli", "evaluate", "--data", data, "--run", str(run),
                               "--mirror"], check=True, cwd=ROOT, capture_output=True, text=True, env=env)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(res.stdout)
-        tmp.replace(cache)
+        atomic_write_text(cache, res.stdout)
     return json.loads(cache.read_text())
 
 
@@ -154,8 +154,6 @@ def main() -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from pgps_tune.errors import atomic_write_text
 
         report = Path(a.report)
         img = report.parent / "img" / "bench_recipe_curves.png"
