@@ -65,7 +65,7 @@ def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any
 def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     """The network of a run folder, with the preprocessing its training data had."""
     from pgps_tune.config import TrainConfig
-    from pgps_tune.network import network_for
+    from pgps_tune.network import network_for, place
     from pgps_tune.schedule import Schedule
     from pgps_tune.trainer import CHECKPOINT
 
@@ -77,7 +77,9 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     try:
         cfg, pre = ck["config"], ck["preprocessing"]
         schedule = Schedule.from_dict(ck["schedule"], source=str(path))
-        model = network_for(TrainConfig.from_dict(cfg), ck["channels"], ck["num_classes"], schedule).to(device)
+        config = TrainConfig.from_dict(cfg)
+        model = place(network_for(config, ck["channels"], ck["num_classes"], schedule), config.network, device,
+                      schedule.final_patch)
         model.load_state_dict(ck["model"])
         return Run(
             model=model.eval(), channels=int(ck["channels"]), num_classes=int(ck["num_classes"]),
@@ -85,7 +87,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
             spacing=tuple(float(v) for v in pre["spacing"]),  # type: ignore[arg-type]
             normalisation=list(pre["normalisation"]),
             sw_batch_size=int(cfg["sw_batch_size"]), overlap=float(cfg["sw_overlap"]),
-            augment=TrainConfig.from_dict(cfg).augment,
+            augment=config.augment,
         )
     except PgpsError:
         raise

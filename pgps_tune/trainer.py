@@ -54,7 +54,7 @@ from pgps_tune.augment import to_device
 from pgps_tune.config import TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write, strict_json
-from pgps_tune.network import network_for
+from pgps_tune.network import memory_format, network_for, place
 from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
 
@@ -303,7 +303,9 @@ class Trainer:
             fg_ratio=config.fg_ratio, volumes_per_batch=config.volumes_per_batch, augment=config.augment,
         )
         torch.manual_seed(config.seed)
-        self.model = network_for(config, ds.channels, ds.num_classes, schedule).to(self.device)
+        self.model = place(network_for(config, ds.channels, ds.num_classes, schedule), config.network, self.device,
+                           schedule.final_patch)
+        self._layout = memory_format(config.network, self.device, schedule.final_patch)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
@@ -350,6 +352,28 @@ class Trainer:
                 state = self.opt.state[p]
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _lay_out(self, patch: Sequence[int]) -> None:
+        """Put the network in the memory layout it computes fastest in for ``patch`` (a function of the
+        patch alone, so a resumed run makes the same choice), its optimizer buffers along with it."""
+        layout = memory_format(self.cfg.network, self.device, patch)
+        if layout != self._layout:
+            self.model.to(memory_format=layout)
+            self._align_state()
+            self._layout = layout
+
+    def _align_state(self) -> None:
+        """Give every optimizer buffer its parameter's memory layout.
+
+        A fused optimizer walks a parameter and its buffers as flat memory, so a buffer in another
+        layout (a checkpoint written in the default layout, loaded into a channels-last network)
+        would be updated against the wrong elements without any error.  Copying it into a tensor
+        laid out like its parameter keeps the values and fixes the order.
+        """
+        for p, state in self.opt.state.items():
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     # -- checkpoint ------------------------------------------------------------
     @property
@@ -454,6 +478,7 @@ class Trainer:
                     raise ValueError(f"state {index}.{name} has shape {list(value.shape)}, "
                                      f"its parameter {list(params[index].shape)}")
         self.opt.load_state_dict(sd)
+        self._align_state()
         self._fill_momentum()  # a checkpoint from before buffers were made up front
 
     # -- training ----------------------------------------------------------------
@@ -466,6 +491,7 @@ class Trainer:
     def _step(self, image: torch.Tensor, label: torch.Tensor) -> float:
         """One optimisation step; a non-finite loss (or, without AMP, gradient) stops the run."""
         native = self.device.type == "cpu" and label.numel() <= self.native_conv_max_voxels
+        self._lay_out(label.shape[2:])
         with _onednn(not native):
             return self._step_with(image, label)
 
@@ -570,6 +596,7 @@ class Trainer:
 
     # -- validation and reporting ------------------------------------------------------
     def validate(self) -> dict[str, Any]:
+        self._lay_out(self.schedule.final_patch)  # as evaluate and predict place it
         return evaluate(
             self.model, self.ds, self.val_cases, self.schedule.final_patch, self.device,
             self.cfg.sw_batch_size, self.cfg.sw_overlap,
@@ -796,9 +823,10 @@ def evaluate_run(
     built: list[Any] = []
 
     def network() -> None:
-        net = network_for(TrainConfig.from_dict(cfg), channels, num_classes, schedule)
+        config = TrainConfig.from_dict(cfg)
+        net = place(network_for(config, channels, num_classes, schedule), config.network, dev, schedule.final_patch)
         net.load_state_dict(ck["model"])
-        built.extend([net.to(dev), int(cfg["sw_batch_size"]), float(cfg["sw_overlap"])])
+        built.extend([net, int(cfg["sw_batch_size"]), float(cfg["sw_overlap"])])
 
     _restore(path, fix, [("config and model", network)])
     net, sw_batch_size, overlap = built

@@ -7,8 +7,9 @@ the stage's own batches (a batch is a pure function of its iteration):
 
 - data: what the trainer's loader does for one batch with the default number of loader
   workers (0: in the training process): cut the regions and augment them;
-- model: one train step of the default network (forward, Dice+CE, backward, fused AdamW,
-  as the trainer does on the CPU) on the augmented batch;
+- model: one step of the trainer itself (``Trainer._step``: forward, Dice+CE, backward,
+  clipping, fused AdamW, with the trainer's convolution path and memory layout per patch)
+  on the augmented batch;
 
 each as the best of ``--repeats`` timings (the machine is shared: the best run is the
 least disturbed one), and reports the data and model throughput (voxels/s) with their
@@ -30,8 +31,10 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +66,14 @@ def main() -> int:
     a = ap.parse_args()
 
     import torch
-    from monai.losses import DiceCELoss
 
     from pgps_tune import schedule as sch
     from pgps_tune.augment import to_device
-    from pgps_tune.config import DEFAULT_LR, TrainConfig
+    from pgps_tune.config import TrainConfig
     from pgps_tune.data import plan_patch, prepare, split
     from pgps_tune.errors import PgpsError, atomic_write_text
-    from pgps_tune.network import network_for
     from pgps_tune.sampler import IterationDataset, ProgressiveSampler
+    from pgps_tune.trainer import Trainer
 
     torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
     if a.clock == "cpu" and torch.get_num_threads() != 1:
@@ -86,19 +88,14 @@ def main() -> int:
         raise SystemExit("this benchmark times the in-process loader; the default workers changed, update it")
     plan = plan_patch(ds.median_shape, ds.spacing)
     s = sch.paper(plan.final_patch, plan.pools, a.batch_size, 1000, a.mode)
-    train_cases, _ = split(ds, 0.2, seed=0)
+    train_cases, val_cases = split(ds, 0.2, seed=0)
     samplers = {name: ProgressiveSampler(ds, train_cases, s, 1, augment=name) for name in (a.augment, "none")}
-    torch.manual_seed(0)
-    model = network_for(cfg, ds.channels, ds.num_classes, s)
-    opt = torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR[cfg.optimizer], fused=True)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     cpu = torch.device("cpu")
-
-    def train_step(image: torch.Tensor, label: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(image), label).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-        opt.step()
+    # the trainer's own step (its convolution path, memory layout per patch, norm kernel, fused
+    # optimizer, clipping), on batches this script cuts and times itself
+    trainer = Trainer(ds, train_cases, val_cases, s, replace(cfg, device="cpu", iterations_per_epoch=1),
+                      tempfile.mkdtemp())
+    train_step = trainer._step
 
     data = {name: IterationDataset(smp) for name, smp in samplers.items()}  # what the loader serves
     load_before = os.getloadavg()

@@ -57,26 +57,24 @@ def before_trainer_module(ref: str) -> Any:
 class Variant:
     """One trainer and how its batches are handed to ``_step``."""
 
-    def __init__(self, name: str, trainer: Any, batches: Callable[[int], Any], channels_last: bool = False,
+    def __init__(self, name: str, trainer: Any, batches: Callable[[int], Any],
                  setting: Callable[[], Any] = contextlib.nullcontext) -> None:
-        self.name, self.trainer, self.batches, self.channels_last = name, trainer, batches, channels_last
+        self.name, self.trainer, self.batches = name, trainer, batches
         self.setting = setting  # a context in force while this variant runs (a switch of the library)
 
     def run(self, start: int, n: int, warmup: int, pieces: dict[str, list[float]] | None = None) -> float:
         """Seconds per iteration of ``n`` iterations from ``start`` after ``warmup`` ones."""
-        import torch
 
-        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         it = self.batches(start)
         try:
             with self.setting():
-                return self._timed(it, fmt, n, warmup, pieces)
+                return self._timed(it, n, warmup, pieces)
         finally:
             close = getattr(it, "close", None)
             if close:
                 close()
 
-    def _timed(self, it: Any, fmt: Any, n: int, warmup: int, pieces: dict[str, list[float]] | None) -> float:
+    def _timed(self, it: Any, n: int, warmup: int, pieces: dict[str, list[float]] | None) -> float:
         for i in range(warmup + n):
             if i == warmup:
                 t0 = time.perf_counter()
@@ -86,7 +84,7 @@ class Variant:
             image, label = next(it)
             if pieces is not None:
                 pieces["batch"].append(time.perf_counter() - a)
-            self.trainer._step(image.contiguous(memory_format=fmt), label)
+            self.trainer._step(image, label)
         return (time.perf_counter() - t0) / n
 
 
@@ -100,6 +98,19 @@ def instance_norm_kernel() -> Any:
         yield
     finally:
         SafeInstanceNorm3d.group_norm_kernel = True
+
+
+@contextlib.contextmanager
+def default_layout() -> Any:
+    """The network in PyTorch's default memory layout in every stage instead of channels-last from
+    ``CHANNELS_LAST_MIN_VOXELS`` voxels per patch."""
+    from pgps_tune import network
+
+    network.CPU_CHANNELS_LAST = False
+    try:
+        yield
+    finally:
+        network.CPU_CHANNELS_LAST = True
 
 
 def timed(fn: Callable, sink: list[float]) -> Callable:
@@ -122,12 +133,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the faster one counts")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--before", default="48b9151", help="git ref of the trainer to compare against")
-    ap.add_argument("--channels-last", action="store_true", help="also time the new trainer in channels_last_3d")
+    ap.add_argument("--default-layout", action="store_true",
+                    help="also time today's trainer with its network in the default memory layout (on the CPU "
+                         "it trains in channels-last 3D)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile on the first and last stage (compile time counted)")
     ap.add_argument("--quick", action="store_true", help="first, middle and last stage only")
     ap.add_argument("--report", help="also write a Markdown report here")
     a = ap.parse_args()
+    if a.compile:  # count the whole compilation: no kernels reused from an earlier run's cache
+        os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
     import torch
     from torch.profiler import profile
@@ -175,10 +190,10 @@ def main() -> int:
     variants.append(Variant("after, oneDNN in every stage", base_t, new_batches(base_t)))
     norm_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "instnorm")
     variants.append(Variant("after, instance-norm kernel", norm_t, new_batches(norm_t), setting=instance_norm_kernel))
-    if a.channels_last:
-        cl_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "cl")
-        cl_t.model.to(memory_format=torch.channels_last_3d)
-        variants.append(Variant("after, channels_last_3d", cl_t, new_batches(cl_t), channels_last=True))
+    if a.default_layout:
+        with default_layout():  # read whenever a trainer lays its network out, so in force while it runs too
+            flat_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "flat")
+        variants.append(Variant("after, default layout", flat_t, new_batches(flat_t), setting=default_layout))
 
     # the pieces of a "before" iteration, by wrapping the trainer's own calls
     pieces: dict[str, list[float]] = {k: [] for k in PIECES}
@@ -301,10 +316,12 @@ def render(a, s, idx, ms, split_ms, profiles, compiled, load, seconds, ds, torch
         f"per stage and variant (the faster round), {seconds:.0f} s in all.",
         "",
         "\"before\" is the trainer of the git ref given with `--before`, on today's network and sampler modules; "
-        "\"after\" is today's trainer with its defaults. Each of this round's cuts is switched off in a variant "
+        "\"after\" is today's trainer with its defaults. Each of its cuts is switched off in a variant "
         "of its own: oneDNN convolutions in every stage (instead of PyTorch's own at steps of at most "
-        "`Trainer.native_conv_max_voxels` voxels) and PyTorch's instance-norm path (instead of group norm's "
-        "kernel).",
+        "`Trainer.native_conv_max_voxels` voxels), PyTorch's instance-norm path (instead of group norm's "
+        "kernel)" + (", and the network in the default memory layout in every stage (instead of channels-last "
+                     "3D from `network.CHANNELS_LAST_MIN_VOXELS` voxels per patch)" if a.default_layout else "")
+        + ".",
         "",
     ]
     summary = []

@@ -156,7 +156,7 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         report = Path(a.report)
-        img = report.parent / "img" / "bench_recipe_curves.png"
+        img = report.parent / "img" / f"{report.stem}_curves.png"
         img.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(7, 4))
         for (schedule, aug), hs in histories.items():

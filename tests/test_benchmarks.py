@@ -96,6 +96,17 @@ def test_bench_stage_cost_quick(tmp_path):
     assert len(rows) >= 2 and rows[-1].split("|")[5].strip() == "1.00"  # the final stage against itself
 
 
+def test_bench_augment_times_the_trainers_own_step(tmp_path):
+    data = make_msd(tmp_path / "tiny", n=4, shape=(24, 24, 24))
+    p = run("bench_augment.py", "--data", str(data), "--iterations", "1", "--repeats", "1", "--threads", "1",
+            "--report", str(tmp_path / "aug.md"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split("|") for line in (tmp_path / "aug.md").read_text().splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) >= 2 and rows[-1][9].strip() == "1.00"  # the final stage against itself
+    assert all(float(r[6]) > 0 for r in rows)  # the model's rate, Mvox/s
+
+
 def test_bench_docs_copies_reports_between_markers(tmp_path):
     import importlib.util
 

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from pgps_tune import data
+from pgps_tune import network as network_mod
 from pgps_tune import schedule as sch
 from pgps_tune.cli import Interrupted, build_parser, main
 from pgps_tune.config import DEFAULT_LR, TrainConfig
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.network import SafeInstanceNorm3d, build_network
-from pgps_tune.trainer import Trainer, evaluate, evaluate_run, read_checkpoint, strict_json
+from pgps_tune.trainer import CHECKPOINT, Trainer, evaluate, evaluate_run, read_checkpoint, strict_json
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible here)")
 
@@ -69,8 +70,10 @@ def test_every_paper_stage_trains_including_the_1x1x1_bottleneck():
             assert out.shape[-3:] == st.patch_size
 
 
+@pytest.mark.parametrize("layout", ["default", "channels_last"])
 @pytest.mark.parametrize("affine", [False, True])
-def test_instance_norm_through_the_group_norm_kernel_matches_torchs_instance_norm(affine):
+def test_instance_norm_through_the_group_norm_kernel_matches_torchs_instance_norm(affine, layout):
+    # default layout: group norm's fused kernel; channels-last 3D: instance norm's own path (faster there)
     torch.manual_seed(0)
     ref, ours = torch.nn.InstanceNorm3d(3, affine=affine), SafeInstanceNorm3d(3, affine=affine)
     if affine:
@@ -78,11 +81,14 @@ def test_instance_norm_through_the_group_norm_kernel_matches_torchs_instance_nor
             ref.weight.uniform_(0.5, 2), ref.bias.uniform_(-1, 1)
         ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 5, 4, 6) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     grads = []
     for m in (ref, ours):
         xi = x.clone().requires_grad_()
         out = m(xi)
-        assert ("GroupNorm" in type(out.grad_fn).__name__) == (m is ours)  # the fused kernel, not batch norm's
+        fused = m is ours and layout == "default"
+        assert ("GroupNorm" in type(out.grad_fn).__name__) == fused  # the fused kernel, not batch norm's
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), xi.grad, *(p.grad for p in m.parameters())))
     for a, b in zip(*grads, strict=True):
@@ -210,6 +216,59 @@ def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path, determi
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert m["val_dice"] == straight.state.history[-1]["val_dice"]
+
+
+def test_the_layout_follows_the_patch_and_resume_is_exact_from_either_layout(ds, tmp_path, monkeypatch,
+                                                                            deterministic):
+    # channels-last from 16^3 here (the default threshold is above this test's patches): stages 0-1
+    # train in the default layout, stage 2 and every validation in channels-last.  A fused optimizer
+    # walks a buffer as flat memory, so each switch, and a checkpoint whose buffers are in the other
+    # layout (one written before the network went channels-last), must re-lay the buffers out, or the
+    # update lands on the wrong elements without an error.
+    monkeypatch.setattr(network_mod, "CHANNELS_LAST_MIN_VOXELS", 16**3)
+    cl = torch.channels_last_3d
+    seen = []
+    straight = _trainer(ds, tmp_path / "straight")
+    straight._step = _spy(straight, seen)
+    straight.fit()
+    assert [fmt for patch, fmt in seen] == [False] * 8 + [True] * 4 and seen[-1][0] == (16, 16, 16)
+    first = _trainer(ds, tmp_path / "a", callback=lambda r: _stop_at(r, 3))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    flat_dir = tmp_path / "flat"
+    flat_dir.mkdir()
+    ck = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=False)
+    buffers = [b for b in ck["optimizer"]["state"].values()]
+    assert any(v.is_contiguous(memory_format=cl) and not v.is_contiguous()
+               for b in buffers for v in b.values() if torch.is_tensor(v) and v.dim() == 5)
+    for b in buffers:
+        for name, value in b.items():
+            if torch.is_tensor(value) and value.dim() == 5:
+                b[name] = value.contiguous()
+    torch.save(ck, flat_dir / CHECKPOINT)
+    for folder in (tmp_path / "a", flat_dir):
+        resumed = _trainer(ds, folder)
+        resumed.fit(resume=True)
+        assert all(p.is_contiguous(memory_format=cl) for p in resumed.model.parameters() if p.dim() == 5)
+        for (k, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+            assert torch.equal(x, y), (folder.name, k)
+
+
+def _spy(trainer, seen):
+    step = trainer._step
+
+    def spied(image, label):
+        out = step(image, label)
+        w = max((p for p in trainer.model.parameters() if p.dim() == 5), key=lambda p: p.numel())
+        seen.append((tuple(label.shape[2:]), w.is_contiguous(memory_format=torch.channels_last_3d)
+                     and not w.is_contiguous()))
+        return out
+    return spied
+
+
+def _stop_at(report, epoch):
+    if report["epoch"] == epoch:
+        raise KeyboardInterrupt
 
 
 def test_resume_with_other_settings_is_refused(ds, tmp_path):
