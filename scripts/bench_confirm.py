@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
 
 TARGET_GAIN, TARGET_TIME = 0.01, 0.9  # issue 10: >= 1 Dice point over constant at <= 0.9x its time
 
@@ -192,8 +192,7 @@ def _plot(done: list[dict[str, Any]], front: list[dict[str, Any]], path: Path) -
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 

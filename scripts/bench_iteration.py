@@ -64,7 +64,6 @@ class Variant:
 
     def run(self, start: int, n: int, warmup: int, pieces: dict[str, list[float]] | None = None) -> float:
         """Seconds per iteration of ``n`` iterations from ``start`` after ``warmup`` ones."""
-
         it = self.batches(start)
         try:
             with self.setting():

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pgps_tune.errors import atomic_write_text
+from pgps_tune.errors import atomic_write, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.885  # the constant baseline's validation Dice asked for within 30 minutes of 2-core CPU training
@@ -157,7 +157,6 @@ def main() -> int:
 
         report = Path(a.report)
         img = report.parent / "img" / f"{report.stem}_curves.png"
-        img.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(7, 4))
         for (schedule, aug), hs in histories.items():
             ax.plot([h["iteration"] for h in hs], [h["val_dice"] for h in hs], marker="o", ms=3,
@@ -167,7 +166,7 @@ def main() -> int:
                ylim=(0.7, 0.9))
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(img, dpi=100)
+        atomic_write(img, lambda fh: fig.savefig(fh, format="png", dpi=100))
         atomic_write_text(report, text + f"\n![learning curves](img/{img.name})\n")
     return 0
 
