@@ -29,6 +29,7 @@ from pgps_tune import __version__
 from pgps_tune import schedule as sch
 from pgps_tune.config import (
     AUGMENT_PRESETS,
+    CPU_PRECISIONS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -267,8 +268,8 @@ def _synthetic_args(a: argparse.Namespace, recipe: Recipe | None) -> dict[str, A
 # TrainConfig fields that train takes as flags (the flag is the field with dashes); their argparse
 # default is None, so that only a flag the user gave replaces the schedule file's recipe
 TRAIN_FLAGS = ("network", "filters", "deep_supervision", "token_size", "feature_size", "hidden_size", "augment",
-               "optimizer", "lr", "fg_ratio", "seed", "iterations_per_epoch", "val_every", "threads", "workers",
-               "max_train_seconds", "device")
+               "cpu_precision", "optimizer", "lr", "fg_ratio", "seed", "iterations_per_epoch", "val_every", "threads",
+               "workers", "max_train_seconds", "device")
 SPLIT_FLAGS = ("val_fraction", "split_seed")
 
 
@@ -659,8 +660,8 @@ def _space_path(name: str) -> Path:
 
 # Space budget fields that tune and demo take as flags (the flag is the field with dashes)
 BUDGET_FLAGS = ("epochs", "iterations_per_epoch", "batch_size", "val_every", "network", "token_size", "feature_size",
-                "hidden_size", "augment", "filters", "optimizer", "lr", "fg_ratio", "seed", "val_fraction",
-                "split_seed", "final_patch", "pools")
+                "hidden_size", "augment", "cpu_precision", "filters", "optimizer", "lr", "fg_ratio", "seed",
+                "val_fraction", "split_seed", "final_patch", "pools")
 
 
 def _with_budget_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpace:
@@ -1057,6 +1058,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "widths fit small machines)")
     t.add_argument("--augment", help=f"augmentation preset: {', '.join(AUGMENT_PRESETS)} (default "
                    f"{TrainConfig.augment}, close to nnU-Net's; none: plain crops)")
+    t.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                   help=f"CPU training arithmetic (default {TrainConfig.cpu_precision}: bfloat16 autocast where the "
+                        "CPU has it in hardware and the batch gains, fp32 elsewhere; fp32: never); CUDA uses fp16 AMP")
     t.add_argument("--filters", nargs="+", type=n("filters"),
                    help=f"channels per level (default {' '.join(map(str, TrainConfig.filters))})")
     t.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, help="dynunet only (default off)")
@@ -1164,6 +1168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(swinunetr: a multiple of 12, segresnet: of 8)")
         g.add_argument("--hidden-size", type=n("hidden_size"), help="unetr transformer width (a multiple of 64)")
         g.add_argument("--augment", choices=tuple(AUGMENT_PRESETS), help="augmentation preset (none: plain crops)")
+        g.add_argument("--cpu-precision", choices=CPU_PRECISIONS, help="CPU training arithmetic: bf16 (autocast "
+                       "where the CPU has it in hardware) or fp32")
         g.add_argument("--filters", nargs="+", type=n("filters"), metavar="N", help="channels per level")
         g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
         g.add_argument("--lr", type=n("lr"), help="learning rate (a searched lr parameter still wins)")

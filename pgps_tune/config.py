@@ -42,6 +42,14 @@ DEFAULT_BATCH_SIZE = 2
 OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_LR = {"adamw": 3e-3, "sgd": 1e-2}
 DEVICES = ("auto", "cpu", "cuda")
+# The arithmetic of a CPU training step: "bf16" autocasts the network's forward pass to bfloat16
+# where the CPU computes it in hardware (AVX512-BF16 or AMX) and the batch is large enough to gain
+# (pgps_tune.trainer.CPU_BF16_MIN_VOXELS), fp32 elsewhere; "fp32" never autocasts.  CUDA trains
+# with fp16 AMP either way.  Validation, evaluate and predict compute in fp32 on the CPU.
+CPU_PRECISIONS = ("bf16", "fp32")
+# Settings added after runs and files were first written, with the value those older runs trained
+# with: a stored config or schedule file that lacks the key is read with it (not with today's default)
+ADDED_LATER: dict[str, Any] = {"cpu_precision": "fp32"}
 
 # -- networks and the patch sides each one takes ------------------------------------------
 # Plain data, so that schedule builders, space checks and the CLI can ask before torch is
@@ -197,6 +205,7 @@ class TrainConfig:
     hidden_size: int = 768  # unetr transformer width (MLP 4x, one head per 64)
     token_size: int = 16  # unetr token side: every patch side must be a multiple of it
     augment: str = "default"  # a name in AUGMENT_PRESETS; "none" trains on plain crops
+    cpu_precision: str = "bf16"  # one of CPU_PRECISIONS
     optimizer: str = "adamw"  # "adamw" (default) or "sgd" (the paper's)
     lr: float | None = None  # None: DEFAULT_LR of the optimizer
     weight_decay: float = 3e-5
@@ -226,6 +235,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`. A missing key raises KeyError: a stored config that lacks one
         was not written by this version, and guessing its network would load weights into the wrong one."""
         known = {f.name for f in fields(cls)}
+        d = {**ADDED_LATER, **d}
         missing = sorted(known - set(d))
         if missing:
             raise KeyError(f"config lacks {missing}")
@@ -258,6 +268,7 @@ class TrainConfig:
             # a sweep started before the widths were budget keys trained with the defaults
             feature_size=None if budget.get("feature_size") is None else int(budget["feature_size"]),
             hidden_size=int(budget.get("hidden_size", cls.hidden_size)),
+            cpu_precision=budget.get("cpu_precision", ADDED_LATER["cpu_precision"]),
         )
 
     @classmethod
@@ -265,7 +276,8 @@ class TrainConfig:
         """A config read from a file (a schedule file's ``recipe.train``), every value checked.
 
         Unknown keys and out-of-range values are refused in one line naming the key; a missing
-        key takes its default (a file written before that setting existed trained with it).
+        key takes its default (a file written before that setting existed trained with it), or
+        for a key in ``ADDED_LATER`` the value such a file trained with.
         """
         if not isinstance(data, dict):
             raise PgpsError(f"{where} must be a mapping of trainer settings, got {type(data).__name__}")
@@ -273,7 +285,7 @@ class TrainConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
-        cfg = cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in data.items()})
+        cfg = cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in {**ADDED_LATER, **data}.items()})
         check_network_widths(cfg.network, cfg.feature_size, cfg.hidden_size,
                              (f"{where}.feature_size", f"{where}.hidden_size"))
         return cfg
@@ -283,7 +295,7 @@ class TrainConfig:
 # default is None: "the network's or optimizer's own")
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "network": NETWORKS, "optimizer": OPTIMIZERS, "augment": tuple(AUGMENT_PRESETS), "device": DEVICES,
-    "token_size": TOKEN_SIZES,
+    "token_size": TOKEN_SIZES, "cpu_precision": CPU_PRECISIONS,
 }
 _NULLABLE = {f.name for f in fields(TrainConfig) if f.default is None}
 
@@ -294,7 +306,8 @@ def check_train_value(name: str, value: Any, what: str) -> Any:
         return None
     if name in _CHOICES:
         if value not in _CHOICES[name] or isinstance(value, bool):
-            kind = {"augment": "augmentation", "token_size": "token size"}.get(name, name)
+            kind = {"augment": "augmentation", "token_size": "token size",
+                    "cpu_precision": "CPU precision"}.get(name, name)
             raise PgpsError(f"{what}: unknown {kind} {value!r}; use one of {', '.join(map(str, _CHOICES[name]))}")
         return value
     if name == "deep_supervision":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,17 @@ __all__ = ["NETWORKS", "ProgressiveUNETR", "SafeInstanceNorm3d", "build_network"
 CPU_CHANNELS_LAST = True
 CHANNELS_LAST_NETWORKS = frozenset({"unet", "dynunet", "dynunet_resenc", "segresnet"})
 CHANNELS_LAST_MIN_VOXELS = 8192
+
+# bfloat16 autocast of a CPU training step (TrainConfig.cpu_precision "bf16", on CPUs with bf16 in
+# hardware): the convolutional networks' forward pass in bf16 for steps of at least
+# CPU_BF16_MIN_VOXELS voxels (batch x patch; below that the fixed cost of a step sets its price and
+# bf16 does not lower it).  One exception, convolution by convolution (GuardedConv3d): where the
+# input or output has at most CPU_BF16_THIN_DEPTH voxels along the first spatial axis, oneDNN's bf16
+# weight gradient differed between identical calls and now and then was infinite (torch 2.13, e.g.
+# the bottleneck of 16x16x16 patches under pools [3, 3, 3]), so such a convolution computes in fp32.
+# Exact resume needs repeatable steps.
+CPU_BF16_MIN_VOXELS = 16384
+CPU_BF16_THIN_DEPTH = 2
 
 
 class SafeInstanceNorm3d(nn.InstanceNorm3d):
@@ -69,6 +81,39 @@ class SafeInstanceNorm3d(nn.InstanceNorm3d):
         if self.affine:
             out = out + self.bias.view(1, -1, 1, 1, 1)
         return out
+
+
+class _Fp32WhenThin:
+    """Mixed into a 3D convolution: under CPU autocast, an input or output of at most
+    ``CPU_BF16_THIN_DEPTH`` voxels along the first spatial axis is computed in fp32 (see above)."""
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            depth, stride = x.shape[2], self.stride[0]  # type: ignore[attr-defined]
+            out = depth * stride if isinstance(self, nn.ConvTranspose3d) else -(-depth // stride)
+            if min(depth, out) <= CPU_BF16_THIN_DEPTH:
+                with torch.autocast("cpu", enabled=False):
+                    return super().forward(x.float(), *args)  # type: ignore[misc]
+        return super().forward(x, *args)  # type: ignore[misc]
+
+
+class GuardedConv3d(_Fp32WhenThin, nn.Conv3d):
+    pass
+
+
+class GuardedConvTranspose3d(_Fp32WhenThin, nn.ConvTranspose3d):
+    pass
+
+
+_SWAPPED_CONVS = {nn.Conv3d: GuardedConv3d, nn.ConvTranspose3d: GuardedConvTranspose3d}
+
+
+def _guard_convs(module: nn.Module) -> None:
+    """Every plain 3D convolution of ``module`` becomes its guarded class (the same module object:
+    parameters and state-dict keys stay as they are)."""
+    for child in module.modules():
+        if type(child) in _SWAPPED_CONVS:
+            child.__class__ = _SWAPPED_CONVS[type(child)]
 
 
 def _swap_instance_norms(module: nn.Module) -> None:
@@ -212,6 +257,7 @@ def build_network(
     else:
         raise PgpsError(f"unknown network {name!r}; use one of {', '.join(NETWORKS)}")
     _swap_instance_norms(net)
+    _guard_convs(net)
     return net
 
 
@@ -248,6 +294,12 @@ def memory_format(network: str, device: torch.device, patch: Sequence[int]) -> t
             and math.prod(patch) >= CHANNELS_LAST_MIN_VOXELS):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def cpu_bf16(network: str, patch: Sequence[int], batch: int) -> bool:
+    """Whether a CPU training step of ``batch`` patches of ``patch`` runs its forward pass under
+    bfloat16 autocast (the rule above; the run's setting and the hardware are the trainer's to check)."""
+    return network in CHANNELS_LAST_NETWORKS and batch * math.prod(patch) >= CPU_BF16_MIN_VOXELS
 
 
 def place(model: nn.Module, network: str, device: torch.device, patch: Sequence[int]) -> nn.Module:

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.config import (
+    ADDED_LATER,
     AUGMENT_PRESETS,
+    CPU_PRECISIONS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     NETWORKS,
@@ -218,6 +220,9 @@ class Budget:
                             "per 64); `tune --hidden-size`")
     augment: str = _doc(TrainConfig.augment, "augmentation preset (" + ", ".join(f"`{n}`" for n in AUGMENT_PRESETS)
                         + "); `none`: plain crops")
+    cpu_precision: str = _doc(TrainConfig.cpu_precision, "CPU training arithmetic: `bf16` (autocast where the CPU "
+                              "has bf16 in hardware and the batch gains from it) or `fp32`; CUDA trials use fp16 "
+                              "AMP either way; `tune --cpu-precision`")
     filters: tuple[int, ...] = _doc(TrainConfig.filters, "channels per level (the first pools+1 are used); "
                                                          "`tune --filters`")
     optimizer: str = _doc(TrainConfig.optimizer, "`adamw` or `sgd`; `tune --optimizer`")
@@ -236,8 +241,8 @@ class Budget:
     trainer: str = _doc("pgps_tune", "who trains each trial: `pgps_tune` (this package's MONAI trainer) or `nnunet` "
                                      "(nnU-Net v2's own trainer on its preprocessed data, one fold, the trial's "
                                      "schedule; needs `tune --nnunet-plans` and the nnunet extra; network, optimizer, "
-                                     "lr, augment, filters, fg_ratio, seed and the split keys are then nnU-Net's "
-                                     "own and not used; docs/NNUNET.md)")
+                                     "lr, augment, cpu_precision, filters, fg_ratio, seed and the split keys are then "
+                                     "nnU-Net's own and not used; docs/NNUNET.md)")
     nnunet_fold: int = _doc(0, "trainer nnunet: the fold of nnU-Net's split every trial trains and is scored on")
     nnunet_val_iterations: int = _doc(10, "trainer nnunet: nnU-Net's pseudo-Dice iterations per epoch, the "
                                           "intermediate scores ASHA compares (nnU-Net's default: 50)")
@@ -292,6 +297,9 @@ class SearchSpace:
         budget = asdict(self.budget)
         if self.budget.trainer == "pgps_tune":  # keys of sweeps stored before these budget keys existed
             for k in ("trainer", "nnunet_fold", "nnunet_val_iterations"):
+                budget.pop(k)
+        for k, before in ADDED_LATER.items():  # sweeps stored before the key trained with its old value
+            if budget.get(k) == before:
                 budget.pop(k)
         what = {"parameters": [asdict(p) for p in self.parameters], "budget": budget,
                 "objective": {k: v for k, v in asdict(self.objective).items() if k != "pick"}}
@@ -582,6 +590,9 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
                         f"{', '.join(map(str, TOKEN_SIZES))}")
     if budget.augment not in AUGMENT_PRESETS:
         raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
+    if budget.cpu_precision not in CPU_PRECISIONS:
+        raise PgpsError(f"{src}: budget.cpu_precision {budget.cpu_precision!r} unknown; use one of "
+                        f"{', '.join(CPU_PRECISIONS)}")
     check_budget_widths(budget, src)
     check_trainer(budget, confirm, src)
     return SearchSpace(

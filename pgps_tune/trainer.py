@@ -51,10 +51,10 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from pgps_tune.augment import to_device
-from pgps_tune.config import TrainConfig, augment_preset
+from pgps_tune.config import ADDED_LATER, CPU_PRECISIONS, TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write, strict_json
-from pgps_tune.network import memory_format, network_for, place
+from pgps_tune.network import cpu_bf16, memory_format, network_for, place
 from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
 
@@ -264,6 +264,15 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where autocast to it pays.
+
+    Elsewhere PyTorch emulates bf16 and a step gets slower, so ``cpu_precision: bf16`` trains in fp32 there.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPU-feature checks
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 class Trainer:
     # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none.
     # Off: on 2 cores with 2 torch threads the thread's augmentation competed with the step and
@@ -307,6 +316,8 @@ class Trainer:
                            schedule.final_patch)
         self._layout = memory_format(config.network, self.device, schedule.final_patch)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
+        if config.cpu_precision not in CPU_PRECISIONS:
+            raise PgpsError(f"unknown CPU precision {config.cpu_precision!r}; use one of {', '.join(CPU_PRECISIONS)}")
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
         # fused optimizers: one kernel per step instead of one per tensor, which matters on the tiny
@@ -385,6 +396,9 @@ class Trainer:
         cfg = self.cfg.to_dict()
         for k in ("device", "threads", "workers", "max_train_seconds"):
             cfg.pop(k)  # free to change between runs
+        for k, before in ADDED_LATER.items():  # a checkpoint from before the setting existed trained with this
+            if cfg[k] == before:
+                cfg.pop(k)
         return _plain({
             "schedule": self.schedule.to_dict()["stages"], "final_patch": list(self.schedule.final_patch),
             **({"sampling": self.schedule.sampling} if self.schedule.sampling != "staged" else {}),
@@ -495,17 +509,38 @@ class Trainer:
         with _onednn(not native):
             return self._step_with(image, label)
 
+    def autocast_dtype(self, patch: Sequence[int], batch: int) -> torch.dtype | None:
+        """The reduced precision a training step of ``batch`` patches of ``patch`` computes its forward
+        pass in (None: fp32): fp16 AMP on CUDA; on the CPU bfloat16 with ``cpu_precision`` "bf16" where
+        the CPU has it in hardware and :func:`pgps_tune.network.cpu_bf16` says it pays.  The loss, the
+        fp32 parameters' gradients and the optimizer stay fp32.  A function of the batch's shape (and
+        the machine), so a resumed run makes the same choice."""
+        if self.amp:
+            return torch.float16
+        if (self.device.type == "cpu" and self.cfg.cpu_precision == "bf16"
+                and cpu_bf16(self.cfg.network, patch, batch) and cpu_has_bf16()):
+            return torch.bfloat16
+        return None
+
+    def arithmetic(self, stage: int) -> str:
+        """What stage ``stage``'s training steps compute in ("fp32", "bf16" or "fp16"), for metrics.json."""
+        s = self.schedule.stages[stage]
+        dtype = self.autocast_dtype(s.patch_size, s.batch_size)
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
     def _step_with(self, image: torch.Tensor, label: torch.Tensor) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        dtype = self.autocast_dtype(label.shape[2:], label.shape[0])
+        with torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             out = self.model(image)
-            if out.dim() == 6:  # DynUNet deep supervision: [B, heads, C, ...]
-                heads = torch.unbind(out, dim=1)
-                weights = [0.5**i for i in range(len(heads))]
-                loss = sum(w * self.loss_fn(h, label) for w, h in zip(weights, heads)) / sum(weights)
-            else:
-                loss = self.loss_fn(out, label)
+        out = out.float()  # the loss in fp32 whatever the forward pass computed in
+        if out.dim() == 6:  # DynUNet deep supervision: [B, heads, C, ...]
+            heads = torch.unbind(out, dim=1)
+            weights = [0.5**i for i in range(len(heads))]
+            loss = sum(w * self.loss_fn(h, label) for w, h in zip(weights, heads)) / sum(weights)
+        else:
+            loss = self.loss_fn(out, label)
         if not torch.isfinite(loss):
             raise self._diverged("training loss", loss)
         self.scaler.scale(loss).backward()
@@ -655,7 +690,7 @@ class Trainer:
             "stages": [
                 {
                     "index": i, "patch_size": list(s.patch_size), "batch_size": s.batch_size,
-                    "epochs": s.epochs, **asdict(self.state.stages[i]),
+                    "epochs": s.epochs, "arithmetic": self.arithmetic(i), **asdict(self.state.stages[i]),
                 }
                 for i, s in enumerate(self.schedule.stages)
             ],

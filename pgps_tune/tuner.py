@@ -60,7 +60,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.asha import AshaSettings, fidelity_ladder, rung_budget, survivors
-from pgps_tune.config import patch_multiple
+from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
     PHASES,
@@ -1788,7 +1788,7 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
         c.top_k or before["top_k"], c.epochs or before["epochs"] or b["epochs"],
         c.seeds or before["seeds"] or Confirm.seeds, c.folds or before["folds"], c.splits or before["splits"],
         ds, b["split_seed"], source="confirm")
-    budget = Budget(**{k: v for k, v in b.items() if k in Budget.__dataclass_fields__})
+    budget = Budget(**{k: v for k, v in {**ADDED_LATER, **b}.items() if k in Budget.__dataclass_fields__})
     opts = SweepOptions(
         space=SearchSpace(meta.get("space_name", meta["sweep"]), (), budget=budget, source=meta["space"]),
         data=setup["data"], out=Path(c.sweep), max_concurrent=c.max_concurrent,

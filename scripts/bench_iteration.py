@@ -189,6 +189,8 @@ def main() -> int:
     variants.append(Variant("after, oneDNN in every stage", base_t, new_batches(base_t)))
     norm_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "instnorm")
     variants.append(Variant("after, instance-norm kernel", norm_t, new_batches(norm_t), setting=instance_norm_kernel))
+    fp32_t = Trainer(ds, train_cases, val_cases, s, cfg.replace(cpu_precision="fp32"), out / "fp32")
+    variants.append(Variant("after, fp32", fp32_t, new_batches(fp32_t)))
     if a.default_layout:
         with default_layout():  # read whenever a trainer lays its network out, so in force while it runs too
             flat_t = Trainer(ds, train_cases, val_cases, s, cfg, out / "flat")
@@ -219,7 +221,11 @@ def main() -> int:
                 sink = pieces if v.name == "before" else None
                 if sink is not None:
                     step_total.clear()
-                sec = v.run(starts[k], a.iterations, a.warmup, sink)
+                try:
+                    sec = v.run(starts[k], a.iterations, a.warmup, sink)
+                except Exception:
+                    print("FAILED", v.name, k, flush=True)
+                    raise
                 if v.name not in best or sec < best[v.name]:
                     best[v.name] = sec
                     if sink is not None:
@@ -303,6 +309,8 @@ def time_fraction(s: Any, per: dict[int, float]) -> float:
 
 def render(a, s, idx, ms, split_ms, profiles, compiled, load, seconds, ds, torch) -> str:
     """The Markdown report: per-stage tables per variant, the prediction, the pieces, profiles."""
+    from pgps_tune.trainer import cpu_has_bf16
+
     ipe = 50
     last = s.stages[-1]
     v_last = last.batch_size * int(np.prod(last.patch_size))
@@ -318,7 +326,9 @@ def render(a, s, idx, ms, split_ms, profiles, compiled, load, seconds, ds, torch
         "\"after\" is today's trainer with its defaults. Each of its cuts is switched off in a variant "
         "of its own: oneDNN convolutions in every stage (instead of PyTorch's own at steps of at most "
         "`Trainer.native_conv_max_voxels` voxels), PyTorch's instance-norm path (instead of group norm's "
-        "kernel)" + (", and the network in the default memory layout in every stage (instead of channels-last "
+        "kernel), fp32 in every stage (instead of bfloat16 autocast where `network.cpu_bf16` says it pays and "
+        f"the CPU has it in hardware: here {'yes' if cpu_has_bf16() else 'no'})"
+        + (", and the network in the default memory layout in every stage (instead of channels-last "
                      "3D from `network.CHANNELS_LAST_MIN_VOXELS` voxels per patch)" if a.default_layout else "")
         + ".",
         "",

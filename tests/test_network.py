@@ -3,6 +3,7 @@
 import pytest
 import torch
 from monai.networks.nets import UNETR
+from torch import nn
 
 from pgps_tune import data
 from pgps_tune import schedule as sch
@@ -120,3 +121,34 @@ def test_cli_and_space_build_schedules_for_the_network(capsys, tiny_msd, tmp_pat
                         ({"token_size": 12}, "budget.token_size 12 unknown")):
         with pytest.raises(PgpsError, match=needle):
             sp.parse({**raw, "budget": bad}, "s.yaml")
+
+
+@pytest.mark.parametrize("name", ["unet", "dynunet", "segresnet"])
+def test_thin_convolutions_leave_bf16_autocast_and_their_gradients_repeat(name):
+    # under CPU bf16 autocast a convolution whose input or output has at most CPU_BF16_THIN_DEPTH voxels
+    # along the first spatial axis computes in fp32 (oneDNN's bf16 weight gradient there was not
+    # repeatable); the others in bf16
+    from pgps_tune import network as network_mod
+
+    torch.manual_seed(0)
+    kw = {"filters": (4, 8, 16, 32)} if name != "segresnet" else {"feature_size": 8}
+    net = build_network(name, 1, 2, (3, 3, 3), **kw)
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    assert convs and all(type(m) in (network_mod.GuardedConv3d, network_mod.GuardedConvTranspose3d) for m in convs)
+    seen = []
+    for m in convs:
+        m.register_forward_hook(lambda mod, args, out: seen.append((args[0].shape[2], out.shape[2], out.dtype)))
+    x = torch.randn(3, 1, 16, 16, 16)
+    grads = []
+    for _ in range(2):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+    thin = network_mod.CPU_BF16_THIN_DEPTH
+    assert {d for i, o, d in seen if min(i, o) <= thin} == {torch.float32}
+    assert {d for i, o, d in seen if min(i, o) > thin} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with torch.no_grad():  # outside autocast nothing changes: the plain fp32 forward
+        assert net(x).dtype == torch.float32

@@ -254,6 +254,64 @@ def test_the_layout_follows_the_patch_and_resume_is_exact_from_either_layout(ds,
             assert torch.equal(x, y), (folder.name, k)
 
 
+def test_bf16_follows_the_batch_size_is_recorded_and_resumes_exactly(ds, tmp_path, monkeypatch, deterministic):
+    # as if the CPU had bf16 in hardware, from 8^3 x 2 voxels (the default threshold is above this test's
+    # batches): stage 0 (4^3) trains in fp32, stages 1-2 in bf16 (the 8^3 stage's thin bottleneck
+    # convolutions in fp32, network.GuardedConv3d); validations stay fp32
+    from pgps_tune import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(network_mod, "CPU_BF16_MIN_VOXELS", 2 * 8**3)
+    seen = []
+
+    def hook(module, args, out):
+        seen.append((module.training, out.dtype))
+
+    straight = _trainer(ds, tmp_path / "straight")
+    straight.model.register_forward_hook(hook)
+    m = straight.fit()
+    assert [d for training, d in seen if training] == [torch.float32] * 4 + [torch.bfloat16] * 8
+    assert {d for training, d in seen if not training} == {torch.float32}
+    assert [s["arithmetic"] for s in m["stages"]] == ["fp32", "bf16", "bf16"]
+    assert all(p.dtype == torch.float32 for p in straight.model.parameters())
+    first = _trainer(ds, tmp_path / "a", callback=lambda r: _stop_at(r, 3))  # stops inside stage 1
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = _trainer(ds, tmp_path / "a")
+    resumed.fit(resume=True)
+    for (k, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(x, y), k
+    full = _trainer(ds, tmp_path / "fp32", cpu_precision="fp32")
+    m32 = full.fit()
+    assert [s["arithmetic"] for s in m32["stages"]] == ["fp32"] * 3
+    assert not all(torch.equal(x, y) for x, y in zip(straight.model.parameters(), full.model.parameters()))
+    with pytest.raises(PgpsError, match="another schedule, dataset or settings"):
+        _trainer(ds, tmp_path / "a", cpu_precision="fp32").fit(resume=True)
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower: fp32 there
+    assert [_trainer(ds, tmp_path / "x").arithmetic(i) for i in range(3)] == ["fp32"] * 3
+    with pytest.raises(PgpsError, match="unknown CPU precision 'fp8'; use one of bf16, fp32"):
+        _trainer(ds, tmp_path / "y", cpu_precision="fp8")
+
+
+def test_runs_and_files_from_before_cpu_precision_read_as_fp32(ds, tmp_path):
+    # configs, checkpoints and schedule-file recipes written before the setting existed trained in fp32
+    cfg = TrainConfig(cpu_precision="fp32").to_dict()
+    del cfg["cpu_precision"]
+    assert TrainConfig.from_dict(cfg).cpu_precision == "fp32"
+    assert TrainConfig.parse({"network": "unet"}, "recipe.train").cpu_precision == "fp32"
+    assert TrainConfig.parse({"cpu_precision": "bf16"}, "recipe.train").cpu_precision == "bf16"
+    with pytest.raises(PgpsError, match="recipe.train.cpu_precision: unknown CPU precision 'half'"):
+        TrainConfig.parse({"cpu_precision": "half"}, "recipe.train")
+    old = _trainer(ds, tmp_path / "old", callback=lambda r: _stop_at(r, 1), cpu_precision="fp32")
+    with pytest.raises(KeyboardInterrupt):
+        old.fit()
+    ck = torch.load(tmp_path / "old" / CHECKPOINT, weights_only=True)
+    assert "cpu_precision" not in ck["identity"]["config"]  # the identity an older version wrote
+    del ck["config"]["cpu_precision"]
+    torch.save(ck, tmp_path / "old" / CHECKPOINT)
+    assert _trainer(ds, tmp_path / "old", cpu_precision="fp32").fit(resume=True)["completed"]
+
+
 def _spy(trainer, seen):
     step = trainer._step
 
