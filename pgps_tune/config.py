@@ -44,7 +44,7 @@ DEFAULT_LR = {"adamw": 3e-3, "sgd": 1e-2}
 DEVICES = ("auto", "cpu", "cuda")
 # The arithmetic of a CPU training step: "bf16" autocasts the network's forward pass to bfloat16
 # where the CPU computes it in hardware (AVX512-BF16 or AMX) and the batch is large enough to gain
-# (pgps_tune.trainer.CPU_BF16_MIN_VOXELS), fp32 elsewhere; "fp32" never autocasts.  CUDA trains
+# (pgps_tune.network.cpu_bf16), fp32 elsewhere; "fp32" never autocasts.  CUDA trains
 # with fp16 AMP either way.  Validation, evaluate and predict compute in fp32 on the CPU.
 CPU_PRECISIONS = ("bf16", "fp32")
 # Settings added after runs and files were first written, with the value those older runs trained

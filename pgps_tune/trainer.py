@@ -30,6 +30,7 @@ validation yet, a class absent from every case) is written as ``null``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -51,7 +52,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from pgps_tune.augment import to_device
-from pgps_tune.config import ADDED_LATER, CPU_PRECISIONS, TrainConfig, augment_preset
+from pgps_tune.config import ADDED_LATER, TrainConfig, augment_preset, check_train_value
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write, strict_json
 from pgps_tune.network import cpu_bf16, memory_format, network_for, place
@@ -264,6 +265,7 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+@functools.cache  # asked at every CPU step; the hardware does not change within a process
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where autocast to it pays.
 
@@ -316,8 +318,7 @@ class Trainer:
                            schedule.final_patch)
         self._layout = memory_format(config.network, self.device, schedule.final_patch)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
-        if config.cpu_precision not in CPU_PRECISIONS:
-            raise PgpsError(f"unknown CPU precision {config.cpu_precision!r}; use one of {', '.join(CPU_PRECISIONS)}")
+        check_train_value("cpu_precision", config.cpu_precision, "cpu_precision")
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
         # fused optimizers: one kernel per step instead of one per tensor, which matters on the tiny

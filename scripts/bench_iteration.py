@@ -224,7 +224,7 @@ def main() -> int:
                 try:
                     sec = v.run(starts[k], a.iterations, a.warmup, sink)
                 except Exception:
-                    print("FAILED", v.name, k, flush=True)
+                    print(f"variant {v.name!r} failed at stage {k}:", file=sys.stderr, flush=True)
                     raise
                 if v.name not in best or sec < best[v.name]:
                     best[v.name] = sec
