@@ -12,7 +12,9 @@ first one there in the schedule's last stage; a run that ends before the rung: i
 
 Every run is one job, stored as ``--out/jobs/ID.json`` (ID: a hash of everything that makes the
 run), so an interrupted benchmark continues where it stopped and a rerun with more seeds trains
-only the new jobs.  Then, without training:
+only the new jobs.  Every stored result is also kept in ``--ledger`` (one JSON line per run, by
+default ``docs/bench_fidelity_runs.jsonl``, committed), from which a fresh checkout restores the
+jobs, so the analysis and the replays rerun without training anywhere.  Then, without training:
 
 1. fidelity quality: Spearman's rank correlation between each fidelity's score at seed ``s``
    and the full-budget Dice at every other seed ``s' != s`` (so the full budget's own row is its
@@ -94,11 +96,51 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_id(job: dict[str, Any]) -> str:
-    ident = {k: job[k] for k in ("data", "params", "seed", "budget", "final_patch", "pools")}
+    """A hash of what makes the run; the data by its folder's name, so a ledger written on one machine
+    serves a checkout whose data lives elsewhere."""
+    ident = {k: job[k] for k in ("params", "seed", "budget", "final_patch", "pools")}
+    ident["data"] = Path(job["data"]).name
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 # -- fidelity scores ----------------------------------------------------------------------------------
+
+
+LEDGER = ROOT / "docs" / "bench_fidelity_runs.jsonl"
+
+
+def read_ledger(ledger: Path | None) -> dict[str, dict[str, Any]]:
+    """The runs recorded in ``ledger`` by job ID (empty without one)."""
+    if ledger is None or not ledger.is_file():
+        return {}
+    recorded = {}
+    for n, line in enumerate(ledger.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                recorded[r.pop("id")] = r
+            except (ValueError, KeyError, AttributeError):
+                raise SystemExit(f"error: {ledger}, line {n}, is not a run record; restore the file from git "
+                                 "or pass --no-ledger") from None
+    return recorded
+
+
+def write_ledger(ledger: Path | None, recorded: dict[str, dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
+    """Rewrite ``ledger`` (atomically) with what it held plus every job stored now, sorted by ID; a job's
+    data path is kept as the folder's name, as its ID counts it."""
+    if ledger is None:
+        return
+    from pgps_tune.errors import atomic_write_text
+
+    for j in jobs:
+        f = Path(j["result"])
+        if f.stem not in recorded and f.is_file():
+            r = json.loads(f.read_text())
+            recorded[f.stem] = {**r, "job": {**r["job"], "data": Path(r["job"]["data"]).name}}
+    if not recorded:
+        return
+    atomic_write_text(ledger, "".join(json.dumps({"id": i, **recorded[i]}, sort_keys=True) + "\n"
+                                      for i in sorted(recorded)))
 
 
 def partial_score(curve: list[dict[str, Any]], t: float, judge: str) -> float:
@@ -200,6 +242,9 @@ def main() -> int:
     ap.add_argument("--sh-trials", type=int, help="replays: schedules in a compressed bracket's first rung for "
                                                   "random and TPE (default: the space's search.num_samples)")
     ap.add_argument("--no-train", action="store_true", help="only analyse the jobs already stored")
+    ap.add_argument("--ledger", help="keep every stored run here too, one JSON line each, and restore jobs from it "
+                                     "(default docs/bench_fidelity_runs.jsonl; none with --quick)")
+    ap.add_argument("--no-ledger", action="store_true", help="neither read nor write a ledger")
     ap.add_argument("--quick", action="store_true", help="synthetic data, 6 schedules, tiny budget, 2 seeds")
     a = ap.parse_args()
     for name, v, ok in (("--seeds", a.seeds, a.seeds >= 2), ("--workers", a.workers, a.workers >= 1),
@@ -254,6 +299,17 @@ def main() -> int:
     # Seed 0 first (the ground truth of the replays), costliest first so the workers finish together; then
     # the other seeds one whole schedule (every fidelity) at a time, in a fixed shuffled order, so that a
     # benchmark stopped part-way leaves a random subset of complete schedules for the rank correlations.
+    ledger = None if a.no_ledger else Path(a.ledger) if a.ledger else None if a.quick else LEDGER
+    recorded = read_ledger(ledger)
+    restored = 0
+    for j in jobs:
+        jid = Path(j["result"]).stem
+        if jid in recorded and not Path(j["result"]).is_file():
+            atomic_write_text(Path(j["result"]), json.dumps(
+                {**recorded[jid], "job": {k: v for k, v in j.items() if k != "result"}}) + "\n")
+            restored += 1
+    if restored:
+        print(f"# {restored} run{'s' if restored > 1 else ''} restored from {ledger}", flush=True)
     order = {key(grid[i]): n for n, i in enumerate(np.random.default_rng(0).permutation(len(grid)).tolist())}
     todo = sorted((j for j in jobs if not Path(j["result"]).is_file()),
                   key=lambda j: (j["seed"], -j["cost"] if j["seed"] == 0 else order[key(j["params"])],
@@ -269,6 +325,8 @@ def main() -> int:
                 j = r["job"]
                 print(f"  [{n}/{len(todo)} {time.time() - t0:.0f}s] {key(j['params'])} seed {j['seed']} fraction "
                       f"{j['fraction']:.3g}: dice {r['val_dice']:.4f} ({r['wall_s']:.0f}s)", flush=True)
+                write_ledger(ledger, recorded, jobs)
+    write_ledger(ledger, recorded, jobs)
     missing = [j for j in jobs if not Path(j["result"]).is_file() and j["seed"] == 0]
     if missing:
         raise SystemExit(f"error: {len(missing)} of seed 0's {len(jobs) // a.seeds} runs are not stored yet; "

@@ -252,6 +252,7 @@ def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
 
 
 def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp_path):
+    import shutil
     import subprocess
     import sys
 
@@ -259,7 +260,8 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
 
     def bench(*args: str) -> subprocess.CompletedProcess:
         p = subprocess.run([sys.executable, str(script), "--quick", "--replay-seeds", "2", "--out", str(tmp_path / "o"),
-                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                            "--ledger", str(tmp_path / "ledger.jsonl"), *args],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         return p
 
@@ -279,5 +281,21 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
     assert sum(e["completed"] for e in grid) == 6  # the seed-0 grid, as bench_search.py --reuse grid reads it
     # an interrupted benchmark continues: only the missing run is trained again
     jobs[0].unlink()
+    # (the ledger still holds it: restore that first, as a fresh checkout does, then drop it from the ledger too)
+    assert "1 run restored" in bench("--no-train").stdout
+    jobs[0].unlink()
+    ledger = tmp_path / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    assert len(lines) == 36 and all(json.loads(x)["job"]["data"] == "synthetic" for x in lines)
+    ledger.write_text("".join(x + "\n" for x in lines if json.loads(x)["id"] != jobs[0].stem))
     assert "35 stored, 1 to train" in bench().stdout
     assert len(list((tmp_path / "o" / "jobs").glob("*.json"))) == 36
+    assert len(ledger.read_text().splitlines()) == 36
+    # a fresh checkout (no jobs folder) rebuilds every run from the ledger and trains nothing
+    shutil.rmtree(tmp_path / "o")
+    out = bench("--no-train").stdout
+    assert "36 runs restored" in out and "36 stored, 0 to train" in out
+    ledger.write_text("not json\n")
+    p = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "o"), "--ledger", str(ledger)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "line 1, is not a run record" in p.stderr and "Traceback" not in p.stderr

@@ -783,10 +783,17 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         lost = json.loads(result.read_text().splitlines()[0])["node_id"]
         assert lost in workers  # the trial runs on a worker node of this cluster
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == lost))
-        assert finish(proc, log) == 0, log.read_text()[-3000:]
+        # Ray has to notice the lost node before it restarts the trial: with two training processes
+        # beside it on this 2-core machine, the driver once took longer than WAIT_S to exit
+        assert finish(proc, log, 2 * WAIT_S) == 0, log.read_text()[-3000:]
         reports = [json.loads(line) for line in result.read_text().splitlines()]
         assert [r["epoch"] for r in reports] == [2, 4, 6, 8, 10]  # resumed from its checkpoint elsewhere
-        assert {r["node_id"] for r in reports[1:]} == workers - {lost}
+        # reports made before the removal took effect come from the lost node (how many depends on
+        # timing); every one after the first from elsewhere comes from the one node left, and the last is there
+        nodes = [r["node_id"] for r in reports]
+        moved = next((i for i, n in enumerate(nodes) if n != lost), None)
+        assert moved is not None, f"every report came from the removed node: {nodes}"
+        assert set(nodes[:moved]) == {lost} and set(nodes[moved:]) == workers - {lost}, nodes
         (trial,) = rows(out)
         assert trial["completed"] and trial["num_failures"] == 1
     finally:
