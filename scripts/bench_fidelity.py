@@ -241,6 +241,8 @@ def main() -> int:
                                                                "within (default 0.15)")
     ap.add_argument("--sh-trials", type=int, help="replays: schedules in a compressed bracket's first rung for "
                                                   "random and TPE (default: the space's search.num_samples)")
+    ap.add_argument("--startup-trials", type=int, nargs="+", help="replays: also TPE with each of these "
+                                                                    "numbers of random start-up trials")
     ap.add_argument("--no-train", action="store_true", help="only analyse the jobs already stored")
     ap.add_argument("--ledger", help="keep every stored run here too, one JSON line each, and restore jobs from it "
                                      "(default docs/bench_fidelity_runs.jsonl; none with --quick)")
@@ -249,9 +251,11 @@ def main() -> int:
     a = ap.parse_args()
     for name, v, ok in (("--seeds", a.seeds, a.seeds >= 2), ("--workers", a.workers, a.workers >= 1),
                         ("--replay-seeds", a.replay_seeds, a.replay_seeds >= 1),
-                        ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1)):
+                        ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1),
+                        ("--startup-trials", a.startup_trials, all(n >= 1 for n in a.startup_trials or ()))):
         if not ok:
-            raise SystemExit(f"error: {name} {v} out of range (seeds >= 2, workers >= 1, shares in (0, 1])")
+            raise SystemExit(f"error: {name} {v} out of range (seeds >= 2, workers >= 1, start-up trials >= 1, "
+                             "shares in (0, 1])")
 
     from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget
     from pgps_tune.data import plan_patch, prepare
@@ -373,13 +377,19 @@ def main() -> int:
                                                          b.iterations_per_epoch)}
     ladders["tpe"] = ladders["random"]
     budget_t = a.budget * world.total
+    # every search replayed: (sampler, fidelity, the space it reads its settings from); TPE also with each
+    # --startup-trials count other than the space's (random start-up trials before TPE models the results)
+    searches = {f"{sampler} + {fid}": (sampler, fid, space) for sampler in SAMPLERS for fid in FIDELITIES}
+    for n in a.startup_trials or ():
+        if n != space.search.startup_trials:
+            sp = dataclasses.replace(space, search=dataclasses.replace(space.search, startup_trials=n))
+            searches.update({f"tpe (startup {n}) + {fid}": ("tpe", fid, sp) for fid in FIDELITIES})
     replays: dict[str, dict[str, Any]] = {}
     t0 = time.time()
-    for sampler in SAMPLERS:
-        for fid in FIDELITIES:
-            replays[f"{sampler} + {fid}"] = replay_stats([
-                replay_once(world, space, sampler, fid, seed, budget_t, grace, space.asha.judge, ladders[sampler])
-                for seed in range(a.replay_seeds)], a.target)
+    for name, (sampler, fid, sp) in searches.items():
+        replays[name] = replay_stats([
+            replay_once(world, sp, sampler, fid, seed, budget_t, grace, space.asha.judge, ladders[sampler])
+            for seed in range(a.replay_seeds)], a.target)
     # the same searches scored against other truths: a looser margin, and (where every schedule has a second
     # seed) the mean over seeds, so a pick is not judged by one seed's luck
     complete = [s for s in seeds if len(full[s]) == len(grid)]
@@ -395,11 +405,10 @@ def main() -> int:
             col = f"{tname}, {100 * within:.1f} points"
             near[col] = sum(w.true(k) >= w.true_best - within for k in w.final)
             robust[col] = {}
-            for sampler in SAMPLERS:
-                for fid in FIDELITIES:
-                    robust[col][f"{sampler} + {fid}"] = replay_stats([
-                        replay_once(w, space, sampler, fid, seed, budget_t, grace, space.asha.judge,
-                                    ladders[sampler]) for seed in range(a.replay_seeds)], a.target)["within_target"]
+            for name, (sampler, fid, sp) in searches.items():
+                robust[col][name] = replay_stats([
+                    replay_once(w, sp, sampler, fid, seed, budget_t, grace, space.asha.judge,
+                                ladders[sampler]) for seed in range(a.replay_seeds)], a.target)["within_target"]
     print(f"# replays: {time.time() - t0:.0f}s", flush=True)
     from bench_search import asha_kill_rate
 

@@ -265,7 +265,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         return p
 
-    bench("--report", str(tmp_path / "f.md"))
+    bench("--report", str(tmp_path / "f.md"), "--startup-trials", "1")
     jobs = sorted((tmp_path / "o" / "jobs").glob("*.json"))
     assert len(jobs) == 6 * 2 * 3  # schedules x seeds x fidelities (1/9, 1/3, 1)
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -273,7 +273,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
             "full budget (another seed)"} <= set(s["quality"])
     assert all(q["pairs"] == 2 and q["min"] <= q["rho"] <= q["max"] for q in s["quality"].values()
                if not math.isnan(q["rho"]))
-    assert set(s["replays"]) == {f"{a} + {f}" for a in ("grid", "random", "tpe")
+    assert set(s["replays"]) == {f"{a} + {f}" for a in ("grid", "random", "tpe", "tpe (startup 1)")
                                  for f in ("none", "partial", "compressed")}
     assert all(r["seeds"] == 2 for r in s["replays"].values())
     assert "## Fidelity quality" in (tmp_path / "f.md").read_text()
