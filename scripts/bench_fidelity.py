@@ -126,18 +126,20 @@ def read_ledger(ledger: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def write_ledger(ledger: Path | None, recorded: dict[str, dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
-    """Rewrite ``ledger`` (atomically) with what it held plus every job stored now, sorted by ID; a job's
-    data path is kept as the folder's name, as its ID counts it."""
+    """Rewrite ``ledger`` (atomically) with what it held plus every job stored now that it lacks, sorted by
+    ID, if there is any; a job's data path is kept as the folder's name, as its ID counts it."""
     if ledger is None:
         return
     from pgps_tune.errors import atomic_write_text
 
+    added = False
     for j in jobs:
         f = Path(j["result"])
         if f.stem not in recorded and f.is_file():
             r = json.loads(f.read_text())
             recorded[f.stem] = {**r, "job": {**r["job"], "data": Path(r["job"]["data"]).name}}
-    if not recorded:
+            added = True
+    if not added:  # nothing new: leave the file as it is
         return
     atomic_write_text(ledger, "".join(json.dumps({"id": i, **recorded[i]}, sort_keys=True) + "\n"
                                       for i in sorted(recorded)))
@@ -300,9 +302,6 @@ def main() -> int:
                        "pools": list(pools), "fraction": rung.fraction, "cost": vf * rung.fraction}
                 job["result"] = str(out / "jobs" / f"{job_id(job)}.json")
                 jobs.append(job)
-    # Seed 0 first (the ground truth of the replays), costliest first so the workers finish together; then
-    # the other seeds one whole schedule (every fidelity) at a time, in a fixed shuffled order, so that a
-    # benchmark stopped part-way leaves a random subset of complete schedules for the rank correlations.
     ledger = None if a.no_ledger else Path(a.ledger) if a.ledger else None if a.quick else LEDGER
     recorded = read_ledger(ledger)
     restored = 0
@@ -314,6 +313,9 @@ def main() -> int:
             restored += 1
     if restored:
         print(f"# {restored} run{'s' if restored > 1 else ''} restored from {ledger}", flush=True)
+    # Seed 0 first (the ground truth of the replays), costliest first so the workers finish together; then
+    # the other seeds one whole schedule (every fidelity) at a time, in a fixed shuffled order, so that a
+    # benchmark stopped part-way leaves a random subset of complete schedules for the rank correlations.
     order = {key(grid[i]): n for n, i in enumerate(np.random.default_rng(0).permutation(len(grid)).tolist())}
     todo = sorted((j for j in jobs if not Path(j["result"]).is_file()),
                   key=lambda j: (j["seed"], -j["cost"] if j["seed"] == 0 else order[key(j["params"])],
