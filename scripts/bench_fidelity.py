@@ -107,6 +107,7 @@ def job_id(job: dict[str, Any]) -> str:
 
 
 LEDGER = ROOT / "docs" / "bench_fidelity_runs.jsonl"
+RECORD_KEYS = {"id", "val_dice", "baseline_iterations", "curve"}  # what the analysis reads of a run
 
 
 def read_ledger(ledger: Path | None) -> dict[str, dict[str, Any]]:
@@ -118,8 +119,10 @@ def read_ledger(ledger: Path | None) -> dict[str, dict[str, Any]]:
         if line.strip():
             try:
                 r = json.loads(line)
+                if not isinstance(r, dict) or not RECORD_KEYS <= r.keys():
+                    raise ValueError
                 recorded[r.pop("id")] = r
-            except (ValueError, KeyError, AttributeError):
+            except ValueError:
                 raise SystemExit(f"error: {ledger}, line {n}, is not a run record; restore the file from git "
                                  "or pass --no-ledger") from None
     return recorded

@@ -299,6 +299,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
         from bench_fidelity import read_ledger
     finally:
         sys.path.remove(str(script.parent))
-    ledger.write_text(lines[1] + "\nnot json\n")
-    with pytest.raises(SystemExit, match="line 2, is not a run record"):
-        read_ledger(ledger)
+    for bad in ("not json", "[1]", '"x"', '{"id": "abc"}'):
+        ledger.write_text(lines[1] + "\n" + bad + "\n")
+        with pytest.raises(SystemExit, match="line 2, is not a run record"):
+            read_ledger(ledger)
