@@ -10,7 +10,10 @@ benchmark) can measure how often early stopping would have killed its winner.
 The ``compressed`` fidelity (``asha.fidelity``) has its own arithmetic here:
 :func:`fidelity_ladder` says which budget fraction each rung trains and how many
 schedules it runs, and :func:`survivors` which of a rung's schedules go on, for the
-tuner and for the benchmark's replays alike.
+tuner and for the benchmark's replays alike.  With ``asha.promote: main_effects`` the
+ladder has two rungs (:func:`screening_ladder`) and what goes on to the full budget is
+the top of :func:`main_effects_ranking`: an additive model of the parameters fitted to
+the screening rung's scores, ranked over the whole space, not only the schedules screened.
 """
 
 from __future__ import annotations
@@ -166,6 +169,80 @@ def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epo
         n = max(1, int(math.floor(n / eta + 1e-9)))
     top = rungs[-1]
     return [r for r in rungs[:-1] if r.trials > 1] + [top]
+
+
+def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
+    """The two rungs of ``asha.promote: main_effects``: ``n0`` schedules screened at the lowest
+    fraction of :func:`fidelity_ladder`, then ``floor(n0 / eta)`` (at least one) at the full budget.
+
+    >>> [(round(r.fraction, 3), r.iterations_per_epoch, r.trials) for r in screening_ladder(11, 3, 1 / 9, 25)]
+    [(0.12, 3, 11), (1.0, 25, 3)]
+    """
+    if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
+        raise PgpsError(f"a screening ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
+                        f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
+    levels = int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+    ipe = max(1, round(iterations_per_epoch * eta ** -(levels - 1)))
+    if ipe >= iterations_per_epoch:
+        raise PgpsError(f"the screening rung would train all {iterations_per_epoch} iterations per epoch; lower "
+                        "asha.min_fraction or raise budget.iterations_per_epoch")
+    return [Rung(ipe / iterations_per_epoch, ipe, n0),
+            Rung(1.0, iterations_per_epoch, max(1, int(math.floor(n0 / eta + 1e-9))))]
+
+
+def main_effects_ranking(parameters: Sequence[Any], observed: Sequence[tuple[dict[str, Any], float]],
+                         candidates: Sequence[dict[str, Any]], ridge: float = 1e-3) -> list[dict[str, Any]]:
+    """``candidates`` ordered by an additive model of the parameters fitted to ``observed`` scores.
+
+    Each parameter (a :class:`pgps_tune.space.Param`) adds its own effect, nothing depends on
+    another: a categorical one an effect per choice, a numeric one a quadratic in its value
+    (scaled to [-1, 1] over its range, on the log scale for ``log``), a conditional one also an
+    effect for being absent.  Fitted by least squares with a small ridge penalty (the intercept is
+    not penalised), so fewer observations than effects still give a ranking.  Why additive: a
+    screening rung trains few schedules at a low fidelity, each score noisy and biased, but an
+    effect is the mean over every schedule that shares the value, so it is estimated from many
+    runs; a schedule never screened that combines the best values ranks high.  Observations
+    without a finite score are left out; with fewer than two left there is nothing to fit
+    (:class:`PgpsError`).  Ties keep the candidates' order.
+
+    >>> from pgps_tune.space import Param
+    >>> ps = [Param("mode", "categorical", choices=("a", "b")), Param("n", "int", low=1, high=3)]
+    >>> obs = [({"mode": "a", "n": 1}, 0.5), ({"mode": "b", "n": 1}, 0.6), ({"mode": "a", "n": 3}, 0.7)]
+    >>> cands = [{"mode": m, "n": n} for m in "ab" for n in (1, 2, 3)]
+    >>> main_effects_ranking(ps, obs, cands)[0]  # never screened: b's effect plus n = 3's
+    {'mode': 'b', 'n': 3}
+    """
+    import numpy as np
+
+    def features(c: dict[str, Any]) -> list[float]:
+        x: list[float] = [1.0]
+        for p in parameters:
+            if p.kind == "fixed":
+                continue
+            present = p.name in c
+            if p.when is not None:
+                x.append(0.0 if present else 1.0)
+            if p.kind == "categorical":
+                x.extend(1.0 if present and c[p.name] == v else 0.0 for v in p.choices)
+                continue
+            lo, hi, v = float(p.low), float(p.high), float(c[p.name]) if present else None
+            if p.log:
+                lo, hi, v = math.log(lo), math.log(hi), None if v is None else math.log(v)
+            z = 0.0 if v is None or hi == lo else 2 * (v - lo) / (hi - lo) - 1
+            x.extend((z, z * z - 1 / 3) if present else (0.0, 0.0))
+        return x
+
+    fit = [(c, s) for c, s in observed if isinstance(s, int | float) and math.isfinite(s)]
+    if len(fit) < 2:
+        raise PgpsError(f"the main-effects model needs at least 2 scored schedules, got {len(fit)}")
+    a = np.array([features(c) for c, _ in fit])
+    y = np.array([s for _, s in fit], dtype=float)
+    penalty = ridge * len(fit) * np.eye(a.shape[1])
+    penalty[0, 0] = 0.0
+    w = np.linalg.lstsq(a.T @ a + penalty, a.T @ y, rcond=None)[0]
+    pred = np.array([features(c) for c in candidates]) @ w
+    order = sorted(range(len(candidates)), key=lambda i: (-round(float(pred[i]), 12), i))
+    return [candidates[i] for i in order]
 
 
 def rung_budget(budget: dict[str, Any], rung: Rung, top: bool) -> dict[str, Any]:

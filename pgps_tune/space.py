@@ -91,6 +91,7 @@ OBJECTIVES = ("max_dice", "cheapest_within", "dice_under_budget", "pareto")
 ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 JUDGES = ("final_stage", "always")
 FIDELITIES = ("partial", "compressed")
+PROMOTIONS = ("measured", "main_effects")
 TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
 _WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.+\-]+)\s*$")
 ORDERING = (">", ">=", "<", "<=")
@@ -160,7 +161,9 @@ class Search:
     algorithm: str = _doc("tpe", "`tpe` (Optuna's TPE sampler, multi-objective for `pareto`), `random` (Optuna's "
                                  "random sampler), `grid` (every combination) or `nsga2` (Optuna's NSGA-II, "
                                  "population `startup_trials`; for `pareto`)")
-    num_samples: int = _doc(16, "search trials (`tune --num-samples` overrides it; a grid runs the whole grid)")
+    num_samples: int = _doc(16, "search trials (`tune --num-samples` overrides it; a grid runs the whole grid, "
+                                  "except with `asha.promote: main_effects`: then this many of its schedules, drawn "
+                                  "without repeats)")
     seed: int = _doc(0, "seed of the sampler")
     grid_points: int = _doc(3, "grid: values per numeric range (evenly spaced, geometric for `log`, rounded "
                                "for int)")
@@ -200,6 +203,14 @@ class Asha:
                                     "docs/GUIDE.md)")
     min_fraction: float = _doc(0.111, "compressed: the lowest rung's share of the budget (rungs at "
                                       "reduction_factor^-k of it, k = 0, 1, ...)")
+    # measured: successive halving promotes a rung's best by their own scores; main_effects: one screening
+    # rung, an additive model of the parameters fitted to it, and its top predictions over the whole space
+    promote: str = _doc("measured", "compressed: what goes on to a higher budget. `measured`: the best "
+                                    "1/`reduction_factor` of a rung by their own scores, rung after rung; "
+                                    "`main_effects`: two rungs, `search.num_samples` schedules screened at "
+                                    "`min_fraction`, then the 1/`reduction_factor` that an additive model of the "
+                                    "parameters fitted to their scores ranks best over the whole space (screened "
+                                    "or not) at the full budget (see docs/GUIDE.md)")
 
 
 @dataclass(frozen=True)
@@ -308,19 +319,35 @@ class SearchSpace:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.parameters if p.name == name), None)
 
-    def grid(self) -> list[dict[str, Any]]:
-        """Every combination a grid search visits (inactive conditionals dropped, duplicates removed)."""
+    def grid(self, points: int | None = None) -> list[dict[str, Any]]:
+        """Every combination a grid search visits (inactive conditionals dropped, duplicates removed),
+        with ``points`` values per numeric range (default ``search.grid_points``)."""
         combos: list[dict[str, Any]] = [{}]
         for p in self.parameters:
             nxt = []
             for c in combos:
                 if p.active(c):
-                    nxt.extend({**c, p.name: v} for v in p.grid_values(self.search.grid_points))
+                    nxt.extend({**c, p.name: v} for v in p.grid_values(points or self.search.grid_points))
                 else:
                     nxt.append(c)
             combos = nxt
         unique = {tuple(sorted(c.items())): c for c in combos}
         return list(unique.values())
+
+
+def grid_sample(space: SearchSpace, n: int) -> list[dict[str, Any]]:
+    """``n`` schedules of the space's grid, none twice, in an order fixed by ``search.seed`` (the whole
+    grid when ``n`` reaches its size): the screening design of ``algorithm: grid`` with
+    ``asha.promote: main_effects``, a spread sample with no repeats for the additive model.
+
+    >>> s = parse({"parameters": {"stages": {"type": "categorical", "choices": [1, 2, 3]}}}, "s.yaml")
+    >>> len(grid_sample(s, 2)), sorted(c["stages"] for c in grid_sample(s, 5))
+    (2, [1, 2, 3])
+    """
+    import random
+
+    grid = space.grid()
+    return random.Random(space.search.seed).sample(grid, min(n, len(grid)))
 
 
 class DefineByRun:
@@ -625,10 +652,15 @@ def check_budget_widths(budget: Budget, src: str) -> None:
 
 def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Budget, src: str) -> None:
     """Refuse an ``asha.fidelity`` the sweep cannot run, and a compressed ladder with rungs of equal length."""
-    from pgps_tune.asha import fidelity_ladder
+    from pgps_tune.asha import fidelity_ladder, screening_ladder
 
     if asha.fidelity not in FIDELITIES:
         raise PgpsError(f"{src}: asha.fidelity {asha.fidelity!r} unknown; use one of {', '.join(FIDELITIES)}")
+    if asha.promote not in PROMOTIONS:
+        raise PgpsError(f"{src}: asha.promote {asha.promote!r} unknown; use one of {', '.join(PROMOTIONS)}")
+    if asha.promote != "measured" and asha.fidelity != "compressed":
+        raise PgpsError(f"{src}: asha.promote {asha.promote} needs asha.fidelity compressed (partial runs are "
+                        "promoted by ASHA's own rule); set fidelity: compressed or drop promote")
     if asha.fidelity != "compressed":
         return
     why = ("asha.enabled is false (every trial at the full budget); set it true" if not asha.enabled else
@@ -639,7 +671,8 @@ def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Bu
     if why:
         raise PgpsError(f"{src}: asha.fidelity compressed cannot run here: {why}, or use fidelity partial")
     try:
-        fidelity_ladder(1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
+        (screening_ladder if asha.promote == "main_effects" else fidelity_ladder)(
+            1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
     except PgpsError as exc:
         raise PgpsError(f"{src}: {exc}") from None
 

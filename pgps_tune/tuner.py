@@ -59,7 +59,14 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pgps_tune.asha import AshaSettings, fidelity_ladder, rung_budget, survivors
+from pgps_tune.asha import (
+    AshaSettings,
+    fidelity_ladder,
+    main_effects_ranking,
+    rung_budget,
+    screening_ladder,
+    survivors,
+)
 from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import DivergedError, PgpsError
 from pgps_tune.results import (
@@ -80,6 +87,7 @@ from pgps_tune.space import (
     SearchSpace,
     check_space_against_plan,
     confirm_references,
+    grid_sample,
     objective_score,
     reference_configs,
     schedule_from_params,
@@ -988,7 +996,8 @@ def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
     b, a = space.budget, space.asha
     full = float(b.epochs * b.iterations_per_epoch)
     if a.fidelity == "compressed":
-        rungs = fidelity_ladder(num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch)
+        rungs = (screening_ladder if a.promote == "main_effects" else fidelity_ladder)(
+            num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch)
         return [PhasePlan("search" if r == 0 else f"search-r{r}", rung.trials,
                           float(b.epochs * rung.iterations_per_epoch)) for r, rung in enumerate(rungs)]
     cap = space.search.max_compute * full if space.search.max_compute > 0 else None
@@ -1442,8 +1451,9 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
             stored_trials(ds.name, space.key(), list(final), opts.results_store, exclude_sweep=out.resolve().name)
         storage_fs, storage_path = resolve_storage(opts.storage, out)
         num_samples = opts.num_samples or space.search.num_samples
-        if space.search.algorithm == "grid":
-            num_samples = len(space.grid())
+        if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
+            n_grid = len(space.grid())
+            num_samples = min(num_samples, n_grid) if space.asha.promote == "main_effects" else n_grid
         settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
         if settings is not None and space.objective.type == "pareto":
             settings = None  # one confirmed winner by one score does not fit a front of many
@@ -1569,7 +1579,8 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
     scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
                  if space.asha.enabled and not pareto else None)
     if space.search.algorithm == "grid":
-        searcher = ListSearcher(space.grid())
+        searcher = ListSearcher(grid_sample(space, num_samples) if space.asha.promote == "main_effects"
+                                else space.grid())
     else:
         searcher = optuna_searcher(opts, meta)
     stopper = None
@@ -1812,6 +1823,16 @@ def confirm(c: ConfirmOptions) -> dict[str, Any]:
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
 
 
+def screening_candidates(space: SearchSpace, observed: list[tuple[dict[str, Any], float]],
+                         points: int = 5) -> list[dict[str, Any]]:
+    """What ``asha.promote: main_effects`` ranks: the screened schedules, then the space's grid with
+    ``points`` values per numeric range (at least ``search.grid_points``), each schedule once."""
+    seen: dict[str, dict[str, Any]] = {}
+    for c in [c for c, _ in observed] + space.grid(max(points, space.search.grid_points)):
+        seen.setdefault(json.dumps(c, sort_keys=True), c)
+    return list(seen.values())
+
+
 def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,
                    num_samples: int, storage_fs, storage_path: str) -> None:
     """The search phase with ``asha.fidelity: compressed``: successive halving over budgets.
@@ -1825,11 +1846,19 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     a complete curriculum.  Each rung is a Tune experiment of its own (``search``, ``search-r1``,
     ...), resumed like any phase; a rung's survivors are read back from the one below, so a
     resumed sweep promotes the same trials.
+
+    With ``asha.promote: main_effects`` there are two rungs (:func:`screening_ladder`): the search
+    screens ``num_samples`` schedules at the lowest fraction, and the full budget trains the top of
+    :func:`main_effects_ranking` over the space's candidates (:func:`screening_candidates`), which
+    may be schedules the screening never trained.  The model is fitted to the stored rung, so a
+    resumed sweep promotes the same schedules.
     """
     space = opts.space
-    rungs = fidelity_ladder(num_samples, space.asha.reduction_factor, space.asha.min_fraction,
-                            space.budget.iterations_per_epoch)
-    meta["fidelity"] = {"type": "compressed", "rungs": [dataclasses.asdict(r) for r in rungs]}
+    model = space.asha.promote == "main_effects"
+    rungs = (screening_ladder if model else fidelity_ladder)(
+        num_samples, space.asha.reduction_factor, space.asha.min_fraction, space.budget.iterations_per_epoch)
+    meta["fidelity"] = {"type": "compressed", "promote": space.asha.promote,
+                        "rungs": [dataclasses.asdict(r) for r in rungs]}
     configs: list[dict[str, Any]] = []
     for r, rung in enumerate(rungs):
         phase = "search" if r == 0 else f"search-r{r}"
@@ -1843,9 +1872,20 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
         if top:
             return
         rows = trial_rows(read_trials(meta, keys=(phase,)), meta)
-        keep = survivors([(row["params"], row["score"] if row["completed"] else math.nan,
-                           row["schedule_voxel_fraction"]) for row in rows], rungs[r + 1].trials)
-        configs = [json.loads(k) for k in keep]
+        scored = [(row["params"], row["score"] if row["completed"] else math.nan, row["schedule_voxel_fraction"])
+                  for row in rows]
+        if model and sum(1 for _, score, _ in scored if math.isfinite(score)) >= 2:
+            observed = [(json.loads(k), score) for k, score, _ in scored]
+            ranked = main_effects_ranking(space.parameters, observed, screening_candidates(space, observed))
+            configs = ranked[: rungs[r + 1].trials]
+            screened = sum(c in [o for o, _ in observed] for c in configs)
+            print(f"pgps-tune: {phase}: the main-effects model fitted to {len(scored)} screened schedules promotes "
+                  f"{len(configs)} to the full budget ({screened} of them screened)", file=sys.stderr, flush=True)
+        else:
+            if model:
+                print(f"pgps-tune: {phase}: fewer than 2 screened schedules completed, too few to fit the "
+                      "main-effects model: the best measured go on instead", file=sys.stderr, flush=True)
+            configs = [json.loads(k) for k in survivors(scored, rungs[r + 1].trials)]
         if not configs:
             print(f"pgps-tune: {phase}: no trial of this rung completed, so none runs at the full budget",
                   file=sys.stderr, flush=True)

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import WITHIN, World, key, replay_once, replay_stats  # noqa: E402
 
 SAMPLERS = ("grid", "random", "tpe")
-FIDELITIES = ("none", "partial", "compressed")
+FIDELITIES = ("none", "partial", "compressed", "main_effects")
 
 
 # -- training jobs -------------------------------------------------------------------------------
@@ -246,6 +246,9 @@ def main() -> int:
                                                                "within (default 0.15)")
     ap.add_argument("--sh-trials", type=int, help="replays: schedules in a compressed bracket's first rung for "
                                                   "random and TPE (default: the space's search.num_samples)")
+    ap.add_argument("--screen-trials", type=int, default=11,
+                    help="replays: schedules screened by the main-effects searches (default 11: with the "
+                         "full-budget third, about 12%% of the grid's compute on the 48-schedule space)")
     ap.add_argument("--startup-trials", type=int, nargs="+", help="replays: also TPE with each of these "
                                                                     "numbers of random start-up trials")
     ap.add_argument("--no-train", action="store_true", help="only analyse the jobs already stored")
@@ -256,13 +259,14 @@ def main() -> int:
     a = ap.parse_args()
     for name, v, ok in (("--seeds", a.seeds, a.seeds >= 2), ("--workers", a.workers, a.workers >= 1),
                         ("--replay-seeds", a.replay_seeds, a.replay_seeds >= 1),
+                        ("--screen-trials", a.screen_trials, a.screen_trials >= 2),
                         ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1),
                         ("--startup-trials", a.startup_trials, all(n >= 1 for n in a.startup_trials or ()))):
         if not ok:
             raise SystemExit(f"error: {name} {v} out of range (seeds >= 2, workers >= 1, start-up trials >= 1, "
-                             "shares in (0, 1])")
+                             "screen trials >= 2, shares in (0, 1])")
 
-    from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget
+    from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget, screening_ladder
     from pgps_tune.data import plan_patch, prepare
     from pgps_tune.errors import PgpsError, atomic_write_text
     from pgps_tune.space import Param, check_space_against_plan, load, schedule_from_params
@@ -273,6 +277,7 @@ def main() -> int:
         raise SystemExit(f"error: {exc}") from None
     if a.quick:
         a.data, a.seeds, a.replay_seeds = "synthetic", min(a.seeds, 2), min(a.replay_seeds, 10)
+        a.screen_trials = min(a.screen_trials, 3)
         params = (Param("stages", "categorical", choices=(1, 2, 3)), Param("growth", "fixed", value=2.0),
                   Param("mode", "categorical", choices=("resource", "performance")))
         space = dataclasses.replace(space, parameters=params, search=dataclasses.replace(
@@ -381,6 +386,8 @@ def main() -> int:
     ladders = {"grid": rungs, "random": fidelity_ladder(n0, space.asha.reduction_factor, space.asha.min_fraction,
                                                          b.iterations_per_epoch)}
     ladders["tpe"] = ladders["random"]
+    screen = screening_ladder(a.screen_trials, space.asha.reduction_factor, space.asha.min_fraction,
+                              b.iterations_per_epoch)
     budget_t = a.budget * world.total
     # every search replayed: (sampler, fidelity, the space it reads its settings from); TPE also with each
     # --startup-trials count other than the space's (random start-up trials before TPE models the results)
@@ -393,27 +400,36 @@ def main() -> int:
     t0 = time.time()
     for name, (sampler, fid, sp) in searches.items():
         replays[name] = replay_stats([
-            replay_once(world, sp, sampler, fid, seed, budget_t, grace, space.asha.judge, ladders[sampler])
+            replay_once(world, sp, sampler, fid, seed, budget_t, grace, space.asha.judge,
+                        screen if fid == "main_effects" else ladders[sampler])
             for seed in range(a.replay_seeds)], a.target)
     # the same searches scored against other truths: a looser margin, and (where every schedule has a second
     # seed) the mean over seeds, so a pick is not judged by one seed's luck
     complete = [s for s in seeds if len(full[s]) == len(grid)]
-    truths = {"seed 0": None}
+    truths: dict[str, tuple[World, dict[str, float] | None, tuple[float, ...]]] = {
+        "seed 0": (world, None, (WITHIN, 2 * WITHIN))}
     if len(complete) >= 2:
-        truths[f"mean of seeds {', '.join(map(str, complete))}"] = {
-            k: float(np.mean([full[s][k] for s in complete])) for k in full[0]}
+        truths[f"mean of seeds {', '.join(map(str, complete))}"] = (world, {
+            k: float(np.mean([full[s][k] for s in complete])) for k in full[0]}, (WITHIN, 2 * WITHIN))
+    if len(complete) >= 3:  # searched on one seed's runs, scored by the others' mean: independent noise
+        for s in complete:
+            rest = [o for o in complete if o != s]
+            truths[f"searched on seed {s}, mean of seeds {', '.join(map(str, rest))}"] = (
+                World(curves[s], full[s], low[s]), {k: float(np.mean([full[o][k] for o in rest])) for k in full[s]},
+                (WITHIN,))
     robust: dict[str, dict[str, int]] = {}
     near: dict[str, int] = {}  # per column: schedules within the margin of that truth's best
-    for tname, truth in truths.items():
-        for within in (WITHIN, 2 * WITHIN):
-            w = dataclasses.replace(world, truth=truth, within=within)
+    for tname, (base, truth, margins) in truths.items():
+        for within in margins:
+            w = dataclasses.replace(base, truth=truth, within=within)
             col = f"{tname}, {100 * within:.1f} points"
             near[col] = sum(w.true(k) >= w.true_best - within for k in w.final)
             robust[col] = {}
             for name, (sampler, fid, sp) in searches.items():
                 robust[col][name] = replay_stats([
-                    replay_once(w, sp, sampler, fid, seed, budget_t, grace, space.asha.judge,
-                                ladders[sampler]) for seed in range(a.replay_seeds)], a.target)["within_target"]
+                    replay_once(w, sp, sampler, fid, seed, a.budget * w.total, grace, space.asha.judge,
+                                screen if fid == "main_effects" else ladders[sampler])
+                    for seed in range(a.replay_seeds)], a.target)["within_target"]
     print(f"# replays: {time.time() - t0:.0f}s", flush=True)
     from bench_search import asha_kill_rate
 
@@ -461,7 +477,10 @@ def main() -> int:
         f"reduction factor {space.asha.reduction_factor:g}, judge {space.asha.judge}. Compressed: brackets of "
         f"{rung_text} (grid: the whole grid, {' / '.join(f'{r.trials}x{r.fraction:.3g}' for r in rungs)}), "
         f"{ladder_compute(ladders['random']) * mean_vf / (world.total / max_t):.0%} of the grid's compute per "
-        "bracket for an average schedule, repeated while compute is left. Optuna alone (TPE + Optuna's "
+        "bracket for an average schedule, repeated while compute is left. Main effects (compressed with "
+        f"`asha.promote: main_effects`): {screen[0].trials} schedules screened at {screen[0].fraction:.3g}, an "
+        f"additive model of the parameters fitted to their Dice, its top {screen[1].trials} of all "
+        f"{len(grid)} schedules at the full budget, repeated while compute is left. Optuna alone (TPE + Optuna's "
         "successive-halving pruner) is the `tpe + partial` row: replayed one trial at a time, Ray's ASHA and "
         "Optuna's pruner apply the same rule.",
         "",

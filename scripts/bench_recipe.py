@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Recipe benchmark: learning curves of the constant baseline and the paper schedule, with and
-without augmentation, at one budget.
+"""Recipe benchmark: learning curves of the constant baseline and the paper schedule at one budget.
+
+With and without augmentation, at the recipe's network width or another (``--filters``).
 
 Each run is one ``pgps-tune train`` with the recipe's defaults except the schedule, the budget and
 the augmentation preset, so the curves show where the baseline stops improving, whether
@@ -37,15 +38,17 @@ def _schedule_args(schedule: str) -> list[str]:
     return ["--preset", preset, *(["--mode", mode] if mode else [])]
 
 
-def _name(schedule: str, aug: str, epochs: int, ipe: int) -> str:
-    return f"{schedule.replace(':', '-')}-{aug}-e{epochs}x{ipe}"
+def _name(schedule: str, aug: str, epochs: int, ipe: int, filters: list[int] | None = None) -> str:
+    width = f"-f{'-'.join(map(str, filters))}" if filters else ""
+    return f"{schedule.replace(':', '-')}-{aug}-e{epochs}x{ipe}{width}"
 
 
 def train(data: str, out: Path, schedule: str, augment: str, epochs: int, ipe: int, val_every: int,
-          threads: int) -> list[str]:
+          threads: int, filters: list[int] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", data, "--out", str(out),
            *_schedule_args(schedule), "--augment", augment, "--epochs", str(epochs), "--iterations-per-epoch",
-           str(ipe), "--val-every", str(val_every), "--threads", str(threads), "--quiet"]
+           str(ipe), "--val-every", str(val_every), "--threads", str(threads), "--quiet",
+           *(["--filters", *map(str, filters)] if filters else [])]
     if not (out / "metrics.json").is_file() or not json.loads((out / "metrics.json").read_text())["completed"]:
         subprocess.run(cmd, check=True, cwd=ROOT)
     return cmd
@@ -78,6 +81,8 @@ def main() -> int:
     ap.add_argument("--iterations-per-epoch", type=int, default=100)
     ap.add_argument("--val-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--filters", type=int, nargs="+",
+                    help="the network's channels per level (default: the recipe's); runs are kept apart by width")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_recipe"))
     ap.add_argument("--report", help="write a Markdown report here (the figure beside it, in img/)")
     a = ap.parse_args()
@@ -87,8 +92,9 @@ def main() -> int:
     runs: dict[tuple[str, str], tuple[list[str], dict[str, Any], dict[str, Any] | None]] = {}
     for schedule in a.schedules:
         for aug in a.augment:
-            run = out / _name(schedule, aug, a.epochs, a.iterations_per_epoch)
-            cmd = train(a.data, run, schedule, aug, a.epochs, a.iterations_per_epoch, a.val_every, a.threads)
+            run = out / _name(schedule, aug, a.epochs, a.iterations_per_epoch, a.filters)
+            cmd = train(a.data, run, schedule, aug, a.epochs, a.iterations_per_epoch, a.val_every, a.threads,
+                        a.filters)
             mirror = mirrored(a.data, run, a.threads) if augment_preset(aug).p_mirror > 0 else None
             runs[schedule, aug] = (cmd, json.loads((run / "metrics.json").read_text()), mirror)
 
@@ -102,7 +108,8 @@ def main() -> int:
         f"{a.threads} threads. Each run is `pgps-tune train` with the recipe's defaults ({first['config']['network']}, "
         f"{first['config']['optimizer']}, poly learning rate over the run, baseline batch "
         f"{first['schedule']['baseline_batch_size']}, the data's plan) except the schedule, the budget "
-        f"({a.epochs} epochs x {a.iterations_per_epoch} iterations) and the augmentation preset:", "",
+        f"({a.epochs} epochs x {a.iterations_per_epoch} iterations) and the augmentation preset"
+        + (f", and the network's widths (`--filters {' '.join(map(str, a.filters))}`)" if a.filters else "") + ":", "",
         *[f"- `{' '.join(['pgps-tune', *cmd[3:]])}`" for cmd, _, _ in runs.values()], "",
         "Validation Dice (mean of the two classes, sliding window at the final patch, no mirroring) and the "
         "training time when it was measured (validation time excluded):", "",

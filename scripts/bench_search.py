@@ -343,11 +343,14 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
     in a sweep); ``fidelity``: ``none`` (every trial to the end), ``partial`` (Optuna's successive-halving
     pruner at ``grace`` on the full runs' curves, validations shown as ``judge`` says) or ``compressed``
     (successive halving over budgets: ``rungs``, :func:`pgps_tune.asha.fidelity_ladder`, repeated while
-    compute is left; the sampler learns from the lowest rung, as in a sweep).
+    compute is left; the sampler learns from the lowest rung, as in a sweep) or ``main_effects`` (the
+    compressed fidelity with ``asha.promote: main_effects``: ``rungs`` from
+    :func:`pgps_tune.asha.screening_ladder`, the top of :func:`pgps_tune.asha.main_effects_ranking` over
+    every schedule of the world at the full budget, repeated while compute is left).
     """
     import optuna
 
-    from pgps_tune.asha import survivors
+    from pgps_tune.asha import main_effects_ranking, survivors
     from pgps_tune.space import DefineByRun
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -394,7 +397,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
     def more() -> bool:
         return state["spent"] < budget_t and state["hit"] is None and state["asked"] < limit  # enqueued: not asked
 
-    if fidelity != "compressed":
+    if fidelity not in ("compressed", "main_effects"):
         while more():
             study.optimize(objective, n_trials=1)
         return state["hit"], state["stopped"] if state["tried"] else None
@@ -410,8 +413,13 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
             pool.append((k, d, world.curves[k][-1][0] / max_t))
             if rungs[0].fraction >= 1:
                 finish(k)
+        if fidelity == "main_effects" and len(pool) >= 2:
+            observed = [(json.loads(k), d) for k, d, _ in pool]
+            candidates = [o for o, _ in observed] + [json.loads(k) for k in sorted(world.final)]
+            ranked = [key(c) for c in main_effects_ranking(space.parameters, observed, candidates)]
+            promote = list(dict.fromkeys(ranked))[: rungs[1].trials]
         for rung in rungs[1:]:
-            keep = survivors(pool, rung.trials)
+            keep = promote if fidelity == "main_effects" and len(pool) >= 2 else survivors(pool, rung.trials)
             if winners & {k for k, _, _ in pool} - set(keep):
                 state["tried"] = state["stopped"] = True
             pool = []

@@ -10,7 +10,7 @@ import yaml
 
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
-from pgps_tune.asha import fidelity_ladder, ladder_compute, survivors
+from pgps_tune.asha import fidelity_ladder, ladder_compute, main_effects_ranking, screening_ladder, survivors
 from pgps_tune.cli import main
 from pgps_tune.errors import PgpsError
 
@@ -77,6 +77,11 @@ def test_space_parses_the_fidelity():
     ({"fidelity": "compressed", "enabled": False}, {}, "asha.enabled is false"),
     ({"fidelity": "compressed"}, {"search": {"max_compute": 2.0}}, "set max_compute: 0"),
     ({"fidelity": "compressed"}, {"objective": {"type": "pareto"}}, "objective pareto"),
+    ({"promote": "main_effects"}, {}, "asha.promote main_effects needs asha.fidelity compressed"),
+    ({"fidelity": "compressed", "promote": "model"}, {}, "asha.promote 'model' unknown; use one of measured, "
+                                                        "main_effects"),
+    ({"fidelity": "compressed", "promote": "main_effects", "min_fraction": 0.99, "reduction_factor": 1.001}, {},
+     "the screening rung would train all 30 iterations per epoch"),
 ])
 def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
     raw = {**_space(**asha), **extra}
@@ -128,11 +133,50 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp
     meta = json.loads((out / "sweep.json").read_text())
     assert list(meta["experiments"]) == ["search", "search-r1", "search-r2"] and meta["finished"]
     assert Path(meta["storage_path"], meta["experiments"]["search-r2"]).is_dir()
-    # resuming restores every rung's experiment, promotes the same trials and trains nothing again
-    assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
-                 "--max-concurrent", "2", "--quiet", "--resume"]) == 0
+    # resuming a ladder (every rung restored, the same schedules promoted): the main-effects test below
+
+
+def test_main_effects_sweep_promotes_the_models_top_over_the_space(tmp_path, monkeypatch):
+    # screening: 3 random schedules of a 2 x 2 space at a quarter of the budget; the full budget trains the
+    # one the additive model ranks first among every schedule of the space, screened or not
+    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
+    budget = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
+              "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
+              "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
+    raw = {"name": "m", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                       "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
+                                       "growth": {"value": 2.0}},
+           "search": {"algorithm": "random", "num_samples": 3, "references": False},
+           "asha": {"fidelity": "compressed", "promote": "main_effects", "reduction_factor": 4,
+                    "min_fraction": 0.25},
+           "confirm": {"enabled": False}, "budget": budget}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    space = sp.load(tmp_path / "s.yaml")
+    out = tmp_path / "sweep"
+    args = ["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out), "--quiet",
+            "--max-concurrent", "2"]
+    assert main(args) == 0
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [(r.fraction, r.trials) for r in screening_ladder(3, 4, 0.25, 8)] == [(0.25, 3), (1.0, 1)]
+    low = [r for r in rows if r["fidelity"] == 0.25]
+    (full,) = [r for r in rows if r["fidelity"] == 1.0]
+    assert len(low) == 3 and all(r["completed"] for r in low)
+    observed = [(json.loads(r["params"]), r["score"]) for r in low]
+    candidates = [{"growth": 2.0, "lr": lr, "stages": n} for n in (1, 2) for lr in (0.01, 1.0e-9)]
+    assert json.loads(full["params"]) == main_effects_ranking(space.parameters, observed, candidates)[0]
+    assert sch.load(out / "best_schedule.yaml").meta["trial_id"] == full["trial_id"]
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["fidelity"]["promote"] == "main_effects" and list(meta["experiments"]) == ["search", "search-r1"]
+    # resuming restores both rungs' experiments; the stored rung gives the same model, so the same schedule
+    # is promoted and nothing trains again
+    assert main([*args, "--resume"]) == 0
     again = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(again, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
+    # promote needs the compressed ladder
+    raw["asha"] = {"promote": "main_effects"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(PgpsError, match="needs asha.fidelity compressed"):
+        sp.load(tmp_path / "bad.yaml")
 
 
 def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial(tmp_path):
@@ -207,6 +251,40 @@ def test_compressed_replay_spends_each_rung_and_stops_the_winner_when_low_fideli
             stats["runs_trying_grid_best"]) == (2, 1, 1, 2)
 
 
+def test_main_effects_replay_promotes_a_winner_it_never_screened():
+    rungs = screening_ladder(3, 4, 0.25, 100)
+    assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 3), (1.0, 1)]
+    # compressed Dice additive in the two parameters: any 3 screened schedules give the model, which ranks
+    # the winner (2 stages, performance) first whether it was screened or not: 3 x 25 + 100 of the grid's 400
+    bs, world, space = _world([0.1, 0.2, 0.2, 0.3])
+    for seed in range(4):
+        assert bs.replay_once(world, space, "grid", "main_effects", seed, 1000.0, rungs=rungs) == (0.4375, False)
+
+
+def test_main_effects_ranking_finds_the_best_of_an_additive_score_over_a_conditional_space():
+    import numpy as np
+
+    space = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 4},
+                                     "growth": {"type": "float", "low": 1.2, "high": 3.0, "log": True,
+                                                "when": "stages > 1"},
+                                     "mode": {"type": "categorical", "choices": ["resource", "performance"]},
+                                     "batch_cap": {"value": 32}}}, "s.yaml")
+
+    def score(c):  # growth best in the middle of its log range; stages and performance mode help
+        bend = -0.2 * (math.log(c["growth"]) - math.log(math.sqrt(1.2 * 3.0))) ** 2 if "growth" in c else 0.0
+        return 0.05 * c["stages"] + bend + 0.03 * (c["mode"] == "performance")
+
+    candidates = space.grid(5)
+    rng = np.random.default_rng(0)
+    observed = [(c, score(c)) for c in (candidates[i] for i in rng.choice(len(candidates), 12, replace=False))]
+    observed.append(({"stages": 2, "mode": "resource", "batch_cap": 32, "growth": 2.0}, math.nan))  # failed
+    ranked = main_effects_ranking(space.parameters, observed, candidates)
+    assert ranked[0] == max(candidates, key=score) and sorted(map(json.dumps, ranked)) == sorted(
+        map(json.dumps, candidates))
+    with pytest.raises(PgpsError, match="at least 2 scored schedules, got 1"):
+        main_effects_ranking(space.parameters, observed[:1] + observed[-1:], candidates)
+
+
 def test_benchmark_space_has_48_distinct_schedules_on_the_hippocampus_plan():
     s = sp.load(sp.resolve("bench_hippocampus_48"))
     final, pools = (40, 56, 40), (3, 3, 3)
@@ -274,7 +352,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
     assert all(q["pairs"] == 2 and q["min"] <= q["rho"] <= q["max"] for q in s["quality"].values()
                if not math.isnan(q["rho"]))
     assert set(s["replays"]) == {f"{a} + {f}" for a in ("grid", "random", "tpe", "tpe (startup 1)")
-                                 for f in ("none", "partial", "compressed")}
+                                 for f in ("none", "partial", "compressed", "main_effects")}
     assert all(r["seeds"] == 2 for r in s["replays"].values())
     assert "## Fidelity quality" in (tmp_path / "f.md").read_text()
     grid = json.loads((tmp_path / "o" / "search" / "events.json").read_text())["events"]["grid"]
