@@ -22,10 +22,13 @@ jobs, so the analysis and the replays rerun without training anywhere.  Then, wi
    pairs, their range, and a 95% bootstrap interval over schedules of that mean;
 2. searches replayed on the recorded runs of the first seed (the ground truth: its full-budget
    grid), 100 sampler seeds each: grid, random and TPE, each without early stopping, with the
-   partial fidelity (successive halving on the curves) and with the compressed one (successive
-   halving over budgets), and Optuna alone; the share of seeds within 0.5 Dice points of the
-   grid's best at no more than ``--target`` of the grid's compute, and how often early stopping
-   stopped the grid's winner.
+   partial fidelity (successive halving on the curves), with the compressed one (successive
+   halving over budgets) and with main-effects screening (``--screen-trials`` compressed runs, the
+   additive model's top 1/reduction_factor at the full budget), and Optuna alone; the share of seeds
+   that trained a schedule within 0.5 Dice points of the grid's best at no more than ``--target`` of
+   the grid's compute, and how often early stopping stopped the grid's winner; then the same against
+   other truths: the mean over seeds, and (with 3 or more seeds) each seed's runs searched and scored
+   by the mean of the other seeds.
 
     .venv/bin/python scripts/bench_fidelity.py --report docs/bench_fidelity.md
 

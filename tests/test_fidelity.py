@@ -93,17 +93,24 @@ def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
 # -- one compressed sweep, end to end -------------------------------------------------------------------
 
 
+# a 2 x 2 space (stage count x learning rate) on tiny synthetic data, 4 epochs x 8 iterations at the full budget
+TINY_BUDGET = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
+               "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
+               "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
+
+
+def _tiny_space(name: str, search: dict, asha: dict) -> dict:
+    return {"name": name, "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
+                                         "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
+                                         "growth": {"value": 2.0}},
+            "search": {**search, "references": False}, "asha": {"fidelity": "compressed", **asha},
+            "confirm": {"enabled": False}, "budget": TINY_BUDGET}
+
+
 def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
-    budget = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
-              "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
-              "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
-    raw = {"name": "c", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
-                                       "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
-                                       "growth": {"value": 2.0}},
-           "search": {"algorithm": "grid", "references": False},
-           "asha": {"fidelity": "compressed", "reduction_factor": 2, "min_fraction": 0.25},
-           "confirm": {"enabled": False}, "budget": budget}
+    budget = TINY_BUDGET
+    raw = _tiny_space("c", {"algorithm": "grid"}, {"reduction_factor": 2, "min_fraction": 0.25})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "sweep"
     assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
@@ -140,16 +147,8 @@ def test_main_effects_sweep_promotes_the_models_top_over_the_space(tmp_path, mon
     # screening: 3 random schedules of a 2 x 2 space at a quarter of the budget; the full budget trains the
     # one the additive model ranks first among every schedule of the space, screened or not
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
-    budget = {"epochs": 4, "iterations_per_epoch": 8, "batch_size": 2, "filters": [4, 8, 16], "optimizer": "adamw",
-              "lr": 0.01, "val_every": 1, "synthetic_cases": 4, "synthetic_shape": [24, 24, 24],
-              "final_patch": [16, 16, 16], "pools": [2, 2, 2], "max_failures": 0}
-    raw = {"name": "m", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]},
-                                       "lr": {"type": "categorical", "choices": [0.01, 1.0e-9]},
-                                       "growth": {"value": 2.0}},
-           "search": {"algorithm": "random", "num_samples": 3, "references": False},
-           "asha": {"fidelity": "compressed", "promote": "main_effects", "reduction_factor": 4,
-                    "min_fraction": 0.25},
-           "confirm": {"enabled": False}, "budget": budget}
+    raw = _tiny_space("m", {"algorithm": "random", "num_samples": 3},
+                      {"promote": "main_effects", "reduction_factor": 4, "min_fraction": 0.25})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     space = sp.load(tmp_path / "s.yaml")
     out = tmp_path / "sweep"
