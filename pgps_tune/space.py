@@ -791,6 +791,11 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
     not in trial 17.
     """
     b = space.budget
+    levels = max(pools) + 1  # unet/dynunet: one width per pooling, plus the top level
+    if b.network in ("unet", "dynunet", "dynunet_resenc") and len(b.filters) < levels:
+        raise PgpsError(f"{space.source}: budget.filters {list(b.filters)} gives {len(b.filters)} widths, but the "
+                        f"plan pools {max(pools)} times ({list(pools)}) and {b.network} needs {levels}; give at "
+                        f"least {levels} (e.g. --filters {' '.join(str(16 * 2 ** i) for i in range(levels))})")
     multiple_of = patch_multiple(b.network, pools, b.token_size)
     stages = space.param("stages")
     if stages is not None and stages.kind == "int" and stages.high is not None and stages.high > b.epochs:
