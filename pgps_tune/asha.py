@@ -190,6 +190,13 @@ def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_ep
             Rung(1.0, iterations_per_epoch, max(1, int(math.floor(n0 / eta + 1e-9))))]
 
 
+def compressed_ladder(promote: str, n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
+    """The rungs of a compressed search: :func:`screening_ladder` for ``asha.promote: main_effects``,
+    else :func:`fidelity_ladder` (successive halving by measured scores)."""
+    ladder = screening_ladder if promote == "main_effects" else fidelity_ladder
+    return ladder(n0, eta, min_fraction, iterations_per_epoch)
+
+
 def main_effects_ranking(parameters: Sequence[Any], observed: Sequence[tuple[dict[str, Any], float]],
                          candidates: Sequence[dict[str, Any]], ridge: float = 1e-3) -> list[dict[str, Any]]:
     """``candidates`` ordered by an additive model of the parameters fitted to ``observed`` scores.

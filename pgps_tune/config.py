@@ -58,6 +58,16 @@ ADDED_LATER: dict[str, Any] = {"cpu_precision": "fp32"}
 # unetr cuts the patch into tokens of ``token_size`` per side.
 NETWORKS = ("unet", "dynunet", "dynunet_resenc", "segresnet", "swinunetr", "unetr")
 TOKEN_SIZES = (2, 4, 8, 16, 32)
+UNET_NETWORKS = ("unet", "dynunet", "dynunet_resenc")  # shaped by the plan's pools and ``filters``
+
+
+def unet_levels(pools: Sequence[int]) -> int:
+    """Widths a unet/dynunet needs for ``pools``: one per pooling level, plus the top one.
+
+    >>> unet_levels((3, 3, 2))
+    4
+    """
+    return max(pools) + 1
 
 
 def patch_multiple(network: str, pools: Sequence[int], token_size: int = 16) -> tuple[int, int, int]:
@@ -66,7 +76,7 @@ def patch_multiple(network: str, pools: Sequence[int], token_size: int = 16) -> 
     >>> patch_multiple("swinunetr", (3, 3, 3)), patch_multiple("segresnet", (2, 3, 3))
     ((32, 32, 32), (4, 4, 4))
     """
-    if network in ("unet", "dynunet", "dynunet_resenc"):
+    if network in UNET_NETWORKS:
         return tuple(2**p for p in pools)  # type: ignore[return-value]
     if network == "segresnet":
         return (2 ** min(pools),) * 3

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgps_tune.config import NETWORKS, TrainConfig, check_network_patches
+from pgps_tune.config import NETWORKS, TrainConfig, check_network_patches, unet_levels
 from pgps_tune.errors import PgpsError
 from pgps_tune.schedule import Schedule
 
@@ -267,9 +267,10 @@ def _unet(
     strides = level_strides(pools)
     if not strides:
         raise PgpsError("pools are all 0; the network needs at least one downsampling")
-    if len(filters) < len(strides) + 1:
-        raise PgpsError(f"need {len(strides) + 1} filter sizes for {len(strides)} poolings, got {list(filters)}")
-    chans = tuple(filters[: len(strides) + 1])
+    levels = unet_levels(pools)
+    if len(filters) < levels:
+        raise PgpsError(f"need {levels} filter sizes for {len(strides)} poolings, got {list(filters)}")
+    chans = tuple(filters[:levels])
     if name == "unet":
         from monai.networks.nets import UNet
 

@@ -43,9 +43,11 @@ from pgps_tune.config import (
     NETWORKS,
     OPTIMIZERS,
     TOKEN_SIZES,
+    UNET_NETWORKS,
     TrainConfig,
     check_network_widths,
     patch_multiple,
+    unet_levels,
 )
 from pgps_tune.errors import PgpsError, read_yaml
 from pgps_tune.limits import LIMITS, Range, limit
@@ -652,7 +654,7 @@ def check_budget_widths(budget: Budget, src: str) -> None:
 
 def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Budget, src: str) -> None:
     """Refuse an ``asha.fidelity`` the sweep cannot run, and a compressed ladder with rungs of equal length."""
-    from pgps_tune.asha import fidelity_ladder, screening_ladder
+    from pgps_tune.asha import compressed_ladder
 
     if asha.fidelity not in FIDELITIES:
         raise PgpsError(f"{src}: asha.fidelity {asha.fidelity!r} unknown; use one of {', '.join(FIDELITIES)}")
@@ -671,8 +673,7 @@ def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Bu
     if why:
         raise PgpsError(f"{src}: asha.fidelity compressed cannot run here: {why}, or use fidelity partial")
     try:
-        (screening_ladder if asha.promote == "main_effects" else fidelity_ladder)(
-            1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
+        compressed_ladder(asha.promote, 1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
     except PgpsError as exc:
         raise PgpsError(f"{src}: {exc}") from None
 
@@ -791,8 +792,8 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
     not in trial 17.
     """
     b = space.budget
-    levels = max(pools) + 1  # unet/dynunet: one width per pooling, plus the top level
-    if b.network in ("unet", "dynunet", "dynunet_resenc") and len(b.filters) < levels:
+    levels = unet_levels(pools)
+    if b.network in UNET_NETWORKS and len(b.filters) < levels:
         raise PgpsError(f"{space.source}: budget.filters {list(b.filters)} gives {len(b.filters)} widths, but the "
                         f"plan pools {max(pools)} times ({list(pools)}) and {b.network} needs {levels}; give at "
                         f"least {levels} (e.g. --filters {' '.join(str(16 * 2 ** i) for i in range(levels))})")
