@@ -599,6 +599,10 @@ def main() -> int:
         raise SystemExit(f"error: --reuse {unknown} not in --methods {a.methods}")
     if reuse:
         events, wall = reuse_events(out, reuse)
+    if sum(m not in reuse and m != "optuna_sha" for m in a.methods) > 1:
+        from pgps_tune.tuner import start_ray
+
+        start_ray(None)  # one local Ray for every live sweep, none of them timed starting its own; kept by each
     for method in [m for m in a.methods if m not in reuse]:
         t0 = time.time()
         if method == "optuna_sha":

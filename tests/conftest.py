@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,3 +61,56 @@ def make_msd(root: Path, n: int = 6, shape: Sequence[int] = (20, 24, 16),
 @pytest.fixture
 def tiny_msd(tmp_path) -> Path:
     return make_msd(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """Stops the shared local Ray (see :func:`shared_ray`) once the whole run is over."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def shared_ray(_session_ray):
+    """A local Ray kept between the in-process sweeps of the whole run (each would start and stop one of
+    its own, about 5 s each on 2 cores; the sweep leaves a caller's Ray running, the path a notebook
+    takes).  Started like ``tune`` starts its own, on this test's environment if none runs yet.  Only for
+    sweeps whose trials need nothing of a test's environment: Ray's workers keep the environment Ray
+    started with (the data cache every test shares is set before, by ``_isolated_cache``).  Tests that
+    kill, interrupt, join a cluster or inject failures start their own.
+    """
+    import ray
+
+    from pgps_tune.tuner import start_ray
+
+    if not ray.is_initialized():
+        start_ray(None)
+    yield
+
+
+def ray_processes(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (a Ray temp folder): a local Ray's raylet, workers, ..."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue  # exited meanwhile
+    return found
+
+
+@pytest.fixture
+def ray_tmp():
+    """A Ray temp folder of this test's own (short: Ray's socket paths have a length limit)."""
+    path = tempfile.mkdtemp(prefix="pgps-ray-", dir="/tmp")
+    yield path
+    for pid in ray_processes(path):  # what a test killed with -9 left behind
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)

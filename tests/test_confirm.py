@@ -295,24 +295,10 @@ def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_ad
 # -- end to end -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_shutdown():
-    yield
-    import ray
-
-    ray.shutdown()
-
-
-def test_sweep_confirms_then_extends_without_repeating_a_trial(tmp_path, capsys, monkeypatch):
+def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_path, capsys, monkeypatch):
     # the searched schedule is the constant baseline's recipe (1 stage, the budget's lr), so the
     # confirmation must find it no better than the baseline, whatever the seeds give
-    import logging
-
-    import ray
-
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
-    # one Ray for the sweep and the extension (each would start its own): seconds saved, the same code run
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     space = write_space(tmp_path / "s.yaml", parameters={"stages": {"value": 1}, "lr": {"value": BUDGET["lr"]}},
                         search={"num_samples": 1, "references": False}, asha={"enabled": False},
                         budget={**BUDGET, "iterations_per_epoch": 2, "val_every": 10, "synthetic_cases": 4},

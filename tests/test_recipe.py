@@ -120,7 +120,7 @@ def test_a_schedule_file_without_a_recipe_trains_with_the_defaults(tmp_path, cap
     assert "overrides" not in capsys.readouterr().err
 
 
-def test_train_with_an_exported_schedule_reproduces_its_trial(tmp_path, capsys):
+def test_train_with_an_exported_schedule_reproduces_its_trial(shared_ray, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "recipe",

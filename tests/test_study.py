@@ -20,22 +20,14 @@ from pgps_tune.tuner import STUDY_FILE, WARM_ATTR, study_storage
 TINY = {**BUDGET, "iterations_per_epoch": 2, "val_every": 5}  # 10 epochs: the paper schedule has 10 stages
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_shutdown():
-    yield
-    import ray
-
-    ray.shutdown()
-
-
 def study_trials(out):
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["study_file"] == STUDY_FILE
     return optuna.load_study(study_name=meta["study"], storage=study_storage(out)).get_trials()
 
 
-def test_pareto_sweep_exports_its_front_and_keeps_one_study_across_resume_and_warm_start(tmp_path, capsys,
-                                                                                          monkeypatch):
+def test_pareto_sweep_exports_its_front_and_keeps_one_study_across_resume_and_warm_start(
+        shared_ray, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
     space = write_space(tmp_path / "s.yaml", objective={"type": "pareto"}, budget=TINY,
                         search={"num_samples": 3, "startup_trials": 2, "references": False})

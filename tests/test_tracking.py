@@ -73,7 +73,7 @@ TINY = {
 }
 
 
-def test_a_sweep_writes_events_progress_report_and_mlflow(tmp_path, capsys, monkeypatch):
+def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x refuses a file store without it
     try:
@@ -87,12 +87,7 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(tmp_path, capsys, monk
     store = tmp_path / "mlruns"
     argv = ["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--max-concurrent", "1",
             "--progress", "json"] + (["--mlflow", store.as_uri()] if have_mlflow else [])
-    try:
-        assert main(argv) == 0
-    finally:
-        import ray
-
-        ray.shutdown()
+    assert main(argv) == 0
     printed = capsys.readouterr()
     # progress: one JSON object per line on stderr, every trial started and completed
     events = [json.loads(line) for line in printed.err.splitlines() if line.startswith('{"event"')]
