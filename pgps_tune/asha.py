@@ -171,12 +171,16 @@ def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epo
     return [r for r in rungs[:-1] if r.trials > 1] + [top]
 
 
-def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
+def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epoch: int,
+                     top: int = 0) -> list[Rung]:
     """The two rungs of ``asha.promote: main_effects``: ``n0`` schedules screened at the lowest
-    fraction of :func:`fidelity_ladder`, then ``floor(n0 / eta)`` (at least one) at the full budget.
+    fraction of :func:`fidelity_ladder`, then ``top`` (``asha.promote_top``; 0: ``floor(n0 / eta)``,
+    at least one) at the full budget.
 
     >>> [(round(r.fraction, 3), r.iterations_per_epoch, r.trials) for r in screening_ladder(11, 3, 1 / 9, 25)]
     [(0.12, 3, 11), (1.0, 25, 3)]
+    >>> [r.trials for r in screening_ladder(16, 3, 1 / 9, 25, top=3)]
+    [16, 3]
     """
     if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
         raise PgpsError(f"a screening ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
@@ -187,14 +191,16 @@ def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_ep
         raise PgpsError(f"the screening rung would train all {iterations_per_epoch} iterations per epoch; lower "
                         "asha.min_fraction or raise budget.iterations_per_epoch")
     return [Rung(ipe / iterations_per_epoch, ipe, n0),
-            Rung(1.0, iterations_per_epoch, max(1, int(math.floor(n0 / eta + 1e-9))))]
+            Rung(1.0, iterations_per_epoch, top or max(1, int(math.floor(n0 / eta + 1e-9))))]
 
 
-def compressed_ladder(promote: str, n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
-    """The rungs of a compressed search: :func:`screening_ladder` for ``asha.promote: main_effects``,
-    else :func:`fidelity_ladder` (successive halving by measured scores)."""
-    ladder = screening_ladder if promote == "main_effects" else fidelity_ladder
-    return ladder(n0, eta, min_fraction, iterations_per_epoch)
+def compressed_ladder(promote: str, n0: int, eta: float, min_fraction: float, iterations_per_epoch: int,
+                      top: int = 0) -> list[Rung]:
+    """The rungs of a compressed search: :func:`screening_ladder` (``top``: ``asha.promote_top``) for
+    ``asha.promote: main_effects``, else :func:`fidelity_ladder` (successive halving by measured scores)."""
+    if promote == "main_effects":
+        return screening_ladder(n0, eta, min_fraction, iterations_per_epoch, top)
+    return fidelity_ladder(n0, eta, min_fraction, iterations_per_epoch)
 
 
 def main_effects_ranking(parameters: Sequence[Any], observed: Sequence[tuple[dict[str, Any], float]],

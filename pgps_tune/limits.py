@@ -119,6 +119,7 @@ LIMITS: dict[str, Range] = {
     "min_fraction": Range(0, 1, low_open=True, high_open=True),  # asha.fidelity compressed: the lowest rung
     "reduction_factor": Range(1, 100, low_open=True),
     "brackets": _int(1, 10),
+    "promote_top": _int(0, 100_000),  # asha.promote main_effects: schedules at the full budget (0: n / eta)
     "tolerance": Range(0, 1),
     "objective.voxel_budget": Range(0, 1, low_open=True),  # a voxel fraction, not the planner's budget
     "top_k": _int(1, 1000),

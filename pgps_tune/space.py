@@ -210,9 +210,13 @@ class Asha:
     promote: str = _doc("measured", "compressed: what goes on to a higher budget. `measured`: the best "
                                     "1/`reduction_factor` of a rung by their own scores, rung after rung; "
                                     "`main_effects`: two rungs, `search.num_samples` schedules screened at "
-                                    "`min_fraction`, then the 1/`reduction_factor` that an additive model of the "
-                                    "parameters fitted to their scores ranks best over the whole space (screened "
-                                    "or not) at the full budget (see docs/GUIDE.md)")
+                                    "`min_fraction`, then the 1/`reduction_factor` (or `promote_top`) that an additive "
+                                    "model of the parameters fitted to their scores ranks best over the whole "
+                                    "space (screened or not) at the full budget (see docs/GUIDE.md)")
+    promote_top: int = _doc(0, "`promote: main_effects`: how many of the model's top schedules train at the full "
+                               "budget (0: `search.num_samples` / `reduction_factor`, rounded down). Screening is "
+                               "cheap and full runs are not: more screens per full run rank better for the same "
+                               "compute (docs/BENCHMARKS.md section 9)")
 
 
 @dataclass(frozen=True)
@@ -663,6 +667,10 @@ def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Bu
     if asha.promote != "measured" and asha.fidelity != "compressed":
         raise PgpsError(f"{src}: asha.promote {asha.promote} needs asha.fidelity compressed (partial runs are "
                         "promoted by ASHA's own rule); set fidelity: compressed or drop promote")
+    if asha.promote_top and asha.promote != "main_effects":
+        raise PgpsError(f"{src}: asha.promote_top {asha.promote_top} needs asha.promote main_effects (measured "
+                        "promotion keeps 1/reduction_factor of each rung); set promote: main_effects or drop "
+                        "promote_top")
     if asha.fidelity != "compressed":
         return
     why = ("asha.enabled is false (every trial at the full budget); set it true" if not asha.enabled else
@@ -673,7 +681,8 @@ def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Bu
     if why:
         raise PgpsError(f"{src}: asha.fidelity compressed cannot run here: {why}, or use fidelity partial")
     try:
-        compressed_ladder(asha.promote, 1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch)
+        compressed_ladder(asha.promote, 1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch,
+                          asha.promote_top)
     except PgpsError as exc:
         raise PgpsError(f"{src}: {exc}") from None
 

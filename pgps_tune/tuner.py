@@ -995,7 +995,8 @@ def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
     b, a = space.budget, space.asha
     full = float(b.epochs * b.iterations_per_epoch)
     if a.fidelity == "compressed":
-        rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch)
+        rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch,
+                                  a.promote_top)
         return [PhasePlan("search" if r == 0 else f"search-r{r}", rung.trials,
                           float(b.epochs * rung.iterations_per_epoch)) for r, rung in enumerate(rungs)]
     cap = space.search.max_compute * full if space.search.max_compute > 0 else None
@@ -1854,7 +1855,7 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     space = opts.space
     model = space.asha.promote == "main_effects"
     rungs = compressed_ladder(space.asha.promote, num_samples, space.asha.reduction_factor, space.asha.min_fraction,
-                              space.budget.iterations_per_epoch)
+                              space.budget.iterations_per_epoch, space.asha.promote_top)
     meta["fidelity"] = {"type": "compressed", "promote": space.asha.promote,
                         "rungs": [dataclasses.asdict(r) for r in rungs]}
     configs: list[dict[str, Any]] = []

@@ -249,9 +249,13 @@ def main() -> int:
                                                                "within (default 0.15)")
     ap.add_argument("--sh-trials", type=int, help="replays: schedules in a compressed bracket's first rung for "
                                                   "random and TPE (default: the space's search.num_samples)")
-    ap.add_argument("--screen-trials", type=int, default=11,
-                    help="replays: schedules screened by the main-effects searches (default 11: with the "
-                         "full-budget third, about 12%% of the grid's compute on the 48-schedule space)")
+    ap.add_argument("--screen-trials", type=int, default=16,
+                    help="replays: schedules screened by the main-effects searches (default 16, as "
+                         "bench_hippocampus_48_screen.yaml)")
+    ap.add_argument("--promote-top", type=int, default=3,
+                    help="replays: schedules the main-effects searches train at the full budget (asha.promote_top; "
+                         "default 3: with 16 screened, about 13.5%% of the grid's compute on the 48-schedule "
+                         "space; 0: screen trials / reduction factor)")
     ap.add_argument("--startup-trials", type=int, nargs="+", help="replays: also TPE with each of these "
                                                                     "numbers of random start-up trials")
     ap.add_argument("--no-train", action="store_true", help="only analyse the jobs already stored")
@@ -263,11 +267,12 @@ def main() -> int:
     for name, v, ok in (("--seeds", a.seeds, a.seeds >= 2), ("--workers", a.workers, a.workers >= 1),
                         ("--replay-seeds", a.replay_seeds, a.replay_seeds >= 1),
                         ("--screen-trials", a.screen_trials, a.screen_trials >= 2),
+                        ("--promote-top", a.promote_top, a.promote_top >= 0),
                         ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1),
                         ("--startup-trials", a.startup_trials, all(n >= 1 for n in a.startup_trials or ()))):
         if not ok:
             raise SystemExit(f"error: {name} {v} out of range (seeds >= 2, workers >= 1, start-up trials >= 1, "
-                             "screen trials >= 2, shares in (0, 1])")
+                             "screen trials >= 2, promote top >= 0, shares in (0, 1])")
 
     from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget, screening_ladder
     from pgps_tune.data import plan_patch, prepare
@@ -390,7 +395,7 @@ def main() -> int:
                                                          b.iterations_per_epoch)}
     ladders["tpe"] = ladders["random"]
     screen = screening_ladder(a.screen_trials, space.asha.reduction_factor, space.asha.min_fraction,
-                              b.iterations_per_epoch)
+                              b.iterations_per_epoch, a.promote_top)
     budget_t = a.budget * world.total
     # every search replayed: (sampler, fidelity, the space it reads its settings from); TPE also with each
     # --startup-trials count other than the space's (random start-up trials before TPE models the results)
