@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ray_processes
-from test_tuner import (
+from test_tuner import (  # noqa: F401 (_ray_shutdown and _store: test_tuner's autouse fixtures, here too)
     BUDGET,
     WAIT_S,
+    _ray_shutdown,
+    _store,
     cli,
     error_line,
     finish,
@@ -33,20 +35,6 @@ from test_tuner import (
 )
 
 from pgps_tune.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _store(tmp_path, monkeypatch):
-    monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray_shutdown():
-    yield
-    import ray
-
-    ray.shutdown()
-
 
 FAILURE_HOOK = '''
 """Written by tests/test_tuner_recovery.py: fail chosen trials at an epoch (PGPS_TEST_FAILURES, JSON).
