@@ -141,6 +141,19 @@ class Rung:
     trials: int
 
 
+def _ladder_levels(kind: str, n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> int:
+    """Budget levels of a ladder whose lowest rung trains at least ``min_fraction`` (arguments checked)."""
+    if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
+        raise PgpsError(f"a {kind} ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
+                        f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
+    return int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+
+
+def _rung_iterations(iterations_per_epoch: int, eta: float, below_top: int) -> int:
+    """Iterations per epoch of the rung ``below_top`` levels under the full budget (at least 1)."""
+    return max(1, round(iterations_per_epoch * eta ** -below_top))
+
+
 def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> list[Rung]:
     """The rungs of successive halving over budgets, lowest first; the last one is the full budget.
 
@@ -154,13 +167,10 @@ def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epo
     >>> [(round(r.fraction, 3), r.trials) for r in fidelity_ladder(4, 3, 0.1, 90)]
     [(0.111, 4), (1.0, 1)]
     """
-    if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
-        raise PgpsError(f"a fidelity ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
-                        f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
-    levels = int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+    levels = _ladder_levels("fidelity", n0, eta, min_fraction, iterations_per_epoch)
     rungs, n = [], n0
     for r in range(levels):
-        ipe = max(1, round(iterations_per_epoch * eta ** -(levels - 1 - r)))
+        ipe = _rung_iterations(iterations_per_epoch, eta, levels - 1 - r)
         if rungs and ipe == rungs[-1].iterations_per_epoch:
             raise PgpsError(
                 f"the fidelity ladder's rungs {r - 1} and {r} both train {ipe} of {iterations_per_epoch} iterations "
@@ -182,11 +192,8 @@ def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_ep
     >>> [r.trials for r in screening_ladder(16, 3, 1 / 9, 25, top=3)]
     [16, 3]
     """
-    if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
-        raise PgpsError(f"a screening ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
-                        f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
-    levels = int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
-    ipe = max(1, round(iterations_per_epoch * eta ** -(levels - 1)))
+    levels = _ladder_levels("screening", n0, eta, min_fraction, iterations_per_epoch)
+    ipe = _rung_iterations(iterations_per_epoch, eta, levels - 1)  # the lowest rung of fidelity_ladder
     if ipe >= iterations_per_epoch:
         raise PgpsError(f"the screening rung would train all {iterations_per_epoch} iterations per epoch; lower "
                         "asha.min_fraction or raise budget.iterations_per_epoch")

@@ -1877,7 +1877,7 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
             observed = [(json.loads(k), score) for k, score, _ in scored]
             ranked = main_effects_ranking(space.parameters, observed, screening_candidates(space, observed))
             configs = ranked[: rungs[r + 1].trials]
-            screened = sum(c in [o for o, _ in observed] for c in configs)
+            screened = sum(c in (o for o, _ in observed) for c in configs)
             print(f"pgps-tune: {phase}: the main-effects model fitted to {len(scored)} screened schedules promotes "
                   f"{len(configs)} to the full budget ({screened} of them screened)", file=sys.stderr, flush=True)
         else:

@@ -24,7 +24,7 @@ jobs, so the analysis and the replays rerun without training anywhere.  Then, wi
    grid), 100 sampler seeds each: grid, random and TPE, each without early stopping, with the
    partial fidelity (successive halving on the curves), with the compressed one (successive
    halving over budgets) and with main-effects screening (``--screen-trials`` compressed runs, the
-   additive model's top 1/reduction_factor at the full budget), and Optuna alone; the share of seeds
+   additive model's top ``--promote-top`` at the full budget), and Optuna alone; the share of seeds
    that trained a schedule within 0.5 Dice points of the grid's best at no more than ``--target`` of
    the grid's compute, and how often early stopping stopped the grid's winner; then the same against
    other truths: the mean over seeds, and (with 3 or more seeds) each seed's runs searched and scored
@@ -399,17 +399,21 @@ def main() -> int:
     budget_t = a.budget * world.total
     # every search replayed: (sampler, fidelity, the space it reads its settings from); TPE also with each
     # --startup-trials count other than the space's (random start-up trials before TPE models the results)
-    searches = {f"{sampler} + {fid}": (sampler, fid, space) for sampler in SAMPLERS for fid in FIDELITIES}
+    # and the ladder it climbs (none and partial read no ladder)
+    def ladder(sampler: str, fid: str) -> list:
+        return screen if fid == "main_effects" else ladders[sampler]
+
+    searches = {f"{sampler} + {fid}": (sampler, fid, space, ladder(sampler, fid)) for sampler in SAMPLERS
+                for fid in FIDELITIES}
     for n in a.startup_trials or ():
         if n != space.search.startup_trials:
             sp = dataclasses.replace(space, search=dataclasses.replace(space.search, startup_trials=n))
-            searches.update({f"tpe (startup {n}) + {fid}": ("tpe", fid, sp) for fid in FIDELITIES})
+            searches.update({f"tpe (startup {n}) + {fid}": ("tpe", fid, sp, ladder("tpe", fid)) for fid in FIDELITIES})
     replays: dict[str, dict[str, Any]] = {}
     t0 = time.time()
-    for name, (sampler, fid, sp) in searches.items():
+    for name, (sampler, fid, sp, rungs_of) in searches.items():
         replays[name] = replay_stats([
-            replay_once(world, sp, sampler, fid, seed, budget_t, grace, space.asha.judge,
-                        screen if fid == "main_effects" else ladders[sampler])
+            replay_once(world, sp, sampler, fid, seed, budget_t, grace, space.asha.judge, rungs_of)
             for seed in range(a.replay_seeds)], a.target)
     # the same searches scored against other truths: a looser margin, and (where every schedule has a second
     # seed) the mean over seeds, so a pick is not judged by one seed's luck
@@ -433,10 +437,9 @@ def main() -> int:
             col = f"{tname}, {100 * within:.1f} points"
             near[col] = sum(w.true(k) >= w.true_best - within for k in w.final)
             robust[col] = {}
-            for name, (sampler, fid, sp) in searches.items():
+            for name, (sampler, fid, sp, rungs_of) in searches.items():
                 robust[col][name] = replay_stats([
-                    replay_once(w, sp, sampler, fid, seed, a.budget * w.total, grace, space.asha.judge,
-                                screen if fid == "main_effects" else ladders[sampler])
+                    replay_once(w, sp, sampler, fid, seed, a.budget * w.total, grace, space.asha.judge, rungs_of)
                     for seed in range(a.replay_seeds)], a.target)["within_target"]
     print(f"# replays: {time.time() - t0:.0f}s", flush=True)
     from bench_search import asha_kill_rate
