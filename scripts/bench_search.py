@@ -334,10 +334,16 @@ class World:
 
 
 def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, budget_t: float, grace: int | None = None,
-                judge: str = "final_stage", rungs=None) -> tuple[float | None, bool | None]:
+                judge: str = "final_stage", rungs=None, pick: bool = False) -> tuple[float | None, bool | None]:
     """One search replayed one trial at a time: (compute to come within ``world.within`` (0.5 points) of the
     true best, as a share of the grid's, or None within ``budget_t``; whether early stopping stopped the
     best schedule, None if the search never tried it).
+
+    ``pick``: score the search by what it would export, not by what it trained: it runs until ``budget_t``
+    is spent, then picks, as :func:`pgps_tune.results.pick_best` does, its full-budget run with the best
+    Dice the search saw (``world.final``; a tie: the cheaper run) among those that ended within
+    ``budget_t``; the first value is the compute at which that run ended if the pick lies within the
+    margin of the true best, else None.
 
     ``sampler``: ``grid`` (every schedule, in a seeded random order), ``random`` or ``tpe`` (Optuna's, as
     in a sweep); ``fidelity``: ``none`` (every trial to the end), ``partial`` (Optuna's successive-halving
@@ -369,11 +375,24 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
     define, max_t = DefineByRun(sp), space.budget.epochs * space.budget.iterations_per_epoch
     winners = {k for k in world.final if world.true(k) >= world.true_best}
     state = {"spent": 0.0, "hit": None, "tried": False, "stopped": False, "asked": 0}
+    ended: list[tuple[float, float, float, str]] = []  # pick: (Dice seen, -compute of the run, spent at its end, k)
 
     def finish(k: str) -> None:  # a full-budget run of k has ended
         state["tried"] |= k in winners
-        if state["hit"] is None and world.true(k) >= world.true_best - world.within:
+        if pick:
+            if state["spent"] <= budget_t:
+                ended.append((world.final[k], -world.curves[k][-1][0], state["spent"], k))
+        elif state["hit"] is None and world.true(k) >= world.true_best - world.within:
             state["hit"] = state["spent"] / world.total
+
+    def result() -> tuple[float | None, bool | None]:
+        stopped = state["stopped"] if state["tried"] else None
+        if not pick:
+            return state["hit"], stopped
+        if not ended:
+            return None, stopped
+        _, _, spent, k = max(ended, key=lambda e: e[:2])
+        return (spent / world.total if world.true(k) >= world.true_best - world.within else None), stopped
 
     def objective(trial) -> float:
         state["asked"] += 1
@@ -400,7 +419,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
     if fidelity not in ("compressed", "main_effects"):
         while more():
             study.optimize(objective, n_trials=1)
-        return state["hit"], state["stopped"] if state["tried"] else None
+        return result()
     while more():  # one bracket of successive halving over budgets after another
         pool = []
         while len(pool) < rungs[0].trials and more():
@@ -431,7 +450,7 @@ def replay_once(world: World, space, sampler: str, fidelity: str, seed: int, bud
                 pool.append((k, d, world.curves[k][-1][0] / max_t))
                 if rung.fraction >= 1:
                     finish(k)
-    return state["hit"], state["stopped"] if state["tried"] else None
+    return result()
 
 
 def replay_stats(results: list[tuple[float | None, bool | None]], target: float = 0.30) -> dict[str, Any]:

@@ -258,6 +258,23 @@ def test_compressed_replay_spends_each_rung_and_stops_the_winner_when_low_fideli
             stats["runs_trying_grid_best"]) == (2, 1, 1, 2)
 
 
+def test_replay_scored_by_its_pick_counts_what_the_search_would_export_not_what_it_trained():
+    import dataclasses
+
+    bs, world, space = _world([0.1, 0.2, 0.3, 0.4])
+    keys = sorted(world.final, key=world.final.get)  # measured Dice 0.0, 0.1, 0.2, 0.3
+    # the truth prefers the third schedule; the search measures the fourth best, so it trains a hit but picks a miss
+    w = dataclasses.replace(world, truth={k: v for k, v in zip(keys, (0.0, 0.0, 0.5, 0.3), strict=True)})
+    for seed in range(3):
+        assert bs.replay_once(w, space, "grid", "none", seed, 1000.0)[0] is not None
+        assert bs.replay_once(w, space, "grid", "none", seed, 400.0, pick=True) == (None, False)
+    # scored by its own runs, the pick is the best schedule: a hit at the compute where that run ended
+    hits = {bs.replay_once(world, space, "grid", "none", seed, 400.0, pick=True)[0] for seed in range(6)}
+    assert hits <= {0.25, 0.5, 0.75, 1.0} and None not in hits and len(hits) > 1
+    # a run that ends past the compute cap is not a pick: none ends within 99 of 100 iterations
+    assert bs.replay_once(world, space, "grid", "none", 0, 99.0, pick=True)[0] is None
+
+
 def test_main_effects_replay_promotes_a_winner_it_never_screened():
     rungs = screening_ladder(3, 4, 0.25, 100)
     assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 3), (1.0, 1)]
