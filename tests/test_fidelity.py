@@ -379,6 +379,11 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
                                  for f in ("none", "partial", "compressed", "main_effects")}
     assert all(r["seeds"] == 2 for r in s["replays"].values())
     assert "## Fidelity quality" in (tmp_path / "f.md").read_text()
+    # scored by the pick too, also searched on seed 1's runs against the mean of both seeds
+    assert set(s["picked"]) == {"seed 0, 0.5 points", "mean of seeds 0, 1, 0.5 points",
+                                "searched on seed 1, mean of seeds 0, 1, 0.5 points"}
+    assert all(set(c) == set(s["replays"]) and all(0 <= v <= 2 for v in c.values()) for c in s["picked"].values())
+    assert "scored by its pick against the mean of seeds 0, 1" in (tmp_path / "f.md").read_text()
     grid = json.loads((tmp_path / "o" / "search" / "events.json").read_text())["events"]["grid"]
     assert sum(e["completed"] for e in grid) == 6  # the seed-0 grid, as bench_search.py --reuse grid reads it
     # an interrupted benchmark continues: only the missing run is trained again
