@@ -350,6 +350,26 @@ def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
     assert ladder_compute(fidelity_ladder(n + 1, eta, min_fraction, ipe)) > runs
 
 
+def test_seed_noise_spread_pools_seeds_and_scores_each_seeds_own_pick_by_the_others():
+    import importlib
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        spread = importlib.import_module("bench_seed_noise").spread
+    finally:
+        sys.path.pop(0)
+    runs = {"a": {0: 0.80, 1: 0.82, 2: 0.81}, "b": {0: 0.79, 1: 0.78, 2: 0.80}, "c": {0: 0.70, 1: 0.71, 2: 0.72}}
+    r = spread(runs, [0, 1, 2])  # each schedule's sd over seeds is 1 point; every seed orders them a > b > c
+    assert np.isclose(r["pooled_sd"], 0.01) and np.isclose(r["rho"], 1.0)
+    assert r["pick_hits"] == 3 and np.isclose(r["pick_shortfall"], 0.0)
+    runs["a"], runs["b"] = {0: 0.80, 1: 0.84, 2: 0.84}, {0: 0.82, 1: 0.78, 2: 0.78}
+    r = spread(runs, [0, 1, 2])  # seed 0 picks b, 6 points below a by seeds 1 and 2's mean; seeds 1 and 2 pick a
+    assert r["pick_hits"] == 2 and np.isclose(r["pick_shortfall"], 0.06 / 3)
+
+
 # -- scripts/bench_fidelity.py, at its smallest ---------------------------------------------------------------
 
 
