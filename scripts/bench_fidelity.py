@@ -108,6 +108,33 @@ def job_id(job: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
+def restore_jobs(jobs: list[dict[str, Any]], recorded: dict[str, dict[str, Any]]) -> int:
+    """Write each job's result file from ``recorded`` (a ledger's runs by ID) where it is missing; how many."""
+    from pgps_tune.errors import atomic_write_text
+
+    restored = 0
+    for j in jobs:
+        jid = Path(j["result"]).stem
+        if jid in recorded and not Path(j["result"]).is_file():
+            atomic_write_text(Path(j["result"]), json.dumps(
+                {**recorded[jid], "job": {k: v for k, v in j.items() if k != "result"}}) + "\n")
+            restored += 1
+    return restored
+
+
+def train_jobs(todo: list[dict[str, Any]], workers: int, ledger: Path | None, recorded: dict[str, dict[str, Any]],
+               jobs: list[dict[str, Any]]) -> None:
+    """Train ``todo`` in that order, ``workers`` runs at a time (one thread each), printing each result and
+    keeping ``ledger`` (:func:`write_ledger` over ``jobs``) up to date after every run."""
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for n, r in enumerate(pool.map(run_job, todo), 1):
+            j = r["job"]
+            print(f"  [{n}/{len(todo)} {time.time() - t0:.0f}s] {key(j['params'])} seed {j['seed']} fraction "
+                  f"{j['fraction']:.3g}: dice {r['val_dice']:.4f} ({r['wall_s']:.0f}s)", flush=True)
+            write_ledger(ledger, recorded, jobs)
+
+
 # -- fidelity scores ----------------------------------------------------------------------------------
 
 
@@ -322,13 +349,7 @@ def main() -> int:
                 jobs.append(job)
     ledger = None if a.no_ledger else Path(a.ledger) if a.ledger else None if a.quick else LEDGER
     recorded = read_ledger(ledger)
-    restored = 0
-    for j in jobs:
-        jid = Path(j["result"]).stem
-        if jid in recorded and not Path(j["result"]).is_file():
-            atomic_write_text(Path(j["result"]), json.dumps(
-                {**recorded[jid], "job": {k: v for k, v in j.items() if k != "result"}}) + "\n")
-            restored += 1
+    restored = restore_jobs(jobs, recorded)
     if restored:
         print(f"# {restored} run{'s' if restored > 1 else ''} restored from {ledger}", flush=True)
     # Seed 0 first (the ground truth of the replays), costliest first so the workers finish together; then
@@ -343,13 +364,7 @@ def main() -> int:
           f"{len(todo)} to train ({sum(j['cost'] for j in todo):.1f} baseline runs of {max_t} iterations) on "
           f"{a.workers} workers", flush=True)
     if todo and not a.no_train:
-        t0 = time.time()
-        with ProcessPoolExecutor(max_workers=a.workers, mp_context=get_context("spawn")) as pool:
-            for n, r in enumerate(pool.map(run_job, todo), 1):
-                j = r["job"]
-                print(f"  [{n}/{len(todo)} {time.time() - t0:.0f}s] {key(j['params'])} seed {j['seed']} fraction "
-                      f"{j['fraction']:.3g}: dice {r['val_dice']:.4f} ({r['wall_s']:.0f}s)", flush=True)
-                write_ledger(ledger, recorded, jobs)
+        train_jobs(todo, a.workers, ledger, recorded, jobs)
     write_ledger(ledger, recorded, jobs)
     missing = [j for j in jobs if not Path(j["result"]).is_file() and j["seed"] == 0]
     if missing:
@@ -422,14 +437,20 @@ def main() -> int:
     complete = [s for s in seeds if len(full[s]) == len(grid)]
     truths: dict[str, tuple[World, dict[str, float] | None, tuple[float, ...]]] = {
         "seed 0": (world, None, (WITHIN, 2 * WITHIN))}
+
+    def column(tname: str, within: float) -> str:
+        return f"{tname}, {100 * within:.1f} points"
+
+    own: list[str] = []  # the pick's target columns: the mean over every seed, searched on each seed's runs
     if len(complete) >= 2:
+        all_seeds = f"mean of seeds {', '.join(map(str, complete))}"
         mean_all = {k: float(np.mean([full[s][k] for s in complete])) for k in full[0]}
-        truths[f"mean of seeds {', '.join(map(str, complete))}"] = (world, mean_all, (WITHIN, 2 * WITHIN))
+        truths[all_seeds] = (world, mean_all, (WITHIN, 2 * WITHIN))
+        own.append(column(all_seeds, WITHIN))
         for s in complete[1:]:  # the same truth, searched on another seed's runs (its own noise inside the truth)
-            truths[f"searched on seed {s}, mean of seeds {', '.join(map(str, complete))}"] = (
-                World(curves[s], full[s], low[s]), mean_all, (WITHIN,))
-    all_seeds = f"mean of seeds {', '.join(map(str, complete))}"
-    own = [f"{t}, {100 * WITHIN:.1f} points" for t in truths if t.endswith(all_seeds)]  # the pick's target columns
+            tname = f"searched on seed {s}, {all_seeds}"
+            truths[tname] = (World(curves[s], full[s], low[s]), mean_all, (WITHIN,))
+            own.append(column(tname, WITHIN))
     if len(complete) >= 3:  # searched on one seed's runs, scored by the others' mean: independent noise
         for s in complete:
             rest = [o for o in complete if o != s]
@@ -442,7 +463,7 @@ def main() -> int:
     for tname, (base, truth, margins) in truths.items():
         for within in margins:
             w = dataclasses.replace(base, truth=truth, within=within)
-            col = f"{tname}, {100 * within:.1f} points"
+            col = column(tname, within)
             near[col] = sum(w.true(k) >= w.true_best - within for k in w.final)
             robust[col] = {}
             if within == WITHIN:

@@ -28,9 +28,6 @@ import json
 import os
 import platform
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import LEDGER as FIDELITY_LEDGER  # noqa: E402
-from bench_fidelity import job_id, read_ledger, run_job, write_ledger  # noqa: E402
+from bench_fidelity import job_id, read_ledger, restore_jobs, train_jobs, write_ledger  # noqa: E402
 from bench_search import WITHIN, key  # noqa: E402
 
 LEDGER = ROOT / "docs" / "bench_seed_noise_runs.jsonl"
@@ -111,21 +108,12 @@ def main() -> int:
             jobs.append(job)
     ledger = Path(a.ledger)
     mine = read_ledger(ledger)
-    for j in jobs:
-        jid = Path(j["result"]).stem
-        if jid in mine and not Path(j["result"]).is_file():
-            atomic_write_text(Path(j["result"]), json.dumps(
-                {**mine[jid], "job": {k: v for k, v in j.items() if k != "result"}}) + "\n")
+    restore_jobs(jobs, mine)
     todo = [j for j in jobs if not Path(j["result"]).is_file()]
     print(f"# {len(top)} schedules x {a.seeds} seeds at {a.scale}x the budget: {len(jobs) - len(todo)} stored, "
           f"{len(todo)} to train on {a.workers} workers", flush=True)
     if todo and not a.no_train:
-        t0 = time.time()
-        with ProcessPoolExecutor(max_workers=a.workers, mp_context=get_context("spawn")) as pool:
-            for n, r in enumerate(pool.map(run_job, sorted(todo, key=lambda j: -j["cost"])), 1):
-                print(f"  [{n}/{len(todo)} {time.time() - t0:.0f}s] {key(r['job']['params'])} seed "
-                      f"{r['job']['seed']}: dice {r['val_dice']:.4f} ({r['wall_s']:.0f}s)", flush=True)
-                write_ledger(ledger, mine, jobs)
+        train_jobs(sorted(todo, key=lambda j: -j["cost"]), a.workers, ledger, mine, jobs)
     write_ledger(ledger, mine, jobs)
     missing = [j for j in jobs if not Path(j["result"]).is_file()]
     if missing:

@@ -213,15 +213,20 @@ def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial
 # -- the benchmark's replays (scripts/bench_search.py) ------------------------------------------------------
 
 
-def _bench_search():
+def _script(name: str):
+    """A benchmark script of scripts/ imported as a module (its own imports of its siblings included)."""
     import importlib
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
-        return importlib.import_module("bench_search")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def _bench_search():
+    return _script("bench_search")
 
 
 def _world(low_scores: list[float]):
@@ -351,16 +356,9 @@ def test_samples_for_compute_fills_the_budget(runs, eta, min_fraction, ipe):
 
 
 def test_seed_noise_spread_pools_seeds_and_scores_each_seeds_own_pick_by_the_others():
-    import importlib
-    import sys
-
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        spread = importlib.import_module("bench_seed_noise").spread
-    finally:
-        sys.path.pop(0)
+    spread = _script("bench_seed_noise").spread
     runs = {"a": {0: 0.80, 1: 0.82, 2: 0.81}, "b": {0: 0.79, 1: 0.78, 2: 0.80}, "c": {0: 0.70, 1: 0.71, 2: 0.72}}
     r = spread(runs, [0, 1, 2])  # each schedule's sd over seeds is 1 point; every seed orders them a > b > c
     assert np.isclose(r["pooled_sd"], 0.01) and np.isclose(r["rho"], 1.0)
@@ -421,11 +419,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
     out = bench("--no-train").stdout
     assert "36 runs restored" in out and "36 stored, 0 to train" in out
     # a damaged ledger is refused in one line
-    sys.path.insert(0, str(script.parent))
-    try:
-        from bench_fidelity import read_ledger
-    finally:
-        sys.path.remove(str(script.parent))
+    read_ledger = _script("bench_fidelity").read_ledger
     for bad in ("not json", "[1]", '"x"', '{"id": "abc"}'):
         ledger.write_text(lines[1] + "\n" + bad + "\n")
         with pytest.raises(SystemExit, match="line 2, is not a run record"):
