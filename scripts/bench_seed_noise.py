@@ -80,6 +80,9 @@ def main() -> int:
             raise SystemExit(f"error: {name} {v} out of range (top >= 2, scale >= 2, seeds >= 2, workers >= 1)")
     from pgps_tune.errors import atomic_write_text
 
+    if not Path(a.fidelity_ledger).is_file():
+        raise SystemExit(f"error: no fidelity ledger at {a.fidelity_ledger}; run scripts/bench_fidelity.py first or "
+                         "pass --fidelity-ledger")
     recorded = read_ledger(Path(a.fidelity_ledger))
     short: dict[str, dict[int, float]] = {}
     template: dict[str, dict] = {}
@@ -92,7 +95,8 @@ def main() -> int:
     complete = {k: v for k, v in short.items() if all(s in v for s in seeds)}
     if len(complete) < a.top:
         raise SystemExit(f"error: {a.fidelity_ledger} holds {len(complete)} schedules trained at seeds "
-                         f"{seeds}; need --top {a.top}: run scripts/bench_fidelity.py first or lower --top")
+                         f"{seeds}; need --top {a.top}: run scripts/bench_fidelity.py --seeds {a.seeds} first, or "
+                         "lower --top or --seeds")
     top = sorted(complete, key=lambda k: -np.mean(list(complete[k].values())))[: a.top]
     data = str(Path(a.data).resolve())
     out = Path(a.out)
