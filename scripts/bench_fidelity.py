@@ -191,7 +191,8 @@ def partial_score(curve: list[dict[str, Any]], t: float, judge: str) -> float:
 
 def spearman_table(scores: dict[str, dict[int, dict[str, float]]], full: dict[int, dict[str, float]],
                    boot: int = 1000) -> dict[str, dict[str, Any]]:
-    """Per fidelity: Spearman's rho between its scores at seed s and the full Dice at seed s' != s.
+    """Per fidelity: Spearman's rho between its scores at seed s and the full Dice at seed s' != s (with one
+    seed: at the same seed, whose noise the two then share).
 
     Mean over ordered seed pairs, min and max over them, and a 95% bootstrap interval of the mean
     (schedules resampled with replacement, the same resample for every pair).
@@ -200,7 +201,7 @@ def spearman_table(scores: dict[str, dict[int, dict[str, float]]], full: dict[in
 
     seeds = sorted(full)
     keys = sorted(full[seeds[0]])
-    pairs = [(s, t) for s in seeds for t in seeds if s != t]
+    pairs = [(s, t) for s in seeds for t in seeds if s != t] or [(s, s) for s in seeds]
     rng = np.random.default_rng(0)
     out = {}
     for name, by_seed in scores.items():
@@ -215,6 +216,26 @@ def spearman_table(scores: dict[str, dict[int, dict[str, float]]], full: dict[in
         out[name] = {"rho": float(np.mean(per_pair)), "min": float(np.min(per_pair)), "max": float(np.max(per_pair)),
                      "ci95": [float(np.nanpercentile(means, 2.5)), float(np.nanpercentile(means, 97.5))],
                      "pairs": len(pairs)}
+    return out
+
+
+def shorter_scores(ledger: str | None, grid: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, float]]:
+    """``--shorter``: the full-budget runs that ``ledger`` holds of this grid's schedules, one score per
+    schedule for each seed that has every one of ``keys``, named by the ledger's budget in iterations."""
+    if ledger is None:
+        return {}
+    known = {key(p) for p in grid}
+    by_seed: dict[tuple[int, int], dict[str, float]] = {}
+    for r in read_ledger(Path(ledger)).values():
+        j = r["job"]
+        if j.get("fraction", 1.0) >= 1 and key(j["params"]) in known:
+            its = j["budget"]["epochs"] * j["budget"]["iterations_per_epoch"]
+            by_seed.setdefault((its, j["seed"]), {})[key(j["params"])] = r["val_dice"]
+    out = {f"shorter budget ({its} iterations, seed {seed})": d for (its, seed), d in sorted(by_seed.items())
+           if set(keys) <= d.keys()}
+    if not out:
+        raise SystemExit(f"error: --shorter {ledger} holds no seed with a full run of every schedule compared; "
+                         "name the ledger of the same space at a shorter budget")
     return out
 
 
@@ -287,22 +308,27 @@ def main() -> int:
                          "space; 0: screen trials / reduction factor)")
     ap.add_argument("--startup-trials", type=int, nargs="+", help="replays: also TPE with each of these "
                                                                     "numbers of random start-up trials")
+    ap.add_argument("--shorter", help="also score, as a fidelity, the full runs of this ledger (the same schedules "
+                                      "at a shorter budget, e.g. docs/bench_fidelity_runs.jsonl)")
     ap.add_argument("--no-train", action="store_true", help="only analyse the jobs already stored")
     ap.add_argument("--ledger", help="keep every stored run here too, one JSON line each, and restore jobs from it "
                                      "(default docs/bench_fidelity_runs.jsonl; none with --quick)")
     ap.add_argument("--no-ledger", action="store_true", help="neither read nor write a ledger")
     ap.add_argument("--quick", action="store_true", help="synthetic data, 6 schedules, tiny budget, 2 seeds")
     a = ap.parse_args()
-    for name, v, ok in (("--seeds", a.seeds, a.seeds >= 2), ("--workers", a.workers, a.workers >= 1),
+    for name, v, ok in (("--seeds", a.seeds, a.seeds >= 1), ("--workers", a.workers, a.workers >= 1),
                         ("--replay-seeds", a.replay_seeds, a.replay_seeds >= 1),
                         ("--screen-trials", a.screen_trials, a.screen_trials >= 2),
                         ("--promote-top", a.promote_top, a.promote_top >= 0),
                         ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1),
                         ("--startup-trials", a.startup_trials, all(n >= 1 for n in a.startup_trials or ()))):
         if not ok:
-            raise SystemExit(f"error: {name} {v} out of range (seeds >= 2, workers >= 1, start-up trials >= 1, "
+            raise SystemExit(f"error: {name} {v} out of range (seeds >= 1, workers >= 1, start-up trials >= 1, "
                              "screen trials >= 2, promote top >= 0, shares in (0, 1])")
 
+    if a.shorter and not Path(a.shorter).is_file():  # checked before hours of training, not after
+        raise SystemExit(f"error: --shorter {a.shorter}: no such ledger; name a bench_fidelity runs file "
+                         "(e.g. docs/bench_fidelity_runs.jsonl)")
     from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget, screening_ladder
     from pgps_tune.data import plan_patch, prepare
     from pgps_tune.errors import PgpsError, atomic_write_text
@@ -371,7 +397,7 @@ def main() -> int:
         raise SystemExit(f"error: {len(missing)} of seed 0's {len(jobs) // a.seeds} runs are not stored yet; "
                          "run without --no-train")
     seeds, keys = quality_subset(jobs, grid, a.seeds)
-    if len(seeds) < 2:
+    if len(seeds) < min(2, a.seeds):
         raise SystemExit("error: no schedule has every fidelity stored at a second seed yet; run without --no-train")
     results = [json.loads(Path(j["result"]).read_text()) for j in jobs if Path(j["result"]).is_file()]
     if len(keys) < len(grid):
@@ -397,7 +423,10 @@ def main() -> int:
         else:
             scores.setdefault(f"compressed {j['fraction']:.3g}", {s: {} for s in seeds})[j["seed"]][k] = r["val_dice"]
             low[j["seed"]].setdefault(j["fraction"], {})[k] = (r["val_dice"], r["baseline_iterations"])
-    scores["full budget (another seed)"] = full
+    if len(seeds) > 1:  # with one seed this row would compare the full budget with itself
+        scores["full budget (another seed)"] = full
+    for name, by_seed in shorter_scores(a.shorter, grid, keys).items():  # another ledger's full runs
+        scores[name] = {s: by_seed for s in seeds}
     quality = spearman_table({n: {s: {k: v[s][k] for k in keys} for s in seeds} for n, v in scores.items()},
                              {s: {k: full[s][k] for k in keys} for s in seeds})
 
@@ -502,9 +531,15 @@ def main() -> int:
         "",
         "## Fidelity quality",
         "",
-        "Spearman's rho between each fidelity's score at one seed and the full-budget Dice at another seed (mean "
-        "over ordered seed pairs; range over pairs; 95% bootstrap interval of the mean over schedules). The full "
-        "budget's own row is its seed-to-seed reproducibility: no fidelity can rank better than it.",
+        ("Spearman's rho between each fidelity's score at one seed and the full-budget Dice at another seed (mean "
+         "over ordered seed pairs; range over pairs; 95% bootstrap interval of the mean over schedules). The full "
+         "budget's own row is its seed-to-seed reproducibility: no fidelity can rank better than it."
+         if len(seeds) > 1 else
+         "Spearman's rho between each fidelity's score and the full-budget Dice of seed 0 (one training seed: "
+         "the compressed and partial scores share that seed's noise with the full Dice, so they may rank a "
+         "little better than against a fresh seed; 95% bootstrap interval over schedules).")
+        + (f" Rows `shorter budget`: the full runs of {Path(a.shorter).name} (the same schedules at a shorter "
+           "budget, one row per seed recorded there) as a fidelity." if a.shorter else ""),
         "",
         "| fidelity | rho | range over seed pairs | 95% interval (bootstrap over schedules) |",
         "|---|---|---|---|",
@@ -568,6 +603,12 @@ def main() -> int:
               f"{replays[best]['within_target']}/{a.replay_seeds} seeds (target: >= 80%; random search alone "
               f"{others['random + none']}, Optuna alone {others['tpe + partial']}); its early stopping stopped the "
               f"grid's winner in {replays[best]['runs_killing_grid_best']}/{a.replay_seeds} seeds (target <= 10%)"]
+    seed0 = column("seed 0", WITHIN)
+    top0 = max(replays, key=lambda n: picked[seed0][n])
+    lines.append(f"- scored by its pick against seed 0's grid: best {top0}, {picked[seed0][top0]}/{a.replay_seeds} "
+                 f"(random search alone {picked[seed0]['random + none']}, Optuna alone "
+                 f"{picked[seed0]['tpe + partial']}); the shipped spaces' search (grid + main_effects) "
+                 f"{picked[seed0]['grid + main_effects']}")
     if own:  # scored by its pick against the mean over seeds, searched on each seed's runs
         top = max(replays, key=lambda n: sum(picked[c][n] for c in own))
         lines.append(f"- scored by its pick against the mean of seeds {', '.join(map(str, complete))}, searched on "

@@ -323,6 +323,15 @@ def test_benchmark_space_has_48_distinct_schedules_on_the_hippocampus_plan():
     assert len(s.grid()) == 48 and len(schedules) == 48
     assert {p.name for p in s.parameters if p.kind == "categorical"} == {"stages", "growth", "length_ratio", "mode"}
     assert s.asha.fidelity == "compressed"
+    # the long ground truth: the same 48 curricula (16 epochs, so the same stage boundaries), 4x the iterations,
+    # and a ladder of the 1/9 screen and the full budget only
+    long = sp.load(sp.resolve("bench_hippocampus_48_1600"))
+    assert long.grid() == s.grid() and long.budget.epochs == b.epochs
+    assert long.budget.iterations_per_epoch == 4 * b.iterations_per_epoch
+    assert {sp.schedule_from_params(c, final, pools, b.batch_size, b.epochs).to_dict()["stages"].__repr__()
+            for c in long.grid()} == schedules
+    assert [round(r.fraction, 2) for r in fidelity_ladder(48, long.asha.reduction_factor, long.asha.min_fraction,
+                                                          long.budget.iterations_per_epoch)] == [0.11, 1.0]
 
 
 def test_a_tpe_state_past_its_startup_trials_passes_the_resume_check(tmp_path):
@@ -418,6 +427,15 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
     shutil.rmtree(tmp_path / "o")
     out = bench("--no-train").stdout
     assert "36 runs restored" in out and "36 stored, 0 to train" in out
+    # one training seed (a long-budget ground truth): quality against that seed, no seed-pair row; another
+    # ledger's full runs as a fidelity (here the same budget's, so seed 0's row ranks exactly as the truth)
+    bench("--no-train", "--seeds", "1", "--shorter", str(ledger), "--report", str(tmp_path / "one.md"))
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert "full budget (another seed)" not in s["quality"] and all(q["pairs"] == 1 for q in s["quality"].values())
+    same = s["quality"]["shorter budget (27 iterations, seed 0)"]["rho"]
+    assert "shorter budget (27 iterations, seed 1)" in s["quality"] and (math.isnan(same) or math.isclose(same, 1))
+    assert set(s["picked"]) == {"seed 0, 0.5 points"}
+    assert "scored by its pick against seed 0's grid" in (tmp_path / "one.md").read_text()
     # a damaged ledger is refused in one line
     read_ledger = _script("bench_fidelity").read_ledger
     for bad in ("not json", "[1]", '"x"', '{"id": "abc"}'):
