@@ -545,8 +545,8 @@ def main() -> int:
         "|---|---|---|---|",
     ]
     for name, q in quality.items():
-        lines.append(f"| {name} | {q['rho']:.3f} | {q['min']:.3f} to {q['max']:.3f} | "
-                     f"{q['ci95'][0]:.3f} to {q['ci95'][1]:.3f} |")
+        span = f"{q['min']:.3f} to {q['max']:.3f}" if q["pairs"] > 1 else "- (one seed)"
+        lines.append(f"| {name} | {q['rho']:.3f} | {span} | {q['ci95'][0]:.3f} to {q['ci95'][1]:.3f} |")
     rung_text = " / ".join(f"{r.trials}x{r.fraction:.3g}" for r in ladders["random"])
     lines += [
         "",
