@@ -519,6 +519,109 @@ def repair_tune_state(path: str, storage_fs=None) -> list[str]:
     return notes
 
 
+# Tune deletes a trial's older checkpoint (CheckpointConfig(num_to_keep=1)) the moment it registers a
+# newer one, and writes the experiment state only afterwards (at once if forced, else on its period).
+# A kill in between leaves a state whose trial points at a checkpoint that is gone, and Tune then fails
+# that trial on resume ("Could not recover from checkpoint").  The newer checkpoint is still there: it
+# is the oldest surviving one after the missing one (Tune never deletes the one it registered last;
+# uploads it has not registered yet have higher numbers), so a resume puts it in the missing one's place.
+REPAIR_MARK = ".pgps-checkpoint-move.json"
+
+
+def _checkpoint_dirs(fs, trial_dir: str) -> dict[int, str]:
+    """{index: path} of the ``checkpoint_NNNNNN`` folders in a trial folder."""
+    import pyarrow.fs as pafs
+
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name[11:].isdigit():
+            found[int(name[11:])] = info.path
+    return found
+
+
+def _move_checkpoint(fs, trial_dir: str, source: str, target: str) -> None:
+    """Move a checkpoint folder; where the storage cannot move folders (S3), copy then delete, after
+    writing down the move so that a kill half-way is finished by the next resume."""
+    import pyarrow.fs as pafs
+
+    mark = f"{trial_dir}/{REPAIR_MARK}"
+    _write_bytes_atomic(fs, mark, json.dumps({"source": source, "target": target}).encode())
+    if fs.get_file_info(target).type != pafs.FileType.NotFound:
+        fs.delete_dir(target)  # what a copy cut short left
+    try:
+        fs.move(source, target)
+    except (OSError, NotImplementedError):  # pyarrow's ArrowNotImplementedError is a NotImplementedError
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(source, target, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(source)
+    fs.delete_file(mark)
+
+
+def named_checkpoints(fs, path: str) -> list[tuple[str, str, str, str]]:
+    """(trial id, Tune status, trial folder, checkpoint folder name) of each trial whose newest experiment
+    state names a checkpoint, the state's pickles loaded by the vetting unpickler (Ray's data classes only)."""
+    states = sorted(fnmatch.filter([i.base_name for i in _state_file_infos(fs, path)], "experiment_state-*.json"))
+    try:
+        trial_data = json.loads(_read_text(fs, f"{path}/{states[-1]}"))["trial_data"] if states else []
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return []  # Tune cannot read it either and says so
+    named = []
+    for trial_json, run_json in trial_data:
+        try:
+            t, run = json.loads(trial_json), json.loads(run_json)
+            trial_dir = f"{path.rstrip('/')}/{_plain_name(t['relative_logdir'])}"
+            blobs = _pickles_in_json(run.get("checkpoint_manager"))
+            manager = _VettingUnpickler(io.BytesIO(blobs[0])).load() if blobs else None
+            name = _plain_name(manager.latest_checkpoint_result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+        except _Untrusted:
+            raise
+        except Exception:  # no checkpoint yet, or a state this Ray writes differently: nothing named
+            continue
+        named.append((str(t.get("trial_id")), str(t.get("status")), trial_dir, name))
+    return named
+
+
+def repair_trial_checkpoints(path: str, storage_fs=None) -> list[str]:
+    """Give each trial a resume would restore the checkpoint its experiment state names; one note per repair.
+
+    A trial whose named checkpoint is gone gets the oldest newer one in its place.  A move cut short
+    by a kill is finished first.
+    """
+    import pyarrow.fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    notes = []
+    for trial_id, status, trial_dir, name in named_checkpoints(fs, path):
+        mark = _read_bytes(fs, f"{trial_dir}/{REPAIR_MARK}")
+        if mark is not None:  # a move cut short: finish it while its source is there
+            try:
+                move = json.loads(mark)
+                source, target = move["source"], move["target"]
+            except (ValueError, KeyError, TypeError):
+                source = target = None
+            if source and target and fs.get_file_info(source).type == pafs.FileType.Directory:
+                _move_checkpoint(fs, trial_dir, source, target)
+            else:
+                fs.delete_file(f"{trial_dir}/{REPAIR_MARK}")
+        if status in ("TERMINATED", "ERROR") or not name.startswith("checkpoint_") or not name[11:].isdigit():
+            continue  # a resume does not restore finished or errored trials
+        target = f"{trial_dir}/{name}"
+        if fs.get_file_info(target).type == pafs.FileType.Directory:
+            continue
+        newer = {i: p for i, p in _checkpoint_dirs(fs, trial_dir).items() if i > int(name[11:])}
+        if not newer:
+            notes.append(f"trial {trial_id}: its checkpoint {name} is gone and no newer one is kept; "
+                         "Tune will fail that trial (rerun it with a new --out if you need it)")
+            continue
+        source = newer[min(newer)]
+        _move_checkpoint(fs, trial_dir, source, target)
+        notes.append(f"trial {trial_id}: the experiment state names checkpoint {name}, which Tune had "
+                     f"deleted after saving a newer one (a kill between the two); continuing from that newer "
+                     f"one ({source.rsplit('/', 1)[-1]})")
+    return notes
+
+
 def keep_tune_state(path: str, storage_fs=None) -> None:
     """Keep an intact copy of each of the experiment's state files in .pgps-state/ (written atomically)."""
     import pyarrow.fs as pafs
@@ -1394,6 +1497,8 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         vet_tune_state(path, storage_fs)  # Tuner.restore unpickles: refuse a state that asks for more than data
+        for note in repair_trial_checkpoints(path, storage_fs):
+            print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         keep_tune_state(path, storage_fs)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=storage_fs)

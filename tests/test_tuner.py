@@ -529,6 +529,117 @@ def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     assert len(str(err.value).splitlines()) == 1 and len((exp / "searcher-state-x.pkl").read_bytes()) == 40
 
 
+def test_a_checkpoint_tune_deleted_before_its_snapshot_is_replaced_by_the_newer_one(tmp_path):
+    # Tune (num_to_keep=1) deletes checkpoint_000003 on registering checkpoint_000004 and snapshots after;
+    # a kill in between leaves a state naming checkpoint_000003 (as it happened in the interrupt test)
+    import pickle
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+
+    from pgps_tune.tuner import REPAIR_MARK, repair_trial_checkpoints
+
+    exp = tmp_path / "exp"
+
+    def state(trials):  # {name: (status, named checkpoint index)}: an experiment state as Tune writes it
+        data = []
+        for name, (status, index) in trials.items():
+            manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+            manager.register_checkpoint(_TrainingResult(
+                Checkpoint(str(exp / name / f"checkpoint_{index:06d}")), {"epoch": index}))
+            run = {"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(manager).hex()}}
+            data.append([json.dumps({"trial_id": name, "status": status, "relative_logdir": name}), json.dumps(run)])
+        (exp / "experiment_state-2026-01-01.json").write_text(json.dumps({"trial_data": data}))
+
+    def checkpoints(name):
+        return {p.name: (p / "epoch").read_text() for p in sorted((exp / name).glob("checkpoint_*"))}
+
+    for name, kept in {"a": (4, 5), "b": (3,), "done": (1,), "lost": ()}.items():
+        for index in kept:  # a: 4 registered, 5 uploaded but not registered yet; b: as named
+            (exp / name / f"checkpoint_{index:06d}").mkdir(parents=True)
+            (exp / name / f"checkpoint_{index:06d}" / "epoch").write_text(str(index))
+        (exp / name).mkdir(parents=True, exist_ok=True)
+    state({"a": ("PENDING", 3), "b": ("RUNNING", 3), "done": ("TERMINATED", 0), "lost": ("PENDING", 2)})
+    notes = repair_trial_checkpoints(str(exp))
+    assert len(notes) == 2 and all(len(n.splitlines()) == 1 for n in notes)
+    assert "checkpoint_000003" in notes[0] and "checkpoint_000004" in notes[0]  # the oldest newer one
+    assert checkpoints("a") == {"checkpoint_000003": "4", "checkpoint_000005": "5"}
+    assert checkpoints("b") == {"checkpoint_000003": "3"} and checkpoints("done") == {"checkpoint_000001": "1"}
+    assert "no newer one" in notes[1] and "lost" in notes[1]  # nothing to put in place: said, left to Tune
+    assert repair_trial_checkpoints(str(exp)) == notes[1:]  # a second resume finds nothing more to do
+
+    # storage that cannot move folders (S3): copied, then the source deleted; a kill half-way through the
+    # copy (target partial, source whole, the move written down) is finished by the next resume
+    local = pafs.LocalFileSystem()
+
+    class NoFolderMoves(pafs.FileSystemHandler):  # the local file system, but folders cannot be moved
+        def __eq__(self, other):
+            return isinstance(other, NoFolderMoves)
+
+        def __ne__(self, other):
+            return not isinstance(other, NoFolderMoves)
+
+        def get_type_name(self):
+            return "nofoldermoves"
+
+        def normalize_path(self, path):
+            return local.normalize_path(path)
+
+        def get_file_info(self, paths):
+            return local.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return local.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            local.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            local.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise NotImplementedError
+
+        def delete_file(self, path):
+            local.delete_file(path)
+
+        def move(self, src, dest):
+            if local.get_file_info(src).type == pafs.FileType.Directory:
+                raise NotImplementedError("folders cannot be moved here")
+            local.move(src, dest)
+
+        def copy_file(self, src, dest):
+            local.copy_file(src, dest)
+
+        def open_input_stream(self, path):
+            return local.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return local.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            return local.open_output_stream(path)
+
+        def open_append_stream(self, path, metadata):
+            return local.open_append_stream(path)
+
+    fs = pafs.PyFileSystem(NoFolderMoves())
+    state({"a": ("PENDING", 2)})
+    repair_trial_checkpoints(str(exp), fs)
+    assert checkpoints("a") == {"checkpoint_000002": "4", "checkpoint_000005": "5"}
+    (exp / "a" / "checkpoint_000003").mkdir()  # a copy of checkpoint_000005 into place, cut short
+    (exp / "a" / REPAIR_MARK).write_text(json.dumps({"source": str(exp / "a" / "checkpoint_000005"),
+                                                     "target": str(exp / "a" / "checkpoint_000003")}))
+    state({"a": ("PENDING", 3)})
+    assert repair_trial_checkpoints(str(exp), fs) == []
+    assert checkpoints("a") == {"checkpoint_000002": "4", "checkpoint_000003": "5"}
+    assert not (exp / "a" / REPAIR_MARK).exists()
+
+
 def test_ray_errors_it_recovers_from_are_logged_in_one_line(caplog):
     import logging
 

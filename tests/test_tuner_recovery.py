@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,22 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     clean = reported_epochs(out)
     for epochs in clean.values():  # a clean stop neither lost nor repeated a report
         assert epochs == list(range(2, 2 * len(epochs) + 1, 2))
+    # Tune deletes a trial's checkpoint when it registers the next and snapshots after: a kill between
+    # the two leaves a state naming a checkpoint that is gone (as it happened to this test): made here
+    # for a trial the state will resume, its named checkpoint found under the next number only
+    import pyarrow.fs as pafs
+
+    from pgps_tune.tuner import named_checkpoints
+
+    exp = next((out / "ray").glob("*-search"))
+    racing = sorted((tid, Path(trial_dir), name) for tid, status, trial_dir, name
+                    in named_checkpoints(pafs.LocalFileSystem(), str(exp)) if status != "TERMINATED")
+    assert racing, _trial_states(out)  # the first report came with a checkpoint
+    tid, trial_dir, named = racing[0]
+    for newer in trial_dir.glob("checkpoint_*"):  # uploads Tune had not registered when it stopped
+        if newer.name > named:
+            shutil.rmtree(newer)
+    (trial_dir / named).rename(trial_dir / f"checkpoint_{int(named[11:]) + 1:06d}")
     # 2. kill -9 of the driver and its Ray between two known states: a trial finished in the experiment
     #    state, and another one running with a checkpoint
     proc = start(resume, log, env)
@@ -162,6 +179,7 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     finished = wait_for(finished_and_running, "a finished trial beside a running one", proc, log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert f"trial {tid}: the experiment state names checkpoint {named}" in log.read_text(), log.read_text()[-3000:]
     killed = reported_epochs(out)
     known = set(_trial_states(out))  # the trials in the experiment snapshot the resume restores
     # 3. the printed command completes the sweep
