@@ -432,7 +432,7 @@ def test_results_store_with_foreign_files_is_refused_in_one_line(tmp_path, capsy
 
 def test_cheapest_within_scores_every_trial_against_the_baseline_target(shared_ray, tmp_path, capsys):
     space = write_space(tmp_path / "s.yaml", objective={"type": "cheapest_within", "tolerance": 0.5},
-                        search={"num_samples": 2})
+                        search={"num_samples": 2}, budget={**BUDGET, "iterations_per_epoch": 4})
     out = tmp_path / "cheap"
     assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet"]) == 0
     meta = json.loads((out / "sweep.json").read_text())

@@ -129,7 +129,7 @@ def _stopped_cleanly(proc, log: Path, ray_tmp: str, out: Path, rc: int) -> list[
 
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_tmp, monkeypatch):
     write_space(tmp_path / "s.yaml", search={"num_samples": 3, "references": False},
-                budget={**BUDGET, "iterations_per_epoch": 20}, asha={"enabled": False})
+                asha={"enabled": False})
     out, log = tmp_path / "sweep", tmp_path / "driver.log"
     env = {"RAY_TMPDIR": ray_tmp}
     monkeypatch.chdir(tmp_path)  # relative paths in the command; the printed resume line must work from anywhere
