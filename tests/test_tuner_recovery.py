@@ -365,10 +365,16 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         proc = start([sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
                       "--out", str(out), "--quiet", "--address", cluster.address], log,
                      {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-        first = wait_for(lambda: next(iter(reported_epochs(out).values()), None), "a report", proc, log)
-        assert first[0] == 2
-        result = next((out / "ray").glob("*-search/*/result.json"))
-        lost = json.loads(result.read_text().splitlines()[0])["node_id"]
+        def first_report():  # read once: result.json has read empty right after a report was seen (CI, 2026-12-06)
+            for f in (out / "ray").glob("*-search/*/result.json"):
+                text = f.read_text()
+                if "\n" in text:
+                    return f, json.loads(text.split("\n", 1)[0])
+            return None
+
+        result, first = wait_for(first_report, "a report", proc, log)
+        assert first["epoch"] == 2
+        lost = first["node_id"]
         assert lost in workers  # the trial runs on a worker node of this cluster
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == lost))
         # Ray has to notice the lost node before it restarts the trial: with two training processes
