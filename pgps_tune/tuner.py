@@ -528,16 +528,18 @@ def repair_tune_state(path: str, storage_fs=None) -> list[str]:
 REPAIR_MARK = ".pgps-checkpoint-move.json"
 
 
+def _checkpoint_index(name: str) -> int | None:
+    """N of a Tune checkpoint folder named ``checkpoint_NNNNNN``; None for any other name."""
+    return int(name[11:]) if name.startswith("checkpoint_") and name[11:].isdigit() else None
+
+
 def _checkpoint_dirs(fs, trial_dir: str) -> dict[int, str]:
     """{index: path} of the ``checkpoint_NNNNNN`` folders in a trial folder."""
     import pyarrow.fs as pafs
 
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name[11:].isdigit():
-            found[int(name[11:])] = info.path
-    return found
+    infos = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    return {_checkpoint_index(i.base_name): i.path for i in infos
+            if i.type == pafs.FileType.Directory and _checkpoint_index(i.base_name) is not None}
 
 
 def _move_checkpoint(fs, trial_dir: str, source: str, target: str) -> None:
@@ -604,12 +606,13 @@ def repair_trial_checkpoints(path: str, storage_fs=None) -> list[str]:
                 _move_checkpoint(fs, trial_dir, source, target)
             else:
                 fs.delete_file(f"{trial_dir}/{REPAIR_MARK}")
-        if status in ("TERMINATED", "ERROR") or not name.startswith("checkpoint_") or not name[11:].isdigit():
+        index = _checkpoint_index(name)
+        if status in ("TERMINATED", "ERROR") or index is None:
             continue  # a resume does not restore finished or errored trials
         target = f"{trial_dir}/{name}"
         if fs.get_file_info(target).type == pafs.FileType.Directory:
             continue
-        newer = {i: p for i, p in _checkpoint_dirs(fs, trial_dir).items() if i > int(name[11:])}
+        newer = {i: p for i, p in _checkpoint_dirs(fs, trial_dir).items() if i > index}
         if not newer:
             notes.append(f"trial {trial_id}: its checkpoint {name} is gone and no newer one is kept; "
                          "Tune will fail that trial (rerun it with a new --out if you need it)")
