@@ -1358,10 +1358,23 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             log = _crash_log(argv)
             where = f"the traceback is in {log}" if log else "no log folder was writable for the traceback"
-            what = " ".join(str(exc).split())[:200]
-            print(f"pgps-tune: internal error ({type(exc).__name__}: {what}); {where}; please report it",
-                  file=sys.stderr)
+            print(f"pgps-tune: internal error ({_cause(exc)}); {where}; please report it", file=sys.stderr)
             return EXIT_INTERNAL
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` of an internal error, in at most 200 characters of one line.
+
+    Ray wraps an error raised inside Tune in a TuneError whose message is the whole formatted traceback:
+    its last line (the exception that started it) is what names the problem.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if text.lstrip().startswith("Traceback (most recent call last)") and lines:
+        what = f"{type(exc).__name__} from {lines[-1]}"
+    else:
+        what = f"{type(exc).__name__}: {' '.join(text.split())}"
+    return what[:200]
 
 
 if __name__ == "__main__":

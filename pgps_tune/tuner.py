@@ -560,12 +560,17 @@ def _move_checkpoint(fs, trial_dir: str, source: str, target: str) -> None:
     fs.delete_file(mark)
 
 
+def _newest_state(names: list[str]) -> str | None:
+    """The newest ``experiment_state-*.json`` among a folder's file names (Tune stamps them with the time)."""
+    return max(fnmatch.filter(names, "experiment_state-*.json"), default=None)
+
+
 def named_checkpoints(fs, path: str) -> list[tuple[str, str, str, str]]:
     """(trial id, Tune status, trial folder, checkpoint folder name) of each trial whose newest experiment
     state names a checkpoint, the state's pickles loaded by the vetting unpickler (Ray's data classes only)."""
-    states = sorted(fnmatch.filter([i.base_name for i in _state_file_infos(fs, path)], "experiment_state-*.json"))
+    newest = _newest_state([i.base_name for i in _state_file_infos(fs, path)])
     try:
-        trial_data = json.loads(_read_text(fs, f"{path}/{states[-1]}"))["trial_data"] if states else []
+        trial_data = json.loads(_read_text(fs, f"{path}/{newest}"))["trial_data"] if newest else []
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return []  # Tune cannot read it either and says so
     named = []
@@ -647,7 +652,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get("diverged"):  # a diverged trial's last report carries no score to tell
+        # a diverged trial's last report carries no score to tell; a finished one takes no more reports
+        if result.get("diverged") or trial_id in self._completed_trials:
             return
         super().on_trial_result(trial_id, result)
 
@@ -674,6 +680,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if t.number not in asked:
                 self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        # a trial told after this state was saved is finished in the journal while Tune reruns it from an older
+        # checkpoint: Optuna refuses any report to it (UpdateFinishedTrialError), so it counts as told already
+        finished = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self._completed_trials.update(tid for tid, t in self._ot_trials.items() if t.number in finished)
 
 
 # -- the sweep's Optuna study -------------------------------------------------------------------
@@ -911,10 +921,10 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
     except (OSError, pa.ArrowException) as exc:
         raise PgpsError(f"cannot list the Tune experiment at {path} ({str(exc).splitlines()[0][:120]}); "
                         "check the sweep's --storage and its credentials") from None
-    states = sorted(fnmatch.filter(names, "experiment_state-*.json"))
-    if not states:
+    newest = _newest_state(names)
+    if newest is None:
         raise PgpsError(f"no Tune experiment state in {path}; was the sweep started? run 'pgps-tune tune' first")
-    state_path = f"{path}/{states[-1]}"
+    state_path = f"{path}/{newest}"
     records = []
     try:
         for trial_json, run_json in json.loads(_read_text(fs, state_path))["trial_data"]:
@@ -928,12 +938,21 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
             config, last = t["config"], run.get("last_result") or {}
             if not isinstance(config, dict) or not isinstance(last, dict):
                 raise TypeError("config and last_result must be objects")
-            records.append(TrialRecord(_plain_name(t["trial_id"]), str(t["status"]), config, last,
-                                       int(run.get("num_failures", 0)), error))
+            records.append((_creation_number(t.get("experiment_tag")), len(records),
+                            TrialRecord(_plain_name(t["trial_id"]), str(t["status"]), config, last,
+                                        int(run.get("num_failures", 0)), error)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise PgpsError(f"{state_path} is not a Tune experiment state this version reads ({type(exc).__name__}: "
                         f"{str(exc)[:120]}); it was damaged, or written by another Ray version") from None
-    return records
+    # in the order Tune created them: the state lists trials in the order they first reached a snapshot,
+    # and several created between two snapshots come in the order of a Python set
+    return [record for *_, record in sorted(records)]
+
+
+def _creation_number(tag: Any) -> float:
+    """The number Tune gave a trial when it created it (1, 2, ...: its experiment tag starts with it)."""
+    head = tag.split("_", 1)[0] if isinstance(tag, str) else ""
+    return int(head) if head.isdigit() else math.inf
 
 
 def phase_of(experiment_key: str) -> str:
@@ -1599,10 +1618,20 @@ def _one_line_ray_errors() -> None:
             log.addFilter(OneLineRayErrors())
 
 
+# How stale Tune's experiment snapshot may get, in seconds (its own default, "auto", is 10 s or more).
+# With CheckpointConfig(num_to_keep=1) Tune snapshots after every trial checkpoint anyway; the period
+# covers what comes without one (a trial ending, stopped by ASHA, started).  What a kill can lose in
+# that window is recovered on resume: a trial restored from its final checkpoint says its result
+# again (_train), a trial asked but unknown to the snapshot is ended as FAIL in the study
+# (PrunedAwareOptunaSearch.restore).  0 (every step of Tune's loop, ~10 per second) rewrites the
+# whole state that often: 53% of a 300-trial sweep's wall time, 31% at 1 s (BENCHMARKS section 10).
+SNAPSHOT_PERIOD_S = "1"
+
+
 @contextlib.contextmanager
 def _ray_session(opts: SweepOptions, signals: _StopSignals):
     """Tune's environment, and Ray started (or joined) for the block; a local Ray of ours goes however it ends."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # keep the experiment snapshot current
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # ASHA's rung_score is absent from a trial's reports until it trains at the final patch
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -220,22 +220,34 @@ def test_device_cuda_without_a_gpu_is_refused(capsys, tmp_path, tiny_msd, monkey
                                                        "--device", "gpu"])
 
 
-def test_an_internal_error_prints_one_line_naming_its_log(capsys, tmp_path, tiny_msd, monkeypatch):
+class TuneError(Exception):  # as Ray's: its message is the formatted traceback of what failed inside Tune
+    pass
+
+
+WRAPPED = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
+           'optuna.exceptions.UpdateFinishedTrialError: Trial#1 has already finished and can not be updated.\n')
+
+
+@pytest.mark.parametrize("exc, shown", [
+    (RuntimeError("boom\nsecond line"), "RuntimeError: boom second line"),
+    (TuneError(WRAPPED), "TuneError from optuna.exceptions.UpdateFinishedTrialError: Trial#1 has already finished "
+                         "and can not be updated.")])
+def test_an_internal_error_prints_one_line_naming_its_log(capsys, tmp_path, tiny_msd, monkeypatch, exc, shown):
     import pgps_tune.data
 
     def broken(*args, **kwargs):
-        raise RuntimeError("boom\nsecond line")
+        raise exc
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(pgps_tune.data, "plan_patch", broken)
     assert main(["plan", "--data", str(tiny_msd)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("pgps-tune: internal error (RuntimeError: boom second line); the traceback is in ")
+    assert err.startswith(f"pgps-tune: internal error ({shown}); the traceback is in ")
     log = Path(err.split("the traceback is in ")[1].split(";")[0])
     assert log.parent == tmp_path / "state" / "pgps-tune" / "logs"
     text = log.read_text()
-    assert "Traceback" in text and "RuntimeError: boom" in text and "plan --data" in text
+    assert "Traceback" in text and f"{type(exc).__name__}: " in text and "plan --data" in text
 
 
 def test_the_crash_log_falls_back_to_the_temporary_folder(capsys, tmp_path, monkeypatch):

@@ -114,12 +114,21 @@ def test_warm_start_adds_each_stored_trial_once_and_refuses_one_that_does_not_fi
         warm_start(study, space, [outside])
 
 
-def test_a_finished_trial_told_again_after_a_resume_is_told_once(tmp_path):
+@pytest.mark.parametrize("objective", ["pareto", "score"])
+def test_a_finished_trial_told_again_after_a_resume_is_told_once(tmp_path, objective):
     from pgps_tune import space as sp
     from pgps_tune.tuner import DefineByRun, PrunedAwareOptunaSearch
 
-    space = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3}}, "objective": {"type": "pareto"}})
-    metric, mode = ["val_dice", "schedule_voxel_fraction"], ["max", "min"]
+    space = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3}},
+                      **({"objective": {"type": "pareto"}} if objective == "pareto" else {})})
+    if objective == "pareto":
+        metric, mode = ["val_dice", "schedule_voxel_fraction"], ["max", "min"]
+    else:  # one objective: intermediate reports go to Optuna too, and a finished trial refuses them
+        metric, mode = "score", "max"
+
+    def result(dice, fraction, epoch, **more):
+        return {"val_dice": dice, "schedule_voxel_fraction": fraction, "score": dice, "training_iteration": epoch,
+                **more}
 
     def searcher():
         return PrunedAwareOptunaSearch(DefineByRun(space), metric=metric, mode=mode, study_name="s",
@@ -128,18 +137,25 @@ def test_a_finished_trial_told_again_after_a_resume_is_told_once(tmp_path):
     first = searcher()
     for tid in ("a", "b"):
         first.suggest(tid)
+    first.on_trial_result("a", result(0.5, 0.4, 1))
     first.save(str(tmp_path / "state.pkl"))  # the state a kill leaves: both trials asked, none finished
-    first.on_trial_complete("a", {"val_dice": 0.7, "schedule_voxel_fraction": 0.4, "completed": True})
+    first.on_trial_result("a", result(0.7, 0.4, 2))
+    first.on_trial_complete("a", result(0.7, 0.4, 2, completed=True))
     first.suggest("c")  # asked after the state was saved: Tune will not know it
     resumed = searcher()
     resumed.restore(str(tmp_path / "state.pkl"))
-    # Tune reruns "a" from its checkpoint and finishes "b"
-    resumed.on_trial_complete("a", {"val_dice": 0.71, "schedule_voxel_fraction": 0.4, "completed": True})
-    resumed.on_trial_complete("b", {"val_dice": 0.6, "schedule_voxel_fraction": 0.2, "completed": True})
+    # Tune reruns "a" from its checkpoint (its reports and end told again) and finishes "b"
+    resumed.on_trial_result("a", result(0.71, 0.4, 2))
+    resumed.on_trial_complete("a", result(0.71, 0.4, 2, completed=True))
+    resumed.on_trial_result("b", result(0.6, 0.2, 1))
+    resumed.on_trial_complete("b", result(0.6, 0.2, 1, completed=True))
     trials = optuna.load_study(study_name="s", storage=study_storage(tmp_path)).get_trials()
     states = optuna.trial.TrialState
+    one = objective == "score"
     assert [(t.state, t.values) for t in trials] == [
-        (states.COMPLETE, [0.7, 0.4]), (states.COMPLETE, [0.6, 0.2]), (states.FAIL, None)]
+        (states.COMPLETE, [0.7] if one else [0.7, 0.4]), (states.COMPLETE, [0.6] if one else [0.6, 0.2]),
+        (states.FAIL, None)]
+    assert [t.intermediate_values for t in trials] == ([{1: 0.5, 2: 0.7}, {1: 0.6}, {}] if one else [{}] * 3)
     assert not any(math.isnan(v) for t in trials if t.values for v in t.values)
 
 

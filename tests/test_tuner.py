@@ -655,3 +655,58 @@ def test_ray_errors_it_recovers_from_are_logged_in_one_line(caplog):
     assert record.exc_info is None and "Traceback" not in caplog.text
     assert record.getMessage() == ("Saving experiment state to storage failed with exception: (FileNotFoundError: "
                                    "[Errno 2] Failed to open local file: '/tmp/x/.tmp_searcher_ckpt')")
+
+
+def test_a_trial_restored_from_its_final_checkpoint_says_its_result_again_without_training(tmp_path, monkeypatch):
+    # a kill in the second between a trial's last report and Tune's next snapshot: the resumed sweep restores
+    # the trial as running, from its final checkpoint; it must end on its final result, not on an older one
+    import types
+
+    import ray
+    from ray import tune
+
+    from pgps_tune import tuner
+    from pgps_tune.data import prepare
+
+    budget = {**BUDGET, "epochs": 2, "iterations_per_epoch": 2, "val_every": 1, "filters": [4, 8, 16],
+              "synthetic_cases": 4, "synthetic_shape": [16, 16, 16]}
+    space = sp.load(write_space(tmp_path / "s.yaml", budget=budget))
+    ds = prepare("synthetic", cache_root=tmp_path / "cache", synthetic_cases=4, synthetic_shape=[16, 16, 16])
+    setup = tuner.trial_setup(space, "synthetic", ds.cache_dir, (16, 16, 16), (2, 2, 2), 1.0, 0.0)
+    reports, restored = [], []
+
+    def report(metrics, checkpoint=None):
+        kept = tmp_path / f"checkpoint_{len(reports)}"
+        checkpoint.to_directory(str(kept))
+        reports.append((metrics, kept))
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: restored[-1] if restored else None)
+    config = {"stages": 2, "growth": 2.0, "mode": "resource"}
+    tuner.run_trial(config, setup)
+    assert [m["epoch"] for m, _ in reports] == [1, 2] and reports[-1][0]["completed"]
+    final, kept = reports[-1]
+    restored.append(tune.Checkpoint.from_directory(str(kept)))
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    tuner.run_trial(config, setup)
+    assert len(reports) == 3 and reports[-1][0] == final  # the same result again, nothing trained
+    again = reports[-1][1]
+    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()} == before
+
+
+def test_trials_are_read_in_the_order_tune_created_them(tmp_path):
+    # the state lists trials in the order they first reached a snapshot (several at once in set order)
+    import pyarrow.fs as pafs
+
+    from pgps_tune.tuner import read_experiment
+
+    def entry(tid, tag):
+        trial = {"trial_id": tid, "status": "TERMINATED", "config": {}, "relative_logdir": f"run_trial_{tid}",
+                 **({"experiment_tag": tag} if tag else {})}
+        return [json.dumps(trial), json.dumps({"num_failures": 0, "last_result": {}})]
+
+    listed = [("c", "3_stages=2"), ("a", "1_stages=1"), ("j", "10_stages=1"), ("x", None), ("b", "2")]
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": [entry(*e) for e in listed]}))
+    assert [t.trial_id for t in read_experiment(pafs.LocalFileSystem(), str(tmp_path))] == ["a", "b", "c", "j", "x"]
