@@ -1335,6 +1335,7 @@ def _crash_log(argv: list[str]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    _fatal_errors_show_where()
     out = Path(args.out) if getattr(args, "out_folder", False) else None
     with _sigterm_raises() as terminated:
         try:
@@ -1360,6 +1361,18 @@ def main(argv: list[str] | None = None) -> int:
             where = f"the traceback is in {log}" if log else "no log folder was writable for the traceback"
             print(f"pgps-tune: internal error ({_cause(exc)}); {where}; please report it", file=sys.stderr)
             return EXIT_INTERNAL
+
+
+def _fatal_errors_show_where() -> None:
+    """On a crash in native code (a segfault in Ray's core worker, torch, ...) print the Python stack of
+    every thread to stderr, as ``python -X faulthandler`` does, instead of dying without a word; a
+    sweep killed so is continued with the same command and ``--resume``."""
+    import faulthandler
+    import io
+
+    if not faulthandler.is_enabled():  # pytest's, or the user's own, stays
+        with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+            faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
 def _cause(exc: BaseException) -> str:

@@ -1545,17 +1545,71 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         tuner.fit()
 
 
+# One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
+# runs, a new sweep on the same --out) would write the same Tune state, study and exports.
+SWEEP_LOCK = ".pgps-sweep.lock"
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path):
+    """Hold ``out/.pgps-sweep.lock`` for the block, or refuse in one line while another driver holds it.
+
+    An ``flock``: the kernel drops it however its holder ends (``kill -9`` included), so none is ever
+    left stale, and on NFS it is an NFS lock.  The file names its holder (pid, host, start).  A sweep
+    that wrote no ``sweep.json`` (refused on its inputs) removes the file, leaving its folder as it was.
+    """
+    import fcntl
+    import socket
+
+    path = out / SWEEP_LOCK
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break  # else the file was removed by a holder that just ended: lock the one there now
+            except BlockingIOError:
+                os.close(fd)
+                holder = " ".join(path.read_text(errors="replace").split())[:120] or "starting"
+                raise PgpsError(f"{out} is in use by another pgps-tune sweep ({holder}); wait for it to end or "
+                                "stop it (Ctrl-C), then continue with --resume") from None
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as exc:
+        raise PgpsError(f"cannot lock the sweep folder {out} ({exc.strerror or type(exc).__name__}); "
+                        "give an --out on a writable file system that supports file locks") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        yield
+    finally:
+        if not (out / SWEEP_FILE).exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)
+
+
 def sweep(opts: SweepOptions) -> dict[str, Any]:
     """Run (or resume) a whole sweep; write the exports; return the summary.
 
     Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, with nothing exported; the local Ray
-    this call started is shut down however it ends.
+    this call started is shut down however it ends.  A second sweep on the same folder while this
+    one runs is refused (:func:`sweep_lock`).
     """
+    opts.check()
+    with sweep_lock(opts.out):
+        return _sweep(opts)
+
+
+def _sweep(opts: SweepOptions) -> dict[str, Any]:
     from pgps_tune.data import plan_patch, prepare
 
     space, b = opts.space, opts.space.budget
     out = opts.out
-    opts.check()
     meta_path = out / SWEEP_FILE
     if meta_path.exists() and not opts.resume:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")

@@ -567,6 +567,25 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                                                        *TINY_TRAIN], 2, "", check=absent("run")))
     add(Case(F, "failed tune leaves no empty --out", ["tune", "--space", "{w}/nope.yaml", "--data", "synthetic",
                                                       "--out", "{w}/sweep"], 2, "", check=absent("sweep")))
+    holders: dict[Path, subprocess.Popen] = {}
+
+    def sweep_running(w: Path) -> None:  # another driver holds the sweep folder (as a running `tune` does)
+        write_space(w / "space.yaml")
+        hold = ("import sys, time\nfrom pathlib import Path\nfrom pgps_tune.tuner import sweep_lock\n"
+                "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n")
+        holders[w] = subprocess.Popen([python, "-c", hold, str(w / "sweep")], stdout=subprocess.PIPE, text=True)
+        holders[w].stdout.readline()
+
+    def holder_undisturbed(w: Path, r) -> str | None:
+        holder = holders.pop(w)
+        alive = holder.poll() is None
+        holder.kill()
+        holder.wait()
+        left = sorted(p.name for p in (w / "sweep").iterdir())
+        return None if alive and left == [".pgps-sweep.lock"] else f"holder alive: {alive}; the folder holds {left}"
+
+    add(Case(F, "tune --resume on a sweep folder another driver runs", [*sweep, "--resume"], 2,
+             "in use by another pgps-tune sweep", sweep_running, holder_undisturbed))
 
     # 7. cluster faults (the multi-node test uses Ray's test cluster on this machine)
     def two_prepares(w: Path) -> None:
@@ -619,12 +638,12 @@ def special(case: Case, base: Path, python: str) -> Outcome | None:
     """Cases that are not one CLI call."""
     t0 = time.time()
     if case.name.startswith("a worker node dies"):
-        cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_tuner.py"),
+        cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_tuner_recovery.py"),
                "-k", "node"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=case.timeout)
         last = (r.stdout.strip().splitlines() or [""])[-1]
         ok = r.returncode == 0 and "passed" in last and "skipped" not in last
-        return Outcome(case, "pytest tests/test_tuner.py -k node", r.returncode, last, "ok" if ok else "FAIL",
+        return Outcome(case, "pytest tests/test_tuner_recovery.py -k node", r.returncode, last, "ok" if ok else "FAIL",
                        "" if ok else r.stdout[-300:], time.time() - t0)
     if case.name.startswith("results.py imports no Ray"):
         code = ("import sys, pgps_tune.results, pgps_tune.cli, pgps_tune.trainer, pgps_tune.space;"

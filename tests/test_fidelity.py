@@ -225,14 +225,10 @@ def _script(name: str):
         sys.path.pop(0)
 
 
-def _bench_search():
-    return _script("bench_search")
-
-
 def _world(low_scores: list[float]):
     """Four schedules of a 2x2 space, each costing 100 baseline iterations at the full budget; schedule i's
     full Dice is 0.1 * i, its compressed (0.25, 25 iterations) Dice ``low_scores[i]``."""
-    bs = _bench_search()
+    bs = _script("bench_search")
     keys = [bs.key({"stages": s, "mode": m}) for s in (1, 2) for m in ("resource", "performance")]
     curves = {k: [(50.0, 0.05, True), (100.0, 0.1 * i, True)] for i, k in enumerate(keys)}
     world = bs.World(curves, {k: 0.1 * i for i, k in enumerate(keys)},

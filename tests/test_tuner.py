@@ -710,3 +710,29 @@ def test_trials_are_read_in_the_order_tune_created_them(tmp_path):
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(
         json.dumps({"trial_data": [entry(*e) for e in listed]}))
     assert [t.trial_id for t in read_experiment(pafs.LocalFileSystem(), str(tmp_path))] == ["a", "b", "c", "j", "x"]
+
+
+def test_a_second_driver_on_a_sweep_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
+    from pgps_tune.tuner import SWEEP_LOCK
+
+    out, space = tmp_path / "sweep", write_space(tmp_path / "s.yaml")
+    hold = ("import sys\nfrom pathlib import Path\nfrom pgps_tune.tuner import sweep_lock\n"
+            "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for extra in ([], ["--resume"]):  # a new sweep on the same --out, a resume typed while it runs
+            assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), *extra]) == 2
+            line = error_line(capsys.readouterr().err)
+            assert line.startswith(f"pgps-tune: error: {out} is in use by another pgps-tune sweep (pid {holder.pid} "
+                                   f"on "), line
+            assert "then continue with --resume" in line
+        assert [p.name for p in out.iterdir()] == [SWEEP_LOCK]  # the refused drivers wrote nothing
+    finally:
+        holder.kill()  # kill -9: the kernel drops an flock however its holder ends
+        holder.wait()
+    # the lock file it left is no obstacle; a driver refused on its input (nothing started) removes it
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--resume"]) == 2
+    assert "--resume given but" in error_line(capsys.readouterr().err)
+    assert not (out / SWEEP_LOCK).exists()

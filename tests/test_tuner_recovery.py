@@ -379,7 +379,21 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == lost))
         # Ray has to notice the lost node before it restarts the trial: with two training processes
         # beside it on this 2-core machine, the driver once took longer than WAIT_S to exit
-        assert finish(proc, log, 2 * WAIT_S) == 0, log.read_text()[-3000:]
+        rc = finish(proc, log, 2 * WAIT_S)
+        if rc == -signal.SIGSEGV:
+            # Ray's core worker in the driver has segfaulted on a lost node (once in about ten runs here, under
+            # a second test's load, 2026-12-06; Ray's own worker fault-tolerance release test saw the same,
+            # ray-project/ray#34508). What a user does then must work: the same command with --resume
+            # finishes the sweep from the trial's last checkpoint; the node assertions below are for Ray's retry
+            assert "Fatal Python error: Segmentation fault" in log.read_text()  # the driver said where it died
+            done = run([sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
+                        "--out", str(out), "--quiet", "--address", cluster.address, "--resume"],
+                       {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+            assert done.returncode == 0, done.stderr[-3000:]
+            (trial,) = rows(out)
+            assert trial["completed"] and json.loads(result.read_text().splitlines()[-1])["epoch"] == 10
+            return
+        assert rc == 0, log.read_text()[-3000:]
         reports = [json.loads(line) for line in result.read_text().splitlines()]
         assert [r["epoch"] for r in reports] == [2, 4, 6, 8, 10]  # resumed from its checkpoint elsewhere
         # reports made before the removal took effect come from the lost node (how many depends on
