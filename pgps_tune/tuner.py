@@ -1568,19 +1568,22 @@ def sweep_lock(out: Path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break  # else the file was removed by a holder that just ended: lock the one there now
             except BlockingIOError:
                 os.close(fd)
                 holder = " ".join(path.read_text(errors="replace").split())[:120] or "starting"
                 raise PgpsError(f"{out} is in use by another pgps-tune sweep ({holder}); wait for it to end or "
                                 "stop it (Ctrl-C), then continue with --resume") from None
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+            except OSError as exc:  # a file system without locks (some NFS mounts): run, and say so
+                print(f"pgps-tune: warning: cannot lock {path} ({exc.strerror or type(exc).__name__}); nothing "
+                      "keeps a second driver off this sweep folder: run one at a time", file=sys.stderr, flush=True)
+                break
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            os.close(fd)  # removed by a holder that had just ended: lock the file there now
     except OSError as exc:
-        raise PgpsError(f"cannot lock the sweep folder {out} ({exc.strerror or type(exc).__name__}); "
-                        "give an --out on a writable file system that supports file locks") from None
+        raise PgpsError(f"cannot write the sweep folder's lock file {path} ({exc.strerror or type(exc).__name__}); "
+                        "give a writable --out") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"

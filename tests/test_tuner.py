@@ -736,3 +736,20 @@ def test_a_second_driver_on_a_sweep_folder_in_use_is_refused_in_one_line(tmp_pat
     assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--resume"]) == 2
     assert "--resume given but" in error_line(capsys.readouterr().err)
     assert not (out / SWEEP_LOCK).exists()
+
+
+def test_a_sweep_folder_on_a_file_system_without_locks_runs_with_a_warning(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    from pgps_tune.tuner import SWEEP_LOCK, sweep_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with sweep_lock(tmp_path / "nfs"):
+        pass
+    err = capsys.readouterr().err
+    assert "warning: cannot lock" in err and "No locks available" in err and "run one at a time" in err
+    assert not (tmp_path / "nfs" / SWEEP_LOCK).exists()  # no sweep.json written: the folder is left as found
