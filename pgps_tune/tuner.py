@@ -538,8 +538,8 @@ def _checkpoint_dirs(fs, trial_dir: str) -> dict[int, str]:
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
-    return {_checkpoint_index(i.base_name): i.path for i in infos
-            if i.type == pafs.FileType.Directory and _checkpoint_index(i.base_name) is not None}
+    return {n: i.path for i in infos
+            if i.type == pafs.FileType.Directory and (n := _checkpoint_index(i.base_name)) is not None}
 
 
 def _move_checkpoint(fs, trial_dir: str, source: str, target: str) -> None:

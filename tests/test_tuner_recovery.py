@@ -362,9 +362,10 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         space = write_space(tmp_path / "s.yaml", search={"num_samples": 1, "references": False},
                             budget={**BUDGET, "iterations_per_epoch": 20}, asha={"enabled": False})
         out, log = tmp_path / "sweep", tmp_path / "driver.log"
-        proc = start([sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
-                      "--out", str(out), "--quiet", "--address", cluster.address], log,
-                     {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        cmd = [sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
+               "--out", str(out), "--quiet", "--address", cluster.address]
+        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        proc = start(cmd, log, env)
         def first_report():  # read once: result.json has read empty right after a report was seen (CI, 2026-12-06)
             for f in (out / "ray").glob("*-search/*/result.json"):
                 text = f.read_text()
@@ -386,9 +387,7 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
             # ray-project/ray#34508). What a user does then must work: the same command with --resume
             # finishes the sweep from the trial's last checkpoint; the node assertions below are for Ray's retry
             assert "Fatal Python error: Segmentation fault" in log.read_text()  # the driver said where it died
-            done = run([sys.executable, "-m", "pgps_tune.cli", "tune", "--space", str(space), "--data", "synthetic",
-                        "--out", str(out), "--quiet", "--address", cluster.address, "--resume"],
-                       {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+            done = run([*cmd, "--resume"], env)
             assert done.returncode == 0, done.stderr[-3000:]
             (trial,) = rows(out)
             assert trial["completed"] and json.loads(result.read_text().splitlines()[-1])["epoch"] == 10
