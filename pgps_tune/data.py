@@ -59,9 +59,10 @@ from typing import Any
 import numpy as np
 
 from pgps_tune import imageio, intensity
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, loads_json, read_json
 
-PREPROCESS_VERSION = 3  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha
+PREPROCESS_VERSION = 4  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
+# 4: every case checked on its voxel grid and for foreground (a cache built without those checks is rebuilt)
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 
@@ -97,10 +98,7 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
         raise PgpsError(
             f"{path} is missing; the data folder needs an MSD or nnU-Net dataset.json"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PgpsError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    data = read_json(path, "dataset description", "fix or re-download it")
     if not isinstance(data, dict) or "labels" not in data or not isinstance(data["labels"], dict):
         raise PgpsError(f"{path} has no 'labels' mapping; add one, e.g. {{\"0\": \"background\", \"1\": \"organ\"}}")
     return data
@@ -231,18 +229,17 @@ def _modalities(data: dict[str, Any], channels: int) -> tuple[str, ...]:
 # -- reading and preprocessing ---------------------------------------------------
 
 
-def _load_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """An image file (any :data:`imageio.ENDINGS`) in canonical orientation, and its canonical spacing."""
+def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image file (any :data:`imageio.ENDINGS`) in canonical orientation, its canonical affine and the
+    file's own affine."""
     arr, affine = imageio.read(path)
-    arr, affine = imageio.to_canonical(arr, affine)
-    return arr, imageio.voxel_sizes(affine)
+    out, canonical = imageio.to_canonical(arr, affine)
+    return out, canonical, affine
 
 
-def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], tuple[float, float, float]]:
-    """The float32 channels of one image file (3D, or 4D with channels last), all finite, and its spacing."""
-    arr, spacing = _load_image(path)
-    if arr.ndim not in (3, 4):
-        raise PgpsError(f"{path} has {arr.ndim} dimensions; images must be 3D (or 4D with channels last)")
+def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The float32 channels of one image file (3D, or 4D with channels last), all finite, and its affines."""
+    arr, canonical, affine = _load_image(path)
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
         arr = np.asarray(arr, dtype=np.float32)
     bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
@@ -251,12 +248,49 @@ def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], tuple[floa
             f"case {case_id}: {path} holds {bad} non-finite voxel(s) (NaN, inf or beyond float32); "
             "fix or drop the case"
         )
-    return (list(np.moveaxis(arr, -1, 0)) if arr.ndim == 4 else [arr]), spacing
+    return (list(np.moveaxis(arr, -1, 0)) if arr.ndim == 4 else [arr]), canonical, affine
+
+
+def _same_grid(case_id: str, path: Path, ref: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]
+               ) -> str | None:
+    """Check that the file ``path`` of a case (a label, a further channel) lies on its first image's voxel
+    grid; ``ref`` and ``other`` are each (canonical affine, file affine).
+
+    Equal canonical grids (axes within 0.1% of the largest voxel size, origins within half the smallest) are
+    what makes the reoriented arrays correspond voxel for voxel; if the files store their voxels in
+    different axis orders, that is legitimate but unusual, and returned as a note.  Files whose own axes
+    agree and whose origins alone differ keep corresponding voxels through the reorientation too (a
+    header written by another tool): a note, and the voxels are used as aligned, as nnU-Net does.
+    Anything else (another spacing, a mirrored header) would pair image voxels with the wrong labels:
+    refused.
+    """
+    (ref_c, ref_f), (oth_c, oth_f) = ref, other
+    sizes = np.linalg.norm(ref_c[:3, :3], axis=0)
+    tol = 1e-3 * float(sizes.max())
+    shift = float(np.linalg.norm(ref_c[:3, 3] - oth_c[:3, 3]))
+    codes = "".join(imageio.axis_codes(oth_f)), "".join(imageio.axis_codes(ref_f))
+    if np.allclose(ref_c[:3, :3], oth_c[:3, :3], rtol=0, atol=tol) and shift <= 0.5 * float(sizes.min()):
+        if codes[0] == codes[1]:
+            return None
+        return (f"case {case_id}: {path.name} stores its voxels in orientation {codes[0]}, its image in "
+                f"{codes[1]}; both were reoriented by their headers")
+    if np.allclose(ref_f[:3, :3], oth_f[:3, :3], rtol=0, atol=tol):
+        return (f"case {case_id}: {path.name}'s origin is {shift:.3g} mm from its image's; the voxels are used "
+                "as aligned (as nnU-Net does)")
+    theirs = [round(float(v), 4) for v in np.linalg.norm(oth_f[:3, :3], axis=0)]
+    mine = [round(float(v), 4) for v in np.linalg.norm(ref_f[:3, :3], axis=0)]
+    raise PgpsError(
+        f"case {case_id}: {path} is not on its image's voxel grid (voxel sizes {theirs} against {mine}, "
+        f"orientation {codes[0]} against {codes[1]}), so its voxels would not line up; fix its header to the "
+        "image's or drop the case"
+    )
 
 
 def _read_case(case: Case, labels: dict[int, str], channels: int):
+    """A case's image ``[C, X, Y, Z]`` and label on the canonical grid, its spacing, and a note for each file
+    whose header places it apart from the first image file (:func:`_same_grid`)."""
     files = [_channels_of(p, case.case_id) for p in case.images]
-    chans = [c for cs, _ in files for c in cs]
+    chans = [c for cs, _, _ in files for c in cs]
     if len(chans) != channels:
         raise PgpsError(
             f"case {case.case_id} has {len(chans)} image channels but dataset.json names {channels}; "
@@ -268,8 +302,11 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             "fix or drop the case"
         )
     image = np.stack(chans)
-    spacing = files[0][1]
-    lab = np.asarray(_load_image(case.label)[0])
+    ref = files[0][1:]
+    lab, *lab_affines = _load_image(case.label)
+    lab = np.asarray(lab)
+    others = [(p, f[1:]) for p, f in zip(case.images[1:], files[1:])] + [(case.label, tuple(lab_affines))]
+    notes = [n for p, aff in others if (n := _same_grid(case.case_id, p, ref, aff))]
     if lab.shape != image.shape[1:]:
         raise PgpsError(
             f"case {case.case_id}: image shape {list(image.shape[1:])} != label shape "
@@ -284,7 +321,7 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"case {case.case_id}: label values {extra} are not in dataset.json labels "
             f"{sorted(labels)}; add them to 'labels' or fix the label map"
         )
-    return image, lab.astype(np.uint8), spacing
+    return image, lab.astype(np.uint8), imageio.voxel_sizes(ref[0]), notes
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:
@@ -389,7 +426,7 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: type) -> None:
 def _open_checked(out: Path) -> PreparedDataset:
     """Open a cache folder after the integrity check of the module docstring, or raise :class:`_Damaged`."""
     try:
-        meta = json.loads((out / META).read_text(encoding="utf-8"))
+        meta = loads_json((out / META).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _Damaged(f"{META} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -547,7 +584,9 @@ def _cached(out: Path, build: Callable[[], tuple[dict[str, Any], Volumes, int]])
 def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volumes, int]:
     """Read, reorient, resample and normalise every case of ``spec``."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        raw = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
+        read = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
+    raw = [r[:3] for r in read]
+    _check_classes(spec, raw, [n for r in read for n in r[3]])
     spacings = np.array([r[2] for r in raw])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
     # CT statistics from the raw intensities of every labelled case, before resampling (as nnU-Net)
@@ -572,6 +611,25 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
         "normalisation": schemes,
     }
     return meta, vols, len(spec.labels)
+
+
+def _check_classes(spec: DatasetSpec, raw: list[tuple[np.ndarray, np.ndarray, Any]], notes: list[str]) -> None:
+    """Refuse labels without any foreground; warn (one line each) about declared classes no case holds and
+    about the files :func:`_same_grid` noted (the first named, the others counted)."""
+    present: set[int] = set()
+    for _, label, _ in raw:
+        present.update(np.unique(label).tolist())
+    foreground = {k: v for k, v in spec.labels.items() if k != 0}
+    if not present & set(foreground):
+        raise PgpsError(f"no label map of {spec.name} ({spec.root}) holds a foreground voxel (every voxel is "
+                        f"background); nothing can be learnt: check labelsTr")
+    missing = [f"{v} ({k})" for k, v in sorted(foreground.items()) if k not in present]
+    if missing:
+        print(f"pgps-tune: warning: no case of {spec.name} holds class {', '.join(missing)} of dataset.json; "
+              "its Dice is undefined and left out of the mean", file=sys.stderr, flush=True)
+    if notes:
+        more = f" (and {len(notes) - 1} more)" if len(notes) > 1 else ""
+        print(f"pgps-tune: warning: {notes[0]}{more}: check those files' headers", file=sys.stderr, flush=True)
 
 
 def _synthetic(cases: int, shape: Sequence[int], noise: float, seed: int) -> tuple[dict[str, Any], Volumes, int]:
@@ -657,13 +715,7 @@ def split(
 
 def read_splits(splits_file: str | Path) -> Any:
     """The JSON of a splits file (its shape is checked by the caller), or a one-line error."""
-    try:
-        return json.loads(Path(splits_file).read_text())
-    except FileNotFoundError:
-        raise PgpsError(f"splits file {splits_file} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PgpsError(f"splits file {splits_file} is not readable JSON ({type(exc).__name__}); "
-                        'it must be {"train": [case ids], "val": [case ids]}') from None
+    return read_json(splits_file, "splits file", 'it must be {"train": [case ids], "val": [case ids]}')
 
 
 def _split_entry(ds: PreparedDataset, entry: Any, splits_file: str | Path) -> tuple[list[int], list[int]]:

@@ -207,6 +207,50 @@ def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
         loader.dispose()
 
 
+MAX_JSON_BYTES = 256 << 20  # dataset.json of a large nnU-Net set, a sweep's state: a few MiB at most
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` that reports every malformed document as ``ValueError``.
+
+    Python's parser recurses once per nesting level, so a document nested a few thousand
+    levels deep (``[[[[...``, easy to craft, a few KiB) raises ``RecursionError`` instead of
+    ``JSONDecodeError``; here it is one more way to be invalid, caught where invalid JSON is.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
+def read_json(path: str | Path, kind: str, hint: str) -> Any:
+    """Parse a JSON file given to (or found by) pgps-tune, turning every failure into a one-line
+    :class:`PgpsError` that names ``kind`` and the file and ends with ``hint`` (what to do).
+
+    At most :data:`MAX_JSON_BYTES` are read; a UTF-8 byte-order mark (as Windows editors write
+    one) is accepted.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise PgpsError(f"{kind} {path} does not exist; {hint}") from None
+    except IsADirectoryError:
+        raise PgpsError(f"{kind} {path} is a folder, not a JSON file; {hint}") from None
+    except OSError as exc:
+        raise PgpsError(f"cannot read {kind} {path} ({exc.strerror or exc}); {hint}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise PgpsError(f"{kind} {path} is larger than {MAX_JSON_BYTES >> 20} MiB, more than such a file holds; "
+                        f"{hint}")
+    try:
+        return loads_json(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise PgpsError(f"{kind} {path} is not UTF-8 text; {hint}") from None
+    except ValueError as exc:
+        raise PgpsError(f"{kind} {path} is not valid JSON ({exc}); {hint}") from None
+
+
 def _scalar(x: Any) -> Any:
     """``json.dumps`` default: numpy scalars (from a sampler, a search space) as Python numbers."""
     if hasattr(x, "dtype") and hasattr(x, "item") and getattr(x, "shape", None) == ():

@@ -95,23 +95,47 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The voxels of an image file, ``[X, Y, Z]`` or ``[X, Y, Z, C]``, and its RAS+ affine (see module doc)."""
+    """The voxels of an image file, ``[X, Y, Z]`` or ``[X, Y, Z, C]``, and its RAS+ affine (see module doc).
+
+    Refused in one line: a file that is not a 3D volume (2D, 5D), has an empty axis, or whose header
+    gives no usable voxel grid (a non-finite affine, a zero voxel size): what would otherwise fail
+    deep inside reorientation or resampling.
+    """
     path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
             import nibabel as nib
 
             img = nib.load(str(path))
-            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
-        sitk = _sitk()
-        img = sitk.ReadImage(str(path))
-        arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
-        spatial = img.GetDimension()
-        order = tuple(reversed(range(spatial))) + tuple(range(spatial, arr.ndim))
-        arr = np.ascontiguousarray(arr.transpose(order))
-        return arr, _itk_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+            arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        else:
+            sitk = _sitk()
+            img = sitk.ReadImage(str(path))
+            arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
+            spatial = img.GetDimension()
+            order = tuple(reversed(range(spatial))) + tuple(range(spatial, arr.ndim))
+            arr = np.ascontiguousarray(arr.transpose(order))
+            affine = _itk_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
+    _check_volume(path, arr.shape, affine)
+    return arr, affine
+
+
+def _check_volume(path: Path, shape: Sequence[int], affine: np.ndarray) -> None:
+    if 0 in shape:
+        raise PgpsError(f"{path} holds no voxels (shape {list(shape)}); replace the file or remove it")
+    if len(shape) not in (3, 4):
+        raise PgpsError(f"{path} has {len(shape)} dimension{'s' * (len(shape) != 1)}; images must be 3D "
+                        "(or 4D with channels last)")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise PgpsError(f"{path} has a non-finite affine in its header; fix its spacing, direction and origin, "
+                        "or replace the file")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(sizes)):  # a zero or repeated axis
+        raise PgpsError(f"{path} has a degenerate voxel grid in its header (voxel sizes "
+                        f"{[round(float(v), 6) for v in sizes]}, axes not independent); fix its spacing and "
+                        "direction, or replace the file")
 
 
 def write(path: str | Path, array: np.ndarray, affine: np.ndarray, like: str | Path | None = None) -> Path:
@@ -168,6 +192,13 @@ def _itk_bytes(array: np.ndarray, affine: np.ndarray, end: str) -> bytes:
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     """Spacing (mm) along each array axis of ``affine``."""
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def axis_codes(affine: np.ndarray) -> tuple[str, ...]:
+    """Where each array axis of ``affine`` points, as nibabel names it: ``("R", "A", "S")`` for canonical."""
+    import nibabel as nib
+
+    return tuple(str(c) for c in nib.orientations.aff2axcodes(affine))
 
 
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write_text, loads_json
 
 if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
@@ -316,10 +316,9 @@ def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan
     except (OSError, UnicodeDecodeError) as exc:
         raise PgpsError(f"cannot read plans file {path}: {exc}") from None
     try:
-        plans = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PgpsError(f"plans file {path} is not valid JSON (line {exc.lineno}); regenerate it with nnU-Net") \
-            from None
+        plans = loads_json(text)
+    except ValueError as exc:
+        raise PgpsError(f"plans file {path} is not valid JSON ({exc}); regenerate it with nnU-Net") from None
     reader = str(plans.get("image_reader_writer", "")) if isinstance(plans, dict) else ""
     return plan_from_dict(plans, configuration, path, _file_axes(path.parent, reader))
 

@@ -16,7 +16,6 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import torch
 
 from pgps_tune import imageio
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, loads_json
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's CASE_0000
 
@@ -107,7 +106,7 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
 
     every = list(range(len(ds)))
     try:
-        record = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+        record = loads_json((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
         run_name, split = record["dataset"], record["split"]
         train, val = [str(c) for c in split["train"]], [str(c) for c in split["val"]]
     except (OSError, ValueError, KeyError, TypeError):

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text
+from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
 from pgps_tune.pareto import non_dominated
-from pgps_tune.results import PHASES, STATUSES
+from pgps_tune.results import PHASES, STATUSES, check_json_columns
 from pgps_tune.schedule import plural
 
 REPORT = "report.html"
@@ -124,6 +124,7 @@ def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rewrite it with 'pgps-tune export'") from None
+    check_json_columns(rows, str(path), "rewrite it with 'pgps-tune export'")
     for r in rows:
         r["phase"] = phase_of(r)
     return rows
@@ -397,8 +398,8 @@ def read_curves(sweep: Path, meta: dict[str, Any]) -> dict[str, list[tuple[float
         for f in sorted((root / exp).glob("*/result.json")):
             for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
+                    r = loads_json(line)
+                except ValueError:
                     continue  # a line cut by a kill
                 x, y = r.get("baseline_iterations"), r.get("val_dice")
                 if isinstance(x, int | float) and isinstance(y, int | float) and "trial_id" in r:
@@ -407,12 +408,7 @@ def read_curves(sweep: Path, meta: dict[str, Any]) -> dict[str, list[tuple[float
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PgpsError(f"{path} does not exist; {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); {what}") from None
+    data = read_json(path, "file", what)
     if not isinstance(data, dict):
         raise PgpsError(f"{path} is not a JSON object; {what}")
     return data

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pgps_tune import pareto
 from pgps_tune import schedule as sch
 from pgps_tune.asha import AshaSettings
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, strict_json
+from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json, strict_json
 
 SWEEP_FILE = "sweep.json"
 TRIALS = "trials.parquet"
@@ -84,11 +84,7 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
     hint = "give the --out folder of a 'pgps-tune tune' run"
     if not path.is_file():
         raise PgpsError(f"{path} does not exist; {hint}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PgpsError(f"{path} is not valid JSON ({type(exc).__name__}); it was damaged: {hint}, or rerun "
-                        "the sweep into a new --out") from None
+    meta = read_json(path, "sweep description", f"it was damaged: {hint}, or rerun the sweep into a new --out")
     if not isinstance(meta, dict):
         raise PgpsError(f"{path} is not a sweep description (a JSON object); {hint}")
     missing = [k for k in META_KEYS if k not in meta]
@@ -121,6 +117,31 @@ class TrialRecord:
     num_failures: int = 0
     error: str = ""  # the last line of the trial's error, if it failed
     phase: str = "search"  # references, search or confirm
+
+
+# the columns that hold JSON text, and what each must decode to (empty text: none recorded)
+JSON_COLUMNS: dict[str, tuple[type, ...]] = {"params": (dict,), "schedule": (dict, type(None)),
+                                             "dice_per_class": (dict,)}
+
+
+def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None:
+    """Refuse, in one line naming ``where`` and the trial, a row whose JSON text columns do not decode to
+    what pgps-tune writes there: the tables are files anyone can hand over (a shared results store, a
+    sweep folder), and every reader after this one parses those columns without checks."""
+    for r in rows:
+        for col, kinds in JSON_COLUMNS.items():
+            text = r.get(col)
+            if not text:
+                continue
+            try:
+                value = loads_json(text)
+            except ValueError as exc:
+                problem = f"not valid JSON ({exc})"
+            else:
+                if isinstance(value, kinds):
+                    continue
+                problem = f"a JSON {type(value).__name__}, not the object pgps-tune writes"
+            raise PgpsError(f"{where}: trial {r.get('trial_id')}'s {col} column is {problem}; {fix}")
 
 
 def _float(r: dict[str, Any], key: str, default: float = math.nan) -> float:
@@ -597,11 +618,16 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                                                                              SPACE_KEY])
         table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
                                  pc.fill_null(table[FIDELITY], 1.0))
-        return table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
-                                pc.fill_null(table[SPACE_KEY], ""))
+        table = table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
+                                 pc.fill_null(table[SPACE_KEY], ""))
     except (OSError, pa.ArrowException) as exc:
         raise PgpsError(f"results store {root} cannot be read ({str(exc).splitlines()[0][:160]}); move files "
                         "that pgps-tune did not write out of it") from None
+    for r in table.select(["dataset", "sweep", "trial_id", *JSON_COLUMNS]).to_pylist():
+        folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
+        check_json_columns([r], f"results store folder {folder}",
+                           "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")
+    return table
 
 
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice") -> sch.Schedule:

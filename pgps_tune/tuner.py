@@ -67,7 +67,7 @@ from pgps_tune.asha import (
     survivors,
 )
 from pgps_tune.config import ADDED_LATER, patch_multiple
-from pgps_tune.errors import DivergedError, PgpsError
+from pgps_tune.errors import DivergedError, PgpsError, loads_json
 from pgps_tune.results import (
     PHASES,
     SWEEP_FILE,
@@ -153,7 +153,7 @@ class SweepOptions:
         n = 5  # nnU-Net writes a 5-fold split when a first training finds none
         if folds_file.is_file():
             try:
-                n = len(json.loads(folds_file.read_text(encoding="utf-8")))
+                n = len(loads_json(folds_file.read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError) as exc:
                 raise PgpsError(f"cannot read nnU-Net's split {folds_file}: {exc}; fix or delete it") from None
         if b.nnunet_fold >= n:
@@ -570,13 +570,13 @@ def named_checkpoints(fs, path: str) -> list[tuple[str, str, str, str]]:
     state names a checkpoint, the state's pickles loaded by the vetting unpickler (Ray's data classes only)."""
     newest = _newest_state([i.base_name for i in _state_file_infos(fs, path)])
     try:
-        trial_data = json.loads(_read_text(fs, f"{path}/{newest}"))["trial_data"] if newest else []
+        trial_data = loads_json(_read_text(fs, f"{path}/{newest}"))["trial_data"] if newest else []
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return []  # Tune cannot read it either and says so
     named = []
     for trial_json, run_json in trial_data:
         try:
-            t, run = json.loads(trial_json), json.loads(run_json)
+            t, run = loads_json(trial_json), loads_json(run_json)
             trial_dir = f"{path.rstrip('/')}/{_plain_name(t['relative_logdir'])}"
             blobs = _pickles_in_json(run.get("checkpoint_manager"))
             manager = _VettingUnpickler(io.BytesIO(blobs[0])).load() if blobs else None
@@ -603,7 +603,7 @@ def repair_trial_checkpoints(path: str, storage_fs=None) -> list[str]:
         mark = _read_bytes(fs, f"{trial_dir}/{REPAIR_MARK}")
         if mark is not None:  # a move cut short: finish it while its source is there
             try:
-                move = json.loads(mark)
+                move = loads_json(mark)
                 source, target = move["source"], move["target"]
             except (ValueError, KeyError, TypeError):
                 source = target = None
@@ -796,7 +796,7 @@ class ListSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         try:
-            state = json.loads(Path(checkpoint_path).read_text(encoding="utf-8"))
+            state = loads_json(Path(checkpoint_path).read_text(encoding="utf-8"))
             configs, given = state["configs"], state["given"]
             assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
             assert isinstance(given, dict) and all(isinstance(i, int) and 0 <= i < len(configs)
@@ -927,8 +927,8 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
     state_path = f"{path}/{newest}"
     records = []
     try:
-        for trial_json, run_json in json.loads(_read_text(fs, state_path))["trial_data"]:
-            t, run = json.loads(trial_json), json.loads(run_json)
+        for trial_json, run_json in loads_json(_read_text(fs, state_path))["trial_data"]:
+            t, run = loads_json(trial_json), loads_json(run_json)
             error = ""
             if run.get("error_filename"):
                 text = _read_text(fs, f"{path}/{_plain_name(t['relative_logdir'])}/"

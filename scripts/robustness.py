@@ -297,6 +297,24 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     add(Case(U, "pickle posing as a results-store parquet", ["best", "--dataset", "Tiny"], 2, "", evil_store,
              absent("PWNED")))
+    deep = "[" * 100_000 + "]" * 100_000  # a few hundred KiB; Python's parser recurses per level
+
+    def deep_store(w: Path) -> None:  # a readable store table whose JSON cell is nested 100,000 levels deep
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pgps_tune.results import SCHEMA
+
+        folder = w / "store" / "dataset=Tiny" / "sweep=x"
+        folder.mkdir(parents=True)
+        row = {**{n: None for n in SCHEMA.names}, "trial_id": "t1", "completed": True, "params": deep}
+        table = pa.Table.from_pylist([row], schema=SCHEMA).append_column("objective", pa.array(["max_dice"]))
+        pq.write_table(table.append_column("final_patch", pa.array(["[16, 16, 16]"])), folder / "part-0.parquet")
+
+    add(Case(U, "dataset.json nested 100,000 levels deep", ["plan", "--data", "{w}/deep"], 2, "nested too deeply",
+             lambda w: (write_msd(w / "deep", n=3) / "dataset.json").write_text(deep)))
+    add(Case(U, "results-store cell nested 100,000 levels deep", ["best", "--dataset", "Tiny"], 2,
+             "nested too deeply", deep_store))
 
     def evil_cache(w: Path) -> None:
         class Evil:
@@ -406,6 +424,22 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     add(Case(D, "NaN voxel in a dataset", ["plan", "--data", "{w}/nan", "--cache-dir", "{w}/cache"], 2, "case_001",
              nan_data))
+
+    def resave(path: Path, voxels: np.ndarray | None = None, affine: np.ndarray | None = None) -> None:
+        old = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(old.dataobj) if voxels is None else voxels,
+                                 old.affine if affine is None else affine), path)
+
+    plan_odd = ["plan", "--data", "{w}/odd", "--cache-dir", "{w}/cache"]
+    add(Case(D, "a label whose header is mirrored against its voxels", plan_odd, 2, "not on its image's voxel grid",
+             lambda w: resave(write_msd(w / "odd", n=3) / "labelsTr" / "case_001.nii.gz",
+                              affine=np.diag([-1.0, 1.0, 1.0, 1.0]))))
+    add(Case(D, "label maps without any foreground", plan_odd, 2, "foreground",
+             lambda w: [resave(p, voxels=np.zeros(nib.load(p).shape, np.uint8))
+                        for p in (write_msd(w / "odd", n=3) / "labelsTr").glob("*.nii.gz")]))
+    add(Case(D, "an image with no voxels", plan_odd, 2, "holds no voxels",
+             lambda w: resave(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz",
+                              voxels=np.zeros((0, 24, 20), np.float32))))
     add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 0, "",
              lambda w: (space()(w), nan_loss(w)), lambda w, r: _diverged_trials(w), env=nan_loss_env))
     add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))

@@ -226,7 +226,7 @@ def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
 
     from pgps_tune import results
 
-    r = row("t1", "search", "search", {}, 0.5)
+    r = row("t1", "search", "search", {}, 0.5, schedule=sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
     full = {c: r.get(c) for c in results.COLUMNS} | {"status": "completed", "best_dice": 0.5, "voxels_processed": 1,
                                                      "voxel_fraction": 1.0, "wall_time_s": 1.0,
                                                      "baseline_iterations": 1.0, "rung_reached": 0,

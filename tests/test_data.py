@@ -143,6 +143,80 @@ def test_flipped_and_permuted_affines_are_reoriented_and_stay_aligned(tmp_path, 
         assert np.corrcoef(image[c].ravel(), canonical[c].ravel())[0, 1] > 0.9999
 
 
+def _resave_label(root: Path, case: str, affine: np.ndarray, flip_x: bool = False) -> np.ndarray:
+    """Rewrite a case's label with another header (and its voxels mirrored along x if asked); the old voxels."""
+    path = root / "labelsTr" / f"{case}.nii.gz"
+    voxels = np.asarray(nib.load(path).dataobj)
+    nib.save(nib.Nifti1Image(voxels[::-1] if flip_x else voxels, affine), path)
+    return voxels
+
+
+@pytest.mark.parametrize("affine,needle", [
+    (np.diag([2.0, 2.0, 2.0, 1.0]), r"voxel sizes \[2.0, 2.0, 2.0\] against \[1.0, 1.0, 1.0\], orientation RAS"),
+    (np.diag([-1.0, 1.0, 1.0, 1.0]), "orientation LAS against RAS"),  # the header mirrored, the voxels not
+], ids=["spacing", "mirrored header"])
+def test_a_label_off_its_images_voxel_grid_is_refused_in_one_line(tiny_msd, affine, needle):
+    _resave_label(tiny_msd, "case_002", affine)
+    with pytest.raises(PgpsError, match=needle) as err:
+        data.prepare(tiny_msd)
+    assert "case case_002:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_channel_file_off_the_first_ones_grid_is_refused(tmp_path):
+    root = tmp_path / "Dataset002_Two"
+    for i in range(2):
+        image, label = blob_case((12, 10, 8), i)
+        for c, spacing in enumerate([1.0, 1.0 if i == 0 else 1.5]):
+            nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([spacing] * 3 + [1.0])),
+                     _mkdirs(root / "imagesTr") / f"two_{i:03d}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), _mkdirs(root / "labelsTr") / f"two_{i:03d}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2}))
+    with pytest.raises(PgpsError, match=r"case two_001: .*two_001_0001.nii.gz is not on its image's voxel grid"):
+        data.prepare(root)
+
+
+def _mkdirs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_labels_whose_header_differs_but_whose_voxels_line_up_are_used_with_one_warning(tiny_msd, capsys):
+    shifted = np.eye(4)
+    shifted[:3, 3] = [3.0, 0.0, 0.0]
+    before = {c: _resave_label(tiny_msd, c, shifted) for c in ("case_001", "case_004")}
+    # and a label stored mirrored with a header that says so: the same voxel grid, reoriented by its header
+    mirrored = np.array([[-1.0, 0, 0, 19], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # x runs 19 .. 0
+    before["case_003"] = _resave_label(tiny_msd, "case_003", mirrored, flip_x=True)
+    ds = data.prepare(tiny_msd)
+    for case, voxels in before.items():
+        assert np.array_equal(ds.label(ds.case_ids.index(case)), voxels), case
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert ("warning: case case_001: case_001.nii.gz's origin is 3 mm from its image's; the voxels are used as "
+            "aligned (as nnU-Net does) (and 2 more): check those files' headers") in err
+
+
+def test_labels_without_foreground_are_refused_and_a_class_no_case_holds_is_named(tiny_msd, capsys):
+    _edit_meta(tiny_msd / "dataset.json", lambda m: m["labels"].update({"3": "cyst"}))
+    data.prepare(tiny_msd)
+    err = capsys.readouterr().err
+    assert "warning: no case of Tiny holds class cyst (3) of dataset.json" in err and err.count("\n") == 1
+    for path in (tiny_msd / "labelsTr").glob("*.nii.gz"):  # new files: the cache is rebuilt
+        nib.save(nib.Nifti1Image(np.zeros(nib.load(path).shape, np.uint8), np.eye(4)), path)
+    with pytest.raises(PgpsError, match="no label map of Tiny .* holds a foreground voxel"):
+        data.prepare(tiny_msd)
+
+
+def test_dataset_json_nested_too_deep_is_refused_and_a_byte_order_mark_is_read(tiny_msd):
+    path = tiny_msd / "dataset.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as some Windows editors save it
+    assert data.discover(tiny_msd).name == "Tiny"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PgpsError, match=r"dataset.json is not valid JSON \(nested too deeply to parse\); fix"):
+        data.discover(tiny_msd)
+
+
 def test_synthetic_is_deterministic(tmp_path):
     a = data.synthetic_volumes(2, (24, 24, 24), 1.5, seed=3)
     b = data.synthetic_volumes(2, (24, 24, 24), 1.5, seed=3)

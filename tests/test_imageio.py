@@ -110,6 +110,30 @@ def test_unreadable_and_unknown_files_give_one_line(tmp_path):
         imageio.read(tmp_path / "absent.nrrd")
 
 
+def _nifti_with_sform(path, array, affine):
+    """A NIfTI file whose geometry is ``affine`` as given (nibabel would refuse to build some of them)."""
+    img = nib.Nifti1Image(array, None)
+    img.header.set_qform(None, code=0)
+    img.header["srow_x"], img.header["srow_y"], img.header["srow_z"] = affine[:3]
+    img.header["sform_code"] = 1
+    nib.save(img, path)
+
+
+@pytest.mark.parametrize("shape,affine,needle", [
+    ((6, 5), np.eye(4), "has 2 dimensions; images must be 3D"),
+    ((6, 5, 4, 1, 1), np.eye(4), "has 5 dimensions"),
+    ((0, 5, 4), np.eye(4), "holds no voxels"),
+    ((6, 5, 4), np.array([[1, 0, 0, np.nan], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "non-finite affine"),
+    ((6, 5, 4), np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "degenerate voxel grid"),
+], ids=["2D", "5D", "empty", "NaN origin", "two axes alike"])
+def test_a_volume_without_a_usable_voxel_grid_gives_one_line(tmp_path, shape, affine, needle):
+    path = tmp_path / "odd.nii.gz"
+    _nifti_with_sform(path, np.zeros(shape, np.float32), affine)
+    with pytest.raises(PgpsError, match=needle) as err:
+        imageio.read(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
 def _nnunet(root, end, spacing=(1.0, 1.0, 2.0)):
     """A two-channel nnU-Net raw dataset (CT + MRI) in format ``end``."""
     affine = np.diag([*spacing, 1.0])

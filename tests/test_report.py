@@ -185,8 +185,17 @@ def test_report_refuses_what_it_cannot_read_in_one_line(fake_sweep, tmp_path, ca
     (fake_sweep / "summary.json").write_text("{not json")
     assert main(["report", str(fake_sweep)]) == 2
     err = capsys.readouterr().err
-    assert "summary.json is unreadable (JSONDecodeError)" in err and "Traceback" not in err
+    assert "summary.json is not valid JSON" in err and "Traceback" not in err
     assert not (fake_sweep / "report.html").exists()
+    # a trials table whose JSON cells are damaged (handed over, or written by something else)
+    table = pq.read_table(fake_sweep / "trials.parquet")
+    cells = pa.array(["[" * 100_000 + "]" * 100_000] * len(table), pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("params"), "params", cells),
+                   fake_sweep / "trials.parquet")
+    assert main(["trials", str(fake_sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "trials.parquet: trial base0001's params column is not valid JSON (nested too deeply" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_curves_come_from_result_lines_also_when_the_sweep_folder_moved(fake_sweep, tmp_path):

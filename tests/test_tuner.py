@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -415,13 +417,24 @@ def test_results_store_with_foreign_files_is_refused_in_one_line(tmp_path, capsy
         "dataset=z/sweep=w/part-0.parquet": ("lacks columns", lambda p: pq.write_table(
             pq.read_table(part).select(["trial_id"]), p)),
     }
+
+    def with_column(name: str, text: str) -> Callable[[Path], None]:  # a readable table, one JSON cell damaged
+        table = pq.read_table(part)
+        cells = pa.array([text] * len(table), pa.string())
+        return lambda p: pq.write_table(table.set_column(table.schema.get_field_index(name), name, cells), p)
+
+    for column, text, needle in [("params", "{", "params column is not valid JSON"),
+                                 ("schedule", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                 ("dice_per_class", "[0.5]", "dice_per_class column is a JSON list")]:
+        cases[f"dataset=synthetic/sweep={column}/part-0.parquet"] = (needle, with_column(column, text))
     for name, (needle, make) in cases.items():
         path = store / name
         path.parent.mkdir(parents=True, exist_ok=True)
         make(path)
         assert main(["best", "--dataset", "synthetic"]) == 2
         err = error_line(capsys.readouterr().err)
-        assert needle in err and str(path) in err and ("move" in err), err
+        where = path.parent if "column" in needle or "nested" in needle else path
+        assert needle in err and str(where) in err and ("move" in err), err
         path.unlink()
     assert main(["best", "--dataset", "synthetic", "--format", "json"]) == 0
     file_store = tmp_path / "file"
