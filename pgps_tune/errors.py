@@ -108,6 +108,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_hint: str) -> bytes:
+    """The bytes of the file ``what`` names ("space file x.yaml"), refused in one line when it is missing,
+    a folder, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read)."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise PgpsError(f"{what} does not exist; {missing_hint}") from None
+    except IsADirectoryError:
+        raise PgpsError(f"{what} is a folder; give a file") from None
+    except OSError as exc:
+        raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise PgpsError(f"{what} is larger than {limit >> 20} MiB; {too_big_hint}")
+    return data
+
+
 MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB
 MAX_YAML_VALUES = 100_000  # after expanding aliases: a schedule of 1000 stages holds about 11,000
 MAX_YAML_DEPTH = 50  # nesting; the files nest 4 deep
@@ -158,18 +175,8 @@ def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
     import yaml
 
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_YAML_BYTES + 1)
-    except FileNotFoundError:
-        raise PgpsError(f"{kind} file {path} does not exist; {missing_hint}") from None
-    except IsADirectoryError:
-        raise PgpsError(f"{kind} file {path} is a folder; give a file") from None
-    except OSError as exc:
-        raise PgpsError(f"cannot read {kind} file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise PgpsError(f"{kind} file {path} is larger than {MAX_YAML_BYTES >> 20} MiB; give a {kind} file, "
-                        "which is a few KiB")
+    data = _read_bounded(path, MAX_YAML_BYTES, f"{kind} file {path}", missing_hint,
+                         f"give a {kind} file, which is a few KiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -231,18 +238,7 @@ def read_json(path: str | Path, kind: str, hint: str) -> Any:
     one) is accepted.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise PgpsError(f"{kind} {path} does not exist; {hint}") from None
-    except IsADirectoryError:
-        raise PgpsError(f"{kind} {path} is a folder, not a JSON file; {hint}") from None
-    except OSError as exc:
-        raise PgpsError(f"cannot read {kind} {path} ({exc.strerror or exc}); {hint}") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise PgpsError(f"{kind} {path} is larger than {MAX_JSON_BYTES >> 20} MiB, more than such a file holds; "
-                        f"{hint}")
+    data = _read_bounded(path, MAX_JSON_BYTES, f"{kind} {path}", hint, f"more than such a file holds: {hint}")
     try:
         return loads_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
