@@ -50,10 +50,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write_text, loads_json
+from pgps_tune.errors import PgpsError, atomic_write_text, loads_json, read_json
 
 if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
+
+REPLAN = "regenerate it with nnUNetv2_plan_and_preprocess"  # the fix for a damaged plans/dataset file
 
 Triple = tuple[int, int, int]
 INSTALL_HINT = "pip install 'pgps-tune[nnunet]'"
@@ -754,9 +756,9 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
 
     # built here rather than through nnunetv2's run_training, whose lookup by name imports every
     # trainer nnU-Net ships (some need torchvision); what follows is its single-device path
-    plans = json.loads(plan.source.read_text(encoding="utf-8"))
+    plans = read_json(plan.source, "plans file", REPLAN)
     plans["continue_training"] = continue_training
-    dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = read_json(base / "dataset.json", "nnU-Net dataset description", REPLAN)
     if dev.type == "cuda":
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -809,10 +811,10 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     dev = _device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset_json = json.loads((plan.source.parent / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = read_json(plan.source.parent / "dataset.json", "nnU-Net dataset description", REPLAN)
     labels = {int(v): str(k) for k, v in dataset_json.get("labels", {}).items()
               if isinstance(v, int) or str(v).isdigit()}
-    plans_dict = json.loads(plan.source.read_text(encoding="utf-8"))
+    plans_dict = read_json(plan.source, "plans file", REPLAN)
     plans_dict["continue_training"] = resume
     base = trainer_class(TRAINER)
     baseline = s.baseline_batch_size * float(np.prod(s.final_patch))
