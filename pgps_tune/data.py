@@ -50,6 +50,7 @@ import os
 import shutil
 import sys
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -720,17 +721,23 @@ def read_splits(splits_file: str | Path) -> Any:
 
 def _split_entry(ds: PreparedDataset, entry: Any, splits_file: str | Path) -> tuple[list[int], list[int]]:
     """One ``{"train": [...], "val": [...]}`` entry of a splits file, as case indices, checked."""
+    shape = 'it must be {"train": [case ids], "val": [case ids]}'
+    if isinstance(entry, list):
+        raise PgpsError(f"splits file {splits_file} is a list (of cross-validation folds?), but one split is needed "
+                        f"here; {shape}")
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
+        raise PgpsError(f"splits file {splits_file} needs lists of case ids under 'train' and 'val'; {shape}")
     ids = {cid: i for i, cid in enumerate(ds.case_ids)}
-    try:
-        train = [ids[c] for c in entry["train"]]
-        val = [ids[c] for c in entry["val"]]
-    except (TypeError, KeyError) as exc:
-        raise PgpsError(
-            f"splits file {splits_file} is malformed or names an unknown case ({exc}); "
-            'it must be {"train": [case ids], "val": [case ids]}'
-        ) from None
-    if not train or not val or set(train) & set(val):
-        raise PgpsError(f"splits file {splits_file}: train and val must be non-empty and disjoint")
+    unknown = [c for k in ("train", "val") for c in entry[k] if not isinstance(c, str) or c not in ids]
+    if unknown:
+        raise PgpsError(f"splits file {splits_file} names {len(unknown)} case id(s) that dataset {ds.name} does not "
+                        f"have, e.g. {unknown[0]!r}; use the ids of its dataset.json (e.g. {ds.case_ids[0]!r})")
+    train, val = [ids[c] for c in entry["train"]], [ids[c] for c in entry["val"]]
+    twice = sorted((c, n) for c, n in Counter(entry["train"] + entry["val"]).items() if n > 1)
+    if not train or not val or twice:
+        why = f"{twice[0][0]!r} is listed {twice[0][1]} times" if twice else "one is empty"
+        raise PgpsError(f"splits file {splits_file}: train and val must be non-empty and name each case once "
+                        f"({why})")
     return train, val
 
 

@@ -89,7 +89,7 @@ def test_fold_split_validates_every_case_once_and_reads_a_splits_file(tiny_msd, 
     with pytest.raises(data.PgpsError, match=f"has {n} cases; use 2 to {n} folds"):
         data.fold_split(ds, n + 1, 0)
     f.write_text(json.dumps([{"train": ["nope"], "val": ids[:1]}]))
-    with pytest.raises(data.PgpsError, match="names an unknown case"):
+    with pytest.raises(data.PgpsError, match="names 1 case id.* that dataset .* does not have"):
         data.fold_split(ds, 1, 0, splits_file=f)
 
 

@@ -234,9 +234,19 @@ def test_split_is_seeded_and_splits_file(tiny_msd, tmp_path):
     f = tmp_path / "splits.json"
     f.write_text(json.dumps({"train": ["case_000", "case_001"], "val": ["case_005"]}))
     assert data.split(ds, splits_file=f) == ([0, 1], [5])
-    f.write_text(json.dumps({"train": ["nope"], "val": ["case_005"]}))
-    with pytest.raises(PgpsError, match="unknown case"):
-        data.split(ds, splits_file=f)
+    for bad, needle in [
+        ({"train": ["nope"], "val": ["case_005"]}, "names 1 case id\\(s\\) that dataset Tiny does not have"),
+        ({"train": [0, 1], "val": [5]}, "names 3 case id"),
+        ({"train": "case_000", "val": ["case_005"]}, "needs lists of case ids under 'train' and 'val'"),
+        ([{"train": ["case_000"], "val": ["case_005"]}], "is a list \\(of cross-validation folds\\?\\)"),
+        ({"train": ["case_000", "case_000"], "val": ["case_005"]}, "'case_000' is listed 2 times"),
+        ({"train": ["case_000", "case_005"], "val": ["case_005"]}, "'case_005' is listed 2 times"),
+        ({"train": [], "val": ["case_005"]}, "one is empty"),
+    ]:
+        f.write_text(json.dumps(bad))
+        with pytest.raises(PgpsError, match=needle) as err:
+            data.split(ds, splits_file=f)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
