@@ -288,8 +288,8 @@ def _same_grid(case_id: str, path: Path, ref: tuple[np.ndarray, np.ndarray], oth
 
 
 def _read_case(case: Case, labels: dict[int, str], channels: int):
-    """A case's image ``[C, X, Y, Z]`` and label on the canonical grid, its spacing, and a note for each file
-    whose header places it apart from the first image file (:func:`_same_grid`)."""
+    """A case's image ``[C, X, Y, Z]`` and label on the canonical grid, its spacing, a note for each file
+    whose header places it apart from the first image file (:func:`_same_grid`), and its label values."""
     files = [_channels_of(p, case.case_id) for p in case.images]
     chans = [c for cs, _, _ in files for c in cs]
     if len(chans) != channels:
@@ -322,7 +322,7 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"case {case.case_id}: label values {extra} are not in dataset.json labels "
             f"{sorted(labels)}; add them to 'labels' or fix the label map"
         )
-    return image, lab.astype(np.uint8), imageio.voxel_sizes(ref[0]), notes
+    return image, lab.astype(np.uint8), imageio.voxel_sizes(ref[0]), notes, values
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:
@@ -587,7 +587,7 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         read = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
     raw = [r[:3] for r in read]
-    _check_classes(spec, raw, [n for r in read for n in r[3]])
+    _check_classes(spec, set().union(*(r[4] for r in read)), [n for r in read for n in r[3]])
     spacings = np.array([r[2] for r in raw])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
     # CT statistics from the raw intensities of every labelled case, before resampling (as nnU-Net)
@@ -614,12 +614,10 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
     return meta, vols, len(spec.labels)
 
 
-def _check_classes(spec: DatasetSpec, raw: list[tuple[np.ndarray, np.ndarray, Any]], notes: list[str]) -> None:
-    """Refuse labels without any foreground; warn (one line each) about declared classes no case holds and
-    about the files :func:`_same_grid` noted (the first named, the others counted)."""
-    present: set[int] = set()
-    for _, label, _ in raw:
-        present.update(np.unique(label).tolist())
+def _check_classes(spec: DatasetSpec, present: set[int], notes: list[str]) -> None:
+    """Refuse labels without any foreground (``present``: the label values of every case); warn (one line
+    each) about declared classes no case holds and about the files :func:`_same_grid` noted (the first
+    named, the others counted)."""
     foreground = {k: v for k, v in spec.labels.items() if k != 0}
     if not present & set(foreground):
         raise PgpsError(f"no label map of {spec.name} ({spec.root}) holds a foreground voxel (every voxel is "
