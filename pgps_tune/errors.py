@@ -217,28 +217,53 @@ def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
 MAX_JSON_BYTES = 256 << 20  # dataset.json of a large nnU-Net set, a sweep's state: a few MiB at most
 
 
+MAX_JSON_DEPTH = 100  # nesting: dataset.json nests 3 deep, Tune's trial states about 10
+
+
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests at most ``limit`` containers deep; iterative, so a deep value
+    cannot overflow the stack while it is measured."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
 def loads_json(text: str | bytes) -> Any:
-    """``json.loads`` that reports every malformed document as ``ValueError``.
+    """``json.loads`` that reports every malformed document as ``ValueError``, and refuses one nested
+    more than :data:`MAX_JSON_DEPTH` levels deep.
 
     Python's parser recurses once per nesting level, so a document nested a few thousand
     levels deep (``[[[[...``, easy to craft, a few KiB) raises ``RecursionError`` instead of
-    ``JSONDecodeError``; here it is one more way to be invalid, caught where invalid JSON is.
+    ``JSONDecodeError``; one nested a few hundred levels parses, and then any code that walks the
+    value (formatting, dumping, searching it) recurses as deep.  Both are one more way to be
+    invalid here, caught where invalid JSON is; no file pgps-tune reads nests anywhere near the limit.
     """
+    too_deep = f"nested too deeply (more than {MAX_JSON_DEPTH} levels)"
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
-        raise ValueError("nested too deeply to parse") from None
+        raise ValueError(too_deep) from None
+    if not _json_depth_ok(value, MAX_JSON_DEPTH):
+        raise ValueError(too_deep)
+    return value
 
 
-def read_json(path: str | Path, kind: str, hint: str) -> Any:
+def read_json(path: str | Path, kind: str, hint: str, missing_hint: str | None = None) -> Any:
     """Parse a JSON file given to (or found by) pgps-tune, turning every failure into a one-line
-    :class:`PgpsError` that names ``kind`` and the file and ends with ``hint`` (what to do).
+    :class:`PgpsError` that names ``kind`` and the file and ends with ``hint`` (what to do), or with
+    ``missing_hint`` where that is given and the file does not exist.
 
     At most :data:`MAX_JSON_BYTES` are read; a UTF-8 byte-order mark (as Windows editors write
     one) is accepted.
     """
     path = Path(path)
-    data = _read_bounded(path, MAX_JSON_BYTES, f"{kind} {path}", hint, f"more than such a file holds: {hint}")
+    data = _read_bounded(path, MAX_JSON_BYTES, f"{kind} {path}", missing_hint or hint,
+                         f"more than such a file holds: {hint}")
     try:
         return loads_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError:

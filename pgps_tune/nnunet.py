@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write_text, loads_json, read_json
+from pgps_tune.errors import PgpsError, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
@@ -308,19 +308,8 @@ def plans_path(ref: str | Path) -> Path:
 def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan:
     """Read one configuration of an nnU-Net plans file (a path, a dataset folder, or a dataset id/name)."""
     path = plans_path(ref)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PgpsError(
-            f"plans file {path} does not exist; run nnUNetv2_plan_and_preprocess first, "
-            "or give the path of nnUNetPlans.json"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PgpsError(f"cannot read plans file {path}: {exc}") from None
-    try:
-        plans = loads_json(text)
-    except ValueError as exc:
-        raise PgpsError(f"plans file {path} is not valid JSON ({exc}); regenerate it with nnU-Net") from None
+    plans = read_json(path, "plans file", "regenerate it with nnUNetv2_plan_and_preprocess",
+                      "run nnUNetv2_plan_and_preprocess first, or give the path of nnUNetPlans.json")
     reader = str(plans.get("image_reader_writer", "")) if isinstance(plans, dict) else ""
     return plan_from_dict(plans, configuration, path, _file_axes(path.parent, reader))
 
@@ -869,7 +858,8 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
                 count_epoch(epoch, t.num_iterations_per_epoch)
         t.run_training()
         t.perform_actual_validation(False)
-        summary = json.loads((Path(t.output_folder) / "validation" / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(Path(t.output_folder) / "validation" / "summary.json", "nnU-Net's validation summary",
+                            "nnU-Net's validation did not finish; train this trial again")
     per = {labels.get(int(k), str(k)): float(v["Dice"]) for k, v in summary.get("mean", {}).items()}
     final = result(t, epochs, True, float(summary["foreground_mean"]["Dice"]), per)
     final["fold_folder"] = str(t.output_folder)

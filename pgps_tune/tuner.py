@@ -379,19 +379,27 @@ class _VettingUnpickler(pickle.Unpickler):
 
 
 def _pickles_in_json(value: Any) -> list[bytes]:
-    """The pickled payloads (Ray's CLOUDPICKLE_FALLBACK) inside a JSON value, JSON-in-strings included."""
-    if isinstance(value, dict):
-        if value.get("_type") == "CLOUDPICKLE_FALLBACK" and isinstance(value.get("value"), str):
-            return [bytes.fromhex(value["value"])]
-        return [b for v in value.values() for b in _pickles_in_json(v)]
-    if isinstance(value, list):
-        return [b for v in value for b in _pickles_in_json(v)]
-    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
-        try:
-            return _pickles_in_json(json.loads(value))
-        except ValueError:
-            return []
-    return []
+    """The pickled payloads (Ray's CLOUDPICKLE_FALLBACK) inside a JSON value, JSON-in-strings included.
+
+    Iterative: the value comes from a file of a shared sweep folder, and its nesting (strings of
+    JSON inside JSON included) must not be able to exhaust the stack."""
+    found: list[bytes] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if v.get("_type") == "CLOUDPICKLE_FALLBACK" and isinstance(v.get("value"), str):
+                found.append(bytes.fromhex(v["value"]))
+            else:
+                stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str) and v.lstrip()[:1] in ("{", "["):
+            try:
+                stack.append(loads_json(v))
+            except ValueError:
+                pass
+    return found
 
 
 def vet_tune_state(path: str, storage_fs=None) -> None:
@@ -420,7 +428,7 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
             blobs = [] if data.lstrip()[:1] in (b"{", b"[") else [data]  # our searchers save JSON there
         else:
             try:
-                blobs = _pickles_in_json(json.loads(data))
+                blobs = _pickles_in_json(loads_json(data))
             except ValueError:
                 continue  # Tune cannot read it either, and JSON runs no code
         for blob in blobs:
@@ -462,7 +470,7 @@ def _intact(name: str, data: bytes) -> bool:
         return False
     if name.endswith(".json") or data.lstrip()[:1] in (b"{", b"["):
         try:
-            json.loads(data)
+            loads_json(data)
             return True
         except ValueError:
             return False

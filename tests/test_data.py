@@ -213,7 +213,7 @@ def test_dataset_json_nested_too_deep_is_refused_and_a_byte_order_mark_is_read(t
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as some Windows editors save it
     assert data.discover(tiny_msd).name == "Tiny"
     path.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(PgpsError, match=r"dataset.json is not valid JSON \(nested too deeply to parse\); fix"):
+    with pytest.raises(PgpsError, match=r"dataset.json is not valid JSON \(nested too deeply \(more than 100 .*; fix"):
         data.discover(tiny_msd)
 
 

@@ -164,8 +164,12 @@ def test_bad_plans_give_one_line_errors(tmp_path, mutate, configuration, match):
 def test_unreadable_plans_files(tmp_path):
     with pytest.raises(PgpsError, match="does not exist; run nnUNetv2_plan_and_preprocess"):
         nnunet.read_plans(tmp_path / "nope.json")
-    (tmp_path / "nnUNetPlans.json").write_text("{not json")
-    with pytest.raises(PgpsError, match="not valid JSON"):
+    for text in ("{not json", '{"configurations": ' + "[" * 500 + "]" * 500 + "}"):  # torn; crafted deep
+        (tmp_path / "nnUNetPlans.json").write_text(text)
+        with pytest.raises(PgpsError, match="not valid JSON .*; regenerate it with nnUNetv2_plan_and_preprocess"):
+            nnunet.read_plans(tmp_path)
+    (tmp_path / "nnUNetPlans.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(PgpsError, match="not UTF-8 text"):
         nnunet.read_plans(tmp_path)
 
 

@@ -509,6 +509,19 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
             vet_tune_state(str(state))
         assert len(str(err.value).splitlines()) == 1 and TRUST_ENV in str(err.value)
         assert not (tmp_path / "pwned").exists()
+    # nesting cannot hide a payload, nor crash the check: a payload under 8 levels of JSON-in-strings and
+    # 80 of lists is found; a state nested past the parser's depth is not JSON Tune could read, so nothing
+    # is unpickled
+    trial = {"storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Payload()).hex()}}
+    for _ in range(8):
+        trial = {"t": json.dumps([trial])}
+    for _ in range(80):
+        trial = [trial]
+    (state / "experiment_state-1.json").write_text(json.dumps({"trial_data": [[json.dumps(trial), "{}"]]}))
+    with pytest.raises(PgpsError, match="refused to resume: .* asks for pathlib"):
+        vet_tune_state(str(state))
+    (state / "experiment_state-1.json").write_text("[" * 100_000 + "]" * 100_000)
+    vet_tune_state(str(state))
     monkeypatch.setenv(TRUST_ENV, "1")  # the documented way past the check, for a sweep one trusts
     vet_tune_state(str(state))
 
@@ -529,7 +542,8 @@ def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     # Ray's copy truncated tuner.pkl (empty, or cut mid-stream) and wrote a newer state it never finished
     for cut in (b"", tuner_pkl[: len(tuner_pkl) // 2]):
         (exp / "tuner.pkl").write_bytes(cut)
-        (exp / "experiment_state-2026-01-02.json").write_text('{"trial_data": [["{\\"a\\"')
+        (exp / "experiment_state-2026-01-02.json").write_text(
+            '{"trial_data": [["{\\"a\\"' if cut else "[" * 100_000 + "]" * 100_000)  # torn, or crafted deep
         notes = repair_tune_state(str(exp))
         assert len(notes) == 2 and all(len(n.splitlines()) == 1 for n in notes)
         assert (exp / "tuner.pkl").read_bytes() == tuner_pkl
