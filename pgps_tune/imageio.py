@@ -16,6 +16,7 @@ segmentation written with the input's affine overlays the input in any viewer.
 from __future__ import annotations
 
 import gzip
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,12 +95,49 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         raise _cannot(path, exc) from None
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process could still take: the kernel's MemAvailable, capped by the
+    cgroup's (a container's) limit less its usage; None where neither can be read."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cg / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _check_size(path: Path, shape: Sequence[int], itemsize: int) -> None:
+    """Refuse a file whose header declares more voxels than memory holds, before any is decoded.
+
+    A compressed file is small on disk whatever its header says: a damaged header, or a crafted
+    ``.nii.gz`` of zeros (a few MiB that inflate to tens of GiB), would otherwise fill the memory
+    and get the process killed without a word."""
+    need = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize
+    free = available_memory()
+    if free is not None and need > free:
+        raise PgpsError(
+            f"{path} declares {'x'.join(str(int(n)) for n in shape)} voxels in its header, {need / 2**30:.1f} GiB "
+            f"decoded, more than the {max(free, 0) / 2**30:.1f} GiB of memory available; check the file (a damaged "
+            "header, or not an image of this dataset) or run where more memory is free"
+        )
+
+
 def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The voxels of an image file, ``[X, Y, Z]`` or ``[X, Y, Z, C]``, and its RAS+ affine (see module doc).
 
     Refused in one line: a file that is not a 3D volume (2D, 5D), has an empty axis, or whose header
     gives no usable voxel grid (a non-finite affine, a zero voxel size): what would otherwise fail
-    deep inside reorientation or resampling.
+    deep inside reorientation or resampling; and a file whose header declares more voxels than
+    the memory available holds (:func:`_check_size`), before they are decoded.
     """
     path, end = _existing(path)
     try:
@@ -107,15 +145,26 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             import nibabel as nib
 
             img = nib.load(str(path))
+            _check_size(path, img.shape, img.header.get_data_dtype().itemsize)
             arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
             sitk = _sitk()
-            img = sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            # bytes per component from ITK's pixel type name ("8-bit unsigned integer", "vector of 64-bit
+            # float"); a name without a width counts 1 byte: the check only needs a lower bound
+            bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+            _check_size(path, (*reader.GetSize(), reader.GetNumberOfComponents()),
+                        max(1, int(bits.group(1)) // 8) if bits else 1)
+            img = reader.Execute()
             arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
             spatial = img.GetDimension()
             order = tuple(reversed(range(spatial))) + tuple(range(spatial, arr.ndim))
             arr = np.ascontiguousarray(arr.transpose(order))
             affine = _itk_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    except PgpsError:
+        raise
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
     _check_volume(path, arr.shape, affine)

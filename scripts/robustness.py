@@ -19,6 +19,7 @@ It takes a few minutes on 2 CPU cores; ``--only CLASS`` runs one class (e.g. ``-
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -440,6 +441,15 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(D, "an image with no voxels", plan_odd, 2, "holds no voxels",
              lambda w: resave(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz",
                               voxels=np.zeros((0, 24, 20), np.float32))))
+    def inflating(path: Path) -> None:  # a header declaring 4000^3 bytes (60 GiB) over a short run of zeros
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((4000, 4000, 4000))
+        hdr.set_data_dtype(np.uint8)
+        with gzip.open(path, "wb") as fh:  # a real bomb holds the 60 GiB of zeros (about 60 MiB gzipped)
+            fh.write(hdr.binaryblock + b"\0" * 4 + bytes(1 << 20))
+
+    add(Case(D, "an image whose header declares 60 GiB (a compressed zero bomb)", plan_odd, 2,
+             "more than the", lambda w: inflating(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz")))
     add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 0, "",
              lambda w: (space()(w), nan_loss(w)), lambda w, r: _diverged_trials(w), env=nan_loss_env))
     add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))

@@ -157,3 +157,19 @@ def test_prepare_reads_nnunet_nrrd_and_mha_like_nifti(tmp_path):
         assert ds.spacing == ref.spacing == (1.0, 1.0, 2.0) and ds.normalisation == ref.normalisation
         for i in range(len(ds)):
             assert np.array_equal(ds.image(i), ref.image(i)) and np.array_equal(ds.label(i), ref.label(i))
+
+
+@pytest.mark.parametrize("end", [".nii.gz", ".mha", ".nrrd"])
+def test_a_header_declaring_more_voxels_than_memory_holds_is_refused_before_decoding(tmp_path, end, monkeypatch):
+    # a crafted .nii.gz of zeros is a few MiB that inflate to tens of GiB; here the memory shrinks instead
+    path = tmp_path / f"x{end}"
+    imageio.write(path, np.zeros((6, 5, 4), np.int16), np.eye(4))
+    decoded = 6 * 5 * 4 * 2
+    monkeypatch.setattr(imageio, "available_memory", lambda: decoded - 1)
+    with pytest.raises(PgpsError, match=r"declares 6x5x4(x1)? voxels in its header, 0.0 GiB decoded, more than "
+                                        r"the 0.0 GiB of memory available; check the file") as err:
+        imageio.read(path)
+    assert "\n" not in str(err.value)
+    for free in (decoded, None):  # enough memory, or none known: read as before
+        monkeypatch.setattr(imageio, "available_memory", lambda free=free: free)
+        assert imageio.read(path)[0].shape == (6, 5, 4)
