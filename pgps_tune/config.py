@@ -49,7 +49,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CPU_PRECISIONS = ("bf16", "fp32")
 # Settings added after runs and files were first written, with the value those older runs trained
 # with: a stored config or schedule file that lacks the key is read with it (not with today's default)
-ADDED_LATER: dict[str, Any] = {"cpu_precision": "fp32"}
+ADDED_LATER: dict[str, Any] = {"cpu_precision": "fp32", "res_units": 1}
 
 # -- networks and the patch sides each one takes ------------------------------------------
 # Plain data, so that schedule builders, space checks and the CLI can ask before torch is
@@ -111,7 +111,7 @@ def check_network_patches(
 # feature size, segresnet's group norm has 8 groups; unetr has one attention head per 64 of its
 # hidden size.  unet/dynunet take their widths from ``filters`` instead.
 FEATURE_MULTIPLE = {"segresnet": 8, "swinunetr": 12, "unetr": 1}
-WIDTH_NETWORKS = {"feature_size": tuple(FEATURE_MULTIPLE), "hidden_size": ("unetr",)}
+WIDTH_NETWORKS = {"feature_size": tuple(FEATURE_MULTIPLE), "hidden_size": ("unetr",), "res_units": ("unet",)}
 
 
 def check_network_widths(
@@ -210,6 +210,7 @@ class TrainConfig:
 
     network: str = "unet"  # one of NETWORKS
     filters: tuple[int, ...] = (16, 32, 64, 128, 256, 320)  # unet/dynunet channels per level
+    res_units: int = 1  # unet: residual units per level (MONAI's num_res_units; 2 doubles its depth)
     deep_supervision: bool = False
     feature_size: int | None = None  # segresnet/swinunetr/unetr base width; None: MONAI's default (8/24/16)
     hidden_size: int = 768  # unetr transformer width (MLP 4x, one head per 64)
@@ -271,6 +272,7 @@ class TrainConfig:
         lr = params.get("lr", budget["lr"])
         return cls(
             network=budget["network"], filters=tuple(int(f) for f in budget["filters"]),
+            res_units=int(budget.get("res_units", ADDED_LATER["res_units"])),
             optimizer=budget["optimizer"], lr=None if lr is None else float(lr),
             iterations_per_epoch=int(budget["iterations_per_epoch"]), seed=int(budget["seed"]), device=device,
             threads=threads, fg_ratio=float(params.get("fg_ratio", budget["fg_ratio"])),

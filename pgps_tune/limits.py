@@ -90,6 +90,7 @@ LIMITS: dict[str, Range] = {
     "seed": SEED,
     "split_seed": SEED,
     "filters": _int(1, 4096),
+    "res_units": _int(1, 4),  # MONAI UNet's residual units per level
     "feature_size": _int(1, 4096),  # base widths; what each network takes is checked beside them
     "hidden_size": _int(1, 65536),
     "token_size": _int(1, 64),  # unetr: the supported sizes are checked by name beside it

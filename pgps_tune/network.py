@@ -221,6 +221,7 @@ def build_network(
     filters: Sequence[int] = (16, 32, 64, 128, 256, 320),
     deep_supervision: bool = False,
     *,
+    res_units: int = 1,
     final_patch: Sequence[int] | None = None,
     feature_size: int | None = None,
     hidden_size: int = 768,
@@ -228,13 +229,17 @@ def build_network(
 ) -> nn.Module:
     """The MONAI network ``name``; unet/dynunet downsample as ``pools`` says.
 
-    ``filters`` shape unet/dynunet; ``feature_size`` (None: MONAI's default) the others;
+    ``filters`` shape unet/dynunet, ``res_units`` unet's residual units per level; ``feature_size``
+    (None: MONAI's default) the others;
     ``final_patch``, ``hidden_size`` and ``token_size`` UNETR.
     """
     if deep_supervision and name not in ("dynunet", "dynunet_resenc"):
         raise PgpsError(f"deep supervision needs --network dynunet or dynunet_resenc; {name} has no auxiliary heads")
+    if res_units != 1 and name != "unet":
+        raise PgpsError(f"--res-units shapes --network unet; {name} has its own blocks (dynunet_resenc: residual "
+                        "blocks at every level); leave --res-units at 1")
     if name in ("unet", "dynunet", "dynunet_resenc"):
-        net = _unet(name, in_channels, num_classes, pools, filters, deep_supervision)
+        net = _unet(name, in_channels, num_classes, pools, filters, deep_supervision, res_units)
     elif name == "segresnet":
         from monai.networks.nets import SegResNet
 
@@ -262,7 +267,8 @@ def build_network(
 
 
 def _unet(
-    name: str, in_channels: int, num_classes: int, pools: Sequence[int], filters: Sequence[int], deep_supervision: bool
+    name: str, in_channels: int, num_classes: int, pools: Sequence[int], filters: Sequence[int], deep_supervision: bool,
+    res_units: int = 1,
 ) -> nn.Module:
     strides = level_strides(pools)
     if not strides:
@@ -276,7 +282,7 @@ def _unet(
 
         return UNet(
             spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
-            channels=chans, strides=strides, num_res_units=1, norm="instance",
+            channels=chans, strides=strides, num_res_units=res_units, norm="instance",
         )
     from monai.networks.nets import DynUNet
 
@@ -320,5 +326,5 @@ def network_for(config: TrainConfig, in_channels: int, num_classes: int, schedul
     return build_network(
         config.network, in_channels, num_classes, schedule.pools, config.filters, config.deep_supervision,
         final_patch=schedule.final_patch, feature_size=config.feature_size, hidden_size=config.hidden_size,
-        token_size=config.token_size,
+        token_size=config.token_size, res_units=config.res_units,
     )

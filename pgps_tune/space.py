@@ -242,6 +242,8 @@ class Budget:
                               "AMP either way; `tune --cpu-precision`")
     filters: tuple[int, ...] = _doc(TrainConfig.filters, "channels per level (the first pools+1 are used); "
                                                          "`tune --filters`")
+    res_units: int = _doc(TrainConfig.res_units, "unet: residual units per level (2: twice the depth, about 1.2-1.5x "
+                                                 "the time per iteration on a CPU); `tune --res-units`")
     optimizer: str = _doc(TrainConfig.optimizer, "`adamw` or `sgd`; `tune --optimizer`")
     lr: float | None = _doc(None, "learning rate (null: the optimizer's default); `tune --lr`")
     val_every: int = _doc(3, "epochs between validations, each one a report to Tune; `tune --val-every`")
@@ -806,6 +808,9 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
         raise PgpsError(f"{space.source}: budget.filters {list(b.filters)} gives {len(b.filters)} widths, but the "
                         f"plan pools {max(pools)} times ({list(pools)}) and {b.network} needs {levels}; give at "
                         f"least {levels} (e.g. --filters {' '.join(str(16 * 2 ** i) for i in range(levels))})")
+    if b.res_units != 1 and b.network != "unet":
+        raise PgpsError(f"{space.source}: budget.res_units shapes the unet network, not {b.network}; "
+                        "leave it at 1 (or use network unet)")
     multiple_of = patch_multiple(b.network, pools, b.token_size)
     stages = space.param("stages")
     if stages is not None and stages.kind == "int" and stages.high is not None and stages.high > b.epochs:

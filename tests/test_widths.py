@@ -53,6 +53,8 @@ def test_space_budget_widths_reach_the_trial_config_and_bad_ones_are_refused():
     (["--network", "dynunet", "--feature-size", "8"], "--feature-size applies to --network segresnet, swinunetr, "
                                                       "unetr, not dynunet (its widths are --filters)"),
     (["--network", "unetr", "--hidden-size", "0"], "--hidden-size"),
+    (["--network", "dynunet", "--res-units", "2"], "--res-units applies to --network unet, not dynunet; drop it"),
+    (["--res-units", "0"], "--res-units"),
 ])
 def test_train_refuses_bad_widths_in_one_line_before_writing(capsys, tiny_msd, tmp_path, flags, needle):
     out = tmp_path / "run"
@@ -90,3 +92,34 @@ def test_train_carries_the_widths_into_metrics_and_the_checkpoint_identity(capsy
     assert "was made with another schedule, dataset or settings" in capsys.readouterr().err
     assert Recipe.parse({"version": 1, "train": {**config}, "data": {
         "dataset": "x", "source": "x", "val_fraction": 0.2, "split_seed": 0}}).train.hidden_size == 32
+
+
+def test_res_units_deepen_the_unet_and_travel_with_the_recipe(capsys, tiny_msd, tmp_path):
+    from pgps_tune.network import build_network
+
+    def convs(units):
+        net = build_network("unet", 1, 2, (2, 2, 2), (4, 8, 16), res_units=units)
+        return sum(isinstance(m, torch.nn.Conv3d) for m in net.modules())
+
+    assert convs(2) > convs(1)  # one more convolution per residual unit at every level
+    with pytest.raises(PgpsError, match="--res-units shapes --network unet; segresnet"):
+        build_network("segresnet", 1, 2, (2, 2, 2), res_units=2)
+    space = sp.parse({**SPACE, "budget": {"res_units": 2}}, "s.yaml")
+    assert TrainConfig.for_trial(dataclasses.asdict(space.budget), {}, device="cpu", threads=1).res_units == 2
+    with pytest.raises(PgpsError, match="budget.res_units shapes the unet network, not dynunet"):
+        sp.check_space_against_plan(sp.parse({**SPACE, "budget": {"res_units": 2, "network": "dynunet"}}, "s.yaml"),
+                                    (32, 32, 32), (2, 2, 2))
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_msd), "--out", str(out), "--final-patch", "16", "16", "16",
+            "--pools", "2", "2", "2", "--preset", "constant", "--epochs", "1", "--iterations-per-epoch", "1",
+            "--filters", "4", "8", "16", "--res-units", "2", "--augment", "none", "--threads", "1", "--quiet"]
+    assert main(argv) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["res_units"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["config"]["res_units"] == 2
+    capsys.readouterr()
+    assert main([*argv[:-1], "--res-units", "1", "--resume", "--quiet"]) == 2  # another network: refused
+    assert "was made with another schedule, dataset or settings" in capsys.readouterr().err
+    # a recipe from before the setting existed trained with one unit
+    old = {k: v for k, v in config.items() if k != "res_units"}
+    assert TrainConfig.from_dict(old).res_units == 1 and TrainConfig.parse(old, "recipe.train").res_units == 1
