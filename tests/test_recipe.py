@@ -41,7 +41,7 @@ def test_the_export_carries_every_trainer_setting_and_the_data(tmp_path):
         network="dynunet", filters=(4, 8, 16), deep_supervision=True, feature_size=12, hidden_size=256, token_size=8,
         augment="elastic", cpu_precision="fp32", optimizer="sgd", lr=0.05, weight_decay=1e-4, momentum=0.9,
         iterations_per_epoch=7, seed=11, device="cpu", threads=3, workers=2, fg_ratio=0.8, volumes_per_batch=1,
-        val_every=2, sw_batch_size=2, sw_overlap=0.5, max_train_seconds=99.0,
+        val_every=2, sw_batch_size=2, sw_overlap=0.5, max_train_seconds=99.0, res_units=2,
     )
     assert all(getattr(cfg, f.name) != f.default for f in dataclasses.fields(TrainConfig)), "every field off default"
     data = DataIdentity("Tiny", "/data/Tiny", 0.25, 9, spacing=(1.0, 1.5, 2.0),
