@@ -220,6 +220,11 @@ MAX_JSON_BYTES = 256 << 20  # dataset.json of a large nnU-Net set, a sweep's sta
 MAX_JSON_DEPTH = 100  # nesting: dataset.json nests 3 deep, Tune's trial states about 10
 
 
+class JsonTooDeep(ValueError):
+    """A JSON document nested more than :data:`MAX_JSON_DEPTH` levels: invalid JSON to pgps-tune, though
+    Python's own parser may read it (a check that inspects what another reader will load must refuse it)."""
+
+
 def _json_depth_ok(value: Any, limit: int) -> bool:
     """Whether ``value`` (parsed JSON) nests at most ``limit`` containers deep; iterative, so a deep value
     cannot overflow the stack while it is measured."""
@@ -247,9 +252,9 @@ def loads_json(text: str | bytes) -> Any:
     try:
         value = json.loads(text)
     except RecursionError:
-        raise ValueError(too_deep) from None
+        raise JsonTooDeep(too_deep) from None
     if not _json_depth_ok(value, MAX_JSON_DEPTH):
-        raise ValueError(too_deep)
+        raise JsonTooDeep(too_deep)
     return value
 
 

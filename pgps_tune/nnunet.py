@@ -308,7 +308,7 @@ def plans_path(ref: str | Path) -> Path:
 def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan:
     """Read one configuration of an nnU-Net plans file (a path, a dataset folder, or a dataset id/name)."""
     path = plans_path(ref)
-    plans = read_json(path, "plans file", "regenerate it with nnUNetv2_plan_and_preprocess",
+    plans = read_json(path, "plans file", REPLAN,
                       "run nnUNetv2_plan_and_preprocess first, or give the path of nnUNetPlans.json")
     reader = str(plans.get("image_reader_writer", "")) if isinstance(plans, dict) else ""
     return plan_from_dict(plans, configuration, path, _file_axes(path.parent, reader))

@@ -67,7 +67,7 @@ from pgps_tune.asha import (
     survivors,
 )
 from pgps_tune.config import ADDED_LATER, patch_multiple
-from pgps_tune.errors import DivergedError, PgpsError, loads_json
+from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, loads_json
 from pgps_tune.results import (
     PHASES,
     SWEEP_FILE,
@@ -382,7 +382,8 @@ def _pickles_in_json(value: Any) -> list[bytes]:
     """The pickled payloads (Ray's CLOUDPICKLE_FALLBACK) inside a JSON value, JSON-in-strings included.
 
     Iterative: the value comes from a file of a shared sweep folder, and its nesting (strings of
-    JSON inside JSON included) must not be able to exhaust the stack."""
+    JSON inside JSON included) must not be able to exhaust the stack.  A string nested too deeply to
+    inspect raises :class:`JsonTooDeep` (Ray's own parser may still read it, and what it holds)."""
     found: list[bytes] = []
     stack = [value]
     while stack:
@@ -397,8 +398,10 @@ def _pickles_in_json(value: Any) -> list[bytes]:
         elif isinstance(v, str) and v.lstrip()[:1] in ("{", "["):
             try:
                 stack.append(loads_json(v))
+            except JsonTooDeep:
+                raise
             except ValueError:
-                pass
+                pass  # not JSON: a plain string
     return found
 
 
@@ -429,6 +432,11 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
         else:
             try:
                 blobs = _pickles_in_json(loads_json(data))
+            except JsonTooDeep:
+                raise PgpsError(
+                    f"refused to resume: {info.path} nests JSON more than {MAX_JSON_DEPTH} levels deep, which a Tune "
+                    "state of pgps-tune never does, so what it would unpickle cannot be checked; resume only sweeps "
+                    f"you trust (set {TRUST_ENV}=1 to skip this check)") from None
             except ValueError:
                 continue  # Tune cannot read it either, and JSON runs no code
         for blob in blobs:

@@ -510,9 +510,10 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
         assert len(str(err.value).splitlines()) == 1 and TRUST_ENV in str(err.value)
         assert not (tmp_path / "pwned").exists()
     # nesting cannot hide a payload, nor crash the check: a payload under 8 levels of JSON-in-strings and
-    # 80 of lists is found; a state nested past the parser's depth is not JSON Tune could read, so nothing
-    # is unpickled
-    trial = {"storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Payload()).hex()}}
+    # 80 of lists is found; one under 150 levels (which Ray's parser reads) or a state nested past any
+    # parser's depth cannot be inspected, and is refused in one line
+    payload = {"storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Payload()).hex()}}
+    trial = payload
     for _ in range(8):
         trial = {"t": json.dumps([trial])}
     for _ in range(80):
@@ -520,8 +521,13 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
     (state / "experiment_state-1.json").write_text(json.dumps({"trial_data": [[json.dumps(trial), "{}"]]}))
     with pytest.raises(PgpsError, match="refused to resume: .* asks for pathlib"):
         vet_tune_state(str(state))
-    (state / "experiment_state-1.json").write_text("[" * 100_000 + "]" * 100_000)
-    vet_tune_state(str(state))
+    deep = json.dumps(json.loads("[" * 150 + json.dumps(payload) + "]" * 150))
+    for text in (json.dumps({"trial_data": [[deep, "{}"]]}), "[" * 100_000 + "]" * 100_000):
+        (state / "experiment_state-1.json").write_text(text)
+        with pytest.raises(PgpsError, match="refused to resume: .* nests JSON more than 100 levels deep") as err:
+            vet_tune_state(str(state))
+        assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+    (state / "experiment_state-1.json").unlink()
     monkeypatch.setenv(TRUST_ENV, "1")  # the documented way past the check, for a sweep one trusts
     vet_tune_state(str(state))
 
