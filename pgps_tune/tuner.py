@@ -44,6 +44,7 @@ import math
 import os
 import pickle
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -55,7 +56,6 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -838,35 +838,62 @@ def _stderr_silenced():
             os.close(saved)
 
 
+def _refused(address: str) -> str | None:
+    """Why a ``HOST:PORT`` address cannot be a Ray cluster right now (nothing listens there, or the host
+    name does not resolve), or None: it accepts a connection, does not answer in time, or is another
+    form (``auto``, ``ray://...``), all left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=3):
+            return None
+    except ConnectionRefusedError:
+        return "connection refused"
+    except socket.gaierror:
+        return f"unknown host {host}"
+    except OSError:  # a timeout, an unreachable network: Ray's own attempts decide
+        return None
+
+
 def start_ray(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local Ray of our own (unless Ray is already initialized)."""
     if ray.is_initialized():
         return
     if address:
-        with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
-            try:
-                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-            except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
-                failure = exc
-            else:
-                return
+        why = _refused(address)  # Ray itself retries a refused address for several seconds before giving up
+        if why is None:
+            with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
+                try:
+                    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+                except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+                    why = type(exc).__name__
+                else:
+                    return
         raise PgpsError(
-            f"no Ray cluster reachable at --address {address} ({type(failure).__name__}); start one with "
+            f"no Ray cluster reachable at --address {address} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
     ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
-        address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
+        address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
         object_store_memory=128 * 1024**2, log_to_driver=False,
     )
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    have = ray.cluster_resources()
+def local_cpus() -> int:
+    """The CPUs a local Ray of ours gets (:func:`start_ray`): those this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def check_resources(cpus: float, gpus: float | None, have: dict[str, float] | None = None) -> None:
+    """Refuse per-trial resources the cluster (``have``: Ray's, by default) cannot give one trial;
+    ``gpus`` None: the CPUs alone."""
+    have = ray.cluster_resources() if have is None else have
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu:
         raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; "
                         "ask for at most that")
-    if gpus > have_gpu:
+    if gpus is not None and gpus > have_gpu:
         raise PgpsError(
             f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
             "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
@@ -1004,35 +1031,58 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
 # -- tracking --------------------------------------------------------------------------------
 
 
-class MLflowTrials(MLflowLoggerCallback):
+def _mlflow_trials_class() -> type:
     """Ray's MLflow logger (a run per trial: its parameters, and every report as metrics stepped by
     report), plus the trial's schedule as the artifact ``schedule.yaml``.
 
-    It pickles as its settings only (Ray keeps callbacks in its Tune state, which a resume vets and
-    unpickles): the MLflow module and the run ids are made again when a resumed sweep sets it up.
+    Made on first use: importing Ray's MLflow integration imports MLflow, about a second of every
+    driver's and trial process's start where MLflow is installed, and most sweeps do not log to it.
+    Module attribute ``MLflowTrials`` (see ``__getattr__``), so Ray's pickled Tune state, which
+    names the class, finds it again on resume.  It pickles as its settings only (a resume vets and
+    unpickles that state): the MLflow module and the run ids are made again when a resumed sweep sets
+    it up.
     """
+    global _MLFLOW_TRIALS
+    if _MLFLOW_TRIALS is not None:
+        return _MLFLOW_TRIALS
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    def setup(self, *args, **kwargs):
-        super().setup(*args, **kwargs)
-        self._schedules_logged: set[str] = set()
+    class MLflowTrials(MLflowLoggerCallback):
+        def setup(self, *args, **kwargs):
+            super().setup(*args, **kwargs)
+            self._schedules_logged: set[str] = set()
 
-    def log_trial_result(self, iteration: int, trial, result: dict):
-        super().log_trial_result(iteration, trial, result)
-        run_id = self._trial_runs[trial]
-        if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
-            from pgps_tune.schedule import Schedule
+        def log_trial_result(self, iteration: int, trial, result: dict):
+            super().log_trial_result(iteration, trial, result)
+            run_id = self._trial_runs[trial]
+            if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
+                from pgps_tune.schedule import Schedule
 
-            text = Schedule.from_dict(json.loads(result["schedule"])).to_yaml()
-            self.mlflow_util._get_client().log_text(run_id, text, "schedule.yaml")
-            self._schedules_logged.add(run_id)
+                text = Schedule.from_dict(json.loads(result["schedule"])).to_yaml()
+                self.mlflow_util._get_client().log_text(run_id, text, "schedule.yaml")
+                self._schedules_logged.add(run_id)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("mlflow_util", "_trial_runs", "_schedules_logged")}
+        def __getstate__(self) -> dict[str, Any]:
+            return {k: v for k, v in self.__dict__.items()
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged")}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        from ray.air._internal.mlflow import _MLflowLoggerUtil
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            from ray.air._internal.mlflow import _MLflowLoggerUtil
 
-        self.__dict__.update(state, mlflow_util=_MLflowLoggerUtil())
+            self.__dict__.update(state, mlflow_util=_MLflowLoggerUtil())
+
+    MLflowTrials.__module__, MLflowTrials.__qualname__ = __name__, "MLflowTrials"
+    _MLFLOW_TRIALS = MLflowTrials
+    return MLflowTrials
+
+
+_MLFLOW_TRIALS: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MLflowTrials":
+        return _mlflow_trials_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any]) -> str:
@@ -1516,8 +1566,8 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
-        callbacks.append(MLflowTrials(opts.mlflow, experiment_name=opts.out.resolve().name,
-                                      tags={"pgps.sweep": opts.out.resolve().name, "pgps.phase": phase}))
+        callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.out.resolve().name,
+                                                tags={"pgps.sweep": opts.out.resolve().name, "pgps.phase": phase}))
     return callbacks
 
 
@@ -1710,6 +1760,8 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     own_ray = not ray.is_initialized()  # a caller's Ray stays
     _one_line_ray_errors()
+    if own_ray and not opts.address:  # the local Ray about to start has this machine's CPUs: no need to start it
+        check_resources(opts.cpus_per_trial, None, {"CPU": float(local_cpus())})
     try:
         start_ray(opts.address)
         signals.install()

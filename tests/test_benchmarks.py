@@ -28,7 +28,8 @@ def test_bench_curriculum_quick_smallest(tmp_path):
     sch.parametric(plan.final_patch, plan.pools, 2, 16, stages=2, growth=2.0, mode="resource").save(sched)
     p = run("bench_curriculum.py", "--quick", "--data", str(data), "--seeds", "0", "1", "--long", "16x1",
             "--short", "16x1", "--val-every", "8", "--batch-size", "2", "--searched", str(sched),
-            "--out", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "bench_curriculum.md"), cwd=tmp_path)
+            "--out", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "bench_curriculum.md"),
+            "--workers", "1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     for budget in ("long", "short"):
@@ -61,7 +62,7 @@ def test_bench_search_quick_smallest(tmp_path):
     # three live searches (asha_random is asha_tpe's code with another sampler: left out to save a Ray sweep)
     p = run("bench_search.py", "--quick", "--data", str(data), "--iterations-per-epoch", "1", "--val-every", "8",
             "--replay-seeds", "3", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "s.md"),
-            "--methods", "grid", "asha_tpe", "optuna_sha", cwd=tmp_path)
+            "--methods", "grid", "asha_tpe", "optuna_sha", "--concurrent", "1", cwd=tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(s["grid"]) == 4  # the quick space: 2 stage counts x 2 modes, every one trained to the end

@@ -304,7 +304,8 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_p
                         budget={**BUDGET, "iterations_per_epoch": 2, "val_every": 10, "synthetic_cases": 4},
                         confirm={"enabled": True, "top_k": 2, "seeds": 2})
     out = tmp_path / "sweep"
-    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet"]) == 0
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet",
+                 "--max-concurrent", "1"]) == 0
     printed = capsys.readouterr().out
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert [r["phase"] for r in rows] == ["search"] + ["confirm"] * 6  # 1 candidate + 2 references, 2 seeds
@@ -329,7 +330,7 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_p
     assert len(best.stages) == 1
     # a third seed: only the 3 new trials run, in an experiment of their own
     capsys.readouterr()
-    assert main(["confirm", str(out), "--seeds", "3", "--progress", "json"]) == 0
+    assert main(["confirm", str(out), "--seeds", "3", "--progress", "json", "--max-concurrent", "1"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert sum(e.get("phase") == "confirm" and e.get("event") == "complete" for e in events) == 3, events[-3:]
     meta = json.loads((out / "sweep.json").read_text())

@@ -118,7 +118,7 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(sha
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "sweep"
     assert main(["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out),
-                 "--max-concurrent", "2", "--quiet"]) == 0
+                 "--max-concurrent", "1", "--quiet"]) == 0
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     rungs = fidelity_ladder(4, 2, 0.25, 8)
     assert [(r.fraction, r.trials) for r in rungs] == [(0.25, 4), (0.5, 2), (1.0, 1)]
@@ -158,7 +158,7 @@ def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, t
     space = sp.load(tmp_path / "s.yaml")
     out = tmp_path / "sweep"
     args = ["tune", "--space", str(tmp_path / "s.yaml"), "--data", "synthetic", "--out", str(out), "--quiet",
-            "--max-concurrent", "2"]
+            "--max-concurrent", "1"]
     assert main(args) == 0
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert [(r.fraction, r.trials) for r in screening_ladder(3, 4, 0.25, 8)] == [(0.25, 3), (1.0, 1)]
@@ -390,7 +390,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         return p
 
-    bench("--report", str(tmp_path / "f.md"), "--startup-trials", "1")
+    bench("--report", str(tmp_path / "f.md"), "--startup-trials", "1", "--workers", "1")
     jobs = sorted((tmp_path / "o" / "jobs").glob("*.json"))
     assert len(jobs) == 6 * 2 * 3  # schedules x seeds x fidelities (1/9, 1/3, 1)
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -416,7 +416,7 @@ def test_bench_fidelity_quick_trains_every_fidelity_once_and_reuses_its_jobs(tmp
     lines = ledger.read_text().splitlines()
     assert len(lines) == 36 and all(json.loads(x)["job"]["data"] == "synthetic" for x in lines)
     ledger.write_text("".join(x + "\n" for x in lines if json.loads(x)["id"] != jobs[0].stem))
-    assert "35 stored, 1 to train" in bench().stdout
+    assert "35 stored, 1 to train" in bench("--workers", "1").stdout
     assert len(list((tmp_path / "o" / "jobs").glob("*.json"))) == 36
     assert len(ledger.read_text().splitlines()) == 36
     # a fresh checkout (no jobs folder) rebuilds every run from the ledger and trains nothing

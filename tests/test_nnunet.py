@@ -520,7 +520,7 @@ def test_a_sweep_whose_trials_are_nnunet_trainings(nnunet_dataset, tmp_path, mon
     assert main(["tune", "--space", str(space), "--data", "990", "--out", str(out), "--quiet"]) == 2
     assert not out.exists() or not (out / "sweep.json").exists()
     assert main(["tune", "--space", str(space), "--data", "990", "--nnunet-plans", "990", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--quiet", "--max-concurrent", "1"]) == 0
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     search = [r for r in rows if r["phase"] == "search"]
     assert len(search) == 2 and all(r["completed"] for r in search)

@@ -32,7 +32,7 @@ def test_pareto_sweep_exports_its_front_and_keeps_one_study_across_resume_and_wa
     space = write_space(tmp_path / "s.yaml", objective={"type": "pareto"}, budget=TINY,
                         search={"num_samples": 3, "startup_trials": 2, "references": False})
     out = tmp_path / "sweep"
-    cmd = ["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--max-concurrent", "2", "--quiet"]
+    cmd = ["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--max-concurrent", "1", "--quiet"]
     assert main(cmd) == 0
     printed = capsys.readouterr()
     assert "ASHA early stopping is off" in printed.err and "Pareto front:" in printed.out

@@ -4,6 +4,11 @@ clusters: tests/test_tuner_recovery.py, which uses the helpers here).
 Each live sweep costs tens of seconds, so one sweep carries several assertions.  Tests wait on
 observed events (a report in an experiment folder, a state in Tune's experiment state), never on
 fixed sleeps, and every wait has a generous limit that fails with a clear message.
+
+Sweeps here (and in the other test files) run one trial at a time (``--max-concurrent 1``) unless
+trials side by side are what a test is about: Tune reuses a trial's Ray actor for the next trial,
+and each actor more starts a process that imports torch, MONAI and Ray Tune, about 10 CPU-seconds
+on 2 cores, more than a tiny trial trains.  The suite is CPU-bound on 2 cores, so that is time.
 """
 
 import json
@@ -284,7 +289,7 @@ def test_compute_budget_counts_every_trials_latest_progress():
 @pytest.mark.parametrize(
     "extra,needle,ray_starts",
     [
-        (["--cpus-per-trial", "64"], "--cpus-per-trial 64 but the cluster has", True),
+        (["--cpus-per-trial", "64"], "--cpus-per-trial 64 but the cluster has", False),  # known before Ray starts
         (["--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5 but the cluster has 0 GPUs", True),
         (["--address", "127.0.0.1:1"], "no Ray cluster reachable at --address 127.0.0.1:1", False),
         (["--storage", "{tmp}/file/sub"], "cannot write to --storage", False),
@@ -303,6 +308,24 @@ def test_bad_sweep_input_fails_at_once_with_one_line(tmp_path, ray_tmp, extra, n
     # joining a cluster starts no Ray of its own
     assert bool(ray_sessions(ray_tmp)) == ray_starts
     wait_for(lambda: not ray_processes(ray_tmp), "exit of the local Ray the command started")
+
+
+def test_an_address_nothing_listens_at_is_refused_without_waiting_for_ray():
+    import socket
+
+    from pgps_tune.tuner import _refused
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: a connection is refused
+        here, nobody = listening.getsockname()[1], closed.getsockname()[1]
+        assert _refused(f"127.0.0.1:{here}") is None  # something answers: Ray decides whether it is a cluster
+        assert _refused(f"127.0.0.1:{nobody}") == "connection refused"
+        assert _refused(f"[::1]:{nobody}") in ("connection refused", None)  # None where IPv6 is off
+    assert _refused("no-such-host.invalid:6379") == "unknown host no-such-host.invalid"
+    for other in ("auto", "ray://127.0.0.1:1", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", ":6379"):
+        assert _refused(other) is None, other  # forms Ray reads (or refuses) itself
 
 
 def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
@@ -447,7 +470,8 @@ def test_cheapest_within_scores_every_trial_against_the_baseline_target(shared_r
     space = write_space(tmp_path / "s.yaml", objective={"type": "cheapest_within", "tolerance": 0.5},
                         search={"num_samples": 2}, budget={**BUDGET, "iterations_per_epoch": 4})
     out = tmp_path / "cheap"
-    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet"]) == 0
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet",
+                 "--max-concurrent", "1"]) == 0
     meta = json.loads((out / "sweep.json").read_text())
     table = rows(out)
     baseline = next(r for r in table if r["role"] == "baseline")

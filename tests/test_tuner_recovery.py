@@ -134,7 +134,7 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     env = {"RAY_TMPDIR": ray_tmp}
     monkeypatch.chdir(tmp_path)  # relative paths in the command; the printed resume line must work from anywhere
     cmd = [sys.executable, "-m", "pgps_tune.cli", "tune", "--space", "s.yaml", "--data", "synthetic",
-           "--out", "sweep", "--max-concurrent", "2", "--quiet"]
+           "--out", "sweep", "--max-concurrent", "1", "--quiet"]
 
     def reports() -> int:
         return sum(map(len, reported_epochs(out).values()))
@@ -230,7 +230,8 @@ def test_failed_and_diverged_trials(tmp_path):
     env = {"PGPS_TEST_FAILURES": json.dumps({"epoch": 4, "lr": {"0.01": 1, "0.012": 99}, "diverge": "0.013",
                                              "marks": str(hook)}),
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-    r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--max-failures", "1", env=env)
+    r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--max-failures", "1",
+            "--max-concurrent", "1", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 trials: 1 completed, 0 stopped early, 2 failed." in r.stdout
     by_lr = {json.loads(x["params"])["lr"]: x for x in rows(out)}
