@@ -95,24 +95,53 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         raise _cannot(path, exc) from None
 
 
-def available_memory() -> int | None:
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes of memory this process could still take: the kernel's MemAvailable, capped by the
-    cgroup's (a container's) limit less its usage; None where neither can be read."""
+    headroom (limit less usage) of every memory cgroup it sits in, its own and their parents
+    (cgroup v2's ``memory.max``, v1's ``memory.limit_in_bytes``: a container's or a batch job's
+    limit); None where none of them can be read."""
     found: list[int] = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        cg = Path("/sys/fs/cgroup")
-        limit = (cg / "memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int((cg / "memory.current").read_text().strip()))
-    except (OSError, ValueError):
-        pass
+    for folder, limit_file, usage_file in _memory_cgroups(proc, cgroups):
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a number near 2**63
+                found.append(int(limit) - int((folder / usage_file).read_text().strip()))
+        except (OSError, ValueError):
+            continue
     return min(found) if found else None
+
+
+def _memory_cgroups(proc: Path, cgroups: Path) -> list[tuple[Path, str, str]]:
+    """(folder, limit file, usage file) of this process's memory cgroups and their parents, from
+    ``/proc/self/cgroup``: the unified hierarchy (``0::PATH``, v2) and v1's ``memory`` controller.
+    The mount's root is always among them (a cgroup namespace shows the process at ``/``)."""
+    v2, v1 = ("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    places: dict[Path, tuple[str, str]] = {cgroups: v2, cgroups / "memory": v1}
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            root, files = cgroups, v2
+        elif "memory" in parts[1].split(","):
+            root, files = cgroups / "memory", v1
+        else:
+            continue
+        folder = root.joinpath(*[p for p in parts[2].strip().split("/") if p not in ("", ".", "..")])
+        while folder != root:
+            places[folder] = files
+            folder = folder.parent
+    return [(folder, *files) for folder, files in places.items()]
 
 
 def _check_size(path: Path, shape: Sequence[int], itemsize: int) -> None:

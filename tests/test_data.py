@@ -467,8 +467,11 @@ def test_a_damaged_cache_is_detected_and_rebuilt(tiny_msd, monkeypatch, capsys, 
 
 
 CHILD = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+# Python leaves SIGINT ignored where it started so (a child of a shell's background job, as a CI script
+# may run pytest): Ctrl-C must raise KeyboardInterrupt here, as in a terminal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pgps_tune import data
 source, cache, gate, hook = sys.argv[1:5]
 gate = Path(gate)
