@@ -158,3 +158,25 @@ def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, capsys, monkeypat
     assert err == ("pgps-tune: error: --mlflow needs MLflow, which is not installed here; "
                    "pip install 'pgps-tune[mlflow]'")
     assert not out.exists()
+
+
+def test_the_mlflow_callback_is_made_on_first_use_and_unpickles_through_the_resume_check(tmp_path):
+    # made lazily (importing Ray's MLflow integration imports MLflow), yet a pickled Tune state names it
+    # as pgps_tune.tuner.MLflowTrials: the resume check's unpickler must find that very class
+    import io
+    import pickle
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlflow")
+    from pgps_tune import tuner
+
+    cold = subprocess.run([sys.executable, "-c", "import sys, pgps_tune.tuner; print('mlflow' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert cold.stdout.strip() == "False", cold.stderr[-2000:]  # importing the tuner imports no MLflow
+    callback = tuner.MLflowTrials(f"sqlite:///{tmp_path / 'm.db'}", experiment_name="e", tags={"a": "b"})
+    assert type(callback) is tuner.MLflowTrials is tuner._mlflow_trials_class()
+    back = tuner._VettingUnpickler(io.BytesIO(pickle.dumps(callback))).load()
+    assert type(back) is tuner.MLflowTrials and back.tags == {"a": "b"} and back.mlflow_util is not None
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        tuner.Nothing  # noqa: B018
