@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import io
 import json
 import logging
@@ -1031,6 +1032,7 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
 # -- tracking --------------------------------------------------------------------------------
 
 
+@functools.cache
 def _mlflow_trials_class() -> type:
     """Ray's MLflow logger (a run per trial: its parameters, and every report as metrics stepped by
     report), plus the trial's schedule as the artifact ``schedule.yaml``.
@@ -1042,9 +1044,6 @@ def _mlflow_trials_class() -> type:
     unpickles that state): the MLflow module and the run ids are made again when a resumed sweep sets
     it up.
     """
-    global _MLFLOW_TRIALS
-    if _MLFLOW_TRIALS is not None:
-        return _MLFLOW_TRIALS
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowTrials(MLflowLoggerCallback):
@@ -1072,11 +1071,7 @@ def _mlflow_trials_class() -> type:
             self.__dict__.update(state, mlflow_util=_MLflowLoggerUtil())
 
     MLflowTrials.__module__, MLflowTrials.__qualname__ = __name__, "MLflowTrials"
-    _MLFLOW_TRIALS = MLflowTrials
     return MLflowTrials
-
-
-_MLFLOW_TRIALS: type | None = None
 
 
 def __getattr__(name: str) -> Any:
