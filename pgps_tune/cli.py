@@ -514,16 +514,17 @@ def _write_learning_curve(run: Path) -> None:
 
 
 def _memory_of(device: Any) -> tuple[int, str]:
-    """(bytes, what) this machine gives a run on ``device``: GPU memory, or RAM within any cgroup limit."""
+    """(bytes, what) this machine gives a run on ``device``: GPU memory, or RAM within any cgroup limit
+    (cgroup v1 or v2, the process's own or a parent's)."""
     import torch
 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device.index or 0)
         return props.total_memory, f"GPU memory on {props.name}"
+    from pgps_tune.imageio import memory_limit
+
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    with contextlib.suppress(OSError, ValueError):  # a container's limit, where one is set
-        have = min(have, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))
-    return have, "RAM"
+    return min(have, memory_limit() or have), "RAM"  # within a container's or a batch job's cgroup limit
 
 
 def _check_batch_memory(s: sch.Schedule, cfg: TrainConfig) -> None:

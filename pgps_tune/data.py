@@ -7,7 +7,7 @@ see :mod:`pgps_tune.intensity`) and cached as
 loading costs nothing after the first run.  Foreground voxel coordinates per
 class are cached beside them for foreground-centred sampling.
 
-Untrusted input is refused with one line, before anything is written: a file
+Untrusted input is refused with one line, and nothing of it lands in the cache: a file
 that dataset.json (or the nnU-Net folder) names outside the dataset folder
 (an absolute path, ``..``, a link that leads out), and an image with a
 non-finite voxel (NaN, inf, or a value beyond float32), naming the case and file.
@@ -18,6 +18,10 @@ The cache, ``CACHE_ROOT/NAME-FINGERPRINT/``:
   the folder, ``prepared.json`` last, then renames the folder into place.
   ``prepared.json`` is the completeness record: it lists every other file with
   its size in bytes.
+- **Built in bounded memory.**  Preparation holds at most ``workers`` cases in
+  memory at a time, so a dataset larger than the machine's memory (MSD's CT
+  tasks) is prepared like a small one: the cases are read and checked once,
+  parked on disk inside the temporary folder, then normalised one by one.
 - **Checked on every open** (cheaply, no data is read): every listed file
   exists with its recorded size, each ``.npy`` header holds the dtype and shape
   that ``prepared.json`` gives the case, each ``_fg.npz`` lists one array per
@@ -402,9 +406,6 @@ def _fingerprint(spec: DatasetSpec) -> str:
     return h.hexdigest()[:16]
 
 
-Volumes = list[tuple[np.ndarray, np.ndarray]]
-
-
 class _Damaged(Exception):
     """A cache folder fails the integrity check; ``str()`` says how."""
 
@@ -523,20 +524,14 @@ def _remove_stale(out: Path) -> None:
             _remove(p)
 
 
-def _write_cache(out: Path, meta: dict[str, Any], volumes: Volumes, num_classes: int) -> None:
-    """Write a complete cache folder atomically (temp folder, ``prepared.json`` last, rename)."""
+def _write_cache(out: Path, build: Callable[[Path], dict[str, Any]]) -> None:
+    """Write a complete cache folder atomically: ``build(folder)`` writes the case files into a temporary
+    folder and returns the metadata, then ``prepared.json`` is written last and the folder renamed."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     os.mkdir(tmp)  # mode 0777 less the umask (mkdtemp would give 0700)
     try:
-        rng = np.random.default_rng(0)
-        sizes = {}
-        for i, (img, seg) in enumerate(volumes):
-            names = _case_files(i)
-            np.save(tmp / names[0], np.ascontiguousarray(img, dtype=np.float32))
-            np.save(tmp / names[1], np.ascontiguousarray(seg, dtype=np.uint8))
-            fg = _fg_coords(seg, num_classes, rng)
-            np.savez(tmp / names[2], **{f"c{k}": v for k, v in fg.items()})
-            sizes.update({n: (tmp / n).stat().st_size for n in names})
+        meta = build(tmp)
+        sizes = {n: (tmp / n).stat().st_size for i in range(len(meta["case_ids"])) for n in _case_files(i)}
         (tmp / META).write_text(json.dumps({**meta, "files": sizes}, indent=1), encoding="utf-8")
         if out.exists():  # a damaged folder (we hold the lock): move it aside, then drop it
             old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
@@ -548,8 +543,39 @@ def _write_cache(out: Path, meta: dict[str, Any], volumes: Volumes, num_classes:
         raise
 
 
-def _cached(out: Path, build: Callable[[], tuple[dict[str, Any], Volumes, int]]) -> PreparedDataset:
-    """Open the cache folder ``out``, building it with ``build()`` first if it is missing or damaged."""
+def _save_case(folder: Path, i: int, image: np.ndarray, label: np.ndarray) -> list[int]:
+    """Write case ``i``'s image (float32) and label (uint8) into a cache folder; returns the label's shape."""
+    names = _case_files(i)
+    np.save(folder / names[0], np.ascontiguousarray(image, dtype=np.float32))
+    np.save(folder / names[1], np.ascontiguousarray(label, dtype=np.uint8))
+    return list(label.shape)
+
+
+def _save_fg(folder: Path, cases: int, num_classes: int) -> None:
+    """Write every case's foreground coordinates, in case order: the sampling of classes with more than
+    :data:`MAX_FG_COORDS` voxels shares one generator, so the order makes the cache reproducible."""
+    rng = np.random.default_rng(0)
+    for i in range(cases):
+        img, seg, fg = _case_files(i)
+        coords = _fg_coords(np.load(folder / seg, mmap_mode="r"), num_classes, rng)
+        np.savez(folder / fg, **{f"c{k}": v for k, v in coords.items()})
+
+
+def _in_parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``workers`` threads, so at most ``workers`` items are in hand at once.
+
+    On an error or Ctrl-C the items not started are dropped and the running ones finish before it is
+    raised (so nothing writes into a folder the caller then removes)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cached(out: Path, build: Callable[[Path], dict[str, Any]]) -> PreparedDataset:
+    """Open the cache folder ``out``, building it with ``build`` (see :func:`_write_cache`) first if it is
+    missing or damaged."""
     with _build_lock(out) as lock_error:
         if lock_error is None:
             _remove_stale(out)
@@ -567,9 +593,8 @@ def _cached(out: Path, build: Callable[[], tuple[dict[str, Any], Volumes, int]])
         if damage:
             print(f"pgps-tune: the preprocessing cache {out} is damaged ({damage}); rebuilding it",
                   file=sys.stderr, flush=True)
-        meta, volumes, num_classes = build()
         try:
-            _write_cache(out, meta, volumes, num_classes)
+            _write_cache(out, build)
         except OSError as exc:
             raise PgpsError(
                 f"cannot write the preprocessing cache under {out.parent} ({exc.strerror or exc}); "
@@ -582,18 +607,38 @@ def _cached(out: Path, build: Callable[[], tuple[dict[str, Any], Volumes, int]])
                             "check the disk") from None
 
 
-def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volumes, int]:
-    """Read, reorient, resample and normalise every case of ``spec``."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        read = list(pool.map(lambda c: _read_case(c, spec.labels, spec.channels), spec.cases))
-    raw = [r[:3] for r in read]
-    _check_classes(spec, set().union(*(r[4] for r in read)), [n for r in read for n in r[3]])
-    spacings = np.array([r[2] for r in raw])
+def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]:
+    """Read, reorient, resample and normalise every case of ``spec`` into the cache folder ``folder``.
+
+    Memory holds at most ``workers`` cases at a time, whatever the dataset's size: a first pass reads and
+    checks every case and parks its voxels on the canonical grid in ``folder`` (the target spacing and the
+    CT statistics need every case before any can be normalised); a second resamples and normalises each
+    parked case into its cache files.  Each file is decoded once; the disk holds about one copy of the
+    dataset beside the cache while it is built.
+    """
+    parked = folder / "parked"
+    os.mkdir(parked)
+
+    def park(item: tuple[int, Case]) -> tuple[tuple[float, float, float], list[str], set[int]]:
+        k, case = item
+        image, label, spacing, notes, values = _read_case(case, spec.labels, spec.channels)
+        np.save(parked / f"{k}_img.npy", image)
+        np.save(parked / f"{k}_seg.npy", label)
+        return spacing, notes, values
+
+    def unpark(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.load(parked / f"{k}_img.npy", mmap_mode="r"), np.load(parked / f"{k}_seg.npy", mmap_mode="r")
+
+    read = _in_parallel(park, list(enumerate(spec.cases)), workers)
+    _check_classes(spec, set().union(*(r[2] for r in read)), [n for r in read for n in r[1]])
+    spacings = np.array([r[0] for r in read])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
     # CT statistics from the raw intensities of every labelled case, before resampling (as nnU-Net)
-    schemes = intensity.fit(intensity.scheme_names(spec.modalities), ((r[0], r[1]) for r in raw))
-    vols = []
-    for case, (image, label, sp) in zip(spec.cases, raw):
+    schemes = intensity.fit(intensity.scheme_names(spec.modalities), (unpark(k) for k in range(len(spec.cases))))
+
+    def finish(k: int) -> list[int]:
+        case, sp = spec.cases[k], read[k][0]
+        image, label = unpark(k)
         if not np.allclose(sp, target, rtol=1e-3):
             image, label = _resample(image, label, sp, target)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
@@ -603,15 +648,22 @@ def _preprocess(spec: DatasetSpec, workers: int) -> tuple[dict[str, Any], Volume
                 f"case {case.case_id}: its intensities are too large to normalise in float32; "
                 "rescale the image or drop the case"
             )
-        vols.append((image, label))
-    meta = {
+        shape = _save_case(folder, k, image, label)
+        del image, label
+        for name in (f"{k}_img.npy", f"{k}_seg.npy"):
+            (parked / name).unlink()
+        return shape
+
+    shapes = _in_parallel(finish, list(range(len(spec.cases))), workers)
+    parked.rmdir()
+    _save_fg(folder, len(spec.cases), len(spec.labels))
+    return {
         "name": spec.name, "labels": {str(k): v for k, v in spec.labels.items()},
         "channels": spec.channels, "spacing": list(target),
         "case_ids": [c.case_id for c in spec.cases],
-        "shapes": [list(v[1].shape) for v in vols], "source": str(spec.root.resolve()),
+        "shapes": shapes, "source": str(spec.root.resolve()),
         "normalisation": schemes,
     }
-    return meta, vols, len(spec.labels)
 
 
 def _check_classes(spec: DatasetSpec, present: set[int], notes: list[str]) -> None:
@@ -631,16 +683,18 @@ def _check_classes(spec: DatasetSpec, present: set[int], notes: list[str]) -> No
         print(f"pgps-tune: warning: {notes[0]}{more}: check those files' headers", file=sys.stderr, flush=True)
 
 
-def _synthetic(cases: int, shape: Sequence[int], noise: float, seed: int) -> tuple[dict[str, Any], Volumes, int]:
-    vols = synthetic_volumes(cases, shape, noise, seed)
-    meta = {
+def _synthetic(cases: int, shape: Sequence[int], noise: float, seed: int, folder: Path) -> dict[str, Any]:
+    """Write the synthetic dataset's cases into the cache folder ``folder``, one at a time."""
+    made = enumerate(_synthetic_cases(cases, shape, noise, seed))
+    shapes = [_save_case(folder, i, img, seg) for i, (img, seg) in made]
+    _save_fg(folder, cases, 3)
+    return {
         "name": SYNTHETIC, "labels": {"0": "background", "1": "dim", "2": "bright"},
         "channels": 1, "spacing": [1.0, 1.0, 1.0],
         "case_ids": [f"synthetic_{i:03d}" for i in range(cases)],
-        "shapes": [list(v[1].shape) for v in vols], "source": SYNTHETIC,
+        "shapes": shapes, "source": SYNTHETIC,
         "normalisation": [intensity.ZSCORE],
     }
-    return meta, vols, 3
 
 
 def prepare(
@@ -660,9 +714,10 @@ def prepare(
     if str(source) == SYNTHETIC:
         args = (synthetic_cases, list(synthetic_shape), synthetic_noise, synthetic_seed)
         key = hashlib.sha256(json.dumps([PREPROCESS_VERSION, *args]).encode()).hexdigest()[:16]
-        return _cached(cache_root / f"synthetic-{key}", lambda: _synthetic(*args))
+        return _cached(cache_root / f"synthetic-{key}", lambda folder: _synthetic(*args, folder))
     spec = discover(source)
-    return _cached(cache_root / f"{_safe(spec.name)}-{_fingerprint(spec)}", lambda: _preprocess(spec, workers))
+    out = cache_root / f"{_safe(spec.name)}-{_fingerprint(spec)}"
+    return _cached(out, lambda folder: _preprocess(spec, workers, folder))
 
 
 def _safe(name: str) -> str:
@@ -677,17 +732,20 @@ def synthetic_volumes(
     Two foreground classes (dim and bright spheres); with noise around 1.5 a
     small network keeps improving for a while, so curricula can differ.
     """
+    return list(_synthetic_cases(n, shape, noise, seed))
+
+
+def _synthetic_cases(n: int, shape: Sequence[int], noise: float, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The cases of :func:`synthetic_volumes`, made one at a time."""
     from monai.data.synthetic import create_test_image_3d
 
-    vols = []
     for i in range(n):
         rs = np.random.RandomState(seed * 100003 + i)
         img, seg = create_test_image_3d(
             *shape, num_objs=8, rad_max=max(3, min(shape) // 5), rad_min=max(2, min(shape) // 12),
             noise_max=noise, num_seg_classes=2, random_state=rs,
         )
-        vols.append((intensity.normalise(img[None], [intensity.ZSCORE]), seg.astype(np.uint8)))
-    return vols
+        yield intensity.normalise(img[None], [intensity.ZSCORE]), seg.astype(np.uint8)
 
 
 # -- split -------------------------------------------------------------------------

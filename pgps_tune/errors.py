@@ -110,19 +110,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_hint: str) -> bytes:
     """The bytes of the file ``what`` names ("space file x.yaml"), refused in one line when it is missing,
-    a folder, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read)."""
+    a folder, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read, a MiB at a time: one
+    ``read(limit + 1)`` would allocate the whole limit for every small file)."""
+    chunks: list[bytes] = []
+    got = 0
     try:
         with path.open("rb") as fh:
-            data = fh.read(limit + 1)
+            while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
+                chunks.append(chunk)
+                got += len(chunk)
     except FileNotFoundError:
         raise PgpsError(f"{what} does not exist; {missing_hint}") from None
     except IsADirectoryError:
         raise PgpsError(f"{what} is a folder; give a file") from None
     except OSError as exc:
         raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
-    if len(data) > limit:
+    if got > limit:
         raise PgpsError(f"{what} is larger than {limit >> 20} MiB; {too_big_hint}")
-    return data
+    return b"".join(chunks)
 
 
 MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB

@@ -100,21 +100,39 @@ def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/c
     headroom (limit less usage) of every memory cgroup it sits in, its own and their parents
     (cgroup v2's ``memory.max``, v1's ``memory.limit_in_bytes``: a container's or a batch job's
     limit); None where none of them can be read."""
-    found: list[int] = []
+    found = _meminfo(proc, "MemAvailable") + [limit - usage for limit, usage in _cgroup_limits(proc, cgroups)]
+    return min(found) if found else None
+
+
+def memory_limit(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory this process may hold at most, used or not: the machine's MemTotal, capped by the
+    limit of every memory cgroup it sits in (as :func:`available_memory`); None where none can be read."""
+    found = _meminfo(proc, "MemTotal") + [limit for limit, _ in _cgroup_limits(proc, cgroups)]
+    return min(found) if found else None
+
+
+def _meminfo(proc: Path, field: str) -> list[int]:
+    """``[bytes]`` of one field of ``/proc/meminfo``, or ``[]`` where it cannot be read."""
     try:
         for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
+            if line.startswith(f"{field}:"):
+                return [int(line.split()[1]) * 1024]
     except (OSError, ValueError, IndexError):
         pass
+    return []
+
+
+def _cgroup_limits(proc: Path, cgroups: Path) -> list[tuple[int, int]]:
+    """(limit, usage) in bytes of each of this process's memory cgroups that sets a limit."""
+    found = []
     for folder, limit_file, usage_file in _memory_cgroups(proc, cgroups):
         try:
             limit = (folder / limit_file).read_text().strip()
             if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a number near 2**63
-                found.append(int(limit) - int((folder / usage_file).read_text().strip()))
+                found.append((int(limit), int((folder / usage_file).read_text().strip())))
         except (OSError, ValueError):
             continue
-    return min(found) if found else None
+    return found
 
 
 def _memory_cgroups(proc: Path, cgroups: Path) -> list[tuple[Path, str, str]]:

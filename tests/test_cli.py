@@ -197,6 +197,15 @@ def test_a_batch_that_cannot_fit_is_refused_with_the_estimate_and_the_memory(cap
     assert not (tmp_path / "o").exists()
 
 
+def test_the_batch_check_counts_a_cgroup_limit_below_the_machines_memory(capsys, tmp_path, tiny_msd, monkeypatch):
+    from pgps_tune import imageio
+
+    monkeypatch.setattr(imageio, "memory_limit", lambda: 2**30)  # a job limited to 1 GiB (v1 or v2, own or parent)
+    line = refused(capsys, ["train", "--data", tiny_msd, "--out", tmp_path / "o", "--batch-size", "1000",
+                            "--preset", "constant", "--quiet"])
+    assert "stage 0 (batch 1000 of 20x24x16 patches)" in line and "more than the 1 GiB of RAM here" in line
+
+
 def test_training_memory_estimate():
     # by hand: 16^3 at batch 2, pools 2 per axis, filters 4, 8, 16: 4*16^3 + 8*8^3 + 16*4^3 = 21504 values
     # per patch, times 2 patches, 4 saved activations each (UNet) and 4 bytes

@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -51,6 +52,35 @@ def test_msd_prepare_and_cache_reuse(tiny_msd, monkeypatch):
     assert again.cache_dir == ds.cache_dir
     assert len(reads) == 6  # no case was read again
     assert _file_stamps(again.cache_dir) == stamps  # and no file rewritten or replaced
+
+
+def _peak_preparing(root: Path, cache: Path, workers: int) -> tuple[data.PreparedDataset, int]:
+    """The prepared dataset and the peak of memory allocated (NumPy's buffers included) while preparing it."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        ds = data.prepare(root, cache_root=cache, workers=workers)
+        return ds, tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+def test_preparation_holds_a_few_cases_in_memory_not_the_whole_dataset(tmp_path):
+    """A dataset larger than the machine's memory is prepared like a small one: the memory it takes does not
+    grow with the number of cases (before, every case was held at once: 52 cases' worth for these 16, 3.3 per
+    case); the files do not depend on the number of workers."""
+    shape, spacings = (40, 40, 40), [(1.0, 1.0, 1.0), (1.0, 1.0, 1.25)]
+    data.prepare(make_msd(tmp_path / "warm", n=2, shape=(8, 8, 8), spacings=spacings), cache_root=tmp_path / "w")
+    few, few_peak = _peak_preparing(make_msd(tmp_path / "few", n=4, shape=shape, spacings=spacings * 2),
+                                    tmp_path / "c4", workers=1)
+    many, peak = _peak_preparing(make_msd(tmp_path / "many", n=16, shape=shape, spacings=spacings * 8),
+                                 tmp_path / "c16", workers=1)
+    case_bytes = 4 * int(np.prod(shape))  # one case in float32
+    assert len(many) == 16 and {s[2] for s in many.shapes} == {36, 44}  # every case resampled (median spacing)
+    assert peak < 1.25 * few_peak and peak < 20 * case_bytes, (peak / case_bytes, few_peak / case_bytes)
+    other = data.prepare(tmp_path / "many", cache_root=tmp_path / "three", workers=3).cache_dir
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in many.cache_dir.iterdir())
+    assert all((other / p.name).read_bytes() == p.read_bytes() for p in many.cache_dir.iterdir())
 
 
 def test_changed_files_invalidate_the_cache(tiny_msd):

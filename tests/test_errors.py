@@ -202,6 +202,31 @@ def test_alias_bombs_deep_nesting_and_huge_files_are_refused_at_once(capsys, tmp
     assert sp.load(ok).param("batch_cap").value == 2
 
 
+def test_a_small_file_is_read_without_allocating_the_size_limit(tmp_path, monkeypatch):
+    """Every JSON file the tool reads (dataset.json, prepared.json, a sweep's state) was read with one
+    ``read(limit + 1)``: 256 MiB allocated per file, whatever its size. Reads now take a MiB at a time."""
+    import tracemalloc
+
+    from pgps_tune import errors
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"labels": {"0": "background"}}))
+    tracemalloc.start()
+    try:
+        assert errors.read_json(small, "test file", "fix it") == {"labels": {"0": "background"}}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB allocated to read {small.stat().st_size} bytes"
+    monkeypatch.setattr(errors, "MAX_JSON_BYTES", 3 << 20)  # the limit still holds across chunks
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(["x" * 1000] * 3200))  # 3.1 MiB
+    with pytest.raises(PgpsError, match="larger than 3 MiB"):
+        errors.read_json(big, "test file", "fix it")
+    big.write_text(json.dumps(["x" * 1000] * 3100))  # 2.96 MiB, spread over 3 reads
+    assert len(errors.read_json(big, "test file", "fix it")) == 3100
+
+
 def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
     from pgps_tune import schedule as sch
 

@@ -175,7 +175,7 @@ def test_a_header_declaring_more_voxels_than_memory_holds_is_refused_before_deco
         assert imageio.read(path)[0].shape == (6, 5, 4)
 
 
-def test_available_memory_takes_the_tightest_cgroup_limit_of_either_version(tmp_path):
+def test_available_memory_and_the_limit_take_the_tightest_cgroup_of_either_version(tmp_path):
     proc, cg = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text("MemTotal: 100000 kB\nMemAvailable:   50000 kB\n")
@@ -187,22 +187,26 @@ def test_available_memory_takes_the_tightest_cgroup_limit_of_either_version(tmp_
 
     kib = 1024
     assert imageio.available_memory(proc, cg) == 50000 * kib  # no cgroup files: MemAvailable alone
+    assert imageio.memory_limit(proc, cg) == 100000 * kib  # and MemTotal
     # v1 (this machine's kind): a job's memory cgroup, limited by its parent's limit; the root unlimited
     (proc / "self" / "cgroup").write_text("4:memory:/jobs/job7\n3:cpuset:/\n0::/\n")
     files(cg / "memory", memory_limit_in_bytes=9223372036854771712, memory_usage_in_bytes=10**9)
     files(cg / "memory" / "jobs", memory_limit_in_bytes=30000 * kib, memory_usage_in_bytes=20000 * kib)
     files(cg / "memory" / "jobs" / "job7", memory_limit_in_bytes=9223372036854771712, memory_usage_in_bytes=5)
     assert imageio.available_memory(proc, cg) == 10000 * kib  # the parent's headroom, not the unlimited leaves
+    assert imageio.memory_limit(proc, cg) == 30000 * kib
     # v2: the process's own cgroup, below a parent without a limit
     (proc / "self" / "cgroup").write_text("0::/user.slice/run-1.scope\n")
     files(cg / "user.slice", memory_max="max", memory_current=123)
     files(cg / "user.slice" / "run-1.scope", memory_max=8000 * kib, memory_current=1000 * kib)
     assert imageio.available_memory(proc, cg) == 7000 * kib
+    assert imageio.memory_limit(proc, cg) == 8000 * kib
     # a namespaced container sees itself at the root
     (proc / "self" / "cgroup").write_text("0::/\n")
     files(cg, memory_max=60000 * kib, memory_current=40000 * kib)
     assert imageio.available_memory(proc, cg) == 20000 * kib
+    assert imageio.memory_limit(proc, cg) == 60000 * kib
     (proc / "meminfo").write_text("garbage\n")
     (cg / "memory.max").write_text("not a number\n")
-    assert imageio.available_memory(proc, cg) is None  # nothing readable: no guess
+    assert imageio.available_memory(proc, cg) is None and imageio.memory_limit(proc, cg) is None  # no guess
     assert imageio.available_memory() is None or imageio.available_memory() > 0  # this machine's own
