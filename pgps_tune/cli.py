@@ -539,7 +539,8 @@ def _check_batch_memory(s: sch.Schedule, cfg: TrainConfig) -> None:
         return
 
     device = resolve_device(cfg.device)
-    need, i = sch.training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4)
+    need, i = sch.training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4,
+                                  res_units=cfg.res_units)
     have, what = _memory_of(device)
     if need > have:
         st = s.stages[i]

@@ -219,17 +219,22 @@ def plural(n: float, noun: str, many: str | None = None) -> str:
 # for MONAI's UNet with one residual unit, 16 for DynUNet), so an estimate over the machine's
 # memory is surely too much.
 SAVED_ACTIVATIONS = {"unet": 4, "dynunet": 12}
+# each residual unit past the first (MONAI's num_res_units, --res-units): what autograd saves per channel and
+# voxel grew by 0.3-0.7 values per unit over one unit's 2.0-2.6 (saved-tensor hooks, 16^3 to 40x56x40), so 1
+# keeps the estimate under the measured cost
+SAVED_PER_EXTRA_RES_UNIT = {"unet": 1}
 
 
 def training_memory(
-    s: Schedule, filters: Sequence[int], network: str = "unet", bytes_per_value: int = 4
+    s: Schedule, filters: Sequence[int], network: str = "unet", bytes_per_value: int = 4, res_units: int = 1
 ) -> tuple[int, int]:
     """Estimated activation bytes of the hungriest stage of ``s``, and that stage's index.
 
     Why: a batch far too large for the machine should be refused in one line before a run
     starts, not end in an out-of-memory kill.  Level ``l`` of the network holds
     ``filters[l]`` channels at the patch size halved once per pooling so far on each axis.
-    ``bytes_per_value`` is 4 in fp32, 2 under CUDA mixed precision.
+    ``bytes_per_value`` is 4 in fp32, 2 under CUDA mixed precision; ``res_units`` is the UNet's
+    residual units per level.
     """
     levels = max(s.pools) + 1
     per_stage = [
@@ -240,7 +245,8 @@ def training_memory(
         for st in s.stages
     ]
     worst = max(range(len(per_stage)), key=per_stage.__getitem__)
-    return per_stage[worst] * SAVED_ACTIVATIONS[network] * bytes_per_value, worst
+    values = SAVED_ACTIVATIONS[network] + SAVED_PER_EXTRA_RES_UNIT.get(network, 0) * (max(1, res_units) - 1)
+    return per_stage[worst] * values * bytes_per_value, worst
 
 
 # -- validation --------------------------------------------------------------

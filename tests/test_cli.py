@@ -212,6 +212,9 @@ def test_training_memory_estimate():
     s = sch.constant((16, 16, 16), (2, 2, 2), 2, 5)
     assert sch.training_memory(s, (4, 8, 16, 32)) == (21504 * 2 * 4 * 4, 0)
     assert sch.training_memory(s, (4, 8, 16), "dynunet", bytes_per_value=2) == (21504 * 2 * 12 * 2, 0)
+    # --res-units: one more saved value per channel and voxel for each residual unit past the first (UNet only)
+    assert sch.training_memory(s, (4, 8, 16, 32), res_units=3) == (21504 * 2 * 6 * 4, 0)
+    assert sch.training_memory(s, (4, 8, 16), "dynunet", res_units=3) == (21504 * 2 * 12 * 4, 0)
     # performance mode: the first stage (4^3 patches, batch 2*16^3/4^3 = 128) holds 4*64 + 8*8 + 16*1 = 336
     # values per patch, 43008 in all: the final stage's 43008 too, so the first stage counts
     perf = sch.paper((16, 16, 16), (2, 2, 2), 2, 20, "performance")
