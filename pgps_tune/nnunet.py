@@ -38,6 +38,7 @@ need it import it (:func:`require_nnunet` names the install command).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -45,7 +46,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,13 @@ class NnunetPlan:
     plans_name: str
     data_identifier: str
     source: Path
+    # the whole plans file as read, which nnU-Net's trainer is given: read once, so the file cannot change
+    # between the checks above and the training (a copy each time, as the trainer is given a dict to change)
+    plans: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def plans_dict(self) -> dict[str, Any]:
+        """A deep copy of the plans file this plan was read from."""
+        return copy.deepcopy(self.plans)
 
     def to_nnunet(self, values: Sequence[Any]) -> tuple[Any, ...]:
         """pgps-tune's x y z -> nnU-Net's axis order."""
@@ -286,7 +294,7 @@ def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>
         batch_size=batch, spacing=_to_pgps(axes, spacing), axes=axes,  # type: ignore[arg-type]
         dataset=str(plans.get("dataset_name", "")), plans_name=str(plans.get("plans_name", Path(src).stem)),
         data_identifier=str(cfg.get("data_identifier") or f"{plans.get('plans_name', 'nnUNetPlans')}_{configuration}"),
-        source=Path(src),
+        source=Path(src), plans=plans,
     )
     try:
         sch.check_patch(plan.final_patch, plan.pools, "the plans' patch_size")
@@ -745,7 +753,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
 
     # built here rather than through nnunetv2's run_training, whose lookup by name imports every
     # trainer nnU-Net ships (some need torchvision); what follows is its single-device path
-    plans = read_json(plan.source, "plans file", REPLAN)
+    plans = plan.plans_dict()
     plans["continue_training"] = continue_training
     dataset_json = read_json(base / "dataset.json", "nnU-Net dataset description", REPLAN)
     if dev.type == "cuda":
@@ -803,7 +811,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     dataset_json = read_json(plan.source.parent / "dataset.json", "nnU-Net dataset description", REPLAN)
     labels = {int(v): str(k) for k, v in dataset_json.get("labels", {}).items()
               if isinstance(v, int) or str(v).isdigit()}
-    plans_dict = read_json(plan.source, "plans file", REPLAN)
+    plans_dict = plan.plans_dict()
     plans_dict["continue_training"] = resume
     base = trainer_class(TRAINER)
     baseline = s.baseline_batch_size * float(np.prod(s.final_patch))

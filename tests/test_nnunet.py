@@ -92,6 +92,13 @@ def test_plans_give_final_patch_pools_batch_and_spacing_in_pgps_axes(tmp_path, m
     assert plan.dataset == "Dataset004_Hippo" and plan.data_identifier == "nnUNetPlans_3d_fullres"
     assert plan.from_nnunet(plan.to_nnunet((1, 2, 3))) == (1, 2, 3)
     sch.check_patch(plan.final_patch, plan.pools)  # the pools fit the patch axis by axis
+    # nnU-Net's trainer gets the plans as read here, not a second read of a file that may have changed since
+    path = tmp_path / "nnUNetPlans.json"
+    given = plan.plans_dict()
+    assert given == json.loads(path.read_text())
+    path.write_text("{}")
+    given["continue_training"] = True  # the trainer's copy is its own
+    assert plan.plans_dict() == make() and "continue_training" not in plan.plans_dict()
 
 
 def test_inheriting_configuration_keeps_the_parent_and_overrides(tmp_path):
