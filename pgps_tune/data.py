@@ -66,8 +66,9 @@ import numpy as np
 from pgps_tune import imageio, intensity
 from pgps_tune.errors import PgpsError, loads_json, read_json
 
-PREPROCESS_VERSION = 4  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
+PREPROCESS_VERSION = 5  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
 # 4: every case checked on its voxel grid and for foreground (a cache built without those checks is rebuilt)
+# 5: MSD case ids keep the dots of their names (cut at the first dot before)
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 
@@ -90,6 +91,7 @@ class DatasetSpec:
     channels: int
     cases: tuple[Case, ...]
     modalities: tuple[str, ...]  # per channel, from 'modality' (MSD) or 'channel_names' (nnU-Net)
+    notes: tuple[str, ...] = ()  # warnings about the folder (cases it may miss), printed when it is prepared
 
 
 # -- discovery -----------------------------------------------------------------
@@ -109,23 +111,52 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
     return data
 
 
+MAX_LABELS = 256  # label maps are cached as uint8
+
+
+def _integer_text(x: Any) -> int | None:
+    """The integer a string such as ``"3"`` or ``" -1"`` writes, else None."""
+    if isinstance(x, str) and x.strip().lstrip("+-").isdigit():
+        return int(x)
+    return None
+
+
 def _parse_labels(raw: dict[str, Any], path: Path) -> dict[int, str]:
+    """``labels`` of dataset.json: MSD's ``{"0": "background"}`` or nnU-Net v2's ``{"background": 0}`` (also
+    with the value as a string), refused in one line where a value is not one integer or is given twice."""
     labels: dict[int, str] = {}
-    try:
-        for k, v in raw.items():
-            # MSD: {"0": "background"}; nnU-Net v2: {"background": 0}
-            if isinstance(v, int) and not isinstance(v, bool):
-                labels[v] = str(k)
-            else:
-                labels[int(k)] = str(v)
-    except (TypeError, ValueError):
-        raise PgpsError(
-            f"{path}: 'labels' must map integer values to names; fix its labels section"
-        ) from None
+    for k, v in raw.items():
+        if isinstance(v, list):
+            raise PgpsError(
+                f"{path}: label {k!r} maps to {v!r}, an nnU-Net region (several values trained as one); pgps-tune "
+                "trains one class per label value: give each label a single integer, or train regions with nnU-Net"
+            )
+        if isinstance(v, int) and not isinstance(v, bool):
+            value, name = v, str(k)
+        elif _integer_text(k) is not None:
+            value, name = _integer_text(k), str(v)
+        elif _integer_text(v) is not None:
+            value, name = _integer_text(v), str(k)
+        else:
+            raise PgpsError(f"{path}: label {k!r}: {v!r} does not pair an integer value with a name; write 'labels' "
+                            'as {"0": "background", "1": "organ"} or {"background": 0, "organ": 1}')
+        if value in labels:
+            raise PgpsError(f"{path}: labels {labels[value]!r} and {name!r} both have value {value}; give each "
+                            "label its own value")
+        labels[value] = name
     if 0 not in labels or len(labels) < 2:
-        raise PgpsError(f"{path}: 'labels' needs background 0 and at least one foreground label")
+        raise PgpsError(f"{path}: 'labels' needs background 0 and at least one foreground label; add them")
     if sorted(labels) != list(range(len(labels))):
-        raise PgpsError(f"{path}: label values {sorted(labels)} must be consecutive from 0")
+        raise PgpsError(f"{path}: label values {sorted(labels)} must be consecutive from 0; renumber them 0, 1, 2, ...")
+    if len(labels) > MAX_LABELS:
+        raise PgpsError(f"{path} declares {len(labels)} labels; label maps are stored in 8 bits, at most "
+                        f"{MAX_LABELS} labels (0-{MAX_LABELS - 1}): merge or drop labels")
+    if "ignore" in labels.values():
+        raise PgpsError(
+            f"{path} declares an 'ignore' label (nnU-Net v2's unannotated voxels, left out of its loss); pgps-tune "
+            "would train it as a class: relabel those voxels, or train the dataset with nnU-Net's own trainer "
+            "(see 'pgps-tune nnunet-train')"
+        )
     return labels
 
 
@@ -134,7 +165,7 @@ def _inside(base: Path, path: Path, what: str) -> Path:
     try:
         real = path.resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
-        raise PgpsError(f"{what} {path!r} cannot be resolved ({exc}); fix the file name or link") from None
+        raise PgpsError(f"{what} {path} cannot be resolved ({exc}); fix the file name or link") from None
     if not real.is_relative_to(base):
         via = "" if real == path else f" (it leads to {real})"
         raise PgpsError(
@@ -154,19 +185,39 @@ def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path) -> list
         image, label = (
             _inside(base, root / entry[k], f"{path}: training entry {i} '{k}'") for k in ("image", "label")
         )
-        cases.append(Case(Path(entry["label"]).name.split(".")[0], (image,), label))
+        cases.append(Case(_case_id(Path(entry["label"]).name), (image,), label))
     return cases
 
 
-def _nnunet_cases(root: Path, base: Path, channels: int, ending: Any, path: Path) -> list[Case]:
+def _case_id(name: str) -> str:
+    """A case's id: its label file's name without the image ending (``la_003.nii.gz`` -> ``la_003``; dots
+    inside a name, as in DICOM UIDs, are kept)."""
+    end = imageio.ending(name)
+    return name[: -len(end)] if end else name.split(".")[0]
+
+
+def _nnunet_cases(root: Path, base: Path, channels: int, ending: Any, path: Path) -> tuple[list[Case], list[str]]:
+    """The labelled cases of an nnU-Net raw folder, and notes on image files no case uses."""
     if not isinstance(ending, str) or not ending.startswith(".") or any(c in ending for c in "/\\*?["):
-        raise PgpsError(f"{path}: file_ending {ending!r} must be a file extension such as '.nii.gz'")
+        raise PgpsError(f"{path}: file_ending {ending!r} must be a file extension such as '.nii.gz'; fix it")
     cases = []
     for label in sorted((root / "labelsTr").glob(f"*{ending}")):
         case_id = label.name[: -len(ending)]
         images = tuple(root / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(channels))
         cases.append(Case(case_id, tuple(_inside(base, p, "image") for p in images), _inside(base, label, "label")))
-    return cases
+    if not cases and (root / "labelsTr").is_dir():
+        found = sorted({imageio.ending(f) or f.suffix or f.name for f in (root / "labelsTr").iterdir()
+                        if not f.name.startswith(".")})
+        if found:
+            raise PgpsError(f"{root / 'labelsTr'} holds no '*{ending}' file (dataset.json's file_ending) but "
+                            f"{', '.join(found)} files; set file_ending to the labels' ending")
+    used = {p for c in cases for p in c.images}
+    stray = sorted(p.name for p in (root / "imagesTr").glob(f"*{ending}") if p not in used)
+    notes = []
+    if stray and cases:
+        notes.append(f"{len(stray)} file(s) in imagesTr belong to no labelled case and are not used (e.g. {stray[0]}): "
+                     f"an image without its label in labelsTr, or a channel beyond the {channels} of dataset.json")
+    return cases, notes
 
 
 def _channel_count(names: Any, key: str, path: Path) -> int:
@@ -191,12 +242,12 @@ def discover(root: str | Path) -> DatasetSpec:
     if "training" in data:  # MSD
         layout = "msd"
         channels = _channel_count(data.get("modality") or {"0": "image"}, "modality", path)
-        cases = _msd_cases(root, base, data, path)
+        cases, notes = _msd_cases(root, base, data, path), []
     elif "channel_names" in data or "modality" in data:  # nnU-Net v2 raw
         layout = "nnunet"
         key = "channel_names" if "channel_names" in data else "modality"
         channels = _channel_count(data[key], key, path)
-        cases = _nnunet_cases(root, base, channels, data.get("file_ending", ".nii.gz"), path)
+        cases, notes = _nnunet_cases(root, base, channels, data.get("file_ending", ".nii.gz"), path)
     else:
         raise PgpsError(
             f"{path} has neither 'training' (MSD) nor 'channel_names' (nnU-Net); "
@@ -209,12 +260,23 @@ def discover(root: str | Path) -> DatasetSpec:
         if c.case_id in seen:
             raise PgpsError(f"{path}: case {c.case_id} is listed twice; give each case its own label file name")
         seen.add(c.case_id)
-    missing = [str(p) for c in cases for p in (*c.images, c.label) if not p.is_file()]
+    missing = [p for c in cases for p in (*c.images, c.label) if not p.is_file()]
     if missing:
+        more = f" (and {len(missing) - 1} more file(s) missing)" if len(missing) > 1 else ""
+        first = missing[0]
+        if first.is_dir():
+            raise PgpsError(f"{first} is a folder, not an image file{more}; fix dataset.json or the files")
+        if first.is_symlink():
+            raise PgpsError(f"{first} is a link to {os.readlink(first)}, which does not exist{more}; fix the link")
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise PgpsError(f"missing file {missing[0]}{more}; fix dataset.json or add the files")
+        raise PgpsError(f"missing file {first}{more}; fix dataset.json or add the files")
+    declared = data.get("numTraining")
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared != len(cases):
+        found = "lists" if layout == "msd" else "has labels for"
+        notes.append(f"{path.name} gives numTraining {declared} but {found} {len(cases)} case(s); check for missing "
+                     "or misnamed files")
     name = str(data.get("name") or root.name)
-    return DatasetSpec(root, name, layout, labels, channels, tuple(cases), _modalities(data, channels))
+    return DatasetSpec(root, name, layout, labels, channels, tuple(cases), _modalities(data, channels), tuple(notes))
 
 
 def _modalities(data: dict[str, Any], channels: int) -> tuple[str, ...]:
@@ -310,6 +372,8 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
     ref = files[0][1:]
     lab, *lab_affines = _load_image(case.label)
     lab = np.asarray(lab)
+    if lab.ndim == 4 and lab.shape[3] == 1:  # X Y Z 1, as some tools write a label (ITK reads it as 3D)
+        lab = lab[..., 0]
     others = [(p, f[1:]) for p, f in zip(case.images[1:], files[1:])] + [(case.label, tuple(lab_affines))]
     notes = [n for p, aff in others if (n := _same_grid(case.case_id, p, ref, aff))]
     if lab.shape != image.shape[1:]:
@@ -327,6 +391,35 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"{sorted(labels)}; add them to 'labels' or fix the label map"
         )
     return image, lab.astype(np.uint8), imageio.voxel_sizes(ref[0]), notes, values
+
+
+# memory while a case is resampled and normalised, measured with tracemalloc: scipy's cubic spline filter takes
+# about 24 bytes per voxel of the input channel in hand, the resampled channels, their stacking and the
+# normalisation's float64 statistics 8 per channel plus 16 per voxel of the output
+RESAMPLE_BYTES_IN, RESAMPLE_BYTES_OUT, RESAMPLE_BYTES_OUT_CHANNEL = 24, 16, 8
+
+
+def _check_resample_memory(case_id: str, shape: Sequence[int], spacing, target) -> None:
+    """Refuse, in one line and before it is tried, a case whose resampling needs more memory than is free.
+
+    One case whose header gives a spacing far from the others' (10 mm among 1 mm cases) is resampled to a
+    volume hundreds of times its own size: that would end in an out-of-memory kill without a word."""
+    channels, grid = int(shape[0]), [int(n) for n in shape[1:]]
+    out = imageio.resampled_shape(grid, spacing, target)
+    need = (RESAMPLE_BYTES_IN * math.prod(grid)
+            + (RESAMPLE_BYTES_OUT + RESAMPLE_BYTES_OUT_CHANNEL * channels) * math.prod(out))
+    free = imageio.available_memory()
+    if free is not None and need > free:
+        raise PgpsError(
+            f"case {case_id}: resampling it from spacing {_mm(spacing)} to the dataset's median spacing {_mm(target)} "
+            f"turns its {'x'.join(map(str, grid))} voxels into {'x'.join(map(str, out))}, about {need / 2**30:.1f} GiB "
+            f"of memory while preprocessing, more than the {max(free, 0) / 2**30:.1f} GiB available; check the "
+            "spacing in its header, drop the case, or run where more memory is free"
+        )
+
+
+def _mm(spacing) -> str:
+    return "x".join(f"{float(v):.3g}" for v in spacing) + " mm"
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:
@@ -630,6 +723,8 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
         return np.load(parked / f"{k}_img.npy", mmap_mode="r"), np.load(parked / f"{k}_seg.npy", mmap_mode="r")
 
     read = _in_parallel(park, list(enumerate(spec.cases)), workers)
+    for note in spec.notes:
+        print(f"pgps-tune: warning: {note}", file=sys.stderr, flush=True)
     _check_classes(spec, set().union(*(r[2] for r in read)), [n for r in read for n in r[1]])
     spacings = np.array([r[0] for r in read])
     target = tuple(float(v) for v in np.median(spacings, axis=0))
@@ -640,6 +735,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
         case, sp = spec.cases[k], read[k][0]
         image, label = unpark(k)
         if not np.allclose(sp, target, rtol=1e-3):
+            _check_resample_memory(case.case_id, image.shape, sp, target)
             image, label = _resample(image, label, sp, target)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
             image = intensity.normalise(image, schemes)

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -389,6 +390,102 @@ def test_malformed_msd_entries_get_one_line(tiny_msd, edit, needle):
     with pytest.raises(PgpsError, match=needle) as err:
         data.discover(tiny_msd)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("labels,needle", [
+    ({"background": 0, "whole tumor": [1, 2], "core": [2]}, "an nnU-Net region (several values trained as one)"),
+    ({"0": "background", "1": "a", "01": "b"}, "labels 'a' and 'b' both have value 1; give each label its own value"),
+    ({"background": 0, "a": 1, "b": 1}, "labels 'a' and 'b' both have value 1"),
+    ({"background": 0, "a": 1.0}, "label 'a': 1.0 does not pair an integer value with a name"),
+    ({"background": 0, "a": 1, "ignore": 2}, "declares an 'ignore' label (nnU-Net v2's unannotated voxels"),
+    ({str(k): f"c{k}" for k in range(300)}, "declares 300 labels; label maps are stored in 8 bits, at most 256"),
+    ({"0": "background", "2": "a"}, "label values [0, 2] must be consecutive from 0; renumber them"),
+], ids=["regions", "MSD value twice", "v2 value twice", "float value", "ignore label", "300 labels", "gap"])
+def test_labels_that_cannot_be_trained_as_given_are_refused_in_one_line(tiny_msd, labels, needle):
+    _edit_meta(tiny_msd / "dataset.json", lambda m: m.__setitem__("labels", labels))
+    with pytest.raises(PgpsError, match=re.escape(needle)) as err:
+        data.discover(tiny_msd)
+    assert "\n" not in str(err.value)
+
+
+def test_label_values_as_strings_and_a_trailing_label_axis_of_one_are_read(tiny_msd, tmp_path):
+    _edit_meta(tiny_msd / "dataset.json", lambda m: m.__setitem__("labels", {"background": "0", "a": "1", "b": " 2"}))
+    image, label = blob_case((20, 24, 16), 9)
+    nib.save(nib.Nifti1Image(label[..., None].astype(np.uint8), np.eye(4)), tiny_msd / "labelsTr" / "case_002.nii.gz")
+    ds = data.prepare(tiny_msd, cache_root=tmp_path / "cache")
+    assert ds.labels == {0: "background", 1: "a", 2: "b"}
+    assert ds.label(2).shape == (20, 24, 16) and np.array_equal(ds.label(2), label)  # X Y Z 1 read as X Y Z
+
+
+def test_msd_case_ids_keep_the_dots_of_their_names(tmp_path):
+    root = tmp_path / "uids"
+    training = [write_case(root, name, *blob_case((16, 16, 16), i))
+                for i, name in enumerate(["1.2.840.1", "1.2.840.2", "pat.v1", "pat.v2"])]
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"},
+                                                   "modality": {"0": "MRI"}, "training": training}))
+    assert [c.case_id for c in data.discover(root).cases] == ["1.2.840.1", "1.2.840.2", "pat.v1", "pat.v2"]
+
+
+def test_folders_broken_links_and_a_missed_file_ending_are_named(tiny_msd, tmp_path):
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").unlink()
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").mkdir()
+    with pytest.raises(PgpsError, match=r"case_001.nii.gz is a folder, not an image file; fix dataset.json"):
+        data.discover(tiny_msd)
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").rmdir()
+    (tiny_msd / "imagesTr" / "case_001.nii.gz").symlink_to(tiny_msd / "gone.nii.gz")
+    with pytest.raises(PgpsError, match=r"case_001.nii.gz is a link to .*gone.nii.gz, which does not exist; fix the"):
+        data.discover(tiny_msd)
+    (tiny_msd / "labelsTr" / "case_003.nii.gz").unlink()
+    with pytest.raises(PgpsError, match=r"is a link to .* \(and 1 more file\(s\) missing\)"):
+        data.discover(tiny_msd)
+    nn = tmp_path / "nn"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for i in range(2):
+        image, label = blob_case((16, 16, 16), i)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), nn / "imagesTr" / f"c_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), nn / "labelsTr" / f"c_{i:03d}.nii.gz")
+    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": ".nrrd", "numTraining": 2,
+                                                 "labels": {"background": 0, "a": 1, "b": 2}}))
+    with pytest.raises(PgpsError, match=r"labelsTr holds no '\*.nrrd' file \(dataset.json's file_ending\) but .nii.gz "
+                                        r"files; set file_ending to the labels' ending"):
+        data.discover(nn)
+
+
+def test_cases_the_folder_may_miss_are_warned_about_once_when_it_is_prepared(tmp_path, capsys):
+    nn = tmp_path / "nn"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for i in range(3):
+        image, label = blob_case((16, 16, 16), i)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), nn / "imagesTr" / f"c_{i:03d}_0000.nii.gz")
+        if i < 2:  # the third image lost its label (or its label was misnamed)
+            nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), nn / "labelsTr" / f"c_{i:03d}.nii.gz")
+    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": ".nii.gz",
+                                                 "numTraining": 3, "labels": {"background": 0, "a": 1, "b": 2}}))
+    ds = data.prepare(nn, cache_root=tmp_path / "cache")
+    assert len(ds) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pgps-tune: warning:")]
+    assert any("numTraining 3 but has labels for 2 case(s); check for missing or misnamed files" in x for x in err), err
+    assert any("1 file(s) in imagesTr belong to no labelled case and are not used (e.g. c_002_0000.nii.gz)" in x
+               for x in err), err
+    data.prepare(nn, cache_root=tmp_path / "cache")  # the cache is reused: nothing said again
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_case_whose_resampling_cannot_fit_in_memory_is_refused_before_it_is_tried(tiny_msd, tmp_path, monkeypatch):
+    from pgps_tune import imageio
+
+    image, label = blob_case((40, 48, 32), 5)
+    write_case(tiny_msd, "case_005", image, label, spacing=(10.0, 10.0, 10.0))  # 10 mm among 1 mm cases: 1000x larger
+    monkeypatch.setattr(imageio, "available_memory", lambda: 2**30)
+    with pytest.raises(PgpsError, match=r"case case_005: resampling it from spacing 10x10x10 mm to the dataset's "
+                                        r"median spacing 1x1x1 mm turns its 40x48x32 voxels into 400x480x320, about "
+                                        r"1\.4 GiB of memory while preprocessing, more than the 1\.0 GiB available"
+                                        r"; check the spacing in its header") as err:
+        data.prepare(tiny_msd, cache_root=tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []  # nothing cached
 
 
 def test_links_and_dotdot_that_stay_inside_the_dataset_folder_are_fine(tiny_msd):
