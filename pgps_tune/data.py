@@ -68,7 +68,8 @@ from pgps_tune.errors import PgpsError, loads_json, read_json
 
 PREPROCESS_VERSION = 5  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
 # 4: every case checked on its voxel grid and for foreground (a cache built without those checks is rebuilt)
-# 5: MSD case ids keep the dots of their names (cut at the first dot before)
+# 5: MSD case ids keep the dots of their names (cut at the first dot before); nnU-Net's noNorm, rescale_to_0_1
+# and rgb_to_0_1 channels normalised as nnU-Net does (z-scored before)
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 

@@ -4,7 +4,10 @@ CT intensities are physical (Hounsfield units), so every CT volume is normalised
 way, from statistics of the whole training set: clip to the 0.5 and 99.5 percentiles of
 the foreground intensities, then subtract the foreground mean and divide by the
 foreground standard deviation (nnU-Net's CT scheme).  MRI and every other modality have
-arbitrary intensity scales per scan, so each volume is z-scored on its own.
+arbitrary intensity scales per scan, so each volume is z-scored on its own.  nnU-Net's
+other channel names are honoured as nnU-Net honours them: ``noNorm`` keeps the intensities
+as they are, ``rescale_to_0_1`` maps each volume's range onto [0, 1], ``rgb_to_0_1``
+divides by 255.
 
 The CT statistics come from the labelled cases that :func:`fit` is given (``prepare``
 gives it every labelled case of the dataset, as nnU-Net's fingerprint does), sampled
@@ -33,13 +36,19 @@ SAMPLES_PER_CASE = 10_000  # foreground voxels per case for the CT statistics, a
 ZSCORE: dict[str, Any] = {"type": "zscore"}
 
 
-def scheme_names(modalities: Sequence[str]) -> list[str]:
-    """``ct`` for channels named CT (any case), ``zscore`` for every other modality.
+# nnU-Net v2's channel names with a scheme of their own (compared case-insensitively, as nnU-Net does)
+NAMED_SCHEMES = {"ct": "ct", "nonorm": "none", "rescale_to_0_1": "rescale", "rgb_to_0_1": "rgb"}
+FIXED = ("zscore", "none", "rescale", "rgb")  # schemes that need no statistics of the dataset
 
-    >>> scheme_names(["CT", " ct", "MRI", "T2"])
-    ['ct', 'ct', 'zscore', 'zscore']
+
+def scheme_names(modalities: Sequence[str]) -> list[str]:
+    """The scheme of each channel from its modality name: ``ct`` for CT, nnU-Net's ``noNorm``,
+    ``rescale_to_0_1`` and ``rgb_to_0_1`` as nnU-Net reads them, ``zscore`` for every other name.
+
+    >>> scheme_names(["CT", " ct", "MRI", "T2", "noNorm", "rescale_to_0_1"])
+    ['ct', 'ct', 'zscore', 'zscore', 'none', 'rescale']
     """
-    return ["ct" if str(m).strip().upper() == "CT" else "zscore" for m in modalities]
+    return [NAMED_SCHEMES.get(str(m).strip().casefold(), "zscore") for m in modalities]
 
 
 def fit(
@@ -56,11 +65,11 @@ def fit(
     undefined, and a dataset without foreground cannot be trained on anyway, so that is
     refused with a :class:`PgpsError` rather than replaced by another scheme.
     """
-    unknown = sorted(set(names) - {"ct", "zscore"})
+    unknown = sorted(set(names) - {"ct", *FIXED})
     if unknown:
         raise ValueError(f"unknown normalisation scheme names {unknown}")
     if "ct" not in names:
-        return [dict(ZSCORE) for _ in names]
+        return [{"type": name} for name in names]
     rng = np.random.default_rng(seed)
     samples: list[list[np.ndarray]] = [[] for _ in names]
     for image, label in cases:
@@ -74,7 +83,7 @@ def fit(
     for c, name in enumerate(names):
         values = np.concatenate(samples[c]) if samples[c] else np.zeros(0)
         if name != "ct":
-            schemes.append(dict(ZSCORE))
+            schemes.append({"type": name})
         elif values.size == 0:
             raise PgpsError(
                 f"channel {c} is CT, whose normalisation needs foreground intensities, but no labelled case "
@@ -91,7 +100,8 @@ def normalise(image: np.ndarray, schemes: Sequence[dict[str, Any]]) -> np.ndarra
     """Apply one scheme per channel of ``image [C, X, Y, Z]``; returns float32.
 
     ``zscore`` uses the volume's own mean and sd, ``ct`` the stored dataset-wide ones
-    after clipping; an sd of 0 (a constant channel) divides by 1e-8 instead.
+    after clipping; an sd of 0 (a constant channel) divides by 1e-8 instead.  ``none``,
+    ``rescale`` and ``rgb``: see the module docstring.
     """
     if len(schemes) != image.shape[0]:
         raise ValueError(f"{len(schemes)} normalisation schemes for {image.shape[0]} channels")
@@ -103,6 +113,13 @@ def normalise(image: np.ndarray, schemes: Sequence[dict[str, Any]]) -> np.ndarra
             out[c] = (ch - scheme["mean"]) / max(scheme["sd"], 1e-8)
         elif scheme["type"] == "zscore":
             out[c] = (ch - ch.mean(dtype=np.float64)) / max(float(ch.std(dtype=np.float64)), 1e-8)
+        elif scheme["type"] == "none":
+            out[c] = ch
+        elif scheme["type"] == "rescale":  # the volume's range onto [0, 1]; a constant volume becomes 0
+            low = float(ch.min())
+            out[c] = (ch - low) / max(float(ch.max()) - low, 1e-8)
+        elif scheme["type"] == "rgb":
+            out[c] = ch / 255.0
         else:
             raise ValueError(f"unknown normalisation scheme {scheme['type']!r}")
     return out

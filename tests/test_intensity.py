@@ -24,6 +24,27 @@ def _ct_cases():
 
 def test_modality_names_pick_the_scheme():
     assert intensity.scheme_names(["CT", "ct ", "MRI", "T2", "FLAIR", "image"]) == ["ct", "ct"] + ["zscore"] * 4
+    # nnU-Net v2's other channel names, compared as nnU-Net compares them (casefold)
+    assert intensity.scheme_names(["noNorm", "NONORM", "rescale_to_0_1", "RGB_to_0_1"]) == [
+        "none", "none", "rescale", "rgb"]
+
+
+def test_nnunets_other_schemes_keep_rescale_or_divide_each_channel_on_its_own():
+    image = np.stack([np.linspace(-50, 150, 8, dtype=np.float32).reshape(2, 2, 2)] * 4)
+    image[3] = 255.0
+    schemes = intensity.fit(["none", "rescale", "rgb", "rescale"], [])
+    assert schemes == [{"type": "none"}, {"type": "rescale"}, {"type": "rgb"}, {"type": "rescale"}]
+    out = intensity.normalise(image, schemes)
+    assert np.array_equal(out[0], image[0])  # noNorm: as they are
+    assert out[1].min() == 0 and out[1].max() == pytest.approx(1) and np.argmax(out[1]) == np.argmax(image[1])
+    assert out[2] == pytest.approx(image[2] / 255)
+    assert np.array_equal(out[3], np.zeros_like(out[3]))  # a constant volume rescales to 0, not NaN
+    mixed = intensity.fit(["ct", "none"], _ct_cases_with_second_channel())
+    assert mixed[0]["type"] == "ct" and mixed[1] == {"type": "none"}
+
+
+def _ct_cases_with_second_channel():
+    return [(np.concatenate([image, image]), label) for image, label in _ct_cases()]
 
 
 def test_ct_statistics_are_those_of_the_foreground_of_all_cases():
