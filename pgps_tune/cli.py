@@ -207,10 +207,10 @@ def _writable_ancestor(path: Path) -> None:
         raise PgpsError(f"cannot write to {path}: {existing} is not writable; choose another --out")
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, folder: str = "a folder (a new one, or the run to continue)") -> None:
     """Refuse an --out folder that cannot be made or written, creating nothing: it is made when work starts."""
     if out.exists() and not out.is_dir():
-        raise PgpsError(f"--out {out} is a file; give a folder (a new one, or the run to continue)")
+        raise PgpsError(f"--out {out} is a file; give {folder}")
     if out.is_dir():
         if not os.access(out, os.W_OK | os.X_OK):
             raise PgpsError(f"cannot write to --out {out}: the folder is not writable; choose another --out")
@@ -620,12 +620,26 @@ class _TrainProgress:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from pgps_tune.predict import evaluation_cases
+    from pgps_tune import predict as pr
     from pgps_tune.trainer import evaluate_run
 
+    pre = pr.run_preprocessing(a.run)  # the run is checked before the data are prepared
     ds = _prepare(a)
-    cases, scored = evaluation_cases(a.run, ds, a.all_cases)
-    result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror)
+    pr.check_labels(pre, ds)
+    cases, scored = pr.evaluation_cases(a.run, ds, a.all_cases)
+    if pr.same_preprocessing(pre, ds):
+        result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror)
+    else:  # another spacing or normalisation than the run's training data: score as predict segments
+        from pgps_tune.data import SYNTHETIC, discover
+
+        if _data(a.data) == SYNTHETIC:
+            raise PgpsError("the synthetic data are prepared at another spacing or normalisation than the run's "
+                            "training data; evaluate on a dataset folder")
+        spec_cases = discover(_data(a.data)).cases
+        result = pr.evaluate_files(a.run, [spec_cases[i] for i in cases], a.device, a.mirror)
+        scored += (f", each segmented as predict does (resampled to the run's spacing "
+                   f"{'x'.join(f'{v:.3g}' for v in pre['spacing'])} mm, normalised as its training data) and scored on "
+                   "its own grid: this data's preprocessing differs from the run's")
     print(strict_json(_rounded({"scored": scored, "mirrored": a.mirror, **result,
                                 "case_ids": [ds.case_ids[i] for i in cases]})))
     return 0
@@ -634,7 +648,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from pgps_tune.predict import predict
 
-    _check_writable(Path(a.out))
+    _check_writable(Path(a.out), "a folder for the segmentations (a new one, or an existing one)")
     written = predict(a.run, a.input, a.out, a.device, mirror=a.mirror, overwrite=a.overwrite,
                       progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps({"cases": len(written), "outputs": [str(p) for p in written]}, indent=1))
@@ -1343,6 +1357,11 @@ def _crash_log(argv: list[str]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    empty = next((k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()), None)
+    if empty:  # "--out $DIR" with DIR unset: a path of "" would mean the current folder
+        print(f"pgps-tune: error: argument --{empty.replace('_', '-')} is empty; give a value (is a shell variable "
+              "unset?)", file=sys.stderr)
+        return EXIT_USAGE
     _fatal_errors_show_where()
     out = Path(args.out) if getattr(args, "out_folder", False) else None
     with _sigterm_raises() as terminated:

@@ -20,6 +20,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,10 +84,12 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
             import nibabel as nib
 
             img = nib.load(str(path))
+            _check_dtype(path, img.header.get_data_dtype())
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
         reader = _sitk().ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
+        _check_itk(path, reader)
         size = tuple(int(s) for s in reader.GetSize())
         comps = reader.GetNumberOfComponents()
         shape = size + ((comps,) if comps > 1 else ())
@@ -192,6 +195,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             import nibabel as nib
 
             img = nib.load(str(path))
+            _check_dtype(path, img.header.get_data_dtype())
             _check_size(path, img.shape, img.header.get_data_dtype().itemsize)
             arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
@@ -199,6 +203,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
+            _check_itk(path, reader)
             # bytes per component from ITK's pixel type name ("8-bit unsigned integer", "vector of 64-bit
             # float"); a name without a width counts 1 byte: the check only needs a lower bound
             bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
@@ -216,6 +221,24 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise _cannot(path, exc) from None
     _check_volume(path, arr.shape, affine)
     return arr, affine
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    """Refuse voxels that are not one real number each (NIfTI's RGB triplets, complex values)."""
+    if dtype.kind not in "biuf":
+        what = "complex" if dtype.kind == "c" else "RGB or other compound" if dtype.kind == "V" else str(dtype)
+        raise PgpsError(f"{path} holds {what} voxels ({dtype}); give a scalar image (one real number per voxel, "
+                        "several channels as a 4D image or one file per channel)")
+
+
+def _check_itk(path: Path, reader: Any) -> None:
+    """Refuse, from an ITK header, what the affine and the voxels cannot be made of: fewer than 3 dimensions
+    (the direction matrix is then 2x2), complex pixels."""
+    if reader.GetDimension() < 3:
+        raise PgpsError(f"{path} has {reader.GetDimension()} dimensions; images must be 3D (or 4D with channels last)")
+    pixel = _sitk().GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel:
+        raise PgpsError(f"{path} holds complex voxels ({pixel}); give a scalar image (one real number per voxel)")
 
 
 def _check_volume(path: Path, shape: Sequence[int], affine: np.ndarray) -> None:

@@ -16,6 +16,7 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +57,11 @@ def _read_checkpoint(run_dir: str | Path, device: torch.device) -> dict[str, Any
     from pgps_tune.trainer import CHECKPOINT, read_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a folder this user may not enter
+        raise PgpsError(f"cannot read {path} ({exc.strerror or exc}); check the run folder's permissions") from None
+    if not found:
         raise PgpsError(f"{path} does not exist; give --run a run folder written by 'pgps-tune train'")
     return read_checkpoint(path, "give --run a run folder written by 'pgps-tune train', or retrain the run")
 
@@ -119,6 +124,66 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
     return sorted(index[c] for c in val), f"validation cases of the run ({len(val)})"
 
 
+def run_preprocessing(run_dir: str | Path) -> dict[str, Any]:
+    """The spacing, labels and normalisation a run's training data had (from its checkpoint)."""
+    ck = _read_checkpoint(run_dir, torch.device("cpu"))
+    if "preprocessing" not in ck:
+        raise PgpsError(f"{Path(run_dir) / 'checkpoint.pt'} does not record the spacing and normalisation of its "
+                        "training data (an older version wrote it); retrain the run")
+    return dict(ck["preprocessing"])
+
+
+def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:
+    """Whether ``ds`` was prepared as the run's training data was (spacing, normalisation): then its cached
+    volumes are what the network expects; otherwise each case must go the way ``predict`` takes it."""
+    return bool(np.allclose(ds.spacing, pre["spacing"], rtol=1e-3)) and list(ds.normalisation) == list(
+        pre["normalisation"])
+
+
+def check_labels(pre: dict[str, Any], ds: PreparedDataset) -> None:
+    """Refuse to score a run on data whose classes are other than the run's (by value and name)."""
+    theirs = {int(k): str(v) for k, v in pre["labels"].items()}
+    if theirs != ds.labels:
+        def show(labels: dict[int, str]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(labels.items()))
+
+        raise PgpsError(f"the run's classes are {show(theirs)}, but {ds.name}'s are {show(ds.labels)}; evaluate on "
+                        "data labelled as the run's training data")
+
+
+def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "auto", mirror: bool = False,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score a run on raw cases (``data.Case``: image files and a label file) the way ``predict`` segments
+    them: resampled to the run's spacing and normalised with the run's schemes, the segmentation brought back
+    to each image's own grid and compared with its label there (the result has ``evaluate``'s form)."""
+    from pgps_tune.trainer import _nanmean, check_mirroring, dice_scores, resolve_device
+
+    dev = resolve_device(device)
+    run = _load_run(run_dir, dev)
+    if mirror:
+        check_mirroring(run.augment)
+    geometries = [case_geometry(case.images, run.channels) for case in cases]
+    for case, geometry in zip(cases, geometries):
+        check_memory(run, case.case_id, geometry)
+    scores = []
+    for i, (case, geometry) in enumerate(zip(cases, geometries), 1):
+        pred, _ = imageio.to_canonical(predict_case(run, case.images, geometry, dev, mirror), geometry.affine)
+        truth, affine = imageio.read(case.label)
+        truth = np.asarray(truth)[..., 0] if truth.ndim == 4 and truth.shape[3] == 1 else np.asarray(truth)
+        truth, _ = imageio.to_canonical(truth, affine)
+        if truth.shape != pred.shape:
+            raise PgpsError(f"case {case.case_id}: its label {case.label} is {'x'.join(map(str, truth.shape))} "
+                            f"voxels, its image {'x'.join(map(str, pred.shape))}; fix or drop the case")
+        scores.append(dice_scores(torch.from_numpy(pred.astype(np.int64)),
+                                  torch.from_numpy(np.rint(truth).astype(np.int64)), run.num_classes))
+        if progress:
+            progress(f"[{i}/{len(cases)}] {case.case_id}")
+    per_class = _nanmean(np.array(scores).reshape(len(cases), run.num_classes - 1), axis=0)
+    names = [str(run_preprocessing(run_dir)["labels"][str(k)]) for k in range(1, run.num_classes)]
+    return {"dice": float(_nanmean(per_class)), "dice_per_class": {n: float(v) for n, v in zip(names, per_class)},
+            "cases": len(cases)}
+
+
 # -- inputs ------------------------------------------------------------------------------
 
 
@@ -136,33 +201,56 @@ def find_inputs(source: str | Path, channels: int) -> list[tuple[str, list[Path]
     """
     source = Path(source)
     kinds = ", ".join(imageio.ENDINGS)
+    try:
+        return _find_inputs(source, channels, kinds)
+    except OSError as exc:  # a folder this user may not list
+        raise PgpsError(f"cannot read --input {source} ({exc.strerror or exc}); check its permissions") from None
+
+
+def _find_inputs(source: Path, channels: int, kinds: str) -> list[tuple[str, list[Path]]]:
     if source.is_file():
         if not imageio.ending(source):
             raise PgpsError(f"--input {source} is not an image this tool reads; give a {kinds} file or a folder")
         m = _CHANNEL_FILE.match(_stem(source))
         end = source.name[len(_stem(source)):]
         siblings = [source.with_name(f"{m['case']}_{c:04d}{end}") for c in range(channels)] if m else []
-        if channels > 1 and m and m["channel"] == "0000" and siblings[1].is_file():
-            return [(m["case"], siblings)]
-        return [(_stem(source), [source])]
+        if m and m["channel"] == "0000" and (channels == 1 or siblings[1].is_file()):
+            return [(m["case"], siblings)]  # named CASE, as in a folder of channel files
+        return [(_named(source), [source])]
     if not source.is_dir():
         raise PgpsError(f"--input {source} does not exist; give an image file or a folder of them")
     files = sorted(p for p in source.iterdir() if p.is_file() and imageio.ending(p) and not p.name.startswith("."))
     if not files:
         raise PgpsError(f"--input {source} holds no image files; give a folder of {kinds} files")
     matches = [_CHANNEL_FILE.match(_stem(p)) for p in files]
-    wanted = {f"{c:04d}" for c in range(channels)}
-    if all(matches) and {m["channel"] for m in matches if m} == wanted:
+    wanted = [f"{c:04d}" for c in range(channels)]
+    numbers = sorted({m["channel"] for m in matches if m})
+    if all(matches) and (numbers == wanted or numbers == [f"{c:04d}" for c in range(len(numbers))]):
         cases: dict[str, list[Path]] = {}
         for p, m in zip(files, matches):
             assert m is not None
             cases.setdefault(m["case"], []).append(p)
-        for case, ps in cases.items():
-            if len(ps) != channels:
-                raise PgpsError(f"case {case} in {source} has {len(ps)} channel file(s) but the run was trained on "
-                                f"{channels}; give {case}_0000 ... {case}_{channels - 1:04d}")
-        return sorted(cases.items())
-    return [(_stem(p), [p]) for p in files]
+        if numbers != wanted and len(numbers) > 1 and len(cases) > 1:
+            raise PgpsError(f"{source} holds nnU-Net channel files {numbers[0]} to {numbers[-1]} ({len(numbers)} "
+                            f"channels per case) but the run was trained on {channels}; give images with the run's "
+                            "channels")
+        if numbers == wanted:
+            for case, ps in cases.items():
+                got = sorted(_CHANNEL_FILE.match(_stem(p))["channel"] for p in ps)  # type: ignore[index]
+                if got != wanted:
+                    names = ", ".join(p.name for p in ps)
+                    raise PgpsError(
+                        f"case {case} in {source} has channel file(s) {', '.join(got)} ({names}) but the run takes "
+                        f"{', '.join(wanted)}, each once; give every channel of the case once")
+            return sorted(cases.items())
+    return [(_named(p), [p]) for p in files]
+
+
+def _named(path: Path) -> str:
+    """The case name of a one-file case: the file name without its image ending (never empty)."""
+    if not _stem(path):
+        raise PgpsError(f"--input {path} has no name before its ending; rename it (its output is named after it)")
+    return _stem(path)
 
 
 @dataclass(frozen=True)
@@ -288,14 +376,59 @@ def predict(
     targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
     _check_targets(targets, inputs, overwrite)
     geometries = [case_geometry(files, run.channels) for _, files in inputs]
+    for (case, _), geometry in zip(inputs, geometries):
+        check_memory(run, case, geometry)
     for i, ((case, files), geometry, target) in enumerate(zip(inputs, geometries, targets), 1):
         t0 = time.perf_counter()
-        label = predict_case(run, files, geometry, dev, mirror)
-        imageio.write(target, label, geometry.affine, like=geometry.like)
+        try:
+            label = predict_case(run, files, geometry, dev, mirror)
+        except PgpsError as exc:
+            raise PgpsError(f"{exc}{_written(i - 1, len(inputs))}") from None
+        try:
+            imageio.write(target, label, geometry.affine, like=geometry.like)
+        except OSError as exc:  # the disk filled, the folder went away
+            raise PgpsError(f"cannot write {target} ({exc.strerror or exc}){_written(i - 1, len(inputs))}; free space "
+                            "or choose another --out") from None
         if progress:
             size = "x".join(map(str, geometry.shape))
             progress(f"[{i}/{len(inputs)}] {case} ({size}) -> {target} ({time.perf_counter() - t0:.1f} s)")
     return targets
+
+
+def _written(done: int, total: int) -> str:
+    """What a failure part-way leaves, for its message: the outputs before it are complete."""
+    return f" (case {done + 1} of {total}; the {done} output(s) before it are complete)" if done else ""
+
+
+# inference memory per voxel, from the code's arrays (float32): at the run's spacing the normalised image, the
+# sliding window's class probabilities and Gaussian weights and their resampling (12 bytes a class, 20 more);
+# on the input's grid the probabilities resampled back and stacked (8 bytes a class)
+PREDICT_BYTES_PER_CLASS, PREDICT_BYTES, PREDICT_BYTES_BACK_PER_CLASS = 12, 20, 8
+
+
+def check_memory(run: Run, case: str, geometry: Geometry) -> None:
+    """Refuse, before any case is predicted, a case whose inference cannot fit in the memory available.
+
+    An image whose voxels are far coarser than the run's (an 8 mm scan for a 1 mm run) is resampled to
+    hundreds of times its size before the network sees it; without this it ends in an out-of-memory kill."""
+    shape = geometry.canonical_shape
+    if not np.allclose(geometry.spacing, run.spacing, rtol=1e-3):
+        shape = imageio.resampled_shape(shape, geometry.spacing, run.spacing)
+    k = run.num_classes
+    need = (math.prod(shape) * (PREDICT_BYTES_PER_CLASS * k + PREDICT_BYTES)
+            + math.prod(geometry.canonical_shape) * PREDICT_BYTES_BACK_PER_CLASS * k)
+    free = imageio.available_memory()
+    if free is not None and need > free:
+        raise PgpsError(
+            f"case {case} ({'x'.join(map(str, geometry.shape))} voxels of {_mm(geometry.spacing)}) is resampled to "
+            f"the run's spacing {_mm(run.spacing)} as {'x'.join(map(str, shape))} voxels and needs about "
+            f"{need / 2**30:.1f} GiB to segment, more than the {max(free, 0) / 2**30:.1f} GiB of memory available; "
+            "check the spacing in its header, or run where more memory is free"
+        )
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return "x".join(f"{float(v):.3g}" for v in spacing) + " mm"
 
 
 def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], overwrite: bool) -> None:
@@ -307,8 +440,12 @@ def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], ov
     replaced = next((t for t in targets if t.resolve() in sources), None)
     if replaced:
         raise PgpsError(f"the output {replaced} would replace its own input; choose another --out")
-    clash = [t for t in targets if t.exists()]
+    folder = next((t for t in targets if t.is_dir()), None)
+    if folder:
+        raise PgpsError(f"the output {folder} is a folder; move it away or choose another --out")
+    clash = [t for t in targets if t.exists() or t.is_symlink()]
     if clash and not overwrite:
         what = f"{clash[0]} and {len(clash) - 1} more outputs already exist" if len(clash) > 1 else \
             f"{clash[0]} already exists"
-        raise PgpsError(f"{what}; add --overwrite to replace them, or choose another --out")
+        them = "them" if len(clash) > 1 else "it"
+        raise PgpsError(f"{what}; add --overwrite to replace {them}, or choose another --out")

@@ -229,6 +229,20 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
     lonely.mkdir()
     for name in ("y_0000.nii.gz", "y_0001.nii.gz", "z_0000.nii.gz"):
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), lonely / name)
+    twice = tmp_path / "twice"  # channel 0000 twice (two endings), channel 0001 missing: not to be filled in
+    per_case = tmp_path / "two_per_case"  # nnU-Net files of a 2-channel dataset given to a 1-channel run
+    for folder, names in ((twice, ("a_0000.nii.gz", "a_0000.nii", "b_0000.nii.gz", "b_0001.nii.gz")),
+                          (per_case, ("c_0000.nii.gz", "c_0001.nii.gz", "d_0000.nii.gz", "d_0001.nii.gz"))):
+        folder.mkdir()
+        for name in names:
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), folder / name)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.complex64), np.eye(4)), tmp_path / "complex.nii.gz")
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(tmp_path / "flat.mha"))
+    shutil.copy(tmp_path / "flat.nii.gz", tmp_path / ".nii.gz")
     image = root / "imagesTr" / "case_000.nii.gz"
     cases = [
         (tmp_path, image, "does not exist; give --run a run folder"),
@@ -240,7 +254,15 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
         (run_dir, tmp_path / "nan.nii.gz", "non-finite voxels"),
         (two_dir, image, "gives 1 channel(s) but the run was trained on 2"),
         (two_dir, channels, "does not share the voxel grid"),
-        (two_dir, lonely, "has 1 channel file(s) but the run was trained on 2"),
+        (two_dir, lonely, "case z in " + str(lonely) + " has channel file(s) 0000 (z_0000.nii.gz) but the run takes "
+                          "0000, 0001, each once"),
+        (two_dir, twice, "case a in " + str(twice) + " has channel file(s) 0000, 0000 (a_0000.nii, a_0000.nii.gz)"),
+        (run_dir, lonely.parent / "two_per_case", "holds nnU-Net channel files 0000 to 0001 (2 channels per case) but "
+                                                  "the run was trained on 1"),
+        (run_dir, tmp_path / "complex.nii.gz", "holds complex voxels (complex64); give a scalar image"),
+        (run_dir, tmp_path / "rgb.nii.gz", "holds RGB or other compound voxels"),
+        (run_dir, tmp_path / "flat.mha", "has 2 dimensions; images must be 3D"),
+        (run_dir, tmp_path / ".nii.gz", "has no name before its ending"),
     ]
     for run_arg, source, needle in cases:
         rc, _, err = cli(capsys, "predict", "--run", run_arg, "--input", source, "--out", tmp_path / "out")
@@ -248,7 +270,43 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*"))
     (tmp_path / "file").write_text("")
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", image, "--out", tmp_path / "file")
-    one_line_error(rc, err, "is a file")
+    one_line_error(rc, err, "is a file; give a folder for the segmentations")
+    one_line_error(*cli(capsys, "predict", "--run", run_dir, "--input", image, "--out", "")[::2],
+                   "argument --out is empty; give a value")
+    (tmp_path / "taken" / "case_000.nii.gz").mkdir(parents=True)  # an output name taken by a folder
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", image, "--out", tmp_path / "taken", "--overwrite")
+    one_line_error(rc, err, "case_000.nii.gz is a folder; move it away or choose another --out")
+
+
+def test_an_input_too_large_for_memory_is_refused_before_any_output_and_a_full_disk_names_what_is_done(
+        run, tmp_path, capsys, monkeypatch):
+    run_dir, root, _ = run
+    coarse = tmp_path / "coarse"
+    coarse.mkdir()
+    image, _ = blob_case((20, 24, 16), 0)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), coarse / "a.nii.gz")
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([8.0, 8.0, 8.0, 1.0])), coarse / "b.nii.gz")  # 8 mm
+    monkeypatch.setattr(imageio, "available_memory", lambda: 2**27)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", coarse, "--out", tmp_path / "o1")
+    one_line_error(rc, err, "case b (20x24x16 voxels of 8x8x8 mm) is resampled to the run's spacing 1x1x1 mm as "
+                            "160x192x128 voxels and needs about 0.")
+    assert "more than the 0.1 GiB of memory available" in err and not (tmp_path / "o1").exists()
+    monkeypatch.undo()
+    (coarse / "b.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), coarse / "c.nii.gz")
+    real, calls = imageio.write, []
+
+    def disk_fills(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(imageio, "write", disk_fills)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", coarse, "--out", tmp_path / "o2", "--quiet")
+    one_line_error(rc, err, "c.nii.gz (No space left on device) (case 2 of 2; the 1 output(s) before it are "
+                            "complete); free space or choose another --out")
+    assert nib.load(tmp_path / "o2" / "a.nii.gz").shape == (20, 24, 16)
 
 
 def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_path, capsys):
@@ -272,3 +330,39 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
     ev = json.loads(out)
     assert ev["cases"] == 3 and "not the run's dataset" in ev["scored"]
+
+
+def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp_path, capsys):
+    """Data at another spacing than the run's: its cache is not what the network saw in training, so each case is
+    segmented as predict does (resampled to the run's spacing) and scored on its own grid."""
+    run_dir, root, _ = run
+    coarse = tmp_path / "coarse"
+    meta = json.loads((root / "dataset.json").read_text())
+    for entry in meta["training"]:
+        for key in ("image", "label"):
+            img = nib.load(root / entry[key])
+            scaled = img.affine.copy()
+            scaled[:3, :3] *= 2.0  # 2 mm voxels: the run trained on 1 mm
+            (coarse / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), scaled), coarse / entry[key])
+    (coarse / "dataset.json").write_text(json.dumps({**meta, "name": "Tiny2mm"}))
+    rc, out, err = cli(capsys, "evaluate", "--run", run_dir, "--data", coarse)
+    assert rc == 0, err
+    ev = json.loads(out)
+    assert ev["cases"] == 6 and "segmented as predict does (resampled to the run's spacing 1x1x1 mm" in ev["scored"]
+    assert cli(capsys, "predict", "--run", run_dir, "--input", coarse / "imagesTr", "--out", tmp_path / "p",
+               "--quiet")[0] == 0
+    scores = [dice_scores(torch.from_numpy(np.asanyarray(nib.load(tmp_path / "p" / f"case_{i:03d}.nii.gz").dataobj)
+                                           .astype(np.int64)),
+                          torch.from_numpy(np.asanyarray(nib.load(coarse / "labelsTr" / f"case_{i:03d}.nii.gz").dataobj)
+                                           .astype(np.int64)), 3) for i in range(6)]
+    per_class = np.nanmean(np.array(scores), axis=0)
+    assert ev["dice_per_class"] == pytest.approx(dict(zip(["a", "b"], per_class.tolist())), abs=6e-5)  # 4 places
+    swapped = tmp_path / "swapped"
+    shutil.copytree(root, swapped)
+    (swapped / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "b", "2": "a"}}))
+    rc, _, err = cli(capsys, "evaluate", "--run", run_dir, "--data", swapped)
+    one_line_error(rc, err, "the run's classes are 0 background, 1 a, 2 b, but Tiny's are 0 background, 1 b, 2 a")
+    rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "nowhere", "--data", root, "--cache-dir", tmp_path / "c")
+    one_line_error(rc, err, "does not exist; give --run a run folder")
+    assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
