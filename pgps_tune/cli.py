@@ -209,6 +209,8 @@ def _writable_ancestor(path: Path) -> None:
 
 def _check_writable(out: Path, folder: str = "a folder (a new one, or the run to continue)") -> None:
     """Refuse an --out folder that cannot be made or written, creating nothing: it is made when work starts."""
+    if out.is_symlink() and not out.exists():
+        raise PgpsError(f"--out {out} is a link to {os.readlink(out)}, which does not exist; give {folder}")
     if out.exists() and not out.is_dir():
         raise PgpsError(f"--out {out} is a file; give {folder}")
     if out.is_dir():
@@ -372,12 +374,27 @@ def _note_other_data(recipe: Recipe, ds: Any) -> None:
               "normalisation); its Dice will differ from the sweep's", file=sys.stderr)
 
 
+TRAIN_LOCK = ".pgps-train.lock"  # held while a train command writes its run folder (removed at the end)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    """One train command at a time per run folder: a second one (the same --out typed twice, a --resume while
+    the run goes on) would write the same checkpoint and files."""
+    from pgps_tune.errors import folder_lock
+
+    out = Path(a.out)
+    _check_writable(out)
+    with folder_lock(out, TRAIN_LOCK, f"{out} is in use by another pgps-tune train ({{holder}}); wait for it to "
+                     "end or stop it (Ctrl-C), then continue with --resume", lambda: False):
+        return _train(a)
+
+
+def _train(a: argparse.Namespace) -> int:
     import signal
     import threading
 
     from pgps_tune.data import plan_patch, split
-    from pgps_tune.trainer import CHECKPOINT, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
+    from pgps_tune.trainer import CHECKPOINT, METRICS, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
 
     given = _given_train_flags(a)  # refused before anything is written
     if "device" in given:
@@ -388,7 +405,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise PgpsError(f"--resume given but {out / CHECKPOINT} does not exist; run without --resume to start")
     if has_run and not a.resume:
         raise PgpsError(f"{out} already holds a run; add --resume to continue it, or choose a new --out")
-    created = not out.exists()
+    if not has_run and (out / METRICS).exists():
+        raise PgpsError(f"{out} holds a run's {METRICS} but no {CHECKPOINT} to continue from; choose a new --out, "
+                        "or move that run's files away")
+    created = False  # the folder exists now (the lock is in it); if this command made it, main removes it when empty
     # Ctrl-C and SIGTERM (a scheduler's stop, `kill`) stop the run at the next iteration boundary,
     # keeping the last checkpoint; before training starts, or at a second signal, at once
     signals: list[int] = []
@@ -482,6 +502,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     trainer.write_metrics()
     _write_learning_curve(out)
+    if not metrics["completed"]:  # stopped by --max-train-seconds (a stop by a signal raised above)
+        limit, done, total = trainer.cfg.max_train_seconds, metrics["iterations"], metrics["total_iterations"]
+        print(f"train: stopped at --max-train-seconds {limit:g} after iteration {done} of {total}; the run in {out} "
+              "continues with --resume (and a larger limit)", file=sys.stderr)
     print(strict_json(_rounded({k: metrics[k] for k in (
         "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
         "voxel_fraction", "iterations", "completed")})))

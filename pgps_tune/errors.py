@@ -13,7 +13,9 @@ import math
 import numbers
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -101,6 +103,54 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool]) -> Iterator[None]:
+    """Hold the lock file ``out/name`` for the block, or refuse in one line (``in_use``, given the holder) while
+    another process holds it: one command at a time writes a run or sweep folder.
+
+    An ``flock``: the kernel drops it however its holder ends (``kill -9`` included), so none is ever left
+    stale, and on NFS it is an NFS lock.  The file names its holder (pid, host, start).  The file is removed
+    at the end unless ``keep()`` (the folder holds something worth resuming), so a command refused on its
+    inputs leaves the folder as it was.  A file system without locks runs with a warning.
+    """
+    import fcntl
+    import socket
+
+    path = out / name
+    fd = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = " ".join(path.read_text(errors="replace").split())[:120] or "starting"
+                raise PgpsError(in_use.format(holder=holder)) from None
+            except OSError as exc:  # a file system without locks (some NFS mounts): run, and say so
+                print(f"pgps-tune: warning: cannot lock {path} ({exc.strerror or type(exc).__name__}); nothing "
+                      f"keeps a second command off {out}: run one at a time", file=sys.stderr, flush=True)
+                break
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            os.close(fd)  # removed by a holder that had just ended: lock the file there now
+    except OSError as exc:
+        raise PgpsError(f"cannot write the lock file {path} ({exc.strerror or type(exc).__name__}); give a "
+                        "writable --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        yield
+    finally:
+        if not keep():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -346,6 +347,7 @@ class Trainer:
         self.state = RunState(stages=[StageStats() for _ in schedule.stages])
         self.saved_iteration: int | None = None  # iteration of the checkpoint on disk, once there is one
         self.written: set[Path] = set()  # files of the run folder this trainer wrote
+        self.replaced: dict[Path, bytes] = {}  # what such a file held before this trainer first wrote it
         # set from a signal handler: fit() raises KeyboardInterrupt at the next iteration boundary
         self.stop_requested = False
 
@@ -404,8 +406,12 @@ class Trainer:
             "schedule": self.schedule.to_dict()["stages"], "final_patch": list(self.schedule.final_patch),
             **({"sampling": self.schedule.sampling} if self.schedule.sampling != "staged" else {}),
             "config": cfg, "dataset": self.ds.name, "train_cases": self.train_cases,
-            "val_cases": self.val_cases,
+            "val_cases": self.val_cases, "data_sample": self._data_sample(),
         })
+
+    @functools.cache  # noqa: B019 (one trainer per run: computed once, not at every checkpoint)
+    def _data_sample(self) -> str:
+        return data_sample(self.ds, [*self.train_cases, *self.val_cases])
 
     def _data_record(self) -> dict[str, Any]:
         """How the run's data was preprocessed and split: what predict and evaluate need (plain data)."""
@@ -444,6 +450,8 @@ class Trainer:
     def _write(self, path: Path, write: Callable[[Any], Any]) -> None:
         """An atomic write of a run file whose OS failure (ENOSPC, EIO, ...) is one line, not a traceback."""
         try:
+            if path not in self.written and path.is_file():  # a file the user put there (a --schedule file)
+                self.replaced[path] = path.read_bytes()
             atomic_write(path, write)
             self.written.add(path)
         except OSError as exc:
@@ -460,11 +468,12 @@ class Trainer:
             raise PgpsError(f"--resume given but {path} does not exist; run without --resume to start")
         fix = "start a new run without --resume in a new --out"
         ck = read_checkpoint(path, fix)
-        if ck["identity"] != self._identity():
-            raise PgpsError(
-                f"{path} was made with another schedule, dataset or settings; "
-                "resume with the same ones, or use a new --out"
-            )
+        theirs, mine = dict(ck["identity"]), self._identity()
+        if "data_sample" not in theirs:  # a checkpoint from before the identity held the data's voxels
+            mine.pop("data_sample")
+        if theirs != mine:
+            raise PgpsError(f"{path} was made with {identity_difference(theirs, mine)}; resume with the same ones, "
+                            "or use a new --out")
 
         def state() -> None:
             st = RunState.from_dict(ck["state"])
@@ -476,7 +485,8 @@ class Trainer:
             ("model", lambda: self.model.load_state_dict(ck["model"])),
             ("optimizer", lambda: self._load_optimizer(ck["optimizer"])),
             ("lr_scheduler", lambda: self.lr_sched.load_state_dict(ck["lr_scheduler"])),
-            ("scaler", lambda: self.scaler.load_state_dict(ck["scaler"])),
+            # a run started on the CPU (no loss scaling, an empty state) continues on a GPU from a fresh scaler
+            ("scaler", lambda: self.scaler.load_state_dict(ck["scaler"]) if ck["scaler"] else None),
             ("state", state),
             ("rng", lambda: _set_rng_state(ck["rng"])),
         ])
@@ -744,17 +754,64 @@ class TensorBoardLog:
             self.writer.close()
 
 
+def data_sample(ds: PreparedDataset, cases: Sequence[int], per_case: int = 64) -> str:
+    """A short fingerprint of the voxels of ``cases``: their shapes and ``per_case`` image and label voxels
+    at fixed places.  It tells a run's data from another folder with the same name and case names (a resume
+    on other images), reading a few pages of each memory-mapped case, not the dataset."""
+    h = hashlib.sha256()
+    for i in cases:
+        image, label = ds.image(i), ds.label(i)
+        places = np.linspace(0, label.size - 1, num=min(per_case, label.size)).astype(np.int64)
+        h.update(repr((list(image.shape), ds.case_ids[i])).encode())
+        h.update(np.ascontiguousarray(image.reshape(image.shape[0], -1)[:, places]).tobytes())
+        h.update(np.ascontiguousarray(label.reshape(-1)[places]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def identity_difference(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    """What differs between a checkpoint's identity and this run's, for the refusal (values as the
+    checkpoint has them, then as given now)."""
+    def short(v: Any) -> str:
+        text = json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = []
+    for key in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(key, "staged" if key == "sampling" else None), mine.get(key, "staged" if key == "sampling"
+                                                                                    else None)
+        if a == b:
+            continue
+        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = {**ADDED_LATER, **a}, {**ADDED_LATER, **b}  # a setting left out of an identity has its old value
+            parts += [f"{k} {short(a.get(k))} (now {short(b.get(k))})" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k)]
+        elif key == "data_sample":
+            parts.append("other images or labels under the same case names (another copy or version of the data)")
+        elif key in ("schedule", "final_patch", "sampling"):
+            parts.append("another schedule" if key == "schedule" else f"{key} {short(a)} (now {short(b)})")
+        elif key in ("train_cases", "val_cases"):
+            parts.append(f"another split ({key.replace('_', ' ')})")
+        else:
+            parts.append(f"{key} {short(a)} (now {short(b)})")
+    return ", ".join(dict.fromkeys(parts)) or "another schedule, dataset or settings"
+
+
 def discard_unstarted_run(out: str | Path, created: bool, trainer: Trainer | None) -> None:
     """Undo a run that stopped before its first checkpoint, so that rerunning the command works.
 
-    Removes the files ``trainer`` wrote, and the folder if ``created`` (this command made it)
-    and it is then empty.  A run that has a checkpoint is left alone.
+    Removes the files ``trainer`` wrote (a file that was there before, such as the --schedule file
+    itself, gets its old content back), and the folder if ``created`` (this command made it) and it
+    is then empty.  A run that has a checkpoint is left alone.
     """
     if trainer is not None:
         if trainer.saved_iteration is not None:
             return
         for path in trainer.written:
-            path.unlink(missing_ok=True)
+            if path in trainer.replaced:
+                old = trainer.replaced[path]
+                atomic_write(path, lambda fh, old=old: fh.write(old))
+            else:
+                path.unlink(missing_ok=True)
     if created:
         try:
             Path(out).rmdir()
@@ -762,7 +819,6 @@ def discard_unstarted_run(out: str | Path, created: bool, trainer: Trainer | Non
             pass  # missing, or holds files that are not the run's: leave them
 
 
-@torch.no_grad()
 @torch.no_grad()
 def window_probs(
     model: torch.nn.Module,

@@ -68,7 +68,7 @@ from pgps_tune.asha import (
     survivors,
 )
 from pgps_tune.config import ADDED_LATER, patch_multiple
-from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, loads_json
+from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
 from pgps_tune.results import (
     PHASES,
     SWEEP_FILE,
@@ -1611,50 +1611,12 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
 SWEEP_LOCK = ".pgps-sweep.lock"
 
 
-@contextlib.contextmanager
-def sweep_lock(out: Path):
-    """Hold ``out/.pgps-sweep.lock`` for the block, or refuse in one line while another driver holds it.
-
-    An ``flock``: the kernel drops it however its holder ends (``kill -9`` included), so none is ever
-    left stale, and on NFS it is an NFS lock.  The file names its holder (pid, host, start).  A sweep
-    that wrote no ``sweep.json`` (refused on its inputs) removes the file, leaving its folder as it was.
-    """
-    import fcntl
-    import socket
-
-    path = out / SWEEP_LOCK
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                holder = " ".join(path.read_text(errors="replace").split())[:120] or "starting"
-                raise PgpsError(f"{out} is in use by another pgps-tune sweep ({holder}); wait for it to end or "
-                                "stop it (Ctrl-C), then continue with --resume") from None
-            except OSError as exc:  # a file system without locks (some NFS mounts): run, and say so
-                print(f"pgps-tune: warning: cannot lock {path} ({exc.strerror or type(exc).__name__}); nothing "
-                      "keeps a second driver off this sweep folder: run one at a time", file=sys.stderr, flush=True)
-                break
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
-            os.close(fd)  # removed by a holder that had just ended: lock the file there now
-    except OSError as exc:
-        raise PgpsError(f"cannot write the sweep folder's lock file {path} ({exc.strerror or type(exc).__name__}); "
-                        "give a writable --out") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
-        yield
-    finally:
-        if not (out / SWEEP_FILE).exists():
-            with contextlib.suppress(OSError):
-                path.unlink()
-        os.close(fd)
+def sweep_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``out/.pgps-sweep.lock`` for the block, or refuse in one line while another driver holds it
+    (:func:`pgps_tune.errors.folder_lock`); a sweep that wrote no ``sweep.json`` (refused on its inputs)
+    removes the file, leaving its folder as it was."""
+    return folder_lock(out, SWEEP_LOCK, f"{out} is in use by another pgps-tune sweep ({{holder}}); wait for it to "
+                       "end or stop it (Ctrl-C), then continue with --resume", lambda: (out / SWEEP_FILE).exists())
 
 
 def sweep(opts: SweepOptions) -> dict[str, Any]:

@@ -135,6 +135,39 @@ def test_existing_run_is_not_overwritten_and_bad_input_corrupts_nothing(capsys, 
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_one_train_per_run_folder_and_a_stopped_run_leaves_the_users_files_as_they_were(
+        capsys, tiny_msd, tmp_path, monkeypatch):
+    from pgps_tune.cli import TRAIN_LOCK
+    from pgps_tune.errors import folder_lock
+    from pgps_tune.trainer import Trainer
+
+    out = tmp_path / "run"
+    with folder_lock(out, TRAIN_LOCK, "held by the test", lambda: False):  # another train writing this folder
+        assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out)), f"{out} is in use by another pgps-tune train")
+    assert list(out.iterdir()) == []  # the refused command left nothing; the holder's lock file went with it
+    # a schedule file kept in the run folder it names: a run stopped before its first checkpoint removes what
+    # it wrote, and gives that file (which it had rewritten as the run's schedule.yaml) its content back
+    assert run_cli(capsys, "schedule", "--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2",
+                   "2", "--epochs", "10", "--out", out / "schedule.yaml")[0] == 0
+    original = (out / "schedule.yaml").read_bytes()
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
+    rc, err = run_cli(capsys, "train", "--data", tiny_msd, "--out", out, "--schedule", out / "schedule.yaml",
+                      *TINY[8:])
+    assert rc == 130 and "before the first checkpoint" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["schedule.yaml"]
+    assert (out / "schedule.yaml").read_bytes() == original
+    monkeypatch.undo()
+    (out / "metrics.json").write_text("{}")  # a run's files without its checkpoint
+    assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out)), "holds a run's metrics.json but no checkpoint.pt")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(*run_cli(capsys, *train(tiny_msd, tmp_path / "dangling")),
+                          "is a link to " + str(tmp_path / "nowhere") + ", which does not exist")
+
+
 def _wait_for(what: str, ready, proc: subprocess.Popen, limit_s: float = 300) -> None:
     """Poll for an observed event; fail with ``what`` if the process ends first or it never comes."""
     deadline = time.monotonic() + limit_s
@@ -148,7 +181,7 @@ def _wait_for(what: str, ready, proc: subprocess.Popen, limit_s: float = 300) ->
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupt_keeps_the_last_checkpoint_good(tiny_msd, tmp_path, sig, code):
+def test_an_interrupt_keeps_the_last_checkpoint_good(tiny_msd, tmp_path, sig, code, capsys):
     out = tmp_path / "run"
     checkpoint = out / "checkpoint.pt"
     argv = [sys.executable, "-m", "pgps_tune.cli", "train", "--data", str(tiny_msd), "--out", str(out),
@@ -171,6 +204,7 @@ def test_an_interrupt_keeps_the_last_checkpoint_good(tiny_msd, tmp_path, sig, co
         return  # resuming is the same after either signal; the SIGINT case checks it
     assert main([*argv[3:], "--resume", "--max-train-seconds", "0.01", "--quiet"]) == 0  # in this process: no
     assert json.loads((out / "metrics.json").read_text())["iterations"] == stopped + 1  # second start-up
+    assert f"train: stopped at --max-train-seconds 0.01 after iteration {stopped + 1} of " in capsys.readouterr().err
 
 
 def test_alias_bombs_deep_nesting_and_huge_files_are_refused_at_once(capsys, tmp_path):

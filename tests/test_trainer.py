@@ -285,7 +285,7 @@ def test_bf16_follows_the_batch_size_is_recorded_and_resumes_exactly(ds, tmp_pat
     m32 = full.fit()
     assert [s["arithmetic"] for s in m32["stages"]] == ["fp32"] * 3
     assert not all(torch.equal(x, y) for x, y in zip(straight.model.parameters(), full.model.parameters()))
-    with pytest.raises(PgpsError, match="another schedule, dataset or settings"):
+    with pytest.raises(PgpsError, match=r"was made with cpu_precision bf16 \(now fp32\); resume with the same"):
         _trainer(ds, tmp_path / "a", cpu_precision="fp32").fit(resume=True)
     monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower: fp32 there
     assert [_trainer(ds, tmp_path / "x").arithmetic(i) for i in range(3)] == ["fp32"] * 3
@@ -333,8 +333,34 @@ def test_resume_with_other_settings_is_refused(ds, tmp_path):
     _trainer(ds, tmp_path / "c").fit()
     from pgps_tune.errors import PgpsError
 
-    with pytest.raises(PgpsError, match="another schedule"):
+    with pytest.raises(PgpsError, match=r"was made with seed 0 \(now 5\); resume with the same ones"):
         _trainer(ds, tmp_path / "c", seed=5).fit(resume=True)
+    with pytest.raises(PgpsError, match=r"was made with another schedule; resume"):
+        Trainer(ds, [0, 1, 2, 3], [4, 5], sch.parametric((16, 16, 16), (2, 2, 2), 4, 6, stages=3, start_fraction=0.25),
+                TrainConfig(iterations_per_epoch=2, val_every=1, threads=1, filters=(4, 8, 16), device="cpu"),
+                tmp_path / "c").fit(resume=True)
+
+
+def test_resume_on_other_images_under_the_same_names_is_refused(tmp_path):
+    """Two copies of a dataset with one name and the same case names, whose voxels differ: a checkpoint of one is
+    not resumed on the other (the identity holds a sample of the cases' voxels)."""
+    from conftest import blob_case, make_msd, write_case
+
+    from pgps_tune.errors import PgpsError
+
+    first = data.prepare(make_msd(tmp_path / "one", n=6), cache_root=tmp_path / "cache")
+    other_root = make_msd(tmp_path / "two", n=6)
+    image, label = blob_case((20, 24, 16), 99)  # one case of six differs
+    write_case(other_root, "case_002", image, label)
+    other = data.prepare(other_root, cache_root=tmp_path / "cache")
+    assert other.name == first.name and other.case_ids == first.case_ids
+    stop = _trainer(first, tmp_path / "run", callback=lambda r: _stop_at(r, 2))
+    with pytest.raises(KeyboardInterrupt):
+        stop.fit()
+    with pytest.raises(PgpsError, match="was made with other images or labels under the same case names"):
+        _trainer(other, tmp_path / "run").fit(resume=True)
+    again = data.prepare(tmp_path / "one", cache_root=tmp_path / "cache2")  # the same data in another cache folder
+    assert _trainer(again, tmp_path / "run").fit(resume=True)["completed"]
 
 
 def test_cli_train_and_evaluate(tiny_msd, tmp_path, capsys):
@@ -817,5 +843,5 @@ def test_random_patch_sampling_trains_end_to_end_and_validates_at_the_final_patc
     assert sum(st["wall_time_s"] for st in m["stages"]) == pytest.approx(m["train_time_s"])
     assert sch.load(tmp_path / "r" / "schedule.yaml").sampling == "random"
     # the staged twin of the same stages is another run: its checkpoint is not resumed as this one
-    with pytest.raises(PgpsError, match="another schedule"):
+    with pytest.raises(PgpsError, match=r"was made with sampling random \(now staged\)"):
         Trainer(ds, [0, 1, 2, 3], [4, 5], _schedule(), config, tmp_path / "r").fit(resume=True)
