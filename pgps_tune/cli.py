@@ -106,6 +106,47 @@ def _add_schedule_args(p: argparse.ArgumentParser, planned: bool) -> None:
                    help="parametric: staged (stages in order) or random (each iteration draws a stage's patch)")
 
 
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """The options given on the command line (argparse's defaults left out), whatever their spelling
+    (``--flag value``, ``--flag=value``, an abbreviation): to refuse flags a command would ignore."""
+    parser = build_parser()
+    parsers, seen = [parser], []
+    while parsers:
+        p = parsers.pop()
+        seen.append(p)
+        p._defaults = {}  # noqa: SLF001 (set_defaults of each subcommand)
+        for action in p._actions:  # noqa: SLF001
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                parsers.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
+
+
+PARAMETRIC_FLAGS = ("stages", "growth", "start_fraction", "length_ratio", "final_fraction", "lengths", "growth_shape",
+                    "family")
+SHAPING_FLAGS = ("mode", "final_patch", "pools", "batch_size", "batch_cap", *PARAMETRIC_FLAGS)
+
+
+def _check_schedule_flags(a: argparse.Namespace, file_flag: str | None) -> None:
+    """Refuse schedule flags the command would ignore, so what trains is what the command line says;
+    ``file_flag``: the flag that gave a schedule file (``--schedule``, ``--from``), None without one."""
+    given = [f for f in SHAPING_FLAGS if f in getattr(a, "explicit", ())]
+    if file_flag and given:
+        raise PgpsError(f"{file_flag} FILE fixes the patches, batches and stages; {_flags(given)} would be ignored: "
+                        f"drop {'it' if len(given) == 1 else 'them'}, or change the file ('pgps-tune schedule' writes "
+                        "one)")
+    if (a.preset or "paper") != "parametric" and (parametric := [f for f in given if f in PARAMETRIC_FLAGS]):
+        raise PgpsError(f"{_flags(parametric)} shape{'s' * (len(parametric) == 1)} --preset parametric only; add "
+                        f"--preset parametric, or drop {'it' if len(parametric) == 1 else 'them'}")
+    if "batch_cap" in given and a.mode == "resource":
+        raise PgpsError("--batch-cap limits the growing batches of --mode performance or sqrt; resource mode keeps "
+                        "the batch constant: add --mode performance, or drop --batch-cap")
+
+
+def _flags(dests: list[str]) -> str:
+    return ", ".join("--" + d.replace("_", "-") for d in dests)
+
+
 def _build_schedule(a: argparse.Namespace, final: Any, pools: Any, epochs: int) -> sch.Schedule:
     preset = a.preset or "paper"
     # train: the network's own patch rule, so that a paper schedule starts at its smallest legal patch
@@ -179,6 +220,7 @@ def cmd_schedule(a: argparse.Namespace) -> int:
     if a.out:
         _check_out_file(Path(a.out))
     plan = _nnunet_plan(a)
+    _check_schedule_flags(a, "--from" if a.from_file else None)
     if a.from_file:
         s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
         if plan is not None:
@@ -397,6 +439,10 @@ def _train(a: argparse.Namespace) -> int:
     from pgps_tune.trainer import CHECKPOINT, METRICS, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
 
     given = _given_train_flags(a)  # refused before anything is written
+    _check_schedule_flags(a, "--schedule" if a.schedule else None)
+    if a.splits and (ignored := [f for f in ("val_fraction", "split_seed") if f in getattr(a, "explicit", ())]):
+        raise PgpsError(f"--splits FILE gives the train/validation split; {_flags(ignored)} would be ignored: drop "
+                        f"{'it' if len(ignored) == 1 else 'them'}")
     if "device" in given:
         resolve_device(given["device"])
     out = Path(a.out)
@@ -1381,6 +1427,7 @@ def _crash_log(argv: list[str]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.explicit = _explicit_dests(argv)
     empty = next((k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()), None)
     if empty:  # "--out $DIR" with DIR unset: a path of "" would mean the current folder
         print(f"pgps-tune: error: argument --{empty.replace('_', '-')} is empty; give a value (is a shell variable "

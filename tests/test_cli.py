@@ -206,6 +206,35 @@ def test_the_batch_check_counts_a_cgroup_limit_below_the_machines_memory(capsys,
     assert "stage 0 (batch 1000 of 20x24x16 patches)" in line and "more than the 1 GiB of RAM here" in line
 
 
+def test_flags_a_command_would_ignore_are_refused(capsys, tmp_path, tiny_msd):
+    """What trains is what the command line says: a schedule flag beside a schedule file, a parametric flag
+    beside another preset, --batch-cap in resource mode, split flags beside --splits (any spelling)."""
+    sched = tmp_path / "s.yaml"
+    sched.write_text(sch.constant((16, 16, 16), (2, 2, 2), 2, 4).to_yaml())
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["case_000", "case_001"], "val": ["case_002"]}))
+    train = ["train", "--data", tiny_msd, "--out", tmp_path / "o", "--quiet"]
+    for extra, needle in [
+        (["--schedule", sched, "--final-patch", "32", "32", "32", "--mode=performance"],
+         "--schedule FILE fixes the patches, batches and stages; --mode, --final-patch would be ignored: drop them"),
+        (["--schedule", sched, "--batch-siz", "4"], "--batch-size would be ignored"),  # an abbreviation
+        (["--preset", "constant", "--stages", "3", "--growth", "2"],
+         "--stages, --growth shape --preset parametric only; add --preset parametric, or drop them"),
+        (["--lengths", "1", "1"], "--lengths shapes --preset parametric only"),  # the default preset is paper
+        (["--batch-cap", "8"], "--batch-cap limits the growing batches of --mode performance or sqrt"),
+        (["--splits", splits, "--split-seed", "3"], "--splits FILE gives the train/validation split; --split-seed "
+                                                    "would be ignored: drop it"),
+    ]:
+        assert needle in refused(capsys, [*train, *extra])
+    assert not (tmp_path / "o").exists()
+    assert "--from FILE fixes the patches" in refused(capsys, ["schedule", "--from", sched, "--pools", "3", "3", "3"])
+    out = tmp_path / "p.yaml"  # the same flags where they do shape the schedule are taken
+    assert main(["schedule", "--preset", "parametric", "--stages", "3", "--growth", "2", "--mode", "performance",
+                 "--batch-cap", "8", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2", "--out",
+                 str(out)]) == 0
+    assert len(sch.load(out).stages) == 3
+
+
 def test_training_memory_estimate():
     # by hand: 16^3 at batch 2, pools 2 per axis, filters 4, 8, 16: 4*16^3 + 8*8^3 + 16*4^3 = 21504 values
     # per patch, times 2 patches, 4 saved activations each (UNet) and 4 bytes
