@@ -234,6 +234,9 @@ class RunState:
     stages: list[StageStats] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_dice: float = math.nan  # NaN until a validation gives a defined Dice
+    # the training losses since the last validation (its train_loss is their mean): a run resumed between two
+    # validations reports the same train_loss as one that never stopped
+    pending_losses: list[float] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunState:
@@ -252,6 +255,8 @@ class RunState:
             ],
             history=history,
             best_val_dice=_typed(d["best_val_dice"], (int, float), "best_val_dice"),
+            pending_losses=[float(_typed(x, (int, float), "pending loss"))  # absent before it was kept: none
+                            for x in _typed(d.get("pending_losses", []), list, "pending_losses")],
         )
 
 
@@ -595,7 +600,7 @@ class Trainer:
         self._write(self.out / SCHEDULE, lambda fh: fh.write(self.schedule.to_yaml().encode("utf-8")))
         ipe = self.cfg.iterations_per_epoch
         start = self.state.iteration
-        losses: list[float] = []
+        losses = self.state.pending_losses  # since the last validation (kept in checkpoints)
         epoch_voxels = [0] * len(self.schedule.stages)  # random sampling mixes stages within an epoch
         t_epoch = time.perf_counter()
         with contextlib.closing(self._batches(start)) as batches:
@@ -631,8 +636,9 @@ class Trainer:
                                    "train_loss": float(np.mean(losses[-ipe:])),
                                    "train_time_s": self.state.train_time_s})
                 if epoch % self.val_every == 0 or done or out_of_time:
-                    self._validate_and_report(epoch, k, float(np.mean(losses)))
-                    losses = []
+                    train_loss = float(np.mean(losses))
+                    self.state.pending_losses = losses = []  # before the checkpoint the report saves
+                    self._validate_and_report(epoch, k, train_loss)
                 else:
                     self.save_checkpoint()
                 if out_of_time:

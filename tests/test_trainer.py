@@ -218,6 +218,25 @@ def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path, determi
     assert m["val_dice"] == straight.state.history[-1]["val_dice"]
 
 
+def test_a_resume_between_validations_reports_the_same_train_loss(ds, tmp_path, deterministic):
+    """The losses since the last validation are in the checkpoint: a run stopped after a checkpoint that did
+    not validate (epoch 3 of validations every 2) reports the same history as one that never stopped."""
+    straight = _trainer(ds, tmp_path / "a", val_every=2).fit()
+
+    def stop_at_epoch_4(r):
+        if r["epoch"] == 4:  # the checkpoint of epoch 3 (no validation) is the last one
+            raise KeyboardInterrupt
+
+    first = _trainer(ds, tmp_path / "b", val_every=2)
+    first.on_epoch = stop_at_epoch_4
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    saved = read_checkpoint(tmp_path / "b" / CHECKPOINT, "")["state"]
+    assert saved["iteration"] == 6 and saved["pending_losses"] == first.state.pending_losses[:2]  # epoch 3's two
+    resumed = _trainer(ds, tmp_path / "b", val_every=2).fit(resume=True)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+
+
 def test_the_layout_follows_the_patch_and_resume_is_exact_from_either_layout(ds, tmp_path, monkeypatch,
                                                                             deterministic):
     # channels-last from 16^3 here (the default threshold is above this test's patches): stages 0-1
