@@ -451,6 +451,8 @@ def _train(a: argparse.Namespace) -> int:
         raise PgpsError(f"--resume given but {out / CHECKPOINT} does not exist; run without --resume to start")
     if has_run and not a.resume:
         raise PgpsError(f"{out} already holds a run; add --resume to continue it, or choose a new --out")
+    if not has_run and (out / CHECKPOINT).exists():
+        raise PgpsError(f"{out / CHECKPOINT} is not a file (a folder?); move it away, or choose a new --out")
     if not has_run and (out / METRICS).exists():
         raise PgpsError(f"{out} holds a run's {METRICS} but no {CHECKPOINT} to continue from; choose a new --out, "
                         "or move that run's files away")
@@ -504,6 +506,7 @@ def _train(a: argparse.Namespace) -> int:
                 pools = tuple(a.pools) if a.pools else plan.pools
                 s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
         _check_batch_memory(s, cfg)
+        _note_padding(s, ds)
         train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
         # the run's own schedule.yaml carries what this run trains with, so it can train it again
         # (a --splits file is not a recipe's split: that run's recipe is left out)
@@ -556,6 +559,18 @@ def _train(a: argparse.Namespace) -> int:
         "val_dice", "val_dice_per_class", "best_val_dice", "wall_time_s", "train_time_s",
         "voxel_fraction", "iterations", "completed")})))
     return 0
+
+
+def _note_padding(s: sch.Schedule, ds: Any) -> None:
+    """Say so (one line) when the final patch is larger than every case along an axis: that much of every
+    patch is padding, computed and never learnt from."""
+    largest = [max(shape[ax] for shape in ds.shapes) for ax in range(3)]
+    axes = [ax for ax in range(3) if s.final_patch[ax] > largest[ax]]
+    if axes:
+        print(f"train: warning: the final patch {'x'.join(map(str, s.final_patch))} is larger than every case "
+              f"along axis {', '.join(map(str, axes))} (the largest is {'x'.join(map(str, largest))}): the rest of "
+              "every patch is padding; a smaller --final-patch trains as well for less ('pgps-tune plan' gives one)",
+              file=sys.stderr)
 
 
 def _rounded(v: Any) -> Any:

@@ -293,7 +293,20 @@ def _json_depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-def loads_json(text: str | bytes) -> Any:
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (``json.loads`` would keep the last value without a word)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(f"the key {key!r} appears twice in one object; keep one")
+        seen[key] = value
+    return seen
+
+
+def loads_json(text: str | bytes, unique_keys: bool = False) -> Any:
     """``json.loads`` that reports every malformed document as ``ValueError``, and refuses one nested
     more than :data:`MAX_JSON_DEPTH` levels deep.
 
@@ -302,10 +315,11 @@ def loads_json(text: str | bytes) -> Any:
     ``JSONDecodeError``; one nested a few hundred levels parses, and then any code that walks the
     value (formatting, dumping, searching it) recurses as deep.  Both are one more way to be
     invalid here, caught where invalid JSON is; no file pgps-tune reads nests anywhere near the limit.
+    ``unique_keys``: an object naming a key twice is refused (:class:`DuplicateKey`), not read as its last.
     """
     too_deep = f"nested too deeply (more than {MAX_JSON_DEPTH} levels)"
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except RecursionError:
         raise JsonTooDeep(too_deep) from None
     if not _json_depth_ok(value, MAX_JSON_DEPTH):
@@ -319,15 +333,17 @@ def read_json(path: str | Path, kind: str, hint: str, missing_hint: str | None =
     ``missing_hint`` where that is given and the file does not exist.
 
     At most :data:`MAX_JSON_BYTES` are read; a UTF-8 byte-order mark (as Windows editors write
-    one) is accepted.
+    one) is accepted; a key given twice in one object is refused (which one was meant is unknown).
     """
     path = Path(path)
     data = _read_bounded(path, MAX_JSON_BYTES, f"{kind} {path}", missing_hint or hint,
                          f"more than such a file holds: {hint}")
     try:
-        return loads_json(data.decode("utf-8-sig"))
+        return loads_json(data.decode("utf-8-sig"), unique_keys=True)
     except UnicodeDecodeError:
         raise PgpsError(f"{kind} {path} is not UTF-8 text; {hint}") from None
+    except DuplicateKey as exc:
+        raise PgpsError(f"{kind} {path}: {exc}") from None
     except ValueError as exc:
         raise PgpsError(f"{kind} {path} is not valid JSON ({exc}); {hint}") from None
 

@@ -235,6 +235,19 @@ def test_flags_a_command_would_ignore_are_refused(capsys, tmp_path, tiny_msd):
     assert len(sch.load(out).stages) == 3
 
 
+def test_a_final_patch_larger_than_every_case_is_said_and_a_folder_named_checkpoint_is_refused(
+        capsys, tmp_path, tiny_msd):
+    assert main(["train", "--data", str(tiny_msd), "--out", str(tmp_path / "o"), "--preset", "constant",
+                 "--final-patch", "32", "32", "16", "--pools", "2", "2", "2", "--filters", "4", "8", "16",
+                 "--epochs", "1", "--iterations-per-epoch", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the final patch 32x32x16 is larger than every case along axis 0, 1 (the largest is 20x24x16)" \
+        in err
+    (tmp_path / "p" / "checkpoint.pt").mkdir(parents=True)
+    assert "checkpoint.pt is not a file (a folder?)" in refused(capsys, ["train", "--data", tiny_msd, "--out",
+                                                                          tmp_path / "p", "--quiet"])
+
+
 def test_training_memory_estimate():
     # by hand: 16^3 at batch 2, pools 2 per axis, filters 4, 8, 16: 4*16^3 + 8*8^3 + 16*4^3 = 21504 values
     # per patch, times 2 patches, 4 saved activations each (UNet) and 4 bytes

@@ -259,6 +259,10 @@ def test_a_small_file_is_read_without_allocating_the_size_limit(tmp_path, monkey
         errors.read_json(big, "test file", "fix it")
     big.write_text(json.dumps(["x" * 1000] * 3100))  # 2.96 MiB, spread over 3 reads
     assert len(errors.read_json(big, "test file", "fix it")) == 3100
+    twice = tmp_path / "splits.json"  # which 'train' was meant? json.loads would keep the last without a word
+    twice.write_text('{"train": ["case_000", "case_001"], "val": ["case_002"], "train": ["case_003"]}')
+    with pytest.raises(PgpsError, match=r"splits file .*splits.json: the key 'train' appears twice in one object"):
+        errors.read_json(twice, "splits file", "fix it")
 
 
 def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
