@@ -443,6 +443,10 @@ def _train(a: argparse.Namespace) -> int:
     if a.splits and (ignored := [f for f in ("val_fraction", "split_seed") if f in getattr(a, "explicit", ())]):
         raise PgpsError(f"--splits FILE gives the train/validation split; {_flags(ignored)} would be ignored: drop "
                         f"{'it' if len(ignored) == 1 else 'them'}")
+    if a.splits and _data(a.data) != "synthetic":  # its case ids, before the data are prepared
+        from pgps_tune.data import check_splits_file
+
+        check_splits_file(_data(a.data), a.splits)
     if "device" in given:
         resolve_device(given["device"])
     out = Path(a.out)

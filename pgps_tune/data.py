@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -870,6 +871,14 @@ def split(
 def read_splits(splits_file: str | Path) -> Any:
     """The JSON of a splits file (its shape is checked by the caller), or a one-line error."""
     return read_json(splits_file, "splits file", 'it must be {"train": [case ids], "val": [case ids]}')
+
+
+def check_splits_file(source: str | Path, splits_file: str | Path) -> None:
+    """Check a splits file against a dataset folder's case ids before it is prepared (which can take
+    minutes on a large dataset): the same one-line refusals as :func:`split` gives after."""
+    spec = discover(source)
+    names = SimpleNamespace(name=spec.name, case_ids=[c.case_id for c in spec.cases])
+    _split_entry(names, read_splits(splits_file), splits_file)  # type: ignore[arg-type]
 
 
 def _split_entry(ds: PreparedDataset, entry: Any, splits_file: str | Path) -> tuple[list[int], list[int]]:

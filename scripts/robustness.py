@@ -274,9 +274,29 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     out: list[Case] = []
     add = out.append
-    U, INT, D, N, T, F, C, P, L = ("1 untrusted files", "2 interrupts", "3 divergence and bad values",
-                                 "4 numbers", "5 no traceback", "6 files and folders", "7 cluster faults",
-                                 "8 packaging", "9 layering")
+    U, INT, D, N, T, F, C, P, L, R = ("1 untrusted files", "2 interrupts", "3 divergence and bad values",
+                                    "4 numbers", "5 no traceback", "6 files and folders", "7 cluster faults",
+                                    "8 packaging", "9 layering", "10 data and flags read wrongly before")
+
+    def hold_train_lock(w: Path) -> None:  # another train holds the run folder (a process that sleeps)
+        (w / "run").mkdir()
+        code = ("import sys, time; from pathlib import Path; from pgps_tune.errors import folder_lock\n"
+                "with folder_lock(Path(sys.argv[1]), '.pgps-train.lock', 'held', lambda: False):\n"
+                "    print('held', flush=True); time.sleep(60)\n")
+        holder = subprocess.Popen([python, "-c", code, str(w / "run")], stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()  # the lock is held
+        (w / "holder.pid").write_text(str(holder.pid))
+
+    def release_train_lock(w: Path, r) -> str | None:
+        os.kill(int((w / "holder.pid").read_text()), signal.SIGKILL)
+        return None if not (w / "run" / "checkpoint.pt").exists() else "the refused command trained"
+
+    def two_channel_files(w: Path) -> None:
+        copy_run(w)
+        (w / "in").mkdir()
+        for case in ("c", "d"):
+            for ch in ("0000", "0001"):
+                nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), w / "in" / f"{case}_{ch}.nii.gz")
 
     # 1. untrusted files never run code
     def evil_run(w: Path) -> None:
@@ -659,6 +679,59 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
              "--cpus-per-trial 64", timeout=120))
     # 9. layering
     add(Case(L, "results.py imports no Ray", [], 0, ""))
+
+    # 10. data a first version read wrongly without a word (2026-12-07)
+    def msd_with(labels=None, names=None, spacing_of=None):
+        def setup(w: Path) -> None:
+            root = write_msd(w / "d", n=4)
+            meta = json.loads((root / "dataset.json").read_text())
+            if labels is not None:
+                meta["labels"] = labels
+            if names is not None:  # rename the cases (ids from the label file names)
+                for entry, name in zip(meta["training"], names):
+                    for key in ("image", "label"):
+                        new = f"./{key}sTr/{name}.nii.gz"
+                        (root / entry[key]).rename(root / new)
+                        entry[key] = new
+            if spacing_of is not None:  # one case far coarser than the others
+                for key in ("image", "label"):
+                    f = root / meta["training"][spacing_of][key]
+                    img = nib.load(f)
+                    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([100.0, 100.0, 100.0, 1.0])), f)
+            (root / "dataset.json").write_text(json.dumps(meta))
+        return setup
+
+    def ids_kept(w: Path, r) -> str | None:
+        prepared = next((w / "cache").glob("Tiny-*/prepared.json"))
+        ids = json.loads(prepared.read_text())["case_ids"]
+        return None if ids == ["1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.4"] else f"case ids {ids}"
+
+    plan = ["plan", "--data", "{w}/d", "--cache-dir", "{w}/cache"]
+    add(Case(R, "300 labels (label maps are 8-bit)", plan, 2, "declares 300 labels",
+             msd_with(labels={str(k): f"c{k}" for k in range(300)})))
+    add(Case(R, "two labels with one value", plan, 2, "both have value 1",
+             msd_with(labels={"background": 0, "a": 1, "b": 1, "c": 2})))
+    add(Case(R, "nnU-Net's ignore label", plan, 2, "'ignore' label",
+             msd_with(labels={"background": 0, "a": 1, "ignore": 2})))
+    add(Case(R, "MSD case ids that hold dots (DICOM UIDs)", plan, 0, "",
+             msd_with(names=["1.2.840.1", "1.2.840.2", "1.2.840.3", "1.2.840.4"]), ids_kept))
+    add(Case(R, "a case at 100 mm among 1 mm ones (10^6 times its voxels)", plan, 2,
+             "resampling it from spacing 100x100x100", msd_with(spacing_of=3)))
+    add(Case(R, "train --out given as an empty string", ["train", "--data", str(data), "--out", ""], 2,
+             "argument --out is empty"))
+    add(Case(R, "a schedule flag beside --schedule", ["train", "--data", str(data), "--out", "{w}/run", "--schedule",
+                                                      "{w}/s.yaml", "--final-patch", "32", "32", "32"], 2,
+             "would be ignored", lambda w: (w / "s.yaml").write_text(
+                 "format_version: 1\nfinal_patch: [16, 16, 16]\npools: [2, 2, 2]\nbaseline_batch_size: 2\n"
+                 "stages:\n- {patch_size: [16, 16, 16], batch_size: 2, epochs: 2}\n")))
+    add(Case(R, "a second train on a run folder in use", ["train", "--data", str(data), "--out", "{w}/run",
+                                                          "--epochs", "2", *TINY_TRAIN], 2,
+             "is in use by another pgps-tune train", hold_train_lock, release_train_lock))
+    add(Case(R, "predict: nnU-Net files of 2 channels for a 1-channel run", [
+        "predict", "--run", "{w}/run", "--input", "{w}/in", "--out", "{w}/out"], 2, "holds nnU-Net channel files",
+        two_channel_files, absent("out")))
+    add(Case(C, "tune --address where nothing listens", [*sweep, "--address", "127.0.0.1:1"], 2,
+             "no Ray cluster reachable at --address 127.0.0.1:1", space(), timeout=120))
     return out
 
 

@@ -278,6 +278,16 @@ def test_split_is_seeded_and_splits_file(tiny_msd, tmp_path):
         with pytest.raises(PgpsError, match=needle) as err:
             data.split(ds, splits_file=f)
         assert "\n" not in str(err.value)
+        with pytest.raises(PgpsError, match=needle):  # the same, from the folder alone (before preparing it)
+            data.check_splits_file(tiny_msd, f)
+    f.write_text(json.dumps({"train": ["case_000", "case_001"], "val": ["case_005"]}))
+    data.check_splits_file(tiny_msd, f)
+    f.write_text(json.dumps({"train": ["nope"], "val": ["case_005"]}))
+    from pgps_tune.cli import main
+
+    assert main(["train", "--data", str(tiny_msd), "--out", str(tmp_path / "o"), "--splits", str(f), "--cache-dir",
+                 str(tmp_path / "fresh"), "--quiet"]) == 2
+    assert not (tmp_path / "fresh").exists()  # refused before the data were prepared
 
 
 @pytest.mark.parametrize(
