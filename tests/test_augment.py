@@ -160,7 +160,7 @@ def test_the_augmentation_is_recorded_and_part_of_the_checkpoint_identity(ds, tm
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["completed"] and saved["config"]["augment"] == "light"
     assert saved["augmentation"]["rotation_deg"] == AUGMENT_PRESETS["light"].rotation_deg
-    with pytest.raises(PgpsError, match="another"):
+    with pytest.raises(PgpsError, match=r"was made with augment light \(now none\)"):
         Trainer(ds, [0, 1, 2, 3], [4], s, cfg.replace(augment="none"), tmp_path / "run").fit(resume=True)
     with pytest.raises(PgpsError, match="unknown augmentation 'heavy'; use one of default"):
         Trainer(ds, [0, 1, 2, 3], [4], s, cfg.replace(augment="heavy"), tmp_path / "other")

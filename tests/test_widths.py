@@ -89,7 +89,7 @@ def test_train_carries_the_widths_into_metrics_and_the_checkpoint_identity(capsy
     capsys.readouterr()
     # resuming with another width is refused: it is another network
     assert main([*argv[:-1], "--hidden-size", "64", "--resume", "--quiet"]) == 2
-    assert "was made with another schedule, dataset or settings" in capsys.readouterr().err
+    assert "was made with hidden_size 32 (now 64); resume with the same ones" in capsys.readouterr().err
     assert Recipe.parse({"version": 1, "train": {**config}, "data": {
         "dataset": "x", "source": "x", "val_fraction": 0.2, "split_seed": 0}}).train.hidden_size == 32
 
@@ -119,7 +119,7 @@ def test_res_units_deepen_the_unet_and_travel_with_the_recipe(capsys, tiny_msd, 
     assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["config"]["res_units"] == 2
     capsys.readouterr()
     assert main([*argv[:-1], "--res-units", "1", "--resume", "--quiet"]) == 2  # another network: refused
-    assert "was made with another schedule, dataset or settings" in capsys.readouterr().err
+    assert "was made with res_units 2 (now 1); resume with the same ones" in capsys.readouterr().err
     # a recipe from before the setting existed trained with one unit
     old = {k: v for k, v in config.items() if k != "res_units"}
     assert TrainConfig.from_dict(old).res_units == 1 and TrainConfig.parse(old, "recipe.train").res_units == 1
