@@ -790,7 +790,7 @@ def main() -> int:
                        check=True, env=env, cwd=base)  # stops after its first epoch, with a checkpoint to resume
         results = []
         for case in cases(base, python):
-            if a.only and not case.klass.startswith(a.only):
+            if a.only and case.klass.split()[0] != a.only:
                 continue
             o = special(case, base, python) or run_case(case, base, python)
             print(f"{o.verdict:4} [{o.case.klass}] {o.case.name}: exit {o.rc} ({o.seconds:.0f}s)"
