@@ -410,18 +410,11 @@ def _check_resample_memory(case_id: str, shape: Sequence[int], spacing, target) 
     out = imageio.resampled_shape(grid, spacing, target)
     need = (RESAMPLE_BYTES_IN * math.prod(grid)
             + (RESAMPLE_BYTES_OUT + RESAMPLE_BYTES_OUT_CHANNEL * channels) * math.prod(out))
-    free = imageio.available_memory()
-    if free is not None and need > free:
-        raise PgpsError(
-            f"case {case_id}: resampling it from spacing {_mm(spacing)} to the dataset's median spacing {_mm(target)} "
-            f"turns its {'x'.join(map(str, grid))} voxels into {'x'.join(map(str, out))}, about {need / 2**30:.1f} GiB "
-            f"of memory while preprocessing, more than the {max(free, 0) / 2**30:.1f} GiB available; check the "
-            "spacing in its header, drop the case, or run where more memory is free"
-        )
-
-
-def _mm(spacing) -> str:
-    return "x".join(f"{float(v):.3g}" for v in spacing) + " mm"
+    imageio.require_memory(
+        need, f"case {case_id}: resampling it from spacing {imageio.spacing_text(spacing)} to the dataset's median "
+        f"spacing {imageio.spacing_text(target)} turns its {'x'.join(map(str, grid))} voxels into "
+        f"{'x'.join(map(str, out))}", "while preprocessing",
+        "check the spacing in its header, drop the case, or run where more memory is free")
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing, target) -> tuple[np.ndarray, np.ndarray]:

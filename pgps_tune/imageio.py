@@ -107,6 +107,20 @@ def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/c
     return min(found) if found else None
 
 
+def require_memory(need: int, what: str, doing: str, fix: str) -> None:
+    """Refuse in one line work that needs ``need`` bytes when less memory is available: ``"{what}, about N GiB
+    of memory {doing}, more than the M GiB available; {fix}"`` (nothing is refused where memory cannot be read)."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise PgpsError(f"{what}, about {need / 2**30:.1f} GiB of memory {doing}, more than the "
+                        f"{max(free, 0) / 2**30:.1f} GiB available; {fix}")
+
+
+def spacing_text(spacing: Sequence[float]) -> str:
+    """``1x1x2.5 mm``."""
+    return "x".join(f"{float(v):.3g}" for v in spacing) + " mm"
+
+
 def memory_limit(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes of memory this process may hold at most, used or not: the machine's MemTotal, capped by the
     limit of every memory cgroup it sits in (as :func:`available_memory`); None where none can be read."""

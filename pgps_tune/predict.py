@@ -417,18 +417,10 @@ def check_memory(run: Run, case: str, geometry: Geometry) -> None:
     k = run.num_classes
     need = (math.prod(shape) * (PREDICT_BYTES_PER_CLASS * k + PREDICT_BYTES)
             + math.prod(geometry.canonical_shape) * PREDICT_BYTES_BACK_PER_CLASS * k)
-    free = imageio.available_memory()
-    if free is not None and need > free:
-        raise PgpsError(
-            f"case {case} ({'x'.join(map(str, geometry.shape))} voxels of {_mm(geometry.spacing)}) is resampled to "
-            f"the run's spacing {_mm(run.spacing)} as {'x'.join(map(str, shape))} voxels and needs about "
-            f"{need / 2**30:.1f} GiB to segment, more than the {max(free, 0) / 2**30:.1f} GiB of memory available; "
-            "check the spacing in its header, or run where more memory is free"
-        )
-
-
-def _mm(spacing: Sequence[float]) -> str:
-    return "x".join(f"{float(v):.3g}" for v in spacing) + " mm"
+    imageio.require_memory(
+        need, f"case {case} ({'x'.join(map(str, geometry.shape))} voxels of {imageio.spacing_text(geometry.spacing)}) "
+        f"is resampled to the run's spacing {imageio.spacing_text(run.spacing)} as {'x'.join(map(str, shape))} voxels",
+        "to segment", "check the spacing in its header, or run where more memory is free")
 
 
 def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], overwrite: bool) -> None:

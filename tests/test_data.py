@@ -436,6 +436,21 @@ def test_msd_case_ids_keep_the_dots_of_their_names(tmp_path):
     assert [c.case_id for c in data.discover(root).cases] == ["1.2.840.1", "1.2.840.2", "pat.v1", "pat.v2"]
 
 
+def _nnunet_folder(nn: Path, cases: int, labelled: int, file_ending: str = ".nii.gz") -> Path:
+    """An nnU-Net raw folder of one-channel .nii.gz cases c_000, ..., the first ``labelled`` with a label;
+    dataset.json gives ``file_ending`` and numTraining ``cases``."""
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for i in range(cases):
+        image, label = blob_case((16, 16, 16), i)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), nn / "imagesTr" / f"c_{i:03d}_0000.nii.gz")
+        if i < labelled:
+            nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), nn / "labelsTr" / f"c_{i:03d}.nii.gz")
+    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": file_ending,
+                                                 "numTraining": cases, "labels": {"background": 0, "a": 1, "b": 2}}))
+    return nn
+
+
 def test_folders_broken_links_and_a_missed_file_ending_are_named(tiny_msd, tmp_path):
     (tiny_msd / "imagesTr" / "case_001.nii.gz").unlink()
     (tiny_msd / "imagesTr" / "case_001.nii.gz").mkdir()
@@ -448,31 +463,14 @@ def test_folders_broken_links_and_a_missed_file_ending_are_named(tiny_msd, tmp_p
     (tiny_msd / "labelsTr" / "case_003.nii.gz").unlink()
     with pytest.raises(PgpsError, match=r"is a link to .* \(and 1 more file\(s\) missing\)"):
         data.discover(tiny_msd)
-    nn = tmp_path / "nn"
-    (nn / "imagesTr").mkdir(parents=True)
-    (nn / "labelsTr").mkdir()
-    for i in range(2):
-        image, label = blob_case((16, 16, 16), i)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), nn / "imagesTr" / f"c_{i:03d}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), nn / "labelsTr" / f"c_{i:03d}.nii.gz")
-    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": ".nrrd", "numTraining": 2,
-                                                 "labels": {"background": 0, "a": 1, "b": 2}}))
+    nn = _nnunet_folder(tmp_path / "nn", cases=2, labelled=2, file_ending=".nrrd")
     with pytest.raises(PgpsError, match=r"labelsTr holds no '\*.nrrd' file \(dataset.json's file_ending\) but .nii.gz "
                                         r"files; set file_ending to the labels' ending"):
         data.discover(nn)
 
 
 def test_cases_the_folder_may_miss_are_warned_about_once_when_it_is_prepared(tmp_path, capsys):
-    nn = tmp_path / "nn"
-    (nn / "imagesTr").mkdir(parents=True)
-    (nn / "labelsTr").mkdir()
-    for i in range(3):
-        image, label = blob_case((16, 16, 16), i)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), nn / "imagesTr" / f"c_{i:03d}_0000.nii.gz")
-        if i < 2:  # the third image lost its label (or its label was misnamed)
-            nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), nn / "labelsTr" / f"c_{i:03d}.nii.gz")
-    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "file_ending": ".nii.gz",
-                                                 "numTraining": 3, "labels": {"background": 0, "a": 1, "b": 2}}))
+    nn = _nnunet_folder(tmp_path / "nn", cases=3, labelled=2)  # the third image lost its label (or it was misnamed)
     ds = data.prepare(nn, cache_root=tmp_path / "cache")
     assert len(ds) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pgps-tune: warning:")]

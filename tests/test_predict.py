@@ -289,8 +289,8 @@ def test_an_input_too_large_for_memory_is_refused_before_any_output_and_a_full_d
     monkeypatch.setattr(imageio, "available_memory", lambda: 2**27)
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", coarse, "--out", tmp_path / "o1")
     one_line_error(rc, err, "case b (20x24x16 voxels of 8x8x8 mm) is resampled to the run's spacing 1x1x1 mm as "
-                            "160x192x128 voxels and needs about 0.")
-    assert "more than the 0.1 GiB of memory available" in err and not (tmp_path / "o1").exists()
+                            "160x192x128 voxels, about 0.")
+    assert "GiB of memory to segment, more than the 0.1 GiB available" in err and not (tmp_path / "o1").exists()
     monkeypatch.undo()
     (coarse / "b.nii.gz").unlink()
     nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), coarse / "c.nii.gz")
