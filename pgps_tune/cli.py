@@ -110,10 +110,9 @@ def _explicit_dests(argv: list[str]) -> set[str]:
     """The options given on the command line (argparse's defaults left out), whatever their spelling
     (``--flag value``, ``--flag=value``, an abbreviation): to refuse flags a command would ignore."""
     parser = build_parser()
-    parsers, seen = [parser], []
+    parsers = [parser]
     while parsers:
         p = parsers.pop()
-        seen.append(p)
         p._defaults = {}  # noqa: SLF001 (set_defaults of each subcommand)
         for action in p._actions:  # noqa: SLF001
             action.default = argparse.SUPPRESS
