@@ -127,10 +127,18 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
 def run_preprocessing(run_dir: str | Path) -> dict[str, Any]:
     """The spacing, labels and normalisation a run's training data had (from its checkpoint)."""
     ck = _read_checkpoint(run_dir, torch.device("cpu"))
+    path = Path(run_dir) / "checkpoint.pt"
     if "preprocessing" not in ck:
-        raise PgpsError(f"{Path(run_dir) / 'checkpoint.pt'} does not record the spacing and normalisation of its "
-                        "training data (an older version wrote it); retrain the run")
-    return dict(ck["preprocessing"])
+        raise PgpsError(f"{path} does not record the spacing and normalisation of its training data (an older "
+                        "version wrote it); retrain the run")
+    pre = ck["preprocessing"]
+    try:
+        return {"spacing": [float(v) for v in pre["spacing"]][:3],
+                "labels": {str(int(k)): str(v) for k, v in dict(pre["labels"]).items()},
+                "normalisation": [dict(n) for n in pre["normalisation"]]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PgpsError(f"checkpoint {path} is incomplete (preprocessing: {type(exc).__name__}: {exc}); retrain "
+                        "the run") from None
 
 
 def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:
