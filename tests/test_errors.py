@@ -36,6 +36,11 @@ def train(data, out, *extra):
     return ["train", "--data", data, "--out", out, "--epochs", "10", *TINY, *extra]
 
 
+def train_file(data, out, schedule, *extra):
+    """train with a schedule file: the file gives the patches, so TINY's --final-patch and --pools are left out."""
+    return ["train", "--data", data, "--out", out, "--epochs", "10", *TINY[8:], "--schedule", schedule, *extra]
+
+
 @pytest.fixture
 def bad_root(tmp_path):
     return make_msd(tmp_path / "bad", n=3)
@@ -94,7 +99,7 @@ def test_malformed_schedule_file(capsys, tiny_msd, tmp_path):
     f.write_text("stages: [ {patch_size: [8, 8\n")
     assert_one_line_error(*run_cli(capsys, "schedule", "--from", f), "not valid YAML")
     f.write_text("format_version: 1\nstages: 3\n")
-    assert_one_line_error(*run_cli(capsys, *train(tiny_msd, tmp_path / "o", "--schedule", f)), "missing key")
+    assert_one_line_error(*run_cli(capsys, *train_file(tiny_msd, tmp_path / "o", f)), "missing key")
 
 
 def test_patch_not_divisible(capsys, tiny_msd, tmp_path):
@@ -129,7 +134,7 @@ def test_existing_run_is_not_overwritten_and_bad_input_corrupts_nothing(capsys, 
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out)), "already holds a run")
     bad = tmp_path / "bad.yaml"
     bad.write_text("format_version: 1\nstages: [[\n")
-    assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, "--resume", "--schedule", bad)), "not valid YAML")
+    assert_one_line_error(*run_cli(capsys, *train_file(tiny_msd, out, bad, "--resume")), "not valid YAML")
     other = ["--preset", "constant", "--resume"]
     assert_one_line_error(*run_cli(capsys, *train(tiny_msd, out, *other)), "another schedule")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
