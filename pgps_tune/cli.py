@@ -459,7 +459,6 @@ def _train(a: argparse.Namespace) -> int:
     if not has_run and (out / METRICS).exists():
         raise PgpsError(f"{out} holds a run's {METRICS} but no {CHECKPOINT} to continue from; choose a new --out, "
                         "or move that run's files away")
-    created = False  # the folder exists now (the lock is in it); if this command made it, main removes it when empty
     # Ctrl-C and SIGTERM (a scheduler's stop, `kill`) stop the run at the next iteration boundary,
     # keeping the last checkpoint; before training starts, or at a second signal, at once
     signals: list[int] = []
@@ -536,7 +535,7 @@ def _train(a: argparse.Namespace) -> int:
         cause = "stopped by SIGTERM" if signal.SIGTERM in signals else "interrupted"
         saved = trainer.saved_iteration if trainer is not None else None
         if saved is None:
-            discard_unstarted_run(out, created, trainer)
+            discard_unstarted_run(trainer)
             message = f"{cause} before the first checkpoint; nothing to resume: rerun the same command to start again"
         else:
             message = (
@@ -547,7 +546,7 @@ def _train(a: argparse.Namespace) -> int:
         exc.exit_code = 128 + (signals[0] if signals else signal.SIGINT)  # 143 for SIGTERM, 130 for Ctrl-C
         raise exc from None
     except PgpsError:
-        discard_unstarted_run(out, created, trainer)  # a run that never checkpointed leaves nothing behind
+        discard_unstarted_run(trainer)  # a run that never checkpointed leaves nothing behind
         raise
     finally:
         for sig, handler in previous.items():

@@ -59,7 +59,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -135,10 +134,10 @@ def _parse_labels(raw: dict[str, Any], path: Path) -> dict[int, str]:
             )
         if isinstance(v, int) and not isinstance(v, bool):
             value, name = v, str(k)
-        elif _integer_text(k) is not None:
-            value, name = _integer_text(k), str(v)
-        elif _integer_text(v) is not None:
-            value, name = _integer_text(v), str(k)
+        elif (from_key := _integer_text(k)) is not None:  # MSD: {"1": "organ"}
+            value, name = from_key, str(v)
+        elif (from_value := _integer_text(v)) is not None:  # nnU-Net with the value as text: {"organ": "1"}
+            value, name = from_value, str(k)
         else:
             raise PgpsError(f"{path}: label {k!r}: {v!r} does not pair an integer value with a name; write 'labels' "
                             'as {"0": "background", "1": "organ"} or {"background": 0, "organ": 1}')
@@ -644,7 +643,7 @@ def _save_fg(folder: Path, cases: int, num_classes: int) -> None:
     :data:`MAX_FG_COORDS` voxels shares one generator, so the order makes the cache reproducible."""
     rng = np.random.default_rng(0)
     for i in range(cases):
-        img, seg, fg = _case_files(i)
+        _, seg, fg = _case_files(i)
         coords = _fg_coords(np.load(folder / seg, mmap_mode="r"), num_classes, rng)
         np.savez(folder / fg, **{f"c{k}": v for k, v in coords.items()})
 
@@ -850,7 +849,7 @@ def split(
     A splits file is JSON: ``{"train": [case ids], "val": [case ids]}``.
     """
     if splits_file:
-        return _split_entry(ds, read_splits(splits_file), splits_file)
+        return _split_entry(ds.name, ds.case_ids, read_splits(splits_file), splits_file)
     n = len(ds)
     if n < 2:
         raise PgpsError(f"dataset {ds.name} has {n} case(s); a train/validation split needs at least 2")
@@ -870,23 +869,24 @@ def check_splits_file(source: str | Path, splits_file: str | Path) -> None:
     """Check a splits file against a dataset folder's case ids before it is prepared (which can take
     minutes on a large dataset): the same one-line refusals as :func:`split` gives after."""
     spec = discover(source)
-    names = SimpleNamespace(name=spec.name, case_ids=[c.case_id for c in spec.cases])
-    _split_entry(names, read_splits(splits_file), splits_file)  # type: ignore[arg-type]
+    _split_entry(spec.name, [c.case_id for c in spec.cases], read_splits(splits_file), splits_file)
 
 
-def _split_entry(ds: PreparedDataset, entry: Any, splits_file: str | Path) -> tuple[list[int], list[int]]:
-    """One ``{"train": [...], "val": [...]}`` entry of a splits file, as case indices, checked."""
+def _split_entry(name: str, case_ids: Sequence[str], entry: Any, splits_file: str | Path
+                 ) -> tuple[list[int], list[int]]:
+    """One ``{"train": [...], "val": [...]}`` entry of a splits file, as indices into ``case_ids`` (of the
+    dataset ``name``), checked."""
     shape = 'it must be {"train": [case ids], "val": [case ids]}'
     if isinstance(entry, list):
         raise PgpsError(f"splits file {splits_file} is a list (of cross-validation folds?), but one split is needed "
                         f"here; {shape}")
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
         raise PgpsError(f"splits file {splits_file} needs lists of case ids under 'train' and 'val'; {shape}")
-    ids = {cid: i for i, cid in enumerate(ds.case_ids)}
+    ids = {cid: i for i, cid in enumerate(case_ids)}
     unknown = [c for k in ("train", "val") for c in entry[k] if not isinstance(c, str) or c not in ids]
     if unknown:
-        raise PgpsError(f"splits file {splits_file} names {len(unknown)} case id(s) that dataset {ds.name} does not "
-                        f"have, e.g. {unknown[0]!r}; use the ids of its dataset.json (e.g. {ds.case_ids[0]!r})")
+        raise PgpsError(f"splits file {splits_file} names {len(unknown)} case id(s) that dataset {name} does not "
+                        f"have, e.g. {unknown[0]!r}; use the ids of its dataset.json (e.g. {case_ids[0]!r})")
     train, val = [ids[c] for c in entry["train"]], [ids[c] for c in entry["val"]]
     twice = sorted((c, n) for c, n in Counter(entry["train"] + entry["val"]).items() if n > 1)
     if not train or not val or twice:
@@ -912,7 +912,7 @@ def fold_split(
             got = f"{len(entries)} entries" if isinstance(entries, list) else "not a list"
             raise PgpsError(f"splits file {splits_file} must be a list of {folds} folds "
                             f'[{{"train": [case ids], "val": [case ids]}}, ...] ({got})')
-        return _split_entry(ds, entries[fold], splits_file)
+        return _split_entry(ds.name, ds.case_ids, entries[fold], splits_file)
     n = len(ds)
     if not 2 <= folds <= n:
         raise PgpsError(f"{folds} cross-validation folds asked for, but dataset {ds.name} has {n} cases; "

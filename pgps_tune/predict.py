@@ -47,6 +47,7 @@ class Run:
     sw_batch_size: int = 4
     overlap: float = 0.25
     augment: str = "default"  # the training's augmentation preset (test-time mirroring needs one that mirrors)
+    class_names: tuple[str, ...] = ()  # of the foreground classes 1, 2, ... (the training data's labels)
 
 
 # -- the run folder ------------------------------------------------------------------
@@ -75,11 +76,9 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
 
     ck = _read_checkpoint(run_dir, device)
     path = Path(run_dir) / CHECKPOINT
-    if "preprocessing" not in ck:
-        raise PgpsError(f"{path} does not record the spacing and normalisation of its training data "
-                        "(an older version wrote it); retrain the run to predict with it")
+    pre = _preprocessing(ck, path)
     try:
-        cfg, pre = ck["config"], ck["preprocessing"]
+        cfg = ck["config"]
         schedule = Schedule.from_dict(ck["schedule"], source=str(path))
         config = TrainConfig.from_dict(cfg)
         model = place(network_for(config, ck["channels"], ck["num_classes"], schedule), config.network, device,
@@ -92,6 +91,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
             normalisation=list(pre["normalisation"]),
             sw_batch_size=int(cfg["sw_batch_size"]), overlap=float(cfg["sw_overlap"]),
             augment=config.augment,
+            class_names=tuple(pre["labels"].get(str(k), str(k)) for k in range(1, int(ck["num_classes"]))),
         )
     except PgpsError:
         raise
@@ -126,8 +126,11 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
 
 def run_preprocessing(run_dir: str | Path) -> dict[str, Any]:
     """The spacing, labels and normalisation a run's training data had (from its checkpoint)."""
-    ck = _read_checkpoint(run_dir, torch.device("cpu"))
-    path = Path(run_dir) / "checkpoint.pt"
+    return _preprocessing(_read_checkpoint(run_dir, torch.device("cpu")), Path(run_dir) / "checkpoint.pt")
+
+
+def _preprocessing(ck: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint's record of its training data's preprocessing, checked field by field."""
     if "preprocessing" not in ck:
         raise PgpsError(f"{path} does not record the spacing and normalisation of its training data (an older "
                         "version wrote it); retrain the run")
@@ -187,8 +190,8 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
         if progress:
             progress(f"[{i}/{len(cases)}] {case.case_id}")
     per_class = _nanmean(np.array(scores).reshape(len(cases), run.num_classes - 1), axis=0)
-    names = [str(run_preprocessing(run_dir)["labels"][str(k)]) for k in range(1, run.num_classes)]
-    return {"dice": float(_nanmean(per_class)), "dice_per_class": {n: float(v) for n, v in zip(names, per_class)},
+    return {"dice": float(_nanmean(per_class)),
+            "dice_per_class": {n: float(v) for n, v in zip(run.class_names, per_class)},
             "cases": len(cases)}
 
 

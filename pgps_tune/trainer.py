@@ -411,11 +411,12 @@ class Trainer:
             "schedule": self.schedule.to_dict()["stages"], "final_patch": list(self.schedule.final_patch),
             **({"sampling": self.schedule.sampling} if self.schedule.sampling != "staged" else {}),
             "config": cfg, "dataset": self.ds.name, "train_cases": self.train_cases,
-            "val_cases": self.val_cases, "data_sample": self._data_sample(),
+            "val_cases": self.val_cases, "data_sample": self._data_sample,
         })
 
-    @functools.cache  # noqa: B019 (one trainer per run: computed once, not at every checkpoint)
+    @functools.cached_property
     def _data_sample(self) -> str:
+        """:func:`data_sample` of the run's cases: computed once, not at every checkpoint."""
         return data_sample(self.ds, [*self.train_cases, *self.val_cases])
 
     def _data_record(self) -> dict[str, Any]:
@@ -783,8 +784,8 @@ def identity_difference(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
 
     parts = []
     for key in sorted(set(theirs) | set(mine)):
-        a, b = theirs.get(key, "staged" if key == "sampling" else None), mine.get(key, "staged" if key == "sampling"
-                                                                                    else None)
+        missing = "staged" if key == "sampling" else None  # a staged schedule's identity leaves sampling out
+        a, b = theirs.get(key, missing), mine.get(key, missing)
         if a == b:
             continue
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
@@ -802,27 +803,21 @@ def identity_difference(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
     return ", ".join(dict.fromkeys(parts)) or "another schedule, dataset or settings"
 
 
-def discard_unstarted_run(out: str | Path, created: bool, trainer: Trainer | None) -> None:
+def discard_unstarted_run(trainer: Trainer | None) -> None:
     """Undo a run that stopped before its first checkpoint, so that rerunning the command works.
 
     Removes the files ``trainer`` wrote (a file that was there before, such as the --schedule file
-    itself, gets its old content back), and the folder if ``created`` (this command made it) and it
-    is then empty.  A run that has a checkpoint is left alone.
+    itself, gets its old content back).  A run that has a checkpoint is left alone.  The run folder,
+    if the command made it and it is then empty, is the CLI's to remove (``_no_empty_folder_left``).
     """
-    if trainer is not None:
-        if trainer.saved_iteration is not None:
-            return
-        for path in trainer.written:
-            if path in trainer.replaced:
-                old = trainer.replaced[path]
-                atomic_write(path, lambda fh, old=old: fh.write(old))
-            else:
-                path.unlink(missing_ok=True)
-    if created:
-        try:
-            Path(out).rmdir()
-        except OSError:
-            pass  # missing, or holds files that are not the run's: leave them
+    if trainer is None or trainer.saved_iteration is not None:
+        return
+    for path in trainer.written:
+        if path in trainer.replaced:
+            old = trainer.replaced[path]
+            atomic_write(path, lambda fh, old=old: fh.write(old))
+        else:
+            path.unlink(missing_ok=True)
 
 
 @torch.no_grad()

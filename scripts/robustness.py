@@ -278,18 +278,32 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                                     "4 numbers", "5 no traceback", "6 files and folders", "7 cluster faults",
                                     "8 packaging", "9 layering", "10 data and flags read wrongly before")
 
-    def hold_train_lock(w: Path) -> None:  # another train holds the run folder (a process that sleeps)
-        (w / "run").mkdir()
-        code = ("import sys, time; from pathlib import Path; from pgps_tune.errors import folder_lock\n"
-                "with folder_lock(Path(sys.argv[1]), '.pgps-train.lock', 'held', lambda: False):\n"
-                "    print('held', flush=True); time.sleep(60)\n")
-        holder = subprocess.Popen([python, "-c", code, str(w / "run")], stdout=subprocess.PIPE, text=True)
-        holder.stdout.readline()  # the lock is held
-        (w / "holder.pid").write_text(str(holder.pid))
+    holders: dict[Path, subprocess.Popen] = {}
 
-    def release_train_lock(w: Path, r) -> str | None:
-        os.kill(int((w / "holder.pid").read_text()), signal.SIGKILL)
-        return None if not (w / "run" / "checkpoint.pt").exists() else "the refused command trained"
+    def hold_lock(w: Path, folder: Path, name: str) -> None:
+        """Another command holds ``folder``'s lock ``name`` (as a running train or tune does): a process that
+        takes it with the same lock as the CLI and sleeps; :func:`release` ends it."""
+        code = ("import sys, time\nfrom pathlib import Path\nfrom pgps_tune.errors import folder_lock\n"
+                "with folder_lock(Path(sys.argv[1]), sys.argv[2], 'held', lambda: False):\n"
+                "    print('held', flush=True)\n    time.sleep(600)\n")
+        holders[w] = subprocess.Popen([python, "-c", code, str(folder), name], stdout=subprocess.PIPE, text=True)
+        holders[w].stdout.readline()  # the lock is held
+
+    def release(w: Path) -> bool:
+        """End the holder of :func:`hold_lock`; whether it was still alive (undisturbed by the case)."""
+        holder = holders.pop(w)
+        alive = holder.poll() is None
+        holder.kill()
+        holder.wait()
+        return alive
+
+    def train_running(w: Path) -> None:
+        hold_lock(w, w / "run", ".pgps-train.lock")
+
+    def train_undisturbed(w: Path, r) -> str | None:
+        alive = release(w)
+        trained = (w / "run" / "checkpoint.pt").exists()
+        return None if alive and not trained else f"holder alive: {alive}; the refused command trained: {trained}"
 
     def two_channel_files(w: Path) -> None:
         copy_run(w)
@@ -631,20 +645,12 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                                                        *TINY_TRAIN], 2, "", check=absent("run")))
     add(Case(F, "failed tune leaves no empty --out", ["tune", "--space", "{w}/nope.yaml", "--data", "synthetic",
                                                       "--out", "{w}/sweep"], 2, "", check=absent("sweep")))
-    holders: dict[Path, subprocess.Popen] = {}
-
     def sweep_running(w: Path) -> None:  # another driver holds the sweep folder (as a running `tune` does)
         write_space(w / "space.yaml")
-        hold = ("import sys, time\nfrom pathlib import Path\nfrom pgps_tune.tuner import sweep_lock\n"
-                "with sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n")
-        holders[w] = subprocess.Popen([python, "-c", hold, str(w / "sweep")], stdout=subprocess.PIPE, text=True)
-        holders[w].stdout.readline()
+        hold_lock(w, w / "sweep", ".pgps-sweep.lock")
 
     def holder_undisturbed(w: Path, r) -> str | None:
-        holder = holders.pop(w)
-        alive = holder.poll() is None
-        holder.kill()
-        holder.wait()
+        alive = release(w)
         left = sorted(p.name for p in (w / "sweep").iterdir())
         return None if alive and left == [".pgps-sweep.lock"] else f"holder alive: {alive}; the folder holds {left}"
 
@@ -726,7 +732,7 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                  "stages:\n- {patch_size: [16, 16, 16], batch_size: 2, epochs: 2}\n")))
     add(Case(R, "a second train on a run folder in use", ["train", "--data", str(data), "--out", "{w}/run",
                                                           "--epochs", "2", *TINY_TRAIN], 2,
-             "is in use by another pgps-tune train", hold_train_lock, release_train_lock))
+             "is in use by another pgps-tune train", train_running, train_undisturbed))
     add(Case(R, "predict: nnU-Net files of 2 channels for a 1-channel run", [
         "predict", "--run", "{w}/run", "--input", "{w}/in", "--out", "{w}/out"], 2, "holds nnU-Net channel files",
         two_channel_files, absent("out")))
