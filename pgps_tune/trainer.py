@@ -40,6 +40,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -447,6 +448,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": _plain(asdict(self.state)),
             "rng": _rng_state(),
+            "runtime": self._runtime(),
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -466,6 +468,13 @@ class Trainer:
                 if self.saved_iteration is not None else "no checkpoint was written yet: free space, then rerun"
             )
             raise PgpsError(f"cannot write {path} ({exc.strerror or exc}); {kept}") from None
+
+    def _runtime(self) -> dict[str, Any]:
+        """What a run may change between its parts but what decides the rounding of every float
+        reduction: a run resumed under another runtime continues correctly, not bit-identically."""
+        cpu = self.device.type == "cpu"
+        return {"device": self.device.type, "torch": str(torch.__version__),
+                **({"threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16()} if cpu else {})}
 
     def load_checkpoint(self) -> None:
         """Restore everything from the run folder's checkpoint, refusing one made for another run."""
@@ -497,6 +506,20 @@ class Trainer:
             ("rng", lambda: _set_rng_state(ck["rng"])),
         ])
         self.saved_iteration = self.state.iteration
+        self._note_runtime(ck.get("runtime"))
+
+    def _note_runtime(self, theirs: Any) -> None:
+        """Say (one line) when the run resumes under another device, thread count, torch or CPU kind than
+        its checkpoint was written under: resume is bit-exact only under the same ones."""
+        mine = self._runtime()
+        if not isinstance(theirs, dict) or theirs == mine:
+            return  # a checkpoint from before runtimes were recorded: nothing to compare
+        names = {"threads": "torch threads", "cpu_bf16": "bfloat16 hardware", "device": "device", "torch": "torch"}
+        diff = [f"{names.get(k, k)} {theirs.get(k, 'none')} (now {mine.get(k, 'none')})"
+                for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
+        print(f"pgps-tune: note: the checkpoint was written with {', '.join(diff)}: the run continues correctly "
+              "but not bit-identically to an uninterrupted one (float rounding differs); resume with the same "
+              "ones for an exact continuation", file=sys.stderr, flush=True)
 
     def _load_optimizer(self, sd: dict[str, Any]) -> None:
         """Load an optimizer state, checking what torch does not: every buffer has its parameter's shape."""

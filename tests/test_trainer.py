@@ -237,6 +237,29 @@ def test_a_resume_between_validations_reports_the_same_train_loss(ds, tmp_path, 
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
 
 
+def test_a_resume_under_another_thread_count_says_it_is_not_bit_exact(ds, tmp_path, capsys):
+    """Float reductions depend on the thread count: the run continues, and says it will not be identical."""
+    def stop(r):
+        if r["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(ds, tmp_path, callback=stop).fit()
+    assert read_checkpoint(tmp_path / CHECKPOINT, "")["runtime"]["threads"] == 1
+    capsys.readouterr()
+    same = _trainer(ds, tmp_path)
+    same.load_checkpoint()
+    assert "note" not in capsys.readouterr().err
+    other = _trainer(ds, tmp_path, threads=2)
+    torch.set_num_threads(2)
+    try:
+        other.load_checkpoint()
+    finally:
+        torch.set_num_threads(1)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torch threads 1 (now 2)" in err and "not bit-identically" in err
+
+
 def test_the_layout_follows_the_patch_and_resume_is_exact_from_either_layout(ds, tmp_path, monkeypatch,
                                                                             deterministic):
     # channels-last from 16^3 here (the default threshold is above this test's patches): stages 0-1
