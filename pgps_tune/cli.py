@@ -736,9 +736,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from pgps_tune.predict import predict
 
     _check_writable(Path(a.out), "a folder for the segmentations (a new one, or an existing one)")
+    existed = set()
+    if a.skip_existing:
+        out = Path(a.out)
+        existed = {p for p in out.iterdir() if p.is_file()} if out.is_dir() else set()
     written = predict(a.run, a.input, a.out, a.device, mirror=a.mirror, overwrite=a.overwrite,
-                      progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps({"cases": len(written), "outputs": [str(p) for p in written]}, indent=1))
+                      progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+                      skip_existing=a.skip_existing)
+    skipped = [p for p in written if p in existed]
+    print(json.dumps({"cases": len(written), "outputs": [str(p) for p in written],
+                      **({"skipped": len(skipped)} if a.skip_existing else {})}, indent=1))
     return 0
 
 
@@ -1212,6 +1219,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for the segmentations (CASE + the input's ending)")
     pr.add_argument("--mirror", action="store_true", help="test-time augmentation: average the 8 mirrored copies")
     pr.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    pr.add_argument("--skip-existing", action="store_true",
+                    help="keep existing outputs and segment only the other cases (continues a stopped predict)")
     device_arg(pr)
     pr.add_argument("--quiet", action="store_true", help="no progress lines")
     pr.set_defaults(func=cmd_predict)

@@ -362,6 +362,7 @@ def predict(
     mirror: bool = False,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Segment every case of ``source`` with the run's network; one label file per case in ``out_dir``.
 
@@ -371,10 +372,13 @@ def predict(
         out_dir: where ``CASE.<input ending>`` files go.
         device: ``auto``, ``cpu`` or ``cuda``.
         mirror: average over the 8 mirrored copies (8x the inference time).
-        overwrite: replace existing outputs; without it any existing output stops the run before any work.
-        progress: called with one line per finished case.
+        overwrite: replace existing outputs; without it (or ``skip_existing``) any existing output stops the
+            run before any work.
+        progress: called with one line per finished (or skipped) case.
+        skip_existing: keep the existing outputs and segment only the other cases: how a run stopped part-way
+            continues (outputs are written atomically, so one that exists is complete).
 
-    Returns the written files, in case order.
+    Returns every case's output file, in case order (the skipped ones included).
     """
     from pgps_tune.trainer import check_mirroring, resolve_device
 
@@ -385,11 +389,19 @@ def predict(
     inputs = find_inputs(source, run.channels)
     out_dir = Path(out_dir)
     targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
-    _check_targets(targets, inputs, overwrite)
-    geometries = [case_geometry(files, run.channels) for _, files in inputs]
+    if overwrite and skip_existing:
+        raise PgpsError("--overwrite and --skip-existing contradict each other; give one")
+    _check_targets(targets, inputs, overwrite or skip_existing)
+    done = {t for t in targets if skip_existing and t.is_file()}
+    geometries = [None if t in done else case_geometry(files, run.channels) for (_, files), t in zip(inputs, targets)]
     for (case, _), geometry in zip(inputs, geometries):
-        check_memory(run, case, geometry)
+        if geometry is not None:
+            check_memory(run, case, geometry)
     for i, ((case, files), geometry, target) in enumerate(zip(inputs, geometries, targets), 1):
+        if geometry is None:
+            if progress:
+                progress(f"[{i}/{len(inputs)}] {case}: {target} exists, skipped (--skip-existing)")
+            continue
         t0 = time.perf_counter()
         try:
             label = predict_case(run, files, geometry, dev, mirror)
@@ -398,8 +410,8 @@ def predict(
         try:
             imageio.write(target, label, geometry.affine, like=geometry.like)
         except OSError as exc:  # the disk filled, the folder went away
-            raise PgpsError(f"cannot write {target} ({exc.strerror or exc}){_written(i - 1, len(inputs))}; free space "
-                            "or choose another --out") from None
+            raise PgpsError(f"cannot write {target} ({exc.strerror or exc}): free space or choose another --out"
+                            f"{_written(i - 1, len(inputs))}") from None
         if progress:
             size = "x".join(map(str, geometry.shape))
             progress(f"[{i}/{len(inputs)}] {case} ({size}) -> {target} ({time.perf_counter() - t0:.1f} s)")
@@ -408,7 +420,8 @@ def predict(
 
 def _written(done: int, total: int) -> str:
     """What a failure part-way leaves, for its message: the outputs before it are complete."""
-    return f" (case {done + 1} of {total}; the {done} output(s) before it are complete)" if done else ""
+    return (f" (case {done + 1} of {total}; the {done} output(s) before it are complete: once fixed, add "
+            "--skip-existing to segment only the rest)") if done else ""
 
 
 # inference memory per voxel, from the code's arrays (float32): at the run's spacing the normalised image, the
@@ -451,4 +464,5 @@ def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], ov
         what = f"{clash[0]} and {len(clash) - 1} more outputs already exist" if len(clash) > 1 else \
             f"{clash[0]} already exists"
         them = "them" if len(clash) > 1 else "it"
-        raise PgpsError(f"{what}; add --overwrite to replace {them}, or choose another --out")
+        raise PgpsError(f"{what}; add --overwrite to replace {them}, --skip-existing to keep {them} and segment the "
+                        "other cases, or choose another --out")

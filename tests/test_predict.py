@@ -163,6 +163,14 @@ def test_existing_outputs_are_refused_before_any_work(run, tmp_path, capsys):
     one_line_error(rc, err, "case_001.nii.gz already exists; add --overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["case_001.nii.gz"]  # case_000 was not predicted either
     assert (out / "case_001.nii.gz").read_bytes() == b"precious"
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite",
+                     "--skip-existing")
+    one_line_error(rc, err, "--overwrite and --skip-existing contradict each other")
+    # a predict stopped part-way continues: the existing output is kept, the other case segmented
+    rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--skip-existing")
+    assert rc == 0 and json.loads(stdout)["skipped"] == 1 and json.loads(stdout)["cases"] == 2
+    assert "case_001.nii.gz exists, skipped" in err and (out / "case_001.nii.gz").read_bytes() == b"precious"
+    assert nib.load(out / "case_000.nii.gz").shape == nib.load(folder / "case_000.nii.gz").shape
     rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite")
     assert rc == 0 and json.loads(stdout)["cases"] == 2 and len(err.splitlines()) == 2
     assert nib.load(out / "case_001.nii.gz").shape == (20, 24, 16)
@@ -304,8 +312,8 @@ def test_an_input_too_large_for_memory_is_refused_before_any_output_and_a_full_d
 
     monkeypatch.setattr(imageio, "write", disk_fills)
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", coarse, "--out", tmp_path / "o2", "--quiet")
-    one_line_error(rc, err, "c.nii.gz (No space left on device) (case 2 of 2; the 1 output(s) before it are "
-                            "complete); free space or choose another --out")
+    one_line_error(rc, err, "c.nii.gz (No space left on device): free space or choose another --out (case 2 of 2; "
+                            "the 1 output(s) before it are complete: once fixed, add --skip-existing")
     assert nib.load(tmp_path / "o2" / "a.nii.gz").shape == (20, 24, 16)
 
 
