@@ -351,9 +351,8 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
             if name not in given and name in searched:
                 given = {**given, name: check_train_value(name, searched[name],
                                                           f"the schedule file's meta.trainer.{name}")}
-                if not a.quiet:
-                    print(f"{name} {given[name]:.4g} from the schedule file (override with {_flag(name)})",
-                          flush=True)
+                if not a.quiet:  # stderr: stdout holds only the run's JSON
+                    _note(a, f"train: {name} {given[name]:.4g} from the schedule file (override with {_flag(name)})")
         for f in SPLIT_FLAGS:
             if getattr(a, f) is None:
                 setattr(a, f, getattr(Budget, f))
@@ -363,10 +362,10 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
     overridden += [(f, getattr(a, f), file_split[f]) for f in SPLIT_FLAGS
                    if getattr(a, f) is not None and getattr(a, f) != file_split[f]]
     for f, v, was in overridden:
-        print(f"train: {_flag(f)} {_shown(v)} overrides the schedule file's {f} {_shown(was)}", file=sys.stderr)
+        _note(a, f"train: {_flag(f)} {_shown(v)} overrides the schedule file's {f} {_shown(was)}")
     if a.splits:
-        print(f"train: --splits {a.splits} overrides the schedule file's split (val_fraction "
-              f"{_shown(file_split['val_fraction'])}, split_seed {file_split['split_seed']})", file=sys.stderr)
+        _note(a, f"train: --splits {a.splits} overrides the schedule file's split (val_fraction "
+              f"{_shown(file_split['val_fraction'])}, split_seed {file_split['split_seed']})")
     for f in SPLIT_FLAGS:
         if getattr(a, f) is None:
             setattr(a, f, file_split[f])
@@ -382,10 +381,10 @@ def _run_settings(a: argparse.Namespace, s: sch.Schedule | None, given: dict[str
     if not a.quiet:
         lr = _shown(cfg.lr) if cfg.lr is not None else f"{cfg.resolved_lr():g} (default)"
         units = f" res units {cfg.res_units}" if cfg.res_units != 1 else ""
-        print(f"train: as in the schedule file's recipe (trained on {recipe.data.dataset}): {cfg.network} "
+        _note(a, f"train: as in the schedule file's recipe (trained on {recipe.data.dataset}): {cfg.network} "
               f"{_shown(cfg.filters)}{units}, {cfg.optimizer} lr {lr}, {cfg.iterations_per_epoch} iterations per "
               f"epoch, augment {cfg.augment}, seed {cfg.seed}, device {cfg.device}, threads {_shown(cfg.threads)}; "
-              "flags override", file=sys.stderr, flush=True)
+              "flags override")
     return cfg
 
 
@@ -403,16 +402,31 @@ def _check_widths(network: str, feature_size: int | None, hidden_size: int, give
     check_network_widths(network, feature_size, hidden_size, (name("feature_size"), name("hidden_size")))
 
 
-def _note_other_data(recipe: Recipe, ds: Any) -> None:
+def _note_other_data(a: argparse.Namespace, recipe: Recipe, ds: Any) -> None:
     """Say so when --data is not what the recipe was trained on (allowed: a schedule may transfer)."""
     d = recipe.data
     if ds.name != d.dataset:
-        print(f"train: note: the schedule file's recipe was trained on dataset {d.dataset}, --data is {ds.name}",
-              file=sys.stderr)
+        _note(a, f"train: note: the schedule file's recipe was trained on dataset {d.dataset}, --data is {ds.name}")
     elif (d.spacing and tuple(ds.spacing) != d.spacing) or (
             d.normalisation and [dict(n) for n in ds.normalisation] != list(d.normalisation)):
-        print(f"train: note: --data is {ds.name} as in the recipe, but preprocessed differently (spacing or "
-              "normalisation); its Dice will differ from the sweep's", file=sys.stderr)
+        _note(a, f"train: note: --data is {ds.name} as in the recipe, but preprocessed differently (spacing or "
+              "normalisation); its Dice will differ from the sweep's")
+
+
+def _note(a: argparse.Namespace, line: str) -> None:
+    """A line for stderr that train holds back until its checks passed, so that bad input gets its error line
+    alone (a command that does not collect notes prints it at once)."""
+    notes = getattr(a, "notes", None)
+    if notes is None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        notes.append(line)
+
+
+def _flush_notes(a: argparse.Namespace) -> None:
+    for line in getattr(a, "notes", None) or ():
+        print(line, file=sys.stderr, flush=True)
+    a.notes = None
 
 
 TRAIN_LOCK = ".pgps-train.lock"  # held while a train command writes its run folder (removed at the end)
@@ -437,6 +451,7 @@ def _train(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch, split
     from pgps_tune.trainer import CHECKPOINT, METRICS, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
 
+    a.notes = []  # held back until the checks passed (_flush_notes)
     given = _given_train_flags(a)  # refused before anything is written
     _check_schedule_flags(a, "--schedule" if a.schedule else None)
     if a.splits and (ignored := [f for f in ("val_fraction", "split_seed") if f in getattr(a, "explicit", ())]):
@@ -483,14 +498,14 @@ def _train(a: argparse.Namespace) -> int:
         if a.schedule:
             s = _schedule_file(a.schedule, None, "--schedule", a.preset)
             if a.epochs is not None and a.epochs != s.epochs:
-                print(f"train: --epochs {a.epochs} rescales the schedule file's {s.epochs} epochs", file=sys.stderr)
+                _note(a, f"train: --epochs {a.epochs} rescales the schedule file's {s.epochs} epochs")
                 s = sch.rescale_epochs(s, a.epochs)
             cfg = _run_settings(a, s, given)
             _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the schedule file's recipe")
             synthetic = _synthetic_args(a, s.recipe)
             ds = _prepare(a, **synthetic)
             if s.recipe is not None:
-                _note_other_data(s.recipe, ds)
+                _note_other_data(a, s.recipe, ds)
         else:
             cfg = _run_settings(a, None, given)
             _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the defaults")
@@ -508,7 +523,7 @@ def _train(a: argparse.Namespace) -> int:
                 pools = tuple(a.pools) if a.pools else plan.pools
                 s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
         _check_batch_memory(s, cfg)
-        _note_padding(s, ds)
+        _note_padding(a, s, ds)
         train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
         # the run's own schedule.yaml carries what this run trains with, so it can train it again
         # (a --splits file is not a recipe's split: that run's recipe is left out)
@@ -526,6 +541,7 @@ def _train(a: argparse.Namespace) -> int:
         trainer = Trainer(ds, train_cases, val_cases, s, cfg, out, callback=report)
         if progress.mode != "none":
             trainer.on_epoch = progress.epoch
+        _flush_notes(a)
         try:
             metrics = trainer.fit(resume=a.resume)
         finally:
@@ -563,16 +579,15 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _note_padding(s: sch.Schedule, ds: Any) -> None:
+def _note_padding(a: argparse.Namespace, s: sch.Schedule, ds: Any) -> None:
     """Say so (one line) when the final patch is larger than every case along an axis: that much of every
     patch is padding, computed and never learnt from."""
     largest = [max(shape[ax] for shape in ds.shapes) for ax in range(3)]
     axes = [ax for ax in range(3) if s.final_patch[ax] > largest[ax]]
     if axes:
-        print(f"train: warning: the final patch {'x'.join(map(str, s.final_patch))} is larger than every case "
+        _note(a, f"train: warning: the final patch {'x'.join(map(str, s.final_patch))} is larger than every case "
               f"along axis {', '.join(map(str, axes))} (the largest is {'x'.join(map(str, largest))}): the rest of "
-              "every patch is padding; a smaller --final-patch trains as well for less ('pgps-tune plan' gives one)",
-              file=sys.stderr)
+              "every patch is padding; a smaller --final-patch trains as well for less ('pgps-tune plan' gives one)")
 
 
 def _rounded(v: Any) -> Any:

@@ -100,6 +100,11 @@ def test_flags_given_override_the_recipe_and_are_reported_others_do_not(tmp_path
     assert "train: --split-seed 4 overrides the schedule file's split_seed 3" in err
     # a flag equal to the recipe's value changes nothing, so it is not reported as an override
     assert "deep-supervision" not in err and err.count("overrides") == 2
+    # refused later (a width the network lacks): the error line comes alone, without the override notes
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "b"), "--schedule", str(f), "--quiet",
+                 "--lr", "0.01", "--feature-size", "24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--feature-size applies to" in err[0], err
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["config"] == {**s.recipe.train.to_dict(), "lr": 0.01}
     # the run's own schedule file records what the run trained with, overrides included

@@ -443,7 +443,8 @@ def test_cli_train_takes_searched_trainer_settings_from_the_schedule_file(tmp_pa
     base = ["train", "--data", "synthetic", "--schedule", str(f), "--iterations-per-epoch", "1",
             "--filters", "4", "8", "16", "32", "--optimizer", "adamw"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    assert "fg_ratio 0.7 from the schedule file" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "fg_ratio 0.7 from the schedule file" in err and json.loads(out)["completed"]  # stdout: the JSON alone
     cfg = json.loads((tmp_path / "a" / "metrics.json").read_text())["config"]
     assert cfg["fg_ratio"] == 0.7 and cfg["lr"] == 0.002
     # an explicit flag wins over the file
