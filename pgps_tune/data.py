@@ -176,7 +176,9 @@ def _inside(base: Path, path: Path, what: str) -> Path:
     return path
 
 
-def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path) -> list[Case]:
+def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path, channels: int) -> list[Case]:
+    """The cases ``training`` lists. An image listed as ``x.nii.gz`` that is on disk as ``x_0000.nii.gz``,
+    ``x_0001.nii.gz``, ... (nnU-Net v1's raw layout, whose dataset.json is MSD's) is read from those files."""
     if not isinstance(data["training"], list):
         raise PgpsError(f"{path}: 'training' must be a list of {{image, label}} entries")
     cases = []
@@ -186,7 +188,37 @@ def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path) -> list
         image, label = (
             _inside(base, root / entry[k], f"{path}: training entry {i} '{k}'") for k in ("image", "label")
         )
-        cases.append(Case(_case_id(Path(entry["label"]).name), (image,), label))
+        images: tuple[Path, ...] = (image,)
+        end = imageio.ending(image.name)
+        if end and not image.exists():
+            split = tuple(image.with_name(f"{image.name[: -len(end)]}_{c:04d}{end}") for c in range(channels))
+            if split[0].exists():  # nnU-Net v1: one file per channel
+                images = tuple(_inside(base, f, f"{path}: training entry {i} channel file") for f in split)
+        cases.append(Case(_case_id(Path(entry["label"]).name), images, label))
+    return cases
+
+
+def _listed_nnunet_cases(root: Path, base: Path, listed: Any, channels: int, path: Path) -> list[Case]:
+    """The cases of nnU-Net v2's ``dataset`` key: ``{case: {"images": [one per channel], "label": file}}``,
+    paths relative to the dataset folder (environment variables expanded, as nnU-Net does)."""
+    if not isinstance(listed, dict) or not listed:
+        raise PgpsError(f"{path}: 'dataset' must map each case id to its images and label, e.g. "
+                        '{"case_1": {"images": ["imagesTr/case_1_0000.nii.gz"], "label": "labelsTr/case_1.nii.gz"}}')
+    cases = []
+    for case_id, entry in listed.items():
+        images = entry.get("images") if isinstance(entry, dict) else None
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if (not isinstance(images, list) or not all(isinstance(f, str) and f for f in images)
+                or not isinstance(label, str) or not label):
+            raise PgpsError(f"{path}: dataset entry {case_id!r} needs 'images' (a list of files, one per channel) and "
+                            "'label' (a file)")
+        if len(images) != channels:
+            raise PgpsError(f"{path}: dataset entry {case_id!r} lists {len(images)} image file(s) but channel_names "
+                            f"names {channels} channel(s); list one file per channel")
+        where = f"{path}: dataset entry {case_id!r}"
+        cases.append(Case(str(case_id), tuple(_inside(base, root / os.path.expandvars(f), f"{where} image")
+                                              for f in images),
+                          _inside(base, root / os.path.expandvars(label), f"{where} label")))
     return cases
 
 
@@ -240,10 +272,15 @@ def discover(root: str | Path) -> DatasetSpec:
     path = root / "dataset.json"
     labels = _parse_labels(data["labels"], path)
     base = root.resolve()
-    if "training" in data:  # MSD
+    if "dataset" in data and "channel_names" in data:  # nnU-Net v2 raw listing its cases (any file names)
+        layout = "nnunet"
+        channels = _channel_count(data["channel_names"], "channel_names", path)
+        cases, notes = _listed_nnunet_cases(root, base, data["dataset"], channels, path), []
+    elif "training" in data:  # MSD (and nnU-Net v1 raw, which lists its cases the same way)
         layout = "msd"
-        channels = _channel_count(data.get("modality") or {"0": "image"}, "modality", path)
-        cases, notes = _msd_cases(root, base, data, path), []
+        key = "modality" if data.get("modality") else "channel_names"
+        channels = _channel_count(data.get(key) or {"0": "image"}, key, path)
+        cases, notes = _msd_cases(root, base, data, path, channels), []
     elif "channel_names" in data or "modality" in data:  # nnU-Net v2 raw
         layout = "nnunet"
         key = "channel_names" if "channel_names" in data else "modality"

@@ -128,6 +128,26 @@ def test_nnunet_raw_layout(tmp_path):
     assert len(ds) == 3 and ds.channels == 2 and ds.image(0).shape == (2, 16, 16, 16)
     assert ds.labels == {0: "background", 1: "organ"}
     assert [_varies_along(ds.image(0)[c]) for c in range(2)] == [[2], [1]]
+    # nnU-Net v2's 'dataset' key lists the cases (a subset here): those are the cases, not labelsTr's files
+    listed = {f"c{i}": {"images": [f"imagesTr/tiny_{i:03d}_{c:04d}.nii.gz" for c in range(2)],
+                        "label": f"labelsTr/tiny_{i:03d}.nii.gz"} for i in (0, 2)}
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+        "file_ending": ".nii.gz", "dataset": listed}))
+    listed_ds = data.prepare(root)
+    assert listed_ds.case_ids == ["c0", "c2"] and np.array_equal(listed_ds.image(1), ds.image(2))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1},
+        "dataset": {"c0": {**listed["c0"], "images": listed["c0"]["images"][:1]}}}))
+    with pytest.raises(PgpsError, match="lists 1 image file.* names 2 channel"):
+        data.discover(root)
+    # nnU-Net v1: an MSD dataset.json whose listed images are on disk as one file per channel
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "T1", "1": "T2"}, "labels": {"0": "background", "1": "organ"}, "numTraining": 3,
+        "training": [{"image": f"./imagesTr/tiny_{i:03d}.nii.gz", "label": f"./labelsTr/tiny_{i:03d}.nii.gz"}
+                     for i in range(3)]}))
+    v1 = data.prepare(root)
+    assert v1.case_ids == ds.case_ids and all(np.array_equal(v1.image(i), ds.image(i)) for i in range(3))
 
 
 def test_msd_4d_images_are_channels_last_in_order(tmp_path):
