@@ -211,7 +211,9 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
     """A schedule file, rescaled to ``epochs`` if given."""
     if preset:
         raise PgpsError(f"give either {flag} FILE or --preset, not both")
-    s = sch.load(path)
+    from pgps_tune.nnunet import load_pgps_schedule
+
+    s = load_pgps_schedule(path)  # names an nnU-Net schedule file as such
     return sch.rescale_epochs(s, epochs) if epochs is not None else s
 
 
@@ -489,9 +491,9 @@ def _train(a: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     nn_plan = _nnunet_plan(a)
     if nn_plan is not None and a.schedule:  # refused before anything is written
-        from pgps_tune.nnunet import check_schedule
+        from pgps_tune.nnunet import check_schedule, load_pgps_schedule
 
-        check_schedule(sch.load(a.schedule), nn_plan)
+        check_schedule(load_pgps_schedule(a.schedule), nn_plan)
     try:
         _check_writable(out)
         synthetic: dict[str, Any] = {}
@@ -1018,19 +1020,20 @@ def cmd_export(a: argparse.Namespace) -> int:
     pick_rule(meta, a.pick)  # a bad --pick too
     from pgps_tune.tuner import export
 
-    nn_plan = None
+    nn_export = None
     if a.nnunet:
         from pgps_tune import nnunet
 
-        nnunet.check_trainer_name(a.trainer)
-        nn_plan = nnunet.read_plans(a.nnunet, a.configuration)  # before writing anything
+        # every --nnunet check before anything is written
+        nn_export = nnunet.prepare_export(a.experiment, a.nnunet, a.configuration, a.trainer, pick=a.pick,
+                                          other_dataset=a.other_dataset)
+    elif a.other_dataset:
+        raise PgpsError("--other-dataset goes with --nnunet PLANS")
     _check_writable(Path(a.out))
     _print_summary(export(a.experiment, a.out, results_store=a.results_store, pick=a.pick), Path(a.out))
-    if nn_plan is not None:
-        best = Path(a.out) / "best_schedule.yaml"
-        if not best.is_file():
-            raise PgpsError(f"no best schedule in {a.out} to export for nnU-Net; the sweep has no completed trial")
-        path = nnunet.export_for_nnunet(sch.load(best), nn_plan, a.trainer)
+    if nn_export is not None:
+        path, nn_file = nn_export
+        nn_file.save(path)
         print(f"nnU-Net schedule: {path} (read by -tr {a.trainer}; see docs/NNUNET.md)")
     return 0
 
@@ -1067,7 +1070,7 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
     )
     print(f"results: {out}")
     print(f"predict: nnUNet_extTrainer={nnunet.ext_trainer_path()} nnUNetv2_predict -i IN -o OUT "
-          f"-d {a.dataset} -c {a.configuration} -f {a.fold} -tr {a.trainer} -p {a.plans}")
+          f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}")
     return 0
 
 
@@ -1371,13 +1374,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "cheapest_within=T (the cheapest within T Dice of the best); default: the space's "
                          "objective.pick")
     ex.add_argument("--configuration", default="3d_fullres", help="with --nnunet: the nnU-Net configuration")
-    ex.add_argument("--trainer", default="nnUNetTrainerPGPS", help="with --nnunet: the trainer name it is for")
+    ex.add_argument("--trainer", default="nnUNetTrainerPGPS",
+                    help="with --nnunet: the trainer name it is for; a different schedule already written for that "
+                         "name is not replaced: give nnUNetTrainerPGPS_SUFFIX")
+    ex.add_argument("--other-dataset", action="store_true",
+                    help="with --nnunet: export although the sweep searched another dataset than the plans'")
     ex.set_defaults(func=cmd_export, out_folder=True)
 
     nt = sub.add_parser("nnunet-train", help="train a schedule with nnU-Net's own trainer (needs the nnunet extra)")
     nt.add_argument("dataset", help="nnU-Net dataset id or name (in nnUNet_preprocessed)")
     nt.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
-    nt.add_argument("fold", help="0-4, or all")
+    nt.add_argument("fold", help="0-4 (the folds of splits_final.json), or all")
     nt.add_argument("--schedule", help="schedule file (default: the one beside the plans; continuing: the run's own)")
     nt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     nt.add_argument("--continue", dest="continue_training", action="store_true",

@@ -21,7 +21,8 @@ orientation and calls those axes x y z; nnU-Net reads arrays in reversed voxel o
 SimpleITK's convention, which its nibabel readers copy) and then permutes them by the plans'
 ``transpose_forward``.  So a plans patch of ``[20, 320, 256]`` is ``256 320 20`` in pgps-tune.
 :class:`NnunetPlan` holds both and converts; the permutation also follows the voxel-to-world
-axes of the dataset's label files (``gt_segmentations`` beside the plans) when they are there.
+axes of the dataset's label files (``gt_segmentations`` beside the plans, any format
+:mod:`pgps_tune.imageio` reads), which must be there unless nnU-Net's reader reorients.
 Schedule files always use pgps-tune's order; only the nnU-Net schedule file (below) and
 nnU-Net's own run folders use nnU-Net's order, as nnU-Net's plans do.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write_text, read_json
+from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
@@ -71,12 +74,36 @@ _TRAINER_NAME = re.compile(rf"^{TRAINER}(_[A-Za-z0-9]+)*$")  # no "__": nnU-Net 
 _DATASET_NAME = re.compile(r"^Dataset(\d{3})_\w+$")
 
 
+MIN_NNUNET = (2, 8)
+# the nnunetv2 modules the trainer and nnunet-train use: an older or damaged install lacks some
+_NNUNET_MODULES = ("nnunetv2.run.run_training", "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+                   "nnunetv2.training.dataloading.data_loader", "nnunetv2.utilities.default_n_proc_DA",
+                   "nnunetv2.training.data_augmentation.compute_initial_patch_size")
+
+
 def require_nnunet() -> None:
-    """Raise a one-line error naming the install command when nnunetv2 is missing."""
+    """Raise a one-line error naming the install command when nnunetv2 is missing, too old or incomplete."""
+    import importlib
+    from importlib import metadata
+
     try:
         import nnunetv2  # noqa: F401
     except ImportError:
         raise PgpsError(f"nnU-Net v2 is not installed; install the extra: {INSTALL_HINT}") from None
+    try:
+        found = metadata.version("nnunetv2")
+    except metadata.PackageNotFoundError:
+        found = "an nnunetv2 without package metadata"
+    numbers = [int(n) for n in re.findall(r"\d+", found)[:2]]
+    need = ".".join(map(str, MIN_NNUNET))
+    if len(numbers) == 2 and tuple(numbers) < MIN_NNUNET:
+        raise PgpsError(f"nnU-Net v2 >= {need} is needed, found nnunetv2 {found}; {INSTALL_HINT}")
+    for module in _NNUNET_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # ModuleNotFoundError too: a module or a name in it is missing
+            raise PgpsError(f"nnU-Net v2 >= {need} is needed, and the nnunetv2 found ({found}) is incomplete or "
+                            f"incompatible ({type(exc).__name__}: {exc}); {INSTALL_HINT}") from None
 
 
 # -- datasets by id or name, through nnU-Net's environment variables -------------------------------
@@ -235,25 +262,45 @@ def _pools_from_strides(strides: Any, key: str, src: str) -> Triple:
     return tuple(sum(row[a] == 2 for row in rows) for a in range(3))  # type: ignore[return-value]
 
 
+def _label_ending(plans_dir: Path) -> str | None:
+    """The image ending of the dataset's files (``file_ending`` of dataset.json beside the plans), if given."""
+    desc = plans_dir / "dataset.json"
+    if not desc.is_file():
+        return None
+    data = read_json(desc, "nnU-Net dataset description", REPLAN)
+    ending = data.get("file_ending") if isinstance(data, dict) else None
+    return ending if isinstance(ending, str) and ending else None
+
+
 def _file_axes(plans_dir: Path, reader: str) -> Triple:
     """Canonical (RAS) axis of each voxel axis of the dataset's files, read from one label file.
 
     nnU-Net copies the labels to ``gt_segmentations`` beside the plans.  Readers that reorient
-    (``NibabelIOWithReorient``) already see canonical axes; without a NIfTI label to look at,
-    the files are taken to be in canonical axis order (true up to flips for most datasets).
+    (``NibabelIOWithReorient``) already see canonical axes; for every other reader the
+    orientation of the first label file (any format :mod:`pgps_tune.imageio` reads: NIfTI
+    through nibabel, ``.mha``/``.nrrd`` through SimpleITK) decides.  Without a label file to
+    look at, the mapping is refused rather than guessed: datasets whose voxel axes are
+    permuted against RAS (common for DICOM-derived files) would get a transposed patch.
     """
     if "Reorient" in reader:
         return (0, 1, 2)
+    from pgps_tune import imageio
+
     labels = plans_dir / "gt_segmentations"
-    files = sorted(labels.glob("*.nii.gz")) + sorted(labels.glob("*.nii")) if labels.is_dir() else []
+    ending = _label_ending(plans_dir)
+    if ending is not None and ending.lower() not in imageio.ENDINGS:
+        raise PgpsError(f"{plans_dir / 'dataset.json'}: file_ending {ending!r} is not a 3-D image format pgps-tune "
+                        f"reads ({', '.join(imageio.ENDINGS)}), so it cannot map nnU-Net's axes onto its own")
+    files = sorted(f for f in labels.iterdir() if f.is_file() and imageio.ending(f)
+                   and (ending is None or f.name.lower().endswith(ending.lower()))) if labels.is_dir() else []
     if not files:
-        return (0, 1, 2)
+        raise PgpsError(f"no label file ({ending or ', '.join(imageio.ENDINGS)}) in {labels}, so the orientation of "
+                        "the dataset's voxel axes is unknown; give the plans inside nnU-Net's preprocessed dataset "
+                        "folder (with its gt_segmentations), or re-run nnUNetv2_plan_and_preprocess")
     import nibabel as nib
 
-    try:
-        ornt = nib.io_orientation(nib.load(str(files[0])).affine)
-    except Exception as exc:  # nibabel raises many types for unreadable headers
-        raise PgpsError(f"cannot read the orientation of {files[0]}: {exc}; check it or re-run preprocessing") from None
+    _, affine = imageio.header(files[0])  # a one-line error for an unreadable file
+    ornt = nib.orientations.io_orientation(affine)
     return tuple(int(ornt[k, 0]) for k in range(3))  # type: ignore[return-value]
 
 
@@ -270,6 +317,8 @@ def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>
         raise PgpsError(f"{src}: configuration {configuration!r} is 2-D; pgps-tune schedules 3-D patches: "
                         "use a 3d configuration such as 3d_fullres")
     patch = _triple(cfg["patch_size"], int, "patch_size", src)
+    for v in patch:
+        LIMITS["patch_axis"].check(v, f"{src}: every axis of patch_size {list(patch)}")
     arch = cfg.get("architecture")
     if isinstance(arch, dict) and isinstance(arch.get("arch_kwargs"), dict) and "strides" in arch["arch_kwargs"]:
         pools = _pools_from_strides(arch["arch_kwargs"]["strides"], "architecture.arch_kwargs.strides", src)
@@ -284,6 +333,8 @@ def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise PgpsError(f"{src}: batch_size must be a positive integer, got {batch!r}")
     spacing = _triple(cfg.get("spacing"), float, "spacing", src)
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise PgpsError(f"{src}: spacing must be 3 finite positive numbers, got {list(spacing)}; {REPLAN}")
     tf = plans.get("transpose_forward", [0, 1, 2])
     if not isinstance(tf, list) or len(tf) != 3 or set(tf) != {0, 1, 2}:
         raise PgpsError(f"{src}: transpose_forward must be a permutation of [0, 1, 2], got {tf!r}")
@@ -318,8 +369,9 @@ def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan
     path = plans_path(ref)
     plans = read_json(path, "plans file", REPLAN,
                       "run nnUNetv2_plan_and_preprocess first, or give the path of nnUNetPlans.json")
-    reader = str(plans.get("image_reader_writer", "")) if isinstance(plans, dict) else ""
-    return plan_from_dict(plans, configuration, path, _file_axes(path.parent, reader))
+    plan = plan_from_dict(plans, configuration, path)  # the plans' own errors first
+    axes = _file_axes(path.parent, str(plan.plans.get("image_reader_writer", "")))
+    return plan if axes == (0, 1, 2) else plan_from_dict(plans, configuration, path, axes)
 
 
 def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
@@ -328,7 +380,7 @@ def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
                                          batch_size=plan.batch_size))
 
 
-def check_schedule(s: sch.Schedule, plan: NnunetPlan) -> None:
+def check_schedule(s: sch.Schedule, plan: NnunetPlan, fix: str = "build the schedule with --nnunet-plans") -> None:
     """Refuse a schedule (pgps-tune axis order) that nnU-Net's network for this plan cannot train."""
     where = f"{plan.source} ({plan.configuration})"
     if s.sampling != "staged":
@@ -338,7 +390,7 @@ def check_schedule(s: sch.Schedule, plan: NnunetPlan) -> None:
         raise PgpsError(
             f"the schedule ends at {'x'.join(map(str, s.final_patch))} but {where} trains "
             f"{'x'.join(map(str, plan.final_patch))} (x y z; nnU-Net order "
-            f"{list(plan.to_nnunet(plan.final_patch))}); build the schedule with --nnunet-plans"
+            f"{list(plan.to_nnunet(plan.final_patch))}); {fix}"
         )
     for i, st in enumerate(s.stages):
         sch.check_patch(st.patch_size, plan.pools, f"stage {i} patch (for the network in {where})")
@@ -447,10 +499,104 @@ def schedule_file_for(plan: NnunetPlan, trainer: str = TRAINER) -> Path:
     return plan.source.parent / f"{trainer}__{plan.plans_name}__{plan.configuration}.pgps_schedule.json"
 
 
+def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
+    """Refuse to replace a different schedule file beside the plans (what ``-tr TRAINER`` trains next).
+
+    One that trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export after
+    a confirmation) is updated.
+    """
+    if not path.exists():
+        return
+
+    def trained(data: Any) -> Any:  # what the trainer runs: the file without the schedule's notes (meta)
+        if isinstance(data, dict) and isinstance(data.get("schedule"), dict):
+            return {**data, "schedule": {k: v for k, v in data["schedule"].items() if k != "meta"}}
+        return data
+
+    try:
+        same = trained(json.loads(path.read_text(encoding="utf-8"))) == trained(json.loads(json.dumps(f.to_dict())))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise PgpsError(
+            f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); export this one under "
+            f"another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move that file away first"
+        )
+
+
 def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER) -> Path:
-    """Write ``s`` as the nnU-Net schedule file beside the plans; returns its path."""
+    """Write ``s`` as the nnU-Net schedule file beside the plans; returns its path.
+
+    A different schedule already there is not replaced (see :func:`_check_beside`).
+    """
     check_trainer_name(trainer)
-    return for_nnunet(s, plan).save(schedule_file_for(plan, trainer))
+    f = for_nnunet(s, plan)
+    path = schedule_file_for(plan, trainer)
+    _check_beside(path, f, trainer)
+    return f.save(path)
+
+
+def _sweep_searched(meta: dict[str, Any], plan: NnunetPlan) -> bool:
+    """Whether the sweep in ``meta`` searched the plans' dataset (by its nnU-Net folder name or dataset name)."""
+    names = {str(meta.get("dataset", "")), Path(str(meta.get("data", ""))).name,
+             str((meta.get("nnunet") or {}).get("dataset", ""))}
+    return plan.dataset in names
+
+
+def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
+                   trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False
+                   ) -> tuple[Path, NnunetSchedule]:
+    """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write.
+
+    Refused in one line: a bad trainer name or plans; a sweep of another dataset than the plans'
+    (a synthetic one included) unless ``other_dataset``; a best schedule the plans' network cannot
+    train; a different schedule file already beside the plans.  The best schedule is the one
+    ``export`` writes as best_schedule.yaml (picked by a dry export into a temporary folder).
+    """
+    from pgps_tune.results import read_meta
+    from pgps_tune.tuner import export
+
+    check_trainer_name(trainer)
+    plan = read_plans(plans, configuration)
+    meta = read_meta(experiment)
+    if not other_dataset and not _sweep_searched(meta, plan):
+        raise PgpsError(
+            f"{experiment} searched {meta.get('dataset')} ({meta.get('data')}), not {plan.dataset} of {plan.source}; "
+            f"export a sweep of {plan.dataset}, or add --other-dataset to train this schedule on {plan.dataset} anyway"
+        )
+    with tempfile.TemporaryDirectory(prefix="pgps-export-") as tmp:
+        export(experiment, Path(tmp) / "out", results_store=Path(tmp) / "store", pick=pick)
+        best = Path(tmp) / "out" / "best_schedule.yaml"
+        if not best.is_file():
+            raise PgpsError(f"{experiment} has no best schedule to export for nnU-Net (no completed trial)")
+        s = sch.load(best)
+    check_schedule(s, plan, fix="run the sweep with --nnunet-plans so that it searches on the plans' patch")
+    f = for_nnunet(s, plan)
+    path = schedule_file_for(plan, trainer)
+    _check_beside(path, f, trainer)
+    return path, f
+
+
+def is_nnunet_schedule_file(path: str | Path) -> bool:
+    """Whether ``path`` is an nnU-Net schedule file (what ``export --nnunet`` writes), not a pgps-tune schedule."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FILE_FORMAT
+
+
+def load_pgps_schedule(path: str | Path) -> sch.Schedule:
+    """:func:`pgps_tune.schedule.load`, naming an nnU-Net schedule file as such rather than its unknown keys."""
+    try:
+        return sch.load(path)
+    except PgpsError:
+        if is_nnunet_schedule_file(path):
+            raise PgpsError(
+                f"{path} is an nnU-Net schedule file (nnU-Net's axis order, for 'pgps-tune nnunet-train' or "
+                f"{SCHEDULE_ENV}); give a pgps-tune schedule such as the sweep's best_schedule.yaml"
+            ) from None
+        raise
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -571,7 +717,14 @@ def _define_trainer() -> type:
             record = Path(self.output_folder) / RUN_RECORD
             if continuing and record.is_file():
                 plan = trainer_plan(self.plans_manager.plans, configuration, self.preprocessed_dataset_folder_base)
-                if read_schedule(record, plan) != self.pgps_file:
+                started = read_schedule(record, plan)
+                counts = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+                changed = [f"{k} {getattr(started, k)} -> {getattr(self.pgps_file, k)}" for k in counts
+                           if getattr(started, k) != getattr(self.pgps_file, k)]
+                if changed:
+                    raise PgpsError(f"this run was started with other counts ({', '.join(changed)}; kept in "
+                                    f"{record}); continue it with those, or start a new run")
+                if started != self.pgps_file:
                     raise PgpsError(f"this run was started with the schedule in {record}; continue it with that "
                                     f"schedule ({SCHEDULE_ENV}={record}) or start a new run")
 
@@ -676,17 +829,47 @@ def ext_trainer_path() -> str:
     return os.pathsep.join([str(TRAINER_DIR), *rest])
 
 
-def run_folder(plan: NnunetPlan, fold: str, trainer: str = TRAINER) -> Path:
+def run_folder(plan: NnunetPlan, fold: str | int, trainer: str = TRAINER) -> Path:
     """nnU-Net's result folder for this run: nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F."""
     name = f"{trainer}__{plan.plans_name}__{plan.configuration}"
-    return env_folder("nnUNet_results", must_exist=False) / plan.dataset / name / f"fold_{fold}"
+    return env_folder("nnUNet_results", must_exist=False) / plan.dataset / name / f"fold_{fold_name(fold)}"
 
 
-def _fold(fold: str | int) -> str:
-    fold = str(fold)
-    if fold != "all" and not fold.isdigit():
-        raise PgpsError(f"fold must be a number (0-4 for nnU-Net's 5-fold split) or 'all', got {fold!r}")
-    return fold
+_FOLD = re.compile(r"^\+?[0-9]+$")  # ASCII digits only, as nnU-Net's int() of its folder name
+DEFAULT_FOLDS = 5
+DEFAULT_EPOCHS = 1000  # nnU-Net's num_epochs  # nnU-Net's split when the dataset has no splits_final.json yet
+
+
+def dataset_folds(preprocessed: Path) -> int:
+    """How many folds nnU-Net splits this dataset into: ``splits_final.json``'s, else nnU-Net's 5."""
+    path = preprocessed / "splits_final.json"
+    if not path.is_file():
+        return DEFAULT_FOLDS
+    splits = read_json(path, "nnU-Net's split file", "delete it to let nnU-Net write a new 5-fold split")
+    if not isinstance(splits, list) or not splits:
+        raise PgpsError(f"{path} is not nnU-Net's list of folds; delete it to let nnU-Net write a new 5-fold split")
+    return len(splits)
+
+
+def fold_name(fold: str | int, folds: int | None = None) -> str:
+    """``fold`` as nnU-Net names its folder (``fold_<int>``): ``00``, ``+0``, `` 0`` are fold ``0``; or ``all``.
+
+    With ``folds`` (the dataset's, see :func:`dataset_folds`) a fold beyond them is refused: nnU-Net
+    would quietly train it on a random 80:20 split instead of one of the dataset's folds.
+    """
+    text = str(fold).strip()
+    if text == "all":
+        return text
+    if not _FOLD.match(text):
+        raise PgpsError(f"fold must be a whole number (0-{(folds or DEFAULT_FOLDS) - 1} for the dataset's split) "
+                        f"or 'all', got {str(fold)!r}")
+    number = int(text)
+    if folds is not None and number >= folds:
+        raise PgpsError(
+            f"fold {number} is not one of the dataset's {folds} folds (0-{folds - 1}; nnU-Net would train it on a "
+            "random 80:20 split instead); use 0-{0} or 'all', or add the split to splits_final.json".format(folds - 1)
+        )
+    return str(number)
 
 
 def _device(name: str):
@@ -709,6 +892,89 @@ def check_preprocessed(plan: NnunetPlan) -> None:
                         f"-c {plan.configuration} first")
 
 
+def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
+    """Refuse a preprocessed dataset.json whose channels or labels are not those of the preprocessed data.
+
+    nnU-Net builds its network from dataset.json, so an edited file would only fail deep inside
+    training (channels) or train a network with classes the data never has (labels).  The channels
+    are compared with ``dataset_fingerprint.json``, the labels with one preprocessed case's
+    foreground classes (its ``.pkl``, which nnU-Net's preprocessing writes from the labels it used).
+    """
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    base = plan.source.parent
+    where = f"{base / 'dataset.json'}"
+    fix = f"regenerate with nnUNetv2_plan_and_preprocess -d {plan.dataset} (or restore {where})"
+    names = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not isinstance(names, dict) or not names:
+        raise PgpsError(f"{where} has no channel_names; {fix}")
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise PgpsError(f"{where} has no labels; {fix}")
+    fingerprint = base / "dataset_fingerprint.json"
+    if fingerprint.is_file():
+        fp = read_json(fingerprint, "nnU-Net dataset fingerprint", REPLAN)
+        per_channel = fp.get("foreground_intensity_properties_per_channel") if isinstance(fp, dict) else None
+        if isinstance(per_channel, dict) and len(per_channel) != len(names):
+            raise PgpsError(f"{where} names {len(names)} channel(s) but the preprocessed data have "
+                            f"{len(per_channel)} ({fingerprint.name}); {fix}")
+    cases = sorted((base / plan.data_identifier).glob("*.pkl"))
+    if not cases:
+        return
+    import pickle
+
+    try:
+        with open(cases[0], "rb") as fh:
+            props = pickle.load(fh)  # nnU-Net's own properties file, which its trainer loads too
+        seen = props["class_locations"]
+    except Exception as exc:  # a damaged pickle raises many types
+        raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}); {fix}") from None
+    try:
+        lm = LabelManager(labels, dataset_json.get("regions_class_order"))
+        want = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    except Exception as exc:  # nnU-Net asserts on inconsistent label dicts
+        raise PgpsError(f"{where}: nnU-Net cannot read its labels ({type(exc).__name__}: {exc}); {fix}") from None
+
+    def key(v: Any) -> str:
+        return str(tuple(int(i) for i in v) if isinstance(v, list | tuple) else int(v))
+
+    if sorted(map(key, want)) != sorted(map(key, seen)):
+        raise PgpsError(f"{where} gives the foreground class(es) {sorted(map(key, want))} but the preprocessed data "
+                        f"have {sorted(map(key, seen))} ({cases[0].name}); {fix}")
+
+
+def _plans_file(base: Path, identifier: str) -> Path:
+    """The plans file of ``--plans IDENTIFIER``: refused in one line when it is a path or not there."""
+    present = sorted(p.stem for p in base.glob("*Plans.json") if p.is_file())
+    listing = f"{base} holds {', '.join(present)}" if present else f"{base} holds no *Plans.json"
+    path = base / f"{identifier}.json"
+    if "/" in identifier or os.sep in identifier or identifier.endswith(".json") or not path.is_file():
+        raise PgpsError(f"--plans takes the plans identifier (the file name without .json, e.g. nnUNetPlans), "
+                        f"got {identifier!r}; {listing}")
+    return path
+
+
+def _continue_checks(record: Path, plan: NnunetPlan, given: NnunetSchedule | None,
+                     counts: dict[str, int | None]) -> NnunetSchedule:
+    """The run's own schedule and counts; a flag or schedule that would change them is refused, naming it."""
+    started = read_schedule(record, plan)
+    flags = {"num_epochs": ("--epochs", "epochs"), "num_iterations_per_epoch": ("--iterations-per-epoch",
+             "iterations per epoch"), "num_val_iterations_per_epoch": ("--val-iterations-per-epoch",
+                                                                      "validation iterations per epoch")}
+    for key, value in counts.items():
+        have = getattr(started, key)
+        if value is not None and have is not None and value != have:
+            flag, what = flags[key]
+            raise PgpsError(f"this run trains {have} {what}, not {value}; drop {flag} to continue it "
+                            "(or start a new run)")
+    if given is not None:
+        fitted = fit_epochs(given.schedule, started.num_epochs or started.schedule.epochs)
+        if fitted != started.schedule:
+            raise PgpsError(f"this run was started with another schedule (kept in {record}); drop --schedule to "
+                            "continue it with that one (or start a new run)")
+    return started
+
+
 def train(dataset: str, configuration: str, fold: str | int, schedule: str | Path | None = None, *,
           device: str = "auto", continue_training: bool = False, epochs: int | None = None,
           iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
@@ -719,34 +985,46 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     was started with.  Epoch and iteration counts: the arguments, else (continuing) the run's own,
     else the schedule file's ``num_epochs``/..., else nnU-Net's (1000 / 250 / 50).
     Checks what nnU-Net would only find late or print as a warning (a missing checkpoint to
-    continue, a run that would be overwritten) before anything is written.
+    continue, a run that would be overwritten, a fold outside the dataset's split, a dataset.json
+    that disagrees with the preprocessed data) before anything is written.
     """
+    fold_name(fold)  # the spelling, before anything else
     require_nnunet()
     check_trainer_name(trainer)
-    fold = _fold(fold)
     counts = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch,
               "num_val_iterations_per_epoch": val_iterations_per_epoch}
     for name, value in counts.items():
         if value is not None and value < 1:
             raise PgpsError(f"{name.replace('num_', '').replace('_', ' ')} must be >= 1, got {value}")
     base = find_dataset(dataset, "nnUNet_preprocessed")
-    plan = read_plans(base / f"{plans_identifier}.json", configuration)
+    plan = read_plans(_plans_file(base, plans_identifier), configuration)
     check_preprocessed(plan)
+    fold = fold_name(fold, dataset_folds(base))
+    dataset_json = read_json(base / "dataset.json", "nnU-Net dataset description", REPLAN)
+    if not isinstance(dataset_json, dict):
+        raise PgpsError(f"{base / 'dataset.json'} is not a JSON object; {REPLAN}")
+    check_dataset_json(plan, dataset_json)
     out = run_folder(plan, fold, trainer)
     has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
     if continue_training and not has_run:
         raise PgpsError(f"nothing to continue in {out} (no checkpoint); run without --continue to start")
     if has_run and not continue_training:
         raise PgpsError(f"{out} already holds a run; add --continue to continue it, or use another --trainer name")
-    if schedule is None:
-        schedule = out / RUN_RECORD if continue_training else schedule_file_for(plan, trainer)
+    if schedule is None and not continue_training:
+        schedule = schedule_file_for(plan, trainer)
         if not Path(schedule).is_file():
             raise PgpsError(f"give --schedule FILE (there is no {schedule}; 'pgps-tune export --nnunet' writes "
                             "the one beside the plans)")
-    f = read_schedule(schedule, plan)
-    # the counts: the flags, else (continuing) those the run was started with, else the schedule file's
-    fallback = read_schedule(out / RUN_RECORD, plan) if continue_training and (out / RUN_RECORD).is_file() else f
-    f = replace(f, **{k: v if v is not None else getattr(fallback, k) for k, v in counts.items()})
+    given = read_schedule(schedule, plan) if schedule is not None else None
+    record = out / RUN_RECORD
+    if continue_training and record.is_file():
+        f = _continue_checks(record, plan, given, counts)
+    elif given is None:
+        raise PgpsError(f"give --schedule FILE: the run in {out} keeps no {RUN_RECORD}")
+    else:
+        f = given
+    f = replace(f, **{k: v if v is not None else getattr(f, k) for k, v in counts.items()})
+    fit_epochs(f.schedule, f.num_epochs or DEFAULT_EPOCHS)  # more stages than epochs: refused before nnU-Net starts
     dev = _device(device)
     import torch
     from nnunetv2.run.run_training import maybe_load_checkpoint
@@ -755,7 +1033,6 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     # trainer nnU-Net ships (some need torchvision); what follows is its single-device path
     plans = plan.plans_dict()
     plans["continue_training"] = continue_training
-    dataset_json = read_json(base / "dataset.json", "nnU-Net dataset description", REPLAN)
     if dev.type == "cuda":
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True

@@ -89,6 +89,11 @@ def test_a_narrower_configuration_inherits_the_rest_of_3d_fullres(bench, tmp_pat
            "spacing": [1, 1, 1], "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
                "n_stages": 4, "features_per_stage": [32, 64, 128, 256],
                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}}}
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "gt_segmentations").mkdir()  # a label file beside the plans gives the axis mapping
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "gt_segmentations" / "c.nii.gz")
     plans = tmp_path / "nnUNetPlans.json"
     plans.write_text(json.dumps({"dataset_name": "Dataset004_Hippocampus", "plans_name": "nnUNetPlans",
                                  "configurations": {"3d_fullres": cfg}, "keep": 1}))

@@ -74,8 +74,14 @@ def stride2_per_axis(strides: list[list[int]]) -> list[int]:
 
 
 def write_plans(folder: Path, plans: dict) -> Path:
+    """A plans file as nnU-Net's preprocessing leaves it: with a label file in gt_segmentations beside it
+    (canonically oriented unless the test wrote its own), which decides the axis mapping."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    labels = folder / "gt_segmentations"
+    if not labels.exists():
+        labels.mkdir()
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), labels / "case_000.nii.gz")
     return folder / "nnUNetPlans.json"
 
 
@@ -131,6 +137,70 @@ def test_axes_follow_the_label_files_orientation(tmp_path):
     assert plan.final_patch == canonical
 
 
+PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)  # ITK direction: voxel i -> world y, j -> z, k -> x (as DICOM series can be)
+
+
+def _permuted_dataset(folder: Path, ending: str) -> Path:
+    """nnU-Net's preprocessed folder of a dataset whose voxel axes are permuted against RAS, in any format:
+    its plans (patch = the reader's array shape, as nnU-Net plans it), dataset.json and one label file."""
+    import SimpleITK as sitk
+
+    labels = folder / "gt_segmentations"
+    labels.mkdir(parents=True)
+    image = sitk.GetImageFromArray(np.zeros((8, 16, 24), np.uint8))  # SimpleITK's array order: k j i
+    image.SetDirection(PERMUTED)
+    sitk.WriteImage(image, str(labels / f"p_000{ending}"))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "fg": 1},
+                                                     "numTraining": 1, "file_ending": ending}))
+    plans = current_plans()
+    plans["transpose_forward"] = [0, 1, 2]
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg.update(patch_size=[8, 16, 24], spacing=[1.0, 1.0, 1.0])  # what nnU-Net's readers see: k j i
+    cfg["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 2, 2]]
+    return write_plans(folder, plans)
+
+
+def test_axes_follow_the_label_orientation_in_every_format(tmp_path):
+    """The same permuted data as .mha, .nrrd, .nii and .nii.gz: one mapping, onto the axes pgps-tune trains on."""
+    from pgps_tune import imageio
+
+    plans = {end: nnunet.read_plans(_permuted_dataset(tmp_path / end.strip("."), end)) for end in imageio.ENDINGS}
+    array, affine = imageio.read(tmp_path / "mha" / "gt_segmentations" / "p_000.mha")
+    canonical = imageio.to_canonical(array, affine)[0].shape  # what pgps_tune.data trains on
+    assert canonical == (8, 24, 16) and array.shape == (24, 16, 8)
+    for end, plan in plans.items():
+        assert plan.final_patch == canonical, end
+        assert plan.to_nnunet(plan.final_patch) == (8, 16, 24), end
+    if HAS_NNUNET:  # nnU-Net's reader of these formats gives the array order the plans are in
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        seg, _ = SimpleITKIO().read_seg(str(tmp_path / "mha" / "gt_segmentations" / "p_000.mha"))
+        assert list(seg.shape[1:]) == [8, 16, 24]
+
+
+def test_without_a_readable_label_the_axis_mapping_is_refused(tmp_path):
+    path = _permuted_dataset(tmp_path / "d", ".mha")
+    (tmp_path / "d" / "gt_segmentations" / "p_000.mha").unlink()
+    with pytest.raises(PgpsError, match=r"no label file \(.mha\) in .*gt_segmentations, so the orientation") as err:
+        nnunet.read_plans(path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "d" / "gt_segmentations" / "p_000.mha").write_bytes(b"not an image")
+    with pytest.raises(PgpsError, match="cannot read MetaImage file"):
+        nnunet.read_plans(path)
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"file_ending": ".tif"}))
+    with pytest.raises(PgpsError, match="file_ending '.tif' is not a 3-D image format pgps-tune reads"):
+        nnunet.read_plans(path)
+    alone = tmp_path / "alone" / "nnUNetPlans.json"  # a plans file copied out of its folder
+    alone.parent.mkdir()
+    alone.write_text(path.read_text())
+    with pytest.raises(PgpsError, match="no label file"):
+        nnunet.read_plans(alone)
+    for reader in ("NibabelIOWithReorient",):  # a reader that reorients sees canonical axes: nothing to read
+        plans = json.loads(path.read_text()) | {"image_reader_writer": reader}
+        alone.write_text(json.dumps(plans))
+        assert nnunet.read_plans(alone).final_patch == (24, 16, 8)  # the plans' axes reversed
+
+
 def _set(path: list, value):
     def mutate(plans: dict) -> dict:
         d = plans
@@ -160,6 +230,14 @@ STRIDE_KEY = [*CFG, "architecture", "arch_kwargs", "strides"]
     (_set([*CFG, "spacing"], [1.0, "a", 1.0]), "3d_fullres", "spacing must be 3 floats"),
     (_set(["transpose_forward"], [0, 0, 1]), "3d_fullres", "transpose_forward must be a permutation"),
     (_set([*CFG, "patch_size"], [20, 60, 48]), "3d_fullres", "not divisible by the network's downsampling"),
+    (_set([*CFG, "patch_size"], [-24, 48, 64]), "3d_fullres",
+     r"patch_size .* must be an integer in \[1, 4096\], got -24"),
+    (_set([*CFG, "patch_size"], [0, 48, 64]), "3d_fullres", r"must be an integer in \[1, 4096\], got 0"),
+    (_set([*CFG, "patch_size"], [2**40, 48, 64]), "3d_fullres",
+     r"must be an integer in \[1, 4096\], got 1099511627776"),
+    (_set([*CFG, "spacing"], [float("nan"), 0.8, 0.7]), "3d_fullres", "spacing must be 3 finite positive numbers"),
+    (_set([*CFG, "spacing"], [3.0, -0.8, 0.7]), "3d_fullres", "spacing must be 3 finite positive numbers"),
+    (_set([*CFG, "spacing"], [3.0, 0.0, 0.7]), "3d_fullres", "spacing must be 3 finite positive numbers"),
 ])
 def test_bad_plans_give_one_line_errors(tmp_path, mutate, configuration, match):
     path = write_plans(tmp_path, mutate(current_plans()))
@@ -295,7 +373,125 @@ def test_trainer_names():
             nnunet.check_trainer_name(bad)
 
 
+def test_a_different_schedule_beside_the_plans_is_not_replaced(plan):
+    first = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    path = nnunet.export_for_nnunet(first, plan)
+    before = path.read_bytes()
+    assert nnunet.export_for_nnunet(first, plan) == path  # the same schedule again: fine
+    other = sch.constant(plan.final_patch, plan.pools, 2, 30)
+    with pytest.raises(PgpsError, match=r"already holds another schedule .* --trainer nnUNetTrainerPGPS_SUFFIX"):
+        nnunet.export_for_nnunet(other, plan)
+    assert path.read_bytes() == before
+    from dataclasses import replace
+
+    noted = replace(first, meta={"note": "after confirm"})  # trains the same: its notes are updated
+    assert nnunet.export_for_nnunet(noted, plan) == path
+    assert json.loads(path.read_text())["schedule"]["meta"] == {"note": "after confirm"}
+    named = nnunet.export_for_nnunet(other, plan, "nnUNetTrainerPGPS_const")
+    assert named != path and nnunet.read_schedule(named, plan).schedule == nnunet.for_nnunet(other, plan).schedule
+
+
+@pytest.mark.parametrize("given, name", [("0", "0"), ("00", "0"), ("01", "1"), ("+1", "1"), (" 1", "1"), (4, "4"),
+                                         ("all", "all"), (" all ", "all")])
+def test_every_spelling_of_a_fold_is_nnunets_folder(plan, tmp_path, monkeypatch, given, name):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    assert nnunet.fold_name(given, 5) == name
+    assert nnunet.run_folder(plan, given).name == f"fold_{name}"
+
+
+def test_folds_outside_the_split_are_refused(tmp_path):
+    for bad in ("-1", "x", "1.5", "1_0", "", "٣"):
+        with pytest.raises(PgpsError, match="fold must be a whole number"):
+            nnunet.fold_name(bad)
+    assert nnunet.dataset_folds(tmp_path) == 5  # nnU-Net's split before it has written splits_final.json
+    with pytest.raises(PgpsError, match=r"fold 5 is not one of the dataset's 5 folds \(0-4; nnU-Net would train it "
+                                        "on a random 80:20 split"):
+        nnunet.fold_name("05", nnunet.dataset_folds(tmp_path))
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 3))
+    assert nnunet.dataset_folds(tmp_path) == 3
+    with pytest.raises(PgpsError, match="fold 3 is not one of the dataset's 3 folds"):
+        nnunet.fold_name(3, nnunet.dataset_folds(tmp_path))
+    (tmp_path / "splits_final.json").write_text("{}")
+    with pytest.raises(PgpsError, match="is not nnU-Net's list of folds"):
+        nnunet.dataset_folds(tmp_path)
+
+
 # -- the CLI (no nnunetv2) -------------------------------------------------------------------------
+
+
+def _finished_sweep(root: Path, dataset: str, data: str) -> Path:
+    """A finished sweep's description (what export reads first); tuner.export itself is faked in the tests."""
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "format_version": 2, "sweep": root.name, "space": "s.yaml", "dataset": dataset, "data": data,
+        "storage": None, "storage_path": str(root / "ray"), "experiments": {"search": "x-search"},
+        "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
+        "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}))
+    return root
+
+
+@pytest.fixture
+def fake_export(monkeypatch):
+    """tuner.export writing ``best[0]`` as the sweep's best_schedule.yaml (and the summary print left out)."""
+    import pgps_tune.cli as cli
+    import pgps_tune.tuner as tuner
+
+    best: list[sch.Schedule] = []
+
+    def export(experiment, out, results_store=None, pick=None):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        best[0].save(Path(out) / "best_schedule.yaml")
+        return {}
+
+    monkeypatch.setattr(tuner, "export", export)
+    monkeypatch.setattr(cli, "_print_summary", lambda *a, **k: None)
+    return best
+
+
+def test_cli_export_nnunet_refuses_before_writing_anything(plan, tmp_path, fake_export, capsys):
+    beside = nnunet.schedule_file_for(plan)
+    fits = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    fake_export.append(fits)
+    out = tmp_path / "exp"
+    synthetic = _finished_sweep(tmp_path / "syn", "synthetic", "synthetic")
+    base = ["export", "--out", str(out), "--nnunet", str(plan.source)]
+
+    def refused(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not out.exists() and not beside.exists()
+
+    refused([*base, "--experiment", str(synthetic)],
+            "searched synthetic (synthetic), not Dataset004_Hippo of")
+    fake_export[0] = sch.constant((16, 16, 16), (1, 1, 1), 2, 4)  # another final patch: the synthetic sweep's
+    refused([*base, "--experiment", str(synthetic), "--other-dataset"], "run the sweep with --nnunet-plans")
+    hippo = _finished_sweep(tmp_path / "hippo", "Hippocampus", str(tmp_path / "raw" / "Dataset004_Hippo"))
+    refused([*base, "--experiment", str(hippo)], "run the sweep with --nnunet-plans")
+    fake_export[0] = fits
+    assert main([*base, "--experiment", str(hippo)]) == 0
+    assert nnunet.read_schedule(beside, plan) == nnunet.for_nnunet(fits, plan)
+    assert f"nnU-Net schedule: {beside}" in capsys.readouterr().out
+    # a different schedule is not written over the one nnUNetv2_train -tr nnUNetTrainerPGPS reads, nor --out redone
+    written, best_before = beside.read_bytes(), (out / "best_schedule.yaml").read_bytes()
+    fake_export[0] = sch.constant(plan.final_patch, plan.pools, 2, 30)
+    assert main([*base, "--experiment", str(hippo)]) == 2
+    assert "already holds another schedule" in capsys.readouterr().err
+    assert beside.read_bytes() == written and (out / "best_schedule.yaml").read_bytes() == best_before
+    assert main([*base, "--experiment", str(hippo), "--trainer", "nnUNetTrainerPGPS_const"]) == 0
+    assert nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_const").is_file()
+
+
+def test_an_nnunet_schedule_file_is_named_as_such_where_a_schedule_is_expected(plan, tmp_path, capsys):
+    path = nnunet.export_for_nnunet(sch.paper(plan.final_patch, plan.pools, 2, 30), plan)
+    for argv in (["schedule", "--from", str(path)],
+                 ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--schedule", str(path)],
+                 ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--schedule", str(path),
+                  "--nnunet-plans", str(plan.source)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is an nnU-Net schedule file (nnU-Net's axis order" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_schedule_on_nnunet_plans(plan, capsys):
@@ -327,6 +523,24 @@ def test_sweeps_train_on_the_plans(plan):
     assert (space.budget.final_patch, space.budget.pools, space.budget.batch_size) == (
         plan.final_patch, plan.pools, plan.batch_size)
     sp.check_space_against_plan(space, plan.final_patch, plan.pools)
+
+
+def test_an_old_or_incomplete_nnunetv2_is_named_with_its_version(monkeypatch, capsys):
+    import importlib.metadata
+    import types
+
+    monkeypatch.setitem(sys.modules, "nnunetv2", types.ModuleType("nnunetv2"))  # importable, with no submodules
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.1")
+    with pytest.raises(PgpsError, match=r"nnU-Net v2 >= 2.8 is needed, found nnunetv2 2.5.1; pip install "
+                                        r"'pgps-tune\[nnunet\]'"):
+        nnunet.require_nnunet()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.8.1")
+    for module in [m for m in sys.modules if m.startswith("nnunetv2.")]:
+        monkeypatch.delitem(sys.modules, module)
+    assert main(["nnunet-train", "4", "3d_fullres", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the nnunetv2 found (2.8.1) is incomplete or incompatible (ModuleNotFoundError" in err
+    assert "pip install 'pgps-tune[nnunet]'" in err and err.count("\n") == 1
 
 
 def test_without_nnunetv2_the_bridge_names_the_extra(monkeypatch, capsys):
@@ -459,8 +673,23 @@ def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_da
     with pytest.raises(PgpsError, match="already holds a run; add --continue"):
         nnunet.train("990", "3d_fullres", 0, tmp_path / "s.yaml", device="cpu")
     sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4).save(tmp_path / "other.yaml")
-    with pytest.raises(PgpsError, match="this run was started with the schedule in"):
+    with pytest.raises(PgpsError, match="this run was started with another schedule .*; drop --schedule"):
         nnunet.train("990", "3d_fullres", 0, tmp_path / "other.yaml", device="cpu", continue_training=True)
+    # nnUNetv2_train --c (the trainer built by nnU-Net, its schedule from PGPS_TUNE_SCHEDULE) checks the same
+    from dataclasses import replace
+
+    started = nnunet.read_schedule(out / nnunet.RUN_RECORD, plan)
+    plans = plan.plans_dict()
+    dataset_json = json.loads((plan.source.parent / "dataset.json").read_text())
+    other = nnunet.for_nnunet(sch.constant(plan.final_patch, plan.pools, plan.batch_size, 3), plan,
+                              num_epochs=started.num_epochs, num_iterations_per_epoch=started.num_iterations_per_epoch,
+                              num_val_iterations_per_epoch=started.num_val_iterations_per_epoch)
+    for f, match in ((other, "this run was started with the schedule in"),
+                     (replace(started, num_epochs=4), r"started with other counts \(num_epochs 3 -> 4;")):
+        monkeypatch.setenv(nnunet.SCHEDULE_ENV, str(f.save(tmp_path / "nn.json")))
+        with pytest.raises(PgpsError, match=match):
+            cls(plans={**plans, "continue_training": True}, configuration="3d_fullres", fold=0,
+                dataset_json=dataset_json, device=torch.device("cpu"))
 
 
 @needs_nnunet
@@ -540,3 +769,84 @@ def test_a_sweep_whose_trials_are_nnunet_trainings(nnunet_dataset, tmp_path, mon
     assert meta["nnunet"]["configuration"] == "3d_fullres" and meta["nnunet"]["fold"] == 0
     best = sch.load(out / "best_schedule.yaml")
     assert best.final_patch == plan.final_patch and best.meta["nnunet_trainer"]["configuration"] == "3d_fullres"
+
+
+@needs_nnunet
+def test_nnunet_train_checks_folds_flags_and_plans_before_nnunet_starts(nnunet_dataset, tmp_path, monkeypatch,
+                                                                         capsys):
+    plan = nnunet.read_plans("990")
+    trainer = f"{nnunet.TRAINER}_checks"
+    sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4).save(tmp_path / "s.yaml")
+    sch.constant(plan.final_patch, plan.pools, plan.batch_size + 1, 4).save(tmp_path / "other.yaml")
+    built: list[dict] = []
+
+    class Fake:  # what nnU-Net's trainer is given; it trains nothing
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+        def run_training(self):
+            pass
+
+        def perform_actual_validation(self, save_probabilities):
+            pass
+
+    monkeypatch.setattr(nnunet, "trainer_class", lambda name: Fake)
+    monkeypatch.setattr("nnunetv2.run.run_training.maybe_load_checkpoint", lambda *a: None)
+    base = ["nnunet-train", "990", "3d_fullres"]
+    flags = ["--schedule", str(tmp_path / "s.yaml"), "--trainer", trainer, "--device", "cpu"]
+
+    def refused(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+
+    # a fold spelt 01 trains, is checked and printed as nnU-Net's fold_1
+    assert main([*base, "01", *flags]) == 0
+    out = nnunet.run_folder(plan, 1, trainer)
+    printed = capsys.readouterr().out
+    assert f"results: {out}\n" in printed and " -f 1 " in printed and built[-1]["fold"] == 1
+    # a run in fold_0 (its checkpoint and record): no spelling of 0 starts over it
+    run = nnunet.run_folder(plan, 0, trainer)
+    run.mkdir(parents=True)
+    (run / "checkpoint_latest.pth").write_bytes(b"")
+    record = replace_counts(nnunet.read_schedule(tmp_path / "s.yaml", plan), num_epochs=4, num_iterations_per_epoch=2)
+    record.save(run / nnunet.RUN_RECORD)
+    for fold in ("0", "00", "+0", " 0"):
+        refused([*base, fold, *flags], f"{run} already holds a run; add --continue")
+    before = sorted(p.name for p in run.iterdir())
+    cont = [*base, "00", "--continue", "--trainer", trainer, "--device", "cpu"]
+    refused([*cont, "--epochs", "6"], "this run trains 4 epochs, not 6; drop --epochs to continue it")
+    refused([*cont, "--iterations-per-epoch", "3"], "this run trains 2 iterations per epoch, not 3; drop "
+                                                    "--iterations-per-epoch")
+    refused([*cont, "--schedule", str(tmp_path / "other.yaml")], "drop --schedule to continue it with that one")
+    assert sorted(p.name for p in run.iterdir()) == before  # no log file of a refused start
+    n = len(built)
+    assert main([*cont, "--epochs", "4"]) == 0 and built[n]["fold"] == 0  # the run's own counts: continued
+    capsys.readouterr()
+    refused([*base, "5", *flags], "fold 5 is not one of the dataset's 5 folds (0-4; nnU-Net would train it on a "
+                                  "random 80:20 split instead)")
+    for plans in ("nnUNetResEncUNetMPlans", str(plan.source)):
+        refused([*base, "2", *flags, "--plans", plans], "--plans takes the plans identifier (the file name without "
+                                                        f".json, e.g. nnUNetPlans), got '{plans}'; ")
+        refused([*base, "2", *flags, "--plans", plans], "holds nnUNetPlans")
+
+
+def replace_counts(f: nnunet.NnunetSchedule, **counts: int) -> nnunet.NnunetSchedule:
+    from dataclasses import replace
+
+    return replace(f, schedule=nnunet.fit_epochs(f.schedule, counts["num_epochs"]), **counts)
+
+
+@needs_nnunet
+def test_a_dataset_json_that_disagrees_with_the_preprocessed_data_is_refused(nnunet_dataset):
+    plan = nnunet.read_plans("990")
+    described = json.loads((plan.source.parent / "dataset.json").read_text())
+    nnunet.check_dataset_json(plan, described)  # as preprocessed: fine
+    with pytest.raises(PgpsError, match=r"names 2 channel\(s\) but the preprocessed data have 1 "
+                                        r"\(dataset_fingerprint.json\); regenerate with nnUNetv2_plan_and_preprocess"):
+        nnunet.check_dataset_json(plan, {**described, "channel_names": {"0": "MRI", "1": "CT"}})
+    with pytest.raises(PgpsError, match=r"gives the foreground class\(es\) \['1', '2', '3'\] but the preprocessed "
+                                        r"data have \['1', '2'\]"):
+        nnunet.check_dataset_json(plan, {**described, "labels": {**described["labels"], "c": 3}})
+    with pytest.raises(PgpsError, match=r"gives the foreground class\(es\) \['1'\]"):
+        nnunet.check_dataset_json(plan, {**described, "labels": {"background": 0, "a": 1}})
