@@ -212,6 +212,9 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
     if preset:
         raise PgpsError(f"give either {flag} FILE or --preset, not both")
     s = sch.load(path)
+    if epochs is not None and epochs < len(s.stages):
+        raise PgpsError(f"--epochs {epochs} cannot rescale {path}: its {len(s.stages)} stages need at least "
+                        f"{len(s.stages)} epochs; give --epochs {len(s.stages)} or more")
     return sch.rescale_epochs(s, epochs) if epochs is not None else s
 
 
