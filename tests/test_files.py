@@ -199,3 +199,15 @@ def test_a_space_invalid_only_at_an_interior_stage_count_is_refused_before_ray(t
                     "budget": {"epochs": 1000}})
     grid = sp._check_grid(big.parameters)
     assert {c["stages"] for c in grid} == set(range(1, 101)) and len(grid) < 1000
+
+
+def test_a_trial_whose_schedule_cannot_be_built_fails_once_and_is_not_retried(monkeypatch):
+    from pgps_tune import tuner
+
+    reports = []
+    monkeypatch.setattr(tuner.tune, "report", lambda metrics, **kw: reports.append(metrics))
+    setup = {"budget": {"trainer": "nnunet", "epochs": 6, "batch_size": 2}, "cpus_per_trial": 1,
+             "final_patch": (32, 32, 32), "pools": (3, 3, 3)}
+    tuner.run_trial({"stages": 2, "growth": 1.5, "lengths": [0.5, 0.6]}, setup)  # returns: Tune sees no error
+    assert len(reports) == 1 and reports[0]["diverged"] and not reports[0]["completed"]
+    assert reports[0]["error"].startswith("invalid schedule: lengths [0.5, 0.6] sum to 1.1")
