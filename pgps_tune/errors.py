@@ -306,7 +306,10 @@ def _yaml_classes() -> tuple[type, type]:
             return self._scalar(node, "|".join(_YAML_TRUE + _YAML_FALSE), "true or false") in _YAML_TRUE
 
         def construct_yaml_int(self, node: Any) -> int:
-            return int(self._scalar(node, _YAML_INT, "a plain decimal integer"))
+            value = self._scalar(node, _YAML_INT, "a plain decimal integer")
+            if len(value) > 100:  # Python refuses to convert past 4300 digits, and no setting needs 100
+                raise _YamlRefused(f"an integer of {len(value)} digits is too long for any setting", node.start_mark)
+            return int(value)
 
         def construct_yaml_float(self, node: Any) -> float:
             value = self._scalar(node, _YAML_FLOAT, "a number").lower()

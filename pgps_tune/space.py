@@ -653,7 +653,8 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: budget.token_size {budget.token_size} unknown; use one of "
                         f"{', '.join(map(str, TOKEN_SIZES))}")
     if budget.augment not in AUGMENT_PRESETS:
-        raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
+        raise PgpsError(f"{src}: budget.augment: unknown augmentation {budget.augment!r}; use one of "
+                        f"{', '.join(AUGMENT_PRESETS)}")
     if budget.cpu_precision not in CPU_PRECISIONS:
         raise PgpsError(f"{src}: budget.cpu_precision {budget.cpu_precision!r} unknown; use one of "
                         f"{', '.join(CPU_PRECISIONS)}")

@@ -68,7 +68,7 @@ def test_scalars_are_read_as_yaml_1_2_core(tmp_path):
             sp.load(f)
     # what YAML 1.1 got wrong now reaches the checks as written
     f.write_text("parameters: {stages: 2}\nbudget: {augment: off, lr: 1e-4}\n")
-    with pytest.raises(PgpsError, match="budget.augment 'off' unknown"):
+    with pytest.raises(PgpsError, match="budget.augment: unknown augmentation 'off'"):
         sp.load(f)
     f.write_text("parameters:\n  lr: {type: float, low: 1e-4, high: 1e-2, log: true}\nbudget: {epochs: 010}\n")
     s = sp.load(f)
