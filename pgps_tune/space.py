@@ -420,15 +420,15 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
     out = {}
     for k, v in data.items():
         want = getattr(defaults, k)
-        if cls is Search and k == "references":
+        if v is None and want is None:
+            pass  # null: the documented default (budget.final_patch: null is planned from the data)
+        elif cls is Search and k == "references":
             v = _references(v, src)
         elif k in ("final_patch", "pools", "synthetic_shape") or isinstance(want, tuple):
             v = _numbers(v, k, key, src, None if k == "filters" else 3)
         elif isinstance(want, bool):
             if not isinstance(v, bool):
                 raise PgpsError(f"{src}: {key}.{k} must be true or false, got {v!r}")
-        elif v is None and want is None:
-            pass  # null: the documented default
         elif isinstance(want, int | float) or limit(k, key) is not None:
             v = _number(v, k, key, src)
         elif (isinstance(want, str) or want is None) and not isinstance(v, str):

@@ -229,6 +229,12 @@ BAD = [
 ]
 
 
+def test_null_keeps_the_documented_default():
+    s = sp.parse({"parameters": {"stages": 2}, "budget": {"final_patch": None, "pools": None, "lr": None},
+                  "confirm": {"folds": None, "splits": None, "epochs": None, "seeds": 2}})
+    assert (s.budget.final_patch, s.budget.pools, s.budget.lr, s.confirm.seeds) == (None, None, None, 2)
+
+
 @pytest.mark.parametrize("raw,needle", BAD)
 def test_malformed_spaces_are_refused_with_reason(raw, needle):
     with pytest.raises(PgpsError) as info:
