@@ -30,7 +30,6 @@ of the voxel ratio, between the two).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pgps_tune.config import Recipe
-from pgps_tune.errors import PgpsError, atomic_write_text, did_you_mean, read_yaml, yaml_text
+from pgps_tune.errors import PgpsError, atomic_write_text, did_you_mean, read_yaml, strict_json, yaml_text
 from pgps_tune.limits import LIMITS
 
 FORMAT_VERSION = 1
@@ -170,7 +169,8 @@ class Schedule:
         return _from_dict(data, source)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """JSON every parser reads: a NaN in ``meta`` (a score no repeat could give) is written as null."""
+        return strict_json(self.to_dict(), indent=2) + "\n"
 
     def to_yaml(self) -> str:
         return yaml_text(self.to_dict())

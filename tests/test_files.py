@@ -145,6 +145,9 @@ def test_meta_and_recipe_values_keep_plain_json_types(tmp_path, capsys):
     assert main(["schedule", "--from", str(f), "--out", str(tmp_path / "s.json")]) == 0
     assert main(["schedule", "--from", str(tmp_path / "s.json"), "--out", str(tmp_path / "back.yaml")]) == 0
     assert sch.load(tmp_path / "back.yaml").meta == {"made": "2024-01-31", "note": "1e-4", "code": "09"}
+    f.write_text(SCHEDULE + "meta: {score: .nan}\n")  # a NaN score: .nan in YAML, null in (strict) JSON
+    assert main(["schedule", "--from", str(f), "--out", str(tmp_path / "nan.json")]) == 0
+    assert sch.load(tmp_path / "nan.json").meta == {"score": None}
     best = {"version": 1, "data": {"dataset": "synthetic", "source": "synthetic", "val_fraction": 0.2, "split_seed": 0}}
     for train, needle in [({"token_size": 16.0}, "unknown token size 16.0"), ({"network": True}, "unknown network")]:
         with pytest.raises(PgpsError, match=needle):
