@@ -169,10 +169,19 @@ def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_
     Only a regular file is read: a FIFO, a socket or a device (``/dev/zero``) is refused at once.  The file
     is opened without blocking (opening a FIFO waits for a writer) and its kind checked on the open file.
     """
+    def special(mode: int) -> str | None:
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            return None
+        return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
     chunks: list[bytes] = []
     got = 0
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        kind = special(os.stat(path).st_mode)  # a device is not even opened (opening one can act: a tape rewinds)
+        if kind:
+            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # and should it change in between
     except FileNotFoundError:
         raise PgpsError(f"{what} does not exist; {missing_hint}") from None
     except IsADirectoryError:
@@ -185,9 +194,7 @@ def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise PgpsError(f"{what} is a folder; give a file")
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        if kind := special(mode):
             raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as fh:
