@@ -332,6 +332,9 @@ def _yaml_classes() -> tuple[type, type]:
                     kind = "mapping" if isinstance(key_node, yaml.MappingNode) else "list"
                     raise _YamlRefused(f"a key is a {kind}; keys must be plain names", key_node.start_mark)
                 key = self.construct_object(key_node, deep=deep)
+                if key == "<<" and key_node.style is None:
+                    raise _YamlRefused("merge keys (<<) are YAML 1.1 and not read; write the keys out",
+                                       key_node.start_mark)
                 if key in mapping:  # also 1 and 1.0, or true and 1: Python would keep one silently
                     first = lines[key] + 1
                     raise _YamlRefused(f"key {key!r} appears twice (also at line {first}); keep one",

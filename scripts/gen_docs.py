@@ -88,8 +88,8 @@ def spaces_page() -> str:
            "`0b11`, base 60 such as `1:30`, digits grouped as `1_000`), are refused: write the number in plain "
            "decimal, or quote it for text. A key given twice in one mapping (at any depth; also `1` and `1.0`) "
            "is refused with both lines, as are more than one document (`---`, or two files joined), tags "
-           "(`!!binary`, `!!timestamp`, `!!python/...`), keys that are lists or mappings, merge keys (`<<`, read "
-           "as an unknown key), control characters (a pasted terminal colour code, a NUL) with their line and "
+           "(`!!binary`, `!!timestamp`, `!!python/...`), keys that are lists or mappings, merge keys (`<<`), "
+           "control characters (a pasted terminal colour code, a NUL) with their line and "
            "column, an empty file, and anything that is not a regular file (a FIFO, a socket, a device).", "",
            "## parameters", "",
            "Each entry is `NAME: {type: int|float, low: A, high: B}` (optionally `log: true`, which needs "

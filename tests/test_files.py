@@ -85,6 +85,7 @@ def test_scalars_are_read_as_yaml_1_2_core(tmp_path):
     (SCHEDULE + "meta: {when: !!timestamp 2024-01-31}\n", "the tag !!timestamp is not read"),
     (SCHEDULE + "? [a, b]\n: x\n", "line 10: a key is a list; keys must be plain names"),
     ("# only a comment\n", "is empty (or holds only comments)"),
+    (SCHEDULE + "meta:\n  <<: {a: 1}\n", "line 11: merge keys (<<) are YAML 1.1 and not read"),
     (SCHEDULE + "5: x\nfoo: y\n", "unknown key(s) [5, 'foo']"),  # keys of mixed types
     (SCHEDULE.replace("  epochs: 5\n", "  epoch: 5\n", 1), "stage 0: unknown key 'epoch' (did you mean 'epochs'?)"),
     (SCHEDULE.replace("  batch_size: 2\n", "", 1), "stage 0 lacks 'batch_size'"),
