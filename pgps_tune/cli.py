@@ -1141,7 +1141,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; with --from: rescale)")
     s.add_argument("--format", choices=["json", "yaml", "table"], default="table", help="default table")
-    s.add_argument("--out", metavar="FILE", help="also write the schedule to this file (.json or .yaml)")
+    s.add_argument("--out", metavar="FILE", help="also write the schedule to this file (.json or .yaml; an existing "
+                   "file is replaced, a symbolic link written through to its target)")
     _add_nnunet_args(s)
     s.set_defaults(func=cmd_schedule)
 
