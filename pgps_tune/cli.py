@@ -214,6 +214,9 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
     from pgps_tune.nnunet import load_pgps_schedule
 
     s = load_pgps_schedule(path)  # names an nnU-Net schedule file as such
+    if epochs is not None and epochs < len(s.stages):
+        raise PgpsError(f"--epochs {epochs} cannot rescale {path}: its {len(s.stages)} stages need at least "
+                        f"{len(s.stages)} epochs; give --epochs {len(s.stages)} or more")
     return sch.rescale_epochs(s, epochs) if epochs is not None else s
 
 
@@ -1141,7 +1144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=n("epochs"), default=None,
                    help=f"total epochs (default {DEFAULT_EPOCHS}; with --from: rescale)")
     s.add_argument("--format", choices=["json", "yaml", "table"], default="table", help="default table")
-    s.add_argument("--out", metavar="FILE", help="also write the schedule to this file (.json or .yaml)")
+    s.add_argument("--out", metavar="FILE", help="also write the schedule to this file (.json or .yaml; an existing "
+                   "file is replaced, a symbolic link written through to its target)")
     _add_nnunet_args(s)
     s.set_defaults(func=cmd_schedule)
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from pgps_tune.errors import PgpsError
+from pgps_tune.errors import PgpsError, did_you_mean
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -294,9 +294,10 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise PgpsError(f"{where} must be a mapping of trainer settings, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known), key=str)
         if unknown:
-            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
+            raise PgpsError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; remove them "
+                            f"(allowed: {', '.join(known)})")
         cfg = cls(**{k: check_train_value(k, v, f"{where}.{k}") for k, v in {**ADDED_LATER, **data}.items()})
         check_network_widths(cfg.network, cfg.feature_size, cfg.hidden_size,
                              (f"{where}.feature_size", f"{where}.hidden_size"))
@@ -317,7 +318,8 @@ def check_train_value(name: str, value: Any, what: str) -> Any:
     if value is None and name in _NULLABLE:
         return None
     if name in _CHOICES:
-        if value not in _CHOICES[name] or isinstance(value, bool):
+        # the exact type too: 16.0 == 16 and True == 1, but a float token size breaks the network's arithmetic
+        if not any(type(value) is type(c) and value == c for c in _CHOICES[name]):
             kind = {"augment": "augmentation", "token_size": "token size",
                     "cpu_precision": "CPU precision"}.get(name, name)
             raise PgpsError(f"{what}: unknown {kind} {value!r}; use one of {', '.join(map(str, _CHOICES[name]))}")
@@ -383,9 +385,10 @@ class DataIdentity:
             raise PgpsError(f"{where} must be a mapping (dataset, source, val_fraction, split_seed, ...), "
                             f"got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known), key=str)
         if unknown:
-            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: {', '.join(known)})")
+            raise PgpsError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; remove them "
+                            f"(allowed: {', '.join(known)})")
         missing = [k for k in ("dataset", "source", "val_fraction", "split_seed") if k not in data]
         if missing:
             raise PgpsError(f"{where} lacks {', '.join(missing)}; add them, or delete the recipe to train with "
@@ -394,9 +397,9 @@ class DataIdentity:
             if not isinstance(data[k], str) or not data[k]:
                 raise PgpsError(f"{where}.{k} must be a non-empty string, got {data[k]!r}")
         spacing = data.get("spacing", [])
-        if not isinstance(spacing, list) or not all(
+        if not isinstance(spacing, list) or len(spacing) not in (0, 3) or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing):
-            raise PgpsError(f"{where}.spacing must be a list of positive numbers (mm), got {spacing!r}")
+            raise PgpsError(f"{where}.spacing must be a list of 3 positive numbers (mm, x y z), got {spacing!r}")
         norm = data.get("normalisation", [])
         if not isinstance(norm, list) or not all(isinstance(n, dict) for n in norm):
             raise PgpsError(f"{where}.normalisation must be a list of mappings (one per channel), got {norm!r}")
@@ -435,10 +438,11 @@ class Recipe:
         """A recipe read from a file, every key and value checked (one-line errors naming the key)."""
         if not isinstance(data, dict):
             raise PgpsError(f"{where} must be a mapping with version, train and data, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"version", "train", "data"})
+        unknown = sorted(set(data) - {"version", "train", "data"}, key=str)
         if unknown:
-            raise PgpsError(f"{where}: unknown key(s) {unknown}; remove them (allowed: version, train, data)")
-        if data.get("version") != RECIPE_VERSION:
+            raise PgpsError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, ['version', 'train', 'data'])}"
+                            "; remove them (allowed: version, train, data)")
+        if type(data.get("version")) is not int or data["version"] != RECIPE_VERSION:  # not true, not 1.0
             raise PgpsError(f"{where}.version {data.get('version')!r} is not supported; this pgps-tune reads "
                             f"version {RECIPE_VERSION} (re-export the sweep, or delete the recipe to train with "
                             "the defaults)")

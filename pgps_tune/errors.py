@@ -8,11 +8,14 @@ the CLI prints it without a traceback and exits non-zero.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import math
 import numbers
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -160,21 +163,52 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_hint: str) -> bytes:
     """The bytes of the file ``what`` names ("space file x.yaml"), refused in one line when it is missing,
-    a folder, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read, a MiB at a time: one
-    ``read(limit + 1)`` would allocate the whole limit for every small file)."""
+    a folder, not a regular file, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read, a MiB
+    at a time: one ``read(limit + 1)`` would allocate the whole limit for every small file).
+
+    Only a regular file is read: a FIFO, a socket or a device (``/dev/zero``) is refused at once.  The file
+    is opened without blocking (opening a FIFO waits for a writer) and its kind checked on the open file.
+    """
+    def special(mode: int) -> str | None:
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            return None
+        return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
     chunks: list[bytes] = []
     got = 0
     try:
-        with path.open("rb") as fh:
-            while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
-                chunks.append(chunk)
-                got += len(chunk)
+        kind = special(os.stat(path).st_mode)  # a device is not even opened (opening one can act: a tape rewinds)
+        if kind:
+            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # and should it change in between
     except FileNotFoundError:
         raise PgpsError(f"{what} does not exist; {missing_hint}") from None
     except IsADirectoryError:
         raise PgpsError(f"{what} is a folder; give a file") from None
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open)
+            raise PgpsError(f"{what} is not a regular file (a socket or a FIFO); give a file") from None
         raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise PgpsError(f"{what} is a folder; give a file")
+        if kind := special(mode):
+            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
+                chunks.append(chunk)
+                got += len(chunk)
+    except IsADirectoryError:
+        raise PgpsError(f"{what} is a folder; give a file") from None
+    except OSError as exc:
+        raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if got > limit:
         raise PgpsError(f"{what} is larger than {limit >> 20} MiB; {too_big_hint}")
     return b"".join(chunks)
@@ -183,6 +217,195 @@ def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_
 MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB
 MAX_YAML_VALUES = 100_000  # after expanding aliases: a schedule of 1000 stages holds about 11,000
 MAX_YAML_DEPTH = 50  # nesting; the files nest 4 deep
+
+# YAML 1.2's core schema, the scalars pgps-tune's files are read with (PyYAML alone reads YAML 1.1, where
+# `010` is 8, `1:30` is 90, `off` is false, `2024-01-31` a date and `1e-4` a string).  Plain scalars that
+# are not one of these are strings.
+_YAML_TAG = "tag:yaml.org,2002:"
+_YAML_NULL = ("~", "null", "Null", "NULL", "")
+_YAML_TRUE, _YAML_FALSE = ("true", "True", "TRUE"), ("false", "False", "FALSE")
+_YAML_INT = r"[-+]?[0-9]+"  # decimal only; a leading zero is decimal too (010 is 10, as YAML 1.2 reads it)
+_YAML_FLOAT = (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+# what YAML 1.1 reads as a number and 1.2 does not (or reads otherwise): hex, octal, binary, base 60, digits
+# grouped by underscores.  Refused: whichever the writer meant, one of the two readers gets it wrong.
+_YAML11_NUMBER = (r"[-+]?0[xX][0-9a-fA-F_]+|[-+]?0[oO]?[0-7_]*_[0-7_]*|[-+]?0[oObB][0-9_]+"
+                  r"|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?|[-+]?[0-9][0-9_]*_[0-9_]*(?:\.[0-9_]*)?"
+                  r"(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]*_[0-9_]*(?:[eE][-+]?[0-9]+)?")
+_YAML11_TAG = "tag:pgps-tune:yaml-1.1-number"
+# characters YAML allows in a file (PyYAML's own test): a pasted terminal colour code (ESC) or a NUL is not one
+_YAML_UNPRINTABLE = r"[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]"
+
+
+class _YamlRefused(Exception):
+    """A YAML document pgps-tune does not read; ``str()`` says why, ``mark`` where."""
+
+    def __init__(self, message: str, mark: Any = None) -> None:
+        super().__init__(message)
+        self.mark = mark
+
+
+@functools.cache
+def _yaml_classes() -> tuple[type, type]:
+    """The Loader and Dumper of pgps-tune's YAML rules (built once, on first use: yaml is imported lazily)."""
+    import re
+
+    import yaml
+    from yaml.composer import Composer
+    from yaml.constructor import SafeConstructor
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.resolver import BaseResolver
+    from yaml.scanner import Scanner
+
+    class CoreResolver(BaseResolver):
+        """YAML 1.2 core schema: null, true/false, decimal ints, floats (``1e-4`` included); no timestamps,
+        no merge keys, no yes/no/on/off; YAML 1.1's other number forms get a tag of their own (refused)."""
+
+    CoreResolver.yaml_implicit_resolvers = {}
+    for tag, pattern, first in (
+        ("bool", "|".join(_YAML_TRUE + _YAML_FALSE), "tTfF"),
+        ("int", _YAML_INT, "-+0123456789"),
+        ("float", _YAML_FLOAT, "-+0123456789."),
+        ("null", "|".join(map(re.escape, _YAML_NULL)), ["~", "n", "N", ""]),
+    ):
+        CoreResolver.add_implicit_resolver(_YAML_TAG + tag, re.compile(f"^(?:{pattern})$"), list(first))
+    CoreResolver.add_implicit_resolver(_YAML11_TAG, re.compile(f"^(?:{_YAML11_NUMBER})$"), list("-+0123456789."))
+
+    class CoreConstructor(SafeConstructor):
+        """Builds only plain data: mappings (string or number keys, each once), lists, strings, numbers,
+        true/false, null.  Any other tag (``!!binary``, ``!!timestamp``, ``!!python/...``, ``!!set``) is refused."""
+
+        yaml_constructors = {
+            _YAML_TAG + "str": SafeConstructor.construct_yaml_str,
+            _YAML_TAG + "seq": SafeConstructor.construct_yaml_seq,
+            _YAML_TAG + "map": SafeConstructor.construct_yaml_map,
+        }
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            if node.tag == _YAML11_TAG:
+                v = node.value.lower()
+                form = ("a hex" if "x" in v else "a binary" if "b" in v else "a base-60" if ":" in v
+                        else "an octal" if re.fullmatch(r"[-+]?0o?[0-7_]+", v) else "a digit-grouped")
+                try:
+                    old = yaml.safe_load(node.value)
+                except (yaml.YAMLError, ValueError):
+                    old = None
+                old = f" (YAML 1.1: {old})" if isinstance(old, int | float) else ""
+                raise _YamlRefused(f"{node.value} is {form} number, which YAML 1.1 and 1.2 read differently{old}; "
+                                   "write it in plain decimal, or quote it for text", node.start_mark)
+            if node.tag not in self.yaml_constructors:
+                raise _YamlRefused(f"the tag {node.tag.replace(_YAML_TAG, '!!')} is not read; pgps-tune reads "
+                                   "plain YAML only (mappings, lists, strings, numbers, true/false, null): remove "
+                                   "the tag", node.start_mark)
+            return super().construct_object(node, deep)
+
+        def _scalar(self, node: Any, pattern: str, what: str) -> str:
+            value = self.construct_scalar(node)
+            if not re.fullmatch(pattern, value):
+                raise _YamlRefused(f"{value!r} is not {what}", node.start_mark)
+            return value
+
+        def construct_yaml_null(self, node: Any) -> None:
+            self._scalar(node, "|".join(map(re.escape, _YAML_NULL)), "null")
+
+        def construct_yaml_bool(self, node: Any) -> bool:
+            return self._scalar(node, "|".join(_YAML_TRUE + _YAML_FALSE), "true or false") in _YAML_TRUE
+
+        def construct_yaml_int(self, node: Any) -> int:
+            value = self._scalar(node, _YAML_INT, "a plain decimal integer")
+            if len(value) > 100:  # Python refuses to convert past 4300 digits, and no setting needs 100
+                raise _YamlRefused(f"an integer of {len(value)} digits is too long for any setting", node.start_mark)
+            return int(value)
+
+        def construct_yaml_float(self, node: Any) -> float:
+            value = self._scalar(node, _YAML_FLOAT, "a number").lower()
+            return float(value.replace(".inf", "inf").replace(".nan", "nan"))
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if not isinstance(node, yaml.MappingNode):
+                raise _YamlRefused("expected a mapping", node.start_mark)
+            mapping: dict[Any, Any] = {}
+            lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    kind = "mapping" if isinstance(key_node, yaml.MappingNode) else "list"
+                    raise _YamlRefused(f"a key is a {kind}; keys must be plain names", key_node.start_mark)
+                key = self.construct_object(key_node, deep=deep)
+                if key == "<<" and key_node.style is None:
+                    raise _YamlRefused("merge keys (<<) are YAML 1.1 and not read; write the keys out",
+                                       key_node.start_mark)
+                if key in mapping:  # also 1 and 1.0, or true and 1: Python would keep one silently
+                    first = lines[key] + 1
+                    raise _YamlRefused(f"key {key!r} appears twice (also at line {first}); keep one",
+                                       key_node.start_mark)
+                lines[key] = key_node.start_mark.line
+                mapping[key] = self.construct_object(value_node, deep=deep)
+            return mapping
+
+    for tag, build in (("null", CoreConstructor.construct_yaml_null), ("bool", CoreConstructor.construct_yaml_bool),
+                       ("int", CoreConstructor.construct_yaml_int), ("float", CoreConstructor.construct_yaml_float)):
+        CoreConstructor.yaml_constructors[_YAML_TAG + tag] = build
+
+    class Loader(Reader, Scanner, Parser, Composer, CoreConstructor, CoreResolver):
+        """Refuses deep nesting while composing (PyYAML's scanner slows quadratically with depth)."""
+
+        depth = 0
+
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+            Composer.__init__(self)
+            CoreConstructor.__init__(self)
+            CoreResolver.__init__(self)
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise _YamlRefused(f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    class Dumper(yaml.SafeDumper):
+        """PyYAML's safe dumper, quoting also the strings that YAML 1.2 (and so :func:`read_yaml`) would read
+        as numbers (``"1e-4"``, ``"09"``): what pgps-tune writes, it and YAML 1.1 readers read back alike."""
+
+    for tag, pattern, first in (("int", _YAML_INT, "-+0123456789"), ("float", _YAML_FLOAT, "-+0123456789.")):
+        Dumper.add_implicit_resolver(_YAML_TAG + tag, re.compile(f"^(?:{pattern})$"), list(first))
+    return Loader, Dumper
+
+
+def did_you_mean(keys: Any, known: Any) -> str:
+    """`` (did you mean 'epochs'?)`` where an unknown key (one, or the first of a list that has one) is a near
+    miss of one of ``known``, else ``""``.
+
+    >>> did_you_mean("epoch", ["patch_size", "batch_size", "epochs"]), did_you_mean(5, ["epochs"])
+    (" (did you mean 'epochs'?)", '')
+    >>> did_you_mean([1, "seed"], ["seeds", "folds"])
+    " ('seed': did you mean 'seeds'?)"
+    """
+    import difflib
+
+    several = isinstance(keys, list) and len(keys) > 1
+    for key in keys if isinstance(keys, list) else [keys]:
+        close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+        if close:
+            return f" ({key!r}: did you mean {close[0]!r}?)" if several else f" (did you mean {close[0]!r}?)"
+    return ""
+
+
+def yaml_text(data: Any) -> str:
+    """``data`` as YAML (block style, keys in order) that :func:`read_yaml` and YAML 1.1 readers read back alike.
+
+    >>> print(yaml_text({"lr": 0.003, "note": "1e-4", "when": "off"}), end="")
+    {lr: 0.003, note: '1e-4', when: 'off'}
+    """
+    import yaml
+
+    return yaml.dump(data, Dumper=_yaml_classes()[1], sort_keys=False, default_flow_style=None)
 
 
 def _yaml_values(root: Any) -> int:
@@ -222,51 +445,57 @@ def _yaml_values(root: Any) -> int:
 def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
     """Parse a YAML (or JSON) file, turning every failure into a one-line :class:`PgpsError`.
 
-    Untrusted input is bounded before it is built: at most :data:`MAX_YAML_BYTES` are read,
-    :data:`MAX_YAML_DEPTH` levels of nesting and :data:`MAX_YAML_VALUES` values after alias
-    expansion are accepted, so an alias bomb ("billion laughs") or a huge file is refused at
-    once; only plain YAML types are built.
+    Every file pgps-tune reads as YAML (schedules, in YAML or JSON, and spaces) is read here, by one set of
+    rules: YAML 1.2's core schema (``1e-4`` is a number, ``off`` and ``2024-01-31`` are strings, an integer
+    is plain decimal: ``010`` is 10, and YAML 1.1's ``0x10``, ``1:30`` and ``1_000`` are refused), one
+    document, plain data only (no tags), each key of a mapping once.  Untrusted input is bounded before
+    it is built: at most :data:`MAX_YAML_BYTES` are read, :data:`MAX_YAML_DEPTH` levels of nesting and
+    :data:`MAX_YAML_VALUES` values after alias expansion are accepted, so an alias bomb ("billion
+    laughs") or a huge file is refused at once.
     """
+    import re
+
     import yaml
 
     path = Path(path)
-    data = _read_bounded(path, MAX_YAML_BYTES, f"{kind} file {path}", missing_hint,
-                         f"give a {kind} file, which is a few KiB")
+    what = f"{kind} file {path}"
+    data = _read_bounded(path, MAX_YAML_BYTES, what, missing_hint, f"give a {kind} file, which is a few KiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PgpsError(f"{kind} file {path} is not UTF-8 text; give a YAML or JSON {kind} file") from None
-    class Loader(yaml.SafeLoader):
-        """Refuses deep nesting while composing (PyYAML's scanner slows quadratically with depth)."""
-
-        depth = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            self.depth += 1
-            if self.depth > MAX_YAML_DEPTH:
-                raise ValueError(f"nested more than {MAX_YAML_DEPTH} levels deep")
-            try:
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    loader = Loader(text)
+        raise PgpsError(f"{what} is not UTF-8 text; give a YAML or JSON {kind} file") from None
+    bad = re.search(_YAML_UNPRINTABLE, text)
+    if bad:  # PyYAML's own refusal names neither line nor column
+        line, col = text.count("\n", 0, bad.start()) + 1, bad.start() - text.rfind("\n", 0, bad.start())
+        raise PgpsError(f"{what} holds a control character ({ord(bad.group()):#04x}) at line {line}, column {col}; "
+                        "remove it")
+    loader = None
     try:
+        loader = _yaml_classes()[0](text)
         node = loader.get_single_node()
         if node is None:
-            return None
+            raise PgpsError(f"{what} is empty (or holds only comments); give a {kind} file")
         if _yaml_values(node) > MAX_YAML_VALUES:
-            raise PgpsError(f"{kind} file {path} holds more than {MAX_YAML_VALUES} values once its aliases are "
+            raise PgpsError(f"{what} holds more than {MAX_YAML_VALUES} values once its aliases are "
                             f"expanded; a {kind} file needs far fewer (remove the repeated aliases)")
         return loader.construct_document(node)
+    except _YamlRefused as exc:
+        at = f", line {exc.mark.line + 1}" if exc.mark else ""
+        raise PgpsError(f"{what}{at}: {exc}") from None
     except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or ""
         mark = getattr(exc, "problem_mark", None)
+        if problem.startswith("but found another document"):
+            raise PgpsError(f"{what} holds more than one YAML document (another starts at line {mark.line + 1}); "
+                            "keep one (two files joined together?)") from None
         at = f" at line {mark.line + 1}" if mark else ""
-        raise PgpsError(f"{kind} file {path} is not valid YAML{at}; fix the syntax") from None
-    except (ValueError, TypeError) as exc:  # a bad date, a self-containing alias, deep nesting
-        raise PgpsError(f"{kind} file {path} is not valid YAML ({exc}); fix the file") from None
+        why = f" ({problem})" if problem else ""
+        raise PgpsError(f"{what} is not valid YAML{at}{why}; fix the syntax") from None
+    except ValueError as exc:  # an alias that contains itself
+        raise PgpsError(f"{what} is not valid YAML ({exc}); fix the file") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 MAX_JSON_BYTES = 256 << 20  # dataset.json of a large nnU-Net set, a sweep's state: a few MiB at most

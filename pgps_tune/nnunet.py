@@ -443,10 +443,11 @@ def _optional_count(data: dict[str, Any], key: str, src: str) -> int | None:
 def _nnunet_file_from_dict(data: dict[str, Any], src: str) -> NnunetSchedule:
     known = {"format", "format_version", "axis_order", "dataset", "plans", "configuration", "num_epochs",
              "num_iterations_per_epoch", "num_val_iterations_per_epoch", "schedule"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # keys of mixed types (5: x) sort too
     if unknown:
         raise PgpsError(f"{src}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    if data.get("format_version") != FILE_FORMAT_VERSION or data.get("axis_order") != "nnunet":
+    version = data.get("format_version")
+    if type(version) is not int or version != FILE_FORMAT_VERSION or data.get("axis_order") != "nnunet":
         raise PgpsError(
             f"{src}: format_version {data.get('format_version')!r} / axis_order {data.get('axis_order')!r} not "
             f"supported (this pgps-tune writes {FILE_FORMAT_VERSION} / nnunet); re-export it with 'pgps-tune export'"

@@ -30,18 +30,16 @@ of the voxel ratio, between the two).
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pgps_tune.config import Recipe
-from pgps_tune.errors import PgpsError, atomic_write_text, read_yaml
+from pgps_tune.errors import PgpsError, atomic_write_text, did_you_mean, read_yaml, strict_json, yaml_text
 from pgps_tune.limits import LIMITS
 
 FORMAT_VERSION = 1
@@ -171,16 +169,20 @@ class Schedule:
         return _from_dict(data, source)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """JSON every parser reads: a NaN in ``meta`` (a score no repeat could give) is written as null."""
+        return strict_json(self.to_dict(), indent=2) + "\n"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml_text(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON for ``.json``, YAML otherwise (atomically)."""
+        """Write JSON for ``.json``, YAML otherwise (atomically).
+
+        A symbolic link is written through: its target gets the schedule and the link stays.
+        """
         path = Path(path)
         text = self.to_json() if path.suffix.lower() == ".json" else self.to_yaml()
-        return atomic_write_text(path, text)
+        return atomic_write_text(Path(os.path.realpath(path)) if path.is_symlink() else path, text)
 
     def table(self) -> str:
         """Human-readable table of the stages (random sampling: epochs are expected shares)."""
@@ -333,20 +335,39 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _plain_data(value: Any, where: str) -> None:
+    """Refuse what JSON cannot hold as it is (a date, bytes, a number as a key): a schedule's ``meta`` is written
+    back as YAML and JSON, so it must be plain data that both round-trip exactly."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise PgpsError(f"{at}: key {k!r} is a {type(k).__name__}; keys must be strings (quote it)")
+                stack.append((item, f"{at}.{k}"))
+        elif isinstance(v, list | tuple):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
+        elif not (v is None or isinstance(v, str | bool | int | float)):  # a NaN score stays as .nan
+            raise PgpsError(f"{at}: {v!r} is not plain data (a {type(v).__name__}); give a string, number, "
+                            "true/false, null, list or mapping")
+
+
 def _from_dict(data: Any, source: str) -> Schedule:
     if not isinstance(data, dict):
         raise PgpsError(f"{source}: expected a mapping with 'stages', got {type(data).__name__}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise PgpsError(
             f"{source}: format_version {version!r} is not supported; this pgps-tune reads "
             f"format_version {FORMAT_VERSION} (regenerate it with 'pgps-tune schedule')"
         )
-    known = {"format_version", "final_patch", "pools", "baseline_batch_size", "sampling", "stages", "recipe",
-             "meta"}
-    unknown = sorted(set(data) - known)
+    known = ["format_version", "final_patch", "pools", "baseline_batch_size", "sampling", "stages", "recipe",
+             "meta"]
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
-        raise PgpsError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise PgpsError(f"{source}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; allowed: "
+                        f"{sorted(known)}")
     for key in ("final_patch", "pools", "baseline_batch_size", "stages"):
         if key not in data:
             raise PgpsError(f"{source}: missing key '{key}'")
@@ -354,11 +375,17 @@ def _from_dict(data: Any, source: str) -> Schedule:
     if not isinstance(raw_stages, list):
         raise PgpsError(f"{source}: 'stages' must be a list of stages")
     stages = []
+    stage_keys = ["patch_size", "batch_size", "epochs"]
     for i, st in enumerate(raw_stages):
-        if not isinstance(st, dict) or set(st) != {"patch_size", "batch_size", "epochs"}:
-            raise PgpsError(
-                f"{source}: stage {i} must have exactly patch_size, batch_size and epochs"
-            )
+        if not isinstance(st, dict):
+            raise PgpsError(f"{source}: stage {i} must be a mapping of patch_size, batch_size and epochs, got "
+                            f"{st!r}")
+        for key in sorted(set(st) - set(stage_keys), key=str):
+            raise PgpsError(f"{source}: stage {i}: unknown key {key!r}{did_you_mean(key, stage_keys)}; a stage has "
+                            "patch_size, batch_size and epochs")
+        for key in stage_keys:
+            if key not in st:
+                raise PgpsError(f"{source}: stage {i} lacks '{key}'; a stage has patch_size, batch_size and epochs")
         stages.append(
             Stage(
                 tuple(_ints(st["patch_size"], 3, f"{source}: stage {i} patch_size")),  # type: ignore[arg-type]
@@ -366,9 +393,10 @@ def _from_dict(data: Any, source: str) -> Schedule:
                 _int(st["epochs"], f"{source}: stage {i} epochs"),
             )
         )
-    meta = data.get("meta") or {}
+    meta = {} if data.get("meta") is None else data["meta"]
     if not isinstance(meta, dict):
-        raise PgpsError(f"{source}: 'meta' must be a mapping")
+        raise PgpsError(f"{source}: 'meta' must be a mapping, got {meta!r}")
+    _plain_data(meta, f"{source}: meta")
     recipe = Recipe.parse(data["recipe"], f"{source}: recipe") if data.get("recipe") is not None else None
     try:
         return Schedule(

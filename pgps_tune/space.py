@@ -49,7 +49,7 @@ from pgps_tune.config import (
     patch_multiple,
     unet_levels,
 )
-from pgps_tune.errors import PgpsError, read_yaml
+from pgps_tune.errors import PgpsError, did_you_mean, read_yaml
 from pgps_tune.limits import LIMITS, Range, limit
 from pgps_tune.pareto import parse_pick
 
@@ -412,22 +412,23 @@ def _section(raw: dict[str, Any], key: str, cls, src: str):
     data = raw.get(key) or {}
     if not isinstance(data, dict):
         raise PgpsError(f"{src}: '{key}' must be a mapping")
-    unknown = sorted(set(data) - _fields(cls))
+    unknown = sorted(set(data) - _fields(cls), key=str)
     if unknown:
-        raise PgpsError(f"{src}: unknown key(s) {unknown} in '{key}'; allowed: {sorted(_fields(cls))}")
+        raise PgpsError(f"{src}: unknown key(s) {unknown} in '{key}'{did_you_mean(unknown, _fields(cls))}; "
+                        f"allowed: {sorted(_fields(cls))}")
     defaults = cls()
     out = {}
     for k, v in data.items():
         want = getattr(defaults, k)
-        if cls is Search and k == "references":
+        if v is None and want is None:
+            pass  # null: the documented default (budget.final_patch: null is planned from the data)
+        elif cls is Search and k == "references":
             v = _references(v, src)
         elif k in ("final_patch", "pools", "synthetic_shape") or isinstance(want, tuple):
             v = _numbers(v, k, key, src, None if k == "filters" else 3)
         elif isinstance(want, bool):
             if not isinstance(v, bool):
                 raise PgpsError(f"{src}: {key}.{k} must be true or false, got {v!r}")
-        elif v is None and want is None:
-            pass  # null: the documented default
         elif isinstance(want, int | float) or limit(k, key) is not None:
             v = _number(v, k, key, src)
         elif (isinstance(want, str) or want is None) and not isinstance(v, str):
@@ -492,17 +493,30 @@ def _param_value(name: str, value: Any, what: str, src: str) -> Any:
 
 def _parse_param(name: str, spec: Any, src: str) -> Param:
     if name not in KNOWN_PARAMS:
-        raise PgpsError(f"{src}: unknown parameter '{name}'; known: {sorted(KNOWN_PARAMS)}")
+        raise PgpsError(f"{src}: unknown parameter '{name}'{did_you_mean(name, KNOWN_PARAMS)}; known: "
+                        f"{sorted(KNOWN_PARAMS)}")
     if not isinstance(spec, dict):
         spec = {"value": spec}
     allowed = {"type", "low", "high", "log", "step", "choices", "value", "when"}
-    unknown = sorted(set(spec) - allowed)
+    unknown = sorted(set(spec) - allowed, key=str)
     if unknown:
-        raise PgpsError(f"{src}: parameter '{name}' has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise PgpsError(f"{src}: parameter '{name}' has unknown key(s) {unknown}{did_you_mean(unknown, allowed)}; "
+                        f"allowed: {sorted(allowed)}")
     when = _parse_when(spec["when"], name, src) if "when" in spec else None
+    kind = spec.get("type")
+    # a key that does not apply would be ignored without a word: refuse it
+    ignored = (set(spec) - {"value", "when"} if "value" in spec
+               else set(spec) & {"low", "high", "log", "step"} if kind == "categorical"
+               else {"choices"} & set(spec) if kind in ("int", "float") else set())
+    if ignored:
+        given = "a fixed 'value'" if "value" in spec else f"type {kind}"
+        use = ("give either a fixed value or a type with its range or choices" if "value" in spec
+               else "list the values in choices" if kind == "categorical"
+               else "use type categorical to list values, or low/high for a range")
+        raise PgpsError(f"{src}: parameter '{name}': {', '.join(repr(k) for k in sorted(ignored))} cannot be combined "
+                        f"with {given}; {use}")
     if "value" in spec:
         return Param(name, "fixed", value=_param_value(name, spec["value"], "value", src), when=when)
-    kind = spec.get("type")
     if KNOWN_PARAMS[name] == "list":
         raise PgpsError(f"{src}: parameter '{name}' takes a fixed list ({name}: [0.2, 0.3, 0.5]); to match a searched "
                         "stage count, give it a when condition such as \"stages == 3\"")
@@ -512,7 +526,12 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise PgpsError(f"{src}: parameter '{name}': categorical needs a non-empty 'choices' list")
-        return Param(name, kind, choices=tuple(_param_value(name, c, "choice", src) for c in choices), when=when)
+        values = [_param_value(name, c, "choice", src) for c in choices]
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:  # a repeat doubles that value's odds under random sampling and TPE's prior
+            raise PgpsError(f"{src}: parameter '{name}': choices lists {repeated[0]!r} more than once; list each "
+                            "value once")
+        return Param(name, kind, choices=tuple(values), when=when)
     want = KNOWN_PARAMS[name]
     if want == "categorical" or (want == "int" and kind == "float"):
         takes = f"one of {', '.join(CHOICES[name])}" if want == "categorical" else "integers"
@@ -538,6 +557,11 @@ def _parse_param(name: str, spec: Any, src: str) -> Param:
         if log:
             raise PgpsError(f"{src}: parameter '{name}' has both log and step; Optuna allows only one of them")
         Range(0, high - low, integer=kind == "int", low_open=True).check(step, f"{src}: parameter '{name}': step")
+        steps = (high - low) / step
+        if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):  # Optuna would move high without a word
+            top = low + math.floor(steps + 1e-9) * step
+            raise PgpsError(f"{src}: parameter '{name}': step {step} does not divide high - low = {high - low:g}; "
+                            f"make high {top:g} (or {top + step:g}) so that it is on the steps from low")
     return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
 
 
@@ -591,9 +615,13 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     if not isinstance(raw, dict):
         raise PgpsError(f"{src}: a search space must be a mapping with 'parameters'")
     allowed = {"name", "description", "parameters", "objective", "search", "asha", "budget", "confirm"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - allowed, key=str)
     if unknown:
-        raise PgpsError(f"{src}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise PgpsError(f"{src}: unknown key(s) {unknown}{did_you_mean(unknown, allowed)}; allowed: "
+                        f"{sorted(allowed)}")
+    for key in ("name", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise PgpsError(f"{src}: '{key}' must be a string, got {raw[key]!r}")
     params_raw = raw.get("parameters")
     if not isinstance(params_raw, dict) or not params_raw:
         raise PgpsError(f"{src}: 'parameters' must be a non-empty mapping")
@@ -606,6 +634,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     if objective.type not in OBJECTIVES:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
     parse_pick(objective.pick, f"{src}: objective.pick")
+    _check_applies(raw, objective, src)
     if search.algorithm not in ALGORITHMS:
         raise PgpsError(f"{src}: search.algorithm {search.algorithm!r} unknown; use one of {', '.join(ALGORITHMS)}")
     if objective.type == "cheapest_within" and "constant" not in reference_names(search):
@@ -624,7 +653,8 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         raise PgpsError(f"{src}: budget.token_size {budget.token_size} unknown; use one of "
                         f"{', '.join(map(str, TOKEN_SIZES))}")
     if budget.augment not in AUGMENT_PRESETS:
-        raise PgpsError(f"{src}: budget.augment {budget.augment!r} unknown; use one of {', '.join(AUGMENT_PRESETS)}")
+        raise PgpsError(f"{src}: budget.augment: unknown augmentation {budget.augment!r}; use one of "
+                        f"{', '.join(AUGMENT_PRESETS)}")
     if budget.cpu_precision not in CPU_PRECISIONS:
         raise PgpsError(f"{src}: budget.cpu_precision {budget.cpu_precision!r} unknown; use one of "
                         f"{', '.join(CPU_PRECISIONS)}")
@@ -634,6 +664,24 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
         name=str(raw.get("name") or Path(source).stem), parameters=params, objective=objective,
         search=search, asha=asha, budget=budget, source=source, confirm=confirm,
     )
+
+
+# keys of a section that only one setting uses: given beside another, they would be ignored without a word
+_APPLIES = {"objective": {"tolerance": "cheapest_within", "voxel_budget": "dice_under_budget", "pick": "pareto"}}
+
+
+def _check_applies(raw: dict[str, Any], objective: Objective, src: str) -> None:
+    """Refuse objective keys of another objective type, and a confirm section naming both seeds and folds."""
+    given = raw.get("objective") or {}
+    for key, kind in _APPLIES["objective"].items():
+        if key in given and objective.type != kind:
+            raise PgpsError(f"{src}: objective.{key} applies to objective type {kind} only, not {objective.type}; "
+                            f"drop it (or set type: {kind})")
+    confirm = raw.get("confirm") or {}
+    other = [k for k in ("folds", "splits") if confirm.get(k) is not None]
+    if confirm.get("seeds") is not None and other:
+        raise PgpsError(f"{src}: confirm gives both seeds and {'/'.join(other)}; give seeds or folds/splits, not "
+                        "both (the folds would win and seeds be ignored)")
 
 
 TRAINERS = ("pgps_tune", "nnunet")
@@ -795,12 +843,52 @@ def reference_configs(space: SearchSpace, names: tuple[str, ...] | None = None) 
     return configs
 
 
-def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
-    """Refuse a space whose corners or references the network cannot train, before any trial starts.
+def _check_grid(parameters: tuple[Param, ...]) -> list[dict[str, Any]]:
+    """The combinations :func:`check_space_against_plan` builds.
 
-    Every combination of range ends and choices (a 2-point grid) and both reference
-    schedules must be valid for this plan, so a bad range fails here in one line,
-    not in trial 17.
+    Every combination of range ends and choices (a 2-point grid; a float's compared value too where a
+    ``when`` reads it); and for each integer parameter that a ``when`` condition reads, every value of it
+    (``lengths`` with ``when: "stages == 2"`` in a 1..4 range is only active at an interior value), crossed
+    with the range ends of the parameters whose condition reads it and the first value of the others (the
+    whole cross product of 100 stage counts would take a minute).  Trainer parameters that no condition reads
+    do not shape the schedule: one value each.
+    """
+    reads: dict[str, list[Any]] = {}
+    for p in parameters:
+        if p.when is not None:
+            reads.setdefault(p.when[0], []).append(p.when[2])
+
+    def ends(p: Param) -> list[Any]:
+        vals = p.grid_values(2)
+        if p.name not in reads and p.name not in SCHEDULE_PARAMS:
+            return vals[:1]
+        if p.name in reads and p.kind == "float":
+            vals += [r for r in reads[p.name] if isinstance(r, int | float) and p.low <= r <= p.high]  # type: ignore[operator]
+        return vals
+
+    def cross(values: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        combos: list[dict[str, Any]] = [{}]
+        for p in parameters:
+            combos = [x for c in combos
+                      for x in ([{**c, p.name: v} for v in values[p.name]] if p.active(c) else [c])]
+        return combos
+
+    combos = cross({p.name: ends(p) for p in parameters})
+    for q in parameters:
+        if q.name in reads and q.kind == "int":
+            assert q.low is not None and q.high is not None
+            every = list(range(int(q.low), int(q.high) + 1, int(q.step or 1)))
+            combos += cross({p.name: every if p is q else ends(p) if p.when and p.when[0] == q.name
+                             else ends(p)[:1] for p in parameters})
+    return list({tuple(sorted(c.items(), key=str)): c for c in combos}.values())
+
+
+def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
+    """Refuse a space whose trial schedules or references the network cannot train, before any trial starts.
+
+    Every combination of range ends and choices (a 2-point grid), with every value of an integer
+    parameter that a ``when`` condition reads (:func:`_check_grid`), and both reference schedules must
+    be valid for this plan, so a bad range fails here in one line, not in trial 17.
     """
     b = space.budget
     levels = unet_levels(pools)
@@ -818,10 +906,7 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
             f"{space.source}: stages can reach {int(stages.high)} but budget.epochs is {b.epochs}; "
             "lower parameters.stages.high or raise budget.epochs"
         )
-    corners = SearchSpace(space.name, space.parameters, space.objective,
-                          Search(space.search.algorithm, 1, space.search.seed, grid_points=2),
-                          space.asha, b, space.source).grid()
-    for combo in corners:
+    for combo in _check_grid(space.parameters):
         try:
             schedule_from_params(combo, final_patch, pools, b.batch_size, b.epochs, multiple_of)
         except PgpsError as exc:

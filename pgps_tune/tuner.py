@@ -212,8 +212,15 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     ds = None if nnunet_trainer else prepare(setup["data"], cache_root=setup["cache_root"],
                                              synthetic_cases=b["synthetic_cases"], synthetic_shape=b["synthetic_shape"])
     epochs = int(config.get("epochs", b["epochs"]))  # a confirmation may train longer than the search
-    s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], epochs,
-                             None if nnunet_trainer else patch_multiple(b["network"], setup["pools"], b["token_size"]))
+    try:
+        s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], epochs,
+                                 None if nnunet_trainer else patch_multiple(b["network"], setup["pools"],
+                                                                            b["token_size"]))
+    except PgpsError as exc:
+        # the same parameters give the same invalid schedule on a retry: end the trial here, failed (as diverged)
+        tune.report({"diverged": True, "error": f"invalid schedule: {exc}", "completed": False, "epoch": 0,
+                     "role": config.get("role", "search"), "voxels_processed": 0, "baseline_iterations": 0.0})
+        return
     objective = setup["objective"]
     voxel_fraction = s.voxel_fraction()
     role = config.get("role", "search")

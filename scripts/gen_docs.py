@@ -79,13 +79,30 @@ def spaces_page() -> str:
            "Generated from the space schema (`pgps_tune/space.py`) by `scripts/gen_docs.py`. A space file is "
            "YAML with the sections below, plus `name` (default: the file's stem) and `description`; every "
            "section is optional except `parameters`, and unknown keys are refused. Shipped spaces are in "
-           f"`search_spaces/`: {', '.join(f'`{n}`' for n in sp.shipped_spaces())}.", "", "## parameters", "",
+           f"`search_spaces/`: {', '.join(f'`{n}`' for n in sp.shipped_spaces())}.", "", "## How the file is read",
+           "", "Space and schedule files (YAML or JSON) are read by one set of rules, YAML 1.2's core schema: "
+           "`1e-4` and `3e-3` are numbers; only `true`/`false` are booleans (`off`, `no`, `yes` are text, so "
+           "`augment: off` is the unknown augmentation `off`: write `none`); `2024-01-31` is text (no dates); an "
+           "integer is plain decimal, and a leading zero does not make it octal (`010` is 10, as YAML 1.2 reads "
+           "it). YAML 1.1's other number forms, which YAML 1.1 and 1.2 read differently (`0x10`, `0o17`, "
+           "`0b11`, base 60 such as `1:30`, digits grouped as `1_000`), are refused: write the number in plain "
+           "decimal, or quote it for text. A key given twice in one mapping (at any depth; also `1` and `1.0`) "
+           "is refused with both lines, as are more than one document (`---`, or two files joined), tags "
+           "(`!!binary`, `!!timestamp`, `!!python/...`), keys that are lists or mappings, merge keys (`<<`), "
+           "control characters (a pasted terminal colour code, a NUL) with their line and "
+           "column, an empty file, and anything that is not a regular file (a FIFO, a socket, a device).", "",
+           "## parameters", "",
            "Each entry is `NAME: {type: int|float, low: A, high: B}` (optionally `log: true`, which needs "
-           "`low > 0`, or `step: S`, not both), `NAME: {type: categorical, choices: [...]}`, or a fixed value "
-           "`NAME: {value: V}` (or simply `NAME: V`). Any entry may carry `when: \"OTHER OP VALUE\"` (OP one "
+           "`low > 0`, or `step: S`, not both; a step must divide `high - low`), `NAME: {type: categorical, "
+           "choices: [...]}` (each choice once), or a fixed value `NAME: {value: V}` (or simply `NAME: V`). "
+           "Keys of another kind are refused, not ignored: `value` beside `type`/`low`/`high`/`choices`, "
+           "`low`/`high`/`log`/`step` on a categorical, `choices` on a range. Any entry may carry "
+           "`when: \"OTHER OP VALUE\"` (OP one "
            "of `> >= < <= == !=`): the parameter is then sampled only when the condition holds for the value "
            "drawn for `OTHER`, another parameter of the space (order in the file does not matter; cycles are "
-           "refused). The schedule parameters build a `parametric` schedule.", "",
+           "refused). The schedule parameters build a `parametric` schedule. Before any trial starts, the "
+           "schedules of the range ends and choices are built for the plan, and every value of an integer "
+           "parameter that a `when` reads (so `lengths` with `when: \"stages == 2\"` is checked at 2 stages).", "",
            "| parameter | kind | sets | meaning |", "|---|---|---|---|"]
     for name, kind in sp.KNOWN_PARAMS.items():
         role = "schedule" if name in sp.SCHEDULE_PARAMS else "trainer"
@@ -95,6 +112,11 @@ def spaces_page() -> str:
         out += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             out.append(f"| `{f.name}` | `{_shown(f.default)}` | {_cell(f.metadata.get('doc', ''))} |")
+        if section == "objective":
+            out += ["", "`tolerance`, `voxel_budget` and `pick` apply to one type each (`cheapest_within`, "
+                        "`dice_under_budget`, `pareto`); given with another type they are refused."]
+        if section == "confirm":
+            out += ["", "Give `seeds` or `folds`/`splits`, not both (both are refused, as the flags are)."]
     return "\n".join(out) + "\n"
 
 

@@ -116,7 +116,7 @@ def test_cli_and_space_build_schedules_for_the_network(capsys, tiny_msd, tmp_pat
     sp.check_space_against_plan(space, (64, 64, 64), (3, 3, 3))  # every trial schedule snaps to multiples of 32
     with pytest.raises(PgpsError, match="smallest legal patch is 32x32x32"):
         sp.check_space_against_plan(space, (48, 64, 64), (3, 3, 3))
-    for bad, needle in (({"augment": "heavy"}, "budget.augment 'heavy' unknown"),
+    for bad, needle in (({"augment": "heavy"}, "budget.augment: unknown augmentation 'heavy'"),
                         ({"network": "vnet"}, "budget.network 'vnet' unknown"),
                         ({"token_size": 12}, "budget.token_size 12 unknown")):
         with pytest.raises(PgpsError, match=needle):

@@ -197,7 +197,42 @@ BAD = [
     ({"parameters": {"stages": 2}, "objective": {"tolerance": -0.1}}, "objective.tolerance must be"),
     ({"parameters": {"stages": 2}, "objective": {"voxel_budget": 0}},
      "objective.voxel_budget must be a number in (0, 1]"),
+    # keys that do not apply would be ignored: refused, naming them
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "value": 2}}},
+     "parameter 'stages': 'high', 'low', 'type' cannot be combined with a fixed 'value'"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["resource"], "low": 1, "high": 3}}},
+     "parameter 'mode': 'high', 'low' cannot be combined with type categorical"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "choices": [2]}}},
+     "parameter 'stages': 'choices' cannot be combined with type int"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.1, "high": 2, "choices": [1.5]}}},
+     "'choices' cannot be combined with type float"),
+    ({"parameters": {"mode": {"type": "categorical", "choices": ["resource", "resource", "performance"]}}},
+     "parameter 'mode': choices lists 'resource' more than once"),
+    ({"parameters": {"stages": {"type": "categorical", "choices": [2, 3, 2.0]}}}, "choices lists 2 more than once"),
+    ({"parameters": {"stages": {"type": "int", "low": 1, "high": 4, "step": 2}}},
+     "step 2 does not divide high - low = 3; make high 3 (or 5)"),
+    ({"parameters": {"growth": {"type": "float", "low": 1.0, "high": 2.0, "step": 0.3}}},
+     "step 0.3 does not divide high - low = 1; make high 1.9 (or 2.2)"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "max_dice", "pick": "max_dice"}},
+     "objective.pick applies to objective type pareto only, not max_dice"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "max_dice", "tolerance": 0.02}},
+     "objective.tolerance applies to objective type cheapest_within only"),
+    ({"parameters": {"stages": 2}, "objective": {"type": "pareto", "voxel_budget": 0.5}},
+     "objective.voxel_budget applies to objective type dice_under_budget only"),
+    ({"parameters": {"stages": 2}, "confirm": {"top_k": 1, "seeds": 2, "folds": 3}},
+     "confirm gives both seeds and folds; give seeds or folds/splits, not both"),
+    ({"parameters": {"stages": 2}, "confirm": {"seeds": 2, "splits": "s.json"}}, "both seeds and splits"),
+    ({"parameters": {"stages": 2}, "name": [1, 2]}, "'name' must be a string, got [1, 2]"),
+    ({"parameters": {"stages": 2}, "budegt": {}}, "unknown key(s) ['budegt'] (did you mean 'budget'?)"),
+    ({"parameters": {"stages": 2, "growht": 2.0}}, "unknown parameter 'growht' (did you mean 'growth'?)"),
+    ({"parameters": {"stages": 2}, 5: "x", "foo": "y"}, "unknown key(s) [5, 'foo']"),
 ]
+
+
+def test_null_keeps_the_documented_default():
+    s = sp.parse({"parameters": {"stages": 2}, "budget": {"final_patch": None, "pools": None, "lr": None},
+                  "confirm": {"folds": None, "splits": None, "epochs": None, "seeds": 2}})
+    assert (s.budget.final_patch, s.budget.pools, s.budget.lr, s.confirm.seeds) == (None, None, None, 2)
 
 
 @pytest.mark.parametrize("raw,needle", BAD)
