@@ -782,7 +782,8 @@ def test_a_second_driver_on_a_sweep_folder_in_use_is_refused_in_one_line(tmp_pat
         for extra in ([], ["--resume"]):  # a new sweep on the same --out, a resume typed while it runs
             assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), *extra]) == 2
             line = error_line(capsys.readouterr().err)
-            assert line.startswith(f"pgps-tune: error: {out} is in use by another pgps-tune sweep (pid {holder.pid} "
+            assert line.startswith(f"pgps-tune: error: {out} is in use by another pgps-tune command "
+                                   f"(pgps-tune tune, pid {holder.pid} "
                                    f"on "), line
             assert "then continue with --resume" in line
         assert [p.name for p in out.iterdir()] == [SWEEP_LOCK]  # the refused drivers wrote nothing
