@@ -1780,7 +1780,9 @@ def _resumable(opts: SweepOptions) -> dict[str, Any]:
     Its storage becomes ``opts.storage`` where none was given.  Nothing is written."""
     before = sweep_meta(opts.out)
     _writable_here(opts.out, before, "tune --resume")
-    stored = before.get("trial_setup", {}).get("budget", {}) if isinstance(before.get("trial_setup"), dict) else {}
+    setup = before.get("trial_setup")
+    stored = setup.get("budget") if isinstance(setup, dict) else None
+    stored = stored if isinstance(stored, dict) else {}  # written before sweep.json kept the budget
     budget = asdict(opts.space.budget)
     changed = [k for k in budget if k in stored and json.dumps(stored[k]) != json.dumps(budget[k])]
     _same_sweep(before, {"space_key": opts.space.key(), "data": str(opts.data)},
@@ -1823,9 +1825,14 @@ def _check_tune_state(path: str, storage_fs, phase: str) -> None:
     """Repair (or refuse) a Tune experiment a resume will restore, before anything is rewritten."""
     if not tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         return
+    import pyarrow.fs as pafs
+
     for note in repair_tune_state(path, storage_fs):
         print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
     vet_tune_state(path, storage_fs)
+    fs = storage_fs or pafs.LocalFileSystem()
+    if _newest_state([i.base_name for i in _state_file_infos(fs, path)]):
+        read_experiment(fs, path)  # one Tune could not read would make it start the phase over
 
 
 class OneLineRayErrors(logging.Filter):

@@ -210,8 +210,14 @@ def test_a_resume_that_differs_or_cannot_continue_is_refused_before_anything_cha
     journal.write_bytes(good)
     assert _hashes(copy) == kept  # sweep.json still says finished: the sweep still exports
     assert main(["export", "--experiment", str(copy), "--out", str(tmp_path / "e")]) == 0
-    # the search's only experiment state cut short, no copy of it kept: Tune would start the phase over
+    # an experiment state that parses but that Tune cannot read: Tune would start the phase over
     state = _search_state(copy)
+    good = state.read_bytes()
+    state.write_text("{}")
+    assert "is not a Tune experiment state this version reads" in _refused(capsys, tune)
+    state.write_bytes(good)
+    assert _hashes(copy) == kept
+    # the search's only experiment state cut short, no copy of it kept: Tune would start the phase over
     state.write_bytes(state.read_bytes()[:200])
     shutil.rmtree(copy / "ray" / "orig-search" / ".pgps-state")
     line = _refused(capsys, tune)
