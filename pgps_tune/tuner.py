@@ -1093,7 +1093,11 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
     with sweep_lock(folder, "export") if into_sweep else contextlib.nullcontext():
         meta = sweep_meta(folder)
         require_finished(meta)
-        return export_sweep(out, meta, read_trials(meta), results_store, pick)
+        summary = export_sweep(out, meta, read_trials(meta), results_store, pick)
+        if into_sweep and read_meta(folder)["storage_path"] != meta["storage_path"]:
+            # a copied or moved folder: its sweep.json names its own storage from now on (report reads it too)
+            write_meta(folder, {**meta, FOLDER_KEY: str(folder.resolve())})
+        return summary
 
 
 # -- tracking --------------------------------------------------------------------------------

@@ -112,6 +112,10 @@ def test_a_copy_exports_its_own_trials_and_a_moved_sweep_exports(finished, tmp_p
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pgps-tune: note:")]
     assert len(notes) == 1 and f"{copy}/ray" in notes[0] and str(finished[0]) in notes[0]
     assert len(pq.read_table(copy / "trials.parquet")) == 1
+    meta = json.loads((copy / "sweep.json").read_text())  # from now on it names its own storage (report reads it)
+    assert meta["storage_path"] == f"{copy.resolve()}/ray" and meta["folder"] == str(copy.resolve())
+    assert main(["export", "--experiment", str(copy), "--out", str(copy)]) == 0
+    assert "note:" not in capsys.readouterr().err
     moved = tmp_path / "moved"
     _copy(finished, tmp_path / "to-move").rename(moved)
     assert main(["export", "--experiment", str(moved), "--out", str(tmp_path / "x")]) == 0
