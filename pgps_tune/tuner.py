@@ -709,6 +709,16 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     # is not), so :meth:`restore` binds it to this one before it asks or tells anything.
     journal: str | None = None
 
+    @classmethod
+    @contextlib.contextmanager
+    def journal_of(cls, out: Path):
+        """Searchers restored in the block continue the study of the sweep folder ``out``."""
+        cls.journal = str(Path(out).resolve() / STUDY_FILE)
+        try:
+            yield
+        finally:
+            cls.journal = None
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         if self.journal is not None and self._storage is not None:
@@ -1647,7 +1657,6 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
     )
     path = f"{storage_path.rstrip('/')}/{name}"
     Progress.resumed_mode = "none" if opts.quiet else opts.progress  # a restored Progress follows this command
-    PrunedAwareOptunaSearch.journal = str(opts.out.resolve() / STUDY_FILE)  # a restored searcher continues it
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
@@ -1674,7 +1683,8 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
             ),
         )
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
-    with signals.fitting() if signals else contextlib.nullcontext():
+    # a searcher Tune restores (in fit) continues this folder's study
+    with signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out):
         tuner.fit()
 
 

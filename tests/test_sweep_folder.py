@@ -166,11 +166,9 @@ def test_a_restored_searcher_continues_the_journal_of_this_folder(tmp_path):
     before = (a / "optuna.journal").read_bytes()
     restored = PrunedAwareOptunaSearch(DefineByRun(space), metric="score", mode="max", study_name="s",
                                        sampler=optuna.samplers.TPESampler(seed=0), storage=study_storage(b))
-    PrunedAwareOptunaSearch.journal = str(b / "optuna.journal")
-    try:
+    with PrunedAwareOptunaSearch.journal_of(b):
         restored.restore(str(b / "searcher-state.pkl"))
-    finally:
-        PrunedAwareOptunaSearch.journal = None
+    assert PrunedAwareOptunaSearch.journal is None  # only while a phase runs
     restored.on_trial_complete("t1", {"score": 0.7, "completed": True})
     restored.suggest("t3")
     assert (a / "optuna.journal").read_bytes() == before  # the folder it was copied from is untouched
