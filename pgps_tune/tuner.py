@@ -1683,9 +1683,39 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
             ),
         )
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
-    # a searcher Tune restores (in fit) continues this folder's study
-    with signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out):
+    # what Tune restores (in fit) continues this folder's study and Tune storage
+    with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
+          _restored_search_here(storage_fs, storage_path, name)):
         tuner.fit()
+
+
+@contextlib.contextmanager
+def _restored_search_here(storage_fs, storage_path: str, name: str):
+    """For the block, a search Tune restores creates its new trials in this run's storage.
+
+    Tune's SearchGenerator saves its Experiment, whose storage is an absolute path, and a restore puts it
+    back as saved: Tune rebases the trials it restores onto the storage it was restored from (a moved
+    experiment), but every trial the search creates after a resume would be written into the folder a
+    copied or moved sweep came from.  Scoped to the phase, as Tune's own state is.
+    """
+    import pyarrow.fs as pafs
+    from ray.tune.search.search_generator import SearchGenerator
+
+    saved = SearchGenerator.set_state
+
+    def set_state(self, state: dict) -> None:
+        saved(self, state)
+        storage = getattr(self._experiment, "storage", None)
+        if storage is not None:
+            storage.storage_filesystem = storage_fs or pafs.LocalFileSystem()
+            storage.storage_fs_path = storage_path
+            storage.experiment_dir_name = name
+
+    SearchGenerator.set_state = set_state
+    try:
+        yield
+    finally:
+        SearchGenerator.set_state = saved
 
 
 # One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
