@@ -109,9 +109,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 
 @contextlib.contextmanager
-def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool]) -> Iterator[None]:
+def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool], command: str = "") -> Iterator[None]:
     """Hold the lock file ``out/name`` for the block, or refuse in one line (``in_use``, given the holder) while
-    another process holds it: one command at a time writes a run or sweep folder.
+    another process holds it: one command at a time writes a run or sweep folder.  ``command`` names the
+    holder's command in the file, where several commands share the lock.
 
     An ``flock``: the kernel drops it however its holder ends (``kill -9`` included), so none is ever left
     stale, and on NFS it is an NFS lock.  The file names its holder (pid, host, start).  The file is removed
@@ -146,7 +147,8 @@ def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool]) -> 
                         "writable --out") from None
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        who = f"{command}, " if command else ""
+        os.write(fd, f"{who}pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
         yield
     finally:

@@ -103,6 +103,57 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
     return meta
 
 
+# sweep.json: the absolute path of the folder the sweep was written in (a copied or moved folder has another)
+FOLDER_KEY = "folder"
+
+
+def _origin(meta: dict[str, Any]) -> str | None:
+    """The folder the sweep's sweep.json was written in; for one written before it said so, the folder whose
+    ``ray/`` the default storage was (None: an explicit --storage, whose folder it does not tell)."""
+    origin = meta.get(FOLDER_KEY)
+    if isinstance(origin, str) and origin:
+        return origin
+    return str(Path(meta["storage_path"]).parent) if meta.get("storage") is None else None
+
+
+def tune_storage(sweep: str | Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+    """(path, note): where the Tune experiments of the sweep in folder ``sweep`` are on this machine.
+
+    sweep.json records an absolute storage path.  A local storage inside the folder the sweep was
+    written in (``SWEEP/ray``, the default) is the same place inside ``sweep``, so a copied or moved
+    folder reads and writes its own experiments, never those of the folder it came from.  A remote
+    URI or a local ``--storage`` outside that folder stays as recorded.  ``note`` says what changed
+    (None: nothing did).
+    """
+    recorded = meta["storage_path"]
+    origin = _origin(meta)
+    if "://" in str(meta.get("storage") or "") or origin is None:
+        return recorded, None
+    try:
+        inside = Path(recorded).relative_to(origin)
+    except ValueError:
+        return recorded, None  # an external --storage
+    path = str(Path(sweep).resolve() / inside)
+    if path == recorded:
+        return recorded, None
+    return path, (f"sweep.json records the Tune storage {recorded}, inside {origin} where the sweep was written; "
+                  f"this folder is a copy or a move of it, so its own {path} is used")
+
+
+def shared_storage(sweep: str | Path, meta: dict[str, Any]) -> str | None:
+    """The folder this copy ``sweep`` shares its Tune storage with (a remote or external ``--storage``,
+    recorded in both), while that folder still holds the sweep; None for a move, or storage of its own
+    (``meta``'s storage path as recorded, or as :func:`tune_storage` found it)."""
+    origin = meta.get(FOLDER_KEY)
+    here = Path(sweep).resolve()
+    if not isinstance(origin, str) or not origin or Path(origin) == here:
+        return None
+    storage = Path(meta["storage_path"])
+    if "://" not in str(meta.get("storage") or "") and (storage.is_relative_to(origin) or storage.is_relative_to(here)):
+        return None  # inside the folder: each copy has its own
+    return origin if (Path(origin) / SWEEP_FILE).is_file() else None
+
+
 # -- trials ----------------------------------------------------------------------------------
 
 

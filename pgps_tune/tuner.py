@@ -70,6 +70,7 @@ from pgps_tune.asha import (
 from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
 from pgps_tune.results import (
+    FOLDER_KEY,
     PHASES,
     SWEEP_FILE,
     TrialRecord,
@@ -77,8 +78,10 @@ from pgps_tune.results import (
     export_sweep,
     read_meta,
     require_finished,
+    shared_storage,
     stored_trials,
     trial_rows,
+    tune_storage,
     write_meta,
 )
 from pgps_tune.schedule import plural
@@ -522,24 +525,36 @@ def repair_tune_state(path: str, storage_fs=None) -> list[str]:
 
     fs = storage_fs or pafs.LocalFileSystem()
     copies = f"{path.rstrip('/')}/{STATE_COPIES}"
-    notes = []
+    notes, damaged, states = [], [], []
     for info in _state_file_infos(fs, path):
         data = _read_bytes(fs, info.path)
         if data is not None and _intact(info.base_name, data):
+            states.append(info.base_name)
             continue
         copy = _read_bytes(fs, f"{copies}/{info.base_name}")
         if copy is not None and _intact(info.base_name, copy):
             _write_bytes_atomic(fs, info.path, copy)
+            states.append(info.base_name)
             notes.append(f"{info.base_name} was cut short (a kill mid-write); "
                          "put back the intact copy kept at the last start")
         elif fnmatch.fnmatch(info.base_name, "experiment_state*.json"):
-            fs.create_dir(copies, recursive=True)
-            fs.move(info.path, f"{copies}/damaged-{info.base_name}")
-            notes.append(f"{info.base_name} was cut short (a kill mid-write); resuming from the experiment state "
-                         "saved before it (trials since then continue from their last checkpoints)")
+            damaged.append(info)
         else:
             raise PgpsError(f"the Tune state file {info.path} is cut short (a kill mid-write) and no intact copy "
                             f"is kept; the sweep cannot be resumed: start it again with a new --out")
+    intact = _newest_state(states)
+    if damaged and intact is None:
+        # Tune would find no experiment state and start the phase over, forgetting its trials
+        raise PgpsError(f"the Tune experiment state {damaged[0].path} is cut short (a kill mid-write), and neither "
+                        "an intact copy nor another experiment state is kept, so this phase cannot be resumed "
+                        "(Tune would start it over); the files were left as they are: start the sweep again with a "
+                        "new --out (a finished sweep's exports are still valid)")
+    for info in damaged:
+        fs.create_dir(copies, recursive=True)
+        fs.move(info.path, f"{copies}/damaged-{info.base_name}")
+        notes.append(f"{info.base_name} was cut short (a kill mid-write) and set aside in {STATE_COPIES}/; resuming "
+                     f"from {intact}, the newest intact experiment state (trials since then continue from their "
+                     "last checkpoints)")
     return notes
 
 
@@ -696,8 +711,25 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._ot_study.tell(self._ot_trials[trial_id], values, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
 
+    # The journal of the sweep folder this command works on.  A restored searcher holds the journal it was
+    # pickled with (an absolute path: that of the folder the sweep ran in, which a copied or moved folder
+    # is not), so :meth:`restore` binds it to this one before it asks or tells anything.
+    journal: str | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def journal_of(cls, out: Path):
+        """Searchers restored in the block continue the study of the sweep folder ``out``."""
+        cls.journal = str(Path(out).resolve() / STUDY_FILE)
+        try:
+            yield
+        finally:
+            cls.journal = None
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        if self.journal is not None and self._storage is not None:
+            self._bind_journal(self.journal)
         # a trial asked after this state was saved (a kill in between) stays RUNNING in the journal, and Tune
         # asks anew for it: end it as FAIL, so the study holds no trial that never trained as if it still ran
         asked = {t.number for t in self._ot_trials.values()}
@@ -709,6 +741,15 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         finished = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state.is_finished()}
         self._completed_trials.update(tid for tid, t in self._ot_trials.items() if t.number in finished)
 
+    def _bind_journal(self, journal: str) -> None:
+        """Continue the study in ``journal``: its storage, its study, and the asked trials' handles on it."""
+        if getattr(getattr(self._storage, "_backend", None), "_file_path", None) == journal:
+            return
+        self._storage = journal_storage(journal)
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        for t in self._ot_trials.values():
+            t.study, t.storage = self._ot_study, self._storage
+
 
 # -- the sweep's Optuna study -------------------------------------------------------------------
 
@@ -719,10 +760,43 @@ STUDY_FILE = "optuna.journal"
 WARM_ATTR = "warm_start_from"  # user attribute of an added trial: "SWEEP/TRIAL_ID", so it is added once
 
 
+def journal_storage(path: str) -> optuna.storages.JournalStorage:
+    """Optuna's journal storage in the file ``path`` (created empty if absent)."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+
+
 def study_storage(out: Path) -> optuna.storages.JournalStorage:
     """The journal storage of the sweep in ``out`` (created empty if absent)."""
-    return optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(Path(out).resolve() / STUDY_FILE)))
+    return journal_storage(str(Path(out).resolve() / STUDY_FILE))
+
+
+def check_journal(out: Path) -> None:
+    """Refuse, in one line, a sweep whose optuna.journal Optuna could not continue (absent is fine: a new study).
+
+    Optuna reads past a last line cut short by a kill, but its next record is appended to that line, and the
+    journal no longer reads at all; a line that is not JSON stops every read.
+    """
+    path = Path(out) / STUDY_FILE
+    if not path.exists():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PgpsError(f"cannot read the Optuna study {path} ({exc.strerror or type(exc).__name__}); make it a "
+                        "readable file") from None
+    problem = "its last line is cut short" if data and not data.endswith(b"\n") else None
+    for n, line in enumerate(data.splitlines() if problem is None else (), 1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:  # UnicodeDecodeError included
+            ok = False
+        if not ok:
+            problem = f"line {n} is not a journal record"
+            break
+    if problem:
+        raise PgpsError(f"the Optuna study {path} is damaged ({problem}), so the search cannot continue from it; "
+                        "put back an intact copy of it, or, if the search phase had finished, move it aside "
+                        "(the resume then starts an empty study)")
 
 
 def objective_metrics(space: SearchSpace) -> tuple[str | list[str], str | list[str]]:
@@ -1031,9 +1105,16 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
 
     ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front.
     """
-    meta = read_meta(experiment)
-    require_finished(meta)
-    return export_sweep(out, meta, read_trials(meta), results_store, pick)
+    folder = Path(experiment)
+    into_sweep = Path(out).resolve() == folder.resolve()  # writing the sweep folder: not beside a tune or confirm
+    with sweep_lock(folder, "export") if into_sweep else contextlib.nullcontext():
+        meta = sweep_meta(folder)
+        require_finished(meta)
+        summary = export_sweep(out, meta, read_trials(meta), results_store, pick)
+        if into_sweep and read_meta(folder)["storage_path"] != meta["storage_path"]:
+            # a copied or moved folder: its sweep.json names its own storage from now on (report reads it too)
+            write_meta(folder, {**meta, FOLDER_KEY: str(folder.resolve())})
+        return summary
 
 
 # -- tracking --------------------------------------------------------------------------------
@@ -1609,8 +1690,39 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
             ),
         )
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
-    with signals.fitting() if signals else contextlib.nullcontext():
+    # what Tune restores (in fit) continues this folder's study and Tune storage
+    with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
+          _restored_search_here(storage_fs, storage_path, name)):
         tuner.fit()
+
+
+@contextlib.contextmanager
+def _restored_search_here(storage_fs, storage_path: str, name: str):
+    """For the block, a search Tune restores creates its new trials in this run's storage.
+
+    Tune's SearchGenerator saves its Experiment, whose storage is an absolute path, and a restore puts it
+    back as saved: Tune rebases the trials it restores onto the storage it was restored from (a moved
+    experiment), but every trial the search creates after a resume would be written into the folder a
+    copied or moved sweep came from.  Scoped to the phase, as Tune's own state is.
+    """
+    import pyarrow.fs as pafs
+    from ray.tune.search.search_generator import SearchGenerator
+
+    saved = SearchGenerator.set_state
+
+    def set_state(self, state: dict) -> None:
+        saved(self, state)
+        storage = getattr(self._experiment, "storage", None)
+        if storage is not None:
+            storage.storage_filesystem = storage_fs or pafs.LocalFileSystem()
+            storage.storage_fs_path = storage_path
+            storage.experiment_dir_name = name
+
+    SearchGenerator.set_state = set_state
+    try:
+        yield
+    finally:
+        SearchGenerator.set_state = saved
 
 
 # One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
@@ -1618,12 +1730,15 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
 SWEEP_LOCK = ".pgps-sweep.lock"
 
 
-def sweep_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextManager[None]:
     """Hold ``out/.pgps-sweep.lock`` for the block, or refuse in one line while another driver holds it
     (:func:`pgps_tune.errors.folder_lock`); a sweep that wrote no ``sweep.json`` (refused on its inputs)
-    removes the file, leaving its folder as it was."""
-    return folder_lock(out, SWEEP_LOCK, f"{out} is in use by another pgps-tune sweep ({{holder}}); wait for it to "
-                       "end or stop it (Ctrl-C), then continue with --resume", lambda: (out / SWEEP_FILE).exists())
+    removes the file, leaving its folder as it was.  ``tune``, ``confirm`` and ``export`` into the sweep
+    folder take it: each writes the folder's sweep.json, Tune experiments or exports."""
+    then = "continue with --resume" if command == "tune" else f"run '{command}' again"
+    return folder_lock(out, SWEEP_LOCK, f"{out} is in use by another pgps-tune command ({{holder}}); wait for it to "
+                       f"end or stop it (Ctrl-C), then {then}", lambda: (out / SWEEP_FILE).exists(),
+                       command=f"pgps-tune {command}")
 
 
 def sweep(opts: SweepOptions) -> dict[str, Any]:
@@ -1648,21 +1763,28 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
     if opts.resume and not meta_path.exists():
         raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
-    started = read_meta(out).get("started", time.time()) if opts.resume else time.time()
     if opts.data != "synthetic":
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:
         opts.cache_root = str(Path(opts.cache_root).resolve())
+    before = _resumable(opts) if opts.resume else None
+    started = before.get("started", time.time()) if before else time.time()
     with _stop_signals() as signals:
         ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
                      synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
         plan = plan_patch(ds.median_shape, ds.spacing)
         final = tuple(b.final_patch) if b.final_patch else plan.final_patch
         pools = tuple(b.pools) if b.pools else plan.pools
+        if before:
+            _same_sweep(before, {"final_patch": list(final), "pools": list(pools)})
         check_space_against_plan(space, final, pools)
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
-            stored_trials(ds.name, space.key(), list(final), opts.results_store, exclude_sweep=out.resolve().name)
+            stored_trials(ds.name, space.key(), list(final), opts.results_store,
+                          exclude_sweep=before["sweep"] if before else out.resolve().name)
         storage_fs, storage_path = resolve_storage(opts.storage, out)
+        if before:  # what Tune would restore is checked before sweep.json says the sweep is unfinished again
+            for name in before["experiments"].values():
+                _check_tune_state(f"{storage_path.rstrip('/')}/{name}", storage_fs, name)
         num_samples = opts.num_samples or space.search.num_samples
         if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
             n_grid = len(space.grid())
@@ -1675,11 +1797,93 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
         with _ray_session(opts, signals):
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
-                               settings)
+                               settings, before)
         summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
         if opts.mlflow:
             log_sweep_to_mlflow(opts.mlflow, out, summary)
         return summary
+
+
+def sweep_meta(folder: str | Path) -> dict[str, Any]:
+    """The sweep.json of the sweep in ``folder``, its Tune storage as it is on this machine
+    (:func:`pgps_tune.results.tune_storage`: a copied or moved folder's own), saying so in one note line
+    when that differs from the recorded one."""
+    meta = read_meta(folder)
+    meta["storage_path"], note = tune_storage(folder, meta)
+    if note:
+        print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
+    return meta
+
+
+def _writable_here(folder: Path, meta: dict[str, Any], command: str) -> None:
+    """Refuse to write Tune experiments for a copy of a sweep whose storage (outside the folder) the copy
+    shares with the folder it was copied from: both would run and read the same experiments."""
+    origin = shared_storage(folder, meta)
+    if origin:
+        raise PgpsError(f"{folder} is a copy of the sweep in {origin} and shares its Tune storage "
+                        f"{meta['storage_path']}; '{command}' here would write into that sweep's experiments: "
+                        f"run it on {origin}, or move the folder instead of copying it")
+
+
+def _resumable(opts: SweepOptions) -> dict[str, Any]:
+    """The sweep.json of the sweep ``tune --resume`` continues, once the command is known to continue that
+    sweep: the same space (parameters, objective, budget), data and storage, and a study Optuna can read.
+    Its storage becomes ``opts.storage`` where none was given.  Nothing is written."""
+    before = sweep_meta(opts.out)
+    _writable_here(opts.out, before, "tune --resume")
+    setup = before.get("trial_setup")
+    stored = setup.get("budget") if isinstance(setup, dict) else None
+    stored = stored if isinstance(stored, dict) else {}  # written before sweep.json kept the budget
+    budget = asdict(opts.space.budget)
+    changed = [k for k in budget if k in stored and json.dumps(stored[k]) != json.dumps(budget[k])]
+    _same_sweep(before, {"space_key": opts.space.key(), "data": str(opts.data)},
+                {f"budget.{k}": (stored[k], budget[k]) for k in changed})
+    stored, path = before.get("storage"), before["storage_path"]
+    remote = "://" in str(stored or "")
+    if opts.storage is None:
+        if stored is not None:
+            opts.storage = stored if remote else path
+    elif (opts.storage if "://" in opts.storage else str(Path(opts.storage).resolve())) != (
+            stored if remote else path):
+        raise PgpsError(f"--storage {opts.storage} differs from the storage this sweep's Tune experiments are in "
+                        f"({stored if remote else path}); resume with that --storage, or leave --storage out")
+    if "study" in before:
+        check_journal(opts.out)
+    return before
+
+
+# what a resumed sweep must share with the one it continues: the trials it ran are scored under these
+_SAME = {"data": "the data (--data)", "final_patch": "the final patch", "pools": "the pools"}
+
+
+def _same_sweep(before: dict[str, Any], now: dict[str, Any], budget: dict[str, tuple] | None = None) -> None:
+    """Refuse, in one line naming what differs, a resume that would continue the stored sweep with other
+    settings (``budget``: the budget keys that differ, as (then, now))."""
+    differ = {f"{_SAME[k]}: {before[k]} then, {v} now" for k, v in now.items()
+              if k != "space_key" and k in before and before[k] != v}
+    what = [f"{k}: {json.dumps(then)} then, {json.dumps(v)} now" for k, (then, v) in (budget or {}).items()]
+    if "space_key" in now and before.get("space_key") not in (None, now["space_key"]) and not what:
+        what = ["the space's parameters or objective"]
+    what += sorted(differ)
+    if what:
+        what = "; ".join(what)
+        raise PgpsError(f"--resume would continue sweep {before['sweep']} with other settings than it ran with "
+                        f"({what}); give the same space and flags as it started with, or start a new sweep "
+                        "with a new --out")
+
+
+def _check_tune_state(path: str, storage_fs, phase: str) -> None:
+    """Repair (or refuse) a Tune experiment a resume will restore, before anything is rewritten."""
+    if not tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+        return
+    import pyarrow.fs as pafs
+
+    for note in repair_tune_state(path, storage_fs):
+        print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
+    vet_tune_state(path, storage_fs)
+    fs = storage_fs or pafs.LocalFileSystem()
+    if _newest_state([i.base_name for i in _state_file_infos(fs, path)]):
+        read_experiment(fs, path)  # one Tune could not read would make it start the phase over
 
 
 class OneLineRayErrors(logging.Filter):
@@ -1737,19 +1941,26 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
 
 
 def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,
-                num_samples: int, started: float, confirm: ConfirmSettings | None) -> dict[str, Any]:
+                num_samples: int, started: float, confirm: ConfirmSettings | None,
+                before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the phases; ``before``: the sweep.json of the sweep a resume continues (its name, Tune experiments
+    and study are kept, whatever the folder is called now)."""
     space, b = opts.space, opts.space.budget
-    name = opts.out.resolve().name
+    name = before["sweep"] if before else opts.out.resolve().name
+    kept = before["experiments"] if before else {}
     meta = {
         "format_version": FORMAT_VERSION, "sweep": name, "space": space.source, "space_name": space.name,
         "dataset": ds.name, "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final),
         "pools": list(pools), "storage": opts.storage, "storage_path": storage_path,
-        "experiments": {p: f"{name}-{p}" for p in ("references", "search") if p == "search" or space.search.references},
+        FOLDER_KEY: str(opts.out.resolve()),
+        "experiments": {p: kept.get(p, f"{name}-{p}") for p in ("references", "search")
+                        if p == "search" or space.search.references},
         "num_samples": num_samples, "objective": asdict(space.objective),
         "asha": AshaSettings.from_space(space).to_dict(),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
         "started": started, "finished": False, "space_key": space.key(),
-        **({"study": name, "study_file": STUDY_FILE} if space.search.algorithm != "grid" else {}),
+        **({"study": (before or {}).get("study", name), "study_file": STUDY_FILE}
+           if space.search.algorithm != "grid" else {}),
     }
     setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
     if b.trainer == "nnunet":
@@ -1760,8 +1971,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         meta["nnunet"] = {**setup["nnunet"], "fold": b.nnunet_fold, "dataset": plan.dataset}
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
-    if opts.resume:
-        _keep_confirmations(meta, read_meta(opts.out), confirm)
+    if before:
+        _keep_confirmations(meta, before, confirm)
     write_meta(opts.out, meta)
     plans = search_plans(space, num_samples)
     refs = reference_configs(space) if space.search.references else []
@@ -1889,12 +2100,23 @@ class ConfirmSettings:
         if splits:
             splits = str(Path(splits).resolve())  # trials read it from their own folders
             entries = read_splits(splits)
-            n = len(entries) if isinstance(entries, list) else 0
+            if not isinstance(entries, list) or len(entries) < 2 or not all(
+                    isinstance(e, dict) and all(isinstance(e.get(k), list) for k in ("train", "val"))
+                    for e in entries):
+                got = (f"a list of {len(entries)}" if isinstance(entries, list) and len(entries) < 2 else
+                       "a list with an entry that is not such a fold" if isinstance(entries, list) else
+                       "a JSON object, not a list" if isinstance(entries, dict) else "not a list")
+                raise PgpsError(f"{source}: the splits file {splits} must be a list of at least 2 cross-validation "
+                                'folds [{"train": [case ids], "val": [case ids]}, ...] (as nnU-Net\'s '
+                                f"splits_final.json); it is {got}")
+            n = len(entries)
             if folds is not None and folds != n:
                 raise PgpsError(f"{source}: folds is {folds} but the splits file {splits} lists {n}; "
                                 "give one of them, or make them agree")
             folds = n
         if folds is not None:
+            if folds < 2:
+                raise PgpsError(f"{source}: {folds} folds asked for; cross-validation needs at least 2")
             if not splits and folds > len(ds):
                 raise PgpsError(f"{source}: {folds} folds asked for, but dataset {ds.name} has {len(ds)} cases; "
                                 f"use 2 to {len(ds)} folds")
@@ -1997,12 +2219,22 @@ class ConfirmOptions:
 
 
 def confirm(c: ConfirmOptions) -> dict[str, Any]:
-    """Run or extend the confirmation of a finished sweep (e.g. at a longer budget); re-export it; the summary."""
+    """Run or extend the confirmation of a finished sweep (e.g. at a longer budget); re-export it; the summary.
+
+    Holds the sweep folder's lock (:func:`sweep_lock`): no tune, confirm or export into it runs beside it.
+    """
+    with sweep_lock(Path(c.sweep), "confirm"):
+        return _confirm(c)
+
+
+def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     from pgps_tune.data import prepare
     from pgps_tune.space import Budget, Confirm
 
-    meta = read_meta(c.sweep)
+    meta = sweep_meta(c.sweep)
     require_finished(meta)
+    _writable_here(Path(c.sweep), meta, "confirm")
+    meta[FOLDER_KEY] = str(Path(c.sweep).resolve())  # the storage just resolved is this folder's
     if meta["objective"]["type"] == "pareto":
         raise PgpsError(f"sweep {meta['sweep']} has a pareto objective: it exports a front, not one winner to "
                         "confirm; retrain a front schedule with 'pgps-tune train --schedule pareto/TRIAL.yaml'")

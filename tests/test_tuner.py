@@ -584,6 +584,15 @@ def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     with pytest.raises(PgpsError, match="cut short .* new --out") as err:
         repair_tune_state(str(exp))
     assert len(str(err.value).splitlines()) == 1 and len((exp / "searcher-state-x.pkl").read_bytes()) == 40
+    # the only experiment state torn, no copy of it: refused (Tune would start the phase over), left as it was
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "tuner.pkl").write_bytes(tuner_pkl)
+    (only / "experiment_state-2026-01-01.json").write_text('{"trial_data": [["{\\"a\\"')
+    with pytest.raises(PgpsError, match="neither an intact copy nor another experiment state") as err:
+        repair_tune_state(str(only))
+    assert len(str(err.value).splitlines()) == 1 and "saved before" not in str(err.value)
+    assert sorted(p.name for p in only.iterdir()) == ["experiment_state-2026-01-01.json", "tuner.pkl"]
 
 
 def test_a_checkpoint_tune_deleted_before_its_snapshot_is_replaced_by_the_newer_one(tmp_path):
@@ -782,7 +791,8 @@ def test_a_second_driver_on_a_sweep_folder_in_use_is_refused_in_one_line(tmp_pat
         for extra in ([], ["--resume"]):  # a new sweep on the same --out, a resume typed while it runs
             assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), *extra]) == 2
             line = error_line(capsys.readouterr().err)
-            assert line.startswith(f"pgps-tune: error: {out} is in use by another pgps-tune sweep (pid {holder.pid} "
+            assert line.startswith(f"pgps-tune: error: {out} is in use by another pgps-tune command "
+                                   f"(pgps-tune tune, pid {holder.pid} "
                                    f"on "), line
             assert "then continue with --resume" in line
         assert [p.name for p in out.iterdir()] == [SWEEP_LOCK]  # the refused drivers wrote nothing

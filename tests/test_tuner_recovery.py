@@ -182,9 +182,33 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
     assert f"trial {tid}: the experiment state names checkpoint {named}" in log.read_text(), log.read_text()[-3000:]
     killed = reported_epochs(out)
     known = set(_trial_states(out))  # the trials in the experiment snapshot the resume restores
-    # 3. the printed command completes the sweep
-    done = run(resume, env)
+    # 3. the printed command completes the sweep, here in a copy of its folder: the copy continues its own
+    #    Tune state and Optuna study (the searcher's state names the original's journal), the original is
+    #    left as it was
+    def outlived() -> list[int]:  # the killed driver's Ray workers (retitled: found by their environment)
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and ray_tmp.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    for pid in outlived():  # a worker that outlived it goes on training its trial into the original folder
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not outlived(), "the end of the killed Ray's last processes")
+    original, out = out, tmp_path / "copy"
+    shutil.copytree(original, out, symlinks=True)
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.name != ".pgps-sweep.lock"}
+    done = run([str(out) if a == str(original) else a for a in resume], env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "pgps-tune: note:" in done.stderr and f"{out}/ray" in done.stderr
+    now = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and p.name != ".pgps-sweep.lock"}
+    assert now == before, sorted((str(p), p.stat().st_mtime) for p in now if now.get(p) != before.get(p))
     table = rows(out)
     assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3  # none lost, none duplicated
     assert all(r["completed"] for r in table), [(r["trial_id"], r["status"], r["error"]) for r in table]
