@@ -506,8 +506,8 @@ def _confirmation_ok(conf: Any) -> bool:
 
     return (isinstance(conf, dict) and conf.get("repeat") in ("seed", "fold") and isinstance(conf.get("repeats"), list)
             and _is_count(conf.get("epochs")) and isinstance(conf.get("verdict", ""), str)
-            and (conf.get("winner") is None or isinstance(conf.get("winner"), str))
-            and isinstance(conf.get("schedules"), dict) and all(entry_ok(e) for e in conf["schedules"].values()))
+            and isinstance(conf.get("schedules"), dict) and all(entry_ok(e) for e in conf["schedules"].values())
+            and (conf.get("winner") is None or conf["winner"] in conf["schedules"]))
 
 
 def _metrics_problems(m: dict[str, Any]) -> list[str]:

@@ -336,6 +336,7 @@ def _summary_edit(path: Path, edit) -> None:
     (lambda s: s.update(best=None), "best is missing though trials.parquet has a completed trial"),
     (lambda s: s.update(confirmation="yes"), "confirmation is not the confirmation pgps-tune writes"),
     (lambda s: s["confirmation"].pop("schedules"), "confirmation is not"),
+    (lambda s: s["confirmation"]["schedules"].pop("srch0000"), "confirmation is not"),
     (lambda s: s["confirmation"]["schedules"]["srch0000"]["vs"]["baseline"].update(p_value="x"),
      "confirmation is not"),
     (lambda s: s["gain_over_baseline"].update(dice_points="x"), "gain_over_baseline is not the gain"),
