@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from pgps_tune.space import SearchSpace
 
 
+TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")  # the clocks ASHA can compare trials on
+
+
 def milestones(grace: float, max_t: float, rf: float) -> list[float]:
     """The rungs of ASHA's first bracket, lowest first.
 
@@ -68,8 +71,19 @@ class AshaSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AshaSettings:
-        return cls(str(d["time_attr"]), float(d["max_t"]), float(d["grace_period"]),
-                   float(d["reduction_factor"]), int(d.get("brackets", 1)))
+        """The settings a sweep recorded; ``ValueError`` (or ``KeyError``, ``TypeError``) for values no sweep
+        writes: a clock Tune does not report, ``max_t`` or the grace period not positive and finite, a grace
+        period past ``max_t``, a reduction factor of 1 or less, fewer than one bracket."""
+        numbers = [d["max_t"], d["grace_period"], d["reduction_factor"], d.get("brackets", 1)]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("asha settings must be numbers")
+        s = cls(str(d["time_attr"]), float(d["max_t"]), float(d["grace_period"]),
+                float(d["reduction_factor"]), int(d.get("brackets", 1)))
+        if not (d["time_attr"] in TIME_ATTRS
+                and math.isfinite(s.max_t) and 0 < s.grace_period <= s.max_t
+                and math.isfinite(s.reduction_factor) and s.reduction_factor > 1 and s.brackets >= 1):
+            raise ValueError(f"asha settings out of range: {s}")
+        return s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

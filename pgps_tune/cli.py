@@ -831,10 +831,11 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from pgps_tune.report import write_report
+    from pgps_tune.report import check_page_target, write_report
 
     if a.out:
         _check_out_file(Path(a.out), "a .html file name")
+        check_page_target(Path(a.out), Path(a.path))  # before the page is made (figures take seconds)
     print(write_report(a.path, a.out))
     return 0
 
@@ -848,6 +849,10 @@ def cmd_trials(a: argparse.Namespace) -> int:
     rows = select_trials(everything, a.sort, a.phase, a.status, a.reverse)
     every = list(rows[0]) if rows else list(TRIAL_COLUMNS)
     columns = a.columns.split(",") if a.columns else (list(TRIAL_COLUMNS) if a.format == "table" else every)
+    if "" in (c.strip() for c in columns):
+        raise PgpsError(f"--columns {a.columns!r} has an empty name (two commas, or one at an end); give names "
+                        f"separated by single commas, from {', '.join(every)}")
+    columns = [c.strip() for c in columns]
     unknown = [c for c in columns if rows and c not in rows[0]]
     if unknown:
         raise PgpsError(f"--columns: {', '.join(unknown)} not in trials.parquet; use some of {', '.join(every)}")
@@ -1033,7 +1038,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     elif a.other_dataset:
         raise PgpsError("--other-dataset goes with --nnunet PLANS")
     _check_writable(Path(a.out))
-    _print_summary(export(a.experiment, a.out, results_store=a.results_store, pick=a.pick), Path(a.out))
+    summary = export(a.experiment, a.out, results_store=a.results_store, pick=a.pick)
+    # the sweep's own page shows the exports: rewritten with them (another --out has no sweep.json for a page)
+    page = _write_sweep_report(Path(a.out)) if Path(a.out).resolve() == Path(a.experiment).resolve() else None
+    _print_summary(summary, Path(a.out), page)
     if nn_export is not None:
         path, nn_file = nn_export
         nn_file.save(path)
@@ -1044,6 +1052,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_confirm(a: argparse.Namespace) -> int:
     from pgps_tune.results import read_meta, require_finished
 
+    if Path(a.sweep).exists() and not Path(a.sweep).is_dir():
+        raise PgpsError(f"{a.sweep} is a file; give a sweep folder (the --out of 'pgps-tune tune')")
     require_finished(read_meta(a.sweep))  # refused before Ray is imported
     from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
 
@@ -1407,7 +1417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
     be.add_argument("--dataset", required=True, metavar="NAME",
-                    help="dataset name (dataset.json 'name', or 'synthetic'; any case)")
+                    help="dataset name (dataset.json 'name', or 'synthetic'), matched exactly")
     be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
     be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
@@ -1459,7 +1469,8 @@ def _sigterm_raises() -> Iterator[list[int]]:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is handler:  # not where the block chose to ignore it
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _crash_log(argv: list[str]) -> Path | None:
@@ -1477,6 +1488,9 @@ def _crash_log(argv: list[str]) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv``: the arguments; None: this process's own, as the ``pgps-tune`` script runs
+    it, which then ignores signals once the command has done its work, up to the exit)."""
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.explicit = _explicit_dests(argv)
@@ -1511,6 +1525,10 @@ def main(argv: list[str] | None = None) -> int:
             where = f"the traceback is in {log}" if log else "no log folder was writable for the traceback"
             print(f"pgps-tune: internal error ({_cause(exc)}); {where}; please report it", file=sys.stderr)
             return EXIT_INTERNAL
+        finally:
+            if argv_given is None:  # the outcome is decided: a signal from now on (a Ctrl-C while the
+                for sig in (signal.SIGINT, signal.SIGTERM):  # interpreter shuts down) must not change it
+                    signal.signal(sig, signal.SIG_IGN)
 
 
 def _fatal_errors_show_where() -> None:

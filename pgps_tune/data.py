@@ -897,9 +897,14 @@ def split(
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def read_splits(splits_file: str | Path) -> Any:
-    """The JSON of a splits file (its shape is checked by the caller), or a one-line error."""
-    return read_json(splits_file, "splits file", 'it must be {"train": [case ids], "val": [case ids]}')
+ONE_SPLIT = 'it must be {"train": [case ids], "val": [case ids]}'
+FOLDS = 'it must be a list of folds, each {"train": [case ids], "val": [case ids]} (as nnU-Net\'s splits_final.json)'
+
+
+def read_splits(splits_file: str | Path, shape: str = ONE_SPLIT) -> Any:
+    """The JSON of a splits file (its shape is checked by the caller), or a one-line error ending with
+    ``shape``, what the caller needs: one split (:data:`ONE_SPLIT`) or cross-validation folds (:data:`FOLDS`)."""
+    return read_json(splits_file, "splits file", shape)
 
 
 def check_splits_file(source: str | Path, splits_file: str | Path) -> None:
@@ -913,7 +918,7 @@ def _split_entry(name: str, case_ids: Sequence[str], entry: Any, splits_file: st
                  ) -> tuple[list[int], list[int]]:
     """One ``{"train": [...], "val": [...]}`` entry of a splits file, as indices into ``case_ids`` (of the
     dataset ``name``), checked."""
-    shape = 'it must be {"train": [case ids], "val": [case ids]}'
+    shape = ONE_SPLIT
     if isinstance(entry, list):
         raise PgpsError(f"splits file {splits_file} is a list (of cross-validation folds?), but one split is needed "
                         f"here; {shape}")
@@ -944,7 +949,7 @@ def fold_split(
     (nnU-Net's ``splits_final.json``); it must hold exactly ``folds`` entries.
     """
     if splits_file:
-        entries = read_splits(splits_file)
+        entries = read_splits(splits_file, FOLDS)
         if not isinstance(entries, list) or len(entries) != folds:
             got = f"{len(entries)} entries" if isinstance(entries, list) else "not a list"
             raise PgpsError(f"splits file {splits_file} must be a list of {folds} folds "

@@ -89,23 +89,84 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """
     path = Path(path)
     with _ctrl_c_deferred():
+        tmp = _staged(path, write)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _create_temp(path)
-        except OSError as exc:
-            raise PgpsError(
-                f"cannot write to {path.parent}: {exc.strerror or exc}; choose a writable output folder"
-            ) from exc
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            _replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc).splitlines()[0][:160] or type(exc).__name__
+
+
+def _check_target(path: Path, writable: bool = False) -> None:
+    """Refuse, in one line, a target with a folder in its place (and with ``writable``, a file that is not
+    writable: read-only, or one the system protects, ``chattr +i``), before anything is written."""
+    if path.is_dir() and not path.is_symlink():
+        raise PgpsError(f"cannot replace {path}: it is a folder; move it away, then run the command again")
+    if writable and path.exists() and not os.access(path, os.W_OK):
+        raise PgpsError(f"cannot replace {path}: the file is not writable (read-only or immutable); make it "
+                        "writable or move it away, then run the command again")
+
+
+def _staged(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """The temporary file beside ``path``, written and synced (removed again if that fails)."""
+    _check_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+    except OSError as exc:
+        raise PgpsError(f"cannot write to {path.parent}: {_why(exc)}; choose a writable output folder") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a quota: the old file is still there
+            raise PgpsError(f"cannot write {path}: {_why(exc)}; {path.name} was left as it was; free space or "
+                            "choose another output folder") from exc
+        raise
+    return tmp
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        what = "it is a folder" if path.is_dir() else _why(exc)
+        raise PgpsError(f"cannot replace {path}: {what}; move it away or make it writable, then run the command "
+                        "again") from exc
+
+
+def atomic_write_all(files: dict[Path, Callable[[IO[bytes]], None] | None]) -> None:
+    """Replace several files as one: every target is checked and every new file written (to a temporary file
+    beside it) before the first is renamed into place, so a folder in the way, a file that is not writable
+    (read-only, immutable) or a full disk leaves all of them as they were.  ``None`` for a file removes it
+    (last)."""
+    with _ctrl_c_deferred():
+        for path in files:
+            _check_target(Path(path), writable=True)
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for path, write in files.items():
+                if write is not None:
+                    staged.append((_staged(Path(path), write), Path(path)))
+            for tmp, path in staged:
+                _replace(tmp, path)
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+        for path, write in files.items():
+            if write is None:
+                try:
+                    Path(path).unlink(missing_ok=True)
+                except OSError as exc:
+                    raise PgpsError(f"cannot remove {path}: {_why(exc)}; remove it by hand") from exc
 
 
 @contextlib.contextmanager

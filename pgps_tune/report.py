@@ -23,13 +23,14 @@ import html
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
 from pgps_tune.pareto import non_dominated
-from pgps_tune.results import PHASES, STATUSES, check_json_columns
+from pgps_tune.results import PHASES, STATUSES, TRIALS, check_trials, schedule_of
 from pgps_tune.schedule import plural
 
 REPORT = "report.html"
@@ -116,15 +117,22 @@ def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
     """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas)."""
     import pyarrow.parquet as pq
 
-    path = Path(sweep) / "trials.parquet"
+    sweep = Path(sweep)
+    path = sweep / TRIALS
+    if path.is_dir():
+        raise PgpsError(f"{path} is a folder, not the sweep's trial table; move it away, then rewrite the table "
+                        f"with 'pgps-tune export --experiment {sweep} --out {sweep}'")
     if not path.is_file():
+        if (sweep / "metrics.json").is_file():
+            raise PgpsError(f"{sweep} is a 'pgps-tune train' run folder, which has no trial table; give a sweep "
+                            "folder (the --out of 'pgps-tune tune'), or see the run with 'pgps-tune report'")
         raise PgpsError(f"{path} does not exist; give a sweep folder (the --out of 'pgps-tune tune'), and if the "
                         "sweep was interrupted, finish it with 'tune --resume' or run 'pgps-tune export'")
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rewrite it with 'pgps-tune export'") from None
-    check_json_columns(rows, str(path), "rewrite it with 'pgps-tune export'")
+    rows = check_trials(table, path)
     for r in rows:
         r["phase"] = phase_of(r)
     return rows
@@ -252,12 +260,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted({points[i] for i in non_dominated([(y, x) for x, y in points])})  # equal points drawn once
 
 
+def row_schedule(row: dict[str, Any], where: str | Path = TRIALS) -> sch.Schedule:
+    """The schedule in a trial's ``schedule`` cell, refused in one line with the fix for the table."""
+    return schedule_of(row, str(where), "rewrite the table with 'pgps-tune export'")
+
+
 def paper_fractions(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Voxel fraction of the paper schedule in both modes, for the plan the sweep trained on."""
     ref = next((r for r in rows if r["role"] in ("paper", "baseline") and r["schedule"]), None)
     if ref is None:
         return {}
-    s = sch.Schedule.from_dict(json.loads(ref["schedule"]), source=f"trial {ref['trial_id']}")
+    s = row_schedule(ref)
     out = {}
     for mode in sch.MODES:
         try:
@@ -373,7 +386,7 @@ def run_curve_figure(metrics: dict[str, Any]) -> bytes:
 def write_run_curve(run: str | Path) -> Path:
     """Write ``learning_curve.png`` into a run folder from its metrics.json; returns the file."""
     run = Path(run)
-    png = run_curve_figure(_read_json(run / "metrics.json", "give a run folder written by 'pgps-tune train'"))
+    png = run_curve_figure(_read_metrics(run))
     return atomic_write(run / LEARNING_CURVE, lambda fh: fh.write(png))
 
 
@@ -381,30 +394,61 @@ def write_run_curve(run: str | Path) -> Path:
 
 
 def _tune_root(sweep: Path, meta: dict[str, Any]) -> Path | None:
-    """Where the sweep's Tune experiments are on this machine (a moved sweep folder keeps them in ray/)."""
-    for root in (Path(str(meta.get("storage_path", ""))), sweep / "ray"):
+    """Where the sweep's Tune experiments are on this machine: a copied or moved sweep folder reads its own
+    (:func:`results.tune_storage`), never those of the folder it came from."""
+    from pgps_tune.results import tune_storage
+
+    try:
+        local = tune_storage(sweep, meta)[0]
+    except (KeyError, TypeError, ValueError):  # a sweep.json without a usable storage path: its own ray/ only
+        local = str(sweep / "ray")
+    for root in (Path(local), sweep / "ray"):
         if root.is_dir() and any((root / e).is_dir() for e in meta.get("experiments", {}).values()):
             return root
     return None
 
 
-def read_curves(sweep: Path, meta: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
-    """``{trial_id: [(baseline_iterations, val_dice), ...]}`` from Tune's result.json lines."""
+def read_curves(sweep: Path, meta: dict[str, Any], unreadable: list[Path] | None = None
+                ) -> dict[str, list[tuple[float, float]]]:
+    """``{trial_id: [(baseline_iterations, val_dice), ...]}`` from Tune's result.json lines.
+
+    A line that is not a result (cut by a kill, damaged) is skipped; a result.json that cannot be read
+    (a folder in its place, no permission) is added to ``unreadable``, for the page to name.
+    """
     root = _tune_root(sweep, meta)
     curves: dict[str, set[tuple[float, float]]] = {}
     if root is None:
         return {}
     for exp in meta.get("experiments", {}).values():
         for f in sorted((root / exp).glob("*/result.json")):
-            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                text = f.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                if unreadable is not None:
+                    unreadable.append(f)
+                continue
+            for line in text.splitlines():
                 try:
                     r = loads_json(line)
                 except ValueError:
                     continue  # a line cut by a kill
+                if not isinstance(r, dict):
+                    continue  # not a result: a damaged line
                 x, y = r.get("baseline_iterations"), r.get("val_dice")
                 if isinstance(x, int | float) and isinstance(y, int | float) and "trial_id" in r:
                     curves.setdefault(str(r["trial_id"]), set()).add((float(x), float(y)))
     return {tid: sorted(pts) for tid, pts in curves.items()}
+
+
+def _read_metrics(run: Path) -> dict[str, Any]:
+    """A run's metrics.json, refused in one line unless it holds what the page and the figure read."""
+    path = run / "metrics.json"
+    m = _read_json(path, "give a run folder written by 'pgps-tune train'")
+    bad = _metrics_problems(m)
+    if bad:
+        raise PgpsError(f"{path} has missing or malformed fields ({', '.join(bad)}); it was damaged or edited: "
+                        "restore it, or train the run again into a new --out")
+    return m
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -412,6 +456,84 @@ def _read_json(path: Path, what: str) -> Any:
     if not isinstance(data, dict):
         raise PgpsError(f"{path} is not a JSON object; {what}")
     return data
+
+
+def _is_num(v: Any, nullable: bool = True) -> bool:
+    """A JSON number (``null`` too where ``nullable``: NaN is written as null)."""
+    return (v is None and nullable) or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _summary_problems(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What in a summary.json is not what :func:`pgps_tune.results.summarize` writes for these trials."""
+    from pgps_tune.results import pick_best
+
+    bad = []
+    counts = {"trials": len(rows), **{k: sum(bool(r[k]) for r in rows) for k in ("completed", "stopped_early",
+                                                                                 "failed")}}
+    for key, want in counts.items():
+        if not _is_count(summary.get(key)):
+            bad.append(f"{key} is {summary.get(key)!r}, not a count")
+        elif summary[key] != want:
+            bad.append(f"{key} is {summary[key]} where trials.parquet has {want}")
+    best = summary.get("best", "missing")
+    if best is None or best == "missing":
+        if pick_best(rows) is not None or best == "missing":
+            bad.append("best is missing though trials.parquet has a completed trial" if best is None
+                       else "best is missing")
+    elif not (isinstance(best, dict) and isinstance(best.get("trial_id"), str)
+              and best["trial_id"] in {r["trial_id"] for r in rows} and isinstance(best.get("role"), str)
+              and _is_num(best.get("final_dice"), nullable=False) and math.isfinite(best["final_dice"])
+              and _is_count(best.get("n_stages")) and _is_num(best.get("schedule_voxel_fraction"))):
+        bad.append("best is not a trial of trials.parquet with its Dice, stages and voxel fraction")
+    for role in ("baseline", "paper"):
+        g = summary.get(f"gain_over_{role}")
+        if g is not None and not (isinstance(g, dict) and _is_num(g.get("dice_points"), nullable=False)
+                                  and all(_is_num(g.get(k)) for k in ("time_ratio", "voxel_ratio", f"{role}_dice"))):
+            bad.append(f"gain_over_{role} is not the gain pgps-tune writes")
+    conf = summary.get("confirmation")
+    if conf is not None and not _confirmation_ok(conf):
+        bad.append("confirmation is not the confirmation pgps-tune writes")
+    return bad
+
+
+def _confirmation_ok(conf: Any) -> bool:
+    def test_ok(t: Any) -> bool:
+        return isinstance(t, dict) and all(_is_num(t.get(k)) for k in ("mean_diff", "ci_low", "ci_high", "p_value"))
+
+    def entry_ok(e: Any) -> bool:
+        return (isinstance(e, dict) and isinstance(e.get("role"), str) and _is_count(e.get("completed"))
+                and _is_count(e.get("trials")) and isinstance(e.get("dice"), dict)
+                and _is_num(e["dice"].get("mean")) and _is_num(e["dice"].get("sd"))
+                and _is_num(e.get("schedule_voxel_fraction")) and isinstance(e.get("vs", {}), dict)
+                and all(test_ok(t) for t in e.get("vs", {}).values()))
+
+    return (isinstance(conf, dict) and conf.get("repeat") in ("seed", "fold") and isinstance(conf.get("repeats"), list)
+            and _is_count(conf.get("epochs")) and isinstance(conf.get("verdict", ""), str)
+            and isinstance(conf.get("schedules"), dict) and all(entry_ok(e) for e in conf["schedules"].values())
+            and (conf.get("winner") is None or conf["winner"] in conf["schedules"]))
+
+
+def _metrics_problems(m: dict[str, Any]) -> list[str]:
+    """What in a run's metrics.json is not what ``pgps-tune train`` writes (the fields the page reads)."""
+    bad = [k for k in ("val_dice", "best_val_dice", "train_time_s", "voxel_fraction") if not _is_num(m.get(k))]
+    bad += [k for k in ("iterations", "total_iterations") if not _is_count(m.get(k))]
+    if not isinstance(m.get("schedule"), dict):
+        bad.append("schedule")
+    history = m.get("history", [])
+    if not (isinstance(history, list) and all(
+            isinstance(h, dict) and _is_num(h.get("val_dice")) and (h.get("val_dice") is None or (
+                _is_num(h.get("baseline_equivalent_iterations"), nullable=False) and _is_num(h.get("train_loss"))))
+            for h in history)):
+        bad.append("history")
+    stages = m.get("stages", [])
+    if not (isinstance(stages, list) and all(isinstance(st, dict) and _is_num(st.get("voxels"), nullable=False)
+                                             for st in stages)):
+        bad.append("stages")
+    return bad
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -576,6 +698,11 @@ def sweep_report(sweep: str | Path) -> str:
     meta = _read_json(sweep / "sweep.json", "give the --out folder of a 'pgps-tune tune' run")
     summary = _read_json(sweep / "summary.json", "finish the sweep ('tune --resume') or run 'pgps-tune export'")
     rows = read_trials(sweep)
+    bad = _summary_problems(summary, rows)
+    if bad:
+        raise PgpsError(f"{sweep / 'summary.json'} does not match the sweep ({'; '.join(bad)}); it was damaged, "
+                        f"edited or left by another export: rewrite it with 'pgps-tune export --experiment {sweep} "
+                        f"--out {sweep}'")
     best = (summary.get("best") or {}).get("trial_id")
     sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, summary_lines(summary)))
                                         + "</p>")]
@@ -583,21 +710,31 @@ def sweep_report(sweep: str | Path) -> str:
     schedules: dict[str, sch.Schedule] = {}
     for r in rows:
         if r["role"] in ("baseline", "paper") and r["schedule"] and r["phase"] == "references":
-            schedules[r["role"]] = sch.Schedule.from_dict(json.loads(r["schedule"]), source=f"trial {r['trial_id']}")
-    if (sweep / "best_schedule.yaml").is_file():
-        schedules["best"] = sch.load(sweep / "best_schedule.yaml")
-    sections.append(("Schedules", _img(schedule_figure(schedules), "schedules") if schedules
-                     else _note("no trial recorded a schedule")))
+            schedules[r["role"]] = row_schedule(r, sweep / TRIALS)
+    damaged = ""
+    if (sweep / "best_schedule.yaml").exists():
+        try:
+            schedules["best"] = sch.load(sweep / "best_schedule.yaml")
+        except PgpsError as exc:  # the page still shows the rest, and says what to do
+            damaged = (f"the best schedule is not drawn: {exc}; rewrite it with 'pgps-tune export --experiment "
+                       f"{sweep} --out {sweep}'")
+            print(f"pgps-tune: note: {damaged}", file=sys.stderr)
+    sections.append(("Schedules", (_img(schedule_figure(schedules), "schedules") if schedules
+                                   else _note("no trial recorded a schedule")) + (_note(damaged) if damaged else "")))
 
-    curves = read_curves(sweep, meta)
+    unreadable: list[Path] = []
+    curves = read_curves(sweep, meta, unreadable)
     if curves:
         roles = {r["trial_id"]: r["role"] for r in rows}
         stopped = {r["trial_id"] for r in rows if r["stopped_early"]}
-        sections.append(("Learning curves", _img(learning_curve_figure(curves, stopped, roles, best),
-                                                 "learning curves")))
+        body = _img(learning_curve_figure(curves, stopped, roles, best), "learning curves")
     else:
-        sections.append(("Learning curves", _note(
-            "no Tune results on this machine to read the curves from (remote --storage, or the ray/ folder is gone)")))
+        body = _note("no Tune results on this machine to read the curves from (remote --storage, or the ray/ "
+                     "folder is gone)")
+    if unreadable:
+        body += _note(f"not drawn: {plural(len(unreadable), 'trial')} whose result.json cannot be read "
+                      f"({', '.join(map(str, unreadable[:3]))}{', ...' if len(unreadable) > 3 else ''})")
+    sections.append(("Learning curves", body))
     sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")))
 
     confirmation = summary.get("confirmation")
@@ -616,12 +753,8 @@ def sweep_report(sweep: str | Path) -> str:
 def run_report(run: str | Path) -> str:
     """The HTML page of a ``pgps-tune train`` run folder."""
     run = Path(run)
-    m = _read_json(run / "metrics.json", "give a run folder written by 'pgps-tune train'")
-    try:
-        s = sch.Schedule.from_dict(m["schedule"], source=str(run / "metrics.json"))
-    except KeyError:
-        raise PgpsError(f"{run / 'metrics.json'} has no schedule; give a run folder written by 'pgps-tune train'"
-                        ) from None
+    m = _read_metrics(run)
+    s = sch.Schedule.from_dict(m["schedule"], source=str(run / "metrics.json"))
     done = "" if m.get("completed") else " (stopped before the end)"
     sections = [
         ("Summary", "<p>" + html.escape(
@@ -644,10 +777,36 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
         make = sweep_report
     elif (path / "metrics.json").is_file():
         make = run_report
+    elif (path / TRIALS).is_file() and (path / "summary.json").is_file():
+        raise PgpsError(f"{path} is an export folder ('pgps-tune export --out'), which has no sweep.json; the page "
+                        "is made from the sweep folder itself: run 'pgps-tune report SWEEP_DIR --out FILE' on the "
+                        "folder the sweep ran in")
     else:
         raise PgpsError(f"{path} holds neither sweep.json nor metrics.json; give a sweep folder (the --out of "
                         "'pgps-tune tune') or a run folder (the --out of 'pgps-tune train')")
     target = Path(out) if out else path / REPORT
+    check_page_target(target, path)
+    return atomic_write_text(target, make(path))
+
+
+PAGE_SUFFIXES = (".html", ".htm")
+
+
+def check_page_target(target: Path, folder: Path) -> None:
+    """Refuse, in one line, a page target that would replace something else: a folder, an existing file that
+    is not an HTML page, or any file of the sweep or run folder but its page (a sweep.json not yet written
+    included)."""
     if target.is_dir():
         raise PgpsError(f"--out {target} is a folder; give a file name such as {target / REPORT}")
-    return atomic_write_text(target, make(path))
+    inside = target.resolve().parent == folder.resolve()
+    if inside and target.name != REPORT and target.name in OWN_FILES:
+        raise PgpsError(f"--out {target} is one of the files of {folder}; give a new .html file name, such as "
+                        f"{folder / REPORT}")
+    if target.exists() and target.suffix.lower() not in PAGE_SUFFIXES:
+        raise PgpsError(f"--out {target} exists and is not an HTML page; give a new file name ending in .html "
+                        "(or move that file away)")
+
+
+# what sweep and run folders hold besides their page: never a target for the page
+OWN_FILES = ("sweep.json", TRIALS, "summary.json", "best_schedule.yaml", "pareto.parquet", "optuna.journal",
+             "metrics.json", "schedule.yaml", "checkpoint.pt", LEARNING_CURVE)

@@ -17,12 +17,15 @@ not what a sweep writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +35,15 @@ import pyarrow.parquet as pq
 from pgps_tune import pareto
 from pgps_tune import schedule as sch
 from pgps_tune.asha import AshaSettings
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json, strict_json
+from pgps_tune.errors import (
+    PgpsError,
+    atomic_write,
+    atomic_write_all,
+    atomic_write_text,
+    loads_json,
+    read_json,
+    strict_json,
+)
 
 SWEEP_FILE = "sweep.json"
 TRIALS = "trials.parquet"
@@ -90,16 +101,41 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise PgpsError(f"{path} misses {', '.join(missing)}; it was damaged or written by another program: {hint}")
-    try:
-        AshaSettings.from_dict(meta["asha"])
-        experiments = meta["experiments"]
-        assert isinstance(experiments, dict) and "search" in experiments
-        assert all(isinstance(v, str) and v and "/" not in v for v in experiments.values())
-        assert isinstance(meta["objective"], dict) and isinstance(meta["objective"].get("type"), str)
-        assert isinstance(meta["storage_path"], str) and isinstance(meta["dataset"], str)
-        assert isinstance(meta["sweep"], str) and meta["sweep"]
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise PgpsError(f"{path} has malformed fields; it was damaged: {hint}") from None
+    version = meta["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PgpsError(f"{path}: format_version {version!r} is not one pgps-tune writes; it was damaged or "
+                        f"written by another program: {hint}")
+    if version > META_FORMAT:
+        raise PgpsError(f"{path} has format_version {version}, newer than this pgps-tune reads ({META_FORMAT}); "
+                        "upgrade pgps-tune")
+    from pgps_tune.space import OBJECTIVES
+
+    checks = [
+        ("asha", lambda: AshaSettings.from_dict(meta["asha"])),
+        ("experiments", lambda: _check_experiments(meta["experiments"])),
+        ("objective", lambda: meta["objective"]["type"] in OBJECTIVES),
+        ("storage_path", lambda: isinstance(meta["storage_path"], str)),
+        ("dataset", lambda: isinstance(meta["dataset"], str) and meta["dataset"]),
+        ("sweep", lambda: isinstance(meta["sweep"], str) and meta["sweep"]),
+        ("final_patch", lambda: _ints(meta["final_patch"])),
+        ("finished", lambda: isinstance(meta["finished"], bool) or meta["finished"] is None),
+        ("trial_setup", lambda: "trial_setup" not in meta or _check_setup(meta["trial_setup"])),
+        ("reference_configs", lambda: "reference_configs" not in meta or (
+            isinstance(meta["reference_configs"], list) and all(isinstance(c, dict)
+                                                                for c in meta["reference_configs"]))),
+        ("confirmation", lambda: not meta.get("confirmation") or _check_confirmation(meta["confirmation"])),
+    ]
+    bad = []
+    for key, check in checks:
+        try:
+            ok = check()
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            bad.append(key)
+    if bad:
+        raise PgpsError(f"{path} has malformed fields ({', '.join(bad)}); it was damaged or edited: restore it from "
+                        f"a backup, or rerun the sweep into a new --out")
     return meta
 
 
@@ -154,6 +190,41 @@ def shared_storage(sweep: str | Path, meta: dict[str, Any]) -> str | None:
     return origin if (Path(origin) / SWEEP_FILE).is_file() else None
 
 
+META_FORMAT = 2  # the sweep.json format this pgps-tune writes (tuner.FORMAT_VERSION), the newest it reads
+SETUP_INTS = ("epochs", "iterations_per_epoch", "batch_size", "seed", "split_seed", "synthetic_cases")
+
+
+def _ints(v: Any, n: int = 3) -> bool:
+    return isinstance(v, list) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                       for x in v)
+
+
+def _check_experiments(experiments: Any) -> bool:
+    """Tune experiment names, one per phase entry (``references``, ``search``, ``confirm-2``, ...), each
+    named after its entry: two entries swapped would relabel the phases."""
+    return (isinstance(experiments, dict) and "search" in experiments
+            and all(isinstance(v, str) and v and "/" not in v and v not in (".", "..") and v.endswith(f"-{k}")
+                    for k, v in experiments.items()))
+
+
+def _check_setup(setup: Any) -> bool:
+    """What ``confirm`` reads of sweep.json's ``trial_setup``."""
+    b = setup["budget"]
+    return (isinstance(setup["data"], str) and _ints(setup["final_patch"]) and isinstance(setup["pools"], list)
+            and isinstance(b, dict) and all(isinstance(b[k], int) and not isinstance(b[k], bool) for k in SETUP_INTS)
+            and b["epochs"] > 0 and b["iterations_per_epoch"] > 0 and _ints(b["synthetic_shape"])
+            and isinstance(setup["objective"], dict))
+
+
+def _check_confirmation(conf: Any) -> bool:
+    """What the exports read of sweep.json's ``confirmation``: the repeat kind and one config per trial."""
+    kind = conf["repeat"]
+    return (kind in REPEAT_KEYS and isinstance(conf["configs"], list) and isinstance(conf["epochs"], int)
+            and isinstance(conf["top_k"], int) and isinstance(conf["experiments"], list)
+            and all(isinstance(c, dict) and isinstance(c["candidate"], str) and isinstance(c["role"], str)
+                    and kind in c for c in conf["configs"]))
+
+
 # -- trials ----------------------------------------------------------------------------------
 
 
@@ -193,6 +264,63 @@ def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None
                     continue
                 problem = f"a JSON {type(value).__name__}, not the object pgps-tune writes"
             raise PgpsError(f"{where}: trial {r.get('trial_id')}'s {col} column is {problem}; {fix}")
+
+
+ROLES = ("baseline", "paper", "search")  # the values of trials.parquet's role column
+
+
+def _fits(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a column of type ``have`` holds what ``want`` means: the same, or a narrower number
+    (integers where floats are meant), or text stored as large_string."""
+    if have == want:
+        return True
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(have) or pa.types.is_integer(have)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(have)
+    return pa.types.is_string(want) and pa.types.is_large_string(have)
+
+
+def check_trials(table: pa.Table, where: str | Path, fix: str = "rewrite it with 'pgps-tune export'"
+                 ) -> list[dict[str, Any]]:
+    """The rows of a trials table (``trials.parquet``), refused in one line naming ``where`` and ``fix``
+    unless it is what :func:`trial_rows` writes: every column of :data:`SCHEMA` with its type (a column added
+    later may be missing, or all null), the known phase, role and status values, booleans that agree with the
+    status, the JSON text columns that decode, each trial once.  The one check that ``trials``, ``report``
+    and every other reader of a sweep's table share."""
+    names = table.schema.names
+    missing = [c for c in COLUMNS if c not in names and c not in LATER_COLUMNS]
+    if missing:
+        listed = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
+        raise PgpsError(f"{where} lacks the columns {listed}; it was not written by pgps-tune: {fix}")
+    wrong = [f"{c} ({table.schema.field(c).type}, not {SCHEMA.field(c).type})" for c in COLUMNS if c in names
+             and not _fits(table.schema.field(c).type, SCHEMA.field(c).type)
+             and not (c in LATER_COLUMNS and pa.types.is_null(table.schema.field(c).type))]
+    if wrong:
+        raise PgpsError(f"{where} has wrongly typed columns: {', '.join(wrong)}; it was not written by pgps-tune "
+                        f"or was edited: {fix}")
+    columns = [table[c].cast(SCHEMA.field(c).type) if c in names else pa.nulls(len(table), SCHEMA.field(c).type)
+               for c in COLUMNS]
+    columns = [pc.fill_null(col, math.nan) if pa.types.is_floating(col.type) and c != FIDELITY else col
+               for c, col in zip(COLUMNS, columns)]  # a missing number is NaN, as trial_rows writes it
+    rows = pa.Table.from_arrays(columns, schema=SCHEMA).to_pylist()
+    allowed = {"phase": (*PHASES, None), "role": ROLES, "status": STATUSES}
+    seen: set[str] = set()
+    for r in rows:
+        bad = [f"{c} {r[c]!r}" for c, values in allowed.items() if r[c] not in values]
+        if r["trial_id"] is None:
+            bad.append("trial_id null")
+        bad += [f"{flag} {r[flag]!r} with status {r['status']!r}" for flag in ("completed", "stopped_early", "failed")
+                if r[flag] is not (r["status"] == flag)]
+        if bad:
+            raise PgpsError(f"{where}: trial {r['trial_id']} has {'; '.join(bad)}, which pgps-tune never writes; "
+                            f"{fix}")
+        if r["trial_id"] in seen:
+            raise PgpsError(f"{where} holds trial {r['trial_id']} twice; it was written twice into one table or "
+                            f"edited: {fix}")
+        seen.add(r["trial_id"])
+    check_json_columns(rows, str(where), fix)
+    return rows
 
 
 def _float(r: dict[str, Any], key: str, default: float = math.nan) -> float:
@@ -393,12 +521,16 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
             "search_winner_confirmed": search_best == winner if search_best else None}
 
 
-def _schedule_of(row: dict[str, Any], where: str) -> sch.Schedule:
+def schedule_of(row: dict[str, Any], where: str, fix: str = "rerun 'pgps-tune export' for that sweep") -> sch.Schedule:
+    """The schedule a trial trained (its ``schedule`` column), refused in one line naming the trial, ``where``
+    it is and ``fix``: a damaged cell is the table's problem, not a schedule file's."""
+    source = f"trial {row['trial_id']} in {where}"
     try:
-        data = json.loads(row["schedule"])
-    except json.JSONDecodeError:
-        raise PgpsError(f"trial {row['trial_id']} in {where} holds a damaged schedule; rerun that sweep") from None
-    return sch.Schedule.from_dict(data, source=f"trial {row['trial_id']} in {where}")
+        data = loads_json(row["schedule"])
+        return sch.Schedule.from_dict(data, source=source)
+    except (ValueError, PgpsError) as exc:
+        why = str(exc).removeprefix(f"{source}: ").split(" (regenerate it with")[0].split("; ")[0]
+        raise PgpsError(f"{source} holds a damaged schedule ({why}); {fix}") from None
 
 
 BEST_KEYS = ("trial_id", "role", "params", "final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages")
@@ -510,60 +642,68 @@ def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rows[i] for i in pareto.non_dominated([_point(r) for r in rows])]
 
 
-def export_front(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
-                 rule: pareto.PickRule) -> dict[str, Any] | None:
-    """Write pareto.parquet and pareto/TRIAL.yaml for each front schedule; return the row ``rule`` picks.
+def _parquet(table: pa.Table) -> Callable[[IO[bytes]], None]:
+    return lambda fh: pq.write_table(table, fh)
 
-    A re-export removes the schedule files of trials no longer on the front.
-    """
+
+def _text(text: str) -> Callable[[IO[bytes]], None]:
+    return lambda fh: fh.write(text.encode("utf-8"))
+
+
+def export_front(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], rule: pareto.PickRule
+                 ) -> tuple[dict[Path, Callable[[IO[bytes]], None] | None], dict[str, Any] | None]:
+    """The files of a Pareto front (pareto.parquet and pareto/TRIAL.yaml for each front schedule; ``None``:
+    the file of a trial no longer on the front, to remove), and the row ``rule`` picks."""
     points = [_point(r) for r in rows]
     front = pareto.non_dominated(points)
     chosen = pareto.pick(points, rule)
     folder = out / PARETO_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    keep = set()
+    files: dict[Path, Callable[[IO[bytes]], None] | None] = {}
     for r in (rows[i] for i in front):
-        s = _schedule_of(r, meta["sweep"])
-        name = f"{r['trial_id']}.yaml"
-        replace(s, meta={  # the recipe and the family stay with the schedule
+        s = schedule_of(r, meta["sweep"])
+        files[folder / f"{r['trial_id']}.yaml"] = _text(replace(s, meta={  # the recipe and the family stay
             **s.meta, **trainer_meta(r["params"]), "dataset": meta["dataset"], "objective": "pareto",
             "val_dice": r["final_dice"], "voxel_fraction": r["schedule_voxel_fraction"], "sweep": meta["sweep"],
             "trial_id": r["trial_id"], "role": r["role"], "space": meta["space"],
-        }).save(folder / name)
-        keep.add(name)
-    for stale in folder.glob("*.yaml"):
-        if stale.name not in keep:
-            stale.unlink()
+        }).to_yaml())
+    for stale in folder.glob("*.yaml") if folder.is_dir() else ():
+        files.setdefault(stale, None)
     table = pa.Table.from_pylist(
         [{**rows[i], "file": f"{PARETO_DIR}/{rows[i]['trial_id']}.yaml", "picked": i == chosen} for i in front],
         schema=SCHEMA.append(pa.field("file", pa.string())).append(pa.field("picked", pa.bool_())))
-    atomic_write(out / PARETO, lambda fh: pq.write_table(table, fh))
-    return None if chosen is None else rows[chosen]
+    files[out / PARETO] = _parquet(table)
+    return files, None if chosen is None else rows[chosen]
 
 
 def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecord],
-                 results_store: str | Path | None = None, pick: str | None = None) -> dict[str, Any]:
+                 results_store: str | Path | None = None, pick: str | None = None,
+                 origin: str | Path | None = None) -> dict[str, Any]:
     """(Re)write trials.parquet, best_schedule.yaml and summary.json, and add the sweep to the results store.
 
     Only a finished sweep is exported: an interrupted one would be stored as if its unfinished
     trials were its result.  A ``pareto`` sweep also writes its front (:func:`export_front`),
-    and ``pick`` (else the space's ``objective.pick``) chooses its best schedule.
+    and ``pick`` (else the space's ``objective.pick``) chooses its best schedule.  The files are
+    replaced together (:func:`pgps_tune.errors.atomic_write_all`): a folder or a protected file in
+    the way leaves every one of them as it was.  ``origin``: the sweep folder (default ``out``),
+    which tells the store's sweeps of one name apart (:func:`store_sweep`).
     """
     require_finished(meta, records)
     rule = pick_rule(meta, pick)
     rows = trial_rows(records, meta)
     out = Path(out)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    atomic_write(out / TRIALS, lambda fh: pq.write_table(table, fh))
+    files: dict[Path, Callable[[IO[bytes]], None] | None] = {out / TRIALS: _parquet(table)}
     if rule is not None:  # a pareto sweep: the rule picks from the front
-        best = export_front(out, rows, meta, rule)
+        front_files, best = export_front(out, rows, meta, rule)
+        files.update(front_files)
         summary = summarize(rows, meta, best)
         summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
     else:
         summary = summarize(rows, meta)
         best = winner_row(rows, summary)
+    files[out / BEST] = None  # a re-export must not leave an older sweep's winner
     if best is not None:
-        s = _schedule_of(best, meta["sweep"])
+        s = schedule_of(best, meta["sweep"])
         s = replace(s, meta={  # the recipe the trial recorded stays with its schedule
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
             "objective": meta["objective"]["type"],
@@ -572,11 +712,10 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
             **_confirmation_evidence(summary),
         })
-        s.save(out / BEST)
-    else:
-        (out / BEST).unlink(missing_ok=True)  # a re-export must not leave an older sweep's winner
-    atomic_write_text(out / SUMMARY, strict_json(summary) + "\n")
-    store_sweep(table, meta, results_store)
+        files[out / BEST] = _text(s.to_yaml())
+    files[out / SUMMARY] = _text(strict_json(summary) + "\n")
+    atomic_write_all(files)
+    store_sweep(table, meta, results_store, origin or out)
     return summary
 
 
@@ -595,26 +734,80 @@ def _confirmation_evidence(summary: dict[str, Any]) -> dict[str, Any]:
 # -- the results store -------------------------------------------------------------------------
 
 
-def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None) -> Path:
-    """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep."""
+ORIGIN = "origin"  # the resolved sweep folder a store partition came from; absent from stores written before it
+STORE_KEYS = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])  # the partition columns
+PART = "part-0.parquet"  # a partition's one file
+
+
+def _partition(root: Path, dataset: str, sweep: str) -> Path:
+    """The folder of one sweep's rows, named as pyarrow's hive partitioning names it (values URI-escaped)."""
+    expr = (pc.field("dataset") == dataset) & (pc.field("sweep") == sweep)
+    return root / pads.partitioning(STORE_KEYS, flavor="hive").format(expr)[0]
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.glob("*.parquet") if not f.name.startswith((".", "_")))
+
+
+def _holds_other_sweep(folder: Path, origin: str, trial_ids: set[str]) -> str | None:
+    """Where the sweep stored in ``folder`` came from, if it is not the sweep of ``origin``; None if the folder
+    is free or holds this sweep.  A partition written before origins were recorded holds this sweep when it
+    shares trial ids with it (Tune's ids are random): that is how a re-export used to replace its rows."""
+    for f in _parts(folder):
+        try:
+            names = pq.read_schema(f).names
+            t = pq.read_table(f, columns=[c for c in (ORIGIN, "trial_id") if c in names])
+        except (OSError, pa.ArrowException) as exc:
+            raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
+                            "move it out of the store, then export again") from None
+        stored = {str(v) for v in t[ORIGIN].to_pylist() if v} if ORIGIN in names else set()
+        ids = set(t["trial_id"].to_pylist()) if "trial_id" in names else set()
+        if stored and origin and stored != {origin}:
+            return ", ".join(sorted(stored))
+        if not (stored and origin) and not ids & trial_ids:
+            return ", ".join(sorted(stored)) or "a sweep with other trials"
+    return None
+
+
+def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None
+                ) -> Path:
+    """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep; returns the partition.
+
+    ``origin`` (the sweep folder) tells sweeps of one name apart: a re-export of the same sweep replaces its
+    rows, while another sweep of that name (``runs/demo`` of another project) goes to ``NAME-HASH`` of its
+    origin, and a note says so.  The partition's file is replaced atomically (a temporary file, then a
+    rename): a kill or a full disk leaves the rows stored before.
+    """
     root = Path(store) if store else default_store()
+    origin = str(Path(origin).resolve()) if origin else ""
     n = table.num_rows
     table = table.append_column("objective", pa.array([meta["objective"]["type"]] * n, pa.string()))
     table = table.append_column("final_patch", pa.array([json.dumps(meta["final_patch"])] * n, pa.string()))
-    table = table.append_column("dataset", pa.array([meta["dataset"]] * n, pa.string()))
-    table = table.append_column("sweep", pa.array([meta["sweep"]] * n, pa.string()))
     table = table.append_column(SPACE_KEY, pa.array([str(meta.get(SPACE_KEY, ""))] * n, pa.string()))
+    table = table.append_column(ORIGIN, pa.array([origin] * n, pa.string()))
+    if root.exists() and not root.is_dir():
+        raise PgpsError(f"results store {root} is a file; set --results-store or PGPS_RESULTS_DIR to a folder")
+    name = meta["sweep"]
+    folder = _partition(root, meta["dataset"], name)
+    other = _holds_other_sweep(folder, origin, set(table["trial_id"].to_pylist()))
+    if other is not None:
+        tag = origin or json.dumps(sorted(table["trial_id"].to_pylist()))
+        name = f"{name}-{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
+        folder = _partition(root, meta["dataset"], name)
+        print(f"pgps-tune: note: the results store already holds a sweep {meta['sweep']!r} of dataset "
+              f"{meta['dataset']!r} from {other}; this one ({origin or 'no folder given'}) is stored as {name!r}",
+              file=sys.stderr)
     try:
-        pads.write_dataset(
-            table, root, format="parquet", partitioning=["dataset", "sweep"], partitioning_flavor="hive",
-            existing_data_behavior="delete_matching", basename_template="part-{i}.parquet",
-        )
-    except (OSError, pa.ArrowException) as exc:
+        atomic_write(folder / PART, lambda fh: pq.write_table(table, fh))
+        for stale in _parts(folder):  # e.g. part-1.parquet of an older pyarrow writer
+            if stale.name != PART:
+                stale.unlink()
+    except OSError as exc:
         raise PgpsError(
-            f"cannot write the results store {root} ({str(exc).splitlines()[0][:200]}); "
-            "set PGPS_RESULTS_DIR or --results-store to a writable folder"
+            f"cannot write the results store {root} ({exc.strerror or str(exc).splitlines()[0][:200]}); the rows "
+            "stored before are kept; free space, or set PGPS_RESULTS_DIR or --results-store to a writable folder"
         ) from None
-    return root
+    return folder
 
 
 def _store_files(root: Path) -> list[Path]:
@@ -636,9 +829,14 @@ def _store_files(root: Path) -> list[Path]:
     return files
 
 
+def load_root(store: str | Path | None) -> Path:
+    return Path(store) if store else default_store()
+
+
 def load_store(store: str | Path | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep`` and ``space_key`` (empty where a file predates it)."""
-    root = Path(store) if store else default_store()
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key`` and ``origin`` (empty where a file
+    predates them)."""
+    root = load_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
     if not root.is_dir():
@@ -659,19 +857,24 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         if missing:
             raise PgpsError(f"results store file {f} lacks columns {missing}; it was not written by pgps-tune: "
                             "move it out of the store")
-    keys = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])
-    schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]), keys,
-                               pa.schema([(SPACE_KEY, pa.string())])])
-    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY) as null
+    schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
+                               STORE_KEYS, pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string())])])
+    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN) as null
         table = pads.dataset([str(f) for f in files], format="parquet", schema=schema,
-                             partitioning=pads.partitioning(keys, flavor="hive"),
+                             partitioning=pads.partitioning(STORE_KEYS, flavor="hive"),
                              partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
-                                                                             SPACE_KEY])
+                                                                             SPACE_KEY, ORIGIN])
         table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
                                  pc.fill_null(table[FIDELITY], 1.0))
-        table = table.set_column(table.schema.get_field_index(SPACE_KEY), SPACE_KEY,
-                                 pc.fill_null(table[SPACE_KEY], ""))
+        for column in (SPACE_KEY, ORIGIN):
+            table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     except (OSError, pa.ArrowException) as exc:
+        for f in files:  # name the file: its footer read, but its data (or a column's type) does not
+            try:
+                pq.read_table(f)
+            except (OSError, pa.ArrowException) as bad:
+                raise PgpsError(f"results store file {f} is damaged ({str(bad).splitlines()[0][:120]}); move it "
+                                "out of the store, then rerun 'pgps-tune export' for its sweep") from None
         raise PgpsError(f"results store {root} cannot be read ({str(exc).splitlines()[0][:160]}); move files "
                         "that pgps-tune did not write out of it") from None
     for r in table.select(["dataset", "sweep", "trial_id", *JSON_COLUMNS]).to_pylist():
@@ -684,15 +887,20 @@ def load_store(store: str | Path | None = None) -> pa.Table:
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice") -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep with ``objective``."""
     t = load_store(store)
-    same = pc.equal(pc.utf8_lower(t["dataset"]), dataset.lower())  # "hippocampus" finds "Hippocampus"
-    mask = pc.and_(pc.and_(same, pc.equal(t["objective"], objective)), t["completed"])
+    known = sorted(set(t["dataset"].to_pylist()))
+    if dataset not in known:  # names are matched exactly: "Hippo" and "hippo" can be two datasets
+        alike = [d for d in known if d.lower() == dataset.lower()]
+        if alike:
+            raise PgpsError(f"the store has no dataset {dataset!r}, but has {', '.join(map(repr, alike))} (names "
+                            "are matched exactly, case included); give --dataset as the store spells it")
+    mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     rows = t.filter(mask).to_pylist()
     best = pick_best(rows)
     if best is None:
-        known = sorted(set(t["dataset"].to_pylist()))
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
     dataset = best["dataset"]  # as the sweep stored it
-    s = _schedule_of(best, f"sweep {best['sweep']} of the results store")
+    s = schedule_of(best, f"results store folder {_partition(load_root(store), best['dataset'], best['sweep'])}",
+                     "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")
     return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],

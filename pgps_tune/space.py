@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
+from pgps_tune.asha import TIME_ATTRS
 from pgps_tune.config import (
     ADDED_LATER,
     AUGMENT_PRESETS,
@@ -94,7 +95,6 @@ ALGORITHMS = ("tpe", "random", "grid", "nsga2")
 JUDGES = ("final_stage", "always")
 FIDELITIES = ("partial", "compressed")
 PROMOTIONS = ("measured", "main_effects")
-TIME_ATTRS = ("baseline_iterations", "training_iteration", "epoch")
 _WHEN = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*([A-Za-z0-9_.+\-]+)\s*$")
 ORDERING = (">", ">=", "<", "<=")
 

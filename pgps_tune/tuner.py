@@ -71,6 +71,7 @@ from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
 from pgps_tune.results import (
     FOLDER_KEY,
+    META_FORMAT,
     PHASES,
     SWEEP_FILE,
     TrialRecord,
@@ -98,7 +99,7 @@ from pgps_tune.space import (
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = META_FORMAT  # sweep.json: bumped in results, whose read_meta refuses a newer one
 
 
 @dataclass
@@ -987,7 +988,14 @@ def _filesystem(storage: str | None, storage_path: str):
     import pyarrow.fs as pafs
 
     if storage and "://" in storage:
-        return pafs.FileSystem.from_uri(storage)[0], storage_path
+        import pyarrow as pa
+
+        try:
+            return pafs.FileSystem.from_uri(storage)[0], storage_path
+        except (OSError, pa.ArrowException) as exc:  # offline, no credentials, an unknown bucket or scheme
+            raise PgpsError(f"cannot reach the sweep's --storage {storage} ({str(exc).splitlines()[0][:160]}); "
+                            "check the network and the storage's credentials in the environment (AWS_*, "
+                            "GOOGLE_APPLICATION_CREDENTIALS), then run the command again") from None
     return pafs.LocalFileSystem(), storage_path
 
 
@@ -1045,10 +1053,12 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
         names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
     except (OSError, pa.ArrowException) as exc:
         raise PgpsError(f"cannot list the Tune experiment at {path} ({str(exc).splitlines()[0][:120]}); "
-                        "check the sweep's --storage and its credentials") from None
+                        "check the sweep's --storage, the network and the storage's credentials") from None
     newest = _newest_state(names)
     if newest is None:
-        raise PgpsError(f"no Tune experiment state in {path}; was the sweep started? run 'pgps-tune tune' first")
+        raise PgpsError(f"no Tune experiment state in {path}; the sweep's Tune results are gone from there (its "
+                        "ray/ folder or --storage was removed, or moved): put them back to export again; "
+                        "trials.parquet and summary.json of an earlier export are unchanged")
     state_path = f"{path}/{newest}"
     records = []
     try:
@@ -1068,7 +1078,9 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
                                         int(run.get("num_failures", 0)), error)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise PgpsError(f"{state_path} is not a Tune experiment state this version reads ({type(exc).__name__}: "
-                        f"{str(exc)[:120]}); it was damaged, or written by another Ray version") from None
+                        f"{str(exc)[:120]}); it was damaged, or written by another Ray version: restore it from a "
+                        "backup, or use the trials.parquet and summary.json of the last export, which are unchanged"
+                        ) from None
     # in the order Tune created them: the state lists trials in the order they first reached a snapshot,
     # and several created between two snapshots come in the order of a Python set
     return [record for *_, record in sorted(records)]
@@ -1110,7 +1122,7 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
     with sweep_lock(folder, "export") if into_sweep else contextlib.nullcontext():
         meta = sweep_meta(folder)
         require_finished(meta)
-        summary = export_sweep(out, meta, read_trials(meta), results_store, pick)
+        summary = export_sweep(out, meta, read_trials(meta), results_store, pick, origin=experiment)
         if into_sweep and read_meta(folder)["storage_path"] != meta["storage_path"]:
             # a copied or moved folder: its sweep.json names its own storage from now on (report reads it too)
             write_meta(folder, {**meta, FOLDER_KEY: str(folder.resolve())})
@@ -2095,11 +2107,11 @@ class ConfirmSettings:
     def checked(cls, top_k: int, epochs: int, seeds: int | None, folds: int | None, splits: str | None, ds,
                 split_seed: int, source: str) -> ConfirmSettings:
         """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts)."""
-        from pgps_tune.data import fold_split, read_splits
+        from pgps_tune.data import FOLDS, fold_split, read_splits
 
         if splits:
             splits = str(Path(splits).resolve())  # trials read it from their own folders
-            entries = read_splits(splits)
+            entries = read_splits(splits, FOLDS)
             if not isinstance(entries, list) or len(entries) < 2 or not all(
                     isinstance(e, dict) and all(isinstance(e.get(k), list) for k in ("train", "val"))
                     for e in entries):

@@ -230,22 +230,25 @@ def test_schedule_table_counts_in_words():
     assert two.table().splitlines()[-1].startswith("2 stages, 4 epochs,")
 
 
-def test_best_matches_the_dataset_name_in_any_case(tmp_path, capsys):
+def test_best_matches_the_dataset_name_exactly_and_names_the_ones_that_differ_in_case(tmp_path, capsys):
     s = sch.constant((16, 16, 16), (2, 2, 2), 2, 2)
     row = {c: None for c in SCHEMA.names} | {
         "trial_id": "t1", "role": "search", "status": "completed", "params": "{}", "final_dice": 0.8, "score": 0.8,
         "schedule_voxel_fraction": 1.0, "completed": True, "stopped_early": False, "failed": False,
         "schedule": json.dumps(s.to_dict()), "n_stages": 1}
-    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "Hippocampus",
-            "sweep": "sw"}
-    store_sweep(pa.Table.from_pylist([row], schema=SCHEMA), meta, tmp_path)
-    for name in ("hippocampus", "HIPPOCAMPUS", "Hippocampus"):
-        found = best_schedule(name, tmp_path)
-        assert found.stages == s.stages and found.meta["dataset"] == "Hippocampus"
-    assert main(["best", "--dataset", "hIpPoCaMpUs", "--results-store", str(tmp_path), "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["meta"]["dataset"] == "Hippocampus"
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "Hippo", "sweep": "sw"}
+    store_sweep(pa.Table.from_pylist([row], schema=SCHEMA), meta, tmp_path, origin=tmp_path / "a")
+    better = row | {"trial_id": "t2", "final_dice": 0.9, "score": 0.9}
+    store_sweep(pa.Table.from_pylist([better], schema=SCHEMA), {**meta, "dataset": "hippo"}, tmp_path,
+                origin=tmp_path / "b")
+    # two datasets whose names differ only in case stay two datasets
+    assert best_schedule("Hippo", tmp_path).meta["trial_id"] == "t1"
+    assert best_schedule("hippo", tmp_path).meta["trial_id"] == "t2"
+    assert main(["best", "--dataset", "HIPPO", "--results-store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no dataset 'HIPPO', but has 'Hippo', 'hippo'" in err and err.count("\n") == 1
     assert main(["best", "--dataset", "Prostate", "--results-store", str(tmp_path)]) == 2
-    assert "known: ['Hippocampus']" in capsys.readouterr().err
+    assert "known: ['Hippo', 'hippo']" in capsys.readouterr().err
 
 
 def test_synthetic_data_is_named_in_any_case(tmp_path, monkeypatch):

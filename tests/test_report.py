@@ -275,3 +275,168 @@ def test_importances_use_only_the_search_phase_at_full_budget():
     from pgps_tune.report import param_importances
 
     assert set(param_importances(search + repeats + rungs)) == {"growth", "stages"}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def _rewrite(path: Path, edit) -> None:
+    table = pq.read_table(path)
+    pq.write_table(edit(table), path)
+
+
+def _cast(name: str, kind: pa.DataType):
+    return lambda t: t.set_column(t.schema.get_field_index(name), name,
+                                  pa.array([None if v is None else str(v).lower() for v in t[name].to_pylist()],
+                                           kind))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: pa.table({"id": [1, 2], "value": ["a", "b"]}),
+     "lacks the columns trial_id, role, status, params, ... (22 in all)"),
+    (lambda t: t.drop_columns(["score"]), "lacks the columns score;"),
+    (lambda t: t.drop_columns(["role"]), "lacks the columns role;"),
+    (lambda t: t.drop_columns(["status"]), "lacks the columns status;"),
+    (lambda t: t.drop_columns(["schedule"]), "lacks the columns schedule;"),
+    (_cast("score", pa.string()), "wrongly typed columns: score (string, not double)"),
+    (_cast("completed", pa.string()), "wrongly typed columns: completed (string, not bool)"),
+    (lambda t: pa.concat_tables([t, t]), "holds trial base0001 twice"),
+    (lambda t: t.set_column(t.schema.get_field_index("status"), "status", pa.array(["done"] * len(t))),
+     "trial base0001 has status 'done'"),
+    (lambda t: t.set_column(t.schema.get_field_index("completed"), "completed", pa.array([False] * len(t))),
+     "trial base0001 has completed False with status 'completed'"),
+])
+def test_a_foreign_or_damaged_trials_table_is_one_line_for_trials_and_report(fake_sweep, capsys, edit, needle):
+    _rewrite(fake_sweep / "trials.parquet", edit)
+    for argv in (["trials", str(fake_sweep)], ["report", str(fake_sweep)]):
+        assert main(argv) == 2
+        err = _one_line_error(capsys)
+        assert needle in err and str(fake_sweep / "trials.parquet") in err and "'pgps-tune export'" in err, err
+    assert not (fake_sweep / "report.html").exists()
+
+
+def _summary_edit(path: Path, edit) -> None:
+    s = json.loads(path.read_text())
+    edit(s)
+    path.write_text(json.dumps(s))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.update(best="x"), "best is not a trial of trials.parquet"),
+    (lambda s: s["best"].update(final_dice="abc"), "best is not a trial"),
+    (lambda s: s["best"].update(final_dice=None), "best is not a trial"),
+    (lambda s: s["best"].update(trial_id="gone0000"), "best is not a trial"),
+    (lambda s: s.update(trials="many"), "trials is 'many', not a count"),
+    (lambda s: s.update(trials=-5), "trials is -5, not a count"),
+    (lambda s: s.update(completed=13), "completed is 13 where trials.parquet has 5"),
+    (lambda s: s.pop("best"), "best is missing"),
+    (lambda s: s.update(best=None), "best is missing though trials.parquet has a completed trial"),
+    (lambda s: s.update(confirmation="yes"), "confirmation is not the confirmation pgps-tune writes"),
+    (lambda s: s["confirmation"].pop("schedules"), "confirmation is not"),
+    (lambda s: s["confirmation"]["schedules"].pop("srch0000"), "confirmation is not"),
+    (lambda s: s["confirmation"]["schedules"]["srch0000"]["vs"]["baseline"].update(p_value="x"),
+     "confirmation is not"),
+    (lambda s: s["gain_over_baseline"].update(dice_points="x"), "gain_over_baseline is not the gain"),
+])
+def test_a_summary_that_does_not_match_the_sweep_is_one_line(fake_sweep, capsys, edit, needle):
+    _summary_edit(fake_sweep / "summary.json", edit)
+    assert main(["report", str(fake_sweep)]) == 2
+    err = _one_line_error(capsys)
+    assert needle in err and str(fake_sweep / "summary.json") in err and "rewrite it with 'pgps-tune export" in err
+    assert not (fake_sweep / "report.html").exists()
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    """A train run folder with the metrics.json fields the page reads (written by hand: no training)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    s = sch.constant(FINAL, POOLS, BATCH, 2)
+    (run / "metrics.json").write_text(json.dumps({
+        "val_dice": 0.5, "best_val_dice": 0.5, "train_time_s": 1.0, "voxel_fraction": 1.0, "iterations": 4,
+        "total_iterations": 4, "completed": True, "schedule": s.to_dict(), "dataset": "Fake",
+        "history": [{"val_dice": None, "train_loss": 1.0},
+                    {"val_dice": 0.5, "train_loss": 0.8, "baseline_equivalent_iterations": 4.0}],
+        "stages": [{"index": 0, "patch_size": list(FINAL), "batch_size": BATCH, "epochs": 2, "iterations": 4,
+                    "wall_time_s": 1.0, "voxels": 4 * BATCH * 16 ** 3}]}))
+    return run
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.update(history="x"), "(history)"),
+    (lambda m: m.update(history=[{"val_dice": 0.5}]), "(history)"),
+    (lambda m: m.update(total_iterations="x"), "(total_iterations)"),
+    (lambda m: m.update(stages=[1, 2]), "(stages)"),
+    (lambda m: m.update(val_dice="high"), "(val_dice)"),
+    (lambda m: m.pop("schedule"), "(schedule)"),
+])
+def test_a_damaged_metrics_json_is_one_line(tmp_path, capsys, edit, needle):
+    run = _run_folder(tmp_path)
+    _summary_edit(run / "metrics.json", edit)
+    assert main(["report", str(run)]) == 2
+    err = _one_line_error(capsys)
+    assert needle in err and str(run / "metrics.json") in err and "malformed fields" in err
+
+
+def test_report_out_never_replaces_a_sweep_file_or_another_kind_of_file(fake_sweep, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (fake_sweep / "best_schedule.yaml").unlink()  # not there now, but the sweep's own name all the same
+    before = {p: p.read_bytes() for p in fake_sweep.iterdir() if p.is_file()}
+    for target, needle in [(fake_sweep / "trials.parquet", "is one of the files of"),
+                           (fake_sweep / "sweep.json", "is one of the files of"),
+                           (fake_sweep / "best_schedule.yaml", "is one of the files of"),
+                           (tmp_path / "notes.txt", "exists and is not an HTML page")]:
+        assert main(["report", str(fake_sweep), "--out", str(target)]) == 2
+        assert needle in _one_line_error(capsys)
+    assert {p: p.read_bytes() for p in fake_sweep.iterdir() if p.is_file()} == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    run = _run_folder(tmp_path)
+    assert main(["report", str(run), "--out", str(run / "metrics.json")]) == 2
+    assert "is one of the files of" in _one_line_error(capsys)
+
+
+def test_damaged_curve_files_and_best_schedule_leave_a_page_that_says_what_is_missing(fake_sweep, capsys):
+    result = next((fake_sweep / "ray" / "sweep-search").glob("*/result.json"))
+    with result.open("a") as fh:
+        fh.write("\n[1, 2]\n")  # a line that is JSON but not a result: skipped
+    folder = next((fake_sweep / "ray" / "sweep-references").glob("*/result.json"))
+    folder.unlink()
+    folder.mkdir()
+    (fake_sweep / "best_schedule.yaml").write_text("- a list\n")
+    assert main(["report", str(fake_sweep)]) == 0
+    err = capsys.readouterr().err
+    assert "best_schedule.yaml" in err and "rewrite it with 'pgps-tune export" in err
+    page = (fake_sweep / "report.html").read_text()
+    assert "not drawn: 1 trial whose result.json cannot be read" in page and str(folder) in page
+    assert "the best schedule is not drawn" in page
+
+
+def test_messages_name_the_real_problem_and_its_fix(fake_sweep, tmp_path, capsys):
+    _rewrite(fake_sweep / "trials.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("schedule"), "schedule", pa.array(['{"a": 1}'] * len(t))))
+    assert main(["report", str(fake_sweep)]) == 2
+    err = _one_line_error(capsys)
+    assert "trial base0001 in" in err and "holds a damaged schedule" in err and "'pgps-tune export'" in err
+    assert "pgps-tune schedule" not in err
+    (fake_sweep / "trials.parquet").unlink()
+    (fake_sweep / "trials.parquet").mkdir()
+    assert main(["trials", str(fake_sweep)]) == 2
+    assert "is a folder, not the sweep's trial table" in _one_line_error(capsys)
+    assert main(["trials", str(_run_folder(tmp_path))]) == 2
+    assert "is a 'pgps-tune train' run folder" in _one_line_error(capsys)
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("trials.parquet", "summary.json"):
+        (export / name).write_text("x")
+    assert main(["report", str(export)]) == 2
+    assert "is an export folder" in _one_line_error(capsys)
+    (tmp_path / "afile").write_text("x")
+    assert main(["confirm", str(tmp_path / "afile")]) == 2
+    assert "is a file; give a sweep folder" in _one_line_error(capsys)
+
+
+def test_trials_columns_with_an_empty_name_says_so(fake_sweep, capsys):
+    assert main(["trials", str(fake_sweep), "--columns", "trial_id,,score"]) == 2
+    assert "--columns 'trial_id,,score' has an empty name" in _one_line_error(capsys)

@@ -1,0 +1,198 @@
+"""Exports and the results store under damage: atomic store parts, sweeps of one name kept apart, all-or-none
+exports, sweep.json checked field by field, unreachable storage (no Ray run: synthetic records and tables)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pgps_tune import results
+from pgps_tune import schedule as sch
+from pgps_tune.cli import main
+from pgps_tune.errors import PgpsError, atomic_write_text
+from pgps_tune.results import TrialRecord, export_sweep, load_store, store_sweep
+
+S = sch.preset("paper", (16, 16, 16), (2, 2, 2), 2, 10, "resource", None)
+
+
+def record(tid: str, dice: float) -> TrialRecord:
+    return TrialRecord(tid, "TERMINATED", {"stages": 2}, {
+        "val_dice": dice, "score": dice, "completed": True, "schedule": json.dumps(S.to_dict()), "epoch": 10,
+        "schedule_voxel_fraction": S.voxel_fraction()})
+
+
+def sweep_meta(folder: Path, **over) -> dict:
+    meta = {"format_version": 2, "sweep": "demo", "space": "s.yaml", "dataset": "synthetic", "storage": None,
+            "storage_path": str(folder / "ray"), "experiments": {"search": "demo-search"},
+            "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}
+    return {**meta, **over}
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def stored_dice(store: Path) -> dict[str, list[float]]:
+    t = load_store(store)
+    out: dict[str, list[float]] = {}
+    for r in t.to_pylist():
+        out.setdefault(r["sweep"], []).append(r["final_dice"])
+    return out
+
+
+def test_sweeps_sharing_a_folder_name_keep_their_own_rows_and_a_reexport_replaces_its_own(tmp_path, capsys):
+    store = tmp_path / "store"
+    a, b = tmp_path / "projA" / "demo", tmp_path / "projB" / "demo"
+    export_sweep(a, sweep_meta(a), [record("t1", 0.6)], store)
+    export_sweep(b, sweep_meta(b), [record("t1", 0.95)], store)  # a copy of A, edited: same trial ids
+    err = capsys.readouterr().err
+    assert "already holds a sweep 'demo'" in err and str(a) in err
+    kept = stored_dice(store)
+    assert kept.pop("demo") == [0.6] and list(kept.values()) == [[0.95]]  # B under demo-HASH of its folder
+    b_key = next(iter(kept))
+    export_sweep(a, sweep_meta(a), [record("t1", 0.7)], store)  # the same sweeps again: each replaces its own
+    export_sweep(b, sweep_meta(b), [record("t1", 0.97)], store)
+    assert stored_dice(store) == {"demo": [0.7], b_key: [0.97]}
+    # export --out elsewhere keeps the sweep's identity: the sweep folder, not the export folder
+    export_sweep(tmp_path / "elsewhere", sweep_meta(a), [record("t1", 0.71)], store, origin=a)
+    assert stored_dice(store) == {"demo": [0.71], b_key: [0.97]}
+    assert results.best_schedule("synthetic", store).meta["sweep"] == b_key
+
+
+def test_a_store_partition_written_before_origins_is_replaced_only_by_its_own_sweep(tmp_path):
+    store = tmp_path / "store"
+    export_sweep(tmp_path / "demo", sweep_meta(tmp_path), [record("t1", 0.6)], store)
+    part = store / "dataset=synthetic" / "sweep=demo" / "part-0.parquet"
+    pq.write_table(pq.read_table(part).drop_columns([results.ORIGIN]), part)  # as an older pgps-tune wrote it
+    export_sweep(tmp_path / "moved" / "demo", sweep_meta(tmp_path), [record("t1", 0.65)], store)
+    assert stored_dice(store) == {"demo": [0.65]}  # the same trials: that sweep's own rows, replaced
+    pq.write_table(pq.read_table(part).drop_columns([results.ORIGIN]), part)
+    export_sweep(tmp_path / "other" / "demo", sweep_meta(tmp_path), [record("t9", 0.5)], store)
+    kept = stored_dice(store)
+    assert kept.pop("demo") == [0.65] and list(kept.values()) == [[0.5]]
+
+
+def test_the_store_part_is_replaced_atomically_and_a_damaged_part_is_named(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    export_sweep(tmp_path / "demo", sweep_meta(tmp_path), [record("t1", 0.6)], store)
+    part = store / "dataset=synthetic" / "sweep=demo" / "part-0.parquet"
+    before = part.read_bytes()
+
+    def full_disk(table, where, **kw):
+        where.write(b"PAR1 half a table")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.pq, "write_table", full_disk)
+    with pytest.raises(PgpsError, match="No space left on device; part-0.parquet was left as it was"):
+        store_sweep(pa.Table.from_pylist([], schema=results.SCHEMA), sweep_meta(tmp_path), store,
+                    origin=tmp_path / "demo")
+    monkeypatch.undo()
+    assert part.read_bytes() == before and os.listdir(part.parent) == ["part-0.parquet"]  # no temporary file
+    assert stored_dice(store) == {"demo": [0.6]}
+    part.write_bytes(before[: len(before) // 2])  # what a non-atomic writer left after a kill
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+    err = one_line(capsys)
+    assert str(part) in err and "move it out of the store" in err
+
+
+def test_export_replaces_all_its_files_or_none(tmp_path, capsys):
+    out, store = tmp_path / "demo", tmp_path / "store"
+    export_sweep(out, sweep_meta(out), [record("t1", 0.6)], store)
+    files = {n: (out / n).read_bytes() for n in ("trials.parquet", "summary.json", "best_schedule.yaml")}
+    for name in files:
+        (out / name).rename(tmp_path / "aside")
+        (out / name).mkdir()
+        with pytest.raises(PgpsError, match=f"cannot replace {out / name}: it is a folder"):
+            export_sweep(out, sweep_meta(out), [record("t1", 0.9)], store)
+        (out / name).rmdir()
+        (tmp_path / "aside").rename(out / name)
+        assert {n: (out / n).read_bytes() for n in files} == files  # not one replaced
+        assert stored_dice(store) == {"demo": [0.6]}
+    assert sorted(os.listdir(out)) == sorted(files)  # no temporary file left
+
+
+def test_atomic_write_turns_a_failed_replace_into_one_line(tmp_path, monkeypatch):
+    target = tmp_path / "x.json"
+    target.write_text("old")
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PgpsError, match=r"cannot replace .*x\.json: Operation not permitted"):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.update(finished="no"), "malformed fields (finished)"),
+    (lambda m: m.update(format_version=99), "format_version 99, newer than this pgps-tune reads (2); upgrade"),
+    (lambda m: m.update(format_version="abc"), "format_version 'abc' is not one pgps-tune writes"),
+    (lambda m: m["objective"].update(type="bogus"), "malformed fields (objective)"),
+    (lambda m: m["asha"].update(max_t=-5), "malformed fields (asha)"),
+    (lambda m: m["asha"].update(grace_period=50), "malformed fields (asha)"),
+    (lambda m: m.update(experiments={"search": "demo-references", "references": "demo-search"}),
+     "malformed fields (experiments)"),
+    (lambda m: m.update(trial_setup="x"), "malformed fields (trial_setup)"),
+    (lambda m: m.update(trial_setup={"data": "synthetic", "final_patch": [16, 16, 16], "pools": [2, 2, 2],
+                                     "objective": {}, "budget": {"epochs": 2}}), "malformed fields (trial_setup)"),
+    (lambda m: m.update(confirmation={"repeat": "seed", "configs": "x", "epochs": 2, "top_k": 1,
+                                      "experiments": []}), "malformed fields (confirmation)"),
+])
+def test_sweep_json_fields_are_checked_before_anything_is_read(tmp_path, capsys, edit, needle):
+    exp = tmp_path / "demo"
+    exp.mkdir()
+    meta = sweep_meta(exp)
+    edit(meta)
+    (exp / "sweep.json").write_text(json.dumps(meta))
+    for argv in (["export", "--experiment", str(exp), "--out", str(exp)], ["confirm", str(exp)]):
+        assert main(argv) == 2
+        err = one_line(capsys)
+        assert needle in err and str(exp / "sweep.json") in err, err
+    assert os.listdir(exp) == ["sweep.json"]
+
+
+def test_export_into_the_sweep_folder_rewrites_its_page(tmp_path, monkeypatch, capsys):
+    from pgps_tune import tuner
+
+    exp = tmp_path / "demo"
+    exp.mkdir()
+    (exp / "sweep.json").write_text(json.dumps(sweep_meta(exp)))
+    (exp / "report.html").write_text("<p>an old page</p>")
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: [record("t1", 0.61)])
+    assert main(["export", "--experiment", str(exp), "--out", str(exp), "--results-store", str(tmp_path / "st")]) == 0
+    out = capsys.readouterr().out
+    page = (exp / "report.html").read_text()
+    assert f"report: {exp / 'report.html'}" in out and "an old page" not in page and "t1" in page
+
+
+def test_unreachable_remote_storage_is_one_line_naming_storage_and_credentials(tmp_path):
+    from pgps_tune.tuner import read_trials
+
+    with pytest.raises(PgpsError, match=r"cannot reach the sweep's --storage nosuch://bucket/ray .*credentials"):
+        read_trials(sweep_meta(tmp_path, storage="nosuch://bucket/ray", storage_path="bucket/ray"))
+
+
+def test_a_signal_after_the_command_finished_does_not_turn_success_into_an_interrupt(tmp_path):
+    # the console script calls main() with no arguments; a Ctrl-C landing after its work is done (while the
+    # interpreter shuts down) must leave exit 0
+    code = ("import os, signal, sys; from pgps_tune.cli import main; rc = main(); "
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); sys.exit(rc)")
+    argv = ["schedule", "--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+            "--epochs", "4"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert "stage" in done.stdout and "interrupted" not in done.stderr
