@@ -1504,7 +1504,10 @@ def main(argv: list[str] | None = None) -> int:
     with _sigterm_raises() as terminated:
         try:
             with _no_empty_folder_left(out):
-                return args.func(args)
+                rc = args.func(args)
+            if argv_given is None:
+                sys.stdout.flush()  # a reader that left (`| head`) is found here, not at the interpreter's exit
+            return rc
         except PgpsError as exc:
             print(f"pgps-tune: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
             return EXIT_USAGE
@@ -1521,6 +1524,8 @@ def main(argv: list[str] | None = None) -> int:
             print("pgps-tune: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
             return EXIT_SIGTERM
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():  # `pgps-tune best ... | head`: the reader left
+                return EXIT_PIPE
             log = _crash_log(argv)
             where = f"the traceback is in {log}" if log else "no log folder was writable for the traceback"
             print(f"pgps-tune: internal error ({_cause(exc)}); {where}; please report it", file=sys.stderr)
@@ -1529,6 +1534,28 @@ def main(argv: list[str] | None = None) -> int:
             if argv_given is None:  # the outcome is decided: a signal from now on (a Ctrl-C while the
                 for sig in (signal.SIGINT, signal.SIGTERM):  # interpreter shuts down) must not change it
                     signal.signal(sig, signal.SIG_IGN)
+
+
+EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command whose output pipe closed
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (a pipe closed by ``head``); then stdout is pointed at /dev/null, so
+    that the interpreter's last flush does not fail again. False where the broken pipe was another one."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe without reader: POLLERR
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        return True
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        return False
 
 
 def _fatal_errors_show_where() -> None:
