@@ -580,9 +580,11 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
 
 def is_nnunet_schedule_file(path: str | Path) -> bool:
     """Whether ``path`` is an nnU-Net schedule file (what ``export --nnunet`` writes), not a pgps-tune schedule."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from pgps_tune.errors import read_json
+
+    try:  # bounded, and only a regular file (a FIFO would block the open)
+        data = read_json(path, "schedule file", "")
+    except PgpsError:
         return False
     return isinstance(data, dict) and data.get("format") == FILE_FORMAT
 
