@@ -409,8 +409,10 @@ def predict(
             raise PgpsError(f"{exc}{_written(i - 1, len(inputs))}") from None
         try:
             imageio.write(target, label, geometry.affine, like=geometry.like)
-        except OSError as exc:  # the disk filled, the folder went away
-            raise PgpsError(f"cannot write {target} ({exc.strerror or exc}): free space or choose another --out"
+        except (OSError, PgpsError) as err:  # the disk filled, the folder went away (atomic_write names its OSError)
+            exc = err.__cause__ if isinstance(err, PgpsError) and isinstance(err.__cause__, OSError) else err
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise PgpsError(f"cannot write {target} ({why}): free space or choose another --out"
                             f"{_written(i - 1, len(inputs))}") from None
         if progress:
             size = "x".join(map(str, geometry.shape))

@@ -802,9 +802,11 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
         for stale in _parts(folder):  # e.g. part-1.parquet of an older pyarrow writer
             if stale.name != PART:
                 stale.unlink()
-    except OSError as exc:
+    except (OSError, PgpsError) as err:  # atomic_write names the OSError of its own steps
+        exc = err.__cause__ if isinstance(err, PgpsError) and isinstance(err.__cause__, OSError) else err
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
         raise PgpsError(
-            f"cannot write the results store {root} ({exc.strerror or str(exc).splitlines()[0][:200]}); the rows "
+            f"cannot write the results store {root} ({why}); the rows "
             "stored before are kept; free space, or set PGPS_RESULTS_DIR or --results-store to a writable folder"
         ) from None
     return folder

@@ -462,7 +462,10 @@ class Trainer:
                 self.replaced[path] = path.read_bytes()
             atomic_write(path, write)
             self.written.add(path)
-        except OSError as exc:
+        except (OSError, PgpsError) as err:
+            exc = err.__cause__ if isinstance(err, PgpsError) else err  # atomic_write names an OSError's file
+            if not isinstance(exc, OSError):
+                raise
             kept = (
                 f"the checkpoint of iteration {self.saved_iteration} is intact: free space, then rerun with --resume"
                 if self.saved_iteration is not None else "no checkpoint was written yet: free space, then rerun"

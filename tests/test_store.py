@@ -94,7 +94,7 @@ def test_the_store_part_is_replaced_atomically_and_a_damaged_part_is_named(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(results.pq, "write_table", full_disk)
-    with pytest.raises(PgpsError, match="No space left on device; part-0.parquet was left as it was"):
+    with pytest.raises(PgpsError, match=r"No space left on device\); the rows stored before are kept"):
         store_sweep(pa.Table.from_pylist([], schema=results.SCHEMA), sweep_meta(tmp_path), store,
                     origin=tmp_path / "demo")
     monkeypatch.undo()
