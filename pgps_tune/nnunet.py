@@ -44,6 +44,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -924,14 +925,13 @@ def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
     cases = sorted((base / plan.data_identifier).glob("*.pkl"))
     if not cases:
         return
-    import pickle
-
     try:
         with open(cases[0], "rb") as fh:
-            props = pickle.load(fh)  # nnU-Net's own properties file, which its trainer loads too
+            props = _PlainUnpickler(fh).load()  # nnU-Net's properties file: numpy and plain data, nothing else
         seen = props["class_locations"]
     except Exception as exc:  # a damaged pickle raises many types
-        raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}); {fix}") from None
+        why = str(exc).splitlines()[0][:160] if str(exc) else "damaged"
+        raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}: {why}); {fix}") from None
     try:
         lm = LabelManager(labels, dataset_json.get("regions_class_order"))
         want = lm.foreground_regions if lm.has_regions else lm.foreground_labels
@@ -944,6 +944,18 @@ def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
     if sorted(map(key, want)) != sorted(map(key, seen)):
         raise PgpsError(f"{where} gives the foreground class(es) {sorted(map(key, want))} but the preprocessed data "
                         f"have {sorted(map(key, seen))} ({cases[0].name}); {fix}")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, scalars and dtypes and Python's plain containers only: a file of a
+    preprocessed folder someone handed over cannot name a function (os.system, eval, ...) to be run."""
+    ALLOWED = {(m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a properties file never holds")
 
 
 def _plans_file(base: Path, identifier: str) -> Path:

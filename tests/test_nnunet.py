@@ -850,3 +850,24 @@ def test_a_dataset_json_that_disagrees_with_the_preprocessed_data_is_refused(nnu
         nnunet.check_dataset_json(plan, {**described, "labels": {**described["labels"], "c": 3}})
     with pytest.raises(PgpsError, match=r"gives the foreground class\(es\) \['1'\]"):
         nnunet.check_dataset_json(plan, {**described, "labels": {"background": 0, "a": 1}})
+
+
+def test_a_properties_pickle_may_hold_numpy_and_plain_data_but_never_a_function(tmp_path):
+    """The preprocessed folder's .pkl files are read before training: one naming os.system is refused, unrun."""
+    import io
+    import pickle
+
+    from pgps_tune.nnunet import _PlainUnpickler
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    plain = {"class_locations": {1: np.zeros((2, 4), np.int64)}, "spacing": (1.0, 1.5), "n": np.int64(3)}
+    back = _PlainUnpickler(io.BytesIO(pickle.dumps(plain))).load()
+    assert np.array_equal(back["class_locations"][1], plain["class_locations"][1]) and back["n"] == 3
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        _PlainUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+    assert not marker.exists()
