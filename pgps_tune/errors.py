@@ -98,6 +98,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def os_cause(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: ``err`` itself, or the one :func:`atomic_write` names in its
+    one-line error (for callers whose message says more: what is kept, what to rerun); None for another."""
+    cause = err.__cause__ if isinstance(err, PgpsError) else err
+    return cause if isinstance(cause, OSError) else None
+
+
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc).splitlines()[0][:160] or type(exc).__name__
 

@@ -29,7 +29,7 @@ import torch
 
 from pgps_tune import imageio
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import PgpsError, loads_json
+from pgps_tune.errors import PgpsError, loads_json, os_cause
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's CASE_0000
 
@@ -410,8 +410,8 @@ def predict(
         try:
             imageio.write(target, label, geometry.affine, like=geometry.like)
         except (OSError, PgpsError) as err:  # the disk filled, the folder went away (atomic_write names its OSError)
-            exc = err.__cause__ if isinstance(err, PgpsError) and isinstance(err.__cause__, OSError) else err
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            exc = os_cause(err)
+            why = exc.strerror if exc is not None and exc.strerror else err
             raise PgpsError(f"cannot write {target} ({why}): free space or choose another --out"
                             f"{_written(i - 1, len(inputs))}") from None
         if progress:

@@ -41,6 +41,7 @@ from pgps_tune.errors import (
     atomic_write_all,
     atomic_write_text,
     loads_json,
+    os_cause,
     read_json,
     strict_json,
 )
@@ -803,8 +804,8 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
             if stale.name != PART:
                 stale.unlink()
     except (OSError, PgpsError) as err:  # atomic_write names the OSError of its own steps
-        exc = err.__cause__ if isinstance(err, PgpsError) and isinstance(err.__cause__, OSError) else err
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        exc = os_cause(err)
+        why = exc.strerror if exc is not None and exc.strerror else str(exc or err).splitlines()[0][:200]
         raise PgpsError(
             f"cannot write the results store {root} ({why}); the rows "
             "stored before are kept; free space, or set PGPS_RESULTS_DIR or --results-store to a writable folder"

@@ -56,7 +56,7 @@ from monai.losses import DiceCELoss
 from pgps_tune.augment import to_device
 from pgps_tune.config import ADDED_LATER, TrainConfig, augment_preset, check_train_value
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import DivergedError, PgpsError, atomic_write, strict_json
+from pgps_tune.errors import DivergedError, PgpsError, atomic_write, os_cause, strict_json
 from pgps_tune.network import cpu_bf16, memory_format, network_for, place
 from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
@@ -463,8 +463,8 @@ class Trainer:
             atomic_write(path, write)
             self.written.add(path)
         except (OSError, PgpsError) as err:
-            exc = err.__cause__ if isinstance(err, PgpsError) else err  # atomic_write names an OSError's file
-            if not isinstance(exc, OSError):
+            exc = os_cause(err)
+            if exc is None:
                 raise
             kept = (
                 f"the checkpoint of iteration {self.saved_iteration} is intact: free space, then rerun with --resume"
