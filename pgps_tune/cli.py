@@ -41,6 +41,7 @@ from pgps_tune.config import (
     DataIdentity,
     Recipe,
     TrainConfig,
+    check_filters,
     check_network_widths,
     check_train_value,
     patch_multiple,
@@ -507,6 +508,8 @@ def _train(a: argparse.Namespace) -> int:
                 s = sch.rescale_epochs(s, a.epochs)
             cfg = _run_settings(a, s, given)
             _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the schedule file's recipe")
+            check_filters(cfg.network, s.pools, cfg.filters, "--filters" if "filters" in given else
+                          "the schedule file's recipe.train.filters" if s.recipe else "the default --filters")
             synthetic = _synthetic_args(a, s.recipe)
             ds = _prepare(a, **synthetic)
             if s.recipe is not None:

@@ -70,6 +70,27 @@ def unet_levels(pools: Sequence[int]) -> int:
     return max(pools) + 1
 
 
+# pools of all 0 (no stride-2 downsampling on any axis): refused by the schedule core, so that schedule, train and
+# tune give the same line (a unet/dynunet cannot be built without a downsampling level)
+NO_DOWNSAMPLING = ("pools are all 0, but the network needs at least one downsampling; give at least one axis a pool "
+                   "of 1 or more (pools are stride-2 downsamplings per axis, e.g. 4 4 4; 'pgps-tune plan --data DIR' "
+                   "plans them)")
+
+
+def check_filters(network: str, pools: Sequence[int], filters: Sequence[int], what: str = "--filters") -> None:
+    """Refuse ``filters`` (``what`` says where they come from) too few for a unet/dynunet that pools ``pools``.
+
+    The one refusal that ``train`` (before the data are prepared) and ``tune`` give alike.
+
+    >>> check_filters("unet", (5, 5, 4), (16, 32, 64, 128, 256, 320)); check_filters("segresnet", (6, 6, 6), ())
+    """
+    levels = unet_levels(pools)
+    if network in UNET_NETWORKS and len(filters) < levels:
+        raise PgpsError(f"{what} {list(filters)} gives {len(filters)} widths, but the pools {list(pools)} "
+                        f"downsample {max(pools)} times and {network} needs {levels}; give fewer pools, or at least "
+                        f"{levels} widths (e.g. --filters {' '.join(str(16 * 2 ** i) for i in range(levels))})")
+
+
 def patch_multiple(network: str, pools: Sequence[int], token_size: int = 16) -> tuple[int, int, int]:
     """What every patch side must be a multiple of for ``network`` (its smallest legal side).
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgps_tune.config import NETWORKS, TrainConfig, check_network_patches, unet_levels
+from pgps_tune.config import NETWORKS, NO_DOWNSAMPLING, TrainConfig, check_filters, check_network_patches, unet_levels
 from pgps_tune.errors import PgpsError
 from pgps_tune.schedule import Schedule
 
@@ -272,10 +272,9 @@ def _unet(
 ) -> nn.Module:
     strides = level_strides(pools)
     if not strides:
-        raise PgpsError("pools are all 0; the network needs at least one downsampling")
+        raise PgpsError(NO_DOWNSAMPLING)
+    check_filters(name, pools, filters)
     levels = unet_levels(pools)
-    if len(filters) < levels:
-        raise PgpsError(f"need {levels} filter sizes for {len(strides)} poolings, got {list(filters)}")
     chans = tuple(filters[:levels])
     if name == "unet":
         from monai.networks.nets import UNet

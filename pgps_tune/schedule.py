@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pgps_tune.config import Recipe
+from pgps_tune.config import NO_DOWNSAMPLING, Recipe
 from pgps_tune.errors import PgpsError, atomic_write_text, did_you_mean, read_yaml, strict_json, yaml_text
 from pgps_tune.limits import LIMITS
 
@@ -288,6 +288,8 @@ def validate(s: Schedule) -> None:
         raise PgpsError("final_patch and pools need 3 values each (x y z)")
     for p in s.pools:
         LIMITS["pools"].check(p, "pools per axis")
+    if not any(s.pools):
+        raise PgpsError(NO_DOWNSAMPLING)
     for p in s.final_patch:
         LIMITS["patch_axis"].check(p, "final_patch axis")
     LIMITS["batch_size"].check(s.baseline_batch_size, "baseline_batch_size")

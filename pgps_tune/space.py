@@ -42,13 +42,13 @@ from pgps_tune.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     NETWORKS,
+    NO_DOWNSAMPLING,
     OPTIMIZERS,
     TOKEN_SIZES,
-    UNET_NETWORKS,
     TrainConfig,
+    check_filters,
     check_network_widths,
     patch_multiple,
-    unet_levels,
 )
 from pgps_tune.errors import PgpsError, did_you_mean, read_yaml
 from pgps_tune.limits import LIMITS, Range, limit
@@ -891,11 +891,9 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
     be valid for this plan, so a bad range fails here in one line, not in trial 17.
     """
     b = space.budget
-    levels = unet_levels(pools)
-    if b.network in UNET_NETWORKS and len(b.filters) < levels:
-        raise PgpsError(f"{space.source}: budget.filters {list(b.filters)} gives {len(b.filters)} widths, but the "
-                        f"plan pools {max(pools)} times ({list(pools)}) and {b.network} needs {levels}; give at "
-                        f"least {levels} (e.g. --filters {' '.join(str(16 * 2 ** i) for i in range(levels))})")
+    if not any(pools):
+        raise PgpsError(f"{space.source}: {NO_DOWNSAMPLING}")
+    check_filters(b.network, pools, b.filters, f"{space.source}: budget.filters")
     if b.res_units != 1 and b.network != "unet":
         raise PgpsError(f"{space.source}: budget.res_units shapes the unet network, not {b.network}; "
                         "leave it at 1 (or use network unet)")

@@ -321,3 +321,22 @@ def test_random_sampling_is_held_to_its_largest_size_by_the_memory_estimate():
     paper = sch.paper((64, 64, 64), (3, 3, 3), 2, 40, "sqrt")
     rnd = sch.preset("random", (64, 64, 64), (3, 3, 3), 2, 40, "sqrt")
     assert sch.training_memory(rnd, (4, 8, 16, 32)) == sch.training_memory(paper, (4, 8, 16, 32))
+
+
+def test_pools_train_refuses_are_refused_by_schedule_with_trains_line(capsys):
+    """schedule, train and tune give one line for pools no network here trains with (all 0), and for too few
+    filters for the pools (train before the data are prepared, as tune does)."""
+    from pgps_tune.cli import main
+    from pgps_tune.config import NO_DOWNSAMPLING, check_filters
+    from pgps_tune.network import build_network
+
+    assert main(["schedule", "--preset", "paper", "--final-patch", "16", "16", "16", "--pools", "0", "0", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pgps-tune: error: {NO_DOWNSAMPLING}\n"
+    with pytest.raises(PgpsError) as built:  # what train's network build says
+        build_network("unet", 1, 2, (0, 0, 0))
+    assert str(built.value) == NO_DOWNSAMPLING
+    fix = r"needs 7; give fewer pools, or at least 7 widths \(e.g. --filters 16 32 64 128 256 512 1024\)$"
+    with pytest.raises(PgpsError, match=fix):
+        build_network("unet", 1, 2, (6, 6, 6))
+    check_filters("segresnet", (6, 6, 6), ())  # its widths are not filters
