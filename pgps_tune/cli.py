@@ -823,6 +823,8 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
     """The space with the confirmation flags given on the command line in place of its confirm section."""
     import dataclasses
 
+    from pgps_tune.space import check_splits_exists
+
     given = {f: getattr(a, f"confirm_{f}") for f in CONFIRM_FLAGS if getattr(a, f"confirm_{f}", None) is not None}
     if a.no_confirm:
         given["enabled"] = False
@@ -830,6 +832,7 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
         raise PgpsError("give --confirm-seeds or --confirm-folds/--confirm-splits, not both")
     if "seeds" in given:  # the command line's choice of repeats replaces the file's
         given.update(folds=None, splits=None)
+    check_splits_exists(given.get("splits"), "--confirm-splits", "give the path of an existing splits file")
     return dataclasses.replace(space, confirm=dataclasses.replace(space.confirm, **given)) if given else space
 
 

@@ -687,6 +687,22 @@ def _check_applies(raw: dict[str, Any], objective: Objective, src: str) -> None:
 TRAINERS = ("pgps_tune", "nnunet")
 
 
+def check_splits_exists(splits: str | None, where: str, fix: str) -> None:
+    """Refuse a confirmation splits file that does not exist, naming where its path came from (``where``: a space
+    file's confirm.splits, a flag, a sweep's stored settings) and ``fix``, before any data are prepared."""
+    if splits and not Path(splits).exists():
+        rel = "" if Path(splits).is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+        raise PgpsError(f"{where} names the splits file {splits}, which does not exist{rel}; {fix}")
+
+
+def check_space_splits(space: SearchSpace) -> None:
+    """:func:`check_splits_exists` for the space's ``confirm.splits`` (when the confirmation runs)."""
+    if space.confirm.enabled and space.confirm.splits:
+        check_splits_exists(space.confirm.splits, f"the space file {space.source} (confirm.splits)",
+                            f"correct confirm.splits in {space.source} or create that file, or give "
+                            "--confirm-splits FILE")
+
+
 def check_trainer(budget: Budget, confirm: Confirm, src: str) -> None:
     """Refuse a ``budget.trainer`` (and its keys) that trials could not train with."""
     if budget.trainer not in TRAINERS:

@@ -90,6 +90,8 @@ from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
     check_space_against_plan,
+    check_space_splits,
+    check_splits_exists,
     confirm_references,
     grid_sample,
     objective_score,
@@ -140,6 +142,7 @@ class SweepOptions:
         if self.warm_start and self.space.asha.fidelity == "compressed":
             raise PgpsError("--warm-start adds full-budget scores to a study that, with asha.fidelity compressed, "
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
+        check_space_splits(self.space)
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
         if self.space.budget.trainer == "nnunet":
@@ -2100,6 +2103,7 @@ class ConfirmSettings:
     def from_space(cls, space: SearchSpace, ds) -> ConfirmSettings:
         """The space's confirm section (epochs null: the search's), checked against the dataset."""
         c = space.confirm
+        check_space_splits(space)
         return cls.checked(c.top_k, c.epochs or space.budget.epochs, c.seeds, c.folds, c.splits, ds,
                            space.budget.split_seed, source=f"{space.source}: confirm")
 
@@ -2262,6 +2266,9 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         before = {**before, "folds": None, "splits": None}
     elif c.folds is not None or c.splits:
         before = {**before, "seeds": None, "folds": None, "splits": None}
+    check_splits_exists(c.splits, "--splits", "give the path of an existing splits file")
+    check_splits_exists(before["splits"], f"the sweep's stored confirmation settings ({Path(c.sweep) / SWEEP_FILE})",
+                        "put that file back, or give --splits FILE or --seeds N")
     ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
                  synthetic_shape=tuple(b["synthetic_shape"]))
     settings = ConfirmSettings.checked(

@@ -214,11 +214,27 @@ def test_tune_flags_replace_the_confirm_section(tmp_path, monkeypatch):
     assert main([*base, "--out", str(tmp_path / "b"), "--no-confirm"]) == 0
     assert main([*base, "--out", str(tmp_path / "c"), "--confirm-seeds", "5", "--confirm-epochs", "30",
                  "--confirm-top-k", "2"]) == 0
-    assert main([*base, "--out", str(tmp_path / "d"), "--confirm-splits", "f.json"]) == 0
+    (tmp_path / "f.json").write_text("[]")
+    assert main([*base, "--out", str(tmp_path / "d"), "--confirm-splits", str(tmp_path / "f.json")]) == 0
     a, b, c, d = seen
     assert a.enabled and a.folds == 4 and not b.enabled
     assert (c.seeds, c.folds, c.epochs, c.top_k) == (5, None, 30, 2)  # seeds replace the file's folds
-    assert d.splits == "f.json" and d.folds == 4
+    assert d.splits == str(tmp_path / "f.json") and d.folds == 4
+
+
+def test_a_missing_splits_file_names_the_space_file_or_flag_that_gave_it_and_the_fix(tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path / "s.yaml", confirm={"enabled": True, "splits": "nosuch/splits.json"})
+    base = ["tune", "--space", space, "--data", "synthetic", "--quiet", "--out", tmp_path / "sw"]
+    line = refused(capsys, base)  # before any data are prepared
+    assert f"the space file {space} (confirm.splits) names the splits file nosuch/splits.json, which does not " \
+           f"exist (a relative path is read from the current folder, {tmp_path})" in line
+    assert line.endswith(f"correct confirm.splits in {space} or create that file, or give --confirm-splits FILE")
+    line = refused(capsys, [*base, "--confirm-splits", "other.json"])  # the flag's file, not the space file's
+    assert line.startswith("pgps-tune: error: --confirm-splits names the splits file other.json")
+    assert "s.yaml" not in line
+    assert not (tmp_path / "sw").exists()
 
 
 def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
