@@ -22,7 +22,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -911,11 +911,14 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
 
 
 def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,
-                  exclude_sweep: str | None = None) -> list[dict[str, Any]]:
+                  exclude_sweep: str | None = None, exclude_origins: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Completed searched trials of ``dataset`` from earlier sweeps of the same space (``tune --warm-start``).
 
     Same space means the same :meth:`pgps_tune.space.SearchSpace.key` (parameters, objective and
-    budget) and the same final patch, so their scores mean what this sweep's will.
+    budget) and the same final patch, so their scores mean what this sweep's will.  A sweep's own rows
+    are left out by their ``origin`` (``exclude_origins``: its folder, and the folder it was copied from),
+    whatever name the store gave them (``NAME-HASH`` when another sweep had the name first); only rows
+    stored before origins were recorded are told by their sweep name (``exclude_sweep``).
     """
     try:
         t = load_store(store)
@@ -925,8 +928,10 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
                    pc.and_(t["completed"], pc.equal(t["role"], "search")))
     mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
     mask = pc.and_(mask, pc.greater_equal(t[FIDELITY], 1.0))  # a compressed rung's score is not a full run's
-    if exclude_sweep is not None:
-        mask = pc.and_(mask, pc.not_equal(t["sweep"], exclude_sweep))
+    own = pc.is_in(t[ORIGIN], value_set=pa.array([str(o) for o in exclude_origins if o], pa.string()))
+    if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
+        own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
+    mask = pc.and_(mask, pc.invert(own))
     found = t.filter(mask).to_pylist()
     if not found:
         raise PgpsError(f"--warm-start: the results store {Path(store) if store else default_store()} holds no "

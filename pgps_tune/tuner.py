@@ -852,8 +852,16 @@ def warm_start(study: optuna.Study, space: SearchSpace, rows: list[dict[str, Any
     return added
 
 
-def optuna_searcher(opts: SweepOptions, meta: dict[str, Any]) -> PrunedAwareOptunaSearch:
-    """The search phase's Optuna searcher, on the sweep's journal study (warm-started if asked)."""
+def own_origins(out: Path, before: dict[str, Any] | None) -> list[str]:
+    """The store origins of a sweep's own rows: its folder, and for a copied or moved sweep the folder its
+    sweep.json was written in (``before``: that sweep.json, on a resume).  ``--warm-start`` leaves them out."""
+    return sorted({str(Path(out).resolve()), *([before[FOLDER_KEY]] if (before or {}).get(FOLDER_KEY) else [])})
+
+
+def optuna_searcher(opts: SweepOptions, meta: dict[str, Any], before: dict[str, Any] | None = None
+                    ) -> PrunedAwareOptunaSearch:
+    """The search phase's Optuna searcher, on the sweep's journal study (warm-started if asked, never from the
+    sweep's own stored rows: see :func:`own_origins`)."""
     space = opts.space
     metric, mode = objective_metrics(space)
     storage = study_storage(opts.out)
@@ -862,7 +870,7 @@ def optuna_searcher(opts: SweepOptions, meta: dict[str, Any]) -> PrunedAwareOptu
                                 load_if_exists=True)
     if opts.warm_start:
         rows = stored_trials(meta["dataset"], meta["space_key"], meta["final_patch"], opts.results_store,
-                             exclude_sweep=meta["sweep"])
+                             exclude_sweep=meta["sweep"], exclude_origins=own_origins(opts.out, before))
         added = warm_start(study, space, rows)
         sweeps = sorted({r["sweep"] for r in rows})
         print(f"pgps-tune: warm start: {added} earlier trials of {meta['dataset']} added to the study "
@@ -1795,7 +1803,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         check_space_against_plan(space, final, pools)
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
-                          exclude_sweep=before["sweep"] if before else out.resolve().name)
+                          exclude_sweep=before["sweep"] if before else out.resolve().name,
+                          exclude_origins=own_origins(out, before))
         storage_fs, storage_path = resolve_storage(opts.storage, out)
         if before:  # what Tune would restore is checked before sweep.json says the sweep is unfinished again
             for name in before["experiments"].values():
@@ -1998,16 +2007,17 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         plans.append(confirm_plan(confirm, b.iterations_per_epoch,
                                   _fractions(meta["reference_configs"], setup, confirm.epochs)))
     with _sweep_clock(plans, opts):
-        _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm, refs)
+        _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm, refs, before)
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
 
 
 def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], storage_fs,
-            storage_path: str, num_samples: int, confirm: ConfirmSettings | None, refs: list[dict[str, Any]]) -> None:
+            storage_path: str, num_samples: int, confirm: ConfirmSettings | None, refs: list[dict[str, Any]],
+            before: dict[str, Any] | None = None) -> None:
     """The sweep's phases in order: references (``refs``), search (one rung after another if compressed),
-    confirmation."""
+    confirmation; ``before``: the sweep.json a resume continues."""
     space, b = opts.space, opts.space.budget
     if refs:
         run_phase("references", opts, setup, storage_fs, storage_path, meta["experiments"]["references"],
@@ -2033,7 +2043,7 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
         searcher = ListSearcher(grid_sample(space, num_samples) if space.asha.promote == "main_effects"
                                 else space.grid())
     else:
-        searcher = optuna_searcher(opts, meta)
+        searcher = optuna_searcher(opts, meta, before)
     stopper = None
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)

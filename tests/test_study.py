@@ -181,3 +181,35 @@ def test_a_store_written_before_space_keys_still_reads_and_warm_starts_from_the_
         stored_trials("d", "k1", [32, 32, 32], tmp_path)
     with pytest.raises(PgpsError, match="--warm-start: results store .* does not exist"):
         stored_trials("d", "k1", [16, 16, 16], tmp_path / "none")
+
+
+def test_warm_start_leaves_out_the_sweeps_own_rows_by_origin_whatever_name_the_store_gave_them(tmp_path, capsys):
+    import pyarrow as pa
+
+    from pgps_tune.results import ORIGIN, SCHEMA, store_sweep, stored_trials
+    from pgps_tune.tuner import FOLDER_KEY, own_origins
+
+    def row(tid):
+        return {c: None for c in SCHEMA.names} | {"trial_id": tid, "role": "search", "completed": True,
+                                                  "score": 0.5, "params": "{}"}
+
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "d", "sweep": "demo",
+            "space_key": "k"}
+    store = tmp_path / "store"
+    other, mine = tmp_path / "projA" / "demo", tmp_path / "projB" / "demo"
+    store_sweep(pa.Table.from_pylist([row("a1")], schema=SCHEMA), meta, store, other)
+    store_sweep(pa.Table.from_pylist([row("b1")], schema=SCHEMA), meta, store, mine)  # stored as demo-HASH
+    assert "is stored as 'demo-" in capsys.readouterr().err
+    found = stored_trials("d", "k", [16, 16, 16], store, exclude_sweep="demo", exclude_origins=own_origins(mine, None))
+    assert [r["trial_id"] for r in found] == ["a1"]  # not its own b1 under demo-HASH; the other 'demo' is kept
+    moved = tmp_path / "moved" / "demo"  # a moved copy resumes: the rows stored from where it was written are its own
+    found = stored_trials("d", "k", [16, 16, 16], store, exclude_sweep="demo",
+                          exclude_origins=own_origins(moved, {FOLDER_KEY: str(mine.resolve())}))
+    assert [r["trial_id"] for r in found] == ["a1"]
+    part = store / "dataset=d" / "sweep=demo" / "part-0.parquet"  # rows stored before origins: told by name
+    pq.write_table(pq.read_table(part).drop_columns([ORIGIN]), part)
+    found = stored_trials("d", "k", [16, 16, 16], store, exclude_sweep="other",
+                          exclude_origins=own_origins(mine, None))
+    assert [r["trial_id"] for r in found] == ["a1"]
+    with pytest.raises(Exception, match="no completed trials"):
+        stored_trials("d", "k", [16, 16, 16], store, exclude_sweep="demo", exclude_origins=own_origins(mine, None))
