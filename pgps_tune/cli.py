@@ -274,6 +274,27 @@ def _check_out_file(path: Path, what: str = "a file name (.yaml or .json)") -> N
     _writable_ancestor(path)
 
 
+def _missing_parents(out: Any) -> list[Path]:
+    """The folders above ``--out`` that do not exist yet, topmost first: a command creates them as it writes."""
+    missing: list[Path] = []
+    if isinstance(out, str) and out:
+        for p in Path(out).absolute().parents:
+            if p.exists():
+                break
+            missing.insert(0, p)
+    return missing
+
+
+def _note_created(out: str, missing: list[Path]) -> None:
+    """Say which of ``missing`` the command created for ``--out``: a mistyped parent does not silently make a tree
+    (every command's --out, file or folder, alike)."""
+    made = [p for p in missing if p.is_dir()]
+    if made:
+        below = f" and {len(made) - 1} folder(s) inside it" if len(made) > 1 else ""
+        print(f"pgps-tune: note: --out {out}: created the folder {made[0]}{below}, which did not exist",
+              file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
     """If the command fails, remove the folders it created for ``out`` that hold no file.
@@ -1507,10 +1528,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _fatal_errors_show_where()
     out = Path(args.out) if getattr(args, "out_folder", False) else None
+    missing = _missing_parents(getattr(args, "out", None))
     with _sigterm_raises() as terminated:
         try:
             with _no_empty_folder_left(out):
                 rc = args.func(args)
+            if rc == 0:
+                _note_created(args.out, missing)
             if argv_given is None:
                 sys.stdout.flush()  # a reader that left (`| head`) is found here, not at the interpreter's exit
             return rc

@@ -440,3 +440,19 @@ def test_messages_name_the_real_problem_and_its_fix(fake_sweep, tmp_path, capsys
 def test_trials_columns_with_an_empty_name_says_so(fake_sweep, capsys):
     assert main(["trials", str(fake_sweep), "--columns", "trial_id,,score"]) == 2
     assert "--columns 'trial_id,,score' has an empty name" in _one_line_error(capsys)
+
+
+def test_report_out_in_a_missing_folder_creates_it_and_says_so_in_one_line_as_every_out_does(fake_sweep, tmp_path,
+                                                                                            capsys):
+    page = tmp_path / "typo" / "deep" / "page.html"
+    assert main(["report", str(fake_sweep), "--out", str(page)]) == 0
+    err = capsys.readouterr().err
+    assert page.is_file() and err == (f"pgps-tune: note: --out {page}: created the folder {tmp_path / 'typo'} and 1 "
+                                      "folder(s) inside it, which did not exist\n")
+    assert main(["report", str(fake_sweep), "--out", str(page.parent / "again.html")]) == 0
+    assert capsys.readouterr().err == ""  # the folder is there now: nothing to say
+    out = tmp_path / "new" / "s.yaml"  # schedule --out (and train, tune, predict, export, best) alike
+    assert main(["schedule", "--preset", "constant", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().err == f"pgps-tune: note: --out {out}: created the folder {out.parent}, which did " \
+                                      "not exist\n"
