@@ -1119,7 +1119,7 @@ def cmd_best(a: argparse.Namespace) -> int:
 
     if a.out:
         _check_out_file(Path(a.out))
-    s = best_schedule(a.dataset, a.results_store, a.objective)
+    s = best_schedule(a.dataset, a.results_store, a.objective, a.sweep or ())
     if a.out:
         s.save(a.out)
     _print_schedule(s, a.format)
@@ -1442,13 +1442,21 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--npz", action="store_true", help="also save validation probabilities (nnU-Net's --npz)")
     nt.set_defaults(func=cmd_nnunet_train)
 
-    be = sub.add_parser("best", help="the best stored schedule for a dataset, over all sweeps")
+    be = sub.add_parser(
+        "best", help="the best stored schedule for a dataset, over all sweeps",
+        description="The best schedule for a dataset: the completed trials of every stored sweep of it (or of the "
+                    "--sweep ones) ranked by the objective's score; trials at a fraction of the budget (ASHA's "
+                    "compressed rungs) and confirmation repeats are not ranked. Scores compare only at the same "
+                    "budget (epochs x iterations per epoch), data and split, and final patch: when the ranked "
+                    "sweeps differ in these, a note line names them and how; --sweep ranks comparable sweeps only.")
     be.add_argument("--dataset", required=True, metavar="NAME",
                     help="dataset name (dataset.json 'name', or 'synthetic'), matched exactly")
     be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
     be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
     be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml", help="default yaml")
+    be.add_argument("--sweep", action="append", metavar="NAME", help="rank only this stored sweep (repeatable; "
+                    "the names 'pgps-tune best' notes, or the store's sweep=NAME folders)")
     be.add_argument("--out", metavar="FILE", help="also write the schedule to this file")
     be.set_defaults(func=cmd_best)
 

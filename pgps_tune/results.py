@@ -388,6 +388,12 @@ def trainer_meta(params_json: str) -> dict[str, Any]:
     return {"trainer": trainer} if trainer else {}
 
 
+def rankable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials :func:`pick_best` ranks: completed searched or reference trials at the full budget."""
+    return [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])
+            and r.get("phase") != "confirm" and full_fidelity(r)]
+
+
 def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The completed full-budget trial with the highest objective score (ties: cheaper, then higher Dice).
 
@@ -395,9 +401,7 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     a trial trained at a fraction of the budget (``fidelity`` below 1) only ranks schedules for the
     next rung: its score is not one the exports can compare.
     """
-    done = [r for r in rows if r["completed"] and r["schedule"] and not math.isnan(r["score"])
-            and r.get("phase") != "confirm" and full_fidelity(r)]
-    return max(done, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
+    return max(rankable(rows), key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
 
 
 # -- confirmation -----------------------------------------------------------------------------
@@ -887,8 +891,47 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     return table
 
 
-def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice") -> sch.Schedule:
-    """The best completed schedule for ``dataset`` over every stored sweep with ``objective``."""
+def comparable_as(row: dict[str, Any]) -> dict[str, str]:
+    """What a stored score is comparable with: the budget its trial trained (epochs x iterations per epoch, and
+    a time limit), its data and split, and its final patch; two scores mean the same only where all agree."""
+    s = json.loads(row["schedule"] or "null") or {}
+    recipe = s.get("recipe") or {}
+    train, data = recipe.get("train") or {}, recipe.get("data") or {}
+    budget = (f"{sum(st['epochs'] for st in s.get('stages', []))} epochs x "
+              f"{train.get('iterations_per_epoch', '?')} iterations")
+    if train.get("max_train_seconds"):
+        budget += f" within {train['max_train_seconds']:g} s"
+    shape = data.get("synthetic_shape")
+    on = (f"{data.get('source', '?')}" + (f" ({data.get('synthetic_cases')} cases of {'x'.join(map(str, shape))})"
+                                           if shape else "")
+          + f", split {data.get('val_fraction', '?')}/{data.get('split_seed', '?')}"
+          + (f", spacing {'x'.join(f'{v:g}' for v in data['spacing'])}" if data.get("spacing") else ""))
+    return {"budget": budget, "data": on, "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+
+
+def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any]) -> str | None:
+    """One line naming the ranked sweeps whose budget, data or final patch differ from the winner's (None: all
+    alike), so that ``best`` never compares scores of different things silently."""
+    won = comparable_as(best)
+    differ: dict[str, set[str]] = {}
+    for r in rows:
+        keys = {k for k, v in comparable_as(r).items() if v != won[k]}
+        if keys:
+            differ.setdefault(r["sweep"], set()).update(keys)
+    if not differ:
+        return None
+    shown = [f"{name} ({', '.join(k for k in won if k in keys)})" for name, keys in sorted(differ.items())]
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    return (f"the winner, sweep {best['sweep']!r} ({won['budget']}, final patch {won['final patch']}, data "
+            f"{won['data']}), was ranked with sweeps of another budget, data or final patch, whose scores do not "
+            f"compare: {'; '.join(shown[:5])}{more}; rank comparable sweeps only with --sweep NAME (repeatable)")
+
+
+def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice",
+                  sweeps: Sequence[str] = ()) -> sch.Schedule:
+    """The best completed schedule for ``dataset`` over every stored sweep (or the ``sweeps`` named) with
+    ``objective``; a note on stderr names the ranked sweeps that differ from the winner's in budget, data or
+    final patch (:func:`incomparable_note`)."""
     t = load_store(store)
     known = sorted(set(t["dataset"].to_pylist()))
     if dataset not in known:  # names are matched exactly: "Hippo" and "hippo" can be two datasets
@@ -896,11 +939,21 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         if alike:
             raise PgpsError(f"the store has no dataset {dataset!r}, but has {', '.join(map(repr, alike))} (names "
                             "are matched exactly, case included); give --dataset as the store spells it")
+    if sweeps:
+        stored = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["sweep"].to_pylist()))
+        unknown = [s for s in sweeps if s not in stored]
+        if unknown:
+            raise PgpsError(f"the store holds no sweep {unknown[0]!r} of dataset {dataset!r}; give --sweep as one of "
+                            f"{', '.join(stored) or '(none)'}")
+        t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     rows = t.filter(mask).to_pylist()
     best = pick_best(rows)
     if best is None:
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
+    note = incomparable_note(rankable(rows), best)
+    if note:
+        print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     dataset = best["dataset"]  # as the sweep stored it
     s = schedule_of(best, f"results store folder {_partition(load_root(store), best['dataset'], best['sweep'])}",
                      "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")

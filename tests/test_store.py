@@ -196,3 +196,32 @@ def test_a_signal_after_the_command_finished_does_not_turn_success_into_an_inter
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr
     assert "stage" in done.stdout and "interrupted" not in done.stderr
+
+
+def test_best_names_ranked_sweeps_of_another_budget_or_final_patch_and_ranks_comparable_ones_with_sweep(
+        tmp_path, capsys):
+    store = tmp_path / "store"
+    long = sch.preset("paper", (16, 16, 16), (2, 2, 2), 2, 40, "resource", None)
+    big = sch.constant((32, 32, 32), (2, 2, 2), 2, 10)
+
+    def rec(tid, dice, s):
+        return TrialRecord(tid, "TERMINATED", {"stages": 2}, {
+            "val_dice": dice, "score": dice, "completed": True, "schedule": json.dumps(s.to_dict()), "epoch": 10,
+            "schedule_voxel_fraction": s.voxel_fraction()})
+
+    for name, r, patch in (("short", record("t1", 0.6), [16, 16, 16]), ("alike", record("t2", 0.5), [16, 16, 16]),
+                           ("long", rec("t3", 0.9, long), [16, 16, 16]), ("big", rec("t4", 0.7, big), [32, 32, 32])):
+        export_sweep(tmp_path / name, sweep_meta(tmp_path / name, sweep=name, final_patch=patch), [r], store)
+    capsys.readouterr()
+    out = tmp_path / "b.yaml"
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert sch.load(out).meta["sweep"] == "long" and err.count("\n") == 1, err
+    assert err.startswith("pgps-tune: note: the winner, sweep 'long' (40 epochs x ? iterations, final patch 16x16x16")
+    assert "alike (budget); big (budget, final patch); short (budget)" in err
+    assert err.rstrip().endswith("rank comparable sweeps only with --sweep NAME (repeatable)")
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--sweep", "short", "--sweep",
+                 "alike", "--out", str(out)]) == 0
+    assert sch.load(out).meta["sweep"] == "short" and capsys.readouterr().err == ""  # alike: nothing to note
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--sweep", "shrot"]) == 2
+    assert "no sweep 'shrot' of dataset 'synthetic'; give --sweep as one of alike, big, long, short" in one_line(capsys)
