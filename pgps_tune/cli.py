@@ -434,7 +434,13 @@ def _note_other_data(a: argparse.Namespace, recipe: Recipe, ds: Any) -> None:
     d = recipe.data
     if ds.name != d.dataset:
         _note(a, f"train: note: the schedule file's recipe was trained on dataset {d.dataset}, --data is {ds.name}")
-    elif (d.spacing and tuple(ds.spacing) != d.spacing) or (
+        return
+    said, done = [n["type"] for n in d.normalisation], [n["type"] for n in ds.normalisation]
+    if d.normalisation and said != done:  # the recipe describes the data; train normalises as --data is prepared
+        raise PgpsError(f"the schedule file's recipe.data.normalisation says {', '.join(said)} per channel, but "
+                        f"--data {ds.name} is prepared as {', '.join(done)} (from its modalities), and train "
+                        "normalises as the data are prepared; correct recipe.data.normalisation or delete it")
+    if (d.spacing and tuple(ds.spacing) != d.spacing) or (
             d.normalisation and [dict(n) for n in ds.normalisation] != list(d.normalisation)):
         _note(a, f"train: note: --data is {ds.name} as in the recipe, but preprocessed differently (spacing or "
               "normalisation); its Dice will differ from the sweep's")

@@ -361,13 +361,41 @@ def check_train_value(name: str, value: Any, what: str) -> Any:
 RECIPE_VERSION = 1
 
 
+# pgps_tune.intensity's schemes (type: the keys besides it): what a recipe's normalisation may say
+SCHEMES: dict[str, tuple[str, ...]] = {"ct": ("lower", "upper", "mean", "sd"), "zscore": (), "none": (),
+                                       "rescale": (), "rgb": ()}
+
+
+def _check_scheme(n: dict[str, Any], where: str) -> None:
+    """Refuse a normalisation entry that is not one of :data:`SCHEMES` as preprocessing writes it."""
+    kind = n.get("type")
+    if kind not in SCHEMES:
+        raise PgpsError(f"{where}.type {kind!r} is not a normalisation scheme; use one of {', '.join(SCHEMES)} "
+                        "(as the preprocessing of the data wrote it), or delete the recipe's normalisation")
+    want = SCHEMES[kind]
+    extra = sorted(set(n) - {"type", *want}, key=str)
+    missing = [k for k in want if k not in n]
+    if extra or missing:
+        what = f"unknown key(s) {extra}" if extra else f"lacks {', '.join(missing)}"
+        raise PgpsError(f"{where}: {what}; a {kind} entry has "
+                        f"{'type, ' + ', '.join(want) if want else 'only type'}")
+    if want:
+        v = [n[k] for k in want]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v) or (
+                v[0] > v[1] or v[3] < 0):
+            raise PgpsError(f"{where}: lower, upper, mean and sd must be finite numbers with lower <= upper and "
+                            f"sd >= 0, got {dict(zip(want, v))}")
+
+
 @dataclass(frozen=True)
 class DataIdentity:
     """What a recipe was trained on: the data, its preprocessing and the validation split.
 
     ``val_fraction``/``split_seed`` and, for synthetic data, ``synthetic_cases``/``synthetic_shape``
     are applied by ``pgps-tune train --schedule``; ``dataset``, ``source``, ``spacing`` and
-    ``normalisation`` tell a reader (and train's notes) what the data was.
+    ``normalisation`` tell a reader (and train's notes) what the data was.  ``normalisation`` entries are
+    checked (one of :data:`SCHEMES`, as preprocessing writes them), and train refuses a recipe whose schemes
+    are not those it will apply to the same dataset.
     """
 
     dataset: str
@@ -424,6 +452,8 @@ class DataIdentity:
         norm = data.get("normalisation", [])
         if not isinstance(norm, list) or not all(isinstance(n, dict) for n in norm):
             raise PgpsError(f"{where}.normalisation must be a list of mappings (one per channel), got {norm!r}")
+        for i, n in enumerate(norm):
+            _check_scheme(n, f"{where}.normalisation[{i}]")
         shape = data.get("synthetic_shape")
         if shape is not None and (not isinstance(shape, list) or len(shape) != 3):
             raise PgpsError(f"{where}.synthetic_shape must be a list of 3 integers, got {shape!r}")

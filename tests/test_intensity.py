@@ -119,3 +119,10 @@ def test_prepare_normalises_ct_dataset_wide_and_records_the_scheme(tmp_path):
     for i, image in enumerate(raw):  # one affine map for all cases: the same statistics everywhere
         expected = (np.clip(image, scheme["lower"], scheme["upper"]) - scheme["mean"]) / scheme["sd"]
         assert np.allclose(ct.image(i)[0], expected, atol=1e-5)
+
+
+def test_a_recipe_accepts_exactly_the_schemes_normalise_applies():
+    from pgps_tune import intensity
+    from pgps_tune.config import SCHEMES
+
+    assert set(SCHEMES) == {"ct", *intensity.FIXED}

@@ -75,6 +75,18 @@ def test_the_export_carries_every_trainer_setting_and_the_data(tmp_path):
     (lambda r: r["data"].update(val_fraction=1.5), "recipe.data.val_fraction must be a number in (0, 1)"),
     (lambda r: r.update(version=7), "recipe.version 7 is not supported"),
     (lambda r: r.update(extra=1), "recipe: unknown key(s) ['extra']"),
+    (lambda r: r["data"].update(normalisation=[{"type": "minmax"}]), "recipe.data.normalisation[0].type 'minmax' is "
+     "not a normalisation scheme; use one of ct, zscore, none, rescale, rgb"),
+    (lambda r: r["data"].update(normalisation=[{"type": "zscore", "mean": 3}]),
+     "recipe.data.normalisation[0]: unknown key(s) ['mean']; a zscore entry has only type"),
+    (lambda r: r["data"].update(normalisation=[{"type": "ct", "lower": 1, "upper": 0, "mean": 0, "sd": 1}]),
+     "lower <= upper"),
+    (lambda r: r["data"].update(normalisation=[{"type": "ct"}]),
+     "recipe.data.normalisation[0]: lacks lower, upper, mean, sd; a ct entry has type, lower, upper, mean, sd"),
+    # well formed, but not what train will do: synthetic data are z-scored
+    (lambda r: r["data"].update(normalisation=[{"type": "none"}]), "recipe.data.normalisation says none per "
+     "channel, but --data synthetic is prepared as zscore (from its modalities), and train normalises as the data "
+     "are prepared; correct recipe.data.normalisation or delete it"),
 ])
 def test_a_bad_recipe_is_refused_in_one_line_naming_the_key(tmp_path, capsys, edit, needle):
     s = dataclasses.replace(sch.constant((16, 16, 16), (2, 2, 2), 2, 2), recipe=_recipe_on_synthetic())
