@@ -860,6 +860,8 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
     if "seeds" in given:  # the command line's choice of repeats replaces the file's
         given.update(folds=None, splits=None)
     check_splits_exists(given.get("splits"), "--confirm-splits", "give the path of an existing splits file")
+    if given.get("splits"):  # stored with the sweep and read by trials in their own folders: made absolute here
+        given["splits"] = str(Path(given["splits"]).resolve())
     return dataclasses.replace(space, confirm=dataclasses.replace(space.confirm, **given)) if given else space
 
 
@@ -1091,7 +1093,8 @@ def cmd_confirm(a: argparse.Namespace) -> int:
     from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
 
     opts = ConfirmOptions(
-        sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds, splits=a.splits, epochs=a.epochs,
+        sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds,
+        splits=str(Path(a.splits).resolve()) if a.splits else None, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet,
         progress=progress_mode(a.progress, a.quiet))

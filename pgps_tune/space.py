@@ -24,6 +24,7 @@ File format (YAML)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -281,7 +282,8 @@ class Confirm:
                                    "(null: seeds); `tune --confirm-folds`")
     splits: str | None = _doc(None, "instead of the seeded folds: a JSON file listing the folds, "
                                     '[{"train": [case ids], "val": [case ids]}, ...] (nnU-Net\'s '
-                                    "splits_final.json); `tune --confirm-splits`")
+                                    "splits_final.json); a relative path is read from the space file's folder; "
+                                    "`tune --confirm-splits`")
     epochs: int | None = _doc(None, "epochs of each confirmation trial (null: budget.epochs); a longer budget "
                                     "checks that a short-budget winner still wins; `tune --confirm-epochs`")
 
@@ -631,6 +633,10 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     asha = _section(raw, "asha", Asha, src)
     budget = _section(raw, "budget", Budget, src)
     confirm = _section(raw, "confirm", Confirm, src)
+    if confirm.splits and not Path(confirm.splits).is_absolute() and Path(source).is_file():
+        # a path in a file is read from that file's folder (as a flag's is from the current one), so a space
+        # file and its splits file move together and a trial's own working folder never matters
+        confirm = dataclasses.replace(confirm, splits=str(Path(source).resolve().parent / confirm.splits))
     if objective.type not in OBJECTIVES:
         raise PgpsError(f"{src}: objective.type {objective.type!r} unknown; use one of {', '.join(OBJECTIVES)}")
     parse_pick(objective.pick, f"{src}: objective.pick")
@@ -691,7 +697,7 @@ def check_splits_exists(splits: str | None, where: str, fix: str) -> None:
     """Refuse a confirmation splits file that does not exist, naming where its path came from (``where``: a space
     file's confirm.splits, a flag, a sweep's stored settings) and ``fix``, before any data are prepared."""
     if splits and not Path(splits).exists():
-        rel = "" if Path(splits).is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+        rel = "" if Path(splits).is_absolute() else f" (read from the current folder, {Path.cwd()})"
         raise PgpsError(f"{where} names the splits file {splits}, which does not exist{rel}; {fix}")
 
 

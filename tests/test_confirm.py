@@ -228,13 +228,35 @@ def test_a_missing_splits_file_names_the_space_file_or_flag_that_gave_it_and_the
     space = write_space(tmp_path / "s.yaml", confirm={"enabled": True, "splits": "nosuch/splits.json"})
     base = ["tune", "--space", space, "--data", "synthetic", "--quiet", "--out", tmp_path / "sw"]
     line = refused(capsys, base)  # before any data are prepared
-    assert f"the space file {space} (confirm.splits) names the splits file nosuch/splits.json, which does not " \
-           f"exist (a relative path is read from the current folder, {tmp_path})" in line
+    missing = tmp_path.resolve() / "nosuch" / "splits.json"  # a relative path is read from the space file's folder
+    assert f"the space file {space} (confirm.splits) names the splits file {missing}, which does not exist;" in line
     assert line.endswith(f"correct confirm.splits in {space} or create that file, or give --confirm-splits FILE")
     line = refused(capsys, [*base, "--confirm-splits", "other.json"])  # the flag's file, not the space file's
-    assert line.startswith("pgps-tune: error: --confirm-splits names the splits file other.json")
+    assert line.startswith("pgps-tune: error: --confirm-splits names the splits file other.json, which does not "
+                           f"exist (read from the current folder, {tmp_path.resolve()})")
     assert "s.yaml" not in line
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_relative_splits_path_is_read_from_the_space_files_folder_and_a_flags_from_the_current_one(
+        tmp_path, monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    seen = []
+    monkeypatch.setattr(tuner, "sweep", lambda opts: seen.append(opts.space.confirm) or {
+        "sweep": "s", "dataset": "synthetic", "trials": 0, "completed": 0, "stopped_early": 0, "failed": 0,
+        "best": None})
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "splits.json").write_text("[]")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.json").write_text("[]")
+    space = write_space(tmp_path / "spaces" / "s.yaml", confirm={"enabled": True, "splits": "splits.json"})
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the space file's folder nor a trial's
+    base = ["tune", "--space", str(space), "--data", "synthetic", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--confirm-splits", "mine.json"]) == 0
+    assert [c.splits for c in seen] == [str(tmp_path.resolve() / "spaces" / "splits.json"),
+                                        str(tmp_path.resolve() / "elsewhere" / "mine.json")]
 
 
 def test_a_store_written_before_the_phase_column_still_reads(tmp_path):
