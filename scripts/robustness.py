@@ -987,8 +987,9 @@ def special(case: Case, base: Path, python: str) -> Outcome | None:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=case.timeout)
         last = (r.stdout.strip().splitlines() or [""])[-1]
         ok = r.returncode == 0 and "passed" in last and "skipped" not in last
+        failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("E ", "FAILED"))]  # pytest's reason
         return Outcome(case, "pytest tests/test_tuner_recovery.py -k node", r.returncode, last, "ok" if ok else "FAIL",
-                       "" if ok else r.stdout[-300:], time.time() - t0)
+                       "" if ok else " / ".join(failed[:3])[-300:] or r.stdout[-300:], time.time() - t0)
     if case.name.startswith("output piped into head -1"):
         # a schedule whose YAML is far larger than a pipe's buffer: `head -1` leaves while it is being written
         w = base / "5-pipe"
