@@ -3,13 +3,15 @@
 
 Each case runs ``python -m pgps_tune.cli ...`` in its own process, on tiny data this
 script writes itself, with an isolated cache and results store, and is judged on what a
-user sees: the exit code, the last line printed, the absence of a traceback, and a check
-of what is left on disk (nothing run from a crafted file, nothing half-written, nothing
-lost).  The report (``docs/ROBUSTNESS.md`` by default) lists case, command, exit code,
-last line and verdict, by class:
+user sees: the exit code, the line that says what happened (the last ``pgps-tune:`` line,
+else the last line printed), the absence of a traceback, and a check of what is left on
+disk (nothing run from a crafted file, nothing half-written, nothing lost).  The report
+(``docs/ROBUSTNESS.md`` by default) lists case, command, exit code, that line and verdict,
+each class once and in class order (the cases run in the order their shared setup needs):
 
 1. untrusted files  2. interrupts  3. divergence and bad values  4. numbers
 5. no traceback  6. files and folders  7. cluster faults  8. packaging  9. layering
+10. data and flags read wrongly before
 
     .venv/bin/python scripts/robustness.py --report docs/ROBUSTNESS.md
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -161,6 +164,25 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but lock files (which name their latest holder)."""
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def snapshot(w: Path, sub: str) -> None:
+    """Record what ``w/sub`` holds now, for :func:`unchanged` (call it last in a setup)."""
+    (w / f"{sub}.kept.json").write_text(json.dumps(tree_hashes(w / sub)))
+
+
+def unchanged(sub: str):
+    def check(w: Path, r) -> str | None:
+        kept, now = json.loads((w / f"{sub}.kept.json").read_text()), tree_hashes(w / sub)
+        changed = sorted(k for k in kept.keys() | now.keys() if kept.get(k) != now.get(k))
+        return f"{sub} changed: {changed[:5]}" if changed else None
+    return check
+
+
 def crafted_pickle(path: Path, marker: Path) -> None:
     """A torch-loadable file whose unpickling would create ``marker`` (if it were allowed to run code)."""
     import torch
@@ -198,6 +220,10 @@ def run_case(case: Case, base: Path, python: str) -> Outcome:
     try:
         if case.setup:
             case.setup(w)
+    except Exception as exc:  # the script's own preparation failed: say so, and go on with the other cases
+        return Outcome(case, command, None, "", "FAIL", f"setup failed: {type(exc).__name__}: {exc}"[:300],
+                       time.time() - t0)
+    try:
         proc = subprocess.Popen([python, "-m", "pgps_tune.cli", *argv], cwd=w, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                 preexec_fn=case.preexec)
@@ -213,8 +239,7 @@ def run_case(case: Case, base: Path, python: str) -> Outcome:
         out, err = proc.communicate()
         return Outcome(case, command, None, "", "FAIL", "timed out", time.time() - t0)
     r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    lines = [ln for ln in (err.strip().splitlines() or out.strip().splitlines())]
-    last = lines[-1] if lines else ""
+    last = what_happened(out, err, r.returncode)
     why = []
     if r.returncode != case.expect_rc:
         why.append(f"exit {r.returncode}, expected {case.expect_rc}")
@@ -226,7 +251,27 @@ def run_case(case: Case, base: Path, python: str) -> Outcome:
         extra = case.check(w, r)
         if extra:
             why.append(extra)
-    return Outcome(case, command, r.returncode, last, "FAIL" if why else "ok", "; ".join(why), time.time() - t0)
+    shown = last.replace(str(w), "W").replace(str(base), "B")  # as the command is shown
+    return Outcome(case, command, r.returncode, shown, "FAIL" if why else "ok", "; ".join(why), time.time() - t0)
+
+
+def what_happened(out: str, err: str, rc: int | None) -> str:
+    """The line of a command's output that says what happened, shown as the report's "last line" and judged
+    against a case's ``expect``: the last ``pgps-tune:`` line on stderr (an error, an interruption and how
+    to resume, a note), else the last non-empty line of stdout for a command that succeeded (a JSON document
+    shown whole, in one line) or of stderr for one that failed; library warnings (``optuna_warn(``), an
+    echoed command line or a closing ``}`` never say what happened."""
+    err_lines = [ln for ln in err.splitlines() if ln.strip()]
+    ours = [ln for ln in err_lines if ln.startswith("pgps-tune:")]
+    if ours:
+        return ours[-1]
+    if rc == 0 and out.strip():
+        try:
+            return json.dumps(json.loads(out))
+        except ValueError:
+            return out.strip().splitlines()[-1]
+    lines = err_lines or [ln for ln in out.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def first_report(phase: str = "search"):
@@ -282,10 +327,13 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     def hold_lock(w: Path, folder: Path, name: str) -> None:
         """Another command holds ``folder``'s lock ``name`` (as a running train or tune does): a process that
-        takes it with the same lock as the CLI and sleeps; :func:`release` ends it."""
-        code = ("import sys, time\nfrom pathlib import Path\nfrom pgps_tune.errors import folder_lock\n"
-                "with folder_lock(Path(sys.argv[1]), sys.argv[2], 'held', lambda: False):\n"
-                "    print('held', flush=True)\n    time.sleep(600)\n")
+        takes it with the same lock as the CLI (a sweep's through the tuner's own ``sweep_lock``, which names
+        its holder ``pgps-tune tune``) and sleeps; :func:`release` ends it."""
+        take = ("from pgps_tune.tuner import sweep_lock as take\nlock = take(Path(sys.argv[1]))\n"
+                if name == ".pgps-sweep.lock" else "from pgps_tune.errors import folder_lock\n"
+                "lock = folder_lock(Path(sys.argv[1]), sys.argv[2], 'held', lambda: False)\n")
+        code = ("import sys, time\nfrom pathlib import Path\n" + take +
+                "with lock:\n    print('held', flush=True)\n    time.sleep(600)\n")
         holders[w] = subprocess.Popen([python, "-c", code, str(folder), name], stdout=subprocess.PIPE, text=True)
         holders[w].stdout.readline()  # the lock is held
 
@@ -304,6 +352,40 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         alive = release(w)
         trained = (w / "run" / "checkpoint.pt").exists()
         return None if alive and not trained else f"holder alive: {alive}; the refused command trained: {trained}"
+
+    # a finished tiny sweep (2 random trials, no references, no ASHA: about 30 s), run once, by the first case
+    # that needs it; those cases work on copies of it and check that it is left as it was
+    finished_space, original = base / "finished.yaml", base / "finished" / "sweep"
+    original_hashes: dict[str, str] = {}
+    resume_finished = ["tune", "--space", str(finished_space), "--data", "synthetic", "--out", "{w}/sweep", "--quiet",
+                       "--cpus-per-trial", "1", "--max-concurrent", "1", "--resume"]
+
+    def finished_copy(dest: Path) -> Path:
+        if not original_hashes:
+            write_space(finished_space, search={"num_samples": 2, "references": False}, asha={"enabled": False})
+            env = {**os.environ, "PGPS_CACHE_DIR": str(base / "cache"),
+                   "PGPS_RESULTS_DIR": str(base / "finished" / "store")}
+            argv = [a.replace("{w}/sweep", str(original)) for a in resume_finished[:-1]]
+            subprocess.run([python, "-m", "pgps_tune.cli", *argv], check=True, env=env, cwd=base, capture_output=True,
+                           timeout=600)
+            original_hashes.update(tree_hashes(original))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(original, dest, symlinks=True)
+        return dest
+
+    def original_untouched(w: Path, r) -> str | None:
+        now = tree_hashes(original)
+        changed = sorted(k for k in now.keys() | original_hashes.keys() if now.get(k) != original_hashes.get(k))
+        return f"the original sweep B/finished/sweep changed: {changed[:5]}" if changed else None
+
+    def copied_sweep(edit: Callable[[Path], None] | None = None):
+        """Setup: a copy of the finished sweep in W/sweep, edited by ``edit``, then recorded for unchanged()."""
+        def setup(w: Path) -> None:
+            finished_copy(w / "sweep")
+            if edit:
+                edit(w)
+            snapshot(w, "sweep")
+        return setup
 
     def two_channel_files(w: Path) -> None:
         copy_run(w)
@@ -363,12 +445,48 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(U, "pickled object array as a cached volume", ["plan", "--data", str(data), "--cache-dir", "{w}/cache"],
              0, "", evil_cache, absent("PWNED")))
 
+    def evil_properties(w: Path) -> None:
+        """A preprocessed nnU-Net dataset as nnU-Net's preprocessing leaves it, reduced to what nnunet-train reads
+        before it trains (plans, dataset.json, a label file, the 3d_fullres folder), with a properties .pkl whose
+        unpickling would run os.system: nothing of nnU-Net's planning or training runs."""
+        pre = w / "pre" / "Dataset990_Tiny"
+        (pre / "gt_segmentations").mkdir(parents=True)
+        (pre / "nnUNetPlans_3d_fullres").mkdir()
+        for folder in ("raw", "results"):
+            (w / folder).mkdir()
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), pre / "gt_segmentations" / "c.nii.gz")
+        (pre / "nnUNetPlans.json").write_text(json.dumps({
+            "dataset_name": "Dataset990_Tiny", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "configurations": {"3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2, "patch_size": [16, 16, 16],
+                "spacing": [1.0, 1.0, 1.0], "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
+                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}}}}}))
+        (pre / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {
+            "background": 0, "a": 1}, "numTraining": 1, "file_ending": ".nii.gz"}))
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {w / 'PWNED'}",))
+        (pre / "nnUNetPlans_3d_fullres" / "c.pkl").write_bytes(pickle.dumps(Evil()))
+
+    if importlib.util.find_spec("nnunetv2"):  # the nnunet extra; without it nnunet-train stops before any file
+        add(Case(U, "crafted nnU-Net properties .pkl, nnunet-train", [
+            "nnunet-train", "990", "3d_fullres", "0", "--schedule", "{w}/s.yaml", "--device", "cpu"], 2,
+            "it asks for posix.system", evil_properties, absent("PWNED"), timeout=120,
+            env={"nnUNet_preprocessed": "{w}/pre", "nnUNet_raw": "{w}/raw", "nnUNet_results": "{w}/results"}))
+
     # 2. interrupts
-    add(Case(INT, "SIGINT during tune, then no export", sweep, 130, "--resume", space(),
-             absent("sweep/trials.parquet", "sweep/best_schedule.yaml", "sweep/summary.json", "store"),
-             interrupt=(signal.SIGINT, first_report())))
-    add(Case(INT, "SIGTERM during tune", sweep, 143, "--resume", space(),
-             absent("sweep/trials.parquet", "sweep/best_schedule.yaml"),
+    def resume_command_follows(w: Path, r) -> str | None:  # the line after "resume with:" is the command
+        tail = (r.stderr.strip().splitlines() or [""])[-1]
+        return None if " tune " in tail and tail.endswith(" --resume") else f"no command to resume after it: {tail!r}"
+
+    add(Case(INT, "SIGINT during tune, then no export", sweep, 130, "resume with:", space(),
+             both(absent("sweep/trials.parquet", "sweep/best_schedule.yaml", "sweep/summary.json", "store"),
+                  resume_command_follows), interrupt=(signal.SIGINT, first_report())))
+    add(Case(INT, "SIGTERM during tune", sweep, 143, "resume with:", space(),
+             both(absent("sweep/trials.parquet", "sweep/best_schedule.yaml"), resume_command_follows),
              interrupt=(signal.SIGTERM, first_report("references"))))
 
     def interrupted_sweep(w: Path) -> None:
@@ -425,6 +543,18 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(INT, "SIGTERM during train after a checkpoint",
              ["train", "--data", str(data), "--out", "{w}/run", "--epochs", "1000", *TINY_TRAIN], 143, "--resume",
              interrupt=(signal.SIGTERM, checkpoint_exists("run"))))
+
+    add(Case(INT, "tune --resume of a finished sweep with another budget (--epochs 12)",
+             [*resume_finished, "--epochs", "12"], 2, "(budget.epochs: 10 then, 12 now)", copied_sweep(),
+             both(unchanged("sweep"), original_untouched), timeout=600))
+
+    def cut_journal(w: Path) -> None:  # as a kill during a write of the study, or a copy cut short, leaves it
+        journal = w / "sweep" / "optuna.journal"
+        journal.write_bytes(journal.read_bytes()[: journal.stat().st_size // 2])
+
+    add(Case(INT, "tune --resume with a damaged optuna.journal", resume_finished, 2,
+             "optuna.journal is damaged (its last line is cut short)", copied_sweep(cut_journal),
+             both(unchanged("sweep"), original_untouched), timeout=600))
 
     def killed_prepare(w: Path) -> None:
         write_msd(w / "big", n=12, shape=(64, 64, 48))
@@ -614,6 +744,8 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(T, "a genuine internal error", ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2"],
              1, ".log", internal_bug, names_log, env={"PYTHONPATH": f"{{w}}/inject:{ROOT}"}))
 
+    add(Case(T, "output piped into head -1 (the reader leaves early)", [], 141, ""))  # see special()
+
     # 6. files and folders
     def group_writable(w: Path, r) -> str | None:
         bad = [p.name for p in (w / "run").iterdir() if p.is_file() and not p.stat().st_mode & 0o020]
@@ -655,7 +787,73 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
         return None if alive and left == [".pgps-sweep.lock"] else f"holder alive: {alive}; the folder holds {left}"
 
     add(Case(F, "tune --resume on a sweep folder another driver runs", [*sweep, "--resume"], 2,
-             "in use by another pgps-tune sweep", sweep_running, holder_undisturbed))
+             "in use by another pgps-tune command (pgps-tune tune, pid", sweep_running, holder_undisturbed))
+
+    def fifo(w: Path) -> None:  # nothing ever writes into it: opening it to read would wait for ever
+        os.mkfifo(w / "fifo")
+
+    add(Case(F, "a FIFO as train --schedule", ["train", "--data", str(data), "--out", "{w}/run", "--schedule",
+                                               "{w}/fifo", *QUIET_CPU], 2, "is not a regular file (a FIFO)", fifo,
+             absent("run"), timeout=30))
+    add(Case(F, "a FIFO as tune --space", ["tune", "--space", "{w}/fifo", "--data", "synthetic", "--out",
+                                           "{w}/sweep"], 2, "is not a regular file (a FIFO)", fifo, absent("sweep"),
+             timeout=30))
+
+    def search_state(sweep: Path) -> Path:
+        return max((sweep / "ray").glob("*-search/experiment_state-*.json"))
+
+    def one_trial_in_copy(w: Path) -> None:  # the copy's search experiment loses a trial: its export must show it
+        state = search_state(w / "copy")
+        data = json.loads(state.read_text())
+        data["trial_data"] = data["trial_data"][:1]
+        state.write_text(json.dumps(data))
+
+    def exported_the_copy(w: Path, r) -> str | None:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(w / "copy" / "trials.parquet").num_rows
+        storage = json.loads((w / "copy" / "sweep.json").read_text()).get("storage_path")
+        if rows != 1 or storage != f"{(w / 'copy').resolve()}/ray":
+            return f"the copy's export holds {rows} trial(s) (its own experiment: 1), sweep.json's storage {storage}"
+        return None
+
+    add(Case(F, "export of a copied sweep reads the copy", ["export", "--experiment", "{w}/copy", "--out", "{w}/copy"],
+             0, "its own", lambda w: (finished_copy(w / "copy"), one_trial_in_copy(w)),
+             both(exported_the_copy, original_untouched), timeout=600))
+
+    def copy_without_trials(w: Path) -> None:  # the copy's Tune results are gone (the original still has them)
+        finished_copy(w / "copy")
+        for trial in (w / "copy" / "ray").glob("*/run_trial_*"):
+            shutil.rmtree(trial)
+
+    def reported_the_copy(w: Path, r) -> str | None:
+        page = (w / "copy" / "report.html").read_text()
+        drawn = "no Tune results on this machine" not in page
+        return "the copy's page drew curves it has no results for" if drawn else None
+
+    add(Case(F, "report of a copied sweep reads the copy", ["report", "{w}/copy"], 0, "copy/report.html",
+             copy_without_trials, both(reported_the_copy, original_untouched), timeout=600))
+
+    def first_of_two_exported(w: Path) -> None:  # two projects' sweeps of one folder name; A is in the store
+        for project in ("a", "b"):
+            finished_copy(w / project / "sweep")
+        subprocess.run([python, "-m", "pgps_tune.cli", "export", "--experiment", str(w / "a" / "sweep"), "--out",
+                        str(w / "a" / "sweep"), "--results-store", str(w / "shared")], check=True, cwd=w,
+                       capture_output=True, env={**os.environ, "PGPS_CACHE_DIR": str(base / "cache")}, timeout=120)
+
+    def both_kept(w: Path, r) -> str | None:
+        from pgps_tune.results import load_store
+
+        rows = load_store(w / "shared").to_pylist()
+        per = {name: sum(x["sweep"] == name for x in rows) for name in {x["sweep"] for x in rows}}
+        return None if len(per) == 2 and set(per.values()) == {2} else f"store rows per sweep: {per}"
+
+    add(Case(F, "two sweeps of one folder name stored in one results store",
+             ["export", "--experiment", "{w}/b/sweep", "--out", "{w}/b/sweep", "--results-store", "{w}/shared"], 0,
+             "already holds a sweep 'sweep'", first_of_two_exported, both(both_kept, original_untouched), timeout=600))
+    add(Case(F, "report --out at the sweep's own trials.parquet", ["report", "{w}/sweep", "--out",
+                                                                    "{w}/sweep/trials.parquet"], 2,
+             "is one of the files of", copied_sweep(), both(unchanged("sweep"), original_untouched), timeout=600))
 
     # 7. cluster faults (the multi-node test uses Ray's test cluster on this machine)
     def two_prepares(w: Path) -> None:
@@ -736,6 +934,29 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(R, "predict: nnU-Net files of 2 channels for a 1-channel run", [
         "predict", "--run", "{w}/run", "--input", "{w}/in", "--out", "{w}/out"], 2, "holds nnU-Net channel files",
         two_channel_files, absent("out")))
+    schedule_yaml = ("format_version: 1\nfinal_patch: [16, 16, 16]\npools: [2, 2, 2]\nbaseline_batch_size: 2\n"
+                     "stages:\n- patch_size: [16, 16, 16]\n  batch_size: 2\n  epochs: {epochs}\n")
+    add(Case(R, "schedule YAML with a key given twice (YAML kept the last)", [
+        "train", "--data", str(data), "--out", "{w}/run", "--schedule", "{w}/s.yaml", *QUIET_CPU], 2,
+        "line 9: key 'epochs' appears twice (also at line 8)",
+        lambda w: (w / "s.yaml").write_text(schedule_yaml.format(epochs="2\n  epochs: 1000")), absent("run")))
+    add(Case(R, "space YAML with a key given twice (YAML kept the last)", sweep, 2,
+             "line 5: key 'epochs' appears twice (also at line 3)",
+             space_text("parameters: {stages: 2}\nbudget:\n  epochs: 10\n  lr: 0.01\n  epochs: 1000\n"),
+             absent("sweep")))
+    add(Case(R, "YAML 1.1's octal 010 is YAML 1.2's decimal 10", ["schedule", "--from", "{w}/s.yaml"], 0,
+             ", 10 epochs", lambda w: (w / "s.yaml").write_text(schedule_yaml.format(epochs="010"))))
+    add(Case(R, "YAML 1.1's base-60 1:30 is refused naming its YAML 1.1 value", sweep, 2,
+             "line 2: 1:30 is a base-60 number, which YAML 1.1 and 1.2 read differently (YAML 1.1: 90)",
+             space_text("parameters:\n  stages: 1:30\n"), absent("sweep")))
+    add(Case(R, "YAML 1.1's boolean off is YAML 1.2's text 'off'", sweep, 2,
+             "budget.augment: unknown augmentation 'off'",
+             space_text("parameters: {stages: 2}\nbudget: {augment: off, lr: 1e-4}\n"), absent("sweep")))
+    add(Case(R, "confirm --splits given a JSON object, not a list of folds",
+             ["confirm", "{w}/sweep", "--splits", "{w}/splits.json"], 2, "it is a JSON object, not a list",
+             copied_sweep(lambda w: (w / "splits.json").write_text(
+                 json.dumps({"train": ["case_000"], "val": ["case_001"]}))),
+             both(unchanged("sweep"), original_untouched), timeout=600))
     add(Case(C, "tune --address where nothing listens", [*sweep, "--address", "127.0.0.1:1"], 2,
              "no Ray cluster reachable at --address 127.0.0.1:1", space(), timeout=120))
     return out
@@ -766,8 +987,27 @@ def special(case: Case, base: Path, python: str) -> Outcome | None:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=case.timeout)
         last = (r.stdout.strip().splitlines() or [""])[-1]
         ok = r.returncode == 0 and "passed" in last and "skipped" not in last
+        failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("E ", "FAILED"))]  # pytest's reason
         return Outcome(case, "pytest tests/test_tuner_recovery.py -k node", r.returncode, last, "ok" if ok else "FAIL",
-                       "" if ok else r.stdout[-300:], time.time() - t0)
+                       "" if ok else " / ".join(failed[:3])[-300:] or r.stdout[-300:], time.time() - t0)
+    if case.name.startswith("output piped into head -1"):
+        # a schedule whose YAML is far larger than a pipe's buffer: `head -1` leaves while it is being written
+        w = base / "5-pipe"
+        w.mkdir()
+        (w / "s.yaml").write_text(
+            "format_version: 1\nfinal_patch: [16, 16, 16]\npools: [2, 2, 2]\nbaseline_batch_size: 2\n"
+            "stages:\n- {patch_size: [16, 16, 16], batch_size: 2, epochs: 2}\nmeta:\n"
+            + "".join(f"  note{i}: {'x' * 60}\n" for i in range(5000)))
+        shell = '"$0" -m pgps_tune.cli schedule --from s.yaml --format yaml | head -1; exit "${PIPESTATUS[0]}"'
+        r = subprocess.run(["bash", "-c", shell, python], capture_output=True, text=True, cwd=w, timeout=60,
+                           env={**os.environ, "PGPS_CACHE_DIR": str(base / "cache")})
+        # 141: the broken pipe is found (as `yes | head -1`); 0: the interpreter took the write that the leaving
+        # reader cut short as done and never saw the broken pipe. Either way nothing may be printed on stderr.
+        ok = r.returncode in (0, 141) and r.stderr == "" and r.stdout == "format_version: 1\n"
+        return Outcome(case, "pgps-tune schedule --from W/s.yaml --format yaml | head -1", r.returncode,
+                       f"stdout {r.stdout.strip()!r}; stderr {'empty' if not r.stderr else repr(r.stderr[-200:])}",
+                       "ok" if ok else "FAIL", "" if ok else f"exit {r.returncode}, stderr {r.stderr[-200:]!r}",
+                       time.time() - t0)
     if case.name.startswith("results.py imports no Ray"):
         code = ("import sys, pgps_tune.results, pgps_tune.cli, pgps_tune.trainer, pgps_tune.space;"
                 "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
@@ -826,17 +1066,21 @@ def write_report(path: Path, results: list[Outcome], seconds: float) -> None:
         f"**{ok} of {len(results)} cases handled**.", "",
         "Each case runs `pgps-tune` in its own process on tiny data the script writes. A case is *ok* when the "
         "exit code is the expected one (0 done, 1 internal error, 2 user error, 130 Ctrl-C, 143 SIGTERM), "
-        "nothing printed a traceback, the last line says what the case expects, and the check of the files left "
+        "nothing printed a traceback, the line that says what happened (the *last line* column: the last "
+        "`pgps-tune:` line, else the last line printed) says what the case expects, and the check of the files left "
         "behind holds (no code run from a crafted file, nothing half-written, nothing lost). "
         "`W` is the case's work folder, `B` the shared one.", "",
     ]
-    klass = None
+    # the cases run in the order their shared setup needs; the report lists each class once, in class order,
+    # and a class's cases in the order they are defined (``results`` keeps that order within a class)
+    by_class: dict[str, list[Outcome]] = {}
     for o in results:
-        if o.case.klass != klass:
-            klass = o.case.klass
-            lines += ["", f"## {klass}", "", "| case | command | exit | last line | verdict |", "|---|---|---|---|---|"]
-        verdict = o.verdict if not o.why else f"{o.verdict}: {o.why}"
-        lines.append(f"| {cell(o.case.name)} | `{cell(o.command)}` | {o.rc} | {cell(o.last)} | {cell(verdict)} |")
+        by_class.setdefault(o.case.klass, []).append(o)
+    for klass in sorted(by_class, key=lambda k: int(k.split()[0])):
+        lines += ["", f"## {klass}", "", "| case | command | exit | last line | verdict |", "|---|---|---|---|---|"]
+        for o in by_class[klass]:
+            verdict = o.verdict if not o.why else f"{o.verdict}: {o.why}"
+            lines.append(f"| {cell(o.case.name)} | `{cell(o.command)}` | {o.rc} | {cell(o.last)} | {cell(verdict)} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
