@@ -1550,7 +1550,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _no_empty_folder_left(out):
                 rc = args.func(args)
-            if rc == 0:
+            if rc == 0 and missing:  # commands without --out have none
                 _note_created(args.out, missing)
             if argv_given is None:
                 sys.stdout.flush()  # a reader that left (`| head`) is found here, not at the interpreter's exit
