@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -169,23 +170,48 @@ class SweepOptions:
                             f"at most {n} (or on seeds)")
 
 
-def _check_mlflow(uri: str) -> None:
-    """Refuse, in one line, an --mlflow URI that MLflow is missing for or will not open (before any work).
+# MLflow retries a request to an HTTP tracking server 7 times with a doubling wait (about 4 minutes) and waits
+# 120 s for each answer: a server that is down would stall a sweep that long at each call.  Where the environment
+# does not say otherwise, a sweep gives up sooner; the sweep never depends on the tracking server.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
-    Opening the store contacts no server: an unreachable tracking server is found when trials log.
-    """
+
+def _mlflow_http_defaults() -> None:
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _check_mlflow(uri: str) -> None:
+    """Refuse, in one line, an --mlflow URI that MLflow is missing for, will not open, or cannot reach (before
+    any work): one request to its store (an HTTP server, a database) shows it answers."""
     try:
         from mlflow import MlflowClient
     except ImportError:
         raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
+    _mlflow_http_defaults()
     try:
-        MlflowClient(tracking_uri=uri)
-    except Exception as exc:  # MlflowException and the errors of its store plugins
-        first = str(exc).split(". ")[0].strip()
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests' errors and the errors of store plugins
+        first = _mlflow_cause(exc)
         hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
                 if "file" in first.lower() else "")
-        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first[:200]}); give a tracking URI it accepts, "
-                        f"e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first}); start the tracking server, or give a "
+                        f"tracking URI it reaches, e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+
+
+def _mlflow_cause(exc: BaseException) -> str:
+    """The first sentence of an MLflow error, on one line; for an HTTP request, what the connection got (its
+    message quotes the whole retry report)."""
+    text = " ".join(str(exc).split())
+    if errno := re.search(r"\[Errno -?\d+\] [^'\"()]+", text):
+        return f"{text.split(' failed ')[0]}: {errno.group(0).strip()}"[:200]
+    return text.split(". ")[0].split(" [SQL:")[0][:200]
+
+
+def _mlflow_failed(what: str, exc: BaseException,
+                   then: str = "the sweep goes on without it and keeps its own results in its folder") -> None:
+    print(f"pgps-tune: note: MLflow logging failed ({what}: {_mlflow_cause(exc)}); {then}", file=sys.stderr,
+          flush=True)
 
 
 class SweepInterrupted(Exception):
@@ -1147,11 +1173,32 @@ def _mlflow_trials_class() -> type:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowTrials(MLflowLoggerCallback):
+        def _guarded(self, what: str, call: Any, *args: Any) -> None:
+            """Log through ``call``; the first failure (the tracking server gone, a full disk) is said in one
+            note line and ends this phase's MLflow logging: the tracking server never stops the sweep."""
+            if getattr(self, "_failed", False):
+                return
+            try:
+                call(*args)
+            except Exception as exc:  # whatever the tracking store raises, the sweep's own results go on
+                self._failed = True
+                _mlflow_failed(what, exc)
+
         def setup(self, *args, **kwargs):
-            super().setup(*args, **kwargs)
+            self._failed = False
             self._schedules_logged: set[str] = set()
+            self._guarded("setting up", lambda: super(MLflowTrials, self).setup(*args, **kwargs))
+
+        def log_trial_start(self, trial):
+            self._guarded(f"trial {trial}", super().log_trial_start, trial)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
+            self._guarded(f"trial {trial}", self._log_result, iteration, trial, result)
+
+        def log_trial_end(self, trial, failed: bool = False):
+            self._guarded(f"trial {trial}", super().log_trial_end, trial, failed)
+
+        def _log_result(self, iteration: int, trial, result: dict) -> None:
             super().log_trial_result(iteration, trial, result)
             run_id = self._trial_runs[trial]
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
@@ -1163,7 +1210,7 @@ def _mlflow_trials_class() -> type:
 
         def __getstate__(self) -> dict[str, Any]:
             return {k: v for k, v in self.__dict__.items()
-                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged")}
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed")}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             from ray.air._internal.mlflow import _MLflowLoggerUtil
@@ -1812,7 +1859,10 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
                                settings, before)
         summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
         if opts.mlflow:
-            log_sweep_to_mlflow(opts.mlflow, out, summary)
+            try:
+                log_sweep_to_mlflow(opts.mlflow, out, summary)
+            except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
+                _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
         return summary
 
 
