@@ -889,7 +889,8 @@ def split(
         return _split_entry(ds.name, ds.case_ids, read_splits(splits_file), splits_file)
     n = len(ds)
     if n < 2:
-        raise PgpsError(f"dataset {ds.name} has {n} case(s); a train/validation split needs at least 2")
+        raise PgpsError(f"dataset {ds.name} has {n} labelled case(s); a train/validation split needs at least 2: "
+                        "add labelled cases to the dataset")
     if not 0 < val_fraction < 1:
         raise PgpsError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(n)

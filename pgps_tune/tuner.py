@@ -1813,7 +1813,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
 
 def _sweep(opts: SweepOptions) -> dict[str, Any]:
-    from pgps_tune.data import plan_patch, prepare
+    from pgps_tune.data import plan_patch, prepare, split
 
     space, b = opts.space, opts.space.budget
     out = opts.out
@@ -1837,6 +1837,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if before:
             _same_sweep(before, {"final_patch": list(final), "pools": list(pools)})
         check_space_against_plan(space, final, pools)
+        split(ds, b.val_fraction, b.split_seed)  # a dataset every trial would fail on is refused before any starts
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
                           exclude_sweep=before["sweep"] if before else out.resolve().name)

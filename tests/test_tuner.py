@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ray_processes
+from conftest import make_msd, ray_processes
 
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
@@ -338,6 +338,17 @@ def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2", env=env)
     assert r.returncode == 2 and "not divisible" in error_line(r.stderr)
     assert not ray_sessions(ray_tmp)
+
+
+def test_a_dataset_no_trial_can_split_is_refused_before_any_trial(tmp_path, capsys):
+    # each trial failed on the split and the sweep ended 'done' (exit 0) with 0 of its trials completed
+    data = make_msd(tmp_path / "one", n=1)
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", str(data),
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgps-tune: error: dataset Tiny has 1 labelled case(s)") and "add labelled cases" in err
+    assert not out.exists()
 
 
 def _sweep_meta(root: Path, **over) -> dict:
