@@ -1621,6 +1621,7 @@ class _StopSignals:
         self.caught: int | None = None
         self.tune_handler_before: Any = None
         self.in_fit = False
+        self.holding = False
         self.active = threading.current_thread() is threading.main_thread()  # only it can take signals
 
     def handle(self, signum: int, frame) -> None:
@@ -1629,7 +1630,20 @@ class _StopSignals:
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if self.in_fit and first and callable(tune_stop) and tune_stop is not self.tune_handler_before:
             tune_stop(signum, frame)
-        else:
+        elif not (self.holding and first):
+            raise SweepInterrupted(self.caught)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold the first signal until the block ends, then raise :class:`SweepInterrupted`: an exception
+        inside ``ray.init`` leaves the processes it had started running, out of ``ray.shutdown``'s reach.
+        A second signal still ends the block at once."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.caught:
             raise SweepInterrupted(self.caught)
 
     def install(self) -> None:
@@ -1994,7 +2008,8 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     if own_ray and not opts.address:  # the local Ray about to start has this machine's CPUs: no need to start it
         check_resources(opts.cpus_per_trial, None, {"CPU": float(local_cpus())})
     try:
-        start_ray(opts.address)
+        with signals.held():
+            start_ray(opts.address)
         signals.install()
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         yield

@@ -430,3 +430,20 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         assert trial["completed"] and trial["num_failures"] == 1
     finally:
         cluster.shutdown()
+
+
+def test_a_signal_while_ray_starts_is_held_until_it_has_started():
+    # raised inside ray.init, the interrupt left Ray's agents running after the command had ended
+    from pgps_tune.tuner import SweepInterrupted, _stop_signals
+
+    with pytest.raises(SweepInterrupted) as held, _stop_signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished = True  # the block (ray.init) runs to its end
+    assert finished and held.value.signum == signal.SIGINT
+    with pytest.raises(SweepInterrupted) as second, _stop_signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: the user insists, it ends the block at once
+            pytest.fail("the second signal did not end the block")
+    assert second.value.signum == signal.SIGTERM  # the first signal names the interruption
