@@ -1663,6 +1663,19 @@ class _StopSignals:
             raise SweepInterrupted(self.caught)
 
 
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The interrupt behind ``exc``: Ray's Cython functions that check for signals turn the exception a
+    signal handler raised in them into a ``SystemError`` ("returned a result with an exception set")."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, SweepInterrupted | KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _stop_signals():
     signals = _StopSignals()
@@ -1676,6 +1689,10 @@ def _stop_signals():
         yield signals
     except KeyboardInterrupt:  # held by an atomic write until the file was complete
         raise SweepInterrupted(signal.SIGINT) from None
+    except SystemError as exc:  # a signal handled inside Ray's Cython code (its wait polls for signals)
+        if (stop := _interruption(exc)) is None:
+            raise
+        raise SweepInterrupted(stop.signum if isinstance(stop, SweepInterrupted) else signal.SIGINT) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -447,3 +447,18 @@ def test_a_signal_while_ray_starts_is_held_until_it_has_started():
             os.kill(os.getpid(), signal.SIGINT)  # a second signal: the user insists, it ends the block at once
             pytest.fail("the second signal did not end the block")
     assert second.value.signum == signal.SIGTERM  # the first signal names the interruption
+
+
+def test_a_second_ctrl_c_inside_rays_wait_is_an_interrupt_not_an_internal_error():
+    # Ray's Cython wait polls for signals and turns what the handler raised into a SystemError: a second
+    # Ctrl-C while Tune cleaned up its trials ended the sweep as an internal error (exit 1)
+    from pgps_tune.tuner import SweepInterrupted, _stop_signals
+
+    with pytest.raises(SweepInterrupted) as got, _stop_signals():
+        try:
+            raise SweepInterrupted(signal.SIGTERM)
+        except SweepInterrupted:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")  # noqa: B904
+    assert got.value.signum == signal.SIGTERM
+    with pytest.raises(SystemError, match="its own"), _stop_signals():  # a SystemError of its own stays one
+        raise SystemError("its own")
