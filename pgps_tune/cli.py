@@ -910,7 +910,12 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
                  if started else "the sweep had not started; run it again with:"), file=sys.stderr)
         print(_command_line(a, resume=started), file=sys.stderr, flush=True)
         return 128 + exc.signum
-    _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
+    try:
+        _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, raised as one) while the page was drawn or the outcome printed
+        raise Interrupted(f"interrupted after the sweep had finished: it is exported in {out} (best_schedule.yaml, "
+                          f"trials.parquet, summary.json); its page may be missing: write it with "
+                          f"'pgps-tune report {out}'") from None
     return 0
 
 

@@ -321,6 +321,22 @@ def test_the_crash_log_falls_back_to_the_temporary_folder(capsys, tmp_path, monk
     assert f"the traceback is in {tmp_path / 'tmp'}/crash-" in err and len(err.splitlines()) == 1
 
 
+def test_ctrl_c_after_a_sweep_is_exported_says_it_is_and_how_to_write_its_page(tmp_path, capsys, monkeypatch):
+    # a Ctrl-C while the finished sweep's page was drawn said only "interrupted; nothing was left half-written"
+    import pgps_tune.cli as cli
+    import pgps_tune.tuner as tuner
+
+    def page(out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner, "sweep", lambda opts: {"sweep": "s", "dataset": "synthetic"})
+    monkeypatch.setattr(cli, "_write_sweep_report", page)
+    out = tmp_path / "s"
+    assert main(["tune", "--space", "smoke", "--data", "synthetic", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"it is exported in {out}" in err and f"pgps-tune report {out}" in err
+
+
 @pytest.mark.parametrize("raised,code", [(SystemExit(15), 143), (KeyboardInterrupt(), 130)])
 def test_signals_that_reach_main_exit_with_their_code(capsys, monkeypatch, raised, code):
     # Ray's driver turns SIGTERM into SystemExit(15); a bare Ctrl-C outside a command's handler is 130
