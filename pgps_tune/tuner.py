@@ -71,10 +71,14 @@ from pgps_tune.asha import (
 from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
 from pgps_tune.results import (
+    BEST,
     FOLDER_KEY,
     META_FORMAT,
+    PARETO,
     PHASES,
+    SUMMARY,
     SWEEP_FILE,
+    TRIALS,
     TrialRecord,
     confirm_candidates,
     export_sweep,
@@ -1845,6 +1849,7 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
 def _sweep(opts: SweepOptions) -> dict[str, Any]:
     from pgps_tune.data import plan_patch, prepare, split
+    from pgps_tune.report import REPORT
 
     space, b = opts.space, opts.space.budget
     out = opts.out
@@ -1853,6 +1858,11 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
     if opts.resume and not meta_path.exists():
         raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
+    if not opts.resume and (theirs := [f for f in (BEST, SUMMARY, TRIALS, PARETO, STUDY_FILE, REPORT)
+                                       if (out / f).exists()]):
+        raise PgpsError(f"{out} holds {', '.join(theirs)} but no sweep ({SWEEP_FILE}); a new sweep would replace "
+                        f"{'it' if len(theirs) == 1 else 'them'}: choose a new --out, or move "
+                        f"{'it' if len(theirs) == 1 else 'them'} away")
     if opts.data != "synthetic":
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:

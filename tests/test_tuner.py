@@ -351,6 +351,21 @@ def test_a_dataset_no_trial_can_split_is_refused_before_any_trial(tmp_path, caps
     assert not out.exists()
 
 
+def test_a_new_sweep_refuses_to_replace_files_of_the_same_names(tmp_path, capsys):
+    # a folder holding someone's report.html (or trials.parquet, ...) but no sweep had them replaced unasked
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("<p>my own page</p>")
+    (out / "notes.txt").write_text("kept")  # other files are no reason to refuse
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", "synthetic",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pgps-tune: error: {out} holds report.html but no sweep (sweep.json); a new sweep would replace "
+                   "it: choose a new --out, or move it away")
+    assert (out / "report.html").read_text() == "<p>my own page</p>" and sorted(p.name for p in out.iterdir()) == [
+        "notes.txt", "report.html"]
+
+
 def _sweep_meta(root: Path, **over) -> dict:
     meta = {"format_version": 2, "sweep": "x", "space": "s.yaml", "dataset": "synthetic", "storage": None,
             "storage_path": str(root / "ray"), "experiments": {"search": "x-search"},
