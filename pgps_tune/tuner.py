@@ -334,10 +334,13 @@ def _train_nnunet(config: dict[str, Any], setup: dict[str, Any], s, base: dict[s
                        processes=max(0, int(setup["cpus_per_trial"]) - 1), resume=resume)
 
 
+TUNE_MEMORY_FIX = "lower --batch-size (or the space's budget.batch_size, or its batch_cap parameter)"
+
+
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
     from pgps_tune.config import DataIdentity, Recipe, TrainConfig
     from pgps_tune.data import fold_split, split
-    from pgps_tune.trainer import Trainer
+    from pgps_tune.trainer import Trainer, check_batch_memory
 
     b = setup["budget"]
     base = {**base, "node_id": ray.get_runtime_context().get_node_id()}  # which machine ran it, for cluster faults
@@ -361,6 +364,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
     def report(r: dict[str, Any]) -> None:
         tune.report(_metrics(r, base, setup, s), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
+    check_batch_memory(s, cfg, TUNE_MEMORY_FIX)  # a failed trial that says why, not Ray's out-of-memory kill
     made = []
     trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=lambda r: (made.append(1), report(r)))
     try:
@@ -1879,6 +1883,9 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
             _same_sweep(before, {"final_patch": list(final), "pools": list(pools)})
         check_space_against_plan(space, final, pools)
         split(ds, b.val_fraction, b.split_seed)  # a dataset every trial would fail on is refused before any starts
+        if not opts.address and b.trainer != "nnunet":  # the trials run here: references that cannot fit, too
+            _check_reference_memory(space, trial_setup(space, opts.data, ds.cache_dir, final, pools,
+                                                       opts.cpus_per_trial, opts.gpus_per_trial))
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
                           exclude_sweep=before["sweep"] if before else out.resolve().name)
@@ -2134,6 +2141,22 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
                   searcher, num_samples, scheduler, stopper, signals=signals)
     if confirm is not None:
         run_confirmation(opts, meta, confirm, storage_fs, signals)
+
+
+def _check_reference_memory(space: SearchSpace, setup: dict[str, Any]) -> None:
+    """Refuse, before any trial, references whose largest batch cannot fit this machine: every trial of theirs
+    would be killed for memory (:func:`pgps_tune.trainer.check_batch_memory`)."""
+    from pgps_tune.config import TrainConfig
+    from pgps_tune.trainer import check_batch_memory
+
+    b = setup["budget"]
+    multiple_of = patch_multiple(b["network"], setup["pools"], b["token_size"])
+    device = "cuda" if setup["gpus_per_trial"] > 0 else "cpu"
+    for config in reference_configs(space) if space.search.references else []:
+        s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
+                                 multiple_of)
+        check_batch_memory(s, TrainConfig.for_trial(b, config, device=device, threads=1),
+                           f"{TUNE_MEMORY_FIX} (this is the {config.get('role', 'reference')} reference)")
 
 
 def _fractions(configs: list[dict[str, Any]], setup: dict[str, Any], epochs: int) -> list[float]:

@@ -366,6 +366,20 @@ def test_a_new_sweep_refuses_to_replace_files_of_the_same_names(tmp_path, capsys
         "notes.txt", "report.html"]
 
 
+def test_references_that_cannot_fit_in_memory_are_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    # train refused such a batch; a sweep ran it, and Ray's memory monitor killed the workers and ended the sweep
+    # as an internal error
+    import pgps_tune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_memory_of", lambda device: (2**20, "RAM"))  # a machine with 1 MiB
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", "synthetic",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgps-tune: error: stage ") and "of RAM here; lower --batch-size" in err
+    assert err.endswith("(this is the baseline reference)") and not out.exists()
+
+
 def _sweep_meta(root: Path, **over) -> dict:
     meta = {"format_version": 2, "sweep": "x", "space": "s.yaml", "dataset": "synthetic", "storage": None,
             "storage_path": str(root / "ray"), "experiments": {"search": "x-search"},
