@@ -80,6 +80,7 @@ from pgps_tune.results import (
     SWEEP_FILE,
     TRIALS,
     TrialRecord,
+    check_store_writable,
     confirm_candidates,
     export_sweep,
     read_meta,
@@ -1867,6 +1868,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         raise PgpsError(f"{out} holds {', '.join(theirs)} but no sweep ({SWEEP_FILE}); a new sweep would replace "
                         f"{'it' if len(theirs) == 1 else 'them'}: choose a new --out, or move "
                         f"{'it' if len(theirs) == 1 else 'them'} away")
+    check_store_writable(opts.results_store)  # the sweep's rows go there at the end: known now, not after hours
     if opts.data != "synthetic":
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:

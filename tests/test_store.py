@@ -196,3 +196,17 @@ def test_a_signal_after_the_command_finished_does_not_turn_success_into_an_inter
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr
     assert "stage" in done.stdout and "interrupted" not in done.stderr
+
+
+def test_a_store_the_sweep_could_not_write_is_refused_before_it_trains(tmp_path, capsys):
+    # an unwritable store was found at the export, after every trial had trained (exit 2, no report)
+    (tmp_path / "file").write_text("x")
+    space = tmp_path / "s.yaml"
+    space.write_text(json.dumps({"parameters": {"stages": 1}, "budget": {"epochs": 10}}))
+    for store, needle in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "store", "is not writable")):
+        out = tmp_path / "o"
+        assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet",
+                     "--results-store", str(store)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pgps-tune: error: ") and needle in err and "--results-store" in err, err
+        assert not out.exists()
