@@ -2148,12 +2148,16 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
 def _check_reference_memory(space: SearchSpace, setup: dict[str, Any]) -> None:
     """Refuse, before any trial, references whose largest batch cannot fit this machine: every trial of theirs
     would be killed for memory (:func:`pgps_tune.trainer.check_batch_memory`)."""
+    import torch
+
     from pgps_tune.config import TrainConfig
     from pgps_tune.trainer import check_batch_memory
 
     b = setup["budget"]
     multiple_of = patch_multiple(b["network"], setup["pools"], b["token_size"])
     device = "cuda" if setup["gpus_per_trial"] > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return  # no GPU here to measure: the cluster's resources are checked once Ray runs (check_resources)
     for config in reference_configs(space) if space.search.references else []:
         s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
                                  multiple_of)
