@@ -183,6 +183,9 @@ def _add_nnunet_args(p: argparse.ArgumentParser) -> None:
 def _nnunet_plan(a: argparse.Namespace):
     """The nnU-Net plan named by --nnunet-plans (None without it); refuses flags it would override."""
     if not getattr(a, "nnunet_plans", None):
+        if "configuration" in getattr(a, "explicit", ()):
+            raise PgpsError("--configuration picks the configuration of --nnunet-plans; without --nnunet-plans it "
+                            "would be ignored: add --nnunet-plans PLANS, or drop --configuration")
         return None
     from pgps_tune import nnunet
 
@@ -1006,8 +1009,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         # every --nnunet check before anything is written
         nn_export = nnunet.prepare_export(a.experiment, a.nnunet, a.configuration, a.trainer, pick=a.pick,
                                           other_dataset=a.other_dataset)
-    elif a.other_dataset:
-        raise PgpsError("--other-dataset goes with --nnunet PLANS")
+    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset")
+                     if d in getattr(a, "explicit", ())]:
+        raise PgpsError(f"{', '.join(ignored)} {'goes' if len(ignored) == 1 else 'go'} with --nnunet PLANS; without "
+                        f"it nothing would use {'it' if len(ignored) == 1 else 'them'}: add --nnunet PLANS, or drop "
+                        f"{'it' if len(ignored) == 1 else 'them'}")
     _check_writable(Path(a.out))
     summary = export(a.experiment, a.out, results_store=a.results_store, pick=a.pick)
     # the sweep's own page shows the exports: rewritten with them (another --out has no sweep.json for a page)

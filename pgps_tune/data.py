@@ -100,6 +100,10 @@ class DatasetSpec:
 
 def _read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
+    if root.exists() and not root.is_dir():
+        folder = f" (its folder {root.parent})" if root.name == "dataset.json" else ""
+        raise PgpsError(f"data folder {root} is a file; give the dataset's folder{folder}, the one holding "
+                        "dataset.json, or 'synthetic'")
     if not root.is_dir():
         raise PgpsError(f"data folder {root} does not exist; give an MSD-layout folder or 'synthetic'")
     if not path.is_file():

@@ -210,3 +210,14 @@ def test_a_store_the_sweep_could_not_write_is_refused_before_it_trains(tmp_path,
         err = capsys.readouterr().err.strip()
         assert err.startswith("pgps-tune: error: ") and needle in err and "--results-store" in err, err
         assert not out.exists()
+
+
+def test_export_refuses_nnunet_flags_without_nnunet(tmp_path, capsys):
+    # export's --configuration, --trainer, --other-dataset without --nnunet were ignored (the last one alone refused)
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps(sweep_meta(folder)))
+    assert main(["export", "--experiment", str(folder), "--out", str(folder), "--configuration", "2d",
+                 "--trainer", "T"]) == 2
+    assert one_line(capsys) == ("pgps-tune: error: --configuration, --trainer go with --nnunet PLANS; without it "
+                                "nothing would use them: add --nnunet PLANS, or drop them\n")
