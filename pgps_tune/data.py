@@ -842,6 +842,9 @@ def prepare(
     Safe to call from several processes at once: one builds, the others wait and read.
     """
     cache_root = Path(cache_root) if cache_root else default_cache_root()
+    if file := next((p for p in (cache_root, *cache_root.parents) if p.exists() and not p.is_dir()), None):
+        raise PgpsError(f"the preprocessing cache {cache_root} cannot be made: {file} is a file; set PGPS_CACHE_DIR "
+                        "(or --cache-dir) to a folder")
     if str(source) == SYNTHETIC:
         args = (synthetic_cases, list(synthetic_shape), synthetic_noise, synthetic_seed)
         key = hashlib.sha256(json.dumps([PREPROCESS_VERSION, *args]).encode()).hexdigest()[:16]

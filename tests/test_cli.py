@@ -338,6 +338,15 @@ def test_a_data_argument_that_is_a_file_is_called_a_file(capsys, tmp_path):
                     f"(its folder {tmp_path}), the one holding dataset.json, or 'synthetic'")
 
 
+def test_a_cache_dir_that_is_a_file_is_called_a_file(capsys, tmp_path):
+    # it was "the preprocessing cache FILE/NAME does not exist yet and cannot be built there (File exists)"
+    (tmp_path / "f").write_text("x")
+    for cache in (tmp_path / "f", tmp_path / "f" / "sub"):
+        line = refused(capsys, ["plan", "--data", "synthetic", "--cache-dir", cache])
+        assert line == (f"pgps-tune: error: the preprocessing cache {cache} cannot be made: {tmp_path / 'f'} is a "
+                        "file; set PGPS_CACHE_DIR (or --cache-dir) to a folder")
+
+
 def test_ctrl_c_after_a_sweep_is_exported_says_it_is_and_how_to_write_its_page(tmp_path, capsys, monkeypatch):
     # a Ctrl-C while the finished sweep's page was drawn said only "interrupted; nothing was left half-written"
     import pgps_tune.cli as cli
