@@ -184,6 +184,9 @@ def _add_nnunet_args(p: argparse.ArgumentParser) -> None:
 def _nnunet_plan(a: argparse.Namespace):
     """The nnU-Net plan named by --nnunet-plans (None without it); refuses flags it would override."""
     if not getattr(a, "nnunet_plans", None):
+        if "configuration" in getattr(a, "explicit", ()):
+            raise PgpsError("--configuration picks the configuration of --nnunet-plans; without --nnunet-plans it "
+                            "would be ignored: add --nnunet-plans PLANS, or drop --configuration")
         return None
     from pgps_tune import nnunet
 
@@ -482,7 +485,15 @@ def _train(a: argparse.Namespace) -> int:
     import threading
 
     from pgps_tune.data import plan_patch, split
-    from pgps_tune.trainer import CHECKPOINT, METRICS, TensorBoardLog, Trainer, discard_unstarted_run, resolve_device
+    from pgps_tune.trainer import (
+        CHECKPOINT,
+        METRICS,
+        TensorBoardLog,
+        Trainer,
+        check_batch_memory,
+        discard_unstarted_run,
+        resolve_device,
+    )
 
     a.notes = []  # held back until the checks passed (_flush_notes)
     given = _given_train_flags(a)  # refused before anything is written
@@ -557,7 +568,7 @@ def _train(a: argparse.Namespace) -> int:
                 final = tuple(a.final_patch) if a.final_patch else plan.final_patch
                 pools = tuple(a.pools) if a.pools else plan.pools
                 s = _build_schedule(a, final, pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
-        _check_batch_memory(s, cfg)
+        check_batch_memory(s, cfg, "lower --batch-size (or --batch-cap, or the batch sizes of the schedule file)")
         _note_padding(a, s, ds)
         train_cases, val_cases = split(ds, a.val_fraction, a.split_seed, a.splits)
         # the run's own schedule.yaml carries what this run trains with, so it can train it again
@@ -648,48 +659,6 @@ def _write_learning_curve(run: Path) -> None:
         print(f"learning curve: {write_run_curve(run)}", file=sys.stderr)
     except PgpsError as exc:
         print(f"pgps-tune: note: no learning curve written: {exc}", file=sys.stderr)
-
-
-def _memory_of(device: Any) -> tuple[int, str]:
-    """(bytes, what) this machine gives a run on ``device``: GPU memory, or RAM within any cgroup limit
-    (cgroup v1 or v2, the process's own or a parent's)."""
-    import torch
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device.index or 0)
-        return props.total_memory, f"GPU memory on {props.name}"
-    from pgps_tune.imageio import memory_limit
-
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(have, memory_limit() or have), "RAM"  # within a container's or a batch job's cgroup limit
-
-
-def _check_batch_memory(s: sch.Schedule, cfg: TrainConfig) -> None:
-    """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line).
-
-    Only the networks whose activations the schedule core models (by their ``filters``) are estimated;
-    the others (segresnet, swinunetr, unetr, dynunet_resenc) have no such model yet and are not refused here.
-    """
-    from pgps_tune.trainer import resolve_device
-
-    if cfg.network not in sch.SAVED_ACTIVATIONS:
-        return
-
-    device = resolve_device(cfg.device)
-    need, i = sch.training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4,
-                                  res_units=cfg.res_units)
-    have, what = _memory_of(device)
-    if need > have:
-        st = s.stages[i]
-        raise PgpsError(
-            f"stage {i} (batch {st.batch_size} of {'x'.join(map(str, st.patch_size))} patches) needs an estimated "
-            f"{_gib(need)} of memory for its activations, more than the {_gib(have)} of {what} here; "
-            "lower --batch-size (or --batch-cap, or the batch sizes of the schedule file)"
-        )
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"
 
 
 PROGRESS = ("auto", "live", "lines", "json", "none")
@@ -945,7 +914,12 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
                  if started else "the sweep had not started; run it again with:"), file=sys.stderr)
         print(_command_line(a, resume=started), file=sys.stderr, flush=True)
         return 128 + exc.signum
-    _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
+    try:
+        _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, raised as one) while the page was drawn or the outcome printed
+        raise Interrupted(f"interrupted after the sweep had finished: it is exported in {out} (best_schedule.yaml, "
+                          f"trials.parquet, summary.json); its page may be missing: write it with "
+                          f"'pgps-tune report {out}'") from None
     return 0
 
 
@@ -1070,8 +1044,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         # every --nnunet check before anything is written
         nn_export = nnunet.prepare_export(a.experiment, a.nnunet, a.configuration, a.trainer, pick=a.pick,
                                           other_dataset=a.other_dataset)
-    elif a.other_dataset:
-        raise PgpsError("--other-dataset goes with --nnunet PLANS")
+    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset")
+                     if d in getattr(a, "explicit", ())]:
+        raise PgpsError(f"{', '.join(ignored)} {'goes' if len(ignored) == 1 else 'go'} with --nnunet PLANS; without "
+                        f"it nothing would use {'it' if len(ignored) == 1 else 'them'}: add --nnunet PLANS, or drop "
+                        f"{'it' if len(ignored) == 1 else 'them'}")
     _check_writable(Path(a.out))
     summary = export(a.experiment, a.out, results_store=a.results_store, pick=a.pick)
     # the sweep's own page shows the exports: rewritten with them (another --out has no sweep.json for a page)

@@ -100,6 +100,10 @@ class DatasetSpec:
 
 def _read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
+    if root.exists() and not root.is_dir():
+        folder = f" (its folder {root.parent})" if root.name == "dataset.json" else ""
+        raise PgpsError(f"data folder {root} is a file; give the dataset's folder{folder}, the one holding "
+                        "dataset.json, or 'synthetic'")
     if not root.is_dir():
         raise PgpsError(f"data folder {root} does not exist; give an MSD-layout folder or 'synthetic'")
     if not path.is_file():
@@ -838,6 +842,9 @@ def prepare(
     Safe to call from several processes at once: one builds, the others wait and read.
     """
     cache_root = Path(cache_root) if cache_root else default_cache_root()
+    if file := next((p for p in (cache_root, *cache_root.parents) if p.exists() and not p.is_dir()), None):
+        raise PgpsError(f"the preprocessing cache {cache_root} cannot be made: {file} is a file; set PGPS_CACHE_DIR "
+                        "(or --cache-dir) to a folder")
     if str(source) == SYNTHETIC:
         args = (synthetic_cases, list(synthetic_shape), synthetic_noise, synthetic_seed)
         key = hashlib.sha256(json.dumps([PREPROCESS_VERSION, *args]).encode()).hexdigest()[:16]
@@ -889,7 +896,8 @@ def split(
         return _split_entry(ds.name, ds.case_ids, read_splits(splits_file), splits_file)
     n = len(ds)
     if n < 2:
-        raise PgpsError(f"dataset {ds.name} has {n} case(s); a train/validation split needs at least 2")
+        raise PgpsError(f"dataset {ds.name} has {n} labelled case(s); a train/validation split needs at least 2: "
+                        "add labelled cases to the dataset")
     if not 0 < val_fraction < 1:
         raise PgpsError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(n)

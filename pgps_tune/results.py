@@ -774,6 +774,18 @@ def _holds_other_sweep(folder: Path, origin: str, trial_ids: set[str]) -> str | 
     return None
 
 
+def check_store_writable(store: str | Path | None) -> None:
+    """Refuse, before a sweep trains anything, a results store it could not add its rows to at the end:
+    a file, or a folder (or its nearest existing parent) that is not writable (a read-only file system)."""
+    root = (Path(store) if store else default_store()).absolute()
+    if root.exists() and not root.is_dir():
+        raise PgpsError(f"results store {root} is a file; set --results-store or PGPS_RESULTS_DIR to a folder")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PgpsError(f"cannot write the results store {root} ({existing} is not writable); set --results-store "
+                        "or PGPS_RESULTS_DIR to a writable folder")
+
+
 def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None
                 ) -> Path:
     """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep; returns the partition.

@@ -924,7 +924,7 @@ def check_space_against_plan(space: SearchSpace, final_patch, pools) -> None:
     if stages is not None and stages.kind == "int" and stages.high is not None and stages.high > b.epochs:
         raise PgpsError(
             f"{space.source}: stages can reach {int(stages.high)} but budget.epochs is {b.epochs}; "
-            "lower parameters.stages.high or raise budget.epochs"
+            f"give --epochs {int(stages.high)} or more (budget.epochs), or lower parameters.stages.high"
         )
     for combo in _check_grid(space.parameters):
         try:

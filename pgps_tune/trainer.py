@@ -84,6 +84,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _memory_of(device: torch.device) -> tuple[int, str]:
+    """(bytes, what) this machine gives a run on ``device``: GPU memory, or RAM within any cgroup limit
+    (cgroup v1 or v2, the process's own or a parent's)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device.index or 0)
+        return props.total_memory, f"GPU memory on {props.name}"
+    from pgps_tune.imageio import memory_limit
+
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(have, memory_limit() or have), "RAM"  # within a container's or a batch job's cgroup limit
+
+
+def check_batch_memory(s: Schedule, cfg: TrainConfig, fix: str) -> None:
+    """Refuse a schedule whose largest batch cannot fit this machine (estimate and memory in one line, then
+    ``fix``): checked before a run starts, it says what an out-of-memory kill (of the process, or of a sweep's
+    Ray workers) would not.
+
+    Only the networks whose activations the schedule core models (by their ``filters``) are estimated;
+    the others (segresnet, swinunetr, unetr, dynunet_resenc) have no such model yet and are not refused here.
+    """
+    from pgps_tune.schedule import SAVED_ACTIVATIONS, training_memory
+
+    if cfg.network not in SAVED_ACTIVATIONS:
+        return
+    device = resolve_device(cfg.device)
+    need, i = training_memory(s, cfg.filters, cfg.network, bytes_per_value=2 if device.type == "cuda" else 4,
+                              res_units=cfg.res_units)
+    have, what = _memory_of(device)
+    if need > have:
+        st = s.stages[i]
+        raise PgpsError(
+            f"stage {i} (batch {st.batch_size} of {'x'.join(map(str, st.patch_size))} patches) needs an estimated "
+            f"{need / 2**30:.3g} GiB of memory for its activations, more than the {have / 2**30:.3g} GiB of {what} "
+            f"here; {fix}"
+        )
+
+
 def dice_scores(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
     """Foreground Dice per class for one case: ``2|P&G| / (|P|+|G|)``.
 

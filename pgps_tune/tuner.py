@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -70,11 +71,16 @@ from pgps_tune.asha import (
 from pgps_tune.config import ADDED_LATER, patch_multiple
 from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
 from pgps_tune.results import (
+    BEST,
     FOLDER_KEY,
     META_FORMAT,
+    PARETO,
     PHASES,
+    SUMMARY,
     SWEEP_FILE,
+    TRIALS,
     TrialRecord,
+    check_store_writable,
     confirm_candidates,
     export_sweep,
     read_meta,
@@ -172,23 +178,48 @@ class SweepOptions:
                             f"at most {n} (or on seeds)")
 
 
-def _check_mlflow(uri: str) -> None:
-    """Refuse, in one line, an --mlflow URI that MLflow is missing for or will not open (before any work).
+# MLflow retries a request to an HTTP tracking server 7 times with a doubling wait (about 4 minutes) and waits
+# 120 s for each answer: a server that is down would stall a sweep that long at each call.  Where the environment
+# does not say otherwise, a sweep gives up sooner; the sweep never depends on the tracking server.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
-    Opening the store contacts no server: an unreachable tracking server is found when trials log.
-    """
+
+def _mlflow_http_defaults() -> None:
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _check_mlflow(uri: str) -> None:
+    """Refuse, in one line, an --mlflow URI that MLflow is missing for, will not open, or cannot reach (before
+    any work): one request to its store (an HTTP server, a database) shows it answers."""
     try:
         from mlflow import MlflowClient
     except ImportError:
         raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
+    _mlflow_http_defaults()
     try:
-        MlflowClient(tracking_uri=uri)
-    except Exception as exc:  # MlflowException and the errors of its store plugins
-        first = str(exc).split(". ")[0].strip()
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests' errors and the errors of store plugins
+        first = _mlflow_cause(exc)
         hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
                 if "file" in first.lower() else "")
-        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first[:200]}); give a tracking URI it accepts, "
-                        f"e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+        raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first}); start the tracking server, or give a "
+                        f"tracking URI it reaches, e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+
+
+def _mlflow_cause(exc: BaseException) -> str:
+    """The first sentence of an MLflow error, on one line; for an HTTP request, what the connection got (its
+    message quotes the whole retry report)."""
+    text = " ".join(str(exc).split())
+    if errno := re.search(r"\[Errno -?\d+\] [^'\"()]+", text):
+        return f"{text.split(' failed ')[0]}: {errno.group(0).strip()}"[:200]
+    return text.split(". ")[0].split(" [SQL:")[0][:200]
+
+
+def _mlflow_failed(what: str, exc: BaseException,
+                   then: str = "the sweep goes on without it and keeps its own results in its folder") -> None:
+    print(f"pgps-tune: note: MLflow logging failed ({what}: {_mlflow_cause(exc)}); {then}", file=sys.stderr,
+          flush=True)
 
 
 class SweepInterrupted(Exception):
@@ -307,10 +338,13 @@ def _train_nnunet(config: dict[str, Any], setup: dict[str, Any], s, base: dict[s
                        processes=max(0, int(setup["cpus_per_trial"]) - 1), resume=resume)
 
 
+TUNE_MEMORY_FIX = "lower --batch-size (or the space's budget.batch_size, or its batch_cap parameter)"
+
+
 def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str, Any], run_dir: Path) -> None:
     from pgps_tune.config import DataIdentity, Recipe, TrainConfig
     from pgps_tune.data import fold_split, split
-    from pgps_tune.trainer import Trainer
+    from pgps_tune.trainer import Trainer, check_batch_memory
 
     b = setup["budget"]
     base = {**base, "node_id": ray.get_runtime_context().get_node_id()}  # which machine ran it, for cluster faults
@@ -334,6 +368,7 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
     def report(r: dict[str, Any]) -> None:
         tune.report(_metrics(r, base, setup, s), checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
+    check_batch_memory(s, cfg, TUNE_MEMORY_FIX)  # a failed trial that says why, not Ray's out-of-memory kill
     made = []
     trainer = Trainer(ds, train_cases, val_cases, s, cfg, run_dir, callback=lambda r: (made.append(1), report(r)))
     try:
@@ -1158,11 +1193,32 @@ def _mlflow_trials_class() -> type:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowTrials(MLflowLoggerCallback):
+        def _guarded(self, what: str, call: Any, *args: Any) -> None:
+            """Log through ``call``; the first failure (the tracking server gone, a full disk) is said in one
+            note line and ends this phase's MLflow logging: the tracking server never stops the sweep."""
+            if getattr(self, "_failed", False):
+                return
+            try:
+                call(*args)
+            except Exception as exc:  # whatever the tracking store raises, the sweep's own results go on
+                self._failed = True
+                _mlflow_failed(what, exc)
+
         def setup(self, *args, **kwargs):
-            super().setup(*args, **kwargs)
+            self._failed = False
             self._schedules_logged: set[str] = set()
+            self._guarded("setting up", lambda: super(MLflowTrials, self).setup(*args, **kwargs))
+
+        def log_trial_start(self, trial):
+            self._guarded(f"trial {trial}", super().log_trial_start, trial)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
+            self._guarded(f"trial {trial}", self._log_result, iteration, trial, result)
+
+        def log_trial_end(self, trial, failed: bool = False):
+            self._guarded(f"trial {trial}", super().log_trial_end, trial, failed)
+
+        def _log_result(self, iteration: int, trial, result: dict) -> None:
             super().log_trial_result(iteration, trial, result)
             run_id = self._trial_runs[trial]
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
@@ -1174,7 +1230,7 @@ def _mlflow_trials_class() -> type:
 
         def __getstate__(self) -> dict[str, Any]:
             return {k: v for k, v in self.__dict__.items()
-                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged")}
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed")}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             from ray.air._internal.mlflow import _MLflowLoggerUtil
@@ -1585,6 +1641,7 @@ class _StopSignals:
         self.caught: int | None = None
         self.tune_handler_before: Any = None
         self.in_fit = False
+        self.holding = False
         self.active = threading.current_thread() is threading.main_thread()  # only it can take signals
 
     def handle(self, signum: int, frame) -> None:
@@ -1593,7 +1650,20 @@ class _StopSignals:
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if self.in_fit and first and callable(tune_stop) and tune_stop is not self.tune_handler_before:
             tune_stop(signum, frame)
-        else:
+        elif not (self.holding and first):
+            raise SweepInterrupted(self.caught)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Hold the first signal until the block ends, then raise :class:`SweepInterrupted`: an exception
+        inside ``ray.init`` leaves the processes it had started running, out of ``ray.shutdown``'s reach.
+        A second signal still ends the block at once."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.caught:
             raise SweepInterrupted(self.caught)
 
     def install(self) -> None:
@@ -1613,6 +1683,19 @@ class _StopSignals:
             raise SweepInterrupted(self.caught)
 
 
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The interrupt behind ``exc``: Ray's Cython functions that check for signals turn the exception a
+    signal handler raised in them into a ``SystemError`` ("returned a result with an exception set")."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, SweepInterrupted | KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _stop_signals():
     signals = _StopSignals()
@@ -1626,6 +1709,10 @@ def _stop_signals():
         yield signals
     except KeyboardInterrupt:  # held by an atomic write until the file was complete
         raise SweepInterrupted(signal.SIGINT) from None
+    except SystemError as exc:  # a signal handled inside Ray's Cython code (its wait polls for signals)
+        if (stop := _interruption(exc)) is None:
+            raise
+        raise SweepInterrupted(stop.signum if isinstance(stop, SweepInterrupted) else signal.SIGINT) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -1777,7 +1864,8 @@ def sweep(opts: SweepOptions) -> dict[str, Any]:
 
 
 def _sweep(opts: SweepOptions) -> dict[str, Any]:
-    from pgps_tune.data import plan_patch, prepare
+    from pgps_tune.data import plan_patch, prepare, split
+    from pgps_tune.report import REPORT
 
     space, b = opts.space, opts.space.budget
     out = opts.out
@@ -1786,6 +1874,12 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         raise PgpsError(f"{out} already holds a sweep; add --resume to continue it, or choose a new --out")
     if opts.resume and not meta_path.exists():
         raise PgpsError(f"--resume given but {meta_path} does not exist; run without --resume to start")
+    if not opts.resume and (theirs := [f for f in (BEST, SUMMARY, TRIALS, PARETO, STUDY_FILE, REPORT)
+                                       if (out / f).exists()]):
+        raise PgpsError(f"{out} holds {', '.join(theirs)} but no sweep ({SWEEP_FILE}); a new sweep would replace "
+                        f"{'it' if len(theirs) == 1 else 'them'}: choose a new --out, or move "
+                        f"{'it' if len(theirs) == 1 else 'them'} away")
+    check_store_writable(opts.results_store)  # the sweep's rows go there at the end: known now, not after hours
     if opts.data != "synthetic":
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:
@@ -1801,6 +1895,10 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if before:
             _same_sweep(before, {"final_patch": list(final), "pools": list(pools)})
         check_space_against_plan(space, final, pools)
+        split(ds, b.val_fraction, b.split_seed)  # a dataset every trial would fail on is refused before any starts
+        if not opts.address and b.trainer != "nnunet":  # the trials run here: references that cannot fit, too
+            _check_reference_memory(space, trial_setup(space, opts.data, ds.cache_dir, final, pools,
+                                                       opts.cpus_per_trial, opts.gpus_per_trial))
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
                           exclude_sweep=before["sweep"] if before else out.resolve().name,
@@ -1824,7 +1922,10 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
                                settings, before)
         summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
         if opts.mlflow:
-            log_sweep_to_mlflow(opts.mlflow, out, summary)
+            try:
+                log_sweep_to_mlflow(opts.mlflow, out, summary)
+            except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
+                _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
         return summary
 
 
@@ -1955,7 +2056,8 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     if own_ray and not opts.address:  # the local Ray about to start has this machine's CPUs: no need to start it
         check_resources(opts.cpus_per_trial, None, {"CPU": float(local_cpus())})
     try:
-        start_ray(opts.address)
+        with signals.held():
+            start_ray(opts.address)
         signals.install()
         check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
         yield
@@ -2054,6 +2156,26 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
                   searcher, num_samples, scheduler, stopper, signals=signals)
     if confirm is not None:
         run_confirmation(opts, meta, confirm, storage_fs, signals)
+
+
+def _check_reference_memory(space: SearchSpace, setup: dict[str, Any]) -> None:
+    """Refuse, before any trial, references whose largest batch cannot fit this machine: every trial of theirs
+    would be killed for memory (:func:`pgps_tune.trainer.check_batch_memory`)."""
+    import torch
+
+    from pgps_tune.config import TrainConfig
+    from pgps_tune.trainer import check_batch_memory
+
+    b = setup["budget"]
+    multiple_of = patch_multiple(b["network"], setup["pools"], b["token_size"])
+    device = "cuda" if setup["gpus_per_trial"] > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return  # no GPU here to measure: the cluster's resources are checked once Ray runs (check_resources)
+    for config in reference_configs(space) if space.search.references else []:
+        s = schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
+                                 multiple_of)
+        check_batch_memory(s, TrainConfig.for_trial(b, config, device=device, threads=1),
+                           f"{TUNE_MEMORY_FIX} (this is the {config.get('role', 'reference')} reference)")
 
 
 def _fractions(configs: list[dict[str, Any]], setup: dict[str, Any], epochs: int) -> list[float]:

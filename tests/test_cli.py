@@ -321,6 +321,48 @@ def test_the_crash_log_falls_back_to_the_temporary_folder(capsys, tmp_path, monk
     assert f"the traceback is in {tmp_path / 'tmp'}/crash-" in err and len(err.splitlines()) == 1
 
 
+def test_nnunet_flags_without_their_plans_are_refused_not_ignored(capsys, tmp_path):
+    # --configuration without --nnunet-plans (or export's --nnunet) was silently ignored
+    for argv in (["plan", "--data", "synthetic"],
+                 ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2"],
+                 ["tune", "--space", "smoke", "--data", "synthetic", "--out", tmp_path / "o"]):
+        line = refused(capsys, [*argv, "--configuration", "2d"])
+        assert "--configuration picks the configuration of --nnunet-plans" in line and "drop --configuration" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_data_argument_that_is_a_file_is_called_a_file(capsys, tmp_path):
+    (tmp_path / "dataset.json").write_text("{}")
+    line = refused(capsys, ["plan", "--data", tmp_path / "dataset.json"])
+    assert line == (f"pgps-tune: error: data folder {tmp_path / 'dataset.json'} is a file; give the dataset's folder "
+                    f"(its folder {tmp_path}), the one holding dataset.json, or 'synthetic'")
+
+
+def test_a_cache_dir_that_is_a_file_is_called_a_file(capsys, tmp_path):
+    # it was "the preprocessing cache FILE/NAME does not exist yet and cannot be built there (File exists)"
+    (tmp_path / "f").write_text("x")
+    for cache in (tmp_path / "f", tmp_path / "f" / "sub"):
+        line = refused(capsys, ["plan", "--data", "synthetic", "--cache-dir", cache])
+        assert line == (f"pgps-tune: error: the preprocessing cache {cache} cannot be made: {tmp_path / 'f'} is a "
+                        "file; set PGPS_CACHE_DIR (or --cache-dir) to a folder")
+
+
+def test_ctrl_c_after_a_sweep_is_exported_says_it_is_and_how_to_write_its_page(tmp_path, capsys, monkeypatch):
+    # a Ctrl-C while the finished sweep's page was drawn said only "interrupted; nothing was left half-written"
+    import pgps_tune.cli as cli
+    import pgps_tune.tuner as tuner
+
+    def page(out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner, "sweep", lambda opts: {"sweep": "s", "dataset": "synthetic"})
+    monkeypatch.setattr(cli, "_write_sweep_report", page)
+    out = tmp_path / "s"
+    assert main(["tune", "--space", "smoke", "--data", "synthetic", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"it is exported in {out}" in err and f"pgps-tune report {out}" in err
+
+
 @pytest.mark.parametrize("raised,code", [(SystemExit(15), 143), (KeyboardInterrupt(), 130)])
 def test_signals_that_reach_main_exit_with_their_code(capsys, monkeypatch, raised, code):
     # Ray's driver turns SIGTERM into SystemExit(15); a bare Ctrl-C outside a command's handler is 130

@@ -312,6 +312,14 @@ def test_a_reference_the_budget_cannot_build_is_refused():
         sp.check_space_against_plan(s, (48, 48, 48), (3, 3, 3))
 
 
+def test_more_stages_than_epochs_names_the_flag_that_fixes_it():
+    # the fix named only the space file's keys: a demo (a shipped space) or a tune --epochs N needs --epochs
+    s = sp.parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 4}},
+                  "search": {"references": []}, "budget": {"epochs": 2}})
+    with pytest.raises(PgpsError, match=r"stages can reach 4 but budget.epochs is 2; give --epochs 4 or more"):
+        sp.check_space_against_plan(s, (16, 16, 16), (2, 2, 2))
+
+
 def test_every_number_of_a_space_has_a_range():
     from pgps_tune.limits import LIMITS, limit
 

@@ -225,3 +225,28 @@ def test_best_names_ranked_sweeps_of_another_budget_or_final_patch_and_ranks_com
     assert sch.load(out).meta["sweep"] == "short" and capsys.readouterr().err == ""  # alike: nothing to note
     assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--sweep", "shrot"]) == 2
     assert "no sweep 'shrot' of dataset 'synthetic'; give --sweep as one of alike, big, long, short" in one_line(capsys)
+
+
+def test_a_store_the_sweep_could_not_write_is_refused_before_it_trains(tmp_path, capsys):
+    # an unwritable store was found at the export, after every trial had trained (exit 2, no report)
+    (tmp_path / "file").write_text("x")
+    space = tmp_path / "s.yaml"
+    space.write_text(json.dumps({"parameters": {"stages": 1}, "budget": {"epochs": 10}}))
+    for store, needle in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "store", "is not writable")):
+        out = tmp_path / "o"
+        assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet",
+                     "--results-store", str(store)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pgps-tune: error: ") and needle in err and "--results-store" in err, err
+        assert not out.exists()
+
+
+def test_export_refuses_nnunet_flags_without_nnunet(tmp_path, capsys):
+    # export's --configuration, --trainer, --other-dataset without --nnunet were ignored (the last one alone refused)
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps(sweep_meta(folder)))
+    assert main(["export", "--experiment", str(folder), "--out", str(folder), "--configuration", "2d",
+                 "--trainer", "T"]) == 2
+    assert one_line(capsys) == ("pgps-tune: error: --configuration, --trainer go with --nnunet PLANS; without it "
+                                "nothing would use them: add --nnunet PLANS, or drop them\n")

@@ -180,3 +180,48 @@ def test_the_mlflow_callback_is_made_on_first_use_and_unpickles_through_the_resu
     assert type(back) is tuner.MLflowTrials and back.tags == {"a": "b"} and back.mlflow_util is not None
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         tuner.Nothing  # noqa: B018
+
+
+def test_an_unreachable_tracking_server_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # MLflow retries an HTTP request for minutes: a sweep started anyway crashed only once Tune set up its logger
+    import socket
+
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sweep"
+    assert main(["tune", "--space", "smoke", "--data", "synthetic", "--out", str(out),
+                 "--mlflow", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pgps-tune: error: --mlflow http://127.0.0.1:{port}: ") and "\n" not in err
+    assert "Connection refused" in err and "start the tracking server" in err
+    assert not out.exists()
+
+
+def test_a_tracking_server_that_fails_mid_sweep_costs_the_logging_not_the_sweep(capsys, monkeypatch):
+    # Tune lets an exception of a callback end fit(): the whole sweep ended as an internal error
+    pytest.importorskip("mlflow")
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from pgps_tune import tuner
+
+    def gone(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(MLflowLoggerCallback, "setup", lambda self, *a, **k: setattr(self, "_trial_runs", {}))
+    for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
+        monkeypatch.setattr(MLflowLoggerCallback, name, gone)
+    callback = tuner.MLflowTrials("http://127.0.0.1:1", experiment_name="e")
+    callback.setup()
+    callback.log_trial_start("trial_1")
+    callback.log_trial_result(1, "trial_1", {"val_dice": 0.5})
+    callback.log_trial_end("trial_1")
+    err = capsys.readouterr().err
+    assert err.count("pgps-tune: note: MLflow logging failed") == 1, err  # said once, then no more tries
+    assert "the tracking server went away" in err and "the sweep goes on" in err
+    monkeypatch.setattr(MLflowLoggerCallback, "setup", gone)
+    callback.setup()  # the next phase tries again; a server down from the start costs one note too
+    callback.log_trial_start("trial_2")
+    assert capsys.readouterr().err.count("MLflow logging failed (setting up") == 1

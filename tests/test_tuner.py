@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ray_processes
+from conftest import make_msd, ray_processes
 
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
@@ -338,6 +338,46 @@ def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o2", env=env)
     assert r.returncode == 2 and "not divisible" in error_line(r.stderr)
     assert not ray_sessions(ray_tmp)
+
+
+def test_a_dataset_no_trial_can_split_is_refused_before_any_trial(tmp_path, capsys):
+    # each trial failed on the split and the sweep ended 'done' (exit 0) with 0 of its trials completed
+    data = make_msd(tmp_path / "one", n=1)
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", str(data),
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgps-tune: error: dataset Tiny has 1 labelled case(s)") and "add labelled cases" in err
+    assert not out.exists()
+
+
+def test_a_new_sweep_refuses_to_replace_files_of_the_same_names(tmp_path, capsys):
+    # a folder holding someone's report.html (or trials.parquet, ...) but no sweep had them replaced unasked
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("<p>my own page</p>")
+    (out / "notes.txt").write_text("kept")  # other files are no reason to refuse
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", "synthetic",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pgps-tune: error: {out} holds report.html but no sweep (sweep.json); a new sweep would replace "
+                   "it: choose a new --out, or move it away")
+    assert (out / "report.html").read_text() == "<p>my own page</p>" and sorted(p.name for p in out.iterdir()) == [
+        "notes.txt", "report.html"]
+
+
+def test_references_that_cannot_fit_in_memory_are_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    # train refused such a batch; a sweep ran it, and Ray's memory monitor killed the workers and ended the sweep
+    # as an internal error
+    import pgps_tune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_memory_of", lambda device: (2**20, "RAM"))  # a machine with 1 MiB
+    out = tmp_path / "o"
+    assert main(["tune", "--space", str(write_space(tmp_path / "s.yaml")), "--data", "synthetic",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgps-tune: error: stage ") and "of RAM here; lower --batch-size" in err
+    assert err.endswith("(this is the baseline reference)") and not out.exists()
 
 
 def _sweep_meta(root: Path, **over) -> dict:

@@ -430,3 +430,35 @@ def test_joins_a_cluster_and_survives_losing_the_node_of_a_trial(tmp_path, monke
         assert trial["completed"] and trial["num_failures"] == 1
     finally:
         cluster.shutdown()
+
+
+def test_a_signal_while_ray_starts_is_held_until_it_has_started():
+    # raised inside ray.init, the interrupt left Ray's agents running after the command had ended
+    from pgps_tune.tuner import SweepInterrupted, _stop_signals
+
+    with pytest.raises(SweepInterrupted) as held, _stop_signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished = True  # the block (ray.init) runs to its end
+    assert finished and held.value.signum == signal.SIGINT
+    with pytest.raises(SweepInterrupted) as second, _stop_signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: the user insists, it ends the block at once
+            pytest.fail("the second signal did not end the block")
+    assert second.value.signum == signal.SIGTERM  # the first signal names the interruption
+
+
+def test_a_second_ctrl_c_inside_rays_wait_is_an_interrupt_not_an_internal_error():
+    # Ray's Cython wait polls for signals and turns what the handler raised into a SystemError: a second
+    # Ctrl-C while Tune cleaned up its trials ended the sweep as an internal error (exit 1)
+    from pgps_tune.tuner import SweepInterrupted, _stop_signals
+
+    with pytest.raises(SweepInterrupted) as got, _stop_signals():
+        try:
+            raise SweepInterrupted(signal.SIGTERM)
+        except SweepInterrupted:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")  # noqa: B904
+    assert got.value.signum == signal.SIGTERM
+    with pytest.raises(SystemError, match="its own"), _stop_signals():  # a SystemError of its own stays one
+        raise SystemError("its own")
