@@ -920,7 +920,26 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         raise Interrupted(f"interrupted after the sweep had finished: it is exported in {out} (best_schedule.yaml, "
                           f"trials.parquet, summary.json); its page may be missing: write it with "
                           f"'pgps-tune report {out}'") from None
+    if summary.get("trials") and not summary.get("best"):  # `tune ... && use best_schedule.yaml` must not go on
+        raise PgpsError(_no_best(summary, Path(out)))
     return 0
+
+
+def _no_best(summary: dict[str, Any], out: Path) -> str:
+    """Why a finished sweep exported no best schedule, with its most frequent trial error and where the rest are."""
+    from collections import Counter
+
+    from pgps_tune.report import read_trials
+
+    errors = Counter(str(r.get("error") or "").strip().splitlines()[0][:300]
+                     for r in read_trials(out) if r.get("failed") and str(r.get("error") or "").strip())
+    counts = (f"{summary.get('failed', 0)} of {summary.get('trials', 0)} trial(s) failed, "
+              f"{summary.get('stopped_early', 0)} stopped early")
+    why = f"; the most frequent error ({errors.most_common(1)[0][1]}x): {errors.most_common(1)[0][0]}" if errors else ""
+    what = ("no trial completed" if not summary.get("completed") else
+            f"none of the {summary['completed']} completed trial(s) has a score at the full budget")
+    return (f"{what} ({counts}), so {out} holds no best schedule{why}; fix that and run the sweep again (every "
+            f"trial's error: 'pgps-tune trials {out} --status failed --columns trial_id,error')")
 
 
 def _command_line(a: argparse.Namespace, resume: bool) -> str:

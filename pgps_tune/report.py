@@ -662,7 +662,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
              f"stopped early, {summary.get('failed', 0)} failed."]
     best = summary.get("best")
     if not best:
-        return [*lines, "No trial completed, so there is no best schedule."]
+        if not summary.get("completed"):
+            return [*lines, "No trial completed, so there is no best schedule."]
+        return [*lines, "No completed trial has a score at the full budget, so there is no best schedule."]
     dice = number(best["final_dice"])
     lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}, "
                  f"{plural(int(best['n_stages']), 'stage')}, "

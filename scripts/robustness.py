@@ -614,7 +614,7 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     add(Case(D, "an image whose header declares 60 GiB (a compressed zero bomb)", plan_odd, 2,
              "more than the", lambda w: inflating(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz")))
-    add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 0, "",
+    add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 2, "no trial completed",
              lambda w: (space()(w), nan_loss(w)), lambda w, r: _diverged_trials(w), env=nan_loss_env))
     add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))
 

@@ -250,3 +250,27 @@ def test_export_refuses_nnunet_flags_without_nnunet(tmp_path, capsys):
                  "--trainer", "T"]) == 2
     assert one_line(capsys) == ("pgps-tune: error: --configuration, --trainer go with --nnunet PLANS; without it "
                                 "nothing would use them: add --nnunet PLANS, or drop them\n")
+
+
+def test_a_sweep_whose_trials_all_failed_exits_2_naming_the_most_frequent_error(tmp_path, capsys, monkeypatch):
+    # it ended 'done' (exit 0) with no best_schedule.yaml: `tune ... && use the schedule` went on
+    import pgps_tune.tuner as tuner
+
+    def fake_sweep(opts):
+        fails = [TrialRecord(f"t{i}", "ERROR", {"stages": 2}, error=e) for i, e in
+                 enumerate(["CUDA out of memory\nmore", "CUDA out of memory", "ValueError: bad patch"])]
+        return export_sweep(opts.out, sweep_meta(opts.out, sweep=opts.out.name), fails, tmp_path / "store")
+
+    monkeypatch.setattr(tuner, "sweep", fake_sweep)
+    space = tmp_path / "s.yaml"
+    space.write_text(json.dumps({"parameters": {"stages": 2}, "budget": {"epochs": 10}}))
+    out = tmp_path / "sw"
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet",
+                 "--results-store", str(tmp_path / "store")]) == 2
+    captured = capsys.readouterr()
+    assert "No trial completed, so there is no best schedule." in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith(f"pgps-tune: error: no trial completed (3 of 3 trial(s) failed, 0 stopped early), so {out} "
+                          "holds no best schedule; the most frequent error (2x): CUDA out of memory; fix that"), err
+    assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error')")
+    assert (out / "trials.parquet").is_file() and not (out / "best_schedule.yaml").exists()
