@@ -59,6 +59,12 @@ class Stage:
     batch_size: int
     epochs: int
 
+    def __post_init__(self) -> None:
+        # a list from a caller (or a file) becomes the tuple every comparison expects: [32, 32, 32] and
+        # (32, 32, 32) are one patch, and a frozen value stays hashable
+        if isinstance(self.patch_size, list):
+            object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
     @property
     def patch_voxels(self) -> int:
         return math.prod(self.patch_size)
@@ -84,6 +90,13 @@ class Schedule:
     recipe: Recipe | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        # lists given from Python are the same schedule as the tuples a file load makes (and compare equal
+        # to them); ``meta=None`` is no provenance
+        for name in ("stages", "final_patch", "pools"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.meta is None:
+            object.__setattr__(self, "meta", {})
         validate(self)
 
     # -- questions the sampler and trainer ask ---------------------------------
@@ -99,8 +112,19 @@ class Schedule:
             e += st.epochs
         return starts
 
-    def stage_index_at(self, epoch: int) -> int:
-        """Index of the stage that trains epoch ``epoch`` (0-based)."""
+    def stage_index_at(self, epoch: float) -> int:
+        """Index of the stage that trains epoch ``epoch`` (0-based).
+
+        A fractional epoch (``2.5``: half way through epoch 2) is in the stage of its whole epoch, so a
+        caller that counts progress in fractions of epochs asks directly.  Outside ``0 <= epoch < epochs``
+        (the last epoch is ``epochs - 1``) there is no stage: :class:`ValueError` naming the range.
+
+        >>> s = paper((32, 32, 32), (3, 3, 3), batch_size=2, epochs=20)
+        >>> s.stage_index_at(0), s.stage_index_at(2.5), s.stage_index_at(19)
+        (0, 1, 9)
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int | float) and not hasattr(epoch, "__index__"):
+            raise ValueError(f"epoch must be a number, got {epoch!r}")
         if not 0 <= epoch < self.epochs:
             raise ValueError(f"epoch {epoch} outside the schedule's 0..{self.epochs - 1}")
         for i, start in reversed(list(enumerate(self.stage_starts()))):
@@ -108,7 +132,8 @@ class Schedule:
                 return i
         raise AssertionError("unreachable")
 
-    def stage_at(self, epoch: int) -> Stage:
+    def stage_at(self, epoch: float) -> Stage:
+        """The stage that trains epoch ``epoch`` (0-based; see :meth:`stage_index_at`)."""
         return self.stages[self.stage_index_at(epoch)]
 
     def stage_index_of_iteration(self, iteration: int, iterations_per_epoch: int, seed: int) -> int:
@@ -118,10 +143,16 @@ class Schedule:
         (stage ``k`` with probability ``epochs_k / epochs``), so any worker, a resumed run
         and a rerun get the same patch for the same iteration.
         """
+        for value, what in ((iteration, "iteration"), (iterations_per_epoch, "iterations_per_epoch")):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
+                raise ValueError(f"{what} must be an integer, got {value!r}")
+        if iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be >= 1, got {iterations_per_epoch}")
         epoch = iteration // iterations_per_epoch
+        if not 0 <= epoch < self.epochs:
+            raise ValueError(f"iteration {iteration} outside the schedule's 0..{self.epochs * iterations_per_epoch - 1}"
+                             f" ({self.epochs} epochs of {iterations_per_epoch} iterations)")
         if self.sampling == "random":
-            if not 0 <= epoch < self.epochs:
-                raise ValueError(f"iteration {iteration} outside the schedule's {self.epochs} epochs")
             # a string seed goes through SHA-512: the same draw on every platform and Python version
             epoch = random.Random(f"pgps-random-patch:{seed}:{iteration}").randrange(self.epochs)
         return self.stage_index_at(epoch)
@@ -238,6 +269,10 @@ def training_memory(
     ``bytes_per_value`` is 4 in fp32, 2 under CUDA mixed precision; ``res_units`` is the UNet's
     residual units per level.
     """
+    if network not in SAVED_ACTIVATIONS:
+        raise PgpsError(f"no memory model for network {network!r}; use one of {', '.join(SAVED_ACTIVATIONS)}")
+    if not filters:
+        raise PgpsError("filters must give at least one channel count (the first level's)")
     levels = max(s.pools) + 1
     per_stage = [
         st.batch_size * sum(
@@ -295,6 +330,10 @@ def validate(s: Schedule) -> None:
     LIMITS["batch_size"].check(s.baseline_batch_size, "baseline_batch_size")
     if not s.stages:
         raise PgpsError("a schedule needs at least one stage")
+    for i, st in enumerate(s.stages):
+        if not isinstance(st, Stage):
+            raise PgpsError(f"stage {i} is a {type(st).__name__}, not a Stage; give Stage(patch_size, batch_size, "
+                            "epochs), or read plain data with Schedule.from_dict")
     if len(s.stages) > LIMITS["stages"].high:
         raise PgpsError(f"a schedule has at most {LIMITS['stages'].high:g} stages, got {len(s.stages)}")
     check_patch(s.final_patch, s.pools, "final patch")
@@ -327,14 +366,21 @@ def _ints(value: Any, n: int | None, what: str) -> list[int]:
     if not isinstance(value, list) or (n is not None and len(value) != n):
         raise PgpsError(f"{what} must be a list of {n or 'some'} integers, got {value!r}")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise PgpsError(f"{what} must hold integers, got {value!r}")
+        raise PgpsError(f"{what} must hold integers, got {value!r}" + _as_written(value))
     return value
 
 
 def _int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise PgpsError(f"{what} must be an integer, got {value!r}")
+        raise PgpsError(f"{what} must be an integer, got {value!r}" + _as_written(value))
     return value
+
+
+def _as_written(value: Any) -> str:
+    """The fix for a whole number written as a float (``2.0``): files hold sizes and epochs as integers."""
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, float)), None)
+    return f"; write {int(value)}" if isinstance(value, float) and value.is_integer() else ""
 
 
 def _plain_data(value: Any, where: str) -> None:
@@ -358,6 +404,9 @@ def _plain_data(value: Any, where: str) -> None:
 def _from_dict(data: Any, source: str) -> Schedule:
     if not isinstance(data, dict):
         raise PgpsError(f"{source}: expected a mapping with 'stages', got {type(data).__name__}")
+    if "format_version" not in data:
+        raise PgpsError(f"{source}: missing key 'format_version'; a schedule file starts with 'format_version: "
+                        f"{FORMAT_VERSION}' (the format this pgps-tune reads)")
     version = data.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise PgpsError(
@@ -400,12 +449,16 @@ def _from_dict(data: Any, source: str) -> Schedule:
         raise PgpsError(f"{source}: 'meta' must be a mapping, got {meta!r}")
     _plain_data(meta, f"{source}: meta")
     recipe = Recipe.parse(data["recipe"], f"{source}: recipe") if data.get("recipe") is not None else None
+    # read before the try below, whose errors get the source in front: these name it already
+    final_patch = tuple(_ints(data["final_patch"], 3, f"{source}: final_patch"))
+    pools = tuple(_ints(data["pools"], 3, f"{source}: pools"))
+    baseline_batch_size = _int(data["baseline_batch_size"], f"{source}: baseline_batch_size")
     try:
         return Schedule(
             stages=tuple(stages),
-            final_patch=tuple(_ints(data["final_patch"], 3, f"{source}: final_patch")),  # type: ignore[arg-type]
-            pools=tuple(_ints(data["pools"], 3, f"{source}: pools")),  # type: ignore[arg-type]
-            baseline_batch_size=_int(data["baseline_batch_size"], f"{source}: baseline_batch_size"),
+            final_patch=final_patch,  # type: ignore[arg-type]
+            pools=pools,  # type: ignore[arg-type]
+            baseline_batch_size=baseline_batch_size,
             meta=meta, recipe=recipe,
             sampling=data.get("sampling", "staged"),
         )
@@ -452,10 +505,23 @@ def _batches(
 
 
 def _as_triple(v: Sequence[int], what: str) -> Triple:
-    v = tuple(int(x) for x in v)
-    if len(v) != 3:
-        raise PgpsError(f"{what} needs 3 values (x y z), got {list(v)}")
-    return v  # type: ignore[return-value]
+    """Three whole numbers (ints, or floats such as 32.0): 32.5 is refused, never cut to 32."""
+    try:
+        values = tuple(v) if not isinstance(v, str | bytes) else None  # a numpy array or any iterable
+    except TypeError:
+        values = None
+    if values is None or len(values) != 3:
+        raise PgpsError(f"{what} needs 3 values (x y z), got {v!r}")
+    whole = [not isinstance(x, bool) and (hasattr(x, "__index__") or isinstance(x, float) and x.is_integer())
+             for x in values]
+    if not all(whole):
+        raise PgpsError(f"{what} needs 3 whole numbers (x y z), got {list(values)}")
+    return tuple(int(x) for x in values)  # type: ignore[return-value]
+
+
+def _epochs(epochs: Any) -> int:
+    """The run's total epochs, checked before any stage is cut from it (a stage's error would name the stage)."""
+    return int(LIMITS["epochs"].check(epochs, "epochs"))
 
 
 def constant(
@@ -463,7 +529,7 @@ def constant(
     multiple_of: Sequence[int] | None = None,
 ) -> Schedule:
     """The baseline: one stage at the final patch size."""
-    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    final, pools_, epochs = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools"), _epochs(epochs)
     if multiple_of is not None:
         check_patch(final, pools_, "final patch", multiple_of)
     return Schedule(
@@ -508,7 +574,7 @@ def paper(
     ``multiple_of``: a network's own patch rule (see :func:`divisors`); the first
     stage is then that network's smallest legal patch.
     """
-    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    final, pools_, epochs = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools"), _epochs(epochs)
     patches = paper_patches(final, pools_, multiple_of)
     n = len(patches)
     if epochs < n:
@@ -631,7 +697,7 @@ def parametric(
     stage count of the result can be lower than asked; ``meta`` records both.
     ``family``: ``staged``, or ``random`` to draw these stages per iteration (:func:`randomize`).
     """
-    final, pools_ = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools")
+    final, pools_, epochs = _as_triple(final_patch, "final patch"), _as_triple(pools, "pools"), _epochs(epochs)
     check_patch(final, pools_, "final patch", multiple_of)
     LIMITS["stages"].check(stages, "stages")
     LIMITS["length_ratio"].check(length_ratio, "length_ratio")
@@ -715,6 +781,6 @@ def preset(
 def rescale_epochs(s: Schedule, epochs: int) -> Schedule:
     """The same curriculum stretched or shrunk to ``epochs`` epochs in total."""
     weights = [st.epochs for st in s.stages]
-    lengths = allocate_epochs(epochs, weights)
+    lengths = allocate_epochs(_epochs(epochs), weights)
     return replace(s, stages=tuple(Stage(st.patch_size, st.batch_size, e) for st, e in zip(s.stages, lengths)),
                    meta=dict(s.meta))

@@ -340,3 +340,47 @@ def test_pools_train_refuses_are_refused_by_schedule_with_trains_line(capsys):
     with pytest.raises(PgpsError, match=fix):
         build_network("unet", 1, 2, (6, 6, 6))
     check_filters("segresnet", (6, 6, 6), ())  # its widths are not filters
+
+
+def test_public_api_edges_answer_or_refuse_in_one_line():
+    s = sch.paper((32, 32, 32), (3, 3, 3), 2, 20)  # 10 stages of 2 epochs
+    assert s.stage_at(19) == s.stages[-1] and s.stage_index_at(2.5) == 1  # the last epoch; mid-epoch 2
+    for bad in (20, -1, "3", None):
+        with pytest.raises(ValueError, match="epoch"):
+            s.stage_at(bad)
+    assert s.stage_index_of_iteration(199, 10, 0) == 9
+    with pytest.raises(ValueError, match=r"iteration 200 outside the schedule's 0\.\.199"):
+        s.stage_index_of_iteration(200, 10, 0)
+    with pytest.raises(ValueError, match="iterations_per_epoch must be >= 1"):
+        s.stage_index_of_iteration(5, 0, 0)
+    # lists from Python are the same schedule as a file's tuples; a dict is not a Stage; meta=None is none
+    listed = sch.Schedule([sch.Stage([32, 32, 32], 2, 5)], [32, 32, 32], [3, 3, 3], 2, meta=None)
+    assert listed == sch.constant((32, 32, 32), (3, 3, 3), 2, 5) and listed.meta == {} and hash(listed)
+    with pytest.raises(PgpsError, match="stage 0 is a dict, not a Stage"):
+        sch.Schedule(({"patch_size": [32, 32, 32]},), (32, 32, 32), (3, 3, 3), 2)
+    with pytest.raises(PgpsError, match=r"3 whole numbers .*32\.5"):  # was cut to 32 silently
+        sch.paper((32.5, 32, 32), (3, 3, 3), 2, 20)
+    with pytest.raises(PgpsError, match="needs 3 values"):
+        sch.paper(32, (3, 3, 3), 2, 20)
+    with pytest.raises(PgpsError, match=r"^epochs must be an integer"):
+        sch.paper((32, 32, 32), (3, 3, 3), 2, "20")
+    with pytest.raises(PgpsError, match="no memory model for network 'swin'"):
+        sch.training_memory(s, [8, 16], "swin")
+
+
+def test_hand_edited_files_are_read_or_refused_naming_the_fix(tmp_path):
+    good = sch.paper((32, 32, 32), (3, 3, 3), 2, 10).to_dict()
+    p = tmp_path / "s.yaml"
+    p.write_text("# tuned on my data\n" + yaml.safe_dump(dict(reversed(list(good.items())))) + "# end\n")
+    assert sch.load(p) == sch.Schedule.from_dict(good)  # comments, keys in another order
+    p.write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "format_version"}))
+    with pytest.raises(PgpsError, match="missing key 'format_version'.*'format_version: 1'"):
+        sch.load(p)
+    p.write_text(json.dumps({**good, "baseline_batch_size": 2.0}))
+    with pytest.raises(PgpsError) as err:
+        sch.load(p)
+    assert str(err.value) == f"{p}: baseline_batch_size must be an integer, got 2.0; write 2"  # the path once
+    good["stages"][0]["patch_size"] = [8.0, 8, 8]
+    p.write_text(json.dumps(good))
+    with pytest.raises(PgpsError, match=r"must hold integers, got \[8\.0, 8, 8\]; write 8$"):
+        sch.load(p)
