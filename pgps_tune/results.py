@@ -943,7 +943,10 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
                   sweeps: Sequence[str] = ()) -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep (or the ``sweeps`` named) with
     ``objective``; a note on stderr names the ranked sweeps that differ from the winner's in budget, data or
-    final patch (:func:`incomparable_note`)."""
+    final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name."""
+    if not isinstance(dataset, str):
+        raise PgpsError(f"dataset must be a dataset's name as the store spells it, got {dataset!r}")
+    sweeps = (sweeps,) if isinstance(sweeps, str) else tuple(sweeps)  # "demo" is one sweep, not four
     t = load_store(store)
     known = sorted(set(t["dataset"].to_pylist()))
     if dataset not in known:  # names are matched exactly: "Hippo" and "hippo" can be two datasets
@@ -962,6 +965,10 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     rows = t.filter(mask).to_pylist()
     best = pick_best(rows)
     if best is None:
+        used = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["objective"].to_pylist()) - {None})
+        if used and objective not in used:
+            raise PgpsError(f"no trials of dataset {dataset!r} with objective {objective!r} in the store; its sweeps "
+                            f"used: {', '.join(used)}")
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
     note = incomparable_note(rankable(rows), best)
     if note:

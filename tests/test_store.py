@@ -274,3 +274,17 @@ def test_a_sweep_whose_trials_all_failed_exits_2_naming_the_most_frequent_error(
                           "holds no best schedule; the most frequent error (2x): CUDA out of memory; fix that"), err
     assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error')")
     assert (out / "trials.parquet").is_file() and not (out / "best_schedule.yaml").exists()
+
+
+def test_best_schedule_from_python_takes_one_sweep_name_and_names_bad_arguments(tmp_path):
+    store = tmp_path / "store"
+    export_sweep(tmp_path / "demo", sweep_meta(tmp_path / "demo"), [record("t1", 0.6), record("t2", 0.7)], store)
+    assert results.best_schedule("synthetic", store, sweeps="demo").meta["trial_id"] == "t2"  # not 'd', 'e', ...
+    with pytest.raises(PgpsError, match="objective 'dice'.*used: max_dice"):
+        results.best_schedule("synthetic", store, objective="dice")
+    with pytest.raises(PgpsError, match="dataset must be a dataset's name"):
+        results.best_schedule(None, store)
+    best = results.best_schedule("synthetic", store)
+    for name in ("b.yaml", "b.json"):  # what 'best --out' writes loads back with its provenance
+        back = sch.load(best.save(tmp_path / name))
+        assert back == best and back.meta == best.meta
