@@ -342,6 +342,10 @@ class Trainer:
         out_dir: str | Path,
         callback: Callback | None = None,
     ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise PgpsError(f"schedule must be a Schedule, got a {type(schedule).__name__}; build one with "
+                            "pgps_tune.schedule (load, preset, parametric or Schedule.from_dict)")
+        check_train_value("optimizer", config.optimizer, "optimizer")  # before its default lr is looked up
         self.ds, self.train_cases, self.val_cases = ds, train_cases, val_cases
         self.schedule, self.cfg, self.out = schedule, config, Path(out_dir)
         self.callback = callback

@@ -888,3 +888,13 @@ def test_random_patch_sampling_trains_end_to_end_and_validates_at_the_final_patc
     # the staged twin of the same stages is another run: its checkpoint is not resumed as this one
     with pytest.raises(PgpsError, match=r"was made with sampling random \(now staged\)"):
         Trainer(ds, [0, 1, 2, 3], [4, 5], _schedule(), config, tmp_path / "r").fit(resume=True)
+
+
+def test_trainer_refuses_an_unknown_optimizer_and_a_schedule_that_is_not_one(tmp_path):
+    ds = data.prepare("synthetic", tmp_path / "cache", synthetic_cases=4, synthetic_shape=(16, 16, 16))
+    s = sch.constant((16, 16, 16), (2, 2, 2), 2, 2)
+    cfg = TrainConfig(filters=(4, 8, 16), iterations_per_epoch=1, device="cpu", threads=1)
+    with pytest.raises(PgpsError, match="optimizer: unknown optimizer 'adam'"):  # was KeyError: 'adam'
+        Trainer(ds, [0, 1], [2, 3], s, cfg.replace(optimizer="adam"), tmp_path / "run")
+    with pytest.raises(PgpsError, match="schedule must be a Schedule, got a dict"):
+        Trainer(ds, [0, 1], [2, 3], s.to_dict(), cfg, tmp_path / "run")
