@@ -1048,11 +1048,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pgps_tune.results import pick_rule, read_meta, require_finished
+    from pgps_tune.results import pick_rule, read_meta
 
     _check_writable(Path(a.out))  # creates nothing
     meta = read_meta(a.experiment)
-    require_finished(meta)  # refused before Ray is imported and before --out is made
+    _require_finished(a.experiment, meta, "export")  # refused before Ray is imported and before --out is made
     pick_rule(meta, a.pick)  # a bad --pick too
     from pgps_tune.tuner import export
 
@@ -1080,12 +1080,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _require_finished(folder: str | Path, meta: dict[str, Any], command: str) -> None:
+    """Refuse an unfinished sweep; while its driver still runs, name that driver rather than ask for a resume."""
+    from pgps_tune.errors import lock_holder
+    from pgps_tune.results import SWEEP_LOCK, require_finished
+
+    if not meta.get("finished") and (holder := lock_holder(Path(folder) / SWEEP_LOCK)):
+        raise PgpsError(f"{folder} is in use by another pgps-tune command ({holder}); wait for it to end, "
+                        f"then run '{command}' again")
+    require_finished(meta)
+
+
 def cmd_confirm(a: argparse.Namespace) -> int:
-    from pgps_tune.results import read_meta, require_finished
+    from pgps_tune.results import read_meta
 
     if Path(a.sweep).exists() and not Path(a.sweep).is_dir():
         raise PgpsError(f"{a.sweep} is a file; give a sweep folder (the --out of 'pgps-tune tune')")
-    require_finished(read_meta(a.sweep))  # refused before Ray is imported
+    _require_finished(a.sweep, read_meta(a.sweep), "confirm")  # refused before Ray is imported
     from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
 
     opts = ConfirmOptions(

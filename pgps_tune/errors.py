@@ -176,6 +176,28 @@ def atomic_write_all(files: dict[Path, Callable[[IO[bytes]], None] | None]) -> N
                     raise PgpsError(f"cannot remove {path}: {_why(exc)}; remove it by hand") from exc
 
 
+def lock_holder(path: Path) -> str | None:
+    """Who holds the :func:`folder_lock` file ``path`` now (its pid, host and start), or None when no one does.
+
+    Probes without waiting and lets go at once; a missing file or a file system without locks reads as free.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return " ".join(path.read_text(errors="replace").split())[:120] or "starting"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return None
+
+
 @contextlib.contextmanager
 def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool], command: str = "") -> Iterator[None]:
     """Hold the lock file ``out/name`` for the block, or refuse in one line (``in_use``, given the holder) while

@@ -47,6 +47,7 @@ from pgps_tune.errors import (
 )
 
 SWEEP_FILE = "sweep.json"
+SWEEP_LOCK = ".pgps-sweep.lock"  # held by the command writing a sweep folder (tuner.sweep_lock)
 TRIALS = "trials.parquet"
 BEST = "best_schedule.yaml"
 SUMMARY = "summary.json"

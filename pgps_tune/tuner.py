@@ -78,6 +78,7 @@ from pgps_tune.results import (
     PHASES,
     SUMMARY,
     SWEEP_FILE,
+    SWEEP_LOCK,
     TRIALS,
     TrialRecord,
     check_store_writable,
@@ -1837,7 +1838,6 @@ def _restored_search_here(storage_fs, storage_path: str, name: str):
 
 # One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
 # runs, a new sweep on the same --out) would write the same Tune state, study and exports.
-SWEEP_LOCK = ".pgps-sweep.lock"
 
 
 def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextManager[None]:

@@ -415,6 +415,23 @@ def test_damaged_sweep_json_is_refused_in_one_line(tmp_path, capsys, content, ne
     assert not (tmp_path / "e").exists()
 
 
+def test_export_or_confirm_of_a_sweep_whose_driver_runs_names_the_driver(tmp_path, capsys):
+    """An unfinished sweep that a tune still holds is not 'unfinished: resume it': export, confirm name the holder."""
+    from pgps_tune.errors import folder_lock
+    from pgps_tune.tuner import SWEEP_LOCK
+
+    exp = tmp_path / "sweep"
+    exp.mkdir()
+    (exp / "sweep.json").write_text(json.dumps(_sweep_meta(exp, finished=False)))
+    with folder_lock(exp, SWEEP_LOCK, "in use ({holder})", lambda: True, command="pgps-tune tune"):
+        for argv in (["export", "--experiment", str(exp), "--out", str(exp)],
+                     ["export", "--experiment", str(exp), "--out", str(tmp_path / "e")], ["confirm", str(exp)]):
+            assert main(argv) == 2
+            line = error_line(capsys.readouterr().err)
+            assert "in use by another pgps-tune command (pgps-tune tune, pid" in line and "--resume" not in line
+    assert main(["export", "--experiment", str(exp), "--out", str(exp)]) == 2  # the driver gone: resume it
+    assert "is not finished" in error_line(capsys.readouterr().err)
+
 def test_sweep_folders_are_read_as_data_never_as_code(tmp_path, capsys):
     import pickle
 
