@@ -304,6 +304,20 @@ class TrainConfig:
             cpu_precision=budget.get("cpu_precision", ADDED_LATER["cpu_precision"]),
         )
 
+    def check(self, where: str = "TrainConfig") -> None:
+        """Refuse, in one line naming the field, any setting out of its range or list: a config built in Python
+        gets the checks a file's or a flag's value gets (``fg_ratio=2.0`` or ``threads=0`` would fail later, or
+        train something else without a word). NumPy scalars count as the Python numbers they hold."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "item") and not isinstance(value, list | tuple | str):
+                value = value.item()  # a NumPy scalar from a grid or a sampler
+            elif isinstance(value, list | tuple) and f.name == "filters":
+                value = [v.item() if hasattr(v, "item") else v for v in value]
+            check_train_value(f.name, value, f"{where}.{f.name}")
+        check_network_widths(self.network, self.feature_size, self.hidden_size,
+                             (f"{where}.feature_size", f"{where}.hidden_size"))
+
     @classmethod
     def parse(cls, data: Any, where: str) -> TrainConfig:
         """A config read from a file (a schedule file's ``recipe.train``), every value checked.

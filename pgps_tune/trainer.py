@@ -54,7 +54,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from pgps_tune.augment import to_device
-from pgps_tune.config import ADDED_LATER, TrainConfig, augment_preset, check_train_value
+from pgps_tune.config import ADDED_LATER, TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
 from pgps_tune.errors import DivergedError, PgpsError, atomic_write, os_cause, strict_json
 from pgps_tune.network import cpu_bf16, memory_format, network_for, place
@@ -319,6 +319,17 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+def _check_cases(ds: PreparedDataset, train_cases: Sequence[int], val_cases: Sequence[int]) -> None:
+    """Refuse case indices that are not indices of ``ds`` (they failed at the first batch or validation, or a
+    negative one picked a case from the end without a word)."""
+    for what, cases in (("train_cases", train_cases), ("val_cases", val_cases)):
+        bad = next((c for c in cases if isinstance(c, bool) or not isinstance(c, int | np.integer)
+                    or not 0 <= c < len(ds)), None)
+        if bad is not None:
+            raise PgpsError(f"{what} holds {bad!r}, which is not a case index of {ds.name} (0 to {len(ds) - 1}); "
+                            "give indices into the dataset's cases (data.split or data.fold_split make them)")
+
+
 class Trainer:
     # batches cut ahead of the step by a background thread (CPU, no loader workers); 0: none.
     # Off: on 2 cores with 2 torch threads the thread's augmentation competed with the step and
@@ -345,7 +356,8 @@ class Trainer:
         if not isinstance(schedule, Schedule):
             raise PgpsError(f"schedule must be a Schedule, got a {type(schedule).__name__}; build one with "
                             "pgps_tune.schedule (load, preset, parametric or Schedule.from_dict)")
-        check_train_value("optimizer", config.optimizer, "optimizer")  # before its default lr is looked up
+        config.check()  # every setting in range before anything is built (the optimizer before its default lr)
+        _check_cases(ds, train_cases, val_cases)
         self.ds, self.train_cases, self.val_cases = ds, train_cases, val_cases
         self.schedule, self.cfg, self.out = schedule, config, Path(out_dir)
         self.callback = callback
@@ -366,7 +378,6 @@ class Trainer:
                            schedule.final_patch)
         self._layout = memory_format(config.network, self.device, schedule.final_patch)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
-        check_train_value("cpu_precision", config.cpu_precision, "cpu_precision")
         if config.optimizer not in ("sgd", "adamw"):
             raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
         # fused optimizers: one kernel per step instead of one per tensor, which matters on the tiny

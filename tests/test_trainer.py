@@ -898,3 +898,18 @@ def test_trainer_refuses_an_unknown_optimizer_and_a_schedule_that_is_not_one(tmp
         Trainer(ds, [0, 1], [2, 3], s, cfg.replace(optimizer="adam"), tmp_path / "run")
     with pytest.raises(PgpsError, match="schedule must be a Schedule, got a dict"):
         Trainer(ds, [0, 1], [2, 3], s.to_dict(), cfg, tmp_path / "run")
+    # a config built in Python gets a flag's checks: these trained something else or failed later
+    for change, line in (({"fg_ratio": 2.0}, r"TrainConfig.fg_ratio must be .*got 2.0"),
+                         ({"threads": 0}, r"TrainConfig.threads must be .*got 0"),
+                         ({"workers": -1}, r"TrainConfig.workers must be .*got -1"),
+                         ({"val_every": 0}, r"TrainConfig.val_every must be .*got 0"),
+                         ({"augment": "heavy"}, r"TrainConfig.augment: unknown augmentation 'heavy'")):
+        with pytest.raises(PgpsError, match=line):
+            Trainer(ds, [0, 1], [2, 3], s, cfg.replace(**change), tmp_path / "run")
+    for train, val, bad in (([0, 9], [2, 3], "train_cases holds 9"), ([0, 1], [-1], "val_cases holds -1"),
+                            ([0, 1.0], [2], "train_cases holds 1.0")):
+        with pytest.raises(PgpsError, match=f"{bad}, which is not a case index of synthetic \\(0 to 3\\)"):
+            Trainer(ds, train, val, s, cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    import numpy as np  # NumPy scalars (a grid's, a sampler's) are the numbers they hold
+    Trainer(ds, [np.int64(0), 1], [2, 3], s, cfg.replace(seed=np.int64(3), fg_ratio=np.float64(0.4)), tmp_path / "ok")
