@@ -507,6 +507,9 @@ class Recipe:
         if unknown:
             raise PgpsError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, ['version', 'train', 'data'])}"
                             "; remove them (allowed: version, train, data)")
+        if "version" not in data:
+            raise PgpsError(f"{where} lacks 'version' (a recipe starts with 'version: {RECIPE_VERSION}'); re-export "
+                            "the sweep, or delete the recipe to train with the defaults")
         if type(data.get("version")) is not int or data["version"] != RECIPE_VERSION:  # not true, not 1.0
             raise PgpsError(f"{where}.version {data.get('version')!r} is not supported; this pgps-tune reads "
                             f"version {RECIPE_VERSION} (re-export the sweep, or delete the recipe to train with "

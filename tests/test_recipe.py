@@ -74,6 +74,7 @@ def test_the_export_carries_every_trainer_setting_and_the_data(tmp_path):
     (lambda r: r["train"].update(network="vnet"), "recipe.train.network: unknown network 'vnet'"),
     (lambda r: r["data"].update(val_fraction=1.5), "recipe.data.val_fraction must be a number in (0, 1)"),
     (lambda r: r.update(version=7), "recipe.version 7 is not supported"),
+    (lambda r: r.pop("version"), "recipe lacks 'version' (a recipe starts with 'version: 1')"),
     (lambda r: r.update(extra=1), "recipe: unknown key(s) ['extra']"),
     (lambda r: r["data"].update(normalisation=[{"type": "minmax"}]), "recipe.data.normalisation[0].type 'minmax' is "
      "not a normalisation scheme; use one of ct, zscore, none, rescale, rgb"),
