@@ -126,6 +126,9 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
             isinstance(meta["reference_configs"], list) and all(isinstance(c, dict)
                                                                 for c in meta["reference_configs"]))),
         ("confirmation", lambda: not meta.get("confirmation") or _check_confirmation(meta["confirmation"])),
+        ("pending_confirm", lambda: not meta.get("pending_confirm") or (
+            valid_confirm_settings(meta["pending_confirm"]["settings"]) and isinstance(
+                meta["pending_confirm"]["key"], str) and isinstance(meta["pending_confirm"]["configs"], list))),
     ]
     bad = []
     for key, check in checks:
@@ -219,12 +222,24 @@ def _check_setup(setup: Any) -> bool:
 
 
 def _check_confirmation(conf: Any) -> bool:
-    """What the exports read of sweep.json's ``confirmation``: the repeat kind and one config per trial."""
+    """What the exports read of sweep.json's ``confirmation``: the repeat kind and one config per trial;
+    what a later confirm or resume reads: its settings and those of the ones it replaced."""
     kind = conf["repeat"]
+    settings = [conf["settings"]] if "settings" in conf else []
     return (kind in REPEAT_KEYS and isinstance(conf["configs"], list) and isinstance(conf["epochs"], int)
+            and isinstance(conf.get("replaced", []), list)
+            and all(valid_confirm_settings(s) for s in settings + conf.get("replaced", []))
             and isinstance(conf["top_k"], int) and isinstance(conf["experiments"], list)
             and all(isinstance(c, dict) and isinstance(c["candidate"], str) and isinstance(c["role"], str)
                     and kind in c for c in conf["configs"]))
+
+
+def valid_confirm_settings(s: Any) -> bool:
+    """A confirmation's settings as sweep.json keeps them (tuner.ConfirmSettings as a dict)."""
+    return (isinstance(s, dict) and set(s) == {"top_k", "epochs", "seeds", "folds", "splits"}
+            and all(isinstance(s[k], int) for k in ("top_k", "epochs"))
+            and all(s[k] is None or isinstance(s[k], int) for k in ("seeds", "folds"))
+            and (s["splits"] is None or isinstance(s["splits"], str)))
 
 
 # -- trials ----------------------------------------------------------------------------------
@@ -497,7 +512,8 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
                  default=None)
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
-           "experiments": conf["experiments"], "schedules": schedules, "winner": winner}
+           "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
+           **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
     out.update(_verdict(winner, schedules, search_best))
     return out
 

@@ -1917,6 +1917,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
             print("pgps-tune: confirmation skipped: a pareto sweep exports a front, not one winner to confirm "
                   "(confirm a front schedule with 'pgps-tune train --schedule pareto/TRIAL.yaml --seed N')",
                   file=sys.stderr, flush=True)
+        if settings is not None and before:
+            settings = resumed_confirmation(before, settings)  # never shrinks what 'pgps-tune confirm' added
         with _ray_session(opts, signals):
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings, before)
@@ -2312,9 +2314,71 @@ def _describe(settings: dict[str, Any]) -> str:
     return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
 
 
+# A confirmation's evidence only grows.  Two confirmations *pool* when their trials are repeats of one
+# experiment: the same epochs and the same kind of repeat (seeds, or the same folds of the same split);
+# then the one that runs is their union (the larger top_k, the more seeds), so no later step (tune
+# --resume with the space's settings, confirm with fewer seeds or a smaller top-k) drops repeats an
+# earlier confirm added.  Confirmations that do not pool are different experiments: 'confirm' may
+# replace the exported one (its trials stay in trials.parquet, sweep.json lists it under
+# confirmation.replaced), a resume refuses to.
+
+
+def held_confirmation(meta: dict[str, Any]) -> ConfirmSettings | None:
+    """The sweep's confirmation settings: an interrupted one's, else the last finished one's (None: none)."""
+    held = (meta.get("pending_confirm") or meta.get("confirmation") or {}).get("settings")
+    return ConfirmSettings(**held) if isinstance(held, dict) else None
+
+
+def _earlier(meta: dict[str, Any]) -> list[ConfirmSettings]:
+    """Every confirmation the sweep ran or started: its own, and the ones another replaced."""
+    replaced = (meta.get("confirmation") or {}).get("replaced", [])
+    return [s for s in [held_confirmation(meta)] + [ConfirmSettings(**r) for r in replaced] if s is not None]
+
+
+def _pools(a: ConfirmSettings, b: ConfirmSettings) -> bool:
+    return (a.epochs, a.folds, a.splits, a.seeds is None) == (b.epochs, b.folds, b.splits, b.seeds is None)
+
+
+def _union(earlier: list[ConfirmSettings], asked: ConfirmSettings) -> ConfirmSettings:
+    """``asked``, grown to keep every schedule and repeat of the ``earlier`` confirmations it pools with."""
+    for held in (h for h in earlier if _pools(h, asked)):
+        asked = dataclasses.replace(asked, top_k=max(held.top_k, asked.top_k),
+                                    seeds=max(held.seeds, asked.seeds) if asked.seeds is not None else None)
+    return asked
+
+
+def _flags(s: ConfirmSettings, prefix: str, seeds: str) -> str:
+    """The command-line flags that ask for ``s`` (tune's --confirm-*, or confirm's own)."""
+    how = (f"{seeds} {s.seeds}" if s.folds is None else
+           f"--confirm-folds {s.folds}" + (f" {prefix}splits {s.splits}" if s.splits else ""))
+    return f"{prefix}top-k {s.top_k} {how} {prefix}epochs {s.epochs}"
+
+
+def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> ConfirmSettings:
+    """On ``tune --resume``: the confirmation to run, given the space's (``asked``) and the sweep's own.
+
+    The sweep's own (which 'pgps-tune confirm' may have extended) is kept where it pools with the
+    space's, grown by whatever the space asks beyond it; one that does not pool is refused in one
+    line, before anything is written: resuming must not replace a verdict."""
+    held = held_confirmation(before)
+    if held is None:
+        return asked
+    if not _pools(held, asked):
+        raise PgpsError(f"sweep {before['sweep']}'s confirmation ({_describe(asdict(held))}) differs from the one "
+                        f"the space asks for ({_describe(asdict(asked))}); --resume would replace its verdict: "
+                        f"resume with {_flags(held, '--confirm-', '--confirm-seeds')}, or with --no-confirm to keep "
+                        "it as it is (change a finished sweep's confirmation with 'pgps-tune confirm')")
+    merged = _union(_earlier(before), asked)
+    if merged != asked:
+        print(f"pgps-tune: note: keeping sweep {before['sweep']}'s confirmation ({_describe(asdict(merged))}), "
+              f"which extends the space's ({_describe(asdict(asked))})", file=sys.stderr, flush=True)
+    return merged
+
+
 def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: ConfirmSettings, storage_fs,
                      signals: _StopSignals | None) -> None:
     """Run (or continue, or extend) the confirmation ``settings`` asks for; record it in sweep.json."""
+    settings = _union(_earlier(meta), settings)  # never fewer schedules or seeds than it has
     rows = trial_rows(read_trials(meta), meta)
     candidates = confirm_candidates(rows, settings.top_k, meta["objective"])
     configs = settings.configs(candidates, meta["reference_configs"], meta["trial_setup"]["budget"]["seed"])
@@ -2340,9 +2404,15 @@ def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: Confirm
                   ListSearcher(pending["configs"]), len(pending["configs"]), None, signals=signals)
         meta["experiments"][pending["key"]] = name
     meta.pop("pending_confirm", None)
+    last = meta.get("confirmation") or {}
+    replaced = [r for r in last.get("replaced", [])  # what pools with this run is in it again
+                if not _pools(ConfirmSettings(**r), settings)]
+    if isinstance(last.get("settings"), dict) and not _pools(ConfirmSettings(**last["settings"]), settings):
+        replaced.append(last["settings"])
     meta["confirmation"] = {"settings": asdict(settings), "repeat": settings.repeat, "epochs": settings.epochs,
                             "top_k": settings.top_k, "configs": configs if candidates else [],
-                            "experiments": [k for k in meta["experiments"] if phase_of(k) == "confirm"]}
+                            "experiments": [k for k in meta["experiments"] if phase_of(k) == "confirm"],
+                            **({"replaced": replaced} if replaced else {})}
     write_meta(opts.out, meta)
 
 
@@ -2407,6 +2477,17 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         c.top_k or before["top_k"], c.epochs or before["epochs"] or b["epochs"],
         c.seeds or before["seeds"] or Confirm.seeds, c.folds or before["folds"], c.splits or before["splits"],
         ds, b["split_seed"], source="confirm")
+    held, kept = held_confirmation(meta), _union(_earlier(meta), settings)
+    if kept != settings:
+        print(f"pgps-tune: note: confirming {_describe(asdict(kept))}: the sweep's confirmations already hold "
+              f"those schedules and repeats, and a confirmation never drops any (asked: {_describe(asdict(settings))})",
+              file=sys.stderr, flush=True)
+        settings = kept
+    if held is not None and not _pools(held, settings) and "pending_confirm" not in meta:
+        print(f"pgps-tune: note: this confirmation ({_describe(asdict(settings))}) replaces the sweep's "
+              f"({_describe(asdict(held))}) in its exports; those trials stay in trials.parquet, and 'pgps-tune "
+              f"confirm {c.sweep} {_flags(held, '--', '--seeds')}' brings it back without training",
+              file=sys.stderr, flush=True)
     budget = Budget(**{k: v for k, v in {**ADDED_LATER, **b}.items() if k in Budget.__dataclass_fields__})
     opts = SweepOptions(
         space=SearchSpace(meta.get("space_name", meta["sweep"]), (), budget=budget, source=meta["space"]),

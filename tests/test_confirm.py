@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -325,9 +326,60 @@ def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_ad
     tuner.run_confirmation(opts, saved, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3), None, None)
     assert calls[2][0] == "s-confirm-2" and sorted((c["candidate"], c["seed"]) for c in calls[2][1]) == [
         ("baseline", 10), ("s1", 10)]
-    tuner.run_confirmation(opts, saved, two, None, None)  # nothing new to train: no experiment
-    assert len(calls) == 3 and json.loads((tmp_path / "sweep.json").read_text())["confirmation"]["configs"] == \
-        calls[0][1]
+    records += [TrialRecord(f"d{i}", "TERMINATED", c, {**done, "role": c["role"]}, phase="confirm")
+                for i, c in enumerate(calls[2][1])]
+    three = json.loads((tmp_path / "sweep.json").read_text())["confirmation"]
+    tuner.run_confirmation(opts, saved, two, None, None)  # fewer seeds: nothing new to train, nothing dropped
+    assert len(calls) == 3 and json.loads((tmp_path / "sweep.json").read_text())["confirmation"] == three
+    assert sorted(c["seed"] for c in three["configs"]) == [8, 8, 9, 9, 10, 10]
+
+
+def test_a_confirmation_never_shrinks_and_a_resume_never_replaces_it(tmp_path, monkeypatch, capsys):
+    # what 'confirm' extended survives whatever re-runs the phase later (tune --resume, confirm with less);
+    # a confirmation at another budget replaces the exported one visibly, and confirming the old one restores it
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
+    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
+    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    trained = []
+
+    def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
+        trained.extend(searcher.configs)
+        records.extend(TrialRecord(f"c{len(records)}", "TERMINATED", c, {**done, "role": c["role"]}, phase="confirm")
+                       for c in searcher.configs)
+
+    monkeypatch.setattr(tuner, "run_phase", run_phase)
+    meta = {"sweep": "s", "storage_path": str(tmp_path), "experiments": {"search": "s-search"},
+            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": 0}},
+            "reference_configs": [{"role": "baseline", "preset": "constant"}],
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    opts = tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic", out=tmp_path)
+    seeds = tuner.ConfirmSettings
+    tuner.run_confirmation(opts, meta, seeds(top_k=1, epochs=10, seeds=3), None, None)
+    # tune --resume with the space's 2 seeds: the sweep's 3 are kept (and said), nothing trains
+    assert tuner.resumed_confirmation(meta, seeds(top_k=1, epochs=10, seeds=2)) == seeds(1, 10, seeds=3)
+    assert "keeping sweep s's confirmation (top 1, 3 seeds, 10 epochs)" in capsys.readouterr().err
+    assert tuner.resumed_confirmation(meta, seeds(top_k=2, epochs=10, seeds=4)) == seeds(2, 10, seeds=4)
+    with pytest.raises(sp.PgpsError, match=r"\(top 1, 3 seeds, 10 epochs\) differs from the one the space asks for "
+                       r"\(top 1, 3 seeds, 20 epochs\); --resume would replace its verdict: resume with "
+                       r"--confirm-top-k 1 --confirm-seeds 3 --confirm-epochs 10, or with --no-confirm"):
+        tuner.resumed_confirmation(meta, seeds(top_k=1, epochs=20, seeds=3))
+    with pytest.raises(sp.PgpsError, match="--confirm-folds 3 --confirm-epochs 10, or"):
+        tuner.resumed_confirmation({**meta, "confirmation": {"settings": asdict(seeds(1, 10, folds=3))}},
+                                   seeds(1, 10, seeds=3))
+    # another budget replaces it in the exports, recorded; back at 10 epochs with 2 seeds: all 3 return
+    tuner.run_confirmation(opts, meta, seeds(top_k=1, epochs=20, seeds=2), None, None)
+    assert meta["confirmation"]["replaced"] == [asdict(seeds(1, 10, seeds=3))]
+    assert json.loads((tmp_path / "sweep.json").read_text())["confirmation"]["replaced"] == [
+        asdict(seeds(1, 10, seeds=3))]
+    before = len(trained)
+    tuner.run_confirmation(opts, meta, seeds(top_k=1, epochs=10, seeds=2), None, None)
+    assert len(trained) == before and meta["confirmation"]["settings"] == asdict(seeds(1, 10, seeds=3))
+    assert meta["confirmation"]["replaced"] == [asdict(seeds(1, 20, seeds=2))]
+    assert sorted(c["seed"] for c in meta["confirmation"]["configs"]) == [1, 1, 2, 2, 3, 3]
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -381,6 +433,21 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_p
     assert summary["confirmation"]["repeats"] == [1, 2, 3]
     assert summary["confirmation"]["schedules"][searched]["vs"]["baseline"]["n"] == 3
     assert yaml.safe_load((out / "best_schedule.yaml").read_text())["meta"]["confirmation"]["repeats"] == [1, 2, 3]
+    # what confirm added survives: the original command resumed (its space says 2 seeds), confirm --seeds 2
+    tune = ["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet", "--max-concurrent", "1"]
+    capsys.readouterr()
+    assert main([*tune, "--resume"]) == 0
+    assert "keeping sweep sweep's confirmation (top 2, 3 seeds" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["confirmation"]["repeats"] == [1, 2, 3]
+    assert main(["confirm", str(out), "--seeds", "2", "--max-concurrent", "1"]) == 0
+    assert "confirming top 2, 3 seeds" in capsys.readouterr().err
+    assert len(pq.read_table(out / "trials.parquet")) == 10
+    assert json.loads((out / "summary.json").read_text())["confirmation"]["repeats"] == [1, 2, 3]
+    assert json.loads((out / "sweep.json").read_text())["confirmation"]["settings"]["seeds"] == 3
+    assert "--confirm-top-k 2 --confirm-seeds 3 --confirm-epochs" in refused(
+        capsys, [*tune, "--resume", "--confirm-epochs", "20"])  # another budget: only 'confirm' replaces it
+    assert json.loads((out / "summary.json").read_text())["confirmation"]["repeats"] == [1, 2, 3]
+    assert json.loads((out / "sweep.json").read_text())["finished"]  # refused before anything was written
     # the confirmation benchmark reads this sweep as it reads a real one (nothing is trained)
     bench = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_confirm.py"), "--sweep", str(out),
                             "--report", str(tmp_path / "docs" / "c.md")], capture_output=True, text=True, timeout=120)

@@ -150,6 +150,10 @@ def test_atomic_write_turns_a_failed_replace_into_one_line(tmp_path, monkeypatch
                                      "objective": {}, "budget": {"epochs": 2}}), "malformed fields (trial_setup)"),
     (lambda m: m.update(confirmation={"repeat": "seed", "configs": "x", "epochs": 2, "top_k": 1,
                                       "experiments": []}), "malformed fields (confirmation)"),
+    (lambda m: m.update(confirmation={"repeat": "seed", "configs": [], "epochs": 2, "top_k": 1, "experiments": [],
+                                      "replaced": [{"top_k": 1}]}), "malformed fields (confirmation)"),
+    (lambda m: m.update(pending_confirm={"key": "confirm", "configs": [], "settings": {"seeds": "3"}}),
+     "malformed fields (pending_confirm)"),
 ])
 def test_sweep_json_fields_are_checked_before_anything_is_read(tmp_path, capsys, edit, needle):
     exp = tmp_path / "demo"
