@@ -2347,11 +2347,18 @@ def _union(earlier: list[ConfirmSettings], asked: ConfirmSettings) -> ConfirmSet
     return asked
 
 
-def _flags(s: ConfirmSettings, prefix: str, seeds: str) -> str:
-    """The command-line flags that ask for ``s`` (tune's --confirm-*, or confirm's own)."""
-    how = (f"{seeds} {s.seeds}" if s.folds is None else
-           f"--confirm-folds {s.folds}" + (f" {prefix}splits {s.splits}" if s.splits else ""))
-    return f"{prefix}top-k {s.top_k} {how} {prefix}epochs {s.epochs}"
+# the flags that ask for a confirmation's settings: tune's, and the confirm command's own
+_CONFIRM_FLAGS = {"tune": ("--confirm-top-k", "--confirm-seeds", "--confirm-folds", "--confirm-splits",
+                           "--confirm-epochs"),
+                  "confirm": ("--top-k", "--seeds", "--confirm-folds", "--splits", "--epochs")}
+
+
+def _flags(s: ConfirmSettings, command: str) -> str:
+    """The command-line flags of ``command`` (tune or confirm) that ask for ``s``."""
+    top_k, seeds, folds, splits, epochs = _CONFIRM_FLAGS[command]
+    how = f"{seeds} {s.seeds}" if s.folds is None else f"{folds} {s.folds}" + (f" {splits} {s.splits}" if s.splits
+                                                                                 else "")
+    return f"{top_k} {s.top_k} {how} {epochs} {s.epochs}"
 
 
 def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> ConfirmSettings:
@@ -2366,7 +2373,7 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
     if not _pools(held, asked):
         raise PgpsError(f"sweep {before['sweep']}'s confirmation ({_describe(asdict(held))}) differs from the one "
                         f"the space asks for ({_describe(asdict(asked))}); --resume would replace its verdict: "
-                        f"resume with {_flags(held, '--confirm-', '--confirm-seeds')}, or with --no-confirm to keep "
+                        f"resume with {_flags(held, 'tune')}, or with --no-confirm to keep "
                         "it as it is (change a finished sweep's confirmation with 'pgps-tune confirm')")
     merged = _union(_earlier(before), asked)
     if merged != asked:
@@ -2486,7 +2493,7 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     if held is not None and not _pools(held, settings) and "pending_confirm" not in meta:
         print(f"pgps-tune: note: this confirmation ({_describe(asdict(settings))}) replaces the sweep's "
               f"({_describe(asdict(held))}) in its exports; those trials stay in trials.parquet, and 'pgps-tune "
-              f"confirm {c.sweep} {_flags(held, '--', '--seeds')}' brings it back without training",
+              f"confirm {c.sweep} {_flags(held, 'confirm')}' brings it back without training",
               file=sys.stderr, flush=True)
     budget = Budget(**{k: v for k, v in {**ADDED_LATER, **b}.items() if k in Budget.__dataclass_fields__})
     opts = SweepOptions(
