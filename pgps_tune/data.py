@@ -769,6 +769,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
     def finish(k: int) -> list[int]:
         case, sp = spec.cases[k], read[k][0]
         image, label = unpark(k)
+        intensity.check_values(image, schemes, f"case {case.case_id}")
         if not np.allclose(sp, target, rtol=1e-3):
             _check_resample_memory(case.case_id, image.shape, sp, target)
             image, label = _resample(image, label, sp, target)

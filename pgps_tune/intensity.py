@@ -7,13 +7,16 @@ foreground standard deviation (nnU-Net's CT scheme).  MRI and every other modali
 arbitrary intensity scales per scan, so each volume is z-scored on its own.  nnU-Net's
 other channel names are honoured as nnU-Net honours them: ``noNorm`` keeps the intensities
 as they are, ``rescale_to_0_1`` maps each volume's range onto [0, 1], ``rgb_to_0_1``
-divides by 255.
+divides by 255 (and, as nnU-Net, refuses a volume with values outside 0-255: :func:`check_values`).
 
 The CT statistics come from the labelled cases that :func:`fit` is given (``prepare``
-gives it every labelled case of the dataset, as nnU-Net's fingerprint does), sampled
-before resampling: up to :data:`SAMPLES_PER_CASE` foreground voxels per case, all of
-them in smaller cases.  A scheme is plain data (it travels in the preprocessing cache,
-in checkpoints and into ``pgps-tune predict``):
+gives it every labelled case of the dataset, validation cases included, as nnU-Net's
+fingerprint does), sampled before resampling: up to :data:`SAMPLES_PER_CASE` foreground
+voxels per case, all of them in smaller cases (nnU-Net draws 10,000 with replacement from
+every case, which weighs cases equally; here a case with a small foreground weighs less).
+Mean and sd are those of the unclipped foreground intensities, as nnU-Net's.  A scheme
+is plain data (it travels in the preprocessing cache, in checkpoints and into
+``pgps-tune predict``):
 
 >>> normalise(np.array([[[[0.0, 2.0]]]], dtype=np.float32), [{"type": "zscore"}]).ravel().tolist()
 [-1.0, 1.0]
@@ -32,7 +35,7 @@ import numpy as np
 from pgps_tune.errors import PgpsError
 
 CT_PERCENTILES = (0.5, 99.5)
-SAMPLES_PER_CASE = 10_000  # foreground voxels per case for the CT statistics, as nnU-Net samples
+SAMPLES_PER_CASE = 10_000  # foreground voxels per case for the CT statistics (nnU-Net's number)
 ZSCORE: dict[str, Any] = {"type": "zscore"}
 
 
@@ -94,6 +97,27 @@ def fit(
             schemes.append({"type": "ct", "lower": float(lower), "upper": float(upper),
                             "mean": float(values.mean()), "sd": float(values.std())})
     return schemes
+
+
+def check_values(image: np.ndarray, schemes: Sequence[dict[str, Any]], where: str) -> None:
+    """Refuse, in one line naming ``where`` (a case, a file), a channel its scheme cannot map as declared:
+    an ``rgb_to_0_1`` channel (8-bit RGB, divided by 255) with values outside 0-255, which nnU-Net refuses too
+    and which would otherwise train on values beyond [0, 1] without a word.  Called on the raw volume,
+    before resampling (whose cubic spline can overshoot 0-255 slightly).
+
+    >>> check_values(np.array([[[[0.0, 300.0]]]]), [{"type": "rgb"}], "case x")
+    Traceback (most recent call last):
+    pgps_tune.errors.PgpsError: case x: channel 0 is declared rgb_to_0_1 (8-bit RGB, divided by 255) but holds ...
+    """
+    for c, scheme in enumerate(schemes):
+        if scheme["type"] == "rgb":
+            low, high = float(np.min(image[c])), float(np.max(image[c]))
+            if low < 0 or high > 255:
+                raise PgpsError(
+                    f"{where}: channel {c} is declared rgb_to_0_1 (8-bit RGB, divided by 255) but holds values from "
+                    f"{low:.6g} to {high:.6g}, outside 0-255; declare it as zscore or rescale_to_0_1 in dataset.json, "
+                    "or fix the image"
+                )
 
 
 def normalise(image: np.ndarray, schemes: Sequence[dict[str, Any]]) -> np.ndarray:

@@ -337,9 +337,10 @@ def segment(run: Run, image: np.ndarray, device: torch.device, mirror: bool = Fa
 def predict_case(run: Run, files: Sequence[Path], geometry: Geometry, device: torch.device,
                  mirror: bool = False) -> np.ndarray:
     """The label map of one case on the input's own voxel grid (uint8, or uint16 past 255 classes)."""
-    from pgps_tune.intensity import normalise
+    from pgps_tune.intensity import check_values, normalise
 
     image = read_case(files)
+    check_values(image, run.normalisation, str(files[0]))
     shape = geometry.canonical_shape
     if not np.allclose(geometry.spacing, run.spacing, rtol=1e-3):  # the rule data.prepare resamples by
         shape = imageio.resampled_shape(shape, geometry.spacing, run.spacing)

@@ -748,3 +748,60 @@ def test_without_file_locks_a_complete_cache_is_still_read(tiny_msd, tmp_path, m
     assert data.prepare(tiny_msd, cache_root=cache).cache_dir == ds.cache_dir
     with pytest.raises(PgpsError, match=r"does not exist yet and cannot be built there \(No locks available\)"):
         data.prepare("synthetic", cache_root=cache, synthetic_cases=2, synthetic_shape=(8, 8, 8))
+
+
+def _ct_mri_folder(root: Path, end: str, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
+    """An nnU-Net raw folder with channels CT and T2 in ``end`` files, written by SimpleITK on an
+    anisotropic grid whose direction swaps and mirrors the first two axes."""
+    import SimpleITK as sitk
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+
+    def save(array_xyz: np.ndarray, path: Path) -> None:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
+        img.SetSpacing((0.8, 1.5, 3.0))
+        img.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+        img.SetOrigin((10.0, -20.0, 5.0))
+        sitk.WriteImage(img, str(path))
+
+    for i, (ct, mri, label) in enumerate(cases):
+        save(ct, root / "imagesTr" / f"c{i}_0000{end}")
+        save(mri, root / "imagesTr" / f"c{i}_0001{end}")
+        save(label, root / "labelsTr" / f"c{i}{end}")
+    (root / "dataset.json").write_text(json.dumps({
+        "name": f"ctmri{end.replace('.', '_')}", "channel_names": {"1": "T2", "0": "ct"}, "file_ending": end,
+        "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": len(cases)}))
+    return root
+
+
+def test_ct_and_mri_channels_match_numpy_in_every_format(tmp_path):
+    """CT: clipped to the 0.5/99.5 percentiles of the foreground of all cases pooled, z-scored with the
+    unclipped foreground mean and sd (nnU-Net's CTNormalization); T2: z-scored per volume; the same
+    arrays, labels and spacing whichever of the four formats holds the cases."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(3):
+        label = np.zeros((9, 7, 5), dtype=np.uint8)
+        label[2:5 + i, 1:4, 1:4], label[7, 5, 3] = 1, 2
+        ct = rng.normal(40, 300, label.shape).astype(np.int16)
+        ct[label > 0] += rng.normal(100, 50, int((label > 0).sum())).astype(np.int16)
+        cases.append((ct, rng.gamma(2, 50 * (i + 1), label.shape).astype(np.float32), label))
+    fg = np.concatenate([ct[label > 0] for ct, _, label in cases]).astype(np.float64)
+    lower, upper = np.percentile(fg, [0.5, 99.5])
+    assert np.clip(fg, lower, upper).mean() != pytest.approx(fg.mean())  # the data tell the two apart
+
+    def canonical(a: np.ndarray) -> np.ndarray:  # index axes (A, L, S) -> (R, A, S)
+        return np.flip(a.transpose(1, 0, 2), axis=0)
+
+    for end in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        ds = data.prepare(_ct_mri_folder(tmp_path / end[1:], end, cases))
+        assert ds.spacing == pytest.approx((1.5, 0.8, 3.0))
+        assert [s["type"] for s in ds.normalisation] == ["ct", "zscore"]
+        assert [ds.normalisation[0][k] for k in ("lower", "upper", "mean", "sd")] == pytest.approx(
+            [lower, upper, fg.mean(), fg.std()])
+        for k, (ct, mri, label) in enumerate(cases):
+            m = mri.astype(np.float64)
+            assert np.allclose(ds.image(k)[0], canonical((np.clip(ct, lower, upper) - fg.mean()) / fg.std()), atol=1e-5)
+            assert np.allclose(ds.image(k)[1], canonical((m - m.mean()) / m.std()), atol=1e-5)
+            assert (np.asarray(ds.label(k)) == canonical(label)).all()

@@ -126,3 +126,15 @@ def test_a_recipe_accepts_exactly_the_schemes_normalise_applies():
     from pgps_tune.config import SCHEMES
 
     assert set(SCHEMES) == {"ct", *intensity.FIXED}
+
+
+def test_an_rgb_channel_outside_0_to_255_is_refused_naming_the_case(tmp_path):
+    intensity.check_values(np.array([[[[0.0, 255.0]]]]), [{"type": "rgb"}], "x")  # in range: nothing to say
+    intensity.check_values(np.array([[[[-5.0, 900.0]]]]), [{"type": "none"}], "x")  # no range for other schemes
+    root = make_msd(tmp_path / "rgb", n=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {"0": "RGB_to_0_1"}  # nnU-Net's name, any case; make_msd's images hold negative values
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(PgpsError, match=r"^case \S+: channel 0 is declared rgb_to_0_1 .* outside 0-255; declare it "
+                                        r"as zscore or rescale_to_0_1 in dataset.json, or fix the image$"):
+        data.prepare(root)

@@ -120,7 +120,7 @@ def _sphere(shape, spacing, centre_mm, radius_mm):
     return (np.linalg.norm(grid - centre_mm, axis=-1) < radius_mm).astype(np.float32)
 
 
-@pytest.mark.parametrize("end", [".nii.gz", ".mha"])
+@pytest.mark.parametrize("end", [".nii.gz", ".nii", ".mha", ".nrrd"])
 def test_a_resampled_input_comes_back_on_its_own_grid(tmp_path, end):
     # the run saw 1 mm voxels; the input has 1 x 1.5 x 3 mm voxels (R, A, S) stored on the axes I, L, A
     run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
