@@ -969,11 +969,12 @@ def _command_line(a: argparse.Namespace, resume: bool) -> str:
     return shlex.join(words)
 
 
-def _print_summary(summary: dict[str, Any], out: Path, report: Path | None = None) -> None:
-    """The sweep's outcome (the same sentences as its HTML page), the best schedule, and where the files are."""
+def _print_summary(summary: dict[str, Any], out: Path, report: Path | None = None, sweep: Path | None = None) -> None:
+    """The sweep's outcome (the same sentences as its HTML page), the best schedule, and where the files are
+    (``sweep``: the sweep's folder where the exports went elsewhere)."""
     from pgps_tune.report import summary_lines
 
-    first, *rest = summary_lines(summary)
+    first, *rest = summary_lines(summary, sweep or out)
     print(f"sweep {summary['sweep']} on {summary['dataset']}: {first}")
     for line in rest:
         print(f"  {line}")
@@ -1072,7 +1073,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     summary = export(a.experiment, a.out, results_store=a.results_store, pick=a.pick)
     # the sweep's own page shows the exports: rewritten with them (another --out has no sweep.json for a page)
     page = _write_sweep_report(Path(a.out)) if Path(a.out).resolve() == Path(a.experiment).resolve() else None
-    _print_summary(summary, Path(a.out), page)
+    _print_summary(summary, Path(a.out), page, Path(a.experiment))
     if nn_export is not None:
         path, nn_file = nn_export
         nn_file.save(path)

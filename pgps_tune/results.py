@@ -242,6 +242,21 @@ def valid_confirm_settings(s: Any) -> bool:
             and (s["splits"] is None or isinstance(s["splits"], str)))
 
 
+def describe_confirmation(settings: dict[str, Any]) -> str:
+    """A confirmation's settings in words: ``top 1, 3 seeds, 10 epochs``."""
+    how = f"{settings['folds']} folds" if settings.get("folds") else f"{settings['seeds']} seeds"
+    return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
+
+
+def confirmation_flags(settings: dict[str, Any], prefix: str = "--", seeds: str = "--seeds") -> str:
+    """The command-line flags that ask for ``settings``: confirm's own (the defaults), or tune's
+    (``prefix="--confirm-", seeds="--confirm-seeds"``)."""
+    how = (f"{seeds} {settings['seeds']}" if settings.get("folds") is None else
+           f"--confirm-folds {settings['folds']}" + (f" {prefix}splits {settings['splits']}"
+                                                     if settings.get("splits") else ""))
+    return f"{prefix}top-k {settings['top_k']} {how} {prefix}epochs {settings['epochs']}"
+
+
 # -- trials ----------------------------------------------------------------------------------
 
 

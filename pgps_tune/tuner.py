@@ -83,6 +83,7 @@ from pgps_tune.results import (
     TrialRecord,
     check_store_writable,
     confirm_candidates,
+    confirmation_flags,
     export_sweep,
     read_meta,
     require_finished,
@@ -92,6 +93,7 @@ from pgps_tune.results import (
     tune_storage,
     write_meta,
 )
+from pgps_tune.results import describe_confirmation as _describe
 from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
@@ -2309,11 +2311,6 @@ def _keep_confirmations(meta: dict[str, Any], before: dict[str, Any], confirm: C
                         "with the confirm settings it started with, then run 'pgps-tune confirm' for others")
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    how = f"{settings['folds']} folds" if settings.get("folds") else f"{settings['seeds']} seeds"
-    return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
-
-
 # A confirmation's evidence only grows.  Two confirmations *pool* when their trials are repeats of one
 # experiment: the same epochs and the same kind of repeat (seeds, or the same folds of the same split);
 # then the one that runs is their union (the larger top_k, the more seeds), so no later step (tune
@@ -2347,13 +2344,6 @@ def _union(earlier: list[ConfirmSettings], asked: ConfirmSettings) -> ConfirmSet
     return asked
 
 
-def _flags(s: ConfirmSettings, prefix: str, seeds: str) -> str:
-    """The command-line flags that ask for ``s`` (tune's --confirm-*, or confirm's own)."""
-    how = (f"{seeds} {s.seeds}" if s.folds is None else
-           f"--confirm-folds {s.folds}" + (f" {prefix}splits {s.splits}" if s.splits else ""))
-    return f"{prefix}top-k {s.top_k} {how} {prefix}epochs {s.epochs}"
-
-
 def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> ConfirmSettings:
     """On ``tune --resume``: the confirmation to run, given the space's (``asked``) and the sweep's own.
 
@@ -2366,8 +2356,9 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
     if not _pools(held, asked):
         raise PgpsError(f"sweep {before['sweep']}'s confirmation ({_describe(asdict(held))}) differs from the one "
                         f"the space asks for ({_describe(asdict(asked))}); --resume would replace its verdict: "
-                        f"resume with {_flags(held, '--confirm-', '--confirm-seeds')}, or with --no-confirm to keep "
-                        "it as it is (change a finished sweep's confirmation with 'pgps-tune confirm')")
+                        f"resume with {confirmation_flags(asdict(held), '--confirm-', '--confirm-seeds')}, or with "
+                        "--no-confirm to keep it as it is (change a finished sweep's confirmation with 'pgps-tune "
+                        "confirm')")
     merged = _union(_earlier(before), asked)
     if merged != asked:
         print(f"pgps-tune: note: keeping sweep {before['sweep']}'s confirmation ({_describe(asdict(merged))}), "
@@ -2486,7 +2477,7 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     if held is not None and not _pools(held, settings) and "pending_confirm" not in meta:
         print(f"pgps-tune: note: this confirmation ({_describe(asdict(settings))}) replaces the sweep's "
               f"({_describe(asdict(held))}) in its exports; those trials stay in trials.parquet, and 'pgps-tune "
-              f"confirm {c.sweep} {_flags(held, '--', '--seeds')}' brings it back without training",
+              f"confirm {c.sweep} {confirmation_flags(asdict(held))}' brings it back without training",
               file=sys.stderr, flush=True)
     budget = Budget(**{k: v for k, v in {**ADDED_LATER, **b}.items() if k in Budget.__dataclass_fields__})
     opts = SweepOptions(
