@@ -191,7 +191,8 @@ def _nnunet_plan(a: argparse.Namespace):
     from pgps_tune import nnunet
 
     given = {"--final-patch": getattr(a, "final_patch", None), "--pools": getattr(a, "pools", None),
-             "--batch-size": getattr(a, "batch_size", None) not in (None, DEFAULT_BATCH_SIZE)}
+             "--batch-size": "batch_size" in getattr(a, "explicit", ())  # also the default's value, given
+             or getattr(a, "batch_size", None) not in (None, DEFAULT_BATCH_SIZE)}
     clash = [flag for flag, value in given.items() if value]
     if clash:
         raise PgpsError(f"--nnunet-plans sets the final patch, pools and batch size; drop {', '.join(clash)}")

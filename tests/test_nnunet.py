@@ -500,7 +500,8 @@ def test_cli_schedule_on_nnunet_plans(plan, capsys):
     s = sch.Schedule.from_dict(json.loads(capsys.readouterr().out))
     assert (s.final_patch, s.pools, s.baseline_batch_size) == (plan.final_patch, plan.pools, plan.batch_size)
     assert s == sch.paper(plan.final_patch, plan.pools, plan.batch_size, 40)
-    for extra in (["--final-patch", "8", "8", "8"], ["--batch-size", "5"]):
+    # --batch-size 2, the flag's default, is refused too: it is not what the plans' batch would give
+    for extra in (["--final-patch", "8", "8", "8"], ["--batch-size", "5"], ["--batch-size", "2"]):
         assert main(["schedule", "--nnunet-plans", str(plan.source), *extra]) == 2
         err = capsys.readouterr().err
         assert "--nnunet-plans sets the final patch, pools and batch size; drop --" in err and err.count("\n") == 1
