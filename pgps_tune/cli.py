@@ -820,7 +820,7 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
     """The space with the confirmation flags given on the command line in place of its confirm section."""
     import dataclasses
 
-    from pgps_tune.space import check_splits_exists
+    from pgps_tune.space import check_nnunet_splits, check_splits_exists
 
     given = {f: getattr(a, f"confirm_{f}") for f in CONFIRM_FLAGS if getattr(a, f"confirm_{f}", None) is not None}
     if a.no_confirm:
@@ -829,6 +829,8 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
         raise PgpsError("give --confirm-seeds or --confirm-folds/--confirm-splits, not both")
     if "seeds" in given:  # the command line's choice of repeats replaces the file's
         given.update(folds=None, splits=None)
+    check_nnunet_splits(space.budget.trainer, given.get("splits") and given.get("enabled", True),
+                        f"--confirm-splits (with {space.source}'s budget.trainer nnunet)", "--confirm-splits")
     check_splits_exists(given.get("splits"), "--confirm-splits", "give the path of an existing splits file")
     if given.get("splits"):  # stored with the sweep and read by trials in their own folders: made absolute here
         given["splits"] = str(Path(given["splits"]).resolve())

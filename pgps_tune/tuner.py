@@ -98,6 +98,7 @@ from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
+    check_nnunet_splits,
     check_space_against_plan,
     check_space_splits,
     check_splits_exists,
@@ -2459,6 +2460,8 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         before = {**before, "folds": None, "splits": None}
     elif c.folds is not None or c.splits:
         before = {**before, "seeds": None, "folds": None, "splits": None}
+    check_nnunet_splits(b.get("trainer", "pgps_tune"), c.splits, f"--splits (sweep {meta['sweep']} trains nnU-Net)",
+                        "--splits")
     check_splits_exists(c.splits, "--splits", "give the path of an existing splits file")
     check_splits_exists(before["splits"], f"the sweep's stored confirmation settings ({Path(c.sweep) / SWEEP_FILE})",
                         "put that file back, or give --splits FILE or --seeds N")
