@@ -248,13 +248,15 @@ def describe_confirmation(settings: dict[str, Any]) -> str:
     return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
 
 
-def confirmation_flags(settings: dict[str, Any], prefix: str = "--", seeds: str = "--seeds") -> str:
-    """The command-line flags that ask for ``settings``: confirm's own (the defaults), or tune's
-    (``prefix="--confirm-", seeds="--confirm-seeds"``)."""
-    how = (f"{seeds} {settings['seeds']}" if settings.get("folds") is None else
-           f"--confirm-folds {settings['folds']}" + (f" {prefix}splits {settings['splits']}"
+def confirmation_flags(settings: dict[str, Any], tune: bool = False) -> str:
+    """The command-line flags that ask for ``settings``: confirm's own, or (``tune``) tune's."""
+    flag = ({"top_k": "--confirm-top-k", "seeds": "--confirm-seeds", "splits": "--confirm-splits",
+             "epochs": "--confirm-epochs"} if tune else
+            {"top_k": "--top-k", "seeds": "--seeds", "splits": "--splits", "epochs": "--epochs"})
+    how = (f"{flag['seeds']} {settings['seeds']}" if settings.get("folds") is None else
+           f"--confirm-folds {settings['folds']}" + (f" {flag['splits']} {settings['splits']}"
                                                      if settings.get("splits") else ""))
-    return f"{prefix}top-k {settings['top_k']} {how} {prefix}epochs {settings['epochs']}"
+    return f"{flag['top_k']} {settings['top_k']} {how} {flag['epochs']} {settings['epochs']}"
 
 
 # -- trials ----------------------------------------------------------------------------------

@@ -2357,7 +2357,7 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
     if not _pools(held, asked):
         raise PgpsError(f"sweep {before['sweep']}'s confirmation ({_describe(asdict(held))}) differs from the one "
                         f"the space asks for ({_describe(asdict(asked))}); --resume would replace its verdict: "
-                        f"resume with {confirmation_flags(asdict(held), '--confirm-', '--confirm-seeds')}, or with "
+                        f"resume with {confirmation_flags(asdict(held), tune=True)}, or with "
                         "--no-confirm to keep it as it is (change a finished sweep's confirmation with 'pgps-tune "
                         "confirm')")
     merged = _union(_earlier(before), asked)
