@@ -191,7 +191,8 @@ def _nnunet_plan(a: argparse.Namespace):
     from pgps_tune import nnunet
 
     given = {"--final-patch": getattr(a, "final_patch", None), "--pools": getattr(a, "pools", None),
-             "--batch-size": getattr(a, "batch_size", None) not in (None, DEFAULT_BATCH_SIZE)}
+             "--batch-size": "batch_size" in getattr(a, "explicit", ())  # also the default's value, given
+             or getattr(a, "batch_size", None) not in (None, DEFAULT_BATCH_SIZE)}
     clash = [flag for flag, value in given.items() if value]
     if clash:
         raise PgpsError(f"--nnunet-plans sets the final patch, pools and batch size; drop {', '.join(clash)}")
@@ -819,7 +820,7 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
     """The space with the confirmation flags given on the command line in place of its confirm section."""
     import dataclasses
 
-    from pgps_tune.space import check_splits_exists
+    from pgps_tune.space import check_nnunet_splits, check_splits_exists
 
     given = {f: getattr(a, f"confirm_{f}") for f in CONFIRM_FLAGS if getattr(a, f"confirm_{f}", None) is not None}
     if a.no_confirm:
@@ -828,6 +829,8 @@ def _with_confirm_flags(a: argparse.Namespace, space: SearchSpace) -> SearchSpac
         raise PgpsError("give --confirm-seeds or --confirm-folds/--confirm-splits, not both")
     if "seeds" in given:  # the command line's choice of repeats replaces the file's
         given.update(folds=None, splits=None)
+    check_nnunet_splits(space.budget.trainer, given.get("splits") and given.get("enabled", True),
+                        f"--confirm-splits (with {space.source}'s budget.trainer nnunet)", "--confirm-splits")
     check_splits_exists(given.get("splits"), "--confirm-splits", "give the path of an existing splits file")
     if given.get("splits"):  # stored with the sweep and read by trials in their own folders: made absolute here
         given["splits"] = str(Path(given["splits"]).resolve())
@@ -969,11 +972,12 @@ def _command_line(a: argparse.Namespace, resume: bool) -> str:
     return shlex.join(words)
 
 
-def _print_summary(summary: dict[str, Any], out: Path, report: Path | None = None) -> None:
-    """The sweep's outcome (the same sentences as its HTML page), the best schedule, and where the files are."""
+def _print_summary(summary: dict[str, Any], out: Path, report: Path | None = None, sweep: Path | None = None) -> None:
+    """The sweep's outcome (the same sentences as its HTML page), the best schedule, and where the files are
+    (``sweep``: the sweep's folder where the exports went elsewhere)."""
     from pgps_tune.report import summary_lines
 
-    first, *rest = summary_lines(summary)
+    first, *rest = summary_lines(summary, sweep or out)
     print(f"sweep {summary['sweep']} on {summary['dataset']}: {first}")
     for line in rest:
         print(f"  {line}")
@@ -1072,7 +1076,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     summary = export(a.experiment, a.out, results_store=a.results_store, pick=a.pick)
     # the sweep's own page shows the exports: rewritten with them (another --out has no sweep.json for a page)
     page = _write_sweep_report(Path(a.out)) if Path(a.out).resolve() == Path(a.experiment).resolve() else None
-    _print_summary(summary, Path(a.out), page)
+    _print_summary(summary, Path(a.out), page, Path(a.experiment))
     if nn_export is not None:
         path, nn_file = nn_export
         nn_file.save(path)

@@ -23,6 +23,7 @@ import html
 import io
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,16 @@ from typing import Any
 from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
 from pgps_tune.pareto import non_dominated
-from pgps_tune.results import PHASES, STATUSES, TRIALS, check_trials, schedule_of
+from pgps_tune.results import (
+    PHASES,
+    STATUSES,
+    TRIALS,
+    check_trials,
+    confirmation_flags,
+    describe_confirmation,
+    schedule_of,
+    valid_confirm_settings,
+)
 from pgps_tune.schedule import plural
 
 REPORT = "report.html"
@@ -514,7 +524,9 @@ def _confirmation_ok(conf: Any) -> bool:
     return (isinstance(conf, dict) and conf.get("repeat") in ("seed", "fold") and isinstance(conf.get("repeats"), list)
             and _is_count(conf.get("epochs")) and isinstance(conf.get("verdict", ""), str)
             and isinstance(conf.get("schedules"), dict) and all(entry_ok(e) for e in conf["schedules"].values())
-            and (conf.get("winner") is None or conf["winner"] in conf["schedules"]))
+            and (conf.get("winner") is None or conf["winner"] in conf["schedules"])
+            and isinstance(conf.get("replaced", []), list)
+            and all(map(valid_confirm_settings, conf.get("replaced", []))))
 
 
 def _metrics_problems(m: dict[str, Any]) -> list[str]:
@@ -649,14 +661,40 @@ def time_words(ratio: float) -> str:
     return f"{ratio:.2f}x its training time ({abs(change)}% {'faster' if change > 0 else 'slower'})"
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """A sweep's outcome for people (terminal and page alike): counts, the best trial, its gains.
+def summary_lines(summary: dict[str, Any], sweep: str | Path | None = None) -> list[str]:
+    """A sweep's outcome for people (terminal and page alike): counts, the best trial, its gains, and
+    which earlier confirmation a later one replaced (with the command for ``sweep``, its folder, that
+    brings it back).
 
     Honest by construction: a reference below :data:`LEARNED_DICE` is flagged as not having
     learned, since a gain over it says how fast schedules learn, not where they end; Dice is
     compared in points (no relative percentages, which an undertrained reference inflates);
     time ratios say faster or slower.
     """
+    return _outcome_lines(summary) + replaced_lines(summary.get("confirmation") or {}, sweep)
+
+
+def replaced_lines(conf: dict[str, Any], sweep: str | Path | None = None) -> list[str]:
+    """One sentence naming the confirmations that 'pgps-tune confirm' at another budget or repeat kind
+    replaced (``confirmation.replaced``), and how to bring one back; none when nothing was replaced.
+
+    >>> replaced_lines({"replaced": [{"top_k": 1, "epochs": 10, "seeds": 3, "folds": None, "splits": None}]}, "out")
+    ["The confirmation shown replaced an earlier one (top 1, 3 seeds, 10 epochs), whose trials stay in \
+trials.parquet: 'pgps-tune confirm out --top-k 1 --seeds 3 --epochs 10' brings it back without training."]
+    """
+    replaced = conf.get("replaced") or []
+    if not replaced:
+        return []
+    which = "; ".join(map(describe_confirmation, replaced))
+    earlier = f"an earlier one ({which}), whose trials stay" if len(replaced) == 1 else \
+        f"{len(replaced)} earlier ones ({which}), whose trials stay"
+    how = "confirming with its settings again" if sweep is None else " or ".join(
+        f"'pgps-tune confirm {shlex.quote(str(sweep))} {confirmation_flags(r)}'" for r in replaced)
+    it = "it" if len(replaced) == 1 else "one"
+    return [f"The confirmation shown replaced {earlier} in trials.parquet: {how} brings {it} back without training."]
+
+
+def _outcome_lines(summary: dict[str, Any]) -> list[str]:
     n = int(summary.get("trials", 0))
     lines = [f"{plural(n, 'trial')}: {summary.get('completed', 0)} completed, {summary.get('stopped_early', 0)} "
              f"stopped early, {summary.get('failed', 0)} failed."]
@@ -706,7 +744,7 @@ def sweep_report(sweep: str | Path) -> str:
                         f"edited or left by another export: rewrite it with 'pgps-tune export --experiment {sweep} "
                         f"--out {sweep}'")
     best = (summary.get("best") or {}).get("trial_id")
-    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, summary_lines(summary)))
+    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, summary_lines(summary, sweep)))
                                         + "</p>")]
 
     schedules: dict[str, sch.Schedule] = {}

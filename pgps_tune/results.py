@@ -242,6 +242,23 @@ def valid_confirm_settings(s: Any) -> bool:
             and (s["splits"] is None or isinstance(s["splits"], str)))
 
 
+def describe_confirmation(settings: dict[str, Any]) -> str:
+    """A confirmation's settings in words: ``top 1, 3 seeds, 10 epochs``."""
+    how = f"{settings['folds']} folds" if settings.get("folds") else f"{settings['seeds']} seeds"
+    return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
+
+
+def confirmation_flags(settings: dict[str, Any], tune: bool = False) -> str:
+    """The command-line flags that ask for ``settings``: confirm's own, or (``tune``) tune's."""
+    flag = ({"top_k": "--confirm-top-k", "seeds": "--confirm-seeds", "splits": "--confirm-splits",
+             "epochs": "--confirm-epochs"} if tune else
+            {"top_k": "--top-k", "seeds": "--seeds", "splits": "--splits", "epochs": "--epochs"})
+    how = (f"{flag['seeds']} {settings['seeds']}" if settings.get("folds") is None else
+           f"--confirm-folds {settings['folds']}" + (f" {flag['splits']} {settings['splits']}"
+                                                     if settings.get("splits") else ""))
+    return f"{flag['top_k']} {settings['top_k']} {how} {flag['epochs']} {settings['epochs']}"
+
+
 # -- trials ----------------------------------------------------------------------------------
 
 

@@ -709,14 +709,20 @@ def check_space_splits(space: SearchSpace) -> None:
                             "--confirm-splits FILE")
 
 
-def check_trainer(budget: Budget, confirm: Confirm, src: str) -> None:
-    """Refuse a ``budget.trainer`` (and its keys) that trials could not train with."""
+def check_trainer(budget: Budget, confirm: Confirm, src: str, what: str = "confirm.splits") -> None:
+    """Refuse a ``budget.trainer`` (and its keys) that trials could not train with; ``what`` names where
+    the confirmation's splits came from (the space file's key, or a command-line flag)."""
     if budget.trainer not in TRAINERS:
         raise PgpsError(f"{src}: budget.trainer {budget.trainer!r} unknown; use one of {', '.join(TRAINERS)}")
-    if budget.trainer == "nnunet" and confirm.enabled and confirm.splits:
-        raise PgpsError(f"{src}: confirm.splits lists pgps-tune's case splits, but trainer nnunet confirms on "
-                        "nnU-Net's own folds (confirm.folds: N trains folds 0..N-1 of its splits_final.json); "
-                        "drop confirm.splits")
+    check_nnunet_splits(budget.trainer, confirm.enabled and confirm.splits, f"{src}: {what}", what)
+
+
+def check_nnunet_splits(trainer: str, splits: Any, where: str, what: str) -> None:
+    """Refuse a confirmation on pgps-tune's case splits for trials that are nnU-Net trainings (they train
+    nnU-Net's own folds: the splits file would be ignored)."""
+    if trainer == "nnunet" and splits:
+        raise PgpsError(f"{where} lists pgps-tune's case splits, but trainer nnunet confirms on nnU-Net's own "
+                        f"folds (confirm.folds: N trains folds 0..N-1 of its splits_final.json); drop {what}")
 
 
 def check_budget_widths(budget: Budget, src: str) -> None:

@@ -83,6 +83,7 @@ from pgps_tune.results import (
     TrialRecord,
     check_store_writable,
     confirm_candidates,
+    confirmation_flags,
     export_sweep,
     read_meta,
     require_finished,
@@ -92,10 +93,12 @@ from pgps_tune.results import (
     tune_storage,
     write_meta,
 )
+from pgps_tune.results import describe_confirmation as _describe
 from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
+    check_nnunet_splits,
     check_space_against_plan,
     check_space_splits,
     check_splits_exists,
@@ -2309,11 +2312,6 @@ def _keep_confirmations(meta: dict[str, Any], before: dict[str, Any], confirm: C
                         "with the confirm settings it started with, then run 'pgps-tune confirm' for others")
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    how = f"{settings['folds']} folds" if settings.get("folds") else f"{settings['seeds']} seeds"
-    return f"top {settings['top_k']}, {how}, {settings['epochs']} epochs"
-
-
 # A confirmation's evidence only grows.  Two confirmations *pool* when their trials are repeats of one
 # experiment: the same epochs and the same kind of repeat (seeds, or the same folds of the same split);
 # then the one that runs is their union (the larger top_k, the more seeds), so no later step (tune
@@ -2347,20 +2345,6 @@ def _union(earlier: list[ConfirmSettings], asked: ConfirmSettings) -> ConfirmSet
     return asked
 
 
-# the flags that ask for a confirmation's settings: tune's, and the confirm command's own
-_CONFIRM_FLAGS = {"tune": ("--confirm-top-k", "--confirm-seeds", "--confirm-folds", "--confirm-splits",
-                           "--confirm-epochs"),
-                  "confirm": ("--top-k", "--seeds", "--confirm-folds", "--splits", "--epochs")}
-
-
-def _flags(s: ConfirmSettings, command: str) -> str:
-    """The command-line flags of ``command`` (tune or confirm) that ask for ``s``."""
-    top_k, seeds, folds, splits, epochs = _CONFIRM_FLAGS[command]
-    how = f"{seeds} {s.seeds}" if s.folds is None else f"{folds} {s.folds}" + (f" {splits} {s.splits}" if s.splits
-                                                                                 else "")
-    return f"{top_k} {s.top_k} {how} {epochs} {s.epochs}"
-
-
 def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> ConfirmSettings:
     """On ``tune --resume``: the confirmation to run, given the space's (``asked``) and the sweep's own.
 
@@ -2373,8 +2357,9 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
     if not _pools(held, asked):
         raise PgpsError(f"sweep {before['sweep']}'s confirmation ({_describe(asdict(held))}) differs from the one "
                         f"the space asks for ({_describe(asdict(asked))}); --resume would replace its verdict: "
-                        f"resume with {_flags(held, 'tune')}, or with --no-confirm to keep "
-                        "it as it is (change a finished sweep's confirmation with 'pgps-tune confirm')")
+                        f"resume with {confirmation_flags(asdict(held), tune=True)}, or with "
+                        "--no-confirm to keep it as it is (change a finished sweep's confirmation with 'pgps-tune "
+                        "confirm')")
     merged = _union(_earlier(before), asked)
     if merged != asked:
         print(f"pgps-tune: note: keeping sweep {before['sweep']}'s confirmation ({_describe(asdict(merged))}), "
@@ -2475,6 +2460,8 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         before = {**before, "folds": None, "splits": None}
     elif c.folds is not None or c.splits:
         before = {**before, "seeds": None, "folds": None, "splits": None}
+    check_nnunet_splits(b.get("trainer", "pgps_tune"), c.splits, f"--splits (sweep {meta['sweep']} trains nnU-Net)",
+                        "--splits")
     check_splits_exists(c.splits, "--splits", "give the path of an existing splits file")
     check_splits_exists(before["splits"], f"the sweep's stored confirmation settings ({Path(c.sweep) / SWEEP_FILE})",
                         "put that file back, or give --splits FILE or --seeds N")
@@ -2493,7 +2480,7 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     if held is not None and not _pools(held, settings) and "pending_confirm" not in meta:
         print(f"pgps-tune: note: this confirmation ({_describe(asdict(settings))}) replaces the sweep's "
               f"({_describe(asdict(held))}) in its exports; those trials stay in trials.parquet, and 'pgps-tune "
-              f"confirm {c.sweep} {_flags(held, 'confirm')}' brings it back without training",
+              f"confirm {c.sweep} {confirmation_flags(asdict(held))}' brings it back without training",
               file=sys.stderr, flush=True)
     budget = Budget(**{k: v for k, v in {**ADDED_LATER, **b}.items() if k in Budget.__dataclass_fields__})
     opts = SweepOptions(

@@ -500,7 +500,8 @@ def test_cli_schedule_on_nnunet_plans(plan, capsys):
     s = sch.Schedule.from_dict(json.loads(capsys.readouterr().out))
     assert (s.final_patch, s.pools, s.baseline_batch_size) == (plan.final_patch, plan.pools, plan.batch_size)
     assert s == sch.paper(plan.final_patch, plan.pools, plan.batch_size, 40)
-    for extra in (["--final-patch", "8", "8", "8"], ["--batch-size", "5"]):
+    # --batch-size 2, the flag's default, is refused too: it is not what the plans' batch would give
+    for extra in (["--final-patch", "8", "8", "8"], ["--batch-size", "5"], ["--batch-size", "2"]):
         assert main(["schedule", "--nnunet-plans", str(plan.source), *extra]) == 2
         err = capsys.readouterr().err
         assert "--nnunet-plans sets the final patch, pools and batch size; drop --" in err and err.count("\n") == 1
@@ -871,3 +872,29 @@ def test_a_properties_pickle_may_hold_numpy_and_plain_data_but_never_a_function(
     with pytest.raises(pickle.UnpicklingError, match="system"):
         _PlainUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
     assert not marker.exists()
+
+
+def test_nnunet_trials_refuse_pgps_tune_case_splits_for_the_confirmation(plan, tmp_path, capsys):
+    # trainer nnunet confirms on nnU-Net's own folds: a splits file would be ignored, so it is refused from the
+    # space file and from --confirm-splits alike (the flag used to slip past the space file's check)
+    import yaml
+
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]))
+    space = {"parameters": {"stages": {"type": "int", "low": 1, "high": 2}}, "objective": {"type": "max_dice"},
+             "search": {"algorithm": "random", "num_samples": 2, "seed": 0},
+             "budget": {"trainer": "nnunet", "epochs": 30, "iterations_per_epoch": 2}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({**space, "confirm": {"folds": 2, "splits": str(splits)}}))
+    base = ["tune", "--data", "synthetic", "--out", str(tmp_path / "out"), "--nnunet-plans", str(plan.source)]
+    for argv, needle in (([*base, "--space", str(tmp_path / "f.yaml")], "confirm.splits lists pgps-tune's case "
+                          "splits, but trainer nnunet confirms on nnU-Net's own folds"),
+                         ([*base, "--space", str(tmp_path / "s.yaml"), "--confirm-folds", "2", "--confirm-splits",
+                           str(splits)], "--confirm-splits (with ")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    # without a confirmation the flag's file is not used: not this refusal
+    main([*base, "--space", str(tmp_path / "s.yaml"), "--confirm-splits", str(splits), "--no-confirm"])
+    assert "case splits" not in capsys.readouterr().err

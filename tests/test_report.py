@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pgps_tune import schedule as sch
-from pgps_tune.cli import main
+from pgps_tune.cli import build_parser, main
 from pgps_tune.report import pareto_front, read_curves, read_trials, select_trials, write_report
 from pgps_tune.results import COLUMNS
 
@@ -456,3 +458,34 @@ def test_report_out_in_a_missing_folder_creates_it_and_says_so_in_one_line_as_ev
                  "--out", str(out)]) == 0
     assert capsys.readouterr().err == f"pgps-tune: note: --out {out}: created the folder {out.parent}, which did " \
                                       "not exist\n"
+
+
+def test_a_replaced_confirmation_is_named_with_the_command_that_brings_it_back(fake_sweep, capsys):
+    # 'confirm' at another budget or repeat kind lists the earlier settings under confirmation.replaced:
+    # the printed summary and the page say so in one sentence, with the confirm command for this folder
+    from pgps_tune.report import summary_lines, sweep_report
+
+    summary = json.loads((fake_sweep / "summary.json").read_text())
+    assert not any("replaced" in line for line in summary_lines(summary, fake_sweep))
+    seeds = {"top_k": 1, "epochs": 10, "seeds": 3, "folds": None, "splits": None}
+    summary["confirmation"]["replaced"] = [seeds]
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    want = (f"The confirmation shown replaced an earlier one (top 1, 3 seeds, 10 epochs), whose trials stay in "
+            f"trials.parquet: 'pgps-tune confirm {fake_sweep} --top-k 1 --seeds 3 --epochs 10' brings it back "
+            "without training.")
+    assert summary_lines(summary, fake_sweep)[-1] == want
+    assert html.escape(want) in sweep_report(fake_sweep)
+    a = build_parser().parse_args(shlex.split(want.split("'")[1])[1:])  # the flags it names are confirm's own
+    assert (a.command, a.top_k, a.seeds, a.epochs) == ("confirm", 1, 3, 10)
+    folds = {"top_k": 2, "epochs": 20, "seeds": None, "folds": 3, "splits": "/d/splits.json"}
+    summary["confirmation"]["replaced"] = [seeds, folds]
+    assert summary_lines(summary, "out")[-1] == (
+        "The confirmation shown replaced 2 earlier ones (top 1, 3 seeds, 10 epochs; top 2, 3 folds, 20 epochs), "
+        "whose trials stay in trials.parquet: 'pgps-tune confirm out --top-k 1 --seeds 3 --epochs 10' or "
+        "'pgps-tune confirm out --top-k 2 --confirm-folds 3 --splits /d/splits.json --epochs 20' brings one back "
+        "without training.")
+    summary["confirmation"]["replaced"] = [{"top_k": 1}]  # damaged: refused in one line, not a traceback
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(fake_sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "confirmation is not the confirmation pgps-tune writes" in err and "Traceback" not in err
