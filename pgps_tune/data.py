@@ -66,10 +66,12 @@ import numpy as np
 from pgps_tune import imageio, intensity
 from pgps_tune.errors import PgpsError, loads_json, read_json
 
-PREPROCESS_VERSION = 5  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
+PREPROCESS_VERSION = 6  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
 # 4: every case checked on its voxel grid and for foreground (a cache built without those checks is rebuilt)
 # 5: MSD case ids keep the dots of their names (cut at the first dot before); nnU-Net's noNorm, rescale_to_0_1
 # and rgb_to_0_1 channels normalised as nnU-Net does (z-scored before)
+# 6: CT statistics weigh every case equally (nnU-Net's draws with replacement per case); an rgb_to_0_1 channel
+# outside 0-255 refused (a cache built from one is rebuilt, and refused)
 MAX_FG_COORDS = 20000  # per class and case; plenty for sampling centres
 SYNTHETIC = "synthetic"
 

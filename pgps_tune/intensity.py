@@ -11,10 +11,10 @@ divides by 255 (and, as nnU-Net, refuses a volume with values outside 0-255: :fu
 
 The CT statistics come from the labelled cases that :func:`fit` is given (``prepare``
 gives it every labelled case of the dataset, validation cases included, as nnU-Net's
-fingerprint does), sampled before resampling: up to :data:`SAMPLES_PER_CASE` foreground
-voxels per case, all of them in smaller cases (nnU-Net draws 10,000 with replacement from
-every case, which weighs cases equally; here a case with a small foreground weighs less).
-Mean and sd are those of the unclipped foreground intensities, as nnU-Net's.  A scheme
+fingerprint does), sampled before resampling as nnU-Net samples them: :data:`SAMPLES_PER_CASE`
+foreground voxels drawn with replacement from every case that has foreground, so every case
+weighs the same whatever the size of its foreground (seeded: the same data give the same
+statistics).  Mean and sd are those of the unclipped foreground intensities, as nnU-Net's.  A scheme
 is plain data (it travels in the preprocessing cache, in checkpoints and into
 ``pgps-tune predict``):
 
@@ -62,7 +62,7 @@ def fit(
     Args:
         names: per channel, ``"ct"`` or ``"zscore"`` (see :func:`scheme_names`).
         cases: ``(image [C, X, Y, Z], label [X, Y, Z])`` pairs; read once, and only if a channel is CT.
-        seed: the sampling of foreground voxels in cases larger than :data:`SAMPLES_PER_CASE`.
+        seed: the sampling of :data:`SAMPLES_PER_CASE` foreground voxels per case (with replacement).
 
     A CT channel needs labelled foreground somewhere: without it the statistics are
     undefined, and a dataset without foreground cannot be trained on anyway, so that is
@@ -77,8 +77,8 @@ def fit(
     samples: list[list[np.ndarray]] = [[] for _ in names]
     for image, label in cases:
         fg = np.flatnonzero(np.asarray(label) > 0)
-        if fg.size > SAMPLES_PER_CASE:
-            fg = np.sort(rng.choice(fg, SAMPLES_PER_CASE, replace=False))
+        if fg.size:  # as many draws from every case: a small foreground weighs as much as a large one
+            fg = np.sort(rng.choice(fg, SAMPLES_PER_CASE, replace=True))
         for c, name in enumerate(names):
             if name == "ct":
                 samples[c].append(np.asarray(image[c]).ravel()[fg].astype(np.float64))

@@ -47,21 +47,26 @@ def _ct_cases_with_second_channel():
     return [(np.concatenate([image, image]), label) for image, label in _ct_cases()]
 
 
-def test_ct_statistics_are_those_of_the_foreground_of_all_cases():
+def test_ct_statistics_weigh_every_case_equally_as_nnunets_sampling_does():
     (scheme,) = intensity.fit(["ct"], _ct_cases())
-    # foreground 1..1000: linear-interpolated percentiles 1 + 999 * p / 100, mean 500.5, sd sqrt((n^2 - 1) / 12)
+    # 1..600 HU in one case, 601..1000 in the other: equal weights make the foreground a half-half mixture of the
+    # two uniforms (pooling the voxels would give the 600-voxel case 1.5x the weight: mean 500.5, not 550.5)
     assert scheme["type"] == "ct"
-    assert scheme["lower"] == pytest.approx(1 + 999 * 0.005) and scheme["upper"] == pytest.approx(1 + 999 * 0.995)
-    assert scheme["mean"] == pytest.approx(500.5) and scheme["sd"] == pytest.approx(np.sqrt((1000**2 - 1) / 12))
+    assert scheme["mean"] == pytest.approx((300.5 + 800.5) / 2, abs=5)
+    within = (600**2 / 12 + 400**2 / 12) / 2  # mixture variance: mean of the variances + variance of the means
+    assert scheme["sd"] == pytest.approx(np.sqrt(within + 250.0**2), rel=0.02)
+    # the 0.5 / 99.5 percentiles of the mixture: the 1st percentile of the first case, the 99th of the second
+    assert scheme["lower"] == pytest.approx(1 + 599 * 0.01, abs=3)
+    assert scheme["upper"] == pytest.approx(601 + 399 * 0.99, abs=3)
 
 
 def test_ct_normalisation_is_the_same_map_for_every_volume():
     (scheme,) = intensity.fit(["ct"], _ct_cases())
-    a = np.array([[[[-1000.0, 100.0, 500.5, 5000.0]]]], dtype=np.float32)
+    mean, sd = scheme["mean"], scheme["sd"]
+    a = np.array([[[[-1000.0, 100.0, mean, 5000.0]]]], dtype=np.float32)
     b = np.array([[[[100.0, 0.0, 0.0, 0.0]]]], dtype=np.float32)
     na, nb = intensity.normalise(a, [scheme]), intensity.normalise(b, [scheme])
-    sd = scheme["sd"]
-    expected = [(scheme["lower"] - 500.5) / sd, (100 - 500.5) / sd, 0.0, (scheme["upper"] - 500.5) / sd]
+    expected = [(scheme["lower"] - mean) / sd, (100 - mean) / sd, 0.0, (scheme["upper"] - mean) / sd]
     assert na.ravel() == pytest.approx(expected, abs=1e-5)  # clipped to the percentiles, then z-scored
     assert nb.ravel()[0] == pytest.approx(na.ravel()[1])  # 100 HU means the same in any volume
 
@@ -138,3 +143,12 @@ def test_an_rgb_channel_outside_0_to_255_is_refused_naming_the_case(tmp_path):
     with pytest.raises(PgpsError, match=r"^case \S+: channel 0 is declared rgb_to_0_1 .* outside 0-255; declare it "
                                         r"as zscore or rescale_to_0_1 in dataset.json, or fix the image$"):
         data.prepare(root)
+
+
+def test_ct_mean_and_sd_are_those_of_the_unclipped_foreground_as_nnunets():
+    image = np.zeros((1, 10, 10, 10), dtype=np.float32)
+    image[0, 0, 0, 0] = 100_000.0  # one outlier in 1,000 foreground voxels, far above the 99.5 percentile
+    (scheme,) = intensity.fit(["ct"], [(image, np.ones((10, 10, 10), dtype=np.uint8))])
+    assert scheme["upper"] < 1  # the percentile clips it away...
+    assert scheme["mean"] > 10  # ...but mean and sd see it (about 10 of the 10,000 draws; clipped they would be 0)
+    assert scheme["sd"] > 1000
