@@ -290,10 +290,7 @@ def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_ad
     from pgps_tune import tuner
     from pgps_tune.results import TrialRecord
 
-    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
-    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
-    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
-    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    records, done = _one_searched_trial(monkeypatch)
     calls = []
 
     def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
@@ -340,10 +337,7 @@ def test_a_confirmation_never_shrinks_and_a_resume_never_replaces_it(tmp_path, m
     from pgps_tune import tuner
     from pgps_tune.results import TrialRecord
 
-    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
-    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
-    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
-    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    records, done = _one_searched_trial(monkeypatch)
     trained = []
 
     def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
@@ -475,3 +469,16 @@ def test_confirm_refuses_what_it_cannot_confirm_in_one_line(tmp_path, capsys):
     space = write_space(tmp_path / "s.yaml")
     assert "not both" in refused(capsys, ["tune", "--space", space, "--data", "synthetic", "--out", tmp_path / "o",
                                           "--confirm-seeds", "2", "--confirm-folds", "3"])
+
+
+def _one_searched_trial(monkeypatch) -> tuple[list, dict]:
+    """One completed searched trial, as the tuner's read_trials hands it to a confirmation (no Ray), and its
+    result (which the tests' confirmation trials reuse)."""
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    schedule = json.dumps(sch.paper((16, 16, 16), (2, 2, 2), 2, 10).to_dict())
+    done = {"val_dice": 0.5, "score": 0.5, "completed": True, "schedule": schedule, "schedule_voxel_fraction": 0.5}
+    records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
+    return records, done
