@@ -299,11 +299,7 @@ def test_an_interrupted_confirmation_continues_as_it_started_and_an_extension_ad
             raise tuner.SweepInterrupted(signal.SIGINT)
 
     monkeypatch.setattr(tuner, "run_phase", run_phase)
-    meta = {"sweep": "s", "storage_path": str(tmp_path), "experiments": {"search": "s-search"},
-            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": 7}},
-            "reference_configs": [{"role": "baseline", "preset": "constant"}],
-            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
-    opts = tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic", out=tmp_path)
+    meta, opts = _sweep_to_confirm(tmp_path, seed=7)
     two = tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2)
     with pytest.raises(tuner.SweepInterrupted):
         tuner.run_confirmation(opts, meta, two, None, None)
@@ -346,11 +342,7 @@ def test_a_confirmation_never_shrinks_and_a_resume_never_replaces_it(tmp_path, m
                        for c in searcher.configs)
 
     monkeypatch.setattr(tuner, "run_phase", run_phase)
-    meta = {"sweep": "s", "storage_path": str(tmp_path), "experiments": {"search": "s-search"},
-            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": 0}},
-            "reference_configs": [{"role": "baseline", "preset": "constant"}],
-            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
-    opts = tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic", out=tmp_path)
+    meta, opts = _sweep_to_confirm(tmp_path, seed=0)
     seeds = tuner.ConfirmSettings
     tuner.run_confirmation(opts, meta, seeds(top_k=1, epochs=10, seeds=3), None, None)
     # tune --resume with the space's 2 seeds: the sweep's 3 are kept (and said), nothing trains
@@ -482,3 +474,15 @@ def _one_searched_trial(monkeypatch) -> tuple[list, dict]:
     records = [TrialRecord("s1", "TERMINATED", {"stages": 2, "growth": 2.0}, done, phase="search")]
     monkeypatch.setattr(tuner, "read_trials", lambda meta: list(records))
     return records, done
+
+
+def _sweep_to_confirm(folder, seed: int):
+    """A finished sweep's sweep.json (as a dict) and options, for run_confirmation without Ray."""
+    from pgps_tune import tuner
+
+    meta = {"sweep": "s", "storage_path": str(folder), "experiments": {"search": "s-search"},
+            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": seed}},
+            "reference_configs": [{"role": "baseline", "preset": "constant"}],
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    return meta, tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic",
+                                    out=folder)
