@@ -255,7 +255,10 @@ class TrainConfig:
     max_train_seconds: float | None = None  # stop early (after an epoch) past this budget
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        """The learning rate: ``lr``, else the optimizer's default (an unknown optimizer is named, not a KeyError)."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR[check_train_value("optimizer", self.optimizer, "TrainConfig.optimizer")]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -896,6 +896,8 @@ def test_trainer_refuses_an_unknown_optimizer_and_a_schedule_that_is_not_one(tmp
     cfg = TrainConfig(filters=(4, 8, 16), iterations_per_epoch=1, device="cpu", threads=1)
     with pytest.raises(PgpsError, match="optimizer: unknown optimizer 'adam'"):  # was KeyError: 'adam'
         Trainer(ds, [0, 1], [2, 3], s, cfg.replace(optimizer="adam"), tmp_path / "run")
+    with pytest.raises(PgpsError, match="TrainConfig.optimizer: unknown optimizer 'adam'"):  # alone, too
+        cfg.replace(optimizer="adam").resolved_lr()
     with pytest.raises(PgpsError, match="schedule must be a Schedule, got a dict"):
         Trainer(ds, [0, 1], [2, 3], s.to_dict(), cfg, tmp_path / "run")
     # a config built in Python gets a flag's checks: these trained something else or failed later
