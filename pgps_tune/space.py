@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -813,7 +814,8 @@ def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: floa
 
 
 def schedule_from_params(
-    params: dict[str, Any], final_patch, pools, batch_size: int, epochs: int, multiple_of=None
+    params: dict[str, Any], final_patch: Sequence[int], pools: Sequence[int], batch_size: int, epochs: int,
+    multiple_of: Sequence[int] | None = None,
 ) -> sch.Schedule:
     """The schedule a trial trains. ``preset`` (constant/paper/random) marks the reference trials.
 
