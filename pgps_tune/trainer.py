@@ -364,9 +364,7 @@ class Trainer:
         self.on_epoch: Callback | None = None  # optional per-epoch hook (a progress bar): sees every epoch's end
         self.device = resolve_device(config.device)
         self.amp = self.device.type == "cuda"
-        ipe = config.iterations_per_epoch
-        if ipe < 1:
-            raise PgpsError("--iterations-per-epoch must be >= 1")
+        ipe = config.iterations_per_epoch  # >= 1, as every setting, checked by config.check() above
         self.total_iterations = schedule.epochs * ipe
         self.val_every = config.val_every or max(1, schedule.epochs // 10)
         self.sampler = ProgressiveSampler(
@@ -378,8 +376,6 @@ class Trainer:
                            schedule.final_patch)
         self._layout = memory_format(config.network, self.device, schedule.final_patch)
         lr = float(config.resolved_lr())  # a numpy float would pickle as an object weights_only refuses
-        if config.optimizer not in ("sgd", "adamw"):
-            raise PgpsError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
         # fused optimizers: one kernel per step instead of one per tensor, which matters on the tiny
         # first stages where per-iteration overhead would otherwise set the cost
         try:
