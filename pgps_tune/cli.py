@@ -278,15 +278,20 @@ def _check_out_file(path: Path, what: str = "a file name (.yaml or .json)") -> N
     _writable_ancestor(path)
 
 
+def _missing(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first (what a command that writes
+    ``path`` creates)."""
+    missing: list[Path] = []
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def _missing_parents(out: Any) -> list[Path]:
     """The folders above ``--out`` that do not exist yet, topmost first: a command creates them as it writes."""
-    missing: list[Path] = []
-    if isinstance(out, str) and out:
-        for p in Path(out).absolute().parents:
-            if p.exists():
-                break
-            missing.insert(0, p)
-    return missing
+    return _missing(Path(out).parent)[::-1] if isinstance(out, str) and out else []
 
 
 def _note_created(out: str, missing: list[Path]) -> None:
@@ -306,12 +311,7 @@ def _no_empty_folder_left(out: Path | None) -> Iterator[None]:
     A command that stops on its inputs then leaves nothing behind, while anything it wrote
     (a checkpoint, a started sweep to resume) stays: only empty folders are removed.
     """
-    created: list[Path] = []  # out and its missing parents, deepest first
-    if out is not None:
-        p = out.absolute()
-        while not p.exists() and p != p.parent:
-            created.append(p)
-            p = p.parent
+    created = _missing(out) if out is not None else []  # out and its missing parents, deepest first
     try:
         yield
     except BaseException:
@@ -938,7 +938,7 @@ def _no_best(summary: dict[str, Any], out: Path) -> str:
                      for r in read_trials(out) if r.get("failed") and str(r.get("error") or "").strip())
     counts = (f"{summary.get('failed', 0)} of {summary.get('trials', 0)} trial(s) failed, "
               f"{summary.get('stopped_early', 0)} stopped early")
-    why = f"; the most frequent error ({errors.most_common(1)[0][1]}x): {errors.most_common(1)[0][0]}" if errors else ""
+    why = "".join(f"; the most frequent error ({n}x): {error}" for error, n in errors.most_common(1))
     what = ("no trial completed" if not summary.get("completed") else
             f"none of the {summary['completed']} completed trial(s) has a score at the full budget")
     return (f"{what} ({counts}), so {out} holds no best schedule{why}; fix that and run the sweep again (every "
