@@ -84,6 +84,16 @@ def default_store() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "pgps-tune" / "results"
 
 
+def store_root(store: str | Path | None) -> Path:
+    """The results store's folder: ``store`` (``--results-store``), else :func:`default_store`."""
+    return Path(store) if store else default_store()
+
+
+def _refuse_file_store(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise PgpsError(f"results store {root} is a file; set --results-store or PGPS_RESULTS_DIR to a folder")
+
+
 # -- sweep.json ------------------------------------------------------------------------------
 
 
@@ -811,9 +821,8 @@ def _holds_other_sweep(folder: Path, origin: str, trial_ids: set[str]) -> str | 
 def check_store_writable(store: str | Path | None) -> None:
     """Refuse, before a sweep trains anything, a results store it could not add its rows to at the end:
     a file, or a folder (or its nearest existing parent) that is not writable (a read-only file system)."""
-    root = (Path(store) if store else default_store()).absolute()
-    if root.exists() and not root.is_dir():
-        raise PgpsError(f"results store {root} is a file; set --results-store or PGPS_RESULTS_DIR to a folder")
+    root = store_root(store).absolute()
+    _refuse_file_store(root)
     existing = next(p for p in (root, *root.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PgpsError(f"cannot write the results store {root} ({existing} is not writable); set --results-store "
@@ -829,15 +838,14 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     origin, and a note says so.  The partition's file is replaced atomically (a temporary file, then a
     rename): a kill or a full disk leaves the rows stored before.
     """
-    root = Path(store) if store else default_store()
+    root = store_root(store)
     origin = str(Path(origin).resolve()) if origin else ""
     n = table.num_rows
     table = table.append_column("objective", pa.array([meta["objective"]["type"]] * n, pa.string()))
     table = table.append_column("final_patch", pa.array([json.dumps(meta["final_patch"])] * n, pa.string()))
     table = table.append_column(SPACE_KEY, pa.array([str(meta.get(SPACE_KEY, ""))] * n, pa.string()))
     table = table.append_column(ORIGIN, pa.array([origin] * n, pa.string()))
-    if root.exists() and not root.is_dir():
-        raise PgpsError(f"results store {root} is a file; set --results-store or PGPS_RESULTS_DIR to a folder")
+    _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
     other = _holds_other_sweep(folder, origin, set(table["trial_id"].to_pylist()))
@@ -882,14 +890,10 @@ def _store_files(root: Path) -> list[Path]:
     return files
 
 
-def load_root(store: str | Path | None) -> Path:
-    return Path(store) if store else default_store()
-
-
 def load_store(store: str | Path | None = None) -> pa.Table:
     """Every stored trial, with its ``dataset``, ``sweep``, ``space_key`` and ``origin`` (empty where a file
     predates them)."""
-    root = load_root(store)
+    root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
     if not root.is_dir():
@@ -1008,7 +1012,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     if note:
         print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     dataset = best["dataset"]  # as the sweep stored it
-    s = schedule_of(best, f"results store folder {_partition(load_root(store), best['dataset'], best['sweep'])}",
+    s = schedule_of(best, f"results store folder {_partition(store_root(store), best['dataset'], best['sweep'])}",
                      "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")
     return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
@@ -1040,7 +1044,7 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     mask = pc.and_(mask, pc.invert(own))
     found = t.filter(mask).to_pylist()
     if not found:
-        raise PgpsError(f"--warm-start: the results store {Path(store) if store else default_store()} holds no "
+        raise PgpsError(f"--warm-start: the results store {store_root(store)} holds no "
                         f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "
                         "a sweep of it first, or leave out --warm-start")
     return found
