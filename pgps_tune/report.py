@@ -32,8 +32,12 @@ from pgps_tune import schedule as sch
 from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
 from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
+    BEST,
+    PARETO,
     PHASES,
     STATUSES,
+    SUMMARY,
+    SWEEP_FILE,
     TRIALS,
     check_trials,
     confirmation_flags,
@@ -848,5 +852,7 @@ def check_page_target(target: Path, folder: Path) -> None:
 
 
 # what sweep and run folders hold besides their page: never a target for the page
-OWN_FILES = ("sweep.json", TRIALS, "summary.json", "best_schedule.yaml", "pareto.parquet", "optuna.journal",
+# (the run's names are trainer.METRICS, SCHEDULE and CHECKPOINT, and the study tuner.STUDY_FILE: modules that
+# import torch or Ray, which the page does not)
+OWN_FILES = (SWEEP_FILE, TRIALS, SUMMARY, BEST, PARETO, "optuna.journal",
              "metrics.json", "schedule.yaml", "checkpoint.pt", LEARNING_CURVE)
