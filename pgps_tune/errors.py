@@ -261,41 +261,33 @@ def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_
     Only a regular file is read: a FIFO, a socket or a device (``/dev/zero``) is refused at once.  The file
     is opened without blocking (opening a FIFO waits for a writer) and its kind checked on the open file.
     """
-    def special(mode: int) -> str | None:
-        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            return None
-        return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    def refuse_unless_regular(mode: int) -> None:  # on the path before it is opened, then on the open file
+        if stat.S_ISDIR(mode):
+            raise PgpsError(f"{what} is a folder; give a file")
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
 
     chunks: list[bytes] = []
     got = 0
     try:
-        kind = special(os.stat(path).st_mode)  # a device is not even opened (opening one can act: a tape rewinds)
-        if kind:
-            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+        refuse_unless_regular(os.stat(path).st_mode)  # a device is not even opened (opening one can act)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # and should it change in between
     except FileNotFoundError:
         raise PgpsError(f"{what} does not exist; {missing_hint}") from None
-    except IsADirectoryError:
-        raise PgpsError(f"{what} is a folder; give a file") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open)
             raise PgpsError(f"{what} is not a regular file (a socket or a FIFO); give a file") from None
         raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise PgpsError(f"{what} is a folder; give a file")
-        if kind := special(mode):
-            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+        refuse_unless_regular(os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as fh:
             fd = -1
             while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
                 chunks.append(chunk)
                 got += len(chunk)
-    except IsADirectoryError:
-        raise PgpsError(f"{what} is a folder; give a file") from None
     except OSError as exc:
         raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
     finally:
@@ -354,13 +346,10 @@ def _yaml_classes() -> tuple[type, type]:
         """YAML 1.2 core schema: null, true/false, decimal ints, floats (``1e-4`` included); no timestamps,
         no merge keys, no yes/no/on/off; YAML 1.1's other number forms get a tag of their own (refused)."""
 
+    bool_re, null_re = "|".join(_YAML_TRUE + _YAML_FALSE), "|".join(map(re.escape, _YAML_NULL))
+    numbers = (("int", _YAML_INT, "-+0123456789"), ("float", _YAML_FLOAT, "-+0123456789."))
     CoreResolver.yaml_implicit_resolvers = {}
-    for tag, pattern, first in (
-        ("bool", "|".join(_YAML_TRUE + _YAML_FALSE), "tTfF"),
-        ("int", _YAML_INT, "-+0123456789"),
-        ("float", _YAML_FLOAT, "-+0123456789."),
-        ("null", "|".join(map(re.escape, _YAML_NULL)), ["~", "n", "N", ""]),
-    ):
+    for tag, pattern, first in (("bool", bool_re, "tTfF"), *numbers, ("null", null_re, ["~", "n", "N", ""])):
         CoreResolver.add_implicit_resolver(_YAML_TAG + tag, re.compile(f"^(?:{pattern})$"), list(first))
     CoreResolver.add_implicit_resolver(_YAML11_TAG, re.compile(f"^(?:{_YAML11_NUMBER})$"), list("-+0123456789."))
 
@@ -399,10 +388,10 @@ def _yaml_classes() -> tuple[type, type]:
             return value
 
         def construct_yaml_null(self, node: Any) -> None:
-            self._scalar(node, "|".join(map(re.escape, _YAML_NULL)), "null")
+            self._scalar(node, null_re, "null")
 
         def construct_yaml_bool(self, node: Any) -> bool:
-            return self._scalar(node, "|".join(_YAML_TRUE + _YAML_FALSE), "true or false") in _YAML_TRUE
+            return self._scalar(node, bool_re, "true or false") in _YAML_TRUE
 
         def construct_yaml_int(self, node: Any) -> int:
             value = self._scalar(node, _YAML_INT, "a plain decimal integer")
@@ -465,7 +454,7 @@ def _yaml_classes() -> tuple[type, type]:
         """PyYAML's safe dumper, quoting also the strings that YAML 1.2 (and so :func:`read_yaml`) would read
         as numbers (``"1e-4"``, ``"09"``): what pgps-tune writes, it and YAML 1.1 readers read back alike."""
 
-    for tag, pattern, first in (("int", _YAML_INT, "-+0123456789"), ("float", _YAML_FLOAT, "-+0123456789.")):
+    for tag, pattern, first in numbers:
         Dumper.add_implicit_resolver(_YAML_TAG + tag, re.compile(f"^(?:{pattern})$"), list(first))
     return Loader, Dumper
 
