@@ -125,3 +125,13 @@ def ray_tmp():
         except ProcessLookupError:
             pass
     shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_meta(folder: Path, name: str = "demo", **over) -> dict:
+    """A finished sweep's sweep.json (as written by the tuner) for a sweep ``name`` in ``folder``; ``over``
+    replaces keys (``sweep=`` renames it without renaming its experiments)."""
+    meta = {"format_version": 2, "sweep": name, "space": "s.yaml", "dataset": "synthetic", "storage": None,
+            "storage_path": str(folder / "ray"), "experiments": {"search": f"{name}-search"},
+            "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
+            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}
+    return {**meta, **over}

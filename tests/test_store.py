@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import sweep_meta
 
 from pgps_tune import results
 from pgps_tune import schedule as sch
@@ -27,14 +28,6 @@ def record(tid: str, dice: float) -> TrialRecord:
     return TrialRecord(tid, "TERMINATED", {"stages": 2}, {
         "val_dice": dice, "score": dice, "completed": True, "schedule": json.dumps(S.to_dict()), "epoch": 10,
         "schedule_voxel_fraction": S.voxel_fraction()})
-
-
-def sweep_meta(folder: Path, **over) -> dict:
-    meta = {"format_version": 2, "sweep": "demo", "space": "s.yaml", "dataset": "synthetic", "storage": None,
-            "storage_path": str(folder / "ray"), "experiments": {"search": "demo-search"},
-            "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
-            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}
-    return {**meta, **over}
 
 
 def one_line(capsys) -> str:

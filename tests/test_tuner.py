@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import make_msd, ray_processes
+from conftest import make_msd, ray_processes, sweep_meta
 
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
@@ -381,11 +381,7 @@ def test_references_that_cannot_fit_in_memory_are_refused_before_any_trial(tmp_p
 
 
 def _sweep_meta(root: Path, **over) -> dict:
-    meta = {"format_version": 2, "sweep": "x", "space": "s.yaml", "dataset": "synthetic", "storage": None,
-            "storage_path": str(root / "ray"), "experiments": {"search": "x-search"},
-            "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
-            "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}
-    return {**meta, **over}
+    return sweep_meta(root, name="x", **over)
 
 
 @pytest.mark.parametrize("content,needle", [
