@@ -206,7 +206,8 @@ def shared_storage(sweep: str | Path, meta: dict[str, Any]) -> str | None:
 
 
 META_FORMAT = 2  # the sweep.json format this pgps-tune writes (tuner.FORMAT_VERSION), the newest it reads
-SETUP_INTS = ("epochs", "iterations_per_epoch", "batch_size", "seed", "split_seed", "synthetic_cases")
+SETUP_INTS = ("epochs", "iterations_per_epoch", "batch_size", "seed", "split_seed", "synthetic_cases", "token_size",
+              "val_every")
 
 
 def _ints(v: Any, n: int = 3) -> bool:
@@ -228,6 +229,7 @@ def _check_setup(setup: Any) -> bool:
     return (isinstance(setup["data"], str) and _ints(setup["final_patch"]) and isinstance(setup["pools"], list)
             and isinstance(b, dict) and all(isinstance(b[k], int) and not isinstance(b[k], bool) for k in SETUP_INTS)
             and b["epochs"] > 0 and b["iterations_per_epoch"] > 0 and _ints(b["synthetic_shape"])
+            and isinstance(b["network"], str) and isinstance(b["val_fraction"], (int, float))
             and isinstance(setup["objective"], dict))
 
 

@@ -135,3 +135,13 @@ def sweep_meta(folder: Path, name: str = "demo", **over) -> dict:
             "objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "finished": True,
             "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 2, "reduction_factor": 2, "brackets": 1}}
     return {**meta, **over}
+
+
+def trial_setup(folder: Path, **budget) -> dict:
+    """A finished sweep's sweep.json ``trial_setup`` on synthetic data (what confirm reads); ``budget`` replaces
+    budget keys."""
+    return {"data": "synthetic", "final_patch": [16, 16, 16], "pools": [2, 2, 2], "cache_root": str(folder / "cache"),
+            "objective": {"type": "max_dice"},
+            "budget": {"epochs": 10, "iterations_per_epoch": 2, "batch_size": 2, "seed": 0, "split_seed": 0,
+                       "synthetic_cases": 4, "synthetic_shape": [16, 16, 16], "network": "unet", "token_size": 16,
+                       "val_every": 2, "val_fraction": 0.25, **budget}}

@@ -368,6 +368,39 @@ def test_a_confirmation_never_shrinks_and_a_resume_never_replaces_it(tmp_path, m
     assert sorted(c["seed"] for c in meta["confirmation"]["configs"]) == [1, 1, 2, 2, 3, 3]
 
 
+def test_confirm_says_when_it_keeps_more_than_asked_and_when_it_replaces_the_exported_confirmation(
+        tmp_path, monkeypatch, capsys):
+    # the two note lines of 'pgps-tune confirm' itself, word for word (training, Ray and the export stubbed)
+    import contextlib
+
+    from conftest import sweep_meta, trial_setup
+
+    from pgps_tune import tuner
+
+    three = asdict(tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3))
+    meta = sweep_meta(tmp_path, "s", trial_setup=trial_setup(tmp_path), reference_configs=[],
+                      experiments={"search": "s-search", "confirm": "s-confirm"},
+                      confirmation={"settings": three, "repeat": "seed", "epochs": 10, "top_k": 1, "configs": [],
+                                    "experiments": ["confirm"]})
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    ran = []
+    monkeypatch.setattr(tuner, "run_confirmation", lambda opts, meta, settings, fs, signals: ran.append(settings))
+    monkeypatch.setattr(tuner, "_ray_session", lambda opts, signals: contextlib.nullcontext())
+    monkeypatch.setattr(tuner, "export_sweep", lambda *a: {})
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: [])
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: None)
+    tuner.confirm(tuner.ConfirmOptions(tmp_path, seeds=2, quiet=True))
+    assert ran[-1] == tuner.ConfirmSettings(top_k=1, epochs=10, seeds=3)
+    assert ("pgps-tune: note: confirming top 1, 3 seeds, 10 epochs: the sweep's confirmations already hold those "
+            "schedules and repeats, and a confirmation never drops any (asked: top 1, 2 seeds, 10 epochs)\n"
+            ) == capsys.readouterr().err
+    tuner.confirm(tuner.ConfirmOptions(tmp_path, epochs=20, quiet=True))
+    assert ran[-1] == tuner.ConfirmSettings(top_k=1, epochs=20, seeds=3)
+    assert (f"pgps-tune: note: this confirmation (top 1, 3 seeds, 20 epochs) replaces the sweep's (top 1, 3 seeds, "
+            f"10 epochs) in its exports; those trials stay in trials.parquet, and 'pgps-tune confirm {tmp_path} "
+            "--top-k 1 --seeds 3 --epochs 10' brings it back without training\n") == capsys.readouterr().err
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 

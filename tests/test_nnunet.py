@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import blob_case
+from conftest import blob_case, sweep_meta, trial_setup
 
 from pgps_tune import nnunet
 from pgps_tune import schedule as sch
@@ -898,3 +898,14 @@ def test_nnunet_trials_refuse_pgps_tune_case_splits_for_the_confirmation(plan, t
     # without a confirmation the flag's file is not used: not this refusal
     main([*base, "--space", str(tmp_path / "s.yaml"), "--confirm-splits", str(splits), "--no-confirm"])
     assert "case splits" not in capsys.readouterr().err
+    # nor from 'confirm --splits' on a finished sweep whose trials train nnU-Net
+    sweep = tmp_path / "done"
+    sweep.mkdir()
+    meta = sweep_meta(sweep, "n", reference_configs=[], trial_setup=trial_setup(tmp_path, trainer="nnunet"))
+    (sweep / "sweep.json").write_text(json.dumps(meta))
+    stored = (sweep / "sweep.json").read_bytes()
+    assert main(["confirm", str(sweep), "--splits", str(splits)]) == 2
+    err = capsys.readouterr().err
+    assert ("--splits (sweep n trains nnU-Net) lists pgps-tune's case splits, but trainer nnunet confirms on nnU-Net's "
+            "own folds (confirm.folds: N trains folds 0..N-1 of its splits_final.json); drop --splits") in err, err
+    assert err.count("\n") == 1 and (sweep / "sweep.json").read_bytes() == stored

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import sweep_meta
+from conftest import sweep_meta, trial_setup
 
 from pgps_tune import results
 from pgps_tune import schedule as sch
@@ -141,6 +141,9 @@ def test_atomic_write_turns_a_failed_replace_into_one_line(tmp_path, monkeypatch
     (lambda m: m.update(trial_setup="x"), "malformed fields (trial_setup)"),
     (lambda m: m.update(trial_setup={"data": "synthetic", "final_patch": [16, 16, 16], "pools": [2, 2, 2],
                                      "objective": {}, "budget": {"epochs": 2}}), "malformed fields (trial_setup)"),
+    (lambda m: m.update(trial_setup={**trial_setup(Path("x")), "budget": {**trial_setup(Path("x"))["budget"],
+                                                                          "network": None}}),
+     "malformed fields (trial_setup)"),
     (lambda m: m.update(confirmation={"repeat": "seed", "configs": "x", "epochs": 2, "top_k": 1,
                                       "experiments": []}), "malformed fields (confirmation)"),
     (lambda m: m.update(confirmation={"repeat": "seed", "configs": [], "epochs": 2, "top_k": 1, "experiments": [],
