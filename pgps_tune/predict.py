@@ -17,6 +17,7 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -228,9 +229,17 @@ def _find_inputs(source: Path, channels: int, kinds: str) -> list[tuple[str, lis
         if m and m["channel"] == "0000" and (channels == 1 or siblings[1].is_file()):
             return [(m["case"], siblings)]  # named CASE, as in a folder of channel files
         return [(_named(source), [source])]
+    if source.is_symlink() and not source.exists():
+        raise PgpsError(f"--input {source} is a link to {os.readlink(source)}, which does not exist; fix the link")
     if not source.is_dir():
         raise PgpsError(f"--input {source} does not exist; give an image file or a folder of them")
-    files = sorted(p for p in source.iterdir() if p.is_file() and imageio.ending(p) and not p.name.startswith("."))
+    named = sorted(p for p in source.iterdir() if imageio.ending(p) and not p.name.startswith("."))
+    dangling = [p for p in named if p.is_symlink() and not p.exists()]
+    if dangling:  # an image whose target went away (an unmounted share) is not to be left out without a word
+        more = f" (and {len(dangling) - 1} more such link(s))" if len(dangling) > 1 else ""
+        raise PgpsError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist{more}; fix "
+                        "the link or remove it")
+    files = [p for p in named if p.is_file()]
     if not files:
         raise PgpsError(f"--input {source} holds no image files; give a folder of {kinds} files")
     matches = [_CHANNEL_FILE.match(_stem(p)) for p in files]
@@ -389,6 +398,7 @@ def predict(
         check_mirroring(run.augment)
     inputs = find_inputs(source, run.channels)
     out_dir = Path(out_dir)
+    _check_out(out_dir, Path(source))
     targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
     if overwrite and skip_existing:
         raise PgpsError("--overwrite and --skip-existing contradict each other; give one")
@@ -448,6 +458,19 @@ def check_memory(run: Run, case: str, geometry: Geometry) -> None:
         need, f"case {case} ({'x'.join(map(str, geometry.shape))} voxels of {imageio.spacing_text(geometry.spacing)}) "
         f"is resampled to the run's spacing {imageio.spacing_text(run.spacing)} as {'x'.join(map(str, shape))} voxels",
         "to segment", "check the spacing in its header, or run where more memory is free")
+
+
+def _check_out(out_dir: Path, source: Path) -> None:
+    """Refuse an output folder that a later ``predict`` would misread: the input folder itself (its
+    segmentations would be read as images next time: a ``CASE_0000`` input gives a ``CASE`` output), or a
+    new folder named like an image file (``--out seg.nii.gz`` would make a folder of that name)."""
+    if source.is_dir() and out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise PgpsError(f"--out {out_dir} is the --input folder: the segmentations would lie among the images and "
+                        "be read as images by the next predict; choose another --out (a subfolder of it works)")
+    end = imageio.ending(out_dir)
+    if end and not out_dir.is_dir():
+        raise PgpsError(f"--out {out_dir} is named like an image file, but it is the folder the segmentations go in "
+                        f"(each named after its input, e.g. CASE{end}); give a folder")
 
 
 def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], overwrite: bool) -> None:

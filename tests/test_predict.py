@@ -174,8 +174,16 @@ def test_existing_outputs_are_refused_before_any_work(run, tmp_path, capsys):
     rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite")
     assert rc == 0 and json.loads(stdout)["cases"] == 2 and len(err.splitlines()) == 2
     assert nib.load(out / "case_001.nii.gz").shape == (20, 24, 16)
-    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", folder, "--overwrite")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder / "case_000.nii.gz", "--out", folder,
+                     "--overwrite")
     one_line_error(rc, err, "would replace its own input")
+    # the input folder itself: a CASE_0000 image's output CASE would be read as an image by the next predict
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", folder)
+    one_line_error(rc, err, "is the --input folder: the segmentations would lie among the images")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", tmp_path / "seg.nii.gz")
+    one_line_error(rc, err, "seg.nii.gz is named like an image file, but it is the folder the segmentations go in")
+    assert sorted(p.name for p in folder.iterdir()) == ["case_000.nii.gz", "case_001.nii.gz"]
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +259,10 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
 
     sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(tmp_path / "flat.mha"))
     shutil.copy(tmp_path / "flat.nii.gz", tmp_path / ".nii.gz")
+    gone = tmp_path / "gone"  # an image whose link lost its target (an unmounted share) is not left out
+    gone.mkdir()
+    shutil.copy(root / "imagesTr" / "case_000.nii.gz", gone / "case_000.nii.gz")
+    (gone / "case_001.nii.gz").symlink_to(tmp_path / "unmounted" / "case_001.nii.gz")
     image = root / "imagesTr" / "case_000.nii.gz"
     cases = [
         (tmp_path, image, "does not exist; give --run a run folder"),
@@ -271,6 +283,8 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
         (run_dir, tmp_path / "rgb.nii.gz", "holds RGB or other compound voxels"),
         (run_dir, tmp_path / "flat.mha", "has 2 dimensions; images must be 3D"),
         (run_dir, tmp_path / ".nii.gz", "has no name before its ending"),
+        (run_dir, gone, f"case_001.nii.gz is a link to {tmp_path / 'unmounted'}"),
+        (run_dir, gone / "case_001.nii.gz", "case_001.nii.gz is a link to "),
     ]
     for run_arg, source, needle in cases:
         rc, _, err = cli(capsys, "predict", "--run", run_arg, "--input", source, "--out", tmp_path / "out")
