@@ -73,7 +73,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     from pgps_tune.config import TrainConfig
     from pgps_tune.network import network_for, place
     from pgps_tune.schedule import Schedule
-    from pgps_tune.trainer import CHECKPOINT
+    from pgps_tune.trainer import CHECKPOINT, _one_line
 
     ck = _read_checkpoint(run_dir, device)
     path = Path(run_dir) / CHECKPOINT
@@ -96,8 +96,8 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
         )
     except PgpsError:
         raise
-    except Exception as exc:
-        raise PgpsError(f"checkpoint {path} is incomplete ({type(exc).__name__}: {exc}); retrain the run") from None
+    except Exception as exc:  # a field that does not fit: torch's state-dict message alone spans many lines
+        raise PgpsError(f"checkpoint {path} is incomplete ({_one_line(exc)}); retrain the run") from None
 
 
 def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool = False) -> tuple[list[int], str]:
@@ -135,14 +135,20 @@ def _preprocessing(ck: dict[str, Any], path: Path) -> dict[str, Any]:
     if "preprocessing" not in ck:
         raise PgpsError(f"{path} does not record the spacing and normalisation of its training data (an older "
                         "version wrote it); retrain the run")
+    from pgps_tune.intensity import check_schemes
+
     pre = ck["preprocessing"]
     try:
-        return {"spacing": [float(v) for v in pre["spacing"]][:3],
-                "labels": {str(int(k)): str(v) for k, v in dict(pre["labels"]).items()},
-                "normalisation": [dict(n) for n in pre["normalisation"]]}
+        out = {"spacing": [float(v) for v in pre["spacing"]],
+               "labels": {str(int(k)): str(v) for k, v in dict(pre["labels"]).items()},
+               "normalisation": [dict(n) for n in pre["normalisation"]]}
+        if len(out["spacing"]) != 3 or not all(math.isfinite(v) and v > 0 for v in out["spacing"]):
+            raise ValueError(f"spacing {out['spacing']} is not 3 positive voxel sizes")
+        check_schemes(out["normalisation"], ck["channels"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PgpsError(f"checkpoint {path} is incomplete (preprocessing: {type(exc).__name__}: {exc}); retrain "
                         "the run") from None
+    return out
 
 
 def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:

@@ -388,3 +388,23 @@ def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp
     rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "nowhere", "--data", root, "--cache-dir", tmp_path / "c")
     one_line_error(rc, err, "does not exist; give --run a run folder")
     assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
+
+
+def test_a_checkpoint_that_does_not_fit_its_network_or_channels_gives_one_short_line(run, tmp_path, capsys):
+    run_dir, root, _ = run
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    image = root / "imagesTr" / "case_000.nii.gz"
+    for name, changed, needle in (
+        ("classes", {"num_classes": 4}, "incomplete (RuntimeError: Error(s) in loading state_dict for UNet: size "),
+        ("schemes", {"preprocessing": {**ck["preprocessing"], "normalisation": []}},
+         "incomplete (preprocessing: ValueError: 0 normalisation scheme(s) for 1 channel(s)); retrain the run"),
+        ("ct", {"preprocessing": {**ck["preprocessing"], "normalisation": [{"type": "ct", "lower": 0.0}]}},
+         "a ct scheme needs finite lower, upper, mean and sd"),
+    ):
+        (tmp_path / name).mkdir()
+        torch.save({**ck, **changed}, tmp_path / name / "checkpoint.pt")
+        rc, _, err = cli(capsys, "predict", "--run", tmp_path / name, "--input", image, "--out", tmp_path / "out")
+        one_line_error(rc, err, needle)
+        assert len(err) < 400 and not (tmp_path / "out").exists()
+    rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "schemes", "--data", root)
+    one_line_error(rc, err, "0 normalisation scheme(s) for 1 channel(s)")
