@@ -174,7 +174,7 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
     """Score a run on raw cases (``data.Case``: image files and a label file) the way ``predict`` segments
     them: resampled to the run's spacing and normalised with the run's schemes, the segmentation brought back
     to each image's own grid and compared with its label there (the result has ``evaluate``'s form)."""
-    from pgps_tune.trainer import _nanmean, check_mirroring, dice_scores, resolve_device
+    from pgps_tune.trainer import check_mirroring, dice_report, dice_scores, resolve_device
 
     dev = resolve_device(device)
     run = _load_run(run_dir, dev)
@@ -196,10 +196,7 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
                                   torch.from_numpy(np.rint(truth).astype(np.int64)), run.num_classes))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.case_id}")
-    per_class = _nanmean(np.array(scores).reshape(len(cases), run.num_classes - 1), axis=0)
-    return {"dice": float(_nanmean(per_class)),
-            "dice_per_class": {n: float(v) for n, v in zip(run.class_names, per_class)},
-            "cases": len(cases)}
+    return dice_report(scores, [case.case_id for case in cases], run.class_names)
 
 
 # -- inputs ------------------------------------------------------------------------------

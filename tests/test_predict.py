@@ -338,6 +338,9 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     ev = json.loads(out)
     assert rc == 0 and ev["scored"] == f"validation cases of the run ({len(val)})"
     assert ev["case_ids"] == sorted(val) and ev["cases"] == len(val) == 2
+    assert list(ev["dice_per_case"]) == ev["case_ids"]  # each scored case's Dice per class
+    for name, dice in ev["dice_per_class"].items():
+        assert dice == pytest.approx(np.mean([ev["dice_per_case"][c][name] for c in val]), abs=1e-4)
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", root, "--all-cases")
     ev = json.loads(out)
     assert "training cases included" in ev["scored"] and ev["cases"] == 6 and ev["case_ids"] == ds.case_ids
