@@ -331,6 +331,30 @@ def test_an_input_too_large_for_memory_is_refused_before_any_output_and_a_full_d
     assert nib.load(tmp_path / "o2" / "a.nii.gz").shape == (20, 24, 16)
 
 
+def test_ctrl_c_part_way_leaves_whole_outputs_and_says_how_to_go_on(run, tmp_path, capsys, monkeypatch):
+    run_dir, root, _ = run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("case_000", "case_001"):
+        shutil.copy(root / "imagesTr" / f"{case}.nii.gz", folder)
+    real = imageio.write
+
+    def ctrl_c_on_the_second(path, *args, **kwargs):
+        if path.name == "case_001.nii.gz":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(imageio, "write", ctrl_c_on_the_second)
+    for extra, hint in (((), "rerun the same command with --skip-existing added to segment only the cases left"),
+                        (("--skip-existing",), "rerun the same command to segment only the cases left"),
+                        (("--overwrite",), "still hold what was there before: rerun the same command")):
+        rc, out, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", tmp_path / "out",
+                           "--quiet", *extra)
+        assert rc == 130 and out == "" and len(err.splitlines()) == 1, err
+        assert f"interrupted; every output in {tmp_path / 'out'} is complete" in err and hint in err
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["case_000.nii.gz"]
+
+
 def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_path, capsys):
     run_dir, root, ds = run
     val = json.loads((run_dir / "metrics.json").read_text())["split"]["val"]
