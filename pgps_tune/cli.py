@@ -760,9 +760,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.skip_existing:
         out = Path(a.out)
         existed = {p for p in out.iterdir() if p.is_file()} if out.is_dir() else set()
-    written = predict(a.run, a.input, a.out, a.device, mirror=a.mirror, overwrite=a.overwrite,
-                      progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True),
-                      skip_existing=a.skip_existing)
+    try:
+        written = predict(a.run, a.input, a.out, a.device, mirror=a.mirror, overwrite=a.overwrite,
+                          progress=None if a.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+                          skip_existing=a.skip_existing)
+    except KeyboardInterrupt as exc:  # outputs are written whole: say what the folder holds and how to go on
+        cause = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        if a.overwrite:
+            rest = ("those of the cases not reached still hold what was there before: rerun the same command to "
+                    "replace them all")
+        else:
+            rest = "rerun the same command" + ("" if a.skip_existing else " with --skip-existing added") + \
+                " to segment only the cases left"
+        raise Interrupted(f"{cause}; every output in {a.out} is complete (each is written whole); {rest}") from None
     skipped = [p for p in written if p in existed]
     print(json.dumps({"cases": len(written), "outputs": [str(p) for p in written],
                       **({"skipped": len(skipped)} if a.skip_existing else {})}, indent=1))

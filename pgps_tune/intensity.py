@@ -99,6 +99,26 @@ def fit(
     return schemes
 
 
+def check_schemes(schemes: Sequence[dict[str, Any]], channels: int) -> None:
+    """ValueError unless ``schemes`` (read back from a checkpoint) are one known scheme per channel, a ``ct``
+    one with its four finite statistics: what :func:`normalise` needs.
+
+    >>> check_schemes([{"type": "ct", "lower": 0.0, "upper": 1.0, "mean": 0.5}], 1)
+    Traceback (most recent call last):
+    ValueError: channel 0: a ct scheme needs finite lower, upper, mean and sd
+    """
+    if len(schemes) != channels:
+        raise ValueError(f"{len(schemes)} normalisation scheme(s) for {channels} channel(s)")
+    for c, scheme in enumerate(schemes):
+        kind = scheme.get("type")
+        if kind not in ("ct", *FIXED):
+            raise ValueError(f"channel {c}: unknown normalisation scheme {kind!r}")
+        stats = [scheme.get(k) for k in ("lower", "upper", "mean", "sd")]
+        if kind == "ct" and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                    for v in stats):
+            raise ValueError(f"channel {c}: a ct scheme needs finite lower, upper, mean and sd")
+
+
 def check_values(image: np.ndarray, schemes: Sequence[dict[str, Any]], where: str) -> None:
     """Refuse, in one line naming ``where`` (a case, a file), a channel its scheme cannot map as declared:
     an ``rgb_to_0_1`` channel (8-bit RGB, divided by 255) with values outside 0-255, which nnU-Net refuses too

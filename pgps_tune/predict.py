@@ -17,6 +17,7 @@ not to replace an existing file (unless ``overwrite``) or an input (never).
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -72,7 +73,7 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
     from pgps_tune.config import TrainConfig
     from pgps_tune.network import network_for, place
     from pgps_tune.schedule import Schedule
-    from pgps_tune.trainer import CHECKPOINT
+    from pgps_tune.trainer import CHECKPOINT, _one_line
 
     ck = _read_checkpoint(run_dir, device)
     path = Path(run_dir) / CHECKPOINT
@@ -95,8 +96,8 @@ def _load_run(run_dir: str | Path, device: torch.device) -> Run:
         )
     except PgpsError:
         raise
-    except Exception as exc:
-        raise PgpsError(f"checkpoint {path} is incomplete ({type(exc).__name__}: {exc}); retrain the run") from None
+    except Exception as exc:  # a field that does not fit: torch's state-dict message alone spans many lines
+        raise PgpsError(f"checkpoint {path} is incomplete ({_one_line(exc)}); retrain the run") from None
 
 
 def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool = False) -> tuple[list[int], str]:
@@ -134,14 +135,20 @@ def _preprocessing(ck: dict[str, Any], path: Path) -> dict[str, Any]:
     if "preprocessing" not in ck:
         raise PgpsError(f"{path} does not record the spacing and normalisation of its training data (an older "
                         "version wrote it); retrain the run")
+    from pgps_tune.intensity import check_schemes
+
     pre = ck["preprocessing"]
     try:
-        return {"spacing": [float(v) for v in pre["spacing"]][:3],
-                "labels": {str(int(k)): str(v) for k, v in dict(pre["labels"]).items()},
-                "normalisation": [dict(n) for n in pre["normalisation"]]}
+        out = {"spacing": [float(v) for v in pre["spacing"]],
+               "labels": {str(int(k)): str(v) for k, v in dict(pre["labels"]).items()},
+               "normalisation": [dict(n) for n in pre["normalisation"]]}
+        if len(out["spacing"]) != 3 or not all(math.isfinite(v) and v > 0 for v in out["spacing"]):
+            raise ValueError(f"spacing {out['spacing']} is not 3 positive voxel sizes")
+        check_schemes(out["normalisation"], ck["channels"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PgpsError(f"checkpoint {path} is incomplete (preprocessing: {type(exc).__name__}: {exc}); retrain "
                         "the run") from None
+    return out
 
 
 def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:
@@ -167,7 +174,7 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
     """Score a run on raw cases (``data.Case``: image files and a label file) the way ``predict`` segments
     them: resampled to the run's spacing and normalised with the run's schemes, the segmentation brought back
     to each image's own grid and compared with its label there (the result has ``evaluate``'s form)."""
-    from pgps_tune.trainer import _nanmean, check_mirroring, dice_scores, resolve_device
+    from pgps_tune.trainer import check_mirroring, dice_report, dice_scores, resolve_device
 
     dev = resolve_device(device)
     run = _load_run(run_dir, dev)
@@ -189,10 +196,7 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
                                   torch.from_numpy(np.rint(truth).astype(np.int64)), run.num_classes))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.case_id}")
-    per_class = _nanmean(np.array(scores).reshape(len(cases), run.num_classes - 1), axis=0)
-    return {"dice": float(_nanmean(per_class)),
-            "dice_per_class": {n: float(v) for n, v in zip(run.class_names, per_class)},
-            "cases": len(cases)}
+    return dice_report(scores, [case.case_id for case in cases], run.class_names)
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -228,9 +232,17 @@ def _find_inputs(source: Path, channels: int, kinds: str) -> list[tuple[str, lis
         if m and m["channel"] == "0000" and (channels == 1 or siblings[1].is_file()):
             return [(m["case"], siblings)]  # named CASE, as in a folder of channel files
         return [(_named(source), [source])]
+    if source.is_symlink() and not source.exists():
+        raise PgpsError(f"--input {source} is a link to {os.readlink(source)}, which does not exist; fix the link")
     if not source.is_dir():
         raise PgpsError(f"--input {source} does not exist; give an image file or a folder of them")
-    files = sorted(p for p in source.iterdir() if p.is_file() and imageio.ending(p) and not p.name.startswith("."))
+    named = sorted(p for p in source.iterdir() if imageio.ending(p) and not p.name.startswith("."))
+    dangling = [p for p in named if p.is_symlink() and not p.exists()]
+    if dangling:  # an image whose target went away (an unmounted share) is not to be left out without a word
+        more = f" (and {len(dangling) - 1} more such link(s))" if len(dangling) > 1 else ""
+        raise PgpsError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist{more}; fix "
+                        "the link or remove it")
+    files = [p for p in named if p.is_file()]
     if not files:
         raise PgpsError(f"--input {source} holds no image files; give a folder of {kinds} files")
     matches = [_CHANNEL_FILE.match(_stem(p)) for p in files]
@@ -389,6 +401,7 @@ def predict(
         check_mirroring(run.augment)
     inputs = find_inputs(source, run.channels)
     out_dir = Path(out_dir)
+    _check_out(out_dir, Path(source))
     targets = [output_path(out_dir, case, files[0]) for case, files in inputs]
     if overwrite and skip_existing:
         raise PgpsError("--overwrite and --skip-existing contradict each other; give one")
@@ -448,6 +461,19 @@ def check_memory(run: Run, case: str, geometry: Geometry) -> None:
         need, f"case {case} ({'x'.join(map(str, geometry.shape))} voxels of {imageio.spacing_text(geometry.spacing)}) "
         f"is resampled to the run's spacing {imageio.spacing_text(run.spacing)} as {'x'.join(map(str, shape))} voxels",
         "to segment", "check the spacing in its header, or run where more memory is free")
+
+
+def _check_out(out_dir: Path, source: Path) -> None:
+    """Refuse an output folder that a later ``predict`` would misread: the input folder itself (its
+    segmentations would be read as images next time: a ``CASE_0000`` input gives a ``CASE`` output), or a
+    new folder named like an image file (``--out seg.nii.gz`` would make a folder of that name)."""
+    if source.is_dir() and out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise PgpsError(f"--out {out_dir} is the --input folder: the segmentations would lie among the images and "
+                        "be read as images by the next predict; choose another --out (a subfolder of it works)")
+    end = imageio.ending(out_dir)
+    if end and not out_dir.is_dir():
+        raise PgpsError(f"--out {out_dir} is named like an image file, but it is the folder the segmentations go in "
+                        f"(each named after its input, e.g. CASE{end}); give a folder")
 
 
 def _check_targets(targets: list[Path], inputs: list[tuple[str, list[Path]]], overwrite: bool) -> None:

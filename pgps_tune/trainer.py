@@ -959,12 +959,20 @@ def evaluate(
         probs = window_probs(model, image, final_patch, sw_batch_size, overlap, mirror)
         label = torch.from_numpy(np.array(ds.label(i))).to(device)
         scores.append(dice_scores(probs.argmax(1)[0], label, ds.num_classes))
-    per_class = _nanmean(np.array(scores).reshape(len(cases), ds.num_classes - 1), axis=0)
-    names = [ds.labels[k] for k in range(1, ds.num_classes)]
+    return dice_report(scores, [ds.case_ids[i] for i in cases], [ds.labels[k] for k in range(1, ds.num_classes)])
+
+
+def dice_report(scores: Sequence[np.ndarray], case_ids: Sequence[str], class_names: Sequence[str]) -> dict[str, Any]:
+    """``evaluate``'s result from each case's :func:`dice_scores` (see :func:`evaluate` for the empty-class
+    rule): ``dice``, ``dice_per_class``, ``dice_per_case`` (case id to class to Dice, NaN where the case has
+    the class in neither its label nor its prediction) and ``cases``."""
+    table = np.array(scores, dtype=np.float64).reshape(len(case_ids), len(class_names))
+    per_class = _nanmean(table, axis=0)
     return {
         "dice": float(_nanmean(per_class)),
-        "dice_per_class": {n: float(v) for n, v in zip(names, per_class)},
-        "cases": len(cases),
+        "dice_per_class": {n: float(v) for n, v in zip(class_names, per_class)},
+        "dice_per_case": {c: {n: float(v) for n, v in zip(class_names, row)} for c, row in zip(case_ids, table)},
+        "cases": len(case_ids),
     }
 
 

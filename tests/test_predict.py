@@ -174,8 +174,16 @@ def test_existing_outputs_are_refused_before_any_work(run, tmp_path, capsys):
     rc, stdout, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", out, "--overwrite")
     assert rc == 0 and json.loads(stdout)["cases"] == 2 and len(err.splitlines()) == 2
     assert nib.load(out / "case_001.nii.gz").shape == (20, 24, 16)
-    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", folder, "--overwrite")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder / "case_000.nii.gz", "--out", folder,
+                     "--overwrite")
     one_line_error(rc, err, "would replace its own input")
+    # the input folder itself: a CASE_0000 image's output CASE would be read as an image by the next predict
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", folder)
+    one_line_error(rc, err, "is the --input folder: the segmentations would lie among the images")
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", tmp_path / "seg.nii.gz")
+    one_line_error(rc, err, "seg.nii.gz is named like an image file, but it is the folder the segmentations go in")
+    assert sorted(p.name for p in folder.iterdir()) == ["case_000.nii.gz", "case_001.nii.gz"]
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +259,10 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
 
     sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(tmp_path / "flat.mha"))
     shutil.copy(tmp_path / "flat.nii.gz", tmp_path / ".nii.gz")
+    gone = tmp_path / "gone"  # an image whose link lost its target (an unmounted share) is not left out
+    gone.mkdir()
+    shutil.copy(root / "imagesTr" / "case_000.nii.gz", gone / "case_000.nii.gz")
+    (gone / "case_001.nii.gz").symlink_to(tmp_path / "unmounted" / "case_001.nii.gz")
     image = root / "imagesTr" / "case_000.nii.gz"
     cases = [
         (tmp_path, image, "does not exist; give --run a run folder"),
@@ -271,6 +283,8 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
         (run_dir, tmp_path / "rgb.nii.gz", "holds RGB or other compound voxels"),
         (run_dir, tmp_path / "flat.mha", "has 2 dimensions; images must be 3D"),
         (run_dir, tmp_path / ".nii.gz", "has no name before its ending"),
+        (run_dir, gone, f"case_001.nii.gz is a link to {tmp_path / 'unmounted'}"),
+        (run_dir, gone / "case_001.nii.gz", "case_001.nii.gz is a link to "),
     ]
     for run_arg, source, needle in cases:
         rc, _, err = cli(capsys, "predict", "--run", run_arg, "--input", source, "--out", tmp_path / "out")
@@ -317,6 +331,30 @@ def test_an_input_too_large_for_memory_is_refused_before_any_output_and_a_full_d
     assert nib.load(tmp_path / "o2" / "a.nii.gz").shape == (20, 24, 16)
 
 
+def test_ctrl_c_part_way_leaves_whole_outputs_and_says_how_to_go_on(run, tmp_path, capsys, monkeypatch):
+    run_dir, root, _ = run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("case_000", "case_001"):
+        shutil.copy(root / "imagesTr" / f"{case}.nii.gz", folder)
+    real = imageio.write
+
+    def ctrl_c_on_the_second(path, *args, **kwargs):
+        if path.name == "case_001.nii.gz":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(imageio, "write", ctrl_c_on_the_second)
+    for extra, hint in (((), "rerun the same command with --skip-existing added to segment only the cases left"),
+                        (("--skip-existing",), "rerun the same command to segment only the cases left"),
+                        (("--overwrite",), "still hold what was there before: rerun the same command")):
+        rc, out, err = cli(capsys, "predict", "--run", run_dir, "--input", folder, "--out", tmp_path / "out",
+                           "--quiet", *extra)
+        assert rc == 130 and out == "" and len(err.splitlines()) == 1, err
+        assert f"interrupted; every output in {tmp_path / 'out'} is complete" in err and hint in err
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["case_000.nii.gz"]
+
+
 def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_path, capsys):
     run_dir, root, ds = run
     val = json.loads((run_dir / "metrics.json").read_text())["split"]["val"]
@@ -324,6 +362,9 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     ev = json.loads(out)
     assert rc == 0 and ev["scored"] == f"validation cases of the run ({len(val)})"
     assert ev["case_ids"] == sorted(val) and ev["cases"] == len(val) == 2
+    assert list(ev["dice_per_case"]) == ev["case_ids"]  # each scored case's Dice per class
+    for name, dice in ev["dice_per_class"].items():
+        assert dice == pytest.approx(np.mean([ev["dice_per_case"][c][name] for c in val]), abs=1e-4)
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", root, "--all-cases")
     ev = json.loads(out)
     assert "training cases included" in ev["scored"] and ev["cases"] == 6 and ev["case_ids"] == ds.case_ids
@@ -374,3 +415,23 @@ def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp
     rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "nowhere", "--data", root, "--cache-dir", tmp_path / "c")
     one_line_error(rc, err, "does not exist; give --run a run folder")
     assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
+
+
+def test_a_checkpoint_that_does_not_fit_its_network_or_channels_gives_one_short_line(run, tmp_path, capsys):
+    run_dir, root, _ = run
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    image = root / "imagesTr" / "case_000.nii.gz"
+    for name, changed, needle in (
+        ("classes", {"num_classes": 4}, "incomplete (RuntimeError: Error(s) in loading state_dict for UNet: size "),
+        ("schemes", {"preprocessing": {**ck["preprocessing"], "normalisation": []}},
+         "incomplete (preprocessing: ValueError: 0 normalisation scheme(s) for 1 channel(s)); retrain the run"),
+        ("ct", {"preprocessing": {**ck["preprocessing"], "normalisation": [{"type": "ct", "lower": 0.0}]}},
+         "a ct scheme needs finite lower, upper, mean and sd"),
+    ):
+        (tmp_path / name).mkdir()
+        torch.save({**ck, **changed}, tmp_path / name / "checkpoint.pt")
+        rc, _, err = cli(capsys, "predict", "--run", tmp_path / name, "--input", image, "--out", tmp_path / "out")
+        one_line_error(rc, err, needle)
+        assert len(err) < 400 and not (tmp_path / "out").exists()
+    rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "schemes", "--data", root)
+    one_line_error(rc, err, "0 normalisation scheme(s) for 1 channel(s)")

@@ -673,6 +673,7 @@ class _Cases:
 
     def __init__(self, predictions, labels):
         self.predictions, self.label_maps = predictions, labels
+        self.case_ids = [f"case{i}" for i in range(len(labels))]
 
     def image(self, i):
         return self.predictions[i][None].astype(np.float32)
@@ -697,6 +698,8 @@ def test_dice_of_empty_labels():
     assert ev["dice_per_class"]["a"] == pytest.approx(0.5)
     assert math.isnan(ev["dice_per_class"]["b"]) and ev["dice"] == pytest.approx(0.5)
     assert _strict_load(strict_json(ev))["dice_per_class"] == {"a": 0.5, "b": None}
+    assert _strict_load(strict_json(ev))["dice_per_case"] == {"case0": {"a": 1.0, "b": None},
+                                                              "case1": {"a": 0.0, "b": None}}
     # nothing to score at all: the Dice itself is undefined
     ev = evaluate(_PredictTheImage(), _Cases([empty], [empty]), [0], (4, 4, 4), torch.device("cpu"))
     assert _strict_load(strict_json(ev))["dice"] is None
