@@ -940,15 +940,12 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
 
 def _no_best(summary: dict[str, Any], out: Path) -> str:
     """Why a finished sweep exported no best schedule, with its most frequent trial error and where the rest are."""
-    from collections import Counter
+    from pgps_tune.report import error_groups, read_trials
 
-    from pgps_tune.report import read_trials
-
-    errors = Counter(str(r.get("error") or "").strip().splitlines()[0][:300]
-                     for r in read_trials(out) if r.get("failed") and str(r.get("error") or "").strip())
+    errors = [(error, len(ids)) for error, ids in error_groups(read_trials(out)) if error]
     counts = (f"{summary.get('failed', 0)} of {summary.get('trials', 0)} trial(s) failed, "
               f"{summary.get('stopped_early', 0)} stopped early")
-    why = "".join(f"; the most frequent error ({n}x): {error}" for error, n in errors.most_common(1))
+    why = "".join(f"; the most frequent error ({n}x): {error}" for error, n in errors[:1])
     what = ("no trial completed" if not summary.get("completed") else
             f"none of the {summary['completed']} completed trial(s) has a score at the full budget")
     return (f"{what} ({counts}), so {out} holds no best schedule{why}; fix that and run the sweep again (every "

@@ -1,12 +1,14 @@
 """Seeing a sweep or a training run: one self-contained HTML page, figures, the trial table.
 
 The page (``pgps-tune report``) opens offline: every figure is a PNG inlined as a data
-URI, the only script is inline, and nothing is fetched.  For a sweep it shows the best
-schedule and both references as patch side and batch size over training; every trial's
-learning curve (Dice against baseline-equivalent compute; an early-stopped trial ends
-in a cross where ASHA stopped it); Dice against compute for the completed trials with
-the Pareto front and the compute of the paper schedule in both modes; confirmation
-results when the sweep has them; Optuna's parameter importances; and the trial table.
+URI, the only script is inline, and nothing is fetched.  For a sweep it shows the failed
+trials grouped by error; the best schedule and the references as patch side and batch size
+over training; every trial's learning curve (Dice against baseline-equivalent compute; an
+early-stopped trial ends in a cross where ASHA stopped it); Dice against compute for the
+completed trials with the Pareto front and the compute of the paper schedule in both modes;
+confirmation results when the sweep has them; Optuna's parameter importances; and the trial
+table.  Whatever a sweep holds, the page stays readable and small: every name and error is
+escaped text, long ones wrap or fold, and a large sweep's table is cut (:data:`TABLE_ROWS`).
 For a single ``train`` run it shows the schedule, the learning curve with the stage
 changes, and the stage table.
 
@@ -25,6 +27,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
     BEST,
     PARETO,
+    PARETO_DIR,
     PHASES,
     STATUSES,
     SUMMARY,
@@ -42,6 +46,7 @@ from pgps_tune.results import (
     check_trials,
     confirmation_flags,
     describe_confirmation,
+    full_fidelity,
     schedule_of,
     valid_confirm_settings,
 )
@@ -55,7 +60,14 @@ TRIAL_COLUMNS = ("trial_id", "phase", "role", "status", "final_dice", "score", "
 # far below it: all background 0, all foreground twice the foreground share); a gain over such a
 # reference is flagged (:func:`summary_lines`)
 LEARNED_DICE = 0.5
-COLOURS = {"baseline": "#444444", "paper": "#d62728", "search": "#1f77b4", "best": "#2ca02c"}
+COLOURS = {"baseline": "#444444", "paper": "#d62728", "search": "#1f77b4", "best": "#2ca02c", "run": "#1f77b4",
+           "paper:resource": "#d62728", "paper:performance": "#9467bd", "paper:sqrt": "#8c564b"}
+OTHER_REFERENCE = "#e377c2"  # a reference of search.references with no colour of its own (random, random:MODE)
+
+
+def colour(role: str) -> str:
+    """A role's colour in every figure: searched, the best, each reference (``search.references`` may name several)."""
+    return COLOURS.get(role, OTHER_REFERENCE)
 
 
 # -- numbers and words for people ----------------------------------------------------------------
@@ -223,7 +235,7 @@ def schedule_figure(schedules: dict[str, sch.Schedule]) -> bytes:
                 xs.append(x)
                 sides.append(_side(st.patch_size))
                 batches.append(st.batch_size)
-        style = {"color": COLOURS.get(name, COLOURS["search"]), **_STYLES.get(name, {"lw": 2})}
+        style = {"color": colour(name), **_STYLES.get(name, {"lw": 2})}
         ax_p.plot(xs, sides, label=f"{name} ({plural(len(s.stages), 'stage')})", **style)
         ax_b.plot(xs, batches, label=name, **style)
     ax_p.set(xlabel="fraction of training (epochs)", ylabel="patch side (cube root of voxels)", title="patch size")
@@ -231,38 +243,66 @@ def schedule_figure(schedules: dict[str, sch.Schedule]) -> bytes:
     ax_b.set_yscale("log", base=2)
     ax_b.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax_b.yaxis.set_minor_formatter(mticker.NullFormatter())
-    ax_p.legend(fontsize=8)
+    # below both plots, where no curve is (a sweep with several references has a long key)
+    fig.legend(*ax_p.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, -0.03),
+               ncol=min(4, len(schedules)), fontsize=8)
     return _png(fig)
 
 
 def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], stopped: set[str],
-                          roles: dict[str, str], best: str | None) -> bytes:
-    """Validation Dice against compute, one line per trial; an early-stopped trial ends in a cross."""
+                          roles: dict[str, str], best: str | None, repeats: Collection[str] = (),
+                          rungs: Sequence[float] = ()) -> bytes:
+    """Validation Dice against compute, one line per trial; an early-stopped trial ends in a cross; the
+    confirmation's ``repeats`` are dotted, in their role's colour (they are not more searched trials);
+    ASHA's ``rungs`` (in baseline-equivalent iterations) are grey verticals."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, x in enumerate(rungs):
+        ax.axvline(x, color="#bbbbbb", lw=1, ls="--", zorder=0, label=None if i else "ASHA rungs")
     labelled: set[str] = set()
+    # many searched trials would hide each other and the references: the more there are, the fainter each
+    faint = min(0.5, max(0.05, 15 / max(1, sum(roles.get(t, "search") == "search" for t in curves))))
     for tid, pts in sorted(curves.items(), key=lambda kv: (_draw_order(roles.get(kv[0], "search"), kv[0] == best))):
         if not pts:
             continue
         xs, ys = zip(*pts)
         role = "best" if tid == best else roles.get(tid, "search")
         label = {"best": f"best ({roles.get(tid, 'search')})", "search": "searched"}.get(role, role)
-        ax.plot(xs, ys, color=COLOURS.get(role, COLOURS["search"]), alpha=0.5 if role == "search" else 0.95,
-                lw=1 if role == "search" else 2, label=None if label in labelled else label)
+        style = {"alpha": faint if role == "search" else 0.95, "lw": 1 if role == "search" else 2}
+        if tid in repeats:
+            label, style = "confirmation repeats (dotted)", {"alpha": 0.8, "lw": 1.5, "ls": ":"}
+        ax.plot(xs, ys, color=colour(role), label=None if label in labelled else label, **style)
         labelled.add(label)
         if tid in stopped:
-            ax.plot(xs[-1], ys[-1], "x", color="black", ms=7)
+            ax.plot(xs[-1], ys[-1], "x", color="black", ms=7, alpha=min(1.0, 2 * faint))
     if stopped & set(curves):
         ax.plot([], [], "x", color="black", label="stopped early by ASHA")
     ax.set(xlabel="compute (baseline-equivalent iterations)", ylabel="validation Dice (at the final patch)",
            title="learning curves")
-    ax.legend(fontsize=8)
+    # beside the axes: it hides no curve, and matplotlib need not search many lines for a free corner
+    for handle in ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)).legend_handles:
+        handle.set_alpha(1)  # the key at full strength, however faint the lines
     return _png(fig)
+
+
+def asha_rungs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[float]:
+    """The rungs at which ASHA compared a sweep's trials, where the learning curves' axis is its clock: ASHA
+    stopped a trial (so it ran: sweep.json records its settings also where it was off), on the
+    ``baseline_iterations`` clock, every trial at the full budget (a compressed ladder's rungs are budgets)."""
+    from pgps_tune.asha import AshaSettings
+
+    if not any(r["stopped_early"] for r in rows) or not all(full_fidelity(r) for r in rows):
+        return []
+    try:
+        asha = AshaSettings.from_dict(meta["asha"])
+    except (KeyError, TypeError, ValueError):  # an older or damaged sweep.json: no rungs to draw
+        return []
+    return asha.milestones() if asha.time_attr == "baseline_iterations" else []
 
 
 def _draw_order(role: str, is_best: bool) -> tuple[int, int]:
     """Draw searched trials first and the references and the best on top of them."""
-    return int(is_best), {"search": 0, "baseline": 1, "paper": 1}.get(role, 0)
+    return int(is_best), int(role != "search")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -294,18 +334,32 @@ def paper_fractions(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials Dice against compute draws: completed at the full budget with a Dice, searched or references.
+
+    Confirmation repeats are left out (they retrain schedules already drawn, often at another budget, and the
+    Confirmation section shows them), as are trials trained at a fraction of the budget: so the front drawn is
+    the front that ``pareto.parquet`` and ``summary.json`` name.
+    """
+    return [r for r in rows if r["completed"] and r.get("phase") != "confirm" and full_fidelity(r)
+            and math.isfinite(number(r["final_dice"])) and math.isfinite(number(r["schedule_voxel_fraction"]))]
+
+
 def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> bytes:
     """Final Dice against the schedule's voxel fraction; Pareto front; the paper modes' compute."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    done = [r for r in rows if r["completed"] and not math.isnan(number(r["final_dice"]))]
+    done = comparable(rows)
     point = {r["trial_id"]: (number(r["schedule_voxel_fraction"]), number(r["final_dice"])) for r in done}
-    for role, marker, label in (("search", "o", "searched"), ("baseline", "s", "constant baseline"),
-                                ("paper", "D", "paper reference")):
+    references = [r for r in dict.fromkeys(r["role"] for r in done) if r not in ("search", "baseline")]
+    markers = {"search": "o", "baseline": "s", **{ref: "D^vPX"[i % 5] for i, ref in enumerate(references)}}
+    for role in markers:
         pts = [point[r["trial_id"]] for r in done if r["role"] == role]
+        label = {"search": "searched", "baseline": "constant baseline", "paper": "paper reference"}.get(
+            role, f"{role} reference")
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker=marker, color=COLOURS[role], label=label, zorder=3)
+            ax.scatter(xs, ys, marker=markers[role], color=colour(role), label=label, zorder=3)
     front = pareto_front(list(point.values()))
     if front:
         xs, ys = zip(*front)
@@ -313,9 +367,9 @@ def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> byte
     if best in point:
         ax.scatter(*point[best], marker="*", s=260, facecolor="none", edgecolor="black", label="best", zorder=4)
     for (mode, x), ls in zip(paper_fractions(rows).items(), (":", "-.")):
-        ax.axvline(x, color=COLOURS["paper"], ls=ls, lw=1, label=f"paper, {mode} mode: {x:.2f} of the compute")
+        ax.axvline(x, color=colour(f"paper:{mode}"), ls=ls, lw=1, label=f"paper, {mode} mode: {x:.2f} of the compute")
     ax.set(xlabel="compute (voxel fraction of the constant baseline)", ylabel="final validation Dice",
-           title="Dice against compute (completed trials)")
+           title="Dice against compute (completed trials of the search and references)")
     if ax.get_legend_handles_labels()[0]:  # nothing completed: an empty plot, without a warning
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(fig)
@@ -557,9 +611,14 @@ def _metrics_problems(m: dict[str, Any]) -> list[str]:
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+h1,h2,p{overflow-wrap:anywhere}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}td.p{text-align:left;font-family:monospace;font-size:.9em}
+td.e{text-align:left;max-width:32em;overflow-wrap:anywhere}td.e:not(:empty){min-width:16em}
+td.e details pre{white-space:pre-wrap;margin:0}
 img{max-width:100%}.note{color:#666}div.t{overflow-x:auto}
+@media print{body{margin:0;max-width:none}div.t{overflow:visible}table{font-size:.7em}
+h2{break-after:avoid}img,tr{break-inside:avoid}}
 """
 # marks the page once every figure has decoded: a headless browser check reads it from the DOM
 _SCRIPT = """
@@ -570,24 +629,51 @@ window.addEventListener('load', function () {
 });
 """
 _LEFT = ("trial_id", "phase", "role", "status", "error")
+ERROR_SHOWN = 160  # characters of an error shown in its cell; the rest (up to ERROR_KEPT) opens below it
+ERROR_KEPT = 4000
 
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _cell(column: str, v: Any) -> str:
+def _error_cell(v: Any) -> str:
+    """An error in a cell of bounded width: its first line, cut; a longer or many-line error opens below."""
+    text = str(v or "").strip()
+    first = (text.splitlines() or [""])[0]
+    if len(first) <= ERROR_SHOWN and first == text:
+        return f'<td class="e">{html.escape(text)}</td>'
+    cut = text[:ERROR_KEPT] + (f" ... ({len(text) - ERROR_KEPT} more characters)" if len(text) > ERROR_KEPT else "")
+    return (f'<td class="e"><details><summary>{html.escape(first[:ERROR_SHOWN])}'
+            f'{" ..." if len(first) > ERROR_SHOWN else ""}</summary><pre>{html.escape(cut)}</pre></details></td>')
+
+
+def _cell(column: str, v: Any, left: bool, spec: str | None = None) -> str:
     if column == "params":
         return f'<td class="p">{html.escape(params_text(v))}</td>'
+    if column == "error":
+        return _error_cell(v)
     if isinstance(v, dict | list):
         v = json.dumps(v)
-    return f'<td class="{"l" if column in _LEFT or isinstance(v, str) else ""}">{html.escape(fmt(v))}</td>'
+    text = format(v, spec) if spec and isinstance(v, float) and math.isfinite(v) else fmt(v)
+    return f'<td class="{"l" if left or isinstance(v, str) else ""}">{html.escape(text)}</td>'
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    head = "".join(f'<th class="{"l" if c in _LEFT else ""}">{html.escape(c)}</th>' for c in columns)
-    body = "".join("<tr>" + "".join(_cell(c, r.get(c)) for c in columns) + "</tr>" for r in rows)
-    return f'<div class="t"><table><tr>{head}</tr>{body}</table></div>'
+def _head(column: str) -> str:
+    """A column name that may wrap after its underscores (schedule_voxel_fraction is wider than its numbers)."""
+    return "_<wbr>".join(map(html.escape, column.split("_")))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], specs: dict[str, str] | None = None) -> str:
+    """A table (text columns left, numbers right); ``specs``: a column's number format where the terminal prints
+    it so (else :func:`fmt`)."""
+    left = {c: c in _LEFT or c == "params" or any(isinstance(r.get(c), str | list | dict) for r in rows)
+            for c in columns}
+    specs = specs or {}
+    head = "".join(f'<th class="{"l" if left[c] else ""}">{_head(c)}</th>' for c in columns)
+    body = "".join("<tr>" + "".join(_cell(c, r.get(c), left[c], specs.get(c)) for c in columns) + "</tr>"
+                   for r in rows)
+    return f'<div class="t"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _note(text: str) -> str:
@@ -613,7 +699,7 @@ def confirmation_figure(conf: dict[str, Any]) -> bytes:
             if mean == mean:  # NaN: too few pairs to draw
                 err = [[mean - low if low == low else 0.0], [high - mean if high == high else 0.0]]
                 ax.errorbar([mean], [y], xerr=err, fmt="o", capsize=4,
-                            color=COLOURS.get(role, COLOURS["search"]))
+                            color=colour(role))
             labels.append(f"{name} - {role}")
             y += 1
     ax.axvline(0.0, color="grey", lw=1)
@@ -642,13 +728,19 @@ def confirmation_section(conf: dict[str, Any]) -> str:
     head = (f"<p>{html.escape(verdict)}.</p><p>{plural(len(conf['repeats']), conf['repeat'])} per schedule, "
             f"{plural(int(conf['epochs']), 'epoch')} each; differences are paired by {conf['repeat']}.</p>")
     has_tests = any(e.get("vs") for e in conf["schedules"].values())
-    return head + _table(rows, list(rows[0]) if rows else []) + (
+    # mean and sd as 'pgps-tune tune' and 'confirm' print them
+    return head + _table(rows, list(rows[0]) if rows else [], {"Dice mean": ".4f", "Dice sd": ".4f"}) + (
         _img(confirmation_figure(conf), "confirmation") if has_tests else "")
 
 
-def _page(title: str, sections: list[tuple[str, str]]) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"] + [f"<h2>{html.escape(h)}</h2>\n{b}" for h, b in sections]
+def _page(what: str, name: Any, dataset: Any, sections: list[tuple[str, str]]) -> str:
+    """The whole page of a sweep or run (``what``) ``name`` on ``dataset``: the names are the user's, set apart
+    (``<bdi>``) so that right-to-left text in one cannot turn the rest of the heading round."""
+    title = f"pgps-tune: {what} '{name}' on {dataset}"
+    heading = f"pgps-tune: {what} '<bdi>{html.escape(str(name))}</bdi>' on <bdi>{html.escape(str(dataset))}</bdi>"
+    parts = [f"<h1>{heading}</h1>"] + [f"<h2>{html.escape(h)}</h2>\n{b}" for h, b in sections]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>"
             f"<body>{''.join(parts)}</body></html>\n")
 
@@ -708,7 +800,14 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
             return [*lines, "No trial completed, so there is no best schedule."]
         return [*lines, "No completed trial has a score at the full budget, so there is no best schedule."]
     dice = number(best["final_dice"])
-    lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}, "
+    # a confirmed winner's numbers are means over the confirmation's repeats, not its search trial's (the table's)
+    means = shown = ""
+    if best.get("confirmed") and isinstance(best.get("repeats"), int):
+        over = plural(best["repeats"], (summary.get("confirmation") or {}).get("repeat", "repeat"))
+        means = f" (means over {over})"
+        sd = number(best.get("dice_sd"))
+        shown = f" (mean over {over}" + (f", sd {sd:.3f})" if math.isfinite(sd) else ")")
+    lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}{shown}, "
                  f"{plural(int(best['n_stages']), 'stage')}, "
                  f"{number(best['schedule_voxel_fraction']):.2f}x the constant baseline's voxels.")
     for role in ("baseline", "paper"):
@@ -724,7 +823,7 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
             parts.append(time_words(number(g["time_ratio"])))
         if g.get("voxel_ratio"):
             parts.append(f"{number(g['voxel_ratio']):.2f}x its voxels")
-        line = f"Against the {role} reference: {', '.join(parts)}."
+        line = f"Against the {role} reference{means}: {', '.join(parts)}."
         if not ref >= LEARNED_DICE:
             line += (f" Caution: the {role} reached only Dice {ref:.3f} (below {LEARNED_DICE}), so it has not "
                      "learned at this budget: the gain shows how fast schedules learn, not where they end; give "
@@ -748,12 +847,18 @@ def sweep_report(sweep: str | Path) -> str:
                         f"edited or left by another export: rewrite it with 'pgps-tune export --experiment {sweep} "
                         f"--out {sweep}'")
     best = (summary.get("best") or {}).get("trial_id")
-    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, summary_lines(summary, sweep)))
-                                        + "</p>")]
+    lines = summary_lines(summary, sweep)
+    if isinstance(front := summary.get("pareto"), dict):  # as the terminal says it after the sweep
+        ids = [str(t) for t in front.get("front") or []]
+        lines.append(f"Pareto front: {plural(len(ids), 'schedule')} ({', '.join(ids)}; cheapest first) in "
+                     f"{PARETO} and {PARETO_DIR}/; best by the rule {front.get('pick')}.")
+    sections: list[tuple[str, str]] = [("Summary", "<p>" + "<br>".join(map(html.escape, lines)) + "</p>")]
+    if any(r["failed"] for r in rows):
+        sections.append(("Failed trials", failures_section(rows, sweep)))
 
     schedules: dict[str, sch.Schedule] = {}
-    for r in rows:
-        if r["role"] in ("baseline", "paper") and r["schedule"] and r["phase"] == "references":
+    for r in rows:  # every reference: the baseline, the paper schedule, and any other search.references names
+        if r["role"] != "search" and r["schedule"] and r["phase"] == "references":
             schedules[r["role"]] = row_schedule(r, sweep / TRIALS)
     damaged = ""
     if (sweep / "best_schedule.yaml").exists():
@@ -771,15 +876,25 @@ def sweep_report(sweep: str | Path) -> str:
     if curves:
         roles = {r["trial_id"]: r["role"] for r in rows}
         stopped = {r["trial_id"] for r in rows if r["stopped_early"]}
-        body = _img(learning_curve_figure(curves, stopped, roles, best), "learning curves")
-    else:
+        repeats = {r["trial_id"] for r in rows if r["phase"] == "confirm"}
+        rungs = asha_rungs(meta, rows)
+        body = _img(learning_curve_figure(curves, stopped, roles, best, repeats, rungs), "learning curves")
+        if rungs:
+            body += _note(f"ASHA compared the searched trials at {plural(len(rungs), 'rung')} of compute: "
+                          f"{', '.join(f'{x:g}' for x in rungs)} baseline-equivalent iterations; a trial's "
+                          "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none)")
+    elif _tune_root(sweep, meta) is None:
         body = _note("no Tune results on this machine to read the curves from (remote --storage, or the ray/ "
                      "folder is gone)")
+    else:
+        body = _note("no trial reported a validation Dice")
     if unreadable:
         body += _note(f"not drawn: {plural(len(unreadable), 'trial')} whose result.json cannot be read "
                       f"({', '.join(map(str, unreadable[:3]))}{', ...' if len(unreadable) > 3 else ''})")
     sections.append(("Learning curves", body))
-    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")))
+    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")
+                     if comparable(rows)
+                     else _note("no searched or reference trial completed with a Dice: nothing to plot")))
 
     confirmation = summary.get("confirmation")
     sections.append(("Confirmation", confirmation_section(confirmation) if confirmation
@@ -789,9 +904,58 @@ def sweep_report(sweep: str | Path) -> str:
     sections.append(("Parameter importances", _img(importance_figure(importances), "parameter importances")
                      if importances else _note("too few completed searched trials that differ in their "
                                                "parameters to estimate importances (3 needed)")))
+    sections.append(("Trials", trial_table(rows, sweep)))
+    return _page("sweep", meta.get("sweep", sweep.name), meta.get("dataset", "?"), sections)
+
+
+TABLE_ROWS = 300  # searched trials the page's table shows at most: the page stays small for any sweep
+
+
+def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
+    """The trial table, best score first: every trial, or for a large sweep the references, the confirmation
+    trials and the :data:`TABLE_ROWS` best-scored searched trials, with a note naming the command for all."""
     columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]]
-    sections.append(("Trials", _table(select_trials(rows), columns)))
-    return _page(f"pgps-tune: sweep '{meta.get('sweep', sweep.name)}' on {meta.get('dataset', '?')}", sections)
+    ordered = select_trials(rows)
+    searched = [r for r in ordered if r["phase"] == "search"]
+    if len(searched) <= TABLE_ROWS:
+        return _table(ordered, columns)
+    cut = {r["trial_id"] for r in searched[TABLE_ROWS:]}
+    shown = [r for r in ordered if r["trial_id"] not in cut]
+    others = "the references and confirmation trials" if any(r["phase"] == "confirm" for r in rows) \
+        else "the references"
+    return _note(f"{len(shown)} of {plural(len(rows), 'trial')} shown: {others} and the {TABLE_ROWS} best-scored "
+                 f"of {len(searched)} searched trials; every trial: 'pgps-tune trials {shlex.quote(str(sweep))}' "
+                 "(--sort, --status, --format csv)") + _table(shown, columns)
+
+
+def error_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The failed trials grouped by the first line of their error, the most frequent first:
+    ``[(first line, [trial ids]), ...]`` (``""``: no error recorded)."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r["failed"]:
+            text = str(r.get("error") or "").strip()
+            groups.setdefault((text.splitlines() or [""])[0][:300], []).append(str(r["trial_id"]))
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+
+ERROR_GROUPS = 10  # distinct errors the page lists; the rest are counted
+
+
+def failures_section(rows: list[dict[str, Any]], sweep: Path) -> str:
+    """Why trials failed: each distinct error (its first line) with how many trials and which, most frequent
+    first, so a failure is seen however long the sweep and wherever the table cuts."""
+    groups = error_groups(rows)
+    table = [{"error": error or "(no error recorded)", "trials": len(ids),
+              "trial_id": ", ".join(ids[:5]) + (f", ... ({len(ids) - 5} more)" if len(ids) > 5 else "")}
+             for error, ids in groups[:ERROR_GROUPS]]
+    rest = sum(len(ids) for _, ids in groups[ERROR_GROUPS:])
+    n = sum(len(ids) for _, ids in groups)
+    return (_table(table, ["trials", "error", "trial_id"])
+            + (_note(f"and {plural(rest, 'trial')} with {plural(len(groups) - ERROR_GROUPS, 'other error')}")
+               if rest else "")
+            + _note(f"{plural(n, 'trial')} failed; each one's whole error: 'pgps-tune trials {shlex.quote(str(sweep))} "
+                    "--status failed --columns trial_id,error'"))
 
 
 def run_report(run: str | Path) -> str:
@@ -811,7 +975,7 @@ def run_report(run: str | Path) -> str:
         ("Stages", _table(m.get("stages", []), ["index", "patch_size", "batch_size", "epochs", "iterations",
                                                 "wall_time_s", "voxels"])),
     ]
-    return _page(f"pgps-tune: run '{run.name}' on {m.get('dataset', '?')}", sections)
+    return _page("run", run.name, m.get("dataset", "?"), sections)
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:

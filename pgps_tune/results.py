@@ -312,7 +312,23 @@ def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None
             raise PgpsError(f"{where}: trial {r.get('trial_id')}'s {col} column is {problem}; {fix}")
 
 
-ROLES = ("baseline", "paper", "search")  # the values of trials.parquet's role column
+ROLES = ("baseline", "paper", "search")  # the values of trials.parquet's role column (and known_role's others)
+
+
+def known_role(role: Any) -> bool:
+    """Whether trials.parquet's role column may hold ``role``: one of :data:`ROLES`, or a further reference that a
+    space's ``search.references`` names (``paper:performance``, ...: :func:`pgps_tune.space.reference_configs`
+    gives such a reference its name as its role).
+
+    >>> [known_role(r) for r in ("search", "paper:performance", "random", "constant:resource", "paper:fast", 3)]
+    [True, True, True, False, False, False]
+    """
+    if role in ROLES:
+        return True
+    if not isinstance(role, str):
+        return False
+    preset, colon, mode = role.partition(":")
+    return preset in sch.PRESETS and preset != "constant" and (not colon or mode in sch.MODES)
 
 
 def _fits(have: pa.DataType, want: pa.DataType) -> bool:
@@ -350,10 +366,12 @@ def check_trials(table: pa.Table, where: str | Path, fix: str = "rewrite it with
     columns = [pc.fill_null(col, math.nan) if pa.types.is_floating(col.type) and c != FIDELITY else col
                for c, col in zip(COLUMNS, columns)]  # a missing number is NaN, as trial_rows writes it
     rows = pa.Table.from_arrays(columns, schema=SCHEMA).to_pylist()
-    allowed = {"phase": (*PHASES, None), "role": ROLES, "status": STATUSES}
+    allowed = {"phase": (*PHASES, None), "status": STATUSES}
     seen: set[str] = set()
     for r in rows:
         bad = [f"{c} {r[c]!r}" for c, values in allowed.items() if r[c] not in values]
+        if not known_role(r["role"]):
+            bad.insert(0, f"role {r['role']!r}")
         if r["trial_id"] is None:
             bad.append("trial_id null")
         bad += [f"{flag} {r[flag]!r} with status {r['status']!r}" for flag in ("completed", "stopped_early", "failed")

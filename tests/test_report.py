@@ -21,7 +21,7 @@ import pytest
 from pgps_tune import schedule as sch
 from pgps_tune.cli import build_parser, main
 from pgps_tune.report import pareto_front, read_curves, read_trials, select_trials, write_report
-from pgps_tune.results import COLUMNS
+from pgps_tune.results import COLUMNS, SCHEMA
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt install chromium)")
@@ -489,3 +489,219 @@ def test_a_replaced_confirmation_is_named_with_the_command_that_brings_it_back(f
     assert main(["report", str(fake_sweep)]) == 2
     err = capsys.readouterr().err
     assert "confirmation is not the confirmation pgps-tune writes" in err and "Traceback" not in err
+
+
+HOSTILE = '<script>alert("x")</script></table></td>\'"&amp; \u202eRTL \u05e9\u05dc\u05d5\u05dd '
+
+
+class _Tags(HTMLParser):
+    """Every element of a page, and the text inside each <h1>, <bdi> and <script>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.open: list[str] = []
+        self.text: dict[str, str] = {}
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in self.open:
+            del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+
+    def handle_data(self, data):
+        for tag in ("h1", "bdi", "script"):
+            if tag in self.open:
+                self.text[tag] = self.text.get(tag, "") + data
+
+
+def _with_trials(sweep: Path, edit) -> None:
+    """Rewrite a fake sweep's trials.parquet through ``edit(rows) -> rows`` and its summary.json to match."""
+    from pgps_tune.results import summarize
+
+    rows = edit(pq.read_table(sweep / "trials.parquet").to_pylist())
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sweep / "trials.parquet")
+    meta = json.loads((sweep / "sweep.json").read_text())
+    summary = summarize(read_trials(sweep), {**meta, "sweep": meta["sweep"]})
+    (sweep / "summary.json").write_text(json.dumps(summary))
+
+
+def _failed(row: dict, error: str) -> dict:
+    return {**row, "status": "failed", "failed": True, "completed": False, "stopped_early": False,
+            "final_dice": None, "best_dice": None, "score": None, "error": error}
+
+
+def test_hostile_names_and_errors_are_text_and_cannot_break_the_page(fake_sweep):
+    from pgps_tune.report import sweep_report
+
+    meta = json.loads((fake_sweep / "sweep.json").read_text())
+    (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "sweep": HOSTILE + "N" * 400, "dataset": HOSTILE}))
+    summary = json.loads((fake_sweep / "summary.json").read_text())
+    summary["confirmation"]["verdict"] = HOSTILE
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    long_error = HOSTILE + "E" * 6000 + "\nTraceback line\n" * 50
+    rows = pq.read_table(fake_sweep / "trials.parquet").to_pylist()
+    rows[-1] = _failed(rows[-1], long_error)  # the stopped trial failed instead, with a hostile error
+    rows[-1]["params"] = json.dumps({HOSTILE: HOSTILE, "role": "search"})
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), fake_sweep / "trials.parquet")
+    summary.update(stopped_early=0, failed=1)
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    page = sweep_report(fake_sweep)
+    tags = _Tags()
+    tags.feed(page)
+    # nothing the user wrote became markup: one script (the page's own), tables only where the page makes them
+    assert tags.tags.count("script") == 1 and "alert" not in tags.text["script"]
+    assert tags.tags.count("table") == 3  # failed trials, confirmation, trials: no more
+    assert set(tags.tags) <= {"html", "head", "meta", "title", "style", "script", "body", "h1", "h2", "p", "br", "div",
+                              "table", "thead", "tbody", "tr", "th", "td", "img", "bdi", "details", "summary", "pre",
+                              "wbr"}
+    assert html.escape(HOSTILE) in page and HOSTILE not in page
+    # the user's names are isolated, so right-to-left text in one cannot turn the heading round
+    assert tags.text["bdi"] == HOSTILE + "N" * 400 + HOSTILE
+    # a long error shows its first line, cut, and opens to the rest, itself cut
+    assert "E" * 6000 not in page and "(2857 more characters)" in page and page.count("<details>") == 2
+    summary_text = re.search(r"<summary>(.*?)</summary>", page).group(1)
+    assert summary_text == html.escape(HOSTILE + "E" * (160 - len(HOSTILE))) + " ..."
+
+
+@needs_chromium
+def test_a_narrow_window_never_scrolls_the_whole_page_sideways(fake_sweep, tmp_path):
+    # long unbroken names and errors wrap; the tables scroll inside their own box
+    meta = json.loads((fake_sweep / "sweep.json").read_text())
+    (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "sweep": "N" * 300}))
+    _with_trials(fake_sweep, lambda rows: [*rows[:-1], _failed(rows[-1], "RuntimeError: " + "x" * 2000)])
+    page = write_report(fake_sweep)
+    probe = ("<script>window.addEventListener('load', function () {document.body.setAttribute('data-width', "
+             "document.documentElement.scrollWidth + '/' + window.innerWidth)});</script>")
+    probed = tmp_path / "probe.html"
+    probed.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=420,900", "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=180)
+    scroll, inner = map(int, re.search(r'data-width="(\d+)/(\d+)"', proc.stdout).groups())
+    assert scroll <= inner, (scroll, inner)
+
+
+def test_a_sweep_where_every_trial_failed_says_why_and_draws_no_empty_figure(fake_sweep):
+    from pgps_tune.report import sweep_report
+
+    _with_trials(fake_sweep, lambda rows: [_failed(r, "RuntimeError: out of memory" if i % 3 else "ValueError: nan")
+                                           for i, r in enumerate(rows)])
+    (fake_sweep / "best_schedule.yaml").unlink()
+    for f in (fake_sweep / "ray").glob("*/*/result.json"):
+        f.write_text("")  # the trials failed before their first validation
+    page = sweep_report(fake_sweep)
+    assert "6 trials: 0 completed, 0 stopped early, 6 failed." in page
+    assert "<h2>Failed trials</h2>" in page
+    failures = page.split("<h2>Failed trials</h2>")[1].split("<h2>")[0]
+    assert failures.index("out of memory") < failures.index("ValueError: nan")  # the most frequent first
+    assert "<td class=\"\">4</td>" in failures and "--status failed --columns trial_id,error" in failures
+    assert "no trial reported a validation Dice" in page  # the ray/ folder is there: nothing to read
+    assert page.count("<img") == 1  # the references' schedules only: no empty Dice-against-compute axes
+    assert "no searched or reference trial completed with a Dice: nothing to plot" in page
+
+
+def test_a_large_sweep_gives_a_page_of_bounded_size(fake_sweep):
+    from pgps_tune.report import TABLE_ROWS, sweep_report
+
+    def many(rows):
+        searched = [r for r in rows if r["role"] == "search"]
+        extra = [{**searched[i % len(searched)], "trial_id": f"many{i:05d}", "score": 0.5 + i / 10_000,
+                  "final_dice": 0.5 + i / 10_000} for i in range(1500)]
+        extra += [_failed({**searched[0], "trial_id": f"fail{i:05d}"}, f"RuntimeError: case {i % 20}: " + "x" * 400)
+                  for i in range(300)]
+        return rows + extra
+
+    _with_trials(fake_sweep, many)
+    page = sweep_report(fake_sweep)
+    table = page.split("<h2>Trials</h2>")[1]
+    assert table.count("<tr>") == 1 + TABLE_ROWS + 2  # header, the best searched trials, both references
+    assert "base0001" in table and "pape0002" in table and "many01499" in table and "many00000" not in table
+    assert f"{TABLE_ROWS + 2} of 1806 trials shown" in table
+    assert html.escape(f"'pgps-tune trials {fake_sweep}'") in table
+    failures = page.split("<h2>Failed trials</h2>")[1].split("<h2>")[0]
+    assert failures.count("<tr>") == 1 + 10 and "and 150 trials with 10 other errors" in failures
+    assert len(page) < 700_000, len(page)
+
+
+
+def test_dice_against_compute_draws_the_front_the_exports_name(fake_sweep):
+    # confirmation repeats (retrained schedules) and short-budget rungs are not points of the search: the
+    # drawn front is the one pareto.parquet and summary.json name (results.front_rows)
+    from pgps_tune.report import comparable, dice_vs_compute_figure
+    from pgps_tune.results import front_rows
+
+    def more(rows):
+        top = next(r for r in rows if r["trial_id"] == "srch0000")
+        return rows + [{**top, "trial_id": "conf0001", "phase": "confirm", "final_dice": 0.9, "score": 0.9},
+                       {**top, "trial_id": "rung0001", "fidelity": 0.25, "final_dice": 0.95, "score": 0.95}]
+
+    _with_trials(fake_sweep, more)
+    rows = read_trials(fake_sweep)
+    shown = {r["trial_id"] for r in comparable(rows)}
+    assert shown == {"base0001", "pape0002", "srch0000", "srch0001", "srch0002"}
+    pareto_sweep = [r for r in rows if r["trial_id"] != "rung0001"]  # (a pareto sweep runs no ASHA: no rungs)
+    drawn = set(pareto_front([(r["schedule_voxel_fraction"], r["final_dice"]) for r in comparable(rows)]))
+    assert {(r["schedule_voxel_fraction"], r["final_dice"]) for r in front_rows(pareto_sweep)} == drawn
+    assert len(drawn) == 3  # the paper reference, srch0001 and srch0000: never the repeat's Dice of 0.9
+    assert dice_vs_compute_figure(rows, "srch0000")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_confirmed_best_says_its_numbers_are_means_and_prints_them_as_the_terminal_does(fake_sweep, capsys):
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import summary_lines, sweep_report
+
+    summary = json.loads((fake_sweep / "summary.json").read_text())
+    summary["best"].update(final_dice=0.741, confirmed=True, dice_sd=0.004, repeats=3)
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    lines = summary_lines(summary)
+    assert lines[1].startswith("Best: trial srch0000 (search), validation Dice 0.741 (mean over 3 seeds, sd 0.004), ")
+    assert lines[2].startswith("Against the baseline reference (means over 3 seeds): Dice 0.741 vs 0.700 (+4.0 points)")
+    page = sweep_report(fake_sweep)
+    _print_confirmation(summary)
+    printed = capsys.readouterr().out
+    for mean, sd in (("0.7000", "0.0030"), ("0.6600", "0.0050"), ("0.7410", "0.0040")):
+        assert f"{mean}  {sd}" in printed  # the terminal's table ...
+        assert f'<td class="">{mean}</td><td class="">{sd}</td>' in page  # ... and the page's, alike
+
+
+def test_a_sweep_with_both_paper_modes_as_references_has_its_table_and_page(fake_sweep, capsys):
+    # search.references: [constant, "paper:resource", "paper:performance"] (hippocampus_pareto) names each
+    # reference's role after it; trials and report read such a table, and refuse a role no sweep writes
+    def modes(rows):
+        paper = next(r for r in rows if r["role"] == "paper")
+        return [{**r, "role": "paper:resource"} if r is paper else r for r in rows] + [
+            {**paper, "trial_id": "papp0003", "role": "paper:performance", "final_dice": 0.69, "score": 0.69,
+             "schedule": json.dumps(sch.paper(FINAL, POOLS, BATCH, EPOCHS, "performance").to_dict())}]
+
+    _with_trials(fake_sweep, modes)
+    summary = json.loads((fake_sweep / "summary.json").read_text())
+    summary["pareto"] = {"pick": "knee", "front": ["pape0002", "srch0000"]}
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    assert main(["trials", str(fake_sweep), "--columns", "trial_id,role"]) == 0
+    assert "papp0003  paper:performance" in capsys.readouterr().out
+    page = write_report(fake_sweep).read_text()
+    assert "Pareto front: 2 schedules (pape0002, srch0000; cheapest first) in pareto.parquet and pareto/; best by " \
+           "the rule knee." in page
+    assert "papp0003" in page.split("<h2>Trials</h2>")[1]
+    _rewrite(fake_sweep / "trials.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("role"), "role", pa.array(["boss"] * len(t))))
+    assert main(["trials", str(fake_sweep)]) == 2
+    assert "trial base0001 has role 'boss', which pgps-tune never writes" in _one_line_error(capsys)
+
+
+def test_the_page_names_asha_rungs_only_where_asha_compared_trials_on_the_curves_clock(fake_sweep):
+    from pgps_tune.report import asha_rungs, sweep_report
+
+    rows = read_trials(fake_sweep)  # srch0009 was stopped early
+    asha = {"time_attr": "baseline_iterations", "max_t": 100, "grace_period": 20, "reduction_factor": 2}
+    assert asha_rungs({"asha": asha}, rows) == [20, 40, 80]
+    assert asha_rungs({}, rows) == []  # a sweep.json from before the settings were recorded
+    assert asha_rungs({"asha": {**asha, "time_attr": "epoch", "max_t": 10, "grace_period": 2}}, rows) == []
+    assert asha_rungs({"asha": asha}, [{**r, "stopped_early": False} for r in rows]) == []  # ASHA may have been off
+    meta = json.loads((fake_sweep / "sweep.json").read_text())
+    (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "asha": asha}))
+    assert "ASHA compared the searched trials at 3 rungs of compute: 20, 40, 80 baseline-equivalent iterations" \
+        in sweep_report(fake_sweep)
