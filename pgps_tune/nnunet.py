@@ -934,7 +934,9 @@ def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
         raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}: {why}); {fix}") from None
     try:
         lm = LabelManager(labels, dataset_json.get("regions_class_order"))
-        want = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+        want = list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
+        if lm.has_ignore_label:  # nnU-Net's preprocessing also samples every annotated class: [-1, *labels]
+            want.append([-1, *lm.all_labels])
     except Exception as exc:  # nnU-Net asserts on inconsistent label dicts
         raise PgpsError(f"{where}: nnU-Net cannot read its labels ({type(exc).__name__}: {exc}); {fix}") from None
 

@@ -853,6 +853,29 @@ def test_a_dataset_json_that_disagrees_with_the_preprocessed_data_is_refused(nnu
         nnunet.check_dataset_json(plan, {**described, "labels": {"background": 0, "a": 1}})
 
 
+@needs_nnunet
+@pytest.mark.parametrize("labels, regions, locations", [
+    ({"background": 0, "a": 1, "b": 2, "ignore": 3}, None, [1, 2, (-1, 0, 1, 2)]),
+    ({"background": 0, "whole": [1, 2], "core": 2}, [1, 2], [(1, 2), 2]),
+], ids=["ignore_label", "regions"])
+def test_dataset_json_check_knows_nnunets_ignore_label_and_regions(tmp_path, labels, regions, locations):
+    # with an ignore label nnU-Net's preprocessing also samples [-1, *labels] (every annotated voxel): as
+    # preprocessed, such a dataset.json was refused as disagreeing with its own data
+    import pickle
+
+    plan = nnunet.read_plans(write_plans(tmp_path, current_plans()))
+    (tmp_path / plan.data_identifier).mkdir()
+    props = {"class_locations": {k: np.zeros((0, 4), np.int64) for k in locations}}
+    (tmp_path / plan.data_identifier / "case_000.pkl").write_bytes(pickle.dumps(props))
+    described = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz",
+                 **({"regions_class_order": regions} if regions else {})}
+    nnunet.check_dataset_json(plan, described)
+    fewer = {k: v for k, v in labels.items() if k not in ("ignore", "core")}
+    with pytest.raises(PgpsError, match="gives the foreground class"):
+        nnunet.check_dataset_json(plan, {**described, "labels": fewer,
+                                         **({"regions_class_order": [1]} if regions else {})})
+
+
 def test_a_properties_pickle_may_hold_numpy_and_plain_data_but_never_a_function(tmp_path):
     """The preprocessed folder's .pkl files are read before training: one naming os.system is refused, unrun."""
     import io
