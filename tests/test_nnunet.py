@@ -876,6 +876,20 @@ def test_dataset_json_check_knows_nnunets_ignore_label_and_regions(tmp_path, lab
                                          **({"regions_class_order": [1]} if regions else {})})
 
 
+@needs_nnunet
+def test_trial_results_name_regions_and_labels_as_dataset_json_does():
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    names = nnunet.class_names({"labels": regions})
+    assert nnunet.head_names(LabelManager(regions, [1, 2, 3]), names) == ["whole", "core", "enhancing"]
+    # nnU-Net's summary.json keys regions by their tuple's text (the trial's end used to fail on int("(1, 2, 3)"))
+    summary = {"mean": {"(1, 2, 3)": {"Dice": 0.9}, "(2, 3)": {"Dice": 0.8}, "3": {"Dice": 0.7}}}
+    assert nnunet.summary_dice(summary, names) == {"whole": 0.9, "core": 0.8, "enhancing": 0.7}
+    plain = {"background": 0, "a": 1, "b": 2, "ignore": 3}
+    assert nnunet.head_names(LabelManager(plain, None), nnunet.class_names({"labels": plain})) == ["a", "b"]
+
+
 def test_a_properties_pickle_may_hold_numpy_and_plain_data_but_never_a_function(tmp_path):
     """The preprocessed folder's .pkl files are read before training: one naming os.system is refused, unrun."""
     import io
