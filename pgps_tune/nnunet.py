@@ -356,13 +356,23 @@ def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>
 
 
 def plans_path(ref: str | Path) -> Path:
-    """A plans file: a path as given, or ``nnUNetPlans.json`` of a dataset id/name in ``nnUNet_preprocessed``."""
+    """A plans file: a path as given, or ``nnUNetPlans.json`` of a dataset folder or id/name in ``nnUNet_preprocessed``.
+
+    A folder without ``nnUNetPlans.json`` is refused naming the plans it holds (``-pl nnUNetPlannerResEncM``
+    writes ``nnUNetResEncUNetMPlans.json``): which of them is meant is the user's choice.
+    """
     p = Path(ref).expanduser()
-    if p.is_dir() and (p / "nnUNetPlans.json").is_file():
-        return p / "nnUNetPlans.json"
-    if p.exists() or not looks_like_dataset(str(ref)):
+    if not p.is_dir() and (p.exists() or not looks_like_dataset(str(ref))):
         return p
-    return find_dataset(str(ref), "nnUNet_preprocessed") / "nnUNetPlans.json"
+    folder = p if p.is_dir() else find_dataset(str(ref), "nnUNet_preprocessed")
+    if (folder / "nnUNetPlans.json").is_file():
+        return folder / "nnUNetPlans.json"
+    present = sorted(f.name for f in folder.glob("*Plans.json") if f.is_file())
+    if present:
+        raise PgpsError(f"{folder} holds {', '.join(present)} but no nnUNetPlans.json; give the plans file's path, "
+                        f"e.g. {folder / present[0]}")
+    raise PgpsError(f"{folder} holds no nnU-Net plans (*Plans.json); run nnUNetv2_plan_and_preprocess first, or give "
+                    "the plans file's path")
 
 
 def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan:

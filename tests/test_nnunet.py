@@ -284,6 +284,19 @@ def test_plans_by_dataset_id(tmp_path, monkeypatch):
     write_plans(tmp_path / "Dataset004_Hippo", current_plans())
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     assert nnunet.read_plans("4").source == tmp_path / "Dataset004_Hippo" / "nnUNetPlans.json"
+    folder = tmp_path / "Dataset004_Hippo"
+    assert nnunet.read_plans(folder).source.name == "nnUNetPlans.json"
+    # planned with another planner only (nnUNetv2_plan_and_preprocess -pl nnUNetPlannerResEncM): the folder's
+    # plans are named, by id, name or folder alike (was: 'nnUNetPlans.json does not exist; run ... first')
+    (folder / "nnUNetPlans.json").rename(folder / "nnUNetResEncUNetMPlans.json")
+    for ref in ("4", "Dataset004_Hippo", folder):
+        with pytest.raises(PgpsError, match=r"Dataset004_Hippo holds nnUNetResEncUNetMPlans.json but no nnUNetPlans"
+                                            r".json; give the plans file's path, e.g. .*nnUNetResEncUNetMPlans.json$"):
+            nnunet.read_plans(ref)
+    assert nnunet.read_plans(folder / "nnUNetResEncUNetMPlans.json").batch_size == 2
+    (folder / "nnUNetResEncUNetMPlans.json").unlink()
+    with pytest.raises(PgpsError, match=r"holds no nnU-Net plans \(\*Plans.json\); run nnUNetv2_plan_and_preprocess"):
+        nnunet.read_plans("4")
 
 
 # -- schedules for nnU-Net ---------------------------------------------------------------------------
