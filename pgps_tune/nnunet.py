@@ -356,13 +356,23 @@ def plan_from_dict(plans: Any, configuration: str, source: str | Path = "<plans>
 
 
 def plans_path(ref: str | Path) -> Path:
-    """A plans file: a path as given, or ``nnUNetPlans.json`` of a dataset id/name in ``nnUNet_preprocessed``."""
+    """A plans file: a path as given, or ``nnUNetPlans.json`` of a dataset folder or id/name in ``nnUNet_preprocessed``.
+
+    A folder without ``nnUNetPlans.json`` is refused naming the plans it holds (``-pl nnUNetPlannerResEncM``
+    writes ``nnUNetResEncUNetMPlans.json``): which of them is meant is the user's choice.
+    """
     p = Path(ref).expanduser()
-    if p.is_dir() and (p / "nnUNetPlans.json").is_file():
-        return p / "nnUNetPlans.json"
-    if p.exists() or not looks_like_dataset(str(ref)):
+    if not p.is_dir() and (p.exists() or not looks_like_dataset(str(ref))):
         return p
-    return find_dataset(str(ref), "nnUNet_preprocessed") / "nnUNetPlans.json"
+    folder = p if p.is_dir() else find_dataset(str(ref), "nnUNet_preprocessed")
+    if (folder / "nnUNetPlans.json").is_file():
+        return folder / "nnUNetPlans.json"
+    present = sorted(f.name for f in folder.glob("*Plans.json") if f.is_file())
+    if present:
+        raise PgpsError(f"{folder} holds {', '.join(present)} but no nnUNetPlans.json; give the plans file's path, "
+                        f"e.g. {folder / present[0]}")
+    raise PgpsError(f"{folder} holds no nnU-Net plans (*Plans.json); run nnUNetv2_plan_and_preprocess first, or give "
+                    "the plans file's path")
 
 
 def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan:
@@ -934,7 +944,9 @@ def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
         raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}: {why}); {fix}") from None
     try:
         lm = LabelManager(labels, dataset_json.get("regions_class_order"))
-        want = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+        want = list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
+        if lm.has_ignore_label:  # nnU-Net's preprocessing also samples every annotated class: [-1, *labels]
+            want.append([-1, *lm.all_labels])
     except Exception as exc:  # nnU-Net asserts on inconsistent label dicts
         raise PgpsError(f"{where}: nnU-Net cannot read its labels ({type(exc).__name__}: {exc}); {fix}") from None
 
@@ -1065,6 +1077,36 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
 # -- a Ray Tune trial that trains with nnU-Net (budget.trainer: nnunet) ---------------------------
 
 
+def class_key(value: Any) -> int | tuple[int, ...]:
+    """A label value or region as nnU-Net keys its Dice: an int, or a tuple of ints (a region)."""
+    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else int(value)
+
+
+def class_names(dataset_json: dict[str, Any]) -> dict[int | tuple[int, ...], str]:
+    """The name dataset.json gives each label value or region (``{"whole": [1, 2, 3]}``: ``(1, 2, 3)``)."""
+    names: dict[int | tuple[int, ...], str] = {}
+    for name, value in (dataset_json.get("labels") or {}).items():
+        try:
+            names[class_key(value)] = str(name)
+        except (TypeError, ValueError):  # not a label nnU-Net could train either: its own checks name it
+            continue
+    return names
+
+
+def head_names(label_manager: Any, names: dict[int | tuple[int, ...], str]) -> list[str]:
+    """The name of each output of nnU-Net's network (its pseudo Dice): a foreground label, or a region."""
+    lm = label_manager
+    heads = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    return [names.get(class_key(h), str(h)) for h in heads]
+
+
+def summary_dice(summary: dict[str, Any], names: dict[int | tuple[int, ...], str]) -> dict[str, float]:
+    """Dice per label or region of nnU-Net's ``validation/summary.json`` (keys ``"1"``, ``"(1, 2)"``), by name."""
+    from nnunetv2.evaluation.evaluate_predictions import key_to_label_or_region
+
+    return {names.get(key_to_label_or_region(k), k): float(v["Dice"]) for k, v in summary.get("mean", {}).items()}
+
+
 def trial_plan(plans: str | Path, configuration: str) -> NnunetPlan:
     """The plan a sweep with ``budget.trainer: nnunet`` trains: refused now if nnU-Net could not train it."""
     require_nnunet()
@@ -1101,8 +1143,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset_json = read_json(plan.source.parent / "dataset.json", "nnU-Net dataset description", REPLAN)
-    labels = {int(v): str(k) for k, v in dataset_json.get("labels", {}).items()
-              if isinstance(v, int) or str(v).isdigit()}
+    names = class_names(dataset_json)
     plans_dict = plan.plans_dict()
     plans_dict["continue_training"] = resume
     base = trainer_class(TRAINER)
@@ -1135,7 +1176,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
             done["train_s"] += value("epoch_end_timestamps", step=-1) - value("epoch_start_timestamps", step=-1)
             if (epoch + 1) % report_every == 0 and epoch + 1 < self.num_epochs:
                 dice = [float(d) for d in value("dice_per_class_or_region", step=-1)]
-                per = {labels.get(int(k), str(k)): d for k, d in zip(self.label_manager.foreground_labels, dice)}
+                per = dict(zip(head_names(self.label_manager, names), dice))
                 callback(result(self, epoch + 1, False, float(np.nanmean(dice)), per))
 
     Reporting.__name__ = Reporting.__qualname__ = TRAINER
@@ -1160,8 +1201,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
         t.perform_actual_validation(False)
         summary = read_json(Path(t.output_folder) / "validation" / "summary.json", "nnU-Net's validation summary",
                             "nnU-Net's validation did not finish; train this trial again")
-    per = {labels.get(int(k), str(k)): float(v["Dice"]) for k, v in summary.get("mean", {}).items()}
-    final = result(t, epochs, True, float(summary["foreground_mean"]["Dice"]), per)
+    final = result(t, epochs, True, float(summary["foreground_mean"]["Dice"]), summary_dice(summary, names))
     final["fold_folder"] = str(t.output_folder)
     callback(final)
     return final

@@ -284,6 +284,19 @@ def test_plans_by_dataset_id(tmp_path, monkeypatch):
     write_plans(tmp_path / "Dataset004_Hippo", current_plans())
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     assert nnunet.read_plans("4").source == tmp_path / "Dataset004_Hippo" / "nnUNetPlans.json"
+    folder = tmp_path / "Dataset004_Hippo"
+    assert nnunet.read_plans(folder).source.name == "nnUNetPlans.json"
+    # planned with another planner only (nnUNetv2_plan_and_preprocess -pl nnUNetPlannerResEncM): the folder's
+    # plans are named, by id, name or folder alike (was: 'nnUNetPlans.json does not exist; run ... first')
+    (folder / "nnUNetPlans.json").rename(folder / "nnUNetResEncUNetMPlans.json")
+    for ref in ("4", "Dataset004_Hippo", folder):
+        with pytest.raises(PgpsError, match=r"Dataset004_Hippo holds nnUNetResEncUNetMPlans.json but no nnUNetPlans"
+                                            r".json; give the plans file's path, e.g. .*nnUNetResEncUNetMPlans.json$"):
+            nnunet.read_plans(ref)
+    assert nnunet.read_plans(folder / "nnUNetResEncUNetMPlans.json").batch_size == 2
+    (folder / "nnUNetResEncUNetMPlans.json").unlink()
+    with pytest.raises(PgpsError, match=r"holds no nnU-Net plans \(\*Plans.json\); run nnUNetv2_plan_and_preprocess"):
+        nnunet.read_plans("4")
 
 
 # -- schedules for nnU-Net ---------------------------------------------------------------------------
@@ -851,6 +864,43 @@ def test_a_dataset_json_that_disagrees_with_the_preprocessed_data_is_refused(nnu
         nnunet.check_dataset_json(plan, {**described, "labels": {**described["labels"], "c": 3}})
     with pytest.raises(PgpsError, match=r"gives the foreground class\(es\) \['1'\]"):
         nnunet.check_dataset_json(plan, {**described, "labels": {"background": 0, "a": 1}})
+
+
+@needs_nnunet
+@pytest.mark.parametrize("labels, regions, locations", [
+    ({"background": 0, "a": 1, "b": 2, "ignore": 3}, None, [1, 2, (-1, 0, 1, 2)]),
+    ({"background": 0, "whole": [1, 2], "core": 2}, [1, 2], [(1, 2), 2]),
+], ids=["ignore_label", "regions"])
+def test_dataset_json_check_knows_nnunets_ignore_label_and_regions(tmp_path, labels, regions, locations):
+    # with an ignore label nnU-Net's preprocessing also samples [-1, *labels] (every annotated voxel): as
+    # preprocessed, such a dataset.json was refused as disagreeing with its own data
+    import pickle
+
+    plan = nnunet.read_plans(write_plans(tmp_path, current_plans()))
+    (tmp_path / plan.data_identifier).mkdir()
+    props = {"class_locations": {k: np.zeros((0, 4), np.int64) for k in locations}}
+    (tmp_path / plan.data_identifier / "case_000.pkl").write_bytes(pickle.dumps(props))
+    described = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz",
+                 **({"regions_class_order": regions} if regions else {})}
+    nnunet.check_dataset_json(plan, described)
+    fewer = {k: v for k, v in labels.items() if k not in ("ignore", "core")}
+    with pytest.raises(PgpsError, match="gives the foreground class"):
+        nnunet.check_dataset_json(plan, {**described, "labels": fewer,
+                                         **({"regions_class_order": [1]} if regions else {})})
+
+
+@needs_nnunet
+def test_trial_results_name_regions_and_labels_as_dataset_json_does():
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    names = nnunet.class_names({"labels": regions})
+    assert nnunet.head_names(LabelManager(regions, [1, 2, 3]), names) == ["whole", "core", "enhancing"]
+    # nnU-Net's summary.json keys regions by their tuple's text (the trial's end used to fail on int("(1, 2, 3)"))
+    summary = {"mean": {"(1, 2, 3)": {"Dice": 0.9}, "(2, 3)": {"Dice": 0.8}, "3": {"Dice": 0.7}}}
+    assert nnunet.summary_dice(summary, names) == {"whole": 0.9, "core": 0.8, "enhancing": 0.7}
+    plain = {"background": 0, "a": 1, "b": 2, "ignore": 3}
+    assert nnunet.head_names(LabelManager(plain, None), nnunet.class_names({"labels": plain})) == ["a", "b"]
 
 
 def test_a_properties_pickle_may_hold_numpy_and_plain_data_but_never_a_function(tmp_path):
