@@ -86,6 +86,7 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
             img = nib.load(str(path))
             _check_dtype(path, img.header.get_data_dtype())
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+        _check_data_file(path)  # before ITK opens what the header names
         reader = _sitk().ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
@@ -94,6 +95,8 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         comps = reader.GetNumberOfComponents()
         shape = size + ((comps,) if comps > 1 else ())
         return shape, _itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+    except PgpsError:
+        raise
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
 
@@ -213,6 +216,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             _check_size(path, img.shape, img.header.get_data_dtype().itemsize)
             arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
+            _check_data_file(path)  # before ITK opens what the header names
             sitk = _sitk()
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -243,6 +247,46 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
         what = "complex" if dtype.kind == "c" else "RGB or other compound" if dtype.kind == "V" else str(dtype)
         raise PgpsError(f"{path} holds {what} voxels ({dtype}); give a scalar image (one real number per voxel, "
                         "several channels as a 4D image or one file per channel)")
+
+
+def _itk_data_file(path: Path) -> str | None:
+    """The file an ``.nrrd`` (field ``data file``) or ``.mha`` (``ElementDataFile``) header keeps its voxels in,
+    as written there; None where they follow the header in the file itself."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)  # headers are a few hundred bytes
+    nrrd = ending(path) == ".nrrd"
+    for line in head.split(b"\n")[1 if nrrd else 0:]:
+        line = line.rstrip(b"\r")
+        if nrrd and not line:
+            break  # the NRRD header ends at the first empty line
+        key, sep, value = line.partition(b":" if nrrd else b"=")
+        names = (b"data file", b"datafile") if nrrd else (b"elementdatafile",)
+        if sep and not value.startswith(b"=") and key.strip().lower() in names:
+            name = value.strip().decode("utf-8", errors="replace")
+            return None if not nrrd and name.upper() == "LOCAL" else name
+    return None
+
+
+def _check_data_file(path: Path) -> None:
+    """Refuse an ``.nrrd`` or ``.mha`` file whose header names its voxels' file anywhere but beside it.
+
+    ITK reads whatever file a header names, relative to the header's folder or absolute: a file of a
+    dataset someone sent could make it read ``/etc/passwd`` or ``../../private.raw`` as voxels, wait
+    forever on a FIFO or ``/dev/stdin``, or read ``/dev/zero`` as a volume of any size.
+    """
+    name = _itk_data_file(path)
+    if name is None:
+        return
+    if name.upper().startswith("LIST") or "%" in name:
+        raise PgpsError(f"{path} keeps its voxels in several files ({name[:80]!r}); give an image whose voxels sit "
+                        "in the file itself (or in one data file beside it)")
+    real = (path.parent / name).resolve()
+    if not real.is_relative_to(path.parent.resolve()):
+        raise PgpsError(f"{path} names {name[:120]!r} as the file of its voxels (it leads to {real}), outside the "
+                        f"image's own folder {path.parent}; keep an image's data file beside its header")
+    if not real.is_file():
+        raise PgpsError(f"{path} names {name[:120]!r} as the file of its voxels, which is not a regular file in "
+                        f"{path.parent}; put the data file beside its header")
 
 
 def _check_itk(path: Path, reader: Any) -> None:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -210,3 +211,29 @@ def test_available_memory_and_the_limit_take_the_tightest_cgroup_of_either_versi
     (cg / "memory.max").write_text("not a number\n")
     assert imageio.available_memory(proc, cg) is None and imageio.memory_limit(proc, cg) is None  # no guess
     assert imageio.available_memory() is None or imageio.available_memory() > 0  # this machine's own
+
+
+def test_an_nrrd_or_mha_reads_its_voxels_only_from_a_file_beside_it(tmp_path):
+    # ITK reads whatever file a header names: a dataset someone sent could point it at a private file, at
+    # /dev/stdin or a FIFO (a hang), or at several files; only one regular file beside the header is read
+    images = tmp_path / "imagesTr"
+    images.mkdir()
+    (tmp_path / "private.raw").write_bytes(b"secret" * 200)
+    (images / "case.raw").write_bytes(bytes(range(60)) * 4)
+    os.mkfifo(images / "fifo.raw")  # nothing ever writes to it
+    nrrd = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 6 5 8\nencoding: raw\ndata file: {}\n\n"
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 6 5 8\nElementType = MET_UCHAR\nElementDataFile = {}\n"
+    for header in (nrrd, mha):
+        f = images / ("a.nrrd" if header is nrrd else "a.mha")
+        f.write_text(header.format("case.raw"))  # a detached data file beside its header is read
+        assert imageio.read(f)[0].shape == (6, 5, 8) and imageio.header(f)[0] == (6, 5, 8)
+        for name, needle in [("../private.raw", "outside the image's own folder"),
+                             (str(tmp_path / "private.raw"), "outside the image's own folder"),
+                             ("/dev/stdin", "outside the image's own folder"),
+                             ("fifo.raw", "not a regular file"), ("LIST", "several files"),
+                             ("case%03d.raw 1 8 1", "several files")]:
+            f.write_text(header.format(name))
+            for read in (imageio.read, imageio.header):
+                with pytest.raises(PgpsError, match=needle) as err:
+                    read(f)
+                assert "\n" not in str(err.value) and "secret" not in str(err.value)
