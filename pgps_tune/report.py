@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
+from pgps_tune.errors import (
+    MAX_JSON_BYTES,
+    PgpsError,
+    TooLarge,
+    atomic_write,
+    atomic_write_text,
+    loads_json,
+    read_file,
+    read_json,
+)
 from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
     BEST,
@@ -427,7 +436,8 @@ def read_curves(sweep: Path, meta: dict[str, Any], unreadable: list[Path] | None
     """``{trial_id: [(baseline_iterations, val_dice), ...]}`` from Tune's result.json lines.
 
     A line that is not a result (cut by a kill, damaged) is skipped; a result.json that cannot be read
-    (a folder in its place, no permission) is added to ``unreadable``, for the page to name.
+    (a folder, a FIFO in its place, no permission, more than any result file holds) is added to ``unreadable``,
+    for the page to name.
     """
     root = _tune_root(sweep, meta)
     curves: dict[str, set[tuple[float, float]]] = {}
@@ -436,8 +446,8 @@ def read_curves(sweep: Path, meta: dict[str, Any], unreadable: list[Path] | None
     for exp in meta.get("experiments", {}).values():
         for f in sorted((root / exp).glob("*/result.json")):
             try:
-                text = f.read_text(encoding="utf-8", errors="replace")
-            except OSError:
+                text = read_file(f, MAX_JSON_BYTES).decode("utf-8", errors="replace")
+            except (OSError, TooLarge):
                 if unreadable is not None:
                     unreadable.append(f)
                 continue
