@@ -301,10 +301,9 @@ def read_at_most(fh: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_file(path: str | Path, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, read by :func:`read_at_most`: :class:`TooLarge` past ``limit``
-    bytes; ``OSError`` where it cannot be read, :class:`NotRegular` (an ``OSError``) for a FIFO, a socket or
-    a device (``/dev/zero``).
+def open_regular(path: str | Path) -> IO[bytes]:
+    """The regular file ``path`` opened for reading (binary; the caller closes it); ``OSError`` where it cannot
+    be opened, :class:`NotRegular` (an ``OSError``) for a FIFO, a socket or a device (``/dev/zero``).
 
     The file is opened without blocking (opening a FIFO waits for a writer: a FIFO in a folder someone sent
     would hang the command) and its kind checked on the open file; a device is not even opened (opening one
@@ -327,12 +326,18 @@ def read_file(path: str | Path, limit: int) -> bytes:
     try:
         refuse_unless_regular(os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            return read_at_most(fh, limit)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`), read by :func:`read_at_most`:
+    :class:`TooLarge` past ``limit`` bytes; ``OSError`` where it cannot be read, :class:`NotRegular` (an
+    ``OSError``) for a FIFO, a socket or a device."""
+    with open_regular(path) as fh:
+        return read_at_most(fh, limit)
 
 
 MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB

@@ -42,6 +42,7 @@ from pgps_tune.errors import (
 from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
     BEST,
+    COLUMNS,
     PARETO,
     PHASES,
     STATUSES,
@@ -51,6 +52,7 @@ from pgps_tune.results import (
     check_trials,
     confirmation_flags,
     describe_confirmation,
+    read_parquet,
     schedule_of,
     valid_confirm_settings,
 )
@@ -137,25 +139,27 @@ def phase_of(row: dict[str, Any]) -> str:
 
 
 def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
-    """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas)."""
-    import pyarrow.parquet as pq
-
+    """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas), read within the bounds
+    of :func:`~pgps_tune.results.read_parquet`."""
     sweep = Path(sweep)
     path = sweep / TRIALS
     if path.is_dir():
         raise PgpsError(f"{path} is a folder, not the sweep's trial table; move it away, then rewrite the table "
                         f"with 'pgps-tune export --experiment {sweep} --out {sweep}'")
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a device is named by read_parquet
         if (sweep / "metrics.json").is_file():
             raise PgpsError(f"{sweep} is a 'pgps-tune train' run folder, which has no trial table; give a sweep "
                             "folder (the --out of 'pgps-tune tune'), or see the run with 'pgps-tune report'")
         raise PgpsError(f"{path} does not exist; give a sweep folder (the --out of 'pgps-tune tune'), and if the "
                         "sweep was interrupted, finish it with 'tune --resume' or run 'pgps-tune export'")
+    fix = "rewrite it with 'pgps-tune export'"
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path, COLUMNS, str(path), fix)
+    except PgpsError:
+        raise
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rewrite it with 'pgps-tune export'") from None
-    rows = check_trials(table, path)
+        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+    rows = check_trials(table, path, fix)
     for r in rows:
         r["phase"] = phase_of(r)
     return rows
