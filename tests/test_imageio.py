@@ -237,3 +237,43 @@ def test_an_nrrd_or_mha_reads_its_voxels_only_from_a_file_beside_it(tmp_path):
                 with pytest.raises(PgpsError, match=needle) as err:
                     read(f)
                 assert "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_nifti_header_extensions_nibabel_would_read_whole_are_refused_before_it_reads_them(tmp_path):
+    # an extension may claim 2 GiB, which nibabel reads in one piece (a 1 MiB .nii.gz of zeros took 1.1 GB), and
+    # a size under 8 or a vox_offset of 0 sends it reading the rest of the file: the extensions are walked and
+    # summed first, a few bytes at a time; a small extension, NIfTI-1 or -2, .nii or .nii.gz, still reads
+    import gzip
+
+    def nifti(name, version=1, extensions=(), vox_offset=None, extender=None):
+        img = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+                                                                   np.eye(4))
+        raw = img.to_bytes()
+        size = 348 if version == 1 else 540
+        head = bytearray(raw[:size])
+        exts = b"".join(np.int32([esize, 6]).tobytes() + bytes(max(0, min(esize, 64) - 8)) for esize in extensions)
+        offset = size + 4 + len(exts) if vox_offset is None else vox_offset
+        if version == 1:
+            head[108:112] = np.float32(offset).tobytes()
+        else:
+            head[168:176] = np.int64(offset).tobytes()
+        flag = extender if extender is not None else b"\1\0\0\0" if extensions else b"\0\0\0\0"
+        payload = bytes(head) + flag + exts + raw[size + 4:]
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(payload) if name.endswith(".gz") else payload)
+        return path
+
+    for version, end in itertools.product((1, 2), (".nii", ".nii.gz")):
+        ok = nifti(f"ok{version}{end}", version, [32, 64])  # a small extension (a comment) reads as before
+        assert imageio.read(ok)[0].shape == (2, 3, 4) and imageio.header(ok)[0] == (2, 3, 4)
+        cases = [(nifti(f"big{version}{end}", version, [1 << 30]), "at least 1,024 MiB of NIfTI header extensions"),
+                 (nifti(f"far{version}{end}", version, vox_offset=1 << 30), "starts its voxels 1,024 MiB into"),
+                 (nifti(f"zero{version}{end}", version, [0], vox_offset=0), "extension of 0 bytes"),
+                 (nifti(f"many{version}{end}", version, [16] * 10_001), "more than 10,000 NIfTI header extensions")]
+        for path, needle in cases:
+            for fn in (imageio.read, imageio.header,
+                       lambda p: imageio.write(tmp_path / "out.nii.gz", np.zeros((2, 3, 4), np.uint8), np.eye(4), p)):
+                with pytest.raises(PgpsError, match=needle) as err:
+                    fn(path)
+                assert "\n" not in str(err.value) and "replace the file or remove it" in str(err.value)
+            assert not (tmp_path / "out.nii.gz").exists()
