@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from pgps_tune import imageio, intensity
-from pgps_tune.errors import PgpsError, loads_json, read_json
+from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, loads_json, read_file, read_json
 
 PREPROCESS_VERSION = 6  # 2: file sizes in prepared.json; 3: normalisation by modality, .nrrd/.mha;
 # 4: every case checked on its voxel grid and for foreground (a cache built without those checks is rebuilt)
@@ -558,7 +558,7 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: type) -> None:
 def _open_checked(out: Path) -> PreparedDataset:
     """Open a cache folder after the integrity check of the module docstring, or raise :class:`_Damaged`."""
     try:
-        meta = loads_json((out / META).read_text(encoding="utf-8"))
+        meta = loads_json(read_file(out / META, MAX_JSON_BYTES))
     except FileNotFoundError:
         raise _Damaged(f"{META} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:

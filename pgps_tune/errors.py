@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import re
 import signal
 import stat
 import sys
@@ -254,48 +255,89 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def _read_bounded(path: Path, limit: int, what: str, missing_hint: str, too_big_hint: str) -> bytes:
-    """The bytes of the file ``what`` names ("space file x.yaml"), refused in one line when it is missing,
-    a folder, not a regular file, unreadable or over ``limit`` bytes (only ``limit + 1`` are ever read, a MiB
-    at a time: one ``read(limit + 1)`` would allocate the whole limit for every small file).
+    """The bytes of the file ``what`` names ("space file x.yaml") as :func:`read_file` reads them, refused in
+    one line when it is missing, a folder, not a regular file, unreadable or over ``limit`` bytes."""
+    try:
+        return read_file(path, limit)
+    except FileNotFoundError:
+        raise PgpsError(f"{what} does not exist; {missing_hint}") from None
+    except IsADirectoryError:
+        raise PgpsError(f"{what} is a folder; give a file") from None
+    except NotRegular as exc:
+        raise PgpsError(f"{what} is not a regular file ({exc.kind}); give a file") from None
+    except OSError as exc:
+        raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
+    except TooLarge:
+        raise PgpsError(f"{what} is larger than {limit >> 20} MiB; {too_big_hint}") from None
 
-    Only a regular file is read: a FIFO, a socket or a device (``/dev/zero``) is refused at once.  The file
-    is opened without blocking (opening a FIFO waits for a writer) and its kind checked on the open file.
+
+class TooLarge(ValueError):
+    """A file longer than its reader accepts (:func:`read_at_most`); ``str()`` says the limit."""
+
+
+class NotRegular(OSError):
+    """A FIFO, a socket or a device where a file is read; ``kind`` names which."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        self.kind = kind
+
+
+def read_at_most(fh: Any, limit: int) -> bytes:
+    """All of the open binary file ``fh`` (a local file, a pyarrow stream), or :class:`TooLarge` once it has
+    more than ``limit`` bytes.
+
+    Only ``limit + 1`` bytes are ever read, a MiB at a time, so a file that claims gigabytes (a sparse file,
+    a few bytes on disk, is read as zeros of any length) costs no more memory than the limit, and a small
+    file no more than its size (one ``read(limit + 1)`` would allocate the whole limit).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
+        chunks.append(chunk)
+        got += len(chunk)
+    if got > limit:
+        raise TooLarge(f"larger than {limit >> 20} MiB")
+    return b"".join(chunks)
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """The regular file ``path`` opened for reading (binary; the caller closes it); ``OSError`` where it cannot
+    be opened, :class:`NotRegular` (an ``OSError``) for a FIFO, a socket or a device (``/dev/zero``).
+
+    The file is opened without blocking (opening a FIFO waits for a writer: a FIFO in a folder someone sent
+    would hang the command) and its kind checked on the open file; a device is not even opened (opening one
+    can act).
     """
     def refuse_unless_regular(mode: int) -> None:  # on the path before it is opened, then on the open file
         if stat.S_ISDIR(mode):
-            raise PgpsError(f"{what} is a folder; give a file")
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
         if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-            raise PgpsError(f"{what} is not a regular file ({kind}); give a file")
+            raise NotRegular(Path(path), "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
 
-    chunks: list[bytes] = []
-    got = 0
+    refuse_unless_regular(os.stat(path).st_mode)
     try:
-        refuse_unless_regular(os.stat(path).st_mode)  # a device is not even opened (opening one can act)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # and should it change in between
-    except FileNotFoundError:
-        raise PgpsError(f"{what} does not exist; {missing_hint}") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open)
-            raise PgpsError(f"{what} is not a regular file (a socket or a FIFO); give a file") from None
-        raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
+            raise NotRegular(Path(path), "a socket or a FIFO") from None
+        raise
     try:
         refuse_unless_regular(os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            while got <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - got))):
-                chunks.append(chunk)
-                got += len(chunk)
-    except OSError as exc:
-        raise PgpsError(f"cannot read {what}: {exc.strerror or exc}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if got > limit:
-        raise PgpsError(f"{what} is larger than {limit >> 20} MiB; {too_big_hint}")
-    return b"".join(chunks)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`), read by :func:`read_at_most`:
+    :class:`TooLarge` past ``limit`` bytes; ``OSError`` where it cannot be read, :class:`NotRegular` (an
+    ``OSError``) for a FIFO, a socket or a device."""
+    with open_regular(path) as fh:
+        return read_at_most(fh, limit)
 
 
 MAX_YAML_BYTES = 1 << 20  # space and schedule files are a few KiB
@@ -332,8 +374,6 @@ class _YamlRefused(Exception):
 @functools.cache
 def _yaml_classes() -> tuple[type, type]:
     """The Loader and Dumper of pgps-tune's YAML rules (built once, on first use: yaml is imported lazily)."""
-    import re
-
     import yaml
     from yaml.composer import Composer
     from yaml.constructor import SafeConstructor
@@ -534,8 +574,6 @@ def read_yaml(path: str | Path, kind: str, missing_hint: str) -> Any:
     :data:`MAX_YAML_VALUES` values after alias expansion are accepted, so an alias bomb ("billion
     laughs") or a huge file is refused at once.
     """
-    import re
-
     import yaml
 
     path = Path(path)
@@ -583,11 +621,29 @@ MAX_JSON_BYTES = 256 << 20  # dataset.json of a large nnU-Net set, a sweep's sta
 
 
 MAX_JSON_DEPTH = 100  # nesting: dataset.json nests 3 deep, Tune's trial states about 10
+# values, counted as the brackets and commas outside strings: dataset.json of 100,000 cases counts about
+# 300,000, an nnU-Net split of them 1,000,000.  Parsed, "{}," (3 bytes, counted twice) takes 70 bytes: the
+# limit keeps a file to a few hundred MiB of memory, where 256 MiB of "{},{},..." took 13 GiB
+MAX_JSON_VALUES = 5_000_000
 
 
-class JsonTooDeep(ValueError):
-    """A JSON document nested more than :data:`MAX_JSON_DEPTH` levels: invalid JSON to pgps-tune, though
-    Python's own parser may read it (a check that inspects what another reader will load must refuse it)."""
+class JsonTooBig(ValueError):
+    """A JSON document nested more than :data:`MAX_JSON_DEPTH` levels or holding more than
+    :data:`MAX_JSON_VALUES` values: invalid JSON to pgps-tune, though Python's own parser may read it
+    (a check that inspects what another reader will load must refuse it)."""
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _json_values_ok(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` holds at most ``limit`` values, told before it is parsed: each value but the
+    first of a container follows a comma, each container opens with a bracket (counted outside strings only
+    when the quick count over the whole text is too high)."""
+    def count(t: str) -> int:
+        return t.count("{") + t.count("[") + t.count(",")
+
+    return count(text) <= limit or count(_JSON_STRING.sub('""', text)) <= limit
 
 
 def _json_depth_ok(value: Any, limit: int) -> bool:
@@ -617,8 +673,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_json(text: str | bytes, unique_keys: bool = False) -> Any:
-    """``json.loads`` that reports every malformed document as ``ValueError``, and refuses one nested
-    more than :data:`MAX_JSON_DEPTH` levels deep.
+    """``json.loads`` that reports every malformed document as ``ValueError``, and refuses (:class:`JsonTooBig`)
+    one nested more than :data:`MAX_JSON_DEPTH` levels deep or holding more than :data:`MAX_JSON_VALUES`
+    values, the second before it is parsed.
 
     Python's parser recurses once per nesting level, so a document nested a few thousand
     levels deep (``[[[[...``, easy to craft, a few KiB) raises ``RecursionError`` instead of
@@ -627,13 +684,17 @@ def loads_json(text: str | bytes, unique_keys: bool = False) -> Any:
     invalid here, caught where invalid JSON is; no file pgps-tune reads nests anywhere near the limit.
     ``unique_keys``: an object naming a key twice is refused (:class:`DuplicateKey`), not read as its last.
     """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # as json.loads does for UTF-8, the only encoding pgps-tune's files use
+    if not _json_values_ok(text, MAX_JSON_VALUES):
+        raise JsonTooBig(f"more than {MAX_JSON_VALUES:,} values, far more than any file pgps-tune reads holds")
     too_deep = f"nested too deeply (more than {MAX_JSON_DEPTH} levels)"
     try:
         value = json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except RecursionError:
-        raise JsonTooDeep(too_deep) from None
+        raise JsonTooBig(too_deep) from None
     if not _json_depth_ok(value, MAX_JSON_DEPTH):
-        raise JsonTooDeep(too_deep)
+        raise JsonTooBig(too_deep)
     return value
 
 

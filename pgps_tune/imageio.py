@@ -83,9 +83,11 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         if end in NIFTI_ENDINGS:
             import nibabel as nib
 
+            _check_nifti_extensions(path)  # before nibabel reads them
             img = nib.load(str(path))
             _check_dtype(path, img.header.get_data_dtype())
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+        _check_data_file(path)  # before ITK opens what the header names
         reader = _sitk().ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
@@ -94,6 +96,8 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         comps = reader.GetNumberOfComponents()
         shape = size + ((comps,) if comps > 1 else ())
         return shape, _itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+    except PgpsError:
+        raise
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
 
@@ -208,11 +212,13 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if end in NIFTI_ENDINGS:
             import nibabel as nib
 
+            _check_nifti_extensions(path)  # before nibabel reads them
             img = nib.load(str(path))
             _check_dtype(path, img.header.get_data_dtype())
             _check_size(path, img.shape, img.header.get_data_dtype().itemsize)
             arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
+            _check_data_file(path)  # before ITK opens what the header names
             sitk = _sitk()
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -243,6 +249,103 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
         what = "complex" if dtype.kind == "c" else "RGB or other compound" if dtype.kind == "V" else str(dtype)
         raise PgpsError(f"{path} holds {what} voxels ({dtype}); give a scalar image (one real number per voxel, "
                         "several channels as a 4D image or one file per channel)")
+
+
+# Bytes of NIfTI header extensions (DICOM headers, AFNI and CIFTI XML) a file may carry: real ones take KiB,
+# CIFTI's a few MiB; an extension may claim up to 2 GiB, which nibabel reads in one piece (a 1 MiB .nii.gz
+# of zeros took 1.1 GB), so they are walked and summed before nibabel opens the file
+MAX_NIFTI_EXTENSIONS = 32 << 20
+MAX_NIFTI_EXTENSION_COUNT = 10_000  # nibabel keeps an object for each
+_NIFTI_HEADERS = {348: 108, 540: 168}  # header size (NIfTI-1, NIfTI-2): where its vox_offset sits
+
+
+def _check_nifti_extensions(path: Path) -> None:
+    """Refuse a NIfTI file (1 or 2, ``.nii`` or ``.nii.gz``) whose header extensions, as nibabel would read them,
+    take more than :data:`MAX_NIFTI_EXTENSIONS` bytes, or one whose size leaves nibabel reading the whole file
+    (less than the 8 bytes of its own size and code), or whose voxels start further out than such extensions
+    reach; read a few bytes at a time (and a ``.nii.gz`` inflated only up to its last extension).  A file this
+    check cannot make out is left to nibabel, which names it."""
+    with (gzip.open if ending(path) == ".nii.gz" else open)(path, "rb") as fh:
+        head = fh.read(544)  # the longer header (NIfTI-2) and the 4 bytes that say whether extensions follow
+        for order in "<>":
+            size = int(np.frombuffer(head[:4], f"{order}i4")[0]) if len(head) >= 4 else 0
+            if size in _NIFTI_HEADERS and len(head) >= size + 4:
+                break
+        else:
+            return
+        at = _NIFTI_HEADERS[size]
+        vox_offset = float(np.frombuffer(head[at:at + 8], f"{order}i8")[0] if size == 540
+                           else np.frombuffer(head[at:at + 4], f"{order}f4")[0])
+        too_far = f"more than the {MAX_NIFTI_EXTENSIONS >> 20} MiB of them any scanner or tool writes"
+        if vox_offset > size + 4 + MAX_NIFTI_EXTENSIONS:
+            raise PgpsError(f"{path} starts its voxels {vox_offset / 2**20:,.0f} MiB into the file (vox_offset), "
+                            f"past header extensions {too_far}: a damaged or crafted file; replace the file or "
+                            "remove it")
+        if head[size:size + 1] == b"\0":
+            return  # no extensions (nibabel reads none either)
+        fh.seek(size + 4)
+        # as nibabel: extensions while 16 bytes are left before the voxels, or to the end where those start within
+        # the header (a vox_offset of 0)
+        left, total = vox_offset - size - 4, 0
+        for count in range(MAX_NIFTI_EXTENSION_COUNT + 1):
+            if not (left >= 16 or left < 0):
+                return
+            record = fh.read(8)
+            if len(record) < 8:
+                return  # the end, or cut short: nibabel names it
+            if count == MAX_NIFTI_EXTENSION_COUNT:
+                raise PgpsError(f"{path} carries more than {MAX_NIFTI_EXTENSION_COUNT:,} NIfTI header extensions "
+                                "(a few is usual): a damaged or crafted file; replace the file or remove it")
+            esize = int(np.frombuffer(record[:4], f"{order}i4")[0])
+            if esize < 8:
+                raise PgpsError(f"{path} has a NIfTI header extension of {esize} bytes (its size and code alone take "
+                                "8): a damaged file; replace the file or remove it")
+            total += esize
+            if total > MAX_NIFTI_EXTENSIONS:
+                raise PgpsError(f"{path} carries at least {total >> 20:,} MiB of NIfTI header extensions, {too_far}: "
+                                "a damaged or crafted file; replace the file or remove it")
+            fh.seek(esize - 8, 1)  # a .nii.gz inflates what it skips a block at a time
+            left -= esize
+
+
+def _itk_data_file(path: Path) -> str | None:
+    """The file an ``.nrrd`` (field ``data file``) or ``.mha`` (``ElementDataFile``) header keeps its voxels in,
+    as written there; None where they follow the header in the file itself."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)  # headers are a few hundred bytes
+    nrrd = ending(path) == ".nrrd"
+    for line in head.split(b"\n")[1 if nrrd else 0:]:
+        line = line.rstrip(b"\r")
+        if nrrd and not line:
+            break  # the NRRD header ends at the first empty line
+        key, sep, value = line.partition(b":" if nrrd else b"=")
+        names = (b"data file", b"datafile") if nrrd else (b"elementdatafile",)
+        if sep and not value.startswith(b"=") and key.strip().lower() in names:
+            name = value.strip().decode("utf-8", errors="replace")
+            return None if not nrrd and name.upper() == "LOCAL" else name
+    return None
+
+
+def _check_data_file(path: Path) -> None:
+    """Refuse an ``.nrrd`` or ``.mha`` file whose header names its voxels' file anywhere but beside it.
+
+    ITK reads whatever file a header names, relative to the header's folder or absolute: a file of a
+    dataset someone sent could make it read ``/etc/passwd`` or ``../../private.raw`` as voxels, wait
+    forever on a FIFO or ``/dev/stdin``, or read ``/dev/zero`` as a volume of any size.
+    """
+    name = _itk_data_file(path)
+    if name is None:
+        return
+    if name.upper().startswith("LIST") or "%" in name:
+        raise PgpsError(f"{path} keeps its voxels in several files ({name[:80]!r}); give an image whose voxels sit "
+                        "in the file itself (or in one data file beside it)")
+    real = (path.parent / name).resolve()
+    if not real.is_relative_to(path.parent.resolve()):
+        raise PgpsError(f"{path} names {name[:120]!r} as the file of its voxels (it leads to {real}), outside the "
+                        f"image's own folder {path.parent}; keep an image's data file beside its header")
+    if not real.is_file():
+        raise PgpsError(f"{path} names {name[:120]!r} as the file of its voxels, which is not a regular file in "
+                        f"{path.parent}; put the data file beside its header")
 
 
 def _check_itk(path: Path, reader: Any) -> None:
@@ -294,6 +397,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, like: str | Path | None)
     import nibabel as nib
 
     if like is not None and ending(like) in NIFTI_ENDINGS:
+        _check_nifti_extensions(Path(like))
         source = nib.load(str(like))
         hdr = source.header.copy()
         hdr.set_data_dtype(array.dtype)

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write_text, read_json
+from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, atomic_write_text, loads_json, read_file, read_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -526,7 +526,8 @@ def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
         return data
 
     try:
-        same = trained(json.loads(path.read_text(encoding="utf-8"))) == trained(json.loads(json.dumps(f.to_dict())))
+        held = loads_json(read_file(path, MAX_JSON_BYTES))
+        same = trained(held) == trained(json.loads(json.dumps(f.to_dict())))
     except (OSError, ValueError):
         same = False
     if not same:

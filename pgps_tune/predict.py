@@ -30,7 +30,7 @@ import torch
 
 from pgps_tune import imageio
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import PgpsError, loads_json, os_cause
+from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, loads_json, os_cause, read_file
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's CASE_0000
 
@@ -112,7 +112,7 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
 
     every = list(range(len(ds)))
     try:
-        record = loads_json((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+        record = loads_json(read_file(Path(run_dir) / METRICS, MAX_JSON_BYTES))
         run_name, split = record["dataset"], record["split"]
         train, val = [str(c) for c in split["train"]], [str(c) for c in split["val"]]
     except (OSError, ValueError, KeyError, TypeError):

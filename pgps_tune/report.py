@@ -32,10 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import PgpsError, atomic_write, atomic_write_text, loads_json, read_json
+from pgps_tune.errors import (
+    MAX_JSON_BYTES,
+    PgpsError,
+    TooLarge,
+    atomic_write,
+    atomic_write_text,
+    loads_json,
+    read_file,
+    read_json,
+)
 from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
     BEST,
+    COLUMNS,
     PARETO,
     PARETO_DIR,
     PHASES,
@@ -47,6 +57,7 @@ from pgps_tune.results import (
     confirmation_flags,
     describe_confirmation,
     full_fidelity,
+    read_parquet,
     schedule_of,
     valid_confirm_settings,
 )
@@ -140,25 +151,27 @@ def phase_of(row: dict[str, Any]) -> str:
 
 
 def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
-    """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas)."""
-    import pyarrow.parquet as pq
-
+    """The rows of a sweep's ``trials.parquet`` (plain dicts; pyarrow only, no pandas), read within the bounds
+    of :func:`~pgps_tune.results.read_parquet`."""
     sweep = Path(sweep)
     path = sweep / TRIALS
     if path.is_dir():
         raise PgpsError(f"{path} is a folder, not the sweep's trial table; move it away, then rewrite the table "
                         f"with 'pgps-tune export --experiment {sweep} --out {sweep}'")
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a device is named by read_parquet
         if (sweep / "metrics.json").is_file():
             raise PgpsError(f"{sweep} is a 'pgps-tune train' run folder, which has no trial table; give a sweep "
                             "folder (the --out of 'pgps-tune tune'), or see the run with 'pgps-tune report'")
         raise PgpsError(f"{path} does not exist; give a sweep folder (the --out of 'pgps-tune tune'), and if the "
                         "sweep was interrupted, finish it with 'tune --resume' or run 'pgps-tune export'")
+    fix = "rewrite it with 'pgps-tune export'"
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path, COLUMNS, str(path), fix)
+    except PgpsError:
+        raise
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); rewrite it with 'pgps-tune export'") from None
-    rows = check_trials(table, path)
+        raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+    rows = check_trials(table, path, fix)
     for r in rows:
         r["phase"] = phase_of(r)
     return rows
@@ -481,7 +494,8 @@ def read_curves(sweep: Path, meta: dict[str, Any], unreadable: list[Path] | None
     """``{trial_id: [(baseline_iterations, val_dice), ...]}`` from Tune's result.json lines.
 
     A line that is not a result (cut by a kill, damaged) is skipped; a result.json that cannot be read
-    (a folder in its place, no permission) is added to ``unreadable``, for the page to name.
+    (a folder, a FIFO in its place, no permission, more than any result file holds) is added to ``unreadable``,
+    for the page to name.
     """
     root = _tune_root(sweep, meta)
     curves: dict[str, set[tuple[float, float]]] = {}
@@ -490,8 +504,8 @@ def read_curves(sweep: Path, meta: dict[str, Any], unreadable: list[Path] | None
     for exp in meta.get("experiments", {}).values():
         for f in sorted((root / exp).glob("*/result.json")):
             try:
-                text = f.read_text(encoding="utf-8", errors="replace")
-            except OSError:
+                text = read_file(f, MAX_JSON_BYTES).decode("utf-8", errors="replace")
+            except (OSError, TooLarge):
                 if unreadable is not None:
                     unreadable.append(f)
                 continue

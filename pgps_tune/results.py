@@ -12,7 +12,7 @@ dataset partitioned by ``dataset`` and ``sweep``; :func:`best_schedule` answers
 
 Everything read back here (``sweep.json``, the store, the trials' last results) is
 parsed as data: JSON and Parquet only, checked, and refused in one line when it is
-not what a sweep writes.
+not what a sweep writes or would decode to far more memory (:func:`read_parquet`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from pgps_tune import pareto
 from pgps_tune import schedule as sch
 from pgps_tune.asha import AshaSettings
 from pgps_tune.errors import (
+    NotRegular,
     PgpsError,
     atomic_write,
     atomic_write_all,
     atomic_write_text,
     loads_json,
+    open_regular,
     os_cause,
     read_json,
     strict_json,
@@ -269,6 +271,103 @@ def confirmation_flags(settings: dict[str, Any], tune: bool = False) -> str:
            f"--confirm-folds {settings['folds']}" + (f" {flag['splits']} {settings['splits']}"
                                                      if settings.get("splits") else ""))
     return f"{flag['top_k']} {settings['top_k']} {how} {flag['epochs']} {settings['epochs']}"
+
+
+# -- Parquet read back --------------------------------------------------------------------------
+
+# Bounds on a Parquet file read back (a sweep's trials.parquet, a store part), all far above what pgps-tune writes:
+# one row per trial (num_samples stops at 100,000), 29 columns, a row of 0.7-1.5 KiB (a 100,000-trial table
+# decodes to about 150 MiB, its footer is about 20 KiB).  Parquet's dictionary and RLE encodings store a value
+# repeated on every row once (355 bytes on disk decoded to 500 MB), so the size the rows decode to is counted
+# before they are decoded.  256 MiB, as for a JSON file: with its Python rows, a table stays under a GiB.
+MAX_PARQUET_ROWS = 1_000_000
+MAX_PARQUET_COLUMNS = 1_000
+MAX_PARQUET_FOOTER = 4 << 20  # parsed, a footer takes about 15 times its size
+MAX_PARQUET_BYTES = 256 << 20  # on disk, as the footer says its pages decompress, and decoded
+MAX_STORE_BYTES = 1 << 30  # every sweep of the results store, decoded: about 700,000 trials
+_PARQUET_BATCH = 4096  # rows decoded at a time
+
+
+def _parquet_type_ok(t: pa.DataType) -> bool:
+    """A column type pgps-tune writes (or reads back in place of one): no nested or fixed-width binary types,
+    whose values a few bytes on disk can make any size."""
+    return any(f(t) for f in (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating,
+                              pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                              pa.types.is_large_binary))
+
+
+def _decoded_bytes(batch: pa.RecordBatch) -> int:
+    """What ``batch`` takes once its dictionary columns are decoded: each row's value counted, not the
+    dictionary's one copy (the decoding this bounds is what a dictionary bomb relies on)."""
+    size = 0
+    for col in batch.columns:
+        if pa.types.is_dictionary(col.type):
+            lengths = pc.take(pc.binary_length(col.dictionary), col.indices)
+            size += (pc.sum(lengths).as_py() or 0) + 8 * len(col)  # plus the offsets and validity
+        else:
+            size += col.nbytes
+    return size
+
+
+def read_parquet(path: Path, columns: Sequence[str], where: str, fix: str) -> pa.Table:
+    """The ``columns`` a Parquet file someone may have sent has (of those, the ones it holds), its string
+    columns decoded, refused in one line naming ``where`` and ``fix`` when reading it could exhaust the memory.
+
+    Before any data is read, the file must be a regular file (a FIFO would hang the reader) of at most
+    :data:`MAX_PARQUET_BYTES`, with a footer of at most :data:`MAX_PARQUET_FOOTER` (a sparse file is zeros of
+    any length), at most :data:`MAX_PARQUET_ROWS` rows and :data:`MAX_PARQUET_COLUMNS` columns, pages that
+    decompress (as the footer says) to at most :data:`MAX_PARQUET_BYTES`, and plain column types.  Then
+    :data:`_PARQUET_BATCH` rows at a time are read with the strings kept as dictionaries, and the size they
+    decode to is summed: past :data:`MAX_PARQUET_BYTES` the file is refused before it is decoded.  A damaged
+    file raises what pyarrow raises (``OSError``, ``pa.ArrowException``), for the caller to name.
+    """
+    def refuse(what: str) -> PgpsError:
+        return PgpsError(f"{where} {what}, far more than a table pgps-tune writes: it was damaged or crafted; {fix}")
+
+    try:
+        fh = open_regular(path)
+    except NotRegular as exc:
+        raise PgpsError(f"{where} is not a regular file ({exc.kind}); {fix}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_PARQUET_BYTES:
+            raise refuse(f"is {size >> 20:,} MiB")
+        if size >= 8:  # the footer's length, then PAR1, end the file; pyarrow names a file too short
+            fh.seek(size - 8)
+            footer = int.from_bytes(fh.read(4), "little")
+            if footer > MAX_PARQUET_FOOTER:
+                raise refuse(f"has a footer of {footer >> 20} MiB")
+            fh.seek(0)
+        pf = pq.ParquetFile(fh, buffer_size=1 << 20)  # pages streamed, not a column's pages at once
+        meta = pf.metadata
+        if max(meta.num_rows, sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+               ) > MAX_PARQUET_ROWS:
+            raise refuse(f"holds {meta.num_rows:,} rows")
+        if meta.num_columns > MAX_PARQUET_COLUMNS:
+            raise refuse(f"has {meta.num_columns:,} columns")
+        schema = pf.schema_arrow
+        present = [c for c in columns if c in schema.names]
+        if twice := [c for c in present if schema.names.count(c) > 1]:
+            raise PgpsError(f"{where} holds two columns named {', '.join(twice)[:120]}, which pgps-tune never "
+                            f"writes; {fix}")
+        odd = [f"{c} ({schema.field(c).type})" for c in present if not _parquet_type_ok(schema.field(c).type)]
+        if odd:
+            raise refuse(f"has columns of types pgps-tune never writes: {', '.join(odd)[:200]}")
+        wanted = [j for j in range(meta.num_columns) if meta.schema.column(j).path in present]
+        unpacked = sum(meta.row_group(i).column(j).total_uncompressed_size
+                       for i in range(meta.num_row_groups) for j in wanted)
+        if unpacked > MAX_PARQUET_BYTES:
+            raise refuse(f"has pages that decompress to {unpacked >> 20:,} MiB")
+        pf = pq.ParquetFile(fh, metadata=meta, buffer_size=1 << 20, read_dictionary=present)
+        batches, decoded = [], 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=present):
+            decoded += _decoded_bytes(batch)
+            if decoded > MAX_PARQUET_BYTES:
+                raise refuse(f"decodes to more than {MAX_PARQUET_BYTES >> 20} MiB")
+            batches.append(batch)
+        table = pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(present)
+    return pa.table({c: table[c].cast(table[c].type.value_type) if pa.types.is_dictionary(table[c].type)
+                     else table[c] for c in present})
 
 
 # -- trials ----------------------------------------------------------------------------------
@@ -823,12 +922,13 @@ def _holds_other_sweep(folder: Path, origin: str, trial_ids: set[str]) -> str | 
     is free or holds this sweep.  A partition written before origins were recorded holds this sweep when it
     shares trial ids with it (Tune's ids are random): that is how a re-export used to replace its rows."""
     for f in _parts(folder):
+        fix = "move it out of the store, then export again"
         try:
-            names = pq.read_schema(f).names
-            t = pq.read_table(f, columns=[c for c in (ORIGIN, "trial_id") if c in names])
+            t = read_parquet(f, (ORIGIN, "trial_id"), f"results store file {f}", fix)
         except (OSError, pa.ArrowException) as exc:
             raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
-                            "move it out of the store, then export again") from None
+                            f"{fix}") from None
+        names = t.schema.names
         stored = {str(v) for v in t[ORIGIN].to_pylist() if v} if ORIGIN in names else set()
         ids = set(t["trial_id"].to_pylist()) if "trial_id" in names else set()
         if stored and origin and stored != {origin}:
@@ -922,38 +1022,38 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     files = _store_files(root)
     if not files:
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
-    schemas = []
+    schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
+                               pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string())])])
+    partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
+    tables, size = [], 0
     for f in files:
+        fix = "move it out of the store, or rerun 'pgps-tune export' for its sweep"
         try:
-            schemas.append(pq.read_schema(f))
-            names = schemas[-1].names
+            t = read_parquet(f, schema.names, f"results store file {f}", fix)
         except (OSError, pa.ArrowException) as exc:
             raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
-                            "move it out of the store, or rerun 'pgps-tune export' for its sweep") from None
-        missing = [c for c in STORE_COLUMNS if c not in names and c not in LATER_COLUMNS]
+                            f"{fix}") from None
+        missing = [c for c in STORE_COLUMNS if c not in t.schema.names and c not in LATER_COLUMNS]
         if missing:
             raise PgpsError(f"results store file {f} lacks columns {missing}; it was not written by pgps-tune: "
                             "move it out of the store")
-    schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
-                               STORE_KEYS, pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string())])])
-    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN) as null
-        table = pads.dataset([str(f) for f in files], format="parquet", schema=schema,
-                             partitioning=pads.partitioning(STORE_KEYS, flavor="hive"),
-                             partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
-                                                                             SPACE_KEY, ORIGIN])
-        table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
-                                 pc.fill_null(table[FIDELITY], 1.0))
-        for column in (SPACE_KEY, ORIGIN):
-            table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
-    except (OSError, pa.ArrowException) as exc:
-        for f in files:  # name the file: its footer read, but its data (or a column's type) does not
-            try:
-                pq.read_table(f)
-            except (OSError, pa.ArrowException) as bad:
-                raise PgpsError(f"results store file {f} is damaged ({str(bad).splitlines()[0][:120]}); move it "
-                                "out of the store, then rerun 'pgps-tune export' for its sweep") from None
-        raise PgpsError(f"results store {root} cannot be read ({str(exc).splitlines()[0][:160]}); move files "
-                        "that pgps-tune did not write out of it") from None
+        size += t.nbytes
+        if size > MAX_STORE_BYTES:
+            raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
+                            f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
+        keys = pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix()))
+        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN) reads as null; FIDELITY null is 1
+            columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
+                       for c, field in zip(schema.names, schema)]
+        except (pa.ArrowException, ValueError) as exc:
+            raise PgpsError(f"results store file {f} is damaged ({str(exc).splitlines()[0][:120]}); move it "
+                            "out of the store, then rerun 'pgps-tune export' for its sweep") from None
+        columns += [pa.array([keys.get(k)] * len(t), pa.string()) for k in STORE_KEYS.names]
+        tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))
+    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN])
+    table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
+    for column in (SPACE_KEY, ORIGIN):
+        table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     for r in table.select(["dataset", "sweep", "trial_id", *JSON_COLUMNS]).to_pylist():
         folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
         check_json_columns([r], f"results store folder {folder}",

@@ -69,7 +69,17 @@ from pgps_tune.asha import (
     survivors,
 )
 from pgps_tune.config import ADDED_LATER, patch_multiple
-from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
+from pgps_tune.errors import (
+    MAX_JSON_BYTES,
+    DivergedError,
+    JsonTooBig,
+    PgpsError,
+    TooLarge,
+    folder_lock,
+    loads_json,
+    read_at_most,
+    read_file,
+)
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -171,7 +181,7 @@ class SweepOptions:
         n = 5  # nnU-Net writes a 5-fold split when a first training finds none
         if folds_file.is_file():
             try:
-                n = len(loads_json(folds_file.read_text(encoding="utf-8")))
+                n = len(loads_json(read_file(folds_file, MAX_JSON_BYTES)))
             except (OSError, ValueError, TypeError) as exc:
                 raise PgpsError(f"cannot read nnU-Net's split {folds_file}: {exc}; fix or delete it") from None
         if b.nnunet_fold >= n:
@@ -436,8 +446,8 @@ def _pickles_in_json(value: Any) -> list[bytes]:
     """The pickled payloads (Ray's CLOUDPICKLE_FALLBACK) inside a JSON value, JSON-in-strings included.
 
     Iterative: the value comes from a file of a shared sweep folder, and its nesting (strings of
-    JSON inside JSON included) must not be able to exhaust the stack.  A string nested too deeply to
-    inspect raises :class:`JsonTooDeep` (Ray's own parser may still read it, and what it holds)."""
+    JSON inside JSON included) must not be able to exhaust the stack.  A string too deeply nested or too
+    large to inspect raises :class:`JsonTooBig` (Ray's own parser may still read it, and what it holds)."""
     found: list[bytes] = []
     stack = [value]
     while stack:
@@ -452,7 +462,7 @@ def _pickles_in_json(value: Any) -> list[bytes]:
         elif isinstance(v, str) and v.lstrip()[:1] in ("{", "["):
             try:
                 stack.append(loads_json(v))
-            except JsonTooDeep:
+            except JsonTooBig:
                 raise
             except ValueError:
                 pass  # not JSON: a plain string
@@ -479,18 +489,24 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
         if info.type != pafs.FileType.File or name.startswith(".") or not (
                 name.endswith(".pkl") or fnmatch.fnmatch(name, "experiment_state*.json")):
             continue  # hidden files are Ray's unfinished writes, which it never reads back
-        with fs.open_input_stream(info.path) as fh:
-            data = fh.read()
+        try:
+            with fs.open_input_stream(info.path) as fh:
+                data = read_at_most(fh, MAX_JSON_BYTES)
+        except TooLarge as exc:
+            raise PgpsError(
+                f"refused to resume: {info.path} is {exc}, more than a Tune state of pgps-tune holds, so what it "
+                f"would unpickle cannot be checked; resume only sweeps you trust (set {TRUST_ENV}=1 to skip this "
+                "check)") from None
         if name.endswith(".pkl"):
             blobs = [] if data.lstrip()[:1] in (b"{", b"[") else [data]  # our searchers save JSON there
         else:
             try:
                 blobs = _pickles_in_json(loads_json(data))
-            except JsonTooDeep:
+            except JsonTooBig as exc:
                 raise PgpsError(
-                    f"refused to resume: {info.path} nests JSON more than {MAX_JSON_DEPTH} levels deep, which a Tune "
-                    "state of pgps-tune never does, so what it would unpickle cannot be checked; resume only sweeps "
-                    f"you trust (set {TRUST_ENV}=1 to skip this check)") from None
+                    f"refused to resume: {info.path} holds JSON beyond what pgps-tune inspects ({exc}), which a "
+                    "Tune state of pgps-tune never does, so what it would unpickle cannot be checked; resume only "
+                    f"sweeps you trust (set {TRUST_ENV}=1 to skip this check)") from None
             except ValueError:
                 continue  # Tune cannot read it either, and JSON runs no code
         for blob in blobs:
@@ -545,9 +561,9 @@ def _intact(name: str, data: bytes) -> bool:
 
 
 def _read_bytes(fs, path: str) -> bytes | None:
+    """The bytes of a state file of a sweep (:func:`_read_stream`), None where it cannot be read (gone, a folder)."""
     try:
-        with fs.open_input_stream(path) as fh:
-            return fh.read()
+        return _read_stream(fs, path)
     except (OSError, FileNotFoundError):
         return None
 
@@ -823,15 +839,19 @@ def check_journal(out: Path) -> None:
     if not path.exists():
         return
     try:
-        data = path.read_bytes()
+        data = read_file(path, MAX_JSON_BYTES)
     except OSError as exc:
         raise PgpsError(f"cannot read the Optuna study {path} ({exc.strerror or type(exc).__name__}); make it a "
                         "readable file") from None
+    except TooLarge as exc:
+        raise PgpsError(f"the Optuna study {path} is {exc}, more than a study of pgps-tune's sizes holds (a "
+                        "damaged or crafted file); put back an intact copy of it, or, if the search phase had "
+                        "finished, move it aside (the resume then starts an empty study)") from None
     problem = "its last line is cut short" if data and not data.endswith(b"\n") else None
     for n, line in enumerate(data.splitlines() if problem is None else (), 1):
         try:
-            ok = isinstance(json.loads(line), dict)
-        except ValueError:  # UnicodeDecodeError included
+            ok = isinstance(loads_json(line), dict)
+        except ValueError:  # UnicodeDecodeError and JSON too deep or too large included
             ok = False
         if not ok:
             problem = f"line {n} is not a journal record"
@@ -945,7 +965,7 @@ class ListSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         try:
-            state = loads_json(Path(checkpoint_path).read_text(encoding="utf-8"))
+            state = loads_json(read_file(checkpoint_path, MAX_JSON_BYTES))
             configs, given = state["configs"], state["given"]
             assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
             assert isinstance(given, dict) and all(isinstance(i, int) and 0 <= i < len(configs)
@@ -1078,9 +1098,29 @@ def resolve_storage(storage: str | None, out: Path):
 # -- reading experiments back -----------------------------------------------------------------
 
 
-def _read_text(fs, path: str) -> str:
+def _read_stream(fs, path: str) -> bytes:
+    """The bytes of a file of a sweep's Tune state; one over :data:`MAX_JSON_BYTES` (a damaged or crafted file,
+    a sparse one of a few bytes on disk) is refused in one line before it fills the memory."""
     with fs.open_input_stream(path) as fh:
-        return fh.read().decode("utf-8")
+        try:
+            return read_at_most(fh, MAX_JSON_BYTES)
+        except TooLarge as exc:
+            raise PgpsError(f"{path} is {exc}, more than Tune or pgps-tune write there; it is damaged or was not "
+                            "written by them: move it out of the sweep folder") from None
+
+
+def _read_text(fs, path: str) -> str:
+    return _read_stream(fs, path).decode("utf-8")
+
+
+def _last_line(fs, path: str) -> str:
+    """The last line of a trial's error file that is not blank (read from its last 64 KiB only: the file is
+    a traceback, and its last line the error), at most 500 characters, each control character (a terminal's
+    escape code among them) shown as ``?``."""
+    with fs.open_input_file(path) as fh:
+        fh.seek(max(0, fh.size() - (64 << 10)))
+        lines = [line for line in fh.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    return "".join(c if c.isprintable() else "?" for c in (lines[-1] if lines else "failed (empty error file)")[:500])
 
 
 def _plain_name(value: Any) -> str:
@@ -1116,10 +1156,8 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
             t, run = loads_json(trial_json), loads_json(run_json)
             error = ""
             if run.get("error_filename"):
-                text = _read_text(fs, f"{path}/{_plain_name(t['relative_logdir'])}/"
-                                      f"{_plain_name(run['error_filename'])}")
-                lines = [line for line in text.splitlines() if line.strip()]
-                error = (lines[-1] if lines else "failed (empty error file)")[:500]
+                error = _last_line(fs, f"{path}/{_plain_name(t['relative_logdir'])}/"
+                                       f"{_plain_name(run['error_filename'])}")
             config, last = t["config"], run.get("last_result") or {}
             if not isinstance(config, dict) or not isinstance(last, dict):
                 raise TypeError("config and last_result must be objects")

@@ -270,6 +270,36 @@ def test_a_small_file_is_read_without_allocating_the_size_limit(tmp_path, monkey
         errors.read_json(twice, "splits file", "fix it")
 
 
+def test_json_that_would_parse_to_far_more_memory_than_its_size_is_refused_before_it_is_parsed(tmp_path,
+                                                                                            monkeypatch):
+    # 256 MiB of "{},{},..." parses to 20 GiB of dicts: the values are counted first (commas in strings not)
+    from pgps_tune import errors
+
+    monkeypatch.setattr(errors, "MAX_JSON_VALUES", 1000)
+    f = tmp_path / "dataset.json"
+    f.write_text(json.dumps({"training": [0] * 1000}))
+    with pytest.raises(PgpsError, match=r"dataset description .* is not valid JSON \(more than 1,000 values"):
+        errors.read_json(f, "dataset description", "fix or re-download it")
+    f.write_text(json.dumps({"name": ",[{" * 2000, "escaped": '\\",[' * 500, "training": [0] * 990}))
+    assert len(errors.read_json(f, "dataset description", "fix it")["training"]) == 990
+
+
+def test_files_are_read_only_as_far_as_the_limit_and_a_fifo_never_blocks(tmp_path):
+    from pgps_tune.errors import NotRegular, TooLarge, read_file
+
+    sparse = tmp_path / "metrics.json"
+    sparse.write_text("{}")
+    os.truncate(sparse, 8 << 30)  # 8 GiB that take no disk
+    with pytest.raises(TooLarge, match="larger than 1 MiB"):
+        read_file(sparse, 1 << 20)
+    fifo = tmp_path / "result.json"
+    os.mkfifo(fifo)  # nothing ever writes to it: opening it to read would wait forever
+    with pytest.raises(NotRegular, match="not a regular file \\(a FIFO\\)"):
+        read_file(fifo, 1 << 20)
+    with pytest.raises(IsADirectoryError):
+        read_file(tmp_path, 1 << 20)
+
+
 def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
     from pgps_tune import schedule as sch
 

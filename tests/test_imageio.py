@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -210,3 +211,69 @@ def test_available_memory_and_the_limit_take_the_tightest_cgroup_of_either_versi
     (cg / "memory.max").write_text("not a number\n")
     assert imageio.available_memory(proc, cg) is None and imageio.memory_limit(proc, cg) is None  # no guess
     assert imageio.available_memory() is None or imageio.available_memory() > 0  # this machine's own
+
+
+def test_an_nrrd_or_mha_reads_its_voxels_only_from_a_file_beside_it(tmp_path):
+    # ITK reads whatever file a header names: a dataset someone sent could point it at a private file, at
+    # /dev/stdin or a FIFO (a hang), or at several files; only one regular file beside the header is read
+    images = tmp_path / "imagesTr"
+    images.mkdir()
+    (tmp_path / "private.raw").write_bytes(b"secret" * 200)
+    (images / "case.raw").write_bytes(bytes(range(60)) * 4)
+    os.mkfifo(images / "fifo.raw")  # nothing ever writes to it
+    nrrd = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 6 5 8\nencoding: raw\ndata file: {}\n\n"
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 6 5 8\nElementType = MET_UCHAR\nElementDataFile = {}\n"
+    for header in (nrrd, mha):
+        f = images / ("a.nrrd" if header is nrrd else "a.mha")
+        f.write_text(header.format("case.raw"))  # a detached data file beside its header is read
+        assert imageio.read(f)[0].shape == (6, 5, 8) and imageio.header(f)[0] == (6, 5, 8)
+        for name, needle in [("../private.raw", "outside the image's own folder"),
+                             (str(tmp_path / "private.raw"), "outside the image's own folder"),
+                             ("/dev/stdin", "outside the image's own folder"),
+                             ("fifo.raw", "not a regular file"), ("LIST", "several files"),
+                             ("case%03d.raw 1 8 1", "several files")]:
+            f.write_text(header.format(name))
+            for read in (imageio.read, imageio.header):
+                with pytest.raises(PgpsError, match=needle) as err:
+                    read(f)
+                assert "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_nifti_header_extensions_nibabel_would_read_whole_are_refused_before_it_reads_them(tmp_path):
+    # an extension may claim 2 GiB, which nibabel reads in one piece (a 1 MiB .nii.gz of zeros took 1.1 GB), and
+    # a size under 8 or a vox_offset of 0 sends it reading the rest of the file: the extensions are walked and
+    # summed first, a few bytes at a time; a small extension, NIfTI-1 or -2, .nii or .nii.gz, still reads
+    import gzip
+
+    def nifti(name, version=1, extensions=(), vox_offset=None, extender=None):
+        img = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+                                                                   np.eye(4))
+        raw = img.to_bytes()
+        size = 348 if version == 1 else 540
+        head = bytearray(raw[:size])
+        exts = b"".join(np.int32([esize, 6]).tobytes() + bytes(max(0, min(esize, 64) - 8)) for esize in extensions)
+        offset = size + 4 + len(exts) if vox_offset is None else vox_offset
+        if version == 1:
+            head[108:112] = np.float32(offset).tobytes()
+        else:
+            head[168:176] = np.int64(offset).tobytes()
+        flag = extender if extender is not None else b"\1\0\0\0" if extensions else b"\0\0\0\0"
+        payload = bytes(head) + flag + exts + raw[size + 4:]
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(payload) if name.endswith(".gz") else payload)
+        return path
+
+    for version, end in itertools.product((1, 2), (".nii", ".nii.gz")):
+        ok = nifti(f"ok{version}{end}", version, [32, 64])  # a small extension (a comment) reads as before
+        assert imageio.read(ok)[0].shape == (2, 3, 4) and imageio.header(ok)[0] == (2, 3, 4)
+        cases = [(nifti(f"big{version}{end}", version, [1 << 30]), "at least 1,024 MiB of NIfTI header extensions"),
+                 (nifti(f"far{version}{end}", version, vox_offset=1 << 30), "starts its voxels 1,024 MiB into"),
+                 (nifti(f"zero{version}{end}", version, [0], vox_offset=0), "extension of 0 bytes"),
+                 (nifti(f"many{version}{end}", version, [16] * 10_001), "more than 10,000 NIfTI header extensions")]
+        for path, needle in cases:
+            for fn in (imageio.read, imageio.header,
+                       lambda p: imageio.write(tmp_path / "out.nii.gz", np.zeros((2, 3, 4), np.uint8), np.eye(4), p)):
+                with pytest.raises(PgpsError, match=needle) as err:
+                    fn(path)
+                assert "\n" not in str(err.value) and "replace the file or remove it" in str(err.value)
+            assert not (tmp_path / "out.nii.gz").exists()

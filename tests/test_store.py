@@ -288,3 +288,58 @@ def test_best_schedule_from_python_takes_one_sweep_name_and_names_bad_arguments(
     for name in ("b.yaml", "b.json"):  # what 'best --out' writes loads back with its provenance
         back = sch.load(best.save(tmp_path / name))
         assert back == best and back.meta == best.meta
+
+
+def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decoded(tmp_path, capsys, monkeypatch):
+    # Parquet stores a value repeated on every row once: a few hundred bytes on disk decode to 300 MB; the readers
+    # of a sweep's table and of the store count the decoded size first, and refuse it, the row count, a footer a
+    # sparse file makes huge, odd column types and FIFOs before they allocate anything
+    sweep, store = tmp_path / "demo", tmp_path / "store"
+    export_sweep(sweep, sweep_meta(sweep), [record("t1", 0.6)], store)
+    results.write_meta(sweep, sweep_meta(sweep))
+    part = next(store.glob("dataset=synthetic/sweep=demo/*.parquet"))
+    one = pq.read_table(part).slice(0, 1)
+
+    def repeated(path: Path, rows: int, column: str = "error", value: str = "x" * 10_000) -> None:
+        # every column of the real table, one value repeated on all rows (dictionary-encoded: a few KiB)
+        cells = {c: pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()),
+                                                   pa.array([value if c == column else one[c][0].as_py()]))
+                 if pa.types.is_string(one[c].type) else pa.array([one[c][0].as_py()] * rows, one[c].type)
+                 for c in one.schema.names}
+        pq.write_table(pa.table(cells), path, store_schema=False, compression="zstd")
+
+    def sparse_footer(path: Path) -> None:  # 8 MiB of zeros (none on disk) whose last bytes claim them as footer
+        with open(path, "wb") as fh:
+            fh.truncate(8 << 20)
+            fh.seek((8 << 20) - 8)
+            fh.write(((8 << 20) - 12).to_bytes(4, "little") + b"PAR1")
+
+    def odd_type(path: Path) -> None:
+        pq.write_table(one.set_column(0, "trial_id", pa.array([["t1"]])), path)
+
+    cases = [(lambda p: repeated(p, 30_000), "decodes to more than 256 MiB"),
+             (lambda p: pq.write_table(pa.table({"trial_id": pa.nulls(1_000_001, pa.string())}), p),
+              "holds 1,000,001 rows"),
+             (sparse_footer, "has a footer of 7 MiB"), (odd_type, "types pgps-tune never writes: trial_id (list"),
+             (os.mkfifo, "is not a regular file (a FIFO)")]
+    table, kept = sweep / "trials.parquet", part.read_bytes()
+    for make, needle in cases:
+        for f, command in [(table, ["trials", str(sweep)]), (table, ["report", str(sweep)]),
+                           (part, ["best", "--dataset", "synthetic", "--results-store", str(store)])]:
+            f.unlink()
+            make(f)
+            assert main(command) == 2
+            err = one_line(capsys)
+            assert needle in err and str(f) in err and ("export" in err or "store" in err), err
+            assert not (sweep / "report.html").exists()
+    part.unlink()  # the FIFO of the last case
+    part.write_bytes(kept)
+    monkeypatch.setattr(results, "MAX_PARQUET_BYTES", 1 << 20)  # the footer's page sizes, before reading them
+    repeated(part, 1, "schedule", "x" * (2 << 20))
+    with pytest.raises(PgpsError, match="has pages that decompress to 2 MiB"):
+        load_store(store)
+    part.write_bytes(kept)
+    export_sweep(tmp_path / "other", sweep_meta(tmp_path / "other", "other"), [record("t2", 0.7)], store)
+    monkeypatch.setattr(results, "MAX_STORE_BYTES", pq.read_table(part).nbytes + 1)  # the store's sweeps together
+    with pytest.raises(PgpsError, match="MiB of trials .reading .*; move sweeps"):
+        load_store(store)

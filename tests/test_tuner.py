@@ -601,9 +601,23 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
     deep = json.dumps(json.loads("[" * 150 + json.dumps(payload) + "]" * 150))
     for text in (json.dumps({"trial_data": [[deep, "{}"]]}), "[" * 100_000 + "]" * 100_000):
         (state / "experiment_state-1.json").write_text(text)
-        with pytest.raises(PgpsError, match="refused to resume: .* nests JSON more than 100 levels deep") as err:
+        with pytest.raises(PgpsError, match=r"refused to resume: .* beyond what pgps-tune inspects \(nested too deep"
+                           ) as err:
             vet_tune_state(str(state))
         assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+    # nor can bulk: a payload beside more values than are parsed, or in a file larger than any state, is refused
+    from pgps_tune import errors, tuner
+
+    monkeypatch.setattr(errors, "MAX_JSON_VALUES", 1000)
+    (state / "experiment_state-1.json").write_text(json.dumps({"trial_data": [[json.dumps(payload), "{}"]],
+                                                               "pad": [0] * 1001}))
+    with pytest.raises(PgpsError, match=r"refused to resume: .* inspects \(more than 1,000 values"):
+        vet_tune_state(str(state))
+    monkeypatch.setattr(tuner, "MAX_JSON_BYTES", 1 << 20)
+    os.truncate(state / "experiment_state-1.json", 8 << 30)  # sparse: 8 GiB that take no disk
+    with pytest.raises(PgpsError, match="refused to resume: .*experiment_state-1.json is larger than 1 MiB"):
+        vet_tune_state(str(state))
+    assert not (tmp_path / "pwned").exists()
     (state / "experiment_state-1.json").unlink()
     monkeypatch.setenv(TRUST_ENV, "1")  # the documented way past the check, for a sweep one trusts
     vet_tune_state(str(state))
@@ -829,6 +843,39 @@ def test_trials_are_read_in_the_order_tune_created_them(tmp_path):
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(
         json.dumps({"trial_data": [entry(*e) for e in listed]}))
     assert [t.trial_id for t in read_experiment(pafs.LocalFileSystem(), str(tmp_path))] == ["a", "b", "c", "j", "x"]
+
+
+def test_files_of_a_sweep_someone_sent_cannot_fill_the_memory(tmp_path, monkeypatch):
+    # files of 8 GiB that take no disk (sparse): a trial's error file is read from its end, any other file
+    # of the Tune state or the study is refused in one line past the size limit, having read no more than that
+    import pyarrow.fs as pafs
+
+    from pgps_tune import tuner
+    from pgps_tune.errors import PgpsError
+
+    monkeypatch.setattr(tuner, "MAX_JSON_BYTES", 1 << 20)
+    trial = {"trial_id": "t1", "status": "ERROR", "config": {}, "relative_logdir": "t1"}
+    state = tmp_path / "experiment_state-2026-01-01_00-00-00.json"
+    state.write_text(json.dumps({"trial_data": [[json.dumps(trial), json.dumps({"error_filename": "error.txt"})]]}))
+    (tmp_path / "t1").mkdir()
+    error = tmp_path / "t1" / "error.txt"
+    error.write_bytes(b"Traceback (most recent call last):\nValueError: \x1b[31mbad\n")
+    os.truncate(error, 8 << 30)
+    with error.open("ab") as fh:  # the traceback's last line, after 8 GiB of zeros
+        fh.write(b"\nValueError: \x1b[2Jbad input\n")
+    fs = pafs.LocalFileSystem()
+    assert tuner.read_experiment(fs, str(tmp_path))[0].error == "ValueError: ?[2Jbad input"
+    os.truncate(state, 8 << 30)
+    with pytest.raises(PgpsError, match="experiment_state.* is larger than 1 MiB.*move it out of the sweep folder"):
+        tuner.read_experiment(fs, str(tmp_path))
+    journal = tmp_path / tuner.STUDY_FILE
+    journal.write_bytes(b'{"op_code": 0}\n')
+    os.truncate(journal, 8 << 30)
+    with pytest.raises(PgpsError, match="the Optuna study .* is larger than 1 MiB"):
+        tuner.check_journal(tmp_path)
+    journal.write_text('{"op_code": 0}\n' + "[" * 100_000 + "]" * 100_000 + "\n")  # too deep for json.loads
+    with pytest.raises(PgpsError, match="line 2 is not a journal record"):
+        tuner.check_journal(tmp_path)
 
 
 def test_a_second_driver_on_a_sweep_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
