@@ -69,7 +69,15 @@ from pgps_tune.asha import (
     survivors,
 )
 from pgps_tune.config import ADDED_LATER, patch_multiple
-from pgps_tune.errors import MAX_JSON_DEPTH, DivergedError, JsonTooDeep, PgpsError, folder_lock, loads_json
+from pgps_tune.errors import (
+    MAX_JSON_DEPTH,
+    DivergedError,
+    JsonTooDeep,
+    PgpsError,
+    folder_lock,
+    loads_json,
+    stop_signals_held,
+)
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -553,10 +561,18 @@ def _read_bytes(fs, path: str) -> bytes | None:
 
 
 def _write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """``path`` on ``fs`` through a temporary file beside it, which neither a stop signal nor a failed write
+    leaves behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as fh:
-        fh.write(data)
-    fs.move(tmp, path)
+    with stop_signals_held():
+        try:
+            with fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            raise
 
 
 def repair_tune_state(path: str, storage_fs=None) -> list[str]:
@@ -1711,7 +1727,7 @@ def _stop_signals():
     signals.install()
     try:
         yield signals
-    except KeyboardInterrupt:  # held by an atomic write until the file was complete
+    except KeyboardInterrupt:  # a Ctrl-C that reached Python's own handler (one another library put back)
         raise SweepInterrupted(signal.SIGINT) from None
     except SystemError as exc:  # a signal handled inside Ray's Cython code (its wait polls for signals)
         if (stop := _interruption(exc)) is None:
