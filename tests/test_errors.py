@@ -238,7 +238,7 @@ def test_a_stop_signal_during_a_write_waits_for_the_whole_file_then_reaches_the_
     assert seen == [("SIGTERM", "new", ["metrics.json"]), ("SIGINT", "new", ["metrics.json"])]
 
 
-def test_ctrl_c_during_the_first_checkpoints_write_stops_with_that_checkpoint_to_resume(
+def test_ctrl_c_during_the_first_checkpoint_or_after_the_last_says_what_resume_does(
         capsys, tiny_msd, tmp_path, monkeypatch):
     from pgps_tune import errors
 
@@ -255,8 +255,16 @@ def test_ctrl_c_during_the_first_checkpoints_write_stops_with_that_checkpoint_to
     rc, err = run_cli(capsys, *argv)
     assert rc == 130 and "the checkpoint of iteration 1 in" in err and "--resume" in err, err
     monkeypatch.undo()
-    assert run_cli(capsys, *argv, "--resume")[0] == 0
+
+    def interrupted_curve(run):  # and once more when training has ended, as the learning curve is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pgps_tune.report.write_run_curve", interrupted_curve)
+    rc, err = run_cli(capsys, *argv, "--resume")
+    assert rc == 130 and "after the run had finished" in err and "--resume" in err, err
     assert json.loads((out / "metrics.json").read_text())["completed"]
+    monkeypatch.undo()
+    assert run_cli(capsys, *argv, "--resume")[0] == 0 and (out / "learning_curve.png").is_file()
 
 
 def test_alias_bombs_deep_nesting_and_huge_files_are_refused_at_once(capsys, tmp_path):
