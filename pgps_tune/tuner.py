@@ -2085,6 +2085,9 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     finally:
         if own_ray:
             ray.shutdown()
+            # shutting down sets SIGTERM back to the system's default (the process would die without a word
+            # while Python still names its handler): take the signals back for the export that follows
+            signals.install()
 
 
 def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,
