@@ -614,8 +614,14 @@ def _train(a: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    trainer.write_metrics()
-    _write_learning_curve(out)
+    try:
+        trainer.write_metrics()
+        _write_learning_curve(out)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, raised as one) once training had ended
+        ended = "finished" if metrics["completed"] else "stopped at --max-train-seconds"
+        raise Interrupted(f"interrupted after the run had {ended}: its checkpoint and metrics.json in {out} are "
+                          "complete; its learning curve may be missing: rerun the same command with --resume added "
+                          "to draw it") from None
     if not metrics["completed"]:  # stopped by --max-train-seconds (a stop by a signal raised above)
         limit, done, total = trainer.cfg.max_train_seconds, metrics["iterations"], metrics["total_iterations"]
         print(f"train: stopped at --max-train-seconds {limit:g} after iteration {done} of {total}; the run in {out} "

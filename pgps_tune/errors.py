@@ -37,20 +37,36 @@ class DivergedError(PgpsError):
     """
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C until the block is done, then raise it (main thread only)."""
+def stop_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then hand each one that came to the handler that was
+    in place before (main thread only; blocks nest).
+
+    Both signals, because either stops a command (SIGTERM raises where the program is, as Ctrl-C does): a
+    file half-replaced, or a checkpoint written but not yet counted as saved, is what either would leave.
+    The signal goes to the command's own handler, not a bare KeyboardInterrupt: train then stops at its next
+    iteration with the new checkpoint counted, and a sweep stops as for that signal.  A handler that Python
+    did not install (None) is left alone, so its signal is not held.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in STOP_SIGNALS if signal.getsignal(s) is not None}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):  # each signal once, in the order they came; its handler runs here
+            signal.raise_signal(s)
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
@@ -84,12 +100,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through a temporary file in the same folder, then rename.
 
     A crash at any point leaves either the old file or the new one, never a torn one;
-    a Ctrl-C is held until the write is complete, so no temporary file is left behind.
+    a Ctrl-C or SIGTERM is held until the write is complete (:func:`stop_signals_held`), so
+    no temporary file is left behind.
     The file gets normal permissions: the umask's for a new file, the old mode for a
     replaced one.
     """
     path = Path(path)
-    with _ctrl_c_deferred():
+    with stop_signals_held():
         tmp = _staged(path, write)
         try:
             _replace(tmp, path)
@@ -156,7 +173,7 @@ def atomic_write_all(files: dict[Path, Callable[[IO[bytes]], None] | None]) -> N
     beside it) before the first is renamed into place, so a folder in the way, a file that is not writable
     (read-only, immutable) or a full disk leaves all of them as they were.  ``None`` for a file removes it
     (last)."""
-    with _ctrl_c_deferred():
+    with stop_signals_held():
         for path in files:
             _check_target(Path(path), writable=True)
         staged: list[tuple[Path, Path]] = []

@@ -56,7 +56,7 @@ from monai.losses import DiceCELoss
 from pgps_tune.augment import to_device
 from pgps_tune.config import ADDED_LATER, TrainConfig, augment_preset
 from pgps_tune.data import PreparedDataset
-from pgps_tune.errors import DivergedError, PgpsError, atomic_write, os_cause, strict_json
+from pgps_tune.errors import DivergedError, PgpsError, atomic_write, os_cause, stop_signals_held, strict_json
 from pgps_tune.network import cpu_bf16, memory_format, network_for, place
 from pgps_tune.sampler import ProgressiveSampler, loader, prefetch
 from pgps_tune.schedule import Schedule
@@ -500,16 +500,18 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
-        self._write(self.checkpoint_path, lambda fh: fh.write(buf.getbuffer()))
-        self.saved_iteration = self.state.iteration
+        with stop_signals_held():  # a checkpoint on disk is one the run counts as saved (what a stop reports)
+            self._write(self.checkpoint_path, lambda fh: fh.write(buf.getbuffer()))
+            self.saved_iteration = self.state.iteration
 
     def _write(self, path: Path, write: Callable[[Any], Any]) -> None:
         """An atomic write of a run file whose OS failure (ENOSPC, EIO, ...) is one line, not a traceback."""
         try:
-            if path not in self.written and path.is_file():  # a file the user put there (a --schedule file)
-                self.replaced[path] = path.read_bytes()
-            atomic_write(path, write)
-            self.written.add(path)
+            with stop_signals_held():  # a file written is one a stop before the first checkpoint removes
+                if path not in self.written and path.is_file():  # a file the user put there (a --schedule file)
+                    self.replaced[path] = path.read_bytes()
+                atomic_write(path, write)
+                self.written.add(path)
         except (OSError, PgpsError) as err:
             exc = os_cause(err)
             if exc is None:

@@ -79,6 +79,7 @@ from pgps_tune.errors import (
     loads_json,
     read_at_most,
     read_file,
+    stop_signals_held,
 )
 from pgps_tune.results import (
     BEST,
@@ -569,10 +570,18 @@ def _read_bytes(fs, path: str) -> bytes | None:
 
 
 def _write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """``path`` on ``fs`` through a temporary file beside it, which neither a stop signal nor a failed write
+    leaves behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as fh:
-        fh.write(data)
-    fs.move(tmp, path)
+    with stop_signals_held():
+        try:
+            with fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            raise
 
 
 def repair_tune_state(path: str, storage_fs=None) -> list[str]:
@@ -1749,7 +1758,7 @@ def _stop_signals():
     signals.install()
     try:
         yield signals
-    except KeyboardInterrupt:  # held by an atomic write until the file was complete
+    except KeyboardInterrupt:  # a Ctrl-C that reached Python's own handler (one another library put back)
         raise SweepInterrupted(signal.SIGINT) from None
     except SystemError as exc:  # a signal handled inside Ray's Cython code (its wait polls for signals)
         if (stop := _interruption(exc)) is None:
@@ -2107,6 +2116,9 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     finally:
         if own_ray:
             ray.shutdown()
+            # shutting down sets SIGTERM back to the system's default (the process would die without a word
+            # while Python still names its handler): take the signals back for the export that follows
+            signals.install()
 
 
 def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, storage_fs, storage_path: str,

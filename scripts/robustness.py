@@ -445,6 +445,46 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(U, "pickled object array as a cached volume", ["plan", "--data", str(data), "--cache-dir", "{w}/cache"],
              0, "", evil_cache, absent("PWNED")))
 
+    predict = ["predict", "--run", "{w}/run", "--out", "{w}/seg", "--device", "cpu", "--quiet", "--input"]
+
+    def detached_mha(w: Path) -> None:  # an .mha header whose voxels are "in" a file of someone else's
+        copy_run(w)
+        (w / "in").mkdir()
+        (w / "in" / "case.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+                                          "ElementDataFile = /etc/hostname\n")
+
+    add(Case(U, "image naming a data file outside its folder (.mha), predict", [*predict, "{w}/in/case.mha"], 2,
+             "outside the image's own folder", detached_mha, absent("seg")))
+
+    def extension_bomb(w: Path) -> None:  # a NIfTI header claiming a 1 GiB extension, a few hundred bytes on disk
+        import gzip
+
+        copy_run(w)
+        (w / "in").mkdir()
+        raw = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_bytes()
+        head = bytearray(raw[:348])
+        head[108:112] = np.float32(348 + 4 + 16).tobytes()
+        bomb = bytes(head) + b"\1\0\0\0" + np.int32([1 << 30, 6]).tobytes() + bytes(8) + raw[352:]
+        (w / "in" / "case.nii.gz").write_bytes(gzip.compress(bomb))
+
+    add(Case(U, "NIfTI header extension claiming 1 GiB, predict", [*predict, "{w}/in/case.nii.gz"], 2,
+             "MiB of NIfTI header extensions", extension_bomb, absent("seg")))
+
+    def parquet_bomb(w: Path) -> None:  # one 10 KB value on 200,000 rows: a few KiB on disk, 2 GB decoded
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sweep = finished_copy(w / "sweep")
+        one = pq.read_table(sweep / "trials.parquet").slice(0, 1)
+        cells = {c: pa.DictionaryArray.from_arrays(pa.array([0] * 200_000, pa.int32()),
+                                                   pa.array(["x" * 10_000 if c == "error" else one[c][0].as_py()]))
+                 if pa.types.is_string(one[c].type) else pa.array([one[c][0].as_py()] * 200_000, one[c].type)
+                 for c in one.schema.names}
+        pq.write_table(pa.table(cells), sweep / "trials.parquet", store_schema=False, compression="zstd")
+
+    add(Case(U, "trials.parquet of a few KiB decoding to 2 GB, trials", ["trials", "{w}/sweep"], 2,
+             "decodes to more than", parquet_bomb, original_untouched))
+
     def evil_properties(w: Path) -> None:
         """A preprocessed nnU-Net dataset as nnU-Net's preprocessing leaves it, reduced to what nnunet-train reads
         before it trains (plans, dataset.json, a label file, the 3d_fullres folder), with a properties .pkl whose
@@ -854,6 +894,26 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(F, "report --out at the sweep's own trials.parquet", ["report", "{w}/sweep", "--out",
                                                                     "{w}/sweep/trials.parquet"], 2,
              "is one of the files of", copied_sweep(), both(unchanged("sweep"), original_untouched), timeout=600))
+
+
+    def one_image(w: Path) -> None:
+        copy_run(w)
+        (w / "in").mkdir()
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), w / "in" / "a_0000.nii.gz")
+
+    def and_a_dangling_link(w: Path) -> None:  # beside it, a link whose target went (an unmounted share)
+        one_image(w)
+        (w / "in" / "b_0000.nii.gz").symlink_to(w / "gone" / "b_0000.nii.gz")
+
+    def only_the_image(w: Path, r) -> str | None:
+        there = sorted(p.name for p in (w / "in").iterdir())
+        return None if there == ["a_0000.nii.gz"] else f"the input folder holds {there}"
+
+    add(Case(F, "predict over a folder with a dangling link", [*predict, "{w}/in"], 2, "which does not exist",
+             and_a_dangling_link, absent("seg")))
+    add(Case(F, "predict --out the --input folder", ["predict", "--run", "{w}/run", "--input", "{w}/in", "--out",
+                                                    "{w}/in", "--device", "cpu", "--quiet"], 2,
+             "is the --input folder", one_image, only_the_image))
 
     # 7. cluster faults (the multi-node test uses Ray's test cluster on this machine)
     def two_prepares(w: Path) -> None:

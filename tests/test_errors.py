@@ -212,6 +212,61 @@ def test_an_interrupt_keeps_the_last_checkpoint_good(tiny_msd, tmp_path, sig, co
     assert f"train: stopped at --max-train-seconds 0.01 after iteration {stopped + 1} of " in capsys.readouterr().err
 
 
+def test_a_stop_signal_during_a_write_waits_for_the_whole_file_then_reaches_the_commands_handler(tmp_path):
+    from pgps_tune.errors import atomic_write
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    seen = []
+
+    def handler(signum, frame):  # what the command's own handler finds when the signal reaches it
+        seen.append((signal.Signals(signum).name, target.read_text(), sorted(p.name for p in tmp_path.iterdir())))
+
+    def write(fh):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        fh.write(b"new")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        atomic_write(target, write)
+    except KeyboardInterrupt:  # raised in place of the handler's turn: fail here, not end the test run
+        seen.append("KeyboardInterrupt")
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    assert seen == [("SIGTERM", "new", ["metrics.json"]), ("SIGINT", "new", ["metrics.json"])]
+
+
+def test_ctrl_c_during_the_first_checkpoint_or_after_the_last_says_what_resume_does(
+        capsys, tiny_msd, tmp_path, monkeypatch):
+    from pgps_tune import errors
+
+    out = tmp_path / "run"
+    replace = errors._replace
+
+    def interrupted_replace(tmp, path):  # Ctrl-C while the first checkpoint is being put in place
+        if path.name == "checkpoint.pt" and not path.exists():
+            os.kill(os.getpid(), signal.SIGINT)
+        replace(tmp, path)
+
+    monkeypatch.setattr(errors, "_replace", interrupted_replace)
+    argv = ["train", "--data", tiny_msd, "--out", out, "--epochs", "2", "--preset", "constant", *TINY]
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 130 and "the checkpoint of iteration 1 in" in err and "--resume" in err, err
+    monkeypatch.undo()
+
+    def interrupted_curve(run):  # and once more when training has ended, as the learning curve is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pgps_tune.report.write_run_curve", interrupted_curve)
+    rc, err = run_cli(capsys, *argv, "--resume")
+    assert rc == 130 and "after the run had finished" in err and "--resume" in err, err
+    assert json.loads((out / "metrics.json").read_text())["completed"]
+    monkeypatch.undo()
+    assert run_cli(capsys, *argv, "--resume")[0] == 0 and (out / "learning_curve.png").is_file()
+
+
 def test_alias_bombs_deep_nesting_and_huge_files_are_refused_at_once(capsys, tmp_path):
     from pgps_tune import schedule as sch
     from pgps_tune import space as sp

@@ -623,6 +623,35 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
     vet_tune_state(str(state))
 
 
+def test_sigterm_after_the_local_ray_shut_down_still_reaches_the_sweep(monkeypatch):
+    # ray.shutdown() sets SIGTERM back to the system's default behind Python's back: a SIGTERM during the export
+    # that follows killed the driver without a word (exit -15) while signal.getsignal still named the handler
+    import ctypes
+    from types import SimpleNamespace
+
+    from pgps_tune import tuner
+
+    def caught() -> bool:  # whether the process itself catches SIGTERM now (the kernel's view, not Python's)
+        mask = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("SigCgt"))
+        return bool(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+    for key in ("TUNE_DISABLE_SIGINT_HANDLER", "TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NEW_OUTPUT",
+                "TUNE_DISABLE_STRICT_METRIC_CHECKING"):
+        monkeypatch.delenv(key, raising=False)  # set by the session; put back as they were after the test
+    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)  # a local Ray of the sweep's own, without Ray
+    monkeypatch.setattr(tuner, "start_ray", lambda address: None)
+    monkeypatch.setattr(tuner, "check_resources", lambda *args: None)
+    monkeypatch.setattr(tuner.ray, "shutdown", lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0))  # as Ray's core
+    opts = SimpleNamespace(address=None, cpus_per_trial=1, gpus_per_trial=0)
+    with tuner._stop_signals() as signals:
+        with tuner._ray_session(opts, signals):
+            pass
+        assert caught()
+        with pytest.raises(tuner.SweepInterrupted, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at once; the sleep is never finished
+
+
 def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     import pickle
 
