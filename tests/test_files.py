@@ -4,8 +4,8 @@ once, plain data, one document), only regular files, and every key checked where
 import datetime
 import os
 import re
+import signal
 import socket
-import time
 
 import pytest
 import yaml
@@ -121,12 +121,20 @@ def test_keys_of_mixed_types_never_crash_the_unknown_key_messages(tmp_path, caps
 def test_only_regular_files_are_read_and_a_fifo_never_blocks(tmp_path, capsys, monkeypatch):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t0 = time.monotonic()
-    refused(capsys, ["schedule", "--from", fifo], "is not a regular file (a FIFO); give a file")
-    refused(capsys, ["tune", "--space", fifo, "--data", "synthetic", "--out", tmp_path / "o"], "not a regular file")
-    with pytest.raises(PgpsError, match="splits file .* is not a regular file"):
-        read_json(fifo, "splits file", "fix it")
-    assert time.monotonic() - t0 < 5
+    def blocked(signum, frame):  # a reader that opened the FIFO would wait for a writer forever: fail instead
+        raise AssertionError("a FIFO was opened for reading and blocked")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)  # a watchdog against hanging, not a speed limit
+    try:
+        refused(capsys, ["schedule", "--from", fifo], "is not a regular file (a FIFO); give a file")
+        refused(capsys, ["tune", "--space", fifo, "--data", "synthetic", "--out", tmp_path / "o"],
+                "not a regular file")
+        with pytest.raises(PgpsError, match="splits file .* is not a regular file"):
+            read_json(fifo, "splits file", "fix it")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     refused(capsys, ["schedule", "--from", "/dev/zero"], "is not a regular file (a device)")
     sock = socket.socket(socket.AF_UNIX)
     try:
