@@ -929,7 +929,9 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     except SweepInterrupted as exc:
         started = (Path(out) / "sweep.json").is_file()
         print(f"pgps-tune: interrupted by {exc}; "
-              + (f"finished trials and checkpoints in {out} are kept and nothing was exported; resume with:"
+              + (f"finished trials and checkpoints in {out} are kept and "
+                 + ("its exports may be incomplete (the interrupt came while they were written)" if exc.exporting
+                    else "nothing was exported") + "; resume with:"
                  if started else "the sweep had not started; run it again with:"), file=sys.stderr)
         print(_command_line(a, resume=started), file=sys.stderr, flush=True)
         return 128 + exc.signum

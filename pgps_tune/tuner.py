@@ -243,6 +243,7 @@ class SweepInterrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.exporting = False  # the trials were done: it came while the exports were written
 
 
 # -- the trial --------------------------------------------------------------------------
@@ -1972,7 +1973,11 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         with _ray_session(opts, signals):
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings, before)
-        summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
+        try:
+            summary = export_sweep(out, meta, read_trials(meta), opts.results_store)
+        except SweepInterrupted as exc:
+            exc.exporting = True
+            raise
         if opts.mlflow:
             try:
                 log_sweep_to_mlflow(opts.mlflow, out, summary)

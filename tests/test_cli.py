@@ -137,6 +137,29 @@ def test_demo_runs_the_shipped_smoke_space_on_synthetic_data(tmp_path, capsys, m
     assert "--num-samples: must be" in refused(capsys, ["demo", "--num-samples", "-1"])
 
 
+def test_an_interrupt_while_the_sweep_is_exported_does_not_say_nothing_was_exported(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import pgps_tune.tuner as tuner
+
+    def interrupted(opts, exporting):
+        opts.out.mkdir()
+        (opts.out / "sweep.json").write_text("{}")  # the sweep had started
+        exc = tuner.SweepInterrupted(signal.SIGTERM)
+        exc.exporting = exporting
+        raise exc
+
+    for exporting, said in ((False, "nothing was exported; resume with:"),
+                            (True, "its exports may be incomplete (the interrupt came while they were written); "
+                                   "resume with:")):
+        out = tmp_path / str(exporting)
+        monkeypatch.setattr(tuner, "sweep", lambda opts, e=exporting: interrupted(opts, e))
+        assert main(["demo", "--out", str(out), "--quiet"]) == 143
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == f"pgps-tune: interrupted by SIGTERM; finished trials and checkpoints in {out} are kept and " \
+            + said and err[1].endswith("--resume"), err
+
+
 def test_unknown_space_name_lists_the_shipped_ones(capsys, tmp_path):
     line = refused(capsys, ["tune", "--space", "defualt", "--data", "synthetic", "--out", tmp_path / "o"])
     assert "no shipped space of that name" in line and "default" in line and "smoke" in line
