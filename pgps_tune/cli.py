@@ -1473,7 +1473,9 @@ def build_parser() -> argparse.ArgumentParser:
         "best", help="the best stored schedule for a dataset, over all sweeps",
         description="The best schedule for a dataset: the completed trials of every stored sweep of it (or of the "
                     "--sweep ones) ranked by the objective's score; trials at a fraction of the budget (ASHA's "
-                    "compressed rungs) and confirmation repeats are not ranked. Scores compare only at the same "
+                    "compressed rungs) and confirmation repeats are not ranked, but a sweep whose confirmation chose a "
+                    "winner is ranked by that winner alone, with its means over the repeats (the Dice and "
+                    "schedule of its best_schedule.yaml). Scores compare only at the same "
                     "budget (epochs x iterations per epoch), data and split, and final patch: when the ranked "
                     "sweeps differ in these, a note line names them and how; --sweep ranks comparable sweeps only.")
     be.add_argument("--dataset", required=True, metavar="NAME",

@@ -464,7 +464,11 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     a trial trained at a fraction of the budget (``fidelity`` below 1) only ranks schedules for the
     next rung: its score is not one the exports can compare.
     """
-    return max(rankable(rows), key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
+    return _highest(rankable(rows))
+
+
+def _highest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
 
 
 # -- confirmation -----------------------------------------------------------------------------
@@ -779,31 +783,50 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
             "trial_id": best["trial_id"], "space": meta["space"],
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
-            **_confirmation_evidence(summary),
+            **_confirmation_evidence(summary, best),
         })
         files[out / BEST] = _text(s.to_yaml())
     files[out / SUMMARY] = _text(strict_json(summary) + "\n")
     atomic_write_all(files)
-    store_sweep(table, meta, results_store, origin or out)
+    confirmed = confirmed_winner(summary, best) if best is not None else {}
+    store_sweep(table, meta, results_store, origin or out,
+                {confirmed["recipe_trial"]: confirmed} if confirmed else None)
     return summary
 
 
-def _confirmation_evidence(summary: dict[str, Any]) -> dict[str, Any]:
-    """What best_schedule.yaml carries of the confirmation: the winner's repeats, its tests, the verdict."""
+def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The confirmed winner's figures, as best_schedule.yaml's meta and 'pgps-tune best' give them (empty without
+    a confirmed winner): ``trial_id`` the winner's searched trial (summary.json's ``best``), ``val_dice`` and
+    ``score`` the means over the repeats, ``recipe_trial`` the confirmation trial ``row`` whose schedule and
+    recipe the file holds, and ``confirmation`` what the means are over.  One winner, one Dice, everywhere."""
     conf = summary.get("confirmation")
     if not conf or not conf["winner"]:
         return {}
     w = conf["schedules"][conf["winner"]]
-    return {"val_dice": w["dice"]["mean"], "score": w["score"]["mean"], "confirmation": {
-        "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"],
-        "dice_per_class": w["dice_per_class"], "vs": w.get("vs", {}), "verdict": conf["verdict"],
-        "significantly_better_than_baseline": conf["significantly_better_than_baseline"]}}
+    return {"trial_id": conf["winner"], "recipe_trial": row["trial_id"], "val_dice": w["dice"]["mean"],
+            "score": w["score"]["mean"], "confirmation": {
+                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"]}}
+
+
+def _confirmation_evidence(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """What best_schedule.yaml carries of the confirmation: the winner's figures, its tests, the verdict."""
+    out = confirmed_winner(summary, row)
+    if out:
+        w = summary["confirmation"]["schedules"][out["trial_id"]]
+        out["confirmation"].update(dice_per_class=w["dice_per_class"], vs=w.get("vs", {}),
+                                   verdict=summary["confirmation"]["verdict"],
+                                   significantly_better_than_baseline=summary["confirmation"][
+                                       "significantly_better_than_baseline"])
+    return out
 
 
 # -- the results store -------------------------------------------------------------------------
 
 
 ORIGIN = "origin"  # the resolved sweep folder a store partition came from; absent from stores written before it
+# JSON of :func:`confirmed_winner` on the row of the trial a confirmed sweep exported (else empty): 'best' gives
+# that sweep's winner the figures best_schedule.yaml and summary.json give it; absent from stores before it
+CONFIRMED = "confirmed"
 STORE_KEYS = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])  # the partition columns
 PART = "part-0.parquet"  # a partition's one file
 
@@ -849,9 +872,12 @@ def check_store_writable(store: str | Path | None) -> None:
                         "or PGPS_RESULTS_DIR to a writable folder")
 
 
-def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None
-                ) -> Path:
+def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None,
+                confirmed: dict[str, dict[str, Any]] | None = None) -> Path:
     """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep; returns the partition.
+
+    ``confirmed``: the confirmed winner's figures (:func:`confirmed_winner`) by the trial id of the row that
+    carries them (column :data:`CONFIRMED`).
 
     ``origin`` (the sweep folder) tells sweeps of one name apart: a re-export of the same sweep replaces its
     rows, while another sweep of that name (``runs/demo`` of another project) goes to ``NAME-HASH`` of its
@@ -865,6 +891,9 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     table = table.append_column("final_patch", pa.array([json.dumps(meta["final_patch"])] * n, pa.string()))
     table = table.append_column(SPACE_KEY, pa.array([str(meta.get(SPACE_KEY, ""))] * n, pa.string()))
     table = table.append_column(ORIGIN, pa.array([origin] * n, pa.string()))
+    confirmed = confirmed or {}
+    table = table.append_column(CONFIRMED, pa.array([strict_json(confirmed[t], indent=None) if t in confirmed else ""
+                                                     for t in table["trial_id"].to_pylist()], pa.string()))
     _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
@@ -911,8 +940,8 @@ def _store_files(root: Path) -> list[Path]:
 
 
 def load_store(store: str | Path | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key`` and ``origin`` (empty where a file
-    predates them)."""
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` and ``confirmed`` (empty
+    where a file predates them)."""
     root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -935,15 +964,16 @@ def load_store(store: str | Path | None = None) -> pa.Table:
             raise PgpsError(f"results store file {f} lacks columns {missing}; it was not written by pgps-tune: "
                             "move it out of the store")
     schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
-                               STORE_KEYS, pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string())])])
-    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN) as null
+                               STORE_KEYS, pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()),
+                                                      (CONFIRMED, pa.string())])])
+    try:  # the explicit schema reads a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED) as null
         table = pads.dataset([str(f) for f in files], format="parquet", schema=schema,
                              partitioning=pads.partitioning(STORE_KEYS, flavor="hive"),
                              partition_base_dir=str(root)).to_table(columns=[*STORE_COLUMNS, "dataset", "sweep",
-                                                                             SPACE_KEY, ORIGIN])
+                                                                             SPACE_KEY, ORIGIN, CONFIRMED])
         table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY,
                                  pc.fill_null(table[FIDELITY], 1.0))
-        for column in (SPACE_KEY, ORIGIN):
+        for column in (SPACE_KEY, ORIGIN, CONFIRMED):
             table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     except (OSError, pa.ArrowException) as exc:
         for f in files:  # name the file: its footer read, but its data (or a column's type) does not
@@ -1020,15 +1050,15 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
                             f"{', '.join(stored) or '(none)'}")
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
-    rows = t.filter(mask).to_pylist()
-    best = pick_best(rows)
+    ranked = stored_ranking(t.filter(mask).to_pylist())
+    best = _highest(ranked)
     if best is None:
         used = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["objective"].to_pylist()) - {None})
         if used and objective not in used:
             raise PgpsError(f"no trials of dataset {dataset!r} with objective {objective!r} in the store; its sweeps "
                             f"used: {', '.join(used)}")
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
-    note = incomparable_note(rankable(rows), best)
+    note = incomparable_note(ranked, best)
     if note:
         print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     dataset = best["dataset"]  # as the sweep stored it
@@ -1037,7 +1067,20 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
+        **json.loads(best[CONFIRMED] or "{}"),
     })
+
+
+def stored_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored trials 'pgps-tune best' ranks: those :func:`rankable` of each sweep, except that a sweep whose
+    confirmation chose a winner is represented by that winner alone, with its means over the repeats (column
+    :data:`CONFIRMED`): the schedule, Dice and score its best_schedule.yaml and summary.json give."""
+    confirmed = {r["sweep"]: r for r in rows if r.get(CONFIRMED)}
+    out = [r for r in rankable(rows) if r["sweep"] not in confirmed]
+    for r in confirmed.values():
+        c = json.loads(r[CONFIRMED])
+        out.append({**r, "final_dice": c["val_dice"], "score": c["score"]})
+    return out
 
 
 def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,
