@@ -47,6 +47,7 @@ from pgps_tune.results import (
     confirmation_flags,
     describe_confirmation,
     full_fidelity,
+    reference_order,
     schedule_of,
     valid_confirm_settings,
 )
@@ -559,8 +560,8 @@ def _summary_problems(summary: dict[str, Any], rows: list[dict[str, Any]]) -> li
               and _is_num(best.get("final_dice"), nullable=False) and math.isfinite(best["final_dice"])
               and _is_count(best.get("n_stages")) and _is_num(best.get("schedule_voxel_fraction"))):
         bad.append("best is not a trial of trials.parquet with its Dice, stages and voxel fraction")
-    for role in ("baseline", "paper"):
-        g = summary.get(f"gain_over_{role}")
+    for role in gain_roles(summary):
+        g = summary[f"gain_over_{role}"]
         if g is not None and not (isinstance(g, dict) and _is_num(g.get("dice_points"), nullable=False)
                                   and all(_is_num(g.get(k)) for k in ("time_ratio", "voxel_ratio", f"{role}_dice"))):
             bad.append(f"gain_over_{role} is not the gain pgps-tune writes")
@@ -715,13 +716,13 @@ def confirmation_figure(conf: dict[str, Any]) -> bytes:
 def confirmation_section(conf: dict[str, Any]) -> str:
     """The confirmation's verdict in words, its table (mean ± sd, paired differences) and its figure."""
     rows = []
+    references = reference_order(e["role"] for e in conf["schedules"].values())
     for name, e in conf["schedules"].items():
         rows.append({
             "schedule": name + (" (confirmed winner)" if name == conf.get("winner") else ""), "role": e["role"],
             f"{conf['repeat']}s done": f"{e['completed']}/{e['trials']}",
             "Dice mean": number(e["dice"]["mean"]), "Dice sd": number(e["dice"]["sd"]),
-            "vs baseline, points [95% interval], p": _points(e.get("vs", {}).get("baseline")),
-            "vs paper, points [95% interval], p": _points(e.get("vs", {}).get("paper")),
+            **{f"vs {role}, points [95% interval], p": _points(e.get("vs", {}).get(role)) for role in references},
             "voxel fraction": number(e["schedule_voxel_fraction"]),
         })
     verdict = conf.get("verdict", "")
@@ -812,8 +813,8 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}{shown}, "
                  f"{plural(int(best['n_stages']), 'stage')}, "
                  f"{number(best['schedule_voxel_fraction']):.2f}x the constant baseline's voxels.")
-    for role in ("baseline", "paper"):
-        g = summary.get(f"gain_over_{role}")
+    for role in gain_roles(summary):
+        g = summary[f"gain_over_{role}"]
         if best["role"] == role:
             lines.append(f"The best schedule is the {role} reference itself.")
             continue
@@ -835,6 +836,11 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"Caution: even the best trial reached only Dice {dice:.3f} (below {LEARNED_DICE}); "
                      "no schedule has learned the task at this budget: give more --epochs.")
     return lines
+
+
+def gain_roles(summary: dict[str, Any]) -> list[str]:
+    """The references a summary compares the best with (its ``gain_over_ROLE`` keys), in its order."""
+    return [k.removeprefix("gain_over_") for k in summary if k.startswith("gain_over_")]
 
 
 def sweep_report(sweep: str | Path) -> str:

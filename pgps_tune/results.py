@@ -22,7 +22,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -473,7 +473,18 @@ def _highest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # -- confirmation -----------------------------------------------------------------------------
 
-REFERENCE_ROLES = ("baseline", "paper")
+REFERENCE_ROLES = ("baseline", "paper")  # the references every confirmation trains; search.references may add more
+
+
+def reference_order(roles: Iterable[str]) -> list[str]:
+    """The references ``roles`` (any but ``search``) in the order the exports compare with them: the baseline, the
+    paper schedule, then the others of ``search.references`` as they come.
+
+    >>> reference_order(["search", "paper:performance", "baseline", "paper:resource"])
+    ['baseline', 'paper:performance', 'paper:resource']
+    """
+    roles = [r for r in dict.fromkeys(roles) if r != "search"]
+    return sorted(roles, key=lambda r: REFERENCE_ROLES.index(r) if r in REFERENCE_ROLES else len(REFERENCE_ROLES))
 REPEAT_KEYS = ("seed", "fold")  # what pairs two confirmation trials: the same seed, or the same fold
 CONFIRM_KEYS = ("candidate", *REPEAT_KEYS, "folds", "splits", "epochs")  # added to a schedule's config
 
@@ -555,10 +566,11 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
             "schedule_voxel_fraction": finished[0]["schedule_voxel_fraction"] if finished else math.nan,
             "n_stages": finished[0]["n_stages"] if finished else 0,
         }
+    references = reference_order(e["role"] for e in schedules.values())  # every one the confirmation trained
     for name, entry in schedules.items():
         if entry["role"] == "search":
             entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
-                           for role in REFERENCE_ROLES if role in schedules}
+                           for role in references if role in schedules}
     searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
     winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
                  default=None)
@@ -610,13 +622,15 @@ BEST_KEYS = ("trial_id", "role", "params", "final_dice", "score", "schedule_voxe
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, Any] | None = None) -> dict[str, Any]:
-    """summary.json: counts, the best schedule (``best``, else :func:`pick_best`'s) and its gain over the references.
+    """summary.json: counts, the best schedule (``best``, else :func:`pick_best`'s) and its gain over each reference
+    the sweep trained (``gain_over_ROLE``: the baseline, the paper schedule and any other of ``search.references``).
 
     With a confirmation, ``best`` is the confirmed winner (its numbers the means over the
     repeats; ``search_best`` is the search phase's pick) and the gains are the paired means.
     """
     best = best or pick_best(rows)
-    refs = {r["role"]: r for r in rows if r["role"] in REFERENCE_ROLES and r["completed"] and r["phase"] != "confirm"}
+    done = {r["role"]: r for r in rows if r["role"] != "search" and r["completed"] and r["phase"] != "confirm"}
+    refs = {role: done[role] for role in reference_order(done)}  # every reference the sweep trained
     summary: dict[str, Any] = {
         "dataset": meta["dataset"], "sweep": meta["sweep"], "objective": meta["objective"],
         "trials": len(rows), "completed": sum(r["completed"] for r in rows),
