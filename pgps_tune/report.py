@@ -43,6 +43,7 @@ from pgps_tune.results import (
     SUMMARY,
     SWEEP_FILE,
     TRIALS,
+    asha_compared,
     check_trials,
     confirmation_flags,
     describe_confirmation,
@@ -292,7 +293,8 @@ def asha_rungs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[float]:
     ``baseline_iterations`` clock, every trial at the full budget (a compressed ladder's rungs are budgets)."""
     from pgps_tune.asha import AshaSettings
 
-    if not any(r["stopped_early"] for r in rows) or not all(full_fidelity(r) for r in rows):
+    if (not asha_compared(meta) or not any(r["stopped_early"] for r in rows)
+            or not all(full_fidelity(r) for r in rows)):
         return []
     try:
         asha = AshaSettings.from_dict(meta["asha"])
@@ -890,7 +892,8 @@ def sweep_report(sweep: str | Path) -> str:
         if rungs:
             body += _note(f"ASHA compared the searched trials at {plural(len(rungs), 'rung')} of compute: "
                           f"{', '.join(f'{x:g}' for x in rungs)} baseline-equivalent iterations; a trial's "
-                          "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none)")
+                          "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none; "
+                          "empty: a trial no rung compared, as the references)")
     elif _tune_root(sweep, meta) is None:
         body = _note("no Tune results on this machine to read the curves from (remote --storage, or the ray/ "
                      "folder is gone)")
@@ -923,7 +926,9 @@ TABLE_ROWS = 300  # searched trials the page's table shows at most: the page sta
 def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
     """The trial table, best score first: every trial, or for a large sweep the references, the confirmation
     trials and the :data:`TABLE_ROWS` best-scored searched trials, with a note naming the command for all."""
-    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]]
+    # rung_reached only where ASHA compared some trial (a pareto sweep, or one without ASHA, has no rungs)
+    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]
+               and (c != "rung_reached" or any(r[c] is not None for r in rows))]
     ordered = select_trials(rows)
     searched = [r for r in ordered if r["phase"] == "search"]
     if len(searched) <= TABLE_ROWS:

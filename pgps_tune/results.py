@@ -124,6 +124,7 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
 
     checks = [
         ("asha", lambda: AshaSettings.from_dict(meta["asha"])),
+        ("early_stopping", lambda: isinstance(meta.get("early_stopping", False), bool)),
         ("experiments", lambda: _check_experiments(meta["experiments"])),
         ("objective", lambda: meta["objective"]["type"] in OBJECTIVES),
         ("storage_path", lambda: isinstance(meta["storage_path"], str)),
@@ -392,11 +393,20 @@ def _float(r: dict[str, Any], key: str, default: float = math.nan) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
+def asha_compared(meta: dict[str, Any]) -> bool:
+    """Whether ASHA compared the search phase's trials at its rungs (sweep.json's ``early_stopping``): not in a
+    ``pareto`` sweep, nor with ``asha.enabled: false``, nor in a compressed ladder (whose rungs are budgets).
+    A sweep.json from before the key existed ran ASHA unless its objective was ``pareto``."""
+    return bool(meta.get("early_stopping", (meta.get("objective") or {}).get("type") != "pareto"))
+
+
 def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial (the columns of ``trials.parquet``)."""
+    """One row per trial (the columns of ``trials.parquet``).  ``rung_reached`` is null for a trial that no
+    rung compared: the references, the confirmation's repeats, every trial of a sweep without ASHA."""
     from pgps_tune.space import objective_score
 
     asha = AshaSettings.from_dict(meta["asha"])
+    compared = asha_compared(meta)
     rows = []
     for t in records:
         r = t.last_result
@@ -427,7 +437,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "wall_time_s": _float(r, "time_total_s"),
             "baseline_iterations": _float(r, "baseline_iterations", 0.0),
             "rung_reached": int(r["rung"]) if isinstance(r.get("rung"), int)
-            else asha.rung_reached(_float(r, asha.time_attr, 0.0)),
+            else asha.rung_reached(_float(r, asha.time_attr, 0.0)) if compared and t.phase == "search" else None,
             "stopped_early": status == "stopped_early",
             "failed": failed,
             "completed": completed,
