@@ -1031,19 +1031,23 @@ def _num(v: Any, spec: str = ".4f") -> str:
 
 def _print_confirmation(summary: dict[str, Any]) -> None:
     """The confirmation's table (mean ± sd per schedule, paired differences) and its verdict in words."""
+    from pgps_tune.results import reference_order
+
     c = summary["confirmation"]
+    references = reference_order(e["role"] for e in c["schedules"].values())  # a column for each
     print(f"confirmation: {len(c['repeats'])} {c['repeat']}s per schedule, {c['epochs']} epochs")
-    print(f"  {'schedule':<16} {'n':>2} {'Dice mean':>9} {'sd':>7}  {'vs baseline (95% interval, p)':<38} vs paper")
+    heads = [f"vs {role}" + (" (95% interval, p)" if not i else "") for i, role in enumerate(references)]
+    print((f"  {'schedule':<16} {'n':>2} {'Dice mean':>9} {'sd':>7}  " + " ".join(f"{h:<38}" for h in heads)).rstrip())
     for name, e in c["schedules"].items():
         tests = []
-        for role in ("baseline", "paper"):
+        for role in references:
             t = e.get("vs", {}).get(role)
             tests.append("" if t is None else f"{_num(100 * t['mean_diff'], '+.2f')} "
                          f"[{_num(100 * t['ci_low'], '+.2f')}, {_num(100 * t['ci_high'], '+.2f')}] "
                          f"p={_num(t['p_value'], '.3g')}")
         label = name + (" *" if name == c["winner"] else "")
-        print(f"  {label:<16} {e['dice']['n']:>2} {_num(e['dice']['mean']):>9} {_num(e['dice']['sd']):>7}  "
-              f"{tests[0]:<38} {tests[1]}".rstrip())
+        print((f"  {label:<16} {e['dice']['n']:>2} {_num(e['dice']['mean']):>9} {_num(e['dice']['sd']):>7}  "
+               + " ".join(f"{t:<38}" for t in tests)).rstrip())
     print(f"  (* the confirmed winner; differences in Dice points, paired by {c['repeat']})")
     if c.get("search_winner_confirmed") is False:
         print(f"  the search phase's best trial, {summary['search_best']['trial_id']}, is not the confirmed winner")
@@ -1481,7 +1485,9 @@ def build_parser() -> argparse.ArgumentParser:
         "best", help="the best stored schedule for a dataset, over all sweeps",
         description="The best schedule for a dataset: the completed trials of every stored sweep of it (or of the "
                     "--sweep ones) ranked by the objective's score; trials at a fraction of the budget (ASHA's "
-                    "compressed rungs) and confirmation repeats are not ranked. Scores compare only at the same "
+                    "compressed rungs) and confirmation repeats are not ranked, but a sweep whose confirmation chose a "
+                    "winner is ranked by that winner alone, with its means over the repeats (the Dice and "
+                    "schedule of its best_schedule.yaml). Scores compare only at the same "
                     "budget (epochs x iterations per epoch), data and split, and final patch: when the ranked "
                     "sweeps differ in these, a note line names them and how; --sweep ranks comparable sweeps only.")
     be.add_argument("--dataset", required=True, metavar="NAME",

@@ -53,11 +53,13 @@ from pgps_tune.results import (
     SUMMARY,
     SWEEP_FILE,
     TRIALS,
+    asha_compared,
     check_trials,
     confirmation_flags,
     describe_confirmation,
     full_fidelity,
     read_parquet,
+    reference_order,
     schedule_of,
     valid_confirm_settings,
 )
@@ -304,7 +306,8 @@ def asha_rungs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[float]:
     ``baseline_iterations`` clock, every trial at the full budget (a compressed ladder's rungs are budgets)."""
     from pgps_tune.asha import AshaSettings
 
-    if not any(r["stopped_early"] for r in rows) or not all(full_fidelity(r) for r in rows):
+    if (not asha_compared(meta) or not any(r["stopped_early"] for r in rows)
+            or not all(full_fidelity(r) for r in rows)):
         return []
     try:
         asha = AshaSettings.from_dict(meta["asha"])
@@ -358,8 +361,9 @@ def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and math.isfinite(number(r["final_dice"])) and math.isfinite(number(r["schedule_voxel_fraction"]))]
 
 
-def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> bytes:
-    """Final Dice against the schedule's voxel fraction; Pareto front; the paper modes' compute."""
+def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None, confirmed: bool = False) -> bytes:
+    """Final Dice against the schedule's voxel fraction; Pareto front; the paper modes' compute.  A ``confirmed``
+    best is drawn at its search trial's Dice (the summary gives its mean over the confirmation's repeats)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     done = comparable(rows)
@@ -378,7 +382,8 @@ def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None) -> byte
         xs, ys = zip(*front)
         ax.step(xs, ys, where="post", color=COLOURS["best"], label="Pareto front", zorder=2)
     if best in point:
-        ax.scatter(*point[best], marker="*", s=260, facecolor="none", edgecolor="black", label="best", zorder=4)
+        ax.scatter(*point[best], marker="*", s=260, facecolor="none", edgecolor="black", zorder=4,
+                   label="best (its search trial)" if confirmed else "best")
     for (mode, x), ls in zip(paper_fractions(rows).items(), (":", "-.")):
         ax.axvline(x, color=colour(f"paper:{mode}"), ls=ls, lw=1, label=f"paper, {mode} mode: {x:.2f} of the compute")
     ax.set(xlabel="compute (voxel fraction of the constant baseline)", ylabel="final validation Dice",
@@ -571,8 +576,8 @@ def _summary_problems(summary: dict[str, Any], rows: list[dict[str, Any]]) -> li
               and _is_num(best.get("final_dice"), nullable=False) and math.isfinite(best["final_dice"])
               and _is_count(best.get("n_stages")) and _is_num(best.get("schedule_voxel_fraction"))):
         bad.append("best is not a trial of trials.parquet with its Dice, stages and voxel fraction")
-    for role in ("baseline", "paper"):
-        g = summary.get(f"gain_over_{role}")
+    for role in gain_roles(summary):
+        g = summary[f"gain_over_{role}"]
         if g is not None and not (isinstance(g, dict) and _is_num(g.get("dice_points"), nullable=False)
                                   and all(_is_num(g.get(k)) for k in ("time_ratio", "voxel_ratio", f"{role}_dice"))):
             bad.append(f"gain_over_{role} is not the gain pgps-tune writes")
@@ -727,13 +732,13 @@ def confirmation_figure(conf: dict[str, Any]) -> bytes:
 def confirmation_section(conf: dict[str, Any]) -> str:
     """The confirmation's verdict in words, its table (mean ± sd, paired differences) and its figure."""
     rows = []
+    references = reference_order(e["role"] for e in conf["schedules"].values())
     for name, e in conf["schedules"].items():
         rows.append({
             "schedule": name + (" (confirmed winner)" if name == conf.get("winner") else ""), "role": e["role"],
             f"{conf['repeat']}s done": f"{e['completed']}/{e['trials']}",
             "Dice mean": number(e["dice"]["mean"]), "Dice sd": number(e["dice"]["sd"]),
-            "vs baseline, points [95% interval], p": _points(e.get("vs", {}).get("baseline")),
-            "vs paper, points [95% interval], p": _points(e.get("vs", {}).get("paper")),
+            **{f"vs {role}, points [95% interval], p": _points(e.get("vs", {}).get(role)) for role in references},
             "voxel fraction": number(e["schedule_voxel_fraction"]),
         })
     verdict = conf.get("verdict", "")
@@ -824,8 +829,8 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"Best: trial {best['trial_id']} ({best['role']}), validation Dice {dice:.3f}{shown}, "
                  f"{plural(int(best['n_stages']), 'stage')}, "
                  f"{number(best['schedule_voxel_fraction']):.2f}x the constant baseline's voxels.")
-    for role in ("baseline", "paper"):
-        g = summary.get(f"gain_over_{role}")
+    for role in gain_roles(summary):
+        g = summary[f"gain_over_{role}"]
         if best["role"] == role:
             lines.append(f"The best schedule is the {role} reference itself.")
             continue
@@ -847,6 +852,11 @@ def _outcome_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"Caution: even the best trial reached only Dice {dice:.3f} (below {LEARNED_DICE}); "
                      "no schedule has learned the task at this budget: give more --epochs.")
     return lines
+
+
+def gain_roles(summary: dict[str, Any]) -> list[str]:
+    """The references a summary compares the best with (its ``gain_over_ROLE`` keys), in its order."""
+    return [k.removeprefix("gain_over_") for k in summary if k.startswith("gain_over_")]
 
 
 def sweep_report(sweep: str | Path) -> str:
@@ -896,7 +906,8 @@ def sweep_report(sweep: str | Path) -> str:
         if rungs:
             body += _note(f"ASHA compared the searched trials at {plural(len(rungs), 'rung')} of compute: "
                           f"{', '.join(f'{x:g}' for x in rungs)} baseline-equivalent iterations; a trial's "
-                          "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none)")
+                          "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none; "
+                          "empty: a trial no rung compared, as the references)")
     elif _tune_root(sweep, meta) is None:
         body = _note("no Tune results on this machine to read the curves from (remote --storage, or the ray/ "
                      "folder is gone)")
@@ -906,7 +917,8 @@ def sweep_report(sweep: str | Path) -> str:
         body += _note(f"not drawn: {plural(len(unreadable), 'trial')} whose result.json cannot be read "
                       f"({', '.join(map(str, unreadable[:3]))}{', ...' if len(unreadable) > 3 else ''})")
     sections.append(("Learning curves", body))
-    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best), "Dice against compute")
+    confirmed = bool((summary.get("best") or {}).get("confirmed"))
+    sections.append(("Dice against compute", _img(dice_vs_compute_figure(rows, best, confirmed), "Dice against compute")
                      if comparable(rows)
                      else _note("no searched or reference trial completed with a Dice: nothing to plot")))
 
@@ -928,7 +940,9 @@ TABLE_ROWS = 300  # searched trials the page's table shows at most: the page sta
 def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
     """The trial table, best score first: every trial, or for a large sweep the references, the confirmation
     trials and the :data:`TABLE_ROWS` best-scored searched trials, with a note naming the command for all."""
-    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]]
+    # rung_reached only where ASHA compared some trial (a pareto sweep, or one without ASHA, has no rungs)
+    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]
+               and (c != "rung_reached" or any(r[c] is not None for r in rows))]
     ordered = select_trials(rows)
     searched = [r for r in ordered if r["phase"] == "search"]
     if len(searched) <= TABLE_ROWS:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -126,6 +126,7 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
 
     checks = [
         ("asha", lambda: AshaSettings.from_dict(meta["asha"])),
+        ("early_stopping", lambda: isinstance(meta.get("early_stopping", False), bool)),
         ("experiments", lambda: _check_experiments(meta["experiments"])),
         ("objective", lambda: meta["objective"]["type"] in OBJECTIVES),
         ("storage_path", lambda: isinstance(meta["storage_path"], str)),
@@ -491,11 +492,20 @@ def _float(r: dict[str, Any], key: str, default: float = math.nan) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
+def asha_compared(meta: dict[str, Any]) -> bool:
+    """Whether ASHA compared the search phase's trials at its rungs (sweep.json's ``early_stopping``): not in a
+    ``pareto`` sweep, nor with ``asha.enabled: false``, nor in a compressed ladder (whose rungs are budgets).
+    A sweep.json from before the key existed ran ASHA unless its objective was ``pareto``."""
+    return bool(meta.get("early_stopping", (meta.get("objective") or {}).get("type") != "pareto"))
+
+
 def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial (the columns of ``trials.parquet``)."""
+    """One row per trial (the columns of ``trials.parquet``).  ``rung_reached`` is null for a trial that no
+    rung compared: the references, the confirmation's repeats, every trial of a sweep without ASHA."""
     from pgps_tune.space import objective_score
 
     asha = AshaSettings.from_dict(meta["asha"])
+    compared = asha_compared(meta)
     rows = []
     for t in records:
         r = t.last_result
@@ -526,7 +536,7 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "wall_time_s": _float(r, "time_total_s"),
             "baseline_iterations": _float(r, "baseline_iterations", 0.0),
             "rung_reached": int(r["rung"]) if isinstance(r.get("rung"), int)
-            else asha.rung_reached(_float(r, asha.time_attr, 0.0)),
+            else asha.rung_reached(_float(r, asha.time_attr, 0.0)) if compared and t.phase == "search" else None,
             "stopped_early": status == "stopped_early",
             "failed": failed,
             "completed": completed,
@@ -563,12 +573,27 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     a trial trained at a fraction of the budget (``fidelity`` below 1) only ranks schedules for the
     next rung: its score is not one the exports can compare.
     """
-    return max(rankable(rows), key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
+    return _highest(rankable(rows))
+
+
+def _highest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda r: (r["score"], -r["schedule_voxel_fraction"], r["final_dice"]), default=None)
 
 
 # -- confirmation -----------------------------------------------------------------------------
 
-REFERENCE_ROLES = ("baseline", "paper")
+REFERENCE_ROLES = ("baseline", "paper")  # the references every confirmation trains; search.references may add more
+
+
+def reference_order(roles: Iterable[str]) -> list[str]:
+    """The references ``roles`` (any but ``search``) in the order the exports compare with them: the baseline, the
+    paper schedule, then the others of ``search.references`` as they come.
+
+    >>> reference_order(["search", "paper:performance", "baseline", "paper:resource"])
+    ['baseline', 'paper:performance', 'paper:resource']
+    """
+    roles = [r for r in dict.fromkeys(roles) if r != "search"]
+    return sorted(roles, key=lambda r: REFERENCE_ROLES.index(r) if r in REFERENCE_ROLES else len(REFERENCE_ROLES))
 REPEAT_KEYS = ("seed", "fold")  # what pairs two confirmation trials: the same seed, or the same fold
 CONFIRM_KEYS = ("candidate", *REPEAT_KEYS, "folds", "splits", "epochs")  # added to a schedule's config
 
@@ -650,10 +675,11 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
             "schedule_voxel_fraction": finished[0]["schedule_voxel_fraction"] if finished else math.nan,
             "n_stages": finished[0]["n_stages"] if finished else 0,
         }
+    references = reference_order(e["role"] for e in schedules.values())  # every one the confirmation trained
     for name, entry in schedules.items():
         if entry["role"] == "search":
             entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
-                           for role in REFERENCE_ROLES if role in schedules}
+                           for role in references if role in schedules}
     searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
     winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
                  default=None)
@@ -705,13 +731,15 @@ BEST_KEYS = ("trial_id", "role", "params", "final_dice", "score", "schedule_voxe
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, Any] | None = None) -> dict[str, Any]:
-    """summary.json: counts, the best schedule (``best``, else :func:`pick_best`'s) and its gain over the references.
+    """summary.json: counts, the best schedule (``best``, else :func:`pick_best`'s) and its gain over each reference
+    the sweep trained (``gain_over_ROLE``: the baseline, the paper schedule and any other of ``search.references``).
 
     With a confirmation, ``best`` is the confirmed winner (its numbers the means over the
     repeats; ``search_best`` is the search phase's pick) and the gains are the paired means.
     """
     best = best or pick_best(rows)
-    refs = {r["role"]: r for r in rows if r["role"] in REFERENCE_ROLES and r["completed"] and r["phase"] != "confirm"}
+    done = {r["role"]: r for r in rows if r["role"] != "search" and r["completed"] and r["phase"] != "confirm"}
+    refs = {role: done[role] for role in reference_order(done)}  # every reference the sweep trained
     summary: dict[str, Any] = {
         "dataset": meta["dataset"], "sweep": meta["sweep"], "objective": meta["objective"],
         "trials": len(rows), "completed": sum(r["completed"] for r in rows),
@@ -878,31 +906,50 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
             "trial_id": best["trial_id"], "space": meta["space"],
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
-            **_confirmation_evidence(summary),
+            **_confirmation_evidence(summary, best),
         })
         files[out / BEST] = _text(s.to_yaml())
     files[out / SUMMARY] = _text(strict_json(summary) + "\n")
     atomic_write_all(files)
-    store_sweep(table, meta, results_store, origin or out)
+    confirmed = confirmed_winner(summary, best) if best is not None else {}
+    store_sweep(table, meta, results_store, origin or out,
+                {confirmed["recipe_trial"]: confirmed} if confirmed else None)
     return summary
 
 
-def _confirmation_evidence(summary: dict[str, Any]) -> dict[str, Any]:
-    """What best_schedule.yaml carries of the confirmation: the winner's repeats, its tests, the verdict."""
+def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The confirmed winner's figures, as best_schedule.yaml's meta and 'pgps-tune best' give them (empty without
+    a confirmed winner): ``trial_id`` the winner's searched trial (summary.json's ``best``), ``val_dice`` and
+    ``score`` the means over the repeats, ``recipe_trial`` the confirmation trial ``row`` whose schedule and
+    recipe the file holds, and ``confirmation`` what the means are over.  One winner, one Dice, everywhere."""
     conf = summary.get("confirmation")
     if not conf or not conf["winner"]:
         return {}
     w = conf["schedules"][conf["winner"]]
-    return {"val_dice": w["dice"]["mean"], "score": w["score"]["mean"], "confirmation": {
-        "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"],
-        "dice_per_class": w["dice_per_class"], "vs": w.get("vs", {}), "verdict": conf["verdict"],
-        "significantly_better_than_baseline": conf["significantly_better_than_baseline"]}}
+    return {"trial_id": conf["winner"], "recipe_trial": row["trial_id"], "val_dice": w["dice"]["mean"],
+            "score": w["score"]["mean"], "confirmation": {
+                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"]}}
+
+
+def _confirmation_evidence(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """What best_schedule.yaml carries of the confirmation: the winner's figures, its tests, the verdict."""
+    out = confirmed_winner(summary, row)
+    if out:
+        w = summary["confirmation"]["schedules"][out["trial_id"]]
+        out["confirmation"].update(dice_per_class=w["dice_per_class"], vs=w.get("vs", {}),
+                                   verdict=summary["confirmation"]["verdict"],
+                                   significantly_better_than_baseline=summary["confirmation"][
+                                       "significantly_better_than_baseline"])
+    return out
 
 
 # -- the results store -------------------------------------------------------------------------
 
 
 ORIGIN = "origin"  # the resolved sweep folder a store partition came from; absent from stores written before it
+# JSON of :func:`confirmed_winner` on the row of the trial a confirmed sweep exported (else empty): 'best' gives
+# that sweep's winner the figures best_schedule.yaml and summary.json give it; absent from stores before it
+CONFIRMED = "confirmed"
 STORE_KEYS = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])  # the partition columns
 PART = "part-0.parquet"  # a partition's one file
 
@@ -949,9 +996,12 @@ def check_store_writable(store: str | Path | None) -> None:
                         "or PGPS_RESULTS_DIR to a writable folder")
 
 
-def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None
-                ) -> Path:
+def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None,
+                confirmed: dict[str, dict[str, Any]] | None = None) -> Path:
     """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep; returns the partition.
+
+    ``confirmed``: the confirmed winner's figures (:func:`confirmed_winner`) by the trial id of the row that
+    carries them (column :data:`CONFIRMED`).
 
     ``origin`` (the sweep folder) tells sweeps of one name apart: a re-export of the same sweep replaces its
     rows, while another sweep of that name (``runs/demo`` of another project) goes to ``NAME-HASH`` of its
@@ -965,6 +1015,9 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     table = table.append_column("final_patch", pa.array([json.dumps(meta["final_patch"])] * n, pa.string()))
     table = table.append_column(SPACE_KEY, pa.array([str(meta.get(SPACE_KEY, ""))] * n, pa.string()))
     table = table.append_column(ORIGIN, pa.array([origin] * n, pa.string()))
+    confirmed = confirmed or {}
+    table = table.append_column(CONFIRMED, pa.array([strict_json(confirmed[t], indent=None) if t in confirmed else ""
+                                                     for t in table["trial_id"].to_pylist()], pa.string()))
     _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
@@ -1011,8 +1064,8 @@ def _store_files(root: Path) -> list[Path]:
 
 
 def load_store(store: str | Path | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key`` and ``origin`` (empty where a file
-    predates them)."""
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` and ``confirmed`` (empty
+    where a file predates them)."""
     root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -1023,7 +1076,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     if not files:
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
     schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
-                               pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string())])])
+                               pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()), (CONFIRMED, pa.string())])])
     partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
     tables, size = [], 0
     for f in files:
@@ -1042,7 +1095,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
             raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
                             f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
         keys = pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix()))
-        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN) reads as null; FIDELITY null is 1
+        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED) reads as null; FIDELITY null is 1
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
         except (pa.ArrowException, ValueError) as exc:
@@ -1050,15 +1103,31 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                             "out of the store, then rerun 'pgps-tune export' for its sweep") from None
         columns += [pa.array([keys.get(k)] * len(t), pa.string()) for k in STORE_KEYS.names]
         tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))
-    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN])
+    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
-    for column in (SPACE_KEY, ORIGIN):
+    for column in (SPACE_KEY, ORIGIN, CONFIRMED):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
-    for r in table.select(["dataset", "sweep", "trial_id", *JSON_COLUMNS]).to_pylist():
+    for r in table.select(["dataset", "sweep", "trial_id", CONFIRMED, *JSON_COLUMNS]).to_pylist():
         folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
-        check_json_columns([r], f"results store folder {folder}",
-                           "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")
+        fix = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
+        check_json_columns([r], f"results store folder {folder}", fix)
+        if r[CONFIRMED] and not _valid_confirmed(r[CONFIRMED]):  # 'best' ranks and exports by these figures
+            raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {CONFIRMED} column is not the "
+                            f"confirmed winner's figures pgps-tune writes there; {fix}")
     return table
+
+
+def _valid_confirmed(text: str) -> bool:
+    """Whether a store cell of column :data:`CONFIRMED` is what :func:`confirmed_winner` writes."""
+    try:
+        c = loads_json(text)
+    except ValueError:
+        return False
+    return (isinstance(c, dict) and set(c) == {"trial_id", "recipe_trial", "val_dice", "score", "confirmation"}
+            and isinstance(c["trial_id"], str) and isinstance(c["recipe_trial"], str)
+            and all(isinstance(c[k], (int, float)) and not isinstance(c[k], bool) and math.isfinite(c[k])
+                    for k in ("val_dice", "score"))
+            and isinstance(c["confirmation"], dict))
 
 
 def comparable_as(row: dict[str, Any]) -> dict[str, str]:
@@ -1120,15 +1189,15 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
                             f"{', '.join(stored) or '(none)'}")
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
-    rows = t.filter(mask).to_pylist()
-    best = pick_best(rows)
+    ranked = stored_ranking(t.filter(mask).to_pylist())
+    best = _highest(ranked)
     if best is None:
         used = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["objective"].to_pylist()) - {None})
         if used and objective not in used:
             raise PgpsError(f"no trials of dataset {dataset!r} with objective {objective!r} in the store; its sweeps "
                             f"used: {', '.join(used)}")
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
-    note = incomparable_note(rankable(rows), best)
+    note = incomparable_note(ranked, best)
     if note:
         print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     dataset = best["dataset"]  # as the sweep stored it
@@ -1137,7 +1206,20 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     return replace(s, meta={
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
+        **json.loads(best[CONFIRMED] or "{}"),
     })
+
+
+def stored_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored trials 'pgps-tune best' ranks: those :func:`rankable` of each sweep, except that a sweep whose
+    confirmation chose a winner is represented by that winner alone, with its means over the repeats (column
+    :data:`CONFIRMED`): the schedule, Dice and score its best_schedule.yaml and summary.json give."""
+    confirmed = {r["sweep"]: r for r in rows if r.get(CONFIRMED)}
+    out = [r for r in rankable(rows) if r["sweep"] not in confirmed]
+    for r in confirmed.values():
+        c = json.loads(r[CONFIRMED])
+        out.append({**r, "final_dice": c["val_dice"], "score": c["score"]})
+    return out
 
 
 def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,

@@ -1405,8 +1405,13 @@ def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
         return [PhasePlan("search" if r == 0 else f"search-r{r}", rung.trials,
                           float(b.epochs * rung.iterations_per_epoch)) for r, rung in enumerate(rungs)]
     cap = space.search.max_compute * full if space.search.max_compute > 0 else None
-    early = a.enabled and space.objective.type != "pareto"  # a pareto sweep runs without ASHA
-    return [PhasePlan("search", num_samples, full, cap=cap, bound=early or cap is not None)]
+    return [PhasePlan("search", num_samples, full, cap=cap, bound=early_stopping(space) or cap is not None)]
+
+
+def early_stopping(space: SearchSpace) -> bool:
+    """Whether ASHA stops the search phase's trials: ``asha.enabled``, but never in a ``pareto`` sweep (it ranks
+    trials mid-run by one number) nor in a compressed ladder (whose rungs are runs of their own)."""
+    return space.asha.enabled and space.objective.type != "pareto" and space.asha.fidelity != "compressed"
 
 
 def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float]) -> PhasePlan:
@@ -2142,7 +2147,7 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         "experiments": {p: kept.get(p, f"{name}-{p}") for p in ("references", "search")
                         if p == "search" or space.search.references},
         "num_samples": num_samples, "objective": asdict(space.objective),
-        "asha": AshaSettings.from_space(space).to_dict(),
+        "asha": AshaSettings.from_space(space).to_dict(), "early_stopping": early_stopping(space),
         "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
         "started": started, "finished": False, "space_key": space.key(),
         **({"study": (before or {}).get("study", name), "study_file": STUDY_FILE}
@@ -2200,7 +2205,7 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
         print("pgps-tune: objective pareto: ASHA early stopping is off (it ranks trials mid-run by one number, and "
               "would stop cheap schedules the front needs; see docs/GUIDE.md)", file=sys.stderr, flush=True)
     scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
-                 if space.asha.enabled and not pareto else None)
+                 if early_stopping(space) else None)
     if space.search.algorithm == "grid":
         searcher = ListSearcher(grid_sample(space, num_samples) if space.asha.promote == "main_effects"
                                 else space.grid())

@@ -150,11 +150,12 @@ def test_candidates_are_the_best_distinct_searched_schedules():
 
 
 def confirmation(values: dict[str, list[float]]):
-    """Rows and sweep.json of a confirmation over seeds 1..n, with these Dice values per schedule."""
+    """Rows and sweep.json of a confirmation over seeds 1..n, with these Dice values per schedule (t...: searched
+    schedules, the others references)."""
     n = len(next(iter(values.values())))
     configs, rows = [], []
     for name, dices in values.items():
-        role = name if name in ("baseline", "paper") else "search"
+        role = "search" if name.startswith("t") else name
         for seed, dice in zip(range(1, n + 1), dices):
             config = {"role": role, "candidate": name, "seed": seed, "epochs": 10}
             configs.append(config)
@@ -196,6 +197,34 @@ def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
     assert c["schedules"]["t1"]["vs"]["baseline"]["significantly_worse"] and "paper" not in c["schedules"]["t1"]["vs"]
     assert "the best, t1, is significantly worse, by -10.25 Dice points" in c["verdict"]
     assert c["search_winner_confirmed"] is None  # no search best was given
+
+
+def test_every_reference_the_sweep_trained_is_compared_in_summary_terminal_and_page(capsys):
+    # search.references: [constant, "paper:resource", "paper:performance"] (hippocampus_pareto): a gain over each,
+    # in summary.json, the outcome lines of the terminal and page, and the confirmation's tests and table
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import confirmation_section, summary_lines
+    from pgps_tune.results import summarize
+
+    refs = [row("base", "references", "baseline", {}, 0.6), row("pres", "references", "paper:resource", {}, 0.55),
+            row("pper", "references", "paper:performance", {}, 0.65), row("t1", "search", "search", {}, 0.7)]
+    meta = {"dataset": "d", "sweep": "s", "objective": {"type": "pareto"}}
+    summary = summarize([{**r, "stopped_early": False, "failed": False} for r in refs], meta)
+    gains = {k: round(v["dice_points"], 6) for k, v in summary.items() if k.startswith("gain_over_")}
+    assert gains == {"gain_over_baseline": 10.0, "gain_over_paper:resource": 15.0, "gain_over_paper:performance": 5.0}
+    lines = summary_lines(summary)
+    assert [line.split(":")[0] for line in lines[2:5]] == [
+        "Against the baseline reference", "Against the paper", "Against the paper"]
+    assert "Against the paper:performance reference: Dice 0.700 vs 0.650 (+5.0 points)" in lines[4]
+    rows, meta = confirmation({"baseline": [0.6, 0.62], "paper": [0.5, 0.52], "paper:performance": [0.64, 0.7],
+                               "t1": [0.7, 0.72]})
+    conf = confirmation_summary(rows, meta)
+    assert list(conf["schedules"]["t1"]["vs"]) == ["baseline", "paper", "paper:performance"]
+    _print_confirmation({"confirmation": conf, "search_best": {"trial_id": "t1"}})
+    head, *table = capsys.readouterr().out.splitlines()[1:6]
+    assert [h.strip() for h in head.split("  vs ")[1:]] == ["baseline (95% interval, p)", "paper", "paper:performance"]
+    assert table[3].startswith("  t1 *") and table[3].count(" p=") == 3
+    assert "vs paper:performance, points [95% interval], p" in confirmation_section(conf)
 
 
 def test_tune_flags_replace_the_confirm_section(tmp_path, monkeypatch):

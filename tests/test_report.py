@@ -705,3 +705,22 @@ def test_the_page_names_asha_rungs_only_where_asha_compared_trials_on_the_curves
     (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "asha": asha}))
     assert "ASHA compared the searched trials at 3 rungs of compute: 20, 40, 80 baseline-equivalent iterations" \
         in sweep_report(fake_sweep)
+
+
+@pytest.mark.parametrize("over,searched", [({}, [0, 2]), ({"objective": {"type": "pareto"}}, [None, None]),
+                                           ({"early_stopping": False}, [None, None])])
+def test_rung_reached_is_empty_where_no_rung_compared_the_trial(fake_sweep, over, searched):
+    # ASHA compares only the search phase, and only where it ran: the references and confirmation repeats, and
+    # every trial of a pareto sweep or one with asha.enabled false, reached no rung (null), and the page says none
+    from conftest import sweep_meta
+
+    from pgps_tune.report import trial_table
+    from pgps_tune.results import TrialRecord, trial_rows
+
+    meta = sweep_meta(fake_sweep, **over)  # asha: epochs, rungs at 2, 4 and 8
+    records = [TrialRecord(f"{phase}-{t}", "TERMINATED", {}, {"epoch": t, "completed": True}, phase=phase)
+               for phase in ("references", "search", "confirm") for t in (3, 10)]
+    rows = trial_rows(records, meta)
+    assert [r["rung_reached"] for r in rows] == [None, None, *searched, None, None]
+    columns = trial_table(rows, fake_sweep).split("</thead>")[0]
+    assert ("rung_<wbr>reached" in columns) == (searched[0] is not None)

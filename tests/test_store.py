@@ -343,3 +343,40 @@ def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decode
     monkeypatch.setattr(results, "MAX_STORE_BYTES", pq.read_table(part).nbytes + 1)  # the store's sweeps together
     with pytest.raises(PgpsError, match="MiB of trials .reading .*; move sweeps"):
         load_store(store)
+
+
+def test_a_confirmed_winner_has_one_dice_in_summary_best_schedule_and_best(tmp_path, capsys):
+    # the search trial scored 0.70, its confirmation repeats 0.74 and 0.78: every export and 'best' give the
+    # winner the mean, 0.76, and name its searched trial; a sweep without confirmation keeps its trial's Dice
+    store, out = tmp_path / "store", tmp_path / "conf"
+    configs = [{"role": role, "candidate": name, "seed": seed, "epochs": 10, "stages": 2}
+               for name, role in (("baseline", "baseline"), ("srch", "search")) for seed in (1, 2)]
+    dice = {("baseline", 1): 0.5, ("baseline", 2): 0.52, ("srch", 1): 0.74, ("srch", 2): 0.78}
+    records = [record("srch", 0.70)] + [
+        TrialRecord(f"c{i}", "TERMINATED", c, {**record("x", dice[c["candidate"], c["seed"]]).last_result,
+                                               "role": c["role"]}, phase="confirm") for i, c in enumerate(configs)]
+    meta = sweep_meta(out, sweep="conf", confirmation={"repeat": "seed", "configs": configs, "epochs": 10,
+                                                       "top_k": 1, "experiments": ["conf-confirm"]})
+    summary = export_sweep(out, meta, records, store)
+    export_sweep(tmp_path / "plain", sweep_meta(tmp_path / "plain", sweep="plain"), [record("t1", 0.75)], store)
+    assert summary["best"]["trial_id"] == "srch" and summary["best"]["final_dice"] == pytest.approx(0.76)
+    exported = sch.load(out / "best_schedule.yaml").meta
+    assert (exported["trial_id"], exported["recipe_trial"]) == ("srch", "c2")  # c2: the file's recipe (seed 1)
+    assert exported["val_dice"] == exported["score"] == pytest.approx(0.76)
+    assert exported["confirmation"]["dice"]["n"] == 2 and exported["confirmation"]["repeat"] == "seed"
+    capsys.readouterr()
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--format", "json"]) == 0
+    best = json.loads(capsys.readouterr().out)["meta"]  # 0.76 (confirmed) beats the plain sweep's 0.75
+    assert {k: best[k] for k in ("sweep", "trial_id", "recipe_trial")} == {
+        "sweep": "conf", "trial_id": "srch", "recipe_trial": "c2"}
+    assert best["val_dice"] == best["score"] == pytest.approx(0.76) and best["confirmation"]["dice"]["n"] == 2
+    plain = results.best_schedule("synthetic", store, sweeps="plain").meta
+    assert plain["val_dice"] == 0.75 and "confirmation" not in plain and "recipe_trial" not in plain
+    part = next(store.glob("dataset=synthetic/sweep=conf/*.parquet"))  # a store handed over: the cell is checked
+    t = pq.read_table(part)
+    for cell in ('{"val_dice": "0.99"}', "{", '{"trial_id": "srch", "recipe_trial": "c2", "val_dice": 2e308, '
+                 '"score": 1, "confirmation": {}}'):
+        cells = [cell if v else "" for v in t["confirmed"].to_pylist()]
+        pq.write_table(t.set_column(t.schema.get_field_index("confirmed"), "confirmed", pa.array(cells)), part)
+        with pytest.raises(PgpsError, match="trial c2's confirmed column is not the confirmed winner's figures"):
+            load_store(store)
