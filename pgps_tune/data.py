@@ -319,8 +319,13 @@ def discover(root: str | Path) -> DatasetSpec:
         found = "lists" if layout == "msd" else "has labels for"
         notes.append(f"{path.name} gives numTraining {declared} but {found} {len(cases)} case(s); check for missing "
                      "or misnamed files")
-    name = str(data.get("name") or root.name)
-    return DatasetSpec(root, name, layout, labels, channels, tuple(cases), _modalities(data, channels), tuple(notes))
+    return DatasetSpec(root, dataset_name(data, root), layout, labels, channels, tuple(cases),
+                       _modalities(data, channels), tuple(notes))
+
+
+def dataset_name(description: dict[str, Any], folder: Path) -> str:
+    """A dataset's name, which the results store files its sweeps under: dataset.json's ``name``, else the folder's."""
+    return str(description.get("name") or folder.name)
 
 
 def _modalities(data: dict[str, Any], channels: int) -> tuple[str, ...]:

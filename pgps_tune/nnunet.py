@@ -1119,6 +1119,46 @@ def trial_plan(plans: str | Path, configuration: str) -> NnunetPlan:
     return plan
 
 
+@dataclass(frozen=True)
+class SweepDataset:
+    """The dataset of a sweep with ``budget.trainer: nnunet``, as nnU-Net preprocessed it.
+
+    Its trials train nnU-Net's preprocessed data, so the sweep never runs the dataset through
+    pgps-tune's loader (which refuses what nnU-Net trains fine: region labels such as
+    ``"whole": [1, 2]``, an ``ignore`` label).  ``name`` follows pgps-tune's rule (dataset.json's
+    ``name``, else the folder's), so the results store files the sweep where a pgps-tune-trainer
+    sweep of the same dataset goes; ``folds`` are nnU-Net's (its ``splits_final.json``).
+    """
+
+    name: str
+    cases: int
+    folds: int
+    plan: NnunetPlan
+
+    def check_folds(self, folds: int, source: str) -> None:
+        """Refuse a confirmation on more folds than nnU-Net's split of the dataset has."""
+        if folds > self.folds:
+            raise PgpsError(f"{source}: {folds} folds asked for, but nnU-Net's split of {self.plan.dataset} has "
+                            f"{self.folds}; confirm on at most {self.folds} (or on seeds)")
+
+
+def sweep_dataset(plans: str | Path, configuration: str) -> SweepDataset:
+    """The :class:`SweepDataset` of these plans, refused now if nnU-Net could not train or split it."""
+    from pgps_tune.data import dataset_name
+
+    plan = trial_plan(plans, configuration)
+    base = plan.source.parent
+    description = read_json(base / "dataset.json", "nnU-Net dataset description", REPLAN)
+    if not isinstance(description, dict):
+        raise PgpsError(f"{base / 'dataset.json'} is not a JSON object; {REPLAN}")
+    cases = sum(1 for _ in (base / plan.data_identifier).glob("*.pkl"))  # one properties file per case
+    folds = dataset_folds(base)
+    if not (base / "splits_final.json").is_file() and cases < folds:
+        raise PgpsError(f"{base} holds {cases} preprocessed case(s) and no splits_final.json, and nnU-Net's "
+                        f"{folds}-fold split needs {folds} cases; write a splits_final.json with fewer folds")
+    return SweepDataset(dataset_name(description, base), cases, folds, plan)
+
+
 def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedule, out: Path,
                 callback, *, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
                 report_every: int, device: str = "cpu", processes: int = 0, resume: bool = False) -> dict[str, Any]:

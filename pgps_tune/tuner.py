@@ -81,6 +81,7 @@ from pgps_tune.errors import (
     read_file,
     stop_signals_held,
 )
+from pgps_tune.nnunet import SweepDataset
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -172,25 +173,20 @@ class SweepOptions:
                                 "PLANS (the dataset's nnUNetPlans.json, or its id or name) and --configuration")
             self.nnunet_check()
 
-    def nnunet_check(self) -> None:
-        """Refuse, before Ray starts, an nnU-Net sweep whose plans, preprocessed data or folds are missing."""
+    def nnunet_check(self) -> SweepDataset:
+        """Refuse, before Ray starts, an nnU-Net sweep whose plans, preprocessed data or folds are missing;
+        returns its :class:`pgps_tune.nnunet.SweepDataset`."""
         from pgps_tune import nnunet
 
-        plan = nnunet.trial_plan(self.nnunet_plans, self.nnunet_configuration)
-        b, c = self.space.budget, self.space.confirm
-        folds_file = plan.source.parent / "splits_final.json"
-        n = 5  # nnU-Net writes a 5-fold split when a first training finds none
-        if folds_file.is_file():
-            try:
-                n = len(loads_json(read_file(folds_file, MAX_JSON_BYTES)))
-            except (OSError, ValueError, TypeError) as exc:
-                raise PgpsError(f"cannot read nnU-Net's split {folds_file}: {exc}; fix or delete it") from None
+        ds = nnunet.sweep_dataset(self.nnunet_plans, self.nnunet_configuration)
+        b, c, n = self.space.budget, self.space.confirm, ds.folds
         if b.nnunet_fold >= n:
-            raise PgpsError(f"budget.nnunet_fold {b.nnunet_fold}: nnU-Net's split of {plan.dataset} has folds 0 to "
-                            f"{n - 1}; pick one of them")
+            raise PgpsError(f"budget.nnunet_fold {b.nnunet_fold}: nnU-Net's split of {ds.plan.dataset} has folds 0 "
+                            f"to {n - 1}; pick one of them")
         if c.enabled and c.folds and c.folds > n:
-            raise PgpsError(f"confirm.folds {c.folds}: nnU-Net's split of {plan.dataset} has {n} folds; confirm on "
-                            f"at most {n} (or on seeds)")
+            raise PgpsError(f"confirm.folds {c.folds}: nnU-Net's split of {ds.plan.dataset} has {n} folds; confirm "
+                            f"on at most {n} (or on seeds)")
+        return ds
 
 
 # MLflow retries a request to an HTTP tracking server 7 times with a doubling wait (about 4 minutes) and waits
@@ -1778,13 +1774,15 @@ def _stop_signals():
 # -- the sweep ----------------------------------------------------------------------------------
 
 
-def trial_setup(space: SearchSpace, data: str, cache_dir: Path, final_patch, pools, cpus: float,
+def trial_setup(space: SearchSpace, data: str, cache_dir: Path | None, final_patch, pools, cpus: float,
                 gpus: float) -> dict[str, Any]:
-    """What every trial of a sweep shares (plain data, passed to trials through the object store)."""
+    """What every trial of a sweep shares (plain data, passed to trials through the object store);
+    ``cache_dir`` None: the trials train nnU-Net's preprocessed data, not pgps-tune's cache."""
     return {
-        "data": str(data), "cache_root": str(Path(cache_dir).parent), "budget": asdict(space.budget),
-        "final_patch": tuple(final_patch), "pools": tuple(pools), "objective": asdict(space.objective),
-        "cpus_per_trial": cpus, "gpus_per_trial": gpus, "asha_judge": space.asha.judge,
+        "data": str(data), "cache_root": str(Path(cache_dir).parent) if cache_dir else None,
+        "budget": asdict(space.budget), "final_patch": tuple(final_patch), "pools": tuple(pools),
+        "objective": asdict(space.objective), "cpus_per_trial": cpus, "gpus_per_trial": gpus,
+        "asha_judge": space.asha.judge,
     }
 
 
@@ -1943,18 +1941,23 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
     before = _resumable(opts) if opts.resume else None
     started = before.get("started", time.time()) if before else time.time()
     with _stop_signals() as signals:
-        ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
-                     synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
-        plan = plan_patch(ds.median_shape, ds.spacing)
-        final = tuple(b.final_patch) if b.final_patch else plan.final_patch
-        pools = tuple(b.pools) if b.pools else plan.pools
+        if b.trainer == "nnunet":  # the trials train nnU-Net's preprocessed data: pgps-tune's loader never reads it
+            ds = opts.nnunet_check()
+            final, pools = _nnunet_patch(opts, ds)
+        else:
+            ds = prepare(opts.data, cache_root=opts.cache_root, synthetic_cases=b.synthetic_cases,
+                         synthetic_shape=b.synthetic_shape)  # once per sweep; trials memory-map this cache
+            plan = plan_patch(ds.median_shape, ds.spacing)
+            final = tuple(b.final_patch) if b.final_patch else plan.final_patch
+            pools = tuple(b.pools) if b.pools else plan.pools
         if before:
             _same_sweep(before, {"final_patch": list(final), "pools": list(pools)})
         check_space_against_plan(space, final, pools)
-        split(ds, b.val_fraction, b.split_seed)  # a dataset every trial would fail on is refused before any starts
-        if not opts.address and b.trainer != "nnunet":  # the trials run here: references that cannot fit, too
-            _check_reference_memory(space, trial_setup(space, opts.data, ds.cache_dir, final, pools,
-                                                       opts.cpus_per_trial, opts.gpus_per_trial))
+        if b.trainer != "nnunet":
+            split(ds, b.val_fraction, b.split_seed)  # a dataset every trial would fail on is refused before any starts
+            if not opts.address:  # the trials run here: references that cannot fit, too
+                _check_reference_memory(space, trial_setup(space, opts.data, ds.cache_dir, final, pools,
+                                                           opts.cpus_per_trial, opts.gpus_per_trial))
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
                           exclude_sweep=before["sweep"] if before else out.resolve().name,
@@ -1989,6 +1992,28 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
             except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
                 _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
         return summary
+
+
+def _nnunet_patch(opts: SweepOptions, ds) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The final patch and pools of a sweep whose trials train nnU-Net: its plans'.  ``--data`` is not read
+    (the trials train the plans' preprocessed dataset): one naming another nnU-Net dataset is refused, any
+    other is named in a note."""
+    from pgps_tune.nnunet import looks_like_dataset
+
+    plan, b = ds.plan, opts.space.budget
+    given = Path(opts.data).name
+    if given != plan.dataset:
+        if looks_like_dataset(given):
+            raise PgpsError(f"--data names {given} but the trials train {plan.dataset} of --nnunet-plans "
+                            f"{plan.source}; give --data {plan.dataset} (or the plans of {given})")
+        print(f"pgps-tune: note: the trials train nnU-Net's preprocessed {plan.dataset} (--nnunet-plans); "
+              f"--data {opts.data} is not read", file=sys.stderr, flush=True)
+    for key, theirs in (("final_patch", plan.final_patch), ("pools", plan.pools)):
+        ours = getattr(b, key)
+        if ours and tuple(ours) != tuple(theirs):
+            raise PgpsError(f"budget.{key} {list(ours)} differs from {list(theirs)} of the nnU-Net plans "
+                            f"{plan.source}; drop budget.{key} (the plans set it)")
+    return tuple(plan.final_patch), tuple(plan.pools)
 
 
 def sweep_meta(folder: str | Path) -> dict[str, Any]:
@@ -2137,12 +2162,13 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     """Run the phases; ``before``: the sweep.json of the sweep a resume continues (its name, Tune experiments
     and study are kept, whatever the folder is called now)."""
     space, b = opts.space, opts.space.budget
+    nnunet_trainer = b.trainer == "nnunet"  # ds: nnU-Net's preprocessed dataset (a SweepDataset), no cache
     name = before["sweep"] if before else opts.out.resolve().name
     kept = before["experiments"] if before else {}
     meta = {
         "format_version": FORMAT_VERSION, "sweep": name, "space": space.source, "space_name": space.name,
-        "dataset": ds.name, "data": str(opts.data), "cache_dir": str(ds.cache_dir), "final_patch": list(final),
-        "pools": list(pools), "storage": opts.storage, "storage_path": storage_path,
+        "dataset": ds.name, "data": str(opts.data), **({} if nnunet_trainer else {"cache_dir": str(ds.cache_dir)}),
+        "final_patch": list(final), "pools": list(pools), "storage": opts.storage, "storage_path": storage_path,
         FOLDER_KEY: str(opts.out.resolve()),
         "experiments": {p: kept.get(p, f"{name}-{p}") for p in ("references", "search")
                         if p == "search" or space.search.references},
@@ -2153,11 +2179,10 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         **({"study": (before or {}).get("study", name), "study_file": STUDY_FILE}
            if space.search.algorithm != "grid" else {}),
     }
-    setup = trial_setup(space, opts.data, ds.cache_dir, final, pools, opts.cpus_per_trial, opts.gpus_per_trial)
-    if b.trainer == "nnunet":
-        from pgps_tune.nnunet import read_plans
-
-        plan = read_plans(opts.nnunet_plans, opts.nnunet_configuration)
+    setup = trial_setup(space, opts.data, None if nnunet_trainer else ds.cache_dir, final, pools,
+                        opts.cpus_per_trial, opts.gpus_per_trial)
+    if nnunet_trainer:
+        plan = ds.plan
         setup["nnunet"] = {"plans": str(plan.source), "configuration": plan.configuration}
         meta["nnunet"] = {**setup["nnunet"], "fold": b.nnunet_fold, "dataset": plan.dataset}
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
@@ -2307,7 +2332,8 @@ class ConfirmSettings:
     @classmethod
     def checked(cls, top_k: int, epochs: int, seeds: int | None, folds: int | None, splits: str | None, ds,
                 split_seed: int, source: str) -> ConfirmSettings:
-        """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts)."""
+        """Settings whose folds all exist for dataset ``ds`` (else a one-line error before any trial starts);
+        ``ds`` a :class:`pgps_tune.nnunet.SweepDataset`: nnU-Net's folds of it."""
         from pgps_tune.data import FOLDS, fold_split, read_splits
 
         if splits:
@@ -2330,6 +2356,9 @@ class ConfirmSettings:
         if folds is not None:
             if folds < 2:
                 raise PgpsError(f"{source}: {folds} folds asked for; cross-validation needs at least 2")
+            if isinstance(ds, SweepDataset):  # its trials train nnU-Net's folds (a splits file is refused earlier)
+                ds.check_folds(folds, source)
+                return cls(top_k, epochs, folds=folds)
             if not splits and folds > len(ds):
                 raise PgpsError(f"{source}: {folds} folds asked for, but dataset {ds.name} has {len(ds)} cases; "
                                 f"use 2 to {len(ds)} folds")
@@ -2525,8 +2554,13 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     check_splits_exists(c.splits, "--splits", "give the path of an existing splits file")
     check_splits_exists(before["splits"], f"the sweep's stored confirmation settings ({Path(c.sweep) / SWEEP_FILE})",
                         "put that file back, or give --splits FILE or --seeds N")
-    ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
-                 synthetic_shape=tuple(b["synthetic_shape"]))
+    if "nnunet" in setup:  # its trials train nnU-Net's preprocessed data: pgps-tune's loader never reads it
+        from pgps_tune.nnunet import sweep_dataset
+
+        ds = sweep_dataset(setup["nnunet"]["plans"], setup["nnunet"]["configuration"])
+    else:
+        ds = prepare(setup["data"], cache_root=setup["cache_root"], synthetic_cases=b["synthetic_cases"],
+                     synthetic_shape=tuple(b["synthetic_shape"]))
     settings = ConfirmSettings.checked(
         c.top_k or before["top_k"], c.epochs or before["epochs"] or b["epochs"],
         c.seeds or before["seeds"] or Confirm.seeds, c.folds or before["folds"], c.splits or before["splits"],

@@ -959,3 +959,69 @@ def test_nnunet_trials_refuse_pgps_tune_case_splits_for_the_confirmation(plan, t
     assert ("--splits (sweep n trains nnU-Net) lists pgps-tune's case splits, but trainer nnunet confirms on nnU-Net's "
             "own folds (confirm.folds: N trains folds 0..N-1 of its splits_final.json); drop --splits") in err, err
     assert err.count("\n") == 1 and (sweep / "sweep.json").read_bytes() == stored
+
+
+@needs_nnunet
+def test_an_nnunet_sweep_of_region_labels_never_runs_pgps_tunes_loader(tmp_path, monkeypatch, capsys):
+    """budget.trainer nnunet on a BraTS-style dataset (regions, an ignore label), which pgps-tune's own loader
+    refuses: tune and confirm take its name and folds from nnU-Net's preprocessed folder and prepare no cache."""
+    import contextlib
+
+    import yaml
+
+    from pgps_tune import tuner
+
+    description = {"name": "Brats", "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz", "numTraining": 3,
+                   "labels": {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, "regions_class_order": [1, 2]}
+    for folder in (tmp_path / "raw" / "Dataset004_Hippo", tmp_path / "pre" / "Dataset004_Hippo"):
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text(json.dumps(description))
+    plans = write_plans(tmp_path / "pre" / "Dataset004_Hippo", current_plans())
+    (plans.parent / "nnUNetPlans_3d_fullres").mkdir()
+    for i in range(3):
+        (plans.parent / "nnUNetPlans_3d_fullres" / f"case_{i}.pkl").write_bytes(b"")
+    (plans.parent / "splits_final.json").write_text(json.dumps([{"train": ["a", "b"], "val": ["c"]}] * 3))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    seen: list = []
+
+    def stop(*args, **kwargs):  # what the Ray phases would be given: no Ray in this test
+        seen.append(args)
+        raise PgpsError("Ray reached")
+
+    def reached(argv: list[str]) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Ray reached" in err, err
+
+    monkeypatch.setattr(tuner, "_ray_session", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(tuner, "_run_phases", stop)
+    monkeypatch.setattr(tuner, "run_confirmation", stop)
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "nn", "parameters": {"stages": {"type": "categorical", "choices": [1, 2]}, "growth": {"value": 2.0}},
+        "search": {"algorithm": "grid", "references": False}, "asha": {"enabled": False}, "confirm": {"folds": 3},
+        "budget": {"trainer": "nnunet", "epochs": 30, "iterations_per_epoch": 2}}))
+    tune = ["tune", "--space", str(space), "--nnunet-plans", "4", "--cache-dir", str(tmp_path / "cache")]
+    reached([*tune, "--data", "4", "--out", str(tmp_path / "a")])
+    _, _, ds, final, pools, *_, confirm, _ = seen[-1]
+    plan = nnunet.read_plans(plans)
+    assert (ds.name, ds.cases, ds.folds, final, pools) == ("Brats", 3, 3, plan.final_patch, plan.pools)
+    assert confirm.folds == 3 and not (tmp_path / "cache").exists()
+    # --data is not read: another nnU-Net dataset is refused, anything else named in a note
+    (tmp_path / "raw" / "Dataset005_Other").mkdir()
+    assert main([*tune, "--data", "5", "--out", str(tmp_path / "b")]) == 2
+    assert "--data names Dataset005_Other but the trials train Dataset004_Hippo" in capsys.readouterr().err
+    assert main([*tune, "--data", "synthetic", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--data synthetic is not read" in err and "Ray reached" in err and seen[-1][2].name == "Brats"
+    # confirm: nnU-Net's folds, never a split of the data by pgps-tune's loader
+    sweep = tmp_path / "done"
+    sweep.mkdir()
+    setup = {**trial_setup(tmp_path, trainer="nnunet"), "data": str(tmp_path / "raw" / "Dataset004_Hippo"),
+             "cache_root": None, "nnunet": {"plans": str(plans), "configuration": "3d_fullres"}}
+    (sweep / "sweep.json").write_text(json.dumps(sweep_meta(sweep, "n", reference_configs=[], trial_setup=setup)))
+    assert main(["confirm", str(sweep), "--confirm-folds", "4"]) == 2
+    assert "4 folds asked for, but nnU-Net's split of Dataset004_Hippo has 3" in capsys.readouterr().err
+    reached(["confirm", str(sweep), "--confirm-folds", "2"])
+    assert seen[-1][2].folds == 2 and not (tmp_path / "cache").exists()
