@@ -908,9 +908,12 @@ def sweep_report(sweep: str | Path) -> str:
                           f"{', '.join(f'{x:g}' for x in rungs)} baseline-equivalent iterations; a trial's "
                           "rung_reached (in the table) is the highest one it passed, counted from 0 (-1: none; "
                           "empty: a trial no rung compared, as the references)")
-    elif _tune_root(sweep, meta) is None:
+    elif (root := _tune_root(sweep, meta)) is None:
         body = _note("no Tune results on this machine to read the curves from (remote --storage, or the ray/ "
                      "folder is gone)")
+    elif not any(next((root / e).glob("*/result.json"), None) for e in meta.get("experiments", {}).values()):
+        body = _note(f"no Tune results on this machine to read the curves from (no trial's result.json under "
+                     f"{root}: the trial folders are gone)")
     else:
         body = _note("no trial reported a validation Dice")
     if unreadable:

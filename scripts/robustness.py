@@ -868,7 +868,7 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     def reported_the_copy(w: Path, r) -> str | None:
         page = (w / "copy" / "report.html").read_text()
-        drawn = "no Tune results on this machine" not in page
+        drawn = "no trial&#x27;s result.json under" not in page
         return "the copy's page drew curves it has no results for" if drawn else None
 
     add(Case(F, "report of a copied sweep reads the copy", ["report", "{w}/copy"], 0, "copy/report.html",

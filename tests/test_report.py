@@ -600,6 +600,9 @@ def test_a_sweep_where_every_trial_failed_says_why_and_draws_no_empty_figure(fak
     assert "<td class=\"\">4</td>" in failures and "--status failed --columns trial_id,error" in failures
     assert "no trial reported a validation Dice" in page  # the ray/ folder is there: nothing to read
     assert page.count("<img") == 1  # the references' schedules only: no empty Dice-against-compute axes
+    for f in (fake_sweep / "ray").glob("*/*/result.json"):
+        f.unlink()  # the trial folders' results are gone (a copy made without them): not "nothing reported"
+    assert "no trial&#x27;s result.json under" in sweep_report(fake_sweep)
     assert "no searched or reference trial completed with a Dice: nothing to plot" in page
 
 
