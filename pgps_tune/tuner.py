@@ -1033,19 +1033,10 @@ def start_ray(address: str | None) -> None:
             f"no Ray cluster reachable at --address {address} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
-    # The processes ray.init starts inherit this thread's signal mask.  Ray blocks SIGINT in them itself
-    # (a Ctrl-C reaches the whole process group); SIGTERM too reaches every process of the job when a
-    # job ends (timeout, Slurm, systemd): a GCS killed so leaves the driver's stop of the sweep waiting
-    # on it for 60 s, then the process exits 1.  Blocked, they stay until the driver has stopped the
-    # sweep; ray.shutdown() then kills them (SIGKILL after a second each).
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
-            address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
-            object_store_memory=128 * 1024**2, log_to_driver=False,
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
+        address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
+        object_store_memory=128 * 1024**2, log_to_driver=False,
+    )
 
 
 def local_cpus() -> int:

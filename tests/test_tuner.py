@@ -652,20 +652,6 @@ def test_sigterm_after_the_local_ray_shut_down_still_reaches_the_sweep(monkeypat
             time.sleep(5)  # the handler raises at once; the sleep is never finished
 
 
-def test_a_local_ray_of_our_own_starts_with_sigterm_blocked(monkeypatch):
-    # a SIGTERM to the whole job (timeout, Slurm, systemd) must not kill the GCS under the driver stopping the
-    # sweep: the processes ray.init starts inherit the mask it ran with; the driver's own mask is put back
-    from pgps_tune import tuner
-
-    during = []
-    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(tuner.ray, "init", lambda **kw: during.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    tuner.start_ray(None)
-    assert during == [before | {signal.SIGTERM}]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
-
-
 def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     import pickle
 
