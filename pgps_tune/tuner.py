@@ -1033,10 +1033,31 @@ def start_ray(address: str | None) -> None:
             f"no Ray cluster reachable at --address {address} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
-    ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
-        address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
-        object_store_memory=128 * 1024**2, log_to_driver=False,
-    )
+    try:
+        ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
+            address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
+            object_store_memory=128 * 1024**2, log_to_driver=False,
+        )
+    except Exception as exc:
+        if not _start_failure(exc):
+            raise
+        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:160]
+        raise PgpsError(
+            f"cannot start a local Ray ({first}); the machine may be overloaded, or short of memory, shared "
+            "memory (/dev/shm) or space in the temporary folder (/tmp): free some and run the same command "
+            "again, or join a running cluster with --address"
+        ) from None
+
+
+def _start_failure(exc: Exception) -> bool:
+    """Whether ``exc`` from a local ``ray.init`` is Ray failing to start, not a fault of ours or of Ray's code:
+    its processes not up in time (Ray raises a plain Exception for that), a GCS that failed (RuntimeError),
+    the system refusing (OSError: no space in /tmp, too many processes, a timeout) or Ray's own errors."""
+    from ray.exceptions import RayError
+
+    if isinstance(exc, (NotImplementedError, RecursionError)):
+        return False
+    return type(exc) is Exception or isinstance(exc, (RuntimeError, OSError, RayError))
 
 
 def local_cpus() -> int:

@@ -328,6 +328,44 @@ def test_an_address_nothing_listens_at_is_refused_without_waiting_for_ray():
         assert _refused(other) is None, other  # forms Ray reads (or refuses) itself
 
 
+def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
+    """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
+    the likely causes and --address; an error of the call itself is left to the internal-error report."""
+    import errno
+
+    from ray.exceptions import RaySystemError
+
+    from pgps_tune import tuner
+    from pgps_tune.errors import PgpsError
+
+    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)
+    failures = [
+        Exception("The current node timed out during startup. This could happen because some of the raylet "
+                  "failed to startup or the GCS has become overloaded."),
+        RuntimeError("Failed to start GCS.  Last 1 lines of error files:\n[E] boom\n."),
+        TimeoutError("Timed out after 30 seconds while waiting for node to startup."),
+        OSError(errno.ENOSPC, "No space left on device"),
+        RaySystemError("raylet died"),
+    ]
+    for exc in failures:
+        def init(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(tuner.ray, "init", init)
+        with pytest.raises(PgpsError) as info:
+            tuner.start_ray(None)
+        text = str(info.value)
+        assert text.startswith("cannot start a local Ray (") and "\n" not in text and "--address" in text, text
+        assert (str(exc).splitlines() or [""])[0].split()[0] in text, text  # Ray's own first words say which
+    for exc in (TypeError("init() got an unexpected keyword argument 'x'"), ValueError("bad"), NotImplementedError()):
+        def init(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(tuner.ray, "init", init)
+        with pytest.raises(type(exc)):
+            tuner.start_ray(None)
+
+
 def test_bad_space_and_schedule_parameter_fail_before_ray(tmp_path, ray_tmp):
     bad = tmp_path / "bad.yaml"
     bad.write_text("parameters: {stages: {type: int, low: 3, high: 1}}\n")
