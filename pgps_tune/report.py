@@ -60,6 +60,7 @@ from pgps_tune.results import (
     full_fidelity,
     read_parquet,
     reference_order,
+    rung_counted,
     schedule_of,
     valid_confirm_settings,
 )
@@ -174,9 +175,27 @@ def read_trials(sweep: str | Path) -> list[dict[str, Any]]:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise PgpsError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
     rows = check_trials(table, path, fix)
+    meta = _rung_meta(sweep)
     for r in rows:
         r["phase"] = phase_of(r)
+        if not rung_counted(r["phase"], meta):  # a table exported before the rule held rungs no trial met
+            r["rung_reached"] = None
     return rows
+
+
+def _rung_meta(sweep: Path) -> dict[str, Any]:
+    """What of the sweep's sweep.json (else summary.json) decides which trials have a rung (:func:`rung_counted`):
+    its objective, early_stopping and fidelity; none where neither is readable (a table alone, the phases then
+    decide): the trial table is shown without them, as it is stored."""
+    for name in (SWEEP_FILE, SUMMARY):
+        try:
+            data = read_json(sweep / name, "file", "")
+        except PgpsError:
+            continue
+        if isinstance(data, dict):
+            return {k: data[k] for k, kind in (("objective", dict), ("early_stopping", bool), ("fidelity", dict))
+                    if isinstance(data.get(k), kind)}
+    return {}
 
 
 FILTER_VALUES = {"phase": PHASES, "status": STATUSES}  # the values any sweep may write

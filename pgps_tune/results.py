@@ -499,6 +499,16 @@ def asha_compared(meta: dict[str, Any]) -> bool:
     return bool(meta.get("early_stopping", (meta.get("objective") or {}).get("type") != "pareto"))
 
 
+def rung_counted(phase: str, meta: dict[str, Any]) -> bool:
+    """Whether a trial of ``phase`` has a ``rung_reached`` (:func:`trial_rows`): a search trial that ASHA compared,
+    or a rung of a compressed ladder (a run at that rung's budget); never a reference nor a confirmation repeat.
+    A table exported before this rule gave every trial one; its readers apply the rule again."""
+    fidelity = meta.get("fidelity")
+    if isinstance(fidelity, dict) and fidelity.get("type") == "compressed":
+        return phase.startswith("search")
+    return phase == "search" and asha_compared(meta)
+
+
 def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per trial (the columns of ``trials.parquet``).  ``rung_reached`` is null for a trial that no
     rung compared: the references, the confirmation's repeats, every trial of a sweep without ASHA."""
@@ -1064,8 +1074,8 @@ def _store_files(root: Path) -> list[Path]:
 
 
 def load_store(store: str | Path | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` and ``confirmed`` (empty
-    where a file predates them)."""
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` (empty where a file predates
+    them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it)."""
     root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -1105,7 +1115,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))
     table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
-    for column in (SPACE_KEY, ORIGIN, CONFIRMED):
+    for column in (SPACE_KEY, ORIGIN):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     for r in table.select(["dataset", "sweep", "trial_id", CONFIRMED, *JSON_COLUMNS]).to_pylist():
         folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
@@ -1181,6 +1191,9 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         if alike:
             raise PgpsError(f"the store has no dataset {dataset!r}, but has {', '.join(map(repr, alike))} (names "
                             "are matched exactly, case included); give --dataset as the store spells it")
+    t, unsettled = settle_confirmed(t, dataset)
+    for note in unsettled:
+        print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     if sweeps:
         stored = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["sweep"].to_pylist()))
         unknown = [s for s in sweeps if s not in stored]
@@ -1208,6 +1221,54 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
         **json.loads(best[CONFIRMED] or "{}"),
     })
+
+
+def settle_confirmed(table: pa.Table, dataset: str) -> tuple[pa.Table, list[str]]:
+    """``table`` (:func:`load_store`'s) with column :data:`CONFIRMED` filled in for the sweeps of ``dataset`` stored
+    before it (null there), from their confirmation trials as the export fills it in: 'best' then ranks an older
+    confirmed sweep by its winner, not by its search trial.  Also a note for each sweep whose rows cannot tell
+    (the trials of confirmations at two budgets or repeat kinds): it is ranked by its search trials, and the
+    note names the export that updates the store."""
+    cells = table[CONFIRMED].to_pylist()
+    old: dict[tuple[str, str], list[int]] = {}
+    for i, (d, name, cell) in enumerate(zip(table["dataset"].to_pylist(), table["sweep"].to_pylist(), cells)):
+        if cell is None and d == dataset:
+            old.setdefault((d, name), []).append(i)
+    notes = []
+    for (_, name), rows_at in sorted(old.items()):
+        rows = table.take(rows_at).to_pylist()
+        derived = _stored_confirmation(rows)
+        if derived is None:
+            folder = next((r[ORIGIN] for r in rows if r[ORIGIN]), "") or "SWEEP_DIR"
+            notes.append(f"sweep {name!r} was stored before pgps-tune stored confirmed winners, and its rows hold "
+                         "trials of more than one confirmation: it is ranked by its search trials; update the store "
+                         f"with 'pgps-tune export --experiment {folder} --out {folder}'")
+            derived = [""] * len(rows)
+        for i, cell in zip(rows_at, derived):
+            cells[i] = cell
+    table = table.set_column(table.schema.get_field_index(CONFIRMED), CONFIRMED, pa.array(cells, pa.string()))
+    return table, notes
+
+
+def _stored_confirmation(rows: list[dict[str, Any]]) -> list[str] | None:
+    """The :data:`CONFIRMED` cells of one stored sweep's ``rows``, as its export writes them; None where the
+    confirmation trials' settings (their params) are not those of one confirmation."""
+    configs = [json.loads(r["params"] or "null") for r in rows if r["phase"] == "confirm"]
+    if not configs:
+        return [""] * len(rows)
+    if not all(isinstance(c, dict) and isinstance(c.get("candidate"), str) and isinstance(c.get("role"), str)
+               for c in configs):
+        return None
+    kind = next((k for k in reversed(REPEAT_KEYS) if all(isinstance(c.get(k), int) for c in configs)), None)
+    if kind is None or len({json.dumps([c.get(k) for k in ("epochs", "folds", "splits")]) for c in configs}) != 1:
+        return None
+    conf = confirmation_summary(rows, {"confirmation": {"configs": configs, "repeat": kind, "top_k": 0,
+                                                        "epochs": configs[0].get("epochs"), "experiments": []}})
+    summary = {"confirmation": conf}
+    if not conf or not conf["winner"]:
+        return [""] * len(rows)
+    figures = confirmed_winner(summary, winner_row(rows, summary))
+    return [strict_json(figures, indent=None) if r["trial_id"] == figures["recipe_trial"] else "" for r in rows]
 
 
 def stored_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -727,3 +727,12 @@ def test_rung_reached_is_empty_where_no_rung_compared_the_trial(fake_sweep, over
     assert [r["rung_reached"] for r in rows] == [None, None, *searched, None, None]
     columns = trial_table(rows, fake_sweep).split("</thead>")[0]
     assert ("rung_<wbr>reached" in columns) == (searched[0] is not None)
+    # a table exported before the rule gave every trial a rung: its readers ('trials', the page) apply the rule
+    old = [{**r, "rung_reached": 1} for r in rows]
+    pq.write_table(pa.Table.from_pylist(old, schema=SCHEMA), fake_sweep / "trials.parquet")
+    (fake_sweep / "sweep.json").write_text(json.dumps(meta))
+    kept = [None if x is None else 1 for x in searched]
+    assert [r["rung_reached"] for r in read_trials(fake_sweep)] == [None, None, *kept, None, None]
+    (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "early_stopping": False, "fidelity": {
+        "type": "compressed"}}))  # a compressed ladder's rungs are runs at the rung's budget: each search trial's own
+    assert [r["rung_reached"] for r in read_trials(fake_sweep)] == [None, None, 1, 1, None, None]

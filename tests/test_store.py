@@ -345,10 +345,9 @@ def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decode
         load_store(store)
 
 
-def test_a_confirmed_winner_has_one_dice_in_summary_best_schedule_and_best(tmp_path, capsys):
-    # the search trial scored 0.70, its confirmation repeats 0.74 and 0.78: every export and 'best' give the
-    # winner the mean, 0.76, and name its searched trial; a sweep without confirmation keeps its trial's Dice
-    store, out = tmp_path / "store", tmp_path / "conf"
+def export_confirmed(out: Path, store: Path) -> dict:
+    """A sweep 'conf' whose search trial scored 0.70 and its confirmation repeats 0.74 and 0.78 (seeds 1, 2), exported
+    into ``store``; its summary."""
     configs = [{"role": role, "candidate": name, "seed": seed, "epochs": 10, "stages": 2}
                for name, role in (("baseline", "baseline"), ("srch", "search")) for seed in (1, 2)]
     dice = {("baseline", 1): 0.5, ("baseline", 2): 0.52, ("srch", 1): 0.74, ("srch", 2): 0.78}
@@ -357,7 +356,14 @@ def test_a_confirmed_winner_has_one_dice_in_summary_best_schedule_and_best(tmp_p
                                                "role": c["role"]}, phase="confirm") for i, c in enumerate(configs)]
     meta = sweep_meta(out, sweep="conf", confirmation={"repeat": "seed", "configs": configs, "epochs": 10,
                                                        "top_k": 1, "experiments": ["conf-confirm"]})
-    summary = export_sweep(out, meta, records, store)
+    return export_sweep(out, meta, records, store)
+
+
+def test_a_confirmed_winner_has_one_dice_in_summary_best_schedule_and_best(tmp_path, capsys):
+    # every export and 'best' give the winner the mean, 0.76, and name its searched trial; a sweep without
+    # confirmation keeps its trial's Dice
+    store, out = tmp_path / "store", tmp_path / "conf"
+    summary = export_confirmed(out, store)
     export_sweep(tmp_path / "plain", sweep_meta(tmp_path / "plain", sweep="plain"), [record("t1", 0.75)], store)
     assert summary["best"]["trial_id"] == "srch" and summary["best"]["final_dice"] == pytest.approx(0.76)
     exported = sch.load(out / "best_schedule.yaml").meta
@@ -380,3 +386,24 @@ def test_a_confirmed_winner_has_one_dice_in_summary_best_schedule_and_best(tmp_p
         pq.write_table(t.set_column(t.schema.get_field_index("confirmed"), "confirmed", pa.array(cells)), part)
         with pytest.raises(PgpsError, match="trial c2's confirmed column is not the confirmed winner's figures"):
             load_store(store)
+
+
+def test_a_confirmed_sweep_stored_before_the_confirmed_column_ranks_by_its_winner(tmp_path, capsys):
+    # the store part as an older pgps-tune wrote it: 'best' derives the winner's means from the confirmation's rows
+    store = tmp_path / "store"
+    export_confirmed(tmp_path / "conf", store)
+    export_sweep(tmp_path / "plain", sweep_meta(tmp_path / "plain", sweep="plain"), [record("t1", 0.75)], store)
+    current = results.best_schedule("synthetic", store).meta
+    part = next(store.glob("dataset=synthetic/sweep=conf/*.parquet"))
+    t = pq.read_table(part).drop_columns([results.CONFIRMED])
+    pq.write_table(t, part)
+    capsys.readouterr()
+    assert results.best_schedule("synthetic", store).meta == current  # 0.76 (confirmed), not the search's 0.70
+    assert current["sweep"] == "conf" and capsys.readouterr().err == ""
+    params = t["params"].to_pylist()  # the trials of two confirmations (another budget): the rows cannot tell
+    params[-1] = params[-1].replace('"epochs": 10', '"epochs": 20')
+    pq.write_table(t.set_column(t.schema.get_field_index("params"), "params", pa.array(params)), part)
+    assert results.best_schedule("synthetic", store).meta["sweep"] == "plain"  # conf's search trial: 0.70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep 'conf' was stored before" in err, err
+    assert f"'pgps-tune export --experiment {tmp_path / 'conf'} --out {tmp_path / 'conf'}'" in err, err
