@@ -1,7 +1,8 @@
 """``pgps-tune`` command line: parse, call the library, turn errors into one line.
 
 Exit codes: 0 done; 2 a user error (one ``pgps-tune: error:`` line naming the problem and the
-fix); 130 Ctrl-C (SIGINT); 143 SIGTERM; 1 an internal error, reported in one line that names the
+fix); 130 Ctrl-C (SIGINT); 143 SIGTERM; 141 the output's reader left (``| head``), quietly, as a
+shell command killed by SIGPIPE; 1 an internal error, reported in one line that names the
 log file holding its traceback (under ``$XDG_STATE_HOME/pgps-tune/logs``, by default
 ``~/.local/state/pgps-tune/logs``, or the temporary folder where that cannot be written).
 """
@@ -1203,6 +1204,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"pgps-tune: error: {message} (see '{self.prog} --help')\n")
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        """As argparse's, but a failed write is not ignored: ``--help | head`` ends as other output does (main)."""
+        file = file or sys.stderr
+        if message and file is not None:  # None: the process has no stderr (started with 2>&-)
+            file.write(message)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from pgps_tune.space import OBJECTIVES, Budget, shipped_spaces
@@ -1210,7 +1217,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = _number
     p = _Parser(prog="pgps-tune", description="Patch-size curricula for 3D segmentation.",
                 epilog="exit codes: 0 done, 1 internal error (traceback in a log file), 2 user error, "
-                       "130 Ctrl-C, 143 SIGTERM")
+                       "130 Ctrl-C, 141 output pipe closed (| head), 143 SIGTERM")
     p.add_argument("--version", action="version", version=f"pgps-tune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1568,7 +1575,12 @@ def main(argv: list[str] | None = None) -> int:
     it, which then ignores signals once the command has done its work, up to the exit)."""
     argv_given = argv
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:
+        if _stdout_gone():  # `pgps-tune tune --help | head -0`: help or version for a reader that left
+            return EXIT_PIPE
+        raise
     args.explicit = _explicit_dests(argv)
     empty = next((k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()), None)
     if empty:  # "--out $DIR" with DIR unset: a path of "" would mean the current folder

@@ -381,15 +381,17 @@ def test_bad_numbers_in_files_are_refused_in_one_line(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_output_to_a_reader_that_left_is_no_internal_error():
+@pytest.mark.parametrize("argv", [["schedule", "--preset", "paper", "--final-patch", "64", "64", "64", "--pools",
+                                   "4", "4", "4", "--format", "json"], ["tune", "--help"]])
+def test_output_to_a_reader_that_left_is_no_internal_error(argv):
     """`pgps-tune schedule ... | head -0`: the pipe closes before the output is written; the command ends as a
-    shell command does on SIGPIPE (141), without a traceback or an 'internal error' line."""
+    shell command does on SIGPIPE (141), without a traceback or an 'internal error' line; so does the help
+    (argparse ignores a failed write, and would exit 0)."""
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from pgps_tune.cli import main; sys.exit(main())",
-                             "schedule", "--preset", "paper", "--final-patch", "64", "64", "64", "--pools", "4", "4",
-                             "4", "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == "", err
