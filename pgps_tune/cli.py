@@ -47,7 +47,7 @@ from pgps_tune.config import (
     check_train_value,
     patch_multiple,
 )
-from pgps_tune.errors import PgpsError, strict_json
+from pgps_tune.errors import PgpsError, refuse_special, strict_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -276,6 +276,7 @@ def _check_out_file(path: Path, what: str = "a file name (.yaml or .json)") -> N
     """Refuse an --out file that is a folder or cannot be written, before any work."""
     if path.is_dir():
         raise PgpsError(f"--out {path} is a folder; give {what}")
+    refuse_special(path, f"--out {path}")
     _writable_ancestor(path)
 
 

@@ -128,13 +128,36 @@ def _why(exc: OSError) -> str:
 
 
 def _check_target(path: Path, writable: bool = False) -> None:
-    """Refuse, in one line, a target with a folder in its place (and with ``writable``, a file that is not
-    writable: read-only, or one the system protects, ``chattr +i``), before anything is written."""
+    """Refuse, in one line, a target with a folder in its place, or a FIFO, socket or device (a rename would put
+    a file in place of ``/dev/null`` itself), and with ``writable``, a file that is not writable (read-only, or
+    one the system protects, ``chattr +i``), before anything is written."""
     if path.is_dir() and not path.is_symlink():
         raise PgpsError(f"cannot replace {path}: it is a folder; move it away, then run the command again")
+    refuse_special(path)
     if writable and path.exists() and not os.access(path, os.W_OK):
         raise PgpsError(f"cannot replace {path}: the file is not writable (read-only or immutable); make it "
                         "writable or move it away, then run the command again")
+
+
+def refuse_special(path: Path, what: str = "") -> None:
+    """Refuse an output ``path`` (``what`` names it: "--out X") that is a FIFO, a socket or a device, which pgps-tune
+    writes only as whole files replaced by a rename (a link to one counts as one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (or not reachable): the write itself says why
+        return
+    kind = special_kind(mode)
+    if kind is not None:
+        raise PgpsError(f"cannot write {what or path}: it is {kind}, not a regular file; give the name of a file "
+                        "(pgps-tune writes whole files and replaces them)")
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` is where it is neither a regular file nor a folder ("a FIFO", "a device", ...)."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
 
 
 def _staged(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -330,8 +353,7 @@ def open_regular(path: str | Path) -> IO[bytes]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
         if not stat.S_ISREG(mode):
-            raise NotRegular(Path(path), "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+            raise NotRegular(Path(path), special_kind(mode) or "a special file")
 
     refuse_unless_regular(os.stat(path).st_mode)
     try:

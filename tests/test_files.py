@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import stat
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ import yaml
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
 from pgps_tune.cli import main
-from pgps_tune.errors import PgpsError, read_json, read_yaml
+from pgps_tune.errors import PgpsError, atomic_write_text, read_json, read_yaml
 
 SCHEDULE = """format_version: 1
 final_patch: [32, 32, 32]
@@ -180,6 +181,16 @@ def test_schedule_out_writes_through_a_link_and_epochs_names_the_flag(tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     refused(capsys, ["schedule", "--from", f, "--epochs", "1"],
             "--epochs 1 cannot rescale")
+    # a FIFO (or a device, /dev/null as root) is never renamed over: it stays what it was, the command says so
+    fifo, fifo_link = tmp_path / "fifo", tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    fifo_link.symlink_to(fifo)
+    for out in (fifo, fifo_link):
+        refused(capsys, ["schedule", "--from", f, "--out", out], f"cannot write --out {out}: it is a FIFO, not a "
+                "regular file; give the name of a file")
+    with pytest.raises(PgpsError, match="it is a FIFO, not a regular file"):
+        atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 LENGTHS_INTERIOR = """name: lengths_interior
