@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -154,7 +155,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if a.report:
-        cmd = " ".join(["scripts/bench_augment.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_augment.py", *sys.argv[1:]])
         atomic_write_text(a.report, f"# Augmentation cost per stage\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n")
     return 0
 

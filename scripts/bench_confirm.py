@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary, rows = _read(Path(a.sweep))
         lines = ["# Confirmation benchmark", "",
-                 f"Command: `{' '.join(['.venv/bin/python', 'scripts/bench_confirm.py', *sys.argv[1:]])}`", "",
+                 f"Command: `.venv/bin/python {shlex.join(['scripts/bench_confirm.py', *sys.argv[1:]])}`", "",
                  f"Machine: {platform.machine()}, sweeps `{a.sweep}`" + (f" and `{a.pareto}`" if a.pareto else ""), ""]
         body, _ = confirmation_lines(summary, rows)
         lines += ["## Confirmation of the winner", "", *body]

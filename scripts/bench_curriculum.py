@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -534,7 +535,7 @@ def main() -> int:
         plot_curves({k: [r for r in results if r["job"]["budget"] == k] for k in budgets},
                     img / f"{rep.stem}_dice_vs_time.png")
         plot_patches(schedules[a.budgets[0]], img / f"{rep.stem}_patch_size.png")
-        cmd = " ".join(["scripts/bench_curriculum.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_curriculum.py", *sys.argv[1:]])
         atomic_write_text(rep, f"# Curriculum benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n"
                                f"![Dice vs time](img/{rep.stem}_dice_vs_time.png)\n\n"
                                f"![patch size](img/{rep.stem}_patch_size.png)\n")

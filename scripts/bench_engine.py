@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     if a.report:
-        cmd = " ".join(["scripts/bench_engine.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_engine.py", *sys.argv[1:]])
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
         Path(a.report).write_text(f"# Engine benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n")
     return 0

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -624,7 +625,7 @@ def main() -> int:
         "ground_truth": world.final, "args": vars(a), "within": WITHIN,
         "rungs": [dataclasses.asdict(r) for r in rungs]}, indent=1) + "\n")
     if a.report:
-        cmd = " ".join(["scripts/bench_fidelity.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_fidelity.py", *sys.argv[1:]])
         atomic_write_text(Path(a.report), f"# Fidelity benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n")
     return 0
 

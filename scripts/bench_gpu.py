@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import threading
@@ -155,7 +156,7 @@ def main() -> int:
     t_start = time.perf_counter()
     lines = [
         "# Per-stage cost on the device: time per voxel, memory, utilisation", "",
-        f"Command: `{' '.join(['python3', 'scripts/bench_gpu.py', *sys.argv[1:]])}`", "",
+        f"Command: `python3 {shlex.join(['scripts/bench_gpu.py', *sys.argv[1:]])}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}, device "
         f"{dev.type}; data {'synthetic ' + 'x'.join(map(str, HIPPOCAMPUS_SHAPE)) if not a.data else ds.name}, "
         f"final patch {'x'.join(map(str, plan.final_patch))}, pools {list(plan.pools)}; recipe defaults "

@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -276,7 +277,7 @@ def main() -> int:
     report = render(a, s, idx, ms, split_ms, profiles, compiled, load, time.perf_counter() - t_run, ds, torch)
     print(report)
     if a.report:
-        cmd = " ".join(["scripts/bench_iteration.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_iteration.py", *sys.argv[1:]])
         atomic_write_text(Path(a.report), f"# Fixed cost of an iteration (issue 15)\n\nCommand: "
                                           f"`.venv/bin/python {cmd}`\n\n{report}\n")
     return 0

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -362,7 +363,7 @@ def report(a: argparse.Namespace, runs: dict[str, dict], plans: Path, started: f
     base = runs.get("constant")
     lines = [
         "# nnU-Net benchmark: constant vs paper vs tuned schedule inside nnU-Net's own trainer", "",
-        f"Command: `{' '.join(['PYTHONPATH=$PWD .venv/bin/python', 'scripts/bench_nnunet.py', *sys.argv[1:]])}`", "",
+        f"Command: `PYTHONPATH=$PWD .venv/bin/python {shlex.join(['scripts/bench_nnunet.py', *sys.argv[1:]])}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, nnunetv2 "
         f"{version('nnunetv2')}; device cpu; nnUNet_n_proc_DA={a.da_processes}; one training at a time "
         "under the CPU lock", "",

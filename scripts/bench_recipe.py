@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def main() -> int:
     first = next(iter(runs.values()))[1]
     lines = [
         "# Recipe benchmark: constant and paper schedules with and without augmentation", "",
-        f"Command: `{' '.join(['.venv/bin/python', 'scripts/bench_recipe.py', *sys.argv[1:]])}`", "",
+        f"Command: `.venv/bin/python {shlex.join(['scripts/bench_recipe.py', *sys.argv[1:]])}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; one run at a time, "
         f"{a.threads} threads. Each run is `pgps-tune train` with the recipe's defaults ({first['config']['network']}, "
         f"{first['config']['optimizer']}, poly learning rate over the run, baseline batch "

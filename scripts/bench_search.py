@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from multiprocessing import get_context
@@ -749,7 +750,7 @@ def main() -> int:
         rp = Path(a.report)
         img = rp.parent / "img" / f"{rp.stem}_best_vs_compute.png"
         plot(curves, best_grid, a.budget, img)
-        cmd = " ".join(["scripts/bench_search.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_search.py", *sys.argv[1:]])
         atomic_write_text(rp, f"# Search benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n"
                               f"![best vs compute](img/{img.name})\n")
     return 0

@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def main() -> int:
     atomic_write_text(out / "summary.json", json.dumps({"args": vars(a), "short": complete, "long": long,
                                                         "schedules": top, "spread": res}, indent=1) + "\n")
     if a.report:
-        cmd = " ".join(["scripts/bench_seed_noise.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_seed_noise.py", *sys.argv[1:]])
         atomic_write_text(Path(a.report), f"# Seed noise against the budget\n\nCommand: `.venv/bin/python {cmd}`\n\n"
                                           f"{report}\n")
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if a.report:
-        cmd = " ".join(["scripts/bench_stage_cost.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_stage_cost.py", *sys.argv[1:]])
         atomic_write_text(Path(a.report), f"# Stage cost\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n")
     return 0
 

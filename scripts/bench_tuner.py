@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -213,7 +214,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if a.report:
-        cmd = " ".join(["scripts/bench_tuner.py", *sys.argv[1:]])
+        cmd = shlex.join(["scripts/bench_tuner.py", *sys.argv[1:]])
         Path(a.report).write_text(f"# Tuner benchmark\n\nCommand: `.venv/bin/python {cmd}`\n\n{report}\n")
     return 0
 

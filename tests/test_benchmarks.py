@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -88,13 +90,15 @@ def test_bench_search_quick_smallest(tmp_path):
 
 
 def test_bench_stage_cost_quick(tmp_path):
-    data = make_msd(tmp_path / "tiny", n=4, shape=(24, 24, 24))
+    data = make_msd(tmp_path / "tiny data", n=4, shape=(24, 24, 24))  # a space: the recorded command quotes it
     p = run("bench_stage_cost.py", "--quick", "--data", str(data), "--steps", "1", "--batch-size", "2",
             "--channels-last", "--report", str(tmp_path / "cost.md"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [line for line in (tmp_path / "cost.md").read_text().splitlines() if line.startswith("| ") and
-            line[2].isdigit()]
+    text = (tmp_path / "cost.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) >= 2 and rows[-1].split("|")[5].strip() == "1.00"  # the final stage against itself
+    recorded = shlex.split(re.search(r"^Command: `(.*)`$", text, re.M).group(1))  # the report's command runs as shown
+    assert recorded[recorded.index("--data") + 1] == str(data)
 
 
 def test_bench_augment_times_the_trainers_own_step(tmp_path):
