@@ -1357,18 +1357,62 @@ class TrialLine:
     status: str = "running"
     compute: float = 0.0  # baseline-equivalent iterations done
     fraction: float | None = None  # the schedule's voxel fraction: its whole run costs this much of the baseline's
+    seen: float = 0.0  # when it last started or reported (time.time()): its next report's compute was done since
 
 
-def eta_seconds(done: float, expected: float, done_at_start: float, elapsed: float) -> float | None:
-    """Seconds left, from the compute clock: the rate since (re)start applied to the compute still expected.
+class ComputeClock:
+    """The rate of compute (baseline-equivalent iterations a second), measured from the first report on.
 
-    >>> eta_seconds(done=300, expected=1000, done_at_start=100, elapsed=50)
-    175.0
-    >>> eta_seconds(done=100, expected=1000, done_at_start=100, elapsed=50) is None  # no rate yet
+    What comes before the first report (Ray's start, the trials' processes importing torch, the data
+    cache being built) is paid once, so the clock starts there, at the first report, and counts only
+    the compute done after it.  A trial that started before the clock did reports compute done partly
+    before it: the share that falls after the start is counted, prorated over the time since the trial
+    started or last reported (the compute of its first report is spread over its start-up too).  Taken
+    from the start of the sweep instead, a 2-minute confirmation showed "3h17m left" at its first report.
+
+    >>> c = ComputeClock()
+    >>> c.add(30.0, seen=0.0, now=20.0)  # the first report starts the clock
+    >>> c.rate(30.0) is None
     True
+    >>> c.add(30.0, seen=0.0, now=25.0)  # a trial started at 0: 5 s of its 25 s fall after the start
+    >>> c.add(20.0, seen=20.0, now=30.0)  # the first trial again, since its report at 20 s
+    >>> c.counted, c.rate(30.0)
+    (26.0, 2.6)
     """
-    rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
-    return max(0.0, expected - done) / rate if rate > 0 else None
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.counted = 0.0
+
+    def add(self, compute: float, seen: float, now: float) -> None:
+        """``compute`` reported at ``now`` by a trial that started or last reported at ``seen``."""
+        if self.start is None:
+            self.start = now
+        elif seen < self.start:
+            self.counted += compute * (now - self.start) / (now - seen)
+        else:
+            self.counted += compute
+
+    def rate(self, now: float) -> float | None:
+        """Compute a second since the first report; None before any compute was counted."""
+        if self.start is None or now <= self.start or self.counted <= 0:
+            return None
+        return self.counted / (now - self.start)
+
+    def eta(self, left: float, now: float) -> float | None:
+        """Seconds that ``left`` compute takes at :meth:`rate`; None without a rate (0 with nothing left).
+
+        >>> c = ComputeClock()
+        >>> c.start, c.counted = 100.0, 200.0
+        >>> c.eta(700.0, now=150.0), c.eta(-5.0, now=150.0), ComputeClock().eta(700.0, now=150.0)
+        (175.0, 0.0, None)
+        >>> ComputeClock().eta(0.0, now=150.0)
+        0.0
+        """
+        if left <= 0:
+            return 0.0
+        rate = self.rate(now)
+        return left / rate if rate else None
 
 
 @dataclass(frozen=True)
@@ -1445,13 +1489,14 @@ class SweepEta:
 
     Left to do: what the running phase still expects (its :class:`Progress` knows) plus what every
     phase after it plans (:class:`PhasePlan`), at the rate in baseline-equivalent iterations a second
-    that the sweep has kept since it (re)started in this process, pauses between phases included.
+    that the sweep has kept in this process since its first report (:class:`ComputeClock`), pauses
+    between phases included.
     It is an upper bound ("<=") while a phase to come may stop early, else the expected time ("~").
     """
 
-    def __init__(self, plans: list[PhasePlan], t0: float) -> None:
-        self.plans, self.t0 = list(plans), t0
-        self.done: dict[str, float] = {}  # compute each phase did since this process (re)started it
+    def __init__(self, plans: list[PhasePlan]) -> None:
+        self.plans = list(plans)
+        self.clock = ComputeClock()  # every phase's reports, in this process
         self.searched: dict[tuple[str, str], float] = {}  # (phase, trial): voxel fraction of a searched schedule
 
     def plan(self, phase: str) -> PhasePlan | None:
@@ -1462,15 +1507,14 @@ class SweepEta:
         return sum(self.searched.values()) / len(self.searched) if self.searched else 1.0
 
     def rate(self, now: float) -> float | None:
-        """Baseline-equivalent iterations a second since the sweep (re)started; None before any compute."""
-        done = sum(self.done.values())
-        return done / (now - self.t0) if now > self.t0 and done > 0 else None
+        """Baseline-equivalent iterations a second since the sweep's first report; None before any counted."""
+        return self.clock.rate(now)
 
     def left(self, phase: str, phase_left: float, phase_bound: bool) -> tuple[float, bool]:
         """Compute left in the sweep while ``phase`` runs with ``phase_left`` to go, and whether it is a bound.
 
         >>> eta = SweepEta([PhasePlan("references", 2, 100.0, known=(1.0, 0.5)), PhasePlan("search", 4, 100.0,
-        ...                 bound=True), PhasePlan("confirm", 6, 200.0, known=(1.0, 0.5) * 2)], t0=0.0)
+        ...                 bound=True), PhasePlan("confirm", 6, 200.0, known=(1.0, 0.5) * 2)])
         >>> eta.left("references", 50.0, False)  # search at the baseline's fraction: nothing searched seen yet
         (1450.0, True)
         >>> eta.searched[("search", "t1")] = 0.5
@@ -1490,8 +1534,7 @@ class SweepEta:
                      now: float) -> tuple[float | None, bool, float]:
         """:meth:`eta` and the compute left, from one pricing of the phases to come."""
         left, bound = self.left(phase, phase_left, phase_bound)
-        rate = self.rate(now)
-        return (left / rate if rate else None), bound, left
+        return self.clock.eta(left, now), bound, left
 
 
 def eta_text(seconds: float | None, bound: bool) -> str:
@@ -1534,8 +1577,8 @@ class Progress(tune.Callback):
     against those the phase is expected to need (each trial's schedule costs its voxel fraction
     of ``trial_compute``; a trial that has not reported its fraction yet is taken at the phase
     plan's mean, else at the mean seen so far in the phase, else at the baseline's), at the rate
-    measured since the phase (re)started.  With early stopping, or a compute cap, the expectation
-    is an upper bound and the ETA says "at most".
+    measured from the phase's first report (in this process) on (:class:`ComputeClock`).  With early
+    stopping, or a compute cap, the expectation is an upper bound and the ETA says "at most".
     While a sweep runs, :attr:`sweep_eta` adds the ETA of the whole sweep (this phase and the ones
     planned after it, :class:`SweepEta`).
     """
@@ -1554,7 +1597,7 @@ class Progress(tune.Callback):
 
     def _restart(self) -> None:
         self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
-        self.done_at_start = self.compute_done()
+        self.clock = ComputeClock()  # a resumed sweep measures its rate from its first report after the resume
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}
@@ -1580,7 +1623,7 @@ class Progress(tune.Callback):
         return min(expected, self.cap) if self.cap else expected
 
     def eta(self) -> float | None:
-        return eta_seconds(self.compute_done(), self.compute_expected(), self.done_at_start, time.time() - self.t0)
+        return self.clock.eta(self.compute_expected() - self.compute_done(), time.time())
 
     def sweep(self) -> tuple[float | None, bool, float] | None:
         """The whole sweep's ETA (seconds or None, upper bound?) and compute left; None outside a sweep."""
@@ -1635,11 +1678,16 @@ class Progress(tune.Callback):
     def _line(self, trial) -> TrialLine:
         return self.trials.setdefault(trial.trial_id, TrialLine(trial.trial_id, self.phase))
 
-    def _clock(self, t: TrialLine, role: str) -> None:
-        """Tell the sweep's clock this phase's compute, and what a searched schedule costs."""
+    def _clock(self, t: TrialLine, compute: float, role: str) -> None:
+        """Count ``compute`` newly reported by ``t`` on the phase's clock and the sweep's; tell the
+        sweep what a searched schedule costs."""
+        now = time.time()
+        self.clock.add(compute, t.seen, now)
+        if Progress.sweep_eta is not None:
+            Progress.sweep_eta.clock.add(compute, t.seen, now)
+        t.seen = now
         if Progress.sweep_eta is None:
             return
-        Progress.sweep_eta.done[self.phase] = self.compute_done() - self.done_at_start
         if role == "search" and t.fraction is not None and self.phase != "confirm":
             Progress.sweep_eta.searched[(self.phase, t.trial)] = t.fraction
 
@@ -1650,7 +1698,7 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         t = self._line(trial)
-        t.status = "running"
+        t.status, t.seen = "running", time.time()
         self._event("start", t, f"start {trial.trial_id} {_short(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -1660,10 +1708,10 @@ class Progress(tune.Callback):
         if all(f"patch_{a}" in result for a in "xyz"):
             t.patch = "x".join(str(result[f"patch_{a}"]) for a in "xyz")
         t.dice = float(result.get("val_dice", t.dice))
-        t.compute = float(result.get("baseline_iterations", t.compute))
+        before, t.compute = t.compute, float(result.get("baseline_iterations", t.compute))
         if result.get("schedule_voxel_fraction") is not None:
             t.fraction = float(result["schedule_voxel_fraction"])
-        self._clock(t, result.get("role", "search"))
+        self._clock(t, max(0.0, t.compute - before), result.get("role", "search"))
         self._event("result", t, "", score=result.get("score"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -2314,7 +2362,7 @@ def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = Tr
         print(f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent "
               "iterations (searched schedules at the baseline's cost until they report theirs)",
               file=sys.stderr, flush=True)
-    Progress.sweep_eta = SweepEta(plans, time.time())
+    Progress.sweep_eta = SweepEta(plans)
     try:
         yield
     finally:

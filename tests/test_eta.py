@@ -60,10 +60,12 @@ def test_the_confirmation_plans_candidates_and_references_on_every_repeat():
     assert folds.trials == 5 * 3 and not folds.bound
 
 
-def test_the_rate_is_the_sweeps_since_it_started_and_no_compute_means_no_eta():
-    eta = SweepEta([PhasePlan("search", 2, 100.0)], t0=100.0)
+def test_the_rate_is_the_sweeps_from_its_first_report_and_no_compute_means_no_eta():
+    eta = SweepEta([PhasePlan("search", 2, 100.0)])
     assert eta.rate(150.0) is None and eta.eta("search", 200.0, False, 150.0) == (None, False)
-    eta.done["search"] = 50.0
+    eta.clock.add(40.0, seen=0.0, now=100.0)  # the first report: the start-up before it is not a rate
+    assert eta.rate(150.0) is None
+    eta.clock.add(50.0, seen=100.0, now=150.0)
     assert eta.rate(150.0) == 1.0 and eta.eta("search", 150.0, False, 150.0) == (150.0, False)
     assert eta.left("a phase not in the plan", 10.0, True) == (10.0, True)  # nothing planned after it
 
@@ -105,7 +107,7 @@ def _complete(progress: Progress, trial, result: dict) -> None:
 def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     plans = [PhasePlan("references", 2, 100.0, known=(1.0, 0.4)), PhasePlan("search", 4, 100.0, bound=True),
              confirm_plan(ConfirmSettings(top_k=1, epochs=20, seeds=2), 10, [1.0, 0.4])]
-    Progress.sweep_eta = SweepEta(plans, clock.now)
+    Progress.sweep_eta = SweepEta(plans)
     out = io.StringIO()
     refs = Progress(total=2, phase="references", mode="json", trial_compute=100.0)
     refs.stream = out
@@ -116,11 +118,16 @@ def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     event = json.loads(out.getvalue().splitlines()[-1])
     # left: the references' 120 (the baseline's other half, the paper schedule priced at the plan's mean 0.7),
     # the search's 4 x 100 (no searched schedule seen: the baseline's cost), the confirmation's
-    # 2 seeds x (1.0 + 0.4 + 1 candidate at 1.0) x 200; at 50 iterations in 10 s
+    # 2 seeds x (1.0 + 0.4 + 1 candidate at 1.0) x 200
     left = (50 + 0.7 * 100) + 4 * 100 + 2 * 2.4 * 200
     assert event["sweep_compute_left"] == pytest.approx(left)
-    assert event["sweep_eta_s"] == pytest.approx(left / 5.0) and event["sweep_eta_upper_bound"] is True
-    assert event["eta_s"] == pytest.approx((50 + 0.7 * 100) / 5.0)  # the phase's own ETA stays
+    # the first report starts the clocks: the 10 s before it (the start-up) are not a rate
+    assert event["sweep_eta_s"] is None and event["eta_s"] is None and event["sweep_eta_upper_bound"] is True
+    clock.now += 10
+    refs.on_trial_result(0, [], b, _result(75.0, 1.0, "baseline"))
+    event = json.loads(out.getvalue().splitlines()[-1])
+    assert event["sweep_eta_s"] == pytest.approx((left - 25) / 2.5)  # 25 iterations in the 10 s since
+    assert event["eta_s"] == pytest.approx((25 + 0.7 * 100) / 2.5)  # the phase's own ETA stays
 
     # the search starts: no rate of its own yet, but the sweep's clock has one
     p = _trial("p")
@@ -133,25 +140,31 @@ def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     s1 = _trial("s1")
     search.on_trial_start(0, [], s1)
     header = out.getvalue().splitlines()[0]
-    # 400 (the search, at the baseline's cost) + 960 (the confirmation) left, at 140 iterations in 20 s
-    assert header.endswith("0s elapsed, ETA ?; sweep ETA <= 3m14s"), header
+    # 400 (the search, at the baseline's cost) + 960 (the confirmation) left, at 25 + 25 + 40 iterations in
+    # the 20 s since the first report: 302 s
+    assert header.endswith("0s elapsed, ETA ?; sweep ETA <= 5m02s"), header
     # once a searched schedule reports its cost (0.5), the search and the confirmation's candidate take it
     clock.now += 10
     search.on_trial_result(0, [], s1, _result(25.0, 0.5, "search"))
     assert search.sweep()[2] == pytest.approx((4 * 0.5 * 100 - 25) + 2 * (1.4 + 0.5) * 200)
-    # 935 left at 165 iterations in 30 s; the phase itself: 175 left at 25 in 10 s
-    assert search.header().endswith("at most 1m10s left; sweep ETA <= 2m50s")
+    # 935 left at 115 iterations in 30 s; the phase's first report: no rate of its own yet
+    assert search.header().endswith("ETA ?; sweep ETA <= 4m04s"), search.header()
+    clock.now += 10
+    search.on_trial_result(0, [], s1, _result(50.0, 0.5, "search"))
+    # 910 left at 140 iterations in 40 s; the phase itself: 150 left at 25 in 10 s
+    assert search.header().endswith("at most 1m00s left; sweep ETA <= 4m20s"), search.header()
 
 
 def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):
-    Progress.sweep_eta = SweepEta([confirm_plan(ConfirmSettings(top_k=1, epochs=2, seeds=1), 10, [1.0, 0.4])],
-                                  clock.now)
+    Progress.sweep_eta = SweepEta([confirm_plan(ConfirmSettings(top_k=1, epochs=2, seeds=1), 10, [1.0, 0.4])])
     out = io.StringIO()
     confirm = Progress(total=3, phase="confirm", mode="lines", trial_compute=20.0)
     confirm.stream = out
     a = _trial("a")
     confirm.on_trial_start(0, [], a)
-    clock.now += 10
+    clock.now += 5
+    confirm.on_trial_result(0, [], a, _result(10.0, 1.0, "baseline"))
+    clock.now += 5
     _complete(confirm, a, _result(20.0, 1.0, "baseline", completed=True))
     # two trials left at the plan's mean fraction (1.0 + 0.4 + 1.0) / 3 of 20 iterations, at 2 a second
     last = out.getvalue().splitlines()[-1]
@@ -166,7 +179,7 @@ def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):
 def test_a_phase_prices_its_trials_at_its_own_budget(clock, tmp_path):
     space = _space(asha={"fidelity": "compressed", "reduction_factor": 3, "min_fraction": 1 / 9})
     opts = SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep")
-    Progress.sweep_eta = SweepEta(search_plans(space, 27), clock.now)
+    Progress.sweep_eta = SweepEta(search_plans(space, 27))
     assert [_callbacks(phase, opts, "x", 9, None, None)[0].trial_compute for phase in ("search", "search-r1")] \
         == [10.0, 30.0]  # 10 epochs at 1 and at 3 of 9 iterations per epoch, not the full budget's 90
     Progress.sweep_eta = None
