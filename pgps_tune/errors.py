@@ -123,8 +123,32 @@ def os_cause(err: BaseException) -> OSError | None:
     return cause if isinstance(cause, OSError) else None
 
 
+def brief(exc: BaseException | str, limit: int = 160) -> str:
+    """What an exception says, in at most about ``limit`` characters of one line, for a one-line error.
+
+    Its first non-empty line, spaces collapsed; a longer one keeps its start and its end (where
+    libraries put the cause: ``... curlCode: 6, Couldn't resolve host name``) around ``...``, cut
+    at spaces; an exception that says nothing gives its type's name.
+
+    >>> brief(OSError("When reading information for key 'x' in bucket 'b': AWS Error NETWORK_CONNECTION "
+    ...               "during HeadObject operation: curlCode: 6, Couldn't resolve host name"), 100)
+    "When reading information for key 'x' in bucket ... curlCode: 6, Couldn't resolve host name"
+    >>> brief(KeyError()), brief(ValueError("\\n  two   words\\nsecond line"))
+    ('KeyError', 'two words')
+    """
+    lines = [" ".join(line.split()) for line in str(exc).splitlines()]
+    line = next((x for x in lines if x), "") or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    if len(line) <= limit:
+        return line
+    half = max(8, (limit - 5) // 2)
+    head, tail = line[:half], line[-half:]
+    head = head.rsplit(" ", 1)[0] if " " in head[1:] else head
+    tail = tail.split(" ", 1)[1] if " " in tail[:-1] else tail
+    return f"{head} ... {tail}"
+
+
 def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc).splitlines()[0][:160] or type(exc).__name__
+    return exc.strerror or brief(exc)
 
 
 def _check_target(path: Path, writable: bool = False) -> None:

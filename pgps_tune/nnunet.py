@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, atomic_write_text, loads_json, read_file, read_json
+from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, atomic_write_text, brief, loads_json, read_file, read_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -941,7 +941,7 @@ def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
             props = _PlainUnpickler(fh).load()  # nnU-Net's properties file: numpy and plain data, nothing else
         seen = props["class_locations"]
     except Exception as exc:  # a damaged pickle raises many types
-        why = str(exc).splitlines()[0][:160] if str(exc) else "damaged"
+        why = brief(exc) if str(exc).strip() else "damaged"
         raise PgpsError(f"cannot read {cases[0]} ({type(exc).__name__}: {why}); {fix}") from None
     try:
         lm = LabelManager(labels, dataset_json.get("regions_class_order"))

@@ -41,6 +41,7 @@ from pgps_tune.errors import (
     atomic_write,
     atomic_write_all,
     atomic_write_text,
+    brief,
     loads_json,
     open_regular,
     os_cause,
@@ -983,7 +984,7 @@ def _holds_other_sweep(folder: Path, origin: str, trial_ids: set[str]) -> str | 
         try:
             t = read_parquet(f, (ORIGIN, "trial_id"), f"results store file {f}", fix)
         except (OSError, pa.ArrowException) as exc:
-            raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
+            raise PgpsError(f"results store file {f} is not readable Parquet ({brief(exc)}); "
                             f"{fix}") from None
         names = t.schema.names
         stored = {str(v) for v in t[ORIGIN].to_pylist() if v} if ORIGIN in names else set()
@@ -1046,7 +1047,7 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
                 stale.unlink()
     except (OSError, PgpsError) as err:  # atomic_write names the OSError of its own steps
         exc = os_cause(err)
-        why = exc.strerror if exc is not None and exc.strerror else str(exc or err).splitlines()[0][:200]
+        why = exc.strerror if exc is not None and exc.strerror else brief(exc or err, 200)
         raise PgpsError(
             f"cannot write the results store {root} ({why}); the rows "
             "stored before are kept; free space, or set PGPS_RESULTS_DIR or --results-store to a writable folder"
@@ -1094,7 +1095,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         try:
             t = read_parquet(f, schema.names, f"results store file {f}", fix)
         except (OSError, pa.ArrowException) as exc:
-            raise PgpsError(f"results store file {f} is not readable Parquet ({str(exc).splitlines()[0][:120]}); "
+            raise PgpsError(f"results store file {f} is not readable Parquet ({brief(exc)}); "
                             f"{fix}") from None
         missing = [c for c in STORE_COLUMNS if c not in t.schema.names and c not in LATER_COLUMNS]
         if missing:
@@ -1109,7 +1110,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
         except (pa.ArrowException, ValueError) as exc:
-            raise PgpsError(f"results store file {f} is damaged ({str(exc).splitlines()[0][:120]}); move it "
+            raise PgpsError(f"results store file {f} is damaged ({brief(exc)}); move it "
                             "out of the store, then rerun 'pgps-tune export' for its sweep") from None
         columns += [pa.array([keys.get(k)] * len(t), pa.string()) for k in STORE_KEYS.names]
         tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))

@@ -75,6 +75,7 @@ from pgps_tune.errors import (
     JsonTooBig,
     PgpsError,
     TooLarge,
+    brief,
     folder_lock,
     loads_json,
     read_at_most,
@@ -910,7 +911,7 @@ def warm_start(study: optuna.Study, space: SearchSpace, rows: list[dict[str, Any
             trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
                                               values=values, user_attrs={WARM_ATTR: origin})
         except (ValueError, TypeError, AttributeError) as exc:
-            raise PgpsError(f"--warm-start: stored trial {origin} does not fit this space ({str(exc)[:120]}); "
+            raise PgpsError(f"--warm-start: stored trial {origin} does not fit this space ({brief(exc)}); "
                             f"re-export sweep {r['sweep']} or leave out --warm-start") from None
         study.add_trial(trial)
         added += 1
@@ -1041,7 +1042,7 @@ def start_ray(address: str | None) -> None:
     except Exception as exc:
         if not _start_failure(exc):
             raise
-        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:160]
+        first = brief(exc)
         raise PgpsError(
             f"cannot start a local Ray ({first}); the machine may be overloaded, or short of memory, shared "
             "memory (/dev/shm) or space in the temporary folder (/tmp): free some and run the same command "
@@ -1090,7 +1091,7 @@ def _filesystem(storage: str | None, storage_path: str):
         try:
             return pafs.FileSystem.from_uri(storage)[0], storage_path
         except (OSError, pa.ArrowException) as exc:  # offline, no credentials, an unknown bucket or scheme
-            raise PgpsError(f"cannot reach the sweep's --storage {storage} ({str(exc).splitlines()[0][:160]}); "
+            raise PgpsError(f"cannot reach the sweep's --storage {storage} ({brief(exc)}); "
                             "check the network and the storage's credentials in the environment (AWS_*, "
                             "GOOGLE_APPLICATION_CREDENTIALS), then run the command again") from None
     return pafs.LocalFileSystem(), storage_path
@@ -1116,7 +1117,7 @@ def resolve_storage(storage: str | None, out: Path):
         fs.delete_file(probe)
     except Exception as exc:
         raise PgpsError(
-            f"cannot write to --storage {storage} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"cannot write to --storage {storage} ({type(exc).__name__}: {brief(exc)}); "
             "give a writable local path or s3:// / gs:// URI with credentials in the environment"
         ) from None
     return (None if isinstance(fs, pafs.LocalFileSystem) else fs), path
@@ -1169,7 +1170,7 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
     try:
         names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
     except (OSError, pa.ArrowException) as exc:
-        raise PgpsError(f"cannot list the Tune experiment at {path} ({str(exc).splitlines()[0][:120]}); "
+        raise PgpsError(f"cannot list the Tune experiment at {path} ({brief(exc)}); "
                         "check the sweep's --storage, the network and the storage's credentials") from None
     newest = _newest_state(names)
     if newest is None:
@@ -1193,7 +1194,7 @@ def read_experiment(fs, path: str) -> list[TrialRecord]:
                                         int(run.get("num_failures", 0)), error)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise PgpsError(f"{state_path} is not a Tune experiment state this version reads ({type(exc).__name__}: "
-                        f"{str(exc)[:120]}); it was damaged, or written by another Ray version: restore it from a "
+                        f"{brief(exc)}); it was damaged, or written by another Ray version: restore it from a "
                         "backup, or use the trials.parquet and summary.json of the last export, which are unchanged"
                         ) from None
     # in the order Tune created them: the state lists trials in the order they first reached a snapshot,
