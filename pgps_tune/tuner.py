@@ -409,7 +409,9 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
 # the few functions Ray, Optuna and numpy really pickle; anything else (os.system, eval, ...) refuses
 # the sweep.  The same idea as torch.load(weights_only=True) for checkpoints.
 _TRUSTED_CLASS_ROOTS = ("ray", "optuna", "pgps_tune", "numpy", "pyarrow", "collections", "datetime", "uuid", "enum")
-_TRUSTED_RAY = ("ray.tune", "ray.train", "ray.air")
+# ray.exceptions: the error.pkl Tune writes for a trial whose worker died (ActorDiedError: a SIGTERM to the
+# whole job, the OOM killer, a lost node), which a resume must not refuse
+_TRUSTED_RAY = ("ray.tune", "ray.train", "ray.air", "ray.exceptions")
 _TRUSTED_FUNCTIONS = {
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),

@@ -557,7 +557,9 @@ def test_two_trials_share_one_gpu_with_fractional_gpus(tmp_path):
 def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, monkeypatch):
     import pickle
 
+    from ray import cloudpickle
     from ray import tune as ray_tune
+    from ray.exceptions import ActorDiedError
 
     from pgps_tune.errors import PgpsError
     from pgps_tune.tuner import TRUST_ENV, vet_tune_state
@@ -573,6 +575,9 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
         "numpy").random.RandomState(0), "cfg": ray_tune.TuneConfig(num_samples=2)}))
     (state / "searcher-state-1.pkl").write_text('{"configs": [], "given": {}}')
     (state / ".unfinished-tmp-searcher-state.pkl").write_bytes(b"\x80\x05")  # Ray's torn temp file: never read
+    # a trial whose worker a SIGTERM to the whole job (or the OOM killer) ended: Tune pickled its error
+    (state / "run_trial_1").mkdir()
+    (state / "run_trial_1" / "error.pkl").write_bytes(cloudpickle.dumps(ActorDiedError()))
     vet_tune_state(str(state))
     # a payload in tuner.pkl, or inside experiment_state JSON, is refused before anything runs
     for where in ("pkl", "json"):
