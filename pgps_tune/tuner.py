@@ -257,6 +257,10 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     from pgps_tune.data import prepare
 
+    # A local Ray of ours starts with SIGTERM blocked (start_ray) and this worker inherited the mask; so
+    # would what the trial starts (masks survive fork and exec), and multiprocessing's Pool.terminate()
+    # (nnU-Net's export pool) would wait on workers its SIGTERM never reaches.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     b = setup["budget"]
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     nnunet_trainer = b["trainer"] == "nnunet"
@@ -410,7 +414,9 @@ def _train(config: dict[str, Any], setup: dict[str, Any], ds, s, base: dict[str,
 # the few functions Ray, Optuna and numpy really pickle; anything else (os.system, eval, ...) refuses
 # the sweep.  The same idea as torch.load(weights_only=True) for checkpoints.
 _TRUSTED_CLASS_ROOTS = ("ray", "optuna", "pgps_tune", "numpy", "pyarrow", "collections", "datetime", "uuid", "enum")
-_TRUSTED_RAY = ("ray.tune", "ray.train", "ray.air")
+# ray.exceptions: the error.pkl Tune writes for a trial whose worker died (ActorDiedError: a SIGTERM to the
+# whole job, the OOM killer, a lost node), which a resume must not refuse
+_TRUSTED_RAY = ("ray.tune", "ray.train", "ray.air", "ray.exceptions")
 _TRUSTED_FUNCTIONS = {
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
@@ -1034,6 +1040,13 @@ def start_ray(address: str | None) -> None:
             f"no Ray cluster reachable at --address {address} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
+    # A SIGTERM to the whole job (timeout, Slurm's scancel or time limit, systemd) reaches every process
+    # of it.  Ray blocks SIGINT in the processes ray.init starts (they inherit the mask of the thread that
+    # starts them), not SIGTERM: a GCS ended so leaves the driver's stop of the sweep waiting on it for
+    # 60 s, then Ray's client ends the process (exit 1, no resume line).  Blocked, they last until the
+    # driver has stopped the sweep.  The mask also reaches the workers the raylet starts: run_trial
+    # unblocks SIGTERM for the trial and what it starts.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         ray.init(  # "local": a new Ray of our own, even where another one runs on this machine
             address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.ERROR,
@@ -1048,6 +1061,9 @@ def start_ray(address: str | None) -> None:
             "memory (/dev/shm) or space in the temporary folder (/tmp): free some and run the same command "
             "again, or join a running cluster with --address"
         ) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _end_at_once()
 
 
 def _start_failure(exc: Exception) -> bool:
@@ -1059,6 +1075,23 @@ def _start_failure(exc: Exception) -> bool:
     if isinstance(exc, (NotImplementedError, RecursionError)):
         return False
     return type(exc) is Exception or isinstance(exc, (RuntimeError, OSError, RayError))
+
+
+def _end_at_once() -> None:
+    """Let ray.shutdown() end the processes of our local Ray with SIGKILL at once.
+
+    It sends each a SIGTERM and waits a second before SIGKILL; with SIGTERM blocked in them that
+    second is always spent, about 4 s at the end of every sweep.  Ray's own record of the processes
+    it started (``Node.all_processes``, private): where a later Ray moved it, shutting down just takes
+    those seconds again.
+    """
+    try:
+        started = ray._private.worker._global_node.all_processes
+    except AttributeError:
+        return
+    for infos in started.values():
+        for info in infos:
+            info.process.terminate = info.process.kill
 
 
 def local_cpus() -> int:

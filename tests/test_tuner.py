@@ -595,7 +595,9 @@ def test_two_trials_share_one_gpu_with_fractional_gpus(tmp_path):
 def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, monkeypatch):
     import pickle
 
+    from ray import cloudpickle
     from ray import tune as ray_tune
+    from ray.exceptions import ActorDiedError
 
     from pgps_tune.errors import PgpsError
     from pgps_tune.tuner import TRUST_ENV, vet_tune_state
@@ -611,6 +613,9 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
         "numpy").random.RandomState(0), "cfg": ray_tune.TuneConfig(num_samples=2)}))
     (state / "searcher-state-1.pkl").write_text('{"configs": [], "given": {}}')
     (state / ".unfinished-tmp-searcher-state.pkl").write_bytes(b"\x80\x05")  # Ray's torn temp file: never read
+    # a trial whose worker a SIGTERM to the whole job (or the OOM killer) ended: Tune pickled its error
+    (state / "run_trial_1").mkdir()
+    (state / "run_trial_1" / "error.pkl").write_bytes(cloudpickle.dumps(ActorDiedError()))
     vet_tune_state(str(state))
     # a payload in tuner.pkl, or inside experiment_state JSON, is refused before anything runs
     for where in ("pkl", "json"):
@@ -688,6 +693,71 @@ def test_sigterm_after_the_local_ray_shut_down_still_reaches_the_sweep(monkeypat
         with pytest.raises(tuner.SweepInterrupted, match="SIGTERM"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises at once; the sleep is never finished
+
+
+def test_a_local_ray_of_our_own_starts_with_sigterm_blocked(monkeypatch):
+    # a SIGTERM to the whole job (timeout, Slurm, systemd) must not end the GCS under the driver stopping the
+    # sweep: the processes ray.init starts inherit the mask it ran with; the driver's own mask is put back
+    from pgps_tune import tuner
+
+    during = []
+    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tuner.ray, "init", lambda **kw: during.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    tuner.start_ray(None)
+    assert during == [before | {signal.SIGTERM}]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_ray_shutdown_ends_a_process_that_blocks_sigterm_at_once(monkeypatch):
+    # ray.shutdown() terminates each process it started and kills it only after a second: with SIGTERM blocked
+    # (above) every sweep would end seconds later
+    from types import SimpleNamespace
+
+    from pgps_tune import tuner
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    monkeypatch.setattr(tuner.ray._private.worker, "_global_node",
+                        SimpleNamespace(all_processes={"raylet": [SimpleNamespace(process=proc)]}))
+    tuner._end_at_once()
+    proc.terminate()  # what ray.shutdown() calls first
+    assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
+
+
+def test_a_trial_takes_sigterm_back_for_what_it_starts(monkeypatch):
+    # the Ray worker running a trial inherits the blocked SIGTERM (above); so would every process the trial
+    # starts, masks survive exec: multiprocessing's Pool.terminate() (nnU-Net's export) then waited forever
+    import threading
+
+    import torch
+
+    from pgps_tune import tuner
+
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def schedule_from_params(*args):
+        seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        raise Started
+
+    def trial():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as in a worker of a local Ray of ours
+        with pytest.raises(Started):
+            tuner.run_trial({}, setup)
+
+    monkeypatch.setattr(tuner, "schedule_from_params", schedule_from_params)
+    setup = {"budget": {"trainer": "nnunet", "epochs": 1, "batch_size": 2}, "final_patch": (16, 16, 16),
+             "pools": (2, 2, 2), "cpus_per_trial": torch.get_num_threads()}
+    thread = threading.Thread(target=trial)
+    thread.start()
+    thread.join()
+    assert len(seen) == 1 and signal.SIGTERM not in seen[0]
 
 
 def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
