@@ -479,6 +479,12 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
 
     ``PGPS_TRUST_SWEEP=1`` skips the check, for a sweep you trust whose state holds something
     this allow-list does not know.
+
+    A failed trial's ``error.pkl`` holds the exception it raised, pickled with a class cloudpickle
+    builds as it loads (``RayTaskError(RuntimeError)``: code, not data), so no allow-list can pass
+    it; only Ray's result objects read it, and the error's text stays in ``error.txt`` beside it
+    (what pgps-tune reports).  Such a file is set aside as ``error.pkl.set-aside`` instead of
+    refusing the sweep: Tune then gives the text.
     """
     import pyarrow.fs as pafs
 
@@ -518,12 +524,27 @@ def vet_tune_state(path: str, storage_fs=None) -> None:
             try:
                 _VettingUnpickler(io.BytesIO(blob)).load()
             except _Untrusted as exc:
+                if name == TRIAL_ERROR_PICKLE and info.path.rstrip("/").count("/") > path.rstrip("/").count("/") + 1:
+                    _set_aside(fs, info.path)  # a trial's pickled error (see above): Tune reads error.txt then
+                    break
                 raise PgpsError(
                     f"refused to resume: {info.path} asks for {exc} when unpickled, which a Tune state of "
                     f"pgps-tune never holds; resume only sweeps you trust (set {TRUST_ENV}=1 to skip this check)"
                 ) from None
             except Exception:  # damaged or version-specific, but nothing outside the allow-list was asked for
                 continue
+
+
+TRIAL_ERROR_PICKLE = "error.pkl"  # Tune's pickled copy of a failed trial's exception, in the trial's folder
+
+
+def _set_aside(fs, file: str) -> None:
+    """Rename a trial's ``error.pkl`` so that nothing unpickles it (:func:`vet_tune_state`)."""
+    try:
+        fs.move(file, f"{file}.set-aside")
+    except OSError as exc:
+        raise PgpsError(f"cannot set aside {file} ({brief(exc)}), the pickled error of a failed trial that a "
+                        "resume must not load; make the sweep's folder writable, or delete that file") from None
 
 
 # -- keeping the Tune state intact across kills -----------------------------------------------------

@@ -617,6 +617,24 @@ def test_a_crafted_tune_state_is_refused_before_resume_unpickles_it(tmp_path, mo
     (state / "run_trial_1").mkdir()
     (state / "run_trial_1" / "error.pkl").write_bytes(cloudpickle.dumps(ActorDiedError()))
     vet_tune_state(str(state))
+    assert (state / "run_trial_1" / "error.pkl").exists()
+    # a trial that raised: Tune pickles the exception with a class cloudpickle builds from code as it loads
+    # (as would a crafted file); only Ray's result objects read it, and its text is in error.txt: set aside,
+    # never loaded, instead of refusing the sweep
+    from ray.exceptions import RayTaskError
+
+    (state / "run_trial_2").mkdir()
+    raised = RayTaskError("run_trial", "Traceback ...", RuntimeError("boom")).as_instanceof_cause()
+    (state / "run_trial_2" / "error.pkl").write_bytes(cloudpickle.dumps(raised))
+    (state / "run_trial_3").mkdir()
+    (state / "run_trial_3" / "error.pkl").write_bytes(pickle.dumps(Payload()))
+    vet_tune_state(str(state))
+    assert not list(state.glob("run_trial_[23]/error.pkl")) and not (tmp_path / "pwned").exists()
+    assert (state / "run_trial_2" / "error.pkl.set-aside").read_bytes() == cloudpickle.dumps(raised)
+    (state / "error.pkl").write_bytes(pickle.dumps(Payload()))  # not a trial's: refused like any other pickle
+    with pytest.raises(PgpsError, match="refused to resume: .*error.pkl asks for pathlib"):
+        vet_tune_state(str(state))
+    (state / "error.pkl").unlink()
     # a payload in tuner.pkl, or inside experiment_state JSON, is refused before anything runs
     for where in ("pkl", "json"):
         if where == "pkl":
