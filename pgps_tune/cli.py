@@ -1150,6 +1150,8 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
     print(f"results: {out}")
     print(f"predict: nnUNet_extTrainer={nnunet.ext_trainer_path()} nnUNetv2_predict -i IN -o OUT "
           f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}")
+    if (note := nnunet.lookup_note()) is not None:
+        print(f"pgps-tune: note: {note}", file=sys.stderr)
     return 0
 
 

@@ -844,6 +844,28 @@ def ext_trainer_path() -> str:
     return os.pathsep.join([str(TRAINER_DIR), *rest])
 
 
+def lookup_note() -> str | None:
+    """Why nnU-Net's trainer lookup by name (``nnUNetv2_train -tr``, ``nnUNetv2_predict``) would fail here, if it would.
+
+    The lookup imports every trainer nnU-Net ships, and its Primus trainers import timm, which
+    imports torchvision: PyPI's build of it does not import beside a CPU build of torch.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchvision  # noqa: F401
+    except Exception as exc:  # a build for another torch raises RuntimeError, not ImportError
+        import torch
+
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return (f"nnU-Net's tools that find the trainer by name (nnUNetv2_predict, nnUNetv2_train -tr) import "
+                f"torchvision, which does not import here ({why}); install the build that matches torch "
+                f"{torch.__version__} (docs/NNUNET.md)")
+    return None
+
+
 def run_folder(plan: NnunetPlan, fold: str | int, trainer: str = TRAINER) -> Path:
     """nnU-Net's result folder for this run: nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F."""
     name = f"{trainer}__{plan.plans_name}__{plan.configuration}"

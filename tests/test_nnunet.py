@@ -748,6 +748,49 @@ def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
     assert recursive_find_trainer_class_by_name(nnunet.TRAINER) is nnunet.trainer_class()
 
 
+def _working_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # PyPI's build beside a CPU torch raises RuntimeError ("torchvision::nms does not exist")
+        return False
+    return True
+
+
+@needs_nnunet
+@pytest.mark.skipif(not _working_torchvision(),
+                    reason="nnUNetv2_train's trainer lookup imports nnU-Net's Primus trainers, which need torchvision "
+                           "(the CPU build beside a CPU torch: scripts/setup.sh installs it)")
+def test_nnunet_v2_train_runs_the_exported_schedule(nnunet_dataset):
+    """nnU-Net's own command line, as docs/NNUNET.md has users run it: nnUNet_extTrainer pointed at the trainer
+    folder, the schedule file beside the plans (what 'export --nnunet' writes; here with short counts)."""
+    command = Path(sys.executable).parent / "nnUNetv2_train"
+    plan = nnunet.read_plans("990")
+    trainer = f"{nnunet.TRAINER}_cli"  # its own file beside the plans and run folder: the other tests' stay as they are
+    inc = sch.divisors(plan.pools)
+    s = sch.Schedule((sch.Stage(inc, 4, 1), sch.Stage(plan.final_patch, plan.batch_size, 1)), plan.final_patch,
+                     plan.pools, plan.batch_size)
+    written = nnunet.for_nnunet(s, plan, num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
+    written.save(nnunet.schedule_file_for(plan, trainer))
+    env = {**os.environ, "nnUNet_extTrainer": nnunet.ext_trainer_path(), "nnUNet_n_proc_DA": "0"}
+    env.pop(nnunet.SCHEDULE_ENV, None)
+    done = subprocess.run([str(command), "990", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = nnunet.run_folder(plan, 0, trainer)
+    assert nnunet.read_schedule(out / nnunet.RUN_RECORD, plan) == written
+    assert (out / "checkpoint_final.pth").is_file() and (out / "validation" / "summary.json").is_file()
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    final = "x".join(map(str, plan.to_nnunet(plan.final_patch)))
+    first = "x".join(map(str, plan.to_nnunet(inc)))
+    assert f"pgps-tune stage 0: patch {first}, batch 4" in log and f"pgps-tune stage 1: patch {final}" in log
+
+
+def test_nnunet_train_names_a_torchvision_that_blocks_nnunets_trainer_lookup(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what importing it raises: ImportError
+    assert "(nnUNetv2_predict, nnUNetv2_train -tr) import torchvision, which does not import here" in \
+        nnunet.lookup_note()
+
+
 @needs_nnunet
 def test_a_sweep_whose_trials_are_nnunet_trainings(nnunet_dataset, tmp_path, monkeypatch):
     """budget.trainer nnunet: each Ray Tune trial is an nnU-Net training of its schedule, scored by nnU-Net."""
