@@ -275,9 +275,64 @@ def test_find_dataset_by_id_or_name_through_the_environment(tmp_path, monkeypatc
     assert nnunet.resolve_data("synthetic") == "synthetic"
     existing = tmp_path / "Dataset012_Other"
     assert nnunet.resolve_data(str(existing)) == str(existing)
-    monkeypatch.delenv("nnUNet_raw")
-    with pytest.raises(PgpsError, match="nnUNet_raw is not set"):
+    for var in nnunet.ENV_FOLDERS[1:]:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(PgpsError, match=r"no nnU-Net dataset 5 and no such path \(looked in nnUNet_raw=.*, "
+                                        r"nnUNet_preprocessed \(not set\), nnUNet_results \(not set\)\)"):
+        nnunet.resolve_data("5")
+
+
+def test_data_ids_are_found_where_nnunet_finds_them(tmp_path, monkeypatch):
+    """As nnU-Net's own lookup: raw, preprocessed or results; pgps-tune's loader needs the raw folder."""
+    for var in nnunet.ENV_FOLDERS:
+        monkeypatch.setenv(var, str(tmp_path / var))
+    (tmp_path / "nnUNet_raw").mkdir()
+    (tmp_path / "nnUNet_preprocessed" / "Dataset004_Hippo").mkdir(parents=True)
+    pre = str(tmp_path / "nnUNet_preprocessed" / "Dataset004_Hippo")
+    assert nnunet.resolve_data("4", raw=False) == nnunet.resolve_data("Dataset004_Hippo", raw=False) == pre
+    with pytest.raises(PgpsError, match=r"dataset 4 \(Dataset004_Hippo\) is in nnUNet_preprocessed but not in "
+                                        r"nnUNet_raw=.*; set nnUNet_raw, or give --data the raw dataset folder"):
         nnunet.resolve_data("4")
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(PgpsError, match=r"not in nnUNet_raw \(not set\)"):
+        nnunet.resolve_data("4")
+    (tmp_path / "nnUNet_results" / "Dataset004_Other").mkdir(parents=True)
+    with pytest.raises(PgpsError, match="dataset id 4 is Dataset004_Hippo in nnUNet_preprocessed, Dataset004_Other "
+                                        "in nnUNet_results; give the full name"):
+        nnunet.resolve_data("4", raw=False)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nope"))
+    with pytest.raises(PgpsError, match=r"nnUNet_results=.*nope \(not a folder\)"):
+        nnunet.resolve_data("7", raw=False)
+
+
+def test_plan_on_nnunet_plans_shows_nnunets_dataset_whatever_its_labels(tmp_path, monkeypatch, capsys):
+    """plan --nnunet-plans never runs pgps-tune's loader (which refuses regions and an ignore label) and needs
+    only nnU-Net's preprocessed folder."""
+    pre = tmp_path / "pre" / "Dataset004_Hippo"
+    plans = current_plans()
+    plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = nnunet_order((30, 50, 70), TRANSPOSE)
+    write_plans(pre, plans)
+    (pre / "dataset.json").write_text(json.dumps({
+        "name": "Brats", "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz", "numTraining": 1,
+        "labels": {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, "regions_class_order": [1, 2]}))
+    (tmp_path / "pre" / "Dataset005_Other").mkdir()
+    for var in nnunet.ENV_FOLDERS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    for argv in (["plan", "--nnunet-plans", "4"], ["plan", "--data", "4", "--nnunet-plans", "4"]):
+        assert main(argv) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert {k: shown[k] for k in ("dataset", "cases", "median_shape", "final_patch")} == {
+            "dataset": "Brats", "cases": 1, "median_shape": [30, 50, 70], "final_patch": list(CANONICAL_PATCH)}
+        assert "cache" not in shown and shown["nnunet"]["nnunet_patch_size"] == plans["configurations"]["3d_fullres"][
+            "patch_size"]
+    for argv, needle in ((["--data", "5"], "--data names Dataset005_Other but plan shows Dataset004_Hippo"),
+                         (["--voxel-budget", "4096"], "nothing uses --voxel-budget; drop it")):
+        assert main(["plan", "--nnunet-plans", "4", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert main(["plan"]) == 2
+    assert "plan needs --data DIR" in capsys.readouterr().err
 
 
 def test_plans_by_dataset_id(tmp_path, monkeypatch):
@@ -610,7 +665,7 @@ class _Interrupt(Exception):
 
 
 @needs_nnunet
-def test_cli_plan_finds_raw_data_and_plans_by_dataset_id(nnunet_dataset, capsys):
+def test_cli_plan_by_dataset_id_shows_nnunets_plan(nnunet_dataset, capsys):
     assert main(["plan", "--data", "990", "--nnunet-plans", "990"]) == 0
     shown = json.loads(capsys.readouterr().out)
     planned = json.loads((nnunet_dataset / "pre" / DATASET / "nnUNetPlans.json").read_text())
