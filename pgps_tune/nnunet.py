@@ -1005,6 +1005,37 @@ def check_preprocessed(plan: NnunetPlan) -> None:
                         f"-c {plan.configuration} first")
 
 
+def previous_stage(plan: NnunetPlan) -> str | None:
+    """The configuration whose predictions this one trains on (nnU-Net's cascade: ``3d_cascade_fullres``
+    on ``3d_lowres``), or None."""
+    cfg = _resolve_configuration(plan.plans["configurations"], plan.configuration, str(plan.source))
+    prev = cfg.get("previous_stage")
+    return str(prev) if prev else None
+
+
+def check_previous_stage(plan: NnunetPlan, trainer: str) -> None:
+    """Refuse a cascade configuration whose previous stage has not predicted every case yet.
+
+    nnU-Net reads them from that stage's run of the same trainer name (its validation writes them to
+    ``predicted_next_stage``), and without them stops inside the data loader with a missing file.
+    """
+    prev = previous_stage(plan)
+    if prev is None:
+        return
+    folder = (env_folder("nnUNet_results", must_exist=False) / plan.dataset
+              / f"{trainer}__{plan.plans_name}__{prev}" / "predicted_next_stage" / plan.configuration)
+    have: set[str] = set()
+    for f in folder.iterdir() if folder.is_dir() else ():
+        have |= {f.name[:-len(e)] for e in (".b2nd", ".npz", ".npy") if f.name.endswith(e)}
+    cases = sorted(p.name[:-4] for p in (plan.source.parent / plan.data_identifier).glob("*.pkl"))
+    missing = [c for c in cases if c not in have]
+    if missing:
+        raise PgpsError(f"{plan.configuration} trains on the {prev} predictions of {trainer}, and {folder} lacks "
+                        f"{len(missing)} of {len(cases)} case(s) (e.g. {missing[0]}); first train {prev} with the "
+                        f"same trainer name on every fold (nnunet-train {plan.dataset} {prev} FOLD --trainer {trainer})"
+                        ", whose validation writes them")
+
+
 def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
     """Refuse a preprocessed dataset.json whose channels or labels are not those of the preprocessed data.
 
@@ -1130,6 +1161,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     if not isinstance(dataset_json, dict):
         raise PgpsError(f"{base / 'dataset.json'} is not a JSON object; {REPLAN}")
     check_dataset_json(plan, dataset_json)
+    check_previous_stage(plan, trainer)
     out = run_folder(plan, fold, trainer)
     has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
     if continue_training and not has_run:
@@ -1213,6 +1245,9 @@ def trial_plan(plans: str | Path | NnunetPlan, configuration: str) -> NnunetPlan
     plan = plans if isinstance(plans, NnunetPlan) else read_plans(plans, configuration)
     if plan.configuration != configuration:
         raise PgpsError(f"the plans were read for configuration {plan.configuration}, not {configuration}")
+    if (prev := previous_stage(plan)) is not None:
+        raise PgpsError(f"{configuration} is the second stage of nnU-Net's cascade: it trains on {prev} predictions "
+                        f"that no trial has; sweep {prev} (or 3d_fullres) instead")
     check_preprocessed(plan)
     if not (plan.source.parent / "dataset.json").is_file():
         raise PgpsError(f"{plan.source.parent / 'dataset.json'} does not exist; nnU-Net's preprocessing writes it "

@@ -335,6 +335,35 @@ def test_plan_on_nnunet_plans_shows_nnunets_dataset_whatever_its_labels(tmp_path
     assert "plan needs --data DIR" in capsys.readouterr().err
 
 
+def test_the_cascade_needs_its_previous_stage_predictions(tmp_path, monkeypatch):
+    """nnU-Net would stop inside its data loader on the first missing 3d_lowres prediction (a traceback)."""
+    plans = current_plans()
+    configs = plans["configurations"]
+    configs["3d_lowres"] = {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                            "next_stage": "3d_cascade_fullres"}
+    configs["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
+    src = write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans)
+    (src.parent / "nnUNetPlans_3d_fullres").mkdir()
+    for i in range(2):
+        (src.parent / "nnUNetPlans_3d_fullres" / f"case_{i}.pkl").write_bytes(b"")
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    plan = nnunet.read_plans(src, "3d_cascade_fullres")
+    trainer = f"{nnunet.TRAINER}_x"
+    predicted = (tmp_path / "results" / "Dataset004_Hippo" / f"{trainer}__nnUNetPlans__3d_lowres"
+                 / "predicted_next_stage" / "3d_cascade_fullres")
+    predicted.mkdir(parents=True)
+    (predicted / "case_0.b2nd").write_bytes(b"")
+    with pytest.raises(PgpsError, match=rf"3d_cascade_fullres trains on the 3d_lowres predictions of {trainer}, and "
+                                        r".* lacks 1 of 2 case\(s\) \(e.g. case_1\); first train 3d_lowres"):
+        nnunet.check_previous_stage(plan, trainer)
+    (predicted / "case_1.b2nd").write_bytes(b"")
+    nnunet.check_previous_stage(plan, trainer)  # every case predicted
+    monkeypatch.setattr(nnunet, "require_nnunet", lambda: None)
+    with pytest.raises(PgpsError, match="3d_cascade_fullres is the second stage of nnU-Net's cascade: it trains on "
+                                        "3d_lowres predictions that no trial has; sweep 3d_lowres"):
+        nnunet.trial_plan(src, "3d_cascade_fullres")
+
+
 def test_plans_by_dataset_id(tmp_path, monkeypatch):
     write_plans(tmp_path / "Dataset004_Hippo", current_plans())
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
