@@ -1165,8 +1165,10 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
         save_probabilities=a.npz,
     )
     print(f"results: {out}")
+    device = nnunet.torch_device(a.device).type  # nnUNetv2_predict's default is cuda
     print(f"predict: nnUNet_extTrainer={nnunet.ext_trainer_path()} nnUNetv2_predict -i IN -o OUT "
-          f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}")
+          f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}"
+          + ("" if device == "cuda" else f" -device {device}"))
     if (note := nnunet.lookup_note()) is not None:
         print(f"pgps-tune: note: {note}", file=sys.stderr)
     return 0

@@ -115,7 +115,10 @@ def env_folder(var: str, must_exist: bool = True) -> Path:
     value = os.environ.get(var)
     if not value:
         raise PgpsError(f"{var} is not set; export {var}=/path/to/the/folder as for nnU-Net")
-    path = Path(value).expanduser()
+    if value.startswith("~"):  # nnU-Net takes the value as it is: a folder named ~ in the current folder
+        raise PgpsError(f"{var}={value} starts with ~, which nnU-Net does not expand; export {var}=\"$HOME"
+                        f"{value[1:]}\" (without quotes around the ~, the shell expands it)")
+    path = Path(value)
     if must_exist and not path.is_dir():
         raise PgpsError(f"{var}={value} is not a folder; point it at nnU-Net's {var} folder")
     return path
@@ -175,7 +178,7 @@ def resolve_data(data: str, raw: bool = True) -> str:
     looked: list[str] = []
     for var in ENV_FOLDERS:
         value = os.environ.get(var)
-        root = Path(value).expanduser() if value else None
+        root = env_folder(var, must_exist=False) if value else None
         looked.append(f"{var}={value}" + ("" if root is None or root.is_dir() else " (not a folder)")
                       if value else f"{var} (not set)")
         hits = _matches(root, ref) if root is not None and root.is_dir() else []
@@ -985,7 +988,8 @@ def fold_name(fold: str | int, folds: int | None = None) -> str:
     return str(number)
 
 
-def _device(name: str):
+def torch_device(name: str):
+    """The torch device of a --device value (auto: cuda where one is visible), refused in one line if unusable."""
     import torch
 
     if name == "auto":
@@ -1183,7 +1187,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
         f = given
     f = replace(f, **{k: v if v is not None else getattr(f, k) for k, v in counts.items()})
     fit_epochs(f.schedule, f.num_epochs or DEFAULT_EPOCHS)  # more stages than epochs: refused before nnU-Net starts
-    dev = _device(device)
+    dev = torch_device(device)
     import torch
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
@@ -1316,7 +1320,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     f = for_nnunet(s, plan, num_epochs=epochs, num_iterations_per_epoch=iterations_per_epoch,
                    num_val_iterations_per_epoch=val_iterations_per_epoch)
     fit_epochs(f.schedule, epochs)  # more stages than epochs is refused here
-    dev = _device(device)
+    dev = torch_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset_json = read_json(plan.source.parent / "dataset.json", "nnU-Net dataset description", REPLAN)

@@ -335,6 +335,14 @@ def test_plan_on_nnunet_plans_shows_nnunets_dataset_whatever_its_labels(tmp_path
     assert "plan needs --data DIR" in capsys.readouterr().err
 
 
+def test_a_tilde_in_nnunets_variables_is_refused(monkeypatch):
+    """nnU-Net does not expand it (it would write into a folder named ~): pgps-tune must not check elsewhere."""
+    monkeypatch.setenv("nnUNet_results", "~/results")
+    with pytest.raises(PgpsError, match=r'nnUNet_results=~/results starts with ~, which nnU-Net does not expand; '
+                                        r'export nnUNet_results="\$HOME/results"'):
+        nnunet.env_folder("nnUNet_results", must_exist=False)
+
+
 def test_the_cascade_needs_its_previous_stage_predictions(tmp_path, monkeypatch):
     """nnU-Net would stop inside its data loader on the first missing 3d_lowres prediction (a traceback)."""
     plans = current_plans()
@@ -762,7 +770,8 @@ def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_da
     assert seen == [(e, expected(e)) for e in (1, 1, 2, 2)]
     final = (plan.batch_size, 1, *reversed(plan.final_patch))
     assert val_seen and set(val_seen) == {final}  # validation stays at the plans' patch
-    assert f"results: {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"results: {out}" in printed and printed.rstrip().endswith("-p nnUNetPlans -device cpu")  # predict's: cuda
     for f in ("checkpoint_final.pth", "validation/summary.json", "pgps_schedule.json", "../plans.json",
               "../dataset.json"):
         assert (out / f).is_file(), f
