@@ -200,14 +200,17 @@ def _nnunet_plan(a: argparse.Namespace):
     return nnunet.read_plans(a.nnunet_plans, a.configuration)
 
 
-def _data(value: str) -> str:
-    """A --data argument: a folder, an nnU-Net dataset id/name, or 'synthetic' in any case."""
+def _data(value: str, raw: bool = True) -> str:
+    """A --data argument: a folder, an nnU-Net dataset id/name, or 'synthetic' in any case.
+
+    ``raw``: pgps-tune's loader reads the data, so an nnU-Net dataset must be in nnUNet_raw.
+    """
     from pgps_tune.data import SYNTHETIC
     from pgps_tune.nnunet import resolve_data
 
     if value.lower() == SYNTHETIC and not Path(value).exists():
         return SYNTHETIC
-    return resolve_data(value)
+    return resolve_data(value, raw)
 
 
 # -- commands ---------------------------------------------------------------------
@@ -791,12 +794,26 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from pgps_tune.data import plan_patch
 
     nn_plan = _nnunet_plan(a)
+    if nn_plan is not None:  # nnU-Net's plan of nnU-Net's preprocessed data: pgps-tune's loader is not run
+        from pgps_tune import nnunet
+
+        if unused := [f"--{d.replace('_', '-')}" for d in ("cache_dir", "voxel_budget") if d in a.explicit]:
+            raise PgpsError(f"with --nnunet-plans, plan shows nnU-Net's plan of its preprocessed data: nothing uses "
+                            f"{' or '.join(unused)}; drop {'it' if len(unused) == 1 else 'them'}")
+        if a.data and (note := nnunet.unread_data(_data(a.data, raw=False), nn_plan, "plan shows")) is not None:
+            print(f"pgps-tune: note: {note}", file=sys.stderr)
+        print(json.dumps(_rounded({**nnunet.planned_dataset(nn_plan), "final_patch": list(nn_plan.final_patch),
+                                   "pools": list(nn_plan.pools), "nnunet": nn_plan.describe()}), indent=1))
+        return 0
+    if not a.data:
+        raise PgpsError("plan needs --data DIR (a dataset folder, an nnU-Net dataset id, or synthetic), or "
+                        "--nnunet-plans PLANS")
     ds = _prepare(a)
-    plan = nn_plan or plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
+    plan = plan_patch(ds.median_shape, ds.spacing, voxel_budget=a.voxel_budget)
     print(json.dumps(_rounded({
         "dataset": ds.name, "cases": len(ds), "median_shape": list(ds.median_shape),
         "spacing": list(ds.spacing), "final_patch": list(plan.final_patch), "pools": list(plan.pools),
-        "cache": str(ds.cache_dir), **({"nnunet": nn_plan.describe()} if nn_plan else {}),
+        "cache": str(ds.cache_dir),
     }), indent=1))
     return 0
 
@@ -916,14 +933,14 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
         from pgps_tune.nnunet import plan_space
 
         space = plan_space(space, nn_plan)
-    data = _data(data)
+    data = _data(data, raw=space.budget.trainer != "nnunet")  # nnU-Net's trials need only its preprocessed data
     opts = SweepOptions(
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
         progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow,
-        nnunet_plans=nn_plan and str(nn_plan.source), nnunet_configuration=getattr(a, "configuration", "3d_fullres"),
+        nnunet_plans=nn_plan, nnunet_configuration=getattr(a, "configuration", "3d_fullres"),
     )
     _check_writable(Path(out))
     try:
@@ -1150,8 +1167,12 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
         save_probabilities=a.npz,
     )
     print(f"results: {out}")
+    device = nnunet.torch_device(a.device).type  # nnUNetv2_predict's default is cuda
     print(f"predict: nnUNet_extTrainer={nnunet.ext_trainer_path()} nnUNetv2_predict -i IN -o OUT "
-          f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}")
+          f"-d {a.dataset} -c {a.configuration} -f {nnunet.fold_name(a.fold)} -tr {a.trainer} -p {a.plans}"
+          + ("" if device == "cuda" else f" -device {device}"))
+    if (note := nnunet.lookup_note()) is not None:
+        print(f"pgps-tune: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -1233,8 +1254,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nnunet_args(s)
     s.set_defaults(func=cmd_schedule)
 
-    def data_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--data", required=True, metavar="DIR", help="MSD/nnU-Net dataset folder, or 'synthetic'")
+    def data_args(q: argparse.ArgumentParser, required: bool = True, also: str = "") -> None:
+        q.add_argument("--data", required=required, metavar="DIR",
+                       help=f"MSD/nnU-Net dataset folder, nnU-Net dataset id or name, or 'synthetic'{also}")
         q.add_argument("--cache-dir", default=None, metavar="DIR",
                        help="preprocessing cache (default ~/.cache/pgps-tune)")
 
@@ -1332,7 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     pl = sub.add_parser("plan", help="show the planned final patch and poolings for a dataset")
-    data_args(pl)
+    data_args(pl, required=False, also=" (not needed with --nnunet-plans)")
     voxel_budget_arg(pl)
     _add_nnunet_args(pl)
     pl.set_defaults(func=cmd_plan)

@@ -115,7 +115,10 @@ def env_folder(var: str, must_exist: bool = True) -> Path:
     value = os.environ.get(var)
     if not value:
         raise PgpsError(f"{var} is not set; export {var}=/path/to/the/folder as for nnU-Net")
-    path = Path(value).expanduser()
+    if value.startswith("~"):  # nnU-Net takes the value as it is: a folder named ~ in the current folder
+        raise PgpsError(f"{var}={value} starts with ~, which nnU-Net does not expand; export {var}=\"$HOME"
+                        f"{value[1:]}\" (without quotes around the ~, the shell expands it)")
+    path = Path(value)
     if must_exist and not path.is_dir():
         raise PgpsError(f"{var}={value} is not a folder; point it at nnU-Net's {var} folder")
     return path
@@ -124,6 +127,14 @@ def env_folder(var: str, must_exist: bool = True) -> Path:
 def looks_like_dataset(ref: str) -> bool:
     """Whether ``ref`` names an nnU-Net dataset (``4``, ``004``, ``Dataset004_Hippocampus``)."""
     return ref.isdigit() or bool(_DATASET_NAME.match(ref))
+
+
+def _matches(root: Path, ref: str) -> list[Path]:
+    """The dataset folders under ``root`` that an id (``4``) or name (``Dataset004_Hippocampus``) names."""
+    if not ref.isdigit():
+        return [root / ref] if (root / ref).is_dir() else []
+    prefix = f"Dataset{int(ref):03d}_"
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
 
 
 def find_dataset(ref: str | int, var: str = "nnUNet_raw") -> Path:
@@ -138,15 +149,12 @@ def find_dataset(ref: str | int, var: str = "nnUNet_raw") -> Path:
             f"{ref!r} is not an nnU-Net dataset id or name; give an id (e.g. 4) or a name like Dataset004_Hippocampus"
         )
     root = env_folder(var)
-    if not ref.isdigit():
-        path = root / ref
-        if not path.is_dir():
-            raise PgpsError(f"dataset {ref} is not in {var}={root}; check the name or the variable")
-        return path
-    prefix = f"Dataset{int(ref):03d}_"
-    hits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    hits = _matches(root, ref)
+    if not hits and not ref.isdigit():
+        raise PgpsError(f"dataset {ref} is not in {var}={root}; check the name or the variable")
     if not hits:
-        raise PgpsError(f"no dataset with id {int(ref)} ({prefix}*) in {var}={root}; check the id or the variable")
+        raise PgpsError(f"no dataset with id {int(ref)} (Dataset{int(ref):03d}_*) in {var}={root}; check the id or "
+                        "the variable")
     if len(hits) > 1:
         raise PgpsError(
             f"dataset id {int(ref)} matches {', '.join(p.name for p in hits)} in {root}; give the full name"
@@ -154,14 +162,43 @@ def find_dataset(ref: str | int, var: str = "nnUNet_raw") -> Path:
     return hits[0]
 
 
-def resolve_data(data: str) -> str:
-    """A ``--data`` value, with an nnU-Net dataset id or name turned into its ``nnUNet_raw`` folder.
+def resolve_data(data: str, raw: bool = True) -> str:
+    """A ``--data`` value, with an nnU-Net dataset id or name turned into its dataset folder.
 
     Paths that exist (and ``synthetic``) are kept as given, so a folder called ``4`` still wins.
+    The dataset is looked up as nnU-Net does, in ``nnUNet_raw``, ``nnUNet_preprocessed`` and
+    ``nnUNet_results``: its ``nnUNet_raw`` folder where it has one; with ``raw`` (pgps-tune's own
+    loader reads the raw images) a dataset found only elsewhere is refused naming the fix, else
+    (a sweep whose trials train nnU-Net's preprocessed data) its folder there.
     """
     if data == "synthetic" or Path(data).exists() or not looks_like_dataset(data):
         return data
-    return str(find_dataset(data, "nnUNet_raw"))
+    ref = data.strip()
+    found: dict[str, Path] = {}
+    looked: list[str] = []
+    for var in ENV_FOLDERS:
+        value = os.environ.get(var)
+        root = env_folder(var, must_exist=False) if value else None
+        looked.append(f"{var}={value}" + ("" if root is None or root.is_dir() else " (not a folder)")
+                      if value else f"{var} (not set)")
+        hits = _matches(root, ref) if root is not None and root.is_dir() else []
+        if len(hits) > 1:
+            find_dataset(ref, var)  # its one-line error: several folders share the id
+        if hits:
+            found[var] = hits[0]
+    if len({p.name for p in found.values()}) > 1:
+        where = ", ".join(f"{p.name} in {var}" for var, p in found.items())
+        raise PgpsError(f"dataset id {int(ref)} is {where}; give the full name")
+    if "nnUNet_raw" in found:
+        return str(found["nnUNet_raw"])
+    if found and raw:
+        var, path = next(iter(found.items()))
+        raise PgpsError(f"dataset {ref} ({path.name}) is in {var} but not in {looked[0]}, and pgps-tune reads the "
+                        "raw images; set nnUNet_raw, or give --data the raw dataset folder")
+    if found:
+        return str(found.get("nnUNet_preprocessed") or found["nnUNet_results"])
+    raise PgpsError(f"no nnU-Net dataset {ref} and no such path (looked in {', '.join(looked)}); check the id or "
+                    "name, or export nnU-Net's variables")
 
 
 # -- plans -------------------------------------------------------------------------------------------
@@ -383,6 +420,48 @@ def read_plans(ref: str | Path, configuration: str = "3d_fullres") -> NnunetPlan
     plan = plan_from_dict(plans, configuration, path)  # the plans' own errors first
     axes = _file_axes(path.parent, str(plan.plans.get("image_reader_writer", "")))
     return plan if axes == (0, 1, 2) else plan_from_dict(plans, configuration, path, axes)
+
+
+def planned_dataset(plan: NnunetPlan) -> dict[str, Any]:
+    """The dataset as nnU-Net planned it (what ``pgps-tune plan --nnunet-plans`` shows), read from the plans'
+    folder only, so any dataset nnU-Net preprocessed is described (region labels, an ``ignore`` label).
+
+    ``dataset``: pgps-tune's name for it (dataset.json's ``name``, else the folder's, as the results store
+    files sweeps); ``cases``: the label files nnU-Net's preprocessing copied to ``gt_segmentations``
+    (dataset.json's ``numTraining`` without them); ``median_shape`` and ``spacing``: the configuration's
+    (after nnU-Net's resampling), in pgps-tune's axis order.
+    """
+    from pgps_tune import imageio
+    from pgps_tune.data import dataset_name
+
+    base = plan.source.parent
+    desc = base / "dataset.json"
+    description = read_json(desc, "nnU-Net dataset description", REPLAN) if desc.is_file() else {}
+    if not isinstance(description, dict):
+        raise PgpsError(f"{desc} is not a JSON object; {REPLAN}")
+    labels = base / "gt_segmentations"
+    cases = (sum(1 for f in labels.iterdir() if f.is_file() and imageio.ending(f)) if labels.is_dir()
+             else description.get("numTraining"))
+    cfg = _resolve_configuration(plan.plans["configurations"], plan.configuration, str(plan.source))
+    median = cfg.get("median_image_size_in_voxels")
+    median = (list(plan.from_nnunet(_triple(median, float, "median_image_size_in_voxels", str(plan.source))))
+              if median is not None else None)
+    return {"dataset": dataset_name(description, base), "cases": cases, "median_shape": median,
+            "spacing": list(plan.spacing)}
+
+
+def unread_data(data: str, plan: NnunetPlan, reader: str) -> str | None:
+    """Check a ``--data`` that ``reader`` (e.g. "the trials train") replaces by the plans' preprocessed dataset.
+
+    One naming another nnU-Net dataset is refused; any other than the plans' own is returned as a note.
+    """
+    given = Path(data).name
+    if given == plan.dataset:
+        return None
+    if looks_like_dataset(given):
+        raise PgpsError(f"--data names {given} but {reader} {plan.dataset} of --nnunet-plans {plan.source}; give "
+                        f"--data {plan.dataset} (or the plans of {given})")
+    return f"{reader} nnU-Net's preprocessed {plan.dataset} (--nnunet-plans); --data {data} is not read"
 
 
 def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
@@ -844,6 +923,28 @@ def ext_trainer_path() -> str:
     return os.pathsep.join([str(TRAINER_DIR), *rest])
 
 
+def lookup_note() -> str | None:
+    """Why nnU-Net's trainer lookup by name (``nnUNetv2_train -tr``, ``nnUNetv2_predict``) would fail here, if it would.
+
+    The lookup imports every trainer nnU-Net ships, and its Primus trainers import timm, which
+    imports torchvision: PyPI's build of it does not import beside a CPU build of torch.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchvision  # noqa: F401
+    except Exception as exc:  # a build for another torch raises RuntimeError, not ImportError
+        import torch
+
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return (f"nnU-Net's tools that find the trainer by name (nnUNetv2_predict, nnUNetv2_train -tr) import "
+                f"torchvision, which does not import here ({why}); install the build that matches torch "
+                f"{torch.__version__} (docs/NNUNET.md)")
+    return None
+
+
 def run_folder(plan: NnunetPlan, fold: str | int, trainer: str = TRAINER) -> Path:
     """nnU-Net's result folder for this run: nnUNet_results/DATASET/TRAINER__PLANS__CONFIG/fold_F."""
     name = f"{trainer}__{plan.plans_name}__{plan.configuration}"
@@ -887,7 +988,8 @@ def fold_name(fold: str | int, folds: int | None = None) -> str:
     return str(number)
 
 
-def _device(name: str):
+def torch_device(name: str):
+    """The torch device of a --device value (auto: cuda where one is visible), refused in one line if unusable."""
     import torch
 
     if name == "auto":
@@ -905,6 +1007,37 @@ def check_preprocessed(plan: NnunetPlan) -> None:
     if not data.is_dir():
         raise PgpsError(f"{data} does not exist; run nnUNetv2_plan_and_preprocess -d {plan.dataset} "
                         f"-c {plan.configuration} first")
+
+
+def previous_stage(plan: NnunetPlan) -> str | None:
+    """The configuration whose predictions this one trains on (nnU-Net's cascade: ``3d_cascade_fullres``
+    on ``3d_lowres``), or None."""
+    cfg = _resolve_configuration(plan.plans["configurations"], plan.configuration, str(plan.source))
+    prev = cfg.get("previous_stage")
+    return str(prev) if prev else None
+
+
+def check_previous_stage(plan: NnunetPlan, trainer: str) -> None:
+    """Refuse a cascade configuration whose previous stage has not predicted every case yet.
+
+    nnU-Net reads them from that stage's run of the same trainer name (its validation writes them to
+    ``predicted_next_stage``), and without them stops inside the data loader with a missing file.
+    """
+    prev = previous_stage(plan)
+    if prev is None:
+        return
+    folder = (env_folder("nnUNet_results", must_exist=False) / plan.dataset
+              / f"{trainer}__{plan.plans_name}__{prev}" / "predicted_next_stage" / plan.configuration)
+    have: set[str] = set()
+    for f in folder.iterdir() if folder.is_dir() else ():
+        have |= {f.name[:-len(e)] for e in (".b2nd", ".npz", ".npy") if f.name.endswith(e)}
+    cases = sorted(p.name[:-4] for p in (plan.source.parent / plan.data_identifier).glob("*.pkl"))
+    missing = [c for c in cases if c not in have]
+    if missing:
+        raise PgpsError(f"{plan.configuration} trains on the {prev} predictions of {trainer}, and {folder} lacks "
+                        f"{len(missing)} of {len(cases)} case(s) (e.g. {missing[0]}); first train {prev} with the "
+                        f"same trainer name on every fold (nnunet-train {plan.dataset} {prev} FOLD --trainer {trainer})"
+                        ", whose validation writes them")
 
 
 def check_dataset_json(plan: NnunetPlan, dataset_json: dict[str, Any]) -> None:
@@ -1032,6 +1165,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     if not isinstance(dataset_json, dict):
         raise PgpsError(f"{base / 'dataset.json'} is not a JSON object; {REPLAN}")
     check_dataset_json(plan, dataset_json)
+    check_previous_stage(plan, trainer)
     out = run_folder(plan, fold, trainer)
     has_run = any((out / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
     if continue_training and not has_run:
@@ -1053,7 +1187,7 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
         f = given
     f = replace(f, **{k: v if v is not None else getattr(f, k) for k, v in counts.items()})
     fit_epochs(f.schedule, f.num_epochs or DEFAULT_EPOCHS)  # more stages than epochs: refused before nnU-Net starts
-    dev = _device(device)
+    dev = torch_device(device)
     import torch
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
@@ -1108,10 +1242,16 @@ def summary_dice(summary: dict[str, Any], names: dict[int | tuple[int, ...], str
     return {names.get(key_to_label_or_region(k), k): float(v["Dice"]) for k, v in summary.get("mean", {}).items()}
 
 
-def trial_plan(plans: str | Path, configuration: str) -> NnunetPlan:
-    """The plan a sweep with ``budget.trainer: nnunet`` trains: refused now if nnU-Net could not train it."""
+def trial_plan(plans: str | Path | NnunetPlan, configuration: str) -> NnunetPlan:
+    """The plan a sweep with ``budget.trainer: nnunet`` trains (``plans`` may be read already): refused now if
+    nnU-Net could not train it."""
     require_nnunet()
-    plan = read_plans(plans, configuration)
+    plan = plans if isinstance(plans, NnunetPlan) else read_plans(plans, configuration)
+    if plan.configuration != configuration:
+        raise PgpsError(f"the plans were read for configuration {plan.configuration}, not {configuration}")
+    if (prev := previous_stage(plan)) is not None:
+        raise PgpsError(f"{configuration} is the second stage of nnU-Net's cascade: it trains on {prev} predictions "
+                        f"that no trial has; sweep {prev} (or 3d_fullres) instead")
     check_preprocessed(plan)
     if not (plan.source.parent / "dataset.json").is_file():
         raise PgpsError(f"{plan.source.parent / 'dataset.json'} does not exist; nnU-Net's preprocessing writes it "
@@ -1142,7 +1282,7 @@ class SweepDataset:
                             f"{self.folds}; confirm on at most {self.folds} (or on seeds)")
 
 
-def sweep_dataset(plans: str | Path, configuration: str) -> SweepDataset:
+def sweep_dataset(plans: str | Path | NnunetPlan, configuration: str) -> SweepDataset:
     """The :class:`SweepDataset` of these plans, refused now if nnU-Net could not train or split it."""
     from pgps_tune.data import dataset_name
 
@@ -1180,7 +1320,7 @@ def train_trial(plans: str | Path, configuration: str, fold: int, s: sch.Schedul
     f = for_nnunet(s, plan, num_epochs=epochs, num_iterations_per_epoch=iterations_per_epoch,
                    num_val_iterations_per_epoch=val_iterations_per_epoch)
     fit_epochs(f.schedule, epochs)  # more stages than epochs is refused here
-    dev = _device(device)
+    dev = torch_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset_json = read_json(plan.source.parent / "dataset.json", "nnU-Net dataset description", REPLAN)

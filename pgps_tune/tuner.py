@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ from pgps_tune.errors import (
     read_file,
     stop_signals_held,
 )
-from pgps_tune.nnunet import SweepDataset
+from pgps_tune.nnunet import NnunetPlan, SweepDataset
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -146,8 +146,10 @@ class SweepOptions:
     warm_start: bool = False  # seed the study with stored trials of the same dataset and space
     progress: str = "lines"  # Progress.MODES: live (refreshing table), lines, json, none (quiet wins)
     mlflow: str | None = None  # MLflow tracking URI: every trial is logged there too
-    nnunet_plans: str | None = None  # the nnU-Net plans (path, dataset id or name): budget.trainer nnunet trains on it
+    # the nnU-Net plans (path, dataset id or name, or as read already): budget.trainer nnunet trains on it
+    nnunet_plans: str | NnunetPlan | None = None
     nnunet_configuration: str = "3d_fullres"
+    _nnunet: SweepDataset | None = field(default=None, init=False, repr=False, compare=False)
 
     def check(self) -> None:
         """Refuse meaningless numbers before anything starts."""
@@ -179,6 +181,8 @@ class SweepOptions:
         returns its :class:`pgps_tune.nnunet.SweepDataset`."""
         from pgps_tune import nnunet
 
+        if self._nnunet is not None:  # checked (and the plans read) once per sweep
+            return self._nnunet
         ds = nnunet.sweep_dataset(self.nnunet_plans, self.nnunet_configuration)
         b, c, n = self.space.budget, self.space.confirm, ds.folds
         if b.nnunet_fold >= n:
@@ -187,6 +191,7 @@ class SweepOptions:
         if c.enabled and c.folds and c.folds > n:
             raise PgpsError(f"confirm.folds {c.folds}: nnU-Net's split of {ds.plan.dataset} has {n} folds; confirm "
                             f"on at most {n} (or on seeds)")
+        self._nnunet = ds
         return ds
 
 
@@ -2122,16 +2127,11 @@ def _nnunet_patch(opts: SweepOptions, ds) -> tuple[tuple[int, ...], tuple[int, .
     """The final patch and pools of a sweep whose trials train nnU-Net: its plans'.  ``--data`` is not read
     (the trials train the plans' preprocessed dataset): one naming another nnU-Net dataset is refused, any
     other is named in a note."""
-    from pgps_tune.nnunet import looks_like_dataset
+    from pgps_tune.nnunet import unread_data
 
     plan, b = ds.plan, opts.space.budget
-    given = Path(opts.data).name
-    if given != plan.dataset:
-        if looks_like_dataset(given):
-            raise PgpsError(f"--data names {given} but the trials train {plan.dataset} of --nnunet-plans "
-                            f"{plan.source}; give --data {plan.dataset} (or the plans of {given})")
-        print(f"pgps-tune: note: the trials train nnU-Net's preprocessed {plan.dataset} (--nnunet-plans); "
-              f"--data {opts.data} is not read", file=sys.stderr, flush=True)
+    if (note := unread_data(opts.data, plan, "the trials train")) is not None:
+        print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     for key, theirs in (("final_patch", plan.final_patch), ("pools", plan.pools)):
         ours = getattr(b, key)
         if ours and tuple(ours) != tuple(theirs):
@@ -2708,7 +2708,7 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
         address=c.address, storage=meta.get("storage"), resume=True, results_store=c.results_store, quiet=c.quiet,
         progress=c.progress, max_failures=c.max_failures,
-        **({"nnunet_plans": setup["nnunet"]["plans"], "nnunet_configuration": setup["nnunet"]["configuration"]}
+        **({"nnunet_plans": ds.plan, "nnunet_configuration": setup["nnunet"]["configuration"]}
            if "nnunet" in setup else {}),
     )
     opts.check()

@@ -45,12 +45,27 @@ fi
 # torch stays pinned: without the pin, a dependency that wants a newer torch (nnunetv2's timm pulls
 # torchvision, whose newest release wants the newest torch) would replace the CPU build with a CUDA one.
 pip_install "${install[@]}" "torch==$TORCH_VERSION"
-# nnunetv2's dependencies (timm) pull PyPI's torchvision, which fails to import beside a CPU build of
-# torch ("operator torchvision::nms does not exist"); nnU-Net's training runs without it, so remove a
-# torchvision that cannot be imported rather than leave one that breaks every import of it.
-if "$VENV/bin/python" -m pip show -q torchvision >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
-  echo "setup: removing torchvision $("$VENV/bin/python" -m pip show torchvision | sed -n 's/^Version: //p'), which does not import beside torch $TORCH_VERSION"
-  "${pip[@]}" uninstall -y torchvision
+# nnunetv2's dependencies (timm) pull PyPI's torchvision, whose compiled part links CUDA torch's libraries and
+# fails to import beside a CPU build ("operator torchvision::nms does not exist"). nnU-Net's trainer lookup by
+# name (nnUNetv2_train -tr, nnUNetv2_predict) imports it, so put the CPU build of the same version in its place,
+# from the CPU index (--no-deps: torch stays as it is). Offline, remove the broken one and say what to run.
+tv_imports() { "$VENV/bin/python" -c "import torchvision" 2>/dev/null; }
+cpu_torch() { "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; }
+tv=$("$VENV/bin/python" -m pip show torchvision 2>/dev/null | sed -n 's/^Version: //p')
+if [ -n "$tv" ] && ! tv_imports; then
+  tv=${tv%%+*}
+  cpu_index=${PGPS_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+  cpu_tv=(--no-deps --force-reinstall --index-url "$cpu_index" "torchvision==$tv+cpu")
+  if cpu_torch && pip_install "${cpu_tv[@]}" >/dev/null 2>&1 && tv_imports; then
+    echo "setup: installed torchvision $tv+cpu from $cpu_index in place of PyPI's, which needs a CUDA torch"
+  else
+    "${pip[@]}" uninstall -y torchvision
+    echo "setup: warning: removed torchvision $tv, which does not import beside torch $TORCH_VERSION;" \
+         "nnU-Net's nnUNetv2_train -tr and nnUNetv2_predict need it ('pgps-tune nnunet-train' does not)" >&2
+    if cpu_torch; then
+      echo "setup: to install the CPU build later: $VENV/bin/python -m pip install ${cpu_tv[*]}" >&2
+    fi
+  fi
 fi
 "$VENV/bin/python" -c "import torch, monai, ray, optuna, pyarrow; print('setup: ok, torch', torch.__version__)"
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then

@@ -275,9 +275,101 @@ def test_find_dataset_by_id_or_name_through_the_environment(tmp_path, monkeypatc
     assert nnunet.resolve_data("synthetic") == "synthetic"
     existing = tmp_path / "Dataset012_Other"
     assert nnunet.resolve_data(str(existing)) == str(existing)
-    monkeypatch.delenv("nnUNet_raw")
-    with pytest.raises(PgpsError, match="nnUNet_raw is not set"):
+    for var in nnunet.ENV_FOLDERS[1:]:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(PgpsError, match=r"no nnU-Net dataset 5 and no such path \(looked in nnUNet_raw=.*, "
+                                        r"nnUNet_preprocessed \(not set\), nnUNet_results \(not set\)\)"):
+        nnunet.resolve_data("5")
+
+
+def test_data_ids_are_found_where_nnunet_finds_them(tmp_path, monkeypatch):
+    """As nnU-Net's own lookup: raw, preprocessed or results; pgps-tune's loader needs the raw folder."""
+    for var in nnunet.ENV_FOLDERS:
+        monkeypatch.setenv(var, str(tmp_path / var))
+    (tmp_path / "nnUNet_raw").mkdir()
+    (tmp_path / "nnUNet_preprocessed" / "Dataset004_Hippo").mkdir(parents=True)
+    pre = str(tmp_path / "nnUNet_preprocessed" / "Dataset004_Hippo")
+    assert nnunet.resolve_data("4", raw=False) == nnunet.resolve_data("Dataset004_Hippo", raw=False) == pre
+    with pytest.raises(PgpsError, match=r"dataset 4 \(Dataset004_Hippo\) is in nnUNet_preprocessed but not in "
+                                        r"nnUNet_raw=.*; set nnUNet_raw, or give --data the raw dataset folder"):
         nnunet.resolve_data("4")
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(PgpsError, match=r"not in nnUNet_raw \(not set\)"):
+        nnunet.resolve_data("4")
+    (tmp_path / "nnUNet_results" / "Dataset004_Other").mkdir(parents=True)
+    with pytest.raises(PgpsError, match="dataset id 4 is Dataset004_Hippo in nnUNet_preprocessed, Dataset004_Other "
+                                        "in nnUNet_results; give the full name"):
+        nnunet.resolve_data("4", raw=False)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nope"))
+    with pytest.raises(PgpsError, match=r"nnUNet_results=.*nope \(not a folder\)"):
+        nnunet.resolve_data("7", raw=False)
+
+
+def test_plan_on_nnunet_plans_shows_nnunets_dataset_whatever_its_labels(tmp_path, monkeypatch, capsys):
+    """plan --nnunet-plans never runs pgps-tune's loader (which refuses regions and an ignore label) and needs
+    only nnU-Net's preprocessed folder."""
+    pre = tmp_path / "pre" / "Dataset004_Hippo"
+    plans = current_plans()
+    plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = nnunet_order((30, 50, 70), TRANSPOSE)
+    write_plans(pre, plans)
+    (pre / "dataset.json").write_text(json.dumps({
+        "name": "Brats", "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz", "numTraining": 1,
+        "labels": {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, "regions_class_order": [1, 2]}))
+    (tmp_path / "pre" / "Dataset005_Other").mkdir()
+    for var in nnunet.ENV_FOLDERS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    for argv in (["plan", "--nnunet-plans", "4"], ["plan", "--data", "4", "--nnunet-plans", "4"]):
+        assert main(argv) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert {k: shown[k] for k in ("dataset", "cases", "median_shape", "final_patch")} == {
+            "dataset": "Brats", "cases": 1, "median_shape": [30, 50, 70], "final_patch": list(CANONICAL_PATCH)}
+        assert "cache" not in shown and shown["nnunet"]["nnunet_patch_size"] == plans["configurations"]["3d_fullres"][
+            "patch_size"]
+    for argv, needle in ((["--data", "5"], "--data names Dataset005_Other but plan shows Dataset004_Hippo"),
+                         (["--voxel-budget", "4096"], "nothing uses --voxel-budget; drop it")):
+        assert main(["plan", "--nnunet-plans", "4", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert main(["plan"]) == 2
+    assert "plan needs --data DIR" in capsys.readouterr().err
+
+
+def test_a_tilde_in_nnunets_variables_is_refused(monkeypatch):
+    """nnU-Net does not expand it (it would write into a folder named ~): pgps-tune must not check elsewhere."""
+    monkeypatch.setenv("nnUNet_results", "~/results")
+    with pytest.raises(PgpsError, match=r'nnUNet_results=~/results starts with ~, which nnU-Net does not expand; '
+                                        r'export nnUNet_results="\$HOME/results"'):
+        nnunet.env_folder("nnUNet_results", must_exist=False)
+
+
+def test_the_cascade_needs_its_previous_stage_predictions(tmp_path, monkeypatch):
+    """nnU-Net would stop inside its data loader on the first missing 3d_lowres prediction (a traceback)."""
+    plans = current_plans()
+    configs = plans["configurations"]
+    configs["3d_lowres"] = {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                            "next_stage": "3d_cascade_fullres"}
+    configs["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
+    src = write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans)
+    (src.parent / "nnUNetPlans_3d_fullres").mkdir()
+    for i in range(2):
+        (src.parent / "nnUNetPlans_3d_fullres" / f"case_{i}.pkl").write_bytes(b"")
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    plan = nnunet.read_plans(src, "3d_cascade_fullres")
+    trainer = f"{nnunet.TRAINER}_x"
+    predicted = (tmp_path / "results" / "Dataset004_Hippo" / f"{trainer}__nnUNetPlans__3d_lowres"
+                 / "predicted_next_stage" / "3d_cascade_fullres")
+    predicted.mkdir(parents=True)
+    (predicted / "case_0.b2nd").write_bytes(b"")
+    with pytest.raises(PgpsError, match=rf"3d_cascade_fullres trains on the 3d_lowres predictions of {trainer}, and "
+                                        r".* lacks 1 of 2 case\(s\) \(e.g. case_1\); first train 3d_lowres"):
+        nnunet.check_previous_stage(plan, trainer)
+    (predicted / "case_1.b2nd").write_bytes(b"")
+    nnunet.check_previous_stage(plan, trainer)  # every case predicted
+    monkeypatch.setattr(nnunet, "require_nnunet", lambda: None)
+    with pytest.raises(PgpsError, match="3d_cascade_fullres is the second stage of nnU-Net's cascade: it trains on "
+                                        "3d_lowres predictions that no trial has; sweep 3d_lowres"):
+        nnunet.trial_plan(src, "3d_cascade_fullres")
 
 
 def test_plans_by_dataset_id(tmp_path, monkeypatch):
@@ -610,7 +702,7 @@ class _Interrupt(Exception):
 
 
 @needs_nnunet
-def test_cli_plan_finds_raw_data_and_plans_by_dataset_id(nnunet_dataset, capsys):
+def test_cli_plan_by_dataset_id_shows_nnunets_plan(nnunet_dataset, capsys):
     assert main(["plan", "--data", "990", "--nnunet-plans", "990"]) == 0
     shown = json.loads(capsys.readouterr().out)
     planned = json.loads((nnunet_dataset / "pre" / DATASET / "nnUNetPlans.json").read_text())
@@ -678,7 +770,8 @@ def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_da
     assert seen == [(e, expected(e)) for e in (1, 1, 2, 2)]
     final = (plan.batch_size, 1, *reversed(plan.final_patch))
     assert val_seen and set(val_seen) == {final}  # validation stays at the plans' patch
-    assert f"results: {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"results: {out}" in printed and printed.rstrip().endswith("-p nnUNetPlans -device cpu")  # predict's: cuda
     for f in ("checkpoint_final.pth", "validation/summary.json", "pgps_schedule.json", "../plans.json",
               "../dataset.json"):
         assert (out / f).is_file(), f
@@ -746,6 +839,49 @@ def test_nnunet_finds_the_trainer_in_the_external_trainer_folder(monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", nnunet.ext_trainer_path())
     assert recursive_find_trainer_class_by_name(nnunet.TRAINER) is nnunet.trainer_class()
+
+
+def _working_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # PyPI's build beside a CPU torch raises RuntimeError ("torchvision::nms does not exist")
+        return False
+    return True
+
+
+@needs_nnunet
+@pytest.mark.skipif(not _working_torchvision(),
+                    reason="nnUNetv2_train's trainer lookup imports nnU-Net's Primus trainers, which need torchvision "
+                           "(the CPU build beside a CPU torch: scripts/setup.sh installs it)")
+def test_nnunet_v2_train_runs_the_exported_schedule(nnunet_dataset):
+    """nnU-Net's own command line, as docs/NNUNET.md has users run it: nnUNet_extTrainer pointed at the trainer
+    folder, the schedule file beside the plans (what 'export --nnunet' writes; here with short counts)."""
+    command = Path(sys.executable).parent / "nnUNetv2_train"
+    plan = nnunet.read_plans("990")
+    trainer = f"{nnunet.TRAINER}_cli"  # its own file beside the plans and run folder: the other tests' stay as they are
+    inc = sch.divisors(plan.pools)
+    s = sch.Schedule((sch.Stage(inc, 4, 1), sch.Stage(plan.final_patch, plan.batch_size, 1)), plan.final_patch,
+                     plan.pools, plan.batch_size)
+    written = nnunet.for_nnunet(s, plan, num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
+    written.save(nnunet.schedule_file_for(plan, trainer))
+    env = {**os.environ, "nnUNet_extTrainer": nnunet.ext_trainer_path(), "nnUNet_n_proc_DA": "0"}
+    env.pop(nnunet.SCHEDULE_ENV, None)
+    done = subprocess.run([str(command), "990", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = nnunet.run_folder(plan, 0, trainer)
+    assert nnunet.read_schedule(out / nnunet.RUN_RECORD, plan) == written
+    assert (out / "checkpoint_final.pth").is_file() and (out / "validation" / "summary.json").is_file()
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    final = "x".join(map(str, plan.to_nnunet(plan.final_patch)))
+    first = "x".join(map(str, plan.to_nnunet(inc)))
+    assert f"pgps-tune stage 0: patch {first}, batch 4" in log and f"pgps-tune stage 1: patch {final}" in log
+
+
+def test_nnunet_train_names_a_torchvision_that_blocks_nnunets_trainer_lookup(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what importing it raises: ImportError
+    assert "(nnUNetv2_predict, nnUNetv2_train -tr) import torchvision, which does not import here" in \
+        nnunet.lookup_note()
 
 
 @needs_nnunet
