@@ -30,6 +30,7 @@ import platform
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -570,6 +571,27 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(U, "crafted tuner.pkl in a sweep, tune --resume", [*sweep, "--resume"], 2, "refused to resume",
              crafted_sweep, absent("PWNED")))
 
+    def failed_trial_errors(w: Path) -> None:
+        """Tune's error.pkl of a trial that raised (its class built from code as cloudpickle loads it), and a
+        crafted one, in two trial folders of a finished sweep."""
+        import pickle
+
+        from ray import cloudpickle
+        from ray.exceptions import RayTaskError
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {w / 'PWNED'}",))
+
+        finished_copy(w / "sweep")
+        trials = sorted(p for p in (w / "sweep" / "ray").glob("*/run_trial_*") if p.is_dir())
+        raised = RayTaskError("run_trial", "Traceback ...", RuntimeError("boom")).as_instanceof_cause()
+        (trials[0] / "error.pkl").write_bytes(cloudpickle.dumps(raised))
+        (trials[-1] / "error.pkl").write_bytes(pickle.dumps(Evil()))
+
+    add(Case(U, "failed trial's error.pkl (and a crafted one), tune --resume", resume_finished, 0, "",
+             failed_trial_errors, absent("PWNED"), timeout=600))
+
     def no_resume_hint(w: Path, r) -> str | None:
         return "suggests --resume with no checkpoint" if "--resume" in r.stderr else None
 
@@ -682,6 +704,10 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
                                                    "2"], 2, "final"))
     add(Case(N, "schedule --growth inf", ["schedule", "--preset", "parametric", "--final-patch", "16", "16", "16",
                                           "--pools", "2", "2", "2", "--growth", "inf"], 2, "--growth"))
+    add(Case(N, "schedule --out a FIFO", ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
+                                          "--out", "{w}/pipe"], 2, "not a regular file",
+             lambda w: os.mkfifo(w / "pipe"), lambda w, r: None if stat.S_ISFIFO((w / "pipe").stat().st_mode)
+             else "the FIFO was replaced", timeout=60))
     add(Case(N, "schedule --epochs 10**12", ["schedule", "--final-patch", "16", "16", "16", "--pools", "2", "2", "2",
                                              "--epochs", "1000000000000"], 2, "--epochs", timeout=60))
     for name, flag, needle in [("--num-samples 0", ["--num-samples", "0"], "--num-samples"),
