@@ -803,13 +803,15 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
     return out
 
 
-def winner_row(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The trial whose schedule best_schedule.yaml holds: a completed confirmation trial of the confirmed
-    winner (its schedule at the confirmation's budget), else the search's best trial."""
+def winner_row(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial whose schedule best_schedule.yaml holds: a completed trial of the confirmed winner in the
+    confirmation the summary reports (``meta["confirmation"]``: its schedule at that confirmation's budget, not
+    at the budget of one it replaced), else the search's best trial."""
     conf = summary.get("confirmation") or {}
     if conf.get("winner"):
-        return next(r for r in rows if r["phase"] == "confirm" and r["completed"]
-                    and json.loads(r["params"]).get("candidate") == conf["winner"])
+        own = {json.dumps(c, sort_keys=True) for c in meta["confirmation"]["configs"]
+               if c["candidate"] == conf["winner"]}
+        return next(r for r in rows if r["phase"] == "confirm" and r["completed"] and r["params"] in own)
     return pick_best(rows)
 
 
@@ -907,7 +909,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
         summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
     else:
         summary = summarize(rows, meta)
-        best = winner_row(rows, summary)
+        best = winner_row(rows, summary, meta)
     files[out / BEST] = None  # a re-export must not leave an older sweep's winner
     if best is not None:
         s = schedule_of(best, meta["sweep"])
@@ -1263,12 +1265,13 @@ def _stored_confirmation(rows: list[dict[str, Any]]) -> list[str] | None:
     kind = next((k for k in reversed(REPEAT_KEYS) if all(isinstance(c.get(k), int) for c in configs)), None)
     if kind is None or len({json.dumps([c.get(k) for k in ("epochs", "folds", "splits")]) for c in configs}) != 1:
         return None
-    conf = confirmation_summary(rows, {"confirmation": {"configs": configs, "repeat": kind, "top_k": 0,
-                                                        "epochs": configs[0].get("epochs"), "experiments": []}})
+    meta = {"confirmation": {"configs": configs, "repeat": kind, "top_k": 0, "epochs": configs[0].get("epochs"),
+                             "experiments": []}}
+    conf = confirmation_summary(rows, meta)
     summary = {"confirmation": conf}
     if not conf or not conf["winner"]:
         return [""] * len(rows)
-    figures = confirmed_winner(summary, winner_row(rows, summary))
+    figures = confirmed_winner(summary, winner_row(rows, summary, meta))
     return [strict_json(figures, indent=None) if r["trial_id"] == figures["recipe_trial"] else "" for r in rows]
 
 

@@ -199,6 +199,24 @@ def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
     assert c["search_winner_confirmed"] is None  # no search best was given
 
 
+def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
+    # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
+    # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
+    from pgps_tune.results import summarize, winner_row
+
+    old, _ = confirmation({"baseline": [0.5, 0.6], "t1": [0.7, 0.8]})
+    rows, meta = confirmation({"baseline": [0.5, 0.6], "t1": [0.7, 0.8]})
+    for r in rows:
+        config = {**json.loads(r["params"]), "epochs": 12}
+        r.update(trial_id=r["trial_id"] + "@12", params=json.dumps(config, sort_keys=True))
+    meta["confirmation"].update(epochs=12, configs=[json.loads(r["params"]) for r in rows])
+    meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+    rows = [{**r, "stopped_early": False, "failed": False}
+            for r in [*old, *rows, row("t1", "search", "search", {}, 0.7)]]
+    winner = winner_row(rows, summarize(rows, meta), meta)
+    assert winner["trial_id"] == "t1-1@12" and json.loads(winner["params"])["epochs"] == 12
+
+
 def test_every_reference_the_sweep_trained_is_compared_in_summary_terminal_and_page(capsys):
     # search.references: [constant, "paper:resource", "paper:performance"] (hippocampus_pareto): a gain over each,
     # in summary.json, the outcome lines of the terminal and page, and the confirmation's tests and table
