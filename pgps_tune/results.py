@@ -691,37 +691,50 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
         if entry["role"] == "search":
             entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
                            for role in references if role in schedules}
+    # the most repeats completed first: a schedule whose other trials failed does not win on its lucky one
     searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
-    winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
-                 default=None)
+    winner = max(searched, key=lambda n: (schedules[n]["score"]["n"], schedules[n]["score"]["mean"],
+                                          -schedules[n]["schedule_voxel_fraction"]), default=None)
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
            "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
            **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
-    out.update(_verdict(winner, schedules, search_best))
+    out.update(_verdict(winner, schedules, search_best, kind))
     return out
 
 
-def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None) -> dict[str, Any]:
+def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None,
+             kind: str = "seed") -> dict[str, Any]:
     """The plain-words answer: is the confirmed winner better than the references, and was the search right?"""
     if winner is None:
         return {"significantly_better_than_baseline": False,
                 "verdict": "no searched schedule completed its confirmation trials; there is no confirmed winner"}
-    vs = schedules[winner].get("vs", {})
-    base = vs.get("baseline")
+    base = schedules[winner].get("vs", {}).get("baseline")
     better = bool(base and base["significantly_better"])
-    if base is None:
-        text = "the constant baseline did not complete its confirmation trials, so the winner is not compared with it"
+    if base is None or base["n"] == 0:
+        text = (f"the confirmed winner {winner} and the constant baseline completed no {kind} in common, so they "
+                f"are not compared; confirm again once the failed trials' cause is fixed")
+    elif base["n"] == 1:
+        text = (f"the confirmed winner {winner} and the constant baseline completed only one {kind} in common "
+                f"({100 * base['mean_diff']:+.2f} Dice points), too few to test the difference; confirm with more "
+                f"{kind}s")
     elif better:
         text = (f"the confirmed winner {winner} beats the constant baseline by {100 * base['mean_diff']:+.2f} Dice "
                 f"points (95% interval {100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, "
                 f"p = {base['p_value']:.3g}, {base['n']} pairs)")
     else:
         how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
-        advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
-        text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
-                f"{how} {100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
-                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs); keep the constant "
-                f"schedule{advice}")
+        test = (f"{100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
+                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs)")
+        others = [n for n, e in schedules.items()
+                  if n != winner and e.get("vs", {}).get("baseline", {}).get("significantly_better")]
+        if others:  # a steadier schedule with a lower mean score: "no searched schedule is better" would be false
+            text = (f"the confirmed winner {winner} (the best mean score) {how} {test} from the constant baseline, "
+                    f"while {', '.join(others)} {'is' if len(others) == 1 else 'are'} significantly better than it; "
+                    "confirm with more seeds or folds to choose between them")
+        else:
+            advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
+            text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
+                    f"{how} {test}; keep the constant schedule{advice}")
     return {"significantly_better_than_baseline": better, "verdict": text,
             "search_winner_confirmed": search_best == winner if search_best else None}
 

@@ -199,6 +199,27 @@ def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
     assert c["search_winner_confirmed"] is None  # no search best was given
 
 
+def test_failed_repeats_neither_crown_a_lucky_schedule_nor_print_nan_and_a_steadier_better_one_is_named():
+    def verdict(values, failed=()):
+        rows, meta = confirmation(values)
+        c = confirmation_summary([{**r, "completed": r["trial_id"] not in failed} for r in rows], meta)
+        assert "nan" not in c["verdict"]
+        return c["winner"], c["significantly_better_than_baseline"], c["verdict"]
+
+    # t2's one completed seed (0.9) does not outrank t1's three, which beat the baseline on each
+    values = {"baseline": [0.5, 0.6, 0.55], "t1": [0.7, 0.8, 0.75], "t2": [0.7, 0.8, 0.9]}
+    assert verdict(values, {"t2-1", "t2-2"})[:2] == ("t1", True)
+    no_pair = verdict(values, {"baseline-1", "baseline-2", "baseline-3"})
+    assert no_pair[:2] == ("t2", False) and "completed no seed in common, so they are not compared" in no_pair[2]
+    one_pair = verdict(values, {"baseline-1", "baseline-2"})
+    assert "only one seed in common (+35.00 Dice points), too few to test" in one_pair[2]
+    # the best mean score is t1's, but only t2 is steadily above the baseline: the verdict must not say "none is"
+    winner, better, text = verdict({"baseline": [0.5, 0.6, 0.55, 0.5], "t1": [0.9, 0.3, 0.95, 0.5],
+                                    "t2": [0.52, 0.63, 0.57, 0.52]})
+    assert (winner, better) == ("t1", False) and "while t2 is significantly better than it" in text
+    assert not text.startswith("no searched schedule")
+
+
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
     # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
     # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
