@@ -802,6 +802,8 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
         "train_time_s": w["train_time_s"], "n_stages": w["n_stages"], "confirmed": True,
         "dice_sd": w["dice"]["sd"], "repeats": w["dice"]["n"]}}
     for role, test in w.get("vs", {}).items():
+        if not test["n"]:  # no repeat both completed: nothing to compare (the verdict says so)
+            continue
         ref = schedules[role]
         out[f"gain_over_{role}"] = {
             "dice_points": 100 * test["mean_diff"], "ci_low_points": 100 * test["ci_low"],

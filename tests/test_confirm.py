@@ -220,6 +220,22 @@ def test_failed_repeats_neither_crown_a_lucky_schedule_nor_print_nan_and_a_stead
     assert not text.startswith("no searched schedule")
 
 
+def test_a_reference_that_failed_every_repeat_has_no_gain_and_the_outcome_still_prints():
+    # the summary tune and confirm print crashed on a NaN time ratio ("cannot convert float NaN to integer")
+    from pgps_tune.report import summary_lines
+    from pgps_tune.results import summarize
+
+    rows, meta = confirmation({"baseline": [0.5, 0.6], "paper": [0.4, 0.5], "t1": [0.7, 0.8]})
+    rows = [{**r, "completed": r["role"] != "baseline", "stopped_early": False, "failed": r["role"] == "baseline"}
+            for r in [*rows, row("t1", "search", "search", {}, 0.7)]]
+    meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+    summary = summarize(rows, meta)
+    assert "gain_over_baseline" not in summary and summary["gain_over_paper"]["pairs"] == 2
+    lines = summary_lines(summary)
+    assert not any("baseline reference" in line or "nan" in line for line in lines)
+    assert "Against the paper reference (means over 2 seeds): Dice 0.750 vs 0.450 (+30.0 points)" in lines[2]
+
+
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
     # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
     # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
