@@ -1195,12 +1195,20 @@ def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any]) -> str |
 
 
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice",
-                  sweeps: Sequence[str] = ()) -> sch.Schedule:
+                  sweeps: Sequence[str] = (), pick: str | None = None) -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep (or the ``sweeps`` named) with
     ``objective``; a note on stderr names the ranked sweeps that differ from the winner's in budget, data or
-    final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name."""
+    final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name.
+
+    For ``pareto``, the schedule the pick rule ``pick`` (default ``knee``) chooses from the front of the
+    ranked trials, as a pareto sweep's export chooses its best_schedule.yaml: the highest Dice alone would
+    be the front's most expensive end, whatever the sweep exported."""
     if not isinstance(dataset, str):
         raise PgpsError(f"dataset must be a dataset's name as the store spells it, got {dataset!r}")
+    if pick is not None and objective != "pareto":
+        raise PgpsError(f"--pick chooses from a Pareto front, but --objective is {objective}; give --objective "
+                        "pareto, or leave out --pick")
+    rule = pareto.parse_pick(pick if pick is not None else "knee") if objective == "pareto" else None
     sweeps = (sweeps,) if isinstance(sweeps, str) else tuple(sweeps)  # "demo" is one sweep, not four
     t = load_store(store)
     known = sorted(set(t["dataset"].to_pylist()))
@@ -1221,7 +1229,11 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     ranked = stored_ranking(t.filter(mask).to_pylist())
-    best = _highest(ranked)
+    if rule is None:
+        best = _highest(ranked)
+    else:
+        chosen = pareto.pick([_point(r) for r in ranked], rule)
+        best = None if chosen is None else ranked[chosen]
     if best is None:
         used = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["objective"].to_pylist()) - {None})
         if used and objective not in used:
