@@ -1332,6 +1332,8 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
                    pc.and_(t["completed"], pc.equal(t["role"], "search")))
     mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
     mask = pc.and_(mask, pc.greater_equal(t[FIDELITY], 1.0))  # a compressed rung's score is not a full run's
+    # a confirmation repeat (role search too) is another seed or fold, maybe at other epochs: not a search's score
+    mask = pc.and_(mask, pc.fill_null(pc.not_equal(t["phase"], "confirm"), True))
     own = pc.is_in(t[ORIGIN], value_set=pa.array([str(o) for o in exclude_origins if o], pa.string()))
     if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
