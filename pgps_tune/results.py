@@ -1338,7 +1338,11 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
     mask = pc.and_(mask, pc.invert(own))
-    found = t.filter(mask).to_pylist()
+    found, seen = [], set()
+    for r in t.filter(mask).to_pylist():  # a sweep and a copy of it stored beside it hold the same trials: once
+        if (key := (r["trial_id"], r["params"], r["score"])) not in seen:
+            seen.add(key)
+            found.append(r)
     if not found:
         raise PgpsError(f"--warm-start: the results store {store_root(store)} holds no "
                         f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "
