@@ -2029,9 +2029,11 @@ def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextMa
     removes the file, leaving its folder as it was.  ``tune``, ``confirm`` and ``export`` into the sweep
     folder take it: each writes the folder's sweep.json, Tune experiments or exports."""
     then = "continue with --resume" if command == "tune" else f"run '{command}' again"
+    unwritable = "give a writable --out" if command != "confirm" else (  # confirm has no --out: the folder is it
+        f"make {out} writable, or copy the sweep folder somewhere writable and confirm the copy")
     return folder_lock(out, SWEEP_LOCK, f"{out} is in use by another pgps-tune command ({{holder}}); wait for it to "
                        f"end or stop it (Ctrl-C), then {then}", lambda: (out / SWEEP_FILE).exists(),
-                       command=f"pgps-tune {command}")
+                       command=f"pgps-tune {command}", unwritable=unwritable)
 
 
 def sweep(opts: SweepOptions) -> dict[str, Any]:

@@ -603,3 +603,26 @@ def _sweep_to_confirm(folder, seed: int):
             "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
     return meta, tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic",
                                     out=folder)
+
+
+def test_confirm_on_a_read_only_sweep_folder_names_a_fix_confirm_has(tmp_path, monkeypatch):
+    # the lock's fix was "give a writable --out", a flag confirm does not have
+    import errno
+    import os
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import sweep_lock
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".pgps-sweep.lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    for command, fix in (("confirm", f"make {tmp_path} writable, or copy the sweep folder somewhere writable and "
+                                     "confirm the copy"), ("tune", "give a writable --out")):
+        with pytest.raises(PgpsError) as err, sweep_lock(tmp_path, command):
+            pass
+        assert str(err.value).endswith(f"(Read-only file system); {fix}")
