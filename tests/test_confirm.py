@@ -213,6 +213,10 @@ def test_failed_repeats_neither_crown_a_lucky_schedule_nor_print_nan_and_a_stead
     assert no_pair[:2] == ("t2", False) and "completed no seed in common, so they are not compared" in no_pair[2]
     one_pair = verdict(values, {"baseline-1", "baseline-2"})
     assert "only one seed in common (+35.00 Dice points), too few to test" in one_pair[2]
+    from pgps_tune.report import _points  # the page's cells, as the terminal's table: no "+nan [+nan, +nan]"
+
+    assert _points(paired_comparison([0.7, 0.8], [math.nan, math.nan]).to_dict()) == ""
+    assert _points(paired_comparison([0.7, 0.8], [0.5, math.nan]).to_dict()) == "+20.00 [-, -], p = -"
     # the best mean score is t1's, but only t2 is steadily above the baseline: the verdict must not say "none is"
     winner, better, text = verdict({"baseline": [0.5, 0.6, 0.55, 0.5], "t1": [0.9, 0.3, 0.95, 0.5],
                                     "t2": [0.52, 0.63, 0.57, 0.52]})
