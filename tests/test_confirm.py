@@ -630,3 +630,19 @@ def test_confirm_on_a_read_only_sweep_folder_names_a_fix_confirm_has(tmp_path, m
         with pytest.raises(PgpsError) as err, sweep_lock(tmp_path, command):
             pass
         assert str(err.value).endswith(f"(Read-only file system); {fix}")
+
+
+def test_a_search_that_only_found_the_references_schedules_is_not_said_to_have_failed(tmp_path, monkeypatch, capsys):
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    records, done = _one_searched_trial(monkeypatch)
+    records.append(TrialRecord("b1", "TERMINATED", {"role": "baseline", "preset": "constant"}, done,
+                               phase="references"))  # the same schedule as the searched trial's
+    meta, opts = _sweep_to_confirm(tmp_path, seed=0)
+    tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
+    assert "the 1 completed searched trial trained only the references' schedules, so there is nothing to " \
+           "confirm" in capsys.readouterr().err
+    records.clear()
+    tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
+    assert "no searched schedule completed, so there is nothing to confirm" in capsys.readouterr().err
