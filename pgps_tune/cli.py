@@ -1181,7 +1181,7 @@ def cmd_best(a: argparse.Namespace) -> int:
 
     if a.out:
         _check_out_file(Path(a.out))
-    s = best_schedule(a.dataset, a.results_store, a.objective, a.sweep or ())
+    s = best_schedule(a.dataset, a.results_store, a.objective, a.sweep or (), a.pick)
     if a.out:
         s.save(a.out)
     _print_schedule(s, a.format)
@@ -1517,12 +1517,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "--sweep ones) ranked by the objective's score; trials at a fraction of the budget (ASHA's "
                     "compressed rungs) and confirmation repeats are not ranked, but a sweep whose confirmation chose a "
                     "winner is ranked by that winner alone, with its means over the repeats (the Dice and "
-                    "schedule of its best_schedule.yaml). Scores compare only at the same "
+                    "schedule of its best_schedule.yaml); for --objective pareto, the --pick rule chooses from the "
+                    "front of the ranked trials, as a pareto sweep's export does. Scores compare only at the same "
                     "budget (epochs x iterations per epoch), data and split, and final patch: when the ranked "
                     "sweeps differ in these, a note line names them and how; --sweep ranks comparable sweeps only.")
     be.add_argument("--dataset", required=True, metavar="NAME",
                     help="dataset name (dataset.json 'name', or 'synthetic'), matched exactly")
     be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
+    be.add_argument("--pick", metavar="RULE", default=None,
+                    help="--objective pareto: the front schedule to give, by the rule a pareto sweep's export uses: "
+                         "knee (default), max_dice or cheapest_within=T")
     be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
     be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml", help="default yaml")

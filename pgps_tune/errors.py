@@ -264,10 +264,12 @@ def lock_holder(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool], command: str = "") -> Iterator[None]:
+def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool], command: str = "",
+                unwritable: str = "give a writable --out") -> Iterator[None]:
     """Hold the lock file ``out/name`` for the block, or refuse in one line (``in_use``, given the holder) while
     another process holds it: one command at a time writes a run or sweep folder.  ``command`` names the
-    holder's command in the file, where several commands share the lock.
+    holder's command in the file, where several commands share the lock; ``unwritable`` is the fix when the
+    file cannot be written (for a command without --out, not that flag).
 
     An ``flock``: the kernel drops it however its holder ends (``kill -9`` included), so none is ever left
     stale, and on NFS it is an NFS lock.  The file names its holder (pid, host, start).  The file is removed
@@ -298,8 +300,8 @@ def folder_lock(out: Path, name: str, in_use: str, keep: Callable[[], bool], com
                     break
             os.close(fd)  # removed by a holder that had just ended: lock the file there now
     except OSError as exc:
-        raise PgpsError(f"cannot write the lock file {path} ({exc.strerror or type(exc).__name__}); give a "
-                        "writable --out") from None
+        raise PgpsError(f"cannot write the lock file {path} ({exc.strerror or type(exc).__name__}); "
+                        f"{unwritable}") from None
     try:
         os.ftruncate(fd, 0)
         who = f"{command}, " if command else ""

@@ -719,11 +719,13 @@ def _note(text: str) -> str:
 
 
 def _points(t: dict[str, Any] | None) -> str:
-    """A paired difference in Dice points with its 95% interval and p-value ('' without one)."""
-    if not t:
+    """A paired difference in Dice points with its 95% interval and p-value ('' without one; '-' for an
+    interval and p-value that one pair cannot give), as the terminal's table shows them."""
+    if not t or not math.isfinite(number(t["mean_diff"])):  # no pair: nothing to show
         return ""
-    return (f"{100 * number(t['mean_diff']):+.2f} [{100 * number(t['ci_low']):+.2f}, "
-            f"{100 * number(t['ci_high']):+.2f}], p = {number(t['p_value']):.3g}")
+    low, high, p = (number(t[k]) for k in ("ci_low", "ci_high", "p_value"))
+    return (f"{100 * number(t['mean_diff']):+.2f} [{f'{100 * low:+.2f}' if math.isfinite(low) else '-'}, "
+            f"{f'{100 * high:+.2f}' if math.isfinite(high) else '-'}], p = {f'{p:.3g}' if math.isfinite(p) else '-'}")
 
 
 def confirmation_figure(conf: dict[str, Any]) -> bytes:

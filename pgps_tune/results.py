@@ -691,37 +691,50 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
         if entry["role"] == "search":
             entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
                            for role in references if role in schedules}
+    # the most repeats completed first: a schedule whose other trials failed does not win on its lucky one
     searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
-    winner = max(searched, key=lambda n: (schedules[n]["score"]["mean"], -schedules[n]["schedule_voxel_fraction"]),
-                 default=None)
+    winner = max(searched, key=lambda n: (schedules[n]["score"]["n"], schedules[n]["score"]["mean"],
+                                          -schedules[n]["schedule_voxel_fraction"]), default=None)
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
            "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
            **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
-    out.update(_verdict(winner, schedules, search_best))
+    out.update(_verdict(winner, schedules, search_best, kind))
     return out
 
 
-def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None) -> dict[str, Any]:
+def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None,
+             kind: str = "seed") -> dict[str, Any]:
     """The plain-words answer: is the confirmed winner better than the references, and was the search right?"""
     if winner is None:
         return {"significantly_better_than_baseline": False,
                 "verdict": "no searched schedule completed its confirmation trials; there is no confirmed winner"}
-    vs = schedules[winner].get("vs", {})
-    base = vs.get("baseline")
+    base = schedules[winner].get("vs", {}).get("baseline")
     better = bool(base and base["significantly_better"])
-    if base is None:
-        text = "the constant baseline did not complete its confirmation trials, so the winner is not compared with it"
+    if base is None or base["n"] == 0:
+        text = (f"the confirmed winner {winner} and the constant baseline completed no {kind} in common, so they "
+                f"are not compared; confirm again once the failed trials' cause is fixed")
+    elif base["n"] == 1:
+        text = (f"the confirmed winner {winner} and the constant baseline completed only one {kind} in common "
+                f"({100 * base['mean_diff']:+.2f} Dice points), too few to test the difference; confirm with more "
+                f"{kind}s")
     elif better:
         text = (f"the confirmed winner {winner} beats the constant baseline by {100 * base['mean_diff']:+.2f} Dice "
                 f"points (95% interval {100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, "
                 f"p = {base['p_value']:.3g}, {base['n']} pairs)")
     else:
         how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
-        advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
-        text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
-                f"{how} {100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
-                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs); keep the constant "
-                f"schedule{advice}")
+        test = (f"{100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
+                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs)")
+        others = [n for n, e in schedules.items()
+                  if n != winner and e.get("vs", {}).get("baseline", {}).get("significantly_better")]
+        if others:  # a steadier schedule with a lower mean score: "no searched schedule is better" would be false
+            text = (f"the confirmed winner {winner} (the best mean score) {how} {test} from the constant baseline, "
+                    f"while {', '.join(others)} {'is' if len(others) == 1 else 'are'} significantly better than it; "
+                    "confirm with more seeds or folds to choose between them")
+        else:
+            advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
+            text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
+                    f"{how} {test}; keep the constant schedule{advice}")
     return {"significantly_better_than_baseline": better, "verdict": text,
             "search_winner_confirmed": search_best == winner if search_best else None}
 
@@ -789,6 +802,8 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
         "train_time_s": w["train_time_s"], "n_stages": w["n_stages"], "confirmed": True,
         "dice_sd": w["dice"]["sd"], "repeats": w["dice"]["n"]}}
     for role, test in w.get("vs", {}).items():
+        if not test["n"]:  # no repeat both completed: nothing to compare (the verdict says so)
+            continue
         ref = schedules[role]
         out[f"gain_over_{role}"] = {
             "dice_points": 100 * test["mean_diff"], "ci_low_points": 100 * test["ci_low"],
@@ -803,13 +818,15 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
     return out
 
 
-def winner_row(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The trial whose schedule best_schedule.yaml holds: a completed confirmation trial of the confirmed
-    winner (its schedule at the confirmation's budget), else the search's best trial."""
+def winner_row(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial whose schedule best_schedule.yaml holds: a completed trial of the confirmed winner in the
+    confirmation the summary reports (``meta["confirmation"]``: its schedule at that confirmation's budget, not
+    at the budget of one it replaced), else the search's best trial."""
     conf = summary.get("confirmation") or {}
     if conf.get("winner"):
-        return next(r for r in rows if r["phase"] == "confirm" and r["completed"]
-                    and json.loads(r["params"]).get("candidate") == conf["winner"])
+        own = {json.dumps(c, sort_keys=True) for c in meta["confirmation"]["configs"]
+               if c["candidate"] == conf["winner"]}
+        return next(r for r in rows if r["phase"] == "confirm" and r["completed"] and r["params"] in own)
     return pick_best(rows)
 
 
@@ -907,7 +924,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
         summary["pareto"] = {"pick": str(rule), "front": [r["trial_id"] for r in front_rows(rows)]}
     else:
         summary = summarize(rows, meta)
-        best = winner_row(rows, summary)
+        best = winner_row(rows, summary, meta)
     files[out / BEST] = None  # a re-export must not leave an older sweep's winner
     if best is not None:
         s = schedule_of(best, meta["sweep"])
@@ -1178,12 +1195,20 @@ def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any]) -> str |
 
 
 def best_schedule(dataset: str, store: str | Path | None = None, objective: str = "max_dice",
-                  sweeps: Sequence[str] = ()) -> sch.Schedule:
+                  sweeps: Sequence[str] = (), pick: str | None = None) -> sch.Schedule:
     """The best completed schedule for ``dataset`` over every stored sweep (or the ``sweeps`` named) with
     ``objective``; a note on stderr names the ranked sweeps that differ from the winner's in budget, data or
-    final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name."""
+    final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name.
+
+    For ``pareto``, the schedule the pick rule ``pick`` (default ``knee``) chooses from the front of the
+    ranked trials, as a pareto sweep's export chooses its best_schedule.yaml: the highest Dice alone would
+    be the front's most expensive end, whatever the sweep exported."""
     if not isinstance(dataset, str):
         raise PgpsError(f"dataset must be a dataset's name as the store spells it, got {dataset!r}")
+    if pick is not None and objective != "pareto":
+        raise PgpsError(f"--pick chooses from a Pareto front, but --objective is {objective}; give --objective "
+                        "pareto, or leave out --pick")
+    rule = pareto.parse_pick(pick if pick is not None else "knee") if objective == "pareto" else None
     sweeps = (sweeps,) if isinstance(sweeps, str) else tuple(sweeps)  # "demo" is one sweep, not four
     t = load_store(store)
     known = sorted(set(t["dataset"].to_pylist()))
@@ -1204,7 +1229,11 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     ranked = stored_ranking(t.filter(mask).to_pylist())
-    best = _highest(ranked)
+    if rule is None:
+        best = _highest(ranked)
+    else:
+        chosen = pareto.pick([_point(r) for r in ranked], rule)
+        best = None if chosen is None else ranked[chosen]
     if best is None:
         used = sorted(set(t.filter(pc.equal(t["dataset"], dataset))["objective"].to_pylist()) - {None})
         if used and objective not in used:
@@ -1263,12 +1292,13 @@ def _stored_confirmation(rows: list[dict[str, Any]]) -> list[str] | None:
     kind = next((k for k in reversed(REPEAT_KEYS) if all(isinstance(c.get(k), int) for c in configs)), None)
     if kind is None or len({json.dumps([c.get(k) for k in ("epochs", "folds", "splits")]) for c in configs}) != 1:
         return None
-    conf = confirmation_summary(rows, {"confirmation": {"configs": configs, "repeat": kind, "top_k": 0,
-                                                        "epochs": configs[0].get("epochs"), "experiments": []}})
+    meta = {"confirmation": {"configs": configs, "repeat": kind, "top_k": 0, "epochs": configs[0].get("epochs"),
+                             "experiments": []}}
+    conf = confirmation_summary(rows, meta)
     summary = {"confirmation": conf}
     if not conf or not conf["winner"]:
         return [""] * len(rows)
-    figures = confirmed_winner(summary, winner_row(rows, summary))
+    figures = confirmed_winner(summary, winner_row(rows, summary, meta))
     return [strict_json(figures, indent=None) if r["trial_id"] == figures["recipe_trial"] else "" for r in rows]
 
 
@@ -1302,11 +1332,17 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
                    pc.and_(t["completed"], pc.equal(t["role"], "search")))
     mask = pc.and_(mask, pc.equal(t["final_patch"], json.dumps(list(final_patch))))
     mask = pc.and_(mask, pc.greater_equal(t[FIDELITY], 1.0))  # a compressed rung's score is not a full run's
+    # a confirmation repeat (role search too) is another seed or fold, maybe at other epochs: not a search's score
+    mask = pc.and_(mask, pc.fill_null(pc.not_equal(t["phase"], "confirm"), True))
     own = pc.is_in(t[ORIGIN], value_set=pa.array([str(o) for o in exclude_origins if o], pa.string()))
     if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
     mask = pc.and_(mask, pc.invert(own))
-    found = t.filter(mask).to_pylist()
+    found, seen = [], set()
+    for r in t.filter(mask).to_pylist():  # a sweep and a copy of it stored beside it hold the same trials: once
+        if (key := (r["trial_id"], r["params"], r["score"])) not in seen:
+            seen.add(key)
+            found.append(r)
     if not found:
         raise PgpsError(f"--warm-start: the results store {store_root(store)} holds no "
                         f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "

@@ -98,6 +98,7 @@ from pgps_tune.results import (
     confirm_candidates,
     confirmation_flags,
     export_sweep,
+    full_fidelity,
     read_meta,
     require_finished,
     shared_storage,
@@ -2029,9 +2030,11 @@ def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextMa
     removes the file, leaving its folder as it was.  ``tune``, ``confirm`` and ``export`` into the sweep
     folder take it: each writes the folder's sweep.json, Tune experiments or exports."""
     then = "continue with --resume" if command == "tune" else f"run '{command}' again"
+    unwritable = "give a writable --out" if command != "confirm" else (  # confirm has no --out: the folder is it
+        f"make {out} writable, or copy the sweep folder somewhere writable and confirm the copy")
     return folder_lock(out, SWEEP_LOCK, f"{out} is in use by another pgps-tune command ({{holder}}); wait for it to "
                        f"end or stop it (Ctrl-C), then {then}", lambda: (out / SWEEP_FILE).exists(),
-                       command=f"pgps-tune {command}")
+                       command=f"pgps-tune {command}", unwritable=unwritable)
 
 
 def sweep(opts: SweepOptions) -> dict[str, Any]:
@@ -2592,7 +2595,12 @@ def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: Confirm
         raise PgpsError(f"an earlier confirmation ({_describe(pending['settings'])}) was interrupted; finish it "
                         "first by giving the same settings again")
     if not candidates and not pending:
-        print("pgps-tune: confirm: no searched schedule completed, so there is nothing to confirm", file=sys.stderr)
+        done = sum(r["phase"] == "search" and r["role"] == "search" and r["completed"] and full_fidelity(r)
+                   for r in rows)
+        why = ("no searched schedule completed" if not done else
+               f"the {plural(done, 'completed searched trial')} trained only the references' schedules"
+               + (" or schedules over the voxel budget" if meta["objective"]["type"] == "dice_under_budget" else ""))
+        print(f"pgps-tune: confirm: {why}, so there is nothing to confirm", file=sys.stderr)
     if candidates and not pending:
         ran = {r["params"] for r in rows if r["phase"] == "confirm"}  # an extension trains only what is new
         todo = [c for c in configs if json.dumps(c, sort_keys=True) not in ran]

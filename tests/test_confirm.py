@@ -199,6 +199,65 @@ def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
     assert c["search_winner_confirmed"] is None  # no search best was given
 
 
+def test_failed_repeats_neither_crown_a_lucky_schedule_nor_print_nan_and_a_steadier_better_one_is_named():
+    def verdict(values, failed=()):
+        rows, meta = confirmation(values)
+        c = confirmation_summary([{**r, "completed": r["trial_id"] not in failed} for r in rows], meta)
+        assert "nan" not in c["verdict"]
+        return c["winner"], c["significantly_better_than_baseline"], c["verdict"]
+
+    # t2's one completed seed (0.9) does not outrank t1's three, which beat the baseline on each
+    values = {"baseline": [0.5, 0.6, 0.55], "t1": [0.7, 0.8, 0.75], "t2": [0.7, 0.8, 0.9]}
+    assert verdict(values, {"t2-1", "t2-2"})[:2] == ("t1", True)
+    no_pair = verdict(values, {"baseline-1", "baseline-2", "baseline-3"})
+    assert no_pair[:2] == ("t2", False) and "completed no seed in common, so they are not compared" in no_pair[2]
+    one_pair = verdict(values, {"baseline-1", "baseline-2"})
+    assert "only one seed in common (+35.00 Dice points), too few to test" in one_pair[2]
+    from pgps_tune.report import _points  # the page's cells, as the terminal's table: no "+nan [+nan, +nan]"
+
+    assert _points(paired_comparison([0.7, 0.8], [math.nan, math.nan]).to_dict()) == ""
+    assert _points(paired_comparison([0.7, 0.8], [0.5, math.nan]).to_dict()) == "+20.00 [-, -], p = -"
+    # the best mean score is t1's, but only t2 is steadily above the baseline: the verdict must not say "none is"
+    winner, better, text = verdict({"baseline": [0.5, 0.6, 0.55, 0.5], "t1": [0.9, 0.3, 0.95, 0.5],
+                                    "t2": [0.52, 0.63, 0.57, 0.52]})
+    assert (winner, better) == ("t1", False) and "while t2 is significantly better than it" in text
+    assert not text.startswith("no searched schedule")
+
+
+def test_a_reference_that_failed_every_repeat_has_no_gain_and_the_outcome_still_prints():
+    # the summary tune and confirm print crashed on a NaN time ratio ("cannot convert float NaN to integer")
+    from pgps_tune.report import summary_lines
+    from pgps_tune.results import summarize
+
+    rows, meta = confirmation({"baseline": [0.5, 0.6], "paper": [0.4, 0.5], "t1": [0.7, 0.8]})
+    rows = [{**r, "completed": r["role"] != "baseline", "stopped_early": False, "failed": r["role"] == "baseline"}
+            for r in [*rows, row("t1", "search", "search", {}, 0.7)]]
+    meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+    summary = summarize(rows, meta)
+    assert "gain_over_baseline" not in summary and summary["gain_over_paper"]["pairs"] == 2
+    lines = summary_lines(summary)
+    assert not any("baseline reference" in line or "nan" in line for line in lines)
+    assert "Against the paper reference (means over 2 seeds): Dice 0.750 vs 0.450 (+30.0 points)" in lines[2]
+
+
+def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
+    # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
+    # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
+    from pgps_tune.results import summarize, winner_row
+
+    old, _ = confirmation({"baseline": [0.5, 0.6], "t1": [0.7, 0.8]})
+    rows, meta = confirmation({"baseline": [0.5, 0.6], "t1": [0.7, 0.8]})
+    for r in rows:
+        config = {**json.loads(r["params"]), "epochs": 12}
+        r.update(trial_id=r["trial_id"] + "@12", params=json.dumps(config, sort_keys=True))
+    meta["confirmation"].update(epochs=12, configs=[json.loads(r["params"]) for r in rows])
+    meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+    rows = [{**r, "stopped_early": False, "failed": False}
+            for r in [*old, *rows, row("t1", "search", "search", {}, 0.7)]]
+    winner = winner_row(rows, summarize(rows, meta), meta)
+    assert winner["trial_id"] == "t1-1@12" and json.loads(winner["params"])["epochs"] == 12
+
+
 def test_every_reference_the_sweep_trained_is_compared_in_summary_terminal_and_page(capsys):
     # search.references: [constant, "paper:resource", "paper:performance"] (hippocampus_pareto): a gain over each,
     # in summary.json, the outcome lines of the terminal and page, and the confirmation's tests and table
@@ -548,3 +607,42 @@ def _sweep_to_confirm(folder, seed: int):
             "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
     return meta, tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic",
                                     out=folder)
+
+
+def test_confirm_on_a_read_only_sweep_folder_names_a_fix_confirm_has(tmp_path, monkeypatch):
+    # the lock's fix was "give a writable --out", a flag confirm does not have
+    import errno
+    import os
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import sweep_lock
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".pgps-sweep.lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    for command, fix in (("confirm", f"make {tmp_path} writable, or copy the sweep folder somewhere writable and "
+                                     "confirm the copy"), ("tune", "give a writable --out")):
+        with pytest.raises(PgpsError) as err, sweep_lock(tmp_path, command):
+            pass
+        assert str(err.value).endswith(f"(Read-only file system); {fix}")
+
+
+def test_a_search_that_only_found_the_references_schedules_is_not_said_to_have_failed(tmp_path, monkeypatch, capsys):
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    records, done = _one_searched_trial(monkeypatch)
+    records.append(TrialRecord("b1", "TERMINATED", {"role": "baseline", "preset": "constant"}, done,
+                               phase="references"))  # the same schedule as the searched trial's
+    meta, opts = _sweep_to_confirm(tmp_path, seed=0)
+    tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
+    assert "the 1 completed searched trial trained only the references' schedules, so there is nothing to " \
+           "confirm" in capsys.readouterr().err
+    records.clear()
+    tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
+    assert "no searched schedule completed, so there is nothing to confirm" in capsys.readouterr().err

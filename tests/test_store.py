@@ -407,3 +407,24 @@ def test_a_confirmed_sweep_stored_before_the_confirmed_column_ranks_by_its_winne
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sweep 'conf' was stored before" in err, err
     assert f"'pgps-tune export --experiment {tmp_path / 'conf'} --out {tmp_path / 'conf'}'" in err, err
+
+
+def test_best_of_a_pareto_sweep_is_the_schedule_its_export_picked(tmp_path, capsys):
+    # 'best --objective pareto' gave the front's highest Dice (its most expensive end), not the knee that the
+    # sweep's best_schedule.yaml and summary.json hold
+    store, out = tmp_path / "store", tmp_path / "b.yaml"
+    recs = []
+    for tid, dice, cost in (("max", 0.80, 1.0), ("knee", 0.79, 0.5), ("cheap", 0.70, 0.2), ("off", 0.60, 0.6)):
+        r = record(tid, dice)
+        r.last_result["schedule_voxel_fraction"] = cost
+        recs.append(r)
+    summary = export_sweep(tmp_path / "p", sweep_meta(tmp_path / "p", objective={"type": "pareto", "pick": "knee"}),
+                           recs, store)
+    assert summary["best"]["trial_id"] == "knee"
+    best = ["best", "--dataset", "synthetic", "--objective", "pareto", "--results-store", str(store), "--out", str(out)]
+    assert main(best) == 0 and sch.load(out).meta["trial_id"] == "knee"
+    assert main([*best, "--pick", "max_dice"]) == 0 and sch.load(out).meta["trial_id"] == "max"
+    assert main([*best, "--pick", "cheapest_within=0.1"]) == 0 and sch.load(out).meta["trial_id"] == "cheap"
+    capsys.readouterr()
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--pick", "knee"]) == 2
+    assert "--pick chooses from a Pareto front, but --objective is max_dice" in one_line(capsys)

@@ -213,3 +213,24 @@ def test_warm_start_leaves_out_the_sweeps_own_rows_by_origin_whatever_name_the_s
     assert [r["trial_id"] for r in found] == ["a1"]
     with pytest.raises(Exception, match="no completed trials"):
         stored_trials("d", "k", [16, 16, 16], store, exclude_sweep="demo", exclude_origins=own_origins(mine, None))
+
+
+def test_warm_start_takes_searched_trials_once_not_confirmation_repeats(tmp_path, capsys):
+    # a confirmed candidate's repeats (role search, other seeds, maybe 'confirm --epochs 12') are not search scores
+    import pyarrow as pa
+
+    from pgps_tune.results import SCHEMA, store_sweep, stored_trials
+
+    def row(tid, phase, params):
+        return {c: None for c in SCHEMA.names} | {"trial_id": tid, "phase": phase, "role": "search",
+                                                  "completed": True, "score": 0.5, "params": json.dumps(params)}
+
+    rows = [row("s1", "search", {"stages": 2}), row("c1", "confirm", {"stages": 2, "seed": 1, "epochs": 12}),
+            row("old", None, {"stages": 3})]  # a row stored before the phase column
+    meta = {"objective": {"type": "max_dice"}, "final_patch": [16, 16, 16], "dataset": "d", "sweep": "a",
+            "space_key": "k"}
+    store_sweep(pa.Table.from_pylist(rows, schema=SCHEMA), meta, tmp_path, tmp_path / "a")
+    assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["old", "s1"]
+    # a copy of the sweep folder, confirmed or exported from where it lies, is stored beside it as a-HASH
+    store_sweep(pa.Table.from_pylist(rows, schema=SCHEMA), meta, tmp_path, tmp_path / "copy")
+    assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["old", "s1"]
