@@ -111,6 +111,7 @@ from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
+    check_ladder,
     check_nnunet_splits,
     check_space_against_plan,
     check_space_splits,
@@ -168,6 +169,7 @@ class SweepOptions:
             raise PgpsError("--warm-start adds full-budget scores to a study that, with asha.fidelity compressed, "
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         check_space_splits(self.space)
+        check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
         if self.space.budget.trainer == "nnunet":

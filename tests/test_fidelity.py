@@ -1,5 +1,6 @@
 """The compressed fidelity: its rung arithmetic, its space settings, and one tiny sweep through ``pgps-tune tune``."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -84,6 +85,11 @@ def test_space_parses_the_fidelity():
     ({"fidelity": "compressed", "promote": "main_effects", "min_fraction": 0.99, "reduction_factor": 1.001}, {},
      "the screening rung would train all 30 iterations per epoch"),
     ({"fidelity": "compressed", "promote_top": 2}, {}, "asha.promote_top 2 needs asha.promote main_effects"),
+    # min_fraction above 1/reduction_factor: no rung below the full budget, nothing screened or stopped
+    ({"fidelity": "compressed", "reduction_factor": 10}, {}, r"min_fraction 0.111 is above 1/asha.reduction_factor "
+                                                          r"\(0.1\).*set min_fraction to at most 0.1 or lower"),
+    ({"fidelity": "compressed", "promote": "main_effects", "min_fraction": 0.5}, {}, "the screening ladder has no "
+                                                                                    "rung below the full budget"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": -1}, {}, "asha.promote_top must be"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": 1.5}, {}, "asha.promote_top must be"),
 ])
@@ -92,6 +98,20 @@ def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
     with pytest.raises(PgpsError, match=match) as exc:
         sp.parse(raw, "s.yaml")
     assert str(exc.value).startswith("s.yaml: ") and "\n" not in str(exc.value)
+
+
+def test_a_sweep_refuses_a_ladder_that_iterations_per_epoch_from_the_command_line_breaks(tmp_path):
+    """The file's 30 iterations per epoch climb the ladder; --iterations-per-epoch 2 rounds two rungs to
+    one length: refused by the options' check, before the sweep writes its folder."""
+    from pgps_tune.tuner import SweepOptions
+
+    space = sp.parse(_space(fidelity="compressed"), "s.yaml")
+    SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep").check()
+    space = dataclasses.replace(space, budget=dataclasses.replace(space.budget, iterations_per_epoch=2))
+    with pytest.raises(PgpsError, match=r"s.yaml: the fidelity ladder's rungs 0 and 1 both train 1 of 2 .*"
+                                        "--iterations-per-epoch"):
+        SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep").check()
+    assert not (tmp_path / "sweep").exists()
 
 
 # -- one compressed sweep, end to end -------------------------------------------------------------------
