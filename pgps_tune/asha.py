@@ -63,10 +63,15 @@ class AshaSettings:
 
     @classmethod
     def from_space(cls, space: SearchSpace) -> AshaSettings:
-        """``max_t`` is the whole run in the unit of ``asha.time_attr``; the grace period a share of it."""
+        """``max_t`` is the whole run in the unit of ``asha.time_attr``; the grace period a share of it.
+
+        A trial validates every ``val_every`` epochs and once more at its end, so it reports
+        ``ceil(epochs / val_every)`` times: Tune stops a trial whose clock reaches ``max_t``, and a
+        ``max_t`` short of its last report would stop every trial one validation before its end.
+        """
         b, a = space.budget, space.asha
         max_t = {"baseline_iterations": b.epochs * b.iterations_per_epoch, "epoch": b.epochs,
-                 "training_iteration": max(1, b.epochs // b.val_every)}[a.time_attr]
+                 "training_iteration": math.ceil(b.epochs / b.val_every)}[a.time_attr]
         return cls(a.time_attr, max_t, grace_period(a.grace_fraction, max_t), a.reduction_factor, a.brackets)
 
     @classmethod
