@@ -63,6 +63,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.asha import (
     AshaSettings,
+    Rung,
     compressed_ladder,
     main_effects_ranking,
     rung_budget,
@@ -2101,6 +2102,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
             n_grid = len(space.grid())
             num_samples = min(num_samples, n_grid) if space.asha.promote == "main_effects" else n_grid
+        if before:  # the trials already run were compared (partial) or trained (compressed) under these
+            _same_sweep(before, {}, _search_changes(before, space, num_samples))
         settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
         if settings is not None and space.objective.type == "pareto":
             settings = None  # one confirmed winner by one score does not fit a front of many
@@ -2208,6 +2211,40 @@ def _same_sweep(before: dict[str, Any], now: dict[str, Any], budget: dict[str, t
         raise PgpsError(f"--resume would continue sweep {before['sweep']} with other settings than it ran with "
                         f"({what}); give the same space and flags as it started with, or start a new sweep "
                         "with a new --out")
+
+
+def ladder_meta(space: SearchSpace, num_samples: int) -> dict[str, Any] | None:
+    """What sweep.json records of a compressed ladder (``fidelity``): its rungs' budgets and trial counts."""
+    a = space.asha
+    if a.fidelity != "compressed":
+        return None
+    rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction,
+                              space.budget.iterations_per_epoch, a.promote_top)
+    return {"type": "compressed", "promote": a.promote, "rungs": [dataclasses.asdict(r) for r in rungs]}
+
+
+def _search_changes(before: dict[str, Any], space: SearchSpace, num_samples: int) -> dict[str, tuple]:
+    """The search settings a resume would change, as (then, now): the trial count, ASHA's settings (the rungs
+    the stored trials were compared at) and a compressed ladder (the budgets its rungs trained at).  A sweep.json
+    that predates a key is not compared on it."""
+    changes: dict[str, tuple] = {}
+    if isinstance(before.get("num_samples"), int) and before["num_samples"] != num_samples:
+        changes["search.num_samples (--num-samples)"] = (before["num_samples"], num_samples)
+    if isinstance(before.get("early_stopping"), bool) and before["early_stopping"] != early_stopping(space):
+        changes["ASHA early stopping"] = (before["early_stopping"], early_stopping(space))
+    stored, now = before.get("asha"), AshaSettings.from_space(space).to_dict()
+    if isinstance(stored, dict) and early_stopping(space):
+        changes.update({f"asha {k}": (stored[k], v) for k, v in now.items() if k in stored and stored[k] != v})
+
+    def rungs(ladder: Any) -> str:
+        if not isinstance(ladder, dict):
+            return "none (partial fidelity)"
+        return ", ".join(f"{r.get('trials')} at {r.get('fraction', 0):.3g}" for r in ladder.get("rungs", []))
+
+    if "asha" in before and rungs(before.get("fidelity")) != rungs(ladder := ladder_meta(space, num_samples)):
+        changes["the compressed ladder's rungs (trials at a share of the budget)"] = (
+            rungs(before.get("fidelity")), rungs(ladder))
+    return changes
 
 
 def _check_tune_state(path: str, storage_fs, phase: str) -> None:
@@ -2758,10 +2795,8 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     """
     space = opts.space
     model = space.asha.promote == "main_effects"
-    rungs = compressed_ladder(space.asha.promote, num_samples, space.asha.reduction_factor, space.asha.min_fraction,
-                              space.budget.iterations_per_epoch, space.asha.promote_top)
-    meta["fidelity"] = {"type": "compressed", "promote": space.asha.promote,
-                        "rungs": [dataclasses.asdict(r) for r in rungs]}
+    meta["fidelity"] = ladder_meta(space, num_samples)
+    rungs = [Rung(**r) for r in meta["fidelity"]["rungs"]]
     configs: list[dict[str, Any]] = []
     for r, rung in enumerate(rungs):
         phase = "search" if r == 0 else f"search-r{r}"

@@ -114,6 +114,28 @@ def test_a_sweep_refuses_a_ladder_that_iterations_per_epoch_from_the_command_lin
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_resume_names_the_search_settings_it_would_change():
+    """The stored trials were compared at ASHA's rungs or trained at the ladder's budgets: a resume under
+    other ones would label them with settings they did not run with."""
+    from pgps_tune.asha import AshaSettings
+    from pgps_tune.tuner import _search_changes, early_stopping, ladder_meta
+
+    partial = sp.parse(_space(reduction_factor=3), "s.yaml")
+    before = {"num_samples": 9, "asha": AshaSettings.from_space(partial).to_dict(), "early_stopping": True}
+    assert _search_changes(before, partial, 9) == {}
+    assert _search_changes({k: v for k, v in before.items() if k != "early_stopping"}, partial, 9) == {}  # older
+    other = sp.parse(_space(reduction_factor=2), "s.yaml")
+    assert _search_changes(before, other, 9) == {"asha reduction_factor": (3, 2)}
+    off = sp.parse(_space(enabled=False), "s.yaml")
+    assert _search_changes(before, off, 9) == {"ASHA early stopping": (True, False)}
+    compressed = sp.parse(_space(fidelity="compressed"), "s.yaml")
+    stored = {**before, "early_stopping": early_stopping(compressed), "fidelity": ladder_meta(compressed, 9)}
+    assert _search_changes(stored, compressed, 9) == {}
+    changed = _search_changes(stored, compressed, 12)
+    assert changed["search.num_samples (--num-samples)"] == (9, 12)
+    assert list(changed.values())[-1] == ("9 at 0.1, 3 at 0.333, 1 at 1", "12 at 0.1, 4 at 0.333, 1 at 1")
+
+
 # -- one compressed sweep, end to end -------------------------------------------------------------------
 
 
@@ -167,7 +189,7 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(sha
     # resuming a ladder (every rung restored, the same schedules promoted): the main-effects test below
 
 
-def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, tmp_path, monkeypatch):
+def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, tmp_path, monkeypatch, capsys):
     # screening: 3 random schedules of a 2 x 2 space at a quarter of the budget; the full budget trains the
     # two (asha.promote_top; 3 / reduction factor 4 would give one) the additive model ranks first among every
     # schedule of the space, screened or not
@@ -199,6 +221,13 @@ def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, t
     assert main([*args, "--resume"]) == 0
     again = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(again, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
+    # another trial count would restore the 3 screened but promote by another ladder: refused, nothing written
+    capsys.readouterr()
+    before = (out / "sweep.json").read_bytes()
+    assert main([*args, "--resume", "--num-samples", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "search.num_samples (--num-samples): 3 then, 4 now" in err and '"3 at 0.25, 2 at 1" then' in err
+    assert len(err.splitlines()) == 1 and (out / "sweep.json").read_bytes() == before
     # promote needs the compressed ladder
     raw["asha"] = {"promote": "main_effects"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
