@@ -1538,6 +1538,26 @@ def early_stopping(space: SearchSpace) -> bool:
     return space.asha.enabled and space.objective.type != "pareto" and space.asha.fidelity != "compressed"
 
 
+def asha_cannot_stop(space: SearchSpace) -> str | None:
+    """Why ASHA, though on, can stop no trial before its end (None: it can): one validation per trial, or
+    no rung before the end of the clock.  The sweep says so rather than promise early stopping.
+
+    >>> from pgps_tune.space import parse
+    >>> asha_cannot_stop(parse({"parameters": {"stages": 1}, "budget": {"epochs": 4, "val_every": 4}}, "s"))[:37]
+    'each trial validates once, at its end'
+    """
+    b, settings = space.budget, AshaSettings.from_space(space)
+    if not early_stopping(space):
+        return None
+    if b.val_every >= b.epochs:
+        return (f"each trial validates once, at its end (budget.val_every {b.val_every} >= epochs {b.epochs}), so "
+                "ASHA has no score before it; lower val_every (tune --val-every) to early-stop")
+    if not any(m < settings.max_t for m in settings.milestones()):
+        return (f"ASHA's first rung is the end of a trial (asha.grace_fraction {space.asha.grace_fraction:g} of "
+                f"{settings.max_t:g} {settings.time_attr}); lower grace_fraction to early-stop")
+    return None
+
+
 def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float]) -> PhasePlan:
     """The confirmation as planned: the top-k searched schedules and the ``references`` (their voxel
     fractions at the confirmation's epochs) on every repeat, at the confirmation's budget.  Fewer
@@ -2392,6 +2412,8 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
     if pareto and space.asha.enabled:
         print("pgps-tune: objective pareto: ASHA early stopping is off (it ranks trials mid-run by one number, and "
               "would stop cheap schedules the front needs; see docs/GUIDE.md)", file=sys.stderr, flush=True)
+    if (why := asha_cannot_stop(space)) is not None:
+        print(f"pgps-tune: note: no trial will be stopped early: {why}", file=sys.stderr, flush=True)
     scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
                  if early_stopping(space) else None)
     if space.search.algorithm == "grid":

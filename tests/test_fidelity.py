@@ -136,6 +136,19 @@ def test_a_resume_names_the_search_settings_it_would_change():
     assert list(changed.values())[-1] == ("9 at 0.1, 3 at 0.333, 1 at 1", "12 at 0.1, 4 at 0.333, 1 at 1")
 
 
+def test_a_sweep_says_when_asha_can_stop_no_trial():
+    from pgps_tune.tuner import asha_cannot_stop
+
+    def space(asha: dict, **budget) -> sp.SearchSpace:
+        raw = _space(**asha)
+        return sp.parse({**raw, "budget": {**raw["budget"], **budget}}, "s.yaml")
+
+    assert asha_cannot_stop(space({})) is None  # 6 epochs validated every 3 (the default), rungs before the end
+    assert "lower val_every" in asha_cannot_stop(space({}, val_every=6))
+    assert "lower grace_fraction" in asha_cannot_stop(space({"grace_fraction": 1.0}))
+    assert asha_cannot_stop(space({"grace_fraction": 1.0, "enabled": False})) is None  # off: nothing promised
+
+
 # -- one compressed sweep, end to end -------------------------------------------------------------------
 
 
