@@ -63,10 +63,15 @@ class AshaSettings:
 
     @classmethod
     def from_space(cls, space: SearchSpace) -> AshaSettings:
-        """``max_t`` is the whole run in the unit of ``asha.time_attr``; the grace period a share of it."""
+        """``max_t`` is the whole run in the unit of ``asha.time_attr``; the grace period a share of it.
+
+        A trial validates every ``val_every`` epochs and once more at its end, so it reports
+        ``ceil(epochs / val_every)`` times: Tune stops a trial whose clock reaches ``max_t``, and a
+        ``max_t`` short of its last report would stop every trial one validation before its end.
+        """
         b, a = space.budget, space.asha
         max_t = {"baseline_iterations": b.epochs * b.iterations_per_epoch, "epoch": b.epochs,
-                 "training_iteration": max(1, b.epochs // b.val_every)}[a.time_attr]
+                 "training_iteration": math.ceil(b.epochs / b.val_every)}[a.time_attr]
         return cls(a.time_attr, max_t, grace_period(a.grace_fraction, max_t), a.reduction_factor, a.brackets)
 
     @classmethod
@@ -156,11 +161,21 @@ class Rung:
 
 
 def _ladder_levels(kind: str, n0: int, eta: float, min_fraction: float, iterations_per_epoch: int) -> int:
-    """Budget levels of a ladder whose lowest rung trains at least ``min_fraction`` (arguments checked)."""
+    """Budget levels of a ladder whose lowest rung trains at least ``min_fraction`` (arguments checked).
+
+    A ``min_fraction`` above ``1/eta`` leaves no level below the full budget: a compressed search
+    would then train every schedule at the full budget, with nothing screened or stopped.
+    """
     if n0 < 1 or eta <= 1 or not 0 < min_fraction <= 1 or iterations_per_epoch < 1:
         raise PgpsError(f"a {kind} ladder needs n0 >= 1, eta > 1, min_fraction in (0, 1] and iterations >= 1; "
                         f"got {n0}, {eta:g}, {min_fraction:g}, {iterations_per_epoch}")
-    return int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+    levels = int(math.floor(math.log(1 / min_fraction) / math.log(eta) + 1e-9)) + 1
+    if levels < 2:
+        raise PgpsError(f"asha.min_fraction {min_fraction:g} is above 1/asha.reduction_factor ({1 / eta:.4g}), so "
+                        f"the {kind} ladder has no rung below the full budget and every schedule would train at the "
+                        f"full budget; set min_fraction to at most {math.floor(1e4 / eta) / 1e4:g} or lower "
+                        "reduction_factor")
+    return levels
 
 
 def _rung_iterations(iterations_per_epoch: int, eta: float, below_top: int) -> int:
@@ -188,7 +203,7 @@ def fidelity_ladder(n0: int, eta: float, min_fraction: float, iterations_per_epo
         if rungs and ipe == rungs[-1].iterations_per_epoch:
             raise PgpsError(
                 f"the fidelity ladder's rungs {r - 1} and {r} both train {ipe} of {iterations_per_epoch} iterations "
-                "per epoch; raise asha.min_fraction or budget.iterations_per_epoch")
+                "per epoch; raise asha.min_fraction or budget.iterations_per_epoch (tune --iterations-per-epoch)")
         rungs.append(Rung(ipe / iterations_per_epoch, ipe, n))
         n = max(1, int(math.floor(n / eta + 1e-9)))
     top = rungs[-1]
@@ -210,7 +225,7 @@ def screening_ladder(n0: int, eta: float, min_fraction: float, iterations_per_ep
     ipe = _rung_iterations(iterations_per_epoch, eta, levels - 1)  # the lowest rung of fidelity_ladder
     if ipe >= iterations_per_epoch:
         raise PgpsError(f"the screening rung would train all {iterations_per_epoch} iterations per epoch; lower "
-                        "asha.min_fraction or raise budget.iterations_per_epoch")
+                        "asha.min_fraction or raise budget.iterations_per_epoch (tune --iterations-per-epoch)")
     return [Rung(ipe / iterations_per_epoch, ipe, n0),
             Rung(1.0, iterations_per_epoch, top or max(1, int(math.floor(n0 / eta + 1e-9))))]
 

@@ -885,12 +885,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_trials(a: argparse.Namespace) -> int:
     import csv
 
-    from pgps_tune.report import TRIAL_COLUMNS, fmt, params_text, plural, read_trials, select_trials
+    from pgps_tune.report import TRIAL_COLUMNS, fmt, params_text, plural, read_trials, select_trials, table_columns
 
     everything = read_trials(a.sweep)
     rows = select_trials(everything, a.sort, a.phase, a.status, a.reverse)
     every = list(rows[0]) if rows else list(TRIAL_COLUMNS)
-    columns = a.columns.split(",") if a.columns else (list(TRIAL_COLUMNS) if a.format == "table" else every)
+    summary = table_columns(everything) if everything else list(TRIAL_COLUMNS)
+    columns = a.columns.split(",") if a.columns else (summary if a.format == "table" else every)
     if "" in (c.strip() for c in columns):
         raise PgpsError(f"--columns {a.columns!r} has an empty name (two commas, or one at an end); give names "
                         f"separated by single commas, from {', '.join(every)}")

@@ -46,6 +46,7 @@ from pgps_tune.pareto import non_dominated
 from pgps_tune.results import (
     BEST,
     COLUMNS,
+    FIDELITY,
     PARETO,
     PARETO_DIR,
     PHASES,
@@ -69,7 +70,7 @@ from pgps_tune.schedule import plural
 REPORT = "report.html"
 LEARNING_CURVE = "learning_curve.png"
 TRIAL_COLUMNS = ("trial_id", "phase", "role", "status", "final_dice", "score", "schedule_voxel_fraction",
-                 "train_time_s", "n_stages", "rung_reached", "params", "error")
+                 "train_time_s", "n_stages", "rung_reached", "fidelity", "params", "error")
 # a final validation Dice below this means a run has not learned the task (the trivial predictors score
 # far below it: all background 0, all foreground twice the foreground share); a gain over such a
 # reference is flagged (:func:`summary_lines`)
@@ -961,12 +962,19 @@ def sweep_report(sweep: str | Path) -> str:
 TABLE_ROWS = 300  # searched trials the page's table shows at most: the page stays small for any sweep
 
 
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The :data:`TRIAL_COLUMNS` a table of ``rows`` shows: ``rung_reached`` only where ASHA compared some trial
+    (a pareto sweep, or one without ASHA, has no rungs), ``fidelity`` only where some trial trained below the
+    full budget (a compressed ladder: its low rungs' Dice are not comparable with the full budget's)."""
+    return [c for c in TRIAL_COLUMNS if rows and c in rows[0]
+            and (c != "rung_reached" or any(r[c] is not None for r in rows))
+            and (c != FIDELITY or not all(full_fidelity(r) for r in rows))]
+
+
 def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
     """The trial table, best score first: every trial, or for a large sweep the references, the confirmation
     trials and the :data:`TABLE_ROWS` best-scored searched trials, with a note naming the command for all."""
-    # rung_reached only where ASHA compared some trial (a pareto sweep, or one without ASHA, has no rungs)
-    columns = [c for c in TRIAL_COLUMNS if rows and c in rows[0]
-               and (c != "rung_reached" or any(r[c] is not None for r in rows))]
+    columns = table_columns(rows)
     ordered = select_trials(rows)
     searched = [r for r in ordered if r["phase"] == "search"]
     if len(searched) <= TABLE_ROWS:

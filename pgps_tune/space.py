@@ -205,8 +205,9 @@ class Asha:
                                     "`min_fraction` of the budget, the best 1/`reduction_factor` run again from "
                                     "scratch at `reduction_factor` times that, up to the full budget (see "
                                     "docs/GUIDE.md)")
-    min_fraction: float = _doc(0.111, "compressed: the lowest rung's share of the budget (rungs at "
-                                      "reduction_factor^-k of it, k = 0, 1, ...)")
+    min_fraction: float = _doc(0.111, "compressed: the least share of the budget a rung trains, at most "
+                                      "1/reduction_factor (rungs at reduction_factor^-k of the budget, k = 0, 1, "
+                                      "..., the lowest the last at or above min_fraction)")
     # measured: successive halving promotes a rung's best by their own scores; main_effects: one screening
     # rung, an additive model of the parameters fitted to it, and its top predictions over the whole space
     promote: str = _doc("measured", "compressed: what goes on to a higher budget. `measured`: the best "
@@ -736,9 +737,7 @@ def check_budget_widths(budget: Budget, src: str) -> None:
 
 
 def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Budget, src: str) -> None:
-    """Refuse an ``asha.fidelity`` the sweep cannot run, and a compressed ladder with rungs of equal length."""
-    from pgps_tune.asha import compressed_ladder
-
+    """Refuse an ``asha.fidelity`` the sweep cannot run, and a compressed ladder it cannot climb."""
     if asha.fidelity not in FIDELITIES:
         raise PgpsError(f"{src}: asha.fidelity {asha.fidelity!r} unknown; use one of {', '.join(FIDELITIES)}")
     if asha.promote not in PROMOTIONS:
@@ -759,6 +758,17 @@ def _check_fidelity(asha: Asha, search: Search, objective: Objective, budget: Bu
            "objective" if objective.type == "pareto" else None)
     if why:
         raise PgpsError(f"{src}: asha.fidelity compressed cannot run here: {why}, or use fidelity partial")
+    check_ladder(asha, budget, src)
+
+
+def check_ladder(asha: Asha, budget: Budget, src: str) -> None:
+    """Refuse a compressed ladder with no rung below the full budget or with two rungs of one length, at the
+    budget's iterations per epoch: when the file is read, and again once ``--iterations-per-epoch`` replaced
+    them (before a sweep writes anything)."""
+    from pgps_tune.asha import compressed_ladder
+
+    if asha.fidelity != "compressed":
+        return
     try:
         compressed_ladder(asha.promote, 1, asha.reduction_factor, asha.min_fraction, budget.iterations_per_epoch,
                           asha.promote_top)

@@ -63,6 +63,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pgps_tune.asha import (
     AshaSettings,
+    Rung,
     compressed_ladder,
     main_effects_ranking,
     rung_budget,
@@ -112,6 +113,7 @@ from pgps_tune.schedule import plural
 from pgps_tune.space import (
     DefineByRun,
     SearchSpace,
+    check_ladder,
     check_nnunet_splits,
     check_space_against_plan,
     check_space_splits,
@@ -169,6 +171,7 @@ class SweepOptions:
             raise PgpsError("--warm-start adds full-budget scores to a study that, with asha.fidelity compressed, "
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         check_space_splits(self.space)
+        check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
         if self.space.budget.trainer == "nnunet":
@@ -1536,6 +1539,26 @@ def early_stopping(space: SearchSpace) -> bool:
     return space.asha.enabled and space.objective.type != "pareto" and space.asha.fidelity != "compressed"
 
 
+def asha_cannot_stop(space: SearchSpace) -> str | None:
+    """Why ASHA, though on, can stop no trial before its end (None: it can): one validation per trial, or
+    no rung before the end of the clock.  The sweep says so rather than promise early stopping.
+
+    >>> from pgps_tune.space import parse
+    >>> asha_cannot_stop(parse({"parameters": {"stages": 1}, "budget": {"epochs": 4, "val_every": 4}}, "s"))[:37]
+    'each trial validates once, at its end'
+    """
+    b, settings = space.budget, AshaSettings.from_space(space)
+    if not early_stopping(space):
+        return None
+    if b.val_every >= b.epochs:
+        return (f"each trial validates once, at its end (budget.val_every {b.val_every} >= epochs {b.epochs}), so "
+                "ASHA has no score before it; lower val_every (tune --val-every) to early-stop")
+    if not any(m < settings.max_t for m in settings.milestones()):
+        return (f"ASHA's first rung is the end of a trial (asha.grace_fraction {space.asha.grace_fraction:g} of "
+                f"{settings.max_t:g} {settings.time_attr}); lower grace_fraction to early-stop")
+    return None
+
+
 def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float]) -> PhasePlan:
     """The confirmation as planned: the top-k searched schedules and the ``references`` (their voxel
     fractions at the confirmation's epochs) on every repeat, at the confirmation's budget.  Fewer
@@ -2102,6 +2125,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
             n_grid = len(space.grid())
             num_samples = min(num_samples, n_grid) if space.asha.promote == "main_effects" else n_grid
+        if before:  # the trials already run were compared (partial) or trained (compressed) under these
+            _same_sweep(before, {}, _search_changes(before, space, num_samples))
         settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
         if settings is not None and space.objective.type == "pareto":
             settings = None  # one confirmed winner by one score does not fit a front of many
@@ -2209,6 +2234,40 @@ def _same_sweep(before: dict[str, Any], now: dict[str, Any], budget: dict[str, t
         raise PgpsError(f"--resume would continue sweep {before['sweep']} with other settings than it ran with "
                         f"({what}); give the same space and flags as it started with, or start a new sweep "
                         "with a new --out")
+
+
+def ladder_meta(space: SearchSpace, num_samples: int) -> dict[str, Any] | None:
+    """What sweep.json records of a compressed ladder (``fidelity``): its rungs' budgets and trial counts."""
+    a = space.asha
+    if a.fidelity != "compressed":
+        return None
+    rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction,
+                              space.budget.iterations_per_epoch, a.promote_top)
+    return {"type": "compressed", "promote": a.promote, "rungs": [dataclasses.asdict(r) for r in rungs]}
+
+
+def _search_changes(before: dict[str, Any], space: SearchSpace, num_samples: int) -> dict[str, tuple]:
+    """The search settings a resume would change, as (then, now): the trial count, ASHA's settings (the rungs
+    the stored trials were compared at) and a compressed ladder (the budgets its rungs trained at).  A sweep.json
+    that predates a key is not compared on it."""
+    changes: dict[str, tuple] = {}
+    if isinstance(before.get("num_samples"), int) and before["num_samples"] != num_samples:
+        changes["search.num_samples (--num-samples)"] = (before["num_samples"], num_samples)
+    if isinstance(before.get("early_stopping"), bool) and before["early_stopping"] != early_stopping(space):
+        changes["ASHA early stopping"] = (before["early_stopping"], early_stopping(space))
+    stored, now = before.get("asha"), AshaSettings.from_space(space).to_dict()
+    if isinstance(stored, dict) and early_stopping(space):
+        changes.update({f"asha {k}": (stored[k], v) for k, v in now.items() if k in stored and stored[k] != v})
+
+    def rungs(ladder: Any) -> str:
+        if not isinstance(ladder, dict):
+            return "none (partial fidelity)"
+        return ", ".join(f"{r.get('trials')} at {r.get('fraction', 0):.3g}" for r in ladder.get("rungs", []))
+
+    if "asha" in before and rungs(before.get("fidelity")) != rungs(ladder := ladder_meta(space, num_samples)):
+        changes["the compressed ladder's rungs (trials at a share of the budget)"] = (
+            rungs(before.get("fidelity")), rungs(ladder))
+    return changes
 
 
 def _check_tune_state(path: str, storage_fs, phase: str) -> None:
@@ -2356,6 +2415,8 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
     if pareto and space.asha.enabled:
         print("pgps-tune: objective pareto: ASHA early stopping is off (it ranks trials mid-run by one number, and "
               "would stop cheap schedules the front needs; see docs/GUIDE.md)", file=sys.stderr, flush=True)
+    if (why := asha_cannot_stop(space)) is not None:
+        print(f"pgps-tune: note: no trial will be stopped early: {why}", file=sys.stderr, flush=True)
     scheduler = (ASHAScheduler(metric="rung_score", mode="max", **AshaSettings.from_space(space).to_dict())
                  if early_stopping(space) else None)
     if space.search.algorithm == "grid":
@@ -2764,10 +2825,8 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     """
     space = opts.space
     model = space.asha.promote == "main_effects"
-    rungs = compressed_ladder(space.asha.promote, num_samples, space.asha.reduction_factor, space.asha.min_fraction,
-                              space.budget.iterations_per_epoch, space.asha.promote_top)
-    meta["fidelity"] = {"type": "compressed", "promote": space.asha.promote,
-                        "rungs": [dataclasses.asdict(r) for r in rungs]}
+    meta["fidelity"] = ladder_meta(space, num_samples)
+    rungs = [Rung(**r) for r in meta["fidelity"]["rungs"]]
     configs: list[dict[str, Any]] = []
     for r, rung in enumerate(rungs):
         phase = "search" if r == 0 else f"search-r{r}"

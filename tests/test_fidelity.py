@@ -1,5 +1,6 @@
 """The compressed fidelity: its rung arithmetic, its space settings, and one tiny sweep through ``pgps-tune tune``."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -84,6 +85,11 @@ def test_space_parses_the_fidelity():
     ({"fidelity": "compressed", "promote": "main_effects", "min_fraction": 0.99, "reduction_factor": 1.001}, {},
      "the screening rung would train all 30 iterations per epoch"),
     ({"fidelity": "compressed", "promote_top": 2}, {}, "asha.promote_top 2 needs asha.promote main_effects"),
+    # min_fraction above 1/reduction_factor: no rung below the full budget, nothing screened or stopped
+    ({"fidelity": "compressed", "reduction_factor": 10}, {}, r"min_fraction 0.111 is above 1/asha.reduction_factor "
+                                                          r"\(0.1\).*set min_fraction to at most 0.1 or lower"),
+    ({"fidelity": "compressed", "promote": "main_effects", "min_fraction": 0.5}, {}, "the screening ladder has no "
+                                                                                    "rung below the full budget"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": -1}, {}, "asha.promote_top must be"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": 1.5}, {}, "asha.promote_top must be"),
 ])
@@ -92,6 +98,55 @@ def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
     with pytest.raises(PgpsError, match=match) as exc:
         sp.parse(raw, "s.yaml")
     assert str(exc.value).startswith("s.yaml: ") and "\n" not in str(exc.value)
+
+
+def test_a_sweep_refuses_a_ladder_that_iterations_per_epoch_from_the_command_line_breaks(tmp_path):
+    """The file's 30 iterations per epoch climb the ladder; --iterations-per-epoch 2 rounds two rungs to
+    one length: refused by the options' check, before the sweep writes its folder."""
+    from pgps_tune.tuner import SweepOptions
+
+    space = sp.parse(_space(fidelity="compressed"), "s.yaml")
+    SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep").check()
+    space = dataclasses.replace(space, budget=dataclasses.replace(space.budget, iterations_per_epoch=2))
+    with pytest.raises(PgpsError, match=r"s.yaml: the fidelity ladder's rungs 0 and 1 both train 1 of 2 .*"
+                                        "--iterations-per-epoch"):
+        SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep").check()
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_resume_names_the_search_settings_it_would_change():
+    """The stored trials were compared at ASHA's rungs or trained at the ladder's budgets: a resume under
+    other ones would label them with settings they did not run with."""
+    from pgps_tune.asha import AshaSettings
+    from pgps_tune.tuner import _search_changes, early_stopping, ladder_meta
+
+    partial = sp.parse(_space(reduction_factor=3), "s.yaml")
+    before = {"num_samples": 9, "asha": AshaSettings.from_space(partial).to_dict(), "early_stopping": True}
+    assert _search_changes(before, partial, 9) == {}
+    assert _search_changes({k: v for k, v in before.items() if k != "early_stopping"}, partial, 9) == {}  # older
+    other = sp.parse(_space(reduction_factor=2), "s.yaml")
+    assert _search_changes(before, other, 9) == {"asha reduction_factor": (3, 2)}
+    off = sp.parse(_space(enabled=False), "s.yaml")
+    assert _search_changes(before, off, 9) == {"ASHA early stopping": (True, False)}
+    compressed = sp.parse(_space(fidelity="compressed"), "s.yaml")
+    stored = {**before, "early_stopping": early_stopping(compressed), "fidelity": ladder_meta(compressed, 9)}
+    assert _search_changes(stored, compressed, 9) == {}
+    changed = _search_changes(stored, compressed, 12)
+    assert changed["search.num_samples (--num-samples)"] == (9, 12)
+    assert list(changed.values())[-1] == ("9 at 0.1, 3 at 0.333, 1 at 1", "12 at 0.1, 4 at 0.333, 1 at 1")
+
+
+def test_a_sweep_says_when_asha_can_stop_no_trial():
+    from pgps_tune.tuner import asha_cannot_stop
+
+    def space(asha: dict, **budget) -> sp.SearchSpace:
+        raw = _space(**asha)
+        return sp.parse({**raw, "budget": {**raw["budget"], **budget}}, "s.yaml")
+
+    assert asha_cannot_stop(space({})) is None  # 6 epochs validated every 3 (the default), rungs before the end
+    assert "lower val_every" in asha_cannot_stop(space({}, val_every=6))
+    assert "lower grace_fraction" in asha_cannot_stop(space({"grace_fraction": 1.0}))
+    assert asha_cannot_stop(space({"grace_fraction": 1.0, "enabled": False})) is None  # off: nothing promised
 
 
 # -- one compressed sweep, end to end -------------------------------------------------------------------
@@ -147,7 +202,7 @@ def test_compressed_sweep_promotes_the_best_and_exports_only_the_full_budget(sha
     # resuming a ladder (every rung restored, the same schedules promoted): the main-effects test below
 
 
-def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, tmp_path, monkeypatch):
+def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, tmp_path, monkeypatch, capsys):
     # screening: 3 random schedules of a 2 x 2 space at a quarter of the budget; the full budget trains the
     # two (asha.promote_top; 3 / reduction factor 4 would give one) the additive model ranks first among every
     # schedule of the space, screened or not
@@ -179,6 +234,13 @@ def test_main_effects_sweep_promotes_the_models_top_over_the_space(shared_ray, t
     assert main([*args, "--resume"]) == 0
     again = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(again, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
+    # another trial count would restore the 3 screened but promote by another ladder: refused, nothing written
+    capsys.readouterr()
+    before = (out / "sweep.json").read_bytes()
+    assert main([*args, "--resume", "--num-samples", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "search.num_samples (--num-samples): 3 then, 4 now" in err and '"3 at 0.25, 2 at 1" then' in err
+    assert len(err.splitlines()) == 1 and (out / "sweep.json").read_bytes() == before
     # promote needs the compressed ladder
     raw["asha"] = {"promote": "main_effects"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))

@@ -252,6 +252,24 @@ def test_trials_command_prints_filters_and_sorts_the_table(fake_sweep, capsys):
     assert order == sorted(times, key=times.get)  # low first; equal times keep the file's order
 
 
+def test_the_trial_tables_show_fidelity_where_a_trial_trained_below_the_full_budget(fake_sweep, capsys):
+    """A compressed ladder's low rungs score higher or lower than the full budget's winner: without the column
+    a reader cannot tell why the top row is not the best.  A sweep all at the full budget does without it."""
+    from pgps_tune.report import trial_table
+
+    assert main(["trials", str(fake_sweep)]) == 0
+    assert "fidelity" not in capsys.readouterr().out.splitlines()[0]
+    rows = pq.read_table(fake_sweep / "trials.parquet").to_pylist()
+    for r in rows:
+        r["fidelity"] = 0.25 if r["trial_id"] == "srch0001" else 1.0
+    pq.write_table(pa.Table.from_pylist(rows), fake_sweep / "trials.parquet")
+    assert main(["trials", str(fake_sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].split().index("fidelity")
+    assert {line.split()[0]: line.split()[column] for line in lines[1:]}["srch0001"] == "0.25"
+    assert ">fidelity<" in trial_table(read_trials(fake_sweep), fake_sweep)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--phase", "refs"], "--phase 'refs' matches no trial; this sweep has references, search"),
     (["--status", "done"], "--status 'done' matches no trial; this sweep has completed, stopped_early"),

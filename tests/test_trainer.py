@@ -218,6 +218,20 @@ def test_resume_in_the_middle_of_a_stage_continues_exactly(ds, tmp_path, determi
     assert m["val_dice"] == straight.state.history[-1]["val_dice"]
 
 
+def test_asha_counts_every_validation_a_trial_reports(ds, tmp_path):
+    """6 epochs validated every 4: reports at epochs 4 and 6.  ASHA's training_iteration clock must end at the
+    last one, else Tune stops every trial one validation before its end (none completes)."""
+    from pgps_tune import space as sp
+    from pgps_tune.asha import AshaSettings
+
+    reports = []
+    _trainer(ds, tmp_path, reports.append, val_every=4, iterations_per_epoch=1).fit()
+    space = sp.parse({"parameters": {"stages": 1}, "asha": {"time_attr": "training_iteration"},
+                      "budget": {"epochs": 6, "val_every": 4}}, "s.yaml")
+    assert [r["epoch"] for r in reports] == [4, 6]
+    assert AshaSettings.from_space(space).max_t == len(reports)
+
+
 def test_a_resume_between_validations_reports_the_same_train_loss(ds, tmp_path, deterministic):
     """The losses since the last validation are in the checkpoint: a run stopped after a checkpoint that did
     not validate (epoch 3 of validations every 2) reports the same history as one that never stopped."""
