@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1669,6 +1669,9 @@ class Progress(tune.Callback):
 
     MODES = ("live", "lines", "json", "none")
     resumed_mode: str | None = None  # the resuming command's mode, for a Progress unpickled from a Tune state
+    # the restored experiment's ended trials (:func:`ended_lines`): Tune restores its callbacks as they were when
+    # the phase started, so without them a resumed phase counted "1/10" again and priced ended trials as to come
+    resumed_trials: tuple[TrialLine, ...] = ()
     sweep_eta: SweepEta | None = None  # the running sweep's plan and clock (a class attribute: never pickled)
 
     def __init__(self, total: int, phase: str, mode: str, trial_compute: float, cap: float | None = None,
@@ -1690,6 +1693,8 @@ class Progress(tune.Callback):
         self.__dict__.update(state)
         if Progress.resumed_mode is not None:
             self.mode = Progress.resumed_mode
+        for line in Progress.resumed_trials:
+            self.trials.setdefault(line.trial, replace(line))
         self._restart()  # a resumed sweep measures its rate from the resume
 
     # -- the numbers
@@ -1823,6 +1828,25 @@ class Progress(tune.Callback):
         t.status = "failed"
         done = sum(x.status != "running" for x in self.trials.values())
         self._event("error", t, f"{done}/{self.total} {trial.trial_id} FAILED (see trials.parquet 'error')")
+
+
+def ended_lines(records: list[TrialRecord], phase: str) -> tuple[TrialLine, ...]:
+    """What the progress of a resumed ``phase`` knows of its trials that had ended (Tune's records)."""
+    lines = []
+    for r in records:
+        if r.status not in ("TERMINATED", "ERROR"):
+            continue
+        last = r.last_result
+        status = ("failed" if r.status == "ERROR" or last.get("diverged") else "over budget" if last.get("infeasible")
+                  else "completed" if last.get("completed") else "stopped early")
+        fraction = last.get("schedule_voxel_fraction")
+        lines.append(TrialLine(
+            r.trial_id, phase, last.get("stage") if isinstance(last.get("stage"), int) else None,
+            last.get("n_stages") if isinstance(last.get("n_stages"), int) else None,
+            "x".join(str(last[f"patch_{a}"]) for a in "xyz") if all(f"patch_{a}" in last for a in "xyz") else "",
+            float(last.get("val_dice", math.nan)), status, float(last.get("baseline_iterations", 0.0)),
+            float(fraction) if isinstance(fraction, int | float) else None))
+    return tuple(lines)
 
 
 def _short(config: dict[str, Any]) -> str:
@@ -1989,8 +2013,20 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         for note in repair_trial_checkpoints(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         keep_tune_state(path, storage_fs)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, storage_filesystem=storage_fs)
+        import pyarrow.fs as pafs
+
+        records = read_experiment(storage_fs or pafs.LocalFileSystem(), path)
+        Progress.resumed_trials = ended_lines(records, phase)  # the restored Progress (tuner.pkl's) takes them
+        try:
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False, storage_filesystem=storage_fs)
+        finally:
+            Progress.resumed_trials = ()
+        if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
+            roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
+            for line in ended_lines(records, phase):
+                if roles[line.trial] == "search" and line.fraction is not None:
+                    Progress.sweep_eta.searched[(phase, line.trial)] = line.fraction
     else:
         tuner = tune.Tuner(
             trainable,

@@ -270,3 +270,29 @@ def test_synthetic_data_is_named_in_any_case(tmp_path, monkeypatch):
     assert _data("Synthetic") == _data("SYNTHETIC") == "synthetic"
     (tmp_path / "Synthetic").mkdir()  # a folder of that name is a folder
     assert _data("Synthetic") != "synthetic"
+
+
+def test_a_resumed_phase_counts_the_trials_that_had_ended(clock, monkeypatch):
+    # Tune restores its callbacks from tuner.pkl, written when the phase started: the ended trials come from
+    # the experiment's records, else a resumed phase said "1/3" again and priced ended trials as still to come
+    import pickle
+
+    from pgps_tune.results import TrialRecord
+    from pgps_tune.tuner import ended_lines
+
+    at_start = pickle.dumps(Progress(total=3, phase="search", mode="lines", trial_compute=100.0))
+    records = [TrialRecord("a", "TERMINATED", last_result={**_result(2, 0.6, 50.0), "completed": True}),
+               TrialRecord("b", "ERROR", last_result=_result(0, 0.1, 10.0, fraction=0.2)),
+               TrialRecord("c", "RUNNING", last_result=_result(1, 0.3, 20.0))]  # restored: it reports again
+    monkeypatch.setattr(Progress, "resumed_trials", ended_lines(records, "search"))
+    back = pickle.loads(at_start)
+    assert {t: (x.status, x.compute, x.patch) for t, x in back.trials.items()} == {
+        "a": ("completed", 50.0, "24x16x16"), "b": ("failed", 10.0, "8x16x16")}
+    back.stream = out = io.StringIO()
+    c = _trial("c")
+    back.on_trial_start(0, [], c)
+    c.last_result = {**_result(2, 0.5, 50.0), "completed": True}
+    back.on_trial_result(0, [], c, c.last_result)
+    back.on_trial_complete(0, [], c)
+    assert out.getvalue().splitlines()[-1].endswith("3/3 c completed: Dice 0.500 score 0.500")
+    assert back.compute_expected() == 50.0 + 10.0 + 50.0  # all three ended: nothing priced as to come
