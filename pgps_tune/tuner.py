@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -796,7 +797,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         # a diverged trial's last report carries no score to tell; a finished one takes no more reports
         if result.get("diverged") or trial_id in self._completed_trials:
             return
-        super().on_trial_result(trial_id, result)
+        with warnings.catch_warnings():  # a trial resumed from its checkpoint reports its last steps again
+            warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=")
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
