@@ -285,6 +285,8 @@ def test_a_resumed_phase_counts_the_trials_that_had_ended(clock, monkeypatch):
                TrialRecord("b", "ERROR", last_result=_result(0, 0.1, 10.0, fraction=0.2)),
                TrialRecord("c", "RUNNING", last_result=_result(1, 0.3, 20.0))]  # restored: it reports again
     monkeypatch.setattr(Progress, "resumed_trials", ended_lines(records, "search"))
+    monkeypatch.setattr(Progress, "resumed_mode", "lines")  # as the resuming command sets it (a sweep run before
+    # in this process may have left another)
     back = pickle.loads(at_start)
     assert {t: (x.status, x.compute, x.patch) for t, x in back.trials.items()} == {
         "a": ("completed", 50.0, "24x16x16"), "b": ("failed", 10.0, "8x16x16")}
