@@ -51,7 +51,7 @@ pip_install "${install[@]}" "torch==$TORCH_VERSION"
 # from the CPU index (--no-deps: torch stays as it is). Offline, remove the broken one and say what to run.
 tv_imports() { "$VENV/bin/python" -c "import torchvision" 2>/dev/null; }
 cpu_torch() { "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; }
-tv=$("$VENV/bin/python" -m pip show torchvision 2>/dev/null | sed -n 's/^Version: //p')
+tv=$({ "$VENV/bin/python" -m pip show torchvision 2>/dev/null || true; } | sed -n 's/^Version: //p')
 if [ -n "$tv" ] && ! tv_imports; then
   tv=${tv%%+*}
   cpu_index=${PGPS_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
