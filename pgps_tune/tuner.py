@@ -1426,6 +1426,24 @@ class TrialLine:
     fraction: float | None = None  # the schedule's voxel fraction: its whole run costs this much of the baseline's
     seen: float = 0.0  # when it last started or reported (time.time()): its next report's compute was done since
 
+    def take(self, result: dict[str, Any]) -> float:
+        """Update from one of the trial's reports; return the compute it added."""
+        if isinstance(result.get("stage"), int):
+            self.stage, self.stages = result["stage"], result.get("n_stages")
+        if all(f"patch_{a}" in result for a in "xyz"):
+            self.patch = "x".join(str(result[f"patch_{a}"]) for a in "xyz")
+        self.dice = float(result.get("val_dice", self.dice))
+        before, self.compute = self.compute, float(result.get("baseline_iterations", self.compute))
+        if result.get("schedule_voxel_fraction") is not None:
+            self.fraction = float(result["schedule_voxel_fraction"])
+        return max(0.0, self.compute - before)
+
+
+def ended_status(last: dict[str, Any]) -> str:
+    """How a trial that ended reads in the progress, from its last report."""
+    return ("failed" if last.get("diverged") else "over budget" if last.get("infeasible")
+            else "completed" if last.get("completed") else "stopped early")
+
 
 class ComputeClock:
     """The rate of compute (baseline-equivalent iterations a second), measured from the first report on.
@@ -1795,22 +1813,13 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         t = self._line(trial)
-        if isinstance(result.get("stage"), int):
-            t.stage, t.stages = result["stage"], result.get("n_stages")
-        if all(f"patch_{a}" in result for a in "xyz"):
-            t.patch = "x".join(str(result[f"patch_{a}"]) for a in "xyz")
-        t.dice = float(result.get("val_dice", t.dice))
-        before, t.compute = t.compute, float(result.get("baseline_iterations", t.compute))
-        if result.get("schedule_voxel_fraction") is not None:
-            t.fraction = float(result["schedule_voxel_fraction"])
-        self._clock(t, max(0.0, t.compute - before), result.get("role", "search"))
+        self._clock(t, t.take(result), result.get("role", "search"))
         self._event("result", t, "", score=result.get("score"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         t = self._line(trial)
         r = trial.last_result or {}
-        t.status = ("failed" if r.get("diverged") else "over budget" if r.get("infeasible")
-                    else "completed" if r.get("completed") else "stopped early")
+        t.status = ended_status(r)
         done = sum(x.status != "running" for x in self.trials.values())
         what = (f"FAILED: {r.get('error', 'diverged')}" if r.get("diverged") else
                 "over the voxel budget: not trained" if r.get("infeasible") else
@@ -1837,18 +1846,11 @@ def ended_lines(records: list[TrialRecord], phase: str) -> tuple[TrialLine, ...]
     """What the progress of a resumed ``phase`` knows of its trials that had ended (Tune's records)."""
     lines = []
     for r in records:
-        if r.status not in ("TERMINATED", "ERROR"):
-            continue
-        last = r.last_result
-        status = ("failed" if r.status == "ERROR" or last.get("diverged") else "over budget" if last.get("infeasible")
-                  else "completed" if last.get("completed") else "stopped early")
-        fraction = last.get("schedule_voxel_fraction")
-        lines.append(TrialLine(
-            r.trial_id, phase, last.get("stage") if isinstance(last.get("stage"), int) else None,
-            last.get("n_stages") if isinstance(last.get("n_stages"), int) else None,
-            "x".join(str(last[f"patch_{a}"]) for a in "xyz") if all(f"patch_{a}" in last for a in "xyz") else "",
-            float(last.get("val_dice", math.nan)), status, float(last.get("baseline_iterations", 0.0)),
-            float(fraction) if isinstance(fraction, int | float) else None))
+        if r.status in ("TERMINATED", "ERROR"):
+            line = TrialLine(r.trial_id, phase)
+            line.take(r.last_result)
+            line.status = "failed" if r.status == "ERROR" else ended_status(r.last_result)
+            lines.append(line)
     return tuple(lines)
 
 
@@ -2019,7 +2021,8 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         import pyarrow.fs as pafs
 
         records = read_experiment(storage_fs or pafs.LocalFileSystem(), path)
-        Progress.resumed_trials = ended_lines(records, phase)  # the restored Progress (tuner.pkl's) takes them
+        ended = ended_lines(records, phase)
+        Progress.resumed_trials = ended  # the restored Progress (tuner.pkl's) takes them
         try:
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=storage_fs)
@@ -2027,7 +2030,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
             Progress.resumed_trials = ()
         if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
             roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
-            for line in ended_lines(records, phase):
+            for line in ended:
                 if roles[line.trial] == "search" and line.fraction is not None:
                     Progress.sweep_eta.searched[(phase, line.trial)] = line.fraction
     else:
