@@ -1104,9 +1104,12 @@ def cmd_export(a: argparse.Namespace) -> int:
         from pgps_tune import nnunet
 
         # every --nnunet check before anything is written
+        counts = {"num_epochs": a.epochs, "num_iterations_per_epoch": a.iterations_per_epoch,
+                  "num_val_iterations_per_epoch": a.val_iterations_per_epoch}
         nn_export = nnunet.prepare_export(a.experiment, a.nnunet, a.configuration, a.trainer, pick=a.pick,
-                                          other_dataset=a.other_dataset)
-    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset")
+                                          other_dataset=a.other_dataset, counts=counts)
+    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset", "epochs",
+                                                          "iterations_per_epoch", "val_iterations_per_epoch")
                      if d in getattr(a, "explicit", ())]:
         raise PgpsError(f"{', '.join(ignored)} {'goes' if len(ignored) == 1 else 'go'} with --nnunet PLANS; without "
                         f"it nothing would use {'it' if len(ignored) == 1 else 'them'}: add --nnunet PLANS, or drop "
@@ -1117,9 +1120,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     page = _write_sweep_report(Path(a.out)) if Path(a.out).resolve() == Path(a.experiment).resolve() else None
     _print_summary(summary, Path(a.out), page, Path(a.experiment))
     if nn_export is not None:
-        path, nn_file = nn_export
+        from pgps_tune.nnunet import counts_line
+
+        path, nn_file, origins = nn_export
         nn_file.save(path)
         print(f"nnU-Net schedule: {path} (read by -tr {a.trainer}; see docs/NNUNET.md)")
+        print(counts_line(nn_file, origins))
     return 0
 
 
@@ -1490,6 +1496,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "name is not replaced: give nnUNetTrainerPGPS_SUFFIX")
     ex.add_argument("--other-dataset", action="store_true",
                     help="with --nnunet: export although the sweep searched another dataset than the plans'")
+    ex.add_argument("--epochs", type=n("epochs"), default=None,
+                    help="with --nnunet: the epochs nnU-Net trains (default: a budget.trainer nnunet sweep's, else "
+                         "nnU-Net's 1000); the schedule is rescaled")
+    ex.add_argument("--iterations-per-epoch", type=n("iterations_per_epoch"), default=None,
+                    help="with --nnunet: default a budget.trainer nnunet sweep's, else 250 (nnU-Net's)")
+    ex.add_argument("--val-iterations-per-epoch", type=n("iterations_per_epoch"), default=None,
+                    help="with --nnunet: default a budget.trainer nnunet sweep's, else 50 (nnU-Net's)")
     ex.set_defaults(func=cmd_export, out_folder=True)
 
     nt = sub.add_parser("nnunet-train", help="train a schedule with nnU-Net's own trainer (needs the nnunet extra)")

@@ -590,39 +590,57 @@ def schedule_file_for(plan: NnunetPlan, trainer: str = TRAINER) -> Path:
     return plan.source.parent / f"{trainer}__{plan.plans_name}__{plan.configuration}.pgps_schedule.json"
 
 
+def trained_counts(f: NnunetSchedule) -> tuple[int, int, int]:
+    """The epochs, iterations and validation iterations per epoch nnU-Net's trainer runs ``f`` with (its
+    ``num_*``, else nnU-Net's defaults)."""
+    return (f.num_epochs or DEFAULT_EPOCHS, f.num_iterations_per_epoch or DEFAULT_ITERATIONS,
+            f.num_val_iterations_per_epoch or DEFAULT_VAL_ITERATIONS)
+
+
+def _trained(f: NnunetSchedule) -> tuple[Any, ...]:
+    """What the trainer runs from ``f``: the stages fitted to its epochs, and its counts (not the schedule's
+    notes, ``meta``, nor whether a count is written out or left to nnU-Net's default)."""
+    counts = trained_counts(f)
+    fitted = fit_epochs(replace(f.schedule, meta={}), counts[0])
+    return (f.dataset, f.plans_name, f.configuration, fitted.to_dict(), counts)
+
+
 def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
     """Refuse to replace a different schedule file beside the plans (what ``-tr TRAINER`` trains next).
 
-    One that trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export after
-    a confirmation) is updated.
+    Different epoch or iteration counts are a different training too.  One that trains the same
+    (only the schedule's notes, ``meta``, differ: e.g. a re-export after a confirmation) is updated.
     """
     if not path.exists():
         return
-
-    def trained(data: Any) -> Any:  # what the trainer runs: the file without the schedule's notes (meta)
-        if isinstance(data, dict) and isinstance(data.get("schedule"), dict):
-            return {**data, "schedule": {k: v for k, v in data["schedule"].items() if k != "meta"}}
-        return data
-
     try:
-        held = loads_json(read_file(path, MAX_JSON_BYTES))
-        same = trained(held) == trained(json.loads(json.dumps(f.to_dict())))
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        raise PgpsError(
-            f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); export this one under "
-            f"another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move that file away first"
-        )
+        held = _nnunet_file_from_dict(loads_json(read_file(path, MAX_JSON_BYTES)), str(path))
+        same = _trained(held) == _trained(f)
+    except (OSError, ValueError, PgpsError):  # unreadable, damaged or another format: not this schedule
+        held, same = None, False
+    if same:
+        return
+    move = (f"export this one under another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move "
+            "that file away first")
+    if held is not None and replace(held.schedule, meta={}) == replace(f.schedule, meta={}):
+        names = ("epochs", "iterations per epoch", "validation iterations per epoch")
+        changed = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, trained_counts(held), trained_counts(f))
+                            if a != b)
+        raise PgpsError(f"{path} already holds this schedule with other counts ({changed}), which nnU-Net's "
+                        f"-tr {trainer} trains; give the counts it holds, or {move}")
+    raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
 
 
-def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER) -> Path:
+def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER, **counts: int | None) -> Path:
     """Write ``s`` as the nnU-Net schedule file beside the plans; returns its path.
 
-    A different schedule already there is not replaced (see :func:`_check_beside`).
+    ``counts``: ``num_epochs`` / ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch`` written into
+    the file (None: nnU-Net's default).  A different schedule already there is not replaced (see
+    :func:`_check_beside`).
     """
     check_trainer_name(trainer)
-    f = for_nnunet(s, plan)
+    f = for_nnunet(s, plan, **counts)
+    fit_epochs(f.schedule, trained_counts(f)[0])  # more stages than epochs: refused now, not when nnU-Net starts
     path = schedule_file_for(plan, trainer)
     _check_beside(path, f, trainer)
     return f.save(path)
@@ -635,15 +653,55 @@ def _sweep_searched(meta: dict[str, Any], plan: NnunetPlan) -> bool:
     return plan.dataset in names
 
 
+COUNT_FLAGS = {"num_epochs": "--epochs", "num_iterations_per_epoch": "--iterations-per-epoch",
+               "num_val_iterations_per_epoch": "--val-iterations-per-epoch"}
+
+
+def _export_counts(meta: dict[str, Any], s: sch.Schedule, given: dict[str, int | None]
+                   ) -> tuple[dict[str, int | None], dict[str, str]]:
+    """The counts ``export --nnunet`` writes, and where each comes from: the flag given, else (a sweep whose
+    trials trained with nnU-Net) the budget the schedule was scored at, else nnU-Net's default (left null)."""
+    budget = (meta.get("trial_setup") or {}).get("budget") or {}
+    tuned: dict[str, Any] = {}
+    if budget.get("trainer") == "nnunet":  # s.epochs: the search's, or a confirmation's when it chose the winner
+        tuned = {"num_epochs": s.epochs, "num_iterations_per_epoch": budget.get("iterations_per_epoch"),
+                 "num_val_iterations_per_epoch": budget.get("nnunet_val_iterations")}
+    counts: dict[str, int | None] = {}
+    origins: dict[str, str] = {}
+    for key, flag in COUNT_FLAGS.items():
+        value = tuned.get(key)
+        if given.get(key) is not None:
+            counts[key], origins[key] = given[key], flag
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            counts[key], origins[key] = value, "as the sweep's nnU-Net trials trained"
+        else:
+            counts[key], origins[key] = None, "nnU-Net's default"
+    return counts, origins
+
+
+def counts_line(f: NnunetSchedule, origins: dict[str, str]) -> str:
+    """What ``export --nnunet`` says nnU-Net will train: the three counts and where each came from."""
+    epochs, iterations, val = trained_counts(f)
+    by: dict[str, list[str]] = {}
+    for key, what in zip(COUNT_FLAGS, ("epochs", "iterations", "validation iterations")):
+        by.setdefault(origins[key], []).append(what)
+    where = "; ".join(f"{', '.join(whats)}: {origin}" for origin, whats in by.items())
+    return (f"nnU-Net trains {epochs} epochs x {iterations} iterations, {val} validation iterations per epoch "
+            f"({where}; change with {', '.join(COUNT_FLAGS.values())})")
+
+
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
-                   trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False
-                   ) -> tuple[Path, NnunetSchedule]:
-    """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write.
+                   trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False,
+                   counts: dict[str, int | None] | None = None) -> tuple[Path, NnunetSchedule, dict[str, str]]:
+    """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write, and
+    where each of its counts comes from (see :func:`_export_counts`).
 
     Refused in one line: a bad trainer name or plans; a sweep of another dataset than the plans'
     (a synthetic one included) unless ``other_dataset``; a best schedule the plans' network cannot
-    train; a different schedule file already beside the plans.  The best schedule is the one
-    ``export`` writes as best_schedule.yaml (picked by a dry export into a temporary folder).
+    train, or with more stages than epochs; a different schedule file (or other counts) already beside
+    the plans.  The best schedule is the one ``export`` writes as best_schedule.yaml (picked by a dry
+    export into a temporary folder).  ``counts``: ``num_epochs`` / ``num_iterations_per_epoch`` /
+    ``num_val_iterations_per_epoch`` given on the command line.
     """
     from pgps_tune.results import read_meta
     from pgps_tune.tuner import export
@@ -663,10 +721,15 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
             raise PgpsError(f"{experiment} has no best schedule to export for nnU-Net (no completed trial)")
         s = sch.load(best)
     check_schedule(s, plan, fix="run the sweep with --nnunet-plans so that it searches on the plans' patch")
-    f = for_nnunet(s, plan)
+    chosen, origins = _export_counts(meta, s, counts or {})
+    f = for_nnunet(s, plan, **chosen)
+    epochs = trained_counts(f)[0]
+    if epochs < len(s.stages):
+        raise PgpsError(f"the best schedule has {len(s.stages)} stages but nnU-Net would train {epochs} epochs "
+                        f"({origins['num_epochs']}); give --epochs {len(s.stages)} or more")
     path = schedule_file_for(plan, trainer)
     _check_beside(path, f, trainer)
-    return path, f
+    return path, f, origins
 
 
 def is_nnunet_schedule_file(path: str | Path) -> bool:
@@ -952,8 +1015,8 @@ def run_folder(plan: NnunetPlan, fold: str | int, trainer: str = TRAINER) -> Pat
 
 
 _FOLD = re.compile(r"^\+?[0-9]+$")  # ASCII digits only, as nnU-Net's int() of its folder name
-DEFAULT_FOLDS = 5
-DEFAULT_EPOCHS = 1000  # nnU-Net's num_epochs  # nnU-Net's split when the dataset has no splits_final.json yet
+DEFAULT_FOLDS = 5  # nnU-Net's split when the dataset has no splits_final.json yet
+DEFAULT_EPOCHS, DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS = 1000, 250, 50  # nnU-Net's trainer's counts
 
 
 def dataset_folds(preprocessed: Path) -> int:

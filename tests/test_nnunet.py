@@ -587,6 +587,54 @@ def test_cli_export_nnunet_refuses_before_writing_anything(plan, tmp_path, fake_
     assert nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_const").is_file()
 
 
+def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
+    beside = nnunet.schedule_file_for(plan)
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs
+    stages = len(fake_export[0].stages)
+    hippo = _finished_sweep(tmp_path / "hippo", "Hippocampus", str(tmp_path / "raw" / "Dataset004_Hippo"))
+    base = ["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plan.source)]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        rc = main([*base, *extra])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    def counts() -> list:
+        data = json.loads(beside.read_text())
+        return [data[k] for k in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")]
+
+    rc, _, err = run("--epochs", str(stages - 1))
+    assert rc == 2 and f"give --epochs {stages} or more" in err and err.count("\n") == 1, err
+    assert not beside.exists() and not (tmp_path / "exp").exists()
+    rc, out, _ = run()  # a sweep of pgps-tune's trainer: nnU-Net's own counts, said as such
+    assert rc == 0 and counts() == [None, None, None]
+    assert ("nnU-Net trains 1000 epochs x 250 iterations, 50 validation iterations per epoch (epochs, iterations, "
+            "validation iterations: nnU-Net's default") in out
+    rc, _, err = run("--epochs", "40")  # other counts are another training: not written over what -tr trains
+    assert rc == 2 and "already holds this schedule with other counts (epochs 1000 -> 40)" in err, err
+    assert counts() == [None, None, None]
+    rc, out, _ = run("--epochs", "1000", "--iterations-per-epoch", "250")  # nnU-Net's defaults spelled out: the same
+    assert rc == 0 and counts() == [1000, 250, None] and "epochs: --epochs; iterations: --iterations-per-epoch" in out
+    rc, out, _ = run("--epochs", "40", "--iterations-per-epoch", "20", "--val-iterations-per-epoch", "5",
+                     "--trainer", "nnUNetTrainerPGPS_short")
+    short = nnunet.read_schedule(nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_short"), plan)
+    assert rc == 0 and nnunet.trained_counts(short) == (40, 20, 5) and "nnU-Net trains 40 epochs x 20 iterations" in out
+    # a sweep whose trials were nnU-Net trainings: by default nnU-Net trains what the winner was scored at
+    meta = json.loads((hippo / "sweep.json").read_text())
+    meta["trial_setup"] = trial_setup(hippo, trainer="nnunet", epochs=30, iterations_per_epoch=12,
+                                      nnunet_val_iterations=3)
+    (hippo / "sweep.json").write_text(json.dumps(meta))
+    rc, out, err = run("--trainer", "nnUNetTrainerPGPS_tuned")
+    assert rc == 0, err
+    tuned = nnunet.read_schedule(nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_tuned"), plan)
+    assert rc == 0 and nnunet.trained_counts(tuned) == (30, 12, 3), out
+    assert "as the sweep's nnU-Net trials trained" in out
+    # flags that only --nnunet uses are refused without it
+    rc = main(["export", "--experiment", str(hippo), "--out", str(tmp_path / "plain"), "--epochs", "40"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--epochs goes with --nnunet PLANS" in err and not (tmp_path / "plain").exists(), err
+
+
 def test_an_nnunet_schedule_file_is_named_as_such_where_a_schedule_is_expected(plan, tmp_path, capsys):
     path = nnunet.export_for_nnunet(sch.paper(plan.final_patch, plan.pools, 2, 30), plan)
     for argv in (["schedule", "--from", str(path)],
@@ -919,6 +967,12 @@ def test_a_sweep_whose_trials_are_nnunet_trainings(nnunet_dataset, tmp_path, mon
     assert meta["nnunet"]["configuration"] == "3d_fullres" and meta["nnunet"]["fold"] == 0
     best = sch.load(out / "best_schedule.yaml")
     assert best.final_patch == plan.final_patch and best.meta["nnunet_trainer"]["configuration"] == "3d_fullres"
+    # exported for nnUNetv2_train -tr: nnU-Net trains the counts the winner was scored at
+    assert main(["export", "--experiment", str(out), "--out", str(out), "--nnunet", "990",
+                 "--trainer", "nnUNetTrainerPGPS_sweep"]) == 0
+    exported = nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_sweep")
+    assert nnunet.trained_counts(nnunet.read_schedule(exported, plan)) == (2, 2, 1)
+    exported.unlink()  # the dataset is shared with the other tests
 
 
 @needs_nnunet
