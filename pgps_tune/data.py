@@ -7,10 +7,12 @@ see :mod:`pgps_tune.intensity`) and cached as
 loading costs nothing after the first run.  Foreground voxel coordinates per
 class are cached beside them for foreground-centred sampling.
 
-Untrusted input is refused with one line, and nothing of it lands in the cache: a file
-that dataset.json (or the nnU-Net folder) names outside the dataset folder
-(an absolute path, ``..``, a link that leads out), and an image with a
-non-finite voxel (NaN, inf, or a value beyond float32), naming the case and file.
+The files a dataset names may lie outside its folder (an absolute path, ``..``, an
+environment variable in nnU-Net's ``dataset`` key, a link that leads out), as nnU-Net
+reads them: pgps-tune only reads them, and nothing is written beside them or under a
+name taken from dataset.json (the cache names its files by case index).  An image with
+a non-finite voxel (NaN, inf, or a value beyond float32) is refused with one line
+naming the case and file, and nothing of it lands in the cache.
 
 The cache, ``CACHE_ROOT/NAME-FINGERPRINT/``:
 
@@ -167,22 +169,19 @@ def _parse_labels(raw: dict[str, Any], path: Path) -> dict[int, str]:
     return labels
 
 
-def _inside(base: Path, path: Path, what: str) -> Path:
-    """``path`` if it (after following links) lies inside the dataset folder ``base``."""
+def _followable(path: Path, what: str) -> Path:
+    """``path``, refused in one line where it cannot be followed (a link loop, a NUL byte in the name).
+
+    Where it leads (inside the dataset folder or not) is the dataset's business: it is only read.
+    """
     try:
-        real = path.resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
+        path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
         raise PgpsError(f"{what} {path} cannot be resolved ({exc}); fix the file name or link") from None
-    if not real.is_relative_to(base):
-        via = "" if real == path else f" (it leads to {real})"
-        raise PgpsError(
-            f"{what} {path}{via} lies outside the dataset folder {base}; "
-            "keep every file of the dataset inside its folder"
-        )
     return path
 
 
-def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path, channels: int) -> list[Case]:
+def _msd_cases(root: Path, data: dict[str, Any], path: Path, channels: int) -> list[Case]:
     """The cases ``training`` lists. An image listed as ``x.nii.gz`` that is on disk as ``x_0000.nii.gz``,
     ``x_0001.nii.gz``, ... (nnU-Net v1's raw layout, whose dataset.json is MSD's) is read from those files."""
     if not isinstance(data["training"], list):
@@ -192,21 +191,28 @@ def _msd_cases(root: Path, base: Path, data: dict[str, Any], path: Path, channel
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
             raise PgpsError(f"{path}: training entry {i} needs 'image' and 'label' file names")
         image, label = (
-            _inside(base, root / entry[k], f"{path}: training entry {i} '{k}'") for k in ("image", "label")
+            _followable(root / entry[k], f"{path}: training entry {i} '{k}'") for k in ("image", "label")
         )
         images: tuple[Path, ...] = (image,)
         end = imageio.ending(image.name)
         if end and not image.exists():
             split = tuple(image.with_name(f"{image.name[: -len(end)]}_{c:04d}{end}") for c in range(channels))
             if split[0].exists():  # nnU-Net v1: one file per channel
-                images = tuple(_inside(base, f, f"{path}: training entry {i} channel file") for f in split)
+                images = tuple(_followable(f, f"{path}: training entry {i} channel file") for f in split)
         cases.append(Case(_case_id(Path(entry["label"]).name), images, label))
     return cases
 
 
-def _listed_nnunet_cases(root: Path, base: Path, listed: Any, channels: int, path: Path) -> list[Case]:
+def _listed_file(root: Path, name: str, what: str) -> Path:
+    """A file of nnU-Net v2's ``dataset`` key, found as nnU-Net finds it: environment variables expanded, then
+    absolute as given or relative to the dataset folder (``..`` taken away by name, as ``os.path.abspath``)."""
+    expanded = os.path.expandvars(name)
+    return _followable(Path(os.path.abspath(os.path.join(root, expanded))), what)
+
+
+def _listed_nnunet_cases(root: Path, listed: Any, channels: int, path: Path) -> list[Case]:
     """The cases of nnU-Net v2's ``dataset`` key: ``{case: {"images": [one per channel], "label": file}}``,
-    paths relative to the dataset folder (environment variables expanded, as nnU-Net does)."""
+    each file anywhere (see :func:`_listed_file`)."""
     if not isinstance(listed, dict) or not listed:
         raise PgpsError(f"{path}: 'dataset' must map each case id to its images and label, e.g. "
                         '{"case_1": {"images": ["imagesTr/case_1_0000.nii.gz"], "label": "labelsTr/case_1.nii.gz"}}')
@@ -222,9 +228,8 @@ def _listed_nnunet_cases(root: Path, base: Path, listed: Any, channels: int, pat
             raise PgpsError(f"{path}: dataset entry {case_id!r} lists {len(images)} image file(s) but channel_names "
                             f"names {channels} channel(s); list one file per channel")
         where = f"{path}: dataset entry {case_id!r}"
-        cases.append(Case(str(case_id), tuple(_inside(base, root / os.path.expandvars(f), f"{where} image")
-                                              for f in images),
-                          _inside(base, root / os.path.expandvars(label), f"{where} label")))
+        cases.append(Case(str(case_id), tuple(_listed_file(root, f, f"{where} image") for f in images),
+                          _listed_file(root, label, f"{where} label")))
     return cases
 
 
@@ -235,7 +240,7 @@ def _case_id(name: str) -> str:
     return name[: -len(end)] if end else name.split(".")[0]
 
 
-def _nnunet_cases(root: Path, base: Path, channels: int, ending: Any, path: Path) -> tuple[list[Case], list[str]]:
+def _nnunet_cases(root: Path, channels: int, ending: Any, path: Path) -> tuple[list[Case], list[str]]:
     """The labelled cases of an nnU-Net raw folder, and notes on image files no case uses."""
     if not isinstance(ending, str) or not ending.startswith(".") or any(c in ending for c in "/\\*?["):
         raise PgpsError(f"{path}: file_ending {ending!r} must be a file extension such as '.nii.gz'; fix it")
@@ -243,7 +248,7 @@ def _nnunet_cases(root: Path, base: Path, channels: int, ending: Any, path: Path
     for label in sorted((root / "labelsTr").glob(f"*{ending}")):
         case_id = label.name[: -len(ending)]
         images = tuple(root / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(channels))
-        cases.append(Case(case_id, tuple(_inside(base, p, "image") for p in images), _inside(base, label, "label")))
+        cases.append(Case(case_id, tuple(_followable(p, "image") for p in images), _followable(label, "label")))
     if not cases and (root / "labelsTr").is_dir():
         found = sorted({imageio.ending(f) or f.suffix or f.name for f in (root / "labelsTr").iterdir()
                         if not f.name.startswith(".")})
@@ -270,28 +275,27 @@ def _channel_count(names: Any, key: str, path: Path) -> int:
 def discover(root: str | Path) -> DatasetSpec:
     """Read an MSD-layout or nnU-Net-raw-layout dataset folder.
 
-    Every file must lie inside the folder (links included); MSD images may be 4D
+    Files may lie outside the folder (see the module docstring); MSD images may be 4D
     with channels last, nnU-Net images are one 3D file per channel (``_0000``, ...).
     """
     root = Path(root)
     data = _read_dataset_json(root)
     path = root / "dataset.json"
     labels = _parse_labels(data["labels"], path)
-    base = root.resolve()
     if "dataset" in data and "channel_names" in data:  # nnU-Net v2 raw listing its cases (any file names)
         layout = "nnunet"
         channels = _channel_count(data["channel_names"], "channel_names", path)
-        cases, notes = _listed_nnunet_cases(root, base, data["dataset"], channels, path), []
+        cases, notes = _listed_nnunet_cases(root, data["dataset"], channels, path), []
     elif "training" in data:  # MSD (and nnU-Net v1 raw, which lists its cases the same way)
         layout = "msd"
         key = "modality" if data.get("modality") else "channel_names"
         channels = _channel_count(data.get(key) or {"0": "image"}, key, path)
-        cases, notes = _msd_cases(root, base, data, path, channels), []
+        cases, notes = _msd_cases(root, data, path, channels), []
     elif "channel_names" in data or "modality" in data:  # nnU-Net v2 raw
         layout = "nnunet"
         key = "channel_names" if "channel_names" in data else "modality"
         channels = _channel_count(data[key], key, path)
-        cases, notes = _nnunet_cases(root, base, channels, data.get("file_ending", ".nii.gz"), path)
+        cases, notes = _nnunet_cases(root, channels, data.get("file_ending", ".nii.gz"), path)
     else:
         raise PgpsError(
             f"{path} has neither 'training' (MSD) nor 'channel_names' (nnU-Net); "

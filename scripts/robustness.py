@@ -837,8 +837,8 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     for name in ("00001_img.npy", "prepared.json", "00002_seg.npy"):
         add(Case(F, f"truncated cache entry {name}", ["plan", "--data", str(data), "--cache-dir", "{w}/cache"], 0,
                  "", truncate_cache(name)))
-    add(Case(F, "dataset.json entry outside the dataset folder", ["plan", "--data", "{w}/esc"], 2, "outside",
-             lambda w: write_msd(w / "esc", n=3, image_path="../../etc/passwd")))
+    add(Case(F, "dataset.json entry: a non-image file outside the folder", ["plan", "--data", "{w}/esc"], 2,
+             "is not an image file", lambda w: write_msd(w / "esc", n=3, image_path="/etc/passwd")))
     add(Case(F, "failed train leaves no empty --out", ["train", "--data", "{w}/missing", "--out", "{w}/run",
                                                        *TINY_TRAIN], 2, "", check=absent("run")))
     add(Case(F, "failed tune leaves no empty --out", ["tune", "--space", "{w}/nope.yaml", "--data", "synthetic",

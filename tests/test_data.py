@@ -377,33 +377,34 @@ def test_intensities_too_large_for_float32_statistics_never_reach_the_cache(tiny
         assert all(np.isfinite(ds.image(i)).all() for i in range(len(ds)))
 
 
-def _outside_file(tmp_path: Path) -> Path:
-    image, _ = blob_case((20, 24, 16), 0)
-    target = tmp_path / "elsewhere" / "secret.nii.gz"
-    target.parent.mkdir()
-    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), target)
-    return target
+def _move_away(path: Path, away: Path) -> Path:
+    """Move a dataset file out of its folder (as a dataset kept on another disk); returns where it went."""
+    away.mkdir(exist_ok=True)
+    return path.rename(away / path.name)
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "link", "linked folder"])
-def test_msd_entries_outside_the_dataset_folder_are_refused(tiny_msd, tmp_path, how):
-    target = _outside_file(tmp_path)
+def test_msd_entries_outside_the_dataset_folder_are_read(tiny_msd, tmp_path, how):
+    """A file elsewhere is only read (nothing is written beside it or named after it): absolute paths, .. and
+    links that lead out of the folder are the dataset's own business, as for nnU-Net."""
     meta = json.loads((tiny_msd / "dataset.json").read_text())
     entry = meta["training"][2]
+    target = _move_away(tiny_msd / entry["image"], tmp_path / "elsewhere")
     if how == "absolute":
         entry["image"] = str(target)
     elif how == "dotdot":
-        entry["image"] = "./imagesTr/../../elsewhere/secret.nii.gz"
+        entry["image"] = "./imagesTr/../../elsewhere/case_002.nii.gz"
     elif how == "link":
-        (tiny_msd / "imagesTr" / "case_002.nii.gz").unlink()
-        (tiny_msd / "imagesTr" / "case_002.nii.gz").symlink_to(target)
+        (tiny_msd / entry["image"]).symlink_to(target)
     else:
         (tiny_msd / "more").symlink_to(target.parent, target_is_directory=True)
-        entry["image"] = "more/secret.nii.gz"
+        entry["image"] = "more/case_002.nii.gz"
     (tiny_msd / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(PgpsError, match=r"training entry 2 'image' .* lies outside the dataset folder") as err:
-        data.discover(tiny_msd)
-    assert "\n" not in str(err.value)
+    spec = data.discover(tiny_msd)
+    assert spec.cases[2].images[0].resolve() == target.resolve()
+    if how == "absolute":
+        ds = data.prepare(tiny_msd, cache_root=tmp_path / "cache")
+        assert len(ds) == 6 and ds.image(2).shape == (1, 20, 24, 16)
 
 
 @pytest.mark.parametrize(
@@ -539,25 +540,45 @@ def _nnunet(root: Path, cases: int = 2) -> Path:
     return root
 
 
-@pytest.mark.parametrize("how", ["label link", "image link", "images folder link", "file_ending"])
-def test_nnunet_files_outside_the_dataset_folder_are_refused(tmp_path, how):
+@pytest.mark.parametrize("how", ["label link", "image link", "images folder link", "listed absolute",
+                                 "listed dotdot", "listed variable"])
+def test_nnunet_files_outside_the_dataset_folder_are_read(tmp_path, monkeypatch, how):
+    """nnU-Net v2's 'dataset' key may name files anywhere (absolute, .., $VARIABLES), and links may lead out."""
     root = _nnunet(tmp_path / "Dataset002_Out")
-    target = _outside_file(tmp_path)
-    if how == "label link":
-        (root / "labelsTr" / "t_001.nii.gz").unlink()
-        (root / "labelsTr" / "t_001.nii.gz").symlink_to(target)
-    elif how == "image link":
-        (root / "imagesTr" / "t_001_0000.nii.gz").unlink()
-        (root / "imagesTr" / "t_001_0000.nii.gz").symlink_to(target)
-    elif how == "images folder link":
-        (root / "imagesTr" / "t_000_0000.nii.gz").rename(target.parent / "t_000_0000.nii.gz")
-        (root / "imagesTr" / "t_001_0000.nii.gz").rename(target.parent / "t_001_0000.nii.gz")
+    away = tmp_path / "elsewhere"
+    image = root / "imagesTr" / "t_001_0000.nii.gz"
+    label = root / "labelsTr" / "t_001.nii.gz"
+    if how == "images folder link":
+        for f in sorted((root / "imagesTr").iterdir()):
+            _move_away(f, away)
         (root / "imagesTr").rmdir()
-        (root / "imagesTr").symlink_to(target.parent, target_is_directory=True)
+        (root / "imagesTr").symlink_to(away, target_is_directory=True)
+    elif how.endswith("link"):
+        moved = _move_away(label if how == "label link" else image, away)
+        (label if how == "label link" else image).symlink_to(moved)
     else:
+        for f in (image, label):
+            _move_away(f, away)
+        monkeypatch.setenv("PGPS_TEST_AWAY", str(away))
+        where = {"listed absolute": str(away), "listed dotdot": "imagesTr/../../elsewhere",
+                 "listed variable": "$PGPS_TEST_AWAY"}[how]
         meta = json.loads((root / "dataset.json").read_text())
-        (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": "/../../elsewhere/secret.nii.gz"}))
-    with pytest.raises(PgpsError, match="outside the dataset folder|file_ending") as err:
+        meta["dataset"] = {"t_000": {"images": ["imagesTr/t_000_0000.nii.gz"], "label": "labelsTr/t_000.nii.gz"},
+                           "t_001": {"images": [f"{where}/t_001_0000.nii.gz"], "label": f"{where}/t_001.nii.gz"}}
+        (root / "dataset.json").write_text(json.dumps(meta))
+    case = data.discover(root).cases[1]
+    read = case.label if how == "label link" else case.images[0]
+    assert case.case_id == "t_001" and read.resolve().parent == away.resolve()
+    if how == "listed variable":
+        ds = data.prepare(root, cache_root=tmp_path / "cache")
+        assert ds.case_ids == ["t_000", "t_001"] and ds.label(1).sum() == blob_case((12, 12, 12), 1)[1].sum()
+
+
+def test_a_file_ending_that_is_a_path_is_refused(tmp_path):
+    root = _nnunet(tmp_path / "Dataset002_Out")
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": "/../../elsewhere/secret.nii.gz"}))
+    with pytest.raises(PgpsError, match="file_ending .* must be a file extension") as err:
         data.discover(root)
     assert "\n" not in str(err.value)
 
