@@ -743,10 +743,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     pre = pr.run_preprocessing(a.run)  # the run is checked before the data are prepared
     ds = _prepare(a)
-    pr.check_labels(pre, ds)
+    relabel, renumbered = pr.relabelling(pre, ds)
     cases, scored = pr.evaluation_cases(a.run, ds, a.all_cases)
     if pr.same_preprocessing(pre, ds):
-        result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror)
+        result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror, relabel=relabel)
     else:  # another spacing or normalisation than the run's training data: score as predict segments
         from pgps_tune.data import SYNTHETIC, discover
 
@@ -754,10 +754,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise PgpsError("the synthetic data are prepared at another spacing or normalisation than the run's "
                             "training data; evaluate on a dataset folder")
         spec_cases = discover(_data(a.data)).cases
-        result = pr.evaluate_files(a.run, [spec_cases[i] for i in cases], a.device, a.mirror)
+        result = pr.evaluate_files(a.run, [spec_cases[i] for i in cases], a.device, a.mirror, relabel=relabel)
         scored += (f", each segmented as predict does (resampled to the run's spacing "
                    f"{'x'.join(f'{v:.3g}' for v in pre['spacing'])} mm, normalised as its training data) and scored on "
                    "its own grid: this data's preprocessing differs from the run's")
+    if renumbered:
+        scored += f"; {renumbered}"
     print(strict_json(_rounded({"scored": scored, "mirrored": a.mirror, **result,
                                 "case_ids": [ds.case_ids[i] for i in cases]})))
     return 0

@@ -158,22 +158,39 @@ def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:
         pre["normalisation"])
 
 
-def check_labels(pre: dict[str, Any], ds: PreparedDataset) -> None:
-    """Refuse to score a run on data whose classes are other than the run's (by value and name)."""
-    theirs = {int(k): str(v) for k, v in pre["labels"].items()}
-    if theirs != ds.labels:
-        def show(labels: dict[int, str]) -> str:
-            return ", ".join(f"{k} {v}" for k, v in sorted(labels.items()))
+def relabelling(pre: dict[str, Any], ds: PreparedDataset) -> tuple[np.ndarray | None, str]:
+    """How ``ds``'s label values are read as the run's classes, and a sentence saying so where they differ.
 
+    The same names with the same values: ``(None, "")``.  The same names with other values (a dataset
+    whose labels were renumbered): a lookup table from ``ds``'s values to the run's, by name.  Other names
+    (a class the run never learnt, or one missing from the data) are refused in one line.
+    """
+    theirs = {int(k): str(v) for k, v in pre["labels"].items()}
+    if theirs == ds.labels:
+        return None, ""
+
+    def show(labels: dict[int, str]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(labels.items()))
+
+    by_name = {name: value for value, name in theirs.items()}
+    if sorted(theirs.values()) != sorted(ds.labels.values()) or len(by_name) != len(theirs):
         raise PgpsError(f"the run's classes are {show(theirs)}, but {ds.name}'s are {show(ds.labels)}; evaluate on "
-                        "data labelled as the run's training data")
+                        "data whose labels have the run's names (their values may differ)")
+    table = np.zeros(max(ds.labels) + 1, np.int64)
+    for value, name in ds.labels.items():
+        table[value] = by_name[name]
+    moved = ", ".join(f"{name} {value} -> {by_name[name]}" for value, name in sorted(ds.labels.items())
+                      if by_name[name] != value)
+    return table, f"{ds.name}'s labels renumbered to the run's by name ({moved})"
 
 
 def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "auto", mirror: bool = False,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, relabel: np.ndarray | None = None
+                   ) -> dict[str, Any]:
     """Score a run on raw cases (``data.Case``: image files and a label file) the way ``predict`` segments
     them: resampled to the run's spacing and normalised with the run's schemes, the segmentation brought back
-    to each image's own grid and compared with its label there (the result has ``evaluate``'s form)."""
+    to each image's own grid and compared with its label there (the result has ``evaluate``'s form).
+    ``relabel``: the run's class of each label value (see :func:`relabelling`)."""
     from pgps_tune.trainer import check_mirroring, dice_report, dice_scores, resolve_device
 
     dev = resolve_device(device)
@@ -192,8 +209,9 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
         if truth.shape != pred.shape:
             raise PgpsError(f"case {case.case_id}: its label {case.label} is {'x'.join(map(str, truth.shape))} "
                             f"voxels, its image {'x'.join(map(str, pred.shape))}; fix or drop the case")
+        truth = np.rint(truth).astype(np.int64)
         scores.append(dice_scores(torch.from_numpy(pred.astype(np.int64)),
-                                  torch.from_numpy(np.rint(truth).astype(np.int64)), run.num_classes))
+                                  torch.from_numpy(truth if relabel is None else relabel[truth]), run.num_classes))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.case_id}")
     return dice_report(scores, [case.case_id for case in cases], run.class_names)

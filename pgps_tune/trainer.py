@@ -943,9 +943,12 @@ def evaluate(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
     mirror: bool = False,
+    relabel: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Sliding-window inference at the final patch size (``mirror``: averaged over the 8 mirrored
-    copies); mean foreground Dice.
+    copies); mean foreground Dice.  ``relabel``: the network's class of each of ``ds``'s label values
+    (data whose labels are numbered otherwise than the training data's; classes are named as the
+    network's).
 
     Empty labels: a case whose label and prediction both lack a class says nothing about
     that class and is left out of its mean; a case whose label lacks it but whose
@@ -955,13 +958,16 @@ def evaluate(
     over the classes with a defined Dice (NaN if none).
     """
     model.eval()
+    value_of = {int(c): v for v, c in enumerate(relabel)} if relabel is not None else {}
     scores = []
     for i in cases:
         image = torch.from_numpy(np.array(ds.image(i)))[None].to(device)
         probs = window_probs(model, image, final_patch, sw_batch_size, overlap, mirror)
-        label = torch.from_numpy(np.array(ds.label(i))).to(device)
+        label = np.array(ds.label(i))
+        label = torch.from_numpy(label if relabel is None else relabel[label]).to(device)
         scores.append(dice_scores(probs.argmax(1)[0], label, ds.num_classes))
-    return dice_report(scores, [ds.case_ids[i] for i in cases], [ds.labels[k] for k in range(1, ds.num_classes)])
+    names = [ds.labels[value_of.get(k, k)] for k in range(1, ds.num_classes)]
+    return dice_report(scores, [ds.case_ids[i] for i in cases], names)
 
 
 def dice_report(scores: Sequence[np.ndarray], case_ids: Sequence[str], class_names: Sequence[str]) -> dict[str, Any]:
@@ -980,9 +986,10 @@ def dice_report(scores: Sequence[np.ndarray], case_ids: Sequence[str], class_nam
 
 def evaluate_run(
     run_dir: str | Path, ds: PreparedDataset, device: str = "auto", *, cases: list[int] | None = None,
-    mirror: bool = False,
+    mirror: bool = False, relabel: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the network of a run folder on ``cases`` of ``ds`` (default: every case)."""
+    """Evaluate the network of a run folder on ``cases`` of ``ds`` (default: every case; ``relabel``: see
+    :func:`evaluate`)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise PgpsError(f"{path} does not exist; give a run folder written by 'pgps-tune train'")
@@ -1010,4 +1017,4 @@ def evaluate_run(
     if mirror:
         check_mirroring(TrainConfig.from_dict(cfg).augment)
     cases = list(range(len(ds))) if cases is None else cases
-    return evaluate(net, ds, cases, schedule.final_patch, dev, sw_batch_size, overlap, mirror)
+    return evaluate(net, ds, cases, schedule.final_patch, dev, sw_batch_size, overlap, mirror, relabel)

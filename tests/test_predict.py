@@ -381,6 +381,28 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     assert ev["cases"] == 3 and "not the run's dataset" in ev["scored"]
 
 
+def _renumbered(root, out):
+    """A copy of a dataset whose classes a and b swap values, in dataset.json and in every label file."""
+    shutil.copytree(root, out)
+    meta = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "b", "2": "a"}}))
+    for f in (out / "labelsTr").iterdir():
+        img = nib.load(f)
+        label = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.choose(label, [0, 2, 1]).astype(label.dtype), img.affine), f)
+    return out
+
+
+def test_evaluate_reads_renumbered_labels_by_name(run, tmp_path, capsys):
+    run_dir, root, _ = run
+    ev = json.loads(cli(capsys, "evaluate", "--run", run_dir, "--data", root)[1])
+    rc, out, err = cli(capsys, "evaluate", "--run", run_dir, "--data", _renumbered(root, tmp_path / "swapped"))
+    assert rc == 0, err
+    ev2 = json.loads(out)
+    assert ev2["case_ids"] == ev["case_ids"] and ev2["dice_per_case"] == ev["dice_per_case"]  # classes by name
+    assert ev2["scored"] == f"{ev['scored']}; Tiny's labels renumbered to the run's by name (b 1 -> 2, a 2 -> 1)"
+
+
 def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp_path, capsys):
     """Data at another spacing than the run's: its cache is not what the network saw in training, so each case is
     segmented as predict does (resampled to the run's spacing) and scored on its own grid."""
@@ -407,11 +429,16 @@ def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp
                                            .astype(np.int64)), 3) for i in range(6)]
     per_class = np.nanmean(np.array(scores), axis=0)
     assert ev["dice_per_class"] == pytest.approx(dict(zip(["a", "b"], per_class.tolist())), abs=6e-5)  # 4 places
-    swapped = tmp_path / "swapped"
-    shutil.copytree(root, swapped)
-    (swapped / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "b", "2": "a"}}))
-    rc, _, err = cli(capsys, "evaluate", "--run", run_dir, "--data", swapped)
-    one_line_error(rc, err, "the run's classes are 0 background, 1 a, 2 b, but Tiny's are 0 background, 1 b, 2 a")
+    # the same classes numbered otherwise (a and b swapped in dataset.json and in the label files): read by name
+    ev2 = json.loads(cli(capsys, "evaluate", "--run", run_dir, "--data", _renumbered(coarse, tmp_path / "swapped"))[1])
+    assert ev2["dice_per_class"] == pytest.approx(ev["dice_per_class"], abs=1e-6)
+    assert ev2["scored"].endswith("; Tiny2mm's labels renumbered to the run's by name (b 1 -> 2, a 2 -> 1)")
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    (other / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "a", "2": "c"}}))
+    rc, _, err = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
+    one_line_error(rc, err, "the run's classes are 0 background, 1 a, 2 b, but Tiny's are 0 background, 1 a, 2 c; "
+                            "evaluate on data whose labels have the run's names")
     rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "nowhere", "--data", root, "--cache-dir", tmp_path / "c")
     one_line_error(rc, err, "does not exist; give --run a run folder")
     assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
