@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -207,7 +208,12 @@ def _listed_file(root: Path, name: str, what: str) -> Path:
     """A file of nnU-Net v2's ``dataset`` key, found as nnU-Net finds it: environment variables expanded, then
     absolute as given or relative to the dataset folder (``..`` taken away by name, as ``os.path.abspath``)."""
     expanded = os.path.expandvars(name)
-    return _followable(Path(os.path.abspath(os.path.join(root, expanded))), what)
+    path = _followable(Path(os.path.abspath(os.path.join(root, expanded))), what)
+    unset = re.search(r"\$\{?(\w+)", expanded)  # expandvars leaves a variable that is not set as it was
+    if unset and not path.exists():
+        raise PgpsError(f"{what} {name} uses ${unset.group(1)}, which is not set; export {unset.group(1)}=... "
+                        "(nnU-Net expands it the same way)")
+    return path
 
 
 def _listed_nnunet_cases(root: Path, listed: Any, channels: int, path: Path) -> list[Case]:

@@ -572,6 +572,10 @@ def test_nnunet_files_outside_the_dataset_folder_are_read(tmp_path, monkeypatch,
     if how == "listed variable":
         ds = data.prepare(root, cache_root=tmp_path / "cache")
         assert ds.case_ids == ["t_000", "t_001"] and ds.label(1).sum() == blob_case((12, 12, 12), 1)[1].sum()
+        monkeypatch.delenv("PGPS_TEST_AWAY")
+        with pytest.raises(PgpsError, match=r"'t_001' image \$PGPS_TEST_AWAY/t_001_0000.nii.gz uses \$PGPS_TEST_AWAY, "
+                                            "which is not set; export PGPS_TEST_AWAY="):
+            data.discover(root)
 
 
 def test_a_file_ending_that_is_a_path_is_refused(tmp_path):
