@@ -91,6 +91,7 @@ from pgps_tune.results import (
     META_FORMAT,
     PARETO,
     PHASES,
+    PICK,
     SUMMARY,
     SWEEP_FILE,
     SWEEP_LOCK,
@@ -101,6 +102,7 @@ from pgps_tune.results import (
     confirmation_flags,
     export_sweep,
     full_fidelity,
+    pick_rule,
     read_meta,
     require_finished,
     shared_storage,
@@ -1297,7 +1299,9 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
            pick: str | None = None) -> dict[str, Any]:
     """Export a finished sweep folder: read its trials, write its tables, add it to the store.
 
-    ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front.
+    ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front; exported into
+    the sweep folder, it is recorded in sweep.json (:data:`pgps_tune.results.PICK`), so that later exports
+    (``tune --resume`` too) keep to it.
     """
     folder = Path(experiment)
     into_sweep = Path(out).resolve() == folder.resolve()  # writing the sweep folder: not beside a tune or confirm
@@ -1305,9 +1309,14 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
         meta = sweep_meta(folder)
         require_finished(meta)
         summary = export_sweep(out, meta, read_trials(meta), results_store, pick, origin=experiment)
+        update = {}
         if into_sweep and read_meta(folder)["storage_path"] != meta["storage_path"]:
             # a copied or moved folder: its sweep.json names its own storage from now on (report reads it too)
-            write_meta(folder, {**meta, FOLDER_KEY: str(folder.resolve())})
+            update[FOLDER_KEY] = str(folder.resolve())
+        if into_sweep and pick is not None and meta.get(PICK) != str(rule := pick_rule(meta, pick)):
+            update[PICK] = str(rule)
+        if update:
+            write_meta(folder, {**meta, **update})
         return summary
 
 
@@ -2417,6 +2426,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if before:
         _keep_confirmations(meta, before, confirm)
+        if PICK in before:  # the rule an 'export --pick' chose for this sweep's front
+            meta[PICK] = before[PICK]
     write_meta(opts.out, meta)
     plans = search_plans(space, num_samples)
     refs = reference_configs(space) if space.search.references else []
