@@ -1698,9 +1698,10 @@ class Progress(tune.Callback):
     """
 
     MODES = ("live", "lines", "json", "none")
-    resumed_mode: str | None = None  # the resuming command's mode, for a Progress unpickled from a Tune state
-    # the restored experiment's ended trials (:func:`ended_lines`): Tune restores its callbacks as they were when
+    # set only while a resume restores its Tune state (:meth:`resuming`): the resuming command's mode, and the
+    # restored experiment's ended trials (:func:`ended_lines`): Tune restores its callbacks as they were when
     # the phase started, so without them a resumed phase counted "1/10" again and priced ended trials as to come
+    resumed_mode: str | None = None
     resumed_trials: tuple[TrialLine, ...] = ()
     sweep_eta: SweepEta | None = None  # the running sweep's plan and clock (a class attribute: never pickled)
 
@@ -1715,6 +1716,19 @@ class Progress(tune.Callback):
     def _restart(self) -> None:
         self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
         self.clock = ComputeClock()  # a resumed sweep measures its rate from its first report after the resume
+
+    @classmethod
+    @contextlib.contextmanager
+    def resuming(cls, mode: str, ended: tuple[TrialLine, ...] = ()):
+        """For the block (``Tuner.restore``, which unpickles the phase's Progress from tuner.pkl), a restored
+        Progress takes this command's ``mode`` and the ``ended`` trials; after it, none does, so a later sweep in
+        this process (a notebook, a test suite) is not shown as this one was."""
+        saved = cls.resumed_mode, cls.resumed_trials
+        cls.resumed_mode, cls.resumed_trials = mode, ended
+        try:
+            yield
+        finally:
+            cls.resumed_mode, cls.resumed_trials = saved
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}
@@ -2019,7 +2033,6 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     path = f"{storage_path.rstrip('/')}/{name}"
-    Progress.resumed_mode = "none" if opts.quiet else opts.progress  # a restored Progress follows this command
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
@@ -2031,12 +2044,9 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
 
         records = read_experiment(storage_fs or pafs.LocalFileSystem(), path)
         ended = ended_lines(records, phase)
-        Progress.resumed_trials = ended  # the restored Progress (tuner.pkl's) takes them
-        try:
+        with Progress.resuming("none" if opts.quiet else opts.progress, ended):  # the restored Progress follows this
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=storage_fs)
-        finally:
-            Progress.resumed_trials = ()
         if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
             roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
             for line in ended:
