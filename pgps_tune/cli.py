@@ -1154,7 +1154,8 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         print(f"pgps-tune: interrupted by {exc}; the confirmation's finished trials are kept and the exports are "
               "unchanged; run the same command again to continue it", file=sys.stderr)
         return 128 + exc.signum
-    _print_summary(summary, Path(a.sweep))
+    # the sweep's page shows the confirmation: rewritten with the exports, as tune and export rewrite it
+    _print_summary(summary, Path(a.sweep), _write_sweep_report(Path(a.sweep)))
     return 0
 
 
