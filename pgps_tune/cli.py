@@ -1162,7 +1162,8 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         print(f"pgps-tune: interrupted by {exc}; the confirmation's finished trials are kept and the exports are "
               "unchanged; run the same command again to continue it", file=sys.stderr)
         return 128 + exc.signum
-    _print_summary(summary, Path(a.sweep))
+    # the sweep's page shows the confirmation: rewritten with the exports, as tune and export rewrite it
+    _print_summary(summary, Path(a.sweep), _write_sweep_report(Path(a.sweep)))
     return 0
 
 
@@ -1490,8 +1491,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "id/name in nnUNet_preprocessed)")
     ex.add_argument("--pick", metavar="RULE", default=None,
                     help="pareto sweeps: the front schedule to export as best_schedule.yaml: knee, max_dice or "
-                         "cheapest_within=T (the cheapest within T Dice of the best); default: the space's "
-                         "objective.pick")
+                         "cheapest_within=T (the cheapest within T Dice of the best); default: the rule an earlier "
+                         "export --pick into SWEEP_DIR recorded, else the space's objective.pick")
     ex.add_argument("--configuration", default="3d_fullres", help="with --nnunet: the nnU-Net configuration")
     ex.add_argument("--trainer", default="nnUNetTrainerPGPS",
                     help="with --nnunet: the trainer name it is for; a different schedule already written for that "
@@ -1542,7 +1543,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--objective", choices=OBJECTIVES, default="max_dice", help="default max_dice")
     be.add_argument("--pick", metavar="RULE", default=None,
                     help="--objective pareto: the front schedule to give, by the rule a pareto sweep's export uses: "
-                         "knee (default), max_dice or cheapest_within=T")
+                         "knee, max_dice or cheapest_within=T; default: the rule the ranked sweeps were exported with "
+                         "(knee where they differ, or were stored before the rule was)")
     be.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
     be.add_argument("--format", choices=["json", "yaml", "table"], default="yaml", help="default yaml")

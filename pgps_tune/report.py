@@ -1050,8 +1050,10 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
                         "is made from the sweep folder itself: run 'pgps-tune report SWEEP_DIR --out FILE' on the "
                         "folder the sweep ran in")
     else:
-        raise PgpsError(f"{path} holds neither sweep.json nor metrics.json; give a sweep folder (the --out of "
-                        "'pgps-tune tune') or a run folder (the --out of 'pgps-tune train')")
+        what = "holds neither sweep.json nor metrics.json" if path.is_dir() else (
+            "is a file, not a folder" if path.exists() else "does not exist")
+        raise PgpsError(f"{path} {what}; give a sweep folder (the --out of 'pgps-tune tune') or a run folder (the "
+                        "--out of 'pgps-tune train')")
     target = Path(out) if out else path / REPORT
     check_page_target(target, path)
     return atomic_write_text(target, make(path))

@@ -135,6 +135,7 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
         ("sweep", lambda: isinstance(meta["sweep"], str) and meta["sweep"]),
         ("final_patch", lambda: _ints(meta["final_patch"])),
         ("finished", lambda: isinstance(meta["finished"], bool) or meta["finished"] is None),
+        (PICK, lambda: PICK not in meta or _valid_pick(meta[PICK])),
         ("trial_setup", lambda: "trial_setup" not in meta or _check_setup(meta["trial_setup"])),
         ("reference_configs", lambda: "reference_configs" not in meta or (
             isinstance(meta["reference_configs"], list) and all(isinstance(c, dict)
@@ -160,6 +161,17 @@ def read_meta(experiment: str | Path) -> dict[str, Any]:
 
 # sweep.json: the absolute path of the folder the sweep was written in (a copied or moved folder has another)
 FOLDER_KEY = "folder"
+# sweep.json: the pick rule an 'export --pick' into the sweep folder chose (a pareto sweep; absent: the space's
+# objective.pick); later exports, 'tune --resume' and the report's figures keep to it.  Also a store column:
+# the rule the sweep's stored rows were exported with (empty for other objectives and in stores before it)
+PICK = "pick"
+
+
+def _valid_pick(text: Any) -> bool:
+    try:
+        return isinstance(text, str) and pareto.parse_pick(text) is not None
+    except PgpsError:
+        return False
 
 
 def _origin(meta: dict[str, Any]) -> str | None:
@@ -843,15 +855,19 @@ def require_finished(meta: dict[str, Any], records: list[TrialRecord] = ()) -> N
 
 
 def pick_rule(meta: dict[str, Any], pick: str | None = None) -> pareto.PickRule | None:
-    """The pick rule of a ``pareto`` sweep (``pick``, else its space's); None for a one-number objective."""
+    """The pick rule of a ``pareto`` sweep: ``pick``, else the one its last ``export --pick`` recorded
+    (:data:`PICK`), else its space's; None for a one-number objective."""
     objective = meta["objective"]
     if objective["type"] != "pareto":
         if pick is not None:
             raise PgpsError(f"--pick chooses among a Pareto front, but sweep {meta['sweep']} optimised "
                             f"{objective['type']}; leave out --pick (or run the sweep with objective type pareto)")
         return None
-    return pareto.parse_pick(pick if pick is not None else objective.get("pick", "knee"),
-                             "--pick" if pick is not None else f"sweep {meta['sweep']}: objective.pick")
+    if pick is not None:
+        return pareto.parse_pick(pick, "--pick")
+    if meta.get(PICK):
+        return pareto.parse_pick(meta[PICK], f"sweep {meta['sweep']}: sweep.json {PICK}")
+    return pareto.parse_pick(objective.get("pick", "knee"), f"sweep {meta['sweep']}: objective.pick")
 
 
 def _point(row: dict[str, Any]) -> tuple[float, float]:
@@ -930,7 +946,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
         s = schedule_of(best, meta["sweep"])
         s = replace(s, meta={  # the recipe the trial recorded stays with its schedule
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
-            "objective": meta["objective"]["type"],
+            "objective": meta["objective"]["type"], **({PICK: str(rule)} if rule is not None else {}),
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
             "trial_id": best["trial_id"], "space": meta["space"],
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
@@ -941,7 +957,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     atomic_write_all(files)
     confirmed = confirmed_winner(summary, best) if best is not None else {}
     store_sweep(table, meta, results_store, origin or out,
-                {confirmed["recipe_trial"]: confirmed} if confirmed else None)
+                {confirmed["recipe_trial"]: confirmed} if confirmed else None, rule)
     return summary
 
 
@@ -1025,11 +1041,12 @@ def check_store_writable(store: str | Path | None) -> None:
 
 
 def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None, origin: str | Path | None = None,
-                confirmed: dict[str, dict[str, Any]] | None = None) -> Path:
+                confirmed: dict[str, dict[str, Any]] | None = None, rule: pareto.PickRule | None = None) -> Path:
     """Add (or replace) one sweep's rows in the store, partitioned by dataset and sweep; returns the partition.
 
     ``confirmed``: the confirmed winner's figures (:func:`confirmed_winner`) by the trial id of the row that
-    carries them (column :data:`CONFIRMED`).
+    carries them (column :data:`CONFIRMED`).  ``rule``: the pick rule a pareto sweep's export used (column
+    :data:`PICK`), which 'pgps-tune best' applies again.
 
     ``origin`` (the sweep folder) tells sweeps of one name apart: a re-export of the same sweep replaces its
     rows, while another sweep of that name (``runs/demo`` of another project) goes to ``NAME-HASH`` of its
@@ -1046,6 +1063,7 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     confirmed = confirmed or {}
     table = table.append_column(CONFIRMED, pa.array([strict_json(confirmed[t], indent=None) if t in confirmed else ""
                                                      for t in table["trial_id"].to_pylist()], pa.string()))
+    table = table.append_column(PICK, pa.array([str(rule) if rule is not None else ""] * n, pa.string()))
     _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
@@ -1104,7 +1122,8 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     if not files:
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
     schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
-                               pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()), (CONFIRMED, pa.string())])])
+                               pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()), (CONFIRMED, pa.string()),
+                                          (PICK, pa.string())])])
     partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
     tables, size = [], 0
     for f in files:
@@ -1123,7 +1142,7 @@ def load_store(store: str | Path | None = None) -> pa.Table:
             raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
                             f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
         keys = pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix()))
-        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED) reads as null; FIDELITY null is 1
+        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK) reads as null; FIDELITY 1
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
         except (pa.ArrowException, ValueError) as exc:
@@ -1131,17 +1150,20 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                             "out of the store, then rerun 'pgps-tune export' for its sweep") from None
         columns += [pa.array([keys.get(k)] * len(t), pa.string()) for k in STORE_KEYS.names]
         tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))
-    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED])
+    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
-    for column in (SPACE_KEY, ORIGIN):
+    for column in (SPACE_KEY, ORIGIN, PICK):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
-    for r in table.select(["dataset", "sweep", "trial_id", CONFIRMED, *JSON_COLUMNS]).to_pylist():
+    for r in table.select(["dataset", "sweep", "trial_id", CONFIRMED, PICK, *JSON_COLUMNS]).to_pylist():
         folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
         fix = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
         check_json_columns([r], f"results store folder {folder}", fix)
         if r[CONFIRMED] and not _valid_confirmed(r[CONFIRMED]):  # 'best' ranks and exports by these figures
             raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {CONFIRMED} column is not the "
                             f"confirmed winner's figures pgps-tune writes there; {fix}")
+        if r[PICK] and not _valid_pick(r[PICK]):
+            raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {PICK} column "
+                            f"{brief(r[PICK])!r} is not a pick rule; {fix}")
     return table
 
 
@@ -1200,15 +1222,16 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     ``objective``; a note on stderr names the ranked sweeps that differ from the winner's in budget, data or
     final patch (:func:`incomparable_note`).  ``sweeps`` may also be one sweep's name.
 
-    For ``pareto``, the schedule the pick rule ``pick`` (default ``knee``) chooses from the front of the
-    ranked trials, as a pareto sweep's export chooses its best_schedule.yaml: the highest Dice alone would
-    be the front's most expensive end, whatever the sweep exported."""
+    For ``pareto``, the schedule the pick rule ``pick`` chooses from the front of the ranked trials, as a
+    pareto sweep's export chooses its best_schedule.yaml: the highest Dice alone would be the front's most
+    expensive end, whatever the sweep exported.  Without ``pick``, the rule the ranked sweeps were exported
+    with (:func:`recorded_pick`), so that ``best --sweep NAME`` gives NAME's best_schedule.yaml."""
     if not isinstance(dataset, str):
         raise PgpsError(f"dataset must be a dataset's name as the store spells it, got {dataset!r}")
     if pick is not None and objective != "pareto":
         raise PgpsError(f"--pick chooses from a Pareto front, but --objective is {objective}; give --objective "
                         "pareto, or leave out --pick")
-    rule = pareto.parse_pick(pick if pick is not None else "knee") if objective == "pareto" else None
+    rule = pareto.parse_pick(pick) if pick is not None else None
     sweeps = (sweeps,) if isinstance(sweeps, str) else tuple(sweeps)  # "demo" is one sweep, not four
     t = load_store(store)
     known = sorted(set(t["dataset"].to_pylist()))
@@ -1229,6 +1252,8 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     ranked = stored_ranking(t.filter(mask).to_pylist())
+    if objective == "pareto" and rule is None:
+        rule = recorded_pick(ranked)
     if rule is None:
         best = _highest(ranked)
     else:
@@ -1247,10 +1272,27 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
     s = schedule_of(best, f"results store folder {_partition(store_root(store), best['dataset'], best['sweep'])}",
                      "move that folder out of the store, or rerun 'pgps-tune export' for its sweep")
     return replace(s, meta={
-        **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective, "score": best["score"],
+        **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective,
+        **({PICK: str(rule)} if rule is not None else {}), "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
         **json.loads(best[CONFIRMED] or "{}"),
     })
+
+
+def recorded_pick(rows: list[dict[str, Any]]) -> pareto.PickRule:
+    """The pick rule the stored pareto sweeps of ``rows`` were exported with (column :data:`PICK`); ``knee`` for
+    sweeps stored before the rule was, and where the sweeps' rules differ, with a note naming them and the fix."""
+    used: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get(PICK):
+            used.setdefault(r[PICK], set()).add(r["sweep"])
+    if len(used) == 1:
+        return pareto.parse_pick(next(iter(used)))
+    if used:
+        shown = "; ".join(f"{rule} ({', '.join(sorted(names))})" for rule, names in sorted(used.items()))
+        print(f"pgps-tune: note: the ranked pareto sweeps were exported with different pick rules, {shown}: their "
+              "front is picked by knee; give --pick RULE, or --sweep NAME for one sweep's", file=sys.stderr, flush=True)
+    return pareto.PickRule("knee")
 
 
 def settle_confirmed(table: pa.Table, dataset: str) -> tuple[pa.Table, list[str]]:

@@ -91,6 +91,7 @@ from pgps_tune.results import (
     META_FORMAT,
     PARETO,
     PHASES,
+    PICK,
     SUMMARY,
     SWEEP_FILE,
     SWEEP_LOCK,
@@ -101,6 +102,7 @@ from pgps_tune.results import (
     confirmation_flags,
     export_sweep,
     full_fidelity,
+    pick_rule,
     read_meta,
     require_finished,
     shared_storage,
@@ -1297,7 +1299,9 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
            pick: str | None = None) -> dict[str, Any]:
     """Export a finished sweep folder: read its trials, write its tables, add it to the store.
 
-    ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front.
+    ``pick``: for a ``pareto`` sweep, the rule that chooses its best schedule from the front; exported into
+    the sweep folder, it is recorded in sweep.json (:data:`pgps_tune.results.PICK`), so that later exports
+    (``tune --resume`` too) keep to it.
     """
     folder = Path(experiment)
     into_sweep = Path(out).resolve() == folder.resolve()  # writing the sweep folder: not beside a tune or confirm
@@ -1305,9 +1309,14 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
         meta = sweep_meta(folder)
         require_finished(meta)
         summary = export_sweep(out, meta, read_trials(meta), results_store, pick, origin=experiment)
+        update = {}
         if into_sweep and read_meta(folder)["storage_path"] != meta["storage_path"]:
             # a copied or moved folder: its sweep.json names its own storage from now on (report reads it too)
-            write_meta(folder, {**meta, FOLDER_KEY: str(folder.resolve())})
+            update[FOLDER_KEY] = str(folder.resolve())
+        if into_sweep and pick is not None and meta.get(PICK) != str(rule := pick_rule(meta, pick)):
+            update[PICK] = str(rule)
+        if update:
+            write_meta(folder, {**meta, **update})
         return summary
 
 
@@ -1689,9 +1698,10 @@ class Progress(tune.Callback):
     """
 
     MODES = ("live", "lines", "json", "none")
-    resumed_mode: str | None = None  # the resuming command's mode, for a Progress unpickled from a Tune state
-    # the restored experiment's ended trials (:func:`ended_lines`): Tune restores its callbacks as they were when
+    # set only while a resume restores its Tune state (:meth:`resuming`): the resuming command's mode, and the
+    # restored experiment's ended trials (:func:`ended_lines`): Tune restores its callbacks as they were when
     # the phase started, so without them a resumed phase counted "1/10" again and priced ended trials as to come
+    resumed_mode: str | None = None
     resumed_trials: tuple[TrialLine, ...] = ()
     sweep_eta: SweepEta | None = None  # the running sweep's plan and clock (a class attribute: never pickled)
 
@@ -1706,6 +1716,19 @@ class Progress(tune.Callback):
     def _restart(self) -> None:
         self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
         self.clock = ComputeClock()  # a resumed sweep measures its rate from its first report after the resume
+
+    @classmethod
+    @contextlib.contextmanager
+    def resuming(cls, mode: str, ended: tuple[TrialLine, ...] = ()):
+        """For the block (``Tuner.restore``, which unpickles the phase's Progress from tuner.pkl), a restored
+        Progress takes this command's ``mode`` and the ``ended`` trials; after it, none does, so a later sweep in
+        this process (a notebook, a test suite) is not shown as this one was."""
+        saved = cls.resumed_mode, cls.resumed_trials
+        cls.resumed_mode, cls.resumed_trials = mode, ended
+        try:
+            yield
+        finally:
+            cls.resumed_mode, cls.resumed_trials = saved
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "stream": None}
@@ -2010,7 +2033,6 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     path = f"{storage_path.rstrip('/')}/{name}"
-    Progress.resumed_mode = "none" if opts.quiet else opts.progress  # a restored Progress follows this command
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
@@ -2022,12 +2044,9 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
 
         records = read_experiment(storage_fs or pafs.LocalFileSystem(), path)
         ended = ended_lines(records, phase)
-        Progress.resumed_trials = ended  # the restored Progress (tuner.pkl's) takes them
-        try:
+        with Progress.resuming("none" if opts.quiet else opts.progress, ended):  # the restored Progress follows this
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=storage_fs)
-        finally:
-            Progress.resumed_trials = ()
         if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
             roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
             for line in ended:
@@ -2417,6 +2436,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if before:
         _keep_confirmations(meta, before, confirm)
+        if PICK in before:  # the rule an 'export --pick' chose for this sweep's front
+            meta[PICK] = before[PICK]
     write_meta(opts.out, meta)
     plans = search_plans(space, num_samples)
     refs = reference_configs(space) if space.search.references else []

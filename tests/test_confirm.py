@@ -540,6 +540,7 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_p
     assert summary["confirmation"]["repeats"] == [1, 2, 3]
     assert summary["confirmation"]["schedules"][searched]["vs"]["baseline"]["n"] == 3
     assert yaml.safe_load((out / "best_schedule.yaml").read_text())["meta"]["confirmation"]["repeats"] == [1, 2, 3]
+    assert "(mean over 3 seeds" in (out / "report.html").read_text()  # the page was left as the sweep first wrote it
     # what confirm added survives: the original command resumed (its space says 2 seeds), confirm --seeds 2
     tune = ["tune", "--space", str(space), "--data", "synthetic", "--out", str(out), "--quiet", "--max-concurrent", "1"]
     capsys.readouterr()

@@ -126,15 +126,22 @@ def test_plain_lines_and_quiet(clock):
     assert out.getvalue() == ""
 
 
-def test_a_resumed_progress_takes_the_resuming_commands_mode_and_rate(clock, monkeypatch):
+def test_a_resumed_progress_takes_the_resuming_commands_mode_and_rate(clock):
     import pickle
 
     progress = Progress(total=3, phase="search", mode="live", trial_compute=100.0)
     _drive(progress, clock)
-    monkeypatch.setattr(Progress, "resumed_mode", "json")
     clock.now += 500
-    back = pickle.loads(pickle.dumps(progress))
+    with Progress.resuming("json"):
+        back = pickle.loads(pickle.dumps(progress))
     assert back.mode == "json" and back.clock.start is None and back.t0 == clock.now
+    # scoped to the resume: a sweep run after it in this process (a notebook, the tests) kept 'json'
+    assert (Progress.resumed_mode, Progress.resumed_trials) == (None, ())
+    later = Progress(total=1, phase="search", mode="lines", trial_compute=1.0)
+    assert pickle.loads(pickle.dumps(later)).mode == "lines"
+    with pytest.raises(KeyboardInterrupt), Progress.resuming("none", (TrialLine("a", "search"),)):
+        raise KeyboardInterrupt  # a resume stopped while Tune restores
+    assert (Progress.resumed_mode, Progress.resumed_trials) == (None, ())
     assert back.eta() is None  # no report since the resume: no rate yet
     b = _trial("b")
     back.on_trial_start(0, [], b)  # the trial goes on from its checkpoint (30 of its 50)
@@ -284,10 +291,8 @@ def test_a_resumed_phase_counts_the_trials_that_had_ended(clock, monkeypatch):
     records = [TrialRecord("a", "TERMINATED", last_result={**_result(2, 0.6, 50.0), "completed": True}),
                TrialRecord("b", "ERROR", last_result=_result(0, 0.1, 10.0, fraction=0.2)),
                TrialRecord("c", "RUNNING", last_result=_result(1, 0.3, 20.0))]  # restored: it reports again
-    monkeypatch.setattr(Progress, "resumed_trials", ended_lines(records, "search"))
-    monkeypatch.setattr(Progress, "resumed_mode", "lines")  # as the resuming command sets it (a sweep run before
-    # in this process may have left another)
-    back = pickle.loads(at_start)
+    with Progress.resuming("lines", ended_lines(records, "search")):  # as the resuming command's restore does
+        back = pickle.loads(at_start)
     assert {t: (x.status, x.compute, x.patch) for t, x in back.trials.items()} == {
         "a": ("completed", 50.0, "24x16x16"), "b": ("failed", 10.0, "8x16x16")}
     back.stream = out = io.StringIO()
@@ -298,3 +303,35 @@ def test_a_resumed_phase_counts_the_trials_that_had_ended(clock, monkeypatch):
     back.on_trial_complete(0, [], c)
     assert out.getvalue().splitlines()[-1].endswith("3/3 c completed: Dice 0.500 score 0.500")
     assert back.compute_expected() == 50.0 + 10.0 + 50.0  # all three ended: nothing priced as to come
+
+
+def test_a_resume_sets_the_restored_mode_for_its_restore_only(tmp_path, monkeypatch):
+    # run_phase set Progress.resumed_mode for good: every Progress unpickled later in the process (the next sweep
+    # of a notebook or of the test suite, restored by Tune) took the mode of the last command that ran a phase
+    import contextlib
+    import pickle
+
+    from pgps_tune import tuner as tn
+
+    at_start = pickle.dumps(Progress(total=1, phase="search", mode="live", trial_compute=1.0))
+    restored = []
+
+    class RestoringTuner:  # what run_phase asks of Tune, which unpickles the phase's callbacks from tuner.pkl
+        can_restore = staticmethod(lambda path, storage_filesystem=None: True)
+
+        @staticmethod
+        def restore(path, **kwargs):
+            restored.append(pickle.loads(at_start))
+            return types.SimpleNamespace(fit=lambda: restored.append(pickle.loads(at_start)))
+
+    monkeypatch.setattr(tn.tune, "Tuner", RestoringTuner)
+    monkeypatch.setattr(tn.tune, "with_parameters", lambda f, **kwargs: f)
+    monkeypatch.setattr(tn.tune, "with_resources", lambda f, resources: f)
+    for name, value in (("repair_tune_state", []), ("repair_trial_checkpoints", []), ("vet_tune_state", None),
+                        ("keep_tune_state", None), ("read_experiment", [])):
+        monkeypatch.setattr(tn, name, lambda *args, value=value: value)
+    monkeypatch.setattr(tn, "_restored_search_here", lambda *args: contextlib.nullcontext())
+    opts = types.SimpleNamespace(quiet=False, progress="json", cpus_per_trial=1, gpus_per_trial=0, out=tmp_path)
+    tn.run_phase("search", opts, {}, None, str(tmp_path), "s-search", None, 1, None)
+    assert [p.mode for p in restored] == ["json", "live"]  # restored as this command asks; after it, as pickled
+    assert (Progress.resumed_mode, Progress.resumed_trials) == (None, ())

@@ -182,6 +182,10 @@ def test_run_report_of_a_real_train_run(tiny_msd, tmp_path, capsys):
 def test_report_refuses_what_it_cannot_read_in_one_line(fake_sweep, tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds neither sweep.json nor metrics.json" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "typo")]) == 2  # said "holds neither ..." of a folder that is not there
+    assert f"{tmp_path / 'typo'} does not exist; give a sweep folder" in capsys.readouterr().err
+    assert main(["report", str(fake_sweep / "summary.json")]) == 2
+    assert "summary.json is a file, not a folder; give a sweep folder" in capsys.readouterr().err
     assert main(["report", str(fake_sweep), "--out", str(tmp_path)]) == 2
     assert "is a folder; give a .html file name" in capsys.readouterr().err
     (fake_sweep / "summary.json").write_text("{not json")

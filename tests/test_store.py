@@ -409,15 +409,21 @@ def test_a_confirmed_sweep_stored_before_the_confirmed_column_ranks_by_its_winne
     assert f"'pgps-tune export --experiment {tmp_path / 'conf'} --out {tmp_path / 'conf'}'" in err, err
 
 
-def test_best_of_a_pareto_sweep_is_the_schedule_its_export_picked(tmp_path, capsys):
-    # 'best --objective pareto' gave the front's highest Dice (its most expensive end), not the knee that the
-    # sweep's best_schedule.yaml and summary.json hold
-    store, out = tmp_path / "store", tmp_path / "b.yaml"
+def front_records() -> list[TrialRecord]:
+    """A pareto sweep's trials whose front's knee, max_dice and cheapest_within=0.1 are three trials."""
     recs = []
     for tid, dice, cost in (("max", 0.80, 1.0), ("knee", 0.79, 0.5), ("cheap", 0.70, 0.2), ("off", 0.60, 0.6)):
         r = record(tid, dice)
         r.last_result["schedule_voxel_fraction"] = cost
         recs.append(r)
+    return recs
+
+
+def test_best_of_a_pareto_sweep_is_the_schedule_its_export_picked(tmp_path, capsys):
+    # 'best --objective pareto' gave the front's highest Dice (its most expensive end), not the knee that the
+    # sweep's best_schedule.yaml and summary.json hold
+    store, out = tmp_path / "store", tmp_path / "b.yaml"
+    recs = front_records()
     summary = export_sweep(tmp_path / "p", sweep_meta(tmp_path / "p", objective={"type": "pareto", "pick": "knee"}),
                            recs, store)
     assert summary["best"]["trial_id"] == "knee"
@@ -428,3 +434,43 @@ def test_best_of_a_pareto_sweep_is_the_schedule_its_export_picked(tmp_path, caps
     capsys.readouterr()
     assert main(["best", "--dataset", "synthetic", "--results-store", str(store), "--pick", "knee"]) == 2
     assert "--pick chooses from a Pareto front, but --objective is max_dice" in one_line(capsys)
+
+
+def test_the_rule_an_export_picked_with_is_kept_by_best_and_by_later_exports(tmp_path, monkeypatch, capsys):
+    # 'export --pick max_dice' wrote the front's max-Dice schedule, but 'best --objective pareto' gave the knee
+    # (its default), and a later 'export' without --pick (or 'tune --resume') went back to the space's rule
+    from pgps_tune import tuner
+
+    store, sweep, out = tmp_path / "store", tmp_path / "p", tmp_path / "b.yaml"
+    sweep.mkdir()
+    results.write_meta(sweep, sweep_meta(sweep, "p", objective={"type": "pareto", "pick": "knee"}))
+    monkeypatch.setattr(tuner, "read_trials", lambda meta: front_records())
+    best = ["best", "--dataset", "synthetic", "--objective", "pareto", "--results-store", str(store), "--out", str(out)]
+    assert tuner.export(sweep, sweep, store)["best"]["trial_id"] == "knee" and "pick" not in results.read_meta(sweep)
+    assert tuner.export(sweep, sweep, store, pick="max_dice")["best"]["trial_id"] == "max"
+    assert results.read_meta(sweep)["pick"] == "max_dice"
+    assert sch.load(sweep / "best_schedule.yaml").meta["pick"] == "max_dice"
+    assert main(best) == 0 and sch.load(out).meta["trial_id"] == "max" and sch.load(out).meta["pick"] == "max_dice"
+    assert tuner.export(sweep, sweep, store)["pareto"]["pick"] == "max_dice"  # a later export keeps to it
+    assert main([*best, "--pick", "knee"]) == 0 and sch.load(out).meta["trial_id"] == "knee"  # --pick still rules
+    # an export elsewhere writes its own rule there and in the store, and leaves the sweep folder's as it was
+    assert tuner.export(sweep, tmp_path / "x", store, pick="cheapest_within=0.1")["best"]["trial_id"] == "cheap"
+    assert results.read_meta(sweep)["pick"] == "max_dice"
+    assert main(best) == 0 and sch.load(out).meta["trial_id"] == "cheap"
+    # another sweep exported with another rule: the front of both is picked by knee, and a note says why
+    export_sweep(tmp_path / "q", sweep_meta(tmp_path / "q", "q", objective={"type": "pareto", "pick": "max_dice"}),
+                 front_records()[1:], store)
+    capsys.readouterr()
+    assert main(best) == 0 and sch.load(out).meta["pick"] == "knee"
+    err = capsys.readouterr().err
+    assert "different pick rules, cheapest_within=0.1 (p); max_dice (q)" in err and "--sweep NAME" in err, err
+    # a store written before the rule was recorded: knee, as before
+    for part in store.glob("*/*/part-0.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns([results.PICK]), part)
+    assert main([*best, "--sweep", "p"]) == 0 and sch.load(out).meta["trial_id"] == "knee"
+    assert "different pick rules" not in capsys.readouterr().err
+    # a damaged record is named, in one line
+    meta = results.read_meta(sweep)
+    results.write_meta(sweep, {**meta, "pick": "best"})
+    with pytest.raises(PgpsError, match=r"malformed fields \(pick\)"):
+        results.read_meta(sweep)
