@@ -297,9 +297,12 @@ def confirmation_flags(settings: dict[str, Any], tune: bool = False) -> str:
 MAX_PARQUET_ROWS = 1_000_000
 MAX_PARQUET_COLUMNS = 1_000
 MAX_PARQUET_FOOTER = 4 << 20  # parsed, a footer takes about 15 times its size
-MAX_PARQUET_BYTES = 256 << 20  # on disk, as the footer says its pages decompress, and decoded
+MAX_PARQUET_BYTES = 256 << 20  # on disk, as the page headers say the pages decompress, and decoded
+MAX_PARQUET_PAGES = 100_000  # of the columns read; pgps-tune writes a few per column (20,000 rows a page)
 MAX_STORE_BYTES = 1 << 30  # every sweep of the results store, decoded: about 700,000 trials
 _PARQUET_BATCH = 4096  # rows decoded at a time
+_PAGE_HEADER_MAX = 16 << 20  # pyarrow's own bound on a page header (max_page_header_size)
+_PARQUET_816_PAD = 100  # what pyarrow reads past a column chunk written by parquet-mr before 1.2.9
 
 
 def _parquet_type_ok(t: pa.DataType) -> bool:
@@ -308,6 +311,137 @@ def _parquet_type_ok(t: pa.DataType) -> bool:
     return any(f(t) for f in (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating,
                               pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                               pa.types.is_large_binary))
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A Thrift compact-protocol varint at ``pos``: its value and the position after it."""
+    value = shift = 0
+    while shift < 70:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("a varint of more than 10 bytes")
+
+
+def _zigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
+
+
+def _thrift_struct(buf: bytes, pos: int, depth: int = 0) -> tuple[dict[int, Any], int]:
+    """The Thrift compact-protocol struct at ``pos``: its integer fields (and, nested, its struct fields) by field
+    id, the others skipped, and the position after it.  ``IndexError`` where it runs past ``buf``, ``ValueError``
+    where it cannot be a struct."""
+    if depth > 8:  # a page header nests 3 deep
+        raise ValueError("structs nested too deep")
+    fields: dict[int, Any] = {}
+    last = 0
+    while (head := buf[pos]) != 0:
+        pos += 1
+        kind, delta = head & 0x0F, head >> 4
+        if delta:
+            last += delta
+        else:
+            raw, pos = _varint(buf, pos)
+            last = _zigzag(raw)
+        if kind in (4, 5, 6):  # i16, i32, i64
+            raw, pos = _varint(buf, pos)
+            fields[last] = _zigzag(raw)
+        elif kind == 12:
+            fields[last], pos = _thrift_struct(buf, pos, depth + 1)
+        else:
+            pos = _thrift_skip(buf, pos, kind, depth)
+    return fields, pos + 1
+
+
+def _thrift_skip(buf: bytes, pos: int, kind: int, depth: int) -> int:
+    """The position after a Thrift compact-protocol value of type ``kind`` at ``pos``."""
+    if kind in (1, 2):  # a boolean field is its header
+        return pos
+    if kind == 3:
+        return pos + 1
+    if kind in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if kind == 7:
+        return pos + 8
+    if kind == 8:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if kind == 12:
+        return _thrift_struct(buf, pos, depth + 1)[1]
+    if kind in (9, 10, 11):  # list, set, map
+        if kind == 11:
+            n, pos = _varint(buf, pos)
+            kinds = (buf[pos] >> 4, buf[pos] & 0x0F) if n else ()
+            pos += 1 if n else 0
+        else:
+            n, kinds = buf[pos] >> 4, (buf[pos] & 0x0F,)
+            pos += 1
+            if n == 15:
+                n, pos = _varint(buf, pos)
+        for _ in range(n):
+            for k in kinds:  # a boolean element takes a byte
+                pos = pos + 1 if k in (1, 2) else _thrift_skip(buf, pos, k, depth + 1)
+            if pos > len(buf):
+                raise IndexError(pos)
+        return pos
+    raise ValueError(f"unknown Thrift type {kind}")
+
+
+def _page_header(fd: int, pos: int, size: int) -> tuple[dict[int, Any], int]:
+    """The Parquet page header at byte ``pos`` of the open file ``fd`` (of ``size`` bytes) and where its page's
+    data begins; ``OSError`` for a header that is not one."""
+    window = 1 << 12
+    while True:
+        buf = os.pread(fd, min(window, size - pos), pos)
+        try:
+            header, end = _thrift_struct(buf, 0)
+        except IndexError:
+            if pos + len(buf) >= size or window >= _PAGE_HEADER_MAX:
+                raise OSError(f"the page header at byte {pos} is cut off or damaged") from None
+            window *= 8
+            continue
+        except ValueError as exc:
+            raise OSError(f"the page header at byte {pos} is damaged ({exc})") from None
+        return header, pos + end
+
+
+def _pages_unpack_to(fd: int, size: int, meta: pq.FileMetaData, wanted: Sequence[int]) -> tuple[int, int]:
+    """What the pages of the ``wanted`` columns decompress to, as their own headers say, and how many there are.
+
+    pyarrow sizes a page's buffer from its header alone, before it decompresses the page, and the footer's
+    ``total_uncompressed_size`` is not checked against the headers: a header may claim 2 GiB, and a few KiB of
+    zstd then fill them.  The headers are read from the range pyarrow reads (the column chunk, and the next
+    bytes where the chunk's pages hold fewer values than its footer says: pyarrow pads the range of files that
+    old parquet-mr versions wrote).  Counting stops once past :data:`MAX_PARQUET_BYTES` or
+    :data:`MAX_PARQUET_PAGES`."""
+    unpacked = pages = 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        for j in wanted:
+            chunk = group.column(j)
+            pos = chunk.data_page_offset
+            if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < pos:
+                pos = chunk.dictionary_page_offset
+            end = pos + chunk.total_compressed_size
+            values = 0
+            while pos < end or (values < chunk.num_values and pos < min(size, end + _PARQUET_816_PAD)):
+                if not 0 <= pos < size:
+                    raise OSError(f"a page of column {meta.schema.column(j).path} lies outside the file")
+                header, data = _page_header(fd, pos, size)
+                packed, unpacked_page = header.get(3, -1), header.get(2, -1)
+                if packed < 0 or unpacked_page < 0:
+                    raise OSError(f"the page header at byte {pos} gives no sizes or negative ones")
+                values += sum(sub.get(1, 0) for k in (5, 8)  # a data page's num_values (v1 or v2)
+                              if isinstance(sub := header.get(k), dict))
+                unpacked += unpacked_page
+                pages += 1
+                if unpacked > MAX_PARQUET_BYTES or pages > MAX_PARQUET_PAGES:
+                    return unpacked, pages
+                pos = data + packed
+    return unpacked, pages
 
 
 def _decoded_bytes(batch: pa.RecordBatch) -> int:
@@ -368,10 +502,11 @@ def read_parquet(path: Path, columns: Sequence[str], where: str, fix: str) -> pa
         if odd:
             raise refuse(f"has columns of types pgps-tune never writes: {', '.join(odd)[:200]}")
         wanted = [j for j in range(meta.num_columns) if meta.schema.column(j).path in present]
-        unpacked = sum(meta.row_group(i).column(j).total_uncompressed_size
-                       for i in range(meta.num_row_groups) for j in wanted)
+        unpacked, pages = _pages_unpack_to(fh.fileno(), size, meta, wanted)
         if unpacked > MAX_PARQUET_BYTES:
-            raise refuse(f"has pages that decompress to {unpacked >> 20:,} MiB")
+            raise refuse(f"has pages that decompress to more than {MAX_PARQUET_BYTES >> 20} MiB")
+        if pages > MAX_PARQUET_PAGES:
+            raise refuse(f"has more than {MAX_PARQUET_PAGES:,} pages")
         pf = pq.ParquetFile(fh, metadata=meta, buffer_size=1 << 20, read_dictionary=present)
         batches, decoded = [], 0
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=present):

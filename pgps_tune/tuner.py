@@ -774,6 +774,61 @@ def repair_trial_checkpoints(path: str, storage_fs=None) -> list[str]:
     return notes
 
 
+# A SIGTERM to the whole job (Slurm's scancel, preemption or time limit) also reaches the trials' workers
+# (run_trial takes it back for them).  A worker it ends before the driver has stopped its trial is a
+# trial failure to Tune, counted against max_failures: with max_failures 0 (or after as many preemptions
+# as it allows) the trial is recorded as failed, with Ray's "The process receives a SIGTERM." as its error,
+# and a resume leaves it so.  Tune appends each failure it counts to the trial's error.txt, so a resume
+# counts again from there, leaving out the deaths by SIGTERM: the trial did not fail, the job stopped.
+SIGTERM_DEATH = "The process receives a SIGTERM."  # Ray's words (ray._private.worker) for a worker ended so
+_FAILURE_HEAD = re.compile(r"^Failure # \d+ \(occurred at ", re.MULTILINE)
+
+
+def uncount_shutdown_deaths(path: str, storage_fs=None) -> list[str]:
+    """Give back the failures a job's SIGTERM caused to each trial of the experiment at ``path`` (see above):
+    one that failed by it is resumed from its last checkpoint, and none of them counts against its
+    max_failures any more; one note per trial changed.  The newest experiment state is rewritten atomically."""
+    import pyarrow.fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    newest = _newest_state([i.base_name for i in _state_file_infos(fs, path)])
+    if newest is None:
+        return []
+    state_path = f"{path.rstrip('/')}/{newest}"
+    try:
+        state = loads_json(_read_text(fs, state_path))
+        trial_data = state["trial_data"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return []  # Tune cannot read it either, and says so
+    notes = []
+    for pair in trial_data:
+        try:
+            trial, run = loads_json(pair[0]), loads_json(pair[1])
+            failures = int(run.get("num_failures") or 0)
+            errors = f"{path.rstrip('/')}/{_plain_name(trial['relative_logdir'])}/{_plain_name(run['error_filename'])}"
+            if not failures or fs.get_file_info(errors).type != pafs.FileType.File:
+                continue
+            entries = _FAILURE_HEAD.split(_read_text(fs, errors))[1:]
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+            continue  # a trial this Ray records differently: left to Tune
+        deaths = sum(SIGTERM_DEATH in e for e in entries)
+        if not deaths:
+            continue
+        run["num_failures"] = min(failures, len(entries) - deaths)
+        resumed = trial.get("status") == "ERROR" and SIGTERM_DEATH in entries[-1]
+        if resumed:
+            trial["status"] = "PENDING"  # what Tune sets a trial it resumes to; it restores the last checkpoint
+        if run["num_failures"] == failures and not resumed:
+            continue
+        pair[0], pair[1] = json.dumps(trial), json.dumps(run)
+        notes.append(f"trial {trial.get('trial_id')}: its worker was ended by a SIGTERM to the job, not by an error of "
+                     "its own; " + ("it is resumed from its last checkpoint, and " if resumed else "")
+                     + f"{failures - run['num_failures']} such end(s) no longer count against its max_failures")
+    if notes:
+        _write_bytes_atomic(fs, state_path, json.dumps(state).encode())
+    return notes
+
+
 def keep_tune_state(path: str, storage_fs=None) -> None:
     """Keep an intact copy of each of the experiment's state files in .pgps-state/ (written atomically)."""
     import pyarrow.fs as pafs
@@ -2037,7 +2092,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         for note in repair_tune_state(path, storage_fs):
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         vet_tune_state(path, storage_fs)  # Tuner.restore unpickles: refuse a state that asks for more than data
-        for note in repair_trial_checkpoints(path, storage_fs):
+        for note in [*repair_trial_checkpoints(path, storage_fs), *uncount_shutdown_deaths(path, storage_fs)]:
             print(f"pgps-tune: {phase}: {note}", file=sys.stderr, flush=True)
         keep_tune_state(path, storage_fs)
         import pyarrow.fs as pafs

@@ -486,6 +486,45 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(U, "trials.parquet of a few KiB decoding to 2 GB, trials", ["trials", "{w}/sweep"], 2,
              "decodes to more than", parquet_bomb, original_untouched))
 
+    def page_bomb(w: Path) -> None:  # a page header claiming 1.9 GiB, filled by 64 KiB of zstd frames
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = finished_copy(w / "sweep") / "trials.parquet"
+        one = pq.read_table(path).slice(0, 1)
+        col = one.schema.get_field_index("error")  # a page of 200 KB of noise, room for the frames
+        pq.write_table(one.set_column(col, "error", pa.array([os.urandom(100_000).hex()])), path,
+                       use_dictionary=False, compression="zstd")
+        chunk = pq.ParquetFile(path).metadata.row_group(0).column(col)
+        data = path.read_bytes()
+        start, end = chunk.data_page_offset, chunk.data_page_offset + chunk.total_compressed_size
+        body = data.index(b"\x28\xb5\x2f\xfd", start)  # the page's zstd frame follows its header
+        raw = pa.decompress(data[body:end], chunk.total_uncompressed_size - (body - start), codec="zstd",
+                            asbytes=True)
+        plain = raw[:4 + int.from_bytes(raw[:4], "little")] + (4).to_bytes(4, "little") + b"boom"  # levels, value
+        frames = (pa.compress(plain, codec="zstd", asbytes=True)
+                  + pa.compress(bytes(64 << 20), codec="zstd", asbytes=True) * 31)  # the value, then 1.9 GiB of zeros
+
+        def i32(n: int) -> bytes:  # a Thrift compact i32 field (the next field id) holding n >= 0
+            out, n = bytearray(b"\x15"), 2 * n
+            while n >= 0x80:
+                out.append(n & 0x7F | 0x80)
+                n >>= 7
+            return bytes(out + bytes([n]))
+
+        def header(packed: int) -> bytes:  # a DATA_PAGE of 1 value (PLAIN, RLE levels) and its sizes; no statistics
+            return (i32(0) + i32(len(plain) + 31 * (64 << 20)) + i32(packed) + b"\x2c"
+                    + i32(1) + i32(0) + i32(3) + i32(3) + b"\0\0")
+
+        packed = end - start - len(header(end - start))
+        skip = packed - len(frames) - 8  # a skippable zstd frame fills the rest of the page
+        page = header(packed) + frames + (0x184D2A50).to_bytes(4, "little") + skip.to_bytes(4, "little") + bytes(skip)
+        assert skip >= 0 and len(page) == end - start
+        path.write_bytes(data[:start] + page + data[end:])
+
+    add(Case(U, "trials.parquet page header claiming 1.9 GiB, trials", ["trials", "{w}/sweep"], 2,
+             "has pages that decompress to more than", page_bomb, original_untouched))
+
     def evil_properties(w: Path) -> None:
         """A preprocessed nnU-Net dataset as nnU-Net's preprocessing leaves it, reduced to what nnunet-train reads
         before it trains (plans, dataset.json, a label file, the 3d_fullres folder), with a properties .pkl whose

@@ -334,15 +334,40 @@ def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decode
             assert not (sweep / "report.html").exists()
     part.unlink()  # the FIFO of the last case
     part.write_bytes(kept)
-    monkeypatch.setattr(results, "MAX_PARQUET_BYTES", 1 << 20)  # the footer's page sizes, before reading them
+    monkeypatch.setattr(results, "MAX_PARQUET_BYTES", 1 << 20)  # the page sizes, before reading them
     repeated(part, 1, "schedule", "x" * (2 << 20))
-    with pytest.raises(PgpsError, match="has pages that decompress to 2 MiB"):
+    with pytest.raises(PgpsError, match="has pages that decompress to more than 1 MiB"):
         load_store(store)
     part.write_bytes(kept)
     export_sweep(tmp_path / "other", sweep_meta(tmp_path / "other", "other"), [record("t2", 0.7)], store)
     monkeypatch.setattr(results, "MAX_STORE_BYTES", pq.read_table(part).nbytes + 1)  # the store's sweeps together
     with pytest.raises(PgpsError, match="MiB of trials .reading .*; move sweeps"):
         load_store(store)
+
+
+def test_a_page_header_claiming_more_than_the_footer_says_is_refused_before_pyarrow_sizes_the_page(
+        tmp_path, capsys, monkeypatch):
+    # pyarrow sizes a page's buffer from the page's own header, which the footer's sizes do not bound: a forged
+    # header claims 2 GiB and a few KiB of zstd fill them (scripts/robustness.py); here a header claims 128 MiB
+    # for a page of 1.3 MB, and the reader, bounded to 64 MiB, refuses the file from the headers
+    sweep = tmp_path / "demo"
+    export_sweep(sweep, sweep_meta(sweep), [record("t1", 0.6)], tmp_path / "store")
+    table = sweep / "trials.parquet"
+    one = pq.read_table(table)
+    one = one.set_column(one.schema.get_field_index("error"), "error", pa.array(["x" * 1_300_000]))
+    pq.write_table(one, table, use_dictionary=False, compression="zstd")
+    meta = pq.ParquetFile(table).metadata
+    chunk = meta.row_group(0).column(one.schema.get_field_index("error"))
+    data, at = bytearray(table.read_bytes()), chunk.data_page_offset
+    # the header opens with type (i32 field 1) and uncompressed_page_size (field 2), a 4-byte zigzag varint here
+    assert data[at] == data[at + 2] == 0x15 and data[at + 6] < 0x80 <= data[at + 5], bytes(data[at:at + 7])
+    data[at + 3:at + 7] = b"\xfe\xff\xff\x7f"  # 128 MiB - 1
+    table.write_bytes(data)
+    assert chunk.total_uncompressed_size < 2 << 20
+    monkeypatch.setattr(results, "MAX_PARQUET_BYTES", 64 << 20)
+    assert main(["trials", str(sweep)]) == 2
+    err = one_line(capsys)
+    assert f"{table} has pages that decompress to more than 64 MiB" in err and "pgps-tune export" in err, err
 
 
 def export_confirmed(out: Path, store: Path) -> dict:

@@ -817,6 +817,39 @@ def test_state_files_cut_short_by_a_kill_are_put_back_before_resume(tmp_path):
     assert sorted(p.name for p in only.iterdir()) == ["experiment_state-2026-01-01.json", "tuner.pkl"]
 
 
+def test_a_trial_worker_the_jobs_sigterm_ended_is_resumed_and_not_counted_as_a_failure(tmp_path):
+    # a SIGTERM to the whole job (scancel, preemption) can end a trial's worker before the driver stops the
+    # trial: Tune counts a failure (with max_failures 0 the trial is failed for good, and each preemption uses
+    # one retry); a resume counts the failures again from error.txt, leaving those deaths out
+    from pgps_tune.tuner import SIGTERM_DEATH, uncount_shutdown_deaths
+
+    exp = tmp_path / "exp"
+    died = f"The actor is dead because its worker process has died. ... Exit code: 1. {SIGTERM_DEATH}"
+    trials = {"killed": ("ERROR", 1, [died]),  # name: (status, num_failures, the failures error.txt records)
+              "again": ("PENDING", 2, ["RuntimeError: boom", died]),  # its own failure, then a preemption
+              "raised": ("ERROR", 2, [died, "RuntimeError: boom"]),  # failed by its own error at the end
+              "running": ("RUNNING", 0, [])}
+    data = []
+    for name, (status, failures, errors) in trials.items():
+        (exp / name).mkdir(parents=True)
+        (exp / name / "error.txt").write_text("".join(f"Failure # {i} (occurred at 2026-12-07_10-00-0{i})\n{e}\n"
+                                                      for i, e in enumerate(errors, 1)))
+        run = {"num_failures": failures, "error_filename": "error.txt" if errors else None}
+        data.append([json.dumps({"trial_id": name, "status": status, "relative_logdir": name}), json.dumps(run)])
+    state = exp / "experiment_state-2026-01-01.json"
+    state.write_text(json.dumps({"trial_data": data, "runner_data": {"kept": 1}}))
+
+    notes = uncount_shutdown_deaths(str(exp))
+    saved = json.loads(state.read_text())
+    assert {json.loads(t)["trial_id"]: (json.loads(t)["status"], json.loads(r)["num_failures"])
+            for t, r in saved["trial_data"]} == {"killed": ("PENDING", 0), "again": ("PENDING", 1),
+                                                 "raised": ("ERROR", 1), "running": ("RUNNING", 0)}
+    assert saved["runner_data"] == {"kept": 1} and len(notes) == 3
+    assert all(len(n.splitlines()) == 1 and "SIGTERM" in n for n in notes)
+    assert ["resumed from its last checkpoint" in n for n in notes] == [True, False, False]
+    assert uncount_shutdown_deaths(str(exp)) == []  # a second resume counts the same
+
+
 def test_a_checkpoint_tune_deleted_before_its_snapshot_is_replaced_by_the_newer_one(tmp_path):
     # Tune (num_to_keep=1) deletes checkpoint_000003 on registering checkpoint_000004 and snapshots after;
     # a kill in between leaves a state naming checkpoint_000003 (as it happened in the interrupt test)
