@@ -31,6 +31,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PGPS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_results_store(tmp_path_factory):
+    """No test writes into the user's results store (~/.local/share/pgps-tune/results): a test that exports
+    without naming a store gets this session's own; tests that need one of their own still set it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPS_RESULTS_DIR", str(tmp_path_factory.getbasetemp() / "results-store"))
+        yield
+
+
 def write_case(root: Path, name: str, image: np.ndarray, label: np.ndarray,
                spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, str]:
     affine = np.diag([*spacing, 1.0])
