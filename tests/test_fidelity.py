@@ -92,6 +92,12 @@ def test_space_parses_the_fidelity():
                                                                                     "rung below the full budget"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": -1}, {}, "asha.promote_top must be"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": 1.5}, {}, "asha.promote_top must be"),
+    # keys the other fidelity reads would be ignored without a word
+    ({"fidelity": "compressed", "grace_fraction": 0.111}, {}, "asha.grace_fraction applies to ASHA's early stopping "
+                                                              "of partial runs, not to a compressed ladder.*drop it"),
+    ({"fidelity": "compressed", "judge": "always", "time_attr": "epoch", "brackets": 1}, {},
+     "asha.time_attr, asha.brackets, asha.judge apply to .*drop them"),
+    ({"min_fraction": 0.2}, {}, "asha.min_fraction applies to a compressed ladder .* only.*set fidelity: compressed"),
 ])
 def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
     raw = {**_space(**asha), **extra}
@@ -131,6 +137,9 @@ def test_a_resume_names_the_search_settings_it_would_change():
     compressed = sp.parse(_space(fidelity="compressed"), "s.yaml")
     stored = {**before, "early_stopping": early_stopping(compressed), "fidelity": ladder_meta(compressed, 9)}
     assert _search_changes(stored, compressed, 9) == {}
+    # a compressed sweep stored from a file that set ASHA's own keys (now refused) resumes once they are dropped
+    older = {**stored, "asha": {**before["asha"], "time_attr": "epoch", "max_t": 6, "grace_period": 2}}
+    assert _search_changes(older, compressed, 9) == {}
     changed = _search_changes(stored, compressed, 12)
     assert changed["search.num_samples (--num-samples)"] == (9, 12)
     assert list(changed.values())[-1] == ("9 at 0.1, 3 at 0.333, 1 at 1", "12 at 0.1, 4 at 0.333, 1 at 1")
