@@ -67,6 +67,7 @@ from pgps_tune.asha import (
     Rung,
     compressed_ladder,
     main_effects_ranking,
+    main_effects_terms,
     rung_budget,
     survivors,
 )
@@ -173,6 +174,7 @@ class SweepOptions:
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         check_space_splits(self.space)
         check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
+        check_screening(self.space, self.search_samples())  # after --num-samples
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
         if self.space.budget.trainer == "nnunet":
@@ -180,6 +182,16 @@ class SweepOptions:
                 raise PgpsError("budget.trainer nnunet trains on nnU-Net's preprocessed data; give --nnunet-plans "
                                 "PLANS (the dataset's nnUNetPlans.json, or its id or name) and --configuration")
             self.nnunet_check()
+
+    def search_samples(self) -> int:
+        """The search phase's trials: ``--num-samples``, else ``search.num_samples``; a grid walks all of itself,
+        and main-effects screening draws at most all of it."""
+        space = self.space
+        n = self.num_samples or space.search.num_samples
+        if space.search.algorithm != "grid":
+            return n
+        n_grid = len(space.grid())
+        return min(n, n_grid) if space.asha.promote == "main_effects" else n_grid
 
     def nnunet_check(self) -> SweepDataset:
         """Refuse, before Ray starts, an nnU-Net sweep whose plans, preprocessed data or folds are missing;
@@ -2163,10 +2175,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if before:  # what Tune would restore is checked before sweep.json says the sweep is unfinished again
             for name in before["experiments"].values():
                 _check_tune_state(f"{storage_path.rstrip('/')}/{name}", storage_fs, name)
-        num_samples = opts.num_samples or space.search.num_samples
-        if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
-            n_grid = len(space.grid())
-            num_samples = min(num_samples, n_grid) if space.asha.promote == "main_effects" else n_grid
+        num_samples = opts.search_samples()
         if before:  # the trials already run were compared (partial) or trained (compressed) under these
             _same_sweep(before, {}, _search_changes(before, space, num_samples))
         settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
@@ -2843,6 +2852,23 @@ def screening_candidates(space: SearchSpace, observed: list[tuple[dict[str, Any]
     for c in [c for c, _ in observed] + space.grid(max(points, space.search.grid_points)):
         seen.setdefault(json.dumps(c, sort_keys=True), c)
     return list(seen.values())
+
+
+def check_screening(space: SearchSpace, num_samples: int) -> None:
+    """Refuse main-effects screening of fewer schedules than the model has effects to measure
+    (:func:`pgps_tune.asha.main_effects_terms` over :func:`screening_candidates`): with fewer, the ridge
+    penalty, not the screens, would rank some of the space; with one, nothing is fitted at all."""
+    if space.asha.fidelity != "compressed" or space.asha.promote != "main_effects":
+        return
+    need = max(2, main_effects_terms(space.parameters, screening_candidates(space, [])))
+    if num_samples >= need:
+        return
+    grid = space.search.algorithm == "grid" and len(space.grid()) < need
+    fix = (f"the grid holds only {plural(len(space.grid()), 'schedule')}: raise search.grid_points" if grid else
+           f"give search.num_samples (tune --num-samples) {need} or more")
+    raise PgpsError(f"{space.source}: asha.promote main_effects fits {need} effects of the parameters to the "
+                    f"screened scores, but the search screens {plural(num_samples, 'schedule')}, too few to measure "
+                    f"them; {fix}, or use promote: measured")
 
 
 def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,

@@ -120,6 +120,27 @@ def test_a_sweep_refuses_a_ladder_that_iterations_per_epoch_from_the_command_lin
     assert not (tmp_path / "sweep").exists()
 
 
+def test_main_effects_screening_of_fewer_schedules_than_effects_is_refused_with_the_least_that_works(tmp_path):
+    """One screened schedule fits nothing (the sweep used to promote it unranked); two cannot tell apart the
+    three effects of a 2 x 2 space (intercept, stage count, learning rate): the ridge would rank by its prior."""
+    from pgps_tune.asha import main_effects_terms
+    from pgps_tune.tuner import SweepOptions, screening_candidates
+
+    raw = _tiny_space("m", {"algorithm": "random", "num_samples": 1}, {"promote": "main_effects",
+                                                                      "reduction_factor": 4, "min_fraction": 0.25})
+    space = sp.parse(raw, "s.yaml")
+    assert main_effects_terms(space.parameters, screening_candidates(space, [])) == 3
+    for n in (1, 2):
+        with pytest.raises(PgpsError, match=rf"^s.yaml: asha.promote main_effects fits 3 effects .* screens {n} "
+                                            r"schedules?, too few .*tune --num-samples\) 3 or more[^\n]*$"):
+            SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep", num_samples=n).check()
+    SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep", num_samples=3).check()
+    grid = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm="grid"))
+    assert SweepOptions(space=grid, data="synthetic", out=tmp_path / "sweep").search_samples() == 1
+    SweepOptions(space=grid, data="synthetic", out=tmp_path / "sweep", num_samples=9).check()  # the 4 of the grid
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_resume_names_the_search_settings_it_would_change():
     """The stored trials were compared at ASHA's rungs or trained at the ladder's budgets: a resume under
     other ones would label them with settings they did not run with."""
