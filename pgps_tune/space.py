@@ -349,6 +349,33 @@ class SearchSpace:
         return list(unique.values())
 
 
+def distinct_schedules(space: SearchSpace, most: int = 100_000) -> int | None:
+    """How many distinct parameter sets the space can sample, inactive conditionals dropped; None where that is
+    unbounded (a float range) or above ``most``.  A sweep never trains more distinct schedules than this, however
+    many trials it runs (a sampler may suggest one again), so its plan counts no more.
+
+    >>> distinct_schedules(parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3},
+    ...                                          "mode": {"type": "categorical", "choices": ["resource", "sqrt"],
+    ...                                                   "when": "stages > 1"}}}, "s.yaml"))
+    5
+    >>> distinct_schedules(parse({"parameters": {"growth": {"type": "float", "low": 1.2, "high": 2.0}}}, "s.yaml"))
+    """
+    def values(p: Param) -> list[Any]:
+        if p.kind in ("fixed", "categorical"):
+            return p.grid_values()
+        assert p.low is not None and p.high is not None
+        return list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+
+    if any(p.kind == "float" for p in space.parameters):
+        return None
+    combos: list[dict[str, Any]] = [{}]
+    for p in space.parameters:
+        combos = [x for c in combos for x in ([{**c, p.name: v} for v in values(p)] if p.active(c) else [c])]
+        if len(combos) > most:
+            return None
+    return len({tuple(sorted(c.items(), key=str)) for c in combos})
+
+
 def grid_sample(space: SearchSpace, n: int) -> list[dict[str, Any]]:
     """``n`` schedules of the space's grid, none twice, in an order fixed by ``search.seed`` (the whole
     grid when ``n`` reaches its size): the screening design of ``algorithm: grid`` with
