@@ -302,6 +302,28 @@ def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial
     assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["full", "old"]
 
 
+def test_cheapest_within_never_lets_a_low_rung_or_a_stopped_trial_be_within_tolerance_for_the_pick():
+    """The target is the full-budget baseline's Dice less the tolerance: a compressed run at a quarter of the
+    budget, or a trial ASHA stopped at a rung, may reach it and score as within, but only completed full-budget
+    trials are picked or confirmed: here the baseline itself, and the one full-budget searched schedule."""
+    from pgps_tune.results import confirm_candidates
+    from pgps_tune.space import objective_score
+
+    objective, target = {"type": "cheapest_within", "tolerance": 0.01}, 0.70
+
+    def row(tid, role, dice, vf, fidelity=1.0, completed=True, schedule=None):
+        return {"trial_id": tid, "phase": "search" if role == "search" else "references", "role": role,
+                "params": json.dumps({"t": tid}), "completed": completed, "final_dice": dice, "fidelity": fidelity,
+                "schedule_voxel_fraction": vf, "schedule": json.dumps(schedule or {"stages": tid}),
+                "score": objective_score(objective, dice, vf, target)}
+
+    rows = [row("base", "baseline", 0.71, 1.0), row("low", "search", 0.75, 0.3, fidelity=0.25),
+            row("stopped", "search", 0.80, 0.2, completed=False), row("full", "search", 0.60, 0.3)]
+    assert [r["score"] > 0 for r in rows] == [False, True, True, False]  # the low-fidelity ones look within
+    assert pick_best(rows)["trial_id"] == "base"
+    assert [r["trial_id"] for r in confirm_candidates(rows, 3, objective)] == ["full"]
+
+
 # -- the benchmark's replays (scripts/bench_search.py) ------------------------------------------------------
 
 
