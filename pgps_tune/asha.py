@@ -239,6 +239,42 @@ def compressed_ladder(promote: str, n0: int, eta: float, min_fraction: float, it
     return fidelity_ladder(n0, eta, min_fraction, iterations_per_epoch)
 
 
+def _effects(parameters: Sequence[Any], c: dict[str, Any]) -> list[float]:
+    """The additive model's features of schedule ``c``: an intercept, then each parameter's own terms."""
+    x: list[float] = [1.0]
+    for p in parameters:
+        if p.kind == "fixed":
+            continue
+        present = p.name in c
+        if p.when is not None:
+            x.append(0.0 if present else 1.0)
+        if p.kind == "categorical":
+            x.extend(1.0 if present and c[p.name] == v else 0.0 for v in p.choices)
+            continue
+        lo, hi, v = float(p.low), float(p.high), float(c[p.name]) if present else None
+        if p.log:
+            lo, hi, v = math.log(lo), math.log(hi), None if v is None else math.log(v)
+        z = 0.0 if v is None or hi == lo else 2 * (v - lo) / (hi - lo) - 1
+        x.extend((z, z * z - 1 / 3) if present else (0.0, 0.0))
+    return x
+
+
+def main_effects_terms(parameters: Sequence[Any], candidates: Sequence[dict[str, Any]]) -> int:
+    """How many effects :func:`main_effects_ranking` can tell apart over ``candidates``, the intercept included:
+    the rank of their features.  Fewer screened schedules than this leave some effect unmeasured (the ridge
+    penalty alone sets it), so a screening of fewer ranks the space by its prior, not by the screens.
+
+    >>> from pgps_tune.space import Param
+    >>> ps = [Param("mode", "categorical", choices=("a", "b", "c")), Param("n", "int", low=1, high=3)]
+    >>> main_effects_terms(ps, [{"mode": m, "n": n} for m in "abc" for n in (1, 2, 3)])  # 1 + 2 + 2
+    5
+    """
+    import numpy as np
+
+    rows = {tuple(_effects(parameters, c)) for c in candidates}
+    return int(np.linalg.matrix_rank(np.array(sorted(rows)))) if rows else 0
+
+
 def main_effects_ranking(parameters: Sequence[Any], observed: Sequence[tuple[dict[str, Any], float]],
                          candidates: Sequence[dict[str, Any]], ridge: float = 1e-3) -> list[dict[str, Any]]:
     """``candidates`` ordered by an additive model of the parameters fitted to ``observed`` scores.
@@ -263,33 +299,15 @@ def main_effects_ranking(parameters: Sequence[Any], observed: Sequence[tuple[dic
     """
     import numpy as np
 
-    def features(c: dict[str, Any]) -> list[float]:
-        x: list[float] = [1.0]
-        for p in parameters:
-            if p.kind == "fixed":
-                continue
-            present = p.name in c
-            if p.when is not None:
-                x.append(0.0 if present else 1.0)
-            if p.kind == "categorical":
-                x.extend(1.0 if present and c[p.name] == v else 0.0 for v in p.choices)
-                continue
-            lo, hi, v = float(p.low), float(p.high), float(c[p.name]) if present else None
-            if p.log:
-                lo, hi, v = math.log(lo), math.log(hi), None if v is None else math.log(v)
-            z = 0.0 if v is None or hi == lo else 2 * (v - lo) / (hi - lo) - 1
-            x.extend((z, z * z - 1 / 3) if present else (0.0, 0.0))
-        return x
-
     fit = [(c, s) for c, s in observed if isinstance(s, int | float) and math.isfinite(s)]
     if len(fit) < 2:
         raise PgpsError(f"the main-effects model needs at least 2 scored schedules, got {len(fit)}")
-    a = np.array([features(c) for c, _ in fit])
+    a = np.array([_effects(parameters, c) for c, _ in fit])
     y = np.array([s for _, s in fit], dtype=float)
     penalty = ridge * len(fit) * np.eye(a.shape[1])
     penalty[0, 0] = 0.0
     w = np.linalg.lstsq(a.T @ a + penalty, a.T @ y, rcond=None)[0]
-    pred = np.array([features(c) for c in candidates]) @ w
+    pred = np.array([_effects(parameters, c) for c in candidates]) @ w
     order = sorted(range(len(candidates)), key=lambda i: (-round(float(pred[i]), 12), i))
     return [candidates[i] for i in order]
 

@@ -185,17 +185,19 @@ class Search:
 @dataclass(frozen=True)
 class Asha:
     enabled: bool = _doc(True, "early-stop weak trials with ASHA (false: every trial runs to the end)")
-    time_attr: str = _doc("baseline_iterations", "ASHA's clock: `baseline_iterations` (voxels processed over "
+    time_attr: str = _doc("baseline_iterations", "partial: ASHA's clock: `baseline_iterations` (voxels processed over "
                                                  "the baseline's voxels per iteration: equal compute), `epoch` "
                                                  "or `training_iteration` (validations)")
-    grace_fraction: float = _doc(0.15, "the first rung, as a share of the clock's maximum (the baseline's "
+    grace_fraction: float = _doc(0.15, "partial: the first rung, as a share of the clock's maximum (the baseline's "
                                        "total iterations for `baseline_iterations`)")
-    reduction_factor: float = _doc(3.0, "ASHA keeps the best 1/reduction_factor of the trials at each rung")
-    brackets: int = _doc(1, "ASHA brackets")
+    reduction_factor: float = _doc(3.0, "ASHA keeps the best 1/reduction_factor of the trials at each rung "
+                                        "(compressed: of each rung's schedules, each rung training reduction_factor "
+                                        "times the one below)")
+    brackets: int = _doc(1, "partial: ASHA brackets")
     # final_stage: a trial is judged only on validations made in its last stage (at the final patch);
     # always: on every validation, also while it still trains on small patches
-    judge: str = _doc("final_stage", "`final_stage`: ASHA sees a trial's validations only from its last stage "
-                                     "(the final patch) on; `always`: every validation")
+    judge: str = _doc("final_stage", "partial: `final_stage`: ASHA sees a trial's validations only from its last "
+                                     "stage (the final patch) on; `always`: every validation")
     # partial: today's ASHA on partial runs of the full-budget curriculum; compressed: successive halving
     # over budgets, each low-fidelity run a whole curriculum compressed into a fraction of the budget
     fidelity: str = _doc("partial", "what a low-fidelity evaluation is. `partial`: the first part of a full-budget "
@@ -345,6 +347,33 @@ class SearchSpace:
             combos = nxt
         unique = {tuple(sorted(c.items())): c for c in combos}
         return list(unique.values())
+
+
+def distinct_schedules(space: SearchSpace, most: int = 100_000) -> int | None:
+    """How many distinct parameter sets the space can sample, inactive conditionals dropped; None where that is
+    unbounded (a float range) or above ``most``.  A sweep never trains more distinct schedules than this, however
+    many trials it runs (a sampler may suggest one again), so its plan counts no more.
+
+    >>> distinct_schedules(parse({"parameters": {"stages": {"type": "int", "low": 1, "high": 3},
+    ...                                          "mode": {"type": "categorical", "choices": ["resource", "sqrt"],
+    ...                                                   "when": "stages > 1"}}}, "s.yaml"))
+    5
+    >>> distinct_schedules(parse({"parameters": {"growth": {"type": "float", "low": 1.2, "high": 2.0}}}, "s.yaml"))
+    """
+    def values(p: Param) -> list[Any]:
+        if p.kind in ("fixed", "categorical"):
+            return p.grid_values()
+        assert p.low is not None and p.high is not None
+        return list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+
+    if any(p.kind == "float" for p in space.parameters):
+        return None
+    combos: list[dict[str, Any]] = [{}]
+    for p in space.parameters:
+        combos = [x for c in combos for x in ([{**c, p.name: v} for v in values(p)] if p.active(c) else [c])]
+        if len(combos) > most:
+            return None
+    return len({tuple(sorted(c.items(), key=str)) for c in combos})
 
 
 def grid_sample(space: SearchSpace, n: int) -> list[dict[str, Any]]:
@@ -653,6 +682,7 @@ def parse(raw: Any, source: str = "<space>") -> SearchSpace:
     if asha.judge not in JUDGES:
         raise PgpsError(f"{src}: asha.judge {asha.judge!r} unknown; use one of {', '.join(JUDGES)}")
     _check_fidelity(asha, search, objective, budget, src)
+    _check_asha_applies(raw.get("asha") or {}, asha, src)
     if budget.optimizer not in OPTIMIZERS:
         raise PgpsError(f"{src}: budget.optimizer {budget.optimizer!r} unknown; use one of {', '.join(OPTIMIZERS)}")
     if budget.network not in NETWORKS:
@@ -690,6 +720,30 @@ def _check_applies(raw: dict[str, Any], objective: Objective, src: str) -> None:
     if confirm.get("seeds") is not None and other:
         raise PgpsError(f"{src}: confirm gives both seeds and {'/'.join(other)}; give seeds or folds/splits, not "
                         "both (the folds would win and seeds be ignored)")
+
+
+# asha keys of ASHA's early stopping of partial runs: a compressed ladder's rungs are budgets (min_fraction,
+# reduction_factor), so there each would be ignored without a word; and the key only the ladder reads
+_PARTIAL_ONLY = ("time_attr", "grace_fraction", "brackets", "judge")
+_COMPRESSED_ONLY = ("min_fraction",)
+
+
+def _check_asha_applies(given: dict[str, Any], asha: Asha, src: str) -> None:
+    """Refuse asha keys that the space's fidelity never reads, named with what to do (``promote`` and
+    ``promote_top`` outside the ladder: :func:`_check_fidelity`).  A sweep.json stores ASHA's settings for
+    every sweep (its exports read them), so an older compressed sweep resumes once its file drops these keys."""
+    if asha.fidelity == "compressed":
+        dead = [k for k in _PARTIAL_ONLY if k in given]
+        if dead:
+            keys = ", ".join(f"asha.{k}" for k in dead)
+            raise PgpsError(f"{src}: {keys} appl{'y' if len(dead) > 1 else 'ies'} to ASHA's early stopping of partial "
+                            "runs, not to a compressed ladder (its rungs are shares of the budget: min_fraction, "
+                            f"reduction_factor); drop {'them' if len(dead) > 1 else 'it'} (or set fidelity: partial)")
+    elif asha.fidelity == "partial":
+        dead = [k for k in _COMPRESSED_ONLY if k in given]
+        if dead:
+            raise PgpsError(f"{src}: asha.{dead[0]} applies to a compressed ladder (asha.fidelity compressed) only; "
+                            "ASHA's first rung is asha.grace_fraction; drop it (or set fidelity: compressed)")
 
 
 TRAINERS = ("pgps_tune", "nnunet")

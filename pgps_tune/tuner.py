@@ -67,6 +67,7 @@ from pgps_tune.asha import (
     Rung,
     compressed_ladder,
     main_effects_ranking,
+    main_effects_terms,
     rung_budget,
     survivors,
 )
@@ -122,6 +123,7 @@ from pgps_tune.space import (
     check_space_splits,
     check_splits_exists,
     confirm_references,
+    distinct_schedules,
     grid_sample,
     objective_score,
     reference_configs,
@@ -175,6 +177,7 @@ class SweepOptions:
                             "ranks low-fidelity runs; leave out --warm-start or use asha.fidelity partial")
         check_space_splits(self.space)
         check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
+        check_screening(self.space, self.search_samples())  # after --num-samples
         if self.mlflow is not None:
             _check_mlflow(self.mlflow)
         if self.space.budget.trainer == "nnunet":
@@ -182,6 +185,16 @@ class SweepOptions:
                 raise PgpsError("budget.trainer nnunet trains on nnU-Net's preprocessed data; give --nnunet-plans "
                                 "PLANS (the dataset's nnUNetPlans.json, or its id or name) and --configuration")
             self.nnunet_check()
+
+    def search_samples(self) -> int:
+        """The search phase's trials: ``--num-samples``, else ``search.num_samples``; a grid walks all of itself,
+        and main-effects screening draws at most all of it."""
+        space = self.space
+        n = self.num_samples or space.search.num_samples
+        if space.search.algorithm != "grid":
+            return n
+        n_grid = len(space.grid())
+        return min(n, n_grid) if space.asha.promote == "main_effects" else n_grid
 
     def nnunet_check(self) -> SweepDataset:
         """Refuse, before Ray starts, an nnU-Net sweep whose plans, preprocessed data or folds are missing;
@@ -1580,6 +1593,16 @@ class PhasePlan:
     known: tuple[float, ...] = ()
     cap: float | None = None
     bound: bool = False
+    per_schedule: int = 1  # trials per searched schedule (the confirmation's repeats)
+
+    def at_most(self, schedules: int) -> PhasePlan:
+        """The plan with at most ``schedules`` searched schedules, once fewer are known to come.
+
+        >>> PhasePlan("confirm", 15, 100.0, known=(1.0, 0.4) * 3, per_schedule=3).at_most(1).trials
+        9
+        """
+        searched = self.trials - len(self.known)
+        return replace(self, trials=len(self.known) + min(searched, max(0, schedules) * self.per_schedule))
 
     def mean_fraction(self, searched: float) -> float:
         """The mean voxel fraction of the phase's trials, its searched schedules taken at ``searched``.
@@ -1605,14 +1628,19 @@ def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
 
     With ASHA (partial fidelity) every trial is priced as if it ran to the end, and a compute cap
     caps the phase: an upper bound.  A compressed ladder's rungs are its plan: each rung's schedules
-    at that rung's iterations per epoch (fewer only if trials fail).
+    at that rung's iterations per epoch (fewer only if trials fail).  A rung above the first trains
+    each schedule once, so never more than the space has (:func:`pgps_tune.space.distinct_schedules`),
+    and main-effects promotion never more than the model ranks (the screened and the grid).
     """
     b, a = space.budget, space.asha
     full = float(b.epochs * b.iterations_per_epoch)
     if a.fidelity == "compressed":
         rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction, b.iterations_per_epoch,
                                   a.promote_top)
-        return [PhasePlan("search" if r == 0 else f"search-r{r}", rung.trials,
+        most = [n for n in (distinct_schedules(space),) if n is not None]
+        if a.promote == "main_effects":
+            most.append(num_samples + len(screening_candidates(space, [])))
+        return [PhasePlan("search" if r == 0 else f"search-r{r}", min([rung.trials, *most]) if r else rung.trials,
                           float(b.epochs * rung.iterations_per_epoch)) for r, rung in enumerate(rungs)]
     cap = space.search.max_compute * full if space.search.max_compute > 0 else None
     return [PhasePlan("search", num_samples, full, cap=cap, bound=early_stopping(space) or cap is not None)]
@@ -1644,13 +1672,24 @@ def asha_cannot_stop(space: SearchSpace) -> str | None:
     return None
 
 
-def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float]) -> PhasePlan:
-    """The confirmation as planned: the top-k searched schedules and the ``references`` (their voxel
-    fractions at the confirmation's epochs) on every repeat, at the confirmation's budget.  Fewer
-    distinct schedules may complete, and an extension trains only what is new: then it takes less."""
+def confirm_plan(settings: ConfirmSettings, iterations_per_epoch: int, references: list[float],
+                 searched: int | None = None) -> PhasePlan:
+    """The confirmation as planned: the top-k searched schedules (at most ``searched``, the distinct ones the
+    search can complete at the full budget) and the ``references`` (their voxel fractions at the
+    confirmation's epochs) on every repeat, at the confirmation's budget.  Fewer distinct schedules may
+    complete, and an extension trains only what is new: then it takes less."""
     repeats = settings.folds or settings.seeds or 0
-    return PhasePlan("confirm", repeats * (settings.top_k + len(references)),
-                     float(settings.epochs * iterations_per_epoch), known=tuple(references) * repeats)
+    plan = PhasePlan("confirm", repeats * (settings.top_k + len(references)),
+                     float(settings.epochs * iterations_per_epoch), known=tuple(references) * repeats,
+                     per_schedule=repeats)
+    return plan if searched is None else plan.at_most(searched)
+
+
+def full_budget_schedules(space: SearchSpace, plans: list[PhasePlan]) -> int:
+    """The most distinct searched schedules the search ``plans`` train at the full budget: its last rung's
+    (or its one phase's) trials, never more than the space has."""
+    last = [p for p in plans if p.phase.startswith("search")][-1].trials
+    return min(last, distinct_schedules(space) or last)
 
 
 class SweepEta:
@@ -1670,6 +1709,11 @@ class SweepEta:
 
     def plan(self, phase: str) -> PhasePlan | None:
         return next((p for p in self.plans if p.phase == phase), None)
+
+    def at_most(self, phases: list[str], schedules: int) -> None:
+        """Plan at most ``schedules`` searched schedules for each of ``phases`` still to come (a rung's
+        promotions, the confirmation's candidates), once the sweep knows that no more will come."""
+        self.plans = [p.at_most(schedules) if p.phase in phases else p for p in self.plans]
 
     def searched_fraction(self) -> float:
         """The mean voxel fraction of the searched schedules seen; the baseline's (1) before any."""
@@ -2237,10 +2281,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if before:  # what Tune would restore is checked before sweep.json says the sweep is unfinished again
             for name in before["experiments"].values():
                 _check_tune_state(f"{storage_path.rstrip('/')}/{name}", storage_fs, name)
-        num_samples = opts.num_samples or space.search.num_samples
-        if space.search.algorithm == "grid":  # the whole grid; main-effects screening: a sample of it
-            n_grid = len(space.grid())
-            num_samples = min(num_samples, n_grid) if space.asha.promote == "main_effects" else n_grid
+        num_samples = opts.search_samples()
         if before:  # the trials already run were compared (partial) or trained (compressed) under these
             _same_sweep(before, {}, _search_changes(before, space, num_samples))
         settings = ConfirmSettings.from_space(space, ds) if space.confirm.enabled else None
@@ -2501,7 +2542,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
                                   known=tuple(_fractions(refs, setup, b.epochs))))
     if confirm is not None:
         plans.append(confirm_plan(confirm, b.iterations_per_epoch,
-                                  _fractions(meta["reference_configs"], setup, confirm.epochs)))
+                                  _fractions(meta["reference_configs"], setup, confirm.epochs),
+                                  full_budget_schedules(space, plans)))
     with _sweep_clock(plans, opts):
         _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm, refs, before)
     meta["finished"] = True
@@ -2769,6 +2811,8 @@ def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: Confirm
     rows = trial_rows(read_trials(meta), meta)
     candidates = confirm_candidates(rows, settings.top_k, meta["objective"])
     configs = settings.configs(candidates, meta["reference_configs"], meta["trial_setup"]["budget"]["seed"])
+    if Progress.sweep_eta is not None:  # the search's distinct completed schedules may be fewer than top_k
+        Progress.sweep_eta.at_most(["confirm"], len(candidates))
     pending = meta.get("pending_confirm")
     if pending and pending["settings"] != asdict(settings):
         raise PgpsError(f"an earlier confirmation ({_describe(pending['settings'])}) was interrupted; finish it "
@@ -2921,6 +2965,23 @@ def screening_candidates(space: SearchSpace, observed: list[tuple[dict[str, Any]
     return list(seen.values())
 
 
+def check_screening(space: SearchSpace, num_samples: int) -> None:
+    """Refuse main-effects screening of fewer schedules than the model has effects to measure
+    (:func:`pgps_tune.asha.main_effects_terms` over :func:`screening_candidates`): with fewer, the ridge
+    penalty, not the screens, would rank some of the space; with one, nothing is fitted at all."""
+    if space.asha.fidelity != "compressed" or space.asha.promote != "main_effects":
+        return
+    need = max(2, main_effects_terms(space.parameters, screening_candidates(space, [])))
+    if num_samples >= need:
+        return
+    grid = space.search.algorithm == "grid" and len(space.grid()) < need
+    fix = (f"the grid holds only {plural(len(space.grid()), 'schedule')}: raise search.grid_points" if grid else
+           f"give search.num_samples (tune --num-samples) {need} or more")
+    raise PgpsError(f"{space.source}: asha.promote main_effects fits {need} effects of the parameters to the "
+                    f"screened scores, but the search screens {plural(num_samples, 'schedule')}, too few to measure "
+                    f"them; {fix}, or use promote: measured")
+
+
 def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,
                    num_samples: int, storage_fs, storage_path: str) -> None:
     """The search phase with ``asha.fidelity: compressed``: successive halving over budgets.
@@ -2972,6 +3033,9 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
                 print(f"pgps-tune: {phase}: fewer than 2 screened schedules completed, too few to fit the "
                       "main-effects model: the best measured go on instead", file=sys.stderr, flush=True)
             configs = [json.loads(k) for k in survivors(scored, rungs[r + 1].trials)]
+        if Progress.sweep_eta is not None:  # the rungs above and the confirmation plan no more than go on
+            Progress.sweep_eta.at_most([f"search-r{k}" for k in range(r + 1, len(rungs))] + ["confirm"],
+                                       len(configs))
         if not configs:
             print(f"pgps-tune: {phase}: no trial of this rung completed, so none runs at the full budget",
                   file=sys.stderr, flush=True)

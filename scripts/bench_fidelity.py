@@ -22,8 +22,9 @@ jobs, so the analysis and the replays rerun without training anywhere.  Then, wi
    pairs, their range, and a 95% bootstrap interval over schedules of that mean;
 2. searches replayed on the recorded runs of the first seed (the ground truth: its full-budget
    grid), 100 sampler seeds each: grid, random and TPE, each without early stopping, with the
-   partial fidelity (successive halving on the curves), with the compressed one (successive
-   halving over budgets) and with main-effects screening (``--screen-trials`` compressed runs, the
+   partial fidelity (successive halving on the curves, its first rung at ``--grace-fraction`` of the
+   budget), with the compressed one (successive halving over budgets) and with main-effects
+   screening (``--screen-trials`` compressed runs, the
    additive model's top ``--promote-top`` at the full budget), and Optuna alone; the share of seeds
    that trained a schedule within 0.5 Dice points of the grid's best at no more than ``--target`` of
    the grid's compute, and how often early stopping stopped the grid's winner; then the same against
@@ -307,6 +308,9 @@ def main() -> int:
                     help="replays: schedules the main-effects searches train at the full budget (asha.promote_top; "
                          "default 3: with 16 screened, about 13.5%% of the grid's compute on the 48-schedule "
                          "space; 0: screen trials / reduction factor)")
+    ap.add_argument("--grace-fraction", type=float, default=0.111,
+                    help="replays: the partial fidelity's first rung, a share of the full budget (default 0.111, "
+                         "the ladders' lowest rung; a compressed space has no asha.grace_fraction)")
     ap.add_argument("--startup-trials", type=int, nargs="+", help="replays: also TPE with each of these "
                                                                     "numbers of random start-up trials")
     ap.add_argument("--shorter", help="also score, as a fidelity, the full runs of this ledger (the same schedules "
@@ -322,6 +326,7 @@ def main() -> int:
                         ("--screen-trials", a.screen_trials, a.screen_trials >= 2),
                         ("--promote-top", a.promote_top, a.promote_top >= 0),
                         ("--budget", a.budget, 0 < a.budget <= 1), ("--target", a.target, 0 < a.target <= 1),
+                        ("--grace-fraction", a.grace_fraction, 0 < a.grace_fraction <= 1),
                         ("--startup-trials", a.startup_trials, all(n >= 1 for n in a.startup_trials or ()))):
         if not ok:
             raise SystemExit(f"error: {name} {v} out of range (seeds >= 1, workers >= 1, start-up trials >= 1, "
@@ -330,7 +335,7 @@ def main() -> int:
     if a.shorter and not Path(a.shorter).is_file():  # checked before hours of training, not after
         raise SystemExit(f"error: --shorter {a.shorter}: no such ledger; name a bench_fidelity runs file "
                          "(e.g. docs/bench_fidelity_runs.jsonl)")
-    from pgps_tune.asha import AshaSettings, fidelity_ladder, ladder_compute, rung_budget, screening_ladder
+    from pgps_tune.asha import fidelity_ladder, grace_period, ladder_compute, rung_budget, screening_ladder
     from pgps_tune.data import plan_patch, prepare
     from pgps_tune.errors import PgpsError, atomic_write_text
     from pgps_tune.space import Param, check_space_against_plan, load, schedule_from_params
@@ -436,7 +441,7 @@ def main() -> int:
 
     # -- replays on the first seed's runs
     world = World(curves[0], full[0], low[0])
-    grace = AshaSettings.from_space(space).grace_period
+    grace = grace_period(a.grace_fraction, max_t)
     n0 = a.sh_trials or space.search.num_samples
     ladders = {"grid": rungs, "random": fidelity_ladder(n0, space.asha.reduction_factor, space.asha.min_fraction,
                                                          b.iterations_per_epoch)}

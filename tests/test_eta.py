@@ -18,6 +18,7 @@ from pgps_tune.tuner import (
     SweepOptions,
     _callbacks,
     confirm_plan,
+    full_budget_schedules,
     search_plans,
 )
 
@@ -49,6 +50,32 @@ def test_a_compressed_ladder_plans_each_rung_at_its_own_budget():
     assert [(p.phase, p.trials, p.trial_compute, p.bound) for p in plans] == [
         ("search", 27, 10.0, False), ("search-r1", 9, 30.0, False), ("search-r2", 3, 90.0, False)]
     assert sum(p.compute(1.0) for p in plans) == 27 * 10 + 9 * 30 + 3 * 90
+
+
+def test_plans_count_no_more_schedules_than_the_space_has_or_the_model_ranks():
+    """A 2-schedule space: a rung above the first, main-effects promotion and the confirmation train each schedule
+    once, so promote_top 5, a ladder's 3 survivors or top_k 3 plan 2 (the first rung runs all its trials: a
+    sampler may suggest a schedule again)."""
+    two = {"stages": {"type": "categorical", "choices": [1, 2]}, "growth": {"value": 2.0}}
+
+    def plans(asha: dict, n: int) -> list:
+        space = spaces.parse({"name": "s", "parameters": two, "budget": BUDGET,
+                              "asha": {"fidelity": "compressed", "min_fraction": 0.25, **asha}}, "s.yaml")
+        return search_plans(space, n), space
+
+    (screen, top), space = plans({"promote": "main_effects", "promote_top": 5, "reduction_factor": 4}, 3)
+    assert (screen.trials, top.trials) == (3, 2)
+    ladder, space = plans({"reduction_factor": 2}, 9)
+    assert [p.trials for p in ladder] == [9, 2, 2]  # 9 at 0.25, 4 -> 2 at 0.5, 2 at the full budget
+    assert full_budget_schedules(space, ladder) == 2
+    confirm = confirm_plan(ConfirmSettings(top_k=3, epochs=10, seeds=2), 9, [1.0, 0.4], searched=2)
+    assert confirm.trials == 2 * (2 + 2)
+    # once the sweep knows fewer come (one promoted, one candidate), the phases still to come plan that many
+    eta = SweepEta([*ladder, confirm])
+    eta.at_most(["search-r2", "confirm"], 1)
+    assert [p.trials for p in eta.plans] == [9, 2, 1, 2 * (2 + 1)]
+    # a space with a float range has no such bound; a partial search plans all its trials
+    assert full_budget_schedules(_space(), search_plans(_space(), 12)) == 12
 
 
 def test_the_confirmation_plans_candidates_and_references_on_every_repeat():

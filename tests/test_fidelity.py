@@ -92,6 +92,12 @@ def test_space_parses_the_fidelity():
                                                                                     "rung below the full budget"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": -1}, {}, "asha.promote_top must be"),
     ({"fidelity": "compressed", "promote": "main_effects", "promote_top": 1.5}, {}, "asha.promote_top must be"),
+    # keys the other fidelity reads would be ignored without a word
+    ({"fidelity": "compressed", "grace_fraction": 0.111}, {}, "asha.grace_fraction applies to ASHA's early stopping "
+                                                              "of partial runs, not to a compressed ladder.*drop it"),
+    ({"fidelity": "compressed", "judge": "always", "time_attr": "epoch", "brackets": 1}, {},
+     "asha.time_attr, asha.brackets, asha.judge apply to .*drop them"),
+    ({"min_fraction": 0.2}, {}, "asha.min_fraction applies to a compressed ladder .* only.*set fidelity: compressed"),
 ])
 def test_space_refuses_a_fidelity_it_cannot_run(asha, extra, match):
     raw = {**_space(**asha), **extra}
@@ -114,6 +120,27 @@ def test_a_sweep_refuses_a_ladder_that_iterations_per_epoch_from_the_command_lin
     assert not (tmp_path / "sweep").exists()
 
 
+def test_main_effects_screening_of_fewer_schedules_than_effects_is_refused_with_the_least_that_works(tmp_path):
+    """One screened schedule fits nothing (the sweep used to promote it unranked); two cannot tell apart the
+    three effects of a 2 x 2 space (intercept, stage count, learning rate): the ridge would rank by its prior."""
+    from pgps_tune.asha import main_effects_terms
+    from pgps_tune.tuner import SweepOptions, screening_candidates
+
+    raw = _tiny_space("m", {"algorithm": "random", "num_samples": 1}, {"promote": "main_effects",
+                                                                      "reduction_factor": 4, "min_fraction": 0.25})
+    space = sp.parse(raw, "s.yaml")
+    assert main_effects_terms(space.parameters, screening_candidates(space, [])) == 3
+    for n in (1, 2):
+        with pytest.raises(PgpsError, match=rf"^s.yaml: asha.promote main_effects fits 3 effects .* screens {n} "
+                                            r"schedules?, too few .*tune --num-samples\) 3 or more[^\n]*$"):
+            SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep", num_samples=n).check()
+    SweepOptions(space=space, data="synthetic", out=tmp_path / "sweep", num_samples=3).check()
+    grid = dataclasses.replace(space, search=dataclasses.replace(space.search, algorithm="grid"))
+    assert SweepOptions(space=grid, data="synthetic", out=tmp_path / "sweep").search_samples() == 1
+    SweepOptions(space=grid, data="synthetic", out=tmp_path / "sweep", num_samples=9).check()  # the 4 of the grid
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_resume_names_the_search_settings_it_would_change():
     """The stored trials were compared at ASHA's rungs or trained at the ladder's budgets: a resume under
     other ones would label them with settings they did not run with."""
@@ -131,6 +158,9 @@ def test_a_resume_names_the_search_settings_it_would_change():
     compressed = sp.parse(_space(fidelity="compressed"), "s.yaml")
     stored = {**before, "early_stopping": early_stopping(compressed), "fidelity": ladder_meta(compressed, 9)}
     assert _search_changes(stored, compressed, 9) == {}
+    # a compressed sweep stored from a file that set ASHA's own keys (now refused) resumes once they are dropped
+    older = {**stored, "asha": {**before["asha"], "time_attr": "epoch", "max_t": 6, "grace_period": 2}}
+    assert _search_changes(older, compressed, 9) == {}
     changed = _search_changes(stored, compressed, 12)
     assert changed["search.num_samples (--num-samples)"] == (9, 12)
     assert list(changed.values())[-1] == ("9 at 0.1, 3 at 0.333, 1 at 1", "12 at 0.1, 4 at 0.333, 1 at 1")
@@ -270,6 +300,28 @@ def test_store_reads_files_without_fidelity_and_never_picks_a_low_fidelity_trial
     assert dict(zip(t["trial_id"].to_pylist(), t["fidelity"].to_pylist())) == {"low": 0.25, "full": 1.0, "old": 1.0}
     assert best_schedule("d", tmp_path).meta["trial_id"] == "full"
     assert sorted(r["trial_id"] for r in stored_trials("d", "k", [16, 16, 16], tmp_path)) == ["full", "old"]
+
+
+def test_cheapest_within_never_lets_a_low_rung_or_a_stopped_trial_be_within_tolerance_for_the_pick():
+    """The target is the full-budget baseline's Dice less the tolerance: a compressed run at a quarter of the
+    budget, or a trial ASHA stopped at a rung, may reach it and score as within, but only completed full-budget
+    trials are picked or confirmed: here the baseline itself, and the one full-budget searched schedule."""
+    from pgps_tune.results import confirm_candidates
+    from pgps_tune.space import objective_score
+
+    objective, target = {"type": "cheapest_within", "tolerance": 0.01}, 0.70
+
+    def row(tid, role, dice, vf, fidelity=1.0, completed=True, schedule=None):
+        return {"trial_id": tid, "phase": "search" if role == "search" else "references", "role": role,
+                "params": json.dumps({"t": tid}), "completed": completed, "final_dice": dice, "fidelity": fidelity,
+                "schedule_voxel_fraction": vf, "schedule": json.dumps(schedule or {"stages": tid}),
+                "score": objective_score(objective, dice, vf, target)}
+
+    rows = [row("base", "baseline", 0.71, 1.0), row("low", "search", 0.75, 0.3, fidelity=0.25),
+            row("stopped", "search", 0.80, 0.2, completed=False), row("full", "search", 0.60, 0.3)]
+    assert [r["score"] > 0 for r in rows] == [False, True, True, False]  # the low-fidelity ones look within
+    assert pick_best(rows)["trial_id"] == "base"
+    assert [r["trial_id"] for r in confirm_candidates(rows, 3, objective)] == ["full"]
 
 
 # -- the benchmark's replays (scripts/bench_search.py) ------------------------------------------------------
