@@ -657,6 +657,16 @@ def rung_counted(phase: str, meta: dict[str, Any]) -> bool:
     return phase == "search" and asha_compared(meta)
 
 
+def trial_status(tune_status: str, last_result: dict[str, Any]) -> str:
+    """What a trial came to (one of :data:`STATUSES`), from Tune's status and the trial's last report: a
+    trial that diverged, or whose schedule was invalid, ended its run normally but failed."""
+    if tune_status == "ERROR" or last_result.get("diverged"):
+        return "failed"
+    if tune_status == "TERMINATED":
+        return "completed" if last_result.get("completed") else "stopped_early"
+    return "unfinished"
+
+
 def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per trial (the columns of ``trials.parquet``).  ``rung_reached`` is null for a trial that no
     rung compared: the references, the confirmation's repeats, every trial of a sweep without ASHA."""
@@ -668,10 +678,8 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
     for t in records:
         r = t.last_result
         diverged = bool(r.get("diverged"))
-        failed = t.status == "ERROR" or diverged
-        completed = t.status == "TERMINATED" and bool(r.get("completed")) and not failed
-        status = "failed" if failed else "completed" if completed else (
-            "stopped_early" if t.status == "TERMINATED" else "unfinished")
+        status = trial_status(t.status, r)
+        failed, completed = status == "failed", status == "completed"
         score = _float(r, "score")
         if "target_dice" in meta and not failed:  # rescored with the target, which the references ran without
             score = objective_score(meta["objective"], _float(r, "val_dice"), _float(r, "schedule_voxel_fraction"),

@@ -109,6 +109,7 @@ from pgps_tune.results import (
     shared_storage,
     stored_trials,
     trial_rows,
+    trial_status,
     tune_storage,
     write_meta,
 )
@@ -179,7 +180,7 @@ class SweepOptions:
         check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
         check_screening(self.space, self.search_samples())  # after --num-samples
         if self.mlflow is not None:
-            _check_mlflow(self.mlflow)
+            _check_mlflow(self.mlflow, self.out.resolve().name)
         if self.space.budget.trainer == "nnunet":
             if not self.nnunet_plans:
                 raise PgpsError("budget.trainer nnunet trains on nnU-Net's preprocessed data; give --nnunet-plans "
@@ -226,22 +227,27 @@ def _mlflow_http_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def _check_mlflow(uri: str) -> None:
+def _check_mlflow(uri: str, experiment: str) -> None:
     """Refuse, in one line, an --mlflow URI that MLflow is missing for, will not open, or cannot reach (before
-    any work): one request to its store (an HTTP server, a database) shows it answers."""
+    any work): one request to its store (an HTTP server, a database) shows it answers.  Also refused: a
+    deleted ``experiment`` (the sweep's), which MLflow keeps and lets no run into, nor one of the same name."""
     try:
         from mlflow import MlflowClient
     except ImportError:
         raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
     _mlflow_http_defaults()
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MlflowException, requests' errors and the errors of store plugins
         first = _mlflow_cause(exc)
         hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
                 if "file" in first.lower() else "")
         raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first}); start the tracking server, or give a "
                         f"tracking URI it reaches, e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise PgpsError(f"--mlflow {uri}: the sweep's experiment {experiment!r} (named after its folder) was "
+                        f"deleted and MLflow takes no runs into it; restore it in MLflow (experiment id "
+                        f"{found.experiment_id}), remove it for good (mlflow gc), or name the sweep folder otherwise")
 
 
 def _mlflow_cause(exc: BaseException) -> str:
@@ -1391,10 +1397,38 @@ def export(experiment: str | Path, out: str | Path, results_store: str | Path | 
 # -- tracking --------------------------------------------------------------------------------
 
 
+def metric_key(key: str) -> str:
+    """``key`` as MLflow takes a metric's name: a label named ``tumour (core)`` gives ``dice_tumour _core_``
+    (MLflow refuses the whole report for one name with other characters than letters, digits, ``_-. :/``)."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
+
+
+def schedule_params(schedule: dict[str, Any]) -> dict[str, str]:
+    """A trial's schedule as MLflow params: its stages in one readable line, and the trainer settings and data of
+    its recipe (seed, augmentation, optimiser, ...) as ``train.KEY`` and ``data.KEY``, so that runs of sweeps with
+    other budgets compare in MLflow's run table."""
+    from pgps_tune.schedule import Schedule
+
+    s = Schedule.from_dict(schedule)
+    stages = "; ".join(f"{'x'.join(map(str, st.patch_size))} batch {st.batch_size} for {plural(st.epochs, 'epoch')}"
+                       for st in s.stages)
+    params = {"schedule": stages + (" (each iteration draws its stage)" if s.sampling == "random" else "")}
+    recipe = schedule.get("recipe") or {}
+    for part in ("train", "data"):
+        for key, value in (recipe.get(part) or {}).items():
+            params[f"{part}.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return params
+
+
 @functools.cache
 def _mlflow_trials_class() -> type:
-    """Ray's MLflow logger (a run per trial: its parameters, and every report as metrics stepped by
-    report), plus the trial's schedule as the artifact ``schedule.yaml``.
+    """Ray's MLflow logger (a run per trial, its config as params), with what a sweep's user looks for in MLflow.
+
+    Each report is logged in one request as metrics stepped by the trial's epoch; the first also logs
+    the schedule (``schedule.yaml``, and :func:`schedule_params`).  Tags name the trial, its role and, at
+    its end, its status as trials.parquet says it (a trial that diverged is a FAILED run).  An
+    interrupted sweep leaves its open runs KILLED, and ``--resume`` continues each trial in the run it
+    started in (found by its trial name and the sweep's tags), instead of opening a second one.
 
     Made on first use: importing Ray's MLflow integration imports MLflow, about a second of every
     driver's and trial process's start where MLflow is installed, and most sweeps do not log to it.
@@ -1420,30 +1454,84 @@ def _mlflow_trials_class() -> type:
         def setup(self, *args, **kwargs):
             self._failed = False
             self._schedules_logged: set[str] = set()
+            self._ended: set[str] = set()
             self._guarded("setting up", lambda: super(MLflowTrials, self).setup(*args, **kwargs))
 
         def log_trial_start(self, trial):
-            self._guarded(f"trial {trial}", super().log_trial_start, trial)
+            self._guarded(f"trial {trial}", self._start, trial)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
             self._guarded(f"trial {trial}", self._log_result, iteration, trial, result)
 
         def log_trial_end(self, trial, failed: bool = False):
-            self._guarded(f"trial {trial}", super().log_trial_end, trial, failed)
+            self._guarded(f"trial {trial}", self._end, trial, failed)
+
+        def on_experiment_end(self, trials, **info):
+            """Tune ends the experiment (also when a signal stopped it): runs of trials still going are KILLED,
+            not left RUNNING; a resume reopens them."""
+            for trial, run_id in list(getattr(self, "_trial_runs", {}).items()):
+                if run_id not in self._ended:
+                    self._guarded(f"trial {trial}", self._client().set_terminated, run_id, "KILLED")
+
+        def _client(self):
+            return self.mlflow_util._get_client()
+
+        def _start(self, trial) -> None:
+            from mlflow.entities import RunTag
+
+            client = self._client()
+            if trial not in self._trial_runs and (run_id := self._earlier_run(trial)) is not None:
+                client.update_run(run_id, status="RUNNING")  # a resumed sweep: the trial goes on in its own run
+                self._trial_runs[trial] = run_id
+            super().log_trial_start(trial)
+            run_id = self._trial_runs[trial]
+            self._ended.discard(run_id)
+            client.log_batch(run_id, tags=[RunTag("pgps.trial_id", str(trial.trial_id)),
+                                           RunTag("pgps.role", str(trial.config.get("role", "search")))])
+
+        def _earlier_run(self, trial) -> str | None:
+            """The run this sweep opened for ``trial`` before it was interrupted, if any."""
+            runs = self._client().search_runs([self.mlflow_util.experiment_id],
+                                              filter_string=f"tags.trial_name = '{trial}'")
+            mine = [r for r in runs if all(r.data.tags.get(k) == v for k, v in self.tags.items())]
+            return mine[0].info.run_id if mine else None
 
         def _log_result(self, iteration: int, trial, result: dict) -> None:
-            super().log_trial_result(iteration, trial, result)
+            from mlflow.entities import Metric, Param
+            from ray.tune.utils import flatten_dict
+
             run_id = self._trial_runs[trial]
+            step = result["epoch"] if type(result.get("epoch")) is int else iteration
+            at = int(time.time() * 1000)
+            metrics = [Metric(metric_key(k), float(v), at, step) for k, v in flatten_dict(result).items()
+                       if isinstance(v, int | float) and not k.startswith("config/")]  # the config is in params
+            params = []
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
                 from pgps_tune.schedule import Schedule
 
-                text = Schedule.from_dict(json.loads(result["schedule"])).to_yaml()
-                self.mlflow_util._get_client().log_text(run_id, text, "schedule.yaml")
+                schedule = json.loads(result["schedule"])
+                self._client().log_text(run_id, Schedule.from_dict(schedule).to_yaml(), "schedule.yaml")
+                params = [Param(k, str(v)) for k, v in schedule_params(schedule).items()]
                 self._schedules_logged.add(run_id)
+            for i in range(0, max(len(metrics), len(params)), 100):  # MLflow takes at most 100 params a batch
+                self._client().log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100])
+
+        def _end(self, trial, failed: bool) -> None:
+            from mlflow.entities import RunTag
+
+            last = trial.last_result or {}
+            status = trial_status("ERROR" if failed else "TERMINATED", last)
+            run_id = self._trial_runs[trial]
+            tags = [RunTag("pgps.status", status)]
+            if status == "failed":
+                tags.append(RunTag("pgps.error", str(last.get("error") or trial.error_msg or "diverged")[:5000]))
+            self._client().log_batch(run_id, tags=tags)
+            super().log_trial_end(trial, failed or status == "failed")
+            self._ended.add(run_id)
 
         def __getstate__(self) -> dict[str, Any]:
             return {k: v for k, v in self.__dict__.items()
-                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed")}
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed", "_ended")}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             from ray.air._internal.mlflow import _MLflowLoggerUtil
@@ -1460,29 +1548,47 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any]) -> str:
-    """One MLflow run for the whole sweep, beside its trials' runs: the best trial's numbers as metrics,
-    and best_schedule.yaml, summary.json and trials.parquet as artifacts.  Returns the run id."""
+def mlflow_sweep_tags(out: Path) -> dict[str, str]:
+    """The tags every MLflow run of the sweep in ``out`` carries: its name, which names the experiment too, and
+    its folder, which tells two sweeps of one name (in other places) apart."""
+    return {"pgps.sweep": out.resolve().name, "pgps.sweep_dir": str(out.resolve())}
+
+
+def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """One MLflow run for the whole sweep, beside its trials' runs: its budget as params (``budget.KEY``), the
+    best trial's numbers as metrics, and best_schedule.yaml, summary.json and trials.parquet as artifacts.
+    A sweep exported again (``--resume`` of a finished sweep) updates its run, its params as first logged.
+    Returns the run id."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
 
     from pgps_tune.results import BEST, SUMMARY, TRIALS
 
     client = MlflowClient(tracking_uri=uri)
-    name = out.resolve().name
+    name, tags = out.resolve().name, {**mlflow_sweep_tags(out), "pgps.phase": "sweep"}
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(experiment_id, run_name=f"{name} (sweep)", tags={"pgps.sweep": name, "pgps.phase": "sweep"})
-    best = summary.get("best") or {}
-    for key in ("final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages"):
-        if isinstance(best.get(key), int | float) and math.isfinite(best[key]):
-            client.log_metric(run.info.run_id, f"best_{key}", float(best[key]))
-    if best:
-        client.set_tag(run.info.run_id, "pgps.best_trial", str(best["trial_id"]))
+    since = int(float(meta.get("started", 0)) * 1000)  # a run of an earlier sweep in this folder is not this one's
+    earlier = [r for r in client.search_runs([experiment_id], filter_string="tags.`pgps.phase` = 'sweep'")
+               if all(r.data.tags.get(k) == v for k, v in tags.items()) and r.info.start_time >= since]
+    run_id = earlier[0].info.run_id if earlier else client.create_run(experiment_id, run_name=f"{name} (sweep)",
+                                                                      tags=tags).info.run_id
+    best, at = summary.get("best") or {}, int(time.time() * 1000)
+    metrics = [Metric(f"best_{key}", float(best[key]), at, 0)
+               for key in ("final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages")
+               if isinstance(best.get(key), int | float) and math.isfinite(best[key])]
+    budget = (meta.get("trial_setup") or {}).get("budget") or {}
+    params = [] if earlier else [  # logged once: MLflow refuses a param that changes
+        *(Param(f"budget.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in budget.items()),
+        *(Param(k, str(meta[k])) for k in ("space_name", "dataset") if meta.get(k) is not None)]
+    for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, metrics=metrics if i == 0 else [], params=params[i:i + 100],
+                         tags=[RunTag("pgps.best_trial", str(best["trial_id"]))] if best and i == 0 else [])
     for f in (BEST, SUMMARY, TRIALS):
         if (out / f).is_file():
-            client.log_artifact(run.info.run_id, str(out / f))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+            client.log_artifact(run_id, str(out / f))
+    client.set_terminated(run_id)
+    return run_id
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -2119,7 +2225,7 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
         callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.out.resolve().name,
-                                                tags={"pgps.sweep": opts.out.resolve().name, "pgps.phase": phase}))
+                                                tags={**mlflow_sweep_tags(opts.out), "pgps.phase": phase}))
     return callbacks
 
 
@@ -2302,7 +2408,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
             raise
         if opts.mlflow:
             try:
-                log_sweep_to_mlflow(opts.mlflow, out, summary)
+                log_sweep_to_mlflow(opts.mlflow, out, summary, meta)
             except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
                 _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
         return summary

@@ -125,11 +125,19 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
     for r in runs:
         by_phase.setdefault(r.data.tags["pgps.phase"], []).append(r)
     assert len(by_phase["search"]) == 2 and len(by_phase["sweep"]) == 1 and len(runs) == 3
+    rows = {row["trial_id"]: row for row in json.loads(main_output(["trials", str(out), "--format", "json"],
+                                                                      capsys))}
     for r in by_phase["search"]:
         assert r.info.status == "FINISHED"
         assert r.data.params["stages"] == "2" and 1.5 <= float(r.data.params["growth"]) <= 2.0
-        dice = [m.value for m in client.get_metric_history(r.info.run_id, "val_dice")]
-        assert len(dice) == 2  # one per validation (epochs 2 and 4)
+        # the schedule and the trainer settings as params; tags that name the trial as trials.parquet does
+        assert r.data.params["schedule"].endswith("16x16x16 batch 2 for 2 epochs")
+        assert r.data.params["train.seed"] == "0" and r.data.params["train.augment"] == "default"
+        tags = r.data.tags
+        assert tags["pgps.sweep_dir"] == str(out.resolve()) and tags["pgps.role"] == "search"
+        assert tags["pgps.status"] == rows[tags["pgps.trial_id"]]["status"] == "completed"
+        history = client.get_metric_history(r.info.run_id, "val_dice")
+        assert [m.step for m in history] == [2, 4]  # one per validation, stepped by epoch
         schedule = yaml.safe_load(Path(client.download_artifacts(r.info.run_id, "schedule.yaml",
                                                                  str(tmp_path))).read_text())
         assert len(schedule["stages"]) == int(r.data.metrics["n_stages"])
@@ -139,6 +147,12 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
                                                            str(tmp_path / "best"))).read_text())
     assert logged == best and sweep_run.data.tags["pgps.best_trial"] == best["meta"]["trial_id"]
     assert sweep_run.data.metrics["best_final_dice"] == pytest.approx(best["meta"]["val_dice"])
+    assert sweep_run.data.params["budget.epochs"] == "4" and sweep_run.data.params["budget.filters"] == "[4, 8, 16, 32]"
+
+
+def main_output(argv: list[str], capsys) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
 
 
 def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
@@ -213,6 +227,7 @@ def test_a_tracking_server_that_fails_mid_sweep_costs_the_logging_not_the_sweep(
     monkeypatch.setattr(MLflowLoggerCallback, "setup", lambda self, *a, **k: setattr(self, "_trial_runs", {}))
     for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
         monkeypatch.setattr(MLflowLoggerCallback, name, gone)
+    monkeypatch.setattr(tuner._mlflow_trials_class(), "_client", gone)
     callback = tuner.MLflowTrials("http://127.0.0.1:1", experiment_name="e")
     callback.setup()
     callback.log_trial_start("trial_1")
@@ -225,3 +240,90 @@ def test_a_tracking_server_that_fails_mid_sweep_costs_the_logging_not_the_sweep(
     callback.setup()  # the next phase tries again; a server down from the start costs one note too
     callback.log_trial_start("trial_2")
     assert capsys.readouterr().err.count("MLflow logging failed (setting up") == 1
+
+
+class FakeTrial:
+    """What the MLflow callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict) -> None:
+        self.trial_id, self.config, self.last_result = trial_id, config, {}
+
+    def __str__(self) -> str:
+        return f"run_trial_{self.trial_id}"
+
+
+SCHEDULE = {"format_version": 1, "final_patch": [16, 16, 16], "pools": [3, 3, 3], "baseline_batch_size": 2,
+            "stages": [{"patch_size": [8, 8, 8], "batch_size": 2, "epochs": 2},
+                       {"patch_size": [16, 16, 16], "batch_size": 2, "epochs": 2}]}
+
+
+def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_failed(tmp_path, monkeypatch):
+    # a resume opened a second run for each trial it continued, and left the first one RUNNING for good; a
+    # trial that diverged was a FINISHED run; one odd label name cost the whole sweep its MLflow logging
+    import pickle
+
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from pgps_tune import tuner
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    callback = tuner.MLflowTrials(uri, experiment_name="sweep", tags={"pgps.sweep": "sweep", "pgps.phase": "search"})
+    saved = pickle.dumps(callback)  # Tune's state, as a resume unpickles it
+    callback.setup()
+    trial = FakeTrial("a1", {"growth": 1.5})
+    callback.log_trial_start(trial)
+    first = {"schedule": json.dumps(SCHEDULE), "val_dice": 0.25, "epoch": 2, "completed": False,
+             "dice_tumour (core)": 0.5, "config": {"growth": 1.5}}
+    callback.log_trial_result(1, trial, first)
+    callback.on_experiment_end([trial])  # the interrupt: Tune ends the experiment
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert run.info.status == "KILLED"
+
+    resumed = pickle.loads(saved)
+    resumed.setup()
+    trial = FakeTrial("a1", {"growth": 1.5})  # Tune's restored trial
+    resumed.log_trial_start(trial)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    trial.last_result = {**first, "val_dice": 0.0, "epoch": 4, "diverged": True, "error": "the loss is not finite"}
+    resumed.log_trial_result(2, trial, trial.last_result)
+    resumed.log_trial_end(trial)
+    (run,) = client.search_runs([run.info.experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["pgps.status"] == "failed"
+    assert run.data.tags["pgps.error"] == "the loss is not finite" and run.data.tags["pgps.trial_id"] == "a1"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_dice")] == [(2, 0.25), (4, 0.0)]
+    assert run.data.metrics["dice_tumour _core_"] == 0.5 and "config/growth" not in run.data.metrics
+    assert run.data.params["schedule"] == "8x8x8 batch 2 for 2 epochs; 16x16x16 batch 2 for 2 epochs"
+
+
+def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experiment_refused(tmp_path, capsys,
+                                                                                          monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from pgps_tune import tuner
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    meta = {"started": 0, "dataset": "synthetic", "trial_setup": {"budget": {"epochs": 4, "filters": [4, 8]}}}
+    summary = {"best": {"trial_id": "a1", "final_dice": 0.5}}
+    first = tuner.log_sweep_to_mlflow(uri, out, summary, meta)  # a finished sweep exported again (--resume)
+    assert tuner.log_sweep_to_mlflow(uri, out, {"best": {"trial_id": "a1", "final_dice": 0.5}}, meta) == first
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params == {"budget.epochs": "4", "budget.filters": "[4, 8]", "dataset": "synthetic"}
+    assert run.data.tags["pgps.sweep_dir"] == str(out.resolve()) and run.info.status == "FINISHED"
+    # a sweep of that name once more, its experiment deleted meanwhile: MLflow would take none of its runs
+    client.delete_experiment(experiment.experiment_id)
+    assert main(["tune", "--space", "smoke", "--data", "synthetic", "--out", str(tmp_path / "again" / "sweep"),
+                 "--mlflow", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pgps-tune: error: --mlflow {uri}: the sweep's experiment 'sweep'") and "\n" not in err
+    assert f"restore it in MLflow (experiment id {experiment.experiment_id})" in err
+    assert not (tmp_path / "again").exists()
