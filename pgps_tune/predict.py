@@ -119,8 +119,12 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
     except (OSError, ValueError, KeyError, TypeError):
         return every, f"all {len(ds)} labelled cases of {ds.name} (the run does not record its validation cases)"
     index = {c: i for i, c in enumerate(ds.case_ids)}
-    if run_name != ds.name or not all(c in index for c in (*train, *val)):
+    absent = next((c for c in (*train, *val) if c not in index), None)
+    if run_name != ds.name:
         return every, f"all {len(ds)} labelled cases of {ds.name} (not the run's dataset {run_name})"
+    if absent is not None:  # the same name, other data (a subset, a new release): the run's split cannot be found
+        return every, (f"all {len(ds)} labelled cases of {ds.name} (not the data the run trained on: its case "
+                       f"{absent} is not among them)")
     if all_cases:
         return every, f"all {len(ds)} labelled cases of {ds.name}, the run's training cases included"
     return sorted(index[c] for c in val), f"validation cases of the run ({len(val)})"

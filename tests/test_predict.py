@@ -1,6 +1,7 @@
 """``pgps-tune predict`` and ``evaluate``: outputs in each input's geometry, Dice as evaluate reports it."""
 
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -392,10 +393,11 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     (old / "metrics.json").write_text(json.dumps(metrics))
     ev = json.loads(cli(capsys, "evaluate", "--run", old, "--data", root)[1])
     assert ev["cases"] == 6 and "does not record its validation cases" in ev["scored"]
-    other = make_msd(tmp_path / "other", n=3)
+    other = make_msd(tmp_path / "other", n=3)  # named Tiny too, but without the run's cases 3 to 5
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
     ev = json.loads(out)
-    assert ev["cases"] == 3 and "not the run's dataset" in ev["scored"]
+    assert ev["cases"] == 3 and re.fullmatch(r"all 3 labelled cases of Tiny \(not the data the run trained on: its "
+                                             r"case case_00[345] is not among them\)", ev["scored"]), ev["scored"]
 
 
 def _renumbered(root, out):
