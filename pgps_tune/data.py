@@ -377,18 +377,19 @@ def _channels_of(path: Path, case_id: str) -> tuple[list[np.ndarray], np.ndarray
     return (list(np.moveaxis(arr, -1, 0)) if arr.ndim == 4 else [arr]), canonical, affine
 
 
-def _same_grid(case_id: str, path: Path, ref: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]
-               ) -> str | None:
+def same_grid(case_id: str, path: Path, ref: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]
+              ) -> str | None:
     """Check that the file ``path`` of a case (a label, a further channel) lies on its first image's voxel
-    grid; ``ref`` and ``other`` are each (canonical affine, file affine).
+    grid; ``ref`` and ``other`` are each (canonical affine, file affine).  The one rule for training data and
+    for ``predict``'s channel files.
 
     Equal canonical grids (axes within 0.1% of the largest voxel size, origins within half the smallest) are
     what makes the reoriented arrays correspond voxel for voxel; if the files store their voxels in
     different axis orders, that is legitimate but unusual, and returned as a note.  Files whose own axes
     agree and whose origins alone differ keep corresponding voxels through the reorientation too (a
     header written by another tool): a note, and the voxels are used as aligned, as nnU-Net does.
-    Anything else (another spacing, a mirrored header) would pair image voxels with the wrong labels:
-    refused.
+    Anything else (another spacing, a mirrored header, a rotated axis) would pair image voxels with the wrong
+    labels: refused.
     """
     (ref_c, ref_f), (oth_c, oth_f) = ref, other
     sizes = np.linalg.norm(ref_c[:3, :3], axis=0)
@@ -405,16 +406,20 @@ def _same_grid(case_id: str, path: Path, ref: tuple[np.ndarray, np.ndarray], oth
                 "as aligned (as nnU-Net does)")
     theirs = [round(float(v), 4) for v in np.linalg.norm(oth_f[:3, :3], axis=0)]
     mine = [round(float(v), 4) for v in np.linalg.norm(ref_f[:3, :3], axis=0)]
+    # what sizes and axis codes cannot show: a small rotation or a sheared axis (the files' axes in turn)
+    cosines = np.sum(ref_f[:3, :3] * oth_f[:3, :3], axis=0) / np.prod([np.linalg.norm(f[:3, :3], axis=0)
+                                                                       for f in (ref_f, oth_f)], axis=0)
+    turned = float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
     raise PgpsError(
         f"case {case_id}: {path} is not on its image's voxel grid (voxel sizes {theirs} against {mine}, "
-        f"orientation {codes[0]} against {codes[1]}), so its voxels would not line up; fix its header to the "
-        "image's or drop the case"
+        f"orientation {codes[0]} against {codes[1]}, axes up to {turned:.3g} degrees apart), so its voxels would "
+        "not line up; fix its header to the image's or drop the case"
     )
 
 
 def _read_case(case: Case, labels: dict[int, str], channels: int):
     """A case's image ``[C, X, Y, Z]`` and label on the canonical grid, its spacing, a note for each file
-    whose header places it apart from the first image file (:func:`_same_grid`), and its label values."""
+    whose header places it apart from the first image file (:func:`same_grid`), and its label values."""
     files = [_channels_of(p, case.case_id) for p in case.images]
     chans = [c for cs, _, _ in files for c in cs]
     if len(chans) != channels:
@@ -434,7 +439,7 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
     if lab.ndim == 4 and lab.shape[3] == 1:  # X Y Z 1, as some tools write a label (ITK reads it as 3D)
         lab = lab[..., 0]
     others = [(p, f[1:]) for p, f in zip(case.images[1:], files[1:])] + [(case.label, tuple(lab_affines))]
-    notes = [n for p, aff in others if (n := _same_grid(case.case_id, p, ref, aff))]
+    notes = [n for p, aff in others if (n := same_grid(case.case_id, p, ref, aff))]
     if lab.shape != image.shape[1:]:
         raise PgpsError(
             f"case {case.case_id}: image shape {list(image.shape[1:])} != label shape "
@@ -817,7 +822,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
 
 def _check_classes(spec: DatasetSpec, present: set[int], notes: list[str]) -> None:
     """Refuse labels without any foreground (``present``: the label values of every case); warn (one line
-    each) about declared classes no case holds and about the files :func:`_same_grid` noted (the first
+    each) about declared classes no case holds and about the files :func:`same_grid` noted (the first
     named, the others counted)."""
     foreground = {k: v for k, v in spec.labels.items() if k != 0}
     if not present & set(foreground):

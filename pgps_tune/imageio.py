@@ -445,9 +445,20 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     """
     import nibabel as nib
 
+    out = nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))
+    return out, canonical_grid(array.shape, affine)[1]
+
+
+def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The spatial shape and the affine that :func:`to_canonical` gives an image of ``shape`` (``[X, Y, Z]``,
+    channels after them ignored) with ``affine``: from a header alone, without its voxels."""
+    import nibabel as nib
+
     ornt = nib.orientations.io_orientation(affine)
-    out = nib.orientations.apply_orientation(array, ornt)
-    return out, np.asarray(affine) @ nib.orientations.inv_ornt_aff(ornt, array.shape[:3])
+    out = [0, 0, 0]
+    for axis, (to, _) in enumerate(ornt):  # input axis ``axis`` becomes canonical axis ``to``
+        out[int(to)] = int(shape[axis])
+    return tuple(out), np.asarray(affine) @ nib.orientations.inv_ornt_aff(ornt, tuple(shape[:3]))  # type: ignore[return-value]
 
 
 def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

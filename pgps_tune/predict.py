@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from pgps_tune import imageio
-from pgps_tune.data import PreparedDataset
+from pgps_tune.data import PreparedDataset, same_grid
 from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, loads_json, os_cause, read_file
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's CASE_0000
@@ -118,8 +119,12 @@ def evaluation_cases(run_dir: str | Path, ds: PreparedDataset, all_cases: bool =
     except (OSError, ValueError, KeyError, TypeError):
         return every, f"all {len(ds)} labelled cases of {ds.name} (the run does not record its validation cases)"
     index = {c: i for i, c in enumerate(ds.case_ids)}
-    if run_name != ds.name or not all(c in index for c in (*train, *val)):
+    absent = next((c for c in (*train, *val) if c not in index), None)
+    if run_name != ds.name:
         return every, f"all {len(ds)} labelled cases of {ds.name} (not the run's dataset {run_name})"
+    if absent is not None:  # the same name, other data (a subset, a new release): the run's split cannot be found
+        return every, (f"all {len(ds)} labelled cases of {ds.name} (not the data the run trained on: its case "
+                       f"{absent} is not among them)")
     if all_cases:
         return every, f"all {len(ds)} labelled cases of {ds.name}, the run's training cases included"
     return sorted(index[c] for c in val), f"validation cases of the run ({len(val)})"
@@ -197,7 +202,7 @@ def evaluate_files(run_dir: str | Path, cases: Sequence[Any], device: str = "aut
     run = _load_run(run_dir, dev)
     if mirror:
         check_mirroring(run.augment)
-    geometries = [case_geometry(case.images, run.channels) for case in cases]
+    geometries = [case_geometry(case.images, run.channels, case.case_id) for case in cases]
     for case, geometry in zip(cases, geometries):
         check_memory(run, case.case_id, geometry)
     scores = []
@@ -305,10 +310,12 @@ class Geometry:
     like: Path  # the (first) input file: its format and header go to the output
 
 
-def case_geometry(files: Sequence[Path], channels: int) -> Geometry:
-    """Check a case's files from their headers alone (readable, 3D/4D, channels, one grid); its geometry."""
-    import nibabel as nib
+def case_geometry(files: Sequence[Path], channels: int, case: str = "") -> Geometry:
+    """Check a case's files from their headers alone (readable, 3D/4D, channels, one grid); its geometry.
 
+    Channel files must lie on the first one's voxel grid by the rule training data follow
+    (:func:`data.same_grid`): one stored in another axis order, or whose origin alone differs, is read
+    (with a warning on stderr, as ``prepare`` gives), since each file is reoriented by its own header."""
     found, first = 0, None
     for path in files:
         if not path.is_file():
@@ -319,23 +326,22 @@ def case_geometry(files: Sequence[Path], channels: int) -> Geometry:
         linear = affine[:3, :3]
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
             raise PgpsError(f"{path} has a degenerate affine (zero or non-finite voxel axes); fix its header")
+        grid = imageio.canonical_grid(shape, affine)  # (shape, affine) on the canonical axes
         if first is None:
-            first = (path, shape[:3], affine)
-        elif shape[:3] != first[1] or not np.allclose(affine, first[2], atol=1e-3):
-            raise PgpsError(f"{path} does not share the voxel grid of {first[0]}; channel files must be co-registered")
+            first = (path, tuple(int(n) for n in shape[:3]), affine, grid)
+        elif grid[0] != first[3][0]:
+            size = "x".join(map(str, grid[0])), "x".join(map(str, first[3][0]))
+            raise PgpsError(f"{path} does not share the voxel grid of {first[0]} ({size[0]} against {size[1]} voxels "
+                            "once reoriented); channel files must be co-registered")
+        elif note := same_grid(case or _stem(files[0]), path, (first[3][1], first[2]), (grid[1], affine)):
+            print(f"pgps-tune: warning: {note}", file=sys.stderr, flush=True)
         found += shape[3] if len(shape) == 4 else 1
     assert first is not None
     if found != channels:
         raise PgpsError(f"{files[0]} gives {found} channel(s) but the run was trained on {channels}; "
                         "give images with the run's channels")
-    path, shape3, affine = first
-    ornt = nib.orientations.io_orientation(affine)
-    perm = [int(a) for a in ornt[:, 0]]  # input axis i becomes canonical axis perm[i]
-    canonical = [0, 0, 0]
-    spacing = [0.0, 0.0, 0.0]
-    for i, (n, sp) in enumerate(zip(shape3, imageio.voxel_sizes(affine))):
-        canonical[perm[i]], spacing[perm[i]] = int(n), sp
-    return Geometry(affine, tuple(int(n) for n in shape3), tuple(canonical), tuple(spacing), path)  # type: ignore[arg-type]
+    path, shape3, affine, (canonical_shape, canonical_affine) = first
+    return Geometry(affine, shape3, canonical_shape, imageio.voxel_sizes(canonical_affine), path)  # type: ignore[arg-type]
 
 
 def read_case(files: Sequence[Path]) -> np.ndarray:
@@ -425,7 +431,8 @@ def predict(
         raise PgpsError("--overwrite and --skip-existing contradict each other; give one")
     _check_targets(targets, inputs, overwrite or skip_existing)
     done = {t for t in targets if skip_existing and t.is_file()}
-    geometries = [None if t in done else case_geometry(files, run.channels) for (_, files), t in zip(inputs, targets)]
+    geometries = [None if t in done else case_geometry(files, run.channels, case)
+                  for (case, files), t in zip(inputs, targets)]
     for (case, _), geometry in zip(inputs, geometries):
         if geometry is not None:
             check_memory(run, case, geometry)

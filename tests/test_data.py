@@ -204,8 +204,12 @@ def _resave_label(root: Path, case: str, affine: np.ndarray, flip_x: bool = Fals
 
 @pytest.mark.parametrize("affine,needle", [
     (np.diag([2.0, 2.0, 2.0, 1.0]), r"voxel sizes \[2.0, 2.0, 2.0\] against \[1.0, 1.0, 1.0\], orientation RAS"),
-    (np.diag([-1.0, 1.0, 1.0, 1.0]), "orientation LAS against RAS"),  # the header mirrored, the voxels not
-], ids=["spacing", "mirrored header"])
+    (np.diag([-1.0, 1.0, 1.0, 1.0]), "orientation LAS against RAS, axes up to 180 degrees apart"),  # the header
+    # mirrored, the voxels not; and a header turned by half a degree, which sizes and orientation codes do not show
+    (np.array([[np.cos(0.5 * np.pi / 180), -np.sin(0.5 * np.pi / 180), 0, 0],
+               [np.sin(0.5 * np.pi / 180), np.cos(0.5 * np.pi / 180), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+     r"against \[1.0, 1.0, 1.0\], orientation RAS against RAS, axes up to 0.5 degrees apart"),
+], ids=["spacing", "mirrored header", "turned header"])
 def test_a_label_off_its_images_voxel_grid_is_refused_in_one_line(tiny_msd, affine, needle):
     _resave_label(tiny_msd, "case_002", affine)
     with pytest.raises(PgpsError, match=needle) as err:

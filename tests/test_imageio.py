@@ -89,6 +89,8 @@ def test_from_canonical_undoes_to_canonical_for_all_48_axis_orders():
         canon, canon_affine = imageio.to_canonical(arr, affine)
         assert nib.aff2axcodes(canon_affine) == ("R", "A", "S")
         assert np.array_equal(imageio.from_canonical(canon, affine), arr)
+        shape, grid_affine = imageio.canonical_grid((*arr.shape, 2), affine)  # the same from the header alone
+        assert shape == canon.shape and np.array_equal(grid_affine, canon_affine)
         # every voxel keeps its world position
         for index in [(0, 0, 0), (1, 2, 3)]:
             world = affine @ [*index, 1]

@@ -1,6 +1,7 @@
 """``pgps-tune predict`` and ``evaluate``: outputs in each input's geometry, Dice as evaluate reports it."""
 
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -226,6 +227,23 @@ def test_multichannel_4d_file_and_nnunet_channel_files_agree(two_channel_run, tm
         assert np.array_equal(arr, np.asanyarray(a.dataobj)) and np.allclose(affine, img.affine)
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", split / "two_001_0001.mha", "--out", tmp_path)
     one_line_error(rc, err, "gives 1 channel(s) but the run was trained on 2")
+    # channel files on one grid by the rule training data follow: channel 1 stored mirrored along x with a header
+    # that says so is read as training would read it (one warning); one whose header is turned by 1 degree is not
+    c, s = np.cos(np.radians(1.0)), np.sin(np.radians(1.0))
+    for name, affine in (("mirrored", np.array([[-1.0, 0, 0, 15], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])),
+                         ("turned", np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))):
+        (tmp_path / name).mkdir()
+        imageio.write(tmp_path / name / "two_001_0000.nii.gz", np.asanyarray(img.dataobj)[..., 0], img.affine)
+        imageio.write(tmp_path / name / "two_001_0001.nii.gz",
+                      imageio.from_canonical(np.asanyarray(img.dataobj)[..., 1], affine), affine)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", tmp_path / "mirrored", "--out", tmp_path / "d",
+                     "--quiet")
+    assert rc == 0 and err == ("pgps-tune: warning: case two_001: two_001_0001.nii.gz stores its voxels in "
+                               "orientation LAS, its image in RAS; both were reoriented by their headers"), err
+    assert np.array_equal(nib.load(tmp_path / "d" / "two_001.nii.gz").dataobj, a.dataobj)
+    rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", tmp_path / "turned", "--out", tmp_path / "e")
+    one_line_error(rc, err, "two_001_0001.nii.gz is not on its image's voxel grid (voxel sizes [1.0, 1.0, 1.0] against "
+                            "[1.0, 1.0, 1.0], orientation RAS against RAS, axes up to 1 degrees apart)")
 
 
 def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
@@ -375,10 +393,11 @@ def test_evaluate_scores_the_validation_cases_of_the_run_and_says_so(run, tmp_pa
     (old / "metrics.json").write_text(json.dumps(metrics))
     ev = json.loads(cli(capsys, "evaluate", "--run", old, "--data", root)[1])
     assert ev["cases"] == 6 and "does not record its validation cases" in ev["scored"]
-    other = make_msd(tmp_path / "other", n=3)
+    other = make_msd(tmp_path / "other", n=3)  # named Tiny too, but without the run's cases 3 to 5
     rc, out, _ = cli(capsys, "evaluate", "--run", run_dir, "--data", other)
     ev = json.loads(out)
-    assert ev["cases"] == 3 and "not the run's dataset" in ev["scored"]
+    assert ev["cases"] == 3 and re.fullmatch(r"all 3 labelled cases of Tiny \(not the data the run trained on: its "
+                                             r"case case_00[345] is not among them\)", ev["scored"]), ev["scored"]
 
 
 def _renumbered(root, out):
