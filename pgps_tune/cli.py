@@ -1056,6 +1056,9 @@ def _print_confirmation(summary: dict[str, Any]) -> None:
     from pgps_tune.results import reference_order
 
     c = summary["confirmation"]
+    if not c["schedules"]:  # nothing was confirmed: no table of nothing
+        print(f"confirmation: {c['verdict']}")
+        return
     references = reference_order(e["role"] for e in c["schedules"].values())  # a column for each
     print(f"confirmation: {len(c['repeats'])} {c['repeat']}s per schedule, {c['epochs']} epochs")
     heads = [f"vs {role}" + (" (95% interval, p)" if not i else "") for i, role in enumerate(references)]

@@ -764,6 +764,8 @@ def confirmation_section(conf: dict[str, Any]) -> str:
             "voxel fraction": number(e["schedule_voxel_fraction"]),
         })
     verdict = conf.get("verdict", "")
+    if not conf["schedules"]:  # nothing was confirmed: no table of nothing
+        return f"<p>{html.escape(verdict)}.</p>"
     if conf.get("search_winner_confirmed") is False:
         verdict += "; the search phase's best trial is not the confirmed winner"
     head = (f"<p>{html.escape(verdict)}.</p><p>{plural(len(conf['repeats']), conf['repeat'])} per schedule, "
