@@ -706,7 +706,32 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "dice_per_class": strict_json(per_class, indent=None),
             "fidelity": _float(r, "fidelity", 1.0),
         })
+    if meta["objective"]["type"] == "cheapest_within":
+        _score_confirmations(rows, meta["objective"])
     return rows
+
+
+def _repeat_of(params: str) -> str:
+    """Which repeat a confirmation trial is (its seed or fold, of which split) at which budget: what pairs it."""
+    config = json.loads(params or "{}")
+    return json.dumps([config.get(k) for k in ("epochs", *REPEAT_KEYS, "folds", "splits")])
+
+
+def _score_confirmations(rows: list[dict[str, Any]], objective: dict[str, Any]) -> None:
+    """Score each confirmation trial of a ``cheapest_within`` sweep against its own target: the constant baseline's
+    Dice on the same repeat at the same budget, less the tolerance (the search's target is the baseline's one run
+    at the search's epochs: another budget, another seed).  Without that baseline (it failed) no score."""
+    from pgps_tune.space import objective_score
+
+    base = {}
+    for r in rows:
+        if r["phase"] == "confirm" and r["role"] == "baseline" and r["completed"]:
+            base.setdefault(_repeat_of(r["params"]), r["final_dice"])
+    for r in rows:
+        if r["phase"] == "confirm" and not r["failed"]:
+            dice = base.get(_repeat_of(r["params"]))
+            r["score"] = math.nan if dice is None else objective_score(
+                objective, r["final_dice"], r["schedule_voxel_fraction"], dice - objective["tolerance"])
 
 
 def trainer_meta(params_json: str) -> dict[str, Any]:
@@ -889,8 +914,38 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
            "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
            **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
+    objective = meta.get("objective") or {}
+    if objective.get("type") == "cheapest_within" and schedules:  # the targets the scores were taken against
+        tolerance = objective["tolerance"]
+        out["tolerance"] = tolerance
+        out[TARGET + kind] = {k: v - tolerance for k, v in schedules.get("baseline", {}).get("dice_by_" + kind,
+                                                                                              {}).items()}
     out.update(_verdict(winner, schedules, search_best, kind))
+    if winner is None and TARGET + kind in out and not any(map(math.isfinite, out[TARGET + kind].values())) \
+            and any(e["role"] == "search" and e["completed"] for e in schedules.values()):
+        out["verdict"] = (f"the constant baseline completed no confirmation {kind}, so cheapest_within has no target "
+                          "Dice to score the searched schedules against; there is no confirmed winner: confirm again "
+                          "once its failure is fixed")
     return out
+
+
+TARGET = "target_dice_by_"  # + seed or fold: a cheapest_within confirmation's target on each repeat
+
+
+def scored_by_search_target(confirmation: dict[str, Any], objective: Any) -> bool:
+    """Whether a stored ``cheapest_within`` confirmation (summary.json's, or a store cell's) was scored the way
+    pgps-tune scored it before it had targets of its own: against the search's target Dice."""
+    return (isinstance(objective, dict) and objective.get("type") == "cheapest_within"
+            or objective == "cheapest_within") and not any(str(k).startswith(TARGET) for k in confirmation)
+
+
+def search_target_note(sweep: str, folder: str) -> str:
+    """The note for a confirmation :func:`scored_by_search_target`: what its scores mean and the export that
+    rescores it."""
+    return (f"the confirmation of sweep {sweep!r} was scored against its search's target Dice (the constant "
+            "baseline's one run at the search's epochs), as pgps-tune did before each confirmation trial was scored "
+            "against the baseline on the same seed or fold at the confirmation's epochs; rescore it with 'pgps-tune "
+            f"export --experiment {folder} --out {folder}'")
 
 
 def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None,
@@ -1153,7 +1208,8 @@ def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, 
     w = conf["schedules"][conf["winner"]]
     return {"trial_id": conf["winner"], "recipe_trial": row["trial_id"], "val_dice": w["dice"]["mean"],
             "score": w["score"]["mean"], "confirmation": {
-                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"]}}
+                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"],
+                **{k: v for k, v in conf.items() if k.startswith(TARGET)}}}
 
 
 def _confirmation_evidence(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -1433,6 +1489,10 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     ranked = stored_ranking(t.filter(mask).to_pylist())
+    for r in ranked:  # a confirmed winner's score stored before confirmations had targets of their own
+        if r.get(CONFIRMED) and scored_by_search_target(json.loads(r[CONFIRMED])["confirmation"], objective):
+            print(f"pgps-tune: note: {search_target_note(r['sweep'], r[ORIGIN] or 'SWEEP_DIR')}", file=sys.stderr,
+                  flush=True)
     if objective == "pareto" and rule is None:
         rule = recorded_pick(ranked)
     if rule is None:

@@ -240,6 +240,48 @@ def test_a_reference_that_failed_every_repeat_has_no_gain_and_the_outcome_still_
     assert "Against the paper reference (means over 2 seeds): Dice 0.750 vs 0.450 (+30.0 points)" in lines[2]
 
 
+def test_cheapest_within_scores_a_confirmation_against_its_own_baseline_on_each_seed():
+    # the search's target was the baseline's one run at the search's epochs (here 0.70 - 0.05); a confirmation at
+    # 14 epochs was scored against it although it trains the baseline on its own seeds at its own budget
+    from pgps_tune.results import TrialRecord, scored_by_search_target, summarize, trial_rows
+
+    meta = {"objective": {"type": "cheapest_within", "tolerance": 0.05}, "target_dice": 0.65, "dataset": "d",
+            "sweep": "s", "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    dice = {"baseline": [0.80, 0.60, 0.70], "t1": [0.76, 0.58, 0.50], "t2": [0.70, 0.50, 0.66]}
+    configs, records = [], [TrialRecord("t1", "TERMINATED", {}, {"val_dice": 0.6, "completed": True,
+                                                                 "schedule": "{}", "schedule_voxel_fraction": 0.4})]
+    for name, values in dice.items():
+        for seed, d in enumerate(values, 1):
+            config = {"role": "search" if name != "baseline" else name, "candidate": name, "seed": seed,
+                      "epochs": 14}
+            configs.append(config)
+            status = "ERROR" if (name, seed) == ("baseline", 3) else "TERMINATED"
+            result = {"val_dice": d, "completed": True, "role": config["role"],
+                      "schedule_voxel_fraction": 1.0 if name == "baseline" else 0.4}
+            records.append(TrialRecord(f"{name}-{seed}", status, config, result, phase="confirm"))
+    meta["confirmation"] = {"configs": configs, "repeat": "seed", "epochs": 14, "top_k": 2, "experiments": ["c"]}
+    rows = trial_rows(records, meta)
+    scores = {r["trial_id"]: r["score"] for r in rows}
+    # seed 1 target 0.75, seed 2 0.55: t1 is within on both (0.6 saved), t2 on neither; seed 3's baseline failed
+    assert scores["t1-1"] == scores["t1-2"] == pytest.approx(0.6) and scores["baseline-1"] == 0.0
+    assert (scores["t2-1"], scores["t2-2"]) == pytest.approx((0.70 - 0.75, 0.50 - 0.55))
+    assert math.isnan(scores["t1-3"]) and math.isnan(scores["t2-3"])  # no target on seed 3: no score
+    assert scores["t1"] == pytest.approx(0.6 - 0.65)  # the search's trials keep the search's target
+    c = summarize(rows, meta)["confirmation"]
+    assert c["winner"] == "t1" and c["schedules"]["t1"]["score"] == {"n": 2, "mean": pytest.approx(0.6), "sd": 0.0}
+    assert c["tolerance"] == 0.05 and c["target_dice_by_seed"]["1"] == pytest.approx(0.75)
+    assert math.isnan(c["target_dice_by_seed"]["3"]) and not scored_by_search_target(c, meta["objective"])
+    old = {k: v for k, v in c.items() if k not in ("tolerance", "target_dice_by_seed")}
+    assert scored_by_search_target(old, meta["objective"]) and scored_by_search_target(old, "cheapest_within")
+    assert not scored_by_search_target(old, {"type": "max_dice"})
+    # a baseline that completed no seed leaves no target: said so, not 'no searched schedule completed'
+    rows = trial_rows([t if t.config.get("role") != "baseline" else TrialRecord(t.trial_id, "ERROR", t.config, {},
+                                                                               phase="confirm") for t in records], meta)
+    c = summarize(rows, meta)["confirmation"]
+    assert c["winner"] is None and c["verdict"].startswith("the constant baseline completed no confirmation seed, so "
+                                                          "cheapest_within has no target Dice")
+
+
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
     # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
     # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
