@@ -1056,6 +1056,9 @@ def _print_confirmation(summary: dict[str, Any]) -> None:
     from pgps_tune.results import reference_order
 
     c = summary["confirmation"]
+    if not c["schedules"]:  # nothing was confirmed: no table of nothing
+        print(f"confirmation: {c['verdict']}")
+        return
     references = reference_order(e["role"] for e in c["schedules"].values())  # a column for each
     print(f"confirmation: {len(c['repeats'])} {c['repeat']}s per schedule, {c['epochs']} epochs")
     heads = [f"vs {role}" + (" (95% interval, p)" if not i else "") for i, role in enumerate(references)]
@@ -1071,6 +1074,9 @@ def _print_confirmation(summary: dict[str, Any]) -> None:
         print((f"  {label:<16} {e['dice']['n']:>2} {_num(e['dice']['mean']):>9} {_num(e['dice']['sd']):>7}  "
                + " ".join(f"{t:<38}" for t in tests)).rstrip())
     print(f"  (* the confirmed winner; differences in Dice points, paired by {c['repeat']})")
+    if "tolerance" in c:
+        print(f"  cheapest_within: each {c['repeat']} is scored against the baseline's Dice on that {c['repeat']} "
+              f"less {c['tolerance']:g}")
     if c.get("search_winner_confirmed") is False:
         print(f"  the search phase's best trial, {summary['search_best']['trial_id']}, is not the confirmed winner")
     print(("" if c["significantly_better_than_baseline"] else "NOT SIGNIFICANT: ") + c["verdict"])

@@ -63,6 +63,8 @@ from pgps_tune.results import (
     reference_order,
     rung_counted,
     schedule_of,
+    scored_by_search_target,
+    search_target_note,
     valid_confirm_settings,
 )
 from pgps_tune.schedule import plural
@@ -764,10 +766,14 @@ def confirmation_section(conf: dict[str, Any]) -> str:
             "voxel fraction": number(e["schedule_voxel_fraction"]),
         })
     verdict = conf.get("verdict", "")
+    if not conf["schedules"]:  # nothing was confirmed: no table of nothing
+        return f"<p>{html.escape(verdict)}.</p>"
     if conf.get("search_winner_confirmed") is False:
         verdict += "; the search phase's best trial is not the confirmed winner"
     head = (f"<p>{html.escape(verdict)}.</p><p>{plural(len(conf['repeats']), conf['repeat'])} per schedule, "
-            f"{plural(int(conf['epochs']), 'epoch')} each; differences are paired by {conf['repeat']}.</p>")
+            f"{plural(int(conf['epochs']), 'epoch')} each; differences are paired by {conf['repeat']}"
+            + (f"; cheapest_within scores each {conf['repeat']} against the baseline's Dice on that {conf['repeat']} "
+               f"less {conf['tolerance']:g}" if "tolerance" in conf else "") + ".</p>")
     has_tests = any(e.get("vs") for e in conf["schedules"].values())
     # mean and sd as 'pgps-tune tune' and 'confirm' print them
     return head + _table(rows, list(rows[0]) if rows else [], {"Dice mean": ".4f", "Dice sd": ".4f"}) + (
@@ -948,8 +954,10 @@ def sweep_report(sweep: str | Path) -> str:
                      else _note("no searched or reference trial completed with a Dice: nothing to plot")))
 
     confirmation = summary.get("confirmation")
-    sections.append(("Confirmation", confirmation_section(confirmation) if confirmation
-                     else _note("this sweep has no confirmation results")))
+    sections.append(("Confirmation", confirmation_section(confirmation) + (
+        _note(search_target_note(meta.get("sweep", sweep.name), str(sweep)))
+        if confirmation["schedules"] and scored_by_search_target(confirmation, summary.get("objective")) else "")
+        if confirmation else _note("this sweep has no confirmation results")))
 
     importances = param_importances(rows)
     sections.append(("Parameter importances", _img(importance_figure(importances), "parameter importances")

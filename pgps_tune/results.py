@@ -714,7 +714,32 @@ def trial_rows(records: list[TrialRecord], meta: dict[str, Any]) -> list[dict[st
             "dice_per_class": strict_json(per_class, indent=None),
             "fidelity": _float(r, "fidelity", 1.0),
         })
+    if meta["objective"]["type"] == "cheapest_within":
+        _score_confirmations(rows, meta["objective"])
     return rows
+
+
+def _repeat_of(params: str) -> str:
+    """Which repeat a confirmation trial is (its seed or fold, of which split) at which budget: what pairs it."""
+    config = json.loads(params or "{}")
+    return json.dumps([config.get(k) for k in ("epochs", *REPEAT_KEYS, "folds", "splits")])
+
+
+def _score_confirmations(rows: list[dict[str, Any]], objective: dict[str, Any]) -> None:
+    """Score each confirmation trial of a ``cheapest_within`` sweep against its own target: the constant baseline's
+    Dice on the same repeat at the same budget, less the tolerance (the search's target is the baseline's one run
+    at the search's epochs: another budget, another seed).  Without that baseline (it failed) no score."""
+    from pgps_tune.space import objective_score
+
+    base = {}
+    for r in rows:
+        if r["phase"] == "confirm" and r["role"] == "baseline" and r["completed"]:
+            base.setdefault(_repeat_of(r["params"]), r["final_dice"])
+    for r in rows:
+        if r["phase"] == "confirm" and not r["failed"]:
+            dice = base.get(_repeat_of(r["params"]))
+            r["score"] = math.nan if dice is None else objective_score(
+                objective, r["final_dice"], r["schedule_voxel_fraction"], dice - objective["tolerance"])
 
 
 def trainer_meta(params_json: str) -> dict[str, Any]:
@@ -764,9 +789,35 @@ REPEAT_KEYS = ("seed", "fold")  # what pairs two confirmation trials: the same s
 CONFIRM_KEYS = ("candidate", *REPEAT_KEYS, "folds", "splits", "epochs")  # added to a schedule's config
 
 
-def _identity(row: dict[str, Any]) -> str:
-    """What makes two trials the same schedule: the stage list and the searched trainer settings."""
-    return json.dumps([json.loads(row["schedule"] or "null"), trainer_meta(row["params"])], sort_keys=True)
+def training_key(schedule: Any, params: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
+    """What a trial trains, as one string: trials with the same key train alike.
+
+    The schedule (plain data, a trial's ``schedule`` column) counts by what :class:`pgps_tune.schedule.Schedule`
+    compares (its stages, final patch, pools and sampling), not by its provenance or the recipe it carries: the
+    constant baseline (``preset: constant``) and a searched one-stage schedule (``preset: parametric``) train
+    the same.  The trainer settings a space may search (fg_ratio, lr) count at the values the trial trains with,
+    its own (``params``) or else the ``budget``'s (without a budget: only its own).
+
+    >>> one = {"stages": [{"patch_size": [16, 16, 16], "batch_size": 2, "epochs": 10}]}
+    >>> a = training_key({**one, "meta": {"preset": "constant"}}, {"preset": "constant"}, {"lr": 0.01})
+    >>> a == training_key({**one, "meta": {"preset": "parametric"}}, {"stages": 1, "lr": 0.01}, {"lr": 0.01})
+    True
+    >>> a == training_key(one, {"stages": 1, "lr": 0.02}, {"lr": 0.01})
+    False
+    """
+    from pgps_tune.space import TRAINER_PARAMS
+
+    if isinstance(schedule, dict):
+        schedule = {k: v for k, v in schedule.items() if k not in ("meta", "recipe")}
+    trainer = {}
+    for k in TRAINER_PARAMS:
+        v = params[k] if k in params else (budget or {}).get(k)
+        trainer[k] = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+    return json.dumps([schedule, trainer], sort_keys=True)
+
+
+def _trains_as(row: dict[str, Any], budget: dict[str, Any] | None) -> str:
+    return training_key(json.loads(row["schedule"] or "null"), json.loads(row["params"] or "{}"), budget)
 
 
 def full_fidelity(row: dict[str, Any]) -> bool:
@@ -774,22 +825,40 @@ def full_fidelity(row: dict[str, Any]) -> bool:
     return row.get(FIDELITY) is None or row[FIDELITY] >= 1.0
 
 
-def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[str, Any]) -> list[dict[str, Any]]:
+def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[str, Any],
+                       references: Iterable[str] = (), budget: dict[str, Any] | None = None,
+                       held: Iterable[str] = ()) -> list[dict[str, Any]]:
     """The ``top_k`` best distinct searched schedules: completed search trials by score (ties as
-    :func:`pick_best`), each schedule once, none that merely repeats a reference schedule."""
+    :func:`pick_best`), each training (:func:`training_key`, with the sweep's ``budget``) once, none that trains a
+    reference's: those of the reference trials in ``rows`` and the keys ``references`` (the references a
+    confirmation trains, whether or not the sweep trained them first).
+
+    ``held``: the searched trials an earlier run of this confirmation confirmed; they stay candidates whatever
+    the rule says now (a confirmation's candidates never change once it has run, so extending it only adds
+    repeats), and the rest of ``top_k`` is filled around them.
+    """
     # the references' own trials only: the candidates must not change once a confirmation has run
-    seen = {_identity(r) for r in rows
-            if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"}
+    seen = {_trains_as(r, budget) for r in rows
+            if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"} | set(references)
     done = [r for r in rows if r.get("phase") == "search" and r["role"] == "search" and r["completed"]
             and r["schedule"] and math.isfinite(r["score"]) and full_fidelity(r) and not (
                 objective["type"] == "dice_under_budget"
                 and r["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9)]  # never trained
+    held = set(held)
+    kept = list({r["trial_id"]: r for r in rows if r["trial_id"] in held and r.get("phase") != "confirm"
+                 and r["role"] == "search"}.values())
+    seen |= {_trains_as(r, budget) for r in kept}
     picked = []
-    for r in sorted(done, key=lambda r: (-r["score"], r["schedule_voxel_fraction"], -r["final_dice"])):
-        if len(picked) < top_k and _identity(r) not in seen:
-            seen.add(_identity(r))
+    for r in sorted(done, key=rank_key):
+        if len(kept) + len(picked) < top_k and r["trial_id"] not in held and _trains_as(r, budget) not in seen:
+            seen.add(_trains_as(r, budget))
             picked.append(r)
-    return picked
+    return sorted(kept + picked, key=rank_key)
+
+
+def rank_key(r: dict[str, Any]) -> tuple[float, float, float]:
+    """The order candidates are picked in: the best score first, then the cheaper, then the higher Dice."""
+    return -r["score"], r["schedule_voxel_fraction"], -r["final_dice"]
 
 
 def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
@@ -853,16 +922,48 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
            "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
            **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
+    objective = meta.get("objective") or {}
+    if objective.get("type") == "cheapest_within" and schedules:  # the targets the scores were taken against
+        tolerance = objective["tolerance"]
+        out["tolerance"] = tolerance
+        out[TARGET + kind] = {k: v - tolerance for k, v in schedules.get("baseline", {}).get("dice_by_" + kind,
+                                                                                              {}).items()}
     out.update(_verdict(winner, schedules, search_best, kind))
+    if winner is None and TARGET + kind in out and not any(map(math.isfinite, out[TARGET + kind].values())) \
+            and any(e["role"] == "search" and e["completed"] for e in schedules.values()):
+        out["verdict"] = (f"the constant baseline completed no confirmation {kind}, so cheapest_within has no target "
+                          "Dice to score the searched schedules against; there is no confirmed winner: confirm again "
+                          "once its failure is fixed")
     return out
+
+
+TARGET = "target_dice_by_"  # + seed or fold: a cheapest_within confirmation's target on each repeat
+
+
+def scored_by_search_target(confirmation: dict[str, Any], objective: Any) -> bool:
+    """Whether a stored ``cheapest_within`` confirmation (summary.json's, or a store cell's) was scored the way
+    pgps-tune scored it before it had targets of its own: against the search's target Dice."""
+    return (isinstance(objective, dict) and objective.get("type") == "cheapest_within"
+            or objective == "cheapest_within") and not any(str(k).startswith(TARGET) for k in confirmation)
+
+
+def search_target_note(sweep: str, folder: str) -> str:
+    """The note for a confirmation :func:`scored_by_search_target`: what its scores mean and the export that
+    rescores it."""
+    return (f"the confirmation of sweep {sweep!r} was scored against its search's target Dice (the constant "
+            "baseline's one run at the search's epochs), as pgps-tune did before each confirmation trial was scored "
+            "against the baseline on the same seed or fold at the confirmation's epochs; rescore it with 'pgps-tune "
+            f"export --experiment {folder} --out {folder}'")
 
 
 def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None,
              kind: str = "seed") -> dict[str, Any]:
     """The plain-words answer: is the confirmed winner better than the references, and was the search right?"""
     if winner is None:
-        return {"significantly_better_than_baseline": False,
-                "verdict": "no searched schedule completed its confirmation trials; there is no confirmed winner"}
+        text = ("no searched schedule completed its confirmation trials; there is no confirmed winner" if schedules
+                else "the search left no schedule to confirm (no searched trial completed, or each one trains a "
+                     "reference's schedule); there is no confirmed winner")
+        return {"significantly_better_than_baseline": False, "verdict": text}
     base = schedules[winner].get("vs", {}).get("baseline")
     better = bool(base and base["significantly_better"])
     if base is None or base["n"] == 0:
@@ -1115,7 +1216,8 @@ def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, 
     w = conf["schedules"][conf["winner"]]
     return {"trial_id": conf["winner"], "recipe_trial": row["trial_id"], "val_dice": w["dice"]["mean"],
             "score": w["score"]["mean"], "confirmation": {
-                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"]}}
+                "repeat": conf["repeat"], "repeats": conf["repeats"], "epochs": conf["epochs"], "dice": w["dice"],
+                **{k: v for k, v in conf.items() if k.startswith(TARGET)}}}
 
 
 def _confirmation_evidence(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -1395,6 +1497,10 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
     ranked = stored_ranking(t.filter(mask).to_pylist())
+    for r in ranked:  # a confirmed winner's score stored before confirmations had targets of their own
+        if r.get(CONFIRMED) and scored_by_search_target(json.loads(r[CONFIRMED])["confirmation"], objective):
+            print(f"pgps-tune: note: {search_target_note(r['sweep'], r[ORIGIN] or 'SWEEP_DIR')}", file=sys.stderr,
+                  flush=True)
     if objective == "pareto" and rule is None:
         rule = recorded_pick(ranked)
     if rule is None:

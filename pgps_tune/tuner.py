@@ -108,6 +108,7 @@ from pgps_tune.results import (
     require_finished,
     shared_storage,
     stored_trials,
+    training_key,
     trial_rows,
     trial_status,
     tune_storage,
@@ -2910,12 +2911,44 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
     return merged
 
 
+def reference_keys(meta: dict[str, Any]) -> list[str]:
+    """What the references a confirmation trains train at the search's budget (:func:`training_key`): a searched
+    schedule that trains one of them is no candidate, whether or not the sweep trained the references first."""
+    setup = meta["trial_setup"]
+    b = setup["budget"]
+    multiple_of = None if b.get("trainer") == "nnunet" else patch_multiple(b["network"], setup["pools"],
+                                                                            b["token_size"])
+    return [training_key(schedule_from_params(c, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
+                                              multiple_of).to_dict(), c, b) for c in meta["reference_configs"]]
+
+
+def _pooled_repeat(config: dict[str, Any], settings: ConfirmSettings) -> bool:
+    """Whether confirmation trial ``config`` is a repeat of the experiment ``settings`` asks for (:func:`_pools`)."""
+    if config.get("epochs") != settings.epochs:
+        return False
+    if settings.seeds is not None:
+        return "seed" in config
+    return "fold" in config and (config.get("folds"), config.get("splits")) == (settings.folds, settings.splits)
+
+
+def confirmed_before(meta: dict[str, Any], rows: list[dict[str, Any]], settings: ConfirmSettings) -> set[str]:
+    """The searched trials that earlier runs of this confirmation (those it pools with, interrupted, finished or
+    replaced) confirmed: they stay its candidates, whatever rule picked them."""
+    configs = [*(meta.get("pending_confirm") or {}).get("configs", []),
+               *(meta.get("confirmation") or {}).get("configs", []),
+               *(json.loads(r["params"]) for r in rows if r["phase"] == "confirm")]
+    return {c["candidate"] for c in configs
+            if isinstance(c, dict) and c.get("role") == "search" and _pooled_repeat(c, settings)}
+
+
 def run_confirmation(opts: SweepOptions, meta: dict[str, Any], settings: ConfirmSettings, storage_fs,
                      signals: _StopSignals | None) -> None:
     """Run (or continue, or extend) the confirmation ``settings`` asks for; record it in sweep.json."""
     settings = _union(_earlier(meta), settings)  # never fewer schedules or seeds than it has
     rows = trial_rows(read_trials(meta), meta)
-    candidates = confirm_candidates(rows, settings.top_k, meta["objective"])
+    b = meta["trial_setup"]["budget"]
+    candidates = confirm_candidates(rows, settings.top_k, meta["objective"], reference_keys(meta), b,
+                                    held=confirmed_before(meta, rows, settings))
     configs = settings.configs(candidates, meta["reference_configs"], meta["trial_setup"]["budget"]["seed"])
     if Progress.sweep_eta is not None:  # the search's distinct completed schedules may be fewer than top_k
         Progress.sweep_eta.at_most(["confirm"], len(candidates))

@@ -240,6 +240,48 @@ def test_a_reference_that_failed_every_repeat_has_no_gain_and_the_outcome_still_
     assert "Against the paper reference (means over 2 seeds): Dice 0.750 vs 0.450 (+30.0 points)" in lines[2]
 
 
+def test_cheapest_within_scores_a_confirmation_against_its_own_baseline_on_each_seed():
+    # the search's target was the baseline's one run at the search's epochs (here 0.70 - 0.05); a confirmation at
+    # 14 epochs was scored against it although it trains the baseline on its own seeds at its own budget
+    from pgps_tune.results import TrialRecord, scored_by_search_target, summarize, trial_rows
+
+    meta = {"objective": {"type": "cheapest_within", "tolerance": 0.05}, "target_dice": 0.65, "dataset": "d",
+            "sweep": "s", "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
+    dice = {"baseline": [0.80, 0.60, 0.70], "t1": [0.76, 0.58, 0.50], "t2": [0.70, 0.50, 0.66]}
+    configs, records = [], [TrialRecord("t1", "TERMINATED", {}, {"val_dice": 0.6, "completed": True,
+                                                                 "schedule": "{}", "schedule_voxel_fraction": 0.4})]
+    for name, values in dice.items():
+        for seed, d in enumerate(values, 1):
+            config = {"role": "search" if name != "baseline" else name, "candidate": name, "seed": seed,
+                      "epochs": 14}
+            configs.append(config)
+            status = "ERROR" if (name, seed) == ("baseline", 3) else "TERMINATED"
+            result = {"val_dice": d, "completed": True, "role": config["role"],
+                      "schedule_voxel_fraction": 1.0 if name == "baseline" else 0.4}
+            records.append(TrialRecord(f"{name}-{seed}", status, config, result, phase="confirm"))
+    meta["confirmation"] = {"configs": configs, "repeat": "seed", "epochs": 14, "top_k": 2, "experiments": ["c"]}
+    rows = trial_rows(records, meta)
+    scores = {r["trial_id"]: r["score"] for r in rows}
+    # seed 1 target 0.75, seed 2 0.55: t1 is within on both (0.6 saved), t2 on neither; seed 3's baseline failed
+    assert scores["t1-1"] == scores["t1-2"] == pytest.approx(0.6) and scores["baseline-1"] == 0.0
+    assert (scores["t2-1"], scores["t2-2"]) == pytest.approx((0.70 - 0.75, 0.50 - 0.55))
+    assert math.isnan(scores["t1-3"]) and math.isnan(scores["t2-3"])  # no target on seed 3: no score
+    assert scores["t1"] == pytest.approx(0.6 - 0.65)  # the search's trials keep the search's target
+    c = summarize(rows, meta)["confirmation"]
+    assert c["winner"] == "t1" and c["schedules"]["t1"]["score"] == {"n": 2, "mean": pytest.approx(0.6), "sd": 0.0}
+    assert c["tolerance"] == 0.05 and c["target_dice_by_seed"]["1"] == pytest.approx(0.75)
+    assert math.isnan(c["target_dice_by_seed"]["3"]) and not scored_by_search_target(c, meta["objective"])
+    old = {k: v for k, v in c.items() if k not in ("tolerance", "target_dice_by_seed")}
+    assert scored_by_search_target(old, meta["objective"]) and scored_by_search_target(old, "cheapest_within")
+    assert not scored_by_search_target(old, {"type": "max_dice"})
+    # a baseline that completed no seed leaves no target: said so, not 'no searched schedule completed'
+    rows = trial_rows([t if t.config.get("role") != "baseline" else TrialRecord(t.trial_id, "ERROR", t.config, {},
+                                                                               phase="confirm") for t in records], meta)
+    c = summarize(rows, meta)["confirmation"]
+    assert c["winner"] is None and c["verdict"].startswith("the constant baseline completed no confirmation seed, so "
+                                                          "cheapest_within has no target Dice")
+
+
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
     # 'confirm --epochs 12' replaced a 10-epoch confirmation: best_schedule.yaml must hold a 12-epoch trial
     # of the winner, not the replaced confirmation's trial that comes first in trials.parquet
@@ -493,10 +535,9 @@ def test_confirm_says_when_it_keeps_more_than_asked_and_when_it_replaces_the_exp
 
 
 def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_path, capsys, monkeypatch):
-    # the searched schedule is the constant baseline's recipe (1 stage, the budget's lr), so the
-    # confirmation must find it no better than the baseline, whatever the seeds give
+    # one searched schedule (2 stages; one stage would train the constant baseline again, which is no candidate)
     monkeypatch.setenv("PGPS_RESULTS_DIR", str(tmp_path / "store"))
-    space = write_space(tmp_path / "s.yaml", parameters={"stages": {"value": 1}, "lr": {"value": BUDGET["lr"]}},
+    space = write_space(tmp_path / "s.yaml", parameters={"stages": {"value": 2}, "growth": {"value": 2.0}},
                         search={"num_samples": 1, "references": False}, asha={"enabled": False},
                         budget={**BUDGET, "iterations_per_epoch": 2, "val_every": 10, "synthetic_cases": 4},
                         confirm={"enabled": True, "top_k": 2, "seeds": 2})
@@ -518,13 +559,13 @@ def test_sweep_confirms_then_extends_without_repeating_a_trial(shared_ray, tmp_p
     assert summary["best"]["final_dice"] == pytest.approx(c["schedules"][searched]["dice"]["mean"])
     assert summary["search_best"]["trial_id"] == searched and c["search_winner_confirmed"] is True
     vs = c["schedules"][searched]["vs"]["baseline"]
-    assert vs["n"] == 2 and not vs["significantly_better"] and not c["significantly_better_than_baseline"]
+    assert vs["n"] == 2 and vs["significantly_better"] == c["significantly_better_than_baseline"]
     assert summary["gain_over_baseline"]["pairs"] == 2 and "gain_over_paper" in summary
-    assert "NOT SIGNIFICANT: no searched schedule is significantly better than the constant baseline" in printed
+    assert c["verdict"] in printed
     best = sch.load(out / "best_schedule.yaml")
     assert best.meta["confirmation"]["verdict"] == c["verdict"] and best.meta["confirmation"]["repeats"] == [1, 2]
     assert best.meta["val_dice"] == pytest.approx(c["schedules"][searched]["dice"]["mean"])
-    assert len(best.stages) == 1
+    assert len(best.stages) == 2
     # a third seed: only the 3 new trials run, in an experiment of their own
     capsys.readouterr()
     assert main(["confirm", str(out), "--seeds", "3", "--progress", "json", "--max-concurrent", "1"]) == 0
@@ -600,14 +641,62 @@ def _one_searched_trial(monkeypatch) -> tuple[list, dict]:
 
 def _sweep_to_confirm(folder, seed: int):
     """A finished sweep's sweep.json (as a dict) and options, for run_confirmation without Ray."""
+    from conftest import trial_setup
+
     from pgps_tune import tuner
 
     meta = {"sweep": "s", "storage_path": str(folder), "experiments": {"search": "s-search"},
-            "objective": {"type": "max_dice"}, "trial_setup": {"budget": {"seed": seed}},
+            "objective": {"type": "max_dice"}, "trial_setup": trial_setup(folder, seed=seed),
             "reference_configs": [{"role": "baseline", "preset": "constant"}],
             "asha": {"time_attr": "epoch", "max_t": 10, "grace_period": 1, "reduction_factor": 2}}
     return meta, tuner.SweepOptions(space=sp.parse({"parameters": {"stages": {"value": 1}}}), data="synthetic",
                                     out=folder)
+
+
+def test_a_searched_schedule_that_trains_a_reference_is_no_candidate_but_a_stored_confirmation_keeps_its_own(
+        tmp_path, monkeypatch):
+    # a one-stage searched schedule (preset: parametric, its lr the budget's) trains the constant baseline
+    # (preset: constant): it was confirmed beside the baseline, as a candidate, whether or not the sweep had
+    # trained the references first
+    from pgps_tune import tuner
+    from pgps_tune.config import patch_multiple
+    from pgps_tune.results import TrialRecord
+
+    records, done = _one_searched_trial(monkeypatch)  # s1: a 2-stage schedule, Dice 0.5
+    one = sp.schedule_from_params({"stages": 1}, (16, 16, 16), (2, 2, 2), 2, 10, patch_multiple("unet", (2, 2, 2), 16))
+    assert one.meta["preset"] == "parametric"
+    records.insert(0, TrialRecord("same", "TERMINATED", {"stages": 1, "lr": 0.01},
+                                  {**done, "val_dice": 0.9, "score": 0.9, "schedule": json.dumps(one.to_dict())},
+                                  phase="search"))
+    trained = []
+
+    def run_phase(phase, opts, setup, fs, path, name, searcher, n, scheduler, signals=None):
+        trained.append(sorted({c["candidate"] for c in searcher.configs}))
+        records.extend(TrialRecord(f"c{len(records)}", "TERMINATED", c, {**done, "role": c["role"]}, phase="confirm")
+                       for c in searcher.configs)
+
+    monkeypatch.setattr(tuner, "run_phase", run_phase)
+    meta, opts = _sweep_to_confirm(tmp_path, seed=0)
+    meta["trial_setup"]["budget"]["lr"] = 0.01
+    seeds = tuner.ConfirmSettings
+    tuner.run_confirmation(opts, meta, seeds(top_k=2, epochs=10, seeds=2), None, None)
+    assert trained == [["baseline", "s1"]]  # the best searched trial, 'same', is the baseline again
+    # a confirmation stored before this rule confirmed 'same': extending it keeps its candidates (its verdict
+    # only gains repeats); another budget is a new confirmation, chosen by the rule
+    for c in meta["confirmation"]["configs"]:
+        if c["candidate"] == "s1":
+            c["candidate"] = "same"
+    records[:] = [r for r in records if r.phase != "confirm"]
+    tuner.run_confirmation(opts, meta, seeds(top_k=2, epochs=10, seeds=3), None, None)
+    assert trained[-1] == ["baseline", "s1", "same"]
+    tuner.run_confirmation(opts, meta, seeds(top_k=2, epochs=20, seeds=2), None, None)
+    assert trained[-1] == ["baseline", "s1"]
+    # a searched lr other than the budget's trains something else
+    records[0].config["lr"] = 0.02
+    meta.pop("confirmation")
+    records[:] = [r for r in records if r.phase != "confirm"]
+    tuner.run_confirmation(opts, meta, seeds(top_k=2, epochs=30, seeds=2), None, None)
+    assert trained[-1] == ["baseline", "s1", "same"]
 
 
 def test_confirm_on_a_read_only_sweep_folder_names_a_fix_confirm_has(tmp_path, monkeypatch):
@@ -644,6 +733,18 @@ def test_a_search_that_only_found_the_references_schedules_is_not_said_to_have_f
     tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
     assert "the 1 completed searched trial trained only the references' schedules, so there is nothing to " \
            "confirm" in capsys.readouterr().err
+    # the summary and the terminal say so in one line: no empty table over '0 seeds', no 'NOT SIGNIFICANT: no
+    # searched schedule completed its confirmation trials' (none was run)
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import confirmation_section
+
+    conf = confirmation_summary([], meta)
+    _print_confirmation({"confirmation": conf})
+    assert capsys.readouterr().out == ("confirmation: the search left no schedule to confirm (no searched trial "
+                                       "completed, or each one trains a reference's schedule); there is no confirmed "
+                                       "winner\n")
+    assert confirmation_section(conf).startswith("<p>the search left no schedule to confirm") and "<table" not in \
+        confirmation_section(conf)
     records.clear()
     tuner.run_confirmation(opts, meta, tuner.ConfirmSettings(top_k=1, epochs=10, seeds=2), None, None)
     assert "no searched schedule completed, so there is nothing to confirm" in capsys.readouterr().err
