@@ -1202,19 +1202,32 @@ def local_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def check_resources(cpus: float, gpus: float | None, have: dict[str, float] | None = None) -> None:
-    """Refuse per-trial resources the cluster (``have``: Ray's, by default) cannot give one trial;
-    ``gpus`` None: the CPUs alone."""
-    have = ray.cluster_resources() if have is None else have
-    have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    if cpus > have_cpu:
-        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; "
-                        "ask for at most that")
-    if gpus is not None and gpus > have_gpu:
-        raise PgpsError(
-            f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
-            "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
-        )
+def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse per-trial resources that no node of the cluster can give one trial (``nodes``: each live node's
+    resources, Ray's by default; ``gpus`` None: the CPUs alone).  A trial runs on one node: two 1-CPU nodes
+    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word."""
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cpus} if gpus is None else {"CPU": cpus, "GPU": gpus}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        return
+    for key, flag in (("CPU", "--cpus-per-trial"), ("GPU", "--gpus-per-trial")):
+        if key not in need:
+            continue
+        total = float(sum(node.get(key, 0.0) for node in nodes))
+        most = float(max((node.get(key, 0.0) for node in nodes), default=0.0))
+        if need[key] > total:
+            fix = ("ask for at most that" if key == "CPU" else
+                   "use --gpus-per-trial 0 or join a cluster with GPUs (--address)")
+            raise PgpsError(f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}")
+        if need[key] > most:
+            raise PgpsError(f"{flag} {need[key]:g} but no node of the cluster has {plural(need[key], key)} (a trial "
+                            f"runs on one node; its {len(nodes)} nodes have at most {plural(most, key)} each); "
+                            f"ask for at most {most:g}")
+    fit = float(max(node.get("CPU", 0.0) for node in nodes if node.get("GPU", 0.0) >= need["GPU"]))
+    raise PgpsError(f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}: no node of the cluster has both (a "
+                    f"trial runs on one node; those with {plural(need['GPU'], 'GPU')} have at most "
+                    f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial")
 
 
 def _filesystem(storage: str | None, storage_path: str):
@@ -2484,7 +2497,7 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     own_ray = not ray.is_initialized()  # a caller's Ray stays
     _one_line_ray_errors()
     if own_ray and not opts.address:  # the local Ray about to start has this machine's CPUs: no need to start it
-        check_resources(opts.cpus_per_trial, None, {"CPU": float(local_cpus())})
+        check_resources(opts.cpus_per_trial, None, [{"CPU": float(local_cpus())}])
     try:
         with signals.held():
             start_ray(opts.address)

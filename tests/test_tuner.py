@@ -328,6 +328,34 @@ def test_an_address_nothing_listens_at_is_refused_without_waiting_for_ray():
         assert _refused(other) is None, other  # forms Ray reads (or refuses) itself
 
 
+def test_per_trial_resources_must_fit_on_one_node_of_the_cluster():
+    # two 1-CPU nodes have 2 CPUs in all, yet a 2-CPU trial fits on neither: Tune left it pending for ever
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import check_resources
+
+    def refusal(cpus, gpus, nodes):
+        with pytest.raises(PgpsError) as e:
+            check_resources(cpus, gpus, nodes)
+        return str(e.value)
+
+    two = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_resources(1, 0, two)
+    check_resources(0.5, None, two)
+    assert refusal(2, 0, two) == ("--cpus-per-trial 2 but no node of the cluster has 2 CPUs (a trial runs on one "
+                                  "node; its 2 nodes have at most 1 CPU each); ask for at most 1")
+    assert refusal(3, 0, two).startswith("--cpus-per-trial 3 but the cluster has 2 CPUs;")
+    gpus = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert "has 2 GPUs (a trial runs on one node; its 2 nodes have at most 1 GPU each); ask for at most 1" in \
+        refusal(1, 2, gpus)
+    assert refusal(1, 0.5, two).startswith("--gpus-per-trial 0.5 but the cluster has 0 GPUs;")
+    mixed = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]  # each request fits a node, both together none
+    check_resources(4, 1, mixed)
+    check_resources(8, 0, mixed)
+    assert refusal(8, 1, mixed) == ("--cpus-per-trial 8 with --gpus-per-trial 1: no node of the cluster has both "
+                                    "(a trial runs on one node; those with 1 GPU have at most 4 CPUs); ask for at "
+                                    "most 4 CPUs per trial")
+
+
 def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
     """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
     the likely causes and --address; an error of the call itself is left to the internal-error report."""
