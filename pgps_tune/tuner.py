@@ -165,6 +165,8 @@ class SweepOptions:
             raise PgpsError(f"--cpus-per-trial must be a finite number > 0, got {self.cpus_per_trial:g}")
         if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
             raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
+        if self.address:
+            check_address(self.address)
         for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:
@@ -1136,6 +1138,8 @@ def start_ray(address: str | None) -> None:
                 try:
                     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
                 except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+                    if _token_refused(exc):
+                        raise PgpsError(_token_advice(address)) from None
                     why = type(exc).__name__
                 else:
                     return
@@ -1167,6 +1171,46 @@ def start_ray(address: str | None) -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _end_at_once()
+
+
+def check_address(address: str) -> None:
+    """Refuse an ``--address`` that names no Ray cluster to join: a Ray Client (``ray://``) or dashboard
+    (``http://``) address, or ``local`` (a new Ray, not a cluster)."""
+    if address.startswith("ray://"):
+        raise PgpsError(f"--address {address} is a Ray Client address, which pgps-tune cannot use (its driver "
+                        "writes the sweep folder and reads the Tune storage itself); run pgps-tune on a node of "
+                        "the cluster with --address auto, or give the head's HOST:PORT (port 6379 by default)")
+    if "://" in address:
+        raise PgpsError(f"--address {address} is not a Ray cluster's address (a dashboard's http:// address is "
+                        "for 'ray job submit'); give auto or the head's HOST:PORT (port 6379 by default)")
+    if address.strip().lower() == "local":
+        raise PgpsError("--address local starts a new Ray rather than joining a cluster; leave out --address "
+                        "for a Ray of the sweep's own")
+
+
+def _token_refused(exc: BaseException) -> bool:
+    """Whether joining a cluster failed on Ray's token authentication (its AuthenticationError, raised or, after
+    Ray's retries, only quoted in the message of the error that ends them)."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _token_advice(address: str) -> str:
+    """The one line for a cluster that refused this machine's token: Ray sends one to an explicit HOST:PORT
+    only with ``RAY_AUTH_MODE=token`` (``auto`` turns it on where a token file exists)."""
+    if address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        fix = ("Ray sends it to a HOST:PORT address only with RAY_AUTH_MODE=token: set that in the environment, "
+               "with the head's ~/.ray/auth_token copied to this machine")
+    else:
+        fix = "copy the head's ~/.ray/auth_token to this machine (or point RAY_AUTH_TOKEN_PATH at it)"
+    return (f"the Ray cluster at --address {address} refused this machine's authentication token (missing, wrong "
+            f"or not sent); {fix}, and run the command again")
 
 
 def _start_failure(exc: Exception) -> bool:

@@ -356,6 +356,42 @@ def test_per_trial_resources_must_fit_on_one_node_of_the_cluster():
                                     "most 4 CPUs per trial")
 
 
+def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    from pgps_tune import tuner
+    from pgps_tune.errors import PgpsError
+
+    # a Ray Client or dashboard address, and 'local', were passed to Ray: "no Ray cluster reachable (ValueError)"
+    space = write_space(tmp_path / "s.yaml")
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "--address", "ray://head:10001"]) == 2
+    assert "is a Ray Client address" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+    for address, needle in (("http://head:8265", "not a Ray cluster's address"), ("local", "leave out --address")):
+        with pytest.raises(PgpsError, match=needle):
+            tuner.check_address(address)
+    tuner.check_address("auto")
+    tuner.check_address("10.0.0.1:6379")
+
+    # a token refused (here: not sent) ended in "no Ray cluster reachable ..., copy its ~/.ray/auth_token", though
+    # the token was there: Ray quotes the refusal only in the message of the error that ends its retries
+    def refused(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback ...\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: ...")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+    monkeypatch.setattr(tuner, "_refused", lambda address: None)
+    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tuner.ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(PgpsError, match="sends it to a HOST:PORT address only with RAY_AUTH_MODE=token"):
+        tuner.start_ray("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # sent, and refused: the token here is not the cluster's
+    with pytest.raises(PgpsError, match=r"refused this machine's authentication token .*; copy the head's"):
+        tuner.start_ray("10.0.0.1:6379")
+
+
 def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
     """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
     the likely causes and --address; an error of the call itself is left to the internal-error report."""
