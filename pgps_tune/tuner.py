@@ -1274,6 +1274,86 @@ def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float
                     f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial")
 
 
+def _unseen_here(paths: dict[str, str], creatable: dict[str, str]) -> list[str]:
+    """On a node of the cluster: the keys of ``paths`` that do not exist here, and of ``creatable`` folders
+    that neither exist nor can be made here (the nearest existing folder above is not writable)."""
+    unseen = [key for key, path in paths.items() if not os.path.exists(path)]
+    for key, path in creatable.items():
+        above = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        if not (above == Path(path) and above.is_dir()) and not os.access(above, os.W_OK | os.X_OK):
+            unseen.append(key)
+    return unseen
+
+
+# what a node that runs trials must see, and how to make it so
+_UNSEEN_FIX = {"storage": "keep the Tune storage where every node reaches it: a shared (NFS) path, or s3:// or gs:// "
+                          "(tune --storage)",
+               "data": "put the dataset at the same path on every node",
+               "plans": "put the nnU-Net data at the same paths on every node",
+               "cache": "give a --cache-dir every node can write (shared, or the same local path on each)"}
+NODE_CHECK_S = 60.0  # a node's check starts a Ray worker there: seconds, unless the node is overloaded
+
+
+def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str, data: str | None,
+                        cache_root: str | None, plans: str | None = None) -> None:
+    """Refuse, before any trial starts, a cluster with a node that would run trials but cannot see what they
+    read and write: the Tune storage (a local path: the trials write their results and checkpoints there,
+    and Tune does not sync them to the driver), the dataset (``data``; None: synthetic or nnU-Net's), the
+    nnU-Net plans, or the preprocessing cache's folder (``cache_root``: made where missing).  A path that
+    exists only on the driver's machine otherwise fails every trial placed elsewhere, after retries, with
+    Ray's or the loader's own error.  Each node that fits a trial checks itself in a task of no CPUs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    paths: dict[str, str] = {}
+    labels = {"storage": f"the Tune storage {storage_path}", "data": f"--data {data}",
+              "plans": f"the nnU-Net plans {plans}", "cache": f"the preprocessing cache {cache_root}"}
+    marker = None
+    if storage_fs is None:  # a local path; a remote storage is reached by its URI from anywhere
+        marker = Path(storage_path) / f".pgps-node-check-{os.getpid()}-{time.time_ns()}"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"")
+        except OSError as exc:
+            raise PgpsError(f"cannot write to the Tune storage {storage_path} ({brief(exc)}); make it writable, "
+                            "or give another --storage") from None
+        paths["storage"] = str(marker)
+    if data is not None and data != "synthetic":
+        paths["data"] = data
+    if plans is not None:
+        paths["plans"] = plans
+    creatable = {"cache": cache_root} if cache_root else {}
+    blind: list[tuple[str, list[str]]] = []
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus
+                 and n["Resources"].get("GPU", 0.0) >= gpus]
+        probe = ray.remote(num_cpus=0, max_retries=0)(_unseen_here)
+        asked = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                 .remote(paths, creatable): n["NodeManagerAddress"] for n in nodes}
+        done, late = ray.wait(list(asked), num_returns=len(asked), timeout=NODE_CHECK_S) if asked else ([], [])
+        for ref in done:
+            try:
+                if unseen := ray.get(ref):
+                    blind.append((asked[ref], unseen))
+            except Exception as exc:  # the node died meanwhile, its worker could not start, ...
+                print(f"pgps-tune: note: node {asked[ref]} could not check what its trials need "
+                      f"({type(exc).__name__}: {brief(exc)})", file=sys.stderr, flush=True)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if late:
+        print(f"pgps-tune: note: {plural(len(late), 'node')} of the cluster did not say within {NODE_CHECK_S:g} s "
+              "whether they see the sweep's storage, data and cache; a trial there fails if they do not",
+              file=sys.stderr, flush=True)
+    if blind:
+        where, unseen = blind[0]
+        more = f" (and {plural(len(blind) - 1, 'other node')})" if len(blind) > 1 else ""
+        raise PgpsError(f"node {where}{more} of the cluster would run trials but cannot see "
+                        f"{' or '.join(labels[k] for k in unseen)} (on this machine only?); "
+                        f"{'; '.join(_UNSEEN_FIX[k] for k in unseen)}, then run the command again")
+
+
 def _filesystem(storage: str | None, storage_path: str):
     """(pyarrow filesystem, path) of a sweep's Tune storage."""
     import pyarrow.fs as pafs
@@ -2350,6 +2430,12 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if settings is not None and before:
             settings = resumed_confirmation(before, settings)  # never shrinks what 'pgps-tune confirm' added
         with _ray_session(opts, signals):
+            if opts.address:  # the trials may run on other machines: what they need must be there too
+                nnunet_trainer = b.trainer == "nnunet"
+                check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, storage_path,
+                                    None if nnunet_trainer else opts.data,
+                                    None if nnunet_trainer else str(Path(ds.cache_dir).parent),
+                                    str(ds.plan.source) if nnunet_trainer else None)
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings, before)
         try:
@@ -3008,6 +3094,11 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     plan = confirm_plan(settings, b["iterations_per_epoch"],
                         _fractions(meta["reference_configs"], setup, settings.epochs))
     with _stop_signals() as signals, _ray_session(opts, signals), _sweep_clock([plan], opts, announce=False):
+        if opts.address:  # as in a sweep: the trials may run on other machines
+            nnunet_trainer = "nnunet" in setup
+            check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, meta["storage_path"],
+                                None if nnunet_trainer else setup["data"], setup.get("cache_root"),
+                                setup["nnunet"]["plans"] if nnunet_trainer else None)
         run_confirmation(opts, meta, settings, storage_fs, signals)
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
 

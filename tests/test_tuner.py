@@ -392,6 +392,30 @@ def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(
         tuner.start_ray("10.0.0.1:6379")
 
 
+def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path):
+    # a path only on the driver's machine failed every trial placed on another node, after its retries (for a
+    # local --storage, at the trial's first checkpoint): each node that fits a trial now checks, in a task of no CPUs
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import _unseen_here, check_cluster_paths
+
+    store, data = tmp_path / "store", tmp_path / "data"
+    store.mkdir()
+    data.mkdir()
+    (tmp_path / "file").write_text("x")
+    assert _unseen_here({"data": str(data)}, {"cache": str(tmp_path / "new" / "cache")}) == []
+    assert _unseen_here({"data": str(tmp_path / "gone")}, {"cache": str(tmp_path / "file" / "cache")}) == [
+        "data", "cache"]
+    check_cluster_paths(1, 0, None, str(store), str(data), str(tmp_path / "cache"))
+    assert list(store.iterdir()) == []  # the storage's marker is gone again
+    with pytest.raises(PgpsError) as e:
+        check_cluster_paths(1, 0, None, str(store), str(tmp_path / "gone"), str(tmp_path / "file" / "cache"))
+    assert str(e.value).startswith("node ") and (
+        f"of the cluster would run trials but cannot see --data {tmp_path / 'gone'} or the preprocessing cache "
+        f"{tmp_path / 'file' / 'cache'} (on this machine only?); put the dataset at the same path on every node; "
+        "give a --cache-dir every node can write") in str(e.value), str(e.value)
+    assert list(store.iterdir()) == []
+
+
 def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
     """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
     the likely causes and --address; an error of the call itself is left to the internal-error report."""
