@@ -1370,6 +1370,23 @@ def _filesystem(storage: str | None, storage_path: str):
     return pafs.LocalFileSystem(), storage_path
 
 
+def plain_storage(storage: str) -> str:
+    """``storage`` with a ``file://`` URI of this machine as the absolute path it names: pyarrow writes both
+    alike, and a sweep records, compares and relocates a local storage by its path.
+
+    >>> plain_storage("file:///shared/runs"), plain_storage("s3://bucket/runs"), plain_storage("/shared/runs/")
+    ('/shared/runs', 's3://bucket/runs', '/shared/runs')
+    """
+    from urllib.parse import unquote, urlsplit
+
+    if "://" not in storage:
+        return str(Path(storage).resolve())
+    url = urlsplit(storage)
+    if url.scheme != "file" or url.netloc not in ("", "localhost") or url.query:
+        return storage
+    return str(Path(unquote(url.path)).resolve())
+
+
 def resolve_storage(storage: str | None, out: Path):
     """(pyarrow filesystem or None, storage path) for Tune; checks that it can be written."""
     import pyarrow.fs as pafs
@@ -2390,6 +2407,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:
         opts.cache_root = str(Path(opts.cache_root).resolve())
+    if opts.storage:
+        opts.storage = plain_storage(opts.storage)
     before = _resumable(opts) if opts.resume else None
     started = before.get("started", time.time()) if before else time.time()
     with _stop_signals() as signals:
@@ -2503,12 +2522,11 @@ def _resumable(opts: SweepOptions) -> dict[str, Any]:
     _same_sweep(before, {"space_key": opts.space.key(), "data": str(opts.data)},
                 {f"budget.{k}": (stored[k], budget[k]) for k in changed})
     stored, path = before.get("storage"), before["storage_path"]
-    remote = "://" in str(stored or "")
+    remote = "://" in plain_storage(stored) if stored else False  # a file:// storage is a local path
     if opts.storage is None:
         if stored is not None:
             opts.storage = stored if remote else path
-    elif (opts.storage if "://" in opts.storage else str(Path(opts.storage).resolve())) != (
-            stored if remote else path):
+    elif plain_storage(opts.storage) != (stored if remote else path):
         raise PgpsError(f"--storage {opts.storage} differs from the storage this sweep's Tune experiments are in "
                         f"({stored if remote else path}); resume with that --storage, or leave --storage out")
     if "study" in before:

@@ -416,6 +416,25 @@ def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_
     assert list(store.iterdir()) == []
 
 
+def test_a_file_uri_storage_and_its_path_are_the_same_storage_on_resume(tmp_path):
+    # a sweep started with --storage file:///shared/runs was refused on resume with --storage /shared/runs as
+    # "differs from the storage this sweep's Tune experiments are in", and the other way round
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.results import write_meta
+    from pgps_tune.tuner import SweepOptions, _resumable, plain_storage
+
+    storage, space = tmp_path / "runs", sp.load(write_space(tmp_path / "s.yaml"))
+    for n, (then, now) in enumerate(((f"file://{storage}", str(storage)), (str(storage), f"file://{storage}/"))):
+        out = tmp_path / f"sweep{n}"
+        out.mkdir()
+        write_meta(out, sweep_meta(out, storage=then, storage_path=str(storage)))
+        opts = SweepOptions(space=space, data="synthetic", out=out, storage=plain_storage(now), resume=True)
+        _resumable(opts)  # as tune --resume reads --storage
+        assert opts.storage == str(storage)
+    with pytest.raises(PgpsError, match="differs from the storage"):
+        _resumable(SweepOptions(space=space, data="synthetic", out=out, storage=str(tmp_path / "other"), resume=True))
+
+
 def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
     """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
     the likely causes and --address; an error of the call itself is left to the internal-error report."""
