@@ -1132,7 +1132,8 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        why = _refused(address)  # Ray itself retries a refused address for several seconds before giving up
+        dialed, shown = _dialed(address)
+        why = _refused(dialed)  # Ray itself retries a refused address for several seconds before giving up
         if why is None:
             with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
                 try:
@@ -1144,9 +1145,13 @@ def start_ray(address: str | None) -> None:
                 else:
                     return
         raise PgpsError(
-            f"no Ray cluster reachable at --address {address} ({why}); start one with "
+            f"no Ray cluster reachable at {shown} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
+    if (env := os.environ.get("RAY_ADDRESS", "").strip()) and "://" not in env and env != "local":
+        print(f"pgps-tune: note: RAY_ADDRESS is set ({env}, as in a Ray Job), but without --address this command "
+              "starts a Ray of its own on this machine; give --address auto to run the trials on that cluster",
+              file=sys.stderr, flush=True)
     # A SIGTERM to the whole job (timeout, Slurm's scancel or time limit, systemd) reaches every process
     # of it.  Ray blocks SIGINT in the processes ray.init starts (they inherit the mask of the thread that
     # starts them), not SIGTERM: a GCS ended so leaves the driver's stop of the sweep waiting on it for
@@ -1173,19 +1178,30 @@ def start_ray(address: str | None) -> None:
     _end_at_once()
 
 
+def _dialed(address: str) -> tuple[str, str]:
+    """(the address Ray dials for ``--address address``, how to name it): ``auto`` dials RAY_ADDRESS where
+    that is set (a Ray Job's driver has it; 'ray job submit' users often export a dashboard's http:// URL)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if address == "auto" and env:
+        return env, f"RAY_ADDRESS={env} (which --address auto reads)"
+    return address, f"--address {address}"
+
+
 def check_address(address: str) -> None:
     """Refuse an ``--address`` that names no Ray cluster to join: a Ray Client (``ray://``) or dashboard
-    (``http://``) address, or ``local`` (a new Ray, not a cluster)."""
-    if address.startswith("ray://"):
-        raise PgpsError(f"--address {address} is a Ray Client address, which pgps-tune cannot use (its driver "
-                        "writes the sweep folder and reads the Tune storage itself); run pgps-tune on a node of "
-                        "the cluster with --address auto, or give the head's HOST:PORT (port 6379 by default)")
-    if "://" in address:
-        raise PgpsError(f"--address {address} is not a Ray cluster's address (a dashboard's http:// address is "
-                        "for 'ray job submit'); give auto or the head's HOST:PORT (port 6379 by default)")
-    if address.strip().lower() == "local":
-        raise PgpsError("--address local starts a new Ray rather than joining a cluster; leave out --address "
-                        "for a Ray of the sweep's own")
+    (``http://``) address, or ``local`` (a new Ray, not a cluster); for ``auto``, the RAY_ADDRESS it reads."""
+    dialed, shown = _dialed(address)
+    fix = ("give --address with the head's HOST:PORT (port 6379 by default), or unset RAY_ADDRESS for this command"
+           if dialed != address else "give auto or the head's HOST:PORT (port 6379 by default)")
+    if dialed.startswith("ray://"):
+        raise PgpsError(f"{shown} is a Ray Client address, which pgps-tune cannot use (its driver writes the sweep "
+                        f"folder and reads the Tune storage itself); run pgps-tune on a node of the cluster and {fix}")
+    if "://" in dialed:
+        raise PgpsError(f"{shown} is not a Ray cluster's address (a dashboard's http:// address is for "
+                        f"'ray job submit'); {fix}")
+    if dialed.strip().lower() == "local":
+        raise PgpsError(f"{shown} starts a new Ray rather than joining a cluster; leave out --address for a Ray "
+                        f"of the sweep's own{'' if dialed == address else ', or unset RAY_ADDRESS'}")
 
 
 def _token_refused(exc: BaseException) -> bool:
@@ -1202,14 +1218,16 @@ def _token_refused(exc: BaseException) -> bool:
 
 
 def _token_advice(address: str) -> str:
-    """The one line for a cluster that refused this machine's token: Ray sends one to an explicit HOST:PORT
-    only with ``RAY_AUTH_MODE=token`` (``auto`` turns it on where a token file exists)."""
-    if address != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    """The one line for a cluster at ``address`` (``--address``) that refused this machine's token: Ray sends
+    one to an explicit HOST:PORT only with ``RAY_AUTH_MODE=token`` (``auto`` turns it on where a token file
+    exists, unless it dials RAY_ADDRESS)."""
+    dialed, shown = _dialed(address)
+    if dialed != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         fix = ("Ray sends it to a HOST:PORT address only with RAY_AUTH_MODE=token: set that in the environment, "
                "with the head's ~/.ray/auth_token copied to this machine")
     else:
         fix = "copy the head's ~/.ray/auth_token to this machine (or point RAY_AUTH_TOKEN_PATH at it)"
-    return (f"the Ray cluster at --address {address} refused this machine's authentication token (missing, wrong "
+    return (f"the Ray cluster at {shown} refused this machine's authentication token (missing, wrong "
             f"or not sent); {fix}, and run the command again")
 
 

@@ -391,6 +391,24 @@ def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(
     with pytest.raises(PgpsError, match=r"refused this machine's authentication token .*; copy the head's"):
         tuner.start_ray("10.0.0.1:6379")
 
+    # --address auto dials RAY_ADDRESS where set: the line named "--address auto" and left that out
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # as exported for 'ray job submit'
+    with pytest.raises(PgpsError, match=r"RAY_ADDRESS=http://head:8265 \(which --address auto reads\) is not a Ray "
+                                        r"cluster's address .*, or unset RAY_ADDRESS for this command"):
+        tuner.check_address("auto")
+    tuner.check_address("10.0.0.1:6379")  # an address given is dialed as given
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as in a Ray Job's driver
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(PgpsError, match=r"cluster at RAY_ADDRESS=10.0.0.1:6379 \(which --address auto reads\) "
+                                        r"refused .* only with RAY_AUTH_MODE=token"):
+        tuner.start_ray("auto")
+    # without --address a Ray of its own starts, as before, and says that it does
+    monkeypatch.setattr(tuner.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(tuner, "_end_at_once", lambda: None)
+    capsys.readouterr()
+    tuner.start_ray(None)
+    assert "RAY_ADDRESS is set (10.0.0.1:6379, as in a Ray Job), but without --address" in capsys.readouterr().err
+
 
 def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path):
     # a path only on the driver's machine failed every trial placed on another node, after its retries (for a
