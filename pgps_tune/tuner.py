@@ -1292,10 +1292,20 @@ def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float
                     f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial")
 
 
-def _unseen_here(paths: dict[str, str], creatable: dict[str, str]) -> list[str]:
+def _unseen_here(paths: dict[str, str], creatable: dict[str, str], remote: tuple | None = None) -> list[str]:
     """On a node of the cluster: the keys of ``paths`` that do not exist here, and of ``creatable`` folders
-    that neither exist nor can be made here (the nearest existing folder above is not writable)."""
+    that neither exist nor can be made here (the nearest existing folder above is not writable); with
+    ``remote`` (a pyarrow filesystem and a file's path in it), "remote" where that file cannot be seen."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     unseen = [key for key, path in paths.items() if not os.path.exists(path)]
+    if remote is not None:
+        try:
+            if remote[0].get_file_info(remote[1]).type == pafs.FileType.NotFound:
+                unseen.append("remote")
+        except (OSError, pa.ArrowException):  # no credentials, no network, no such bucket, ...
+            unseen.append("remote")
     for key, path in creatable.items():
         above = next(p for p in (Path(path), *Path(path).parents) if p.exists())
         if not (above == Path(path) and above.is_dir()) and not os.access(above, os.W_OK | os.X_OK):
@@ -1306,6 +1316,8 @@ def _unseen_here(paths: dict[str, str], creatable: dict[str, str]) -> list[str]:
 # what a node that runs trials must see, and how to make it so
 _UNSEEN_FIX = {"storage": "keep the Tune storage where every node reaches it: a shared (NFS) path, or s3:// or gs:// "
                           "(tune --storage)",
+               "remote": "give every node the storage's credentials and network (AWS_*, GOOGLE_APPLICATION_"
+                         "CREDENTIALS: in the environment where 'ray start' runs there)",
                "data": "put the dataset at the same path on every node",
                "plans": "put the nnU-Net data at the same paths on every node",
                "cache": "give a --cache-dir every node can write (shared, or the same local path on each)"}
@@ -1315,26 +1327,32 @@ NODE_CHECK_S = 60.0  # a node's check starts a Ray worker there: seconds, unless
 def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str, data: str | None,
                         cache_root: str | None, plans: str | None = None) -> None:
     """Refuse, before any trial starts, a cluster with a node that would run trials but cannot see what they
-    read and write: the Tune storage (a local path: the trials write their results and checkpoints there,
-    and Tune does not sync them to the driver), the dataset (``data``; None: synthetic or nnU-Net's), the
-    nnU-Net plans, or the preprocessing cache's folder (``cache_root``: made where missing).  A path that
-    exists only on the driver's machine otherwise fails every trial placed elsewhere, after retries, with
-    Ray's or the loader's own error.  Each node that fits a trial checks itself in a task of no CPUs."""
+    read and write: the Tune storage (the trials write their results and checkpoints there, and Tune does
+    not sync them to the driver: a file the driver writes there must be visible, in a local path or, with
+    the node's own credentials, in a remote one), the dataset (``data``; None: synthetic or nnU-Net's), the
+    nnU-Net plans, or the preprocessing cache's folder (``cache_root``: made where missing).  What only the
+    driver's machine has otherwise fails every trial placed elsewhere, after retries, with Ray's or the
+    loader's own error.  Each node that fits a trial checks itself in a task of no CPUs."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     paths: dict[str, str] = {}
-    labels = {"storage": f"the Tune storage {storage_path}", "data": f"--data {data}",
-              "plans": f"the nnU-Net plans {plans}", "cache": f"the preprocessing cache {cache_root}"}
-    marker = None
-    if storage_fs is None:  # a local path; a remote storage is reached by its URI from anywhere
-        marker = Path(storage_path) / f".pgps-node-check-{os.getpid()}-{time.time_ns()}"
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_bytes(b"")
-        except OSError as exc:
-            raise PgpsError(f"cannot write to the Tune storage {storage_path} ({brief(exc)}); make it writable, "
-                            "or give another --storage") from None
-        paths["storage"] = str(marker)
+    labels = {"storage": f"the Tune storage {storage_path}", "remote": f"the Tune storage {storage_path}",
+              "data": f"--data {data}", "plans": f"the nnU-Net plans {plans}",
+              "cache": f"the preprocessing cache {cache_root}"}
+    fs = storage_fs or pafs.LocalFileSystem()  # a file the driver writes there, which every node must see
+    marker = f"{storage_path.rstrip('/')}/.pgps-node-check-{os.getpid()}-{time.time_ns()}"
+    try:
+        fs.create_dir(storage_path.rstrip("/"), recursive=True)
+        with fs.open_output_stream(marker):
+            pass
+    except (OSError, pa.ArrowException) as exc:
+        raise PgpsError(f"cannot write to the Tune storage {storage_path} ({brief(exc)}); make it writable, "
+                        "or give another --storage") from None
+    remote = None if storage_fs is None else (storage_fs, marker)
+    if storage_fs is None:
+        paths["storage"] = marker
     if data is not None and data != "synthetic":
         paths["data"] = data
     if plans is not None:
@@ -1346,7 +1364,7 @@ def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str,
                  and n["Resources"].get("GPU", 0.0) >= gpus]
         probe = ray.remote(num_cpus=0, max_retries=0)(_unseen_here)
         asked = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                 .remote(paths, creatable): n["NodeManagerAddress"] for n in nodes}
+                 .remote(paths, creatable, remote): n["NodeManagerAddress"] for n in nodes}
         done, late = ray.wait(list(asked), num_returns=len(asked), timeout=NODE_CHECK_S) if asked else ([], [])
         for ref in done:
             try:
@@ -1356,8 +1374,8 @@ def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str,
                 print(f"pgps-tune: note: node {asked[ref]} could not check what its trials need "
                       f"({type(exc).__name__}: {brief(exc)})", file=sys.stderr, flush=True)
     finally:
-        if marker is not None:
-            marker.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(marker)
     for ref in late:
         ray.cancel(ref, force=True)
     if late:

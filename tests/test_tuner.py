@@ -413,6 +413,8 @@ def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(
 def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path):
     # a path only on the driver's machine failed every trial placed on another node, after its retries (for a
     # local --storage, at the trial's first checkpoint): each node that fits a trial now checks, in a task of no CPUs
+    import pyarrow.fs as pafs
+
     from pgps_tune.errors import PgpsError
     from pgps_tune.tuner import _unseen_here, check_cluster_paths
 
@@ -425,6 +427,10 @@ def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_
         "data", "cache"]
     check_cluster_paths(1, 0, None, str(store), str(data), str(tmp_path / "cache"))
     assert list(store.iterdir()) == []  # the storage's marker is gone again
+    # a remote storage (here a stand-in) is read through its filesystem on the node: there, its credentials
+    assert _unseen_here({}, {}, (pafs.LocalFileSystem(), str(tmp_path / "gone"))) == ["remote"]
+    check_cluster_paths(1, 0, pafs.LocalFileSystem(), str(store), None, None)
+    assert list(store.iterdir()) == []
     with pytest.raises(PgpsError) as e:
         check_cluster_paths(1, 0, None, str(store), str(tmp_path / "gone"), str(tmp_path / "file" / "cache"))
     assert str(e.value).startswith("node ") and (
