@@ -918,17 +918,19 @@ def cmd_trials(a: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
-    import os
-
-    from pgps_tune import space as sp
-
-    if a.address:
-        # Ray waits minutes on an address where nothing listens; these bound it to seconds.
-        # Ray reads them when its core library starts, so set them before importing it.
+def _bound_ray_connect(address: str | None) -> None:
+    """With ``--address``: Ray waits minutes on an address where nothing answers; these bound it to seconds.
+    Ray reads them when its core library starts, so this comes before anything imports it."""
+    if address:
         for key, value in {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "3",
                            "RAY_gcs_rpc_server_connect_timeout_s": "1"}.items():
             os.environ.setdefault(key, value)
+
+
+def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
+    from pgps_tune import space as sp
+
+    _bound_ray_connect(a.address)
     from pgps_tune.tuner import SweepInterrupted, SweepOptions, sweep
 
     space = _with_confirm_flags(a, _with_budget_flags(a, sp.load(_space_path(space_file))))
@@ -1154,6 +1156,7 @@ def cmd_confirm(a: argparse.Namespace) -> int:
     if Path(a.sweep).exists() and not Path(a.sweep).is_dir():
         raise PgpsError(f"{a.sweep} is a file; give a sweep folder (the --out of 'pgps-tune tune')")
     _require_finished(a.sweep, read_meta(a.sweep), "confirm")  # refused before Ray is imported
+    _bound_ray_connect(a.address)
     from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
 
     opts = ConfirmOptions(

@@ -167,6 +167,8 @@ class SweepOptions:
             raise PgpsError(f"--cpus-per-trial must be a finite number > 0, got {self.cpus_per_trial:g}")
         if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
             raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
+        if self.address:
+            check_address(self.address)
         for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:
@@ -1137,19 +1139,26 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        why = _refused(address)  # Ray itself retries a refused address for several seconds before giving up
+        dialed, shown = _dialed(address)
+        why = _refused(dialed)  # Ray itself retries a refused address for several seconds before giving up
         if why is None:
             with _stderr_silenced():  # Ray's C++ client logs each failed connection attempt
                 try:
                     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
                 except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+                    if _token_refused(exc):
+                        raise PgpsError(_token_advice(address)) from None
                     why = type(exc).__name__
                 else:
                     return
         raise PgpsError(
-            f"no Ray cluster reachable at --address {address} ({why}); start one with "
+            f"no Ray cluster reachable at {shown} ({why}); start one with "
             "'ray start --head', copy its ~/.ray/auth_token to this machine, or leave out --address"
         )
+    if (env := os.environ.get("RAY_ADDRESS", "").strip()) and "://" not in env and env != "local":
+        print(f"pgps-tune: note: RAY_ADDRESS is set ({env}, as in a Ray Job), but without --address this command "
+              "starts a Ray of its own on this machine; give --address auto to run the trials on that cluster",
+              file=sys.stderr, flush=True)
     # A SIGTERM to the whole job (timeout, Slurm's scancel or time limit, systemd) reaches every process
     # of it.  Ray blocks SIGINT in the processes ray.init starts (they inherit the mask of the thread that
     # starts them), not SIGTERM: a GCS ended so leaves the driver's stop of the sweep waiting on it for
@@ -1174,6 +1183,59 @@ def start_ray(address: str | None) -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _end_at_once()
+
+
+def _dialed(address: str) -> tuple[str, str]:
+    """(the address Ray dials for ``--address address``, how to name it): ``auto`` dials RAY_ADDRESS where
+    that is set (a Ray Job's driver has it; 'ray job submit' users often export a dashboard's http:// URL)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if address == "auto" and env:
+        return env, f"RAY_ADDRESS={env} (which --address auto reads)"
+    return address, f"--address {address}"
+
+
+def check_address(address: str) -> None:
+    """Refuse an ``--address`` that names no Ray cluster to join: a Ray Client (``ray://``) or dashboard
+    (``http://``) address, or ``local`` (a new Ray, not a cluster); for ``auto``, the RAY_ADDRESS it reads."""
+    dialed, shown = _dialed(address)
+    fix = ("give --address with the head's HOST:PORT (port 6379 by default), or unset RAY_ADDRESS for this command"
+           if dialed != address else "give auto or the head's HOST:PORT (port 6379 by default)")
+    if dialed.startswith("ray://"):
+        raise PgpsError(f"{shown} is a Ray Client address, which pgps-tune cannot use (its driver writes the sweep "
+                        f"folder and reads the Tune storage itself); run pgps-tune on a node of the cluster and {fix}")
+    if "://" in dialed:
+        raise PgpsError(f"{shown} is not a Ray cluster's address (a dashboard's http:// address is for "
+                        f"'ray job submit'); {fix}")
+    if dialed.strip().lower() == "local":
+        raise PgpsError(f"{shown} starts a new Ray rather than joining a cluster; leave out --address for a Ray "
+                        f"of the sweep's own{'' if dialed == address else ', or unset RAY_ADDRESS'}")
+
+
+def _token_refused(exc: BaseException) -> bool:
+    """Whether joining a cluster failed on Ray's token authentication (its AuthenticationError, raised or, after
+    Ray's retries, only quoted in the message of the error that ends them)."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _token_advice(address: str) -> str:
+    """The one line for a cluster at ``address`` (``--address``) that refused this machine's token: Ray sends
+    one to an explicit HOST:PORT only with ``RAY_AUTH_MODE=token`` (``auto`` turns it on where a token file
+    exists, unless it dials RAY_ADDRESS)."""
+    dialed, shown = _dialed(address)
+    if dialed != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        fix = ("Ray sends it to a HOST:PORT address only with RAY_AUTH_MODE=token: set that in the environment, "
+               "with the head's ~/.ray/auth_token copied to this machine")
+    else:
+        fix = "copy the head's ~/.ray/auth_token to this machine (or point RAY_AUTH_TOKEN_PATH at it)"
+    return (f"the Ray cluster at {shown} refused this machine's authentication token (missing, wrong "
+            f"or not sent); {fix}, and run the command again")
 
 
 def _start_failure(exc: Exception) -> bool:
@@ -1209,19 +1271,130 @@ def local_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def check_resources(cpus: float, gpus: float | None, have: dict[str, float] | None = None) -> None:
-    """Refuse per-trial resources the cluster (``have``: Ray's, by default) cannot give one trial;
-    ``gpus`` None: the CPUs alone."""
-    have = ray.cluster_resources() if have is None else have
-    have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    if cpus > have_cpu:
-        raise PgpsError(f"--cpus-per-trial {cpus:g} but the cluster has {plural(have_cpu, 'CPU')}; "
-                        "ask for at most that")
-    if gpus is not None and gpus > have_gpu:
-        raise PgpsError(
-            f"--gpus-per-trial {gpus:g} but the cluster has {plural(have_gpu, 'GPU')}; "
-            "use --gpus-per-trial 0 or join a cluster with GPUs (--address)"
-        )
+def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse per-trial resources that no node of the cluster can give one trial (``nodes``: each live node's
+    resources, Ray's by default; ``gpus`` None: the CPUs alone).  A trial runs on one node: two 1-CPU nodes
+    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word."""
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cpus} if gpus is None else {"CPU": cpus, "GPU": gpus}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        return
+    for key, flag in (("CPU", "--cpus-per-trial"), ("GPU", "--gpus-per-trial")):
+        if key not in need:
+            continue
+        total = float(sum(node.get(key, 0.0) for node in nodes))
+        most = float(max((node.get(key, 0.0) for node in nodes), default=0.0))
+        if need[key] > total:
+            fix = ("ask for at most that" if key == "CPU" else
+                   "use --gpus-per-trial 0 or join a cluster with GPUs (--address)")
+            raise PgpsError(f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}")
+        if need[key] > most:
+            raise PgpsError(f"{flag} {need[key]:g} but no node of the cluster has {plural(need[key], key)} (a trial "
+                            f"runs on one node; its {len(nodes)} nodes have at most {plural(most, key)} each); "
+                            f"ask for at most {most:g}")
+    fit = float(max(node.get("CPU", 0.0) for node in nodes if node.get("GPU", 0.0) >= need["GPU"]))
+    raise PgpsError(f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}: no node of the cluster has both (a "
+                    f"trial runs on one node; those with {plural(need['GPU'], 'GPU')} have at most "
+                    f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial")
+
+
+def _unseen_here(paths: dict[str, str], creatable: dict[str, str], remote: tuple | None = None) -> list[str]:
+    """On a node of the cluster: the keys of ``paths`` that do not exist here, and of ``creatable`` folders
+    that neither exist nor can be made here (the nearest existing folder above is not writable); with
+    ``remote`` (a pyarrow filesystem and a file's path in it), "remote" where that file cannot be seen."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    unseen = [key for key, path in paths.items() if not os.path.exists(path)]
+    if remote is not None:
+        try:
+            if remote[0].get_file_info(remote[1]).type == pafs.FileType.NotFound:
+                unseen.append("remote")
+        except (OSError, pa.ArrowException):  # no credentials, no network, no such bucket, ...
+            unseen.append("remote")
+    for key, path in creatable.items():
+        above = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        if not (above == Path(path) and above.is_dir()) and not os.access(above, os.W_OK | os.X_OK):
+            unseen.append(key)
+    return unseen
+
+
+# what a node that runs trials must see, and how to make it so
+_UNSEEN_FIX = {"storage": "keep the Tune storage where every node reaches it: a shared (NFS) path, or s3:// or gs:// "
+                          "(tune --storage)",
+               "remote": "give every node the storage's credentials and network (AWS_*, GOOGLE_APPLICATION_"
+                         "CREDENTIALS: in the environment where 'ray start' runs there)",
+               "data": "put the dataset at the same path on every node",
+               "plans": "put the nnU-Net data at the same paths on every node",
+               "cache": "give a --cache-dir every node can write (shared, or the same local path on each)"}
+NODE_CHECK_S = 60.0  # a node's check starts a Ray worker there: seconds, unless the node is overloaded
+
+
+def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str, data: str | None,
+                        cache_root: str | None, plans: str | None = None) -> None:
+    """Refuse, before any trial starts, a cluster with a node that would run trials but cannot see what they
+    read and write: the Tune storage (the trials write their results and checkpoints there, and Tune does
+    not sync them to the driver: a file the driver writes there must be visible, in a local path or, with
+    the node's own credentials, in a remote one), the dataset (``data``; None: synthetic or nnU-Net's), the
+    nnU-Net plans, or the preprocessing cache's folder (``cache_root``: made where missing).  What only the
+    driver's machine has otherwise fails every trial placed elsewhere, after retries, with Ray's or the
+    loader's own error.  Each node that fits a trial checks itself in a task of no CPUs."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    paths: dict[str, str] = {}
+    labels = {"storage": f"the Tune storage {storage_path}", "remote": f"the Tune storage {storage_path}",
+              "data": f"--data {data}", "plans": f"the nnU-Net plans {plans}",
+              "cache": f"the preprocessing cache {cache_root}"}
+    fs = storage_fs or pafs.LocalFileSystem()  # a file the driver writes there, which every node must see
+    marker = f"{storage_path.rstrip('/')}/.pgps-node-check-{os.getpid()}-{time.time_ns()}"
+    try:
+        fs.create_dir(storage_path.rstrip("/"), recursive=True)
+        with fs.open_output_stream(marker):
+            pass
+    except (OSError, pa.ArrowException) as exc:
+        raise PgpsError(f"cannot write to the Tune storage {storage_path} ({brief(exc)}); make it writable, "
+                        "or give another --storage") from None
+    remote = None if storage_fs is None else (storage_fs, marker)
+    if storage_fs is None:
+        paths["storage"] = marker
+    if data is not None and data != "synthetic":
+        paths["data"] = data
+    if plans is not None:
+        paths["plans"] = plans
+    creatable = {"cache": cache_root} if cache_root else {}
+    blind: list[tuple[str, list[str]]] = []
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus
+                 and n["Resources"].get("GPU", 0.0) >= gpus]
+        probe = ray.remote(num_cpus=0, max_retries=0)(_unseen_here)
+        asked = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                 .remote(paths, creatable, remote): n["NodeManagerAddress"] for n in nodes}
+        done, late = ray.wait(list(asked), num_returns=len(asked), timeout=NODE_CHECK_S) if asked else ([], [])
+        for ref in done:
+            try:
+                if unseen := ray.get(ref):
+                    blind.append((asked[ref], unseen))
+            except Exception as exc:  # the node died meanwhile, its worker could not start, ...
+                print(f"pgps-tune: note: node {asked[ref]} could not check what its trials need "
+                      f"({type(exc).__name__}: {brief(exc)})", file=sys.stderr, flush=True)
+    finally:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(marker)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if late:
+        print(f"pgps-tune: note: {plural(len(late), 'node')} of the cluster did not say within {NODE_CHECK_S:g} s "
+              "whether they see the sweep's storage, data and cache; a trial there fails if they do not",
+              file=sys.stderr, flush=True)
+    if blind:
+        where, unseen = blind[0]
+        more = f" (and {plural(len(blind) - 1, 'other node')})" if len(blind) > 1 else ""
+        raise PgpsError(f"node {where}{more} of the cluster would run trials but cannot see "
+                        f"{' or '.join(labels[k] for k in unseen)} (on this machine only?); "
+                        f"{'; '.join(_UNSEEN_FIX[k] for k in unseen)}, then run the command again")
 
 
 def _filesystem(storage: str | None, storage_path: str):
@@ -1238,6 +1411,23 @@ def _filesystem(storage: str | None, storage_path: str):
                             "check the network and the storage's credentials in the environment (AWS_*, "
                             "GOOGLE_APPLICATION_CREDENTIALS), then run the command again") from None
     return pafs.LocalFileSystem(), storage_path
+
+
+def plain_storage(storage: str) -> str:
+    """``storage`` with a ``file://`` URI of this machine as the absolute path it names: pyarrow writes both
+    alike, and a sweep records, compares and relocates a local storage by its path.
+
+    >>> plain_storage("file:///shared/runs"), plain_storage("s3://bucket/runs"), plain_storage("/shared/runs/")
+    ('/shared/runs', 's3://bucket/runs', '/shared/runs')
+    """
+    from urllib.parse import unquote, urlsplit
+
+    if "://" not in storage:
+        return str(Path(storage).resolve())
+    url = urlsplit(storage)
+    if url.scheme != "file" or url.netloc not in ("", "localhost") or url.query:
+        return storage
+    return str(Path(unquote(url.path)).resolve())
 
 
 def resolve_storage(storage: str | None, out: Path):
@@ -2360,6 +2550,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         opts.data = str(Path(opts.data).resolve())  # trials run in their own folders, maybe on other nodes
     if opts.cache_root:
         opts.cache_root = str(Path(opts.cache_root).resolve())
+    if opts.storage:
+        opts.storage = plain_storage(opts.storage)
     before = _resumable(opts) if opts.resume else None
     started = before.get("started", time.time()) if before else time.time()
     with _stop_signals() as signals:
@@ -2400,6 +2592,12 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if settings is not None and before:
             settings = resumed_confirmation(before, settings)  # never shrinks what 'pgps-tune confirm' added
         with _ray_session(opts, signals):
+            if opts.address:  # the trials may run on other machines: what they need must be there too
+                nnunet_trainer = b.trainer == "nnunet"
+                check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, storage_path,
+                                    None if nnunet_trainer else opts.data,
+                                    None if nnunet_trainer else str(Path(ds.cache_dir).parent),
+                                    str(ds.plan.source) if nnunet_trainer else None)
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings, before)
         try:
@@ -2467,12 +2665,11 @@ def _resumable(opts: SweepOptions) -> dict[str, Any]:
     _same_sweep(before, {"space_key": opts.space.key(), "data": str(opts.data)},
                 {f"budget.{k}": (stored[k], budget[k]) for k in changed})
     stored, path = before.get("storage"), before["storage_path"]
-    remote = "://" in str(stored or "")
+    remote = "://" in plain_storage(stored) if stored else False  # a file:// storage is a local path
     if opts.storage is None:
         if stored is not None:
             opts.storage = stored if remote else path
-    elif (opts.storage if "://" in opts.storage else str(Path(opts.storage).resolve())) != (
-            stored if remote else path):
+    elif plain_storage(opts.storage) != (stored if remote else path):
         raise PgpsError(f"--storage {opts.storage} differs from the storage this sweep's Tune experiments are in "
                         f"({stored if remote else path}); resume with that --storage, or leave --storage out")
     if "study" in before:
@@ -2591,7 +2788,7 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
     own_ray = not ray.is_initialized()  # a caller's Ray stays
     _one_line_ray_errors()
     if own_ray and not opts.address:  # the local Ray about to start has this machine's CPUs: no need to start it
-        check_resources(opts.cpus_per_trial, None, {"CPU": float(local_cpus())})
+        check_resources(opts.cpus_per_trial, None, [{"CPU": float(local_cpus())}])
     try:
         with signals.held():
             start_ray(opts.address)
@@ -3090,6 +3287,11 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     plan = confirm_plan(settings, b["iterations_per_epoch"],
                         _fractions(meta["reference_configs"], setup, settings.epochs))
     with _stop_signals() as signals, _ray_session(opts, signals), _sweep_clock([plan], opts, announce=False):
+        if opts.address:  # as in a sweep: the trials may run on other machines
+            nnunet_trainer = "nnunet" in setup
+            check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, meta["storage_path"],
+                                None if nnunet_trainer else setup["data"], setup.get("cache_root"),
+                                setup["nnunet"]["plans"] if nnunet_trainer else None)
         run_confirmation(opts, meta, settings, storage_fs, signals)
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
 

@@ -328,6 +328,137 @@ def test_an_address_nothing_listens_at_is_refused_without_waiting_for_ray():
         assert _refused(other) is None, other  # forms Ray reads (or refuses) itself
 
 
+def test_per_trial_resources_must_fit_on_one_node_of_the_cluster():
+    # two 1-CPU nodes have 2 CPUs in all, yet a 2-CPU trial fits on neither: Tune left it pending for ever
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import check_resources
+
+    def refusal(cpus, gpus, nodes):
+        with pytest.raises(PgpsError) as e:
+            check_resources(cpus, gpus, nodes)
+        return str(e.value)
+
+    two = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_resources(1, 0, two)
+    check_resources(0.5, None, two)
+    assert refusal(2, 0, two) == ("--cpus-per-trial 2 but no node of the cluster has 2 CPUs (a trial runs on one "
+                                  "node; its 2 nodes have at most 1 CPU each); ask for at most 1")
+    assert refusal(3, 0, two).startswith("--cpus-per-trial 3 but the cluster has 2 CPUs;")
+    gpus = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert "has 2 GPUs (a trial runs on one node; its 2 nodes have at most 1 GPU each); ask for at most 1" in \
+        refusal(1, 2, gpus)
+    assert refusal(1, 0.5, two).startswith("--gpus-per-trial 0.5 but the cluster has 0 GPUs;")
+    mixed = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]  # each request fits a node, both together none
+    check_resources(4, 1, mixed)
+    check_resources(8, 0, mixed)
+    assert refusal(8, 1, mixed) == ("--cpus-per-trial 8 with --gpus-per-trial 1: no node of the cluster has both "
+                                    "(a trial runs on one node; those with 1 GPU have at most 4 CPUs); ask for at "
+                                    "most 4 CPUs per trial")
+
+
+def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    from pgps_tune import tuner
+    from pgps_tune.errors import PgpsError
+
+    # a Ray Client or dashboard address, and 'local', were passed to Ray: "no Ray cluster reachable (ValueError)"
+    space = write_space(tmp_path / "s.yaml")
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "--address", "ray://head:10001"]) == 2
+    assert "is a Ray Client address" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+    for address, needle in (("http://head:8265", "not a Ray cluster's address"), ("local", "leave out --address")):
+        with pytest.raises(PgpsError, match=needle):
+            tuner.check_address(address)
+    tuner.check_address("auto")
+    tuner.check_address("10.0.0.1:6379")
+
+    # a token refused (here: not sent) ended in "no Ray cluster reachable ..., copy its ~/.ray/auth_token", though
+    # the token was there: Ray quotes the refusal only in the message of the error that ends its retries
+    def refused(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback ...\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: ...")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+    monkeypatch.setattr(tuner, "_refused", lambda address: None)
+    monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tuner.ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(PgpsError, match="sends it to a HOST:PORT address only with RAY_AUTH_MODE=token"):
+        tuner.start_ray("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # sent, and refused: the token here is not the cluster's
+    with pytest.raises(PgpsError, match=r"refused this machine's authentication token .*; copy the head's"):
+        tuner.start_ray("10.0.0.1:6379")
+
+    # --address auto dials RAY_ADDRESS where set: the line named "--address auto" and left that out
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # as exported for 'ray job submit'
+    with pytest.raises(PgpsError, match=r"RAY_ADDRESS=http://head:8265 \(which --address auto reads\) is not a Ray "
+                                        r"cluster's address .*, or unset RAY_ADDRESS for this command"):
+        tuner.check_address("auto")
+    tuner.check_address("10.0.0.1:6379")  # an address given is dialed as given
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as in a Ray Job's driver
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(PgpsError, match=r"cluster at RAY_ADDRESS=10.0.0.1:6379 \(which --address auto reads\) "
+                                        r"refused .* only with RAY_AUTH_MODE=token"):
+        tuner.start_ray("auto")
+    # without --address a Ray of its own starts, as before, and says that it does
+    monkeypatch.setattr(tuner.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(tuner, "_end_at_once", lambda: None)
+    capsys.readouterr()
+    tuner.start_ray(None)
+    assert "RAY_ADDRESS is set (10.0.0.1:6379, as in a Ray Job), but without --address" in capsys.readouterr().err
+
+
+def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path):
+    # a path only on the driver's machine failed every trial placed on another node, after its retries (for a
+    # local --storage, at the trial's first checkpoint): each node that fits a trial now checks, in a task of no CPUs
+    import pyarrow.fs as pafs
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import _unseen_here, check_cluster_paths
+
+    store, data = tmp_path / "store", tmp_path / "data"
+    store.mkdir()
+    data.mkdir()
+    (tmp_path / "file").write_text("x")
+    assert _unseen_here({"data": str(data)}, {"cache": str(tmp_path / "new" / "cache")}) == []
+    assert _unseen_here({"data": str(tmp_path / "gone")}, {"cache": str(tmp_path / "file" / "cache")}) == [
+        "data", "cache"]
+    check_cluster_paths(1, 0, None, str(store), str(data), str(tmp_path / "cache"))
+    assert list(store.iterdir()) == []  # the storage's marker is gone again
+    # a remote storage (here a stand-in) is read through its filesystem on the node: there, its credentials
+    assert _unseen_here({}, {}, (pafs.LocalFileSystem(), str(tmp_path / "gone"))) == ["remote"]
+    check_cluster_paths(1, 0, pafs.LocalFileSystem(), str(store), None, None)
+    assert list(store.iterdir()) == []
+    with pytest.raises(PgpsError) as e:
+        check_cluster_paths(1, 0, None, str(store), str(tmp_path / "gone"), str(tmp_path / "file" / "cache"))
+    assert str(e.value).startswith("node ") and (
+        f"of the cluster would run trials but cannot see --data {tmp_path / 'gone'} or the preprocessing cache "
+        f"{tmp_path / 'file' / 'cache'} (on this machine only?); put the dataset at the same path on every node; "
+        "give a --cache-dir every node can write") in str(e.value), str(e.value)
+    assert list(store.iterdir()) == []
+
+
+def test_a_file_uri_storage_and_its_path_are_the_same_storage_on_resume(tmp_path):
+    # a sweep started with --storage file:///shared/runs was refused on resume with --storage /shared/runs as
+    # "differs from the storage this sweep's Tune experiments are in", and the other way round
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.results import write_meta
+    from pgps_tune.tuner import SweepOptions, _resumable, plain_storage
+
+    storage, space = tmp_path / "runs", sp.load(write_space(tmp_path / "s.yaml"))
+    for n, (then, now) in enumerate(((f"file://{storage}", str(storage)), (str(storage), f"file://{storage}/"))):
+        out = tmp_path / f"sweep{n}"
+        out.mkdir()
+        write_meta(out, sweep_meta(out, storage=then, storage_path=str(storage)))
+        opts = SweepOptions(space=space, data="synthetic", out=out, storage=plain_storage(now), resume=True)
+        _resumable(opts)  # as tune --resume reads --storage
+        assert opts.storage == str(storage)
+    with pytest.raises(PgpsError, match="differs from the storage"):
+        _resumable(SweepOptions(space=space, data="synthetic", out=out, storage=str(tmp_path / "other"), resume=True))
+
+
 def test_a_local_ray_that_cannot_start_is_one_line_and_a_fault_of_ours_stays_internal(monkeypatch):
     """Ray's own start failures (its processes late on a loaded machine, a GCS that died, /tmp full) name
     the likely causes and --address; an error of the call itself is left to the internal-error report."""
