@@ -868,7 +868,8 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     Per schedule: mean ± sd of the Dice, of the score and of each class's Dice over the repeats;
     per searched schedule and reference: the paired comparison of Dice on the shared repeats.
     The winner is the searched schedule with the best mean score (ties: fewer voxels);
-    ``search_best`` (the search phase's best trial) tells whether the search picked it too.
+    ``search_best`` (the search phase's best searched trial, ``best_searched``) tells whether the search
+    picked it too (``search_winner_confirmed``).
     """
     from pgps_tune.stats import paired_comparison, spread, within_margin
 
@@ -989,7 +990,8 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
         if objective.get("type") == "dice_under_budget":
             met = better and not schedules[winner]["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9
     return {"significantly_better_than_baseline": better, "objective_met": met, "verdict": text,
-            "search_winner_confirmed": search_best == winner if search_best else None}
+            "search_winner_confirmed": search_best == winner if search_best else None,
+            **({"best_searched": search_best} if search_best else {})}
 
 
 def _better_verdict(winner: str, schedules: dict[str, dict[str, Any]], base: dict[str, Any],
@@ -1047,6 +1049,34 @@ def _within_verdict(winner: str, schedules: dict[str, dict[str, Any]], kind: str
                    + ("" if short else ", or confirm with more seeds or folds"))
 
 
+def search_check(summary: dict[str, Any]) -> str | None:
+    """Whether the search phase picked the confirmed winner, in words (None: it did, or there is nothing to say).
+
+    The search's best trial (``search_best``) is ranked among the references too, so it can be the baseline:
+    that is said, and the search is judged by its best searched trial (``confirmation.best_searched``; absent
+    from summaries written before it, whose ``search_winner_confirmed`` compared the reference).
+
+    >>> c = {"winner": "t1", "search_winner_confirmed": False, "best_searched": "t2"}
+    >>> search_check({"confirmation": c, "search_best": {"trial_id": "b0", "role": "baseline"}})
+    "the search phase's best trial, b0, is the baseline reference, and its best searched trial, t2, is not the \
+confirmed winner"
+    >>> search_check({"confirmation": c, "search_best": {"trial_id": "t2", "role": "search"}})
+    "the search phase's best trial, t2, is not the confirmed winner"
+    """
+    conf, best = summary.get("confirmation") or {}, summary.get("search_best")
+    if not conf.get("winner") or not isinstance(best, dict) or "trial_id" not in best:
+        return None
+    if best.get("role", "search") != "search":
+        text = f"the search phase's best trial, {best['trial_id']}, is the {best['role']} reference"
+        if conf.get("best_searched") and conf.get("search_winner_confirmed") is not None:
+            verb = "is" if conf["search_winner_confirmed"] else "is not"
+            text += f", and its best searched trial, {conf['best_searched']}, {verb} the confirmed winner"
+        return text
+    if conf.get("search_winner_confirmed") is False:
+        return f"the search phase's best trial, {best['trial_id']}, is not the confirmed winner"
+    return None
+
+
 def schedule_of(row: dict[str, Any], where: str, fix: str = "rerun 'pgps-tune export' for that sweep") -> sch.Schedule:
     """The schedule a trial trained (its ``schedule`` column), refused in one line naming the trial, ``where``
     it is and ``fix``: a damaged cell is the table's problem, not a schedule file's."""
@@ -1078,7 +1108,9 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, 
         "stopped_early": sum(r["stopped_early"] for r in rows), "failed": sum(r["failed"] for r in rows),
         "best": None,
     }
-    confirmation = confirmation_summary(rows, meta, best["trial_id"] if best else None)
+    # the search's best may be a reference: whether the search was right asks of its best searched trial
+    searched = _highest([r for r in rankable(rows) if r["role"] == "search"])
+    confirmation = confirmation_summary(rows, meta, searched["trial_id"] if searched else None)
     if confirmation is not None:
         summary["confirmation"] = confirmation
         if best is not None:

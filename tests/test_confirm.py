@@ -1,5 +1,6 @@
 """The confirmation phase: its statistics, its folds, its choice of schedules, and one sweep end to end."""
 
+import html
 import json
 import math
 import subprocess
@@ -17,7 +18,7 @@ from pgps_tune import data
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
 from pgps_tune.cli import main
-from pgps_tune.results import confirm_candidates, confirmation_summary
+from pgps_tune.results import confirm_candidates, confirmation_summary, search_check
 from pgps_tune.stats import paired_comparison, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,6 +328,36 @@ def test_the_verdict_answers_the_objectives_question(capsys):
     assert c["verdict"].startswith("no searched schedule under the voxel budget 0.6 is significantly better")
     c = verdict({"type": "max_dice"}, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
     assert c["objective_met"] is False and c["verdict"].startswith("no searched schedule is significantly better")
+
+
+def test_a_search_whose_best_trial_was_a_reference_is_judged_by_its_best_searched_trial(capsys):
+    # the search's best is ranked among the references: the terminal said "the search phase's best trial, base, is
+    # not the confirmed winner" of the baseline, though the search's best searched trial was the winner
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import confirmation_section
+    from pgps_tune.results import summarize
+
+    def summary(search):
+        rows, meta = confirmation({"baseline": [0.5, 0.6, 0.55], "t1": [0.7, 0.8, 0.75], "t2": [0.6, 0.7, 0.6]})
+        rows += [row("base", "references", "baseline", {}, 0.9), *(row(t, "search", "search", {}, d)
+                                                                   for t, d in search.items())]
+        meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+        return summarize([{**r, "stopped_early": False, "failed": False} for r in rows], meta)
+
+    for search, right, words in (
+            ({"t1": 0.8, "t2": 0.7}, True, "the search phase's best trial, base, is the baseline reference, and its "
+             "best searched trial, t1, is the confirmed winner"),
+            ({"t1": 0.7, "t2": 0.8}, False, "the search phase's best trial, base, is the baseline reference, and its "
+             "best searched trial, t2, is not the confirmed winner")):
+        s = summary(search)
+        c = s["confirmation"]
+        assert s["search_best"]["trial_id"] == "base" and c["winner"] == "t1"
+        assert c["best_searched"] == max(search, key=search.get) and c["search_winner_confirmed"] is right
+        _print_confirmation(s)
+        assert f"  {words}\n" in capsys.readouterr().out and f"; {html.escape(words)}.</p>" in confirmation_section(
+            c, search_check(s))
+    s = summary({"t1": 0.95, "t2": 0.7})  # the search's best is searched and confirmed: nothing to say
+    assert s["search_best"]["trial_id"] == "t1" and search_check(s) is None
 
 
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():
