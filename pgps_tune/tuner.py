@@ -2920,12 +2920,16 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
 def reference_keys(meta: dict[str, Any]) -> list[str]:
     """What the references a confirmation trains train at the search's budget (:func:`training_key`): a searched
     schedule that trains one of them is no candidate, whether or not the sweep trained the references first."""
-    setup = meta["trial_setup"]
+    return [config_key(meta["trial_setup"], c) for c in meta["reference_configs"]]
+
+
+def config_key(setup: dict[str, Any], config: dict[str, Any]) -> str:
+    """What a trial of ``config`` trains under ``setup`` (:func:`training_key`), without training it."""
     b = setup["budget"]
     multiple_of = None if b.get("trainer") == "nnunet" else patch_multiple(b["network"], setup["pools"],
                                                                             b["token_size"])
-    return [training_key(schedule_from_params(c, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
-                                              multiple_of).to_dict(), c, b) for c in meta["reference_configs"]]
+    return training_key(schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"],
+                                             b["epochs"], multiple_of).to_dict(), config, b)
 
 
 def _pooled_repeat(config: dict[str, Any], settings: ConfirmSettings) -> bool:
@@ -3174,6 +3178,11 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
         if model and sum(1 for _, score, _ in scored if math.isfinite(score)) >= 2:
             observed = [(json.loads(k), score) for k, score, _ in scored]
             ranked = main_effects_ranking(space.parameters, observed, screening_candidates(space, observed))
+            if by_training:  # the model's top, each schedule once
+                first: dict[str, dict[str, Any]] = {}
+                for c in ranked:
+                    first.setdefault(config_key(setup, c), c)
+                ranked = list(first.values())
             configs = ranked[: rungs[r + 1].trials]
             screened = sum(c in (o for o, _ in observed) for c in configs)
             print(f"pgps-tune: {phase}: the main-effects model fitted to {len(scored)} screened schedules promotes "

@@ -58,7 +58,9 @@ def test_survivors_are_the_best_scores_and_skip_failed_runs():
     assert survivors(scores, 2, same={"a": 1, "c": 2, "d": 2, "e": 3}.get) == ["d", "e"]
 
 
-def test_a_compressed_ladder_promotes_what_trains_once_and_a_resumed_older_ladder_as_it_began(tmp_path, monkeypatch):
+@pytest.mark.parametrize("promote", ["measured", "main_effects"])
+def test_a_compressed_ladder_promotes_what_trains_once_and_a_resumed_older_ladder_as_it_began(
+        tmp_path, monkeypatch, promote):
     """Rung 0 trained {stages 1, growth 2} and {stages 1, growth 3} (one constant schedule) best: both went on,
     so the full budget trained it twice.  A ladder begun before the rule still promotes by parameters, or its
     restored upper rung would be handed other schedules than it ran."""
@@ -67,9 +69,11 @@ def test_a_compressed_ladder_promotes_what_trains_once_and_a_resumed_older_ladde
     from pgps_tune import tuner
     from pgps_tune.results import TrialRecord
 
-    space = sp.parse({**_space(fidelity="compressed", reduction_factor=2, min_fraction=0.5), "parameters": {
+    top = {"promote": promote, "promote_top": 2} if promote == "main_effects" else {}
+    space = sp.parse({**_space(fidelity="compressed", reduction_factor=2, min_fraction=0.5, **top), "parameters": {
         "stages": {"type": "categorical", "choices": [1, 2]}, "growth": {"type": "categorical", "choices": [2.0, 3.0]}},
         "search": {"algorithm": "grid", "references": False}}, "s.yaml")
+    setup = tuner.trial_setup(space, "synthetic", None, (16, 16, 16), (2, 2, 2), 1, 0)
     dice = {(1, 2.0): 0.8, (1, 3.0): 0.79, (2, 2.0): 0.7, (2, 3.0): 0.6}
     records = [TrialRecord(f"t{i}", "TERMINATED", {"stages": n, "growth": g}, {
         "val_dice": d, "score": d, "completed": True, "schedule_voxel_fraction": 1.0 / n,
@@ -84,14 +88,13 @@ def test_a_compressed_ladder_promotes_what_trains_once_and_a_resumed_older_ladde
         handed.clear()
         meta = {"sweep": "s", "experiments": {}, "objective": {"type": "max_dice"},
                 "asha": tuner.AshaSettings.from_space(space).to_dict()}
-        setup = {"budget": {"lr": 0.01, "epochs": 6}}
         tuner.run_compressed(SimpleNamespace(space=space, out=tmp_path), None, meta, setup, None, 4, None, "", before)
         assert [p for p, _ in handed] == ["search", "search-r1"]
-        return handed[1][1], meta["fidelity"]["unique_by"]
+        return [(c["stages"], c["growth"]) for c in handed[1][1]], meta["fidelity"]["unique_by"]
 
-    assert promoted() == ([{"stages": 1, "growth": 2.0}, {"stages": 2, "growth": 2.0}], "training")
+    assert promoted() == ([(1, 2.0), (2, 2.0)], "training")
     older = {"fidelity": {k: v for k, v in tuner.ladder_meta(space, 4).items() if k != "unique_by"}}
-    assert promoted(older) == ([{"stages": 1, "growth": 2.0}, {"stages": 1, "growth": 3.0}], "params")
+    assert promoted(older) == ([(1, 2.0), (1, 3.0)], "params")
     assert promoted({"fidelity": tuner.ladder_meta(space, 4)})[1] == "training"
 
 
