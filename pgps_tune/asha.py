@@ -19,7 +19,7 @@ the screening rung's scores, ranked over the whole space, not only the schedules
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -345,15 +345,24 @@ def samples_for_compute(runs: float, eta: float, min_fraction: float, iterations
     return n
 
 
-def survivors(scores: Sequence[tuple[Hashable, float, float]], keep: int) -> list[Hashable]:
+def survivors(scores: Sequence[tuple[Hashable, float, float]], keep: int,
+              same: Callable[[Hashable], Hashable] | None = None) -> list[Hashable]:
     """The ``keep`` best of ``(key, score, cost)``: highest score first, the cheaper on a tie.
 
     Entries without a finite score (failed runs) never survive; a key given twice (a sampler
-    may suggest a schedule again) survives once, by its best score.
+    may suggest a schedule again) survives once, by its best score, and so do keys that
+    ``same`` maps alike (two parameter sets that train one schedule: promoting both would
+    spend the next rung's slot on the same run twice).
 
     >>> survivors([("a", 0.5, 1.0), ("b", 0.7, 1.0), ("c", 0.7, 0.4), ("d", float("nan"), 0.1), ("c", 0.1, 0.4)], 2)
     ['c', 'b']
+    >>> survivors([("a", 0.5, 1.0), ("b", 0.7, 1.0), ("c", 0.6, 0.4)], 2, same={"a": 1, "b": 1, "c": 2}.get)
+    ['b', 'c']
     """
     ok = sorted((s for s in scores if isinstance(s[1], int | float) and math.isfinite(s[1])),
                 key=lambda s: (-s[1], s[2]))
-    return list(dict.fromkeys(k for k, _, _ in ok))[:keep]
+    same = same or (lambda k: k)
+    first = {}
+    for k, _, _ in ok:
+        first.setdefault(same(k), k)
+    return list(first.values())[:keep]

@@ -64,6 +64,7 @@ from pgps_tune.results import (
     rung_counted,
     schedule_of,
     scored_by_search_target,
+    search_check,
     search_target_note,
     valid_confirm_settings,
 )
@@ -753,8 +754,9 @@ def confirmation_figure(conf: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def confirmation_section(conf: dict[str, Any]) -> str:
-    """The confirmation's verdict in words, its table (mean ± sd, paired differences) and its figure."""
+def confirmation_section(conf: dict[str, Any], check: str | None = None) -> str:
+    """The confirmation's verdict in words, whether the search picked its winner (``check``:
+    :func:`pgps_tune.results.search_check`), its table (mean ± sd, paired differences) and its figure."""
     rows = []
     references = reference_order(e["role"] for e in conf["schedules"].values())
     for name, e in conf["schedules"].items():
@@ -768,8 +770,8 @@ def confirmation_section(conf: dict[str, Any]) -> str:
     verdict = conf.get("verdict", "")
     if not conf["schedules"]:  # nothing was confirmed: no table of nothing
         return f"<p>{html.escape(verdict)}.</p>"
-    if conf.get("search_winner_confirmed") is False:
-        verdict += "; the search phase's best trial is not the confirmed winner"
+    if check:
+        verdict += f"; {check}"
     head = (f"<p>{html.escape(verdict)}.</p><p>{plural(len(conf['repeats']), conf['repeat'])} per schedule, "
             f"{plural(int(conf['epochs']), 'epoch')} each; differences are paired by {conf['repeat']}"
             + (f"; cheapest_within scores each {conf['repeat']} against the baseline's Dice on that {conf['repeat']} "
@@ -954,7 +956,7 @@ def sweep_report(sweep: str | Path) -> str:
                      else _note("no searched or reference trial completed with a Dice: nothing to plot")))
 
     confirmation = summary.get("confirmation")
-    sections.append(("Confirmation", confirmation_section(confirmation) + (
+    sections.append(("Confirmation", confirmation_section(confirmation, search_check(summary)) + (
         _note(search_target_note(meta.get("sweep", sweep.name), str(sweep)))
         if confirmation["schedules"] and scored_by_search_target(confirmation, summary.get("objective")) else "")
         if confirmation else _note("this sweep has no confirmation results")))

@@ -868,9 +868,10 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     Per schedule: mean ± sd of the Dice, of the score and of each class's Dice over the repeats;
     per searched schedule and reference: the paired comparison of Dice on the shared repeats.
     The winner is the searched schedule with the best mean score (ties: fewer voxels);
-    ``search_best`` (the search phase's best trial) tells whether the search picked it too.
+    ``search_best`` (the search phase's best searched trial, ``best_searched``) tells whether the search
+    picked it too (``search_winner_confirmed``).
     """
-    from pgps_tune.stats import paired_comparison, spread
+    from pgps_tune.stats import paired_comparison, spread, within_margin
 
     conf = meta.get("confirmation")
     if not conf:
@@ -911,10 +912,15 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
             "n_stages": finished[0]["n_stages"] if finished else 0,
         }
     references = reference_order(e["role"] for e in schedules.values())  # every one the confirmation trained
+    objective = meta.get("objective") or {}
+    within = objective.get("type") == "cheapest_within" and "baseline" in schedules
     for name, entry in schedules.items():
         if entry["role"] == "search":
             entry["vs"] = {role: paired_comparison(values[name], values[role]).to_dict()
                            for role in references if role in schedules}
+            if within:  # cheapest_within's own question: within the tolerance of the baseline, not better
+                entry["within_tolerance"] = within_margin(values[name], values["baseline"],
+                                                          objective["tolerance"]).to_dict()
     # the most repeats completed first: a schedule whose other trials failed does not win on its lucky one
     searched = [n for n, e in schedules.items() if e["role"] == "search" and e["score"]["n"] > 0]
     winner = max(searched, key=lambda n: (schedules[n]["score"]["n"], schedules[n]["score"]["mean"],
@@ -922,13 +928,12 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
     out = {"repeat": kind, "repeats": repeats, "epochs": conf["epochs"], "top_k": conf["top_k"],
            "experiments": conf["experiments"], "schedules": schedules, "winner": winner,
            **({"replaced": conf["replaced"]} if conf.get("replaced") else {})}  # earlier ones 'confirm' set aside
-    objective = meta.get("objective") or {}
     if objective.get("type") == "cheapest_within" and schedules:  # the targets the scores were taken against
         tolerance = objective["tolerance"]
         out["tolerance"] = tolerance
         out[TARGET + kind] = {k: v - tolerance for k, v in schedules.get("baseline", {}).get("dice_by_" + kind,
                                                                                               {}).items()}
-    out.update(_verdict(winner, schedules, search_best, kind))
+    out.update(_verdict(winner, schedules, search_best, kind, objective))
     if winner is None and TARGET + kind in out and not any(map(math.isfinite, out[TARGET + kind].values())) \
             and any(e["role"] == "search" and e["completed"] for e in schedules.values()):
         out["verdict"] = (f"the constant baseline completed no confirmation {kind}, so cheapest_within has no target "
@@ -957,15 +962,20 @@ def search_target_note(sweep: str, folder: str) -> str:
 
 
 def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_best: str | None,
-             kind: str = "seed") -> dict[str, Any]:
-    """The plain-words answer: is the confirmed winner better than the references, and was the search right?"""
+             kind: str = "seed", objective: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain-words answer to the objective's question, and was the search right?  ``max_dice``: is the confirmed
+    winner's Dice better than the constant baseline's; ``dice_under_budget``: is it, under the voxel budget;
+    ``cheapest_within``: is it within the tolerance of the baseline's (:func:`pgps_tune.stats.within_margin`), at
+    what share of the voxels.  ``objective_met`` holds the answer (for ``max_dice``, the Dice test's)."""
+    objective = objective or {}
     if winner is None:
         text = ("no searched schedule completed its confirmation trials; there is no confirmed winner" if schedules
                 else "the search left no schedule to confirm (no searched trial completed, or each one trains a "
                      "reference's schedule); there is no confirmed winner")
-        return {"significantly_better_than_baseline": False, "verdict": text}
+        return {"significantly_better_than_baseline": False, "objective_met": False, "verdict": text}
     base = schedules[winner].get("vs", {}).get("baseline")
     better = bool(base and base["significantly_better"])
+    met = better
     if base is None or base["n"] == 0:
         text = (f"the confirmed winner {winner} and the constant baseline completed no {kind} in common, so they "
                 f"are not compared; confirm again once the failed trials' cause is fixed")
@@ -973,26 +983,98 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
         text = (f"the confirmed winner {winner} and the constant baseline completed only one {kind} in common "
                 f"({100 * base['mean_diff']:+.2f} Dice points), too few to test the difference; confirm with more "
                 f"{kind}s")
-    elif better:
-        text = (f"the confirmed winner {winner} beats the constant baseline by {100 * base['mean_diff']:+.2f} Dice "
-                f"points (95% interval {100 * base['ci_low']:+.2f} to {100 * base['ci_high']:+.2f}, "
-                f"p = {base['p_value']:.3g}, {base['n']} pairs)")
+    elif "within_tolerance" in schedules[winner]:
+        met, text = _within_verdict(winner, schedules, kind)
     else:
-        how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
-        test = (f"{100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
-                f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs)")
-        others = [n for n, e in schedules.items()
-                  if n != winner and e.get("vs", {}).get("baseline", {}).get("significantly_better")]
-        if others:  # a steadier schedule with a lower mean score: "no searched schedule is better" would be false
-            text = (f"the confirmed winner {winner} (the best mean score) {how} {test} from the constant baseline, "
-                    f"while {', '.join(others)} {'is' if len(others) == 1 else 'are'} significantly better than it; "
-                    "confirm with more seeds or folds to choose between them")
-        else:
-            advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
-            text = (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
-                    f"{how} {test}; keep the constant schedule{advice}")
-    return {"significantly_better_than_baseline": better, "verdict": text,
-            "search_winner_confirmed": search_best == winner if search_best else None}
+        text = _better_verdict(winner, schedules, base, objective)
+        if objective.get("type") == "dice_under_budget":
+            met = better and not schedules[winner]["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9
+    return {"significantly_better_than_baseline": better, "objective_met": met, "verdict": text,
+            "search_winner_confirmed": search_best == winner if search_best else None,
+            **({"best_searched": search_best} if search_best else {})}
+
+
+def _better_verdict(winner: str, schedules: dict[str, dict[str, Any]], base: dict[str, Any],
+                    objective: dict[str, Any]) -> str:
+    """The verdict of ``max_dice`` and ``dice_under_budget``: is the winner's Dice better than the baseline's?"""
+    test = (f"{100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
+            f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs)")
+    budget, cost = objective.get("voxel_budget"), schedules[winner]["schedule_voxel_fraction"]
+    under = objective.get("type") == "dice_under_budget"
+    if under and cost > budget + 1e-9:  # retrained at the confirmation's epochs, its rounding can cost more
+        return (f"the confirmed winner {winner} trains {cost:.3f}x the constant baseline's voxels at the "
+                f"confirmation's budget, over the voxel budget {budget:g}, so it does not answer dice_under_budget "
+                f"(it differs by {test} from the constant baseline); confirm at the search's epochs")
+    size = f" ({cost:.2f}x the baseline's voxels, under the voxel budget {budget:g})" if under else ""
+    if base["significantly_better"]:
+        return f"the confirmed winner {winner}{size} beats the constant baseline by {test}"
+    how = "is significantly worse, by" if base["significantly_worse"] else "differs by"
+    others = [n for n, e in schedules.items()
+              if n != winner and e.get("vs", {}).get("baseline", {}).get("significantly_better")]
+    if others:  # a steadier schedule with a lower mean score: "no searched schedule is better" would be false
+        return (f"the confirmed winner {winner}{size} (the best mean score) {how} {test} from the constant baseline, "
+                f"while {', '.join(others)} {'is' if len(others) == 1 else 'are'} significantly better than it; "
+                "confirm with more seeds or folds to choose between them")
+    advice = "" if base["significantly_worse"] else ", or confirm with more seeds or folds, or a longer budget"
+    if under:
+        return (f"no searched schedule under the voxel budget {budget:g} is significantly better than the constant "
+                f"baseline: the best, {winner} ({cost:.2f}x its voxels), {how} {test}; keep the constant schedule "
+                f"where its full cost is affordable{advice}")
+    return (f"no searched schedule is significantly better than the constant baseline: the best, {winner}, "
+            f"{how} {test}; keep the constant schedule{advice}")
+
+
+def _within_verdict(winner: str, schedules: dict[str, dict[str, Any]], kind: str) -> tuple[bool, str]:
+    """The verdict of ``cheapest_within``: is the winner within the tolerance of the baseline on the paired
+    repeats (:func:`pgps_tune.stats.within_margin`), and at what share of its voxels?"""
+    w = schedules[winner]["within_tolerance"]
+    cost = schedules[winner]["schedule_voxel_fraction"] / schedules["baseline"]["schedule_voxel_fraction"]
+    margin = 100 * w["margin"]
+    test = (f"{100 * w['mean_diff']:+.2f} Dice points (95% interval {100 * w['ci_low']:+.2f} to "
+            f"{100 * w['ci_high']:+.2f}; one-sided paired t-test of {winner} - baseline + {w['margin']:g} > 0 at the "
+            f"2.5% level, p = {w['p_value']:.3g}, {w['n']} pairs; within on {w['pairs_within']} of {w['n']} {kind}s)")
+    if w["within"]:
+        return True, (f"the confirmed winner {winner} is within the tolerance ({margin:.2f} Dice points) of the "
+                      f"constant baseline at {cost:.2f}x its voxels: it differs by {test}")
+    others = [n for n, e in schedules.items() if n != winner and e.get("within_tolerance", {}).get("within")]
+    if others:
+        return False, (f"the confirmed winner {winner} (the best mean score, {cost:.2f}x the baseline's voxels) is "
+                       f"not shown to be within the tolerance ({margin:.2f} Dice points) of the constant baseline: it "
+                       f"differs by {test}, while {', '.join(others)} {'is' if len(others) == 1 else 'are'}; confirm "
+                       "with more seeds or folds to choose between them")
+    short = w["ci_high"] < -w["margin"]  # the whole interval below the tolerance: more repeats will not help
+    return False, (f"no searched schedule is shown to be within the tolerance ({margin:.2f} Dice points) of the "
+                   f"constant baseline: the best, {winner} ({cost:.2f}x its voxels), "
+                   f"{'falls short, by' if short else 'differs by'} {test}; keep the constant schedule"
+                   + ("" if short else ", or confirm with more seeds or folds"))
+
+
+def search_check(summary: dict[str, Any]) -> str | None:
+    """Whether the search phase picked the confirmed winner, in words (None: it did, or there is nothing to say).
+
+    The search's best trial (``search_best``) is ranked among the references too, so it can be the baseline:
+    that is said, and the search is judged by its best searched trial (``confirmation.best_searched``; absent
+    from summaries written before it, whose ``search_winner_confirmed`` compared the reference).
+
+    >>> c = {"winner": "t1", "search_winner_confirmed": False, "best_searched": "t2"}
+    >>> search_check({"confirmation": c, "search_best": {"trial_id": "b0", "role": "baseline"}})
+    "the search phase's best trial, b0, is the baseline reference, and its best searched trial, t2, is not the \
+confirmed winner"
+    >>> search_check({"confirmation": c, "search_best": {"trial_id": "t2", "role": "search"}})
+    "the search phase's best trial, t2, is not the confirmed winner"
+    """
+    conf, best = summary.get("confirmation") or {}, summary.get("search_best")
+    if not conf.get("winner") or not isinstance(best, dict) or "trial_id" not in best:
+        return None
+    if best.get("role", "search") != "search":
+        text = f"the search phase's best trial, {best['trial_id']}, is the {best['role']} reference"
+        if conf.get("best_searched") and conf.get("search_winner_confirmed") is not None:
+            verb = "is" if conf["search_winner_confirmed"] else "is not"
+            text += f", and its best searched trial, {conf['best_searched']}, {verb} the confirmed winner"
+        return text
+    if conf.get("search_winner_confirmed") is False:
+        return f"the search phase's best trial, {best['trial_id']}, is not the confirmed winner"
+    return None
 
 
 def schedule_of(row: dict[str, Any], where: str, fix: str = "rerun 'pgps-tune export' for that sweep") -> sch.Schedule:
@@ -1026,7 +1108,9 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any], best: dict[str, 
         "stopped_early": sum(r["stopped_early"] for r in rows), "failed": sum(r["failed"] for r in rows),
         "best": None,
     }
-    confirmation = confirmation_summary(rows, meta, best["trial_id"] if best else None)
+    # the search's best may be a reference: whether the search was right asks of its best searched trial
+    searched = _highest([r for r in rankable(rows) if r["role"] == "search"])
+    confirmation = confirmation_summary(rows, meta, searched["trial_id"] if searched else None)
     if confirmation is not None:
         summary["confirmation"] = confirmation
         if best is not None:
@@ -1225,10 +1309,11 @@ def _confirmation_evidence(summary: dict[str, Any], row: dict[str, Any]) -> dict
     out = confirmed_winner(summary, row)
     if out:
         w = summary["confirmation"]["schedules"][out["trial_id"]]
+        conf = summary["confirmation"]
         out["confirmation"].update(dice_per_class=w["dice_per_class"], vs=w.get("vs", {}),
-                                   verdict=summary["confirmation"]["verdict"],
-                                   significantly_better_than_baseline=summary["confirmation"][
-                                       "significantly_better_than_baseline"])
+                                   **{k: w[k] for k in ("within_tolerance",) if k in w}, verdict=conf["verdict"],
+                                   significantly_better_than_baseline=conf["significantly_better_than_baseline"],
+                                   **{k: conf[k] for k in ("objective_met",) if k in conf})
     return out
 
 

@@ -104,3 +104,55 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> Paired:
         result = stats.ttest_rel(x, y)
         ci = result.confidence_interval(1 - ALPHA)
     return Paired(n, diff, float(ci.low), float(ci.high), float(result.pvalue))
+
+
+@dataclass(frozen=True)
+class Within:
+    """Whether A is within ``margin`` of B on paired repeats (a non-inferiority test): mean of A - B, its 95%
+    interval (as :class:`Paired`), the one-sided paired t-test's p-value of A - B + margin > 0, and on how many
+    of the ``n`` pairs A was within the margin."""
+
+    n: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    margin: float
+    p_value: float
+    pairs_within: int
+
+    @property
+    def within(self) -> bool:
+        """A is within the margin of B: the whole 95% interval lies above -margin (the one-sided test at 2.5%)."""
+        return self.n >= 2 and self.ci_low > -self.margin
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "confidence": 1 - ALPHA, "within": self.within,
+                "test": "one-sided paired t-test of A - B + margin > 0 (within: the 95% interval above -margin)"}
+
+
+def within_margin(a: Sequence[float], b: Sequence[float], margin: float) -> Within:
+    """Test whether paired results ``a`` are within ``margin`` below ``b`` (``cheapest_within``'s question).
+
+    Pairs with a NaN are dropped; with fewer than two there is no test (interval and p-value NaN).
+    Differences that are all the same number give the interval [d, d] and p = 0 or 1.
+
+    >>> w = within_margin([0.78, 0.70, 0.74], [0.80, 0.71, 0.75], 0.05)
+    >>> w.within, w.pairs_within, round(w.mean_diff, 4), w.p_value < 0.025
+    (True, 3, -0.0133, True)
+    >>> within_margin([0.70, 0.74, 0.60], [0.80, 0.71, 0.75], 0.05).within
+    False
+    """
+    from scipy import stats
+
+    c = paired_comparison(a, b)
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    inside = sum(x - y >= -margin for x, y in pairs)
+    if c.n < 2:
+        return Within(c.n, c.mean_diff, c.ci_low, c.ci_high, margin, math.nan, inside)
+    d = np.asarray([x - y for x, y in pairs], dtype=float)
+    se = float(d.std(ddof=1)) / math.sqrt(c.n)
+    if se == 0.0:
+        p = 0.0 if c.mean_diff + margin > 0 else 1.0
+    else:
+        p = float(stats.t.sf((c.mean_diff + margin) / se, c.n - 1))
+    return Within(c.n, c.mean_diff, c.ci_low, c.ci_high, margin, p, inside)

@@ -2704,7 +2704,13 @@ def ladder_meta(space: SearchSpace, num_samples: int) -> dict[str, Any] | None:
         return None
     rungs = compressed_ladder(a.promote, num_samples, a.reduction_factor, a.min_fraction,
                               space.budget.iterations_per_epoch, a.promote_top)
-    return {"type": "compressed", "promote": a.promote, "rungs": [dataclasses.asdict(r) for r in rungs]}
+    return {"type": "compressed", "promote": a.promote, "rungs": [dataclasses.asdict(r) for r in rungs],
+            UNIQUE_BY: "training"}
+
+
+# what a compressed ladder promotes once: "training", one trial per schedule trained (results.training_key);
+# "params" (a sweep.json without the key), one per parameter set, as ladders did before
+UNIQUE_BY = "unique_by"
 
 
 def _search_changes(before: dict[str, Any], space: SearchSpace, num_samples: int) -> dict[str, tuple]:
@@ -2892,7 +2898,7 @@ def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], set
     if space.search.max_compute > 0:
         stopper = ComputeBudget(space.search.max_compute * b.epochs * b.iterations_per_epoch)
     if space.asha.fidelity == "compressed":
-        run_compressed(opts, signals, meta, setup, searcher, num_samples, storage_fs, storage_path)
+        run_compressed(opts, signals, meta, setup, searcher, num_samples, storage_fs, storage_path, before)
     else:
         run_phase("search", opts, setup, storage_fs, storage_path, meta["experiments"]["search"],
                   searcher, num_samples, scheduler, stopper, signals=signals)
@@ -3111,12 +3117,16 @@ def resumed_confirmation(before: dict[str, Any], asked: ConfirmSettings) -> Conf
 def reference_keys(meta: dict[str, Any]) -> list[str]:
     """What the references a confirmation trains train at the search's budget (:func:`training_key`): a searched
     schedule that trains one of them is no candidate, whether or not the sweep trained the references first."""
-    setup = meta["trial_setup"]
+    return [config_key(meta["trial_setup"], c) for c in meta["reference_configs"]]
+
+
+def config_key(setup: dict[str, Any], config: dict[str, Any]) -> str:
+    """What a trial of ``config`` trains under ``setup`` (:func:`training_key`), without training it."""
     b = setup["budget"]
     multiple_of = None if b.get("trainer") == "nnunet" else patch_multiple(b["network"], setup["pools"],
                                                                             b["token_size"])
-    return [training_key(schedule_from_params(c, setup["final_patch"], setup["pools"], b["batch_size"], b["epochs"],
-                                              multiple_of).to_dict(), c, b) for c in meta["reference_configs"]]
+    return training_key(schedule_from_params(config, setup["final_patch"], setup["pools"], b["batch_size"],
+                                             b["epochs"], multiple_of).to_dict(), config, b)
 
 
 def _pooled_repeat(config: dict[str, Any], settings: ConfirmSettings) -> bool:
@@ -3324,7 +3334,7 @@ def check_screening(space: SearchSpace, num_samples: int) -> None:
 
 
 def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], searcher,
-                   num_samples: int, storage_fs, storage_path: str) -> None:
+                   num_samples: int, storage_fs, storage_path: str, before: dict[str, Any] | None = None) -> None:
     """The search phase with ``asha.fidelity: compressed``: successive halving over budgets.
 
     Rung 0 is the search itself (``searcher``: Optuna or the grid, ``num_samples`` trials),
@@ -3335,7 +3345,9 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     zero and its curriculum finished, so it cannot be extended into a longer one that is still
     a complete curriculum.  Each rung is a Tune experiment of its own (``search``, ``search-r1``,
     ...), resumed like any phase; a rung's survivors are read back from the one below, so a
-    resumed sweep promotes the same trials.
+    resumed sweep promotes the same trials.  Parameter sets that train alike (:func:`training_key`)
+    are promoted once; a ladder ``before`` (the sweep.json a resume continues) began without that
+    rule (no ``fidelity.unique_by``) keeps promoting by parameters, as its upper rungs did.
 
     With ``asha.promote: main_effects`` there are two rungs (:func:`screening_ladder`): the search
     screens ``num_samples`` schedules at the lowest fraction, and the full budget trains the top of
@@ -3346,6 +3358,9 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
     space = opts.space
     model = space.asha.promote == "main_effects"
     meta["fidelity"] = ladder_meta(space, num_samples)
+    if isinstance(ladder := (before or {}).get("fidelity"), dict):  # a resume promotes as the sweep began to
+        meta["fidelity"][UNIQUE_BY] = ladder.get(UNIQUE_BY, "params")
+    by_training = meta["fidelity"][UNIQUE_BY] == "training"
     rungs = [Rung(**r) for r in meta["fidelity"]["rungs"]]
     configs: list[dict[str, Any]] = []
     for r, rung in enumerate(rungs):
@@ -3365,6 +3380,11 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
         if model and sum(1 for _, score, _ in scored if math.isfinite(score)) >= 2:
             observed = [(json.loads(k), score) for k, score, _ in scored]
             ranked = main_effects_ranking(space.parameters, observed, screening_candidates(space, observed))
+            if by_training:  # the model's top, each schedule once
+                first: dict[str, dict[str, Any]] = {}
+                for c in ranked:
+                    first.setdefault(config_key(setup, c), c)
+                ranked = list(first.values())
             configs = ranked[: rungs[r + 1].trials]
             screened = sum(c in (o for o, _ in observed) for c in configs)
             print(f"pgps-tune: {phase}: the main-effects model fitted to {len(scored)} screened schedules promotes "
@@ -3373,7 +3393,10 @@ def run_compressed(opts: SweepOptions, signals: _StopSignals, meta: dict[str, An
             if model:
                 print(f"pgps-tune: {phase}: fewer than 2 screened schedules completed, too few to fit the "
                       "main-effects model: the best measured go on instead", file=sys.stderr, flush=True)
-            configs = [json.loads(k) for k in survivors(scored, rungs[r + 1].trials)]
+            trains = {row["params"]: training_key(json.loads(row["schedule"] or "null"),
+                                                  json.loads(row["params"] or "{}"), setup["budget"])
+                      for row in rows} if by_training else None
+            configs = [json.loads(k) for k in survivors(scored, rungs[r + 1].trials, trains and trains.get)]
         if Progress.sweep_eta is not None:  # the rungs above and the confirmation plan no more than go on
             Progress.sweep_eta.at_most([f"search-r{k}" for k in range(r + 1, len(rungs))] + ["confirm"],
                                        len(configs))

@@ -1,5 +1,6 @@
 """The confirmation phase: its statistics, its folds, its choice of schedules, and one sweep end to end."""
 
+import html
 import json
 import math
 import subprocess
@@ -17,7 +18,7 @@ from pgps_tune import data
 from pgps_tune import schedule as sch
 from pgps_tune import space as sp
 from pgps_tune.cli import main
-from pgps_tune.results import confirm_candidates, confirmation_summary
+from pgps_tune.results import confirm_candidates, confirmation_summary, search_check
 from pgps_tune.stats import paired_comparison, spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,6 +281,83 @@ def test_cheapest_within_scores_a_confirmation_against_its_own_baseline_on_each_
     c = summarize(rows, meta)["confirmation"]
     assert c["winner"] is None and c["verdict"].startswith("the constant baseline completed no confirmation seed, so "
                                                           "cheapest_within has no target Dice")
+
+
+def test_the_verdict_answers_the_objectives_question(capsys):
+    # cheapest_within asks "within the tolerance of the baseline, for fewer voxels?": the verdict asked "better
+    # Dice?" and said "NOT SIGNIFICANT: ... keep the constant schedule" of a winner within it on every seed at 0.56x
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.results import _confirmation_evidence, summarize
+
+    def verdict(objective, values, cost=0.56):
+        rows, meta = confirmation(values)
+        for r in rows:
+            vf = 1.0 if r["role"] == "baseline" else cost
+            base = values["baseline"][json.loads(r["params"])["seed"] - 1]
+            r.update(schedule_voxel_fraction=vf, stopped_early=False, failed=False, score=sp.objective_score(
+                objective, r["final_dice"], vf, base - objective.get("tolerance", 0)))
+        rows.append({**row("t1", "search", "search", {}, 0.7), "stopped_early": False, "failed": False})
+        meta.update(dataset="d", sweep="s", objective=objective)
+        return summarize(rows, meta)
+
+    within = {"type": "cheapest_within", "tolerance": 0.05}
+    summary = verdict(within, {"baseline": [0.80, 0.70, 0.75, 0.72], "t1": [0.79, 0.68, 0.75, 0.70]})
+    c = summary["confirmation"]
+    assert c["objective_met"] and not c["significantly_better_than_baseline"]
+    assert c["verdict"].startswith("the confirmed winner t1 is within the tolerance (5.00 Dice points) of the constant "
+                                   "baseline at 0.56x its voxels: it differs by -1.25 Dice points")
+    assert "one-sided paired t-test of t1 - baseline + 0.05 > 0 at the 2.5% level" in c["verdict"]
+    assert "within on 4 of 4 seeds" in c["verdict"] and c["schedules"]["t1"]["within_tolerance"]["within"]
+    _print_confirmation(summary)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("the confirmed winner t1 is within the tolerance")
+    evidence = _confirmation_evidence(summary, {"trial_id": "t1-1"})["confirmation"]  # best_schedule.yaml's
+    assert evidence["objective_met"] and evidence["within_tolerance"]["pairs_within"] == 4
+    # a winner whose interval reaches below the tolerance is not called within it, whatever its mean
+    c = verdict(within, {"baseline": [0.80, 0.70, 0.75], "t1": [0.79, 0.60, 0.76]})["confirmation"]
+    assert not c["objective_met"] and "within on 2 of 3 seeds" in c["verdict"]
+    assert c["verdict"].startswith("no searched schedule is shown to be within the tolerance (5.00 Dice points) of "
+                                   "the constant baseline: the best, t1 (0.56x its voxels), differs by")
+    # dice_under_budget: better Dice, under the budget; max_dice as it was
+    budget = {"type": "dice_under_budget", "voxel_budget": 0.6}
+    c = verdict(budget, {"baseline": [0.70, 0.60, 0.65, 0.72], "t1": [0.80, 0.71, 0.74, 0.83]})["confirmation"]
+    assert c["objective_met"] and c["verdict"].startswith(
+        "the confirmed winner t1 (0.56x the baseline's voxels, under the voxel budget 0.6) beats the constant "
+        "baseline by +10.25 Dice points")
+    c = verdict(budget, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
+    assert not c["objective_met"] and "keep the constant schedule where its full cost is affordable" in c["verdict"]
+    assert c["verdict"].startswith("no searched schedule under the voxel budget 0.6 is significantly better")
+    c = verdict({"type": "max_dice"}, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
+    assert c["objective_met"] is False and c["verdict"].startswith("no searched schedule is significantly better")
+
+
+def test_a_search_whose_best_trial_was_a_reference_is_judged_by_its_best_searched_trial(capsys):
+    # the search's best is ranked among the references: the terminal said "the search phase's best trial, base, is
+    # not the confirmed winner" of the baseline, though the search's best searched trial was the winner
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import confirmation_section
+    from pgps_tune.results import summarize
+
+    def summary(search):
+        rows, meta = confirmation({"baseline": [0.5, 0.6, 0.55], "t1": [0.7, 0.8, 0.75], "t2": [0.6, 0.7, 0.6]})
+        rows += [row("base", "references", "baseline", {}, 0.9), *(row(t, "search", "search", {}, d)
+                                                                   for t, d in search.items())]
+        meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+        return summarize([{**r, "stopped_early": False, "failed": False} for r in rows], meta)
+
+    for search, right, words in (
+            ({"t1": 0.8, "t2": 0.7}, True, "the search phase's best trial, base, is the baseline reference, and its "
+             "best searched trial, t1, is the confirmed winner"),
+            ({"t1": 0.7, "t2": 0.8}, False, "the search phase's best trial, base, is the baseline reference, and its "
+             "best searched trial, t2, is not the confirmed winner")):
+        s = summary(search)
+        c = s["confirmation"]
+        assert s["search_best"]["trial_id"] == "base" and c["winner"] == "t1"
+        assert c["best_searched"] == max(search, key=search.get) and c["search_winner_confirmed"] is right
+        _print_confirmation(s)
+        assert f"  {words}\n" in capsys.readouterr().out and f"; {html.escape(words)}.</p>" in confirmation_section(
+            c, search_check(s))
+    s = summary({"t1": 0.95, "t2": 0.7})  # the search's best is searched and confirmed: nothing to say
+    assert s["search_best"]["trial_id"] == "t1" and search_check(s) is None
 
 
 def test_the_exported_winner_is_trained_at_the_budget_of_the_confirmation_reported():

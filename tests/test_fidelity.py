@@ -53,6 +53,50 @@ def test_survivors_are_the_best_scores_and_skip_failed_runs():
     assert survivors([("x", math.inf, 0.1)], 1) == []
     assert survivors([("x", 0.1, 0.1), ("y", 0.3, 0.1), ("x", 0.5, 0.1)], 2) == ["x", "y"]  # x once, by its best
 
+    # two parameter sets that train one schedule (growth means nothing to one stage) survive once
+    assert survivors(scores, 2, same={"a": 1, "c": 1, "d": 2, "e": 3}.get) == ["d", "c"]
+    assert survivors(scores, 2, same={"a": 1, "c": 2, "d": 2, "e": 3}.get) == ["d", "e"]
+
+
+@pytest.mark.parametrize("promote", ["measured", "main_effects"])
+def test_a_compressed_ladder_promotes_what_trains_once_and_a_resumed_older_ladder_as_it_began(
+        tmp_path, monkeypatch, promote):
+    """Rung 0 trained {stages 1, growth 2} and {stages 1, growth 3} (one constant schedule) best: both went on,
+    so the full budget trained it twice.  A ladder begun before the rule still promotes by parameters, or its
+    restored upper rung would be handed other schedules than it ran."""
+    from types import SimpleNamespace
+
+    from pgps_tune import tuner
+    from pgps_tune.results import TrialRecord
+
+    top = {"promote": promote, "promote_top": 2} if promote == "main_effects" else {}
+    space = sp.parse({**_space(fidelity="compressed", reduction_factor=2, min_fraction=0.5, **top), "parameters": {
+        "stages": {"type": "categorical", "choices": [1, 2]}, "growth": {"type": "categorical", "choices": [2.0, 3.0]}},
+        "search": {"algorithm": "grid", "references": False}}, "s.yaml")
+    setup = tuner.trial_setup(space, "synthetic", None, (16, 16, 16), (2, 2, 2), 1, 0)
+    dice = {(1, 2.0): 0.8, (1, 3.0): 0.79, (2, 2.0): 0.7, (2, 3.0): 0.6}
+    records = [TrialRecord(f"t{i}", "TERMINATED", {"stages": n, "growth": g}, {
+        "val_dice": d, "score": d, "completed": True, "schedule_voxel_fraction": 1.0 / n,
+        "schedule": sp.schedule_from_params({"stages": n, "growth": g}, (16, 16, 16), (2, 2, 2), 2, 6).to_json()})
+        for i, ((n, g), d) in enumerate(dice.items())]
+    handed = []
+    monkeypatch.setattr(tuner, "run_phase", lambda phase, *a, **k: handed.append((phase, getattr(a[5], "configs",
+                                                                                                 None))))
+    monkeypatch.setattr(tuner, "read_trials", lambda meta, keys: records)
+
+    def promoted(before=None):
+        handed.clear()
+        meta = {"sweep": "s", "experiments": {}, "objective": {"type": "max_dice"},
+                "asha": tuner.AshaSettings.from_space(space).to_dict()}
+        tuner.run_compressed(SimpleNamespace(space=space, out=tmp_path), None, meta, setup, None, 4, None, "", before)
+        assert [p for p, _ in handed] == ["search", "search-r1"]
+        return [(c["stages"], c["growth"]) for c in handed[1][1]], meta["fidelity"]["unique_by"]
+
+    assert promoted() == ([(1, 2.0), (2, 2.0)], "training")
+    older = {"fidelity": {k: v for k, v in tuner.ladder_meta(space, 4).items() if k != "unique_by"}}
+    assert promoted(older) == ([(1, 2.0), (1, 3.0)], "params")
+    assert promoted({"fidelity": tuner.ladder_meta(space, 4)})[1] == "training"
+
 
 # -- the space file ---------------------------------------------------------------------------------
 
