@@ -840,18 +840,21 @@ def confirm_candidates(rows: list[dict[str, Any]], top_k: int, objective: dict[s
     # the references' own trials only: the candidates must not change once a confirmation has run
     seen = {_trains_as(r, budget) for r in rows
             if r["role"] in REFERENCE_ROLES and r["schedule"] and r.get("phase") != "confirm"} | set(references)
+    from pgps_tune.space import over_voxel_budget
+
     done = [r for r in rows if r.get("phase") == "search" and r["role"] == "search" and r["completed"]
-            and r["schedule"] and math.isfinite(r["score"]) and full_fidelity(r) and not (
-                objective["type"] == "dice_under_budget"
-                and r["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9)]  # never trained
+            and r["schedule"] and math.isfinite(r["score"]) and full_fidelity(r)
+            and not over_voxel_budget(objective, r["schedule_voxel_fraction"])]  # never trained
     held = set(held)
     kept = list({r["trial_id"]: r for r in rows if r["trial_id"] in held and r.get("phase") != "confirm"
                  and r["role"] == "search"}.values())
     seen |= {_trains_as(r, budget) for r in kept}
     picked = []
     for r in sorted(done, key=rank_key):
-        if len(kept) + len(picked) < top_k and r["trial_id"] not in held and _trains_as(r, budget) not in seen:
-            seen.add(_trains_as(r, budget))
+        if len(kept) + len(picked) >= top_k:
+            break
+        if r["trial_id"] not in held and (key := _trains_as(r, budget)) not in seen:
+            seen.add(key)
             picked.append(r)
     return sorted(kept + picked, key=rank_key)
 
@@ -967,6 +970,8 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
     winner's Dice better than the constant baseline's; ``dice_under_budget``: is it, under the voxel budget;
     ``cheapest_within``: is it within the tolerance of the baseline's (:func:`pgps_tune.stats.within_margin`), at
     what share of the voxels.  ``objective_met`` holds the answer (for ``max_dice``, the Dice test's)."""
+    from pgps_tune.space import over_voxel_budget
+
     objective = objective or {}
     if winner is None:
         text = ("no searched schedule completed its confirmation trials; there is no confirmed winner" if schedules
@@ -988,7 +993,7 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
     else:
         text = _better_verdict(winner, schedules, base, objective)
         if objective.get("type") == "dice_under_budget":
-            met = better and not schedules[winner]["schedule_voxel_fraction"] > objective["voxel_budget"] + 1e-9
+            met = better and not over_voxel_budget(objective, schedules[winner]["schedule_voxel_fraction"])
     return {"significantly_better_than_baseline": better, "objective_met": met, "verdict": text,
             "search_winner_confirmed": search_best == winner if search_best else None,
             **({"best_searched": search_best} if search_best else {})}
@@ -997,11 +1002,13 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
 def _better_verdict(winner: str, schedules: dict[str, dict[str, Any]], base: dict[str, Any],
                     objective: dict[str, Any]) -> str:
     """The verdict of ``max_dice`` and ``dice_under_budget``: is the winner's Dice better than the baseline's?"""
+    from pgps_tune.space import over_voxel_budget
+
     test = (f"{100 * base['mean_diff']:+.2f} Dice points (95% interval {100 * base['ci_low']:+.2f} to "
             f"{100 * base['ci_high']:+.2f}, p = {base['p_value']:.3g}, {base['n']} pairs)")
     budget, cost = objective.get("voxel_budget"), schedules[winner]["schedule_voxel_fraction"]
     under = objective.get("type") == "dice_under_budget"
-    if under and cost > budget + 1e-9:  # retrained at the confirmation's epochs, its rounding can cost more
+    if over_voxel_budget(objective, cost):  # retrained at the confirmation's epochs, its rounding can cost more
         return (f"the confirmed winner {winner} trains {cost:.3f}x the constant baseline's voxels at the "
                 f"confirmation's budget, over the voxel budget {budget:g}, so it does not answer dice_under_budget "
                 f"(it differs by {test} from the constant baseline); confirm at the search's epochs")

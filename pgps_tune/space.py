@@ -859,6 +859,12 @@ def load(path: str | Path) -> SearchSpace:
     return parse(read_yaml(path, "space", hint), str(path))
 
 
+def over_voxel_budget(objective: dict[str, Any], voxel_fraction: float) -> bool:
+    """Whether a schedule of ``voxel_fraction`` is over a ``dice_under_budget`` objective's voxel budget (float
+    rounding of the fraction aside); never for another objective."""
+    return objective.get("type") == "dice_under_budget" and voxel_fraction > objective["voxel_budget"] + 1e-9
+
+
 def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: float,
                     target_dice: float | None) -> float:
     """The scalar that ASHA and Optuna maximise."""
@@ -866,7 +872,7 @@ def objective_score(objective: dict[str, Any], dice: float, voxel_fraction: floa
     if kind in ("max_dice", "pareto"):  # pareto: the Dice axis (compute is the other objective)
         return dice
     if kind == "dice_under_budget":
-        return dice if voxel_fraction <= objective["voxel_budget"] + 1e-9 else dice - 1.0
+        return dice - 1.0 if over_voxel_budget(objective, voxel_fraction) else dice
     # cheapest_within: infeasible trials rank by how close they are to the target Dice,
     # feasible ones by how much compute they save (1 - voxel fraction)
     if target_dice is None:

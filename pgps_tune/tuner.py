@@ -128,6 +128,7 @@ from pgps_tune.space import (
     distinct_schedules,
     grid_sample,
     objective_score,
+    over_voxel_budget,
     reference_configs,
     schedule_from_params,
 )
@@ -316,8 +317,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     base = {"schedule": json.dumps(s.to_dict()), "n_stages": len(s.stages),
             "schedule_voxel_fraction": voxel_fraction, "role": role,
             **({"fidelity": setup["fidelity"], "rung": setup["rung"]} if "fidelity" in setup else {})}
-    if (objective["type"] == "dice_under_budget" and role == "search"
-            and voxel_fraction > objective["voxel_budget"] + 1e-9):
+    if role == "search" and over_voxel_budget(objective, voxel_fraction):
         # over the voxel budget: known before training, so do not spend compute on it
         tune.report({**base, "score": -1.0, "val_dice": 0.0, "completed": True, "infeasible": True,
                      "baseline_iterations": 0.0, "epoch": 0})
