@@ -153,5 +153,7 @@ def within_margin(a: Sequence[float], b: Sequence[float], margin: float) -> With
     if np.all(d == d[0]):  # no spread: the t statistic is infinite (or 0/0), its answer certain
         p = 0.0 if c.mean_diff + margin > 0 else 1.0
     else:
-        p = float(stats.ttest_1samp(d, -margin, alternative="greater").pvalue)
+        with warnings.catch_warnings():  # scipy warns on nearly identical data; the numbers are still its answer
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_1samp(d, -margin, alternative="greater").pvalue)
     return Within(c.n, c.mean_diff, c.ci_low, c.ci_high, margin, p, inside)
