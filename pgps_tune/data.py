@@ -56,6 +56,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -526,13 +527,13 @@ class PreparedDataset:
         return tuple(int(v) for v in np.median(np.array(self.shapes), axis=0))  # type: ignore[return-value]
 
     def image(self, i: int) -> np.ndarray:
-        return np.load(self.cache_dir / _case_files(i)[0], mmap_mode="r")
+        return load_npy(self.cache_dir / _case_files(i)[0])
 
     def label(self, i: int) -> np.ndarray:
-        return np.load(self.cache_dir / _case_files(i)[1], mmap_mode="r")
+        return load_npy(self.cache_dir / _case_files(i)[1])
 
     def fg(self, i: int) -> dict[int, np.ndarray]:
-        with np.load(self.cache_dir / _case_files(i)[2]) as z:
+        with _NPY_HEADER_LOCK, np.load(self.cache_dir / _case_files(i)[2]) as z:
             return {int(k[1:]): z[k] for k in z.files}
 
     def __len__(self) -> int:
@@ -567,7 +568,8 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: type) -> None:
         with open(path, "rb") as fh:
             version = fmt.read_magic(fh)
             read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[version]
-            got, fortran, got_dtype = read(fh)
+            with _NPY_HEADER_LOCK:
+                got, fortran, got_dtype = read(fh)
             end = fh.tell() + math.prod(got) * got_dtype.itemsize
     except (OSError, ValueError, KeyError) as exc:
         raise _Damaged(f"{path.name} has no readable array header ({exc})") from None
@@ -707,8 +709,21 @@ def _save_fg(folder: Path, cases: int, num_classes: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(cases):
         _, seg, fg = _case_files(i)
-        coords = _fg_coords(np.load(folder / seg, mmap_mode="r"), num_classes, rng)
+        coords = _fg_coords(load_npy(folder / seg), num_classes, rng)
         np.savez(folder / fg, **{f"c{k}": v for k, v in coords.items()})
+
+
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11 keeps the AST constructor's recursion
+# count per interpreter, not per thread: two threads parsing at different stack depths can make one fail with
+# "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905).  Preparation's worker threads and
+# the sampler's prefetch thread open cache files beside other threads, so every .npy open here takes this lock.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Memory-map the .npy file ``path`` read-only; safe beside other threads that open .npy files."""
+    with _NPY_HEADER_LOCK:
+        return np.load(path, mmap_mode="r")
 
 
 def _in_parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
@@ -777,7 +792,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
         return spacing, notes, values
 
     def unpark(k: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.load(parked / f"{k}_img.npy", mmap_mode="r"), np.load(parked / f"{k}_seg.npy", mmap_mode="r")
+        return load_npy(parked / f"{k}_img.npy"), load_npy(parked / f"{k}_seg.npy")
 
     read = _in_parallel(park, list(enumerate(spec.cases)), workers)
     for note in spec.notes:

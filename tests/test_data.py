@@ -842,3 +842,37 @@ def test_ct_and_mri_channels_match_numpy_in_every_format(tmp_path):
             assert np.allclose(ds.image(k)[0], canonical((np.clip(ct, lo, up) - mean) / sd), atol=1e-5)
             assert np.allclose(ds.image(k)[1], canonical((m - m.mean()) / m.std()), atol=1e-5)
             assert (np.asarray(ds.label(k)) == canonical(label)).all()
+
+
+def test_cache_files_open_safely_from_threads_at_different_stack_depths(tiny_msd):
+    # numpy parses .npy headers with ast.literal_eval, whose recursion count CPython 3.11 shares between
+    # threads: without a lock, threads opening cache files while finalizers switch threads mid-parse fail with
+    # "SystemError: AST constructor recursion depth mismatch" (once in CI, while preparing with 2 workers)
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = data.prepare(tiny_msd)
+
+    class Cycle:  # garbage whose finalizer gives up the GIL, so collections switch threads mid-parse
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            time.sleep(0)
+
+    def deep(n: int, k: int) -> int:
+        if n:
+            return deep(n - 1, k)
+        for _ in range(300):
+            Cycle()
+            assert ds.image(k % len(ds)).shape[0] == ds.channels
+            assert ds.label(k % len(ds)).ndim == 3
+        return k
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(20, 1, 1)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert sorted(pool.map(lambda k: deep(5 * k, k), range(8))) == list(range(8))
+    finally:
+        gc.set_threshold(*threshold)
