@@ -1055,7 +1055,7 @@ def _num(v: Any, spec: str = ".4f") -> str:
 
 def _print_confirmation(summary: dict[str, Any]) -> None:
     """The confirmation's table (mean ± sd per schedule, paired differences) and its verdict in words."""
-    from pgps_tune.results import reference_order, search_check
+    from pgps_tune.results import confirmation_question, reference_order, search_check, shown_test
 
     c = summary["confirmation"]
     if not c["schedules"]:  # nothing was confirmed: no table of nothing
@@ -1067,8 +1067,8 @@ def _print_confirmation(summary: dict[str, Any]) -> None:
     print((f"  {'schedule':<16} {'n':>2} {'Dice mean':>9} {'sd':>7}  " + " ".join(f"{h:<38}" for h in heads)).rstrip())
     for name, e in c["schedules"].items():
         tests = []
-        for role in references:
-            t = e.get("vs", {}).get(role)
+        for role in references:  # the test the verdict uses (cheapest_within's against the baseline: 'within?')
+            t = shown_test(e, role)
             tests.append("" if t is None else f"{_num(100 * t['mean_diff'], '+.2f')} "
                          f"[{_num(100 * t['ci_low'], '+.2f')}, {_num(100 * t['ci_high'], '+.2f')}] "
                          f"p={_num(t['p_value'], '.3g')}")
@@ -1076,6 +1076,8 @@ def _print_confirmation(summary: dict[str, Any]) -> None:
         print((f"  {label:<16} {e['dice']['n']:>2} {_num(e['dice']['mean']):>9} {_num(e['dice']['sd']):>7}  "
                + " ".join(f"{t:<38}" for t in tests)).rstrip())
     print(f"  (* the confirmed winner; differences in Dice points, paired by {c['repeat']})")
+    if question := confirmation_question(c, summary.get("objective")):
+        print(f"  p-values: {question}")
     if "tolerance" in c:
         print(f"  cheapest_within: each {c['repeat']} is scored against the baseline's Dice on that {c['repeat']} "
               f"less {c['tolerance']:g}")

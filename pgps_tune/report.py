@@ -57,6 +57,7 @@ from pgps_tune.results import (
     asha_compared,
     check_trials,
     confirmation_flags,
+    confirmation_question,
     describe_confirmation,
     full_fidelity,
     read_parquet,
@@ -66,6 +67,7 @@ from pgps_tune.results import (
     scored_by_search_target,
     search_check,
     search_target_note,
+    shown_test,
     valid_confirm_settings,
 )
 from pgps_tune.schedule import plural
@@ -619,7 +621,9 @@ def _confirmation_ok(conf: Any) -> bool:
                 and _is_count(e.get("trials")) and isinstance(e.get("dice"), dict)
                 and _is_num(e["dice"].get("mean")) and _is_num(e["dice"].get("sd"))
                 and _is_num(e.get("schedule_voxel_fraction")) and isinstance(e.get("vs", {}), dict)
-                and all(test_ok(t) for t in e.get("vs", {}).values()))
+                and all(test_ok(t) for t in e.get("vs", {}).values())
+                and ("within_tolerance" not in e or test_ok(e["within_tolerance"])
+                     and _is_num(e["within_tolerance"].get("margin"), nullable=False)))
 
     return (isinstance(conf, dict) and conf.get("repeat") in ("seed", "fold") and isinstance(conf.get("repeats"), list)
             and _is_count(conf.get("epochs")) and isinstance(conf.get("verdict", ""), str)
@@ -733,20 +737,32 @@ def _points(t: dict[str, Any] | None) -> str:
 
 
 def confirmation_figure(conf: dict[str, Any]) -> bytes:
-    """Each searched schedule's paired Dice difference to each reference, with its 95% interval."""
+    """Each searched schedule's paired Dice difference to each reference, with its 95% interval and the p-value of
+    the test the verdict uses (:func:`pgps_tune.results.shown_test`): against the baseline of a
+    ``cheapest_within`` sweep, whether it is within the tolerance (the interval's bound, minus the tolerance, is
+    drawn beside it), else whether it is better (the bound 0)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * max(1, len(conf["schedules"]))))
-    labels, y = [], 0
+    labels, y, bound = [], 0, False
     for name, e in conf["schedules"].items():
-        for role, t in e.get("vs", {}).items():
+        for role in e.get("vs", {}):
+            t = shown_test(e, role) or {}
             mean, low, high = (100 * number(t[k]) for k in ("mean_diff", "ci_low", "ci_high"))
             if mean == mean:  # NaN: too few pairs to draw
                 err = [[mean - low if low == low else 0.0], [high - mean if high == high else 0.0]]
                 ax.errorbar([mean], [y], xerr=err, fmt="o", capsize=4,
                             color=colour(role))
-            labels.append(f"{name} - {role}")
+            p, question = number(t["p_value"]), "better?"
+            if "margin" in t:  # within the tolerance: the whole interval above -tolerance
+                margin = 100 * number(t["margin"])
+                ax.vlines(-margin, y - 0.4, y + 0.4, colors="black", linestyles="--", lw=1.2,
+                          label=None if bound else f"-{margin:.2f}: cheapest_within's tolerance below the baseline")
+                bound, question = True, f"within {margin:.2f}?"
+            labels.append(f"{name} - {role}: {question} p = {f'{p:.3g}' if math.isfinite(p) else '-'}")
             y += 1
     ax.axvline(0.0, color="grey", lw=1)
+    if bound:
+        ax.legend(loc="best", fontsize=8)
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set(xlabel=f"Dice difference, points (mean and 95% interval over {conf['repeat']}s)",
@@ -754,9 +770,11 @@ def confirmation_figure(conf: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def confirmation_section(conf: dict[str, Any], check: str | None = None) -> str:
+def confirmation_section(conf: dict[str, Any], check: str | None = None,
+                         objective: dict[str, Any] | None = None) -> str:
     """The confirmation's verdict in words, whether the search picked its winner (``check``:
-    :func:`pgps_tune.results.search_check`), its table (mean ± sd, paired differences) and its figure."""
+    :func:`pgps_tune.results.search_check`), its table (mean ± sd, paired differences: the tests the verdict of
+    the sweep's ``objective`` uses, and the question each answers) and its figure."""
     rows = []
     references = reference_order(e["role"] for e in conf["schedules"].values())
     for name, e in conf["schedules"].items():
@@ -764,7 +782,7 @@ def confirmation_section(conf: dict[str, Any], check: str | None = None) -> str:
             "schedule": name + (" (confirmed winner)" if name == conf.get("winner") else ""), "role": e["role"],
             f"{conf['repeat']}s done": f"{e['completed']}/{e['trials']}",
             "Dice mean": number(e["dice"]["mean"]), "Dice sd": number(e["dice"]["sd"]),
-            **{f"vs {role}, points [95% interval], p": _points(e.get("vs", {}).get(role)) for role in references},
+            **{f"vs {role}, points [95% interval], p": _points(shown_test(e, role)) for role in references},
             "voxel fraction": number(e["schedule_voxel_fraction"]),
         })
     verdict = conf.get("verdict", "")
@@ -777,8 +795,10 @@ def confirmation_section(conf: dict[str, Any], check: str | None = None) -> str:
             + (f"; cheapest_within scores each {conf['repeat']} against the baseline's Dice on that {conf['repeat']} "
                f"less {conf['tolerance']:g}" if "tolerance" in conf else "") + ".</p>")
     has_tests = any(e.get("vs") for e in conf["schedules"].values())
+    question = confirmation_question(conf, objective)  # what each p answers, as the terminal says it
     # mean and sd as 'pgps-tune tune' and 'confirm' print them
     return head + _table(rows, list(rows[0]) if rows else [], {"Dice mean": ".4f", "Dice sd": ".4f"}) + (
+        _note(f"p-values: {question}.") if question else "") + (
         _img(confirmation_figure(conf), "confirmation") if has_tests else "")
 
 
@@ -956,7 +976,8 @@ def sweep_report(sweep: str | Path) -> str:
                      else _note("no searched or reference trial completed with a Dice: nothing to plot")))
 
     confirmation = summary.get("confirmation")
-    sections.append(("Confirmation", confirmation_section(confirmation, search_check(summary)) + (
+    sections.append(("Confirmation", confirmation_section(confirmation, search_check(summary),
+                                                          summary.get("objective")) + (
         _note(search_target_note(meta.get("sweep", sweep.name), str(sweep)))
         if confirmation["schedules"] and scored_by_search_target(confirmation, summary.get("objective")) else "")
         if confirmation else _note("this sweep has no confirmation results")))

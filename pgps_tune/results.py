@@ -937,6 +937,7 @@ def confirmation_summary(rows: list[dict[str, Any]], meta: dict[str, Any],
         out[TARGET + kind] = {k: v - tolerance for k, v in schedules.get("baseline", {}).get("dice_by_" + kind,
                                                                                               {}).items()}
     out.update(_verdict(winner, schedules, search_best, kind, objective))
+    out["question"] = confirmation_question(out, objective)
     if winner is None and TARGET + kind in out and not any(map(math.isfinite, out[TARGET + kind].values())) \
             and any(e["role"] == "search" and e["completed"] for e in schedules.values()):
         out["verdict"] = (f"the constant baseline completed no confirmation {kind}, so cheapest_within has no target "
@@ -997,6 +998,56 @@ def _verdict(winner: str | None, schedules: dict[str, dict[str, Any]], search_be
     return {"significantly_better_than_baseline": better, "objective_met": met, "verdict": text,
             "search_winner_confirmed": search_best == winner if search_best else None,
             **({"best_searched": search_best} if search_best else {})}
+
+
+BETTER_TEST = "two-sided paired t-test; better when the whole 95% interval is above 0"
+
+
+def shown_test(entry: dict[str, Any], role: str) -> dict[str, Any] | None:
+    """The paired test a confirmation's table and figure show for a searched schedule against reference ``role``:
+    the one its verdict uses.  Against the baseline of a ``cheapest_within`` sweep, the non-inferiority test
+    (``within_tolerance``, :func:`pgps_tune.stats.within_margin`); else the two-sided "better" test (``vs``).
+    A summary written before the first has only the second, as its verdict did."""
+    if role == "baseline" and "within_tolerance" in entry:
+        return entry["within_tolerance"]
+    return entry.get("vs", {}).get(role)
+
+
+def confirmation_question(conf: dict[str, Any], objective: dict[str, Any] | None) -> str:
+    """Which question each column of a confirmation's paired tests answers, and by which test, in one sentence
+    (summary.json's ``confirmation.question``, the note under the table on the terminal and the page): against
+    the constant baseline the objective's question (``cheapest_within``: within the tolerance; else better Dice),
+    against the other references better Dice.  Also of a summary written before ``question``, from its tests.
+
+    >>> within = {"schedules": {"t1": {"role": "search", "vs": {"baseline": {}, "paper": {}},
+    ...                                "within_tolerance": {"margin": 0.05}}}}
+    >>> print(confirmation_question(within, {"type": "cheapest_within", "tolerance": 0.05}))
+    vs baseline, cheapest_within's question: is Dice within the tolerance (5.00 points) of the constant baseline's? \
+(one-sided paired t-test of the difference > -5.00 points at the 2.5% level; within when the whole 95% interval is \
+above -5.00); vs paper: is Dice better? (two-sided paired t-test; better when the whole 95% interval is above 0)
+    """
+    objective = objective or {}
+    kind = objective.get("type", "max_dice")
+    searched = [e for e in conf["schedules"].values() if e["role"] == "search"]
+    roles = reference_order({role for e in searched for role in e.get("vs", {})})
+    within = next((e["within_tolerance"] for e in searched if "within_tolerance" in e), None)
+    parts = []
+    if within is not None:
+        t = 100 * within["margin"]
+        parts.append(f"vs baseline, cheapest_within's question: is Dice within the tolerance ({t:.2f} points) of the "
+                     f"constant baseline's? (one-sided paired t-test of the difference > -{t:.2f} points at the 2.5% "
+                     f"level; within when the whole 95% interval is above -{t:.2f})")
+    elif "baseline" in roles and kind in ("max_dice", "dice_under_budget"):
+        budget = f", under the voxel budget {objective['voxel_budget']:g}" if kind == "dice_under_budget" else ""
+        parts.append(f"vs baseline, {kind}'s question: is Dice better than the constant baseline's{budget}? "
+                     f"({BETTER_TEST})")
+    rest = [role for role in roles if not parts or role != "baseline"]
+    if rest:
+        parts.append(f"vs {', '.join(rest)}: is Dice better? ({BETTER_TEST})")
+    if within is None and kind == "cheapest_within" and "baseline" in roles:  # the verdict asked "better?" too
+        parts[-1] += (" (a summary written before the confirmation tested cheapest_within's tolerance: rerun "
+                      "'pgps-tune export' for that sweep to test it)")
+    return "; ".join(parts)
 
 
 def _better_verdict(winner: str, schedules: dict[str, dict[str, Any]], base: dict[str, Any],
@@ -1152,10 +1203,13 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
         if not test["n"]:  # no repeat both completed: nothing to compare (the verdict says so)
             continue
         ref = schedules[role]
+        within = w.get("within_tolerance") if role == "baseline" else None  # cheapest_within's own test
         out[f"gain_over_{role}"] = {
             "dice_points": 100 * test["mean_diff"], "ci_low_points": 100 * test["ci_low"],
             "ci_high_points": 100 * test["ci_high"], "p_value": test["p_value"], "pairs": test["n"],
             "significantly_better": test["significantly_better"],
+            **({"tolerance_points": 100 * within["margin"], "within_tolerance": within["within"],
+                "within_p_value": within["p_value"]} if within else {}),
             "dice_relative_pct": 100 * (w["dice"]["mean"] / ref["dice"]["mean"] - 1) if ref["dice"]["mean"] else None,
             "time_ratio": w["train_time_s"] / ref["train_time_s"] if ref["train_time_s"] else None,
             "voxel_ratio": w["schedule_voxel_fraction"] / ref["schedule_voxel_fraction"]

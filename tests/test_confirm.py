@@ -312,6 +312,11 @@ def test_the_verdict_answers_the_objectives_question(capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("the confirmed winner t1 is within the tolerance")
     evidence = _confirmation_evidence(summary, {"trial_id": "t1-1"})["confirmation"]  # best_schedule.yaml's
     assert evidence["objective_met"] and evidence["within_tolerance"]["pairs_within"] == 4
+    # summary.json's gain over the baseline gives the verdict's test beside the "better" one, and says which is which
+    gain, within_p = summary["gain_over_baseline"], c["schedules"]["t1"]["within_tolerance"]["p_value"]
+    assert gain["within_tolerance"] and gain["within_p_value"] == within_p < 0.025 < gain["p_value"]
+    assert gain["tolerance_points"] == pytest.approx(5.0)
+    assert c["question"].startswith("vs baseline, cheapest_within's question: is Dice within the tolerance")
     # a winner whose interval reaches below the tolerance is not called within it, whatever its mean
     c = verdict(within, {"baseline": [0.80, 0.70, 0.75], "t1": [0.79, 0.60, 0.76]})["confirmation"]
     assert not c["objective_met"] and "within on 2 of 3 seeds" in c["verdict"]
@@ -323,11 +328,16 @@ def test_the_verdict_answers_the_objectives_question(capsys):
     assert c["objective_met"] and c["verdict"].startswith(
         "the confirmed winner t1 (0.56x the baseline's voxels, under the voxel budget 0.6) beats the constant "
         "baseline by +10.25 Dice points")
+    assert c["question"] == ("vs baseline, dice_under_budget's question: is Dice better than the constant baseline's, "
+                             "under the voxel budget 0.6? (two-sided paired t-test; better when the whole 95% interval "
+                             "is above 0)")
     c = verdict(budget, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
     assert not c["objective_met"] and "keep the constant schedule where its full cost is affordable" in c["verdict"]
     assert c["verdict"].startswith("no searched schedule under the voxel budget 0.6 is significantly better")
     c = verdict({"type": "max_dice"}, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
     assert c["objective_met"] is False and c["verdict"].startswith("no searched schedule is significantly better")
+    assert "within_tolerance" not in c["schedules"]["t1"] and c["question"].startswith(
+        "vs baseline, max_dice's question: is Dice better than the constant baseline's? (two-sided")
 
 
 def test_a_search_whose_best_trial_was_a_reference_is_judged_by_its_best_searched_trial(capsys):

@@ -363,6 +363,8 @@ def _summary_edit(path: Path, edit) -> None:
     (lambda s: s["confirmation"]["schedules"].pop("srch0000"), "confirmation is not"),
     (lambda s: s["confirmation"]["schedules"]["srch0000"]["vs"]["baseline"].update(p_value="x"),
      "confirmation is not"),
+    (lambda s: s["confirmation"]["schedules"]["srch0000"].update(within_tolerance={"mean_diff": -0.01}),
+     "confirmation is not"),
     (lambda s: s["gain_over_baseline"].update(dice_points="x"), "gain_over_baseline is not the gain"),
 ])
 def test_a_summary_that_does_not_match_the_sweep_is_one_line(fake_sweep, capsys, edit, needle):
@@ -758,3 +760,47 @@ def test_rung_reached_is_empty_where_no_rung_compared_the_trial(fake_sweep, over
     (fake_sweep / "sweep.json").write_text(json.dumps({**meta, "early_stopping": False, "fidelity": {
         "type": "compressed"}}))  # a compressed ladder's rungs are runs at the rung's budget: each search trial's own
     assert [r["rung_reached"] for r in read_trials(fake_sweep)] == [None, None, 1, 1, None, None]
+
+
+def test_a_cheapest_within_confirmation_shows_the_test_its_verdict_used_on_page_and_terminal(fake_sweep, capsys,
+                                                                                                 monkeypatch):
+    # the verdict said "within the tolerance, p = 0.004" while the table, the figure and the terminal showed the
+    # two-sided "better" test's p = 0.12 beside it: each place shows the test the verdict used, and its question
+    import pgps_tune.report as report
+    from pgps_tune.cli import _print_confirmation
+    from pgps_tune.report import sweep_report
+
+    figures = []  # the figures as drawn, not encoded (the page's other checks open them in a browser)
+    monkeypatch.setattr(report, "_png", lambda fig: figures.append(fig) or b"")
+    monkeypatch.setattr(report, "param_importances", lambda rows: {})  # not this test's: seconds to import
+
+    summary = json.loads((fake_sweep / "summary.json").read_text())
+    conf = summary["confirmation"]
+    summary["objective"] = {"type": "cheapest_within", "tolerance": 0.05}
+    w = conf["schedules"]["srch0000"]
+    w["vs"]["baseline"] = {"mean_diff": -0.012, "ci_low": -0.03, "ci_high": 0.006, "p_value": 0.12, "n": 3}
+    old = json.loads(json.dumps(summary))  # a summary written before the tolerance's test: its "better" test
+    w["within_tolerance"] = {**w["vs"]["baseline"], "margin": 0.05, "p_value": 0.004, "within": True,
+                             "pairs_within": 3}
+    (fake_sweep / "summary.json").write_text(json.dumps(summary))
+    page = sweep_report(fake_sweep)
+    assert "-1.20 [-3.00, +0.60], p = 0.004" in page and "p = 0.12" not in page
+    assert "+8.10 [+5.00, +11.00], p = 0.004" in page  # against the paper: the "better" test, as before
+    assert ("p-values: vs baseline, cheapest_within&#x27;s question: is Dice within the tolerance (5.00 points) of "
+            "the constant baseline&#x27;s? (one-sided paired t-test of the difference &gt; -5.00 points") in page
+    assert "vs paper: is Dice better? (two-sided paired t-test" in page
+    ax = next(f.axes[0] for f in figures if f.axes[0].get_title().startswith("confirmation"))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["srch0000 - baseline: within 5.00? p = 0.004",
+                                                            "srch0000 - paper: better? p = 0.004"]
+    tolerance = [c for c in ax.collections if c.get_label().startswith("-5.00: cheapest_within's tolerance")]
+    assert len(tolerance) == 1 and tolerance[0].get_segments()[0][0][0] == pytest.approx(-5.0)
+    _print_confirmation(summary)
+    printed = capsys.readouterr().out
+    assert "-1.20 [-3.00, +0.60] p=0.004 " in printed and "p=0.12" not in printed
+    assert "  p-values: vs baseline, cheapest_within's question: is Dice within the tolerance (5.00 points)" in printed
+    (fake_sweep / "summary.json").write_text(json.dumps(old))  # still renders, with the test it has, said so
+    page = sweep_report(fake_sweep)
+    assert "-1.20 [-3.00, +0.60], p = 0.12" in page
+    assert ("p-values: vs baseline, paper: is Dice better? (two-sided paired t-test; better when the whole 95% "
+            "interval is above 0) (a summary written before the confirmation tested cheapest_within&#x27;s "
+            "tolerance: rerun &#x27;pgps-tune export&#x27; for that sweep to test it).") in page
