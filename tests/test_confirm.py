@@ -331,6 +331,13 @@ def test_the_verdict_answers_the_objectives_question(capsys):
     assert c["question"] == ("vs baseline, dice_under_budget's question: is Dice better than the constant baseline's, "
                              "under the voxel budget 0.6? (two-sided paired t-test; better when the whole 95% interval "
                              "is above 0)")
+    # retrained at the confirmation's epochs over the budget, though better: the terminal does not call it 'NOT
+    # SIGNIFICANT' beside its p = 0.001
+    summary = verdict(budget, {"baseline": [0.70, 0.60, 0.65, 0.72], "t1": [0.80, 0.71, 0.74, 0.83]}, cost=0.7)
+    assert summary["confirmation"]["significantly_better_than_baseline"]
+    _print_confirmation(summary)
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "OVER THE VOXEL BUDGET: the confirmed winner t1 trains 0.700x the constant baseline's voxels")
     c = verdict(budget, {"baseline": [0.80, 0.70, 0.75], "t1": [0.82, 0.69, 0.77]})["confirmation"]
     assert not c["objective_met"] and "keep the constant schedule where its full cost is affordable" in c["verdict"]
     assert c["verdict"].startswith("no searched schedule under the voxel budget 0.6 is significantly better")
