@@ -329,6 +329,16 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             _train(config, setup, ds, s, base, Path(scratch) / "run")
 
 
+# The numbers a trial reports (run_trial, _metrics, the failed and infeasible reports), and dice_<class>: what a
+# trial's MLflow run logs of each report.  Tune adds its own bookkeeping to every result (pid, timestamp, done,
+# training_iteration, time_this_iter_s, ...); of that only the trial's wall time, named as in trials.parquet.
+TRIAL_METRICS = frozenset({
+    "score", "rung_score", "val_dice", "best_val_dice", "epoch", "stage", "train_loss", "train_time_s",
+    "patch_x", "patch_y", "patch_z", "voxels_processed", "baseline_iterations", "completed", "n_stages",
+    "schedule_voxel_fraction", "fidelity", "rung", "diverged", "infeasible"})
+TUNE_METRICS = {"time_total_s": "wall_time_s"}
+
+
 def _metrics(r: dict[str, Any], base: dict[str, Any], setup: dict[str, Any], s) -> dict[str, Any]:
     """What a trial reports to Tune for one trainer result (pgps-tune's trainer or nnU-Net's)."""
     objective = setup["objective"]
@@ -1594,6 +1604,17 @@ def metric_key(key: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", key)
 
 
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one Tune result of a trial, as its MLflow run logs them: pgps-tune's own numbers
+    (:data:`TRIAL_METRICS`, the per-class Dice), not Tune's bookkeeping."""
+    metrics = {}
+    for key, value in result.items():
+        name = TUNE_METRICS.get(key, key if key in TRIAL_METRICS or key.startswith("dice_") else None)
+        if name is not None and isinstance(value, int | float):
+            metrics[metric_key(name)] = float(value)
+    return metrics
+
+
 def schedule_params(schedule: dict[str, Any]) -> dict[str, str]:
     """A trial's schedule as MLflow params: its stages in one readable line, and the trainer settings and data of
     its recipe (seed, augmentation, optimiser, ...) as ``train.KEY`` and ``data.KEY``, so that runs of sweeps with
@@ -1689,13 +1710,11 @@ def _mlflow_trials_class() -> type:
 
         def _log_result(self, iteration: int, trial, result: dict) -> None:
             from mlflow.entities import Metric, Param
-            from ray.tune.utils import flatten_dict
 
             run_id = self._trial_runs[trial]
             step = result["epoch"] if type(result.get("epoch")) is int else iteration
             at = int(time.time() * 1000)
-            metrics = [Metric(metric_key(k), float(v), at, step) for k, v in flatten_dict(result).items()
-                       if isinstance(v, int | float) and not k.startswith("config/")]  # the config is in params
+            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()]
             params = []
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
                 from pgps_tune.schedule import Schedule

@@ -327,3 +327,28 @@ def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experim
     assert err.startswith(f"pgps-tune: error: --mlflow {uri}: the sweep's experiment 'sweep'") and "\n" not in err
     assert f"restore it in MLflow (experiment id {experiment.experiment_id})" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_a_trials_mlflow_metrics_are_what_it_reports_not_tunes_bookkeeping():
+    # every MLflow run of a trial charted Tune's own keys too (pid, timestamp, done, training_iteration, ...)
+    from pgps_tune import tuner
+    from pgps_tune.schedule import Schedule
+
+    trained = {"val_dice": 0.5, "best_val_dice": 0.6, "epoch": 4, "stage": 1, "train_loss": 0.3, "train_time_s": 2.0,
+               "patch_size": [16, 16, 16], "voxels_processed": 100, "baseline_equivalent_iterations": 2.0,
+               "completed": True, "val_dice_per_class": {"tumour (core)": 0.4}}
+    base = {"schedule": json.dumps(SCHEDULE), "n_stages": 2, "schedule_voxel_fraction": 0.5, "role": "search",
+            "fidelity": 0.5, "rung": 1, "node_id": "abc"}
+    reported = tuner._metrics(trained, base, {"objective": {"type": "max_dice"}, "asha_judge": "always"},
+                              Schedule.from_dict(SCHEDULE))
+    numbers = {k for k, v in reported.items() if isinstance(v, int | float)}
+    tune_keys = {"pid": 7, "timestamp": 1.7e9, "done": False, "training_iteration": 2, "time_this_iter_s": 0.5,
+                 "time_total_s": 9.5, "iterations_since_restore": 2, "should_checkpoint": True, "date": "today",
+                 "config": {"growth": 1.5}, "some_future_ray_key": 1}
+    logged = tuner.trial_metrics({**reported, **tune_keys})
+    # every number a trial reports is logged (a report key added later must join TRIAL_METRICS), Tune's are not
+    assert set(logged) == {tuner.metric_key(k) for k in numbers} | {"wall_time_s"}
+    assert logged["dice_tumour _core_"] == 0.4 and logged["wall_time_s"] == 9.5 and logged["val_dice"] == 0.5
+    failed = {"diverged": True, "error": "the loss is not finite", "completed": False, "epoch": 3,
+              "voxels_processed": 5, "baseline_iterations": 1.0, "infeasible": False}
+    assert set(tuner.trial_metrics({**failed, **tune_keys})) == set(failed) - {"error"} | {"wall_time_s"}
