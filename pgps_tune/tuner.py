@@ -157,6 +157,8 @@ class SweepOptions:
     warm_start: bool = False  # seed the study with stored trials of the same dataset and space
     progress: str = "lines"  # Progress.MODES: live (refreshing table), lines, json, none (quiet wins)
     mlflow: str | None = None  # MLflow tracking URI: every trial is logged there too
+    # the MLflow experiment of the whole sweep (check() settles it: the environment's, or the sweep's name)
+    mlflow_experiment: str | None = field(default=None, init=False, compare=False)
     # the nnU-Net plans (path, dataset id or name, or as read already): budget.trainer nnunet trains on it
     nnunet_plans: str | NnunetPlan | None = None
     nnunet_configuration: str = "3d_fullres"
@@ -184,7 +186,7 @@ class SweepOptions:
         check_ladder(self.space.asha, self.space.budget, str(self.space.source))  # after --iterations-per-epoch
         check_screening(self.space, self.search_samples())  # after --num-samples
         if self.mlflow is not None:
-            _check_mlflow(self.mlflow, self.out.resolve().name)
+            self.mlflow_experiment = _check_mlflow(self.mlflow, self.out, self.resume)
         if self.space.budget.trainer == "nnunet":
             if not self.nnunet_plans:
                 raise PgpsError("budget.trainer nnunet trains on nnU-Net's preprocessed data; give --nnunet-plans "
@@ -224,6 +226,7 @@ class SweepOptions:
 # 120 s for each answer: a server that is down would stall a sweep that long at each call.  Where the environment
 # does not say otherwise, a sweep gives up sooner; the sweep never depends on the tracking server.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MLFLOW_EXPERIMENT = "mlflow_experiment"  # sweep.json: the MLflow experiment of all the sweep's runs
 
 
 def _mlflow_http_defaults() -> None:
@@ -231,27 +234,72 @@ def _mlflow_http_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def _check_mlflow(uri: str, experiment: str) -> None:
-    """Refuse, in one line, an --mlflow URI that MLflow is missing for, will not open, or cannot reach (before
-    any work): one request to its store (an HTTP server, a database) shows it answers.  Also refused: a
-    deleted ``experiment`` (the sweep's), which MLflow keeps and lets no run into, nor one of the same name."""
+def _check_mlflow(uri: str, out: Path, resume: bool) -> str:
+    """The MLflow experiment the sweep in ``out`` logs to, all its runs: the one it started in (kept in
+    sweep.json), else the one ``MLFLOW_EXPERIMENT_NAME`` or ``MLFLOW_EXPERIMENT_ID`` names (as MLflow reads
+    them), else the sweep's name.  Refused, in one line and before any work: an --mlflow URI that MLflow is
+    missing for, will not open, or cannot reach (one request to its store shows it answers), environment
+    variables that name no experiment or two, and a deleted experiment, which MLflow keeps and lets no run
+    into, nor one of the same name."""
     try:
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
     except ImportError:
         raise PgpsError("--mlflow needs MLflow, which is not installed here; pip install 'pgps-tune[mlflow]'") from None
     _mlflow_http_defaults()
+    before = read_meta(out) if resume and (out / SWEEP_FILE).is_file() else {}
+    kept = kept_experiment(before)
+    env_name, env_id = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None, os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+    client = MlflowClient(tracking_uri=uri)
+    named = kept or env_name or before.get("sweep") or out.resolve().name
     try:
-        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        found = client.get_experiment_by_name(named)
     except Exception as exc:  # MlflowException, requests' errors and the errors of store plugins
         first = _mlflow_cause(exc)
         hint = ("; for a file store set MLFLOW_ALLOW_FILE_STORE=true, or use sqlite:///PATH/mlflow.db"
                 if "file" in first.lower() else "")
         raise PgpsError(f"--mlflow {uri}: MLflow cannot use it ({first}); start the tracking server, or give a "
                         f"tracking URI it reaches, e.g. sqlite:///PATH/mlflow.db or http://HOST:PORT{hint}") from None
+    wanted, by_id = env_name, None
+    if env_id:
+        try:
+            by_id = client.get_experiment(env_id)
+        except MlflowException:  # the store answered the request above: it has no such experiment
+            if not kept:
+                raise PgpsError(f"MLFLOW_EXPERIMENT_ID {env_id}: --mlflow {uri} has no experiment of that id; "
+                                "unset it, or set it to an experiment's id there (or MLFLOW_EXPERIMENT_NAME to a "
+                                "name)") from None
+        if env_name and not kept and (by_id is None or by_id.name != env_name):
+            raise PgpsError(f"MLFLOW_EXPERIMENT_NAME {env_name!r} and MLFLOW_EXPERIMENT_ID {env_id} name two MLflow "
+                            "experiments, and a sweep logs to one; unset one of them")
+        wanted = wanted or (by_id.name if by_id else None)
+    experiment = named if kept or not by_id else by_id.name
+    if wanted and kept and wanted != kept:
+        print(f"pgps-tune: note: this sweep logs to the MLflow experiment {kept!r}, where it started, not to "
+              f"{wanted!r} ({'MLFLOW_EXPERIMENT_NAME' if env_name else 'MLFLOW_EXPERIMENT_ID'})", file=sys.stderr,
+              flush=True)
+    found = found if experiment == named else by_id
     if found is not None and found.lifecycle_stage == "deleted":
-        raise PgpsError(f"--mlflow {uri}: the sweep's experiment {experiment!r} (named after its folder) was "
-                        f"deleted and MLflow takes no runs into it; restore it in MLflow (experiment id "
-                        f"{found.experiment_id}), remove it for good (mlflow gc), or name the sweep folder otherwise")
+        why, other = (("where the sweep started", "") if kept else
+                      ("MLFLOW_EXPERIMENT_NAME", ", or set MLFLOW_EXPERIMENT_NAME otherwise") if env_name else
+                      (f"MLFLOW_EXPERIMENT_ID {env_id}", ", or set MLFLOW_EXPERIMENT_ID otherwise") if env_id else
+                      ("named after its folder", ", or name the sweep folder otherwise"))
+        raise PgpsError(f"--mlflow {uri}: the sweep's experiment {experiment!r} ({why}) was deleted and MLflow "
+                        f"takes no runs into it; restore it in MLflow (experiment id {found.experiment_id}) or "
+                        f"remove it for good (mlflow gc){other}")
+    return experiment
+
+
+def kept_experiment(before: dict[str, Any]) -> str | None:
+    """The MLflow experiment of the sweep whose sweep.json is ``before``: null if it never logged to MLflow;
+    its name if it started before sweep.json said (Ray's logger in its Tune state logs there)."""
+    return before.get(MLFLOW_EXPERIMENT, before.get("sweep"))
+
+
+def mlflow_experiment_id(client, name: str) -> str:
+    """The id of the MLflow experiment ``name``, made where it is new."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
 
 
 def _mlflow_cause(exc: BaseException) -> str:
@@ -327,6 +375,16 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             _train_nnunet(config, setup, s, base, Path(scratch) / "run")
         else:
             _train(config, setup, ds, s, base, Path(scratch) / "run")
+
+
+# The numbers a trial reports (run_trial, _metrics, the failed and infeasible reports), and dice_<class>: what a
+# trial's MLflow run logs of each report.  Tune adds its own bookkeeping to every result (pid, timestamp, done,
+# training_iteration, time_this_iter_s, ...); of that only the trial's wall time, named as in trials.parquet.
+TRIAL_METRICS = frozenset({
+    "score", "rung_score", "val_dice", "best_val_dice", "epoch", "stage", "train_loss", "train_time_s",
+    "patch_x", "patch_y", "patch_z", "voxels_processed", "baseline_iterations", "completed", "n_stages",
+    "schedule_voxel_fraction", "fidelity", "rung", "diverged", "infeasible"})
+TUNE_METRICS = {"time_total_s": "wall_time_s"}
 
 
 def _metrics(r: dict[str, Any], base: dict[str, Any], setup: dict[str, Any], s) -> dict[str, Any]:
@@ -1594,6 +1652,17 @@ def metric_key(key: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", key)
 
 
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one Tune result of a trial, as its MLflow run logs them: pgps-tune's own numbers
+    (:data:`TRIAL_METRICS`, the per-class Dice), not Tune's bookkeeping."""
+    metrics = {}
+    for key, value in result.items():
+        name = TUNE_METRICS.get(key, key if key in TRIAL_METRICS or key.startswith("dice_") else None)
+        if name is not None and isinstance(value, int | float):
+            metrics[metric_key(name)] = float(value)
+    return metrics
+
+
 def schedule_params(schedule: dict[str, Any]) -> dict[str, str]:
     """A trial's schedule as MLflow params: its stages in one readable line, and the trainer settings and data of
     its recipe (seed, augmentation, optimiser, ...) as ``train.KEY`` and ``data.KEY``, so that runs of sweeps with
@@ -1646,7 +1715,13 @@ def _mlflow_trials_class() -> type:
             self._failed = False
             self._schedules_logged: set[str] = set()
             self._ended: set[str] = set()
-            self._guarded("setting up", lambda: super(MLflowTrials, self).setup(*args, **kwargs))
+            self._guarded("setting up", lambda: self._setup(*args, **kwargs))
+
+        def _setup(self, *args, **kwargs) -> None:
+            super().setup(*args, **kwargs)
+            # the sweep's experiment (SweepOptions.mlflow_experiment), by name: Ray's setup would take one
+            # MLFLOW_EXPERIMENT_ID names first, and the sweep's own run and the rest of its trials go to this one
+            self.mlflow_util.experiment_id = mlflow_experiment_id(self._client(), self.experiment_name)
 
         def log_trial_start(self, trial):
             self._guarded(f"trial {trial}", self._start, trial)
@@ -1689,13 +1764,11 @@ def _mlflow_trials_class() -> type:
 
         def _log_result(self, iteration: int, trial, result: dict) -> None:
             from mlflow.entities import Metric, Param
-            from ray.tune.utils import flatten_dict
 
             run_id = self._trial_runs[trial]
             step = result["epoch"] if type(result.get("epoch")) is int else iteration
             at = int(time.time() * 1000)
-            metrics = [Metric(metric_key(k), float(v), at, step) for k, v in flatten_dict(result).items()
-                       if isinstance(v, int | float) and not k.startswith("config/")]  # the config is in params
+            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()]
             params = []
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
                 from pgps_tune.schedule import Schedule
@@ -1745,8 +1818,8 @@ def mlflow_sweep_tags(out: Path) -> dict[str, str]:
     return {"pgps.sweep": out.resolve().name, "pgps.sweep_dir": str(out.resolve())}
 
 
-def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    """One MLflow run for the whole sweep, beside its trials' runs: its budget as params (``budget.KEY``), the
+def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """One MLflow run for the whole sweep, in its trials' ``experiment``: its budget as params (``budget.KEY``), the
     best trial's numbers as metrics, and best_schedule.yaml, summary.json and trials.parquet as artifacts.
     A sweep exported again (``--resume`` of a finished sweep) updates its run, its params as first logged.
     Returns the run id."""
@@ -1757,8 +1830,7 @@ def log_sweep_to_mlflow(uri: str, out: Path, summary: dict[str, Any], meta: dict
 
     client = MlflowClient(tracking_uri=uri)
     name, tags = out.resolve().name, {**mlflow_sweep_tags(out), "pgps.phase": "sweep"}
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    experiment_id = mlflow_experiment_id(client, experiment)
     since = int(float(meta.get("started", 0)) * 1000)  # a run of an earlier sweep in this folder is not this one's
     earlier = [r for r in client.search_runs([experiment_id], filter_string="tags.`pgps.phase` = 'sweep'")
                if all(r.data.tags.get(k) == v for k, v in tags.items()) and r.info.start_time >= since]
@@ -2415,7 +2487,7 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
-        callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.out.resolve().name,
+        callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
                                                 tags={**mlflow_sweep_tags(opts.out), "pgps.phase": phase}))
     return callbacks
 
@@ -2607,7 +2679,7 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
             raise
         if opts.mlflow:
             try:
-                log_sweep_to_mlflow(opts.mlflow, out, summary, meta)
+                log_sweep_to_mlflow(opts.mlflow, opts.mlflow_experiment, out, summary, meta)
             except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
                 _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
         return summary
@@ -2831,6 +2903,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         "started": started, "finished": False, "space_key": space.key(),
         **({"study": (before or {}).get("study", name), "study_file": STUDY_FILE}
            if space.search.algorithm != "grid" else {}),
+        # the MLflow experiment of all the sweep's runs, for its resumes (its Tune state goes on logging there)
+        MLFLOW_EXPERIMENT: opts.mlflow_experiment or kept_experiment(before or {}),
     }
     setup = trial_setup(space, opts.data, None if nnunet_trainer else ds.cache_dir, final, pools,
                         opts.cpus_per_trial, opts.gpus_per_trial)

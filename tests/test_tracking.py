@@ -312,8 +312,8 @@ def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experim
     (out / "summary.json").write_text("{}")
     meta = {"started": 0, "dataset": "synthetic", "trial_setup": {"budget": {"epochs": 4, "filters": [4, 8]}}}
     summary = {"best": {"trial_id": "a1", "final_dice": 0.5}}
-    first = tuner.log_sweep_to_mlflow(uri, out, summary, meta)  # a finished sweep exported again (--resume)
-    assert tuner.log_sweep_to_mlflow(uri, out, {"best": {"trial_id": "a1", "final_dice": 0.5}}, meta) == first
+    first = tuner.log_sweep_to_mlflow(uri, "sweep", out, summary, meta)  # a finished sweep exported again
+    assert tuner.log_sweep_to_mlflow(uri, "sweep", out, {"best": {"trial_id": "a1", "final_dice": 0.5}}, meta) == first
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweep")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -327,3 +327,85 @@ def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experim
     assert err.startswith(f"pgps-tune: error: --mlflow {uri}: the sweep's experiment 'sweep'") and "\n" not in err
     assert f"restore it in MLflow (experiment id {experiment.experiment_id})" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_a_trials_mlflow_metrics_are_what_it_reports_not_tunes_bookkeeping():
+    # every MLflow run of a trial charted Tune's own keys too (pid, timestamp, done, training_iteration, ...)
+    from pgps_tune import tuner
+    from pgps_tune.schedule import Schedule
+
+    trained = {"val_dice": 0.5, "best_val_dice": 0.6, "epoch": 4, "stage": 1, "train_loss": 0.3, "train_time_s": 2.0,
+               "patch_size": [16, 16, 16], "voxels_processed": 100, "baseline_equivalent_iterations": 2.0,
+               "completed": True, "val_dice_per_class": {"tumour (core)": 0.4}}
+    base = {"schedule": json.dumps(SCHEDULE), "n_stages": 2, "schedule_voxel_fraction": 0.5, "role": "search",
+            "fidelity": 0.5, "rung": 1, "node_id": "abc"}
+    reported = tuner._metrics(trained, base, {"objective": {"type": "max_dice"}, "asha_judge": "always"},
+                              Schedule.from_dict(SCHEDULE))
+    numbers = {k for k, v in reported.items() if isinstance(v, int | float)}
+    tune_keys = {"pid": 7, "timestamp": 1.7e9, "done": False, "training_iteration": 2, "time_this_iter_s": 0.5,
+                 "time_total_s": 9.5, "iterations_since_restore": 2, "should_checkpoint": True, "date": "today",
+                 "config": {"growth": 1.5}, "some_future_ray_key": 1}
+    logged = tuner.trial_metrics({**reported, **tune_keys})
+    # every number a trial reports is logged (a report key added later must join TRIAL_METRICS), Tune's are not
+    assert set(logged) == {tuner.metric_key(k) for k in numbers} | {"wall_time_s"}
+    assert logged["dice_tumour _core_"] == 0.4 and logged["wall_time_s"] == 9.5 and logged["val_dice"] == 0.5
+    failed = {"diverged": True, "error": "the loss is not finite", "completed": False, "epoch": 3,
+              "voxels_processed": 5, "baseline_iterations": 1.0, "infeasible": False}
+    assert set(tuner.trial_metrics({**failed, **tune_keys})) == set(failed) - {"error"} | {"wall_time_s"}
+
+
+def test_a_sweep_logs_to_one_mlflow_experiment_whatever_the_environment_names(tmp_path, capsys, monkeypatch):
+    # with MLFLOW_EXPERIMENT_ID set, Ray put the trials' runs into that experiment and the sweep's own run into
+    # the one named after the folder; MLFLOW_EXPERIMENT_NAME was ignored (and refused nothing)
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from pgps_tune import tuner
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere.as_uri())  # --mlflow wins over it
+    client = MlflowClient(uri)
+    team = client.create_experiment("team")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", team)
+    experiment = tuner._check_mlflow(uri, out, resume=False)
+    assert experiment == "team"
+    for name in (experiment, "sweep"):  # the callback logs where it is told, MLFLOW_EXPERIMENT_ID or not
+        callback = tuner.MLflowTrials(uri, experiment_name=name, tags={"pgps.phase": "search"})
+        callback.setup()
+        callback.log_trial_start(FakeTrial(name, {"growth": 1.5}))
+        (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                    filter_string=f"tags.`pgps.trial_id` = '{name}'")
+        assert run.info.run_name == f"run_trial_{name}"
+    tuner.log_sweep_to_mlflow(uri, experiment, out, {}, {"started": 0})
+    assert sorted(r.info.run_name for r in client.search_runs([team])) == ["run_trial_team", "sweep (sweep)"]
+    assert not elsewhere.exists()
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")  # both, naming one experiment: fine
+    assert tuner._check_mlflow(uri, out, resume=False) == "team"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "project")  # made on first use, as MLflow does
+    assert tuner._check_mlflow(uri, out, resume=False) == "project"
+    # a resume stays in the experiment its sweep started in, and says so where the environment names another
+    monkeypatch.setattr(tuner, "read_meta", lambda folder: {"sweep": "sweep", tuner.MLFLOW_EXPERIMENT: "team"})
+    (out / "sweep.json").write_text("{}")
+    assert tuner._check_mlflow(uri, out, resume=True) == "team"
+    assert capsys.readouterr().err.strip() == ("pgps-tune: note: this sweep logs to the MLflow experiment 'team', "
+                                               "where it started, not to 'project' (MLFLOW_EXPERIMENT_NAME)")
+    monkeypatch.setattr(tuner, "read_meta", lambda folder: {"sweep": "sweep", tuner.MLFLOW_EXPERIMENT: None})
+    assert tuner._check_mlflow(uri, out, resume=True) == "project"  # it started without MLflow
+    for env, said in ((("999", None), "MLFLOW_EXPERIMENT_ID 999: --mlflow URI has no experiment of that id; "),
+                      ((team, "project"), "MLFLOW_EXPERIMENT_NAME 'project' and MLFLOW_EXPERIMENT_ID TEAM name two "
+                                          "MLflow experiments, and a sweep logs to one; unset one of them")):
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", env[0])
+        if env[1] is None:
+            monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+        else:
+            monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", env[1])
+        new = tmp_path / "new" / "sweep"
+        assert main(["tune", "--space", "smoke", "--data", "synthetic", "--out", str(new), "--mlflow", uri]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pgps-tune: error: " + said.replace("URI", uri).replace("TEAM", team)), err
+        assert "\n" not in err and not new.parent.exists()
