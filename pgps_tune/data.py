@@ -716,7 +716,8 @@ def _save_fg(folder: Path, cases: int, num_classes: int) -> None:
 # numpy parses a .npy header with ast.literal_eval, and CPython 3.11 keeps the AST constructor's recursion
 # count per interpreter, not per thread: two threads parsing at different stack depths can make one fail with
 # "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905).  Preparation's worker threads and
-# the sampler's prefetch thread open cache files beside other threads, so every .npy open here takes this lock.
+# the sampler's prefetch thread open cache files beside other threads, so every .npy open here takes this lock
+# (and those threads import nothing on first use: a module's first import parses too, see _in_parallel).
 _NPY_HEADER_LOCK = threading.Lock()
 
 
@@ -728,6 +729,10 @@ def load_npy(path: Path) -> np.ndarray:
 
 def _in_parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
     """``[fn(x) for x in items]`` on ``workers`` threads, so at most ``workers`` items are in hand at once.
+
+    ``fn`` opens .npy files with :func:`load_npy` and imports no module on first use: the caller imports
+    them before (a first import parses Python source, which races the other threads' parsing as
+    :func:`load_npy` explains).
 
     On an error or Ctrl-C the items not started are dropped and the running ones finish before it is
     raised (so nothing writes into a folder the caller then removes)."""
@@ -783,6 +788,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
     """
     parked = folder / "parked"
     os.mkdir(parked)
+    imageio.import_libraries(p for c in spec.cases for p in (*c.images, c.label))  # see _in_parallel
 
     def park(item: tuple[int, Case]) -> tuple[tuple[float, float, float], list[str], set[int]]:
         k, case = item

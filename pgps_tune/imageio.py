@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +467,21 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     back = nib.orientations.ornt_transform(_RAS, nib.orientations.io_orientation(affine))
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
+
+
+def import_libraries(paths: Iterable[str | Path]) -> None:
+    """Import, in the calling thread, the libraries that :func:`read` of ``paths`` and :func:`resample` use.
+
+    For code that then reads or resamples on worker threads: a library's first import runs Python that
+    parses source (numpy.ma, which scipy imports, asks :func:`inspect.signature` of builtins; nibabel
+    builds dtypes from strings), and on a worker thread that parsing would race the other threads'
+    (:func:`pgps_tune.data.load_npy` says why that fails).
+    """
+    import nibabel  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+
+    if any(ending(p) in ITK_ENDINGS for p in paths):
+        _sitk()
 
 
 def resampled_shape(

@@ -876,3 +876,32 @@ def test_cache_files_open_safely_from_threads_at_different_stack_depths(tiny_msd
             assert sorted(pool.map(lambda k: deep(5 * k, k), range(8))) == list(range(8))
     finally:
         gc.set_threshold(*threshold)
+
+
+PARSES = """
+import ast, sys, threading, traceback
+from pgps_tune import data
+real, seen = ast.parse, []
+def parse(*args, **kwargs):  # where a thread other than the main one parses Python, besides a .npy header
+    where = traceback.extract_stack()
+    if threading.current_thread() is not threading.main_thread() and not any(
+            f.name == "_read_array_header" for f in where):
+        seen.append(" < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in reversed(where[:-1])
+                               if "frozen" not in f.filename)[:300])
+    return real(*args, **kwargs)
+ast.parse = parse
+data.prepare(sys.argv[1], cache_root=sys.argv[2], workers=2)
+print("\\n".join(seen))
+"""
+
+
+def test_preparation_threads_parse_nothing_but_npy_headers(tmp_path):
+    # a first import on a worker thread parses source too (scipy's imports numpy.ma, which asks
+    # inspect.signature of builtins), outside the .npy lock: it raced the other worker's cache reads as the
+    # headers did (gh-106905). A fresh interpreter, where nothing is imported yet; cases that are resampled
+    source = make_msd(tmp_path / "msd", n=4, shape=(12, 10, 8), spacings=[(1.0, 1.0, 1.0)] * 2 + [(1.5, 1.0, 1.0)] * 2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", PARSES, str(source), str(tmp_path / "cache")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
