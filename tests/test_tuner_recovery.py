@@ -287,25 +287,31 @@ def s3_server(tmp_path):
     server = Path(sys.executable).parent / "moto_server"
     if not server.exists():
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
-    fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
-                           scheme="http", region="us-east-1", allow_bucket_creation=True)
+    # the free port is released before moto binds it, so another process can take it in between (moto then
+    # exits at once): up to three ports are tried
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
+                               scheme="http", region="us-east-1", allow_bucket_creation=True)
 
-    def bucket_made():
-        try:
-            fs.create_dir("sweeps")
-            return True
-        except OSError:
-            return False
+        def bucket_made(fs=fs, proc=proc):
+            try:
+                fs.create_dir("sweeps")
+                return True
+            except OSError:
+                return proc.poll() is not None  # moto could not bind: try another port
 
+        wait_for(bucket_made, "moto S3 server", None, limit=60)
+        if proc.poll() is None:
+            break
+        assert attempt < 2, f"moto_server exited ({proc.returncode}) on three free ports"
     try:
-        wait_for(bucket_made, "moto S3 server", proc, limit=60)
         yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env, fs
     finally:
         proc.kill()
