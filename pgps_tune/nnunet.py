@@ -599,17 +599,26 @@ def trained_counts(f: NnunetSchedule) -> tuple[int, int, int]:
 
 def _trained(f: NnunetSchedule) -> tuple[Any, ...]:
     """What the trainer runs from ``f``: the stages fitted to its epochs, and its counts (not the schedule's
-    notes, ``meta``, nor whether a count is written out or left to nnU-Net's default)."""
+    notes, ``meta``, nor its ``recipe``, which nnU-Net does not read, nor whether a count is written out or
+    left to nnU-Net's default)."""
     counts = trained_counts(f)
-    fitted = fit_epochs(replace(f.schedule, meta={}), counts[0])
-    return (f.dataset, f.plans_name, f.configuration, fitted.to_dict(), counts)
+    return (f.dataset, f.plans_name, f.configuration, fit_epochs(f.schedule, counts[0]), counts)
+
+
+def _stages(f: NnunetSchedule) -> tuple[Any, ...]:
+    """The stages of ``f`` without their lengths: one curriculum whether it was found at 30 epochs or confirmed
+    at 60 (the trainer fits the lengths to its epochs)."""
+    s = f.schedule
+    return (f.dataset, f.plans_name, f.configuration, s.final_patch, s.pools, s.baseline_batch_size, s.sampling,
+            tuple((st.patch_size, st.batch_size) for st in s.stages))
 
 
 def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
     """Refuse to replace a different schedule file beside the plans (what ``-tr TRAINER`` trains next).
 
-    Different epoch or iteration counts are a different training too.  One that trains the same
-    (only the schedule's notes, ``meta``, differ: e.g. a re-export after a confirmation) is updated.
+    Different epoch or iteration counts are a different training too: the refusal names them and the flags
+    that keep them.  One that trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export
+    after a confirmation; or a count left null that the other spells out as nnU-Net's default) is updated.
     """
     if not path.exists():
         return
@@ -622,13 +631,21 @@ def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
         return
     move = (f"export this one under another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move "
             "that file away first")
-    if held is not None and replace(held.schedule, meta={}) == replace(f.schedule, meta={}):
-        names = ("epochs", "iterations per epoch", "validation iterations per epoch")
-        changed = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, trained_counts(held), trained_counts(f))
-                            if a != b)
-        raise PgpsError(f"{path} already holds this schedule with other counts ({changed}), which nnU-Net's "
-                        f"-tr {trainer} trains; give the counts it holds, or {move}")
-    raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
+    if held is None or _stages(held) != _stages(f):
+        raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
+    names = ("epochs", "iterations per epoch", "validation iterations per epoch")
+    pairs = list(zip(names, COUNT_FLAGS.values(), trained_counts(held), trained_counts(f)))
+    null = [getattr(held, key) is None for key in COUNT_FLAGS]  # a file written before export set them
+    changed = [f"{name} {a}{' (null: nnU-Net default)' * unset} -> {b}"
+               for (name, _, a, b), unset in zip(pairs, null) if a != b]
+    epochs = trained_counts(held)[0]
+    if fit_epochs(f.schedule, epochs) != fit_epochs(held.schedule, epochs):  # held's counts would not make it
+        counts = f" and counts ({', '.join(changed)})" if changed else ""
+        raise PgpsError(f"{path} already holds these stages with other stage lengths{counts}, which nnU-Net's "
+                        f"-tr {trainer} trains; {move}")
+    keep = " ".join(f"{flag} {a}" for _, flag, a, b in pairs if a != b)
+    raise PgpsError(f"{path} already holds this schedule with other counts ({', '.join(changed)}), which nnU-Net's "
+                    f"-tr {trainer} trains; give {keep} to keep them, or {move}")
 
 
 def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER, **counts: int | None) -> Path:

@@ -496,6 +496,32 @@ def test_a_different_schedule_beside_the_plans_is_not_replaced(plan):
     assert named != path and nnunet.read_schedule(named, plan).schedule == nnunet.for_nnunet(other, plan).schedule
 
 
+def test_counts_beside_the_plans_compare_by_what_nnunet_trains(plan):
+    from dataclasses import replace
+
+    s30 = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    path = nnunet.for_nnunet(s30, plan).save(nnunet.schedule_file_for(plan))  # null counts: as export wrote before
+    before = path.read_bytes()
+    defaults = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50}
+    assert nnunet.export_for_nnunet(s30, plan, **defaults) == path  # null trains nnU-Net's defaults: the same
+    assert nnunet.trained_counts(nnunet.read_schedule(path, plan)) == (1000, 250, 50)
+    path.write_bytes(before)
+    with pytest.raises(PgpsError, match=r"this schedule with other counts \(epochs 1000 \(null: nnU-Net default\) -> "
+                                        r"30, iterations per epoch 250 \(null: nnU-Net default\) -> 12\), which .*; "
+                                        "give --epochs 1000 --iterations-per-epoch 250 to keep them"):
+        nnunet.export_for_nnunet(s30, plan, num_epochs=30, num_iterations_per_epoch=12)
+    # the same stages confirmed at 60 epochs: this schedule at other counts, not another schedule
+    s60 = sch.paper(plan.final_patch, plan.pools, 2, 60)
+    with pytest.raises(PgpsError, match=r"this schedule with other counts \(epochs 1000 .* -> 60\).* give --epochs "
+                                        "1000 to keep them"):
+        nnunet.export_for_nnunet(s60, plan, num_epochs=60)
+    first = s30.stages[0]
+    longer = replace(s30, stages=(sch.Stage(first.patch_size, first.batch_size, 9), *s30.stages[1:]))
+    with pytest.raises(PgpsError, match="already holds these stages with other stage lengths, which"):
+        nnunet.export_for_nnunet(longer, plan)
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("given, name", [("0", "0"), ("00", "0"), ("01", "1"), ("+1", "1"), (" 1", "1"), (4, "4"),
                                          ("all", "all"), (" all ", "all")])
 def test_every_spelling_of_a_fold_is_nnunets_folder(plan, tmp_path, monkeypatch, given, name):
@@ -611,7 +637,7 @@ def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, t
     assert ("nnU-Net trains 1000 epochs x 250 iterations, 50 validation iterations per epoch (epochs, iterations, "
             "validation iterations: nnU-Net's default") in out
     rc, _, err = run("--epochs", "40")  # other counts are another training: not written over what -tr trains
-    assert rc == 2 and "already holds this schedule with other counts (epochs 1000 -> 40)" in err, err
+    assert rc == 2 and "with other counts (epochs 1000 (null: nnU-Net default) -> 40)" in err, err
     assert counts() == [None, None, None]
     rc, out, _ = run("--epochs", "1000", "--iterations-per-epoch", "250")  # nnU-Net's defaults spelled out: the same
     assert rc == 0 and counts() == [1000, 250, None] and "epochs: --epochs; iterations: --iterations-per-epoch" in out
