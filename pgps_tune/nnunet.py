@@ -707,6 +707,22 @@ def counts_line(f: NnunetSchedule, origins: dict[str, str]) -> str:
             f"({where}; change with {', '.join(COUNT_FLAGS.values())})")
 
 
+def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
+    """The other configurations of ``plan``'s plans file whose network trains ``s`` (for a refusal's fix: a
+    sweep on 3d_fullres exported with ``--configuration 3d_lowres``)."""
+    if s.final_patch == plan.final_patch:
+        return []
+    fits = []
+    for name in sorted(plan.plans["configurations"]):
+        try:
+            other = read_plans(plan.source, name)
+            check_schedule(s, other)
+        except PgpsError:  # 2-D, another patch, damaged: not one to name
+            continue
+        fits.append((previous_stage(other) is not None, name))  # a cascade's second stage last
+    return [name for _, name in sorted(fits)]
+
+
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
                    trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False,
                    counts: dict[str, int | None] | None = None) -> tuple[Path, NnunetSchedule, dict[str, str]]:
@@ -737,7 +753,11 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
         if not best.is_file():
             raise PgpsError(f"{experiment} has no best schedule to export for nnU-Net (no completed trial)")
         s = sch.load(best)
-    check_schedule(s, plan, fix="run the sweep with --nnunet-plans so that it searches on the plans' patch")
+    fits = _configurations_for(s, plan)
+    check_schedule(s, plan, fix=f"it fits {' and '.join(fits)} of these plans: give --configuration "
+                                f"{fits[0]}, or run a sweep with --nnunet-plans {plan.source} --configuration "
+                                f"{plan.configuration}" if fits else
+                   "run the sweep with --nnunet-plans so that it searches on the plans' patch")
     chosen, origins = _export_counts(meta, s, counts or {})
     f = for_nnunet(s, plan, **chosen)
     epochs = trained_counts(f)[0]

@@ -613,6 +613,24 @@ def test_cli_export_nnunet_refuses_before_writing_anything(plan, tmp_path, fake_
     assert nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_const").is_file()
 
 
+def test_export_for_a_configuration_of_another_patch_names_those_the_schedule_fits(tmp_path, fake_export, capsys):
+    plans = current_plans()
+    configs = plans["configurations"]
+    configs["3d_lowres"] = {"inherits_from": "3d_fullres", "patch_size": [10, 32, 24]}
+    configs["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
+    plan = nnunet.read_plans(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # a sweep on 3d_fullres
+    hippo = _finished_sweep(tmp_path / "hippo", "Hippocampus", str(tmp_path / "raw" / "Dataset004_Hippo"))
+    assert main(["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plan.source),
+                 "--configuration", "3d_lowres"]) == 2
+    err = capsys.readouterr().err
+    assert ("(3d_lowres) trains 10x24x32 (x y z; nnU-Net order [10, 32, 24]); it fits 3d_fullres and "
+            "3d_cascade_fullres of these plans: give --configuration 3d_fullres, or run a sweep with --nnunet-plans"
+            ) in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "exp").exists()
+    assert [p.name for p in plan.source.parent.glob("*.pgps_schedule.json")] == []
+
+
 def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
     beside = nnunet.schedule_file_for(plan)
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs
