@@ -67,7 +67,7 @@ INSTALL_HINT = "pip install 'pgps-tune[nnunet]'"
 TRAINER = "nnUNetTrainerPGPS"
 SCHEDULE_ENV = "PGPS_TUNE_SCHEDULE"
 RUN_RECORD = "pgps_schedule.json"
-FILE_FORMAT = "pgps-tune-nnunet"
+FILE_FORMAT = sch.NNUNET_FILE_FORMAT
 FILE_FORMAT_VERSION = 1
 TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 ENV_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -767,30 +767,6 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
     path = schedule_file_for(plan, trainer)
     _check_beside(path, f, trainer)
     return path, f, origins
-
-
-def is_nnunet_schedule_file(path: str | Path) -> bool:
-    """Whether ``path`` is an nnU-Net schedule file (what ``export --nnunet`` writes), not a pgps-tune schedule."""
-    from pgps_tune.errors import read_json
-
-    try:  # bounded, and only a regular file (a FIFO would block the open)
-        data = read_json(path, "schedule file", "")
-    except PgpsError:
-        return False
-    return isinstance(data, dict) and data.get("format") == FILE_FORMAT
-
-
-def load_pgps_schedule(path: str | Path) -> sch.Schedule:
-    """:func:`pgps_tune.schedule.load`, naming an nnU-Net schedule file as such rather than its unknown keys."""
-    try:
-        return sch.load(path)
-    except PgpsError:
-        if is_nnunet_schedule_file(path):
-            raise PgpsError(
-                f"{path} is an nnU-Net schedule file (nnU-Net's axis order, for 'pgps-tune nnunet-train' or "
-                f"{SCHEDULE_ENV}); give a pgps-tune schedule such as the sweep's best_schedule.yaml"
-            ) from None
-        raise
 
 
 # -- the trainer ------------------------------------------------------------------------------------

@@ -689,6 +689,8 @@ def test_an_nnunet_schedule_file_is_named_as_such_where_a_schedule_is_expected(p
         err = capsys.readouterr().err
         assert f"{path} is an nnU-Net schedule file (nnU-Net's axis order" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+    with pytest.raises(PgpsError, match="is an nnU-Net schedule file"):  # the Python API (README) too
+        sch.load(path)
 
 
 def test_cli_schedule_on_nnunet_plans(plan, capsys):
