@@ -624,14 +624,20 @@ def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
         return
     try:
         held = _nnunet_file_from_dict(loads_json(read_file(path, MAX_JSON_BYTES)), str(path))
-        same = _trained(held) == _trained(f)
-    except (OSError, ValueError, PgpsError):  # unreadable, damaged or another format: not this schedule
-        held, same = None, False
-    if same:
+        trains = _trained(held)  # more stages than its epochs: nnU-Net's trainer refuses it too
+    except (OSError, ValueError, PgpsError) as exc:  # unreadable, damaged or another format
+        raise PgpsError(f"{path} is there but is no nnU-Net schedule file this pgps-tune reads ({brief(exc)}), so "
+                        f"nnU-Net's -tr {trainer} fails on it; move it away and export again") from None
+    mine, theirs = (f.dataset, f.plans_name, f.configuration), (held.dataset, held.plans_name, held.configuration)
+    if mine != theirs or held.schedule.final_patch != f.schedule.final_patch:  # e.g. planned again since
+        raise PgpsError(f"{path} holds a schedule for {' / '.join(theirs)} ending at {list(held.schedule.final_patch)}"
+                        f", which nnU-Net's -tr {trainer} refuses with these plans ({' / '.join(mine)}, patch "
+                        f"{list(f.schedule.final_patch)}); move it away and export again")
+    if trains == _trained(f):
         return
     move = (f"export this one under another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move "
             "that file away first")
-    if held is None or _stages(held) != _stages(f):
+    if _stages(held) != _stages(f):
         raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
     names = ("epochs", "iterations per epoch", "validation iterations per epoch")
     pairs = list(zip(names, COUNT_FLAGS.values(), trained_counts(held), trained_counts(f)))

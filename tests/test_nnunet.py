@@ -522,6 +522,22 @@ def test_counts_beside_the_plans_compare_by_what_nnunet_trains(plan):
     assert path.read_bytes() == before
 
 
+def test_a_file_beside_the_plans_that_nnunet_cannot_train_is_named_so(plan):
+    s = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    path = nnunet.schedule_file_for(plan)
+    stale = nnunet.for_nnunet(s, plan).to_dict()
+    stale["schedule"] = sch.paper((20, 48, 128), plan.pools, 2, 30).to_dict()  # exported before a new plan
+    for text, needle in ((json.dumps(stale), r"holds a schedule for Dataset004_Hippo / nnUNetPlans / 3d_fullres "
+                                             r"ending at \[20, 48, 128\], which nnU-Net's -tr nnUNetTrainerPGPS "
+                                             r"refuses with these plans .* patch \[20, 64, 48\]\); move it away"),
+                         ('{"format": "pgps-tune-nnunet"', r"is there but is no nnU-Net schedule file this pgps-tune "
+                                                           r"reads \(.*\), so nnU-Net's -tr nnUNetTrainerPGPS fails")):
+        path.write_text(text)
+        with pytest.raises(PgpsError, match=needle):
+            nnunet.export_for_nnunet(s, plan)
+        assert path.read_text() == text
+
+
 @pytest.mark.parametrize("given, name", [("0", "0"), ("00", "0"), ("01", "1"), ("+1", "1"), (" 1", "1"), (4, "4"),
                                          ("all", "all"), (" all ", "all")])
 def test_every_spelling_of_a_fold_is_nnunets_folder(plan, tmp_path, monkeypatch, given, name):
