@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, atomic_write_text, brief, loads_json, read_file, read_json
+from pgps_tune.errors import PgpsError, atomic_write_text, brief, read_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -581,6 +581,13 @@ def read_schedule(path: str | Path, plan: NnunetPlan) -> NnunetSchedule:
         if nn.final_patch != plan.to_nnunet(plan.final_patch):
             raise PgpsError(f"{path}: final patch {list(nn.final_patch)} differs from the plans' "
                             f"{list(plan.to_nnunet(plan.final_patch))}; re-export it for the current plans")
+        mine = sch.Schedule(tuple(sch.Stage(plan.from_nnunet(st.patch_size), st.batch_size, st.epochs)  # type: ignore[arg-type]
+                                  for st in nn.stages), plan.final_patch, plan.from_nnunet(nn.pools),  # type: ignore[arg-type]
+                            nn.baseline_batch_size, sampling=nn.sampling)
+        try:  # every stage, for the plans' network (planned again with other poolings: not the file's)
+            check_schedule(mine, plan, fix="re-export it for the current plans")
+        except PgpsError as exc:
+            raise PgpsError(f"{path}: {exc}") from None
         return f
     return for_nnunet(sch.Schedule.from_dict(data, str(path)), plan)
 
@@ -613,26 +620,24 @@ def _stages(f: NnunetSchedule) -> tuple[Any, ...]:
             tuple((st.patch_size, st.batch_size) for st in s.stages))
 
 
-def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
+def _check_beside(path: Path, f: NnunetSchedule, plan: NnunetPlan, trainer: str) -> None:
     """Refuse to replace a different schedule file beside the plans (what ``-tr TRAINER`` trains next).
 
-    Different epoch or iteration counts are a different training too: the refusal names them and the flags
-    that keep them.  One that trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export
-    after a confirmation; or a count left null that the other spells out as nnU-Net's default) is updated.
+    The file there is read as the trainer reads it (:func:`read_schedule`): one it would refuse (damaged,
+    made for other plans or an earlier planning) is named so, not replaced.  Different epoch or iteration
+    counts are a different training too: the refusal names them and the flags that keep them.  One that
+    trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export after a confirmation; or
+    a count left null that the other spells out as nnU-Net's default) is updated.
     """
     if not path.exists():
         return
     try:
-        held = _nnunet_file_from_dict(loads_json(read_file(path, MAX_JSON_BYTES)), str(path))
+        held = read_schedule(path, plan)
         trains = _trained(held)  # more stages than its epochs: nnU-Net's trainer refuses it too
-    except (OSError, ValueError, PgpsError) as exc:  # unreadable, damaged or another format
-        raise PgpsError(f"{path} is there but is no nnU-Net schedule file this pgps-tune reads ({brief(exc)}), so "
-                        f"nnU-Net's -tr {trainer} fails on it; move it away and export again") from None
-    mine, theirs = (f.dataset, f.plans_name, f.configuration), (held.dataset, held.plans_name, held.configuration)
-    if mine != theirs or held.schedule.final_patch != f.schedule.final_patch:  # e.g. planned again since
-        raise PgpsError(f"{path} holds a schedule for {' / '.join(theirs)} ending at {list(held.schedule.final_patch)}"
-                        f", which nnU-Net's -tr {trainer} refuses with these plans ({' / '.join(mine)}, patch "
-                        f"{list(f.schedule.final_patch)}); move it away and export again")
+    except PgpsError as exc:
+        why = str(exc).removeprefix(f"{path}: ").replace(f"schedule file {path}", "it")  # the path once
+        raise PgpsError(f"{path} is there but nnU-Net's -tr {trainer} refuses it ({why}); move it away, then export "
+                        "again") from None
     if trains == _trained(f):
         return
     move = (f"export this one under another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move "
@@ -665,7 +670,7 @@ def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER,
     f = for_nnunet(s, plan, **counts)
     fit_epochs(f.schedule, trained_counts(f)[0])  # more stages than epochs: refused now, not when nnU-Net starts
     path = schedule_file_for(plan, trainer)
-    _check_beside(path, f, trainer)
+    _check_beside(path, f, plan, trainer)
     return f.save(path)
 
 
@@ -771,7 +776,7 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
         raise PgpsError(f"the best schedule has {len(s.stages)} stages but nnU-Net would train {epochs} epochs "
                         f"({origins['num_epochs']}); give --epochs {len(s.stages)} or more")
     path = schedule_file_for(plan, trainer)
-    _check_beside(path, f, trainer)
+    _check_beside(path, f, plan, trainer)
     return path, f, origins
 
 

@@ -522,20 +522,25 @@ def test_counts_beside_the_plans_compare_by_what_nnunet_trains(plan):
     assert path.read_bytes() == before
 
 
-def test_a_file_beside_the_plans_that_nnunet_cannot_train_is_named_so(plan):
+def test_a_file_beside_the_plans_that_nnunet_would_refuse_is_named_so(plan):
     s = sch.paper(plan.final_patch, plan.pools, 2, 30)
     path = nnunet.schedule_file_for(plan)
     stale = nnunet.for_nnunet(s, plan).to_dict()
     stale["schedule"] = sch.paper((20, 48, 128), plan.pools, 2, 30).to_dict()  # exported before a new plan
-    for text, needle in ((json.dumps(stale), r"holds a schedule for Dataset004_Hippo / nnUNetPlans / 3d_fullres "
-                                             r"ending at \[20, 48, 128\], which nnU-Net's -tr nnUNetTrainerPGPS "
-                                             r"refuses with these plans .* patch \[20, 64, 48\]\); move it away"),
-                         ('{"format": "pgps-tune-nnunet"', r"is there but is no nnU-Net schedule file this pgps-tune "
-                                                           r"reads \(.*\), so nnU-Net's -tr nnUNetTrainerPGPS fails")):
+    odd = nnunet.for_nnunet(s, plan).to_dict()  # for a network that pooled less (other strides, same patch)
+    odd["schedule"]["pools"] = [1, 1, 1]
+    odd["schedule"]["stages"][0]["patch_size"] = [20, 12, 12]
+    refuses = r"is there but nnU-Net's -tr nnUNetTrainerPGPS refuses it \("
+    for text, needle in ((json.dumps(stale), r"final patch \[20, 48, 128\] differs from the plans' \[20, 64, 48\]"),
+                         (json.dumps(odd), r"stage 0 patch \(for the network in .*\) [0-9x]+ is not divisible"),
+                         ('{"format": "pgps-tune-nnunet"', "")):
         path.write_text(text)
-        with pytest.raises(PgpsError, match=needle):
+        with pytest.raises(PgpsError, match=refuses + needle + ".*; move it away, then export again"):
             nnunet.export_for_nnunet(s, plan)
         assert path.read_text() == text
+        if needle:  # nnU-Net's trainer reads it alike
+            with pytest.raises(PgpsError, match=needle):
+                nnunet.read_schedule(path, plan)
 
 
 @pytest.mark.parametrize("given, name", [("0", "0"), ("00", "0"), ("01", "1"), ("+1", "1"), (" 1", "1"), (4, "4"),
