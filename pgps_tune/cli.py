@@ -220,9 +220,7 @@ def _schedule_file(path: str, epochs: int | None, flag: str, preset: str | None)
     """A schedule file, rescaled to ``epochs`` if given."""
     if preset:
         raise PgpsError(f"give either {flag} FILE or --preset, not both")
-    from pgps_tune.nnunet import load_pgps_schedule
-
-    s = load_pgps_schedule(path)  # names an nnU-Net schedule file as such
+    s = sch.load(path)
     if epochs is not None and epochs < len(s.stages):
         raise PgpsError(f"--epochs {epochs} cannot rescale {path}: its {len(s.stages)} stages need at least "
                         f"{len(s.stages)} epochs; give --epochs {len(s.stages)} or more")
@@ -539,9 +537,9 @@ def _train(a: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     nn_plan = _nnunet_plan(a)
     if nn_plan is not None and a.schedule:  # refused before anything is written
-        from pgps_tune.nnunet import check_schedule, load_pgps_schedule
+        from pgps_tune.nnunet import check_schedule
 
-        check_schedule(load_pgps_schedule(a.schedule), nn_plan)
+        check_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
         synthetic: dict[str, Any] = {}

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgps_tune import schedule as sch
-from pgps_tune.errors import MAX_JSON_BYTES, PgpsError, atomic_write_text, brief, loads_json, read_file, read_json
+from pgps_tune.errors import PgpsError, atomic_write_text, brief, read_json
 from pgps_tune.limits import LIMITS
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ INSTALL_HINT = "pip install 'pgps-tune[nnunet]'"
 TRAINER = "nnUNetTrainerPGPS"
 SCHEDULE_ENV = "PGPS_TUNE_SCHEDULE"
 RUN_RECORD = "pgps_schedule.json"
-FILE_FORMAT = "pgps-tune-nnunet"
+FILE_FORMAT = sch.NNUNET_FILE_FORMAT
 FILE_FORMAT_VERSION = 1
 TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 ENV_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -581,6 +581,13 @@ def read_schedule(path: str | Path, plan: NnunetPlan) -> NnunetSchedule:
         if nn.final_patch != plan.to_nnunet(plan.final_patch):
             raise PgpsError(f"{path}: final patch {list(nn.final_patch)} differs from the plans' "
                             f"{list(plan.to_nnunet(plan.final_patch))}; re-export it for the current plans")
+        mine = sch.Schedule(tuple(sch.Stage(plan.from_nnunet(st.patch_size), st.batch_size, st.epochs)  # type: ignore[arg-type]
+                                  for st in nn.stages), plan.final_patch, plan.from_nnunet(nn.pools),  # type: ignore[arg-type]
+                            nn.baseline_batch_size, sampling=nn.sampling)
+        try:  # every stage, for the plans' network (planned again with other poolings: not the file's)
+            check_schedule(mine, plan, fix="re-export it for the current plans")
+        except PgpsError as exc:
+            raise PgpsError(f"{path}: {exc}") from None
         return f
     return for_nnunet(sch.Schedule.from_dict(data, str(path)), plan)
 
@@ -599,36 +606,57 @@ def trained_counts(f: NnunetSchedule) -> tuple[int, int, int]:
 
 def _trained(f: NnunetSchedule) -> tuple[Any, ...]:
     """What the trainer runs from ``f``: the stages fitted to its epochs, and its counts (not the schedule's
-    notes, ``meta``, nor whether a count is written out or left to nnU-Net's default)."""
+    notes, ``meta``, nor its ``recipe``, which nnU-Net does not read, nor whether a count is written out or
+    left to nnU-Net's default)."""
     counts = trained_counts(f)
-    fitted = fit_epochs(replace(f.schedule, meta={}), counts[0])
-    return (f.dataset, f.plans_name, f.configuration, fitted.to_dict(), counts)
+    return (f.dataset, f.plans_name, f.configuration, fit_epochs(f.schedule, counts[0]), counts)
 
 
-def _check_beside(path: Path, f: NnunetSchedule, trainer: str) -> None:
+def _stages(f: NnunetSchedule) -> tuple[Any, ...]:
+    """The stages of ``f`` without their lengths: one curriculum whether it was found at 30 epochs or confirmed
+    at 60 (the trainer fits the lengths to its epochs)."""
+    s = f.schedule
+    return (f.dataset, f.plans_name, f.configuration, s.final_patch, s.pools, s.baseline_batch_size, s.sampling,
+            tuple((st.patch_size, st.batch_size) for st in s.stages))
+
+
+def _check_beside(path: Path, f: NnunetSchedule, plan: NnunetPlan, trainer: str) -> None:
     """Refuse to replace a different schedule file beside the plans (what ``-tr TRAINER`` trains next).
 
-    Different epoch or iteration counts are a different training too.  One that trains the same
-    (only the schedule's notes, ``meta``, differ: e.g. a re-export after a confirmation) is updated.
+    The file there is read as the trainer reads it (:func:`read_schedule`): one it would refuse (damaged,
+    made for other plans or an earlier planning) is named so, not replaced.  Different epoch or iteration
+    counts are a different training too: the refusal names them and the flags that keep them.  One that
+    trains the same (only the schedule's notes, ``meta``, differ: e.g. a re-export after a confirmation; or
+    a count left null that the other spells out as nnU-Net's default) is updated.
     """
     if not path.exists():
         return
     try:
-        held = _nnunet_file_from_dict(loads_json(read_file(path, MAX_JSON_BYTES)), str(path))
-        same = _trained(held) == _trained(f)
-    except (OSError, ValueError, PgpsError):  # unreadable, damaged or another format: not this schedule
-        held, same = None, False
-    if same:
+        held = read_schedule(path, plan)
+        trains = _trained(held)  # more stages than its epochs: nnU-Net's trainer refuses it too
+    except PgpsError as exc:
+        why = str(exc).removeprefix(f"{path}: ").replace(f"schedule file {path}", "it")  # the path once
+        raise PgpsError(f"{path} is there but nnU-Net's -tr {trainer} refuses it ({why}); move it away, then export "
+                        "again") from None
+    if trains == _trained(f):
         return
     move = (f"export this one under another name with --trainer {TRAINER}_SUFFIX (e.g. {TRAINER}_tuned), or move "
             "that file away first")
-    if held is not None and replace(held.schedule, meta={}) == replace(f.schedule, meta={}):
-        names = ("epochs", "iterations per epoch", "validation iterations per epoch")
-        changed = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, trained_counts(held), trained_counts(f))
-                            if a != b)
-        raise PgpsError(f"{path} already holds this schedule with other counts ({changed}), which nnU-Net's "
-                        f"-tr {trainer} trains; give the counts it holds, or {move}")
-    raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
+    if _stages(held) != _stages(f):
+        raise PgpsError(f"{path} already holds another schedule (the one nnU-Net's -tr {trainer} trains); {move}")
+    names = ("epochs", "iterations per epoch", "validation iterations per epoch")
+    pairs = list(zip(names, COUNT_FLAGS.values(), trained_counts(held), trained_counts(f)))
+    null = [getattr(held, key) is None for key in COUNT_FLAGS]  # a file written before export set them
+    changed = [f"{name} {a}{' (null: nnU-Net default)' * unset} -> {b}"
+               for (name, _, a, b), unset in zip(pairs, null) if a != b]
+    epochs = trained_counts(held)[0]
+    if fit_epochs(f.schedule, epochs) != fit_epochs(held.schedule, epochs):  # held's counts would not make it
+        counts = f" and counts ({', '.join(changed)})" if changed else ""
+        raise PgpsError(f"{path} already holds these stages with other stage lengths{counts}, which nnU-Net's "
+                        f"-tr {trainer} trains; {move}")
+    keep = " ".join(f"{flag} {a}" for _, flag, a, b in pairs if a != b)
+    raise PgpsError(f"{path} already holds this schedule with other counts ({', '.join(changed)}), which nnU-Net's "
+                    f"-tr {trainer} trains; give {keep} to keep them, or {move}")
 
 
 def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER, **counts: int | None) -> Path:
@@ -642,7 +670,7 @@ def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER,
     f = for_nnunet(s, plan, **counts)
     fit_epochs(f.schedule, trained_counts(f)[0])  # more stages than epochs: refused now, not when nnU-Net starts
     path = schedule_file_for(plan, trainer)
-    _check_beside(path, f, trainer)
+    _check_beside(path, f, plan, trainer)
     return f.save(path)
 
 
@@ -690,6 +718,22 @@ def counts_line(f: NnunetSchedule, origins: dict[str, str]) -> str:
             f"({where}; change with {', '.join(COUNT_FLAGS.values())})")
 
 
+def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
+    """The other configurations of ``plan``'s plans file whose network trains ``s`` (for a refusal's fix: a
+    sweep on 3d_fullres exported with ``--configuration 3d_lowres``)."""
+    if s.final_patch == plan.final_patch:
+        return []
+    fits = []
+    for name in sorted(plan.plans["configurations"]):
+        try:
+            other = read_plans(plan.source, name)
+            check_schedule(s, other)
+        except PgpsError:  # 2-D, another patch, damaged: not one to name
+            continue
+        fits.append((previous_stage(other) is not None, name))  # a cascade's second stage last
+    return [name for _, name in sorted(fits)]
+
+
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
                    trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False,
                    counts: dict[str, int | None] | None = None) -> tuple[Path, NnunetSchedule, dict[str, str]]:
@@ -720,7 +764,11 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
         if not best.is_file():
             raise PgpsError(f"{experiment} has no best schedule to export for nnU-Net (no completed trial)")
         s = sch.load(best)
-    check_schedule(s, plan, fix="run the sweep with --nnunet-plans so that it searches on the plans' patch")
+    fits = _configurations_for(s, plan)
+    check_schedule(s, plan, fix=f"it fits {' and '.join(fits)} of these plans: give --configuration "
+                                f"{fits[0]}, or run a sweep with --nnunet-plans {plan.source} --configuration "
+                                f"{plan.configuration}" if fits else
+                   "run the sweep with --nnunet-plans so that it searches on the plans' patch")
     chosen, origins = _export_counts(meta, s, counts or {})
     f = for_nnunet(s, plan, **chosen)
     epochs = trained_counts(f)[0]
@@ -728,32 +776,8 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
         raise PgpsError(f"the best schedule has {len(s.stages)} stages but nnU-Net would train {epochs} epochs "
                         f"({origins['num_epochs']}); give --epochs {len(s.stages)} or more")
     path = schedule_file_for(plan, trainer)
-    _check_beside(path, f, trainer)
+    _check_beside(path, f, plan, trainer)
     return path, f, origins
-
-
-def is_nnunet_schedule_file(path: str | Path) -> bool:
-    """Whether ``path`` is an nnU-Net schedule file (what ``export --nnunet`` writes), not a pgps-tune schedule."""
-    from pgps_tune.errors import read_json
-
-    try:  # bounded, and only a regular file (a FIFO would block the open)
-        data = read_json(path, "schedule file", "")
-    except PgpsError:
-        return False
-    return isinstance(data, dict) and data.get("format") == FILE_FORMAT
-
-
-def load_pgps_schedule(path: str | Path) -> sch.Schedule:
-    """:func:`pgps_tune.schedule.load`, naming an nnU-Net schedule file as such rather than its unknown keys."""
-    try:
-        return sch.load(path)
-    except PgpsError:
-        if is_nnunet_schedule_file(path):
-            raise PgpsError(
-                f"{path} is an nnU-Net schedule file (nnU-Net's axis order, for 'pgps-tune nnunet-train' or "
-                f"{SCHEDULE_ENV}); give a pgps-tune schedule such as the sweep's best_schedule.yaml"
-            ) from None
-        raise
 
 
 # -- the trainer ------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from pgps_tune.errors import PgpsError, atomic_write_text, did_you_mean, read_ya
 from pgps_tune.limits import LIMITS
 
 FORMAT_VERSION = 1
+NNUNET_FILE_FORMAT = "pgps-tune-nnunet"  # what 'export --nnunet' writes for nnU-Net's trainer: not a schedule file
 Mode = Literal["resource", "performance"]
 MODES: tuple[str, ...] = ("resource", "performance", "sqrt")
 FAMILIES: tuple[str, ...] = ("staged", "random")
@@ -404,6 +405,9 @@ def _plain_data(value: Any, where: str) -> None:
 def _from_dict(data: Any, source: str) -> Schedule:
     if not isinstance(data, dict):
         raise PgpsError(f"{source}: expected a mapping with 'stages', got {type(data).__name__}")
+    if data.get("format") == NNUNET_FILE_FORMAT:
+        raise PgpsError(f"{source} is an nnU-Net schedule file (nnU-Net's axis order, for 'pgps-tune nnunet-train' "
+                        "or PGPS_TUNE_SCHEDULE); give a pgps-tune schedule such as the sweep's best_schedule.yaml")
     if "format_version" not in data:
         raise PgpsError(f"{source}: missing key 'format_version'; a schedule file starts with 'format_version: "
                         f"{FORMAT_VERSION}' (the format this pgps-tune reads)")

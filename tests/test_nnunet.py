@@ -496,6 +496,53 @@ def test_a_different_schedule_beside_the_plans_is_not_replaced(plan):
     assert named != path and nnunet.read_schedule(named, plan).schedule == nnunet.for_nnunet(other, plan).schedule
 
 
+def test_counts_beside_the_plans_compare_by_what_nnunet_trains(plan):
+    from dataclasses import replace
+
+    s30 = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    path = nnunet.for_nnunet(s30, plan).save(nnunet.schedule_file_for(plan))  # null counts: as export wrote before
+    before = path.read_bytes()
+    defaults = {"num_epochs": 1000, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50}
+    assert nnunet.export_for_nnunet(s30, plan, **defaults) == path  # null trains nnU-Net's defaults: the same
+    assert nnunet.trained_counts(nnunet.read_schedule(path, plan)) == (1000, 250, 50)
+    path.write_bytes(before)
+    with pytest.raises(PgpsError, match=r"this schedule with other counts \(epochs 1000 \(null: nnU-Net default\) -> "
+                                        r"30, iterations per epoch 250 \(null: nnU-Net default\) -> 12\), which .*; "
+                                        "give --epochs 1000 --iterations-per-epoch 250 to keep them"):
+        nnunet.export_for_nnunet(s30, plan, num_epochs=30, num_iterations_per_epoch=12)
+    # the same stages confirmed at 60 epochs: this schedule at other counts, not another schedule
+    s60 = sch.paper(plan.final_patch, plan.pools, 2, 60)
+    with pytest.raises(PgpsError, match=r"this schedule with other counts \(epochs 1000 .* -> 60\).* give --epochs "
+                                        "1000 to keep them"):
+        nnunet.export_for_nnunet(s60, plan, num_epochs=60)
+    first = s30.stages[0]
+    longer = replace(s30, stages=(sch.Stage(first.patch_size, first.batch_size, 9), *s30.stages[1:]))
+    with pytest.raises(PgpsError, match="already holds these stages with other stage lengths, which"):
+        nnunet.export_for_nnunet(longer, plan)
+    assert path.read_bytes() == before
+
+
+def test_a_file_beside_the_plans_that_nnunet_would_refuse_is_named_so(plan):
+    s = sch.paper(plan.final_patch, plan.pools, 2, 30)
+    path = nnunet.schedule_file_for(plan)
+    stale = nnunet.for_nnunet(s, plan).to_dict()
+    stale["schedule"] = sch.paper((20, 48, 128), plan.pools, 2, 30).to_dict()  # exported before a new plan
+    odd = nnunet.for_nnunet(s, plan).to_dict()  # for a network that pooled less (other strides, same patch)
+    odd["schedule"]["pools"] = [1, 1, 1]
+    odd["schedule"]["stages"][0]["patch_size"] = [20, 12, 12]
+    refuses = r"is there but nnU-Net's -tr nnUNetTrainerPGPS refuses it \("
+    for text, needle in ((json.dumps(stale), r"final patch \[20, 48, 128\] differs from the plans' \[20, 64, 48\]"),
+                         (json.dumps(odd), r"stage 0 patch \(for the network in .*\) [0-9x]+ is not divisible"),
+                         ('{"format": "pgps-tune-nnunet"', "")):
+        path.write_text(text)
+        with pytest.raises(PgpsError, match=refuses + needle + ".*; move it away, then export again"):
+            nnunet.export_for_nnunet(s, plan)
+        assert path.read_text() == text
+        if needle:  # nnU-Net's trainer reads it alike
+            with pytest.raises(PgpsError, match=needle):
+                nnunet.read_schedule(path, plan)
+
+
 @pytest.mark.parametrize("given, name", [("0", "0"), ("00", "0"), ("01", "1"), ("+1", "1"), (" 1", "1"), (4, "4"),
                                          ("all", "all"), (" all ", "all")])
 def test_every_spelling_of_a_fold_is_nnunets_folder(plan, tmp_path, monkeypatch, given, name):
@@ -587,6 +634,24 @@ def test_cli_export_nnunet_refuses_before_writing_anything(plan, tmp_path, fake_
     assert nnunet.schedule_file_for(plan, "nnUNetTrainerPGPS_const").is_file()
 
 
+def test_export_for_a_configuration_of_another_patch_names_those_the_schedule_fits(tmp_path, fake_export, capsys):
+    plans = current_plans()
+    configs = plans["configurations"]
+    configs["3d_lowres"] = {"inherits_from": "3d_fullres", "patch_size": [10, 32, 24]}
+    configs["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
+    plan = nnunet.read_plans(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # a sweep on 3d_fullres
+    hippo = _finished_sweep(tmp_path / "hippo", "Hippocampus", str(tmp_path / "raw" / "Dataset004_Hippo"))
+    assert main(["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plan.source),
+                 "--configuration", "3d_lowres"]) == 2
+    err = capsys.readouterr().err
+    assert ("(3d_lowres) trains 10x24x32 (x y z; nnU-Net order [10, 32, 24]); it fits 3d_fullres and "
+            "3d_cascade_fullres of these plans: give --configuration 3d_fullres, or run a sweep with --nnunet-plans"
+            ) in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "exp").exists()
+    assert [p.name for p in plan.source.parent.glob("*.pgps_schedule.json")] == []
+
+
 def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
     beside = nnunet.schedule_file_for(plan)
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs
@@ -611,7 +676,7 @@ def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, t
     assert ("nnU-Net trains 1000 epochs x 250 iterations, 50 validation iterations per epoch (epochs, iterations, "
             "validation iterations: nnU-Net's default") in out
     rc, _, err = run("--epochs", "40")  # other counts are another training: not written over what -tr trains
-    assert rc == 2 and "already holds this schedule with other counts (epochs 1000 -> 40)" in err, err
+    assert rc == 2 and "with other counts (epochs 1000 (null: nnU-Net default) -> 40)" in err, err
     assert counts() == [None, None, None]
     rc, out, _ = run("--epochs", "1000", "--iterations-per-epoch", "250")  # nnU-Net's defaults spelled out: the same
     assert rc == 0 and counts() == [1000, 250, None] and "epochs: --epochs; iterations: --iterations-per-epoch" in out
@@ -645,6 +710,8 @@ def test_an_nnunet_schedule_file_is_named_as_such_where_a_schedule_is_expected(p
         err = capsys.readouterr().err
         assert f"{path} is an nnU-Net schedule file (nnU-Net's axis order" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+    with pytest.raises(PgpsError, match="is an nnU-Net schedule file"):  # the Python API (README) too
+        sch.load(path)
 
 
 def test_cli_schedule_on_nnunet_plans(plan, capsys):
