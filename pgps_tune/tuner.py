@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
+import heapq
 import io
 import json
 import logging
@@ -1870,19 +1871,17 @@ class TrialLine:
     status: str = "running"
     compute: float = 0.0  # baseline-equivalent iterations done
     fraction: float | None = None  # the schedule's voxel fraction: its whole run costs this much of the baseline's
-    seen: float = 0.0  # when it last started or reported (time.time()): its next report's compute was done since
 
-    def take(self, result: dict[str, Any]) -> float:
-        """Update from one of the trial's reports; return the compute it added."""
+    def take(self, result: dict[str, Any]) -> None:
+        """Update from one of the trial's reports."""
         if isinstance(result.get("stage"), int):
             self.stage, self.stages = result["stage"], result.get("n_stages")
         if all(f"patch_{a}" in result for a in "xyz"):
             self.patch = "x".join(str(result[f"patch_{a}"]) for a in "xyz")
         self.dice = float(result.get("val_dice", self.dice))
-        before, self.compute = self.compute, float(result.get("baseline_iterations", self.compute))
+        self.compute = float(result.get("baseline_iterations", self.compute))
         if result.get("schedule_voxel_fraction") is not None:
             self.fraction = float(result["schedule_voxel_fraction"])
-        return max(0.0, self.compute - before)
 
 
 def ended_status(last: dict[str, Any]) -> str:
@@ -1891,59 +1890,124 @@ def ended_status(last: dict[str, Any]) -> str:
             else "completed" if last.get("completed") else "stopped early")
 
 
-class ComputeClock:
-    """The rate of compute (baseline-equivalent iterations a second), measured from the first report on.
+@dataclass
+class _Timing:
+    """One trial's clock readings: its start, and its first and last reports as (time, compute)."""
 
-    What comes before the first report (Ray's start, the trials' processes importing torch, the data
-    cache being built) is paid once, so the clock starts there, at the first report, and counts only
-    the compute done after it.  A trial that started before the clock did reports compute done partly
-    before it: the share that falls after the start is counted, prorated over the time since the trial
-    started or last reported (the compute of its first report is spread over its start-up too).  Taken
-    from the start of the sweep instead, a 2-minute confirmation showed "3h17m left" at its first report.
+    start: float | None  # None: its start was not seen, or its first report went on from a checkpoint
+    base: float = 0.0  # its compute when it started
+    first: tuple[float, float] | None = None
+    last: tuple[float, float] | None = None
+    end: float | None = None
 
-    >>> c = ComputeClock()
-    >>> c.add(30.0, seen=0.0, now=20.0)  # the first report starts the clock
-    >>> c.rate(30.0) is None
+
+def makespan(busy: list[float], trials: list[float], slots: int) -> float:
+    """Seconds until ``trials`` (each its seconds) have run, ``slots`` at a time, after the running trials'
+    ``busy`` seconds left: each waits for the first free slot.
+
+    >>> makespan([], [10.0] * 5, 2), makespan([4.0], [10.0, 10.0], 2), makespan([3.0], [], 1)
+    (30.0, 14.0, 3.0)
+    """
+    free = sorted(busy) + [0.0] * max(0, slots - len(busy))
+    heapq.heapify(free)
+    for seconds in trials:
+        heapq.heappush(free, heapq.heappop(free) + seconds)
+    return max(free, default=0.0)
+
+
+class TrialClock:
+    """How long trials take, measured from their own timings in this process: a trial's speed (baseline-
+    equivalent iterations a second, at the concurrency the sweep runs) between its first and last reports,
+    its overhead (the rest of its wall time: the worker's start, imports, loading the cached data, building
+    the network, the first validation, the last checkpoint), and how many trials run at once.
+
+    Trials of seconds to a minute spend much of their time outside training: a rate of compute over the
+    time since the first report left that out (a quick sweep on MSD Hippocampus, 2 trials at once, promised
+    72 s at the end of its search, with 186 s to go).
+
+    >>> c = TrialClock()
+    >>> c.start("a", 0.0); c.report("a", 10.0, 20.0)  # 20 s to the first report of 10 iterations
+    >>> c.speed() is None
     True
-    >>> c.add(30.0, seen=0.0, now=25.0)  # a trial started at 0: 5 s of its 25 s fall after the start
-    >>> c.add(20.0, seen=20.0, now=30.0)  # the first trial again, since its report at 20 s
-    >>> c.counted, c.rate(30.0)
-    (26.0, 2.6)
+    >>> c.report("a", 30.0, 30.0)  # then 20 iterations in 10 s: 2 a second, 15 s of start-up
+    >>> c.speed(), c.overhead(c.speed())
+    (2.0, 15.0)
     """
 
     def __init__(self) -> None:
-        self.start: float | None = None
-        self.counted = 0.0
+        self.trials: dict[str, _Timing] = {}
+        self.started_at: dict[str, float] = {}  # every trial's start, kept when a first report from a checkpoint
 
-    def add(self, compute: float, seen: float, now: float) -> None:
-        """``compute`` reported at ``now`` by a trial that started or last reported at ``seen``."""
-        if self.start is None:
-            self.start = now
-        elif seen < self.start:
-            self.counted += compute * (now - self.start) / (now - seen)
-        else:
-            self.counted += compute
+    def start(self, trial: str, now: float, compute: float = 0.0) -> None:
+        self.trials[trial] = _Timing(now, compute)
+        self.started_at[trial] = now
 
-    def rate(self, now: float) -> float | None:
-        """Compute a second since the first report; None before any compute was counted."""
-        if self.start is None or now <= self.start or self.counted <= 0:
-            return None
-        return self.counted / (now - self.start)
+    def report(self, trial: str, compute: float, now: float, restored: bool = False) -> None:
+        """``compute`` done by ``trial`` in all at ``now``; ``restored``: its first report since it went on
+        from a checkpoint (its compute before is unknown: no start-up to measure)."""
+        t = self.trials.setdefault(trial, _Timing(None))
+        if t.first is None:
+            t.first, t.start = (now, compute), None if restored else t.start
+        t.last = (now, compute)
 
-    def eta(self, left: float, now: float) -> float | None:
-        """Seconds that ``left`` compute takes at :meth:`rate`; None without a rate (0 with nothing left).
+    def end(self, trial: str, now: float) -> None:
+        if trial in self.trials:
+            self.trials[trial].end = now
 
-        >>> c = ComputeClock()
-        >>> c.start, c.counted = 100.0, 200.0
-        >>> c.eta(700.0, now=150.0), c.eta(-5.0, now=150.0), ComputeClock().eta(700.0, now=150.0)
-        (175.0, 0.0, None)
-        >>> ComputeClock().eta(0.0, now=150.0)
-        0.0
+    @property
+    def slots(self) -> int:
+        """The most trials seen running at once: a trial that ends frees its slot for one that starts at the same
+        time, whichever Tune tells first.
+
+        >>> c = TrialClock()
+        >>> c.start("a", 0.0); c.start("b", 5.0); c.start("c", 10.0); c.end("a", 10.0); c.end("b", 12.0)
+        >>> c.slots
+        2
         """
-        if left <= 0:
-            return 0.0
-        rate = self.rate(now)
-        return left / rate if rate else None
+        changes = sorted([(t, 1) for t in self.started_at.values()]
+                         + [(t.end, -1) for k, t in self.trials.items() if t.end is not None and k in self.started_at])
+        running = most = 0
+        for _, change in changes:
+            running += change
+            most = max(most, running)
+        return most
+
+    def speed(self) -> float | None:
+        """Baseline-equivalent iterations a second of one trial; None before a trial has reported twice (a first
+        report's compute over the time since its start is mostly start-up: taken as a speed, a paper schedule's
+        first report on MSD Hippocampus priced the sweep at 12 hours, with 10 minutes to go)."""
+        pairs = [(t.last[1] - t.first[1], t.last[0] - t.first[0]) for t in self.trials.values()
+                 if t.first and t.last[0] > t.first[0]]
+        compute, seconds = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        return compute / seconds if compute > 0 and seconds > 0 else None
+
+    def overhead(self, speed: float) -> float:
+        """Seconds of a trial's wall time that are not training at ``speed``: the mean over the trials that
+        ended (start to end), else over those that reported (start to first report)."""
+        ended = [(t.end - t.start, t.last[1] - t.base) for t in self.trials.values()
+                 if t.start is not None and t.end is not None and t.last]
+        seen = ended or [(t.first[0] - t.start, t.first[1] - t.base) for t in self.trials.values()
+                         if t.start is not None and t.first]
+        return sum(max(0.0, wall - compute / speed) for wall, compute in seen) / len(seen) if seen else 0.0
+
+    def left(self, running: dict[str, float], new: list[float], now: float, slots: int | None = None
+             ) -> float | None:
+        """Seconds until the ``running`` trials (compute each has left) and ``new`` ones (the compute of each)
+        are done, ``slots`` (else as many as seen) at a time; None before a trial has reported twice (0 with
+        nothing left)."""
+        speed = self.speed()
+        if speed is None:
+            return None if running or new else 0.0
+        overhead = self.overhead(speed)
+        busy = []
+        for trial, compute in running.items():
+            t = self.trials.get(trial)
+            if t is not None and t.last is not None:
+                busy.append(max(0.0, compute / speed - (now - t.last[0])))
+            else:  # not reported yet: its start-up as well
+                since = now - t.start if t is not None and t.start is not None else 0.0
+                busy.append(max(0.0, overhead + compute / speed - since))
+        return makespan(busy, [overhead + c / speed for c in new], max(slots or self.slots, len(running), 1))
 
 
 @dataclass(frozen=True)
@@ -2062,19 +2126,22 @@ def full_budget_schedules(space: SearchSpace, plans: list[PhasePlan]) -> int:
 
 
 class SweepEta:
-    """The whole sweep's ETA, on the compute clock.
+    """The whole sweep's ETA, from the trials' own timings.
 
     Left to do: what the running phase still expects (its :class:`Progress` knows) plus what every
-    phase after it plans (:class:`PhasePlan`), at the rate in baseline-equivalent iterations a second
-    that the sweep has kept in this process since its first report (:class:`ComputeClock`), pauses
-    between phases included.
+    phase after it plans (:class:`PhasePlan`), each trial at the speed and with the overhead the
+    sweep's trials have shown in this process (:class:`TrialClock`), as many at once as have run at
+    once, and each phase after its start-up (the time from a phase's last trial to the next one's
+    first, measured between the phases seen).
     It is an upper bound ("<=") while a phase to come may stop early, else the expected time ("~").
     """
 
     def __init__(self, plans: list[PhasePlan]) -> None:
         self.plans = list(plans)
-        self.clock = ComputeClock()  # every phase's reports, in this process
+        self.clock = TrialClock()  # every phase's trials, in this process, as "phase/trial"
         self.searched: dict[tuple[str, str], float] = {}  # (phase, trial): voxel fraction of a searched schedule
+        self.phase_gaps: list[float] = []  # seconds from one phase's last trial to the next one's first
+        self.last_phase: tuple[str, float] | None = None  # the phase whose trial ended last, and when
 
     def plan(self, phase: str) -> PhasePlan | None:
         return next((p for p in self.plans if p.phase == phase), None)
@@ -2088,9 +2155,16 @@ class SweepEta:
         """The mean voxel fraction of the searched schedules seen; the baseline's (1) before any."""
         return sum(self.searched.values()) / len(self.searched) if self.searched else 1.0
 
-    def rate(self, now: float) -> float | None:
-        """Baseline-equivalent iterations a second since the sweep's first report; None before any counted."""
-        return self.clock.rate(now)
+    def started(self, phase: str, trial: str, now: float, compute: float = 0.0) -> None:
+        """A trial of ``phase`` started: the first of a phase after another also measures a phase's start-up."""
+        if self.last_phase is not None and self.last_phase[0] != phase:
+            self.phase_gaps.append(max(0.0, now - self.last_phase[1]))
+        self.last_phase = None
+        self.clock.start(f"{phase}/{trial}", now, compute)
+
+    def ended(self, phase: str, trial: str, now: float) -> None:
+        self.clock.end(f"{phase}/{trial}", now)
+        self.last_phase = (phase, now)
 
     def left(self, phase: str, phase_left: float, phase_bound: bool) -> tuple[float, bool]:
         """Compute left in the sweep while ``phase`` runs with ``phase_left`` to go, and whether it is a bound.
@@ -2108,15 +2182,32 @@ class SweepEta:
         return (phase_left + sum(p.compute(searched) for p in later),
                 phase_bound or any(p.bound for p in later))
 
-    def eta(self, phase: str, phase_left: float, phase_bound: bool, now: float) -> tuple[float | None, bool]:
-        """Seconds left in the whole sweep (None: no rate yet), and whether that is an upper bound."""
-        return self.eta_and_left(phase, phase_left, phase_bound, now)[:2]
+    def eta(self, phase: str, running: dict[str, float], new: list[float], phase_bound: bool,
+            now: float) -> tuple[float | None, bool, float]:
+        """Seconds left in the whole sweep (None: no trial has reported twice yet), whether that is an upper
+        bound, and the compute left, while ``phase`` has its ``running`` trials (the compute each has left) and
+        ``new`` ones (the compute of each) to go.
 
-    def eta_and_left(self, phase: str, phase_left: float, phase_bound: bool,
-                     now: float) -> tuple[float | None, bool, float]:
-        """:meth:`eta` and the compute left, from one pricing of the phases to come."""
-        left, bound = self.left(phase, phase_left, phase_bound)
-        return self.clock.eta(left, now), bound, left
+        >>> eta = SweepEta([PhasePlan("search", 3, 100.0), PhasePlan("confirm", 4, 100.0, known=(0.5,) * 4)])
+        >>> eta.started("search", "a", 0.0); eta.clock.report("search/a", 10.0, 20.0)
+        >>> eta.clock.report("search/a", 30.0, 30.0)  # 2 iterations a second, 15 s of start-up
+        >>> eta.eta("search", {"a": 70.0}, [100.0, 100.0], False, 30.0)  # 35 s, 2 x 65 s, 4 x 40 s
+        (325.0, False, 470.0)
+        """
+        left, bound = self.left(phase, sum(running.values()) + sum(new), phase_bound)
+        seconds = self.clock.left({f"{phase}/{k}": v for k, v in running.items()}, new, now)
+        speed = self.clock.speed()
+        at = [p.phase for p in self.plans].index(phase) + 1 if self.plan(phase) else len(self.plans)
+        later = [p for p in self.plans[at:] if p.trials]
+        if seconds is None or not later:
+            return seconds, bound, left
+        if speed is None:
+            return None, bound, left
+        overhead, gap = self.clock.overhead(speed), sum(self.phase_gaps) / max(1, len(self.phase_gaps))
+        for p in later:
+            seconds += gap + makespan([], [overhead + p.compute(self.searched_fraction()) / p.trials / speed]
+                                      * p.trials, max(1, self.clock.slots))
+        return seconds, bound, left
 
 
 def eta_text(seconds: float | None, bound: bool) -> str:
@@ -2155,12 +2246,12 @@ def progress_table(lines: list[TrialLine], header: str, max_rows: int = 12) -> s
 class Progress(tune.Callback):
     """A sweep phase's progress on stderr: a refreshing table (live), plain lines, JSON lines, or nothing.
 
-    The phase's ETA comes from the compute clock: baseline-equivalent iterations done by all trials
-    against those the phase is expected to need (each trial's schedule costs its voxel fraction
-    of ``trial_compute``; a trial that has not reported its fraction yet is taken at the phase
-    plan's mean, else at the mean seen so far in the phase, else at the baseline's), at the rate
-    measured from the phase's first report (in this process) on (:class:`ComputeClock`).  With early
-    stopping, or a compute cap, the expectation is an upper bound and the ETA says "at most".
+    The phase's ETA prices what each trial still needs in baseline-equivalent iterations (each trial's
+    schedule costs its voxel fraction of ``trial_compute``; a trial that has not reported its fraction
+    yet is taken at the phase plan's mean, else at the mean seen so far in the phase, else at the
+    baseline's) at the speed and with the overhead of the phase's trials (in this process), as many at
+    once as have run at once (:class:`TrialClock`).  With early stopping, or a compute cap, the
+    expectation is an upper bound and the ETA says "at most".
     While a sweep runs, :attr:`sweep_eta` adds the ETA of the whole sweep (this phase and the ones
     planned after it, :class:`SweepEta`).
     """
@@ -2183,7 +2274,7 @@ class Progress(tune.Callback):
 
     def _restart(self) -> None:
         self.t0, self.drawn, self.last_draw = time.time(), 0, 0.0
-        self.clock = ComputeClock()  # a resumed sweep measures its rate from its first report after the resume
+        self.clock = TrialClock()  # a resumed sweep measures its trials from the resume on
 
     @classmethod
     @contextlib.contextmanager
@@ -2213,25 +2304,42 @@ class Progress(tune.Callback):
     def compute_done(self) -> float:
         return sum(t.compute for t in self.trials.values())
 
-    def compute_expected(self) -> float:
+    def _mean(self) -> float:
+        """The voxel fraction of a trial whose schedule has not reported its own."""
         known = [t.fraction for t in self.trials.values() if t.fraction is not None]
         plan = Progress.sweep_eta.plan(self.phase) if Progress.sweep_eta else None
-        mean = (plan.mean_fraction(Progress.sweep_eta.searched_fraction()) if plan  # the references' are known
+        return (plan.mean_fraction(Progress.sweep_eta.searched_fraction()) if plan  # the references' are known
                 else sum(known) / len(known) if known else 1.0)
-        expected = sum(t.compute if t.status != "running" else (t.fraction or mean) * self.trial_compute
-                       for t in self.trials.values())
+
+    def _expected(self, t: TrialLine, mean: float | None = None) -> float:
+        """The compute ``t`` takes in all: what it did once ended, else its whole run's."""
+        if t.status != "running":
+            return t.compute
+        return (t.fraction or (self._mean() if mean is None else mean)) * self.trial_compute
+
+    def compute_expected(self) -> float:
+        mean = self._mean()
+        expected = sum(self._expected(t, mean) for t in self.trials.values())
         expected += max(0, self.total - len(self.trials)) * mean * self.trial_compute
         return min(expected, self.cap) if self.cap else expected
 
+    def work_left(self) -> tuple[dict[str, float], list[float]]:
+        """The compute each running trial has left, and that of each trial still to start (a cap shares
+        what it leaves among them)."""
+        expected = self.compute_expected()
+        running = {k: max(0.0, self._expected(t) - t.compute) for k, t in self.trials.items() if t.status == "running"}
+        rest = max(0.0, expected - self.compute_done() - sum(running.values()))
+        unstarted = max(0, self.total - len(self.trials))
+        return running, [rest / unstarted] * unstarted if unstarted and rest > 0 else []
+
     def eta(self) -> float | None:
-        return self.clock.eta(self.compute_expected() - self.compute_done(), time.time())
+        return self.clock.left(*self.work_left(), time.time())
 
     def sweep(self) -> tuple[float | None, bool, float] | None:
         """The whole sweep's ETA (seconds or None, upper bound?) and compute left; None outside a sweep."""
         if Progress.sweep_eta is None:
             return None
-        phase_left = max(0.0, self.compute_expected() - self.compute_done())
-        return Progress.sweep_eta.eta_and_left(self.phase, phase_left, self.upper_bound, time.time())
+        return Progress.sweep_eta.eta(self.phase, *self.work_left(), self.upper_bound, time.time())
 
     def header(self) -> str:
         from pgps_tune.report import duration
@@ -2279,18 +2387,23 @@ class Progress(tune.Callback):
     def _line(self, trial) -> TrialLine:
         return self.trials.setdefault(trial.trial_id, TrialLine(trial.trial_id, self.phase))
 
-    def _clock(self, t: TrialLine, compute: float, role: str) -> None:
-        """Count ``compute`` newly reported by ``t`` on the phase's clock and the sweep's; tell the
-        sweep what a searched schedule costs."""
+    def _clock(self, t: TrialLine, result: dict[str, Any]) -> None:
+        """Time ``t``'s report on the phase's clock and the sweep's; tell the sweep what a searched schedule
+        costs.  A first report that went on from a checkpoint (a resume, a retry) did compute before it."""
         now = time.time()
-        self.clock.add(compute, t.seen, now)
-        if Progress.sweep_eta is not None:
-            Progress.sweep_eta.clock.add(compute, t.seen, now)
-        t.seen = now
+        restored = result.get("training_iteration", 1) > result.get("iterations_since_restore", 1)
+        self.clock.report(t.trial, t.compute, now, restored)
         if Progress.sweep_eta is None:
             return
-        if role == "search" and t.fraction is not None and self.phase != "confirm":
+        Progress.sweep_eta.clock.report(f"{self.phase}/{t.trial}", t.compute, now, restored)
+        if result.get("role", "search") == "search" and t.fraction is not None and self.phase != "confirm":
             Progress.sweep_eta.searched[(self.phase, t.trial)] = t.fraction
+
+    def _ended(self, t: TrialLine) -> None:
+        now = time.time()
+        self.clock.end(t.trial, now)
+        if Progress.sweep_eta is not None:
+            Progress.sweep_eta.ended(self.phase, t.trial, now)
 
     # -- Tune's hooks
     def on_step(self, iteration, trials, **info):
@@ -2299,18 +2412,23 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         t = self._line(trial)
-        t.status, t.seen = "running", time.time()
+        t.status = "running"
+        self.clock.start(t.trial, time.time(), t.compute)
+        if Progress.sweep_eta is not None:
+            Progress.sweep_eta.started(self.phase, t.trial, time.time(), t.compute)
         self._event("start", t, f"start {trial.trial_id} {_short(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         t = self._line(trial)
-        self._clock(t, t.take(result), result.get("role", "search"))
+        t.take(result)
+        self._clock(t, result)
         self._event("result", t, "", score=result.get("score"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         t = self._line(trial)
         r = trial.last_result or {}
         t.status = ended_status(r)
+        self._ended(t)
         done = sum(x.status != "running" for x in self.trials.values())
         what = (f"FAILED: {r.get('error', 'diverged')}" if r.get("diverged") else
                 "over the voxel budget: not trained" if r.get("infeasible") else
@@ -2329,6 +2447,7 @@ class Progress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self._line(trial)
         t.status = "failed"
+        self._ended(t)
         done = sum(x.status != "running" for x in self.trials.values())
         self._event("error", t, f"{done}/{self.total} {trial.trial_id} FAILED (see trials.parquet 'error')")
 
@@ -3023,7 +3142,8 @@ def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = Tr
     elif mode != "none":
         what = ", ".join(f"{p.phase} {plural(p.trials, 'trial')}" for p in plans)
         print(f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent "
-              "iterations (searched schedules at the baseline's cost until they report theirs)",
+              "iterations (searched schedules at the baseline's cost until they report theirs); the ETA comes from "
+              "the trials' own timings, start-up included, once a trial has reported twice",
               file=sys.stderr, flush=True)
     Progress.sweep_eta = SweepEta(plans)
     try:

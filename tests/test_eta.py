@@ -87,13 +87,24 @@ def test_the_confirmation_plans_candidates_and_references_on_every_repeat():
     assert folds.trials == 5 * 3 and not folds.bound
 
 
-def test_the_rate_is_the_sweeps_from_its_first_report_and_no_compute_means_no_eta():
-    eta = SweepEta([PhasePlan("search", 2, 100.0)])
-    assert eta.rate(150.0) is None and eta.eta("search", 200.0, False, 150.0) == (None, False)
-    eta.clock.add(40.0, seen=0.0, now=100.0)  # the first report: the start-up before it is not a rate
-    assert eta.rate(150.0) is None
-    eta.clock.add(50.0, seen=100.0, now=150.0)
-    assert eta.rate(150.0) == 1.0 and eta.eta("search", 150.0, False, 150.0) == (150.0, False)
+def test_the_sweeps_eta_counts_each_trials_start_up_the_concurrency_and_the_pauses_between_phases():
+    """Measured on MSD Hippocampus (the quick space, 2 at once): a rate of compute from the first report on left
+    out every later trial's start-up and the pauses between phases, and promised half the time the sweep took."""
+    eta = SweepEta([PhasePlan("references", 2, 100.0, known=(1.0, 1.0)), PhasePlan("search", 2, 100.0),
+                    PhasePlan("confirm", 3, 100.0, known=(0.5,) * 3)])
+    assert eta.eta("references", {}, [100.0, 100.0], False, 0.0) == (None, False, 550.0)  # nothing timed yet
+    for trial in ("a", "b"):  # two at once, 15 s to a first report of 20 iterations, then 2 a second
+        eta.started("references", trial, 0.0)
+        eta.clock.report(f"references/{trial}", 20.0, 15.0)
+        eta.clock.report(f"references/{trial}", 60.0, 35.0)
+    # the references' 20 s left, then the search's 2 trials side by side (5 s of start-up + 50 s each), then
+    # the confirmation's 3 (5 + 25 s each) two at a time
+    assert eta.eta("references", {"a": 40.0, "b": 40.0}, [], False, 35.0) == (20 + 55 + 2 * 30, False, 430.0)
+    for trial in ("a", "b"):
+        eta.clock.report(f"references/{trial}", 100.0, 55.0)
+        eta.ended("references", trial, 55.0)
+    eta.started("search", "s", 65.0)  # 10 s between the phases: each phase to come starts as late
+    assert eta.eta("search", {"s": 100.0}, [100.0], False, 65.0)[0] == 55 + 10 + 2 * 30
     assert eta.left("a phase not in the plan", 10.0, True) == (10.0, True)  # nothing planned after it
 
 
@@ -148,13 +159,15 @@ def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     # 2 seeds x (1.0 + 0.4 + 1 candidate at 1.0) x 200
     left = (50 + 0.7 * 100) + 4 * 100 + 2 * 2.4 * 200
     assert event["sweep_compute_left"] == pytest.approx(left)
-    # the first report starts the clocks: the 10 s before it (the start-up) are not a rate
+    # a first report times the start-up, not a speed: its compute over the 10 s since the start would take
+    # the start-up for training
     assert event["sweep_eta_s"] is None and event["eta_s"] is None and event["sweep_eta_upper_bound"] is True
     clock.now += 10
     refs.on_trial_result(0, [], b, _result(75.0, 1.0, "baseline"))
     event = json.loads(out.getvalue().splitlines()[-1])
-    assert event["sweep_eta_s"] == pytest.approx((left - 25) / 2.5)  # 25 iterations in the 10 s since
-    assert event["eta_s"] == pytest.approx((25 + 0.7 * 100) / 2.5)  # the phase's own ETA stays
+    # 25 iterations in the 10 s since, one at a time; its first report took no longer (no start-up to add)
+    assert event["sweep_eta_s"] == pytest.approx((left - 25) / 2.5)
+    assert event["eta_s"] == pytest.approx((25 + 0.7 * 100) / 2.5)
 
     # the search starts: no rate of its own yet, but the sweep's clock has one
     p = _trial("p")
@@ -167,19 +180,19 @@ def test_progress_states_the_whole_sweeps_eta_across_phases(clock):
     s1 = _trial("s1")
     search.on_trial_start(0, [], s1)
     header = out.getvalue().splitlines()[0]
-    # 400 (the search, at the baseline's cost) + 960 (the confirmation) left, at 25 + 25 + 40 iterations in
-    # the 20 s since the first report: 302 s
-    assert header.endswith("0s elapsed, ETA ?; sweep ETA <= 5m02s"), header
+    # 2 trials have run at once: the search's 4 x 40 s (at the baseline's cost) 2 at a time, then the
+    # confirmation's 6 x 64 s: 272 s
+    assert header.endswith("0s elapsed, ETA ?; sweep ETA <= 4m32s"), header
     # once a searched schedule reports its cost (0.5), the search and the confirmation's candidate take it
     clock.now += 10
     search.on_trial_result(0, [], s1, _result(25.0, 0.5, "search"))
     assert search.sweep()[2] == pytest.approx((4 * 0.5 * 100 - 25) + 2 * (1.4 + 0.5) * 200)
-    # 935 left at 115 iterations in 30 s; the phase's first report: no rate of its own yet
-    assert search.header().endswith("ETA ?; sweep ETA <= 4m04s"), search.header()
+    # the phase's first report: no speed of its own yet; the sweep's: s1's 10 s left and 3 x 20 s, 2 at a time
+    # (40 s), the confirmation's 6 x (760 / 6 / 2.5) s, 2 at a time (152)
+    assert search.header().endswith("ETA ?; sweep ETA <= 3m12s"), search.header()
     clock.now += 10
     search.on_trial_result(0, [], s1, _result(50.0, 0.5, "search"))
-    # 910 left at 140 iterations in 40 s; the phase itself: 150 left at 25 in 10 s
-    assert search.header().endswith("at most 1m00s left; sweep ETA <= 4m20s"), search.header()
+    assert search.header().endswith("at most 1m00s left; sweep ETA <= 3m12s"), search.header()
 
 
 def test_the_last_phase_says_its_eta_is_expected_not_a_bound(clock):

@@ -15,7 +15,7 @@ from pgps_tune import schedule as sch
 from pgps_tune.cli import _data, _TrainProgress, main, progress_mode
 from pgps_tune.report import LEARNED_DICE, summary_lines
 from pgps_tune.results import SCHEMA, best_schedule, store_sweep
-from pgps_tune.tuner import ComputeClock, Progress, TrialLine, progress_table
+from pgps_tune.tuner import Progress, TrialClock, TrialLine, progress_table
 
 # -- the sweep's progress -----------------------------------------------------------------------------
 
@@ -75,11 +75,11 @@ def test_json_lines_are_one_parseable_event_each_with_the_compute_clock(clock):
     # done: a's 50 + b's 30; expected: a's 50, b at its fraction 0.5 of 100, the unstarted one at the mean 0.5
     assert last["compute_done"] == 80.0 and last["compute_expected"] == 150.0
     assert last["trials_done"] == 1 and last["trials_total"] == 3
-    # the clock starts at the first report (a's, at 10 s; b's at 10 s too, done before it): the rate is a's
-    # 30 iterations in the 10 s since, not 80 in 20 s with the start-up in them
-    assert last["elapsed_s"] == 20.0 and last["eta_s"] == pytest.approx(70 / (30 / 10))
-    assert events[0]["eta_s"] is None  # no compute yet: no rate, and null (strict JSON), not NaN
-    assert events[2]["eta_s"] is None and events[3]["eta_s"] is None  # one report: where the clock starts
+    # a trial's speed is a's 30 iterations in the 10 s between its reports; the rest of its 20 s (20 - 50 / 3)
+    # is a trial's overhead: b is due (20 left, 10 s since its report), the unstarted one takes 10/3 + 50/3 s
+    assert last["elapsed_s"] == 20.0 and last["eta_s"] == pytest.approx(20.0)
+    assert events[0]["eta_s"] is None  # no report yet: no speed, and null (strict JSON), not NaN
+    assert events[2]["eta_s"] is None and events[3]["eta_s"] is None  # first reports: mostly start-up
 
 
 def test_live_mode_redraws_one_table_in_place(clock):
@@ -92,7 +92,7 @@ def test_live_mode_redraws_one_table_in_place(clock):
     assert len(frames) > 5  # every event after the first moved the cursor up over the old table
     lines = final.splitlines()
     assert lines[0].startswith("search: 1 of 3 trials done, compute 80 of ~150 baseline iterations, 20s elapsed")
-    assert lines[0].endswith("at most 23s left")  # early stopping: an upper bound
+    assert lines[0].endswith("at most 20s left")  # early stopping: an upper bound
     assert re.match(r"trial\s+phase\s+stage\s+patch\s+Dice\s+status", lines[1])
     assert re.match(r"b\s+search\s+2/3\s+16x16x16\s+0\.400\s+running", lines[2])  # running first
     assert re.match(r"a\s+search\s+3/3\s+24x16x16\s+0\.600\s+completed", lines[3])
@@ -114,11 +114,12 @@ def test_plain_lines_and_quiet(clock):
     lines = out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue() and len(lines) == 3  # starts and ends only, no per-report noise
     assert lines[0].endswith("references: start a stages=2")
-    assert lines[2].endswith("1/3 a completed: Dice 0.600 score 0.600 (23s left)")
+    assert lines[2].endswith("1/3 a completed: Dice 0.600 score 0.600 (20s left)")
     over = _trial("c", last={"completed": True, "infeasible": True, "score": -1.0, "val_dice": 0.0})
     progress.on_trial_start(0, [], over)
     progress.on_trial_complete(0, [], over)
-    assert out.getvalue().splitlines()[-1].endswith("2/3 c over the voxel budget: not trained (7s left)")
+    # b's 20 left at 3 a second were due by now: what is left is its end (no negative time)
+    assert out.getvalue().splitlines()[-1].endswith("2/3 c over the voxel budget: not trained (0s left)")
     assert progress.trials["c"].status == "over budget"
     quiet = Progress(total=3, phase="search", mode="none", trial_compute=100.0)
     quiet.stream = out = io.StringIO()
@@ -134,7 +135,7 @@ def test_a_resumed_progress_takes_the_resuming_commands_mode_and_rate(clock):
     clock.now += 500
     with Progress.resuming("json"):
         back = pickle.loads(pickle.dumps(progress))
-    assert back.mode == "json" and back.clock.start is None and back.t0 == clock.now
+    assert back.mode == "json" and back.clock.trials == {} and back.t0 == clock.now
     # scoped to the resume: a sweep run after it in this process (a notebook, the tests) kept 'json'
     assert (Progress.resumed_mode, Progress.resumed_trials) == (None, ())
     later = Progress(total=1, phase="search", mode="lines", trial_compute=1.0)
@@ -146,19 +147,26 @@ def test_a_resumed_progress_takes_the_resuming_commands_mode_and_rate(clock):
     b = _trial("b")
     back.on_trial_start(0, [], b)  # the trial goes on from its checkpoint (30 of its 50)
     clock.now += 10
-    back.on_trial_result(0, [], b, _result(2, 0.5, 40.0))
-    assert back.eta() is None  # the clock starts at this first report after the resume
+    # its first report since the resume (Tune's counts say so): the compute in it was partly done before, so it
+    # times neither a start-up nor a speed
+    back.on_trial_result(0, [], b, {**_result(2, 0.5, 40.0), "training_iteration": 3, "iterations_since_restore": 1})
+    assert back.eta() is None
     clock.now += 10
-    back.on_trial_result(0, [], b, _result(2, 0.5, 45.0))
+    back.on_trial_result(0, [], b, {**_result(2, 0.5, 45.0), "training_iteration": 4, "iterations_since_restore": 2})
     assert back.eta() == pytest.approx((150 - 95) / (5 / 10))
 
 
 def test_eta_and_table_edge_cases():
-    c = ComputeClock()
-    c.add(10.0, seen=0.0, now=5.0)
-    assert c.eta(30.0, now=5.0) is None and c.eta(30.0, now=6.0) is None  # one report, no time since: no rate
-    c.add(10.0, seen=5.0, now=10.0)
-    assert c.eta(-10.0, now=10.0) == 0.0 and c.eta(30.0, now=10.0) == 15.0  # over the expectation: done
+    c = TrialClock()
+    assert c.left({}, [30.0], now=5.0) is None  # nothing timed: no speed
+    c.start("a", 5.0)
+    c.report("a", 0.0, now=5.0)
+    assert c.left({"a": 30.0}, [], now=5.0) is None  # a report of no compute: nothing to measure a speed by
+    c.report("a", 10.0, now=10.0)
+    assert c.left({"a": 0.0}, [], now=10.0) == 0.0 and c.left({"a": 30.0}, [], now=10.0) == 15.0
+    assert c.left({"a": 30.0}, [], now=40.0) == 0.0  # overdue: its end is what is left, never negative time
+    c.end("a", 12.0)  # 2 s after its last report: the overhead of a trial that ran 7 s, 5 of them training
+    assert c.overhead(c.speed()) == 2.0 and c.left({}, [10.0, 10.0], now=12.0) == 14.0  # one at a time
     rows = [TrialLine(f"t{i}", "search", status="completed", dice=0.5) for i in range(15)]
     table = progress_table(rows, "h", max_rows=12)
     assert table.splitlines()[-1] == "... and 3 more trials" and len(table.splitlines()) == 1 + 1 + 12 + 1
