@@ -77,7 +77,8 @@ def _existing(path: str | Path) -> tuple[Path, str]:
 
 
 def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and affine of an image file, without reading its voxels."""
+    """Shape (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and affine of an image file, without reading its voxels; refused
+    in one line as :func:`read` refuses it."""
     path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
@@ -86,20 +87,22 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
             _check_nifti_extensions(path)  # before nibabel reads them
             img = nib.load(str(path))
             _check_dtype(path, img.header.get_data_dtype())
-            return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-        _check_data_file(path)  # before ITK opens what the header names
-        reader = _sitk().ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        _check_itk(path, reader)
-        size = tuple(int(s) for s in reader.GetSize())
-        comps = reader.GetNumberOfComponents()
-        shape = size + ((comps,) if comps > 1 else ())
-        return shape, _itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+            shape, affine = _channels_last(path, img.shape), np.asarray(img.affine, dtype=np.float64)
+        else:
+            _check_data_file(path)  # before ITK opens what the header names
+            reader = _sitk().ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            _check_itk(path, reader)
+            comps = reader.GetNumberOfComponents()
+            shape = _channels_last(path, (*reader.GetSize(), *((comps,) if comps > 1 else ())))
+            affine = _itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
     except PgpsError:
         raise
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
+    _check_volume(path, shape, affine)
+    return shape, affine
 
 
 def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -239,8 +242,27 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as exc:  # the readers raise many types for broken files
         raise _cannot(path, exc) from None
+    arr = arr.reshape(_channels_last(path, arr.shape))
     _check_volume(path, arr.shape, affine)
     return arr, affine
+
+
+def _channels_last(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape this tool reads a file's voxels as: ``[X, Y, Z]``, or ``[X, Y, Z, C]`` with channels last.
+
+    A vector image ``[X, Y, Z, 1, C]`` is ``[X, Y, Z, C]``: NIfTI keeps its fifth axis for the components
+    of a voxel and its fourth for time, so ITK (and converters after it) write several channels of one
+    time point that way, and ITK reads such a file back as C channels.  More time points, or more
+    axes, are not one image; refused in one line that names the shape.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 5 and shape[3] == 1:
+        return shape[:3] + shape[4:]
+    if len(shape) > 4:
+        raise PgpsError(f"{path} has {len(shape)} dimensions ({'x'.join(map(str, shape))} voxels); images must be 3D "
+                        "(or 4D with channels last, or a vector image X x Y x Z x 1 x channels): give one time point "
+                        "per file")
+    return shape
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> None:
@@ -378,8 +400,8 @@ def write(path: str | Path, array: np.ndarray, affine: np.ndarray, like: str | P
     """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) with ``affine`` atomically; the format follows ``path``.
 
     ``like``: a NIfTI file whose header is reused (units, descriptions, qform/sform
-    codes) so the output carries the input's header apart from the data type and the
-    intensity scaling, which a label map must not inherit.
+    codes) so the output carries the input's header apart from the data type, the
+    intensity scaling and the intent, which a label map must not inherit.
     """
     path = Path(path)
     end = _known(path)
@@ -403,6 +425,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, like: str | Path | None)
         hdr.set_data_dtype(array.dtype)
         hdr.set_slope_inter(1.0, 0.0)
         hdr["cal_min"], hdr["cal_max"] = 0, 0  # the input's display window means nothing for labels
+        hdr.set_intent("none")  # nor does its intent (a vector image's components, a statistic)
         img = type(source)(array, affine, hdr)
     else:
         img = nib.Nifti1Image(array, affine)

@@ -320,12 +320,7 @@ def case_geometry(files: Sequence[Path], channels: int, case: str = "") -> Geome
     for path in files:
         if not path.is_file():
             raise PgpsError(f"channel file {path} does not exist; give every channel of the case")
-        shape, affine = imageio.header(path)
-        if len(shape) not in (3, 4):
-            raise PgpsError(f"{path} has {len(shape)} dimensions; images must be 3D (or 4D with channels last)")
-        linear = affine[:3, :3]
-        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
-            raise PgpsError(f"{path} has a degenerate affine (zero or non-finite voxel axes); fix its header")
+        shape, affine = imageio.header(path)  # 3D or 4D, on a usable grid
         grid = imageio.canonical_grid(shape, affine)  # (shape, affine) on the canonical axes
         if first is None:
             first = (path, tuple(int(n) for n in shape[:3]), affine, grid)

@@ -124,7 +124,7 @@ def _nifti_with_sform(path, array, affine):
 
 @pytest.mark.parametrize("shape,affine,needle", [
     ((6, 5), np.eye(4), "has 2 dimensions; images must be 3D"),
-    ((6, 5, 4, 1, 1), np.eye(4), "has 5 dimensions"),
+    ((6, 5, 4, 2, 3), np.eye(4), r"has 5 dimensions \(6x5x4x2x3 voxels\)"),
     ((0, 5, 4), np.eye(4), "holds no voxels"),
     ((6, 5, 4), np.array([[1, 0, 0, np.nan], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "non-finite affine"),
     ((6, 5, 4), np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "degenerate voxel grid"),
@@ -135,6 +135,22 @@ def test_a_volume_without_a_usable_voxel_grid_gives_one_line(tmp_path, shape, af
     with pytest.raises(PgpsError, match=needle) as err:
         imageio.read(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_nifti_vector_image_reads_as_channels_as_itk_reads_it(tmp_path, volume):
+    """ITK writes an image of several components per voxel to NIfTI as X x Y x Z x 1 x C (time, then components)."""
+    arr = np.stack([volume, 2 * volume], -1)
+    img = sitk.GetImageFromArray(arr.transpose(2, 1, 0, 3), isVector=True)
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(DIRECTION.ravel().tolist())
+    for end in (".nii.gz", ".mha"):
+        sitk.WriteImage(img, str(tmp_path / f"vector{end}"))
+    assert nib.load(tmp_path / "vector.nii.gz").shape == (*volume.shape, 1, 2)
+    (a, a_affine), (b, b_affine) = (imageio.read(tmp_path / f"vector{end}") for end in (".nii.gz", ".mha"))
+    assert np.array_equal(a, arr) and np.array_equal(b, arr) and np.allclose(a_affine, b_affine)
+    shape, affine = imageio.header(tmp_path / "vector.nii.gz")
+    assert shape == arr.shape and np.array_equal(affine, a_affine)
 
 
 def _nnunet(root, end, spacing=(1.0, 1.0, 2.0)):

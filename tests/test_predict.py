@@ -227,6 +227,14 @@ def test_multichannel_4d_file_and_nnunet_channel_files_agree(two_channel_run, tm
         assert np.array_equal(arr, np.asanyarray(a.dataobj)) and np.allclose(affine, img.affine)
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", split / "two_001_0001.mha", "--out", tmp_path)
     one_line_error(rc, err, "gives 1 channel(s) but the run was trained on 2")
+    # the two channels as a NIfTI vector image X x Y x Z x 1 x C: the same labels, written as a plain 3D label map
+    vector = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None, :], img.affine)
+    vector.header.set_intent("vector")
+    nib.save(vector, tmp_path / "two_001.nii.gz")
+    assert cli(capsys, "predict", "--run", run_dir, "--input", tmp_path / "two_001.nii.gz", "--out", tmp_path / "v",
+               "--quiet")[0] == 0
+    v = nib.load(tmp_path / "v" / "two_001.nii.gz")
+    assert np.array_equal(v.dataobj, a.dataobj) and v.header.get_intent()[0] == "none"
     # channel files on one grid by the rule training data follow: channel 1 stored mirrored along x with a header
     # that says so is read as training would read it (one warning); one whose header is turned by 1 degree is not
     c, s = np.cos(np.radians(1.0)), np.sin(np.radians(1.0))
