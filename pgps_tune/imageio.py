@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def _itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Se
 
 def _cannot(path: Path, exc: Exception) -> PgpsError:
     kind = {".nrrd": "NRRD", ".mha": "MetaImage"}.get(ending(path), "NIfTI")
-    reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # ITK's last line says what went wrong (those before name its source files); nibabel's lines read in turn
+    reason = (lines[-1] if kind != "NIfTI" else " ".join(lines))[:200] if lines else type(exc).__name__
     return PgpsError(f"cannot read {kind} file {path} ({reason}); replace the file or remove it")
 
 
@@ -218,7 +221,11 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             _check_nifti_extensions(path)  # before nibabel reads them
             img = nib.load(str(path))
             _check_dtype(path, img.header.get_data_dtype())
-            _check_size(path, img.shape, img.header.get_data_dtype().itemsize)
+            stored = img.header.get_data_dtype().itemsize
+            scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0  # then nibabel gives float64 voxels
+            _check_size(path, img.shape, 8 if scaled else stored)
+            _check_stored(path, 0, img.dataobj.offset + int(np.prod(img.shape, dtype=object)) * stored,
+                          compressed=end == ".nii.gz")
             arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
             _check_data_file(path)  # before ITK opens what the header names
@@ -230,8 +237,11 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             # bytes per component from ITK's pixel type name ("8-bit unsigned integer", "vector of 64-bit
             # float"); a name without a width counts 1 byte: the check only needs a lower bound
             bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
-            _check_size(path, (*reader.GetSize(), reader.GetNumberOfComponents()),
-                        max(1, int(bits.group(1)) // 8) if bits else 1)
+            shape = (*reader.GetSize(), reader.GetNumberOfComponents())
+            itemsize = max(1, int(bits.group(1)) // 8) if bits else 1
+            _check_size(path, shape, itemsize)
+            if (voxels := _itk_voxels(path)) is not None:
+                _check_stored(path, voxels[0], int(np.prod(shape, dtype=object)) * itemsize, compressed=voxels[1])
             img = reader.Execute()
             arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
             spatial = img.GetDimension()
@@ -263,6 +273,76 @@ def _channels_last(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
                         "(or 4D with channels last, or a vector image X x Y x Z x 1 x channels): give one time point "
                         "per file")
     return shape
+
+
+def _check_stored(path: Path, start: int, need: int, compressed: bool) -> None:
+    """Refuse a file whose voxels, from byte ``start`` (stored raw, or as a gzip or zlib stream), are fewer than
+    the ``need`` bytes its header declares, before a reader allocates them.
+
+    The readers allocate the whole array first: a file cut short, or a header that claims more voxels than
+    the file holds, took as much memory as claimed before nibabel or ITK noticed (a 1 KiB ``.nii.gz`` or
+    ``.nii`` that claims 4 GB held 4 GB), and ITK reads a compressed ``.mha`` that holds half its voxels
+    without a word, the rest as zeros.  A gzip stream that ends the file says its length (modulo 2**32) in
+    its last 4 bytes, which answers for a whole file in one read; any other stream is inflated once, a block
+    at a time, counting bytes and keeping none.
+    """
+    size = path.stat().st_size
+    if not compressed:
+        if size - start < need:
+            raise PgpsError(f"{path} holds {max(size - start, 0):,} bytes, fewer than the {need:,} its header "
+                            "declares: the file is cut short or its header is wrong; replace the file or remove it")
+        return
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        gzip_stream = fh.read(2) == b"\x1f\x8b"
+        if gzip_stream and size * 1100 >= need:  # deflate inflates at most about 1032-fold
+            fh.seek(-4, 2)
+            if int.from_bytes(fh.read(4), "little") == need % 2**32:
+                return
+        fh.seek(start)
+        got, todo, inflate = 0, b"", zlib.decompressobj(47)  # 47: a gzip or a zlib header
+        while got < need:
+            if not todo:
+                todo = fh.read(1 << 20)
+                if not todo:
+                    break
+            got += len(inflate.decompress(todo, 1 << 24))
+            todo = inflate.unconsumed_tail
+            if inflate.eof:  # the end of one gzip member: another may follow
+                todo, inflate = inflate.unused_data, zlib.decompressobj(47)
+                if not todo and not (todo := fh.read(1 << 20)):
+                    break
+    if got < need:
+        raise PgpsError(f"{path} inflates to {got:,} bytes, fewer than the {need:,} its header declares: the file is "
+                        "cut short or its header is wrong; replace the file or remove it")
+
+
+def _itk_voxels(path: Path) -> tuple[int, bool] | None:
+    """Where an ``.nrrd`` or ``.mha`` file's voxels start when they follow its header, and whether they are
+    compressed (NRRD's ``encoding: gzip``, MetaImage's ``CompressedData = True``); None for voxels kept in a
+    file of their own, or after a skip this check does not follow (NRRD's ``line skip``, ``byte skip``), or
+    in an encoding it does not know (NRRD's ``ascii``, ``hex``, ``bzip2``)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)  # headers are a few hundred bytes
+    nrrd = ending(path) == ".nrrd"
+    at, encoding = 0, b"raw"
+    for line in head.split(b"\n")[:-1]:
+        at += len(line) + 1
+        key, sep, value = line.rstrip(b"\r").partition(b":" if nrrd else b"=")
+        key, value = key.strip().lower(), value.strip().lower()
+        if nrrd and not line.rstrip(b"\r"):  # the NRRD header ends at the first empty line
+            return (at, encoding != b"raw") if encoding in (b"raw", b"gzip", b"gz") else None
+        if nrrd and sep and key == b"encoding":
+            encoding = value
+        if nrrd and sep and key in (b"data file", b"datafile", b"line skip", b"lineskip", b"byte skip", b"byteskip"):
+            return None
+        if not nrrd and sep and key == b"headersize":  # voxels at a stated offset, or at the end (-1)
+            return None
+        if not nrrd and sep and key == b"compresseddata":
+            encoding = b"zlib" if value == b"true" else b"raw"
+        if not nrrd and sep and key == b"elementdatafile":  # the last field of a MetaImage header
+            return (at, encoding != b"raw") if value == b"local" else None
+    return None
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> None:

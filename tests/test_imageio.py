@@ -1,5 +1,7 @@
 """Readers and writers: NIfTI, .nrrd and .mha give one array and one RAS+ affine for the same image."""
 
+import gzip
+import io
 import itertools
 import json
 import os
@@ -176,6 +178,30 @@ def test_prepare_reads_nnunet_nrrd_and_mha_like_nifti(tmp_path):
         assert ds.spacing == ref.spacing == (1.0, 1.0, 2.0) and ds.normalisation == ref.normalisation
         for i in range(len(ds)):
             assert np.array_equal(ds.image(i), ref.image(i)) and np.array_equal(ds.label(i), ref.label(i))
+
+
+@pytest.mark.parametrize("end", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_a_file_holding_fewer_voxels_than_its_header_declares_is_refused_before_the_reader_allocates_them(
+        tmp_path, end):
+    # the readers allocate what the header declares first: a 1 KiB file that claims 4 GB held 4 GB, and ITK
+    # filled what a compressed .mha lacked with zeros
+    volume = np.random.default_rng(0).normal(size=(6, 5, 200)).astype(np.float32)
+    whole = imageio.write(tmp_path / f"x{end}", volume, np.eye(4)).read_bytes()
+    if end in (".mha", ".nrrd"):
+        grown = whole.replace(b"DimSize = 6 5 200", b"DimSize = 6 5 400").replace(b"sizes: 6 5 200", b"sizes: 6 5 400")
+    else:
+        raw = gzip.decompress(whole) if end == ".nii.gz" else whole
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+        hdr.set_data_shape((6, 5, 400))
+        grown = hdr.binaryblock + raw[348:]
+        grown = gzip.compress(grown) if end == ".nii.gz" else grown
+        raw = gzip.compress(raw[:100]) + gzip.compress(raw[100:])  # two gzip members (bgzip), as valid as one
+        (tmp_path / f"members{end}").write_bytes(raw if end == ".nii.gz" else whole)
+        assert np.array_equal(imageio.read(tmp_path / f"members{end}")[0], volume)
+    for name, content in (("cut", whole[:-40]), ("grown", grown)):
+        (tmp_path / f"{name}{end}").write_bytes(content)
+        with pytest.raises(PgpsError, match="bytes, fewer than the .* its header declares: the file is cut short"):
+            imageio.read(tmp_path / f"{name}{end}")
 
 
 @pytest.mark.parametrize("end", [".nii.gz", ".mha", ".nrrd"])
