@@ -446,8 +446,9 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"case {case.case_id}: image shape {list(image.shape[1:])} != label shape "
             f"{list(lab.shape)}; fix or drop the case"
         )
-    if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
-        raise PgpsError(f"case {case.case_id}: label map holds non-integer values; labels must be integers")
+    if lab.dtype.kind == "f":
+        lab, note = _integer_labels(case.case_id, case.label, lab)
+        notes += [note] if note else []
     values = set(np.unique(lab).astype(int).tolist())
     extra = sorted(values - set(labels))
     if extra:
@@ -456,6 +457,29 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
             f"{sorted(labels)}; add them to 'labels' or fix the label map"
         )
     return image, lab.astype(np.uint8), imageio.voxel_sizes(ref[0]), notes, values
+
+
+# how far from an integer a label stored in floating point may be and still be that integer: a label map
+# written as float32 after some arithmetic holds 0.9999999 for 1; one resampled with interpolation holds 0.5
+LABEL_ROUNDING = 1e-3
+
+
+def _integer_labels(case_id: str, path: Path, lab: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A label map stored in floating point as integers, and a note where any value was not one already;
+    values further than :data:`LABEL_ROUNDING` from an integer (and NaN, inf) are refused in one line."""
+    rounded = np.rint(lab)
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, and refused as such
+        off = np.abs(lab - rounded)
+    bad = ~(off <= LABEL_ROUNDING)
+    if bad.any():
+        raise PgpsError(f"case {case_id}: label map {path} holds {int(bad.sum())} voxel(s) that are not integer "
+                        f"labels (e.g. {lab[bad].flat[0]:.7g}); write integer labels (a label map resampled by "
+                        "interpolation needs nearest-neighbour instead) or drop the case")
+    if not off.any():
+        return rounded, None
+    near = lab[off > 0].flat[0]
+    return rounded, (f"case {case_id}: {path.name} stores its labels as floating-point values near integers "
+                     f"(e.g. {near:.7g}), read as the nearest integers")
 
 
 # memory while a case is resampled and normalised, measured with tracemalloc: scipy's cubic spline filter takes

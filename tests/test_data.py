@@ -443,13 +443,28 @@ def test_labels_that_cannot_be_trained_as_given_are_refused_in_one_line(tiny_msd
     assert "\n" not in str(err.value)
 
 
-def test_label_values_as_strings_and_a_trailing_label_axis_of_one_are_read(tiny_msd, tmp_path):
+def test_label_values_as_strings_and_a_trailing_label_axis_of_one_are_read(tiny_msd, tmp_path, capsys):
     _edit_meta(tiny_msd / "dataset.json", lambda m: m.__setitem__("labels", {"background": "0", "a": "1", "b": " 2"}))
     image, label = blob_case((20, 24, 16), 9)
     nib.save(nib.Nifti1Image(label[..., None].astype(np.uint8), np.eye(4)), tiny_msd / "labelsTr" / "case_002.nii.gz")
+    # X Y Z 1 1 (a vector image of one component) in float32 with 1 written as 0.9999999
+    near = np.where(label == 1, np.float32(0.9999999), label).astype(np.float32)[..., None, None]
+    nib.save(nib.Nifti1Image(near, np.eye(4)), tiny_msd / "labelsTr" / "case_003.nii.gz")
     ds = data.prepare(tiny_msd, cache_root=tmp_path / "cache")
     assert ds.labels == {0: "background", 1: "a", 2: "b"}
-    assert ds.label(2).shape == (20, 24, 16) and np.array_equal(ds.label(2), label)  # X Y Z 1 read as X Y Z
+    for i in (2, 3):
+        assert ds.label(i).shape == (20, 24, 16) and np.array_equal(ds.label(i), label)  # X Y Z 1 read as X Y Z
+    assert ("case case_003: case_003.nii.gz stores its labels as floating-point values near integers "
+            "(e.g. 0.9999999), read as the nearest integers") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [0.5, np.nan, np.inf])
+def test_a_float_label_that_is_not_near_an_integer_is_refused_naming_the_file_and_the_value(value):
+    lab = np.zeros((3, 3, 3))
+    lab[1, 1, 1] = value
+    with pytest.raises(PgpsError, match=re.escape(f"label map x.nii.gz holds 1 voxel(s) that are not integer labels "
+                                                  f"(e.g. {value:.7g}); write integer labels")):
+        data._integer_labels("c", Path("x.nii.gz"), lab)
 
 
 def test_msd_case_ids_keep_the_dots_of_their_names(tmp_path):
