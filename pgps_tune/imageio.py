@@ -19,7 +19,8 @@ import gzip
 import re
 import tempfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,10 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
-            import nibabel as nib
-
             _check_nifti_extensions(path)  # before nibabel reads them
-            img = nib.load(str(path))
-            _check_dtype(path, img.header.get_data_dtype())
-            shape, affine = _channels_last(path, img.shape), np.asarray(img.affine, dtype=np.float64)
+            with _nifti(path) as img:
+                _check_dtype(path, img.header.get_data_dtype())
+                shape, affine = _channels_last(path, img.shape), np.asarray(img.affine, dtype=np.float64)
         else:
             _check_data_file(path)  # before ITK opens what the header names
             reader = _sitk().ImageFileReader()
@@ -216,17 +215,15 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path, end = _existing(path)
     try:
         if end in NIFTI_ENDINGS:
-            import nibabel as nib
-
             _check_nifti_extensions(path)  # before nibabel reads them
-            img = nib.load(str(path))
-            _check_dtype(path, img.header.get_data_dtype())
-            stored = img.header.get_data_dtype().itemsize
-            scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0  # then nibabel gives float64 voxels
-            _check_size(path, img.shape, 8 if scaled else stored)
-            _check_stored(path, 0, img.dataobj.offset + int(np.prod(img.shape, dtype=object)) * stored,
-                          compressed=end == ".nii.gz")
-            arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+            with _nifti(path) as img:
+                _check_dtype(path, img.header.get_data_dtype())
+                stored = img.header.get_data_dtype().itemsize
+                scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0  # then nibabel gives float64 voxels
+                _check_size(path, img.shape, 8 if scaled else stored)
+                _check_stored(path, 0, img.dataobj.offset + int(np.prod(img.shape, dtype=object)) * stored,
+                              compressed=_gzipped(path))
+                arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
             _check_data_file(path)  # before ITK opens what the header names
             sitk = _sitk()
@@ -273,6 +270,34 @@ def _channels_last(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
                         "(or 4D with channels last, or a vector image X x Y x Z x 1 x channels): give one time point "
                         "per file")
     return shape
+
+
+def _gzipped(path: Path) -> bool:
+    """Whether the file ``path`` is gzip-compressed, by its first bytes rather than its name."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+@contextmanager
+def _nifti(path: Path) -> Iterator[Any]:
+    """nibabel's image of the NIfTI file ``path``, its voxels readable inside the block.
+
+    nibabel goes by the name (``.nii.gz`` compressed, ``.nii`` not) and refuses a file stored the other
+    way; ITK, and nnU-Net with it, reads either by its content.  Such files occur (an uncompressed file
+    given the dataset's ``.nii.gz`` ending, a copy renamed), so they are read by their content too.
+    """
+    import nibabel as nib
+
+    gz = _gzipped(path)
+    if gz == (ending(path) == ".nii.gz"):
+        yield nib.load(str(path))
+        return
+    with (gzip.open if gz else open)(path, "rb") as fh:
+        size = fh.read(4)
+        fh.seek(0)
+        klass = nib.Nifti2Image if 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big")) \
+            else nib.Nifti1Image
+        yield klass.from_file_map({"image": nib.FileHolder(fileobj=fh)})
 
 
 def _check_stored(path: Path, start: int, need: int, compressed: bool) -> None:
@@ -367,7 +392,7 @@ def _check_nifti_extensions(path: Path) -> None:
     (less than the 8 bytes of its own size and code), or whose voxels start further out than such extensions
     reach; read a few bytes at a time (and a ``.nii.gz`` inflated only up to its last extension).  A file this
     check cannot make out is left to nibabel, which names it."""
-    with (gzip.open if ending(path) == ".nii.gz" else open)(path, "rb") as fh:
+    with (gzip.open if _gzipped(path) else open)(path, "rb") as fh:
         head = fh.read(544)  # the longer header (NIfTI-2) and the 4 bytes that say whether extensions follow
         for order in "<>":
             size = int(np.frombuffer(head[:4], f"{order}i4")[0]) if len(head) >= 4 else 0
@@ -500,8 +525,8 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, like: str | Path | None)
 
     if like is not None and ending(like) in NIFTI_ENDINGS:
         _check_nifti_extensions(Path(like))
-        source = nib.load(str(like))
-        hdr = source.header.copy()
+        with _nifti(Path(like)) as source:
+            hdr = source.header.copy()
         hdr.set_data_dtype(array.dtype)
         hdr.set_slope_inter(1.0, 0.0)
         hdr["cal_min"], hdr["cal_max"] = 0, 0  # the input's display window means nothing for labels

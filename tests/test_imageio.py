@@ -83,6 +83,26 @@ def test_writing_like_a_nifti_keeps_its_header_but_not_its_scaling(tmp_path):
     assert float(out.header["cal_max"]) == 0
 
 
+def test_a_nifti_stored_compressed_or_not_against_its_name_reads_by_its_content(tmp_path):
+    # ITK (so nnU-Net) reads either; nibabel alone refused an uncompressed file named .nii.gz ("Not a gzipped file")
+    stored = np.arange(120, dtype=np.int16).reshape(6, 5, 4)
+    source = nib.Nifti1Image(stored, np.diag([2.0, 2.0, 3.0, 1.0]))
+    source.header.set_slope_inter(2.0, -1024.0)
+    raw = source.to_bytes()
+    (tmp_path / "plain.nii.gz").write_bytes(raw)
+    (tmp_path / "packed.nii").write_bytes(gzip.compress(raw))
+    for name in ("plain.nii.gz", "packed.nii"):
+        arr, affine = imageio.read(tmp_path / name)
+        assert np.array_equal(arr, stored * 2.0 - 1024) and np.array_equal(affine, source.affine)
+        shape, header_affine = imageio.header(tmp_path / name)
+        assert shape == (6, 5, 4) and np.array_equal(header_affine, affine)
+        imageio.write(tmp_path / f"seg_{name}", np.ones((6, 5, 4), np.uint8), affine, like=tmp_path / name)
+        assert np.array_equal(imageio.read(tmp_path / f"seg_{name}")[0], np.ones((6, 5, 4), np.uint8))
+    (tmp_path / "cut.nii.gz").write_bytes(raw[:-10])
+    with pytest.raises(PgpsError, match=f"cut.nii.gz holds {len(raw) - 10:,} bytes, fewer than the {len(raw):,}"):
+        imageio.read(tmp_path / "cut.nii.gz")
+
+
 def test_from_canonical_undoes_to_canonical_for_all_48_axis_orders():
     arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     for perm, signs in itertools.product(itertools.permutations(range(3)), itertools.product((-1, 1), repeat=3)):
