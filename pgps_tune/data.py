@@ -424,9 +424,11 @@ def _read_case(case: Case, labels: dict[int, str], channels: int):
     files = [_channels_of(p, case.case_id) for p in case.images]
     chans = [c for cs, _, _ in files for c in cs]
     if len(chans) != channels:
+        shapes = ", ".join(f"{p.name} is {'x'.join(map(str, imageio.header(p)[0]))}" for p in case.images)
         raise PgpsError(
-            f"case {case.case_id} has {len(chans)} image channels but dataset.json names {channels}; "
-            "fix the modality/channel_names list"
+            f"case {case.case_id} has {len(chans)} image channels ({shapes}) but dataset.json names {channels}; "
+            "fix the modality/channel_names list, or give images with those channels (the last axis of a 4D "
+            "image is its channels: a time series needs one time point per file)"
         )
     if len({c.shape for c in chans}) > 1:
         raise PgpsError(

@@ -316,7 +316,7 @@ def case_geometry(files: Sequence[Path], channels: int, case: str = "") -> Geome
     Channel files must lie on the first one's voxel grid by the rule training data follow
     (:func:`data.same_grid`): one stored in another axis order, or whose origin alone differs, is read
     (with a warning on stderr, as ``prepare`` gives), since each file is reoriented by its own header."""
-    found, first = 0, None
+    found, first, shapes = 0, None, []
     for path in files:
         if not path.is_file():
             raise PgpsError(f"channel file {path} does not exist; give every channel of the case")
@@ -331,10 +331,12 @@ def case_geometry(files: Sequence[Path], channels: int, case: str = "") -> Geome
         elif note := same_grid(case or _stem(files[0]), path, (first[3][1], first[2]), (grid[1], affine)):
             print(f"pgps-tune: warning: {note}", file=sys.stderr, flush=True)
         found += shape[3] if len(shape) == 4 else 1
+        shapes.append(f"{path.name} is {'x'.join(map(str, shape))}")
     assert first is not None
     if found != channels:
-        raise PgpsError(f"{files[0]} gives {found} channel(s) but the run was trained on {channels}; "
-                        "give images with the run's channels")
+        raise PgpsError(f"{files[0]} gives {found} channel(s) ({', '.join(shapes)}) but the run was trained on "
+                        f"{channels}; give images with the run's channels (the last axis of a 4D image is its "
+                        "channels: a time series needs one time point per file)")
     path, shape3, affine, (canonical_shape, canonical_affine) = first
     return Geometry(affine, shape3, canonical_shape, imageio.voxel_sizes(canonical_affine), path)  # type: ignore[arg-type]
 

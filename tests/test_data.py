@@ -165,7 +165,8 @@ def test_msd_4d_images_are_channels_last_in_order(tmp_path):
     assert [_varies_along(ds.image(1)[c]) for c in range(3)] == [[1], [2], [0]]
     assert np.array_equal(ds.label(1), label)
     (root / "dataset.json").write_text(json.dumps({**dataset, "modality": {"0": "FLAIR", "1": "T1"}}))
-    with pytest.raises(PgpsError, match="has 3 image channels but dataset.json names 2"):
+    with pytest.raises(PgpsError, match=re.escape("has 3 image channels (m_0.nii.gz is 10x12x8x3) but dataset.json "
+                                                  "names 2")):
         data.prepare(root)  # the same files with another channel list are not the cached dataset
 
 

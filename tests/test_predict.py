@@ -226,7 +226,7 @@ def test_multichannel_4d_file_and_nnunet_channel_files_agree(two_channel_run, tm
         arr, affine = imageio.read(other)
         assert np.array_equal(arr, np.asanyarray(a.dataobj)) and np.allclose(affine, img.affine)
     rc, _, err = cli(capsys, "predict", "--run", run_dir, "--input", split / "two_001_0001.mha", "--out", tmp_path)
-    one_line_error(rc, err, "gives 1 channel(s) but the run was trained on 2")
+    one_line_error(rc, err, "gives 1 channel(s) (two_001_0001.mha is 16x16x16) but the run was trained on 2")
     # the two channels as a NIfTI vector image X x Y x Z x 1 x C: the same labels, written as a plain 3D label map
     vector = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None, :], img.affine)
     vector.header.set_intent("vector")
@@ -298,7 +298,7 @@ def test_bad_inputs_give_one_line(run, two_channel_run, tmp_path, capsys):
         (run_dir, tmp_path / "broken.nii.gz", "cannot read NIfTI file"),
         (run_dir, tmp_path / "flat.nii.gz", "has 2 dimensions"),
         (run_dir, tmp_path / "nan.nii.gz", "non-finite voxels"),
-        (two_dir, image, "gives 1 channel(s) but the run was trained on 2"),
+        (two_dir, image, "gives 1 channel(s) (case_000.nii.gz is 20x24x16) but"),
         (two_dir, channels, "does not share the voxel grid"),
         (two_dir, lonely, "case z in " + str(lonely) + " has channel file(s) 0000 (z_0000.nii.gz) but the run takes "
                           "0000, 0001, each once"),
