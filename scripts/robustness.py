@@ -715,6 +715,33 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
 
     add(Case(D, "an image whose header declares 60 GiB (a compressed zero bomb)", plan_odd, 2,
              "more than the", lambda w: inflating(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz")))
+
+    def short(path: Path) -> None:  # a header declaring 2 GB (under the memory check) over 1 MiB of zeros
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((2000, 1000, 1000))
+        hdr.set_data_dtype(np.uint8)
+        hdr["vox_offset"] = 352
+        path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + bytes(1 << 20)))
+
+    add(Case(D, "an image holding 1 MiB where its header declares 2 GB, refused before allocating", plan_odd, 2,
+             "fewer than the 2,000,000,352 its header declares",
+             lambda w: short(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz")))
+
+    def vector(path: Path) -> None:  # as ITK writes several components per voxel: X Y Z 1 C
+        img = nib.Nifti1Image(np.asarray(nib.load(path).dataobj)[..., None, None], np.eye(4))
+        img.header.set_intent("vector")
+        nib.save(img, path)
+
+    add(Case(D, "a NIfTI vector image (X Y Z 1 C) is read as channels", plan_odd, 0, '"cases": 3',
+             lambda w: vector(write_msd(w / "odd", n=3) / "imagesTr" / "case_002.nii.gz")))
+
+    def near_one(path: Path) -> None:  # a label map written as float32 after some arithmetic
+        label = np.asarray(nib.load(path).dataobj)
+        resave(path, voxels=np.where(label == 1, np.float32(0.9999999), label).astype(np.float32))
+
+    add(Case(D, "a float label map with 0.9999999 for 1 is read as 1, with a warning", plan_odd, 0,
+             "near integers (e.g. 0.9999999)",
+             lambda w: near_one(write_msd(w / "odd", n=3) / "labelsTr" / "case_001.nii.gz")))
     add(Case(D, "diverging trials in a sweep are failed, not scored or retried", sweep, 2, "no trial completed",
              lambda w: (space()(w), nan_loss(w)), lambda w, r: _diverged_trials(w), env=nan_loss_env))
     add(Case(D, "metrics.json is strict JSON", train, 0, "", check=strict_json("run/metrics.json")))
