@@ -256,6 +256,23 @@ def test_trials_command_prints_filters_and_sorts_the_table(fake_sweep, capsys):
     assert order == sorted(times, key=times.get)  # low first; equal times keep the file's order
 
 
+def test_trials_prints_a_screenful_as_a_table_and_says_how_to_see_every_row(fake_sweep, capsys, monkeypatch):
+    monkeypatch.setattr("pgps_tune.cli.TRIALS_SHOWN", 2)  # stands for the default 50 of a sweep of thousands
+    assert main(["trials", str(fake_sweep)]) == 0
+    out = capsys.readouterr()
+    assert [line.split()[0] for line in out.out.splitlines()[1:]] == ["srch0000", "srch0001"]  # the best first
+    assert "printed the first 2 of 6 selected trials; --limit 0 prints every one" in out.err
+
+    assert main(["trials", str(fake_sweep), "--format", "csv", "--columns", "trial_id"]) == 0  # a file: every row
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 7 and "--limit" not in out.err
+    assert main(["trials", str(fake_sweep), "--limit", "0", "--status", "completed"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    assert main(["trials", str(fake_sweep), "--limit", "1", "--format", "json", "--phase", "references"]) == 0
+    out = capsys.readouterr()
+    assert [r["trial_id"] for r in json.loads(out.out)] == ["base0001"] and "first 1 of 2 selected" in out.err
+
+
 def test_the_trial_tables_show_fidelity_where_a_trial_trained_below_the_full_budget(fake_sweep, capsys):
     """A compressed ladder's low rungs score higher or lower than the full budget's winner: without the column
     a reader cannot tell why the top row is not the best.  A sweep all at the full budget does without it."""
