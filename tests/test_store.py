@@ -290,6 +290,20 @@ def test_best_schedule_from_python_takes_one_sweep_name_and_names_bad_arguments(
         assert back == best and back.meta == best.meta
 
 
+def test_best_reads_only_the_asked_datasets_sweeps(tmp_path):
+    # a store of many sweeps: 'best --dataset A' (and --warm-start) read A's folders, not every dataset's rows
+    store = tmp_path / "store"
+    export_sweep(tmp_path / "a", sweep_meta(tmp_path / "a", "a", dataset="A"), [record("t1", 0.6)], store)
+    export_sweep(tmp_path / "b", sweep_meta(tmp_path / "b", "b", dataset="B"), [record("t2", 0.7)], store)
+    (store / "dataset=B" / "sweep=b" / "part-0.parquet").write_bytes(b"not parquet")  # read only when B is asked
+    assert results.best_schedule("A", store).meta["trial_id"] == "t1"
+    assert load_store(store, "A")["trial_id"].to_pylist() == ["t1"] and results.stored_datasets(store) == ["A", "B"]
+    with pytest.raises(PgpsError, match="dataset=B/sweep=b/part-0.parquet has a footer"):
+        results.best_schedule("B", store)
+    with pytest.raises(PgpsError, match="no completed 'max_dice' trials for dataset 'C'.*known: \\['A', 'B'\\]"):
+        results.best_schedule("C", store)
+
+
 def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decoded(tmp_path, capsys, monkeypatch):
     # Parquet stores a value repeated on every row once: a few hundred bytes on disk decode to 300 MB; the readers
     # of a sweep's table and of the store count the decoded size first, and refuse it, the row count, a footer a
