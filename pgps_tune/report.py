@@ -431,28 +431,46 @@ def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None, confirm
     return _png(fig)
 
 
-def importance_figure(importances: dict[str, float]) -> bytes:
+def importance_figure(importances: dict[str, float], trials: int = 0) -> bytes:
+    """The importances as bars; ``trials``: the trials they could come from, named in the title where more
+    than :data:`IMPORTANCE_TRIALS` (the importances then come from a sample of them)."""
     plt = _pyplot()
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.8 + 0.4 * len(names)))
     ax.barh(names, [importances[n] for n in names], color=COLOURS["search"])
-    ax.set(xlabel="importance (Optuna's fANOVA; sums to 1)", title="parameter importances")
+    sample = f"\n(from {IMPORTANCE_TRIALS} of {trials:,} trials, drawn at random)" if trials > IMPORTANCE_TRIALS else ""
+    ax.set(xlabel="importance (Optuna's fANOVA; sums to 1)", title=f"parameter importances{sample}")
     return _png(fig)
 
 
+# fANOVA's forest takes about 7 ms a trial: a random sample of this many keeps a page of thousands of trials to seconds
+IMPORTANCE_TRIALS = 500
+
+
+def importance_trials(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """(params, score) of the trials importances are estimated from: the search phase's own completed
+    full-budget trials (confirmation repeats and low-fidelity rungs would make their seeds, folds and budgets
+    look like parameters)."""
+    return [(json.loads(r["params"]), number(r["score"])) for r in rows
+            if r["role"] == "search" and r.get("phase") in (None, "search") and not number(r.get("fidelity")) < 1
+            and r["completed"] and not math.isnan(number(r["score"]))]
+
+
 def param_importances(rows: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Optuna's fANOVA importances over the completed searched trials (None: too few to say).
+    """Optuna's fANOVA importances over the completed searched trials (:func:`importance_trials`; a random
+    :data:`IMPORTANCE_TRIALS` of them where there are more), None: too few to say.
 
     A parameter every trial shares at one value says nothing and is left out; the study
     is rebuilt in memory from the trial table, so no Optuna storage is needed.
     """
+    import random
+
     import optuna
 
-    # the search phase's own full-budget trials: confirmation repeats and low-fidelity rungs would
-    # make their seeds, folds and budgets look like parameters
-    done = [(json.loads(r["params"]), number(r["score"])) for r in rows
-            if r["role"] == "search" and r.get("phase") in (None, "search") and not number(r.get("fidelity")) < 1
-            and r["completed"] and not math.isnan(number(r["score"]))]
+    done = importance_trials(rows)
+    if len(done) > IMPORTANCE_TRIALS:  # the same sample on every run of the report, whatever the table's order
+        done = random.Random(0).sample(sorted(done, key=lambda d: (json.dumps(d[0], sort_keys=True), d[1])),
+                                       IMPORTANCE_TRIALS)
     values: dict[str, list[Any]] = {}
     for params, _ in done:
         for k, v in params.items():
@@ -996,7 +1014,8 @@ def sweep_report(sweep: str | Path) -> str:
         if confirmation else _note("this sweep has no confirmation results")))
 
     importances = param_importances(rows)
-    sections.append(("Parameter importances", _img(importance_figure(importances), "parameter importances")
+    sections.append(("Parameter importances", _img(importance_figure(importances, len(importance_trials(rows))),
+                                                    "parameter importances")
                      if importances else _note("too few completed searched trials that differ in their "
                                                "parameters to estimate importances (3 needed)")))
     sections.append(("Trials", trial_table(rows, sweep)))

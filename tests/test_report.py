@@ -318,6 +318,22 @@ def test_importances_use_only_the_search_phase_at_full_budget():
     assert set(param_importances(search + repeats + rungs)) == {"growth", "stages"}
 
 
+def test_importances_of_many_trials_come_from_a_fixed_random_sample(monkeypatch):
+    import optuna
+
+    from pgps_tune import report
+
+    rows = [{"role": "search", "completed": True, "phase": "search", "score": 0.5 + 0.01 * i,
+             "params": json.dumps({"growth": 1 + 0.1 * i, "stages": i % 3 + 1})} for i in range(12)]
+    seen = []
+    monkeypatch.setattr(report, "IMPORTANCE_TRIALS", 5)  # stands for 500 of thousands
+    monkeypatch.setattr(optuna.importance, "get_param_importances",
+                        lambda study, evaluator: seen.append(sorted(t.params["growth"] for t in study.trials)) or {})
+    report.param_importances(rows)
+    report.param_importances(rows[::-1])
+    assert len(seen[0]) == 5 and seen[0] == seen[1]  # the same trials, whatever the table's order
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
