@@ -987,7 +987,7 @@ def _no_best(summary: dict[str, Any], out: Path) -> str:
     what = ("no trial completed" if not summary.get("completed") else
             f"none of the {summary['completed']} completed trial(s) has a score at the full budget")
     return (f"{what} ({counts}), so {out} holds no best schedule{why}; fix that and run the sweep again (every "
-            f"trial's error: 'pgps-tune trials {out} --status failed --columns trial_id,error')")
+            f"trial's error: 'pgps-tune trials {out} --status failed --columns trial_id,error --limit 0')")
 
 
 def _command_line(a: argparse.Namespace, resume: bool) -> str:

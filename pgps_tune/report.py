@@ -1047,8 +1047,8 @@ def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
     others = "the references and confirmation trials" if any(r["phase"] == "confirm" for r in rows) \
         else "the references"
     return _note(f"{len(shown)} of {plural(len(rows), 'trial')} shown: {others} and the {TABLE_ROWS} best-scored "
-                 f"of {len(searched)} searched trials; every trial: 'pgps-tune trials {shlex.quote(str(sweep))}' "
-                 "(--sort, --status, --format csv)") + _table(shown, columns)
+                 f"of {len(searched)} searched trials; every trial: 'pgps-tune trials {shlex.quote(str(sweep))} "
+                 "--limit 0' (--sort, --status, --format csv)") + _table(shown, columns)
 
 
 def error_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -1078,7 +1078,7 @@ def failures_section(rows: list[dict[str, Any]], sweep: Path) -> str:
             + (_note(f"and {plural(rest, 'trial')} with {plural(len(groups) - ERROR_GROUPS, 'other error')}")
                if rest else "")
             + _note(f"{plural(n, 'trial')} failed; each one's whole error: 'pgps-tune trials {shlex.quote(str(sweep))} "
-                    "--status failed --columns trial_id,error'"))
+                    "--status failed --columns trial_id,error --limit 0'"))
 
 
 def run_report(run: str | Path) -> str:

@@ -680,7 +680,7 @@ def test_a_large_sweep_gives_a_page_of_bounded_size(fake_sweep):
     assert table.count("<tr>") == 1 + TABLE_ROWS + 2  # header, the best searched trials, both references
     assert "base0001" in table and "pape0002" in table and "many01499" in table and "many00000" not in table
     assert f"{TABLE_ROWS + 2} of 1806 trials shown" in table
-    assert html.escape(f"'pgps-tune trials {fake_sweep}'") in table
+    assert html.escape(f"'pgps-tune trials {fake_sweep} --limit 0'") in table
     failures = page.split("<h2>Failed trials</h2>")[1].split("<h2>")[0]
     assert failures.count("<tr>") == 1 + 10 and "and 150 trials with 10 other errors" in failures
     assert len(page) < 700_000, len(page)

@@ -272,7 +272,7 @@ def test_a_sweep_whose_trials_all_failed_exits_2_naming_the_most_frequent_error(
     err = captured.err.strip().splitlines()[-1]
     assert err.startswith(f"pgps-tune: error: no trial completed (3 of 3 trial(s) failed, 0 stopped early), so {out} "
                           "holds no best schedule; the most frequent error (2x): CUDA out of memory; fix that"), err
-    assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error')")
+    assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error --limit 0')")
     assert (out / "trials.parquet").is_file() and not (out / "best_schedule.yaml").exists()
 
 
