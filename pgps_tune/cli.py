@@ -882,6 +882,9 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+TRIALS_SHOWN = 50  # rows 'trials' prints as a table unless --limit says otherwise: a screenful, not 2,000 lines
+
+
 def cmd_trials(a: argparse.Namespace) -> int:
     import csv
 
@@ -889,6 +892,8 @@ def cmd_trials(a: argparse.Namespace) -> int:
 
     everything = read_trials(a.sweep)
     rows = select_trials(everything, a.sort, a.phase, a.status, a.reverse)
+    limit = a.limit if a.limit is not None else TRIALS_SHOWN if a.format == "table" else 0
+    selected, rows = len(rows), rows[:limit] if limit else rows
     every = list(rows[0]) if rows else list(TRIAL_COLUMNS)
     summary = table_columns(everything) if everything else list(TRIAL_COLUMNS)
     columns = a.columns.split(",") if a.columns else (summary if a.format == "table" else every)
@@ -913,6 +918,9 @@ def cmd_trials(a: argparse.Namespace) -> int:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
         shown = plural(len(rows), "trial") + (f" of {len(everything)}" if len(rows) < len(everything) else "")
         print(shown, file=sys.stderr)
+    if len(rows) < selected:  # csv and json too: a cut file must not pass for the whole selection
+        print(f"pgps-tune: note: printed the first {len(rows)} of {plural(selected, 'selected trial')}; --limit 0 "
+              "prints every one", file=sys.stderr)
     return 0
 
 
@@ -979,7 +987,7 @@ def _no_best(summary: dict[str, Any], out: Path) -> str:
     what = ("no trial completed" if not summary.get("completed") else
             f"none of the {summary['completed']} completed trial(s) has a score at the full budget")
     return (f"{what} ({counts}), so {out} holds no best schedule{why}; fix that and run the sweep again (every "
-            f"trial's error: 'pgps-tune trials {out} --status failed --columns trial_id,error')")
+            f"trial's error: 'pgps-tune trials {out} --status failed --columns trial_id,error --limit 0')")
 
 
 def _command_line(a: argparse.Namespace, resume: bool) -> str:
@@ -1584,6 +1592,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--columns", metavar="A,B,...", help="columns to print, comma-separated (default: a summary "
                     "for table, every column for csv and json)")
     tr.add_argument("--format", choices=["table", "csv", "json"], default="table", help="default table")
+    tr.add_argument("--limit", type=n("limit"), default=None,
+                    help=f"print at most N trials, in the order shown (default {TRIALS_SHOWN} for table, every one for "
+                         "csv and json; 0: every one)")
     tr.set_defaults(func=cmd_trials)
     return p
 

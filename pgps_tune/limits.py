@@ -126,6 +126,7 @@ LIMITS: dict[str, Range] = {
     "top_k": _int(1, 1000),
     "seeds": _int(2, 1000),  # a paired test needs two pairs
     "folds": _int(2, 1000),
+    "limit": _int(0, 10_000_000),  # trials --limit: rows printed (0: every row)
 }
 
 

@@ -22,6 +22,7 @@ both better and cheaper than another; a *pick rule* turns the front into the one
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,9 +69,18 @@ def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
     Points with a non-finite coordinate take no part (a failed or unscored trial).  Equal
     points do not dominate each other, so both stay.
     """
-    ok = [i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)]
-    front = [i for i in ok if not any(dominates(points[j], points[i]) for j in ok)]
-    return sorted(front, key=lambda i: (points[i][1], -points[i][0], i))
+    # one pass over the points by cost (n log n: a store's tens of thousands of trials compared pairwise took
+    # minutes): a point is on the front when it has its cost's highest Dice and beats every cheaper point's
+    ok = sorted((i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)),
+                key=lambda i: (points[i][1], -points[i][0], i))
+    front, cheaper = [], -math.inf  # the highest Dice of the points cheaper than the current cost
+    for _, same_cost in itertools.groupby(ok, key=lambda i: points[i][1]):
+        group = list(same_cost)
+        top = points[group[0]][0]
+        if top > cheaper:
+            front += [i for i in group if points[i][0] == top]
+            cheaper = top
+    return front
 
 
 def pick(points: Sequence[Sequence[float]], rule: PickRule) -> int | None:

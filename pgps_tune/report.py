@@ -302,8 +302,20 @@ def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], stopped:
     labelled: set[str] = set()
     # many searched trials would hide each other and the references: the more there are, the fainter each
     faint = min(0.5, max(0.05, 15 / max(1, sum(roles.get(t, "search") == "search" for t in curves))))
+    # the searched trials as one collection and their crosses as one marker line (drawn first, under the
+    # references): a line artist each made 2,000 trials take seconds to draw
+    searched = {tid: pts for tid, pts in curves.items()
+                if pts and tid != best and tid not in repeats and roles.get(tid, "search") == "search"}
+    if searched:
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection(list(searched.values()), colors=colour("search"), alpha=faint, lw=1,
+                                         label="searched"))
+        ends = [pts[-1] for tid, pts in searched.items() if tid in stopped]
+        if ends:
+            ax.plot(*zip(*ends), "x", ls="none", color="black", ms=7, alpha=min(1.0, 2 * faint))
     for tid, pts in sorted(curves.items(), key=lambda kv: (_draw_order(roles.get(kv[0], "search"), kv[0] == best))):
-        if not pts:
+        if not pts or tid in searched:
             continue
         xs, ys = zip(*pts)
         role = "best" if tid == best else roles.get(tid, "search")
@@ -317,6 +329,7 @@ def learning_curve_figure(curves: dict[str, list[tuple[float, float]]], stopped:
             ax.plot(xs[-1], ys[-1], "x", color="black", ms=7, alpha=min(1.0, 2 * faint))
     if stopped & set(curves):
         ax.plot([], [], "x", color="black", label="stopped early by ASHA")
+    ax.autoscale_view()  # a collection's lines count towards the limits only when asked
     ax.set(xlabel="compute (baseline-equivalent iterations)", ylabel="validation Dice (at the final patch)",
            title="learning curves")
     # beside the axes: it hides no curve, and matplotlib need not search many lines for a free corner
@@ -418,28 +431,46 @@ def dice_vs_compute_figure(rows: list[dict[str, Any]], best: str | None, confirm
     return _png(fig)
 
 
-def importance_figure(importances: dict[str, float]) -> bytes:
+def importance_figure(importances: dict[str, float], trials: int = 0) -> bytes:
+    """The importances as bars; ``trials``: the trials they could come from, named in the title where more
+    than :data:`IMPORTANCE_TRIALS` (the importances then come from a sample of them)."""
     plt = _pyplot()
     names = list(importances)[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.8 + 0.4 * len(names)))
     ax.barh(names, [importances[n] for n in names], color=COLOURS["search"])
-    ax.set(xlabel="importance (Optuna's fANOVA; sums to 1)", title="parameter importances")
+    sample = f"\n(from {IMPORTANCE_TRIALS} of {trials:,} trials, drawn at random)" if trials > IMPORTANCE_TRIALS else ""
+    ax.set(xlabel="importance (Optuna's fANOVA; sums to 1)", title=f"parameter importances{sample}")
     return _png(fig)
 
 
+# fANOVA's forest takes about 7 ms a trial: a random sample of this many keeps a page of thousands of trials to seconds
+IMPORTANCE_TRIALS = 500
+
+
+def importance_trials(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """(params, score) of the trials importances are estimated from: the search phase's own completed
+    full-budget trials (confirmation repeats and low-fidelity rungs would make their seeds, folds and budgets
+    look like parameters)."""
+    return [(json.loads(r["params"]), number(r["score"])) for r in rows
+            if r["role"] == "search" and r.get("phase") in (None, "search") and not number(r.get("fidelity")) < 1
+            and r["completed"] and not math.isnan(number(r["score"]))]
+
+
 def param_importances(rows: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Optuna's fANOVA importances over the completed searched trials (None: too few to say).
+    """Optuna's fANOVA importances over the completed searched trials (:func:`importance_trials`; a random
+    :data:`IMPORTANCE_TRIALS` of them where there are more), None: too few to say.
 
     A parameter every trial shares at one value says nothing and is left out; the study
     is rebuilt in memory from the trial table, so no Optuna storage is needed.
     """
+    import random
+
     import optuna
 
-    # the search phase's own full-budget trials: confirmation repeats and low-fidelity rungs would
-    # make their seeds, folds and budgets look like parameters
-    done = [(json.loads(r["params"]), number(r["score"])) for r in rows
-            if r["role"] == "search" and r.get("phase") in (None, "search") and not number(r.get("fidelity")) < 1
-            and r["completed"] and not math.isnan(number(r["score"]))]
+    done = importance_trials(rows)
+    if len(done) > IMPORTANCE_TRIALS:  # the same sample on every run of the report, whatever the table's order
+        done = random.Random(0).sample(sorted(done, key=lambda d: (json.dumps(d[0], sort_keys=True), d[1])),
+                                       IMPORTANCE_TRIALS)
     values: dict[str, list[Any]] = {}
     for params, _ in done:
         for k, v in params.items():
@@ -983,7 +1014,8 @@ def sweep_report(sweep: str | Path) -> str:
         if confirmation else _note("this sweep has no confirmation results")))
 
     importances = param_importances(rows)
-    sections.append(("Parameter importances", _img(importance_figure(importances), "parameter importances")
+    sections.append(("Parameter importances", _img(importance_figure(importances, len(importance_trials(rows))),
+                                                    "parameter importances")
                      if importances else _note("too few completed searched trials that differ in their "
                                                "parameters to estimate importances (3 needed)")))
     sections.append(("Trials", trial_table(rows, sweep)))
@@ -1015,8 +1047,8 @@ def trial_table(rows: list[dict[str, Any]], sweep: Path) -> str:
     others = "the references and confirmation trials" if any(r["phase"] == "confirm" for r in rows) \
         else "the references"
     return _note(f"{len(shown)} of {plural(len(rows), 'trial')} shown: {others} and the {TABLE_ROWS} best-scored "
-                 f"of {len(searched)} searched trials; every trial: 'pgps-tune trials {shlex.quote(str(sweep))}' "
-                 "(--sort, --status, --format csv)") + _table(shown, columns)
+                 f"of {len(searched)} searched trials; every trial: 'pgps-tune trials {shlex.quote(str(sweep))} "
+                 "--limit 0' (--sort, --status, --format csv)") + _table(shown, columns)
 
 
 def error_groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -1046,7 +1078,7 @@ def failures_section(rows: list[dict[str, Any]], sweep: Path) -> str:
             + (_note(f"and {plural(rest, 'trial')} with {plural(len(groups) - ERROR_GROUPS, 'other error')}")
                if rest else "")
             + _note(f"{plural(n, 'trial')} failed; each one's whole error: 'pgps-tune trials {shlex.quote(str(sweep))} "
-                    "--status failed --columns trial_id,error'"))
+                    "--status failed --columns trial_id,error --limit 0'"))
 
 
 def run_report(run: str | Path) -> str:

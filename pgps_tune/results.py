@@ -544,11 +544,13 @@ def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None
     """Refuse, in one line naming ``where`` and the trial, a row whose JSON text columns do not decode to
     what pgps-tune writes there: the tables are files anyone can hand over (a shared results store, a
     sweep folder), and every reader after this one parses those columns without checks."""
+    checked: set[tuple[str, str]] = set()  # a text many rows share (a schedule, '{}') is parsed once
     for r in rows:
         for col, kinds in JSON_COLUMNS.items():
             text = r.get(col)
-            if not text:
+            if not text or (col, text) in checked:
                 continue
+            checked.add((col, text))
             try:
                 value = loads_json(text)
             except ValueError as exc:
@@ -1500,9 +1502,20 @@ def _store_files(root: Path) -> list[Path]:
     return files
 
 
-def load_store(store: str | Path | None = None) -> pa.Table:
+def stored_datasets(store: str | Path | None = None) -> list[str]:
+    """The datasets the store holds sweeps of, from its folder names alone (no table is read)."""
+    root = store_root(store)
+    partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
+    return sorted({pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix())).get("dataset")
+                   for f in _store_files(root)} - {None}) if root.is_dir() else []
+
+
+def load_store(store: str | Path | None = None, dataset: str | None = None) -> pa.Table:
     """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` (empty where a file predates
-    them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it)."""
+    them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it).
+
+    ``dataset``: only that dataset's trials; the other datasets' folders are neither read nor checked (a store of
+    many sweeps answers a question about one dataset in the time of its own rows)."""
     root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -1518,6 +1531,9 @@ def load_store(store: str | Path | None = None) -> pa.Table:
     partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
     tables, size = [], 0
     for f in files:
+        keys = pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix()))
+        if dataset is not None and keys.get("dataset") != dataset:
+            continue
         fix = "move it out of the store, or rerun 'pgps-tune export' for its sweep"
         try:
             t = read_parquet(f, schema.names, f"results store file {f}", fix)
@@ -1532,7 +1548,6 @@ def load_store(store: str | Path | None = None) -> pa.Table:
         if size > MAX_STORE_BYTES:
             raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
                             f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
-        keys = pads.get_partition_keys(partitioning.parse(f.relative_to(root).as_posix()))
         try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK) reads as null; FIDELITY 1
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
@@ -1541,21 +1556,29 @@ def load_store(store: str | Path | None = None) -> pa.Table:
                             "out of the store, then rerun 'pgps-tune export' for its sweep") from None
         columns += [pa.array([keys.get(k)] * len(t), pa.string()) for k in STORE_KEYS.names]
         tables.append(pa.Table.from_arrays(columns, schema=pa.unify_schemas([schema, STORE_KEYS])))
+        _check_stored(tables[-1], f.parent)
+    if not tables:  # no sweep of ``dataset``: an empty table of the store's columns
+        tables = [pa.Table.from_pylist([], schema=pa.unify_schemas([schema, STORE_KEYS]))]
     table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
     for column in (SPACE_KEY, ORIGIN, PICK):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
-    for r in table.select(["dataset", "sweep", "trial_id", CONFIRMED, PICK, *JSON_COLUMNS]).to_pylist():
-        folder = root / f"dataset={r['dataset']}" / f"sweep={r['sweep']}"
-        fix = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
-        check_json_columns([r], f"results store folder {folder}", fix)
+    return table
+
+
+def _check_stored(table: pa.Table, folder: Path) -> None:
+    """Refuse, naming ``folder`` and the trial, a stored sweep's row whose JSON columns, confirmed winner or pick
+    rule are not what pgps-tune writes there (every reader after :func:`load_store` trusts them)."""
+    fix = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
+    rows = table.select(["trial_id", CONFIRMED, PICK, *JSON_COLUMNS]).to_pylist()
+    check_json_columns(rows, f"results store folder {folder}", fix)
+    for r in rows:
         if r[CONFIRMED] and not _valid_confirmed(r[CONFIRMED]):  # 'best' ranks and exports by these figures
             raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {CONFIRMED} column is not the "
                             f"confirmed winner's figures pgps-tune writes there; {fix}")
         if r[PICK] and not _valid_pick(r[PICK]):
             raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {PICK} column "
                             f"{brief(r[PICK])!r} is not a pick rule; {fix}")
-    return table
 
 
 def _valid_confirmed(text: str) -> bool:
@@ -1594,9 +1617,11 @@ def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any]) -> str |
     alike), so that ``best`` never compares scores of different things silently."""
     won = comparable_as(best)
     differ: dict[str, set[str]] = {}
+    seen: dict[tuple[str, str], set[str]] = {}  # a schedule text many rows share is read once
     for r in rows:
-        keys = {k for k, v in comparable_as(r).items() if v != won[k]}
-        if keys:
+        if (text := (r["schedule"], r["final_patch"])) not in seen:
+            seen[text] = {k for k, v in comparable_as(r).items() if v != won[k]}
+        if keys := seen[text]:
             differ.setdefault(r["sweep"], set()).update(keys)
     if not differ:
         return None
@@ -1624,8 +1649,8 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
                         "pareto, or leave out --pick")
     rule = pareto.parse_pick(pick) if pick is not None else None
     sweeps = (sweeps,) if isinstance(sweeps, str) else tuple(sweeps)  # "demo" is one sweep, not four
-    t = load_store(store)
-    known = sorted(set(t["dataset"].to_pylist()))
+    t = load_store(store, dataset)
+    known = stored_datasets(store)
     if dataset not in known:  # names are matched exactly: "Hippo" and "hippo" can be two datasets
         alike = [d for d in known if d.lower() == dataset.lower()]
         if alike:
@@ -1762,7 +1787,7 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     stored before origins were recorded are told by their sweep name (``exclude_sweep``).
     """
     try:
-        t = load_store(store)
+        t = load_store(store, dataset)
     except PgpsError as exc:
         raise PgpsError(f"--warm-start: {exc}") from None
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t[SPACE_KEY], space_key)),

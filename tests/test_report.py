@@ -256,6 +256,23 @@ def test_trials_command_prints_filters_and_sorts_the_table(fake_sweep, capsys):
     assert order == sorted(times, key=times.get)  # low first; equal times keep the file's order
 
 
+def test_trials_prints_a_screenful_as_a_table_and_says_how_to_see_every_row(fake_sweep, capsys, monkeypatch):
+    monkeypatch.setattr("pgps_tune.cli.TRIALS_SHOWN", 2)  # stands for the default 50 of a sweep of thousands
+    assert main(["trials", str(fake_sweep)]) == 0
+    out = capsys.readouterr()
+    assert [line.split()[0] for line in out.out.splitlines()[1:]] == ["srch0000", "srch0001"]  # the best first
+    assert "printed the first 2 of 6 selected trials; --limit 0 prints every one" in out.err
+
+    assert main(["trials", str(fake_sweep), "--format", "csv", "--columns", "trial_id"]) == 0  # a file: every row
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 7 and "--limit" not in out.err
+    assert main(["trials", str(fake_sweep), "--limit", "0", "--status", "completed"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    assert main(["trials", str(fake_sweep), "--limit", "1", "--format", "json", "--phase", "references"]) == 0
+    out = capsys.readouterr()
+    assert [r["trial_id"] for r in json.loads(out.out)] == ["base0001"] and "first 1 of 2 selected" in out.err
+
+
 def test_the_trial_tables_show_fidelity_where_a_trial_trained_below_the_full_budget(fake_sweep, capsys):
     """A compressed ladder's low rungs score higher or lower than the full budget's winner: without the column
     a reader cannot tell why the top row is not the best.  A sweep all at the full budget does without it."""
@@ -299,6 +316,22 @@ def test_importances_use_only_the_search_phase_at_full_budget():
     from pgps_tune.report import param_importances
 
     assert set(param_importances(search + repeats + rungs)) == {"growth", "stages"}
+
+
+def test_importances_of_many_trials_come_from_a_fixed_random_sample(monkeypatch):
+    import optuna
+
+    from pgps_tune import report
+
+    rows = [{"role": "search", "completed": True, "phase": "search", "score": 0.5 + 0.01 * i,
+             "params": json.dumps({"growth": 1 + 0.1 * i, "stages": i % 3 + 1})} for i in range(12)]
+    seen = []
+    monkeypatch.setattr(report, "IMPORTANCE_TRIALS", 5)  # stands for 500 of thousands
+    monkeypatch.setattr(optuna.importance, "get_param_importances",
+                        lambda study, evaluator: seen.append(sorted(t.params["growth"] for t in study.trials)) or {})
+    report.param_importances(rows)
+    report.param_importances(rows[::-1])
+    assert len(seen[0]) == 5 and seen[0] == seen[1]  # the same trials, whatever the table's order
 
 
 def _one_line_error(capsys) -> str:
@@ -647,7 +680,7 @@ def test_a_large_sweep_gives_a_page_of_bounded_size(fake_sweep):
     assert table.count("<tr>") == 1 + TABLE_ROWS + 2  # header, the best searched trials, both references
     assert "base0001" in table and "pape0002" in table and "many01499" in table and "many00000" not in table
     assert f"{TABLE_ROWS + 2} of 1806 trials shown" in table
-    assert html.escape(f"'pgps-tune trials {fake_sweep}'") in table
+    assert html.escape(f"'pgps-tune trials {fake_sweep} --limit 0'") in table
     failures = page.split("<h2>Failed trials</h2>")[1].split("<h2>")[0]
     assert failures.count("<tr>") == 1 + 10 and "and 150 trials with 10 other errors" in failures
     assert len(page) < 700_000, len(page)

@@ -272,7 +272,7 @@ def test_a_sweep_whose_trials_all_failed_exits_2_naming_the_most_frequent_error(
     err = captured.err.strip().splitlines()[-1]
     assert err.startswith(f"pgps-tune: error: no trial completed (3 of 3 trial(s) failed, 0 stopped early), so {out} "
                           "holds no best schedule; the most frequent error (2x): CUDA out of memory; fix that"), err
-    assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error')")
+    assert err.endswith(f"'pgps-tune trials {out} --status failed --columns trial_id,error --limit 0')")
     assert (out / "trials.parquet").is_file() and not (out / "best_schedule.yaml").exists()
 
 
@@ -288,6 +288,20 @@ def test_best_schedule_from_python_takes_one_sweep_name_and_names_bad_arguments(
     for name in ("b.yaml", "b.json"):  # what 'best --out' writes loads back with its provenance
         back = sch.load(best.save(tmp_path / name))
         assert back == best and back.meta == best.meta
+
+
+def test_best_reads_only_the_asked_datasets_sweeps(tmp_path):
+    # a store of many sweeps: 'best --dataset A' (and --warm-start) read A's folders, not every dataset's rows
+    store = tmp_path / "store"
+    export_sweep(tmp_path / "a", sweep_meta(tmp_path / "a", "a", dataset="A"), [record("t1", 0.6)], store)
+    export_sweep(tmp_path / "b", sweep_meta(tmp_path / "b", "b", dataset="B"), [record("t2", 0.7)], store)
+    (store / "dataset=B" / "sweep=b" / "part-0.parquet").write_bytes(b"not parquet")  # read only when B is asked
+    assert results.best_schedule("A", store).meta["trial_id"] == "t1"
+    assert load_store(store, "A")["trial_id"].to_pylist() == ["t1"] and results.stored_datasets(store) == ["A", "B"]
+    with pytest.raises(PgpsError, match="dataset=B/sweep=b/part-0.parquet has a footer"):
+        results.best_schedule("B", store)
+    with pytest.raises(PgpsError, match="no completed 'max_dice' trials for dataset 'C'.*known: \\['A', 'B'\\]"):
+        results.best_schedule("C", store)
 
 
 def test_a_parquet_file_that_decodes_to_gigabytes_is_refused_before_it_is_decoded(tmp_path, capsys, monkeypatch):
