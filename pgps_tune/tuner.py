@@ -2658,7 +2658,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
     # what Tune restores (in fit) continues this folder's study and Tune storage
     with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
-          _restored_search_here(storage_fs, storage_path, name)):
+          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded()):
         tuner.fit()
 
 
@@ -2689,6 +2689,32 @@ def _restored_search_here(storage_fs, storage_path: str, name: str):
         yield
     finally:
         SearchGenerator.set_state = saved
+
+
+@contextlib.contextmanager
+def _dead_workers_recorded():
+    """For the block, a trial whose worker process died (the OOM killer, a kill -9, a crash) reaches the
+    experiment state as Tune ended it: failed, or pending for its retry.
+
+    Tune writes a trial into its experiment state only when something marks it for that; the stop of a
+    failed trial does so only while the trial still has its actor.  When the worker dies, Tune drops the
+    actor first (its actor failed), then handles the task's failure: the trial ends ERROR in memory but
+    stays RUNNING, without its error, in every state written after, so the phase ended with a trial it
+    called unfinished and only a resume ended it.  Scoped to the phase, as Tune's own state is.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+
+    saved = TuneController._schedule_trial_stop
+
+    def _schedule_trial_stop(self, trial, exception=None) -> None:
+        saved(self, trial, exception=exception)
+        self._mark_trial_to_checkpoint(trial)
+
+    TuneController._schedule_trial_stop = _schedule_trial_stop
+    try:
+        yield
+    finally:
+        TuneController._schedule_trial_stop = saved
 
 
 # One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
