@@ -2055,6 +2055,21 @@ class PhasePlan:
         total = self.trials * self.mean_fraction(searched) * self.trial_compute
         return min(total, self.cap) if self.cap else total
 
+    def resumed(self, lines: tuple[TrialLine, ...]) -> tuple[int, float, float]:
+        """What a resumed phase has done and has left, from its trials before the resume (``lines``): the
+        trials that ended, the compute all of them did, and the compute left (each unfinished trial's rest,
+        and the trials not started yet, searched schedules at the baseline's cost, as :meth:`compute`).
+
+        >>> PhasePlan("search", 3, 100.0).resumed((TrialLine("a", "search", status="completed", compute=100.0),
+        ...                                        TrialLine("b", "search", compute=30.0, fraction=0.5)))
+        (1, 130.0, 120.0)
+        """
+        running = [t for t in lines if t.status == "running"]
+        done = sum(t.compute for t in lines)
+        left = (sum(max(0.0, (t.fraction or 1.0) * self.trial_compute - t.compute) for t in running)
+                + max(0, self.trials - len(lines)) * self.mean_fraction(1.0) * self.trial_compute)
+        return len(lines) - len(running), done, min(left, max(0.0, self.cap - done)) if self.cap else left
+
 
 def search_plans(space: SearchSpace, num_samples: int) -> list[PhasePlan]:
     """The search phase as planned: one phase, or with ``asha.fidelity: compressed`` one per rung.
@@ -2464,6 +2479,38 @@ def ended_lines(records: list[TrialRecord], phase: str) -> tuple[TrialLine, ...]
     return tuple(lines)
 
 
+def resumed_lines(before: dict[str, Any], plans: list[PhasePlan], storage_fs,
+                  storage_path: str) -> dict[str, tuple[TrialLine, ...]]:
+    """The trials each phase of ``plans`` ran before a resume of the sweep ``before`` (its sweep.json) continues
+    it, ended or not: every Tune experiment of the phase (a confirmation's runs, the one it left pending)."""
+    import pyarrow.fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    names = dict(before["experiments"])
+    if (pending := before.get("pending_confirm")) is not None:
+        names[pending["key"]] = f"{before['sweep']}-{pending['key']}"
+    found: dict[str, tuple[TrialLine, ...]] = {}
+    for plan in plans:
+        lines: list[TrialLine] = []
+        for key, name in names.items():
+            path = f"{storage_path.rstrip('/')}/{name}"
+            if key != plan.phase and not (plan.phase == "confirm" and phase_of(key) == "confirm"):
+                continue
+            if not _newest_state([i.base_name for i in _state_file_infos(fs, path)]):
+                continue  # never started
+            try:
+                records = read_experiment(fs, path)
+            except PgpsError:  # the phase's own resume repairs its state, or refuses it in one line
+                continue  # meanwhile the plan counts the phase whole
+            lines += ended_lines(records, plan.phase)
+            for r in records:
+                if r.status not in ("TERMINATED", "ERROR"):
+                    lines.append(TrialLine(r.trial_id, plan.phase))
+                    lines[-1].take(r.last_result)
+        found[plan.phase] = tuple(lines)
+    return found
+
+
 def _short(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
@@ -2658,7 +2705,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
     # what Tune restores (in fit) continues this folder's study and Tune storage
     with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
-          _restored_search_here(storage_fs, storage_path, name)):
+          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded()):
         tuner.fit()
 
 
@@ -2689,6 +2736,32 @@ def _restored_search_here(storage_fs, storage_path: str, name: str):
         yield
     finally:
         SearchGenerator.set_state = saved
+
+
+@contextlib.contextmanager
+def _dead_workers_recorded():
+    """For the block, a trial whose worker process died (the OOM killer, a kill -9, a crash) reaches the
+    experiment state as Tune ended it: failed, or pending for its retry.
+
+    Tune writes a trial into its experiment state only when something marks it for that; the stop of a
+    failed trial does so only while the trial still has its actor.  When the worker dies, Tune drops the
+    actor first (its actor failed), then handles the task's failure: the trial ends ERROR in memory but
+    stays RUNNING, without its error, in every state written after, so the phase ended with a trial it
+    called unfinished and only a resume ended it.  Scoped to the phase, as Tune's own state is.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+
+    saved = TuneController._schedule_trial_stop
+
+    def _schedule_trial_stop(self, trial, exception=None) -> None:
+        saved(self, trial, exception=exception)
+        self._mark_trial_to_checkpoint(trial)
+
+    TuneController._schedule_trial_stop = _schedule_trial_stop
+    try:
+        yield
+    finally:
+        TuneController._schedule_trial_stop = saved
 
 
 # One driver at a time runs a sweep folder: a second `tune` (a resume typed while the first still
@@ -3047,7 +3120,7 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         plans.append(confirm_plan(confirm, b.iterations_per_epoch,
                                   _fractions(meta["reference_configs"], setup, confirm.epochs),
                                   full_budget_schedules(space, plans)))
-    with _sweep_clock(plans, opts):
+    with _sweep_clock(plans, opts, done=resumed_lines(before, plans, storage_fs, storage_path) if before else None):
         _phases(opts, signals, meta, setup, storage_fs, storage_path, num_samples, confirm, refs, before)
     meta["finished"] = True
     write_meta(opts.out, meta)
@@ -3127,24 +3200,65 @@ def _fractions(configs: list[dict[str, Any]], setup: dict[str, Any], epochs: int
                                  multiple_of).voxel_fraction() for c in configs]
 
 
+def plan_text(plans: list[PhasePlan], done: dict[str, tuple[TrialLine, ...]] | None = None) -> str:
+    """The plan line; ``done``: the trials each phase ran before a resume (:func:`resumed_lines`), and the
+    line then says what is left, and what was done.
+
+    >>> plans = [PhasePlan("search", 3, 100.0), PhasePlan("confirm", 2, 50.0)]
+    >>> plan_text(plans)[:60]
+    'pgps-tune: plan: search 3 trials, confirm 2 trials: about 40'
+    >>> text = plan_text(plans, {"search": (TrialLine("a", "search", status="completed", compute=100.0),)})
+    >>> text[17:text.index(": about")]
+    'left of the resumed sweep: search 2 of 3 trials, confirm 2 trials'
+    >>> text[text.index("about"):text.index(" (searched")]
+    'about 300 baseline-equivalent iterations (done before the resume: 1 trial ended, 100 iterations trained)'
+    """
+    bound = any(p.bound for p in plans)
+    if done is None:
+        what = ", ".join(f"{p.phase} {plural(p.trials, 'trial')}" for p in plans)
+        total, before = sum(p.compute(1.0) for p in plans), ""
+    else:
+        resumed = [p.resumed(done.get(p.phase, ())) for p in plans]
+        what = "left of the resumed sweep: " + ", ".join(
+            f"{p.phase} {p.trials - ended} of {plural(p.trials, 'trial')}" if ended else
+            f"{p.phase} {plural(p.trials, 'trial')}" for p, (ended, _, _) in zip(plans, resumed))
+        total = sum(left for *_, left in resumed)
+        before = (f" (done before the resume: {plural(sum(ended for ended, _, _ in resumed), 'trial')} ended, "
+                  f"{sum(did for _, did, _ in resumed):.0f} iterations trained)")
+    return (f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent iterations"
+            f"{before} (searched schedules at the baseline's cost until they report theirs); the ETA comes from the "
+            "trials' own timings, start-up included, once a trial has reported twice")
+
+
+def plan_event(plans: list[PhasePlan], done: dict[str, tuple[TrialLine, ...]] | None = None) -> dict[str, Any]:
+    """The JSON ``plan`` event: each phase's trials and compute; after a resume (``done``, as :func:`plan_text`)
+    also what each has done and has left."""
+    phases = [{"phase": p.phase, "trials": p.trials, "compute": p.compute(1.0), "upper_bound": p.bound}
+              for p in plans]
+    event = {"event": "plan", "phases": phases, "compute": sum(p.compute(1.0) for p in plans),
+             "upper_bound": any(p.bound for p in plans)}
+    if done is not None:
+        for phase, plan in zip(phases, plans):
+            ended, did, left = plan.resumed(done.get(plan.phase, ()))
+            phase.update(trials_done=ended, compute_done=did, compute_left=left)
+        event.update(compute_done=sum(p["compute_done"] for p in phases),
+                     compute_left=sum(p["compute_left"] for p in phases))
+    return event
+
+
 @contextlib.contextmanager
-def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = True):
+def _sweep_clock(plans: list[PhasePlan], opts: SweepOptions, announce: bool = True,
+                 done: dict[str, tuple[TrialLine, ...]] | None = None):
     """The sweep's ETA for the phases ``plans`` lists, shown by every phase's :class:`Progress`; its plan is
-    announced first, as a line (or a JSON ``plan`` event)."""
+    announced first, as a line (or a JSON ``plan`` event); ``done``: what a resumed sweep ran before
+    (:func:`resumed_lines`)."""
     from pgps_tune.errors import strict_json
 
     mode = "none" if opts.quiet or not announce else opts.progress
-    total, bound = sum(p.compute(1.0) for p in plans), any(p.bound for p in plans)
     if mode == "json":
-        print(strict_json({"event": "plan", "phases": [{"phase": p.phase, "trials": p.trials, "compute": p.compute(1.0),
-                                                        "upper_bound": p.bound} for p in plans],
-                           "compute": total, "upper_bound": bound}, indent=None), file=sys.stderr, flush=True)
+        print(strict_json(plan_event(plans, done), indent=None), file=sys.stderr, flush=True)
     elif mode != "none":
-        what = ", ".join(f"{p.phase} {plural(p.trials, 'trial')}" for p in plans)
-        print(f"pgps-tune: plan: {what}: {'at most' if bound else 'about'} {total:.0f} baseline-equivalent "
-              "iterations (searched schedules at the baseline's cost until they report theirs); the ETA comes from "
-              "the trials' own timings, start-up included, once a trial has reported twice",
-              file=sys.stderr, flush=True)
+        print(plan_text(plans, done), file=sys.stderr, flush=True)
     Progress.sweep_eta = SweepEta(plans)
     try:
         yield

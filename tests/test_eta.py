@@ -19,6 +19,9 @@ from pgps_tune.tuner import (
     _callbacks,
     confirm_plan,
     full_budget_schedules,
+    plan_event,
+    plan_text,
+    resumed_lines,
     search_plans,
 )
 
@@ -224,3 +227,39 @@ def test_a_phase_prices_its_trials_at_its_own_budget(clock, tmp_path):
         == [10.0, 30.0]  # 10 epochs at 1 and at 3 of 9 iterations per epoch, not the full budget's 90
     Progress.sweep_eta = None
     assert _callbacks("search", opts, "x", 9, None, None)[0].trial_compute == 90.0
+
+
+def _experiment(folder, trials: list[tuple[str, str, dict]]) -> None:
+    """A Tune experiment state of ``trials`` (id, status, last result), as Tune writes it (JSON in JSON)."""
+    folder.mkdir(parents=True)
+    data = [[json.dumps({"trial_id": tid, "status": status, "config": {}, "experiment_tag": f"{n + 1}_x"}),
+             json.dumps({"last_result": last, "num_failures": 0})] for n, (tid, status, last) in enumerate(trials)]
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
+
+
+def test_the_plan_of_a_resumed_sweep_says_what_is_left_and_what_was_done(tmp_path):
+    def did(compute, fraction, **last):
+        return {"baseline_iterations": compute, "schedule_voxel_fraction": fraction, **last}
+
+    _experiment(tmp_path / "s-references", [("r1", "TERMINATED", did(100.0, 1.0, completed=True)),
+                                            ("r2", "TERMINATED", did(40.0, 0.4, completed=True))])
+    _experiment(tmp_path / "s-search", [("a", "TERMINATED", did(50.0, 0.5, completed=True)),
+                                        ("b", "ERROR", did(20.0, 1.0)), ("c", "RUNNING", did(30.0, 0.5))])
+    before = {"sweep": "s", "experiments": {"references": "s-references", "search": "s-search"},
+              "pending_confirm": {"key": "confirm"}}  # a confirmation Tune has not started yet
+    plans = [PhasePlan("references", 2, 100.0, known=(1.0, 0.4)), PhasePlan("search", 4, 100.0),
+             PhasePlan("confirm", 2, 50.0)]
+    done = resumed_lines(before, plans, None, str(tmp_path))
+    # left: c's rest (0.5 x 100 - 30) and one search trial not started (the baseline's 100), the confirmation (100)
+    text = plan_text(plans, done)
+    assert text.startswith("pgps-tune: plan: left of the resumed sweep: references 0 of 2 trials, search 2 of 4 "
+                           "trials, confirm 2 trials: about 220 baseline-equivalent iterations (done before the "
+                           "resume: 4 trials ended, 240 iterations trained)"), text
+    event = plan_event(plans, done)
+    assert [(p["trials"], p["trials_done"], p["compute_done"], p["compute_left"]) for p in event["phases"]] == [
+        (2, 2, 140.0, 0.0), (4, 2, 100.0, 120.0), (2, 0, 0.0, 100.0)]
+    assert (event["compute"], event["compute_done"], event["compute_left"]) == (640.0, 240.0, 220.0)
+    # a new sweep's plan is the whole sweep's, as before
+    assert plan_text(plans).startswith("pgps-tune: plan: references 2 trials, search 4 trials, confirm 2 trials: "
+                                       "about 640 baseline-equivalent iterations (searched")
+    assert "compute_done" not in plan_event(plans)

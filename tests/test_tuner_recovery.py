@@ -43,12 +43,14 @@ FAILURE_HOOK = '''
 Trials, also on Ray workers, import this through PYTHONPATH; it wraps the trainer's report
 callback once pgps_tune.trainer is imported.  {"epoch": E, "lr": {"<lr>": times}, "marks": DIR}:
 a trainer with that learning rate raises at its first report at or past epoch E, ``times``
-times in all (counted in DIR).
+times in all (counted in DIR); "kill": "<lr>": after that, the process of that trainer kills
+itself there with SIGKILL, as the kernel's OOM killer ends a worker.
 """
 import importlib.abc
 import importlib.util
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -65,6 +67,8 @@ def _patch(module):
             if r["epoch"] >= SPEC["epoch"] and done < SPEC["lr"].get(str(config.lr), 0):
                 marks.write_text("x" * (done + 1))
                 raise RuntimeError(f"injected failure at epoch {r['epoch']}")
+            if r["epoch"] >= SPEC["epoch"] and str(config.lr) == SPEC.get("kill"):
+                os.kill(os.getpid(), signal.SIGKILL)
             callback(r)
 
         original(self, ds, train_cases, val_cases, schedule, config, *args, callback=failing, **kwargs)
@@ -241,7 +245,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, 
 
 
 def test_failed_and_diverged_trials(tmp_path):
-    # a grid over the learning rate: 0.01 fails once at epoch 4, 0.012 fails every time, 0.013 diverges
+    # a grid over the learning rate: 0.01 fails once at epoch 4, 0.012 fails there once and then its worker
+    # dies there (SIGKILL, as the OOM killer's), 0.013 diverges
     # (its loss is made NaN by the hook: the learning rates a space may hold are too sane to diverge for sure).
     # The space allows no retry; --max-failures 1 allows one, from the last checkpoint.
     hook = tmp_path / "hook"
@@ -251,20 +256,21 @@ def test_failed_and_diverged_trials(tmp_path):
         "type": "categorical", "choices": [0.01, 0.012, 0.013]}}, search={"algorithm": "grid", "references": False},
         asha={"enabled": False}, budget={**BUDGET, "max_failures": 0})
     out = tmp_path / "sweep"
-    env = {"PGPS_TEST_FAILURES": json.dumps({"epoch": 4, "lr": {"0.01": 1, "0.012": 99}, "diverge": "0.013",
-                                             "marks": str(hook)}),
+    env = {"PGPS_TEST_FAILURES": json.dumps({"epoch": 4, "lr": {"0.01": 1, "0.012": 1}, "kill": "0.012",
+                                             "diverge": "0.013", "marks": str(hook)}),
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     r = cli("tune", "--space", space, "--data", "synthetic", "--out", out, "--max-failures", "1",
             "--max-concurrent", "1", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 trials: 1 completed, 0 stopped early, 2 failed." in r.stdout
     by_lr = {json.loads(x["params"])["lr"]: x for x in rows(out)}
-    once, always, diverged = by_lr[0.01], by_lr[0.012], by_lr[0.013]
+    once, dies, diverged = by_lr[0.01], by_lr[0.012], by_lr[0.013]
     assert once["completed"] and once["num_failures"] == 1
     # continued from the epoch-2 checkpoint, not from scratch
     assert reported_epochs(out)[once["trial_id"]] == [2, 4, 6, 8, 10]
-    assert always["status"] == "failed" and always["num_failures"] == 2
-    assert always["error"].endswith("injected failure at epoch 4")
+    # a worker that died is a failed trial like any other (Tune's state once kept it RUNNING: 'not finished')
+    assert dies["status"] == "failed" and dies["num_failures"] == 2
+    assert "worker process has died" in dies["error"] and reported_epochs(out)[dies["trial_id"]] == [2]
     # divergence: failed at once with the reason, never retried, and no score for anyone to rank
     assert diverged["status"] == "failed" and diverged["failed"] and diverged["num_failures"] == 0
     assert diverged["error"].startswith("diverged:") and math.isnan(diverged["score"])
