@@ -2751,6 +2751,9 @@ def _dead_workers_recorded():
     """
     from ray.tune.execution.tune_controller import TuneController
 
+    if not all(hasattr(TuneController, f) for f in ("_schedule_trial_stop", "_mark_trial_to_checkpoint")):
+        yield  # another Tune: its own behaviour (a trial it left RUNNING ends the sweep "not finished")
+        return
     saved = TuneController._schedule_trial_stop
 
     def _schedule_trial_stop(self, trial, exception=None) -> None:
