@@ -1131,9 +1131,11 @@ def cmd_export(a: argparse.Namespace) -> int:
         counts = {"num_epochs": a.epochs, "num_iterations_per_epoch": a.iterations_per_epoch,
                   "num_val_iterations_per_epoch": a.val_iterations_per_epoch}
         nn_export = nnunet.prepare_export(a.experiment, a.nnunet, a.configuration, a.trainer, pick=a.pick,
-                                          other_dataset=a.other_dataset, counts=counts)
-    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset", "epochs",
-                                                          "iterations_per_epoch", "val_iterations_per_epoch")
+                                          other_dataset=a.other_dataset,
+                                          other_configuration=a.other_configuration, counts=counts)
+    elif ignored := [f"--{d.replace('_', '-')}" for d in ("configuration", "trainer", "other_dataset",
+                                                          "other_configuration", "epochs", "iterations_per_epoch",
+                                                          "val_iterations_per_epoch")
                      if d in getattr(a, "explicit", ())]:
         raise PgpsError(f"{', '.join(ignored)} {'goes' if len(ignored) == 1 else 'go'} with --nnunet PLANS; without "
                         f"it nothing would use {'it' if len(ignored) == 1 else 'them'}: add --nnunet PLANS, or drop "
@@ -1522,6 +1524,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "name is not replaced: give nnUNetTrainerPGPS_SUFFIX")
     ex.add_argument("--other-dataset", action="store_true",
                     help="with --nnunet: export although the sweep searched another dataset than the plans'")
+    ex.add_argument("--other-configuration", action="store_true",
+                    help="with --nnunet: export although the sweep's nnU-Net trials trained another configuration's "
+                         "data (e.g. 3d_lowres for 3d_fullres)")
     ex.add_argument("--epochs", type=n("epochs"), default=None,
                     help="with --nnunet: the epochs nnU-Net trains (default: a budget.trainer nnunet sweep's, else "
                          "nnU-Net's 1000); the schedule is rescaled")

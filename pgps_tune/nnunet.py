@@ -681,6 +681,29 @@ def _sweep_searched(meta: dict[str, Any], plan: NnunetPlan) -> bool:
     return plan.dataset in names
 
 
+def _check_sweep_configuration(experiment: str | Path, meta: dict[str, Any], plan: NnunetPlan) -> None:
+    """Refuse exporting a ``budget.trainer: nnunet`` sweep for a configuration whose data its trials did not
+    train: 3d_lowres is resampled coarser than 3d_fullres, so a schedule scored there was not measured at
+    the export's spacing, even where both have one patch and one network.  A configuration of the same data
+    (3d_cascade_fullres beside a sweep of 3d_fullres: same data_identifier and spacing) passes."""
+    swept = (meta.get("nnunet") or {}).get("configuration")
+    if not isinstance(swept, str) or swept == plan.configuration:
+        return
+    try:
+        there = read_plans(plan.source, swept)
+    except PgpsError:  # these plans do not hold it (or not as a 3-D configuration)
+        there = None
+    if there is not None and (there.data_identifier, there.spacing) == (plan.data_identifier, plan.spacing):
+        return
+    spacing = ["x".join(f"{v:g}" for v in p.spacing) for p in (there or plan, plan)]
+    measured = (f"its trials trained nnU-Net's {swept} data (spacing {spacing[0]}, x y z), not "
+                f"{plan.configuration}'s (spacing {spacing[1]})" if there is not None else
+                f"its trials trained nnU-Net's {swept}, which {plan.source} does not hold as a 3-D configuration")
+    raise PgpsError(f"{experiment}: {measured}, so its schedule was not measured for {plan.configuration}; give "
+                    f"--configuration {swept}, run a sweep with --nnunet-plans {plan.source} --configuration "
+                    f"{plan.configuration}, or add --other-configuration to export it for {plan.configuration} anyway")
+
+
 COUNT_FLAGS = {"num_epochs": "--epochs", "num_iterations_per_epoch": "--iterations-per-epoch",
                "num_val_iterations_per_epoch": "--val-iterations-per-epoch"}
 
@@ -736,16 +759,18 @@ def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
 
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
                    trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False,
-                   counts: dict[str, int | None] | None = None) -> tuple[Path, NnunetSchedule, dict[str, str]]:
+                   other_configuration: bool = False, counts: dict[str, int | None] | None = None
+                   ) -> tuple[Path, NnunetSchedule, dict[str, str]]:
     """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write, and
     where each of its counts comes from (see :func:`_export_counts`).
 
     Refused in one line: a bad trainer name or plans; a sweep of another dataset than the plans'
-    (a synthetic one included) unless ``other_dataset``; a best schedule the plans' network cannot
-    train, or with more stages than epochs; a different schedule file (or other counts) already beside
-    the plans.  The best schedule is the one ``export`` writes as best_schedule.yaml (picked by a dry
-    export into a temporary folder).  ``counts``: ``num_epochs`` / ``num_iterations_per_epoch`` /
-    ``num_val_iterations_per_epoch`` given on the command line.
+    (a synthetic one included) unless ``other_dataset``; a ``budget.trainer: nnunet`` sweep of another
+    configuration's data unless ``other_configuration`` (see :func:`_check_sweep_configuration`); a best
+    schedule the plans' network cannot train, or with more stages than epochs; a different schedule file
+    (or other counts) already beside the plans.  The best schedule is the one ``export`` writes as
+    best_schedule.yaml (picked by a dry export into a temporary folder).  ``counts``: ``num_epochs`` /
+    ``num_iterations_per_epoch`` / ``num_val_iterations_per_epoch`` given on the command line.
     """
     from pgps_tune.results import read_meta
     from pgps_tune.tuner import export
@@ -758,6 +783,8 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
             f"{experiment} searched {meta.get('dataset')} ({meta.get('data')}), not {plan.dataset} of {plan.source}; "
             f"export a sweep of {plan.dataset}, or add --other-dataset to train this schedule on {plan.dataset} anyway"
         )
+    if not other_configuration and _sweep_searched(meta, plan):  # another dataset: --other-dataset took that
+        _check_sweep_configuration(experiment, meta, plan)
     with tempfile.TemporaryDirectory(prefix="pgps-export-") as tmp:
         export(experiment, Path(tmp) / "out", results_store=Path(tmp) / "store", pick=pick)
         best = Path(tmp) / "out" / "best_schedule.yaml"

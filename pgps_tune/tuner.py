@@ -160,6 +160,8 @@ class SweepOptions:
     mlflow: str | None = None  # MLflow tracking URI: every trial is logged there too
     # the MLflow experiment of the whole sweep (check() settles it: the environment's, or the sweep's name)
     mlflow_experiment: str | None = field(default=None, init=False, compare=False)
+    # the tags of all its MLflow runs, as sweep.json keeps them (set when its phases start; see mlflow_sweep_tags)
+    mlflow_tags: dict[str, str] | None = field(default=None, init=False, compare=False)
     # the nnU-Net plans (path, dataset id or name, or as read already): budget.trainer nnunet trains on it
     nnunet_plans: str | NnunetPlan | None = None
     nnunet_configuration: str = "3d_fullres"
@@ -228,6 +230,8 @@ class SweepOptions:
 # does not say otherwise, a sweep gives up sooner; the sweep never depends on the tracking server.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 MLFLOW_EXPERIMENT = "mlflow_experiment"  # sweep.json: the MLflow experiment of all the sweep's runs
+MLFLOW_TAGS = "mlflow_tags"  # sweep.json: the tags that name the sweep on all its MLflow runs
+MLFLOW_RUN_NAME_MAX = 250  # characters of a run name MLflow's SQL stores keep
 
 
 def _mlflow_http_defaults() -> None:
@@ -1747,8 +1751,12 @@ def _mlflow_trials_class() -> type:
             from mlflow.entities import RunTag
 
             client = self._client()
-            if trial not in self._trial_runs and (run_id := self._earlier_run(trial)) is not None:
-                client.update_run(run_id, status="RUNNING")  # a resumed sweep: the trial goes on in its own run
+            if trial not in self._trial_runs:
+                if (run_id := self._earlier_run(trial)) is not None:
+                    client.update_run(run_id, status="RUNNING")  # a resumed sweep: the trial goes on in its own run
+                else:  # Ray's would be named run_trial_ID, alike for every sweep in the experiment
+                    run_id = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)},
+                                                        run_name=trial_run_name(self.tags, trial.trial_id)).info.run_id
                 self._trial_runs[trial] = run_id
             super().log_trial_start(trial)
             run_id = self._trial_runs[trial]
@@ -1813,10 +1821,28 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def mlflow_sweep_tags(out: Path) -> dict[str, str]:
+def mlflow_sweep_tags(out: Path, meta: dict[str, Any] | None = None) -> dict[str, str]:
     """The tags every MLflow run of the sweep in ``out`` carries: its name, which names the experiment too, and
-    its folder, which tells two sweeps of one name (in other places) apart."""
-    return {"pgps.sweep": out.resolve().name, "pgps.sweep_dir": str(out.resolve())}
+    the folder it started in, which tells two sweeps of one name (in other places) apart.
+
+    Set once, when the sweep starts, and kept in its sweep.json ``meta``: Tune's restored state goes on
+    tagging the trials of a moved sweep with them, so its new phases and its own run take them too (a
+    sweep.json from before they were kept: its name and the folder it last ran in)."""
+    if not meta:
+        return {"pgps.sweep": out.resolve().name, "pgps.sweep_dir": str(out.resolve())}
+    if isinstance(meta.get(MLFLOW_TAGS), dict):
+        return {str(k): str(v) for k, v in meta[MLFLOW_TAGS].items()}
+    return {"pgps.sweep": str(meta.get("sweep") or out.resolve().name),
+            "pgps.sweep_dir": str(meta.get(FOLDER_KEY) or out.resolve())}
+
+
+def trial_run_name(tags: dict[str, str], trial_id: str) -> str:
+    """A trial's MLflow run name, ``SWEEP/PHASE/TRIAL_ID`` from its run's tags, so that the trials of several
+    sweeps in one experiment tell apart in MLflow's run list (the sweep's name shortened where the whole
+    would pass what MLflow keeps).  A resumed trial keeps the run, and so the name, it started with."""
+    tail = "/".join(str(part) for part in (tags.get("pgps.phase"), trial_id) if part)
+    sweep = tags.get("pgps.sweep")
+    return f"{sweep[:MLFLOW_RUN_NAME_MAX - len(tail) - 1]}/{tail}" if sweep else tail
 
 
 def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -1830,13 +1856,13 @@ def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str,
     from pgps_tune.results import BEST, SUMMARY, TRIALS
 
     client = MlflowClient(tracking_uri=uri)
-    name, tags = out.resolve().name, {**mlflow_sweep_tags(out), "pgps.phase": "sweep"}
+    tags = {**mlflow_sweep_tags(out, meta), "pgps.phase": "sweep"}
     experiment_id = mlflow_experiment_id(client, experiment)
     since = int(float(meta.get("started", 0)) * 1000)  # a run of an earlier sweep in this folder is not this one's
     earlier = [r for r in client.search_runs([experiment_id], filter_string="tags.`pgps.phase` = 'sweep'")
                if all(r.data.tags.get(k) == v for k, v in tags.items()) and r.info.start_time >= since]
-    run_id = earlier[0].info.run_id if earlier else client.create_run(experiment_id, run_name=f"{name} (sweep)",
-                                                                      tags=tags).info.run_id
+    run_id = earlier[0].info.run_id if earlier else client.create_run(
+        experiment_id, run_name=f"{tags['pgps.sweep']} (sweep)", tags=tags).info.run_id
     best, at = summary.get("best") or {}, int(time.time() * 1000)
     metrics = [Metric(f"best_{key}", float(best[key]), at, 0)
                for key in ("final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages")
@@ -2654,7 +2680,8 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
         callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
-                                                tags={**mlflow_sweep_tags(opts.out), "pgps.phase": phase}))
+                                                tags={**(opts.mlflow_tags or mlflow_sweep_tags(opts.out)),
+                                                      "pgps.phase": phase}))
     return callbacks
 
 
@@ -3100,7 +3127,9 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
            if space.search.algorithm != "grid" else {}),
         # the MLflow experiment of all the sweep's runs, for its resumes (its Tune state goes on logging there)
         MLFLOW_EXPERIMENT: opts.mlflow_experiment or kept_experiment(before or {}),
+        MLFLOW_TAGS: mlflow_sweep_tags(opts.out, before),  # a moved sweep's runs keep the tags they started with
     }
+    opts.mlflow_tags = meta[MLFLOW_TAGS]
     setup = trial_setup(space, opts.data, None if nnunet_trainer else ds.cache_dir, final, pools,
                         opts.cpus_per_trial, opts.gpus_per_trial)
     if nnunet_trainer:

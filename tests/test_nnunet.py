@@ -652,6 +652,37 @@ def test_export_for_a_configuration_of_another_patch_names_those_the_schedule_fi
     assert [p.name for p in plan.source.parent.glob("*.pgps_schedule.json")] == []
 
 
+def test_export_of_an_nnunet_sweep_for_another_configurations_data_is_refused(tmp_path, fake_export, capsys):
+    """3d_lowres and 3d_fullres of one patch and network: a schedule scored on the coarser data was not measured
+    at 3d_fullres's spacing, so exporting it there needs --other-configuration; the same data passes."""
+    plans = current_plans()
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "spacing": [6.0, 1.6, 1.4],
+                                            "data_identifier": "nnUNetPlans_3d_lowres"}
+    plan = nnunet.read_plans(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))
+    hippo = _finished_sweep(tmp_path / "hippo", "Dataset004_Hippo", str(tmp_path / "pre" / "Dataset004_Hippo"))
+    meta = json.loads((hippo / "sweep.json").read_text())
+    meta["nnunet"] = {"plans": str(plan.source), "configuration": "3d_lowres", "fold": 0, "dataset": plan.dataset}
+    (hippo / "sweep.json").write_text(json.dumps(meta))
+    base = ["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plan.source)]
+    assert main([*base, "--configuration", "3d_fullres"]) == 2
+    err = capsys.readouterr().err
+    assert ("its trials trained nnU-Net's 3d_lowres data (spacing 6x1.4x1.6, x y z), not 3d_fullres's (spacing "
+            "3x0.7x0.8), so its schedule was not measured for 3d_fullres; give --configuration 3d_lowres, run a sweep "
+            f"with --nnunet-plans {plan.source} --configuration 3d_fullres, or add --other-configuration") in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "exp").exists()
+    assert [p.name for p in plan.source.parent.glob("*.pgps_schedule.json")] == []
+    assert main([*base, "--configuration", "3d_lowres"]) == 0
+    assert main([*base, "--configuration", "3d_fullres", "--other-configuration"]) == 0
+    assert nnunet.schedule_file_for(plan).is_file()
+    meta["nnunet"]["configuration"] = "3d_fullres"  # 3d_cascade_fullres trains the same data at the same spacing
+    (hippo / "sweep.json").write_text(json.dumps(meta))
+    assert main([*base, "--configuration", "3d_cascade_fullres"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["export", "--experiment", str(hippo), "--out", str(tmp_path / "plain"), "--other-configuration"]) == 2
+    assert "--other-configuration goes with --nnunet PLANS" in capsys.readouterr().err
+
+
 def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
     beside = nnunet.schedule_file_for(plan)
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs

@@ -135,6 +135,7 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
         assert r.data.params["train.seed"] == "0" and r.data.params["train.augment"] == "default"
         tags = r.data.tags
         assert tags["pgps.sweep_dir"] == str(out.resolve()) and tags["pgps.role"] == "search"
+        assert r.info.run_name == f"sweep/search/{tags['pgps.trial_id']}"
         assert tags["pgps.status"] == rows[tags["pgps.trial_id"]]["status"] == "completed"
         history = client.get_metric_history(r.info.run_id, "val_dice")
         assert [m.step for m in history] == [2, 4]  # one per validation, stepped by epoch
@@ -142,6 +143,8 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
                                                                  str(tmp_path))).read_text())
         assert len(schedule["stages"]) == int(r.data.metrics["n_stages"])
     sweep_run = by_phase["sweep"][0]
+    assert json.loads((out / "sweep.json").read_text())["mlflow_tags"] == {  # what a moved sweep's runs keep
+        "pgps.sweep": "sweep", "pgps.sweep_dir": str(out.resolve())}
     best = yaml.safe_load((out / "best_schedule.yaml").read_text())
     logged = yaml.safe_load(Path(client.download_artifacts(sweep_run.info.run_id, "best_schedule.yaml",
                                                            str(tmp_path / "best"))).read_text())
@@ -280,7 +283,7 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     callback.on_experiment_end([trial])  # the interrupt: Tune ends the experiment
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED" and run.info.run_name == "sweep/search/a1"  # not Ray's run_trial_a1
 
     resumed = pickle.loads(saved)
     resumed.setup()
@@ -292,6 +295,7 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     resumed.log_trial_end(trial)
     (run,) = client.search_runs([run.info.experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["pgps.status"] == "failed"
+    assert run.info.run_name == "sweep/search/a1"  # the same run, its name kept
     assert run.data.tags["pgps.error"] == "the loss is not finite" and run.data.tags["pgps.trial_id"] == "a1"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_dice")] == [(2, 0.25), (4, 0.0)]
     assert run.data.metrics["dice_tumour _core_"] == 0.5 and "config/growth" not in run.data.metrics
@@ -327,6 +331,41 @@ def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experim
     assert err.startswith(f"pgps-tune: error: --mlflow {uri}: the sweep's experiment 'sweep'") and "\n" not in err
     assert f"restore it in MLflow (experiment id {experiment.experiment_id})" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_a_moved_sweep_tags_its_mlflow_runs_as_it_started_and_names_trial_runs_by_sweep_and_phase(tmp_path,
+                                                                                                   monkeypatch):
+    # trial runs were all named run_trial_ID (Ray's), alike for every sweep of an experiment; after a sweep
+    # folder was moved and resumed, its own run was tagged (and looked up) with the new folder, its trials
+    # kept the old one, and a second sweep run was opened
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from pgps_tune import tuner
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    first, moved = tmp_path / "first" / "lr-sweep", tmp_path / "moved" / "lr-sweep-2"
+    first.mkdir(parents=True)
+    tags = tuner.mlflow_sweep_tags(first)
+    assert tags == {"pgps.sweep": "lr-sweep", "pgps.sweep_dir": str(first.resolve())}
+    meta = {"sweep": "lr-sweep", "folder": str(first.resolve()), "started": 0}
+    assert tuner.mlflow_sweep_tags(moved, meta) == tags  # a sweep.json from before they were kept
+    meta[tuner.MLFLOW_TAGS] = tags
+    assert tuner.mlflow_sweep_tags(moved, {**meta, "folder": str(moved)}) == tags
+    callback = tuner.MLflowTrials(uri, experiment_name="e", tags={**tags, "pgps.phase": "references"})
+    callback.setup()
+    callback.log_trial_start(FakeTrial("b0_00000", {}))
+    run_id = tuner.log_sweep_to_mlflow(uri, "e", first, {}, meta)
+    first.rename(tmp_path / "gone")
+    moved.mkdir(parents=True)
+    assert tuner.log_sweep_to_mlflow(uri, "e", moved, {}, {**meta, "folder": str(moved)}) == run_id
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["lr-sweep (sweep)", "lr-sweep/references/b0_00000"]
+    assert all(r.data.tags["pgps.sweep_dir"] == str(first.resolve()) for r in runs)
+    long = tuner.trial_run_name({"pgps.sweep": "s" * 300, "pgps.phase": "search"}, "a1_00003")
+    assert len(long) == tuner.MLFLOW_RUN_NAME_MAX and long.endswith("s/search/a1_00003")
 
 
 def test_a_trials_mlflow_metrics_are_what_it_reports_not_tunes_bookkeeping():
@@ -379,9 +418,9 @@ def test_a_sweep_logs_to_one_mlflow_experiment_whatever_the_environment_names(tm
         callback.log_trial_start(FakeTrial(name, {"growth": 1.5}))
         (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id],
                                     filter_string=f"tags.`pgps.trial_id` = '{name}'")
-        assert run.info.run_name == f"run_trial_{name}"
+        assert run.info.run_name == f"search/{name}"
     tuner.log_sweep_to_mlflow(uri, experiment, out, {}, {"started": 0})
-    assert sorted(r.info.run_name for r in client.search_runs([team])) == ["run_trial_team", "sweep (sweep)"]
+    assert sorted(r.info.run_name for r in client.search_runs([team])) == ["search/team", "sweep (sweep)"]
     assert not elsewhere.exists()
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")  # both, naming one experiment: fine
     assert tuner._check_mlflow(uri, out, resume=False) == "team"
