@@ -347,27 +347,18 @@ def _itk_voxels(path: Path) -> tuple[int, bool] | None:
     compressed (NRRD's ``encoding: gzip``, MetaImage's ``CompressedData = True``); None for voxels kept in a
     file of their own, or after a skip this check does not follow (NRRD's ``line skip``, ``byte skip``), or
     in an encoding it does not know (NRRD's ``ascii``, ``hex``, ``bzip2``)."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)  # headers are a few hundred bytes
-    nrrd = ending(path) == ".nrrd"
-    at, encoding = 0, b"raw"
-    for line in head.split(b"\n")[:-1]:
-        at += len(line) + 1
-        key, sep, value = line.rstrip(b"\r").partition(b":" if nrrd else b"=")
-        key, value = key.strip().lower(), value.strip().lower()
-        if nrrd and not line.rstrip(b"\r"):  # the NRRD header ends at the first empty line
-            return (at, encoding != b"raw") if encoding in (b"raw", b"gzip", b"gz") else None
-        if nrrd and sep and key == b"encoding":
-            encoding = value
-        if nrrd and sep and key in (b"data file", b"datafile", b"line skip", b"lineskip", b"byte skip", b"byteskip"):
+    fields, end = _itk_header(path)
+    if end is None:
+        return None
+    last = {key: value.lower() for key, value in fields}
+    if ending(path) == ".nrrd":
+        if last.keys() & {b"data file", b"datafile", b"line skip", b"lineskip", b"byte skip", b"byteskip"}:
             return None
-        if not nrrd and sep and key == b"headersize":  # voxels at a stated offset, or at the end (-1)
-            return None
-        if not nrrd and sep and key == b"compresseddata":
-            encoding = b"zlib" if value == b"true" else b"raw"
-        if not nrrd and sep and key == b"elementdatafile":  # the last field of a MetaImage header
-            return (at, encoding != b"raw") if value == b"local" else None
-    return None
+        encoding = last.get(b"encoding", b"raw")
+        return (end, encoding != b"raw") if encoding in (b"raw", b"gzip", b"gz") else None
+    if b"headersize" in last or last[b"elementdatafile"] != b"local":  # voxels at a stated offset, or elsewhere
+        return None
+    return end, last.get(b"compresseddata") == b"true"
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> None:
@@ -435,22 +426,43 @@ def _check_nifti_extensions(path: Path) -> None:
             left -= esize
 
 
-def _itk_data_file(path: Path) -> str | None:
-    """The file an ``.nrrd`` (field ``data file``) or ``.mha`` (``ElementDataFile``) header keeps its voxels in,
-    as written there; None where they follow the header in the file itself."""
+def _itk_header(path: Path) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """The fields of an ``.nrrd`` or ``.mha`` header in order, as (key lower-cased, value), both stripped
+    (NRRD's ``key:=value`` pairs are not fields), and the byte at which the header ends, where voxels kept in
+    the file itself follow it: after NRRD's first empty line, after MetaImage's ``ElementDataFile`` (its last
+    field); None where that end is not in the first 64 KiB."""
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)  # headers are a few hundred bytes
     nrrd = ending(path) == ".nrrd"
-    for line in head.split(b"\n")[1 if nrrd else 0:]:
-        line = line.rstrip(b"\r")
+    lines = head.split(b"\n")
+    fields: list[tuple[bytes, bytes]] = []
+    at = 0
+    for i, raw in enumerate(lines):
+        complete = i < len(lines) - 1  # ends in a newline: what follows starts at ``at``
+        at += len(raw) + 1
+        line = raw.rstrip(b"\r")
         if nrrd and not line:
-            break  # the NRRD header ends at the first empty line
+            return fields, at if complete else None
+        if nrrd and i == 0:
+            continue  # the magic line, "NRRD0004"
         key, sep, value = line.partition(b":" if nrrd else b"=")
-        names = (b"data file", b"datafile") if nrrd else (b"elementdatafile",)
-        if sep and not value.startswith(b"=") and key.strip().lower() in names:
-            name = value.strip().decode("utf-8", errors="replace")
-            return None if not nrrd and name.upper() == "LOCAL" else name
-    return None
+        if sep and not value.startswith(b"="):
+            fields.append((key.strip().lower(), value.strip()))
+            if not nrrd and fields[-1][0] == b"elementdatafile":
+                return fields, at if complete else None
+    return fields, None
+
+
+def _itk_data_file(path: Path) -> str | None:
+    """The file an ``.nrrd`` (field ``data file``) or ``.mha`` (``ElementDataFile``) header keeps its voxels in,
+    as written there; None where they follow the header in the file itself."""
+    nrrd = ending(path) == ".nrrd"
+    names = (b"data file", b"datafile") if nrrd else (b"elementdatafile",)
+    value = next((v for k, v in _itk_header(path)[0] if k in names), None)
+    if value is None:
+        return None
+    name = value.decode("utf-8", errors="replace")
+    return None if not nrrd and name.upper() == "LOCAL" else name
 
 
 def _check_data_file(path: Path) -> None:
