@@ -16,10 +16,13 @@ segmentation written with the input's affine overlays the input in any viewer.
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import sys
 import tempfile
+import threading
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,12 +66,67 @@ def _itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Se
     return affine
 
 
-def _cannot(path: Path, exc: Exception) -> PgpsError:
+def _cannot(path: Path, exc: Exception, printed: str = "") -> PgpsError:
     kind = {".nrrd": "NRRD", ".mha": "MetaImage"}.get(ending(path), "NIfTI")
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    # ITK's last line says what went wrong (those before name its source files); nibabel's lines read in turn
-    reason = (lines[-1] if kind != "NIfTI" else " ".join(lines))[:200] if lines else type(exc).__name__
+    # nibabel's lines read in turn; ITK's need picking out (:func:`_itk_reason`)
+    reason = (_itk_reason(lines, printed) if kind != "NIfTI" else " ".join(lines))[:200] if lines \
+        else type(exc).__name__
     return PgpsError(f"cannot read {kind} file {path} ({reason}); replace the file or remove it")
+
+
+def _itk_reason(lines: list[str], printed: str) -> str:
+    """What went wrong, in one line, from the lines of an ITK exception and what ITK printed meanwhile.
+
+    MetaImage's parser prints the cause ("DimSize required and not defined.", with indented details)
+    and then raises what is left of it ("Reason: No such file or directory"); NRRD's reader raises its
+    callers' lines first and the cause last ("[nrrd] _nrrdSizeCheck: axis 1 size is zero!"); ITK's own
+    errors follow the source file that raised them, on the line of ``ERROR:``, and may go on over more
+    lines (a direction matrix)."""
+    first, *more = printed.strip().splitlines() or [""]
+    if first.strip():
+        return " ".join([first.strip(), *(m.strip() for m in more if m[:1].isspace())])
+    if nrrd := [line for line in lines if line.startswith("[nrrd]")]:
+        return nrrd[-1]
+    for i, line in enumerate(lines):
+        if "ERROR:" in line:
+            text = " ".join([line.split("ERROR:", 1)[1], *lines[i + 1:]])
+            return re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", text).strip()  # "MetaImageIO(0x55d6...): "
+    return lines[-1]
+
+
+_ITK_CALLS = threading.Lock()  # ITK prints to file descriptor 2, one for the whole process: one call at a time
+
+
+def _itk_call(path: Path, call: Callable[[], Any]) -> Any:
+    """``call()``, a SimpleITK read of ``path``, with what ITK prints to standard error caught, and its failure
+    refused in one line (:func:`_cannot`).
+
+    Parts of ITK, MetaImage's parser above all, print from C++ straight to file descriptor 2 (which
+    SimpleITK's warning switch does not reach), several lines before an error that says less: a broken file
+    would show them above the one-line error.  File descriptor 2 is therefore a file while ITK runs; what
+    a failing call printed gives its reason, and what a call that works printed (another thread's words,
+    an ITK warning) is shown after it, as it would have been."""
+    with _ITK_CALLS, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            result, failure = call(), None
+        except Exception as exc:  # ITK raises RuntimeError; anything else is named the same way
+            result, failure = None, exc
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        printed = caught.read().decode("utf-8", errors="replace")
+    if failure is not None:
+        raise _cannot(path, failure, printed) from None
+    if printed:
+        sys.stderr.write(printed)
+        sys.stderr.flush()
+    return result
 
 
 def _existing(path: str | Path) -> tuple[Path, str]:
@@ -94,7 +152,7 @@ def header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
             _check_data_file(path)  # before ITK opens what the header names
             reader = _sitk().ImageFileReader()
             reader.SetFileName(str(path))
-            reader.ReadImageInformation()
+            _itk_call(path, reader.ReadImageInformation)
             _check_itk(path, reader)
             comps = reader.GetNumberOfComponents()
             shape = _channels_last(path, (*reader.GetSize(), *((comps,) if comps > 1 else ())))
@@ -229,7 +287,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             sitk = _sitk()
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
-            reader.ReadImageInformation()
+            _itk_call(path, reader.ReadImageInformation)
             _check_itk(path, reader)
             # bytes per component from ITK's pixel type name ("8-bit unsigned integer", "vector of 64-bit
             # float"); a name without a width counts 1 byte: the check only needs a lower bound
@@ -239,7 +297,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             _check_size(path, shape, itemsize)
             if (voxels := _itk_voxels(path)) is not None:
                 _check_stored(path, voxels[0], int(np.prod(shape, dtype=object)) * itemsize, compressed=voxels[1])
-            img = reader.Execute()
+            img = _itk_call(path, reader.Execute)
             arr = sitk.GetArrayFromImage(img)  # ITK index order reversed, components last
             spatial = img.GetDimension()
             order = tuple(reversed(range(spatial))) + tuple(range(spatial, arr.ndim))

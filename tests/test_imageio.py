@@ -135,6 +135,37 @@ def test_unreadable_and_unknown_files_give_one_line(tmp_path):
         imageio.read(tmp_path / "absent.nrrd")
 
 
+_MHA = "ObjectType = Image\nNDims = 3\nDimSize = 3 2 2\nElementType = MET_UCHAR\n{}ElementDataFile = {}\n"
+
+
+@pytest.mark.parametrize("name,header,body,reason", [
+    ("no-type.mha", _MHA.replace("ElementType = MET_UCHAR\n", ""), "LOCAL", r"ElementType required and not defined\."),
+    ("bad-dims.mha", _MHA.replace("3 2 2", "3 x 2"), "LOCAL", r"ElementType required and not defined\."),
+    ("no-channels.mha", _MHA, "LOCAL", r"Unknown PixelType"),
+    ("flat.mha", _MHA, "LOCAL", r"Bad direction, determinant is 0\. Refusing to change direction from 1 0 0 0 1 0 "
+                                r"0 0 1 to 1 0 0 0 1 0 0 0 0"),
+    ("short.mha", _MHA, "case.raw", r"data not read completely ideal = 12 : actual = 5"),
+    ("bad-sizes.nrrd", "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 3 -2 2\nencoding: raw\n\n", "", r"axis 1 size "
+                       r"is zero!"),
+], ids=["no type", "bad sizes", "no channels", "flat direction", "short data file", "nrrd sizes"])
+def test_a_broken_itk_file_gives_one_line_and_no_itk_text(tmp_path, capfd, name, header, body, reason):
+    # MetaImage's parser prints its complaint to file descriptor 2 from C++, above an error that says less
+    # ("Reason: No such file or directory"): the complaint becomes the reason, and nothing else shows
+    (tmp_path / "case.raw").write_bytes(bytes(5))
+    extra = {"no-channels.mha": "ElementNumberOfChannels = 0\n", "flat.mha": "TransformMatrix = 1 0 0 0 1 0 0 0 0\n"}
+    text = header.format(extra.get(name, ""), body) if ".mha" in name else header
+    (tmp_path / name).write_bytes(text.encode() + bytes(12) * (body == "LOCAL"))
+    for fn in (imageio.read, imageio.header):
+        if fn is imageio.header and name in ("flat.mha", "short.mha"):
+            continue  # what only reading the voxels finds
+        with pytest.raises(PgpsError, match=rf"^cannot read (MetaImage|NRRD) file {tmp_path / name} \(.*{reason}.*\); "
+                                            "replace the file or remove it$") as err:
+            fn(tmp_path / name)
+        assert "\n" not in str(err.value)
+    out, printed = capfd.readouterr()
+    assert printed == "" and out == ""
+
+
 def _nifti_with_sform(path, array, affine):
     """A NIfTI file whose geometry is ``affine`` as given (nibabel would refuse to build some of them)."""
     img = nib.Nifti1Image(array, None)
