@@ -246,20 +246,40 @@ def _memory_cgroups(proc: Path, cgroups: Path) -> list[tuple[Path, str, str]]:
     return [(folder, *files) for folder, files in places.items()]
 
 
-def _check_size(path: Path, shape: Sequence[int], itemsize: int) -> None:
-    """Refuse a file whose header declares more voxels than memory holds, before any is decoded.
+_DECODES = threading.Condition()
+_decoding = 0  # bytes declared by the files being decoded now, which the memory available does not show yet
+
+
+@contextmanager
+def _decoding_memory(path: Path, shape: Sequence[int], itemsize: int) -> Iterator[None]:
+    """Decode a file's voxels inside the block, refused first where its header declares more voxels than
+    memory holds.
 
     A compressed file is small on disk whatever its header says: a damaged header, or a crafted
     ``.nii.gz`` of zeros (a few MiB that inflate to tens of GiB), would otherwise fill the memory
-    and get the process killed without a word."""
+    and get the process killed without a word.  Files read on several threads at once (preparation reads
+    two cases at a time) count each other's declared bytes until they are decoded, when the memory
+    available shows them: a read that fits alone but not beside the decodes under way waits for them
+    and then looks again, so two large files together never take more than the memory there is."""
+    global _decoding
     need = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize
-    free = available_memory()
-    if free is not None and need > free:
-        raise PgpsError(
-            f"{path} declares {'x'.join(str(int(n)) for n in shape)} voxels in its header, {need / 2**30:.1f} GiB "
-            f"decoded, more than the {max(free, 0) / 2**30:.1f} GiB of memory available; check the file (a damaged "
-            "header, or not an image of this dataset) or run where more memory is free"
-        )
+    with _DECODES:
+        while (free := available_memory()) is not None and need + _decoding > free:
+            if need > free or not _decoding:
+                raise PgpsError(
+                    f"{path} declares {'x'.join(str(int(n)) for n in shape)} voxels in its header, "
+                    f"{need / 2**30:.1f} GiB decoded, more than the {max(free, 0) / 2**30:.1f} GiB of memory "
+                    "available; check the file (a damaged header, or not an image of this dataset) or run where "
+                    "more memory is free"
+                )
+            _DECODES.wait()  # until a decode under way ends
+        _decoding += need
+    try:
+        yield
+    finally:
+        with _DECODES:
+            _decoding -= need
+            _DECODES.notify_all()
 
 
 def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +288,7 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Refused in one line: a file that is not a 3D volume (2D, 5D), has an empty axis, or whose header
     gives no usable voxel grid (a non-finite affine, a zero voxel size): what would otherwise fail
     deep inside reorientation or resampling; and a file whose header declares more voxels than
-    the memory available holds (:func:`_check_size`), before they are decoded.
+    the memory available holds (:func:`_decoding_memory`), before they are decoded.
     """
     path, end = _existing(path)
     try:
@@ -278,10 +298,10 @@ def read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 _check_dtype(path, img.header.get_data_dtype())
                 stored = img.header.get_data_dtype().itemsize
                 scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0  # then nibabel gives float64 voxels
-                _check_size(path, img.shape, 8 if scaled else stored)
-                _check_stored(path, path, 0, img.dataobj.offset + int(np.prod(img.shape, dtype=object)) * stored,
-                              compressed=_gzipped(path))
-                arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+                with _decoding_memory(path, img.shape, 8 if scaled else stored):
+                    _check_stored(path, path, 0, img.dataobj.offset + int(np.prod(img.shape, dtype=object)) * stored,
+                                  compressed=_gzipped(path))
+                    arr, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         else:
             arr, affine = _itk_read(path)
     except PgpsError:
@@ -312,20 +332,20 @@ def _itk_read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     # the dtype of ITK's pixel type, from an image of one voxel ("vector of 64-bit float": float64)
     dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID(), comps)).dtype
     shape = (*size, comps)
-    _check_size(path, shape, dtype.itemsize)
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    kept = None
-    if (voxels := _itk_voxels(path)) is not None:
-        data, start, compressed, msb = voxels
-        kept = _check_stored(path, data, start, need, compressed, keep=compressed and ending(path) == ".mha")
-    if kept is not None:
-        arr = np.frombuffer(kept, dtype.newbyteorder(">" if msb else "<"), count=need // dtype.itemsize)
-        arr = arr.reshape(*reversed(size), *((comps,) if comps > 1 else ()))
-    else:
-        img = _itk_call(path, reader.Execute)  # held while its view below is copied
-        arr = sitk.GetArrayViewFromImage(img)  # ITK's axis order, [z, y, x(, c)]
-    order = tuple(reversed(range(len(size)))) + tuple(range(len(size), arr.ndim))
-    return np.array(arr.transpose(order), dtype=dtype.newbyteorder("="), order="C"), affine  # a copy, native order
+    with _decoding_memory(path, shape, dtype.itemsize):
+        kept = None
+        if (voxels := _itk_voxels(path)) is not None:
+            data, start, compressed, msb = voxels
+            kept = _check_stored(path, data, start, need, compressed, keep=compressed and ending(path) == ".mha")
+        if kept is not None:
+            arr = np.frombuffer(kept, dtype.newbyteorder(">" if msb else "<"), count=need // dtype.itemsize)
+            arr = arr.reshape(*reversed(size), *((comps,) if comps > 1 else ()))
+        else:
+            img = _itk_call(path, reader.Execute)  # held while its view below is copied
+            arr = sitk.GetArrayViewFromImage(img)  # ITK's axis order, [z, y, x(, c)]
+        order = tuple(reversed(range(len(size)))) + tuple(range(len(size), arr.ndim))
+        return np.array(arr.transpose(order), dtype=dtype.newbyteorder("="), order="C"), affine  # a copy, native order
 
 
 def _channels_last(path: Path, shape: Sequence[int]) -> tuple[int, ...]:

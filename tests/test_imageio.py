@@ -5,6 +5,8 @@ import io
 import itertools
 import json
 import os
+import re
+import threading
 import zlib
 
 import nibabel as nib
@@ -427,3 +429,41 @@ def test_a_detached_data_file_is_checked_like_voxels_in_the_header_file(tmp_path
     f.write_text(mha.format("HeaderSize = 50\n", "case.raw"))  # voxels from byte 50 of their file: 10 there
     with pytest.raises(PgpsError, match=r"case.raw \(the data file of .*x.mha\) holds 10 bytes, fewer than the 60"):
         imageio.read(f)
+
+
+def test_reads_on_two_threads_count_each_others_decodes_against_the_memory(tmp_path, monkeypatch):
+    # preparation reads two cases at once: each fits the memory alone, not both; the second waits for the first
+    # to be decoded, then looks again at what is left (here the first's voxels are held, or were let go)
+    free, seen, done = {"bytes": 100}, threading.Event(), []
+
+    def memory():
+        if threading.current_thread().name == "second":
+            seen.set()
+        return free["bytes"]
+
+    def second():
+        try:
+            with imageio._decoding_memory(tmp_path / "b.nii", (6, 10), 1):
+                done.append("b decoded")
+        except PgpsError as exc:
+            done.append(str(exc))
+
+    monkeypatch.setattr(imageio, "available_memory", memory)
+    for left in (100, 40):
+        done.clear()
+        seen.clear()
+        with imageio._decoding_memory(tmp_path / "a.nii", (6, 10), 1):
+            other = threading.Thread(target=second, name="second")
+            other.start()
+            assert seen.wait(60)  # it has looked at the memory: 60 + 60 bytes, more than the 100 there are
+            done.append("a decoded")
+            free["bytes"] = left
+        other.join(60)
+        free["bytes"] = 100
+        assert done[0] == "a decoded" and len(done) == 2
+        assert done[1] == "b decoded" if left == 100 else re.match(
+            r".*b.nii declares 6x10 voxels in its header, 0.0 GiB decoded, more than the 0.0 GiB of memory", done[1])
+    with imageio._decoding_memory(tmp_path / "a.nii", (6, 10), 1):  # too large alone: refused at once
+        with pytest.raises(PgpsError, match="declares 11x10 voxels"):
+            with imageio._decoding_memory(tmp_path / "b.nii", (11, 10), 1):
+                pass
