@@ -108,25 +108,35 @@ def _itk_call(path: Path, call: Callable[[], Any]) -> Any:
     a failing call printed gives its reason, and what a call that works printed (another thread's words,
     an ITK warning) is shown after it, as it would have been."""
     with _ITK_CALLS, tempfile.TemporaryFile() as caught:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(caught.fileno(), 2)
+        _flush_stderr()
+        try:
+            saved: int | None = os.dup(2)
+        except OSError:  # no standard error (closed): nothing ITK prints shows anyway
+            saved = None
+        else:
+            os.dup2(caught.fileno(), 2)
         try:
             result, failure = call(), None
         except Exception as exc:  # ITK raises RuntimeError; anything else is named the same way
             result, failure = None, exc
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            if saved is not None:
+                _flush_stderr()
+                os.dup2(saved, 2)
+                os.close(saved)
         caught.seek(0)
         printed = caught.read().decode("utf-8", errors="replace")
     if failure is not None:
         raise _cannot(path, failure, printed) from None
-    if printed:
+    if printed and sys.stderr is not None:
         sys.stderr.write(printed)
         sys.stderr.flush()
     return result
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 def _existing(path: str | Path) -> tuple[Path, str]:
