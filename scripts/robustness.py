@@ -457,6 +457,19 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
     add(Case(U, "image naming a data file outside its folder (.mha), predict", [*predict, "{w}/in/case.mha"], 2,
              "outside the image's own folder", detached_mha, absent("seg")))
 
+    def broken_mha(w: Path) -> None:  # a header MetaImage's parser gives up on, printing its own lines to fd 2
+        copy_run(w)
+        (w / "in").mkdir()
+        (w / "in" / "case.mha").write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 8 x 8\nElementType = MET_UCHAR\n"
+                                            b"ElementDataFile = LOCAL\n" + bytes(512))
+
+    def one_stderr_line(w: Path, r) -> str | None:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        return None if len(lines) == 1 else f"{len(lines)} lines on stderr: {lines[:3]}"
+
+    add(Case(U, "image with a header ITK cannot parse (.mha), predict", [*predict, "{w}/in/case.mha"], 2,
+             "cannot read MetaImage file", broken_mha, both(absent("seg"), one_stderr_line)))
+
     def extension_bomb(w: Path) -> None:  # a NIfTI header claiming a 1 GiB extension, a few hundred bytes on disk
         import gzip
 
