@@ -95,43 +95,70 @@ def _itk_reason(lines: list[str], printed: str) -> str:
     return lines[-1]
 
 
-_ITK_CALLS = threading.Lock()  # ITK prints to file descriptor 2, one for the whole process: one call at a time
-
-
 def _itk_call(path: Path, call: Callable[[], Any]) -> Any:
-    """``call()``, a SimpleITK read of ``path``, with what ITK prints to standard error caught, and its failure
-    refused in one line (:func:`_cannot`).
+    """``call()``, a SimpleITK read of ``path``, with what ITK prints to standard error caught
+    (:func:`_stderr_caught`), and its failure refused in one line (:func:`_cannot`) whose reason that text
+    gives where there is some.
 
     Parts of ITK, MetaImage's parser above all, print from C++ straight to file descriptor 2 (which
     SimpleITK's warning switch does not reach), several lines before an error that says less: a broken file
-    would show them above the one-line error.  File descriptor 2 is therefore a file while ITK runs; what
-    a failing call printed gives its reason, and what a call that works printed (another thread's words,
-    an ITK warning) is shown after it, as it would have been."""
-    with _ITK_CALLS, tempfile.TemporaryFile() as caught:
-        _flush_stderr()
+    would show them above the one-line error."""
+    with _stderr_caught() as printed:
         try:
-            saved: int | None = os.dup(2)
-        except OSError:  # no standard error (closed): nothing ITK prints shows anyway
-            saved = None
-        else:
-            os.dup2(caught.fileno(), 2)
-        try:
-            result, failure = call(), None
+            return call()
         except Exception as exc:  # ITK raises RuntimeError; anything else is named the same way
-            result, failure = None, exc
-        finally:
-            if saved is not None:
+            raise _cannot(path, exc, printed()) from None
+
+
+_STDERR = threading.Lock()
+_stderr: dict[str, Any] = {"users": 0}  # the blocks under way, the file fd 2 writes to, fd 2's own copy, and
+# how far that file is claimed
+
+
+@contextmanager
+def _stderr_caught() -> Iterator[Callable[[], str]]:
+    """File descriptor 2 writes to a file while the block runs, and goes back once the last of the blocks under
+    way on any thread ends (fd 2 is the process's: ITK reads on two threads share one file and still run at
+    once, SimpleITK letting go of the GIL); what no block claimed is then shown on standard error after all
+    (an ITK warning on a read that worked, another thread's words).  Yields a function that gives what was
+    printed since the block began and claims it, for a failure's reason."""
+    with _STDERR:
+        if not _stderr["users"]:
+            _flush_stderr()
+            file = tempfile.TemporaryFile()
+            try:
+                saved: int | None = os.dup(2)
+            except OSError:  # no standard error (closed): nothing ITK prints shows anyway
+                saved = None
+            else:
+                os.dup2(file.fileno(), 2)
+            _stderr.update(file=file, saved=saved, claimed=0)
+        _stderr["users"] += 1
+        fd = _stderr["file"].fileno()
+        start = os.fstat(fd).st_size
+
+    def printed() -> str:
+        _flush_stderr()
+        with _STDERR:
+            end = os.fstat(fd).st_size
+            _stderr["claimed"] = max(_stderr["claimed"], end)
+        return os.pread(fd, end - start, start).decode("utf-8", errors="replace")
+
+    try:
+        yield printed
+    finally:
+        with _STDERR:
+            _stderr["users"] -= 1
+            if not _stderr["users"]:
                 _flush_stderr()
-                os.dup2(saved, 2)
-                os.close(saved)
-        caught.seek(0)
-        printed = caught.read().decode("utf-8", errors="replace")
-    if failure is not None:
-        raise _cannot(path, failure, printed) from None
-    if printed and sys.stderr is not None:
-        sys.stderr.write(printed)
-        sys.stderr.flush()
-    return result
+                if _stderr["saved"] is not None:
+                    os.dup2(_stderr["saved"], 2)
+                    os.close(_stderr["saved"])
+                left = os.pread(fd, os.fstat(fd).st_size - _stderr["claimed"], _stderr["claimed"])
+                _stderr["file"].close()
+                if left and sys.stderr is not None:
+                    sys.stderr.write(left.decode("utf-8", errors="replace"))
+                    sys.stderr.flush()
 
 
 def _flush_stderr() -> None:

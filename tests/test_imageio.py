@@ -467,3 +467,23 @@ def test_reads_on_two_threads_count_each_others_decodes_against_the_memory(tmp_p
         with pytest.raises(PgpsError, match="declares 11x10 voxels"):
             with imageio._decoding_memory(tmp_path / "b.nii", (11, 10), 1):
                 pass
+
+
+def test_itk_reads_on_two_threads_share_the_caught_standard_error(tmp_path, capfd):
+    # fd 2 is the process's: a read that fails while another thread's read goes on still gets its own reason,
+    # and what no failure claimed (a warning of a read that worked) is shown once the last read ends
+    (tmp_path / "x.mha").write_text(_MHA.replace("ElementType = MET_UCHAR\n", "").format("", "LOCAL"))
+    failed = []
+
+    def broken():
+        with pytest.raises(PgpsError, match=r"x.mha \(ElementType required and not defined\.\)") as err:
+            imageio.read(tmp_path / "x.mha")
+        failed.append(str(err.value))
+
+    with imageio._stderr_caught():  # another read under way
+        other = threading.Thread(target=broken)
+        other.start()
+        other.join(60)
+        os.write(2, b"a warning of ITK's\n")
+        assert capfd.readouterr().err == ""
+    assert len(failed) == 1 and capfd.readouterr().err == "a warning of ITK's\n"
