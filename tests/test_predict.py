@@ -471,6 +471,31 @@ def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp
     assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
 
 
+def test_evaluate_scores_a_case_that_preparation_resampled_against_its_own_label_file(run, tmp_path, capsys):
+    """A case at another spacing than the run's: preparation resampled it (and its label) to the median spacing,
+    but its Dice is that of predict's output against its label file, on the file's own grid."""
+    run_dir, root, _ = run
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root, mixed)
+    for d in ("imagesTr", "labelsTr"):  # case_002 at 1 x 1 x 2.5 mm: the median spacing stays the run's 1 mm
+        img = nib.load(mixed / d / "case_002.nii.gz")
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine @ np.diag([1, 1, 2.5, 1])),
+                 mixed / d / "case_002.nii.gz")
+    rc, out, err = cli(capsys, "evaluate", "--run", run_dir, "--data", mixed, "--cache-dir", tmp_path / "c",
+                       "--all-cases")
+    assert rc == 0, err
+    ev = json.loads(out)
+    assert ev["scored"].endswith("scored against its label file: case_002 is at another spacing than the run's"), \
+        ev["scored"]
+    assert cli(capsys, "predict", "--run", run_dir, "--input", mixed / "imagesTr", "--out", tmp_path / "p",
+               "--quiet")[0] == 0
+    for case in ("case_001", "case_002"):
+        pred, label = (np.asanyarray(nib.load(f / f"{case}.nii.gz").dataobj).astype(np.int64)
+                       for f in (tmp_path / "p", mixed / "labelsTr"))
+        dice = dice_scores(torch.from_numpy(pred), torch.from_numpy(label), 3).tolist()
+        assert list(ev["dice_per_case"][case].values()) == pytest.approx(dice, rel=1e-3, abs=1e-4), case
+
+
 def test_a_checkpoint_that_does_not_fit_its_network_or_channels_gives_one_short_line(run, tmp_path, capsys):
     run_dir, root, _ = run
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
