@@ -141,6 +141,30 @@ def test_a_resampled_input_comes_back_on_its_own_grid(tmp_path, end):
     assert _dice(label, shifted.astype(np.uint8), 2) < 0.9
 
 
+def test_an_itk_output_keeps_the_spacing_direction_and_origin_its_input_stores(tmp_path, monkeypatch):
+    """A MetaImage header written with 4 digits holds directions that are not unit vectors: an output whose fields
+    were split anew from the affine (spacing 2e-5 smaller, directions normalised) is refused by ITK beside its
+    input ('Inputs do not occupy the same physical space')."""
+    import SimpleITK as sitk
+
+    from pgps_tune import predict as pr
+
+    run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(0.7, 0.9, 2.3),
+              normalisation=[{"type": "ct", "lower": -1e9, "upper": 1e9, "mean": 0.5, "sd": 1.0}])
+    monkeypatch.setattr(pr, "_load_run", lambda run_dir, device: run)
+    image = np.zeros((6, 5, 4), np.float32)
+    image[1:4, 2:5, 1:3] = 1
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              "TransformMatrix = 0.8660 0.5 0 -0.5 0.8660 0 0 0 1\nOffset = 1.5 -2.5 3.5\n"
+              "ElementSpacing = 0.7 0.9 2.3\nDimSize = 6 5 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    (tmp_path / "in.mha").write_bytes(header.encode() + image.transpose(2, 1, 0).tobytes())
+    pr.predict("run", tmp_path / "in.mha", tmp_path / "out", "cpu")
+    source, out = (sitk.ReadImage(str(f)) for f in (tmp_path / "in.mha", tmp_path / "out" / "in.mha"))
+    assert out.GetSpacing() == source.GetSpacing() == (0.7, 0.9, 2.3)
+    assert out.GetDirection() == source.GetDirection() and out.GetOrigin() == source.GetOrigin()
+    assert np.array_equal(sitk.GetArrayFromImage(out), image.transpose(2, 1, 0))  # at the run's spacing: exact
+
+
 def test_mirroring_averages_copies_flipped_back_into_place():
     run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
               normalisation=[{"type": "zscore"}])
