@@ -737,25 +737,34 @@ class _TrainProgress:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pgps_tune import predict as pr
+    from pgps_tune.data import SYNTHETIC, discover
     from pgps_tune.trainer import evaluate_run
 
     pre = pr.run_preprocessing(a.run)  # the run is checked before the data are prepared
     ds = _prepare(a)
     relabel, renumbered = pr.relabelling(pre, ds)
     cases, scored = pr.evaluation_cases(a.run, ds, a.all_cases)
-    if pr.same_preprocessing(pre, ds):
-        result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror, relabel=relabel)
-    else:  # another spacing or normalisation than the run's training data: score as predict segments
-        from pgps_tune.data import SYNTHETIC, discover
-
-        if _data(a.data) == SYNTHETIC:
+    synthetic = _data(a.data) == SYNTHETIC
+    files = [] if synthetic else [discover(_data(a.data)).cases[i] for i in cases]
+    spacing = f"{'x'.join(f'{v:.3g}' for v in pre['spacing'])} mm"
+    if not pr.same_preprocessing(pre, ds):  # another spacing or normalisation than the run's training data
+        if synthetic:
             raise PgpsError("the synthetic data are prepared at another spacing or normalisation than the run's "
                             "training data; evaluate on a dataset folder")
-        spec_cases = discover(_data(a.data)).cases
-        result = pr.evaluate_files(a.run, [spec_cases[i] for i in cases], a.device, a.mirror, relabel=relabel)
-        scored += (f", each segmented as predict does (resampled to the run's spacing "
-                   f"{'x'.join(f'{v:.3g}' for v in pre['spacing'])} mm, normalised as its training data) and scored on "
-                   "its own grid: this data's preprocessing differs from the run's")
+        why = (f"resampled to the run's spacing {spacing}, normalised as its training data) and scored on its own "
+               "grid: this data's preprocessing differs from the run's")
+    elif resampled := pr.resampled_cases(files, ds.spacing):  # their cached labels are not on their files' grid
+        more = f" and {len(resampled) - 2} more" if len(resampled) > 2 else ""
+        why = (f"resampled to the run's spacing {spacing} and back) and scored against its label file: "
+               f"{', '.join(resampled[:2])}{more} {'is' if len(resampled) == 1 else 'are'} at another spacing than the "
+               "run's")
+    else:
+        why = ""
+    if why:  # score as predict segments
+        result = pr.evaluate_files(a.run, files, a.device, a.mirror, relabel=relabel)
+        scored += f", each segmented as predict does ({why}"
+    else:
+        result = evaluate_run(a.run, ds, a.device, cases=cases, mirror=a.mirror, relabel=relabel)
     if renumbered:
         scored += f"; {renumbered}"
     print(strict_json(_rounded({"scored": scored, "mirrored": a.mirror, **result,

@@ -839,7 +839,7 @@ def _preprocess(spec: DatasetSpec, workers: int, folder: Path) -> dict[str, Any]
         case, sp = spec.cases[k], read[k][0]
         image, label = unpark(k)
         intensity.check_values(image, schemes, f"case {case.case_id}")
-        if not np.allclose(sp, target, rtol=1e-3):
+        if imageio.needs_resampling(sp, target):
             _check_resample_memory(case.case_id, image.shape, sp, target)
             image, label = _resample(image, label, sp, target)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below

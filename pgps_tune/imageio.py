@@ -664,9 +664,11 @@ def _check_volume(path: Path, shape: Sequence[int], affine: np.ndarray) -> None:
 def write(path: str | Path, array: np.ndarray, affine: np.ndarray, like: str | Path | None = None) -> Path:
     """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) with ``affine`` atomically; the format follows ``path``.
 
-    ``like``: a NIfTI file whose header is reused (units, descriptions, qform/sform
-    codes) so the output carries the input's header apart from the data type, the
-    intensity scaling and the intent, which a label map must not inherit.
+    ``like``: the file whose header is reused where it has ``affine``, so the output carries the input's header
+    apart from the data type, the intensity scaling and the intent, which a label map must not inherit: a NIfTI
+    file's units, descriptions and qform/sform codes; an ``.nrrd``/``.mha`` file's spacing, direction and origin
+    as stored (an affine splits into them only up to rounding, and ITK refuses to combine images whose fields
+    differ by more than 1e-6, as those of a header written with 4 digits, whose directions are not unit vectors).
     """
     path = Path(path)
     end = _known(path)
@@ -676,7 +678,7 @@ def write(path: str | Path, array: np.ndarray, affine: np.ndarray, like: str | P
         if end == ".nii.gz":
             payload = gzip.compress(payload, compresslevel=6, mtime=0)
     else:
-        payload = _itk_bytes(array, affine, end)
+        payload = _itk_bytes(array, affine, end, like)
     return atomic_write(path, lambda fh: fh.write(payload))
 
 
@@ -698,15 +700,35 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, like: str | Path | None)
     return img.to_bytes()
 
 
-def _itk_bytes(array: np.ndarray, affine: np.ndarray, end: str) -> bytes:
+def _itk_geometry(affine: np.ndarray, like: str | Path | None) -> tuple[list[float], list[float], list[float]]:
+    """ITK's spacing, direction (row by row) and origin of a 3D grid with ``affine``: those stored in ``like``
+    (an ``.nrrd``/``.mha`` file, its first three axes) where it has that affine within 1e-6 mm, else from it."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if like is not None and ending(like) in ITK_ENDINGS:
+        reader = _sitk().ImageFileReader()
+        reader.SetFileName(str(like))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:  # read a moment ago: replaced or removed since
+            raise _cannot(Path(like), exc) from None
+        n = reader.GetDimension()
+        spacing, origin = list(reader.GetSpacing())[:3], list(reader.GetOrigin())[:3]
+        direction = np.asarray(reader.GetDirection()).reshape(n, n)[:3, :3]
+        if np.allclose(_itk_affine(direction.ravel(), spacing, origin), affine, rtol=0, atol=1e-6):
+            return spacing, [float(v) for v in direction.ravel()], origin
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return ([float(s) for s in spacing], [float(v) for v in (_LPS @ affine[:3, :3] / spacing).ravel()],
+            [float(v) for v in _LPS @ affine[:3, 3]])
+
+
+def _itk_bytes(array: np.ndarray, affine: np.ndarray, end: str, like: str | Path | None) -> bytes:
     sitk = _sitk()
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
     order = (2, 1, 0) + tuple(range(3, array.ndim))
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(order)), isVector=array.ndim == 4)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetDirection([float(v) for v in (_LPS @ linear / spacing).ravel()])
-    img.SetOrigin([float(v) for v in _LPS @ np.asarray(affine, dtype=np.float64)[:3, 3]])
+    spacing, direction, origin = _itk_geometry(affine, like)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    img.SetOrigin(origin)
     # SimpleITK chooses the format by file name, so write a named temporary file and hand its bytes on
     with tempfile.TemporaryDirectory(prefix="pgps-") as tmp:
         out = Path(tmp) / f"out{end}"
@@ -770,6 +792,12 @@ def import_libraries(paths: Iterable[str | Path]) -> None:
 
     if any(ending(p) in ITK_ENDINGS for p in paths):
         _sitk()
+
+
+def needs_resampling(spacing: Sequence[float], target: Sequence[float]) -> bool:
+    """Whether voxels of ``spacing`` go to ``target`` by resampling: the one rule of ``data.prepare``, ``predict``
+    and ``evaluate`` (within 0.1%, so a header's rounding is no other grid)."""
+    return not np.allclose(spacing, target, rtol=1e-3)
 
 
 def resampled_shape(

@@ -163,6 +163,18 @@ def same_preprocessing(pre: dict[str, Any], ds: PreparedDataset) -> bool:
         pre["normalisation"])
 
 
+def resampled_cases(cases: Sequence[Any], spacing: Sequence[float]) -> list[str]:
+    """The ids of ``cases`` (``data.Case``) whose images, by their headers, ``data.prepare`` resampled to
+    ``spacing``: their cached volumes and labels lie on another grid than their files, where ``predict``
+    writes its segmentations and where they are to be scored."""
+    found = []
+    for case in cases:
+        shape, affine = imageio.header(case.images[0])
+        if imageio.needs_resampling(imageio.voxel_sizes(imageio.canonical_grid(shape, affine)[1]), spacing):
+            found.append(case.case_id)
+    return found
+
+
 def relabelling(pre: dict[str, Any], ds: PreparedDataset) -> tuple[np.ndarray | None, str]:
     """How ``ds``'s label values are read as the run's classes, and a sentence saying so where they differ.
 
@@ -375,7 +387,7 @@ def predict_case(run: Run, files: Sequence[Path], geometry: Geometry, device: to
     image = read_case(files)
     check_values(image, run.normalisation, str(files[0]))
     shape = geometry.canonical_shape
-    if not np.allclose(geometry.spacing, run.spacing, rtol=1e-3):  # the rule data.prepare resamples by
+    if imageio.needs_resampling(geometry.spacing, run.spacing):
         shape = imageio.resampled_shape(shape, geometry.spacing, run.spacing)
     image = normalise(imageio.resample(image, shape, order=3), run.normalisation)
     probs = imageio.resample(segment(run, image, device, mirror), geometry.canonical_shape, order=1)
@@ -474,7 +486,7 @@ def check_memory(run: Run, case: str, geometry: Geometry) -> None:
     An image whose voxels are far coarser than the run's (an 8 mm scan for a 1 mm run) is resampled to
     hundreds of times its size before the network sees it; without this it ends in an out-of-memory kill."""
     shape = geometry.canonical_shape
-    if not np.allclose(geometry.spacing, run.spacing, rtol=1e-3):
+    if imageio.needs_resampling(geometry.spacing, run.spacing):
         shape = imageio.resampled_shape(shape, geometry.spacing, run.spacing)
     k = run.num_classes
     need = (math.prod(shape) * (PREDICT_BYTES_PER_CLASS * k + PREDICT_BYTES)

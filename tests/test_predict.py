@@ -141,6 +141,30 @@ def test_a_resampled_input_comes_back_on_its_own_grid(tmp_path, end):
     assert _dice(label, shifted.astype(np.uint8), 2) < 0.9
 
 
+def test_an_itk_output_keeps_the_spacing_direction_and_origin_its_input_stores(tmp_path, monkeypatch):
+    """A MetaImage header written with 4 digits holds directions that are not unit vectors: an output whose fields
+    were split anew from the affine (spacing 2e-5 smaller, directions normalised) is refused by ITK beside its
+    input ('Inputs do not occupy the same physical space')."""
+    import SimpleITK as sitk
+
+    from pgps_tune import predict as pr
+
+    run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(0.7, 0.9, 2.3),
+              normalisation=[{"type": "ct", "lower": -1e9, "upper": 1e9, "mean": 0.5, "sd": 1.0}])
+    monkeypatch.setattr(pr, "_load_run", lambda run_dir, device: run)
+    image = np.zeros((6, 5, 4), np.float32)
+    image[1:4, 2:5, 1:3] = 1
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              "TransformMatrix = 0.8660 0.5 0 -0.5 0.8660 0 0 0 1\nOffset = 1.5 -2.5 3.5\n"
+              "ElementSpacing = 0.7 0.9 2.3\nDimSize = 6 5 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    (tmp_path / "in.mha").write_bytes(header.encode() + image.transpose(2, 1, 0).tobytes())
+    pr.predict("run", tmp_path / "in.mha", tmp_path / "out", "cpu")
+    source, out = (sitk.ReadImage(str(f)) for f in (tmp_path / "in.mha", tmp_path / "out" / "in.mha"))
+    assert out.GetSpacing() == source.GetSpacing() == (0.7, 0.9, 2.3)
+    assert out.GetDirection() == source.GetDirection() and out.GetOrigin() == source.GetOrigin()
+    assert np.array_equal(sitk.GetArrayFromImage(out), image.transpose(2, 1, 0))  # at the run's spacing: exact
+
+
 def test_mirroring_averages_copies_flipped_back_into_place():
     run = Run(Threshold(), channels=1, num_classes=2, final_patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
               normalisation=[{"type": "zscore"}])
@@ -469,6 +493,31 @@ def test_evaluate_on_data_prepared_otherwise_scores_as_predict_segments(run, tmp
     rc, _, err = cli(capsys, "evaluate", "--run", tmp_path / "nowhere", "--data", root, "--cache-dir", tmp_path / "c")
     one_line_error(rc, err, "does not exist; give --run a run folder")
     assert not (tmp_path / "c").exists()  # the run is checked before the data are prepared
+
+
+def test_evaluate_scores_a_case_that_preparation_resampled_against_its_own_label_file(run, tmp_path, capsys):
+    """A case at another spacing than the run's: preparation resampled it (and its label) to the median spacing,
+    but its Dice is that of predict's output against its label file, on the file's own grid."""
+    run_dir, root, _ = run
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root, mixed)
+    for d in ("imagesTr", "labelsTr"):  # case_002 at 1 x 1 x 2.5 mm: the median spacing stays the run's 1 mm
+        img = nib.load(mixed / d / "case_002.nii.gz")
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine @ np.diag([1, 1, 2.5, 1])),
+                 mixed / d / "case_002.nii.gz")
+    rc, out, err = cli(capsys, "evaluate", "--run", run_dir, "--data", mixed, "--cache-dir", tmp_path / "c",
+                       "--all-cases")
+    assert rc == 0, err
+    ev = json.loads(out)
+    assert ev["scored"].endswith("scored against its label file: case_002 is at another spacing than the run's"), \
+        ev["scored"]
+    assert cli(capsys, "predict", "--run", run_dir, "--input", mixed / "imagesTr", "--out", tmp_path / "p",
+               "--quiet")[0] == 0
+    for case in ("case_001", "case_002"):
+        pred, label = (np.asanyarray(nib.load(f / f"{case}.nii.gz").dataobj).astype(np.int64)
+                       for f in (tmp_path / "p", mixed / "labelsTr"))
+        dice = dice_scores(torch.from_numpy(pred), torch.from_numpy(label), 3).tolist()
+        assert list(ev["dice_per_case"][case].values()) == pytest.approx(dice, rel=1e-3, abs=1e-4), case
 
 
 def test_a_checkpoint_that_does_not_fit_its_network_or_channels_gives_one_short_line(run, tmp_path, capsys):
