@@ -672,6 +672,8 @@ def _write_learning_curve(run: Path) -> None:
 
 
 PROGRESS = ("auto", "live", "lines", "json", "none")
+AUTOSCALING_HELP = ("with --address: the cluster's autoscaler starts nodes when trials wait, so no live node "
+                    "need fit a trial (node types the autoscaler reported are checked all the same)")
 
 
 def progress_mode(choice: str, quiet: bool, stream: Any = None) -> str:
@@ -957,6 +959,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     opts = SweepOptions(
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
+        autoscaling=a.autoscaling,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
         progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow,
@@ -1188,8 +1191,8 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds,
         splits=str(Path(a.splits).resolve()) if a.splits else None, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
-        max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet,
-        progress=progress_mode(a.progress, a.quiet))
+        max_failures=a.max_failures, address=a.address, autoscaling=a.autoscaling, results_store=a.results_store,
+        quiet=a.quiet, progress=progress_mode(a.progress, a.quiet))
     try:
         summary = confirm(opts)
     except SweepInterrupted as exc:
@@ -1412,6 +1415,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--gpus-per-trial", type=n("gpus_per_trial"), default=0.0,
                        help="default 0; fractions allowed, e.g. 0.5")
         q.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
+        q.add_argument("--autoscaling", action="store_true", help=AUTOSCALING_HELP)
         q.add_argument("--storage", default=None, metavar="PATH|URI",
                        help="local path or s3:// / gs:// URI for Tune's results (default SWEEP_DIR/ray)")
         q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
@@ -1507,6 +1511,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--max-failures", type=n("max_failures"), default=None,
                     help="retries of a failed trial (default: the space's budget.max_failures)")
     co.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
+    co.add_argument("--autoscaling", action="store_true", help=AUTOSCALING_HELP)
     co.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
     co.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")

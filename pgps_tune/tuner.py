@@ -149,6 +149,7 @@ class SweepOptions:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     address: str | None = None
+    autoscaling: bool = False  # the cluster starts nodes when trials wait: no live node need fit a trial
     storage: str | None = None
     resume: bool = False
     cache_root: str | None = None
@@ -175,6 +176,9 @@ class SweepOptions:
             raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
         if self.address:
             check_address(self.address)
+        elif self.autoscaling:
+            raise PgpsError("--autoscaling is for a Ray cluster whose autoscaler starts nodes when trials wait; give "
+                            "it with --address, or leave it out")
         for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:
@@ -1334,15 +1338,82 @@ def local_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None) -> None:
+@dataclass
+class NodeType:
+    """A type of node the cluster's autoscaler may start: its name, its resources, and how many at most
+    (None: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int | None = None
+
+    def shape(self) -> str:
+        most = "" if self.max_count is None else f", at most {plural(self.max_count, 'node')}"
+        return f"{self.name} ({_shape(self.resources)}{most})"
+
+
+def _shape(resources: dict[str, float]) -> str:
+    """A node's CPUs and GPUs, as a refusal names them: ``4 CPUs, 1 GPU``."""
+    return ", ".join(plural(float(resources.get(k, 0.0)), k) for k in ("CPU", "GPU") if k == "CPU" or resources.get(k))
+
+
+def node_types_of(config) -> list[NodeType]:
+    """The node types of an autoscaler's ``ClusterConfig`` (Ray's protobuf) that it may start one of (a
+    ``max_count`` of -1: no limit); [] for None."""
+    if config is None:
+        return []
+    return [NodeType(g.name or "unnamed", {k: float(v) for k, v in g.resources.items()},
+                     None if g.max_count < 0 else g.max_count)
+            for g in config.node_group_configs if g.max_count != 0 and g.resources]
+
+
+def declared_node_types() -> list[NodeType]:
+    """The node types the cluster's autoscaler told the GCS it may start (Ray Data and Ray Train read them
+    there too); [] where none did.  Ray 2.60's own autoscalers (v1 and v2, KubeRay's included) never report
+    them (ray-project/ray#63012): such a cluster's scaling is only known from ``--autoscaling``."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except AttributeError:  # a later Ray moved this private reader: the types are unknown, as without a report
+        return []
+    return node_types_of(config)
+
+
+def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None,
+                    node_types: tuple[NodeType, ...] | list[NodeType] = (), autoscaling: bool | None = None) -> bool:
     """Refuse per-trial resources that no node of the cluster can give one trial (``nodes``: each live node's
     resources, Ray's by default; ``gpus`` None: the CPUs alone).  A trial runs on one node: two 1-CPU nodes
-    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word."""
+    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word.
+
+    On an autoscaling cluster the node may not be up yet: a trial that fits one of ``node_types`` (those its
+    autoscaler declared) waits for it; one that fits none of them is refused too.  Where the autoscaler
+    declared none, ``autoscaling`` (None: a Ray of our own; else whether ``--autoscaling`` was given) lets
+    the trials wait all the same.  Both say so in a note; True where the trials wait for a node to start."""
     if nodes is None:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     need = {"CPU": cpus} if gpus is None else {"CPU": cpus, "GPU": gpus}
-    if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
-        return
+    asked = " with ".join(f"{flag} {need[k]:g}" for k, flag in (("CPU", "--cpus-per-trial"),
+                                                                ("GPU", "--gpus-per-trial")) if need.get(k))
+
+    def fits(node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) >= v for k, v in need.items())
+
+    if any(fits(node) for node in nodes):
+        return False
+    if startable := [t for t in node_types if fits(t.resources)]:
+        print(f"pgps-tune: note: no live node of the cluster fits {asked}: the trials wait for its autoscaler to "
+              f"start a node of type {' or '.join(t.shape() for t in startable)}", file=sys.stderr, flush=True)
+        return True
+    if node_types:
+        live = "; ".join(dict.fromkeys(_shape(node) for node in nodes)) or "none"
+        raise PgpsError(f"{asked}: no node of the cluster fits a trial, neither a live one ({live}) nor one of the "
+                        f"types its autoscaler starts: {', '.join(t.shape() for t in node_types)}; ask for at "
+                        "most what one of them has")
+    if autoscaling:
+        print(f"pgps-tune: note: no live node of the cluster fits {asked}; --autoscaling: the trials wait for the "
+              "autoscaler to start one (they stay pending if it never can: then stop the sweep with Ctrl-C)",
+              file=sys.stderr, flush=True)
+        return True
+    hint = "" if autoscaling is None else "; or, on a cluster whose autoscaler starts such nodes, give --autoscaling"
     for key, flag in (("CPU", "--cpus-per-trial"), ("GPU", "--gpus-per-trial")):
         if key not in need:
             continue
@@ -1351,15 +1422,15 @@ def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float
         if need[key] > total:
             fix = ("ask for at most that" if key == "CPU" else
                    "use --gpus-per-trial 0 or join a cluster with GPUs (--address)")
-            raise PgpsError(f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}")
+            raise PgpsError(f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}{hint}")
         if need[key] > most:
             raise PgpsError(f"{flag} {need[key]:g} but no node of the cluster has {plural(need[key], key)} (a trial "
                             f"runs on one node; its {len(nodes)} nodes have at most {plural(most, key)} each); "
-                            f"ask for at most {most:g}")
+                            f"ask for at most {most:g}{hint}")
     fit = float(max(node.get("CPU", 0.0) for node in nodes if node.get("GPU", 0.0) >= need["GPU"]))
     raise PgpsError(f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}: no node of the cluster has both (a "
                     f"trial runs on one node; those with {plural(need['GPU'], 'GPU')} have at most "
-                    f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial")
+                    f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial{hint}")
 
 
 def _unseen_here(paths: dict[str, str], creatable: dict[str, str], remote: tuple | None = None) -> list[str]:
@@ -1395,14 +1466,15 @@ NODE_CHECK_S = 60.0  # a node's check starts a Ray worker there: seconds, unless
 
 
 def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str, data: str | None,
-                        cache_root: str | None, plans: str | None = None) -> None:
+                        cache_root: str | None, plans: str | None = None, autoscales: bool = False) -> None:
     """Refuse, before any trial starts, a cluster with a node that would run trials but cannot see what they
     read and write: the Tune storage (the trials write their results and checkpoints there, and Tune does
     not sync them to the driver: a file the driver writes there must be visible, in a local path or, with
     the node's own credentials, in a remote one), the dataset (``data``; None: synthetic or nnU-Net's), the
     nnU-Net plans, or the preprocessing cache's folder (``cache_root``: made where missing).  What only the
     driver's machine has otherwise fails every trial placed elsewhere, after retries, with Ray's or the
-    loader's own error.  Each node that fits a trial checks itself in a task of no CPUs."""
+    loader's own error.  Each node that fits a trial checks itself in a task of no CPUs; on a cluster that
+    ``autoscales``, those its autoscaler starts later cannot be checked now, which a note says."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -1458,6 +1530,12 @@ def check_cluster_paths(cpus: float, gpus: float, storage_fs, storage_path: str,
         raise PgpsError(f"node {where}{more} of the cluster would run trials but cannot see "
                         f"{' or '.join(labels[k] for k in unseen)} (on this machine only?); "
                         f"{'; '.join(_UNSEEN_FIX[k] for k in unseen)}, then run the command again")
+    if autoscales:
+        now = "the nodes up now were checked, but" if nodes else "no node that fits a trial is up yet, and"
+        needed = [labels["remote" if remote else "storage"],
+                  *(labels[k] for k in (*paths, *creatable) if k != "storage")]
+        print(f"pgps-tune: note: {now} the nodes the autoscaler starts for the trials cannot be checked before they "
+              f"are up: each must see {' and '.join(needed)}, or its trials fail there", file=sys.stderr, flush=True)
 
 
 def _filesystem(storage: str | None, storage_path: str):
@@ -2885,13 +2963,13 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
         if settings is not None and before:
             settings = resumed_confirmation(before, settings)  # never shrinks what 'pgps-tune confirm' added
-        with _ray_session(opts, signals):
+        with _ray_session(opts, signals) as autoscales:
             if opts.address:  # the trials may run on other machines: what they need must be there too
                 nnunet_trainer = b.trainer == "nnunet"
                 check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, storage_path,
                                     None if nnunet_trainer else opts.data,
                                     None if nnunet_trainer else str(Path(ds.cache_dir).parent),
-                                    str(ds.plan.source) if nnunet_trainer else None)
+                                    str(ds.plan.source) if nnunet_trainer else None, autoscales)
             meta = _run_phases(opts, signals, ds, final, pools, storage_fs, storage_path, num_samples, started,
                                settings, before)
         try:
@@ -3093,8 +3171,13 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
         with signals.held():
             start_ray(opts.address)
         signals.install()
-        check_resources(opts.cpus_per_trial, opts.gpus_per_trial)
-        yield
+        types = declared_node_types() if opts.address else []
+        if check_resources(opts.cpus_per_trial, opts.gpus_per_trial, node_types=types,
+                           autoscaling=opts.autoscaling if opts.address else None) and not opts.max_concurrent:
+            print("pgps-tune: note: without --max-concurrent, Tune asks for one waiting trial at a time, so the "
+                  "autoscaler starts their nodes one after another; --max-concurrent N asks for N at once",
+                  file=sys.stderr, flush=True)
+        yield bool(opts.address and (opts.autoscaling or types))
     finally:
         if own_ray:
             ray.shutdown()
@@ -3553,6 +3636,7 @@ class ConfirmOptions:
     max_concurrent: int | None = None
     max_failures: int | None = None
     address: str | None = None
+    autoscaling: bool = False  # as SweepOptions.autoscaling
     results_store: str | None = None
     quiet: bool = False
     progress: str = "lines"  # as SweepOptions.progress
@@ -3623,7 +3707,8 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         data=setup["data"], out=Path(c.sweep), max_concurrent=c.max_concurrent,
         cpus_per_trial=c.cpus_per_trial or meta.get("cpus_per_trial", 1.0),
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
-        address=c.address, storage=meta.get("storage"), resume=True, results_store=c.results_store, quiet=c.quiet,
+        address=c.address, autoscaling=c.autoscaling, storage=meta.get("storage"), resume=True,
+        results_store=c.results_store, quiet=c.quiet,
         progress=c.progress, max_failures=c.max_failures,
         **({"nnunet_plans": ds.plan, "nnunet_configuration": setup["nnunet"]["configuration"]}
            if "nnunet" in setup else {}),
@@ -3636,12 +3721,13 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     # the confirmation's budget prices its trials; no plan line: an extension trains only what is new
     plan = confirm_plan(settings, b["iterations_per_epoch"],
                         _fractions(meta["reference_configs"], setup, settings.epochs))
-    with _stop_signals() as signals, _ray_session(opts, signals), _sweep_clock([plan], opts, announce=False):
+    with _stop_signals() as signals, _ray_session(opts, signals) as autoscales, \
+            _sweep_clock([plan], opts, announce=False):
         if opts.address:  # as in a sweep: the trials may run on other machines
             nnunet_trainer = "nnunet" in setup
             check_cluster_paths(opts.cpus_per_trial, opts.gpus_per_trial, storage_fs, meta["storage_path"],
                                 None if nnunet_trainer else setup["data"], setup.get("cache_root"),
-                                setup["nnunet"]["plans"] if nnunet_trainer else None)
+                                setup["nnunet"]["plans"] if nnunet_trainer else None, autoscales)
         run_confirmation(opts, meta, settings, storage_fs, signals)
     return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
 

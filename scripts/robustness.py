@@ -1126,6 +1126,9 @@ def cases(base: Path, python: str) -> list[Case]:  # noqa: C901 - a flat list of
              "no Ray cluster reachable at --address 127.0.0.1:1", space(), timeout=120))
     add(Case(C, "tune --address of a Ray Client (ray://)", [*sweep, "--address", "ray://127.0.0.1:10001"], 2,
              "is a Ray Client address, which pgps-tune cannot use", space(), absent("sweep"), timeout=120))
+    add(Case(C, "tune --autoscaling without --address (a Ray of the sweep's own does not autoscale)",
+             [*sweep, "--autoscaling"], 2, "--autoscaling is for a Ray cluster whose autoscaler starts nodes",
+             space(), absent("sweep"), timeout=120))
     add(Case(C, "tune --address auto with RAY_ADDRESS a dashboard URL (as for 'ray job submit')",
              [*sweep, "--address", "auto"], 2, "RAY_ADDRESS=http://127.0.0.1:8265 (which --address auto reads)",
              space(), absent("sweep"), env={"RAY_ADDRESS": "http://127.0.0.1:8265"}, timeout=120))

@@ -356,6 +356,51 @@ def test_per_trial_resources_must_fit_on_one_node_of_the_cluster():
                                     "most 4 CPUs per trial")
 
 
+def test_an_autoscaling_cluster_lets_trials_wait_for_a_node_type_it_starts(tmp_path, capsys):
+    # a cluster whose GPU workers were scaled to zero refused '--gpus-per-trial 1' though its autoscaler would
+    # start one: a node type the autoscaler reported (Ray's ClusterConfig in the GCS) now counts as a node
+    from ray.core.generated import autoscaler_pb2 as pb
+
+    from pgps_tune.errors import PgpsError
+    from pgps_tune.tuner import check_resources, node_types_of
+
+    config = pb.ClusterConfig(node_group_configs=[
+        pb.NodeGroupConfig(name="head", resources={"CPU": 4}, min_count=1, max_count=1),
+        pb.NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, max_count=-1),  # -1: no limit
+        pb.NodeGroupConfig(name="retired", resources={"CPU": 64, "GPU": 8}, max_count=0)])  # starts none
+    types = node_types_of(config)
+    assert [(t.name, t.resources, t.max_count) for t in types] == [
+        ("head", {"CPU": 4.0}, 1), ("gpu", {"CPU": 8.0, "GPU": 1.0}, None)]
+    assert node_types_of(None) == []
+    head = [{"CPU": 4.0}]
+    assert check_resources(4, 0, head, types) is False  # a live node fits: nothing to wait for, nothing said
+    assert capsys.readouterr().err == ""
+    assert check_resources(2, 1, head, types) is True
+    assert capsys.readouterr().err == ("pgps-tune: note: no live node of the cluster fits --cpus-per-trial 2 with "
+                                       "--gpus-per-trial 1: the trials wait for its autoscaler to start a node of "
+                                       "type gpu (8 CPUs, 1 GPU)\n")
+    for flags, cpus, gpus in (("--cpus-per-trial 2 with --gpus-per-trial 2", 2, 2), ("--cpus-per-trial 16", 16, 0)):
+        with pytest.raises(PgpsError) as e:  # what fits no type, live or declared, still waits for ever
+            check_resources(cpus, gpus, head, types, autoscaling=True)
+        assert str(e.value) == (f"{flags}: no node of the cluster fits a trial, neither a live one (4 CPUs) nor "
+                                "one of the types its autoscaler starts: head (4 CPUs, at most 1 node), gpu (8 CPUs, "
+                                "1 GPU); ask for at most what one of them has")
+    # Ray 2.60's own autoscalers report no types: --autoscaling lets the trials wait, and the refusal names it
+    with pytest.raises(PgpsError, match=r"has 0 GPUs; .*; or, on a cluster whose autoscaler starts such nodes, "
+                                        r"give --autoscaling$"):
+        check_resources(2, 1, head, autoscaling=False)
+    with pytest.raises(PgpsError) as e:  # a Ray of the sweep's own has no autoscaler to name
+        check_resources(2, 1, head)
+    assert "autoscal" not in str(e.value)
+    assert check_resources(2, 1, head, autoscaling=True) is True
+    assert "--autoscaling: the trials wait for the autoscaler to start one" in capsys.readouterr().err
+    space = write_space(tmp_path / "s.yaml")
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "--autoscaling"]) == 2  # a Ray of the sweep's own has no autoscaler
+    assert error_line(capsys.readouterr().err).startswith("pgps-tune: error: --autoscaling is for a Ray cluster ")
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
     from pgps_tune import tuner
     from pgps_tune.errors import PgpsError
@@ -410,7 +455,7 @@ def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(
     assert "RAY_ADDRESS is set (10.0.0.1:6379, as in a Ray Job), but without --address" in capsys.readouterr().err
 
 
-def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path):
+def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_trial(shared_ray, tmp_path, capsys):
     # a path only on the driver's machine failed every trial placed on another node, after its retries (for a
     # local --storage, at the trial's first checkpoint): each node that fits a trial now checks, in a task of no CPUs
     import pyarrow.fs as pafs
@@ -437,6 +482,18 @@ def test_a_node_that_cannot_see_the_storage_data_or_cache_is_refused_before_any_
         f"of the cluster would run trials but cannot see --data {tmp_path / 'gone'} or the preprocessing cache "
         f"{tmp_path / 'file' / 'cache'} (on this machine only?); put the dataset at the same path on every node; "
         "give a --cache-dir every node can write") in str(e.value), str(e.value)
+    assert list(store.iterdir()) == []
+    # on an autoscaling cluster the nodes started for the trials are not up to check: a note says what they need
+    capsys.readouterr()
+    check_cluster_paths(1, 0, None, str(store), str(data), None, autoscales=True)
+    assert capsys.readouterr().err == (
+        "pgps-tune: note: the nodes up now were checked, but the nodes the autoscaler starts for the trials cannot "
+        f"be checked before they are up: each must see the Tune storage {store} and --data {data}, or its trials "
+        "fail there\n")
+    check_cluster_paths(1, 64, pafs.LocalFileSystem(), str(store), None, str(tmp_path / "cache"), autoscales=True)
+    assert capsys.readouterr().err.startswith(
+        "pgps-tune: note: no node that fits a trial is up yet, and the nodes the autoscaler starts for the trials "
+        f"cannot be checked before they are up: each must see the Tune storage {store} and the preprocessing cache ")
     assert list(store.iterdir()) == []
 
 
@@ -836,7 +893,7 @@ def test_sigterm_after_the_local_ray_shut_down_still_reaches_the_sweep(monkeypat
         monkeypatch.delenv(key, raising=False)  # set by the session; put back as they were after the test
     monkeypatch.setattr(tuner.ray, "is_initialized", lambda: False)  # a local Ray of the sweep's own, without Ray
     monkeypatch.setattr(tuner, "start_ray", lambda address: None)
-    monkeypatch.setattr(tuner, "check_resources", lambda *args: None)
+    monkeypatch.setattr(tuner, "check_resources", lambda *args, **kw: None)
     monkeypatch.setattr(tuner.ray, "shutdown", lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0))  # as Ray's core
     opts = SimpleNamespace(address=None, cpus_per_trial=1, gpus_per_trial=0)
     with tuner._stop_signals() as signals:
