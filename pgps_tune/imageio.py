@@ -707,10 +707,7 @@ def _itk_geometry(affine: np.ndarray, like: str | Path | None) -> tuple[list[flo
     if like is not None and ending(like) in ITK_ENDINGS:
         reader = _sitk().ImageFileReader()
         reader.SetFileName(str(like))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:  # read a moment ago: replaced or removed since
-            raise _cannot(Path(like), exc) from None
+        _itk_call(Path(like), reader.ReadImageInformation)  # read a moment ago: may be replaced or removed since
         n = reader.GetDimension()
         spacing, origin = list(reader.GetSpacing())[:3], list(reader.GetOrigin())[:3]
         direction = np.asarray(reader.GetDirection()).reshape(n, n)[:3, :3]
