@@ -86,7 +86,7 @@ from pgps_tune.errors import (
     read_file,
     stop_signals_held,
 )
-from pgps_tune.nnunet import NnunetPlan, SweepDataset
+from pgps_tune.nnunet import NnunetPlan, SweepDataset, tuned_on
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -3135,7 +3135,11 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     if nnunet_trainer:
         plan = ds.plan
         setup["nnunet"] = {"plans": str(plan.source), "configuration": plan.configuration}
-        meta["nnunet"] = {**setup["nnunet"], "fold": b.nnunet_fold, "dataset": plan.dataset}
+        meta["nnunet"] = {**tuned_on(plan, b.trainer), "fold": b.nnunet_fold}
+    elif (plan := _tuned_plan(opts)) is not None:  # what export --nnunet compares the plans it writes for with
+        meta["nnunet"] = tuned_on(plan, b.trainer)
+    elif isinstance((before or {}).get("nnunet"), dict):  # resumed without --nnunet-plans, on the same budget
+        meta["nnunet"] = before["nnunet"]
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if before:
@@ -3157,6 +3161,16 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
+
+
+def _tuned_plan(opts: SweepOptions) -> NnunetPlan | None:
+    """The nnU-Net plan whose patch, poolings and batch size the budget trains (``tune --nnunet-plans`` with
+    pgps-tune's trainer: :func:`pgps_tune.nnunet.plan_space`), None for a sweep on pgps-tune's own plan."""
+    plan, b = opts.nnunet_plans, opts.space.budget
+    if not isinstance(plan, NnunetPlan):
+        return None
+    trains = (tuple(b.final_patch or ()), tuple(b.pools or ()), b.batch_size)
+    return plan if (plan.final_patch, plan.pools, plan.batch_size) == trains else None
 
 
 def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], storage_fs,
