@@ -753,7 +753,8 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     same_norm = None in (norm, here["normalization"]) or norm == here["normalization"]
     replanned = (name, swept) == (plan.plans_name, plan.configuration)
     if same_spacing and same_norm:
-        return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan)
+        return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan,
+                                                      meta.get("pools"))
     norms = ["" if same_norm else f", normalisation {'/'.join(map(str, n))}" for n in (norm, here["normalization"])]
     then = swept if same_plans else f"{swept} of {name}"
     target = plan.configuration if same_plans else f"{plan.configuration} of {plan.plans_name}"
@@ -773,11 +774,15 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
 
 
 def _same_data_note(experiment: str | Path, swept: str, was: dict[str, Any], here: dict[str, Any],
-                    plan: NnunetPlan) -> str:
-    """The note of an export to another configuration or plans of the same data: what else differs."""
+                    plan: NnunetPlan, pools: Any = None) -> str:
+    """The note of an export to another configuration or plans of the same data: what else differs (``pools``:
+    the sweep's poolings per axis, pgps-tune's order)."""
     other = []
     if None not in (was.get("network"), here["network"]) and was["network"] != here["network"]:
         other.append(f"its network is {here['network']}, not {was['network']}")
+    if isinstance(pools, list) and pools != list(plan.pools):
+        other.append(f"its poolings per axis are {'x'.join(map(str, plan.pools))}, not {'x'.join(map(str, pools))} "
+                     "(x y z)")
     if was.get("batch_size") not in (None, here["batch_size"]):
         other.append(f"its batch size is {here['batch_size']}, not {was['batch_size']}")
     but = f", but {' and '.join(other)}" if other else ""

@@ -748,7 +748,7 @@ def test_export_to_other_plans_of_the_dataset_compares_the_data_they_train(tmp_p
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))
     hippo = _finished_sweep(tmp_path / "hippo", "Dataset004_Hippo", str(folder))
     meta = json.loads((hippo / "sweep.json").read_text())
-    meta["final_patch"] = list(plan.final_patch)
+    meta.update(final_patch=list(plan.final_patch), pools=list(plan.pools))
     (hippo / "sweep.json").write_text(json.dumps({**meta, "nnunet": {**nnunet.tuned_on(plan, "nnunet"), "fold": 0}}))
 
     def other(name: str, **cfg) -> Path:
@@ -770,6 +770,8 @@ def test_export_to_other_plans_of_the_dataset_compares_the_data_they_train(tmp_p
         f"export: note: {hippo} was tuned on 3d_fullres of nnUNetPlans; 3d_fullres of nnUNetResEncUNetMPlans trains "
         "the same data (spacing 3x0.7x0.8, x y z), but its network is ResidualEncoderUNet, not PlainConvUNet and its "
         "batch size is 3, not 2"), err
+    rc, err = export(other("nnUNetPlansShallow", architecture={"arch_kwargs": {"strides": STRIDES[:3]}}))
+    assert rc == 0 and err.strip().endswith(", but its poolings per axis are 1x2x2, not 1x3x3 (x y z)"), err
     coarser = other("nnUNetPlansCoarse", spacing=[4.0, 1.0, 1.0])
     rc, err = export(coarser)
     assert rc == 2 and err.count("\n") == 1 and (
@@ -789,6 +791,7 @@ def test_export_to_other_plans_of_the_dataset_compares_the_data_they_train(tmp_p
                         f"for 3d_fullres; run a sweep with --nnunet-plans {plan.source}") in err, err
     assert sorted(p.name for p in folder.glob("*.pgps_schedule.json")) == [
         "nnUNetTrainerPGPS_nnUNetPlansCoarse__nnUNetPlansCoarse__3d_fullres.pgps_schedule.json",
+        "nnUNetTrainerPGPS_nnUNetPlansShallow__nnUNetPlansShallow__3d_fullres.pgps_schedule.json",
         "nnUNetTrainerPGPS_nnUNetResEncUNetMPlans__nnUNetResEncUNetMPlans__3d_fullres.pgps_schedule.json"]
 
 
