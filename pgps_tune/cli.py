@@ -1160,10 +1160,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     if nn_export is not None:
         from pgps_tune.nnunet import counts_line
 
-        path, nn_file, origins = nn_export
+        path, nn_file, origins, note = nn_export
         nn_file.save(path)
         print(f"nnU-Net schedule: {path} (read by -tr {a.trainer}; see docs/NNUNET.md)")
         print(counts_line(nn_file, origins))
+        if note is not None:
+            print(note, file=sys.stderr, flush=True)
     return 0
 
 
@@ -1539,8 +1541,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--other-dataset", action="store_true",
                     help="with --nnunet: export although the sweep searched another dataset than the plans'")
     ex.add_argument("--other-configuration", action="store_true",
-                    help="with --nnunet: export although the sweep's nnU-Net trials trained another configuration's "
-                         "data (e.g. 3d_lowres for 3d_fullres)")
+                    help="with --nnunet: export although the sweep was tuned on another configuration's data "
+                         "(e.g. 3d_lowres for 3d_fullres, or plans of another spacing)")
     ex.add_argument("--epochs", type=n("epochs"), default=None,
                     help="with --nnunet: the epochs nnU-Net trains (default: a budget.trainer nnunet sweep's, else "
                          "nnU-Net's 1000); the schedule is rescaled")

@@ -675,33 +675,123 @@ def export_for_nnunet(s: sch.Schedule, plan: NnunetPlan, trainer: str = TRAINER,
 
 
 def _sweep_searched(meta: dict[str, Any], plan: NnunetPlan) -> bool:
-    """Whether the sweep in ``meta`` searched the plans' dataset (by its nnU-Net folder name or dataset name)."""
-    names = {str(meta.get("dataset", "")), Path(str(meta.get("data", ""))).name,
-             str((meta.get("nnunet") or {}).get("dataset", ""))}
+    """Whether the sweep in ``meta`` searched the plans' dataset (by its nnU-Net folder name or dataset name).
+    The dataset of its plans counts where its trials trained nnU-Net's data; pgps-tune's trainer read --data."""
+    names = {str(meta.get("dataset", "")), Path(str(meta.get("data", ""))).name}
+    on = meta.get("nnunet")
+    if isinstance(on, dict) and on.get("trainer", "nnunet") == "nnunet":
+        names.add(str(on.get("dataset", "")))
     return plan.dataset in names
 
 
-def _check_sweep_configuration(experiment: str | Path, meta: dict[str, Any], plan: NnunetPlan) -> None:
-    """Refuse exporting a ``budget.trainer: nnunet`` sweep for a configuration whose data its trials did not
-    train: 3d_lowres is resampled coarser than 3d_fullres, so a schedule scored there was not measured at
-    the export's spacing, even where both have one patch and one network.  A configuration of the same data
-    (3d_cascade_fullres beside a sweep of 3d_fullres: same data_identifier and spacing) passes."""
-    swept = (meta.get("nnunet") or {}).get("configuration")
-    if not isinstance(swept, str) or swept == plan.configuration:
-        return
-    try:
-        there = read_plans(plan.source, swept)
-    except PgpsError:  # these plans do not hold it (or not as a 3-D configuration)
-        there = None
-    if there is not None and (there.data_identifier, there.spacing) == (plan.data_identifier, plan.spacing):
-        return
-    spacing = ["x".join(f"{v:g}" for v in p.spacing) for p in (there or plan, plan)]
-    measured = (f"its trials trained nnU-Net's {swept} data (spacing {spacing[0]}, x y z), not "
-                f"{plan.configuration}'s (spacing {spacing[1]})" if there is not None else
-                f"its trials trained nnU-Net's {swept}, which {plan.source} does not hold as a 3-D configuration")
-    raise PgpsError(f"{experiment}: {measured}, so its schedule was not measured for {plan.configuration}; give "
-                    f"--configuration {swept}, run a sweep with --nnunet-plans {plan.source} --configuration "
-                    f"{plan.configuration}, or add --other-configuration to export it for {plan.configuration} anyway")
+def tuned_on(plan: NnunetPlan, trainer: str) -> dict[str, Any]:
+    """What sweep.json keeps (as ``nnunet``) of the plans a sweep's schedules were tuned on, by either trainer
+    (``budget.trainer``): the plans and configuration, and what ``export --nnunet`` compares with the plans it
+    writes for (see :func:`_check_sweep_plans`), as they were when the sweep ran (the plans may be planned
+    again since).  ``spacing`` in pgps-tune's axis order."""
+    cfg = _resolve_configuration(plan.plans["configurations"], plan.configuration, str(plan.source))
+    arch = cfg.get("architecture")
+    network = arch.get("network_class_name") if isinstance(arch, dict) else cfg.get("UNet_class_name")
+    return {"plans": str(plan.source), "plans_name": plan.plans_name, "configuration": plan.configuration,
+            "dataset": plan.dataset, "trainer": trainer, "spacing": list(plan.spacing),
+            "normalization": _normalization(cfg), "batch_size": plan.batch_size,
+            "network": str(network).rsplit(".", 1)[-1] if network else None}
+
+
+def _normalization(cfg: dict[str, Any]) -> list[str] | None:
+    """A configuration's intensity normalisation per channel (nnU-Net's scheme, ``+mask`` where it normalises
+    inside the foreground mask only), None where the plans do not say."""
+    schemes, masks = cfg.get("normalization_schemes"), cfg.get("use_mask_for_norm")
+    if not isinstance(schemes, list):
+        return None
+    masks = masks if isinstance(masks, list) and len(masks) == len(schemes) else [False] * len(schemes)
+    return [f"{s}{'+mask' if m else ''}" for s, m in zip(schemes, masks)]
+
+
+def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: NnunetPlan) -> str | None:
+    """Refuse exporting a sweep tuned on nnU-Net's plans (``tune --nnunet-plans``, with either trainer) for a
+    configuration whose data differ from those it was tuned on: another spacing (3d_lowres is resampled
+    coarser than 3d_fullres) or normalisation, in these plans, in other plans of the dataset, or in these plans
+    planned again since, even where the patch and network are the same.  A configuration of the same data
+    (3d_cascade_fullres beside a sweep of 3d_fullres; nnUNetResEncUNetMPlans' 3d_fullres beside nnUNetPlans')
+    passes with a note (returned) saying what else differs.  Another final patch is left to
+    :func:`check_schedule`, whose refusal names the configurations the schedule fits.  A sweep of pgps-tune's
+    trainer from before sweep.json kept its plans is not compared (only its patch is)."""
+    on = meta.get("nnunet")
+    if not isinstance(on, dict) or not isinstance(on.get("configuration"), str):
+        return None
+    swept, name = on["configuration"], str(on.get("plans_name") or Path(str(on.get("plans", ""))).stem)
+    same_plans = name == plan.plans_name
+    if "spacing" in on:  # as it was when the sweep ran
+        was: dict[str, Any] | None = on
+        spacing = on["spacing"]
+        if not (isinstance(spacing, list) and len(spacing) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)):
+            raise PgpsError(f"{Path(experiment) / 'sweep.json'}: nnunet.spacing {spacing!r} is not 3 positive "
+                            "numbers (damaged); restore the file, or add --other-configuration to export without "
+                            "comparing the plans")
+        if meta.get("final_patch") is not None and list(meta["final_patch"]) != list(plan.final_patch):
+            return None
+    elif same_plans and swept == plan.configuration:  # a budget.trainer nnunet sweep from before the record
+        return None
+    else:  # its configuration as its plans file (else these plans) holds it now
+        recorded = Path(str(on.get("plans", "")))
+        try:
+            was = tuned_on(read_plans(recorded if not same_plans and recorded.is_file() else plan.source, swept),
+                           "nnunet")
+        except PgpsError:  # these plans do not hold it (or not as a 3-D configuration)
+            was = None
+    here = tuned_on(plan, str(on.get("trainer", "nnunet")))
+    if was is None:
+        raise PgpsError(f"{experiment}: its trials trained nnU-Net's {swept}, which {plan.source} does not hold as a "
+                        f"3-D configuration, so its schedule was not measured for {plan.configuration}; give "
+                        f"--configuration {swept}, run a sweep with --nnunet-plans {plan.source} --configuration "
+                        f"{plan.configuration}, or add --other-configuration to export it for {plan.configuration} "
+                        "anyway")
+    same_spacing = all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
+    norm = was.get("normalization") if isinstance(was.get("normalization"), list) else None
+    same_norm = None in (norm, here["normalization"]) or norm == here["normalization"]
+    replanned = (name, swept) == (plan.plans_name, plan.configuration)
+    if same_spacing and same_norm:
+        return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan,
+                                                      meta.get("pools"))
+    norms = ["" if same_norm else f", normalisation {'/'.join(map(str, n))}" for n in (norm, here["normalization"])]
+    then = swept if same_plans else f"{swept} of {name}"
+    target = plan.configuration if same_plans else f"{plan.configuration} of {plan.plans_name}"
+    if on.get("trainer", "nnunet") == "nnunet":
+        tuned = f"its trials trained nnU-Net's {swept} data{'' if same_plans else f' of {name}'}"
+        now = (f"the data {plan.source} plans for {target} now" if replanned else
+               f"{target}'s" if same_plans else f"the data of {target}")
+    else:
+        tuned = f"it was tuned for nnU-Net's {then}"
+        now = f"{target} as {plan.source} plans it now" if replanned else target
+    give = ("" if replanned else f"give --configuration {swept}, " if same_plans else
+            f"give --nnunet {on.get('plans')} --configuration {swept}, ")
+    raise PgpsError(f"{experiment}: {tuned} (spacing {_spacing(was['spacing'])}, x y z{norms[0]}), not {now} "
+                    f"(spacing {_spacing(plan.spacing)}{norms[1]}), so its schedule was not measured for {target}; "
+                    f"{give}run a sweep with --nnunet-plans {plan.source} --configuration {plan.configuration}, or "
+                    f"add --other-configuration to export it for {target} anyway")
+
+
+def _same_data_note(experiment: str | Path, swept: str, was: dict[str, Any], here: dict[str, Any],
+                    plan: NnunetPlan, pools: Any = None) -> str:
+    """The note of an export to another configuration or plans of the same data: what else differs (``pools``:
+    the sweep's poolings per axis, pgps-tune's order)."""
+    other = []
+    if None not in (was.get("network"), here["network"]) and was["network"] != here["network"]:
+        other.append(f"its network is {here['network']}, not {was['network']}")
+    if isinstance(pools, list) and pools != list(plan.pools):
+        other.append(f"its poolings per axis are {'x'.join(map(str, plan.pools))}, not {'x'.join(map(str, pools))} "
+                     "(x y z)")
+    if was.get("batch_size") not in (None, here["batch_size"]):
+        other.append(f"its batch size is {here['batch_size']}, not {was['batch_size']}")
+    but = f", but {' and '.join(other)}" if other else ""
+    return (f"export: note: {experiment} was tuned on {swept}; {plan.configuration} of {plan.plans_name} trains "
+            f"the same data (spacing {_spacing(plan.spacing)}, x y z){but}")
+
+
+def _spacing(values: Sequence[float]) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
 
 
 COUNT_FLAGS = {"num_epochs": "--epochs", "num_iterations_per_epoch": "--iterations-per-epoch",
@@ -760,13 +850,13 @@ def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
                    trainer: str = TRAINER, pick: str | None = None, other_dataset: bool = False,
                    other_configuration: bool = False, counts: dict[str, int | None] | None = None
-                   ) -> tuple[Path, NnunetSchedule, dict[str, str]]:
-    """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write, and
-    where each of its counts comes from (see :func:`_export_counts`).
+                   ) -> tuple[Path, NnunetSchedule, dict[str, str], str | None]:
+    """Everything ``export --nnunet`` checks before it writes anything; returns where and what to write,
+    where each of its counts comes from (see :func:`_export_counts`), and a note for the user (or None).
 
     Refused in one line: a bad trainer name or plans; a sweep of another dataset than the plans'
-    (a synthetic one included) unless ``other_dataset``; a ``budget.trainer: nnunet`` sweep of another
-    configuration's data unless ``other_configuration`` (see :func:`_check_sweep_configuration`); a best
+    (a synthetic one included) unless ``other_dataset``; a sweep tuned on another configuration's data (of
+    these plans or others) unless ``other_configuration`` (see :func:`_check_sweep_plans`); a best
     schedule the plans' network cannot train, or with more stages than epochs; a different schedule file
     (or other counts) already beside the plans.  The best schedule is the one ``export`` writes as
     best_schedule.yaml (picked by a dry export into a temporary folder).  ``counts``: ``num_epochs`` /
@@ -783,8 +873,9 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
             f"{experiment} searched {meta.get('dataset')} ({meta.get('data')}), not {plan.dataset} of {plan.source}; "
             f"export a sweep of {plan.dataset}, or add --other-dataset to train this schedule on {plan.dataset} anyway"
         )
+    note = None
     if not other_configuration and _sweep_searched(meta, plan):  # another dataset: --other-dataset took that
-        _check_sweep_configuration(experiment, meta, plan)
+        note = _check_sweep_plans(experiment, meta, plan)
     with tempfile.TemporaryDirectory(prefix="pgps-export-") as tmp:
         export(experiment, Path(tmp) / "out", results_store=Path(tmp) / "store", pick=pick)
         best = Path(tmp) / "out" / "best_schedule.yaml"
@@ -804,7 +895,7 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
                         f"({origins['num_epochs']}); give --epochs {len(s.stages)} or more")
     path = schedule_file_for(plan, trainer)
     _check_beside(path, f, plan, trainer)
-    return path, f, origins
+    return path, f, origins, note
 
 
 # -- the trainer ------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ from pgps_tune.errors import (
     read_file,
     stop_signals_held,
 )
-from pgps_tune.nnunet import NnunetPlan, SweepDataset
+from pgps_tune.nnunet import NnunetPlan, SweepDataset, tuned_on
 from pgps_tune.results import (
     BEST,
     FOLDER_KEY,
@@ -235,6 +235,7 @@ class SweepOptions:
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 MLFLOW_EXPERIMENT = "mlflow_experiment"  # sweep.json: the MLflow experiment of all the sweep's runs
 MLFLOW_TAGS = "mlflow_tags"  # sweep.json: the tags that name the sweep on all its MLflow runs
+MLFLOW_LOCATION = "pgps.sweep_location"  # the tag of every run of a sweep that says where its folder is now
 MLFLOW_RUN_NAME_MAX = 250  # characters of a run name MLflow's SQL stores keep
 
 
@@ -1783,6 +1784,10 @@ def _mlflow_trials_class() -> type:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowTrials(MLflowLoggerCallback):
+        # where the sweep's folder is now (set while a phase runs, _mlflow_location): a class attribute, never pickled,
+        # since Tune restores a resumed phase's callback as it was when the phase started, maybe elsewhere
+        location: str | None = None
+
         def _guarded(self, what: str, call: Any, *args: Any) -> None:
             """Log through ``call``; the first failure (the tracking server gone, a full disk) is said in one
             note line and ends this phase's MLflow logging: the tracking server never stops the sweep."""
@@ -1839,8 +1844,11 @@ def _mlflow_trials_class() -> type:
             super().log_trial_start(trial)
             run_id = self._trial_runs[trial]
             self._ended.discard(run_id)
-            client.log_batch(run_id, tags=[RunTag("pgps.trial_id", str(trial.trial_id)),
-                                           RunTag("pgps.role", str(trial.config.get("role", "search")))])
+            tags = [RunTag("pgps.trial_id", str(trial.trial_id)),
+                    RunTag("pgps.role", str(trial.config.get("role", "search")))]
+            if where := type(self).location or self.tags.get("pgps.sweep_dir"):
+                tags.append(RunTag(MLFLOW_LOCATION, where))
+            client.log_batch(run_id, tags=tags)
 
         def _earlier_run(self, trial) -> str | None:
             """The run this sweep opened for ``trial`` before it was interrupted, if any."""
@@ -1923,6 +1931,30 @@ def trial_run_name(tags: dict[str, str], trial_id: str) -> str:
     return f"{sweep[:MLFLOW_RUN_NAME_MAX - len(tail) - 1]}/{tail}" if sweep else tail
 
 
+def relocate_mlflow_runs(uri: str, experiment: str, out: Path, meta: dict[str, Any]) -> int:
+    """Tag every MLflow run of the sweep in ``out`` (its trials' of every phase, and its own) with where its
+    folder is now (:data:`MLFLOW_LOCATION`): a sweep moved and resumed keeps the tags it started with, which
+    name it (see :func:`mlflow_sweep_tags`), and its runs say where it went.  Tags, since MLflow keeps a run's
+    params as first logged.  Returns how many runs it changed."""
+    from mlflow import MlflowClient
+
+    client, tags, where = MlflowClient(tracking_uri=uri), mlflow_sweep_tags(out, meta), str(out.resolve())
+    experiment_id = mlflow_experiment_id(client, experiment)
+    name = tags.get("pgps.sweep", "")
+    query = f"tags.`pgps.sweep` = '{name}'" if "'" not in name else ""  # else: every run, matched below
+    changed, token = 0, None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+        for run in page:
+            if run.data.tags.get(MLFLOW_LOCATION) != where and all(run.data.tags.get(k) == v
+                                                                   for k, v in tags.items()):
+                client.set_tag(run.info.run_id, MLFLOW_LOCATION, where)
+                changed += 1
+        token = page.token
+        if not token:
+            return changed
+
+
 def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """One MLflow run for the whole sweep, in its trials' ``experiment``: its budget as params (``budget.KEY``), the
     best trial's numbers as metrics, and best_schedule.yaml, summary.json and trials.parquet as artifacts.
@@ -1951,7 +1983,8 @@ def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str,
         *(Param(k, str(meta[k])) for k in ("space_name", "dataset") if meta.get(k) is not None)]
     for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, metrics=metrics if i == 0 else [], params=params[i:i + 100],
-                         tags=[RunTag("pgps.best_trial", str(best["trial_id"]))] if best and i == 0 else [])
+                         tags=[RunTag(MLFLOW_LOCATION, str(out.resolve())),
+                               *([RunTag("pgps.best_trial", str(best["trial_id"]))] if best else [])] if i == 0 else [])
     for f in (BEST, SUMMARY, TRIALS):
         if (out / f).is_file():
             client.log_artifact(run_id, str(out / f))
@@ -2810,8 +2843,23 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
     # what Tune restores (in fit) continues this folder's study and Tune storage
     with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
-          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded()):
+          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded(), _mlflow_location(opts)):
         tuner.fit()
+
+
+@contextlib.contextmanager
+def _mlflow_location(opts: SweepOptions):
+    """While the phase runs, its MLflow runs (a restored phase's too) say where the sweep's folder is now; after
+    it, no other sweep in this process (a notebook, a test suite) is said to be there."""
+    if not opts.mlflow:
+        yield
+        return
+    trials = _mlflow_trials_class()
+    trials.location = str(opts.out.resolve())
+    try:
+        yield
+    finally:
+        trials.location = None
 
 
 @contextlib.contextmanager
@@ -3213,12 +3261,21 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         MLFLOW_TAGS: mlflow_sweep_tags(opts.out, before),  # a moved sweep's runs keep the tags they started with
     }
     opts.mlflow_tags = meta[MLFLOW_TAGS]
+    if opts.mlflow and before:  # a resume, maybe of a sweep moved since: its runs say where it is now
+        try:
+            relocate_mlflow_runs(opts.mlflow, opts.mlflow_experiment, opts.out, meta)
+        except Exception as exc:  # the tracking server never stops the sweep
+            _mlflow_failed("tagging the sweep's runs with its folder", exc)
     setup = trial_setup(space, opts.data, None if nnunet_trainer else ds.cache_dir, final, pools,
                         opts.cpus_per_trial, opts.gpus_per_trial)
     if nnunet_trainer:
         plan = ds.plan
         setup["nnunet"] = {"plans": str(plan.source), "configuration": plan.configuration}
-        meta["nnunet"] = {**setup["nnunet"], "fold": b.nnunet_fold, "dataset": plan.dataset}
+        meta["nnunet"] = {**tuned_on(plan, b.trainer), "fold": b.nnunet_fold}
+    elif (plan := _tuned_plan(opts)) is not None:  # what export --nnunet compares the plans it writes for with
+        meta["nnunet"] = tuned_on(plan, b.trainer)
+    elif isinstance((before or {}).get("nnunet"), dict):  # resumed without --nnunet-plans, on the same budget
+        meta["nnunet"] = before["nnunet"]
     # what 'pgps-tune confirm' needs; a confirmation always compares with both references of the paper
     meta.update(trial_setup=setup, reference_configs=reference_configs(space, confirm_references(space)))
     if before:
@@ -3240,6 +3297,16 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
     meta["finished"] = True
     write_meta(opts.out, meta)
     return meta
+
+
+def _tuned_plan(opts: SweepOptions) -> NnunetPlan | None:
+    """The nnU-Net plan whose patch, poolings and batch size the budget trains (``tune --nnunet-plans`` with
+    pgps-tune's trainer: :func:`pgps_tune.nnunet.plan_space`), None for a sweep on pgps-tune's own plan."""
+    plan, b = opts.nnunet_plans, opts.space.budget
+    if not isinstance(plan, NnunetPlan):
+        return None
+    trains = (tuple(b.final_patch or ()), tuple(b.pools or ()), b.batch_size)
+    return plan if (plan.final_patch, plan.pools, plan.batch_size) == trains else None
 
 
 def _phases(opts: SweepOptions, signals: _StopSignals, meta: dict[str, Any], setup: dict[str, Any], storage_fs,

@@ -683,6 +683,118 @@ def test_export_of_an_nnunet_sweep_for_another_configurations_data_is_refused(tm
     assert "--other-configuration goes with --nnunet PLANS" in capsys.readouterr().err
 
 
+def test_a_sweep_of_pgps_tunes_trainer_on_nnunet_plans_records_them_for_export(tmp_path, tiny_msd, fake_export,
+                                                                                monkeypatch, capsys):
+    """tune --nnunet-plans --configuration 3d_lowres with pgps-tune's own trainer keeps the plans in sweep.json, so
+    export --nnunet compares them as for budget.trainer nnunet (the patch alone would pass 3d_fullres here)."""
+    import contextlib
+
+    import yaml
+
+    from pgps_tune import tuner
+
+    plans = current_plans()
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "spacing": [6.0, 1.6, 1.4],
+                                            "data_identifier": "nnUNetPlans_3d_lowres"}
+    plan = nnunet.read_plans(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+
+    def reached(*args, **kwargs):
+        raise PgpsError("Ray reached")
+
+    monkeypatch.setattr(tuner, "_ray_session", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(tuner, "_phases", reached)  # sweep.json is written before the phases start
+    monkeypatch.setattr(tuner, "_check_reference_memory", lambda *a, **k: None)  # MONAI's network: not this test's
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"stages": {"type": "int", "low": 1, "high": 2},
+                                                    "growth": {"value": 2.0}},
+                                     "search": {"algorithm": "random", "num_samples": 1, "references": False},
+                                     "confirm": {"enabled": False}, "budget": {"epochs": 30}}))
+    out = tmp_path / "lowres"
+    assert main(["tune", "--space", str(space), "--data", str(tiny_msd), "--out", str(out), "--quiet", "--cache-dir",
+                 str(tmp_path / "cache"), "--nnunet-plans", str(plan.source), "--configuration", "3d_lowres"]) == 2
+    assert "Ray reached" in capsys.readouterr().err
+    tuned = json.loads((out / "sweep.json").read_text())["nnunet"]
+    assert (tuned["plans"], tuned["configuration"], tuned["trainer"]) == (str(plan.source), "3d_lowres", "pgps_tune")
+    assert tuned["spacing"] == [6.0, 1.4, 1.6] and tuned["network"] == "PlainConvUNet" and "fold" not in tuned
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))
+    hippo = _finished_sweep(tmp_path / "hippo", "Hippocampus", str(tmp_path / "raw" / "Dataset004_Hippo"))
+    meta = json.loads((hippo / "sweep.json").read_text())
+    meta["final_patch"] = list(plan.final_patch)
+    (hippo / "sweep.json").write_text(json.dumps({**meta, "nnunet": tuned}))
+    base = ["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plan.source)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert (f"{hippo}: it was tuned for nnU-Net's 3d_lowres (spacing 6x1.4x1.6, x y z), not 3d_fullres (spacing "
+            "3x0.7x0.8), so its schedule was not measured for 3d_fullres; give --configuration 3d_lowres, run a sweep "
+            f"with --nnunet-plans {plan.source} --configuration 3d_fullres, or add --other-configuration") in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "exp").exists()
+    assert main([*base, "--configuration", "3d_lowres"]) == 0
+    assert main([*base, "--other-configuration"]) == 0 and "note" not in capsys.readouterr().err
+    # the plans' dataset is not what pgps-tune's trainer read: a sweep of another --data stays another dataset
+    (hippo / "sweep.json").write_text(json.dumps({**meta, "dataset": "synthetic", "data": "synthetic",
+                                                  "nnunet": tuned}))
+    assert main([*base, "--configuration", "3d_lowres"]) == 2
+    assert "searched synthetic (synthetic), not Dataset004_Hippo" in capsys.readouterr().err
+
+
+def test_export_to_other_plans_of_the_dataset_compares_the_data_they_train(tmp_path, fake_export, capsys):
+    """Other plans of the same data (nnUNetResEncUNetMPlans' 3d_fullres shares nnUNetPlans'): exported with a note
+    naming what else differs; plans of another spacing or normalisation, or these plans planned again since at
+    another spacing, are refused in one line unless --other-configuration."""
+    folder = tmp_path / "pre" / "Dataset004_Hippo"
+    plans = current_plans()
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
+    plan = nnunet.read_plans(write_plans(folder, plans))
+    fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))
+    hippo = _finished_sweep(tmp_path / "hippo", "Dataset004_Hippo", str(folder))
+    meta = json.loads((hippo / "sweep.json").read_text())
+    meta.update(final_patch=list(plan.final_patch), pools=list(plan.pools))
+    (hippo / "sweep.json").write_text(json.dumps({**meta, "nnunet": {**nnunet.tuned_on(plan, "nnunet"), "fold": 0}}))
+
+    def other(name: str, **cfg) -> Path:
+        changed = copy.deepcopy(plans)
+        changed["plans_name"] = name
+        changed["configurations"]["3d_fullres"].update(cfg)
+        (folder / f"{name}.json").write_text(json.dumps(changed))
+        return folder / f"{name}.json"
+
+    def export(plans_file: Path, *extra: str) -> tuple[int, str]:
+        rc = main(["export", "--experiment", str(hippo), "--out", str(tmp_path / "exp"), "--nnunet", str(plans_file),
+                   "--trainer", f"nnUNetTrainerPGPS_{plans_file.stem}", *extra])
+        return rc, capsys.readouterr().err
+
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "arch_kwargs": {"strides": STRIDES}}
+    rc, err = export(other("nnUNetResEncUNetMPlans", architecture=arch, batch_size=3))
+    assert rc == 0 and err.strip() == (
+        f"export: note: {hippo} was tuned on 3d_fullres of nnUNetPlans; 3d_fullres of nnUNetResEncUNetMPlans trains "
+        "the same data (spacing 3x0.7x0.8, x y z), but its network is ResidualEncoderUNet, not PlainConvUNet and its "
+        "batch size is 3, not 2"), err
+    rc, err = export(other("nnUNetPlansShallow", architecture={"arch_kwargs": {"strides": STRIDES[:3]}}))
+    assert rc == 0 and err.strip().endswith(", but its poolings per axis are 1x2x2, not 1x3x3 (x y z)"), err
+    coarser = other("nnUNetPlansCoarse", spacing=[4.0, 1.0, 1.0])
+    rc, err = export(coarser)
+    assert rc == 2 and err.count("\n") == 1 and (
+        f"{hippo}: its trials trained nnU-Net's 3d_fullres data of nnUNetPlans (spacing 3x0.7x0.8, x y z), not the "
+        "data of 3d_fullres of nnUNetPlansCoarse (spacing 4x1x1), so its schedule was not measured for 3d_fullres of "
+        f"nnUNetPlansCoarse; give --nnunet {plan.source} --configuration 3d_fullres, run a sweep with --nnunet-plans "
+        f"{coarser} --configuration 3d_fullres, or add --other-configuration") in err, err
+    assert export(coarser, "--other-configuration")[0] == 0
+    rc, err = export(other("nnUNetPlansCT", normalization_schemes=["CTNormalization"]))
+    assert rc == 2 and "(spacing 3x0.7x0.8, x y z, normalisation ZScoreNormalization), not the data of 3d_fullres " \
+                       "of nnUNetPlansCT (spacing 3x0.7x0.8, normalisation CTNormalization)" in err, err
+    plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 0.8, 0.7]  # nnUNetPlans planned again since the sweep
+    write_plans(folder, plans)
+    rc, err = export(plan.source)
+    assert rc == 2 and ("its trials trained nnU-Net's 3d_fullres data (spacing 3x0.7x0.8, x y z), not the data "
+                        f"{plan.source} plans for 3d_fullres now (spacing 2x0.7x0.8), so its schedule was not measured "
+                        f"for 3d_fullres; run a sweep with --nnunet-plans {plan.source}") in err, err
+    assert sorted(p.name for p in folder.glob("*.pgps_schedule.json")) == [
+        "nnUNetTrainerPGPS_nnUNetPlansCoarse__nnUNetPlansCoarse__3d_fullres.pgps_schedule.json",
+        "nnUNetTrainerPGPS_nnUNetPlansShallow__nnUNetPlansShallow__3d_fullres.pgps_schedule.json",
+        "nnUNetTrainerPGPS_nnUNetResEncUNetMPlans__nnUNetResEncUNetMPlans__3d_fullres.pgps_schedule.json"]
+
+
 def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
     beside = nnunet.schedule_file_for(plan)
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs

@@ -134,7 +134,8 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
         assert r.data.params["schedule"].endswith("16x16x16 batch 2 for 2 epochs")
         assert r.data.params["train.seed"] == "0" and r.data.params["train.augment"] == "default"
         tags = r.data.tags
-        assert tags["pgps.sweep_dir"] == str(out.resolve()) and tags["pgps.role"] == "search"
+        assert tags["pgps.sweep_dir"] == tags["pgps.sweep_location"] == str(out.resolve())
+        assert tags["pgps.role"] == "search"
         assert r.info.run_name == f"sweep/search/{tags['pgps.trial_id']}"
         assert tags["pgps.status"] == rows[tags["pgps.trial_id"]]["status"] == "completed"
         history = client.get_metric_history(r.info.run_id, "val_dice")
@@ -151,6 +152,15 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
     assert logged == best and sweep_run.data.tags["pgps.best_trial"] == best["meta"]["trial_id"]
     assert sweep_run.data.metrics["best_final_dice"] == pytest.approx(best["meta"]["val_dice"])
     assert sweep_run.data.params["budget.epochs"] == "4" and sweep_run.data.params["budget.filters"] == "[4, 8, 16, 32]"
+    # moved and resumed: every run of the sweep says where it is now, none is repeated, the folder it started in
+    # (which names it in the experiment) is kept
+    moved = tmp_path / "moved" / "sweep"
+    moved.parent.mkdir()
+    out.rename(moved)
+    assert main([*argv[:6], str(moved), *argv[7:], "--resume"]) == 0, capsys.readouterr().err
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3 and {r.data.tags["pgps.sweep_dir"] for r in runs} == {str(out.resolve())}
+    assert {r.data.tags["pgps.sweep_location"] for r in runs} == {str(moved.resolve())}
 
 
 def main_output(argv: list[str], capsys) -> str:
@@ -357,13 +367,26 @@ def test_a_moved_sweep_tags_its_mlflow_runs_as_it_started_and_names_trial_runs_b
     callback.setup()
     callback.log_trial_start(FakeTrial("b0_00000", {}))
     run_id = tuner.log_sweep_to_mlflow(uri, "e", first, {}, meta)
+    other = tuner.MLflowTrials(uri, experiment_name="e", tags={"pgps.sweep": "lr-sweep", "pgps.sweep_dir": "/else",
+                                                               "pgps.phase": "search"})
+    other.setup()
+    other.log_trial_start(FakeTrial("c0_00000", {}))  # another sweep of that name, in another folder
     first.rename(tmp_path / "gone")
     moved.mkdir(parents=True)
+    # the resume: every run of the sweep says where it is now (tags: MLflow keeps params as first logged), and
+    # the runs of its restored phases and new ones say so from their start; the folder it started in names it
+    assert tuner.relocate_mlflow_runs(uri, "e", moved, {**meta, "folder": str(moved)}) == 2
+    monkeypatch.setattr(type(callback), "location", str(moved.resolve()))
+    callback.log_trial_start(FakeTrial("b1_00000", {}))
     assert tuner.log_sweep_to_mlflow(uri, "e", moved, {}, {**meta, "folder": str(moved)}) == run_id
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["lr-sweep (sweep)", "lr-sweep/references/b0_00000"]
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id], "tags.`pgps.sweep_dir` != '/else'")
+    assert sorted(r.info.run_name for r in runs) == ["lr-sweep (sweep)", "lr-sweep/references/b0_00000",
+                                                     "lr-sweep/references/b1_00000"]
     assert all(r.data.tags["pgps.sweep_dir"] == str(first.resolve()) for r in runs)
+    assert all(r.data.tags["pgps.sweep_location"] == str(moved.resolve()) for r in runs)
+    (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id], "tags.`pgps.sweep_dir` = '/else'")
+    assert run.data.tags["pgps.sweep_location"] == "/else"
     long = tuner.trial_run_name({"pgps.sweep": "s" * 300, "pgps.phase": "search"}, "a1_00003")
     assert len(long) == tuner.MLFLOW_RUN_NAME_MAX and long.endswith("s/search/a1_00003")
 
