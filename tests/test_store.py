@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -513,3 +514,28 @@ def test_the_rule_an_export_picked_with_is_kept_by_best_and_by_later_exports(tmp
     results.write_meta(sweep, {**meta, "pick": "best"})
     with pytest.raises(PgpsError, match=r"malformed fields \(pick\)"):
         results.read_meta(sweep)
+
+
+def test_best_checks_the_json_of_the_rows_it_ranks_and_names_a_damaged_one(tmp_path, capsys):
+    # the JSON cells of a dataset's 100,000 rows are parsed only where 'best' uses them: a damaged cell of a
+    # stopped trial does not hold it up, one of a ranked trial is refused naming its folder and trial
+    store = tmp_path / "store"
+    stopped = replace(record("t2", 0.9), last_result={**record("t2", 0.9).last_result, "completed": False})
+    export_sweep(tmp_path / "e", sweep_meta(tmp_path / "e"), [record("t1", 0.6), stopped], store)
+    part = store / "dataset=synthetic" / "sweep=demo" / "part-0.parquet"
+    table = pq.read_table(part)
+
+    def damage(trial: str, column: str, text: str) -> None:
+        cells = [text if t == trial else c for t, c in zip(table["trial_id"].to_pylist(), table[column].to_pylist())]
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(cells)), part)
+
+    damage("t2", "params", "{")
+    assert results.best_schedule("synthetic", store).meta["trial_id"] == "t1"
+    for column, text, needle in [("params", "{", "params column is not valid JSON"),
+                                 ("schedule", "[1]", "schedule column is a JSON list"),
+                                 ("dice_per_class", "[" * 1000 + "]" * 1000,
+                                  "dice_per_class column is not valid JSON (nested")]:
+        damage("t1", column, text)
+        assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+        err = one_line(capsys)
+        assert f"results store folder {part.parent}: trial t1's {needle}" in err and "move that folder" in err, err
