@@ -1577,19 +1577,28 @@ STORE_FIX = "move that folder out of the store, or rerun 'pgps-tune export' for 
 
 
 def _check_stored(table: pa.Table, folder: Path) -> None:
-    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner or pick rule is not what
-    pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each distinct cell is read once:
-    a pareto sweep stores its rule on every row, a confirmed sweep its winner on one.  The JSON columns of the
-    rows a reader uses are checked by :func:`check_stored_rows`."""
+    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule or final patch is
+    not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each distinct cell is
+    read once: a sweep stores its final patch and a pareto sweep its rule on every row, a confirmed sweep its
+    winner on one.  The JSON columns of the rows a reader uses are checked by :func:`check_stored_rows`."""
     for column, valid, what in ((CONFIRMED, _valid_confirmed, "is not the confirmed winner's figures pgps-tune "
-                                 "writes there"), (PICK, _valid_pick, "is not a pick rule")):
+                                 "writes there"), (PICK, _valid_pick, "is not a pick rule"),
+                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)")):
         cells = pc.fill_null(table[column], "")
         for text in pc.unique(cells).to_pylist():
-            if text and not valid(text):
+            if (text or column == "final_patch") and not valid(text):  # only the final patch is never empty
                 trial = table["trial_id"].filter(pc.equal(cells, text))[0].as_py()
-                shown = f" {brief(text)!r}" if column == PICK else ""
+                shown = f" {brief(text)!r}" if column != CONFIRMED else ""
                 raise PgpsError(f"results store folder {folder}: trial {trial}'s {column} column{shown} {what}; "
                                 f"{STORE_FIX}")
+
+
+def _valid_patch(text: str) -> bool:
+    """Whether a store cell of column ``final_patch`` is what :func:`store_sweep` writes ('best' prints it)."""
+    try:
+        return _ints(loads_json(text))
+    except ValueError:
+        return False
 
 
 def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,

@@ -539,3 +539,6 @@ def test_best_checks_the_json_of_the_rows_it_ranks_and_names_a_damaged_one(tmp_p
         assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
         err = one_line(capsys)
         assert f"results store folder {part.parent}: trial t1's {needle}" in err and "move that folder" in err, err
+    damage("t2", "final_patch", "[16, 16")  # printed by 'best' and its notes: every row's is checked, once a sweep
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+    assert "trial t2's final_patch column '[16, 16' is not a final patch (a JSON list of 3 sizes)" in one_line(capsys)
