@@ -513,10 +513,17 @@ def read_parquet(path: Path, columns: Sequence[str], where: str, fix: str) -> pa
             decoded += _decoded_bytes(batch)
             if decoded > MAX_PARQUET_BYTES:
                 raise refuse(f"decodes to more than {MAX_PARQUET_BYTES >> 20} MiB")
-            batches.append(batch)
+            # decoded now: a batch's dictionary holds every value the reader has met in the row group so far, so
+            # batches kept with theirs take memory quadratic in the rows (a 100,000-row table: 2.1 GB, not 0.3)
+            batches.append(pa.RecordBatch.from_arrays([_plain(col) for col in batch.columns], schema=pa.schema(
+                [f.with_type(_plain(col).type) for f, col in zip(batch.schema, batch.columns)])))
         table = pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(present)
-    return pa.table({c: table[c].cast(table[c].type.value_type) if pa.types.is_dictionary(table[c].type)
-                     else table[c] for c in present})
+    return pa.table({c: _plain(table[c]) for c in present})
+
+
+def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``col`` with its dictionary decoded (as it is, if it has none)."""
+    return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
 
 
 # -- trials ----------------------------------------------------------------------------------
@@ -540,10 +547,12 @@ JSON_COLUMNS: dict[str, tuple[type, ...]] = {"params": (dict,), "schedule": (dic
                                              "dice_per_class": (dict,)}
 
 
-def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None:
+def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str,
+                       read: Callable[[str, str, Any], None] | None = None) -> None:
     """Refuse, in one line naming ``where`` and the trial, a row whose JSON text columns do not decode to
     what pgps-tune writes there: the tables are files anyone can hand over (a shared results store, a
-    sweep folder), and every reader after this one parses those columns without checks."""
+    sweep folder), and every reader after this one parses those columns without checks.  ``read(column,
+    text, value)`` is given each distinct text's value, for a caller that would parse it again."""
     checked: set[tuple[str, str]] = set()  # a text many rows share (a schedule, '{}') is parsed once
     for r in rows:
         for col, kinds in JSON_COLUMNS.items():
@@ -557,6 +566,8 @@ def check_json_columns(rows: list[dict[str, Any]], where: str, fix: str) -> None
                 problem = f"not valid JSON ({exc})"
             else:
                 if isinstance(value, kinds):
+                    if read is not None:
+                        read(col, text, value)
                     continue
                 problem = f"a JSON {type(value).__name__}, not the object pgps-tune writes"
             raise PgpsError(f"{where}: trial {r.get('trial_id')}'s {col} column is {problem}; {fix}")
@@ -1515,7 +1526,10 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
     them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it).
 
     ``dataset``: only that dataset's trials; the other datasets' folders are neither read nor checked (a store of
-    many sweeps answers a question about one dataset in the time of its own rows)."""
+    many sweeps answers a question about one dataset in the time of its own rows).
+
+    The JSON columns are not parsed here: a reader checks those of the rows it uses with
+    :func:`check_stored_rows` before it reads them."""
     root = store_root(store)
     if not root.exists():
         raise PgpsError(f"results store {root} does not exist yet; run a sweep first")
@@ -1566,19 +1580,46 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
     return table
 
 
+STORE_FIX = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
+
+
 def _check_stored(table: pa.Table, folder: Path) -> None:
-    """Refuse, naming ``folder`` and the trial, a stored sweep's row whose JSON columns, confirmed winner or pick
-    rule are not what pgps-tune writes there (every reader after :func:`load_store` trusts them)."""
-    fix = "move that folder out of the store, or rerun 'pgps-tune export' for its sweep"
-    rows = table.select(["trial_id", CONFIRMED, PICK, *JSON_COLUMNS]).to_pylist()
-    check_json_columns(rows, f"results store folder {folder}", fix)
+    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule or final patch is
+    not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each distinct cell is
+    read once: a sweep stores its final patch and a pareto sweep its rule on every row, a confirmed sweep its
+    winner on one.  The JSON columns of the rows a reader uses are checked by :func:`check_stored_rows`."""
+    for column, valid, what in ((CONFIRMED, _valid_confirmed, "is not the confirmed winner's figures pgps-tune "
+                                 "writes there"), (PICK, _valid_pick, "is not a pick rule"),
+                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)")):
+        cells = pc.fill_null(table[column], "")
+        for text in pc.unique(cells).to_pylist():
+            if (text or column == "final_patch") and not valid(text):  # only the final patch is never empty
+                trial = table["trial_id"].filter(pc.equal(cells, text))[0].as_py()
+                shown = f" {brief(text)!r}" if column != CONFIRMED else ""
+                raise PgpsError(f"results store folder {folder}: trial {trial}'s {column} column{shown} {what}; "
+                                f"{STORE_FIX}")
+
+
+def _valid_patch(text: str) -> bool:
+    """Whether a store cell of column ``final_patch`` is what :func:`store_sweep` writes ('best' prints it)."""
+    try:
+        return _ints(loads_json(text))
+    except ValueError:
+        return False
+
+
+def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,
+                      read: Callable[[str, str, Any], None] | None = None) -> None:
+    """Refuse, naming its folder and trial, a stored row of ``rows`` (:func:`load_store`'s) whose JSON columns do
+    not decode to what pgps-tune writes (:func:`check_json_columns`).  Only the rows a reader goes on to use are
+    checked: parsing every cell of a dataset's 100,000 rows took most of the time of 'best'.  ``read``: as for
+    :func:`check_json_columns`."""
+    root = store_root(store)
+    by_sweep: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        if r[CONFIRMED] and not _valid_confirmed(r[CONFIRMED]):  # 'best' ranks and exports by these figures
-            raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {CONFIRMED} column is not the "
-                            f"confirmed winner's figures pgps-tune writes there; {fix}")
-        if r[PICK] and not _valid_pick(r[PICK]):
-            raise PgpsError(f"results store folder {folder}: trial {r['trial_id']}'s {PICK} column "
-                            f"{brief(r[PICK])!r} is not a pick rule; {fix}")
+        by_sweep.setdefault((r["dataset"], r["sweep"]), []).append(r)
+    for (dataset, name), stored in by_sweep.items():
+        check_json_columns(stored, f"results store folder {_partition(root, dataset, name)}", STORE_FIX, read)
 
 
 def _valid_confirmed(text: str) -> bool:
@@ -1594,10 +1635,18 @@ def _valid_confirmed(text: str) -> bool:
             and isinstance(c["confirmation"], dict))
 
 
-def comparable_as(row: dict[str, Any]) -> dict[str, str]:
+def comparable_as(row: dict[str, Any], trained: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """What a stored score is comparable with: the budget its trial trained (epochs x iterations per epoch, and
-    a time limit), its data and split, and its final patch; two scores mean the same only where all agree."""
-    s = json.loads(row["schedule"] or "null") or {}
+    a time limit), its data and split, and its final patch; two scores mean the same only where all agree.
+    ``trained``: :func:`trained_as` by schedule text, where the caller has it (its schedule is not parsed again)."""
+    text = row["schedule"] or "null"
+    on = trained[text] if trained is not None and text in trained else trained_as(json.loads(text))
+    return {**on, "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+
+
+def trained_as(schedule: dict[str, Any] | None) -> dict[str, str]:
+    """The budget and data of a stored trial's schedule (parsed), as :func:`comparable_as` compares them."""
+    s = schedule or {}
     recipe = s.get("recipe") or {}
     train, data = recipe.get("train") or {}, recipe.get("data") or {}
     budget = (f"{sum(st['epochs'] for st in s.get('stages', []))} epochs x "
@@ -1609,18 +1658,20 @@ def comparable_as(row: dict[str, Any]) -> dict[str, str]:
                                            if shape else "")
           + f", split {data.get('val_fraction', '?')}/{data.get('split_seed', '?')}"
           + (f", spacing {'x'.join(f'{v:g}' for v in data['spacing'])}" if data.get("spacing") else ""))
-    return {"budget": budget, "data": on, "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+    return {"budget": budget, "data": on}
 
 
-def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any]) -> str | None:
+def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any],
+                      trained: dict[str, dict[str, str]] | None = None) -> str | None:
     """One line naming the ranked sweeps whose budget, data or final patch differ from the winner's (None: all
-    alike), so that ``best`` never compares scores of different things silently."""
-    won = comparable_as(best)
+    alike), so that ``best`` never compares scores of different things silently.  ``trained``: as for
+    :func:`comparable_as`."""
+    won = comparable_as(best, trained)
     differ: dict[str, set[str]] = {}
     seen: dict[tuple[str, str], set[str]] = {}  # a schedule text many rows share is read once
     for r in rows:
         if (text := (r["schedule"], r["final_patch"])) not in seen:
-            seen[text] = {k for k, v in comparable_as(r).items() if v != won[k]}
+            seen[text] = {k for k, v in comparable_as(r, trained).items() if v != won[k]}
         if keys := seen[text]:
             differ.setdefault(r["sweep"], set()).update(keys)
     if not differ:
@@ -1656,7 +1707,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         if alike:
             raise PgpsError(f"the store has no dataset {dataset!r}, but has {', '.join(map(repr, alike))} (names "
                             "are matched exactly, case included); give --dataset as the store spells it")
-    t, unsettled = settle_confirmed(t, dataset)
+    t, unsettled = settle_confirmed(t, dataset, store)
     for note in unsettled:
         print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     if sweeps:
@@ -1667,7 +1718,17 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
                             f"{', '.join(stored) or '(none)'}")
         t = t.filter(pc.is_in(t["sweep"], value_set=pa.array(list(sweeps), pa.string())))
     mask = pc.and_(pc.and_(pc.equal(t["dataset"], dataset), pc.equal(t["objective"], objective)), t["completed"])
-    ranked = stored_ranking(t.filter(mask).to_pylist())
+    candidates = t.filter(mask).to_pylist()
+    trained: dict[str, dict[str, str]] = {}  # each schedule text's budget and data, read as it is checked
+    alike: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}  # one copy of each (a sweep's rows share it)
+
+    def read(column: str, text: str, value: Any) -> None:
+        if column == "schedule":
+            on = trained_as(value)
+            trained[text] = alike.setdefault(tuple(on.items()), on)
+
+    check_stored_rows(candidates, store, read)
+    ranked = stored_ranking(candidates)
     for r in ranked:  # a confirmed winner's score stored before confirmations had targets of their own
         if r.get(CONFIRMED) and scored_by_search_target(json.loads(r[CONFIRMED])["confirmation"], objective):
             print(f"pgps-tune: note: {search_target_note(r['sweep'], r[ORIGIN] or 'SWEEP_DIR')}", file=sys.stderr,
@@ -1685,7 +1746,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
             raise PgpsError(f"no trials of dataset {dataset!r} with objective {objective!r} in the store; its sweeps "
                             f"used: {', '.join(used)}")
         raise PgpsError(f"no completed '{objective}' trials for dataset {dataset!r} in the store; known: {known}")
-    note = incomparable_note(ranked, best)
+    note = incomparable_note(ranked, best, trained)
     if note:
         print(f"pgps-tune: note: {note}", file=sys.stderr, flush=True)
     dataset = best["dataset"]  # as the sweep stored it
@@ -1715,12 +1776,13 @@ def recorded_pick(rows: list[dict[str, Any]]) -> pareto.PickRule:
     return pareto.PickRule("knee")
 
 
-def settle_confirmed(table: pa.Table, dataset: str) -> tuple[pa.Table, list[str]]:
+def settle_confirmed(table: pa.Table, dataset: str, store: str | Path | None = None) -> tuple[pa.Table, list[str]]:
     """``table`` (:func:`load_store`'s) with column :data:`CONFIRMED` filled in for the sweeps of ``dataset`` stored
     before it (null there), from their confirmation trials as the export fills it in: 'best' then ranks an older
     confirmed sweep by its winner, not by its search trial.  Also a note for each sweep whose rows cannot tell
     (the trials of confirmations at two budgets or repeat kinds): it is ranked by its search trials, and the
-    note names the export that updates the store."""
+    note names the export that updates the store.  ``store``: where ``table`` was read (named by the refusal of a
+    damaged row: :func:`check_stored_rows`)."""
     cells = table[CONFIRMED].to_pylist()
     old: dict[tuple[str, str], list[int]] = {}
     for i, (d, name, cell) in enumerate(zip(table["dataset"].to_pylist(), table["sweep"].to_pylist(), cells)):
@@ -1729,6 +1791,7 @@ def settle_confirmed(table: pa.Table, dataset: str) -> tuple[pa.Table, list[str]
     notes = []
     for (_, name), rows_at in sorted(old.items()):
         rows = table.take(rows_at).to_pylist()
+        check_stored_rows(rows, store)
         derived = _stored_confirmation(rows)
         if derived is None:
             folder = next((r[ORIGIN] for r in rows if r[ORIGIN]), "") or "SWEEP_DIR"
@@ -1801,7 +1864,9 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
     mask = pc.and_(mask, pc.invert(own))
     found, seen = [], set()
-    for r in t.filter(mask).to_pylist():  # a sweep and a copy of it stored beside it hold the same trials: once
+    candidates = t.filter(mask).to_pylist()
+    check_stored_rows(candidates, store)
+    for r in candidates:  # a sweep and a copy of it stored beside it hold the same trials: once
         if (key := (r["trial_id"], r["params"], r["score"])) not in seen:
             seen.add(key)
             found.append(r)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -513,3 +514,46 @@ def test_the_rule_an_export_picked_with_is_kept_by_best_and_by_later_exports(tmp
     results.write_meta(sweep, {**meta, "pick": "best"})
     with pytest.raises(PgpsError, match=r"malformed fields \(pick\)"):
         results.read_meta(sweep)
+
+
+def test_best_checks_the_json_of_the_rows_it_ranks_and_names_a_damaged_one(tmp_path, capsys):
+    # the JSON cells of a dataset's 100,000 rows are parsed only where 'best' uses them: a damaged cell of a
+    # stopped trial does not hold it up, one of a ranked trial is refused naming its folder and trial
+    store = tmp_path / "store"
+    stopped = replace(record("t2", 0.9), last_result={**record("t2", 0.9).last_result, "completed": False})
+    export_sweep(tmp_path / "e", sweep_meta(tmp_path / "e"), [record("t1", 0.6), stopped], store)
+    part = store / "dataset=synthetic" / "sweep=demo" / "part-0.parquet"
+    table = pq.read_table(part)
+
+    def damage(trial: str, column: str, text: str) -> None:
+        cells = [text if t == trial else c for t, c in zip(table["trial_id"].to_pylist(), table[column].to_pylist())]
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(cells)), part)
+
+    damage("t2", "params", "{")
+    assert results.best_schedule("synthetic", store).meta["trial_id"] == "t1"
+    for column, text, needle in [("params", "{", "params column is not valid JSON"),
+                                 ("schedule", "[1]", "schedule column is a JSON list"),
+                                 ("dice_per_class", "[" * 1000 + "]" * 1000,
+                                  "dice_per_class column is not valid JSON (nested")]:
+        damage("t1", column, text)
+        assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+        err = one_line(capsys)
+        assert f"results store folder {part.parent}: trial t1's {needle}" in err and "move that folder" in err, err
+    damage("t2", "final_patch", "[16, 16")  # printed by 'best' and its notes: every row's is checked, once a sweep
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+    assert "trial t2's final_patch column '[16, 16' is not a final patch (a JSON list of 3 sizes)" in one_line(capsys)
+
+
+def test_a_table_of_many_batches_is_read_into_memory_once(tmp_path, monkeypatch):
+    # read_parquet keeps strings as dictionaries to count what they decode to; a batch's dictionary holds every
+    # value read before it, so batches kept whole took memory quadratic in the rows (100,000 trials: 2.1 GB)
+    monkeypatch.setattr(results, "_PARQUET_BATCH", 4)
+    path = tmp_path / "trials.parquet"
+    texts = [f"{i:04d}" + "x" * 1000 for i in range(400)]  # each trial its own schedule, as a real sweep's
+    pq.write_table(pa.table({"trial_id": [str(i) for i in range(400)], "schedule": texts}), path)
+    held, count = [], results._decoded_bytes  # what arrow holds as each batch arrives
+    monkeypatch.setattr(results, "_decoded_bytes", lambda b: held.append(pa.total_allocated_bytes()) or count(b))
+    before = pa.total_allocated_bytes()
+    table = results.read_parquet(path, ["trial_id", "schedule"], str(path), "fix")
+    assert table["schedule"].to_pylist() == texts and table.schema.field("schedule").type == pa.string()
+    assert max(held) - before < 20 * table.nbytes  # about 6 times (the reader's buffers); kept whole, 100 times
