@@ -319,7 +319,7 @@ def test_importances_use_only_the_search_phase_at_full_budget():
 
 
 def test_importances_of_many_trials_come_from_a_fixed_random_sample(monkeypatch):
-    import optuna
+    import optuna.importance  # the module itself: optuna's attribute is a lazy stand-in until first used
 
     from pgps_tune import report
 
