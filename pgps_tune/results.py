@@ -1206,9 +1206,11 @@ def _confirmed_best(rows: list[dict[str, Any]], confirmation: dict[str, Any]) ->
     """``best`` and ``gain_over_*`` of a summary from the confirmation: means over the repeats, paired gains."""
     schedules, winner = confirmation["schedules"], confirmation["winner"]
     w = schedules[winner]
-    searched = next(r for r in rows if r["trial_id"] == winner)
+    searched = next((r for r in rows if r["trial_id"] == winner), None)
+    # the confirmation retrained the searched trial's config: it gives the schedule where the search's row is gone
+    params = searched["params"] if searched else json.dumps(w["params"], sort_keys=True)
     out: dict[str, Any] = {"best": {
-        "trial_id": winner, "role": "search", "params": searched["params"], "final_dice": w["dice"]["mean"],
+        "trial_id": winner, "role": "search", "params": params, "final_dice": w["dice"]["mean"],
         "score": w["score"]["mean"], "schedule_voxel_fraction": w["schedule_voxel_fraction"],
         "train_time_s": w["train_time_s"], "n_stages": w["n_stages"], "confirmed": True,
         "dice_sd": w["dice"]["sd"], "repeats": w["dice"]["n"]}}

@@ -192,6 +192,20 @@ def test_a_winner_significantly_better_than_the_baseline_says_by_how_much():
     assert c["verdict"].startswith("the confirmed winner t1 beats the constant baseline by +10.00 Dice points")
 
 
+def test_a_confirmed_winner_whose_search_trial_is_not_read_back_takes_its_schedule_from_the_confirmation():
+    # summarize stopped on StopIteration (export, report: 'internal error') where the winner's search row was missing
+    from pgps_tune.results import summarize
+
+    rows, meta = confirmation({"baseline": [0.70, 0.60, 0.65], "t1": [0.80, 0.71, 0.74]})
+    for r, c in zip(rows, meta["confirmation"]["configs"]):
+        c.update({"growth": 2.0} if c["candidate"] == "t1" else {})
+        r.update(params=json.dumps(c, sort_keys=True), stopped_early=False, failed=False)
+    meta.update(dataset="d", sweep="s", objective={"type": "max_dice"})
+    best = summarize(rows, meta)["best"]
+    assert best["trial_id"] == "t1" and json.loads(best["params"]) == {"growth": 2.0}
+    assert best["final_dice"] == pytest.approx(0.75) and best["confirmed"]
+
+
 def test_a_winner_significantly_worse_than_the_baseline_is_called_worse():
     rows, meta = confirmation({"baseline": [0.80, 0.71, 0.74, 0.83], "t1": [0.70, 0.60, 0.65, 0.72]})
     c = confirmation_summary(rows, meta)
