@@ -1608,8 +1608,10 @@ def _read_stream(fs, path: str) -> bytes:
         try:
             return read_at_most(fh, MAX_JSON_BYTES)
         except TooLarge as exc:
-            raise PgpsError(f"{path} is {exc}, more than Tune or pgps-tune write there; it is damaged or was not "
-                            "written by them: move it out of the sweep folder") from None
+            raise PgpsError(f"{path} is {exc}, more than pgps-tune reads of a sweep's Tune state (Tune's "
+                            "experiment state takes about 26 KB a trial: ~10,000 trials); if the sweep has fewer "
+                            "trials, the file is damaged or was not written by Tune: move it out of the sweep "
+                            "folder; if it has that many, split the search into sweeps of fewer trials") from None
 
 
 def _read_text(fs, path: str) -> str:
