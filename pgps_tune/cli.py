@@ -1182,7 +1182,7 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         splits=str(Path(a.splits).resolve()) if a.splits else None, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, address=a.address, results_store=a.results_store, quiet=a.quiet,
-        progress=progress_mode(a.progress, a.quiet))
+        progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow)
     try:
         summary = confirm(opts)
     except SweepInterrupted as exc:
@@ -1506,6 +1506,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--progress", choices=PROGRESS, default="auto",
                     help="progress on stderr, as for tune: live, lines, json or none; default auto: live on a "
                          "terminal, else lines")
+    co.add_argument("--mlflow", metavar="URI", default=None,
+                    help="also log every confirmation trial, and the verdict on the sweep's own run, to MLflow at "
+                         "this tracking URI, in the sweep's experiment (as tune --mlflow)")
     co.set_defaults(func=cmd_confirm)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
