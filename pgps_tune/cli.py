@@ -1201,7 +1201,7 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
         a.dataset, a.configuration, a.fold, a.schedule, device=a.device, continue_training=a.continue_training,
         epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
         val_iterations_per_epoch=a.val_iterations_per_epoch, trainer=a.trainer, plans_identifier=a.plans,
-        save_probabilities=a.npz,
+        save_probabilities=a.npz, other_configuration=a.other_configuration,
     )
     print(f"results: {out}")
     device = nnunet.torch_device(a.device).type  # nnUNetv2_predict's default is cuda
@@ -1559,6 +1559,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nnUNetTrainerPGPS or nnUNetTrainerPGPS_SUFFIX (keeps runs of different schedules apart)")
     nt.add_argument("--plans", default="nnUNetPlans", help="nnU-Net plans identifier (default nnUNetPlans)")
     nt.add_argument("--npz", action="store_true", help="also save validation probabilities (nnU-Net's --npz)")
+    nt.add_argument("--other-configuration", action="store_true",
+                    help="train a schedule exported from a sweep although it was tuned on another configuration's "
+                         "data (e.g. 3d_lowres for 3d_fullres, or plans of another spacing)")
     nt.set_defaults(func=cmd_nnunet_train)
 
     be = sub.add_parser(
