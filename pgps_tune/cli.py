@@ -1194,7 +1194,7 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         splits=str(Path(a.splits).resolve()) if a.splits else None, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, address=a.address, autoscaling=a.autoscaling, results_store=a.results_store,
-        quiet=a.quiet, progress=progress_mode(a.progress, a.quiet))
+        quiet=a.quiet, progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow)
     try:
         summary = confirm(opts)
     except SweepInterrupted as exc:
@@ -1213,7 +1213,7 @@ def cmd_nnunet_train(a: argparse.Namespace) -> int:
         a.dataset, a.configuration, a.fold, a.schedule, device=a.device, continue_training=a.continue_training,
         epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
         val_iterations_per_epoch=a.val_iterations_per_epoch, trainer=a.trainer, plans_identifier=a.plans,
-        save_probabilities=a.npz,
+        save_probabilities=a.npz, other_configuration=a.other_configuration,
     )
     print(f"results: {out}")
     device = nnunet.torch_device(a.device).type  # nnUNetv2_predict's default is cuda
@@ -1520,6 +1520,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--progress", choices=PROGRESS, default="auto",
                     help="progress on stderr, as for tune: live, lines, json or none; default auto: live on a "
                          "terminal, else lines")
+    co.add_argument("--mlflow", metavar="URI", default=None,
+                    help="also log every confirmation trial, and the verdict on the sweep's own run, to MLflow at "
+                         "this tracking URI, in the sweep's experiment (as tune --mlflow)")
     co.set_defaults(func=cmd_confirm)
 
     ex = sub.add_parser("export", help="(re)write trials.parquet and best_schedule.yaml of a sweep")
@@ -1570,6 +1573,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nnUNetTrainerPGPS or nnUNetTrainerPGPS_SUFFIX (keeps runs of different schedules apart)")
     nt.add_argument("--plans", default="nnUNetPlans", help="nnU-Net plans identifier (default nnUNetPlans)")
     nt.add_argument("--npz", action="store_true", help="also save validation probabilities (nnU-Net's --npz)")
+    nt.add_argument("--other-configuration", action="store_true",
+                    help="train a schedule exported from a sweep although it was tuned on another configuration's "
+                         "data (e.g. 3d_lowres for 3d_fullres, or plans of another spacing)")
     nt.set_defaults(func=cmd_nnunet_train)
 
     be = sub.add_parser(

@@ -46,6 +46,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -708,7 +709,8 @@ def _normalization(cfg: dict[str, Any]) -> list[str] | None:
     return [f"{s}{'+mask' if m else ''}" for s, m in zip(schemes, masks)]
 
 
-def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: NnunetPlan) -> str | None:
+def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: NnunetPlan,
+                       command: str = "export") -> str | None:
     """Refuse exporting a sweep tuned on nnU-Net's plans (``tune --nnunet-plans``, with either trainer) for a
     configuration whose data differ from those it was tuned on: another spacing (3d_lowres is resampled
     coarser than 3d_fullres) or normalisation, in these plans, in other plans of the dataset, or in these plans
@@ -716,7 +718,11 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     (3d_cascade_fullres beside a sweep of 3d_fullres; nnUNetResEncUNetMPlans' 3d_fullres beside nnUNetPlans')
     passes with a note (returned) saying what else differs.  Another final patch is left to
     :func:`check_schedule`, whose refusal names the configurations the schedule fits.  A sweep of pgps-tune's
-    trainer from before sweep.json kept its plans is not compared (only its patch is)."""
+    trainer from before sweep.json kept its plans is not compared (only its patch is).  ``command``: ``export``,
+    or ``nnunet-train`` (``meta`` then made of an exported schedule's, :func:`check_tuned_schedule`), whose
+    fixes the refusal names."""
+    train = command == "nnunet-train"
+    verb = "train" if train else "export"
     on = meta.get("nnunet")
     if not isinstance(on, dict) or not isinstance(on.get("configuration"), str):
         return None
@@ -728,7 +734,7 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
         if not (isinstance(spacing, list) and len(spacing) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)):
             raise PgpsError(f"{Path(experiment) / 'sweep.json'}: nnunet.spacing {spacing!r} is not 3 positive "
-                            "numbers (damaged); restore the file, or add --other-configuration to export without "
+                            f"numbers (damaged); restore the file, or add --other-configuration to {verb} without "
                             "comparing the plans")
         if meta.get("final_patch") is not None and list(meta["final_patch"]) != list(plan.final_patch):
             return None
@@ -744,9 +750,9 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     here = tuned_on(plan, str(on.get("trainer", "nnunet")))
     if was is None:
         raise PgpsError(f"{experiment}: its trials trained nnU-Net's {swept}, which {plan.source} does not hold as a "
-                        f"3-D configuration, so its schedule was not measured for {plan.configuration}; give "
-                        f"--configuration {swept}, run a sweep with --nnunet-plans {plan.source} --configuration "
-                        f"{plan.configuration}, or add --other-configuration to export it for {plan.configuration} "
+                        f"3-D configuration, so its schedule was not measured for {plan.configuration}; "
+                        f"{_give(train, swept)}, run a sweep with --nnunet-plans {plan.source} --configuration "
+                        f"{plan.configuration}, or add --other-configuration to {verb} it for {plan.configuration} "
                         "anyway")
     same_spacing = all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
     norm = was.get("normalization") if isinstance(was.get("normalization"), list) else None
@@ -754,7 +760,7 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     replanned = (name, swept) == (plan.plans_name, plan.configuration)
     if same_spacing and same_norm:
         return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan,
-                                                      meta.get("pools"))
+                                                      meta.get("pools"), "pgps-tune" if train else command)
     norms = ["" if same_norm else f", normalisation {'/'.join(map(str, n))}" for n in (norm, here["normalization"])]
     then = swept if same_plans else f"{swept} of {name}"
     target = plan.configuration if same_plans else f"{plan.configuration} of {plan.plans_name}"
@@ -765,16 +771,44 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     else:
         tuned = f"it was tuned for nnU-Net's {then}"
         now = f"{target} as {plan.source} plans it now" if replanned else target
-    give = ("" if replanned else f"give --configuration {swept}, " if same_plans else
-            f"give --nnunet {on.get('plans')} --configuration {swept}, ")
+    give = ("" if replanned else f"{_give(train, swept)}, " if same_plans else
+            f"{_give(train, swept, name if train else on.get('plans'))}, ")
     raise PgpsError(f"{experiment}: {tuned} (spacing {_spacing(was['spacing'])}, x y z{norms[0]}), not {now} "
                     f"(spacing {_spacing(plan.spacing)}{norms[1]}), so its schedule was not measured for {target}; "
                     f"{give}run a sweep with --nnunet-plans {plan.source} --configuration {plan.configuration}, or "
-                    f"add --other-configuration to export it for {target} anyway")
+                    f"add --other-configuration to {verb} it for {target} anyway")
+
+
+def _give(train: bool, configuration: str, plans: Any = None) -> str:
+    """How ``export --nnunet`` (``--nnunet PLANS --configuration C``), or ``nnunet-train`` (``DATASET C FOLD
+    --plans NAME``), is given the configuration (of other plans) a schedule was tuned on."""
+    if train:
+        return f"train {configuration}{f' with --plans {plans}' if plans else ''} instead"
+    return f"give {f'--nnunet {plans} ' if plans else ''}--configuration {configuration}"
+
+
+def check_tuned_schedule(path: str | Path, plan: NnunetPlan) -> str | None:
+    """Refuse training the pgps-tune schedule file ``path`` for ``plan`` where its sweep was tuned on another
+    configuration's data, as ``export --nnunet`` refuses exporting it (:func:`_check_sweep_plans`), from what
+    the exported schedule keeps of them (``meta.nnunet``, :func:`pgps_tune.results.tuned_record`); a note (or
+    None) where only the name differs.  Not compared: a schedule without that record, or of another dataset,
+    and nnU-Net's schedule files, which name the plans they are for (``export --nnunet`` compared them)."""
+    from pgps_tune.errors import read_yaml
+
+    data = read_yaml(path, "schedule", "check the path, or write one with 'pgps-tune schedule --out'")
+    if not isinstance(data, dict) or data.get("format") == FILE_FORMAT:
+        return None
+    s = sch.Schedule.from_dict(data, str(path))
+    on = s.meta.get("nnunet")
+    meta = {"dataset": str(s.meta.get("dataset", "")), "nnunet": on, "final_patch": list(s.final_patch),
+            "pools": list(s.pools)}
+    if not isinstance(on, dict) or not _sweep_searched(meta, plan):
+        return None
+    return _check_sweep_plans(path, meta, plan, "nnunet-train")
 
 
 def _same_data_note(experiment: str | Path, swept: str, was: dict[str, Any], here: dict[str, Any],
-                    plan: NnunetPlan, pools: Any = None) -> str:
+                    plan: NnunetPlan, pools: Any = None, command: str = "export") -> str:
     """The note of an export to another configuration or plans of the same data: what else differs (``pools``:
     the sweep's poolings per axis, pgps-tune's order)."""
     other = []
@@ -786,7 +820,7 @@ def _same_data_note(experiment: str | Path, swept: str, was: dict[str, Any], her
     if was.get("batch_size") not in (None, here["batch_size"]):
         other.append(f"its batch size is {here['batch_size']}, not {was['batch_size']}")
     but = f", but {' and '.join(other)}" if other else ""
-    return (f"export: note: {experiment} was tuned on {swept}; {plan.configuration} of {plan.plans_name} trains "
+    return (f"{command}: note: {experiment} was tuned on {swept}; {plan.configuration} of {plan.plans_name} trains "
             f"the same data (spacing {_spacing(plan.spacing)}, x y z){but}")
 
 
@@ -1344,7 +1378,8 @@ def _continue_checks(record: Path, plan: NnunetPlan, given: NnunetSchedule | Non
 def train(dataset: str, configuration: str, fold: str | int, schedule: str | Path | None = None, *,
           device: str = "auto", continue_training: bool = False, epochs: int | None = None,
           iterations_per_epoch: int | None = None, val_iterations_per_epoch: int | None = None,
-          trainer: str = TRAINER, plans_identifier: str = "nnUNetPlans", save_probabilities: bool = False) -> Path:
+          trainer: str = TRAINER, plans_identifier: str = "nnUNetPlans", save_probabilities: bool = False,
+          other_configuration: bool = False) -> Path:
     """Train one fold with nnU-Net's trainer following ``schedule``; returns nnU-Net's fold folder.
 
     Without ``schedule`` the run uses the file beside the plans, or (continuing) the schedule it
@@ -1352,7 +1387,9 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
     else the schedule file's ``num_epochs``/..., else nnU-Net's (1000 / 250 / 50).
     Checks what nnU-Net would only find late or print as a warning (a missing checkpoint to
     continue, a run that would be overwritten, a fold outside the dataset's split, a dataset.json
-    that disagrees with the preprocessed data) before anything is written.
+    that disagrees with the preprocessed data) before anything is written, and, unless
+    ``other_configuration``, a schedule exported from a sweep tuned on another configuration's data
+    (:func:`check_tuned_schedule`).
     """
     fold_name(fold)  # the spelling, before anything else
     require_nnunet()
@@ -1383,6 +1420,8 @@ def train(dataset: str, configuration: str, fold: str | int, schedule: str | Pat
             raise PgpsError(f"give --schedule FILE (there is no {schedule}; 'pgps-tune export --nnunet' writes "
                             "the one beside the plans)")
     given = read_schedule(schedule, plan) if schedule is not None else None
+    if given is not None and not other_configuration and (note := check_tuned_schedule(schedule, plan)):
+        print(note, file=sys.stderr, flush=True)
     record = out / RUN_RECORD
     if continue_training and record.is_file():
         f = _continue_checks(record, plan, given, counts)

@@ -1308,7 +1308,7 @@ def export_front(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ru
         files[folder / f"{r['trial_id']}.yaml"] = _text(replace(s, meta={  # the recipe and the family stay
             **s.meta, **trainer_meta(r["params"]), "dataset": meta["dataset"], "objective": "pareto",
             "val_dice": r["final_dice"], "voxel_fraction": r["schedule_voxel_fraction"], "sweep": meta["sweep"],
-            "trial_id": r["trial_id"], "role": r["role"], "space": meta["space"],
+            "trial_id": r["trial_id"], "role": r["role"], "space": meta["space"], **tuned_record(meta),
         }).to_yaml())
     for stale in folder.glob("*.yaml") if folder.is_dir() else ():
         files.setdefault(stale, None)
@@ -1352,7 +1352,7 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
             **s.meta, **trainer_meta(best["params"]), "dataset": meta["dataset"],
             "objective": meta["objective"]["type"], **({PICK: str(rule)} if rule is not None else {}),
             "score": best["score"], "val_dice": best["final_dice"], "sweep": summary["sweep"],
-            "trial_id": best["trial_id"], "space": meta["space"],
+            "trial_id": best["trial_id"], "space": meta["space"], **tuned_record(meta),
             **{k: v for k, v in summary.items() if k.startswith("gain_over_")},
             **_confirmation_evidence(summary, best),
         })
@@ -1363,6 +1363,13 @@ def export_sweep(out: str | Path, meta: dict[str, Any], records: list[TrialRecor
     store_sweep(table, meta, results_store, origin or out,
                 {confirmed["recipe_trial"]: confirmed} if confirmed else None, rule)
     return summary
+
+
+def tuned_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """What an exported schedule keeps of the nnU-Net plans its sweep (sweep.json ``meta``) was tuned on
+    (``nnunet``: :func:`pgps_tune.nnunet.tuned_on`), so that ``nnunet-train --schedule`` compares them with the
+    plans it trains, as ``export --nnunet`` does; empty for a sweep on pgps-tune's own plan."""
+    return {"nnunet": meta["nnunet"]} if isinstance(meta.get("nnunet"), dict) else {}
 
 
 def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:

@@ -306,6 +306,19 @@ def kept_experiment(before: dict[str, Any]) -> str | None:
     return before.get(MLFLOW_EXPERIMENT, before.get("sweep"))
 
 
+def mlflow_tracked(opts: SweepOptions, meta: dict[str, Any], before: dict[str, Any] | None) -> None:
+    """Keep in ``meta`` (the sweep.json to write) the MLflow experiment and the tags of all the sweep's runs, for
+    its resumes and confirmations (its Tune state goes on logging there), and give them to ``opts``; where the
+    sweep ran before (``before``: its sweep.json then), maybe elsewhere, its runs say where it is now."""
+    meta[MLFLOW_EXPERIMENT] = opts.mlflow_experiment or kept_experiment(before or {})
+    meta[MLFLOW_TAGS] = opts.mlflow_tags = mlflow_sweep_tags(opts.out, before)  # a moved sweep's keep theirs
+    if opts.mlflow and before:
+        try:
+            relocate_mlflow_runs(opts.mlflow, opts.mlflow_experiment, opts.out, meta)
+        except Exception as exc:  # the tracking server never stops the sweep
+            _mlflow_failed("tagging the sweep's runs with its folder", exc)
+
+
 def mlflow_experiment_id(client, name: str) -> str:
     """The id of the MLflow experiment ``name``, made where it is new."""
     found = client.get_experiment_by_name(name)
@@ -1959,9 +1972,10 @@ def relocate_mlflow_runs(uri: str, experiment: str, out: Path, meta: dict[str, A
 
 def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """One MLflow run for the whole sweep, in its trials' ``experiment``: its budget as params (``budget.KEY``), the
-    best trial's numbers as metrics, and best_schedule.yaml, summary.json and trials.parquet as artifacts.
-    A sweep exported again (``--resume`` of a finished sweep) updates its run, its params as first logged.
-    Returns the run id."""
+    best trial's numbers and its gains over the references as metrics (a confirmed winner's: means over the
+    repeats), the confirmation's verdict as tags, and best_schedule.yaml, summary.json and trials.parquet as
+    artifacts.  A sweep exported again (``--resume`` of a finished sweep, ``confirm``) updates its run, its
+    params as first logged.  Returns the run id."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -1976,17 +1990,25 @@ def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str,
     run_id = earlier[0].info.run_id if earlier else client.create_run(
         experiment_id, run_name=f"{tags['pgps.sweep']} (sweep)", tags=tags).info.run_id
     best, at = summary.get("best") or {}, int(time.time() * 1000)
-    metrics = [Metric(f"best_{key}", float(best[key]), at, 0)
-               for key in ("final_dice", "score", "schedule_voxel_fraction", "train_time_s", "n_stages")
-               if isinstance(best.get(key), int | float) and math.isfinite(best[key])]
+    numbers = {**{f"best_{k}": best.get(k) for k in ("final_dice", "score", "schedule_voxel_fraction",
+                                                     "train_time_s", "n_stages", "dice_sd", "repeats")},
+               **{f"{key}_{k}": gain.get(k) for key, gain in summary.items() if key.startswith("gain_over_")
+                  and isinstance(gain, dict) for k in ("dice_points", "p_value")}}
+    metrics = [Metric(metric_key(k), float(v), at, 0) for k, v in numbers.items()
+               if isinstance(v, int | float) and math.isfinite(v)]
+    tags = [RunTag(MLFLOW_LOCATION, str(out.resolve())), *([RunTag("pgps.best_trial", str(best["trial_id"]))]
+                                                           if best else [])]
+    if isinstance(conf := summary.get("confirmation"), dict):  # its verdict, as the last confirmation gave it
+        tags += [RunTag("pgps.confirmed_winner", str(conf.get("winner") or "none")),
+                 RunTag("pgps.objective_met", str(bool(conf.get("objective_met"))).lower()),
+                 RunTag("pgps.confirmation_verdict", str(conf.get("verdict", ""))[:5000])]
     budget = (meta.get("trial_setup") or {}).get("budget") or {}
     params = [] if earlier else [  # logged once: MLflow refuses a param that changes
         *(Param(f"budget.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in budget.items()),
         *(Param(k, str(meta[k])) for k in ("space_name", "dataset") if meta.get(k) is not None)]
     for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, metrics=metrics if i == 0 else [], params=params[i:i + 100],
-                         tags=[RunTag(MLFLOW_LOCATION, str(out.resolve())),
-                               *([RunTag("pgps.best_trial", str(best["trial_id"]))] if best else [])] if i == 0 else [])
+                         tags=tags if i == 0 else [])
     for f in (BEST, SUMMARY, TRIALS):
         if (out / f).is_file():
             client.log_artifact(run_id, str(out / f))
@@ -3027,12 +3049,17 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         except SweepInterrupted as exc:
             exc.exporting = True
             raise
-        if opts.mlflow:
-            try:
-                log_sweep_to_mlflow(opts.mlflow, opts.mlflow_experiment, out, summary, meta)
-            except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
-                _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {out} all the same")
+        _log_sweep_run(opts, summary, meta)
         return summary
+
+
+def _log_sweep_run(opts: SweepOptions, summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The sweep's own MLflow run (:func:`log_sweep_to_mlflow`), after its export, where it logs to MLflow."""
+    if opts.mlflow:
+        try:
+            log_sweep_to_mlflow(opts.mlflow, opts.mlflow_experiment, opts.out, summary, meta)
+        except Exception as exc:  # the sweep is exported: the tracking server cannot undo that
+            _mlflow_failed("the sweep's own run", exc, f"the sweep is exported in {opts.out} all the same")
 
 
 def _nnunet_patch(opts: SweepOptions, ds) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -3258,16 +3285,8 @@ def _run_phases(opts: SweepOptions, signals: _StopSignals, ds, final, pools, sto
         "started": started, "finished": False, "space_key": space.key(),
         **({"study": (before or {}).get("study", name), "study_file": STUDY_FILE}
            if space.search.algorithm != "grid" else {}),
-        # the MLflow experiment of all the sweep's runs, for its resumes (its Tune state goes on logging there)
-        MLFLOW_EXPERIMENT: opts.mlflow_experiment or kept_experiment(before or {}),
-        MLFLOW_TAGS: mlflow_sweep_tags(opts.out, before),  # a moved sweep's runs keep the tags they started with
     }
-    opts.mlflow_tags = meta[MLFLOW_TAGS]
-    if opts.mlflow and before:  # a resume, maybe of a sweep moved since: its runs say where it is now
-        try:
-            relocate_mlflow_runs(opts.mlflow, opts.mlflow_experiment, opts.out, meta)
-        except Exception as exc:  # the tracking server never stops the sweep
-            _mlflow_failed("tagging the sweep's runs with its folder", exc)
+    mlflow_tracked(opts, meta, before)
     setup = trial_setup(space, opts.data, None if nnunet_trainer else ds.cache_dir, final, pools,
                         opts.cpus_per_trial, opts.gpus_per_trial)
     if nnunet_trainer:
@@ -3709,6 +3728,7 @@ class ConfirmOptions:
     results_store: str | None = None
     quiet: bool = False
     progress: str = "lines"  # as SweepOptions.progress
+    mlflow: str | None = None  # as SweepOptions.mlflow: into the sweep's experiment
 
 
 def confirm(c: ConfirmOptions) -> dict[str, Any]:
@@ -3727,6 +3747,7 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
     meta = sweep_meta(c.sweep)
     require_finished(meta)
     _writable_here(Path(c.sweep), meta, "confirm")
+    before_meta = dict(meta)  # as it ran last: where, and under which MLflow tags
     meta[FOLDER_KEY] = str(Path(c.sweep).resolve())  # the storage just resolved is this folder's
     if meta["objective"]["type"] == "pareto":
         raise PgpsError(f"sweep {meta['sweep']} has a pareto objective: it exports a front, not one winner to "
@@ -3778,11 +3799,12 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
         address=c.address, autoscaling=c.autoscaling, storage=meta.get("storage"), resume=True,
         results_store=c.results_store, quiet=c.quiet,
-        progress=c.progress, max_failures=c.max_failures,
+        progress=c.progress, max_failures=c.max_failures, mlflow=c.mlflow,
         **({"nnunet_plans": ds.plan, "nnunet_configuration": setup["nnunet"]["configuration"]}
            if "nnunet" in setup else {}),
     )
     opts.check()
+    mlflow_tracked(opts, meta, before_meta)  # its trials' runs and its own join the sweep's, in its experiment
     fs, _ = _filesystem(meta.get("storage"), meta["storage_path"])
     import pyarrow.fs as pafs
 
@@ -3798,7 +3820,9 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
                                 None if nnunet_trainer else setup["data"], setup.get("cache_root"),
                                 setup["nnunet"]["plans"] if nnunet_trainer else None, autoscales)
         run_confirmation(opts, meta, settings, storage_fs, signals)
-    return export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
+    summary = export_sweep(c.sweep, meta, read_trials(meta), c.results_store)
+    _log_sweep_run(opts, summary, meta)
+    return summary
 
 
 def screening_candidates(space: SearchSpace, observed: list[tuple[dict[str, Any], float]],

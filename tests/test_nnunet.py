@@ -795,6 +795,63 @@ def test_export_to_other_plans_of_the_dataset_compares_the_data_they_train(tmp_p
         "nnUNetTrainerPGPS_nnUNetResEncUNetMPlans__nnUNetResEncUNetMPlans__3d_fullres.pgps_schedule.json"]
 
 
+def test_a_schedule_exported_from_a_sweep_on_other_data_is_compared_before_nnunet_train(tmp_path, capsys):
+    """best_schedule.yaml keeps the plans its sweep was tuned on (sweep.json's nnunet), and nnunet-train compares them
+    with the configuration it trains as export --nnunet does: a schedule tuned on 3d_lowres was trained at 3d_fullres
+    without a word.  Refused in one line unless --other-configuration; the same data of other plans gets a note."""
+    from pgps_tune.results import TrialRecord, export_sweep
+
+    folder = tmp_path / "pre" / "Dataset004_Hippo"
+    plans = current_plans()
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "spacing": [6.0, 1.6, 1.4],
+                                            "data_identifier": "nnUNetPlans_3d_lowres"}
+    full = nnunet.read_plans(write_plans(folder, plans))
+    low = nnunet.read_plans(full.source, "3d_lowres")
+    s = sch.paper(full.final_patch, full.pools, 2, 30)
+    out = tmp_path / "sweep"
+    meta = sweep_meta(out, "lowres", dataset="Dataset004_Hippo", final_patch=list(full.final_patch),
+                      pools=list(full.pools), nnunet={**nnunet.tuned_on(low, "nnunet"), "fold": 0})
+    export_sweep(out, meta, [TrialRecord("t1", "TERMINATED", {"stages": 9}, {
+        "val_dice": 0.8, "score": 0.8, "completed": True, "schedule": json.dumps(s.to_dict()), "epoch": 30,
+        "schedule_voxel_fraction": s.voxel_fraction()})], tmp_path / "store")
+    best = out / "best_schedule.yaml"
+    assert sch.load(best).meta["nnunet"]["configuration"] == "3d_lowres"
+    with pytest.raises(PgpsError) as refused:
+        nnunet.check_tuned_schedule(best, full)
+    assert str(refused.value) == (
+        f"{best}: its trials trained nnU-Net's 3d_lowres data (spacing 6x1.4x1.6, x y z), not 3d_fullres's (spacing "
+        "3x0.7x0.8), so its schedule was not measured for 3d_fullres; train 3d_lowres instead, run a sweep with "
+        f"--nnunet-plans {full.source} --configuration 3d_fullres, or add --other-configuration to train it for "
+        "3d_fullres anyway")
+    assert nnunet.check_tuned_schedule(best, low) is None
+    # the same data under other plans: a note naming what else differs; of other plans' data: their name to give
+    resenc = copy.deepcopy(plans)
+    resenc["plans_name"] = "nnUNetResEncUNetMPlans"
+    resenc["configurations"]["3d_fullres"]["batch_size"] = 3
+    (folder / "nnUNetResEncUNetMPlans.json").write_text(json.dumps(resenc))
+    s_full = sch.Schedule.from_dict({**s.to_dict(), "meta": {**sch.load(best).meta,
+                                                             "nnunet": nnunet.tuned_on(full, "nnunet")}})
+    s_full.save(tmp_path / "full.yaml")
+    note = nnunet.check_tuned_schedule(tmp_path / "full.yaml",
+                                       nnunet.read_plans(folder / "nnUNetResEncUNetMPlans.json"))
+    assert note == (f"pgps-tune: note: {tmp_path / 'full.yaml'} was tuned on 3d_fullres of nnUNetPlans; 3d_fullres of "
+                    "nnUNetResEncUNetMPlans trains the same data (spacing 3x0.7x0.8, x y z), but its batch size is 3, "
+                    "not 2")
+    resenc["configurations"]["3d_fullres"]["spacing"] = [4.0, 1.0, 1.0]
+    (folder / "nnUNetResEncUNetMPlans.json").write_text(json.dumps(resenc))
+    with pytest.raises(PgpsError, match="; train 3d_fullres with --plans nnUNetPlans instead, run a sweep"):
+        nnunet.check_tuned_schedule(tmp_path / "full.yaml", nnunet.read_plans(folder / "nnUNetResEncUNetMPlans.json"))
+    # not compared: a schedule without the record (as before), one of another dataset, nnU-Net's own schedule file
+    # (export --nnunet compared it, --other-configuration included, and it names its plans)
+    sch.Schedule.from_dict({**s.to_dict(), "meta": {}}).save(tmp_path / "plain.yaml")
+    assert nnunet.check_tuned_schedule(tmp_path / "plain.yaml", full) is None
+    sch.Schedule.from_dict({**s.to_dict(), "meta": {**sch.load(best).meta, "dataset": "synthetic", "nnunet": {
+        **nnunet.tuned_on(low, "pgps_tune")}}}).save(tmp_path / "synthetic.yaml")
+    assert nnunet.check_tuned_schedule(tmp_path / "synthetic.yaml", full) is None
+    assert nnunet.check_tuned_schedule(nnunet.for_nnunet(sch.load(best), full).save(tmp_path / "nn.json"), full) is None
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_export_nnunet_writes_the_counts_nnunet_trains_and_says_them(plan, tmp_path, fake_export, capsys):
     beside = nnunet.schedule_file_for(plan)
     fake_export.append(sch.paper(plan.final_patch, plan.pools, 2, 30))  # 9 stages at 30 epochs
@@ -1058,7 +1115,8 @@ def test_schedule_runs_inside_nnunet_and_continues_at_a_stage_boundary(nnunet_da
 
 
 @needs_nnunet
-def test_train_takes_the_counts_from_the_schedule_file_unless_flags_are_given(nnunet_dataset, tmp_path, monkeypatch):
+def test_train_takes_the_counts_from_the_schedule_file_unless_flags_are_given(nnunet_dataset, tmp_path, monkeypatch,
+                                                                               capsys):
     plan = nnunet.read_plans("990")
     counts = {"num_epochs": 7, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2}
     path = nnunet.for_nnunet(sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4), plan,
@@ -1076,6 +1134,24 @@ def test_train_takes_the_counts_from_the_schedule_file_unless_flags_are_given(nn
         with pytest.raises(_Interrupt):
             nnunet.train("990", "3d_fullres", 0, path, device="cpu", trainer=f"{nnunet.TRAINER}_counts", **flags)
         assert {k: received[-1][k] for k in counts} == want, flags
+    # a schedule exported from a sweep tuned on another configuration's data: refused before the trainer is built,
+    # unless --other-configuration
+    tuned = {**nnunet.tuned_on(plan, "nnunet"), "configuration": "3d_lowres", "spacing": [2.0, 2.0, 2.0]}
+    lowres = sch.constant(plan.final_patch, plan.pools, plan.batch_size, 4)
+    sch.Schedule.from_dict({**lowres.to_dict(), "meta": {"dataset": plan.dataset, "nnunet": tuned}}).save(
+        tmp_path / "best_schedule.yaml")
+    argv = ["nnunet-train", "990", "3d_fullres", "0", "--schedule", str(tmp_path / "best_schedule.yaml"), "--device",
+            "cpu", "--trainer", f"{nnunet.TRAINER}_tuned"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "its trials trained nnU-Net's 3d_lowres data (spacing 2x2x2, x y z), not 3d_fullres's" in err, err
+    assert err.count("\n") == 1 and len(received) == 3
+    def reached(**kwargs):
+        raise PgpsError("the trainer is built")
+
+    monkeypatch.setattr(nnunet, "trainer_class", lambda name: reached)
+    assert main([*argv, "--other-configuration"]) == 2
+    assert capsys.readouterr().err == "pgps-tune: error: the trainer is built\n"
 
 
 @needs_nnunet

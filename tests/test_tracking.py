@@ -1,9 +1,9 @@
 """Tracking: TensorBoard event files of train runs and sweep trials, and a sweep logged to MLflow.
 
 Event files are read back with tensorboardX's own protobuf (TensorBoard itself is not needed).
-The sweep test runs one tiny sweep (about 30-60 s) and checks everything a sweep writes for
-people on it: Ray's event files, JSON-lines progress, the HTML report, and, where MLflow is
-installed, the MLflow file store.
+The sweep test runs one tiny sweep (about 30-60 s) and a confirmation of it, and checks everything
+a sweep writes for people on it: Ray's event files, JSON-lines progress, the HTML report, and,
+where MLflow is installed, the MLflow file store.
 """
 
 import json
@@ -161,6 +161,33 @@ def test_a_sweep_writes_events_progress_report_and_mlflow(shared_ray, tmp_path, 
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3 and {r.data.tags["pgps.sweep_dir"] for r in runs} == {str(out.resolve())}
     assert {r.data.tags["pgps.sweep_location"] for r in runs} == {str(moved.resolve())}
+    # confirmed there (the smallest confirmation: one schedule and the two references on two seeds): its trials
+    # join the sweep's experiment, named and tagged as the search's, and the sweep's own run takes the verdict
+    # (confirm logged nothing to MLflow)
+    assert main(["confirm", str(moved), "--top-k", "1", "--seeds", "2", "--max-concurrent", "1", "--quiet",
+                 "--mlflow", store.as_uri()]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    runs = client.search_runs([experiment.experiment_id])
+    confirm_runs = [r for r in runs if r.data.tags["pgps.phase"] == "confirm"]
+    confirm_ids = {row["trial_id"] for row in json.loads(main_output(["trials", str(moved), "--format", "json",
+                                                                       "--phase", "confirm"], capsys))}
+    assert len(runs) == 9 and {r.data.tags["pgps.trial_id"] for r in confirm_runs} == confirm_ids
+    from pgps_tune.tuner import TRIAL_METRICS, TUNE_METRICS
+
+    allowed = {*TRIAL_METRICS, *TUNE_METRICS.values()}
+    for r in confirm_runs:
+        tags = r.data.tags
+        assert r.info.run_name == f"sweep/confirm/{tags['pgps.trial_id']}" and r.info.status == "FINISHED"
+        assert tags["pgps.sweep_dir"] == str(out.resolve()) and tags["pgps.sweep_location"] == str(moved.resolve())
+        assert tags["pgps.status"] == "completed" and "val_dice" in r.data.metrics
+        assert {k for k in r.data.metrics if not k.startswith("dice_")} <= allowed
+    confirmation = json.loads((moved / "summary.json").read_text())["confirmation"]
+    (again,) = [r for r in runs if r.data.tags["pgps.phase"] == "sweep"]
+    assert again.info.run_id == sweep_run.info.run_id and again.data.metrics["best_repeats"] == 2
+    assert again.data.tags["pgps.confirmed_winner"] == confirmation["winner"]
+    assert again.data.tags["pgps.confirmation_verdict"] == confirmation["verdict"]
+    assert again.data.metrics["gain_over_baseline_dice_points"] == pytest.approx(
+        100 * confirmation["schedules"][confirmation["winner"]]["vs"]["baseline"]["mean_diff"])
 
 
 def main_output(argv: list[str], capsys) -> str:
