@@ -3093,9 +3093,10 @@ def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextMa
 def sweep(opts: SweepOptions) -> dict[str, Any]:
     """Run (or resume) a whole sweep; write the exports; return the summary.
 
-    Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, with nothing exported; the local Ray
-    this call started is shut down however it ends.  A second sweep on the same folder while this
-    one runs is refused (:func:`sweep_lock`).
+    Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, and :class:`TrialsUnplaced` where no node of the
+    cluster can run the waiting trials (:class:`PendingWatch`), with nothing exported and the sweep
+    resumable; the local Ray this call started is shut down however it ends.  A second sweep on the same
+    folder while this one runs is refused (:func:`sweep_lock`).
     """
     opts.check()
     with sweep_lock(opts.out):
