@@ -674,6 +674,9 @@ def _write_learning_curve(run: Path) -> None:
 PROGRESS = ("auto", "live", "lines", "json", "none")
 AUTOSCALING_HELP = ("with --address: the cluster's autoscaler starts nodes when trials wait, so no live node "
                     "need fit a trial (node types the autoscaler reported are checked all the same)")
+PENDING_HELP = ("with --address: seconds trials may wait, none running, while no node of the cluster can run one "
+                "(a node left, or the autoscaler starts none) before the sweep stops, its state kept for --resume "
+                "(default 120, 900 with --autoscaling)")
 
 
 def progress_mode(choice: str, quiet: bool, stream: Any = None) -> str:
@@ -948,7 +951,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     from pgps_tune import space as sp
 
     _bound_ray_connect(a.address)
-    from pgps_tune.tuner import SweepInterrupted, SweepOptions, sweep
+    from pgps_tune.tuner import SweepInterrupted, SweepOptions, TrialsUnplaced, sweep
 
     space = _with_confirm_flags(a, _with_budget_flags(a, sp.load(_space_path(space_file))))
     if (nn_plan := _nnunet_plan(a)) is not None:
@@ -959,7 +962,7 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
     opts = SweepOptions(
         space=space, data=data, out=Path(out), num_samples=a.num_samples, max_concurrent=a.max_concurrent,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, address=a.address,
-        autoscaling=a.autoscaling,
+        autoscaling=a.autoscaling, pending_timeout=a.pending_timeout,
         storage=a.storage, resume=a.resume, cache_root=a.cache_dir, results_store=a.results_store,
         quiet=a.quiet, max_failures=a.max_failures, warm_start=getattr(a, "warm_start", False),
         progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow,
@@ -977,6 +980,9 @@ def _sweep(a: argparse.Namespace, space_file: str, data: str, out: str) -> int:
                  if started else "the sweep had not started; run it again with:"), file=sys.stderr)
         print(_command_line(a, resume=started), file=sys.stderr, flush=True)
         return 128 + exc.signum
+    except TrialsUnplaced as exc:  # stopped as an interrupt stops it: the sweep.json it wrote says unfinished
+        raise PgpsError(f"{exc}; the sweep stopped with its finished trials and checkpoints kept in {out}: once the "
+                        f"cluster can run its trials, resume with: {_command_line(a, resume=True)}") from None
     try:
         _print_summary(summary, Path(out), _write_sweep_report(Path(out)))
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, raised as one) while the page was drawn or the outcome printed
@@ -1187,13 +1193,14 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         raise PgpsError(f"{a.sweep} is a file; give a sweep folder (the --out of 'pgps-tune tune')")
     _require_finished(a.sweep, read_meta(a.sweep), "confirm")  # refused before Ray is imported
     _bound_ray_connect(a.address)
-    from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, confirm
+    from pgps_tune.tuner import ConfirmOptions, SweepInterrupted, TrialsUnplaced, confirm
 
     opts = ConfirmOptions(
         sweep=Path(a.sweep), top_k=a.top_k, seeds=a.seeds, folds=a.confirm_folds,
         splits=str(Path(a.splits).resolve()) if a.splits else None, epochs=a.epochs,
         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
-        max_failures=a.max_failures, address=a.address, autoscaling=a.autoscaling, results_store=a.results_store,
+        max_failures=a.max_failures, address=a.address, autoscaling=a.autoscaling,
+        pending_timeout=a.pending_timeout, results_store=a.results_store,
         quiet=a.quiet, progress=progress_mode(a.progress, a.quiet), mlflow=a.mlflow)
     try:
         summary = confirm(opts)
@@ -1201,6 +1208,9 @@ def cmd_confirm(a: argparse.Namespace) -> int:
         print(f"pgps-tune: interrupted by {exc}; the confirmation's finished trials are kept and the exports are "
               "unchanged; run the same command again to continue it", file=sys.stderr)
         return 128 + exc.signum
+    except TrialsUnplaced as exc:
+        raise PgpsError(f"{exc}; the confirmation stopped with its finished trials kept and the exports unchanged: "
+                        "once the cluster can run its trials, run the same command again to continue it") from None
     # the sweep's page shows the confirmation: rewritten with the exports, as tune and export rewrite it
     _print_summary(summary, Path(a.sweep), _write_sweep_report(Path(a.sweep)))
     return 0
@@ -1418,6 +1428,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default 0; fractions allowed, e.g. 0.5")
         q.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
         q.add_argument("--autoscaling", action="store_true", help=AUTOSCALING_HELP)
+        q.add_argument("--pending-timeout", type=n("pending_timeout"), default=None, metavar="SECONDS",
+                       help=PENDING_HELP)
         q.add_argument("--storage", default=None, metavar="PATH|URI",
                        help="local path or s3:// / gs:// URI for Tune's results (default SWEEP_DIR/ray)")
         q.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
@@ -1514,6 +1526,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="retries of a failed trial (default: the space's budget.max_failures)")
     co.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="join a running Ray cluster")
     co.add_argument("--autoscaling", action="store_true", help=AUTOSCALING_HELP)
+    co.add_argument("--pending-timeout", type=n("pending_timeout"), default=None, metavar="SECONDS",
+                    help=PENDING_HELP)
     co.add_argument("--results-store", default=None, metavar="DIR", help="results store (default "
                     "~/.local/share/pgps-tune/results)")
     co.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")

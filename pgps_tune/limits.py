@@ -111,6 +111,7 @@ LIMITS: dict[str, Range] = {
     "cpus_per_trial": Range(0, 1024, low_open=True),
     "gpus_per_trial": Range(0, 64),
     "max_failures": _int(0, 1000),
+    "pending_timeout": Range(0, 1e9, low_open=True),  # seconds
     "nnunet_fold": _int(0, 1000),
     "nnunet_val_iterations": _int(1, 1_000_000),
     "grid_points": _int(1, 100),

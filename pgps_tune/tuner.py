@@ -150,6 +150,7 @@ class SweepOptions:
     gpus_per_trial: float = 0.0
     address: str | None = None
     autoscaling: bool = False  # the cluster starts nodes when trials wait: no live node need fit a trial
+    pending_timeout: float | None = None  # seconds trials may wait with no node that fits one (PENDING_TIMEOUT_S)
     storage: str | None = None
     resume: bool = False
     cache_root: str | None = None
@@ -174,6 +175,8 @@ class SweepOptions:
             raise PgpsError(f"--cpus-per-trial must be a finite number > 0, got {self.cpus_per_trial:g}")
         if not (math.isfinite(self.gpus_per_trial) and self.gpus_per_trial >= 0):
             raise PgpsError(f"--gpus-per-trial must be a finite number >= 0, got {self.gpus_per_trial:g}")
+        if self.pending_timeout is not None and not (math.isfinite(self.pending_timeout) and self.pending_timeout > 0):
+            raise PgpsError(f"--pending-timeout must be a finite number of seconds > 0, got {self.pending_timeout:g}")
         if self.address:
             check_address(self.address)
         elif self.autoscaling:
@@ -1392,42 +1395,30 @@ def declared_node_types() -> list[NodeType]:
     return node_types_of(config)
 
 
-def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None,
-                    node_types: tuple[NodeType, ...] | list[NodeType] = (), autoscaling: bool | None = None) -> bool:
-    """Refuse per-trial resources that no node of the cluster can give one trial (``nodes``: each live node's
-    resources, Ray's by default; ``gpus`` None: the CPUs alone).  A trial runs on one node: two 1-CPU nodes
-    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word.
-
-    On an autoscaling cluster the node may not be up yet: a trial that fits one of ``node_types`` (those its
-    autoscaler declared) waits for it; one that fits none of them is refused too.  Where the autoscaler
-    declared none, ``autoscaling`` (None: a Ray of our own; else whether ``--autoscaling`` was given) lets
-    the trials wait all the same.  Both say so in a note; True where the trials wait for a node to start."""
-    if nodes is None:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def _needs(cpus: float, gpus: float | None) -> tuple[dict[str, float], str]:
+    """One trial's request as Ray's node resources name it, and as the flags that asked for it."""
     need = {"CPU": cpus} if gpus is None else {"CPU": cpus, "GPU": gpus}
-    asked = " with ".join(f"{flag} {need[k]:g}" for k, flag in (("CPU", "--cpus-per-trial"),
-                                                                ("GPU", "--gpus-per-trial")) if need.get(k))
+    return need, " with ".join(f"{flag} {need[k]:g}" for k, flag in (("CPU", "--cpus-per-trial"),
+                                                                      ("GPU", "--gpus-per-trial")) if need.get(k))
 
-    def fits(node: dict[str, float]) -> bool:
-        return all(node.get(k, 0.0) >= v for k, v in need.items())
 
-    if any(fits(node) for node in nodes):
-        return False
-    if startable := [t for t in node_types if fits(t.resources)]:
-        print(f"pgps-tune: note: no live node of the cluster fits {asked}: the trials wait for its autoscaler to "
-              f"start a node of type {' or '.join(t.shape() for t in startable)}", file=sys.stderr, flush=True)
-        return True
+def _fits(need: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in need.items())
+
+
+def resources_refusal(cpus: float, gpus: float | None, nodes: list[dict[str, float]],
+                      node_types: tuple[NodeType, ...] | list[NodeType] = (), hint: str = "") -> str | None:
+    """Why no node of ``nodes`` (live nodes' resources) nor of ``node_types`` (those the autoscaler declared)
+    can run one trial: what was asked, what the cluster has, and the fix (``hint`` added to it); None where
+    one can."""
+    need, asked = _needs(cpus, gpus)
+    if any(_fits(need, node) for node in nodes) or any(_fits(need, t.resources) for t in node_types):
+        return None
     if node_types:
         live = "; ".join(dict.fromkeys(_shape(node) for node in nodes)) or "none"
-        raise PgpsError(f"{asked}: no node of the cluster fits a trial, neither a live one ({live}) nor one of the "
-                        f"types its autoscaler starts: {', '.join(t.shape() for t in node_types)}; ask for at "
-                        "most what one of them has")
-    if autoscaling:
-        print(f"pgps-tune: note: no live node of the cluster fits {asked}; --autoscaling: the trials wait for the "
-              "autoscaler to start one (they stay pending if it never can: then stop the sweep with Ctrl-C)",
-              file=sys.stderr, flush=True)
-        return True
-    hint = "" if autoscaling is None else "; or, on a cluster whose autoscaler starts such nodes, give --autoscaling"
+        return (f"{asked}: no node of the cluster fits a trial, neither a live one ({live}) nor one of the types "
+                f"its autoscaler starts: {', '.join(t.shape() for t in node_types)}; ask for at most what one of "
+                "them has")
     for key, flag in (("CPU", "--cpus-per-trial"), ("GPU", "--gpus-per-trial")):
         if key not in need:
             continue
@@ -1436,15 +1427,147 @@ def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float
         if need[key] > total:
             fix = ("ask for at most that" if key == "CPU" else
                    "use --gpus-per-trial 0 or join a cluster with GPUs (--address)")
-            raise PgpsError(f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}{hint}")
+            return f"{flag} {need[key]:g} but the cluster has {plural(total, key)}; {fix}{hint}"
         if need[key] > most:
-            raise PgpsError(f"{flag} {need[key]:g} but no node of the cluster has {plural(need[key], key)} (a trial "
-                            f"runs on one node; its {len(nodes)} nodes have at most {plural(most, key)} each); "
-                            f"ask for at most {most:g}{hint}")
+            return (f"{flag} {need[key]:g} but no node of the cluster has {plural(need[key], key)} (a trial runs on "
+                    f"one node; its {len(nodes)} nodes have at most {plural(most, key)} each); ask for at most "
+                    f"{most:g}{hint}")
     fit = float(max(node.get("CPU", 0.0) for node in nodes if node.get("GPU", 0.0) >= need["GPU"]))
-    raise PgpsError(f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}: no node of the cluster has both (a "
-                    f"trial runs on one node; those with {plural(need['GPU'], 'GPU')} have at most "
-                    f"{plural(fit, 'CPU')}); ask for at most {fit:g} CPUs per trial{hint}")
+    return (f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}: no node of the cluster has both (a trial "
+            f"runs on one node; those with {plural(need['GPU'], 'GPU')} have at most {plural(fit, 'CPU')}); ask for "
+            f"at most {fit:g} CPUs per trial{hint}")
+
+
+def check_resources(cpus: float, gpus: float | None, nodes: list[dict[str, float]] | None = None,
+                    node_types: tuple[NodeType, ...] | list[NodeType] = (), autoscaling: bool | None = None,
+                    pending_timeout: float | None = None) -> bool:
+    """Refuse per-trial resources that no node of the cluster can give one trial (``nodes``: each live node's
+    resources, Ray's by default; ``gpus`` None: the CPUs alone).  A trial runs on one node: two 1-CPU nodes
+    cannot run a trial of 2 CPUs, and Tune would leave it pending for ever without a word.
+
+    On an autoscaling cluster the node may not be up yet: a trial that fits one of ``node_types`` (those its
+    autoscaler declared) waits for it; one that fits none of them is refused too.  Where the autoscaler
+    declared none, ``autoscaling`` (None: a Ray of our own; else whether ``--autoscaling`` was given) lets
+    the trials wait all the same, at most ``pending_timeout`` seconds (:class:`PendingWatch`).  Both say so in
+    a note; True where the trials wait for a node to start."""
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need, asked = _needs(cpus, gpus)
+    if any(_fits(need, node) for node in nodes):
+        return False
+    if startable := [t for t in node_types if _fits(need, t.resources)]:
+        print(f"pgps-tune: note: no live node of the cluster fits {asked}: the trials wait for its autoscaler to "
+              f"start a node of type {' or '.join(t.shape() for t in startable)}", file=sys.stderr, flush=True)
+        return True
+    if autoscaling and not node_types:
+        from pgps_tune.report import duration
+
+        print(f"pgps-tune: note: no live node of the cluster fits {asked}; --autoscaling: the trials wait for the "
+              f"autoscaler to start one (if none is up within {duration(pending_limit(pending_timeout, True))}, the "
+              "sweep stops and --resume continues it; --pending-timeout SECONDS sets that)", file=sys.stderr,
+              flush=True)
+        return True
+    hint = ("; or, on a cluster whose autoscaler starts such nodes, give --autoscaling"
+            if autoscaling is not None and not node_types else "")
+    raise PgpsError(resources_refusal(cpus, gpus, nodes, node_types, hint))
+
+
+# -- trials no node can run -----------------------------------------------------------------------
+# Tune leaves a trial that no node fits PENDING for ever, saying only now and then that the cluster may lack
+# resources; Ray 2.60's autoscalers do not tell a driver that a request is infeasible either (v2's status lists
+# every demand as pending, feasible or not; v1 only logs "No available node types can fulfill resource request").
+# So a phase watches its own trials: once they have waited --pending-timeout seconds, none running, it compares
+# one trial's request with the cluster's live nodes (and the node types its autoscaler declared) every
+# PENDING_PROBE_S seconds, and stops as an interrupt stops it (state saved, --resume continues) where none fits.
+# A node that fits but is busy (another job's trials) means wait on.  Defaults: a node that left (a GPU worker
+# removed or lost) may rejoin within a couple of minutes, and Ray notices a dead node after about 30 s; an
+# autoscaler may take ten minutes to start a cloud GPU node (an image pulled, drivers loaded).
+PENDING_TIMEOUT_S = {False: 120.0, True: 900.0}  # by --autoscaling
+PENDING_PROBE_S = 10.0
+
+
+def pending_limit(pending_timeout: float | None, autoscaling: bool) -> float:
+    """The seconds trials may wait with no node that fits one: ``--pending-timeout``, else the default."""
+    return PENDING_TIMEOUT_S[bool(autoscaling)] if pending_timeout is None else float(pending_timeout)
+
+
+class TrialsUnplaced(PgpsError):
+    """A phase stopped as an interrupt stops it (its Tune state saved, ``--resume`` continues it): its trials
+    waited longer than the limit and no node of the cluster can run one (:class:`PendingWatch`)."""
+
+
+def _live_cluster() -> tuple[list[dict[str, float]], list[NodeType]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")], declared_node_types()
+
+
+class PendingWatch:
+    """Whether a phase's trials wait for a node that never comes (see above).
+
+    Called with the phase's pending and running trial counts after each step of Tune's loop; returns (and keeps
+    in ``stuck``) the one-line reason to stop, else None.  ``cluster`` gives the live nodes' resources and the
+    declared node types; ``clock`` the time in seconds (both replaceable in tests).
+    """
+
+    def __init__(self, phase: str, cpus: float, gpus: float, limit: float, autoscaling: bool,
+                 cluster=_live_cluster, clock=time.monotonic) -> None:
+        self.phase, self.cpus, self.gpus, self.limit, self.autoscaling = phase, cpus, gpus, limit, autoscaling
+        self.cluster, self.clock = cluster, clock
+        self.since: float | None = None  # since when trials wait with none running
+        self.probed = -math.inf
+        self.stuck: str | None = None
+
+    def __call__(self, pending: int, running: int) -> str | None:
+        from pgps_tune.report import duration
+
+        if self.stuck:
+            return self.stuck
+        now = self.clock()
+        if not pending or running:
+            self.since = None
+            return None
+        self.since = now if self.since is None else self.since
+        if now - self.since < self.limit or now - self.probed < PENDING_PROBE_S:
+            return None
+        self.probed = now
+        nodes, types = self.cluster()
+        if (refusal := resources_refusal(self.cpus, self.gpus, nodes, types)) is None:
+            return None
+        waited = f"{plural(pending, 'trial')} waited {duration(now - self.since)}"
+        if self.autoscaling:
+            self.stuck = (f"{self.phase}: {waited}, none running, for the autoscaler to start a node that can run "
+                          f"one, and none is up: {refusal}; or make the autoscaler able to start such a node (its "
+                          "node types and limits, the cloud's quota), or let the trials wait longer (--pending-timeout "
+                          "SECONDS)")
+        else:
+            self.stuck = (f"{self.phase}: {waited}, none running, and no live node of the cluster can run one (has "
+                          f"one that could left?): {refusal}; or bring back such a node, or give --autoscaling if "
+                          "the cluster starts nodes itself")
+        return self.stuck
+
+
+@contextlib.contextmanager
+def _pending_watched(watch: PendingWatch):
+    """For the block, Tune's loop asks ``watch`` after each step and, once it finds the trials stuck, ends as
+    it ends on an interrupt: the trials left pending stay so in the experiment state it saves last."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    if not all(hasattr(TuneController, f) for f in ("step", "is_finished")):
+        yield  # another Tune: its own behaviour (stuck trials wait until the sweep is stopped)
+        return
+    step, is_finished = TuneController.step, TuneController.is_finished
+
+    def watched_step(self) -> None:
+        step(self)
+        watch(len(self._pending_trials), len(self._running_trials))
+
+    def watched_is_finished(self) -> bool:
+        return watch.stuck is not None or is_finished(self)  # the loop's test: it stops there, as on Ctrl-C
+
+    TuneController.step, TuneController.is_finished = watched_step, watched_is_finished
+    try:
+        yield
+    finally:
+        TuneController.step, TuneController.is_finished = step, is_finished
 
 
 def _unseen_here(paths: dict[str, str], creatable: dict[str, str], remote: tuple | None = None) -> list[str]:
@@ -2823,7 +2946,8 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
 def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
               name: str, searcher, num_samples: int, scheduler, stopper=None,
               signals: _StopSignals | None = None) -> None:
-    """Run (or continue) one Tune experiment; raises :class:`SweepInterrupted` if a signal stopped it."""
+    """Run (or continue) one Tune experiment; raises :class:`SweepInterrupted` if a signal stopped it, and
+    :class:`TrialsUnplaced` if its trials waited for a node that can run them for longer than the limit."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
@@ -2865,10 +2989,15 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
             ),
         )
         keep_tune_state(path, storage_fs)  # the constructor wrote tuner.pkl
+    watch = PendingWatch(phase, opts.cpus_per_trial, opts.gpus_per_trial,
+                         pending_limit(opts.pending_timeout, opts.autoscaling), opts.autoscaling)
     # what Tune restores (in fit) continues this folder's study and Tune storage
     with (signals.fitting() if signals else contextlib.nullcontext(), PrunedAwareOptunaSearch.journal_of(opts.out),
-          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded(), _mlflow_location(opts)):
+          _restored_search_here(storage_fs, storage_path, name), _dead_workers_recorded(), _mlflow_location(opts),
+          _pending_watched(watch)):
         tuner.fit()
+    if watch.stuck:
+        raise TrialsUnplaced(watch.stuck)
 
 
 @contextlib.contextmanager
@@ -2964,9 +3093,10 @@ def sweep_lock(out: Path, command: str = "tune") -> contextlib.AbstractContextMa
 def sweep(opts: SweepOptions) -> dict[str, Any]:
     """Run (or resume) a whole sweep; write the exports; return the summary.
 
-    Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, with nothing exported; the local Ray
-    this call started is shut down however it ends.  A second sweep on the same folder while this
-    one runs is refused (:func:`sweep_lock`).
+    Raises :class:`SweepInterrupted` on SIGINT/SIGTERM, and :class:`TrialsUnplaced` where no node of the
+    cluster can run the waiting trials (:class:`PendingWatch`), with nothing exported and the sweep
+    resumable; the local Ray this call started is shut down however it ends.  A second sweep on the same
+    folder while this one runs is refused (:func:`sweep_lock`).
     """
     opts.check()
     with sweep_lock(opts.out):
@@ -3250,7 +3380,8 @@ def _ray_session(opts: SweepOptions, signals: _StopSignals):
         signals.install()
         types = declared_node_types() if opts.address else []
         if check_resources(opts.cpus_per_trial, opts.gpus_per_trial, node_types=types,
-                           autoscaling=opts.autoscaling if opts.address else None) and not opts.max_concurrent:
+                           autoscaling=opts.autoscaling if opts.address else None,
+                           pending_timeout=opts.pending_timeout) and not opts.max_concurrent:
             print("pgps-tune: note: without --max-concurrent, Tune asks for one waiting trial at a time, so the "
                   "autoscaler starts their nodes one after another; --max-concurrent N asks for N at once",
                   file=sys.stderr, flush=True)
@@ -3725,6 +3856,7 @@ class ConfirmOptions:
     max_failures: int | None = None
     address: str | None = None
     autoscaling: bool = False  # as SweepOptions.autoscaling
+    pending_timeout: float | None = None  # as SweepOptions.pending_timeout
     results_store: str | None = None
     quiet: bool = False
     progress: str = "lines"  # as SweepOptions.progress
@@ -3797,7 +3929,8 @@ def _confirm(c: ConfirmOptions) -> dict[str, Any]:
         data=setup["data"], out=Path(c.sweep), max_concurrent=c.max_concurrent,
         cpus_per_trial=c.cpus_per_trial or meta.get("cpus_per_trial", 1.0),
         gpus_per_trial=meta.get("gpus_per_trial", 0.0) if c.gpus_per_trial is None else c.gpus_per_trial,
-        address=c.address, autoscaling=c.autoscaling, storage=meta.get("storage"), resume=True,
+        address=c.address, autoscaling=c.autoscaling, pending_timeout=c.pending_timeout, storage=meta.get("storage"),
+        resume=True,
         results_store=c.results_store, quiet=c.quiet,
         progress=c.progress, max_failures=c.max_failures, mlflow=c.mlflow,
         **({"nnunet_plans": ds.plan, "nnunet_configuration": setup["nnunet"]["configuration"]}

@@ -160,6 +160,30 @@ def test_an_interrupt_while_the_sweep_is_exported_does_not_say_nothing_was_expor
             + said and err[1].endswith("--resume"), err
 
 
+def test_a_sweep_whose_trials_no_node_can_run_stops_in_one_line_with_its_resume_command(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import pgps_tune.tuner as tuner
+
+    seen = {}
+
+    def stuck(opts):
+        seen["timeout"] = opts.pending_timeout
+        opts.out.mkdir()
+        (opts.out / "sweep.json").write_text("{}")  # the sweep had started
+        raise tuner.TrialsUnplaced("search: 2 trials waited 2m00s and no node of the cluster can run one now")
+
+    monkeypatch.setattr(tuner, "sweep", stuck)
+    out = tmp_path / "o"
+    assert main(["demo", "--out", str(out), "--quiet", "--pending-timeout", "30"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("pgps-tune: error: search: 2 trials waited 2m00s and no node of the cluster can run one "
+                           f"now; the sweep stopped with its finished trials and checkpoints kept in {out}: once the "
+                           "cluster can run its trials, resume with: ")
+    assert line.endswith(" --pending-timeout 30.0 --quiet --resume")
+    assert seen["timeout"] == 30
+    assert "--pending-timeout: must be a number in (0, " in refused(capsys, ["demo", "--pending-timeout", "0"])
+
+
 def test_unknown_space_name_lists_the_shipped_ones(capsys, tmp_path):
     line = refused(capsys, ["tune", "--space", "defualt", "--data", "synthetic", "--out", tmp_path / "o"])
     assert "no shipped space of that name" in line and "default" in line and "smoke" in line

@@ -401,6 +401,74 @@ def test_an_autoscaling_cluster_lets_trials_wait_for_a_node_type_it_starts(tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def test_trials_no_node_can_run_stop_the_phase_after_the_pending_timeout(monkeypatch):
+    # a GPU node removed mid-sweep (or an autoscaler that never starts one) left the trials PENDING for ever,
+    # with only Tune's and Ray's repeated warnings: the phase now stops, as on Ctrl-C, naming asked, had, fix
+    from ray.tune.execution.tune_controller import TuneController
+
+    from pgps_tune import tuner
+
+    now, asked = [0.0], []
+    cluster = {"nodes": [{"CPU": 4.0}, {"CPU": 8.0, "GPU": 1.0}], "types": []}
+
+    def live():
+        asked.append(now[0])
+        return cluster["nodes"], cluster["types"]
+
+    watch = tuner.PendingWatch("search", 2, 1, 120.0, False, cluster=live, clock=lambda: now[0])
+    for t, pending, running in ((0, 2, 0), (119, 2, 0), (150, 2, 1), (200, 0, 0), (300, 3, 0), (419, 3, 0)):
+        now[0] = t
+        assert watch(pending, running) is None  # running, none waiting, or not waited long enough
+    assert asked == []
+    now[0] = 420
+    assert watch(3, 0) is None and asked == [420]  # the GPU node is up (busy with another job's trials): wait on
+    now[0] = 425
+    assert watch(3, 0) is None and asked == [420]  # asked again only after PENDING_PROBE_S
+    cluster["nodes"] = cluster["nodes"][:1]  # the GPU node left
+    now[0] = 430
+    assert watch(3, 0) == watch.stuck == (
+        "search: 3 trials waited 2m10s, none running, and no live node of the cluster can run one (has one that "
+        "could left?): --gpus-per-trial 1 but the cluster has 0 GPUs; use --gpus-per-trial 0 or join a cluster with "
+        "GPUs (--address); or bring back such a node, or give --autoscaling if the cluster starts nodes itself")
+    now[0] = 431
+    assert watch(0, 1) == watch.stuck  # once stuck, it stays so until the loop has stopped
+    auto = tuner.PendingWatch("confirm", 16, 0, tuner.pending_limit(None, True), True, cluster=live,
+                              clock=lambda: now[0])
+    now[0] = 1000
+    assert auto(1, 0) is None
+    now[0] = 1000 + 900
+    assert auto(1, 0) == ("confirm: 1 trial waited 15m00s, none running, for the autoscaler to start a node that "
+                          "can run one, and none is up: --cpus-per-trial 16 but the cluster has 4 CPUs; ask for at "
+                          "most that; or make the autoscaler able to start such a node (its node types and limits, "
+                          "the cloud's quota), or let the trials wait longer (--pending-timeout SECONDS)")
+    assert tuner.pending_limit(None, False) == 120 and tuner.pending_limit(30, True) == 30
+
+    # in Tune's loop: the watch is asked after each step, and the loop ends (as on Ctrl-C) once it is stuck
+    class Loop:
+        steps = 0
+
+        def __init__(self):
+            self._pending_trials, self._running_trials = {"a", "b"}, set()
+
+        def step(self):
+            self.steps += 1
+            now[0] += 5
+
+        def is_finished(self):
+            return False
+
+    monkeypatch.setattr(TuneController, "step", Loop.step)
+    monkeypatch.setattr(TuneController, "is_finished", Loop.is_finished)
+    cluster["nodes"] = [{"CPU": 4.0}]
+    now[0], loop = 0.0, Loop()
+    watch = tuner.PendingWatch("search", 1, 1, 60.0, False, cluster=live, clock=lambda: now[0])
+    with tuner._pending_watched(watch):
+        while not TuneController.is_finished(loop):
+            TuneController.step(loop)
+    assert loop.steps == 13 and watch.stuck.startswith("search: 2 trials waited 1m00s, none running, and no live node ")
+    assert TuneController.step is Loop.step and TuneController.is_finished is Loop.is_finished  # put back
+
+
 def test_an_address_of_no_cluster_or_a_refused_token_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
     from pgps_tune import tuner
     from pgps_tune.errors import PgpsError
