@@ -1558,7 +1558,9 @@ def _pending_watched(watch: PendingWatch):
 
     def watched_step(self) -> None:
         step(self)
-        watch(len(self._pending_trials), len(self._running_trials))
+        pending, running = getattr(self, "_pending_trials", None), getattr(self, "_running_trials", None)
+        if pending is not None and running is not None:  # else another Tune's loop: not watched
+            watch(len(pending), len(running))
 
     def watched_is_finished(self) -> bool:
         return watch.stuck is not None or is_finished(self)  # the loop's test: it stops there, as on Ctrl-C
