@@ -2814,10 +2814,38 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
-        callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
-                                                tags={**(opts.mlflow_tags or mlflow_sweep_tags(opts.out)),
-                                                      "pgps.phase": phase}))
+        callbacks.append(_mlflow_callback(phase, opts))
     return callbacks
+
+
+def _mlflow_callback(phase: str, opts: SweepOptions):
+    """The phase's MLflow logger: into ``opts.mlflow``, the sweep's experiment, under its tags."""
+    return _mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
+                                  tags={**(opts.mlflow_tags or mlflow_sweep_tags(opts.out)), "pgps.phase": phase})
+
+
+def _log_restored_phase_here(tuner, phase: str, opts: SweepOptions, ended: int) -> None:
+    """A restored phase logs its trials to the MLflow of the command that resumes it, where it gives --mlflow.
+
+    Tune restores the callbacks a phase started with: a phase started without --mlflow and resumed with
+    it logged none of its trials (while the sweep's own run took the verdict over them), and one resumed
+    with another URI logged its trials where it started and the sweep's own run here.  Without --mlflow
+    the phase goes on logging where it started: its runs left KILLED end as its trials do.  The ``ended``
+    trials of a phase that logged elsewhere (or nowhere) are said to have no run here.
+    """
+    if not opts.mlflow:
+        return
+    config = tuner._local_tuner.get_run_config()  # the RunConfig unpickled from tuner.pkl, which fit() uses
+    trials = _mlflow_trials_class()
+    logged = [c.tracking_uri for c in config.callbacks or [] if isinstance(c, trials)]
+    if opts.mlflow in logged:
+        return
+    config.callbacks = [*(c for c in config.callbacks or [] if not isinstance(c, trials)),
+                        _mlflow_callback(phase, opts)]
+    if ended:
+        where = f"to {logged[0]}" if logged else "without --mlflow"
+        print(f"pgps-tune: note: {phase}: {plural(ended, 'trial')} of this phase ended while it logged {where}; "
+              f"they have no run in {opts.mlflow}, its other trials go on there", file=sys.stderr, flush=True)
 
 
 def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
@@ -2843,6 +2871,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         with Progress.resuming("none" if opts.quiet else opts.progress, ended):  # the restored Progress follows this
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=storage_fs)
+        _log_restored_phase_here(tuner, phase, opts, len(ended))
         if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
             roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
             for line in ended:

@@ -339,6 +339,53 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     assert run.data.params["schedule"] == "8x8x8 batch 2 for 2 epochs; 16x16x16 batch 2 for 2 epochs"
 
 
+def test_a_resumed_phase_logs_its_trials_to_the_mlflow_the_resuming_command_gives(tmp_path, capsys):
+    # Tune restores the callbacks a phase started with: a confirmation started without --mlflow and resumed with it
+    # logged none of its trials (the sweep's own run took their verdict all the same), and one resumed with another
+    # URI logged them where it started, the sweep's own run here
+    from types import SimpleNamespace
+
+    pytest.importorskip("mlflow")
+    from ray import tune
+
+    from pgps_tune import tuner
+
+    def trainable(config):
+        pass
+
+    first, other = (tmp_path / "first").as_uri(), (tmp_path / "other").as_uri()
+
+    def resumed(started: list, mlflow: str | None, ended: int = 1) -> list:
+        tune.Tuner(trainable, run_config=tune.RunConfig(name="s-confirm", storage_path=str(tmp_path / "ray"),
+                                                        callbacks=started))  # writes tuner.pkl, as a phase's start
+        restored = tune.Tuner.restore(str(tmp_path / "ray" / "s-confirm"), trainable=trainable)
+        opts = SimpleNamespace(mlflow=mlflow, mlflow_experiment="s", mlflow_tags={"pgps.sweep": "s"}, out=tmp_path)
+        tuner._log_restored_phase_here(restored, "confirm", opts, ended)
+        return restored._local_tuner.get_run_config().callbacks
+
+    progress = tuner.Progress(6, "confirm", "none", trial_compute=1.0)
+    logger = tuner.MLflowTrials(first, experiment_name="s", tags={"pgps.sweep": "s", "pgps.phase": "confirm"})
+    # started without MLflow: the trials to come log here; the one that ended is said to have no run
+    kept, added = resumed([progress], first)
+    assert isinstance(kept, tuner.Progress) and isinstance(added, tuner.MLflowTrials)
+    assert added.tracking_uri == first and added.experiment_name == "s"
+    assert added.tags == {"pgps.sweep": "s", "pgps.phase": "confirm"}
+    assert capsys.readouterr().err.strip() == (f"pgps-tune: note: confirm: 1 trial of this phase ended while it "
+                                               f"logged without --mlflow; they have no run in {first}, its other "
+                                               "trials go on there")
+    # the same URI: the logger it started with goes on; without --mlflow too (as documented)
+    for mlflow in (first, None):
+        (_, same) = resumed([progress, logger], mlflow)
+        assert same.tracking_uri == first and same.tags == logger.tags
+    assert capsys.readouterr().err == ""
+    # another URI: the trials to come log there, none twice
+    (_, moved) = resumed([progress, logger], other, ended=0)
+    assert moved.tracking_uri == other and capsys.readouterr().err == ""
+    (_, moved) = resumed([progress, logger], other, ended=3)
+    assert f"3 trials of this phase ended while it logged to {first}; they have no run in {other}" in (
+        capsys.readouterr().err)
+
+
 def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experiment_refused(tmp_path, capsys,
                                                                                           monkeypatch):
     pytest.importorskip("mlflow")
