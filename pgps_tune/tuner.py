@@ -1818,6 +1818,7 @@ def _mlflow_trials_class() -> type:
             self._failed = False
             self._schedules_logged: set[str] = set()
             self._ended: set[str] = set()
+            self._logged_until: dict[str, int] = {}  # a reopened run: the last step it holds (_earlier_run)
             self._guarded("setting up", lambda: self._setup(*args, **kwargs))
 
         def _setup(self, *args, **kwargs) -> None:
@@ -1852,6 +1853,10 @@ def _mlflow_trials_class() -> type:
             if trial not in self._trial_runs:
                 if (run_id := self._earlier_run(trial)) is not None:
                     client.update_run(run_id, status="RUNNING")  # a resumed sweep: the trial goes on in its own run
+                    # what it reports again since its checkpoint (a kill between a report and Tune's snapshot:
+                    # all of a finished trial's last one) the run holds already: logged once, not twice
+                    self._logged_until[run_id] = max((m.step for m in client.get_metric_history(
+                        run_id, TUNE_METRICS["time_total_s"])), default=-1)
                 else:  # Ray's would be named run_trial_ID, alike for every sweep in the experiment
                     run_id = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)},
                                                         run_name=trial_run_name(self.tags, trial.trial_id)).info.run_id
@@ -1878,7 +1883,8 @@ def _mlflow_trials_class() -> type:
             run_id = self._trial_runs[trial]
             step = result["epoch"] if type(result.get("epoch")) is int else iteration
             at = int(time.time() * 1000)
-            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()]
+            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()
+                       if step > self._logged_until.get(run_id, -1)]
             params = []
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
                 from pgps_tune.schedule import Schedule
@@ -1905,7 +1911,8 @@ def _mlflow_trials_class() -> type:
 
         def __getstate__(self) -> dict[str, Any]:
             return {k: v for k, v in self.__dict__.items()
-                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed", "_ended")}
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed", "_ended",
+                                 "_logged_until")}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             from ray.air._internal.mlflow import _MLflowLoggerUtil

@@ -298,8 +298,9 @@ SCHEDULE = {"format_version": 1, "final_patch": [16, 16, 16], "pools": [3, 3, 3]
 
 
 def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_failed(tmp_path, monkeypatch):
-    # a resume opened a second run for each trial it continued, and left the first one RUNNING for good; a
-    # trial that diverged was a FINISHED run; one odd label name cost the whole sweep its MLflow logging
+    # a resume opened a second run for each trial it continued, and left the first one RUNNING for good, and
+    # logged again what the trial reported again since its checkpoint; a trial that diverged was a FINISHED run;
+    # one odd label name cost the whole sweep its MLflow logging
     import pickle
 
     pytest.importorskip("mlflow")
@@ -315,7 +316,7 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     trial = FakeTrial("a1", {"growth": 1.5})
     callback.log_trial_start(trial)
     first = {"schedule": json.dumps(SCHEDULE), "val_dice": 0.25, "epoch": 2, "completed": False,
-             "dice_tumour (core)": 0.5, "config": {"growth": 1.5}}
+             "dice_tumour (core)": 0.5, "config": {"growth": 1.5}, "time_total_s": 3.0}
     callback.log_trial_result(1, trial, first)
     callback.on_experiment_end([trial])  # the interrupt: Tune ends the experiment
     client = MlflowClient(uri)
@@ -327,6 +328,7 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     trial = FakeTrial("a1", {"growth": 1.5})  # Tune's restored trial
     resumed.log_trial_start(trial)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    resumed.log_trial_result(1, trial, first)  # said again: the run held it already (a kill before Tune's snapshot)
     trial.last_result = {**first, "val_dice": 0.0, "epoch": 4, "diverged": True, "error": "the loss is not finite"}
     resumed.log_trial_result(2, trial, trial.last_result)
     resumed.log_trial_end(trial)
