@@ -1842,6 +1842,21 @@ def _mlflow_trials_class() -> type:
             for trial, run_id in list(getattr(self, "_trial_runs", {}).items()):
                 if run_id not in self._ended:
                     self._guarded(f"trial {trial}", self._client().set_terminated, run_id, "KILLED")
+            if self.mlflow_util.experiment_id is not None:  # set up: the phase ran
+                self._guarded("ending the runs of trials Tune lost", self._end_lost_runs)
+
+        def _end_lost_runs(self) -> None:
+            """KILLED: the phase's runs still RUNNING that are none of this driver's: a driver killed outright (kill
+            -9, a power cut) leaves its runs RUNNING, and a trial it started after Tune's last snapshot is unknown to
+            the resume, which trains its config as a new trial in a new run; the first stayed RUNNING for good.
+            (One command at a time runs a sweep folder, :func:`sweep_lock`: no other driver's runs are going.)"""
+            client, mine = self._client(), set(getattr(self, "_trial_runs", {}).values())
+            phase = self.tags.get("pgps.phase", "")
+            query = "attributes.status = 'RUNNING'" + (f" and tags.`pgps.phase` = '{phase}'" if "'" not in phase
+                                                       else "")
+            for run in client.search_runs([self.mlflow_util.experiment_id], filter_string=query, max_results=1000):
+                if run.info.run_id not in mine and all(run.data.tags.get(k) == v for k, v in self.tags.items()):
+                    client.set_terminated(run.info.run_id, "KILLED")
 
         def _client(self):
             return self.mlflow_util._get_client()

@@ -299,8 +299,9 @@ SCHEDULE = {"format_version": 1, "final_patch": [16, 16, 16], "pools": [3, 3, 3]
 
 def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_failed(tmp_path, monkeypatch):
     # a resume opened a second run for each trial it continued, and left the first one RUNNING for good, and
-    # logged again what the trial reported again since its checkpoint; a trial that diverged was a FINISHED run;
-    # one odd label name cost the whole sweep its MLflow logging
+    # logged again what the trial reported again since its checkpoint; a run of a trial started after Tune's last
+    # snapshot by a driver killed outright stayed RUNNING for good; a trial that diverged was a FINISHED run; one
+    # odd label name cost the whole sweep its MLflow logging
     import pickle
 
     pytest.importorskip("mlflow")
@@ -322,6 +323,10 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "sweep/search/a1"  # not Ray's run_trial_a1
+    killed = pickle.loads(saved)  # kill -9 of a driver that had started a trial the resume will not know
+    killed.setup()
+    killed.log_trial_start(FakeTrial("a9", {"growth": 2.0}))
+    lost = client.search_runs([run.info.experiment_id], filter_string="tags.trial_name = 'run_trial_a9'")[0].info
 
     resumed = pickle.loads(saved)
     resumed.setup()
@@ -332,7 +337,10 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     trial.last_result = {**first, "val_dice": 0.0, "epoch": 4, "diverged": True, "error": "the loss is not finite"}
     resumed.log_trial_result(2, trial, trial.last_result)
     resumed.log_trial_end(trial)
-    (run,) = client.search_runs([run.info.experiment_id])
+    assert client.get_run(lost.run_id).info.status == "RUNNING"
+    resumed.on_experiment_end([trial])
+    assert client.get_run(lost.run_id).info.status == "KILLED"  # the phase ended: a run of no trial of it
+    run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["pgps.status"] == "failed"
     assert run.info.run_name == "sweep/search/a1"  # the same run, its name kept
     assert run.data.tags["pgps.error"] == "the loss is not finite" and run.data.tags["pgps.trial_id"] == "a1"
