@@ -2866,8 +2866,9 @@ def _log_restored_phase_here(tuner, phase: str, opts: SweepOptions, ended: int) 
                         _mlflow_callback(phase, opts)]
     if ended:
         where = f"to {logged[0]}" if logged else "without --mlflow"
-        print(f"pgps-tune: note: {phase}: {plural(ended, 'trial')} of this phase ended while it logged {where}; "
-              f"they have no run in {opts.mlflow}, its other trials go on there", file=sys.stderr, flush=True)
+        print(f"pgps-tune: note: {phase}: {plural(ended, 'trial')} of this phase ended while it logged {where}, "
+              f"so {'it has' if ended == 1 else 'they have'} no run in {opts.mlflow}; the rest log there",
+              file=sys.stderr, flush=True)
 
 
 def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,

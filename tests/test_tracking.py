@@ -381,8 +381,8 @@ def test_a_resumed_phase_logs_its_trials_to_the_mlflow_the_resuming_command_give
     assert added.tracking_uri == first and added.experiment_name == "s"
     assert added.tags == {"pgps.sweep": "s", "pgps.phase": "confirm"}
     assert capsys.readouterr().err.strip() == (f"pgps-tune: note: confirm: 1 trial of this phase ended while it "
-                                               f"logged without --mlflow; they have no run in {first}, its other "
-                                               "trials go on there")
+                                               f"logged without --mlflow, so it has no run in {first}; the rest "
+                                               "log there")
     # the same URI: the logger it started with goes on; without --mlflow too (as documented)
     for mlflow in (first, None):
         (_, same) = resumed([progress, logger], mlflow)
@@ -392,7 +392,7 @@ def test_a_resumed_phase_logs_its_trials_to_the_mlflow_the_resuming_command_give
     (_, moved) = resumed([progress, logger], other, ended=0)
     assert moved.tracking_uri == other and capsys.readouterr().err == ""
     (_, moved) = resumed([progress, logger], other, ended=3)
-    assert f"3 trials of this phase ended while it logged to {first}; they have no run in {other}" in (
+    assert f"3 trials of this phase ended while it logged to {first}, so they have no run in {other}" in (
         capsys.readouterr().err)
 
 
