@@ -1943,6 +1943,7 @@ def _mlflow_trials_class() -> type:
             self._failed = False
             self._schedules_logged: set[str] = set()
             self._ended: set[str] = set()
+            self._logged_until: dict[str, int] = {}  # a reopened run: the last step it holds (_earlier_run)
             self._guarded("setting up", lambda: self._setup(*args, **kwargs))
 
         def _setup(self, *args, **kwargs) -> None:
@@ -1966,6 +1967,21 @@ def _mlflow_trials_class() -> type:
             for trial, run_id in list(getattr(self, "_trial_runs", {}).items()):
                 if run_id not in self._ended:
                     self._guarded(f"trial {trial}", self._client().set_terminated, run_id, "KILLED")
+            if self.mlflow_util.experiment_id is not None:  # set up: the phase ran
+                self._guarded("ending the runs of trials Tune lost", self._end_lost_runs)
+
+        def _end_lost_runs(self) -> None:
+            """KILLED: the phase's runs still RUNNING that are none of this driver's: a driver killed outright (kill
+            -9, a power cut) leaves its runs RUNNING, and a trial it started after Tune's last snapshot is unknown to
+            the resume, which trains its config as a new trial in a new run; the first stayed RUNNING for good.
+            (One command at a time runs a sweep folder, :func:`sweep_lock`: no other driver's runs are going.)"""
+            client, mine = self._client(), set(getattr(self, "_trial_runs", {}).values())
+            phase = self.tags.get("pgps.phase", "")
+            query = "attributes.status = 'RUNNING'" + (f" and tags.`pgps.phase` = '{phase}'" if "'" not in phase
+                                                       else "")
+            for run in client.search_runs([self.mlflow_util.experiment_id], filter_string=query, max_results=1000):
+                if run.info.run_id not in mine and all(run.data.tags.get(k) == v for k, v in self.tags.items()):
+                    client.set_terminated(run.info.run_id, "KILLED")
 
         def _client(self):
             return self.mlflow_util._get_client()
@@ -1977,6 +1993,10 @@ def _mlflow_trials_class() -> type:
             if trial not in self._trial_runs:
                 if (run_id := self._earlier_run(trial)) is not None:
                     client.update_run(run_id, status="RUNNING")  # a resumed sweep: the trial goes on in its own run
+                    # what it reports again since its checkpoint (a kill between a report and Tune's snapshot:
+                    # all of a finished trial's last one) the run holds already: logged once, not twice
+                    self._logged_until[run_id] = max((m.step for m in client.get_metric_history(
+                        run_id, TUNE_METRICS["time_total_s"])), default=-1)
                 else:  # Ray's would be named run_trial_ID, alike for every sweep in the experiment
                     run_id = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)},
                                                         run_name=trial_run_name(self.tags, trial.trial_id)).info.run_id
@@ -2003,7 +2023,8 @@ def _mlflow_trials_class() -> type:
             run_id = self._trial_runs[trial]
             step = result["epoch"] if type(result.get("epoch")) is int else iteration
             at = int(time.time() * 1000)
-            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()]
+            metrics = [Metric(k, v, at, step) for k, v in trial_metrics(result).items()
+                       if step > self._logged_until.get(run_id, -1)]
             params = []
             if isinstance(result.get("schedule"), str) and run_id not in self._schedules_logged:
                 from pgps_tune.schedule import Schedule
@@ -2030,7 +2051,8 @@ def _mlflow_trials_class() -> type:
 
         def __getstate__(self) -> dict[str, Any]:
             return {k: v for k, v in self.__dict__.items()
-                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed", "_ended")}
+                    if k not in ("mlflow_util", "_trial_runs", "_schedules_logged", "_failed", "_ended",
+                                 "_logged_until")}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             from ray.air._internal.mlflow import _MLflowLoggerUtil
@@ -2939,10 +2961,39 @@ def _callbacks(phase: str, opts: SweepOptions, name: str, num_samples: int, sche
                                 cap=stopper.max_t if isinstance(stopper, ComputeBudget) else None,
                                 upper_bound=scheduler is not None or isinstance(stopper, ComputeBudget))]
     if opts.mlflow:
-        callbacks.append(_mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
-                                                tags={**(opts.mlflow_tags or mlflow_sweep_tags(opts.out)),
-                                                      "pgps.phase": phase}))
+        callbacks.append(_mlflow_callback(phase, opts))
     return callbacks
+
+
+def _mlflow_callback(phase: str, opts: SweepOptions):
+    """The phase's MLflow logger: into ``opts.mlflow``, the sweep's experiment, under its tags."""
+    return _mlflow_trials_class()(opts.mlflow, experiment_name=opts.mlflow_experiment,
+                                  tags={**(opts.mlflow_tags or mlflow_sweep_tags(opts.out)), "pgps.phase": phase})
+
+
+def _log_restored_phase_here(tuner, phase: str, opts: SweepOptions, ended: int) -> None:
+    """A restored phase logs its trials to the MLflow of the command that resumes it, where it gives --mlflow.
+
+    Tune restores the callbacks a phase started with: a phase started without --mlflow and resumed with
+    it logged none of its trials (while the sweep's own run took the verdict over them), and one resumed
+    with another URI logged its trials where it started and the sweep's own run here.  Without --mlflow
+    the phase goes on logging where it started: its runs left KILLED end as its trials do.  The ``ended``
+    trials of a phase that logged elsewhere (or nowhere) are said to have no run here.
+    """
+    if not opts.mlflow:
+        return
+    config = tuner._local_tuner.get_run_config()  # the RunConfig unpickled from tuner.pkl, which fit() uses
+    trials = _mlflow_trials_class()
+    logged = [c.tracking_uri for c in config.callbacks or [] if isinstance(c, trials)]
+    if opts.mlflow in logged:
+        return
+    config.callbacks = [*(c for c in config.callbacks or [] if not isinstance(c, trials)),
+                        _mlflow_callback(phase, opts)]
+    if ended:
+        where = f"to {logged[0]}" if logged else "without --mlflow"
+        print(f"pgps-tune: note: {phase}: {plural(ended, 'trial')} of this phase ended while it logged {where}, "
+              f"so {'it has' if ended == 1 else 'they have'} no run in {opts.mlflow}; the rest log there",
+              file=sys.stderr, flush=True)
 
 
 def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs, storage_path: str,
@@ -2969,6 +3020,7 @@ def run_phase(phase: str, opts: SweepOptions, setup: dict[str, Any], storage_fs,
         with Progress.resuming("none" if opts.quiet else opts.progress, ended):  # the restored Progress follows this
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False, storage_filesystem=storage_fs)
+        _log_restored_phase_here(tuner, phase, opts, len(ended))
         if Progress.sweep_eta is not None and phase != "confirm":  # what the searched schedules cost, as _clock
             roles = {r.trial_id: r.last_result.get("role", "search") for r in records}
             for line in ended:

@@ -298,8 +298,10 @@ SCHEDULE = {"format_version": 1, "final_patch": [16, 16, 16], "pools": [3, 3, 3]
 
 
 def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_failed(tmp_path, monkeypatch):
-    # a resume opened a second run for each trial it continued, and left the first one RUNNING for good; a
-    # trial that diverged was a FINISHED run; one odd label name cost the whole sweep its MLflow logging
+    # a resume opened a second run for each trial it continued, and left the first one RUNNING for good, and
+    # logged again what the trial reported again since its checkpoint; a run of a trial started after Tune's last
+    # snapshot by a driver killed outright stayed RUNNING for good; a trial that diverged was a FINISHED run; one
+    # odd label name cost the whole sweep its MLflow logging
     import pickle
 
     pytest.importorskip("mlflow")
@@ -315,28 +317,83 @@ def test_an_interrupted_trial_goes_on_in_its_mlflow_run_and_a_diverged_one_is_fa
     trial = FakeTrial("a1", {"growth": 1.5})
     callback.log_trial_start(trial)
     first = {"schedule": json.dumps(SCHEDULE), "val_dice": 0.25, "epoch": 2, "completed": False,
-             "dice_tumour (core)": 0.5, "config": {"growth": 1.5}}
+             "dice_tumour (core)": 0.5, "config": {"growth": 1.5}, "time_total_s": 3.0}
     callback.log_trial_result(1, trial, first)
     callback.on_experiment_end([trial])  # the interrupt: Tune ends the experiment
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "sweep/search/a1"  # not Ray's run_trial_a1
+    killed = pickle.loads(saved)  # kill -9 of a driver that had started a trial the resume will not know
+    killed.setup()
+    killed.log_trial_start(FakeTrial("a9", {"growth": 2.0}))
+    lost = client.search_runs([run.info.experiment_id], filter_string="tags.trial_name = 'run_trial_a9'")[0].info
 
     resumed = pickle.loads(saved)
     resumed.setup()
     trial = FakeTrial("a1", {"growth": 1.5})  # Tune's restored trial
     resumed.log_trial_start(trial)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    resumed.log_trial_result(1, trial, first)  # said again: the run held it already (a kill before Tune's snapshot)
     trial.last_result = {**first, "val_dice": 0.0, "epoch": 4, "diverged": True, "error": "the loss is not finite"}
     resumed.log_trial_result(2, trial, trial.last_result)
     resumed.log_trial_end(trial)
-    (run,) = client.search_runs([run.info.experiment_id])
+    assert client.get_run(lost.run_id).info.status == "RUNNING"
+    resumed.on_experiment_end([trial])
+    assert client.get_run(lost.run_id).info.status == "KILLED"  # the phase ended: a run of no trial of it
+    run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["pgps.status"] == "failed"
     assert run.info.run_name == "sweep/search/a1"  # the same run, its name kept
     assert run.data.tags["pgps.error"] == "the loss is not finite" and run.data.tags["pgps.trial_id"] == "a1"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_dice")] == [(2, 0.25), (4, 0.0)]
     assert run.data.metrics["dice_tumour _core_"] == 0.5 and "config/growth" not in run.data.metrics
     assert run.data.params["schedule"] == "8x8x8 batch 2 for 2 epochs; 16x16x16 batch 2 for 2 epochs"
+
+
+def test_a_resumed_phase_logs_its_trials_to_the_mlflow_the_resuming_command_gives(tmp_path, capsys):
+    # Tune restores the callbacks a phase started with: a confirmation started without --mlflow and resumed with it
+    # logged none of its trials (the sweep's own run took their verdict all the same), and one resumed with another
+    # URI logged them where it started, the sweep's own run here
+    from types import SimpleNamespace
+
+    pytest.importorskip("mlflow")
+    from ray import tune
+
+    from pgps_tune import tuner
+
+    def trainable(config):
+        pass
+
+    first, other = (tmp_path / "first").as_uri(), (tmp_path / "other").as_uri()
+
+    def resumed(started: list, mlflow: str | None, ended: int = 1) -> list:
+        tune.Tuner(trainable, run_config=tune.RunConfig(name="s-confirm", storage_path=str(tmp_path / "ray"),
+                                                        callbacks=started))  # writes tuner.pkl, as a phase's start
+        restored = tune.Tuner.restore(str(tmp_path / "ray" / "s-confirm"), trainable=trainable)
+        opts = SimpleNamespace(mlflow=mlflow, mlflow_experiment="s", mlflow_tags={"pgps.sweep": "s"}, out=tmp_path)
+        tuner._log_restored_phase_here(restored, "confirm", opts, ended)
+        return restored._local_tuner.get_run_config().callbacks
+
+    progress = tuner.Progress(6, "confirm", "none", trial_compute=1.0)
+    logger = tuner.MLflowTrials(first, experiment_name="s", tags={"pgps.sweep": "s", "pgps.phase": "confirm"})
+    # started without MLflow: the trials to come log here; the one that ended is said to have no run
+    kept, added = resumed([progress], first)
+    assert isinstance(kept, tuner.Progress) and isinstance(added, tuner.MLflowTrials)
+    assert added.tracking_uri == first and added.experiment_name == "s"
+    assert added.tags == {"pgps.sweep": "s", "pgps.phase": "confirm"}
+    assert capsys.readouterr().err.strip() == (f"pgps-tune: note: confirm: 1 trial of this phase ended while it "
+                                               f"logged without --mlflow, so it has no run in {first}; the rest "
+                                               "log there")
+    # the same URI: the logger it started with goes on; without --mlflow too (as documented)
+    for mlflow in (first, None):
+        (_, same) = resumed([progress, logger], mlflow)
+        assert same.tracking_uri == first and same.tags == logger.tags
+    assert capsys.readouterr().err == ""
+    # another URI: the trials to come log there, none twice
+    (_, moved) = resumed([progress, logger], other, ended=0)
+    assert moved.tracking_uri == other and capsys.readouterr().err == ""
+    (_, moved) = resumed([progress, logger], other, ended=3)
+    assert f"3 trials of this phase ended while it logged to {first}, so they have no run in {other}" in (
+        capsys.readouterr().err)
 
 
 def test_the_sweeps_own_mlflow_run_is_updated_not_repeated_and_a_deleted_experiment_refused(tmp_path, capsys,
