@@ -1407,6 +1407,9 @@ ORIGIN = "origin"  # the resolved sweep folder a store partition came from; abse
 # JSON of :func:`confirmed_winner` on the row of the trial a confirmed sweep exported (else empty): 'best' gives
 # that sweep's winner the figures best_schedule.yaml and summary.json give it; absent from stores before it
 CONFIRMED = "confirmed"
+# JSON of sweep.json's ``nnunet`` (the nnU-Net plans the sweep was tuned on: :func:`tuned_record`), empty for a
+# sweep on pgps-tune's own plan: 'best' writes it into its schedule's meta as export does; absent from stores before it
+TUNED_ON = "nnunet"
 STORE_KEYS = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])  # the partition columns
 PART = "part-0.parquet"  # a partition's one file
 
@@ -1477,6 +1480,9 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     table = table.append_column(CONFIRMED, pa.array([strict_json(confirmed[t], indent=None) if t in confirmed else ""
                                                      for t in table["trial_id"].to_pylist()], pa.string()))
     table = table.append_column(PICK, pa.array([str(rule) if rule is not None else ""] * n, pa.string()))
+    tuned = tuned_record(meta).get("nnunet")
+    table = table.append_column(TUNED_ON, pa.array([strict_json(tuned, indent=None) if tuned else ""] * n,
+                                                   pa.string()))
     _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
@@ -1531,8 +1537,9 @@ def stored_datasets(store: str | Path | None = None) -> list[str]:
 
 
 def load_store(store: str | Path | None = None, dataset: str | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` (empty where a file predates
-    them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it).
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin``, ``nnunet`` (the plans its sweep
+    was tuned on, as JSON; empty where none, or where a file predates them) and ``confirmed`` (null where a file
+    predates it: :func:`settle_confirmed` derives it).
 
     ``dataset``: only that dataset's trials; the other datasets' folders are neither read nor checked (a store of
     many sweeps answers a question about one dataset in the time of its own rows).
@@ -1550,7 +1557,7 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
     schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
                                pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()), (CONFIRMED, pa.string()),
-                                          (PICK, pa.string())])])
+                                          (PICK, pa.string()), (TUNED_ON, pa.string())])])
     partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
     tables, size = [], 0
     for f in files:
@@ -1571,7 +1578,8 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         if size > MAX_STORE_BYTES:
             raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
                             f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
-        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK) reads as null; FIDELITY 1
+        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK, TUNED_ON) reads as null;
+            # FIDELITY 1
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
         except (pa.ArrowException, ValueError) as exc:
@@ -1582,9 +1590,10 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         _check_stored(tables[-1], f.parent)
     if not tables:  # no sweep of ``dataset``: an empty table of the store's columns
         tables = [pa.Table.from_pylist([], schema=pa.unify_schemas([schema, STORE_KEYS]))]
-    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK])
+    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK,
+                                             TUNED_ON])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
-    for column in (SPACE_KEY, ORIGIN, PICK):
+    for column in (SPACE_KEY, ORIGIN, PICK, TUNED_ON):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     return table
 
@@ -1593,13 +1602,15 @@ STORE_FIX = "move that folder out of the store, or rerun 'pgps-tune export' for 
 
 
 def _check_stored(table: pa.Table, folder: Path) -> None:
-    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule or final patch is
-    not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each distinct cell is
-    read once: a sweep stores its final patch and a pareto sweep its rule on every row, a confirmed sweep its
-    winner on one.  The JSON columns of the rows a reader uses are checked by :func:`check_stored_rows`."""
+    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule, final patch or
+    nnU-Net record is not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each
+    distinct cell is read once: a sweep stores its final patch, nnU-Net record and (pareto) rule on every row, a
+    confirmed sweep its winner on one.  The JSON columns of the rows a reader uses are checked by
+    :func:`check_stored_rows`."""
     for column, valid, what in ((CONFIRMED, _valid_confirmed, "is not the confirmed winner's figures pgps-tune "
                                  "writes there"), (PICK, _valid_pick, "is not a pick rule"),
-                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)")):
+                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)"),
+                                (TUNED_ON, _valid_tuned, "is not the record of nnU-Net plans pgps-tune writes there")):
         cells = pc.fill_null(table[column], "")
         for text in pc.unique(cells).to_pylist():
             if (text or column == "final_patch") and not valid(text):  # only the final patch is never empty
@@ -1615,6 +1626,16 @@ def _valid_patch(text: str) -> bool:
         return _ints(loads_json(text))
     except ValueError:
         return False
+
+
+def _valid_tuned(text: str) -> bool:
+    """Whether a store cell of column :data:`TUNED_ON` is a record :func:`store_sweep` writes (sweep.json's
+    ``nnunet``: an object naming at least the configuration; what it records is compared where it is used)."""
+    try:
+        on = loads_json(text)
+    except ValueError:
+        return False
+    return isinstance(on, dict) and isinstance(on.get("configuration"), str)
 
 
 def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,
@@ -1765,6 +1786,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective,
         **({PICK: str(rule)} if rule is not None else {}), "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
+        **({"nnunet": json.loads(best[TUNED_ON])} if best[TUNED_ON] else {}),  # as export's, for nnunet-train
         **json.loads(best[CONFIRMED] or "{}"),
     })
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import blob_case, sweep_meta, trial_setup
 
-from pgps_tune import nnunet
+from pgps_tune import nnunet, results
 from pgps_tune import schedule as sch
 from pgps_tune.cli import main
 from pgps_tune.errors import PgpsError
@@ -824,6 +824,9 @@ def test_a_schedule_exported_from_a_sweep_on_other_data_is_compared_before_nnune
         f"--nnunet-plans {full.source} --configuration 3d_fullres, or add --other-configuration to train it for "
         "3d_fullres anyway")
     assert nnunet.check_tuned_schedule(best, low) is None
+    from_store = results.best_schedule("Dataset004_Hippo", tmp_path / "store").save(tmp_path / "stored.yaml")
+    with pytest.raises(PgpsError, match="its trials trained nnU-Net's 3d_lowres data"):  # 'best' writes it too
+        nnunet.check_tuned_schedule(from_store, full)
     # the same data under other plans: a note naming what else differs; of other plans' data: their name to give
     resenc = copy.deepcopy(plans)
     resenc["plans_name"] = "nnUNetResEncUNetMPlans"

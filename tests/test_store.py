@@ -557,3 +557,23 @@ def test_a_table_of_many_batches_is_read_into_memory_once(tmp_path, monkeypatch)
     table = results.read_parquet(path, ["trial_id", "schedule"], str(path), "fix")
     assert table["schedule"].to_pylist() == texts and table.schema.field("schedule").type == pa.string()
     assert max(held) - before < 20 * table.nbytes  # about 6 times (the reader's buffers); kept whole, 100 times
+
+
+def test_best_carries_the_nnunet_plans_its_sweep_was_tuned_on_as_export_does(tmp_path, capsys):
+    # the store kept nothing of sweep.json's nnunet record, so the schedule 'best' wrote could not be compared by
+    # nnunet-train (export's best_schedule.yaml could); a store written before the column reads without it
+    store, tuned = tmp_path / "store", {"plans": "/p/nnUNetPlans.json", "configuration": "3d_lowres",
+                                        "spacing": [6.0, 1.4, 1.6], "trainer": "pgps_tune"}
+    export_sweep(tmp_path / "nn", sweep_meta(tmp_path / "nn", "nn", nnunet=tuned), [record("t1", 0.6)], store)
+    assert results.best_schedule("synthetic", store).meta["nnunet"] == tuned
+    assert sch.load(tmp_path / "nn" / "best_schedule.yaml").meta["nnunet"] == tuned
+    part = store / "dataset=synthetic" / "sweep=nn" / "part-0.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns([results.TUNED_ON]), part)  # an older store
+    assert "nnunet" not in results.best_schedule("synthetic", store).meta
+    assert load_store(store)[results.TUNED_ON].to_pylist() == [""]
+    pq.write_table(table.set_column(table.schema.get_field_index(results.TUNED_ON), results.TUNED_ON,
+                                    pa.array(['{"spacing": [1, 1, 1]}'])), part)
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+    assert (f"results store folder {part.parent}: trial t1's nnunet column '{{\"spacing\": [1, 1, 1]}}' is not the "
+            "record of nnU-Net plans pgps-tune writes there; move that folder" in one_line(capsys))
