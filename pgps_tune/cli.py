@@ -235,9 +235,9 @@ def cmd_schedule(a: argparse.Namespace) -> int:
     if a.from_file:
         s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
         if plan is not None:
-            from pgps_tune.nnunet import check_schedule
+            from pgps_tune.nnunet import check_plan_schedule
 
-            check_schedule(s, plan)
+            check_plan_schedule(s, plan)
     elif plan is not None:
         a.batch_size = plan.batch_size
         s = _build_schedule(a, plan.final_patch, plan.pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
@@ -537,9 +537,9 @@ def _train(a: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     nn_plan = _nnunet_plan(a)
     if nn_plan is not None and a.schedule:  # refused before anything is written
-        from pgps_tune.nnunet import check_schedule
+        from pgps_tune.nnunet import check_plan_schedule
 
-        check_schedule(sch.load(a.schedule), nn_plan)
+        check_plan_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
         synthetic: dict[str, Any] = {}

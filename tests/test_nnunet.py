@@ -940,6 +940,26 @@ def test_cli_refuses_a_schedule_file_that_misses_the_plans(plan, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_train_on_the_plans_draws_random_sampling_and_names_the_configuration_a_schedule_fits(tmp_path, capsys):
+    """pgps-tune's trainer draws a random-sampling schedule per iteration (a family a sweep on the plans may pick),
+    but 'train --nnunet-plans' refused it as nnU-Net's trainer would; a schedule of another configuration's patch
+    (the best of a sweep on 3d_lowres) now names the configurations it fits, as export --nnunet does."""
+    plans = current_plans()
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "patch_size": [10, 32, 24]}
+    source = str(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+    low = nnunet.read_plans(source, "3d_lowres")
+    sch.preset("random", low.final_patch, low.pools, 2, 30).save(tmp_path / "drawn.yaml")
+    assert main(["schedule", "--from", str(tmp_path / "drawn.yaml"), "--nnunet-plans", source,
+                 "--configuration", "3d_lowres"]) == 0
+    assert "draws its stage at random" in capsys.readouterr().out
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--schedule",
+                 str(tmp_path / "drawn.yaml"), "--nnunet-plans", source]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("it fits 3d_lowres of these plans: give --configuration 3d_lowres, or build the schedule "
+                        "with --nnunet-plans\n") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sweeps_train_on_the_plans(plan):
     from pgps_tune import space as sp
 
