@@ -1524,3 +1524,29 @@ def test_an_nnunet_sweep_of_region_labels_never_runs_pgps_tunes_loader(tmp_path,
     assert "4 folds asked for, but nnU-Net's split of Dataset004_Hippo has 3" in capsys.readouterr().err
     reached(["confirm", str(sweep), "--confirm-folds", "2"])
     assert seen[-1][2].folds == 2 and not (tmp_path / "cache").exists()
+
+
+def test_train_notes_a_schedule_tuned_by_nnunets_trials_on_other_data(capsys):
+    """A schedule of a budget.trainer nnunet sweep has no recipe, so 'train --schedule' compared nothing: one tuned
+    on nnU-Net's 3d_lowres data, or on another dataset, trained without a word.  Its meta.nnunet now gives notes,
+    as a recipe does; a schedule of pgps-tune's trainer on the plans (it trained its own preparation) is not noted."""
+    from types import SimpleNamespace
+
+    from pgps_tune.cli import _note_nnunet_data
+
+    on = {"configuration": "3d_lowres", "trainer": "nnunet", "spacing": [2.0, 1.5, 1.5], "dataset": "Dataset004_Hippo"}
+    ds = SimpleNamespace(name="Hippocampus", spacing=(1.0, 1.0, 1.0))
+    notes = []
+    for meta in ({"dataset": "Hippocampus", "nnunet": on}, {"dataset": "Prostate", "nnunet": on},
+                 {"dataset": "Hippocampus", "nnunet": {**on, "spacing": [1.0, 1.0, 1.0]}},
+                 {"dataset": "Hippocampus", "nnunet": {**on, "trainer": "pgps_tune"}}, {"dataset": "Hippocampus"}):
+        a = SimpleNamespace(notes=[])
+        _note_nnunet_data(a, meta, ds)
+        notes.append(a.notes)
+    assert notes == [
+        ["train: note: the schedule file's trials trained nnU-Net's 3d_lowres data (spacing 2x1.5x1.5, x y z), but "
+         "train prepares --data Hippocampus at spacing 1x1x1: its patches cover another extent, and its Dice will "
+         "differ from the sweep's"],
+        ["train: note: the schedule file was tuned by nnU-Net's trials on dataset Prostate, --data is Hippocampus"],
+        [], [], []]
+    assert capsys.readouterr().err == ""
