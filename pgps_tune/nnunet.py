@@ -757,9 +757,10 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
                         f"{_give(train, swept)}, run a sweep with --nnunet-plans {plan.source} --configuration "
                         f"{plan.configuration}, or add --other-configuration to {verb} it for {plan.configuration} "
                         "anyway")
-    same_spacing = all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
+    from pgps_tune.results import same_tuned_data
+
+    same_spacing, same_norm = same_tuned_data(was, here)
     norm = was.get("normalization") if isinstance(was.get("normalization"), list) else None
-    same_norm = None in (norm, here["normalization"]) or norm == here["normalization"]
     replanned = (name, swept) == (plan.plans_name, plan.configuration)
     if same_spacing and same_norm:
         return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan,

@@ -1372,6 +1372,14 @@ def tuned_record(meta: dict[str, Any]) -> dict[str, Any]:
     return {"nnunet": meta["nnunet"]} if isinstance(meta.get("nnunet"), dict) else {}
 
 
+def same_tuned_data(was: dict[str, Any], here: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the data of two records of nnU-Net plans (:func:`pgps_tune.nnunet.tuned_on`) have one spacing, and
+    one normalisation (where both records say theirs): a schedule scored on one was measured for the other."""
+    spacing = all(math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
+    norms = [r.get("normalization") if isinstance(r.get("normalization"), list) else None for r in (was, here)]
+    return spacing, None in norms or norms[0] == norms[1]
+
+
 def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     """The confirmed winner's figures, as best_schedule.yaml's meta and 'pgps-tune best' give them (empty without
     a confirmed winner): ``trial_id`` the winner's searched trial (summary.json's ``best``), ``val_dice`` and
@@ -1630,12 +1638,19 @@ def _valid_patch(text: str) -> bool:
 
 def _valid_tuned(text: str) -> bool:
     """Whether a store cell of column :data:`TUNED_ON` is a record :func:`store_sweep` writes (sweep.json's
-    ``nnunet``: an object naming at least the configuration; what it records is compared where it is used)."""
+    ``nnunet``: an object naming at least the configuration, its spacing 3 positive numbers where recorded)."""
     try:
         on = loads_json(text)
     except ValueError:
         return False
-    return isinstance(on, dict) and isinstance(on.get("configuration"), str)
+    return isinstance(on, dict) and isinstance(on.get("configuration"), str) and (
+        "spacing" not in on or _positive(on["spacing"]))
+
+
+def _positive(v: Any) -> bool:
+    """Whether ``v`` is 3 positive numbers (a recorded spacing)."""
+    return isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
 
 
 def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,
@@ -1871,7 +1886,8 @@ def stored_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,
-                  exclude_sweep: str | None = None, exclude_origins: Sequence[str] = ()) -> list[dict[str, Any]]:
+                  exclude_sweep: str | None = None, exclude_origins: Sequence[str] = (),
+                  tuned: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Completed searched trials of ``dataset`` from earlier sweeps of the same space (``tune --warm-start``).
 
     Same space means the same :meth:`pgps_tune.space.SearchSpace.key` (parameters, objective and
@@ -1879,6 +1895,11 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     are left out by their ``origin`` (``exclude_origins``: its folder, and the folder it was copied from),
     whatever name the store gave them (``NAME-HASH`` when another sweep had the name first); only rows
     stored before origins were recorded are told by their sweep name (``exclude_sweep``).
+
+    ``tuned``: this sweep's nnU-Net record (sweep.json's ``nnunet``).  Where its trials train nnU-Net's data
+    (``budget.trainer: nnunet``, which the key holds but not the plans), the trials of sweeps recorded on other
+    data (another spacing or normalisation: 3d_lowres beside 3d_fullres, of one patch and network) are left out:
+    their scores were measured on other data.  Rows stored before the record are kept.
     """
     try:
         t = load_store(store, dataset)
@@ -1894,6 +1915,8 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
     mask = pc.and_(mask, pc.invert(own))
+    other = _other_data(t.filter(mask)[TUNED_ON], tuned)
+    mask = pc.and_(mask, pc.invert(pc.is_in(t[TUNED_ON], value_set=pa.array(sorted(other), pa.string()))))
     found, seen = [], set()
     candidates = t.filter(mask).to_pylist()
     check_stored_rows(candidates, store)
@@ -1902,7 +1925,24 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
             seen.add(key)
             found.append(r)
     if not found:
+        shown = "; ".join(sorted(other.values()))
+        also = (f" on these data (those of {shown} trained nnU-Net's data at another spacing or normalisation)"
+                if other else "")
         raise PgpsError(f"--warm-start: the results store {store_root(store)} holds no "
-                        f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "
-                        "a sweep of it first, or leave out --warm-start")
+                        f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}){also}; "
+                        "run a sweep of it first, or leave out --warm-start")
     return found
+
+
+def _other_data(cells: pa.ChunkedArray, tuned: dict[str, Any] | None) -> dict[str, str]:
+    """The stored nnU-Net records among ``cells`` (column :data:`TUNED_ON`) of trials that trained nnU-Net's data
+    other than ``tuned``'s (:func:`same_tuned_data`), each with the configuration it names; none where ``tuned``
+    is not a record of nnU-Net's trials (pgps-tune's trainer prepares its own data whatever the configuration)."""
+    if not (isinstance(tuned, dict) and tuned.get("trainer") == "nnunet" and _positive(tuned.get("spacing"))):
+        return {}
+    other = {}
+    for text in pc.unique(cells).to_pylist():
+        on = loads_json(text) if text else None  # checked by load_store
+        if isinstance(on, dict) and _positive(on.get("spacing")) and not all(same_tuned_data(on, tuned)):
+            other[text] = f"{on['configuration']} of {on.get('plans_name') or on.get('plans')}"
+    return other

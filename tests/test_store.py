@@ -577,3 +577,28 @@ def test_best_carries_the_nnunet_plans_its_sweep_was_tuned_on_as_export_does(tmp
     assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
     assert (f"results store folder {part.parent}: trial t1's nnunet column '{{\"spacing\": [1, 1, 1]}}' is not the "
             "record of nnU-Net plans pgps-tune writes there; move that folder" in one_line(capsys))
+
+
+def test_warm_start_leaves_out_trials_of_nnunet_data_at_another_spacing(tmp_path):
+    # budget.trainer nnunet: the space key holds the budget, not the plans, so a sweep of 3d_fullres was seeded
+    # with the scores of one of 3d_lowres (one patch and network, coarser data); pgps-tune's trainer prepares its
+    # own data whatever the configuration, and rows stored before the record are kept
+    store = tmp_path / "store"
+    full = {"plans": "/p/nnUNetPlans.json", "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
+            "trainer": "nnunet", "spacing": [3.0, 0.7, 0.8], "normalization": ["ZScoreNormalization"]}
+    low = {**full, "configuration": "3d_lowres", "spacing": [6.0, 1.4, 1.6]}
+    for name, tuned, tid in (("low", low, "t1"), ("full", full, "t2"), ("old", None, "t3")):
+        meta = sweep_meta(tmp_path / name, name, space_key="k", **({"nnunet": tuned} if tuned else {}))
+        export_sweep(tmp_path / name, meta, [replace(record(tid, 0.6), last_result={
+            **record(tid, 0.6).last_result, "role": "search"})], store)
+
+    def found(tuned):
+        return sorted(r["sweep"] for r in results.stored_trials("synthetic", "k", [16, 16, 16], store, tuned=tuned))
+
+    assert found(full) == ["full", "old"] and found(low) == ["low", "old"]
+    assert found({**full, "trainer": "pgps_tune"}) == found(None) == ["full", "low", "old"]
+    (store / "dataset=synthetic" / "sweep=old" / "part-0.parquet").unlink()
+    (store / "dataset=synthetic" / "sweep=full" / "part-0.parquet").unlink()
+    with pytest.raises(PgpsError, match=r"\(key k\) on these data \(those of 3d_lowres of nnUNetPlans trained "
+                                        "nnU-Net's data at another spacing or normalisation\\); run a sweep"):
+        found(full)
