@@ -795,8 +795,10 @@ def check_tuned_schedule(path: str | Path, plan: NnunetPlan) -> str | None:
     """Refuse training the pgps-tune schedule file ``path`` for ``plan`` where its sweep was tuned on another
     configuration's data, as ``export --nnunet`` refuses exporting it (:func:`_check_sweep_plans`), from what
     the exported schedule keeps of them (``meta.nnunet``, :func:`pgps_tune.results.tuned_record`); a note (or
-    None) where only the name differs.  Not compared: a schedule without that record, or of another dataset,
-    and nnU-Net's schedule files, which name the plans they are for (``export --nnunet`` compared them)."""
+    None) where only the name differs.  Not compared: a schedule without that record, or of another dataset
+    (its ``meta.dataset``, its recipe's data folder, or for nnU-Net's trials its plans' dataset, as
+    :func:`_sweep_searched` tells a sweep's), and nnU-Net's schedule files, which name the plans they are for
+    (``export --nnunet`` compared them)."""
     from pgps_tune.errors import read_yaml
 
     data = read_yaml(path, "schedule", "check the path, or write one with 'pgps-tune schedule --out'")
@@ -805,7 +807,7 @@ def check_tuned_schedule(path: str | Path, plan: NnunetPlan) -> str | None:
     s = sch.Schedule.from_dict(data, str(path))
     on = s.meta.get("nnunet")
     meta = {"dataset": str(s.meta.get("dataset", "")), "nnunet": on, "final_patch": list(s.final_patch),
-            "pools": list(s.pools)}
+            "pools": list(s.pools), "data": s.recipe.data.source if s.recipe is not None else ""}  # as sweep.json's
     if not isinstance(on, dict) or not _sweep_searched(meta, plan):
         return None
     return _check_sweep_plans(path, meta, plan, "nnunet-train")

@@ -851,6 +851,13 @@ def test_a_schedule_exported_from_a_sweep_on_other_data_is_compared_before_nnune
     sch.Schedule.from_dict({**s.to_dict(), "meta": {**sch.load(best).meta, "dataset": "synthetic", "nnunet": {
         **nnunet.tuned_on(low, "pgps_tune")}}}).save(tmp_path / "synthetic.yaml")
     assert nnunet.check_tuned_schedule(tmp_path / "synthetic.yaml", full) is None
+    # pgps-tune's trainer on nnUNet_raw's folder names the dataset by its dataset.json: its recipe's folder tells
+    recipe = {"version": 1, "train": {}, "data": {"dataset": "Hippocampus", "val_fraction": 0.2, "split_seed": 0,
+                                                  "source": str(tmp_path / "raw" / "Dataset004_Hippo")}}
+    sch.Schedule.from_dict({**s.to_dict(), "recipe": recipe, "meta": {"dataset": "Hippocampus", "nnunet": {
+        **nnunet.tuned_on(low, "pgps_tune")}}}).save(tmp_path / "named.yaml")
+    with pytest.raises(PgpsError, match="named.yaml: it was tuned for nnU-Net's 3d_lowres"):
+        nnunet.check_tuned_schedule(tmp_path / "named.yaml", full)
     assert nnunet.check_tuned_schedule(nnunet.for_nnunet(sch.load(best), full).save(tmp_path / "nn.json"), full) is None
     assert capsys.readouterr().err == ""
 
