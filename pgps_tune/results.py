@@ -1682,11 +1682,25 @@ def _valid_confirmed(text: str) -> bool:
 
 def comparable_as(row: dict[str, Any], trained: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """What a stored score is comparable with: the budget its trial trained (epochs x iterations per epoch, and
-    a time limit), its data and split, and its final patch; two scores mean the same only where all agree.
+    a time limit), its data and split (for nnU-Net's trials, the spacing and normalisation of nnU-Net's data:
+    column :data:`TUNED_ON`), and its final patch; two scores mean the same only where all agree.
     ``trained``: :func:`trained_as` by schedule text, where the caller has it (its schedule is not parsed again)."""
     text = row["schedule"] or "null"
     on = trained[text] if trained is not None and text in trained else trained_as(json.loads(text))
-    return {**on, "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+    return {**on, "data": on["data"] + _nnunet_data(row.get(TUNED_ON) or ""),
+            "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+
+
+def _nnunet_data(text: str) -> str:
+    """The nnU-Net data a stored sweep's trials trained (``budget.trainer: nnunet``), as its record (column
+    :data:`TUNED_ON`, checked by load_store) gives them: 3d_lowres and 3d_fullres of one patch train other data;
+    empty for pgps-tune's trainer (its recipe gives its data) and where not recorded."""
+    on = loads_json(text) if text else None
+    if not (isinstance(on, dict) and on.get("trainer") == "nnunet" and _positive(on.get("spacing"))):
+        return ""
+    norm = on.get("normalization")
+    shown = f" ({'/'.join(map(str, norm))})" if isinstance(norm, list) else ""
+    return f", nnU-Net's data at spacing {'x'.join(f'{float(v):g}' for v in on['spacing'])}{shown}"
 
 
 def trained_as(schedule: dict[str, Any] | None) -> dict[str, str]:
@@ -1713,9 +1727,9 @@ def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any],
     :func:`comparable_as`."""
     won = comparable_as(best, trained)
     differ: dict[str, set[str]] = {}
-    seen: dict[tuple[str, str], set[str]] = {}  # a schedule text many rows share is read once
+    seen: dict[tuple[str, str, str], set[str]] = {}  # a schedule text many rows share is read once
     for r in rows:
-        if (text := (r["schedule"], r["final_patch"])) not in seen:
+        if (text := (r["schedule"], r["final_patch"], r.get(TUNED_ON) or "")) not in seen:
             seen[text] = {k for k, v in comparable_as(r, trained).items() if v != won[k]}
         if keys := seen[text]:
             differ.setdefault(r["sweep"], set()).update(keys)

@@ -579,18 +579,23 @@ def test_best_carries_the_nnunet_plans_its_sweep_was_tuned_on_as_export_does(tmp
             "record of nnU-Net plans pgps-tune writes there; move that folder" in one_line(capsys))
 
 
-def test_warm_start_leaves_out_trials_of_nnunet_data_at_another_spacing(tmp_path):
+def test_warm_start_and_best_tell_trials_of_nnunet_data_at_another_spacing(tmp_path, capsys):
     # budget.trainer nnunet: the space key holds the budget, not the plans, so a sweep of 3d_fullres was seeded
-    # with the scores of one of 3d_lowres (one patch and network, coarser data); pgps-tune's trainer prepares its
-    # own data whatever the configuration, and rows stored before the record are kept
+    # with the scores of one of 3d_lowres (one patch and network, coarser data), and 'best' ranked them together
+    # without a note; pgps-tune's trainer prepares its own data whatever the configuration, and rows stored before
+    # the record are kept
     store = tmp_path / "store"
     full = {"plans": "/p/nnUNetPlans.json", "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
             "trainer": "nnunet", "spacing": [3.0, 0.7, 0.8], "normalization": ["ZScoreNormalization"]}
     low = {**full, "configuration": "3d_lowres", "spacing": [6.0, 1.4, 1.6]}
-    for name, tuned, tid in (("low", low, "t1"), ("full", full, "t2"), ("old", None, "t3")):
+    for name, tuned, tid, dice in (("low", low, "t1", 0.7), ("full", full, "t2", 0.6), ("old", None, "t3", 0.5)):
         meta = sweep_meta(tmp_path / name, name, space_key="k", **({"nnunet": tuned} if tuned else {}))
-        export_sweep(tmp_path / name, meta, [replace(record(tid, 0.6), last_result={
-            **record(tid, 0.6).last_result, "role": "search"})], store)
+        export_sweep(tmp_path / name, meta, [record(tid, dice)], store)
+    capsys.readouterr()
+    assert results.best_schedule("synthetic", store, sweeps=["low", "full"]).meta["nnunet"] == low
+    err = capsys.readouterr().err
+    assert ("data ?, split ?/?, nnU-Net's data at spacing 6x1.4x1.6 (ZScoreNormalization)), was ranked with sweeps "
+            "of another budget, data or final patch, whose scores do not compare: full (data); rank" in err), err
 
     def found(tuned):
         return sorted(r["sweep"] for r in results.stored_trials("synthetic", "k", [16, 16, 16], store, tuned=tuned))
