@@ -235,9 +235,9 @@ def cmd_schedule(a: argparse.Namespace) -> int:
     if a.from_file:
         s = _schedule_file(a.from_file, a.epochs, "--from", a.preset)
         if plan is not None:
-            from pgps_tune.nnunet import check_schedule
+            from pgps_tune.nnunet import check_plan_schedule
 
-            check_schedule(s, plan)
+            check_plan_schedule(s, plan)
     elif plan is not None:
         a.batch_size = plan.batch_size
         s = _build_schedule(a, plan.final_patch, plan.pools, a.epochs if a.epochs is not None else DEFAULT_EPOCHS)
@@ -453,6 +453,28 @@ def _note_other_data(a: argparse.Namespace, recipe: Recipe, ds: Any) -> None:
               "normalisation); its Dice will differ from the sweep's")
 
 
+def _note_nnunet_data(a: argparse.Namespace, meta: dict[str, Any], ds: Any) -> None:
+    """Say so when --data is not what a schedule tuned by nnU-Net's trials (``budget.trainer: nnunet``; no recipe:
+    nnU-Net trained it) was tuned on: another dataset, or data at another spacing than nnU-Net's configuration
+    (``meta.nnunet``, the record ``export`` and ``best`` write), e.g. 3d_lowres's coarser data.  Notes, as for a
+    recipe (a schedule may transfer): train prepares --data itself, whatever configuration it was tuned on."""
+    on = meta.get("nnunet")
+    if not isinstance(on, dict) or on.get("trainer", "nnunet") != "nnunet":
+        return
+    if ds.name not in {str(meta.get("dataset", "")), str(on.get("dataset", ""))}:
+        _note(a, f"train: note: the schedule file was tuned by nnU-Net's trials on dataset {meta.get('dataset')}, "
+              f"--data is {ds.name}")
+        return
+    was = on.get("spacing")
+    if (isinstance(was, list) and len(was) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in was)
+            and not all(math.isclose(float(v), float(w), rel_tol=1e-3) for v, w in zip(was, ds.spacing))):
+        shown = ["x".join(f"{float(v):g}" for v in sp) for sp in (was, ds.spacing)]
+        _note(a, f"train: note: the schedule file's trials trained nnU-Net's {on.get('configuration')} data "
+              f"(spacing {shown[0]}, x y z), but train prepares --data {ds.name} at spacing {shown[1]}: its patches "
+              "cover another extent, and its Dice will differ from the sweep's")
+
+
 def _note(a: argparse.Namespace, line: str) -> None:
     """A line for stderr that train holds back until its checks passed, so that bad input gets its error line
     alone (a command that does not collect notes prints it at once)."""
@@ -537,9 +559,9 @@ def _train(a: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     nn_plan = _nnunet_plan(a)
     if nn_plan is not None and a.schedule:  # refused before anything is written
-        from pgps_tune.nnunet import check_schedule
+        from pgps_tune.nnunet import check_plan_schedule
 
-        check_schedule(sch.load(a.schedule), nn_plan)
+        check_plan_schedule(sch.load(a.schedule), nn_plan)
     try:
         _check_writable(out)
         synthetic: dict[str, Any] = {}
@@ -556,6 +578,8 @@ def _train(a: argparse.Namespace) -> int:
             ds = _prepare(a, **synthetic)
             if s.recipe is not None:
                 _note_other_data(a, s.recipe, ds)
+            else:
+                _note_nnunet_data(a, s.meta, ds)
         else:
             cfg = _run_settings(a, None, given)
             _check_widths(cfg.network, cfg.feature_size, cfg.hidden_size, set(given), "the defaults")

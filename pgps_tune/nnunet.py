@@ -471,10 +471,13 @@ def plan_space(space: SearchSpace, plan: NnunetPlan) -> SearchSpace:
                                          batch_size=plan.batch_size))
 
 
-def check_schedule(s: sch.Schedule, plan: NnunetPlan, fix: str = "build the schedule with --nnunet-plans") -> None:
-    """Refuse a schedule (pgps-tune axis order) that nnU-Net's network for this plan cannot train."""
+def check_schedule(s: sch.Schedule, plan: NnunetPlan, fix: str = "build the schedule with --nnunet-plans",
+                   nnunet_trainer: bool = True) -> None:
+    """Refuse a schedule (pgps-tune axis order) that the network for this plan cannot train.  ``nnunet_trainer``:
+    nnU-Net's trainer trains it, which changes the patch per epoch only; pgps-tune's (``train --nnunet-plans``)
+    also draws it per iteration (random sampling, a family a sweep on the plans may pick)."""
     where = f"{plan.source} ({plan.configuration})"
-    if s.sampling != "staged":
+    if nnunet_trainer and s.sampling != "staged":
         raise PgpsError(f"nnU-Net's trainer changes the patch per epoch and cannot draw it per iteration ({s.sampling} "
                         "sampling); export a staged schedule")
     if s.final_patch != plan.final_patch:
@@ -754,9 +757,10 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
                         f"{_give(train, swept)}, run a sweep with --nnunet-plans {plan.source} --configuration "
                         f"{plan.configuration}, or add --other-configuration to {verb} it for {plan.configuration} "
                         "anyway")
-    same_spacing = all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
+    from pgps_tune.results import same_tuned_data
+
+    same_spacing, same_norm = same_tuned_data(was, here)
     norm = was.get("normalization") if isinstance(was.get("normalization"), list) else None
-    same_norm = None in (norm, here["normalization"]) or norm == here["normalization"]
     replanned = (name, swept) == (plan.plans_name, plan.configuration)
     if same_spacing and same_norm:
         return None if replanned else _same_data_note(experiment, f"{swept} of {name}", was, here, plan,
@@ -791,8 +795,10 @@ def check_tuned_schedule(path: str | Path, plan: NnunetPlan) -> str | None:
     """Refuse training the pgps-tune schedule file ``path`` for ``plan`` where its sweep was tuned on another
     configuration's data, as ``export --nnunet`` refuses exporting it (:func:`_check_sweep_plans`), from what
     the exported schedule keeps of them (``meta.nnunet``, :func:`pgps_tune.results.tuned_record`); a note (or
-    None) where only the name differs.  Not compared: a schedule without that record, or of another dataset,
-    and nnU-Net's schedule files, which name the plans they are for (``export --nnunet`` compared them)."""
+    None) where only the name differs.  Not compared: a schedule without that record, or of another dataset
+    (its ``meta.dataset``, its recipe's data folder, or for nnU-Net's trials its plans' dataset, as
+    :func:`_sweep_searched` tells a sweep's), and nnU-Net's schedule files, which name the plans they are for
+    (``export --nnunet`` compared them)."""
     from pgps_tune.errors import read_yaml
 
     data = read_yaml(path, "schedule", "check the path, or write one with 'pgps-tune schedule --out'")
@@ -801,7 +807,7 @@ def check_tuned_schedule(path: str | Path, plan: NnunetPlan) -> str | None:
     s = sch.Schedule.from_dict(data, str(path))
     on = s.meta.get("nnunet")
     meta = {"dataset": str(s.meta.get("dataset", "")), "nnunet": on, "final_patch": list(s.final_patch),
-            "pools": list(s.pools)}
+            "pools": list(s.pools), "data": s.recipe.data.source if s.recipe is not None else ""}  # as sweep.json's
     if not isinstance(on, dict) or not _sweep_searched(meta, plan):
         return None
     return _check_sweep_plans(path, meta, plan, "nnunet-train")
@@ -865,7 +871,7 @@ def counts_line(f: NnunetSchedule, origins: dict[str, str]) -> str:
             f"({where}; change with {', '.join(COUNT_FLAGS.values())})")
 
 
-def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
+def _configurations_for(s: sch.Schedule, plan: NnunetPlan, nnunet_trainer: bool = True) -> list[str]:
     """The other configurations of ``plan``'s plans file whose network trains ``s`` (for a refusal's fix: a
     sweep on 3d_fullres exported with ``--configuration 3d_lowres``)."""
     if s.final_patch == plan.final_patch:
@@ -874,11 +880,27 @@ def _configurations_for(s: sch.Schedule, plan: NnunetPlan) -> list[str]:
     for name in sorted(plan.plans["configurations"]):
         try:
             other = read_plans(plan.source, name)
-            check_schedule(s, other)
+            check_schedule(s, other, nnunet_trainer=nnunet_trainer)
         except PgpsError:  # 2-D, another patch, damaged: not one to name
             continue
         fits.append((previous_stage(other) is not None, name))  # a cascade's second stage last
     return [name for _, name in sorted(fits)]
+
+
+def _fits_fix(s: sch.Schedule, plan: NnunetPlan, otherwise: str, alone: str, nnunet_trainer: bool = True) -> str:
+    """The fix of a refusal of ``s`` for ``plan`` (:func:`check_schedule`): the configurations of these plans it
+    fits where there are any, else ``alone``."""
+    fits = _configurations_for(s, plan, nnunet_trainer)
+    return (f"it fits {' and '.join(fits)} of these plans: give --configuration {fits[0]}, or {otherwise}" if fits
+            else alone)
+
+
+def check_plan_schedule(s: sch.Schedule, plan: NnunetPlan) -> None:
+    """Refuse a schedule file for pgps-tune's trainer on ``plan`` (``train`` / ``schedule --from`` with
+    ``--nnunet-plans``) that the plan's network cannot train, naming the configurations it fits (a best schedule
+    of a sweep on another configuration); random sampling is pgps-tune's to draw."""
+    build = "build the schedule with --nnunet-plans"
+    check_schedule(s, plan, fix=_fits_fix(s, plan, build, build, nnunet_trainer=False), nnunet_trainer=False)
 
 
 def prepare_export(experiment: str | Path, plans: str | Path, configuration: str = "3d_fullres",
@@ -916,11 +938,9 @@ def prepare_export(experiment: str | Path, plans: str | Path, configuration: str
         if not best.is_file():
             raise PgpsError(f"{experiment} has no best schedule to export for nnU-Net (no completed trial)")
         s = sch.load(best)
-    fits = _configurations_for(s, plan)
-    check_schedule(s, plan, fix=f"it fits {' and '.join(fits)} of these plans: give --configuration "
-                                f"{fits[0]}, or run a sweep with --nnunet-plans {plan.source} --configuration "
-                                f"{plan.configuration}" if fits else
-                   "run the sweep with --nnunet-plans so that it searches on the plans' patch")
+    check_schedule(s, plan, fix=_fits_fix(s, plan, f"run a sweep with --nnunet-plans {plan.source} --configuration "
+                                               f"{plan.configuration}", "run the sweep with --nnunet-plans so that "
+                                               "it searches on the plans' patch"))
     chosen, origins = _export_counts(meta, s, counts or {})
     f = for_nnunet(s, plan, **chosen)
     epochs = trained_counts(f)[0]

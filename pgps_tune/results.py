@@ -1372,6 +1372,14 @@ def tuned_record(meta: dict[str, Any]) -> dict[str, Any]:
     return {"nnunet": meta["nnunet"]} if isinstance(meta.get("nnunet"), dict) else {}
 
 
+def same_tuned_data(was: dict[str, Any], here: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the data of two records of nnU-Net plans (:func:`pgps_tune.nnunet.tuned_on`) have one spacing, and
+    one normalisation (where both records say theirs): a schedule scored on one was measured for the other."""
+    spacing = all(math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(was["spacing"], here["spacing"]))
+    norms = [r.get("normalization") if isinstance(r.get("normalization"), list) else None for r in (was, here)]
+    return spacing, None in norms or norms[0] == norms[1]
+
+
 def confirmed_winner(summary: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     """The confirmed winner's figures, as best_schedule.yaml's meta and 'pgps-tune best' give them (empty without
     a confirmed winner): ``trial_id`` the winner's searched trial (summary.json's ``best``), ``val_dice`` and
@@ -1407,6 +1415,9 @@ ORIGIN = "origin"  # the resolved sweep folder a store partition came from; abse
 # JSON of :func:`confirmed_winner` on the row of the trial a confirmed sweep exported (else empty): 'best' gives
 # that sweep's winner the figures best_schedule.yaml and summary.json give it; absent from stores before it
 CONFIRMED = "confirmed"
+# JSON of sweep.json's ``nnunet`` (the nnU-Net plans the sweep was tuned on: :func:`tuned_record`), empty for a
+# sweep on pgps-tune's own plan: 'best' writes it into its schedule's meta as export does; absent from stores before it
+TUNED_ON = "nnunet"
 STORE_KEYS = pa.schema([("dataset", pa.string()), ("sweep", pa.string())])  # the partition columns
 PART = "part-0.parquet"  # a partition's one file
 
@@ -1477,6 +1488,9 @@ def store_sweep(table: pa.Table, meta: dict[str, Any], store: str | Path | None,
     table = table.append_column(CONFIRMED, pa.array([strict_json(confirmed[t], indent=None) if t in confirmed else ""
                                                      for t in table["trial_id"].to_pylist()], pa.string()))
     table = table.append_column(PICK, pa.array([str(rule) if rule is not None else ""] * n, pa.string()))
+    tuned = tuned_record(meta).get("nnunet")
+    table = table.append_column(TUNED_ON, pa.array([strict_json(tuned, indent=None) if tuned else ""] * n,
+                                                   pa.string()))
     _refuse_file_store(root)
     name = meta["sweep"]
     folder = _partition(root, meta["dataset"], name)
@@ -1531,8 +1545,9 @@ def stored_datasets(store: str | Path | None = None) -> list[str]:
 
 
 def load_store(store: str | Path | None = None, dataset: str | None = None) -> pa.Table:
-    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin`` (empty where a file predates
-    them) and ``confirmed`` (null where a file predates it: :func:`settle_confirmed` derives it).
+    """Every stored trial, with its ``dataset``, ``sweep``, ``space_key``, ``origin``, ``nnunet`` (the plans its sweep
+    was tuned on, as JSON; empty where none, or where a file predates them) and ``confirmed`` (null where a file
+    predates it: :func:`settle_confirmed` derives it).
 
     ``dataset``: only that dataset's trials; the other datasets' folders are neither read nor checked (a store of
     many sweeps answers a question about one dataset in the time of its own rows).
@@ -1550,7 +1565,7 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         raise PgpsError(f"results store {root} holds no sweeps yet; run a sweep first")
     schema = pa.unify_schemas([SCHEMA, pa.schema([("objective", pa.string()), ("final_patch", pa.string())]),
                                pa.schema([(SPACE_KEY, pa.string()), (ORIGIN, pa.string()), (CONFIRMED, pa.string()),
-                                          (PICK, pa.string())])])
+                                          (PICK, pa.string()), (TUNED_ON, pa.string())])])
     partitioning = pads.partitioning(STORE_KEYS, flavor="hive")
     tables, size = [], 0
     for f in files:
@@ -1571,7 +1586,8 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         if size > MAX_STORE_BYTES:
             raise PgpsError(f"results store {root} holds more than {MAX_STORE_BYTES >> 20} MiB of trials (reading "
                             f"{f}); move sweeps you no longer compare out of it, or give another --results-store")
-        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK) reads as null; FIDELITY 1
+        try:  # a column a file lacks (LATER_COLUMNS, SPACE_KEY, ORIGIN, CONFIRMED, PICK, TUNED_ON) reads as null;
+            # FIDELITY 1
             columns = [t[c].cast(field.type) if c in t.schema.names else pa.nulls(len(t), field.type)
                        for c, field in zip(schema.names, schema)]
         except (pa.ArrowException, ValueError) as exc:
@@ -1582,9 +1598,10 @@ def load_store(store: str | Path | None = None, dataset: str | None = None) -> p
         _check_stored(tables[-1], f.parent)
     if not tables:  # no sweep of ``dataset``: an empty table of the store's columns
         tables = [pa.Table.from_pylist([], schema=pa.unify_schemas([schema, STORE_KEYS]))]
-    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK])
+    table = pa.concat_tables(tables).select([*STORE_COLUMNS, "dataset", "sweep", SPACE_KEY, ORIGIN, CONFIRMED, PICK,
+                                             TUNED_ON])
     table = table.set_column(table.schema.get_field_index(FIDELITY), FIDELITY, pc.fill_null(table[FIDELITY], 1.0))
-    for column in (SPACE_KEY, ORIGIN, PICK):
+    for column in (SPACE_KEY, ORIGIN, PICK, TUNED_ON):
         table = table.set_column(table.schema.get_field_index(column), column, pc.fill_null(table[column], ""))
     return table
 
@@ -1593,13 +1610,15 @@ STORE_FIX = "move that folder out of the store, or rerun 'pgps-tune export' for 
 
 
 def _check_stored(table: pa.Table, folder: Path) -> None:
-    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule or final patch is
-    not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each distinct cell is
-    read once: a sweep stores its final patch and a pareto sweep its rule on every row, a confirmed sweep its
-    winner on one.  The JSON columns of the rows a reader uses are checked by :func:`check_stored_rows`."""
+    """Refuse, naming ``folder`` and the trial, a stored sweep whose confirmed winner, pick rule, final patch or
+    nnU-Net record is not what pgps-tune writes there (every reader after :func:`load_store` trusts them).  Each
+    distinct cell is read once: a sweep stores its final patch, nnU-Net record and (pareto) rule on every row, a
+    confirmed sweep its winner on one.  The JSON columns of the rows a reader uses are checked by
+    :func:`check_stored_rows`."""
     for column, valid, what in ((CONFIRMED, _valid_confirmed, "is not the confirmed winner's figures pgps-tune "
                                  "writes there"), (PICK, _valid_pick, "is not a pick rule"),
-                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)")):
+                                ("final_patch", _valid_patch, "is not a final patch (a JSON list of 3 sizes)"),
+                                (TUNED_ON, _valid_tuned, "is not the record of nnU-Net plans pgps-tune writes there")):
         cells = pc.fill_null(table[column], "")
         for text in pc.unique(cells).to_pylist():
             if (text or column == "final_patch") and not valid(text):  # only the final patch is never empty
@@ -1615,6 +1634,23 @@ def _valid_patch(text: str) -> bool:
         return _ints(loads_json(text))
     except ValueError:
         return False
+
+
+def _valid_tuned(text: str) -> bool:
+    """Whether a store cell of column :data:`TUNED_ON` is a record :func:`store_sweep` writes (sweep.json's
+    ``nnunet``: an object naming at least the configuration, its spacing 3 positive numbers where recorded)."""
+    try:
+        on = loads_json(text)
+    except ValueError:
+        return False
+    return isinstance(on, dict) and isinstance(on.get("configuration"), str) and (
+        "spacing" not in on or _positive(on["spacing"]))
+
+
+def _positive(v: Any) -> bool:
+    """Whether ``v`` is 3 positive numbers (a recorded spacing)."""
+    return isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
 
 
 def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,
@@ -1646,11 +1682,25 @@ def _valid_confirmed(text: str) -> bool:
 
 def comparable_as(row: dict[str, Any], trained: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """What a stored score is comparable with: the budget its trial trained (epochs x iterations per epoch, and
-    a time limit), its data and split, and its final patch; two scores mean the same only where all agree.
+    a time limit), its data and split (for nnU-Net's trials, the spacing and normalisation of nnU-Net's data:
+    column :data:`TUNED_ON`), and its final patch; two scores mean the same only where all agree.
     ``trained``: :func:`trained_as` by schedule text, where the caller has it (its schedule is not parsed again)."""
     text = row["schedule"] or "null"
     on = trained[text] if trained is not None and text in trained else trained_as(json.loads(text))
-    return {**on, "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+    return {**on, "data": on["data"] + _nnunet_data(row.get(TUNED_ON) or ""),
+            "final patch": "x".join(map(str, json.loads(row["final_patch"])))}
+
+
+def _nnunet_data(text: str) -> str:
+    """The nnU-Net data a stored sweep's trials trained (``budget.trainer: nnunet``), as its record (column
+    :data:`TUNED_ON`, checked by load_store) gives them: 3d_lowres and 3d_fullres of one patch train other data;
+    empty for pgps-tune's trainer (its recipe gives its data) and where not recorded."""
+    on = loads_json(text) if text else None
+    if not (isinstance(on, dict) and on.get("trainer") == "nnunet" and _positive(on.get("spacing"))):
+        return ""
+    norm = on.get("normalization")
+    shown = f" ({'/'.join(map(str, norm))})" if isinstance(norm, list) else ""
+    return f", nnU-Net's data at spacing {'x'.join(f'{float(v):g}' for v in on['spacing'])}{shown}"
 
 
 def trained_as(schedule: dict[str, Any] | None) -> dict[str, str]:
@@ -1677,9 +1727,9 @@ def incomparable_note(rows: list[dict[str, Any]], best: dict[str, Any],
     :func:`comparable_as`."""
     won = comparable_as(best, trained)
     differ: dict[str, set[str]] = {}
-    seen: dict[tuple[str, str], set[str]] = {}  # a schedule text many rows share is read once
+    seen: dict[tuple[str, str, str], set[str]] = {}  # a schedule text many rows share is read once
     for r in rows:
-        if (text := (r["schedule"], r["final_patch"])) not in seen:
+        if (text := (r["schedule"], r["final_patch"], r.get(TUNED_ON) or "")) not in seen:
             seen[text] = {k for k, v in comparable_as(r, trained).items() if v != won[k]}
         if keys := seen[text]:
             differ.setdefault(r["sweep"], set()).update(keys)
@@ -1765,6 +1815,7 @@ def best_schedule(dataset: str, store: str | Path | None = None, objective: str 
         **s.meta, **trainer_meta(best["params"]), "dataset": dataset, "objective": objective,
         **({PICK: str(rule)} if rule is not None else {}), "score": best["score"],
         "val_dice": best["final_dice"], "sweep": best["sweep"], "trial_id": best["trial_id"],
+        **({"nnunet": json.loads(best[TUNED_ON])} if best[TUNED_ON] else {}),  # as export's, for nnunet-train
         **json.loads(best[CONFIRMED] or "{}"),
     })
 
@@ -1849,7 +1900,8 @@ def stored_ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: str | Path | None = None,
-                  exclude_sweep: str | None = None, exclude_origins: Sequence[str] = ()) -> list[dict[str, Any]]:
+                  exclude_sweep: str | None = None, exclude_origins: Sequence[str] = (),
+                  tuned: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Completed searched trials of ``dataset`` from earlier sweeps of the same space (``tune --warm-start``).
 
     Same space means the same :meth:`pgps_tune.space.SearchSpace.key` (parameters, objective and
@@ -1857,6 +1909,11 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     are left out by their ``origin`` (``exclude_origins``: its folder, and the folder it was copied from),
     whatever name the store gave them (``NAME-HASH`` when another sweep had the name first); only rows
     stored before origins were recorded are told by their sweep name (``exclude_sweep``).
+
+    ``tuned``: this sweep's nnU-Net record (sweep.json's ``nnunet``).  Where its trials train nnU-Net's data
+    (``budget.trainer: nnunet``, which the key holds but not the plans), the trials of sweeps recorded on other
+    data (another spacing or normalisation: 3d_lowres beside 3d_fullres, of one patch and network) are left out:
+    their scores were measured on other data.  Rows stored before the record are kept.
     """
     try:
         t = load_store(store, dataset)
@@ -1872,6 +1929,8 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
     if exclude_sweep is not None:  # a row without an origin: its name is all that tells whose it is
         own = pc.or_(own, pc.and_(pc.equal(t[ORIGIN], ""), pc.equal(t["sweep"], exclude_sweep)))
     mask = pc.and_(mask, pc.invert(own))
+    other = _other_data(t.filter(mask)[TUNED_ON], tuned)
+    mask = pc.and_(mask, pc.invert(pc.is_in(t[TUNED_ON], value_set=pa.array(sorted(other), pa.string()))))
     found, seen = [], set()
     candidates = t.filter(mask).to_pylist()
     check_stored_rows(candidates, store)
@@ -1880,7 +1939,24 @@ def stored_trials(dataset: str, space_key: str, final_patch: list[int], store: s
             seen.add(key)
             found.append(r)
     if not found:
+        shown = "; ".join(sorted(other.values()))
+        also = (f" on these data (those of {shown} trained nnU-Net's data at another spacing or normalisation)"
+                if other else "")
         raise PgpsError(f"--warm-start: the results store {store_root(store)} holds no "
-                        f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}); run "
-                        "a sweep of it first, or leave out --warm-start")
+                        f"completed trials of dataset {dataset!r} with this space and budget (key {space_key}){also}; "
+                        "run a sweep of it first, or leave out --warm-start")
     return found
+
+
+def _other_data(cells: pa.ChunkedArray, tuned: dict[str, Any] | None) -> dict[str, str]:
+    """The stored nnU-Net records among ``cells`` (column :data:`TUNED_ON`) of trials that trained nnU-Net's data
+    other than ``tuned``'s (:func:`same_tuned_data`), each with the configuration it names; none where ``tuned``
+    is not a record of nnU-Net's trials (pgps-tune's trainer prepares its own data whatever the configuration)."""
+    if not (isinstance(tuned, dict) and tuned.get("trainer") == "nnunet" and _positive(tuned.get("spacing"))):
+        return {}
+    other = {}
+    for text in pc.unique(cells).to_pylist():
+        on = loads_json(text) if text else None  # checked by load_store
+        if isinstance(on, dict) and _positive(on.get("spacing")) and not all(same_tuned_data(on, tuned)):
+            other[text] = f"{on['configuration']} of {on.get('plans_name') or on.get('plans')}"
+    return other

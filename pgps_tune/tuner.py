@@ -1138,7 +1138,8 @@ def optuna_searcher(opts: SweepOptions, meta: dict[str, Any], before: dict[str, 
                                 load_if_exists=True)
     if opts.warm_start:
         rows = stored_trials(meta["dataset"], meta["space_key"], meta["final_patch"], opts.results_store,
-                             exclude_sweep=meta["sweep"], exclude_origins=own_origins(opts.out, before))
+                             exclude_sweep=meta["sweep"], exclude_origins=own_origins(opts.out, before),
+                             tuned=meta.get("nnunet"))
         added = warm_start(study, space, rows)
         sweeps = sorted({r["sweep"] for r in rows})
         print(f"pgps-tune: warm start: {added} earlier trials of {meta['dataset']} added to the study "
@@ -3203,7 +3204,8 @@ def _sweep(opts: SweepOptions) -> dict[str, Any]:
         if opts.warm_start:  # a store with nothing to add is refused before Ray starts
             stored_trials(ds.name, space.key(), list(final), opts.results_store,
                           exclude_sweep=before["sweep"] if before else out.resolve().name,
-                          exclude_origins=own_origins(out, before))
+                          exclude_origins=own_origins(out, before),
+                          tuned=tuned_on(ds.plan, b.trainer) if b.trainer == "nnunet" else None)
         storage_fs, storage_path = resolve_storage(opts.storage, out)
         if before:  # what Tune would restore is checked before sweep.json says the sweep is unfinished again
             for name in before["experiments"].values():

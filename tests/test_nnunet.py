@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import blob_case, sweep_meta, trial_setup
 
-from pgps_tune import nnunet
+from pgps_tune import nnunet, results
 from pgps_tune import schedule as sch
 from pgps_tune.cli import main
 from pgps_tune.errors import PgpsError
@@ -824,6 +824,9 @@ def test_a_schedule_exported_from_a_sweep_on_other_data_is_compared_before_nnune
         f"--nnunet-plans {full.source} --configuration 3d_fullres, or add --other-configuration to train it for "
         "3d_fullres anyway")
     assert nnunet.check_tuned_schedule(best, low) is None
+    from_store = results.best_schedule("Dataset004_Hippo", tmp_path / "store").save(tmp_path / "stored.yaml")
+    with pytest.raises(PgpsError, match="its trials trained nnU-Net's 3d_lowres data"):  # 'best' writes it too
+        nnunet.check_tuned_schedule(from_store, full)
     # the same data under other plans: a note naming what else differs; of other plans' data: their name to give
     resenc = copy.deepcopy(plans)
     resenc["plans_name"] = "nnUNetResEncUNetMPlans"
@@ -848,6 +851,13 @@ def test_a_schedule_exported_from_a_sweep_on_other_data_is_compared_before_nnune
     sch.Schedule.from_dict({**s.to_dict(), "meta": {**sch.load(best).meta, "dataset": "synthetic", "nnunet": {
         **nnunet.tuned_on(low, "pgps_tune")}}}).save(tmp_path / "synthetic.yaml")
     assert nnunet.check_tuned_schedule(tmp_path / "synthetic.yaml", full) is None
+    # pgps-tune's trainer on nnUNet_raw's folder names the dataset by its dataset.json: its recipe's folder tells
+    recipe = {"version": 1, "train": {}, "data": {"dataset": "Hippocampus", "val_fraction": 0.2, "split_seed": 0,
+                                                  "source": str(tmp_path / "raw" / "Dataset004_Hippo")}}
+    sch.Schedule.from_dict({**s.to_dict(), "recipe": recipe, "meta": {"dataset": "Hippocampus", "nnunet": {
+        **nnunet.tuned_on(low, "pgps_tune")}}}).save(tmp_path / "named.yaml")
+    with pytest.raises(PgpsError, match="named.yaml: it was tuned for nnU-Net's 3d_lowres"):
+        nnunet.check_tuned_schedule(tmp_path / "named.yaml", full)
     assert nnunet.check_tuned_schedule(nnunet.for_nnunet(sch.load(best), full).save(tmp_path / "nn.json"), full) is None
     assert capsys.readouterr().err == ""
 
@@ -934,6 +944,26 @@ def test_cli_refuses_a_schedule_file_that_misses_the_plans(plan, tmp_path, capsy
                  ["schedule", "--from", s_yaml]):
         assert main([*argv, "--nnunet-plans", str(plan.source)]) == 2
         assert "build the schedule with --nnunet-plans" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_the_plans_draws_random_sampling_and_names_the_configuration_a_schedule_fits(tmp_path, capsys):
+    """pgps-tune's trainer draws a random-sampling schedule per iteration (a family a sweep on the plans may pick),
+    but 'train --nnunet-plans' refused it as nnU-Net's trainer would; a schedule of another configuration's patch
+    (the best of a sweep on 3d_lowres) now names the configurations it fits, as export --nnunet does."""
+    plans = current_plans()
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "patch_size": [10, 32, 24]}
+    source = str(write_plans(tmp_path / "pre" / "Dataset004_Hippo", plans))
+    low = nnunet.read_plans(source, "3d_lowres")
+    sch.preset("random", low.final_patch, low.pools, 2, 30).save(tmp_path / "drawn.yaml")
+    assert main(["schedule", "--from", str(tmp_path / "drawn.yaml"), "--nnunet-plans", source,
+                 "--configuration", "3d_lowres"]) == 0
+    assert "draws its stage at random" in capsys.readouterr().out
+    assert main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--schedule",
+                 str(tmp_path / "drawn.yaml"), "--nnunet-plans", source]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("it fits 3d_lowres of these plans: give --configuration 3d_lowres, or build the schedule "
+                        "with --nnunet-plans\n") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 
@@ -1501,3 +1531,29 @@ def test_an_nnunet_sweep_of_region_labels_never_runs_pgps_tunes_loader(tmp_path,
     assert "4 folds asked for, but nnU-Net's split of Dataset004_Hippo has 3" in capsys.readouterr().err
     reached(["confirm", str(sweep), "--confirm-folds", "2"])
     assert seen[-1][2].folds == 2 and not (tmp_path / "cache").exists()
+
+
+def test_train_notes_a_schedule_tuned_by_nnunets_trials_on_other_data(capsys):
+    """A schedule of a budget.trainer nnunet sweep has no recipe, so 'train --schedule' compared nothing: one tuned
+    on nnU-Net's 3d_lowres data, or on another dataset, trained without a word.  Its meta.nnunet now gives notes,
+    as a recipe does; a schedule of pgps-tune's trainer on the plans (it trained its own preparation) is not noted."""
+    from types import SimpleNamespace
+
+    from pgps_tune.cli import _note_nnunet_data
+
+    on = {"configuration": "3d_lowres", "trainer": "nnunet", "spacing": [2.0, 1.5, 1.5], "dataset": "Dataset004_Hippo"}
+    ds = SimpleNamespace(name="Hippocampus", spacing=(1.0, 1.0, 1.0))
+    notes = []
+    for meta in ({"dataset": "Hippocampus", "nnunet": on}, {"dataset": "Prostate", "nnunet": on},
+                 {"dataset": "Hippocampus", "nnunet": {**on, "spacing": [1.0, 1.0, 1.0]}},
+                 {"dataset": "Hippocampus", "nnunet": {**on, "trainer": "pgps_tune"}}, {"dataset": "Hippocampus"}):
+        a = SimpleNamespace(notes=[])
+        _note_nnunet_data(a, meta, ds)
+        notes.append(a.notes)
+    assert notes == [
+        ["train: note: the schedule file's trials trained nnU-Net's 3d_lowres data (spacing 2x1.5x1.5, x y z), but "
+         "train prepares --data Hippocampus at spacing 1x1x1: its patches cover another extent, and its Dice will "
+         "differ from the sweep's"],
+        ["train: note: the schedule file was tuned by nnU-Net's trials on dataset Prostate, --data is Hippocampus"],
+        [], [], []]
+    assert capsys.readouterr().err == ""

@@ -557,3 +557,53 @@ def test_a_table_of_many_batches_is_read_into_memory_once(tmp_path, monkeypatch)
     table = results.read_parquet(path, ["trial_id", "schedule"], str(path), "fix")
     assert table["schedule"].to_pylist() == texts and table.schema.field("schedule").type == pa.string()
     assert max(held) - before < 20 * table.nbytes  # about 6 times (the reader's buffers); kept whole, 100 times
+
+
+def test_best_carries_the_nnunet_plans_its_sweep_was_tuned_on_as_export_does(tmp_path, capsys):
+    # the store kept nothing of sweep.json's nnunet record, so the schedule 'best' wrote could not be compared by
+    # nnunet-train (export's best_schedule.yaml could); a store written before the column reads without it
+    store, tuned = tmp_path / "store", {"plans": "/p/nnUNetPlans.json", "configuration": "3d_lowres",
+                                        "spacing": [6.0, 1.4, 1.6], "trainer": "pgps_tune"}
+    export_sweep(tmp_path / "nn", sweep_meta(tmp_path / "nn", "nn", nnunet=tuned), [record("t1", 0.6)], store)
+    assert results.best_schedule("synthetic", store).meta["nnunet"] == tuned
+    assert sch.load(tmp_path / "nn" / "best_schedule.yaml").meta["nnunet"] == tuned
+    part = store / "dataset=synthetic" / "sweep=nn" / "part-0.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns([results.TUNED_ON]), part)  # an older store
+    assert "nnunet" not in results.best_schedule("synthetic", store).meta
+    assert load_store(store)[results.TUNED_ON].to_pylist() == [""]
+    pq.write_table(table.set_column(table.schema.get_field_index(results.TUNED_ON), results.TUNED_ON,
+                                    pa.array(['{"spacing": [1, 1, 1]}'])), part)
+    assert main(["best", "--dataset", "synthetic", "--results-store", str(store)]) == 2
+    assert (f"results store folder {part.parent}: trial t1's nnunet column '{{\"spacing\": [1, 1, 1]}}' is not the "
+            "record of nnU-Net plans pgps-tune writes there; move that folder" in one_line(capsys))
+
+
+def test_warm_start_and_best_tell_trials_of_nnunet_data_at_another_spacing(tmp_path, capsys):
+    # budget.trainer nnunet: the space key holds the budget, not the plans, so a sweep of 3d_fullres was seeded
+    # with the scores of one of 3d_lowres (one patch and network, coarser data), and 'best' ranked them together
+    # without a note; pgps-tune's trainer prepares its own data whatever the configuration, and rows stored before
+    # the record are kept
+    store = tmp_path / "store"
+    full = {"plans": "/p/nnUNetPlans.json", "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
+            "trainer": "nnunet", "spacing": [3.0, 0.7, 0.8], "normalization": ["ZScoreNormalization"]}
+    low = {**full, "configuration": "3d_lowres", "spacing": [6.0, 1.4, 1.6]}
+    for name, tuned, tid, dice in (("low", low, "t1", 0.7), ("full", full, "t2", 0.6), ("old", None, "t3", 0.5)):
+        meta = sweep_meta(tmp_path / name, name, space_key="k", **({"nnunet": tuned} if tuned else {}))
+        export_sweep(tmp_path / name, meta, [record(tid, dice)], store)
+    capsys.readouterr()
+    assert results.best_schedule("synthetic", store, sweeps=["low", "full"]).meta["nnunet"] == low
+    err = capsys.readouterr().err
+    assert ("data ?, split ?/?, nnU-Net's data at spacing 6x1.4x1.6 (ZScoreNormalization)), was ranked with sweeps "
+            "of another budget, data or final patch, whose scores do not compare: full (data); rank" in err), err
+
+    def found(tuned):
+        return sorted(r["sweep"] for r in results.stored_trials("synthetic", "k", [16, 16, 16], store, tuned=tuned))
+
+    assert found(full) == ["full", "old"] and found(low) == ["low", "old"]
+    assert found({**full, "trainer": "pgps_tune"}) == found(None) == ["full", "low", "old"]
+    (store / "dataset=synthetic" / "sweep=old" / "part-0.parquet").unlink()
+    (store / "dataset=synthetic" / "sweep=full" / "part-0.parquet").unlink()
+    with pytest.raises(PgpsError, match=r"\(key k\) on these data \(those of 3d_lowres of nnUNetPlans trained "
+                                        "nnU-Net's data at another spacing or normalisation\\); run a sweep"):
+        found(full)
