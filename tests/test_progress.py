@@ -340,7 +340,7 @@ def test_a_resume_sets_the_restored_mode_for_its_restore_only(tmp_path, monkeypa
         monkeypatch.setattr(tn, name, lambda *args, value=value: value)
     monkeypatch.setattr(tn, "_restored_search_here", lambda *args: contextlib.nullcontext())
     opts = types.SimpleNamespace(quiet=False, progress="json", cpus_per_trial=1, gpus_per_trial=0, out=tmp_path,
-                                 mlflow=None)
+                                 mlflow=None, autoscaling=False, pending_timeout=None)
     tn.run_phase("search", opts, {}, None, str(tmp_path), "s-search", None, 1, None)
     assert [p.mode for p in restored] == ["json", "live"]  # restored as this command asks; after it, as pickled
     assert (Progress.resumed_mode, Progress.resumed_trials) == (None, ())

@@ -963,7 +963,7 @@ def test_sigterm_after_the_local_ray_shut_down_still_reaches_the_sweep(monkeypat
     monkeypatch.setattr(tuner, "start_ray", lambda address: None)
     monkeypatch.setattr(tuner, "check_resources", lambda *args, **kw: None)
     monkeypatch.setattr(tuner.ray, "shutdown", lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0))  # as Ray's core
-    opts = SimpleNamespace(address=None, cpus_per_trial=1, gpus_per_trial=0)
+    opts = SimpleNamespace(address=None, cpus_per_trial=1, gpus_per_trial=0, autoscaling=False, pending_timeout=None)
     with tuner._stop_signals() as signals:
         with tuner._ray_session(opts, signals):
             pass
