@@ -2983,7 +2983,12 @@ def _log_restored_phase_here(tuner, phase: str, opts: SweepOptions, ended: int) 
     """
     if not opts.mlflow:
         return
-    config = tuner._local_tuner.get_run_config()  # the RunConfig unpickled from tuner.pkl, which fit() uses
+    local = getattr(tuner, "_local_tuner", None)  # Ray 2.60's; the RunConfig unpickled from tuner.pkl, fit()'s
+    if local is None or not hasattr(local, "get_run_config"):
+        print(f"pgps-tune: note: {phase}: this Ray restores the phase's MLflow logging as it started, which "
+              f"pgps-tune cannot switch to {opts.mlflow}", file=sys.stderr, flush=True)
+        return
+    config = local.get_run_config()
     trials = _mlflow_trials_class()
     logged = [c.tracking_uri for c in config.callbacks or [] if isinstance(c, trials)]
     if opts.mlflow in logged:
