@@ -182,6 +182,9 @@ class SweepOptions:
         elif self.autoscaling:
             raise PgpsError("--autoscaling is for a Ray cluster whose autoscaler starts nodes when trials wait; give "
                             "it with --address, or leave it out")
+        elif self.pending_timeout is not None:  # a Ray of the sweep's own always has a node that fits a trial
+            raise PgpsError("--pending-timeout is for a Ray cluster, where trials may wait for a node that can run "
+                            "them; give it with --address, or leave it out")
         for flag, v, least in (("--num-samples", self.num_samples, 1), ("--max-concurrent", self.max_concurrent, 1),
                                ("--max-failures", self.max_failures, 0)):
             if v is not None and v < least:

@@ -398,6 +398,9 @@ def test_an_autoscaling_cluster_lets_trials_wait_for_a_node_type_it_starts(tmp_p
     assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(tmp_path / "o"),
                  "--autoscaling"]) == 2  # a Ray of the sweep's own has no autoscaler
     assert error_line(capsys.readouterr().err).startswith("pgps-tune: error: --autoscaling is for a Ray cluster ")
+    assert main(["tune", "--space", str(space), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "--pending-timeout", "60"]) == 2  # nor trials that wait for a node
+    assert error_line(capsys.readouterr().err).startswith("pgps-tune: error: --pending-timeout is for a Ray cluster")
     assert not (tmp_path / "o").exists()
 
 
