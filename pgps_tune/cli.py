@@ -465,14 +465,14 @@ def _note_nnunet_data(a: argparse.Namespace, meta: dict[str, Any], ds: Any) -> N
         _note(a, f"train: note: the schedule file was tuned by nnU-Net's trials on dataset {meta.get('dataset')}, "
               f"--data is {ds.name}")
         return
+    from pgps_tune.nnunet import spacing_text, valid_spacing
+
     was = on.get("spacing")
-    if (isinstance(was, list) and len(was) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in was)
-            and not all(math.isclose(float(v), float(w), rel_tol=1e-3) for v, w in zip(was, ds.spacing))):
-        shown = ["x".join(f"{float(v):g}" for v in sp) for sp in (was, ds.spacing)]
+    if valid_spacing(was) and not all(math.isclose(float(v), float(w), rel_tol=1e-3) for v, w in zip(was, ds.spacing)):
         _note(a, f"train: note: the schedule file's trials trained nnU-Net's {on.get('configuration')} data "
-              f"(spacing {shown[0]}, x y z), but train prepares --data {ds.name} at spacing {shown[1]}: its patches "
-              "cover another extent, and its Dice will differ from the sweep's")
+              f"(spacing {spacing_text(was)}, x y z), but train prepares --data {ds.name} at spacing "
+              f"{spacing_text(ds.spacing)}: its patches cover another extent, and its Dice will differ from the "
+              "sweep's")
 
 
 def _note(a: argparse.Namespace, line: str) -> None:

@@ -734,8 +734,7 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
     if "spacing" in on:  # as it was when the sweep ran
         was: dict[str, Any] | None = on
         spacing = on["spacing"]
-        if not (isinstance(spacing, list) and len(spacing) == 3 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in spacing)):
+        if not valid_spacing(spacing):
             raise PgpsError(f"{Path(experiment) / 'sweep.json'}: nnunet.spacing {spacing!r} is not 3 positive "
                             f"numbers (damaged); restore the file, or add --other-configuration to {verb} without "
                             "comparing the plans")
@@ -777,8 +776,8 @@ def _check_sweep_plans(experiment: str | Path, meta: dict[str, Any], plan: Nnune
         now = f"{target} as {plan.source} plans it now" if replanned else target
     give = ("" if replanned else f"{_give(train, swept)}, " if same_plans else
             f"{_give(train, swept, name if train else on.get('plans'))}, ")
-    raise PgpsError(f"{experiment}: {tuned} (spacing {_spacing(was['spacing'])}, x y z{norms[0]}), not {now} "
-                    f"(spacing {_spacing(plan.spacing)}{norms[1]}), so its schedule was not measured for {target}; "
+    raise PgpsError(f"{experiment}: {tuned} (spacing {spacing_text(was['spacing'])}, x y z{norms[0]}), not {now} "
+                    f"(spacing {spacing_text(plan.spacing)}{norms[1]}), so its schedule was not measured for {target}; "
                     f"{give}run a sweep with --nnunet-plans {plan.source} --configuration {plan.configuration}, or "
                     f"add --other-configuration to {verb} it for {target} anyway")
 
@@ -827,11 +826,18 @@ def _same_data_note(experiment: str | Path, swept: str, was: dict[str, Any], her
         other.append(f"its batch size is {here['batch_size']}, not {was['batch_size']}")
     but = f", but {' and '.join(other)}" if other else ""
     return (f"{command}: note: {experiment} was tuned on {swept}; {plan.configuration} of {plan.plans_name} trains "
-            f"the same data (spacing {_spacing(plan.spacing)}, x y z){but}")
+            f"the same data (spacing {spacing_text(plan.spacing)}, x y z){but}")
 
 
-def _spacing(values: Sequence[float]) -> str:
+def spacing_text(values: Sequence[float]) -> str:
+    """A spacing as messages show it: ``1x0.5x2``."""
     return "x".join(f"{float(v):g}" for v in values)
+
+
+def valid_spacing(v: Any) -> bool:
+    """Whether ``v`` is 3 positive finite numbers (the spacing of a record :func:`tuned_on` writes)."""
+    return isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
 
 
 COUNT_FLAGS = {"num_epochs": "--epochs", "num_iterations_per_epoch": "--iterations-per-epoch",

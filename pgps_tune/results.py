@@ -48,6 +48,7 @@ from pgps_tune.errors import (
     read_json,
     strict_json,
 )
+from pgps_tune.nnunet import spacing_text, valid_spacing
 
 SWEEP_FILE = "sweep.json"
 SWEEP_LOCK = ".pgps-sweep.lock"  # held by the command writing a sweep folder (tuner.sweep_lock)
@@ -1644,13 +1645,7 @@ def _valid_tuned(text: str) -> bool:
     except ValueError:
         return False
     return isinstance(on, dict) and isinstance(on.get("configuration"), str) and (
-        "spacing" not in on or _positive(on["spacing"]))
-
-
-def _positive(v: Any) -> bool:
-    """Whether ``v`` is 3 positive numbers (a recorded spacing)."""
-    return isinstance(v, list) and len(v) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+        "spacing" not in on or valid_spacing(on["spacing"]))
 
 
 def check_stored_rows(rows: list[dict[str, Any]], store: str | Path | None,
@@ -1696,11 +1691,11 @@ def _nnunet_data(text: str) -> str:
     :data:`TUNED_ON`, checked by load_store) gives them: 3d_lowres and 3d_fullres of one patch train other data;
     empty for pgps-tune's trainer (its recipe gives its data) and where not recorded."""
     on = loads_json(text) if text else None
-    if not (isinstance(on, dict) and on.get("trainer") == "nnunet" and _positive(on.get("spacing"))):
+    if not (isinstance(on, dict) and on.get("trainer") == "nnunet" and valid_spacing(on.get("spacing"))):
         return ""
     norm = on.get("normalization")
     shown = f" ({'/'.join(map(str, norm))})" if isinstance(norm, list) else ""
-    return f", nnU-Net's data at spacing {'x'.join(f'{float(v):g}' for v in on['spacing'])}{shown}"
+    return f", nnU-Net's data at spacing {spacing_text(on['spacing'])}{shown}"
 
 
 def trained_as(schedule: dict[str, Any] | None) -> dict[str, str]:
@@ -1952,11 +1947,11 @@ def _other_data(cells: pa.ChunkedArray, tuned: dict[str, Any] | None) -> dict[st
     """The stored nnU-Net records among ``cells`` (column :data:`TUNED_ON`) of trials that trained nnU-Net's data
     other than ``tuned``'s (:func:`same_tuned_data`), each with the configuration it names; none where ``tuned``
     is not a record of nnU-Net's trials (pgps-tune's trainer prepares its own data whatever the configuration)."""
-    if not (isinstance(tuned, dict) and tuned.get("trainer") == "nnunet" and _positive(tuned.get("spacing"))):
+    if not (isinstance(tuned, dict) and tuned.get("trainer") == "nnunet" and valid_spacing(tuned.get("spacing"))):
         return {}
     other = {}
     for text in pc.unique(cells).to_pylist():
         on = loads_json(text) if text else None  # checked by load_store
-        if isinstance(on, dict) and _positive(on.get("spacing")) and not all(same_tuned_data(on, tuned)):
+        if isinstance(on, dict) and valid_spacing(on.get("spacing")) and not all(same_tuned_data(on, tuned)):
             other[text] = f"{on['configuration']} of {on.get('plans_name') or on.get('plans')}"
     return other
