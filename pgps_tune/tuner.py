@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1983,8 +1984,9 @@ def _mlflow_trials_class() -> type:
             phase = self.tags.get("pgps.phase", "")
             query = "attributes.status = 'RUNNING'" + (f" and tags.`pgps.phase` = '{phase}'" if "'" not in phase
                                                        else "")
-            for run in client.search_runs([self.mlflow_util.experiment_id], filter_string=query, max_results=1000):
-                if run.info.run_id not in mine and all(run.data.tags.get(k) == v for k, v in self.tags.items()):
+            # all found first: ending a run takes it out of the query's later pages
+            for run in list(tagged_runs(client, self.mlflow_util.experiment_id, query, self.tags)):
+                if run.info.run_id not in mine:
                     client.set_terminated(run.info.run_id, "KILLED")
 
         def _client(self):
@@ -2016,10 +2018,9 @@ def _mlflow_trials_class() -> type:
 
         def _earlier_run(self, trial) -> str | None:
             """The run this sweep opened for ``trial`` before it was interrupted, if any."""
-            runs = self._client().search_runs([self.mlflow_util.experiment_id],
-                                              filter_string=f"tags.trial_name = '{trial}'")
-            mine = [r for r in runs if all(r.data.tags.get(k) == v for k, v in self.tags.items())]
-            return mine[0].info.run_id if mine else None
+            run = next(tagged_runs(self._client(), self.mlflow_util.experiment_id, f"tags.trial_name = '{trial}'",
+                                   self.tags), None)
+            return run.info.run_id if run else None
 
         def _log_result(self, iteration: int, trial, result: dict) -> None:
             from mlflow.entities import Metric, Param
@@ -2108,17 +2109,24 @@ def relocate_mlflow_runs(uri: str, experiment: str, out: Path, meta: dict[str, A
     experiment_id = mlflow_experiment_id(client, experiment)
     name = tags.get("pgps.sweep", "")
     query = f"tags.`pgps.sweep` = '{name}'" if "'" not in name else ""  # else: every run, matched below
-    changed, token = 0, None
+    changed = 0
+    for run in tagged_runs(client, experiment_id, query, tags):
+        if run.data.tags.get(MLFLOW_LOCATION) != where:
+            client.set_tag(run.info.run_id, MLFLOW_LOCATION, where)
+            changed += 1
+    return changed
+
+
+def tagged_runs(client, experiment_id: str, query: str, tags: dict[str, str]) -> Iterator[Any]:
+    """The runs of the MLflow experiment that ``query`` (MLflow's filter string) finds and that carry every one of
+    ``tags`` (the sweep's, which name it), page after page."""
+    token = None
     while True:
         page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
-        for run in page:
-            if run.data.tags.get(MLFLOW_LOCATION) != where and all(run.data.tags.get(k) == v
-                                                                   for k, v in tags.items()):
-                client.set_tag(run.info.run_id, MLFLOW_LOCATION, where)
-                changed += 1
+        yield from (run for run in page if all(run.data.tags.get(k) == v for k, v in tags.items()))
         token = page.token
         if not token:
-            return changed
+            return
 
 
 def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -2136,8 +2144,8 @@ def log_sweep_to_mlflow(uri: str, experiment: str, out: Path, summary: dict[str,
     tags = {**mlflow_sweep_tags(out, meta), "pgps.phase": "sweep"}
     experiment_id = mlflow_experiment_id(client, experiment)
     since = int(float(meta.get("started", 0)) * 1000)  # a run of an earlier sweep in this folder is not this one's
-    earlier = [r for r in client.search_runs([experiment_id], filter_string="tags.`pgps.phase` = 'sweep'")
-               if all(r.data.tags.get(k) == v for k, v in tags.items()) and r.info.start_time >= since]
+    earlier = [r for r in tagged_runs(client, experiment_id, "tags.`pgps.phase` = 'sweep'", tags)
+               if r.info.start_time >= since]
     run_id = earlier[0].info.run_id if earlier else client.create_run(
         experiment_id, run_name=f"{tags['pgps.sweep']} (sweep)", tags=tags).info.run_id
     best, at = summary.get("best") or {}, int(time.time() * 1000)
