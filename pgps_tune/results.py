@@ -516,8 +516,9 @@ def read_parquet(path: Path, columns: Sequence[str], where: str, fix: str) -> pa
                 raise refuse(f"decodes to more than {MAX_PARQUET_BYTES >> 20} MiB")
             # decoded now: a batch's dictionary holds every value the reader has met in the row group so far, so
             # batches kept with theirs take memory quadratic in the rows (a 100,000-row table: 2.1 GB, not 0.3)
-            batches.append(pa.RecordBatch.from_arrays([_plain(col) for col in batch.columns], schema=pa.schema(
-                [f.with_type(_plain(col).type) for f, col in zip(batch.schema, batch.columns)])))
+            plain = [_plain(col) for col in batch.columns]
+            batches.append(pa.RecordBatch.from_arrays(plain, schema=pa.schema(
+                [f.with_type(col.type) for f, col in zip(batch.schema, plain)])))
         table = pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(present)
     return pa.table({c: _plain(table[c]) for c in present})
 
